@@ -1,0 +1,111 @@
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method};
+
+use crate::{Route, Usage};
+
+/// Who made the request, as established by an authentication filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+}
+
+/// How the gateway answered, for audit lines and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Decision {
+    #[default]
+    Allowed,
+    /// A filter said no: its name and the rejection code.
+    Rejected {
+        filter: &'static str,
+        code: &'static str,
+    },
+    /// The gateway itself answered with an error (bad body, no backend, timeout…).
+    Failed { code: &'static str },
+}
+
+/// Everything known about one request, shared by the proxy and the filters.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub client_ip: Option<IpAddr>,
+    pub method: Method,
+    /// Path in canonical form; this exact string is what goes upstream.
+    pub path: String,
+    /// Query string without `?`, forwarded as is.
+    pub query: Option<String>,
+    pub route: Route,
+    /// The client's request headers, lent to the chain: filters may read and change them
+    /// (e.g. drop the gateway's own credentials) before they are forwarded.
+    pub headers: HeaderMap,
+    /// The held request body of inference routes (capped at `limits.max_body`).
+    pub body: Option<Bytes>,
+    /// The held body parsed once as JSON.
+    pub json: Option<serde_json::Value>,
+    /// Set when a filter changed `json` and the forwarded body must be re-serialised.
+    pub body_rewritten: bool,
+    pub model: Option<String>,
+    /// Output token cap asked for (`max_tokens`, `options.num_predict`).
+    pub max_tokens: Option<u64>,
+    pub stream: bool,
+    pub principal: Option<Principal>,
+    /// Headers filters want on the response (e.g. `X-RateLimit-*`).
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Per-request state a filter keeps for itself (e.g. a concurrency slot released on drop).
+    pub extensions: Extensions,
+
+    // Filled while and after proxying; read in `on_complete`.
+    pub backend: Option<Arc<str>>,
+    pub retries: u32,
+    pub status: u16,
+    pub decision: Decision,
+    pub usage: Option<Usage>,
+    pub ttfb: Option<Duration>,
+    pub duration: Option<Duration>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl RequestCtx {
+    pub fn new(request_id: String, method: Method, path: String) -> Self {
+        let route = Route::classify(&method, &path);
+        RequestCtx {
+            request_id,
+            started: Instant::now(),
+            client_ip: None,
+            method,
+            path,
+            query: None,
+            route,
+            headers: HeaderMap::new(),
+            body: None,
+            json: None,
+            body_rewritten: false,
+            model: None,
+            max_tokens: None,
+            stream: false,
+            principal: None,
+            response_headers: Vec::new(),
+            extensions: Extensions::new(),
+            backend: None,
+            retries: 0,
+            status: 0,
+            decision: Decision::Allowed,
+            usage: None,
+            ttfb: None,
+            duration: None,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    /// A request header as UTF-8 text, if present and valid.
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}

@@ -1,0 +1,39 @@
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+use crate::{Rejection, RequestCtx};
+
+/// One step of the chain. The chain runs `on_request` in config order before a backend is
+/// chosen (the first rejection answers the client) and `on_complete` for every request once
+/// it has ended, rejected ones included.
+#[async_trait]
+pub trait Filter: Send + Sync {
+    /// The registry name (`auth`, `ratelimit`, …), used in logs and audit decisions.
+    fn name(&self) -> &'static str;
+
+    /// Return `Err` to answer the client now with the rejection.
+    async fn on_request(&self, _ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        Ok(())
+    }
+
+    /// After the exchange, whatever its outcome. Never fails the request.
+    async fn on_complete(&self, _ctx: &RequestCtx) {}
+}
+
+/// What a filter constructor may need besides its options.
+#[derive(Debug, Clone, Default)]
+pub struct BuildContext {
+    /// Folder of the config file: relative paths in options are resolved against it.
+    pub config_dir: PathBuf,
+}
+
+impl BuildContext {
+    pub fn resolve(&self, path: &std::path::Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.config_dir.join(path)
+        }
+    }
+}

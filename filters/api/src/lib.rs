@@ -1,0 +1,22 @@
+//! The contract between llm-gateway and its filters.
+//!
+//! A filter sees only these types, never Pingora's, so each filter crate is unit-tested by
+//! building a [`RequestCtx`] by hand. Filters talk to each other only through the context
+//! (`auth` sets [`RequestCtx::principal`], later filters read it).
+
+mod ctx;
+mod filter;
+mod options;
+mod rejection;
+mod route;
+mod usage;
+
+pub use ctx::{Decision, Principal, RequestCtx};
+pub use filter::{BuildContext, Filter};
+pub use options::{parse_options, OptionsError};
+pub use rejection::{error_json, Rejection};
+pub use route::{Route, WireFormat};
+pub use usage::Usage;
+
+/// Re-exported so filter crates name header types without their own `http` dependency.
+pub use http;

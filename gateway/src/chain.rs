@@ -1,0 +1,227 @@
+//! The filter chain: built from the `filters:` list through the registry, run in order.
+
+use std::sync::Arc;
+
+use gateway_filter::{BuildContext, Decision, Filter, Rejection, RequestCtx};
+
+use crate::config::{ConfigError, FilterSpec, Settings};
+use crate::registry::Registry;
+
+pub struct FilterChain {
+    filters: Vec<Arc<dyn Filter>>,
+}
+
+impl FilterChain {
+    pub fn new(filters: Vec<Arc<dyn Filter>>) -> Self {
+        FilterChain { filters }
+    }
+
+    /// Builds every `filters:` entry; an unknown name or bad option is a startup error that
+    /// names the file, the YAML path and what is allowed.
+    pub fn build(settings: &Settings, registry: &Registry) -> Result<FilterChain, ConfigError> {
+        let cx = BuildContext {
+            config_dir: settings
+                .file
+                .parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_default(),
+        };
+        let filters = settings
+            .filters
+            .iter()
+            .map(|spec| build_one(spec, registry, &cx, settings))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(FilterChain { filters })
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.filters.iter().map(|f| f.name()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.filters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// Runs `on_request` in order; the first rejection stops the chain and is recorded in
+    /// `ctx.decision`.
+    pub async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        for f in &self.filters {
+            if let Err(r) = f.on_request(ctx).await {
+                ctx.decision = Decision::Rejected {
+                    filter: f.name(),
+                    code: r.code,
+                };
+                return Err(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `on_complete` of every filter, in order, for every request.
+    pub async fn on_complete(&self, ctx: &RequestCtx) {
+        for f in &self.filters {
+            f.on_complete(ctx).await;
+        }
+    }
+}
+
+fn build_one(
+    spec: &FilterSpec,
+    registry: &Registry,
+    cx: &BuildContext,
+    settings: &Settings,
+) -> Result<Arc<dyn Filter>, ConfigError> {
+    let file = &settings.file;
+    let Some(factory) = registry.get(&spec.name) else {
+        let known = registry.names();
+        let allowed = if known.is_empty() {
+            "this build has no filters registered".to_string()
+        } else {
+            format!("allowed: {}", known.join(", "))
+        };
+        return Err(ConfigError::invalid(
+            file,
+            format!("{}.use", spec.yaml_path),
+            format!("unknown filter {:?}; {allowed}", spec.name),
+        ));
+    };
+    factory(&spec.options, cx).map_err(|e| {
+        let path = if e.path.is_empty() {
+            spec.yaml_path.clone()
+        } else {
+            format!("{}.{}", spec.yaml_path, e.path)
+        };
+        ConfigError::invalid(file, path, format!("{} filter: {}", spec.name, e.message))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use gateway_filter::http::{Method, StatusCode};
+    use std::sync::Mutex;
+
+    /// Records calls into a shared log; rejects when `reject` is set.
+    struct Probe {
+        tag: &'static str,
+        reject: bool,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[async_trait]
+    impl Filter for Probe {
+        fn name(&self) -> &'static str {
+            self.tag
+        }
+        async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+            self.log.lock().unwrap().push(format!("req:{}", self.tag));
+            ctx.headers.append("x-seen", self.tag.parse().unwrap());
+            if self.reject {
+                return Err(Rejection::new(StatusCode::FORBIDDEN, "probe_says_no", "no"));
+            }
+            Ok(())
+        }
+        async fn on_complete(&self, _ctx: &RequestCtx) {
+            self.log.lock().unwrap().push(format!("done:{}", self.tag));
+        }
+    }
+
+    fn chain(spec: &[(&'static str, bool)], log: &Arc<Mutex<Vec<String>>>) -> FilterChain {
+        FilterChain::new(
+            spec.iter()
+                .map(|(tag, reject)| {
+                    Arc::new(Probe {
+                        tag,
+                        reject: *reject,
+                        log: log.clone(),
+                    }) as Arc<dyn Filter>
+                })
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn runs_in_order_and_stops_at_first_rejection() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let c = chain(&[("a", false), ("b", true), ("c", false)], &log);
+        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        let r = c.on_request(&mut ctx).await.unwrap_err();
+        assert_eq!(r.code, "probe_says_no");
+        assert_eq!(
+            ctx.decision,
+            Decision::Rejected {
+                filter: "b",
+                code: "probe_says_no"
+            }
+        );
+        let seen: Vec<_> = ctx
+            .headers
+            .get_all("x-seen")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(seen, ["a", "b"]);
+        c.on_complete(&ctx).await;
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["req:a", "req:b", "done:a", "done:b", "done:c"]
+        );
+    }
+
+    #[tokio::test]
+    async fn same_filter_twice_and_all_pass() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let c = chain(&[("a", false), ("a", false)], &log);
+        let mut ctx = RequestCtx::new("id".into(), Method::GET, "/v1/models".into());
+        c.on_request(&mut ctx).await.unwrap();
+        assert_eq!(ctx.decision, Decision::Allowed);
+        assert_eq!(log.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn unknown_filter_names_path_and_allowed() {
+        let settings = crate::config::parse(
+            std::path::Path::new("conf/gw.yaml"),
+            "filters:\n  - use: nope\n",
+            &|_| None,
+        )
+        .unwrap();
+        let mut reg = Registry::builtin();
+        reg.register("tag", |_, _| {
+            Err(gateway_filter::OptionsError::new("x", "bad"))
+        });
+        let e = FilterChain::build(&settings, &reg)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.starts_with("conf/gw.yaml: filters[0].use: unknown filter \"nope\""),
+            "{e}"
+        );
+        assert!(e.contains("tag"), "{e}");
+    }
+
+    #[test]
+    fn option_error_gets_full_path() {
+        let settings = crate::config::parse(
+            std::path::Path::new("gw.yaml"),
+            "filters:\n  - use: tag\n    x: 1\n",
+            &|_| None,
+        )
+        .unwrap();
+        let mut reg = Registry::builtin();
+        reg.register("tag", |_, _| {
+            Err(gateway_filter::OptionsError::new("x", "must be a string"))
+        });
+        let e = FilterChain::build(&settings, &reg)
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(e, "gw.yaml: filters[0].x: tag filter: must be a string");
+    }
+}

@@ -1,0 +1,95 @@
+//! The config file's format, as serde reads it. Validation and conversion to the running
+//! model ([`super::Settings`]) happen in `settings.rs`, so format and model stay apart.
+
+use serde::Deserialize;
+
+use super::units::{HumanDuration, HumanSize};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Public listeners; `127.0.0.1:8080` when absent.
+    pub listen: Option<Vec<ListenEntry>>,
+    #[serde(default)]
+    pub backends: Vec<BackendEntry>,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Each entry is `use: NAME` plus that filter's options; read by the chain builder.
+    #[serde(default)]
+    pub filters: Vec<serde_norway::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenEntry {
+    pub addr: String,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Ollama,
+    Openai,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Ollama => "ollama",
+            BackendKind::Openai => "openai",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendEntry {
+    /// Shown in /health, errors and logs; defaults to `host:port` of the URL.
+    pub name: Option<String>,
+    pub url: String,
+    pub kind: BackendKind,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_body: HumanSize,
+    pub connect_timeout: HumanDuration,
+    pub read_timeout: HumanDuration,
+    pub send_timeout: HumanDuration,
+    /// How long a client may take to send its request body.
+    pub client_body_timeout: HumanDuration,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        use std::time::Duration;
+        LimitsSection {
+            max_body: HumanSize(1 << 20),
+            connect_timeout: HumanDuration(Duration::from_secs(10)),
+            read_timeout: HumanDuration(Duration::from_secs(120)),
+            send_timeout: HumanDuration(Duration::from_secs(60)),
+            client_body_timeout: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Proxy worker threads; defaults to the number of CPUs.
+    pub threads: Option<usize>,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    pub drain_timeout: HumanDuration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            threads: None,
+            drain_timeout: HumanDuration(std::time::Duration::from_secs(10)),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Loading `gateway.yaml`: read, parse, interpolate `${VAR}`, deserialize with the path of any
+//! bad key, validate into [`Settings`]. Every error names the file, the YAML path and a fix.
+//!
+//! The YAML parser is `serde_norway`, the maintained successor of the archived `serde_yaml`.
+
+mod file;
+mod interpolate;
+mod settings;
+pub mod units;
+
+use std::path::{Path, PathBuf};
+
+pub use file::BackendKind;
+pub use settings::{BackendSpec, FilterSpec, Limits, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the config file: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: not valid YAML: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: {path}: {message}")]
+    Invalid {
+        file: String,
+        path: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub fn invalid(file: &Path, path: impl Into<String>, message: impl Into<String>) -> Self {
+        let path = path.into();
+        ConfigError::Invalid {
+            file: file.display().to_string(),
+            path: if path.is_empty() {
+                "(top level)".into()
+            } else {
+                path
+            },
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads and validates a config file, taking `${VAR}` values from the process environment.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
+        source,
+    })?;
+    parse(path, &text, &|name| std::env::var(name).ok())
+}
+
+/// Parses config text; `path` is only used in messages and to resolve relative paths.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigError> {
+    let file = path.display().to_string();
+    let mut tree: serde_norway::Value =
+        serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+    if tree.is_null() {
+        tree = serde_norway::Value::Mapping(Default::default());
+    }
+    interpolate::interpolate(&mut tree, &mut String::new(), env)
+        .map_err(|(p, m)| ConfigError::invalid(path, p, m))?;
+    let cfg: file::FileConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let p = e.path().to_string();
+        ConfigError::invalid(
+            path,
+            if p == "." { String::new() } else { p },
+            e.into_inner().to_string(),
+        )
+    })?;
+    settings::build(PathBuf::from(path), cfg).map_err(|(p, m)| ConfigError::invalid(path, p, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Settings, ConfigError> {
+        parse(Path::new("gw.yaml"), text, &|n| {
+            (n == "PORT").then(|| "9000".to_string())
+        })
+    }
+
+    #[test]
+    fn defaults() {
+        let s = parse_str("").unwrap();
+        assert_eq!(s.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(s.limits.max_body, 1 << 20);
+        assert_eq!(s.limits.read_timeout, std::time::Duration::from_secs(120));
+        assert_eq!(s.drain_timeout, std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn full_example() {
+        let s = parse_str(
+            "listen:\n  - addr: 127.0.0.1:${PORT}\nbackends:\n  - { name: a, url: 'http://localhost:11434', kind: ollama }\n  - { url: 'http://127.0.0.1:8000', kind: openai }\nlimits: { max_body: 2MiB, connect_timeout: 1s }\nfilters:\n  - use: thing\n    rate: 10/m\n",
+        )
+        .unwrap();
+        assert_eq!(s.listen[0].port(), 9000);
+        assert_eq!(&*s.backends[0].name, "a");
+        assert_eq!(s.backends[0].authority, "localhost:11434");
+        assert_eq!(&*s.backends[1].name, "127.0.0.1:8000");
+        assert_eq!(s.limits.max_body, 2 << 20);
+        assert_eq!(s.filters[0].name, "thing");
+        assert_eq!(s.filters[0].options["rate"], "10/m");
+    }
+
+    #[test]
+    fn errors_name_file_path_and_fix() {
+        let e = parse_str("limits:\n  max_bdy: 1MiB\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("gw.yaml: limits.max_bdy: unknown field `max_bdy`"),
+            "{e}"
+        );
+        let e = parse_str("backends:\n  - { url: 'ftp://x', kind: ollama }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backends[0].url") && e.contains("http://"),
+            "{e}"
+        );
+        let e = parse_str("backends:\n  - { url: 'http://x:1', kind: vllm }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backends[0].kind") && e.contains("ollama"),
+            "{e}"
+        );
+        let e = parse_str("listen:\n  - addr: ${MISSING}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("listen[0].addr") && e.contains("MISSING is not set"),
+            "{e}"
+        );
+        let e = parse_str("limits: { read_timeout: 5 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.read_timeout") && e.contains("unit"),
+            "{e}"
+        );
+        let e = parse_str("filters:\n  - rate: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("filters[0]") && e.contains("use"), "{e}");
+        let e = parse_str("a: [\n").unwrap_err().to_string();
+        assert!(e.starts_with("gw.yaml: not valid YAML"), "{e}");
+    }
+}

@@ -1,0 +1,10 @@
+//! llm-gateway: a security gateway in front of self-hosted model servers.
+
+pub mod chain;
+pub mod cli;
+pub mod config;
+pub mod proxy;
+pub mod registry;
+pub mod router;
+pub mod server;
+pub mod usage;

@@ -1,0 +1,156 @@
+//! Reading the held request body of inference routes and parsing it once.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use gateway_filter::http::{header, StatusCode};
+use gateway_filter::{Rejection, RequestCtx, Route};
+use pingora_proxy::Session;
+use serde_json::Value;
+
+pub enum BodyError {
+    TooLarge,
+    Timeout,
+    Read(String),
+}
+
+/// Reads the whole request body, refusing more than `max` bytes (announced or actual, so
+/// chunked bodies without Content-Length are capped too) or a body slower than `timeout`.
+pub async fn read(
+    session: &mut Session,
+    max: usize,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
+    let announced = session
+        .req_header()
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        session
+            .write_continue_response()
+            .await
+            .map_err(|e| BodyError::Read(format!("client connection failed: {e}")))?;
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = BytesMut::with_capacity(announced.map_or(16 << 10, |n| n as usize));
+    loop {
+        let next = tokio::time::timeout_at(deadline, session.read_request_body()).await;
+        match next {
+            Err(_) => return Err(BodyError::Timeout),
+            Ok(Err(e)) => {
+                return Err(BodyError::Read(format!(
+                    "could not read the request body: {:?}",
+                    e.etype()
+                )))
+            }
+            Ok(Ok(None)) => return Ok(buf.freeze()),
+            Ok(Ok(Some(chunk))) => {
+                if buf.len() + chunk.len() > max {
+                    return Err(BodyError::TooLarge);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> Rejection {
+    Rejection::new(StatusCode::BAD_REQUEST, code, message)
+}
+
+/// Parses the body as JSON once and puts model, output cap and stream flag into the context.
+pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejection> {
+    let json: Value = serde_json::from_slice(&body).map_err(|e| {
+        bad(
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(obj) = &json else {
+        return Err(bad(
+            "invalid_request_body",
+            "request body must be a JSON object",
+        ));
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(_)) | None => return Err(bad("model_required", "`model` is required")),
+        Some(_) => return Err(bad("invalid_model", "`model` must be a string")),
+    };
+    let max_tokens = obj
+        .get("max_tokens")
+        .or_else(|| obj.get("max_completion_tokens"))
+        .or_else(|| obj.get("options").and_then(|o| o.get("num_predict")))
+        .and_then(Value::as_u64);
+    // Ollama streams chat and generate unless told not to; OpenAI only when asked.
+    let stream_default = matches!(ctx.route, Route::OllamaChat | Route::OllamaGenerate);
+    let stream = obj
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(stream_default);
+    ctx.model = Some(model);
+    ctx.max_tokens = max_tokens;
+    ctx.stream = stream;
+    ctx.json = Some(json);
+    ctx.body = Some(body);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_filter::http::Method;
+
+    fn parse(path: &str, body: &str) -> Result<RequestCtx, Rejection> {
+        let mut ctx = RequestCtx::new(String::new(), Method::POST, path.into());
+        parse_inference(&mut ctx, Bytes::from(body.to_string())).map(|_| ctx)
+    }
+
+    #[test]
+    fn extracts_model_cap_and_stream() {
+        let c = parse(
+            "/api/chat",
+            r#"{"model":"llama3.1:8b","options":{"num_predict":64}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.model.as_deref(), Some("llama3.1:8b"));
+        assert_eq!(c.max_tokens, Some(64));
+        assert!(c.stream);
+        let c = parse("/v1/chat/completions", r#"{"model":"m","max_tokens":10}"#).unwrap();
+        assert_eq!(c.max_tokens, Some(10));
+        assert!(!c.stream);
+        let c = parse(
+            "/api/generate",
+            r#"{"model":"m","stream":false,"options":{"num_predict":-1}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.max_tokens, None);
+        assert!(!c.stream);
+    }
+
+    #[test]
+    fn rejects_bad_bodies_with_position() {
+        let e = parse("/api/chat", "{\"model\": \"m\",\n oops}").unwrap_err();
+        assert_eq!(e.code, "invalid_json");
+        assert!(e.message.contains("line 2"), "{}", e.message);
+        assert_eq!(
+            parse("/api/chat", "[1]").unwrap_err().code,
+            "invalid_request_body"
+        );
+        assert_eq!(parse("/api/chat", "{}").unwrap_err().code, "model_required");
+        assert_eq!(
+            parse("/api/chat", r#"{"model":3}"#).unwrap_err().code,
+            "invalid_model"
+        );
+    }
+}

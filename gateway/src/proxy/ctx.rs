@@ -1,0 +1,25 @@
+use gateway_filter::http::Method;
+use gateway_filter::RequestCtx;
+
+use super::InFlightGuard;
+
+/// Pingora's per-request context: the filters' [`RequestCtx`] plus what only the proxy needs.
+pub struct GwCtx {
+    pub req: RequestCtx,
+    /// Backends tried so far for this request (index into the pool).
+    pub tried: Vec<usize>,
+    pub(super) in_flight: Option<InFlightGuard>,
+    /// The response was written by the gateway itself (health, rejection, forward.rs).
+    pub(super) answered: bool,
+}
+
+impl Default for GwCtx {
+    fn default() -> Self {
+        GwCtx {
+            req: RequestCtx::new(String::new(), Method::GET, String::new()),
+            tried: Vec::new(),
+            in_flight: None,
+            answered: false,
+        }
+    }
+}

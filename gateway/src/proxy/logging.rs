@@ -1,0 +1,45 @@
+//! The end of every request: settle what is known, then `chain.on_complete`.
+
+use gateway_filter::Decision;
+use pingora_error::{Error, ErrorSource};
+use pingora_proxy::Session;
+
+use super::{Gateway, GwCtx};
+
+pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ctx: &mut GwCtx) {
+    let req = &mut ctx.req;
+    if req.status == 0 {
+        req.status = session.response_written().map_or(0, |h| h.status.as_u16());
+    }
+    if !ctx.answered {
+        req.bytes_in = session.body_bytes_read() as u64;
+    }
+    if let (Some(e), Decision::Allowed) = (e, &req.decision) {
+        req.decision = Decision::Failed {
+            code: if e.esource() == &ErrorSource::Downstream {
+                "client_disconnected"
+            } else {
+                "backend_error"
+            },
+        };
+    }
+    req.duration = Some(req.started.elapsed());
+    gw.chain.on_complete(req).await;
+    let (prompt, completion) = req.usage.map_or((-1, -1), |u| {
+        (u.prompt_tokens as i64, u.completion_tokens as i64)
+    });
+    log::debug!(
+        "access id={} client={} method={} path={} route={} model={} backend={} status={} retries={} ms={} prompt_tokens={prompt} completion_tokens={completion}",
+        req.request_id,
+        req.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        req.method,
+        req.path,
+        req.route.as_str(),
+        req.model.as_deref().unwrap_or("-"),
+        req.backend.as_deref().unwrap_or("-"),
+        req.status,
+        req.retries,
+        req.duration.unwrap_or_default().as_millis(),
+    );
+    ctx.in_flight = None;
+}

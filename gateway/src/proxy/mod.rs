@@ -1,0 +1,169 @@
+//! The Pingora `ProxyHttp` implementation. It only orchestrates; each phase lives in its own
+//! file and each concern (filters, routing, usage) in its own module.
+//!
+//! ```text
+//! client ──▶ early_request_filter : request id, client address, start time, in-flight count
+//!            request_filter       : classify route; /health answered here
+//!                                   inference routes: read + cap body, parse JSON once
+//!                                   run chain.on_request in order (first rejection answers)
+//!                                   inference routes: forward.rs sends the held body to a
+//!                                   backend itself (pooled connections, retries on connect
+//!                                   failure, streamed response, usage parsed) and answers
+//!            ── other routes continue through Pingora's own proxy path: ──
+//!            upstream_peer        : router picks a backend
+//!            upstream_request_filter : headers as the chain left them, Host, identity encoding
+//!            fail_to_connect      : retry on another backend
+//!            response_filter      : x-request-id, headers added by filters
+//!            response_body_filter : byte count, time to first byte
+//!            fail_to_proxy        : every gateway-made error is OpenAI-shaped JSON
+//!            logging              : status, duration → chain.on_complete (all requests)
+//! ```
+//!
+//! Why inference bodies bypass Pingora's body path: Pingora 0.9 replays a pre-read body only
+//! up to 64 KiB, while inference bodies are held (up to `limits.max_body`) to route by model,
+//! validate, hash and replay them on a retry.
+
+mod body;
+mod ctx;
+mod forward;
+mod headers;
+mod logging;
+mod request;
+mod respond;
+mod upstream;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::connectors::http::v1::Connector;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::Result;
+use pingora_error::Error;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+pub use ctx::GwCtx;
+
+use crate::chain::FilterChain;
+use crate::config::Settings;
+use crate::router::Router;
+
+/// Counts requests between `early_request_filter` and the end of `logging`, so shutdown can
+/// end as soon as nothing is in flight.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.0.clone())
+    }
+}
+
+pub struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub struct Gateway {
+    pub settings: Arc<Settings>,
+    pub chain: Arc<FilterChain>,
+    pub router: Arc<dyn Router>,
+    pub in_flight: InFlight,
+    connector: Connector,
+}
+
+impl Gateway {
+    pub fn new(settings: Arc<Settings>, chain: Arc<FilterChain>, router: Arc<dyn Router>) -> Self {
+        Gateway {
+            settings,
+            chain,
+            router,
+            in_flight: InFlight::default(),
+            connector: Connector::new(None),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = GwCtx;
+
+    fn new_ctx(&self) -> GwCtx {
+        GwCtx::default()
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
+        request::early(self, session, ctx);
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut GwCtx) -> Result<bool> {
+        request::filter(self, session, ctx).await
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut GwCtx) -> Result<Box<HttpPeer>> {
+        upstream::peer(self, session, ctx)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut GwCtx,
+    ) -> Result<()> {
+        upstream::request_headers(self, upstream_request, ctx)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut GwCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        upstream::fail_to_connect(self, ctx, e)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut GwCtx,
+    ) -> Result<()> {
+        upstream::response_headers(self, resp, ctx)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut GwCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        upstream::response_body(body, ctx);
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut GwCtx,
+    ) -> FailToProxy {
+        respond::fail_to_proxy(self, session, e, ctx).await
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut GwCtx) {
+        logging::complete(self, session, e, ctx).await
+    }
+}

@@ -1,0 +1,113 @@
+//! `early_request_filter` and `request_filter`.
+
+use gateway_filter::http::StatusCode;
+use gateway_filter::{Decision, Rejection, Route};
+use pingora_core::Result;
+use pingora_proxy::Session;
+
+use super::body::{self, BodyError};
+use super::{forward, respond, Gateway, GwCtx};
+
+/// Request id, client address, start time; nothing here can fail.
+pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
+    ctx.in_flight = Some(gw.in_flight.enter());
+    let req = &mut ctx.req;
+    req.started = std::time::Instant::now();
+    req.request_id = format!("{:032x}", fastrand::u128(..));
+    req.client_ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    let header = session.req_header();
+    req.method = header.method.clone();
+    req.path = header.uri.path().to_string();
+    req.query = header.uri.query().map(str::to_string);
+    req.route = Route::classify(&req.method, &req.path);
+}
+
+/// Returns `Ok(true)` when the gateway answered (health, rejection, inference forwarded).
+pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<bool> {
+    if ctx.req.route == Route::Health {
+        let body = respond::health_json(gw);
+        respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
+        ctx.answered = true;
+        return Ok(true);
+    }
+    ctx.req.headers = session.req_header().headers.clone();
+
+    if ctx.req.route.is_inference() {
+        if let Err(rejection) = read_inference_body(gw, session, ctx).await {
+            ctx.req.decision = Decision::Failed {
+                code: rejection.code,
+            };
+            respond::rejection(session, &mut ctx.req, &rejection).await?;
+            ctx.answered = true;
+            return Ok(true);
+        }
+    }
+
+    if let Err(rejection) = gw.chain.on_request(&mut ctx.req).await {
+        respond::rejection(session, &mut ctx.req, &rejection).await?;
+        ctx.answered = true;
+        return Ok(true);
+    }
+
+    if ctx.req.route.is_inference() {
+        ctx.answered = true;
+        forward::forward(gw, session, ctx).await?;
+        return Ok(true);
+    }
+    if gw.router.pool().is_empty() {
+        let r = Rejection::new(
+            StatusCode::BAD_GATEWAY,
+            "no_backend",
+            "no backend is configured",
+        );
+        ctx.req.decision = Decision::Failed { code: r.code };
+        respond::rejection(session, &mut ctx.req, &r).await?;
+        ctx.answered = true;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+async fn read_inference_body(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+) -> std::result::Result<(), Rejection> {
+    let limits = &gw.settings.limits;
+    let bytes = match body::read(session, limits.max_body, limits.client_body_timeout).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            // The rest of the body stays unread: this connection cannot be reused.
+            session.set_keepalive(None);
+            return Err(Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!(
+                    "request body is larger than the limit of {} bytes",
+                    limits.max_body
+                ),
+            ));
+        }
+        Err(BodyError::Timeout) => {
+            session.set_keepalive(None);
+            return Err(Rejection::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time",
+            ));
+        }
+        Err(BodyError::Read(msg)) => {
+            session.set_keepalive(None);
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_body",
+                msg,
+            ));
+        }
+    };
+    ctx.req.bytes_in = bytes.len() as u64;
+    body::parse_inference(&mut ctx.req, bytes)
+}

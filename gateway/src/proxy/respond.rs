@@ -1,0 +1,127 @@
+//! Answers the gateway writes itself: health, rejections, and upstream failures, all JSON.
+
+use bytes::Bytes;
+use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
+use gateway_filter::{error_json, Decision, Rejection, RequestCtx};
+use pingora_core::Result;
+use pingora_error::{Error, ErrorSource, ErrorType};
+use pingora_http::ResponseHeader;
+use pingora_proxy::{FailToProxy, Session};
+
+use super::{Gateway, GwCtx};
+
+/// Writes a complete JSON response with `x-request-id` and the headers filters asked for.
+pub async fn json(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: StatusCode,
+    body: String,
+    extra: &[(HeaderName, HeaderValue)],
+) -> Result<()> {
+    let mut h = ResponseHeader::build(status, Some(4 + extra.len() + ctx.response_headers.len()))?;
+    h.insert_header(header::CONTENT_TYPE, "application/json")?;
+    h.insert_header(header::CONTENT_LENGTH, body.len())?;
+    h.insert_header("x-request-id", ctx.request_id.as_str())?;
+    for (k, v) in extra.iter().chain(ctx.response_headers.iter()) {
+        h.append_header(k.clone(), v.clone())?;
+    }
+    ctx.status = status.as_u16();
+    ctx.bytes_out = body.len() as u64;
+    session.write_response_header(Box::new(h), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await?;
+    Ok(())
+}
+
+pub async fn rejection(session: &mut Session, ctx: &mut RequestCtx, r: &Rejection) -> Result<()> {
+    json(session, ctx, r.status, r.body(), &r.headers).await
+}
+
+/// The error a failed exchange with a backend turns into. Names the backend, nothing else.
+pub fn upstream_failure(e: &Error, backend: Option<&str>) -> (StatusCode, &'static str, String) {
+    let name = backend.unwrap_or("(none)");
+    match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "backend_timeout",
+            format!("backend {name} did not answer in time"),
+        ),
+        ErrorType::HTTPStatus(code) => {
+            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY);
+            (
+                status,
+                "gateway_error",
+                status.canonical_reason().unwrap_or("error").to_string(),
+            )
+        }
+        _ => (
+            StatusCode::BAD_GATEWAY,
+            "backend_unavailable",
+            format!("backend {name} is unavailable"),
+        ),
+    }
+}
+
+/// Pingora's last word on a failed request: answer with JSON if nothing was written yet.
+pub async fn fail_to_proxy(
+    _gw: &Gateway,
+    session: &mut Session,
+    e: &Error,
+    ctx: &mut GwCtx,
+) -> FailToProxy {
+    let client_gone = e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+        );
+    if client_gone || session.response_written().is_some() {
+        return FailToProxy {
+            error_code: if client_gone { 0 } else { ctx.req.status },
+            can_reuse_downstream: false,
+        };
+    }
+    let (status, code, message) = if e.esource() == &ErrorSource::Downstream {
+        (
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the request could not be read".to_string(),
+        )
+    } else {
+        upstream_failure(e, ctx.req.backend.as_deref())
+    };
+    ctx.req.decision = Decision::Failed { code };
+    let body = error_json(status, code, &message);
+    if let Err(err) = json(session, &mut ctx.req, status, body, &[]).await {
+        log::debug!(
+            "request {}: could not send the error response: {err}",
+            ctx.req.request_id
+        );
+    }
+    FailToProxy {
+        error_code: status.as_u16(),
+        can_reuse_downstream: false,
+    }
+}
+
+/// `GET /health`: the gateway is up; each backend's passive state. No addresses, no secrets.
+pub fn health_json(gw: &Gateway) -> String {
+    let pool = gw.router.pool();
+    let backends: Vec<serde_json::Value> = pool
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            serde_json::json!({
+                "name": &*b.name,
+                "kind": b.kind.as_str(),
+                "state": if pool.is_up(i) { "up" } else { "down" },
+            })
+        })
+        .collect();
+    let any_up = (0..pool.len()).any(|i| pool.is_up(i));
+    serde_json::json!({
+        "status": if any_up || pool.is_empty() { "ok" } else { "degraded" },
+        "backends": backends,
+    })
+    .to_string()
+}

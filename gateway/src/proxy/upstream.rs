@@ -1,0 +1,82 @@
+//! Pingora's own proxy path, used for routes without a held body (model lists, admin routes).
+
+use bytes::Bytes;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::Result;
+use pingora_error::{Error, ErrorType};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+use super::headers::{add_upstream_headers, copy_request_headers};
+use super::{Gateway, GwCtx};
+
+pub fn peer(gw: &Gateway, _session: &mut Session, ctx: &mut GwCtx) -> Result<Box<HttpPeer>> {
+    let idx = gw
+        .router
+        .pick(&ctx.req, &ctx.tried)
+        .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no backend left to try"))?;
+    if !ctx.tried.is_empty() {
+        ctx.req.retries += 1;
+    }
+    ctx.tried.push(idx);
+    let backend = gw.router.pool().get(idx);
+    ctx.req.backend = Some(backend.name.clone());
+    Ok(Box::new(backend.peer.clone()))
+}
+
+/// The upstream request carries the headers as the chain left them.
+pub fn request_headers(gw: &Gateway, upstream: &mut RequestHeader, ctx: &mut GwCtx) -> Result<()> {
+    let Some(&idx) = ctx.tried.last() else {
+        return Err(Error::explain(
+            ErrorType::InternalError,
+            "no backend chosen",
+        ));
+    };
+    let backend = gw.router.pool().get(idx);
+    let path = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut h = RequestHeader::build(
+        upstream.method.clone(),
+        path.as_bytes(),
+        Some(ctx.req.headers.len() + 3),
+    )?;
+    copy_request_headers(&ctx.req.headers, &mut h, true)?;
+    add_upstream_headers(&mut h, &backend.authority, &ctx.req.request_id)?;
+    *upstream = h;
+    Ok(())
+}
+
+/// A backend refused or timed out: mark it and try another one if any is left.
+pub fn fail_to_connect(gw: &Gateway, ctx: &mut GwCtx, mut e: Box<Error>) -> Box<Error> {
+    let pool = gw.router.pool();
+    if let Some(&idx) = ctx.tried.last() {
+        pool.mark_failed(idx);
+        log::warn!(
+            "request {}: cannot connect to backend {}: {e}",
+            ctx.req.request_id,
+            pool.get(idx).name
+        );
+    }
+    if ctx.tried.len() < pool.len() {
+        e.set_retry(true);
+    }
+    e
+}
+
+pub fn response_headers(gw: &Gateway, resp: &mut ResponseHeader, ctx: &mut GwCtx) -> Result<()> {
+    resp.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+    for (k, v) in &ctx.req.response_headers {
+        resp.append_header(k.clone(), v.clone())?;
+    }
+    ctx.req.status = resp.status.as_u16();
+    ctx.req.ttfb = Some(ctx.req.started.elapsed());
+    if let Some(&idx) = ctx.tried.last() {
+        gw.router.pool().mark_ok(idx);
+    }
+    Ok(())
+}
+
+pub fn response_body(body: &Option<Bytes>, ctx: &mut GwCtx) {
+    if let Some(b) = body {
+        ctx.req.bytes_out += b.len() as u64;
+    }
+}

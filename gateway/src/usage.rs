@@ -1,0 +1,304 @@
+//! Token usage read from a response body as it streams past, chunk by chunk.
+//!
+//! Chunks may split anywhere, so the parser keeps only the current line (NDJSON, SSE) or the
+//! whole document (plain JSON), capped. Only lines that mention a usage key are parsed:
+//! - Ollama: the final object's `prompt_eval_count` and `eval_count` (NDJSON stream, or one
+//!   JSON object when `stream: false`);
+//! - OpenAI: `usage.prompt_tokens` / `usage.completion_tokens`, in the JSON body or in the
+//!   last SSE `data:` event that carries it (`stream_options.include_usage`).
+
+use std::sync::LazyLock;
+
+use gateway_filter::Usage;
+use memchr::memmem::Finder;
+use serde::Deserialize;
+
+/// Largest line or document kept for parsing; beyond it usage is reported unknown.
+const MAX_BUFFERED: usize = 8 << 20;
+
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static EVAL_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"eval_count\""));
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `application/x-ndjson`: one JSON object per line (Ollama streaming).
+    Ndjson,
+    /// `text/event-stream`: `data: {json}` lines (OpenAI streaming).
+    Sse,
+    /// Anything else: the body is one JSON document.
+    Json,
+}
+
+impl Framing {
+    pub fn from_content_type(ct: Option<&[u8]>) -> Framing {
+        let ct = ct.unwrap_or_default();
+        let starts = |p: &[u8]| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
+        if starts(b"text/event-stream") {
+            Framing::Sse
+        } else if starts(b"application/x-ndjson") {
+            Framing::Ndjson
+        } else {
+            Framing::Json
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct UsageParser {
+    framing: Framing,
+    buf: Vec<u8>,
+    /// The current line or document outgrew `MAX_BUFFERED` and is being skipped.
+    overflow: bool,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Doc {
+    usage: Option<OpenAiUsage>,
+    prompt_eval_count: Option<u64>,
+    eval_count: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+impl UsageParser {
+    pub fn new(framing: Framing) -> Self {
+        UsageParser {
+            framing,
+            buf: Vec::new(),
+            overflow: false,
+            usage: None,
+        }
+    }
+
+    /// Feeds the next chunk of the response body.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        if self.framing == Framing::Json {
+            self.keep(chunk);
+            return;
+        }
+        while let Some(nl) = memchr::memchr(b'\n', chunk) {
+            let (head, tail) = (&chunk[..nl], &chunk[nl + 1..]);
+            if self.overflow {
+                self.overflow = false;
+            } else if self.buf.is_empty() {
+                self.line(head);
+            } else {
+                let mut line = std::mem::take(&mut self.buf);
+                line.extend_from_slice(head);
+                self.line(&line);
+                line.clear();
+                self.buf = line;
+            }
+            chunk = tail;
+        }
+        self.keep(chunk);
+    }
+
+    /// Ends the body; returns the usage seen, if any.
+    pub fn finish(&mut self) -> Option<Usage> {
+        if !self.overflow && !self.buf.is_empty() {
+            let rest = std::mem::take(&mut self.buf);
+            match self.framing {
+                Framing::Json => self.doc(&rest),
+                _ => self.line(&rest),
+            }
+        }
+        self.usage
+    }
+
+    fn keep(&mut self, part: &[u8]) {
+        if self.overflow || part.is_empty() {
+            return;
+        }
+        if self.buf.len() + part.len() > MAX_BUFFERED {
+            self.overflow = true;
+            self.buf = Vec::new();
+        } else {
+            self.buf.extend_from_slice(part);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match self.framing {
+            Framing::Sse => {
+                if let Some(data) = line.strip_prefix(b"data:") {
+                    let data = data.strip_prefix(b" ").unwrap_or(data);
+                    if data != b"[DONE]" {
+                        self.doc(data);
+                    }
+                }
+            }
+            _ => self.doc(line),
+        }
+    }
+
+    fn doc(&mut self, doc: &[u8]) {
+        let openai = USAGE_KEY.find(doc).is_some();
+        if !openai && EVAL_KEY.find(doc).is_none() {
+            return;
+        }
+        let Ok(d) = serde_json::from_slice::<Doc>(doc) else {
+            return;
+        };
+        if let Some(u) = d.usage {
+            self.usage = Some(Usage {
+                prompt_tokens: u.prompt_tokens.unwrap_or(0),
+                completion_tokens: u.completion_tokens.unwrap_or(0),
+            });
+        } else if d.prompt_eval_count.is_some() || d.eval_count.is_some() {
+            self.usage = Some(Usage {
+                prompt_tokens: d.prompt_eval_count.unwrap_or(0),
+                completion_tokens: d.eval_count.unwrap_or(0),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLLAMA_STREAM: &str = concat!(
+        "{\"model\":\"m\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"Hi \\\"eval_count\\\": 1\"},\"done\":false}\n",
+        "{\"model\":\"m\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"!\"},\"done\":false}\n",
+        "{\"model\":\"m\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\",\"total_duration\":5,\"prompt_eval_count\":26,\"prompt_eval_duration\":1,\"eval_count\":298,\"eval_duration\":3}\n",
+    );
+    const OLLAMA_JSON: &str = "{\"model\":\"m\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"line1\\nline2\"},\"done\":true,\"prompt_eval_count\":11,\"eval_count\":7}";
+    const OPENAI_SSE: &str = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\r\n\r\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":12,\"total_tokens\":21}}\n\n",
+        "data: [DONE]\n\n",
+    );
+    const OPENAI_JSON: &str = "{\n  \"id\": \"c\",\n  \"object\": \"chat.completion\",\n  \"choices\": [{\"index\": 0, \"message\": {\"role\": \"assistant\", \"content\": \"x\"}}],\n  \"usage\": {\"prompt_tokens\": 5, \"completion_tokens\": 3, \"total_tokens\": 8}\n}\n";
+
+    fn cases() -> [(Framing, &'static str, Usage); 4] {
+        [
+            (
+                Framing::Ndjson,
+                OLLAMA_STREAM,
+                Usage {
+                    prompt_tokens: 26,
+                    completion_tokens: 298,
+                },
+            ),
+            (
+                Framing::Json,
+                OLLAMA_JSON,
+                Usage {
+                    prompt_tokens: 11,
+                    completion_tokens: 7,
+                },
+            ),
+            (
+                Framing::Sse,
+                OPENAI_SSE,
+                Usage {
+                    prompt_tokens: 9,
+                    completion_tokens: 12,
+                },
+            ),
+            (
+                Framing::Json,
+                OPENAI_JSON,
+                Usage {
+                    prompt_tokens: 5,
+                    completion_tokens: 3,
+                },
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_two_way_split() {
+        for (framing, body, want) in cases() {
+            let b = body.as_bytes();
+            for cut in 0..=b.len() {
+                let mut p = UsageParser::new(framing);
+                p.feed(&b[..cut]);
+                p.feed(&b[cut..]);
+                assert_eq!(p.finish(), Some(want), "{framing:?} split at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_three_way_split_and_byte_by_byte() {
+        for (framing, body, want) in cases() {
+            let b = body.as_bytes();
+            for i in (0..b.len()).step_by(7) {
+                for j in i..=b.len() {
+                    let mut p = UsageParser::new(framing);
+                    p.feed(&b[..i]);
+                    p.feed(&b[i..j]);
+                    p.feed(&b[j..]);
+                    assert_eq!(p.finish(), Some(want), "{framing:?} split at {i},{j}");
+                }
+            }
+            let mut p = UsageParser::new(framing);
+            for byte in b.chunks(1) {
+                p.feed(byte);
+            }
+            assert_eq!(p.finish(), Some(want), "{framing:?} byte by byte");
+        }
+    }
+
+    #[test]
+    fn framing_from_content_type() {
+        assert_eq!(
+            Framing::from_content_type(Some(b"text/event-stream; charset=utf-8")),
+            Framing::Sse
+        );
+        assert_eq!(
+            Framing::from_content_type(Some(b"application/x-ndjson")),
+            Framing::Ndjson
+        );
+        assert_eq!(
+            Framing::from_content_type(Some(b"application/json")),
+            Framing::Json
+        );
+        assert_eq!(Framing::from_content_type(None), Framing::Json);
+    }
+
+    #[test]
+    fn no_usage_and_garbage() {
+        let mut p = UsageParser::new(Framing::Sse);
+        p.feed(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
+        assert_eq!(p.finish(), None);
+        let mut p = UsageParser::new(Framing::Json);
+        p.feed(b"{\"usage\": oops");
+        assert_eq!(p.finish(), None);
+        // Ollama omits prompt_eval_count when the prompt was cached.
+        let mut p = UsageParser::new(Framing::Ndjson);
+        p.feed(b"{\"done\":true,\"eval_count\":4}");
+        assert_eq!(
+            p.finish(),
+            Some(Usage {
+                prompt_tokens: 0,
+                completion_tokens: 4
+            })
+        );
+    }
+
+    #[test]
+    fn oversized_line_is_skipped_not_kept() {
+        let mut p = UsageParser::new(Framing::Ndjson);
+        let big = vec![b'x'; MAX_BUFFERED + 10];
+        p.feed(&big);
+        assert!(p.buf.is_empty());
+        p.feed(b"\n{\"done\":true,\"prompt_eval_count\":1,\"eval_count\":2}\n");
+        assert_eq!(
+            p.finish(),
+            Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2
+            })
+        );
+    }
+}

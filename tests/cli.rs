@@ -1,0 +1,135 @@
+//! The command line: `check`, `--help`, and startup errors an operator can make.
+
+mod support;
+
+use std::process::Command;
+
+use support::BIN;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("RUST_LOG", "error");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn check_accepts_the_shipped_configs() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/gateway.yaml");
+    let (code, out, err) = run(&["check", "--config", root], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": OK"), "{out}");
+    assert!(
+        out.contains("backend:  local (ollama) at 127.0.0.1:11434"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_summarises_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "gw.yaml",
+        "listen:\n  - addr: 127.0.0.1:${GW_PORT}\nbackends:\n  - { name: gpu-a, url: 'http://127.0.0.1:11434', kind: ollama }\nlimits: { max_body: 2MiB }\n",
+    );
+    let (code, out, err) = run(&["check", "--config", &f], &[("GW_PORT", "9999")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("listen:   127.0.0.1:9999"), "{out}");
+    assert!(out.contains("max_body 2097152 bytes"), "{out}");
+    assert!(out.contains("filters:  none"), "{out}");
+}
+
+#[test]
+fn check_rejects_bad_configs_naming_file_path_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "limits:\n  max_bdy: 1MiB\n",
+            "limits.max_bdy: unknown field `max_bdy`",
+        ),
+        (
+            "listen:\n  - addr: ${NOT_SET_ANYWHERE}\n",
+            "listen[0].addr: environment variable NOT_SET_ANYWHERE is not set",
+        ),
+        (
+            "filters:\n  - use: frobnicate\n",
+            "filters[0].use: unknown filter \"frobnicate\"",
+        ),
+        (
+            "backends:\n  - { url: 'http://127.0.0.1:1/v1', kind: ollama }\n",
+            "backends[0].url",
+        ),
+        (
+            "backends:\n  - { url: 'http://127.0.0.1:1', kind: llamacpp }\n",
+            "backends[0].kind: unknown variant `llamacpp`, expected `ollama` or `openai`",
+        ),
+        (
+            "limits: { connect_timeout: 10 }\n",
+            "limits.connect_timeout: a bare number is ambiguous here; give a unit",
+        ),
+        (
+            "listen: [ {addr: 'localhost'} ]\n",
+            "listen[0].addr: \"localhost\" is not an ip:port address",
+        ),
+        ("backends: [\n", "not valid YAML"),
+    ];
+    for (i, (yaml, want)) in cases.iter().enumerate() {
+        let f = write(&dir, &format!("bad{i}.yaml"), yaml);
+        let (code, out, err) = run(&["check", "--config", &f], &[]);
+        assert_eq!(code, 1, "{yaml}: {out}");
+        assert!(err.contains(&f), "error must name the file: {err}");
+        assert!(err.contains(want), "{yaml}\nwant {want}\ngot {err}");
+    }
+    let (code, _, err) = run(&["check", "--config", "/nonexistent/gw.yaml"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/nonexistent/gw.yaml: cannot read the config file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_refuses_a_busy_port_with_a_clear_error() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "gw.yaml",
+        &format!("listen:\n  - addr: 127.0.0.1:{port}\n"),
+    );
+    let (code, _, err) = run(&["--config", &f], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "listen[0].addr: cannot listen on 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_documents_every_subcommand() {
+    let (code, out, _) = run(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for word in ["run", "check", "--config"] {
+        assert!(out.contains(word), "{word} missing from:\n{out}");
+    }
+    let (code, _, err) = run(&[], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--config"), "{err}");
+}

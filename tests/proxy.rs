@@ -1,0 +1,550 @@
+//! Proxy behaviour of the real binary against the mock model server.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use mock_ollama::{FailMode, MockConfig};
+use serde_json::json;
+use support::*;
+
+const MODEL: &str = "llama3.1:8b";
+
+/// (path, body) for every inference route; the mock counts one prompt token per word.
+fn inference_routes() -> Vec<(&'static str, serde_json::Value)> {
+    let msgs = json!([{"role": "user", "content": "why is the sky blue"}]);
+    vec![
+        ("/api/chat", json!({"model": MODEL, "messages": msgs})),
+        (
+            "/api/chat",
+            json!({"model": MODEL, "messages": msgs, "stream": false}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": MODEL, "prompt": "why is the sky blue"}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": MODEL, "prompt": "why is the sky blue", "stream": false}),
+        ),
+        (
+            "/api/embed",
+            json!({"model": MODEL, "input": "why is the sky blue"}),
+        ),
+        (
+            "/api/embeddings",
+            json!({"model": MODEL, "prompt": "why is the sky blue"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": msgs}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": msgs, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "why is the sky blue"}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "why is the sky blue", "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": "why is the sky blue"}),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_inference_route_is_proxied_unchanged_with_usage() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let c = client();
+    for (path, body) in inference_routes() {
+        let direct = c
+            .post(format!("{}{path}", m.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let direct_ct = direct.headers()["content-type"].clone();
+        let direct_body = direct.bytes().await.unwrap();
+
+        let before = m.hits(path);
+        let resp = c.post(gw.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.headers()["content-type"], direct_ct, "{path}");
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(id.len(), 32);
+        let got = resp.bytes().await.unwrap();
+        assert_eq!(got, direct_body, "{path}: body differs from the backend's");
+        assert_eq!(m.hits(path), before + 1);
+
+        let line = gw.access_line(&id).await;
+        assert_eq!(field(&line, "status"), "200");
+        assert_eq!(field(&line, "model"), MODEL);
+        assert_eq!(field(&line, "backend"), "local");
+        // Usage is in every format except the legacy /api/embeddings (no counts there) and
+        // completion tokens are 0 for embeddings.
+        let (p, c_tok) = (
+            field(&line, "prompt_tokens"),
+            field(&line, "completion_tokens"),
+        );
+        match path {
+            "/api/embeddings" => assert_eq!((p, c_tok), ("-1", "-1"), "{line}"),
+            "/api/embed" => assert_eq!((p, c_tok), ("5", "0"), "{line}"),
+            "/v1/embeddings" => assert_eq!((p, c_tok), ("5", "0"), "{line}"),
+            _ => assert_eq!((p, c_tok), ("5", "5"), "{path}: {line}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn model_list_and_other_routes_use_pingora_path() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let c = client();
+    for path in ["/api/tags", "/v1/models", "/api/version", "/api/ps"] {
+        let direct = c
+            .get(format!("{}{path}", m.url()))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let resp = c.get(gw.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().contains_key("x-request-id"));
+        assert_eq!(resp.bytes().await.unwrap(), direct, "{path}");
+    }
+    // Query strings and headers reach the backend; the Host is the backend's own.
+    let resp = c
+        .get(gw.url("/v1/models?x=1"))
+        .header("x-custom", "yes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = m.requests().into_iter().last().unwrap();
+    let h = |k: &str| {
+        seen.headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(h("x-custom").as_deref(), Some("yes"));
+    assert_eq!(h("host").as_deref(), Some(m.addr().to_string().as_str()));
+    assert_eq!(h("accept-encoding").as_deref(), Some("identity"));
+}
+
+/// Reads a streamed response and returns the arrival time of each chunk.
+async fn arrivals(resp: reqwest::Response, start: Instant) -> (Vec<Duration>, Vec<u8>) {
+    let mut times = Vec::new();
+    let mut all = Vec::new();
+    let mut s = resp.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.unwrap();
+        times.push(start.elapsed());
+        all.extend_from_slice(&chunk);
+    }
+    (times, all)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_stream_chunk_by_chunk() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let c = client();
+    let cases = [
+        (
+            "/api/chat",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    ];
+    for (path, body) in cases {
+        let start = Instant::now();
+        let resp = c
+            .post(gw.url(path))
+            .header("x-mock-chunks", "6")
+            .header("x-mock-delay-ms", "150")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let (times, body) = arrivals(resp, start).await;
+        let first = times[0];
+        let last = *times.last().unwrap();
+        // The mock sends 7 pieces 150 ms apart (~900 ms): the first must arrive long before
+        // the mock is done, and the pieces must arrive spread out, not in one lump.
+        assert!(last >= Duration::from_millis(850), "{path}: total {last:?}");
+        assert!(
+            first < Duration::from_millis(400),
+            "{path}: first chunk after {first:?}"
+        );
+        assert!(times.len() >= 5, "{path}: only {} reads", times.len());
+        assert!(String::from_utf8_lossy(&body).contains("tok5"), "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_body_is_forwarded_whole_and_replayed_after_connect_failure() {
+    let m = mock().await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    // Round-robin starts at the dead backend, so the body must be replayed to the second.
+    let gw = Gateway::start(&backends(&[("dead", &dead), ("live", &m.url())])).await;
+    let filler = "word ".repeat(900 * 1024 / 5);
+    let body =
+        json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": filler}]});
+    let raw = serde_json::to_vec(&body).unwrap();
+    assert!(
+        raw.len() > 900 * 1024 && raw.len() < 1 << 20,
+        "{}",
+        raw.len()
+    );
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .header("content-type", "application/json")
+        .body(raw.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["prompt_eval_count"], 900 * 1024 / 5);
+    let seen = m.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].body_len,
+        raw.len(),
+        "the backend got the whole body"
+    );
+    assert_eq!(seen[0].model.as_deref(), Some(MODEL));
+    let line = gw.access_line(&id).await;
+    assert_eq!(field(&line, "backend"), "live");
+    assert_eq!(field(&line, "retries"), "1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_bodies_get_413_json_and_never_reach_the_backend() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ max_body: 64KiB }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let c = client();
+    let big = format!(
+        "{{\"model\":\"{MODEL}\",\"prompt\":\"{}\"}}",
+        "x".repeat(70 * 1024)
+    );
+    // With Content-Length.
+    let resp = c
+        .post(gw.url("/api/generate"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(error_of(resp).await.0, "request_too_large");
+    // Chunked, no Content-Length: the cap applies to what actually arrives.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
+        .into_bytes()
+        .chunks(8192)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let resp = c
+        .post(gw.url("/api/generate"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(error_of(resp).await.0, "request_too_large");
+    assert_eq!(m.total(), 0);
+    // Just under the cap passes.
+    let ok = format!(
+        "{{\"model\":\"{MODEL}\",\"prompt\":\"{}\",\"stream\":false}}",
+        "x".repeat(60 * 1024)
+    );
+    let resp = c
+        .post(gw.url("/api/generate"))
+        .body(ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_json_gets_400_with_position() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .body("{\"model\": \"m\",\n  oops}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let (code, msg) = error_of(resp).await;
+    assert_eq!(code, "invalid_json");
+    assert!(msg.contains("line 2 column 3"), "{msg}");
+    assert_eq!(m.total(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_down_gives_502_naming_only_the_backend() {
+    let port = free_port();
+    let gw = Gateway::start(&backends(&[("gpu-a", &format!("http://127.0.0.1:{port}"))])).await;
+    let c = client();
+    for path in ["/api/chat", "/api/tags"] {
+        let req = if path == "/api/chat" {
+            c.post(gw.url(path))
+                .json(&json!({"model": MODEL, "messages": []}))
+        } else {
+            c.get(gw.url(path))
+        };
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 502, "{path}");
+        let (code, msg) = error_of(resp).await;
+        assert_eq!(code, "backend_unavailable");
+        assert_eq!(msg, "backend gpu-a is unavailable");
+        assert!(!msg.contains(&port.to_string()));
+    }
+    let h: serde_json::Value = c
+        .get(gw.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["backends"][0]["state"], "down");
+    assert_eq!(h["status"], "degraded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_backend_gives_504() {
+    let m = mock_with(MockConfig {
+        fail: FailMode::Hang,
+        ..MockConfig::default()
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ read_timeout: 1s }}\n",
+        backends(&[("slow", &m.url())])
+    ))
+    .await;
+    let start = Instant::now();
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    let (code, msg) = error_of(resp).await;
+    assert_eq!(code, "backend_timeout");
+    assert_eq!(msg, "backend slow did not answer in time");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let resp = client().get(gw.url("/api/tags")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_dying_mid_stream_truncates_the_client_stream() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .header("x-mock-fail", "close-mid-stream")
+        .header("x-mock-chunks", "10")
+        .header("x-mock-delay-ms", "20")
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut s = resp.bytes_stream();
+    let mut got = Vec::new();
+    let mut failed = false;
+    while let Some(chunk) = s.next().await {
+        match chunk {
+            Ok(c) => got.extend_from_slice(&c),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the client must see an error, not a clean end");
+    assert!(!String::from_utf8_lossy(&got).contains("\"done\":true"));
+    // The gateway is still fine.
+    assert_eq!(
+        client()
+            .get(gw.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_leaving_mid_stream_is_harmless() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .header("x-mock-chunks", "20")
+        .header("x-mock-delay-ms", "50")
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let mut s = resp.bytes_stream();
+    let _ = s.next().await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .json(&json!({"model": MODEL, "stream": false, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_is_answered_by_the_gateway() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let resp = client().get(gw.url("/health")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"status": "ok", "backends": [{"name": "local", "kind": "ollama", "state": "up"}]})
+    );
+    assert_eq!(m.total(), 0, "/health must not be proxied");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_ids_are_unique_and_forwarded() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let c = client();
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let resp = c
+            .post(gw.url("/api/generate"))
+            .header("x-request-id", "client-chosen")
+            .json(&json!({"model": MODEL, "prompt": "x", "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_ne!(id, "client-chosen");
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 20);
+    let upstream_ids: std::collections::HashSet<String> = m
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == "x-request-id")
+                .map(|(_, v)| v.clone())
+        })
+        .collect();
+    assert_eq!(
+        upstream_ids, ids,
+        "the backend sees the same ids as the client"
+    );
+    // Errors carry one too.
+    let resp = c
+        .post(gw.url("/api/chat"))
+        .body("nope")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().contains_key("x-request-id"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_robin_spreads_over_backends() {
+    let a = mock().await;
+    let b = mock().await;
+    let gw = Gateway::start(&backends(&[("a", &a.url()), ("b", &b.url())])).await;
+    let c = client();
+    for _ in 0..10 {
+        let r = c
+            .post(gw.url("/api/generate"))
+            .json(&json!({"model": MODEL, "prompt": "x", "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!((a.hits("/api/generate"), b.hits("/api/generate")), (5, 5));
+    // One goes away: everything goes to the other, nothing fails.
+    a.set_fail(FailMode::Refuse);
+    for _ in 0..6 {
+        let r = c
+            .post(gw.url("/api/generate"))
+            .json(&json!({"model": MODEL, "prompt": "x", "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(b.hits("/api/generate"), 11);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_streams_then_exits() {
+    let m = mock().await;
+    let mut gw = Gateway::start(&format!(
+        "{}server: {{ threads: 2, drain_timeout: 5s }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .header("x-mock-chunks", "10")
+        .header("x-mock-delay-ms", "100")
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    gw.signal("TERM");
+    let body = resp.bytes().await.expect("the in-flight stream completes");
+    assert!(String::from_utf8_lossy(&body).contains("\"done\":true"));
+    let status = tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(6)))
+        .expect("exits after draining");
+    assert!(status.success(), "{status}");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "exited {:?} after SIGTERM",
+        start.elapsed()
+    );
+    // New connections are refused once it is gone.
+    assert!(client().get(gw.url("/health")).send().await.is_err());
+}

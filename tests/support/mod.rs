@@ -1,0 +1,190 @@
+//! Shared harness: starts the real `llm-gateway` binary on an ephemeral port with a config
+//! written to a temp dir, and the mock model server in-process.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mock_ollama::{MockConfig, MockServer};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
+
+/// A port nobody listens on right now (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+pub async fn mock() -> MockServer {
+    mock_with(MockConfig::default()).await
+}
+
+pub async fn mock_with(cfg: MockConfig) -> MockServer {
+    MockServer::start(cfg).await.expect("mock starts")
+}
+
+/// YAML for a backend list.
+pub fn backends(urls: &[(&str, &str)]) -> String {
+    let mut s = String::from("backends:\n");
+    for (name, url) in urls {
+        s += &format!("  - {{ name: {name}, url: '{url}', kind: ollama }}\n");
+    }
+    s
+}
+
+pub struct Gateway {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts the binary with `body` as config (a `listen:` entry is added) and waits until
+    /// `/health` answers.
+    pub async fn start(body: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let server = if body.contains("server:") {
+            ""
+        } else {
+            "server: { threads: 2 }\n"
+        };
+        let config = format!("listen:\n  - addr: 127.0.0.1:{port}\n{server}{body}");
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, config).expect("write config");
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info,llm_gateway=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("gateway starts");
+        let mut gw = Gateway { child, port, dir };
+        gw.wait_ready().await;
+        gw
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = reqwest::Client::new();
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "gateway exited with {status} before serving:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(r) = client.get(self.url("/health")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("gateway did not start in time:\n{}", self.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.yaml")
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("gateway.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The access line the gateway logged for a request id (waits briefly: it is written
+    /// after the response ends).
+    pub async fn access_line(&self, request_id: &str) -> String {
+        let needle = format!("access id={request_id} ");
+        for _ in 0..100 {
+            if let Some(line) = self.log().lines().find(|l| l.contains(&needle)) {
+                return line.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no access line for {request_id}:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses `key=value` fields of an access line.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let needle = format!(" {key}=");
+    let start = line
+        .find(&needle)
+        .map(|i| i + needle.len())
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    line[start..].split(' ').next().unwrap_or_default()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// Asserts an OpenAI-shaped error body and returns (code, message).
+pub async fn error_of(resp: reqwest::Response) -> (String, String) {
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(ct.starts_with("application/json"), "content-type {ct}");
+    assert!(resp.headers().contains_key("x-request-id"));
+    let v: serde_json::Value = resp.json().await.expect("JSON error body");
+    let e = &v["error"];
+    assert!(e["type"].is_string() && e["message"].is_string(), "{v}");
+    (
+        e["code"].as_str().unwrap_or_default().to_string(),
+        e["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
