@@ -39,6 +39,22 @@ fn check_accepts_the_shipped_configs() {
 }
 
 #[test]
+fn check_accepts_the_production_example() {
+    let f = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/production.yaml");
+    let env = [
+        ("GATEWAY_ADDR", "127.0.0.1:8443"),
+        ("OLLAMA_A", "http://127.0.0.1:11434"),
+        ("OLLAMA_B", "http://127.0.0.1:11435"),
+    ];
+    let (code, out, err) = run(&["check", "--config", f], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("backend:  gpu-a") && out.contains("backend:  gpu-b"), "{out}");
+    let (code, _, err) = run(&["check", "--config", f], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("environment variable GATEWAY_ADDR is not set"), "{err}");
+}
+
+#[test]
 fn check_summarises_a_good_config() {
     let dir = tempfile::tempdir().unwrap();
     let f = write(
