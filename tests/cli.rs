@@ -48,10 +48,16 @@ fn check_accepts_the_production_example() {
     ];
     let (code, out, err) = run(&["check", "--config", f], &env);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("backend:  gpu-a") && out.contains("backend:  gpu-b"), "{out}");
+    assert!(
+        out.contains("backend:  gpu-a") && out.contains("backend:  gpu-b"),
+        "{out}"
+    );
     let (code, _, err) = run(&["check", "--config", f], &[]);
     assert_eq!(code, 1);
-    assert!(err.contains("environment variable GATEWAY_ADDR is not set"), "{err}");
+    assert!(
+        err.contains("environment variable GATEWAY_ADDR is not set"),
+        "{err}"
+    );
 }
 
 #[test]

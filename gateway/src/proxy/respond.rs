@@ -91,6 +91,9 @@ pub async fn fail_to_proxy(
         upstream_failure(e, ctx.req.backend.as_deref())
     };
     ctx.req.decision = Decision::Failed { code };
+    // Pingora will not reuse this connection: say so, or a client may send its next
+    // request on it just as it closes.
+    session.set_keepalive(None);
     let body = error_json(status, code, &message);
     if let Err(err) = json(session, &mut ctx.req, status, body, &[]).await {
         log::debug!(
