@@ -61,6 +61,15 @@ impl FilterChain {
         Ok(())
     }
 
+    /// Re-reads every filter's files (SIGHUP). A filter whose files are broken keeps its
+    /// old state; the errors are returned for the log.
+    pub fn reload(&self) -> Vec<String> {
+        self.filters
+            .iter()
+            .filter_map(|f| f.reload().err().map(|e| format!("{}: {e}", f.name())))
+            .collect()
+    }
+
     /// Runs `on_complete` of every filter, in order, for every request.
     pub async fn on_complete(&self, ctx: &RequestCtx) {
         for f in &self.filters {

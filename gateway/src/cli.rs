@@ -33,12 +33,63 @@ pub enum Command {
         #[arg(long, short = 'c')]
         config: PathBuf,
     },
+    /// Make API keys for the keys file.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Print a bcrypt htpasswd line; prompts twice on a terminal, else reads one line of stdin.
+    HashPassword {
+        /// Prefix the hash with `USER:` to make a complete htpasswd line.
+        #[arg(long)]
+        user: Option<String>,
+        /// bcrypt cost (each +1 doubles the work).
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(4..=31))]
+        cost: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Print a fresh random key (shown once) and the keys-file entry holding its hash.
+    New {
+        /// Principal id (unique in the keys file).
+        #[arg(long)]
+        id: String,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Read a key on stdin and print its SHA-256, as the keys file stores it.
+    Hash,
 }
 
 /// The summary `check` prints.
 pub fn summary(s: &Settings, filters: &[&str]) -> String {
     let mut out = format!("{}: OK\n", s.file.display());
-    let listen: Vec<String> = s.listen.iter().map(|a| a.to_string()).collect();
+    let listen: Vec<String> = s
+        .listen
+        .iter()
+        .map(|l| {
+            let mut d = l.addr.to_string();
+            if let Some(t) = &l.tls {
+                d += if t.client_ca.is_some() {
+                    " (TLS, client certificates required)"
+                } else {
+                    " (TLS)"
+                };
+            }
+            if !l.allow.is_empty() || !l.deny.is_empty() {
+                d += &format!(
+                    " ({} allowed / {} denied networks)",
+                    l.allow.len(),
+                    l.deny.len()
+                );
+            }
+            if l.insecure {
+                d += " (INSECURE: allow_insecure)";
+            }
+            d
+        })
+        .collect();
     out += &format!("  listen:   {}\n", listen.join(", "));
     if s.backends.is_empty() {
         out += "  backends: none (inference requests will get 502)\n";

@@ -7,4 +7,5 @@ pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod server;
+pub mod tls;
 pub mod usage;

@@ -1,25 +1,39 @@
+use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
+use filter_auth::keygen;
 use llm_gateway::chain::FilterChain;
-use llm_gateway::cli::{summary, Cli, Command};
+use llm_gateway::cli::{summary, Cli, Command, KeysCommand};
 use llm_gateway::config;
 use llm_gateway::registry::Registry;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Check { config }) => check(&config),
-        Some(Command::Run { config }) => run(&config),
+    let result = match cli.command {
+        Some(Command::Check { config }) => return check(&config),
+        Some(Command::Run { config }) => return run(&config),
+        Some(Command::Keys(KeysCommand::New { id, name })) => keys_new(&id, name.as_deref()),
+        Some(Command::Keys(KeysCommand::Hash)) => {
+            read_secret("key").map(|k| println!("{}", keygen::hash_key(&k)))
+        }
+        Some(Command::HashPassword { user, cost }) => hash_password(user.as_deref(), cost),
         None => match cli.config {
-            Some(config) => run(&config),
+            Some(config) => return run(&config),
             None => {
                 eprintln!("error: no config file given; run `llm-gateway --config conf/gateway.yaml` (see --help)");
-                ExitCode::from(2)
+                return ExitCode::from(2);
             }
         },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -40,13 +54,62 @@ fn check(path: &Path) -> ExitCode {
 
 fn run(path: &Path) -> ExitCode {
     let registry = Registry::builtin();
-    let gateway = match config::load(path).and_then(|s| llm_gateway::server::prepare(s, &registry))
-    {
-        Ok(g) => g,
+    match config::load(path).and_then(|s| llm_gateway::server::prepare(s, &registry)) {
+        Ok(prepared) => llm_gateway::server::run(prepared),
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(1);
+            ExitCode::from(1)
         }
+    }
+}
+
+fn keys_new(id: &str, name: Option<&str>) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("--id must not be empty".into());
+    }
+    let key = keygen::new_key()?;
+    println!("# API key for {id}; it is shown only this once, store it now:");
+    println!("{key}");
+    println!("# Add this entry under `keys:` in the keys file (it holds only the key's hash):");
+    print!("{}", keygen::key_entry(id, name, &key));
+    Ok(())
+}
+
+/// One line of stdin without its line ending; refuses an empty one.
+fn read_secret(what: &str) -> Result<String, String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the {what} from stdin: {e}"))?;
+    let secret = line.trim_end_matches(['\r', '\n']).to_string();
+    if secret.is_empty() {
+        return Err(format!("no {what} on stdin"));
+    }
+    Ok(secret)
+}
+
+fn hash_password(user: Option<&str>, cost: u32) -> Result<(), String> {
+    if user.is_some_and(|u| u.contains(':') || u.is_empty()) {
+        return Err("--user must be non-empty and must not contain ':'".into());
+    }
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ").map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        if first.is_empty() {
+            return Err("empty password".into());
+        }
+        first
+    } else {
+        read_secret("password")?
     };
-    llm_gateway::server::run(gateway)
+    let hash = keygen::hash_password(&password, cost)?;
+    match user {
+        Some(u) => println!("{u}:{hash}"),
+        None => println!("{hash}"),
+    }
+    Ok(())
 }

@@ -17,7 +17,9 @@ pub struct Registry {
 impl Registry {
     /// The filters compiled into this binary.
     pub fn builtin() -> Registry {
-        Registry::default()
+        let mut r = Registry::default();
+        r.register("auth", filter_auth::build);
+        r
     }
 
     pub fn register(&mut self, name: &'static str, factory: FilterFactory) {

@@ -1,9 +1,11 @@
-//! Wiring the Pingora server: listeners, worker threads, and shutdown that drains in-flight
-//! requests and then exits without waiting out the whole drain time.
+//! Wiring the Pingora server: listeners (plain or TLS), worker threads, SIGHUP reloads, and
+//! shutdown that drains in-flight requests and then exits without waiting out the whole
+//! drain time.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{ExecutionPhase, Server};
 
@@ -13,28 +15,52 @@ use crate::proxy::{Gateway, InFlight};
 use crate::registry::Registry;
 use crate::router::{BackendPool, RoundRobin, Router};
 
+/// What `run` needs, all of it checked before Pingora starts.
+pub struct Prepared {
+    pub gateway: Gateway,
+    tls: Vec<Option<TlsSettings>>,
+}
+
 /// Builds everything that can fail before the server starts, so errors reach the operator as
 /// messages, not panics inside Pingora.
-pub fn prepare(settings: Settings, registry: &Registry) -> Result<Gateway, ConfigError> {
+pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, ConfigError> {
     let chain = FilterChain::build(&settings, registry)?;
-    for (i, addr) in settings.listen.iter().enumerate() {
+    let mut tls = Vec::with_capacity(settings.listen.len());
+    for (i, l) in settings.listen.iter().enumerate() {
         // Pingora panics on a busy port; check first to say which entry and why.
-        std::net::TcpListener::bind(addr).map_err(|e| {
+        std::net::TcpListener::bind(l.addr).map_err(|e| {
             ConfigError::invalid(
                 &settings.file,
                 format!("listen[{i}].addr"),
-                format!("cannot listen on {addr}: {e}"),
+                format!("cannot listen on {}: {e}", l.addr),
             )
         })?;
+        tls.push(
+            l.tls
+                .as_ref()
+                .map(crate::tls::settings)
+                .transpose()
+                .map_err(|e| ConfigError::invalid(&settings.file, format!("listen[{i}]"), e))?,
+        );
+        if l.insecure {
+            log::warn!(
+                "listen[{i}] {} is reachable from the network without TLS or without authentication (allow_insecure: true); make sure something else protects it",
+                l.addr
+            );
+        }
     }
     let router: Arc<dyn Router> = Arc::new(RoundRobin::new(BackendPool::new(
         &settings.backends,
         &settings.limits,
     )));
-    Ok(Gateway::new(Arc::new(settings), Arc::new(chain), router))
+    Ok(Prepared {
+        gateway: Gateway::new(Arc::new(settings), Arc::new(chain), router),
+        tls,
+    })
 }
 
-pub fn run(gateway: Gateway) -> ! {
+pub fn run(prepared: Prepared) -> ! {
+    let Prepared { gateway, tls } = prepared;
     let settings = gateway.settings.clone();
     let conf = ServerConf {
         threads: settings.threads,
@@ -47,29 +73,68 @@ pub fn run(gateway: Gateway) -> ! {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let in_flight = gateway.in_flight.clone();
+    let chain = gateway.chain.clone();
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "llm-gateway");
-    for addr in &settings.listen {
-        service.add_tcp(&addr.to_string());
+    for (l, tls) in settings.listen.iter().zip(tls) {
+        match tls {
+            Some(t) => service.add_tls_with_settings(&l.addr.to_string(), None, t),
+            None => service.add_tcp(&l.addr.to_string()),
+        }
     }
     server.add_service(service);
+    spawn_reloader(chain);
     spawn_drain_watcher(
         server.watch_execution_phase(),
         in_flight,
         settings.drain_timeout,
     );
+    let listen: Vec<String> = settings
+        .listen
+        .iter()
+        .map(|l| {
+            format!(
+                "{}{}",
+                if l.tls.is_some() {
+                    "https://"
+                } else {
+                    "http://"
+                },
+                l.addr
+            )
+        })
+        .collect();
     log::info!(
-        "llm-gateway listening on {} ({} backends, {} worker threads)",
-        settings
-            .listen
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        "llm-gateway listening on {} ({} backends, {} filters, {} worker threads)",
+        listen.join(", "),
         settings.backends.len(),
+        settings.filters.len(),
         settings.threads
     );
     server.run_forever()
+}
+
+/// SIGHUP re-reads the filters' files (keys, htpasswd). Without this handler SIGHUP would
+/// terminate the process.
+fn spawn_reloader(chain: Arc<FilterChain>) {
+    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot install the SIGHUP handler, reloads are disabled: {e}");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            let errors = chain.reload();
+            if errors.is_empty() {
+                log::info!("SIGHUP: reloaded");
+            }
+            for e in errors {
+                log::error!("SIGHUP: reload failed, keeping the previous state: {e}");
+            }
+        }
+    });
 }
 
 fn spawn_drain_watcher(

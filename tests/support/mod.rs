@@ -2,6 +2,8 @@
 //! written to a temp dir, and the mock model server in-process.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -47,14 +49,24 @@ impl Gateway {
     /// Starts the binary with `body` as config (a `listen:` entry is added) and waits until
     /// `/health` answers.
     pub async fn start(body: &str) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let server = if body.contains("server:") {
+        Gateway::start_raw(
+            &format!("listen:\n  - addr: 127.0.0.1:{port}\n{body}"),
+            port,
+        )
+        .await
+    }
+
+    /// Starts with `config` as is (it must listen on 127.0.0.1:`port`) and waits until the
+    /// port accepts connections.
+    pub async fn start_raw(config: &str, port: u16) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = if config.contains("server:") {
             ""
         } else {
             "server: { threads: 2 }\n"
         };
-        let config = format!("listen:\n  - addr: 127.0.0.1:{port}\n{server}{body}");
+        let config = format!("{server}{config}");
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config).expect("write config");
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
@@ -73,7 +85,6 @@ impl Gateway {
 
     async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let client = reqwest::Client::new();
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
@@ -81,10 +92,11 @@ impl Gateway {
                     self.log()
                 );
             }
-            if let Ok(r) = client.get(self.url("/health")).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -7,11 +7,41 @@ use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method};
 
 use crate::{Route, Usage};
 
-/// Who made the request, as established by an authentication filter.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Who made the request, as established by an authentication filter. Shared (`Arc`) so
+/// that putting it into a request's context costs no copy.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Principal {
-    pub id: Arc<str>,
-    pub name: Arc<str>,
+    pub id: String,
+    pub name: String,
+    /// How it authenticated: `api_key`, `basic`, `mtls`.
+    pub method: &'static str,
+    /// First 12 hex chars of the key's SHA-256, for audit lines; never the key.
+    pub key_sha256_prefix: Option<String>,
+    /// Models this principal may use (exact names or `family:*` globs); empty = any.
+    pub models: Vec<String>,
+    /// Extra rights such as `admin`.
+    pub scopes: Vec<String>,
+    pub overrides: Overrides,
+}
+
+impl Principal {
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+}
+
+/// Per-principal settings from the keys file that other filters read.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// Request rate such as `10/m` (ratelimit).
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    /// Spend cap in USD (budget).
+    pub max_usd: Option<f64>,
+    /// Budget period such as `1mo`.
+    pub period: Option<String>,
 }
 
 /// How the gateway answered, for audit lines and metrics.
@@ -34,6 +64,9 @@ pub struct RequestCtx {
     pub request_id: String,
     pub started: Instant,
     pub client_ip: Option<IpAddr>,
+    /// Subjects of a verified TLS client certificate (CN, then DNS/email SANs); empty
+    /// without mTLS.
+    pub client_cert_subjects: Vec<String>,
     pub method: Method,
     /// Path in canonical form; this exact string is what goes upstream.
     pub path: String,
@@ -53,7 +86,10 @@ pub struct RequestCtx {
     /// Output token cap asked for (`max_tokens`, `options.num_predict`).
     pub max_tokens: Option<u64>,
     pub stream: bool,
-    pub principal: Option<Principal>,
+    pub principal: Option<Arc<Principal>>,
+    /// Why a filter said no, for audit and metrics only (e.g. `unknown_key`, `expired`);
+    /// never sent to the client.
+    pub reject_reason: Option<&'static str>,
     /// Headers filters want on the response (e.g. `X-RateLimit-*`).
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// Per-request state a filter keeps for itself (e.g. a concurrency slot released on drop).
@@ -78,6 +114,7 @@ impl RequestCtx {
             request_id,
             started: Instant::now(),
             client_ip: None,
+            client_cert_subjects: Vec::new(),
             method,
             path,
             query: None,
@@ -90,6 +127,7 @@ impl RequestCtx {
             max_tokens: None,
             stream: false,
             principal: None,
+            reject_reason: None,
             response_headers: Vec::new(),
             extensions: Extensions::new(),
             backend: None,

@@ -19,6 +19,12 @@ pub trait Filter: Send + Sync {
 
     /// After the exchange, whatever its outcome. Never fails the request.
     async fn on_complete(&self, _ctx: &RequestCtx) {}
+
+    /// Re-reads the filter's files (SIGHUP). On error the filter keeps its old state and the
+    /// message is logged.
+    fn reload(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// What a filter constructor may need besides its options.

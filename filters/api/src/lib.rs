@@ -9,9 +9,10 @@ mod filter;
 mod options;
 mod rejection;
 mod route;
+pub mod units;
 mod usage;
 
-pub use ctx::{Decision, Principal, RequestCtx};
+pub use ctx::{Decision, Overrides, Principal, RequestCtx};
 pub use filter::{BuildContext, Filter};
 pub use options::{parse_options, OptionsError};
 pub use rejection::{error_json, Rejection};

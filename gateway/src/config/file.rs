@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::units::{HumanDuration, HumanSize};
+use gateway_filter::units::{HumanDuration, HumanSize};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +25,27 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct ListenEntry {
     pub addr: String,
+    pub tls: Option<TlsEntry>,
+    /// Only these client networks may connect (empty = all).
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+    /// These client networks may not connect (checked after `allow_cidrs`).
+    #[serde(default)]
+    pub deny_cidrs: Vec<String>,
+    /// Accept a network-reachable listener without TLS or without an auth filter.
+    #[serde(default)]
+    pub allow_insecure: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsEntry {
+    /// PEM certificate chain.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    /// PEM CA bundle: when set, clients must present a certificate it signed.
+    pub client_ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -6,12 +6,11 @@
 mod file;
 mod interpolate;
 mod settings;
-pub mod units;
 
 use std::path::{Path, PathBuf};
 
 pub use file::BackendKind;
-pub use settings::{BackendSpec, FilterSpec, Limits, Settings};
+pub use settings::{BackendSpec, FilterSpec, Limits, ListenerSpec, Settings, TlsSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -95,7 +94,7 @@ mod tests {
     #[test]
     fn defaults() {
         let s = parse_str("").unwrap();
-        assert_eq!(s.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(s.listen[0].addr, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(s.limits.max_body, 1 << 20);
         assert_eq!(s.limits.read_timeout, std::time::Duration::from_secs(120));
         assert_eq!(s.drain_timeout, std::time::Duration::from_secs(10));
@@ -107,13 +106,28 @@ mod tests {
             "listen:\n  - addr: 127.0.0.1:${PORT}\nbackends:\n  - { name: a, url: 'http://localhost:11434', kind: ollama }\n  - { url: 'http://127.0.0.1:8000', kind: openai }\nlimits: { max_body: 2MiB, connect_timeout: 1s }\nfilters:\n  - use: thing\n    rate: 10/m\n",
         )
         .unwrap();
-        assert_eq!(s.listen[0].port(), 9000);
+        assert_eq!(s.listen[0].addr.port(), 9000);
         assert_eq!(&*s.backends[0].name, "a");
         assert_eq!(s.backends[0].authority, "localhost:11434");
         assert_eq!(&*s.backends[1].name, "127.0.0.1:8000");
         assert_eq!(s.limits.max_body, 2 << 20);
         assert_eq!(s.filters[0].name, "thing");
         assert_eq!(s.filters[0].options["rate"], "10/m");
+    }
+
+    #[test]
+    fn network_listeners() {
+        let s = parse_str("listen: [ { addr: '0.0.0.0:8080', allow_insecure: true, allow_cidrs: [10.0.0.0/8, '::1'], deny_cidrs: [10.0.0.7] } ]\n").unwrap();
+        let l = &s.listen[0];
+        assert!(l.insecure);
+        assert!(l.admits(&"10.1.2.3".parse().unwrap()));
+        assert!(!l.admits(&"10.0.0.7".parse().unwrap()));
+        assert!(!l.admits(&"192.168.0.1".parse().unwrap()));
+        assert!(l.admits(&"::1".parse().unwrap()));
+        assert!(
+            l.admits(&"::ffff:10.1.2.3".parse().unwrap()),
+            "v4-mapped addresses match v4 rules"
+        );
     }
 
     #[test]
@@ -157,6 +171,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("filters[0]") && e.contains("use"), "{e}");
+        let e = parse_str("listen: [ { addr: '0.0.0.0:8080' } ]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen[0]: 0.0.0.0:8080 is reachable from the network but has no TLS and the chain has no auth filter"), "{e}");
+        assert!(e.contains("allow_insecure: true"), "{e}");
+        let e = parse_str("listen: [ { addr: '127.0.0.1:1', allow_cidrs: [10.0.0.0/33] } ]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen[0].allow_cidrs[0]"), "{e}");
+        let e = parse_str(
+            "listen: [ { addr: '127.0.0.1:1', tls: { cert: /no/c.pem, key: /no/k.pem } } ]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("listen[0].tls.cert: cannot read /no/c.pem"),
+            "{e}"
+        );
         let e = parse_str("a: [\n").unwrap_err().to_string();
         assert!(e.starts_with("gw.yaml: not valid YAML"), "{e}");
     }

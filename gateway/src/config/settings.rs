@@ -1,11 +1,13 @@
 //! The running model of the configuration, built from the file format and validated.
 
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+
+use ipnet::IpNet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::file::{BackendEntry, BackendKind, FileConfig};
+use super::file::{BackendEntry, BackendKind, FileConfig, ListenEntry};
 
 /// A problem found while validating, as (YAML path, message).
 pub type Invalid = (String, String);
@@ -13,12 +15,38 @@ pub type Invalid = (String, String);
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub file: PathBuf,
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenerSpec>,
     pub backends: Vec<BackendSpec>,
     pub limits: Limits,
     pub threads: usize,
     pub drain_timeout: Duration,
     pub filters: Vec<FilterSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsSpec>,
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+    /// Set when the operator accepted a network-reachable listener without TLS or auth.
+    pub insecure: bool,
+}
+
+impl ListenerSpec {
+    /// Whether a client address may use this listener.
+    pub fn admits(&self, ip: &IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)))
+            && !self.deny.iter().any(|n| n.contains(&ip))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSpec {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,8 +77,19 @@ pub struct FilterSpec {
 }
 
 pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
+    let has_auth = cfg
+        .filters
+        .iter()
+        .any(|f| f.get("use").and_then(|u| u.as_str()) == Some("auth"));
+    let config_dir = file.parent().map(|p| p.to_path_buf()).unwrap_or_default();
     let listen = match cfg.listen {
-        None => vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+        None => vec![ListenerSpec {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            insecure: false,
+        }],
         Some(list) if list.is_empty() => {
             return Err((
                 "listen".into(),
@@ -61,15 +100,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                l.addr.parse::<SocketAddr>().map_err(|_| {
-                    (
-                        format!("listen[{i}].addr"),
-                        format!(
-                            "{:?} is not an ip:port address, e.g. 127.0.0.1:8080",
-                            l.addr
-                        ),
-                    )
-                })
+                listener(l, has_auth, &config_dir).map_err(|(k, m)| (format!("listen[{i}]{k}"), m))
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
@@ -133,6 +164,85 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         drain_timeout: cfg.server.drain_timeout.0,
         filters,
     })
+}
+
+fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<ListenerSpec, Invalid> {
+    let addr = l.addr.parse::<SocketAddr>().map_err(|_| {
+        (
+            ".addr".to_string(),
+            format!(
+                "{:?} is not an ip:port address, e.g. 127.0.0.1:8080",
+                l.addr
+            ),
+        )
+    })?;
+    let nets = |key: &str, list: &[String]| {
+        list.iter()
+            .enumerate()
+            .map(|(j, s)| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| (format!(".{key}[{j}]"), format!("{s:?} is not a network such as 10.0.0.0/8, 192.168.1.7 or fd00::/8")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let allow = nets("allow_cidrs", &l.allow_cidrs)?;
+    let deny = nets("deny_cidrs", &l.deny_cidrs)?;
+    let tls = match &l.tls {
+        None => None,
+        Some(t) => {
+            let file = |key: &str, p: &str| {
+                let path = resolve(config_dir, p);
+                std::fs::File::open(&path)
+                    .map(|_| path.clone())
+                    .map_err(|e| {
+                        (
+                            format!(".tls.{key}"),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })
+            };
+            Some(TlsSpec {
+                cert: file("cert", &t.cert)?,
+                key: file("key", &t.key)?,
+                client_ca: t
+                    .client_ca
+                    .as_deref()
+                    .map(|p| file("client_ca", p))
+                    .transpose()?,
+            })
+        }
+    };
+    let exposed = !addr.ip().is_loopback();
+    if exposed && !l.allow_insecure && (tls.is_none() || !has_auth) {
+        let missing = match (tls.is_none(), !has_auth) {
+            (true, true) => "has no TLS and the chain has no auth filter",
+            (true, false) => "has no TLS, so keys and prompts cross the network in plain text",
+            _ => "has no auth filter in the chain, so anyone who can reach it can use the models",
+        };
+        return Err((
+            String::new(),
+            format!(
+                "{addr} is reachable from the network but {missing}; add `tls: {{ cert, key }}` to this listener and `- use: auth` to filters, or set `allow_insecure: true` on this listener if something else protects it"
+            ),
+        ));
+    }
+    Ok(ListenerSpec {
+        addr,
+        tls,
+        allow,
+        deny,
+        insecure: exposed && l.allow_insecure && (l.tls.is_none() || !has_auth),
+    })
+}
+
+fn resolve(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
 }
 
 fn backend(b: &BackendEntry) -> Result<BackendSpec, Invalid> {

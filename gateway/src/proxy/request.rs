@@ -7,6 +7,8 @@ use pingora_proxy::Session;
 
 use super::body::{self, BodyError};
 use super::{forward, respond, Gateway, GwCtx};
+use crate::config::ListenerSpec;
+use crate::tls::CertSubjects;
 
 /// Request id, client address, start time; nothing here can fail.
 pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
@@ -23,10 +25,52 @@ pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
     req.path = header.uri.path().to_string();
     req.query = header.uri.query().map(str::to_string);
     req.route = Route::classify(&req.method, &req.path);
+    if let Some(subjects) = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .and_then(|t| t.extension.get::<CertSubjects>())
+    {
+        req.client_cert_subjects = subjects.0.clone();
+    }
+}
+
+/// The listener a connection came in on, matched by local address.
+fn listener<'a>(gw: &'a Gateway, session: &Session) -> Option<&'a ListenerSpec> {
+    let local = session.server_addr()?.as_inet()?;
+    let listeners = &gw.settings.listen;
+    listeners.iter().find(|l| l.addr == *local).or_else(|| {
+        listeners
+            .iter()
+            .find(|l| l.addr.port() == local.port() && l.addr.ip().is_unspecified())
+    })
 }
 
 /// Returns `Ok(true)` when the gateway answered (health, rejection, inference forwarded).
 pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<bool> {
+    if let (Some(l), Some(ip)) = (listener(gw, session), ctx.req.client_ip) {
+        if !l.admits(&ip) {
+            // Checked before any credential or body is looked at.
+            log::info!(
+                "request {}: client {ip} is not allowed on listener {}",
+                ctx.req.request_id,
+                l.addr
+            );
+            ctx.req.reject_reason = Some("network_not_allowed");
+            let r = Rejection::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this address may not use the gateway",
+            );
+            ctx.req.decision = Decision::Rejected {
+                filter: "listener",
+                code: r.code,
+            };
+            session.set_keepalive(None);
+            respond::rejection(session, &mut ctx.req, &r).await?;
+            ctx.answered = true;
+            return Ok(true);
+        }
+    }
     if ctx.req.route == Route::Health {
         let body = respond::health_json(gw);
         respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;

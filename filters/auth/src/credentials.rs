@@ -1,0 +1,86 @@
+//! Reading credentials from request headers. Never from the query string.
+
+use base64::Engine;
+use gateway_filter::http::{header, HeaderMap};
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Credential {
+    ApiKey(String),
+    Basic { user: String, password: String },
+}
+
+/// `Authorization: Bearer KEY`, `Authorization: Basic …` or `x-api-key: KEY`.
+/// `Err` when a header is present but malformed.
+pub fn from_headers(headers: &HeaderMap) -> Result<Option<Credential>, &'static str> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.to_str().map_err(|_| "malformed")?.trim();
+        let (scheme, rest) = v.split_once(' ').ok_or("malformed")?;
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
+            return Ok(Some(Credential::ApiKey(rest.to_string())));
+        }
+        if scheme.eq_ignore_ascii_case("basic") {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .map_err(|_| "malformed")?;
+            let text = String::from_utf8(raw).map_err(|_| "malformed")?;
+            let (user, password) = text.split_once(':').ok_or("malformed")?;
+            return Ok(Some(Credential::Basic {
+                user: user.to_string(),
+                password: password.to_string(),
+            }));
+        }
+        return Err("unsupported_scheme");
+    }
+    if let Some(v) = headers.get("x-api-key") {
+        let v = v.to_str().map_err(|_| "malformed")?.trim();
+        if v.is_empty() {
+            return Err("malformed");
+        }
+        return Ok(Some(Credential::ApiKey(v.to_string())));
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(name: &'static str, v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(name, v.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn reads_each_form() {
+        assert_eq!(
+            from_headers(&h("authorization", "Bearer sk-1")),
+            Ok(Some(Credential::ApiKey("sk-1".into())))
+        );
+        assert_eq!(
+            from_headers(&h("authorization", "bearer  sk-1 ")),
+            Ok(Some(Credential::ApiKey("sk-1".into())))
+        );
+        assert_eq!(
+            from_headers(&h("x-api-key", "sk-2")),
+            Ok(Some(Credential::ApiKey("sk-2".into())))
+        );
+        assert_eq!(
+            from_headers(&h("authorization", "Basic YWxpY2U6cDpx")),
+            Ok(Some(Credential::Basic {
+                user: "alice".into(),
+                password: "p:q".into()
+            }))
+        );
+        assert_eq!(from_headers(&HeaderMap::new()), Ok(None));
+        assert_eq!(
+            from_headers(&h("authorization", "Digest x")),
+            Err("unsupported_scheme")
+        );
+        assert_eq!(
+            from_headers(&h("authorization", "Basic !!!")),
+            Err("malformed")
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! Apache htpasswd files with bcrypt lines (`htpasswd -B`), and the cache of verified
+//! credentials that keeps bcrypt off the hot path.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_filter::Principal;
+use pingora_memory_cache::MemoryCache;
+use subtle::ConstantTimeEq;
+
+/// user → bcrypt hash.
+#[derive(Debug, Default)]
+pub struct Htpasswd {
+    users: HashMap<String, String>,
+}
+
+impl Htpasswd {
+    pub fn load(path: &Path) -> Result<Htpasswd, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read the htpasswd file: {e}", path.display()))?;
+        Htpasswd::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Htpasswd, String> {
+        let mut users = HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (user, hash) = line
+                .split_once(':')
+                .ok_or_else(|| format!("line {}: expected user:hash", n + 1))?;
+            if !(hash.starts_with("$2y$") || hash.starts_with("$2a$") || hash.starts_with("$2b$")) {
+                let kind = if hash.starts_with("$apr1$") {
+                    "MD5 (apr1)"
+                } else if hash.starts_with("{SHA}") {
+                    "SHA-1"
+                } else {
+                    "crypt or plain text"
+                };
+                return Err(format!(
+                    "line {}: user {user:?} has a {kind} hash; only bcrypt is accepted: recreate it with `htpasswd -B` or `llm-gateway hash-password`",
+                    n + 1
+                ));
+            }
+            if users.insert(user.to_string(), hash.to_string()).is_some() {
+                return Err(format!("line {}: user {user:?} appears twice", n + 1));
+            }
+        }
+        Ok(Htpasswd { users })
+    }
+
+    pub fn hash_of(&self, user: &str) -> Option<&str> {
+        self.users.get(user).map(String::as_str)
+    }
+
+    pub fn users(&self) -> impl Iterator<Item = &str> {
+        self.users.keys().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+}
+
+/// A cache entry: the full digest it was stored under, and who it authenticates.
+type Verified = (Arc<[u8; 32]>, Arc<Principal>);
+
+/// Credentials bcrypt already accepted, keyed by SHA-256 of `user:password`. The full digest
+/// is kept in the entry and compared, so a collision of the cache's 64-bit index can never
+/// let another password in.
+pub struct VerifiedCache {
+    cache: MemoryCache<[u8; 32], Verified>,
+    ttl: Duration,
+}
+
+impl VerifiedCache {
+    pub fn new(size: usize, ttl: Duration) -> Self {
+        VerifiedCache {
+            cache: MemoryCache::new(size),
+            ttl,
+        }
+    }
+
+    pub fn get(&self, digest: &[u8; 32]) -> Option<Arc<Principal>> {
+        let (hit, _) = self.cache.get(digest);
+        let (stored, principal) = hit?;
+        bool::from(stored.ct_eq(digest)).then_some(principal)
+    }
+
+    pub fn put(&self, digest: [u8; 32], principal: Arc<Principal>) {
+        self.cache
+            .put(&digest, (Arc::new(digest), principal), Some(self.ttl));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_bcrypt_only() {
+        let h = bcrypt::hash("pw", 4).unwrap();
+        let f = Htpasswd::parse(&format!("# comment\nalice:{h}\n")).unwrap();
+        assert!(bcrypt::verify("pw", f.hash_of("alice").unwrap()).unwrap());
+        let e = Htpasswd::parse("bob:$apr1$abc$def\n").unwrap_err();
+        assert!(e.contains("MD5 (apr1)") && e.contains("htpasswd -B"), "{e}");
+        assert!(Htpasswd::parse("bob:{SHA}xyz\n")
+            .unwrap_err()
+            .contains("SHA-1"));
+        assert!(Htpasswd::parse("nocolon\n").unwrap_err().contains("line 1"));
+    }
+
+    #[test]
+    fn cache_checks_the_full_digest() {
+        let c = VerifiedCache::new(16, Duration::from_secs(60));
+        let p = Arc::new(Principal {
+            id: "a".into(),
+            ..Default::default()
+        });
+        let d = [7u8; 32];
+        c.put(d, p.clone());
+        assert_eq!(c.get(&d).unwrap().id, "a");
+        assert!(c.get(&[8u8; 32]).is_none());
+    }
+}

@@ -1,0 +1,253 @@
+//! The keys file: principals with the SHA-256 of their API key (never the key itself).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use gateway_filter::{Overrides, Principal};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    keys: Vec<KeyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    id: String,
+    name: Option<String>,
+    /// Hex SHA-256 of the API key. Absent for principals that log in with htpasswd or a
+    /// client certificate only.
+    key_sha256: Option<String>,
+    #[serde(default = "yes")]
+    enabled: bool,
+    /// RFC 3339 time or a date (`2027-01-31` = that day's start, UTC).
+    expires: Option<String>,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    /// Certificate subject (CN or a DNS/email SAN) that authenticates as this principal.
+    mtls_subject: Option<String>,
+    // Per-principal overrides read by other filters.
+    rate: Option<String>,
+    burst: Option<u32>,
+    tokens_per_minute: Option<u64>,
+    max_usd: Option<f64>,
+    period: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A principal as the keys file defines it, with what the auth check needs.
+#[derive(Debug)]
+pub struct KeyRecord {
+    pub principal: Arc<Principal>,
+    pub digest: Option<[u8; 32]>,
+    pub enabled: bool,
+    pub expires: Option<SystemTime>,
+    pub mtls_subject: Option<String>,
+}
+
+impl KeyRecord {
+    /// `Err(reason)` when the principal may not log in now.
+    pub fn usable(&self, now: SystemTime) -> Result<(), &'static str> {
+        if !self.enabled {
+            return Err("disabled");
+        }
+        if self.expires.is_some_and(|t| t <= now) {
+            return Err("expired");
+        }
+        Ok(())
+    }
+}
+
+/// Principals by key digest and by id. Built once per (re)load, read lock-free.
+#[derive(Debug, Default)]
+pub struct KeyStore {
+    by_digest: HashMap<[u8; 32], Arc<KeyRecord>>,
+    by_id: HashMap<String, Arc<KeyRecord>>,
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+impl KeyStore {
+    pub fn load(path: &Path) -> Result<KeyStore, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read the keys file: {e}", path.display()))?;
+        KeyStore::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<KeyStore, String> {
+        let file: KeysFile = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        let mut store = KeyStore::default();
+        for (i, e) in file.keys.into_iter().enumerate() {
+            let at = format!("keys[{i}]");
+            if e.id.is_empty() {
+                return Err(format!("{at}.id: must not be empty"));
+            }
+            let digest = match &e.key_sha256 {
+                None => None,
+                Some(h) => Some(parse_digest(h).map_err(|m| format!("{at}.key_sha256: {m}"))?),
+            };
+            let expires = match &e.expires {
+                None => None,
+                Some(t) => Some(parse_time(t).map_err(|m| format!("{at}.expires: {m}"))?),
+            };
+            let principal = Principal {
+                id: e.id.clone(),
+                name: e.name.clone().unwrap_or_else(|| e.id.clone()),
+                method: "api_key",
+                key_sha256_prefix: e
+                    .key_sha256
+                    .as_ref()
+                    .map(|h| h.to_ascii_lowercase()[..12].to_string()),
+                models: e.models,
+                scopes: e.scopes,
+                overrides: Overrides {
+                    rate: e.rate,
+                    burst: e.burst,
+                    tokens_per_minute: e.tokens_per_minute,
+                    max_usd: e.max_usd,
+                    period: e.period,
+                },
+            };
+            let record = Arc::new(KeyRecord {
+                principal: Arc::new(principal),
+                digest,
+                enabled: e.enabled,
+                expires,
+                mtls_subject: e.mtls_subject,
+            });
+            if store.by_id.insert(e.id.clone(), record.clone()).is_some() {
+                return Err(format!(
+                    "{at}.id: duplicate id {:?}; ids must be unique",
+                    e.id
+                ));
+            }
+            if let Some(d) = digest {
+                if store.by_digest.insert(d, record).is_some() {
+                    return Err(format!("{at}.key_sha256: the same key hash appears twice; every principal needs its own key"));
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// The record whose key hashes to `digest`; the stored digest is compared in constant time.
+    pub fn by_key_digest(&self, digest: &[u8; 32]) -> Option<&Arc<KeyRecord>> {
+        let rec = self.by_digest.get(digest)?;
+        let stored = rec.digest.as_ref()?;
+        bool::from(stored.ct_eq(digest)).then_some(rec)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<KeyRecord>> {
+        self.by_id.get(id)
+    }
+
+    pub fn by_mtls_subject(&self, subject: &str) -> Option<&Arc<KeyRecord>> {
+        self.by_id
+            .values()
+            .find(|r| r.mtls_subject.as_deref() == Some(subject))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+fn parse_digest(hex_str: &str) -> Result<[u8; 32], String> {
+    let bytes = hex::decode(hex_str.trim()).map_err(|_| {
+        "must be 64 hex characters (the output of `llm-gateway keys hash`)".to_string()
+    })?;
+    bytes.try_into().map_err(|_| {
+        "must be 64 hex characters (the output of `llm-gateway keys hash`)".to_string()
+    })
+}
+
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    let s = s.trim();
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_string()
+    };
+    humantime::parse_rfc3339_weak(full.trim_end_matches('Z')).map_err(|e| {
+        format!(
+            "{s:?} is not a date or RFC 3339 time ({e}); write 2027-01-31 or 2027-01-31T12:00:00Z"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALICE: &str = "sk-gw-alice";
+
+    fn hexd(k: &str) -> String {
+        hex::encode(sha256(k.as_bytes()))
+    }
+
+    #[test]
+    fn parses_and_looks_up() {
+        let text = format!(
+            "keys:\n  - id: alice\n    name: Alice\n    key_sha256: {}\n    models: ['llama3.1:*']\n    scopes: [admin]\n    rate: 10/m\n    max_usd: 5\n  - id: bob\n    key_sha256: {}\n    enabled: false\n  - id: carol\n    key_sha256: {}\n    expires: 2001-01-01\n",
+            hexd(ALICE),
+            hexd("b"),
+            hexd("c")
+        );
+        let s = KeyStore::parse(&text).unwrap();
+        let a = s.by_key_digest(&sha256(ALICE.as_bytes())).unwrap();
+        assert_eq!(a.principal.name, "Alice");
+        assert_eq!(a.principal.overrides.rate.as_deref(), Some("10/m"));
+        assert_eq!(a.principal.overrides.max_usd, Some(5.0));
+        assert!(a.principal.has_scope("admin"));
+        assert_eq!(
+            a.principal.key_sha256_prefix.as_deref(),
+            Some(&hexd(ALICE)[..12])
+        );
+        let now = SystemTime::now();
+        assert_eq!(a.usable(now), Ok(()));
+        assert_eq!(s.by_id("bob").unwrap().usable(now), Err("disabled"));
+        assert_eq!(s.by_id("carol").unwrap().usable(now), Err("expired"));
+        assert!(s.by_key_digest(&sha256(b"nope")).is_none());
+    }
+
+    #[test]
+    fn rejects_mistakes() {
+        let d = hexd("x");
+        let dup_id = format!("keys:\n  - {{ id: a, key_sha256: {d} }}\n  - {{ id: a }}\n");
+        assert!(KeyStore::parse(&dup_id)
+            .unwrap_err()
+            .contains("duplicate id"));
+        let dup_hash =
+            format!("keys:\n  - {{ id: a, key_sha256: {d} }}\n  - {{ id: b, key_sha256: {d} }}\n");
+        assert!(KeyStore::parse(&dup_hash)
+            .unwrap_err()
+            .contains("appears twice"));
+        let unknown = "keys:\n  - { id: a, key: plain }\n";
+        assert!(KeyStore::parse(unknown)
+            .unwrap_err()
+            .contains("unknown field `key`"));
+        let bad_hex = "keys:\n  - { id: a, key_sha256: abc }\n";
+        assert!(KeyStore::parse(bad_hex).unwrap_err().contains("64 hex"));
+        let bad_date = format!("keys:\n  - {{ id: a, key_sha256: {d}, expires: soon }}\n");
+        assert!(KeyStore::parse(&bad_date)
+            .unwrap_err()
+            .contains("keys[0].expires"));
+    }
+}

@@ -1,0 +1,363 @@
+//! The `auth` filter: who is asking?
+//!
+//! - API keys from `Authorization: Bearer` or `x-api-key`, looked up by SHA-256 in the keys
+//!   file (the plain key is never stored) and compared in constant time;
+//! - HTTP basic auth against an htpasswd file of bcrypt hashes; bcrypt runs on the blocking
+//!   pool and verified credentials are cached, so it never runs on every request;
+//! - TLS client certificates mapped to principals by `mtls_subject`;
+//! - per-IP lockout after repeated failures.
+//!
+//! On success the principal goes into the context and the credentials are removed from the
+//! headers forwarded upstream.
+
+mod credentials;
+mod htpasswd;
+pub mod keygen;
+mod keys;
+mod lockout;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use gateway_filter::http::{header, HeaderValue, StatusCode};
+use gateway_filter::units::HumanDuration;
+use gateway_filter::{
+    parse_options, BuildContext, Filter, OptionsError, Principal, Rejection, RequestCtx,
+};
+use serde::Deserialize;
+
+use credentials::Credential;
+use htpasswd::{Htpasswd, VerifiedCache};
+pub use keys::KeyStore;
+use lockout::Lockout;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthOptions {
+    /// YAML file of principals and their key hashes.
+    keys_file: Option<PathBuf>,
+    /// Apache htpasswd file with bcrypt hashes.
+    htpasswd: Option<PathBuf>,
+    #[serde(default = "default_realm")]
+    realm: String,
+    #[serde(default)]
+    brute_force: BruteForceOptions,
+    #[serde(default)]
+    basic_cache: CacheOptions,
+    /// How TLS client certificates count: `off`, `accept` (a mapped certificate is enough),
+    /// `require` (a verified certificate is needed in addition to a key or password).
+    #[serde(default)]
+    mtls: MtlsMode,
+}
+
+fn default_realm() -> String {
+    "llm-gateway".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct BruteForceOptions {
+    /// Failures from one IP within `window` before it is locked out; 0 turns it off.
+    max_failures: u32,
+    window: HumanDuration,
+    /// Width of the counting sketch (memory = 64 × slots bytes, whatever the IP count).
+    slots: usize,
+}
+
+impl Default for BruteForceOptions {
+    fn default() -> Self {
+        BruteForceOptions {
+            max_failures: 10,
+            window: HumanDuration(Duration::from_secs(60)),
+            slots: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct CacheOptions {
+    size: usize,
+    ttl: HumanDuration,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            size: 10_000,
+            ttl: HumanDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Off,
+    Accept,
+    Require,
+}
+
+/// Everything read from the files; swapped whole on reload.
+struct Credentials {
+    keys: KeyStore,
+    htpasswd: Option<Htpasswd>,
+    /// Principal of each htpasswd user: the keys-file entry with the same id, if any.
+    basic_principals: HashMap<String, Arc<Principal>>,
+    cache: VerifiedCache,
+}
+
+pub struct AuthFilter {
+    keys_file: Option<PathBuf>,
+    htpasswd_file: Option<PathBuf>,
+    cache_opts: CacheOptions,
+    mtls: MtlsMode,
+    challenges: Vec<HeaderValue>,
+    state: ArcSwap<Credentials>,
+    lockout: Option<Lockout>,
+}
+
+/// Registry constructor: `- use: auth` plus [`AuthOptions`].
+pub fn build(
+    options: &serde_json::Value,
+    cx: &BuildContext,
+) -> Result<Arc<dyn Filter>, OptionsError> {
+    let mut o: AuthOptions = parse_options(options)?;
+    if o.keys_file.is_none() && o.htpasswd.is_none() && o.mtls == MtlsMode::Off {
+        return Err(OptionsError::new(
+            "",
+            "needs at least one of keys_file, htpasswd or mtls: accept; otherwise nobody could log in",
+        ));
+    }
+    o.keys_file = o.keys_file.map(|p| cx.resolve(&p));
+    o.htpasswd = o.htpasswd.map(|p| cx.resolve(&p));
+    let credentials =
+        load(o.keys_file.as_ref(), o.htpasswd.as_ref(), &o.basic_cache).map_err(|e| {
+            let key = if e.contains("htpasswd") {
+                "htpasswd"
+            } else {
+                "keys_file"
+            };
+            OptionsError::new(key, e)
+        })?;
+    let realm = o.realm.replace('"', "");
+    let mut challenges = Vec::new();
+    if o.keys_file.is_some() {
+        challenges.push(challenge("Bearer", &realm)?);
+    }
+    if o.htpasswd.is_some() {
+        challenges.push(challenge("Basic", &realm)?);
+    }
+    let lockout = (o.brute_force.max_failures > 0).then(|| {
+        Lockout::new(
+            o.brute_force.max_failures,
+            o.brute_force.window.0,
+            o.brute_force.slots,
+        )
+    });
+    Ok(Arc::new(AuthFilter {
+        keys_file: o.keys_file,
+        htpasswd_file: o.htpasswd,
+        cache_opts: o.basic_cache,
+        mtls: o.mtls,
+        challenges,
+        state: ArcSwap::from_pointee(credentials),
+        lockout,
+    }))
+}
+
+fn challenge(scheme: &str, realm: &str) -> Result<HeaderValue, OptionsError> {
+    HeaderValue::from_str(&format!("{scheme} realm=\"{realm}\""))
+        .map_err(|_| OptionsError::new("realm", "must be printable ASCII"))
+}
+
+fn load(
+    keys_file: Option<&PathBuf>,
+    htpasswd_file: Option<&PathBuf>,
+    cache: &CacheOptions,
+) -> Result<Credentials, String> {
+    let keys = match keys_file {
+        Some(p) => KeyStore::load(p)?,
+        None => KeyStore::default(),
+    };
+    let htpasswd = htpasswd_file.map(|p| Htpasswd::load(p)).transpose()?;
+    let mut basic_principals = HashMap::new();
+    if let Some(h) = &htpasswd {
+        for user in h.users() {
+            let base = keys
+                .by_id(user)
+                .map(|r| (*r.principal).clone())
+                .unwrap_or_else(|| Principal {
+                    id: user.to_string(),
+                    name: user.to_string(),
+                    ..Principal::default()
+                });
+            basic_principals.insert(
+                user.to_string(),
+                Arc::new(Principal {
+                    method: "basic",
+                    key_sha256_prefix: None,
+                    ..base
+                }),
+            );
+        }
+    }
+    Ok(Credentials {
+        keys,
+        htpasswd,
+        basic_principals,
+        cache: VerifiedCache::new(cache.size.max(1), cache.ttl.0),
+    })
+}
+
+impl AuthFilter {
+    fn unauthorized(&self, ctx: &mut RequestCtx, reason: &'static str, message: &str) -> Rejection {
+        ctx.reject_reason = Some(reason);
+        let mut r = Rejection::new(StatusCode::UNAUTHORIZED, "invalid_api_key", message);
+        for c in &self.challenges {
+            r = r.with_header(header::WWW_AUTHENTICATE, c.clone());
+        }
+        r
+    }
+
+    /// A failed attempt: counted against the client's IP, then 401.
+    fn failed(&self, ctx: &mut RequestCtx, reason: &'static str) -> Rejection {
+        if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_ip) {
+            l.record_failure(&ip);
+        }
+        self.unauthorized(ctx, reason, "invalid credentials")
+    }
+
+    async fn check_basic(
+        &self,
+        ctx: &mut RequestCtx,
+        state: &Credentials,
+        user: String,
+        password: String,
+    ) -> Result<Arc<Principal>, Rejection> {
+        let Some(file) = &state.htpasswd else {
+            return Err(self.failed(ctx, "basic_not_enabled"));
+        };
+        let digest = keys::sha256(format!("{user}:{password}").as_bytes());
+        if let Some(p) = state.cache.get(&digest) {
+            return Ok(p);
+        }
+        let Some(hash) = file.hash_of(&user).map(str::to_string) else {
+            return Err(self.failed(ctx, "unknown_user"));
+        };
+        // bcrypt costs tens of milliseconds by design: never on a proxy thread.
+        let ok =
+            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                .await
+                .unwrap_or(false);
+        if !ok {
+            return Err(self.failed(ctx, "wrong_password"));
+        }
+        let Some(p) = state.basic_principals.get(&user).cloned() else {
+            return Err(self.failed(ctx, "unknown_user"));
+        };
+        state.cache.put(digest, p.clone());
+        Ok(p)
+    }
+}
+
+#[async_trait]
+impl Filter for AuthFilter {
+    fn name(&self) -> &'static str {
+        "auth"
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_ip) {
+            if l.is_locked(&ip) {
+                ctx.reject_reason = Some("locked_out");
+                let retry = HeaderValue::from(l.window.as_secs().max(1));
+                return Err(Rejection::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_auth_failures",
+                    "too many failed authentications from this address; try again later",
+                )
+                .with_header(header::RETRY_AFTER, retry));
+            }
+        }
+        if self.mtls == MtlsMode::Require && ctx.client_cert_subjects.is_empty() {
+            return Err(self.unauthorized(
+                ctx,
+                "no_client_certificate",
+                "a client certificate is required",
+            ));
+        }
+        let state = self.state.load();
+        let now = SystemTime::now();
+        let principal = match credentials::from_headers(&ctx.headers) {
+            Err(reason) => return Err(self.failed(ctx, reason)),
+            Ok(None) => {
+                let by_cert = (self.mtls == MtlsMode::Accept)
+                    .then(|| {
+                        ctx.client_cert_subjects
+                            .iter()
+                            .find_map(|s| state.keys.by_mtls_subject(s))
+                    })
+                    .flatten();
+                match by_cert {
+                    Some(rec) => {
+                        if let Err(reason) = rec.usable(now) {
+                            return Err(self.failed(ctx, reason));
+                        }
+                        Arc::new(Principal {
+                            method: "mtls",
+                            ..(*rec.principal).clone()
+                        })
+                    }
+                    None => return Err(self.unauthorized(ctx, "missing", "no API key provided")),
+                }
+            }
+            Ok(Some(Credential::ApiKey(key))) => {
+                let digest = keys::sha256(key.as_bytes());
+                drop(key);
+                let Some(rec) = state.keys.by_key_digest(&digest) else {
+                    return Err(self.failed(ctx, "unknown_key"));
+                };
+                if let Err(reason) = rec.usable(now) {
+                    return Err(self.failed(ctx, reason));
+                }
+                rec.principal.clone()
+            }
+            Ok(Some(Credential::Basic { user, password })) => {
+                if let Some(rec) = state.keys.by_id(&user) {
+                    if let Err(reason) = rec.usable(now) {
+                        return Err(self.failed(ctx, reason));
+                    }
+                }
+                self.check_basic(ctx, &state, user, password).await?
+            }
+        };
+        ctx.headers.remove(header::AUTHORIZATION);
+        ctx.headers.remove("x-api-key");
+        ctx.principal = Some(principal);
+        Ok(())
+    }
+
+    fn reload(&self) -> Result<(), String> {
+        let fresh = load(
+            self.keys_file.as_ref(),
+            self.htpasswd_file.as_ref(),
+            &self.cache_opts,
+        )?;
+        log::info!(
+            "auth: reloaded {} principals and {} htpasswd users",
+            fresh.keys.len(),
+            fresh.htpasswd.as_ref().map_or(0, |h| h.len())
+        );
+        self.state.store(Arc::new(fresh));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,60 @@
+//! Brute-force lockout: failed authentications counted per client IP in fixed windows, in a
+//! count-min sketch of fixed size (`pingora-limits`), so a flood of addresses cannot grow
+//! memory. The sketch can only over-count; its width keeps that rare (see docs/security.md).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use pingora_limits::rate::Rate;
+
+pub struct Lockout {
+    failures: Rate,
+    max_failures: isize,
+    pub window: Duration,
+}
+
+impl Lockout {
+    pub fn new(max_failures: u32, window: Duration, slots: usize) -> Self {
+        Lockout {
+            failures: Rate::new_with_estimator_config(window, 4, slots.max(64)),
+            max_failures: max_failures as isize,
+            window,
+        }
+    }
+
+    pub fn is_locked(&self, ip: &IpAddr) -> bool {
+        self.failures.observe(ip, 0) >= self.max_failures
+    }
+
+    pub fn record_failure(&self, ip: &IpAddr) {
+        self.failures.observe(ip, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locks_after_n_failures_per_ip() {
+        let l = Lockout::new(3, Duration::from_secs(60), 1024);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "::1".parse().unwrap();
+        for _ in 0..3 {
+            assert!(!l.is_locked(&a));
+            l.record_failure(&a);
+        }
+        assert!(l.is_locked(&a));
+        assert!(!l.is_locked(&b));
+    }
+
+    #[test]
+    fn window_end_unlocks() {
+        let l = Lockout::new(1, Duration::from_millis(100), 1024);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        l.record_failure(&a);
+        assert!(l.is_locked(&a));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(!l.is_locked(&a));
+    }
+}

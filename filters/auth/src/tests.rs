@@ -1,0 +1,260 @@
+use super::*;
+use gateway_filter::http::Method;
+use serde_json::json;
+
+const ALICE: &str = "sk-gw-alice-key";
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    filter: Arc<dyn Filter>,
+}
+
+fn keys_yaml(extra: &str) -> String {
+    format!(
+        "keys:\n  - id: alice\n    name: Alice\n    key_sha256: {}\n    models: ['llama3.1:*']\n  - id: off\n    key_sha256: {}\n    enabled: false\n  - id: old\n    key_sha256: {}\n    expires: 2001-01-01\n{extra}",
+        keygen::hash_key(ALICE),
+        keygen::hash_key("sk-off"),
+        keygen::hash_key("sk-old"),
+    )
+}
+
+fn fixture(options: serde_json::Value) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.yaml"), keys_yaml("")).unwrap();
+    let hash = keygen::hash_password("secret", 4).unwrap();
+    std::fs::write(
+        dir.path().join("htpasswd"),
+        format!("bob:{hash}\nalice:{hash}\n"),
+    )
+    .unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+    };
+    let filter = build(&options, &cx).unwrap();
+    Fixture { dir, filter }
+}
+
+fn req(headers: &[(&'static str, &str)], ip: &str) -> RequestCtx {
+    let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+    for (k, v) in headers {
+        ctx.headers.insert(*k, v.parse().unwrap());
+    }
+    ctx.client_ip = Some(ip.parse().unwrap());
+    ctx
+}
+
+fn basic(user: &str, pw: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    )
+}
+
+#[tokio::test]
+async fn valid_keys_pass_and_are_not_forwarded() {
+    let f = fixture(json!({"keys_file": "keys.yaml"}));
+    for h in [
+        ("authorization", format!("Bearer {ALICE}")),
+        ("x-api-key", ALICE.to_string()),
+    ] {
+        let mut ctx = req(&[(h.0, &h.1), ("x-other", "kept")], "10.0.0.1");
+        f.filter.on_request(&mut ctx).await.unwrap();
+        let p = ctx.principal.as_ref().unwrap();
+        assert_eq!(
+            (p.id.as_str(), p.name.as_str(), p.method),
+            ("alice", "Alice", "api_key")
+        );
+        assert_eq!(p.models, ["llama3.1:*"]);
+        assert!(
+            ctx.headers.get("authorization").is_none() && ctx.headers.get("x-api-key").is_none()
+        );
+        assert_eq!(ctx.headers["x-other"], "kept");
+    }
+}
+
+#[tokio::test]
+async fn bad_keys_get_401_with_reason_kept_internal() {
+    let f = fixture(json!({"keys_file": "keys.yaml"}));
+    for (key, reason) in [
+        ("sk-nope", "unknown_key"),
+        ("sk-off", "disabled"),
+        ("sk-old", "expired"),
+    ] {
+        let auth = format!("Bearer {key}");
+        let mut ctx = req(&[("authorization", &auth)], "10.0.0.2");
+        let r = f.filter.on_request(&mut ctx).await.unwrap_err();
+        assert_eq!(r.status, 401);
+        assert_eq!(r.code, "invalid_api_key");
+        assert_eq!(
+            r.message, "invalid credentials",
+            "the reason must not reach the client"
+        );
+        assert_eq!(ctx.reject_reason, Some(reason));
+        assert_eq!(r.headers[0].1, "Bearer realm=\"llm-gateway\"");
+        assert!(ctx.principal.is_none());
+    }
+    let mut ctx = req(&[], "10.0.0.2");
+    let r = f.filter.on_request(&mut ctx).await.unwrap_err();
+    assert_eq!(
+        (r.status.as_u16(), ctx.reject_reason),
+        (401, Some("missing"))
+    );
+    // The query string is never a credential source: only headers are read at all.
+}
+
+#[tokio::test]
+async fn repeated_failures_lock_the_ip_out_even_with_a_good_key() {
+    let f = fixture(
+        json!({"keys_file": "keys.yaml", "brute_force": {"max_failures": 3, "window": "1m"}}),
+    );
+    for _ in 0..3 {
+        let mut ctx = req(&[("authorization", "Bearer wrong")], "10.9.9.9");
+        assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    }
+    let good = format!("Bearer {ALICE}");
+    let mut ctx = req(&[("authorization", &good)], "10.9.9.9");
+    let r = f.filter.on_request(&mut ctx).await.unwrap_err();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.code, "too_many_auth_failures");
+    assert!(r
+        .headers
+        .iter()
+        .any(|(k, v)| k == "retry-after" && v == "60"));
+    // Another address is unaffected; requests without credentials are not counted.
+    let mut ctx = req(&[("authorization", &good)], "10.9.9.10");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    for _ in 0..5 {
+        let mut ctx = req(&[], "10.9.9.11");
+        assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    }
+    let mut ctx = req(&[("authorization", &good)], "10.9.9.11");
+    f.filter.on_request(&mut ctx).await.unwrap();
+}
+
+#[tokio::test]
+async fn basic_auth_with_bcrypt_and_cache() {
+    let f = fixture(json!({"keys_file": "keys.yaml", "htpasswd": "htpasswd"}));
+    let mut ctx = req(&[("authorization", &basic("bob", "secret"))], "10.0.0.3");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    let p = ctx.principal.clone().unwrap();
+    assert_eq!((p.id.as_str(), p.method), ("bob", "basic"));
+    // A user that is also in the keys file gets that principal's settings.
+    let mut ctx = req(&[("authorization", &basic("alice", "secret"))], "10.0.0.3");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    assert_eq!(ctx.principal.unwrap().models, ["llama3.1:*"]);
+    // Wrong password, unknown user.
+    for (u, pw, reason) in [
+        ("bob", "nope", "wrong_password"),
+        ("eve", "secret", "unknown_user"),
+    ] {
+        let mut ctx = req(&[("authorization", &basic(u, pw))], "10.0.0.3");
+        let r = f.filter.on_request(&mut ctx).await.unwrap_err();
+        assert_eq!((r.status.as_u16(), ctx.reject_reason), (401, Some(reason)));
+        assert_eq!(r.headers.len(), 2, "both challenges are offered");
+    }
+}
+
+#[tokio::test]
+async fn verified_credentials_skip_bcrypt() {
+    let f = fixture(json!({"htpasswd": "htpasswd"}));
+    let auth = basic("bob", "secret");
+    let mut ctx = req(&[("authorization", &auth)], "10.0.0.4");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    // Replace the file with a hash bob's password does not match, without reloading: the
+    // cached verification still answers, which proves bcrypt did not run again.
+    let other = keygen::hash_password("different", 4).unwrap();
+    std::fs::write(f.dir.path().join("htpasswd"), format!("bob:{other}\n")).unwrap();
+    let mut ctx = req(&[("authorization", &auth)], "10.0.0.4");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    // After a reload the cache is cleared and the new file decides.
+    f.filter.reload().unwrap();
+    let mut ctx = req(&[("authorization", &auth)], "10.0.0.4");
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+}
+
+#[tokio::test]
+async fn reload_swaps_keys_and_keeps_the_old_set_on_error() {
+    let f = fixture(json!({"keys_file": "keys.yaml"}));
+    let new_key = "sk-gw-new";
+    std::fs::write(
+        f.dir.path().join("keys.yaml"),
+        format!(
+            "keys:\n  - id: carol\n    key_sha256: {}\n",
+            keygen::hash_key(new_key)
+        ),
+    )
+    .unwrap();
+    f.filter.reload().unwrap();
+    let auth = format!("Bearer {new_key}");
+    let mut ctx = req(&[("authorization", &auth)], "10.0.0.5");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    let old = format!("Bearer {ALICE}");
+    let mut ctx = req(&[("authorization", &old)], "10.0.0.5");
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+
+    std::fs::write(
+        f.dir.path().join("keys.yaml"),
+        "keys: [ { id: x, bogus: 1 } ]\n",
+    )
+    .unwrap();
+    let err = f.filter.reload().unwrap_err();
+    assert!(err.contains("unknown field `bogus`"), "{err}");
+    let mut ctx = req(&[("authorization", &auth)], "10.0.0.5");
+    f.filter.on_request(&mut ctx).await.unwrap();
+}
+
+#[tokio::test]
+async fn mtls_subject_maps_to_a_principal() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        keys_yaml("  - id: svc\n    mtls_subject: svc-a.internal\n"),
+    )
+    .unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+    };
+    let accept = build(&json!({"keys_file": "keys.yaml", "mtls": "accept"}), &cx).unwrap();
+    let mut ctx = req(&[], "10.0.0.6");
+    ctx.client_cert_subjects = vec!["svc-a.internal".into()];
+    accept.on_request(&mut ctx).await.unwrap();
+    assert_eq!(
+        ctx.principal.as_ref().map(|p| (p.id.as_str(), p.method)),
+        Some(("svc", "mtls"))
+    );
+
+    let require = build(&json!({"keys_file": "keys.yaml", "mtls": "require"}), &cx).unwrap();
+    let good = format!("Bearer {ALICE}");
+    let mut ctx = req(&[("authorization", &good)], "10.0.0.6");
+    let r = require.on_request(&mut ctx).await.unwrap_err();
+    assert_eq!(
+        (r.status.as_u16(), ctx.reject_reason),
+        (401, Some("no_client_certificate"))
+    );
+    let mut ctx = req(&[("authorization", &good)], "10.0.0.6");
+    ctx.client_cert_subjects = vec!["anything".into()];
+    require.on_request(&mut ctx).await.unwrap();
+}
+
+#[test]
+fn option_errors_name_the_key() {
+    let cx = BuildContext::default();
+    let e = build(&json!({}), &cx).err().unwrap();
+    assert!(e.message.contains("keys_file"), "{e}");
+    let e = build(&json!({"keys_file": "/nonexistent/keys.yaml"}), &cx)
+        .err()
+        .unwrap();
+    assert_eq!(e.path, "keys_file");
+    assert!(
+        e.message.contains("/nonexistent/keys.yaml: cannot read"),
+        "{e}"
+    );
+    let e = build(
+        &json!({"keys_file": "k", "brute_force": {"max_fail": 1}}),
+        &cx,
+    )
+    .err()
+    .unwrap();
+    assert!(e.path.starts_with("brute_force"), "{e}");
+}

@@ -1,0 +1,86 @@
+//! TLS on public listeners (rustls through Pingora), HTTP/2 by ALPN, and mTLS: client
+//! certificates verified against `client_ca`, their subjects handed to the auth filter.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::TlsAccept;
+use pingora_core::protocols::tls::TlsRef;
+use pingora_rustls::{RootCertStore, WebPkiClientVerifier};
+use x509_parser::extensions::GeneralName;
+
+use crate::config::TlsSpec;
+
+/// Subjects of a verified client certificate: CN first, then DNS, email and URI SANs.
+#[derive(Debug, Clone)]
+pub struct CertSubjects(pub Vec<String>);
+
+struct SubjectExtractor;
+
+#[async_trait]
+impl TlsAccept for SubjectExtractor {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let der = tls.peer_certificate_der()?;
+        let subjects = subjects_of(der);
+        (!subjects.is_empty())
+            .then(|| Arc::new(CertSubjects(subjects)) as Arc<dyn Any + Send + Sync>)
+    }
+}
+
+pub fn subjects_of(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
+                    out.push(s.to_string())
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Builds a listener's TLS settings, checking every file first: Pingora panics on files it
+/// cannot load, and an operator deserves a message instead.
+pub fn settings(t: &TlsSpec) -> Result<TlsSettings, String> {
+    pingora_rustls::install_default_crypto_provider();
+    let cert = t.cert.display().to_string();
+    let key = t.key.display().to_string();
+    match pingora_rustls::load_certs_and_key_files(&cert, &key) {
+        Ok(Some(_)) => {}
+        Ok(None) | Err(_) => {
+            return Err(format!("tls: cannot load the certificate {cert} with the key {key}: both must be PEM and the key must match"))
+        }
+    }
+    let mut s =
+        TlsSettings::with_callbacks(Box::new(SubjectExtractor)).map_err(|e| e.to_string())?;
+    s.set_certificate_chain_file(&cert)
+        .map_err(|e| format!("tls.cert: {e}"))?;
+    s.set_private_key_file(&key)
+        .map_err(|e| format!("tls.key: {e}"))?;
+    s.enable_h2();
+    if let Some(ca) = &t.client_ca {
+        let mut roots = RootCertStore::empty();
+        pingora_rustls::load_ca_file_into_store(ca, &mut roots)
+            .map_err(|e| format!("tls.client_ca: cannot load {}: {e}", ca.display()))?;
+        let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+            .build()
+            .map_err(|e| format!("tls.client_ca: {}: {e}", ca.display()))?;
+        s.set_client_cert_verifier(verifier);
+    }
+    Ok(s)
+}

@@ -1,0 +1,368 @@
+//! Authentication through the real binary: keys, basic auth, lockout, reload, networks.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+const DEMO_KEY: &str = "sk-gw-demo-key-change-me";
+
+fn conf(name: &str) -> String {
+    format!("{}/../conf/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chat() -> serde_json::Value {
+    json!({"model": "llama3.1:8b", "stream": false, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn shipped_auth_gateway(m: &mock_ollama::MockServer) -> Gateway {
+    Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n    htpasswd: {}\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml"),
+        conf("htpasswd")
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shipped_keys_and_htpasswd_work_as_documented() {
+    let m = mock().await;
+    let gw = shipped_auth_gateway(&m).await;
+    let c = client();
+
+    // No credentials: 401 with both challenges, and the backend never sees the request.
+    let r = c
+        .post(gw.url("/api/chat"))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let challenges: Vec<_> = r
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        challenges,
+        [
+            "Bearer realm=\"llm-gateway\"",
+            "Basic realm=\"llm-gateway\""
+        ]
+    );
+    assert_eq!(error_of(r).await.0, "invalid_api_key");
+    let r = c.get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(m.total(), 0);
+
+    // The demo key, as Bearer and as x-api-key; the demo user with basic auth.
+    let r = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth(DEMO_KEY)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(field(&gw.access_line(&id).await, "principal"), "demo");
+    let r = c
+        .get(gw.url("/v1/models"))
+        .header("x-api-key", DEMO_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(gw.url("/api/chat"))
+        .basic_auth("demo", Some("demo"))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(m.total(), 3);
+    for seen in m.requests() {
+        assert!(
+            !seen
+                .headers
+                .iter()
+                .any(|(k, _)| k == "authorization" || k == "x-api-key"),
+            "credentials must not reach the backend: {:?}",
+            seen.headers
+        );
+    }
+
+    // Wrong key and wrong password: 401, reason only in the log.
+    let r = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth("sk-gw-wrong")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (_, msg) = error_of(r).await;
+    assert_eq!(msg, "invalid credentials");
+    let line = gw.access_line(&id).await;
+    assert_eq!(field(&line, "decision"), "auth:invalid_api_key");
+    assert_eq!(field(&line, "reason"), "unknown_key");
+    let r = c
+        .post(gw.url("/api/chat"))
+        .basic_auth("demo", Some("nope"))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // /health needs nothing.
+    assert_eq!(c.get(gw.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(m.total(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_with_key_and_with_user() {
+    let m = mock().await;
+    let gw = shipped_auth_gateway(&m).await;
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl runs");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let url = gw.url("/api/generate");
+    let body = r#"{"model":"llama3.1:8b","prompt":"hi","stream":false}"#.to_string();
+    assert_eq!(run(vec![url.clone(), "-d".into(), body.clone()]), "401");
+    assert_eq!(
+        run(vec![
+            url.clone(),
+            "-H".into(),
+            format!("Authorization: Bearer {DEMO_KEY}"),
+            "-d".into(),
+            body.clone()
+        ]),
+        "200"
+    );
+    assert_eq!(
+        run(vec![
+            url.clone(),
+            "-u".into(),
+            "demo:demo".into(),
+            "-d".into(),
+            body.clone()
+        ]),
+        "200"
+    );
+    assert_eq!(
+        run(vec![format!("{url}?api_key={DEMO_KEY}"), "-d".into(), body]),
+        "401",
+        "never from the query string"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chain_runs_in_order_and_first_rejection_answers() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let entry = |id: &str, key: &str| {
+        format!(
+            "  - id: {id}\n    key_sha256: {}\n",
+            filter_auth::keygen::hash_key(key)
+        )
+    };
+    std::fs::write(
+        dir.path().join("first.yaml"),
+        format!("keys:\n{}", entry("first-a", "key-a")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("second.yaml"),
+        format!("keys:\n{}", entry("second-a", "key-a")),
+    )
+    .unwrap();
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {d}/first.yaml\n  - use: auth\n    keys_file: {d}/second.yaml\n",
+        backends(&[("local", &m.url())]),
+        d = dir.path().display()
+    ))
+    .await;
+    let c = client();
+    // The first filter accepts the key and, as it must, removes it from the headers; the
+    // second filter runs after it, sees that mutated context, and finds no credential.
+    let r = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth("key-a")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let line = gw.access_line(&id).await;
+    assert_eq!(
+        field(&line, "principal"),
+        "first-a",
+        "set by the first filter"
+    );
+    assert_eq!(
+        field(&line, "reason"),
+        "missing",
+        "seen by the second filter"
+    );
+    assert_eq!(field(&line, "decision"), "auth:invalid_api_key");
+    // A request the first filter refuses never reaches the second one.
+    let r = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth("key-z")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let line = gw.access_line(&id).await;
+    assert_eq!(
+        (field(&line, "principal"), field(&line, "reason")),
+        ("-", "unknown_key")
+    );
+    assert_eq!(m.total(), 0, "no rejected request reaches the backend");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_failures_lock_an_address_out() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n    brute_force: {{ max_failures: 3, window: 30s }}\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml")
+    ))
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        let r = c
+            .post(gw.url("/api/chat"))
+            .bearer_auth("guess")
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let r = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth(DEMO_KEY)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "30");
+    assert_eq!(error_of(r).await.0, "too_many_auth_failures");
+    assert_eq!(m.total(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_keys_and_survives_a_broken_file() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    let write = |id: &str, key: &str| {
+        std::fs::write(
+            &keys,
+            format!(
+                "keys:\n  - id: {id}\n    key_sha256: {}\n",
+                filter_auth::keygen::hash_key(key)
+            ),
+        )
+        .unwrap()
+    };
+    write("old", "key-old");
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n",
+        backends(&[("local", &m.url())]),
+        keys.display()
+    ))
+    .await;
+    let c = client();
+    let status = |key: &'static str| {
+        let c = c.clone();
+        let url = gw.url("/api/chat");
+        async move {
+            c.post(url)
+                .bearer_auth(key)
+                .json(&chat())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status("key-old").await, 200);
+    // A kept-alive connection must survive the reload too.
+    write("new", "key-new");
+    gw.signal("HUP");
+    let mut ok = false;
+    for _ in 0..50 {
+        if status("key-new").await == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the new key works after SIGHUP:\n{}", gw.log());
+    assert_eq!(status("key-old").await, 401);
+
+    std::fs::write(&keys, "keys: [ { id: broken, key_sha256: zz } ]\n").unwrap();
+    gw.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        gw.log()
+            .contains("reload failed, keeping the previous state"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        status("key-new").await,
+        200,
+        "a broken file keeps the old keys"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listener_networks_are_enforced_before_anything_else() {
+    let m = mock().await;
+    let c = client();
+    for rule in [
+        "allow_cidrs: [10.0.0.0/8]",
+        "deny_cidrs: ['127.0.0.0/8', '::1']",
+    ] {
+        let port = free_port();
+        let gw = Gateway::start_raw(&format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    {rule}\n{}filters:\n  - use: auth\n    keys_file: {}\n",
+            backends(&[("local", &m.url())]),
+            conf("keys.yaml")
+        ), port)
+        .await;
+        for path in ["/health", "/api/chat"] {
+            let r = c
+                .post(gw.url(path))
+                .bearer_auth(DEMO_KEY)
+                .json(&chat())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 403, "{rule} {path}");
+            assert_eq!(error_of(r).await.0, "forbidden");
+        }
+    }
+    assert_eq!(m.total(), 0);
+}

@@ -1,0 +1,111 @@
+//! Certificates made at test time with rcgen: a CA, a server certificate for 127.0.0.1 and
+//! localhost, and client certificates (good, from another CA, expired).
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, SanType,
+};
+
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub rogue_cert: PathBuf,
+    pub rogue_key: PathBuf,
+    pub expired_cert: PathBuf,
+    pub expired_key: PathBuf,
+}
+
+fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    let pem = p.self_signed(&key).unwrap().pem();
+    (p, key, pem)
+}
+
+fn leaf(
+    cn: &str,
+    sans: Vec<String>,
+    client: bool,
+    expired: bool,
+    issuer: &Issuer<'_, KeyPair>,
+) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(sans).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![if client {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    if expired {
+        p.not_before = date_time_ymd(2020, 1, 1);
+        p.not_after = date_time_ymd(2021, 1, 1);
+    }
+    (
+        p.signed_by(&key, issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub fn make(dir: &Path) -> Pki {
+    let (ca_params, ca_key, ca_pem) = ca("llm-gateway test CA");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let (rogue_params, rogue_key, _) = ca("some other CA");
+    let rogue_issuer = Issuer::new(rogue_params, rogue_key);
+
+    let mut server = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    server
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let server_key = KeyPair::generate().unwrap();
+    let server_pem = server.signed_by(&server_key, &issuer).unwrap().pem();
+
+    let (client, client_key) = leaf(
+        "svc-a.internal",
+        vec!["svc-a.internal".into()],
+        true,
+        false,
+        &issuer,
+    );
+    let (rogue, rogue_key) = leaf(
+        "svc-a.internal",
+        vec!["svc-a.internal".into()],
+        true,
+        false,
+        &rogue_issuer,
+    );
+    let (expired, expired_key) = leaf(
+        "svc-a.internal",
+        vec!["svc-a.internal".into()],
+        true,
+        true,
+        &issuer,
+    );
+    Pki {
+        ca: write(dir, "ca.pem", &ca_pem),
+        server_cert: write(dir, "server.pem", &server_pem),
+        server_key: write(dir, "server.key", &server_key.serialize_pem()),
+        client_cert: write(dir, "client.pem", &client),
+        client_key: write(dir, "client.key", &client_key),
+        rogue_cert: write(dir, "rogue.pem", &rogue),
+        rogue_key: write(dir, "rogue.key", &rogue_key),
+        expired_cert: write(dir, "expired.pem", &expired),
+        expired_key: write(dir, "expired.key", &expired_key),
+    }
+}

@@ -1,0 +1,198 @@
+//! TLS and mTLS on the public listener, checked with curl and certificates made at test time.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::certs::{self, Pki};
+use support::*;
+
+const DEMO_KEY: &str = "sk-gw-demo-key-change-me";
+
+/// curl exit code, HTTP status (empty when no response) and HTTP version.
+fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            "--max-time",
+            "10",
+        ])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut parts = text.split(' ');
+    let code = parts.next().unwrap_or_default().to_string();
+    let version = parts.next().unwrap_or_default().to_string();
+    (out.status.code().unwrap_or(-1), code, version)
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+async fn tls_gateway(
+    pki: &Pki,
+    m: &mock_ollama::MockServer,
+    client_ca: bool,
+    mtls: &str,
+    keys: &Path,
+) -> Gateway {
+    let port = free_port();
+    let ca_line = if client_ca {
+        format!(", client_ca: {}", p(&pki.ca))
+    } else {
+        String::new()
+    };
+    Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    tls: {{ cert: {}, key: {}{ca_line} }}\n{}filters:\n  - use: auth\n    keys_file: {}\n    mtls: {mtls}\n",
+            p(&pki.server_cert),
+            p(&pki.server_key),
+            backends(&[("local", &m.url())]),
+            p(keys)
+        ),
+        port,
+    )
+    .await
+}
+
+fn keys_file(dir: &Path) -> std::path::PathBuf {
+    let f = dir.join("keys.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "keys:\n  - id: demo\n    key_sha256: {}\n  - id: svc\n    mtls_subject: svc-a.internal\n",
+            filter_auth::keygen::hash_key(DEMO_KEY)
+        ),
+    )
+    .unwrap();
+    f
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_listener_serves_http2_and_refuses_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock().await;
+    let gw = tls_gateway(&pki, &m, false, "off", &keys_file(dir.path())).await;
+    let https = format!("https://127.0.0.1:{}", gw.port);
+    let auth = format!("Authorization: Bearer {DEMO_KEY}");
+    let body = r#"{"model":"llama3.1:8b","prompt":"hi","stream":false}"#;
+
+    let (rc, code, version) = curl(&["--cacert", p(&pki.ca), &format!("{https}/health")]);
+    assert_eq!(
+        (rc, code.as_str(), version.as_str()),
+        (0, "200", "2"),
+        "HTTP/2 by ALPN"
+    );
+    let (rc, code, _) = curl(&[
+        "--http1.1",
+        "--cacert",
+        p(&pki.ca),
+        "-H",
+        &auth,
+        "-d",
+        body,
+        &format!("{https}/api/generate"),
+    ]);
+    assert_eq!((rc, code.as_str()), (0, "200"));
+    let (rc, code, _) = curl(&[
+        "--cacert",
+        p(&pki.ca),
+        "-H",
+        &auth,
+        "-d",
+        body,
+        &format!("{https}/api/generate"),
+    ]);
+    assert_eq!((rc, code.as_str()), (0, "200"), "inference over HTTP/2");
+    let (_, code, _) = curl(&[
+        "--cacert",
+        p(&pki.ca),
+        "-d",
+        body,
+        &format!("{https}/api/generate"),
+    ]);
+    assert_eq!(code, "401");
+
+    // Plain HTTP to the TLS port fails cleanly and the gateway keeps serving.
+    let (rc, code, _) = curl(&[&format!("http://127.0.0.1:{}/health", gw.port)]);
+    assert!(
+        rc != 0 || code == "400",
+        "plain HTTP must not be served: rc {rc} code {code}"
+    );
+    // A client that does not trust the certificate refuses it.
+    let (rc, _, _) = curl(&[&format!("{https}/health")]);
+    assert_eq!(rc, 60, "curl: peer certificate cannot be authenticated");
+    let (rc, code, _) = curl(&["--cacert", p(&pki.ca), &format!("{https}/health")]);
+    assert_eq!((rc, code.as_str()), (0, "200"));
+    assert_eq!(m.hits("/api/generate"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mtls_accepts_only_good_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock().await;
+    let gw = tls_gateway(&pki, &m, true, "accept", &keys_file(dir.path())).await;
+    let url = format!("https://127.0.0.1:{}/api/generate", gw.port);
+    let body = r#"{"model":"llama3.1:8b","prompt":"hi","stream":false}"#;
+    let with = |cert: &Path, key: &Path| {
+        curl(&[
+            "--cacert",
+            p(&pki.ca),
+            "--cert",
+            p(cert),
+            "--key",
+            p(key),
+            "-d",
+            body,
+            &url,
+        ])
+    };
+
+    // The good certificate authenticates as `svc` by its subject, with no key.
+    let (rc, code, _) = with(&pki.client_cert, &pki.client_key);
+    assert_eq!((rc, code.as_str()), (0, "200"));
+    // Another CA's certificate, an expired one, and none at all fail at the handshake.
+    for (what, (rc, code, _)) in [
+        ("rogue", with(&pki.rogue_cert, &pki.rogue_key)),
+        ("expired", with(&pki.expired_cert, &pki.expired_key)),
+        ("none", curl(&["--cacert", p(&pki.ca), "-d", body, &url])),
+    ] {
+        assert!(rc != 0 && code == "000", "{what}: rc {rc} code {code}");
+    }
+    assert_eq!(m.hits("/api/generate"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mtls_can_be_required_in_addition_to_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock().await;
+    let gw = tls_gateway(&pki, &m, true, "require", &keys_file(dir.path())).await;
+    let url = format!("https://127.0.0.1:{}/api/generate", gw.port);
+    let body = r#"{"model":"llama3.1:8b","prompt":"hi","stream":false}"#;
+    let cert = [
+        "--cacert",
+        p(&pki.ca),
+        "--cert",
+        p(&pki.client_cert),
+        "--key",
+        p(&pki.client_key),
+    ];
+    let auth = format!("Authorization: Bearer {DEMO_KEY}");
+    let (_, code, _) = curl(&[&cert[..], &["-d", body, &url]].concat());
+    assert_eq!(
+        code, "401",
+        "a certificate alone is not enough in require mode"
+    );
+    let (_, code, _) = curl(&[&cert[..], &["-H", &auth, "-d", body, &url]].concat());
+    assert_eq!(code, "200");
+}
