@@ -41,23 +41,96 @@ fn check_accepts_the_shipped_configs() {
 #[test]
 fn check_accepts_the_production_example() {
     let f = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/production.yaml");
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/keys.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::certs::make(dir.path());
     let env = [
-        ("GATEWAY_ADDR", "127.0.0.1:8443"),
+        ("GATEWAY_ADDR", "0.0.0.0:8443"),
+        ("TLS_CERT", pki.server_cert.to_str().unwrap()),
+        ("TLS_KEY", pki.server_key.to_str().unwrap()),
+        ("KEYS_FILE", keys),
         ("OLLAMA_A", "http://127.0.0.1:11434"),
         ("OLLAMA_B", "http://127.0.0.1:11435"),
     ];
     let (code, out, err) = run(&["check", "--config", f], &env);
     assert_eq!(code, 0, "{err}");
-    assert!(
-        out.contains("backend:  gpu-a") && out.contains("backend:  gpu-b"),
-        "{out}"
-    );
+    assert!(out.contains("listen:   0.0.0.0:8443 (TLS) (3 allowed / 0 denied networks)"), "{out}");
+    assert!(out.contains("backend:  gpu-a") && out.contains("backend:  gpu-b"), "{out}");
+    assert!(out.contains("filters:  auth"), "{out}");
     let (code, _, err) = run(&["check", "--config", f], &[]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("environment variable GATEWAY_ADDR is not set"),
-        "{err}"
-    );
+    assert!(err.contains("environment variable GATEWAY_ADDR is not set"), "{err}");
+}
+
+#[test]
+fn network_listeners_need_tls_and_auth_or_an_explicit_opt_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(&dir, "open.yaml", "listen:\n  - addr: 0.0.0.0:18080\n");
+    let (code, _, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("listen[0]: 0.0.0.0:18080 is reachable from the network but has no TLS and the chain has no auth filter"), "{err}");
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/keys.yaml");
+    let f = write(&dir, "notls.yaml", &format!("listen:\n  - addr: 0.0.0.0:18080\nfilters:\n  - use: auth\n    keys_file: {keys}\n"));
+    let (code, _, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("has no TLS, so keys and prompts cross the network in plain text"), "{err}");
+    let f = write(&dir, "optout.yaml", "listen:\n  - addr: 0.0.0.0:18080\n    allow_insecure: true\n");
+    let (code, out, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("INSECURE"), "{out}");
+}
+
+#[test]
+fn keys_new_prints_a_key_once_and_an_entry_with_its_hash() {
+    let (code, out, _) = run(&["keys", "new", "--id", "alice", "--name", "Alice A."], &[]);
+    assert_eq!(code, 0);
+    let key = out.lines().find(|l| l.starts_with("sk-gw-")).expect("a key line").to_string();
+    assert_eq!(key.len(), 6 + 64);
+    let entry: String = out.lines().filter(|l| l.starts_with("  ")).map(|l| format!("{l}\n")).collect();
+    assert!(entry.contains("- id: \"alice\"") && entry.contains("name: \"Alice A.\""), "{entry}");
+    assert!(!entry.contains(&key), "the entry must hold only the hash");
+    // `keys hash` of the printed key gives the hash in the entry.
+    let mut child = std::process::Command::new(BIN)
+        .args(["keys", "hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(format!("{key}\n").as_bytes()).unwrap();
+    let out2 = child.wait_with_output().unwrap();
+    let hash = String::from_utf8_lossy(&out2.stdout).trim().to_string();
+    assert_eq!(hash.len(), 64);
+    assert!(entry.contains(&format!("key_sha256: {hash}")), "{entry} vs {hash}");
+    let (_, again, _) = run(&["keys", "new", "--id", "alice"], &[]);
+    assert_ne!(again, out, "every key is fresh");
+}
+
+#[test]
+fn hash_password_writes_an_htpasswd_line_from_stdin() {
+    let mut child = std::process::Command::new(BIN)
+        .args(["hash-password", "--user", "bob", "--cost", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(line.starts_with("bob:$2y$04$"), "{line}");
+    // The line works as an htpasswd file for the gateway's config check.
+    let dir = tempfile::tempdir().unwrap();
+    let ht = write(&dir, "htpasswd", &format!("{line}\n"));
+    let f = write(&dir, "gw.yaml", &format!("filters:\n  - use: auth\n    htpasswd: {ht}\n"));
+    let (code, _, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 0, "{err}");
+    let bad = write(&dir, "md5", "bob:$apr1$xyz$abc\n");
+    let f = write(&dir, "gw2.yaml", &format!("filters:\n  - use: auth\n    htpasswd: {bad}\n"));
+    let (code, _, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("filters[0].htpasswd") && err.contains("only bcrypt is accepted"), "{err}");
 }
 
 #[test]
@@ -148,7 +221,7 @@ fn run_refuses_a_busy_port_with_a_clear_error() {
 fn help_documents_every_subcommand() {
     let (code, out, _) = run(&["--help"], &[]);
     assert_eq!(code, 0);
-    for word in ["run", "check", "--config"] {
+    for word in ["run", "check", "keys", "hash-password", "--config"] {
         assert!(out.contains(word), "{word} missing from:\n{out}");
     }
     let (code, _, err) = run(&[], &[]);
