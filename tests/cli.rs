@@ -54,12 +54,21 @@ fn check_accepts_the_production_example() {
     ];
     let (code, out, err) = run(&["check", "--config", f], &env);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("listen:   0.0.0.0:8443 (TLS) (3 allowed / 0 denied networks)"), "{out}");
-    assert!(out.contains("backend:  gpu-a") && out.contains("backend:  gpu-b"), "{out}");
+    assert!(
+        out.contains("listen:   0.0.0.0:8443 (TLS) (3 allowed / 0 denied networks)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("backend:  gpu-a") && out.contains("backend:  gpu-b"),
+        "{out}"
+    );
     assert!(out.contains("filters:  auth"), "{out}");
     let (code, _, err) = run(&["check", "--config", f], &[]);
     assert_eq!(code, 1);
-    assert!(err.contains("environment variable GATEWAY_ADDR is not set"), "{err}");
+    assert!(
+        err.contains("environment variable GATEWAY_ADDR is not set"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -70,11 +79,24 @@ fn network_listeners_need_tls_and_auth_or_an_explicit_opt_out() {
     assert_eq!(code, 1);
     assert!(err.contains("listen[0]: 0.0.0.0:18080 is reachable from the network but has no TLS and the chain has no auth filter"), "{err}");
     let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/keys.yaml");
-    let f = write(&dir, "notls.yaml", &format!("listen:\n  - addr: 0.0.0.0:18080\nfilters:\n  - use: auth\n    keys_file: {keys}\n"));
+    let f = write(
+        &dir,
+        "notls.yaml",
+        &format!(
+            "listen:\n  - addr: 0.0.0.0:18080\nfilters:\n  - use: auth\n    keys_file: {keys}\n"
+        ),
+    );
     let (code, _, err) = run(&["check", "--config", &f], &[]);
     assert_eq!(code, 1);
-    assert!(err.contains("has no TLS, so keys and prompts cross the network in plain text"), "{err}");
-    let f = write(&dir, "optout.yaml", "listen:\n  - addr: 0.0.0.0:18080\n    allow_insecure: true\n");
+    assert!(
+        err.contains("has no TLS, so keys and prompts cross the network in plain text"),
+        "{err}"
+    );
+    let f = write(
+        &dir,
+        "optout.yaml",
+        "listen:\n  - addr: 0.0.0.0:18080\n    allow_insecure: true\n",
+    );
     let (code, out, err) = run(&["check", "--config", &f], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("INSECURE"), "{out}");
@@ -84,10 +106,21 @@ fn network_listeners_need_tls_and_auth_or_an_explicit_opt_out() {
 fn keys_new_prints_a_key_once_and_an_entry_with_its_hash() {
     let (code, out, _) = run(&["keys", "new", "--id", "alice", "--name", "Alice A."], &[]);
     assert_eq!(code, 0);
-    let key = out.lines().find(|l| l.starts_with("sk-gw-")).expect("a key line").to_string();
+    let key = out
+        .lines()
+        .find(|l| l.starts_with("sk-gw-"))
+        .expect("a key line")
+        .to_string();
     assert_eq!(key.len(), 6 + 64);
-    let entry: String = out.lines().filter(|l| l.starts_with("  ")).map(|l| format!("{l}\n")).collect();
-    assert!(entry.contains("- id: \"alice\"") && entry.contains("name: \"Alice A.\""), "{entry}");
+    let entry: String = out
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        entry.contains("- id: \"alice\"") && entry.contains("name: \"Alice A.\""),
+        "{entry}"
+    );
     assert!(!entry.contains(&key), "the entry must hold only the hash");
     // `keys hash` of the printed key gives the hash in the entry.
     let mut child = std::process::Command::new(BIN)
@@ -97,11 +130,19 @@ fn keys_new_prints_a_key_once_and_an_entry_with_its_hash() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(format!("{key}\n").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{key}\n").as_bytes())
+        .unwrap();
     let out2 = child.wait_with_output().unwrap();
     let hash = String::from_utf8_lossy(&out2.stdout).trim().to_string();
     assert_eq!(hash.len(), 64);
-    assert!(entry.contains(&format!("key_sha256: {hash}")), "{entry} vs {hash}");
+    assert!(
+        entry.contains(&format!("key_sha256: {hash}")),
+        "{entry} vs {hash}"
+    );
     let (_, again, _) = run(&["keys", "new", "--id", "alice"], &[]);
     assert_ne!(again, out, "every key is fresh");
 }
@@ -123,14 +164,25 @@ fn hash_password_writes_an_htpasswd_line_from_stdin() {
     // The line works as an htpasswd file for the gateway's config check.
     let dir = tempfile::tempdir().unwrap();
     let ht = write(&dir, "htpasswd", &format!("{line}\n"));
-    let f = write(&dir, "gw.yaml", &format!("filters:\n  - use: auth\n    htpasswd: {ht}\n"));
+    let f = write(
+        &dir,
+        "gw.yaml",
+        &format!("filters:\n  - use: auth\n    htpasswd: {ht}\n"),
+    );
     let (code, _, err) = run(&["check", "--config", &f], &[]);
     assert_eq!(code, 0, "{err}");
     let bad = write(&dir, "md5", "bob:$apr1$xyz$abc\n");
-    let f = write(&dir, "gw2.yaml", &format!("filters:\n  - use: auth\n    htpasswd: {bad}\n"));
+    let f = write(
+        &dir,
+        "gw2.yaml",
+        &format!("filters:\n  - use: auth\n    htpasswd: {bad}\n"),
+    );
     let (code, _, err) = run(&["check", "--config", &f], &[]);
     assert_eq!(code, 1);
-    assert!(err.contains("filters[0].htpasswd") && err.contains("only bcrypt is accepted"), "{err}");
+    assert!(
+        err.contains("filters[0].htpasswd") && err.contains("only bcrypt is accepted"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -34,9 +34,18 @@ async fn run_client(script: &str, reached: u64) {
         !stderr.contains("ModuleNotFoundError"),
         "Python client missing: pip install -r tests/clients/requirements.txt\n{stderr}"
     );
-    assert!(out.status.success(), "{script} failed:\n{stderr}\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stderr}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("client: ok"));
-    assert_eq!(m.total(), reached, "{:?}", m.requests().iter().map(|r| &r.path).collect::<Vec<_>>());
+    assert_eq!(
+        m.total(),
+        reached,
+        "{:?}",
+        m.requests().iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
