@@ -132,7 +132,15 @@ async fn curl_with_key_and_with_user() {
     let gw = shipped_auth_gateway(&m).await;
     let run = |args: Vec<String>| {
         let out = std::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "content-type: application/json",
+            ])
             .args(args)
             .output()
             .expect("curl runs");

@@ -197,7 +197,8 @@ fn check_summarises_a_good_config() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("listen:   127.0.0.1:9999"), "{out}");
     assert!(out.contains("max_body 2097152 bytes"), "{out}");
-    assert!(out.contains("filters:  none"), "{out}");
+    assert!(out.contains("filters:  policy"), "{out}");
+    assert!(out.contains("policy:   built-in default"), "{out}");
 }
 
 #[test]

@@ -281,6 +281,7 @@ async fn oversized_bodies_get_413_json_and_never_reach_the_backend() {
     );
     let resp = c
         .post(gw.url("/api/generate"))
+        .header("content-type", "application/json")
         .body(ok)
         .send()
         .await

@@ -21,6 +21,8 @@ fn curl(args: &[&str]) -> (i32, String, String) {
             "%{http_code} %{http_version}",
             "--max-time",
             "10",
+            "-H",
+            "content-type: application/json",
         ])
         .args(args)
         .output()

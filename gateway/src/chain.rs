@@ -9,11 +9,20 @@ use crate::registry::Registry;
 
 pub struct FilterChain {
     filters: Vec<Arc<dyn Filter>>,
+    /// The built-in policy was added because the config has none.
+    pub default_policy: bool,
 }
+
+/// Where the built-in policy goes: right after the last `auth` (it reads the principal's
+/// scopes and models), else first.
+const DEFAULT_POLICY_PATH: &str = "(built-in default policy)";
 
 impl FilterChain {
     pub fn new(filters: Vec<Arc<dyn Filter>>) -> Self {
-        FilterChain { filters }
+        FilterChain {
+            filters,
+            default_policy: false,
+        }
     }
 
     /// Builds every `filters:` entry; an unknown name or bad option is a startup error that
@@ -26,12 +35,32 @@ impl FilterChain {
                 .map(|p| p.to_path_buf())
                 .unwrap_or_default(),
         };
-        let filters = settings
-            .filters
+        let mut specs = settings.filters.clone();
+        let add_policy = settings.default_policy
+            && !specs.iter().any(|s| s.name == "policy")
+            && registry.get("policy").is_some();
+        if add_policy {
+            let at = specs
+                .iter()
+                .rposition(|s| s.name == "auth")
+                .map_or(0, |i| i + 1);
+            specs.insert(
+                at,
+                FilterSpec {
+                    name: "policy".into(),
+                    yaml_path: DEFAULT_POLICY_PATH.into(),
+                    options: serde_json::json!({}),
+                },
+            );
+        }
+        let filters = specs
             .iter()
             .map(|spec| build_one(spec, registry, &cx, settings))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(FilterChain { filters })
+        Ok(FilterChain {
+            filters,
+            default_policy: add_policy,
+        })
     }
 
     pub fn names(&self) -> Vec<&'static str> {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::chain::FilterChain;
 use crate::config::Settings;
 
 /// Security gateway for self-hosted model servers (Ollama, OpenAI-compatible).
@@ -63,7 +64,8 @@ pub enum KeysCommand {
 }
 
 /// The summary `check` prints.
-pub fn summary(s: &Settings, filters: &[&str]) -> String {
+pub fn summary(s: &Settings, chain: &FilterChain) -> String {
+    let filters = chain.names();
     let mut out = format!("{}: OK\n", s.file.display());
     let listen: Vec<String> = s
         .listen
@@ -110,6 +112,11 @@ pub fn summary(s: &Settings, filters: &[&str]) -> String {
             filters.join(" → ")
         }
     );
+    if chain.default_policy {
+        out += "  policy:   built-in default (OpenAI and Ollama inference allowed, admin routes only for scope admin)\n";
+    } else if !filters.contains(&"policy") {
+        out += "  policy:   NONE (policy: none): every backend route is reachable\n";
+    }
     let l = &s.limits;
     out += &format!(
         "  limits:   max_body {} bytes, connect {:?}, read {:?}, send {:?}\n",

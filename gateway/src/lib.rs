@@ -3,6 +3,7 @@
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod model_list;
 pub mod proxy;
 pub mod registry;
 pub mod router;

@@ -42,7 +42,7 @@ fn check(path: &Path) -> ExitCode {
     let result = config::load(path).and_then(|s| FilterChain::build(&s, &registry).map(|c| (s, c)));
     match result {
         Ok((settings, chain)) => {
-            print!("{}", summary(&settings, &chain.names()));
+            print!("{}", summary(&settings, &chain));
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -19,6 +19,7 @@ impl Registry {
     pub fn builtin() -> Registry {
         let mut r = Registry::default();
         r.register("auth", filter_auth::build);
+        r.register("policy", filter_policy::build);
         r
     }
 

@@ -25,6 +25,9 @@ pub struct Prepared {
 /// messages, not panics inside Pingora.
 pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, ConfigError> {
     let chain = FilterChain::build(&settings, registry)?;
+    if !settings.default_policy && !chain.names().contains(&"policy") {
+        log::warn!("policy: none — no policy filter: every backend route, model pulls and deletes included, is reachable by anyone the chain lets through");
+    }
     let mut tls = Vec::with_capacity(settings.listen.len());
     for (i, l) in settings.listen.iter().enumerate() {
         // Pingora panics on a busy port; check first to say which entry and why.

@@ -44,6 +44,12 @@ pub struct Overrides {
     pub period: Option<String>,
 }
 
+/// Decides which models a request may see; set by a filter (policy) so the gateway can filter
+/// model lists (`GET /v1/models`, `GET /api/tags`) it passes back.
+pub trait ModelGate: Send + Sync + std::fmt::Debug {
+    fn allows(&self, model: &str) -> bool;
+}
+
 /// How the gateway answered, for audit lines and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Decision {
@@ -90,6 +96,8 @@ pub struct RequestCtx {
     /// Why a filter said no, for audit and metrics only (e.g. `unknown_key`, `expired`);
     /// never sent to the client.
     pub reject_reason: Option<&'static str>,
+    /// When set, model lists in responses are filtered to what it allows.
+    pub model_gate: Option<Arc<dyn ModelGate>>,
     /// Headers filters want on the response (e.g. `X-RateLimit-*`).
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// Per-request state a filter keeps for itself (e.g. a concurrency slot released on drop).
@@ -128,6 +136,7 @@ impl RequestCtx {
             stream: false,
             principal: None,
             reject_reason: None,
+            model_gate: None,
             response_headers: Vec::new(),
             extensions: Extensions::new(),
             backend: None,
@@ -139,6 +148,14 @@ impl RequestCtx {
             duration: None,
             bytes_in: 0,
             bytes_out: 0,
+        }
+    }
+
+    /// The request target sent upstream: canonical path plus the query as received.
+    pub fn target(&self) -> String {
+        match &self.query {
+            Some(q) => format!("{}?{q}", self.path),
+            None => self.path.clone(),
         }
     }
 

@@ -7,12 +7,13 @@
 mod ctx;
 mod filter;
 mod options;
+pub mod path;
 mod rejection;
 mod route;
 pub mod units;
 mod usage;
 
-pub use ctx::{Decision, Overrides, Principal, RequestCtx};
+pub use ctx::{Decision, ModelGate, Overrides, Principal, RequestCtx};
 pub use filter::{BuildContext, Filter};
 pub use options::{parse_options, OptionsError};
 pub use rejection::{error_json, Rejection};

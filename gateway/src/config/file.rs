@@ -16,9 +16,20 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     #[serde(default)]
     pub server: ServerSection,
+    /// `none` removes the built-in default policy from a chain that has no `policy` filter.
+    pub policy: Option<PolicyDefault>,
     /// Each entry is `use: NAME` plus that filter's options; read by the chain builder.
     #[serde(default)]
     pub filters: Vec<serde_norway::Value>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyDefault {
+    /// Add the built-in policy when the chain has none (the default).
+    Default,
+    /// No policy at all: every route and model is reachable.
+    None,
 }
 
 #[derive(Debug, Deserialize)]

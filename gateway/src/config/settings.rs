@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::file::{BackendEntry, BackendKind, FileConfig, ListenEntry};
+use super::file::{BackendEntry, BackendKind, FileConfig, ListenEntry, PolicyDefault};
 
 /// A problem found while validating, as (YAML path, message).
 pub type Invalid = (String, String);
@@ -21,6 +21,8 @@ pub struct Settings {
     pub threads: usize,
     pub drain_timeout: Duration,
     pub filters: Vec<FilterSpec>,
+    /// Add the built-in policy when the chain has no `policy` filter.
+    pub default_policy: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +165,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         threads,
         drain_timeout: cfg.server.drain_timeout.0,
         filters,
+        default_policy: cfg.policy != Some(PolicyDefault::None),
     })
 }
 

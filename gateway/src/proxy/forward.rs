@@ -6,7 +6,7 @@
 //! next backend, replaying the same body; after that, nothing is retried.
 
 use bytes::Bytes;
-use gateway_filter::http::header;
+use gateway_filter::http::{header, Method};
 use gateway_filter::{error_json, Decision};
 use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_core::Result;
@@ -16,6 +16,7 @@ use pingora_proxy::Session;
 
 use super::headers::{add_upstream_headers, copy_request_headers, copy_response_headers};
 use super::{respond, Gateway, GwCtx};
+use crate::model_list;
 use crate::router::Backend;
 use crate::usage::{Framing, UsageParser};
 
@@ -96,10 +97,7 @@ async fn answer_failure(session: &mut Session, ctx: &mut GwCtx, e: &Error) -> Re
 
 fn upstream_request(ctx: &GwCtx, backend: &Backend, body_len: usize) -> Result<Box<RequestHeader>> {
     let req = &ctx.req;
-    let path = match &req.query {
-        Some(q) => format!("{}?{q}", req.path),
-        None => req.path.clone(),
-    };
+    let path = req.target();
     let mut h = RequestHeader::build(
         req.method.clone(),
         path.as_bytes(),
@@ -107,7 +105,9 @@ fn upstream_request(ctx: &GwCtx, backend: &Backend, body_len: usize) -> Result<B
     )?;
     copy_request_headers(&req.headers, &mut h, false)?;
     add_upstream_headers(&mut h, &backend.authority, &req.request_id)?;
-    h.insert_header(header::CONTENT_LENGTH, body_len)?;
+    if body_len > 0 || !(req.method == Method::GET || req.method == Method::HEAD) {
+        h.insert_header(header::CONTENT_LENGTH, body_len)?;
+    }
     Ok(Box::new(h))
 }
 
@@ -219,6 +219,9 @@ async fn attempt(
         return Attempt::Fail(e);
     }
     ctx.req.status = status.as_u16();
+    if let (Some(gate), true) = (ctx.req.model_gate.clone(), status.is_success()) {
+        return filtered_list(gw, session, ctx, backend, up, resp, gate.as_ref()).await;
+    }
     let end_now = up.is_body_done();
     if let Err(e) = session.write_response_header(Box::new(resp), end_now).await {
         return Attempt::Abort(e);
@@ -264,4 +267,60 @@ async fn attempt(
         .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
         .await;
     Attempt::Done
+}
+
+/// Largest model list the gateway will read to filter it.
+const MAX_MODEL_LIST: usize = 8 << 20;
+
+/// Reads a whole model list, keeps only the models the caller may use, and answers with it.
+async fn filtered_list(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    backend: &Backend,
+    mut up: HttpSession,
+    mut resp: ResponseHeader,
+    gate: &dyn gateway_filter::ModelGate,
+) -> Attempt {
+    let mut body = Vec::new();
+    loop {
+        match up.read_body_ref().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_MODEL_LIST => {
+                body.extend_from_slice(chunk)
+            }
+            Ok(Some(_)) => {
+                return Attempt::Fail(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "model list too large",
+                ))
+            }
+            Ok(None) => break,
+            Err(e) => return Attempt::Fail(e),
+        }
+    }
+    gw.connector
+        .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
+        .await;
+    let Some(filtered) = model_list::filter(ctx.req.route, &body, gate) else {
+        return Attempt::Fail(Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "unreadable model list",
+        ));
+    };
+    resp.remove_header(&header::TRANSFER_ENCODING);
+    if let Err(e) = resp.insert_header(header::CONTENT_LENGTH, filtered.len()) {
+        return Attempt::Fail(e);
+    }
+    ctx.req.bytes_out = filtered.len() as u64;
+    if let Err(e) = session.write_response_header(Box::new(resp), false).await {
+        return Attempt::Abort(e);
+    }
+    ctx.req.ttfb = Some(ctx.req.started.elapsed());
+    match session
+        .write_response_body(Some(Bytes::from(filtered)), true)
+        .await
+    {
+        Ok(()) => Attempt::Done,
+        Err(e) => Attempt::Abort(e),
+    }
 }

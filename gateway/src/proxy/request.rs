@@ -1,7 +1,8 @@
 //! `early_request_filter` and `request_filter`.
 
 use gateway_filter::http::StatusCode;
-use gateway_filter::{Decision, Rejection, Route};
+use gateway_filter::path::canonicalize;
+use gateway_filter::{Decision, Rejection, RequestCtx, Route};
 use pingora_core::Result;
 use pingora_proxy::Session;
 
@@ -32,6 +33,25 @@ pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
     {
         req.client_cert_subjects = subjects.0.clone();
     }
+}
+
+/// Puts the canonical path (see `gateway_filter::path`) into the context and classifies the
+/// route on it: everything after this, filters and the upstream request, sees only that form.
+fn canonical_target(session: &Session, req: &mut RequestCtx) -> std::result::Result<(), Rejection> {
+    let header = session.req_header();
+    if !session.is_http2() && (header.uri.scheme().is_some() || header.uri.authority().is_some()) {
+        return Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "absolute-form request targets are not accepted",
+        ));
+    }
+    let target = canonicalize(header.raw_path())
+        .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "invalid_path", e.to_string()))?;
+    req.path = target.path;
+    req.query = target.query;
+    req.route = Route::classify(&req.method, &req.path);
+    Ok(())
 }
 
 /// The listener a connection came in on, matched by local address.
@@ -71,6 +91,16 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
             return Ok(true);
         }
     }
+    if let Err(rejection) = canonical_target(session, &mut ctx.req) {
+        ctx.req.decision = Decision::Failed {
+            code: rejection.code,
+        };
+        session.set_keepalive(None);
+        respond::rejection(session, &mut ctx.req, &rejection).await?;
+        ctx.answered = true;
+        return Ok(true);
+    }
+
     if ctx.req.route == Route::Health {
         let body = respond::health_json(gw);
         respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
@@ -96,7 +126,8 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
         return Ok(true);
     }
 
-    if ctx.req.route.is_inference() {
+    // Model lists a filter restricted are forwarded by forward.rs too, which filters them.
+    if ctx.req.route.is_inference() || ctx.req.model_gate.is_some() {
         ctx.answered = true;
         forward::forward(gw, session, ctx).await?;
         return Ok(true);

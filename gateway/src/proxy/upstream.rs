@@ -33,10 +33,11 @@ pub fn request_headers(gw: &Gateway, upstream: &mut RequestHeader, ctx: &mut GwC
         ));
     };
     let backend = gw.router.pool().get(idx);
-    let path = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
+    // The canonical path the chain judged, never the raw one.
+    let target = ctx.req.target();
     let mut h = RequestHeader::build(
         upstream.method.clone(),
-        path.as_bytes(),
+        target.as_bytes(),
         Some(ctx.req.headers.len() + 3),
     )?;
     copy_request_headers(&ctx.req.headers, &mut h, true)?;

@@ -1,0 +1,324 @@
+//! The `policy` filter: what may be asked, by whom, and in which shape.
+//!
+//! - endpoint allow-lists on the canonical path (presets and explicit rules; scoped rules only
+//!   for principals with that scope): 403 outside them, 405 with `Allow` for a wrong method;
+//! - model allow-lists (global and per principal), also applied to model lists passed back;
+//! - request shape: JSON content type, field types, prompt size, message count, header
+//!   count and size, and an output-token cap that clamps (or refuses) what is asked.
+
+mod models;
+mod rules;
+mod shape;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use gateway_filter::http::{header, HeaderValue, Method, StatusCode};
+use gateway_filter::units::HumanSize;
+use gateway_filter::{
+    parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, Route,
+};
+use serde::Deserialize;
+
+pub use models::list_allows;
+use models::Gate;
+use rules::{preset, PathPattern, Rule, RuleSet, Verdict, PRESETS};
+use shape::OverCap;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyOptions {
+    /// Presets and rules; default: both inference presets, admin routes for scope `admin`.
+    allow: Option<Vec<RuleEntry>>,
+    /// Models anyone may use (exact names or `*` globs); empty = all.
+    #[serde(default)]
+    models: Vec<String>,
+    max_prompt_chars: Option<usize>,
+    max_messages: Option<usize>,
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    over_output_cap: OverCap,
+    #[serde(default = "yes")]
+    require_json_content_type: bool,
+    #[serde(default = "default_max_headers")]
+    max_headers: usize,
+    #[serde(default = "default_max_header_bytes")]
+    max_header_bytes: HumanSize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_header_bytes() -> HumanSize {
+    HumanSize(32 << 10)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RuleEntry {
+    Preset(String),
+    Rule(RuleObject),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleObject {
+    preset: Option<String>,
+    path: Option<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    scope: Option<String>,
+}
+
+pub struct PolicyFilter {
+    rules: RuleSet,
+    models: Arc<Vec<String>>,
+    max_prompt_chars: Option<usize>,
+    max_messages: Option<usize>,
+    max_output_tokens: Option<u64>,
+    over_output_cap: OverCap,
+    require_json: bool,
+    max_headers: usize,
+    max_header_bytes: usize,
+}
+
+fn default_rules() -> Vec<RuleEntry> {
+    vec![
+        RuleEntry::Preset("openai-inference".into()),
+        RuleEntry::Preset("ollama-inference".into()),
+        RuleEntry::Rule(RuleObject {
+            preset: Some("ollama-admin".into()),
+            path: None,
+            methods: Vec::new(),
+            scope: Some("admin".into()),
+        }),
+    ]
+}
+
+fn build_rules(entries: Vec<RuleEntry>) -> Result<RuleSet, OptionsError> {
+    let mut set = RuleSet::default();
+    for (i, e) in entries.into_iter().enumerate() {
+        let at = format!("allow[{i}]");
+        let unknown = |name: &str| {
+            OptionsError::new(
+                at.clone(),
+                format!("unknown preset {name:?}; presets: {}", PRESETS.join(", ")),
+            )
+        };
+        match e {
+            RuleEntry::Preset(name) => set
+                .rules
+                .extend(preset(&name, None).ok_or_else(|| unknown(&name))?),
+            RuleEntry::Rule(r) => match (r.preset, r.path) {
+                (Some(name), None) => {
+                    if !r.methods.is_empty() {
+                        return Err(OptionsError::new(
+                            format!("{at}.methods"),
+                            "a preset has its own methods; use `path:` for a custom rule",
+                        ));
+                    }
+                    set.rules
+                        .extend(preset(&name, r.scope.as_deref()).ok_or_else(|| unknown(&name))?);
+                }
+                (None, Some(path)) => {
+                    let pattern = PathPattern::parse(&path)
+                        .map_err(|m| OptionsError::new(format!("{at}.path"), m))?;
+                    if r.methods.is_empty() {
+                        return Err(OptionsError::new(
+                            format!("{at}.methods"),
+                            "list the methods this path allows, e.g. [GET, POST]",
+                        ));
+                    }
+                    let methods = r
+                        .methods
+                        .iter()
+                        .map(|m| {
+                            Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                                OptionsError::new(
+                                    format!("{at}.methods"),
+                                    format!("{m:?} is not an HTTP method"),
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    set.rules.push(Rule {
+                        pattern,
+                        methods,
+                        scope: r.scope,
+                    });
+                }
+                _ => {
+                    return Err(OptionsError::new(
+                        at,
+                        "give either `preset: NAME` or `path:` with `methods:`",
+                    ))
+                }
+            },
+        }
+    }
+    Ok(set)
+}
+
+/// Registry constructor: `- use: policy` plus [`PolicyOptions`].
+pub fn build(
+    options: &serde_json::Value,
+    _cx: &BuildContext,
+) -> Result<Arc<dyn Filter>, OptionsError> {
+    let o: PolicyOptions = parse_options(options)?;
+    let rules = build_rules(o.allow.unwrap_or_else(default_rules))?;
+    if o.max_output_tokens == Some(0) {
+        return Err(OptionsError::new("max_output_tokens", "must be at least 1"));
+    }
+    Ok(Arc::new(PolicyFilter {
+        rules,
+        models: Arc::new(o.models),
+        max_prompt_chars: o.max_prompt_chars,
+        max_messages: o.max_messages,
+        max_output_tokens: o.max_output_tokens,
+        over_output_cap: o.over_output_cap,
+        require_json: o.require_json_content_type,
+        max_headers: o.max_headers,
+        max_header_bytes: usize::try_from(o.max_header_bytes.0).unwrap_or(usize::MAX),
+    }))
+}
+
+fn is_json(ctx: &RequestCtx) -> bool {
+    ctx.header_str("content-type").is_some_and(|ct| {
+        let mime = ct.split(';').next().unwrap_or_default().trim();
+        mime.eq_ignore_ascii_case("application/json")
+    })
+}
+
+impl PolicyFilter {
+    fn check_headers(&self, ctx: &RequestCtx) -> Result<(), Rejection> {
+        let bytes: usize = ctx
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if ctx.headers.len() > self.max_headers || bytes > self.max_header_bytes {
+            return Err(Rejection::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_fields_too_large",
+                format!(
+                    "at most {} headers and {} bytes of headers are accepted",
+                    self.max_headers, self.max_header_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_endpoint(&self, ctx: &RequestCtx) -> Result<(), Rejection> {
+        let scopes = ctx.principal.as_ref().map_or(&[][..], |p| &p.scopes[..]);
+        match self.rules.decide(&ctx.method, &ctx.path, scopes) {
+            Verdict::Allow => Ok(()),
+            Verdict::WrongMethod(methods) => {
+                let allow = methods
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let value =
+                    HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static("GET"));
+                Err(Rejection::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{} is not allowed on {}; use {allow}", ctx.method, ctx.path),
+                )
+                .with_header(header::ALLOW, value))
+            }
+            Verdict::Deny => Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "endpoint_not_allowed",
+                format!(
+                    "{} {} is not allowed through this gateway",
+                    ctx.method, ctx.path
+                ),
+            )),
+        }
+    }
+
+    fn check_inference(&self, ctx: &mut RequestCtx, gate: Option<&Gate>) -> Result<(), Rejection> {
+        if self.require_json && !is_json(ctx) {
+            return Err(Rejection::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "inference requests must be sent with Content-Type: application/json",
+            ));
+        }
+        if let Some(body) = &ctx.json {
+            shape::check_types(ctx.route, body)?;
+            if let Some(max) = self.max_messages {
+                let n = body
+                    .get("messages")
+                    .and_then(|m| m.as_array())
+                    .map_or(0, Vec::len);
+                if n > max {
+                    return Err(Rejection::new(
+                        StatusCode::BAD_REQUEST,
+                        "too_many_messages",
+                        format!("{n} messages; at most {max} are accepted"),
+                    ));
+                }
+            }
+            if let Some(max) = self.max_prompt_chars {
+                let n = shape::prompt_chars(body);
+                if n > max {
+                    return Err(Rejection::new(
+                        StatusCode::BAD_REQUEST,
+                        "prompt_too_long",
+                        format!("the prompt has {n} characters; at most {max} are accepted"),
+                    ));
+                }
+            }
+        }
+        if let (Some(gate), Some(model)) = (gate, ctx.model.as_deref()) {
+            use gateway_filter::ModelGate;
+            if !gate.allows(model) {
+                return Err(Rejection::new(
+                    StatusCode::FORBIDDEN,
+                    "model_not_allowed",
+                    format!("model {model:?} is not allowed for this caller"),
+                ));
+            }
+        }
+        if let Some(cap) = self.max_output_tokens {
+            shape::apply_output_cap(ctx, cap, self.over_output_cap)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Filter for PolicyFilter {
+    fn name(&self) -> &'static str {
+        "policy"
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        self.check_headers(ctx)?;
+        self.check_endpoint(ctx)?;
+        let restricted =
+            !self.models.is_empty() || ctx.principal.as_ref().is_some_and(|p| !p.models.is_empty());
+        let gate = restricted.then(|| Gate {
+            global: self.models.clone(),
+            principal: ctx.principal.clone(),
+        });
+        if ctx.route.is_inference() {
+            self.check_inference(ctx, gate.as_ref())?;
+        }
+        if matches!(ctx.route, Route::OllamaModels | Route::OpenAiModels) {
+            if let Some(g) = gate {
+                ctx.model_gate = Some(Arc::new(g));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

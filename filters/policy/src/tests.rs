@@ -1,0 +1,214 @@
+use super::*;
+use gateway_filter::Principal;
+use serde_json::json;
+
+fn filter(options: serde_json::Value) -> Arc<dyn Filter> {
+    build(&options, &BuildContext::default()).unwrap()
+}
+
+fn req(method: Method, path: &str, body: Option<serde_json::Value>) -> RequestCtx {
+    let mut c = RequestCtx::new(String::new(), method, path.into());
+    c.headers
+        .insert("content-type", "application/json".parse().unwrap());
+    if let Some(b) = body {
+        c.model = b.get("model").and_then(|m| m.as_str()).map(str::to_string);
+        c.max_tokens = b.get("max_tokens").and_then(|m| m.as_u64());
+        c.json = Some(b);
+    }
+    c
+}
+
+fn principal(scopes: &[&str], models: &[&str]) -> Option<Arc<Principal>> {
+    Some(Arc::new(Principal {
+        id: "p".into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        models: models.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }))
+}
+
+#[tokio::test]
+async fn default_rules_allow_inference_and_keep_admin_for_admins() {
+    let f = filter(json!({}));
+    let mut c = req(
+        Method::POST,
+        "/api/chat",
+        Some(json!({"model": "m", "messages": []})),
+    );
+    f.on_request(&mut c).await.unwrap();
+    let mut c = req(Method::GET, "/v1/models", None);
+    f.on_request(&mut c).await.unwrap();
+    let mut c = req(Method::POST, "/api/pull", None);
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!((r.status.as_u16(), r.code), (403, "endpoint_not_allowed"));
+    assert_eq!(
+        r.message,
+        "POST /api/pull is not allowed through this gateway"
+    );
+    let mut c = req(Method::POST, "/api/pull", None);
+    c.principal = principal(&["admin"], &[]);
+    f.on_request(&mut c).await.unwrap();
+    let mut c = req(Method::DELETE, "/api/delete", None);
+    c.principal = principal(&["ops"], &[]);
+    assert_eq!(f.on_request(&mut c).await.unwrap_err().status, 403);
+}
+
+#[tokio::test]
+async fn wrong_method_gets_405_with_allow() {
+    let f = filter(
+        json!({"allow": ["ollama-inference", {"path": "/custom/*", "methods": ["get", "PUT"]}]}),
+    );
+    let mut c = req(Method::GET, "/api/chat", None);
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.headers[0],
+        (header::ALLOW, HeaderValue::from_static("POST"))
+    );
+    let mut c = req(Method::DELETE, "/custom/x", None);
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!(r.headers[0].1, "GET, PUT");
+    let mut c = req(Method::PUT, "/custom/x", None);
+    f.on_request(&mut c).await.unwrap();
+    let mut c = req(Method::POST, "/v1/chat/completions", None);
+    assert_eq!(
+        f.on_request(&mut c).await.unwrap_err().status,
+        403,
+        "openai preset not listed"
+    );
+}
+
+#[tokio::test]
+async fn models_global_and_per_principal() {
+    let f = filter(json!({"models": ["llama3.1:*", "qwen2.5:7b"]}));
+    let chat = |model: &str| {
+        req(
+            Method::POST,
+            "/v1/chat/completions",
+            Some(json!({"model": model, "messages": []})),
+        )
+    };
+    f.on_request(&mut chat("llama3.1:8b")).await.unwrap();
+    let mut c = chat("mistral:7b");
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!((r.status.as_u16(), r.code), (403, "model_not_allowed"));
+    assert!(r.message.contains("\"mistral:7b\""));
+    let mut c = chat("qwen2.5:7b");
+    c.principal = principal(&[], &["llama*"]);
+    assert_eq!(
+        f.on_request(&mut c).await.unwrap_err().code,
+        "model_not_allowed"
+    );
+    // Model lists get a gate only when something restricts them.
+    let mut c = req(Method::GET, "/api/tags", None);
+    f.on_request(&mut c).await.unwrap();
+    let gate = c.model_gate.clone().unwrap();
+    assert!(gate.allows("llama3.1:8b") && !gate.allows("nomic-embed-text:latest"));
+    let open = filter(json!({}));
+    let mut c = req(Method::GET, "/api/tags", None);
+    open.on_request(&mut c).await.unwrap();
+    assert!(c.model_gate.is_none());
+}
+
+#[tokio::test]
+async fn shape_limits() {
+    let f = filter(
+        json!({"max_messages": 2, "max_prompt_chars": 10, "max_output_tokens": 100, "max_headers": 5}),
+    );
+    let mut c = req(
+        Method::POST,
+        "/api/chat",
+        Some(
+            json!({"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "user", "content": "c"}]}),
+        ),
+    );
+    assert_eq!(
+        f.on_request(&mut c).await.unwrap_err().code,
+        "too_many_messages"
+    );
+    let mut c = req(
+        Method::POST,
+        "/api/generate",
+        Some(json!({"model": "m", "prompt": "12345678901"})),
+    );
+    assert_eq!(
+        f.on_request(&mut c).await.unwrap_err().code,
+        "prompt_too_long"
+    );
+    let mut c = req(
+        Method::POST,
+        "/v1/chat/completions",
+        Some(json!({"model": "m", "messages": [], "max_tokens": 500})),
+    );
+    f.on_request(&mut c).await.unwrap();
+    assert_eq!(
+        (
+            c.max_tokens,
+            c.json.as_ref().unwrap()["max_tokens"].as_u64()
+        ),
+        (Some(100), Some(100))
+    );
+    let mut c = req(Method::POST, "/api/chat", Some(json!({"model": "m"})));
+    c.headers
+        .insert("content-type", "text/plain".parse().unwrap());
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!((r.status.as_u16(), r.code), (415, "unsupported_media_type"));
+    let mut c = req(Method::POST, "/api/chat", Some(json!({"model": "m"})));
+    c.headers.insert(
+        "content-type",
+        "Application/JSON; charset=utf-8".parse().unwrap(),
+    );
+    f.on_request(&mut c).await.unwrap();
+    let mut c = req(Method::GET, "/v1/models", None);
+    for i in 0..6 {
+        c.headers.insert(
+            gateway_filter::http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+            "v".parse().unwrap(),
+        );
+    }
+    assert_eq!(f.on_request(&mut c).await.unwrap_err().status, 431);
+}
+
+#[test]
+fn option_errors() {
+    let e = build(
+        &json!({"allow": ["ollama-everything"]}),
+        &BuildContext::default(),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.path, "allow[0]");
+    assert!(
+        e.message
+            .contains("presets: openai-inference, ollama-inference, ollama-admin"),
+        "{e}"
+    );
+    let e = build(
+        &json!({"allow": [{"path": "/x"}]}),
+        &BuildContext::default(),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.path, "allow[0].methods");
+    let e = build(
+        &json!({"allow": [{"path": "x", "methods": ["GET"]}]}),
+        &BuildContext::default(),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.path, "allow[0].path");
+    let e = build(
+        &json!({"max_prompt_chars": "lots"}),
+        &BuildContext::default(),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.path, "max_prompt_chars");
+    let e = build(
+        &json!({"over_output_cap": "truncate"}),
+        &BuildContext::default(),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.path, "over_output_cap");
+}

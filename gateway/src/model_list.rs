@@ -1,0 +1,54 @@
+//! Filtering model lists (`GET /api/tags`, `GET /v1/models`) to what the caller may use.
+
+use gateway_filter::{ModelGate, Route};
+use serde_json::Value;
+
+/// Keeps the entries of an Ollama (`models[].name`) or OpenAI (`data[].id`) model list that
+/// `gate` allows. `None` when the body is not such a list.
+pub fn filter(route: Route, body: &[u8], gate: &dyn ModelGate) -> Option<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    let (list_key, name_keys): (&str, &[&str]) = match route {
+        Route::OllamaModels => ("models", &["name", "model"]),
+        Route::OpenAiModels => ("data", &["id"]),
+        _ => return None,
+    };
+    let list = v.get_mut(list_key)?.as_array_mut()?;
+    list.retain(|entry| {
+        name_keys
+            .iter()
+            .find_map(|k| entry.get(*k).and_then(Value::as_str))
+            .is_some_and(|name| gate.allows(name))
+    });
+    serde_json::to_vec(&v).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Only(&'static str);
+    impl ModelGate for Only {
+        fn allows(&self, model: &str) -> bool {
+            model == self.0
+        }
+    }
+
+    #[test]
+    fn filters_both_shapes() {
+        let tags =
+            br#"{"models":[{"name":"a:1","model":"a:1","size":1},{"name":"b:1","model":"b:1"}]}"#;
+        let out: Value =
+            serde_json::from_slice(&filter(Route::OllamaModels, tags, &Only("b:1")).unwrap())
+                .unwrap();
+        assert_eq!(out["models"].as_array().unwrap().len(), 1);
+        assert_eq!(out["models"][0]["name"], "b:1");
+        let models = br#"{"object":"list","data":[{"id":"a:1","object":"model"},{"id":"b:1","object":"model"}]}"#;
+        let out: Value =
+            serde_json::from_slice(&filter(Route::OpenAiModels, models, &Only("a:1")).unwrap())
+                .unwrap();
+        assert_eq!(out["data"][0]["id"], "a:1");
+        assert_eq!(out["object"], "list");
+        assert!(filter(Route::OpenAiModels, b"not json", &Only("a")).is_none());
+    }
+}
