@@ -62,7 +62,7 @@ fn check_accepts_the_production_example() {
         out.contains("backend:  gpu-a") && out.contains("backend:  gpu-b"),
         "{out}"
     );
-    assert!(out.contains("filters:  auth"), "{out}");
+    assert!(out.contains("filters:  auth → policy"), "{out}");
     let (code, _, err) = run(&["check", "--config", f], &[]);
     assert_eq!(code, 1);
     assert!(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Authentication cost: API keys vs htpasswd basic auth (bcrypt cost 12) with a warm
+# Authentication (and policy) cost: API keys vs htpasswd basic auth (bcrypt cost 12) with a warm
 # verified-credential cache, against the empty chain and against nginx, which checks keys with
 # a `map` and pays bcrypt on every request with `auth_basic`.
 # Needs wrk, taskset, nginx. Env: DURATION (10s), CONNS (64).
@@ -16,11 +16,19 @@ printf 'benchpw\n' | "$GW" hash-password --user bench --cost 12 > "$RUN/htpasswd
 chmod 755 "$RUN"; chmod 644 "$RUN/htpasswd"   # nginx workers run as an unprivileged user
 BASIC="Authorization: Basic $(printf 'bench:benchpw' | base64)"
 
-start_gateway empty $G0 $UP "  []"
+GP=18086
+start_gateway empty $G0 $UP "  []
+policy: none"
 start_gateway keys $GK $UP "  - use: auth
-    keys_file: $RUN/keys.yaml"
+    keys_file: $RUN/keys.yaml
+policy: none"
 start_gateway basic $GB $UP "  - use: auth
-    htpasswd: $RUN/htpasswd"
+    htpasswd: $RUN/htpasswd
+policy: none"
+start_gateway keys-policy $GP $UP "  - use: auth
+    keys_file: $RUN/keys.yaml
+  - use: policy
+    max_output_tokens: 4096"
 
 # nginx with the shared hardened config (key via map), and the same with auth_basic instead.
 render "$ROOT/../shared/bench/nginx-equivalent.conf.in" "$RUN/nk.conf" "$RUN/nginx-k" $NK "127.0.0.1:$UP" "$KEY"
@@ -42,6 +50,8 @@ read -r k_rps k_p50 k_p99 < <(measure "http://127.0.0.1:$GK/v1/chat/completions"
 row "llm-gateway, API key" "$k_rps" "$k_p50" "$k_p99" "$e_rps"
 read -r b_rps b_p50 b_p99 < <(measure "http://127.0.0.1:$GB/v1/chat/completions" "$BASIC")
 row "llm-gateway, basic (bcrypt 12, cached)" "$b_rps" "$b_p50" "$b_p99" "$e_rps"
+read -r p_rps p_p50 p_p99 < <(measure "http://127.0.0.1:$GP/v1/chat/completions" "Authorization: Bearer $KEY")
+row "llm-gateway, API key + policy" "$p_rps" "$p_p50" "$p_p99" "$e_rps"
 read -r nk_rps nk_p50 nk_p99 < <(measure "http://127.0.0.1:$NK/v1/chat/completions" "Authorization: Bearer $KEY")
 row "nginx, key via map (+limits, log)" "$nk_rps" "$nk_p50" "$nk_p99" "$e_rps"
 # bcrypt blocks nginx's only worker for every request: with 64 connections no response

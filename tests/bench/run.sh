@@ -8,7 +8,8 @@ source "$(dirname "$0")/lib.sh"
 
 UP=18434; GWP=18080; NGX=18081
 start_upstream $UP
-start_gateway empty $GWP $UP "  []"
+start_gateway empty $GWP $UP "  []
+policy: none"
 post_lua
 have_nginx=0
 if command -v nginx >/dev/null; then
