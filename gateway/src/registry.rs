@@ -20,6 +20,7 @@ impl Registry {
         let mut r = Registry::default();
         r.register("auth", filter_auth::build);
         r.register("policy", filter_policy::build);
+        r.register("ratelimit", filter_ratelimit::build);
         r
     }
 

@@ -1,0 +1,334 @@
+//! The `ratelimit` filter: request rate with burst (GCRA, the semantics of nginx
+//! `limit_req`), concurrent requests per key, and tokens per minute.
+//!
+//! One filter instance has one key (`ip`, `api_key`, `api_key+model`, `header:NAME`); put
+//! two instances in the chain for a per-IP guard before auth and a per-key limit after it.
+
+mod rate;
+mod store;
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
+use gateway_filter::{parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx};
+use serde::Deserialize;
+
+pub use rate::{gcra, Gcra, Rate};
+pub use store::{LimitStore, LocalStore};
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ns() -> u64 {
+    EPOCH.elapsed().as_nanos() as u64
+}
+
+const MINUTE_NS: u64 = 60_000_000_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    /// `ip`, `api_key`, `api_key+model` or `header:NAME`.
+    key: String,
+    /// Requests per period: `10/s`, `600/m`, `1000/h`.
+    rate: Option<String>,
+    #[serde(default)]
+    burst: u64,
+    #[serde(default)]
+    mode: Mode,
+    max_in_flight: Option<u32>,
+    tokens_per_minute: Option<u64>,
+    /// Most keys tracked per kind of limit (memory bound).
+    #[serde(default = "default_max_keys")]
+    max_keys: usize,
+}
+
+fn default_max_keys() -> usize {
+    100_000
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Serve the burst at once, refuse beyond it (nginx `nodelay`).
+    #[default]
+    Nodelay,
+    /// Queue requests within the burst so they go out at the rate, refuse beyond it (nginx's
+    /// default without `nodelay`).
+    Delay,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyKind {
+    Ip,
+    Principal,
+    PrincipalModel,
+    Header(HeaderName),
+}
+
+impl KeyKind {
+    fn parse(s: &str) -> Result<KeyKind, String> {
+        Ok(match s {
+            "ip" => KeyKind::Ip,
+            "api_key" => KeyKind::Principal,
+            "api_key+model" => KeyKind::PrincipalModel,
+            _ => match s.strip_prefix("header:") {
+                Some(h) => KeyKind::Header(
+                    HeaderName::from_bytes(h.trim().as_bytes())
+                        .map_err(|_| format!("{h:?} is not a header name"))?,
+                ),
+                None => {
+                    return Err(format!(
+                        "unknown key {s:?}; use ip, api_key, api_key+model or header:NAME"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+pub struct RateLimitFilter {
+    key: KeyKind,
+    rate: Option<Rate>,
+    burst: u64,
+    mode: Mode,
+    max_in_flight: Option<u32>,
+    tpm: Option<u64>,
+    store: Arc<dyn LimitStore>,
+    hasher: std::hash::RandomState,
+}
+
+/// In-flight slots a request holds; released when the request's context is dropped, which
+/// happens when it ends however it ends (done, error, client gone).
+struct SlotList(std::sync::Mutex<Vec<(Arc<dyn LimitStore>, u64)>>);
+
+impl Drop for SlotList {
+    fn drop(&mut self) {
+        let slots = self.0.get_mut().map(std::mem::take).unwrap_or_default();
+        for (store, key) in slots {
+            store.release(key);
+        }
+    }
+}
+
+/// The context's handle on the request's slots (extensions must be `Clone`).
+#[derive(Clone)]
+struct Slots(Arc<SlotList>);
+
+/// Registry constructor: `- use: ratelimit` plus [`Options`].
+pub fn build(
+    options: &serde_json::Value,
+    _cx: &BuildContext,
+) -> Result<Arc<dyn Filter>, OptionsError> {
+    let o: Options = parse_options(options)?;
+    let key = KeyKind::parse(&o.key).map_err(|m| OptionsError::new("key", m))?;
+    let rate = o
+        .rate
+        .as_deref()
+        .map(Rate::parse)
+        .transpose()
+        .map_err(|m| OptionsError::new("rate", m))?;
+    if rate.is_none() && o.max_in_flight.is_none() && o.tokens_per_minute.is_none() {
+        return Err(OptionsError::new(
+            "",
+            "set at least one of rate, max_in_flight or tokens_per_minute",
+        ));
+    }
+    if o.max_in_flight == Some(0) || o.tokens_per_minute == Some(0) {
+        return Err(OptionsError::new(
+            "",
+            "max_in_flight and tokens_per_minute must be at least 1",
+        ));
+    }
+    Ok(Arc::new(RateLimitFilter {
+        key,
+        rate,
+        burst: o.burst,
+        mode: o.mode,
+        max_in_flight: o.max_in_flight,
+        tpm: o.tokens_per_minute,
+        store: Arc::new(LocalStore::new(o.max_keys.max(SHARD_MIN))),
+        hasher: std::hash::RandomState::new(),
+    }))
+}
+
+const SHARD_MIN: usize = 1024;
+
+fn seconds_up(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000).max(1)
+}
+
+fn too_many(message: String, retry_ns: u64) -> Rejection {
+    Rejection::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_exceeded",
+        message,
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from(seconds_up(retry_ns)))
+}
+
+impl RateLimitFilter {
+    /// The limiter key of a request. Without a principal (no auth before this filter) the
+    /// principal-based keys fall back to the client IP, so nobody escapes the limit.
+    fn key_of(&self, ctx: &RequestCtx) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        let ip = |h: &mut std::hash::DefaultHasher| {
+            ctx.client_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])).hash(h)
+        };
+        match (&self.key, &ctx.principal) {
+            (KeyKind::Ip, _) => ip(&mut h),
+            (KeyKind::Principal, Some(p)) => p.id.hash(&mut h),
+            (KeyKind::PrincipalModel, Some(p)) => {
+                p.id.hash(&mut h);
+                ctx.model.hash(&mut h);
+            }
+            (KeyKind::Header(name), _) => match ctx.headers.get(name) {
+                Some(v) => v.as_bytes().hash(&mut h),
+                None => ip(&mut h),
+            },
+            (_, None) => ip(&mut h),
+        }
+        h.finish()
+    }
+
+    fn uses_principal(&self) -> bool {
+        matches!(self.key, KeyKind::Principal | KeyKind::PrincipalModel)
+    }
+
+    /// Rate, burst and tokens per minute for this request: the principal's overrides from the
+    /// keys file win over the filter's options for principal-keyed limiters.
+    fn limits(&self, ctx: &RequestCtx) -> (Option<Rate>, u64, Option<u64>) {
+        let mut out = (self.rate, self.burst, self.tpm);
+        if let (true, Some(p)) = (self.uses_principal(), &ctx.principal) {
+            if let Some(r) = p.overrides.rate.as_deref() {
+                match Rate::parse(r) {
+                    Ok(r) => out.0 = Some(r),
+                    Err(e) => {
+                        log::warn!("ratelimit: principal {}: ignoring rate override: {e}", p.id)
+                    }
+                }
+            }
+            if let Some(b) = p.overrides.burst {
+                out.1 = u64::from(b);
+            }
+            if let Some(t) = p.overrides.tokens_per_minute {
+                out.2 = Some(t);
+            }
+        }
+        out
+    }
+
+    fn push(ctx: &mut RequestCtx, name: &'static str, v: u64) {
+        ctx.response_headers
+            .push((HeaderName::from_static(name), HeaderValue::from(v)));
+    }
+}
+
+#[async_trait]
+impl Filter for RateLimitFilter {
+    fn name(&self) -> &'static str {
+        "ratelimit"
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        let key = self.key_of(ctx);
+        let (rate, burst, tpm) = self.limits(ctx);
+        let now = now_ns();
+
+        if let Some(rate) = rate {
+            let t = rate.interval_ns();
+            Self::push(ctx, "x-ratelimit-limit", burst + 1);
+            match self.store.check_rate(key, now, t, burst) {
+                Gcra::Allow {
+                    delay_ns,
+                    remaining,
+                    reset_ns,
+                } => {
+                    Self::push(ctx, "x-ratelimit-remaining", remaining);
+                    Self::push(ctx, "x-ratelimit-reset", seconds_up(reset_ns));
+                    if self.mode == Mode::Delay && delay_ns > 0 {
+                        tokio::time::sleep(Duration::from_nanos(delay_ns)).await;
+                    }
+                }
+                Gcra::Deny { retry_ns } => {
+                    Self::push(ctx, "x-ratelimit-remaining", 0);
+                    Self::push(ctx, "x-ratelimit-reset", seconds_up(retry_ns));
+                    ctx.reject_reason = Some("request_rate");
+                    return Err(too_many(
+                        format!(
+                            "request rate limit exceeded ({}/{}s, burst {burst})",
+                            rate.count,
+                            rate.per.as_secs()
+                        ),
+                        retry_ns,
+                    ));
+                }
+            }
+        }
+
+        if let Some(limit) = tpm {
+            let (used, left_ns) = self.store.tokens(key, now, MINUTE_NS);
+            let reserve = ctx.max_tokens.unwrap_or(0);
+            Self::push(ctx, "x-ratelimit-limit-tokens", limit);
+            Self::push(
+                ctx,
+                "x-ratelimit-remaining-tokens",
+                limit.saturating_sub(used),
+            );
+            Self::push(ctx, "x-ratelimit-reset-tokens", seconds_up(left_ns));
+            if used.saturating_add(reserve) > limit {
+                ctx.reject_reason = Some("tokens_per_minute");
+                return Err(too_many(
+                    format!("token limit exceeded ({limit} tokens per minute; {used} used, {reserve} requested)"),
+                    left_ns,
+                ));
+            }
+        }
+
+        if let Some(max) = self.max_in_flight {
+            if !self.store.acquire(key, max) {
+                ctx.reject_reason = Some("concurrency");
+                return Err(too_many(
+                    format!("concurrency limit exceeded ({max} requests in flight)"),
+                    1_000_000_000,
+                ));
+            }
+            let slot = (self.store.clone(), key);
+            match ctx.extensions.get::<Slots>() {
+                Some(slots) => slots
+                    .0
+                     .0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(slot),
+                None => {
+                    ctx.extensions
+                        .insert(Slots(Arc::new(SlotList(std::sync::Mutex::new(vec![slot])))));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_complete(&self, ctx: &RequestCtx) {
+        if self.tpm.is_none()
+            && !(self.uses_principal()
+                && ctx
+                    .principal
+                    .as_ref()
+                    .is_some_and(|p| p.overrides.tokens_per_minute.is_some()))
+        {
+            return;
+        }
+        if let Some(u) = ctx.usage {
+            self.store
+                .add_tokens(self.key_of(ctx), now_ns(), MINUTE_NS, u.total());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

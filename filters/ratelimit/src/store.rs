@@ -1,0 +1,212 @@
+//! Where limiter state lives. The filter only sees [`LimitStore`], so a shared store (Redis,
+//! for several replicas) can replace [`LocalStore`] later.
+//!
+//! `LocalStore` keeps three sharded maps keyed by a 64-bit hash of the limiter key. Each shard
+//! is a mutex held for a few map operations and never across an await; there is no global
+//! lock. Memory is bounded: a shard at capacity first drops entries that carry no state any
+//! more (a TAT in the past, an ended token window), then, under a flood of live keys, an
+//! arbitrary entry — which can only make the limiter more lenient for that key, never stricter.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::rate::{gcra, Gcra};
+
+pub trait LimitStore: Send + Sync {
+    /// One GCRA step for `key` (see [`gcra`]).
+    fn check_rate(&self, key: u64, now_ns: u64, t: u64, burst: u64) -> Gcra;
+    /// Takes an in-flight slot when fewer than `max` are taken.
+    fn acquire(&self, key: u64, max: u32) -> bool;
+    fn release(&self, key: u64);
+    /// Tokens used in `key`'s current window, and nanoseconds until that window ends.
+    fn tokens(&self, key: u64, now_ns: u64, window_ns: u64) -> (u64, u64);
+    fn add_tokens(&self, key: u64, now_ns: u64, window_ns: u64, n: u64);
+}
+
+const SHARDS: usize = 64;
+
+struct Sharded<V> {
+    shards: Vec<Mutex<HashMap<u64, V>>>,
+    per_shard: usize,
+}
+
+impl<V> Sharded<V> {
+    fn new(capacity: usize) -> Self {
+        Sharded {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: (capacity / SHARDS).max(16),
+        }
+    }
+
+    /// Runs `f` on `key`'s shard; `stale` says which entries may be dropped when it is full.
+    fn with<R>(
+        &self,
+        key: u64,
+        stale: impl Fn(&V) -> bool,
+        f: impl FnOnce(&mut HashMap<u64, V>) -> R,
+    ) -> R {
+        let shard = &self.shards[(key as usize) % SHARDS];
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= self.per_shard && !map.contains_key(&key) {
+            map.retain(|_, v| !stale(v));
+            if map.len() >= self.per_shard {
+                if let Some(&victim) = map.keys().next() {
+                    map.remove(&victim);
+                }
+            }
+        }
+        f(&mut map)
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |m| m.len()))
+            .sum()
+    }
+}
+
+pub struct LocalStore {
+    tat: Sharded<u64>,
+    in_flight: Sharded<u32>,
+    /// (window start, tokens used)
+    tokens: Sharded<(u64, u64)>,
+}
+
+impl LocalStore {
+    /// `capacity`: most keys tracked per kind of limit.
+    pub fn new(capacity: usize) -> Self {
+        LocalStore {
+            tat: Sharded::new(capacity),
+            in_flight: Sharded::new(capacity),
+            tokens: Sharded::new(capacity),
+        }
+    }
+
+    /// Keys currently tracked (all kinds), for tests and metrics.
+    pub fn tracked(&self) -> usize {
+        self.tat.len() + self.in_flight.len() + self.tokens.len()
+    }
+}
+
+impl LimitStore for LocalStore {
+    fn check_rate(&self, key: u64, now_ns: u64, t: u64, burst: u64) -> Gcra {
+        self.tat.with(
+            key,
+            |&tat| tat <= now_ns,
+            |m| {
+                let tat = m.get(&key).copied().unwrap_or(0);
+                let (new_tat, g) = gcra(tat, now_ns, t, burst);
+                if matches!(g, Gcra::Allow { .. }) {
+                    m.insert(key, new_tat);
+                }
+                g
+            },
+        )
+    }
+
+    fn acquire(&self, key: u64, max: u32) -> bool {
+        // Live slots are never evicted: `stale` is false for all of them.
+        self.in_flight.with(
+            key,
+            |&n| n == 0,
+            |m| {
+                let n = m.entry(key).or_insert(0);
+                if *n >= max {
+                    return false;
+                }
+                *n += 1;
+                true
+            },
+        )
+    }
+
+    fn release(&self, key: u64) {
+        self.in_flight.with(
+            key,
+            |&n| n == 0,
+            |m| {
+                if let Some(n) = m.get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        m.remove(&key);
+                    }
+                }
+            },
+        )
+    }
+
+    fn tokens(&self, key: u64, now_ns: u64, window_ns: u64) -> (u64, u64) {
+        self.tokens.with(
+            key,
+            |&(start, _)| now_ns >= start + window_ns,
+            |m| match m.get(&key) {
+                Some(&(start, used)) if now_ns < start + window_ns => {
+                    (used, start + window_ns - now_ns)
+                }
+                _ => (0, window_ns),
+            },
+        )
+    }
+
+    fn add_tokens(&self, key: u64, now_ns: u64, window_ns: u64, n: u64) {
+        self.tokens.with(
+            key,
+            |&(start, _)| now_ns >= start + window_ns,
+            |m| {
+                let e = m.entry(key).or_insert((now_ns, 0));
+                if now_ns >= e.0 + window_ns {
+                    *e = (now_ns, 0);
+                }
+                e.1 = e.1.saturating_add(n);
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_million_addresses_do_not_grow_memory() {
+        let s = LocalStore::new(10_000);
+        let t = 1_000_000; // 1000/s
+        for i in 0..1_000_000u64 {
+            let key = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            assert!(matches!(
+                s.check_rate(key, i * 10, t, 5),
+                Gcra::Allow { .. }
+            ));
+            s.add_tokens(key, i * 10, 60_000_000_000, 1);
+        }
+        let tracked = s.tracked();
+        assert!(tracked <= 2 * 10_000 + 2 * SHARDS * 16, "{tracked} entries");
+    }
+
+    #[test]
+    fn in_flight_slots() {
+        let s = LocalStore::new(100);
+        assert!(s.acquire(1, 2) && s.acquire(1, 2));
+        assert!(!s.acquire(1, 2));
+        assert!(s.acquire(2, 2), "another key is independent");
+        s.release(1);
+        assert!(s.acquire(1, 2));
+        s.release(1);
+        s.release(1);
+        s.release(2);
+        assert_eq!(s.tracked(), 0, "released keys leave nothing behind");
+    }
+
+    #[test]
+    fn token_windows() {
+        let s = LocalStore::new(100);
+        let w = 60_000;
+        s.add_tokens(7, 1_000, w, 40);
+        s.add_tokens(7, 2_000, w, 30);
+        assert_eq!(s.tokens(7, 3_000, w), (70, 58_000));
+        assert_eq!(s.tokens(7, 61_000, w), (0, w), "the window moved on");
+        s.add_tokens(7, 61_000, w, 5);
+        assert_eq!(s.tokens(7, 61_500, w).0, 5);
+    }
+}

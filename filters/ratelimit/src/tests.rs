@@ -1,0 +1,217 @@
+use super::*;
+use gateway_filter::http::Method;
+use gateway_filter::{Principal, Usage};
+use serde_json::json;
+
+fn filter(options: serde_json::Value) -> Arc<dyn Filter> {
+    build(&options, &BuildContext::default()).unwrap()
+}
+
+fn req(ip: &str) -> RequestCtx {
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/api/chat".into());
+    c.client_ip = Some(ip.parse().unwrap());
+    c
+}
+
+fn header(ctx: &RequestCtx, name: &str) -> Option<String> {
+    ctx.response_headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.to_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn seed_case_six_of_fifty_then_429_with_retry_after() {
+    let f = filter(json!({"key": "ip", "rate": "10/m", "burst": 5}));
+    let mut allowed = 0;
+    for i in 0..50 {
+        let mut c = req("10.0.0.1");
+        match f.on_request(&mut c).await {
+            Ok(()) => {
+                allowed += 1;
+                assert_eq!(header(&c, "x-ratelimit-limit").as_deref(), Some("6"));
+                assert_eq!(
+                    header(&c, "x-ratelimit-remaining"),
+                    Some((5 - i).to_string())
+                );
+            }
+            Err(r) => {
+                assert_eq!((r.status.as_u16(), r.code), (429, "rate_limit_exceeded"));
+                let retry: u64 = r
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "retry-after")
+                    .unwrap()
+                    .1
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=6).contains(&retry), "{retry}");
+                assert_eq!(header(&c, "x-ratelimit-remaining").as_deref(), Some("0"));
+                assert_eq!(c.reject_reason, Some("request_rate"));
+            }
+        }
+    }
+    assert_eq!(allowed, 6);
+    let mut other = req("10.0.0.2");
+    f.on_request(&mut other).await.unwrap();
+}
+
+#[tokio::test]
+async fn principal_keys_and_overrides() {
+    let f = filter(json!({"key": "api_key", "rate": "100/m", "burst": 0}));
+    let p = |id: &str, rate: Option<&str>| {
+        Some(Arc::new(Principal {
+            id: id.into(),
+            overrides: gateway_filter::Overrides {
+                rate: rate.map(str::to_string),
+                burst: Some(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        }))
+    };
+    // Same IP, different keys: independent.
+    for id in ["a", "b"] {
+        let mut c = req("10.0.0.3");
+        c.principal = p(id, None);
+        f.on_request(&mut c).await.unwrap();
+    }
+    // Override burst 1: two quick requests pass, the third does not.
+    let mut results = Vec::new();
+    for _ in 0..3 {
+        let mut c = req("10.0.0.3");
+        c.principal = p("c", Some("1/h"));
+        results.push(f.on_request(&mut c).await.is_ok());
+    }
+    assert_eq!(results, [true, true, false]);
+}
+
+#[tokio::test]
+async fn delay_mode_queues_the_burst_and_refuses_beyond_it() {
+    let f = filter(json!({"key": "ip", "rate": "20/s", "burst": 3, "mode": "delay"}));
+    let start = Instant::now();
+    // Five requests at once: the first passes now, three wait their turn (50 ms apart),
+    // the fifth is beyond the burst and refused at once.
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let mut c = req("10.0.0.4");
+                let r = f.on_request(&mut c).await;
+                (r.is_ok(), start.elapsed())
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let passed: Vec<Duration> = results.iter().filter(|r| r.0).map(|r| r.1).collect();
+    let refused: Vec<Duration> = results.iter().filter(|r| !r.0).map(|r| r.1).collect();
+    assert_eq!((passed.len(), refused.len()), (4, 1));
+    assert!(
+        refused[0] < Duration::from_millis(40),
+        "refused at once: {:?}",
+        refused[0]
+    );
+    let slowest = passed.iter().max().unwrap();
+    assert!(
+        *slowest >= Duration::from_millis(140),
+        "the last queued one waited 3 × 50 ms: {slowest:?}"
+    );
+}
+
+#[tokio::test]
+async fn in_flight_slots_follow_the_request_context() {
+    let f = filter(json!({"key": "ip", "max_in_flight": 2}));
+    let mut a = req("10.0.0.5");
+    let mut b = req("10.0.0.5");
+    f.on_request(&mut a).await.unwrap();
+    f.on_request(&mut b).await.unwrap();
+    let mut c = req("10.0.0.5");
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert!(r.message.contains("concurrency"), "{}", r.message);
+    drop(a); // the request ended (or its client went away)
+    let mut d = req("10.0.0.5");
+    f.on_request(&mut d).await.unwrap();
+    // Two limiters in one chain keep both slots.
+    let g = filter(json!({"key": "ip", "max_in_flight": 1}));
+    let mut e = req("10.0.0.6");
+    f.on_request(&mut e).await.unwrap();
+    g.on_request(&mut e).await.unwrap();
+    let mut x = req("10.0.0.6");
+    assert!(g.on_request(&mut x).await.is_err());
+    drop(e);
+    let mut y = req("10.0.0.6");
+    g.on_request(&mut y).await.unwrap();
+}
+
+#[tokio::test]
+async fn tokens_per_minute_reserve_then_charge() {
+    let f = filter(json!({"key": "api_key", "tokens_per_minute": 100}));
+    let mk = || {
+        let mut c = req("10.0.0.7");
+        c.principal = Some(Arc::new(Principal {
+            id: "t".into(),
+            ..Default::default()
+        }));
+        c
+    };
+    let mut c = mk();
+    c.max_tokens = Some(150);
+    assert_eq!(
+        f.on_request(&mut c).await.unwrap_err().code,
+        "rate_limit_exceeded",
+        "the reservation alone is too big"
+    );
+    let mut c = mk();
+    c.max_tokens = Some(50);
+    f.on_request(&mut c).await.unwrap();
+    c.usage = Some(Usage {
+        prompt_tokens: 30,
+        completion_tokens: 50,
+    });
+    f.on_complete(&c).await;
+    let mut c = mk();
+    c.max_tokens = Some(30);
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert!(r.message.contains("80 used"), "{}", r.message);
+    assert_eq!(
+        header(&c, "x-ratelimit-remaining-tokens").as_deref(),
+        Some("20")
+    );
+    let mut c = mk();
+    c.max_tokens = Some(20);
+    f.on_request(&mut c).await.unwrap();
+}
+
+#[test]
+fn option_errors() {
+    let cx = BuildContext::default();
+    assert_eq!(build(&json!({"key": "ip"}), &cx).err().unwrap().path, "");
+    assert_eq!(
+        build(&json!({"key": "cookie", "rate": "1/s"}), &cx)
+            .err()
+            .unwrap()
+            .path,
+        "key"
+    );
+    assert_eq!(
+        build(&json!({"key": "ip", "rate": "fast"}), &cx)
+            .err()
+            .unwrap()
+            .path,
+        "rate"
+    );
+    assert_eq!(
+        build(&json!({"key": "ip", "rate": "1/s", "mode": "later"}), &cx)
+            .err()
+            .unwrap()
+            .path,
+        "mode"
+    );
+    assert!(build(&json!({"key": "header:x-team", "rate": "1/s"}), &cx).is_ok());
+}

@@ -1,0 +1,244 @@
+//! Rate limits through the real binary: the nginx seed case, a steady offered rate,
+//! concurrency caps (with client disconnects) and tokens per minute.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+use support::*;
+
+const KEY: &str = "sk-gw-demo-key-change-me";
+
+fn keys() -> String {
+    format!("{}/../conf/keys.yaml", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chat() -> serde_json::Value {
+    json!({"model": "llama3.1:8b", "stream": false, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_case_fifty_quick_requests_six_pass() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 10/m\n    burst: 5\n    mode: nodelay\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let c = client();
+    let (mut ok, mut limited) = (0, 0);
+    for i in 0..50 {
+        let r = c
+            .post(gw.url("/api/chat"))
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-ratelimit-limit"], "6", "request {i}");
+        match r.status().as_u16() {
+            200 => {
+                ok += 1;
+                assert_eq!(
+                    r.headers()["x-ratelimit-remaining"].to_str().unwrap(),
+                    (5 - i).to_string()
+                );
+            }
+            429 => {
+                limited += 1;
+                let retry: u64 = r.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=6).contains(&retry), "Retry-After {retry}");
+                assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
+                let (code, msg) = error_of(r).await;
+                assert_eq!(code, "rate_limit_exceeded");
+                assert!(msg.contains("request rate"), "{msg}");
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!((ok, limited), (6, 44));
+    assert_eq!(m.total(), 6, "refused requests never reach the backend");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn steady_offered_rate_allows_the_theoretical_count() {
+    for mode in ["nodelay", "delay"] {
+        let m = mock().await;
+        let gw = Gateway::start(&format!(
+            "{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 10/s\n    burst: 2\n    mode: {mode}\n",
+            backends(&[("local", &m.url())])
+        ))
+        .await;
+        let c = client();
+        // Offer 25/s for 2 s (50 requests, 40 ms apart), each on its own task so a delayed one
+        // does not hold back the next.
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..50u32 {
+            let at = start + Duration::from_millis(40 * u64::from(i));
+            tokio::time::sleep_until(at.into()).await;
+            let (c, url) = (c.clone(), gw.url("/api/generate"));
+            tasks.push(tokio::spawn(async move {
+                c.post(url)
+                    .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }));
+        }
+        let span = start.elapsed();
+        let mut allowed = 0;
+        for t in tasks {
+            if t.await.unwrap() == 200 {
+                allowed += 1;
+            }
+        }
+        // burst + 1 at once, then one per 100 ms of the span.
+        let theory = 3 + (span.as_millis() / 100) as i64;
+        assert!(
+            (allowed - theory).abs() <= 1,
+            "{mode}: allowed {allowed}, theory {theory} over {span:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_flight_cap_counts_streams_and_frees_slots_on_disconnect() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    max_in_flight: 2\n",
+        backends(&[("local", &m.url())]),
+        keys()
+    ))
+    .await;
+    let c = client();
+    let slow = || {
+        c.post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .header("x-mock-chunks", "10")
+            .header("x-mock-delay-ms", "100")
+            .json(&json!({"model": "llama3.1:8b", "messages": []}))
+            .send()
+    };
+    let a = slow().await.unwrap();
+    let b = slow().await.unwrap();
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    let third = slow().await.unwrap();
+    assert_eq!(
+        third.status(),
+        429,
+        "N+1 concurrent streams: exactly one refused"
+    );
+    assert!(error_of(third).await.1.contains("concurrency"));
+    // One stream finishes: a new one passes.
+    a.bytes().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let d = slow().await.unwrap();
+    assert_eq!(d.status(), 200);
+    // A client that walks away mid-stream frees its slot.
+    let mut s = d.bytes_stream();
+    let _ = s.next().await;
+    drop(s);
+    drop(b);
+    let mut freed = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let e = slow().await.unwrap();
+        if e.status() == 200 {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "slots of disconnected clients come back");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_per_minute_refuses_once_usage_adds_up() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 25\n",
+        backends(&[("local", &m.url())]),
+        keys()
+    ))
+    .await;
+    let c = client();
+    // Each request uses 1 prompt + 5 completion tokens (the mock's counts): 5 pass (the 5th
+    // starts at 24 used), then the window is spent.
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        let r = c
+            .post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            assert!(
+                r.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+                    <= 60
+            );
+            assert!(error_of(r).await.1.contains("token limit"));
+        } else {
+            r.bytes().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
+    // The reserved output cap counts before the request: a big cap is refused at once.
+    let r = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "llama3.1:8b", "messages": [], "options": {"num_predict": 1000}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_ip_before_auth_and_per_key_after() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 100/m\n    burst: 3\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 100/m\n    burst: 1\n",
+        backends(&[("local", &m.url())]),
+        keys()
+    ))
+    .await;
+    let c = client();
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(
+            c.post(gw.url("/api/chat"))
+                .bearer_auth(KEY)
+                .json(&chat())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    // The per-key limiter (burst 1) refuses the 3rd; the per-IP one (burst 3) the 5th anyway.
+    assert_eq!(codes, [200, 200, 429, 429, 429]);
+    // Unauthenticated floods are cut by the per-IP limiter before any key check.
+    let r = c
+        .post(gw.url("/api/chat"))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+}
