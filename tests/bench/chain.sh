@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Cost of the filter chain as it grows: empty, a per-IP limiter, auth + per-key limiter, and
+# the full chain so far (per-IP limiter, auth, policy, per-key limiter with rate, in-flight
+# and tokens per minute), all with limits so high that nothing is refused.
+# Needs wrk, taskset; nginx for the static upstream. Env: DURATION (10s), CONNS (64).
+source "$(dirname "$0")/lib.sh"
+
+UP=18434; G0=18080; G1=18081; G2=18082; G3=18083
+KEY=sk-gw-bench-$(date +%s)
+start_upstream $UP
+post_lua
+printf 'keys:\n  - id: bench\n    key_sha256: %s\n' "$(printf %s "$KEY" | "$GW" keys hash)" > "$RUN/keys.yaml"
+
+HIGH="rate: 100000000/s
+    burst: 1000000"
+start_gateway empty $G0 $UP "  []
+policy: none"
+start_gateway ip $G1 $UP "  - use: ratelimit
+    key: ip
+    $HIGH
+policy: none"
+start_gateway key $G2 $UP "  - use: auth
+    keys_file: $RUN/keys.yaml
+  - use: ratelimit
+    key: api_key
+    $HIGH
+policy: none"
+start_gateway full $G3 $UP "  - use: ratelimit
+    key: ip
+    $HIGH
+  - use: auth
+    keys_file: $RUN/keys.yaml
+  - use: policy
+    max_output_tokens: 4096
+  - use: ratelimit
+    key: api_key
+    $HIGH
+    max_in_flight: 100000
+    tokens_per_minute: 1000000000000"
+
+header
+AUTH="Authorization: Bearer $KEY"
+read -r e_rps e_p50 e_p99 < <(measure "http://127.0.0.1:$G0/v1/chat/completions")
+row "empty chain" "$e_rps" "$e_p50" "$e_p99" "$e_rps"
+read -r a_rps a_p50 a_p99 < <(measure "http://127.0.0.1:$G1/v1/chat/completions")
+row "per-IP limiter" "$a_rps" "$a_p50" "$a_p99" "$e_rps"
+read -r b_rps b_p50 b_p99 < <(measure "http://127.0.0.1:$G2/v1/chat/completions" "$AUTH")
+row "auth + per-key limiter" "$b_rps" "$b_p50" "$b_p99" "$e_rps"
+read -r c_rps c_p50 c_p99 < <(measure "http://127.0.0.1:$G3/v1/chat/completions" "$AUTH")
+row "IP limiter+auth+policy+key limiter" "$c_rps" "$c_p50" "$c_p99" "$e_rps"
