@@ -99,6 +99,13 @@ impl FilterChain {
             .collect()
     }
 
+    /// Lets every filter finish queued work (audit lines) before the process exits.
+    pub fn shutdown(&self) {
+        for f in &self.filters {
+            f.shutdown();
+        }
+    }
+
     /// Runs `on_complete` of every filter, in order, for every request.
     pub async fn on_complete(&self, ctx: &RequestCtx) {
         for f in &self.filters {

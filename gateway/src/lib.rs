@@ -1,8 +1,10 @@
 //! llm-gateway: a security gateway in front of self-hosted model servers.
 
+pub mod admin;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod model_list;
 pub mod proxy;
 pub mod registry;

@@ -21,6 +21,7 @@ impl Registry {
         r.register("auth", filter_auth::build);
         r.register("policy", filter_policy::build);
         r.register("ratelimit", filter_ratelimit::build);
+        r.register("audit", filter_audit::build);
         r
     }
 

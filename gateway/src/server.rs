@@ -9,7 +9,9 @@ use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{ExecutionPhase, Server};
 
+use crate::admin::AdminApp;
 use crate::chain::FilterChain;
+use crate::metrics::Metrics;
 use crate::config::{ConfigError, Settings};
 use crate::proxy::{Gateway, InFlight};
 use crate::registry::Registry;
@@ -52,12 +54,30 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
             );
         }
     }
+    if let Some(addr) = settings.admin {
+        std::net::TcpListener::bind(addr).map_err(|e| {
+            ConfigError::invalid(
+                &settings.file,
+                "admin.addr",
+                format!("cannot listen on {addr}: {e}; pick another port or set `admin: {{ enabled: false }}`"),
+            )
+        })?;
+        if !addr.ip().is_loopback() {
+            log::warn!("admin listener {addr} is not on loopback: /metrics is reachable from the network");
+        }
+    }
+    let metrics = Metrics::new(
+        prometheus::default_registry(),
+        settings.metrics_principal_label,
+        settings.metrics_max_models,
+    )
+    .map_err(|e| ConfigError::invalid(&settings.file, "metrics", format!("cannot register metrics: {e}")))?;
     let router: Arc<dyn Router> = Arc::new(RoundRobin::new(BackendPool::new(
         &settings.backends,
         &settings.limits,
     )));
     Ok(Prepared {
-        gateway: Gateway::new(Arc::new(settings), Arc::new(chain), router),
+        gateway: Gateway::new(Arc::new(settings), Arc::new(chain), router, Arc::new(metrics)),
         tls,
     })
 }
@@ -77,6 +97,16 @@ pub fn run(prepared: Prepared) -> ! {
     server.bootstrap();
     let in_flight = gateway.in_flight.clone();
     let chain = gateway.chain.clone();
+    let admin = settings.admin.map(|addr| {
+        let app = AdminApp {
+            metrics: gateway.metrics.clone(),
+            router: gateway.router.clone(),
+            in_flight: gateway.in_flight.clone(),
+        };
+        let mut svc = pingora_core::services::listening::Service::new("llm-gateway admin".to_string(), app);
+        svc.add_tcp(&addr.to_string());
+        svc
+    });
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "llm-gateway");
     for (l, tls) in settings.listen.iter().zip(tls) {
@@ -86,12 +116,11 @@ pub fn run(prepared: Prepared) -> ! {
         }
     }
     server.add_service(service);
-    spawn_reloader(chain);
-    spawn_drain_watcher(
-        server.watch_execution_phase(),
-        in_flight,
-        settings.drain_timeout,
-    );
+    if let Some(admin) = admin {
+        server.add_service(admin);
+    }
+    spawn_reloader(chain.clone());
+    spawn_drain_watcher(server.watch_execution_phase(), in_flight, settings.drain_timeout, chain);
     let listen: Vec<String> = settings
         .listen
         .iter()
@@ -144,6 +173,7 @@ fn spawn_drain_watcher(
     mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
     in_flight: InFlight,
     drain: Duration,
+    chain: Arc<FilterChain>,
 ) {
     std::thread::spawn(move || loop {
         match phases.blocking_recv() {
@@ -160,6 +190,7 @@ fn spawn_drain_watcher(
                     "shutdown: {} requests still in flight; exiting",
                     in_flight.get()
                 );
+                chain.shutdown();
                 std::process::exit(0);
             }
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

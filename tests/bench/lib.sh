@@ -63,6 +63,7 @@ start_upstream() {
 start_gateway() {
   cat > "$RUN/gw-$1.yaml" <<YAML
 listen: [ { addr: 127.0.0.1:$2 } ]
+admin: { addr: 127.0.0.1:$(( $2 + 1000 )) }
 backends: [ { name: bench, url: 'http://127.0.0.1:$3', kind: ollama } ]
 server: { threads: 1 }
 filters:

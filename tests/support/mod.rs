@@ -42,6 +42,7 @@ pub fn backends(urls: &[(&str, &str)]) -> String {
 pub struct Gateway {
     child: Child,
     pub port: u16,
+    pub admin_port: u16,
     pub dir: tempfile::TempDir,
 }
 
@@ -61,12 +62,11 @@ impl Gateway {
     /// port accepts connections.
     pub async fn start_raw(config: &str, port: u16) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let server = if config.contains("server:") {
-            ""
-        } else {
-            "server: { threads: 2 }\n"
-        };
-        let config = format!("{server}{config}");
+        let server = if config.contains("server:") { "" } else { "server: { threads: 2 }\n" };
+        // Every gateway gets its own admin port, so tests can run side by side.
+        let admin_port = free_port();
+        let admin = if config.contains("admin:") { String::new() } else { format!("admin: {{ addr: 127.0.0.1:{admin_port} }}\n") };
+        let config = format!("{server}{admin}{config}");
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config).expect("write config");
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
@@ -78,7 +78,7 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("gateway starts");
-        let mut gw = Gateway { child, port, dir };
+        let mut gw = Gateway { child, port, admin_port, dir };
         gw.wait_ready().await;
         gw
     }
@@ -105,6 +105,10 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
     pub fn config_path(&self) -> PathBuf {

@@ -109,6 +109,8 @@ pub struct RequestCtx {
     pub status: u16,
     pub decision: Decision,
     pub usage: Option<Usage>,
+    /// Cost of the request in USD, when a filter (budget) knows it.
+    pub cost_usd: Option<f64>,
     pub ttfb: Option<Duration>,
     pub duration: Option<Duration>,
     pub bytes_in: u64,
@@ -144,6 +146,7 @@ impl RequestCtx {
             status: 0,
             decision: Decision::Allowed,
             usage: None,
+            cost_usd: None,
             ttfb: None,
             duration: None,
             bytes_in: 0,

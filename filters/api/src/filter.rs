@@ -25,6 +25,10 @@ pub trait Filter: Send + Sync {
     fn reload(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// The gateway is about to exit: finish what is queued (e.g. flush audit lines). Called
+    /// once, from a plain thread, after the last request ended.
+    fn shutdown(&self) {}
 }
 
 /// What a filter constructor may need besides its options.

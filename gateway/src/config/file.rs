@@ -11,6 +11,10 @@ pub struct FileConfig {
     /// Public listeners; `127.0.0.1:8080` when absent.
     pub listen: Option<Vec<ListenEntry>>,
     #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default)]
     pub backends: Vec<BackendEntry>,
     #[serde(default)]
     pub limits: LimitsSection,
@@ -21,6 +25,41 @@ pub struct FileConfig {
     /// Each entry is `use: NAME` plus that filter's options; read by the chain builder.
     #[serde(default)]
     pub filters: Vec<serde_norway::Value>,
+}
+
+/// The admin listener: `/metrics` and `/health`, never on a public listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub enabled: bool,
+    pub addr: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            enabled: true,
+            addr: "127.0.0.1:9091".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Label request and token counters with the principal id (else `any`).
+    pub principal_label: bool,
+    /// Distinct model label values; later models are counted as `other`.
+    pub max_models: usize,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            principal_label: true,
+            max_models: 100,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -23,6 +23,10 @@ pub struct Settings {
     pub filters: Vec<FilterSpec>,
     /// Add the built-in policy when the chain has no `policy` filter.
     pub default_policy: bool,
+    /// Admin listener (`/metrics`, `/health`), if enabled.
+    pub admin: Option<SocketAddr>,
+    pub metrics_principal_label: bool,
+    pub metrics_max_models: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +148,21 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         client_body_timeout: l.client_body_timeout.0,
     };
 
+    let admin = if cfg.admin.enabled {
+        let addr = cfg.admin.addr.parse::<SocketAddr>().map_err(|_| {
+            ("admin.addr".to_string(), format!("{:?} is not an ip:port address, e.g. 127.0.0.1:9091", cfg.admin.addr))
+        })?;
+        if listen.iter().any(|l| l.addr == addr || (l.addr.port() == addr.port() && (l.addr.ip().is_unspecified() || addr.ip().is_unspecified()))) {
+            return Err((
+                "admin.addr".into(),
+                format!("{addr} is also a public listener; metrics must not be served there: pick another port"),
+            ));
+        }
+        Some(addr)
+    } else {
+        None
+    };
+
     let threads = match cfg.server.threads {
         Some(0) => return Err(("server.threads".into(), "must be at least 1".into())),
         Some(n) => n,
@@ -166,6 +185,9 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         drain_timeout: cfg.server.drain_timeout.0,
         filters,
         default_policy: cfg.policy != Some(PolicyDefault::None),
+        admin,
+        metrics_principal_label: cfg.metrics.principal_label,
+        metrics_max_models: cfg.metrics.max_models,
     })
 }
 

@@ -11,6 +11,10 @@ pub struct GwCtx {
     pub(super) in_flight: Option<InFlightGuard>,
     /// The response was written by the gateway itself (health, rejection, forward.rs).
     pub(super) answered: bool,
+    /// When the first attempt on a backend began.
+    pub(super) upstream_started: Option<std::time::Instant>,
+    /// This request's place in its current backend's in-flight gauge.
+    pub(super) backend_slot: Option<crate::metrics::BackendSlot>,
 }
 
 impl Default for GwCtx {
@@ -20,6 +24,8 @@ impl Default for GwCtx {
             tried: Vec::new(),
             in_flight: None,
             answered: false,
+            upstream_started: None,
+            backend_slot: None,
         }
     }
 }

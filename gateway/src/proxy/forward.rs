@@ -43,6 +43,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
         ctx.tried.push(idx);
         let backend = pool.get(idx);
         ctx.req.backend = Some(backend.name.clone());
+        gw.begin_attempt(ctx, idx);
         match attempt(gw, session, ctx, backend, &body).await {
             Attempt::Done => {
                 pool.mark_ok(idx);
@@ -55,6 +56,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     backend.name
                 );
                 pool.mark_failed(idx);
+                gw.count_retry(idx);
                 last_err = Some(e);
             }
             Attempt::Fail(e) => return answer_failure(session, ctx, &e).await,

@@ -45,9 +45,11 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 pub use ctx::GwCtx;
+pub use respond::health_json;
 
 use crate::chain::FilterChain;
 use crate::config::Settings;
+use crate::metrics::{BackendSlot, Metrics};
 use crate::router::Router;
 
 /// Counts requests between `early_request_filter` and the end of `logging`, so shutdown can
@@ -78,19 +80,33 @@ pub struct Gateway {
     pub settings: Arc<Settings>,
     pub chain: Arc<FilterChain>,
     pub router: Arc<dyn Router>,
+    pub metrics: Arc<Metrics>,
     pub in_flight: InFlight,
     connector: Connector,
 }
 
 impl Gateway {
-    pub fn new(settings: Arc<Settings>, chain: Arc<FilterChain>, router: Arc<dyn Router>) -> Self {
+    pub fn new(settings: Arc<Settings>, chain: Arc<FilterChain>, router: Arc<dyn Router>, metrics: Arc<Metrics>) -> Self {
         Gateway {
             settings,
             chain,
             router,
+            metrics,
             in_flight: InFlight::default(),
             connector: Connector::new(None),
         }
+    }
+
+    /// An attempt on backend `idx` begins: count it in the backend's in-flight gauge.
+    fn begin_attempt(&self, ctx: &mut GwCtx, idx: usize) {
+        let name = &self.router.pool().get(idx).name;
+        ctx.upstream_started.get_or_insert_with(std::time::Instant::now);
+        ctx.backend_slot = Some(BackendSlot::new(self.metrics.backend_in_flight.with_label_values(&[name])));
+    }
+
+    /// An attempt on backend `idx` failed and the request moves on to another one.
+    fn count_retry(&self, idx: usize) {
+        self.metrics.retries.with_label_values(&[&self.router.pool().get(idx).name]).inc();
     }
 }
 

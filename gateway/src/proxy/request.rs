@@ -102,7 +102,7 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
     }
 
     if ctx.req.route == Route::Health {
-        let body = respond::health_json(gw);
+        let body = respond::health_json(gw.router.as_ref());
         respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
         ctx.answered = true;
         return Ok(true);

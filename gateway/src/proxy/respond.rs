@@ -9,6 +9,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, Session};
 
 use super::{Gateway, GwCtx};
+use crate::router::Router;
 
 /// Writes a complete JSON response with `x-request-id` and the headers filters asked for.
 pub async fn json(
@@ -108,8 +109,8 @@ pub async fn fail_to_proxy(
 }
 
 /// `GET /health`: the gateway is up; each backend's passive state. No addresses, no secrets.
-pub fn health_json(gw: &Gateway) -> String {
-    let pool = gw.router.pool();
+pub fn health_json(router: &dyn Router) -> String {
+    let pool = router.pool();
     let backends: Vec<serde_json::Value> = pool
         .iter()
         .enumerate()

@@ -19,6 +19,7 @@ pub fn peer(gw: &Gateway, _session: &mut Session, ctx: &mut GwCtx) -> Result<Box
         ctx.req.retries += 1;
     }
     ctx.tried.push(idx);
+    gw.begin_attempt(ctx, idx);
     let backend = gw.router.pool().get(idx);
     ctx.req.backend = Some(backend.name.clone());
     Ok(Box::new(backend.peer.clone()))
@@ -59,6 +60,9 @@ pub fn fail_to_connect(gw: &Gateway, ctx: &mut GwCtx, mut e: Box<Error>) -> Box<
     }
     if ctx.tried.len() < pool.len() {
         e.set_retry(true);
+        if let Some(&idx) = ctx.tried.last() {
+            gw.count_retry(idx);
+        }
     }
     e
 }

@@ -1,0 +1,203 @@
+//! The `audit` filter: one JSON line per request, rejected ones included, written in
+//! `on_complete` by a dedicated thread. Never a key; prompts only with `capture.prompts`.
+
+mod line;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use gateway_filter::units::HumanSize;
+use gateway_filter::{parse_options, BuildContext, Filter, OptionsError, RequestCtx};
+use prometheus::IntCounter;
+use serde::Deserialize;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
+
+pub use line::{prompt_sha256, prompt_texts, AuditLine};
+use writer::{Msg, SinkSpec};
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|_| unreachable!("valid metric name"));
+    // Registered once per process; a second registration can only fail as a duplicate.
+    let _ = prometheus::default_registry().register(Box::new(c.clone()));
+    c
+}
+
+static STALLS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter("llm_gateway_audit_queue_stalls_total", "Audit lines that had to wait for room in the writer queue")
+});
+static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter("llm_gateway_audit_lines_dropped_total", "Audit lines dropped because the queue was full (on_full: drop)")
+});
+static LINES: LazyLock<IntCounter> = LazyLock::new(|| counter("llm_gateway_audit_lines_total", "Audit lines queued for writing"));
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    /// Append-only file, created 0600.
+    file: Option<PathBuf>,
+    /// Write to standard output instead (e.g. under systemd/journald or in a container).
+    #[serde(default)]
+    stdout: bool,
+    #[serde(default)]
+    rotate: RotateOptions,
+    #[serde(default)]
+    capture: CaptureOptions,
+    /// Lines that may wait for the writer.
+    #[serde(default = "default_queue")]
+    queue: usize,
+    #[serde(default)]
+    on_full: OnFull,
+}
+
+fn default_queue() -> usize {
+    10_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateOptions {
+    max_size: Option<HumanSize>,
+    #[serde(default)]
+    daily: bool,
+    #[serde(default = "default_keep")]
+    keep: usize,
+}
+
+impl Default for RotateOptions {
+    fn default() -> Self {
+        RotateOptions {
+            max_size: None,
+            daily: false,
+            keep: default_keep(),
+        }
+    }
+}
+
+fn default_keep() -> usize {
+    7
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CaptureOptions {
+    /// Write the prompt texts into each line. Off by default: prompts are often personal data.
+    #[serde(default)]
+    prompts: bool,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum OnFull {
+    /// Wait for room (no line is lost); the wait is counted in a metric.
+    #[default]
+    Wait,
+    /// Drop the line and count it.
+    Drop,
+}
+
+pub struct AuditFilter {
+    tx: Sender<Msg>,
+    capture_prompts: bool,
+    on_full: OnFull,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Registry constructor: `- use: audit` plus [`Options`].
+pub fn build(options: &serde_json::Value, cx: &BuildContext) -> Result<Arc<dyn Filter>, OptionsError> {
+    let o: Options = parse_options(options)?;
+    let spec = match (o.file, o.stdout) {
+        (Some(path), false) => SinkSpec::File {
+            path: cx.resolve(&path),
+            max_size: o.rotate.max_size.map(|s| s.0),
+            daily: o.rotate.daily,
+            keep: o.rotate.keep,
+        },
+        (None, true) => SinkSpec::Stdout,
+        _ => return Err(OptionsError::new("", "set exactly one sink: `file: PATH` or `stdout: true`")),
+    };
+    if o.queue == 0 {
+        return Err(OptionsError::new("queue", "must be at least 1"));
+    }
+    if o.capture.prompts {
+        log::warn!("audit: capture.prompts is on: prompt texts are written to the audit log");
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(o.queue);
+    let writer = writer::spawn(&spec, rx).map_err(|e| {
+        let key = if matches!(spec, SinkSpec::File { .. }) { "file" } else { "stdout" };
+        OptionsError::new(key, format!("cannot open the audit sink: {e}"))
+    })?;
+    LazyLock::force(&STALLS);
+    LazyLock::force(&DROPPED);
+    LazyLock::force(&LINES);
+    Ok(Arc::new(AuditFilter {
+        tx,
+        capture_prompts: o.capture.prompts,
+        on_full: o.on_full,
+        writer: Mutex::new(Some(writer)),
+    }))
+}
+
+impl AuditFilter {
+    /// Sends from a plain thread, so it works whether or not the caller is on a runtime.
+    fn send_blocking(&self, msg: Msg) -> bool {
+        let tx = self.tx.clone();
+        std::thread::spawn(move || tx.blocking_send(msg).is_ok()).join().unwrap_or(false)
+    }
+}
+
+#[async_trait]
+impl Filter for AuditFilter {
+    fn name(&self) -> &'static str {
+        "audit"
+    }
+
+    async fn on_complete(&self, ctx: &RequestCtx) {
+        let line = match serde_json::to_string(&AuditLine::new(ctx, self.capture_prompts)) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("audit: cannot serialise the line of {}: {e}", ctx.request_id);
+                return;
+            }
+        };
+        LINES.inc();
+        match self.tx.try_send(Msg::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(msg)) => match self.on_full {
+                OnFull::Wait => {
+                    STALLS.inc();
+                    let _ = self.tx.send(msg).await;
+                }
+                OnFull::Drop => DROPPED.inc(),
+            },
+            Err(TrySendError::Closed(_)) => log::error!("audit: the writer has stopped; line of {} lost", ctx.request_id),
+        }
+    }
+
+    /// SIGHUP: reopen the file (logrotate moved it).
+    fn reload(&self) -> Result<(), String> {
+        if self.send_blocking(Msg::Reopen) {
+            Ok(())
+        } else {
+            Err("the audit writer has stopped".into())
+        }
+    }
+
+    /// Waits until every queued line is on disk.
+    fn shutdown(&self) {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        if self.send_blocking(Msg::Flush(ack)) && done.recv_timeout(Duration::from_secs(30)).is_ok() {
+            log::info!("audit: all lines written");
+        } else {
+            log::error!("audit: could not flush the queue before exit");
+        }
+        let _ = self.writer.lock().map(|mut w| w.take());
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! One audit line, built from the finished request's context.
+
+use std::time::SystemTime;
+
+use gateway_filter::{Decision, RequestCtx};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The prompt texts the model receives, in order: every string `content` of `messages` (and
+/// the `text` of OpenAI content parts), then `prompt`, then `input` (a string or each string
+/// of an array). Other fields (images, tool definitions, options) are not prompt text.
+pub fn prompt_texts(body: &Value) -> Vec<&str> {
+    fn collect<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::String(s) => out.push(s),
+            Value::Array(items) => items.iter().for_each(|i| collect(i, out)),
+            Value::Object(o) => {
+                if let Some(t) = o.get("content").or_else(|| o.get("text")) {
+                    collect(t, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for key in ["messages", "prompt", "input"] {
+        if let Some(v) = body.get(key) {
+            collect(v, &mut out);
+        }
+    }
+    out
+}
+
+/// SHA-256 over each prompt text's UTF-8 bytes followed by one 0x1E (record separator) byte,
+/// so ["ab", "c"] and ["a", "bc"] differ and identical prompts hash the same.
+pub fn prompt_sha256(texts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for t in texts {
+        h.update(t.as_bytes());
+        h.update([0x1e]);
+    }
+    hex::encode(h.finalize())
+}
+
+#[derive(Serialize)]
+pub struct AuditLine<'a> {
+    pub ts: String,
+    pub request_id: &'a str,
+    pub principal: Option<&'a str>,
+    pub key_sha256_prefix: Option<&'a str>,
+    pub client_ip: Option<String>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub route: &'static str,
+    pub model: Option<&'a str>,
+    pub prompt_sha256: Option<String>,
+    pub prompt_chars: Option<usize>,
+    pub stream: bool,
+    pub status: u16,
+    pub decision: String,
+    pub reason: Option<&'static str>,
+    pub backend: Option<&'a str>,
+    pub retries: u32,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub ttfb_ms: Option<f64>,
+    pub duration_ms: Option<f64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub user_agent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Vec<&'a str>>,
+}
+
+fn ms(d: Option<std::time::Duration>) -> Option<f64> {
+    d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
+pub fn decision(d: &Decision) -> String {
+    match d {
+        Decision::Allowed => "allowed".into(),
+        Decision::Rejected { filter, code } => format!("{filter}:{code}"),
+        Decision::Failed { code } => format!("failed:{code}"),
+    }
+}
+
+impl<'a> AuditLine<'a> {
+    pub fn new(ctx: &'a RequestCtx, capture_prompts: bool) -> AuditLine<'a> {
+        let started = SystemTime::now() - ctx.started.elapsed();
+        let texts = ctx.json.as_ref().map(prompt_texts);
+        AuditLine {
+            ts: humantime::format_rfc3339_millis(started).to_string(),
+            request_id: &ctx.request_id,
+            principal: ctx.principal.as_deref().map(|p| p.id.as_str()),
+            key_sha256_prefix: ctx.principal.as_deref().and_then(|p| p.key_sha256_prefix.as_deref()),
+            client_ip: ctx.client_ip.map(|ip| ip.to_canonical().to_string()),
+            method: ctx.method.as_str(),
+            path: &ctx.path,
+            route: ctx.route.as_str(),
+            model: ctx.model.as_deref(),
+            prompt_sha256: texts.as_deref().map(prompt_sha256),
+            prompt_chars: texts.as_ref().map(|t| t.iter().map(|s| s.chars().count()).sum()),
+            stream: ctx.stream,
+            status: ctx.status,
+            decision: decision(&ctx.decision),
+            reason: ctx.reject_reason,
+            backend: ctx.backend.as_deref(),
+            retries: ctx.retries,
+            prompt_tokens: ctx.usage.map(|u| u.prompt_tokens),
+            completion_tokens: ctx.usage.map(|u| u.completion_tokens),
+            cost_usd: ctx.cost_usd,
+            ttfb_ms: ms(ctx.ttfb),
+            duration_ms: ms(ctx.duration),
+            bytes_in: ctx.bytes_in,
+            bytes_out: ctx.bytes_out,
+            user_agent: ctx.header_str("user-agent"),
+            prompt: if capture_prompts { texts } else { None },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prompt_hash_covers_the_texts_only() {
+        let a = json!({"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
+        let b = json!({"model": "other", "max_tokens": 5, "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]});
+        assert_eq!(prompt_texts(&a), ["be brief", "hi"]);
+        assert_eq!(prompt_sha256(&prompt_texts(&a)), prompt_sha256(&prompt_texts(&b)));
+        assert_ne!(prompt_sha256(&["ab", "c"]), prompt_sha256(&["a", "bc"]));
+        assert_eq!(prompt_texts(&json!({"input": ["x", "y"]})), ["x", "y"]);
+        assert_eq!(prompt_texts(&json!({"prompt": "p"})), ["p"]);
+        // Known vector: SHA-256("hi" 0x1E).
+        assert_eq!(prompt_sha256(&["hi"]), hex::encode(Sha256::digest(b"hi\x1e")));
+    }
+}

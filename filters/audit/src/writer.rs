@@ -1,0 +1,241 @@
+//! The audit writer: a dedicated thread that owns the sink, fed by a bounded channel, so
+//! proxy threads never touch the disk.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use tokio::sync::mpsc::Receiver;
+
+pub enum Msg {
+    Line(String),
+    /// Reopen the file (SIGHUP, after logrotate moved it).
+    Reopen,
+    /// Answer once everything queued before is written and flushed.
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkSpec {
+    File {
+        path: PathBuf,
+        /// Rotate when the file would grow past this many bytes.
+        max_size: Option<u64>,
+        /// Rotate when the UTC date changes.
+        daily: bool,
+        /// Rotated files kept: `FILE.1` (newest) … `FILE.keep`.
+        keep: usize,
+    },
+    Stdout,
+}
+
+enum Sink {
+    File(FileSink),
+    Stdout(io::Stdout),
+}
+
+struct FileSink {
+    path: PathBuf,
+    out: BufWriter<File>,
+    size: u64,
+    day: String,
+    max_size: Option<u64>,
+    daily: bool,
+    keep: usize,
+}
+
+fn today() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()[..10].to_string()
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}
+
+impl FileSink {
+    fn open(path: PathBuf, max_size: Option<u64>, daily: bool, keep: usize) -> io::Result<FileSink> {
+        let file = open_append(&path)?;
+        let size = file.metadata()?.len();
+        Ok(FileSink {
+            path,
+            out: BufWriter::with_capacity(64 << 10, file),
+            size,
+            day: today(),
+            max_size,
+            daily,
+            keep,
+        })
+    }
+
+    fn rotated(&self, n: usize) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.out.flush()?;
+        if self.keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            for n in (1..self.keep).rev() {
+                let from = self.rotated(n);
+                if from.exists() {
+                    std::fs::rename(&from, self.rotated(n + 1))?;
+                }
+            }
+            std::fs::rename(&self.path, self.rotated(1))?;
+        }
+        self.reopen()
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        self.out.flush()?;
+        let file = open_append(&self.path)?;
+        self.size = file.metadata()?.len();
+        self.out = BufWriter::with_capacity(64 << 10, file);
+        Ok(())
+    }
+
+    fn write_line(&mut self, line: &str) -> io::Result<()> {
+        let len = line.len() as u64 + 1;
+        if self.size > 0 && self.max_size.is_some_and(|m| self.size + len > m) {
+            self.rotate()?;
+        }
+        self.out.write_all(line.as_bytes())?;
+        self.out.write_all(b"\n")?;
+        self.size += len;
+        Ok(())
+    }
+
+    /// Daily rotation is checked once per batch of lines.
+    fn maybe_rotate_daily(&mut self) -> io::Result<()> {
+        if self.daily {
+            let d = today();
+            if d != self.day {
+                self.day = d;
+                if self.size > 0 {
+                    self.rotate()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sink {
+    fn open(spec: &SinkSpec) -> io::Result<Sink> {
+        Ok(match spec {
+            SinkSpec::File { path, max_size, daily, keep } => Sink::File(FileSink::open(path.clone(), *max_size, *daily, *keep)?),
+            SinkSpec::Stdout => Sink::Stdout(io::stdout()),
+        })
+    }
+
+    fn handle(&mut self, msg: Msg) -> io::Result<()> {
+        match (self, msg) {
+            (Sink::File(f), Msg::Line(l)) => f.write_line(&l),
+            (Sink::Stdout(s), Msg::Line(l)) => {
+                let mut s = s.lock();
+                s.write_all(l.as_bytes())?;
+                s.write_all(b"\n")
+            }
+            (Sink::File(f), Msg::Reopen) => f.reopen(),
+            (Sink::Stdout(_), Msg::Reopen) => Ok(()),
+            (sink, Msg::Flush(ack)) => {
+                sink.flush()?;
+                let _ = ack.send(());
+                Ok(())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::File(f) => f.out.flush(),
+            Sink::Stdout(s) => s.flush(),
+        }
+    }
+}
+
+/// Opens the sink now (so a bad path is a startup error) and starts the writer thread.
+pub fn spawn(spec: &SinkSpec, mut rx: Receiver<Msg>) -> io::Result<JoinHandle<()>> {
+    let mut sink = Sink::open(spec)?;
+    std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
+        while let Some(msg) = rx.blocking_recv() {
+            if let Sink::File(f) = &mut sink {
+                if let Err(e) = f.maybe_rotate_daily() {
+                    log::error!("audit: daily rotation failed: {e}");
+                }
+            }
+            let mut result = sink.handle(msg);
+            // Write everything already queued, then flush once.
+            while let (Ok(()), Ok(next)) = (&result, rx.try_recv()) {
+                result = sink.handle(next);
+            }
+            if let Err(e) = result.and_then(|_| sink.flush()) {
+                log::error!("audit: writing failed: {e}");
+            }
+        }
+        let _ = sink.flush();
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(tx: &tokio::sync::mpsc::Sender<Msg>, n: usize, tag: &str) {
+        for i in 0..n {
+            tx.blocking_send(Msg::Line(format!("{{\"n\":{i},\"tag\":\"{tag}\",\"pad\":\"{}\"}}", "x".repeat(40)))).unwrap();
+        }
+    }
+
+    fn flush(tx: &tokio::sync::mpsc::Sender<Msg>) {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        tx.blocking_send(Msg::Flush(ack)).unwrap();
+        done.recv().unwrap();
+    }
+
+    fn lines(p: &Path) -> usize {
+        std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0)
+    }
+
+    #[test]
+    fn writes_rotates_by_size_and_keeps_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let spec = SinkSpec::File { path: path.clone(), max_size: Some(1000), daily: false, keep: 2 };
+        let h = spawn(&spec, rx).unwrap();
+        send(&tx, 50, "a");
+        flush(&tx);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let total = lines(&path) + lines(&dir.path().join("audit.jsonl.1")) + lines(&dir.path().join("audit.jsonl.2"));
+        assert!(std::fs::metadata(&path).unwrap().len() <= 1000);
+        assert!(!dir.path().join("audit.jsonl.3").exists(), "only `keep` rotated files");
+        assert!(total < 50 && total >= 30, "older lines rotated out: {total}");
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn reopen_after_logrotate_moves_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let h = spawn(&SinkSpec::File { path: path.clone(), max_size: None, daily: true, keep: 3 }, rx).unwrap();
+        send(&tx, 3, "before");
+        flush(&tx);
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        tx.blocking_send(Msg::Reopen).unwrap();
+        send(&tx, 2, "after");
+        drop(tx);
+        h.join().unwrap();
+        assert_eq!(lines(&dir.path().join("moved")), 3);
+        assert_eq!(lines(&path), 2);
+    }
+}

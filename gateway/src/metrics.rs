@@ -1,0 +1,139 @@
+//! Prometheus metrics (`llm_gateway_*`) in the process-wide default registry, which the audit
+//! filter also uses, recorded once per request at the end of `logging`.
+
+use std::collections::HashSet;
+use std::sync::RwLock;
+
+use gateway_filter::{Decision, RequestCtx};
+use prometheus::{
+    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+pub struct Metrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    ttfb: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    tokens: IntCounterVec,
+    rejections: IntCounterVec,
+    auth_failures: IntCounterVec,
+    ratelimited: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    pub backend_in_flight: IntGaugeVec,
+    pub retries: IntCounterVec,
+    pub in_flight: IntGauge,
+    principal_label: bool,
+    max_models: usize,
+    models: RwLock<HashSet<String>>,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+    // 1 ms … ~65 s: from cached answers to long generations.
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 17)?), labels)?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    pub fn new(r: &Registry, principal_label: bool, max_models: usize) -> prometheus::Result<Metrics> {
+        let in_flight = IntGauge::new("llm_gateway_in_flight_requests", "Requests being served")?;
+        r.register(Box::new(in_flight.clone()))?;
+        let build = gauge(r, "llm_gateway_build_info", "Build information", &["version"])?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Ok(Metrics {
+            requests: counter(r, "llm_gateway_requests_total", "Requests by route, model, status and principal", &["route", "model", "status", "principal"])?,
+            duration: histogram(r, "llm_gateway_request_duration_seconds", "Time from request to the end of the response", &["route", "model"])?,
+            ttfb: histogram(r, "llm_gateway_time_to_first_byte_seconds", "Time from request to the first response byte", &["route"])?,
+            upstream_duration: histogram(r, "llm_gateway_upstream_duration_seconds", "Time spent with a backend", &["backend"])?,
+            tokens: counter(r, "llm_gateway_tokens_total", "Tokens reported by backends", &["model", "principal", "kind"])?,
+            rejections: counter(r, "llm_gateway_rejections_total", "Requests refused, by filter (or gateway) and code", &["filter", "code"])?,
+            auth_failures: counter(r, "llm_gateway_auth_failures_total", "Failed authentications by reason", &["reason"])?,
+            ratelimited: counter(r, "llm_gateway_ratelimited_total", "Requests refused by a rate limit, by limit", &["limit"])?,
+            backend_up: gauge(r, "llm_gateway_backend_up", "1 when the backend is considered up", &["backend"])?,
+            backend_in_flight: gauge(r, "llm_gateway_backend_in_flight", "Requests being served by the backend", &["backend"])?,
+            retries: counter(r, "llm_gateway_retries_total", "Attempts moved away from a backend", &["backend"])?,
+            in_flight,
+            principal_label,
+            max_models,
+            models: RwLock::new(HashSet::new()),
+        })
+    }
+
+    /// The model label: the name while fewer than `max_models` names were seen, else `other`.
+    fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
+        let Some(m) = model else { return "none" };
+        if self.models.read().is_ok_and(|s| s.contains(m)) {
+            return m;
+        }
+        match self.models.write() {
+            Ok(mut s) if s.len() < self.max_models => {
+                s.insert(m.to_string());
+                m
+            }
+            _ => "other",
+        }
+    }
+
+    pub fn observe(&self, ctx: &RequestCtx) {
+        let route = ctx.route.as_str();
+        let model = self.model_label(ctx.model.as_deref());
+        let principal = match (&ctx.principal, self.principal_label) {
+            (_, false) => "any",
+            (Some(p), true) => p.id.as_str(),
+            (None, true) => "anonymous",
+        };
+        let status = ctx.status.to_string();
+        self.requests.with_label_values(&[route, model, &status, principal]).inc();
+        if let Some(d) = ctx.duration {
+            self.duration.with_label_values(&[route, model]).observe(d.as_secs_f64());
+        }
+        if let Some(t) = ctx.ttfb {
+            self.ttfb.with_label_values(&[route]).observe(t.as_secs_f64());
+        }
+        if let Some(u) = ctx.usage {
+            self.tokens.with_label_values(&[model, principal, "prompt"]).inc_by(u.prompt_tokens);
+            self.tokens.with_label_values(&[model, principal, "completion"]).inc_by(u.completion_tokens);
+        }
+        match &ctx.decision {
+            Decision::Allowed => {}
+            Decision::Rejected { filter, code } => {
+                self.rejections.with_label_values(&[filter, code]).inc();
+                let reason = ctx.reject_reason.unwrap_or("unknown");
+                match *filter {
+                    "auth" => self.auth_failures.with_label_values(&[reason]).inc(),
+                    "ratelimit" => self.ratelimited.with_label_values(&[reason]).inc(),
+                    _ => {}
+                }
+            }
+            Decision::Failed { code } => self.rejections.with_label_values(&["gateway", code]).inc(),
+        }
+    }
+}
+
+/// Holds one request's place in a backend's in-flight gauge.
+pub struct BackendSlot(IntGauge);
+
+impl BackendSlot {
+    pub fn new(g: IntGauge) -> Self {
+        g.inc();
+        BackendSlot(g)
+    }
+}
+
+impl Drop for BackendSlot {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
