@@ -23,11 +23,16 @@ impl AdminApp {
     fn metrics_text(&self) -> Vec<u8> {
         let pool = self.router.pool();
         for (i, b) in pool.iter().enumerate() {
-            self.metrics.backend_up.with_label_values(&[&b.name]).set(i64::from(pool.is_up(i)));
+            self.metrics
+                .backend_up
+                .with_label_values(&[&b.name])
+                .set(i64::from(pool.is_up(i)));
         }
         self.metrics.in_flight.set(self.in_flight.get() as i64);
         let mut out = Vec::with_capacity(16 << 10);
-        if let Err(e) = TextEncoder::new().encode(&prometheus::default_registry().gather(), &mut out) {
+        if let Err(e) =
+            TextEncoder::new().encode(&prometheus::default_registry().gather(), &mut out)
+        {
             log::error!("metrics: encoding failed: {e}");
         }
         out
@@ -37,9 +42,13 @@ impl AdminApp {
 fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut r = Response::new(body);
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     let len = r.body().len();
-    r.headers_mut().insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
     r
 }
 
@@ -48,12 +57,25 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path();
         match path {
-            "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.metrics_text()),
-            "/health" => respond(StatusCode::OK, "application/json", crate::proxy::health_json(self.router.as_ref()).into_bytes()),
+            "/metrics" => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics_text(),
+            ),
+            "/health" => respond(
+                StatusCode::OK,
+                "application/json",
+                crate::proxy::health_json(self.router.as_ref()).into_bytes(),
+            ),
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "application/json",
-                gateway_filter::error_json(StatusCode::NOT_FOUND, "not_found", "the admin listener serves /metrics and /health").into_bytes(),
+                gateway_filter::error_json(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "the admin listener serves /metrics and /health",
+                )
+                .into_bytes(),
             ),
         }
     }

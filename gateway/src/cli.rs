@@ -34,6 +34,36 @@ pub enum Command {
         #[arg(long, short = 'c')]
         config: PathBuf,
     },
+    /// Answer questions from audit logs (plain, rotated or .gz files).
+    ///
+    /// Examples: `audit audit.jsonl* --top keys --since 24h`, `audit audit.jsonl --failures`,
+    /// `audit audit.jsonl --key alice --json`, `audit audit.jsonl --follow`.
+    Audit {
+        /// Audit files, oldest first (e.g. audit.jsonl.2.gz audit.jsonl.1 audit.jsonl).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Requests, errors and tokens per key, client address or model.
+        #[arg(long, value_enum)]
+        top: Option<crate::audit_report::TopBy>,
+        /// Failed requests (status >= 400) grouped by status and decision.
+        #[arg(long)]
+        failures: bool,
+        /// Only lines newer than this (e.g. 1h, 30m, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this principal (key id).
+        #[arg(long)]
+        key: Option<String>,
+        /// Print new lines as they are written (the last file), until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Most rows shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// Make API keys for the keys file.
     #[command(subcommand)]
     Keys(KeysCommand),

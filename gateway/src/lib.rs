@@ -1,6 +1,7 @@
 //! llm-gateway: a security gateway in front of self-hosted model servers.
 
 pub mod admin;
+pub mod audit_report;
 pub mod chain;
 pub mod cli;
 pub mod config;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use filter_auth::keygen;
+use llm_gateway::audit_report;
 use llm_gateway::chain::FilterChain;
 use llm_gateway::cli::{summary, Cli, Command, KeysCommand};
 use llm_gateway::config;
@@ -20,6 +21,25 @@ fn main() -> ExitCode {
             read_secret("key").map(|k| println!("{}", keygen::hash_key(&k)))
         }
         Some(Command::HashPassword { user, cost }) => hash_password(user.as_deref(), cost),
+        Some(Command::Audit {
+            files,
+            top,
+            failures,
+            since,
+            key,
+            follow,
+            json,
+            limit,
+        }) => audit(
+            &files,
+            top,
+            failures,
+            since.as_deref(),
+            key,
+            follow,
+            json,
+            limit,
+        ),
         None => match cli.config {
             Some(config) => return run(&config),
             None => {
@@ -110,6 +130,81 @@ fn hash_password(user: Option<&str>, cost: u32) -> Result<(), String> {
     match user {
         Some(u) => println!("{u}:{hash}"),
         None => println!("{hash}"),
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit(
+    files: &[std::path::PathBuf],
+    top: Option<audit_report::TopBy>,
+    failures: bool,
+    since: Option<&str>,
+    key: Option<String>,
+    follow: bool,
+    json: bool,
+    limit: usize,
+) -> Result<(), String> {
+    let sel = audit_report::Selection::new(since, key)?;
+    if follow {
+        let last = files.last().ok_or("no file to follow")?;
+        if !json {
+            println!(
+                "{}",
+                audit_report::FOLLOW_COLUMNS
+                    .map(str::to_uppercase)
+                    .join("  ")
+            );
+        }
+        return audit_report::follow(last, &sel, json);
+    }
+    let (lines, bad) = audit_report::read_lines(files, &sel)?;
+    if bad > 0 {
+        eprintln!("warning: skipped {bad} lines that are not JSON");
+    }
+    let (rows, columns): (Vec<serde_json::Value>, Vec<&str>) = match (top, failures) {
+        (Some(by), _) => {
+            let first = match by {
+                audit_report::TopBy::Keys => "principal",
+                audit_report::TopBy::Ips => "client_ip",
+                audit_report::TopBy::Models => "model",
+            };
+            (
+                audit_report::top(&lines, by, limit),
+                vec![
+                    first,
+                    "requests",
+                    "errors",
+                    "prompt_tokens",
+                    "completion_tokens",
+                ],
+            )
+        }
+        (None, true) => (
+            audit_report::failures(&lines, limit),
+            vec!["status", "decision", "requests"],
+        ),
+        (None, false) => {
+            let s = audit_report::summary(&lines);
+            if json {
+                println!("{s}");
+            } else {
+                for (k, v) in s.as_object().into_iter().flatten() {
+                    println!(
+                        "{k:<18} {}",
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    );
+                }
+            }
+            return Ok(());
+        }
+    };
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        print!("{}", audit_report::table(&rows, &columns));
     }
     Ok(())
 }

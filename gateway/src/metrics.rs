@@ -6,7 +6,8 @@ use std::sync::RwLock;
 
 use gateway_filter::{Decision, RequestCtx};
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub struct Metrics {
@@ -27,15 +28,28 @@ pub struct Metrics {
     models: RwLock<HashSet<String>>,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
     // 1 ms … ~65 s: from cached answers to long generations.
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 17)?), labels)?;
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 17)?),
+        labels,
+    )?;
     r.register(Box::new(h.clone()))?;
     Ok(h)
 }
@@ -47,23 +61,87 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::R
 }
 
 impl Metrics {
-    pub fn new(r: &Registry, principal_label: bool, max_models: usize) -> prometheus::Result<Metrics> {
+    pub fn new(
+        r: &Registry,
+        principal_label: bool,
+        max_models: usize,
+    ) -> prometheus::Result<Metrics> {
         let in_flight = IntGauge::new("llm_gateway_in_flight_requests", "Requests being served")?;
         r.register(Box::new(in_flight.clone()))?;
-        let build = gauge(r, "llm_gateway_build_info", "Build information", &["version"])?;
+        let build = gauge(
+            r,
+            "llm_gateway_build_info",
+            "Build information",
+            &["version"],
+        )?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Ok(Metrics {
-            requests: counter(r, "llm_gateway_requests_total", "Requests by route, model, status and principal", &["route", "model", "status", "principal"])?,
-            duration: histogram(r, "llm_gateway_request_duration_seconds", "Time from request to the end of the response", &["route", "model"])?,
-            ttfb: histogram(r, "llm_gateway_time_to_first_byte_seconds", "Time from request to the first response byte", &["route"])?,
-            upstream_duration: histogram(r, "llm_gateway_upstream_duration_seconds", "Time spent with a backend", &["backend"])?,
-            tokens: counter(r, "llm_gateway_tokens_total", "Tokens reported by backends", &["model", "principal", "kind"])?,
-            rejections: counter(r, "llm_gateway_rejections_total", "Requests refused, by filter (or gateway) and code", &["filter", "code"])?,
-            auth_failures: counter(r, "llm_gateway_auth_failures_total", "Failed authentications by reason", &["reason"])?,
-            ratelimited: counter(r, "llm_gateway_ratelimited_total", "Requests refused by a rate limit, by limit", &["limit"])?,
-            backend_up: gauge(r, "llm_gateway_backend_up", "1 when the backend is considered up", &["backend"])?,
-            backend_in_flight: gauge(r, "llm_gateway_backend_in_flight", "Requests being served by the backend", &["backend"])?,
-            retries: counter(r, "llm_gateway_retries_total", "Attempts moved away from a backend", &["backend"])?,
+            requests: counter(
+                r,
+                "llm_gateway_requests_total",
+                "Requests by route, model, status and principal",
+                &["route", "model", "status", "principal"],
+            )?,
+            duration: histogram(
+                r,
+                "llm_gateway_request_duration_seconds",
+                "Time from request to the end of the response",
+                &["route", "model"],
+            )?,
+            ttfb: histogram(
+                r,
+                "llm_gateway_time_to_first_byte_seconds",
+                "Time from request to the first response byte",
+                &["route"],
+            )?,
+            upstream_duration: histogram(
+                r,
+                "llm_gateway_upstream_duration_seconds",
+                "Time spent with a backend",
+                &["backend"],
+            )?,
+            tokens: counter(
+                r,
+                "llm_gateway_tokens_total",
+                "Tokens reported by backends",
+                &["model", "principal", "kind"],
+            )?,
+            rejections: counter(
+                r,
+                "llm_gateway_rejections_total",
+                "Requests refused, by filter (or gateway) and code",
+                &["filter", "code"],
+            )?,
+            auth_failures: counter(
+                r,
+                "llm_gateway_auth_failures_total",
+                "Failed authentications by reason",
+                &["reason"],
+            )?,
+            ratelimited: counter(
+                r,
+                "llm_gateway_ratelimited_total",
+                "Requests refused by a rate limit, by limit",
+                &["limit"],
+            )?,
+            backend_up: gauge(
+                r,
+                "llm_gateway_backend_up",
+                "1 when the backend is considered up",
+                &["backend"],
+            )?,
+            backend_in_flight: gauge(
+                r,
+                "llm_gateway_backend_in_flight",
+                "Requests being served by the backend",
+                &["backend"],
+            )?,
+            retries: counter(
+                r,
+                "llm_gateway_retries_total",
+                "Attempts moved away from a backend",
+                &["backend"],
+            )?,
             in_flight,
             principal_label,
             max_models,
@@ -95,16 +173,26 @@ impl Metrics {
             (None, true) => "anonymous",
         };
         let status = ctx.status.to_string();
-        self.requests.with_label_values(&[route, model, &status, principal]).inc();
+        self.requests
+            .with_label_values(&[route, model, &status, principal])
+            .inc();
         if let Some(d) = ctx.duration {
-            self.duration.with_label_values(&[route, model]).observe(d.as_secs_f64());
+            self.duration
+                .with_label_values(&[route, model])
+                .observe(d.as_secs_f64());
         }
         if let Some(t) = ctx.ttfb {
-            self.ttfb.with_label_values(&[route]).observe(t.as_secs_f64());
+            self.ttfb
+                .with_label_values(&[route])
+                .observe(t.as_secs_f64());
         }
         if let Some(u) = ctx.usage {
-            self.tokens.with_label_values(&[model, principal, "prompt"]).inc_by(u.prompt_tokens);
-            self.tokens.with_label_values(&[model, principal, "completion"]).inc_by(u.completion_tokens);
+            self.tokens
+                .with_label_values(&[model, principal, "prompt"])
+                .inc_by(u.prompt_tokens);
+            self.tokens
+                .with_label_values(&[model, principal, "completion"])
+                .inc_by(u.completion_tokens);
         }
         match &ctx.decision {
             Decision::Allowed => {}
@@ -117,7 +205,9 @@ impl Metrics {
                     _ => {}
                 }
             }
-            Decision::Failed { code } => self.rejections.with_label_values(&["gateway", code]).inc(),
+            Decision::Failed { code } => {
+                self.rejections.with_label_values(&["gateway", code]).inc()
+            }
         }
     }
 }

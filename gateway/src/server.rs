@@ -11,8 +11,8 @@ use pingora_core::server::{ExecutionPhase, Server};
 
 use crate::admin::AdminApp;
 use crate::chain::FilterChain;
-use crate::metrics::Metrics;
 use crate::config::{ConfigError, Settings};
+use crate::metrics::Metrics;
 use crate::proxy::{Gateway, InFlight};
 use crate::registry::Registry;
 use crate::router::{BackendPool, RoundRobin, Router};
@@ -63,7 +63,9 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
             )
         })?;
         if !addr.ip().is_loopback() {
-            log::warn!("admin listener {addr} is not on loopback: /metrics is reachable from the network");
+            log::warn!(
+                "admin listener {addr} is not on loopback: /metrics is reachable from the network"
+            );
         }
     }
     let metrics = Metrics::new(
@@ -71,13 +73,24 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
         settings.metrics_principal_label,
         settings.metrics_max_models,
     )
-    .map_err(|e| ConfigError::invalid(&settings.file, "metrics", format!("cannot register metrics: {e}")))?;
+    .map_err(|e| {
+        ConfigError::invalid(
+            &settings.file,
+            "metrics",
+            format!("cannot register metrics: {e}"),
+        )
+    })?;
     let router: Arc<dyn Router> = Arc::new(RoundRobin::new(BackendPool::new(
         &settings.backends,
         &settings.limits,
     )));
     Ok(Prepared {
-        gateway: Gateway::new(Arc::new(settings), Arc::new(chain), router, Arc::new(metrics)),
+        gateway: Gateway::new(
+            Arc::new(settings),
+            Arc::new(chain),
+            router,
+            Arc::new(metrics),
+        ),
         tls,
     })
 }
@@ -103,7 +116,8 @@ pub fn run(prepared: Prepared) -> ! {
             router: gateway.router.clone(),
             in_flight: gateway.in_flight.clone(),
         };
-        let mut svc = pingora_core::services::listening::Service::new("llm-gateway admin".to_string(), app);
+        let mut svc =
+            pingora_core::services::listening::Service::new("llm-gateway admin".to_string(), app);
         svc.add_tcp(&addr.to_string());
         svc
     });
@@ -120,7 +134,12 @@ pub fn run(prepared: Prepared) -> ! {
         server.add_service(admin);
     }
     spawn_reloader(chain.clone());
-    spawn_drain_watcher(server.watch_execution_phase(), in_flight, settings.drain_timeout, chain);
+    spawn_drain_watcher(
+        server.watch_execution_phase(),
+        in_flight,
+        settings.drain_timeout,
+        chain,
+    );
     let listen: Vec<String> = settings
         .listen
         .iter()

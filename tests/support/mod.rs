@@ -62,10 +62,18 @@ impl Gateway {
     /// port accepts connections.
     pub async fn start_raw(config: &str, port: u16) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let server = if config.contains("server:") { "" } else { "server: { threads: 2 }\n" };
+        let server = if config.contains("server:") {
+            ""
+        } else {
+            "server: { threads: 2 }\n"
+        };
         // Every gateway gets its own admin port, so tests can run side by side.
         let admin_port = free_port();
-        let admin = if config.contains("admin:") { String::new() } else { format!("admin: {{ addr: 127.0.0.1:{admin_port} }}\n") };
+        let admin = if config.contains("admin:") {
+            String::new()
+        } else {
+            format!("admin: {{ addr: 127.0.0.1:{admin_port} }}\n")
+        };
         let config = format!("{server}{admin}{config}");
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config).expect("write config");
@@ -78,7 +86,12 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("gateway starts");
-        let mut gw = Gateway { child, port, admin_port, dir };
+        let mut gw = Gateway {
+            child,
+            port,
+            admin_port,
+            dir,
+        };
         gw.wait_ready().await;
         gw
     }

@@ -28,12 +28,23 @@ fn counter(name: &str, help: &str) -> IntCounter {
 }
 
 static STALLS: LazyLock<IntCounter> = LazyLock::new(|| {
-    counter("llm_gateway_audit_queue_stalls_total", "Audit lines that had to wait for room in the writer queue")
+    counter(
+        "llm_gateway_audit_queue_stalls_total",
+        "Audit lines that had to wait for room in the writer queue",
+    )
 });
 static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
-    counter("llm_gateway_audit_lines_dropped_total", "Audit lines dropped because the queue was full (on_full: drop)")
+    counter(
+        "llm_gateway_audit_lines_dropped_total",
+        "Audit lines dropped because the queue was full (on_full: drop)",
+    )
 });
-static LINES: LazyLock<IntCounter> = LazyLock::new(|| counter("llm_gateway_audit_lines_total", "Audit lines queued for writing"));
+static LINES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "llm_gateway_audit_lines_total",
+        "Audit lines queued for writing",
+    )
+});
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,7 +119,10 @@ pub struct AuditFilter {
 }
 
 /// Registry constructor: `- use: audit` plus [`Options`].
-pub fn build(options: &serde_json::Value, cx: &BuildContext) -> Result<Arc<dyn Filter>, OptionsError> {
+pub fn build(
+    options: &serde_json::Value,
+    cx: &BuildContext,
+) -> Result<Arc<dyn Filter>, OptionsError> {
     let o: Options = parse_options(options)?;
     let spec = match (o.file, o.stdout) {
         (Some(path), false) => SinkSpec::File {
@@ -118,7 +132,12 @@ pub fn build(options: &serde_json::Value, cx: &BuildContext) -> Result<Arc<dyn F
             keep: o.rotate.keep,
         },
         (None, true) => SinkSpec::Stdout,
-        _ => return Err(OptionsError::new("", "set exactly one sink: `file: PATH` or `stdout: true`")),
+        _ => {
+            return Err(OptionsError::new(
+                "",
+                "set exactly one sink: `file: PATH` or `stdout: true`",
+            ))
+        }
     };
     if o.queue == 0 {
         return Err(OptionsError::new("queue", "must be at least 1"));
@@ -128,7 +147,11 @@ pub fn build(options: &serde_json::Value, cx: &BuildContext) -> Result<Arc<dyn F
     }
     let (tx, rx) = tokio::sync::mpsc::channel(o.queue);
     let writer = writer::spawn(&spec, rx).map_err(|e| {
-        let key = if matches!(spec, SinkSpec::File { .. }) { "file" } else { "stdout" };
+        let key = if matches!(spec, SinkSpec::File { .. }) {
+            "file"
+        } else {
+            "stdout"
+        };
         OptionsError::new(key, format!("cannot open the audit sink: {e}"))
     })?;
     LazyLock::force(&STALLS);
@@ -146,7 +169,9 @@ impl AuditFilter {
     /// Sends from a plain thread, so it works whether or not the caller is on a runtime.
     fn send_blocking(&self, msg: Msg) -> bool {
         let tx = self.tx.clone();
-        std::thread::spawn(move || tx.blocking_send(msg).is_ok()).join().unwrap_or(false)
+        std::thread::spawn(move || tx.blocking_send(msg).is_ok())
+            .join()
+            .unwrap_or(false)
     }
 }
 
@@ -160,7 +185,10 @@ impl Filter for AuditFilter {
         let line = match serde_json::to_string(&AuditLine::new(ctx, self.capture_prompts)) {
             Ok(l) => l,
             Err(e) => {
-                log::error!("audit: cannot serialise the line of {}: {e}", ctx.request_id);
+                log::error!(
+                    "audit: cannot serialise the line of {}: {e}",
+                    ctx.request_id
+                );
                 return;
             }
         };
@@ -174,7 +202,10 @@ impl Filter for AuditFilter {
                 }
                 OnFull::Drop => DROPPED.inc(),
             },
-            Err(TrySendError::Closed(_)) => log::error!("audit: the writer has stopped; line of {} lost", ctx.request_id),
+            Err(TrySendError::Closed(_)) => log::error!(
+                "audit: the writer has stopped; line of {} lost",
+                ctx.request_id
+            ),
         }
     }
 
@@ -190,7 +221,8 @@ impl Filter for AuditFilter {
     /// Waits until every queued line is on disk.
     fn shutdown(&self) {
         let (ack, done) = std::sync::mpsc::sync_channel(1);
-        if self.send_blocking(Msg::Flush(ack)) && done.recv_timeout(Duration::from_secs(30)).is_ok() {
+        if self.send_blocking(Msg::Flush(ack)) && done.recv_timeout(Duration::from_secs(30)).is_ok()
+        {
             log::info!("audit: all lines written");
         } else {
             log::error!("audit: could not flush the queue before exit");

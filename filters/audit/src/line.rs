@@ -94,14 +94,19 @@ impl<'a> AuditLine<'a> {
             ts: humantime::format_rfc3339_millis(started).to_string(),
             request_id: &ctx.request_id,
             principal: ctx.principal.as_deref().map(|p| p.id.as_str()),
-            key_sha256_prefix: ctx.principal.as_deref().and_then(|p| p.key_sha256_prefix.as_deref()),
+            key_sha256_prefix: ctx
+                .principal
+                .as_deref()
+                .and_then(|p| p.key_sha256_prefix.as_deref()),
             client_ip: ctx.client_ip.map(|ip| ip.to_canonical().to_string()),
             method: ctx.method.as_str(),
             path: &ctx.path,
             route: ctx.route.as_str(),
             model: ctx.model.as_deref(),
             prompt_sha256: texts.as_deref().map(prompt_sha256),
-            prompt_chars: texts.as_ref().map(|t| t.iter().map(|s| s.chars().count()).sum()),
+            prompt_chars: texts
+                .as_ref()
+                .map(|t| t.iter().map(|s| s.chars().count()).sum()),
             stream: ctx.stream,
             status: ctx.status,
             decision: decision(&ctx.decision),
@@ -131,11 +136,17 @@ mod tests {
         let a = json!({"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
         let b = json!({"model": "other", "max_tokens": 5, "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]});
         assert_eq!(prompt_texts(&a), ["be brief", "hi"]);
-        assert_eq!(prompt_sha256(&prompt_texts(&a)), prompt_sha256(&prompt_texts(&b)));
+        assert_eq!(
+            prompt_sha256(&prompt_texts(&a)),
+            prompt_sha256(&prompt_texts(&b))
+        );
         assert_ne!(prompt_sha256(&["ab", "c"]), prompt_sha256(&["a", "bc"]));
         assert_eq!(prompt_texts(&json!({"input": ["x", "y"]})), ["x", "y"]);
         assert_eq!(prompt_texts(&json!({"prompt": "p"})), ["p"]);
         // Known vector: SHA-256("hi" 0x1E).
-        assert_eq!(prompt_sha256(&["hi"]), hex::encode(Sha256::digest(b"hi\x1e")));
+        assert_eq!(
+            prompt_sha256(&["hi"]),
+            hex::encode(Sha256::digest(b"hi\x1e"))
+        );
     }
 }

@@ -4,45 +4,94 @@ use gateway_filter::{Decision, Principal, Usage};
 use serde_json::{json, Value};
 
 fn ctx(i: usize) -> RequestCtx {
-    let mut c = RequestCtx::new(format!("req-{i}"), Method::POST, "/v1/chat/completions".into());
+    let mut c = RequestCtx::new(
+        format!("req-{i}"),
+        Method::POST,
+        "/v1/chat/completions".into(),
+    );
     c.client_ip = Some("::ffff:10.0.0.9".parse().unwrap());
     c.model = Some("llama3.1:8b".into());
-    c.json = Some(json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "secret plans"}]}));
-    c.headers.insert("authorization", "Bearer sk-gw-never-logged".parse().unwrap());
+    c.json = Some(
+        json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "secret plans"}]}),
+    );
+    c.headers.insert(
+        "authorization",
+        "Bearer sk-gw-never-logged".parse().unwrap(),
+    );
     c.headers.insert("user-agent", "curl/8".parse().unwrap());
-    c.principal = Some(Arc::new(Principal { id: "alice".into(), key_sha256_prefix: Some("0123456789ab".into()), ..Default::default() }));
+    c.principal = Some(Arc::new(Principal {
+        id: "alice".into(),
+        key_sha256_prefix: Some("0123456789ab".into()),
+        ..Default::default()
+    }));
     c.status = 200;
-    c.usage = Some(Usage { prompt_tokens: 3, completion_tokens: 7 });
+    c.usage = Some(Usage {
+        prompt_tokens: 3,
+        completion_tokens: 7,
+    });
     c.duration = Some(Duration::from_millis(12));
     c
 }
 
 fn read(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lines_hold_every_field_and_no_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let cx = BuildContext { config_dir: dir.path().to_path_buf() };
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+    };
     let f = build(&json!({"file": "audit.jsonl"}), &cx).unwrap();
     let mut c = ctx(1);
     f.on_complete(&c).await;
-    c.decision = Decision::Rejected { filter: "auth", code: "invalid_api_key" };
+    c.decision = Decision::Rejected {
+        filter: "auth",
+        code: "invalid_api_key",
+    };
     c.status = 401;
     c.reject_reason = Some("unknown_key");
     f.on_complete(&c).await;
     f.shutdown();
     let path = dir.path().join("audit.jsonl");
     let text = std::fs::read_to_string(&path).unwrap();
-    assert!(!text.contains("sk-gw-never-logged") && !text.contains("secret plans"), "{text}");
+    assert!(
+        !text.contains("sk-gw-never-logged") && !text.contains("secret plans"),
+        "{text}"
+    );
     let lines = read(&path);
     assert_eq!(lines.len(), 2);
     let l = &lines[0];
     for key in [
-        "ts", "request_id", "principal", "key_sha256_prefix", "client_ip", "method", "path", "route", "model", "prompt_sha256",
-        "prompt_chars", "stream", "status", "decision", "backend", "retries", "prompt_tokens", "completion_tokens", "cost_usd",
-        "ttfb_ms", "duration_ms", "bytes_in", "bytes_out", "user_agent",
+        "ts",
+        "request_id",
+        "principal",
+        "key_sha256_prefix",
+        "client_ip",
+        "method",
+        "path",
+        "route",
+        "model",
+        "prompt_sha256",
+        "prompt_chars",
+        "stream",
+        "status",
+        "decision",
+        "backend",
+        "retries",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
+        "ttfb_ms",
+        "duration_ms",
+        "bytes_in",
+        "bytes_out",
+        "user_agent",
     ] {
         assert!(l.get(key).is_some(), "missing {key} in {l}");
     }
@@ -51,10 +100,17 @@ async fn lines_hold_every_field_and_no_secret() {
     assert_eq!(l["route"], "openai_chat");
     assert_eq!(l["prompt_chars"], 12);
     assert_eq!(l["prompt_sha256"], prompt_sha256(&["secret plans"]));
-    assert_eq!((l["prompt_tokens"].as_u64(), l["completion_tokens"].as_u64()), (Some(3), Some(7)));
+    assert_eq!(
+        (l["prompt_tokens"].as_u64(), l["completion_tokens"].as_u64()),
+        (Some(3), Some(7))
+    );
     assert_eq!(l["duration_ms"], 12.0);
     assert_eq!(l["decision"], "allowed");
-    assert!(l["ts"].as_str().unwrap().ends_with('Z') && l["ts"].as_str().unwrap().len() == 24, "{}", l["ts"]);
+    assert!(
+        l["ts"].as_str().unwrap().ends_with('Z') && l["ts"].as_str().unwrap().len() == 24,
+        "{}",
+        l["ts"]
+    );
     assert_eq!(lines[1]["decision"], "auth:invalid_api_key");
     assert_eq!(lines[1]["reason"], "unknown_key");
 }
@@ -62,17 +118,28 @@ async fn lines_hold_every_field_and_no_secret() {
 #[tokio::test(flavor = "multi_thread")]
 async fn capture_prompts_when_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let cx = BuildContext { config_dir: dir.path().to_path_buf() };
-    let f = build(&json!({"file": "a.jsonl", "capture": {"prompts": true}}), &cx).unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+    };
+    let f = build(
+        &json!({"file": "a.jsonl", "capture": {"prompts": true}}),
+        &cx,
+    )
+    .unwrap();
     f.on_complete(&ctx(1)).await;
     f.shutdown();
-    assert_eq!(read(&dir.path().join("a.jsonl"))[0]["prompt"], json!(["secret plans"]));
+    assert_eq!(
+        read(&dir.path().join("a.jsonl"))[0]["prompt"],
+        json!(["secret plans"])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_waits_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let cx = BuildContext { config_dir: dir.path().to_path_buf() };
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+    };
     let f = build(&json!({"file": "q.jsonl", "queue": 1}), &cx).unwrap();
     let before = STALLS.get();
     let tasks: Vec<_> = (0..200)
@@ -92,8 +159,24 @@ async fn a_full_queue_waits_and_loses_nothing() {
 #[test]
 fn option_errors() {
     let cx = BuildContext::default();
-    assert!(build(&json!({}), &cx).err().unwrap().message.contains("exactly one sink"));
+    assert!(build(&json!({}), &cx)
+        .err()
+        .unwrap()
+        .message
+        .contains("exactly one sink"));
     assert!(build(&json!({"file": "x", "stdout": true}), &cx).is_err());
-    assert_eq!(build(&json!({"file": "/nonexistent/dir/a.jsonl"}), &cx).err().unwrap().path, "file");
-    assert_eq!(build(&json!({"stdout": true, "on_full": "block"}), &cx).err().unwrap().path, "on_full");
+    assert_eq!(
+        build(&json!({"file": "/nonexistent/dir/a.jsonl"}), &cx)
+            .err()
+            .unwrap()
+            .path,
+        "file"
+    );
+    assert_eq!(
+        build(&json!({"stdout": true, "on_full": "block"}), &cx)
+            .err()
+            .unwrap()
+            .path,
+        "on_full"
+    );
 }

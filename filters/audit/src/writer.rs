@@ -52,11 +52,20 @@ fn today() -> String {
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 impl FileSink {
-    fn open(path: PathBuf, max_size: Option<u64>, daily: bool, keep: usize) -> io::Result<FileSink> {
+    fn open(
+        path: PathBuf,
+        max_size: Option<u64>,
+        daily: bool,
+        keep: usize,
+    ) -> io::Result<FileSink> {
         let file = open_append(&path)?;
         let size = file.metadata()?.len();
         Ok(FileSink {
@@ -129,7 +138,12 @@ impl FileSink {
 impl Sink {
     fn open(spec: &SinkSpec) -> io::Result<Sink> {
         Ok(match spec {
-            SinkSpec::File { path, max_size, daily, keep } => Sink::File(FileSink::open(path.clone(), *max_size, *daily, *keep)?),
+            SinkSpec::File {
+                path,
+                max_size,
+                daily,
+                keep,
+            } => Sink::File(FileSink::open(path.clone(), *max_size, *daily, *keep)?),
             SinkSpec::Stdout => Sink::Stdout(io::stdout()),
         })
     }
@@ -163,24 +177,26 @@ impl Sink {
 /// Opens the sink now (so a bad path is a startup error) and starts the writer thread.
 pub fn spawn(spec: &SinkSpec, mut rx: Receiver<Msg>) -> io::Result<JoinHandle<()>> {
     let mut sink = Sink::open(spec)?;
-    std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
-        while let Some(msg) = rx.blocking_recv() {
-            if let Sink::File(f) = &mut sink {
-                if let Err(e) = f.maybe_rotate_daily() {
-                    log::error!("audit: daily rotation failed: {e}");
+    std::thread::Builder::new()
+        .name("audit-writer".into())
+        .spawn(move || {
+            while let Some(msg) = rx.blocking_recv() {
+                if let Sink::File(f) = &mut sink {
+                    if let Err(e) = f.maybe_rotate_daily() {
+                        log::error!("audit: daily rotation failed: {e}");
+                    }
+                }
+                let mut result = sink.handle(msg);
+                // Write everything already queued, then flush once.
+                while let (Ok(()), Ok(next)) = (&result, rx.try_recv()) {
+                    result = sink.handle(next);
+                }
+                if let Err(e) = result.and_then(|_| sink.flush()) {
+                    log::error!("audit: writing failed: {e}");
                 }
             }
-            let mut result = sink.handle(msg);
-            // Write everything already queued, then flush once.
-            while let (Ok(()), Ok(next)) = (&result, rx.try_recv()) {
-                result = sink.handle(next);
-            }
-            if let Err(e) = result.and_then(|_| sink.flush()) {
-                log::error!("audit: writing failed: {e}");
-            }
-        }
-        let _ = sink.flush();
-    })
+            let _ = sink.flush();
+        })
 }
 
 #[cfg(test)]
@@ -189,7 +205,11 @@ mod tests {
 
     fn send(tx: &tokio::sync::mpsc::Sender<Msg>, n: usize, tag: &str) {
         for i in 0..n {
-            tx.blocking_send(Msg::Line(format!("{{\"n\":{i},\"tag\":\"{tag}\",\"pad\":\"{}\"}}", "x".repeat(40)))).unwrap();
+            tx.blocking_send(Msg::Line(format!(
+                "{{\"n\":{i},\"tag\":\"{tag}\",\"pad\":\"{}\"}}",
+                "x".repeat(40)
+            )))
+            .unwrap();
         }
     }
 
@@ -200,7 +220,9 @@ mod tests {
     }
 
     fn lines(p: &Path) -> usize {
-        std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0)
+        std::fs::read_to_string(p)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
     }
 
     #[test]
@@ -208,16 +230,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let spec = SinkSpec::File { path: path.clone(), max_size: Some(1000), daily: false, keep: 2 };
+        let spec = SinkSpec::File {
+            path: path.clone(),
+            max_size: Some(1000),
+            daily: false,
+            keep: 2,
+        };
         let h = spawn(&spec, rx).unwrap();
         send(&tx, 50, "a");
         flush(&tx);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let total = lines(&path) + lines(&dir.path().join("audit.jsonl.1")) + lines(&dir.path().join("audit.jsonl.2"));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let total = lines(&path)
+            + lines(&dir.path().join("audit.jsonl.1"))
+            + lines(&dir.path().join("audit.jsonl.2"));
         assert!(std::fs::metadata(&path).unwrap().len() <= 1000);
-        assert!(!dir.path().join("audit.jsonl.3").exists(), "only `keep` rotated files");
-        assert!(total < 50 && total >= 30, "older lines rotated out: {total}");
+        assert!(
+            !dir.path().join("audit.jsonl.3").exists(),
+            "only `keep` rotated files"
+        );
+        assert!(
+            (30..50).contains(&total),
+            "older lines rotated out: {total}"
+        );
         drop(tx);
         h.join().unwrap();
     }
@@ -227,7 +265,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let h = spawn(&SinkSpec::File { path: path.clone(), max_size: None, daily: true, keep: 3 }, rx).unwrap();
+        let h = spawn(
+            &SinkSpec::File {
+                path: path.clone(),
+                max_size: None,
+                daily: true,
+                keep: 3,
+            },
+            rx,
+        )
+        .unwrap();
         send(&tx, 3, "before");
         flush(&tx);
         std::fs::rename(&path, dir.path().join("moved")).unwrap();

@@ -150,9 +150,19 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
 
     let admin = if cfg.admin.enabled {
         let addr = cfg.admin.addr.parse::<SocketAddr>().map_err(|_| {
-            ("admin.addr".to_string(), format!("{:?} is not an ip:port address, e.g. 127.0.0.1:9091", cfg.admin.addr))
+            (
+                "admin.addr".to_string(),
+                format!(
+                    "{:?} is not an ip:port address, e.g. 127.0.0.1:9091",
+                    cfg.admin.addr
+                ),
+            )
         })?;
-        if listen.iter().any(|l| l.addr == addr || (l.addr.port() == addr.port() && (l.addr.ip().is_unspecified() || addr.ip().is_unspecified()))) {
+        if listen.iter().any(|l| {
+            l.addr == addr
+                || (l.addr.port() == addr.port()
+                    && (l.addr.ip().is_unspecified() || addr.ip().is_unspecified()))
+        }) {
             return Err((
                 "admin.addr".into(),
                 format!("{addr} is also a public listener; metrics must not be served there: pick another port"),

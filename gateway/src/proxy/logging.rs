@@ -27,7 +27,10 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
     gw.chain.on_complete(req).await;
     gw.metrics.observe(req);
     if let (Some(backend), Some(start)) = (&req.backend, ctx.upstream_started) {
-        gw.metrics.upstream_duration.with_label_values(&[backend]).observe(start.elapsed().as_secs_f64());
+        gw.metrics
+            .upstream_duration
+            .with_label_values(&[backend])
+            .observe(start.elapsed().as_secs_f64());
     }
     ctx.backend_slot = None;
     let (prompt, completion) = req.usage.map_or((-1, -1), |u| {

@@ -86,7 +86,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(settings: Arc<Settings>, chain: Arc<FilterChain>, router: Arc<dyn Router>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        settings: Arc<Settings>,
+        chain: Arc<FilterChain>,
+        router: Arc<dyn Router>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Gateway {
             settings,
             chain,
@@ -100,13 +105,19 @@ impl Gateway {
     /// An attempt on backend `idx` begins: count it in the backend's in-flight gauge.
     fn begin_attempt(&self, ctx: &mut GwCtx, idx: usize) {
         let name = &self.router.pool().get(idx).name;
-        ctx.upstream_started.get_or_insert_with(std::time::Instant::now);
-        ctx.backend_slot = Some(BackendSlot::new(self.metrics.backend_in_flight.with_label_values(&[name])));
+        ctx.upstream_started
+            .get_or_insert_with(std::time::Instant::now);
+        ctx.backend_slot = Some(BackendSlot::new(
+            self.metrics.backend_in_flight.with_label_values(&[name]),
+        ));
     }
 
     /// An attempt on backend `idx` failed and the request moves on to another one.
     fn count_retry(&self, idx: usize) {
-        self.metrics.retries.with_label_values(&[&self.router.pool().get(idx).name]).inc();
+        self.metrics
+            .retries
+            .with_label_values(&[&self.router.pool().get(idx).name])
+            .inc();
     }
 }
 
