@@ -44,11 +44,13 @@ fn check_accepts_the_production_example() {
     let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/keys.yaml");
     let dir = tempfile::tempdir().unwrap();
     let pki = support::certs::make(dir.path());
+    let audit = dir.path().join("audit.jsonl");
     let env = [
         ("GATEWAY_ADDR", "0.0.0.0:8443"),
         ("TLS_CERT", pki.server_cert.to_str().unwrap()),
         ("TLS_KEY", pki.server_key.to_str().unwrap()),
         ("KEYS_FILE", keys),
+        ("AUDIT_FILE", audit.to_str().unwrap()),
         ("OLLAMA_A", "http://127.0.0.1:11434"),
         ("OLLAMA_B", "http://127.0.0.1:11435"),
     ];
@@ -62,7 +64,10 @@ fn check_accepts_the_production_example() {
         out.contains("backend:  gpu-a") && out.contains("backend:  gpu-b"),
         "{out}"
     );
-    assert!(out.contains("filters:  auth → policy"), "{out}");
+    assert!(
+        out.contains("filters:  ratelimit → auth → policy → ratelimit → audit"),
+        "{out}"
+    );
     let (code, _, err) = run(&["check", "--config", f], &[]);
     assert_eq!(code, 1);
     assert!(

@@ -424,6 +424,32 @@ async fn metrics_after_known_traffic() {
         .unwrap();
     assert_eq!(r.status(), 403);
 
+    // The Grafana dashboard uses only metric names the gateway exposes.
+    let dash = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/grafana/llm-gateway.json"
+    ))
+    .unwrap();
+    let _: Value = serde_json::from_str(&dash).expect("the dashboard is valid JSON");
+    let mut names: Vec<&str> = dash
+        .match_indices("llm_gateway_")
+        .map(|(i, _)| {
+            let rest = &dash[i..];
+            &rest[..rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len())]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for n in names {
+        assert!(
+            text.contains(&format!("\n{n}")) || text.contains(&format!("\n{n}{{")),
+            "dashboard metric {n} is not exposed"
+        );
+    }
+
     // promtool (from Debian's prometheus package) accepts the exposition.
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

@@ -123,6 +123,10 @@ pub fn summary(s: &Settings, chain: &FilterChain) -> String {
         })
         .collect();
     out += &format!("  listen:   {}\n", listen.join(", "));
+    match s.admin {
+        Some(a) => out += &format!("  admin:    {a} (/metrics, /health)\n"),
+        None => out += "  admin:    off\n",
+    }
     if s.backends.is_empty() {
         out += "  backends: none (inference requests will get 502)\n";
     }

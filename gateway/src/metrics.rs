@@ -149,6 +149,16 @@ impl Metrics {
         })
     }
 
+    /// Per-backend series start at 0, so dashboards and alerts see them before anything happens.
+    pub fn init_backends<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        for n in names {
+            self.retries.with_label_values(&[n]);
+            self.backend_in_flight.with_label_values(&[n]);
+            self.backend_up.with_label_values(&[n]).set(1);
+            self.upstream_duration.with_label_values(&[n]);
+        }
+    }
+
     /// The model label: the name while fewer than `max_models` names were seen, else `other`.
     fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
         let Some(m) = model else { return "none" };

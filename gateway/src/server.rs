@@ -80,6 +80,7 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
             format!("cannot register metrics: {e}"),
         )
     })?;
+    metrics.init_backends(settings.backends.iter().map(|b| &*b.name));
     let router: Arc<dyn Router> = Arc::new(RoundRobin::new(BackendPool::new(
         &settings.backends,
         &settings.limits,

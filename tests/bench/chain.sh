@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Cost of the filter chain as it grows: empty, a per-IP limiter, auth + per-key limiter, and
-# the full chain so far (per-IP limiter, auth, policy, per-key limiter with rate, in-flight
-# and tokens per minute), all with limits so high that nothing is refused.
+# Cost of the filter chain as it grows: empty, a per-IP limiter, auth + per-key limiter, the
+# full chain (per-IP limiter, auth, policy, per-key limiter with rate, in-flight and tokens per
+# minute), and the full chain with audit lines written to a file; limits so high that nothing
+# is refused. Prometheus metrics are recorded in every row.
 # Needs wrk, taskset; nginx for the static upstream. Env: DURATION (10s), CONNS (64).
 source "$(dirname "$0")/lib.sh"
 
-UP=18434; G0=18080; G1=18081; G2=18082; G3=18083
+UP=18434; G0=18080; G1=18081; G2=18082; G3=18083; G4=18084
 KEY=sk-gw-bench-$(date +%s)
 start_upstream $UP
 post_lua
@@ -38,6 +39,21 @@ start_gateway full $G3 $UP "  - use: ratelimit
     max_in_flight: 100000
     tokens_per_minute: 1000000000000"
 
+start_gateway audited $G4 $UP "  - use: ratelimit
+    key: ip
+    $HIGH
+  - use: auth
+    keys_file: $RUN/keys.yaml
+  - use: policy
+    max_output_tokens: 4096
+  - use: ratelimit
+    key: api_key
+    $HIGH
+    max_in_flight: 100000
+    tokens_per_minute: 1000000000000
+  - use: audit
+    file: $RUN/audit.jsonl"
+
 header
 AUTH="Authorization: Bearer $KEY"
 read -r e_rps e_p50 e_p99 < <(measure "http://127.0.0.1:$G0/v1/chat/completions")
@@ -48,3 +64,6 @@ read -r b_rps b_p50 b_p99 < <(measure "http://127.0.0.1:$G2/v1/chat/completions"
 row "auth + per-key limiter" "$b_rps" "$b_p50" "$b_p99" "$e_rps"
 read -r c_rps c_p50 c_p99 < <(measure "http://127.0.0.1:$G3/v1/chat/completions" "$AUTH")
 row "IP limiter+auth+policy+key limiter" "$c_rps" "$c_p50" "$c_p99" "$e_rps"
+read -r d_rps d_p50 d_p99 < <(measure "http://127.0.0.1:$G4/v1/chat/completions" "$AUTH")
+row "  + audit to a file" "$d_rps" "$d_p50" "$d_p99" "$e_rps"
+echo "audit lines written: $(wc -l < "$RUN/audit.jsonl"); metrics are always on (admin listener)"
