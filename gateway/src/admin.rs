@@ -9,6 +9,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::{Encoder, TextEncoder};
 
+use crate::chain::FilterChain;
 use crate::metrics::Metrics;
 use crate::proxy::InFlight;
 use crate::router::Router;
@@ -17,6 +18,8 @@ pub struct AdminApp {
     pub metrics: Arc<Metrics>,
     pub router: Arc<dyn Router>,
     pub in_flight: InFlight,
+    pub chain: Arc<FilterChain>,
+    pub token: Option<String>,
 }
 
 impl AdminApp {
@@ -52,11 +55,64 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
     r
 }
 
+impl AdminApp {
+    /// `/admin/NAME`: a filter's report (e.g. `spend`), behind the admin token when one is set.
+    fn admin_report(&self, session: &ServerSession, name: &str) -> Response<Vec<u8>> {
+        if let Some(token) = &self.token {
+            let presented = session
+                .req_header()
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            let ok = presented.is_some_and(|p| {
+                p.len() == token.len()
+                    && p.bytes()
+                        .zip(token.bytes())
+                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                        == 0
+            });
+            if !ok {
+                let body = gateway_filter::error_json(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_admin_token",
+                    "this endpoint needs the admin token",
+                );
+                return respond(
+                    StatusCode::UNAUTHORIZED,
+                    "application/json",
+                    body.into_bytes(),
+                );
+            }
+        }
+        match self.chain.admin_report(name) {
+            Some(v) => respond(
+                StatusCode::OK,
+                "application/json",
+                v.to_string().into_bytes(),
+            ),
+            None => respond(
+                StatusCode::NOT_FOUND,
+                "application/json",
+                gateway_filter::error_json(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    &format!("no filter reports {name:?}"),
+                )
+                .into_bytes(),
+            ),
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let path = session.req_header().uri.path();
-        match path {
+        let path = session.req_header().uri.path().to_string();
+        if let Some(name) = path.strip_prefix("/admin/") {
+            return self.admin_report(session, name);
+        }
+        match path.as_str() {
             "/metrics" => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

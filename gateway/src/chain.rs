@@ -99,6 +99,13 @@ impl FilterChain {
             .collect()
     }
 
+    /// The first report a filter offers under `name` (served at `/admin/NAME`).
+    pub fn admin_report(&self, name: &str) -> Option<serde_json::Value> {
+        self.filters
+            .iter()
+            .find_map(|f| f.admin_report().filter(|(n, _)| *n == name).map(|(_, v)| v))
+    }
+
     /// Lets every filter finish queued work (audit lines) before the process exits.
     pub fn shutdown(&self) {
         for f in &self.filters {
@@ -107,7 +114,7 @@ impl FilterChain {
     }
 
     /// Runs `on_complete` of every filter, in order, for every request.
-    pub async fn on_complete(&self, ctx: &RequestCtx) {
+    pub async fn on_complete(&self, ctx: &mut RequestCtx) {
         for f in &self.filters {
             f.on_complete(ctx).await;
         }
@@ -171,7 +178,7 @@ mod tests {
             }
             Ok(())
         }
-        async fn on_complete(&self, _ctx: &RequestCtx) {
+        async fn on_complete(&self, _ctx: &mut RequestCtx) {
             self.log.lock().unwrap().push(format!("done:{}", self.tag));
         }
     }
@@ -211,7 +218,7 @@ mod tests {
             .map(|v| v.to_str().unwrap())
             .collect();
         assert_eq!(seen, ["a", "b"]);
-        c.on_complete(&ctx).await;
+        c.on_complete(&mut ctx).await;
         assert_eq!(
             *log.lock().unwrap(),
             ["req:a", "req:b", "done:a", "done:b", "done:c"]

@@ -64,6 +64,21 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Spend per principal and model from a budget ledger (SQLite file).
+    Spend {
+        /// The budget filter's ledger file.
+        #[arg(long)]
+        ledger: PathBuf,
+        /// `current` (this UTC month), `YYYY-MM`, or `all`.
+        #[arg(long, default_value = "current")]
+        period: String,
+        /// Only this principal.
+        #[arg(long)]
+        principal: Option<String>,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make API keys for the keys file.
     #[command(subcommand)]
     Keys(KeysCommand),

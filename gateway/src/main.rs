@@ -21,6 +21,12 @@ fn main() -> ExitCode {
             read_secret("key").map(|k| println!("{}", keygen::hash_key(&k)))
         }
         Some(Command::HashPassword { user, cost }) => hash_password(user.as_deref(), cost),
+        Some(Command::Spend {
+            ledger,
+            period,
+            principal,
+            json,
+        }) => spend(&ledger, &period, principal.as_deref(), json),
         Some(Command::Audit {
             files,
             top,
@@ -206,5 +212,71 @@ fn audit(
     } else {
         print!("{}", audit_report::table(&rows, &columns));
     }
+    Ok(())
+}
+
+/// Month bounds `[YYYY-MM-01, next month's 01)` as ledger day strings.
+fn month_bounds(year: i64, month: u32) -> (String, String) {
+    let (ny, nm) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    (
+        format!("{year:04}-{month:02}-01"),
+        format!("{ny:04}-{nm:02}-01"),
+    )
+}
+
+fn spend(ledger: &Path, period: &str, principal: Option<&str>, json: bool) -> Result<(), String> {
+    let bounds = match period {
+        "all" => None,
+        "current" => {
+            let today = filter_budget::day_of(filter_budget::now_secs());
+            let (y, m) = (
+                today[..4].parse().unwrap_or(1970),
+                today[5..7].parse().unwrap_or(1),
+            );
+            Some(month_bounds(y, m))
+        }
+        p => {
+            let bad = || format!("--period {p:?}: use current, all or YYYY-MM");
+            let (y, m) = p.split_once('-').ok_or_else(bad)?;
+            let (y, m): (i64, u32) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            if !(1..=12).contains(&m) {
+                return Err(bad());
+            }
+            Some(month_bounds(y, m))
+        }
+    };
+    let (from, to) = match &bounds {
+        Some((f, t)) => (Some(f.as_str()), Some(t.as_str())),
+        None => (None, None),
+    };
+    let rows = filter_budget::report(ledger, from, to, principal)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&rows).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let values: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::json!({"principal": r.principal, "model": r.model, "usd": format!("{:.4}", r.usd), "requests": r.requests}))
+        .collect();
+    print!(
+        "{}",
+        audit_report::table(&values, &["principal", "model", "usd", "requests"])
+    );
+    let total: f64 = rows.iter().map(|r| r.usd).sum();
+    println!(
+        "total: ${total:.4} ({})",
+        if period == "current" {
+            "this month"
+        } else {
+            period
+        }
+    );
     Ok(())
 }

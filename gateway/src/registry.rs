@@ -22,6 +22,7 @@ impl Registry {
         r.register("policy", filter_policy::build);
         r.register("ratelimit", filter_ratelimit::build);
         r.register("audit", filter_audit::build);
+        r.register("budget", filter_budget::build);
         r
     }
 

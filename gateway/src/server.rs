@@ -116,6 +116,8 @@ pub fn run(prepared: Prepared) -> ! {
             metrics: gateway.metrics.clone(),
             router: gateway.router.clone(),
             in_flight: gateway.in_flight.clone(),
+            chain: gateway.chain.clone(),
+            token: settings.admin_token.clone(),
         };
         let mut svc =
             pingora_core::services::listening::Service::new("llm-gateway admin".to_string(), app);

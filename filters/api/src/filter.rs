@@ -17,8 +17,14 @@ pub trait Filter: Send + Sync {
         Ok(())
     }
 
-    /// After the exchange, whatever its outcome. Never fails the request.
-    async fn on_complete(&self, _ctx: &RequestCtx) {}
+    /// After the exchange, whatever its outcome. Never fails the request. Filters run in
+    /// order and may note results for the ones after them (budget sets `cost_usd` for audit).
+    async fn on_complete(&self, _ctx: &mut RequestCtx) {}
+
+    /// A report the admin listener serves at `/admin/NAME` (e.g. `spend`), if any.
+    fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
 
     /// Re-reads the filter's files (SIGHUP). On error the filter keeps its old state and the
     /// message is logged.

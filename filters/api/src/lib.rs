@@ -6,6 +6,7 @@
 
 mod ctx;
 mod filter;
+pub mod glob;
 mod options;
 pub mod path;
 mod rejection;

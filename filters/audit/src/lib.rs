@@ -181,7 +181,7 @@ impl Filter for AuditFilter {
         "audit"
     }
 
-    async fn on_complete(&self, ctx: &RequestCtx) {
+    async fn on_complete(&self, ctx: &mut RequestCtx) {
         let line = match serde_json::to_string(&AuditLine::new(ctx, self.capture_prompts)) {
             Ok(l) => l,
             Err(e) => {

@@ -49,14 +49,14 @@ async fn lines_hold_every_field_and_no_secret() {
     };
     let f = build(&json!({"file": "audit.jsonl"}), &cx).unwrap();
     let mut c = ctx(1);
-    f.on_complete(&c).await;
+    f.on_complete(&mut c).await;
     c.decision = Decision::Rejected {
         filter: "auth",
         code: "invalid_api_key",
     };
     c.status = 401;
     c.reject_reason = Some("unknown_key");
-    f.on_complete(&c).await;
+    f.on_complete(&mut c).await;
     f.shutdown();
     let path = dir.path().join("audit.jsonl");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -126,7 +126,7 @@ async fn capture_prompts_when_asked() {
         &cx,
     )
     .unwrap();
-    f.on_complete(&ctx(1)).await;
+    f.on_complete(&mut ctx(1)).await;
     f.shutdown();
     assert_eq!(
         read(&dir.path().join("a.jsonl"))[0]["prompt"],
@@ -145,7 +145,7 @@ async fn a_full_queue_waits_and_loses_nothing() {
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let f = f.clone();
-            tokio::spawn(async move { f.on_complete(&ctx(i)).await })
+            tokio::spawn(async move { f.on_complete(&mut ctx(i)).await })
         })
         .collect();
     for t in tasks {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use gateway_filter::{ModelGate, Principal};
 
-use crate::rules::wildcard;
+use gateway_filter::glob::wildcard;
 
 fn with_tag(name: &str) -> Cow<'_, str> {
     if name.contains(':') {

@@ -1,5 +1,6 @@
 //! Endpoint rules: which method may call which canonical path, and with which scope.
 
+use gateway_filter::glob::wildcard;
 use gateway_filter::http::Method;
 
 /// A path pattern: `/api/chat` (exact), `/api/blobs/*` (`*` = one segment, or part of one:
@@ -42,25 +43,6 @@ impl PathPattern {
         }
         self.rest || parts.next().is_none()
     }
-}
-
-/// `*` matches any run of characters (within one segment or one model name).
-pub fn wildcard(pattern: &str, text: &str) -> bool {
-    let Some((first, rest)) = pattern.split_once('*') else {
-        return pattern == text;
-    };
-    let Some(mut remaining) = text.strip_prefix(first) else {
-        return false;
-    };
-    let mut pieces: Vec<&str> = rest.split('*').collect();
-    let last = pieces.pop().unwrap_or_default();
-    for piece in pieces {
-        match remaining.find(piece) {
-            Some(i) => remaining = &remaining[i + piece.len()..],
-            None => return false,
-        }
-    }
-    remaining.len() >= last.len() && remaining.ends_with(last)
 }
 
 #[derive(Debug, Clone)]
@@ -167,17 +149,6 @@ mod tests {
         assert!(p.matches("/api/blobs/sha256:00") && !p.matches("/api/blobs/md5:00"));
         assert!(PathPattern::parse("api").is_err());
         assert!(PathPattern::parse("/a/**/b").is_err());
-    }
-
-    #[test]
-    fn wildcards() {
-        assert!(wildcard("llama3.1:*", "llama3.1:8b"));
-        assert!(!wildcard("llama3.1:*", "llama3.2:8b"));
-        assert!(wildcard("*:8b", "qwen:8b"));
-        assert!(wildcard("a*b*c", "aXXbYYc"));
-        assert!(!wildcard("a*b*c", "aXXbYY"));
-        assert!(wildcard("*", ""));
-        assert!(!wildcard("ab*ba", "aba"));
     }
 
     #[test]

@@ -313,7 +313,7 @@ impl Filter for RateLimitFilter {
         Ok(())
     }
 
-    async fn on_complete(&self, ctx: &RequestCtx) {
+    async fn on_complete(&self, ctx: &mut RequestCtx) {
         if self.tpm.is_none()
             && !(self.uses_principal()
                 && ctx

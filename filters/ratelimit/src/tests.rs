@@ -174,7 +174,7 @@ async fn tokens_per_minute_reserve_then_charge() {
         prompt_tokens: 30,
         completion_tokens: 50,
     });
-    f.on_complete(&c).await;
+    f.on_complete(&mut c).await;
     let mut c = mk();
     c.max_tokens = Some(30);
     let r = f.on_request(&mut c).await.unwrap_err();

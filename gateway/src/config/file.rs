@@ -33,6 +33,8 @@ pub struct FileConfig {
 pub struct AdminSection {
     pub enabled: bool,
     pub addr: String,
+    /// Bearer token for `/admin/*`; required when `addr` is not loopback.
+    pub token: Option<String>,
 }
 
 impl Default for AdminSection {
@@ -40,6 +42,7 @@ impl Default for AdminSection {
         AdminSection {
             enabled: true,
             addr: "127.0.0.1:9091".into(),
+            token: None,
         }
     }
 }

@@ -25,6 +25,7 @@ pub struct Settings {
     pub default_policy: bool,
     /// Admin listener (`/metrics`, `/health`), if enabled.
     pub admin: Option<SocketAddr>,
+    pub admin_token: Option<String>,
     pub metrics_principal_label: bool,
     pub metrics_max_models: usize,
 }
@@ -168,6 +169,12 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
                 format!("{addr} is also a public listener; metrics must not be served there: pick another port"),
             ));
         }
+        if !addr.ip().is_loopback() && cfg.admin.token.as_deref().is_none_or(str::is_empty) {
+            return Err((
+                "admin.token".into(),
+                format!("{addr} is reachable from the network: set `token: ${{ADMIN_TOKEN}}` so /admin/* needs it, or listen on 127.0.0.1"),
+            ));
+        }
         Some(addr)
     } else {
         None
@@ -196,6 +203,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         filters,
         default_policy: cfg.policy != Some(PolicyDefault::None),
         admin,
+        admin_token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
         metrics_principal_label: cfg.metrics.principal_label,
         metrics_max_models: cfg.metrics.max_models,
     })

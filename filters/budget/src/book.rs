@@ -1,0 +1,176 @@
+//! The in-memory book of accounts: spent and reserved per (principal, period). Check and
+//! reserve happen under one lock, held for a few map operations and never across an await,
+//! so concurrent requests cannot overspend.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::ledger::History;
+use crate::period::{day_string, Period};
+use crate::prices::Nano;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Account {
+    pub spent: Nano,
+    pub reserved: Nano,
+}
+
+/// One budget a request is held to.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub principal: String,
+    pub period: Period,
+    pub period_key: String,
+    pub limit: Nano,
+}
+
+pub struct Book {
+    accounts: Mutex<HashMap<(String, String), Account>>,
+    history: History,
+}
+
+/// Which budget refused.
+#[derive(Debug)]
+pub struct Refusal {
+    pub budget: Budget,
+}
+
+impl Book {
+    pub fn new(history: History) -> Book {
+        Book {
+            accounts: Mutex::new(HashMap::new()),
+            history,
+        }
+    }
+
+    /// Spend of past runs that falls in the budget's current period.
+    fn opening(&self, b: &Budget, now: i64) -> Nano {
+        let Some(days) = self.history.get(&b.principal) else {
+            return 0;
+        };
+        match b.period.span(now) {
+            None => days.iter().map(|(_, n)| n).sum(),
+            Some((from, to)) => {
+                let (from, to) = (day_string(from), day_string(to));
+                days.iter()
+                    .filter(|(d, _)| *d >= from && *d < to)
+                    .map(|(_, n)| n)
+                    .sum()
+            }
+        }
+    }
+
+    /// Reserves `amount` in every budget, or in none if one of them cannot take it.
+    pub fn reserve(
+        &self,
+        budgets: &[Budget],
+        amount: Nano,
+        now: i64,
+    ) -> Result<Vec<(Nano, Nano)>, Refusal> {
+        let mut acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        for b in budgets {
+            let key = (b.principal.clone(), b.period_key.clone());
+            let opening = if acc.contains_key(&key) {
+                0
+            } else {
+                self.opening(b, now)
+            };
+            let a = acc.entry(key).or_insert(Account {
+                spent: opening,
+                reserved: 0,
+            });
+            if a.spent + a.reserved + amount > b.limit {
+                return Err(Refusal { budget: b.clone() });
+            }
+        }
+        let mut after = Vec::with_capacity(budgets.len());
+        for b in budgets {
+            if let Some(a) = acc.get_mut(&(b.principal.clone(), b.period_key.clone())) {
+                a.reserved += amount;
+                after.push((a.spent + a.reserved, b.limit));
+            }
+        }
+        Ok(after)
+    }
+
+    /// Releases a reservation and books the real charge; returns what is left per budget.
+    pub fn settle(&self, budgets: &[Budget], reserved: Nano, charged: Nano) -> Vec<Nano> {
+        let mut acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        budgets
+            .iter()
+            .map(|b| {
+                let a = acc
+                    .entry((b.principal.clone(), b.period_key.clone()))
+                    .or_default();
+                a.reserved -= reserved;
+                a.spent += charged;
+                b.limit - a.spent
+            })
+            .collect()
+    }
+
+    /// Current accounts, for `/admin/spend`.
+    pub fn snapshot(&self) -> Vec<((String, String), Account)> {
+        let acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = acc.iter().map(|(k, a)| (k.clone(), *a)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(limit: Nano) -> Budget {
+        Budget {
+            principal: "a".into(),
+            period: Period::Month,
+            period_key: "1mo:2026-11-01".into(),
+            limit,
+        }
+    }
+
+    #[test]
+    fn reserve_is_all_or_nothing() {
+        let book = Book::new(History::new());
+        let b = vec![budget(100)];
+        let g = vec![
+            budget(100),
+            Budget {
+                principal: "*".into(),
+                ..budget(150)
+            },
+        ];
+        assert!(book.reserve(&g, 60, 0).is_ok());
+        // Fits the global budget (60+60 > 150? no: 120 ≤ 150) but not a's own (120 > 100).
+        let r = book.reserve(&g, 60, 0).unwrap_err();
+        assert_eq!(r.budget.principal, "a");
+        assert!(book.reserve(&b, 40, 0).is_ok());
+        book.settle(&g, 60, 10);
+        let left = book.settle(&b, 40, 40);
+        assert_eq!(left, vec![50]);
+    }
+
+    #[test]
+    fn history_opens_the_current_period_only() {
+        let mut h = History::new();
+        h.insert(
+            "a".into(),
+            vec![("2026-10-31".into(), 70), ("2026-11-02".into(), 30)],
+        );
+        let book = Book::new(h);
+        let now = 1_795_392_000; // 2026-11-23
+        assert!(
+            book.reserve(&[budget(100)], 71, now).is_err(),
+            "30 already spent this month: 71 more is too much"
+        );
+        assert!(book.reserve(&[budget(100)], 70, now).is_ok());
+        let total = Budget {
+            period: Period::Total,
+            period_key: "total".into(),
+            ..budget(100)
+        };
+        assert!(book.reserve(&[total], 1, now).is_err(), "100 spent in all");
+    }
+}

@@ -1,0 +1,452 @@
+//! The `budget` filter: spend caps per principal and for the whole gateway, from real token
+//! usage and a price table, with reservations that concurrent requests cannot race, and a
+//! durable SQLite ledger that survives restarts.
+
+mod book;
+mod ledger;
+mod period;
+mod prices;
+
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
+use gateway_filter::units::HumanDuration;
+use gateway_filter::{
+    parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, Usage,
+};
+use prometheus::{CounterVec, GaugeVec, IntCounter, Opts};
+use serde::Deserialize;
+
+use book::{Book, Budget};
+pub use ledger::{report, ReportRow};
+pub use period::{day_of, now_secs, Period};
+use prices::{usd_to_nano, Nano, Price, PriceTable};
+
+/// The reserved principal id of the whole-gateway budget.
+pub const GLOBAL: &str = "*";
+
+struct Metrics {
+    spend: CounterVec,
+    remaining: GaugeVec,
+    rejections: IntCounter,
+    soft: IntCounter,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let r = prometheus::default_registry();
+    let spend = CounterVec::new(
+        Opts::new(
+            "llm_gateway_spend_usd_total",
+            "USD charged, by principal and model",
+        ),
+        &["principal", "model"],
+    )
+    .unwrap_or_else(|_| unreachable!("valid metric"));
+    let remaining = GaugeVec::new(
+        Opts::new(
+            "llm_gateway_budget_remaining_usd",
+            "USD left in the current period",
+        ),
+        &["principal"],
+    )
+    .unwrap_or_else(|_| unreachable!("valid metric"));
+    let rejections = IntCounter::new(
+        "llm_gateway_budget_rejections_total",
+        "Requests refused by a budget",
+    )
+    .unwrap_or_else(|_| unreachable!("valid metric"));
+    let soft = IntCounter::new(
+        "llm_gateway_budget_soft_limit_total",
+        "Requests past a budget's soft threshold",
+    )
+    .unwrap_or_else(|_| unreachable!("valid metric"));
+    let _ = r.register(Box::new(spend.clone()));
+    let _ = r.register(Box::new(remaining.clone()));
+    let _ = r.register(Box::new(rejections.clone()));
+    let _ = r.register(Box::new(soft.clone()));
+    Metrics {
+        spend,
+        remaining,
+        rejections,
+        soft,
+    }
+});
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    /// SQLite file; created if missing.
+    ledger: PathBuf,
+    #[serde(default)]
+    prices: Vec<Price>,
+    #[serde(default)]
+    unpriced: Unpriced,
+    /// For principals without `max_usd` in the keys file.
+    default: Option<BudgetSpec>,
+    /// The whole gateway's budget (LiteLLM's `max_budget` / `budget_duration`).
+    global: Option<BudgetSpec>,
+    /// Fraction of a budget (e.g. 0.8) past which responses carry `X-Budget-Warning`.
+    soft_limit: Option<f64>,
+    /// Prompt tokens are estimated as body bytes / this, for the reservation.
+    #[serde(default = "default_chars_per_token")]
+    chars_per_token: f64,
+    /// Output tokens reserved when the request sets no cap (the policy's cap is better).
+    #[serde(default = "default_output_reserve")]
+    output_reserve: u64,
+    /// Seconds of generation reserved for per-second prices.
+    #[serde(default = "default_reserve_seconds")]
+    reserve_seconds: f64,
+    #[serde(default = "default_commit")]
+    commit_interval: HumanDuration,
+}
+
+fn default_chars_per_token() -> f64 {
+    4.0
+}
+fn default_output_reserve() -> u64 {
+    4096
+}
+fn default_reserve_seconds() -> f64 {
+    60.0
+}
+fn default_commit() -> HumanDuration {
+    HumanDuration(Duration::from_millis(250))
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct BudgetSpec {
+    max_usd: f64,
+    #[serde(default = "default_period")]
+    period: String,
+}
+
+fn default_period() -> String {
+    "1mo".into()
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Unpriced {
+    /// A model with no price costs nothing.
+    #[default]
+    Free,
+    /// A model with no price is refused.
+    Reject,
+}
+
+pub struct BudgetFilter {
+    prices: PriceTable,
+    unpriced: Unpriced,
+    default: Option<(Nano, Period)>,
+    global: Option<(Nano, Period)>,
+    soft_limit: Option<f64>,
+    chars_per_token: f64,
+    output_reserve: u64,
+    reserve_seconds: f64,
+    book: Book,
+    ledger: ledger::Ledger,
+}
+
+/// What a request reserved, kept in its context until `on_complete`.
+#[derive(Clone)]
+struct Reservation {
+    budgets: Arc<Vec<Budget>>,
+    amount: Nano,
+}
+
+fn spec(s: &BudgetSpec, key: &str) -> Result<(Nano, Period), OptionsError> {
+    if !s.max_usd.is_finite() || s.max_usd < 0.0 {
+        return Err(OptionsError::new(
+            format!("{key}.max_usd"),
+            "must be a number of USD, 0 or more",
+        ));
+    }
+    let p = Period::parse(&s.period).map_err(|m| OptionsError::new(format!("{key}.period"), m))?;
+    Ok((usd_to_nano(s.max_usd), p))
+}
+
+/// Registry constructor: `- use: budget` plus [`Options`].
+pub fn build(
+    options: &serde_json::Value,
+    cx: &BuildContext,
+) -> Result<Arc<dyn Filter>, OptionsError> {
+    let o: Options = parse_options(options)?;
+    let prices = PriceTable(o.prices);
+    prices
+        .validate()
+        .map_err(|m| OptionsError::new("prices", m))?;
+    if o.soft_limit.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
+        return Err(OptionsError::new(
+            "soft_limit",
+            "a fraction between 0 and 1, e.g. 0.8",
+        ));
+    }
+    if o.chars_per_token <= 0.0 {
+        return Err(OptionsError::new(
+            "chars_per_token",
+            "must be greater than 0",
+        ));
+    }
+    let default = o.default.as_ref().map(|s| spec(s, "default")).transpose()?;
+    let global = o.global.as_ref().map(|s| spec(s, "global")).transpose()?;
+    let path = cx.resolve(&o.ledger);
+    let history = ledger::load(&path)
+        .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(10_000);
+    ledger::spawn(path, o.commit_interval.0, rx).map_err(|m| OptionsError::new("ledger", m))?;
+    LazyLock::force(&METRICS);
+    Ok(Arc::new(BudgetFilter {
+        prices,
+        unpriced: o.unpriced,
+        default,
+        global,
+        soft_limit: o.soft_limit,
+        chars_per_token: o.chars_per_token,
+        output_reserve: o.output_reserve,
+        reserve_seconds: o.reserve_seconds,
+        book: Book::new(history),
+        ledger: ledger::Ledger { tx },
+    }))
+}
+
+fn principal_id(ctx: &RequestCtx) -> &str {
+    ctx.principal
+        .as_deref()
+        .map_or("anonymous", |p| p.id.as_str())
+}
+
+fn generation_secs(ctx: &RequestCtx) -> f64 {
+    match (ctx.ttfb, ctx.duration) {
+        (Some(t), Some(d)) => d.saturating_sub(t).as_secs_f64(),
+        _ => 0.0,
+    }
+}
+
+impl BudgetFilter {
+    /// The budgets this request is held to: its principal's (keys-file `max_usd` and
+    /// `period`, else `default`) and the global one.
+    fn budgets(&self, ctx: &RequestCtx, now: i64) -> Result<Vec<Budget>, Rejection> {
+        let mut out = Vec::with_capacity(2);
+        let own = match ctx.principal.as_deref().and_then(|p| {
+            p.overrides
+                .max_usd
+                .map(|m| (m, p.overrides.period.as_deref()))
+        }) {
+            Some((max, period)) => {
+                let p = match period {
+                    Some(s) => Period::parse(s).map_err(|m| {
+                        log::error!("budget: principal {}: {m}", principal_id(ctx));
+                        Rejection::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "budget_misconfigured",
+                            "this key's budget period is invalid",
+                        )
+                    })?,
+                    None => self.default.map_or(Period::Month, |d| d.1),
+                };
+                Some((usd_to_nano(max), p))
+            }
+            None => self.default,
+        };
+        if let Some((limit, period)) = own {
+            out.push(Budget {
+                principal: principal_id(ctx).to_string(),
+                period,
+                period_key: period.key(now),
+                limit,
+            });
+        }
+        if let Some((limit, period)) = self.global {
+            out.push(Budget {
+                principal: GLOBAL.to_string(),
+                period,
+                period_key: period.key(now),
+                limit,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Filter for BudgetFilter {
+    fn name(&self) -> &'static str {
+        "budget"
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        if !ctx.route.is_inference() {
+            return Ok(());
+        }
+        let model = ctx.model.as_deref().unwrap_or_default();
+        let estimate = Usage {
+            prompt_tokens: (ctx.bytes_in as f64 / self.chars_per_token).ceil() as u64,
+            completion_tokens: ctx.max_tokens.unwrap_or(self.output_reserve),
+        };
+        let amount = match self
+            .prices
+            .worst_case(model, estimate, self.reserve_seconds)
+        {
+            Some(a) => a,
+            None if self.unpriced == Unpriced::Reject => {
+                ctx.reject_reason = Some("unpriced_model");
+                return Err(Rejection::new(
+                    StatusCode::FORBIDDEN,
+                    "model_unpriced",
+                    format!("model {model:?} has no price on this gateway"),
+                ));
+            }
+            None => 0,
+        };
+        let now = now_secs();
+        let budgets = self.budgets(ctx, now)?;
+        if budgets.is_empty() {
+            return Ok(());
+        }
+        match self.book.reserve(&budgets, amount, now) {
+            Ok(after) => {
+                if let Some(soft) = self.soft_limit {
+                    if let Some((b, (used, limit))) = budgets
+                        .iter()
+                        .zip(&after)
+                        .find(|(_, (u, l))| *l > 0 && *u as f64 >= soft * *l as f64)
+                    {
+                        METRICS.soft.inc();
+                        let pct = (*used as f64 / *limit as f64 * 100.0).min(100.0);
+                        if let Ok(v) = HeaderValue::from_str(&format!(
+                            "{pct:.0}% of the {} budget of {} used",
+                            b.period.name(),
+                            if b.principal == GLOBAL {
+                                "gateway"
+                            } else {
+                                "this key"
+                            }
+                        )) {
+                            ctx.response_headers
+                                .push((HeaderName::from_static("x-budget-warning"), v));
+                        }
+                    }
+                }
+                ctx.extensions.insert(Reservation {
+                    budgets: Arc::new(budgets),
+                    amount,
+                });
+                Ok(())
+            }
+            Err(refusal) => {
+                METRICS.rejections.inc();
+                ctx.reject_reason = Some(if refusal.budget.principal == GLOBAL {
+                    "global_budget"
+                } else {
+                    "principal_budget"
+                });
+                let b = &refusal.budget;
+                let reset = b.period.resets_at(now);
+                let when = reset.map_or("never (total budget)".to_string(), |t| {
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_secs(t as u64),
+                    )
+                    .to_string()
+                });
+                let whose = if b.principal == GLOBAL {
+                    "the gateway's".to_string()
+                } else {
+                    "this key's".to_string()
+                };
+                let mut r = Rejection::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "budget_exceeded",
+                    format!(
+                        "{whose} budget of ${:.2} per {} is used up; it resets at {when}",
+                        b.limit as f64 / 1e9,
+                        b.period.name()
+                    ),
+                );
+                if let Some(t) = reset {
+                    r = r.with_header(
+                        header::RETRY_AFTER,
+                        HeaderValue::from((t - now).max(1) as u64),
+                    );
+                }
+                Err(r)
+            }
+        }
+    }
+
+    async fn on_complete(&self, ctx: &mut RequestCtx) {
+        let Some(res) = ctx.extensions.remove::<Reservation>() else {
+            return;
+        };
+        // Never sent to a backend: nothing was spent. Sent, but usage unknown (client gone,
+        // backend died): the reservation is charged.
+        let charged = match (&ctx.backend, ctx.usage) {
+            (None, _) => 0,
+            (Some(backend), Some(u)) => {
+                let model = ctx.model.as_deref().unwrap_or_default();
+                self.prices
+                    .find(model, Some(backend))
+                    .map_or(0, |p| p.cost(u, generation_secs(ctx)))
+            }
+            (Some(_), None) => res.amount,
+        };
+        let left = self.book.settle(&res.budgets, res.amount, charged);
+        for (b, l) in res.budgets.iter().zip(left) {
+            METRICS
+                .remaining
+                .with_label_values(&[&b.principal])
+                .set(l as f64 / 1e9);
+        }
+        if ctx.backend.is_none() {
+            return;
+        }
+        let model = ctx.model.clone().unwrap_or_default();
+        let principal = principal_id(ctx).to_string();
+        METRICS
+            .spend
+            .with_label_values(&[&principal, &model])
+            .inc_by(charged as f64 / 1e9);
+        ctx.cost_usd = Some(charged as f64 / 1e9);
+        let msg = ledger::Msg::Charge {
+            day: day_of(now_secs()),
+            principal,
+            model,
+            nano: charged,
+        };
+        if let Err(e) = self.ledger.tx.send(msg).await {
+            log::error!("budget: the ledger writer has stopped; charge lost: {e}");
+        }
+    }
+
+    fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
+        let accounts: Vec<serde_json::Value> = self
+            .book
+            .snapshot()
+            .into_iter()
+            .map(|((principal, period), a)| {
+                serde_json::json!({"principal": principal, "period": period,
+                                   "spent_usd": a.spent as f64 / 1e9, "reserved_usd": a.reserved as f64 / 1e9})
+            })
+            .collect();
+        Some(("spend", serde_json::json!({"accounts": accounts})))
+    }
+
+    fn shutdown(&self) {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        let tx = self.ledger.tx.clone();
+        let sent = std::thread::spawn(move || tx.blocking_send(ledger::Msg::Flush(ack)).is_ok())
+            .join()
+            .unwrap_or(false);
+        if sent && done.recv_timeout(Duration::from_secs(30)).is_ok() {
+            log::info!("budget: ledger committed");
+        } else {
+            log::error!("budget: could not commit the ledger before exit");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

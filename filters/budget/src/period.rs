@@ -1,0 +1,156 @@
+//! Budget periods in UTC: calendar day, ISO week (from Monday), calendar month, or all time.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Week,
+    Month,
+    Total,
+}
+
+/// (year, month, day) of a day number since 1970-01-01 (Howard Hinnant's civil_from_days).
+pub fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Day number of a civil date (inverse of [`civil`]).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+pub fn day_string(days: i64) -> String {
+    let (y, m, d) = civil(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The ledger's day key of a moment.
+pub fn day_of(secs: i64) -> String {
+    day_string(secs.div_euclid(86_400))
+}
+
+impl Period {
+    pub fn parse(s: &str) -> Result<Period, String> {
+        Ok(match s.trim() {
+            "1d" | "day" => Period::Day,
+            "7d" | "week" => Period::Week,
+            "1mo" | "month" => Period::Month,
+            "total" => Period::Total,
+            other => {
+                return Err(format!(
+                    "unknown period {other:?}; use 1d, 7d, 1mo or total"
+                ))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Period::Day => "1d",
+            Period::Week => "7d",
+            Period::Month => "1mo",
+            Period::Total => "total",
+        }
+    }
+
+    /// First and last-plus-one day numbers of the period containing `secs` (`None` = all time).
+    pub fn span(self, secs: i64) -> Option<(i64, i64)> {
+        let day = secs.div_euclid(86_400);
+        match self {
+            Period::Day => Some((day, day + 1)),
+            Period::Week => {
+                // 1970-01-01 was a Thursday: Monday-based weeks start 3 days before.
+                let start = day - (day + 3).rem_euclid(7);
+                Some((start, start + 7))
+            }
+            Period::Month => {
+                let (y, m, _) = civil(day);
+                let start = days_from_civil(y, m, 1);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                Some((start, days_from_civil(ny, nm, 1)))
+            }
+            Period::Total => None,
+        }
+    }
+
+    /// Names the period containing `secs`, e.g. `1mo:2026-11-01`.
+    pub fn key(self, secs: i64) -> String {
+        match self.span(secs) {
+            Some((start, _)) => format!("{}:{}", self.name(), day_string(start)),
+            None => "total".into(),
+        }
+    }
+
+    /// When the period containing `secs` ends (UNIX seconds); `None` for all time.
+    pub fn resets_at(self, secs: i64) -> Option<i64> {
+        self.span(secs).map(|(_, end)| end * 86_400)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar() {
+        assert_eq!(civil(0), (1970, 1, 1));
+        assert_eq!(days_from_civil(2026, 11, 23), civil_inverse(2026, 11, 23));
+        assert_eq!(day_of(1_795_392_000), "2026-11-23");
+        for d in [-1000, 0, 59, 60, 10_000, 20_000, 30_000] {
+            let (y, m, dd) = civil(d);
+            assert_eq!(days_from_civil(y, m, dd), d);
+        }
+    }
+
+    fn civil_inverse(y: i64, m: u32, d: u32) -> i64 {
+        (0..40_000).find(|&n| civil(n) == (y, m, d)).unwrap()
+    }
+
+    #[test]
+    fn periods() {
+        let t = 1_795_435_200; // 2026-11-23T12:00:00Z, a Monday
+        assert_eq!(Period::Day.key(t), "1d:2026-11-23");
+        assert_eq!(Period::Week.key(t), "7d:2026-11-23");
+        assert_eq!(
+            Period::Week.key(t - 86_400),
+            "7d:2026-11-16",
+            "Sunday belongs to the week before"
+        );
+        assert_eq!(Period::Month.key(t), "1mo:2026-11-01");
+        assert_eq!(
+            Period::Month.resets_at(t),
+            Some(days_from_civil(2026, 12, 1) * 86_400)
+        );
+        assert_eq!(
+            Period::Month.key(days_from_civil(2026, 12, 31) * 86_400),
+            "1mo:2026-12-01"
+        );
+        assert_eq!(
+            Period::Month.resets_at(days_from_civil(2026, 12, 31) * 86_400),
+            Some(days_from_civil(2027, 1, 1) * 86_400)
+        );
+        assert_eq!(Period::Total.key(t), "total");
+        assert!(Period::parse("1y").is_err());
+    }
+}

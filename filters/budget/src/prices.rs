@@ -1,0 +1,114 @@
+//! The price table: USD per 1M prompt and completion tokens and/or per second of generation.
+
+use gateway_filter::glob::wildcard;
+use gateway_filter::Usage;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Model name or `*` glob.
+    pub model: String,
+    /// Only on this backend (by name); any backend when absent.
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub prompt_per_1m: f64,
+    #[serde(default)]
+    pub completion_per_1m: f64,
+    /// USD per second of generation (first to last response byte): GPU time.
+    #[serde(default)]
+    pub per_second: f64,
+}
+
+/// Nano-dollars: integer arithmetic so that sums are exact to the cent and beyond.
+pub type Nano = i64;
+
+pub fn usd_to_nano(usd: f64) -> Nano {
+    (usd * 1e9).round() as Nano
+}
+
+impl Price {
+    pub fn cost(&self, usage: Usage, generation_secs: f64) -> Nano {
+        let usd = usage.prompt_tokens as f64 * self.prompt_per_1m / 1e6
+            + usage.completion_tokens as f64 * self.completion_per_1m / 1e6
+            + generation_secs * self.per_second;
+        usd_to_nano(usd)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PriceTable(pub Vec<Price>);
+
+impl PriceTable {
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, p) in self.0.iter().enumerate() {
+            if [p.prompt_per_1m, p.completion_per_1m, p.per_second]
+                .iter()
+                .any(|v| !v.is_finite() || *v < 0.0)
+            {
+                return Err(format!(
+                    "prices[{i}]: prices must be zero or positive numbers"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first entry for `model` on `backend` (entries without a backend match any).
+    pub fn find(&self, model: &str, backend: Option<&str>) -> Option<&Price> {
+        self.0.iter().find(|p| {
+            wildcard(&p.model, model) && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
+        })
+    }
+
+    /// Before the backend is known: the most expensive entry that could apply.
+    pub fn worst_case(&self, model: &str, usage: Usage, secs: f64) -> Option<Nano> {
+        self.0
+            .iter()
+            .filter(|p| wildcard(&p.model, model))
+            .map(|p| p.cost(usage, secs))
+            .max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs() {
+        let t = PriceTable(vec![
+            Price {
+                model: "llama3.1:*".into(),
+                backend: Some("cloud".into()),
+                prompt_per_1m: 0.5,
+                completion_per_1m: 1.5,
+                per_second: 0.0,
+            },
+            Price {
+                model: "llama3.1:*".into(),
+                backend: None,
+                prompt_per_1m: 0.0,
+                completion_per_1m: 0.0,
+                per_second: 0.001,
+            },
+        ]);
+        let u = Usage {
+            prompt_tokens: 1_000,
+            completion_tokens: 2_000,
+        };
+        assert_eq!(
+            t.find("llama3.1:8b", Some("cloud")).unwrap().cost(u, 0.0),
+            usd_to_nano(0.0035)
+        );
+        assert_eq!(
+            t.find("llama3.1:8b", Some("gpu-a")).unwrap().cost(u, 2.5),
+            usd_to_nano(0.0025)
+        );
+        assert!(t.find("qwen", None).is_none());
+        assert_eq!(
+            t.worst_case("llama3.1:8b", u, 1.0),
+            Some(usd_to_nano(0.0035))
+        );
+    }
+}

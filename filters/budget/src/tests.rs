@@ -1,0 +1,204 @@
+use super::*;
+use gateway_filter::http::Method;
+use gateway_filter::{Overrides, Principal};
+use serde_json::json;
+
+fn filter(dir: &std::path::Path, extra: serde_json::Value) -> Arc<dyn Filter> {
+    let mut o = json!({
+        "ledger": "spend.db",
+        "prices": [{"model": "llama3.1:*", "prompt_per_1m": 0.0, "completion_per_1m": 1000000.0}],
+        "commit_interval": "20ms",
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        o[k] = v.clone();
+    }
+    build(
+        &o,
+        &BuildContext {
+            config_dir: dir.to_path_buf(),
+        },
+    )
+    .unwrap()
+}
+
+fn ctx(principal: &str, max_usd: Option<f64>) -> RequestCtx {
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/api/chat".into());
+    c.model = Some("llama3.1:8b".into());
+    c.max_tokens = Some(5); // completion price $1/token: reservation $5
+    c.principal = Some(Arc::new(Principal {
+        id: principal.into(),
+        overrides: Overrides {
+            max_usd,
+            period: Some("1d".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }));
+    c
+}
+
+async fn served(f: &Arc<dyn Filter>, c: &mut RequestCtx, completion: u64) {
+    c.backend = Some("local".into());
+    c.usage = Some(Usage {
+        prompt_tokens: 3,
+        completion_tokens: completion,
+    });
+    f.on_complete(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reserve_then_charge_real_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(dir.path(), json!({}));
+    let mut c = ctx("alice", Some(12.0));
+    f.on_request(&mut c).await.unwrap();
+    served(&f, &mut c, 2).await; // charged $2, not the $5 reserved
+    assert_eq!(c.cost_usd, Some(2.0));
+    let mut c = ctx("alice", Some(12.0));
+    f.on_request(&mut c).await.unwrap(); // 2 spent + 5 reserved ≤ 12
+    let mut d = ctx("alice", Some(12.0));
+    f.on_request(&mut d).await.unwrap(); // 2 + 5 + 5 = 12 ≤ 12
+    let mut e = ctx("alice", Some(12.0));
+    assert_eq!(
+        f.on_request(&mut e).await.unwrap_err().code,
+        "budget_exceeded",
+        "17 > 12"
+    );
+    // Another principal has its own budget.
+    let mut other = ctx("carol", Some(12.0));
+    f.on_request(&mut other).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusal_names_the_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(dir.path(), json!({}));
+    let mut a = ctx("bob", Some(9.0));
+    f.on_request(&mut a).await.unwrap();
+    let mut b = ctx("bob", Some(9.0));
+    let r = f.on_request(&mut b).await.unwrap_err();
+    assert_eq!((r.status.as_u16(), r.code), (429, "budget_exceeded"));
+    assert!(
+        r.message.contains("$9.00 per 1d") && r.message.contains("resets at"),
+        "{}",
+        r.message
+    );
+    assert!(r.headers.iter().any(|(k, _)| k == "retry-after"));
+    assert_eq!(b.reject_reason, Some("principal_budget"));
+    // Rejected elsewhere before reaching a backend: the reservation is released, not charged.
+    f.on_complete(&mut a).await;
+    let mut c = ctx("bob", Some(9.0));
+    f.on_request(&mut c).await.unwrap();
+    // Sent but usage unknown (client gone): the reservation is charged.
+    c.backend = Some("local".into());
+    f.on_complete(&mut c).await;
+    assert_eq!(c.cost_usd, Some(5.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn global_budget_and_unpriced_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(
+        dir.path(),
+        json!({"global": {"max_usd": 7, "period": "1mo"}, "unpriced": "reject"}),
+    );
+    let mut a = ctx("x", None);
+    f.on_request(&mut a).await.unwrap();
+    let mut b = ctx("y", None);
+    let r = f.on_request(&mut b).await.unwrap_err();
+    assert!(r.message.contains("the gateway's budget"), "{}", r.message);
+    let mut c = ctx("x", None);
+    c.model = Some("qwen2.5:7b".into());
+    assert_eq!(
+        f.on_request(&mut c).await.unwrap_err().code,
+        "model_unpriced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn soft_limit_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(dir.path(), json!({"soft_limit": 0.5}));
+    let mut a = ctx("s", Some(20.0));
+    f.on_request(&mut a).await.unwrap(); // 5 of 20 reserved: no warning
+    assert!(!a
+        .response_headers
+        .iter()
+        .any(|(k, _)| k == "x-budget-warning"));
+    let mut b = ctx("s", Some(20.0));
+    f.on_request(&mut b).await.unwrap(); // 10 of 20
+    let warn = b
+        .response_headers
+        .iter()
+        .find(|(k, _)| k == "x-budget-warning")
+        .map(|(_, v)| v.to_str().unwrap().to_string());
+    assert_eq!(
+        warn.as_deref(),
+        Some("50% of the 1d budget of this key used")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ledger_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let f = filter(dir.path(), json!({}));
+        let mut c = ctx("r", Some(10.0));
+        f.on_request(&mut c).await.unwrap();
+        served(&f, &mut c, 4).await;
+        f.shutdown();
+    }
+    let f = filter(dir.path(), json!({}));
+    let mut c = ctx("r", Some(10.0));
+    c.max_tokens = Some(7); // 4 spent + 7 > 10
+    assert_eq!(
+        f.on_request(&mut c).await.unwrap_err().code,
+        "budget_exceeded"
+    );
+    let mut c = ctx("r", Some(10.0));
+    c.max_tokens = Some(6);
+    f.on_request(&mut c).await.unwrap();
+    let rows = report(&dir.path().join("spend.db"), None, None, Some("r")).unwrap();
+    assert_eq!(
+        rows,
+        vec![ReportRow {
+            principal: "r".into(),
+            model: "llama3.1:8b".into(),
+            usd: 4.0,
+            requests: 1
+        }]
+    );
+}
+
+#[test]
+fn option_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+    };
+    let e = build(
+        &json!({"ledger": "s.db", "default": {"max_usd": 5, "period": "1y"}}),
+        &cx,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.path, "default.period");
+    let e = build(
+        &json!({"ledger": "s.db", "prices": [{"model": "*", "per_second": -1}]}),
+        &cx,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.path, "prices");
+    let e = build(&json!({"ledger": "/nonexistent/dir/s.db"}), &cx)
+        .err()
+        .unwrap();
+    assert_eq!(e.path, "ledger");
+    let e = build(
+        &json!({"ledger": "s.db", "prices": [{"model": "*", "cost": 1}]}),
+        &cx,
+    )
+    .err()
+    .unwrap();
+    assert!(e.path.starts_with("prices"), "{e}");
+}

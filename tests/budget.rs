@@ -1,0 +1,355 @@
+//! Budgets through the real binary: charges to the cent in all four wire formats, atomic
+//! reservations under concurrency, persistence across restarts, and the loss after kill -9.
+
+mod support;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+const KEY: &str = "sk-gw-buyer";
+
+/// Keys file with one principal and its budget; prices: `prompt` and `completion` USD per 1M.
+fn config(
+    dir: &std::path::Path,
+    m: &mock_ollama::MockServer,
+    max_usd: f64,
+    prompt: f64,
+    completion: f64,
+    extra: &str,
+) -> String {
+    std::fs::write(
+        dir.join("keys.yaml"),
+        format!(
+            "keys:\n  - id: buyer\n    key_sha256: {}\n    max_usd: {max_usd}\n    period: 1d\n",
+            filter_auth::keygen::hash_key(KEY)
+        ),
+    )
+    .unwrap();
+    format!(
+        "{}filters:\n  - use: auth\n    keys_file: {d}/keys.yaml\n  - use: policy\n    max_output_tokens: 5\n  - use: budget\n    ledger: {d}/spend.db\n    prices:\n      - {{ model: 'llama3.1:*', prompt_per_1m: {prompt}, completion_per_1m: {completion} }}\n{extra}  - use: audit\n    file: {d}/audit.jsonl\n",
+        backends(&[("local", &m.url())]),
+        d = dir.display()
+    )
+}
+
+fn spend_json(dir: &std::path::Path) -> Vec<Value> {
+    let out = Command::new(BIN)
+        .args([
+            "spend",
+            "--ledger",
+            dir.join("spend.db").to_str().unwrap(),
+            "--period",
+            "all",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn cents(usd: f64) -> i64 {
+    (usd * 100.0).round() as i64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_format_is_charged_its_real_usage() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // $0.001 per prompt token, $0.01 per completion token. The mock counts 5 prompt tokens
+    // ("why is the sky blue") and generates 5: $0.055 per request.
+    let mut gw = Gateway::start(&config(dir.path(), &m, 100.0, 1000.0, 10000.0, "")).await;
+    let c = client();
+    let msgs = json!([{"role": "user", "content": "why is the sky blue"}]);
+    let cases = [
+        (
+            "/api/chat",
+            json!({"model": "llama3.1:8b", "messages": msgs}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "llama3.1:8b", "messages": msgs, "stream": false}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": msgs, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": msgs}),
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (path, body) in &cases {
+        let r = c
+            .post(gw.url(path))
+            .bearer_auth(KEY)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+        r.bytes().await.unwrap();
+    }
+    // A stream whose usage never comes (no include_usage) is charged its reservation.
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "llama3.1:8b", "messages": msgs, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let unknown_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let bytes_in =
+        serde_json::to_vec(&json!({"model": "llama3.1:8b", "messages": msgs, "stream": true}))
+            .unwrap()
+            .len();
+    r.bytes().await.unwrap();
+
+    gw.signal("TERM");
+    tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
+    let audit: Vec<Value> = std::fs::read_to_string(dir.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cost = |id: &str| {
+        audit.iter().find(|l| l["request_id"] == id).unwrap()["cost_usd"]
+            .as_f64()
+            .unwrap()
+    };
+    for id in &ids {
+        assert!((cost(id) - 0.055).abs() < 1e-9, "{id}: {}", cost(id));
+    }
+    let reserved = (bytes_in as f64 / 4.0).ceil() * 0.001 + 5.0 * 0.01;
+    assert!(
+        (cost(&unknown_id) - reserved).abs() < 1e-9,
+        "charged {} vs reservation {reserved}",
+        cost(&unknown_id)
+    );
+    let rows = spend_json(dir.path());
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["principal"], "buyer");
+    assert_eq!(rows[0]["requests"], 5);
+    assert_eq!(
+        cents(rows[0]["usd"].as_f64().unwrap()),
+        cents(4.0 * 0.055 + reserved)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_cannot_overspend() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // $0.01 per completion token, 5 tokens per request: $0.05; the budget fits exactly 10.
+    let mut gw = Gateway::start(&config(dir.path(), &m, 0.5, 0.0, 10000.0, "")).await;
+    let url = gw.url("/api/generate");
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r = reqwest::Client::new()
+                    .post(url)
+                    .bearer_auth(KEY)
+                    .header("x-mock-delay-ms", "30")
+                    .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let body: Value = r.json().await.unwrap();
+                (status, body)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => assert_eq!(body["error"]["code"], "budget_exceeded"),
+            s => panic!("unexpected {s}: {body}"),
+        }
+    }
+    assert_eq!(ok, 10, "exactly the 10 requests the budget fits");
+    assert_eq!(m.hits("/api/generate"), 10);
+    // The admin listener reports the account; metrics have the spend.
+    let spend: Value = client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let acct = spend["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["principal"] == "buyer")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            cents(acct["spent_usd"].as_f64().unwrap()),
+            cents(acct["reserved_usd"].as_f64().unwrap())
+        ),
+        (50, 0)
+    );
+    let metrics = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let spent: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "llm_gateway_spend_usd_total{model=\"llama3.1:8b\",principal=\"buyer\"} ",
+            )
+        })
+        .and_then(|v| v.parse().ok())
+        .expect("spend metric");
+    assert_eq!(cents(spent), 50);
+    assert!(
+        metrics.contains("llm_gateway_budget_rejections_total 90"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("llm_gateway_budget_remaining_usd{principal=\"buyer\"} 0"));
+    gw.signal("TERM");
+    tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
+    assert_eq!(
+        cents(spend_json(dir.path())[0]["usd"].as_f64().unwrap()),
+        50,
+        "never more than the budget"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spend_survives_a_restart() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &m, 0.12, 0.0, 10000.0, "");
+    let body = json!({"model": "llama3.1:8b", "prompt": "x", "stream": false});
+    let mut gw = Gateway::start(&cfg).await;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(
+            client()
+                .post(gw.url("/api/generate"))
+                .bearer_auth(KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(codes, [200, 200, 429]);
+    gw.signal("TERM");
+    tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
+
+    let gw = Gateway::start(&cfg).await;
+    let r = client()
+        .post(gw.url("/api/generate"))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "the restarted gateway remembers the spend");
+    let (code, msg) = error_of(r).await;
+    assert_eq!(code, "budget_exceeded");
+    assert!(
+        msg.contains("$0.12 per 1d") && msg.contains("resets at"),
+        "{msg}"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "spend",
+            "--ledger",
+            dir.path().join("spend.db").to_str().unwrap(),
+            "--principal",
+            "buyer",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("buyer") && text.contains("0.1000") && text.contains("total: $0.1000"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_at_most_the_last_commit_window() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &m, 1_000_000.0, 0.0, 10000.0, "");
+    let gw = Gateway::start(&cfg).await;
+    let served = Arc::new(AtomicU32::new(0));
+    let url = gw.url("/api/generate");
+    let start = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, served) = (url.clone(), served.clone());
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                loop {
+                    let r = c
+                        .post(&url)
+                        .bearer_auth(KEY)
+                        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+                        .send()
+                        .await;
+                    let Ok(r) = r else { break };
+                    if r.status() != 200 || r.bytes().await.is_err() {
+                        break;
+                    }
+                    served.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gw.signal("KILL");
+    for w in workers {
+        let _ = w.await;
+    }
+    let elapsed = start.elapsed();
+    let served = served.load(Ordering::SeqCst);
+    let rows = spend_json(dir.path());
+    let ledger = rows.first().map_or(0, |r| r["requests"].as_u64().unwrap()) as u32;
+    let rate = f64::from(served) / elapsed.as_secs_f64();
+    let bound = (rate * 0.25).ceil() as u32 + 4;
+    println!("kill -9: {served} requests served, {ledger} in the ledger, lost {} (bound {bound} = 250 ms at {rate:.0} req/s + 4 in flight)", served - ledger.min(served));
+    assert!(served > 100, "load ran: {served}");
+    assert!(ledger <= served, "nothing is charged twice");
+    assert!(
+        served - ledger <= bound,
+        "lost {} > bound {bound}",
+        served - ledger
+    );
+    // What was committed is intact: a restart reads it.
+    let gw = Gateway::start(&cfg).await;
+    let r = client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
