@@ -45,12 +45,14 @@ fn check_accepts_the_production_example() {
     let dir = tempfile::tempdir().unwrap();
     let pki = support::certs::make(dir.path());
     let audit = dir.path().join("audit.jsonl");
+    let ledger = dir.path().join("spend.db");
     let env = [
         ("GATEWAY_ADDR", "0.0.0.0:8443"),
         ("TLS_CERT", pki.server_cert.to_str().unwrap()),
         ("TLS_KEY", pki.server_key.to_str().unwrap()),
         ("KEYS_FILE", keys),
         ("AUDIT_FILE", audit.to_str().unwrap()),
+        ("LEDGER_FILE", ledger.to_str().unwrap()),
         ("OLLAMA_A", "http://127.0.0.1:11434"),
         ("OLLAMA_B", "http://127.0.0.1:11435"),
     ];
@@ -65,7 +67,7 @@ fn check_accepts_the_production_example() {
         "{out}"
     );
     assert!(
-        out.contains("filters:  ratelimit → auth → policy → ratelimit → audit"),
+        out.contains("filters:  ratelimit → auth → policy → ratelimit → budget → audit"),
         "{out}"
     );
     let (code, _, err) = run(&["check", "--config", f], &[]);
