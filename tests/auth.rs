@@ -4,18 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::json;
 use support::*;
-
-const DEMO_KEY: &str = "sk-gw-demo-key-change-me";
-
-fn conf(name: &str) -> String {
-    format!("{}/../conf/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn chat() -> serde_json::Value {
-    json!({"model": "llama3.1:8b", "stream": false, "messages": [{"role": "user", "content": "hi"}]})
-}
 
 async fn shipped_auth_gateway(m: &mock_ollama::MockServer) -> Gateway {
     Gateway::start(&format!(

@@ -7,8 +7,6 @@ use std::process::Command;
 
 use support::*;
 
-const DEMO_KEY: &str = "sk-gw-demo-key-change-me";
-
 /// Runs a client script; `reached` is how many of its requests must reach the backend
 /// (the refused ones must not).
 async fn run_client(script: &str, reached: u64) {

@@ -12,17 +12,13 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use support::*;
 
-const KEY: &str = "sk-gw-demo-key-change-me";
-
-fn keys() -> String {
-    format!("{}/../conf/keys.yaml", env!("CARGO_MANIFEST_DIR"))
-}
+const KEY: &str = DEMO_KEY;
 
 async fn observed(m: &mock_ollama::MockServer, audit: &std::path::Path) -> Gateway {
     Gateway::start(&format!(
         "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: policy\n  - use: ratelimit\n    key: api_key\n    rate: 100/m\n    burst: 2\n  - use: audit\n    file: {}\n",
         backends(&[("local", &m.url())]),
-        keys(),
+        conf("keys.yaml"),
         audit.display()
     ))
     .await

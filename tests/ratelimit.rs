@@ -9,15 +9,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 use support::*;
 
-const KEY: &str = "sk-gw-demo-key-change-me";
-
-fn keys() -> String {
-    format!("{}/../conf/keys.yaml", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn chat() -> serde_json::Value {
-    json!({"model": "llama3.1:8b", "stream": false, "messages": [{"role": "user", "content": "hi"}]})
-}
+const KEY: &str = DEMO_KEY;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn seed_case_fifty_quick_requests_six_pass() {
@@ -115,7 +107,7 @@ async fn in_flight_cap_counts_streams_and_frees_slots_on_disconnect() {
     let gw = Gateway::start(&format!(
         "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    max_in_flight: 2\n",
         backends(&[("local", &m.url())]),
-        keys()
+        conf("keys.yaml")
     ))
     .await;
     let c = client();
@@ -165,7 +157,7 @@ async fn tokens_per_minute_refuses_once_usage_adds_up() {
     let gw = Gateway::start(&format!(
         "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 25\n",
         backends(&[("local", &m.url())]),
-        keys()
+        conf("keys.yaml")
     ))
     .await;
     let c = client();
@@ -214,7 +206,7 @@ async fn per_ip_before_auth_and_per_key_after() {
     let gw = Gateway::start(&format!(
         "{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 100/m\n    burst: 3\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 100/m\n    burst: 1\n",
         backends(&[("local", &m.url())]),
-        keys()
+        conf("keys.yaml")
     ))
     .await;
     let c = client();

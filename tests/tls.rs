@@ -8,8 +8,6 @@ use std::process::Command;
 use support::certs::{self, Pki};
 use support::*;
 
-const DEMO_KEY: &str = "sk-gw-demo-key-change-me";
-
 /// curl exit code, HTTP status (empty when no response) and HTTP version.
 fn curl(args: &[&str]) -> (i32, String, String) {
     let out = Command::new("curl")

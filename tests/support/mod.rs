@@ -14,6 +14,19 @@ use mock_ollama::{MockConfig, MockServer};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
 
+/// The demo key of `conf/keys.yaml` (principal `demo`).
+pub const DEMO_KEY: &str = "sk-gw-demo-key-change-me";
+
+/// A file of the shipped `conf/` folder.
+pub fn conf(name: &str) -> String {
+    format!("{}/../conf/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A small non-streamed Ollama chat request.
+pub fn chat() -> serde_json::Value {
+    serde_json::json!({"model": "llama3.1:8b", "stream": false, "messages": [{"role": "user", "content": "hi"}]})
+}
+
 /// A port nobody listens on right now (bound then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
