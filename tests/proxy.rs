@@ -307,11 +307,12 @@ async fn bad_json_gets_400_with_position() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn backend_down_gives_502_naming_only_the_backend() {
+async fn backend_down_gives_502_naming_only_the_backend_then_503() {
     let port = free_port();
     let gw = Gateway::start(&backends(&[("gpu-a", &format!("http://127.0.0.1:{port}"))])).await;
     let c = client();
-    for path in ["/api/chat", "/api/tags"] {
+    // Three failures in a row (fail_threshold) each get a 502 naming only the backend.
+    for path in ["/api/chat", "/api/tags", "/api/chat"] {
         let req = if path == "/api/chat" {
             c.post(gw.url(path))
                 .json(&json!({"model": MODEL, "messages": []}))
@@ -335,6 +336,17 @@ async fn backend_down_gives_502_naming_only_the_backend() {
         .unwrap();
     assert_eq!(h["backends"][0]["state"], "down");
     assert_eq!(h["status"], "degraded");
+    // Now every backend is known down: 503 at once, without trying.
+    let start = Instant::now();
+    let resp = c
+        .post(gw.url("/api/chat"))
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_of(resp).await.0, "no_backend_available");
+    assert!(start.elapsed() < Duration::from_millis(500));
 }
 
 #[tokio::test(flavor = "multi_thread")]

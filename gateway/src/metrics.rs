@@ -221,19 +221,3 @@ impl Metrics {
         }
     }
 }
-
-/// Holds one request's place in a backend's in-flight gauge.
-pub struct BackendSlot(IntGauge);
-
-impl BackendSlot {
-    pub fn new(g: IntGauge) -> Self {
-        g.inc();
-        BackendSlot(g)
-    }
-}
-
-impl Drop for BackendSlot {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}

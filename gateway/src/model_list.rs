@@ -22,6 +22,36 @@ pub fn filter(route: Route, body: &[u8], gate: &dyn ModelGate) -> Option<Vec<u8>
     serde_json::to_vec(&v).ok()
 }
 
+/// A model list in the route's format from the merged catalogue (`(name, backend entry)`),
+/// each model once, filtered by `gate`.
+pub fn render(route: Route, catalogue: &[(String, Value)], gate: Option<&dyn ModelGate>) -> String {
+    let allowed = catalogue
+        .iter()
+        .filter(|(name, _)| gate.is_none_or(|g| g.allows(name)));
+    match route {
+        Route::OpenAiModels => {
+            let data: Vec<Value> = allowed
+                .map(|(name, entry)| match entry.get("object") {
+                    Some(_) => entry.clone(),
+                    None => serde_json::json!({"id": entry.get("name").and_then(Value::as_str).unwrap_or(name), "object": "model", "created": 0, "owned_by": "llm-gateway"}),
+                })
+                .collect();
+            serde_json::json!({"object": "list", "data": data}).to_string()
+        }
+        _ => {
+            let models: Vec<Value> = allowed
+                .map(|(name, entry)| match entry.get("id") {
+                    // An OpenAI-compatible backend's model, shown in Ollama's shape.
+                    Some(id) => serde_json::json!({"name": id, "model": id, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "", "details": {}}),
+                    None if entry.get("digest").is_none() => serde_json::json!({"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "", "details": {}}),
+                    None => entry.clone(),
+                })
+                .collect();
+            serde_json::json!({"models": models}).to_string()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

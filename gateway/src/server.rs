@@ -15,7 +15,7 @@ use crate::config::{ConfigError, Settings};
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, InFlight};
 use crate::registry::Registry;
-use crate::router::{BackendPool, RoundRobin, Router};
+use crate::router::{BackendPool, ModelRouter, Router};
 
 /// What `run` needs, all of it checked before Pingora starts.
 pub struct Prepared {
@@ -81,10 +81,8 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
         )
     })?;
     metrics.init_backends(settings.backends.iter().map(|b| &*b.name));
-    let router: Arc<dyn Router> = Arc::new(RoundRobin::new(BackendPool::new(
-        &settings.backends,
-        &settings.limits,
-    )));
+    let pool = BackendPool::new(&settings.backends, &settings.limits, &settings.routing);
+    let router: Arc<dyn Router> = Arc::new(ModelRouter::new(pool, settings.routing.clone()));
     Ok(Prepared {
         gateway: Gateway::new(
             Arc::new(settings),
@@ -111,6 +109,7 @@ pub fn run(prepared: Prepared) -> ! {
     server.bootstrap();
     let in_flight = gateway.in_flight.clone();
     let chain = gateway.chain.clone();
+    let gateway_pool = gateway.router.pool().clone();
     let admin = settings.admin.map(|addr| {
         let app = AdminApp {
             metrics: gateway.metrics.clone(),
@@ -136,6 +135,7 @@ pub fn run(prepared: Prepared) -> ! {
     if let Some(admin) = admin {
         server.add_service(admin);
     }
+    crate::router::spawn_discovery(gateway_pool, &settings.routing);
     spawn_reloader(chain.clone());
     spawn_drain_watcher(
         server.watch_execution_phase(),

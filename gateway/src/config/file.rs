@@ -17,6 +17,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub backends: Vec<BackendEntry>,
     #[serde(default)]
+    pub routing: RoutingSection,
+    #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
     pub server: ServerSection,
@@ -124,6 +126,120 @@ pub struct BackendEntry {
     pub name: Option<String>,
     pub url: String,
     pub kind: BackendKind,
+    /// Relative share of traffic (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Requests the backend takes at once (e.g. Ollama's OLLAMA_NUM_PARALLEL).
+    pub max_in_flight: Option<u32>,
+    /// Pinned model list; discovery is not used for this backend's models.
+    pub models: Option<Vec<String>>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    Usage,
+    LeastBusy,
+    Latency,
+    RoundRobin,
+    Random,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingSection {
+    pub strategy: Strategy,
+    /// Strategy per model glob, e.g. `{ "llama3.1:70b*": least-busy }`.
+    pub per_model: std::collections::BTreeMap<String, Strategy>,
+    /// Extra attempts on other backends before anything reached the client.
+    pub retries: u32,
+    pub fail_threshold: u32,
+    pub cooldown: HumanDuration,
+    pub cooldown_max: HumanDuration,
+    /// Latency strategy: pick among backends within this fraction of the fastest.
+    pub latency_tolerance: f64,
+    /// Residency: a backend with the model loaded is preferred while it has fewer than this
+    /// many requests in flight.
+    pub residency_max_in_flight: u32,
+    pub queue: QueueSection,
+    pub discovery: PollSection,
+    pub health: PollSection,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        use std::time::Duration;
+        RoutingSection {
+            strategy: Strategy::Usage,
+            per_model: Default::default(),
+            retries: 2,
+            fail_threshold: 3,
+            cooldown: HumanDuration(Duration::from_secs(10)),
+            cooldown_max: HumanDuration(Duration::from_secs(300)),
+            latency_tolerance: 0.2,
+            residency_max_in_flight: 4,
+            queue: QueueSection::default(),
+            discovery: PollSection {
+                enabled: true,
+                interval: HumanDuration(Duration::from_secs(10)),
+                timeout: HumanDuration(Duration::from_secs(2)),
+            },
+            health: PollSection {
+                enabled: true,
+                interval: HumanDuration(Duration::from_secs(5)),
+                timeout: HumanDuration(Duration::from_secs(2)),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSection {
+    /// Requests that may wait for a free backend when all are at max_in_flight.
+    pub size: usize,
+    pub timeout: HumanDuration,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        QueueSection {
+            size: 100,
+            timeout: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub interval: HumanDuration,
+    #[serde(default = "two_seconds")]
+    pub timeout: HumanDuration,
+}
+
+impl Default for PollSection {
+    fn default() -> Self {
+        PollSection {
+            enabled: true,
+            interval: HumanDuration(std::time::Duration::from_secs(10)),
+            timeout: two_seconds(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn two_seconds() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(2))
 }
 
 #[derive(Debug, Deserialize)]

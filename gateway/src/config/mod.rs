@@ -9,8 +9,8 @@ mod settings;
 
 use std::path::{Path, PathBuf};
 
-pub use file::BackendKind;
-pub use settings::{BackendSpec, FilterSpec, Limits, ListenerSpec, Settings, TlsSpec};
+pub use file::{BackendKind, Strategy};
+pub use settings::{BackendSpec, FilterSpec, Limits, ListenerSpec, RoutingSpec, Settings, TlsSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

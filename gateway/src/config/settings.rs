@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::file::{BackendEntry, BackendKind, FileConfig, ListenEntry, PolicyDefault};
+use super::file::{
+    BackendEntry, BackendKind, FileConfig, ListenEntry, PolicyDefault, RoutingSection, Strategy,
+};
 
 /// A problem found while validating, as (YAML path, message).
 pub type Invalid = (String, String);
@@ -18,6 +20,7 @@ pub struct Settings {
     pub listen: Vec<ListenerSpec>,
     pub backends: Vec<BackendSpec>,
     pub limits: Limits,
+    pub routing: RoutingSpec,
     pub threads: usize,
     pub drain_timeout: Duration,
     pub filters: Vec<FilterSpec>,
@@ -56,10 +59,31 @@ pub struct TlsSpec {
     pub client_ca: Option<PathBuf>,
 }
 
+/// How backends are chosen, retried and watched.
+#[derive(Debug, Clone)]
+pub struct RoutingSpec {
+    pub strategy: Strategy,
+    pub per_model: Vec<(String, Strategy)>,
+    pub retries: u32,
+    pub fail_threshold: u32,
+    pub cooldown: Duration,
+    pub cooldown_max: Duration,
+    pub latency_tolerance: f64,
+    pub residency_max_in_flight: u32,
+    pub queue_size: usize,
+    pub queue_timeout: Duration,
+    pub discovery_interval: Option<Duration>,
+    pub health_interval: Option<Duration>,
+    pub probe_timeout: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct BackendSpec {
     pub name: Arc<str>,
     pub kind: BackendKind,
+    pub weight: u32,
+    pub max_in_flight: Option<u32>,
+    pub models: Option<Vec<String>>,
     /// Resolved once at load; never looked up on the request path.
     pub addr: SocketAddr,
     /// `host:port` from the URL, sent as the `Host` header (Ollama rejects foreign hosts).
@@ -198,6 +222,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         listen,
         backends,
         limits,
+        routing: routing(&cfg.routing)?,
         threads,
         drain_timeout: cfg.server.drain_timeout.0,
         filters,
@@ -206,6 +231,44 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         admin_token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
         metrics_principal_label: cfg.metrics.principal_label,
         metrics_max_models: cfg.metrics.max_models,
+    })
+}
+
+fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
+    if !(0.0..=10.0).contains(&r.latency_tolerance) {
+        return Err((
+            "routing.latency_tolerance".into(),
+            "a fraction such as 0.2 (within 20% of the fastest)".into(),
+        ));
+    }
+    if r.cooldown.0.is_zero() || r.cooldown_max.0 < r.cooldown.0 {
+        return Err((
+            "routing.cooldown_max".into(),
+            "cooldown must be > 0 and cooldown_max at least cooldown".into(),
+        ));
+    }
+    for (key, p) in [("discovery", &r.discovery), ("health", &r.health)] {
+        if p.enabled && p.interval.0.is_zero() {
+            return Err((
+                format!("routing.{key}.interval"),
+                "must be greater than 0".into(),
+            ));
+        }
+    }
+    Ok(RoutingSpec {
+        strategy: r.strategy,
+        per_model: r.per_model.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        retries: r.retries,
+        fail_threshold: r.fail_threshold.max(1),
+        cooldown: r.cooldown.0,
+        cooldown_max: r.cooldown_max.0,
+        latency_tolerance: r.latency_tolerance,
+        residency_max_in_flight: r.residency_max_in_flight.max(1),
+        queue_size: r.queue.size,
+        queue_timeout: r.queue.timeout.0,
+        discovery_interval: r.discovery.enabled.then_some(r.discovery.interval.0),
+        health_interval: r.health.enabled.then_some(r.health.interval.0),
+        probe_timeout: r.health.timeout.0,
     })
 }
 
@@ -346,9 +409,18 @@ fn backend(b: &BackendEntry) -> Result<BackendSpec, Invalid> {
     if name.is_empty() {
         return Err((".name".into(), "must not be empty".into()));
     }
+    if b.weight == 0 {
+        return Err((".weight".into(), "must be at least 1".into()));
+    }
+    if b.max_in_flight == Some(0) {
+        return Err((".max_in_flight".into(), "must be at least 1".into()));
+    }
     Ok(BackendSpec {
         name: name.into(),
         kind: b.kind,
+        weight: b.weight,
+        max_in_flight: b.max_in_flight,
+        models: b.models.clone(),
         addr,
         authority,
     })

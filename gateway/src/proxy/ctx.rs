@@ -13,8 +13,8 @@ pub struct GwCtx {
     pub(super) answered: bool,
     /// When the first attempt on a backend began.
     pub(super) upstream_started: Option<std::time::Instant>,
-    /// This request's place in its current backend's in-flight gauge.
-    pub(super) backend_slot: Option<crate::metrics::BackendSlot>,
+    /// This request's hold on its current backend (in-flight count, reserved tokens).
+    pub(super) lease: Option<crate::router::Lease>,
 }
 
 impl Default for GwCtx {
@@ -25,7 +25,7 @@ impl Default for GwCtx {
             in_flight: None,
             answered: false,
             upstream_started: None,
-            backend_slot: None,
+            lease: None,
         }
     }
 }

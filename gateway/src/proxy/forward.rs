@@ -2,11 +2,12 @@
 //!
 //! Pingora's connector pools upstream connections; we write the request (header + held
 //! body), stream the response to the client chunk by chunk as it arrives, and feed each chunk
-//! to the usage parser. Before any byte reached the client a connect failure moves on to the
-//! next backend, replaying the same body; after that, nothing is retried.
+//! to the usage parser. Before any byte reached the client, a connect failure, a timeout, a
+//! 5xx or a 429 moves on to another backend (up to `routing.retries` times), replaying the
+//! same body; once a byte was sent, nothing is retried.
 
 use bytes::Bytes;
-use gateway_filter::http::{header, Method};
+use gateway_filter::http::{header, Method, StatusCode};
 use gateway_filter::{error_json, Decision};
 use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_core::Result;
@@ -17,26 +18,92 @@ use pingora_proxy::Session;
 use super::headers::{add_upstream_headers, copy_request_headers, copy_response_headers};
 use super::{respond, Gateway, GwCtx};
 use crate::model_list;
-use crate::router::Backend;
+use crate::router::{Backend, Pick};
 use crate::usage::{Framing, UsageParser};
 
 /// How an attempt on one backend ended.
 enum Attempt {
     /// The client got its full response.
     Done,
-    /// Nothing was sent to the client and the backend did not take the request: try another.
-    Retry(Box<Error>),
+    /// Nothing was sent to the client and the backend failed (`health`: counts against it):
+    /// try another.
+    Retry { err: Box<Error>, health: bool },
     /// Nothing was sent to the client; answer with an error.
     Fail(Box<Error>),
     /// Bytes already reached the client (or it left): the exchange is over, abort it.
     Abort(Box<Error>),
 }
 
+/// Output tokens a request may still produce, for the usage-based strategy.
+fn reserved_tokens(ctx: &GwCtx) -> u64 {
+    ctx.req.max_tokens.unwrap_or(1024)
+}
+
 pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
     let body = held_body(ctx)?;
-    let pool = gw.router.pool();
-    let mut last_err = None;
-    while let Some(idx) = gw.router.pick(&ctx.req, &ctx.tried) {
+    let pool = gw.router.pool().clone();
+    let retries = gw.settings.routing.retries as usize;
+    let mut last_err: Option<Box<Error>> = None;
+    let mut queued_until = None;
+    loop {
+        let idx = match gw.router.pick(&ctx.req, &ctx.tried) {
+            Pick::Backend(i) => i,
+            Pick::Full => {
+                // Every backend that could serve it is at max_in_flight: wait for a slot.
+                let deadline = *queued_until.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + gw.settings.routing.queue_timeout
+                });
+                if tokio::time::Instant::now() >= deadline || !gw.queue_slot() {
+                    return answer(
+                        session,
+                        ctx,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "backends_busy",
+                        "all backends are busy; try again shortly",
+                    )
+                    .await;
+                }
+                pool.wait_freed(deadline).await;
+                gw.queue_release();
+                continue;
+            }
+            Pick::UnknownModel => {
+                let model = ctx.req.model.clone().unwrap_or_default();
+                return answer(
+                    session,
+                    ctx,
+                    StatusCode::NOT_FOUND,
+                    "model_not_found",
+                    &format!("model {model:?} is not served here"),
+                )
+                .await;
+            }
+            Pick::NoneAvailable => {
+                return match last_err {
+                    Some(e) => answer_failure(session, ctx, &e).await,
+                    None if pool.is_empty() => {
+                        answer(
+                            session,
+                            ctx,
+                            StatusCode::BAD_GATEWAY,
+                            "no_backend",
+                            "no backend is configured",
+                        )
+                        .await
+                    }
+                    None => {
+                        answer(
+                            session,
+                            ctx,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no_backend_available",
+                            "no backend is available right now",
+                        )
+                        .await
+                    }
+                };
+            }
+        };
         if !ctx.tried.is_empty() {
             ctx.req.retries += 1;
         }
@@ -44,32 +111,61 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
         let backend = pool.get(idx);
         ctx.req.backend = Some(backend.name.clone());
         gw.begin_attempt(ctx, idx);
-        match attempt(gw, session, ctx, backend, &body).await {
+        ctx.lease = Some(pool.lease(idx, reserved_tokens(ctx)));
+        let may_retry =
+            ctx.tried.len() <= retries && gw.router.has_alternative(&ctx.req, &ctx.tried);
+        match attempt(gw, session, ctx, backend, &body, may_retry).await {
             Attempt::Done => {
-                pool.mark_ok(idx);
+                let status = ctx.req.status;
+                if status < 500 {
+                    pool.mark_ok(idx);
+                } else {
+                    pool.mark_failed(idx);
+                }
+                pool.record(idx, ctx.req.usage.map_or(0, |u| u.total()), ctx.req.ttfb);
                 return Ok(());
             }
-            Attempt::Retry(e) => {
+            Attempt::Retry { err, health } => {
                 log::warn!(
-                    "request {}: backend {} failed before answering: {e}",
+                    "request {}: backend {} failed before answering: {err}",
                     ctx.req.request_id,
                     backend.name
                 );
-                pool.mark_failed(idx);
+                if health {
+                    pool.mark_failed(idx);
+                }
                 gw.count_retry(idx);
-                last_err = Some(e);
+                ctx.lease = None;
+                if !may_retry {
+                    return answer_failure(session, ctx, &err).await;
+                }
+                last_err = Some(err);
             }
             Attempt::Fail(e) => return answer_failure(session, ctx, &e).await,
-            Attempt::Abort(e) => return Err(e),
+            Attempt::Abort(e) => {
+                pool.mark_failed(idx);
+                return Err(e);
+            }
         }
     }
-    match last_err {
-        Some(e) => answer_failure(session, ctx, &e).await,
-        None => {
-            let e = Error::explain(ErrorType::ConnectNoRoute, "no backend configured");
-            answer_failure(session, ctx, &e).await
-        }
-    }
+}
+
+async fn answer(
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    status: StatusCode,
+    code: &'static str,
+    message: &str,
+) -> Result<()> {
+    ctx.req.decision = Decision::Failed { code };
+    respond::json(
+        session,
+        &mut ctx.req,
+        status,
+        error_json(status, code, message),
+        &[],
+    )
+    .await
 }
 
 fn held_body(ctx: &GwCtx) -> Result<Bytes> {
@@ -133,7 +229,12 @@ async fn exchange_header(
     for _ in 0..2 {
         let (mut up, reused) = match gw.connector.get_http_session(&backend.peer).await {
             Ok(s) => s,
-            Err(e) => return Err(Attempt::Retry(e)),
+            Err(e) => {
+                return Err(Attempt::Retry {
+                    err: e,
+                    health: true,
+                })
+            }
         };
         let limits = &gw.settings.limits;
         up.read_timeout = Some(limits.read_timeout);
@@ -154,18 +255,24 @@ async fn exchange_header(
         .await;
         match result {
             Ok(()) => return Ok(up),
+            // A pooled connection the server had closed while idle: once more on a fresh one.
             Err(e) if reused && !is_timeout(&e) => continue,
-            Err(e) if is_timeout(&e) => return Err(Attempt::Fail(e)),
-            Err(e) if up.resp_header().is_none() && matches!(e.etype(), ErrorType::WriteError) => {
-                return Err(Attempt::Retry(e))
+            // Nothing came back: the backend failed this request; another may not.
+            Err(e) => {
+                return Err(Attempt::Retry {
+                    err: e,
+                    health: true,
+                })
             }
-            Err(e) => return Err(Attempt::Fail(e)),
         }
     }
-    Err(Attempt::Fail(Error::explain(
-        ErrorType::ConnectionClosed,
-        "pooled connections kept closing",
-    )))
+    Err(Attempt::Retry {
+        err: Error::explain(
+            ErrorType::ConnectionClosed,
+            "pooled connections kept closing",
+        ),
+        health: true,
+    })
 }
 
 fn is_timeout(e: &Error) -> bool {
@@ -181,11 +288,25 @@ async fn attempt(
     ctx: &mut GwCtx,
     backend: &Backend,
     body: &Bytes,
+    may_retry: bool,
 ) -> Attempt {
     let mut up = match exchange_header(gw, ctx, backend, body).await {
         Ok(up) => up,
         Err(a) => return a,
     };
+    // A failing (5xx) or busy (429) backend: another may answer, and nothing was sent yet.
+    // The upstream connection is dropped, not pooled: its body was not read.
+    if let Some(s) = up.resp_header().map(|h| h.status) {
+        if may_retry && (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS) {
+            return Attempt::Retry {
+                err: Error::explain(
+                    ErrorType::HTTPStatus(s.as_u16()),
+                    format!("backend answered {s}"),
+                ),
+                health: s.is_server_error(),
+            };
+        }
+    }
     let Some(upstream_header) = up.resp_header() else {
         return Attempt::Fail(Error::explain(
             ErrorType::InvalidHTTPHeader,

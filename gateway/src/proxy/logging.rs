@@ -32,7 +32,7 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
             .with_label_values(&[backend])
             .observe(start.elapsed().as_secs_f64());
     }
-    ctx.backend_slot = None;
+    ctx.lease = None;
     let (prompt, completion) = req.usage.map_or((-1, -1), |u| {
         (u.prompt_tokens as i64, u.completion_tokens as i64)
     });

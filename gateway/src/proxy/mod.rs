@@ -49,7 +49,7 @@ pub use respond::health_json;
 
 use crate::chain::FilterChain;
 use crate::config::Settings;
-use crate::metrics::{BackendSlot, Metrics};
+use crate::metrics::Metrics;
 use crate::router::Router;
 
 /// Counts requests between `early_request_filter` and the end of `logging`, so shutdown can
@@ -82,6 +82,8 @@ pub struct Gateway {
     pub router: Arc<dyn Router>,
     pub metrics: Arc<Metrics>,
     pub in_flight: InFlight,
+    /// Requests waiting for a backend slot (bounded by `routing.queue.size`).
+    queued: AtomicUsize,
     connector: Connector,
 }
 
@@ -98,18 +100,28 @@ impl Gateway {
             router,
             metrics,
             in_flight: InFlight::default(),
+            queued: AtomicUsize::new(0),
             connector: Connector::new(None),
         }
     }
 
-    /// An attempt on backend `idx` begins: count it in the backend's in-flight gauge.
-    fn begin_attempt(&self, ctx: &mut GwCtx, idx: usize) {
-        let name = &self.router.pool().get(idx).name;
+    /// An attempt on a backend begins.
+    fn begin_attempt(&self, ctx: &mut GwCtx, _idx: usize) {
         ctx.upstream_started
             .get_or_insert_with(std::time::Instant::now);
-        ctx.backend_slot = Some(BackendSlot::new(
-            self.metrics.backend_in_flight.with_label_values(&[name]),
-        ));
+    }
+
+    /// A place in the bounded queue of requests waiting for a free backend.
+    fn queue_slot(&self) -> bool {
+        let max = self.settings.routing.queue_size;
+        self.queued.fetch_add(1, Ordering::AcqRel) < max || {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            false
+        }
+    }
+
+    fn queue_release(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// An attempt on backend `idx` failed and the request moves on to another one.

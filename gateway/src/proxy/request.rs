@@ -126,6 +126,17 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
         return Ok(true);
     }
 
+    // Model lists are answered from the merged catalogue of all backends when discovery has
+    // one; otherwise they are proxied (and filtered by forward.rs when a filter restricts them).
+    if matches!(ctx.req.route, Route::OllamaModels | Route::OpenAiModels) {
+        if let Some(catalogue) = gw.router.pool().catalogue() {
+            let body =
+                crate::model_list::render(ctx.req.route, &catalogue, ctx.req.model_gate.as_deref());
+            respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
+            ctx.answered = true;
+            return Ok(true);
+        }
+    }
     // Model lists a filter restricted are forwarded by forward.rs too, which filters them.
     if ctx.req.route.is_inference() || ctx.req.model_gate.is_some() {
         ctx.answered = true;

@@ -9,17 +9,33 @@ use pingora_proxy::Session;
 
 use super::headers::{add_upstream_headers, copy_request_headers};
 use super::{Gateway, GwCtx};
+use crate::router::Pick;
+
+/// Error kind for "every backend is down": answered 503 by `fail_to_proxy`.
+pub const NO_BACKEND: &str = "no_backend_available";
 
 pub fn peer(gw: &Gateway, _session: &mut Session, ctx: &mut GwCtx) -> Result<Box<HttpPeer>> {
-    let idx = gw
-        .router
-        .pick(&ctx.req, &ctx.tried)
-        .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no backend left to try"))?;
+    let idx = match gw.router.pick(&ctx.req, &ctx.tried) {
+        Pick::Backend(i) => i,
+        _ if !ctx.tried.is_empty() => {
+            return Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                "no backend left to try",
+            ))
+        }
+        _ => {
+            return Err(Error::explain(
+                ErrorType::Custom(NO_BACKEND),
+                "no backend is available",
+            ))
+        }
+    };
     if !ctx.tried.is_empty() {
         ctx.req.retries += 1;
     }
     ctx.tried.push(idx);
     gw.begin_attempt(ctx, idx);
+    ctx.lease = Some(gw.router.pool().lease(idx, 0));
     let backend = gw.router.pool().get(idx);
     ctx.req.backend = Some(backend.name.clone());
     Ok(Box::new(backend.peer.clone()))
@@ -58,7 +74,8 @@ pub fn fail_to_connect(gw: &Gateway, ctx: &mut GwCtx, mut e: Box<Error>) -> Box<
             pool.get(idx).name
         );
     }
-    if ctx.tried.len() < pool.len() {
+    let retries = gw.settings.routing.retries as usize;
+    if ctx.tried.len() <= retries && gw.router.has_alternative(&ctx.req, &ctx.tried) {
         e.set_retry(true);
         if let Some(&idx) = ctx.tried.last() {
             gw.count_retry(idx);

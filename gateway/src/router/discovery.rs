@@ -1,0 +1,170 @@
+//! Background polling, on its own thread: each backend's models (Ollama `/api/tags` and
+//! `/api/ps`, OpenAI-compatible `/v1/models`) every `discovery.interval`, and a cheap health
+//! probe (Ollama `/api/version`, else `/v1/models`; never an inference call) every
+//! `health.interval`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use pingora_core::connectors::http::v1::Connector;
+use pingora_http::RequestHeader;
+use serde_json::Value;
+
+use super::pool::{canonical_model, BackendPool};
+use crate::config::{BackendKind, RoutingSpec};
+
+/// GET `path` on backend `idx`; the status and the body (capped) on success.
+async fn get(
+    connector: &Connector,
+    pool: &BackendPool,
+    idx: usize,
+    path: &str,
+    timeout: Duration,
+) -> Option<(u16, Vec<u8>)> {
+    let b = pool.get(idx);
+    let fetch = async {
+        let (mut s, _) = connector.get_http_session(&b.peer).await.ok()?;
+        let mut req = RequestHeader::build("GET", path.as_bytes(), Some(3)).ok()?;
+        req.insert_header("host", b.authority.as_str()).ok()?;
+        req.insert_header("accept-encoding", "identity").ok()?;
+        req.insert_header("connection", "close").ok()?;
+        s.write_request_header(Box::new(req)).await.ok()?;
+        s.finish_body().await.ok()?;
+        s.read_response().await.ok()?;
+        let status = s.resp_header()?.status.as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = s.read_body_ref().await.ok()? {
+            if body.len() + chunk.len() > (16 << 20) {
+                return None;
+            }
+            body.extend_from_slice(chunk);
+        }
+        Some((status, body))
+    };
+    tokio::time::timeout(timeout, fetch).await.ok().flatten()
+}
+
+fn json_ok(r: Option<(u16, Vec<u8>)>) -> Option<Value> {
+    match r {
+        Some((200, body)) => serde_json::from_slice(&body).ok(),
+        _ => None,
+    }
+}
+
+async fn discover(connector: &Connector, pool: &BackendPool, idx: usize, timeout: Duration) {
+    let b = pool.get(idx);
+    match b.kind {
+        BackendKind::Ollama => {
+            if let Some(tags) = json_ok(get(connector, pool, idx, "/api/tags", timeout).await) {
+                let entries: Vec<Value> = tags
+                    .get("models")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let names: HashSet<String> = entries
+                    .iter()
+                    .filter_map(|e| {
+                        e.get("name")
+                            .or_else(|| e.get("model"))
+                            .and_then(Value::as_str)
+                    })
+                    .map(canonical_model)
+                    .collect();
+                b.set_models(names, entries);
+            }
+            if let Some(ps) = json_ok(get(connector, pool, idx, "/api/ps", timeout).await) {
+                let loaded = ps
+                    .get("models")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|e| {
+                                e.get("name")
+                                    .or_else(|| e.get("model"))
+                                    .and_then(Value::as_str)
+                            })
+                            .map(canonical_model)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                b.set_loaded(loaded);
+            }
+        }
+        BackendKind::Openai => {
+            if let Some(models) = json_ok(get(connector, pool, idx, "/v1/models", timeout).await) {
+                let entries: Vec<Value> = models
+                    .get("data")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let names = entries
+                    .iter()
+                    .filter_map(|e| e.get("id").and_then(Value::as_str))
+                    .map(canonical_model)
+                    .collect();
+                b.set_models(names, entries);
+            }
+        }
+    }
+}
+
+async fn probe(connector: &Connector, pool: &BackendPool, idx: usize, timeout: Duration) {
+    let path = match pool.get(idx).kind {
+        BackendKind::Ollama => "/api/version",
+        BackendKind::Openai => "/v1/models",
+    };
+    let ok = matches!(
+        get(connector, pool, idx, path, timeout).await,
+        Some((200..=299, _))
+    );
+    pool.set_probe(idx, ok);
+}
+
+/// Starts the polling thread; it runs for the life of the process.
+pub fn spawn(pool: BackendPool, spec: &RoutingSpec) {
+    if pool.is_empty() || (spec.discovery_interval.is_none() && spec.health_interval.is_none()) {
+        return;
+    }
+    let (discovery, health, timeout) = (
+        spec.discovery_interval,
+        spec.health_interval,
+        spec.probe_timeout,
+    );
+    let spawned = std::thread::Builder::new()
+        .name("backend-poller".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("backend poller: cannot start: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let connector = Connector::new(None);
+                let forever = Duration::from_secs(3600 * 24 * 365);
+                let mut d = tokio::time::interval(discovery.unwrap_or(forever));
+                let mut h = tokio::time::interval(health.unwrap_or(forever));
+                loop {
+                    tokio::select! {
+                        _ = d.tick(), if discovery.is_some() => {
+                            for i in 0..pool.len() {
+                                discover(&connector, &pool, i, timeout).await;
+                            }
+                        }
+                        _ = h.tick(), if health.is_some() => {
+                            for i in 0..pool.len() {
+                                probe(&connector, &pool, i, timeout).await;
+                            }
+                        }
+                    }
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        log::error!("backend poller: cannot start: {e}");
+    }
+}

@@ -1,0 +1,188 @@
+//! Choosing a backend for each attempt of a request. The proxy only sees the [`Router`]
+//! trait. `ModelRouter` keeps to healthy backends that serve the request's model, prefers
+//! those that have it loaded, and ranks them by the configured strategy.
+
+mod discovery;
+mod pool;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gateway_filter::glob::wildcard;
+use gateway_filter::RequestCtx;
+
+pub use discovery::spawn as spawn_discovery;
+pub use pool::{canonical_model, Backend, BackendPool, Lease};
+
+use crate::config::{RoutingSpec, Strategy};
+
+/// The outcome of choosing a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    Backend(usize),
+    /// No backend serves the model (all lists are known).
+    UnknownModel,
+    /// Backends serve it but none is up, or all are untried-and-full.
+    NoneAvailable,
+    /// All candidates are at `max_in_flight` (least-busy): wait for a slot.
+    Full,
+}
+
+pub trait Router: Send + Sync {
+    /// A backend for the next attempt, never one in `tried`.
+    fn pick(&self, ctx: &RequestCtx, tried: &[usize]) -> Pick;
+    fn pool(&self) -> &BackendPool;
+    fn strategy_for(&self, model: Option<&str>) -> Strategy;
+    /// Whether another backend than those in `tried` could take the request now.
+    fn has_alternative(&self, ctx: &RequestCtx, tried: &[usize]) -> bool;
+}
+
+pub struct ModelRouter {
+    pool: BackendPool,
+    spec: RoutingSpec,
+    next: AtomicUsize,
+}
+
+impl ModelRouter {
+    pub fn new(pool: BackendPool, spec: RoutingSpec) -> Self {
+        ModelRouter {
+            pool,
+            spec,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Healthy, untried backends that serve `model` (unknown lists count as "maybe").
+    fn candidates(&self, model: Option<&str>, tried: &[usize]) -> Result<Vec<usize>, Pick> {
+        let n = self.pool.len();
+        if n == 0 {
+            return Err(Pick::NoneAvailable);
+        }
+        let serving: Vec<usize> = (0..n)
+            .filter(|&i| model.is_none_or(|m| self.pool.get(i).serves(m) != Some(false)))
+            .collect();
+        if serving.is_empty() {
+            return Err(Pick::UnknownModel);
+        }
+        let up: Vec<usize> = serving
+            .into_iter()
+            .filter(|i| !tried.contains(i) && self.pool.is_up(*i))
+            .collect();
+        if up.is_empty() {
+            return Err(Pick::NoneAvailable);
+        }
+        // Model residency: keep to backends that have the model loaded, unless every one of
+        // them is over the load threshold.
+        if let Some(m) = model {
+            let warm: Vec<usize> = up
+                .iter()
+                .copied()
+                .filter(|&i| self.pool.get(i).has_loaded(m))
+                .collect();
+            let threshold = self.spec.residency_max_in_flight;
+            if !warm.is_empty()
+                && warm.iter().any(|&i| {
+                    !self.pool.get(i).is_full() && self.pool.get(i).in_flight() < threshold
+                })
+            {
+                return Ok(warm);
+            }
+        }
+        Ok(up)
+    }
+
+    fn weighted_pick(&self, c: &[usize], mut ticket: usize) -> usize {
+        let total: usize = c.iter().map(|&i| self.pool.get(i).weight as usize).sum();
+        ticket %= total.max(1);
+        for &i in c {
+            let w = self.pool.get(i).weight as usize;
+            if ticket < w {
+                return i;
+            }
+            ticket -= w;
+        }
+        c[0]
+    }
+
+    /// The minimum of `score / weight` (ties: the first).
+    fn least_by(&self, c: &[usize], score: impl Fn(usize) -> f64) -> usize {
+        let mut best = c[0];
+        let mut best_score = f64::INFINITY;
+        for &i in c {
+            let s = score(i) / f64::from(self.pool.get(i).weight);
+            if s < best_score {
+                best = i;
+                best_score = s;
+            }
+        }
+        best
+    }
+}
+
+impl Router for ModelRouter {
+    fn pick(&self, ctx: &RequestCtx, tried: &[usize]) -> Pick {
+        let model = ctx.model.as_deref();
+        let mut c = match self.candidates(model, tried) {
+            Ok(c) => c,
+            Err(p) => return p,
+        };
+        // A backend at its max_in_flight takes nothing more (any strategy).
+        c.retain(|&i| !self.pool.get(i).is_full());
+        if c.is_empty() {
+            return Pick::Full;
+        }
+        let pick = match self.strategy_for(model) {
+            Strategy::RoundRobin => {
+                self.weighted_pick(&c, self.next.fetch_add(1, Ordering::Relaxed))
+            }
+            Strategy::Random => self.weighted_pick(&c, fastrand::usize(..usize::MAX)),
+            Strategy::LeastBusy => self.least_by(&c, |i| f64::from(self.pool.get(i).in_flight())),
+            Strategy::Usage => self.least_by(&c, |i| self.pool.usage_score(i) as f64),
+            Strategy::Latency => {
+                // Untried backends (no sample) first, so every backend gets measured; then a
+                // random one among those within the tolerance of the fastest.
+                if let Some(&fresh) = c.iter().find(|&&i| self.pool.get(i).ttfb_us() == 0) {
+                    fresh
+                } else {
+                    let best = c
+                        .iter()
+                        .map(|&i| self.pool.get(i).ttfb_us())
+                        .min()
+                        .unwrap_or(0) as f64;
+                    let band: Vec<usize> = c
+                        .iter()
+                        .copied()
+                        .filter(|&i| {
+                            self.pool.get(i).ttfb_us() as f64
+                                <= best * (1.0 + self.spec.latency_tolerance)
+                        })
+                        .collect();
+                    band[fastrand::usize(..band.len())]
+                }
+            }
+        };
+        Pick::Backend(pick)
+    }
+
+    fn pool(&self) -> &BackendPool {
+        &self.pool
+    }
+
+    fn has_alternative(&self, ctx: &RequestCtx, tried: &[usize]) -> bool {
+        self.candidates(ctx.model.as_deref(), tried).is_ok()
+    }
+
+    fn strategy_for(&self, model: Option<&str>) -> Strategy {
+        model
+            .and_then(|m| {
+                self.spec
+                    .per_model
+                    .iter()
+                    .find(|(p, _)| wildcard(p, m))
+                    .map(|(_, s)| *s)
+            })
+            .unwrap_or(self.spec.strategy)
+    }
+}
+
+#[cfg(test)]
+mod tests;

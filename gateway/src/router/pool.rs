@@ -1,0 +1,379 @@
+//! The backends and what the gateway knows of them: health (passive and active), load
+//! (requests and reserved tokens in flight, tokens served in the last minute, time to first
+//! byte), and their models (discovered or pinned).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use pingora_core::upstreams::peer::HttpPeer;
+
+use crate::config::{BackendKind, BackendSpec, Limits, RoutingSpec};
+
+/// `name` as Ollama reads it: no tag means `:latest`.
+pub fn canonical_model(name: &str) -> String {
+    if name.contains(':') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+/// Tokens served in a sliding minute: two fixed 30 s buckets, the older one weighted by how
+/// much of it is still inside the minute.
+#[derive(Default)]
+struct TokenWindow {
+    start_ms: u64,
+    current: u64,
+    previous: u64,
+}
+
+const HALF_MS: u64 = 30_000;
+
+impl TokenWindow {
+    fn roll(&mut self, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.start_ms);
+        if elapsed >= 2 * HALF_MS {
+            self.previous = 0;
+            self.current = 0;
+            self.start_ms = now_ms;
+        } else if elapsed >= HALF_MS {
+            self.previous = self.current;
+            self.current = 0;
+            self.start_ms += HALF_MS;
+        }
+    }
+
+    fn add(&mut self, now_ms: u64, n: u64) {
+        self.roll(now_ms);
+        self.current += n;
+    }
+
+    fn total(&mut self, now_ms: u64) -> u64 {
+        self.roll(now_ms);
+        let into = now_ms.saturating_sub(self.start_ms) as f64 / HALF_MS as f64;
+        self.current + (self.previous as f64 * (1.0 - into)) as u64
+    }
+}
+
+pub struct Backend {
+    pub name: Arc<str>,
+    pub kind: BackendKind,
+    pub authority: String,
+    pub weight: u32,
+    pub max_in_flight: Option<u32>,
+    /// Template peer with the configured timeouts; cloned per attempt.
+    pub peer: HttpPeer,
+    pinned: Option<HashSet<String>>,
+
+    // Health.
+    failures: AtomicU32,
+    down_until_ms: AtomicU64,
+    cooldown_ms: AtomicU64,
+    probe_ok: AtomicBool,
+
+    // Load.
+    in_flight: AtomicU32,
+    reserved: AtomicU64,
+    window: Mutex<TokenWindow>,
+    /// Moving average of time to first byte, in microseconds (0 = no sample yet).
+    ttfb_us: AtomicU64,
+
+    // Models: discovered (`None` until the first successful poll) and loaded right now.
+    models: RwLock<Option<HashSet<String>>>,
+    loaded: RwLock<HashSet<String>>,
+    /// Raw `/api/tags` entries or `/v1/models` ids, for the merged catalogue.
+    pub(super) catalogue: RwLock<Vec<serde_json::Value>>,
+}
+
+impl Backend {
+    fn new(spec: &BackendSpec, limits: &Limits) -> Backend {
+        let mut peer = HttpPeer::new(spec.addr, false, String::new());
+        peer.options.connection_timeout = Some(limits.connect_timeout);
+        peer.options.total_connection_timeout = Some(limits.connect_timeout);
+        peer.options.read_timeout = Some(limits.read_timeout);
+        peer.options.write_timeout = Some(limits.send_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Backend {
+            name: spec.name.clone(),
+            kind: spec.kind,
+            authority: spec.authority.clone(),
+            weight: spec.weight.max(1),
+            max_in_flight: spec.max_in_flight,
+            peer,
+            pinned: spec
+                .models
+                .as_ref()
+                .map(|m| m.iter().map(|s| canonical_model(s)).collect()),
+            failures: AtomicU32::new(0),
+            down_until_ms: AtomicU64::new(0),
+            cooldown_ms: AtomicU64::new(0),
+            probe_ok: AtomicBool::new(true),
+            in_flight: AtomicU32::new(0),
+            reserved: AtomicU64::new(0),
+            window: Mutex::new(TokenWindow::default()),
+            ttfb_us: AtomicU64::new(0),
+            models: RwLock::new(None),
+            loaded: RwLock::new(HashSet::new()),
+            catalogue: RwLock::new(Vec::new()),
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.max_in_flight.is_some_and(|m| self.in_flight() >= m)
+    }
+
+    /// `Some(true)` serves the model, `Some(false)` does not, `None` unknown (no list yet).
+    pub fn serves(&self, model: &str) -> Option<bool> {
+        let m = canonical_model(model);
+        if let Some(p) = &self.pinned {
+            return Some(p.contains(&m));
+        }
+        self.models.read().ok()?.as_ref().map(|s| s.contains(&m))
+    }
+
+    pub fn has_loaded(&self, model: &str) -> bool {
+        self.loaded
+            .read()
+            .is_ok_and(|l| l.contains(&canonical_model(model)))
+    }
+
+    pub fn ttfb_us(&self) -> u64 {
+        self.ttfb_us.load(Ordering::Relaxed)
+    }
+
+    pub fn set_models(&self, models: HashSet<String>, catalogue: Vec<serde_json::Value>) {
+        if let Ok(mut m) = self.models.write() {
+            *m = Some(models);
+        }
+        if let Ok(mut c) = self.catalogue.write() {
+            *c = catalogue;
+        }
+    }
+
+    pub fn set_loaded(&self, loaded: HashSet<String>) {
+        if let Ok(mut l) = self.loaded.write() {
+            *l = loaded;
+        }
+    }
+}
+
+/// A request's hold on a backend: counted in its in-flight load until dropped.
+pub struct Lease {
+    pool: Arc<PoolInner>,
+    idx: usize,
+    reserved: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let b = &self.pool.backends[self.idx];
+        b.in_flight.fetch_sub(1, Ordering::Relaxed);
+        b.reserved.fetch_sub(self.reserved, Ordering::Relaxed);
+        self.pool.freed.notify_waiters();
+    }
+}
+
+pub(super) struct PoolInner {
+    pub backends: Vec<Backend>,
+    epoch: Instant,
+    fail_threshold: u32,
+    cooldown: Duration,
+    cooldown_max: Duration,
+    /// Woken whenever a lease ends (least-busy waiters).
+    pub freed: tokio::sync::Notify,
+}
+
+/// The configured backends with their state. Cheap to clone.
+#[derive(Clone)]
+pub struct BackendPool(pub(super) Arc<PoolInner>);
+
+impl BackendPool {
+    pub fn new(specs: &[BackendSpec], limits: &Limits, routing: &RoutingSpec) -> BackendPool {
+        BackendPool(Arc::new(PoolInner {
+            backends: specs.iter().map(|s| Backend::new(s, limits)).collect(),
+            epoch: Instant::now(),
+            fail_threshold: routing.fail_threshold.max(1),
+            cooldown: routing.cooldown,
+            cooldown_max: routing.cooldown_max,
+            freed: tokio::sync::Notify::new(),
+        }))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.backends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.backends.is_empty()
+    }
+
+    pub fn get(&self, idx: usize) -> &Backend {
+        &self.0.backends[idx]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Backend> {
+        self.0.backends.iter()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.0.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Up: not cooling down after failures and answering its health probe.
+    pub fn is_up(&self, idx: usize) -> bool {
+        let b = &self.0.backends[idx];
+        b.probe_ok.load(Ordering::Relaxed)
+            && b.down_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+    }
+
+    /// A request failed on the backend (connect error, timeout, 5xx). After `fail_threshold`
+    /// consecutive failures it cools down; each further failure doubles the cooldown, to a cap.
+    pub fn mark_failed(&self, idx: usize) {
+        let inner = &self.0;
+        let b = &inner.backends[idx];
+        let n = b.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= inner.fail_threshold {
+            let prev = b.cooldown_ms.load(Ordering::Relaxed);
+            let next = if prev == 0 {
+                inner.cooldown.as_millis() as u64
+            } else {
+                (prev * 2).min(inner.cooldown_max.as_millis() as u64)
+            };
+            b.cooldown_ms.store(next, Ordering::Relaxed);
+            b.down_until_ms
+                .store(self.now_ms() + next, Ordering::Relaxed);
+            log::warn!(
+                "backend {} failed {n} times in a row: cooling down for {next} ms",
+                b.name
+            );
+        }
+    }
+
+    /// A request succeeded: the failure streak and the cooldown reset. (A passing health
+    /// probe does not reset them: a backend that answers probes but fails requests stays out.)
+    pub fn mark_ok(&self, idx: usize) {
+        let b = &self.0.backends[idx];
+        if b.failures.load(Ordering::Relaxed) != 0 {
+            b.failures.store(0, Ordering::Relaxed);
+            b.cooldown_ms.store(0, Ordering::Relaxed);
+            b.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_probe(&self, idx: usize, ok: bool) {
+        let b = &self.0.backends[idx];
+        if b.probe_ok.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                log::info!("backend {} answers its health probe again", b.name);
+            } else {
+                log::warn!("backend {} fails its health probe", b.name);
+            }
+        }
+    }
+
+    /// Counts a request at the backend, with the output tokens it may still produce.
+    pub fn lease(&self, idx: usize, reserved: u64) -> Lease {
+        let b = &self.0.backends[idx];
+        b.in_flight.fetch_add(1, Ordering::Relaxed);
+        b.reserved.fetch_add(reserved, Ordering::Relaxed);
+        Lease {
+            pool: self.0.clone(),
+            idx,
+            reserved,
+        }
+    }
+
+    /// Tokens the backend served, and its time to first byte, after a response.
+    pub fn record(&self, idx: usize, tokens: u64, ttfb: Option<Duration>) {
+        let b = &self.0.backends[idx];
+        if let Ok(mut w) = b.window.lock() {
+            w.add(self.now_ms(), tokens);
+        }
+        if let Some(t) = ttfb {
+            let sample = t.as_micros() as u64;
+            let old = b.ttfb_us.load(Ordering::Relaxed);
+            let new = if old == 0 {
+                sample
+            } else {
+                (old * 4 + sample) / 5
+            };
+            b.ttfb_us.store(new.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Tokens in the last minute plus output tokens reserved by requests in flight.
+    pub fn usage_score(&self, idx: usize) -> u64 {
+        let b = &self.0.backends[idx];
+        let served = b.window.lock().map_or(0, |mut w| w.total(self.now_ms()));
+        served + b.reserved.load(Ordering::Relaxed)
+    }
+
+    /// Waits until some lease ends (or the deadline passes).
+    pub async fn wait_freed(&self, deadline: tokio::time::Instant) {
+        let _ = tokio::time::timeout_at(deadline, self.0.freed.notified()).await;
+    }
+
+    /// The merged model list: every model once, with the first backend's entry for it.
+    pub fn catalogue(&self) -> Option<Vec<(String, serde_json::Value)>> {
+        let mut seen: HashMap<String, serde_json::Value> = HashMap::new();
+        let mut order = Vec::new();
+        let mut any = false;
+        for b in self.iter() {
+            let known = b.pinned.is_some() || b.models.read().is_ok_and(|m| m.is_some());
+            any |= known;
+            if let Some(p) = &b.pinned {
+                for m in p {
+                    if !seen.contains_key(m) {
+                        order.push(m.clone());
+                        seen.insert(m.clone(), serde_json::json!({"name": m, "model": m}));
+                    }
+                }
+                continue;
+            }
+            for entry in b.catalogue.read().map(|c| c.clone()).unwrap_or_default() {
+                let Some(name) = entry
+                    .get("name")
+                    .or_else(|| entry.get("id"))
+                    .and_then(|n| n.as_str())
+                else {
+                    continue;
+                };
+                let key = canonical_model(name);
+                if !seen.contains_key(&key) {
+                    order.push(key.clone());
+                    seen.insert(key, entry);
+                }
+            }
+        }
+        any.then(|| {
+            order
+                .into_iter()
+                .filter_map(|k| seen.remove(&k).map(|v| (k, v)))
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_window_slides() {
+        let mut w = TokenWindow::default();
+        w.add(0, 100);
+        assert_eq!(w.total(10_000), 100);
+        w.add(31_000, 50);
+        // The first bucket is still fully counted a moment after it closed…
+        assert!(w.total(31_000) >= 145);
+        // …and fades out over the next 30 s.
+        assert_eq!(w.total(59_999), 50);
+        assert_eq!(w.total(200_000), 0);
+    }
+}

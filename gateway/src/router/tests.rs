@@ -1,0 +1,174 @@
+use std::collections::HashSet;
+use std::time::Duration;
+
+use gateway_filter::http::Method;
+
+use super::*;
+use crate::config::{BackendKind, BackendSpec, Limits};
+
+fn spec(strategy: Strategy) -> RoutingSpec {
+    RoutingSpec {
+        strategy,
+        per_model: vec![("big:*".into(), Strategy::LeastBusy)],
+        retries: 2,
+        fail_threshold: 3,
+        cooldown: Duration::from_millis(100),
+        cooldown_max: Duration::from_millis(300),
+        latency_tolerance: 0.2,
+        residency_max_in_flight: 2,
+        queue_size: 10,
+        queue_timeout: Duration::from_secs(1),
+        discovery_interval: None,
+        health_interval: None,
+        probe_timeout: Duration::from_secs(1),
+    }
+}
+
+fn router(strategy: Strategy, weights: &[u32]) -> ModelRouter {
+    let specs: Vec<BackendSpec> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| BackendSpec {
+            name: format!("b{i}").into(),
+            kind: BackendKind::Ollama,
+            weight: *w,
+            max_in_flight: None,
+            models: None,
+            addr: ([127, 0, 0, 1], 10_000 + i as u16).into(),
+            authority: format!("127.0.0.1:{}", 10_000 + i),
+        })
+        .collect();
+    let limits = Limits {
+        max_body: 1,
+        connect_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(1),
+        send_timeout: Duration::from_secs(1),
+        client_body_timeout: Duration::from_secs(1),
+    };
+    let s = spec(strategy);
+    ModelRouter::new(BackendPool::new(&specs, &limits, &s), s)
+}
+
+fn ctx(model: Option<&str>) -> RequestCtx {
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/api/chat".into());
+    c.model = model.map(str::to_string);
+    c
+}
+
+fn set(names: &[&str]) -> HashSet<String> {
+    names.iter().map(|s| canonical_model(s)).collect()
+}
+
+fn counts(r: &ModelRouter, c: &RequestCtx, n: usize) -> Vec<usize> {
+    let mut out = vec![0; r.pool().len()];
+    for _ in 0..n {
+        match r.pick(c, &[]) {
+            Pick::Backend(i) => out[i] += 1,
+            p => panic!("{p:?}"),
+        }
+    }
+    out
+}
+
+#[test]
+fn round_robin_is_even_and_weighted() {
+    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
+    let c = counts(&r, &ctx(None), 100);
+    assert!(
+        c.iter().max().unwrap() - c.iter().min().unwrap() <= 1,
+        "{c:?}"
+    );
+    let r = router(Strategy::RoundRobin, &[1, 3]);
+    assert_eq!(counts(&r, &ctx(None), 400), [100, 300]);
+    let r = router(Strategy::Random, &[1, 3]);
+    let c = counts(&r, &ctx(None), 4000);
+    assert!((2700..3300).contains(&c[1]), "{c:?}");
+}
+
+#[test]
+fn models_decide_the_candidates() {
+    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
+    let p = r.pool();
+    p.get(0).set_models(set(&["llama3.1:8b"]), vec![]);
+    p.get(1).set_models(set(&["qwen2.5:7b"]), vec![]);
+    // b2's list is unknown: it may serve anything.
+    assert_eq!(counts(&r, &ctx(Some("qwen2.5:7b")), 10)[0], 0);
+    p.get(2).set_models(set(&["llama3.1:8b"]), vec![]);
+    assert_eq!(
+        counts(&r, &ctx(Some("qwen2.5:7b")), 10),
+        [0, 10, 0],
+        "a model on one backend only always goes there"
+    );
+    assert_eq!(r.pick(&ctx(Some("mistral")), &[]), Pick::UnknownModel);
+    assert_eq!(r.pick(&ctx(Some("qwen2.5:7b")), &[1]), Pick::NoneAvailable);
+}
+
+#[test]
+fn residency_prefers_loaded_until_busy() {
+    let r = router(Strategy::RoundRobin, &[1, 1]);
+    let p = r.pool();
+    p.get(1).set_loaded(set(&["llama3.1:8b"]));
+    assert_eq!(counts(&r, &ctx(Some("llama3.1:8b")), 6), [0, 6]);
+    let _a = p.lease(1, 0);
+    let _b = p.lease(1, 0); // at the residency threshold (2): the cold box is used too
+    assert!(counts(&r, &ctx(Some("llama3.1:8b")), 6)[0] > 0);
+}
+
+#[test]
+fn usage_counts_reserved_tokens_in_flight() {
+    let r = router(Strategy::Usage, &[1, 1]);
+    let p = r.pool();
+    p.record(0, 5_000, None);
+    assert_eq!(r.pick(&ctx(None), &[]), Pick::Backend(1));
+    let _long = p.lease(1, 8_000); // a long generation is running on b1
+    assert_eq!(r.pick(&ctx(None), &[]), Pick::Backend(0));
+}
+
+#[test]
+fn least_busy_skips_full_and_per_model_strategy() {
+    let r = router(Strategy::Usage, &[1, 1]);
+    assert_eq!(r.strategy_for(Some("big:70b")), Strategy::LeastBusy);
+    assert_eq!(r.strategy_for(Some("small")), Strategy::Usage);
+    let p = r.pool();
+    let _x = p.lease(0, 0);
+    assert_eq!(r.pick(&ctx(Some("big:70b")), &[]), Pick::Backend(1));
+}
+
+#[test]
+fn passive_health_cools_down_with_backoff() {
+    let r = router(Strategy::RoundRobin, &[1, 1]);
+    let p = r.pool();
+    p.mark_failed(0);
+    p.mark_failed(0);
+    assert!(p.is_up(0), "below the threshold");
+    p.mark_failed(0);
+    assert!(!p.is_up(0));
+    assert_eq!(counts(&r, &ctx(None), 4), [0, 4]);
+    std::thread::sleep(Duration::from_millis(120));
+    assert!(p.is_up(0), "after the cooldown it is tried again");
+    p.mark_failed(0); // still failing: 200 ms now
+    std::thread::sleep(Duration::from_millis(120));
+    assert!(!p.is_up(0), "the cooldown doubled");
+    p.set_probe(1, false);
+    assert_eq!(r.pick(&ctx(None), &[]), Pick::NoneAvailable, "all down");
+    p.mark_ok(0);
+    p.set_probe(1, true);
+    assert!(p.is_up(0) && p.is_up(1));
+}
+
+#[test]
+fn latency_prefers_fast_backends_within_tolerance() {
+    let r = router(Strategy::Latency, &[1, 1, 1]);
+    let p = r.pool();
+    p.record(0, 0, Some(Duration::from_millis(100)));
+    p.record(1, 0, Some(Duration::from_millis(110)));
+    assert_eq!(
+        r.pick(&ctx(None), &[]),
+        Pick::Backend(2),
+        "an unmeasured backend is tried first"
+    );
+    p.record(2, 0, Some(Duration::from_millis(500)));
+    let c = counts(&r, &ctx(None), 200);
+    assert_eq!(c[2], 0);
+    assert!(c[0] > 50 && c[1] > 50, "both fast ones share: {c:?}");
+}
