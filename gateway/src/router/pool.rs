@@ -2,7 +2,7 @@
 //! (requests and reserved tokens in flight, tokens served in the last minute, time to first
 //! byte), and their models (discovered or pinned).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -321,42 +321,30 @@ impl BackendPool {
 
     /// The merged model list: every model once, with the first backend's entry for it.
     pub fn catalogue(&self) -> Option<Vec<(String, serde_json::Value)>> {
-        let mut seen: HashMap<String, serde_json::Value> = HashMap::new();
-        let mut order = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut out = Vec::new();
         let mut any = false;
+        let mut add = |key: String, entry: serde_json::Value| {
+            if seen.insert(key.clone()) {
+                out.push((key, entry));
+            }
+        };
         for b in self.iter() {
-            let known = b.pinned.is_some() || b.models.read().is_ok_and(|m| m.is_some());
-            any |= known;
+            any |= b.pinned.is_some() || b.models.read().is_ok_and(|m| m.is_some());
             if let Some(p) = &b.pinned {
                 for m in p {
-                    if !seen.contains_key(m) {
-                        order.push(m.clone());
-                        seen.insert(m.clone(), serde_json::json!({"name": m, "model": m}));
-                    }
+                    add(m.clone(), serde_json::json!({"name": m, "model": m}));
                 }
                 continue;
             }
             for entry in b.catalogue.read().map(|c| c.clone()).unwrap_or_default() {
-                let Some(name) = entry
-                    .get("name")
-                    .or_else(|| entry.get("id"))
-                    .and_then(|n| n.as_str())
-                else {
-                    continue;
-                };
-                let key = canonical_model(name);
-                if !seen.contains_key(&key) {
-                    order.push(key.clone());
-                    seen.insert(key, entry);
+                let name = entry.get("name").or_else(|| entry.get("id")).and_then(|n| n.as_str()).map(canonical_model);
+                if let Some(key) = name {
+                    add(key, entry);
                 }
             }
         }
-        any.then(|| {
-            order
-                .into_iter()
-                .filter_map(|k| seen.remove(&k).map(|v| (k, v)))
-                .collect()
-        })
+        any.then_some(out)
     }
 }
 
