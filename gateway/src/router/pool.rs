@@ -338,7 +338,11 @@ impl BackendPool {
                 continue;
             }
             for entry in b.catalogue.read().map(|c| c.clone()).unwrap_or_default() {
-                let name = entry.get("name").or_else(|| entry.get("id")).and_then(|n| n.as_str()).map(canonical_model);
+                let name = entry
+                    .get("name")
+                    .or_else(|| entry.get("id"))
+                    .and_then(|n| n.as_str())
+                    .map(canonical_model);
                 if let Some(key) = name {
                     add(key, entry);
                 }

@@ -7,7 +7,8 @@
 //! Per-request knobs travel as headers (so they pass through the gateway untouched):
 //! `x-mock-chunks: N`, `x-mock-delay-ms: N` (between chunks), `x-mock-fail: MODE`.
 //! Process-wide failure injection: [`MockServer::set_fail`] or `POST /_mock/fail {"mode":…}`.
-//! Modes: `none`, `error500`, `error429`, `hang`, `close-mid-stream`, `refuse`.
+//! Modes: `none`, `error500`, `error429`, `error500-inference`, `hang`, `close-mid-stream`,
+//! `refuse`.
 
 mod formats;
 mod server;

@@ -233,6 +233,19 @@ fn streamed(
     resp
 }
 
+fn body_is_inference(path: &str) -> bool {
+    matches!(
+        path,
+        "/api/chat"
+            | "/api/generate"
+            | "/api/embed"
+            | "/api/embeddings"
+            | "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/embeddings"
+    )
+}
+
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.parse().ok()
 }
@@ -303,7 +316,13 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
             ))
         }
         FailMode::Hang => std::future::pending::<()>().await,
-        FailMode::None | FailMode::CloseMidStream => {}
+        FailMode::Error500Inference if body_is_inference(&path) => {
+            return Ok(json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({"error": "mock: injected failure"}),
+            ))
+        }
+        FailMode::None | FailMode::CloseMidStream | FailMode::Error500Inference => {}
     }
 
     let m = &parts.method;
@@ -364,7 +383,15 @@ fn inference(
             )
         };
     };
-    if !cfg.models.iter().any(|m| m == model) {
+    // Like Ollama, a name without a tag means `:latest`.
+    let tagged = |m: &str| {
+        if m.contains(':') {
+            m.to_string()
+        } else {
+            format!("{m}:latest")
+        }
+    };
+    if !cfg.models.iter().any(|m| tagged(m) == tagged(model)) {
         let msg = format!("model \"{model}\" not found, try pulling it first");
         return if openai {
             json_response(
@@ -459,7 +486,7 @@ fn control_route(method: &Method, route: &str, body: &[u8], shared: &Shared) -> 
                 }
                 None => json_response(
                     StatusCode::BAD_REQUEST,
-                    &json!({"error": "body must be {\"mode\": \"none|error500|error429|hang|close-mid-stream|refuse\"}"}),
+                    &json!({"error": "body must be {\"mode\": \"none|error500|error429|error500-inference|hang|close-mid-stream|refuse\"}"}),
                 ),
             }
         }

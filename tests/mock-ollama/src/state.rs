@@ -13,6 +13,8 @@ pub enum FailMode {
     Error500,
     /// Answer 429, as a busy server does.
     Error429,
+    /// Answer 500 on inference routes only: health probes and model lists still work.
+    Error500Inference,
     /// Accept the request and never answer.
     Hang,
     /// Send the response header and the first chunks, then drop the connection.
@@ -27,6 +29,7 @@ impl FailMode {
             "none" | "" => FailMode::None,
             "error500" => FailMode::Error500,
             "error429" => FailMode::Error429,
+            "error500-inference" => FailMode::Error500Inference,
             "hang" => FailMode::Hang,
             "close-mid-stream" => FailMode::CloseMidStream,
             "refuse" => FailMode::Refuse,
