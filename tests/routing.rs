@@ -409,3 +409,55 @@ async fn a_stream_broken_mid_way_ends_with_an_error_and_is_audited() {
     assert_eq!(line["decision"], "failed:backend_broke_stream");
     assert_eq!(line["status"], 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_backends_queue_requests_until_a_slot_frees_or_the_deadline() {
+    let m = mocks([ALL, ALL, ALL]).await;
+    let list = format!(
+        "backends:\n  - {{ name: a, url: '{}', kind: ollama, max_in_flight: 1 }}\n  - {{ name: b, url: '{}', kind: ollama, max_in_flight: 1 }}\n",
+        m[0].url(),
+        m[1].url()
+    );
+    for (timeout, want) in [("5s", 200u16), ("150ms", 503)] {
+        let gw = Gateway::start(&format!(
+            "{list}routing: {{ strategy: least-busy, queue: {{ size: 10, timeout: {timeout} }}, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\n"
+        ))
+        .await;
+        let slow = |c: reqwest::Client, url: String| async move {
+            let r = c
+                .post(url)
+                .header("x-mock-chunks", "5")
+                .header("x-mock-delay-ms", "100")
+                .json(&json!({"model": MODEL, "messages": []}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body = r.bytes().await.unwrap();
+            (status, body)
+        };
+        let c = client();
+        let a = tokio::spawn(slow(c.clone(), gw.url("/api/chat")));
+        let b = tokio::spawn(slow(c.clone(), gw.url("/api/chat")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let start = Instant::now();
+        let (status, body) = slow(c.clone(), gw.url("/api/chat")).await;
+        assert_eq!(
+            status,
+            want,
+            "queue timeout {timeout}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        if want == 200 {
+            assert!(
+                start.elapsed() >= Duration::from_millis(250),
+                "it waited for a slot: {:?}",
+                start.elapsed()
+            );
+        } else {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error"]["code"], "backends_busy");
+        }
+        assert_eq!((a.await.unwrap().0, b.await.unwrap().0), (200, 200));
+    }
+}
