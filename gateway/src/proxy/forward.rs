@@ -143,7 +143,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
             }
             Attempt::Fail(e) => return answer_failure(session, ctx, &e).await,
             Attempt::Abort(e) => {
-                pool.mark_failed(idx);
+                // A client leaving is not the backend's fault; a backend breaking its stream is.
+                if e.esource() == &pingora_error::ErrorSource::Upstream {
+                    pool.mark_failed(idx);
+                }
                 return Err(e);
             }
         }
@@ -347,7 +350,7 @@ async fn attempt(
     }
     let end_now = up.is_body_done();
     if let Err(e) = session.write_response_header(Box::new(resp), end_now).await {
-        return Attempt::Abort(e);
+        return Attempt::Abort(e.into_down());
     }
     ctx.req.ttfb = Some(ctx.req.started.elapsed());
     if end_now {
@@ -371,7 +374,7 @@ async fn attempt(
                 ctx.req.decision = Decision::Failed {
                     code: "backend_broke_stream",
                 };
-                return Attempt::Abort(e);
+                return Attempt::Abort(e.into_up());
             }
         };
         ctx.req.bytes_out += chunk.len() as u64;
@@ -379,12 +382,12 @@ async fn attempt(
             ctx.req.decision = Decision::Failed {
                 code: "client_disconnected",
             };
-            return Attempt::Abort(e);
+            return Attempt::Abort(e.into_down());
         }
     }
     ctx.req.usage = parser.finish();
     if let Err(e) = session.write_response_body(None, true).await {
-        return Attempt::Abort(e);
+        return Attempt::Abort(e.into_down());
     }
     gw.connector
         .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
@@ -436,7 +439,7 @@ async fn filtered_list(
     }
     ctx.req.bytes_out = filtered.len() as u64;
     if let Err(e) = session.write_response_header(Box::new(resp), false).await {
-        return Attempt::Abort(e);
+        return Attempt::Abort(e.into_down());
     }
     ctx.req.ttfb = Some(ctx.req.started.elapsed());
     match session
@@ -444,6 +447,6 @@ async fn filtered_list(
         .await
     {
         Ok(()) => Attempt::Done,
-        Err(e) => Attempt::Abort(e),
+        Err(e) => Attempt::Abort(e.into_down()),
     }
 }

@@ -193,6 +193,18 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
+    /// A client that leaves mid-response is normal (Ctrl-C, a closed tab): not an error worth
+    /// a log line. It is still recorded in the audit line and metrics.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &GwCtx, e: &Error) -> bool {
+        e.esource() == &pingora_error::ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                pingora_error::ErrorType::WriteError
+                    | pingora_error::ErrorType::ReadError
+                    | pingora_error::ErrorType::ConnectionClosed
+            )
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
