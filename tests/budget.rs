@@ -183,22 +183,30 @@ async fn concurrent_requests_cannot_overspend() {
     }
     assert_eq!(ok, 10, "exactly the 10 requests the budget fits");
     assert_eq!(m.hits("/api/generate"), 10);
-    // The admin listener reports the account; metrics have the spend.
-    let spend: Value = client()
-        .get(gw.admin_url("/admin/spend"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let acct = spend["accounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["principal"] == "buyer")
-        .unwrap()
-        .clone();
+    // The admin listener reports the account; metrics have the spend. Charges are settled
+    // just after each response is sent, so give the last ones a moment.
+    let mut acct = Value::Null;
+    for _ in 0..50 {
+        let spend: Value = client()
+            .get(gw.admin_url("/admin/spend"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        acct = spend["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["principal"] == "buyer")
+            .unwrap()
+            .clone();
+        if cents(acct["reserved_usd"].as_f64().unwrap()) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         (
             cents(acct["spent_usd"].as_f64().unwrap()),

@@ -311,13 +311,21 @@ async fn metrics_after_known_traffic() {
     let gw = observed(&m, &dir.path().join("audit.jsonl")).await;
     traffic(&gw).await;
     wait_lines(&dir.path().join("audit.jsonl"), 6).await;
-    let resp = client().get(gw.admin_url("/metrics")).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain; version=0.0.4"));
-    let text = resp.text().await.unwrap();
+    // Metrics are recorded just after a request's audit line is queued: poll briefly.
+    let mut text = String::new();
+    for _ in 0..50 {
+        let resp = client().get(gw.admin_url("/metrics")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        text = resp.text().await.unwrap();
+        if value(&samples(&text), "llm_gateway_requests_total", &[]) >= 6.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let s = samples(&text);
     let req = |status: &str| value(&s, "llm_gateway_requests_total", &[("status", status)]);
     assert_eq!(

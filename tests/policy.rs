@@ -478,3 +478,44 @@ fn property_no_disguised_admin_route_reaches_the_backend() {
         .all(|r| r.path == "/api/chat" || r.path == "/api/generate"));
     drop(gw);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shape_limits_stop_requests_before_the_backend() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "  - use: policy\n    max_prompt_chars: 20\n    max_headers: 20\n    max_header_bytes: 2KiB\n").await;
+    let c = client();
+    let key = auth(USER_KEY);
+    let r = c
+        .post(gw.url("/api/generate"))
+        .header("authorization", &key)
+        .json(&json!({"model": "llama3.1:8b", "prompt": "x".repeat(21), "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of(r).await.0, "prompt_too_long");
+    let mut req = c.get(gw.url("/v1/models")).header("authorization", &key);
+    for i in 0..25 {
+        req = req.header(format!("x-extra-{i}"), "v");
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(error_of(r).await.0, "request_header_fields_too_large");
+    let r = c
+        .get(gw.url("/v1/models"))
+        .header("authorization", &key)
+        .header("x-big", "b".repeat(3000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(m.total(), 0, "none of them reached the backend");
+    let r = c
+        .post(gw.url("/api/generate"))
+        .header("authorization", &key)
+        .json(&json!({"model": "llama3.1:8b", "prompt": "x".repeat(20), "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "at the limit passes");
+}

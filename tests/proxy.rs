@@ -437,7 +437,14 @@ async fn client_leaving_mid_stream_is_harmless() {
         drop(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let h: serde_json::Value = client().get(gw.url("/health")).send().await.unwrap().json().await.unwrap();
+    let h: serde_json::Value = client()
+        .get(gw.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(h["backends"][0]["state"], "up");
     assert!(!gw.log().contains("ERROR"), "{}", gw.log());
     let resp = client()

@@ -10,6 +10,11 @@ use llm_gateway::cli::{summary, Cli, Command, KeysCommand};
 use llm_gateway::config;
 use llm_gateway::registry::Registry;
 
+// glibc's malloc showed up at ~9% of a proxy thread's profile; mimalloc's per-thread heaps
+// make the many small per-request allocations (headers, JSON, request ids) cheaper.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
