@@ -64,6 +64,17 @@ pub enum Decision {
     Failed { code: &'static str },
 }
 
+/// `allowed`, `FILTER:CODE` or `failed:CODE`, as audit lines and logs write it.
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Allowed => f.write_str("allowed"),
+            Decision::Rejected { filter, code } => write!(f, "{filter}:{code}"),
+            Decision::Failed { code } => write!(f, "failed:{code}"),
+        }
+    }
+}
+
 /// Everything known about one request, shared by the proxy and the filters.
 #[derive(Debug)]
 pub struct RequestCtx {

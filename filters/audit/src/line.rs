@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use gateway_filter::{Decision, RequestCtx};
+use gateway_filter::RequestCtx;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -78,14 +78,6 @@ fn ms(d: Option<std::time::Duration>) -> Option<f64> {
     d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)
 }
 
-pub fn decision(d: &Decision) -> String {
-    match d {
-        Decision::Allowed => "allowed".into(),
-        Decision::Rejected { filter, code } => format!("{filter}:{code}"),
-        Decision::Failed { code } => format!("failed:{code}"),
-    }
-}
-
 impl<'a> AuditLine<'a> {
     pub fn new(ctx: &'a RequestCtx, capture_prompts: bool) -> AuditLine<'a> {
         let started = SystemTime::now() - ctx.started.elapsed();
@@ -109,7 +101,7 @@ impl<'a> AuditLine<'a> {
                 .map(|t| t.iter().map(|s| s.chars().count()).sum()),
             stream: ctx.stream,
             status: ctx.status,
-            decision: decision(&ctx.decision),
+            decision: ctx.decision.to_string(),
             reason: ctx.reject_reason,
             backend: ctx.backend.as_deref(),
             retries: ctx.retries,

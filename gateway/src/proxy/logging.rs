@@ -33,28 +33,26 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
             .observe(start.elapsed().as_secs_f64());
     }
     ctx.lease = None;
-    let (prompt, completion) = req.usage.map_or((-1, -1), |u| {
-        (u.prompt_tokens as i64, u.completion_tokens as i64)
-    });
-    let decision = match &req.decision {
-        Decision::Allowed => "allowed".to_string(),
-        Decision::Rejected { filter, code } => format!("{filter}:{code}"),
-        Decision::Failed { code } => format!("failed:{code}"),
-    };
-    log::debug!(
-        "access id={} client={} method={} path={} route={} model={} backend={} status={} decision={decision} reason={} principal={} retries={} ms={} prompt_tokens={prompt} completion_tokens={completion}",
-        req.request_id,
-        req.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-        req.method,
-        req.path,
-        req.route.as_str(),
-        req.model.as_deref().unwrap_or("-"),
-        req.backend.as_deref().unwrap_or("-"),
-        req.status,
-        req.reject_reason.unwrap_or("-"),
-        req.principal.as_ref().map_or("-", |p| p.id.as_str()),
-        req.retries,
-        req.duration.unwrap_or_default().as_millis(),
-    );
+    if log::log_enabled!(log::Level::Debug) {
+        let (prompt, completion) = req.usage.map_or((-1, -1), |u| {
+            (u.prompt_tokens as i64, u.completion_tokens as i64)
+        });
+        log::debug!(
+            "access id={} client={} method={} path={} route={} model={} backend={} status={} decision={} reason={} principal={} retries={} ms={} prompt_tokens={prompt} completion_tokens={completion}",
+            req.request_id,
+            req.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            req.method,
+            req.path,
+            req.route.as_str(),
+            req.model.as_deref().unwrap_or("-"),
+            req.backend.as_deref().unwrap_or("-"),
+            req.status,
+            req.decision,
+            req.reject_reason.unwrap_or("-"),
+            req.principal.as_ref().map_or("-", |p| p.id.as_str()),
+            req.retries,
+            req.duration.unwrap_or_default().as_millis(),
+        );
+    }
     ctx.in_flight = None;
 }
