@@ -101,7 +101,8 @@ async fn every_format_is_charged_its_real_usage() {
         ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
         r.bytes().await.unwrap();
     }
-    // A stream whose usage never comes (no include_usage) is charged its reservation.
+    // An OpenAI stream whose client did not ask for usage: the gateway asks the backend for
+    // it, charges the real usage, and the client's stream has no usage-only event.
     let r = c
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(KEY)
@@ -109,12 +110,32 @@ async fn every_format_is_charged_its_real_usage() {
         .send()
         .await
         .unwrap();
+    ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(
+        text.contains("tok4") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("\"choices\":[]"),
+        "the client did not ask for the usage event: {text}"
+    );
+    // A stream whose usage never comes (the backend dies mid-way) is charged its reservation.
+    let broken = json!({"model": "llama3.1:8b", "messages": msgs});
+    let r = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth(KEY)
+        .header("x-mock-fail", "close-mid-stream")
+        .header("x-mock-delay-ms", "30")
+        .json(&broken)
+        .send()
+        .await
+        .unwrap();
     let unknown_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    let bytes_in =
-        serde_json::to_vec(&json!({"model": "llama3.1:8b", "messages": msgs, "stream": true}))
-            .unwrap()
-            .len();
-    r.bytes().await.unwrap();
+    let bytes_in = serde_json::to_vec(&broken).unwrap().len();
+    let status = r.status();
+    let res = r.bytes().await;
+    assert!(res.is_err(), "{status} {res:?}");
 
     gw.signal("TERM");
     tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
@@ -140,10 +161,10 @@ async fn every_format_is_charged_its_real_usage() {
     let rows = spend_json(dir.path());
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["principal"], "buyer");
-    assert_eq!(rows[0]["requests"], 5);
+    assert_eq!(rows[0]["requests"], 6);
     assert_eq!(
         cents(rows[0]["usd"].as_f64().unwrap()),
-        cents(4.0 * 0.055 + reserved)
+        cents(5.0 * 0.055 + reserved)
     );
 }
 

@@ -160,6 +160,98 @@ impl UsageParser {
     }
 }
 
+/// Removes the usage-only SSE event (`"choices": []` with a `usage` object) from an OpenAI
+/// stream, for clients that did not ask for it: the gateway asks the backend for usage
+/// (`stream_options.include_usage`) so it can count tokens, and the client gets the stream
+/// it asked for. Complete events pass at once; only an unfinished event is held back.
+#[derive(Debug, Default)]
+pub struct UsageEventStripper {
+    pending: Vec<u8>,
+}
+
+static EVENT_END_LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+static EVENT_END_CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+
+fn is_usage_only(event: &[u8]) -> bool {
+    if USAGE_KEY.find(event).is_none() {
+        return false;
+    }
+    #[derive(Deserialize)]
+    struct Ev {
+        choices: Option<Vec<serde_json::Value>>,
+        usage: Option<serde_json::Value>,
+    }
+    event.split(|&b| b == b'\n').any(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return false;
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        serde_json::from_slice::<Ev>(data).is_ok_and(|e| {
+            e.choices.is_some_and(|c| c.is_empty()) && e.usage.is_some_and(|u| u.is_object())
+        })
+    })
+}
+
+impl UsageEventStripper {
+    /// The bytes of `chunk` to pass on now (possibly none).
+    pub fn filter(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut start = 0;
+        loop {
+            let rest = &self.pending[start..];
+            let end = match (EVENT_END_LF.find(rest), EVENT_END_CRLF.find(rest)) {
+                (Some(a), Some(b)) if b < a => b + 4,
+                (Some(a), _) => a + 2,
+                (None, Some(b)) => b + 4,
+                (None, None) => break,
+            };
+            let event = &rest[..end];
+            if !is_usage_only(event) {
+                out.extend_from_slice(event);
+            }
+            start += end;
+        }
+        self.pending.drain(..start);
+        out
+    }
+
+    /// Whatever is left when the stream ends (an unterminated last event).
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// For an OpenAI stream whose client did not ask for usage, asks the backend for it
+/// (`stream_options.include_usage: true`). Returns whether it did: then the usage event must
+/// be removed from what the client gets ([`UsageEventStripper`]).
+pub fn request_stream_usage(ctx: &mut gateway_filter::RequestCtx) -> bool {
+    use gateway_filter::Route;
+    if !ctx.stream || !matches!(ctx.route, Route::OpenAiChat | Route::OpenAiCompletions) {
+        return false;
+    }
+    let Some(obj) = ctx.json.as_mut().and_then(serde_json::Value::as_object_mut) else {
+        return false;
+    };
+    let asked = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(serde_json::Value::as_bool);
+    if asked == Some(true) {
+        return false;
+    }
+    let opts = obj
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::json!({}));
+    let Some(opts) = opts.as_object_mut() else {
+        return false;
+    };
+    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+    ctx.body_rewritten = true;
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +339,65 @@ mod tests {
             }
             assert_eq!(p.finish(), Some(want), "{framing:?} byte by byte");
         }
+    }
+
+    #[test]
+    fn strips_only_the_usage_event_at_every_split() {
+        let want: Vec<u8> = OPENAI_SSE
+            .replace("data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":12,\"total_tokens\":21}}\n\n", "")
+            .into_bytes();
+        assert_ne!(want.len(), OPENAI_SSE.len());
+        let b = OPENAI_SSE.as_bytes();
+        for cut in 0..=b.len() {
+            let mut s = UsageEventStripper::default();
+            let mut got = s.filter(&b[..cut]);
+            got.extend(s.filter(&b[cut..]));
+            got.extend(s.finish());
+            assert_eq!(got, want, "split at {cut}");
+        }
+        // Events without usage pass through at once, whole.
+        let mut s = UsageEventStripper::default();
+        assert_eq!(
+            s.filter(b"data: {\"choices\":[{}]}\n\nda"),
+            b"data: {\"choices\":[{}]}\n\n"
+        );
+        assert_eq!(s.filter(b"ta: [DONE]\n\n"), b"data: [DONE]\n\n");
+    }
+
+    #[test]
+    fn asks_for_usage_only_when_the_client_did_not() {
+        use gateway_filter::http::Method;
+        let mut c = gateway_filter::RequestCtx::new(
+            String::new(),
+            Method::POST,
+            "/v1/chat/completions".into(),
+        );
+        c.stream = true;
+        c.json = Some(serde_json::json!({"model": "m", "stream": true}));
+        assert!(request_stream_usage(&mut c));
+        assert_eq!(
+            c.json.as_ref().unwrap()["stream_options"]["include_usage"],
+            true
+        );
+        assert!(c.body_rewritten);
+        let mut c2 = gateway_filter::RequestCtx::new(
+            String::new(),
+            Method::POST,
+            "/v1/chat/completions".into(),
+        );
+        c2.stream = true;
+        c2.json = Some(
+            serde_json::json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}}),
+        );
+        assert!(!request_stream_usage(&mut c2));
+        let mut c3 =
+            gateway_filter::RequestCtx::new(String::new(), Method::POST, "/api/chat".into());
+        c3.stream = true;
+        c3.json = Some(serde_json::json!({"model": "m"}));
+        assert!(
+            !request_stream_usage(&mut c3),
+            "Ollama streams always end with counts"
+        );
     }
 
     #[test]

@@ -11,6 +11,9 @@ pub struct GwCtx {
     pub(super) in_flight: Option<InFlightGuard>,
     /// The response was written by the gateway itself (health, rejection, forward.rs).
     pub(super) answered: bool,
+    /// The gateway asked the backend for stream usage the client did not ask for: the usage
+    /// event is removed from the client's stream.
+    pub(super) strip_usage_event: bool,
     /// When the first attempt on a backend began.
     pub(super) upstream_started: Option<std::time::Instant>,
     /// This request's hold on its current backend (in-flight count, reserved tokens).
@@ -24,6 +27,7 @@ impl Default for GwCtx {
             tried: Vec::new(),
             in_flight: None,
             answered: false,
+            strip_usage_event: false,
             upstream_started: None,
             lease: None,
         }

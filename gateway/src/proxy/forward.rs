@@ -19,7 +19,7 @@ use super::headers::{add_upstream_headers, copy_request_headers, copy_response_h
 use super::{respond, Gateway, GwCtx};
 use crate::model_list;
 use crate::router::{Backend, Pick};
-use crate::usage::{Framing, UsageParser};
+use crate::usage::{Framing, UsageEventStripper, UsageParser};
 
 /// How an attempt on one backend ended.
 enum Attempt {
@@ -40,6 +40,7 @@ fn reserved_tokens(ctx: &GwCtx) -> u64 {
 }
 
 pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
+    ctx.strip_usage_event = crate::usage::request_stream_usage(&mut ctx.req);
     let body = held_body(ctx)?;
     let pool = gw.router.pool().clone();
     let retries = gw.settings.routing.retries as usize;
@@ -361,11 +362,16 @@ async fn attempt(
     }
 
     let mut parser = UsageParser::new(framing);
+    let mut stripper =
+        (ctx.strip_usage_event && framing == Framing::Sse).then(UsageEventStripper::default);
     loop {
         let chunk = match up.read_body_ref().await {
             Ok(Some(chunk)) => {
                 parser.feed(chunk);
-                Bytes::copy_from_slice(chunk)
+                match stripper.as_mut() {
+                    Some(s) => Bytes::from(s.filter(chunk)),
+                    None => Bytes::copy_from_slice(chunk),
+                }
             }
             Ok(None) => break,
             Err(e) => {
@@ -386,6 +392,19 @@ async fn attempt(
         }
     }
     ctx.req.usage = parser.finish();
+    if let Some(rest) = stripper
+        .as_mut()
+        .map(|s| s.finish())
+        .filter(|r| !r.is_empty())
+    {
+        ctx.req.bytes_out += rest.len() as u64;
+        if let Err(e) = session
+            .write_response_body(Some(Bytes::from(rest)), false)
+            .await
+        {
+            return Attempt::Abort(e.into_down());
+        }
+    }
     if let Err(e) = session.write_response_body(None, true).await {
         return Attempt::Abort(e.into_down());
     }
