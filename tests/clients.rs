@@ -48,7 +48,7 @@ async fn run_client(script: &str, reached: u64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_python_client() {
-    run_client("openai_client.py", 4).await;
+    run_client("openai_client.py", 5).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

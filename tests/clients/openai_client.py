@@ -32,6 +32,12 @@ for chunk in stream:
 assert "".join(chunks).startswith("tok0 tok1"), chunks
 assert usage is not None and usage.completion_tokens == 5, usage
 
+# Without include_usage the client gets no usage event (the gateway still counts tokens).
+plain = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], stream=True))
+assert all(c.usage is None for c in plain), plain
+assert all(c.choices for c in plain), "no usage-only chunk reaches a client that did not ask"
+assert "".join(c.choices[0].delta.content or "" for c in plain).startswith("tok0"), plain
+
 emb = client.embeddings.create(model=model, input="hello world")
 assert len(emb.data[0].embedding) == 4, emb
 
