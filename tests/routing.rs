@@ -209,7 +209,7 @@ async fn model_aware_choice_residency_catalogue_and_unknown_models() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_dying_mid_run_costs_no_client_a_failure() {
     let m = mocks([ALL, ALL, ALL]).await;
-    let gw = Gateway::start(&format!("{}routing: {{ strategy: round-robin, discovery: {{ enabled: false, interval: 1h }}, health: {{ interval: 100ms }} }}\n", three(&m))).await;
+    let gw = Gateway::start(&format!("{}routing: {{ strategy: round-robin, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\n", three(&m))).await;
     let ok = Arc::new(AtomicU32::new(0));
     let failed = Arc::new(AtomicU32::new(0));
     let mut workers = Vec::new();
@@ -228,6 +228,7 @@ async fn a_backend_dying_mid_run_costs_no_client_a_failure() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
+    // Passive detection only (no probes), so requests do meet the dead backend and move on.
     m[1].set_fail(FailMode::Refuse);
     for w in workers {
         w.await.unwrap();
@@ -426,7 +427,7 @@ async fn full_backends_queue_requests_until_a_slot_frees_or_the_deadline() {
         let slow = |c: reqwest::Client, url: String| async move {
             let r = c
                 .post(url)
-                .header("x-mock-chunks", "5")
+                .header("x-mock-chunks", "10")
                 .header("x-mock-delay-ms", "100")
                 .json(&json!({"model": MODEL, "messages": []}))
                 .send()
@@ -439,7 +440,13 @@ async fn full_backends_queue_requests_until_a_slot_frees_or_the_deadline() {
         let c = client();
         let a = tokio::spawn(slow(c.clone(), gw.url("/api/chat")));
         let b = tokio::spawn(slow(c.clone(), gw.url("/api/chat")));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Both backends are busy once the mocks have seen both requests.
+        for _ in 0..200 {
+            if m[0].hits("/api/chat") + m[1].hits("/api/chat") >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let start = Instant::now();
         let (status, body) = slow(c.clone(), gw.url("/api/chat")).await;
         assert_eq!(
@@ -459,5 +466,7 @@ async fn full_backends_queue_requests_until_a_slot_frees_or_the_deadline() {
             assert_eq!(v["error"]["code"], "backends_busy");
         }
         assert_eq!((a.await.unwrap().0, b.await.unwrap().0), (200, 200));
+        m[0].reset();
+        m[1].reset();
     }
 }

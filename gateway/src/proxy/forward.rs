@@ -105,6 +105,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 };
             }
         };
+        // Another request may have taken the backend's last slot since the pick: pick again.
+        let Some(lease) = pool.try_lease(idx, reserved_tokens(ctx)) else {
+            continue;
+        };
         if !ctx.tried.is_empty() {
             ctx.req.retries += 1;
         }
@@ -112,7 +116,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
         let backend = pool.get(idx);
         ctx.req.backend = Some(backend.name.clone());
         gw.begin_attempt(ctx, idx);
-        ctx.lease = Some(pool.lease(idx, reserved_tokens(ctx)));
+        ctx.lease = Some(lease);
         let may_retry =
             ctx.tried.len() <= retries && gw.router.has_alternative(&ctx.req, &ctx.tried);
         match attempt(gw, session, ctx, backend, &body, may_retry).await {

@@ -289,6 +289,36 @@ impl BackendPool {
         }
     }
 
+    /// Like [`Self::lease`], but only if the backend is below its `max_in_flight`, checked and
+    /// taken in one atomic step so concurrent requests cannot overfill it.
+    pub fn try_lease(&self, idx: usize, reserved: u64) -> Option<Lease> {
+        let b = &self.0.backends[idx];
+        let Some(max) = b.max_in_flight else {
+            return Some(self.lease(idx, reserved));
+        };
+        let mut cur = b.in_flight.load(Ordering::Relaxed);
+        loop {
+            if cur >= max {
+                return None;
+            }
+            match b.in_flight.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        b.reserved.fetch_add(reserved, Ordering::Relaxed);
+        Some(Lease {
+            pool: self.0.clone(),
+            idx,
+            reserved,
+        })
+    }
+
     /// Tokens the backend served, and its time to first byte, after a response.
     pub fn record(&self, idx: usize, tokens: u64, ttfb: Option<Duration>) {
         let b = &self.0.backends[idx];

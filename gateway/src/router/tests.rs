@@ -172,3 +172,40 @@ fn latency_prefers_fast_backends_within_tolerance() {
     assert_eq!(c[2], 0);
     assert!(c[0] > 50 && c[1] > 50, "both fast ones share: {c:?}");
 }
+
+#[test]
+fn max_in_flight_cannot_be_overfilled_by_a_race() {
+    let specs = vec![BackendSpec {
+        name: "solo".into(),
+        kind: BackendKind::Ollama,
+        weight: 1,
+        max_in_flight: Some(3),
+        models: None,
+        addr: ([127, 0, 0, 1], 10_000).into(),
+        authority: "127.0.0.1:10000".into(),
+    }];
+    let limits = Limits {
+        max_body: 1,
+        connect_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(1),
+        send_timeout: Duration::from_secs(1),
+        client_body_timeout: Duration::from_secs(1),
+    };
+    let pool = BackendPool::new(&specs, &limits, &spec(Strategy::LeastBusy));
+    let leases = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                for _ in 0..100 {
+                    if let Some(l) = pool.try_lease(0, 0) {
+                        leases.lock().unwrap().push(l);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(leases.lock().unwrap().len(), 3);
+    assert_eq!(pool.get(0).in_flight(), 3);
+    leases.lock().unwrap().clear();
+    assert_eq!(pool.get(0).in_flight(), 0, "leases give their slot back");
+}
