@@ -67,14 +67,6 @@ impl FilterChain {
         self.filters.iter().map(|f| f.name()).collect()
     }
 
-    pub fn len(&self) -> usize {
-        self.filters.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.filters.is_empty()
-    }
-
     /// Runs `on_request` in order; the first rejection stops the chain and is recorded in
     /// `ctx.decision`.
     pub async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {

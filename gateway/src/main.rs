@@ -220,19 +220,6 @@ fn audit(
     Ok(())
 }
 
-/// Month bounds `[YYYY-MM-01, next month's 01)` as ledger day strings.
-fn month_bounds(year: i64, month: u32) -> (String, String) {
-    let (ny, nm) = if month == 12 {
-        (year + 1, 1)
-    } else {
-        (year, month + 1)
-    };
-    (
-        format!("{year:04}-{month:02}-01"),
-        format!("{ny:04}-{nm:02}-01"),
-    )
-}
-
 fn spend(ledger: &Path, period: &str, principal: Option<&str>, json: bool) -> Result<(), String> {
     let bounds = match period {
         "all" => None,
@@ -242,7 +229,7 @@ fn spend(ledger: &Path, period: &str, principal: Option<&str>, json: bool) -> Re
                 today[..4].parse().unwrap_or(1970),
                 today[5..7].parse().unwrap_or(1),
             );
-            Some(month_bounds(y, m))
+            Some(filter_budget::month_days(y, m))
         }
         p => {
             let bad = || format!("--period {p:?}: use current, all or YYYY-MM");
@@ -251,7 +238,7 @@ fn spend(ledger: &Path, period: &str, principal: Option<&str>, json: bool) -> Re
             if !(1..=12).contains(&m) {
                 return Err(bad());
             }
-            Some(month_bounds(y, m))
+            Some(filter_budget::month_days(y, m))
         }
     };
     let (from, to) = match &bounds {

@@ -9,6 +9,7 @@ mod filter;
 pub mod glob;
 mod options;
 pub mod path;
+pub mod prompt;
 mod rejection;
 mod route;
 pub mod units;

@@ -17,7 +17,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
-pub use line::{prompt_sha256, prompt_texts, AuditLine};
+pub use gateway_filter::prompt::prompt_texts;
+pub use line::{prompt_sha256, AuditLine};
 use writer::{Msg, SinkSpec};
 
 fn counter(name: &str, help: &str) -> IntCounter {

@@ -2,35 +2,10 @@
 
 use std::time::SystemTime;
 
+use gateway_filter::prompt::prompt_texts;
 use gateway_filter::RequestCtx;
 use serde::Serialize;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
-
-/// The prompt texts the model receives, in order: every string `content` of `messages` (and
-/// the `text` of OpenAI content parts), then `prompt`, then `input` (a string or each string
-/// of an array). Other fields (images, tool definitions, options) are not prompt text.
-pub fn prompt_texts(body: &Value) -> Vec<&str> {
-    fn collect<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
-        match v {
-            Value::String(s) => out.push(s),
-            Value::Array(items) => items.iter().for_each(|i| collect(i, out)),
-            Value::Object(o) => {
-                if let Some(t) = o.get("content").or_else(|| o.get("text")) {
-                    collect(t, out);
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    for key in ["messages", "prompt", "input"] {
-        if let Some(v) = body.get(key) {
-            collect(v, &mut out);
-        }
-    }
-    out
-}
 
 /// SHA-256 over each prompt text's UTF-8 bytes followed by one 0x1E (record separator) byte,
 /// so ["ab", "c"] and ["a", "bc"] differ and identical prompts hash the same.

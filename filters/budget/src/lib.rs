@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use book::{Book, Budget};
 pub use ledger::{report, ReportRow};
-pub use period::{day_of, now_secs, Period};
+pub use period::{civil, day_of, month_days, now_secs, Period};
 use prices::{usd_to_nano, Nano, Price, PriceTable};
 
 /// The reserved principal id of the whole-gateway budget.

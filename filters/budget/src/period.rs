@@ -50,6 +50,13 @@ pub fn day_of(secs: i64) -> String {
     day_string(secs.div_euclid(86_400))
 }
 
+/// The ledger day keys `[first day, first day of the next month)` of a calendar month.
+pub fn month_days(year: i64, month: u32) -> (String, String) {
+    let start = days_from_civil(year, month, 1);
+    let (_, end) = Period::Month.span(start * 86_400).unwrap_or((start, start));
+    (day_string(start), day_string(end))
+}
+
 impl Period {
     pub fn parse(s: &str) -> Result<Period, String> {
         Ok(match s.trim() {
@@ -151,6 +158,14 @@ mod tests {
             Some(days_from_civil(2027, 1, 1) * 86_400)
         );
         assert_eq!(Period::Total.key(t), "total");
+        assert_eq!(
+            month_days(2026, 12),
+            ("2026-12-01".to_string(), "2027-01-01".to_string())
+        );
+        assert_eq!(
+            month_days(2028, 2),
+            ("2028-02-01".to_string(), "2028-03-01".to_string())
+        );
         assert!(Period::parse("1y").is_err());
     }
 }

@@ -92,19 +92,15 @@ pub fn check_types(route: Route, body: &Value) -> Result<(), Rejection> {
 /// Characters of prompt text the model receives: message contents (and their text parts),
 /// `prompt`, `input`, `system`.
 pub fn prompt_chars(body: &Value) -> usize {
-    fn text(v: &Value) -> usize {
-        match v {
-            Value::String(s) => s.chars().count(),
-            Value::Array(items) => items.iter().map(text).sum(),
-            Value::Object(o) => o.get("text").or_else(|| o.get("content")).map_or(0, text),
-            _ => 0,
-        }
-    }
-    ["messages", "prompt", "input", "system"]
+    let system = body
+        .get("system")
+        .and_then(Value::as_str)
+        .map_or(0, |s| s.chars().count());
+    gateway_filter::prompt::prompt_texts(body)
         .iter()
-        .filter_map(|k| body.get(*k))
-        .map(text)
-        .sum()
+        .map(|t| t.chars().count())
+        .sum::<usize>()
+        + system
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]

@@ -20,6 +20,14 @@ pub struct GwCtx {
     pub(super) lease: Option<crate::router::Lease>,
 }
 
+impl GwCtx {
+    /// An attempt on a backend begins: the upstream time starts at the first one.
+    pub(super) fn begin_attempt(&mut self) {
+        self.upstream_started
+            .get_or_insert_with(std::time::Instant::now);
+    }
+}
+
 impl Default for GwCtx {
     fn default() -> Self {
         GwCtx {

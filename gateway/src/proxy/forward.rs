@@ -115,7 +115,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
         ctx.tried.push(idx);
         let backend = pool.get(idx);
         ctx.req.backend = Some(backend.name.clone());
-        gw.begin_attempt(ctx, idx);
+        ctx.begin_attempt();
         ctx.lease = Some(lease);
         let may_retry =
             ctx.tried.len() <= retries && gw.router.has_alternative(&ctx.req, &ctx.tried);

@@ -105,12 +105,6 @@ impl Gateway {
         }
     }
 
-    /// An attempt on a backend begins.
-    fn begin_attempt(&self, ctx: &mut GwCtx, _idx: usize) {
-        ctx.upstream_started
-            .get_or_insert_with(std::time::Instant::now);
-    }
-
     /// A place in the bounded queue of requests waiting for a free backend.
     fn queue_slot(&self) -> bool {
         let max = self.settings.routing.queue_size;

@@ -34,7 +34,7 @@ pub fn peer(gw: &Gateway, _session: &mut Session, ctx: &mut GwCtx) -> Result<Box
         ctx.req.retries += 1;
     }
     ctx.tried.push(idx);
-    gw.begin_attempt(ctx, idx);
+    ctx.begin_attempt();
     ctx.lease = Some(gw.router.pool().lease(idx, 0));
     let backend = gw.router.pool().get(idx);
     ctx.req.backend = Some(backend.name.clone());
