@@ -7,6 +7,7 @@
 mod ctx;
 mod filter;
 pub mod glob;
+pub mod model_name;
 mod options;
 pub mod path;
 pub mod prompt;

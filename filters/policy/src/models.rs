@@ -1,32 +1,24 @@
 //! Model allow-lists: exact names and `*` globs; a name without a tag means `:latest`, as
 //! Ollama reads it.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use gateway_filter::{ModelGate, Principal};
 
 use gateway_filter::glob::wildcard;
-
-fn with_tag(name: &str) -> Cow<'_, str> {
-    if name.contains(':') {
-        Cow::Borrowed(name)
-    } else {
-        Cow::Owned(format!("{name}:latest"))
-    }
-}
+use gateway_filter::model_name::canonical_model;
 
 /// Whether `model` is in `list`; an empty list allows every model.
 pub fn list_allows(list: &[String], model: &str) -> bool {
     if list.is_empty() {
         return true;
     }
-    let model = with_tag(model);
+    let model = canonical_model(model);
     list.iter().any(|p| {
         if p.contains('*') {
             wildcard(p, &model)
         } else {
-            with_tag(p) == model
+            canonical_model(p) == model
         }
     })
 }

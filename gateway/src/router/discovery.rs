@@ -68,7 +68,7 @@ async fn discover(connector: &Connector, pool: &BackendPool, idx: usize, timeout
                             .or_else(|| e.get("model"))
                             .and_then(Value::as_str)
                     })
-                    .map(canonical_model)
+                    .map(|n| canonical_model(n).into_owned())
                     .collect();
                 b.set_models(names, entries);
             }
@@ -83,7 +83,7 @@ async fn discover(connector: &Connector, pool: &BackendPool, idx: usize, timeout
                                     .or_else(|| e.get("model"))
                                     .and_then(Value::as_str)
                             })
-                            .map(canonical_model)
+                            .map(|n| canonical_model(n).into_owned())
                             .collect()
                     })
                     .unwrap_or_default();
@@ -100,7 +100,7 @@ async fn discover(connector: &Connector, pool: &BackendPool, idx: usize, timeout
                 let names = entries
                     .iter()
                     .filter_map(|e| e.get("id").and_then(Value::as_str))
-                    .map(canonical_model)
+                    .map(|n| canonical_model(n).into_owned())
                     .collect();
                 b.set_models(names, entries);
             }

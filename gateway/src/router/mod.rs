@@ -57,34 +57,38 @@ impl ModelRouter {
         if n == 0 {
             return Err(Pick::NoneAvailable);
         }
-        let serving: Vec<usize> = (0..n)
-            .filter(|&i| model.is_none_or(|m| self.pool.get(i).serves(m) != Some(false)))
-            .collect();
-        if serving.is_empty() {
+        // One pass, one allocation: the backends that may serve the model and are up.
+        let model = model.map(canonical_model);
+        let mut serving = false;
+        let mut up = Vec::with_capacity(n);
+        for i in 0..n {
+            if model
+                .as_deref()
+                .is_some_and(|m| self.pool.get(i).serves(m) == Some(false))
+            {
+                continue;
+            }
+            serving = true;
+            if !tried.contains(&i) && self.pool.is_up(i) {
+                up.push(i);
+            }
+        }
+        if !serving {
             return Err(Pick::UnknownModel);
         }
-        let up: Vec<usize> = serving
-            .into_iter()
-            .filter(|i| !tried.contains(i) && self.pool.is_up(*i))
-            .collect();
         if up.is_empty() {
             return Err(Pick::NoneAvailable);
         }
         // Model residency: keep to backends that have the model loaded, unless every one of
         // them is over the load threshold.
-        if let Some(m) = model {
-            let warm: Vec<usize> = up
-                .iter()
-                .copied()
-                .filter(|&i| self.pool.get(i).has_loaded(m))
-                .collect();
+        if let Some(m) = model.as_deref() {
             let threshold = self.spec.residency_max_in_flight;
-            if !warm.is_empty()
-                && warm.iter().any(|&i| {
-                    !self.pool.get(i).is_full() && self.pool.get(i).in_flight() < threshold
-                })
-            {
-                return Ok(warm);
+            let warm_with_room = up.iter().any(|&i| {
+                let b = self.pool.get(i);
+                b.has_loaded(m) && !b.is_full() && b.in_flight() < threshold
+            });
+            if warm_with_room {
+                up.retain(|&i| self.pool.get(i).has_loaded(m));
             }
         }
         Ok(up)

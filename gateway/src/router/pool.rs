@@ -11,14 +11,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 
 use crate::config::{BackendKind, BackendSpec, Limits, RoutingSpec};
 
-/// `name` as Ollama reads it: no tag means `:latest`.
-pub fn canonical_model(name: &str) -> String {
-    if name.contains(':') {
-        name.to_string()
-    } else {
-        format!("{name}:latest")
-    }
-}
+pub use gateway_filter::model_name::canonical_model;
 
 /// Tokens served in a sliding minute: two fixed 30 s buckets, the older one weighted by how
 /// much of it is still inside the minute.
@@ -105,7 +98,7 @@ impl Backend {
             pinned: spec
                 .models
                 .as_ref()
-                .map(|m| m.iter().map(|s| canonical_model(s)).collect()),
+                .map(|m| m.iter().map(|s| canonical_model(s).into_owned()).collect()),
             failures: AtomicU32::new(0),
             down_until_ms: AtomicU64::new(0),
             cooldown_ms: AtomicU64::new(0),
@@ -129,18 +122,17 @@ impl Backend {
     }
 
     /// `Some(true)` serves the model, `Some(false)` does not, `None` unknown (no list yet).
+    /// `model` must already be in [`canonical_model`] form.
     pub fn serves(&self, model: &str) -> Option<bool> {
-        let m = canonical_model(model);
         if let Some(p) = &self.pinned {
-            return Some(p.contains(&m));
+            return Some(p.contains(model));
         }
-        self.models.read().ok()?.as_ref().map(|s| s.contains(&m))
+        self.models.read().ok()?.as_ref().map(|s| s.contains(model))
     }
 
+    /// Whether the model (in [`canonical_model`] form) is loaded in memory right now.
     pub fn has_loaded(&self, model: &str) -> bool {
-        self.loaded
-            .read()
-            .is_ok_and(|l| l.contains(&canonical_model(model)))
+        self.loaded.read().is_ok_and(|l| l.contains(model))
     }
 
     pub fn ttfb_us(&self) -> u64 {
@@ -372,7 +364,7 @@ impl BackendPool {
                     .get("name")
                     .or_else(|| entry.get("id"))
                     .and_then(|n| n.as_str())
-                    .map(canonical_model);
+                    .map(|n| canonical_model(n).into_owned());
                 if let Some(key) = name {
                     add(key, entry);
                 }

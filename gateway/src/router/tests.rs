@@ -56,7 +56,10 @@ fn ctx(model: Option<&str>) -> RequestCtx {
 }
 
 fn set(names: &[&str]) -> HashSet<String> {
-    names.iter().map(|s| canonical_model(s)).collect()
+    names
+        .iter()
+        .map(|s| canonical_model(s).into_owned())
+        .collect()
 }
 
 fn counts(r: &ModelRouter, c: &RequestCtx, n: usize) -> Vec<usize> {
