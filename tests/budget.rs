@@ -198,7 +198,7 @@ async fn concurrent_requests_cannot_overspend() {
         let (status, body) = t.await.unwrap();
         match status {
             200 => ok += 1,
-            429 => assert_eq!(body["error"]["code"], "budget_exceeded"),
+            429 => assert_eq!(body["code"], "budget_exceeded"),
             s => panic!("unexpected {s}: {body}"),
         }
     }

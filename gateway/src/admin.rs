@@ -74,6 +74,7 @@ impl AdminApp {
             });
             if !ok {
                 let body = gateway_filter::error_json(
+                    gateway_filter::ErrorShape::OpenAi,
                     StatusCode::UNAUTHORIZED,
                     "invalid_admin_token",
                     "this endpoint needs the admin token",
@@ -95,6 +96,7 @@ impl AdminApp {
                 StatusCode::NOT_FOUND,
                 "application/json",
                 gateway_filter::error_json(
+                    gateway_filter::ErrorShape::OpenAi,
                     StatusCode::NOT_FOUND,
                     "not_found",
                     &format!("no filter reports {name:?}"),
@@ -127,6 +129,7 @@ impl ServeHttp for AdminApp {
                 StatusCode::NOT_FOUND,
                 "application/json",
                 gateway_filter::error_json(
+                    gateway_filter::ErrorShape::OpenAi,
                     StatusCode::NOT_FOUND,
                     "not_found",
                     "the admin listener serves /metrics and /health",

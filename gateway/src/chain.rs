@@ -67,10 +67,35 @@ impl FilterChain {
         self.filters.iter().map(|f| f.name()).collect()
     }
 
-    /// Runs `on_request` in order; the first rejection stops the chain and is recorded in
-    /// `ctx.decision`.
-    pub async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        for f in &self.filters {
+    /// Index of the first filter that needs the request body: the ones before it run before
+    /// the body is read.
+    fn body_needed_at(&self) -> usize {
+        self.filters
+            .iter()
+            .position(|f| f.needs_body())
+            .unwrap_or(self.filters.len())
+    }
+
+    /// Runs the filters that need no body (address limits, authentication), up to the first
+    /// one that does.
+    pub async fn on_request_before_body(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        self.on_request(ctx, 0..self.body_needed_at()).await
+    }
+
+    /// Runs the rest of the chain, once the body (if the route has one) is read.
+    pub async fn on_request_after_body(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        self.on_request(ctx, self.body_needed_at()..self.filters.len())
+            .await
+    }
+
+    /// Runs `on_request` of the filters in `range`, in order; the first rejection stops the
+    /// chain and is recorded in `ctx.decision`.
+    async fn on_request(
+        &self,
+        ctx: &mut RequestCtx,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), Rejection> {
+        for f in self.filters.get(range).unwrap_or_default() {
             if let Err(r) = f.on_request(ctx).await {
                 ctx.decision = Decision::Rejected {
                     filter: f.name(),
@@ -173,6 +198,9 @@ mod tests {
         async fn on_complete(&self, _ctx: &mut RequestCtx) {
             self.log.lock().unwrap().push(format!("done:{}", self.tag));
         }
+        fn needs_body(&self) -> bool {
+            self.tag.starts_with("body")
+        }
     }
 
     fn chain(spec: &[(&'static str, bool)], log: &Arc<Mutex<Vec<String>>>) -> FilterChain {
@@ -194,7 +222,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let c = chain(&[("a", false), ("b", true), ("c", false)], &log);
         let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
-        let r = c.on_request(&mut ctx).await.unwrap_err();
+        let r = c.on_request_before_body(&mut ctx).await.unwrap_err();
         assert_eq!(r.code, "probe_says_no");
         assert_eq!(
             ctx.decision,
@@ -222,9 +250,21 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let c = chain(&[("a", false), ("a", false)], &log);
         let mut ctx = RequestCtx::new("id".into(), Method::GET, "/v1/models".into());
-        c.on_request(&mut ctx).await.unwrap();
+        c.on_request_before_body(&mut ctx).await.unwrap();
+        c.on_request_after_body(&mut ctx).await.unwrap();
         assert_eq!(ctx.decision, Decision::Allowed);
         assert_eq!(log.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn filters_before_the_first_that_needs_the_body_run_first() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let c = chain(&[("a", false), ("body-b", false), ("c", false)], &log);
+        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        c.on_request_before_body(&mut ctx).await.unwrap();
+        assert_eq!(*log.lock().unwrap(), ["req:a"]);
+        c.on_request_after_body(&mut ctx).await.unwrap();
+        assert_eq!(*log.lock().unwrap(), ["req:a", "req:body-b", "req:c"]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde_json::Value;
 pub fn filter(route: Route, body: &[u8], gate: &dyn ModelGate) -> Option<Vec<u8>> {
     let mut v: Value = serde_json::from_slice(body).ok()?;
     let (list_key, name_keys): (&str, &[&str]) = match route {
-        Route::OllamaModels => ("models", &["name", "model"]),
+        Route::OllamaModels | Route::OllamaRunning => ("models", &["name", "model"]),
         Route::OpenAiModels => ("data", &["id"]),
         _ => return None,
     };

@@ -219,8 +219,10 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
-/// Asserts an OpenAI-shaped error body and returns (code, message).
+/// Asserts an error body in the route's shape (Ollama's `{"error": "…", "code": …}` on
+/// `/api/…`, OpenAI's elsewhere) and returns (code, message).
 pub async fn error_of(resp: reqwest::Response) -> (String, String) {
+    let ollama = resp.url().path().starts_with("/api/");
     let ct = resp
         .headers()
         .get("content-type")
@@ -230,6 +232,13 @@ pub async fn error_of(resp: reqwest::Response) -> (String, String) {
     assert!(ct.starts_with("application/json"), "content-type {ct}");
     assert!(resp.headers().contains_key("x-request-id"));
     let v: serde_json::Value = resp.json().await.expect("JSON error body");
+    if ollama {
+        assert!(v["error"].is_string() && v["code"].is_string(), "{v}");
+        return (
+            v["code"].as_str().unwrap_or_default().to_string(),
+            v["error"].as_str().unwrap_or_default().to_string(),
+        );
+    }
     let e = &v["error"];
     assert!(e["type"].is_string() && e["message"].is_string(), "{v}");
     (

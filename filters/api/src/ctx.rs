@@ -81,6 +81,9 @@ pub struct RequestCtx {
     pub request_id: String,
     pub started: Instant,
     pub client_ip: Option<IpAddr>,
+    /// The client's network as address limits and lockout count it: the IPv4 address, or
+    /// the IPv6 address cut to `limits.ipv6_prefix` bits (one host usually holds a /64).
+    pub client_net: Option<IpAddr>,
     /// Subjects of a verified TLS client certificate (CN, then DNS/email SANs); empty
     /// without mTLS.
     pub client_cert_subjects: Vec<String>,
@@ -99,8 +102,15 @@ pub struct RequestCtx {
     pub json: Option<serde_json::Value>,
     /// Set when a filter changed `json` and the forwarded body must be re-serialised.
     pub body_rewritten: bool,
+    /// The model the request is for (inference body, `/api/show`, `/v1/models/{id}`); the
+    /// router picks a backend that serves it.
     pub model: Option<String>,
-    /// Output token cap asked for (`max_tokens`, `options.num_predict`).
+    /// Further models the request names without being served by them (`/api/copy`'s
+    /// `source`/`destination`, `/api/pull`'s `model`…): the allow-list judges them too.
+    pub named_models: Vec<String>,
+    /// The most output tokens the request can produce: the largest of every token field the
+    /// route's backends read (see [`crate::output`]) times the completions asked for (`n`,
+    /// `best_of`); `None` when unbounded. Budget, TPM and routing reserve this figure.
     pub max_tokens: Option<u64>,
     pub stream: bool,
     pub principal: Option<Arc<Principal>>,
@@ -135,6 +145,7 @@ impl RequestCtx {
             request_id,
             started: Instant::now(),
             client_ip: None,
+            client_net: None,
             client_cert_subjects: Vec::new(),
             method,
             path,
@@ -145,6 +156,7 @@ impl RequestCtx {
             json: None,
             body_rewritten: false,
             model: None,
+            named_models: Vec::new(),
             max_tokens: None,
             stream: false,
             principal: None,
@@ -163,6 +175,20 @@ impl RequestCtx {
             bytes_in: 0,
             bytes_out: 0,
         }
+    }
+
+    /// Sets the client address and the network it is counted by.
+    pub fn set_client(&mut self, ip: IpAddr, ipv6_prefix: u8) {
+        let ip = ip.to_canonical();
+        self.client_ip = Some(ip);
+        self.client_net = Some(match ip {
+            IpAddr::V6(v6) => {
+                let bits = u32::from(ipv6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            v4 => v4,
+        });
     }
 
     /// The request target sent upstream: canonical path plus the query as received.

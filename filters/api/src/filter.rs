@@ -12,6 +12,13 @@ pub trait Filter: Send + Sync {
     /// The registry name (`auth`, `ratelimit`, …), used in logs and audit decisions.
     fn name(&self) -> &'static str;
 
+    /// Whether `on_request` reads the held body (`ctx.json`, `ctx.model`, `ctx.max_tokens`).
+    /// Filters that do not (address limits, authentication) run before the body is read, so
+    /// a request they refuse costs no body.
+    fn needs_body(&self) -> bool {
+        false
+    }
+
     /// Return `Err` to answer the client now with the rejection.
     async fn on_request(&self, _ctx: &mut RequestCtx) -> Result<(), Rejection> {
         Ok(())

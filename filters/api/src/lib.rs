@@ -9,6 +9,7 @@ mod filter;
 pub mod glob;
 pub mod model_name;
 mod options;
+pub mod output;
 pub mod path;
 pub mod prompt;
 mod rejection;
@@ -19,7 +20,7 @@ mod usage;
 pub use ctx::{Decision, ModelGate, Overrides, Principal, RequestCtx};
 pub use filter::{BuildContext, Filter};
 pub use options::{parse_options, OptionsError};
-pub use rejection::{error_json, Rejection};
+pub use rejection::{echo, error_json, ErrorShape, Rejection, ECHO_LIMIT};
 pub use route::{Route, WireFormat};
 pub use usage::Usage;
 

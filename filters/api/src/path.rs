@@ -51,6 +51,31 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// Decodes every `%XX` of a canonical path piece (e.g. a model name in `/v1/models/{id}`);
+/// `None` when the result is not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(h << 4 | l);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Canonicalises a raw request target (`/path?query`).
 pub fn canonicalize(raw: &[u8]) -> Result<Target, PathError> {
     if raw.first() != Some(&b'/') {

@@ -14,6 +14,15 @@ pub enum Route {
     OllamaModels,
     /// `GET /v1/models`
     OpenAiModels,
+    /// `GET /api/ps`: the models loaded now, a model list like `/api/tags`.
+    OllamaRunning,
+    /// `POST /api/show`: one model's details; names it in `model` (or the older `name`).
+    OllamaShow,
+    /// `GET /v1/models/{id}`: one model, named in the path.
+    OpenAiModel,
+    /// Ollama's model management (`pull`, `push`, `copy`, `create`, `delete`): names models
+    /// in `model`/`name`, `source`/`destination`, `from`.
+    OllamaManage,
     /// `GET /health`, answered by the gateway itself.
     Health,
     /// Anything else: proxied as is unless a filter (policy) says no.
@@ -42,6 +51,13 @@ impl Route {
             "/v1/embeddings" if post => Route::OpenAiEmbeddings,
             "/api/tags" if get => Route::OllamaModels,
             "/v1/models" if get => Route::OpenAiModels,
+            "/api/ps" if get => Route::OllamaRunning,
+            "/api/show" if post => Route::OllamaShow,
+            "/api/pull" | "/api/push" | "/api/copy" | "/api/create" if post => Route::OllamaManage,
+            "/api/delete" if method == Method::DELETE => Route::OllamaManage,
+            p if get && p.len() > "/v1/models/".len() && p.starts_with("/v1/models/") => {
+                Route::OpenAiModel
+            }
             "/health" if get => Route::Health,
             _ => Route::Other,
         }
@@ -61,13 +77,30 @@ impl Route {
         )
     }
 
+    /// Routes whose JSON body the gateway holds and parses before forwarding: inference, and
+    /// the Ollama routes that name models in their body (so the model allow-list sees them).
+    pub fn holds_body(self) -> bool {
+        self.is_inference() || matches!(self, Route::OllamaShow | Route::OllamaManage)
+    }
+
+    /// Routes that answer with a list of models, filtered to what the caller may use.
+    pub fn lists_models(self) -> bool {
+        matches!(
+            self,
+            Route::OllamaModels | Route::OpenAiModels | Route::OllamaRunning
+        )
+    }
+
     pub fn wire_format(self) -> WireFormat {
         match self {
             Route::OllamaChat
             | Route::OllamaGenerate
             | Route::OllamaEmbed
             | Route::OllamaEmbeddings
-            | Route::OllamaModels => WireFormat::Ollama,
+            | Route::OllamaModels
+            | Route::OllamaRunning
+            | Route::OllamaShow
+            | Route::OllamaManage => WireFormat::Ollama,
             _ => WireFormat::OpenAi,
         }
     }
@@ -84,6 +117,10 @@ impl Route {
             Route::OpenAiEmbeddings => "openai_embeddings",
             Route::OllamaModels => "ollama_models",
             Route::OpenAiModels => "openai_models",
+            Route::OllamaRunning => "ollama_running",
+            Route::OllamaShow => "ollama_show",
+            Route::OpenAiModel => "openai_model",
+            Route::OllamaManage => "ollama_manage",
             Route::Health => "health",
             Route::Other => "other",
         }

@@ -227,7 +227,7 @@ impl AuthFilter {
 
     /// A failed attempt: counted against the client's IP, then 401.
     fn failed(&self, ctx: &mut RequestCtx, reason: &'static str) -> Rejection {
-        if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_ip) {
+        if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) {
             l.record_failure(&ip);
         }
         self.unauthorized(ctx, reason, "invalid credentials")
@@ -273,7 +273,7 @@ impl Filter for AuthFilter {
     }
 
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_ip) {
+        if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) {
             if l.is_locked(&ip) {
                 ctx.reject_reason = Some("locked_out");
                 let retry = HeaderValue::from(l.window.as_secs().max(1));

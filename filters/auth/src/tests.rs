@@ -39,7 +39,7 @@ fn req(headers: &[(&'static str, &str)], ip: &str) -> RequestCtx {
     for (k, v) in headers {
         ctx.headers.insert(*k, v.parse().unwrap());
     }
-    ctx.client_ip = Some(ip.parse().unwrap());
+    ctx.set_client(ip.parse().unwrap(), 64);
     ctx
 }
 

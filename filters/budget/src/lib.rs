@@ -278,6 +278,11 @@ impl Filter for BudgetFilter {
         "budget"
     }
 
+    /// Reservations are sized by the request's output bound, read from the body.
+    fn needs_body(&self) -> bool {
+        true
+    }
+
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if !ctx.route.is_inference() {
             return Ok(());

@@ -15,9 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use gateway_filter::http::{header, HeaderValue, Method, StatusCode};
 use gateway_filter::units::HumanSize;
-use gateway_filter::{
-    parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, Route,
-};
+use gateway_filter::{parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx};
 use serde::Deserialize;
 
 pub use models::list_allows;
@@ -38,6 +36,10 @@ struct PolicyOptions {
     max_output_tokens: Option<u64>,
     #[serde(default)]
     over_output_cap: OverCap,
+    /// Most completions one request may ask for (`n`, `best_of`).
+    max_choices: Option<u64>,
+    /// Largest Ollama context window (`options.num_ctx`); clamped or refused like the cap.
+    max_context_tokens: Option<u64>,
     #[serde(default = "yes")]
     require_json_content_type: bool,
     #[serde(default = "default_max_headers")]
@@ -80,6 +82,8 @@ pub struct PolicyFilter {
     max_messages: Option<usize>,
     max_output_tokens: Option<u64>,
     over_output_cap: OverCap,
+    max_choices: Option<u64>,
+    max_context_tokens: Option<u64>,
     require_json: bool,
     max_headers: usize,
     max_header_bytes: usize,
@@ -169,8 +173,14 @@ pub fn build(
 ) -> Result<Arc<dyn Filter>, OptionsError> {
     let o: PolicyOptions = parse_options(options)?;
     let rules = build_rules(o.allow.unwrap_or_else(default_rules))?;
-    if o.max_output_tokens == Some(0) {
-        return Err(OptionsError::new("max_output_tokens", "must be at least 1"));
+    for (key, value) in [
+        ("max_output_tokens", o.max_output_tokens),
+        ("max_choices", o.max_choices),
+        ("max_context_tokens", o.max_context_tokens),
+    ] {
+        if value == Some(0) {
+            return Err(OptionsError::new(key, "must be at least 1"));
+        }
     }
     Ok(Arc::new(PolicyFilter {
         rules,
@@ -179,6 +189,8 @@ pub fn build(
         max_messages: o.max_messages,
         max_output_tokens: o.max_output_tokens,
         over_output_cap: o.over_output_cap,
+        max_choices: o.max_choices,
+        max_context_tokens: o.max_context_tokens,
         require_json: o.require_json_content_type,
         max_headers: o.max_headers,
         max_header_bytes: usize::try_from(o.max_header_bytes.0).unwrap_or(usize::MAX),
@@ -242,8 +254,33 @@ impl PolicyFilter {
         }
     }
 
-    fn check_inference(&self, ctx: &mut RequestCtx, gate: Option<&Gate>) -> Result<(), Rejection> {
-        if self.require_json && !is_json(ctx) {
+    /// Every model the request names must pass the allow-lists, whatever the route.
+    fn check_models(&self, ctx: &RequestCtx, gate: &Gate) -> Result<(), Rejection> {
+        use gateway_filter::ModelGate;
+        match ctx
+            .model
+            .iter()
+            .chain(ctx.named_models.iter())
+            .find(|m| !gate.allows(m))
+        {
+            Some(model) => Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "model_not_allowed",
+                format!(
+                    "model {:?} is not allowed for this caller",
+                    gateway_filter::echo(model)
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn check_inference(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        // The content-type rule stops cross-site form posts, which matter only for credentials
+        // a browser attaches by itself (basic auth, client certificates) or none at all; an
+        // API key in a header cannot be sent cross-site without a preflight.
+        let ambient = ctx.principal.as_ref().is_none_or(|p| p.method != "api_key");
+        if self.require_json && ambient && !is_json(ctx) {
             return Err(Rejection::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
@@ -276,18 +313,14 @@ impl PolicyFilter {
                 }
             }
         }
-        if let (Some(gate), Some(model)) = (gate, ctx.model.as_deref()) {
-            use gateway_filter::ModelGate;
-            if !gate.allows(model) {
-                return Err(Rejection::new(
-                    StatusCode::FORBIDDEN,
-                    "model_not_allowed",
-                    format!("model {model:?} is not allowed for this caller"),
-                ));
-            }
+        if let Some(max) = self.max_choices {
+            shape::check_choices(ctx, max)?;
         }
         if let Some(cap) = self.max_output_tokens {
             shape::apply_output_cap(ctx, cap, self.over_output_cap)?;
+        }
+        if let Some(cap) = self.max_context_tokens {
+            shape::apply_context_cap(ctx, cap, self.over_output_cap)?;
         }
         Ok(())
     }
@@ -299,6 +332,11 @@ impl Filter for PolicyFilter {
         "policy"
     }
 
+    /// Shape checks, the model allow-list and the output cap read the held body.
+    fn needs_body(&self) -> bool {
+        true
+    }
+
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         self.check_headers(ctx)?;
         self.check_endpoint(ctx)?;
@@ -308,10 +346,13 @@ impl Filter for PolicyFilter {
             global: self.models.clone(),
             principal: ctx.principal.clone(),
         });
-        if ctx.route.is_inference() {
-            self.check_inference(ctx, gate.as_ref())?;
+        if let Some(g) = &gate {
+            self.check_models(ctx, g)?;
         }
-        if matches!(ctx.route, Route::OllamaModels | Route::OpenAiModels) {
+        if ctx.route.is_inference() {
+            self.check_inference(ctx)?;
+        }
+        if ctx.route.lists_models() {
             if let Some(g) = gate {
                 ctx.model_gate = Some(Arc::new(g));
             }

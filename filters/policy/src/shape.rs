@@ -1,7 +1,8 @@
 //! Request shape: field types, prompt size, message count, the output-token cap, headers.
 
 use gateway_filter::http::StatusCode;
-use gateway_filter::{Rejection, RequestCtx, Route, WireFormat};
+use gateway_filter::output::{self, Limit};
+use gateway_filter::{Rejection, RequestCtx, Route};
 use serde_json::{json, Value};
 
 fn bad(code: &'static str, message: impl Into<String>) -> Rejection {
@@ -112,53 +113,85 @@ pub enum OverCap {
 }
 
 /// Applies the output-token cap: requests above it are clamped (or refused), requests without
-/// one get it, so no generation is unbounded. Records the effective cap in the context.
+/// one get it, so no generation is unbounded. The ask is the largest of every field the route's
+/// backends read, and the cap is written to all of them (see `gateway_filter::output`). Records
+/// the request's total output bound (cap × completions) in the context.
 pub fn apply_output_cap(ctx: &mut RequestCtx, cap: u64, mode: OverCap) -> Result<(), Rejection> {
-    if matches!(
-        ctx.route,
-        Route::OllamaEmbed | Route::OllamaEmbeddings | Route::OpenAiEmbeddings
-    ) {
+    if !output::generates(ctx.route) {
         return Ok(());
     }
     let Some(body) = ctx.json.as_mut().and_then(Value::as_object_mut) else {
         return Ok(());
     };
-    let asked = ctx.max_tokens;
-    if asked.is_some_and(|n| n > cap) && mode == OverCap::Reject {
+    let ask =
+        output::read(ctx.route, body).map_err(|e| bad("invalid_max_tokens", e.to_string()))?;
+    let per_choice = match ask.per_choice {
+        Limit::Bounded(n) if n <= cap => n,
+        Limit::Bounded(_) | Limit::Unbounded if mode == OverCap::Reject => {
+            return Err(bad(
+                "max_tokens_too_large",
+                format!("at most {cap} output tokens may be requested"),
+            ))
+        }
+        _ => cap,
+    };
+    if output::write(ctx.route, body, per_choice)
+        .map_err(|e| bad("invalid_options", e.to_string()))?
+    {
+        ctx.body_rewritten = true;
+    }
+    ctx.max_tokens = Some(per_choice.saturating_mul(ask.choices));
+    Ok(())
+}
+
+/// Refuses more completions per request (`n`, `best_of`) than `max`.
+pub fn check_choices(ctx: &RequestCtx, max: u64) -> Result<(), Rejection> {
+    let Some(body) = ctx.json.as_ref().and_then(Value::as_object) else {
+        return Ok(());
+    };
+    let ask =
+        output::read(ctx.route, body).map_err(|e| bad("invalid_max_tokens", e.to_string()))?;
+    if ask.choices > max {
         return Err(bad(
-            "max_tokens_too_large",
-            format!("at most {cap} output tokens may be requested"),
+            "too_many_choices",
+            format!("at most {max} completions (`n`, `best_of`) may be requested"),
         ));
     }
-    if asked.is_some_and(|n| n <= cap) {
-        return Ok(());
-    }
-    match ctx.route.wire_format() {
-        WireFormat::OpenAi => {
-            let mut set = false;
-            for key in ["max_tokens", "max_completion_tokens"] {
-                if body.contains_key(key) {
-                    body.insert(key.to_string(), json!(cap));
-                    set = true;
-                }
-            }
-            if !set {
-                body.insert("max_tokens".to_string(), json!(cap));
-            }
-        }
-        WireFormat::Ollama => {
-            let options = body.entry("options").or_insert_with(|| json!({}));
-            match options.as_object_mut() {
-                Some(o) => {
-                    o.insert("num_predict".to_string(), json!(cap));
-                }
-                None => return Err(bad("invalid_options", "`options` must be an object")),
-            }
-        }
-    }
-    ctx.max_tokens = Some(cap);
-    ctx.body_rewritten = true;
     Ok(())
+}
+
+/// Caps Ollama's context window (`options.num_ctx`): a huge one costs GPU memory for every
+/// request, whatever it generates. Clamped, or refused in `reject` mode.
+pub fn apply_context_cap(ctx: &mut RequestCtx, cap: u64, mode: OverCap) -> Result<(), Rejection> {
+    let Some(options) = ctx
+        .json
+        .as_mut()
+        .and_then(|b| b.get_mut("options"))
+        .and_then(Value::as_object_mut)
+    else {
+        return Ok(());
+    };
+    match output::count("options.num_ctx", options.get("num_ctx"))
+        .map_err(|e| bad("invalid_options", e.to_string()))?
+    {
+        Limit::Bounded(n) if n <= cap => {
+            if !options.get("num_ctx").is_some_and(Value::is_u64) {
+                options.insert("num_ctx".to_string(), json!(n));
+                ctx.body_rewritten = true;
+            }
+            Ok(())
+        }
+        Limit::Absent => Ok(()),
+        _ if mode == OverCap::Reject => Err(bad(
+            "context_too_large",
+            format!("`options.num_ctx` may be at most {cap}"),
+        )),
+        _ => {
+            options.insert("num_ctx".to_string(), json!(cap));
+            ctx.body_rewritten = true;
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -168,10 +201,9 @@ mod tests {
 
     fn ctx(path: &str, body: Value) -> RequestCtx {
         let mut c = RequestCtx::new(String::new(), Method::POST, path.into());
-        c.max_tokens = body
-            .get("max_tokens")
-            .or_else(|| body.pointer("/options/num_predict"))
-            .and_then(Value::as_u64);
+        c.max_tokens = output::read(c.route, body.as_object().unwrap())
+            .unwrap()
+            .total();
         c.json = Some(body);
         c
     }
@@ -237,9 +269,21 @@ mod tests {
         assert_eq!(c.json.as_ref().unwrap()["max_tokens"], 1000);
         assert_eq!((c.max_tokens, c.body_rewritten), (Some(1000), true));
 
-        let mut c = ctx("/v1/chat/completions", json!({"max_tokens": 10}));
+        let mut c = ctx(
+            "/v1/chat/completions",
+            json!({"max_tokens": 10, "max_completion_tokens": 10}),
+        );
         apply_output_cap(&mut c, 1000, OverCap::Clamp).unwrap();
         assert!(!c.body_rewritten, "within the cap nothing changes");
+        assert_eq!(c.max_tokens, Some(10));
+
+        let mut c = ctx("/v1/chat/completions", json!({"max_tokens": 10}));
+        apply_output_cap(&mut c, 1000, OverCap::Clamp).unwrap();
+        assert_eq!(
+            c.json.as_ref().unwrap()["max_completion_tokens"],
+            10,
+            "every field a backend reads carries the limit"
+        );
 
         let mut c = ctx("/api/chat", json!({"model": "m"}));
         apply_output_cap(&mut c, 256, OverCap::Reject).unwrap();

@@ -176,7 +176,7 @@ impl RateLimitFilter {
     fn key_of(&self, ctx: &RequestCtx) -> u64 {
         let mut h = self.hasher.build_hasher();
         let ip = |h: &mut std::hash::DefaultHasher| {
-            ctx.client_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])).hash(h)
+            ctx.client_net.unwrap_or(IpAddr::from([0, 0, 0, 0])).hash(h)
         };
         match (&self.key, &ctx.principal) {
             (KeyKind::Ip, _) => ip(&mut h),
@@ -231,6 +231,12 @@ impl RateLimitFilter {
 impl Filter for RateLimitFilter {
     fn name(&self) -> &'static str {
         "ratelimit"
+    }
+
+    /// A limiter keyed by model, or counting tokens (its own or a principal's override),
+    /// reads the body; an address or key rate limit does not.
+    fn needs_body(&self) -> bool {
+        self.tpm.is_some() || self.uses_principal()
     }
 
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {

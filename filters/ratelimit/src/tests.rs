@@ -9,7 +9,7 @@ fn filter(options: serde_json::Value) -> Arc<dyn Filter> {
 
 fn req(ip: &str) -> RequestCtx {
     let mut c = RequestCtx::new(String::new(), Method::POST, "/api/chat".into());
-    c.client_ip = Some(ip.parse().unwrap());
+    c.set_client(ip.parse().unwrap(), 64);
     c
 }
 

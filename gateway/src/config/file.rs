@@ -251,6 +251,9 @@ pub struct LimitsSection {
     pub send_timeout: HumanDuration,
     /// How long a client may take to send its request body.
     pub client_body_timeout: HumanDuration,
+    /// IPv6 clients are counted by this prefix for address limits and lockout: one host
+    /// usually holds a whole /64.
+    pub ipv6_prefix: u8,
 }
 
 impl Default for LimitsSection {
@@ -262,6 +265,7 @@ impl Default for LimitsSection {
             read_timeout: HumanDuration(Duration::from_secs(120)),
             send_timeout: HumanDuration(Duration::from_secs(60)),
             client_body_timeout: HumanDuration(Duration::from_secs(30)),
+            ipv6_prefix: 64,
         }
     }
 }

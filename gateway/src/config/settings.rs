@@ -97,6 +97,7 @@ pub struct Limits {
     pub read_timeout: Duration,
     pub send_timeout: Duration,
     pub client_body_timeout: Duration,
+    pub ipv6_prefix: u8,
 }
 
 /// One `filters:` entry: the registry name, where it stands in the file, and its options.
@@ -165,12 +166,19 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             return Err((format!("limits.{key}"), "must be greater than 0".into()));
         }
     }
+    if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
+        return Err((
+            "limits.ipv6_prefix".into(),
+            "must be between 1 and 128 (64 is one customer network)".into(),
+        ));
+    }
     let limits = Limits {
         max_body: usize::try_from(l.max_body.0).unwrap_or(usize::MAX),
         connect_timeout: l.connect_timeout.0,
         read_timeout: l.read_timeout.0,
         send_timeout: l.send_timeout.0,
         client_body_timeout: l.client_body_timeout.0,
+        ipv6_prefix: l.ipv6_prefix,
     };
 
     let admin = if cfg.admin.enabled {

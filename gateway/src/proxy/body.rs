@@ -87,11 +87,9 @@ pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejectio
         Some(Value::String(_)) | None => return Err(bad("model_required", "`model` is required")),
         Some(_) => return Err(bad("invalid_model", "`model` must be a string")),
     };
-    let max_tokens = obj
-        .get("max_tokens")
-        .or_else(|| obj.get("max_completion_tokens"))
-        .or_else(|| obj.get("options").and_then(|o| o.get("num_predict")))
-        .and_then(Value::as_u64);
+    let max_tokens = gateway_filter::output::read(ctx.route, obj)
+        .map_err(|e| bad("invalid_max_tokens", e.to_string()))?
+        .total();
     // Ollama streams chat and generate unless told not to; OpenAI only when asked.
     let stream_default = matches!(ctx.route, Route::OllamaChat | Route::OllamaGenerate);
     let stream = obj
@@ -101,6 +99,56 @@ pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejectio
     ctx.model = Some(model);
     ctx.max_tokens = max_tokens;
     ctx.stream = stream;
+    ctx.json = Some(json);
+    ctx.body = Some(body);
+    Ok(())
+}
+
+/// Fields of Ollama's show and management bodies that name a model.
+const MODEL_FIELDS: [&str; 5] = ["model", "name", "source", "destination", "from"];
+
+/// Parses the body of a route that names models without generating (`/api/show`, Ollama's
+/// management routes): every name goes to `named_models` for the allow-list, and `/api/show`'s
+/// model (`model`, else `name`, as Ollama reads it) also routes the request.
+pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejection> {
+    let json: Value = serde_json::from_slice(&body).map_err(|e| {
+        bad(
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(obj) = &json else {
+        return Err(bad(
+            "invalid_request_body",
+            "request body must be a JSON object",
+        ));
+    };
+    for field in MODEL_FIELDS {
+        match obj.get(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(m)) => ctx.named_models.push(m.clone()),
+            Some(_) => return Err(bad("invalid_model", format!("`{field}` must be a string"))),
+        }
+    }
+    // The older create API carried a Modelfile whose FROM line names the base model.
+    if let Some(modelfile) = obj.get("modelfile").and_then(Value::as_str) {
+        for line in modelfile.lines() {
+            let line = line.trim_start();
+            if line.len() > 5 && line[..5].eq_ignore_ascii_case("from ") {
+                ctx.named_models.push(line[5..].trim().to_string());
+            }
+        }
+    }
+    if ctx.route == Route::OllamaShow {
+        ctx.model = ["model", "name"]
+            .iter()
+            .find_map(|f| {
+                obj.get(*f)
+                    .and_then(Value::as_str)
+                    .filter(|m| !m.is_empty())
+            })
+            .map(str::to_string);
+    }
     ctx.json = Some(json);
     ctx.body = Some(body);
     Ok(())

@@ -14,6 +14,9 @@ pub struct GwCtx {
     /// The gateway asked the backend for stream usage the client did not ask for: the usage
     /// event is removed from the client's stream.
     pub(super) strip_usage_event: bool,
+    /// The request body was read (or reading it was tried): a refusal before that closes
+    /// the connection instead of reading the body.
+    pub(super) body_read: bool,
     /// When the first attempt on a backend began.
     pub(super) upstream_started: Option<std::time::Instant>,
     /// This request's hold on its current backend (in-flight count, reserved tokens).
@@ -36,6 +39,7 @@ impl Default for GwCtx {
             in_flight: None,
             answered: false,
             strip_usage_event: false,
+            body_read: false,
             upstream_started: None,
             lease: None,
         }

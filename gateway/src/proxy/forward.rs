@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use gateway_filter::http::{header, Method, StatusCode};
-use gateway_filter::{error_json, Decision};
+use gateway_filter::{echo, Decision, Rejection};
 use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_core::Result;
 use pingora_error::{Error, ErrorType};
@@ -75,7 +75,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     ctx,
                     StatusCode::NOT_FOUND,
                     "model_not_found",
-                    &format!("model {model:?} is not served here"),
+                    &format!("model {:?} is not served here", echo(&model)),
                 )
                 .await;
             }
@@ -166,12 +166,10 @@ async fn answer(
     message: &str,
 ) -> Result<()> {
     ctx.req.decision = Decision::Failed { code };
-    respond::json(
+    respond::rejection(
         session,
         &mut ctx.req,
-        status,
-        error_json(status, code, message),
-        &[],
+        &Rejection::new(status, code, message),
     )
     .await
 }
@@ -190,15 +188,7 @@ fn held_body(ctx: &GwCtx) -> Result<Bytes> {
 
 async fn answer_failure(session: &mut Session, ctx: &mut GwCtx, e: &Error) -> Result<()> {
     let (status, code, message) = respond::upstream_failure(e, ctx.req.backend.as_deref());
-    ctx.req.decision = Decision::Failed { code };
-    respond::json(
-        session,
-        &mut ctx.req,
-        status,
-        error_json(status, code, &message),
-        &[],
-    )
-    .await
+    answer(session, ctx, status, code, &message).await
 }
 
 fn upstream_request(ctx: &GwCtx, backend: &Backend, body_len: usize) -> Result<Box<RequestHeader>> {

@@ -1,6 +1,10 @@
 //! `early_request_filter` and `request_filter`.
+//!
+//! Cheap before expensive: the listener's address rules, the canonical path and every filter
+//! that does not need the body (address limits, authentication) run first; the body is read
+//! only when the first filter that needs it is reached, so a stranger costs no body.
 
-use gateway_filter::http::StatusCode;
+use gateway_filter::http::{header, StatusCode};
 use gateway_filter::path::canonicalize;
 use gateway_filter::{Decision, Rejection, RequestCtx, Route};
 use pingora_core::Result;
@@ -17,10 +21,9 @@ pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
     let req = &mut ctx.req;
     req.started = std::time::Instant::now();
     req.request_id = format!("{:032x}", fastrand::u128(..));
-    req.client_ip = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip());
+    if let Some(a) = session.client_addr().and_then(|a| a.as_inet()) {
+        req.set_client(a.ip(), gw.settings.limits.ipv6_prefix);
+    }
     let header = session.req_header();
     req.method = header.method.clone();
     req.path = header.uri.path().to_string();
@@ -33,6 +36,33 @@ pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
     {
         req.client_cert_subjects = subjects.0.clone();
     }
+}
+
+/// A request the gateway answers with an error before any backend sees it.
+struct Refusal {
+    rejection: Rejection,
+    /// `None` when the chain already recorded its decision.
+    decision: Option<Decision>,
+}
+
+impl Refusal {
+    fn failed(rejection: Rejection) -> Self {
+        let code = rejection.code;
+        Refusal {
+            rejection,
+            decision: Some(Decision::Failed { code }),
+        }
+    }
+}
+
+/// What the gateway does with a request that passed every check.
+enum Next {
+    /// The gateway answers 200 with this JSON itself (health, the merged model list).
+    Answer(String),
+    /// forward.rs sends the held body (or a restricted model list) to a backend.
+    Forward,
+    /// Pingora's own proxy path forwards it.
+    Proxy,
 }
 
 /// Puts the canonical path (see `gateway_filter::path`) into the context and classifies the
@@ -51,6 +81,17 @@ fn canonical_target(session: &Session, req: &mut RequestCtx) -> std::result::Res
     req.path = target.path;
     req.query = target.query;
     req.route = Route::classify(&req.method, &req.path);
+    if req.route == Route::OpenAiModel {
+        // The model is named in the path; the allow-list and the router judge it like a body's.
+        req.model = gateway_filter::path::percent_decode(&req.path["/v1/models/".len()..]);
+        if req.model.is_none() {
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_model",
+                "the model name in the path is not valid UTF-8",
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -65,135 +106,193 @@ fn listener<'a>(gw: &'a Gateway, session: &Session) -> Option<&'a ListenerSpec> 
     })
 }
 
-/// Returns `Ok(true)` when the gateway answered (health, rejection, inference forwarded).
-pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<bool> {
-    if let (Some(l), Some(ip)) = (listener(gw, session), ctx.req.client_ip) {
-        if !l.admits(&ip) {
-            // Checked before any credential or body is looked at.
+/// Whether the client may use the listener it came in on. Fails closed: a connection whose
+/// listener or address cannot be told is refused.
+fn admitted(gw: &Gateway, session: &Session, ctx: &GwCtx) -> bool {
+    let Some(l) = listener(gw, session) else {
+        log::warn!(
+            "request {}: no configured listener matches local address {:?}; refused",
+            ctx.req.request_id,
+            session.server_addr()
+        );
+        return false;
+    };
+    if l.allow.is_empty() && l.deny.is_empty() {
+        return true;
+    }
+    match ctx.req.client_ip {
+        Some(ip) if l.admits(&ip) => true,
+        ip => {
             log::info!(
-                "request {}: client {ip} is not allowed on listener {}",
+                "request {}: client {ip:?} is not allowed on listener {}",
                 ctx.req.request_id,
                 l.addr
             );
-            ctx.req.reject_reason = Some("network_not_allowed");
-            let r = Rejection::new(
+            false
+        }
+    }
+}
+
+/// Returns `Ok(true)` when the gateway answered (health, rejection, forwarded held body).
+pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<bool> {
+    match admit(gw, session, ctx).await {
+        Ok(Next::Proxy) => Ok(false),
+        Ok(Next::Answer(body)) => {
+            ctx.answered = true;
+            respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
+            Ok(true)
+        }
+        Ok(Next::Forward) => {
+            ctx.answered = true;
+            forward::forward(gw, session, ctx).await?;
+            Ok(true)
+        }
+        Err(refusal) => {
+            if let Some(d) = refusal.decision {
+                ctx.req.decision = d;
+            }
+            if !ctx.body_read {
+                unread_body(session).await;
+            }
+            respond::rejection(session, &mut ctx.req, &refusal.rejection).await?;
+            ctx.answered = true;
+            Ok(true)
+        }
+    }
+}
+
+/// Most of an unread HTTP/2 body read (and dropped) before a refusal: the stream's flow
+/// control window, so a client cannot make the gateway read more.
+const H2_DRAIN: usize = 64 << 10;
+
+/// A refusal is answered without reading the body. On HTTP/1 the connection is then closed
+/// (the unread body would be taken for the next request). On HTTP/2 the stream is reset
+/// after the answer, and a client still sending its body may see the reset before the
+/// answer: what the flow-control window allows is read and dropped first, briefly.
+async fn unread_body(session: &mut Session) {
+    if session.is_http2() {
+        if !session.is_body_done() {
+            let _ = body::read(session, H2_DRAIN, std::time::Duration::from_secs(1)).await;
+        }
+        return;
+    }
+    let h = &session.req_header().headers;
+    let announced = h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if announced {
+        session.set_keepalive(None);
+    }
+}
+
+async fn admit(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+) -> std::result::Result<Next, Refusal> {
+    if !admitted(gw, session, ctx) {
+        ctx.req.reject_reason = Some("network_not_allowed");
+        session.set_keepalive(None);
+        return Err(Refusal {
+            decision: Some(Decision::Rejected {
+                filter: "listener",
+                code: "forbidden",
+            }),
+            rejection: Rejection::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "this address may not use the gateway",
-            );
-            ctx.req.decision = Decision::Rejected {
-                filter: "listener",
-                code: r.code,
-            };
-            session.set_keepalive(None);
-            respond::rejection(session, &mut ctx.req, &r).await?;
-            ctx.answered = true;
-            return Ok(true);
-        }
+            ),
+        });
     }
     if let Err(rejection) = canonical_target(session, &mut ctx.req) {
-        ctx.req.decision = Decision::Failed {
-            code: rejection.code,
-        };
         session.set_keepalive(None);
-        respond::rejection(session, &mut ctx.req, &rejection).await?;
-        ctx.answered = true;
-        return Ok(true);
+        return Err(Refusal::failed(rejection));
     }
-
     if ctx.req.route == Route::Health {
-        let body = respond::health_json(gw.router.as_ref());
-        respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
-        ctx.answered = true;
-        return Ok(true);
+        return Ok(Next::Answer(respond::health_json(gw.router.as_ref())));
     }
     ctx.req.headers = session.req_header().headers.clone();
 
-    if ctx.req.route.is_inference() {
-        if let Err(rejection) = read_inference_body(gw, session, ctx).await {
-            ctx.req.decision = Decision::Failed {
-                code: rejection.code,
-            };
-            respond::rejection(session, &mut ctx.req, &rejection).await?;
-            ctx.answered = true;
-            return Ok(true);
-        }
+    let chain_rejected = |rejection| Refusal {
+        rejection,
+        decision: None,
+    };
+    gw.chain
+        .on_request_before_body(&mut ctx.req)
+        .await
+        .map_err(chain_rejected)?;
+    if ctx.req.route.holds_body() {
+        read_held_body(gw, session, ctx)
+            .await
+            .map_err(Refusal::failed)?;
     }
-
-    if let Err(rejection) = gw.chain.on_request(&mut ctx.req).await {
-        respond::rejection(session, &mut ctx.req, &rejection).await?;
-        ctx.answered = true;
-        return Ok(true);
-    }
+    gw.chain
+        .on_request_after_body(&mut ctx.req)
+        .await
+        .map_err(chain_rejected)?;
 
     // Model lists are answered from the merged catalogue of all backends when discovery has
     // one; otherwise they are proxied (and filtered by forward.rs when a filter restricts them).
     if matches!(ctx.req.route, Route::OllamaModels | Route::OpenAiModels) {
         if let Some(catalogue) = gw.router.pool().catalogue() {
-            let body =
-                crate::model_list::render(ctx.req.route, &catalogue, ctx.req.model_gate.as_deref());
-            respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
-            ctx.answered = true;
-            return Ok(true);
+            return Ok(Next::Answer(crate::model_list::render(
+                ctx.req.route,
+                &catalogue,
+                ctx.req.model_gate.as_deref(),
+            )));
         }
     }
-    // Model lists a filter restricted are forwarded by forward.rs too, which filters them.
-    if ctx.req.route.is_inference() || ctx.req.model_gate.is_some() {
-        ctx.answered = true;
-        forward::forward(gw, session, ctx).await?;
-        return Ok(true);
+    // Held bodies, and model lists a filter restricted (forward.rs filters them).
+    if ctx.req.route.holds_body() || ctx.req.model_gate.is_some() {
+        return Ok(Next::Forward);
     }
     if gw.router.pool().is_empty() {
-        let r = Rejection::new(
+        return Err(Refusal::failed(Rejection::new(
             StatusCode::BAD_GATEWAY,
             "no_backend",
             "no backend is configured",
-        );
-        ctx.req.decision = Decision::Failed { code: r.code };
-        respond::rejection(session, &mut ctx.req, &r).await?;
-        ctx.answered = true;
-        return Ok(true);
+        )));
     }
-    Ok(false)
+    Ok(Next::Proxy)
 }
 
-async fn read_inference_body(
+async fn read_held_body(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut GwCtx,
 ) -> std::result::Result<(), Rejection> {
     let limits = &gw.settings.limits;
+    ctx.body_read = true;
     let bytes = match body::read(session, limits.max_body, limits.client_body_timeout).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => {
+        Err(e) => {
             // The rest of the body stays unread: this connection cannot be reused.
             session.set_keepalive(None);
-            return Err(Rejection::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                format!(
-                    "request body is larger than the limit of {} bytes",
-                    limits.max_body
+            return Err(match e {
+                BodyError::TooLarge => Rejection::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    format!(
+                        "request body is larger than the limit of {} bytes",
+                        limits.max_body
+                    ),
                 ),
-            ));
-        }
-        Err(BodyError::Timeout) => {
-            session.set_keepalive(None);
-            return Err(Rejection::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "the request body did not arrive in time",
-            ));
-        }
-        Err(BodyError::Read(msg)) => {
-            session.set_keepalive(None);
-            return Err(Rejection::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_body",
-                msg,
-            ));
+                BodyError::Timeout => Rejection::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request body did not arrive in time",
+                ),
+                BodyError::Read(msg) => {
+                    Rejection::new(StatusCode::BAD_REQUEST, "invalid_request_body", msg)
+                }
+            });
         }
     };
     ctx.req.bytes_in = bytes.len() as u64;
-    body::parse_inference(&mut ctx.req, bytes)
+    if ctx.req.route.is_inference() {
+        body::parse_inference(&mut ctx.req, bytes)
+    } else {
+        body::parse_named_models(&mut ctx.req, bytes)
+    }
 }

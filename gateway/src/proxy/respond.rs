@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
-use gateway_filter::{error_json, Decision, Rejection, RequestCtx};
+use gateway_filter::{error_json, Decision, ErrorShape, Rejection, RequestCtx};
 use pingora_core::Result;
 use pingora_error::{Error, ErrorSource, ErrorType};
 use pingora_http::ResponseHeader;
@@ -36,7 +36,8 @@ pub async fn json(
 }
 
 pub async fn rejection(session: &mut Session, ctx: &mut RequestCtx, r: &Rejection) -> Result<()> {
-    json(session, ctx, r.status, r.body(), &r.headers).await
+    let body = r.body(ErrorShape::for_path(&ctx.path));
+    json(session, ctx, r.status, body, &r.headers).await
 }
 
 /// The error a failed exchange with a backend turns into. Names the backend, nothing else.
@@ -100,7 +101,7 @@ pub async fn fail_to_proxy(
     // Pingora will not reuse this connection: say so, or a client may send its next
     // request on it just as it closes.
     session.set_keepalive(None);
-    let body = error_json(status, code, &message);
+    let body = error_json(ErrorShape::for_path(&ctx.req.path), status, code, &message);
     if let Err(err) = json(session, &mut ctx.req, status, body, &[]).await {
         log::debug!(
             "request {}: could not send the error response: {err}",

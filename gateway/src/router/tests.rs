@@ -44,6 +44,7 @@ fn router(strategy: Strategy, weights: &[u32]) -> ModelRouter {
         read_timeout: Duration::from_secs(1),
         send_timeout: Duration::from_secs(1),
         client_body_timeout: Duration::from_secs(1),
+        ipv6_prefix: 64,
     };
     let s = spec(strategy);
     ModelRouter::new(BackendPool::new(&specs, &limits, &s), s)
@@ -193,6 +194,7 @@ fn max_in_flight_cannot_be_overfilled_by_a_race() {
         read_timeout: Duration::from_secs(1),
         send_timeout: Duration::from_secs(1),
         client_body_timeout: Duration::from_secs(1),
+        ipv6_prefix: 64,
     };
     let pool = BackendPool::new(&specs, &limits, &spec(Strategy::LeastBusy));
     let leases = std::sync::Mutex::new(Vec::new());

@@ -281,6 +281,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
         path: path.clone(),
         body_len: body.len(),
         model: model.clone(),
+        json: (body.len() <= 64 << 10 && !json.is_null()).then(|| json.clone()),
         headers: parts
             .headers
             .iter()
@@ -336,11 +337,34 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
         }
         ("POST", "/api/pull" | "/api/push" | "/api/copy" | "/api/create")
         | ("DELETE", "/api/delete") => json_response(StatusCode::OK, &json!({"status": "success"})),
-        ("POST", "/api/show") => json_response(
-            StatusCode::OK,
-            &json!({"modelfile": "FROM mock", "parameters": "", "template": "{{ .Prompt }}",
-                    "details": {"format": "gguf", "family": "llama"}}),
-        ),
+        ("POST", "/api/show") => {
+            let name = json
+                .get("model")
+                .or_else(|| json.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if cfg.models.iter().any(|m| m == name) {
+                json_response(StatusCode::OK, &formats::ollama_show(name))
+            } else {
+                json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": format!("model '{name}' not found")}),
+                )
+            }
+        }
+        ("GET", p) if p.starts_with("/v1/models/") => {
+            let id = &p["/v1/models/".len()..];
+            match cfg.models.iter().find(|m| m.as_str() == id) {
+                Some(m) => json_response(
+                    StatusCode::OK,
+                    &json!({"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "library"}),
+                ),
+                None => json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": {"message": format!("model '{id}' not found"), "type": "api_error", "param": null, "code": null}}),
+                ),
+            }
+        }
         (
             "POST",
             p @ ("/api/chat"

@@ -46,6 +46,10 @@ pub struct SeenRequest {
     pub body_len: usize,
     pub model: Option<String>,
     pub headers: Vec<(String, String)>,
+    /// The body as received when it was JSON (up to 64 KiB), so tests can check what a
+    /// backend was really asked for.
+    #[serde(skip)]
+    pub json: Option<serde_json::Value>,
 }
 
 const LOG_CAP: usize = 10_000;

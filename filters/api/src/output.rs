@@ -1,0 +1,269 @@
+//! How many output tokens a request may produce, read from every field a backend of the
+//! route's wire format honours, and written back to all of them.
+//!
+//! Backends disagree on which field they read: OpenAI and vLLM honour `max_completion_tokens`
+//! (over `max_tokens`), llama-cpp-python only `max_tokens`, llama.cpp's server `n_predict`
+//! first, Ollama only `options.num_predict`. A cap that reads one field and writes one field
+//! is bypassed by putting a small number in the field it reads and a large one in the field
+//! the backend reads. So the ask is the largest of all of them (a negative value means
+//! "unbounded" to Ollama and llama.cpp), and a cap is written to every field at once.
+//!
+//! Values are read as the laxest backend reads them: `1e6` and `"1000000"` are a million
+//! (pydantic accepts both), fractions and other types are refused.
+
+use serde_json::{Map, Value};
+
+use crate::{Route, WireFormat};
+
+/// Top-level fields of OpenAI-format bodies that bound the output.
+pub const OPENAI_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "n_predict"];
+/// The fields the cap is always written to on OpenAI routes (the others only when present).
+const OPENAI_WRITTEN: [&str; 2] = ["max_tokens", "max_completion_tokens"];
+/// Fields that ask for several completions in one request.
+const CHOICE_FIELDS: [&str; 2] = ["n", "best_of"];
+
+/// One field's value as a token count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Absent,
+    Bounded(u64),
+    /// Negative: Ollama's -1 (until stop) and -2 (fill the context), llama.cpp's -1.
+    Unbounded,
+}
+
+impl Limit {
+    /// The larger of two asks; unbounded beats everything, anything beats absent.
+    fn max(self, other: Limit) -> Limit {
+        match (self, other) {
+            (Limit::Unbounded, _) | (_, Limit::Unbounded) => Limit::Unbounded,
+            (Limit::Bounded(a), Limit::Bounded(b)) => Limit::Bounded(a.max(b)),
+            (Limit::Bounded(a), Limit::Absent) | (Limit::Absent, Limit::Bounded(a)) => {
+                Limit::Bounded(a)
+            }
+            (Limit::Absent, Limit::Absent) => Limit::Absent,
+        }
+    }
+}
+
+/// A token field whose value no backend reads as a whole number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{field}` must be a whole number")]
+pub struct BadCount {
+    pub field: &'static str,
+}
+
+/// Reads a count the way the laxest backend does.
+pub fn count(field: &'static str, v: Option<&Value>) -> Result<Limit, BadCount> {
+    let bad = || BadCount { field };
+    let number = match v {
+        None | Some(Value::Null) => return Ok(Limit::Absent),
+        Some(Value::Number(n)) => {
+            if let Some(u) = n.as_u64() {
+                return Ok(Limit::Bounded(u));
+            }
+            if n.as_i64().is_some() {
+                return Ok(Limit::Unbounded);
+            }
+            n.as_f64().ok_or_else(bad)?
+        }
+        Some(Value::String(s)) => {
+            let s = s.trim();
+            if let Ok(u) = s.parse::<u64>() {
+                return Ok(Limit::Bounded(u));
+            }
+            if s.parse::<i64>().is_ok() {
+                return Ok(Limit::Unbounded);
+            }
+            s.parse::<f64>().map_err(|_| bad())?
+        }
+        Some(_) => return Err(bad()),
+    };
+    if !number.is_finite() || number.fract() != 0.0 {
+        return Err(bad());
+    }
+    if number < 0.0 {
+        Ok(Limit::Unbounded)
+    } else {
+        // Saturates: 1e300 is simply more than any cap.
+        Ok(Limit::Bounded(number as u64))
+    }
+}
+
+/// What a request asks for: tokens per completion and how many completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputAsk {
+    pub per_choice: Limit,
+    /// `n` / `best_of` (the larger), at least 1.
+    pub choices: u64,
+}
+
+impl OutputAsk {
+    /// The most output tokens the request can produce, if bounded.
+    pub fn total(&self) -> Option<u64> {
+        match self.per_choice {
+            Limit::Bounded(n) => Some(n.saturating_mul(self.choices)),
+            _ => None,
+        }
+    }
+}
+
+fn options(body: &Map<String, Value>) -> Option<&Value> {
+    body.get("options")
+        .and_then(Value::as_object)
+        .and_then(|o| o.get("num_predict"))
+}
+
+/// Whether the route produces output tokens at all (embeddings do not).
+pub fn generates(route: Route) -> bool {
+    matches!(
+        route,
+        Route::OllamaChat | Route::OllamaGenerate | Route::OpenAiChat | Route::OpenAiCompletions
+    )
+}
+
+/// Reads the ask from every field the route's backends honour.
+pub fn read(route: Route, body: &Map<String, Value>) -> Result<OutputAsk, BadCount> {
+    let mut per_choice = Limit::Absent;
+    let mut choices = 1u64;
+    if !generates(route) {
+        return Ok(OutputAsk {
+            per_choice,
+            choices,
+        });
+    }
+    per_choice = per_choice.max(count("options.num_predict", options(body))?);
+    if route.wire_format() == WireFormat::OpenAi {
+        for field in OPENAI_FIELDS {
+            per_choice = per_choice.max(count(field, body.get(field))?);
+        }
+        for field in CHOICE_FIELDS {
+            match count(field, body.get(field))? {
+                Limit::Absent => {}
+                Limit::Bounded(n) => choices = choices.max(n),
+                Limit::Unbounded => return Err(BadCount { field }),
+            }
+        }
+    }
+    Ok(OutputAsk {
+        per_choice,
+        choices,
+    })
+}
+
+/// `options` is present but not an object, so the cap cannot be written into it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`options` must be an object")]
+pub struct BadOptions;
+
+/// Writes `limit` into every field the route's backends read: on OpenAI routes
+/// `max_tokens` and `max_completion_tokens` always, `n_predict` and `options.num_predict`
+/// where present; on Ollama routes `options.num_predict`. Returns whether the body changed.
+pub fn write(route: Route, body: &mut Map<String, Value>, limit: u64) -> Result<bool, BadOptions> {
+    let mut changed = false;
+    let mut set = |obj: &mut Map<String, Value>, key: &str| {
+        if obj.get(key).and_then(Value::as_u64) != Some(limit) {
+            obj.insert(key.to_string(), Value::from(limit));
+            changed = true;
+        }
+    };
+    let openai = route.wire_format() == WireFormat::OpenAi;
+    if openai {
+        for key in OPENAI_WRITTEN {
+            set(body, key);
+        }
+        if body.contains_key("n_predict") {
+            set(body, "n_predict");
+        }
+    }
+    match body.get_mut("options") {
+        Some(Value::Object(o)) => {
+            if !openai || o.contains_key("num_predict") {
+                set(o, "num_predict");
+            }
+        }
+        Some(Value::Null) | None if !openai => {
+            let mut o = Map::new();
+            set(&mut o, "num_predict");
+            body.insert("options".to_string(), Value::Object(o));
+        }
+        Some(Value::Null) | None => {}
+        Some(_) => return Err(BadOptions),
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn counts_as_lax_backends_do() {
+        let c = |v: Value| count("max_tokens", Some(&v));
+        assert_eq!(c(json!(5)), Ok(Limit::Bounded(5)));
+        assert_eq!(c(json!(1e6)), Ok(Limit::Bounded(1_000_000)));
+        assert_eq!(c(json!("1000000")), Ok(Limit::Bounded(1_000_000)));
+        assert_eq!(c(json!(" 7 ")), Ok(Limit::Bounded(7)));
+        assert_eq!(c(json!("1e3")), Ok(Limit::Bounded(1000)));
+        assert_eq!(c(json!(-1)), Ok(Limit::Unbounded));
+        assert_eq!(c(json!(-2.0)), Ok(Limit::Unbounded));
+        assert_eq!(c(json!("-1")), Ok(Limit::Unbounded));
+        assert_eq!(c(json!(1e300)), Ok(Limit::Bounded(u64::MAX)));
+        assert_eq!(c(json!(null)), Ok(Limit::Absent));
+        assert!(c(json!(1.5)).is_err());
+        assert!(c(json!("lots")).is_err());
+        assert!(c(json!(true)).is_err());
+        assert!(c(json!([1])).is_err());
+        assert!(c(json!("NaN")).is_err());
+        assert!(c(json!("inf")).is_err());
+    }
+
+    #[test]
+    fn the_largest_field_counts() {
+        let b = obj(json!({"max_tokens": 1, "max_completion_tokens": 1000000}));
+        let a = read(Route::OpenAiChat, &b).unwrap();
+        assert_eq!(a.per_choice, Limit::Bounded(1_000_000));
+        let b = obj(json!({"max_tokens": 1, "options": {"num_predict": 1000000}}));
+        let a = read(Route::OllamaChat, &b).unwrap();
+        assert_eq!(
+            a.per_choice,
+            Limit::Bounded(1_000_000),
+            "Ollama reads only options.num_predict"
+        );
+        let b = obj(json!({"max_tokens": 10, "n_predict": -1}));
+        assert_eq!(
+            read(Route::OpenAiCompletions, &b).unwrap().per_choice,
+            Limit::Unbounded
+        );
+        let b = obj(json!({"max_tokens": 10, "n": 4, "best_of": "6"}));
+        let a = read(Route::OpenAiCompletions, &b).unwrap();
+        assert_eq!((a.choices, a.total()), (6, Some(60)));
+        assert!(read(Route::OpenAiChat, &obj(json!({"n": -1}))).is_err());
+        let embed = obj(json!({"max_tokens": "junk"}));
+        assert!(read(Route::OpenAiEmbeddings, &embed).is_ok(), "no output");
+    }
+
+    #[test]
+    fn writes_every_field() {
+        let mut b = obj(json!({"max_completion_tokens": 500, "n_predict": 9}));
+        assert_eq!(write(Route::OpenAiChat, &mut b, 32), Ok(true));
+        assert_eq!(
+            Value::Object(b),
+            json!({"max_completion_tokens": 32, "n_predict": 32, "max_tokens": 32})
+        );
+        let mut b = obj(json!({"max_tokens": 32, "max_completion_tokens": 32}));
+        assert_eq!(write(Route::OpenAiChat, &mut b, 32), Ok(false));
+        let mut b = obj(json!({"max_tokens": "32", "max_completion_tokens": 32}));
+        assert_eq!(write(Route::OpenAiChat, &mut b, 32), Ok(true));
+        assert_eq!(b["max_tokens"], json!(32));
+        let mut b = obj(json!({"model": "m"}));
+        assert_eq!(write(Route::OllamaGenerate, &mut b, 8), Ok(true));
+        assert_eq!(b["options"], json!({"num_predict": 8}));
+        let mut b = obj(json!({"options": 3}));
+        assert_eq!(write(Route::OllamaGenerate, &mut b, 8), Err(BadOptions));
+    }
+}

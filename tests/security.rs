@@ -1,0 +1,513 @@
+//! Security: every check holds against every field, route and encoding that means the same
+//! thing (hardening round 2). Each test names the finding it closes.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const USER_KEY: &str = "sk-gw-user";
+const LLAMA_KEY: &str = "sk-gw-llama-only";
+const LLAMA_ADMIN_KEY: &str = "sk-gw-llama-admin";
+
+/// A gateway with a user key, a llama-only key and a llama-only admin key, and `policy`.
+async fn gateway(m: &mock_ollama::MockServer, extra: &str) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let h = filter_auth::keygen::hash_key;
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        format!(
+            "keys:\n  - {{ id: user, key_sha256: {} }}\n  - {{ id: llama, key_sha256: {}, models: ['llama3.1:8b'] }}\n  - {{ id: llama-admin, key_sha256: {}, models: ['llama3.1:8b'], scopes: [admin] }}\n",
+            h(USER_KEY),
+            h(LLAMA_KEY),
+            h(LLAMA_ADMIN_KEY)
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n    htpasswd: {}\n    brute_force: {{ max_failures: 0 }}\n{extra}",
+        backends(&[("local", &m.url())]),
+        dir.path().join("keys.yaml").display(),
+        conf("htpasswd"),
+    ))
+    .await;
+    (gw, dir)
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// The JSON body the mock received for the last request on `path`.
+fn last_body(m: &mock_ollama::MockServer, path: &str) -> Value {
+    m.requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path == path)
+        .and_then(|r| r.json)
+        .unwrap_or_else(|| panic!("the mock saw no JSON request on {path}"))
+}
+
+/// Reads a token count as the laxest backend does (pydantic: numbers and numeric strings).
+fn as_count(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse::<f64>().ok().map(|f| f as i64),
+        _ => None,
+    }
+}
+
+const CAP_POLICY: &str = "  - use: policy\n    max_output_tokens: 100\n";
+
+// Finding 1: the output cap reads every field a backend of the wire format honours, and
+// writes every one of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_cap_holds_for_every_token_field() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, CAP_POLICY).await;
+    let c = client();
+    let openai_cases = [
+        json!({"max_tokens": 1, "max_completion_tokens": 1000000}),
+        json!({"max_completion_tokens": 500}),
+        json!({"max_tokens": 1e6}),
+        json!({"max_tokens": "1000000"}),
+        json!({"max_tokens": -1}),
+        json!({"max_tokens": 5, "n_predict": -1}),
+        json!({}),
+    ];
+    for extra in openai_cases {
+        let mut body =
+            json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", bearer(USER_KEY))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{extra}");
+        let seen = last_body(&m, "/v1/chat/completions");
+        // Every backend's reading: vLLM (max_completion_tokens, else max_tokens),
+        // llama-cpp-python (max_tokens), llama.cpp (n_predict, else max_tokens).
+        for field in ["max_tokens", "max_completion_tokens"] {
+            let n = as_count(&seen[field]).unwrap_or_else(|| panic!("{field} missing: {seen}"));
+            assert!((0..=100).contains(&n), "{extra} forwarded {field}={n}");
+        }
+        if let Some(n) = seen.get("n_predict") {
+            assert!(
+                as_count(n).is_some_and(|n| (0..=100).contains(&n)),
+                "{seen}"
+            );
+        }
+    }
+    assert_eq!(
+        last_body(&m, "/v1/chat/completions")["max_tokens"],
+        100,
+        "a request without a limit gets the cap"
+    );
+
+    let ollama_cases = [
+        json!({"max_tokens": 1, "options": {"num_predict": 1000000}}),
+        json!({"options": {"num_predict": "1000000"}}),
+        json!({"options": {"num_predict": -2}}),
+        json!({"options": {"num_predict": 1e6}}),
+        json!({"max_tokens": 1}),
+    ];
+    for extra in ollama_cases {
+        let mut body = chat();
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = c
+            .post(gw.url("/api/chat"))
+            .header("authorization", bearer(USER_KEY))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{extra}");
+        let seen = last_body(&m, "/api/chat");
+        let n = seen["options"]["num_predict"].as_i64();
+        assert!(
+            n.is_some_and(|n| (0..=100).contains(&n)),
+            "{extra} forwarded {seen}"
+        );
+    }
+
+    for bad in [json!(1.5), json!("lots"), json!(true), json!([1])] {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", bearer(USER_KEY))
+            .json(&json!({"model": "llama3.1:8b", "messages": [], "max_completion_tokens": bad}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(error_of(r).await.0, "invalid_max_tokens");
+    }
+}
+
+// Finding 1: reservations see the real figure: `n` completions of the cap each.
+#[tokio::test(flavor = "multi_thread")]
+async fn several_completions_reserve_several_caps() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    max_output_tokens: 100\n    max_choices: 4\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 250\n",
+    )
+    .await;
+    let c = client();
+    let ask = |n: u64| {
+        c.post(gw.url("/v1/completions"))
+            .header("authorization", bearer(USER_KEY))
+            .json(&json!({"model": "llama3.1:8b", "prompt": "hi", "max_tokens": 1000, "n": n}))
+            .send()
+    };
+    let r = ask(3).await.unwrap();
+    assert_eq!(
+        r.status(),
+        429,
+        "3 completions × 100 tokens = 300 > 250 tokens per minute"
+    );
+    let r = ask(5).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of(r).await.0, "too_many_choices");
+    let r = ask(2).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+// Finding 2: every route that names a model is gated like inference; lists are filtered.
+#[tokio::test(flavor = "multi_thread")]
+async fn model_allow_list_holds_on_every_route_that_names_a_model() {
+    let m = mock_with(mock_ollama::MockConfig {
+        // /api/ps lists the first model: make it the forbidden one.
+        models: vec!["qwen2.5:7b".into(), "llama3.1:8b".into()],
+        ..Default::default()
+    })
+    .await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    allow: [openai-inference, ollama-inference, { preset: ollama-admin, scope: admin }, { path: '/v1/models/**', methods: [GET] }]\n",
+    )
+    .await;
+    let c = client();
+    let post = |path: &str, key: &str, body: Value| {
+        c.post(gw.url(path))
+            .header("authorization", bearer(key))
+            .json(&body)
+            .send()
+    };
+    for body in [
+        json!({"model": "qwen2.5:7b"}),
+        json!({"name": "qwen2.5:7b"}),
+        json!({"model": "llama3.1:8b", "name": "qwen2.5:7b"}),
+    ] {
+        let r = post("/api/show", LLAMA_KEY, body.clone()).await.unwrap();
+        assert_eq!(r.status(), 403, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["code"], "model_not_allowed", "{v}");
+    }
+    let r = post("/api/show", LLAMA_KEY, json!({"model": 7}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let before = m.hits("/api/show");
+    let r = post("/api/show", LLAMA_KEY, json!({"model": "llama3.1:8b"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(m.hits("/api/show"), before + 1, "only the allowed show");
+
+    // Management routes (admin scope) are gated too, on every model they name.
+    for (path, body) in [
+        ("/api/pull", json!({"model": "qwen2.5:7b"})),
+        (
+            "/api/copy",
+            json!({"source": "llama3.1:8b", "destination": "qwen2.5:7b"}),
+        ),
+        (
+            "/api/create",
+            json!({"model": "llama3.1:8b", "from": "qwen2.5:7b"}),
+        ),
+        (
+            "/api/create",
+            json!({"name": "llama3.1:8b", "modelfile": "FROM qwen2.5:7b\n"}),
+        ),
+    ] {
+        let r = post(path, LLAMA_ADMIN_KEY, body.clone()).await.unwrap();
+        assert_eq!(r.status(), 403, "{path} {body}");
+    }
+    let r = c
+        .delete(gw.url("/api/delete"))
+        .header("authorization", bearer(LLAMA_ADMIN_KEY))
+        .json(&json!({"model": "qwen2.5:7b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        m.hits("/api/pull") + m.hits("/api/copy") + m.hits("/api/create") + m.hits("/api/delete"),
+        0
+    );
+    let r = post(
+        "/api/pull",
+        LLAMA_ADMIN_KEY,
+        json!({"model": "llama3.1:8b"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Lists: /api/ps, /api/tags, /v1/models show only the allowed model.
+    for (path, list, name) in [
+        ("/api/ps", "models", "name"),
+        ("/api/tags", "models", "name"),
+        ("/v1/models", "data", "id"),
+    ] {
+        let v: Value = c
+            .get(gw.url(path))
+            .header("authorization", bearer(LLAMA_KEY))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let names: Vec<&str> = v[list]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}: {v}"))
+            .iter()
+            .filter_map(|e| e[name].as_str())
+            .collect();
+        assert!(!names.contains(&"qwen2.5:7b"), "{path} lists {names:?}");
+    }
+    // One model by path, in any encoding.
+    for path in [
+        "/v1/models/qwen2.5:7b",
+        "/v1/models/qwen2.5%3A7b",
+        "/v1/models/%71wen2.5:7b",
+    ] {
+        let r = c
+            .get(gw.url(path))
+            .header("authorization", bearer(LLAMA_KEY))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    let r = c
+        .get(gw.url("/v1/models/llama3.1:8b"))
+        .header("authorization", bearer(LLAMA_KEY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Embeddings name a model too.
+    let r = post(
+        "/v1/embeddings",
+        LLAMA_KEY,
+        json!({"model": "qwen2.5:7b", "input": "x"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+}
+
+/// Sends a request head (and optionally part of a body) and returns the status line's code
+/// and how long the answer took.
+async fn head_only(port: u16, head: &str, body_part: &[u8]) -> (u16, Duration, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body_part).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got);
+                if let Some((h, b)) = text.split_once("\r\n\r\n") {
+                    let len = h
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if b.len() >= len {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, t.elapsed(), body)
+}
+
+// Finding 3: authentication runs before the body is read.
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_are_refused_before_their_body_is_read() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, CAP_POLICY).await;
+    // Announces a megabyte and sends nothing: answered at once, not after 30 s.
+    let (code, took, body) = head_only(
+        gw.port,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n",
+        b"",
+    )
+    .await;
+    assert_eq!(code, 401, "{body}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // A 100 MB chunked body (first chunk only sent): 401, not 413.
+    let (code, _, _) = head_only(
+        gw.port,
+        "POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"6400000\r\n{\"model\":",
+    )
+    .await;
+    assert_eq!(code, 401);
+    // A bad key is a stranger too.
+    let (code, took, _) = head_only(
+        gw.port,
+        "POST /api/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-wrong\r\nContent-Length: 1000000\r\n\r\n",
+        b"",
+    )
+    .await;
+    assert_eq!((code, took < Duration::from_secs(2)), (401, true));
+
+    // Model label slots of the metrics cannot be filled by strangers.
+    let c = client();
+    for i in 0..20 {
+        c.post(gw.url("/v1/chat/completions"))
+            .json(&json!({"model": format!("stranger-model-{i}"), "messages": []}))
+            .send()
+            .await
+            .unwrap();
+    }
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("llm_gateway_requests_total"));
+    assert!(!metrics.contains("stranger-model"), "{metrics}");
+    assert_eq!(m.hits("/v1/chat/completions"), 0);
+}
+
+// Finding 12: header-authenticated clients need no JSON content type; ambient credentials do.
+#[tokio::test(flavor = "multi_thread")]
+async fn content_type_rule_only_for_credentials_a_browser_sends_by_itself() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "").await;
+    let body = serde_json::to_string(&chat()).unwrap();
+    let (code, body_out) = raw_request(
+        gw.port,
+        "POST",
+        "/api/chat",
+        &[("Authorization", &bearer(USER_KEY))],
+        &body,
+    )
+    .await;
+    assert_eq!(code, 200, "{body_out}");
+    let (code, _) = raw_request(
+        gw.port,
+        "POST",
+        "/api/chat",
+        &[("x-api-key", USER_KEY)],
+        &body,
+    )
+    .await;
+    assert_eq!(code, 200);
+    // demo:demo from conf/htpasswd, as a browser would replay it.
+    let (code, out) = raw_request(
+        gw.port,
+        "POST",
+        "/api/chat",
+        &[
+            ("Authorization", "Basic ZGVtbzpkZW1v"),
+            ("Content-Type", "text/plain"),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(code, 415, "{out}");
+    // The body must still be a JSON object.
+    let (code, _) = raw_request(
+        gw.port,
+        "POST",
+        "/api/chat",
+        &[("Authorization", &bearer(USER_KEY))],
+        "model=llama3.1:8b",
+    )
+    .await;
+    assert_eq!(code, 400);
+}
+
+// Finding 12: errors on Ollama's routes in Ollama's shape, on OpenAI's in OpenAI's.
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_come_in_the_routes_shape() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "").await;
+    let c = client();
+    let r = c
+        .post(gw.url("/api/chat"))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].is_string(), "{v}");
+    assert_eq!(v["code"], "invalid_api_key", "{v}");
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].is_string(), "{v}");
+}
+
+// Finding 10: echoed client input is cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn echoed_input_is_cut_short() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "").await;
+    let long = "x".repeat(1_000_000);
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", bearer(LLAMA_KEY))
+        .json(&json!({"model": long, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let text = r.text().await.unwrap();
+    assert!(text.len() < 1000, "{} bytes", text.len());
+}
