@@ -288,3 +288,43 @@ fn help_documents_every_subcommand() {
     assert_eq!(code, 2);
     assert!(err.contains("--config"), "{err}");
 }
+
+#[test]
+fn a_tls_key_of_another_certificate_is_a_config_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::certs::make(dir.path());
+    let cfg = write(
+        &dir,
+        "gw.yaml",
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: {}, key: {} }}\n",
+            pki.server_cert.display(),
+            pki.client_key.display()
+        ),
+    );
+    let (code, _, err) = run(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("listen[0].tls"), "{err}");
+    assert!(err.contains("does not match the certificate"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Starting says the same, without a panic.
+    let (code, _, err) = run(&["--config", &cfg], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("listen[0].tls") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn discovery_and_health_can_be_switched_off_without_an_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        &dir,
+        "gw.yaml",
+        "routing:\n  discovery: { enabled: false }\n  health: { enabled: false }\n",
+    );
+    let (code, out, err) = run(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": OK"), "{out}");
+}

@@ -530,3 +530,58 @@ async fn sigterm_under_load_loses_no_audit_line() {
         "every answered request has its audit line"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_in_flight_counts_running_requests() {
+    let m = mock_with(mock_ollama::MockConfig {
+        chunks: 20,
+        chunk_delay: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = observed(&m, &dir.path().join("audit.jsonl")).await;
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let url = gw.url("/api/chat");
+            tokio::spawn(async move {
+                let r = client()
+                    .post(url)
+                    .header("authorization", format!("Bearer {DEMO_KEY}"))
+                    .json(&serde_json::json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                r.text().await.unwrap()
+            })
+        })
+        .collect();
+    let gauge = || async {
+        let text = client()
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        value(
+            &samples(&text),
+            "llm_gateway_backend_in_flight",
+            &[("backend", "local")],
+        )
+    };
+    let mut seen = 0.0;
+    for _ in 0..100 {
+        seen = gauge().await;
+        if seen >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, 2.0, "two streams are running at the backend");
+    for s in streams {
+        s.await.unwrap();
+    }
+    assert_eq!(gauge().await, 0.0, "and none once they ended");
+}

@@ -30,6 +30,10 @@ impl AdminApp {
                 .backend_up
                 .with_label_values(&[&b.name])
                 .set(i64::from(pool.is_up(i)));
+            self.metrics
+                .backend_in_flight
+                .with_label_values(&[&b.name])
+                .set(i64::from(b.in_flight()));
         }
         self.metrics.in_flight.set(self.in_flight.get() as i64);
         let mut out = Vec::with_capacity(16 << 10);

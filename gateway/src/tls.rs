@@ -54,6 +54,25 @@ pub fn subjects_of(der: &[u8]) -> Vec<String> {
     out
 }
 
+/// Checks that `cert` and `key` load and belong together, as Pingora will need them at
+/// start (where a mismatch would panic instead of naming the file).
+pub fn check_pair(cert: &std::path::Path, key: &std::path::Path) -> Result<(), String> {
+    pingora_rustls::install_default_crypto_provider();
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let Ok(Some((certs, private))) = pingora_rustls::load_certs_and_key_files(&c, &k) else {
+        return Err(format!(
+            "cannot load the certificate {c} with the key {k}: both must be PEM files"
+        ));
+    };
+    pingora_rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .map(|_| ())
+        .map_err(|e| {
+            format!("the key {k} does not match the certificate {c} ({e}); use the key the certificate was issued for")
+        })
+}
+
 /// Builds a listener's TLS settings, checking every file first: Pingora panics on files it
 /// cannot load, and an operator deserves a message instead.
 pub fn settings(t: &TlsSpec) -> Result<TlsSettings, String> {

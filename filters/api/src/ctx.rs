@@ -204,3 +204,27 @@ impl RequestCtx {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_are_counted_by_prefix() {
+        let mut c = RequestCtx::new(String::new(), Method::GET, "/".into());
+        c.set_client("2001:db8:1:2:aaaa:bbbb:cccc:dddd".parse().unwrap(), 64);
+        assert_eq!(c.client_net, Some("2001:db8:1:2::".parse().unwrap()));
+        assert_eq!(
+            c.client_ip,
+            Some("2001:db8:1:2:aaaa:bbbb:cccc:dddd".parse().unwrap())
+        );
+        c.set_client("2001:db8:1:2:aaaa:bbbb:cccc:dddd".parse().unwrap(), 48);
+        assert_eq!(c.client_net, Some("2001:db8:1::".parse().unwrap()));
+        c.set_client("2001:db8::1".parse().unwrap(), 128);
+        assert_eq!(c.client_net, Some("2001:db8::1".parse().unwrap()));
+        // IPv4 clients on a dual-stack listener are plain IPv4 addresses.
+        c.set_client("::ffff:10.1.2.3".parse().unwrap(), 64);
+        assert_eq!(c.client_net, Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(c.client_ip, Some("10.1.2.3".parse().unwrap()));
+    }
+}

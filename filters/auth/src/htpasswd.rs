@@ -14,6 +14,10 @@ use subtle::ConstantTimeEq;
 #[derive(Debug, Default)]
 pub struct Htpasswd {
     users: HashMap<String, String>,
+    /// A bcrypt hash of the file's highest cost that no password matches: an unknown user is
+    /// checked against it, so it takes as long as a known user with a wrong password (no
+    /// user-name oracle).
+    decoy: Option<String>,
 }
 
 impl Htpasswd {
@@ -50,11 +54,30 @@ impl Htpasswd {
                 return Err(format!("line {}: user {user:?} appears twice", n + 1));
             }
         }
-        Ok(Htpasswd { users })
+        let cost = users
+            .values()
+            .filter_map(|h| h.get(4..6).and_then(|c| c.parse::<u32>().ok()))
+            .max();
+        let decoy = cost.and_then(|c| {
+            let mut secret = [0u8; 24];
+            secret.iter_mut().for_each(|b| *b = fastrand::u8(..));
+            bcrypt::hash(secret, c).ok()
+        });
+        Ok(Htpasswd { users, decoy })
     }
 
+    #[cfg(test)]
     pub fn hash_of(&self, user: &str) -> Option<&str> {
         self.users.get(user).map(String::as_str)
+    }
+
+    /// The hash to check a password against: the user's, or the decoy for an unknown user
+    /// (same cost, never matches). `None` only when the file has no users.
+    pub fn hash_or_decoy(&self, user: &str) -> Option<(&str, bool)> {
+        match self.users.get(user) {
+            Some(h) => Some((h.as_str(), true)),
+            None => self.decoy.as_deref().map(|d| (d, false)),
+        }
     }
 
     pub fn users(&self) -> impl Iterator<Item = &str> {

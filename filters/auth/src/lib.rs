@@ -247,14 +247,20 @@ impl AuthFilter {
         if let Some(p) = state.cache.get(&digest) {
             return Ok(p);
         }
-        let Some(hash) = file.hash_of(&user).map(str::to_string) else {
+        // An unknown user goes through bcrypt too (against a decoy of the same cost), so the
+        // answer's timing does not tell which user names exist.
+        let Some((hash, known)) = file.hash_or_decoy(&user) else {
             return Err(self.failed(ctx, "unknown_user"));
         };
+        let hash = hash.to_string();
         // bcrypt costs tens of milliseconds by design: never on a proxy thread.
         let ok =
             tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
                 .await
                 .unwrap_or(false);
+        if !known {
+            return Err(self.failed(ctx, "unknown_user"));
+        }
         if !ok {
             return Err(self.failed(ctx, "wrong_password"));
         }

@@ -258,3 +258,42 @@ fn option_errors_name_the_key() {
     .unwrap();
     assert!(e.path.starts_with("brute_force"), "{e}");
 }
+
+#[tokio::test]
+async fn unknown_users_wait_for_bcrypt_like_known_ones() {
+    // The decoy has the file's cost, so an unknown user costs what a wrong password costs.
+    let file = Htpasswd::parse(&format!(
+        "bob:{}\n",
+        keygen::hash_password("secret", 8).unwrap()
+    ))
+    .unwrap();
+    let (decoy, known) = file.hash_or_decoy("eve").unwrap();
+    assert!(!known && decoy.starts_with("$2b$08$"), "{decoy}");
+    assert!(!bcrypt::verify("secret", decoy).unwrap());
+
+    let f = fixture(json!({"htpasswd": "htpasswd"}));
+    std::fs::write(
+        f.dir.path().join("htpasswd"),
+        format!("bob:{}\n", keygen::hash_password("secret", 8).unwrap()),
+    )
+    .unwrap();
+    f.filter.reload().unwrap();
+    let time = |u: &'static str| {
+        let filter = f.filter.clone();
+        async move {
+            let mut best = Duration::MAX;
+            for _ in 0..3 {
+                let mut ctx = req(&[("authorization", &basic(u, "wrong"))], "10.0.0.4");
+                let t = std::time::Instant::now();
+                assert_eq!(filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+                best = best.min(t.elapsed());
+            }
+            best
+        }
+    };
+    let (known, unknown) = (time("bob").await, time("eve").await);
+    assert!(
+        unknown * 2 >= known,
+        "unknown user answered in {unknown:?}, known user with a wrong password in {known:?}"
+    );
+}

@@ -185,12 +185,12 @@ impl Default for RoutingSection {
             queue: QueueSection::default(),
             discovery: PollSection {
                 enabled: true,
-                interval: HumanDuration(Duration::from_secs(10)),
+                interval: None,
                 timeout: HumanDuration(Duration::from_secs(2)),
             },
             health: PollSection {
                 enabled: true,
-                interval: HumanDuration(Duration::from_secs(5)),
+                interval: None,
                 timeout: HumanDuration(Duration::from_secs(2)),
             },
         }
@@ -219,7 +219,8 @@ impl Default for QueueSection {
 pub struct PollSection {
     #[serde(default = "yes")]
     pub enabled: bool,
-    pub interval: HumanDuration,
+    /// Default per section: 10 s for discovery, 5 s for health probes.
+    pub interval: Option<HumanDuration>,
     #[serde(default = "two_seconds")]
     pub timeout: HumanDuration,
 }
@@ -228,7 +229,7 @@ impl Default for PollSection {
     fn default() -> Self {
         PollSection {
             enabled: true,
-            interval: HumanDuration(std::time::Duration::from_secs(10)),
+            interval: None,
             timeout: two_seconds(),
         }
     }

@@ -255,13 +255,22 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
             "cooldown must be > 0 and cooldown_max at least cooldown".into(),
         ));
     }
-    for (key, p) in [("discovery", &r.discovery), ("health", &r.health)] {
-        if p.enabled && p.interval.0.is_zero() {
+    let mut intervals = [None, None];
+    for (i, (key, p, default)) in [
+        ("discovery", &r.discovery, Duration::from_secs(10)),
+        ("health", &r.health, Duration::from_secs(5)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let interval = p.interval.map_or(default, |d| d.0);
+        if p.enabled && interval.is_zero() {
             return Err((
                 format!("routing.{key}.interval"),
                 "must be greater than 0".into(),
             ));
         }
+        intervals[i] = p.enabled.then_some(interval);
     }
     Ok(RoutingSpec {
         strategy: r.strategy,
@@ -274,8 +283,8 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
         residency_max_in_flight: r.residency_max_in_flight.max(1),
         queue_size: r.queue.size,
         queue_timeout: r.queue.timeout.0,
-        discovery_interval: r.discovery.enabled.then_some(r.discovery.interval.0),
-        health_interval: r.health.enabled.then_some(r.health.interval.0),
+        discovery_interval: intervals[0],
+        health_interval: intervals[1],
         probe_timeout: r.health.timeout.0,
     })
 }
@@ -316,9 +325,11 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                         )
                     })
             };
+            let (cert, key) = (file("cert", &t.cert)?, file("key", &t.key)?);
+            crate::tls::check_pair(&cert, &key).map_err(|m| (".tls".to_string(), m))?;
             Some(TlsSpec {
-                cert: file("cert", &t.cert)?,
-                key: file("key", &t.key)?,
+                cert,
+                key,
                 client_ca: t
                     .client_ca
                     .as_deref()
