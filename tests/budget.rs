@@ -293,6 +293,22 @@ async fn spend_survives_a_restart() {
     tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
 
     let gw = Gateway::start(&cfg).await;
+    // The spend shows before the principal asks again.
+    let report: Value = client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let buyer = report["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["principal"] == "buyer")
+        .unwrap_or_else(|| panic!("no buyer account after restart: {report}"));
+    assert_eq!(cents(buyer["spent_usd"].as_f64().unwrap()), 10, "{report}");
     let r = client()
         .post(gw.url("/api/generate"))
         .bearer_auth(KEY)
@@ -381,4 +397,50 @@ async fn kill_9_loses_at_most_the_last_commit_window() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// Ctrl-C under load drains like SIGTERM: every answered request is in the ledger (Pingora's
+/// own SIGINT would exit with the last commit window unwritten).
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_under_load_commits_every_charge() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &m, 1_000_000.0, 0.0, 10000.0, "");
+    let mut gw = Gateway::start(&cfg).await;
+    let served = Arc::new(AtomicU32::new(0));
+    let url = gw.url("/api/generate");
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, served) = (url.clone(), served.clone());
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                loop {
+                    let r = c
+                        .post(&url)
+                        .bearer_auth(KEY)
+                        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+                        .send()
+                        .await;
+                    let Ok(r) = r else { break };
+                    if r.status() != 200 || r.bytes().await.is_err() {
+                        break;
+                    }
+                    served.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    gw.signal("INT");
+    for w in workers {
+        let _ = w.await;
+    }
+    let status =
+        tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(15))).expect("exits");
+    assert!(status.success(), "{status}");
+    let served = served.load(Ordering::SeqCst);
+    let rows = spend_json(dir.path());
+    let ledger = rows.first().map_or(0, |r| r["requests"].as_u64().unwrap()) as u32;
+    assert!(served > 50, "load ran: {served}");
+    assert_eq!(ledger, served, "every answered request is charged once");
 }

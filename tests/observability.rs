@@ -479,6 +479,16 @@ async fn metrics_after_known_traffic() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_under_load_loses_no_audit_line() {
+    signal_under_load_loses_no_audit_line("TERM").await;
+}
+
+/// Ctrl-C drains and flushes like SIGTERM (Pingora's own SIGINT would drop what is queued).
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_under_load_loses_no_audit_line() {
+    signal_under_load_loses_no_audit_line("INT").await;
+}
+
+async fn signal_under_load_loses_no_audit_line(sig: &str) {
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
@@ -515,7 +525,7 @@ async fn sigterm_under_load_loses_no_audit_line() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    gw.signal("TERM");
+    gw.signal(sig);
     let mut answered = 0;
     for t in tasks {
         answered += t.await.unwrap();

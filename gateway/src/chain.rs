@@ -9,6 +9,7 @@ use crate::registry::Registry;
 
 pub struct FilterChain {
     filters: Vec<Arc<dyn Filter>>,
+    shut_down: std::sync::atomic::AtomicBool,
     /// The built-in policy was added because the config has none.
     pub default_policy: bool,
 }
@@ -21,6 +22,7 @@ impl FilterChain {
     pub fn new(filters: Vec<Arc<dyn Filter>>) -> Self {
         FilterChain {
             filters,
+            shut_down: Default::default(),
             default_policy: false,
         }
     }
@@ -59,6 +61,7 @@ impl FilterChain {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(FilterChain {
             filters,
+            shut_down: Default::default(),
             default_policy: add_policy,
         })
     }
@@ -123,8 +126,15 @@ impl FilterChain {
             .find_map(|f| f.admin_report().filter(|(n, _)| *n == name).map(|(_, v)| v))
     }
 
-    /// Lets every filter finish queued work (audit lines) before the process exits.
+    /// Lets every filter finish queued work (audit lines, ledger) before the process exits.
+    /// Runs once: later calls (several exit paths may ask) do nothing.
     pub fn shutdown(&self) {
+        if self
+            .shut_down
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
         for f in &self.filters {
             f.shutdown();
         }

@@ -84,6 +84,8 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn run(path: &Path) -> ExitCode {
+    // Before any thread exists (building the chain starts the audit writer).
+    llm_gateway::server::block_ctrl_c();
     let registry = Registry::builtin();
     match config::load(path).and_then(|s| llm_gateway::server::prepare(s, &registry)) {
         Ok(prepared) => llm_gateway::server::run(prepared),

@@ -136,6 +136,7 @@ pub fn run(prepared: Prepared) -> ! {
         server.add_service(admin);
     }
     crate::router::spawn_discovery(gateway_pool, &settings.routing);
+    spawn_ctrl_c(chain.clone());
     spawn_reloader(chain.clone());
     spawn_drain_watcher(
         server.watch_execution_phase(),
@@ -166,6 +167,54 @@ pub fn run(prepared: Prepared) -> ! {
         settings.threads
     );
     server.run_forever()
+}
+
+/// Ctrl-C (SIGINT) is Pingora's quick shutdown: runtimes stop at once, requests in flight
+/// and lines not yet queued are lost. The gateway instead treats a first Ctrl-C like SIGTERM
+/// (drain, flush the audit queue and the ledger, exit), and a second one as "flush what is
+/// queued and exit now". SIGINT is blocked in every thread, so only [`spawn_ctrl_c`]'s
+/// thread ever sees it: call this first thing, before any thread is started.
+pub fn block_ctrl_c() {
+    // SAFETY: plain libc calls on a local, zero-initialised signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            log::warn!("cannot block SIGINT: Ctrl-C will stop the gateway without draining");
+        }
+    }
+}
+
+fn spawn_ctrl_c(chain: Arc<FilterChain>) {
+    std::thread::spawn(move || {
+        let mut presses = 0;
+        loop {
+            let mut sig = 0;
+            // SAFETY: waits for the blocked SIGINT on a local, zero-initialised set.
+            let ok = unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::sigwait(&set, &mut sig) == 0
+            };
+            if !ok || sig != libc::SIGINT {
+                continue;
+            }
+            presses += 1;
+            if presses == 1 {
+                log::info!("Ctrl-C: draining like SIGTERM (press again to exit at once)");
+                // SAFETY: sends SIGTERM to this very process.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGTERM);
+                }
+            } else {
+                log::warn!("Ctrl-C again: writing what is queued and exiting now");
+                chain.shutdown();
+                std::process::exit(130);
+            }
+        }
+    });
 }
 
 /// SIGHUP re-reads the filters' files (keys, htpasswd). Without this handler SIGHUP would

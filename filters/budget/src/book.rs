@@ -109,6 +109,24 @@ impl Book {
             .collect()
     }
 
+    /// Principals the ledger of past runs knows, for `/admin/spend` before they return.
+    pub fn ledger_principals(&self) -> impl Iterator<Item = &str> {
+        self.history.keys().map(String::as_str)
+    }
+
+    /// What the ledger of past runs holds for `principal` in `period` as of `now`.
+    pub fn ledger_spend(&self, principal: &str, period: Period, now: i64) -> Nano {
+        self.opening(
+            &Budget {
+                principal: principal.to_string(),
+                period,
+                period_key: String::new(),
+                limit: 0,
+            },
+            now,
+        )
+    }
+
     /// Current accounts, for `/admin/spend`.
     pub fn snapshot(&self) -> Vec<((String, String), Account)> {
         let acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());

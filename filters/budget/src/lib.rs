@@ -427,15 +427,37 @@ impl Filter for BudgetFilter {
     }
 
     fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
-        let accounts: Vec<serde_json::Value> = self
-            .book
-            .snapshot()
-            .into_iter()
+        let snapshot = self.book.snapshot();
+        let mut accounts: Vec<serde_json::Value> = snapshot
+            .iter()
             .map(|((principal, period), a)| {
                 serde_json::json!({"principal": principal, "period": period,
                                    "spent_usd": a.spent as f64 / 1e9, "reserved_usd": a.reserved as f64 / 1e9})
             })
             .collect();
+        // Principals with spend from earlier runs who have not asked since the restart: their
+        // current period's spend from the ledger (a per-key period is known only once the key
+        // is used; until then the default budget's period, or the whole history).
+        let now = now_secs();
+        let mut quiet: Vec<&str> = self
+            .book
+            .ledger_principals()
+            .filter(|p| !snapshot.iter().any(|((q, _), _)| q == p))
+            .collect();
+        quiet.sort_unstable();
+        for principal in quiet {
+            let period = if principal == GLOBAL {
+                self.global
+            } else {
+                self.default
+            }
+            .map_or(Period::Total, |(_, p)| p);
+            let spent = self.book.ledger_spend(principal, period, now);
+            accounts.push(
+                serde_json::json!({"principal": principal, "period": period.key(now),
+                "spent_usd": spent as f64 / 1e9, "reserved_usd": 0.0}),
+            );
+        }
         Some(("spend", serde_json::json!({"accounts": accounts})))
     }
 
