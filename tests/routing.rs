@@ -207,7 +207,7 @@ async fn model_aware_choice_residency_catalogue_and_unknown_models() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_backend_dying_mid_run_costs_no_client_a_failure() {
+async fn a_backend_dying_mid_run_costs_at_most_the_requests_it_had_taken() {
     let m = mocks([ALL, ALL, ALL]).await;
     let gw = Gateway::start(&format!("{}routing: {{ strategy: round-robin, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\n", three(&m))).await;
     let ok = Arc::new(AtomicU32::new(0));
@@ -233,10 +233,12 @@ async fn a_backend_dying_mid_run_costs_no_client_a_failure() {
     for w in workers {
         w.await.unwrap();
     }
-    assert_eq!(
-        (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst)),
-        (1000, 0)
-    );
+    // A request the backend may already have (written into a connection it was closing) is
+    // not sent again, since it may have started generating: only those can fail, at most one
+    // per worker; every other request moves on to a live backend.
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert_eq!(ok + failed, 1000);
+    assert!(failed <= 8, "{failed} failed");
     let metrics = client()
         .get(gw.admin_url("/metrics"))
         .send()
@@ -263,7 +265,7 @@ async fn a_backend_dying_mid_run_costs_no_client_a_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_hanging_backend_times_out_is_retried_elsewhere_and_cooled_down() {
+async fn a_hanging_backend_times_out_without_a_second_generation_and_is_cooled_down() {
     let m = mocks([ALL, ALL, ALL]).await;
     m[0].set_fail(FailMode::Hang);
     let gw = Gateway::start(&format!(
@@ -272,6 +274,7 @@ async fn a_hanging_backend_times_out_is_retried_elsewhere_and_cooled_down() {
     ))
     .await;
     let c = client();
+    let mut timeouts = 0;
     for _ in 0..12 {
         let r = c
             .post(gw.url("/api/generate"))
@@ -279,10 +282,20 @@ async fn a_hanging_backend_times_out_is_retried_elsewhere_and_cooled_down() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200);
+        match r.status().as_u16() {
+            200 => {}
+            // The backend has the prompt and may be generating: it is not sent elsewhere too.
+            504 => timeouts += 1,
+            s => panic!("unexpected {s}"),
+        }
     }
     // It took three timeouts to cool it down; after that nothing is sent there.
-    assert_eq!(m[0].hits("/api/generate"), 3);
+    assert_eq!((timeouts, m[0].hits("/api/generate")), (3, 3));
+    assert_eq!(
+        m[1].hits("/api/generate") + m[2].hits("/api/generate"),
+        9,
+        "no request was run twice"
+    );
     let start = Instant::now();
     for _ in 0..6 {
         c.post(gw.url("/api/generate"))

@@ -30,6 +30,9 @@ enum Attempt {
     Retry { err: Box<Error>, health: bool },
     /// Nothing was sent to the client; answer with an error.
     Fail(Box<Error>),
+    /// The backend got the request and failed to answer (timeout, connection dropped): it may
+    /// have started generating, so the request is not sent again; answered with an error.
+    Unanswered(Box<Error>),
     /// Bytes already reached the client (or it left): the exchange is over, abort it.
     Abort(Box<Error>),
 }
@@ -147,6 +150,15 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 last_err = Some(err);
             }
             Attempt::Fail(e) => return answer_failure(session, ctx, &e).await,
+            Attempt::Unanswered(e) => {
+                log::warn!(
+                    "request {}: backend {} did not answer: {e}",
+                    ctx.req.request_id,
+                    backend.name
+                );
+                pool.mark_failed(idx);
+                return answer_failure(session, ctx, &e).await;
+            }
             Attempt::Abort(e) => {
                 // A client leaving is not the backend's fault; a backend breaking its stream is.
                 if e.esource() == &pingora_error::ErrorSource::Upstream {
@@ -199,7 +211,7 @@ fn upstream_request(ctx: &GwCtx, backend: &Backend, body_len: usize) -> Result<B
         path.as_bytes(),
         Some(req.headers.len() + 4),
     )?;
-    copy_request_headers(&req.headers, &mut h, false)?;
+    copy_request_headers(&req.headers, &mut h)?;
     add_upstream_headers(&mut h, &backend.authority, &req.request_id)?;
     if body_len > 0 || !(req.method == Method::GET || req.method == Method::HEAD) {
         h.insert_header(header::CONTENT_LENGTH, body_len)?;
@@ -216,8 +228,11 @@ async fn send(up: &mut HttpSession, req: Box<RequestHeader>, body: &Bytes) -> Re
     Ok(())
 }
 
-/// Sends the request and reads the response header, once more on a fresh connection when a
-/// pooled one turns out to be stale (the server closed it while idle).
+/// Sends the request and reads the response header. A request is sent again (on a fresh
+/// connection, or to another backend) only when it provably did not reach the backend: the
+/// connection failed, or writing it failed. Once the request was written, the backend may
+/// be generating: a timeout or a dropped connection is answered, not retried, so no prompt
+/// is run twice.
 async fn exchange_header(
     gw: &Gateway,
     ctx: &GwCtx,
@@ -238,8 +253,18 @@ async fn exchange_header(
         up.read_timeout = Some(limits.read_timeout);
         up.write_timeout = Some(limits.send_timeout);
         let req = upstream_request(ctx, backend, body.len()).map_err(Attempt::Fail)?;
-        let result: Result<()> = async {
-            send(&mut up, req, body).await?;
+        if let Err(e) = send(&mut up, req, body).await {
+            if reused && !is_timeout(&e) {
+                // A pooled connection the server had closed while idle: once more on a
+                // fresh one.
+                continue;
+            }
+            return Err(Attempt::Retry {
+                err: e,
+                health: true,
+            });
+        }
+        let read: Result<()> = async {
             loop {
                 up.read_response().await?;
                 if !up
@@ -251,18 +276,12 @@ async fn exchange_header(
             }
         }
         .await;
-        match result {
-            Ok(()) => return Ok(up),
-            // A pooled connection the server had closed while idle: once more on a fresh one.
-            Err(e) if reused && !is_timeout(&e) => continue,
-            // Nothing came back: the backend failed this request; another may not.
-            Err(e) => {
-                return Err(Attempt::Retry {
-                    err: e,
-                    health: true,
-                })
-            }
-        }
+        return match read {
+            Ok(()) => Ok(up),
+            // The backend has the request and did not answer: it counts against its health,
+            // and the client gets the error.
+            Err(e) => Err(Attempt::Unanswered(e)),
+        };
     }
     Err(Attempt::Retry {
         err: Error::explain(

@@ -4,33 +4,47 @@ use gateway_filter::http::{header, HeaderMap, HeaderName};
 use pingora_core::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
-/// Connection-level headers (RFC 9110 §7.6.1) never forwarded.
+/// Connection-level headers (RFC 9110 §7.6.1) never forwarded. (A response's
+/// Transfer-Encoding is kept: Pingora frames the client's response by it.)
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TE
         || name == header::TRAILER
         || name == header::UPGRADE
         || name == header::PROXY_AUTHORIZATION
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+        || name == header::PROXY_AUTHENTICATE
+        || matches!(
+            name.as_str(),
+            "keep-alive" | "proxy-connection" | "http2-settings"
+        )
 }
 
-/// Copies the client's headers (as the chain left them) into the upstream request.
-/// `keep_framing`: keep Content-Length/Transfer-Encoding (body streamed by Pingora); otherwise
-/// the caller sets Content-Length for the held body.
-pub fn copy_request_headers(
-    src: &HeaderMap,
-    dst: &mut RequestHeader,
-    keep_framing: bool,
-) -> Result<()> {
+/// Whether `name` is listed in one of the message's `Connection` headers (those are
+/// hop-by-hop too, whatever their name).
+fn named_by_connection(src: &HeaderMap, name: &HeaderName) -> bool {
+    src.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes().split(|b| *b == b',').any(|t| {
+            t.trim_ascii()
+                .eq_ignore_ascii_case(name.as_str().as_bytes())
+        })
+    })
+}
+
+/// Copies the client's headers (as the chain left them) into the upstream request, minus
+/// everything about this hop: hop-by-hop headers and those `Connection` names, the client's
+/// framing (the caller sets Content-Length for the held body), and names with `_` (CGI and
+/// WSGI servers read `Transfer_Encoding` as `Transfer-Encoding`).
+pub fn copy_request_headers(src: &HeaderMap, dst: &mut RequestHeader) -> Result<()> {
     for (name, value) in src {
         if is_hop_by_hop(name)
+            || name == header::TRANSFER_ENCODING
             || name == header::HOST
             || name == header::ACCEPT_ENCODING
             || name == header::EXPECT
+            || name == header::CONTENT_LENGTH
             || name.as_str() == "x-request-id"
-            || (!keep_framing
-                && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING))
+            || name.as_str().contains('_')
+            || named_by_connection(src, name)
         {
             continue;
         }
@@ -55,10 +69,43 @@ pub fn add_upstream_headers(
 /// Copies an upstream response header for the client, minus connection-level headers.
 pub fn copy_response_headers(src: &ResponseHeader, dst: &mut ResponseHeader) -> Result<()> {
     for (name, value) in src.headers.iter() {
-        if is_hop_by_hop(name) {
+        if is_hop_by_hop(name) || named_by_connection(&src.headers, name) {
             continue;
         }
         dst.append_header(name.clone(), value.clone())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_filter::http::{HeaderValue, Method};
+
+    #[test]
+    fn only_end_to_end_headers_go_upstream() {
+        let mut src = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/json"),
+            ("x-custom", "yes"),
+            ("connection", "keep-alive, X-Secret, upgrade"),
+            ("x-secret", "hop"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAA"),
+            ("transfer-encoding", "chunked"),
+            ("transfer_encoding", "chunked"),
+            ("content_length", "5"),
+            ("content-length", "13"),
+            ("te", "trailers"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic x"),
+        ] {
+            src.append(k, HeaderValue::from_static(v));
+        }
+        let mut dst = RequestHeader::build(Method::POST, b"/api/show", None).unwrap();
+        copy_request_headers(&src, &mut dst).unwrap();
+        let mut names: Vec<&str> = dst.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "x-custom"]);
+    }
 }

@@ -2,46 +2,46 @@
 //! file and each concern (filters, routing, usage) in its own module.
 //!
 //! ```text
-//! client ──▶ early_request_filter : request id, client address, start time, in-flight count
-//!            request_filter       : classify route; /health answered here
-//!                                   inference routes: read + cap body, parse JSON once
-//!                                   run chain.on_request in order (first rejection answers)
-//!                                   inference routes: forward.rs sends the held body to a
-//!                                   backend itself (pooled connections, retries on connect
-//!                                   failure, streamed response, usage parsed) and answers
-//!            ── other routes continue through Pingora's own proxy path: ──
-//!            upstream_peer        : router picks a backend
-//!            upstream_request_filter : headers as the chain left them, Host, identity encoding
-//!            fail_to_connect      : retry on another backend
-//!            response_filter      : x-request-id, headers added by filters
-//!            response_body_filter : byte count, time to first byte
-//!            fail_to_proxy        : every gateway-made error is OpenAI-shaped JSON
+//! client ──▶ early_request_filter : request id, client address (IPv6 by prefix), start time
+//!            request_filter       : request.rs, in this order, cheap before expensive:
+//!                                   listener address rules (fail closed), framing (one
+//!                                   Content-Length or chunked, else 400), canonical path,
+//!                                   /health; filters that need no body (address limits,
+//!                                   auth); then the body, read + capped (every route), JSON
+//!                                   parsed once where the route names models; the rest of
+//!                                   the chain (policy, key limits, budget): first rejection
+//!                                   answers in the route's error shape
+//!                                   model lists from the merged catalogue; everything else:
+//!                                   forward.rs sends the held body with the gateway's own
+//!                                   framing and headers (pooled connections, retries only
+//!                                   where the backend provably did not get the request, or
+//!                                   answered 5xx/429), streams the answer, parses usage
+//!            fail_to_proxy        : every gateway-made error is JSON
 //!            logging              : status, duration → chain.on_complete (all requests)
 //! ```
 //!
-//! Why inference bodies bypass Pingora's body path: Pingora 0.9 replays a pre-read body only
-//! up to 64 KiB, while inference bodies are held (up to `limits.max_body`) to route by model,
-//! validate, hash and replay them on a retry.
+//! Why requests bypass Pingora's proxy path: Pingora 0.9 replays a pre-read body only up to
+//! 64 KiB, while bodies are held (up to `limits.max_body`) to route by model, validate, hash
+//! and replay them on a retry; and one path means one set of body limits, timeouts, framing,
+//! header hygiene and retry rules for every route.
 
 mod body;
 mod ctx;
 mod forward;
+mod framing;
 mod headers;
 mod logging;
 mod request;
 mod respond;
-mod upstream;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora_core::connectors::http::v1::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::Result;
 use pingora_error::Error;
-use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 pub use ctx::GwCtx;
@@ -144,47 +144,18 @@ impl ProxyHttp for Gateway {
         request::filter(self, session, ctx).await
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut GwCtx) -> Result<Box<HttpPeer>> {
-        upstream::peer(self, session, ctx)
-    }
-
-    async fn upstream_request_filter(
+    /// Never reached: `request_filter` answers every request itself (forward.rs sends it to
+    /// a backend), so Pingora's own proxy path, with its own framing, header and retry rules,
+    /// is not used.
+    async fn upstream_peer(
         &self,
         _session: &mut Session,
-        upstream_request: &mut RequestHeader,
-        ctx: &mut GwCtx,
-    ) -> Result<()> {
-        upstream::request_headers(self, upstream_request, ctx)
-    }
-
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        _peer: &HttpPeer,
-        ctx: &mut GwCtx,
-        e: Box<Error>,
-    ) -> Box<Error> {
-        upstream::fail_to_connect(self, ctx, e)
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut GwCtx,
-    ) -> Result<()> {
-        upstream::response_headers(self, resp, ctx)
-    }
-
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut GwCtx,
-    ) -> Result<Option<std::time::Duration>> {
-        upstream::response_body(body, ctx);
-        Ok(None)
+        _ctx: &mut GwCtx,
+    ) -> Result<Box<HttpPeer>> {
+        Err(Error::explain(
+            pingora_error::ErrorType::InternalError,
+            "every request is answered in request_filter",
+        ))
     }
 
     /// A client that leaves mid-response is normal (Ctrl-C, a closed tab): not an error worth

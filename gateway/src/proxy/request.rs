@@ -4,7 +4,7 @@
 //! that does not need the body (address limits, authentication) run first; the body is read
 //! only when the first filter that needs it is reached, so a stranger costs no body.
 
-use gateway_filter::http::{header, StatusCode};
+use gateway_filter::http::StatusCode;
 use gateway_filter::path::canonicalize;
 use gateway_filter::{Decision, Rejection, RequestCtx, Route};
 use pingora_core::Result;
@@ -59,10 +59,8 @@ impl Refusal {
 enum Next {
     /// The gateway answers 200 with this JSON itself (health, the merged model list).
     Answer(String),
-    /// forward.rs sends the held body (or a restricted model list) to a backend.
+    /// forward.rs sends it, with its held body, to a backend.
     Forward,
-    /// Pingora's own proxy path forwards it.
-    Proxy,
 }
 
 /// Puts the canonical path (see `gateway_filter::path`) into the context and classifies the
@@ -133,10 +131,11 @@ fn admitted(gw: &Gateway, session: &Session, ctx: &GwCtx) -> bool {
     }
 }
 
-/// Returns `Ok(true)` when the gateway answered (health, rejection, forwarded held body).
+/// Answers every request: health, refusals, model lists, and forwarded requests. Always
+/// `Ok(true)`: Pingora's own proxy path is never used, so every request gets the same body
+/// limits, timeouts, framing and header hygiene, and one retry policy.
 pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<bool> {
     match admit(gw, session, ctx).await {
-        Ok(Next::Proxy) => Ok(false),
         Ok(Next::Answer(body)) => {
             ctx.answered = true;
             respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
@@ -176,11 +175,7 @@ async fn unread_body(session: &mut Session) {
         }
         return;
     }
-    let h = &session.req_header().headers;
-    let announced = h.contains_key(header::TRANSFER_ENCODING)
-        || h.get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    if announced {
+    if super::framing::has_body(session) {
         session.set_keepalive(None);
     }
 }
@@ -205,6 +200,12 @@ async fn admit(
             ),
         });
     }
+    if let Err(rejection) = super::framing::check(session.req_header()) {
+        // The framing cannot be trusted: nothing more is read from this connection.
+        session.set_keepalive(None);
+        ctx.body_read = true;
+        return Err(Refusal::failed(rejection));
+    }
     if let Err(rejection) = canonical_target(session, &mut ctx.req) {
         session.set_keepalive(None);
         return Err(Refusal::failed(rejection));
@@ -222,7 +223,7 @@ async fn admit(
         .on_request_before_body(&mut ctx.req)
         .await
         .map_err(chain_rejected)?;
-    if ctx.req.route.holds_body() {
+    if ctx.req.route.holds_body() || super::framing::has_body(session) {
         read_held_body(gw, session, ctx)
             .await
             .map_err(Refusal::failed)?;
@@ -243,18 +244,7 @@ async fn admit(
             )));
         }
     }
-    // Held bodies, and model lists a filter restricted (forward.rs filters them).
-    if ctx.req.route.holds_body() || ctx.req.model_gate.is_some() {
-        return Ok(Next::Forward);
-    }
-    if gw.router.pool().is_empty() {
-        return Err(Refusal::failed(Rejection::new(
-            StatusCode::BAD_GATEWAY,
-            "no_backend",
-            "no backend is configured",
-        )));
-    }
-    Ok(Next::Proxy)
+    Ok(Next::Forward)
 }
 
 async fn read_held_body(
@@ -292,7 +282,11 @@ async fn read_held_body(
     ctx.req.bytes_in = bytes.len() as u64;
     if ctx.req.route.is_inference() {
         body::parse_inference(&mut ctx.req, bytes)
-    } else {
+    } else if ctx.req.route.holds_body() {
         body::parse_named_models(&mut ctx.req, bytes)
+    } else {
+        // Another route's body (e.g. a blob upload) is forwarded as it came, within the limits.
+        ctx.req.body = Some(bytes);
+        Ok(())
     }
 }

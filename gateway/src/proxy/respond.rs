@@ -49,11 +49,6 @@ pub fn upstream_failure(e: &Error, backend: Option<&str>) -> (StatusCode, &'stat
             "backend_timeout",
             format!("backend {name} did not answer in time"),
         ),
-        ErrorType::Custom(c) if *c == super::upstream::NO_BACKEND => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_backend_available",
-            "no backend is available right now".to_string(),
-        ),
         ErrorType::HTTPStatus(code) => {
             let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY);
             (

@@ -87,7 +87,11 @@ impl Backend {
         peer.options.total_connection_timeout = Some(limits.connect_timeout);
         peer.options.read_timeout = Some(limits.read_timeout);
         peer.options.write_timeout = Some(limits.send_timeout);
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        // Below the 5 s keep-alive of uvicorn (vLLM, llama-cpp-python) and cpp-httplib
+        // (llama.cpp): the gateway drops an idle connection before the server does, so a
+        // request is never written into a connection the server is closing (it would not be
+        // sent again: the backend may already have it).
+        peer.options.idle_timeout = Some(Duration::from_secs(4));
         Backend {
             name: spec.name.clone(),
             kind: spec.kind,

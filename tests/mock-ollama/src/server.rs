@@ -159,13 +159,28 @@ async fn rebind(addr: SocketAddr) -> Option<TcpListener> {
     None
 }
 
+/// Serves one connection. When the mode becomes `Refuse` (a server going away), the
+/// connection finishes what it is answering and closes, as a stopped server's would.
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    let mut fail = shared.fail.subscribe();
     let service = service_fn(move |req| handle(req, shared.clone()));
-    let _ = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            changed = fail.changed() => {
+                if changed.is_err() || *fail.borrow() == FailMode::Refuse {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
+                    return;
+                }
+            }
+        }
+    }
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {

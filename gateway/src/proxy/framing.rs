@@ -1,0 +1,91 @@
+//! The client's message framing, judged before anything else: the gateway forwards with
+//! framing it chose itself, so any doubt about where a request ends is refused, never passed
+//! on (request smuggling lives in the gap between two parsers' readings).
+
+use gateway_filter::http::{header, HeaderMap, StatusCode};
+use gateway_filter::Rejection;
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+
+fn bad(message: &'static str) -> Rejection {
+    Rejection::new(StatusCode::BAD_REQUEST, "invalid_framing", message)
+}
+
+/// Refuses framing two parsers could read differently (RFC 9112 §6): more than one
+/// Content-Length (or a list in one), more than one Transfer-Encoding, any coding but
+/// `chunked`, both headers at once, and look-alike names with `_` for `-` next to them.
+pub fn check(req: &RequestHeader) -> Result<(), Rejection> {
+    check_headers(&req.headers)
+}
+
+fn check_headers(h: &HeaderMap) -> Result<(), Rejection> {
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(v) = lengths.next() {
+        if lengths.next().is_some() || !v.as_bytes().iter().all(u8::is_ascii_digit) {
+            return Err(bad("one Content-Length with one number is accepted"));
+        }
+    }
+    let mut codings = h.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(v) = codings.next() {
+        if codings.next().is_some() || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(bad("only `Transfer-Encoding: chunked` is accepted"));
+        }
+        if h.contains_key(header::CONTENT_LENGTH) {
+            return Err(bad(
+                "Content-Length and Transfer-Encoding must not be sent together",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the request carries a body (announced length, chunked framing, or an HTTP/2
+/// stream still open for data).
+pub fn has_body(session: &mut Session) -> bool {
+    if session.is_http2() {
+        return !session.is_body_done();
+    }
+    let h = &session.req_header().headers;
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().iter().any(|b| *b != b'0'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_filter::http::HeaderValue;
+
+    fn headers(list: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in list {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for bad in [
+            &[("content-length", "13, 13")][..],
+            &[("content-length", "13"), ("content-length", "13")],
+            &[("content-length", "+13")],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "chunked"), ("content-length", "5")],
+            &[("transfer-encoding", "identity")],
+        ] {
+            assert!(check_headers(&headers(bad)).is_err(), "{bad:?}");
+        }
+        for good in [
+            &[("content-length", "13")][..],
+            &[("transfer-encoding", "Chunked")],
+            &[],
+        ] {
+            assert!(check_headers(&headers(good)).is_ok(), "{good:?}");
+        }
+    }
+}
