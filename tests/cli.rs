@@ -328,3 +328,37 @@ fn discovery_and_health_can_be_switched_off_without_an_interval() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(": OK"), "{out}");
 }
+
+#[test]
+fn filters_that_read_the_body_must_come_after_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/keys.yaml");
+    for (filter, name) in [
+        ("  - use: policy\n", "policy"),
+        (
+            "  - use: ratelimit\n    key: ip\n    tokens_per_minute: 1000\n",
+            "ratelimit",
+        ),
+    ] {
+        let cfg = write(
+            &dir,
+            "gw.yaml",
+            &format!("filters:\n{filter}  - use: auth\n    keys_file: {keys}\n"),
+        );
+        let (code, _, err) = run(&["check", "--config", &cfg], &[]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("filters[0]")
+                && err.contains(&format!("the {name} filter reads the request body")),
+            "{err}"
+        );
+    }
+    // An address limit in front of auth is the point.
+    let cfg = write(
+        &dir,
+        "gw.yaml",
+        &format!("filters:\n  - use: ratelimit\n    key: ip\n    rate: 10/s\n  - use: auth\n    keys_file: {keys}\n  - use: policy\n"),
+    );
+    let (code, _, err) = run(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 0, "{err}");
+}

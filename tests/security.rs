@@ -511,3 +511,297 @@ async fn echoed_input_is_cut_short() {
     let text = r.text().await.unwrap();
     assert!(text.len() < 1000, "{} bytes", text.len());
 }
+
+// Attacker review: Go reads field names without regard to case (Ollama), `0` is no limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn case_folded_fields_and_zero_limits_do_not_slip_past() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, CAP_POLICY).await;
+    let c = client();
+    for body in [
+        json!({"model": "llama3.1:8b", "Model": "qwen2.5:7b", "prompt": "x"}),
+        json!({"model": "llama3.1:8b", "prompt": "x", "Options": {"num_predict": -1}}),
+        json!({"model": "llama3.1:8b", "prompt": "x", "options": {"Num_Predict": -1}}),
+    ] {
+        let r = c
+            .post(gw.url("/api/generate"))
+            .header("authorization", bearer(LLAMA_KEY))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(error_of(r).await.0, "invalid_field_name");
+    }
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", bearer(LLAMA_KEY))
+        .json(&json!({"model": "llama3.1:8b", "MODEL": "qwen2.5:7b", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(m.total(), 0);
+    // 0 means "no limit" to Ollama and llama-cpp-python: it is capped like -1.
+    for (path, body) in [
+        (
+            "/api/generate",
+            json!({"model": "llama3.1:8b", "prompt": "x", "stream": false, "options": {"num_predict": 0}}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "llama3.1:8b", "prompt": "x", "max_tokens": 0}),
+        ),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .header("authorization", bearer(USER_KEY))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{body}");
+        let seen = last_body(&m, path);
+        let n = seen
+            .pointer("/options/num_predict")
+            .or_else(|| seen.get("max_tokens"))
+            .and_then(Value::as_u64);
+        assert_eq!(n, Some(100), "{path}: {seen}");
+    }
+}
+
+// Attacker review: several prompts in one completions request multiply the output.
+#[tokio::test(flavor = "multi_thread")]
+async fn prompt_lists_count_as_several_completions() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    max_output_tokens: 100\n    max_choices: 4\n",
+    )
+    .await;
+    let r = client()
+        .post(gw.url("/v1/completions"))
+        .header("authorization", bearer(USER_KEY))
+        .json(
+            &json!({"model": "llama3.1:8b", "prompt": ["a", "b", "c", "d", "e"], "max_tokens": 10}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of(r).await.0, "too_many_choices");
+}
+
+// Attacker review: routes the gateway has no parser for, model management by digest, globs
+// across registries.
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_formats_weights_by_digest_and_other_registries_are_refused() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let h = filter_auth::keygen::hash_key;
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        format!(
+            "keys:\n  - {{ id: glob-admin, key_sha256: {}, models: ['llama*'], scopes: [admin] }}\n  - {{ id: user, key_sha256: {} }}\n",
+            h(LLAMA_ADMIN_KEY),
+            h(USER_KEY)
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: policy\n    max_output_tokens: 100\n    allow: [ollama-inference, {{ preset: ollama-admin, scope: admin }}, {{ path: '/v1/**', methods: [POST] }}]\n",
+        backends(&[("local", &m.url())]),
+        dir.path().join("keys.yaml").display(),
+    ))
+    .await;
+    let c = client();
+    let post = |path: &str, key: &str, body: Value| {
+        c.post(gw.url(path))
+            .header("authorization", bearer(key))
+            .json(&body)
+            .send()
+    };
+    // /v1/responses (a rule allows /v1/**): its output limit cannot be written.
+    let r = post(
+        "/v1/responses",
+        USER_KEY,
+        json!({"model": "llama3.1:8b", "input": "hi", "max_output_tokens": 100000}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_of(r).await.0, "output_cap_unenforceable");
+    for (path, body) in [
+        (
+            "/api/create",
+            json!({"model": "llama3.1:8b", "files": {"m.gguf": "sha256:abc"}}),
+        ),
+        (
+            "/api/create",
+            json!({"model": "llama3.1:8b", "modelfile": "FROM\tqwen2.5:7b"}),
+        ),
+        ("/api/pull", json!({"model": "llama.evil.example/x/y:z"})),
+    ] {
+        let r = post(path, LLAMA_ADMIN_KEY, body.clone()).await.unwrap();
+        assert_eq!(r.status(), 403, "{path} {body}");
+    }
+    assert_eq!(m.total(), 0);
+}
+
+// Finding 4: one Content-Length or chunked, nothing else; hop-by-hop headers stay here.
+#[tokio::test(flavor = "multi_thread")]
+async fn framing_is_the_gateways_own_and_hop_headers_stay_behind() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "").await;
+    let auth = format!("Authorization: Bearer {USER_KEY}\r\n");
+    let body = r#"{"model":"llama3.1:8b"}"#;
+    for framing in [
+        format!("Content-Length: {0}, {0}\r\n", body.len()),
+        format!("Content-Length: {0}\r\nContent-Length: {0}\r\n", body.len()),
+        "Transfer-Encoding: gzip, chunked\r\n".to_string(),
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n".to_string(),
+    ] {
+        let chunked = framing.contains("chunked");
+        let payload = if chunked {
+            format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len())
+        } else {
+            body.to_string()
+        };
+        let (code, _, out) = head_only(
+            gw.port,
+            &format!("POST /api/show HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n{framing}\r\n"),
+            payload.as_bytes(),
+        )
+        .await;
+        assert_eq!(code, 400, "{framing:?}: {out}");
+    }
+    assert_eq!(m.total(), 0, "nothing ambiguous reaches the backend");
+
+    let (code, _, out) = head_only(
+        gw.port,
+        &format!("POST /api/show HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nTransfer_Encoding: chunked\r\nConnection: keep-alive, X-Secret, Upgrade, HTTP2-Settings\r\nX-Secret: 1\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nX-Kept: yes\r\n\r\n", body.len()),
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{out}");
+    let seen = m.requests().into_iter().last().unwrap();
+    let names: Vec<&str> = seen.headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(names.contains(&"x-kept"), "{names:?}");
+    for gone in [
+        "transfer_encoding",
+        "x-secret",
+        "upgrade",
+        "http2-settings",
+        "transfer-encoding",
+    ] {
+        assert!(!names.contains(&gone), "{gone} was forwarded: {names:?}");
+    }
+    let length = seen.headers.iter().find(|(k, _)| k == "content-length");
+    assert_eq!(length.map(|(_, v)| v.as_str()), Some("23"));
+}
+
+// Finding 4: limits hold on every route, not only inference.
+#[tokio::test(flavor = "multi_thread")]
+async fn body_limits_hold_on_every_route() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "limits: { max_body: 64KiB, client_body_timeout: 1s }\n").await;
+    let auth = format!("Authorization: Bearer {USER_KEY}\r\n");
+    // A large chunked body to /api/show: 413 once the limit is passed.
+    let chunk = format!("{:x}\r\n{}\r\n", 32 << 10, "x".repeat(32 << 10));
+    let (code, _, _) = head_only(
+        gw.port,
+        &format!("POST /api/show HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        chunk.repeat(4).as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 413);
+    // A slow body: 408 at client_body_timeout, not never.
+    let (code, took, _) = head_only(
+        gw.port,
+        &format!("POST /api/show HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"),
+        b"{\"model\":",
+    )
+    .await;
+    assert_eq!(code, 408);
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(m.total(), 0);
+}
+
+// Finding 8: a request the backend may already be running is never sent again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_backend_took_is_not_sent_twice() {
+    let a = mock().await;
+    let b = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}routing: {{ strategy: round-robin, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n",
+        backends(&[("a", &a.url()), ("b", &b.url())])
+    ))
+    .await;
+    let c = client();
+    // Warm both pooled connections.
+    for _ in 0..2 {
+        let r = c
+            .post(gw.url("/api/generate"))
+            .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let before = a.total() + b.total();
+    // The backend reads the request, then drops the connection without answering.
+    let r = c
+        .post(gw.url("/api/generate"))
+        .header("x-mock-fail", "refuse")
+        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        a.total() + b.total(),
+        before + 1,
+        "the prompt reached one backend, once"
+    );
+}
+
+// Finding 4: a backend's max_in_flight counts every request, not only inference.
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_slots_count_every_route() {
+    let m = mock_with(mock_ollama::MockConfig {
+        chunks: 20,
+        chunk_delay: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "backends:\n  - {{ name: local, url: '{}', kind: ollama, max_in_flight: 1 }}\nrouting: {{ queue: {{ size: 4, timeout: 200ms }}, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n",
+        m.url()
+    ))
+    .await;
+    let url = gw.url("/api/chat");
+    let stream = tokio::spawn(async move {
+        let body = json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]});
+        client()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    for _ in 0..100 {
+        if m.hits("/api/chat") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = client().get(gw.url("/api/version")).send().await.unwrap();
+    assert_eq!(r.status(), 503, "the backend's only slot is taken");
+    assert_eq!(m.hits("/api/version"), 0);
+    stream.await.unwrap();
+    let r = client().get(gw.url("/api/version")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -59,6 +59,21 @@ impl FilterChain {
             .iter()
             .map(|spec| build_one(spec, registry, &cx, settings))
             .collect::<Result<Vec<_>, _>>()?;
+        // A filter that reads the body before authentication would make every stranger's
+        // body (up to `limits.max_body`) read and parsed; and a policy before auth judges
+        // without the caller's own model list.
+        if let Some(auth) = filters.iter().rposition(|f| f.name() == "auth") {
+            if let Some(i) = filters[..auth].iter().position(|f| f.needs_body()) {
+                return Err(ConfigError::invalid(
+                    &settings.file,
+                    specs[i].yaml_path.clone(),
+                    format!(
+                        "the {} filter reads the request body (models, token counts), so it must come after `- use: auth`: move it below auth (an address rate limit without tokens_per_minute may stay in front)",
+                        specs[i].name
+                    ),
+                ));
+            }
+        }
         Ok(FilterChain {
             filters,
             shut_down: Default::default(),

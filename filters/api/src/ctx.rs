@@ -108,6 +108,12 @@ pub struct RequestCtx {
     /// Further models the request names without being served by them (`/api/copy`'s
     /// `source`/`destination`, `/api/pull`'s `model`…): the allow-list judges them too.
     pub named_models: Vec<String>,
+    /// The request brings model weights by digest (`/api/create`'s `files`, `adapters`):
+    /// what they are cannot be judged by name.
+    pub opaque_weights: bool,
+    /// A body naming a model on a route whose wire format the gateway does not know (a
+    /// custom rule's route): its output limit cannot be read or written.
+    pub unknown_format: bool,
     /// The most output tokens the request can produce: the largest of every token field the
     /// route's backends read (see [`crate::output`]) times the completions asked for (`n`,
     /// `best_of`); `None` when unbounded. Budget, TPM and routing reserve this figure.
@@ -157,6 +163,8 @@ impl RequestCtx {
             body_rewritten: false,
             model: None,
             named_models: Vec::new(),
+            opaque_weights: false,
+            unknown_format: false,
             max_tokens: None,
             stream: false,
             principal: None,

@@ -1,7 +1,18 @@
 //! `*` wildcards, as used for model names and path segments in filter options.
 
-/// Whether `text` matches `pattern`, where `*` matches any run of characters.
+/// Whether `text` matches `pattern`, where `*` matches any run of characters but `/`: a
+/// model pattern `llama*` must not match `llama.evil.com/x/y` (another registry), so each
+/// `/`-separated part is matched on its own and the number of parts must agree.
 pub fn wildcard(pattern: &str, text: &str) -> bool {
+    let mut texts = text.split('/');
+    pattern
+        .split('/')
+        .all(|p| texts.next().is_some_and(|t| wildcard_part(p, t)))
+        && texts.next().is_none()
+}
+
+/// `*` over one part (no `/` in either).
+fn wildcard_part(pattern: &str, text: &str) -> bool {
     let Some((first, rest)) = pattern.split_once('*') else {
         return pattern == text;
     };
@@ -33,5 +44,15 @@ mod tests {
         assert!(wildcard("*", ""));
         assert!(!wildcard("ab*ba", "aba"));
         assert!(wildcard("exact", "exact") && !wildcard("exact", "exactly"));
+        assert!(
+            !wildcard("llama*", "llama.evil.com/x/y:z"),
+            "* stays in its part"
+        );
+        assert!(!wildcard("*", "a/b"));
+        assert!(wildcard(
+            "hf.co/bartowski/*",
+            "hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M"
+        ));
+        assert!(!wildcard("hf.co/*", "hf.co/bartowski/x"));
     }
 }

@@ -27,7 +27,8 @@ const CHOICE_FIELDS: [&str; 2] = ["n", "best_of"];
 pub enum Limit {
     Absent,
     Bounded(u64),
-    /// Negative: Ollama's -1 (until stop) and -2 (fill the context), llama.cpp's -1.
+    /// Zero or negative: Ollama's 0 (no limit), -1 (until stop) and -2 (fill the context),
+    /// llama.cpp's -1, llama-cpp-python's 0 (up to the context size).
     Unbounded,
 }
 
@@ -58,7 +59,7 @@ pub fn count(field: &'static str, v: Option<&Value>) -> Result<Limit, BadCount> 
     let number = match v {
         None | Some(Value::Null) => return Ok(Limit::Absent),
         Some(Value::Number(n)) => {
-            if let Some(u) = n.as_u64() {
+            if let Some(u) = n.as_u64().filter(|u| *u > 0) {
                 return Ok(Limit::Bounded(u));
             }
             if n.as_i64().is_some() {
@@ -69,7 +70,11 @@ pub fn count(field: &'static str, v: Option<&Value>) -> Result<Limit, BadCount> 
         Some(Value::String(s)) => {
             let s = s.trim();
             if let Ok(u) = s.parse::<u64>() {
-                return Ok(Limit::Bounded(u));
+                return Ok(if u == 0 {
+                    Limit::Unbounded
+                } else {
+                    Limit::Bounded(u)
+                });
             }
             if s.parse::<i64>().is_ok() {
                 return Ok(Limit::Unbounded);
@@ -81,7 +86,7 @@ pub fn count(field: &'static str, v: Option<&Value>) -> Result<Limit, BadCount> 
     if !number.is_finite() || number.fract() != 0.0 {
         return Err(bad());
     }
-    if number < 0.0 {
+    if number <= 0.0 {
         Ok(Limit::Unbounded)
     } else {
         // Saturates: 1e300 is simply more than any cap.
@@ -104,6 +109,17 @@ impl OutputAsk {
             Limit::Bounded(n) => Some(n.saturating_mul(self.choices)),
             _ => None,
         }
+    }
+}
+
+/// Prompts in a completions request: each is completed on its own (`n` times). A list of
+/// strings or of token lists is several prompts; a flat list of token ids is one.
+fn prompts(prompt: Option<&Value>) -> u64 {
+    match prompt {
+        Some(Value::Array(items)) if items.iter().any(|p| !p.is_number()) => {
+            (items.len() as u64).max(1)
+        }
+        _ => 1,
     }
 }
 
@@ -140,8 +156,12 @@ pub fn read(route: Route, body: &Map<String, Value>) -> Result<OutputAsk, BadCou
             match count(field, body.get(field))? {
                 Limit::Absent => {}
                 Limit::Bounded(n) => choices = choices.max(n),
+                Limit::Unbounded if body.get(field).and_then(Value::as_u64) == Some(0) => {}
                 Limit::Unbounded => return Err(BadCount { field }),
             }
+        }
+        if route == Route::OpenAiCompletions {
+            choices = choices.saturating_mul(prompts(body.get("prompt")));
         }
     }
     Ok(OutputAsk {
@@ -210,6 +230,9 @@ mod tests {
         assert_eq!(c(json!(" 7 ")), Ok(Limit::Bounded(7)));
         assert_eq!(c(json!("1e3")), Ok(Limit::Bounded(1000)));
         assert_eq!(c(json!(-1)), Ok(Limit::Unbounded));
+        assert_eq!(c(json!(0)), Ok(Limit::Unbounded), "0 is no limit to Ollama");
+        assert_eq!(c(json!("0")), Ok(Limit::Unbounded));
+        assert_eq!(c(json!(-0.0)), Ok(Limit::Unbounded));
         assert_eq!(c(json!(-2.0)), Ok(Limit::Unbounded));
         assert_eq!(c(json!("-1")), Ok(Limit::Unbounded));
         assert_eq!(c(json!(1e300)), Ok(Limit::Bounded(u64::MAX)));
@@ -243,6 +266,17 @@ mod tests {
         let a = read(Route::OpenAiCompletions, &b).unwrap();
         assert_eq!((a.choices, a.total()), (6, Some(60)));
         assert!(read(Route::OpenAiChat, &obj(json!({"n": -1}))).is_err());
+        let b = obj(json!({"max_tokens": 10, "n": 2, "prompt": ["a", "b", "c"]}));
+        assert_eq!(
+            read(Route::OpenAiCompletions, &b).unwrap().total(),
+            Some(60)
+        );
+        let b = obj(json!({"max_tokens": 10, "prompt": [1, 2, 3]}));
+        assert_eq!(
+            read(Route::OpenAiCompletions, &b).unwrap().total(),
+            Some(10),
+            "token ids are one prompt"
+        );
         let embed = obj(json!({"max_tokens": "junk"}));
         assert!(read(Route::OpenAiEmbeddings, &embed).is_ok(), "no output");
     }

@@ -348,6 +348,24 @@ impl Filter for PolicyFilter {
         });
         if let Some(g) = &gate {
             self.check_models(ctx, g)?;
+            if ctx.opaque_weights {
+                return Err(Rejection::new(
+                    StatusCode::FORBIDDEN,
+                    "model_not_allowed",
+                    "weights given by digest (`files`, `adapters`) cannot be checked against this caller's model list",
+                ));
+            }
+        }
+        if ctx.unknown_format && self.max_output_tokens.is_some() {
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "output_cap_unenforceable",
+                format!(
+                    "{} {} names a model in a format the gateway cannot cap (max_output_tokens); use the OpenAI or Ollama inference routes",
+                    ctx.method,
+                    gateway_filter::echo(&ctx.path)
+                ),
+            ));
         }
         if ctx.route.is_inference() {
             self.check_inference(ctx)?;

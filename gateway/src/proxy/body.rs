@@ -68,14 +68,66 @@ fn bad(code: &'static str, message: impl Into<String>) -> Rejection {
     Rejection::new(StatusCode::BAD_REQUEST, code, message)
 }
 
-/// Parses the body as JSON once and puts model, output cap and stream flag into the context.
-pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejection> {
-    let json: Value = serde_json::from_slice(&body).map_err(|e| {
+/// Go's `encoding/json` (Ollama, including its `/v1` routes) matches field names without
+/// regard to case, the last spelling winning, and folds `K` (U+212A) to `k` and `ſ` (U+017F)
+/// to `s`: `{"model":"a","Model":"b"}` is `a` to the gateway and `b` to Ollama. Every field
+/// of the objects Ollama binds to structs (the body, `options`, each message) is lowercase
+/// ASCII, so any other spelling is refused rather than guessed at.
+fn exact_field_names(obj: &serde_json::Map<String, Value>) -> Result<(), Rejection> {
+    let folds = |k: &str| {
+        k.chars()
+            .any(|c| c.is_ascii_uppercase() || c == '\u{212A}' || c == '\u{017F}')
+    };
+    let nested = obj
+        .get("options")
+        .and_then(Value::as_object)
+        .into_iter()
+        .chain(
+            obj.get("messages")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_object),
+        );
+    match std::iter::once(obj)
+        .chain(nested)
+        .flat_map(|o| o.keys())
+        .find(|k| folds(k))
+    {
+        Some(k) => Err(bad(
+            "invalid_field_name",
+            format!(
+                "field {:?} is not written in lowercase; model servers read field names without regard to case, so only the exact names are accepted",
+                gateway_filter::echo(k)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Parses a held body as a JSON object whose field names are exact.
+fn json_object(body: &[u8]) -> Result<Value, Rejection> {
+    let json: Value = serde_json::from_slice(body).map_err(|e| {
         bad(
             "invalid_json",
             format!("request body is not valid JSON: {e}"),
         )
     })?;
+    match &json {
+        Value::Object(obj) => exact_field_names(obj)?,
+        _ => {
+            return Err(bad(
+                "invalid_request_body",
+                "request body must be a JSON object",
+            ))
+        }
+    }
+    Ok(json)
+}
+
+/// Parses the body as JSON once and puts model, output cap and stream flag into the context.
+pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejection> {
+    let json = json_object(&body)?;
     let Value::Object(obj) = &json else {
         return Err(bad(
             "invalid_request_body",
@@ -111,12 +163,7 @@ const MODEL_FIELDS: [&str; 5] = ["model", "name", "source", "destination", "from
 /// management routes): every name goes to `named_models` for the allow-list, and `/api/show`'s
 /// model (`model`, else `name`, as Ollama reads it) also routes the request.
 pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejection> {
-    let json: Value = serde_json::from_slice(&body).map_err(|e| {
-        bad(
-            "invalid_json",
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
+    let json = json_object(&body)?;
     let Value::Object(obj) = &json else {
         return Err(bad(
             "invalid_request_body",
@@ -133,12 +180,17 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
     // The older create API carried a Modelfile whose FROM line names the base model.
     if let Some(modelfile) = obj.get("modelfile").and_then(Value::as_str) {
         for line in modelfile.lines() {
-            let line = line.trim_start();
-            if line.len() > 5 && line[..5].eq_ignore_ascii_case("from ") {
-                ctx.named_models.push(line[5..].trim().to_string());
+            let mut words = line.split_whitespace();
+            if words.next().is_some_and(|w| w.eq_ignore_ascii_case("from")) {
+                ctx.named_models
+                    .push(words.next().unwrap_or_default().to_string());
             }
         }
     }
+    // Weights by digest (`files`, `adapters`) name no model the allow-list could judge.
+    ctx.opaque_weights = ["files", "adapters"]
+        .iter()
+        .any(|f| obj.get(*f).is_some_and(|v| !v.is_null()));
     if ctx.route == Route::OllamaShow {
         ctx.model = ["model", "name"]
             .iter()
@@ -151,6 +203,46 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
     }
     ctx.json = Some(json);
     ctx.body = Some(body);
+    Ok(())
+}
+
+/// A JSON body on a route the gateway has no parser for (one a custom rule allows, such as
+/// `/v1/responses`): every field that a case-blind server reads as `model` is named for the
+/// allow-list, and the request is marked as one whose output limit cannot be written.
+pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
+    let looks_json = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    if !looks_json {
+        return Ok(());
+    }
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+        return Ok(());
+    };
+    for (k, v) in &obj {
+        let folded: String = k
+            .chars()
+            .map(|c| match c {
+                '\u{212A}' => 'k',
+                '\u{017F}' => 's',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect();
+        if folded != "model" {
+            continue;
+        }
+        match v {
+            Value::String(m) => ctx.named_models.push(m.clone()),
+            _ => {
+                return Err(bad(
+                    "invalid_model",
+                    format!("`{}` must be a string", gateway_filter::echo(k)),
+                ))
+            }
+        }
+        ctx.unknown_format = true;
+    }
     Ok(())
 }
 
@@ -199,6 +291,27 @@ mod tests {
         assert_eq!(
             parse("/api/chat", r#"{"model":3}"#).unwrap_err().code,
             "invalid_model"
+        );
+        for folded in [
+            r#"{"model":"a","Model":"b"}"#,
+            r#"{"model":"a","options":{"Num_predict":5}}"#,
+            r#"{"model":"a","messages":[{"role":"user","Content":"x"}]}"#,
+            "{\"model\":\"a\",\"options\":{\"num_\\u212Atx\":1}}",
+            "{\"model\":\"a\",\"\\u017Fystem\":\"x\"}",
+        ] {
+            assert_eq!(
+                parse("/api/chat", folded).unwrap_err().code,
+                "invalid_field_name",
+                "{folded}"
+            );
+        }
+        assert!(
+            parse(
+                "/api/chat",
+                r#"{"model":"a","format":{"properties":{"Name":{}}}}"#
+            )
+            .is_ok(),
+            "schemas deeper down keep their names"
         );
     }
 }

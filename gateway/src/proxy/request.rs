@@ -285,7 +285,9 @@ async fn read_held_body(
     } else if ctx.req.route.holds_body() {
         body::parse_named_models(&mut ctx.req, bytes)
     } else {
-        // Another route's body (e.g. a blob upload) is forwarded as it came, within the limits.
+        // Another route's body (e.g. a blob upload) is forwarded as it came, within the limits;
+        // a model it names is still judged.
+        body::parse_other(&mut ctx.req, &bytes)?;
         ctx.req.body = Some(bytes);
         Ok(())
     }
