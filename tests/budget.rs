@@ -120,7 +120,8 @@ async fn every_format_is_charged_its_real_usage() {
         !text.contains("\"choices\":[]"),
         "the client did not ask for the usage event: {text}"
     );
-    // A stream whose usage never comes (the backend dies mid-way) is charged its reservation.
+    // A stream whose usage never comes (the backend dies mid-way) is charged what passed:
+    // its text events, and the prompt estimated from the body.
     let broken = json!({"model": "llama3.1:8b", "messages": msgs});
     let r = c
         .post(gw.url("/api/chat"))
@@ -153,9 +154,21 @@ async fn every_format_is_charged_its_real_usage() {
         assert!((cost(id) - 0.055).abs() < 1e-9, "{id}: {}", cost(id));
     }
     let reserved = (bytes_in as f64 / 4.0).ceil() * 0.001 + 5.0 * 0.01;
+    let broken_line = audit
+        .iter()
+        .find(|l| l["request_id"] == unknown_id)
+        .unwrap();
+    assert_eq!(broken_line["tokens"], "counted", "{broken_line}");
+    let passed = broken_line["completion_tokens"].as_u64().unwrap();
+    assert!((1..5).contains(&passed), "{broken_line}");
+    assert_eq!(
+        broken_line["prompt_tokens"], 5,
+        "19 characters of prompt: 5 tokens"
+    );
+    let counted = 5.0 * 0.001 + passed as f64 * 0.01;
     assert!(
-        (cost(&unknown_id) - reserved).abs() < 1e-9,
-        "charged {} vs reservation {reserved}",
+        (cost(&unknown_id) - counted).abs() < 1e-9 && counted < reserved,
+        "charged {} vs counted {counted} (reservation {reserved})",
         cost(&unknown_id)
     );
     let rows = spend_json(dir.path());
@@ -164,7 +177,7 @@ async fn every_format_is_charged_its_real_usage() {
     assert_eq!(rows[0]["requests"], 6);
     assert_eq!(
         cents(rows[0]["usd"].as_f64().unwrap()),
-        cents(5.0 * 0.055 + reserved)
+        cents(5.0 * 0.055 + counted)
     );
 }
 
@@ -443,4 +456,43 @@ async fn ctrl_c_under_load_commits_every_charge() {
     let ledger = rows.first().map_or(0, |r| r["requests"].as_u64().unwrap()) as u32;
     assert!(served > 50, "load ran: {served}");
     assert_eq!(ledger, served, "every answered request is charged once");
+}
+
+/// A backend that never reports usage in streams (llama-cpp-python ignores
+/// `stream_options.include_usage`): the stream is charged what passed, and the audit line says
+/// the figures were counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_without_usage_are_charged_what_passed() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // $0.001 per prompt token, $0.01 per completion token.
+    let mut gw = Gateway::start(&config(dir.path(), &m, 100.0, 1000.0, 10000.0, "")).await;
+    let body = json!({"model": "llama3.1:8b", "stream": true, "messages": [{"role": "user", "content": "why is the sky blue"}]});
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-mock-usage", "ignore")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let text = r.text().await.unwrap();
+    assert_eq!(text.matches("\"content\":\"tok").count(), 5, "{text}");
+    gw.signal("TERM");
+    tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
+    let line: Value = std::fs::read_to_string(dir.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["request_id"] == id.as_str())
+        .unwrap();
+    assert_eq!(line["tokens"], "counted", "{line}");
+    assert_eq!(line["completion_tokens"], 5, "{line}");
+    assert_eq!(line["prompt_tokens"], 5, "19 prompt characters: 5 tokens");
+    let cost = line["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - 0.055).abs() < 1e-9,
+        "5 × $0.001 + 5 × $0.01: {line}"
+    );
 }

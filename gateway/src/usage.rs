@@ -14,7 +14,7 @@ use memchr::memmem::Finder;
 use serde::Deserialize;
 
 /// Largest line or document kept for parsing; beyond it usage is reported unknown.
-const MAX_BUFFERED: usize = 8 << 20;
+const MAX_BUFFERED: usize = 1 << 20;
 
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 static EVAL_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"eval_count\""));
@@ -50,6 +50,10 @@ pub struct UsageParser {
     /// The current line or document outgrew `MAX_BUFFERED` and is being skipped.
     overflow: bool,
     usage: Option<Usage>,
+    /// Stream events that carried text (a token, usually): the count when no usage comes.
+    text_events: u64,
+    /// Characters of text in a whole (non-streamed) answer without usage.
+    text_chars: u64,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +76,8 @@ impl UsageParser {
             buf: Vec::new(),
             overflow: false,
             usage: None,
+            text_events: 0,
+            text_chars: 0,
         }
     }
 
@@ -99,16 +105,31 @@ impl UsageParser {
         self.keep(chunk);
     }
 
-    /// Ends the body; returns the usage seen, if any.
+    /// Ends the body (or what came of it); returns the usage the server reported, else
+    /// what was counted passing: one token per text event of a stream, or the text of a whole
+    /// answer at four characters a token (`counted`, prompt tokens left for the caller to
+    /// estimate). `None` when nothing with text came.
     pub fn finish(&mut self) -> Option<Usage> {
         if !self.overflow && !self.buf.is_empty() {
             let rest = std::mem::take(&mut self.buf);
             match self.framing {
-                Framing::Json => self.doc(&rest),
+                Framing::Json => {
+                    self.doc(&rest);
+                    if self.usage.is_none() {
+                        self.text_chars = answer_text_chars(&rest);
+                    }
+                }
                 _ => self.line(&rest),
             }
         }
-        self.usage
+        self.usage.or_else(|| {
+            let completion = self.text_events + self.text_chars.div_ceil(4);
+            (completion > 0).then_some(Usage {
+                prompt_tokens: 0,
+                completion_tokens: completion,
+                counted: true,
+            })
+        })
     }
 
     fn keep(&mut self, part: &[u8]) {
@@ -125,17 +146,20 @@ impl UsageParser {
 
     fn line(&mut self, line: &[u8]) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        match self.framing {
-            Framing::Sse => {
-                if let Some(data) = line.strip_prefix(b"data:") {
-                    let data = data.strip_prefix(b" ").unwrap_or(data);
-                    if data != b"[DONE]" {
-                        self.doc(data);
-                    }
-                }
-            }
-            _ => self.doc(line),
+        let doc = match self.framing {
+            Framing::Sse => match line.strip_prefix(b"data:") {
+                Some(data) => data.strip_prefix(b" ").unwrap_or(data),
+                None => return,
+            },
+            _ => line,
+        };
+        if doc == b"[DONE]" {
+            return;
         }
+        if has_text(doc) {
+            self.text_events += 1;
+        }
+        self.doc(doc);
     }
 
     fn doc(&mut self, doc: &[u8]) {
@@ -150,11 +174,13 @@ impl UsageParser {
             self.usage = Some(Usage {
                 prompt_tokens: u.prompt_tokens.unwrap_or(0),
                 completion_tokens: u.completion_tokens.unwrap_or(0),
+                ..Default::default()
             });
         } else if d.prompt_eval_count.is_some() || d.eval_count.is_some() {
             self.usage = Some(Usage {
                 prompt_tokens: d.prompt_eval_count.unwrap_or(0),
                 completion_tokens: d.eval_count.unwrap_or(0),
+                ..Default::default()
             });
         }
     }
@@ -171,6 +197,24 @@ pub struct UsageEventStripper {
 
 static EVENT_END_LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
 static EVENT_END_CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+static EVENT_END_CR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\r"));
+
+/// Most of an unfinished event held back: a backend that never ends its events (or ends
+/// lines with something else) gets its bytes passed on as they are, not buffered forever.
+pub const MAX_PENDING_EVENT: usize = 64 << 10;
+
+/// Where the first event in `buf` ends (after its blank line), with any of SSE's three line
+/// endings.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    [
+        EVENT_END_LF.find(buf).map(|i| i + 2),
+        EVENT_END_CRLF.find(buf).map(|i| i + 4),
+        EVENT_END_CR.find(buf).map(|i| i + 2),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
 
 fn is_usage_only(event: &[u8]) -> bool {
     if USAGE_KEY.find(event).is_none() {
@@ -199,21 +243,18 @@ impl UsageEventStripper {
         self.pending.extend_from_slice(chunk);
         let mut out = Vec::with_capacity(self.pending.len());
         let mut start = 0;
-        loop {
-            let rest = &self.pending[start..];
-            let end = match (EVENT_END_LF.find(rest), EVENT_END_CRLF.find(rest)) {
-                (Some(a), Some(b)) if b < a => b + 4,
-                (Some(a), _) => a + 2,
-                (None, Some(b)) => b + 4,
-                (None, None) => break,
-            };
-            let event = &rest[..end];
+        while let Some(end) = event_end(&self.pending[start..]) {
+            let event = &self.pending[start..start + end];
             if !is_usage_only(event) {
                 out.extend_from_slice(event);
             }
             start += end;
         }
         self.pending.drain(..start);
+        if self.pending.len() > MAX_PENDING_EVENT {
+            // Not a usage event (those are small): pass it on rather than hold it.
+            out.append(&mut self.pending);
+        }
         out
     }
 
@@ -252,6 +293,53 @@ pub fn request_stream_usage(ctx: &mut gateway_filter::RequestCtx) -> bool {
     true
 }
 
+/// Keys whose non-empty string value is generated text, in the stream events of Ollama
+/// (`message.content`, `response`, `message.thinking`) and OpenAI-compatible servers
+/// (`delta.content`, `text`, `delta.reasoning_content`).
+const TEXT_KEYS: [&[u8]; 5] = [
+    b"\"content\"",
+    b"\"response\"",
+    b"\"text\"",
+    b"\"thinking\"",
+    b"\"reasoning_content\"",
+];
+
+/// Whether a stream event carries text: one of [`TEXT_KEYS`] followed by a non-empty
+/// string. A scan, not a parse: it runs on every event.
+fn has_text(doc: &[u8]) -> bool {
+    TEXT_KEYS.iter().any(|key| {
+        memchr::memmem::find_iter(doc, key).any(|at| {
+            let value = doc[at + key.len()..]
+                .trim_ascii_start()
+                .strip_prefix(b":")
+                .map(<[u8]>::trim_ascii_start)
+                .unwrap_or_default();
+            value.first() == Some(&b'"') && value.get(1).is_some_and(|b| *b != b'"')
+        })
+    })
+}
+
+/// Characters of generated text in a whole answer (OpenAI `choices[].message.content` or
+/// `choices[].text`, Ollama `message.content` or `response`).
+fn answer_text_chars(doc: &[u8]) -> u64 {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(doc) else {
+        return 0;
+    };
+    let len = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_str)
+            .map_or(0, |s| s.chars().count() as u64)
+    };
+    let choices: u64 = v
+        .get("choices")
+        .and_then(serde_json::Value::as_array)
+        .map_or(0, |c| {
+            c.iter()
+                .map(|c| len(c.pointer("/message/content")) + len(c.get("text")))
+                .sum()
+        });
+    choices + len(v.pointer("/message/content")) + len(v.get("response"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +366,7 @@ mod tests {
                 Usage {
                     prompt_tokens: 26,
                     completion_tokens: 298,
+                    ..Default::default()
                 },
             ),
             (
@@ -286,6 +375,7 @@ mod tests {
                 Usage {
                     prompt_tokens: 11,
                     completion_tokens: 7,
+                    ..Default::default()
                 },
             ),
             (
@@ -294,6 +384,7 @@ mod tests {
                 Usage {
                     prompt_tokens: 9,
                     completion_tokens: 12,
+                    ..Default::default()
                 },
             ),
             (
@@ -302,6 +393,7 @@ mod tests {
                 Usage {
                     prompt_tokens: 5,
                     completion_tokens: 3,
+                    ..Default::default()
                 },
             ),
         ]
@@ -362,6 +454,69 @@ mod tests {
             b"data: {\"choices\":[{}]}\n\n"
         );
         assert_eq!(s.filter(b"ta: [DONE]\n\n"), b"data: [DONE]\n\n");
+    }
+
+    #[test]
+    fn streams_without_usage_are_counted() {
+        // llama-cpp-python ignores stream_options.include_usage: one token per text event.
+        let sse = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\": \"lo\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+        let b = sse.as_bytes();
+        for cut in 0..=b.len() {
+            let mut p = UsageParser::new(Framing::Sse);
+            p.feed(&b[..cut]);
+            p.feed(&b[cut..]);
+            let u = p.finish().unwrap();
+            assert_eq!(
+                (u.completion_tokens, u.counted),
+                (2, true),
+                "split at {cut}"
+            );
+        }
+        // Ollama NDJSON cut short: the text lines that came.
+        let mut p = UsageParser::new(Framing::Ndjson);
+        p.feed(b"{\"message\":{\"role\":\"assistant\",\"content\":\"a\"},\"done\":false}\n{\"response\":\"b\",\"done\":false}\n");
+        assert_eq!(
+            p.finish().map(|u| (u.completion_tokens, u.counted)),
+            Some((2, true))
+        );
+        // Reported usage wins over the count.
+        let mut p = UsageParser::new(Framing::Ndjson);
+        p.feed(b"{\"response\":\"b\",\"done\":false}\n{\"response\":\"\",\"done\":true,\"eval_count\":7}\n");
+        assert_eq!(
+            p.finish().map(|u| (u.completion_tokens, u.counted)),
+            Some((7, false))
+        );
+        // A whole answer without usage: its text at four characters a token.
+        let mut p = UsageParser::new(Framing::Json);
+        p.feed(b"{\"choices\":[{\"message\":{\"content\":\"abcdefghi\"}}]}");
+        assert_eq!(
+            p.finish().map(|u| (u.completion_tokens, u.counted)),
+            Some((3, true))
+        );
+        let mut p = UsageParser::new(Framing::Sse);
+        p.feed(b"data: {\"choices\":[]}\n\n");
+        assert_eq!(p.finish(), None, "nothing with text came");
+    }
+
+    #[test]
+    fn stripper_holds_a_bounded_amount() {
+        // Events ended with lone CRs are events too.
+        let mut s = UsageEventStripper::default();
+        let usage =
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\r\r";
+        let mut input = b"data: {\"choices\":[{}]}\r\r".to_vec();
+        input.extend_from_slice(usage);
+        assert_eq!(s.filter(&input), b"data: {\"choices\":[{}]}\r\r");
+        // A backend that never ends an event: bytes pass on once the bound is reached.
+        let mut s = UsageEventStripper::default();
+        let line = vec![b'x'; 1000];
+        let mut passed = 0;
+        for _ in 0..200 {
+            passed += s.filter(&line).len();
+            assert!(s.pending.len() <= MAX_PENDING_EVENT);
+        }
+        passed += s.finish().len();
+        assert_eq!(passed, 200 * 1000, "nothing is lost");
     }
 
     #[test]
@@ -432,7 +587,8 @@ mod tests {
             p.finish(),
             Some(Usage {
                 prompt_tokens: 0,
-                completion_tokens: 4
+                completion_tokens: 4,
+                ..Default::default()
             })
         );
     }
@@ -448,7 +604,8 @@ mod tests {
             p.finish(),
             Some(Usage {
                 prompt_tokens: 1,
-                completion_tokens: 2
+                completion_tokens: 2,
+                ..Default::default()
             })
         );
     }

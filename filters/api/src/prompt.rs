@@ -2,6 +2,19 @@
 
 use serde_json::Value;
 
+/// Characters of prompt text the model receives: [`prompt_texts`] plus Ollama's `system`.
+pub fn prompt_chars(body: &Value) -> usize {
+    let system = body
+        .get("system")
+        .and_then(Value::as_str)
+        .map_or(0, |s| s.chars().count());
+    prompt_texts(body)
+        .iter()
+        .map(|t| t.chars().count())
+        .sum::<usize>()
+        + system
+}
+
 /// The prompt texts the model receives, in order: every string `content` of `messages` (and
 /// the `text` of OpenAI content parts), then `prompt`, then `input` (a string or each string
 /// of an array). Other fields (images, tool definitions, options) are not prompt text.

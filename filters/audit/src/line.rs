@@ -39,6 +39,9 @@ pub struct AuditLine<'a> {
     pub retries: u32,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// `reported` by the model server, or `counted` by the gateway (text events that
+    /// passed, the prompt estimated) when the server reported none; absent without usage.
+    pub tokens: Option<&'static str>,
     pub cost_usd: Option<f64>,
     pub ttfb_ms: Option<f64>,
     pub duration_ms: Option<f64>,
@@ -82,6 +85,9 @@ impl<'a> AuditLine<'a> {
             retries: ctx.retries,
             prompt_tokens: ctx.usage.map(|u| u.prompt_tokens),
             completion_tokens: ctx.usage.map(|u| u.completion_tokens),
+            tokens: ctx
+                .usage
+                .map(|u| if u.counted { "counted" } else { "reported" }),
             cost_usd: ctx.cost_usd,
             ttfb_ms: ms(ctx.ttfb),
             duration_ms: ms(ctx.duration),

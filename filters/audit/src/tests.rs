@@ -28,6 +28,7 @@ fn ctx(i: usize) -> RequestCtx {
     c.usage = Some(Usage {
         prompt_tokens: 3,
         completion_tokens: 7,
+        ..Default::default()
     });
     c.duration = Some(Duration::from_millis(12));
     c

@@ -147,16 +147,56 @@ pub struct BudgetFilter {
     chars_per_token: f64,
     output_reserve: u64,
     reserve_seconds: f64,
-    book: Book,
+    book: Arc<Book>,
     ledger: ledger::Ledger,
 }
 
 /// What a request reserved, kept in its context until `on_complete`.
-#[derive(Clone)]
+/// A request's hold on its budgets. Settled exactly once: by `on_complete`, or, if the
+/// request's context is dropped without it (shutdown cutting a request short), by `Drop`,
+/// which charges the whole reservation (the backend may have run it) to the book and the
+/// ledger.
 struct Reservation {
-    budgets: Arc<Vec<Budget>>,
+    book: Arc<Book>,
+    budgets: Vec<Budget>,
     amount: Nano,
+    ledger: tokio::sync::mpsc::Sender<ledger::Msg>,
+    principal: String,
+    model: String,
+    settled: std::sync::atomic::AtomicBool,
 }
+
+impl Reservation {
+    /// Books `charged` and releases the reservation; `None` if it was already settled.
+    fn settle(&self, charged: Nano) -> Option<Vec<Nano>> {
+        if self.settled.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return None;
+        }
+        Some(self.book.settle(&self.budgets, self.amount, charged))
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.settle(self.amount).is_some() {
+            let msg = ledger::Msg::Charge {
+                day: day_of(now_secs()),
+                principal: std::mem::take(&mut self.principal),
+                model: std::mem::take(&mut self.model),
+                nano: self.amount,
+            };
+            if self.ledger.try_send(msg).is_err() {
+                log::error!(
+                    "budget: a request ended without settling and its charge could not be queued"
+                );
+            }
+        }
+    }
+}
+
+/// The context's handle on the reservation (extensions must be `Clone`).
+#[derive(Clone)]
+struct Held(Arc<Reservation>);
 
 fn spec(s: &BudgetSpec, key: &str) -> Result<(Nano, Period), OptionsError> {
     if !s.max_usd.is_finite() || s.max_usd < 0.0 {
@@ -208,7 +248,7 @@ pub fn build(
         chars_per_token: o.chars_per_token,
         output_reserve: o.output_reserve,
         reserve_seconds: o.reserve_seconds,
-        book: Book::new(history),
+        book: Arc::new(Book::new(history)),
         ledger: ledger::Ledger { tx },
     }))
 }
@@ -291,6 +331,7 @@ impl Filter for BudgetFilter {
         let estimate = Usage {
             prompt_tokens: (ctx.bytes_in as f64 / self.chars_per_token).ceil() as u64,
             completion_tokens: ctx.max_tokens.unwrap_or(self.output_reserve),
+            ..Default::default()
         };
         let amount = match self
             .prices
@@ -336,10 +377,15 @@ impl Filter for BudgetFilter {
                         }
                     }
                 }
-                ctx.extensions.insert(Reservation {
-                    budgets: Arc::new(budgets),
+                ctx.extensions.insert(Held(Arc::new(Reservation {
+                    book: self.book.clone(),
+                    budgets,
                     amount,
-                });
+                    ledger: self.ledger.tx.clone(),
+                    principal: principal_id(ctx).to_string(),
+                    model: model.to_string(),
+                    settled: Default::default(),
+                })));
                 Ok(())
             }
             Err(refusal) => {
@@ -383,11 +429,12 @@ impl Filter for BudgetFilter {
     }
 
     async fn on_complete(&self, ctx: &mut RequestCtx) {
-        let Some(res) = ctx.extensions.remove::<Reservation>() else {
+        let Some(Held(res)) = ctx.extensions.remove::<Held>() else {
             return;
         };
-        // Never sent to a backend: nothing was spent. Sent, but usage unknown (client gone,
-        // backend died): the reservation is charged.
+        // Never sent to a backend: nothing was spent. Sent: the usage the backend reported,
+        // or what the gateway counted passing (`Usage::counted`) when it reported none.
+        // Sent, with nothing known (no byte came back): the reservation is charged.
         let charged = match (&ctx.backend, ctx.usage) {
             (None, _) => 0,
             (Some(backend), Some(u)) => {
@@ -398,7 +445,9 @@ impl Filter for BudgetFilter {
             }
             (Some(_), None) => res.amount,
         };
-        let left = self.book.settle(&res.budgets, res.amount, charged);
+        let Some(left) = res.settle(charged) else {
+            return;
+        };
         for (b, l) in res.budgets.iter().zip(left) {
             METRICS
                 .remaining

@@ -96,6 +96,7 @@ mod tests {
         let u = Usage {
             prompt_tokens: 1_000,
             completion_tokens: 2_000,
+            ..Default::default()
         };
         assert_eq!(
             t.find("llama3.1:8b", Some("cloud")).unwrap().cost(u, 0.0),

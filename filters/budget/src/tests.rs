@@ -42,6 +42,7 @@ async fn served(f: &Arc<dyn Filter>, c: &mut RequestCtx, completion: u64) {
     c.usage = Some(Usage {
         prompt_tokens: 3,
         completion_tokens: completion,
+        ..Default::default()
     });
     f.on_complete(c).await;
 }
@@ -201,4 +202,30 @@ fn option_errors() {
     .err()
     .unwrap();
     assert!(e.path.starts_with("prices"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_dropped_without_completing_settles_its_reservation_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(dir.path(), json!({}));
+    let mut c = ctx("carol", Some(12.0));
+    f.on_request(&mut c).await.unwrap();
+    // Shutdown cuts the request short: on_complete never runs.
+    drop(c);
+    let report = f.admin_report().unwrap().1;
+    let carol = &report["accounts"][0];
+    assert_eq!(carol["principal"], "carol");
+    assert_eq!(
+        (carol["spent_usd"].as_f64(), carol["reserved_usd"].as_f64()),
+        (Some(5.0), Some(0.0)),
+        "the reservation is charged, not left held"
+    );
+    // Completed requests settle once: a late drop of the context changes nothing.
+    let mut c = ctx("carol", Some(12.0));
+    f.on_request(&mut c).await.unwrap();
+    served(&f, &mut c, 1).await;
+    drop(c);
+    let report = f.admin_report().unwrap().1;
+    assert_eq!(report["accounts"][0]["spent_usd"].as_f64(), Some(6.0));
+    assert_eq!(report["accounts"][0]["reserved_usd"].as_f64(), Some(0.0));
 }

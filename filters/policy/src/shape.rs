@@ -90,19 +90,7 @@ pub fn check_types(route: Route, body: &Value) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Characters of prompt text the model receives: message contents (and their text parts),
-/// `prompt`, `input`, `system`.
-pub fn prompt_chars(body: &Value) -> usize {
-    let system = body
-        .get("system")
-        .and_then(Value::as_str)
-        .map_or(0, |s| s.chars().count());
-    gateway_filter::prompt::prompt_texts(body)
-        .iter()
-        .map(|t| t.chars().count())
-        .sum::<usize>()
-        + system
-}
+pub use gateway_filter::prompt::prompt_chars;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

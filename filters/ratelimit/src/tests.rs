@@ -173,6 +173,7 @@ async fn tokens_per_minute_reserve_then_charge() {
     c.usage = Some(Usage {
         prompt_tokens: 30,
         completion_tokens: 50,
+        ..Default::default()
     });
     f.on_complete(&mut c).await;
     let mut c = mk();

@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use gateway_filter::http::{header, Method, StatusCode};
-use gateway_filter::{echo, Decision, Rejection};
+use gateway_filter::{echo, Decision, Rejection, Usage};
 use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_core::Result;
 use pingora_error::{Error, ErrorType};
@@ -393,6 +393,7 @@ async fn attempt(
                 ctx.req.decision = Decision::Failed {
                     code: "backend_broke_stream",
                 };
+                ctx.req.usage = usage_at_end(&mut parser, &ctx.req);
                 return Attempt::Abort(e.into_up());
             }
         };
@@ -401,10 +402,11 @@ async fn attempt(
             ctx.req.decision = Decision::Failed {
                 code: "client_disconnected",
             };
+            ctx.req.usage = usage_at_end(&mut parser, &ctx.req);
             return Attempt::Abort(e.into_down());
         }
     }
-    ctx.req.usage = parser.finish();
+    ctx.req.usage = usage_at_end(&mut parser, &ctx.req);
     if let Some(rest) = stripper
         .as_mut()
         .map(|s| s.finish())
@@ -425,6 +427,19 @@ async fn attempt(
         .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
         .await;
     Attempt::Done
+}
+
+/// The usage of an exchange as it ended, however it ended: what the backend reported, or
+/// what the gateway counted passing, with the prompt estimated from the held body (four
+/// characters a token). Budget, tokens per minute and audit all see this one figure.
+fn usage_at_end(parser: &mut UsageParser, req: &gateway_filter::RequestCtx) -> Option<Usage> {
+    let mut u = parser.finish()?;
+    if u.counted {
+        u.prompt_tokens = req.json.as_ref().map_or(0, |b| {
+            (gateway_filter::prompt::prompt_chars(b) as u64).div_ceil(4)
+        });
+    }
+    Some(u)
 }
 
 /// Largest model list the gateway will read to filter it.

@@ -485,10 +485,16 @@ fn inference(
         _ => {
             let chat = path == "/v1/chat/completions";
             if stream_flag.unwrap_or(false) {
-                let include_usage = body
-                    .pointer("/stream_options/include_usage")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
+                // `x-mock-usage: ignore` plays llama-cpp-python, which never sends usage in
+                // streams whatever `stream_options` says.
+                let ignores = headers
+                    .get("x-mock-usage")
+                    .is_some_and(|v| v.as_bytes() == b"ignore");
+                let include_usage = !ignores
+                    && body
+                        .pointer("/stream_options/include_usage")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
                 let mut items: Vec<Bytes> = (0..tokens)
                     .map(|i| sse_event(&formats::openai_chunk(&g, i, chat)))
                     .collect();
