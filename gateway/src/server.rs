@@ -123,8 +123,16 @@ pub fn run(prepared: Prepared) -> ! {
         svc.add_tcp(&addr.to_string());
         svc
     });
-    let mut service =
-        pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "llm-gateway");
+    let limits = crate::proxy::ConnectionLimits {
+        head_timeout: settings.limits.client_header_timeout,
+        keepalive_timeout: settings.limits.keepalive_timeout,
+        keepalive_requests: settings.limits.keepalive_requests,
+    };
+    let proxy = pingora_proxy::http_proxy(&server.configuration, gateway);
+    let mut service = pingora_core::services::listening::Service::new(
+        "llm-gateway".to_string(),
+        crate::proxy::GatewayApp::new(proxy, limits),
+    );
     for (l, tls) in settings.listen.iter().zip(tls) {
         match tls {
             Some(t) => service.add_tls_with_settings(&l.addr.to_string(), None, t),

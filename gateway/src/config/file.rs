@@ -252,6 +252,17 @@ pub struct LimitsSection {
     pub send_timeout: HumanDuration,
     /// How long a client may take to send its request body.
     pub client_body_timeout: HumanDuration,
+    /// How long a client may take to send a whole request head (nginx
+    /// `client_header_timeout`): a slow drip of header bytes is cut off.
+    pub client_header_timeout: HumanDuration,
+    /// How long a write to a client may wait for it to read (nginx `send_timeout`): a client
+    /// that stops reading a stream frees its backend slot when it fires.
+    pub client_send_timeout: HumanDuration,
+    /// How long an idle keep-alive connection is kept for its next request (nginx
+    /// `keepalive_timeout`).
+    pub keepalive_timeout: HumanDuration,
+    /// Requests served on one connection before it is closed (nginx `keepalive_requests`).
+    pub keepalive_requests: u32,
     /// IPv6 clients are counted by this prefix for address limits and lockout: one host
     /// usually holds a whole /64.
     pub ipv6_prefix: u8,
@@ -266,6 +277,10 @@ impl Default for LimitsSection {
             read_timeout: HumanDuration(Duration::from_secs(120)),
             send_timeout: HumanDuration(Duration::from_secs(60)),
             client_body_timeout: HumanDuration(Duration::from_secs(30)),
+            client_header_timeout: HumanDuration(Duration::from_secs(60)),
+            client_send_timeout: HumanDuration(Duration::from_secs(60)),
+            keepalive_timeout: HumanDuration(Duration::from_secs(75)),
+            keepalive_requests: 1000,
             ipv6_prefix: 64,
         }
     }

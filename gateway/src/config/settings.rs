@@ -97,6 +97,10 @@ pub struct Limits {
     pub read_timeout: Duration,
     pub send_timeout: Duration,
     pub client_body_timeout: Duration,
+    pub client_header_timeout: Duration,
+    pub client_send_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub keepalive_requests: u32,
     pub ipv6_prefix: u8,
 }
 
@@ -161,6 +165,9 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         ("read_timeout", l.read_timeout),
         ("send_timeout", l.send_timeout),
         ("client_body_timeout", l.client_body_timeout),
+        ("client_header_timeout", l.client_header_timeout),
+        ("client_send_timeout", l.client_send_timeout),
+        ("keepalive_timeout", l.keepalive_timeout),
     ] {
         if d.0.is_zero() {
             return Err((format!("limits.{key}"), "must be greater than 0".into()));
@@ -178,6 +185,10 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         read_timeout: l.read_timeout.0,
         send_timeout: l.send_timeout.0,
         client_body_timeout: l.client_body_timeout.0,
+        client_header_timeout: l.client_header_timeout.0,
+        client_send_timeout: l.client_send_timeout.0,
+        keepalive_timeout: l.keepalive_timeout.0,
+        keepalive_requests: l.keepalive_requests.max(1),
         ipv6_prefix: l.ipv6_prefix,
     };
 

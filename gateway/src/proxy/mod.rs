@@ -26,6 +26,7 @@
 //! header hygiene and retry rules for every route.
 
 mod body;
+mod connection;
 mod ctx;
 mod forward;
 mod framing;
@@ -44,6 +45,7 @@ use pingora_core::Result;
 use pingora_error::Error;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+pub use connection::{ConnectionLimits, GatewayApp};
 pub use ctx::GwCtx;
 pub use respond::health_json;
 

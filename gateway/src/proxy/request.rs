@@ -17,6 +17,15 @@ use crate::tls::CertSubjects;
 
 /// Request id, client address, start time; nothing here can fail.
 pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
+    super::connection::head_read();
+    let limits = &gw.settings.limits;
+    // A client that stops reading frees its backend slot when this fires.
+    session.set_write_timeout(Some(limits.client_send_timeout));
+    // Pingora makes a kept-alive connection wait for its next request without a limit
+    // (unless the client said `close`): bound the idle time.
+    if session.get_keepalive().is_some() {
+        session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1)));
+    }
     ctx.in_flight = Some(gw.in_flight.enter());
     let req = &mut ctx.req;
     req.started = std::time::Instant::now();

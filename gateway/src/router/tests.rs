@@ -44,6 +44,10 @@ fn router(strategy: Strategy, weights: &[u32]) -> ModelRouter {
         read_timeout: Duration::from_secs(1),
         send_timeout: Duration::from_secs(1),
         client_body_timeout: Duration::from_secs(1),
+        client_header_timeout: Duration::from_secs(1),
+        client_send_timeout: Duration::from_secs(1),
+        keepalive_timeout: Duration::from_secs(1),
+        keepalive_requests: 10,
         ipv6_prefix: 64,
     };
     let s = spec(strategy);
@@ -194,6 +198,10 @@ fn max_in_flight_cannot_be_overfilled_by_a_race() {
         read_timeout: Duration::from_secs(1),
         send_timeout: Duration::from_secs(1),
         client_body_timeout: Duration::from_secs(1),
+        client_header_timeout: Duration::from_secs(1),
+        client_send_timeout: Duration::from_secs(1),
+        keepalive_timeout: Duration::from_secs(1),
+        keepalive_requests: 10,
         ipv6_prefix: 64,
     };
     let pool = BackendPool::new(&specs, &limits, &spec(Strategy::LeastBusy));

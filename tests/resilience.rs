@@ -1,0 +1,165 @@
+//! Resilience: slow clients, stalled readers, idle connections. Nothing a client does slowly
+//! may hold the gateway's resources for longer than the configured limits.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Waits until the peer closes `s` (read returns 0 or fails); how long that took.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+// Hardening finding 5: a whole request head has a deadline, not only each read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_header_dripped_byte_by_byte_is_cut_off() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ client_header_timeout: 1s }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let head = b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let start = Instant::now();
+    let mut cut = None;
+    for b in head {
+        // One byte every 200 ms: each read is quick, the whole head is not.
+        if s.write_all(&[*b]).await.is_err() {
+            cut = Some(start.elapsed());
+            break;
+        }
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(200), s.read(&mut probe)).await
+        {
+            cut = Some(start.elapsed());
+            break;
+        }
+    }
+    let cut = cut.expect("the connection was never closed");
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_secs(3),
+        "closed after {cut:?}"
+    );
+    assert_eq!(m.total(), 0);
+    // A normal client is unaffected.
+    let r = client().get(gw.url("/api/version")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+// Connections finding: an idle keep-alive connection is closed after keepalive_timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keep_alive_connections_are_closed_and_requests_per_connection_bounded() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ keepalive_timeout: 1s, keepalive_requests: 3 }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let took = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("an idle connection is closed");
+    assert!(took >= Duration::from_millis(800), "{took:?}");
+    // Three requests on one connection, then it is closed.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let mut answers = 0;
+    for _ in 0..3 {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
+            answers += 1;
+        }
+    }
+    assert_eq!(answers, 3);
+    assert!(
+        closed_within(&mut s, Duration::from_millis(500))
+            .await
+            .is_some(),
+        "closed after the third request"
+    );
+}
+
+// Hardening finding 5: a client that stops reading a stream frees everything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_frees_its_backend_slot() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ client_send_timeout: 1s }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let body = r#"{"model":"llama3.1:8b","prompt":"x"}"#;
+    // A long stream (20,000 chunks, several MB) the client never reads.
+    s.write_all(
+        format!(
+            "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Mock-Chunks: 20000\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let in_flight = || async {
+        let text = client()
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("llm_gateway_backend_in_flight{backend=\"local\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    let mut seen_busy = false;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let n = in_flight().await;
+        if n >= 1.0 {
+            seen_busy = true;
+        } else if seen_busy && n == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen_busy, "the stream reached the backend");
+    assert_eq!(in_flight().await, 0.0, "the slot is free again");
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "freed after {:?}",
+        start.elapsed()
+    );
+    drop(s);
+}
