@@ -302,3 +302,112 @@ mod tests {
         assert!(!c.body_rewritten);
     }
 }
+
+/// The output cap against random bodies: every combination of the token fields, in every
+/// type a client can send, on both wire formats. Whatever goes upstream, no backend of the
+/// route's format reads a limit above the cap, or none at all.
+#[cfg(test)]
+mod cap_properties {
+    use super::*;
+    use gateway_filter::http::Method;
+    use proptest::prelude::*;
+
+    const CAP: u64 = 100;
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            (0u64..300).prop_map(Value::from),
+            Just(json!(1_000_000u64)),
+            (-3i64..0).prop_map(Value::from),
+            Just(json!(1e6)),
+            Just(json!(2.5)),
+            Just(json!(-0.0)),
+            (0u64..300).prop_map(|n| Value::from(n.to_string())),
+            Just(json!("1e6")),
+            Just(json!("lots")),
+            Just(Value::Null),
+            Just(json!(true)),
+            Just(json!([5])),
+        ]
+    }
+
+    /// A count as the laxest backend reads it: `None` when absent or unreadable (the backend
+    /// then uses its own default, which may be unbounded), negative and 0 as unbounded.
+    fn lax(v: Option<&Value>) -> Option<i64> {
+        match v? {
+            Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+            Value::String(s) => s.trim().parse::<f64>().ok().map(|f| f as i64),
+            _ => None,
+        }
+    }
+
+    fn bounded(v: Option<i64>) -> bool {
+        v.is_some_and(|n| (1..=CAP as i64).contains(&n))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn no_backend_reads_more_than_the_cap(
+            route in prop_oneof![
+                Just("/v1/chat/completions"),
+                Just("/v1/completions"),
+                Just("/api/chat"),
+                Just("/api/generate"),
+            ],
+            fields in proptest::collection::vec(
+                (prop_oneof![
+                    Just("max_tokens"),
+                    Just("max_completion_tokens"),
+                    Just("n_predict"),
+                    Just("options.num_predict"),
+                    Just("num_predict"),
+                ], value()),
+                0..5,
+            ),
+            reject in any::<bool>(),
+        ) {
+            let mut body = json!({"model": "m"});
+            for (field, v) in &fields {
+                match field.split_once('.') {
+                    Some((outer, inner)) => {
+                        body[outer][inner] = v.clone();
+                    }
+                    None => body[*field] = v.clone(),
+                }
+            }
+            let mut c = RequestCtx::new(String::new(), Method::POST, route.to_string());
+            let mode = if reject { OverCap::Reject } else { OverCap::Clamp };
+            let asked = output::read(c.route, body.as_object().unwrap());
+            c.max_tokens = asked.as_ref().ok().and_then(|a| a.total());
+            c.json = Some(body);
+            match apply_output_cap(&mut c, CAP, mode) {
+                Err(r) => {
+                    // Refused: only for unreadable values, or above the cap in reject mode.
+                    prop_assert!(asked.is_err() || reject, "{r:?}");
+                }
+                Ok(()) => {
+                    let sent = c.json.as_ref().unwrap();
+                    if route.starts_with("/v1/") {
+                        // vLLM, OpenAI: max_completion_tokens, else max_tokens.
+                        prop_assert!(bounded(lax(sent.get("max_completion_tokens"))), "{sent}");
+                        // llama-cpp-python: max_tokens only.
+                        prop_assert!(bounded(lax(sent.get("max_tokens"))), "{sent}");
+                        // llama.cpp: n_predict first.
+                        if sent.get("n_predict").is_some() {
+                            prop_assert!(bounded(lax(sent.get("n_predict"))), "{sent}");
+                        }
+                    } else {
+                        // Ollama: options.num_predict only.
+                        prop_assert!(bounded(lax(sent.pointer("/options/num_predict"))), "{sent}");
+                    }
+                    if let Some(n) = sent.pointer("/options/num_predict") {
+                        prop_assert!(bounded(lax(Some(n))), "{sent}");
+                    }
+                    // What budgets and limits reserve is at least what any backend may make.
+                    prop_assert!(c.max_tokens.is_some_and(|m| (1..=CAP).contains(&m)));
+                }
+            }
+        }
+    }
+}
