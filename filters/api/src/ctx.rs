@@ -35,13 +35,13 @@ impl Principal {
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
     /// Request rate such as `10/m` (ratelimit).
-    pub rate: Option<String>,
+    pub rate: Option<crate::limits::Rate>,
     pub burst: Option<u32>,
     pub tokens_per_minute: Option<u64>,
     /// Spend cap in USD (budget).
     pub max_usd: Option<f64>,
     /// Budget period such as `1mo`.
-    pub period: Option<String>,
+    pub period: Option<crate::limits::Period>,
 }
 
 /// Decides which models a request may see; set by a filter (policy) so the gateway can filter

@@ -7,6 +7,7 @@
 mod ctx;
 mod filter;
 pub mod glob;
+pub mod limits;
 pub mod model_name;
 mod options;
 pub mod output;

@@ -35,11 +35,11 @@ struct KeyEntry {
     /// Certificate subject (CN or a DNS/email SAN) that authenticates as this principal.
     mtls_subject: Option<String>,
     // Per-principal overrides read by other filters.
-    rate: Option<String>,
+    rate: Option<gateway_filter::limits::Rate>,
     burst: Option<u32>,
     tokens_per_minute: Option<u64>,
     max_usd: Option<f64>,
-    period: Option<String>,
+    period: Option<gateway_filter::limits::Period>,
 }
 
 fn yes() -> bool {
@@ -213,7 +213,10 @@ mod tests {
         let s = KeyStore::parse(&text).unwrap();
         let a = s.by_key_digest(&sha256(ALICE.as_bytes())).unwrap();
         assert_eq!(a.principal.name, "Alice");
-        assert_eq!(a.principal.overrides.rate.as_deref(), Some("10/m"));
+        assert_eq!(
+            a.principal.overrides.rate,
+            Some(gateway_filter::limits::Rate::parse("10/m").unwrap())
+        );
         assert_eq!(a.principal.overrides.max_usd, Some(5.0));
         assert!(a.principal.has_scope("admin"));
         assert_eq!(
@@ -249,5 +252,14 @@ mod tests {
         assert!(KeyStore::parse(&bad_date)
             .unwrap_err()
             .contains("keys[0].expires"));
+        // Overrides are typed when the file is read: a typo fails `check`, not a request.
+        for (field, value) in [("rate", "10/fortnight"), ("period", "1y")] {
+            let bad = format!("keys:\n  - {{ id: a, key_sha256: {d}, {field}: {value} }}\n");
+            let e = KeyStore::parse(&bad).unwrap_err();
+            assert!(
+                e.contains("keys[0]") && e.contains(value) && e.contains("unknown period"),
+                "{e}"
+            );
+        }
     }
 }

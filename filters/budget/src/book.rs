@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::ledger::History;
-use crate::period::{day_string, Period};
+use crate::period::{day_string, Calendar, Period};
 use crate::prices::Nano;
 
 #[derive(Debug, Default, Clone, Copy)]

@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use book::{Book, Budget};
 pub use ledger::{report, ReportRow};
-pub use period::{civil, day_of, month_days, now_secs, Period};
+pub use period::{civil, day_of, month_days, now_secs, Calendar, Period};
 use prices::{usd_to_nano, Nano, Price, PriceTable};
 
 /// The reserved principal id of the whole-gateway budget.
@@ -269,27 +269,17 @@ fn generation_secs(ctx: &RequestCtx) -> f64 {
 impl BudgetFilter {
     /// The budgets this request is held to: its principal's (keys-file `max_usd` and
     /// `period`, else `default`) and the global one.
-    fn budgets(&self, ctx: &RequestCtx, now: i64) -> Result<Vec<Budget>, Rejection> {
+    fn budgets(&self, ctx: &RequestCtx, now: i64) -> Vec<Budget> {
         let mut out = Vec::with_capacity(2);
-        let own = match ctx.principal.as_deref().and_then(|p| {
-            p.overrides
-                .max_usd
-                .map(|m| (m, p.overrides.period.as_deref()))
-        }) {
-            Some((max, period)) => {
-                let p = match period {
-                    Some(s) => Period::parse(s).map_err(|m| {
-                        log::error!("budget: principal {}: {m}", principal_id(ctx));
-                        Rejection::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "budget_misconfigured",
-                            "this key's budget period is invalid",
-                        )
-                    })?,
-                    None => self.default.map_or(Period::Month, |d| d.1),
-                };
-                Some((usd_to_nano(max), p))
-            }
+        let own = match ctx
+            .principal
+            .as_deref()
+            .and_then(|p| p.overrides.max_usd.map(|m| (m, p.overrides.period)))
+        {
+            Some((max, period)) => Some((
+                usd_to_nano(max),
+                period.unwrap_or_else(|| self.default.map_or(Period::Month, |d| d.1)),
+            )),
             None => self.default,
         };
         if let Some((limit, period)) = own {
@@ -308,7 +298,7 @@ impl BudgetFilter {
                 limit,
             });
         }
-        Ok(out)
+        out
     }
 }
 
@@ -349,7 +339,7 @@ impl Filter for BudgetFilter {
             None => 0,
         };
         let now = now_secs();
-        let budgets = self.budgets(ctx, now)?;
+        let budgets = self.budgets(ctx, now);
         if budgets.is_empty() {
             return Ok(());
         }

@@ -2,13 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Period {
-    Day,
-    Week,
-    Month,
-    Total,
-}
+pub use gateway_filter::limits::Period;
 
 /// (year, month, day) of a day number since 1970-01-01 (Howard Hinnant's civil_from_days).
 pub fn civil(days: i64) -> (i64, u32, u32) {
@@ -57,32 +51,16 @@ pub fn month_days(year: i64, month: u32) -> (String, String) {
     (day_string(start), day_string(end))
 }
 
-impl Period {
-    pub fn parse(s: &str) -> Result<Period, String> {
-        Ok(match s.trim() {
-            "1d" | "day" => Period::Day,
-            "7d" | "week" => Period::Week,
-            "1mo" | "month" => Period::Month,
-            "total" => Period::Total,
-            other => {
-                return Err(format!(
-                    "unknown period {other:?}; use 1d, 7d, 1mo or total"
-                ))
-            }
-        })
-    }
+/// Where a period begins and ends on the UTC calendar.
+pub trait Calendar {
+    fn span(self, secs: i64) -> Option<(i64, i64)>;
+    fn key(self, secs: i64) -> String;
+    fn resets_at(self, secs: i64) -> Option<i64>;
+}
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Period::Day => "1d",
-            Period::Week => "7d",
-            Period::Month => "1mo",
-            Period::Total => "total",
-        }
-    }
-
+impl Calendar for Period {
     /// First and last-plus-one day numbers of the period containing `secs` (`None` = all time).
-    pub fn span(self, secs: i64) -> Option<(i64, i64)> {
+    fn span(self, secs: i64) -> Option<(i64, i64)> {
         let day = secs.div_euclid(86_400);
         match self {
             Period::Day => Some((day, day + 1)),
@@ -102,7 +80,7 @@ impl Period {
     }
 
     /// Names the period containing `secs`, e.g. `1mo:2026-11-01`.
-    pub fn key(self, secs: i64) -> String {
+    fn key(self, secs: i64) -> String {
         match self.span(secs) {
             Some((start, _)) => format!("{}:{}", self.name(), day_string(start)),
             None => "total".into(),
@@ -110,7 +88,7 @@ impl Period {
     }
 
     /// When the period containing `secs` ends (UNIX seconds); `None` for all time.
-    pub fn resets_at(self, secs: i64) -> Option<i64> {
+    fn resets_at(self, secs: i64) -> Option<i64> {
         self.span(secs).map(|(_, end)| end * 86_400)
     }
 }

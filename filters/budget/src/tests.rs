@@ -29,7 +29,7 @@ fn ctx(principal: &str, max_usd: Option<f64>) -> RequestCtx {
         id: principal.into(),
         overrides: Overrides {
             max_usd,
-            period: Some("1d".into()),
+            period: Some(Period::Day),
             ..Default::default()
         },
         ..Default::default()

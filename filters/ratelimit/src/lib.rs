@@ -203,13 +203,8 @@ impl RateLimitFilter {
     fn limits(&self, ctx: &RequestCtx) -> (Option<Rate>, u64, Option<u64>) {
         let mut out = (self.rate, self.burst, self.tpm);
         if let (true, Some(p)) = (self.uses_principal(), &ctx.principal) {
-            if let Some(r) = p.overrides.rate.as_deref() {
-                match Rate::parse(r) {
-                    Ok(r) => out.0 = Some(r),
-                    Err(e) => {
-                        log::warn!("ratelimit: principal {}: ignoring rate override: {e}", p.id)
-                    }
-                }
+            if let Some(r) = p.overrides.rate {
+                out.0 = Some(r);
             }
             if let Some(b) = p.overrides.burst {
                 out.1 = u64::from(b);

@@ -1,42 +1,6 @@
 //! Rates such as `10/s`, `600/m`, `1000/h`, and the GCRA arithmetic of nginx's `limit_req`.
 
-use std::time::Duration;
-
-/// Requests per period, as written in the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub count: u64,
-    pub per: Duration,
-}
-
-impl Rate {
-    pub fn parse(s: &str) -> Result<Rate, String> {
-        let (n, unit) = s
-            .trim()
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a rate; write it like 10/s, 600/m or 1000/h"))?;
-        let count: u64 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: {n:?} is not a whole number of requests"))?;
-        let per = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            "d" | "day" => Duration::from_secs(86_400),
-            other => return Err(format!("{s:?}: unknown period {other:?}; use s, m, h or d")),
-        };
-        if count == 0 {
-            return Err(format!("{s:?}: the rate must allow at least 1 request"));
-        }
-        Ok(Rate { count, per })
-    }
-
-    /// The emission interval T: one request per T.
-    pub fn interval_ns(&self) -> u64 {
-        (self.per.as_nanos() / u128::from(self.count)).max(1) as u64
-    }
-}
+pub use gateway_filter::limits::Rate;
 
 /// Outcome of one GCRA check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

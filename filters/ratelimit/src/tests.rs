@@ -66,7 +66,7 @@ async fn principal_keys_and_overrides() {
         Some(Arc::new(Principal {
             id: id.into(),
             overrides: gateway_filter::Overrides {
-                rate: rate.map(str::to_string),
+                rate: rate.map(|r| Rate::parse(r).unwrap()),
                 burst: Some(1),
                 ..Default::default()
             },
