@@ -53,5 +53,12 @@ async fn openai_python_client() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ollama_python_client() {
-    run_client("ollama_client.py", 5).await;
+    run_client("ollama_client.py", 7).await;
+}
+
+/// LiteLLM's `ollama/…` and `ollama_chat/…` providers send no JSON content type; its
+/// `openai/…` provider uses the OpenAI routes. 2 × (one answer + one stream) + 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn litellm_sdk() {
+    run_client("litellm_client.py", 5).await;
 }

@@ -31,5 +31,14 @@ try:
     raise AssertionError("a wrong key must be refused")
 except ollama.ResponseError as err:
     assert err.status_code == 401, err
+    # Ollama's error shape: `error` is the message, a string.
+    assert isinstance(err.error, str) and "credentials" in err.error, err.error
+
+s = client.show(model)
+assert s.modelinfo["general.architecture"] == "llama", s
+assert s.details.family == "llama", s
+
+running = [m.model for m in client.ps().models]
+assert running == [model], running
 
 print("ollama client: ok")
