@@ -2,7 +2,9 @@
 //! written to a temp dir, and the mock model server in-process.
 #![allow(dead_code)]
 
+pub mod budget;
 pub mod certs;
+pub mod routing;
 
 use std::io::Read;
 use std::net::TcpListener;

@@ -88,11 +88,29 @@ mod tests {
         let rate = Rate::parse("20/s").unwrap();
         let (allowed, _) = offered(&rate, 5, 20_000_000, 500);
         assert!(allowed.abs_diff(205) <= 1, "{allowed}");
-        // The same in delay mode: the same requests pass (queued within the burst), spread
-        // out by their delays.
-        let (allowed_delay, delayed) = offered(&rate, 5, 20_000_000, 500);
-        assert_eq!(allowed_delay, allowed);
-        assert!(delayed > 0);
+        // Delay mode lets the same requests through, each released at arrival + delay: after
+        // the burst, releases are one interval T apart, so the backend sees the configured
+        // rate, not the offered one.
+        let t = rate.interval_ns();
+        let mut tat = 0;
+        let mut releases = Vec::new();
+        for i in 0..500u64 {
+            let now = 1_000_000_000_000 + i * 20_000_000;
+            let (new_tat, g) = gcra(tat, now, t, 5);
+            tat = new_tat;
+            if let Gcra::Allow { delay_ns, .. } = g {
+                releases.push(now + delay_ns);
+            }
+        }
+        assert_eq!(releases.len() as u64, allowed);
+        assert!(releases.windows(2).all(|w| w[1] >= w[0]), "in order");
+        let spaced = releases.windows(2).skip(5).all(|w| w[1] - w[0] >= t);
+        assert!(spaced, "released at most one per interval after the burst");
+        let span = releases[releases.len() - 1] - releases[0];
+        assert!(
+            span >= (allowed - 6) * t,
+            "{span} ns for {allowed} releases"
+        );
         // Below the limit everything passes.
         let (allowed, delayed) = offered(&rate, 0, 60_000_000, 100);
         assert_eq!((allowed, delayed), (100, 0));

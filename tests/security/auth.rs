@@ -1,10 +1,8 @@
 //! Authentication through the real binary: keys, basic auth, lockout, reload, networks.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 async fn shipped_auth_gateway(m: &mock_ollama::MockServer) -> Gateway {
     Gateway::start(&format!(

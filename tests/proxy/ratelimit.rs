@@ -1,13 +1,11 @@
 //! Rate limits through the real binary: the nginx seed case, a steady offered rate,
 //! concurrency caps (with client disconnects) and tokens per minute.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use futures_util::StreamExt;
 use serde_json::json;
-use support::*;
 
 const KEY: &str = DEMO_KEY;
 

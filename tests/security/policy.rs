@@ -1,11 +1,9 @@
 //! The policy filter through the real binary: endpoint rules, scopes, models, shape, caps,
 //! and canonical paths (with a property test of bypass attempts).
 
-mod support;
-
+use crate::support::*;
 use proptest::prelude::*;
 use serde_json::json;
-use support::*;
 
 const ADMIN_KEY: &str = "sk-gw-admin";
 const USER_KEY: &str = "sk-gw-user";

@@ -1,11 +1,9 @@
 //! Resilience: slow clients, stalled readers, idle connections. Nothing a client does slowly
 //! may hold the gateway's resources for longer than the configured limits.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Waits until the peer closes `s` (read returns 0 or fails); how long that took.

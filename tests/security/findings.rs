@@ -1,12 +1,10 @@
 //! Security: every check holds against every field, route and encoding that means the same
 //! thing (hardening round 2). Each test names the finding it closes.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::{json, Value};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const USER_KEY: &str = "sk-gw-user";

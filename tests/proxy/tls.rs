@@ -1,12 +1,10 @@
 //! TLS and mTLS on the public listener, checked with curl and certificates made at test time.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::certs::{self, Pki};
-use support::*;
+use crate::support::certs::{self, Pki};
+use crate::support::*;
 
 /// curl exit code, HTTP status (empty when no response) and HTTP version.
 fn curl(args: &[&str]) -> (i32, String, String) {

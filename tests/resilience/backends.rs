@@ -1,0 +1,380 @@
+//! Backends that refuse, hang, die mid-stream or fail every request; clients that leave.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use mock_ollama::{FailMode, MockConfig};
+use serde_json::{json, Value};
+
+use crate::support::routing::*;
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_down_gives_502_naming_only_the_backend_then_503() {
+    let port = free_port();
+    let gw = Gateway::start(&backends(&[("gpu-a", &format!("http://127.0.0.1:{port}"))])).await;
+    let c = client();
+    // Three failures in a row (fail_threshold) each get a 502 naming only the backend.
+    for path in ["/api/chat", "/api/tags", "/api/chat"] {
+        let req = if path == "/api/chat" {
+            c.post(gw.url(path))
+                .json(&json!({"model": MODEL, "messages": []}))
+        } else {
+            c.get(gw.url(path))
+        };
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 502, "{path}");
+        let (code, msg) = error_of(resp).await;
+        assert_eq!(code, "backend_unavailable");
+        assert_eq!(msg, "backend gpu-a is unavailable");
+        assert!(!msg.contains(&port.to_string()));
+    }
+    let h: serde_json::Value = c
+        .get(gw.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["backends"][0]["state"], "down");
+    assert_eq!(h["status"], "degraded");
+    // Now every backend is known down: 503 at once, without trying.
+    let start = Instant::now();
+    let resp = c
+        .post(gw.url("/api/chat"))
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_of(resp).await.0, "no_backend_available");
+    assert!(start.elapsed() < Duration::from_millis(500));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_backend_gives_504() {
+    let m = mock_with(MockConfig {
+        fail: FailMode::Hang,
+        ..MockConfig::default()
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ read_timeout: 1s }}\n",
+        backends(&[("slow", &m.url())])
+    ))
+    .await;
+    let start = Instant::now();
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    let (code, msg) = error_of(resp).await;
+    assert_eq!(code, "backend_timeout");
+    assert_eq!(msg, "backend slow did not answer in time");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let resp = client().get(gw.url("/api/tags")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_dying_mid_stream_truncates_the_client_stream() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .header("x-mock-fail", "close-mid-stream")
+        .header("x-mock-chunks", "10")
+        .header("x-mock-delay-ms", "20")
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut s = resp.bytes_stream();
+    let mut got = Vec::new();
+    let mut failed = false;
+    while let Some(chunk) = s.next().await {
+        match chunk {
+            Ok(c) => got.extend_from_slice(&c),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the client must see an error, not a clean end");
+    assert!(!String::from_utf8_lossy(&got).contains("\"done\":true"));
+    // The gateway is still fine.
+    assert_eq!(
+        client()
+            .get(gw.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_leaving_mid_stream_is_harmless() {
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    // More clients walk away than the backend failure threshold: none of it is the
+    // backend's fault, so it must stay up and nothing is logged as an error.
+    for _ in 0..4 {
+        let resp = client()
+            .post(gw.url("/api/chat"))
+            .header("x-mock-chunks", "20")
+            .header("x-mock-delay-ms", "50")
+            .json(&json!({"model": MODEL, "messages": []}))
+            .send()
+            .await
+            .unwrap();
+        let mut s = resp.bytes_stream();
+        let _ = s.next().await;
+        drop(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let h: serde_json::Value = client()
+        .get(gw.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["backends"][0]["state"], "up");
+    assert!(!gw.log().contains("ERROR"), "{}", gw.log());
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .json(&json!({"model": MODEL, "stream": false, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_dying_mid_run_costs_at_most_the_requests_it_had_taken() {
+    let m = mocks([ALL, ALL, ALL]).await;
+    let gw = Gateway::start(&format!("{}routing: {{ strategy: round-robin, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\n", three(&m))).await;
+    let ok = Arc::new(AtomicU32::new(0));
+    let failed = Arc::new(AtomicU32::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (url, ok, failed) = (gw.url("/api/generate"), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            for _ in 0..125 {
+                let r = c.post(&url).json(&gen(MODEL)).send().await.unwrap();
+                if r.status() == 200 && r.bytes().await.is_ok() {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Passive detection only (no probes), so requests do meet the dead backend and move on.
+    m[1].set_fail(FailMode::Refuse);
+    for w in workers {
+        w.await.unwrap();
+    }
+    // A request the backend may already have (written into a connection it was closing) is
+    // not sent again, since it may have started generating: only those can fail, at most one
+    // per worker; every other request moves on to a live backend.
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert_eq!(ok + failed, 1000);
+    assert!(failed <= 8, "{failed} failed");
+    let metrics = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retries: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("llm_gateway_retries_total{backend=\"b\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(retries >= 1.0, "retries are counted:\n{metrics}");
+    let h: Value = client()
+        .get(gw.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["backends"][1]["state"], "down");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_backend_times_out_without_a_second_generation_and_is_cooled_down() {
+    let m = mocks([ALL, ALL, ALL]).await;
+    m[0].set_fail(FailMode::Hang);
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ read_timeout: 300ms }}\nrouting: {{ strategy: round-robin, cooldown: 30s, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\n",
+        three(&m)
+    ))
+    .await;
+    let c = client();
+    let mut timeouts = 0;
+    for _ in 0..12 {
+        let r = c
+            .post(gw.url("/api/generate"))
+            .json(&gen(MODEL))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => {}
+            // The backend has the prompt and may be generating: it is not sent elsewhere too.
+            504 => timeouts += 1,
+            s => panic!("unexpected {s}"),
+        }
+    }
+    // It took three timeouts to cool it down; after that nothing is sent there.
+    assert_eq!((timeouts, m[0].hits("/api/generate")), (3, 3));
+    assert_eq!(
+        m[1].hits("/api/generate") + m[2].hits("/api/generate"),
+        9,
+        "no request was run twice"
+    );
+    let start = Instant::now();
+    for _ in 0..6 {
+        c.post(gw.url("/api/generate"))
+            .json(&gen(MODEL))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(300),
+        "no more timeouts: {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_every_request_ejects_a_backend_that_passes_its_probe() {
+    let m = mocks([ALL, ALL, ALL]).await;
+    m[2].set_fail(FailMode::Error500Inference);
+    let gw = Gateway::start(&format!("{}routing: {{ strategy: round-robin, cooldown: 30s, discovery: {{ enabled: false, interval: 1h }}, health: {{ interval: 100ms }} }}\n", three(&m))).await;
+    let c = client();
+    for _ in 0..30 {
+        let r = c
+            .post(gw.url("/api/generate"))
+            .json(&gen(MODEL))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "retried on a healthy backend");
+    }
+    assert_eq!(
+        m[2].hits("/api/generate"),
+        3,
+        "ejected after fail_threshold failures"
+    );
+    assert!(m[2].hits("/api/version") > 0, "its probe kept passing");
+    let h: Value = c
+        .get(gw.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["backends"][2]["state"], "down");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_backends_down_answers_503_at_once() {
+    let m = mocks([ALL, ALL, ALL]).await;
+    let gw = Gateway::start(&format!("{}limits: {{ connect_timeout: 5s }}\nrouting: {{ discovery: {{ enabled: false, interval: 1h }}, health: {{ interval: 100ms }} }}\n", three(&m))).await;
+    for s in &m {
+        s.set_fail(FailMode::Refuse);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await; // the probes notice
+    let start = Instant::now();
+    let r = client()
+        .post(gw.url("/api/generate"))
+        .json(&gen(MODEL))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_of(r).await.0, "no_backend_available");
+    assert!(
+        start.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        start.elapsed()
+    );
+    // They come back: the probes see it and traffic flows again.
+    for s in &m {
+        s.set_fail(FailMode::None);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        client()
+            .post(gw.url("/api/generate"))
+            .json(&gen(MODEL))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_broken_mid_way_ends_with_an_error_and_is_audited() {
+    let m = mocks([ALL, ALL, ALL]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: audit\n    file: {}\n",
+        three(&m),
+        audit.display()
+    ))
+    .await;
+    let r = client()
+        .post(gw.url("/api/chat"))
+        .header("x-mock-fail", "close-mid-stream")
+        .header("x-mock-chunks", "10")
+        .header("x-mock-delay-ms", "20")
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let result = tokio::time::timeout(Duration::from_secs(5), r.bytes())
+        .await
+        .expect("no hang");
+    assert!(result.is_err(), "the client sees an error, not a clean end");
+    let mut line = None;
+    for _ in 0..50 {
+        line = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|l| l["request_id"] == id.as_str());
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let line = line.expect("audited");
+    assert_eq!(line["decision"], "failed:backend_broke_stream");
+    assert_eq!(line["status"], 200);
+}

@@ -1,0 +1,309 @@
+//! Stopping and restarting: SIGTERM and Ctrl-C drain and flush, kill -9 loses at most one
+//! commit window, spend survives a restart.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::budget::*;
+use crate::support::routing::MODEL;
+use crate::support::*;
+
+fn read_audit(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_streams_then_exits() {
+    let m = mock().await;
+    let mut gw = Gateway::start(&format!(
+        "{}server: {{ threads: 2, drain_timeout: 5s }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .header("x-mock-chunks", "10")
+        .header("x-mock-delay-ms", "100")
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    gw.signal("TERM");
+    let body = resp.bytes().await.expect("the in-flight stream completes");
+    assert!(String::from_utf8_lossy(&body).contains("\"done\":true"));
+    let status = tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(6)))
+        .expect("exits after draining");
+    assert!(status.success(), "{status}");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "exited {:?} after SIGTERM",
+        start.elapsed()
+    );
+    // New connections are refused once it is gone.
+    assert!(client().get(gw.url("/health")).send().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spend_survives_a_restart() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &m, 0.12, 0.0, 10000.0, "");
+    let body = json!({"model": "llama3.1:8b", "prompt": "x", "stream": false});
+    let mut gw = Gateway::start(&cfg).await;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(
+            client()
+                .post(gw.url("/api/generate"))
+                .bearer_auth(KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(codes, [200, 200, 429]);
+    gw.signal("TERM");
+    tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
+
+    let gw = Gateway::start(&cfg).await;
+    // The spend shows before the principal asks again.
+    let report: Value = client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let buyer = report["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["principal"] == "buyer")
+        .unwrap_or_else(|| panic!("no buyer account after restart: {report}"));
+    assert_eq!(cents(buyer["spent_usd"].as_f64().unwrap()), 10, "{report}");
+    let r = client()
+        .post(gw.url("/api/generate"))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "the restarted gateway remembers the spend");
+    let (code, msg) = error_of(r).await;
+    assert_eq!(code, "budget_exceeded");
+    assert!(
+        msg.contains("$0.12 per 1d") && msg.contains("resets at"),
+        "{msg}"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "spend",
+            "--ledger",
+            dir.path().join("spend.db").to_str().unwrap(),
+            "--principal",
+            "buyer",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("buyer") && text.contains("0.1000") && text.contains("total: $0.1000"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_at_most_the_last_commit_window() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &m, 1_000_000.0, 0.0, 10000.0, "");
+    let gw = Gateway::start(&cfg).await;
+    let served = Arc::new(AtomicU32::new(0));
+    let url = gw.url("/api/generate");
+    let start = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, served) = (url.clone(), served.clone());
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                loop {
+                    let r = c
+                        .post(&url)
+                        .bearer_auth(KEY)
+                        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+                        .send()
+                        .await;
+                    let Ok(r) = r else { break };
+                    if r.status() != 200 || r.bytes().await.is_err() {
+                        break;
+                    }
+                    served.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gw.signal("KILL");
+    for w in workers {
+        let _ = w.await;
+    }
+    let elapsed = start.elapsed();
+    let served = served.load(Ordering::SeqCst);
+    let rows = spend_json(dir.path());
+    let ledger = rows.first().map_or(0, |r| r["requests"].as_u64().unwrap()) as u32;
+    let rate = f64::from(served) / elapsed.as_secs_f64();
+    let bound = (rate * 0.25).ceil() as u32 + 4;
+    println!("kill -9: {served} requests served, {ledger} in the ledger, lost {} (bound {bound} = 250 ms at {rate:.0} req/s + 4 in flight)", served - ledger.min(served));
+    assert!(served > 100, "load ran: {served}");
+    assert!(ledger <= served, "nothing is charged twice");
+    assert!(
+        served - ledger <= bound,
+        "lost {} > bound {bound}",
+        served - ledger
+    );
+    // What was committed is intact: a restart reads it, and shows it before anyone asks.
+    let gw = Gateway::start(&cfg).await;
+    let report: Value = client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let buyer = report["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["principal"] == "buyer")
+        .unwrap_or_else(|| panic!("{report}"));
+    // Each request costs 5 completion tokens at $0.01.
+    assert_eq!(
+        cents(buyer["spent_usd"].as_f64().unwrap()),
+        cents(f64::from(ledger) * 0.05),
+        "{report}"
+    );
+}
+
+/// Ctrl-C under load drains like SIGTERM: every answered request is in the ledger (Pingora's
+/// own SIGINT would exit with the last commit window unwritten).
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_under_load_commits_every_charge() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &m, 1_000_000.0, 0.0, 10000.0, "");
+    let mut gw = Gateway::start(&cfg).await;
+    let served = Arc::new(AtomicU32::new(0));
+    let url = gw.url("/api/generate");
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, served) = (url.clone(), served.clone());
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                loop {
+                    let r = c
+                        .post(&url)
+                        .bearer_auth(KEY)
+                        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+                        .send()
+                        .await;
+                    let Ok(r) = r else { break };
+                    if r.status() != 200 || r.bytes().await.is_err() {
+                        break;
+                    }
+                    served.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    gw.signal("INT");
+    for w in workers {
+        let _ = w.await;
+    }
+    let status =
+        tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(15))).expect("exits");
+    assert!(status.success(), "{status}");
+    let served = served.load(Ordering::SeqCst);
+    let rows = spend_json(dir.path());
+    let ledger = rows.first().map_or(0, |r| r["requests"].as_u64().unwrap()) as u32;
+    assert!(served > 50, "load ran: {served}");
+    assert_eq!(ledger, served, "every answered request is charged once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_loses_no_audit_line() {
+    signal_under_load_loses_no_audit_line("TERM").await;
+}
+
+/// Ctrl-C drains and flushes like SIGTERM (Pingora's own SIGINT would drop what is queued).
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_under_load_loses_no_audit_line() {
+    signal_under_load_loses_no_audit_line("INT").await;
+}
+
+async fn signal_under_load_loses_no_audit_line(sig: &str) {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut gw = Gateway::start(&format!(
+        "{}filters:\n  - use: audit\n    file: {}\n    queue: 4\n",
+        backends(&[("local", &m.url())]),
+        audit.display()
+    ))
+    .await;
+    let url = gw.url("/api/generate");
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            let mut answered = 0u32;
+            for i in 0..400 {
+                let r = c
+                    .post(&url)
+                    .header("x-mock-delay-ms", if (w + i) % 5 == 0 { "20" } else { "0" })
+                    .json(&json!({"model": "llama3.1:8b", "prompt": "x"}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) => {
+                        if r.bytes().await.is_ok() {
+                            answered += 1;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            answered
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.signal(sig);
+    let mut answered = 0;
+    for t in tasks {
+        answered += t.await.unwrap();
+    }
+    let status =
+        tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(15))).expect("exits");
+    assert!(status.success());
+    let lines = read_audit(&audit).len();
+    assert!(answered > 50, "load ran: {answered}");
+    assert_eq!(
+        lines as u32, answered,
+        "every answered request has its audit line"
+    );
+}
