@@ -333,7 +333,10 @@ impl Filter for BudgetFilter {
                 return Err(Rejection::new(
                     StatusCode::FORBIDDEN,
                     "model_unpriced",
-                    format!("model {model:?} has no price on this gateway"),
+                    format!(
+                        "model {:?} has no price on this gateway",
+                        gateway_filter::echo(model)
+                    ),
                 ));
             }
             None => 0,

@@ -239,7 +239,11 @@ impl PolicyFilter {
                 Err(Rejection::new(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "method_not_allowed",
-                    format!("{} is not allowed on {}; use {allow}", ctx.method, ctx.path),
+                    format!(
+                        "{} is not allowed on {}; use {allow}",
+                        ctx.method,
+                        gateway_filter::echo(&ctx.path)
+                    ),
                 )
                 .with_header(header::ALLOW, value))
             }
@@ -248,7 +252,8 @@ impl PolicyFilter {
                 "endpoint_not_allowed",
                 format!(
                     "{} {} is not allowed through this gateway",
-                    ctx.method, ctx.path
+                    ctx.method,
+                    gateway_filter::echo(&ctx.path)
                 ),
             )),
         }
