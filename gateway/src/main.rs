@@ -100,7 +100,7 @@ fn keys_new(id: &str, name: Option<&str>) -> Result<(), String> {
     if id.is_empty() {
         return Err("--id must not be empty".into());
     }
-    let key = keygen::new_key()?;
+    let key = keygen::new_key().map_err(|e| e.to_string())?;
     println!("# API key for {id}; it is shown only this once, store it now:");
     println!("{key}");
     println!("# Add this entry under `keys:` in the keys file (it holds only the key's hash):");
@@ -139,7 +139,7 @@ fn hash_password(user: Option<&str>, cost: u32) -> Result<(), String> {
     } else {
         read_secret("password")?
     };
-    let hash = keygen::hash_password(&password, cost)?;
+    let hash = keygen::hash_password(&password, cost).map_err(|e| e.to_string())?;
     match user {
         Some(u) => println!("{u}:{hash}"),
         None => println!("{hash}"),
@@ -247,7 +247,7 @@ fn spend(ledger: &Path, period: &str, principal: Option<&str>, json: bool) -> Re
         Some((f, t)) => (Some(f.as_str()), Some(t.as_str())),
         None => (None, None),
     };
-    let rows = filter_budget::report(ledger, from, to, principal)?;
+    let rows = filter_budget::report(ledger, from, to, principal).map_err(|e| e.to_string())?;
     if json {
         println!(
             "{}",

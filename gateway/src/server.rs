@@ -45,7 +45,9 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
                 .as_ref()
                 .map(crate::tls::settings)
                 .transpose()
-                .map_err(|e| ConfigError::invalid(&settings.file, format!("listen[{i}]"), e))?,
+                .map_err(|e| {
+                    ConfigError::invalid(&settings.file, format!("listen[{i}].tls"), e.to_string())
+                })?,
         );
         if l.insecure {
             log::warn!(

@@ -2,6 +2,7 @@
 //! certificates verified against `client_ca`, their subjects handed to the auth filter.
 
 use std::any::Any;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -54,51 +55,72 @@ pub fn subjects_of(der: &[u8]) -> Vec<String> {
     out
 }
 
+/// What can be wrong with a listener's certificate, key or client CA.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot load the certificate {cert} with the key {key}: both must be PEM files")]
+    Unreadable { cert: String, key: String },
+    #[error("the key {key} does not match the certificate {cert} ({reason}); use the key the certificate was issued for")]
+    Mismatch {
+        cert: String,
+        key: String,
+        reason: String,
+    },
+    #[error("tls.{what}: {reason}")]
+    Setting { what: &'static str, reason: String },
+    #[error("tls.client_ca: cannot load {}: {reason}", path.display())]
+    ClientCa { path: PathBuf, reason: String },
+}
+
 /// Checks that `cert` and `key` load and belong together, as Pingora will need them at
 /// start (where a mismatch would panic instead of naming the file).
-pub fn check_pair(cert: &std::path::Path, key: &std::path::Path) -> Result<(), String> {
+pub fn check_pair(cert: &std::path::Path, key: &std::path::Path) -> Result<(), TlsError> {
     pingora_rustls::install_default_crypto_provider();
-    let (c, k) = (cert.display().to_string(), key.display().to_string());
-    let Ok(Some((certs, private))) = pingora_rustls::load_certs_and_key_files(&c, &k) else {
-        return Err(format!(
-            "cannot load the certificate {c} with the key {k}: both must be PEM files"
-        ));
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let Ok(Some((certs, private))) = pingora_rustls::load_certs_and_key_files(&cert, &key) else {
+        return Err(TlsError::Unreadable { cert, key });
     };
-    pingora_rustls::ServerConfig::builder()
+    match pingora_rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, private)
-        .map(|_| ())
-        .map_err(|e| {
-            format!("the key {k} does not match the certificate {c} ({e}); use the key the certificate was issued for")
-        })
+    {
+        Ok(_) => Ok(()),
+        Err(e) => Err(TlsError::Mismatch {
+            cert,
+            key,
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// Builds a listener's TLS settings, checking every file first: Pingora panics on files it
 /// cannot load, and an operator deserves a message instead.
-pub fn settings(t: &TlsSpec) -> Result<TlsSettings, String> {
-    pingora_rustls::install_default_crypto_provider();
-    let cert = t.cert.display().to_string();
-    let key = t.key.display().to_string();
-    match pingora_rustls::load_certs_and_key_files(&cert, &key) {
-        Ok(Some(_)) => {}
-        Ok(None) | Err(_) => {
-            return Err(format!("tls: cannot load the certificate {cert} with the key {key}: both must be PEM and the key must match"))
+pub fn settings(t: &TlsSpec) -> Result<TlsSettings, TlsError> {
+    check_pair(&t.cert, &t.key)?;
+    let (cert, key) = (t.cert.display().to_string(), t.key.display().to_string());
+    let setting = |what| {
+        move |e: pingora_error::BError| TlsError::Setting {
+            what,
+            reason: e.to_string(),
         }
-    }
+    };
     let mut s =
-        TlsSettings::with_callbacks(Box::new(SubjectExtractor)).map_err(|e| e.to_string())?;
+        TlsSettings::with_callbacks(Box::new(SubjectExtractor)).map_err(setting("callbacks"))?;
     s.set_certificate_chain_file(&cert)
-        .map_err(|e| format!("tls.cert: {e}"))?;
-    s.set_private_key_file(&key)
-        .map_err(|e| format!("tls.key: {e}"))?;
+        .map_err(setting("cert"))?;
+    s.set_private_key_file(&key).map_err(setting("key"))?;
     s.enable_h2();
     if let Some(ca) = &t.client_ca {
+        let client_ca = |reason: String| TlsError::ClientCa {
+            path: ca.clone(),
+            reason,
+        };
         let mut roots = RootCertStore::empty();
         pingora_rustls::load_ca_file_into_store(ca, &mut roots)
-            .map_err(|e| format!("tls.client_ca: cannot load {}: {e}", ca.display()))?;
+            .map_err(|e| client_ca(e.to_string()))?;
         let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
             .build()
-            .map_err(|e| format!("tls.client_ca: {}: {e}", ca.display()))?;
+            .map_err(|e| client_ca(e.to_string()))?;
         s.set_client_cert_verifier(verifier);
     }
     Ok(s)

@@ -34,14 +34,25 @@ pub trait Filter: Send + Sync {
     }
 
     /// Re-reads the filter's files (SIGHUP). On error the filter keeps its old state and the
-    /// message is logged.
-    fn reload(&self) -> Result<(), String> {
+    /// error is logged.
+    fn reload(&self) -> Result<(), ReloadError> {
         Ok(())
     }
 
     /// The gateway is about to exit: finish what is queued (e.g. flush audit lines). Called
     /// once, from a plain thread, after the last request ended.
     fn shutdown(&self) {}
+}
+
+/// A reload that failed: the filter kept its previous state. Carries the filter's own error.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ReloadError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl ReloadError {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ReloadError(Box::new(e))
+    }
 }
 
 /// What a filter constructor may need besides its options.

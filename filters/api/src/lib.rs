@@ -19,7 +19,7 @@ pub mod units;
 mod usage;
 
 pub use ctx::{Decision, ModelGate, Overrides, Principal, RequestCtx};
-pub use filter::{BuildContext, Filter};
+pub use filter::{BuildContext, Filter, ReloadError};
 pub use options::{parse_options, OptionsError};
 pub use rejection::{echo, error_json, ErrorShape, Rejection, ECHO_LIMIT};
 pub use route::{Route, WireFormat};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use gateway_filter::units::HumanSize;
-use gateway_filter::{parse_options, BuildContext, Filter, OptionsError, RequestCtx};
+use gateway_filter::{parse_options, BuildContext, Filter, OptionsError, ReloadError, RequestCtx};
 use prometheus::IntCounter;
 use serde::Deserialize;
 use tokio::sync::mpsc::error::TrySendError;
@@ -211,11 +211,11 @@ impl Filter for AuditFilter {
     }
 
     /// SIGHUP: reopen the file (logrotate moved it).
-    fn reload(&self) -> Result<(), String> {
+    fn reload(&self) -> Result<(), ReloadError> {
         if self.send_blocking(Msg::Reopen) {
             Ok(())
         } else {
-            Err("the audit writer has stopped".into())
+            Err(ReloadError::new(WriterStopped))
         }
     }
 
@@ -231,6 +231,11 @@ impl Filter for AuditFilter {
         let _ = self.writer.lock().map(|mut w| w.take());
     }
 }
+
+/// The writer thread is gone (it failed, or the gateway is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the audit writer has stopped")]
+pub struct WriterStopped;
 
 #[cfg(test)]
 mod tests;

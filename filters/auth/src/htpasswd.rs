@@ -10,6 +10,8 @@ use gateway_filter::Principal;
 use pingora_memory_cache::MemoryCache;
 use subtle::ConstantTimeEq;
 
+use crate::error::{AuthError, Invalid};
+
 /// user → bcrypt hash.
 #[derive(Debug, Default)]
 pub struct Htpasswd {
@@ -21,13 +23,19 @@ pub struct Htpasswd {
 }
 
 impl Htpasswd {
-    pub fn load(path: &Path) -> Result<Htpasswd, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read the htpasswd file: {e}", path.display()))?;
-        Htpasswd::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Htpasswd, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            what: "htpasswd file",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Htpasswd::parse(&text).map_err(|problem| AuthError::Invalid {
+            path: path.to_path_buf(),
+            problem,
+        })
     }
 
-    pub fn parse(text: &str) -> Result<Htpasswd, String> {
+    pub fn parse(text: &str) -> Result<Htpasswd, Invalid> {
         let mut users = HashMap::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -36,7 +44,7 @@ impl Htpasswd {
             }
             let (user, hash) = line
                 .split_once(':')
-                .ok_or_else(|| format!("line {}: expected user:hash", n + 1))?;
+                .ok_or_else(|| Invalid::new(format!("line {}", n + 1), "expected user:hash"))?;
             if !(hash.starts_with("$2y$") || hash.starts_with("$2a$") || hash.starts_with("$2b$")) {
                 let kind = if hash.starts_with("$apr1$") {
                     "MD5 (apr1)"
@@ -45,13 +53,16 @@ impl Htpasswd {
                 } else {
                     "crypt or plain text"
                 };
-                return Err(format!(
-                    "line {}: user {user:?} has a {kind} hash; only bcrypt is accepted: recreate it with `htpasswd -B` or `llm-gateway hash-password`",
-                    n + 1
+                return Err(Invalid::new(
+                    format!("line {}", n + 1),
+                    format!("user {user:?} has a {kind} hash; only bcrypt is accepted: recreate it with `htpasswd -B` or `llm-gateway hash-password`"),
                 ));
             }
             if users.insert(user.to_string(), hash.to_string()).is_some() {
-                return Err(format!("line {}: user {user:?} appears twice", n + 1));
+                return Err(Invalid::new(
+                    format!("line {}", n + 1),
+                    format!("user {user:?} appears twice"),
+                ));
             }
         }
         let cost = users
@@ -129,12 +140,18 @@ mod tests {
         let h = bcrypt::hash("pw", 4).unwrap();
         let f = Htpasswd::parse(&format!("# comment\nalice:{h}\n")).unwrap();
         assert!(bcrypt::verify("pw", f.hash_of("alice").unwrap()).unwrap());
-        let e = Htpasswd::parse("bob:$apr1$abc$def\n").unwrap_err();
+        let e = Htpasswd::parse("bob:$apr1$abc$def\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("MD5 (apr1)") && e.contains("htpasswd -B"), "{e}");
         assert!(Htpasswd::parse("bob:{SHA}xyz\n")
             .unwrap_err()
+            .to_string()
             .contains("SHA-1"));
-        assert!(Htpasswd::parse("nocolon\n").unwrap_err().contains("line 1"));
+        assert!(Htpasswd::parse("nocolon\n")
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
     }
 
     #[test]

@@ -5,9 +5,9 @@ use crate::keys::sha256;
 pub const KEY_PREFIX: &str = "sk-gw-";
 
 /// A fresh API key: `sk-gw-` + 256 bits from the OS's CSPRNG, hex.
-pub fn new_key() -> Result<String, String> {
+pub fn new_key() -> Result<String, crate::AuthError> {
     let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).map_err(|e| format!("no randomness from the OS: {e}"))?;
+    getrandom::fill(&mut raw).map_err(|e| crate::AuthError::Random(e.to_string()))?;
     Ok(format!("{KEY_PREFIX}{}", hex::encode(raw)))
 }
 
@@ -31,8 +31,8 @@ fn yaml_str(s: &str) -> String {
 }
 
 /// A bcrypt hash in the `$2y$` form `htpasswd -B` writes.
-pub fn hash_password(password: &str, cost: u32) -> Result<String, String> {
-    let parts = bcrypt::hash_with_result(password, cost).map_err(|e| e.to_string())?;
+pub fn hash_password(password: &str, cost: u32) -> Result<String, crate::AuthError> {
+    let parts = bcrypt::hash_with_result(password, cost)?;
     Ok(parts.format_for_version(bcrypt::Version::TwoY))
 }
 

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use gateway_filter::{Overrides, Principal};
+
+use crate::error::{AuthError, Invalid};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -81,27 +83,43 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 }
 
 impl KeyStore {
-    pub fn load(path: &Path) -> Result<KeyStore, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read the keys file: {e}", path.display()))?;
-        KeyStore::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<KeyStore, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            what: "keys file",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        KeyStore::parse(&text).map_err(|problem| AuthError::Invalid {
+            path: path.to_path_buf(),
+            problem,
+        })
     }
 
-    pub fn parse(text: &str) -> Result<KeyStore, String> {
-        let file: KeysFile = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<KeyStore, Invalid> {
+        let file: KeysFile = serde_norway::from_str(text).map_err(|e| {
+            let (at, message) = match e.to_string().split_once(": ") {
+                Some((at, m)) if at.starts_with("keys") => (at.to_string(), m.to_string()),
+                _ => ("keys".to_string(), e.to_string()),
+            };
+            Invalid::new(at, message)
+        })?;
         let mut store = KeyStore::default();
         for (i, e) in file.keys.into_iter().enumerate() {
             let at = format!("keys[{i}]");
             if e.id.is_empty() {
-                return Err(format!("{at}.id: must not be empty"));
+                return Err(Invalid::new(format!("{at}.id"), "must not be empty"));
             }
             let digest = match &e.key_sha256 {
                 None => None,
-                Some(h) => Some(parse_digest(h).map_err(|m| format!("{at}.key_sha256: {m}"))?),
+                Some(h) => {
+                    Some(parse_digest(h).map_err(|m| Invalid::new(format!("{at}.key_sha256"), m))?)
+                }
             };
             let expires = match &e.expires {
                 None => None,
-                Some(t) => Some(parse_time(t).map_err(|m| format!("{at}.expires: {m}"))?),
+                Some(t) => {
+                    Some(parse_time(t).map_err(|m| Invalid::new(format!("{at}.expires"), m))?)
+                }
             };
             let principal = Principal {
                 id: e.id.clone(),
@@ -129,14 +147,17 @@ impl KeyStore {
                 mtls_subject: e.mtls_subject,
             });
             if store.by_id.insert(e.id.clone(), record.clone()).is_some() {
-                return Err(format!(
-                    "{at}.id: duplicate id {:?}; ids must be unique",
-                    e.id
+                return Err(Invalid::new(
+                    format!("{at}.id"),
+                    format!("duplicate id {:?}; ids must be unique", e.id),
                 ));
             }
             if let Some(d) = digest {
                 if store.by_digest.insert(d, record).is_some() {
-                    return Err(format!("{at}.key_sha256: the same key hash appears twice; every principal needs its own key"));
+                    return Err(Invalid::new(
+                        format!("{at}.key_sha256"),
+                        "the same key hash appears twice; every principal needs its own key",
+                    ));
                 }
             }
         }
@@ -236,26 +257,33 @@ mod tests {
         let dup_id = format!("keys:\n  - {{ id: a, key_sha256: {d} }}\n  - {{ id: a }}\n");
         assert!(KeyStore::parse(&dup_id)
             .unwrap_err()
+            .to_string()
             .contains("duplicate id"));
         let dup_hash =
             format!("keys:\n  - {{ id: a, key_sha256: {d} }}\n  - {{ id: b, key_sha256: {d} }}\n");
         assert!(KeyStore::parse(&dup_hash)
             .unwrap_err()
+            .to_string()
             .contains("appears twice"));
         let unknown = "keys:\n  - { id: a, key: plain }\n";
         assert!(KeyStore::parse(unknown)
             .unwrap_err()
+            .to_string()
             .contains("unknown field `key`"));
         let bad_hex = "keys:\n  - { id: a, key_sha256: abc }\n";
-        assert!(KeyStore::parse(bad_hex).unwrap_err().contains("64 hex"));
+        assert!(KeyStore::parse(bad_hex)
+            .unwrap_err()
+            .to_string()
+            .contains("64 hex"));
         let bad_date = format!("keys:\n  - {{ id: a, key_sha256: {d}, expires: soon }}\n");
         assert!(KeyStore::parse(&bad_date)
             .unwrap_err()
+            .to_string()
             .contains("keys[0].expires"));
         // Overrides are typed when the file is read: a typo fails `check`, not a request.
         for (field, value) in [("rate", "10/fortnight"), ("period", "1y")] {
             let bad = format!("keys:\n  - {{ id: a, key_sha256: {d}, {field}: {value} }}\n");
-            let e = KeyStore::parse(&bad).unwrap_err();
+            let e = KeyStore::parse(&bad).unwrap_err().to_string();
             assert!(
                 e.contains("keys[0]") && e.contains(value) && e.contains("unknown period"),
                 "{e}"

@@ -11,6 +11,7 @@
 //! headers forwarded upstream.
 
 mod credentials;
+mod error;
 mod htpasswd;
 pub mod keygen;
 mod keys;
@@ -26,11 +27,13 @@ use async_trait::async_trait;
 use gateway_filter::http::{header, HeaderValue, StatusCode};
 use gateway_filter::units::HumanDuration;
 use gateway_filter::{
-    parse_options, BuildContext, Filter, OptionsError, Principal, Rejection, RequestCtx,
+    parse_options, BuildContext, Filter, OptionsError, Principal, Rejection, ReloadError,
+    RequestCtx,
 };
 use serde::Deserialize;
 
 use credentials::Credential;
+pub use error::{AuthError, Invalid};
 use htpasswd::{Htpasswd, VerifiedCache};
 pub use keys::KeyStore;
 use lockout::Lockout;
@@ -138,12 +141,12 @@ pub fn build(
     o.htpasswd = o.htpasswd.map(|p| cx.resolve(&p));
     let credentials =
         load(o.keys_file.as_ref(), o.htpasswd.as_ref(), &o.basic_cache).map_err(|e| {
-            let key = if e.contains("htpasswd") {
+            let key = if e.path().is_some() && e.path() == o.htpasswd.as_deref() {
                 "htpasswd"
             } else {
                 "keys_file"
             };
-            OptionsError::new(key, e)
+            OptionsError::new(key, e.to_string())
         })?;
     let realm = o.realm.replace('"', "");
     let mut challenges = Vec::new();
@@ -180,7 +183,7 @@ fn load(
     keys_file: Option<&PathBuf>,
     htpasswd_file: Option<&PathBuf>,
     cache: &CacheOptions,
-) -> Result<Credentials, String> {
+) -> Result<Credentials, AuthError> {
     let keys = match keys_file {
         Some(p) => KeyStore::load(p)?,
         None => KeyStore::default(),
@@ -349,12 +352,13 @@ impl Filter for AuthFilter {
         Ok(())
     }
 
-    fn reload(&self) -> Result<(), String> {
+    fn reload(&self) -> Result<(), ReloadError> {
         let fresh = load(
             self.keys_file.as_ref(),
             self.htpasswd_file.as_ref(),
             &self.cache_opts,
-        )?;
+        )
+        .map_err(ReloadError::new)?;
         log::info!(
             "auth: reloaded {} principals and {} htpasswd users",
             fresh.keys.len(),

@@ -199,7 +199,7 @@ async fn reload_swaps_keys_and_keeps_the_old_set_on_error() {
     )
     .unwrap();
     let err = f.filter.reload().unwrap_err();
-    assert!(err.contains("unknown field `bogus`"), "{err}");
+    assert!(err.to_string().contains("unknown field `bogus`"), "{err}");
     let mut ctx = req(&[("authorization", &auth)], "10.0.0.5");
     f.filter.on_request(&mut ctx).await.unwrap();
 }

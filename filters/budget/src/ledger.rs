@@ -39,14 +39,36 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// What can go wrong with the ledger file.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("{}: {source}", path.display())]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{}: no such ledger", .0.display())]
+    Missing(PathBuf),
+    #[error("cannot start the ledger writer: {0}")]
+    Writer(#[source] std::io::Error),
+}
+
 /// Spend already in the ledger, per principal and day.
 pub type History = HashMap<String, Vec<(String, Nano)>>;
 
-pub fn load(path: &Path) -> Result<History, String> {
-    let conn = open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
+    move |source| LedgerError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn load(path: &Path) -> Result<History, LedgerError> {
+    let conn = open(path).map_err(sqlite(path))?;
     let mut stmt = conn
         .prepare("SELECT principal, day, SUM(usd_nano) FROM spend GROUP BY principal, day")
-        .map_err(|e| e.to_string())?;
+        .map_err(sqlite(path))?;
     let rows = stmt
         .query_map([], |r| {
             Ok((
@@ -55,10 +77,10 @@ pub fn load(path: &Path) -> Result<History, String> {
                 r.get::<_, i64>(2)?,
             ))
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(sqlite(path))?;
     let mut h: History = HashMap::new();
     for row in rows {
-        let (p, day, nano) = row.map_err(|e| e.to_string())?;
+        let (p, day, nano) = row.map_err(sqlite(path))?;
         h.entry(p).or_default().push((day, nano));
     }
     Ok(h)
@@ -91,12 +113,12 @@ pub fn spawn(
     path: PathBuf,
     interval: Duration,
     mut rx: Receiver<Msg>,
-) -> Result<std::thread::JoinHandle<()>, String> {
-    let mut conn = open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+) -> Result<std::thread::JoinHandle<()>, LedgerError> {
+    let mut conn = open(&path).map_err(sqlite(&path))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(LedgerError::Writer)?;
     std::thread::Builder::new()
         .name("budget-ledger".into())
         .spawn(move || {
@@ -129,7 +151,7 @@ pub fn spawn(
                 let _ = commit(&mut conn, &mut pending);
             })
         })
-        .map_err(|e| e.to_string())
+        .map_err(LedgerError::Writer)
 }
 
 /// Handle the filter keeps.
@@ -153,19 +175,19 @@ pub fn report(
     from: Option<&str>,
     to: Option<&str>,
     principal: Option<&str>,
-) -> Result<Vec<ReportRow>, String> {
+) -> Result<Vec<ReportRow>, LedgerError> {
     if !path.exists() {
-        return Err(format!("{}: no such ledger", path.display()));
+        return Err(LedgerError::Missing(path.to_path_buf()));
     }
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(sqlite(path))?;
     let mut stmt = conn
         .prepare(
             "SELECT principal, model, SUM(usd_nano), SUM(requests) FROM spend
              WHERE (?1 IS NULL OR day >= ?1) AND (?2 IS NULL OR day < ?2) AND (?3 IS NULL OR principal = ?3)
              GROUP BY principal, model ORDER BY SUM(usd_nano) DESC, principal, model",
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(sqlite(path))?;
     let rows = stmt
         .query_map(params![from, to, principal], |r| {
             Ok(ReportRow {
@@ -175,9 +197,8 @@ pub fn report(
                 requests: r.get(3)?,
             })
         })
-        .map_err(|e| e.to_string())?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())
+        .map_err(sqlite(path))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sqlite(path))
 }
 
 #[cfg(test)]

@@ -218,7 +218,7 @@ pub fn build(
     let prices = PriceTable(o.prices);
     prices
         .validate()
-        .map_err(|m| OptionsError::new("prices", m))?;
+        .map_err(|m| OptionsError::new("prices", m.to_string()))?;
     if o.soft_limit.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
         return Err(OptionsError::new(
             "soft_limit",
@@ -237,7 +237,8 @@ pub fn build(
     let history = ledger::load(&path)
         .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
     let (tx, rx) = tokio::sync::mpsc::channel(10_000);
-    ledger::spawn(path, o.commit_interval.0, rx).map_err(|m| OptionsError::new("ledger", m))?;
+    ledger::spawn(path, o.commit_interval.0, rx)
+        .map_err(|m| OptionsError::new("ledger", m.to_string()))?;
     LazyLock::force(&METRICS);
     Ok(Arc::new(BudgetFilter {
         prices,

@@ -39,16 +39,21 @@ impl Price {
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable(pub Vec<Price>);
 
+/// A price that is negative or not a number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("prices[{index}]: prices must be zero or positive numbers")]
+pub struct NegativePrice {
+    pub index: usize,
+}
+
 impl PriceTable {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), NegativePrice> {
         for (i, p) in self.0.iter().enumerate() {
             if [p.prompt_per_1m, p.completion_per_1m, p.per_second]
                 .iter()
                 .any(|v| !v.is_finite() || *v < 0.0)
             {
-                return Err(format!(
-                    "prices[{i}]: prices must be zero or positive numbers"
-                ));
+                return Err(NegativePrice { index: i });
             }
         }
         Ok(())

@@ -69,8 +69,17 @@ enum KeyKind {
     Header(HeaderName),
 }
 
+/// A `key:` option the limiter cannot key by.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0:?} is not a header name")]
+    BadHeader(String),
+    #[error("unknown key {0:?}; use ip, api_key, api_key+model or header:NAME")]
+    Unknown(String),
+}
+
 impl KeyKind {
-    fn parse(s: &str) -> Result<KeyKind, String> {
+    fn parse(s: &str) -> Result<KeyKind, KeyError> {
         Ok(match s {
             "ip" => KeyKind::Ip,
             "api_key" => KeyKind::Principal,
@@ -78,13 +87,9 @@ impl KeyKind {
             _ => match s.strip_prefix("header:") {
                 Some(h) => KeyKind::Header(
                     HeaderName::from_bytes(h.trim().as_bytes())
-                        .map_err(|_| format!("{h:?} is not a header name"))?,
+                        .map_err(|_| KeyError::BadHeader(h.to_string()))?,
                 ),
-                None => {
-                    return Err(format!(
-                        "unknown key {s:?}; use ip, api_key, api_key+model or header:NAME"
-                    ))
-                }
+                None => return Err(KeyError::Unknown(s.to_string())),
             },
         })
     }
@@ -124,7 +129,7 @@ pub fn build(
     _cx: &BuildContext,
 ) -> Result<Arc<dyn Filter>, OptionsError> {
     let o: Options = parse_options(options)?;
-    let key = KeyKind::parse(&o.key).map_err(|m| OptionsError::new("key", m))?;
+    let key = KeyKind::parse(&o.key).map_err(|m| OptionsError::new("key", m.to_string()))?;
     let rate = o
         .rate
         .as_deref()

@@ -337,7 +337,7 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                     })
             };
             let (cert, key) = (file("cert", &t.cert)?, file("key", &t.key)?);
-            crate::tls::check_pair(&cert, &key).map_err(|m| (".tls".to_string(), m))?;
+            crate::tls::check_pair(&cert, &key).map_err(|e| (".tls".to_string(), e.to_string()))?;
             Some(TlsSpec {
                 cert,
                 key,
