@@ -1,4 +1,5 @@
-//! Filtering model lists (`GET /api/tags`, `GET /v1/models`) to what the caller may use.
+//! Filtering model lists (`GET /api/tags`, `GET /api/ps`, `GET /v1/models`) to what the caller
+//! may use.
 
 use gateway_filter::{ModelGate, Route};
 use serde_json::Value;

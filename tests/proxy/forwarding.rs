@@ -102,7 +102,7 @@ async fn every_inference_route_is_proxied_unchanged_with_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn model_list_and_other_routes_use_pingora_path() {
+async fn model_lists_and_other_routes_are_forwarded_unchanged() {
     let m = mock().await;
     let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
     let c = client();

@@ -45,7 +45,7 @@ pub struct Overrides {
 }
 
 /// Decides which models a request may see; set by a filter (policy) so the gateway can filter
-/// model lists (`GET /v1/models`, `GET /api/tags`) it passes back.
+/// model lists (`GET /v1/models`, `GET /api/tags`, `GET /api/ps`) it passes back.
 pub trait ModelGate: Send + Sync + std::fmt::Debug {
     fn allows(&self, model: &str) -> bool;
 }

@@ -1,6 +1,7 @@
 use http::{HeaderName, HeaderValue, StatusCode};
 
-/// A filter's "no": rendered to the client as OpenAI's error JSON with `status`.
+/// A filter's "no": rendered to the client as JSON in the route's shape ([`ErrorShape`]) with
+/// `status`.
 #[derive(Debug, Clone)]
 pub struct Rejection {
     pub status: StatusCode,

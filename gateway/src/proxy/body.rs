@@ -1,4 +1,5 @@
-//! Reading the held request body of inference routes and parsing it once.
+//! Reading the held request body (every route that has one) and parsing it once where the
+//! route names models.
 
 use std::time::Duration;
 

@@ -1,10 +1,12 @@
-//! Forwarding a held inference body to a backend, with our own retry loop.
+//! Forwarding every request to a backend, with our own retry loop.
 //!
 //! Pingora's connector pools upstream connections; we write the request (header + held
-//! body), stream the response to the client chunk by chunk as it arrives, and feed each chunk
-//! to the usage parser. Before any byte reached the client, a connect failure, a timeout, a
-//! 5xx or a 429 moves on to another backend (up to `routing.retries` times), replaying the
-//! same body; once a byte was sent, nothing is retried.
+//! body, with framing and headers the gateway chose), stream the response to the client
+//! chunk by chunk as it arrives, and feed each chunk to the usage parser. Before any byte
+//! reached the client, a request that provably did not reach the backend (connect failure,
+//! failed write) or that the backend answered with 5xx/429 moves on to another backend (up to
+//! `routing.retries`), replaying the same body; a timeout or a dropped connection after the
+//! request was written is answered, never sent again; once a byte was sent, nothing is retried.
 
 use bytes::Bytes;
 use gateway_filter::http::{header, Method, StatusCode};
