@@ -282,26 +282,33 @@ pub fn request_stream_usage(ctx: &mut gateway_filter::RequestCtx) -> bool {
     if asked == Some(true) {
         return false;
     }
+    // `null` or any other non-object is "no options" to the backend: replace it, so usage is
+    // asked for whatever the client wrote there.
     let opts = obj
         .entry("stream_options")
         .or_insert_with(|| serde_json::json!({}));
-    let Some(opts) = opts.as_object_mut() else {
-        return false;
-    };
-    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+    if !opts.is_object() {
+        *opts = serde_json::json!({});
+    }
+    if let Some(opts) = opts.as_object_mut() {
+        opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+    }
     ctx.body_rewritten = true;
     true
 }
 
 /// Keys whose non-empty string value is generated text, in the stream events of Ollama
-/// (`message.content`, `response`, `message.thinking`) and OpenAI-compatible servers
-/// (`delta.content`, `text`, `delta.reasoning_content`).
-const TEXT_KEYS: [&[u8]; 5] = [
+/// (`message.content`, `response`, `message.thinking`), its OpenAI layer (`delta.reasoning`)
+/// and OpenAI-compatible servers (`delta.content`, `text`, `delta.reasoning_content`, tool
+/// call `arguments`).
+const TEXT_KEYS: [&[u8]; 7] = [
     b"\"content\"",
     b"\"response\"",
     b"\"text\"",
     b"\"thinking\"",
+    b"\"reasoning\"",
     b"\"reasoning_content\"",
+    b"\"arguments\"",
 ];
 
 /// Whether a stream event carries text: one of [`TEXT_KEYS`] followed by a non-empty
@@ -517,6 +524,37 @@ mod tests {
         }
         passed += s.finish().len();
         assert_eq!(passed, 200 * 1000, "nothing is lost");
+    }
+
+    #[test]
+    fn stream_options_that_are_not_an_object_are_replaced() {
+        use gateway_filter::http::Method;
+        for opts in [
+            serde_json::json!(null),
+            serde_json::json!("x"),
+            serde_json::json!([true]),
+        ] {
+            let mut c = gateway_filter::RequestCtx::new(
+                String::new(),
+                Method::POST,
+                "/v1/chat/completions".into(),
+            );
+            c.stream = true;
+            c.json =
+                Some(serde_json::json!({"model": "m", "stream": true, "stream_options": opts}));
+            assert!(request_stream_usage(&mut c));
+            assert_eq!(
+                c.json.as_ref().unwrap()["stream_options"],
+                serde_json::json!({"include_usage": true})
+            );
+        }
+        let mut p = UsageParser::new(Framing::Sse);
+        p.feed(b"data: {\"choices\":[{\"delta\":{\"reasoning\":\"hm\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\\\"a\"}}]}}]}\n\n");
+        assert_eq!(
+            p.finish().map(|u| u.completion_tokens),
+            Some(2),
+            "reasoning and tool calls count"
+        );
     }
 
     #[test]

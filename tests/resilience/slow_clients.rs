@@ -85,17 +85,21 @@ async fn idle_keep_alive_connections_are_closed_and_requests_per_connection_boun
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
         .await
         .unwrap();
-    let mut answers = 0;
+    let mut answers = Vec::new();
     for _ in 0..3 {
         s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
         let n = s.read(&mut buf).await.unwrap();
-        if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
-            answers += 1;
-        }
+        answers.push(String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase());
     }
-    assert_eq!(answers, 3);
+    assert!(
+        answers.iter().all(|a| a.starts_with("http/1.1 200")),
+        "{answers:?}"
+    );
+    // The last one says so, so a client does not send a fourth request into a closing socket.
+    assert!(answers[2].contains("connection: close"), "{}", answers[2]);
+    assert!(!answers[1].contains("connection: close"), "{}", answers[1]);
     assert!(
         closed_within(&mut s, Duration::from_millis(500))
             .await
@@ -160,4 +164,52 @@ async fn a_client_that_stops_reading_frees_its_backend_slot() {
         start.elapsed()
     );
     drop(s);
+}
+
+// Attacker review: an HTTP/2 connection (TLS, ALPN h2) that never sends its first request
+// is closed at the head deadline, like an HTTP/1 one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_http2_connection_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock().await;
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    tls: {{ cert: {}, key: {} }}\n{}limits: {{ client_header_timeout: 1s, keepalive_timeout: 2s }}\n",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            backends(&[("local", &m.url())]),
+        ),
+        port,
+    )
+    .await;
+    let start = Instant::now();
+    let mut child = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", gw.port),
+            "-alpn",
+            "h2",
+            "-quiet",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl runs");
+    let closed = tokio::task::block_in_place(|| {
+        while start.elapsed() < Duration::from_secs(8) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let took = closed.expect("the silent HTTP/2 connection was never closed");
+    assert!(took < Duration::from_secs(4), "{took:?}");
 }

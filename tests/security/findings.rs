@@ -803,3 +803,81 @@ async fn backend_slots_count_every_route() {
     let r = client().get(gw.url("/api/version")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+// Second attacker review: a body the gateway cannot read on a custom rule's route names no
+// model it could judge; a model-restricted caller is refused for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_bodies_on_unknown_routes_fail_closed() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    allow: [ollama-inference, openai-inference, { path: '/v1/**', methods: [POST] }]\n",
+    )
+    .await;
+    let c = client();
+    let send = |body: Vec<u8>| {
+        c.post(gw.url("/v1/responses"))
+            .header("authorization", bearer(LLAMA_KEY))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let deep = format!(
+        "{{\"model\":\"qwen2.5:7b\",\"x\":{}1{}}}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    for body in [
+        br#"{"input":"hi"}"#.to_vec(),
+        b"\xef\xbb\xbf{\"model\":\"qwen2.5:7b\"}".to_vec(),
+        br#"{"model":"qwen2.5:7b","temperature":NaN}"#.to_vec(),
+        deep.into_bytes(),
+    ] {
+        let r = send(body.clone()).await.unwrap();
+        assert_eq!(
+            r.status(),
+            403,
+            "{}",
+            String::from_utf8_lossy(&body[..40.min(body.len())])
+        );
+    }
+    let r = send(br#"{"model":"llama3.1:8b","input":"hi"}"#.to_vec())
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 403, "an allowed model passes");
+    assert_eq!(m.hits("/v1/responses"), 1);
+}
+
+// Second attacker review: usage is asked for whatever `stream_options` holds, and `stream`
+// must be a boolean.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_is_asked_for_however_stream_options_is_written() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "").await;
+    let c = client();
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", bearer(USER_KEY))
+        .json(&json!({"model": "llama3.1:8b", "stream": true, "stream_options": null, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(
+        !text.contains("\"choices\":[]"),
+        "the client did not ask for usage: {text}"
+    );
+    assert_eq!(
+        last_body(&m, "/v1/chat/completions")["stream_options"],
+        json!({"include_usage": true})
+    );
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", bearer(USER_KEY))
+        .json(&json!({"model": "llama3.1:8b", "stream": "true", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of(r).await.0, "invalid_stream");
+}

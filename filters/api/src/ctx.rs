@@ -111,8 +111,9 @@ pub struct RequestCtx {
     /// The request brings model weights by digest (`/api/create`'s `files`, `adapters`):
     /// what they are cannot be judged by name.
     pub opaque_weights: bool,
-    /// A body naming a model on a route whose wire format the gateway does not know (a
-    /// custom rule's route): its output limit cannot be read or written.
+    /// A body on a route whose wire format the gateway does not know (a custom rule's
+    /// route): its output limit cannot be read or written, and only the models serde could
+    /// read from it are in `named_models`.
     pub unknown_format: bool,
     /// The most output tokens the request can produce: the largest of every token field the
     /// route's backends read (see [`crate::output`]) times the completions asked for (`n`,
@@ -132,6 +133,9 @@ pub struct RequestCtx {
 
     // Filled while and after proxying; read in `on_complete`.
     pub backend: Option<Arc<str>>,
+    /// A backend got the whole request (it may have worked on it), as opposed to attempts
+    /// that failed to connect or to write it.
+    pub reached_backend: bool,
     pub retries: u32,
     pub status: u16,
     pub decision: Decision,
@@ -173,6 +177,7 @@ impl RequestCtx {
             response_headers: Vec::new(),
             extensions: Extensions::new(),
             backend: None,
+            reached_backend: false,
             retries: 0,
             status: 0,
             decision: Decision::Allowed,

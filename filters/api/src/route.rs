@@ -23,6 +23,8 @@ pub enum Route {
     /// Ollama's model management (`pull`, `push`, `copy`, `create`, `delete`): names models
     /// in `model`/`name`, `source`/`destination`, `from`.
     OllamaManage,
+    /// `POST`/`HEAD /api/blobs/{digest}`: a model layer's bytes, named by digest only.
+    OllamaBlob,
     /// `GET /health`, answered by the gateway itself.
     Health,
     /// Anything else: proxied as is unless a filter (policy) says no.
@@ -55,6 +57,9 @@ impl Route {
             "/api/show" if post => Route::OllamaShow,
             "/api/pull" | "/api/push" | "/api/copy" | "/api/create" if post => Route::OllamaManage,
             "/api/delete" if method == Method::DELETE => Route::OllamaManage,
+            p if (post || method == Method::HEAD) && p.starts_with("/api/blobs/") => {
+                Route::OllamaBlob
+            }
             p if get && p.len() > "/v1/models/".len() && p.starts_with("/v1/models/") => {
                 Route::OpenAiModel
             }
@@ -100,7 +105,8 @@ impl Route {
             | Route::OllamaModels
             | Route::OllamaRunning
             | Route::OllamaShow
-            | Route::OllamaManage => WireFormat::Ollama,
+            | Route::OllamaManage
+            | Route::OllamaBlob => WireFormat::Ollama,
             _ => WireFormat::OpenAi,
         }
     }
@@ -121,6 +127,7 @@ impl Route {
             Route::OllamaShow => "ollama_show",
             Route::OpenAiModel => "openai_model",
             Route::OllamaManage => "ollama_manage",
+            Route::OllamaBlob => "ollama_blob",
             Route::Health => "health",
             Route::Other => "other",
         }

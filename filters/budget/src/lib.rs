@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
 use gateway_filter::units::HumanDuration;
 use gateway_filter::{
-    parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, Usage,
+    parse_options, BuildContext, Decision, Filter, OptionsError, Rejection, RequestCtx, Usage,
 };
 use prometheus::{CounterVec, GaugeVec, IntCounter, Opts};
 use serde::Deserialize;
@@ -426,18 +426,24 @@ impl Filter for BudgetFilter {
         let Some(Held(res)) = ctx.extensions.remove::<Held>() else {
             return;
         };
-        // Never sent to a backend: nothing was spent. Sent: the usage the backend reported,
-        // or what the gateway counted passing (`Usage::counted`) when it reported none.
-        // Sent, with nothing known (no byte came back): the reservation is charged.
-        let charged = match (&ctx.backend, ctx.usage) {
-            (None, _) => 0,
-            (Some(backend), Some(u)) => {
+        // Never sent to a backend, or refused by it (4xx, 5xx) without usage: nothing was
+        // generated. Sent: the usage the backend reported, or what the gateway counted passing
+        // (`Usage::counted`) when it reported none. Sent, and nothing came back (timeout,
+        // connection dropped): it may have run, so the reservation is charged.
+        let charged = match (ctx.reached_backend, &ctx.backend, ctx.usage) {
+            (true, Some(backend), Some(u)) => {
                 let model = ctx.model.as_deref().unwrap_or_default();
                 self.prices
                     .find(model, Some(backend))
                     .map_or(0, |p| p.cost(u, generation_secs(ctx)))
             }
-            (Some(_), None) => res.amount,
+            // The gateway gave up on the backend (its own 5xx), or a 2xx/3xx without usage.
+            (true, _, None)
+                if ctx.status < 400 || matches!(ctx.decision, Decision::Failed { .. }) =>
+            {
+                res.amount
+            }
+            _ => 0,
         };
         let Some(left) = res.settle(charged) else {
             return;
@@ -448,7 +454,7 @@ impl Filter for BudgetFilter {
                 .with_label_values(&[&b.principal])
                 .set(l as f64 / 1e9);
         }
-        if ctx.backend.is_none() {
+        if !ctx.reached_backend {
             return;
         }
         let model = ctx.model.clone().unwrap_or_default();

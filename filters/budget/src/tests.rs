@@ -39,6 +39,7 @@ fn ctx(principal: &str, max_usd: Option<f64>) -> RequestCtx {
 
 async fn served(f: &Arc<dyn Filter>, c: &mut RequestCtx, completion: u64) {
     c.backend = Some("local".into());
+    c.reached_backend = true;
     c.usage = Some(Usage {
         prompt_tokens: 3,
         completion_tokens: completion,
@@ -90,8 +91,10 @@ async fn refusal_names_the_reset() {
     f.on_complete(&mut a).await;
     let mut c = ctx("bob", Some(9.0));
     f.on_request(&mut c).await.unwrap();
-    // Sent but usage unknown (client gone): the reservation is charged.
+    // Sent, answered 200, but usage unknown and nothing counted: the reservation is charged.
     c.backend = Some("local".into());
+    c.reached_backend = true;
+    c.status = 200;
     f.on_complete(&mut c).await;
     assert_eq!(c.cost_usd, Some(5.0));
 }
@@ -228,4 +231,44 @@ async fn a_request_dropped_without_completing_settles_its_reservation_once() {
     let report = f.admin_report().unwrap().1;
     assert_eq!(report["accounts"][0]["spent_usd"].as_f64(), Some(6.0));
     assert_eq!(report["accounts"][0]["reserved_usd"].as_f64(), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_requests_a_backend_may_have_run_are_charged_without_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(dir.path(), json!({}));
+    let spent = |f: &Arc<dyn Filter>| {
+        f.admin_report().unwrap().1["accounts"][0]["spent_usd"]
+            .as_f64()
+            .unwrap()
+    };
+    // Every attempt failed to connect: the backend never got it.
+    let mut c = ctx("dave", Some(100.0));
+    f.on_request(&mut c).await.unwrap();
+    c.backend = Some("local".into());
+    c.status = 502;
+    c.decision = Decision::Failed {
+        code: "backend_unavailable",
+    };
+    f.on_complete(&mut c).await;
+    assert_eq!(spent(&f), 0.0);
+    // The backend refused it (404 model not found): nothing was generated.
+    let mut c = ctx("dave", Some(100.0));
+    f.on_request(&mut c).await.unwrap();
+    c.backend = Some("local".into());
+    c.reached_backend = true;
+    c.status = 404;
+    f.on_complete(&mut c).await;
+    assert_eq!(spent(&f), 0.0);
+    // It had the request and never answered (the gateway's 504): it may have run.
+    let mut c = ctx("dave", Some(100.0));
+    f.on_request(&mut c).await.unwrap();
+    c.backend = Some("local".into());
+    c.reached_backend = true;
+    c.status = 504;
+    c.decision = Decision::Failed {
+        code: "backend_timeout",
+    };
+    f.on_complete(&mut c).await;
+    assert_eq!(spent(&f), 5.0, "the reservation");
 }

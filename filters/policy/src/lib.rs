@@ -280,6 +280,34 @@ impl PolicyFilter {
         }
     }
 
+    /// A body on a route the gateway has no parser for (a custom rule's): refused under an
+    /// output cap (its limit cannot be written), and refused for a model-restricted caller
+    /// unless it names a model the gateway could read (and judged above).
+    fn check_unknown_format(&self, ctx: &RequestCtx, restricted: bool) -> Result<(), Rejection> {
+        let target = || format!("{} {}", ctx.method, gateway_filter::echo(&ctx.path));
+        if self.max_output_tokens.is_some() {
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "output_cap_unenforceable",
+                format!(
+                    "{} carries a body in a format the gateway cannot cap (max_output_tokens); use the OpenAI or Ollama inference routes",
+                    target()
+                ),
+            ));
+        }
+        if restricted && ctx.named_models.is_empty() {
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "model_required",
+                format!(
+                    "{} must name its model in a JSON body the gateway can read: this caller may use only some models",
+                    target()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_inference(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         // The content-type rule stops cross-site form posts, which matter only for credentials
         // a browser attaches by itself (basic auth, client certificates) or none at all; an
@@ -361,16 +389,8 @@ impl Filter for PolicyFilter {
                 ));
             }
         }
-        if ctx.unknown_format && self.max_output_tokens.is_some() {
-            return Err(Rejection::new(
-                StatusCode::FORBIDDEN,
-                "output_cap_unenforceable",
-                format!(
-                    "{} {} names a model in a format the gateway cannot cap (max_output_tokens); use the OpenAI or Ollama inference routes",
-                    ctx.method,
-                    gateway_filter::echo(&ctx.path)
-                ),
-            ));
+        if ctx.unknown_format {
+            self.check_unknown_format(ctx, gate.is_some())?;
         }
         if ctx.route.is_inference() {
             self.check_inference(ctx)?;

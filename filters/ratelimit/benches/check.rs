@@ -29,8 +29,12 @@ fn bench(c: &mut Criterion) {
             black_box(ok)
         })
     });
-    c.bench_function("tokens check", |b| {
-        b.iter(|| black_box(store.tokens(black_box(7), 5_000, 60_000_000_000)))
+    c.bench_function("tokens reserve + settle", |b| {
+        b.iter(|| {
+            let r = store.reserve_tokens(black_box(7), 5_000, 60_000_000_000, 100, u64::MAX);
+            store.settle_tokens(7, 6_000, 60_000_000_000, r.start_ns, 100, 100);
+            black_box(r)
+        })
     });
 }
 

@@ -106,22 +106,46 @@ pub struct RateLimitFilter {
     hasher: std::hash::RandomState,
 }
 
-/// In-flight slots a request holds; released when the request's context is dropped, which
-/// happens when it ends however it ends (done, error, client gone).
-struct SlotList(std::sync::Mutex<Vec<(Arc<dyn LimitStore>, u64)>>);
+/// What a request holds from a limiter until it ends: an in-flight slot (released when the
+/// request's context is dropped, however it ends) or a token reservation (settled in
+/// `on_complete`; if that never runs, it simply stays counted until its window ends).
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    Slot(u64),
+    Tokens {
+        key: u64,
+        start_ns: u64,
+        reserved: u64,
+    },
+}
 
-impl Drop for SlotList {
+/// Everything a request holds, from every limiter of the chain (each knows its own store).
+struct HoldList(std::sync::Mutex<Vec<(Arc<dyn LimitStore>, Held)>>);
+
+impl Drop for HoldList {
     fn drop(&mut self) {
-        let slots = self.0.get_mut().map(std::mem::take).unwrap_or_default();
-        for (store, key) in slots {
-            store.release(key);
+        let holds = self.0.get_mut().map(std::mem::take).unwrap_or_default();
+        for (store, held) in holds {
+            if let Held::Slot(key) = held {
+                store.release(key);
+            }
         }
     }
 }
 
-/// The context's handle on the request's slots (extensions must be `Clone`).
+/// The context's handle on the list (extensions must be `Clone`).
 #[derive(Clone)]
-struct Slots(Arc<SlotList>);
+struct Holds(Arc<HoldList>);
+
+impl Holds {
+    /// Runs `f` on what this request holds from `store`.
+    fn each(&self, store: &Arc<dyn LimitStore>, mut f: impl FnMut(&Held)) {
+        let list = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter()
+            .filter(|(s, _)| Arc::ptr_eq(s, store))
+            .for_each(|(_, h)| f(h));
+    }
+}
 
 /// Registry constructor: `- use: ratelimit` plus [`Options`].
 pub fn build(
@@ -221,6 +245,24 @@ impl RateLimitFilter {
         out
     }
 
+    fn hold(&self, ctx: &mut RequestCtx, held: Held) {
+        let entry = (self.store.clone(), held);
+        match ctx.extensions.get::<Holds>() {
+            Some(holds) => holds
+                .0
+                 .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(entry),
+            None => {
+                ctx.extensions
+                    .insert(Holds(Arc::new(HoldList(std::sync::Mutex::new(vec![
+                        entry,
+                    ])))));
+            }
+        }
+    }
+
     fn push(ctx: &mut RequestCtx, name: &'static str, v: u64) {
         ctx.response_headers
             .push((HeaderName::from_static(name), HeaderValue::from(v)));
@@ -276,22 +318,44 @@ impl Filter for RateLimitFilter {
         }
 
         if let Some(limit) = tpm {
-            let (used, left_ns) = self.store.tokens(key, now, MINUTE_NS);
-            let reserve = ctx.max_tokens.unwrap_or(0);
+            // The request's output bound (the policy's cap × completions) and its prompt,
+            // estimated at four characters a token, are held until the real usage is known.
+            let prompt = ctx
+                .json
+                .as_ref()
+                .map_or(0, |b| gateway_filter::prompt::prompt_chars(b) as u64);
+            let reserve = ctx
+                .max_tokens
+                .unwrap_or(0)
+                .saturating_add(prompt.div_ceil(4));
+            let check = self
+                .store
+                .reserve_tokens(key, now, MINUTE_NS, reserve, limit);
             Self::push(ctx, "x-ratelimit-limit-tokens", limit);
             Self::push(
                 ctx,
                 "x-ratelimit-remaining-tokens",
-                limit.saturating_sub(used),
+                limit.saturating_sub(check.used),
             );
-            Self::push(ctx, "x-ratelimit-reset-tokens", seconds_up(left_ns));
-            if used.saturating_add(reserve) > limit {
+            Self::push(ctx, "x-ratelimit-reset-tokens", seconds_up(check.left_ns));
+            if !check.taken {
                 ctx.reject_reason = Some("tokens_per_minute");
                 return Err(too_many(
-                    format!("token limit exceeded ({limit} tokens per minute; {used} used, {reserve} requested)"),
-                    left_ns,
+                    format!(
+                        "token limit exceeded ({limit} tokens per minute; {} used, {reserve} requested)",
+                        check.used
+                    ),
+                    check.left_ns,
                 ));
             }
+            self.hold(
+                ctx,
+                Held::Tokens {
+                    key,
+                    start_ns: check.start_ns,
+                    reserved: reserve,
+                },
+            );
         }
 
         if let Some(max) = self.max_in_flight {
@@ -302,37 +366,36 @@ impl Filter for RateLimitFilter {
                     1_000_000_000,
                 ));
             }
-            let slot = (self.store.clone(), key);
-            match ctx.extensions.get::<Slots>() {
-                Some(slots) => slots
-                    .0
-                     .0
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(slot),
-                None => {
-                    ctx.extensions
-                        .insert(Slots(Arc::new(SlotList(std::sync::Mutex::new(vec![slot])))));
-                }
-            }
+            self.hold(ctx, Held::Slot(key));
         }
         Ok(())
     }
 
+    /// Replaces this limiter's token reservations by the request's usage: what the backend
+    /// reported or the gateway counted; nothing for a request no backend got; the whole
+    /// reservation when one got it and nothing is known.
     async fn on_complete(&self, ctx: &mut RequestCtx) {
-        if self.tpm.is_none()
-            && !(self.uses_principal()
-                && ctx
-                    .principal
-                    .as_ref()
-                    .is_some_and(|p| p.overrides.tokens_per_minute.is_some()))
-        {
+        let Some(holds) = ctx.extensions.get::<Holds>() else {
             return;
-        }
-        if let Some(u) = ctx.usage {
-            self.store
-                .add_tokens(self.key_of(ctx), now_ns(), MINUTE_NS, u.total());
-        }
+        };
+        let used = match ctx.usage {
+            Some(u) => Some(u.total()),
+            None if !ctx.reached_backend => Some(0),
+            None => None,
+        };
+        let now = now_ns();
+        holds.each(&self.store, |held| {
+            if let Held::Tokens {
+                key,
+                start_ns,
+                reserved,
+            } = *held
+            {
+                let used = used.unwrap_or(reserved);
+                self.store
+                    .settle_tokens(key, now, MINUTE_NS, start_ns, reserved, used);
+            }
+        });
     }
 }
 

@@ -18,9 +18,37 @@ pub trait LimitStore: Send + Sync {
     /// Takes an in-flight slot when fewer than `max` are taken.
     fn acquire(&self, key: u64, max: u32) -> bool;
     fn release(&self, key: u64);
-    /// Tokens used in `key`'s current window, and nanoseconds until that window ends.
-    fn tokens(&self, key: u64, now_ns: u64, window_ns: u64) -> (u64, u64);
-    fn add_tokens(&self, key: u64, now_ns: u64, window_ns: u64, n: u64);
+    /// Takes `n` tokens in `key`'s current window if they fit under `limit`, in one step (so
+    /// concurrent requests cannot all fit into the same room).
+    fn reserve_tokens(
+        &self,
+        key: u64,
+        now_ns: u64,
+        window_ns: u64,
+        n: u64,
+        limit: u64,
+    ) -> TokenCheck;
+    /// Replaces a reservation by what was really used: in the window it was taken from
+    /// (`start_ns`), or added to the current one when that window has ended.
+    fn settle_tokens(
+        &self,
+        key: u64,
+        now_ns: u64,
+        window_ns: u64,
+        start_ns: u64,
+        reserved: u64,
+        used: u64,
+    );
+}
+
+/// The outcome of a token reservation: the window's tokens after it (or as they are, when
+/// refused), when the window started and how long it still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCheck {
+    pub taken: bool,
+    pub used: u64,
+    pub start_ns: u64,
+    pub left_ns: u64,
 }
 
 const SHARDS: usize = 64;
@@ -136,20 +164,14 @@ impl LimitStore for LocalStore {
         )
     }
 
-    fn tokens(&self, key: u64, now_ns: u64, window_ns: u64) -> (u64, u64) {
-        self.tokens.with(
-            key,
-            |&(start, _)| now_ns >= start + window_ns,
-            |m| match m.get(&key) {
-                Some(&(start, used)) if now_ns < start + window_ns => {
-                    (used, start + window_ns - now_ns)
-                }
-                _ => (0, window_ns),
-            },
-        )
-    }
-
-    fn add_tokens(&self, key: u64, now_ns: u64, window_ns: u64, n: u64) {
+    fn reserve_tokens(
+        &self,
+        key: u64,
+        now_ns: u64,
+        window_ns: u64,
+        n: u64,
+        limit: u64,
+    ) -> TokenCheck {
         self.tokens.with(
             key,
             |&(start, _)| now_ns >= start + window_ns,
@@ -158,7 +180,42 @@ impl LimitStore for LocalStore {
                 if now_ns >= e.0 + window_ns {
                     *e = (now_ns, 0);
                 }
-                e.1 = e.1.saturating_add(n);
+                let taken = e.1.saturating_add(n) <= limit;
+                if taken {
+                    e.1 += n;
+                }
+                TokenCheck {
+                    taken,
+                    used: e.1,
+                    start_ns: e.0,
+                    left_ns: e.0 + window_ns - now_ns,
+                }
+            },
+        )
+    }
+
+    fn settle_tokens(
+        &self,
+        key: u64,
+        now_ns: u64,
+        window_ns: u64,
+        start_ns: u64,
+        reserved: u64,
+        used: u64,
+    ) {
+        self.tokens.with(
+            key,
+            |&(start, _)| now_ns >= start + window_ns,
+            |m| {
+                let e = m.entry(key).or_insert((now_ns, 0));
+                if now_ns >= e.0 + window_ns {
+                    *e = (now_ns, 0);
+                }
+                if e.0 == start_ns {
+                    e.1 = e.1.saturating_sub(reserved).saturating_add(used);
+                } else {
+                    e.1 = e.1.saturating_add(used);
+                }
             },
         )
     }
@@ -178,7 +235,7 @@ mod tests {
                 s.check_rate(key, i * 10, t, 5),
                 Gcra::Allow { .. }
             ));
-            s.add_tokens(key, i * 10, 60_000_000_000, 1);
+            s.reserve_tokens(key, i * 10, 60_000_000_000, 1, 10);
         }
         let tracked = s.tracked();
         assert!(tracked <= 2 * 10_000 + 2 * SHARDS * 16, "{tracked} entries");
@@ -199,14 +256,26 @@ mod tests {
     }
 
     #[test]
-    fn token_windows() {
+    fn token_windows_reserve_then_settle() {
         let s = LocalStore::new(100);
         let w = 60_000;
-        s.add_tokens(7, 1_000, w, 40);
-        s.add_tokens(7, 2_000, w, 30);
-        assert_eq!(s.tokens(7, 3_000, w), (70, 58_000));
-        assert_eq!(s.tokens(7, 61_000, w), (0, w), "the window moved on");
-        s.add_tokens(7, 61_000, w, 5);
-        assert_eq!(s.tokens(7, 61_500, w).0, 5);
+        let a = s.reserve_tokens(7, 1_000, w, 40, 100);
+        assert_eq!((a.taken, a.used, a.left_ns), (true, 40, w));
+        let b = s.reserve_tokens(7, 2_000, w, 50, 100);
+        assert_eq!((b.taken, b.used), (true, 90));
+        // A third cannot fit while the first two are held, however close together they come.
+        let c = s.reserve_tokens(7, 2_500, w, 20, 100);
+        assert_eq!((c.taken, c.used), (false, 90));
+        // The first used only 5 of its 40: room for the third.
+        s.settle_tokens(7, 3_000, w, a.start_ns, 40, 5);
+        assert!(s.reserve_tokens(7, 3_500, w, 20, 100).taken);
+        // A settlement after its window ended counts in the current one.
+        assert_eq!(
+            s.reserve_tokens(7, 61_000, w, 0, 100).used,
+            0,
+            "the window moved on"
+        );
+        s.settle_tokens(7, 61_500, w, a.start_ns, 50, 7);
+        assert_eq!(s.reserve_tokens(7, 62_000, w, 0, 100).used, 7);
     }
 }

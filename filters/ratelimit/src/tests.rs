@@ -216,3 +216,44 @@ fn option_errors() {
     );
     assert!(build(&json!({"key": "header:x-team", "rate": "1/s"}), &cx).is_ok());
 }
+
+#[tokio::test]
+async fn tokens_per_minute_holds_room_for_requests_in_flight() {
+    let f = filter(json!({"key": "api_key", "tokens_per_minute": 100}));
+    let mk = || {
+        let mut c = req("10.0.0.8");
+        c.principal = Some(Arc::new(Principal {
+            id: "par".into(),
+            ..Default::default()
+        }));
+        c.max_tokens = Some(40);
+        c
+    };
+    // Three requests at once, none finished: only two fit (2 × 40 ≤ 100 < 3 × 40).
+    let (mut a, mut b, mut c) = (mk(), mk(), mk());
+    f.on_request(&mut a).await.unwrap();
+    f.on_request(&mut b).await.unwrap();
+    assert_eq!(
+        f.on_request(&mut c).await.unwrap_err().code,
+        "rate_limit_exceeded"
+    );
+    // One ends having used 5 tokens: its unused room comes back.
+    a.reached_backend = true;
+    a.usage = Some(Usage {
+        prompt_tokens: 2,
+        completion_tokens: 3,
+        ..Default::default()
+    });
+    f.on_complete(&mut a).await;
+    let mut d = mk();
+    f.on_request(&mut d).await.unwrap();
+    // One that never reached a backend gives everything back.
+    f.on_complete(&mut b).await;
+    let mut e = mk();
+    f.on_request(&mut e).await.unwrap();
+    assert_eq!(
+        header(&e, "x-ratelimit-remaining-tokens").as_deref(),
+        Some("15"),
+        "5 used + 40 + 40 held"
+    );
+}

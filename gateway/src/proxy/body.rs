@@ -145,10 +145,13 @@ pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejectio
         .total();
     // Ollama streams chat and generate unless told not to; OpenAI only when asked.
     let stream_default = matches!(ctx.route, Route::OllamaChat | Route::OllamaGenerate);
-    let stream = obj
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(stream_default);
+    // A string or number here would be read as true by lax backends (pydantic) while the
+    // gateway took the answer for a whole document.
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => stream_default,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("invalid_stream", "`stream` must be true or false")),
+    };
     ctx.model = Some(model);
     ctx.max_tokens = max_tokens;
     ctx.stream = stream;
@@ -207,17 +210,17 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
     Ok(())
 }
 
-/// A JSON body on a route the gateway has no parser for (one a custom rule allows, such as
-/// `/v1/responses`): every field that a case-blind server reads as `model` is named for the
-/// allow-list, and the request is marked as one whose output limit cannot be written.
+/// A body on a route the gateway has no parser for (one a custom rule allows, such as
+/// `/v1/responses`). The request is marked `unknown_format`: its output limit cannot be read
+/// or written, and the policy refuses it under a cap. If the body is a JSON object serde can
+/// read, every field a case-blind server reads as `model` is named for the allow-list; a body
+/// it cannot read (too deep, `NaN`, a byte-order mark…) names nothing, which a model-restricted
+/// caller is refused for: other parsers may read what serde could not.
 pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
-    let looks_json = body
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| *b == b'{');
-    if !looks_json {
+    if body.is_empty() {
         return Ok(());
     }
+    ctx.unknown_format = true;
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
         return Ok(());
     };
@@ -242,7 +245,6 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
                 ))
             }
         }
-        ctx.unknown_format = true;
     }
     Ok(())
 }

@@ -59,7 +59,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 let deadline = *queued_until.get_or_insert_with(|| {
                     tokio::time::Instant::now() + gw.settings.routing.queue_timeout
                 });
-                if tokio::time::Instant::now() >= deadline || !gw.queue_slot() {
+                let slot = (tokio::time::Instant::now() < deadline)
+                    .then(|| gw.queue_slot())
+                    .flatten();
+                let Some(_slot) = slot else {
                     return answer(
                         session,
                         ctx,
@@ -68,9 +71,13 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                         "all backends are busy; try again shortly",
                     )
                     .await;
-                }
-                pool.wait_freed(deadline).await;
-                gw.queue_release();
+                };
+                // A slot freed between the pick and this wait is not missed: the pick is
+                // made again once the wait is registered.
+                pool.wait_freed(deadline, || {
+                    matches!(gw.router.pick(&ctx.req, &ctx.tried), Pick::Full)
+                })
+                .await;
                 continue;
             }
             Pick::UnknownModel => {
@@ -266,19 +273,8 @@ async fn exchange_header(
                 health: true,
             });
         }
-        let read: Result<()> = async {
-            loop {
-                up.read_response().await?;
-                if !up
-                    .resp_header()
-                    .is_some_and(|h| h.status.is_informational())
-                {
-                    return Ok(());
-                }
-            }
-        }
-        .await;
-        return match read {
+        // The backend has the whole request now: whatever happens next, it may have run it.
+        return match read_header(&mut up).await {
             Ok(()) => Ok(up),
             // The backend has the request and did not answer: it counts against its health,
             // and the client gets the error.
@@ -292,6 +288,19 @@ async fn exchange_header(
         ),
         health: true,
     })
+}
+
+/// Reads the response header, skipping informational (1xx) ones.
+async fn read_header(up: &mut HttpSession) -> Result<()> {
+    loop {
+        up.read_response().await?;
+        if !up
+            .resp_header()
+            .is_some_and(|h| h.status.is_informational())
+        {
+            return Ok(());
+        }
+    }
 }
 
 fn is_timeout(e: &Error) -> bool {
@@ -310,7 +319,14 @@ async fn attempt(
     may_retry: bool,
 ) -> Attempt {
     let mut up = match exchange_header(gw, ctx, backend, body).await {
-        Ok(up) => up,
+        Ok(up) => {
+            ctx.req.reached_backend = true;
+            up
+        }
+        Err(a @ Attempt::Unanswered(_)) => {
+            ctx.req.reached_backend = true;
+            return a;
+        }
         Err(a) => return a,
     };
     // A failing (5xx) or busy (429) backend: another may answer, and nothing was sent yet.
@@ -364,6 +380,11 @@ async fn attempt(
     if let (Some(gate), true) = (ctx.req.model_gate.clone(), status.is_success()) {
         return filtered_list(gw, session, ctx, backend, up, resp, gate.as_ref()).await;
     }
+    let strip = ctx.strip_usage_event && framing == Framing::Sse;
+    if strip {
+        // Bytes are taken out of the body: its length is no longer the backend's.
+        resp.remove_header(&header::CONTENT_LENGTH);
+    }
     let end_now = up.is_body_done();
     if let Err(e) = session.write_response_header(Box::new(resp), end_now).await {
         return Attempt::Abort(e.into_down());
@@ -377,8 +398,7 @@ async fn attempt(
     }
 
     let mut parser = UsageParser::new(framing);
-    let mut stripper =
-        (ctx.strip_usage_event && framing == Framing::Sse).then(UsageEventStripper::default);
+    let mut stripper = strip.then(UsageEventStripper::default);
     loop {
         let chunk = match up.read_body_ref().await {
             Ok(Some(chunk)) => {

@@ -19,6 +19,20 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         )
 }
 
+/// Headers in which a client claims where it is or came from, or names the request: the
+/// gateway trusts no client for these (its own `x-request-id` is set afterwards).
+fn is_client_claim(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-request-id"
+            | "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-real-ip"
+    )
+}
+
 /// Whether `name` is listed in one of the message's `Connection` headers (those are
 /// hop-by-hop too, whatever their name).
 fn named_by_connection(src: &HeaderMap, name: &HeaderName) -> bool {
@@ -32,8 +46,9 @@ fn named_by_connection(src: &HeaderMap, name: &HeaderName) -> bool {
 
 /// Copies the client's headers (as the chain left them) into the upstream request, minus
 /// everything about this hop: hop-by-hop headers and those `Connection` names, the client's
-/// framing (the caller sets Content-Length for the held body), and names with `_` (CGI and
-/// WSGI servers read `Transfer_Encoding` as `Transfer-Encoding`).
+/// framing (the caller sets Content-Length for the held body), a client's claims about its
+/// address, and names with `_` (CGI and WSGI servers read `Transfer_Encoding` as
+/// `Transfer-Encoding`).
 pub fn copy_request_headers(src: &HeaderMap, dst: &mut RequestHeader) -> Result<()> {
     for (name, value) in src {
         if is_hop_by_hop(name)
@@ -42,7 +57,7 @@ pub fn copy_request_headers(src: &HeaderMap, dst: &mut RequestHeader) -> Result<
             || name == header::ACCEPT_ENCODING
             || name == header::EXPECT
             || name == header::CONTENT_LENGTH
-            || name.as_str() == "x-request-id"
+            || is_client_claim(name)
             || name.as_str().contains('_')
             || named_by_connection(src, name)
         {
@@ -99,6 +114,9 @@ mod tests {
             ("te", "trailers"),
             ("keep-alive", "timeout=5"),
             ("proxy-authorization", "Basic x"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
         ] {
             src.append(k, HeaderValue::from_static(v));
         }

@@ -78,6 +78,15 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// A place in the backend queue; see [`Gateway::queue_slot`].
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub struct Gateway {
     pub settings: Arc<Settings>,
     pub chain: Arc<FilterChain>,
@@ -107,17 +116,16 @@ impl Gateway {
         }
     }
 
-    /// A place in the bounded queue of requests waiting for a free backend.
-    fn queue_slot(&self) -> bool {
+    /// A place in the bounded queue of requests waiting for a free backend, given back when
+    /// the guard drops (also when the waiting request is cancelled).
+    fn queue_slot(&self) -> Option<QueueSlot<'_>> {
         let max = self.settings.routing.queue_size;
-        self.queued.fetch_add(1, Ordering::AcqRel) < max || {
+        if self.queued.fetch_add(1, Ordering::AcqRel) < max {
+            Some(QueueSlot(&self.queued))
+        } else {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            false
+            None
         }
-    }
-
-    fn queue_release(&self) {
-        self.queued.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// An attempt on backend `idx` failed and the request moves on to another one.

@@ -17,13 +17,19 @@ use crate::tls::CertSubjects;
 
 /// Request id, client address, start time; nothing here can fail.
 pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
-    super::connection::head_read();
+    let http2_client = session
+        .is_http2()
+        .then(|| session.client_addr().and_then(|a| a.as_inet()).copied())
+        .flatten();
+    let last = super::connection::head_read(http2_client);
     let limits = &gw.settings.limits;
     // A client that stops reading frees its backend slot when this fires.
     session.set_write_timeout(Some(limits.client_send_timeout));
     // Pingora makes a kept-alive connection wait for its next request without a limit
     // (unless the client said `close`): bound the idle time.
-    if session.get_keepalive().is_some() {
+    if last {
+        session.set_keepalive(None);
+    } else if session.get_keepalive().is_some() {
         session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1)));
     }
     ctx.in_flight = Some(gw.in_flight.enter());
@@ -293,6 +299,10 @@ async fn read_held_body(
         body::parse_inference(&mut ctx.req, bytes)
     } else if ctx.req.route.holds_body() {
         body::parse_named_models(&mut ctx.req, bytes)
+    } else if ctx.req.route == Route::OllamaBlob {
+        // A model layer, named by its digest: forwarded as it came.
+        ctx.req.body = Some(bytes);
+        Ok(())
     } else {
         // Another route's body (e.g. a blob upload) is forwarded as it came, within the limits;
         // a model it names is still judged.

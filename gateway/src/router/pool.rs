@@ -341,8 +341,19 @@ impl BackendPool {
     }
 
     /// Waits until some lease ends (or the deadline passes).
-    pub async fn wait_freed(&self, deadline: tokio::time::Instant) {
-        let _ = tokio::time::timeout_at(deadline, self.0.freed.notified()).await;
+    /// Waits until a lease ends or `deadline`, unless `still_full` (asked once the wait is
+    /// registered, so a lease ending in between is not missed) says there is room already.
+    pub async fn wait_freed(
+        &self,
+        deadline: tokio::time::Instant,
+        still_full: impl FnOnce() -> bool,
+    ) {
+        let freed = self.0.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if still_full() {
+            let _ = tokio::time::timeout_at(deadline, freed).await;
+        }
     }
 
     /// The merged model list: every model once, with the first backend's entry for it.
