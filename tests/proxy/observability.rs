@@ -500,21 +500,7 @@ async fn backend_in_flight_counts_running_requests() {
             })
         })
         .collect();
-    let gauge = || async {
-        let text = client()
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        value(
-            &samples(&text),
-            "llm_gateway_backend_in_flight",
-            &[("backend", "local")],
-        )
-    };
+    let gauge = || gw.backend_in_flight("local");
     let mut seen = 0.0;
     for _ in 0..100 {
         seen = gauge().await;

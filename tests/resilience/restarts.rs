@@ -125,15 +125,11 @@ async fn spend_survives_a_restart() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn kill_9_loses_at_most_the_last_commit_window() {
-    let m = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &m, 1_000_000.0, 0.0, 10000.0, "");
-    let gw = Gateway::start(&cfg).await;
+/// Four clients sending the buyer's requests one after another until one fails; the count of
+/// answered requests.
+fn buyer_load(gw: &Gateway) -> (Arc<AtomicU32>, Vec<tokio::task::JoinHandle<()>>) {
     let served = Arc::new(AtomicU32::new(0));
     let url = gw.url("/api/generate");
-    let start = Instant::now();
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let (url, served) = (url.clone(), served.clone());
@@ -155,6 +151,17 @@ async fn kill_9_loses_at_most_the_last_commit_window() {
             })
         })
         .collect();
+    (served, workers)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_at_most_the_last_commit_window() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &m, 1_000_000.0, 0.0, 10000.0, "");
+    let gw = Gateway::start(&cfg).await;
+    let start = Instant::now();
+    let (served, workers) = buyer_load(&gw);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gw.signal("KILL");
     for w in workers {
@@ -206,29 +213,7 @@ async fn ctrl_c_under_load_commits_every_charge() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &m, 1_000_000.0, 0.0, 10000.0, "");
     let mut gw = Gateway::start(&cfg).await;
-    let served = Arc::new(AtomicU32::new(0));
-    let url = gw.url("/api/generate");
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            let (url, served) = (url.clone(), served.clone());
-            tokio::spawn(async move {
-                let c = reqwest::Client::new();
-                loop {
-                    let r = c
-                        .post(&url)
-                        .bearer_auth(KEY)
-                        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
-                        .send()
-                        .await;
-                    let Ok(r) = r else { break };
-                    if r.status() != 200 || r.bytes().await.is_err() {
-                        break;
-                    }
-                    served.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })
-        .collect();
+    let (served, workers) = buyer_load(&gw);
     tokio::time::sleep(Duration::from_millis(800)).await;
     gw.signal("INT");
     for w in workers {

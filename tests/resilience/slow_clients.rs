@@ -131,20 +131,7 @@ async fn a_client_that_stops_reading_frees_its_backend_slot() {
     )
     .await
     .unwrap();
-    let in_flight = || async {
-        let text = client()
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("llm_gateway_backend_in_flight{backend=\"local\"} "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(-1.0)
-    };
+    let in_flight = || gw.backend_in_flight("local");
     let mut seen_busy = false;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {

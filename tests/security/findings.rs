@@ -1,11 +1,10 @@
 //! Security: every check holds against every field, route and encoding that means the same
 //! thing (hardening round 2). Each test names the finding it closes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const USER_KEY: &str = "sk-gw-user";
 const LLAMA_KEY: &str = "sk-gw-llama-only";
@@ -317,60 +316,13 @@ async fn model_allow_list_holds_on_every_route_that_names_a_model() {
     assert_eq!(r.status(), 403);
 }
 
-/// Sends a request head (and optionally part of a body) and returns the status line's code
-/// and how long the answer took.
-async fn head_only(port: u16, head: &str, body_part: &[u8]) -> (u16, Duration, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let t = Instant::now();
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body_part).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => {
-                got.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&got);
-                if let Some((h, b)) = text.split_once("\r\n\r\n") {
-                    let len = h
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length: ")
-                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                        })
-                        .unwrap_or(0);
-                    if b.len() >= len {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    let text = String::from_utf8_lossy(&got).to_string();
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, t.elapsed(), body)
-}
-
 // Finding 3: authentication runs before the body is read.
 #[tokio::test(flavor = "multi_thread")]
 async fn strangers_are_refused_before_their_body_is_read() {
     let m = mock().await;
     let (gw, _d) = gateway(&m, CAP_POLICY).await;
     // Announces a megabyte and sends nothing: answered at once, not after 30 s.
-    let (code, took, body) = head_only(
+    let (code, took, body) = send_raw(
         gw.port,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n",
         b"",
@@ -379,7 +331,7 @@ async fn strangers_are_refused_before_their_body_is_read() {
     assert_eq!(code, 401, "{body}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
     // A 100 MB chunked body (first chunk only sent): 401, not 413.
-    let (code, _, _) = head_only(
+    let (code, _, _) = send_raw(
         gw.port,
         "POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"6400000\r\n{\"model\":",
@@ -387,7 +339,7 @@ async fn strangers_are_refused_before_their_body_is_read() {
     .await;
     assert_eq!(code, 401);
     // A bad key is a stranger too.
-    let (code, took, _) = head_only(
+    let (code, took, _) = send_raw(
         gw.port,
         "POST /api/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-wrong\r\nContent-Length: 1000000\r\n\r\n",
         b"",
@@ -665,7 +617,7 @@ async fn framing_is_the_gateways_own_and_hop_headers_stay_behind() {
         } else {
             body.to_string()
         };
-        let (code, _, out) = head_only(
+        let (code, _, out) = send_raw(
             gw.port,
             &format!("POST /api/show HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n{framing}\r\n"),
             payload.as_bytes(),
@@ -675,7 +627,7 @@ async fn framing_is_the_gateways_own_and_hop_headers_stay_behind() {
     }
     assert_eq!(m.total(), 0, "nothing ambiguous reaches the backend");
 
-    let (code, _, out) = head_only(
+    let (code, _, out) = send_raw(
         gw.port,
         &format!("POST /api/show HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nTransfer_Encoding: chunked\r\nConnection: keep-alive, X-Secret, Upgrade, HTTP2-Settings\r\nX-Secret: 1\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nX-Kept: yes\r\n\r\n", body.len()),
         body.as_bytes(),
@@ -706,7 +658,7 @@ async fn body_limits_hold_on_every_route() {
     let auth = format!("Authorization: Bearer {USER_KEY}\r\n");
     // A large chunked body to /api/show: 413 once the limit is passed.
     let chunk = format!("{:x}\r\n{}\r\n", 32 << 10, "x".repeat(32 << 10));
-    let (code, _, _) = head_only(
+    let (code, _, _) = send_raw(
         gw.port,
         &format!("POST /api/show HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"),
         chunk.repeat(4).as_bytes(),
@@ -714,7 +666,7 @@ async fn body_limits_hold_on_every_route() {
     .await;
     assert_eq!(code, 413);
     // A slow body: 408 at client_body_timeout, not never.
-    let (code, took, _) = head_only(
+    let (code, took, _) = send_raw(
         gw.port,
         &format!("POST /api/show HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"),
         b"{\"model\":",

@@ -146,6 +146,23 @@ impl Gateway {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
+    /// `llm_gateway_backend_in_flight` for `backend` as the admin listener reports it now.
+    pub async fn backend_in_flight(&self, backend: &str) -> f64 {
+        let text = client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text");
+        let prefix = format!("llm_gateway_backend_in_flight{{backend=\"{backend}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(-1.0)
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("gateway.yaml")
     }
@@ -249,30 +266,45 @@ pub async fn error_of(resp: reqwest::Response) -> (String, String) {
     )
 }
 
-/// Sends one request over a plain TCP connection exactly as given (no client-side path
-/// normalisation, unlike URL-based clients) and returns the status code and body.
-pub async fn raw_request(
-    port: u16,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
+/// Sends `head` and then `body` over a plain TCP connection exactly as given (no client-side
+/// normalisation or framing, unlike URL-based clients) and reads the answer: the status code,
+/// how long it took, and the body. Stops reading once the announced body is complete, the
+/// connection closes, or after 10 s.
+pub async fn send_raw(port: u16, head: &str, body: &[u8]) -> (u16, Duration, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        req += &format!("{k}: {v}\r\n");
+    let t = Instant::now();
+    s.write_all(head.as_bytes()).await.expect("write");
+    let _ = s.write_all(body).await;
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got);
+                if let Some((h, b)) = text.split_once("\r\n\r\n") {
+                    let len = h
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if b.len() >= len {
+                        break;
+                    }
+                }
+            }
+        }
     }
-    req += "\r\n";
-    req += body;
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
+    let text = String::from_utf8_lossy(&got).to_string();
+    let code = text
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
@@ -281,5 +313,22 @@ pub async fn raw_request(
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    (code, t.elapsed(), body)
+}
+
+/// One whole request over a plain TCP connection (with its Content-Length): status and body.
+pub async fn raw_request(
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
+    let (code, _, out) = send_raw(port, &head, body.as_bytes()).await;
+    (code, out)
 }
