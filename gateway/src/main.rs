@@ -15,6 +15,38 @@ use llm_gateway::registry::Registry;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `arena_eager_commit` and `purge_delay` options (v3's `mi_option_e`; not named
+/// by libmimalloc-sys).
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory goes back to the OS at once. With mimalloc's default (a 10 ms delay, acted on
+/// only when the same thread allocates again), a worker that went quiet after a connection
+/// flood kept every page: 10,000 closed connections left 150 MiB resident for good. Measured
+/// with wrk, purging at once costs nothing visible per request. `MIMALLOC_PURGE_DELAY` in the
+/// environment still wins.
+/// Arenas are committed as they are used, not up front: mimalloc's default on Linux commits
+/// whole arena chunks eagerly, 9 MiB of the idle gateway's 22 MiB. The first arena is made by
+/// the first allocation, before `main`: so this runs as a constructor, and allocates nothing.
+extern "C" fn allocator_options() {
+    for (env, option) in [
+        (c"MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY),
+        (c"MIMALLOC_ARENA_EAGER_COMMIT", MI_OPTION_ARENA_EAGER_COMMIT),
+    ] {
+        // SAFETY: getenv with a NUL-terminated name, and a process-wide allocator option for
+        // which any value is valid; nothing else runs yet.
+        unsafe {
+            if libc::getenv(env.as_ptr()).is_null() {
+                libmimalloc_sys::mi_option_set(option, 0);
+            }
+        }
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static ALLOCATOR_OPTIONS: extern "C" fn() = allocator_options;
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub backend_in_flight: IntGaugeVec,
     pub retries: IntCounterVec,
     pub in_flight: IntGauge,
+    /// Client connections open now, by listener.
+    pub connections: IntGaugeVec,
+    /// Client connections closed at once because a cap was reached, by listener and cap.
+    pub connections_refused: IntCounterVec,
     principal_label: bool,
     max_models: usize,
     models: RwLock<HashSet<String>>,
@@ -141,6 +145,18 @@ impl Metrics {
                 "llm_gateway_retries_total",
                 "Attempts moved away from a backend",
                 &["backend"],
+            )?,
+            connections: gauge(
+                r,
+                "llm_gateway_connections_open",
+                "Client connections open now",
+                &["listener"],
+            )?,
+            connections_refused: counter(
+                r,
+                "llm_gateway_connections_refused_total",
+                "Client connections closed at once because a cap was reached",
+                &["listener", "cap"],
             )?,
             in_flight,
             principal_label,

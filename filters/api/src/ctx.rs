@@ -75,6 +75,19 @@ impl std::fmt::Display for Decision {
     }
 }
 
+/// The network a client is counted by (limits, lockout, connection caps): its IPv4 address,
+/// or its IPv6 address cut to `ipv6_prefix` bits (one host usually holds a whole /64).
+pub fn client_network(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u32::from(ipv6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Everything known about one request, shared by the proxy and the filters.
 #[derive(Debug)]
 pub struct RequestCtx {
@@ -194,14 +207,7 @@ impl RequestCtx {
     pub fn set_client(&mut self, ip: IpAddr, ipv6_prefix: u8) {
         let ip = ip.to_canonical();
         self.client_ip = Some(ip);
-        self.client_net = Some(match ip {
-            IpAddr::V6(v6) => {
-                let bits = u32::from(ipv6_prefix.min(128));
-                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-                IpAddr::V6((u128::from(v6) & mask).into())
-            }
-            v4 => v4,
-        });
+        self.client_net = Some(client_network(ip, ipv6_prefix));
     }
 
     /// The request target sent upstream: canonical path plus the query as received.

@@ -18,7 +18,7 @@ mod route;
 pub mod units;
 mod usage;
 
-pub use ctx::{Decision, ModelGate, Overrides, Principal, RequestCtx};
+pub use ctx::{client_network, Decision, ModelGate, Overrides, Principal, RequestCtx};
 pub use filter::{BuildContext, Filter, ReloadError};
 pub use options::{parse_options, OptionsError};
 pub use rejection::{echo, error_json, ErrorShape, Rejection, ECHO_LIMIT};

@@ -106,28 +106,35 @@ type Verified = (Arc<[u8; 32]>, Arc<Principal>);
 /// Credentials bcrypt already accepted, keyed by SHA-256 of `user:password`. The full digest
 /// is kept in the entry and compared, so a collision of the cache's 64-bit index can never
 /// let another password in.
+/// The cache itself is made at the first successful login: its tables (sized for `size`
+/// entries up front) cost a few MiB that a gateway without basic auth users never needs.
 pub struct VerifiedCache {
-    cache: MemoryCache<[u8; 32], Verified>,
+    cache: std::sync::OnceLock<MemoryCache<[u8; 32], Verified>>,
+    size: usize,
     ttl: Duration,
 }
 
 impl VerifiedCache {
     pub fn new(size: usize, ttl: Duration) -> Self {
         VerifiedCache {
-            cache: MemoryCache::new(size),
+            cache: std::sync::OnceLock::new(),
+            size,
             ttl,
         }
     }
 
     pub fn get(&self, digest: &[u8; 32]) -> Option<Arc<Principal>> {
-        let (hit, _) = self.cache.get(digest);
+        let (hit, _) = self.cache.get()?.get(digest);
         let (stored, principal) = hit?;
         bool::from(stored.ct_eq(digest)).then_some(principal)
     }
 
     pub fn put(&self, digest: [u8; 32], principal: Arc<Principal>) {
-        self.cache
-            .put(&digest, (Arc::new(digest), principal), Some(self.ttl));
+        self.cache.get_or_init(|| MemoryCache::new(self.size)).put(
+            &digest,
+            (Arc::new(digest), principal),
+            Some(self.ttl),
+        );
     }
 }
 

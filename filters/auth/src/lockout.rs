@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use pingora_limits::rate::Rate;
 
+/// The sketch (4 rows of `slots` counters, twice: this window and the last, 4 MiB at the
+/// default size) is made at the first failure: an idle gateway does not carry it.
 pub struct Lockout {
-    failures: Rate,
+    failures: std::sync::OnceLock<Rate>,
+    slots: usize,
     max_failures: isize,
     pub window: Duration,
 }
@@ -16,18 +19,23 @@ pub struct Lockout {
 impl Lockout {
     pub fn new(max_failures: u32, window: Duration, slots: usize) -> Self {
         Lockout {
-            failures: Rate::new_with_estimator_config(window, 4, slots.max(64)),
+            failures: std::sync::OnceLock::new(),
+            slots: slots.max(64),
             max_failures: max_failures as isize,
             window,
         }
     }
 
     pub fn is_locked(&self, ip: &IpAddr) -> bool {
-        self.failures.observe(ip, 0) >= self.max_failures
+        self.failures
+            .get()
+            .is_some_and(|f| f.observe(ip, 0) >= self.max_failures)
     }
 
     pub fn record_failure(&self, ip: &IpAddr) {
-        self.failures.observe(ip, 1);
+        self.failures
+            .get_or_init(|| Rate::new_with_estimator_config(self.window, 4, self.slots))
+            .observe(ip, 1);
     }
 }
 

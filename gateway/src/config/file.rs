@@ -90,6 +90,11 @@ pub struct ListenEntry {
     /// Accept a network-reachable listener without TLS or without an auth filter.
     #[serde(default)]
     pub allow_insecure: bool,
+    /// Most client connections open at once on this listener (nginx `worker_connections`).
+    pub max_connections: Option<usize>,
+    /// Most connections open at once from one client address (IPv6: one
+    /// `limits.ipv6_prefix` network), as nginx's `limit_conn`.
+    pub max_connections_per_client: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

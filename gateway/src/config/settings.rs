@@ -41,6 +41,8 @@ pub struct ListenerSpec {
     pub deny: Vec<IpNet>,
     /// Set when the operator accepted a network-reachable listener without TLS or auth.
     pub insecure: bool,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<u32>,
 }
 
 impl ListenerSpec {
@@ -125,6 +127,8 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             allow: Vec::new(),
             deny: Vec::new(),
             insecure: false,
+            max_connections: None,
+            max_connections_per_client: None,
         }],
         Some(list) if list.is_empty() => {
             return Err((
@@ -363,12 +367,20 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
             ),
         ));
     }
+    if l.max_connections == Some(0) || l.max_connections_per_client == Some(0) {
+        return Err((
+            ".max_connections".into(),
+            "connection caps must be at least 1 (leave them out for no cap)".into(),
+        ));
+    }
     Ok(ListenerSpec {
         addr,
         tls,
         allow,
         deny,
         insecure: exposed && l.allow_insecure && (l.tls.is_none() || !has_auth),
+        max_connections: l.max_connections,
+        max_connections_per_client: l.max_connections_per_client,
     })
 }
 

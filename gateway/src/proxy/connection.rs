@@ -10,11 +10,13 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora_core::apps::{HttpServerApp, ServerApp};
+use bytes::BytesMut;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
+use tokio::io::AsyncReadExt;
 
 use super::Gateway;
 
@@ -57,6 +59,7 @@ pub fn head_read(http2_client: Option<SocketAddr>) -> bool {
 }
 
 pub struct ConnectionLimits {
+    pub caps: super::ConnectionCaps,
     pub head_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub keepalive_requests: u32,
@@ -115,7 +118,7 @@ impl GatewayApp {
         shutdown: &ShutdownWatch,
         deadline: Duration,
         last: bool,
-    ) -> Option<Stream> {
+    ) -> Option<ReusedHttpStream> {
         let turn = Arc::new(RequestTurn {
             head_read: AtomicBool::new(false),
             last,
@@ -125,7 +128,7 @@ impl GatewayApp {
             HttpServerApp::process_new_http(&self.proxy, session, shutdown),
         );
         tokio::pin!(serve);
-        let reused = tokio::select! {
+        tokio::select! {
             out = &mut serve => out,
             _ = tokio::time::sleep(deadline) => {
                 if !turn.head_read.load(Ordering::Acquire) {
@@ -133,9 +136,40 @@ impl GatewayApp {
                 }
                 serve.await
             }
-        };
-        reused.map(|r| r.consume().0)
+        }
     }
+}
+
+/// Most of a request's first bytes read while waiting for it (a request head is usually
+/// smaller): what an idle connection holds, besides its socket.
+const FIRST_READ: usize = 1024;
+
+/// Waits until the client sends the start of its next request, at most `idle`, and returns
+/// what it read (Pingora's parser continues from these bytes: no extra read). An idle
+/// connection then holds only its socket and this small buffer: the request's state (Pingora's
+/// session and the proxy's future, some 30 KiB) is made when bytes arrive. `None`: the client
+/// left, or stayed silent.
+async fn next_request(stream: &mut Stream, idle: Duration) -> Option<BytesMut> {
+    let mut first = [0u8; FIRST_READ];
+    let n = {
+        let read = stream.read(&mut first);
+        tokio::pin!(read);
+        // Under load the next request is usually there already: no timer for that case.
+        let now = tokio::select! {
+            biased;
+            ready = &mut read => Some(ready),
+            _ = std::future::ready(()) => None,
+        };
+        match now {
+            Some(ready) => ready.ok()?,
+            None => tokio::time::timeout(idle, read).await.ok()?.ok()?,
+        }
+    };
+    (n > 0).then(|| {
+        let mut head = BytesMut::with_capacity(n.max(4 << 10));
+        head.extend_from_slice(&first[..n]);
+        head
+    })
 }
 
 #[async_trait]
@@ -145,29 +179,54 @@ impl ServerApp for GatewayApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let digest = stream.get_socket_digest();
+        let local = digest
+            .as_ref()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let peer = digest
+            .as_ref()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // Held for as long as the connection lives; over a cap it is closed before a byte
+        // is read.
+        let _slot = self.limits.caps.admit(local, peer)?;
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.serve_h2(stream, shutdown).await;
         }
         let l = &self.limits;
         let mut stream = stream;
+        let mut carried: Option<HttpPersistentSettings> = None;
         let mut served = 0u32;
         loop {
+            // The first request's head must arrive within the head timeout of the accept; a
+            // later one may first wait out the keep-alive idle time.
+            let idle = if served == 0 {
+                l.head_timeout
+            } else {
+                l.keepalive_timeout
+            };
+            let waited = std::time::Instant::now();
+            let head = next_request(&mut stream, idle).await?;
             let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = carried.take() {
+                settings.apply_to_session(&mut session);
+            }
+            session.set_pipelined_prefix(head);
             served += 1;
             let last = *shutdown.borrow() || served >= l.keepalive_requests;
             // Per read; the whole head is bounded below.
             session.set_keepalive((!last).then_some(l.keepalive_timeout.as_secs().max(1)));
-            // The first request's head must arrive within the head timeout of the accept; a
-            // later one may first wait out the keep-alive idle time.
             let deadline = if served == 1 {
-                l.head_timeout
+                l.head_timeout.saturating_sub(waited.elapsed())
             } else {
-                l.keepalive_timeout + l.head_timeout
+                l.head_timeout
             };
-            stream = self.serve_one(session, shutdown, deadline, last).await?;
+            let reused = self.serve_one(session, shutdown, deadline, last).await?;
             if last {
                 return None;
             }
+            let (next, settings) = reused.consume();
+            stream = next;
+            carried = settings;
         }
     }
 

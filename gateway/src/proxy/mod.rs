@@ -27,6 +27,7 @@
 
 mod body;
 mod connection;
+mod connection_caps;
 mod ctx;
 mod forward;
 mod framing;
@@ -46,6 +47,7 @@ use pingora_error::Error;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 pub use connection::{ConnectionLimits, GatewayApp};
+pub use connection_caps::ConnectionCaps;
 pub use ctx::GwCtx;
 pub use respond::health_json;
 

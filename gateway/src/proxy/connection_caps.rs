@@ -1,0 +1,223 @@
+//! Connection caps per listener (nginx `worker_connections`, `limit_conn`): a connection over
+//! a cap is closed at once, before anything is read from it, counted in
+//! `llm_gateway_connections_refused_total`, and logged once per change of state (not once per
+//! connection: a flood must not flood the log too).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use gateway_filter::client_network;
+use prometheus::{IntCounter, IntGauge};
+
+use crate::config::ListenerSpec;
+use crate::metrics::Metrics;
+
+/// One listener's caps and counts.
+pub struct ListenerCaps {
+    addr: SocketAddr,
+    name: String,
+    max: Option<usize>,
+    per_client: Option<u32>,
+    ipv6_prefix: u8,
+    open: AtomicUsize,
+    by_client: Mutex<HashMap<IpAddr, u32>>,
+    at_max: AtomicBool,
+    at_per_client: AtomicBool,
+    gauge: IntGauge,
+    refused_max: IntCounter,
+    refused_per_client: IntCounter,
+}
+
+/// A connection's place on its listener, given back when the connection ends.
+pub struct ConnectionSlot {
+    caps: Arc<ListenerCaps>,
+    client: Option<IpAddr>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.caps.open.fetch_sub(1, Ordering::AcqRel);
+        self.caps.gauge.dec();
+        if let Some(ip) = self.client {
+            let mut m = self.caps.clients();
+            if let Some(n) = m.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+impl ListenerCaps {
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        self.by_client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Logs when a cap starts or stops refusing connections.
+    fn note(&self, flag: &AtomicBool, refusing: bool, what: &str) {
+        if flag.swap(refusing, Ordering::AcqRel) != refusing {
+            if refusing {
+                log::warn!(
+                    "listener {}: {what} reached; new connections are closed at once",
+                    self.addr
+                );
+            } else {
+                log::info!(
+                    "listener {}: below {what} again; accepting connections",
+                    self.addr
+                );
+            }
+        }
+    }
+
+    /// Takes a place for a new connection from `peer`, or `None` when a cap is reached.
+    fn admit(self: &Arc<Self>, peer: Option<IpAddr>) -> Option<ConnectionSlot> {
+        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.max.is_some_and(|m| open > m) {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.refused_max.inc();
+            self.note(&self.at_max, true, "max_connections");
+            return None;
+        }
+        self.note(&self.at_max, false, "max_connections");
+        let client = match (self.per_client, peer) {
+            (Some(cap), Some(ip)) => {
+                let net = client_network(ip, self.ipv6_prefix);
+                let mut m = self.clients();
+                let n = m.entry(net).or_insert(0);
+                if *n >= cap {
+                    if *n == 0 {
+                        m.remove(&net);
+                    }
+                    drop(m);
+                    self.open.fetch_sub(1, Ordering::AcqRel);
+                    self.refused_per_client.inc();
+                    self.note(&self.at_per_client, true, "max_connections_per_client");
+                    return None;
+                }
+                *n += 1;
+                drop(m);
+                self.note(&self.at_per_client, false, "max_connections_per_client");
+                Some(net)
+            }
+            _ => None,
+        };
+        self.gauge.inc();
+        Some(ConnectionSlot {
+            caps: self.clone(),
+            client,
+        })
+    }
+}
+
+/// The caps of every listener, found by a connection's local address.
+pub struct ConnectionCaps {
+    listeners: Vec<Arc<ListenerCaps>>,
+}
+
+impl ConnectionCaps {
+    pub fn new(listen: &[ListenerSpec], ipv6_prefix: u8, metrics: &Metrics) -> Self {
+        let listeners = listen
+            .iter()
+            .map(|l| {
+                let name = l.addr.to_string();
+                Arc::new(ListenerCaps {
+                    addr: l.addr,
+                    max: l.max_connections,
+                    per_client: l.max_connections_per_client,
+                    ipv6_prefix,
+                    open: AtomicUsize::new(0),
+                    by_client: Mutex::new(HashMap::new()),
+                    at_max: AtomicBool::new(false),
+                    at_per_client: AtomicBool::new(false),
+                    gauge: metrics.connections.with_label_values(&[&name]),
+                    refused_max: metrics
+                        .connections_refused
+                        .with_label_values(&[&name, "max_connections"]),
+                    refused_per_client: metrics
+                        .connections_refused
+                        .with_label_values(&[&name, "max_connections_per_client"]),
+                    name,
+                })
+            })
+            .collect();
+        ConnectionCaps { listeners }
+    }
+
+    /// A place for a connection accepted on `local` from `peer`; `None`: close it now.
+    /// A connection on an address no listener claims is refused (fail closed).
+    pub fn admit(&self, local: Option<SocketAddr>, peer: Option<IpAddr>) -> Option<ConnectionSlot> {
+        let local = local?;
+        let caps = self
+            .listeners
+            .iter()
+            .find(|l| l.addr == local)
+            .or_else(|| {
+                self.listeners
+                    .iter()
+                    .find(|l| l.addr.port() == local.port() && l.addr.ip().is_unspecified())
+            })?;
+        caps.admit(peer)
+    }
+
+    #[cfg(test)]
+    fn open(&self, i: usize) -> usize {
+        self.listeners[i].open.load(Ordering::Acquire)
+    }
+}
+
+impl std::fmt::Debug for ListenerCaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ListenerCaps({})", self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(max: Option<usize>, per_client: Option<u32>) -> ListenerSpec {
+        ListenerSpec {
+            addr: "127.0.0.1:8080".parse().unwrap(),
+            tls: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            insecure: false,
+            max_connections: max,
+            max_connections_per_client: per_client,
+        }
+    }
+
+    #[test]
+    fn caps_hold_and_free() {
+        let metrics = Metrics::new(&prometheus::Registry::new(), false, 10).unwrap();
+        let caps = ConnectionCaps::new(&[spec(Some(3), Some(2))], 64, &metrics);
+        let local = Some("127.0.0.1:8080".parse().unwrap());
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let a2: IpAddr = "2001:db8::2".parse().unwrap(); // same /64
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = caps.admit(local, Some(a)).unwrap();
+        let s2 = caps.admit(local, Some(a2)).unwrap();
+        assert!(caps.admit(local, Some(a)).is_none(), "two from one /64");
+        let s3 = caps.admit(local, Some(b)).unwrap();
+        assert!(
+            caps.admit(local, Some("10.0.0.3".parse().unwrap()))
+                .is_none(),
+            "three in all"
+        );
+        assert_eq!(caps.open(0), 3);
+        drop((s1, s2, s3));
+        assert_eq!(caps.open(0), 0);
+        assert!(
+            caps.listeners[0].clients().is_empty(),
+            "nothing left behind"
+        );
+        assert!(caps
+            .admit(Some("127.0.0.1:9999".parse().unwrap()), Some(b))
+            .is_none());
+    }
+}
