@@ -1,9 +1,11 @@
 """Opens N keep-alive connections to HOST:PORT, sends one `GET /health` on each, keeps them
 open and idle, then closes them; prints the server's RSS (from /proc/PID/status) at each step.
 
-Usage: idle_conns.py PORT PID N [--hold SECONDS] [--slowloris | --silent]
+Usage: idle_conns.py PORT PID N [--hold SECONDS] [--slowloris | --silent | --streams]
   --slowloris: send only the first bytes of a request head on each connection instead;
-  --silent: send nothing at all.
+  --silent: send nothing at all;
+  --streams: run N streamed generations at once (POST /api/generate to a mock-ollama with a
+  chunk delay behind the server) and report RSS while they run and after.
 """
 import asyncio
 import sys
@@ -37,7 +39,36 @@ async def open_one(port, slowloris, silent=False):
     return r, w
 
 
+STREAM_BODY = b'{"model":"llama3.1:8b","prompt":"x"}'
+
+
+async def one_stream(port):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(STREAM_BODY)
+            + STREAM_BODY)
+    await w.drain()
+    while await r.read(65536):
+        pass
+    w.close()
+
+
+async def streams(port, pid, n):
+    idle = rss_mb(pid)
+    tasks = [asyncio.create_task(one_stream(port)) for _ in range(n)]
+    await asyncio.sleep(1.0)
+    running = rss_mb(pid)
+    await asyncio.gather(*tasks)
+    await asyncio.sleep(3)
+    after = rss_mb(pid)
+    print(f"{n} concurrent streams: RSS idle {idle:.1f} MiB, while running {running:.1f} MiB "
+          f"(+{running - idle:.1f}), 3 s after they ended {after:.1f} MiB (+{after - idle:.1f})")
+
+
 async def main():
+    if "--streams" in sys.argv:
+        await streams(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+        return
     port, pid, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     hold = float(sys.argv[sys.argv.index("--hold") + 1]) if "--hold" in sys.argv else 2.0
     slowloris = "--slowloris" in sys.argv
