@@ -345,3 +345,59 @@ async fn idle_connections_cost_little_and_memory_comes_back() {
         "memory not returned: {idle} KiB idle, {after} KiB after closing"
     );
 }
+
+// A long HTTP/2 stream outlives the first-request deadline: only a connection that never
+// sends a request is cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_http2_stream_outlives_the_head_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock_with(mock_ollama::MockConfig {
+        chunks: 15,
+        chunk_delay: Duration::from_millis(150),
+        ..Default::default()
+    })
+    .await;
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    tls: {{ cert: {}, key: {} }}\n{}limits: {{ client_header_timeout: 1s }}\n",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            backends(&[("local", &m.url())]),
+        ),
+        port,
+    )
+    .await;
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--http2",
+                "--cacert",
+                pki.ca.to_str().unwrap(),
+                "-w",
+                "\n%{http_code} %{http_version}",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"model":"llama3.1:8b","prompt":"x"}"#,
+                &format!("https://127.0.0.1:{port}/api/generate"),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("200 2"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("tok14"),
+        "the whole 2.2 s stream arrived: {text}"
+    );
+    drop(gw);
+}

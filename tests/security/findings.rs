@@ -833,3 +833,24 @@ async fn usage_is_asked_for_however_stream_options_is_written() {
     assert_eq!(r.status(), 400);
     assert_eq!(error_of(r).await.0, "invalid_stream");
 }
+
+// Review of finding 3: a stranger's answer is not lost to a connection reset when it already
+// sent a small body (closing with unread bytes makes the kernel reset the connection).
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_with_a_small_body_get_their_401() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "").await;
+    let body =
+        serde_json::to_vec(&json!({"model": "llama3.1:8b", "prompt": "x".repeat(30_000)})).unwrap();
+    for i in 0..20 {
+        let r = reqwest::Client::new()
+            .post(gw.url("/api/generate"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status(), 401, "request {i}");
+    }
+    assert_eq!(m.total(), 0);
+}

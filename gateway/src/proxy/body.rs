@@ -43,7 +43,9 @@ pub async fn read(
             .map_err(|e| BodyError::Read(format!("client connection failed: {e}")))?;
     }
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = BytesMut::with_capacity(announced.map_or(16 << 10, |n| n as usize));
+    // Grown as bytes arrive, not sized by what the client announces: a slow client would
+    // otherwise hold `max_body` from its first byte on.
+    let mut buf = BytesMut::with_capacity(announced.map_or(16 << 10, |n| n.min(64 << 10) as usize));
     loop {
         let next = tokio::time::timeout_at(deadline, session.read_request_body()).await;
         match next {
@@ -61,6 +63,21 @@ pub async fn read(
                 }
                 buf.extend_from_slice(&chunk);
             }
+        }
+    }
+}
+
+/// Reads and drops what the client already sent of a body nobody will read, at most `max`
+/// bytes and `wait`, without asking for more (no `100 Continue`). Closing a socket with unread
+/// bytes makes the kernel answer with a reset, which can reach the client before the answer
+/// it was given; a small body that is already here is read so the answer arrives whole.
+pub async fn discard(session: &mut Session, max: usize, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut read = 0;
+    while read <= max {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => read += chunk.len(),
+            _ => return,
         }
     }
 }

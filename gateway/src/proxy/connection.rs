@@ -4,7 +4,6 @@
 //! time, and how many requests one connection may carry.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -13,7 +12,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::{Stream, ALPN};
+use pingora_core::protocols::{SocketDigest, Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 use tokio::io::AsyncReadExt;
@@ -33,20 +32,35 @@ tokio::task_local! {
     static TURN: Arc<RequestTurn>;
 }
 
-/// HTTP/2 connections waiting for their first request, by client address (HTTP/2 streams
-/// run in tasks of their own, out of reach of a task-local).
-static H2_WAITING: LazyLock<Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>> =
+/// HTTP/2 connections waiting for their first request (HTTP/2 streams run in tasks of their
+/// own, out of reach of a task-local), keyed by the connection's socket digest: one `Arc`
+/// that the connection and every one of its streams share.
+static H2_WAITING: LazyLock<Mutex<HashMap<usize, Arc<AtomicBool>>>> =
     LazyLock::new(Default::default);
 
-fn h2_waiting() -> std::sync::MutexGuard<'static, HashMap<SocketAddr, Arc<AtomicBool>>> {
+fn h2_waiting() -> std::sync::MutexGuard<'static, HashMap<usize, Arc<AtomicBool>>> {
     H2_WAITING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The key of a connection in [`H2_WAITING`].
+pub fn h2_key(digest: &Arc<SocketDigest>) -> usize {
+    Arc::as_ptr(digest) as usize
+}
+
+/// An HTTP/2 connection's entry in [`H2_WAITING`], removed however the connection ends.
+struct H2Waiting(usize);
+
+impl Drop for H2Waiting {
+    fn drop(&mut self) {
+        h2_waiting().remove(&self.0);
+    }
 }
 
 /// Called from `early_request_filter`: the head arrived in time. Returns whether this is the
 /// connection's last request (its answer must then say `Connection: close`).
-pub fn head_read(http2_client: Option<SocketAddr>) -> bool {
-    if let Some(peer) = http2_client {
-        if let Some(first) = h2_waiting().remove(&peer) {
+pub fn head_read(http2_connection: Option<usize>) -> bool {
+    if let Some(key) = http2_connection {
+        if let Some(first) = h2_waiting().remove(&key) {
             first.store(true, Ordering::Release);
         }
         return false;
@@ -57,6 +71,9 @@ pub fn head_read(http2_client: Option<SocketAddr>) -> bool {
     })
     .unwrap_or(false)
 }
+
+/// Requests one HTTP/2 connection may have open at once.
+const H2_MAX_STREAMS: u32 = 16;
 
 pub struct ConnectionLimits {
     pub caps: super::ConnectionCaps,
@@ -77,6 +94,11 @@ impl GatewayApp {
         let mut options = pingora_core::apps::HttpServerOptions::default();
         options.h2_idle_timeout = Some(limits.keepalive_timeout);
         proxy.server_options = Some(options);
+        // Each stream may hold a body of up to `max_body` and a backend slot: an HTTP/2
+        // connection counts as this many HTTP/1 ones, not Pingora's default of 100.
+        let mut h2 = pingora_core::protocols::http::v2::server::default_h2_options();
+        h2.max_concurrent_streams(H2_MAX_STREAMS);
+        proxy.h2_options = Some(h2);
         GatewayApp {
             proxy: Arc::new(proxy),
             limits,
@@ -87,22 +109,20 @@ impl GatewayApp {
     /// has not arrived within the head timeout (a client that finishes TLS and then sends
     /// no preface, or no request, would otherwise hold it forever).
     async fn serve_h2(&self, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        let Some(key) = stream.get_socket_digest().as_ref().map(h2_key) else {
+            // Nothing to key the deadline by (not a socket): Pingora's own idle limit only.
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        };
         let first = Arc::new(AtomicBool::new(false));
-        if let Some(p) = peer {
-            h2_waiting().insert(p, first.clone());
-        }
+        h2_waiting().insert(key, first.clone());
+        let waiting = H2Waiting(key);
         let serve = ServerApp::process_new(&self.proxy, stream, shutdown);
         tokio::pin!(serve);
         let out = tokio::select! {
             out = &mut serve => Some(out),
             _ = tokio::time::sleep(self.limits.head_timeout) => None,
         };
-        if let Some(p) = peer {
-            h2_waiting().remove(&p);
-        }
+        drop(waiting);
         match out {
             Some(out) => out,
             None if first.load(Ordering::Acquire) => serve.await,

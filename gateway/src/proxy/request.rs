@@ -17,11 +17,12 @@ use crate::tls::CertSubjects;
 
 /// Request id, client address, start time; nothing here can fail.
 pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
-    let http2_client = session
+    let http2_connection = session
         .is_http2()
-        .then(|| session.client_addr().and_then(|a| a.as_inet()).copied())
-        .flatten();
-    let last = super::connection::head_read(http2_client);
+        .then(|| session.digest().and_then(|d| d.socket_digest.as_ref()))
+        .flatten()
+        .map(super::connection::h2_key);
+    let last = super::connection::head_read(http2_connection);
     let limits = &gw.settings.limits;
     // A client that stops reading frees its backend slot when this fires.
     session.set_write_timeout(Some(limits.client_send_timeout));
@@ -175,22 +176,23 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
     }
 }
 
-/// Most of an unread HTTP/2 body read (and dropped) before a refusal: the stream's flow
-/// control window, so a client cannot make the gateway read more.
-const H2_DRAIN: usize = 64 << 10;
+/// Most of an unread body read (and dropped) before a refusal is answered: an HTTP/2 stream's
+/// flow-control window; on HTTP/1, what a small request has usually sent already.
+const DRAIN: usize = 64 << 10;
 
-/// A refusal is answered without reading the body. On HTTP/1 the connection is then closed
-/// (the unread body would be taken for the next request). On HTTP/2 the stream is reset
-/// after the answer, and a client still sending its body may see the reset before the
-/// answer: what the flow-control window allows is read and dropped first, briefly.
+/// A refusal is answered without reading the body a stranger announced. What the client has
+/// already sent is read and dropped, briefly and bounded (see `body::discard`), so the answer
+/// is not lost to a reset. On HTTP/1 the connection is then closed (the rest of the body would
+/// be taken for the next request); on HTTP/2 the stream is reset after the answer.
 async fn unread_body(session: &mut Session) {
     if session.is_http2() {
         if !session.is_body_done() {
-            let _ = body::read(session, H2_DRAIN, std::time::Duration::from_secs(1)).await;
+            body::discard(session, DRAIN, std::time::Duration::from_secs(1)).await;
         }
         return;
     }
     if super::framing::has_body(session) {
+        body::discard(session, DRAIN, std::time::Duration::from_millis(100)).await;
         session.set_keepalive(None);
     }
 }
