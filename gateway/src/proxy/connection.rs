@@ -227,6 +227,9 @@ impl ServerApp for GatewayApp {
             let waited = std::time::Instant::now();
             let head = next_request(&mut stream, idle).await?;
             let mut session = ServerSession::new_http1(stream);
+            // Pingora's HTTP/1 pipelining stays off (its default): a session never carries a
+            // prefix of its own into `apply_to_session`, so ours is the only one. Bytes a
+            // client pipelines into the same read as a request end that connection after it.
             if let Some(settings) = carried.take() {
                 settings.apply_to_session(&mut session);
             }
