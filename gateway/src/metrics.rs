@@ -22,6 +22,8 @@ pub struct Metrics {
     pub backend_up: IntGaugeVec,
     pub backend_in_flight: IntGaugeVec,
     pub retries: IntCounterVec,
+    /// Attempts abandoned because no response byte came within the first-byte deadline.
+    pub first_byte_timeouts: IntCounterVec,
     pub in_flight: IntGauge,
     /// Client connections open now, by listener.
     pub connections: IntGaugeVec,
@@ -146,6 +148,12 @@ impl Metrics {
                 "Attempts moved away from a backend",
                 &["backend"],
             )?,
+            first_byte_timeouts: counter(
+                r,
+                "llm_gateway_first_byte_timeouts_total",
+                "Attempts abandoned because no response byte came within the first-byte deadline",
+                &["backend"],
+            )?,
             connections: gauge(
                 r,
                 "llm_gateway_connections_open",
@@ -169,6 +177,7 @@ impl Metrics {
     pub fn init_backends<'a>(&self, names: impl Iterator<Item = &'a str>) {
         for n in names {
             self.retries.with_label_values(&[n]);
+            self.first_byte_timeouts.with_label_values(&[n]);
             self.backend_in_flight.with_label_values(&[n]);
             self.backend_up.with_label_values(&[n]).set(1);
             self.upstream_duration.with_label_values(&[n]);

@@ -378,3 +378,160 @@ async fn a_stream_broken_mid_way_ends_with_an_error_and_is_audited() {
     assert_eq!(line["decision"], "failed:backend_broke_stream");
     assert_eq!(line["status"], 200);
 }
+
+/// `routing.first_byte_timeout` and the rest, with probes and discovery off.
+fn first_byte_routing(extra: &str) -> String {
+    format!("routing: {{ strategy: round-robin, first_byte_timeout: 400ms, {extra} discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n")
+}
+
+// Slow starts: a backend that sits on a request past the first-byte deadline is left for
+// another, before anything reached the client.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_silent_past_the_first_byte_deadline_is_left_for_another() {
+    let a = mock().await;
+    let b = mock().await;
+    a.set_fail(FailMode::Hang);
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        backends(&[("a", &a.url()), ("b", &b.url())]),
+        first_byte_routing("")
+    ))
+    .await;
+    let c = client();
+    for _ in 0..4 {
+        let start = Instant::now();
+        let r = c
+            .post(gw.url("/api/generate"))
+            .json(&gen(MODEL))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            start.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("llm_gateway_first_byte_timeouts_total{backend=\"a\"} ")
+            && !metrics.contains("llm_gateway_first_byte_timeouts_total{backend=\"a\"} 0"),
+        "{metrics}"
+    );
+    // Both silent: 504 in the route's shape, code first_byte_timeout, not a hang.
+    b.set_fail(FailMode::Hang);
+    let start = Instant::now();
+    let r = c
+        .post(gw.url("/api/generate"))
+        .json(&gen(MODEL))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "first_byte_timeout", "{v}");
+}
+
+// Slow starts: a model the backend has not loaded (not in /api/ps) gets the cold-start
+// deadline; a loaded one the first-byte deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_model_gets_the_longer_deadline() {
+    // The mock's /api/ps lists its first model only: llama3.1:8b is loaded, qwen2.5:7b cold.
+    let m = mock_with(MockConfig {
+        first_byte_delay: Duration::from_millis(700),
+        ..MockConfig::default()
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "{}routing: {{ first_byte_timeout: 300ms, cold_start_timeout: 5s, discovery: {{ interval: 100ms }}, health: {{ enabled: false }} }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    // Wait for discovery to have read /api/ps.
+    for _ in 0..100 {
+        if m.hits("/api/ps") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = client();
+    let r = c
+        .post(gw.url("/api/generate"))
+        .json(&gen("qwen2.5:7b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a cold load is expected, not a failure");
+    let r = c
+        .post(gw.url("/api/generate"))
+        .json(&gen(MODEL))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504, "a loaded model has no excuse");
+}
+
+// Probes and discovery leave a busy backend alone (llama-cpp-python cuts a running stream
+// short when any other request arrives).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_backend_is_not_polled() {
+    let m = mock_with(MockConfig {
+        chunks: 12,
+        chunk_delay: Duration::from_millis(100),
+        ..MockConfig::default()
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "{}routing: {{ discovery: {{ interval: 50ms }}, health: {{ interval: 50ms }} }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let polls = |m: &mock_ollama::MockServer| {
+        m.hits("/api/version") + m.hits("/api/tags") + m.hits("/api/ps")
+    };
+    for _ in 0..100 {
+        if polls(&m) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = gw.url("/api/generate");
+    let stream = tokio::spawn(async move {
+        client()
+            .post(url)
+            .json(&json!({"model": MODEL, "prompt": "x"}))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    for _ in 0..100 {
+        if m.hits("/api/generate") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let during = polls(&m);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(polls(&m), during, "no poll while the stream runs");
+    stream.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(polls(&m) > during, "polling resumes once it is idle");
+}

@@ -138,6 +138,8 @@ pub struct BackendEntry {
     pub max_in_flight: Option<u32>,
     /// Pinned model list; discovery is not used for this backend's models.
     pub models: Option<Vec<String>>,
+    /// This backend's first-byte deadline (overrides `routing.first_byte_timeout`).
+    pub first_byte_timeout: Option<HumanDuration>,
 }
 
 fn one() -> u32 {
@@ -162,6 +164,12 @@ pub struct RoutingSection {
     pub per_model: std::collections::BTreeMap<String, Strategy>,
     /// Extra attempts on other backends before anything reached the client.
     pub retries: u32,
+    /// No response byte within this: the attempt is abandoned and the request moves to
+    /// another backend (off when absent).
+    pub first_byte_timeout: Option<HumanDuration>,
+    /// The first-byte deadline when the model is not loaded on the backend (`/api/ps`): a
+    /// cold load is expected, not a failure.
+    pub cold_start_timeout: HumanDuration,
     pub fail_threshold: u32,
     pub cooldown: HumanDuration,
     pub cooldown_max: HumanDuration,
@@ -182,6 +190,8 @@ impl Default for RoutingSection {
             strategy: Strategy::Usage,
             per_model: Default::default(),
             retries: 2,
+            first_byte_timeout: None,
+            cold_start_timeout: HumanDuration(Duration::from_secs(300)),
             fail_threshold: 3,
             cooldown: HumanDuration(Duration::from_secs(10)),
             cooldown_max: HumanDuration(Duration::from_secs(300)),

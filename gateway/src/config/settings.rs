@@ -74,6 +74,8 @@ pub struct RoutingSpec {
     pub residency_max_in_flight: u32,
     pub queue_size: usize,
     pub queue_timeout: Duration,
+    pub first_byte_timeout: Option<Duration>,
+    pub cold_start_timeout: Duration,
     pub discovery_interval: Option<Duration>,
     pub health_interval: Option<Duration>,
     pub probe_timeout: Duration,
@@ -90,6 +92,8 @@ pub struct BackendSpec {
     pub addr: SocketAddr,
     /// `host:port` from the URL, sent as the `Host` header (Ollama rejects foreign hosts).
     pub authority: String,
+    /// Overrides `routing.first_byte_timeout` for this backend.
+    pub first_byte_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -270,6 +274,12 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
             "cooldown must be > 0 and cooldown_max at least cooldown".into(),
         ));
     }
+    if r.first_byte_timeout.is_some_and(|d| d.0.is_zero()) || r.cold_start_timeout.0.is_zero() {
+        return Err((
+            "routing.first_byte_timeout".into(),
+            "first_byte_timeout and cold_start_timeout must be greater than 0 (leave first_byte_timeout out for none)".into(),
+        ));
+    }
     let mut intervals = [None, None];
     for (i, (key, p, default)) in [
         ("discovery", &r.discovery, Duration::from_secs(10)),
@@ -298,6 +308,8 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
         residency_max_in_flight: r.residency_max_in_flight.max(1),
         queue_size: r.queue.size,
         queue_timeout: r.queue.timeout.0,
+        first_byte_timeout: r.first_byte_timeout.map(|d| d.0),
+        cold_start_timeout: r.cold_start_timeout.0,
         discovery_interval: intervals[0],
         health_interval: intervals[1],
         probe_timeout: r.health.timeout.0,
@@ -462,6 +474,7 @@ fn backend(b: &BackendEntry) -> Result<BackendSpec, Invalid> {
         kind: b.kind,
         weight: b.weight,
         max_in_flight: b.max_in_flight,
+        first_byte_timeout: b.first_byte_timeout.map(|d| d.0),
         models: b.models.clone(),
         addr,
         authority,

@@ -274,7 +274,28 @@ async fn exchange_header(
             });
         }
         // The backend has the whole request now: whatever happens next, it may have run it.
-        return match read_header(&mut up).await {
+        let answered = match first_byte_deadline(gw, ctx, backend) {
+            None => read_header(&mut up).await,
+            Some(deadline) => match tokio::time::timeout(deadline, read_header(&mut up)).await {
+                Ok(answered) => answered,
+                Err(_) => {
+                    // The operator's choice: a backend sitting on a request this long is
+                    // given up, and another tries (nothing reached the client yet).
+                    gw.metrics
+                        .first_byte_timeouts
+                        .with_label_values(&[&backend.name])
+                        .inc();
+                    return Err(Attempt::Retry {
+                        err: Error::explain(
+                            ErrorType::Custom(respond::FIRST_BYTE_TIMEOUT),
+                            format!("no response byte within {deadline:?}"),
+                        ),
+                        health: true,
+                    });
+                }
+            },
+        };
+        return match answered {
             Ok(()) => Ok(up),
             // The backend has the request and did not answer: it counts against its health,
             // and the client gets the error.
@@ -287,6 +308,28 @@ async fn exchange_header(
             "pooled connections kept closing",
         ),
         health: true,
+    })
+}
+
+/// How long the backend may take to send its first byte (`routing.first_byte_timeout`, or
+/// the backend's own), or `None` when there is no such deadline. A model the backend has not
+/// loaded (per its `/api/ps`) gets `routing.cold_start_timeout` instead, when that is longer.
+fn first_byte_deadline(
+    gw: &Gateway,
+    ctx: &GwCtx,
+    backend: &Backend,
+) -> Option<std::time::Duration> {
+    let routing = &gw.settings.routing;
+    let deadline = backend.first_byte_timeout.or(routing.first_byte_timeout)?;
+    let cold = ctx
+        .req
+        .model
+        .as_deref()
+        .is_some_and(|m| backend.is_cold(&crate::router::canonical_model(m)));
+    Some(if cold {
+        deadline.max(routing.cold_start_timeout)
+    } else {
+        deadline
     })
 }
 

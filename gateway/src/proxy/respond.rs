@@ -40,10 +40,18 @@ pub async fn rejection(session: &mut Session, ctx: &mut RequestCtx, r: &Rejectio
     json(session, ctx, r.status, body, &r.headers).await
 }
 
+/// Error kind for an attempt abandoned at the first-byte deadline.
+pub const FIRST_BYTE_TIMEOUT: &str = "first_byte_timeout";
+
 /// The error a failed exchange with a backend turns into. Names the backend, nothing else.
 pub fn upstream_failure(e: &Error, backend: Option<&str>) -> (StatusCode, &'static str, String) {
     let name = backend.unwrap_or("(none)");
     match e.etype() {
+        ErrorType::Custom(c) if *c == FIRST_BYTE_TIMEOUT => (
+            StatusCode::GATEWAY_TIMEOUT,
+            FIRST_BYTE_TIMEOUT,
+            format!("backend {name} sent nothing within the first-byte deadline"),
+        ),
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => (
             StatusCode::GATEWAY_TIMEOUT,
             "backend_timeout",

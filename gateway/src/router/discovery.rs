@@ -1,7 +1,7 @@
 //! Background polling, on its own thread: each backend's models (Ollama `/api/tags` and
 //! `/api/ps`, OpenAI-compatible `/v1/models`) every `discovery.interval`, and a cheap health
 //! probe (Ollama `/api/version`, else `/v1/models`; never an inference call) every
-//! `health.interval`.
+//! `health.interval`; both only while the backend has no request of ours running.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -120,6 +120,14 @@ async fn probe(connector: &Connector, pool: &BackendPool, idx: usize, timeout: D
     pool.set_probe(idx, ok);
 }
 
+/// Whether backend `idx` has no request of ours running. A busy backend is proven alive by
+/// its live traffic (passive health judges it), and polling it may hurt what runs there:
+/// llama-cpp-python's server (`interrupt_requests`, on by default) cuts a running stream short
+/// whenever another request arrives, probes included.
+fn idle(pool: &BackendPool, idx: usize) -> bool {
+    pool.get(idx).in_flight() == 0
+}
+
 /// Starts the polling thread; it runs for the life of the process.
 pub fn spawn(pool: BackendPool, spec: &RoutingSpec) {
     if pool.is_empty() || (spec.discovery_interval.is_none() && spec.health_interval.is_none()) {
@@ -151,12 +159,12 @@ pub fn spawn(pool: BackendPool, spec: &RoutingSpec) {
                 loop {
                     tokio::select! {
                         _ = d.tick(), if discovery.is_some() => {
-                            for i in 0..pool.len() {
+                            for i in (0..pool.len()).filter(|&i| idle(&pool, i)) {
                                 discover(&connector, &pool, i, timeout).await;
                             }
                         }
                         _ = h.tick(), if health.is_some() => {
-                            for i in 0..pool.len() {
+                            for i in (0..pool.len()).filter(|&i| idle(&pool, i)) {
                                 probe(&connector, &pool, i, timeout).await;
                             }
                         }

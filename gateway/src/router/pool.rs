@@ -56,6 +56,7 @@ pub struct Backend {
     pub authority: String,
     pub weight: u32,
     pub max_in_flight: Option<u32>,
+    pub first_byte_timeout: Option<Duration>,
     /// Template peer with the configured timeouts; cloned per attempt.
     pub peer: HttpPeer,
     pinned: Option<HashSet<String>>,
@@ -76,6 +77,8 @@ pub struct Backend {
     // Models: discovered (`None` until the first successful poll) and loaded right now.
     models: RwLock<Option<HashSet<String>>>,
     loaded: RwLock<HashSet<String>>,
+    /// `/api/ps` was read at least once.
+    residency_known: AtomicBool,
     /// Raw `/api/tags` entries or `/v1/models` ids, for the merged catalogue.
     pub(super) catalogue: RwLock<Vec<serde_json::Value>>,
 }
@@ -98,6 +101,7 @@ impl Backend {
             authority: spec.authority.clone(),
             weight: spec.weight.max(1),
             max_in_flight: spec.max_in_flight,
+            first_byte_timeout: spec.first_byte_timeout,
             peer,
             pinned: spec
                 .models
@@ -113,6 +117,7 @@ impl Backend {
             ttfb_us: AtomicU64::new(0),
             models: RwLock::new(None),
             loaded: RwLock::new(HashSet::new()),
+            residency_known: AtomicBool::new(false),
             catalogue: RwLock::new(Vec::new()),
         }
     }
@@ -139,6 +144,12 @@ impl Backend {
         self.loaded.read().is_ok_and(|l| l.contains(model))
     }
 
+    /// Whether the model is known *not* to be loaded (the backend's `/api/ps` was read and
+    /// does not list it): its first answer waits for a cold load.
+    pub fn is_cold(&self, model: &str) -> bool {
+        self.residency_known.load(Ordering::Acquire) && !self.has_loaded(model)
+    }
+
     pub fn ttfb_us(&self) -> u64 {
         self.ttfb_us.load(Ordering::Relaxed)
     }
@@ -156,6 +167,7 @@ impl Backend {
         if let Ok(mut l) = self.loaded.write() {
             *l = loaded;
         }
+        self.residency_known.store(true, Ordering::Release);
     }
 }
 

@@ -52,6 +52,7 @@ fn main() -> std::io::Result<()> {
             models: args.models,
             chunks: args.chunks,
             chunk_delay: Duration::from_millis(args.chunk_delay_ms),
+            first_byte_delay: Duration::ZERO,
             fail: args.fail,
         })
         .await?;

@@ -26,6 +26,9 @@ pub struct MockConfig {
     /// Tokens generated per request (one streamed chunk each).
     pub chunks: u64,
     pub chunk_delay: Duration,
+    /// Inference answers start only after this (a model loading, a queue): accept, then
+    /// answer late.
+    pub first_byte_delay: Duration,
     pub fail: FailMode,
 }
 
@@ -40,6 +43,7 @@ impl Default for MockConfig {
             ],
             chunks: 5,
             chunk_delay: Duration::ZERO,
+            first_byte_delay: Duration::ZERO,
             fail: FailMode::None,
         }
     }
@@ -389,13 +393,21 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
             | "/v1/chat/completions"
             | "/v1/completions"
             | "/v1/embeddings"),
-        ) => inference(
-            p,
-            &json,
-            &parts.headers,
-            cfg,
-            fail == FailMode::CloseMidStream,
-        ),
+        ) => {
+            let wait = header_u64(&parts.headers, "x-mock-first-byte-ms")
+                .map(Duration::from_millis)
+                .unwrap_or(cfg.first_byte_delay);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            inference(
+                p,
+                &json,
+                &parts.headers,
+                cfg,
+                fail == FailMode::CloseMidStream,
+            )
+        }
         _ => text_response(StatusCode::NOT_FOUND, "404 page not found"),
     };
     Ok(resp)
