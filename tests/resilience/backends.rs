@@ -286,6 +286,8 @@ async fn failing_every_request_ejects_a_backend_that_passes_its_probe() {
         3,
         "ejected after fail_threshold failures"
     );
+    // Probes run while a backend is idle (between requests, and now).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(m[2].hits("/api/version") > 0, "its probe kept passing");
     let h: Value = c
         .get(gw.url("/health"))
@@ -534,4 +536,91 @@ async fn a_busy_backend_is_not_polled() {
     stream.await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(polls(&m) > during, "polling resumes once it is idle");
+}
+
+/// An OpenAI chat stream through the gateway: the whole body, as the client received it.
+async fn openai_stream(gw: &Gateway) -> String {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+// Slow starts: SSE keep-alive comments while the backend loads, then the real events,
+// unchanged, also for the official openai client.
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_keepalives_hold_a_slow_stream_open() {
+    let m = mock_with(MockConfig {
+        first_byte_delay: Duration::from_millis(1100),
+        ..MockConfig::default()
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "{}routing: {{ sse_keepalive: 300ms, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let text = openai_stream(&gw).await;
+    let (before, events) = text.split_once("data: ").expect("events follow");
+    assert!(
+        (2..=4).contains(&before.matches(": keep-alive\n\n").count()),
+        "a comment every 300 ms for 1.1 s: {before:?}"
+    );
+    assert!(
+        events.contains("tok4") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    // The official client reads through the comments.
+    let url = gw.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", "import sys, openai\nc = openai.OpenAI(base_url=sys.argv[1], api_key='x')\nparts = [ch.choices[0].delta.content or '' for ch in c.chat.completions.create(model='llama3.1:8b', messages=[{'role': 'user', 'content': 'hi'}], stream=True) if ch.choices]\nprint(''.join(parts))", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("tok0 tok1"),
+        "{said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// Slow starts: once a keep-alive went out, nothing is retried (the client has its 200); a
+// deadline that passes before the first keep-alive still fails over.
+#[tokio::test(flavor = "multi_thread")]
+async fn keepalives_and_failover_exclude_each_other() {
+    let a = mock().await;
+    let b = mock().await;
+    a.set_fail(FailMode::Hang);
+    let both = backends(&[("a", &a.url()), ("b", &b.url())]);
+    // Keep-alives every 100 ms, deadline 500 ms: keep-alives went out, so no failover; the
+    // stream ends with an error event.
+    let gw = Gateway::start(&format!(
+        "{both}routing: {{ strategy: round-robin, sse_keepalive: 100ms, first_byte_timeout: 500ms, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n"
+    ))
+    .await;
+    let text = openai_stream(&gw).await;
+    assert!(text.starts_with(": keep-alive\n\n"), "{text}");
+    assert!(text.contains("\"code\":\"first_byte_timeout\""), "{text}");
+    assert_eq!(b.hits("/v1/chat/completions"), 0, "not sent twice");
+    drop(gw);
+    // Deadline 300 ms before the first keep-alive at 2 s: failover as usual.
+    let gw = Gateway::start(&format!(
+        "{both}routing: {{ strategy: round-robin, sse_keepalive: 2s, first_byte_timeout: 300ms, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n"
+    ))
+    .await;
+    let text = openai_stream(&gw).await;
+    assert!(
+        !text.contains("keep-alive") && text.contains("tok4"),
+        "{text}"
+    );
+    assert_eq!(b.hits("/v1/chat/completions"), 1);
 }

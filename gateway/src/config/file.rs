@@ -170,6 +170,9 @@ pub struct RoutingSection {
     /// The first-byte deadline when the model is not loaded on the backend (`/api/ps`): a
     /// cold load is expected, not a failure.
     pub cold_start_timeout: HumanDuration,
+    /// While an OpenAI stream waits for its first byte, send the response headers and an SSE
+    /// comment (`: keep-alive`) this often, so proxies in front do not cut it (off when absent).
+    pub sse_keepalive: Option<HumanDuration>,
     pub fail_threshold: u32,
     pub cooldown: HumanDuration,
     pub cooldown_max: HumanDuration,
@@ -192,6 +195,7 @@ impl Default for RoutingSection {
             retries: 2,
             first_byte_timeout: None,
             cold_start_timeout: HumanDuration(Duration::from_secs(300)),
+            sse_keepalive: None,
             fail_threshold: 3,
             cooldown: HumanDuration(Duration::from_secs(10)),
             cooldown_max: HumanDuration(Duration::from_secs(300)),

@@ -76,6 +76,7 @@ pub struct RoutingSpec {
     pub queue_timeout: Duration,
     pub first_byte_timeout: Option<Duration>,
     pub cold_start_timeout: Duration,
+    pub sse_keepalive: Option<Duration>,
     pub discovery_interval: Option<Duration>,
     pub health_interval: Option<Duration>,
     pub probe_timeout: Duration,
@@ -274,6 +275,12 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
             "cooldown must be > 0 and cooldown_max at least cooldown".into(),
         ));
     }
+    if r.sse_keepalive.is_some_and(|d| d.0.is_zero()) {
+        return Err((
+            "routing.sse_keepalive".into(),
+            "must be greater than 0 (leave it out for none)".into(),
+        ));
+    }
     if r.first_byte_timeout.is_some_and(|d| d.0.is_zero()) || r.cold_start_timeout.0.is_zero() {
         return Err((
             "routing.first_byte_timeout".into(),
@@ -310,6 +317,7 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
         queue_timeout: r.queue.timeout.0,
         first_byte_timeout: r.first_byte_timeout.map(|d| d.0),
         cold_start_timeout: r.cold_start_timeout.0,
+        sse_keepalive: r.sse_keepalive.map(|d| d.0),
         discovery_interval: intervals[0],
         health_interval: intervals[1],
         probe_timeout: r.health.timeout.0,

@@ -17,6 +17,9 @@ pub struct GwCtx {
     /// The request body was read (or reading it was tried): a refusal before that closes
     /// the connection instead of reading the body.
     pub(super) body_read: bool,
+    /// SSE keep-alives went out while the backend was silent: the client has a 200 and its
+    /// headers, so nothing can be retried or answered with another status any more.
+    pub(super) keepalive_sent: bool,
     /// When the first attempt on a backend began.
     pub(super) upstream_started: Option<std::time::Instant>,
     /// This request's hold on its current backend (in-flight count, reserved tokens).
@@ -40,6 +43,7 @@ impl Default for GwCtx {
             answered: false,
             strip_usage_event: false,
             body_read: false,
+            keepalive_sent: false,
             upstream_started: None,
             lease: None,
         }

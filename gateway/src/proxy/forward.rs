@@ -10,7 +10,7 @@
 
 use bytes::Bytes;
 use gateway_filter::http::{header, Method, StatusCode};
-use gateway_filter::{echo, Decision, Rejection, Usage};
+use gateway_filter::{echo, Decision, Rejection, Usage, WireFormat};
 use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_core::Result;
 use pingora_error::{Error, ErrorType};
@@ -153,7 +153,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 }
                 gw.count_retry(idx);
                 ctx.lease = None;
-                if !may_retry {
+                if !may_retry || ctx.keepalive_sent {
                     return answer_failure(session, ctx, &err).await;
                 }
                 last_err = Some(err);
@@ -244,7 +244,8 @@ async fn send(up: &mut HttpSession, req: Box<RequestHeader>, body: &Bytes) -> Re
 /// is run twice.
 async fn exchange_header(
     gw: &Gateway,
-    ctx: &GwCtx,
+    session: &mut Session,
+    ctx: &mut GwCtx,
     backend: &Backend,
     body: &Bytes,
 ) -> Result<HttpSession, Attempt> {
@@ -274,26 +275,24 @@ async fn exchange_header(
             });
         }
         // The backend has the whole request now: whatever happens next, it may have run it.
-        let answered = match first_byte_deadline(gw, ctx, backend) {
-            None => read_header(&mut up).await,
-            Some(deadline) => match tokio::time::timeout(deadline, read_header(&mut up)).await {
-                Ok(answered) => answered,
-                Err(_) => {
-                    // The operator's choice: a backend sitting on a request this long is
-                    // given up, and another tries (nothing reached the client yet).
-                    gw.metrics
-                        .first_byte_timeouts
-                        .with_label_values(&[&backend.name])
-                        .inc();
-                    return Err(Attempt::Retry {
-                        err: Error::explain(
-                            ErrorType::Custom(respond::FIRST_BYTE_TIMEOUT),
-                            format!("no response byte within {deadline:?}"),
-                        ),
-                        health: true,
-                    });
-                }
-            },
+        let answered = match wait_for_header(gw, session, ctx, backend, &mut up).await {
+            Waited::Header(answered) => answered,
+            Waited::FirstByteTimeout(deadline) => {
+                // The operator's choice: a backend sitting on a request this long is given
+                // up, and another tries (nothing but keep-alives reached the client).
+                gw.metrics
+                    .first_byte_timeouts
+                    .with_label_values(&[&backend.name])
+                    .inc();
+                return Err(Attempt::Retry {
+                    err: Error::explain(
+                        ErrorType::Custom(respond::FIRST_BYTE_TIMEOUT),
+                        format!("no response byte within {deadline:?}"),
+                    ),
+                    health: true,
+                });
+            }
+            Waited::ClientGone(e) => return Err(Attempt::Abort(e)),
         };
         return match answered {
             Ok(()) => Ok(up),
@@ -310,6 +309,89 @@ async fn exchange_header(
         health: true,
     })
 }
+
+/// How waiting for the backend's response header ended.
+enum Waited {
+    Header(Result<()>),
+    FirstByteTimeout(std::time::Duration),
+    /// Writing a keep-alive to the client failed.
+    ClientGone(Box<Error>),
+}
+
+/// Waits for the response header, within the first-byte deadline if there is one. For an
+/// OpenAI stream with `routing.sse_keepalive`, the client meanwhile gets a 200 with the
+/// stream's headers and an SSE comment every interval, so proxies in front do not cut an idle
+/// stream during a cold load; from the first of them on, nothing can be retried.
+async fn wait_for_header(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    backend: &Backend,
+    up: &mut HttpSession,
+) -> Waited {
+    let deadline = first_byte_deadline(gw, ctx, backend);
+    let keepalive = gw
+        .settings
+        .routing
+        .sse_keepalive
+        .filter(|_| ctx.req.stream && ctx.req.route.wire_format() == WireFormat::OpenAi);
+    let read = read_header(up);
+    tokio::pin!(read);
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
+    let mut ticks =
+        keepalive.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    loop {
+        tokio::select! {
+            answered = &mut read => return Waited::Header(answered),
+            _ = &mut expired => return Waited::FirstByteTimeout(deadline.unwrap_or_default()),
+            _ = async {
+                match ticks.as_mut() {
+                    Some(t) => { t.tick().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                if let Err(e) = keep_alive(session, ctx).await {
+                    return Waited::ClientGone(e);
+                }
+            }
+        }
+    }
+}
+
+/// One SSE keep-alive comment; the stream's headers first, the first time.
+async fn keep_alive(session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
+    if !ctx.keepalive_sent {
+        let mut h =
+            ResponseHeader::build(StatusCode::OK, Some(4 + ctx.req.response_headers.len()))?;
+        h.insert_header(header::CONTENT_TYPE, "text/event-stream")?;
+        h.insert_header(header::CACHE_CONTROL, "no-cache")?;
+        h.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        for (k, v) in &ctx.req.response_headers {
+            h.append_header(k.clone(), v.clone())?;
+        }
+        session
+            .write_response_header(Box::new(h), false)
+            .await
+            .map_err(|e| e.into_down())?;
+        ctx.keepalive_sent = true;
+        ctx.req.status = 200;
+        ctx.req.ttfb = Some(ctx.req.started.elapsed());
+    }
+    ctx.req.bytes_out += KEEPALIVE.len() as u64;
+    session
+        .write_response_body(Some(Bytes::from_static(KEEPALIVE)), false)
+        .await
+        .map_err(|e| e.into_down())
+}
+
+/// An SSE comment: clients ignore it, proxies see bytes.
+const KEEPALIVE: &[u8] = b": keep-alive\n\n";
 
 /// How long the backend may take to send its first byte (`routing.first_byte_timeout`, or
 /// the backend's own), or `None` when there is no such deadline. A model the backend has not
@@ -361,7 +443,7 @@ async fn attempt(
     body: &Bytes,
     may_retry: bool,
 ) -> Attempt {
-    let mut up = match exchange_header(gw, ctx, backend, body).await {
+    let mut up = match exchange_header(gw, session, ctx, backend, body).await {
         Ok(up) => {
             ctx.req.reached_backend = true;
             up
@@ -375,7 +457,17 @@ async fn attempt(
     // A failing (5xx) or busy (429) backend: another may answer, and nothing was sent yet.
     // The upstream connection is dropped, not pooled: its body was not read.
     if let Some(s) = up.resp_header().map(|h| h.status) {
-        if may_retry && (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS) {
+        if ctx.keepalive_sent && !s.is_success() {
+            // The client has its 200 already: the backend's error goes into the stream.
+            return Attempt::Fail(Error::explain(
+                ErrorType::HTTPStatus(s.as_u16()),
+                format!("backend answered {s}"),
+            ));
+        }
+        if may_retry
+            && !ctx.keepalive_sent
+            && (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
+        {
             return Attempt::Retry {
                 err: Error::explain(
                     ErrorType::HTTPStatus(s.as_u16()),
@@ -429,10 +521,19 @@ async fn attempt(
         resp.remove_header(&header::CONTENT_LENGTH);
     }
     let end_now = up.is_body_done();
-    if let Err(e) = session.write_response_header(Box::new(resp), end_now).await {
-        return Attempt::Abort(e.into_down());
+    if ctx.keepalive_sent {
+        // The stream's headers went out with the first keep-alive: its events follow them.
+        if end_now {
+            if let Err(e) = session.write_response_body(None, true).await {
+                return Attempt::Abort(e.into_down());
+            }
+        }
+    } else {
+        if let Err(e) = session.write_response_header(Box::new(resp), end_now).await {
+            return Attempt::Abort(e.into_down());
+        }
+        ctx.req.ttfb = Some(ctx.req.started.elapsed());
     }
-    ctx.req.ttfb = Some(ctx.req.started.elapsed());
     if end_now {
         gw.connector
             .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)

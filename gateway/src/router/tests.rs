@@ -20,6 +20,7 @@ fn spec(strategy: Strategy) -> RoutingSpec {
         queue_timeout: Duration::from_secs(1),
         first_byte_timeout: None,
         cold_start_timeout: Duration::from_secs(300),
+        sse_keepalive: None,
         discovery_interval: None,
         health_interval: None,
         probe_timeout: Duration::from_secs(1),
