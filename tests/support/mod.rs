@@ -83,7 +83,10 @@ impl Gateway {
             "server: { threads: 2 }\n"
         };
         // Every gateway gets its own admin port, so tests can run side by side.
-        let admin_port = free_port();
+        // Two released ports can be the same one: never the listener's.
+        let admin_port = std::iter::repeat_with(free_port)
+            .find(|p| *p != port)
+            .unwrap_or(0);
         let admin = if config.contains("admin:") {
             String::new()
         } else {
