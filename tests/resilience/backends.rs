@@ -381,6 +381,11 @@ async fn a_stream_broken_mid_way_ends_with_an_error_and_is_audited() {
     assert_eq!(line["status"], 200);
 }
 
+/// A streamed Ollama generation (the first-byte deadline is for streams).
+fn streamed(model: &str) -> Value {
+    json!({"model": model, "prompt": "x"})
+}
+
 /// `routing.first_byte_timeout` and the rest, with probes and discovery off.
 fn first_byte_routing(extra: &str) -> String {
     format!("routing: {{ strategy: round-robin, first_byte_timeout: 400ms, {extra} discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n")
@@ -404,7 +409,7 @@ async fn a_backend_silent_past_the_first_byte_deadline_is_left_for_another() {
         let start = Instant::now();
         let r = c
             .post(gw.url("/api/generate"))
-            .json(&gen(MODEL))
+            .json(&streamed(MODEL))
             .send()
             .await
             .unwrap();
@@ -433,7 +438,7 @@ async fn a_backend_silent_past_the_first_byte_deadline_is_left_for_another() {
     let start = Instant::now();
     let r = c
         .post(gw.url("/api/generate"))
-        .json(&gen(MODEL))
+        .json(&streamed(MODEL))
         .send()
         .await
         .unwrap();
@@ -473,18 +478,26 @@ async fn a_cold_model_gets_the_longer_deadline() {
     let c = client();
     let r = c
         .post(gw.url("/api/generate"))
-        .json(&gen("qwen2.5:7b"))
+        .json(&streamed("qwen2.5:7b"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "a cold load is expected, not a failure");
     let r = c
         .post(gw.url("/api/generate"))
-        .json(&gen(MODEL))
+        .json(&streamed(MODEL))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 504, "a loaded model has no excuse");
+    // A whole (non-streamed) answer starts when the generation ends: no first-byte deadline.
+    let r = c
+        .post(gw.url("/api/generate"))
+        .json(&gen(MODEL))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 // Probes and discovery leave a busy backend alone (llama-cpp-python cuts a running stream
@@ -497,25 +510,25 @@ async fn a_busy_backend_is_not_polled() {
         ..MockConfig::default()
     })
     .await;
+    // An OpenAI-compatible backend (llama-cpp-python's kind): neither probed nor discovered
+    // while busy.
     let gw = Gateway::start(&format!(
-        "{}routing: {{ discovery: {{ interval: 50ms }}, health: {{ interval: 50ms }} }}\n",
-        backends(&[("local", &m.url())])
+        "backends:\n  - {{ name: local, url: '{}', kind: openai }}\nrouting: {{ discovery: {{ interval: 50ms }}, health: {{ interval: 50ms }} }}\n",
+        m.url()
     ))
     .await;
-    let polls = |m: &mock_ollama::MockServer| {
-        m.hits("/api/version") + m.hits("/api/tags") + m.hits("/api/ps")
-    };
+    let polls = |m: &mock_ollama::MockServer| m.hits("/v1/models");
     for _ in 0..100 {
         if polls(&m) > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let url = gw.url("/api/generate");
+    let url = gw.url("/v1/completions");
     let stream = tokio::spawn(async move {
         client()
             .post(url)
-            .json(&json!({"model": MODEL, "prompt": "x"}))
+            .json(&json!({"model": MODEL, "prompt": "x", "stream": true}))
             .send()
             .await
             .unwrap()
@@ -524,7 +537,7 @@ async fn a_busy_backend_is_not_polled() {
             .unwrap()
     });
     for _ in 0..100 {
-        if m.hits("/api/generate") == 1 {
+        if m.hits("/v1/completions") == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -609,7 +622,10 @@ async fn keepalives_and_failover_exclude_each_other() {
     .await;
     let text = openai_stream(&gw).await;
     assert!(text.starts_with(": keep-alive\n\n"), "{text}");
-    assert!(text.contains("\"code\":\"first_byte_timeout\""), "{text}");
+    assert!(
+        text.contains("\n\ndata: {\"error\":{") && text.contains("\"code\":\"first_byte_timeout\""),
+        "the failure is the stream's last event: {text}"
+    );
     assert_eq!(b.hits("/v1/chat/completions"), 0, "not sent twice");
     drop(gw);
     // Deadline 300 ms before the first keep-alive at 2 s: failover as usual.

@@ -261,12 +261,12 @@ async fn connection_caps_close_new_connections_at_once() {
     // Logged once when refusing began and once when it ended, not per connection.
     let log = gw.log();
     assert_eq!(
-        log.matches("max_connections_per_client reached").count(),
+        log.matches("reached max_connections_per_client").count(),
         1,
         "{log}"
     );
     assert_eq!(
-        log.matches("below max_connections_per_client again")
+        log.matches("is below max_connections_per_client again")
             .count(),
         1,
         "{log}"

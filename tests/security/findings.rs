@@ -94,11 +94,11 @@ async fn output_cap_holds_for_every_token_field() {
         // llama-cpp-python (max_tokens), llama.cpp (n_predict, else max_tokens).
         for field in ["max_tokens", "max_completion_tokens"] {
             let n = as_count(&seen[field]).unwrap_or_else(|| panic!("{field} missing: {seen}"));
-            assert!((0..=100).contains(&n), "{extra} forwarded {field}={n}");
+            assert!((1..=100).contains(&n), "{extra} forwarded {field}={n}");
         }
         if let Some(n) = seen.get("n_predict") {
             assert!(
-                as_count(n).is_some_and(|n| (0..=100).contains(&n)),
+                as_count(n).is_some_and(|n| (1..=100).contains(&n)),
                 "{seen}"
             );
         }
@@ -132,7 +132,7 @@ async fn output_cap_holds_for_every_token_field() {
         let seen = last_body(&m, "/api/chat");
         let n = seen["options"]["num_predict"].as_i64();
         assert!(
-            n.is_some_and(|n| (0..=100).contains(&n)),
+            n.is_some_and(|n| (1..=100).contains(&n)),
             "{extra} forwarded {seen}"
         );
     }

@@ -244,6 +244,24 @@ mod tests {
     }
 
     #[test]
+    fn context_window_is_capped() {
+        let mut c = ctx("/api/chat", json!({"options": {"num_ctx": 131072}}));
+        apply_context_cap(&mut c, 8192, OverCap::Clamp).unwrap();
+        assert_eq!(c.json.as_ref().unwrap()["options"]["num_ctx"], 8192);
+        assert!(c.body_rewritten);
+        let mut c = ctx("/api/chat", json!({"options": {"num_ctx": "131072"}}));
+        assert_eq!(
+            apply_context_cap(&mut c, 8192, OverCap::Reject)
+                .unwrap_err()
+                .code,
+            "context_too_large"
+        );
+        let mut c = ctx("/api/chat", json!({"options": {"num_ctx": 4096}}));
+        apply_context_cap(&mut c, 8192, OverCap::Reject).unwrap();
+        assert!(!c.body_rewritten, "within the cap nothing changes");
+    }
+
+    #[test]
     fn counts_prompt_characters() {
         let b = json!({"messages": [{"role": "user", "content": "héllo"}, {"role": "user", "content": [{"type": "text", "text": "abc"}]}], "system": "xy"});
         assert_eq!(prompt_chars(&b), 10);

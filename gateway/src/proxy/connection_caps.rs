@@ -22,9 +22,9 @@ pub struct ListenerCaps {
     per_client: Option<u32>,
     ipv6_prefix: u8,
     open: AtomicUsize,
-    by_client: Mutex<HashMap<IpAddr, u32>>,
+    /// Open connections per client network, and whether that client is being refused now.
+    by_client: Mutex<HashMap<IpAddr, (u32, bool)>>,
     at_max: AtomicBool,
-    at_per_client: AtomicBool,
     gauge: IntGauge,
     refused_max: IntCounter,
     refused_per_client: IntCounter,
@@ -42,8 +42,14 @@ impl Drop for ConnectionSlot {
         self.caps.gauge.dec();
         if let Some(ip) = self.client {
             let mut m = self.caps.clients();
-            if let Some(n) = m.get_mut(&ip) {
+            if let Some((n, refusing)) = m.get_mut(&ip) {
                 *n -= 1;
+                if std::mem::take(refusing) {
+                    log::info!(
+                        "listener {}: client {ip} is below max_connections_per_client again",
+                        self.caps.addr
+                    );
+                }
                 if *n == 0 {
                     m.remove(&ip);
                 }
@@ -53,24 +59,30 @@ impl Drop for ConnectionSlot {
 }
 
 impl ListenerCaps {
-    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, bool)>> {
         self.by_client.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Logs when a cap starts or stops refusing connections.
-    fn note(&self, flag: &AtomicBool, refusing: bool, what: &str) {
-        if flag.swap(refusing, Ordering::AcqRel) != refusing {
-            if refusing {
+    /// Logs when the listener's cap starts refusing connections, and when it has room again:
+    /// below nine tenths of it, so connections churning at the cap do not log each time.
+    fn note_max(&self, refusing: bool) {
+        if refusing {
+            if !self.at_max.swap(true, Ordering::AcqRel) {
                 log::warn!(
-                    "listener {}: {what} reached; new connections are closed at once",
-                    self.addr
-                );
-            } else {
-                log::info!(
-                    "listener {}: below {what} again; accepting connections",
+                    "listener {}: max_connections reached; new connections are closed at once",
                     self.addr
                 );
             }
+        } else if self.at_max.load(Ordering::Acquire)
+            && self
+                .max
+                .is_some_and(|m| self.open.load(Ordering::Acquire) * 10 < m * 9)
+            && self.at_max.swap(false, Ordering::AcqRel)
+        {
+            log::info!(
+                "listener {}: below max_connections again; accepting connections",
+                self.addr
+            );
         }
     }
 
@@ -80,28 +92,30 @@ impl ListenerCaps {
         if self.max.is_some_and(|m| open > m) {
             self.open.fetch_sub(1, Ordering::AcqRel);
             self.refused_max.inc();
-            self.note(&self.at_max, true, "max_connections");
+            self.note_max(true);
             return None;
         }
-        self.note(&self.at_max, false, "max_connections");
+        self.note_max(false);
         let client = match (self.per_client, peer) {
             (Some(cap), Some(ip)) => {
                 let net = client_network(ip, self.ipv6_prefix);
                 let mut m = self.clients();
-                let n = m.entry(net).or_insert(0);
+                let (n, refusing) = m.entry(net).or_insert((0, false));
                 if *n >= cap {
-                    if *n == 0 {
-                        m.remove(&net);
+                    // Logged once per client until one of its connections closes.
+                    if !std::mem::replace(refusing, true) {
+                        log::warn!(
+                            "listener {}: client {net} reached max_connections_per_client; its new connections are closed at once",
+                            self.addr
+                        );
                     }
                     drop(m);
                     self.open.fetch_sub(1, Ordering::AcqRel);
                     self.refused_per_client.inc();
-                    self.note(&self.at_per_client, true, "max_connections_per_client");
                     return None;
                 }
                 *n += 1;
                 drop(m);
-                self.note(&self.at_per_client, false, "max_connections_per_client");
                 Some(net)
             }
             _ => None,
@@ -133,7 +147,6 @@ impl ConnectionCaps {
                     open: AtomicUsize::new(0),
                     by_client: Mutex::new(HashMap::new()),
                     at_max: AtomicBool::new(false),
-                    at_per_client: AtomicBool::new(false),
                     gauge: metrics.connections.with_label_values(&[&name]),
                     refused_max: metrics
                         .connections_refused

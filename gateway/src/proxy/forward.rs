@@ -127,6 +127,8 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
         ctx.tried.push(idx);
         let backend = pool.get(idx);
         ctx.req.backend = Some(backend.name.clone());
+        // What the last attempt did decides what the request costs (see the budget filter).
+        ctx.req.reached_backend = false;
         ctx.begin_attempt();
         ctx.lease = Some(lease);
         let may_retry =
@@ -187,12 +189,21 @@ async fn answer(
     message: &str,
 ) -> Result<()> {
     ctx.req.decision = Decision::Failed { code };
-    respond::rejection(
-        session,
-        &mut ctx.req,
-        &Rejection::new(status, code, message),
-    )
-    .await
+    let rejection = Rejection::new(status, code, message);
+    if ctx.keepalive_sent {
+        // Headers are out (keep-alives): the error is the stream's last event, which the
+        // OpenAI SDKs raise as an error. The client's status stays the 200 it got.
+        let event = format!(
+            "data: {}\n\n",
+            rejection.body(gateway_filter::ErrorShape::OpenAi)
+        );
+        ctx.req.bytes_out += event.len() as u64;
+        session
+            .write_response_body(Some(Bytes::from(event)), false)
+            .await?;
+        return session.write_response_body(None, true).await;
+    }
+    respond::rejection(session, &mut ctx.req, &rejection).await
 }
 
 fn held_body(ctx: &GwCtx) -> Result<Bytes> {
@@ -278,6 +289,8 @@ async fn exchange_header(
         let answered = match wait_for_header(gw, session, ctx, backend, &mut up).await {
             Waited::Header(answered) => answered,
             Waited::FirstByteTimeout(deadline) => {
+                // It held the request: if no other backend answers, it may have run it.
+                ctx.req.reached_backend = true;
                 // The operator's choice: a backend sitting on a request this long is given
                 // up, and another tries (nothing but keep-alives reached the client).
                 gw.metrics
@@ -401,6 +414,11 @@ fn first_byte_deadline(
     ctx: &GwCtx,
     backend: &Backend,
 ) -> Option<std::time::Duration> {
+    // A whole (non-streamed) answer starts only when the generation ends: its first byte
+    // says nothing about a stuck backend, and `limits.read_timeout` bounds it.
+    if !ctx.req.stream {
+        return None;
+    }
     let routing = &gw.settings.routing;
     let deadline = backend.first_byte_timeout.or(routing.first_byte_timeout)?;
     let cold = ctx

@@ -13,7 +13,8 @@ fn bad(message: &'static str) -> Rejection {
 
 /// Refuses framing two parsers could read differently (RFC 9112 §6): more than one
 /// Content-Length (or a list in one), more than one Transfer-Encoding, any coding but
-/// `chunked`, both headers at once, and look-alike names with `_` for `-` next to them.
+/// `chunked`, and both headers at once. (Look-alike names with `_` for `-` are not refused
+/// here: they are never forwarded, see `headers.rs`.)
 pub fn check(req: &RequestHeader) -> Result<(), Rejection> {
     check_headers(&req.headers)
 }

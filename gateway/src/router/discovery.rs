@@ -128,6 +128,13 @@ fn idle(pool: &BackendPool, idx: usize) -> bool {
     pool.get(idx).in_flight() == 0
 }
 
+/// Discovery reads models and residency: an Ollama backend keeps being read while busy (its
+/// `/api/ps` disturbs nothing, and a stale one would give a cold load the warm deadline);
+/// an OpenAI-compatible one only while idle.
+fn may_discover(pool: &BackendPool, idx: usize) -> bool {
+    pool.get(idx).kind == BackendKind::Ollama || idle(pool, idx)
+}
+
 /// Starts the polling thread; it runs for the life of the process.
 pub fn spawn(pool: BackendPool, spec: &RoutingSpec) {
     if pool.is_empty() || (spec.discovery_interval.is_none() && spec.health_interval.is_none()) {
@@ -159,7 +166,7 @@ pub fn spawn(pool: BackendPool, spec: &RoutingSpec) {
                 loop {
                     tokio::select! {
                         _ = d.tick(), if discovery.is_some() => {
-                            for i in (0..pool.len()).filter(|&i| idle(&pool, i)) {
+                            for i in (0..pool.len()).filter(|&i| may_discover(&pool, i)) {
                                 discover(&connector, &pool, i, timeout).await;
                             }
                         }
