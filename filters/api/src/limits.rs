@@ -97,7 +97,7 @@ mod tests {
         assert_eq!(Rate::parse("10/s").unwrap().interval_ns(), 100_000_000);
         assert_eq!(Rate::parse("600/m").unwrap().interval_ns(), 100_000_000);
         assert_eq!(Rate::parse(" 1000/h ").unwrap().count, 1000);
-        for bad in ["10", "0/s", "x/s", "10/w"] {
+        for bad in ["10", "0/s", "x/s", "10/w", "-1/s"] {
             assert!(Rate::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Period::parse("1mo"), Ok(Period::Month));
