@@ -194,23 +194,32 @@ async fn concurrent_requests_cannot_overspend() {
         ),
         (50, 0)
     );
-    let metrics = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let spent: f64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                "llm_gateway_spend_usd_total{model=\"llama3.1:8b\",principal=\"buyer\"} ",
-            )
-        })
-        .and_then(|v| v.parse().ok())
-        .expect("spend metric");
+    // The spend metric is counted just after the book settles: poll briefly.
+    let mut metrics = String::new();
+    let mut spent = 0.0;
+    for _ in 0..50 {
+        metrics = client()
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        spent = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "llm_gateway_spend_usd_total{model=\"llama3.1:8b\",principal=\"buyer\"} ",
+                )
+            })
+            .and_then(|v| v.parse().ok())
+            .expect("spend metric");
+        if cents(spent) == 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(cents(spent), 50);
     assert!(
         metrics.contains("llm_gateway_budget_rejections_total 90"),

@@ -854,3 +854,42 @@ async fn strangers_with_a_small_body_get_their_401() {
     }
     assert_eq!(m.total(), 0);
 }
+
+// Finding 12: heads Pingora's parser cannot read are answered in JSON too, in the route's
+// shape, not with an empty 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_request_heads_get_json_errors() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "").await;
+    let many: String = (0..300).map(|i| format!("X-H{i}: v\r\n")).collect();
+    for (head, status, code) in [
+        (
+            format!("GET /api/tags HTTP/1.1\r\nHost: x\r\n{many}\r\n"),
+            431,
+            "request_header_fields_too_large",
+        ),
+        (
+            "GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n".to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            format!(
+                "GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(70_000)
+            ),
+            431,
+            "request_header_fields_too_large",
+        ),
+    ] {
+        let (got, _, body) = send_raw(gw.port, &head, b"").await;
+        assert_eq!(got, status, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+        let found = v["code"].as_str().or_else(|| v["error"]["code"].as_str());
+        assert_eq!(found, Some(code), "{v}");
+        if head.starts_with("GET /api/") {
+            assert!(v["error"].is_string(), "Ollama's shape on /api: {v}");
+        }
+    }
+    assert_eq!(m.total(), 0);
+}

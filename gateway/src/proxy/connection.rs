@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
+use gateway_filter::http::StatusCode;
+use gateway_filter::ErrorShape;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{SocketDigest, Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Gateway;
 
@@ -160,6 +162,90 @@ impl GatewayApp {
     }
 }
 
+/// Largest request head read (Pingora's parser would take up to 1 MiB; the policy's default
+/// for all headers together is 32 KiB).
+const MAX_HEAD: usize = 64 << 10;
+/// Most header lines in a request head (Pingora's limit).
+const MAX_HEADERS: usize = 256;
+
+/// How reading a request head ended.
+enum Head {
+    Complete,
+    /// The client left, or the head did not arrive in time.
+    Gone,
+    /// Not a request head Pingora's parser would take: answered by the gateway, in JSON.
+    Refused(StatusCode, &'static str, String),
+}
+
+/// Where a head stands, judged by the parser Pingora uses (`httparse`), in a plain function
+/// so its header table never lives in a future.
+fn judge_head(buf: &[u8]) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Request::new(&mut headers).parse(buf) {
+        Ok(httparse::Status::Complete(_)) => Some(Head::Complete),
+        Ok(httparse::Status::Partial) => None,
+        Err(httparse::Error::TooManyHeaders) => Some(Head::Refused(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request_header_fields_too_large",
+            format!("at most {MAX_HEADERS} header lines are accepted"),
+        )),
+        Err(e) => Some(Head::Refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("the request head cannot be read ({e})"),
+        )),
+    }
+}
+
+/// Reads until `buf` holds a whole request head, by `deadline`. Pingora answers heads its
+/// parser cannot read with an empty `400` before any gateway code runs; reading the head here
+/// first lets the gateway answer those in JSON like every other error, and bounds the time the
+/// whole head may take.
+async fn whole_head(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+) -> Head {
+    loop {
+        if let Some(judged) = judge_head(buf) {
+            return judged;
+        }
+        if buf.len() >= MAX_HEAD {
+            return Head::Refused(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_fields_too_large",
+                format!("the request head is larger than {MAX_HEAD} bytes"),
+            );
+        }
+        buf.reserve(4 << 10);
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Head::Gone,
+        }
+    }
+}
+
+/// Answers a head Pingora could not read, in the error shape of the route it seems to ask for
+/// (Ollama's for `/api/…`), and closes the connection.
+async fn refuse(stream: &mut Stream, head: &[u8], status: StatusCode, code: &str, message: &str) {
+    let target = head.split(|b| *b == b' ').nth(1).unwrap_or_default();
+    let shape = if target.starts_with(b"/api/") {
+        ErrorShape::Ollama
+    } else {
+        ErrorShape::OpenAi
+    };
+    let body = gateway_filter::error_json(shape, status, code, message);
+    let answer = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {:032x}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error"),
+        body.len(),
+        fastrand::u128(..),
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.flush().await;
+}
+
 /// Most of a request's first bytes read while waiting for it (a request head is usually
 /// smaller): what an idle connection holds, besides its socket.
 const FIRST_READ: usize = 1024;
@@ -225,7 +311,21 @@ impl ServerApp for GatewayApp {
                 l.keepalive_timeout
             };
             let waited = std::time::Instant::now();
-            let head = next_request(&mut stream, idle).await?;
+            let mut head = next_request(&mut stream, idle).await?;
+            let head_deadline = tokio::time::Instant::now()
+                + if served == 0 {
+                    l.head_timeout.saturating_sub(waited.elapsed())
+                } else {
+                    l.head_timeout
+                };
+            match whole_head(&mut stream, &mut head, head_deadline).await {
+                Head::Complete => {}
+                Head::Gone => return None,
+                Head::Refused(status, code, message) => {
+                    refuse(&mut stream, &head, status, code, &message).await;
+                    return None;
+                }
+            }
             let mut session = ServerSession::new_http1(stream);
             // Pingora's HTTP/1 pipelining stays off (its default): a session never carries a
             // prefix of its own into `apply_to_session`, so ours is the only one. Bytes a
@@ -238,12 +338,10 @@ impl ServerApp for GatewayApp {
             let last = *shutdown.borrow() || served >= l.keepalive_requests;
             // Per read; the whole head is bounded below.
             session.set_keepalive((!last).then_some(l.keepalive_timeout.as_secs().max(1)));
-            let deadline = if served == 1 {
-                l.head_timeout.saturating_sub(waited.elapsed())
-            } else {
-                l.head_timeout
-            };
-            let reused = self.serve_one(session, shutdown, deadline, last).await?;
+            // The head is whole already; this only guards Pingora's parsing of it.
+            let reused = self
+                .serve_one(session, shutdown, l.head_timeout, last)
+                .await?;
             if last {
                 return None;
             }
