@@ -16,7 +16,8 @@
 //!                                   framing and headers (pooled connections, retries only
 //!                                   where the backend provably did not get the request, or
 //!                                   answered 5xx/429), streams the answer, parses usage
-//!            fail_to_proxy        : every gateway-made error is JSON
+//!            fail_to_proxy        : every gateway-made error is JSON (heads Pingora's parser
+//!                                   could not read are answered by connection.rs first)
 //!            logging              : status, duration → chain.on_complete (all requests)
 //! ```
 //!
