@@ -297,3 +297,20 @@ async fn unknown_users_wait_for_bcrypt_like_known_ones() {
         "unknown user answered in {unknown:?}, known user with a wrong password in {known:?}"
     );
 }
+
+#[tokio::test]
+async fn lockout_counts_an_ipv6_prefix_as_one_client() {
+    let f = fixture(
+        json!({"keys_file": "keys.yaml", "brute_force": {"max_failures": 3, "window": "1m"}}),
+    );
+    // Three failures from three addresses of one /64.
+    for ip in ["2001:db8:7::1", "2001:db8:7::2", "2001:db8:7:0:ffff::3"] {
+        let mut ctx = req(&[("authorization", "Bearer wrong")], ip);
+        assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    }
+    let good = format!("Bearer {ALICE}");
+    let mut ctx = req(&[("authorization", &good)], "2001:db8:7::99");
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 429);
+    let mut ctx = req(&[("authorization", &good)], "2001:db8:8::1");
+    f.filter.on_request(&mut ctx).await.unwrap();
+}

@@ -257,3 +257,15 @@ async fn tokens_per_minute_holds_room_for_requests_in_flight() {
         "5 used + 40 + 40 held"
     );
 }
+
+#[tokio::test]
+async fn ipv6_clients_share_their_prefix() {
+    // One request per minute per client network; a /64 is one client.
+    let f = filter(json!({"key": "ip", "rate": "1/m", "burst": 0}));
+    f.on_request(&mut req("2001:db8:1:2::1")).await.unwrap();
+    let r = f.on_request(&mut req("2001:db8:1:2:ffff::9")).await;
+    assert_eq!(r.unwrap_err().code, "rate_limit_exceeded", "same /64");
+    f.on_request(&mut req("2001:db8:1:3::1"))
+        .await
+        .expect("another /64 is another client");
+}
