@@ -140,6 +140,7 @@ pub fn run(prepared: Prepared) -> ! {
         head_timeout: settings.limits.client_header_timeout,
         keepalive_timeout: settings.limits.keepalive_timeout,
         keepalive_requests: settings.limits.keepalive_requests,
+        in_flight: gateway.in_flight.clone(),
     };
     let proxy = pingora_proxy::http_proxy(&server.configuration, gateway);
     let mut service = pingora_core::services::listening::Service::new(

@@ -79,6 +79,8 @@ const H2_MAX_STREAMS: u32 = 16;
 
 pub struct ConnectionLimits {
     pub caps: super::ConnectionCaps,
+    /// Requests being served: shutdown waits for it to reach zero.
+    pub in_flight: super::InFlight,
     pub head_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub keepalive_requests: u32,
@@ -310,8 +312,18 @@ impl ServerApp for GatewayApp {
             } else {
                 l.keepalive_timeout
             };
+            // Shutting down: no new request on this connection (the last one said `close`).
+            if *shutdown.borrow() {
+                return None;
+            }
             let waited = std::time::Instant::now();
             let mut head = next_request(&mut stream, idle).await?;
+            // Counted from its first byte, so shutdown's drain cannot see zero while a request
+            // is still being read; one that arrives once shutdown began is not started.
+            let _serving = l.in_flight.enter();
+            if *shutdown.borrow() {
+                return None;
+            }
             let head_deadline = tokio::time::Instant::now()
                 + if served == 0 {
                     l.head_timeout.saturating_sub(waited.elapsed())

@@ -67,7 +67,7 @@ impl InFlight {
         self.0.load(Ordering::Acquire)
     }
 
-    fn enter(&self) -> InFlightGuard {
+    pub(crate) fn enter(&self) -> InFlightGuard {
         self.0.fetch_add(1, Ordering::AcqRel);
         InFlightGuard(self.0.clone())
     }
