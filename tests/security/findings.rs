@@ -893,3 +893,45 @@ async fn unreadable_request_heads_get_json_errors() {
     }
     assert_eq!(m.total(), 0);
 }
+
+// Trusted proxies (identity issue, first part): behind a listed proxy the client is the one
+// X-Forwarded-For names; from any other peer the header is ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_clients_only_behind_trusted_proxies() {
+    let m = mock().await;
+    let limiter = "filters:\n  - use: ratelimit\n    key: ip\n    rate: 1/m\n    burst: 0\n";
+    let ask = |gw: &Gateway, xff: &'static str| {
+        client()
+            .get(gw.url("/api/version"))
+            .header("x-forwarded-for", xff)
+            .send()
+    };
+    let port = free_port();
+    let trusted = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\n{}{limiter}",
+            backends(&[("local", &m.url())])
+        ),
+        port,
+    )
+    .await;
+    assert_eq!(ask(&trusted, "203.0.113.5").await.unwrap().status(), 200);
+    assert_eq!(ask(&trusted, "203.0.113.5").await.unwrap().status(), 429);
+    assert_eq!(
+        ask(&trusted, "203.0.113.6").await.unwrap().status(),
+        200,
+        "another client behind the same proxy"
+    );
+    let plain = Gateway::start(&format!("{}{limiter}", backends(&[("local", &m.url())]))).await;
+    assert_eq!(ask(&plain, "203.0.113.7").await.unwrap().status(), 200);
+    assert_eq!(
+        ask(&plain, "203.0.113.8").await.unwrap().status(),
+        429,
+        "an untrusted peer cannot pick its own address"
+    );
+    let seen = m.requests().into_iter().last().unwrap();
+    assert!(
+        !seen.headers.iter().any(|(k, _)| k == "x-forwarded-for"),
+        "never forwarded"
+    );
+}

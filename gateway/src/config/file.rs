@@ -90,6 +90,10 @@ pub struct ListenEntry {
     /// Accept a network-reachable listener without TLS or without an auth filter.
     #[serde(default)]
     pub allow_insecure: bool,
+    /// Proxies in front (load balancer, `tailscale serve`): only for connections from these
+    /// networks is the client address taken from `X-Forwarded-For` / `Forwarded`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Most client connections open at once on this listener (nginx `worker_connections`).
     pub max_connections: Option<usize>,
     /// Most connections open at once from one client address (IPv6: one

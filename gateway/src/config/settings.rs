@@ -43,9 +43,50 @@ pub struct ListenerSpec {
     pub insecure: bool,
     pub max_connections: Option<usize>,
     pub max_connections_per_client: Option<u32>,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` name the real client.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl ListenerSpec {
+    /// The client behind a trusted proxy: the rightmost address of `X-Forwarded-For` (or
+    /// `Forwarded: for=`) that is not itself a trusted proxy. `None` when `peer` is not a
+    /// trusted proxy (its headers are then ignored) or the headers name no address.
+    pub fn forwarded_client(&self, peer: IpAddr, headers: &http::HeaderMap) -> Option<IpAddr> {
+        let trusted = |ip: &IpAddr| {
+            let ip = ip.to_canonical();
+            self.trusted_proxies.iter().any(|n| n.contains(&ip))
+        };
+        if !trusted(&peer) {
+            return None;
+        }
+        let mut hops: Vec<IpAddr> = Vec::new();
+        for v in headers.get_all("x-forwarded-for") {
+            for part in v.to_str().ok()?.split(',') {
+                hops.push(part.trim().parse().ok()?);
+            }
+        }
+        if hops.is_empty() {
+            for v in headers.get_all("forwarded") {
+                for element in v.to_str().ok()?.split(',') {
+                    for pair in element.split(';') {
+                        let Some((k, val)) = pair.trim().split_once('=') else {
+                            continue;
+                        };
+                        if k.trim().eq_ignore_ascii_case("for") {
+                            let val = val.trim().trim_matches('"');
+                            let host = val
+                                .strip_prefix('[')
+                                .and_then(|v| v.split(']').next())
+                                .unwrap_or_else(|| val.split(':').next().unwrap_or(val));
+                            hops.push(host.parse().ok()?);
+                        }
+                    }
+                }
+            }
+        }
+        hops.into_iter().rev().find(|ip| !trusted(ip))
+    }
+
     /// Whether a client address may use this listener.
     pub fn admits(&self, ip: &IpAddr) -> bool {
         let ip = ip.to_canonical();
@@ -134,6 +175,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             insecure: false,
             max_connections: None,
             max_connections_per_client: None,
+            trusted_proxies: Vec::new(),
         }],
         Some(list) if list.is_empty() => {
             return Err((
@@ -345,6 +387,7 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
             .collect::<Result<Vec<_>, _>>()
     };
     let allow = nets("allow_cidrs", &l.allow_cidrs)?;
+    let trusted_proxies = nets("trusted_proxies", &l.trusted_proxies)?;
     let deny = nets("deny_cidrs", &l.deny_cidrs)?;
     let tls = match &l.tls {
         None => None,
@@ -401,6 +444,7 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
         insecure: exposed && l.allow_insecure && (l.tls.is_none() || !has_auth),
         max_connections: l.max_connections,
         max_connections_per_client: l.max_connections_per_client,
+        trusted_proxies,
     })
 }
 
@@ -514,4 +558,46 @@ fn filter_spec(i: usize, v: serde_norway::Value) -> Result<FilterSpec, Invalid> 
         yaml_path: at,
         options,
     })
+}
+
+#[cfg(test)]
+mod forwarded_tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_hop() {
+        let l = ListenerSpec {
+            addr: "127.0.0.1:8080".parse().unwrap(),
+            tls: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            insecure: false,
+            max_connections: None,
+            max_connections_per_client: None,
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+        };
+        let h = |k: &'static str, v: &'static str| {
+            let mut m = http::HeaderMap::new();
+            m.append(k, http::HeaderValue::from_static(v));
+            m
+        };
+        let lb: IpAddr = "10.0.0.2".parse().unwrap();
+        // A spoofed first hop is not taken: the rightmost untrusted one is the client.
+        let xff = h("x-forwarded-for", "6.6.6.6, 203.0.113.5, 10.0.0.9");
+        assert_eq!(
+            l.forwarded_client(lb, &xff),
+            Some("203.0.113.5".parse().unwrap())
+        );
+        let fwd = h("forwarded", "for=\"[2001:db8::7]:4711\";proto=https");
+        assert_eq!(
+            l.forwarded_client(lb, &fwd),
+            Some("2001:db8::7".parse().unwrap())
+        );
+        // From an untrusted peer the headers mean nothing.
+        let peer: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(l.forwarded_client(peer, &xff), None);
+        // Garbage is ignored, not half-read.
+        let bad = h("x-forwarded-for", "not-an-ip");
+        assert_eq!(l.forwarded_client(lb, &bad), None);
+    }
 }

@@ -202,6 +202,7 @@ mod tests {
             insecure: false,
             max_connections: max,
             max_connections_per_client: per_client,
+            trusted_proxies: Vec::new(),
         }
     }
 

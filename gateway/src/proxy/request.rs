@@ -217,6 +217,13 @@ async fn admit(
             ),
         });
     }
+    // Behind a trusted proxy the client is the one its headers name (for limits, lockout and
+    // audit); from any other peer those headers mean nothing (and are never forwarded).
+    if let (Some(l), Some(peer)) = (listener(gw, session), ctx.req.client_ip) {
+        if let Some(client) = l.forwarded_client(peer, &session.req_header().headers) {
+            ctx.req.set_client(client, gw.settings.limits.ipv6_prefix);
+        }
+    }
     if let Err(rejection) = super::framing::check(session.req_header()) {
         // The framing cannot be trusted: nothing more is read from this connection.
         session.set_keepalive(None);
