@@ -935,3 +935,40 @@ async fn forwarded_clients_only_behind_trusted_proxies() {
         "never forwarded"
     );
 }
+
+// Identity headers from a trusted proxy (e.g. `tailscale serve`): believed from it only.
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_headers_only_from_trusted_proxies() {
+    let m = mock().await;
+    let auth = format!(
+        "filters:\n  - use: auth\n    keys_file: {}\n    trusted_identity_header: Tailscale-User-Login\n",
+        conf("keys.yaml")
+    );
+    let port = free_port();
+    let behind = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\n{}{auth}",
+            backends(&[("local", &m.url())])
+        ),
+        port,
+    )
+    .await;
+    let ask = |gw: &Gateway| {
+        client()
+            .get(gw.url("/api/tags"))
+            .header("tailscale-user-login", "someone@example.com")
+            .send()
+    };
+    assert_eq!(ask(&behind).await.unwrap().status(), 200);
+    let seen = m.requests().into_iter().last().unwrap();
+    assert!(!seen
+        .headers
+        .iter()
+        .any(|(k, _)| k == "tailscale-user-login"));
+    let direct = Gateway::start(&format!("{}{auth}", backends(&[("local", &m.url())]))).await;
+    assert_eq!(
+        ask(&direct).await.unwrap().status(),
+        401,
+        "not from an untrusted peer"
+    );
+}

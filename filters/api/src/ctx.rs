@@ -97,6 +97,9 @@ pub struct RequestCtx {
     /// The client's network as address limits and lockout count it: the IPv4 address, or
     /// the IPv6 address cut to `limits.ipv6_prefix` bits (one host usually holds a /64).
     pub client_net: Option<IpAddr>,
+    /// The connection comes from a `listen[].trusted_proxies` network: identity headers that
+    /// proxy sets may be believed (auth's `trusted_identity_header`).
+    pub via_trusted_proxy: bool,
     /// Subjects of a verified TLS client certificate (CN, then DNS/email SANs); empty
     /// without mTLS.
     pub client_cert_subjects: Vec<String>,
@@ -169,6 +172,7 @@ impl RequestCtx {
             started: Instant::now(),
             client_ip: None,
             client_net: None,
+            via_trusted_proxy: false,
             client_cert_subjects: Vec::new(),
             method,
             path,

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use gateway_filter::http::{header, HeaderValue, StatusCode};
+use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
 use gateway_filter::units::HumanDuration;
 use gateway_filter::{
     parse_options, BuildContext, Filter, OptionsError, Principal, Rejection, ReloadError,
@@ -55,6 +55,10 @@ struct AuthOptions {
     /// `require` (a verified certificate is needed in addition to a key or password).
     #[serde(default)]
     mtls: MtlsMode,
+    /// A header naming the user, set by a proxy in front that authenticated them (e.g.
+    /// `Tailscale-User-Login`): believed only on connections from `listen[].trusted_proxies`,
+    /// removed from every other request.
+    trusted_identity_header: Option<String>,
 }
 
 fn default_realm() -> String {
@@ -120,6 +124,7 @@ pub struct AuthFilter {
     htpasswd_file: Option<PathBuf>,
     cache_opts: CacheOptions,
     mtls: MtlsMode,
+    identity_header: Option<HeaderName>,
     challenges: Vec<HeaderValue>,
     state: ArcSwap<Credentials>,
     lockout: Option<Lockout>,
@@ -131,12 +136,28 @@ pub fn build(
     cx: &BuildContext,
 ) -> Result<Arc<dyn Filter>, OptionsError> {
     let mut o: AuthOptions = parse_options(options)?;
-    if o.keys_file.is_none() && o.htpasswd.is_none() && o.mtls == MtlsMode::Off {
+    if o.keys_file.is_none()
+        && o.htpasswd.is_none()
+        && o.mtls == MtlsMode::Off
+        && o.trusted_identity_header.is_none()
+    {
         return Err(OptionsError::new(
             "",
-            "needs at least one of keys_file, htpasswd or mtls: accept; otherwise nobody could log in",
+            "needs at least one of keys_file, htpasswd, mtls: accept or trusted_identity_header; otherwise nobody could log in",
         ));
     }
+    let identity_header = o
+        .trusted_identity_header
+        .as_deref()
+        .map(|h| {
+            HeaderName::from_bytes(h.trim().as_bytes()).map_err(|_| {
+                OptionsError::new(
+                    "trusted_identity_header",
+                    format!("{h:?} is not a header name"),
+                )
+            })
+        })
+        .transpose()?;
     o.keys_file = o.keys_file.map(|p| cx.resolve(&p));
     o.htpasswd = o.htpasswd.map(|p| cx.resolve(&p));
     let credentials =
@@ -168,6 +189,7 @@ pub fn build(
         htpasswd_file: o.htpasswd,
         cache_opts: o.basic_cache,
         mtls: o.mtls,
+        identity_header,
         challenges,
         state: ArcSwap::from_pointee(credentials),
         lockout,
@@ -303,9 +325,33 @@ impl Filter for AuthFilter {
         }
         let state = self.state.load();
         let now = SystemTime::now();
-        let principal = match credentials::from_headers(&ctx.headers) {
-            Err(reason) => return Err(self.failed(ctx, reason)),
-            Ok(None) => {
+        // An identity header counts only from a trusted proxy; from anyone else it is dropped,
+        // so a client cannot set it on its way to a backend either.
+        let proxy_user = self.identity_header.as_ref().and_then(|name| {
+            let value = ctx.headers.remove(name)?;
+            let user = value.to_str().ok()?.trim().to_string();
+            (ctx.via_trusted_proxy && !user.is_empty()).then_some(user)
+        });
+        let principal = match (credentials::from_headers(&ctx.headers), proxy_user) {
+            (Ok(None), Some(user)) => match state.keys.by_id(&user) {
+                Some(rec) => {
+                    if let Err(reason) = rec.usable(now) {
+                        return Err(self.failed(ctx, reason));
+                    }
+                    Arc::new(Principal {
+                        method: "proxy",
+                        ..(*rec.principal).clone()
+                    })
+                }
+                None => Arc::new(Principal {
+                    id: user.clone(),
+                    name: user,
+                    method: "proxy",
+                    ..Principal::default()
+                }),
+            },
+            (Err(reason), _) => return Err(self.failed(ctx, reason)),
+            (Ok(None), None) => {
                 let by_cert = (self.mtls == MtlsMode::Accept)
                     .then(|| {
                         ctx.client_cert_subjects
@@ -326,7 +372,7 @@ impl Filter for AuthFilter {
                     None => return Err(self.unauthorized(ctx, "missing", "no API key provided")),
                 }
             }
-            Ok(Some(Credential::ApiKey(key))) => {
+            (Ok(Some(Credential::ApiKey(key))), _) => {
                 let digest = keys::sha256(key.as_bytes());
                 drop(key);
                 let Some(rec) = state.keys.by_key_digest(&digest) else {
@@ -337,7 +383,7 @@ impl Filter for AuthFilter {
                 }
                 rec.principal.clone()
             }
-            Ok(Some(Credential::Basic { user, password })) => {
+            (Ok(Some(Credential::Basic { user, password })), _) => {
                 if let Some(rec) = state.keys.by_id(&user) {
                     if let Err(reason) = rec.usable(now) {
                         return Err(self.failed(ctx, reason));

@@ -314,3 +314,36 @@ async fn lockout_counts_an_ipv6_prefix_as_one_client() {
     let mut ctx = req(&[("authorization", &good)], "2001:db8:8::1");
     f.filter.on_request(&mut ctx).await.unwrap();
 }
+
+#[tokio::test]
+async fn an_identity_header_counts_only_from_a_trusted_proxy() {
+    let f = fixture(
+        json!({"keys_file": "keys.yaml", "trusted_identity_header": "Tailscale-User-Login"}),
+    );
+    // From a trusted proxy: the named user, with the keys file's settings when it is there.
+    let mut ctx = req(&[("tailscale-user-login", "alice")], "100.64.0.1");
+    ctx.via_trusted_proxy = true;
+    f.filter.on_request(&mut ctx).await.unwrap();
+    let p = ctx.principal.clone().unwrap();
+    assert_eq!((p.id.as_str(), p.method), ("alice", "proxy"));
+    assert_eq!(p.models, ["llama3.1:*"]);
+    assert!(
+        !ctx.headers.contains_key("tailscale-user-login"),
+        "not forwarded"
+    );
+    let mut ctx = req(
+        &[("tailscale-user-login", "carol@example.com")],
+        "100.64.0.1",
+    );
+    ctx.via_trusted_proxy = true;
+    f.filter.on_request(&mut ctx).await.unwrap();
+    assert_eq!(ctx.principal.unwrap().id, "carol@example.com");
+    // From anyone else: ignored (and removed), so no credentials at all.
+    let mut ctx = req(&[("tailscale-user-login", "alice")], "198.51.100.9");
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    assert!(!ctx.headers.contains_key("tailscale-user-login"));
+    // A disabled principal stays disabled behind the proxy too.
+    let mut ctx = req(&[("tailscale-user-login", "off")], "100.64.0.1");
+    ctx.via_trusted_proxy = true;
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+}

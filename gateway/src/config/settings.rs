@@ -48,14 +48,17 @@ pub struct ListenerSpec {
 }
 
 impl ListenerSpec {
+    /// Whether `ip` is one of the listener's `trusted_proxies`.
+    pub fn is_trusted_proxy(&self, ip: &IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+
     /// The client behind a trusted proxy: the rightmost address of `X-Forwarded-For` (or
     /// `Forwarded: for=`) that is not itself a trusted proxy. `None` when `peer` is not a
     /// trusted proxy (its headers are then ignored) or the headers name no address.
     pub fn forwarded_client(&self, peer: IpAddr, headers: &http::HeaderMap) -> Option<IpAddr> {
-        let trusted = |ip: &IpAddr| {
-            let ip = ip.to_canonical();
-            self.trusted_proxies.iter().any(|n| n.contains(&ip))
-        };
+        let trusted = |ip: &IpAddr| self.is_trusted_proxy(ip);
         if !trusted(&peer) {
             return None;
         }

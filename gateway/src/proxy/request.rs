@@ -220,6 +220,7 @@ async fn admit(
     // Behind a trusted proxy the client is the one its headers name (for limits, lockout and
     // audit); from any other peer those headers mean nothing (and are never forwarded).
     if let (Some(l), Some(peer)) = (listener(gw, session), ctx.req.client_ip) {
+        ctx.req.via_trusted_proxy = l.is_trusted_proxy(&peer);
         if let Some(client) = l.forwarded_client(peer, &session.req_header().headers) {
             ctx.req.set_client(client, gw.settings.limits.ipv6_prefix);
         }
