@@ -176,8 +176,9 @@ fn hash_password_writes_an_htpasswd_line_from_stdin() {
         "gw.yaml",
         &format!("filters:\n  - use: auth\n    htpasswd: {ht}\n"),
     );
-    let (code, _, err) = run(&["check", "--config", &f], &[]);
+    let (code, out, err) = run(&["check", "--config", &f], &[]);
     assert_eq!(code, 0, "{err}");
+    assert!(out.contains("identity: htpasswd basic auth ("), "{out}");
     let bad = write(&dir, "md5", "bob:$apr1$xyz$abc\n");
     let f = write(
         &dir,
@@ -206,6 +207,35 @@ fn check_summarises_a_good_config() {
     assert!(out.contains("max_body 2097152 bytes"), "{out}");
     assert!(out.contains("filters:  policy"), "{out}");
     assert!(out.contains("policy:   built-in default"), "{out}");
+    assert!(
+        out.contains("identity: none (every request is anonymous)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_names_every_identity_source_and_trusted_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/keys.yaml");
+    let f = write(
+        &dir,
+        "gw.yaml",
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:9999\n    trusted_proxies: [10.0.1.2, 100.64.0.0/10]\nfilters:\n  - use: auth\n    keys_file: {keys}\n    trusted_identity_header: Tailscale-User-Login\n"
+        ),
+    );
+    let (code, out, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("identity: API keys ("), "{out}");
+    assert!(out.contains("keys.yaml)"), "{out}");
+    assert!(
+        out.contains("header tailscale-user-login from listen[].trusted_proxies"),
+        "{out}"
+    );
+    assert!(
+        out.contains("proxies:  127.0.0.1:9999 trusts 10.0.1.2/32, 100.64.0.0/10"),
+        "{out}"
+    );
 }
 
 #[test]

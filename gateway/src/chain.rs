@@ -85,6 +85,14 @@ impl FilterChain {
         self.filters.iter().map(|f| f.name()).collect()
     }
 
+    /// Every identity source of every filter, in chain order.
+    pub fn identity_sources(&self) -> Vec<String> {
+        self.filters
+            .iter()
+            .flat_map(|f| f.identity_sources())
+            .collect()
+    }
+
     /// Index of the first filter that needs the request body: the ones before it run before
     /// the body is read.
     fn body_needed_at(&self) -> usize {

@@ -161,6 +161,30 @@ pub fn summary(s: &Settings, chain: &FilterChain) -> String {
             filters.join(" → ")
         }
     );
+    let identities = chain.identity_sources();
+    out += &format!(
+        "  identity: {}\n",
+        if identities.is_empty() {
+            "none (every request is anonymous)".to_string()
+        } else {
+            identities.join("; ")
+        }
+    );
+    let behind: Vec<String> = s
+        .listen
+        .iter()
+        .filter(|l| !l.trusted_proxies.is_empty())
+        .map(|l| {
+            let nets: Vec<String> = l.trusted_proxies.iter().map(|n| n.to_string()).collect();
+            format!("{} trusts {}", l.addr, nets.join(", "))
+        })
+        .collect();
+    if !behind.is_empty() {
+        out += &format!(
+            "  proxies:  {} (X-Forwarded-For / Forwarded believed from these)\n",
+            behind.join("; ")
+        );
+    }
     if chain.default_policy {
         out += "  policy:   built-in default (OpenAI and Ollama inference allowed, admin routes only for scope admin)\n";
     } else if !filters.contains(&"policy") {

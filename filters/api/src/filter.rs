@@ -33,6 +33,11 @@ pub trait Filter: Send + Sync {
         None
     }
 
+    /// Where this filter takes identities from (`check` prints them), e.g. `API keys (keys.yaml)`.
+    fn identity_sources(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Re-reads the filter's files (SIGHUP). On error the filter keeps its old state and the
     /// error is logged.
     fn reload(&self) -> Result<(), ReloadError> {

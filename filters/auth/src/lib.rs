@@ -303,6 +303,27 @@ impl Filter for AuthFilter {
         "auth"
     }
 
+    fn identity_sources(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.keys_file {
+            out.push(format!("API keys ({})", p.display()));
+        }
+        if let Some(p) = &self.htpasswd_file {
+            out.push(format!("htpasswd basic auth ({})", p.display()));
+        }
+        match self.mtls {
+            MtlsMode::Off => {}
+            MtlsMode::Accept => out.push("client certificates mapped by mtls_subject".into()),
+            MtlsMode::Require => {
+                out.push("client certificate required in addition to a key or password".into())
+            }
+        }
+        if let Some(h) = &self.identity_header {
+            out.push(format!("header {h} from listen[].trusted_proxies"));
+        }
+        out
+    }
+
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) {
             if l.is_locked(&ip) {
