@@ -361,3 +361,99 @@ async fn listener_networks_are_enforced_before_anything_else() {
     }
     assert_eq!(m.total(), 0);
 }
+
+/// A forward-auth validator on a real port: `Bearer sso-carol` is user carol, anything else
+/// 401. Returns its URL and the number of questions it answered.
+async fn validator() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/auth", listener.local_addr().unwrap());
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let head = String::from_utf8_lossy(&buf).to_lowercase();
+                let answer = if head.contains("authorization: bearer sso-carol") {
+                    "200 OK\r\nx-auth-user: carol"
+                } else {
+                    "401 Unauthorized"
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {answer}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .await;
+            });
+        }
+    });
+    (url, calls)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forward_auth_through_the_binary() {
+    use std::sync::atomic::Ordering;
+    let m = mock().await;
+    let (url, calls) = validator().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n    forward: {{ url: '{url}', cache: 30s }}\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml")
+    ))
+    .await;
+    // Approved by the validator: served, the token never reaches the backend, the access
+    // line names the validator's principal; the second request is answered from the cache.
+    for _ in 0..2 {
+        let resp = client()
+            .post(gw.url("/api/chat"))
+            .bearer_auth("sso-carol")
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(field(&gw.access_line(&id).await, "principal"), "carol");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "cached");
+    let seen = m.requests().into_iter().last().unwrap();
+    assert!(!seen.headers.iter().any(|(k, _)| k == "authorization"));
+    // Refused by the validator: the usual 401 in the route's shape.
+    let resp = client()
+        .get(gw.url("/v1/models"))
+        .bearer_auth("sso-mallory")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(error_of(resp).await.0, "invalid_api_key");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // A shipped key is settled locally: the validator is not asked.
+    let resp = client()
+        .get(gw.url("/api/tags"))
+        .bearer_auth(DEMO_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // The admin listener reports validator failures (none so far).
+    let report: serde_json::Value = client()
+        .get(gw.admin_url("/admin/auth"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["forward"]["failures"], 0, "{report}");
+}

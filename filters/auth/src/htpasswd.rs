@@ -82,6 +82,10 @@ impl Htpasswd {
         self.users.get(user).map(String::as_str)
     }
 
+    pub fn has_user(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
     /// The hash to check a password against: the user's, or the decoy for an unknown user
     /// (same cost, never matches). `None` only when the file has no users.
     pub fn hash_or_decoy(&self, user: &str) -> Option<(&str, bool)> {

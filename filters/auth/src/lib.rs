@@ -12,6 +12,7 @@
 
 mod credentials;
 mod error;
+mod forward;
 mod htpasswd;
 pub mod keygen;
 mod keys;
@@ -59,6 +60,8 @@ struct AuthOptions {
     /// `Tailscale-User-Login`): believed only on connections from `listen[].trusted_proxies`,
     /// removed from every other request.
     trusted_identity_header: Option<String>,
+    /// A validator service asked about credentials the local files do not know.
+    forward: Option<forward::ForwardOptions>,
 }
 
 fn default_realm() -> String {
@@ -125,6 +128,7 @@ pub struct AuthFilter {
     cache_opts: CacheOptions,
     mtls: MtlsMode,
     identity_header: Option<HeaderName>,
+    forward: Option<forward::Forwarder>,
     challenges: Vec<HeaderValue>,
     state: ArcSwap<Credentials>,
     lockout: Option<Lockout>,
@@ -140,10 +144,11 @@ pub fn build(
         && o.htpasswd.is_none()
         && o.mtls == MtlsMode::Off
         && o.trusted_identity_header.is_none()
+        && o.forward.is_none()
     {
         return Err(OptionsError::new(
             "",
-            "needs at least one of keys_file, htpasswd, mtls: accept or trusted_identity_header; otherwise nobody could log in",
+            "needs at least one of keys_file, htpasswd, forward, mtls: accept or trusted_identity_header; otherwise nobody could log in",
         ));
     }
     let identity_header = o
@@ -158,6 +163,7 @@ pub fn build(
             })
         })
         .transpose()?;
+    let forward = o.forward.take().map(forward::Forwarder::new).transpose()?;
     o.keys_file = o.keys_file.map(|p| cx.resolve(&p));
     o.htpasswd = o.htpasswd.map(|p| cx.resolve(&p));
     let credentials =
@@ -190,6 +196,7 @@ pub fn build(
         cache_opts: o.basic_cache,
         mtls: o.mtls,
         identity_header,
+        forward,
         challenges,
         state: ArcSwap::from_pointee(credentials),
         lockout,
@@ -258,6 +265,64 @@ impl AuthFilter {
         self.unauthorized(ctx, reason, "invalid credentials")
     }
 
+    /// The request is let through as `principal`; its credentials never reach a backend.
+    fn accept(&self, ctx: &mut RequestCtx, principal: Arc<Principal>) -> Result<(), Rejection> {
+        ctx.headers.remove(header::AUTHORIZATION);
+        ctx.headers.remove("x-api-key");
+        ctx.principal = Some(principal);
+        Ok(())
+    }
+
+    /// Asks the forward-auth validator; keys-file settings apply to a principal it names.
+    async fn forwarded(
+        &self,
+        ctx: &mut RequestCtx,
+        state: &Credentials,
+        now: SystemTime,
+    ) -> Result<Arc<Principal>, Rejection> {
+        let Some(fwd) = &self.forward else {
+            return Err(self.failed(ctx, "unknown_key"));
+        };
+        let uri = match &ctx.query {
+            Some(q) => format!("{}?{q}", ctx.path),
+            None => ctx.path.clone(),
+        };
+        let identity = match fwd
+            .check(&ctx.headers, &ctx.method, &uri, ctx.client_ip)
+            .await
+        {
+            Ok(identity) => identity,
+            Err(forward::Denied::Refused) => return Err(self.failed(ctx, "forward_denied")),
+            // The validator's trouble is not the client's failure: no lockout count.
+            Err(forward::Denied::Unavailable) => {
+                return Err(self.unauthorized(
+                    ctx,
+                    "forward_unavailable",
+                    "credentials could not be verified right now; try again later",
+                ))
+            }
+        };
+        Ok(match state.keys.by_id(&identity.id) {
+            Some(rec) => {
+                if let Err(reason) = rec.usable(now) {
+                    return Err(self.failed(ctx, reason));
+                }
+                Arc::new(Principal {
+                    method: "forward",
+                    ..(*rec.principal).clone()
+                })
+            }
+            None => Arc::new(Principal {
+                id: identity.id.clone(),
+                name: identity.id.clone(),
+                method: "forward",
+                scopes: identity.scopes.clone(),
+                models: identity.models.clone(),
+                ..Principal::default()
+            }),
+        })
+    }
+
     async fn check_basic(
         &self,
         ctx: &mut RequestCtx,
@@ -303,6 +368,14 @@ impl Filter for AuthFilter {
         "auth"
     }
 
+    fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
+        let f = self.forward.as_ref()?;
+        Some((
+            "auth",
+            serde_json::json!({"forward": {"url": f.url(), "failures": f.failures()}}),
+        ))
+    }
+
     fn identity_sources(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(p) = &self.keys_file {
@@ -317,6 +390,9 @@ impl Filter for AuthFilter {
             MtlsMode::Require => {
                 out.push("client certificate required in addition to a key or password".into())
             }
+        }
+        if let Some(f) = &self.forward {
+            out.push(format!("forward auth validator {}", f.url()));
         }
         if let Some(h) = &self.identity_header {
             out.push(format!("header {h} from listen[].trusted_proxies"));
@@ -397,6 +473,10 @@ impl Filter for AuthFilter {
                 let digest = keys::sha256(key.as_bytes());
                 drop(key);
                 let Some(rec) = state.keys.by_key_digest(&digest) else {
+                    if self.forward.is_some() {
+                        let p = self.forwarded(ctx, &state, now).await?;
+                        return self.accept(ctx, p);
+                    }
                     return Err(self.failed(ctx, "unknown_key"));
                 };
                 if let Err(reason) = rec.usable(now) {
@@ -405,6 +485,11 @@ impl Filter for AuthFilter {
                 rec.principal.clone()
             }
             (Ok(Some(Credential::Basic { user, password })), _) => {
+                let local = state.htpasswd.as_ref().is_some_and(|h| h.has_user(&user));
+                if self.forward.is_some() && !local {
+                    let p = self.forwarded(ctx, &state, now).await?;
+                    return self.accept(ctx, p);
+                }
                 if let Some(rec) = state.keys.by_id(&user) {
                     if let Err(reason) = rec.usable(now) {
                         return Err(self.failed(ctx, reason));
@@ -413,10 +498,7 @@ impl Filter for AuthFilter {
                 self.check_basic(ctx, &state, user, password).await?
             }
         };
-        ctx.headers.remove(header::AUTHORIZATION);
-        ctx.headers.remove("x-api-key");
-        ctx.principal = Some(principal);
-        Ok(())
+        self.accept(ctx, principal)
     }
 
     fn reload(&self) -> Result<(), ReloadError> {

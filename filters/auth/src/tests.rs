@@ -347,3 +347,181 @@ async fn an_identity_header_counts_only_from_a_trusted_proxy() {
     ctx.via_trusted_proxy = true;
     assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
 }
+
+/// A forward-auth validator: answers by the `Authorization` header and records what it saw.
+async fn validator() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/verify", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let head = String::from_utf8_lossy(&buf).to_lowercase();
+                log.lock().unwrap().push(head.clone());
+                let answer = if head.contains("bearer sso-carol") || head.contains("basic y2fyb2w6")
+                {
+                    "200 OK\r\nx-auth-user: carol\r\nx-auth-scopes: admin, ops\r\nx-auth-models: qwen2:*,llama3.1:8b"
+                } else if head.contains("bearer sso-alice") {
+                    "204 No Content\r\nx-auth-user: alice"
+                } else if head.contains("bearer sso-nouser") {
+                    "200 OK"
+                } else if head.contains("bearer sso-boom") {
+                    "500 Internal Server Error"
+                } else if head.contains("bearer sso-slow") {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    "200 OK\r\nx-auth-user: slow"
+                } else {
+                    "401 Unauthorized"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {answer}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn forward_auth_asks_the_validator_only_for_unknown_credentials() {
+    let (url, seen) = validator().await;
+    let f = fixture(json!({
+        "keys_file": "keys.yaml", "htpasswd": "htpasswd",
+        "forward": {"url": url, "scopes_header": "x-auth-scopes", "models_header": "x-auth-models", "timeout": "300ms"}
+    }));
+    let calls = || seen.lock().unwrap().len();
+    // A validator-approved token: the principal it names, with its scopes and models.
+    let mut ctx = req(&[("authorization", "Bearer sso-carol")], "10.0.0.7");
+    ctx.query = Some("x=1".into());
+    f.filter.on_request(&mut ctx).await.unwrap();
+    let p = ctx.principal.clone().unwrap();
+    assert_eq!((p.id.as_str(), p.method), ("carol", "forward"));
+    assert_eq!(p.scopes, ["admin", "ops"]);
+    assert_eq!(p.models, ["qwen2:*", "llama3.1:8b"]);
+    assert!(!ctx.headers.contains_key("authorization"), "not forwarded");
+    {
+        let seen = seen.lock().unwrap();
+        let head = &seen[0];
+        assert!(head.starts_with("get /verify http/1.1"), "{head}");
+        for want in [
+            "authorization: bearer sso-carol",
+            "x-forwarded-method: post",
+            "x-forwarded-uri: /api/chat?x=1",
+            "x-forwarded-for: 10.0.0.7",
+        ] {
+            assert!(head.contains(want), "{want} missing in {head}");
+        }
+    }
+    // The same credential again: answered from the cache.
+    let mut ctx = req(&[("authorization", "Bearer sso-carol")], "10.0.0.7");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    assert_eq!(calls(), 1);
+    // A principal also in the keys file gets the keys file's settings.
+    let mut ctx = req(&[("authorization", "Bearer sso-alice")], "10.0.0.7");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    let p = ctx.principal.clone().unwrap();
+    assert_eq!((p.id.as_str(), p.method), ("alice", "forward"));
+    assert_eq!(p.models, ["llama3.1:*"]);
+    assert_eq!(calls(), 2);
+    // Credentials the local files settle never reach the validator, right or wrong.
+    let mut ctx = req(&[("x-api-key", ALICE)], "10.0.0.7");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    let mut ctx = req(&[("authorization", &basic("bob", "secret"))], "10.0.0.7");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    let mut ctx = req(&[("authorization", &basic("bob", "wrong"))], "10.0.0.7");
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    let mut ctx = req(&[], "10.0.0.7");
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    assert_eq!(ctx.reject_reason, Some("missing"));
+    assert_eq!(calls(), 2);
+    // Basic credentials of a user htpasswd does not know go to the validator.
+    let mut ctx = req(&[("authorization", &basic("carol", "pw"))], "10.0.0.7");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    assert_eq!(ctx.principal.unwrap().id, "carol");
+    assert_eq!(calls(), 3);
+    // Refused by the validator: our usual 401, not cached.
+    for _ in 0..2 {
+        let mut ctx = req(&[("authorization", "Bearer sso-nobody")], "10.0.0.8");
+        let r = f.filter.on_request(&mut ctx).await.unwrap_err();
+        assert_eq!(r.status, 401);
+        assert_eq!(ctx.reject_reason, Some("forward_denied"));
+        assert!(ctx.principal.is_none());
+    }
+    assert_eq!(calls(), 5);
+}
+
+#[tokio::test]
+async fn forward_auth_fails_closed() {
+    let (url, _) = validator().await;
+    let f = fixture(json!({"forward": {"url": url, "timeout": "300ms"}}));
+    // A 5xx, a 2xx naming nobody, a validator slower than the timeout: all denied.
+    for token in ["sso-boom", "sso-nouser", "sso-slow"] {
+        let started = std::time::Instant::now();
+        let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.0.9");
+        let r = f.filter.on_request(&mut ctx).await.unwrap_err();
+        assert_eq!(r.status, 401, "{token}");
+        assert_eq!(ctx.reject_reason, Some("forward_unavailable"), "{token}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{token}");
+    }
+    let (name, report) = f.filter.admin_report().unwrap();
+    assert_eq!(name, "auth");
+    assert_eq!(report["forward"]["failures"], 3);
+    // Nothing listening at all.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = fixture(json!({"forward": {"url": format!("http://127.0.0.1:{port}/")}}));
+    let mut ctx = req(&[("x-api-key", "sso-carol")], "10.0.0.9");
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    assert_eq!(ctx.reject_reason, Some("forward_unavailable"));
+}
+
+#[test]
+fn forward_options_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+    };
+    for (opts, key) in [
+        (
+            json!({"forward": {"url": "https://auth.example/"}}),
+            "forward.url",
+        ),
+        (json!({"forward": {"url": "not a url"}}), "forward.url"),
+        (
+            json!({"forward": {"url": "http://a/", "method": "G ET"}}),
+            "forward.method",
+        ),
+        (
+            json!({"forward": {"url": "http://a/", "headers": []}}),
+            "forward.headers",
+        ),
+        (
+            json!({"forward": {"url": "http://a/", "principal_header": "x y"}}),
+            "forward.principal_header",
+        ),
+    ] {
+        let err = build(&opts, &cx).err().expect("refused").to_string();
+        assert!(err.contains(key), "{opts}: {err}");
+    }
+}
