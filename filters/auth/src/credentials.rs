@@ -42,6 +42,30 @@ pub fn from_headers(headers: &HeaderMap) -> Result<Option<Credential>, &'static 
     Ok(None)
 }
 
+/// Whether the request carries more than one credential that differ (two `Authorization`
+/// values, or an `x-api-key` that is not the bearer token): only the first is checked
+/// locally, so such a request must not be handed to anyone else to decide.
+pub fn ambiguous(headers: &HeaderMap) -> bool {
+    let bearer = |v: &str| {
+        let v = v.trim();
+        match v.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => {
+                rest.trim().to_string()
+            }
+            _ => v.to_string(),
+        }
+    };
+    let mut seen = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .chain(headers.get_all("x-api-key").iter())
+        .map(|v| bearer(&String::from_utf8_lossy(v.as_bytes())));
+    let Some(first) = seen.next() else {
+        return false;
+    };
+    seen.any(|other| other != first)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

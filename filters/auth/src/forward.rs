@@ -44,6 +44,10 @@ pub struct ForwardOptions {
     /// Most cached answers kept.
     #[serde(default = "default_cache_size")]
     cache_size: usize,
+    /// Most questions to the validator at once; more are denied as unavailable, so a flood
+    /// of unknown credentials cannot pile up connections to it.
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight: usize,
 }
 
 fn default_method() -> String {
@@ -64,6 +68,9 @@ fn default_cache() -> HumanDuration {
 fn default_cache_size() -> usize {
     10_000
 }
+fn default_max_in_flight() -> usize {
+    64
+}
 
 /// What the validator said about one credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,9 +83,10 @@ pub struct Identity {
 /// Why a request was not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denied {
-    /// 401 or 403 from the validator.
+    /// A 4xx, or a 2xx that names no principal: the credential is not good (counted
+    /// towards the lockout, whatever status the validator uses for it).
     Refused,
-    /// Unreachable, timed out, or an answer that is neither 2xx nor 401/403.
+    /// Unreachable, timed out, busy, a redirect or a 5xx: the validator's trouble.
     Unavailable,
 }
 
@@ -98,6 +106,7 @@ pub struct Forwarder {
     /// Whether the last call failed, so a failing validator is logged once, not per request.
     failing: AtomicBool,
     failures: AtomicU64,
+    slots: tokio::sync::Semaphore,
 }
 
 fn header_name(key: &str, h: &str) -> Result<HeaderName, OptionsError> {
@@ -163,11 +172,19 @@ impl Forwarder {
             cache: OnceLock::new(),
             failing: AtomicBool::new(false),
             failures: AtomicU64::new(0),
+            slots: tokio::sync::Semaphore::new(o.max_in_flight.max(1)),
         })
     }
 
     pub fn url(&self) -> &str {
         self.url.as_str()
+    }
+
+    /// Removes the forwarded credential headers, so none of them reaches a backend.
+    pub fn strip(&self, req: &mut HeaderMap) {
+        for name in &self.headers {
+            req.remove(name);
+        }
     }
 
     /// Validator failures (unreachable, timeout, unexpected status) since start.
@@ -203,6 +220,9 @@ impl Forwarder {
         if let Some(hit) = self.cached(&digest) {
             return Ok(hit);
         }
+        let Ok(_slot) = self.slots.try_acquire() else {
+            return Err(self.unavailable("too many questions in flight".into()));
+        };
         let mut call = self
             .client
             .request(self.method.clone(), self.url.clone())
@@ -237,17 +257,19 @@ impl Forwarder {
                 self.healthy();
                 Err(Denied::Refused)
             }
-            Err((Denied::Unavailable, why)) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    log::error!(
-                        "auth: forward validator {} failing ({why}); requests needing it are denied",
-                        self.url
-                    );
-                }
-                Err(Denied::Unavailable)
-            }
+            Err((Denied::Unavailable, why)) => Err(self.unavailable(why)),
         }
+    }
+
+    fn unavailable(&self, why: String) -> Denied {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "auth: forward validator {} failing ({why}); requests needing it are denied",
+                self.url
+            );
+        }
+        Denied::Unavailable
     }
 
     fn cached(&self, digest: &[u8; 32]) -> Option<Arc<Identity>> {
@@ -270,7 +292,7 @@ impl Forwarder {
     ) -> Result<Identity, (Denied, String)> {
         match status {
             200..=299 => {}
-            401 | 403 => return Err((Denied::Refused, String::new())),
+            400..=499 => return Err((Denied::Refused, String::new())),
             other => return Err((Denied::Unavailable, format!("status {other}"))),
         }
         let text = |name: &HeaderName| {
@@ -292,10 +314,7 @@ impl Forwarder {
                 .unwrap_or_default()
         };
         let Some(id) = text(&self.principal_header) else {
-            return Err((
-                Denied::Unavailable,
-                format!("2xx without a {} header", self.principal_header),
-            ));
+            return Err((Denied::Refused, String::new()));
         };
         Ok(Identity {
             id: id.to_string(),

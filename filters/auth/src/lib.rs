@@ -283,6 +283,11 @@ impl AuthFilter {
         let Some(fwd) = &self.forward else {
             return Err(self.failed(ctx, "unknown_key"));
         };
+        // Only the first credential was checked locally; a second, different one must not
+        // reach the validator (it could be a key the files know is disabled).
+        if credentials::ambiguous(&ctx.headers) {
+            return Err(self.failed(ctx, "ambiguous_credentials"));
+        }
         let uri = match &ctx.query {
             Some(q) => format!("{}?{q}", ctx.path),
             None => ctx.path.clone(),
@@ -302,6 +307,7 @@ impl AuthFilter {
                 ))
             }
         };
+        fwd.strip(&mut ctx.headers);
         Ok(match state.keys.by_id(&identity.id) {
             Some(rec) => {
                 if let Err(reason) = rec.usable(now) {
@@ -424,8 +430,10 @@ impl Filter for AuthFilter {
         let now = SystemTime::now();
         // An identity header counts only from a trusted proxy; from anyone else it is dropped,
         // so a client cannot set it on its way to a backend either.
+        // Two values (a proxy that appends instead of replacing) are not believed either.
         let proxy_user = self.identity_header.as_ref().and_then(|name| {
-            let value = ctx.headers.remove(name)?;
+            let single = ctx.headers.get_all(name).iter().count() == 1;
+            let value = ctx.headers.remove(name).filter(|_| single)?;
             let user = value.to_str().ok()?.trim().to_string();
             (ctx.via_trusted_proxy && !user.is_empty()).then_some(user)
         });

@@ -338,6 +338,15 @@ async fn an_identity_header_counts_only_from_a_trusted_proxy() {
     ctx.via_trusted_proxy = true;
     f.filter.on_request(&mut ctx).await.unwrap();
     assert_eq!(ctx.principal.unwrap().id, "carol@example.com");
+    // Two values (a proxy that appended to a client's header): not believed.
+    let mut ctx = req(&[], "100.64.0.1");
+    ctx.via_trusted_proxy = true;
+    ctx.headers
+        .append("tailscale-user-login", "alice".parse().unwrap());
+    ctx.headers
+        .append("tailscale-user-login", "carol@example.com".parse().unwrap());
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    assert!(!ctx.headers.contains_key("tailscale-user-login"));
     // From anyone else: ignored (and removed), so no credentials at all.
     let mut ctx = req(&[("tailscale-user-login", "alice")], "198.51.100.9");
     assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
@@ -378,6 +387,8 @@ async fn validator() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
                     "204 No Content\r\nx-auth-user: alice"
                 } else if head.contains("bearer sso-nouser") {
                     "200 OK"
+                } else if head.contains("bearer sso-bad-request") {
+                    "400 Bad Request"
                 } else if head.contains("bearer sso-boom") {
                     "500 Internal Server Error"
                 } else if head.contains("bearer sso-slow") {
@@ -466,14 +477,41 @@ async fn forward_auth_asks_the_validator_only_for_unknown_credentials() {
         assert!(ctx.principal.is_none());
     }
     assert_eq!(calls(), 5);
+    // A second, different credential next to the one checked locally is never handed over:
+    // it could be a key the keys file knows is disabled.
+    let mut ctx = req(
+        &[
+            ("authorization", "Bearer sso-carol"),
+            ("x-api-key", "sk-off"),
+        ],
+        "10.0.0.8",
+    );
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    assert_eq!(ctx.reject_reason, Some("ambiguous_credentials"));
+    let mut ctx = req(
+        &[
+            ("authorization", "Bearer sso-carol"),
+            ("x-api-key", "sso-carol"),
+        ],
+        "10.0.0.8",
+    );
+    f.filter.on_request(&mut ctx).await.unwrap();
+    assert!(!ctx.headers.contains_key("x-api-key"));
+    assert_eq!(calls(), 6);
 }
 
 #[tokio::test]
 async fn forward_auth_fails_closed() {
     let (url, _) = validator().await;
     let f = fixture(json!({"forward": {"url": url, "timeout": "300ms"}}));
-    // A 5xx, a 2xx naming nobody, a validator slower than the timeout: all denied.
-    for token in ["sso-boom", "sso-nouser", "sso-slow"] {
+    // Any 4xx or a 2xx naming nobody: a bad credential (counted towards the lockout).
+    for token in ["sso-bad-request", "sso-nouser"] {
+        let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.0.9");
+        assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+        assert_eq!(ctx.reject_reason, Some("forward_denied"), "{token}");
+    }
+    // A 5xx, a validator slower than the timeout: denied too.
+    for token in ["sso-boom", "sso-slow"] {
         let started = std::time::Instant::now();
         let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.0.9");
         let r = f.filter.on_request(&mut ctx).await.unwrap_err();
@@ -483,7 +521,24 @@ async fn forward_auth_fails_closed() {
     }
     let (name, report) = f.filter.admin_report().unwrap();
     assert_eq!(name, "auth");
-    assert_eq!(report["forward"]["failures"], 3);
+    assert_eq!(report["forward"]["failures"], 2);
+    // Past `max_in_flight` questions at once, the rest are denied, not queued.
+    let f = Arc::new(fixture(
+        json!({"forward": {"url": url, "timeout": "2s", "max_in_flight": 1}}),
+    ));
+    let slow = {
+        let f = f.clone();
+        tokio::spawn(async move {
+            let mut ctx = req(&[("authorization", "Bearer sso-slow")], "10.0.0.9");
+            f.filter.on_request(&mut ctx).await.unwrap_err();
+            ctx.reject_reason
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ctx = req(&[("authorization", "Bearer sso-carol")], "10.0.0.9");
+    f.filter.on_request(&mut ctx).await.unwrap_err();
+    assert_eq!(ctx.reject_reason, Some("forward_unavailable"));
+    assert_eq!(slow.await.unwrap(), Some("forward_unavailable"));
     // Nothing listening at all.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
