@@ -457,3 +457,75 @@ async fn forward_auth_through_the_binary() {
         .unwrap();
     assert_eq!(report["forward"]["failures"], 0, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_bearer_tokens_through_the_binary() {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    // The provider's key set, served from a plain thread.
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let raw = pair.public_key_raw().to_vec();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "main",
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]})
+    .to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let jwks_url = format!("http://{}/certs", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = s.read(&mut [0u8; 4096]);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}",
+                jwks.len()
+            );
+        }
+    });
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n    jwt: {{ jwks_url: '{jwks_url}', issuer: 'https://idp.example', audience: [llm-gateway] }}\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml")
+    ))
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |aud: &str| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("main".into());
+        let claims = serde_json::json!({"sub": "dave@example.com", "iss": "https://idp.example",
+            "aud": aud, "exp": now + 300});
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&h, &claims, &key).unwrap()
+    };
+    // The openai client's way: a bearer token on /v1.
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(token("llm-gateway"))
+        .json(&serde_json::json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        field(&gw.access_line(&id).await, "principal"),
+        "dave@example.com"
+    );
+    let seen = m.requests().into_iter().last().unwrap();
+    assert!(!seen.headers.iter().any(|(k, _)| k == "authorization"));
+    // A token for another audience: 401 in OpenAI's shape, reason in the access line.
+    let resp = client()
+        .get(gw.url("/v1/models"))
+        .bearer_auth(token("another-service"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(error_of(resp).await.0, "invalid_api_key");
+    assert_eq!(field(&gw.access_line(&id).await, "reason"), "jwt_audience");
+}

@@ -14,6 +14,7 @@ mod credentials;
 mod error;
 mod forward;
 mod htpasswd;
+mod jwt;
 pub mod keygen;
 mod keys;
 mod lockout;
@@ -62,6 +63,8 @@ struct AuthOptions {
     trusted_identity_header: Option<String>,
     /// A validator service asked about credentials the local files do not know.
     forward: Option<forward::ForwardOptions>,
+    /// JWT bearer tokens (OIDC access tokens) checked against a JWKS.
+    jwt: Option<jwt::JwtOptions>,
 }
 
 fn default_realm() -> String {
@@ -129,6 +132,7 @@ pub struct AuthFilter {
     mtls: MtlsMode,
     identity_header: Option<HeaderName>,
     forward: Option<forward::Forwarder>,
+    jwt: Option<Arc<jwt::JwtVerifier>>,
     challenges: Vec<HeaderValue>,
     state: ArcSwap<Credentials>,
     lockout: Option<Lockout>,
@@ -145,10 +149,11 @@ pub fn build(
         && o.mtls == MtlsMode::Off
         && o.trusted_identity_header.is_none()
         && o.forward.is_none()
+        && o.jwt.is_none()
     {
         return Err(OptionsError::new(
             "",
-            "needs at least one of keys_file, htpasswd, forward, mtls: accept or trusted_identity_header; otherwise nobody could log in",
+            "needs at least one of keys_file, htpasswd, jwt, forward, mtls: accept or trusted_identity_header; otherwise nobody could log in",
         ));
     }
     let identity_header = o
@@ -164,6 +169,11 @@ pub fn build(
         })
         .transpose()?;
     let forward = o.forward.take().map(forward::Forwarder::new).transpose()?;
+    let jwt = o
+        .jwt
+        .take()
+        .map(|j| jwt::JwtVerifier::new(j).map(Arc::new))
+        .transpose()?;
     o.keys_file = o.keys_file.map(|p| cx.resolve(&p));
     o.htpasswd = o.htpasswd.map(|p| cx.resolve(&p));
     let credentials =
@@ -197,6 +207,7 @@ pub fn build(
         mtls: o.mtls,
         identity_header,
         forward,
+        jwt,
         challenges,
         state: ArcSwap::from_pointee(credentials),
         lockout,
@@ -273,6 +284,66 @@ impl AuthFilter {
         Ok(())
     }
 
+    /// A JWT checked against the provider's keys; keys-file settings apply to its principal.
+    async fn by_jwt(
+        &self,
+        ctx: &mut RequestCtx,
+        state: &Credentials,
+        now: SystemTime,
+        token: &str,
+    ) -> Result<Arc<Principal>, Rejection> {
+        let Some(verifier) = &self.jwt else {
+            return Err(self.failed(ctx, "unknown_key"));
+        };
+        let claims = match verifier.verify(token).await {
+            Ok(c) => c,
+            Err(reason) => return Err(self.failed(ctx, reason)),
+        };
+        self.named(
+            ctx,
+            state,
+            now,
+            "jwt",
+            claims.id,
+            claims.scopes,
+            claims.models,
+        )
+    }
+
+    /// The principal an outside source named: the keys file's entry with that id, else one
+    /// with the scopes and models the source gave.
+    #[allow(clippy::too_many_arguments)]
+    fn named(
+        &self,
+        ctx: &mut RequestCtx,
+        state: &Credentials,
+        now: SystemTime,
+        method: &'static str,
+        id: String,
+        scopes: Vec<String>,
+        models: Vec<String>,
+    ) -> Result<Arc<Principal>, Rejection> {
+        Ok(match state.keys.by_id(&id) {
+            Some(rec) => {
+                if let Err(reason) = rec.usable(now) {
+                    return Err(self.failed(ctx, reason));
+                }
+                Arc::new(Principal {
+                    method,
+                    ..(*rec.principal).clone()
+                })
+            }
+            None => Arc::new(Principal {
+                name: id.clone(),
+                id,
+                method,
+                scopes,
+                models,
+                ..Principal::default()
+            }),
+        })
+    }
+
     /// Asks the forward-auth validator; keys-file settings apply to a principal it names.
     async fn forwarded(
         &self,
@@ -308,25 +379,15 @@ impl AuthFilter {
             }
         };
         fwd.strip(&mut ctx.headers);
-        Ok(match state.keys.by_id(&identity.id) {
-            Some(rec) => {
-                if let Err(reason) = rec.usable(now) {
-                    return Err(self.failed(ctx, reason));
-                }
-                Arc::new(Principal {
-                    method: "forward",
-                    ..(*rec.principal).clone()
-                })
-            }
-            None => Arc::new(Principal {
-                id: identity.id.clone(),
-                name: identity.id.clone(),
-                method: "forward",
-                scopes: identity.scopes.clone(),
-                models: identity.models.clone(),
-                ..Principal::default()
-            }),
-        })
+        self.named(
+            ctx,
+            state,
+            now,
+            "forward",
+            identity.id.clone(),
+            identity.scopes.clone(),
+            identity.models.clone(),
+        )
     }
 
     async fn check_basic(
@@ -397,6 +458,9 @@ impl Filter for AuthFilter {
                 out.push("client certificate required in addition to a key or password".into())
             }
         }
+        if let Some(j) = &self.jwt {
+            out.push(format!("JWT bearer tokens (keys from {})", j.url()));
+        }
         if let Some(f) = &self.forward {
             out.push(format!("forward auth validator {}", f.url()));
         }
@@ -438,23 +502,9 @@ impl Filter for AuthFilter {
             (ctx.via_trusted_proxy && !user.is_empty()).then_some(user)
         });
         let principal = match (credentials::from_headers(&ctx.headers), proxy_user) {
-            (Ok(None), Some(user)) => match state.keys.by_id(&user) {
-                Some(rec) => {
-                    if let Err(reason) = rec.usable(now) {
-                        return Err(self.failed(ctx, reason));
-                    }
-                    Arc::new(Principal {
-                        method: "proxy",
-                        ..(*rec.principal).clone()
-                    })
-                }
-                None => Arc::new(Principal {
-                    id: user.clone(),
-                    name: user,
-                    method: "proxy",
-                    ..Principal::default()
-                }),
-            },
+            (Ok(None), Some(user)) => {
+                self.named(ctx, &state, now, "proxy", user, Vec::new(), Vec::new())?
+            }
             (Err(reason), _) => return Err(self.failed(ctx, reason)),
             (Ok(None), None) => {
                 let by_cert = (self.mtls == MtlsMode::Accept)
@@ -476,6 +526,12 @@ impl Filter for AuthFilter {
                     }
                     None => return Err(self.unauthorized(ctx, "missing", "no API key provided")),
                 }
+            }
+            (Ok(Some(Credential::ApiKey(key))), _)
+                if self.jwt.is_some() && jwt::looks_like_jwt(&key) =>
+            {
+                let p = self.by_jwt(ctx, &state, now, &key).await?;
+                return self.accept(ctx, p);
             }
             (Ok(Some(Credential::ApiKey(key))), _) => {
                 let digest = keys::sha256(key.as_bytes());

@@ -580,3 +580,201 @@ fn forward_options_are_checked() {
         assert!(err.contains(key), "{opts}: {err}");
     }
 }
+
+/// A JWKS endpoint on a plain thread (the filter's first fetch blocks its caller); serves
+/// whatever `set` holds and counts fetches.
+fn jwks_server(
+    set: Arc<std::sync::Mutex<String>>,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/certs", listener.local_addr().unwrap());
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = fetches.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = set.lock().unwrap().clone();
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, fetches)
+}
+
+struct SigningKey {
+    kid: &'static str,
+    pair: rcgen::KeyPair,
+}
+
+impl SigningKey {
+    fn new(kid: &'static str) -> Self {
+        SigningKey {
+            kid,
+            pair: rcgen::KeyPair::generate().unwrap(),
+        }
+    }
+
+    fn jwk(&self) -> serde_json::Value {
+        use base64::Engine;
+        let raw = self.pair.public_key_raw();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        json!({"kty": "EC", "crv": "P-256", "kid": self.kid, "alg": "ES256", "use": "sig",
+               "x": b64(&raw[1..33]), "y": b64(&raw[33..65])})
+    }
+
+    fn sign(&self, kid: &str, claims: serde_json::Value) -> String {
+        let key =
+            jsonwebtoken::EncodingKey::from_ec_pem(self.pair.serialize_pem().as_bytes()).unwrap();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.to_string());
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+}
+
+fn claims(sub: &str, exp_in: i64) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    json!({"sub": sub, "iss": "https://idp.example", "aud": "llm-gateway",
+           "exp": now + exp_in, "iat": now, "scope": "admin read", "models": ["qwen2:*"]})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_tokens_are_checked_against_the_jwks() {
+    use base64::Engine;
+    let k1 = SigningKey::new("k1");
+    let set = Arc::new(std::sync::Mutex::new(
+        json!({"keys": [k1.jwk()]}).to_string(),
+    ));
+    let (url, fetches) = jwks_server(set.clone());
+    let f = fixture(json!({
+        "keys_file": "keys.yaml",
+        "jwt": {"jwks_url": url, "issuer": "https://idp.example", "audience": ["llm-gateway"],
+                "scopes_claim": "scope", "models_claim": "models", "unknown_kid_refresh": "300ms"}
+    }));
+    let fetched = || fetches.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(fetched(), 1, "fetched at start");
+    let check = |token: String| {
+        let f = &f;
+        async move {
+            let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.0.5");
+            let r = f.filter.on_request(&mut ctx).await;
+            (r.map(|_| ()), ctx)
+        }
+    };
+    // A valid token: its subject, scopes and models; the token never reaches a backend.
+    let (r, ctx) = check(k1.sign("k1", claims("dave", 300))).await;
+    r.unwrap();
+    let p = ctx.principal.clone().unwrap();
+    assert_eq!((p.id.as_str(), p.method), ("dave", "jwt"));
+    assert_eq!(p.scopes, ["admin", "read"]);
+    assert_eq!(p.models, ["qwen2:*"]);
+    assert!(!ctx.headers.contains_key("authorization"));
+    // A subject in the keys file gets its settings.
+    let (r, ctx) = check(k1.sign("k1", claims("alice", 300))).await;
+    r.unwrap();
+    assert_eq!(ctx.principal.unwrap().models, ["llama3.1:*"]);
+    // API keys still work next to JWTs.
+    let mut ctx = req(&[("x-api-key", ALICE)], "10.0.0.5");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    // Every way a token can be wrong is a 401 with its reason.
+    let mut wrong_aud = claims("dave", 300);
+    wrong_aud["aud"] = json!("someone-else");
+    let mut wrong_iss = claims("dave", 300);
+    wrong_iss["iss"] = json!("https://evil.example");
+    let mut no_exp = claims("dave", 300);
+    no_exp.as_object_mut().unwrap().remove("exp");
+    let mut not_yet = claims("dave", 300);
+    not_yet["nbf"] = json!(not_yet["iat"].as_i64().unwrap() + 120);
+    let forger = SigningKey::new("k1");
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let payload = b64(claims("dave", 300));
+    let unsigned = format!("{}.{payload}.", b64(json!({"alg": "none", "kid": "k1"})));
+    let hmac = {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(
+            &h,
+            &claims("dave", 300),
+            &jsonwebtoken::EncodingKey::from_secret(b"guess"),
+        )
+        .unwrap()
+    };
+    let good = k1.sign("k1", claims("dave", 300));
+    let tampered = {
+        let parts: Vec<&str> = good.split('.').collect();
+        format!("{}.{}.{}", parts[0], b64(claims("alice", 300)), parts[2])
+    };
+    for (token, reason) in [
+        (k1.sign("k1", claims("dave", -120)), "jwt_expired"),
+        (k1.sign("k1", wrong_aud), "jwt_audience"),
+        (k1.sign("k1", wrong_iss), "jwt_issuer"),
+        (k1.sign("k1", no_exp), "jwt_missing_claim"),
+        (k1.sign("k1", not_yet), "jwt_not_yet_valid"),
+        (forger.sign("k1", claims("dave", 300)), "jwt_signature"),
+        (tampered, "jwt_signature"),
+        (hmac, "jwt_algorithm"),
+        (unsigned, "jwt_malformed"),
+    ] {
+        let (r, ctx) = check(token).await;
+        assert_eq!(r.unwrap_err().status, 401, "{reason}");
+        assert_eq!(ctx.reject_reason, Some(reason));
+        assert!(ctx.principal.is_none());
+    }
+    // Leeway: expired 10 s ago is still inside the default 30 s.
+    check(k1.sign("k1", claims("dave", -10))).await.0.unwrap();
+    // None of that fetched the key set again: a known kid never costs a network call.
+    assert_eq!(fetched(), 1);
+    // Rotation: a new key appears at the JWKS; a token with its kid triggers one refetch.
+    let k2 = SigningKey::new("k2");
+    *set.lock().unwrap() = json!({"keys": [k1.jwk(), k2.jwk()]}).to_string();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    check(k2.sign("k2", claims("erin", 300))).await.0.unwrap();
+    assert_eq!(fetched(), 2);
+    // Made-up kids refetch at most once per `unknown_kid_refresh`.
+    for _ in 0..5 {
+        let token = k2.sign("k9", claims("erin", 300));
+        let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.0.6");
+        let r = f.filter.on_request(&mut ctx).await;
+        assert!(r.is_err());
+        assert_eq!(ctx.reject_reason, Some("jwt_unknown_kid"));
+    }
+    assert_eq!(fetched(), 2);
+}
+
+#[test]
+fn jwt_options_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+    };
+    let base = json!({"jwks_url": "http://127.0.0.1:9/certs", "issuer": "i", "audience": ["a"]});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut o = base.clone();
+        o[k] = v;
+        json!({ "jwt": o })
+    };
+    for (opts, want) in [
+        (
+            with("algorithms", json!(["HS256"])),
+            "HMAC tokens are not accepted",
+        ),
+        (with("algorithms", json!(["none"])), "not a JWS algorithm"),
+        (with("algorithms", json!([])), "at least one algorithm"),
+        (with("audience", json!([])), "at least one audience"),
+        (with("jwks_url", json!("https://idp/certs")), "only http://"),
+    ] {
+        let err = build(&opts, &cx).err().expect("refused").to_string();
+        assert!(err.contains("jwt.") && err.contains(want), "{opts}: {err}");
+    }
+}

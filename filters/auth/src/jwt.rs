@@ -1,0 +1,332 @@
+//! JWT bearer tokens (OIDC access tokens) checked against the provider's JWKS.
+//!
+//! The key set is fetched when the filter is built and refreshed in the background; a token
+//! with an unknown `kid` triggers a refresh at most once a minute, so a known key never costs
+//! a network call on the request path. Only asymmetric algorithms are accepted (no `none`, no
+//! HMAC: a shared secret would let anyone holding it mint tokens).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use gateway_filter::units::HumanDuration;
+use gateway_filter::OptionsError;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtOptions {
+    /// The provider's key set, e.g. `http://idp:8080/realms/x/protocol/openid-connect/certs`.
+    jwks_url: String,
+    /// Required `iss`.
+    issuer: String,
+    /// Required `aud` (one of them).
+    audience: Vec<String>,
+    #[serde(default = "default_algorithms")]
+    algorithms: Vec<String>,
+    #[serde(default = "default_principal_claim")]
+    principal_claim: String,
+    /// A claim with scopes: a list, or a space-separated string as OAuth's `scope`.
+    scopes_claim: Option<String>,
+    /// A claim with the models the principal may use: a list or a comma-separated string.
+    models_claim: Option<String>,
+    #[serde(default = "default_leeway")]
+    leeway: HumanDuration,
+    #[serde(default = "default_timeout")]
+    timeout: HumanDuration,
+    /// How often the key set is fetched again in the background.
+    #[serde(default = "default_refresh")]
+    refresh: HumanDuration,
+    /// A token with an unknown `kid` (the provider rotated its keys) refetches the set at
+    /// most this often, so made-up `kid`s cannot hammer the provider.
+    #[serde(default = "default_unknown_kid_refresh")]
+    unknown_kid_refresh: HumanDuration,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
+}
+fn default_principal_claim() -> String {
+    "sub".into()
+}
+fn default_leeway() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_refresh() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
+}
+fn default_unknown_kid_refresh() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    pub id: String,
+    pub scopes: Vec<String>,
+    pub models: Vec<String>,
+}
+
+pub struct JwtVerifier {
+    url: String,
+    client: reqwest::Client,
+    /// One per accepted algorithm: the crate wants every listed algorithm to match the key's
+    /// family, so a mixed list is split up front rather than per request.
+    validations: Vec<(Algorithm, Validation)>,
+    principal_claim: String,
+    scopes_claim: Option<String>,
+    models_claim: Option<String>,
+    refresh: Duration,
+    unknown_kid_refresh: Duration,
+    keys: ArcSwap<HashMap<String, DecodingKey>>,
+    /// Milliseconds since the epoch of the last fetch attempt.
+    fetched_at: AtomicU64,
+    refreshing: AtomicBool,
+}
+
+fn algorithm(name: &str) -> Result<Algorithm, OptionsError> {
+    let alg: Algorithm = name.trim().parse().map_err(|_| {
+        OptionsError::new("jwt.algorithms", format!("{name:?} is not a JWS algorithm"))
+    })?;
+    if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+        return Err(OptionsError::new(
+            "jwt.algorithms",
+            format!("{name}: HMAC tokens are not accepted (anyone with the secret could mint them); use RS*, PS*, ES* or EdDSA"),
+        ));
+    }
+    Ok(alg)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether a bearer token looks like a JWS (three base64url parts), not an API key.
+pub fn looks_like_jwt(token: &str) -> bool {
+    let mut parts = token.split('.');
+    let n = parts.clone().count();
+    n == 3
+        && parts.all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        && token.starts_with("eyJ")
+}
+
+impl JwtVerifier {
+    /// Builds the verifier and fetches the key set once (a failure is logged, not fatal:
+    /// the provider may start after the gateway).
+    pub fn new(o: JwtOptions) -> Result<Self, OptionsError> {
+        let url = reqwest::Url::parse(&o.jwks_url)
+            .map_err(|e| OptionsError::new("jwt.jwks_url", format!("{:?}: {e}", o.jwks_url)))?;
+        if url.scheme() != "http" {
+            return Err(OptionsError::new(
+                "jwt.jwks_url",
+                format!(
+                    "{:?}: only http:// key sets are supported in this build (serve the JWKS on a private network)",
+                    o.jwks_url
+                ),
+            ));
+        }
+        let algorithms = o
+            .algorithms
+            .iter()
+            .map(|a| algorithm(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if algorithms.is_empty() {
+            return Err(OptionsError::new(
+                "jwt.algorithms",
+                "must name at least one algorithm",
+            ));
+        }
+        if o.audience.is_empty() {
+            return Err(OptionsError::new(
+                "jwt.audience",
+                "must name at least one audience",
+            ));
+        }
+        let validations = algorithms
+            .into_iter()
+            .map(|alg| {
+                let mut v = Validation::new(alg);
+                v.set_issuer(&[o.issuer.as_str()]);
+                v.set_audience(&o.audience);
+                v.set_required_spec_claims(&["exp", "iss", "aud"]);
+                v.validate_nbf = true;
+                v.leeway = o.leeway.0.as_secs();
+                (alg, v)
+            })
+            .collect();
+        // No pooled connections: the first fetch runs on a runtime that ends with it.
+        let client = reqwest::Client::builder()
+            .timeout(o.timeout.0)
+            .connect_timeout(o.timeout.0)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|e| OptionsError::new("jwt", e.to_string()))?;
+        let v = JwtVerifier {
+            url: o.jwks_url,
+            client,
+            validations,
+            principal_claim: o.principal_claim,
+            scopes_claim: o.scopes_claim,
+            models_claim: o.models_claim,
+            refresh: o.refresh.0,
+            unknown_kid_refresh: o.unknown_kid_refresh.0,
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            fetched_at: AtomicU64::new(0),
+            refreshing: AtomicBool::new(false),
+        };
+        v.fetch_at_start();
+        Ok(v)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The first fetch, on a thread of its own so that it works whether or not the caller is
+    /// inside an async runtime.
+    fn fetch_at_start(&self) {
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(self.fetch())
+            })
+            .join()
+            .unwrap_or_else(|_| Err("fetch thread panicked".into()))
+        });
+        match result {
+            Ok(n) => log::info!("auth: {n} JWT keys from {}", self.url),
+            Err(e) => log::warn!(
+                "auth: JWKS {} not fetched at start ({e}); JWTs are refused until it is",
+                self.url
+            ),
+        }
+    }
+
+    /// Fetches the key set and swaps it in; returns the number of usable keys.
+    async fn fetch(&self) -> Result<usize, String> {
+        self.fetched_at.store(now_ms(), Ordering::Relaxed);
+        let resp = self
+            .client
+            .get(&self.url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        let set: JwkSet = resp.json().await.map_err(|e| e.to_string())?;
+        let keys: HashMap<String, DecodingKey> = set
+            .keys
+            .iter()
+            .filter_map(|jwk| {
+                let kid = jwk.common.key_id.clone()?;
+                DecodingKey::from_jwk(jwk).ok().map(|k| (kid, k))
+            })
+            .collect();
+        let n = keys.len();
+        self.keys.store(Arc::new(keys));
+        Ok(n)
+    }
+
+    /// Time since the last fetch attempt.
+    fn age(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.fetched_at.load(Ordering::Relaxed)))
+    }
+
+    /// Refreshes in the background when the set is older than `refresh`.
+    fn refresh_in_background(self: &Arc<Self>) {
+        if self.age() < self.refresh || self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.fetch().await {
+                log::warn!(
+                    "auth: JWKS {} refresh failed ({e}); keeping the old keys",
+                    me.url
+                );
+            }
+            me.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Checks `token`; `Err` carries the reason for the audit.
+    pub async fn verify(self: &Arc<Self>, token: &str) -> Result<Claims, &'static str> {
+        self.refresh_in_background();
+        let header = jsonwebtoken::decode_header(token).map_err(|_| "jwt_malformed")?;
+        let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
+            return Err("jwt_algorithm");
+        };
+        let kid = header.kid.ok_or("jwt_no_kid")?;
+        let mut keys = self.keys.load_full();
+        if !keys.contains_key(&kid) {
+            if self.age() < self.unknown_kid_refresh {
+                return Err("jwt_unknown_kid");
+            }
+            if let Err(e) = self.fetch().await {
+                log::warn!("auth: JWKS {} refresh failed ({e})", self.url);
+            }
+            keys = self.keys.load_full();
+        }
+        let key = keys.get(&kid).ok_or("jwt_unknown_kid")?;
+        let data =
+            jsonwebtoken::decode::<serde_json::Value>(token, key, validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                match e.kind() {
+                    K::ExpiredSignature => "jwt_expired",
+                    K::ImmatureSignature => "jwt_not_yet_valid",
+                    K::InvalidAudience => "jwt_audience",
+                    K::InvalidIssuer => "jwt_issuer",
+                    K::InvalidSignature => "jwt_signature",
+                    K::InvalidAlgorithm => "jwt_algorithm",
+                    K::MissingRequiredClaim(_) => "jwt_missing_claim",
+                    _ => "jwt_invalid",
+                }
+            })?;
+        let claims = data.claims;
+        let id = claims
+            .get(&self.principal_claim)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .ok_or("jwt_no_principal")?
+            .to_string();
+        let list = |name: &Option<String>, seps: &[char]| -> Vec<String> {
+            match name.as_ref().and_then(|n| claims.get(n)) {
+                Some(serde_json::Value::Array(items)) => items
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .map(String::from)
+                    .collect(),
+                Some(serde_json::Value::String(s)) => s
+                    .split(seps)
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        Ok(Claims {
+            id,
+            scopes: list(&self.scopes_claim, &[' ', ',']),
+            models: list(&self.models_claim, &[',', ' ']),
+        })
+    }
+}
