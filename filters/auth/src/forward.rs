@@ -118,13 +118,10 @@ impl Forwarder {
     pub fn new(o: ForwardOptions) -> Result<Self, OptionsError> {
         let url = reqwest::Url::parse(&o.url)
             .map_err(|e| OptionsError::new("forward.url", format!("{:?}: {e}", o.url)))?;
-        if url.scheme() != "http" {
+        if !matches!(url.scheme(), "http" | "https") {
             return Err(OptionsError::new(
                 "forward.url",
-                format!(
-                    "{:?}: only http:// validators are supported; run the validator on a local or private network",
-                    o.url
-                ),
+                format!("{:?}: must be an http:// or https:// URL", o.url),
             ));
         }
         let method = reqwest::Method::from_bytes(o.method.trim().as_bytes()).map_err(|_| {

@@ -47,6 +47,12 @@ pub struct JwtOptions {
     unknown_kid_refresh: HumanDuration,
 }
 
+/// Most clock skew accepted on `exp`/`nbf`.
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
+/// Most bytes of a key set read.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
 fn default_algorithms() -> Vec<String> {
     vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
 }
@@ -65,6 +71,9 @@ fn default_refresh() -> HumanDuration {
 fn default_unknown_kid_refresh() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
+
+/// The reason when the provider's keys could not be had: not the client's failure.
+pub const KEYS_UNAVAILABLE: &str = "jwt_keys_unavailable";
 
 /// What a valid token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,12 +137,18 @@ impl JwtVerifier {
     pub fn new(o: JwtOptions) -> Result<Self, OptionsError> {
         let url = reqwest::Url::parse(&o.jwks_url)
             .map_err(|e| OptionsError::new("jwt.jwks_url", format!("{:?}: {e}", o.jwks_url)))?;
-        if url.scheme() != "http" {
+        if !matches!(url.scheme(), "http" | "https") {
             return Err(OptionsError::new(
                 "jwt.jwks_url",
+                format!("{:?}: must be an http:// or https:// URL", o.jwks_url),
+            ));
+        }
+        if o.leeway.0 > MAX_LEEWAY {
+            return Err(OptionsError::new(
+                "jwt.leeway",
                 format!(
-                    "{:?}: only http:// key sets are supported in this build (serve the JWKS on a private network)",
-                    o.jwks_url
+                    "at most {}s; clocks that far apart need fixing, not a wider window",
+                    MAX_LEEWAY.as_secs()
                 ),
             ));
         }
@@ -231,10 +246,27 @@ impl JwtVerifier {
         if !resp.status().is_success() {
             return Err(format!("status {}", resp.status()));
         }
-        let set: JwkSet = resp.json().await.map_err(|e| e.to_string())?;
+        // A key set is a few KB; a provider (or whatever answers at the URL) sending more is
+        // not read into memory.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(format!("key set larger than {MAX_JWKS_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         let keys: HashMap<String, DecodingKey> = set
             .keys
             .iter()
+            // Encryption keys never verify signatures.
+            .filter(|jwk| {
+                !matches!(
+                    jwk.common.public_key_use,
+                    Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+                )
+            })
             .filter_map(|jwk| {
                 let kid = jwk.common.key_id.clone()?;
                 DecodingKey::from_jwk(jwk).ok().map(|k| (kid, k))
@@ -277,11 +309,25 @@ impl JwtVerifier {
         let kid = header.kid.ok_or("jwt_no_kid")?;
         let mut keys = self.keys.load_full();
         if !keys.contains_key(&kid) {
-            if self.age() < self.unknown_kid_refresh {
-                return Err("jwt_unknown_kid");
+            // Claim the refetch atomically: one per `unknown_kid_refresh` across all threads.
+            let last = self.fetched_at.load(Ordering::Relaxed);
+            let now = now_ms();
+            let due = now.saturating_sub(last) >= self.unknown_kid_refresh.as_millis() as u64;
+            if !due
+                || self
+                    .fetched_at
+                    .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+            {
+                return Err(if keys.is_empty() {
+                    KEYS_UNAVAILABLE
+                } else {
+                    "jwt_unknown_kid"
+                });
             }
             if let Err(e) = self.fetch().await {
                 log::warn!("auth: JWKS {} refresh failed ({e})", self.url);
+                return Err(KEYS_UNAVAILABLE);
             }
             keys = self.keys.load_full();
         }
@@ -312,6 +358,8 @@ impl JwtVerifier {
                 Some(serde_json::Value::Array(items)) => items
                     .iter()
                     .filter_map(|v| v.as_str())
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
                     .map(String::from)
                     .collect(),
                 Some(serde_json::Value::String(s)) => s
@@ -323,10 +371,16 @@ impl JwtVerifier {
                 _ => Vec::new(),
             }
         };
+        let models = list(&self.models_claim, &[',', ' ']);
+        // An empty model list means "any model": a token that should carry the list but
+        // does not must not get that.
+        if self.models_claim.is_some() && models.is_empty() {
+            return Err("jwt_no_models");
+        }
         Ok(Claims {
             id,
             scopes: list(&self.scopes_claim, &[' ', ',']),
-            models: list(&self.models_claim, &[',', ' ']),
+            models,
         })
     }
 }

@@ -297,6 +297,14 @@ impl AuthFilter {
         };
         let claims = match verifier.verify(token).await {
             Ok(c) => c,
+            // The provider's trouble is not the client's failure: no lockout count.
+            Err(reason @ jwt::KEYS_UNAVAILABLE) => {
+                return Err(self.unauthorized(
+                    ctx,
+                    reason,
+                    "token could not be verified right now; try again later",
+                ))
+            }
             Err(reason) => return Err(self.failed(ctx, reason)),
         };
         self.named(
@@ -527,16 +535,15 @@ impl Filter for AuthFilter {
                     None => return Err(self.unauthorized(ctx, "missing", "no API key provided")),
                 }
             }
-            (Ok(Some(Credential::ApiKey(key))), _)
-                if self.jwt.is_some() && jwt::looks_like_jwt(&key) =>
-            {
-                let p = self.by_jwt(ctx, &state, now, &key).await?;
-                return self.accept(ctx, p);
-            }
             (Ok(Some(Credential::ApiKey(key))), _) => {
                 let digest = keys::sha256(key.as_bytes());
-                drop(key);
                 let Some(rec) = state.keys.by_key_digest(&digest) else {
+                    // The keys file first: an imported key may look like a JWT.
+                    if self.jwt.is_some() && jwt::looks_like_jwt(&key) {
+                        let p = self.by_jwt(ctx, &state, now, &key).await?;
+                        return self.accept(ctx, p);
+                    }
+                    drop(key);
                     if self.forward.is_some() {
                         let p = self.forwarded(ctx, &state, now).await?;
                         return self.accept(ctx, p);

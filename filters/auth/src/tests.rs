@@ -559,7 +559,7 @@ fn forward_options_are_checked() {
     };
     for (opts, key) in [
         (
-            json!({"forward": {"url": "https://auth.example/"}}),
+            json!({"forward": {"url": "ftp://auth.example/"}}),
             "forward.url",
         ),
         (json!({"forward": {"url": "not a url"}}), "forward.url"),
@@ -772,9 +772,66 @@ fn jwt_options_are_checked() {
         (with("algorithms", json!(["none"])), "not a JWS algorithm"),
         (with("algorithms", json!([])), "at least one algorithm"),
         (with("audience", json!([])), "at least one audience"),
-        (with("jwks_url", json!("https://idp/certs")), "only http://"),
+        (
+            with("jwks_url", json!("ftp://idp/certs")),
+            "http:// or https://",
+        ),
+        (with("leeway", json!("1h")), "at most 300s"),
     ] {
         let err = build(&opts, &cx).err().expect("refused").to_string();
         assert!(err.contains("jwt.") && err.contains(want), "{opts}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_edge_cases_fail_closed_without_locking_out_users() {
+    let k1 = SigningKey::new("k1");
+    let set = Arc::new(std::sync::Mutex::new(
+        json!({"keys": [k1.jwk()]}).to_string(),
+    ));
+    let (url, _) = jwks_server(set);
+    let f = fixture(json!({
+        "keys_file": "keys.yaml",
+        "jwt": {"jwks_url": url, "issuer": "https://idp.example", "audience": ["llm-gateway"],
+                "models_claim": "models"}
+    }));
+    // `models_claim` configured but absent or empty: refused, never "any model".
+    for models in [json!(null), json!([]), json!(""), json!(7)] {
+        let mut c = claims("dave", 300);
+        c["models"] = models.clone();
+        let token = k1.sign("k1", c);
+        let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.1.1");
+        assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+        assert_eq!(ctx.reject_reason, Some("jwt_no_models"), "{models}");
+    }
+    // An imported API key that happens to look like a JWT is still found in the keys file.
+    let odd = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln";
+    std::fs::write(
+        f.dir.path().join("keys.yaml"),
+        keys_yaml(&format!(
+            "  - id: legacy\n    key_sha256: {}\n",
+            keygen::hash_key(odd)
+        )),
+    )
+    .unwrap();
+    f.filter.reload().unwrap();
+    let mut ctx = req(&[("authorization", &format!("Bearer {odd}"))], "10.0.1.1");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    assert_eq!(ctx.principal.unwrap().id, "legacy");
+    // The provider down from the start: tokens refused, but not counted against the client.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = fixture(json!({
+        "jwt": {"jwks_url": format!("http://127.0.0.1:{port}/certs"), "issuer": "https://idp.example",
+                "audience": ["llm-gateway"], "timeout": "200ms"}
+    }));
+    let token = k1.sign("k1", claims("dave", 300));
+    for _ in 0..15 {
+        let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.1.2");
+        assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+        assert_eq!(ctx.reject_reason, Some("jwt_keys_unavailable"));
     }
 }
