@@ -529,3 +529,64 @@ async fn jwt_bearer_tokens_through_the_binary() {
     assert_eq!(error_of(resp).await.0, "invalid_api_key");
     assert_eq!(field(&gw.access_line(&id).await, "reason"), "jwt_audience");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_over_https_with_a_private_ca() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::support::certs::make(dir.path());
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &std::fs::read(&pki.server_cert).unwrap()[..])
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut &std::fs::read(&pki.server_key).unwrap()[..])
+        .unwrap()
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = fetches.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let _ = s.read(&mut [0u8; 4096]).await;
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let body = r#"{"keys":[]}"#;
+                let _ = s
+                    .write_all(
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                            .as_bytes(),
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let config = |ca: &str| {
+        format!(
+            "filters:\n  - use: auth\n    jwt: {{ jwks_url: 'https://localhost:{port}/certs', issuer: i, audience: [a]{ca} }}\n"
+        )
+    };
+    // Trusted through ca_file: fetched at start.
+    let _gw = Gateway::start(&config(&format!(", ca_file: '{}'", pki.ca.display()))).await;
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Without it the private CA is not trusted: the handshake fails, nothing is fetched.
+    let gw = Gateway::start(&config("")).await;
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(gw.log().contains("not fetched at start"), "{}", gw.log());
+}

@@ -48,6 +48,8 @@ pub struct ForwardOptions {
     /// of unknown credentials cannot pile up connections to it.
     #[serde(default = "default_max_in_flight")]
     max_in_flight: usize,
+    /// PEM CA certificates trusted for an `https://` validator besides the public roots.
+    ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_method() -> String {
@@ -115,7 +117,7 @@ fn header_name(key: &str, h: &str) -> Result<HeaderName, OptionsError> {
 }
 
 impl Forwarder {
-    pub fn new(o: ForwardOptions) -> Result<Self, OptionsError> {
+    pub fn new(o: ForwardOptions, cx: &gateway_filter::BuildContext) -> Result<Self, OptionsError> {
         let url = reqwest::Url::parse(&o.url)
             .map_err(|e| OptionsError::new("forward.url", format!("{:?}: {e}", o.url)))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -141,13 +143,8 @@ impl Forwarder {
                 "must name at least one header carrying the credential (e.g. authorization)",
             ));
         }
-        let client = reqwest::Client::builder()
-            .timeout(o.timeout.0)
-            .connect_timeout(o.timeout.0)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(|e| OptionsError::new("forward", e.to_string()))?;
+        let ca = o.ca_file.as_deref().map(|p| cx.resolve(p));
+        let client = crate::outbound::client("forward", o.timeout.0, ca.as_deref(), true)?;
         Ok(Forwarder {
             client,
             url,

@@ -45,6 +45,8 @@ pub struct JwtOptions {
     /// most this often, so made-up `kid`s cannot hammer the provider.
     #[serde(default = "default_unknown_kid_refresh")]
     unknown_kid_refresh: HumanDuration,
+    /// PEM CA certificates trusted for an `https://` key set besides the public roots.
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// Most clock skew accepted on `exp`/`nbf`.
@@ -134,7 +136,7 @@ pub fn looks_like_jwt(token: &str) -> bool {
 impl JwtVerifier {
     /// Builds the verifier and fetches the key set once (a failure is logged, not fatal:
     /// the provider may start after the gateway).
-    pub fn new(o: JwtOptions) -> Result<Self, OptionsError> {
+    pub fn new(o: JwtOptions, cx: &gateway_filter::BuildContext) -> Result<Self, OptionsError> {
         let url = reqwest::Url::parse(&o.jwks_url)
             .map_err(|e| OptionsError::new("jwt.jwks_url", format!("{:?}: {e}", o.jwks_url)))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -181,15 +183,9 @@ impl JwtVerifier {
                 (alg, v)
             })
             .collect();
+        let ca = o.ca_file.as_deref().map(|p| cx.resolve(p));
         // No pooled connections: the first fetch runs on a runtime that ends with it.
-        let client = reqwest::Client::builder()
-            .timeout(o.timeout.0)
-            .connect_timeout(o.timeout.0)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .pool_max_idle_per_host(0)
-            .build()
-            .map_err(|e| OptionsError::new("jwt", e.to_string()))?;
+        let client = crate::outbound::client("jwt", o.timeout.0, ca.as_deref(), false)?;
         let v = JwtVerifier {
             url: o.jwks_url,
             client,

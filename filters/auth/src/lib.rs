@@ -18,6 +18,7 @@ mod jwt;
 pub mod keygen;
 mod keys;
 mod lockout;
+mod outbound;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -168,11 +169,15 @@ pub fn build(
             })
         })
         .transpose()?;
-    let forward = o.forward.take().map(forward::Forwarder::new).transpose()?;
+    let forward = o
+        .forward
+        .take()
+        .map(|f| forward::Forwarder::new(f, cx))
+        .transpose()?;
     let jwt = o
         .jwt
         .take()
-        .map(|j| jwt::JwtVerifier::new(j).map(Arc::new))
+        .map(|j| jwt::JwtVerifier::new(j, cx).map(Arc::new))
         .transpose()?;
     o.keys_file = o.keys_file.map(|p| cx.resolve(&p));
     o.htpasswd = o.htpasswd.map(|p| cx.resolve(&p));
