@@ -100,6 +100,9 @@ pub struct JwtVerifier {
     /// Milliseconds since the epoch of the last fetch attempt.
     fetched_at: AtomicU64,
     refreshing: AtomicBool,
+    /// Fetches are numbered when they start; a slow old one never replaces a newer set.
+    started: AtomicU64,
+    stored: std::sync::Mutex<u64>,
 }
 
 fn algorithm(name: &str) -> Result<Algorithm, OptionsError> {
@@ -198,6 +201,8 @@ impl JwtVerifier {
             keys: ArcSwap::from_pointee(HashMap::new()),
             fetched_at: AtomicU64::new(0),
             refreshing: AtomicBool::new(false),
+            started: AtomicU64::new(0),
+            stored: std::sync::Mutex::new(0),
         };
         v.fetch_at_start();
         Ok(v)
@@ -233,6 +238,7 @@ impl JwtVerifier {
     /// Fetches the key set and swaps it in; returns the number of usable keys.
     async fn fetch(&self) -> Result<usize, String> {
         self.fetched_at.store(now_ms(), Ordering::Relaxed);
+        let seq = self.started.fetch_add(1, Ordering::AcqRel) + 1;
         let resp = self
             .client
             .get(&self.url)
@@ -269,7 +275,12 @@ impl JwtVerifier {
             })
             .collect();
         let n = keys.len();
-        self.keys.store(Arc::new(keys));
+        // Held only for the comparison and the swap (no await), by fetches, never by requests.
+        let mut stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        if *stored < seq {
+            *stored = seq;
+            self.keys.store(Arc::new(keys));
+        }
         Ok(n)
     }
 
