@@ -31,14 +31,7 @@ async fn backend_down_gives_502_naming_only_the_backend_then_503() {
         assert_eq!(msg, "backend gpu-a is unavailable");
         assert!(!msg.contains(&port.to_string()));
     }
-    let h: serde_json::Value = c
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = gw.health().await;
     assert_eq!(h["backends"][0]["state"], "down");
     assert_eq!(h["status"], "degraded");
     // Now every backend is known down: 503 at once, without trying.
@@ -142,14 +135,7 @@ async fn client_leaving_mid_stream_is_harmless() {
         drop(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let h: serde_json::Value = client()
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = gw.health().await;
     assert_eq!(h["backends"][0]["state"], "up");
     assert!(!gw.log().contains("ERROR"), "{}", gw.log());
     let resp = client()
@@ -194,28 +180,12 @@ async fn a_backend_dying_mid_run_costs_at_most_the_requests_it_had_taken() {
     let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
     assert_eq!(ok + failed, 1000);
     assert!(failed <= 8, "{failed} failed");
-    let metrics = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
+    let retries = gw
+        .metric("llm_gateway_retries_total{backend=\"b\"}")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let retries: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("llm_gateway_retries_total{backend=\"b\"} "))
-        .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
-    assert!(retries >= 1.0, "retries are counted:\n{metrics}");
-    let h: Value = client()
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert!(retries >= 1.0, "retries are counted: {retries}");
+    let h = gw.health().await;
     assert_eq!(h["backends"][1]["state"], "down");
 }
 
@@ -289,14 +259,7 @@ async fn failing_every_request_ejects_a_backend_that_passes_its_probe() {
     // Probes run while a backend is idle (between requests, and now).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(m[2].hits("/api/version") > 0, "its probe kept passing");
-    let h: Value = c
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = gw.health().await;
     assert_eq!(h["backends"][2]["state"], "down");
 }
 
@@ -420,19 +383,10 @@ async fn a_backend_silent_past_the_first_byte_deadline_is_left_for_another() {
             start.elapsed()
         );
     }
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("llm_gateway_first_byte_timeouts_total{backend=\"a\"} ")
-            && !metrics.contains("llm_gateway_first_byte_timeouts_total{backend=\"a\"} 0"),
-        "{metrics}"
-    );
+    let timeouts = gw
+        .metric("llm_gateway_first_byte_timeouts_total{backend=\"a\"}")
+        .await;
+    assert!(timeouts.is_some_and(|n| n >= 1.0), "{timeouts:?}");
     // Both silent: 504 in the route's shape, code first_byte_timeout, not a hang.
     b.set_fail(FailMode::Hang);
     let start = Instant::now();

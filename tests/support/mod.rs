@@ -151,6 +151,15 @@ impl Gateway {
 
     /// `llm_gateway_backend_in_flight` for `backend` as the admin listener reports it now.
     pub async fn backend_in_flight(&self, backend: &str) -> f64 {
+        self.metric(&format!(
+            "llm_gateway_backend_in_flight{{backend=\"{backend}\"}}"
+        ))
+        .await
+        .unwrap_or(-1.0)
+    }
+
+    /// The value of one series (`name{labels}` exactly as exposed) on the admin listener now.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
         let text = client()
             .get(self.admin_url("/metrics"))
             .send()
@@ -159,11 +168,22 @@ impl Gateway {
             .text()
             .await
             .expect("metrics text");
-        let prefix = format!("llm_gateway_backend_in_flight{{backend=\"{backend}\"}} ");
+        let prefix = format!("{series} ");
         text.lines()
             .find_map(|l| l.strip_prefix(prefix.as_str()))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(-1.0)
+    }
+
+    /// The `/health` document of the proxy listener.
+    pub async fn health(&self) -> serde_json::Value {
+        client()
+            .get(self.url("/health"))
+            .send()
+            .await
+            .expect("health answer")
+            .json()
+            .await
+            .expect("health JSON")
     }
 
     pub fn config_path(&self) -> PathBuf {
