@@ -9,6 +9,9 @@ use crate::registry::Registry;
 
 pub struct FilterChain {
     filters: Vec<Arc<dyn Filter>>,
+    /// Index of the first filter that needs the request body: the ones before it run before
+    /// the body is read. Fixed once the chain is built.
+    body_needed_at: usize,
     shut_down: std::sync::atomic::AtomicBool,
     /// The built-in policy was added because the config has none.
     pub default_policy: bool,
@@ -20,8 +23,13 @@ const DEFAULT_POLICY_PATH: &str = "(built-in default policy)";
 
 impl FilterChain {
     pub fn new(filters: Vec<Arc<dyn Filter>>) -> Self {
+        let body_needed_at = filters
+            .iter()
+            .position(|f| f.needs_body())
+            .unwrap_or(filters.len());
         FilterChain {
             filters,
+            body_needed_at,
             shut_down: Default::default(),
             default_policy: false,
         }
@@ -75,9 +83,8 @@ impl FilterChain {
             }
         }
         Ok(FilterChain {
-            filters,
-            shut_down: Default::default(),
             default_policy: add_policy,
+            ..FilterChain::new(filters)
         })
     }
 
@@ -93,24 +100,15 @@ impl FilterChain {
             .collect()
     }
 
-    /// Index of the first filter that needs the request body: the ones before it run before
-    /// the body is read.
-    fn body_needed_at(&self) -> usize {
-        self.filters
-            .iter()
-            .position(|f| f.needs_body())
-            .unwrap_or(self.filters.len())
-    }
-
     /// Runs the filters that need no body (address limits, authentication), up to the first
     /// one that does.
     pub async fn on_request_before_body(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        self.on_request(ctx, 0..self.body_needed_at()).await
+        self.on_request(ctx, 0..self.body_needed_at).await
     }
 
     /// Runs the rest of the chain, once the body (if the route has one) is read.
     pub async fn on_request_after_body(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        self.on_request(ctx, self.body_needed_at()..self.filters.len())
+        self.on_request(ctx, self.body_needed_at..self.filters.len())
             .await
     }
 

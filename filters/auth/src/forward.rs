@@ -207,13 +207,18 @@ impl Forwarder {
         &self,
         req: &HeaderMap,
         method: &Method,
-        uri: &str,
+        path: &str,
+        query: Option<&str>,
         client: Option<IpAddr>,
     ) -> Result<Arc<Identity>, Denied> {
         let digest = self.digest(req).ok_or(Denied::Refused)?;
         if let Some(hit) = self.cached(&digest) {
             return Ok(hit);
         }
+        let uri = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
         let Ok(_slot) = self.slots.try_acquire() else {
             return Err(self.unavailable("too many questions in flight".into()));
         };

@@ -372,12 +372,14 @@ impl AuthFilter {
         if credentials::ambiguous(&ctx.headers) {
             return Err(self.failed(ctx, "ambiguous_credentials"));
         }
-        let uri = match &ctx.query {
-            Some(q) => format!("{}?{q}", ctx.path),
-            None => ctx.path.clone(),
-        };
         let identity = match fwd
-            .check(&ctx.headers, &ctx.method, &uri, ctx.client_ip)
+            .check(
+                &ctx.headers,
+                &ctx.method,
+                &ctx.path,
+                ctx.query.as_deref(),
+                ctx.client_ip,
+            )
             .await
         {
             Ok(identity) => identity,

@@ -231,11 +231,7 @@ async fn whole_head(
 /// (Ollama's for `/api/…`), and closes the connection.
 async fn refuse(stream: &mut Stream, head: &[u8], status: StatusCode, code: &str, message: &str) {
     let target = head.split(|b| *b == b' ').nth(1).unwrap_or_default();
-    let shape = if target.starts_with(b"/api/") {
-        ErrorShape::Ollama
-    } else {
-        ErrorShape::OpenAi
-    };
+    let shape = ErrorShape::for_path(std::str::from_utf8(target).unwrap_or_default());
     let body = gateway_filter::error_json(shape, status, code, message);
     let answer = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {:032x}\r\nconnection: close\r\n\r\n{body}",
