@@ -10,7 +10,9 @@ mod settings;
 use std::path::{Path, PathBuf};
 
 pub use file::{BackendKind, Strategy};
-pub use settings::{BackendSpec, FilterSpec, Limits, ListenerSpec, RoutingSpec, Settings, TlsSpec};
+pub use settings::{
+    by_local_addr, BackendSpec, FilterSpec, Limits, ListenerSpec, RoutingSpec, Settings, TlsSpec,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

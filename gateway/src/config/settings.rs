@@ -47,6 +47,21 @@ pub struct ListenerSpec {
     pub trusted_proxies: Vec<IpNet>,
 }
 
+/// The item whose listener address a connection's local address `local` is: an exact match,
+/// else a wildcard (`0.0.0.0` / `::`) on the same port.
+pub fn by_local_addr<T>(
+    items: &[T],
+    local: SocketAddr,
+    addr: impl Fn(&T) -> SocketAddr,
+) -> Option<&T> {
+    items.iter().find(|i| addr(i) == local).or_else(|| {
+        items.iter().find(|i| {
+            let a = addr(i);
+            a.port() == local.port() && a.ip().is_unspecified()
+        })
+    })
+}
+
 impl ListenerSpec {
     /// Whether `ip` is one of the listener's `trusted_proxies`.
     pub fn is_trusted_proxy(&self, ip: &IpAddr) -> bool {

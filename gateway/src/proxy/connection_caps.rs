@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use gateway_filter::client_network;
 use prometheus::{IntCounter, IntGauge};
 
-use crate::config::ListenerSpec;
+use crate::config::{by_local_addr, ListenerSpec};
 use crate::metrics::Metrics;
 
 /// One listener's caps and counts.
@@ -164,17 +164,7 @@ impl ConnectionCaps {
     /// A place for a connection accepted on `local` from `peer`; `None`: close it now.
     /// A connection on an address no listener claims is refused (fail closed).
     pub fn admit(&self, local: Option<SocketAddr>, peer: Option<IpAddr>) -> Option<ConnectionSlot> {
-        let local = local?;
-        let caps = self
-            .listeners
-            .iter()
-            .find(|l| l.addr == local)
-            .or_else(|| {
-                self.listeners
-                    .iter()
-                    .find(|l| l.addr.port() == local.port() && l.addr.ip().is_unspecified())
-            })?;
-        caps.admit(peer)
+        by_local_addr(&self.listeners, local?, |l| l.addr)?.admit(peer)
     }
 
     #[cfg(test)]

@@ -12,7 +12,7 @@ use pingora_proxy::Session;
 
 use super::body::{self, BodyError};
 use super::{forward, respond, Gateway, GwCtx};
-use crate::config::ListenerSpec;
+use crate::config::{by_local_addr, ListenerSpec};
 use crate::tls::CertSubjects;
 
 /// Request id, client address, start time; nothing here can fail.
@@ -112,18 +112,13 @@ fn canonical_target(session: &Session, req: &mut RequestCtx) -> std::result::Res
 /// The listener a connection came in on, matched by local address.
 fn listener<'a>(gw: &'a Gateway, session: &Session) -> Option<&'a ListenerSpec> {
     let local = session.server_addr()?.as_inet()?;
-    let listeners = &gw.settings.listen;
-    listeners.iter().find(|l| l.addr == *local).or_else(|| {
-        listeners
-            .iter()
-            .find(|l| l.addr.port() == local.port() && l.addr.ip().is_unspecified())
-    })
+    by_local_addr(&gw.settings.listen, *local, |l| l.addr)
 }
 
 /// Whether the client may use the listener it came in on. Fails closed: a connection whose
 /// listener or address cannot be told is refused.
-fn admitted(gw: &Gateway, session: &Session, ctx: &GwCtx) -> bool {
-    let Some(l) = listener(gw, session) else {
+fn admitted(listener: Option<&ListenerSpec>, session: &Session, ctx: &GwCtx) -> bool {
+    let Some(l) = listener else {
         log::warn!(
             "request {}: no configured listener matches local address {:?}; refused",
             ctx.req.request_id,
@@ -202,7 +197,8 @@ async fn admit(
     session: &mut Session,
     ctx: &mut GwCtx,
 ) -> std::result::Result<Next, Refusal> {
-    if !admitted(gw, session, ctx) {
+    let listener = listener(gw, session);
+    if !admitted(listener, session, ctx) {
         ctx.req.reject_reason = Some("network_not_allowed");
         session.set_keepalive(None);
         return Err(Refusal {
@@ -219,7 +215,7 @@ async fn admit(
     }
     // Behind a trusted proxy the client is the one its headers name (for limits, lockout and
     // audit); from any other peer those headers mean nothing (and are never forwarded).
-    if let (Some(l), Some(peer)) = (listener(gw, session), ctx.req.client_ip) {
+    if let (Some(l), Some(peer)) = (listener, ctx.req.client_ip) {
         ctx.req.via_trusted_proxy = l.is_trusted_proxy(&peer);
         if let Some(client) = l.forwarded_client(peer, &session.req_header().headers) {
             ctx.req.set_client(client, gw.settings.limits.ipv6_prefix);
