@@ -86,16 +86,22 @@ fn bad(code: &'static str, message: impl Into<String>) -> Rejection {
     Rejection::new(StatusCode::BAD_REQUEST, code, message)
 }
 
+/// How Go's `encoding/json` folds a character when it matches field names.
+fn go_fold(c: char) -> char {
+    match c {
+        '\u{212A}' => 'k',
+        '\u{017F}' => 's',
+        c => c.to_ascii_lowercase(),
+    }
+}
+
 /// Go's `encoding/json` (Ollama, including its `/v1` routes) matches field names without
 /// regard to case, the last spelling winning, and folds `K` (U+212A) to `k` and `ſ` (U+017F)
 /// to `s`: `{"model":"a","Model":"b"}` is `a` to the gateway and `b` to Ollama. Every field
 /// of the objects Ollama binds to structs (the body, `options`, each message) is lowercase
 /// ASCII, so any other spelling is refused rather than guessed at.
 fn exact_field_names(obj: &serde_json::Map<String, Value>) -> Result<(), Rejection> {
-    let folds = |k: &str| {
-        k.chars()
-            .any(|c| c.is_ascii_uppercase() || c == '\u{212A}' || c == '\u{017F}')
-    };
+    let folds = |k: &str| k.chars().any(|c| go_fold(c) != c);
     let nested = obj
         .get("options")
         .and_then(Value::as_object)
@@ -242,15 +248,7 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
         return Ok(());
     };
     for (k, v) in &obj {
-        let folded: String = k
-            .chars()
-            .map(|c| match c {
-                '\u{212A}' => 'k',
-                '\u{017F}' => 's',
-                c => c.to_ascii_lowercase(),
-            })
-            .collect();
-        if folded != "model" {
+        if !k.chars().map(go_fold).eq("model".chars()) {
             continue;
         }
         match v {
