@@ -130,40 +130,32 @@ fn exact_field_names(obj: &serde_json::Map<String, Value>) -> Result<(), Rejecti
 }
 
 /// Parses a held body as a JSON object whose field names are exact.
-fn json_object(body: &[u8]) -> Result<Value, Rejection> {
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Rejection> {
     let json: Value = serde_json::from_slice(body).map_err(|e| {
         bad(
             "invalid_json",
             format!("request body is not valid JSON: {e}"),
         )
     })?;
-    match &json {
-        Value::Object(obj) => exact_field_names(obj)?,
-        _ => {
-            return Err(bad(
-                "invalid_request_body",
-                "request body must be a JSON object",
-            ))
-        }
-    }
-    Ok(json)
-}
-
-/// Parses the body as JSON once and puts model, output cap and stream flag into the context.
-pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejection> {
-    let json = json_object(&body)?;
-    let Value::Object(obj) = &json else {
+    let Value::Object(obj) = json else {
         return Err(bad(
             "invalid_request_body",
             "request body must be a JSON object",
         ));
     };
+    exact_field_names(&obj)?;
+    Ok(obj)
+}
+
+/// Parses the body as JSON once and puts model, output cap and stream flag into the context.
+pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejection> {
+    let obj = json_object(&body)?;
     let model = match obj.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(Value::String(_)) | None => return Err(bad("model_required", "`model` is required")),
         Some(_) => return Err(bad("invalid_model", "`model` must be a string")),
     };
-    let max_tokens = gateway_filter::output::read(ctx.route, obj)
+    let max_tokens = gateway_filter::output::read(ctx.route, &obj)
         .map_err(|e| bad("invalid_max_tokens", e.to_string()))?
         .total();
     // Ollama streams chat and generate unless told not to; OpenAI only when asked.
@@ -178,7 +170,7 @@ pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejectio
     ctx.model = Some(model);
     ctx.max_tokens = max_tokens;
     ctx.stream = stream;
-    ctx.json = Some(json);
+    ctx.json = Some(Value::Object(obj));
     ctx.body = Some(body);
     Ok(())
 }
@@ -190,13 +182,7 @@ const MODEL_FIELDS: [&str; 5] = ["model", "name", "source", "destination", "from
 /// management routes): every name goes to `named_models` for the allow-list, and `/api/show`'s
 /// model (`model`, else `name`, as Ollama reads it) also routes the request.
 pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejection> {
-    let json = json_object(&body)?;
-    let Value::Object(obj) = &json else {
-        return Err(bad(
-            "invalid_request_body",
-            "request body must be a JSON object",
-        ));
-    };
+    let obj = json_object(&body)?;
     for field in MODEL_FIELDS {
         match obj.get(field) {
             None | Some(Value::Null) => {}
@@ -228,7 +214,7 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
             })
             .map(str::to_string);
     }
-    ctx.json = Some(json);
+    ctx.json = Some(Value::Object(obj));
     ctx.body = Some(body);
     Ok(())
 }
