@@ -239,6 +239,22 @@ fn check_names_every_identity_source_and_trusted_proxy() {
 }
 
 #[test]
+fn check_says_where_traces_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "gw.yaml",
+        "listen:\n  - addr: 127.0.0.1:9999\ntelemetry:\n  otlp: { endpoint: 'https://cloud.langfuse.com/api/public/otel/', sample: 0.25 }\n",
+    );
+    let (code, out, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("traces:   OTLP http/protobuf to https://cloud.langfuse.com/api/public/otel/v1/traces (sample 0.25, prompts never)"),
+        "{out}"
+    );
+}
+
+#[test]
 fn check_rejects_bad_configs_naming_file_path_and_fix() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
@@ -271,6 +287,26 @@ fn check_rejects_bad_configs_naming_file_path_and_fix() {
             "listen[0].addr: \"localhost\" is not an ip:port address",
         ),
         ("backends: [\n", "not valid YAML"),
+        (
+            "telemetry:\n  otlp: { endpoint: 'collector:4318' }\n",
+            "telemetry.otlp.endpoint: `collector:4318` is not an http:// or https:// URL",
+        ),
+        (
+            "telemetry:\n  otlp: { endpoint: 'http://127.0.0.1:4318', protocol: http/json }\n",
+            "telemetry.otlp.protocol: unknown variant `http/json`, expected `http/protobuf` or `grpc`",
+        ),
+        (
+            "telemetry:\n  otlp: { endpoint: 'http://127.0.0.1:4318', sample: 5 }\n",
+            "telemetry.otlp.sample: a fraction from 0",
+        ),
+        (
+            "telemetry:\n  otlp: { endpoint: 'http://127.0.0.1:4318', headers: { 'bad header': x } }\n",
+            "telemetry.otlp.headers.bad header: not a valid HTTP header",
+        ),
+        (
+            "telemetry:\n  service_name: gw\n",
+            "telemetry.service_name: has no effect without",
+        ),
     ];
     for (i, (yaml, want)) in cases.iter().enumerate() {
         let f = write(&dir, &format!("bad{i}.yaml"), yaml);

@@ -185,6 +185,22 @@ pub fn summary(s: &Settings, chain: &FilterChain) -> String {
             behind.join("; ")
         );
     }
+    if let Some(t) = &s.telemetry {
+        out += &format!(
+            "  traces:   OTLP {} to {} (sample {}, prompts {})\n",
+            match t.protocol {
+                crate::config::OtlpProtocol::HttpProtobuf => "http/protobuf",
+                crate::config::OtlpProtocol::Grpc => "grpc",
+            },
+            t.endpoint,
+            t.sample,
+            if t.capture_prompts {
+                "included: audit.capture.prompts is on"
+            } else {
+                "never"
+            }
+        );
+    }
     if chain.default_policy {
         out += "  policy:   built-in default (OpenAI and Ollama inference allowed, admin routes only for scope admin)\n";
     } else if !filters.contains(&"policy") {

@@ -11,5 +11,6 @@ pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod usage;

@@ -17,6 +17,26 @@ use crate::metrics::Metrics;
 use crate::proxy::{Gateway, InFlight};
 use crate::registry::Registry;
 use crate::router::{BackendPool, ModelRouter, Router};
+use crate::telemetry::Telemetry;
+
+/// What must be written out before the process exits: the filters' queues (audit lines,
+/// ledger) and the spans waiting for export. Runs once, whichever exit path asks first.
+#[derive(Clone)]
+struct Flush {
+    chain: Arc<FilterChain>,
+    telemetry: Option<Arc<Telemetry>>,
+}
+
+impl Flush {
+    fn run(&self) {
+        self.chain.shutdown();
+        if let Some(t) = &self.telemetry {
+            if let Err(e) = t.flush() {
+                log::warn!("telemetry: spans still queued at exit were not exported: {e}");
+            }
+        }
+    }
+}
 
 /// What `run` needs, all of it checked before Pingora starts.
 pub struct Prepared {
@@ -86,15 +106,20 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
     metrics.init_backends(settings.backends.iter().map(|b| &*b.name));
     let pool = BackendPool::new(&settings.backends, &settings.limits, &settings.routing);
     let router: Arc<dyn Router> = Arc::new(ModelRouter::new(pool, settings.routing.clone()));
-    Ok(Prepared {
-        gateway: Gateway::new(
-            Arc::new(settings),
-            Arc::new(chain),
-            router,
-            Arc::new(metrics),
-        ),
-        tls,
-    })
+    let telemetry = settings
+        .telemetry
+        .as_ref()
+        .map(|spec| Telemetry::start(spec).map(Arc::new))
+        .transpose()
+        .map_err(|e| ConfigError::invalid(&settings.file, "telemetry.otlp", e.to_string()))?;
+    let mut gateway = Gateway::new(
+        Arc::new(settings),
+        Arc::new(chain),
+        router,
+        Arc::new(metrics),
+    );
+    gateway.telemetry = telemetry;
+    Ok(Prepared { gateway, tls })
 }
 
 /// Read buffer of a TLS connection below rustls (see `run`).
@@ -114,6 +139,10 @@ pub fn run(prepared: Prepared) -> ! {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let in_flight = gateway.in_flight.clone();
+    let flush = Flush {
+        chain: gateway.chain.clone(),
+        telemetry: gateway.telemetry.clone(),
+    };
     let chain = gateway.chain.clone();
     let gateway_pool = gateway.router.pool().clone();
     let admin = settings.admin.map(|addr| {
@@ -165,13 +194,13 @@ pub fn run(prepared: Prepared) -> ! {
         server.add_service(admin);
     }
     crate::router::spawn_discovery(gateway_pool, &settings.routing);
-    spawn_ctrl_c(chain.clone());
-    spawn_reloader(chain.clone());
+    spawn_ctrl_c(flush.clone());
+    spawn_reloader(chain);
     spawn_drain_watcher(
         server.watch_execution_phase(),
         in_flight,
         settings.drain_timeout,
-        chain,
+        flush,
     );
     let listen: Vec<String> = settings
         .listen
@@ -215,7 +244,7 @@ pub fn block_ctrl_c() {
     }
 }
 
-fn spawn_ctrl_c(chain: Arc<FilterChain>) {
+fn spawn_ctrl_c(flush: Flush) {
     std::thread::spawn(move || {
         let mut presses = 0;
         loop {
@@ -239,7 +268,7 @@ fn spawn_ctrl_c(chain: Arc<FilterChain>) {
                 }
             } else {
                 log::warn!("Ctrl-C again: writing what is queued and exiting now");
-                chain.shutdown();
+                flush.run();
                 std::process::exit(130);
             }
         }
@@ -273,7 +302,7 @@ fn spawn_drain_watcher(
     mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
     in_flight: InFlight,
     drain: Duration,
-    chain: Arc<FilterChain>,
+    flush: Flush,
 ) {
     std::thread::spawn(move || loop {
         match phases.blocking_recv() {
@@ -290,7 +319,7 @@ fn spawn_drain_watcher(
                     "shutdown: {} requests still in flight; exiting",
                     in_flight.get()
                 );
-                chain.shutdown();
+                flush.run();
                 std::process::exit(0);
             }
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

@@ -9,7 +9,7 @@
 
 use std::sync::LazyLock;
 
-use gateway_filter::Usage;
+use gateway_filter::{FinishReasons, Usage};
 use memchr::memmem::Finder;
 use serde::Deserialize;
 
@@ -18,6 +18,7 @@ const MAX_BUFFERED: usize = 1 << 20;
 
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 static EVAL_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"eval_count\""));
+static REASON_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"_reason\""));
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -54,6 +55,7 @@ pub struct UsageParser {
     text_events: u64,
     /// Characters of text in a whole (non-streamed) answer without usage.
     text_chars: u64,
+    finish_reasons: FinishReasons,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +80,7 @@ impl UsageParser {
             usage: None,
             text_events: 0,
             text_chars: 0,
+            finish_reasons: FinishReasons::default(),
         }
     }
 
@@ -162,7 +165,13 @@ impl UsageParser {
         self.doc(doc);
     }
 
+    /// Why generation stopped, from what was parsed so far (complete after [`Self::finish`]).
+    pub fn finish_reasons(&self) -> FinishReasons {
+        self.finish_reasons
+    }
+
     fn doc(&mut self, doc: &[u8]) {
+        scan_finish_reasons(doc, &mut self.finish_reasons);
         let openai = USAGE_KEY.find(doc).is_some();
         if !openai && EVAL_KEY.find(doc).is_none() {
             return;
@@ -182,6 +191,33 @@ impl UsageParser {
                 completion_tokens: d.eval_count.unwrap_or(0),
                 ..Default::default()
             });
+        }
+    }
+}
+
+/// Adds every `"finish_reason": "…"` (OpenAI) and `"done_reason": "…"` (Ollama) string in
+/// `doc` to `out`; a scan, not a parse, since most stream events carry none.
+fn scan_finish_reasons(doc: &[u8], out: &mut FinishReasons) {
+    let mut at = 0;
+    while let Some(i) = REASON_KEY.find(&doc[at..]) {
+        let key_end = at + i + b"_reason\"".len();
+        let key_start = at + i;
+        at = key_end;
+        let before = &doc[..key_start];
+        if !(before.ends_with(b"\"finish") || before.ends_with(b"\"done")) {
+            continue;
+        }
+        let rest = doc[key_end..].trim_ascii_start();
+        let Some(rest) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let Some(value) = rest.trim_ascii_start().strip_prefix(b"\"") else {
+            continue; // null: not finished yet
+        };
+        if let Some(end) = memchr::memchr2(b'"', b'\\', value) {
+            if value[end] == b'"' && end > 0 {
+                out.add(&value[..end]);
+            }
         }
     }
 }
@@ -646,5 +682,25 @@ mod tests {
                 ..Default::default()
             })
         );
+    }
+
+    fn reasons(framing: Framing, body: &str) -> Vec<&'static str> {
+        let mut p = UsageParser::new(framing);
+        for part in body.as_bytes().chunks(7) {
+            p.feed(part);
+        }
+        p.finish();
+        p.finish_reasons().iter().collect()
+    }
+
+    #[test]
+    fn finish_reasons_of_every_wire_format() {
+        let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"say \\\"finish_reason\\\": \\\"tool_calls\\\"\"},\"finish_reason\":null}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\" : \"length\"}]}\n\ndata: [DONE]\n\n";
+        assert_eq!(reasons(Framing::Sse, sse), ["length"]);
+        let ndjson = "{\"response\":\"a\",\"done\":false}\n{\"response\":\"\",\"done\":true,\"done_reason\":\"stop\",\"eval_count\":3}\n";
+        assert_eq!(reasons(Framing::Ndjson, ndjson), ["stop"]);
+        let json = "{\"choices\":[{\"finish_reason\":\"stop\"},{\"finish_reason\":\"length\"},{\"finish_reason\":\"made_up\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}";
+        assert_eq!(reasons(Framing::Json, json), ["stop", "length", "other"]);
+        assert!(reasons(Framing::Json, "{\"choices\":[]}").is_empty());
     }
 }

@@ -9,4 +9,5 @@ mod forwarding;
 mod observability;
 mod ratelimit;
 mod routing;
+mod telemetry;
 mod tls;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::{Route, Usage};
+use crate::{FinishReasons, Route, Usage};
 
 /// Who made the request, as established by an authentication filter. Shared (`Arc`) so
 /// that putting it into a request's context costs no copy.
@@ -156,6 +156,8 @@ pub struct RequestCtx {
     pub status: u16,
     pub decision: Decision,
     pub usage: Option<Usage>,
+    /// Why generation stopped, where the response said.
+    pub finish_reasons: FinishReasons,
     /// Cost of the request in USD, when a filter (budget) knows it.
     pub cost_usd: Option<f64>,
     pub ttfb: Option<Duration>,
@@ -199,6 +201,7 @@ impl RequestCtx {
             status: 0,
             decision: Decision::Allowed,
             usage: None,
+            finish_reasons: FinishReasons::default(),
             cost_usd: None,
             ttfb: None,
             duration: None,

@@ -23,7 +23,7 @@ pub use filter::{BuildContext, Filter, ReloadError};
 pub use options::{parse_options, OptionsError};
 pub use rejection::{echo, error_json, ErrorShape, Rejection, ECHO_LIMIT};
 pub use route::{Route, WireFormat};
-pub use usage::Usage;
+pub use usage::{FinishReasons, Usage};
 
 /// Re-exported so filter crates name header types without their own `http` dependency.
 pub use http;

@@ -21,7 +21,11 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct JwtOptions {
     /// The provider's key set, e.g. `http://idp:8080/realms/x/protocol/openid-connect/certs`.
-    jwks_url: String,
+    jwks_url: Option<String>,
+    /// Instead of `jwks_url`: `true` reads the key set's address from the issuer's OpenID
+    /// discovery document (`{issuer}/.well-known/openid-configuration`), or a URL names
+    /// that document.
+    issuer_discovery: Option<Discovery>,
     /// Required `iss`.
     issuer: String,
     /// Required `aud` (one of them).
@@ -47,6 +51,43 @@ pub struct JwtOptions {
     unknown_kid_refresh: HumanDuration,
     /// PEM CA certificates trusted for an `https://` key set besides the public roots.
     ca_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Discovery {
+    On(bool),
+    At(String),
+}
+
+/// Where the key set's address comes from.
+#[derive(Debug)]
+enum KeySource {
+    Jwks(String),
+    /// An OpenID discovery document, whose `issuer` must be the configured one.
+    Discovery {
+        document: String,
+        issuer: String,
+    },
+}
+
+/// The part of an OpenID provider's discovery document the gateway reads.
+#[derive(Deserialize)]
+struct DiscoveryDocument {
+    issuer: String,
+    jwks_uri: String,
+}
+
+fn web_url(key: &str, url: &str) -> Result<reqwest::Url, OptionsError> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| OptionsError::new(key, format!("{url:?}: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(OptionsError::new(
+            key,
+            format!("{url:?}: must be an http:// or https:// URL"),
+        ));
+    }
+    Ok(parsed)
 }
 
 /// Most clock skew accepted on `exp`/`nbf`.
@@ -86,7 +127,9 @@ pub struct Claims {
 }
 
 pub struct JwtVerifier {
-    url: String,
+    source: KeySource,
+    /// The key set's address as last discovered (discovery only), for reports.
+    discovered: std::sync::Mutex<Option<String>>,
     client: reqwest::Client,
     /// One per accepted algorithm: the crate wants every listed algorithm to match the key's
     /// family, so a mixed list is split up front rather than per request.
@@ -140,14 +183,42 @@ impl JwtVerifier {
     /// Builds the verifier and fetches the key set once (a failure is logged, not fatal:
     /// the provider may start after the gateway).
     pub fn new(o: JwtOptions, cx: &gateway_filter::BuildContext) -> Result<Self, OptionsError> {
-        let url = reqwest::Url::parse(&o.jwks_url)
-            .map_err(|e| OptionsError::new("jwt.jwks_url", format!("{:?}: {e}", o.jwks_url)))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(OptionsError::new(
-                "jwt.jwks_url",
-                format!("{:?}: must be an http:// or https:// URL", o.jwks_url),
-            ));
-        }
+        let source = match (&o.jwks_url, &o.issuer_discovery) {
+            (Some(url), None | Some(Discovery::On(false))) => {
+                web_url("jwt.jwks_url", url)?;
+                KeySource::Jwks(url.clone())
+            }
+            (None, Some(Discovery::On(true))) => {
+                let document = format!(
+                    "{}/.well-known/openid-configuration",
+                    o.issuer.trim_end_matches('/')
+                );
+                web_url("jwt.issuer", &document)?;
+                KeySource::Discovery {
+                    document,
+                    issuer: o.issuer.clone(),
+                }
+            }
+            (None, Some(Discovery::At(url))) => {
+                web_url("jwt.issuer_discovery", url)?;
+                KeySource::Discovery {
+                    document: url.clone(),
+                    issuer: o.issuer.clone(),
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(OptionsError::new(
+                    "jwt",
+                    "give either jwks_url or issuer_discovery, not both",
+                ))
+            }
+            (None, _) => {
+                return Err(OptionsError::new(
+                    "jwt",
+                    "needs jwks_url (the provider's key set) or issuer_discovery: true",
+                ))
+            }
+        };
         if o.leeway.0 > MAX_LEEWAY {
             return Err(OptionsError::new(
                 "jwt.leeway",
@@ -190,7 +261,8 @@ impl JwtVerifier {
         // No pooled connections: the first fetch runs on a runtime that ends with it.
         let client = crate::outbound::client("jwt", o.timeout.0, ca.as_deref(), false)?;
         let v = JwtVerifier {
-            url: o.jwks_url,
+            source,
+            discovered: std::sync::Mutex::new(None),
             client,
             validations,
             principal_claim: o.principal_claim,
@@ -208,8 +280,74 @@ impl JwtVerifier {
         Ok(v)
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
+    /// Where the keys come from, for `check` and reports.
+    pub fn url(&self) -> String {
+        match &self.source {
+            KeySource::Jwks(url) => url.clone(),
+            KeySource::Discovery { document, .. } => {
+                let found = self.discovered.lock().map_or(None, |d| d.clone());
+                match found {
+                    Some(jwks) => format!("{jwks}, discovered at {document}"),
+                    None => format!("the key set named at {document}"),
+                }
+            }
+        }
+    }
+
+    /// The key set's address: configured, or read from the discovery document (again on
+    /// every fetch, so a provider that moves its keys is followed).
+    async fn jwks_url(&self) -> Result<String, String> {
+        let (document, issuer) = match &self.source {
+            KeySource::Jwks(url) => return Ok(url.clone()),
+            KeySource::Discovery { document, issuer } => (document, issuer),
+        };
+        let body = self.get_capped(document).await?;
+        let doc: DiscoveryDocument = serde_json::from_slice(&body)
+            .map_err(|e| format!("discovery document {document}: {e}"))?;
+        // OpenID Connect Discovery §4.3: the document must name the issuer it was asked for,
+        // or whoever serves it could hand out another issuer's keys.
+        if doc.issuer != *issuer {
+            return Err(format!(
+                "discovery document {document} is for issuer {:?}, not {issuer:?}",
+                doc.issuer
+            ));
+        }
+        let jwks = reqwest::Url::parse(&doc.jwks_uri)
+            .map_err(|e| format!("discovery document {document}: jwks_uri: {e}"))?;
+        let https_document = document.starts_with("https://");
+        if !(jwks.scheme() == "https" || (jwks.scheme() == "http" && !https_document)) {
+            return Err(format!(
+                "discovery document {document}: jwks_uri {} must be https://",
+                doc.jwks_uri
+            ));
+        }
+        if let Ok(mut d) = self.discovered.lock() {
+            *d = Some(doc.jwks_uri.clone());
+        }
+        Ok(doc.jwks_uri)
+    }
+
+    /// GETs `url`, reading at most [`MAX_JWKS_BYTES`].
+    async fn get_capped(&self, url: &str) -> Result<Vec<u8>, String> {
+        let mut resp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("{url}: status {}", resp.status()));
+        }
+        // A key set or discovery document is a few KB; a provider (or whatever answers at
+        // the URL) sending more is not read into memory.
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(format!("{url}: larger than {MAX_JWKS_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     /// The first fetch, on a thread of its own so that it works whether or not the caller is
@@ -227,10 +365,10 @@ impl JwtVerifier {
             .unwrap_or_else(|_| Err("fetch thread panicked".into()))
         });
         match result {
-            Ok(n) => log::info!("auth: {n} JWT keys from {}", self.url),
+            Ok(n) => log::info!("auth: {n} JWT keys from {}", self.url()),
             Err(e) => log::warn!(
                 "auth: JWKS {} not fetched at start ({e}); JWTs are refused until it is",
-                self.url
+                self.url()
             ),
         }
     }
@@ -239,25 +377,8 @@ impl JwtVerifier {
     async fn fetch(&self) -> Result<usize, String> {
         self.fetched_at.store(now_ms(), Ordering::Relaxed);
         let seq = self.started.fetch_add(1, Ordering::AcqRel) + 1;
-        let resp = self
-            .client
-            .get(&self.url)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("status {}", resp.status()));
-        }
-        // A key set is a few KB; a provider (or whatever answers at the URL) sending more is
-        // not read into memory.
-        let mut resp = resp;
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-            if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(format!("key set larger than {MAX_JWKS_BYTES} bytes"));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let url = self.jwks_url().await?;
+        let body = self.get_capped(&url).await?;
         let set: JwkSet = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         let keys: HashMap<String, DecodingKey> = set
             .keys
@@ -299,7 +420,7 @@ impl JwtVerifier {
             if let Err(e) = me.fetch().await {
                 log::warn!(
                     "auth: JWKS {} refresh failed ({e}); keeping the old keys",
-                    me.url
+                    me.url()
                 );
             }
             me.refreshing.store(false, Ordering::Release);
@@ -333,7 +454,7 @@ impl JwtVerifier {
                 });
             }
             if let Err(e) = self.fetch().await {
-                log::warn!("auth: JWKS {} refresh failed ({e})", self.url);
+                log::warn!("auth: JWKS {} refresh failed ({e})", self.url());
                 return Err(KEYS_UNAVAILABLE);
             }
             keys = self.keys.load_full();

@@ -835,3 +835,103 @@ async fn jwt_edge_cases_fail_closed_without_locking_out_users() {
         assert_eq!(ctx.reject_reason, Some("jwt_keys_unavailable"));
     }
 }
+
+/// An OpenID provider on a plain thread: its discovery document (naming `claimed_issuer`,
+/// or itself) and its key set. Returns its base URL (the issuer).
+fn oidc_provider(set: String, claimed_issuer: Option<String>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let issuer = claimed_issuer.unwrap_or_else(|| base.clone());
+    let document =
+        json!({"issuer": issuer, "jwks_uri": format!("{base}/protocol/certs")}).to_string();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).to_string();
+            let (status, body) = if head.starts_with("GET /.well-known/openid-configuration ") {
+                ("200 OK", document.clone())
+            } else if head.starts_with("GET /protocol/certs ") {
+                ("200 OK", set.clone())
+            } else {
+                ("404 Not Found", String::new())
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    base
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_keys_found_by_issuer_discovery() {
+    let k1 = SigningKey::new("k1");
+    let set = json!({"keys": [k1.jwk()]}).to_string();
+    let issuer = oidc_provider(set.clone(), None);
+    let mut c = claims("erin", 300);
+    c["iss"] = json!(issuer);
+    let token = k1.sign("k1", c.clone());
+    let f = fixture(json!({
+        "jwt": {"issuer_discovery": true, "issuer": issuer, "audience": ["llm-gateway"]}
+    }));
+    let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.0.5");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    assert_eq!(ctx.principal.unwrap().id, "erin");
+    // `check` says where the keys came from.
+    let sources = f.filter.identity_sources().join("; ");
+    assert!(
+        sources.contains(&format!(
+            "{issuer}/protocol/certs, discovered at {issuer}/.well-known/openid-configuration"
+        )),
+        "{sources}"
+    );
+
+    // A discovery document that names another issuer is not believed: whoever serves it
+    // could otherwise hand out keys for tokens of any issuer.
+    let liar = oidc_provider(set, Some("https://idp.example".into()));
+    let f = fixture(json!({
+        "jwt": {"issuer_discovery": format!("{liar}/.well-known/openid-configuration"),
+                "issuer": "https://other.example", "audience": ["llm-gateway"]}
+    }));
+    let mut c = claims("erin", 300);
+    c["iss"] = json!("https://other.example");
+    let mut ctx = req(
+        &[("authorization", &format!("Bearer {}", k1.sign("k1", c)))],
+        "10.0.0.5",
+    );
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    assert_eq!(ctx.reject_reason, Some("jwt_keys_unavailable"));
+}
+
+#[test]
+fn jwt_needs_exactly_one_key_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+    };
+    for (jwt, want) in [
+        (
+            json!({"issuer": "https://i", "audience": ["a"]}),
+            "needs jwks_url",
+        ),
+        (
+            json!({"jwks_url": "https://i/certs", "issuer_discovery": true, "issuer": "https://i", "audience": ["a"]}),
+            "either jwks_url or issuer_discovery",
+        ),
+        (
+            json!({"issuer_discovery": true, "issuer": "my-issuer", "audience": ["a"]}),
+            "jwt.issuer",
+        ),
+    ] {
+        let err = build(&json!({ "jwt": jwt }), &cx)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains(want), "{jwt}: {err}");
+    }
+}

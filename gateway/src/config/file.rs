@@ -27,6 +27,9 @@ pub struct FileConfig {
     /// Each entry is `use: NAME` plus that filter's options; read by the chain builder.
     #[serde(default)]
     pub filters: Vec<serde_norway::Value>,
+    /// OpenTelemetry export; off when absent.
+    #[serde(default)]
+    pub telemetry: super::telemetry::TelemetrySection,
 }
 
 /// The admin listener: `/metrics` and `/health`, never on a public listener.

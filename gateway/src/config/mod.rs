@@ -6,6 +6,7 @@
 mod file;
 mod interpolate;
 mod settings;
+mod telemetry;
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,7 @@ pub use file::{BackendKind, Strategy};
 pub use settings::{
     by_local_addr, BackendSpec, FilterSpec, Limits, ListenerSpec, RoutingSpec, Settings, TlsSpec,
 };
+pub use telemetry::{OtlpProtocol, TelemetrySpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

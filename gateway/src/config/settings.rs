@@ -31,6 +31,8 @@ pub struct Settings {
     pub admin_token: Option<String>,
     pub metrics_principal_label: bool,
     pub metrics_max_models: usize,
+    /// OTLP trace export, when configured.
+    pub telemetry: Option<super::telemetry::TelemetrySpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -304,6 +306,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         .enumerate()
         .map(|(i, v)| filter_spec(i, v))
         .collect::<Result<Vec<_>, _>>()?;
+    let telemetry = super::telemetry::build(cfg.telemetry, &filters)?;
 
     Ok(Settings {
         file,
@@ -319,6 +322,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         admin_token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
         metrics_principal_label: cfg.metrics.principal_label,
         metrics_max_models: cfg.metrics.max_models,
+        telemetry,
     })
 }
 

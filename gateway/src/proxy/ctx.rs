@@ -24,6 +24,8 @@ pub struct GwCtx {
     pub(super) upstream_started: Option<std::time::Instant>,
     /// This request's hold on its current backend (in-flight count, reserved tokens).
     pub(super) lease: Option<crate::router::Lease>,
+    /// This request's span ids (unset without telemetry).
+    pub(super) trace: crate::telemetry::Trace,
 }
 
 impl GwCtx {
@@ -46,6 +48,7 @@ impl Default for GwCtx {
             keepalive_sent: false,
             upstream_started: None,
             lease: None,
+            trace: Default::default(),
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use bytes::Bytes;
 use gateway_filter::http::{header, Method, StatusCode};
-use gateway_filter::{echo, Decision, Rejection, Usage, WireFormat};
+use gateway_filter::{echo, Decision, Rejection, WireFormat};
 use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_core::Result;
 use pingora_error::{Error, ErrorType};
@@ -233,6 +233,10 @@ fn upstream_request(ctx: &GwCtx, backend: &Backend, body_len: usize) -> Result<B
     )?;
     copy_request_headers(&req.headers, &mut h)?;
     add_upstream_headers(&mut h, &backend.authority, &req.request_id)?;
+    if ctx.trace.is_set() {
+        // This span is the backend's parent (the client's own goes no further).
+        h.insert_header("traceparent", ctx.trace.header())?;
+    }
     if body_len > 0 || !(req.method == Method::GET || req.method == Method::HEAD) {
         h.insert_header(header::CONTENT_LENGTH, body_len)?;
     }
@@ -577,7 +581,7 @@ async fn attempt(
                 ctx.req.decision = Decision::Failed {
                     code: "backend_broke_stream",
                 };
-                ctx.req.usage = usage_at_end(&mut parser, &ctx.req);
+                settle_usage(&mut parser, &mut ctx.req);
                 return Attempt::Abort(e.into_up());
             }
         };
@@ -586,11 +590,11 @@ async fn attempt(
             ctx.req.decision = Decision::Failed {
                 code: "client_disconnected",
             };
-            ctx.req.usage = usage_at_end(&mut parser, &ctx.req);
+            settle_usage(&mut parser, &mut ctx.req);
             return Attempt::Abort(e.into_down());
         }
     }
-    ctx.req.usage = usage_at_end(&mut parser, &ctx.req);
+    settle_usage(&mut parser, &mut ctx.req);
     if let Some(rest) = stripper
         .as_mut()
         .map(|s| s.finish())
@@ -616,14 +620,16 @@ async fn attempt(
 /// The usage of an exchange as it ended, however it ended: what the backend reported, or
 /// what the gateway counted passing, with the prompt estimated from the held body (four
 /// characters a token). Budget, tokens per minute and audit all see this one figure.
-fn usage_at_end(parser: &mut UsageParser, req: &gateway_filter::RequestCtx) -> Option<Usage> {
-    let mut u = parser.finish()?;
-    if u.counted {
-        u.prompt_tokens = req.json.as_ref().map_or(0, |b| {
-            (gateway_filter::prompt::prompt_chars(b) as u64).div_ceil(4)
-        });
-    }
-    Some(u)
+fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) {
+    req.usage = parser.finish().map(|mut u| {
+        if u.counted {
+            u.prompt_tokens = req.json.as_ref().map_or(0, |b| {
+                (gateway_filter::prompt::prompt_chars(b) as u64).div_ceil(4)
+            });
+        }
+        u
+    });
+    req.finish_reasons = parser.finish_reasons();
 }
 
 /// Largest model list the gateway will read to filter it.

@@ -25,6 +25,9 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
     }
     req.duration = Some(req.started.elapsed());
     gw.chain.on_complete(req).await;
+    if let Some(t) = &gw.telemetry {
+        t.finish(&ctx.trace, req);
+    }
     gw.metrics.observe(req);
     if let (Some(backend), Some(start)) = (&req.backend, ctx.upstream_started) {
         gw.metrics

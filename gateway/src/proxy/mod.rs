@@ -96,6 +96,8 @@ pub struct Gateway {
     pub router: Arc<dyn Router>,
     pub metrics: Arc<Metrics>,
     pub in_flight: InFlight,
+    /// OTLP span export, when `telemetry.otlp` is set.
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     /// Requests waiting for a backend slot (bounded by `routing.queue.size`).
     queued: AtomicUsize,
     connector: Connector,
@@ -114,6 +116,7 @@ impl Gateway {
             router,
             metrics,
             in_flight: InFlight::default(),
+            telemetry: None,
             queued: AtomicUsize::new(0),
             connector: Connector::new(None),
         }

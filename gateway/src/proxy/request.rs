@@ -41,6 +41,10 @@ pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
         req.set_client(a.ip(), gw.settings.limits.ipv6_prefix);
     }
     let header = session.req_header();
+    if let Some(t) = &gw.telemetry {
+        ctx.trace = t.begin(&header.headers);
+    }
+    let req = &mut ctx.req;
     req.method = header.method.clone();
     req.path = header.uri.path().to_string();
     req.query = header.uri.query().map(str::to_string);

@@ -1,0 +1,201 @@
+//! What a request's span says: the OpenTelemetry GenAI semantic conventions
+//! (`gen_ai.*`), the HTTP ones a server span carries, and the gateway's own
+//! (`llm_gateway.*`). Never a key; prompt text only with `capture_prompts`.
+
+use gateway_filter::{Decision, RequestCtx, Route, WireFormat};
+use opentelemetry::trace::Status;
+use opentelemetry::{Array, KeyValue, StringValue, Value};
+
+/// `gen_ai.operation.name` of an inference route.
+pub fn operation(route: Route) -> Option<&'static str> {
+    match route {
+        Route::OllamaChat | Route::OpenAiChat => Some("chat"),
+        Route::OllamaGenerate | Route::OpenAiCompletions => Some("text_completion"),
+        Route::OllamaEmbed | Route::OllamaEmbeddings | Route::OpenAiEmbeddings => {
+            Some("embeddings")
+        }
+        _ => None,
+    }
+}
+
+/// The route as a low-cardinality name (HTTP's `http.route`): no model names or digests.
+fn http_route(req: &RequestCtx) -> &str {
+    match req.route {
+        Route::OpenAiModel => "/v1/models/{model}",
+        Route::OllamaBlob => "/api/blobs/{digest}",
+        Route::Other => "",
+        _ => &req.path,
+    }
+}
+
+/// The span's name, attributes and status.
+pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, Status) {
+    let mut a = Vec::with_capacity(24);
+    let op = operation(req.route);
+    let route = http_route(req);
+    let name = match (op, req.model.as_deref()) {
+        // GenAI: `{operation} {model}`.
+        (Some(op), Some(model)) => format!("{op} {model}"),
+        (Some(op), None) => op.to_string(),
+        // HTTP: `{method} {route}`.
+        (None, _) if route.is_empty() => req.method.as_str().to_string(),
+        (None, _) => format!("{} {route}", req.method),
+    };
+    if let Some(op) = op {
+        a.push(KeyValue::new("gen_ai.operation.name", op));
+        a.push(KeyValue::new(
+            "gen_ai.provider.name",
+            match req.route.wire_format() {
+                WireFormat::Ollama => "ollama",
+                WireFormat::OpenAi => "openai",
+            },
+        ));
+    }
+    if let Some(model) = &req.model {
+        a.push(KeyValue::new("gen_ai.request.model", model.clone()));
+    }
+    if let Some(u) = req.usage {
+        a.push(KeyValue::new(
+            "gen_ai.usage.input_tokens",
+            u.prompt_tokens as i64,
+        ));
+        a.push(KeyValue::new(
+            "gen_ai.usage.output_tokens",
+            u.completion_tokens as i64,
+        ));
+        if u.counted {
+            // Counted passing by the gateway, not reported by the model server.
+            a.push(KeyValue::new("llm_gateway.usage.counted", true));
+        }
+    }
+    if !req.finish_reasons.is_empty() {
+        let reasons: Vec<StringValue> = req.finish_reasons.iter().map(StringValue::from).collect();
+        a.push(KeyValue::new(
+            "gen_ai.response.finish_reasons",
+            Value::Array(Array::String(reasons)),
+        ));
+    }
+    if capture_prompts && op.is_some() {
+        if let Some(body) = &req.json {
+            let texts = gateway_filter::prompt::prompt_texts(body);
+            if let Ok(json) = serde_json::to_string(&texts) {
+                a.push(KeyValue::new("gen_ai.prompt", json));
+            }
+        }
+    }
+    a.push(KeyValue::new(
+        "http.request.method",
+        req.method.as_str().to_string(),
+    ));
+    if !route.is_empty() {
+        a.push(KeyValue::new("http.route", route.to_string()));
+    }
+    a.push(KeyValue::new("url.path", req.path.clone()));
+    if req.status != 0 {
+        a.push(KeyValue::new(
+            "http.response.status_code",
+            i64::from(req.status),
+        ));
+    }
+    if let Some(ip) = req.client_ip {
+        a.push(KeyValue::new("client.address", ip.to_string()));
+    }
+    a.push(KeyValue::new(
+        "llm_gateway.request_id",
+        req.request_id.clone(),
+    ));
+    a.push(KeyValue::new(
+        "llm_gateway.decision",
+        req.decision.to_string(),
+    ));
+    if let Some(reason) = req.reject_reason {
+        a.push(KeyValue::new("llm_gateway.reason", reason));
+    }
+    if let Some(p) = &req.principal {
+        a.push(KeyValue::new("llm_gateway.principal", p.id.clone()));
+        a.push(KeyValue::new("llm_gateway.auth_method", p.method));
+    }
+    if let Some(b) = &req.backend {
+        a.push(KeyValue::new("llm_gateway.backend", b.clone()));
+    }
+    a.push(KeyValue::new("llm_gateway.retries", i64::from(req.retries)));
+    if let Some(cost) = req.cost_usd {
+        a.push(KeyValue::new("llm_gateway.cost_usd", cost));
+    }
+    if op.is_some() {
+        a.push(KeyValue::new("llm_gateway.stream", req.stream));
+    }
+    if let Some(ttfb) = req.ttfb {
+        a.push(KeyValue::new(
+            "llm_gateway.ttfb_ms",
+            ttfb.as_secs_f64() * 1000.0,
+        ));
+    }
+    // A server span is an error only when the server failed (HTTP semantic conventions):
+    // a refused client (4xx) is not one.
+    let status = match &req.decision {
+        Decision::Failed { code } if req.status >= 500 || req.status == 0 => Status::error(*code),
+        _ if req.status >= 500 => Status::error(format!("status {}", req.status)),
+        _ => Status::Unset,
+    };
+    (name, a, status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_filter::http::Method;
+    use gateway_filter::Usage;
+
+    fn get<'a>(a: &'a [KeyValue], key: &str) -> Option<&'a Value> {
+        a.iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| &kv.value)
+    }
+
+    #[test]
+    fn a_chat_request_carries_the_genai_attributes() {
+        let mut req = RequestCtx::new("r1".into(), Method::POST, "/v1/chat/completions".into());
+        req.model = Some("llama3".into());
+        req.usage = Some(Usage {
+            prompt_tokens: 7,
+            completion_tokens: 3,
+            counted: false,
+        });
+        req.finish_reasons.add(b"stop");
+        req.status = 200;
+        req.json = Some(serde_json::json!({"messages": [{"role": "user", "content": "secret"}]}));
+        let (name, a, status) = of(&req, false);
+        assert_eq!(name, "chat llama3");
+        assert_eq!(get(&a, "gen_ai.operation.name"), Some(&Value::from("chat")));
+        assert_eq!(
+            get(&a, "gen_ai.provider.name"),
+            Some(&Value::from("openai"))
+        );
+        assert_eq!(get(&a, "gen_ai.usage.input_tokens"), Some(&Value::I64(7)));
+        assert_eq!(get(&a, "gen_ai.usage.output_tokens"), Some(&Value::I64(3)));
+        assert_eq!(
+            get(&a, "gen_ai.response.finish_reasons"),
+            Some(&Value::Array(Array::String(vec!["stop".into()])))
+        );
+        assert_eq!(get(&a, "gen_ai.prompt"), None, "no prompt without capture");
+        assert_eq!(status, Status::Unset);
+        let (_, a, _) = of(&req, true);
+        assert_eq!(
+            get(&a, "gen_ai.prompt"),
+            Some(&Value::from("[\"secret\"]".to_string()))
+        );
+    }
+
+    #[test]
+    fn names_never_carry_model_names_or_digests_from_paths() {
+        let req = RequestCtx::new("r".into(), Method::GET, "/v1/models/secret-model".into());
+        assert_eq!(of(&req, false).0, "GET /v1/models/{model}");
+        let mut req = RequestCtx::new("r".into(), Method::GET, "/some/thing".into());
+        req.decision = Decision::Failed { code: "no_backend" };
+        req.status = 502;
+        let (name, _, status) = of(&req, false);
+        assert_eq!(name, "GET");
+        assert_eq!(status, Status::error("no_backend"));
+    }
+}
