@@ -18,6 +18,11 @@ pub struct Cli {
     /// Config file (YAML).
     #[arg(long, short = 'c', global = false)]
     pub config: Option<PathBuf>,
+    /// Take the listening sockets over from the running gateway (zero-downtime upgrade):
+    /// start this, then send SIGQUIT to the old process, which hands its sockets over
+    /// through `server.upgrade_sock`, finishes its running requests and exits.
+    #[arg(long)]
+    pub upgrade: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -27,6 +32,10 @@ pub enum Command {
         /// Config file (YAML).
         #[arg(long, short = 'c')]
         config: PathBuf,
+        /// Take the listening sockets over from the running gateway (see the top-level
+        /// `--upgrade`).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file and print a summary; exit 1 with the error otherwise (like nginx -t).
     Check {

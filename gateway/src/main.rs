@@ -52,7 +52,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Check { config }) => return check(&config),
-        Some(Command::Run { config }) => return run(&config),
+        Some(Command::Run { config, upgrade }) => return run(&config, upgrade),
         Some(Command::Keys(KeysCommand::New { id, name })) => keys_new(&id, name.as_deref()),
         Some(Command::Keys(KeysCommand::Hash)) => {
             read_secret("key").map(|k| println!("{}", keygen::hash_key(&k)))
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
             limit,
         ),
         None => match cli.config {
-            Some(config) => return run(&config),
+            Some(config) => return run(&config, cli.upgrade),
             None => {
                 eprintln!("error: no config file given; run `llm-gateway --config conf/gateway.yaml` (see --help)");
                 return ExitCode::from(2);
@@ -115,11 +115,11 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn run(path: &Path) -> ExitCode {
+fn run(path: &Path, upgrade: bool) -> ExitCode {
     // Before any thread exists (building the chain starts the audit writer).
     llm_gateway::server::block_ctrl_c();
     let registry = Registry::builtin();
-    match config::load(path).and_then(|s| llm_gateway::server::prepare(s, &registry)) {
+    match config::load(path).and_then(|s| llm_gateway::server::prepare(s, &registry, upgrade)) {
         Ok(prepared) => llm_gateway::server::run(prepared),
         Err(e) => {
             eprintln!("error: {e}");

@@ -29,12 +29,15 @@ struct Flush {
 
 impl Flush {
     fn run(&self) {
-        self.chain.shutdown();
-        if let Some(t) = &self.telemetry {
-            if let Err(e) = t.flush() {
-                log::warn!("telemetry: spans still queued at exit were not exported: {e}");
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            self.chain.shutdown();
+            if let Some(t) = &self.telemetry {
+                if let Err(e) = t.shutdown() {
+                    log::warn!("telemetry: spans still queued at exit were not exported: {e}");
+                }
             }
-        }
+        });
     }
 }
 
@@ -42,19 +45,31 @@ impl Flush {
 pub struct Prepared {
     pub gateway: Gateway,
     tls: Vec<Option<TlsSettings>>,
+    /// Take the listening sockets over from a running gateway instead of binding them.
+    upgrade: bool,
 }
 
 /// Builds everything that can fail before the server starts, so errors reach the operator as
 /// messages, not panics inside Pingora.
-pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, ConfigError> {
+pub fn prepare(
+    settings: Settings,
+    registry: &Registry,
+    upgrade: bool,
+) -> Result<Prepared, ConfigError> {
     let chain = FilterChain::build(&settings, registry)?;
     if !settings.default_policy && !chain.names().contains(&"policy") {
         log::warn!("policy: none — no policy filter: every backend route, model pulls and deletes included, is reachable by anyone the chain lets through");
     }
     let mut tls = Vec::with_capacity(settings.listen.len());
     for (i, l) in settings.listen.iter().enumerate() {
-        // Pingora panics on a busy port; check first to say which entry and why.
-        std::net::TcpListener::bind(l.addr).map_err(|e| {
+        // Pingora panics on a busy port; check first to say which entry and why. (An
+        // upgrade takes the ports over from the running gateway: they are busy by design.)
+        let bound = if upgrade {
+            Ok(())
+        } else {
+            std::net::TcpListener::bind(l.addr).map(drop)
+        };
+        bound.map_err(|e| {
             ConfigError::invalid(
                 &settings.file,
                 format!("listen[{i}].addr"),
@@ -77,7 +92,7 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
             );
         }
     }
-    if let Some(addr) = settings.admin {
+    if let Some(addr) = settings.admin.filter(|_| !upgrade) {
         std::net::TcpListener::bind(addr).map_err(|e| {
             ConfigError::invalid(
                 &settings.file,
@@ -109,7 +124,7 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
     let telemetry = settings
         .telemetry
         .as_ref()
-        .map(|spec| Telemetry::start(spec).map(Arc::new))
+        .map(|spec| Telemetry::start(spec, prometheus::default_registry()).map(Arc::new))
         .transpose()
         .map_err(|e| ConfigError::invalid(&settings.file, "telemetry.otlp", e.to_string()))?;
     let mut gateway = Gateway::new(
@@ -119,14 +134,22 @@ pub fn prepare(settings: Settings, registry: &Registry) -> Result<Prepared, Conf
         Arc::new(metrics),
     );
     gateway.telemetry = telemetry;
-    Ok(Prepared { gateway, tls })
+    Ok(Prepared {
+        gateway,
+        tls,
+        upgrade,
+    })
 }
 
 /// Read buffer of a TLS connection below rustls (see `run`).
 const TLS_READ_BUFFER: usize = 4 << 10;
 
 pub fn run(prepared: Prepared) -> ! {
-    let Prepared { gateway, tls } = prepared;
+    let Prepared {
+        gateway,
+        tls,
+        upgrade,
+    } = prepared;
     let settings = gateway.settings.clone();
     let conf = ServerConf {
         threads: settings.threads,
@@ -134,11 +157,23 @@ pub fn run(prepared: Prepared) -> ! {
         // soon as no request is in flight.
         grace_period_seconds: Some(settings.drain_timeout.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: settings.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora_core::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    if upgrade {
+        log::info!(
+            "upgrade: waiting for the running gateway's sockets on {} (send it SIGQUIT)",
+            settings.upgrade_sock.display()
+        );
+    }
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
     let in_flight = gateway.in_flight.clone();
+    let opening = InFlight::default();
     let flush = Flush {
         chain: gateway.chain.clone(),
         telemetry: gateway.telemetry.clone(),
@@ -170,6 +205,7 @@ pub fn run(prepared: Prepared) -> ! {
         keepalive_timeout: settings.limits.keepalive_timeout,
         keepalive_requests: settings.limits.keepalive_requests,
         in_flight: gateway.in_flight.clone(),
+        opening: opening.clone(),
     };
     let proxy = pingora_proxy::http_proxy(&server.configuration, gateway);
     let mut service = pingora_core::services::listening::Service::new(
@@ -198,7 +234,7 @@ pub fn run(prepared: Prepared) -> ! {
     spawn_reloader(chain);
     spawn_drain_watcher(
         server.watch_execution_phase(),
-        in_flight,
+        [in_flight, opening],
         settings.drain_timeout,
         flush,
     );
@@ -300,19 +336,34 @@ fn spawn_reloader(chain: Arc<FilterChain>) {
 
 fn spawn_drain_watcher(
     mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
-    in_flight: InFlight,
+    [in_flight, opening]: [InFlight; 2],
     drain: Duration,
     flush: Flush,
 ) {
     std::thread::spawn(move || loop {
         match phases.blocking_recv() {
+            // Shutdown or a hand-over begins: connections end after their current request.
+            Ok(
+                ExecutionPhase::GracefulTerminate
+                | ExecutionPhase::GracefulUpgradeTransferringFds
+                | ExecutionPhase::GracefulUpgradeCloseTimeout,
+            ) => crate::proxy::drain::begin(),
             Ok(ExecutionPhase::ShutdownGracePeriod) => {
+                crate::proxy::drain::begin();
                 let start = Instant::now();
                 log::info!(
                     "shutting down: draining {} in-flight requests (at most {drain:?})",
                     in_flight.get()
                 );
-                while in_flight.get() > 0 && start.elapsed() < drain {
+                // Nothing in flight and no connection about to send its first request, for
+                // longer than a kept-alive connection lingers: nothing more can come.
+                let mut quiet_since = Instant::now();
+                while start.elapsed() < drain {
+                    if in_flight.get() > 0 || opening.get() > 0 {
+                        quiet_since = Instant::now();
+                    } else if quiet_since.elapsed() > crate::proxy::drain::LINGER {
+                        break;
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 log::info!(

@@ -195,31 +195,57 @@ impl UsageParser {
     }
 }
 
-/// Adds every `"finish_reason": "…"` (OpenAI) and `"done_reason": "…"` (Ollama) string in
-/// `doc` to `out`; a scan, not a parse, since most stream events carry none.
+/// The fields that say why generation stopped, read where the scan found one.
+#[derive(Deserialize)]
+struct ReasonDoc<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ReasonChoice<'a>>,
+    #[serde(borrow)]
+    done_reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ReasonChoice<'a> {
+    #[serde(borrow)]
+    finish_reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Adds the reasons `doc` gives: OpenAI's `choices[].finish_reason`, Ollama's `done_reason`.
+/// A scan first, since most stream events carry none (or `null`); only a document where a
+/// reason key has a string value is parsed, so a key of that name inside model output (tool
+/// call arguments) does not count.
 fn scan_finish_reasons(doc: &[u8], out: &mut FinishReasons) {
+    if has_reason_value(doc) {
+        if let Ok(d) = serde_json::from_slice::<ReasonDoc>(doc) {
+            for r in d.choices.iter().filter_map(|c| c.finish_reason.as_deref()) {
+                out.add(r.as_bytes());
+            }
+            if let Some(r) = d.done_reason.as_deref() {
+                out.add(r.as_bytes());
+            }
+        }
+    }
+}
+
+/// Whether `doc` has a `"finish_reason"` or `"done_reason"` key with a string value.
+fn has_reason_value(doc: &[u8]) -> bool {
     let mut at = 0;
     while let Some(i) = REASON_KEY.find(&doc[at..]) {
-        let key_end = at + i + b"_reason\"".len();
         let key_start = at + i;
+        let key_end = key_start + b"_reason\"".len();
         at = key_end;
         let before = &doc[..key_start];
         if !(before.ends_with(b"\"finish") || before.ends_with(b"\"done")) {
             continue;
         }
         let rest = doc[key_end..].trim_ascii_start();
-        let Some(rest) = rest.strip_prefix(b":") else {
-            continue;
-        };
-        let Some(value) = rest.trim_ascii_start().strip_prefix(b"\"") else {
-            continue; // null: not finished yet
-        };
-        if let Some(end) = memchr::memchr2(b'"', b'\\', value) {
-            if value[end] == b'"' && end > 0 {
-                out.add(&value[..end]);
+        if let Some(rest) = rest.strip_prefix(b":") {
+            if rest.trim_ascii_start().starts_with(b"\"") {
+                return true;
             }
         }
     }
+    false
 }
 
 /// Removes the usage-only SSE event (`"choices": []` with a `usage` object) from an OpenAI
@@ -702,5 +728,8 @@ mod tests {
         let json = "{\"choices\":[{\"finish_reason\":\"stop\"},{\"finish_reason\":\"length\"},{\"finish_reason\":\"made_up\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}";
         assert_eq!(reasons(Framing::Json, json), ["stop", "length", "other"]);
         assert!(reasons(Framing::Json, "{\"choices\":[]}").is_empty());
+        // A key of that name in model output (tool call arguments) is not the answer's.
+        let tool = "{\"message\":{\"tool_calls\":[{\"function\":{\"arguments\":{\"finish_reason\":\"length\"}}}]},\"done\":true,\"done_reason\":\"stop\"}\n";
+        assert_eq!(reasons(Framing::Ndjson, tool), ["stop"]);
     }
 }

@@ -24,13 +24,17 @@ use crate::support::*;
 /// One export as received: its headers and its spans.
 type Export = (HashMap<String, String>, ExportTraceServiceRequest);
 
-/// What a collector received: every export, with the headers it came with.
+/// What a collector received: every export, with the headers it came with, and what was
+/// wrong with any request (checked by the test, not in the collector's task).
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<Export>>>);
+struct Received {
+    exports: Arc<Mutex<Vec<Export>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
 
 impl Received {
     fn spans(&self) -> Vec<Span> {
-        self.0
+        self.exports
             .lock()
             .unwrap()
             .iter()
@@ -53,7 +57,16 @@ impl Received {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("no span of trace {trace_id}; got {:?}", self.spans());
+        panic!(
+            "no span of trace {trace_id}; got {:?}; collector errors: {:?}",
+            self.spans(),
+            self.errors.lock().unwrap()
+        );
+    }
+
+    fn assert_no_errors(&self) {
+        let errors = self.errors.lock().unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
     }
 }
 
@@ -83,59 +96,28 @@ fn int(span: &Span, key: &str) -> i64 {
     }
 }
 
-/// An OTLP/HTTP receiver (`POST /v1/traces`, protobuf) on a real port.
-async fn http_collector() -> (String, Received) {
+/// An OTLP/HTTP receiver (`POST /v1/traces`, protobuf) on a real port; over TLS with
+/// `tls`. Returns its base URL (`https://localhost:PORT` with TLS).
+async fn http_collector(tls: Option<tokio_rustls::TlsAcceptor>) -> (String, Received) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let url = match tls {
+        Some(_) => format!("https://localhost:{port}"),
+        None => format!("http://127.0.0.1:{port}"),
+    };
     let got = Received::default();
     let store = got.clone();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        while let Ok((s, _)) = listener.accept().await {
             let store = store.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let mut lines = head.split("\r\n");
-                    let request_line = lines.next().unwrap_or_default().to_string();
-                    let headers: HashMap<String, String> = lines
-                        .filter_map(|l| l.split_once(':'))
-                        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
-                        .collect();
-                    let len: usize = headers
-                        .get("content-length")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < end + 4 + len {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body = buf[end + 4..end + 4 + len].to_vec();
-                    buf.drain(..end + 4 + len);
-                    assert_eq!(request_line, "POST /v1/traces HTTP/1.1");
-                    assert_eq!(headers["content-type"], "application/x-protobuf");
-                    let req = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
-                    store.0.lock().unwrap().push((headers, req));
-                    let answer = ExportTraceServiceResponse::default().encode_to_vec();
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
-                        answer.len()
-                    );
-                    if s.write_all(head.as_bytes()).await.is_err()
-                        || s.write_all(&answer).await.is_err()
-                    {
-                        return;
-                    }
+                match tls {
+                    Some(acceptor) => match acceptor.accept(s).await {
+                        Ok(s) => serve_otlp_http(s, store).await,
+                        Err(e) => store.errors.lock().unwrap().push(format!("TLS: {e}")),
+                    },
+                    None => serve_otlp_http(s, store).await,
                 }
             });
         }
@@ -143,10 +125,67 @@ async fn http_collector() -> (String, Received) {
     (url, got)
 }
 
+async fn serve_otlp_http<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    store: Received,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        let mut lines = head.split("\r\n");
+        let request_line = lines.next().unwrap_or_default().to_string();
+        let headers: HashMap<String, String> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+            .collect();
+        let len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < end + 4 + len {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = buf[end + 4..end + 4 + len].to_vec();
+        buf.drain(..end + 4 + len);
+        if request_line != "POST /v1/traces HTTP/1.1"
+            || headers.get("content-type").map(String::as_str) != Some("application/x-protobuf")
+        {
+            store
+                .errors
+                .lock()
+                .unwrap()
+                .push(format!("{request_line} {headers:?}"));
+        }
+        match ExportTraceServiceRequest::decode(body.as_slice()) {
+            Ok(req) => store.exports.lock().unwrap().push((headers, req)),
+            Err(e) => store.errors.lock().unwrap().push(format!("protobuf: {e}")),
+        }
+        let answer = ExportTraceServiceResponse::default().encode_to_vec();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+            answer.len()
+        );
+        if s.write_all(head.as_bytes()).await.is_err() || s.write_all(&answer).await.is_err() {
+            return;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn spans_reach_an_otlp_http_collector_with_genai_attributes() {
     let m = mock().await;
-    let (collector, got) = http_collector().await;
+    let (collector, got) = http_collector(None).await;
     let gw = Gateway::start(&format!(
         "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: policy\ntelemetry:\n  service_name: gw-under-test\n  otlp:\n    endpoint: {collector}\n    headers: {{ authorization: 'Basic cGs6c2s=' }}\n",
         backends(&[("local", &m.url())]),
@@ -289,7 +328,8 @@ async fn spans_reach_an_otlp_http_collector_with_genai_attributes() {
     );
 
     // Every export carried the configured header and named the service.
-    let exports = got.0.lock().unwrap();
+    got.assert_no_errors();
+    let exports = got.exports.lock().unwrap();
     for (headers, req) in exports.iter() {
         assert_eq!(headers["authorization"], "Basic cGs6c2s=");
         let resource = req.resource_spans[0].resource.as_ref().unwrap();
@@ -306,7 +346,7 @@ async fn spans_reach_an_otlp_http_collector_with_genai_attributes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn prompts_are_exported_only_when_the_audit_captures_them() {
     let m = mock().await;
-    let (collector, got) = http_collector().await;
+    let (collector, got) = http_collector(None).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&format!(
         "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: audit\n    file: {}/audit.jsonl\n    capture: {{ prompts: true }}\ntelemetry:\n  otlp: {{ endpoint: '{collector}/v1/traces' }}\n",
@@ -348,7 +388,7 @@ impl TraceService for GrpcCollector {
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
             .collect();
         self.0
-             .0
+            .exports
             .lock()
             .unwrap()
             .push((headers, request.into_inner()));
@@ -356,36 +396,155 @@ impl TraceService for GrpcCollector {
     }
 }
 
+/// Spans reach a gRPC collector, in plain text and over TLS with a private CA (`ca_file`);
+/// without the CA the TLS collector is not trusted and gets nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn spans_reach_a_grpc_collector() {
     let m = mock().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let collector = GrpcCollector::default();
-    let got = collector.0.clone();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector))
-            .serve_with_incoming(tokio_stream_of(listener)),
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::support::certs::make(dir.path());
+    let identity = tonic::transport::Identity::from_pem(
+        std::fs::read(&pki.server_cert).unwrap(),
+        std::fs::read(&pki.server_key).unwrap(),
     );
-    let gw = Gateway::start(&format!(
-        "{}telemetry:\n  otlp: {{ endpoint: 'http://{addr}', protocol: grpc, headers: {{ x-team: gpu-lab }} }}\n",
-        backends(&[("local", &m.url())]),
-    ))
-    .await;
-    let trace = "77777777777777777777777777777777";
-    let resp = client()
-        .post(gw.url("/api/embed"))
-        .header("traceparent", format!("00-{trace}-8888888888888888-01"))
-        .json(&json!({"model": "llama3.1:8b", "input": "x"}))
-        .send()
-        .await
+    for tls in [false, true] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let collector = GrpcCollector::default();
+        let got = collector.0.clone();
+        let mut server = tonic::transport::Server::builder();
+        if tls {
+            server = server
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity.clone()))
+                .unwrap();
+        }
+        tokio::spawn(
+            server
+                .add_service(TraceServiceServer::new(collector))
+                .serve_with_incoming(tokio_stream_of(listener)),
+        );
+        let endpoint = if tls {
+            format!("https://localhost:{port}")
+        } else {
+            format!("http://127.0.0.1:{port}")
+        };
+        let ca = if tls {
+            format!(", ca_file: '{}'", pki.ca.display())
+        } else {
+            String::new()
+        };
+        let gw = Gateway::start(&format!(
+            "{}telemetry:\n  otlp: {{ endpoint: '{endpoint}', protocol: grpc, headers: {{ x-team: gpu-lab }}{ca} }}\n",
+            backends(&[("local", &m.url())]),
+        ))
+        .await;
+        let trace = if tls {
+            "77777777777777777777777777777778"
+        } else {
+            "77777777777777777777777777777777"
+        };
+        let resp = client()
+            .post(gw.url("/api/embed"))
+            .header("traceparent", format!("00-{trace}-8888888888888888-01"))
+            .json(&json!({"model": "llama3.1:8b", "input": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let span = got.span_of(trace).await;
+        assert_eq!(text(&span, "gen_ai.operation.name"), "embeddings");
+        // Counted once the collector's answer is in.
+        let mut exported = None;
+        for _ in 0..50 {
+            exported = gw
+                .metric("llm_gateway_telemetry_spans_total{outcome=\"exported\"}")
+                .await;
+            if exported == Some(1.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(exported, Some(1.0));
+        let exports = got.exports.lock().unwrap();
+        assert_eq!(exports[0].0["x-team"], "gpu-lab");
+    }
+}
+
+/// OTLP/HTTP over TLS: a collector behind a private CA is trusted through `ca_file` only;
+/// without it nothing is exported, the failure is logged once and counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_reach_an_https_collector_trusted_through_ca_file() {
+    use std::sync::Arc as StdArc;
+    use tokio_rustls::rustls;
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::support::certs::make(dir.path());
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &std::fs::read(&pki.server_cert).unwrap()[..])
+        .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(resp.status(), 200);
-    let span = got.span_of(trace).await;
-    assert_eq!(text(&span, "gen_ai.operation.name"), "embeddings");
-    let exports = got.0.lock().unwrap();
-    assert_eq!(exports[0].0["x-team"], "gpu-lab");
+    let key = rustls_pemfile::private_key(&mut &std::fs::read(&pki.server_key).unwrap()[..])
+        .unwrap()
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(StdArc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let (collector, got) =
+        http_collector(Some(tokio_rustls::TlsAcceptor::from(StdArc::new(config)))).await;
+    for trusted in [true, false] {
+        let ca = if trusted {
+            format!(", ca_file: '{}'", pki.ca.display())
+        } else {
+            String::new()
+        };
+        let gw = Gateway::start(&format!(
+            "{}telemetry:\n  otlp: {{ endpoint: '{collector}'{ca} }}\n",
+            backends(&[("local", &m.url())]),
+        ))
+        .await;
+        let trace = if trusted {
+            "99999999999999999999999999999990"
+        } else {
+            "99999999999999999999999999999991"
+        };
+        for _ in 0..2 {
+            let resp = client()
+                .post(gw.url("/api/chat"))
+                .header("traceparent", format!("00-{trace}-1212121212121212-01"))
+                .json(&chat())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+        if trusted {
+            got.span_of(trace).await;
+            continue;
+        }
+        // Not trusted: the export fails, is counted, and said once in the log.
+        let mut failed = None;
+        for _ in 0..100 {
+            failed = gw
+                .metric("llm_gateway_telemetry_spans_total{outcome=\"failed\"}")
+                .await;
+            if failed.is_some_and(|f| f >= 1.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(failed.is_some_and(|f| f >= 1.0), "{failed:?}\n{}", gw.log());
+        assert_eq!(
+            gw.log().matches("telemetry: export to").count(),
+            1,
+            "{}",
+            gw.log()
+        );
+        assert!(!got.spans().iter().any(|s| hex(&s.trace_id) == trace));
+    }
 }
 
 /// The accepted connections of `listener` as the stream tonic serves.
@@ -405,13 +564,16 @@ async fn a_collector_that_is_down_costs_requests_nothing() {
     let closed = format!("http://127.0.0.1:{}", free_port());
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((s, _)) = silent.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             held.push(s);
         }
     });
-    for endpoint in [closed, silent_url] {
+    for (endpoint, silent) in [(closed, false), (silent_url, true)] {
         let gw = Gateway::start(&format!(
             "{}telemetry:\n  otlp: {{ endpoint: '{endpoint}', timeout: 30s, queue: 16 }}\n",
             backends(&[("local", &m.url())]),
@@ -439,5 +601,124 @@ async fn a_collector_that_is_down_costs_requests_nothing() {
         );
         let health = gw.health().await;
         assert_eq!(health["status"], "ok", "{health}");
+        let outcome = |o: &'static str| {
+            let gw = &gw;
+            async move {
+                gw.metric(&format!(
+                    "llm_gateway_telemetry_spans_total{{outcome=\"{o}\"}}"
+                ))
+                .await
+                .unwrap_or(0.0)
+            }
+        };
+        if silent {
+            // It was asked (the exporter works), never answered: the queue filled up and
+            // the rest was dropped, counted.
+            assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+            assert!(
+                outcome("dropped").await >= 30.0,
+                "{}",
+                outcome("dropped").await
+            );
+        } else {
+            assert!(outcome("failed").await >= 1.0, "{}", gw.log());
+            assert!(gw.log().contains("telemetry: export to"), "{}", gw.log());
+        }
+        assert_eq!(outcome("exported").await, 0.0);
     }
+}
+
+/// What the backend is told: a client's invalid `traceparent` is replaced by a new trace
+/// (and its `tracestate` dropped); with `trust_traceparent: false` even a valid one is; with
+/// `sample: 0` nothing is exported, but the backend still learns the trace (unsampled).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_backend_gets_the_gateways_trace_context() {
+    let m = mock().await;
+    let (collector, got) = http_collector(None).await;
+    let sent = |m: &mock_ollama::MockServer, name: &str| {
+        m.requests()
+            .into_iter()
+            .last()
+            .unwrap()
+            .headers
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    };
+    let gw = Gateway::start(&format!(
+        "{}telemetry:\n  otlp: {{ endpoint: '{collector}' }}\n",
+        backends(&[("local", &m.url())]),
+    ))
+    .await;
+    let c = client();
+    let ask = |traceparent: &'static str| {
+        c.post(gw.url("/api/chat"))
+            .header("traceparent", traceparent)
+            .header("tracestate", "vendor=abc")
+            .json(&chat())
+            .send()
+    };
+    // Uppercase hex is invalid: a new trace, sampled by ratio (1.0), no foreign tracestate.
+    assert_eq!(
+        ask("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let tp = sent(&m, "traceparent").unwrap();
+    assert!(
+        !tp.contains("4bf92f3577b34da6a3ce929d0e0e4736") && tp.ends_with("-01"),
+        "{tp}"
+    );
+    assert_eq!(sent(&m, "tracestate"), None);
+    let span = got.span_of(&tp[3..35]).await;
+    assert!(span.parent_span_id.is_empty());
+    // A valid one is joined and its tracestate passes.
+    ask("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .await
+        .unwrap();
+    let tp = sent(&m, "traceparent").unwrap();
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+    assert_eq!(sent(&m, "tracestate").as_deref(), Some("vendor=abc"));
+    drop(gw);
+
+    let gw = Gateway::start(&format!(
+        "{}telemetry:\n  otlp: {{ endpoint: '{collector}', sample: 0, trust_traceparent: false }}\n",
+        backends(&[("local", &m.url())]),
+    ))
+    .await;
+    for _ in 0..5 {
+        let resp = client()
+            .post(gw.url("/api/chat"))
+            .header(
+                "traceparent",
+                "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let tp = sent(&m, "traceparent").unwrap();
+        assert!(
+            !tp.contains("5bf92f3577b34da6a3ce929d0e0e4736") && tp.ends_with("-00"),
+            "{tp}"
+        );
+    }
+    // Longer than the export interval: nothing was sampled, nothing is exported.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!got
+        .spans()
+        .iter()
+        .any(|s| hex(&s.trace_id) == "5bf92f3577b34da6a3ce929d0e0e4736"));
+    assert_eq!(
+        gw.metric("llm_gateway_telemetry_spans_total{outcome=\"exported\"}")
+            .await,
+        Some(0.0)
+    );
+    got.assert_no_errors();
 }

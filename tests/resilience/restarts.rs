@@ -292,3 +292,118 @@ async fn signal_under_load_loses_no_audit_line(sig: &str) {
         "every answered request has its audit line"
     );
 }
+
+/// `--upgrade` under steady load: the new process takes the listening sockets over, the old
+/// one finishes its running stream and exits as soon as it has nothing in flight (well
+/// before its drain time), and no request fails: not on new connections, not on kept-alive
+/// ones, not the stream that was running on the old process.
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_takes_the_sockets_over_without_failing_a_request() {
+    let m = mock().await;
+    let mut old = Gateway::start(&format!(
+        "{}server: {{ threads: 2, drain_timeout: 60s, upgrade_sock: up.sock }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(AtomicU32::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut load = Vec::new();
+    // Four clients with kept-alive connections, one that connects anew for every request.
+    for fresh in [false, false, false, false, true] {
+        let (stop, ok, failures, url) = (
+            stop.clone(),
+            ok.clone(),
+            failures.clone(),
+            old.url("/api/chat"),
+        );
+        load.push(tokio::spawn(async move {
+            let c = if fresh {
+                reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .build()
+                    .unwrap()
+            } else {
+                client()
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let r = c.post(&url).json(&chat()).send().await;
+                match r {
+                    Ok(r) if r.status() == 200 => match r.bytes().await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            failures.lock().unwrap().push(format!("body: {e:?}"));
+                            0
+                        }
+                    },
+                    Ok(r) => {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("status {}", r.status()));
+                        0
+                    }
+                    Err(e) => {
+                        failures.lock().unwrap().push(format!("{e:?}"));
+                        0
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    // A stream that runs on the old process through the whole hand-over (30 chunks, 8 s).
+    let stream = client()
+        .post(old.url("/api/chat"))
+        .header("x-mock-chunks", "30")
+        .header("x-mock-delay-ms", "270")
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = ok.load(Ordering::Relaxed);
+    let mut new = old.start_upgrade().await;
+    let quit = Instant::now();
+    old.signal("QUIT");
+    let body = stream.bytes().await.expect("the running stream completes");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(body.lines().count(), 31, "{body}");
+    assert!(body.contains("\"done\":true"), "{body}");
+    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(20)))
+        .unwrap_or_else(|| panic!("the old process did not exit:\n{}", old.log()));
+    let exited = quit.elapsed();
+    assert!(status.success(), "{status}");
+    // Gone once nothing ran (the stream, and Pingora's fixed 5 s of accepting on both), not
+    // after its 60 s drain time.
+    assert!(
+        exited < Duration::from_secs(15),
+        "old exited {exited:?} after SIGQUIT"
+    );
+    // The new process serves alone for a while.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > before + 100,
+        "load ran through the hand-over"
+    );
+    let health = client().get(new.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(new.log().contains("listening"), "{}", new.log());
+    assert!(old.log().contains("SIGQUIT"), "{}", old.log());
+    assert!(
+        new.wait_exit(Duration::from_millis(10)).is_none(),
+        "the new process runs on"
+    );
+}

@@ -211,6 +211,44 @@ impl Gateway {
         panic!("no access line for {request_id}:\n{}", self.log());
     }
 
+    /// Starts a second gateway with this one's config and `--upgrade`, and waits until it
+    /// waits for this one's sockets (send this one SIGQUIT next). Its log is its own.
+    pub async fn start_upgrade(&self) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--upgrade")
+            .env("RUST_LOG", "info,llm_gateway=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("gateway starts");
+        let mut gw = Gateway {
+            child,
+            port: self.port,
+            admin_port: self.admin_port,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !gw
+            .log()
+            .contains("waiting for the running gateway's sockets")
+        {
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                panic!("the new gateway exited with {status}:\n{}", gw.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the new gateway did not start:\n{}",
+                gw.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        gw
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

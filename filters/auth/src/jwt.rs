@@ -68,6 +68,8 @@ enum KeySource {
     Discovery {
         document: String,
         issuer: String,
+        /// Fetched over https: its key set must be too.
+        https: bool,
     },
 }
 
@@ -193,17 +195,29 @@ impl JwtVerifier {
                     "{}/.well-known/openid-configuration",
                     o.issuer.trim_end_matches('/')
                 );
-                web_url("jwt.issuer", &document)?;
+                let https = web_url("jwt.issuer", &document)?.scheme() == "https";
                 KeySource::Discovery {
                     document,
                     issuer: o.issuer.clone(),
+                    https,
                 }
             }
             (None, Some(Discovery::At(url))) => {
-                web_url("jwt.issuer_discovery", url)?;
+                let https = web_url("jwt.issuer_discovery", url)?.scheme() == "https";
+                // Whoever can change a plain-http document in transit can name their own
+                // key set, and mint tokens for an https issuer.
+                let issuer_https =
+                    reqwest::Url::parse(&o.issuer).is_ok_and(|u| u.scheme() == "https");
+                if issuer_https && !https {
+                    return Err(OptionsError::new(
+                        "jwt.issuer_discovery",
+                        format!("{url:?}: the issuer is https://, so its discovery document must be fetched over https:// too"),
+                    ));
+                }
                 KeySource::Discovery {
                     document: url.clone(),
                     issuer: o.issuer.clone(),
+                    https,
                 }
             }
             (Some(_), Some(_)) => {
@@ -285,7 +299,7 @@ impl JwtVerifier {
         match &self.source {
             KeySource::Jwks(url) => url.clone(),
             KeySource::Discovery { document, .. } => {
-                let found = self.discovered.lock().map_or(None, |d| d.clone());
+                let found = self.discovered.lock().ok().and_then(|d| d.clone());
                 match found {
                     Some(jwks) => format!("{jwks}, discovered at {document}"),
                     None => format!("the key set named at {document}"),
@@ -297,16 +311,40 @@ impl JwtVerifier {
     /// The key set's address: configured, or read from the discovery document (again on
     /// every fetch, so a provider that moves its keys is followed).
     async fn jwks_url(&self) -> Result<String, String> {
-        let (document, issuer) = match &self.source {
+        let (document, issuer, https) = match &self.source {
             KeySource::Jwks(url) => return Ok(url.clone()),
-            KeySource::Discovery { document, issuer } => (document, issuer),
+            KeySource::Discovery {
+                document,
+                issuer,
+                https,
+            } => (document, issuer, *https),
         };
+        match self.discover(document, issuer, https).await {
+            Ok(url) => {
+                if let Ok(mut d) = self.discovered.lock() {
+                    *d = Some(url.clone());
+                }
+                Ok(url)
+            }
+            // The provider's discovery document is unreachable: the key set found last time
+            // still serves (it is checked on its own).
+            Err(e) => match self.discovered.lock().ok().and_then(|d| d.clone()) {
+                Some(known) => {
+                    log::warn!("auth: {e}; using the key set found before ({known})");
+                    Ok(known)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    async fn discover(&self, document: &str, issuer: &str, https: bool) -> Result<String, String> {
         let body = self.get_capped(document).await?;
         let doc: DiscoveryDocument = serde_json::from_slice(&body)
             .map_err(|e| format!("discovery document {document}: {e}"))?;
         // OpenID Connect Discovery §4.3: the document must name the issuer it was asked for,
         // or whoever serves it could hand out another issuer's keys.
-        if doc.issuer != *issuer {
+        if doc.issuer != issuer {
             return Err(format!(
                 "discovery document {document} is for issuer {:?}, not {issuer:?}",
                 doc.issuer
@@ -314,15 +352,11 @@ impl JwtVerifier {
         }
         let jwks = reqwest::Url::parse(&doc.jwks_uri)
             .map_err(|e| format!("discovery document {document}: jwks_uri: {e}"))?;
-        let https_document = document.starts_with("https://");
-        if !(jwks.scheme() == "https" || (jwks.scheme() == "http" && !https_document)) {
+        if !(jwks.scheme() == "https" || (jwks.scheme() == "http" && !https)) {
             return Err(format!(
                 "discovery document {document}: jwks_uri {} must be https://",
                 doc.jwks_uri
             ));
-        }
-        if let Ok(mut d) = self.discovered.lock() {
-            *d = Some(doc.jwks_uri.clone());
         }
         Ok(doc.jwks_uri)
     }

@@ -896,10 +896,10 @@ async fn jwt_keys_found_by_issuer_discovery() {
     let liar = oidc_provider(set, Some("https://idp.example".into()));
     let f = fixture(json!({
         "jwt": {"issuer_discovery": format!("{liar}/.well-known/openid-configuration"),
-                "issuer": "https://other.example", "audience": ["llm-gateway"]}
+                "issuer": "http://other.example", "audience": ["llm-gateway"]}
     }));
     let mut c = claims("erin", 300);
-    c["iss"] = json!("https://other.example");
+    c["iss"] = json!("http://other.example");
     let mut ctx = req(
         &[("authorization", &format!("Bearer {}", k1.sign("k1", c)))],
         "10.0.0.5",
@@ -926,6 +926,10 @@ fn jwt_needs_exactly_one_key_source() {
         (
             json!({"issuer_discovery": true, "issuer": "my-issuer", "audience": ["a"]}),
             "jwt.issuer",
+        ),
+        (
+            json!({"issuer_discovery": "http://idp/.well-known/openid-configuration", "issuer": "https://idp", "audience": ["a"]}),
+            "must be fetched over https://",
         ),
     ] {
         let err = build(&json!({ "jwt": jwt }), &cx)

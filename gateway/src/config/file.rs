@@ -319,6 +319,9 @@ pub struct ServerSection {
     pub threads: Option<usize>,
     /// On SIGTERM, how long in-flight requests may take to finish.
     pub drain_timeout: HumanDuration,
+    /// Unix socket through which a running gateway hands its listening sockets to the one
+    /// started with `--upgrade`; both must name the same path.
+    pub upgrade_sock: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -326,6 +329,7 @@ impl Default for ServerSection {
         ServerSection {
             threads: None,
             drain_timeout: HumanDuration(std::time::Duration::from_secs(10)),
+            upgrade_sock: None,
         }
     }
 }

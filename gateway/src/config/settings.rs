@@ -23,6 +23,8 @@ pub struct Settings {
     pub routing: RoutingSpec,
     pub threads: usize,
     pub drain_timeout: Duration,
+    /// Where a running gateway hands its sockets to an `--upgrade` one.
+    pub upgrade_sock: PathBuf,
     pub filters: Vec<FilterSpec>,
     /// Add the built-in policy when the chain has no `policy` filter.
     pub default_policy: bool,
@@ -306,7 +308,8 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         .enumerate()
         .map(|(i, v)| filter_spec(i, v))
         .collect::<Result<Vec<_>, _>>()?;
-    let telemetry = super::telemetry::build(cfg.telemetry, &filters)?;
+    let telemetry = super::telemetry::build(cfg.telemetry, &filters, &config_dir)?;
+    let upgrade_sock = upgrade_sock(cfg.server.upgrade_sock.as_deref(), &config_dir)?;
 
     Ok(Settings {
         file,
@@ -316,6 +319,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         routing: routing(&cfg.routing)?,
         threads,
         drain_timeout: cfg.server.drain_timeout.0,
+        upgrade_sock,
         filters,
         default_policy: cfg.policy != Some(PolicyDefault::None),
         admin,
@@ -324,6 +328,25 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         metrics_max_models: cfg.metrics.max_models,
         telemetry,
     })
+}
+
+/// `server.upgrade_sock`, relative to the config file's folder; by default
+/// `/run/llm-gateway/upgrade.sock` when that folder exists (systemd's `RuntimeDirectory`),
+/// else `/tmp/llm-gateway-upgrade.sock`.
+fn upgrade_sock(configured: Option<&str>, config_dir: &Path) -> Result<PathBuf, Invalid> {
+    let path = match configured {
+        Some(p) => config_dir.join(p),
+        None if Path::new("/run/llm-gateway").is_dir() => "/run/llm-gateway/upgrade.sock".into(),
+        None => "/tmp/llm-gateway-upgrade.sock".into(),
+    };
+    // sockaddr_un holds 108 bytes with its NUL.
+    if path.as_os_str().len() > 107 {
+        return Err((
+            "server.upgrade_sock".into(),
+            format!("{} is longer than a Unix socket path may be (107 bytes); use a shorter path such as /run/llm-gateway/upgrade.sock", path.display()),
+        ));
+    }
+    Ok(path)
 }
 
 fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {

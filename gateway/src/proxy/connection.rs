@@ -81,6 +81,9 @@ pub struct ConnectionLimits {
     pub caps: super::ConnectionCaps,
     /// Requests being served: shutdown waits for it to reach zero.
     pub in_flight: super::InFlight,
+    /// Connections accepted whose first request has not begun: shutdown waits for these too
+    /// (their clients are sending), at most the drain time.
+    pub opening: super::InFlight,
     pub head_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub keepalive_requests: u32,
@@ -252,8 +255,13 @@ const FIRST_READ: usize = 1024;
 /// what it read (Pingora's parser continues from these bytes: no extra read). An idle
 /// connection then holds only its socket and this small buffer: the request's state (Pingora's
 /// session and the proxy's future, some 30 KiB) is made when bytes arrive. `None`: the client
-/// left, or stayed silent.
-async fn next_request(stream: &mut Stream, idle: Duration) -> Option<BytesMut> {
+/// left, stayed silent, or shutdown began while it was idle (closing idle connections at once
+/// sends their clients elsewhere, e.g. to the process that took the sockets over).
+async fn next_request(
+    stream: &mut Stream,
+    idle: Duration,
+    drain: Option<&mut ShutdownWatch>,
+) -> Option<BytesMut> {
     let mut first = [0u8; FIRST_READ];
     let n = {
         let read = stream.read(&mut first);
@@ -266,7 +274,17 @@ async fn next_request(stream: &mut Stream, idle: Duration) -> Option<BytesMut> {
         };
         match now {
             Some(ready) => ready.ok()?,
-            None => tokio::time::timeout(idle, read).await.ok()?.ok()?,
+            None => match drain {
+                Some(drain) => tokio::select! {
+                    biased;
+                    ready = tokio::time::timeout(idle, &mut read) => ready.ok()?.ok()?,
+                    // Draining: a request already on its way is still taken.
+                    _ = async { drain.wait_for(|down| *down).await.map(drop) } => {
+                        tokio::time::timeout(super::drain::LINGER, read).await.ok()?.ok()?
+                    }
+                },
+                None => tokio::time::timeout(idle, read).await.ok()?.ok()?,
+            },
         }
     };
     (n > 0).then(|| {
@@ -298,6 +316,8 @@ impl ServerApp for GatewayApp {
         }
         let l = &self.limits;
         let mut stream = stream;
+        let mut drain = super::drain::watch();
+        let mut opening = Some(l.opening.enter());
         let mut carried: Option<HttpPersistentSettings> = None;
         let mut served = 0u32;
         loop {
@@ -308,18 +328,25 @@ impl ServerApp for GatewayApp {
             } else {
                 l.keepalive_timeout
             };
-            // Shutting down: no new request on this connection (the last one said `close`).
-            if *shutdown.borrow() {
-                return None;
-            }
+            // Draining: a kept-alive connection whose last response still said `keep-alive`
+            // takes a request already on its way (LINGER), then closes; a new connection's
+            // first request is served (its client is sending it).
+            let draining = *shutdown.borrow() || super::drain::draining();
+            let idle = if served > 0 && draining {
+                super::drain::LINGER
+            } else {
+                idle
+            };
             let waited = std::time::Instant::now();
-            let mut head = next_request(&mut stream, idle).await?;
+            // An idle kept-alive connection is closed once draining begins (after LINGER).
+            let drain_wait = (served > 0 && !draining).then_some(&mut drain);
+            let mut head = next_request(&mut stream, idle, drain_wait).await?;
             // Counted from its first byte, so shutdown's drain cannot see zero while a request
-            // is still being read; one that arrives once shutdown began is not started.
+            // is still being read. One whose bytes came as shutdown began is still served
+            // (and ends the connection): its client already sent it and cannot retry it.
             let _serving = l.in_flight.enter();
-            if *shutdown.borrow() {
-                return None;
-            }
+            // No longer opening: the request is counted instead.
+            drop(opening.take());
             let head_deadline = tokio::time::Instant::now()
                 + if served == 0 {
                     l.head_timeout.saturating_sub(waited.elapsed())
@@ -343,7 +370,8 @@ impl ServerApp for GatewayApp {
             }
             session.set_pipelined_prefix(head);
             served += 1;
-            let last = *shutdown.borrow() || served >= l.keepalive_requests;
+            let last =
+                *shutdown.borrow() || super::drain::draining() || served >= l.keepalive_requests;
             // Per read; the whole head is bounded below.
             session.set_keepalive((!last).then_some(l.keepalive_timeout.as_secs().max(1)));
             // The head is whole already; this only guards Pingora's parsing of it.

@@ -234,8 +234,12 @@ fn upstream_request(ctx: &GwCtx, backend: &Backend, body_len: usize) -> Result<B
     copy_request_headers(&req.headers, &mut h)?;
     add_upstream_headers(&mut h, &backend.authority, &req.request_id)?;
     if ctx.trace.is_set() {
-        // This span is the backend's parent (the client's own goes no further).
+        // This span is the backend's parent (the client's own goes no further). A trace the
+        // gateway started carries no `tracestate` of another's (W3C: discard it).
         h.insert_header("traceparent", ctx.trace.header())?;
+        if ctx.trace.parent == 0 {
+            h.remove_header("tracestate");
+        }
     }
     if body_len > 0 || !(req.method == Method::GET || req.method == Method::HEAD) {
         h.insert_header(header::CONTENT_LENGTH, body_len)?;
@@ -392,6 +396,7 @@ async fn keep_alive(session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
         for (k, v) in &ctx.req.response_headers {
             h.append_header(k.clone(), v.clone())?;
         }
+        super::drain::close_if_draining(session);
         session
             .write_response_header(Box::new(h), false)
             .await
@@ -551,6 +556,7 @@ async fn attempt(
             }
         }
     } else {
+        super::drain::close_if_draining(session);
         if let Err(e) = session.write_response_header(Box::new(resp), end_now).await {
             return Attempt::Abort(e.into_down());
         }
@@ -675,6 +681,7 @@ async fn filtered_list(
         return Attempt::Fail(e);
     }
     ctx.req.bytes_out = filtered.len() as u64;
+    super::drain::close_if_draining(session);
     if let Err(e) = session.write_response_header(Box::new(resp), false).await {
         return Attempt::Abort(e.into_down());
     }

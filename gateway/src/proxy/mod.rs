@@ -30,6 +30,7 @@ mod body;
 mod connection;
 mod connection_caps;
 mod ctx;
+pub mod drain;
 mod forward;
 mod framing;
 mod headers;

@@ -28,6 +28,7 @@ pub async fn json(
     }
     ctx.status = status.as_u16();
     ctx.bytes_out = body.len() as u64;
+    super::drain::close_if_draining(session);
     session.write_response_header(Box::new(h), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)

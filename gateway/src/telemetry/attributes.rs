@@ -6,6 +6,11 @@ use gateway_filter::{Decision, RequestCtx, Route, WireFormat};
 use opentelemetry::trace::Status;
 use opentelemetry::{Array, KeyValue, StringValue, Value};
 
+/// Most bytes of prompt text in a span (`gen_ai.prompt`, with `capture_prompts`).
+const MAX_PROMPT: usize = 16 << 10;
+/// Most bytes of `url.path`.
+const MAX_PATH: usize = 512;
+
 /// `gen_ai.operation.name` of an inference route.
 pub fn operation(route: Route) -> Option<&'static str> {
     match route {
@@ -51,17 +56,25 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
             },
         ));
     }
+    // Only inference is a generation (observability tools count every span with a model
+    // as one): a model list or `/api/show` names its model under the gateway's own key.
     if let Some(model) = &req.model {
-        a.push(KeyValue::new("gen_ai.request.model", model.clone()));
+        let key = if op.is_some() {
+            "gen_ai.request.model"
+        } else {
+            "llm_gateway.model"
+        };
+        a.push(KeyValue::new(key, model.clone()));
     }
     if let Some(u) = req.usage {
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         a.push(KeyValue::new(
             "gen_ai.usage.input_tokens",
-            u.prompt_tokens as i64,
+            count(u.prompt_tokens),
         ));
         a.push(KeyValue::new(
             "gen_ai.usage.output_tokens",
-            u.completion_tokens as i64,
+            count(u.completion_tokens),
         ));
         if u.counted {
             // Counted passing by the gateway, not reported by the model server.
@@ -78,7 +91,12 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
     if capture_prompts && op.is_some() {
         if let Some(body) = &req.json {
             let texts = gateway_filter::prompt::prompt_texts(body);
-            if let Ok(json) = serde_json::to_string(&texts) {
+            if let Ok(mut json) = serde_json::to_string(&texts) {
+                // A span is not a place for whole documents: collectors refuse large batches.
+                if json.len() > MAX_PROMPT {
+                    json.truncate(json.floor_char_boundary(MAX_PROMPT));
+                    a.push(KeyValue::new("llm_gateway.prompt_truncated", true));
+                }
                 a.push(KeyValue::new("gen_ai.prompt", json));
             }
         }
@@ -90,7 +108,8 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
     if !route.is_empty() {
         a.push(KeyValue::new("http.route", route.to_string()));
     }
-    a.push(KeyValue::new("url.path", req.path.clone()));
+    let path = &req.path[..req.path.floor_char_boundary(MAX_PATH)];
+    a.push(KeyValue::new("url.path", path.to_string()));
     if req.status != 0 {
         a.push(KeyValue::new(
             "http.response.status_code",
@@ -133,7 +152,11 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
     }
     // A server span is an error only when the server failed (HTTP semantic conventions):
     // a refused client (4xx) is not one.
+    // A client that left (a cancelled stream) is not the server's failure.
     let status = match &req.decision {
+        Decision::Failed {
+            code: "client_disconnected",
+        } => Status::Unset,
         Decision::Failed { code } if req.status >= 500 || req.status == 0 => Status::error(*code),
         _ if req.status >= 500 => Status::error(format!("status {}", req.status)),
         _ => Status::Unset,

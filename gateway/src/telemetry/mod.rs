@@ -12,6 +12,7 @@ mod export;
 pub mod traceparent;
 
 use std::borrow::Cow;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use gateway_filter::http::{HeaderMap, HeaderValue};
@@ -51,6 +52,12 @@ impl Trace {
 
 pub struct Telemetry {
     processor: BatchSpanProcessor,
+    stats: std::sync::Arc<export::Stats>,
+    /// Spans waiting for export at most (`telemetry.otlp.queue`).
+    queue: usize,
+    /// How long the final export at exit may take.
+    timeout: Duration,
+    trust_traceparent: bool,
     scope: InstrumentationScope,
     /// Traces whose id falls below this bound are sampled (OpenTelemetry's
     /// `TraceIdRatioBased` rule, so every service sampling by ratio agrees).
@@ -67,16 +74,27 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    pub fn start(spec: &TelemetrySpec) -> Result<Telemetry, ExportError> {
-        let (mut exporter, runtime) = export::build(spec)?;
+    pub fn start(
+        spec: &TelemetrySpec,
+        registry: &prometheus::Registry,
+    ) -> Result<Telemetry, ExportError> {
+        let (inner, runtime) = export::build(spec)?;
+        let stats = std::sync::Arc::new(export::Stats::new(spec, registry)?);
+        let mut exporter = export::Counted {
+            inner,
+            stats: stats.clone(),
+        };
         exporter.set_resource(
             &opentelemetry_sdk::Resource::builder_empty()
                 .with_service_name(spec.service_name.clone())
                 .build(),
         );
+        let batch_size = spec.queue.min(512);
+        // The bound is kept in `finish`, counted; the SDK's queue has room for one batch more
+        // than that, so it never drops a span unseen.
         let batch = BatchConfigBuilder::default()
-            .with_max_queue_size(spec.queue)
-            .with_max_export_batch_size(spec.queue.min(512))
+            .with_max_queue_size(spec.queue + batch_size)
+            .with_max_export_batch_size(batch_size)
             .with_scheduled_delay(Duration::from_secs(1))
             .build();
         let processor = BatchSpanProcessor::builder(exporter)
@@ -90,6 +108,10 @@ impl Telemetry {
         );
         Ok(Telemetry {
             processor,
+            stats,
+            queue: spec.queue,
+            timeout: spec.timeout,
+            trust_traceparent: spec.trust_traceparent,
             scope: InstrumentationScope::builder("llm-gateway")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
@@ -103,7 +125,12 @@ impl Telemetry {
     /// `traceparent` (whose sampled flag then decides), else in a new trace sampled by ratio.
     pub fn begin(&self, headers: &HeaderMap) -> Trace {
         let span_id = fastrand::u64(1..);
-        match traceparent::from_headers(headers) {
+        let parent = if self.trust_traceparent {
+            traceparent::from_headers(headers)
+        } else {
+            None
+        };
+        match parent {
             Some(p) => Trace {
                 trace_id: p.trace_id,
                 span_id,
@@ -122,13 +149,21 @@ impl Telemetry {
         }
     }
 
-    /// Hands the finished request's span to the export queue (a full queue drops it).
+    /// Hands the finished request's span to the export queue (a full queue drops it,
+    /// counted).
     pub fn finish(&self, trace: &Trace, req: &RequestCtx) {
         if !trace.is_set() || !trace.sampled {
             return;
         }
-        let end = SystemTime::now();
-        let start = end.checked_sub(req.started.elapsed()).unwrap_or(end);
+        if self.stats.pending.fetch_add(1, Ordering::AcqRel) >= self.queue {
+            self.stats.pending.fetch_sub(1, Ordering::AcqRel);
+            self.stats.dropped.inc();
+            return;
+        }
+        // The request's own duration: end-of-request work (audit, ledger) is not part of it.
+        let now = SystemTime::now();
+        let start = now.checked_sub(req.started.elapsed()).unwrap_or(now);
+        let end = req.duration.map_or(now, |d| start + d);
         let (name, attributes, status) = attributes::of(req, self.capture_prompts);
         self.processor.on_end(SpanData {
             span_context: SpanContext::new(
@@ -153,8 +188,8 @@ impl Telemetry {
         });
     }
 
-    /// Exports what is queued (at shutdown), waiting at most for the export timeout.
-    pub fn flush(&self) -> OTelSdkResult {
-        self.processor.force_flush()
+    /// Exports what is queued and stops (at exit), waiting at most for the export timeout.
+    pub fn shutdown(&self) -> OTelSdkResult {
+        self.processor.shutdown_with_timeout(self.timeout)
     }
 }

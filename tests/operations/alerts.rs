@@ -1,0 +1,63 @@
+//! `docs/prometheus/alerts.yaml`: valid rules (promtool check rules), and each alert fires on
+//! the series it is written for and stays quiet otherwise (promtool test rules).
+
+use std::process::Command;
+
+fn promtool(args: &[&str]) -> String {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/prometheus"))
+        .output()
+        .expect("promtool is installed (apt-get install prometheus; .ci/run does it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+#[test]
+fn alert_rules_are_valid_and_fire_as_written() {
+    let out = promtool(&["check", "rules", "alerts.yaml"]);
+    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
+    promtool(&["test", "rules", "alerts.test.yaml"]);
+}
+
+/// Every series an alert reads is one the gateway exports: a renamed metric would otherwise
+/// leave an alert that can never fire.
+#[test]
+fn alerts_read_only_series_the_gateway_exports() {
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/prometheus/alerts.yaml"
+    ))
+    .unwrap();
+    let mut sources = String::new();
+    for dir in [
+        "gateway/src",
+        "filters/audit/src",
+        "filters/budget/src",
+        "filters/auth/src",
+    ] {
+        for entry in std::fs::read_dir(format!("{}/../{dir}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                sources += &std::fs::read_to_string(path).unwrap();
+            }
+        }
+    }
+    let mut named = 0;
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("llm_gateway_") {
+            named += 1;
+            assert!(
+                sources.contains(&format!("\"{word}\"")),
+                "{word} is not exported"
+            );
+        }
+    }
+    assert!(named >= 10, "{named}");
+}
