@@ -67,3 +67,134 @@ fn systemd_analyze_verify_accepts_the_unit() {
         "{text}"
     );
 }
+
+const DOCKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docker");
+
+fn yaml(path: &str) -> serde_norway::Value {
+    serde_norway::from_str(&std::fs::read_to_string(path).unwrap())
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The compose file parses, every file it mounts is in the repository, Ollama is reachable
+/// only through the gateway, published ports are on loopback, the GPU is reserved.
+#[test]
+fn compose_file_mounts_only_what_the_repository_has() {
+    let compose = yaml(&format!("{DOCKER}/compose.yaml"));
+    let services = compose["services"].as_mapping().expect("services");
+    for name in ["ollama", "gateway", "prometheus", "grafana"] {
+        assert!(
+            services.contains_key(serde_norway::Value::from(name)),
+            "{name}"
+        );
+    }
+    let mut mounted = 0;
+    for (name, service) in services {
+        for volume in service["volumes"].as_sequence().into_iter().flatten() {
+            let source = volume.as_str().unwrap().split(':').next().unwrap();
+            if source.starts_with('.') {
+                let path = std::path::Path::new(DOCKER).join(source);
+                assert!(
+                    path.exists(),
+                    "{name:?} mounts {source}, which is not in the repository"
+                );
+                mounted += 1;
+            }
+        }
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name:?} publishes {port} beyond loopback"
+            );
+        }
+    }
+    assert_eq!(mounted, 6, "bind mounts from the repository");
+    let ollama = &compose["services"]["ollama"];
+    assert!(ollama["ports"].is_null(), "Ollama must not be published");
+    let device = &ollama["deploy"]["resources"]["reservations"]["devices"][0];
+    assert_eq!(device["driver"].as_str(), Some("nvidia"));
+    assert_eq!(device["capabilities"][0].as_str(), Some("gpu"));
+    // Prometheus scrapes the admin listener on the gateway's loopback.
+    assert_eq!(
+        compose["services"]["prometheus"]["network_mode"].as_str(),
+        Some("service:gateway")
+    );
+}
+
+/// The gateway config compose mounts passes `check` (with the compose network's `ollama`
+/// host name, which only resolves inside compose, replaced by an address), and names no
+/// key: the keys file ships empty.
+#[test]
+fn compose_gateway_config_passes_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(format!("{DOCKER}/gateway.yaml"))
+        .unwrap()
+        .replace("http://ollama:11434", "http://127.0.0.1:11434");
+    std::fs::write(dir.path().join("gateway.yaml"), config).unwrap();
+    std::fs::copy(format!("{DOCKER}/keys.yaml"), dir.path().join("keys.yaml")).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.path().join("gateway.yaml"))
+        .env("LLM_GATEWAY_STATE", dir.path())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("INSECURE: allow_insecure"), "{text}");
+    let keys = yaml(&format!("{DOCKER}/keys.yaml"));
+    assert_eq!(keys["keys"].as_sequence().map(Vec::len), Some(0));
+}
+
+/// Prometheus's config in compose, with its rule file, is what promtool accepts.
+#[test]
+fn compose_prometheus_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/prometheus/alerts.yaml"
+    );
+    let config = std::fs::read_to_string(format!("{DOCKER}/prometheus.yml"))
+        .unwrap()
+        .replace("/etc/prometheus/alerts.yaml", rules);
+    let path = dir.path().join("prometheus.yml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(&path)
+        .output()
+        .expect("promtool is installed");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The image: built in stages, runs as a user, carries no demo credentials (the shipped
+/// `conf/` with its demo key and user is not copied), checks its own health.
+#[test]
+fn dockerfile_ships_no_credentials_and_runs_unprivileged() {
+    let file = std::fs::read_to_string(format!("{DOCKER}/Dockerfile")).unwrap();
+    let instructions: Vec<&str> = file
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    assert_eq!(
+        instructions
+            .iter()
+            .filter(|l| l.starts_with("FROM "))
+            .count(),
+        2
+    );
+    assert!(!instructions
+        .iter()
+        .any(|l| l.starts_with("COPY") && l.contains("conf")));
+    assert!(instructions
+        .iter()
+        .any(|l| l.starts_with("USER llm-gateway")));
+    assert!(instructions.iter().any(|l| l.starts_with("HEALTHCHECK")));
+    assert!(file.contains("/health"));
+}
