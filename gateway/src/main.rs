@@ -52,6 +52,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Check { config }) => return check(&config),
+        Some(Command::Doctor { config, json }) => return doctor(config.as_deref(), json),
+        Some(Command::Init {
+            dir,
+            listen,
+            backend,
+            tls_cert,
+            tls_key,
+            force,
+        }) => init(&llm_gateway::init::InitOptions {
+            dir,
+            listen,
+            backend,
+            tls_cert,
+            tls_key,
+            force,
+        }),
         Some(Command::Run { config, upgrade }) => return run(&config, upgrade),
         Some(Command::Keys(KeysCommand::New { id, name })) => keys_new(&id, name.as_deref()),
         Some(Command::Keys(KeysCommand::Hash)) => {
@@ -126,6 +142,35 @@ fn run(path: &Path, upgrade: bool) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn doctor(config: Option<&Path>, json: bool) -> ExitCode {
+    let findings = llm_gateway::doctor::run(config);
+    if json {
+        let out = serde_json::json!({"ok": findings.is_empty(), "findings": findings});
+        println!("{out}");
+    } else {
+        print!("{}", llm_gateway::doctor::report(&findings));
+    }
+    if findings.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn init(o: &llm_gateway::init::InitOptions) -> Result<(), String> {
+    let w = llm_gateway::init::run(o).map_err(|e| e.to_string())?;
+    for f in &w.files {
+        println!("wrote {} (0600)", f.display());
+    }
+    println!("\nThe admin key (scope admin); it is shown only this once, store it now:");
+    println!("{}", w.admin_key);
+    println!(
+        "\nNext:\n  llm-gateway check --config {c}\n  llm-gateway --config {c}\n  llm-gateway doctor --config {c}    # is anything still open?",
+        c = w.config.display()
+    );
+    Ok(())
 }
 
 fn keys_new(id: &str, name: Option<&str>) -> Result<(), String> {

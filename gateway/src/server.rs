@@ -45,8 +45,8 @@ impl Flush {
 pub struct Prepared {
     pub gateway: Gateway,
     tls: Vec<Option<TlsSettings>>,
-    /// Take the listening sockets over from a running gateway instead of binding them.
-    upgrade: bool,
+    /// The running gateway whose listening sockets this one takes over (`--upgrade`).
+    upgrade_from: Option<i32>,
 }
 
 /// Builds everything that can fail before the server starts, so errors reach the operator as
@@ -127,6 +127,20 @@ pub fn prepare(
         .map(|spec| Telemetry::start(spec, prometheus::default_registry()).map(Arc::new))
         .transpose()
         .map_err(|e| ConfigError::invalid(&settings.file, "telemetry.otlp", e.to_string()))?;
+    // Last, so that nothing that can still fail comes after the old gateway is told to go.
+    let upgrade_from = if upgrade {
+        let sock = settings.upgrade_sock.as_deref();
+        let err = |e: crate::upgrade::UpgradeError| {
+            ConfigError::invalid(&settings.file, "server.upgrade_sock", e.to_string())
+        };
+        Some(
+            sock.ok_or(crate::upgrade::UpgradeError::NoSocket)
+                .and_then(crate::upgrade::running)
+                .map_err(err)?,
+        )
+    } else {
+        None
+    };
     let mut gateway = Gateway::new(
         Arc::new(settings),
         Arc::new(chain),
@@ -137,7 +151,7 @@ pub fn prepare(
     Ok(Prepared {
         gateway,
         tls,
-        upgrade,
+        upgrade_from,
     })
 }
 
@@ -148,7 +162,7 @@ pub fn run(prepared: Prepared) -> ! {
     let Prepared {
         gateway,
         tls,
-        upgrade,
+        upgrade_from,
     } = prepared;
     let settings = gateway.settings.clone();
     let conf = ServerConf {
@@ -157,21 +171,22 @@ pub fn run(prepared: Prepared) -> ! {
         // soon as no request is in flight.
         grace_period_seconds: Some(settings.drain_timeout.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(1),
-        upgrade_sock: settings.upgrade_sock.display().to_string(),
+        // Without a safe folder, a path nothing listens on: SIGQUIT then hands nothing over.
+        upgrade_sock: settings
+            .upgrade_sock
+            .as_ref()
+            .map_or_else(String::new, |p| p.display().to_string()),
         ..ServerConf::default()
     };
     let opt = pingora_core::server::configuration::Opt {
-        upgrade,
+        upgrade: upgrade_from.is_some(),
         ..Default::default()
     };
-    if upgrade {
-        log::info!(
-            "upgrade: waiting for the running gateway's sockets on {} (send it SIGQUIT)",
-            settings.upgrade_sock.display()
-        );
-    }
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
-    server.bootstrap();
+    // Bootstrap (taking inherited sockets) runs as a service the listeners wait for, so
+    // Pingora knows which addresses this config still listens on and closes the sockets of
+    // listeners the new config dropped, instead of leaving them accepting unanswered.
+    let bootstrap = server.bootstrap_as_a_service();
     let in_flight = gateway.in_flight.clone();
     let opening = InFlight::default();
     let flush = Flush {
@@ -225,9 +240,22 @@ pub fn run(prepared: Prepared) -> ! {
             None => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
         });
     }
-    server.add_service(service);
+    server.add_service(service).add_dependency(&bootstrap);
     if let Some(admin) = admin {
-        server.add_service(admin);
+        server.add_service(admin).add_dependency(&bootstrap);
+    }
+    if let Some(sock) = &settings.upgrade_sock {
+        if let Some(pid) = upgrade_from {
+            log::info!(
+                "upgrade: taking the sockets over from pid {pid} through {}",
+                sock.display()
+            );
+            if let Err(e) = crate::upgrade::take_over_from(pid) {
+                log::error!("{e}");
+                std::process::exit(1);
+            }
+        }
+        crate::upgrade::write_pid(sock);
     }
     crate::router::spawn_discovery(gateway_pool, &settings.routing);
     spawn_ctrl_c(flush.clone());
@@ -361,7 +389,7 @@ fn spawn_drain_watcher(
                 while start.elapsed() < drain {
                     if in_flight.get() > 0 || opening.get() > 0 {
                         quiet_since = Instant::now();
-                    } else if quiet_since.elapsed() > crate::proxy::drain::LINGER {
+                    } else if quiet_since.elapsed() > 2 * crate::proxy::drain::LINGER {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));

@@ -34,21 +34,25 @@ fn alerts_read_only_series_the_gateway_exports() {
         "/../docs/prometheus/alerts.yaml"
     ))
     .unwrap();
-    let mut sources = String::new();
-    for dir in [
-        "gateway/src",
-        "filters/audit/src",
-        "filters/budget/src",
-        "filters/auth/src",
-    ] {
-        for entry in std::fs::read_dir(format!("{}/../{dir}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-        {
+    fn read_rs(dir: &std::path::Path, into: &mut String) {
+        for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "rs") {
-                sources += &std::fs::read_to_string(path).unwrap();
+            if path.is_dir() {
+                read_rs(&path, into);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                *into += &std::fs::read_to_string(path).unwrap();
             }
         }
     }
+    let mut sources = String::new();
+    read_rs(
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")),
+        &mut sources,
+    );
+    read_rs(
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../filters")),
+        &mut sources,
+    );
     let mut named = 0;
     for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
         if word.starts_with("llm_gateway_") {

@@ -6,3 +6,4 @@ mod support;
 
 mod alerts;
 mod packaging;
+mod setup;

@@ -111,6 +111,20 @@ fn compose_file_mounts_only_what_the_repository_has() {
     assert_eq!(mounted, 6, "bind mounts from the repository");
     let ollama = &compose["services"]["ollama"];
     assert!(ollama["ports"].is_null(), "Ollama must not be published");
+    // Ollama's only network is internal and shared with the gateway alone.
+    assert_eq!(ollama["networks"][0].as_str(), Some("models"));
+    assert_eq!(ollama["networks"].as_sequence().map(Vec::len), Some(1));
+    assert_eq!(
+        compose["networks"]["models"]["internal"].as_bool(),
+        Some(true)
+    );
+    for (name, service) in services {
+        let on_models = service["networks"]
+            .as_sequence()
+            .is_some_and(|n| n.iter().any(|n| n.as_str() == Some("models")));
+        let name = name.as_str().unwrap();
+        assert_eq!(on_models, name == "ollama" || name == "gateway", "{name}");
+    }
     let device = &ollama["deploy"]["resources"]["reservations"]["devices"][0];
     assert_eq!(device["driver"].as_str(), Some("nvidia"));
     assert_eq!(device["capabilities"][0].as_str(), Some("gpu"));
@@ -197,4 +211,110 @@ fn dockerfile_ships_no_credentials_and_runs_unprivileged() {
         .any(|l| l.starts_with("USER llm-gateway")));
     assert!(instructions.iter().any(|l| l.starts_with("HEALTHCHECK")));
     assert!(file.contains("/health"));
+    // Every workspace member's folder is in the build (or the workspace does not load).
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml")).unwrap();
+    let members = manifest
+        .split("members = [")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap();
+    for member in members
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .filter(|m| !m.is_empty())
+    {
+        let top = member.split('/').next().unwrap();
+        assert!(
+            instructions
+                .iter()
+                .any(|l| l.starts_with(&format!("COPY {top} "))),
+            "the image build does not copy {member}"
+        );
+    }
+}
+
+const DEBIAN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/debian");
+
+/// The config the Debian package installs listens on loopback only, requires keys, ships
+/// none, and passes `check` (with its log folder moved to a temp dir).
+#[test]
+fn debian_config_is_loopback_only_and_passes_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(format!("{DEBIAN}/gateway.yaml")).unwrap();
+    let config = serde_norway::from_str::<serde_norway::Value>(&text).unwrap();
+    for l in config["listen"].as_sequence().unwrap() {
+        let addr: std::net::SocketAddr = l["addr"].as_str().unwrap().parse().unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+    }
+    let text = text.replace("/var/log/llm-gateway", dir.path().to_str().unwrap());
+    std::fs::write(dir.path().join("gateway.yaml"), text).unwrap();
+    std::fs::copy(format!("{DEBIAN}/keys.yaml"), dir.path().join("keys.yaml")).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.path().join("gateway.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let postinst = std::fs::read_to_string(format!("{DEBIAN}/postinst")).unwrap();
+    let commands: Vec<&str> = postinst
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    assert!(
+        !commands
+            .iter()
+            .any(|l| l.contains("systemctl enable") || l.contains("systemctl start")),
+        "{postinst}"
+    );
+}
+
+/// `cargo deb` where the machine has cargo-deb: the package holds the binary, the unit and
+/// the config, and its scripts create the user without starting anything.
+#[test]
+fn debian_package_builds_with_cargo_deb() {
+    let has = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        eprintln!("cargo-deb not installed: package build skipped");
+        return;
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = Command::new("cargo")
+        .args(["deb", "-p", "llm-gateway", "--locked"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let deb = text
+        .lines()
+        .rev()
+        .find(|l| l.trim().ends_with(".deb"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let list = Command::new("dpkg-deb")
+        .args(["--contents", &deb])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for path in [
+        "./usr/bin/llm-gateway",
+        "./usr/lib/systemd/system/llm-gateway.service",
+        "./etc/llm-gateway/gateway.yaml",
+        "./etc/llm-gateway/keys.yaml",
+    ] {
+        assert!(list.contains(path), "{path} missing:\n{list}");
+    }
 }

@@ -293,8 +293,8 @@ async fn signal_under_load_loses_no_audit_line(sig: &str) {
     );
 }
 
-/// `--upgrade` under steady load: the new process takes the listening sockets over, the old
-/// one finishes its running stream and exits as soon as it has nothing in flight (well
+/// `--upgrade` under steady load: the new process asks the old one for its listening sockets
+/// (SIGQUIT) once it is ready, takes them over, and the old one finishes its running stream and exits as soon as it has nothing in flight (well
 /// before its drain time), and no request fails: not on new connections, not on kept-alive
 /// ones, not the stream that was running on the old process.
 #[tokio::test(flavor = "multi_thread")]
@@ -364,9 +364,8 @@ async fn upgrade_takes_the_sockets_over_without_failing_a_request() {
     assert_eq!(stream.status(), 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = ok.load(Ordering::Relaxed);
-    let mut new = old.start_upgrade().await;
     let quit = Instant::now();
-    old.signal("QUIT");
+    let mut new = old.start_upgrade().await;
     let body = stream.bytes().await.expect("the running stream completes");
     let body = String::from_utf8_lossy(&body);
     assert_eq!(body.lines().count(), 31, "{body}");
@@ -406,4 +405,53 @@ async fn upgrade_takes_the_sockets_over_without_failing_a_request() {
         new.wait_exit(Duration::from_millis(10)).is_none(),
         "the new process runs on"
     );
+}
+
+/// An upgrade that cannot start (a broken config, or no gateway running) leaves the running
+/// gateway untouched: it is never told to go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_upgrade_leaves_the_running_gateway_serving() {
+    let m = mock().await;
+    let mut old = Gateway::start(&format!(
+        "{}server: {{ threads: 1, upgrade_sock: up.sock }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    // The new config is broken: the new process stops before asking for anything.
+    let good = std::fs::read_to_string(old.config_path()).unwrap();
+    std::fs::write(
+        old.config_path(),
+        format!("{good}limits: {{ max_bdy: 1MiB }}\n"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(old.config_path())
+        .arg("--upgrade")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_bdy"));
+    // No gateway behind the pid file: refused, naming why.
+    std::fs::write(old.config_path(), &good).unwrap();
+    let pid_file = old.dir.path().join("up.pid");
+    let real = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(real.trim(), old.pid().to_string());
+    std::fs::write(&pid_file, "1\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(old.config_path())
+        .arg("--upgrade")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a running llm-gateway"), "{err}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        old.wait_exit(Duration::from_millis(10)).is_none(),
+        "the old gateway runs on"
+    );
+    let health = client().get(old.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
 }

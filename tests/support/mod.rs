@@ -212,7 +212,7 @@ impl Gateway {
     }
 
     /// Starts a second gateway with this one's config and `--upgrade`, and waits until it
-    /// waits for this one's sockets (send this one SIGQUIT next). Its log is its own.
+    /// has asked this one for its sockets. Its log is its own.
     pub async fn start_upgrade(&self) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
@@ -232,10 +232,7 @@ impl Gateway {
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !gw
-            .log()
-            .contains("waiting for the running gateway's sockets")
-        {
+        while !gw.log().contains("upgrade: asked the running gateway") {
             if let Ok(Some(status)) = gw.child.try_wait() {
                 panic!("the new gateway exited with {status}:\n{}", gw.log());
             }

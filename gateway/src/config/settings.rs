@@ -23,8 +23,9 @@ pub struct Settings {
     pub routing: RoutingSpec,
     pub threads: usize,
     pub drain_timeout: Duration,
-    /// Where a running gateway hands its sockets to an `--upgrade` one.
-    pub upgrade_sock: PathBuf,
+    /// Where a running gateway hands its sockets to an `--upgrade` one (`None`: no folder
+    /// safe for it, upgrades refused).
+    pub upgrade_sock: Option<PathBuf>,
     pub filters: Vec<FilterSpec>,
     /// Add the built-in policy when the chain has no `policy` filter.
     pub default_policy: bool,
@@ -330,14 +331,39 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
     })
 }
 
-/// `server.upgrade_sock`, relative to the config file's folder; by default
-/// `/run/llm-gateway/upgrade.sock` when that folder exists (systemd's `RuntimeDirectory`),
-/// else `/tmp/llm-gateway-upgrade.sock`.
-fn upgrade_sock(configured: Option<&str>, config_dir: &Path) -> Result<PathBuf, Invalid> {
+/// `server.upgrade_sock`, relative to the config file's folder. Whoever can create the
+/// socket there first would be handed the listening sockets, so its folder must not be
+/// writable by other users. By default `/run/llm-gateway/upgrade.sock` when that folder
+/// exists (systemd's `RuntimeDirectory`), else `llm-gateway-upgrade.sock` next to the config;
+/// `None` when neither folder is safe (upgrades are then refused).
+fn upgrade_sock(configured: Option<&str>, config_dir: &Path) -> Result<Option<PathBuf>, Invalid> {
+    let dir = if config_dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        config_dir
+    };
     let path = match configured {
-        Some(p) => config_dir.join(p),
-        None if Path::new("/run/llm-gateway").is_dir() => "/run/llm-gateway/upgrade.sock".into(),
-        None => "/tmp/llm-gateway-upgrade.sock".into(),
+        Some(p) => {
+            let path = dir.join(p);
+            let folder = path.parent().unwrap_or(Path::new("."));
+            if let Err(why) = private_folder(folder) {
+                return Err((
+                    "server.upgrade_sock".into(),
+                    format!("{}: {why}; the running gateway hands its listening sockets to whoever listens there: use a folder only this user can write, such as /run/llm-gateway", folder.display()),
+                ));
+            }
+            path
+        }
+        None => {
+            let run = Path::new("/run/llm-gateway");
+            if private_folder(run).is_ok() {
+                run.join("upgrade.sock")
+            } else if private_folder(dir).is_ok() {
+                dir.join("llm-gateway-upgrade.sock")
+            } else {
+                return Ok(None);
+            }
+        }
     };
     // sockaddr_un holds 108 bytes with its NUL.
     if path.as_os_str().len() > 107 {
@@ -346,7 +372,20 @@ fn upgrade_sock(configured: Option<&str>, config_dir: &Path) -> Result<PathBuf, 
             format!("{} is longer than a Unix socket path may be (107 bytes); use a shorter path such as /run/llm-gateway/upgrade.sock", path.display()),
         ));
     }
-    Ok(path)
+    Ok(Some(path))
+}
+
+/// A folder that exists and that other users cannot write to.
+fn private_folder(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+    if !meta.is_dir() {
+        return Err("not a folder".into());
+    }
+    if meta.permissions().mode() & 0o002 != 0 {
+        return Err("writable by every user".into());
+    }
+    Ok(())
 }
 
 fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {

@@ -260,7 +260,7 @@ const FIRST_READ: usize = 1024;
 async fn next_request(
     stream: &mut Stream,
     idle: Duration,
-    drain: Option<&mut ShutdownWatch>,
+    drain: Option<(&mut ShutdownWatch, &super::InFlight)>,
 ) -> Option<BytesMut> {
     let mut first = [0u8; FIRST_READ];
     let n = {
@@ -275,11 +275,13 @@ async fn next_request(
         match now {
             Some(ready) => ready.ok()?,
             None => match drain {
-                Some(drain) => tokio::select! {
+                Some((drain, opening)) => tokio::select! {
                     biased;
                     ready = tokio::time::timeout(idle, &mut read) => ready.ok()?.ok()?,
-                    // Draining: a request already on its way is still taken.
+                    // Draining: a request already on its way is still taken (and counted,
+                    // so the process does not exit under it).
                     _ = async { drain.wait_for(|down| *down).await.map(drop) } => {
+                        let _lingering = opening.enter();
                         tokio::time::timeout(super::drain::LINGER, read).await.ok()?.ok()?
                     }
                 },
@@ -339,14 +341,17 @@ impl ServerApp for GatewayApp {
             };
             let waited = std::time::Instant::now();
             // An idle kept-alive connection is closed once draining begins (after LINGER).
-            let drain_wait = (served > 0 && !draining).then_some(&mut drain);
+            let drain_wait = (served > 0 && !draining).then_some((&mut drain, &l.opening));
+            // A kept-alive connection lingering for a request on its way is counted.
+            let lingering = (served > 0 && draining).then(|| l.opening.enter());
             let mut head = next_request(&mut stream, idle, drain_wait).await?;
             // Counted from its first byte, so shutdown's drain cannot see zero while a request
             // is still being read. One whose bytes came as shutdown began is still served
             // (and ends the connection): its client already sent it and cannot retry it.
             let _serving = l.in_flight.enter();
-            // No longer opening: the request is counted instead.
+            // No longer opening or lingering: the request is counted instead.
             drop(opening.take());
+            drop(lingering);
             let head_deadline = tokio::time::Instant::now()
                 + if served == 0 {
                     l.head_timeout.saturating_sub(waited.elapsed())

@@ -1,0 +1,281 @@
+//! `llm-gateway init`: a safe starting point for a real box: a config with auth, policy, a
+//! per-key rate limit and audit, a keys file with one fresh admin key (shown once, stored as
+//! its hash), and, for a listener other machines reach, a TLS certificate. Every file 0600,
+//! nothing overwritten unless asked, and what it writes passes `check`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use filter_auth::keygen;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{0} exists; pass --force to overwrite it")]
+    Exists(PathBuf),
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--listen {0:?} is not an ip:port address such as 127.0.0.1:8080")]
+    Listen(String),
+    #[error("--backend {0:?}: {1}")]
+    Backend(String, &'static str),
+    #[error("--tls-cert and --tls-key go together")]
+    TlsPair,
+    #[error("cannot make a TLS certificate: {0}")]
+    Cert(String),
+    #[error("cannot make a key: {0}")]
+    Key(String),
+    #[error("the written config does not pass check ({0}); nothing was kept")]
+    Invalid(String),
+}
+
+pub struct InitOptions {
+    pub dir: PathBuf,
+    pub listen: String,
+    pub backend: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub force: bool,
+}
+
+/// What `init` wrote, and the admin key to show once.
+pub struct Written {
+    pub files: Vec<PathBuf>,
+    pub config: PathBuf,
+    pub admin_key: String,
+}
+
+pub fn run(o: &InitOptions) -> Result<Written, InitError> {
+    let listen: SocketAddr = o
+        .listen
+        .parse()
+        .map_err(|_| InitError::Listen(o.listen.clone()))?;
+    let (backend, kind) = backend(&o.backend)?;
+    if o.tls_cert.is_some() != o.tls_key.is_some() {
+        return Err(InitError::TlsPair);
+    }
+    let config = o.dir.join("gateway.yaml");
+    let keys = o.dir.join("keys.yaml");
+    let mut planned = vec![config.clone(), keys.clone()];
+    let public = !listen.ip().is_loopback();
+    let generate_tls = public && o.tls_cert.is_none();
+    let (cert, key) = (o.dir.join("tls/cert.pem"), o.dir.join("tls/key.pem"));
+    if generate_tls {
+        planned.extend([cert.clone(), key.clone()]);
+    }
+    if !o.force {
+        if let Some(p) = planned.iter().find(|p| p.exists()) {
+            return Err(InitError::Exists(p.clone()));
+        }
+    }
+    let tls = match (&o.tls_cert, &o.tls_key) {
+        (Some(c), Some(k)) => Some((absolute(c), absolute(k))),
+        _ if generate_tls => {
+            let (cert_pem, key_pem) = self_signed(listen)?;
+            write_private(&cert, cert_pem.as_bytes(), o.force)?;
+            write_private(&key, key_pem.as_bytes(), o.force)?;
+            Some((PathBuf::from("tls/cert.pem"), PathBuf::from("tls/key.pem")))
+        }
+        _ => None,
+    };
+    let admin_key = keygen::new_key().map_err(|e| InitError::Key(e.to_string()))?;
+    let mut entry = keygen::key_entry("admin", Some("Administrator (made by init)"), &admin_key);
+    entry += "    scopes: [admin]\n";
+    // Keys already there stay: the new admin key joins them.
+    let keys_text = match std::fs::read_to_string(&keys) {
+        Ok(old) if o.force => add_entry(&old, &entry),
+        _ => keys_file(&entry),
+    };
+    let before: Vec<Option<Vec<u8>>> = [&keys, &config]
+        .iter()
+        .map(|p| std::fs::read(p).ok())
+        .collect();
+    write_private(&keys, keys_text.as_bytes(), o.force)?;
+    write_private(
+        &config,
+        config_file(listen, tls.as_ref(), &backend, kind).as_bytes(),
+        o.force,
+    )?;
+    // What was written must start: otherwise put back what was there and print no key.
+    if let Err(e) = crate::config::load(&config) {
+        for (path, old) in [&keys, &config].into_iter().zip(before) {
+            match old {
+                Some(bytes) => {
+                    let _ = std::fs::write(path, bytes);
+                }
+                None => {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        return Err(InitError::Invalid(e.to_string()));
+    }
+    Ok(Written {
+        files: planned,
+        config,
+        admin_key,
+    })
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The backend URL and its kind: `…/v1` is an OpenAI-compatible server (llama.cpp, vLLM),
+/// anything else Ollama.
+fn backend(url: &str) -> Result<(String, &'static str), InitError> {
+    let url = url.trim().trim_end_matches('/');
+    let (base, kind) = match url.strip_suffix("/v1") {
+        Some(base) => (base, "openai"),
+        None => (url, "ollama"),
+    };
+    let Some(rest) = base.strip_prefix("http://") else {
+        return Err(InitError::Backend(
+            url.into(),
+            "must be an http:// URL such as http://127.0.0.1:11434 (or …/v1 for an OpenAI-compatible server)",
+        ));
+    };
+    if rest.is_empty() || rest.contains('/') {
+        return Err(InitError::Backend(
+            url.into(),
+            "give the server's address only, such as http://127.0.0.1:11434 or http://127.0.0.1:8000/v1",
+        ));
+    }
+    Ok((base.to_string(), kind))
+}
+
+/// `entry` added to an existing keys file's list.
+fn add_entry(old: &str, entry: &str) -> String {
+    if let Some(at) = old.find("keys: []") {
+        let mut s = old.to_string();
+        s.replace_range(
+            at..at + "keys: []".len(),
+            &format!("keys:\n{}", entry.trim_end()),
+        );
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        return s;
+    }
+    let mut s = old.to_string();
+    if !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s + entry
+}
+
+/// A new file readable by its owner only (0600, folders 0700).
+fn write_private(path: &Path, content: &[u8], force: bool) -> Result<(), InitError> {
+    let err = |source| InitError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
+    let mut open = std::fs::OpenOptions::new();
+    // Never through a symbolic link someone put in its place.
+    open.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    if force {
+        open.create(true).truncate(true);
+    } else {
+        open.create_new(true);
+    }
+    let mut f = open.open(path).map_err(err)?;
+    // An existing file keeps its mode on truncation: make it 0600 too (on the open file).
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(err)?;
+    f.write_all(content).map_err(err)
+}
+
+fn self_signed(listen: SocketAddr) -> Result<(String, String), InitError> {
+    let mut names = vec!["localhost".to_string()];
+    if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && host != "localhost" {
+            names.push(host.to_string());
+        }
+    }
+    let mut params =
+        rcgen::CertificateParams::new(names).map_err(|e| InitError::Cert(e.to_string()))?;
+    let ips = if listen.ip().is_unspecified() {
+        vec![std::net::IpAddr::from([127, 0, 0, 1])]
+    } else {
+        vec![listen.ip()]
+    };
+    for ip in ips {
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+    }
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "llm-gateway");
+    // Valid from the start of last year to the end of next year (a year or more): `doctor`
+    // says when it nears its end.
+    let year = 1970
+        + (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            / 31_556_952) as i32;
+    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    params.not_after = rcgen::date_time_ymd(year + 1, 12, 31);
+    let key = rcgen::KeyPair::generate().map_err(|e| InitError::Cert(e.to_string()))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| InitError::Cert(e.to_string()))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn keys_file(entry: &str) -> String {
+    format!(
+        "# Principals allowed through the `auth` filter; only SHA-256 hashes of keys are stored.\n\
+         # Add one:   llm-gateway keys new --id alice --name \"Alice\"   (then paste the entry)\n\
+         # Reload:    kill -HUP $(pidof llm-gateway)   or   systemctl reload llm-gateway\n\
+         keys:\n{entry}    # Optional per principal: models: [\"llama3.1:*\"], rate: 10/m, burst: 5,\n    # tokens_per_minute: 50000, max_usd: 10, period: 1mo, expires: 2027-01-31\n"
+    )
+}
+
+fn config_file(
+    listen: SocketAddr,
+    tls: Option<&(PathBuf, PathBuf)>,
+    backend: &str,
+    kind: &str,
+) -> String {
+    let tls = tls.map_or(String::new(), |(c, k)| {
+        format!(
+            "    tls: {{ cert: {}, key: {} }}\n",
+            yaml_path(c),
+            yaml_path(k)
+        )
+    });
+    format!(
+        "# Written by `llm-gateway init`. Check it: llm-gateway check --config gateway.yaml\n\
+         # Then look for anything still open around it: llm-gateway doctor --config gateway.yaml\n\
+         listen:\n  - addr: \"{listen}\"\n{tls}\
+         admin:\n  addr: 127.0.0.1:9091           # /metrics and /health, loopback only\n\
+         backends:\n  - name: local\n    url: {backend}\n    kind: {kind}\n\
+         limits:\n  max_body: 1MiB\n\
+         filters:\n\
+         \x20 - use: auth\n    keys_file: keys.yaml          # next to this file\n\
+         \x20 - use: policy\n    allow: [openai-inference, ollama-inference, {{ preset: ollama-admin, scope: admin }}]\n    max_output_tokens: 4096       # no unbounded generations\n\
+         \x20 - use: ratelimit\n    key: api_key\n    rate: 60/m\n    burst: 10\n    max_in_flight: 4\n\
+         \x20 - use: audit\n    file: audit.jsonl             # one JSON line per request, 0600\n    rotate: {{ max_size: 100MiB, keep: 5 }}\n\
+         \x20 # Spend budgets from real token usage (prices in USD per million tokens):\n\
+         \x20 # - use: budget\n\
+         \x20 #   ledger: spend.db\n\
+         \x20 #   prices:\n\
+         \x20 #     - {{ model: \"llama3.1:*\", prompt_per_1m: 0.10, completion_per_1m: 0.40 }}\n\
+         \x20 #   default: {{ max_usd: 20, period: 1mo }}\n"
+    )
+}
+
+fn yaml_path(p: &Path) -> String {
+    serde_json::to_string(&p.display().to_string()).unwrap_or_default()
+}
