@@ -40,26 +40,7 @@ pub enum Command {
     /// Write a safe starting point: gateway.yaml, keys.yaml with a new admin key (printed
     /// once), and a TLS certificate for a listener other machines reach. Files are 0600;
     /// nothing is overwritten without --force.
-    Init {
-        /// Folder to write into.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
-        /// Address to listen on; anything but loopback gets TLS.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: String,
-        /// The model server: Ollama's URL, or an OpenAI-compatible server's ending in /v1.
-        #[arg(long, default_value = "http://127.0.0.1:11434")]
-        backend: String,
-        /// A certificate to use instead of a self-signed one (with --tls-key).
-        #[arg(long)]
-        tls_cert: Option<PathBuf>,
-        /// The certificate's private key.
-        #[arg(long)]
-        tls_key: Option<PathBuf>,
-        /// Overwrite files that exist.
-        #[arg(long)]
-        force: bool,
-    },
+    Init(crate::init::InitOptions),
     /// Look for anything still open around the gateway: model servers that answer on
     /// non-loopback addresses of this machine, backends, file permissions, demo
     /// credentials, certificates. Read-only; exit 0 when clean, 1 with findings.

@@ -33,12 +33,25 @@ pub enum InitError {
     Invalid(String),
 }
 
+#[derive(Debug, clap::Args)]
 pub struct InitOptions {
+    /// Folder to write into.
+    #[arg(long, default_value = ".")]
     pub dir: PathBuf,
+    /// Address to listen on; anything but loopback gets TLS.
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// The model server: Ollama's URL, or an OpenAI-compatible server's ending in /v1.
+    #[arg(long, default_value = "http://127.0.0.1:11434")]
     pub backend: String,
+    /// A certificate to use instead of a self-signed one (with --tls-key).
+    #[arg(long)]
     pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key.
+    #[arg(long)]
     pub tls_key: Option<PathBuf>,
+    /// Overwrite gateway.yaml and the TLS files; keys already in keys.yaml are kept.
+    #[arg(long)]
     pub force: bool,
 }
 

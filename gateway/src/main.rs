@@ -53,21 +53,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Check { config }) => return check(&config),
         Some(Command::Doctor { config, json }) => return doctor(config.as_deref(), json),
-        Some(Command::Init {
-            dir,
-            listen,
-            backend,
-            tls_cert,
-            tls_key,
-            force,
-        }) => init(&llm_gateway::init::InitOptions {
-            dir,
-            listen,
-            backend,
-            tls_cert,
-            tls_key,
-            force,
-        }),
+        Some(Command::Init(options)) => init(&options),
         Some(Command::Run { config, upgrade }) => return run(&config, upgrade),
         Some(Command::Keys(KeysCommand::New { id, name })) => keys_new(&id, name.as_deref()),
         Some(Command::Keys(KeysCommand::Hash)) => {

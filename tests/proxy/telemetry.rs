@@ -474,27 +474,10 @@ async fn spans_reach_a_grpc_collector() {
 /// without it nothing is exported, the failure is logged once and counted.
 #[tokio::test(flavor = "multi_thread")]
 async fn spans_reach_an_https_collector_trusted_through_ca_file() {
-    use std::sync::Arc as StdArc;
-    use tokio_rustls::rustls;
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = crate::support::certs::make(dir.path());
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &std::fs::read(&pki.server_cert).unwrap()[..])
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = rustls_pemfile::private_key(&mut &std::fs::read(&pki.server_key).unwrap()[..])
-        .unwrap()
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(StdArc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    let (collector, got) =
-        http_collector(Some(tokio_rustls::TlsAcceptor::from(StdArc::new(config)))).await;
+    let (collector, got) = http_collector(Some(crate::support::certs::server_acceptor(&pki))).await;
     for trusted in [true, false] {
         let ca = if trusted {
             format!(", ca_file: '{}'", pki.ca.display())

@@ -294,9 +294,9 @@ async fn signal_under_load_loses_no_audit_line(sig: &str) {
 }
 
 /// `--upgrade` under steady load: the new process asks the old one for its listening sockets
-/// (SIGQUIT) once it is ready, takes them over, and the old one finishes its running stream and exits as soon as it has nothing in flight (well
-/// before its drain time), and no request fails: not on new connections, not on kept-alive
-/// ones, not the stream that was running on the old process.
+/// (SIGQUIT) once it is ready and takes them over; the old one finishes its running stream
+/// and exits as soon as it has nothing in flight (well before its drain time); no request
+/// fails: not on new connections, not on kept-alive ones, not the stream on the old process.
 #[tokio::test(flavor = "multi_thread")]
 async fn upgrade_takes_the_sockets_over_without_failing_a_request() {
     let m = mock().await;
@@ -417,6 +417,14 @@ async fn a_failed_upgrade_leaves_the_running_gateway_serving() {
         backends(&[("local", &m.url())])
     ))
     .await;
+    let upgrade = || {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(old.config_path())
+            .arg("--upgrade")
+            .output()
+            .unwrap()
+    };
     // The new config is broken: the new process stops before asking for anything.
     let good = std::fs::read_to_string(old.config_path()).unwrap();
     std::fs::write(
@@ -424,12 +432,7 @@ async fn a_failed_upgrade_leaves_the_running_gateway_serving() {
         format!("{good}limits: {{ max_bdy: 1MiB }}\n"),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(old.config_path())
-        .arg("--upgrade")
-        .output()
-        .unwrap();
+    let out = upgrade();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_bdy"));
     // No gateway behind the pid file: refused, naming why.
@@ -438,12 +441,7 @@ async fn a_failed_upgrade_leaves_the_running_gateway_serving() {
     let real = std::fs::read_to_string(&pid_file).unwrap();
     assert_eq!(real.trim(), old.pid().to_string());
     std::fs::write(&pid_file, "1\n").unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(old.config_path())
-        .arg("--upgrade")
-        .output()
-        .unwrap();
+    let out = upgrade();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a running llm-gateway"), "{err}");
@@ -454,4 +452,46 @@ async fn a_failed_upgrade_leaves_the_running_gateway_serving() {
     );
     let health = client().get(old.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
+}
+
+/// A listener the new config no longer has is closed by the upgrade, not left accepting
+/// connections nobody answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_closes_the_listeners_the_new_config_dropped() {
+    let m = mock().await;
+    let dropped = free_port();
+    let mut old = Gateway::start(&format!(
+        "  - addr: 127.0.0.1:{dropped}\n{}server: {{ threads: 1, upgrade_sock: up.sock }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let url = format!("http://127.0.0.1:{dropped}/health");
+    assert_eq!(client().get(&url).send().await.unwrap().status(), 200);
+    let config = std::fs::read_to_string(old.config_path()).unwrap();
+    std::fs::write(
+        old.config_path(),
+        config.replace(&format!("  - addr: 127.0.0.1:{dropped}\n"), ""),
+    )
+    .unwrap();
+    let new = old.start_upgrade().await;
+    tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(20)))
+        .unwrap_or_else(|| panic!("the old process did not exit:\n{}", old.log()));
+    assert_eq!(
+        client()
+            .get(new.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let r = c.get(&url).send().await;
+    assert!(
+        r.as_ref().is_err_and(|e| e.is_connect()),
+        "the dropped listener still takes connections: {r:?}"
+    );
 }

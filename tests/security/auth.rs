@@ -534,24 +534,9 @@ async fn jwt_bearer_tokens_through_the_binary() {
 async fn jwks_over_https_with_a_private_ca() {
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_rustls::rustls;
     let dir = tempfile::tempdir().unwrap();
     let pki = crate::support::certs::make(dir.path());
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &std::fs::read(&pki.server_cert).unwrap()[..])
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = rustls_pemfile::private_key(&mut &std::fs::read(&pki.server_key).unwrap()[..])
-        .unwrap()
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = crate::support::certs::server_acceptor(&pki);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -109,3 +109,24 @@ pub fn make(dir: &Path) -> Pki {
         expired_key: write(dir, "expired.key", &expired_key),
     }
 }
+
+/// A TLS acceptor serving `pki`'s server certificate (for HTTPS servers the tests run:
+/// JWKS endpoints, OTLP collectors).
+pub fn server_acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &std::fs::read(&pki.server_cert).unwrap()[..])
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut &std::fs::read(&pki.server_key).unwrap()[..])
+        .unwrap()
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}

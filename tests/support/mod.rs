@@ -54,6 +54,20 @@ pub fn backends(urls: &[(&str, &str)]) -> String {
     s
 }
 
+/// The binary with `config` and `args`, logging (debug access lines too) to `log_dir`.
+fn spawn(config: &std::path::Path, args: &[&str], log_dir: &std::path::Path) -> Child {
+    let log = std::fs::File::create(log_dir.join("gateway.log")).expect("log file");
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "info,llm_gateway=debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("gateway starts")
+}
+
 pub struct Gateway {
     child: Child,
     pub port: u16,
@@ -102,15 +116,7 @@ impl Gateway {
         let config = format!("{server}{admin}{routing}{config}");
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config).expect("write config");
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info,llm_gateway=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("gateway starts");
+        let child = spawn(&path, &[], dir.path());
         let mut gw = Gateway {
             child,
             port,
@@ -215,16 +221,7 @@ impl Gateway {
     /// has asked this one for its sockets. Its log is its own.
     pub async fn start_upgrade(&self) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(self.config_path())
-            .arg("--upgrade")
-            .env("RUST_LOG", "info,llm_gateway=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("gateway starts");
+        let child = spawn(&self.config_path(), &["--upgrade"], dir.path());
         let mut gw = Gateway {
             child,
             port: self.port,
