@@ -265,7 +265,11 @@ pub fn run(prepared: Prepared) -> ! {
         [in_flight, opening],
         settings.drain_timeout,
         flush,
+        upgrade_from.is_some(),
     );
+    if settings.upgrade_sock.is_some() {
+        crate::upgrade::spawn_on_usr2(settings.file.clone());
+    }
     let listen: Vec<String> = settings
         .listen
         .iter()
@@ -367,13 +371,25 @@ fn spawn_drain_watcher(
     [in_flight, opening]: [InFlight; 2],
     drain: Duration,
     flush: Flush,
+    upgraded: bool,
 ) {
     std::thread::spawn(move || loop {
         match phases.blocking_recv() {
+            // The listening sockets are in hand (bound, or taken over).
+            Ok(ExecutionPhase::BootstrapComplete) => crate::upgrade::notify_systemd(&if upgraded {
+                format!("MAINPID={}\nREADY=1", std::process::id())
+            } else {
+                "READY=1".to_string()
+            }),
             // Shutdown or a hand-over begins: connections end after their current request.
+            // (Only a shutdown is news for systemd: in a hand-over the new process is about
+            // to name itself the main one.)
+            Ok(ExecutionPhase::GracefulTerminate) => {
+                crate::upgrade::notify_systemd("STOPPING=1");
+                crate::proxy::drain::begin();
+            }
             Ok(
-                ExecutionPhase::GracefulTerminate
-                | ExecutionPhase::GracefulUpgradeTransferringFds
+                ExecutionPhase::GracefulUpgradeTransferringFds
                 | ExecutionPhase::GracefulUpgradeCloseTimeout,
             ) => crate::proxy::drain::begin(),
             Ok(ExecutionPhase::ShutdownGracePeriod) => {

@@ -61,3 +61,80 @@ pub fn take_over_from(pid: i32) -> Result<(), UpgradeError> {
     log::info!("upgrade: asked the running gateway (pid {pid}) for its sockets");
     Ok(())
 }
+
+/// Tells systemd (`Type=notify`) about this process, when it runs under it: `READY=1` once
+/// the sockets are in hand, and after an upgrade that this process is the service's main
+/// process now (`MAINPID`, accepted with `NotifyAccess=all`). Without `NOTIFY_SOCKET`,
+/// nothing.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_bytes();
+        match bytes.strip_prefix(b"@") {
+            // An abstract socket (containers).
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)?;
+            }
+            None => {
+                sock.send_to(state.as_bytes(), &path)?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        log::warn!("cannot notify systemd ({state:?}): {e}");
+    }
+}
+
+/// SIGUSR2 starts the binary at this process's path again with `--upgrade` (the nginx way):
+/// the new process, a child of this one and so inside the same systemd unit, takes the
+/// sockets over and tells systemd it is the main process now.
+pub fn spawn_on_usr2(config: PathBuf) {
+    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR2]) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot install the SIGUSR2 handler, `kill -USR2` upgrades are off: {e}");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            // The binary may have been replaced on disk: start what is at the path now.
+            let exe = match std::env::current_exe() {
+                Ok(p) => {
+                    let s = p.to_string_lossy();
+                    PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string())
+                }
+                Err(e) => {
+                    log::error!("SIGUSR2: cannot find this binary's path: {e}");
+                    continue;
+                }
+            };
+            log::info!("SIGUSR2: starting {} --upgrade", exe.display());
+            match std::process::Command::new(&exe)
+                .arg("--config")
+                .arg(&config)
+                .arg("--upgrade")
+                .spawn()
+            {
+                // Reaped here; a new process that stopped before asking for the sockets
+                // leaves this one serving, and says why in the log.
+                Ok(mut child) => {
+                    std::thread::spawn(move || match child.wait() {
+                        Ok(s) if !s.success() => log::error!(
+                            "SIGUSR2: the new process exited with {s}; this one serves on"
+                        ),
+                        _ => {}
+                    });
+                }
+                Err(e) => log::error!("SIGUSR2: cannot start {}: {e}", exe.display()),
+            }
+        }
+    });
+}

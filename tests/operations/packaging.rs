@@ -20,6 +20,8 @@ fn systemd_unit_is_sandboxed_and_drains_on_stop() {
         "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
         "ExecReload=/bin/kill -HUP $MAINPID",
+        "Type=notify",
+        "NotifyAccess=all",
         "KillSignal=SIGTERM",
     ] {
         assert!(unit.lines().any(|l| l.trim() == line), "missing `{line}`");

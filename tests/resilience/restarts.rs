@@ -495,3 +495,50 @@ async fn an_upgrade_closes_the_listeners_the_new_config_dropped() {
         "the dropped listener still takes connections: {r:?}"
     );
 }
+
+/// `kill -USR2` (what `systemctl kill -s USR2` sends under systemd) starts the binary again
+/// with `--upgrade` as a child, which takes the sockets over; with `NOTIFY_SOCKET` set the
+/// first process says `READY=1`, and the new one names itself the main process.
+#[tokio::test(flavor = "multi_thread")]
+async fn usr2_upgrades_in_place_and_tells_systemd() {
+    let m = mock().await;
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let recv = |notify: &std::os::unix::net::UnixDatagram| {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let mut old = Gateway::start_env(
+        &format!(
+            "{}server: {{ threads: 1, upgrade_sock: up.sock }}\n",
+            backends(&[("local", &m.url())])
+        ),
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(tokio::task::block_in_place(|| recv(&notify)), "READY=1");
+    old.signal("USR2");
+    let said = tokio::task::block_in_place(|| recv(&notify));
+    let new_pid: u32 = said
+        .strip_prefix("MAINPID=")
+        .and_then(|s| s.strip_suffix("\nREADY=1"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{said:?}\n{}", old.log()));
+    assert_ne!(new_pid, old.pid());
+    tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(20)))
+        .unwrap_or_else(|| panic!("the old process did not exit:\n{}", old.log()));
+    let health = client().get(old.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "the new process serves");
+    let pid_file = std::fs::read_to_string(old.dir.path().join("up.pid")).unwrap();
+    assert_eq!(pid_file.trim(), new_pid.to_string());
+    // The new process is nobody's child here: stop it.
+    Command::new("kill")
+        .arg(new_pid.to_string())
+        .status()
+        .unwrap();
+}

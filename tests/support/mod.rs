@@ -55,12 +55,18 @@ pub fn backends(urls: &[(&str, &str)]) -> String {
 }
 
 /// The binary with `config` and `args`, logging (debug access lines too) to `log_dir`.
-fn spawn(config: &std::path::Path, args: &[&str], log_dir: &std::path::Path) -> Child {
+fn spawn(
+    config: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log_dir: &std::path::Path,
+) -> Child {
     let log = std::fs::File::create(log_dir.join("gateway.log")).expect("log file");
     Command::new(BIN)
         .arg("--config")
         .arg(config)
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info,llm_gateway=debug")
         .stdout(Stdio::null())
         .stderr(log)
@@ -87,9 +93,24 @@ impl Gateway {
         .await
     }
 
+    /// [`Gateway::start`] with extra environment variables for the process.
+    pub async fn start_env(body: &str, env: &[(&str, &str)]) -> Gateway {
+        let port = free_port();
+        Gateway::start_raw_env(
+            &format!("listen:\n  - addr: 127.0.0.1:{port}\n{body}"),
+            port,
+            env,
+        )
+        .await
+    }
+
     /// Starts with `config` as is (it must listen on 127.0.0.1:`port`) and waits until the
     /// port accepts connections.
     pub async fn start_raw(config: &str, port: u16) -> Gateway {
+        Gateway::start_raw_env(config, port, &[]).await
+    }
+
+    async fn start_raw_env(config: &str, port: u16, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let server = if config.contains("server:") {
             ""
@@ -116,7 +137,7 @@ impl Gateway {
         let config = format!("{server}{admin}{routing}{config}");
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config).expect("write config");
-        let child = spawn(&path, &[], dir.path());
+        let child = spawn(&path, &[], env, dir.path());
         let mut gw = Gateway {
             child,
             port,
@@ -221,7 +242,7 @@ impl Gateway {
     /// has asked this one for its sockets. Its log is its own.
     pub async fn start_upgrade(&self) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let child = spawn(&self.config_path(), &["--upgrade"], dir.path());
+        let child = spawn(&self.config_path(), &["--upgrade"], &[], dir.path());
         let mut gw = Gateway {
             child,
             port: self.port,
