@@ -402,7 +402,7 @@ fn files(s: &Settings, out: &mut Vec<Finding>) {
             });
         }
         let text = || std::fs::read_to_string(&f.path).unwrap_or_default();
-        if f.what == "keys file" && text().contains(DEMO_KEY_SHA256) {
+        if f.what == "keys file" && has_demo_key(&text()) {
             out.push(Finding {
                 check: "demo_credentials",
                 what: format!("{} still holds the demo key of conf/keys.yaml", f.path.display()),
@@ -435,6 +435,23 @@ fn files(s: &Settings, out: &mut Vec<Finding>) {
             _ => {}
         }
     }
+}
+
+/// Whether a keys file holds an enabled entry for the demo key (any case of its hash).
+fn has_demo_key(text: &str) -> bool {
+    let Ok(doc) = serde_norway::from_str::<serde_norway::Value>(text) else {
+        return false;
+    };
+    doc.get("keys")
+        .and_then(|k| k.as_sequence())
+        .into_iter()
+        .flatten()
+        .any(|k| {
+            k.get("key_sha256")
+                .and_then(|h| h.as_str())
+                .is_some_and(|h| h.eq_ignore_ascii_case(DEMO_KEY_SHA256))
+                && k.get("enabled").and_then(|e| e.as_bool()) != Some(false)
+        })
 }
 
 /// Days until the first certificate in `path` expires (negative: expired).
@@ -487,5 +504,25 @@ mod tests {
             Some("[::]:80".parse().unwrap())
         );
         assert_eq!(proc_addr("zz:1", false), None);
+    }
+}
+
+#[cfg(test)]
+mod demo_tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_key_counts_only_as_an_enabled_entry() {
+        let entry = |extra: &str| {
+            format!(
+                "keys:\n  - id: demo\n    key_sha256: {}\n{extra}",
+                DEMO_KEY_SHA256.to_uppercase()
+            )
+        };
+        assert!(has_demo_key(&entry("")));
+        assert!(!has_demo_key(&entry("    enabled: false\n")));
+        assert!(!has_demo_key(&format!(
+            "keys: []\n# key_sha256: {DEMO_KEY_SHA256}\n"
+        )));
     }
 }

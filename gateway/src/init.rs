@@ -219,8 +219,12 @@ fn self_signed(listen: SocketAddr) -> Result<(String, String), InitError> {
     }
     let mut params =
         rcgen::CertificateParams::new(names).map_err(|e| InitError::Cert(e.to_string()))?;
+    // A wildcard listener is reached by this machine's addresses: name them all, so that
+    // clients connecting by IP pass the hostname check.
     let ips = if listen.ip().is_unspecified() {
-        vec![std::net::IpAddr::from([127, 0, 0, 1])]
+        let mut ips = local_addresses();
+        ips.push(std::net::IpAddr::from([127, 0, 0, 1]));
+        ips
     } else {
         vec![listen.ip()]
     };
@@ -244,6 +248,47 @@ fn self_signed(listen: SocketAddr) -> Result<(String, String), InitError> {
         .self_signed(&key)
         .map_err(|e| InitError::Cert(e.to_string()))?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// This machine's interface addresses (loopback and IPv6 link-local left out).
+fn local_addresses() -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list it allocates; it is walked read-only
+    // and freed once with freeifaddrs.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let a = &*(addr as *const libc::sockaddr_in);
+                        out.push(std::net::IpAddr::from(
+                            u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let a = &*(addr as *const libc::sockaddr_in6);
+                        out.push(std::net::IpAddr::from(a.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out.retain(|ip| match ip {
+        std::net::IpAddr::V4(v4) => !v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+    });
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 fn keys_file(entry: &str) -> String {

@@ -85,7 +85,8 @@ async fn every_format_is_charged_its_real_usage() {
     assert!(res.is_err(), "{status} {res:?}");
 
     gw.signal("TERM");
-    tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
+    tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10)))
+        .unwrap_or_else(|| panic!("did not exit after SIGTERM:\n{}", gw.log()));
     let audit: Vec<Value> = std::fs::read_to_string(dir.path().join("audit.jsonl"))
         .unwrap()
         .lines()

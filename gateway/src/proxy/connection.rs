@@ -330,18 +330,20 @@ impl ServerApp for GatewayApp {
             } else {
                 l.keepalive_timeout
             };
-            // Draining: a kept-alive connection whose last response still said `keep-alive`
-            // takes a request already on its way (LINGER), then closes; a new connection's
-            // first request is served (its client is sending it).
+            // Draining: a connection takes a request already on its way (LINGER), then closes;
+            // the request is served, with `Connection: close`.
+            // A connection that has not sent its first request is waited for no longer either:
+            // clients keep such connections open unused (hyper opens one while an idle one
+            // is handed out instead), and they must not hold the process.
             let draining = *shutdown.borrow() || super::drain::draining();
-            let idle = if served > 0 && draining {
-                super::drain::LINGER
+            let idle = if draining {
+                super::drain::LINGER.min(idle)
             } else {
                 idle
             };
             let waited = std::time::Instant::now();
-            // An idle kept-alive connection is closed once draining begins (after LINGER).
-            let drain_wait = (served > 0 && !draining).then_some((&mut drain, &l.opening));
+            // An idle connection is closed once draining begins (after LINGER).
+            let drain_wait = (!draining).then_some((&mut drain, &l.opening));
             // A kept-alive connection lingering for a request on its way is counted.
             let lingering = (served > 0 && draining).then(|| l.opening.enter());
             let mut head = next_request(&mut stream, idle, drain_wait).await?;
