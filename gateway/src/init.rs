@@ -85,6 +85,8 @@ pub fn run(o: &InitOptions) -> Result<Written, InitError> {
             return Err(InitError::Exists(p.clone()));
         }
     }
+    // What every file held before, so a config that does not pass is undone entirely.
+    let before: Vec<Option<Vec<u8>>> = planned.iter().map(|p| std::fs::read(p).ok()).collect();
     let tls = match (&o.tls_cert, &o.tls_key) {
         (Some(c), Some(k)) => Some((absolute(c), absolute(k))),
         _ if generate_tls => {
@@ -103,10 +105,6 @@ pub fn run(o: &InitOptions) -> Result<Written, InitError> {
         Ok(old) if o.force => add_entry(&old, &entry),
         _ => keys_file(&entry),
     };
-    let before: Vec<Option<Vec<u8>>> = [&keys, &config]
-        .iter()
-        .map(|p| std::fs::read(p).ok())
-        .collect();
     write_private(&keys, keys_text.as_bytes(), o.force)?;
     write_private(
         &config,
@@ -115,7 +113,7 @@ pub fn run(o: &InitOptions) -> Result<Written, InitError> {
     )?;
     // What was written must start: otherwise put back what was there and print no key.
     if let Err(e) = crate::config::load(&config) {
-        for (path, old) in [&keys, &config].into_iter().zip(before) {
+        for (path, old) in planned.iter().zip(before) {
             match old {
                 Some(bytes) => {
                     let _ = std::fs::write(path, bytes);

@@ -6,6 +6,7 @@
 //! Pingora's own shutdown signal comes only after its 5 s of accepting alongside the new
 //! process; this one is raised as soon as the shutdown or hand-over begins.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 
 use pingora_proxy::Session;
@@ -16,15 +17,20 @@ use tokio::sync::watch;
 /// now, and closing under it would fail that request.
 pub const LINGER: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// Read on every request (a plain load, no shared lock on the hot path).
+static DRAINING: AtomicBool = AtomicBool::new(false);
+/// Woken once, for connections that wait idle.
 static DRAIN: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::channel(false).0);
 
 /// The process begins to drain; idempotent.
 pub fn begin() {
-    DRAIN.send_if_modified(|d| !std::mem::replace(d, true));
+    if !DRAINING.swap(true, Ordering::AcqRel) {
+        DRAIN.send_replace(true);
+    }
 }
 
 pub fn draining() -> bool {
-    *DRAIN.borrow()
+    DRAINING.load(Ordering::Acquire)
 }
 
 /// A receiver to wait for the drain with (no allocation: a reference count).
