@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{ExecutionPhase, Server};
 
@@ -155,9 +154,6 @@ pub fn prepare(
     })
 }
 
-/// Read buffer of a TLS connection below rustls (see `run`).
-const TLS_READ_BUFFER: usize = 4 << 10;
-
 pub fn run(prepared: Prepared) -> ! {
     let Prepared {
         gateway,
@@ -210,36 +206,33 @@ pub fn run(prepared: Prepared) -> ! {
         svc.threads = Some(1);
         svc
     });
+    let caps = crate::proxy::ConnectionCaps::new(
+        &settings.listen,
+        settings.limits.ipv6_prefix,
+        &gateway.metrics,
+    );
     let limits = crate::proxy::ConnectionLimits {
-        caps: crate::proxy::ConnectionCaps::new(
-            &settings.listen,
-            settings.limits.ipv6_prefix,
-            &gateway.metrics,
-        ),
         head_timeout: settings.limits.client_header_timeout,
+        send_timeout: settings.limits.client_send_timeout,
         keepalive_timeout: settings.limits.keepalive_timeout,
         keepalive_requests: settings.limits.keepalive_requests,
         in_flight: gateway.in_flight.clone(),
         opening: opening.clone(),
     };
+    let listeners = settings
+        .listen
+        .iter()
+        .zip(tls)
+        .zip(caps.into_listeners())
+        .map(|((l, tls), caps)| crate::proxy::Listening {
+            addr: l.addr,
+            tls: tls.map(TlsSettings::build),
+            caps,
+        })
+        .collect();
     let proxy = pingora_proxy::http_proxy(&server.configuration, gateway);
-    let mut service = pingora_core::services::listening::Service::new(
-        "llm-gateway".to_string(),
-        crate::proxy::GatewayApp::new(proxy, limits),
-    );
-    for (l, tls) in settings.listen.iter().zip(tls) {
-        let endpoint = ListenerConfig::tcp(l.addr.to_string());
-        service.add_listener(match tls {
-            // rustls reads whole records (up to 16 KiB): a small buffer saves read calls.
-            Some(t) => endpoint
-                .tls(t)
-                .l4_buffer(L4BufferSettings::default().read(TLS_READ_BUFFER)),
-            // Pingora's default is a 64 KiB read buffer per connection, allocated at accept:
-            // 10,000 idle connections held 640 MiB in it. The HTTP parser reads into its own
-            // 4 KiB head buffer, and bodies are read in chunks, so plain TCP needs none.
-            None => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
-        });
-    }
+    let service =
+        crate::proxy::GatewayService::new(crate::proxy::GatewayApp::new(proxy, limits), listeners);
     server.add_service(service).add_dependency(&bootstrap);
     if let Some(admin) = admin {
         server.add_service(admin).add_dependency(&bootstrap);

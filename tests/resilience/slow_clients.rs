@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::certs;
 use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -301,7 +302,8 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 // Connections issue: an idle keep-alive connection costs a few KiB, and the memory comes back
-// when it closes. (Before: a 64 KiB read buffer each, about 100 KiB in all, never returned.)
+// when it closes. (Before: a 64 KiB read buffer each, about 100 KiB in all, never returned;
+// then 14.6 KiB in Pingora's per-connection task.)
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connections_cost_little_and_memory_comes_back() {
     let m = mock().await;
@@ -334,12 +336,14 @@ async fn idle_connections_cost_little_and_memory_comes_back() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let held = rss_kib(gw.pid());
-    let each = (held.saturating_sub(idle)) / n as u64;
+    let each = held.saturating_sub(idle) as f64 / n as f64;
     drop(conns);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = rss_kib(gw.pid());
-    println!("{n} idle connections: RSS {idle} KiB idle, {held} KiB held ({each} KiB each), {after} KiB after closing");
-    assert!(each <= 40, "{each} KiB per idle connection");
+    println!("{n} idle connections: RSS {idle} KiB idle, {held} KiB held ({each:.1} KiB each), {after} KiB after closing");
+    // Measured: about 4.7 KiB in this (debug) build, 3.8 KiB in a release one; Pingora's
+    // listener cost 14.6 KiB (release) before the gateway accepted connections itself.
+    assert!(each <= 8.0, "{each:.1} KiB per idle connection");
     assert!(
         after <= idle + idle / 10 + 2048,
         "memory not returned: {idle} KiB idle, {after} KiB after closing"
@@ -400,4 +404,48 @@ async fn a_long_http2_stream_outlives_the_head_deadline() {
         "the whole 2.2 s stream arrived: {text}"
     );
     drop(gw);
+}
+
+// Connections issue: on a TLS listener a connection counts toward the caps from its accept, not
+// from the end of its handshake, and a handshake that stalls is cut at the head deadline (it
+// was Pingora's 60 s, outside every cap).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_tls_handshake_counts_toward_caps_and_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock().await;
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    max_connections: 2\n    tls: {{ cert: {}, key: {} }}\nlimits: {{ client_header_timeout: 1s }}\n{}",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            backends(&[("local", &m.url())])
+        ),
+        port,
+    )
+    .await;
+    let start = Instant::now();
+    // Two connections that never send a ClientHello take both places.
+    let (mut a, closed_a) = closed_at_once(gw.port).await;
+    let (mut b, closed_b) = closed_at_once(gw.port).await;
+    let (_c, closed_c) = closed_at_once(gw.port).await;
+    assert_eq!((closed_a, closed_b, closed_c), (false, false, true));
+    // Both are cut at the head deadline.
+    for s in [&mut a, &mut b] {
+        let took = closed_within(s, Duration::from_secs(5)).await;
+        assert!(took.is_some(), "a stalled handshake was never cut");
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // And their places are free again: a real client gets through.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", "--cacert"])
+        .arg(&pki.ca)
+        .arg(format!("https://localhost:{port}/health"))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("\"status\":\"ok\""), "{body}");
 }

@@ -135,6 +135,36 @@ mod tests {
     }
 
     #[test]
+    fn a_port_is_listened_on_once() {
+        for (a, b) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("'[::]:8080'", "127.0.0.1:8080"),
+        ] {
+            let e = parse_str(&format!(
+                "listen: [ {{ addr: {a}, allow_insecure: true }}, {{ addr: {b}, allow_insecure: true }} ]\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("listen[1].addr") && e.contains("overlaps listen[0]"),
+                "{a} {b}: {e}"
+            );
+        }
+        // Another port, or a wildcard of the other family only: both fine.
+        for (a, b) in [
+            ("127.0.0.1:8080", "127.0.0.1:8081"),
+            ("0.0.0.0:8080", "'[::1]:8080'"),
+        ] {
+            parse_str(&format!(
+                "listen: [ {{ addr: {a}, allow_insecure: true }}, {{ addr: {b}, allow_insecure: true }} ]\n"
+            ))
+            .unwrap();
+        }
+    }
+
+    #[test]
     fn errors_name_file_path_and_fix() {
         let e = parse_str("limits:\n  max_bdy: 1MiB\n")
             .unwrap_err()

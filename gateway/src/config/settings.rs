@@ -214,6 +214,25 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
+    for (i, l) in listen.iter().enumerate() {
+        let a = l.addr;
+        // A wildcard address takes its port on every address of its family (IPv6's `[::]`
+        // on IPv4 too).
+        let covers =
+            |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+        if let Some(j) = listen[..i].iter().position(|o| {
+            let b = o.addr;
+            b.port() == a.port() && (b.ip() == a.ip() || covers(a, b) || covers(b, a))
+        }) {
+            return Err((
+                format!("listen[{i}].addr"),
+                format!(
+                    "{a} overlaps listen[{j}] ({}): one port cannot be listened on twice; remove one of them",
+                    listen[j].addr
+                ),
+            ));
+        }
+    }
 
     let mut backends: Vec<BackendSpec> = Vec::with_capacity(cfg.backends.len());
     for (i, b) in cfg.backends.iter().enumerate() {

@@ -4,21 +4,27 @@
 //! time, and how many requests one connection may carry.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::BytesMut;
 use gateway_filter::http::StatusCode;
 use gateway_filter::ErrorShape;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{SocketDigest, Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
+use super::accept::Listening;
+use super::client_stream::ClientStream;
+use super::connection_caps::ConnectionSlot;
 use super::Gateway;
 
 /// What the connection loop and the request it is serving tell each other.
@@ -78,13 +84,14 @@ pub fn head_read(http2_connection: Option<usize>) -> bool {
 const H2_MAX_STREAMS: u32 = 16;
 
 pub struct ConnectionLimits {
-    pub caps: super::ConnectionCaps,
     /// Requests being served: shutdown waits for it to reach zero.
     pub in_flight: super::InFlight,
     /// Connections accepted whose first request has not begun: shutdown waits for these too
     /// (their clients are sending), at most the drain time.
     pub opening: super::InFlight,
     pub head_timeout: Duration,
+    /// How long a write may wait for a client that takes no bytes.
+    pub send_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub keepalive_requests: u32,
 }
@@ -114,8 +121,14 @@ impl GatewayApp {
 
     /// Serves an HTTP/2 connection with Pingora's own loop, closing it when its first request
     /// has not arrived within the head timeout (a client that finishes TLS and then sends
-    /// no preface, or no request, would otherwise hold it forever).
-    async fn serve_h2(&self, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    /// no preface, or no request, would otherwise hold it forever). `first_by`: when the first
+    /// request must have arrived.
+    async fn serve_h2(
+        &self,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+        first_by: tokio::time::Instant,
+    ) -> Option<Stream> {
         let Some(key) = stream.get_socket_digest().as_ref().map(h2_key) else {
             // Nothing to key the deadline by (not a socket): Pingora's own idle limit only.
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
@@ -127,7 +140,7 @@ impl GatewayApp {
         tokio::pin!(serve);
         let out = tokio::select! {
             out = &mut serve => Some(out),
-            _ = tokio::time::sleep(self.limits.head_timeout) => None,
+            _ = tokio::time::sleep_until(first_by) => None,
         };
         drop(waiting);
         match out {
@@ -207,7 +220,7 @@ fn judge_head(buf: &[u8]) -> Option<Head> {
 /// first lets the gateway answer those in JSON like every other error, and bounds the time the
 /// whole head may take.
 async fn whole_head(
-    stream: &mut Stream,
+    stream: &mut (dyn ClientIo + '_),
     buf: &mut BytesMut,
     deadline: tokio::time::Instant,
 ) -> Head {
@@ -232,7 +245,13 @@ async fn whole_head(
 
 /// Answers a head Pingora could not read, in the error shape of the route it seems to ask for
 /// (Ollama's for `/api/…`), and closes the connection.
-async fn refuse(stream: &mut Stream, head: &[u8], status: StatusCode, code: &str, message: &str) {
+async fn refuse(
+    stream: &mut (dyn ClientIo + '_),
+    head: &[u8],
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) {
     let target = head.split(|b| *b == b' ').nth(1).unwrap_or_default();
     let shape = ErrorShape::for_path(std::str::from_utf8(target).unwrap_or_default());
     let body = gateway_filter::error_json(shape, status, code, message);
@@ -296,28 +315,88 @@ async fn next_request(
     })
 }
 
-#[async_trait]
-impl ServerApp for GatewayApp {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let digest = stream.get_socket_digest();
-        let local = digest
-            .as_ref()
-            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
-        let peer = digest
-            .as_ref()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        // Held for as long as the connection lives; over a cap it is closed before a byte
-        // is read.
-        let _slot = self.limits.caps.admit(local, peer)?;
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return self.serve_h2(stream, shutdown).await;
+/// A client connection between requests: a plain one is held as the gateway's own stream
+/// (idle, it costs its socket only); a TLS one as Pingora's stream.
+enum Conn {
+    Plain(Box<ClientStream>),
+    Tls(Stream),
+}
+
+impl Conn {
+    fn io(&mut self) -> &mut (dyn ClientIo + '_) {
+        match self {
+            Conn::Plain(c) => &mut **c,
+            Conn::Tls(s) => s,
         }
+    }
+}
+
+/// What reading a head and refusing one need of a stream.
+trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + ?Sized> ClientIo for T {}
+
+impl GatewayApp {
+    /// Serves a connection accepted on `listener` and admitted by its caps (`slot`, held for
+    /// as long as the connection lives).
+    pub async fn serve_tcp(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        listener: &Listening,
+        slot: ConnectionSlot,
+        shutdown: &ShutdownWatch,
+    ) {
+        // Responses and stream chunks go out as they are written (nginx `tcp_nodelay`): a
+        // gathered response is one write already, and a chunk must not wait for an ACK.
+        let _ = tcp.set_nodelay(true);
+        let digest = SocketDigest::from_raw_fd(tcp.as_raw_fd());
+        let _ = digest.peer_addr.set(Some(peer.into()));
+        // Known without asking the kernel, unless the listener is on a wildcard address.
+        if !listener.addr.ip().is_unspecified() {
+            let _ = digest.local_addr.set(Some(listener.addr.into()));
+        }
+        let client = ClientStream::new(tcp, digest, self.limits.send_timeout);
+        let accepted = tokio::time::Instant::now();
+        match &listener.tls {
+            None => {
+                self.serve(Conn::Plain(Box::new(client)), shutdown, accepted)
+                    .await
+            }
+            // On the heap: the handshake's state would otherwise size every connection's task.
+            Some(tls) => Box::pin(self.serve_tls(client, tls, peer, shutdown, accepted)).await,
+        }
+        drop(slot);
+    }
+
+    /// A TLS connection: the handshake and the first request's head must both arrive within
+    /// the head timeout of the accept.
+    async fn serve_tls(
+        &self,
+        client: ClientStream,
+        tls: &Acceptor,
+        peer: SocketAddr,
+        shutdown: &ShutdownWatch,
+        accepted: tokio::time::Instant,
+    ) {
+        let deadline = accepted + self.limits.head_timeout;
+        let stream: Stream =
+            match tokio::time::timeout_at(deadline, tls.tls_handshake(client)).await {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => return log::debug!("TLS handshake with {peer} failed: {e}"),
+                Err(_) => return log::debug!("TLS handshake with {peer} did not end in time"),
+            };
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // Pingora hands nothing back from an HTTP/2 connection: it ends there.
+            let _ = self.serve_h2(stream, shutdown, deadline).await;
+        } else {
+            self.serve(Conn::Tls(stream), shutdown, accepted).await;
+        }
+    }
+
+    /// The HTTP/1 request loop of one connection, accepted at `accepted`.
+    async fn serve(&self, conn: Conn, shutdown: &ShutdownWatch, accepted: tokio::time::Instant) {
         let l = &self.limits;
-        let mut stream = stream;
+        let mut conn = conn;
         let mut drain = super::drain::watch();
         let mut opening = Some(l.opening.enter());
         let mut carried: Option<HttpPersistentSettings> = None;
@@ -326,7 +405,7 @@ impl ServerApp for GatewayApp {
             // The first request's head must arrive within the head timeout of the accept; a
             // later one may first wait out the keep-alive idle time.
             let idle = if served == 0 {
-                l.head_timeout
+                l.head_timeout.saturating_sub(accepted.elapsed())
             } else {
                 l.keepalive_timeout
             };
@@ -341,12 +420,15 @@ impl ServerApp for GatewayApp {
             } else {
                 idle
             };
-            let waited = std::time::Instant::now();
             // An idle connection is closed once draining begins (after LINGER).
             let drain_wait = (!draining).then_some((&mut drain, &l.opening));
             // A kept-alive connection lingering for a request on its way is counted.
             let lingering = (served > 0 && draining).then(|| l.opening.enter());
-            let mut head = next_request(&mut stream, idle, drain_wait).await?;
+            let next = match &mut conn {
+                Conn::Plain(c) => c.next_request(idle, drain_wait).await,
+                Conn::Tls(s) => next_request(s, idle, drain_wait).await,
+            };
+            let Some(mut head) = next else { return };
             // Counted from its first byte, so shutdown's drain cannot see zero while a request
             // is still being read. One whose bytes came as shutdown began is still served
             // (and ends the connection): its client already sent it and cannot retry it.
@@ -354,20 +436,24 @@ impl ServerApp for GatewayApp {
             // No longer opening or lingering: the request is counted instead.
             drop(opening.take());
             drop(lingering);
-            let head_deadline = tokio::time::Instant::now()
-                + if served == 0 {
-                    l.head_timeout.saturating_sub(waited.elapsed())
-                } else {
-                    l.head_timeout
-                };
-            match whole_head(&mut stream, &mut head, head_deadline).await {
+            let head_deadline = if served == 0 {
+                accepted + l.head_timeout
+            } else {
+                tokio::time::Instant::now() + l.head_timeout
+            };
+            match whole_head(conn.io(), &mut head, head_deadline).await {
                 Head::Complete => {}
-                Head::Gone => return None,
+                Head::Gone => return,
                 Head::Refused(status, code, message) => {
-                    refuse(&mut stream, &head, status, code, &message).await;
-                    return None;
+                    refuse(conn.io(), &head, status, code, &message).await;
+                    return;
                 }
             }
+            let plain = matches!(conn, Conn::Plain(_));
+            let stream: Stream = match conn {
+                Conn::Plain(c) => c,
+                Conn::Tls(s) => s,
+            };
             let mut session = ServerSession::new_http1(stream);
             // Pingora's HTTP/1 pipelining stays off (its default): a session never carries a
             // prefix of its own into `apply_to_session`, so ours is the only one. Bytes a
@@ -382,19 +468,31 @@ impl ServerApp for GatewayApp {
             // Per read; the whole head is bounded below.
             session.set_keepalive((!last).then_some(l.keepalive_timeout.as_secs().max(1)));
             // The head is whole already; this only guards Pingora's parsing of it.
-            let reused = self
+            let Some(reused) = self
                 .serve_one(session, shutdown, l.head_timeout, last)
-                .await?;
+                .await
+            else {
+                return;
+            };
             if last {
-                return None;
+                return;
             }
             let (next, settings) = reused.consume();
-            stream = next;
+            conn = if plain {
+                // Back to the gateway's own stream, to wait on the bare socket.
+                match next.into_any().downcast::<ClientStream>() {
+                    Ok(c) => Conn::Plain(c),
+                    Err(_) => return,
+                }
+            } else {
+                Conn::Tls(next)
+            };
             carried = settings;
         }
     }
 
-    async fn cleanup(&self) {
+    /// When the gateway stops: Pingora's proxy lets go of what it holds.
+    pub async fn cleanup(&self) {
         ServerApp::cleanup(&*self.proxy).await;
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use gateway_filter::client_network;
 use prometheus::{IntCounter, IntGauge};
 
-use crate::config::{by_local_addr, ListenerSpec};
+use crate::config::ListenerSpec;
 use crate::metrics::Metrics;
 
 /// One listener's caps and counts.
@@ -87,7 +87,7 @@ impl ListenerCaps {
     }
 
     /// Takes a place for a new connection from `peer`, or `None` when a cap is reached.
-    fn admit(self: &Arc<Self>, peer: Option<IpAddr>) -> Option<ConnectionSlot> {
+    pub fn admit(self: &Arc<Self>, peer: Option<IpAddr>) -> Option<ConnectionSlot> {
         let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
         if self.max.is_some_and(|m| open > m) {
             self.open.fetch_sub(1, Ordering::AcqRel);
@@ -128,7 +128,7 @@ impl ListenerCaps {
     }
 }
 
-/// The caps of every listener, found by a connection's local address.
+/// The caps of every listener, in the order of `listen`.
 pub struct ConnectionCaps {
     listeners: Vec<Arc<ListenerCaps>>,
 }
@@ -161,10 +161,9 @@ impl ConnectionCaps {
         ConnectionCaps { listeners }
     }
 
-    /// A place for a connection accepted on `local` from `peer`; `None`: close it now.
-    /// A connection on an address no listener claims is refused (fail closed).
-    pub fn admit(&self, local: Option<SocketAddr>, peer: Option<IpAddr>) -> Option<ConnectionSlot> {
-        by_local_addr(&self.listeners, local?, |l| l.addr)?.admit(peer)
+    /// The caps of each listener, in the order of `listen`.
+    pub fn into_listeners(self) -> Vec<Arc<ListenerCaps>> {
+        self.listeners
     }
 
     #[cfg(test)]
@@ -200,17 +199,16 @@ mod tests {
     fn caps_hold_and_free() {
         let metrics = Metrics::new(&prometheus::Registry::new(), false, 10).unwrap();
         let caps = ConnectionCaps::new(&[spec(Some(3), Some(2))], 64, &metrics);
-        let local = Some("127.0.0.1:8080".parse().unwrap());
+        let l = caps.listeners[0].clone();
         let a: IpAddr = "2001:db8::1".parse().unwrap();
         let a2: IpAddr = "2001:db8::2".parse().unwrap(); // same /64
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let s1 = caps.admit(local, Some(a)).unwrap();
-        let s2 = caps.admit(local, Some(a2)).unwrap();
-        assert!(caps.admit(local, Some(a)).is_none(), "two from one /64");
-        let s3 = caps.admit(local, Some(b)).unwrap();
+        let s1 = l.admit(Some(a)).unwrap();
+        let s2 = l.admit(Some(a2)).unwrap();
+        assert!(l.admit(Some(a)).is_none(), "two from one /64");
+        let s3 = l.admit(Some(b)).unwrap();
         assert!(
-            caps.admit(local, Some("10.0.0.3".parse().unwrap()))
-                .is_none(),
+            l.admit(Some("10.0.0.3".parse().unwrap())).is_none(),
             "three in all"
         );
         assert_eq!(caps.open(0), 3);
@@ -220,8 +218,5 @@ mod tests {
             caps.listeners[0].clients().is_empty(),
             "nothing left behind"
         );
-        assert!(caps
-            .admit(Some("127.0.0.1:9999".parse().unwrap()), Some(b))
-            .is_none());
     }
 }

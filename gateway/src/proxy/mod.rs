@@ -26,7 +26,9 @@
 //! and replay them on a retry; and one path means one set of body limits, timeouts, framing,
 //! header hygiene and retry rules for every route.
 
+mod accept;
 mod body;
+mod client_stream;
 mod connection;
 mod connection_caps;
 mod ctx;
@@ -48,6 +50,7 @@ use pingora_core::Result;
 use pingora_error::Error;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+pub use accept::{GatewayService, Listening};
 pub use connection::{ConnectionLimits, GatewayApp};
 pub use connection_caps::ConnectionCaps;
 pub use ctx::GwCtx;
