@@ -145,10 +145,18 @@ impl Gateway {
             dir,
         };
         gw.wait_ready().await;
+        if !admin.is_empty() {
+            // The admin listener is a service of its own: it may open a moment later.
+            gw.wait_port(admin_port).await;
+        }
         gw
     }
 
     async fn wait_ready(&mut self) {
+        self.wait_port(self.port).await;
+    }
+
+    async fn wait_port(&mut self, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -157,7 +165,7 @@ impl Gateway {
                     self.log()
                 );
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
             {

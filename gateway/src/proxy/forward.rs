@@ -247,15 +247,6 @@ fn upstream_request(ctx: &GwCtx, backend: &Backend, body_len: usize) -> Result<B
     Ok(Box::new(h))
 }
 
-async fn send(up: &mut HttpSession, req: Box<RequestHeader>, body: &Bytes) -> Result<()> {
-    up.write_request_header(req).await?;
-    if !body.is_empty() {
-        up.write_body(body).await?;
-    }
-    up.finish_body().await?;
-    Ok(())
-}
-
 /// Sends the request and reads the response header. A request is sent again (on a fresh
 /// connection, or to another backend) only when it provably did not reach the backend: the
 /// connection failed, or writing it failed. Once the request was written, the backend may
@@ -269,7 +260,7 @@ async fn exchange_header(
     body: &Bytes,
 ) -> Result<HttpSession, Attempt> {
     for _ in 0..2 {
-        let (mut up, reused) = match gw.connector.get_http_session(&backend.peer).await {
+        let (up, reused) = match gw.connector.get_http_session(&backend.peer).await {
             Ok(s) => s,
             Err(e) => {
                 return Err(Attempt::Retry {
@@ -278,11 +269,12 @@ async fn exchange_header(
                 })
             }
         };
+        let mut up = super::upstream_stream::gathering(up, &backend.peer);
         let limits = &gw.settings.limits;
         up.read_timeout = Some(limits.read_timeout);
         up.write_timeout = Some(limits.send_timeout);
         let req = upstream_request(ctx, backend, body.len()).map_err(Attempt::Fail)?;
-        if let Err(e) = send(&mut up, req, body).await {
+        if let Err(e) = super::upstream_stream::send_gathered(&mut up, req, body).await {
             if reused && !is_timeout(&e) {
                 // A pooled connection the server had closed while idle: once more on a
                 // fresh one.

@@ -39,6 +39,7 @@ mod headers;
 mod logging;
 mod request;
 mod respond;
+mod upstream_stream;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
