@@ -171,14 +171,46 @@ impl UsageParser {
     }
 
     fn doc(&mut self, doc: &[u8]) {
-        scan_finish_reasons(doc, &mut self.finish_reasons);
-        let openai = USAGE_KEY.find(doc).is_some();
-        if !openai && EVAL_KEY.find(doc).is_none() {
-            return;
+        let reasons = has_reason_value(doc);
+        let usage = USAGE_KEY.find(doc).is_some() || EVAL_KEY.find(doc).is_some();
+        if reasons && usage {
+            // A whole answer carries both: one parse for the two (each alone if that fails,
+            // so an odd `choices` cannot cost the usage).
+            if let Ok(d) = serde_json::from_slice::<UsageAndReasons>(doc) {
+                self.add_reasons(&ReasonDoc {
+                    choices: d.choices,
+                    done_reason: d.done_reason,
+                });
+                self.add_usage(Doc {
+                    usage: d.usage,
+                    prompt_eval_count: d.prompt_eval_count,
+                    eval_count: d.eval_count,
+                });
+                return;
+            }
         }
-        let Ok(d) = serde_json::from_slice::<Doc>(doc) else {
-            return;
-        };
+        if reasons {
+            if let Ok(d) = serde_json::from_slice::<ReasonDoc>(doc) {
+                self.add_reasons(&d);
+            }
+        }
+        if usage {
+            if let Ok(d) = serde_json::from_slice::<Doc>(doc) {
+                self.add_usage(d);
+            }
+        }
+    }
+
+    fn add_reasons(&mut self, d: &ReasonDoc<'_>) {
+        for r in d.choices.iter().filter_map(|c| c.finish_reason.as_deref()) {
+            self.finish_reasons.add(r.as_bytes());
+        }
+        if let Some(r) = d.done_reason.as_deref() {
+            self.finish_reasons.add(r.as_bytes());
+        }
+    }
+
+    fn add_usage(&mut self, d: Doc) {
         if let Some(u) = d.usage {
             self.usage = Some(Usage {
                 prompt_tokens: u.prompt_tokens.unwrap_or(0),
@@ -195,7 +227,10 @@ impl UsageParser {
     }
 }
 
-/// The fields that say why generation stopped, read where the scan found one.
+/// The fields that say why generation stopped: OpenAI's `choices[].finish_reason`, Ollama's
+/// `done_reason`. Read only where the scan found a reason key with a string value (most
+/// stream events carry none, or `null`), so a key of that name inside model output (tool
+/// call arguments) does not count.
 #[derive(Deserialize)]
 struct ReasonDoc<'a> {
     #[serde(default, borrow)]
@@ -210,21 +245,17 @@ struct ReasonChoice<'a> {
     finish_reason: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// Adds the reasons `doc` gives: OpenAI's `choices[].finish_reason`, Ollama's `done_reason`.
-/// A scan first, since most stream events carry none (or `null`); only a document where a
-/// reason key has a string value is parsed, so a key of that name inside model output (tool
-/// call arguments) does not count.
-fn scan_finish_reasons(doc: &[u8], out: &mut FinishReasons) {
-    if has_reason_value(doc) {
-        if let Ok(d) = serde_json::from_slice::<ReasonDoc>(doc) {
-            for r in d.choices.iter().filter_map(|c| c.finish_reason.as_deref()) {
-                out.add(r.as_bytes());
-            }
-            if let Some(r) = d.done_reason.as_deref() {
-                out.add(r.as_bytes());
-            }
-        }
-    }
+/// Usage and finish reasons of one document, read in one parse (the fields of [`Doc`] and
+/// [`ReasonDoc`]; not `flatten`ed, which would buffer every other field).
+#[derive(Deserialize)]
+struct UsageAndReasons<'a> {
+    usage: Option<OpenAiUsage>,
+    prompt_eval_count: Option<u64>,
+    eval_count: Option<u64>,
+    #[serde(default, borrow)]
+    choices: Vec<ReasonChoice<'a>>,
+    #[serde(borrow)]
+    done_reason: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Whether `doc` has a `"finish_reason"` or `"done_reason"` key with a string value.
@@ -690,6 +721,24 @@ mod tests {
                 completion_tokens: 4,
                 ..Default::default()
             })
+        );
+    }
+
+    #[test]
+    fn usage_and_reasons_from_one_document_and_an_odd_one() {
+        let mut p = UsageParser::new(Framing::Json);
+        p.feed(br#"{"choices":[{"index":0,"message":{"content":"hi"},"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#);
+        assert_eq!(
+            p.finish().map(|u| (u.prompt_tokens, u.completion_tokens)),
+            Some((3, 4))
+        );
+        assert_eq!(p.finish_reasons().iter().collect::<Vec<_>>(), ["length"]);
+        // `choices` of a shape no client reads: the usage is still counted.
+        let mut p = UsageParser::new(Framing::Json);
+        p.feed(br#"{"choices":{"finish_reason":"stop"},"usage":{"prompt_tokens":5,"completion_tokens":6}}"#);
+        assert_eq!(
+            p.finish().map(|u| (u.prompt_tokens, u.completion_tokens)),
+            Some((5, 6))
         );
     }
 
