@@ -3,6 +3,8 @@
 # full chain (per-IP limiter, auth, policy, per-key limiter with rate, in-flight and tokens per
 # minute), and the full chain with audit lines written to a file; limits so high that nothing
 # is refused. Prometheus metrics are recorded in every row.
+# The last two rows run the shared harness's `nginx` and `gateway-equiv` peers with their own
+# configs (../shared/bench/peers/conf) and give the gateway's ratio to nginx in this run.
 # Needs wrk, taskset; nginx for the static upstream. Env: DURATION (10s), CONNS (64).
 source "$(dirname "$0")/lib.sh"
 
@@ -67,3 +69,24 @@ row "IP limiter+auth+policy+key limiter" "$c_rps" "$c_p50" "$c_p99" "$e_rps"
 read -r d_rps d_p50 d_p99 < <(measure "http://127.0.0.1:$G4/v1/chat/completions" "$AUTH")
 row "  + audit to a file" "$d_rps" "$d_p50" "$d_p99" "$e_rps"
 echo "audit lines written: $(wc -l < "$RUN/audit.jsonl"); metrics are always on (admin listener)"
+
+# The shared harness's `gateway-equiv` and `nginx` peers, their configs as they are, in this
+# run: the ratio the per-core target is judged by (../shared/bench/peers has the full harness).
+PEERS_CONF=$ROOT/../shared/bench/peers/conf
+if [ -f "$PEERS_CONF/gateway-equiv.yaml.in" ] && command -v nginx >/dev/null; then
+  G5=18085; N5=18086
+  HKEY=sk-bench-0123456789abcdef0123456789abcdef
+  mkdir -p "$RUN/equiv" "$RUN/nginx-equiv/tmp"
+  render "$PEERS_CONF/gateway-equiv.yaml.in" "$RUN/equiv/gateway.yaml" "$RUN/equiv" "$G5" "127.0.0.1:$UP" "$HKEY"
+  sed -i "s/\${ADMIN_PORT}/$((G5 + 1000))/" "$RUN/equiv/gateway.yaml"
+  printf 'keys:\n  - id: bench\n    key_sha256: %s\n' "$(printf %s "$HKEY" | sha256sum | cut -d' ' -f1)" > "$RUN/equiv/keys.yaml"
+  (cd "$RUN/equiv" && RUST_LOG=warn exec taskset -c "$PROXY_CPU" "$GW" --config gateway.yaml) & PIDS+=($!)
+  wait_port $G5
+  render "$PEERS_CONF/nginx-bearer.conf.in" "$RUN/nginx-equiv.conf" "$RUN/nginx-equiv" "$N5" "127.0.0.1:$UP" "$HKEY"
+  start_nginx "$RUN/nginx-equiv.conf" "$RUN/nginx-equiv" "$PROXY_CPU"
+  wait_port $N5
+  read -r n_rps n_p50 n_p99 < <(measure "http://127.0.0.1:$N5/v1/chat/completions" "Authorization: Bearer $HKEY")
+  row "nginx, the harness's rules" "$n_rps" "$n_p50" "$n_p99" "$n_rps"
+  read -r q_rps q_p50 q_p99 < <(measure "http://127.0.0.1:$G5/v1/chat/completions" "Authorization: Bearer $HKEY")
+  row "llm-gateway, same rules (gateway-equiv)" "$q_rps" "$q_p50" "$q_p99" "$n_rps"
+fi

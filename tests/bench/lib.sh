@@ -17,10 +17,12 @@ cleanup() {
 trap cleanup EXIT
 
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+# The shared side-by-side harness's layout (../shared/bench/peers): the proxy under test on
+# CPU 1, load generator and upstream on CPU 0 (and on the cores above 1, where there are any).
 cores=$(nproc)
-PROXY_CPU=0
-LOAD_CPU=$(( cores > 1 ? 1 : 0 ))
-[ "$cores" -gt 2 ] && LOAD_CPU="1-$((cores - 1))"
+PROXY_CPU=$(( cores > 1 ? 1 : 0 ))
+LOAD_CPU=0
+[ "$cores" -gt 2 ] && LOAD_CPU="0,2-$((cores - 1))"
 
 (cd "$ROOT" && cargo build --release -q -p llm-gateway -p mock-ollama)
 GW=$ROOT/target/release/llm-gateway
@@ -77,7 +79,7 @@ post_lua() {
   cat > "$RUN/post.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Why is the sky blue? Answer in one sentence."}],"stream":false}'
+wrk.body = '{"model":"$MODEL","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence."}],"stream":false,"max_tokens":64,"temperature":0.2}'
 LUA
 }
 

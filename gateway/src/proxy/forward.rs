@@ -226,12 +226,15 @@ async fn answer_failure(session: &mut Session, ctx: &mut GwCtx, e: &Error) -> Re
 fn upstream_request(ctx: &GwCtx, backend: &Backend, body_len: usize) -> Result<Box<RequestHeader>> {
     let req = &ctx.req;
     let path = req.target();
-    let mut h = RequestHeader::build(
+    let h = RequestHeader::build_no_case(
         req.method.clone(),
         path.as_bytes(),
         Some(req.headers.len() + 4),
     )?;
-    copy_request_headers(&req.headers, &mut h)?;
+    // Straight into the header map (see `copy_request_headers`).
+    let mut parts = http::request::Parts::from(h);
+    copy_request_headers(&req.headers, &mut parts.headers);
+    let mut h = RequestHeader::from(parts);
     add_upstream_headers(&mut h, &backend.authority, &req.request_id)?;
     if ctx.trace.is_set() {
         // This span is the backend's parent (the client's own goes no further). A trace the
@@ -380,8 +383,10 @@ async fn wait_for_header(
 /// One SSE keep-alive comment; the stream's headers first, the first time.
 async fn keep_alive(session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
     if !ctx.keepalive_sent {
-        let mut h =
-            ResponseHeader::build(StatusCode::OK, Some(4 + ctx.req.response_headers.len()))?;
+        let mut h = ResponseHeader::build_no_case(
+            StatusCode::OK,
+            Some(4 + ctx.req.response_headers.len()),
+        )?;
         h.insert_header(header::CONTENT_TYPE, "text/event-stream")?;
         h.insert_header(header::CACHE_CONTROL, "no-cache")?;
         h.insert_header("x-request-id", ctx.req.request_id.as_str())?;
@@ -509,24 +514,23 @@ async fn attempt(
             .map(|v| v.as_bytes()),
     );
     let status = upstream_header.status;
-    let mut resp = match ResponseHeader::build(
+    // Without Pingora's case-preserving name map: see `copy_response_headers`.
+    let resp = match ResponseHeader::build_no_case(
         status,
         Some(upstream_header.headers.len() + 1 + ctx.req.response_headers.len()),
     ) {
         Ok(r) => r,
         Err(e) => return Attempt::Fail(e),
     };
-    let built = copy_response_headers(upstream_header, &mut resp)
-        .and_then(|_| {
-            resp.insert_header("x-request-id", ctx.req.request_id.as_str())
-                .map(|_| ())
-        })
-        .and_then(|_| {
-            ctx.req
-                .response_headers
-                .iter()
-                .try_for_each(|(k, v)| resp.append_header(k.clone(), v.clone()).map(|_| ()))
-        });
+    let mut parts = http::response::Parts::from(resp);
+    copy_response_headers(upstream_header, &mut parts.headers);
+    for (k, v) in &ctx.req.response_headers {
+        parts.headers.append(k.clone(), v.clone());
+    }
+    let mut resp = ResponseHeader::from(parts);
+    let built = resp
+        .insert_header("x-request-id", ctx.req.request_id.as_str())
+        .map(|_| ());
     if let Err(e) = built {
         return Attempt::Fail(e);
     }

@@ -49,7 +49,12 @@ fn named_by_connection(src: &HeaderMap, name: &HeaderName) -> bool {
 /// framing (the caller sets Content-Length for the held body), a client's claims about its
 /// address, and names with `_` (CGI and WSGI servers read `Transfer_Encoding` as
 /// `Transfer-Encoding`).
-pub fn copy_request_headers(src: &HeaderMap, dst: &mut RequestHeader) -> Result<()> {
+///
+/// Straight into the header map of a header built without Pingora's case-preserving name
+/// map (`build_no_case`, taken apart into its `Parts`): Pingora's `append_header` title-cases
+/// and parses every name again, which made header copies a fifth of the gateway's
+/// instructions per request.
+pub fn copy_request_headers(src: &HeaderMap, dst: &mut HeaderMap) {
     for (name, value) in src {
         if is_hop_by_hop(name)
             || name == header::TRANSFER_ENCODING
@@ -63,9 +68,8 @@ pub fn copy_request_headers(src: &HeaderMap, dst: &mut RequestHeader) -> Result<
         {
             continue;
         }
-        dst.append_header(name.clone(), value.clone())?;
+        dst.append(name.clone(), value.clone());
     }
-    Ok(())
 }
 
 /// Adds what every upstream request carries: the backend's Host (Ollama rejects foreign
@@ -81,15 +85,15 @@ pub fn add_upstream_headers(
     Ok(())
 }
 
-/// Copies an upstream response header for the client, minus connection-level headers.
-pub fn copy_response_headers(src: &ResponseHeader, dst: &mut ResponseHeader) -> Result<()> {
+/// Copies an upstream response header for the client, minus connection-level headers
+/// (straight into the header map, as above).
+pub fn copy_response_headers(src: &ResponseHeader, dst: &mut HeaderMap) {
     for (name, value) in src.headers.iter() {
         if is_hop_by_hop(name) || named_by_connection(&src.headers, name) {
             continue;
         }
-        dst.append_header(name.clone(), value.clone())?;
+        dst.append(name.clone(), value.clone());
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -120,8 +124,10 @@ mod tests {
         ] {
             src.append(k, HeaderValue::from_static(v));
         }
-        let mut dst = RequestHeader::build(Method::POST, b"/api/show", None).unwrap();
-        copy_request_headers(&src, &mut dst).unwrap();
+        let mut dst = RequestHeader::build_no_case(Method::POST, b"/api/show", None).unwrap();
+        let mut parts = http::request::Parts::from(dst);
+        copy_request_headers(&src, &mut parts.headers);
+        dst = RequestHeader::from(parts);
         let mut names: Vec<&str> = dst.headers.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["content-type", "x-custom"]);

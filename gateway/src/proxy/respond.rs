@@ -19,7 +19,8 @@ pub async fn json(
     body: String,
     extra: &[(HeaderName, HeaderValue)],
 ) -> Result<()> {
-    let mut h = ResponseHeader::build(status, Some(4 + extra.len() + ctx.response_headers.len()))?;
+    let mut h =
+        ResponseHeader::build_no_case(status, Some(4 + extra.len() + ctx.response_headers.len()))?;
     h.insert_header(header::CONTENT_TYPE, "application/json")?;
     h.insert_header(header::CONTENT_LENGTH, body.len())?;
     h.insert_header("x-request-id", ctx.request_id.as_str())?;
