@@ -19,7 +19,7 @@ LOADGEN=$ROOT/target/release/stream-load
 UP=18534; GWP=18580; NGX=18581
 
 taskset -c "$LOAD_CPU" "$MOCK" --listen "127.0.0.1:$UP" --threads 1 --chunks "$CHUNKS" \
-  --chunk-delay-ms "$CHUNK_MS" > /dev/null & PIDS+=($!)
+  --chunk-delay-ms "$CHUNK_MS" --models llama3.2:1b > /dev/null & PIDS+=($!)
 wait_port $UP
 start_gateway streams $GWP $UP "  []
 policy: none"
