@@ -154,6 +154,27 @@ async fn a_client_that_stops_reading_frees_its_backend_slot() {
     drop(s);
 }
 
+/// A gateway with one TLS listener on a free port (`listener` adds lines to its entry) and
+/// `rest` appended to the config.
+async fn tls_gateway(
+    pki: &certs::Pki,
+    m: &mock_ollama::MockServer,
+    listener: &str,
+    rest: &str,
+) -> Gateway {
+    let port = free_port();
+    Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n{listener}    tls: {{ cert: {}, key: {} }}\n{}{rest}",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            backends(&[("local", &m.url())]),
+        ),
+        port,
+    )
+    .await
+}
+
 // Attacker review: an HTTP/2 connection (TLS, ALPN h2) that never sends its first request
 // is closed at the head deadline, like an HTTP/1 one.
 #[tokio::test(flavor = "multi_thread")]
@@ -161,15 +182,11 @@ async fn a_silent_http2_connection_is_closed() {
     let dir = tempfile::tempdir().unwrap();
     let pki = certs::make(dir.path());
     let m = mock().await;
-    let port = free_port();
-    let gw = Gateway::start_raw(
-        &format!(
-            "listen:\n  - addr: 127.0.0.1:{port}\n    tls: {{ cert: {}, key: {} }}\n{}limits: {{ client_header_timeout: 1s, keepalive_timeout: 2s }}\n",
-            pki.server_cert.display(),
-            pki.server_key.display(),
-            backends(&[("local", &m.url())]),
-        ),
-        port,
+    let gw = tls_gateway(
+        &pki,
+        &m,
+        "",
+        "limits: { client_header_timeout: 1s, keepalive_timeout: 2s }\n",
     )
     .await;
     let start = Instant::now();
@@ -414,15 +431,11 @@ async fn a_stalled_tls_handshake_counts_toward_caps_and_is_cut() {
     let dir = tempfile::tempdir().unwrap();
     let pki = certs::make(dir.path());
     let m = mock().await;
-    let port = free_port();
-    let gw = Gateway::start_raw(
-        &format!(
-            "listen:\n  - addr: 127.0.0.1:{port}\n    max_connections: 2\n    tls: {{ cert: {}, key: {} }}\nlimits: {{ client_header_timeout: 1s }}\n{}",
-            pki.server_cert.display(),
-            pki.server_key.display(),
-            backends(&[("local", &m.url())])
-        ),
-        port,
+    let gw = tls_gateway(
+        &pki,
+        &m,
+        "    max_connections: 2\n",
+        "limits: { client_header_timeout: 1s }\n",
     )
     .await;
     let start = Instant::now();
@@ -443,7 +456,7 @@ async fn a_stalled_tls_handshake_counts_toward_caps_and_is_cut() {
     let out = std::process::Command::new("curl")
         .args(["-s", "--max-time", "5", "--cacert"])
         .arg(&pki.ca)
-        .arg(format!("https://localhost:{port}/health"))
+        .arg(format!("https://localhost:{}/health", gw.port))
         .output()
         .unwrap();
     let body = String::from_utf8_lossy(&out.stdout);
