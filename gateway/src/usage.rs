@@ -650,6 +650,30 @@ mod tests {
         );
     }
 
+    /// A rewritten body keeps every object's key order: backends that constrain output to a
+    /// JSON Schema (`response_format`, tool parameters) follow its property order.
+    #[test]
+    fn a_rewritten_body_keeps_the_schema_order() {
+        use gateway_filter::http::Method;
+        let mut c = gateway_filter::RequestCtx::new(
+            String::new(),
+            Method::POST,
+            "/v1/chat/completions".into(),
+        );
+        c.stream = true;
+        c.json = Some(
+            serde_json::from_str(
+                r#"{"stream":true,"model":"m","response_format":{"type":"json_schema","json_schema":{"schema":{"properties":{"reasoning":{"type":"string"},"answer":{"type":"string"}}}}}}"#,
+            )
+            .unwrap(),
+        );
+        assert!(request_stream_usage(&mut c));
+        let out = serde_json::to_string(c.json.as_ref().unwrap()).unwrap();
+        assert!(out.starts_with(r#"{"stream":true,"model":"m","#), "{out}");
+        let (r, a) = (out.find("reasoning").unwrap(), out.find("answer").unwrap());
+        assert!(r < a, "{out}");
+    }
+
     #[test]
     fn asks_for_usage_only_when_the_client_did_not() {
         use gateway_filter::http::Method;

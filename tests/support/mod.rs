@@ -111,6 +111,19 @@ impl Gateway {
     }
 
     async fn start_raw_env(config: &str, port: u16, env: &[(&str, &str)]) -> Gateway {
+        // A "free" port can be taken by another test's outgoing connection before the gateway
+        // binds it: when the admin port (ours to choose) was, try another.
+        for _ in 0..3 {
+            match Self::try_start(config, port, env).await {
+                Ok(gw) => return gw,
+                Err(log) if log.contains("admin.addr: cannot listen") => continue,
+                Err(log) => panic!("gateway exited before serving:\n{log}"),
+            }
+        }
+        panic!("no free admin port after three tries");
+    }
+
+    async fn try_start(config: &str, port: u16, env: &[(&str, &str)]) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let server = if config.contains("server:") {
             ""
@@ -144,36 +157,30 @@ impl Gateway {
             admin_port,
             dir,
         };
-        gw.wait_ready().await;
+        gw.try_wait_port(gw.port).await?;
         if !admin.is_empty() {
             // The admin listener is a service of its own: it may open a moment later.
-            gw.wait_port(admin_port).await;
+            gw.try_wait_port(admin_port).await?;
         }
-        gw
+        Ok(gw)
     }
 
-    async fn wait_ready(&mut self) {
-        self.wait_port(self.port).await;
-    }
-
-    async fn wait_port(&mut self, port: u16) {
+    /// Waits until `port` accepts connections; the log when the gateway exits first.
+    async fn try_wait_port(&mut self, port: u16) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "gateway exited with {status} before serving:\n{}",
-                    self.log()
-                );
+                return Err(format!("exited with {status}:\n{}", self.log()));
             }
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
             {
-                return;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("gateway did not start in time:\n{}", self.log());
+        Err(format!("did not start in time:\n{}", self.log()))
     }
 
     pub fn url(&self, path: &str) -> String {

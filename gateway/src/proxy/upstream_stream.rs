@@ -24,18 +24,29 @@ use pingora_core::protocols::{
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::Result;
+use pingora_core::{Error, ErrorType, Result};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Most bytes gathered into one write (a larger request goes out as Pingora writes it).
 const GATHER: usize = 64 << 10;
 
-#[derive(Debug)]
 pub struct UpstreamStream {
     inner: Stream,
     /// Set while a request is written: flushes wait for the last one.
     gathering: AtomicBool,
     out: Vec<u8>,
+}
+
+impl std::fmt::Debug for UpstreamStream {
+    // Never the gathered bytes (a prompt).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "UpstreamStream({:?}, {} bytes gathered)",
+            self.inner,
+            self.out.len()
+        )
+    }
 }
 
 impl UpstreamStream {
@@ -96,8 +107,19 @@ pub async fn send_gathered(
         s.gathering.store(false, Ordering::Release);
     }
     written?;
-    // The flush that sends what was gathered.
-    up.finish_body().await?;
+    // The flush that sends what was gathered. Pingora bounds the head and body writes by the
+    // write timeout but not this flush, which now does the sending: bounded here.
+    match up.write_timeout {
+        Some(limit) => tokio::time::timeout(limit, up.finish_body())
+            .await
+            .map_err(|_| {
+                Error::explain(
+                    ErrorType::WriteTimedout,
+                    "while sending the request (timeout)",
+                )
+            })??,
+        None => up.finish_body().await?,
+    };
     Ok(())
 }
 
