@@ -339,15 +339,10 @@ fn spawn_ctrl_c(flush: Flush) {
 /// SIGHUP re-reads the filters' files (keys, htpasswd). Without this handler SIGHUP would
 /// terminate the process.
 fn spawn_reloader(chain: Arc<FilterChain>) {
-    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("cannot install the SIGHUP handler, reloads are disabled: {e}");
-            return;
-        }
-    };
-    std::thread::spawn(move || {
-        for _ in signals.forever() {
+    on_signal(
+        (signal_hook::consts::SIGHUP, "SIGHUP"),
+        "reloads are disabled",
+        move || {
             let errors = chain.reload();
             if errors.is_empty() {
                 log::info!("SIGHUP: reloaded");
@@ -355,6 +350,27 @@ fn spawn_reloader(chain: Arc<FilterChain>) {
             for e in errors {
                 log::error!("SIGHUP: reload failed, keeping the previous state: {e}");
             }
+        },
+    );
+}
+
+/// Runs `handle` on a thread of its own each time the signal (number, name) arrives; when
+/// the handler cannot be installed, says so (`off`: what the operator loses) and carries on.
+pub(crate) fn on_signal(
+    (signal, name): (i32, &str),
+    off: &str,
+    mut handle: impl FnMut() + Send + 'static,
+) {
+    let mut signals = match signal_hook::iterator::Signals::new([signal]) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot install the {name} handler, {off}: {e}");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            handle();
         }
     });
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
-    #[error("server.upgrade_sock: no folder safe for the upgrade socket (the config's folder is writable by every user); set server.upgrade_sock to a path in a folder only this user can write")]
+    #[error("server.upgrade_sock: no folder safe for the upgrade socket (the config's folder is writable by other users, or belongs to one); set server.upgrade_sock to a path in a folder only this user can write")]
     NoSocket,
     #[error("no running gateway to take over: {0}; start it without --upgrade")]
     NoOldProcess(String),
@@ -96,25 +96,17 @@ pub fn notify_systemd(state: &str) {
 /// the new process, a child of this one and so inside the same systemd unit, takes the
 /// sockets over and tells systemd it is the main process now.
 pub fn spawn_on_usr2(config: PathBuf) {
-    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR2]) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("cannot install the SIGUSR2 handler, `kill -USR2` upgrades are off: {e}");
-            return;
-        }
-    };
-    std::thread::spawn(move || {
-        for _ in signals.forever() {
+    crate::server::on_signal(
+        (signal_hook::consts::SIGUSR2, "SIGUSR2"),
+        "`kill -USR2` upgrades are off",
+        move || {
             // The binary may have been replaced on disk: start what is at the path now.
             let exe = match std::env::current_exe() {
                 Ok(p) => {
                     let s = p.to_string_lossy();
                     PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string())
                 }
-                Err(e) => {
-                    log::error!("SIGUSR2: cannot find this binary's path: {e}");
-                    continue;
-                }
+                Err(e) => return log::error!("SIGUSR2: cannot find this binary's path: {e}"),
             };
             log::info!("SIGUSR2: starting {} --upgrade", exe.display());
             match std::process::Command::new(&exe)
@@ -135,6 +127,6 @@ pub fn spawn_on_usr2(config: PathBuf) {
                 }
                 Err(e) => log::error!("SIGUSR2: cannot start {}: {e}", exe.display()),
             }
-        }
-    });
+        },
+    );
 }

@@ -216,14 +216,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
     };
     for (i, l) in listen.iter().enumerate() {
         let a = l.addr;
-        // A wildcard address takes its port on every address of its family (IPv6's `[::]`
-        // on IPv4 too).
-        let covers =
-            |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
-        if let Some(j) = listen[..i].iter().position(|o| {
-            let b = o.addr;
-            b.port() == a.port() && (b.ip() == a.ip() || covers(a, b) || covers(b, a))
-        }) {
+        if let Some(j) = listen[..i].iter().position(|o| overlaps(o.addr, a)) {
             return Err((
                 format!("listen[{i}].addr"),
                 format!(
@@ -295,11 +288,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
                 ),
             )
         })?;
-        if listen.iter().any(|l| {
-            l.addr == addr
-                || (l.addr.port() == addr.port()
-                    && (l.addr.ip().is_unspecified() || addr.ip().is_unspecified()))
-        }) {
+        if listen.iter().any(|l| overlaps(l.addr, addr)) {
             return Err((
                 "admin.addr".into(),
                 format!("{addr} is also a public listener; metrics must not be served there: pick another port"),
@@ -394,15 +383,33 @@ fn upgrade_sock(configured: Option<&str>, config_dir: &Path) -> Result<Option<Pa
     Ok(Some(path))
 }
 
-/// A folder that exists and that other users cannot write to.
+/// Whether two listening addresses claim the same socket: the same port on the same address,
+/// or on a wildcard of the family (IPv6's `[::]` takes IPv4 too). An IPv4-mapped IPv6
+/// address is the IPv4 address it maps.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    let (ia, ib) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers = |w: IpAddr, o: IpAddr| w.is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() == b.port() && (ia == ib || covers(ia, ib) || covers(ib, ia))
+}
+
+/// A folder that exists, belongs to this user or root, and that no other user or group can
+/// write to (whoever can would be handed the listening sockets).
 fn private_folder(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
     if !meta.is_dir() {
         return Err("not a folder".into());
     }
-    if meta.permissions().mode() & 0o002 != 0 {
-        return Err("writable by every user".into());
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "owned by user {}, not by this user or root",
+            meta.uid()
+        ));
+    }
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err("writable by its group or every user".into());
     }
     Ok(())
 }
