@@ -122,31 +122,31 @@ impl GatewayApp {
     /// Serves an HTTP/2 connection with Pingora's own loop, closing it when its first request
     /// has not arrived within the head timeout (a client that finishes TLS and then sends
     /// no preface, or no request, would otherwise hold it forever). `first_by`: when the first
-    /// request must have arrived.
+    /// request must have arrived. (Pingora hands nothing back from an HTTP/2 connection: it
+    /// ends here.)
     async fn serve_h2(
         &self,
         stream: Stream,
         shutdown: &ShutdownWatch,
         first_by: tokio::time::Instant,
-    ) -> Option<Stream> {
+    ) {
         let Some(key) = stream.get_socket_digest().as_ref().map(h2_key) else {
             // Nothing to key the deadline by (not a socket): Pingora's own idle limit only.
-            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            return;
         };
         let first = Arc::new(AtomicBool::new(false));
         h2_waiting().insert(key, first.clone());
         let waiting = H2Waiting(key);
         let serve = ServerApp::process_new(&self.proxy, stream, shutdown);
         tokio::pin!(serve);
-        let out = tokio::select! {
-            out = &mut serve => Some(out),
-            _ = tokio::time::sleep_until(first_by) => None,
+        let ended = tokio::select! {
+            _ = &mut serve => true,
+            _ = tokio::time::sleep_until(first_by) => false,
         };
         drop(waiting);
-        match out {
-            Some(out) => out,
-            None if first.load(Ordering::Acquire) => serve.await,
-            None => None,
+        if !ended && first.load(Ordering::Acquire) {
+            serve.await;
         }
     }
 
@@ -386,17 +386,20 @@ impl GatewayApp {
                 Err(_) => return log::debug!("TLS handshake with {peer} did not end in time"),
             };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // Pingora hands nothing back from an HTTP/2 connection: it ends there.
-            let _ = self.serve_h2(stream, shutdown, deadline).await;
+            self.serve_h2(stream, shutdown, deadline).await;
         } else {
             self.serve(Conn::Tls(stream), shutdown, accepted).await;
         }
     }
 
     /// The HTTP/1 request loop of one connection, accepted at `accepted`.
-    async fn serve(&self, conn: Conn, shutdown: &ShutdownWatch, accepted: tokio::time::Instant) {
+    async fn serve(
+        &self,
+        mut conn: Conn,
+        shutdown: &ShutdownWatch,
+        accepted: tokio::time::Instant,
+    ) {
         let l = &self.limits;
-        let mut conn = conn;
         let mut drain = super::drain::watch();
         let mut opening = Some(l.opening.enter());
         let mut carried: Option<HttpPersistentSettings> = None;
