@@ -2,7 +2,8 @@
 # Installs what building and testing llm-gateway need on a fresh Debian/Ubuntu machine that
 # has only a Rust toolchain. Idempotent: anything already there is left alone.
 #   tests/bootstrap.sh          what building needs (cmake: Pingora builds zlib-ng)
-#   tests/bootstrap.sh --test   also what the tests need: curl, promtool, systemd-analyze
+#   tests/bootstrap.sh --test   also what the tests need: curl, promtool, redis-server (the
+#                               shared-state tests start their own), systemd-analyze
 #                               (the unit's checks; nothing is started), a C/C++ compiler,
 #                               and a Python virtual environment under target/pyenv with the
 #                               openai, ollama and LiteLLM clients and llama-cpp-python
@@ -18,6 +19,7 @@ if [ "${1:-}" = "--test" ]; then
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)
   command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
   command -v python3 >/dev/null 2>&1 || need+=(python3)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 fi

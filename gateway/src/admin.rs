@@ -61,7 +61,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
 
 impl AdminApp {
     /// `/admin/NAME`: a filter's report (e.g. `spend`), behind the admin token when one is set.
-    fn admin_report(&self, session: &ServerSession, name: &str) -> Response<Vec<u8>> {
+    async fn admin_report(&self, session: &ServerSession, name: &str) -> Response<Vec<u8>> {
         if let Some(token) = &self.token {
             let presented = session
                 .req_header()
@@ -90,7 +90,7 @@ impl AdminApp {
                 );
             }
         }
-        match self.chain.admin_report(name) {
+        match self.chain.admin_report(name).await {
             Some(v) => respond(
                 StatusCode::OK,
                 "application/json",
@@ -116,7 +116,7 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         if let Some(name) = path.strip_prefix("/admin/") {
-            return self.admin_report(session, name);
+            return self.admin_report(session, name).await;
         }
         match path.as_str() {
             "/metrics" => respond(

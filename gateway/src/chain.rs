@@ -37,13 +37,18 @@ impl FilterChain {
 
     /// Builds every `filters:` entry; an unknown name or bad option is a startup error that
     /// names the file, the YAML path and what is allowed.
-    pub fn build(settings: &Settings, registry: &Registry) -> Result<FilterChain, ConfigError> {
+    pub fn build(
+        settings: &Settings,
+        registry: &Registry,
+        state: Option<Arc<dyn gateway_filter::SharedState>>,
+    ) -> Result<FilterChain, ConfigError> {
         let cx = BuildContext {
             config_dir: settings
                 .file
                 .parent()
                 .map(|p| p.to_path_buf())
                 .unwrap_or_default(),
+            state,
         };
         let mut specs = settings.filters.clone();
         let add_policy = settings.default_policy
@@ -141,10 +146,15 @@ impl FilterChain {
     }
 
     /// The first report a filter offers under `name` (served at `/admin/NAME`).
-    pub fn admin_report(&self, name: &str) -> Option<serde_json::Value> {
-        self.filters
-            .iter()
-            .find_map(|f| f.admin_report().filter(|(n, _)| *n == name).map(|(_, v)| v))
+    pub async fn admin_report(&self, name: &str) -> Option<serde_json::Value> {
+        for f in &self.filters {
+            if let Some((n, v)) = f.admin_report().await {
+                if n == name {
+                    return Some(v);
+                }
+            }
+        }
+        None
     }
 
     /// Lets every filter finish queued work (audit lines, ledger) before the process exits.
@@ -310,7 +320,7 @@ mod tests {
         reg.register("tag", |_, _| {
             Err(gateway_filter::OptionsError::new("x", "bad"))
         });
-        let e = FilterChain::build(&settings, &reg)
+        let e = FilterChain::build(&settings, &reg, None)
             .err()
             .unwrap()
             .to_string();
@@ -333,7 +343,7 @@ mod tests {
         reg.register("tag", |_, _| {
             Err(gateway_filter::OptionsError::new("x", "must be a string"))
         });
-        let e = FilterChain::build(&settings, &reg)
+        let e = FilterChain::build(&settings, &reg, None)
             .err()
             .unwrap()
             .to_string();

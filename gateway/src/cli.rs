@@ -88,11 +88,11 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
-    /// Spend per principal and model from a budget ledger (SQLite file).
+    /// Spend per principal and model from budget ledgers (SQLite files).
     Spend {
-        /// The budget filter's ledger file.
-        #[arg(long)]
-        ledger: PathBuf,
+        /// The budget filter's ledger file; repeat it to add up several replicas' ledgers.
+        #[arg(long, required = true)]
+        ledger: Vec<PathBuf>,
         /// `current` (this UTC month), `YYYY-MM`, or `all`.
         #[arg(long, default_value = "current")]
         period: String,

@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod server;
+pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod upgrade;

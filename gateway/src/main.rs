@@ -104,7 +104,8 @@ fn main() -> ExitCode {
 
 fn check(path: &Path) -> ExitCode {
     let registry = Registry::builtin();
-    let result = config::load(path).and_then(|s| FilterChain::build(&s, &registry).map(|c| (s, c)));
+    let result =
+        config::load(path).and_then(|s| FilterChain::build(&s, &registry, None).map(|c| (s, c)));
     match result {
         Ok((settings, chain)) => {
             print!("{}", summary(&settings, &chain));
@@ -285,7 +286,12 @@ fn audit(
     Ok(())
 }
 
-fn spend(ledger: &Path, period: &str, principal: Option<&str>, json: bool) -> Result<(), String> {
+fn spend(
+    ledgers: &[std::path::PathBuf],
+    period: &str,
+    principal: Option<&str>,
+    json: bool,
+) -> Result<(), String> {
     let bounds = match period {
         "all" => None,
         "current" => {
@@ -310,7 +316,27 @@ fn spend(ledger: &Path, period: &str, principal: Option<&str>, json: bool) -> Re
         Some((f, t)) => (Some(f.as_str()), Some(t.as_str())),
         None => (None, None),
     };
-    let rows = filter_budget::report(ledger, from, to, principal).map_err(|e| e.to_string())?;
+    // Several replicas' ledgers add up: each holds only its own charges.
+    let mut sums: std::collections::BTreeMap<(String, String), (f64, i64)> = Default::default();
+    for ledger in ledgers {
+        for r in filter_budget::report(ledger, from, to, principal).map_err(|e| e.to_string())? {
+            let e = sums.entry((r.principal, r.model)).or_default();
+            e.0 += r.usd;
+            e.1 += r.requests;
+        }
+    }
+    let mut rows: Vec<filter_budget::ReportRow> = sums
+        .into_iter()
+        .map(
+            |((principal, model), (usd, requests))| filter_budget::ReportRow {
+                principal,
+                model,
+                usd,
+                requests,
+            },
+        )
+        .collect();
+    rows.sort_by(|a, b| b.usd.total_cmp(&a.usd));
     if json {
         println!(
             "{}",

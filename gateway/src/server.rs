@@ -55,7 +55,16 @@ pub fn prepare(
     registry: &Registry,
     upgrade: bool,
 ) -> Result<Prepared, ConfigError> {
-    let chain = FilterChain::build(&settings, registry)?;
+    let state = settings
+        .state
+        .as_ref()
+        .map(|spec| {
+            crate::state::RedisState::start(spec)
+                .map(|s| Arc::new(s) as Arc<dyn gateway_filter::SharedState>)
+        })
+        .transpose()
+        .map_err(|e| ConfigError::invalid(&settings.file, "state", e.to_string()))?;
+    let chain = FilterChain::build(&settings, registry, state.clone())?;
     if !settings.default_policy && !chain.names().contains(&"policy") {
         log::warn!("policy: none — no policy filter: every backend route, model pulls and deletes included, is reachable by anyone the chain lets through");
     }
@@ -118,7 +127,8 @@ pub fn prepare(
         )
     })?;
     metrics.init_backends(settings.backends.iter().map(|b| &*b.name));
-    let pool = BackendPool::new(&settings.backends, &settings.limits, &settings.routing);
+    let pool =
+        BackendPool::new(&settings.backends, &settings.limits, &settings.routing).with_state(state);
     let router: Arc<dyn Router> = Arc::new(ModelRouter::new(pool, settings.routing.clone()));
     let telemetry = settings
         .telemetry

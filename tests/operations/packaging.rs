@@ -121,7 +121,7 @@ fn compose_file_mounts_only_what_the_repository_has() {
             );
         }
     }
-    assert_eq!(mounted, 6, "bind mounts from the repository");
+    assert_eq!(mounted, 11, "bind mounts from the repository");
     let ollama = &compose["services"]["ollama"];
     assert!(ollama["ports"].is_null(), "Ollama must not be published");
     // Ollama's only network is internal and shared with the gateway alone.
@@ -136,7 +136,11 @@ fn compose_file_mounts_only_what_the_repository_has() {
             .as_sequence()
             .is_some_and(|n| n.iter().any(|n| n.as_str() == Some("models")));
         let name = name.as_str().unwrap();
-        assert_eq!(on_models, name == "ollama" || name == "gateway", "{name}");
+        assert_eq!(
+            on_models,
+            name == "ollama" || name.starts_with("gateway"),
+            "{name}"
+        );
     }
     let device = &ollama["deploy"]["resources"]["reservations"]["devices"][0];
     assert_eq!(device["driver"].as_str(), Some("nvidia"));
@@ -171,6 +175,54 @@ fn compose_gateway_config_passes_check() {
     assert!(text.contains("INSECURE: allow_insecure"), "{text}");
     let keys = yaml(&format!("{DOCKER}/keys.yaml"));
     assert_eq!(keys["keys"].as_sequence().map(Vec::len), Some(0));
+}
+
+/// The replicas profile: Redis keeps its data (AOF), both replicas mount the same config,
+/// which shares state through the compose service `redis` and passes `check`.
+#[test]
+fn compose_replicas_share_state_through_redis() {
+    let compose = yaml(&format!("{DOCKER}/compose.yaml"));
+    let s = &compose["services"];
+    let redis_cmd: Vec<&str> = s["redis"]["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        redis_cmd.windows(2).any(|w| w == ["--appendonly", "yes"]),
+        "{redis_cmd:?}"
+    );
+    for name in ["redis", "gateway-a", "gateway-b", "balancer"] {
+        assert_eq!(s[name]["profiles"][0].as_str(), Some("replicas"), "{name}");
+    }
+    assert!(s["redis"]["ports"].is_null(), "Redis must not be published");
+    let config = std::fs::read_to_string(format!("{DOCKER}/gateway-replica.yaml")).unwrap();
+    let replica = yaml(&format!("{DOCKER}/gateway-replica.yaml"));
+    assert_eq!(replica["state"]["backend"].as_str(), Some("redis"));
+    assert_eq!(
+        replica["state"]["url"].as_str(),
+        Some("redis://redis:6379/0")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        config.replace("http://ollama:11434", "http://127.0.0.1:11434"),
+    )
+    .unwrap();
+    std::fs::copy(format!("{DOCKER}/keys.yaml"), dir.path().join("keys.yaml")).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.path().join("gateway.yaml"))
+        .env("LLM_GATEWAY_STATE", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Prometheus's config in compose, with its rule file, is what promtool accepts.

@@ -314,7 +314,7 @@ async fn health_is_answered_by_the_gateway() {
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(
         v,
-        json!({"status": "ok", "backends": [{"name": "local", "kind": "ollama", "state": "up"}]})
+        json!({"status": "ok", "state": "local", "backends": [{"name": "local", "kind": "ollama", "state": "up"}]})
     );
     assert_eq!(m.total(), 0, "/health must not be proxied");
 }

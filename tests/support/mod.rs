@@ -4,6 +4,7 @@
 
 pub mod budget;
 pub mod certs;
+pub mod redis;
 pub mod routing;
 
 use std::io::Read;

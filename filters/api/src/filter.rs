@@ -29,7 +29,7 @@ pub trait Filter: Send + Sync {
     async fn on_complete(&self, _ctx: &mut RequestCtx) {}
 
     /// A report the admin listener serves at `/admin/NAME` (e.g. `spend`), if any.
-    fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
+    async fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
         None
     }
 
@@ -61,10 +61,21 @@ impl ReloadError {
 }
 
 /// What a filter constructor may need besides its options.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct BuildContext {
     /// Folder of the config file: relative paths in options are resolved against it.
     pub config_dir: PathBuf,
+    /// Shared state when replicas share limits and spend (`state: { backend: redis }`).
+    pub state: Option<std::sync::Arc<dyn crate::SharedState>>,
+}
+
+impl std::fmt::Debug for BuildContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildContext")
+            .field("config_dir", &self.config_dir)
+            .field("shared_state", &self.state.is_some())
+            .finish()
+    }
 }
 
 impl BuildContext {

@@ -15,6 +15,7 @@ pub mod path;
 pub mod prompt;
 mod rejection;
 mod route;
+pub mod state;
 pub mod units;
 mod usage;
 
@@ -23,6 +24,7 @@ pub use filter::{BuildContext, Filter, ReloadError};
 pub use options::{parse_options, OptionsError};
 pub use rejection::{echo, error_json, ErrorShape, Rejection, ECHO_LIMIT};
 pub use route::{Route, WireFormat};
+pub use state::SharedState;
 pub use usage::{FinishReasons, Usage};
 
 /// Re-exported so filter crates name header types without their own `http` dependency.

@@ -47,6 +47,7 @@ async fn lines_hold_every_field_and_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let cx = BuildContext {
         config_dir: dir.path().to_path_buf(),
+        ..Default::default()
     };
     let f = build(&json!({"file": "audit.jsonl"}), &cx).unwrap();
     let mut c = ctx(1);
@@ -121,6 +122,7 @@ async fn capture_prompts_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let cx = BuildContext {
         config_dir: dir.path().to_path_buf(),
+        ..Default::default()
     };
     let f = build(
         &json!({"file": "a.jsonl", "capture": {"prompts": true}}),
@@ -140,6 +142,7 @@ async fn a_full_queue_waits_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cx = BuildContext {
         config_dir: dir.path().to_path_buf(),
+        ..Default::default()
     };
     let f = build(&json!({"file": "q.jsonl", "queue": 1}), &cx).unwrap();
     let before = STALLS.get();

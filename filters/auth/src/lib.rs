@@ -203,6 +203,7 @@ pub fn build(
             o.brute_force.max_failures,
             o.brute_force.window.0,
             o.brute_force.slots,
+            cx.state.clone(),
         )
     });
     Ok(Arc::new(AuthFilter {
@@ -450,7 +451,7 @@ impl Filter for AuthFilter {
         "auth"
     }
 
-    fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
+    async fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
         let f = self.forward.as_ref()?;
         Some((
             "auth",
@@ -487,7 +488,7 @@ impl Filter for AuthFilter {
 
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) {
-            if l.is_locked(&ip) {
+            if l.locked(&ip).await? {
                 ctx.reject_reason = Some("locked_out");
                 let retry = HeaderValue::from(l.window.as_secs().max(1));
                 return Err(Rejection::new(

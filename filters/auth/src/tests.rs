@@ -29,6 +29,7 @@ fn fixture(options: serde_json::Value) -> Fixture {
     .unwrap();
     let cx = BuildContext {
         config_dir: dir.path().to_path_buf(),
+        ..Default::default()
     };
     let filter = build(&options, &cx).unwrap();
     Fixture { dir, filter }
@@ -214,6 +215,7 @@ async fn mtls_subject_maps_to_a_principal() {
     .unwrap();
     let cx = BuildContext {
         config_dir: dir.path().to_path_buf(),
+        ..Default::default()
     };
     let accept = build(&json!({"keys_file": "keys.yaml", "mtls": "accept"}), &cx).unwrap();
     let mut ctx = req(&[], "10.0.0.6");
@@ -519,7 +521,7 @@ async fn forward_auth_fails_closed() {
         assert_eq!(ctx.reject_reason, Some("forward_unavailable"), "{token}");
         assert!(started.elapsed() < Duration::from_secs(2), "{token}");
     }
-    let (name, report) = f.filter.admin_report().unwrap();
+    let (name, report) = f.filter.admin_report().await.unwrap();
     assert_eq!(name, "auth");
     assert_eq!(report["forward"]["failures"], 2);
     // Past `max_in_flight` questions at once, the rest are denied, not queued.
@@ -556,6 +558,7 @@ fn forward_options_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let cx = BuildContext {
         config_dir: dir.path().to_path_buf(),
+        ..Default::default()
     };
     for (opts, key) in [
         (
@@ -757,6 +760,7 @@ fn jwt_options_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let cx = BuildContext {
         config_dir: dir.path().to_path_buf(),
+        ..Default::default()
     };
     let base = json!({"jwks_url": "http://127.0.0.1:9/certs", "issuer": "i", "audience": ["a"]});
     let with = |k: &str, v: serde_json::Value| {
@@ -913,6 +917,7 @@ fn jwt_needs_exactly_one_key_source() {
     let dir = tempfile::tempdir().unwrap();
     let cx = BuildContext {
         config_dir: dir.path().to_path_buf(),
+        ..Default::default()
     };
     for (jwt, want) in [
         (

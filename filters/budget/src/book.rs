@@ -109,6 +109,13 @@ impl Book {
             .collect()
     }
 
+    /// This replica's spend in the budget's period (after `reserve` opened the account).
+    pub fn spent(&self, b: &Budget) -> Nano {
+        let acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        acc.get(&(b.principal.clone(), b.period_key.clone()))
+            .map_or(0, |a| a.spent)
+    }
+
     /// Principals the ledger of past runs knows, for `/admin/spend` before they return.
     pub fn ledger_principals(&self) -> impl Iterator<Item = &str> {
         self.history.keys().map(String::as_str)

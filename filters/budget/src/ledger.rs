@@ -64,6 +64,25 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
     }
 }
 
+/// This ledger's own id, made at its first use: the field under which shared state (Redis)
+/// holds this replica's spend, so a restarted replica finds and repairs its own share, and
+/// two replicas never write each other's.
+pub fn replica_id(path: &Path) -> Result<String, LedgerError> {
+    let conn = open(path).map_err(sqlite(path))?;
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        .map_err(sqlite(path))?;
+    let fresh = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (k, v) VALUES ('replica_id', ?1)",
+        params![fresh],
+    )
+    .map_err(sqlite(path))?;
+    conn.query_row("SELECT v FROM meta WHERE k = 'replica_id'", [], |r| {
+        r.get(0)
+    })
+    .map_err(sqlite(path))
+}
+
 pub fn load(path: &Path) -> Result<History, LedgerError> {
     let conn = open(path).map_err(sqlite(path))?;
     let mut stmt = conn

@@ -6,6 +6,7 @@ mod book;
 mod ledger;
 mod period;
 mod prices;
+mod shared;
 
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock};
@@ -15,7 +16,8 @@ use async_trait::async_trait;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
 use gateway_filter::units::HumanDuration;
 use gateway_filter::{
-    parse_options, BuildContext, Decision, Filter, OptionsError, Rejection, RequestCtx, Usage,
+    parse_options, BuildContext, Decision, Filter, OptionsError, Rejection, RequestCtx,
+    SharedState, Usage,
 };
 use prometheus::{CounterVec, GaugeVec, IntCounter, Opts};
 use serde::Deserialize;
@@ -149,6 +151,8 @@ pub struct BudgetFilter {
     reserve_seconds: f64,
     book: Arc<Book>,
     ledger: ledger::Ledger,
+    /// Spend shared with the other replicas, under this replica's ledger id.
+    shared: Option<(Arc<dyn SharedState>, Arc<str>)>,
 }
 
 /// What a request reserved, kept in its context until `on_complete`.
@@ -164,7 +168,13 @@ struct Reservation {
     principal: String,
     model: String,
     settled: std::sync::atomic::AtomicBool,
+    /// Its places in shared state, one per budget, and the replica's ledger id.
+    shared: Option<SharedHolds>,
 }
+
+/// A reservation's places in shared state: the state, this replica's ledger id, one hold per
+/// budget.
+type SharedHolds = (Arc<dyn SharedState>, Arc<str>, Vec<shared::Hold>);
 
 impl Reservation {
     /// Books `charged` and releases the reservation; `None` if it was already settled.
@@ -172,7 +182,13 @@ impl Reservation {
         if self.settled.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return None;
         }
-        Some(self.book.settle(&self.budgets, self.amount, charged))
+        let left = self.book.settle(&self.budgets, self.amount, charged);
+        if let Some((st, replica, holds)) = &self.shared {
+            for h in holds {
+                shared::settle(st, replica, h, self.book.spent(&self.budgets[h.index()]));
+            }
+        }
+        Some(left)
     }
 }
 
@@ -236,10 +252,28 @@ pub fn build(
     let path = cx.resolve(&o.ledger);
     let history = ledger::load(&path)
         .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
+    let shared = match &cx.state {
+        Some(st) => {
+            let id = ledger::replica_id(&path)
+                .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
+            Some((st.clone(), Arc::<str>::from(id)))
+        }
+        None => None,
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(10_000);
     ledger::spawn(path, o.commit_interval.0, rx)
         .map_err(|m| OptionsError::new("ledger", m.to_string()))?;
     LazyLock::force(&METRICS);
+    let book = Arc::new(Book::new(history));
+    if let Some((st, replica)) = &shared {
+        let (weak, book, replica) = (Arc::downgrade(st), book.clone(), replica.clone());
+        let periods = (default.map(|d| d.1), global.map(|g| g.1));
+        st.on_reset(Box::new(move || {
+            if let Some(st) = weak.upgrade() {
+                repair_all(&st, &replica, &book, periods);
+            }
+        }));
+    }
     Ok(Arc::new(BudgetFilter {
         prices,
         unpriced: o.unpriced,
@@ -249,9 +283,39 @@ pub fn build(
         chars_per_token: o.chars_per_token,
         output_reserve: o.output_reserve,
         reserve_seconds: o.reserve_seconds,
-        book: Arc::new(Book::new(history)),
+        book,
         ledger: ledger::Ledger { tx },
+        shared,
     }))
+}
+
+/// Puts this replica's spend back into shared state: every account this process knows, and
+/// the current period of every principal its ledger knows (as `/admin/spend` lists them).
+fn repair_all(
+    st: &Arc<dyn SharedState>,
+    replica: &str,
+    book: &Book,
+    (default, global): (Option<Period>, Option<Period>),
+) {
+    let snapshot = book.snapshot();
+    for ((principal, period_key), a) in &snapshot {
+        shared::repair(st, replica, principal, period_key, a.spent);
+    }
+    let now = now_secs();
+    for principal in book.ledger_principals() {
+        let period = if principal == GLOBAL { global } else { default }.unwrap_or(Period::Total);
+        let key = period.key(now);
+        if snapshot
+            .iter()
+            .any(|((p, k), _)| p == principal && *k == key)
+        {
+            continue;
+        }
+        let spent = book.ledger_spend(principal, period, now);
+        if spent > 0 {
+            shared::repair(st, replica, principal, &key, spent);
+        }
+    }
 }
 
 fn principal_id(ctx: &RequestCtx) -> &str {
@@ -347,8 +411,32 @@ impl Filter for BudgetFilter {
         if budgets.is_empty() {
             return Ok(());
         }
-        match self.book.reserve(&budgets, amount, now) {
-            Ok(after) => {
+        let reserved = match self.book.reserve(&budgets, amount, now) {
+            Ok(after) => match &self.shared {
+                None => Ok((after, None)),
+                Some((st, replica)) => {
+                    let mine: Vec<_> = budgets.iter().map(|b| self.book.spent(b)).collect();
+                    match shared::reserve(st, replica, &budgets, &mine, amount, now).await {
+                        Ok(shared::Reserved::Taken(holds, after)) => {
+                            Ok((after, Some((st.clone(), replica.clone(), holds))))
+                        }
+                        Ok(shared::Reserved::Refused(i)) => {
+                            self.book.settle(&budgets, amount, 0);
+                            Err(budgets[i].clone())
+                        }
+                        Err(_) if st.fail_closed() => {
+                            self.book.settle(&budgets, amount, 0);
+                            return Err(gateway_filter::state::unavailable());
+                        }
+                        // `on_error: local`: this replica's book alone holds it.
+                        Err(_) => Ok((after, None)),
+                    }
+                }
+            },
+            Err(refusal) => Err(refusal.budget),
+        };
+        match reserved {
+            Ok((after, shared)) => {
                 if let Some(soft) = self.soft_limit {
                     if let Some((b, (used, limit))) = budgets
                         .iter()
@@ -379,17 +467,17 @@ impl Filter for BudgetFilter {
                     principal: principal_id(ctx).to_string(),
                     model: model.to_string(),
                     settled: Default::default(),
+                    shared,
                 })));
                 Ok(())
             }
-            Err(refusal) => {
+            Err(b) => {
                 METRICS.rejections.inc();
-                ctx.reject_reason = Some(if refusal.budget.principal == GLOBAL {
+                ctx.reject_reason = Some(if b.principal == GLOBAL {
                     "global_budget"
                 } else {
                     "principal_budget"
                 });
-                let b = &refusal.budget;
                 let reset = b.period.resets_at(now);
                 let when = reset.map_or("never (total budget)".to_string(), |t| {
                     humantime::format_rfc3339_seconds(
@@ -475,15 +563,22 @@ impl Filter for BudgetFilter {
         }
     }
 
-    fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
+    async fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
         let snapshot = self.book.snapshot();
-        let mut accounts: Vec<serde_json::Value> = snapshot
-            .iter()
-            .map(|((principal, period), a)| {
-                serde_json::json!({"principal": principal, "period": period,
-                                   "spent_usd": a.spent as f64 / 1e9, "reserved_usd": a.reserved as f64 / 1e9})
-            })
-            .collect();
+        let mut accounts: Vec<serde_json::Value> = Vec::with_capacity(snapshot.len());
+        for ((principal, period), a) in &snapshot {
+            let mut row = serde_json::json!({"principal": principal, "period": period,
+                "spent_usd": a.spent as f64 / 1e9, "reserved_usd": a.reserved as f64 / 1e9});
+            // With shared state: every replica's spend and reservations together; this
+            // replica's own share stays in spent_usd.
+            if let Some((st, _)) = &self.shared {
+                if let Ok((spent, held)) = shared::totals(st, principal, period).await {
+                    row["shared_spent_usd"] = (spent as f64 / 1e9).into();
+                    row["shared_reserved_usd"] = (held as f64 / 1e9).into();
+                }
+            }
+            accounts.push(row);
+        }
         // Principals with spend from earlier runs who have not asked since the restart: their
         // current period's spend from the ledger (a per-key period is known only once the key
         // is used; until then the default budget's period, or the whole history).
@@ -507,7 +602,15 @@ impl Filter for BudgetFilter {
                 "spent_usd": spent as f64 / 1e9, "reserved_usd": 0.0}),
             );
         }
-        Some(("spend", serde_json::json!({"accounts": accounts})))
+        let state = match &self.shared {
+            None => "local",
+            Some((st, _)) if st.degraded() => "degraded",
+            Some(_) => "shared",
+        };
+        Some((
+            "spend",
+            serde_json::json!({"state": state, "accounts": accounts}),
+        ))
     }
 
     fn shutdown(&self) {

@@ -16,6 +16,7 @@ fn filter(dir: &std::path::Path, extra: serde_json::Value) -> Arc<dyn Filter> {
         &o,
         &BuildContext {
             config_dir: dir.to_path_buf(),
+            ..Default::default()
         },
     )
     .unwrap()
@@ -179,6 +180,7 @@ fn option_errors() {
     let dir = tempfile::tempdir().unwrap();
     let cx = BuildContext {
         config_dir: dir.path().to_path_buf(),
+        ..Default::default()
     };
     let e = build(
         &json!({"ledger": "s.db", "default": {"max_usd": 5, "period": "1y"}}),
@@ -215,7 +217,7 @@ async fn a_request_dropped_without_completing_settles_its_reservation_once() {
     f.on_request(&mut c).await.unwrap();
     // Shutdown cuts the request short: on_complete never runs.
     drop(c);
-    let report = f.admin_report().unwrap().1;
+    let report = f.admin_report().await.unwrap().1;
     let carol = &report["accounts"][0];
     assert_eq!(carol["principal"], "carol");
     assert_eq!(
@@ -228,7 +230,7 @@ async fn a_request_dropped_without_completing_settles_its_reservation_once() {
     f.on_request(&mut c).await.unwrap();
     served(&f, &mut c, 1).await;
     drop(c);
-    let report = f.admin_report().unwrap().1;
+    let report = f.admin_report().await.unwrap().1;
     assert_eq!(report["accounts"][0]["spent_usd"].as_f64(), Some(6.0));
     assert_eq!(report["accounts"][0]["reserved_usd"].as_f64(), Some(0.0));
 }
@@ -237,11 +239,11 @@ async fn a_request_dropped_without_completing_settles_its_reservation_once() {
 async fn only_requests_a_backend_may_have_run_are_charged_without_usage() {
     let dir = tempfile::tempdir().unwrap();
     let f = filter(dir.path(), json!({}));
-    let spent = |f: &Arc<dyn Filter>| {
-        f.admin_report().unwrap().1["accounts"][0]["spent_usd"]
+    async fn spent(f: &Arc<dyn Filter>) -> f64 {
+        f.admin_report().await.unwrap().1["accounts"][0]["spent_usd"]
             .as_f64()
             .unwrap()
-    };
+    }
     // Every attempt failed to connect: the backend never got it.
     let mut c = ctx("dave", Some(100.0));
     f.on_request(&mut c).await.unwrap();
@@ -251,7 +253,7 @@ async fn only_requests_a_backend_may_have_run_are_charged_without_usage() {
         code: "backend_unavailable",
     };
     f.on_complete(&mut c).await;
-    assert_eq!(spent(&f), 0.0);
+    assert_eq!(spent(&f).await, 0.0);
     // The backend refused it (404 model not found): nothing was generated.
     let mut c = ctx("dave", Some(100.0));
     f.on_request(&mut c).await.unwrap();
@@ -259,7 +261,7 @@ async fn only_requests_a_backend_may_have_run_are_charged_without_usage() {
     c.reached_backend = true;
     c.status = 404;
     f.on_complete(&mut c).await;
-    assert_eq!(spent(&f), 0.0);
+    assert_eq!(spent(&f).await, 0.0);
     // It had the request and never answered (the gateway's 504): it may have run.
     let mut c = ctx("dave", Some(100.0));
     f.on_request(&mut c).await.unwrap();
@@ -270,5 +272,5 @@ async fn only_requests_a_backend_may_have_run_are_charged_without_usage() {
         code: "backend_timeout",
     };
     f.on_complete(&mut c).await;
-    assert_eq!(spent(&f), 5.0, "the reservation");
+    assert_eq!(spent(&f).await, 5.0, "the reservation");
 }

@@ -5,6 +5,7 @@
 //! two instances in the chain for a per-IP guard before auth and a per-key limit after it.
 
 mod rate;
+mod shared;
 mod store;
 
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -14,11 +15,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
-use gateway_filter::{parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx};
+use gateway_filter::state::{acquire_lease, ask, at, int, stable_hash, Arg, SharedLease};
+use gateway_filter::{
+    parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState,
+};
 use serde::Deserialize;
 
 pub use rate::{gcra, Gcra, Rate};
-pub use store::{LimitStore, LocalStore};
+pub use store::{LimitStore, LocalStore, TokenCheck};
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
@@ -104,17 +108,30 @@ pub struct RateLimitFilter {
     tpm: Option<u64>,
     store: Arc<dyn LimitStore>,
     hasher: std::hash::RandomState,
+    /// Shared with the other replicas (`state: { backend: redis }`); the local store is the
+    /// fallback.
+    state: Option<Arc<dyn SharedState>>,
+    /// Names this limiter's keys in shared state: the same options on every replica give the
+    /// same id, and two limiters of one chain differ.
+    id: String,
 }
 
 /// What a request holds from a limiter until it ends: an in-flight slot (released when the
 /// request's context is dropped, however it ends) or a token reservation (settled in
 /// `on_complete`; if that never runs, it simply stays counted until its window ends).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum Held {
     Slot(u64),
     Tokens {
         key: u64,
         start_ns: u64,
+        reserved: u64,
+    },
+    /// Released when dropped.
+    SharedSlot(#[allow(dead_code)] SharedLease),
+    SharedTokens {
+        key: String,
+        start_ms: i64,
         reserved: u64,
     },
 }
@@ -150,7 +167,7 @@ impl Holds {
 /// Registry constructor: `- use: ratelimit` plus [`Options`].
 pub fn build(
     options: &serde_json::Value,
-    _cx: &BuildContext,
+    cx: &BuildContext,
 ) -> Result<Arc<dyn Filter>, OptionsError> {
     let o: Options = parse_options(options)?;
     let key = KeyKind::parse(&o.key).map_err(|m| OptionsError::new("key", m.to_string()))?;
@@ -181,6 +198,8 @@ pub fn build(
         tpm: o.tokens_per_minute,
         store: Arc::new(LocalStore::new(o.max_keys.max(SHARD_MIN))),
         hasher: std::hash::RandomState::new(),
+        state: cx.state.clone(),
+        id: format!("{:016x}", stable_hash(options.to_string().as_bytes())),
     }))
 }
 
@@ -223,6 +242,38 @@ impl RateLimitFilter {
         h.finish()
     }
 
+    /// The limiter key in shared state, for `what` (rate, tokens, slots): the same on every
+    /// replica. The hash tag is the address or principal, so one Cluster slot holds them.
+    fn shared_key(&self, state: &dyn SharedState, ctx: &RequestCtx, what: &str) -> String {
+        let ip = || {
+            ctx.client_net
+                .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+                .to_string()
+        };
+        let (tag, model) = match (&self.key, &ctx.principal) {
+            (KeyKind::Ip, _) | (_, None) if !matches!(self.key, KeyKind::Header(_)) => {
+                (format!("ip:{}", ip()), "")
+            }
+            (KeyKind::Principal, Some(p)) => (format!("key:{}", p.id), ""),
+            (KeyKind::PrincipalModel, Some(p)) => {
+                let model = ctx.model.as_deref().unwrap_or("");
+                (format!("key:{}", p.id), model)
+            }
+            (KeyKind::Header(name), _) => match ctx.headers.get(name) {
+                Some(v) => (format!("h:{:016x}", stable_hash(v.as_bytes())), ""),
+                None => (format!("ip:{}", ip()), ""),
+            },
+            _ => (format!("ip:{}", ip()), ""),
+        };
+        if model.is_empty() {
+            state.key(&format!("rl:{}:{what}", self.id), &tag)
+        } else {
+            // The client chose the model name: hashed, so it cannot make a key of any length.
+            let m = stable_hash(model.as_bytes());
+            state.key(&format!("rl:{}:{what}:m{m:016x}", self.id), &tag)
+        }
+    }
+
     fn uses_principal(&self) -> bool {
         matches!(self.key, KeyKind::Principal | KeyKind::PrincipalModel)
     }
@@ -263,6 +314,14 @@ impl RateLimitFilter {
         }
     }
 
+    fn too_many_in_flight(ctx: &mut RequestCtx, max: u32) -> Rejection {
+        ctx.reject_reason = Some("concurrency");
+        too_many(
+            format!("concurrency limit exceeded ({max} requests in flight)"),
+            1_000_000_000,
+        )
+    }
+
     fn push(ctx: &mut RequestCtx, name: &'static str, v: u64) {
         ctx.response_headers
             .push((HeaderName::from_static(name), HeaderValue::from(v)));
@@ -289,7 +348,32 @@ impl Filter for RateLimitFilter {
         if let Some(rate) = rate {
             let t = rate.interval_ns();
             Self::push(ctx, "x-ratelimit-limit", burst + 1);
-            match self.store.check_rate(key, now, t, burst) {
+            let shared = match &self.state {
+                Some(st) => {
+                    let k = self.shared_key(st.as_ref(), ctx, "rate");
+                    let t_us = (t / 1000).max(1) as i64;
+                    ask(
+                        Some(st),
+                        &shared::GCRA,
+                        &[&k],
+                        &[Arg::Int(t_us), Arg::Int(burst as i64)],
+                    )
+                    .await?
+                }
+                None => None,
+            };
+            let decision = match shared {
+                Some(r) if at(&r, 0) == 1 => Gcra::Allow {
+                    delay_ns: at(&r, 1).max(0) as u64 * 1000,
+                    remaining: at(&r, 2).max(0) as u64,
+                    reset_ns: at(&r, 3).max(0) as u64 * 1000,
+                },
+                Some(r) => Gcra::Deny {
+                    retry_ns: at(&r, 1).max(0) as u64 * 1000,
+                },
+                None => self.store.check_rate(key, now, t, burst),
+            };
+            match decision {
                 Gcra::Allow {
                     delay_ns,
                     remaining,
@@ -328,9 +412,48 @@ impl Filter for RateLimitFilter {
                 .max_tokens
                 .unwrap_or(0)
                 .saturating_add(prompt.div_ceil(4));
-            let check = self
-                .store
-                .reserve_tokens(key, now, MINUTE_NS, reserve, limit);
+            let shared = match &self.state {
+                Some(st) => {
+                    let k = self.shared_key(st.as_ref(), ctx, "tokens");
+                    ask(
+                        Some(st),
+                        &shared::TOKENS_RESERVE,
+                        &[&k],
+                        &[int(MINUTE_NS / 1_000_000), int(reserve), int(limit)],
+                    )
+                    .await?
+                    .map(|r| (k, r))
+                }
+                None => None,
+            };
+            let (check, held) = match shared {
+                Some((k, r)) => (
+                    TokenCheck {
+                        taken: at(&r, 0) == 1,
+                        used: at(&r, 1).max(0) as u64,
+                        start_ns: 0,
+                        left_ns: at(&r, 3).max(0) as u64 * 1_000_000,
+                    },
+                    Held::SharedTokens {
+                        key: k,
+                        start_ms: at(&r, 2),
+                        reserved: reserve.min(i64::MAX as u64),
+                    },
+                ),
+                None => {
+                    let c = self
+                        .store
+                        .reserve_tokens(key, now, MINUTE_NS, reserve, limit);
+                    (
+                        c,
+                        Held::Tokens {
+                            key,
+                            start_ns: c.start_ns,
+                            reserved: reserve,
+                        },
+                    )
+                }
+            };
             Self::push(ctx, "x-ratelimit-limit-tokens", limit);
             Self::push(
                 ctx,
@@ -348,23 +471,24 @@ impl Filter for RateLimitFilter {
                     check.left_ns,
                 ));
             }
-            self.hold(
-                ctx,
-                Held::Tokens {
-                    key,
-                    start_ns: check.start_ns,
-                    reserved: reserve,
-                },
-            );
+            self.hold(ctx, held);
         }
 
         if let Some(max) = self.max_in_flight {
+            if let Some(st) = &self.state {
+                let k = self.shared_key(st.as_ref(), ctx, "slots");
+                match acquire_lease(st, k, max).await {
+                    Ok(Some(lease)) => {
+                        self.hold(ctx, Held::SharedSlot(lease));
+                        return Ok(());
+                    }
+                    Ok(None) => return Err(Self::too_many_in_flight(ctx, max)),
+                    Err(_) if st.fail_closed() => return Err(gateway_filter::state::unavailable()),
+                    Err(_) => {}
+                }
+            }
             if !self.store.acquire(key, max) {
-                ctx.reject_reason = Some("concurrency");
-                return Err(too_many(
-                    format!("concurrency limit exceeded ({max} requests in flight)"),
-                    1_000_000_000,
-                ));
+                return Err(Self::too_many_in_flight(ctx, max));
             }
             self.hold(ctx, Held::Slot(key));
         }
@@ -384,17 +508,35 @@ impl Filter for RateLimitFilter {
             None => None,
         };
         let now = now_ns();
-        holds.each(&self.store, |held| {
-            if let Held::Tokens {
+        holds.each(&self.store, |held| match *held {
+            Held::Tokens {
                 key,
                 start_ns,
                 reserved,
-            } = *held
-            {
+            } => {
                 let used = used.unwrap_or(reserved);
                 self.store
                     .settle_tokens(key, now, MINUTE_NS, start_ns, reserved, used);
             }
+            Held::SharedTokens {
+                ref key,
+                start_ms,
+                reserved,
+            } => {
+                if let Some(st) = &self.state {
+                    st.run_detached(
+                        &shared::TOKENS_SETTLE,
+                        vec![key.clone()],
+                        vec![
+                            (MINUTE_NS / 1_000_000).to_string(),
+                            start_ms.to_string(),
+                            reserved.to_string(),
+                            used.unwrap_or(reserved).min(i64::MAX as u64).to_string(),
+                        ],
+                    );
+                }
+            }
+            Held::Slot(_) | Held::SharedSlot(_) => {}
         });
     }
 }

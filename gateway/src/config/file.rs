@@ -30,6 +30,9 @@ pub struct FileConfig {
     /// OpenTelemetry export; off when absent.
     #[serde(default)]
     pub telemetry: super::telemetry::TelemetrySection,
+    /// Shared state for several replicas; local when absent.
+    #[serde(default)]
+    pub state: super::state::StateSection,
 }
 
 /// The admin listener: `/metrics` and `/health`, never on a public listener.

@@ -6,6 +6,7 @@
 mod file;
 mod interpolate;
 mod settings;
+mod state;
 mod telemetry;
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ pub use file::{BackendKind, Strategy};
 pub use settings::{
     by_local_addr, BackendSpec, FilterSpec, Limits, ListenerSpec, RoutingSpec, Settings, TlsSpec,
 };
+pub use state::{OnError, StateSpec};
 pub use telemetry::{OtlpProtocol, TelemetrySpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +119,54 @@ mod tests {
         assert_eq!(s.limits.max_body, 2 << 20);
         assert_eq!(s.filters[0].name, "thing");
         assert_eq!(s.filters[0].options["rate"], "10/m");
+    }
+
+    #[test]
+    fn shared_state_section() {
+        assert!(parse_str("").unwrap().state.is_none(), "local by default");
+        let s = parse_str(
+            "state: { backend: redis, url: 'redis://10.0.0.5:6379/1', password: pw, timeout: 15ms, on_error: reject }\n",
+        )
+        .unwrap()
+        .state
+        .unwrap();
+        assert_eq!(s.timeout, std::time::Duration::from_millis(15));
+        assert_eq!(s.on_error, OnError::Reject);
+        assert_eq!(s.prefix, "llm-gateway:");
+        assert_eq!(s.lease_ttl, std::time::Duration::from_secs(30));
+        for (yaml, path, hint) in [
+            ("state: { backend: redis }", "state.url", "redis://"),
+            (
+                "state: { backend: redis, url: 'http://x:6379' }",
+                "state.url",
+                "rediss://",
+            ),
+            ("state: { url: 'redis://x' }", "state.url", "backend: redis"),
+            (
+                "state: { backend: redis, url: 'redis://x', timeout: 10s }",
+                "state.timeout",
+                "5s",
+            ),
+            (
+                "state: { backend: redis, url: 'redis://x', prefix: 'a{b}' }",
+                "state.prefix",
+                "hash tags",
+            ),
+            (
+                "state: { backend: redis, url: 'redis://x', ca_file: ca.pem }",
+                "state.ca_file",
+                "rediss://",
+            ),
+            ("state: { backend: memcached }", "state.backend", "redis"),
+            (
+                "state: { backend: redis, url: 'redis://x', lease_ttl: 10ms }",
+                "state.lease_ttl",
+                "300ms",
+            ),
+        ] {
+            let e = parse_str(yaml).unwrap_err().to_string();
+            assert!(e.contains(path) && e.contains(hint), "{yaml}: {e}");
+        }
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct Settings {
     pub metrics_max_models: usize,
     /// OTLP trace export, when configured.
     pub telemetry: Option<super::telemetry::TelemetrySpec>,
+    /// Shared state (`state: { backend: redis }`); `None` keeps it in this process.
+    pub state: Option<super::state::StateSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -318,6 +320,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         .map(|(i, v)| filter_spec(i, v))
         .collect::<Result<Vec<_>, _>>()?;
     let telemetry = super::telemetry::build(cfg.telemetry, &filters, &config_dir)?;
+    let state = super::state::build(cfg.state, &config_dir)?;
     let upgrade_sock = upgrade_sock(cfg.server.upgrade_sock.as_deref(), &config_dir)?;
 
     Ok(Settings {
@@ -336,6 +339,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         metrics_principal_label: cfg.metrics.principal_label,
         metrics_max_models: cfg.metrics.max_models,
         telemetry,
+        state,
     })
 }
 

@@ -39,6 +39,9 @@ enum Attempt {
     Abort(Box<Error>),
 }
 
+/// How long a backend whose shared slots are all taken counts as full before it is asked again.
+const SHARED_FULL_MS: u64 = 20;
+
 /// Output tokens a request may still produce, for the usage-based strategy.
 fn reserved_tokens(ctx: &GwCtx) -> u64 {
     ctx.req.max_tokens.unwrap_or(1024)
@@ -74,7 +77,15 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 };
                 // A slot freed between the pick and this wait is not missed: the pick is
                 // made again once the wait is registered.
-                pool.wait_freed(deadline, || {
+                // Slots freed on other replicas wake nobody here: look again shortly.
+                let wake = match pool.state() {
+                    Some(_) => deadline.min(
+                        tokio::time::Instant::now()
+                            + std::time::Duration::from_millis(SHARED_FULL_MS),
+                    ),
+                    None => deadline,
+                };
+                pool.wait_freed(wake, || {
                     matches!(gw.router.pick(&ctx.req, &ctx.tried), Pick::Full)
                 })
                 .await;
@@ -118,9 +129,33 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
             }
         };
         // Another request may have taken the backend's last slot since the pick: pick again.
-        let Some(lease) = pool.try_lease(idx, reserved_tokens(ctx)) else {
+        let Some(mut lease) = pool.try_lease(idx, reserved_tokens(ctx)) else {
             continue;
         };
+        if let (Some(max), Some(state)) = (pool.get(idx).max_in_flight, pool.state()) {
+            let key = state.key("slots", &pool.get(idx).name);
+            match gateway_filter::state::acquire_lease(state, key, max).await {
+                Ok(Some(shared)) => lease.shared = Some(shared),
+                Ok(None) => {
+                    // The replicas together fill it: full here too for a moment.
+                    pool.get(idx).mark_shared_full(SHARED_FULL_MS);
+                    continue;
+                }
+                Err(_) if state.fail_closed() => {
+                    ctx.req.decision = Decision::Failed {
+                        code: "state_unavailable",
+                    };
+                    return respond::rejection(
+                        session,
+                        &mut ctx.req,
+                        &gateway_filter::state::unavailable(),
+                    )
+                    .await;
+                }
+                // `on_error: local`: this replica's own count holds it.
+                Err(_) => {}
+            }
+        }
         if !ctx.tried.is_empty() {
             ctx.req.retries += 1;
         }

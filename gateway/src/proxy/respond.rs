@@ -134,8 +134,16 @@ pub fn health_json(router: &dyn Router) -> String {
         })
         .collect();
     let any_up = (0..pool.len()).any(|i| pool.is_up(i));
+    // Shared state out of reach is degraded, not down: the replica still answers (on local
+    // limits, or 503 where the operator chose to fail closed), so a load balancer keeps it.
+    let state = match pool.state() {
+        None => "local",
+        Some(s) if s.degraded() => "degraded",
+        Some(_) => "shared",
+    };
     serde_json::json!({
         "status": if any_up || pool.is_empty() { "ok" } else { "degraded" },
+        "state": state,
         "backends": backends,
     })
     .to_string()

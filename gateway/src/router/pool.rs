@@ -13,6 +13,13 @@ use crate::config::{BackendKind, BackendSpec, Limits, RoutingSpec};
 
 pub use gateway_filter::model_name::canonical_model;
 
+static CLOCK: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+/// Milliseconds on a process-wide monotonic clock.
+fn clock_ms() -> u64 {
+    CLOCK.elapsed().as_millis() as u64
+}
+
 /// Tokens served in a sliding minute: two fixed 30 s buckets, the older one weighted by how
 /// much of it is still inside the minute.
 #[derive(Default)]
@@ -69,6 +76,9 @@ pub struct Backend {
 
     // Load.
     in_flight: AtomicU32,
+    /// Shared state said every replica together is at `max_in_flight`: treated as full until
+    /// then (ms on [`clock_ms`]), then asked again.
+    shared_full_until_ms: AtomicU64,
     reserved: AtomicU64,
     window: Mutex<TokenWindow>,
     /// Moving average of time to first byte, in microseconds (0 = no sample yet).
@@ -112,6 +122,7 @@ impl Backend {
             cooldown_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
+            shared_full_until_ms: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             window: Mutex::new(TokenWindow::default()),
             ttfb_us: AtomicU64::new(0),
@@ -128,6 +139,13 @@ impl Backend {
 
     pub fn is_full(&self) -> bool {
         self.max_in_flight.is_some_and(|m| self.in_flight() >= m)
+            || self.shared_full_until_ms.load(Ordering::Relaxed) > clock_ms()
+    }
+
+    /// The replicas together hold every slot: count it full for `for_ms`.
+    pub fn mark_shared_full(&self, for_ms: u64) {
+        self.shared_full_until_ms
+            .store(clock_ms() + for_ms, Ordering::Relaxed);
     }
 
     /// `Some(true)` serves the model, `Some(false)` does not, `None` unknown (no list yet).
@@ -176,6 +194,8 @@ pub struct Lease {
     pool: Arc<PoolInner>,
     idx: usize,
     reserved: u64,
+    /// Its slot among all replicas' (shared state, backends with `max_in_flight`).
+    pub shared: Option<gateway_filter::state::SharedLease>,
 }
 
 impl Drop for Lease {
@@ -195,6 +215,8 @@ pub(super) struct PoolInner {
     cooldown_max: Duration,
     /// Woken whenever a lease ends (least-busy waiters).
     pub freed: tokio::sync::Notify,
+    /// Shared with the other replicas: backend slots.
+    pub state: Option<Arc<dyn gateway_filter::SharedState>>,
 }
 
 /// The configured backends with their state. Cheap to clone.
@@ -210,7 +232,23 @@ impl BackendPool {
             cooldown: routing.cooldown,
             cooldown_max: routing.cooldown_max,
             freed: tokio::sync::Notify::new(),
+            state: None,
         }))
+    }
+
+    /// Shares the backends' `max_in_flight` slots with the other replicas.
+    pub fn with_state(
+        mut self,
+        state: Option<Arc<dyn gateway_filter::SharedState>>,
+    ) -> BackendPool {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.state = state;
+        }
+        self
+    }
+
+    pub fn state(&self) -> Option<&Arc<dyn gateway_filter::SharedState>> {
+        self.0.state.as_ref()
     }
 
     pub fn len(&self) -> usize {
@@ -294,6 +332,7 @@ impl BackendPool {
             pool: self.0.clone(),
             idx,
             reserved,
+            shared: None,
         }
     }
 
@@ -324,6 +363,7 @@ impl BackendPool {
             pool: self.0.clone(),
             idx,
             reserved,
+            shared: None,
         })
     }
 

@@ -1,0 +1,245 @@
+//! Shared state for several replicas (Redis or Valkey), as filters see it.
+//!
+//! The gateway implements [`SharedState`]; filters never see Redis. Every check-and-reserve is
+//! one [`Script`] run atomically on the server, so replicas never read, decide and write in
+//! three steps. Holds that must survive a slow request but not a dead replica (in-flight
+//! slots, budget reservations) are members of a sorted set scored by their expiry, which the
+//! gateway renews while the request runs ([`SharedState::keep`]). When a call fails (deadline,
+//! open circuit, not connected) the filter falls back to its local state, or, when the
+//! operator chose `on_error: reject`, answers [`unavailable`].
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::{header, HeaderValue, StatusCode};
+
+use crate::Rejection;
+
+/// A Lua script run atomically on the server. Its keys are passed as `KEYS`, its arguments
+/// as `ARGV`; it answers an array of integers.
+#[derive(Debug)]
+pub struct Script {
+    /// For logs and metrics.
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// One `ARGV` entry.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg<'a> {
+    Int(i64),
+    Str(&'a str),
+}
+
+/// Why a shared call gave no answer. The request never waits longer than the deadline.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StateError {
+    #[error("shared state unavailable (not connected, or its circuit is open)")]
+    Unavailable,
+    #[error("shared state did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("shared state failed: {0}")]
+    Failed(String),
+}
+
+/// A renewed hold; dropping it stops the renewal (the hold then expires by itself unless it
+/// was released).
+pub struct Keep(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl Keep {
+    pub fn new(on_drop: impl FnOnce() + Send + Sync + 'static) -> Keep {
+        Keep(Some(Box::new(on_drop)))
+    }
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+impl std::fmt::Debug for Keep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keep")
+    }
+}
+
+#[async_trait]
+pub trait SharedState: Send + Sync {
+    /// Runs `script` on the server within the deadline.
+    async fn run(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[Arg<'_>],
+    ) -> Result<Vec<i64>, StateError>;
+
+    /// Runs `script` without waiting for it (a release from `Drop`, a settlement), on the
+    /// state's own runtime, with the same deadline. A failure is counted, not retried: the
+    /// holds it would have released expire by themselves.
+    fn run_detached(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>);
+
+    /// A key name: the operator's prefix, `kind`, and `tag` as the hash tag, so all the keys
+    /// of one principal (or address, or backend) sit in one Redis Cluster slot.
+    fn key(&self, kind: &str, tag: &str) -> String;
+
+    /// An id unique to this process, for the members of shared holds.
+    fn member(&self) -> String;
+
+    /// Milliseconds a hold lives without renewal (`state.lease_ttl`).
+    fn lease_ms(&self) -> u64;
+
+    /// Renews member `member` of the sorted set `key` (its score is its expiry in ms) every
+    /// third of the lease time until the returned guard is dropped.
+    fn keep(&self, key: String, member: String) -> Keep;
+
+    /// `on_error: reject`: a failed call answers 503 instead of falling back to local state.
+    fn fail_closed(&self) -> bool;
+
+    /// Whether calls fail over right now (circuit open, server unreachable).
+    fn degraded(&self) -> bool;
+
+    /// Registers work to run whenever the server is found to have lost its data (flushed,
+    /// restarted without persistence, failed over to an empty replica), e.g. putting this
+    /// replica's spend back from its ledger.
+    fn on_reset(&self, f: Box<dyn Fn() + Send + Sync>);
+}
+
+/// The answer when shared state is out of reach and the operator chose to fail closed.
+pub fn unavailable() -> Rejection {
+    Rejection::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "state_unavailable",
+        "the gateway's shared state is unavailable; try again shortly",
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+}
+
+/// Reads integer `i` of a script's answer (0 when missing).
+pub fn at(reply: &[i64], i: usize) -> i64 {
+    reply.get(i).copied().unwrap_or(0)
+}
+
+/// Takes a slot in the sorted set `KEYS[1]` when fewer than `ARGV[1]` live ones are there
+/// (expired ones, of replicas that died, are dropped first). ARGV: max, member, ttl ms.
+/// Answers `{taken, slots in use}`.
+pub static LEASE_ACQUIRE: Script = Script {
+    name: "lease_acquire",
+    source: r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[1]) then
+  return {0, n}
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return {1, n + 1}
+"#,
+};
+
+/// Gives a slot back. ARGV: member.
+pub static LEASE_RELEASE: Script = Script {
+    name: "lease_release",
+    source: r#"
+return {redis.call('ZREM', KEYS[1], ARGV[1])}
+"#,
+};
+
+/// A slot taken in a shared set: renewed while held, given back when dropped (however the
+/// request ends); if this replica dies, it expires after the lease time.
+pub struct SharedLease {
+    state: std::sync::Arc<dyn SharedState>,
+    key: String,
+    member: String,
+    _keep: Keep,
+}
+
+impl std::fmt::Debug for SharedLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLease")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl Drop for SharedLease {
+    fn drop(&mut self) {
+        self.state.run_detached(
+            &LEASE_RELEASE,
+            vec![std::mem::take(&mut self.key)],
+            vec![std::mem::take(&mut self.member)],
+        );
+    }
+}
+
+/// Takes one of `max` slots of `key` across all replicas: `Ok(None)` when all are taken.
+pub async fn acquire_lease(
+    state: &std::sync::Arc<dyn SharedState>,
+    key: String,
+    max: u32,
+) -> Result<Option<SharedLease>, StateError> {
+    let member = state.member();
+    let reply = state
+        .run(
+            &LEASE_ACQUIRE,
+            &[&key],
+            &[
+                Arg::Int(i64::from(max)),
+                Arg::Str(&member),
+                Arg::Int(state.lease_ms() as i64),
+            ],
+        )
+        .await
+        .inspect_err(|_| {
+            // The script may still run after the deadline: give the slot back if it did.
+            state.run_detached(&LEASE_RELEASE, vec![key.clone()], vec![member.clone()]);
+        })?;
+    if at(&reply, 0) != 1 {
+        return Ok(None);
+    }
+    let keep = state.keep(key.clone(), member.clone());
+    Ok(Some(SharedLease {
+        state: state.clone(),
+        key,
+        member,
+        _keep: keep,
+    }))
+}
+
+/// One shared check: `Ok(Some(reply))` from the server; `Ok(None)` when there is no shared
+/// state or it failed and the operator chose local fallback (use local state then);
+/// `Err(503)` when it failed and the operator chose to fail closed.
+pub async fn ask(
+    state: Option<&std::sync::Arc<dyn SharedState>>,
+    script: &'static Script,
+    keys: &[&str],
+    args: &[Arg<'_>],
+) -> Result<Option<Vec<i64>>, Rejection> {
+    let Some(state) = state else {
+        return Ok(None);
+    };
+    match state.run(script, keys, args).await {
+        Ok(v) => Ok(Some(v)),
+        Err(_) if state.fail_closed() => Err(unavailable()),
+        Err(_) => Ok(None),
+    }
+}
+
+/// A count for a script argument: counts beyond `i64::MAX` (a client asking for 2^64
+/// tokens) stay at the maximum instead of wrapping negative.
+pub fn int(n: u64) -> Arg<'static> {
+    Arg::Int(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// A stable 64-bit hash (FNV-1a) for key names every replica must compute alike (std's
+/// hashers are seeded per process).
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -1,0 +1,255 @@
+//! Budgets shared by several replicas (Redis). Per budget and period, two keys with the
+//! principal as hash tag:
+//! - `spend`: a hash of spend per replica (field: the replica's ledger id, value: its total in
+//!   nano-USD for the period). Each replica writes only its own field, and only upwards, from
+//!   what its ledger and book know, so a server that lost its data is repaired by every
+//!   reserve and settlement, and by the reset hook.
+//! - `resv`: live reservations, a sorted set scored by expiry, each member `ID|AMOUNT`. A
+//!   replica that dies leaves its reservations to expire after the lease time.
+//!
+//! A reservation checks `sum(spend) + sum(live reservations) + amount <= limit` and takes its
+//! place in one atomic script, so concurrent requests on all replicas cannot overspend.
+
+use std::sync::Arc;
+
+use gateway_filter::state::{at, Arg, Keep, Script, StateError};
+use gateway_filter::SharedState;
+
+use crate::book::Budget;
+use crate::period::Calendar;
+use crate::prices::Nano;
+
+/// KEYS: spend, resv. ARGV: replica, its period total, amount, limit, member, ttl ms,
+/// keep ms (spend key's lifetime; 0: none). Answers `{taken, spent, reserved}`.
+static RESERVE: Script = Script {
+    name: "budget_reserve",
+    source: r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+local keep = tonumber(ARGV[7])
+if keep > 0 then redis.call('PEXPIRE', KEYS[1], keep) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local spent = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do spent = spent + tonumber(v) end
+local held = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  held = held + (tonumber(string.match(m, '|(%d+)$')) or 0)
+end
+local amount = tonumber(ARGV[3])
+if spent + held + amount > tonumber(ARGV[4]) then
+  return {0, spent, held}
+end
+local ttl = tonumber(ARGV[6])
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
+return {1, spent, held + amount}
+"#,
+};
+
+/// Ends a reservation (if any) and raises this replica's total. KEYS: spend, resv. ARGV:
+/// replica, its period total, member ('' for none), keep ms.
+static SETTLE: Script = Script {
+    name: "budget_settle",
+    source: r#"
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
+if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+local keep = tonumber(ARGV[4])
+if keep > 0 then redis.call('PEXPIRE', KEYS[1], keep) end
+return {1}
+"#,
+};
+
+/// KEYS: spend, resv. Answers `{spent, reserved}` of all replicas together.
+static TOTALS: Script = Script {
+    name: "budget_totals",
+    source: r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local spent = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do spent = spent + tonumber(v) end
+local held = 0
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')) do
+  held = held + (tonumber(string.match(m, '|(%d+)$')) or 0)
+end
+return {spent, held}
+"#,
+};
+
+/// Spend keys outlive their period by a day (late settlements), 40 days when unknown.
+pub const KEEP_UNKNOWN_MS: i64 = 40 * 86_400_000;
+
+pub fn keep_ms(b: &Budget, now: i64) -> i64 {
+    b.period
+        .resets_at(now)
+        .map_or(0, |reset| (reset - now + 86_400).max(1) * 1000)
+}
+
+fn keys(st: &dyn SharedState, principal: &str, period_key: &str) -> [String; 2] {
+    let tag = format!("budget:{principal}");
+    [
+        st.key(&format!("spend:{period_key}"), &tag),
+        st.key(&format!("resv:{period_key}"), &tag),
+    ]
+}
+
+/// A reservation held in shared state for one budget.
+pub struct Hold {
+    /// Which of the request's budgets it is.
+    index: usize,
+    keys: [String; 2],
+    member: String,
+    keep_ms: i64,
+    _keep: Keep,
+}
+
+impl Hold {
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+/// What the shared check answered.
+pub enum Reserved {
+    /// Taken in every budget; with `(used after it, limit)` per budget across all replicas.
+    Taken(Vec<Hold>, Vec<(Nano, Nano)>),
+    /// Budget `i` cannot take it (the others were given back).
+    Refused(usize),
+}
+
+/// Reserves `amount` in every budget, or in none. `mine`: this replica's own total per budget.
+pub async fn reserve(
+    st: &Arc<dyn SharedState>,
+    replica: &str,
+    budgets: &[Budget],
+    mine: &[Nano],
+    amount: Nano,
+    now: i64,
+) -> Result<Reserved, StateError> {
+    let lease = st.lease_ms() as i64;
+    let calls = budgets.iter().zip(mine).map(|(b, m)| {
+        let keys = keys(st.as_ref(), &b.principal, &b.period_key);
+        let member = format!("{}|{amount}", st.member());
+        let keep = keep_ms(b, now);
+        async move {
+            let r = st
+                .run(
+                    &RESERVE,
+                    &[&keys[0], &keys[1]],
+                    &[
+                        Arg::Str(replica),
+                        Arg::Int(*m),
+                        Arg::Int(amount),
+                        Arg::Int(b.limit),
+                        Arg::Str(&member),
+                        Arg::Int(lease),
+                        Arg::Int(keep),
+                    ],
+                )
+                .await;
+            (keys, member, keep, r)
+        }
+    });
+    // One round trip for all budgets: the calls share the pipelined connection.
+    let answers = futures_util::future::join_all(calls).await;
+    let mut holds = Vec::with_capacity(answers.len());
+    let mut after = Vec::with_capacity(answers.len());
+    let mut refused = None;
+    let mut failed = None;
+    for (i, (keys, member, keep_ms, r)) in answers.into_iter().enumerate() {
+        match r {
+            Ok(v) if at(&v, 0) == 1 => {
+                let _keep = st.keep(keys[1].clone(), member.clone());
+                after.push((at(&v, 1) + at(&v, 2), budgets[i].limit));
+                holds.push(Hold {
+                    index: i,
+                    keys,
+                    member,
+                    keep_ms,
+                    _keep,
+                });
+            }
+            Ok(_) => refused = refused.or(Some(i)),
+            Err(e) => {
+                // The script may have run after the deadline: take its place back.
+                st.run_detached(
+                    &SETTLE,
+                    keys.to_vec(),
+                    vec![
+                        replica.to_string(),
+                        mine[i].to_string(),
+                        member,
+                        keep_ms.to_string(),
+                    ],
+                );
+                failed = Some(e);
+            }
+        }
+    }
+    if refused.is_some() || failed.is_some() {
+        for h in &holds {
+            settle(st, replica, h, mine[h.index]);
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(match refused {
+        Some(i) => Reserved::Refused(i),
+        None => Reserved::Taken(holds, after),
+    })
+}
+
+/// Gives a reservation back and raises this replica's total to `mine` (detached).
+pub fn settle(st: &Arc<dyn SharedState>, replica: &str, h: &Hold, mine: Nano) {
+    st.run_detached(
+        &SETTLE,
+        h.keys.to_vec(),
+        vec![
+            replica.to_string(),
+            mine.to_string(),
+            h.member.clone(),
+            h.keep_ms.to_string(),
+        ],
+    );
+}
+
+/// Puts this replica's total for one account back (after the server lost its data).
+pub fn repair(
+    st: &Arc<dyn SharedState>,
+    replica: &str,
+    principal: &str,
+    period_key: &str,
+    mine: Nano,
+) {
+    let keep = if period_key == "total" {
+        0
+    } else {
+        KEEP_UNKNOWN_MS
+    };
+    st.run_detached(
+        &SETTLE,
+        keys(st.as_ref(), principal, period_key).to_vec(),
+        vec![
+            replica.to_string(),
+            mine.to_string(),
+            String::new(),
+            keep.to_string(),
+        ],
+    );
+}
+
+/// All replicas' spend and live reservations for one account.
+pub async fn totals(
+    st: &Arc<dyn SharedState>,
+    principal: &str,
+    period_key: &str,
+) -> Result<(Nano, Nano), StateError> {
+    let k = keys(st.as_ref(), principal, period_key);
+    let v = st.run(&TOTALS, &[&k[0], &k[1]], &[]).await?;
+    Ok((at(&v, 0), at(&v, 1)))
+}

@@ -1,0 +1,162 @@
+//! `state:`: where limits, leases, lockout counts, backend slots and live spend live. `local`
+//! (the default) keeps them in this process; `redis` shares them with the other replicas
+//! through Redis or Valkey.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gateway_filter::units::HumanDuration;
+use serde::Deserialize;
+
+use super::settings::Invalid;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    #[serde(default)]
+    pub backend: StateBackend,
+    /// `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://` for TLS, `valkey://`/`valkeys://` too.
+    pub url: Option<String>,
+    /// Overrides a password in the URL (write it as `${REDIS_PASSWORD}`).
+    pub password: Option<String>,
+    /// Prepended to every key, so several gateways can share one Redis.
+    pub prefix: Option<String>,
+    /// How long one call may take before the request goes on without it.
+    pub timeout: Option<HumanDuration>,
+    /// How long connecting may take (at start and on reconnect).
+    pub connect_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub on_error: OnError,
+    /// How long a hold (in-flight slot, budget reservation) outlives a replica that died.
+    pub lease_ttl: Option<HumanDuration>,
+    /// Failed calls in a row that open the circuit.
+    pub breaker_failures: Option<u32>,
+    /// How often an open circuit tries the server again.
+    pub breaker_retry: Option<HumanDuration>,
+    /// PEM CA certificate(s) trusted for `rediss://` besides the system's roots.
+    pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+/// What a request meets when shared state is out of reach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// This replica's own limits, with the same settings (warned once per change).
+    #[default]
+    Local,
+    /// 503 JSON: fail closed.
+    Reject,
+}
+
+/// Validated `state:` for `backend: redis`.
+#[derive(Debug, Clone)]
+pub struct StateSpec {
+    pub url: String,
+    pub password: Option<String>,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub on_error: OnError,
+    pub lease_ttl: Duration,
+    pub breaker_failures: u32,
+    pub breaker_retry: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, Invalid> {
+    let bad = |key: &str, msg: &str| Err((format!("state.{key}"), msg.to_string()));
+    if s.backend == StateBackend::Local {
+        if s.url.is_some() {
+            return bad(
+                "url",
+                "is used only with `backend: redis`; add it, or remove the url",
+            );
+        }
+        return Ok(None);
+    }
+    let Some(url) = s.url.filter(|u| !u.trim().is_empty()) else {
+        return bad(
+            "url",
+            "`backend: redis` needs the server, e.g. url: redis://127.0.0.1:6379/0",
+        );
+    };
+    let scheme = url.split("://").next().unwrap_or_default();
+    if !matches!(scheme, "redis" | "rediss" | "valkey" | "valkeys") || !url.contains("://") {
+        return bad(
+            "url",
+            "write it as redis://HOST:PORT/DB (rediss:// for TLS; valkey:// and valkeys:// work too)",
+        );
+    }
+    let tls = matches!(scheme, "rediss" | "valkeys");
+    if s.ca_file.is_some() && !tls {
+        return bad("ca_file", "is used only with a rediss:// or valkeys:// url");
+    }
+    let ca_file = s.ca_file.map(|f| {
+        let p = PathBuf::from(f);
+        if p.is_absolute() {
+            p
+        } else {
+            config_dir.join(p)
+        }
+    });
+    if let Some(ca) = &ca_file {
+        if let Err(e) = std::fs::read(ca) {
+            return bad("ca_file", &format!("cannot read {}: {e}", ca.display()));
+        }
+    }
+    let ms =
+        |d: Option<HumanDuration>, default: u64| d.map_or(Duration::from_millis(default), |d| d.0);
+    let timeout = ms(s.timeout, 20);
+    if timeout.is_zero() || timeout > Duration::from_secs(5) {
+        return bad(
+            "timeout",
+            "from 1ms to 5s (a request waits this long at most for each shared check), such as 20ms",
+        );
+    }
+    let connect_timeout = ms(s.connect_timeout, 1000);
+    if connect_timeout.is_zero() {
+        return bad("connect_timeout", "must be more than 0, such as 1s");
+    }
+    let lease_ttl = ms(s.lease_ttl, 30_000);
+    if lease_ttl < Duration::from_millis(300) {
+        return bad(
+            "lease_ttl",
+            "at least 300ms (holds are renewed every third of it), such as 30s",
+        );
+    }
+    let breaker_failures = s.breaker_failures.unwrap_or(3);
+    if breaker_failures == 0 {
+        return bad("breaker_failures", "at least 1, such as 3");
+    }
+    let breaker_retry = ms(s.breaker_retry, 500);
+    if breaker_retry.is_zero() {
+        return bad("breaker_retry", "must be more than 0, such as 500ms");
+    }
+    let prefix = s.prefix.unwrap_or_else(|| "llm-gateway:".into());
+    if prefix.contains(['{', '}']) {
+        return bad(
+            "prefix",
+            "must not contain { or } (they mark Redis Cluster hash tags)",
+        );
+    }
+    Ok(Some(StateSpec {
+        url,
+        password: s.password.filter(|p| !p.is_empty()),
+        prefix,
+        timeout,
+        connect_timeout,
+        on_error: s.on_error,
+        lease_ttl,
+        breaker_failures,
+        breaker_retry,
+        ca_file,
+    }))
+}

@@ -1,0 +1,479 @@
+//! Shared state on Redis or Valkey (`state: { backend: redis }`): what replicas share so a
+//! limit, a budget or a backend's capacity holds across all of them together.
+//!
+//! One multiplexed connection (redis-rs `ConnectionManager`: concurrent calls are pipelined on
+//! it, it reconnects with backoff). Every call has a deadline (`state.timeout`) and goes
+//! through a circuit breaker: after `breaker_failures` failures in a row the circuit opens,
+//! calls fail at once (the filters fall back to local state, or answer 503 with
+//! `on_error: reject`), and a probe on the state's own thread closes it again when the server
+//! answers. The change is logged once and shown as `llm_gateway_state_degraded` and in
+//! `/health`. The same thread renews the holds of running requests and notices when the server
+//! lost its data, so the filters can put back what only they know (spend from the ledger).
+
+mod breaker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use gateway_filter::state::{Arg, Keep, Script, SharedState, StateError};
+use prometheus::{IntCounter, IntGauge};
+use redis::aio::ConnectionManager;
+
+use crate::config::{OnError, StateSpec};
+use breaker::Breaker;
+
+/// Why shared state could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("bad url or TLS settings: {0}")]
+    Client(#[source] redis::RedisError),
+    #[error("cannot read the CA file {path}: {source}")]
+    Ca {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the state thread: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[source] prometheus::Error),
+}
+
+/// Renews a hold if it still exists (a released or expired one is not brought back).
+static RENEW: Script = Script {
+    name: "renew",
+    source: r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  return {1}
+end
+return {0}
+"#,
+};
+
+/// Marks this process's view of the data: absent means the server lost it (or this process
+/// just started). Answers whether it was there.
+static ALIVE: Script = Script {
+    name: "alive",
+    source: r#"
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return {existed}
+"#,
+};
+
+pub struct RedisState {
+    inner: Arc<Inner>,
+    /// The state's own thread: probes, renewals, detached calls. Dropped at exit.
+    _runtime: Arc<tokio::runtime::Runtime>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    scripts: RwLock<HashMap<usize, Arc<redis::Script>>>,
+    prefix: String,
+    member_base: String,
+    next: AtomicU64,
+    timeout: Duration,
+    connect_timeout: Duration,
+    lease_ms: u64,
+    retry: Duration,
+    on_error: OnError,
+    breaker: Breaker,
+    keeps: Mutex<HashMap<u64, (String, String)>>,
+    resets: Mutex<Vec<Arc<dyn Fn() + Send + Sync>>>,
+    handle: tokio::runtime::Handle,
+    degraded: IntGauge,
+    errors: IntCounter,
+}
+
+impl std::fmt::Debug for RedisState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisState")
+            .field("prefix", &self.inner.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn metric<T: prometheus::core::Collector + Clone + 'static>(
+    m: prometheus::Result<T>,
+) -> Result<T, SetupError> {
+    let m = m.map_err(SetupError::Metrics)?;
+    match prometheus::default_registry().register(Box::new(m.clone())) {
+        Ok(()) | Err(prometheus::Error::AlreadyReg) => Ok(m),
+        Err(e) => Err(SetupError::Metrics(e)),
+    }
+}
+
+impl RedisState {
+    /// Sets up the client and the state's thread, and asks the server once (within
+    /// `connect_timeout`): a server that is down at start leaves the gateway running on local
+    /// state until it answers.
+    pub fn start(spec: &StateSpec) -> Result<RedisState, SetupError> {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(spec.url.as_str())
+            .map_err(SetupError::Client)?;
+        if let Some(pw) = &spec.password {
+            let settings = info.redis_settings().clone().set_password(pw.clone());
+            info = info.set_redis_settings(settings);
+        }
+        let client = match &spec.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|source| SetupError::Ca {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+            }
+            None => redis::Client::open(info),
+        }
+        .map_err(SetupError::Client)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("llm-gateway-state")
+            .enable_all()
+            .build()
+            .map_err(SetupError::Runtime)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(spec.connect_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(spec.breaker_retry);
+        // The connection's driver task lives on the state's runtime, not a proxy thread's.
+        let conn = {
+            let _enter = runtime.enter();
+            ConnectionManager::new_lazy_with_config(client, config).map_err(SetupError::Client)?
+        };
+        let degraded = metric(IntGauge::new(
+            "llm_gateway_state_degraded",
+            "1 while shared state (Redis) is unreachable and this replica runs on local state or refuses (state.on_error)",
+        ))?;
+        let errors = metric(IntCounter::new(
+            "llm_gateway_state_errors_total",
+            "Shared-state calls that failed or passed their deadline",
+        ))?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let inner = Arc::new(Inner {
+            conn,
+            scripts: RwLock::new(HashMap::new()),
+            prefix: spec.prefix.clone(),
+            member_base: format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..)),
+            next: AtomicU64::new(1),
+            timeout: spec.timeout,
+            connect_timeout: spec.connect_timeout,
+            lease_ms: spec.lease_ttl.as_millis() as u64,
+            retry: spec.breaker_retry,
+            on_error: spec.on_error,
+            breaker: Breaker::new(spec.breaker_failures),
+            keeps: Mutex::new(HashMap::new()),
+            resets: Mutex::new(Vec::new()),
+            handle: runtime.handle().clone(),
+            degraded,
+            errors,
+        });
+        let up = runtime.block_on(inner.probe());
+        match &up {
+            Ok(()) => log::info!("state: shared through {}", redacted(&spec.url)),
+            Err(e) => {
+                inner.breaker.open();
+                inner.degraded.set(1);
+                log::warn!(
+                    "state: {} does not answer ({e}); {} until it does",
+                    redacted(&spec.url),
+                    inner.fallback()
+                );
+            }
+        }
+        runtime.spawn(Inner::watch(inner.clone()));
+        runtime.spawn(Inner::renew(inner.clone()));
+        Ok(RedisState {
+            inner,
+            _runtime: Arc::new(runtime),
+        })
+    }
+}
+
+/// The URL without its password, for logs.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+impl Inner {
+    fn fallback(&self) -> &'static str {
+        match self.on_error {
+            OnError::Local => "each replica enforces its limits on its own",
+            OnError::Reject => "requests that need it are refused with 503",
+        }
+    }
+
+    fn script(&self, s: &'static Script) -> Arc<redis::Script> {
+        let id = s as *const Script as usize;
+        if let Some(found) = self.scripts.read().ok().and_then(|m| m.get(&id).cloned()) {
+            return found;
+        }
+        let compiled = Arc::new(redis::Script::new(s.source));
+        if let Ok(mut m) = self.scripts.write() {
+            m.insert(id, compiled.clone());
+        }
+        compiled
+    }
+
+    async fn call(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[Arg<'_>],
+        deadline: Duration,
+    ) -> Result<Vec<i64>, StateError> {
+        let compiled = self.script(script);
+        let mut inv = compiled.prepare_invoke();
+        for k in keys {
+            inv.key(*k);
+        }
+        for a in args {
+            match a {
+                Arg::Int(i) => inv.arg(*i),
+                Arg::Str(s) => inv.arg(*s),
+            };
+        }
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(deadline, inv.invoke_async::<Vec<i64>>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StateError::Failed(e.to_string())),
+            Err(_) => Err(StateError::Timeout(deadline)),
+        }
+    }
+
+    /// A request's call: fails at once while the circuit is open.
+    async fn guarded(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[Arg<'_>],
+    ) -> Result<Vec<i64>, StateError> {
+        if self.breaker.is_open() {
+            return Err(StateError::Unavailable);
+        }
+        let r = self.call(script, keys, args, self.timeout).await;
+        match &r {
+            Ok(_) => self.breaker.success(),
+            Err(e) => {
+                self.errors.inc();
+                if self.breaker.failure() {
+                    self.degraded.set(1);
+                    log::warn!(
+                        "state: degraded ({e}, script {}); {} until it answers again",
+                        script.name,
+                        self.fallback()
+                    );
+                }
+            }
+        }
+        r
+    }
+
+    /// Runs the filters' reset hooks (they only queue detached calls).
+    fn put_back(&self) {
+        let hooks: Vec<_> = self.resets.lock().map(|h| h.clone()).unwrap_or_default();
+        hooks.iter().for_each(|h| h());
+    }
+
+    async fn probe(&self) -> Result<(), StateError> {
+        let key = format!("{}alive:{{{}}}", self.prefix, self.member_base);
+        let v = self
+            .call(
+                &ALIVE,
+                &[&key],
+                &[Arg::Int(3_600_000)],
+                self.connect_timeout,
+            )
+            .await?;
+        if gateway_filter::state::at(&v, 0) == 0 {
+            // New to this process: first start, or the server lost its data.
+            log::info!("state: the server holds nothing of this replica; putting back what it knows (spend from its ledger)");
+            self.put_back();
+        }
+        Ok(())
+    }
+
+    /// The state thread's loop: probe (closing an open circuit), notice lost data.
+    async fn watch(self: Arc<Self>) {
+        loop {
+            let open = self.breaker.is_open();
+            tokio::time::sleep(if open {
+                self.retry
+            } else {
+                self.retry.min(Duration::from_secs(1))
+            })
+            .await;
+            match self.probe().await {
+                Ok(()) if self.breaker.is_open() => {
+                    self.breaker.close();
+                    self.degraded.set(0);
+                    log::info!("state: shared state answers again; limits are shared again");
+                    // Charges made on local state meanwhile, and settlements that did not
+                    // reach the server, go back now.
+                    self.put_back();
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    if !self.breaker.is_open() {
+                        self.errors.inc();
+                        if self.breaker.failure() {
+                            self.degraded.set(1);
+                            log::warn!(
+                                "state: degraded ({e}); {} until it answers again",
+                                self.fallback()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews the holds of running requests every third of the lease time, on its own
+    /// schedule (a slow probe must not let them lapse).
+    async fn renew(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis((self.lease_ms / 3).max(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.breaker.is_open() {
+                self.renew_all().await;
+            }
+        }
+    }
+
+    async fn renew_all(&self) {
+        let holds: Vec<(String, String)> = self
+            .keeps
+            .lock()
+            .map(|k| k.values().cloned().collect())
+            .unwrap_or_default();
+        let ttl = self.lease_ms as i64;
+        let calls = holds.iter().map(|(key, member)| async move {
+            self.call(
+                &RENEW,
+                &[key.as_str()],
+                &[Arg::Str(member), Arg::Int(ttl)],
+                Duration::from_millis(self.lease_ms / 3).min(self.connect_timeout),
+            )
+            .await
+        });
+        let failed = futures_util::future::join_all(calls)
+            .await
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+        if failed > 0 {
+            self.errors.inc_by(failed as u64);
+            log::warn!(
+                "state: {failed} of {} holds could not be renewed",
+                holds.len()
+            );
+        }
+    }
+}
+
+#[async_trait]
+impl SharedState for RedisState {
+    async fn run(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[Arg<'_>],
+    ) -> Result<Vec<i64>, StateError> {
+        self.inner.guarded(script, keys, args).await
+    }
+
+    fn run_detached(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
+        let inner = self.inner.clone();
+        self.inner.handle.spawn(async move {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Str(a)).collect();
+            if let Err(e) = inner.guarded(script, &keys, &args).await {
+                log::debug!("state: {} not applied: {e}", script.name);
+            }
+        });
+    }
+
+    fn key(&self, kind: &str, tag: &str) -> String {
+        format!("{}{kind}:{{{tag}}}", self.inner.prefix)
+    }
+
+    fn member(&self) -> String {
+        format!(
+            "{}:{}",
+            self.inner.member_base,
+            self.inner.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.inner.lease_ms
+    }
+
+    fn keep(&self, key: String, member: String) -> Keep {
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut k) = self.inner.keeps.lock() {
+            k.insert(id, (key, member));
+        }
+        let inner = Arc::downgrade(&self.inner);
+        Keep::new(move || {
+            if let Some(inner) = inner.upgrade() {
+                if let Ok(mut k) = inner.keeps.lock() {
+                    k.remove(&id);
+                }
+            }
+        })
+    }
+
+    fn fail_closed(&self) -> bool {
+        self.inner.on_error == OnError::Reject
+    }
+
+    fn degraded(&self) -> bool {
+        self.inner.breaker.is_open()
+    }
+
+    fn on_reset(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let f: Arc<dyn Fn() + Send + Sync> = Arc::from(f);
+        if let Ok(mut r) = self.inner.resets.lock() {
+            r.push(f.clone());
+        }
+        // The server may have lost data while this replica was down: put it back now.
+        if !self.inner.breaker.is_open() {
+            self.inner.handle.spawn(async move { f() });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            redacted("redis://:s3cret@10.0.0.5:6379/0"),
+            "redis://***@10.0.0.5:6379/0"
+        );
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

@@ -1,0 +1,13 @@
+# The full chain with shared state on Redis, as a peer of the shared harness, beside the same
+# chain on local state (`gateway-full` from ../shared/bench/peers/peers.d/gateway.sh):
+#   EXTRA_PEERS="../shared/bench/peers/peers.d/gateway.sh tests/bench/peers-state.sh" \
+#     ONLY="gateway-full gateway-full-redis" STREAM=0 ../shared/bench/peers/run-peers.sh
+# redis-server runs on the load generator's core (CPU 0), without persistence.
+gw_redis_port=$((28092 + 1000 + 7))
+add_peer gateway-full-redis 28092 \
+  'taskset -c 0 redis-server --port '"$gw_redis_port"' --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --dir "$RUNDIR" >/dev/null &&
+   GW_CONF=gateway-full.yaml.in && "$TOOLS/render.sh" "$CONF/$GW_CONF" | sed "s/\${ADMIN_PORT}/$((PORT+1000))/" > "$RUNDIR/gateway.yaml" &&
+   printf "state: { backend: redis, url: redis://127.0.0.1:'"$gw_redis_port"'/0 }\n" >> "$RUNDIR/gateway.yaml" &&
+   printf "keys:\n  - id: bench\n    key_sha256: %s\n" "$(printf %s "$API_KEY" | sha256sum | cut -d" " -f1)" > "$RUNDIR/keys.yaml" &&
+   cd "$RUNDIR" && RUST_LOG=warn exec "$GATEWAY_BIN" --config "$RUNDIR/gateway.yaml"' \
+  "$BEARER" "$gw_version (full chain, state: redis)"

@@ -1,0 +1,214 @@
+//! Redis dying, Redis refusing, and a replica dying with holds open.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::support::budget::{config, KEY as BUYER};
+use super::support::redis::Redis;
+use super::support::{chat, client, mock, Gateway};
+use super::{keys_file, one_backend, three, KEY};
+
+async fn state_of(gw: &Gateway) -> (String, Option<f64>) {
+    let h = gw.health().await;
+    (
+        h["state"].as_str().unwrap_or_default().to_string(),
+        gw.metric("llm_gateway_state_degraded").await,
+    )
+}
+
+/// Sends `n` requests round robin; returns (OK count, slowest answer).
+async fn burst(gws: &[Gateway], n: usize) -> (usize, Duration) {
+    let c = client();
+    let mut ok = 0;
+    let mut slowest = Duration::ZERO;
+    for i in 0..n {
+        let start = Instant::now();
+        let r = c
+            .post(gws[i % gws.len()].url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        slowest = slowest.max(start.elapsed());
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["code"], "rate_limit_exceeded", "{v}");
+            }
+            s => panic!("a valid key got {s}: {}", r.text().await.unwrap()),
+        }
+    }
+    (ok, slowest)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_redis_never_hangs_a_request_and_sharing_comes_back() {
+    let mut redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gws = three(
+        &redis,
+        &format!(
+            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 5\n",
+            one_backend(&m.url()),
+            keys_file(dir.path())
+        ),
+    )
+    .await;
+    gws.truncate(2);
+    assert_eq!(state_of(&gws[0]).await, ("shared".into(), Some(0.0)));
+    redis.kill();
+    // Every request is answered at once, on each replica's own limit (6 quick ones each).
+    let (ok, slowest) = burst(&gws, 20).await;
+    eprintln!("slowest answer with Redis dead: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(600),
+        "deadline 100 ms, answered in {slowest:?}"
+    );
+    assert_eq!(ok, 12, "each replica enforced the limit on its own");
+    for gw in &gws {
+        assert_eq!(state_of(gw).await, ("degraded".into(), Some(1.0)));
+        let h = client().get(gw.admin_url("/health")).send().await.unwrap();
+        assert_eq!(h.status(), 200, "degraded, not down");
+    }
+    assert_eq!(
+        gws[0].log().matches("state: degraded").count(),
+        1,
+        "one warning per change, not per request:\n{}",
+        gws[0].log()
+    );
+    redis.restart();
+    for gw in &gws {
+        let mut s = String::new();
+        for _ in 0..100 {
+            s = state_of(gw).await.0;
+            if s == "shared" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(s, "shared", "{}", gw.log());
+        assert_eq!(gw.metric("llm_gateway_state_degraded").await, Some(0.0));
+    }
+    // Shared again: 6 across both replicas together.
+    let (ok, _) = burst(&gws, 20).await;
+    assert_eq!(ok, 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_error_reject_answers_503_in_each_routes_shape() {
+    let mut redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&format!(
+        "{}{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 100/s\n",
+        redis.state().replace("lease_ttl", "on_error: reject, lease_ttl"),
+        one_backend(&m.url()),
+        keys_file(dir.path())
+    ))
+    .await;
+    let ok = client()
+        .post(gw.url("/api/chat"))
+        .bearer_auth(KEY)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    redis.kill();
+    for _ in 0..5 {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "state_unavailable", "{v}");
+        let r = client()
+            .post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"].as_str().unwrap().contains("shared state"), "{v}");
+    }
+    assert_eq!(
+        m.hits("/api/chat"),
+        1,
+        "nothing reached the backend unchecked"
+    );
+    assert_eq!(state_of(&gw).await.0, "degraded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_replicas_holds_expire() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The budget fits one request ($0.05), and the key one request at a time.
+    let limit = "  - use: ratelimit\n    key: api_key\n    max_in_flight: 1\n";
+    let a = Gateway::start(&format!(
+        "{}{}",
+        redis.state(),
+        config(da.path(), &m, 0.05, 0.0, 10000.0, limit)
+    ))
+    .await;
+    let b = Gateway::start(&format!(
+        "{}{}",
+        redis.state(),
+        config(db.path(), &m, 0.05, 0.0, 10000.0, limit)
+    ))
+    .await;
+    let gen = |url: String, delay: &'static str| async move {
+        let r = reqwest::Client::new()
+            .post(url)
+            .bearer_auth(BUYER)
+            .header("x-mock-delay-ms", delay)
+            .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    };
+    let running = tokio::spawn(gen(a.url("/api/generate"), "2000"));
+    for _ in 0..200 {
+        if m.hits("/api/generate") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The running request's reservation and slot keep another replica out…
+    let (s, body) = gen(b.url("/api/generate"), "0").await;
+    assert_eq!(s, 429, "{body}");
+    assert!(body.contains("budget_exceeded"), "{body}");
+    // …until its replica dies and they expire (lease_ttl 1s).
+    a.signal("KILL");
+    let _ = running.await;
+    let killed = Instant::now();
+    let mut status = 0;
+    while killed.elapsed() < Duration::from_secs(10) {
+        status = gen(b.url("/api/generate"), "0").await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "the dead replica's holds expired");
+    let freed = killed.elapsed();
+    eprintln!("holds of the killed replica freed after {freed:?}");
+    assert!(
+        freed >= Duration::from_millis(500),
+        "{freed:?}: not before they expire"
+    );
+}

@@ -1,0 +1,243 @@
+//! Rate, in-flight, backend slots and lockout across three replicas on one Redis.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::support::redis::Redis;
+use super::support::{chat, client, mock};
+use super::{keys_file, one_backend, three, KEY};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_rate_holds_across_replicas_exactly() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gws = three(
+        &redis,
+        &format!(
+            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 5\n",
+            one_backend(&m.url()),
+            keys_file(dir.path())
+        ),
+    )
+    .await;
+    let c = client();
+    let mut ok = 0;
+    let mut refused = 0;
+    for i in 0..30 {
+        let r = c
+            .post(gws[i % 3].url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["code"], "rate_limit_exceeded", "{v}");
+                refused += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    // nginx semantics, across the replicas together: burst + 1 quick requests pass.
+    assert_eq!((ok, refused), (6, 24));
+    assert_eq!(m.hits("/api/chat"), 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_in_flight_cap_holds_across_replicas() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gws = three(
+        &redis,
+        &format!(
+            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    max_in_flight: 2\n",
+            one_backend(&m.url()),
+            keys_file(dir.path())
+        ),
+    )
+    .await;
+    let slow = |url: String| async move {
+        let r = client()
+            .post(url)
+            .bearer_auth(KEY)
+            .header("x-mock-chunks", "6")
+            .header("x-mock-delay-ms", "100")
+            .json(&json!({"model": "llama3.1:8b", "messages": [], "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        (status, body)
+    };
+    // Two per replica at once: only two of the six may run.
+    let tasks: Vec<_> = (0..6)
+        .map(|i| tokio::spawn(slow(gws[i % 3].url("/api/chat"))))
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (s, body) = t.await.unwrap();
+        if s == 429 {
+            assert!(body.contains("concurrency"), "{body}");
+        }
+        statuses.push(s);
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 429, 429, 429, 429]);
+    // Slots are given back: the next one passes on any replica.
+    let (s, _) = slow(gws[2].url("/api/chat")).await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_max_in_flight_holds_across_replicas() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let list = format!(
+        "backends:\n  - {{ name: gpu, url: '{}', kind: ollama, max_in_flight: 1 }}\n",
+        m.url()
+    );
+    let slow = |url: String| async move {
+        let r = client()
+            .post(url)
+            .header("x-mock-chunks", "10")
+            .header("x-mock-delay-ms", "100")
+            .json(&json!({"model": "llama3.1:8b", "messages": []}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.bytes().await.unwrap();
+        (status, body)
+    };
+    for (timeout, want) in [("150ms", 503u16), ("5s", 200)] {
+        let gws = three(
+            &redis,
+            &format!(
+                "{list}routing: {{ queue: {{ size: 10, timeout: {timeout} }}, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\n"
+            ),
+        )
+        .await;
+        let before = m.hits("/api/chat");
+        let running = tokio::spawn(slow(gws[0].url("/api/chat")));
+        for _ in 0..200 {
+            if m.hits("/api/chat") > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Another replica sees the backend's only slot taken.
+        let start = Instant::now();
+        let (status, body) = slow(gws[1].url("/api/chat")).await;
+        assert_eq!(
+            status,
+            want,
+            "queue {timeout}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        if want == 503 {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["code"], "backends_busy");
+        } else {
+            assert!(
+                start.elapsed() >= Duration::from_millis(300),
+                "it waited for the other replica's request: {:?}",
+                start.elapsed()
+            );
+        }
+        assert_eq!(running.await.unwrap().0, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_logins_lock_an_address_out_on_every_replica() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gws = three(
+        &redis,
+        &format!(
+            "{}filters:\n  - use: auth\n    keys_file: {}\n    brute_force: {{ max_failures: 3, window: 1m }}\n",
+            one_backend(&m.url()),
+            keys_file(dir.path())
+        ),
+    )
+    .await;
+    let c = client();
+    for gw in &gws {
+        let r = c
+            .post(gw.url("/api/chat"))
+            .bearer_auth("sk-wrong")
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // The failure counts are written without waiting: give the last one a moment.
+    let mut last = 0;
+    for _ in 0..50 {
+        let r = c
+            .post(gws[0].url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        last = r.status().as_u16();
+        if last == 429 {
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["code"], "too_many_auth_failures");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        last, 429,
+        "three failures, one on each replica, lock the address out everywhere"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_per_minute_hold_across_replicas() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gws = three(
+        &redis,
+        &format!(
+            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 20\n",
+            one_backend(&m.url()),
+            keys_file(dir.path())
+        ),
+    )
+    .await;
+    // Each request reserves 8 output + 1 prompt token and uses 5 + 1: the first two fit the
+    // minute's 20 tokens together, a third does not, whichever replica it reaches.
+    let c = client();
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let r = c
+            .post(gws[i % 3].url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(
+                &json!({"model": "llama3.1:8b", "stream": false, "options": {"num_predict": 8},
+                          "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            let v: Value = r.json().await.unwrap();
+            assert!(v["error"].as_str().unwrap().contains("token limit"), "{v}");
+        }
+    }
+    assert_eq!(statuses, vec![200, 200, 429, 429, 429, 429]);
+}

@@ -1,0 +1,43 @@
+//! Several replicas on one real `redis-server`: limits, slots and budgets hold across all of
+//! them together, and a dead, flushed or slow Redis never hangs a request or loses spend.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod failures;
+mod limits;
+mod spend;
+
+use support::redis::Redis;
+use support::{backends, Gateway};
+
+/// The key every replica knows.
+pub const KEY: &str = "sk-gw-replica-test-key";
+
+/// A keys file with `KEY` (principal `team`) in `dir`.
+pub fn keys_file(dir: &std::path::Path) -> String {
+    let path = dir.join("keys.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "keys:\n  - id: team\n    key_sha256: {}\n",
+            filter_auth::keygen::hash_key(KEY)
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// Three gateways with the same `body` (backends and filters) on `redis`.
+pub async fn three(redis: &Redis, body: &str) -> Vec<Gateway> {
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out.push(Gateway::start(&format!("{}{body}", redis.state())).await);
+    }
+    out
+}
+
+/// Backends YAML for one mock.
+pub fn one_backend(url: &str) -> String {
+    backends(&[("gpu", url)])
+}

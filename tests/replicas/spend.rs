@@ -1,0 +1,168 @@
+//! Budgets across replicas: reservations race on one Redis without overspending, and spend
+//! that Redis forgets comes back from the replicas' ledgers.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::support::budget::{cents, config, spend_json, KEY};
+use super::support::redis::Redis;
+use super::support::{client, mock, Gateway};
+
+async fn three_buyers(
+    redis: &Redis,
+    m: &mock_ollama::MockServer,
+) -> Vec<(Gateway, tempfile::TempDir)> {
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        // $0.01 per completion token, 5 tokens per request: $0.05; the budget fits 10.
+        let body = format!(
+            "{}{}",
+            redis.state(),
+            config(dir.path(), m, 0.5, 0.0, 10000.0, "")
+        );
+        out.push((Gateway::start(&body).await, dir));
+    }
+    out
+}
+
+async fn generate(url: String) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(KEY)
+        .header("x-mock-delay-ms", "30")
+        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// The buyer's account as `/admin/spend` of `gw` shows it.
+async fn account(gw: &Gateway) -> Value {
+    let spend: Value = client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    spend["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["principal"] == "buyer")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_requests_on_three_replicas_never_overspend() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let mut gws = three_buyers(&redis, &m).await;
+    let tasks: Vec<_> = (0..100)
+        .map(|i| tokio::spawn(generate(gws[i % 3].0.url("/api/generate"))))
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => assert_eq!(body["code"], "budget_exceeded", "{body}"),
+            s => panic!("unexpected {s}: {body}"),
+        }
+    }
+    assert_eq!(
+        ok, 10,
+        "exactly the 10 requests the budget fits, on all replicas together"
+    );
+    assert_eq!(m.hits("/api/generate"), 10);
+    // Every replica's admin report shows the shared total.
+    let mut acct = Value::Null;
+    for _ in 0..100 {
+        acct = account(&gws[0].0).await;
+        if cents(acct["shared_reserved_usd"].as_f64().unwrap_or(1.0)) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        cents(acct["shared_spent_usd"].as_f64().unwrap()),
+        50,
+        "{acct}"
+    );
+    // Each replica's ledger holds its own share; together they are the budget, never more.
+    let mut total = 0;
+    for (gw, dir) in gws.iter_mut() {
+        gw.signal("TERM");
+        tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
+        total += spend_json(dir.path())
+            .first()
+            .map_or(0, |r| cents(r["usd"].as_f64().unwrap()));
+    }
+    assert_eq!(total, 50);
+    // `spend` sums several ledgers.
+    let mut args = vec!["spend".to_string()];
+    for (_, dir) in &gws {
+        args.push("--ledger".into());
+        args.push(dir.path().join("spend.db").display().to_string());
+    }
+    args.extend(["--period", "all", "--json"].map(String::from));
+    let out = std::process::Command::new(super::support::BIN)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(cents(rows[0]["usd"].as_f64().unwrap()), 50);
+    assert_eq!(rows[0]["requests"], 10);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spend_forgotten_by_redis_comes_back_from_the_ledgers() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let gws = three_buyers(&redis, &m).await;
+    // Two requests on each of the first two replicas: $0.20.
+    for gw in [&gws[0].0, &gws[0].0, &gws[1].0, &gws[1].0] {
+        assert_eq!(generate(gw.url("/api/generate")).await.0, 200);
+    }
+    let shared = |a: &Value| cents(a["shared_spent_usd"].as_f64().unwrap_or(-1.0));
+    let mut acct = Value::Null;
+    for _ in 0..100 {
+        acct = account(&gws[0].0).await;
+        if shared(&acct) == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(shared(&acct), 20, "{acct}");
+    assert_eq!(redis.cmd(&["FLUSHALL"]).as_deref(), Some("+OK"));
+    // The replicas notice within a probe interval and put their own totals back.
+    let mut back = -1;
+    for _ in 0..100 {
+        back = shared(&account(&gws[0].0).await);
+        if back == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(back, 20, "the period's spend came back from the ledgers");
+    // And it still counts: $0.30 left fits 6 more, not 7.
+    let mut ok = 0;
+    for i in 0..8 {
+        if generate(gws[i % 3].0.url("/api/generate")).await.0 == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 6);
+}
