@@ -212,3 +212,38 @@ async fn a_dead_replicas_holds_expire() {
         "{freed:?}: not before they expire"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rediss_with_a_password_and_a_private_ca() {
+    let redis = Redis::start_tls("s3cret-pw");
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let filters = format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 2\n",
+        one_backend(&m.url()),
+        keys_file(dir.path())
+    );
+    let state = |password: &str| {
+        format!(
+            "state: {{ backend: redis, url: 'rediss://localhost:{}/0', password: '{password}', ca_file: '{}', timeout: 200ms }}\n",
+            redis.port,
+            redis.ca()
+        )
+    };
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        gws.push(Gateway::start(&format!("{}{filters}", state("s3cret-pw"))).await);
+    }
+    for gw in &gws {
+        assert_eq!(gw.health().await["state"], "shared", "{}", gw.log());
+    }
+    let (ok, _) = burst(&gws, 9).await;
+    assert_eq!(ok, 3, "burst + 1 across both replicas, over TLS");
+    // A wrong password: the gateway runs on local state and says so; the password is never
+    // logged.
+    let wrong = Gateway::start(&format!("{}{filters}", state("wrong-pw"))).await;
+    assert_eq!(wrong.health().await["state"], "degraded");
+    assert!(!wrong.log().contains("wrong-pw"), "{}", wrong.log());
+    let (ok, _) = burst(std::slice::from_ref(&wrong), 3).await;
+    assert_eq!(ok, 3, "its own limit: a valid key is served");
+}

@@ -170,6 +170,24 @@ async fn failed_logins_lock_an_address_out_on_every_replica() {
     )
     .await;
     let c = client();
+    let ok = |gw: usize| {
+        c.post(gws[gw].url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+    };
+    // Once a replica has read the locks, a request costs no call to Redis for them: locks
+    // are announced to every replica.
+    for i in 0..3 {
+        assert_eq!(ok(i).await.unwrap().status(), 200);
+    }
+    // (Background work calls too: each replica's probe and usage sync, a few a second.)
+    assert_eq!(redis.cmd(&["CONFIG", "RESETSTAT"]).as_deref(), Some("+OK"));
+    for i in 0..30 {
+        assert_eq!(ok(i % 3).await.unwrap().status(), 200);
+    }
+    let calls = redis.calls("evalsha") + redis.calls("eval");
+    assert!(calls < 10, "{calls} calls for 30 requests");
     for gw in &gws {
         let r = c
             .post(gw.url("/api/chat"))
@@ -202,6 +220,23 @@ async fn failed_logins_lock_an_address_out_on_every_replica() {
         last, 429,
         "three failures, one on each replica, lock the address out everywhere"
     );
+    for i in 1..3 {
+        assert_eq!(
+            ok(i).await.unwrap().status(),
+            429,
+            "locked on every replica"
+        );
+    }
+    assert!(
+        redis.calls("evalsha") >= 3,
+        "the failures were counted on the server"
+    );
+    assert_eq!(redis.cmd(&["CONFIG", "RESETSTAT"]).as_deref(), Some("+OK"));
+    for i in 0..30 {
+        assert_eq!(ok(i % 3).await.unwrap().status(), 429);
+    }
+    let calls = redis.calls("evalsha") + redis.calls("eval");
+    assert!(calls < 10, "{calls} calls for 30 locked requests");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -212,7 +247,7 @@ async fn tokens_per_minute_hold_across_replicas() {
     let gws = three(
         &redis,
         &format!(
-            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 20\n",
+            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 5/m\n    burst: 5\n    tokens_per_minute: 20\n",
             one_backend(&m.url()),
             keys_file(dir.path())
         ),
@@ -240,4 +275,56 @@ async fn tokens_per_minute_hold_across_replicas() {
         }
     }
     assert_eq!(statuses, vec![200, 200, 429, 429, 429, 429]);
+    // The rate is checked in the same call: the six passed it (burst 5 + 1); a seventh is
+    // refused by the rate, on any replica.
+    let r = c
+        .post(gws[0].url("/api/chat"))
+        .bearer_auth(KEY)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("request rate"), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_usage_strategy_routes_on_every_replicas_figures() {
+    let redis = Redis::start();
+    let (a, b) = (mock().await, mock().await);
+    let gws = three(
+        &redis,
+        &format!(
+            "backends:\n  - {{ name: a, url: '{}', kind: ollama }}\n  - {{ name: b, url: '{}', kind: ollama }}\nrouting: {{ strategy: usage, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\n",
+            a.url(),
+            b.url()
+        ),
+    )
+    .await;
+    // A long generation through the first replica lands on `a` (both idle: the first wins).
+    let r = client()
+        .post(gws[0].url("/api/chat"))
+        .header("x-mock-chunks", "400")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert_eq!((a.hits("/api/chat"), b.hits("/api/chat")), (1, 0));
+    // Once the replicas have synced (every second), the second one knows `a` is busier.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = client()
+        .post(gws[1].url("/api/chat"))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        (a.hits("/api/chat"), b.hits("/api/chat")),
+        (1, 1),
+        "the second replica routed away from the backend the first one loaded"
+    );
 }

@@ -10,6 +10,8 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// TLS only, with these files and a password (`start_tls`).
+    tls: Option<(super::certs::Pki, String)>,
 }
 
 impl Redis {
@@ -18,9 +20,35 @@ impl Redis {
             child: None,
             port: super::free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
+            tls: None,
         };
         r.restart();
         r
+    }
+
+    /// A server that speaks only TLS (certificates from a test CA) and wants `password`.
+    pub fn start_tls(password: &str) -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = super::certs::make(dir.path());
+        let mut r = Redis {
+            child: None,
+            port: super::free_port(),
+            dir,
+            tls: Some((pki, password.to_string())),
+        };
+        r.restart();
+        r
+    }
+
+    /// The test CA's certificate (TLS servers only).
+    pub fn ca(&self) -> String {
+        self.tls
+            .as_ref()
+            .expect("a TLS server")
+            .0
+            .ca
+            .display()
+            .to_string()
     }
 
     /// `state:` for a gateway on this server (a short deadline; holds live 1 s).
@@ -33,19 +61,30 @@ impl Redis {
 
     /// Starts the server (again) on the same port, empty.
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-            ])
-            .arg(self.dir.path())
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+        ])
+        .arg(self.dir.path());
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((pki, password)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&pki.server_cert)
+                .arg("--tls-key-file")
+                .arg(&pki.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&pki.ca)
+                .args(["--tls-auth-clients", "no", "--requirepass", password]),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -54,7 +93,11 @@ impl Redis {
             );
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.cmd(&["PING"]).as_deref() != Some("+PONG") {
+        let ready = |r: &Redis| match r.tls {
+            None => r.cmd(&["PING"]).as_deref() == Some("+PONG"),
+            Some(_) => TcpStream::connect(("127.0.0.1", r.port)).is_ok(),
+        };
+        while !ready(self) {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -66,6 +109,32 @@ impl Redis {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// `INFO commandstats`: how many times each command ran since the last `CONFIG RESETSTAT`.
+    pub fn calls(&self, command: &str) -> u64 {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return 0;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n");
+        let mut text = String::new();
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if text.ends_with("\r\n\r\n") || text.matches("\r\n").count() > 2 && n < buf.len() {
+                break;
+            }
+        }
+        let prefix = format!("cmdstat_{command}:calls=");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     /// One command; the first line of the answer.

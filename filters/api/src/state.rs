@@ -101,6 +101,27 @@ pub trait SharedState: Send + Sync {
     /// Whether calls fail over right now (circuit open, server unreachable).
     fn degraded(&self) -> bool;
 
+    /// Runs `script` like [`SharedState::run`], for scripts that answer strings.
+    async fn run_text(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[Arg<'_>],
+    ) -> Result<Vec<String>, StateError>;
+
+    /// Calls `on_message` with each message published on `channel` (under the prefix).
+    /// Answers the subscription's generation: 0 while not subscribed (messages are being
+    /// missed: ask the server instead), another number for each unbroken subscription (a
+    /// change means messages may have been missed in between).
+    fn subscribe(
+        &self,
+        channel: &str,
+        on_message: Box<dyn Fn(&str) + Send + Sync>,
+    ) -> std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+    /// The channel name `subscribe` listens to for `channel`, for scripts that publish.
+    fn channel(&self, channel: &str) -> String;
+
     /// Registers work to run whenever the server is found to have lost its data (flushed,
     /// restarted without persistence, failed over to an empty replica), e.g. putting this
     /// replica's spend back from its ledger.

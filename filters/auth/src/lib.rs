@@ -18,6 +18,7 @@ mod jwt;
 pub mod keygen;
 mod keys;
 mod lockout;
+mod lockout_shared;
 mod outbound;
 
 use std::collections::HashMap;

@@ -6,25 +6,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway_filter::state::{ask, at, Script};
 use gateway_filter::{Rejection, SharedState};
 use pingora_limits::rate::Rate;
 
-/// KEYS: the address's failure count. Answers `{failures}`.
-static LOCK_COUNT: Script = Script {
-    name: "lockout_count",
-    source: "return {tonumber(redis.call('GET', KEYS[1]) or '0')}",
-};
-
-/// Counts a failure in a fixed window. ARGV: window ms. Answers `{failures}`.
-static LOCK_FAIL: Script = Script {
-    name: "lockout_fail",
-    source: r#"
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return {n}
-"#,
-};
+use crate::lockout_shared::SharedLockout;
 
 /// The sketch (4 rows of `slots` counters, twice: this window and the last, 4 MiB at the
 /// default size) is made at the first failure: an idle gateway does not carry it.
@@ -34,7 +19,7 @@ pub struct Lockout {
     max_failures: isize,
     pub window: Duration,
     /// Counts shared by every replica; the sketch stays the fallback (and counts too).
-    shared: Option<Arc<dyn SharedState>>,
+    shared: Option<SharedLockout>,
 }
 
 impl Lockout {
@@ -49,25 +34,19 @@ impl Lockout {
             slots: slots.max(64),
             max_failures: max_failures as isize,
             window,
-            shared,
+            shared: shared.map(|st| SharedLockout::new(st, max_failures, window)),
         }
-    }
-
-    fn shared_key(st: &dyn SharedState, ip: &IpAddr) -> String {
-        st.key("lockout", &format!("ip:{ip}"))
     }
 
     /// Whether `ip` is locked out: by the shared count when there is one, else this
     /// replica's own.
     pub async fn locked(&self, ip: &IpAddr) -> Result<bool, Rejection> {
-        if let Some(st) = &self.shared {
-            let k = Self::shared_key(st.as_ref(), ip);
-            if let Some(r) = ask(Some(st), &LOCK_COUNT, &[&k], &[]).await? {
-                // This replica's own count too: failures it saw while Redis was away.
-                return Ok(at(&r, 0) >= self.max_failures as i64 || self.is_locked(ip));
-            }
+        // This replica's own count too: failures it saw while Redis was away.
+        let own = self.is_locked(ip);
+        match &self.shared {
+            Some(s) => Ok(own || s.locked(ip).await?.unwrap_or(false)),
+            None => Ok(own),
         }
-        Ok(self.is_locked(ip))
     }
 
     pub fn is_locked(&self, ip: &IpAddr) -> bool {
@@ -80,12 +59,8 @@ impl Lockout {
         self.failures
             .get_or_init(|| Rate::new_with_estimator_config(self.window, 4, self.slots))
             .observe(ip, 1);
-        if let Some(st) = &self.shared {
-            st.run_detached(
-                &LOCK_FAIL,
-                vec![Self::shared_key(st.as_ref(), ip)],
-                vec![self.window.as_millis().to_string()],
-            );
+        if let Some(s) = &self.shared {
+            s.record_failure(ip);
         }
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
-use gateway_filter::state::{acquire_lease, ask, at, int, stable_hash, Arg, SharedLease};
+use gateway_filter::state::{acquire_lease, ask, at, int, stable_hash, SharedLease};
 use gateway_filter::{
     parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState,
 };
@@ -314,6 +314,51 @@ impl RateLimitFilter {
         }
     }
 
+    /// The shared answers for the request rate and the token reservation, in one round trip
+    /// when the limiter has both: `None` for either means "use the local store" (no shared
+    /// state, or it failed and `on_error: local`).
+    async fn ask_shared(
+        &self,
+        ctx: &RequestCtx,
+        rate: Option<Rate>,
+        burst: u64,
+        tpm: Option<u64>,
+        reserve: Option<u64>,
+    ) -> Result<(Option<Vec<i64>>, Option<(String, Vec<i64>)>), Rejection> {
+        let Some(st) = &self.state else {
+            return Ok((None, None));
+        };
+        let t_us = rate.map(|r| (r.interval_ns() / 1000).max(1));
+        let window = int(MINUTE_NS / 1_000_000);
+        Ok(match (t_us, tpm.zip(reserve)) {
+            (Some(t_us), Some((limit, n))) => {
+                let kr = self.shared_key(st.as_ref(), ctx, "rate");
+                let kt = self.shared_key(st.as_ref(), ctx, "tokens");
+                let args = [int(t_us), int(burst), window, int(n), int(limit)];
+                match ask(Some(st), &shared::RATE_AND_TOKENS, &[&kr, &kt], &args).await? {
+                    Some(r) if at(&r, 0) == 1 && r.len() >= 8 => {
+                        let tokens = r[4..8].to_vec();
+                        (Some(r), Some((kt, tokens)))
+                    }
+                    Some(r) => (Some(r), None),
+                    None => (None, None),
+                }
+            }
+            (Some(t_us), None) => {
+                let k = self.shared_key(st.as_ref(), ctx, "rate");
+                let args = [int(t_us), int(burst)];
+                (ask(Some(st), &shared::GCRA, &[&k], &args).await?, None)
+            }
+            (None, Some((limit, n))) => {
+                let k = self.shared_key(st.as_ref(), ctx, "tokens");
+                let args = [window, int(n), int(limit)];
+                let r = ask(Some(st), &shared::TOKENS_RESERVE, &[&k], &args).await?;
+                (None, r.map(|r| (k, r)))
+            }
+            (None, None) => (None, None),
+        })
+    }
+
     fn too_many_in_flight(ctx: &mut RequestCtx, max: u32) -> Rejection {
         ctx.reject_reason = Some("concurrency");
         too_many(
@@ -344,25 +389,24 @@ impl Filter for RateLimitFilter {
         let key = self.key_of(ctx);
         let (rate, burst, tpm) = self.limits(ctx);
         let now = now_ns();
+        // The request's output bound (the policy's cap × completions) and its prompt,
+        // estimated at four characters a token, are held until the real usage is known.
+        let reserve = tpm.map(|_| {
+            let prompt = ctx
+                .json
+                .as_ref()
+                .map_or(0, |b| gateway_filter::prompt::prompt_chars(b) as u64);
+            ctx.max_tokens
+                .unwrap_or(0)
+                .saturating_add(prompt.div_ceil(4))
+        });
+        let (shared_rate, mut shared_tokens) =
+            self.ask_shared(ctx, rate, burst, tpm, reserve).await?;
 
         if let Some(rate) = rate {
             let t = rate.interval_ns();
             Self::push(ctx, "x-ratelimit-limit", burst + 1);
-            let shared = match &self.state {
-                Some(st) => {
-                    let k = self.shared_key(st.as_ref(), ctx, "rate");
-                    let t_us = (t / 1000).max(1) as i64;
-                    ask(
-                        Some(st),
-                        &shared::GCRA,
-                        &[&k],
-                        &[Arg::Int(t_us), Arg::Int(burst as i64)],
-                    )
-                    .await?
-                }
-                None => None,
-            };
-            let decision = match shared {
+            let decision = match shared_rate {
                 Some(r) if at(&r, 0) == 1 => Gcra::Allow {
                     delay_ns: at(&r, 1).max(0) as u64 * 1000,
                     remaining: at(&r, 2).max(0) as u64,
@@ -401,32 +445,8 @@ impl Filter for RateLimitFilter {
             }
         }
 
-        if let Some(limit) = tpm {
-            // The request's output bound (the policy's cap × completions) and its prompt,
-            // estimated at four characters a token, are held until the real usage is known.
-            let prompt = ctx
-                .json
-                .as_ref()
-                .map_or(0, |b| gateway_filter::prompt::prompt_chars(b) as u64);
-            let reserve = ctx
-                .max_tokens
-                .unwrap_or(0)
-                .saturating_add(prompt.div_ceil(4));
-            let shared = match &self.state {
-                Some(st) => {
-                    let k = self.shared_key(st.as_ref(), ctx, "tokens");
-                    ask(
-                        Some(st),
-                        &shared::TOKENS_RESERVE,
-                        &[&k],
-                        &[int(MINUTE_NS / 1_000_000), int(reserve), int(limit)],
-                    )
-                    .await?
-                    .map(|r| (k, r))
-                }
-                None => None,
-            };
-            let (check, held) = match shared {
+        if let (Some(limit), Some(reserve)) = (tpm, reserve) {
+            let (check, held) = match shared_tokens.take() {
                 Some((k, r)) => (
                     TokenCheck {
                         taken: at(&r, 0) == 1,

@@ -4,46 +4,85 @@
 
 use gateway_filter::state::Script;
 
-/// GCRA in microseconds. KEYS: the TAT. ARGV: interval µs, burst.
+/// GCRA in microseconds on the TAT in `key`, interval µs, burst.
 /// Answers `{1, delay µs, remaining, reset µs}` or `{0, retry µs}`.
+macro_rules! gcra_lua {
+    () => {
+        r#"
+local function gcra(key, interval, burst)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local tau = interval * burst
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  if tat - now > tau then
+    return {0, tat - now - tau}
+  end
+  local new_tat = tat + interval
+  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
+  local cap = now + tau + interval
+  return {1, tat - now, math.floor((cap - math.min(new_tat, cap)) / interval), new_tat - now}
+end
+"#
+    };
+}
+
+/// Reserves `n` tokens under `limit` in the window `key` of `w` ms.
+/// Answers `{taken, used, window start ms, ms left}`.
+macro_rules! tokens_lua {
+    () => {
+        r#"
+local function tokens(key, w, n, limit)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local start = tonumber(redis.call('HGET', key, 's') or '0')
+  local used = tonumber(redis.call('HGET', key, 'u') or '0')
+  if start == 0 or now >= start + w then start = now; used = 0 end
+  local taken = 0
+  if used + n <= limit then
+    used = used + n; taken = 1
+  end
+  redis.call('HSET', key, 's', string.format('%.0f', start), 'u', string.format('%.0f', used))
+  redis.call('PEXPIRE', key, w * 2)
+  return {taken, used, start, start + w - now}
+end
+"#
+    };
+}
+
+/// KEYS: the TAT. ARGV: interval µs, burst.
 pub static GCRA: Script = Script {
     name: "gcra",
-    source: r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tau = interval * tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-if tat - now > tau then
-  return {0, tat - now - tau}
-end
-local new_tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
-local cap = now + tau + interval
-return {1, tat - now, math.floor((cap - math.min(new_tat, cap)) / interval), new_tat - now}
-"#,
+    source: concat!(
+        gcra_lua!(),
+        "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
+    ),
 };
 
-/// Reserves tokens in the key's window. KEYS: the window. ARGV: window ms, tokens, limit.
-/// Answers `{taken, used, window start ms, ms left}`.
+/// KEYS: the window. ARGV: window ms, tokens, limit.
 pub static TOKENS_RESERVE: Script = Script {
     name: "tokens_reserve",
-    source: r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local w = tonumber(ARGV[1])
-local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
-local used = tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
-if start == 0 or now >= start + w then start = now; used = 0 end
-local taken = 0
-if used + tonumber(ARGV[2]) <= tonumber(ARGV[3]) then
-  used = used + tonumber(ARGV[2]); taken = 1
-end
-redis.call('HSET', KEYS[1], 's', string.format('%.0f', start), 'u', string.format('%.0f', used))
-redis.call('PEXPIRE', KEYS[1], w * 2)
-return {taken, used, start, start + w - now}
-"#,
+    source: concat!(
+        tokens_lua!(),
+        "return tokens(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))"
+    ),
+};
+
+/// Both in one round trip: the rate, then (if it passed) the tokens. KEYS: the TAT, the
+/// window. ARGV: interval µs, burst, window ms, tokens, limit. Answers the rate's answer,
+/// followed by the tokens' when the rate passed.
+pub static RATE_AND_TOKENS: Script = Script {
+    name: "rate_and_tokens",
+    source: concat!(
+        gcra_lua!(),
+        tokens_lua!(),
+        r#"
+local r = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if r[1] == 0 then return r end
+local k = tokens(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+return {r[1], r[2], r[3], r[4], k[1], k[2], k[3], k[4]}
+"#
+    ),
 };
 
 /// Replaces a reservation by the real usage: in the window it was taken from, or added to the

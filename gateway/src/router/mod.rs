@@ -4,6 +4,7 @@
 
 mod discovery;
 mod pool;
+mod shared_usage;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -12,6 +13,7 @@ use gateway_filter::RequestCtx;
 
 pub use discovery::spawn as spawn_discovery;
 pub use pool::{canonical_model, Backend, BackendPool, Lease};
+pub use shared_usage::spawn as spawn_usage_sync;
 
 use crate::config::{RoutingSpec, Strategy};
 

@@ -83,6 +83,12 @@ pub struct Backend {
     window: Mutex<TokenWindow>,
     /// Moving average of time to first byte, in microseconds (0 = no sample yet).
     ttfb_us: AtomicU64,
+    /// Shared state: tokens served here not yet added to the replicas' window, and that
+    /// window's figures (served in the last minute, reserved in flight) as of the last sync
+    /// (`u64::MAX`: none, use this replica's own).
+    unsynced: AtomicU64,
+    shared_served: AtomicU64,
+    shared_reserved: AtomicU64,
 
     // Models: discovered (`None` until the first successful poll) and loaded right now.
     models: RwLock<Option<HashSet<String>>>,
@@ -126,6 +132,9 @@ impl Backend {
             reserved: AtomicU64::new(0),
             window: Mutex::new(TokenWindow::default()),
             ttfb_us: AtomicU64::new(0),
+            unsynced: AtomicU64::new(0),
+            shared_served: AtomicU64::new(u64::MAX),
+            shared_reserved: AtomicU64::new(0),
             models: RwLock::new(None),
             loaded: RwLock::new(HashSet::new()),
             residency_known: AtomicBool::new(false),
@@ -135,6 +144,26 @@ impl Backend {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Output tokens this replica's requests in flight may still produce here.
+    pub fn reserved_tokens(&self) -> u64 {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn take_unsynced(&self) -> u64 {
+        self.unsynced.swap(0, Ordering::Relaxed)
+    }
+
+    pub(super) fn return_unsynced(&self, n: u64) {
+        self.unsynced.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// All replicas' (served, reserved), or `None` when the sync failed.
+    pub(super) fn set_shared_usage(&self, figures: Option<(u64, u64)>) {
+        let (served, reserved) = figures.unwrap_or((u64::MAX, 0));
+        self.shared_reserved.store(reserved, Ordering::Relaxed);
+        self.shared_served.store(served, Ordering::Relaxed);
     }
 
     pub fn is_full(&self) -> bool {
@@ -373,6 +402,9 @@ impl BackendPool {
         if let Ok(mut w) = b.window.lock() {
             w.add(self.now_ms(), tokens);
         }
+        if self.0.state.is_some() {
+            b.unsynced.fetch_add(tokens, Ordering::Relaxed);
+        }
         if let Some(t) = ttfb {
             let sample = t.as_micros() as u64;
             let old = b.ttfb_us.load(Ordering::Relaxed);
@@ -389,7 +421,16 @@ impl BackendPool {
     pub fn usage_score(&self, idx: usize) -> u64 {
         let b = &self.0.backends[idx];
         let served = b.window.lock().map_or(0, |mut w| w.total(self.now_ms()));
-        served + b.reserved.load(Ordering::Relaxed)
+        let reserved = b.reserved.load(Ordering::Relaxed);
+        // With shared state: every replica's figures as of the last sync, plus what this one
+        // did since (its own figures if they are larger, e.g. just after a failed sync).
+        let shared = b.shared_served.load(Ordering::Relaxed);
+        if shared == u64::MAX {
+            return served + reserved;
+        }
+        let all_served = shared.saturating_add(b.unsynced.load(Ordering::Relaxed));
+        let all_reserved = b.shared_reserved.load(Ordering::Relaxed).max(reserved);
+        all_served.max(served).saturating_add(all_reserved)
     }
 
     /// Waits until some lease ends (or the deadline passes).

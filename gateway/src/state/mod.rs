@@ -75,7 +75,11 @@ pub struct RedisState {
 }
 
 struct Inner {
+    /// The state thread's connection (probes, renewals, detached calls).
     conn: ConnectionManager,
+    /// For the connections of request threads (see [`Inner::conn`]).
+    client: redis::Client,
+    config: redis::aio::ConnectionManagerConfig,
     scripts: RwLock<HashMap<usize, Arc<redis::Script>>>,
     prefix: String,
     member_base: String,
@@ -152,7 +156,8 @@ impl RedisState {
         // The connection's driver task lives on the state's runtime, not a proxy thread's.
         let conn = {
             let _enter = runtime.enter();
-            ConnectionManager::new_lazy_with_config(client, config).map_err(SetupError::Client)?
+            ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                .map_err(SetupError::Client)?
         };
         let degraded = metric(IntGauge::new(
             "llm_gateway_state_degraded",
@@ -167,6 +172,8 @@ impl RedisState {
             .unwrap_or_default();
         let inner = Arc::new(Inner {
             conn,
+            client,
+            config,
             scripts: RwLock::new(HashMap::new()),
             prefix: spec.prefix.clone(),
             member_base: format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..)),
@@ -213,7 +220,48 @@ fn redacted(url: &str) -> String {
     }
 }
 
+thread_local! {
+    /// Each runtime thread's own connection per state, and whether it has answered yet.
+    static CONNS: std::cell::RefCell<Vec<(usize, ConnectionManager, bool)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Inner {
+    /// The connection for a call from this thread, and whether it may still be connecting.
+    /// A request thread gets one of its own, made on its runtime, so the connection's driver
+    /// runs where the call was made: no wake-up of another thread per call (on a proxy pinned
+    /// to one core, two context switches per call).
+    fn conn(&self) -> (ConnectionManager, bool) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return (self.conn.clone(), false);
+        }
+        let id = self as *const Inner as usize;
+        CONNS.with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some((_, conn, fresh)) = c.iter().find(|(i, _, _)| *i == id) {
+                return (conn.clone(), *fresh);
+            }
+            match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+            {
+                Ok(conn) => {
+                    c.push((id, conn.clone(), true));
+                    (conn, true)
+                }
+                Err(_) => (self.conn.clone(), false),
+            }
+        })
+    }
+
+    /// This thread's connection has answered: later calls get the plain deadline.
+    fn connected(&self) {
+        let id = self as *const Inner as usize;
+        let _ = CONNS.try_with(|c| {
+            if let Some(e) = c.borrow_mut().iter_mut().find(|(i, _, _)| *i == id) {
+                e.2 = false;
+            }
+        });
+    }
+
     fn fallback(&self) -> &'static str {
         match self.on_error {
             OnError::Local => "each replica enforces its limits on its own",
@@ -233,13 +281,13 @@ impl Inner {
         compiled
     }
 
-    async fn call(
+    async fn call<T: redis::FromRedisValue>(
         &self,
         script: &'static Script,
         keys: &[&str],
         args: &[Arg<'_>],
         deadline: Duration,
-    ) -> Result<Vec<i64>, StateError> {
+    ) -> Result<T, StateError> {
         let compiled = self.script(script);
         let mut inv = compiled.prepare_invoke();
         for k in keys {
@@ -251,21 +299,32 @@ impl Inner {
                 Arg::Str(s) => inv.arg(*s),
             };
         }
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(deadline, inv.invoke_async::<Vec<i64>>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
+        let (mut conn, fresh) = self.conn();
+        // The first call on a new connection also connects (a TLS handshake, perhaps).
+        let deadline = if fresh {
+            deadline.max(self.connect_timeout)
+        } else {
+            deadline
+        };
+        match tokio::time::timeout(deadline, inv.invoke_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => {
+                if fresh {
+                    self.connected();
+                }
+                Ok(v)
+            }
             Ok(Err(e)) => Err(StateError::Failed(e.to_string())),
             Err(_) => Err(StateError::Timeout(deadline)),
         }
     }
 
     /// A request's call: fails at once while the circuit is open.
-    async fn guarded(
+    async fn guarded<T: redis::FromRedisValue>(
         &self,
         script: &'static Script,
         keys: &[&str],
         args: &[Arg<'_>],
-    ) -> Result<Vec<i64>, StateError> {
+    ) -> Result<T, StateError> {
         if self.breaker.is_open() {
             return Err(StateError::Unavailable);
         }
@@ -295,7 +354,7 @@ impl Inner {
 
     async fn probe(&self) -> Result<(), StateError> {
         let key = format!("{}alive:{{{}}}", self.prefix, self.member_base);
-        let v = self
+        let v: Vec<i64> = self
             .call(
                 &ALIVE,
                 &[&key],
@@ -347,6 +406,49 @@ impl Inner {
         }
     }
 
+    /// Keeps a subscription to `channel`: resubscribes after a broken connection, and drops a
+    /// subscription while the circuit is open (a hung server sends nothing and says nothing).
+    async fn listen(
+        self: Arc<Self>,
+        channel: String,
+        on_message: Box<dyn Fn(&str) + Send + Sync>,
+        generation: Arc<AtomicU64>,
+    ) {
+        use futures_util::StreamExt;
+        let mut next = 1u64;
+        loop {
+            if !self.breaker.is_open() {
+                let subscribed = tokio::time::timeout(self.connect_timeout, async {
+                    let mut ps = self.client.get_async_pubsub().await?;
+                    ps.subscribe(&channel).await?;
+                    Ok::<_, redis::RedisError>(ps)
+                })
+                .await;
+                if let Ok(Ok(ps)) = subscribed {
+                    generation.store(next, Ordering::Release);
+                    next += 1;
+                    let mut messages = ps.into_on_message();
+                    let mut check = tokio::time::interval(self.retry);
+                    loop {
+                        tokio::select! {
+                            m = messages.next() => match m {
+                                Some(m) => {
+                                    if let Ok(text) = m.get_payload::<String>() {
+                                        on_message(&text);
+                                    }
+                                }
+                                None => break,
+                            },
+                            _ = check.tick() => if self.breaker.is_open() { break },
+                        }
+                    }
+                    generation.store(0, Ordering::Release);
+                }
+            }
+            tokio::time::sleep(self.retry).await;
+        }
+    }
+
     /// Renews the holds of running requests every third of the lease time, on its own
     /// schedule (a slow probe must not let them lapse).
     async fn renew(self: Arc<Self>) {
@@ -368,7 +470,7 @@ impl Inner {
             .unwrap_or_default();
         let ttl = self.lease_ms as i64;
         let calls = holds.iter().map(|(key, member)| async move {
-            self.call(
+            self.call::<Vec<i64>>(
                 &RENEW,
                 &[key.as_str()],
                 &[Arg::Str(member), Arg::Int(ttl)],
@@ -402,15 +504,50 @@ impl SharedState for RedisState {
         self.inner.guarded(script, keys, args).await
     }
 
+    async fn run_text(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[Arg<'_>],
+    ) -> Result<Vec<String>, StateError> {
+        self.inner.guarded(script, keys, args).await
+    }
+
+    fn subscribe(
+        &self,
+        channel: &str,
+        on_message: Box<dyn Fn(&str) + Send + Sync>,
+    ) -> Arc<AtomicU64> {
+        let generation = Arc::new(AtomicU64::new(0));
+        let channel = self.channel(channel);
+        self.inner.handle.spawn(Inner::listen(
+            self.inner.clone(),
+            channel,
+            on_message,
+            generation.clone(),
+        ));
+        generation
+    }
+
+    fn channel(&self, channel: &str) -> String {
+        format!("{}{channel}", self.inner.prefix)
+    }
+
     fn run_detached(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
         let inner = self.inner.clone();
-        self.inner.handle.spawn(async move {
+        let task = async move {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Str(a)).collect();
-            if let Err(e) = inner.guarded(script, &keys, &args).await {
+            if let Err(e) = inner.guarded::<Vec<i64>>(script, &keys, &args).await {
                 log::debug!("state: {} not applied: {e}", script.name);
             }
-        });
+        };
+        // On the caller's runtime when there is one (no other thread woken); from a plain
+        // thread (a drop at exit), on the state's.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn(task)),
+            Err(_) => drop(self.inner.handle.spawn(task)),
+        }
     }
 
     fn key(&self, kind: &str, tag: &str) -> String {

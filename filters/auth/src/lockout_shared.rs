@@ -1,0 +1,194 @@
+//! Lockout shared by replicas (Redis) without a round trip per request: failures are counted
+//! on the server; the failure that locks an address adds it to a set of locked addresses and
+//! announces it on a channel every replica listens to. A replica trusts what it heard only
+//! while its subscription is unbroken and it has read the set since subscribing; otherwise it
+//! asks the server for each request, as before.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway_filter::state::{ask, at, Script};
+use gateway_filter::{Rejection, SharedState};
+
+/// Hash tag of every lockout key: the counters and the set of locked addresses share a
+/// Cluster slot, so the failure script may touch both.
+const TAG: &str = "lockouts";
+const CHANNEL: &str = "lockouts";
+/// Most addresses held as locked; beyond it the server is asked per request.
+const MAX_HEARD: usize = 65_536;
+
+/// KEYS: the address's failure count. Answers `{failures}`.
+static COUNT: Script = Script {
+    name: "lockout_count",
+    source: "return {tonumber(redis.call('GET', KEYS[1]) or '0')}",
+};
+
+/// Counts a failure in a fixed window; the one that reaches the limit records and announces
+/// the lock. KEYS: the count, the set of locked addresses. ARGV: window ms, limit, address,
+/// channel. Answers `{failures}`.
+static FAIL: Script = Script {
+    name: "lockout_fail",
+    source: r#"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if n == tonumber(ARGV[2]) then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl < 0 then ttl = tonumber(ARGV[1]) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[1]) * 2)
+  redis.call('PUBLISH', ARGV[4], ARGV[3] .. '|' .. ttl)
+end
+return {n}
+"#,
+};
+
+/// KEYS: the set of locked addresses. Answers `address, ms left, ...` for every live lock.
+static LOCKED: Script = Script {
+    name: "lockout_locked",
+    source: r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+local all = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES')
+for i = 1, #all, 2 do
+  table.insert(out, all[i])
+  table.insert(out, string.format('%.0f', tonumber(all[i + 1]) - now))
+end
+return out
+"#,
+};
+
+/// Addresses announced as locked, until when.
+struct Heard(Mutex<HashMap<IpAddr, Instant>>);
+
+impl Heard {
+    /// Adds a lock; false when there is no room (the caller stops trusting the map).
+    fn add(&self, ip: IpAddr, ms: u64) -> bool {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if m.len() >= MAX_HEARD && !m.contains_key(&ip) {
+            m.retain(|_, until| *until > now);
+            if m.len() >= MAX_HEARD {
+                return false;
+            }
+        }
+        m.insert(ip, now + Duration::from_millis(ms));
+        true
+    }
+
+    fn has(&self, ip: &IpAddr) -> bool {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(ip).is_some_and(|until| *until > Instant::now())
+    }
+}
+
+pub struct SharedLockout {
+    state: Arc<dyn SharedState>,
+    max_failures: u32,
+    window: Duration,
+    heard: Arc<Heard>,
+    /// The subscription's generation (0: not subscribed).
+    live: Arc<AtomicU64>,
+    /// The generation whose set of locks `heard` holds (0: none).
+    synced: Arc<AtomicU64>,
+}
+
+impl SharedLockout {
+    pub fn new(state: Arc<dyn SharedState>, max_failures: u32, window: Duration) -> Self {
+        let heard = Arc::new(Heard(Mutex::new(HashMap::new())));
+        let synced = Arc::new(AtomicU64::new(0));
+        let (h, s) = (heard.clone(), synced.clone());
+        let live = state.subscribe(
+            CHANNEL,
+            Box::new(move |msg| {
+                let parsed = msg.rsplit_once('|').and_then(|(ip, ms)| {
+                    Some((ip.parse::<IpAddr>().ok()?, ms.parse::<u64>().ok()?))
+                });
+                match parsed {
+                    Some((ip, ms)) if h.add(ip, ms) => {}
+                    // Full, or not understood: ask the server again.
+                    _ => s.store(0, Ordering::Release),
+                }
+            }),
+        );
+        SharedLockout {
+            state,
+            max_failures,
+            window,
+            heard,
+            live,
+            synced,
+        }
+    }
+
+    fn count_key(&self, ip: &IpAddr) -> String {
+        self.state.key(&format!("lockout:ip:{ip}"), TAG)
+    }
+
+    fn set_key(&self) -> String {
+        self.state.key("lockout:locked", TAG)
+    }
+
+    /// `Some(locked)` from what the replicas announced, when that can be trusted; `None`
+    /// when the server must be asked.
+    async fn as_heard(&self, ip: &IpAddr) -> Option<bool> {
+        let generation = self.live.load(Ordering::Acquire);
+        if generation == 0 || self.state.degraded() {
+            return None;
+        }
+        if self.synced.load(Ordering::Acquire) != generation {
+            let all = self
+                .state
+                .run_text(&LOCKED, &[&self.set_key()], &[])
+                .await
+                .ok()?;
+            for pair in all.chunks(2) {
+                if let [ip, ms] = pair {
+                    let (Ok(ip), Ok(ms)) = (ip.parse::<IpAddr>(), ms.parse::<u64>()) else {
+                        continue;
+                    };
+                    if !self.heard.add(ip, ms) {
+                        return None;
+                    }
+                }
+            }
+            // Only if the subscription held meanwhile: else a lock may have been missed.
+            if self.live.load(Ordering::Acquire) != generation {
+                return None;
+            }
+            self.synced.store(generation, Ordering::Release);
+        }
+        Some(self.heard.has(ip))
+    }
+
+    /// Whether `ip` is locked out across the replicas; `Ok(None)`: unknown (no answer and
+    /// `on_error: local`), use this replica's own count.
+    pub async fn locked(&self, ip: &IpAddr) -> Result<Option<bool>, Rejection> {
+        if let Some(locked) = self.as_heard(ip).await {
+            return Ok(Some(locked));
+        }
+        let k = self.count_key(ip);
+        Ok(ask(Some(&self.state), &COUNT, &[&k], &[])
+            .await?
+            .map(|r| at(&r, 0) >= i64::from(self.max_failures)))
+    }
+
+    pub fn record_failure(&self, ip: &IpAddr) {
+        self.state.run_detached(
+            &FAIL,
+            vec![self.count_key(ip), self.set_key()],
+            vec![
+                self.window.as_millis().to_string(),
+                self.max_failures.to_string(),
+                ip.to_string(),
+                self.state.channel(CHANNEL),
+            ],
+        );
+    }
+}
