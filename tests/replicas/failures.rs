@@ -99,6 +99,51 @@ async fn a_dead_redis_never_hangs_a_request_and_sharing_comes_back() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_hung_redis_costs_a_request_one_deadline_at_most() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gws = three(
+        &redis,
+        &format!(
+            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 5\n",
+            one_backend(&m.url()),
+            keys_file(dir.path())
+        ),
+    )
+    .await;
+    gws.truncate(2);
+    // The server stops answering but keeps its connections open: only deadlines help.
+    redis.signal("STOP");
+    let (ok, slowest) = burst(&gws, 20).await;
+    eprintln!("slowest answer with Redis hung: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(600),
+        "deadline 100 ms, answered in {slowest:?}"
+    );
+    assert_eq!(ok, 12, "each replica enforced the limit on its own");
+    for gw in &gws {
+        assert_eq!(state_of(gw).await, ("degraded".into(), Some(1.0)));
+    }
+    redis.signal("CONT");
+    for gw in &gws {
+        let mut s = String::new();
+        for _ in 0..100 {
+            s = state_of(gw).await.0;
+            if s == "shared" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(s, "shared", "{}", gw.log());
+    }
+    // Shared again, with the counts the server kept: every key's window there is still full
+    // from before the outage? No: nothing reached it during the hang, so 6 pass together.
+    let (ok, _) = burst(&gws, 20).await;
+    assert_eq!(ok, 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn on_error_reject_answers_503_in_each_routes_shape() {
     let mut redis = Redis::start();
     let m = mock().await;

@@ -76,9 +76,10 @@ pub trait SharedState: Send + Sync {
         args: &[Arg<'_>],
     ) -> Result<Vec<i64>, StateError>;
 
-    /// Runs `script` without waiting for it (a release from `Drop`, a settlement), on the
-    /// state's own runtime, with the same deadline. A failure is counted, not retried: the
-    /// holds it would have released expire by themselves.
+    /// Runs `script` without waiting for it (a release from `Drop`, a settlement): on the
+    /// caller's runtime (or the state's, from a plain thread), with the connect deadline,
+    /// also while the circuit is open. A failure is counted, not retried: the holds it would
+    /// have released expire by themselves.
     fn run_detached(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>);
 
     /// A key name: the operator's prefix, `kind`, and `tag` as the hash tag, so all the keys

@@ -388,7 +388,6 @@ impl Filter for RateLimitFilter {
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         let key = self.key_of(ctx);
         let (rate, burst, tpm) = self.limits(ctx);
-        let now = now_ns();
         // The request's output bound (the policy's cap × completions) and its prompt,
         // estimated at four characters a token, are held until the real usage is known.
         let reserve = tpm.map(|_| {
@@ -402,6 +401,9 @@ impl Filter for RateLimitFilter {
         });
         let (shared_rate, mut shared_tokens) =
             self.ask_shared(ctx, rate, burst, tpm, reserve).await?;
+        // Read after the shared call: a fallback after its deadline must not judge the request
+        // 20 ms in the past (it would look early against the others' arrivals, and be refused).
+        let now = now_ns();
 
         if let Some(rate) = rate {
             let t = rate.interval_ns();

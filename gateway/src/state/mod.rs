@@ -13,7 +13,7 @@
 mod breaker;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -221,45 +221,47 @@ fn redacted(url: &str) -> String {
 }
 
 thread_local! {
-    /// Each runtime thread's own connection per state, and whether it has answered yet.
-    static CONNS: std::cell::RefCell<Vec<(usize, ConnectionManager, bool)>> =
+    /// Each runtime thread's own connection per state, and whether it has connected.
+    static CONNS: std::cell::RefCell<Vec<(usize, ConnectionManager, Arc<AtomicBool>)>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Inner {
-    /// The connection for a call from this thread, and whether it may still be connecting.
-    /// A request thread gets one of its own, made on its runtime, so the connection's driver
-    /// runs where the call was made: no wake-up of another thread per call (on a proxy pinned
-    /// to one core, two context switches per call).
-    fn conn(&self) -> (ConnectionManager, bool) {
+    /// The connection for a request's call from this thread. A request thread gets one of its
+    /// own, made on its runtime, so the connection's driver runs where the call was made: no
+    /// wake-up of another thread per call (on a proxy pinned to one core, two context
+    /// switches per call). Until it has connected (in the background), the state thread's
+    /// connection serves, so no request waits for a handshake.
+    fn conn(&self) -> ConnectionManager {
         if tokio::runtime::Handle::try_current().is_err() {
-            return (self.conn.clone(), false);
+            return self.conn.clone();
         }
         let id = self as *const Inner as usize;
         CONNS.with(|c| {
             let mut c = c.borrow_mut();
-            if let Some((_, conn, fresh)) = c.iter().find(|(i, _, _)| *i == id) {
-                return (conn.clone(), *fresh);
+            if let Some((_, conn, ready)) = c.iter().find(|(i, _, _)| *i == id) {
+                return if ready.load(Ordering::Acquire) {
+                    conn.clone()
+                } else {
+                    self.conn.clone()
+                };
             }
-            match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+            if let Ok(conn) =
+                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
             {
-                Ok(conn) => {
-                    c.push((id, conn.clone(), true));
-                    (conn, true)
-                }
-                Err(_) => (self.conn.clone(), false),
+                let ready = Arc::new(AtomicBool::new(false));
+                c.push((id, conn.clone(), ready.clone()));
+                let (mut warm, timeout) = (conn, self.connect_timeout);
+                tokio::spawn(async move {
+                    let ping = redis::cmd("PING");
+                    let answered = ping.query_async::<String>(&mut warm);
+                    if let Ok(Ok(_)) = tokio::time::timeout(timeout, answered).await {
+                        ready.store(true, Ordering::Release);
+                    }
+                });
             }
+            self.conn.clone()
         })
-    }
-
-    /// This thread's connection has answered: later calls get the plain deadline.
-    fn connected(&self) {
-        let id = self as *const Inner as usize;
-        let _ = CONNS.try_with(|c| {
-            if let Some(e) = c.borrow_mut().iter_mut().find(|(i, _, _)| *i == id) {
-                e.2 = false;
-            }
-        });
     }
 
     fn fallback(&self) -> &'static str {
@@ -281,12 +283,15 @@ impl Inner {
         compiled
     }
 
+    /// One script call within `deadline`; `own`: on the state thread's connection (probes,
+    /// renewals), else on this thread's.
     async fn call<T: redis::FromRedisValue>(
         &self,
         script: &'static Script,
         keys: &[&str],
         args: &[Arg<'_>],
         deadline: Duration,
+        own: bool,
     ) -> Result<T, StateError> {
         let compiled = self.script(script);
         let mut inv = compiled.prepare_invoke();
@@ -299,20 +304,9 @@ impl Inner {
                 Arg::Str(s) => inv.arg(*s),
             };
         }
-        let (mut conn, fresh) = self.conn();
-        // The first call on a new connection also connects (a TLS handshake, perhaps).
-        let deadline = if fresh {
-            deadline.max(self.connect_timeout)
-        } else {
-            deadline
-        };
+        let mut conn = if own { self.conn.clone() } else { self.conn() };
         match tokio::time::timeout(deadline, inv.invoke_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => {
-                if fresh {
-                    self.connected();
-                }
-                Ok(v)
-            }
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StateError::Failed(e.to_string())),
             Err(_) => Err(StateError::Timeout(deadline)),
         }
@@ -328,7 +322,7 @@ impl Inner {
         if self.breaker.is_open() {
             return Err(StateError::Unavailable);
         }
-        let r = self.call(script, keys, args, self.timeout).await;
+        let r = self.call(script, keys, args, self.timeout, false).await;
         match &r {
             Ok(_) => self.breaker.success(),
             Err(e) => {
@@ -360,6 +354,7 @@ impl Inner {
                 &[&key],
                 &[Arg::Int(3_600_000)],
                 self.connect_timeout,
+                true,
             )
             .await?;
         if gateway_filter::state::at(&v, 0) == 0 {
@@ -475,6 +470,7 @@ impl Inner {
                 &[key.as_str()],
                 &[Arg::Str(member), Arg::Int(ttl)],
                 Duration::from_millis(self.lease_ms / 3).min(self.connect_timeout),
+                true,
             )
             .await
         });
@@ -535,10 +531,18 @@ impl SharedState for RedisState {
 
     fn run_detached(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
         let inner = self.inner.clone();
+        // Releases and settlements are not skipped while the circuit is open (nobody waits
+        // for them, and a dropped one leaves a hold to expire, making every later check
+        // scan it): they get the connect deadline and do not count against the circuit.
         let task = async move {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Str(a)).collect();
-            if let Err(e) = inner.guarded::<Vec<i64>>(script, &keys, &args).await {
+            let deadline = inner.connect_timeout;
+            if let Err(e) = inner
+                .call::<Vec<i64>>(script, &keys, &args, deadline, false)
+                .await
+            {
+                inner.errors.inc();
                 log::debug!("state: {} not applied: {e}", script.name);
             }
         };
