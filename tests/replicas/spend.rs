@@ -95,6 +95,11 @@ async fn a_hundred_requests_on_three_replicas_never_overspend() {
         50,
         "{acct}"
     );
+    assert_eq!(
+        cents(acct["shared_reserved_usd"].as_f64().unwrap()),
+        0,
+        "every reservation given back: {acct}"
+    );
     // Each replica's ledger holds its own share; together they are the budget, never more.
     let mut total = 0;
     for (gw, dir) in gws.iter_mut() {

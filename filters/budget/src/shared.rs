@@ -20,7 +20,11 @@ use crate::period::Calendar;
 use crate::prices::Nano;
 
 /// KEYS: spend, resv. ARGV: replica, its period total, amount, limit, member, ttl ms,
-/// keep ms (spend key's lifetime; 0: none). Answers `{taken, spent, reserved}`.
+/// keep ms (the keys' lifetime; 0: none). Answers `{taken, spent, reserved}`.
+///
+/// The spend hash also holds `~held`, the sum of live reservations, kept up to date by every
+/// script that adds or removes one, so a check costs the same however many requests are in
+/// flight; only reservations that expired (of a replica that died) are read one by one.
 static RESERVE: Script = Script {
     name: "budget_reserve",
     source: r#"
@@ -29,23 +33,30 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') < tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
-local keep = tonumber(ARGV[7])
-if keep > 0 then redis.call('PEXPIRE', KEYS[1], keep) end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local held = tonumber(redis.call('HGET', KEYS[1], '~held') or '0')
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+if #dead > 0 then
+  for _, m in ipairs(dead) do held = held - (tonumber(string.match(m, '|(%d+)$')) or 0) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if held < 0 then held = 0 end
+  redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
+end
 local spent = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do spent = spent + tonumber(v) end
-local held = 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  held = held + (tonumber(string.match(m, '|(%d+)$')) or 0)
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] ~= '~held' then spent = spent + tonumber(all[i + 1]) end
 end
 local amount = tonumber(ARGV[3])
+local keep = tonumber(ARGV[7])
+if keep > 0 then redis.call('PEXPIRE', KEYS[1], keep) end
 if spent + held + amount > tonumber(ARGV[4]) then
   return {0, spent, held}
 end
-local ttl = tonumber(ARGV[6])
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ttl * 2)
-return {1, spent, held + amount}
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
+held = held + amount
+redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
+if keep > 0 then redis.call('PEXPIRE', KEYS[2], keep) end
+return {1, spent, held}
 "#,
 };
 
@@ -54,7 +65,12 @@ return {1, spent, held + amount}
 static SETTLE: Script = Script {
     name: "budget_settle",
     source: r#"
-if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
+if ARGV[3] ~= '' and redis.call('ZREM', KEYS[2], ARGV[3]) == 1 then
+  local held = tonumber(redis.call('HGET', KEYS[1], '~held') or '0')
+  held = held - (tonumber(string.match(ARGV[3], '|(%d+)$')) or 0)
+  if held < 0 then held = 0 end
+  redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
+end
 if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') < tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
@@ -71,11 +87,16 @@ static TOTALS: Script = Script {
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local spent = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do spent = spent + tonumber(v) end
 local held = 0
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')) do
-  held = held + (tonumber(string.match(m, '|(%d+)$')) or 0)
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] == '~held' then held = tonumber(all[i + 1])
+  else spent = spent + tonumber(all[i + 1]) end
 end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  held = held - (tonumber(string.match(m, '|(%d+)$')) or 0)
+end
+if held < 0 then held = 0 end
 return {spent, held}
 "#,
 };

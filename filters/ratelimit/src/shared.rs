@@ -4,13 +4,12 @@
 
 use gateway_filter::state::Script;
 
-/// GCRA in microseconds on the TAT in `key`, interval µs, burst.
+/// GCRA in microseconds on the TAT in `key`, interval µs, burst, at server time `t`.
 /// Answers `{1, delay µs, remaining, reset µs}` or `{0, retry µs}`.
 macro_rules! gcra_lua {
     () => {
         r#"
-local function gcra(key, interval, burst)
-  local t = redis.call('TIME')
+local function gcra(key, interval, burst, t)
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local tau = interval * burst
   local tat = tonumber(redis.call('GET', key) or '0')
@@ -27,13 +26,12 @@ end
     };
 }
 
-/// Reserves `n` tokens under `limit` in the window `key` of `w` ms.
+/// Reserves `n` tokens under `limit` in the window `key` of `w` ms, at server time `t`.
 /// Answers `{taken, used, window start ms, ms left}`.
 macro_rules! tokens_lua {
     () => {
         r#"
-local function tokens(key, w, n, limit)
-  local t = redis.call('TIME')
+local function tokens(key, w, n, limit, t)
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local start = tonumber(redis.call('HGET', key, 's') or '0')
   local used = tonumber(redis.call('HGET', key, 'u') or '0')
@@ -55,7 +53,7 @@ pub static GCRA: Script = Script {
     name: "gcra",
     source: concat!(
         gcra_lua!(),
-        "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
+        "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), redis.call('TIME'))"
     ),
 };
 
@@ -64,7 +62,7 @@ pub static TOKENS_RESERVE: Script = Script {
     name: "tokens_reserve",
     source: concat!(
         tokens_lua!(),
-        "return tokens(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))"
+        "return tokens(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), redis.call('TIME'))"
     ),
 };
 
@@ -77,9 +75,10 @@ pub static RATE_AND_TOKENS: Script = Script {
         gcra_lua!(),
         tokens_lua!(),
         r#"
-local r = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+local t = redis.call('TIME')
+local r = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), t)
 if r[1] == 0 then return r end
-local k = tokens(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+local k = tokens(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), t)
 return {r[1], r[2], r[3], r[4], k[1], k[2], k[3], k[4]}
 "#
     ),

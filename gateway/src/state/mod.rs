@@ -50,7 +50,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  -- Only ever lengthens the set's own lifetime (a budget's lives as long as its period).
+  local p = redis.call('PTTL', KEYS[1])
+  if p >= 0 and p < ttl * 2 then redis.call('PEXPIRE', KEYS[1], ttl * 2) end
   return {1}
 end
 return {0}
