@@ -82,6 +82,10 @@ pub trait SharedState: Send + Sync {
     /// have released expire by themselves.
     fn run_detached(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>);
 
+    /// Gives back what a call that passed its deadline may still take on the server (the
+    /// script is run once that call cannot be on its way any more), like `run_detached`.
+    fn undo(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>);
+
     /// A key name: the operator's prefix, `kind`, and `tag` as the hash tag, so all the keys
     /// of one principal (or address, or backend) sit in one Redis Cluster slot.
     fn key(&self, kind: &str, tag: &str) -> String;
@@ -217,9 +221,12 @@ pub async fn acquire_lease(
             ],
         )
         .await
-        .inspect_err(|_| {
-            // The script may still run after the deadline: give the slot back if it did.
-            state.run_detached(&LEASE_RELEASE, vec![key.clone()], vec![member.clone()]);
+        .inspect_err(|e| {
+            // Sent, but no answer in time: the script may still run; give the slot back if it
+            // did. (Refused at once, the call never left.)
+            if matches!(e, StateError::Timeout(_)) {
+                state.undo(&LEASE_RELEASE, vec![key.clone()], vec![member.clone()]);
+            }
         })?;
     if at(&reply, 0) != 1 {
         return Ok(None);

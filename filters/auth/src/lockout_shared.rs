@@ -13,12 +13,11 @@ use std::time::{Duration, Instant};
 use gateway_filter::state::{ask, at, Script};
 use gateway_filter::{Rejection, SharedState};
 
-/// Hash tag of every lockout key: the counters and the set of locked addresses share a
-/// Cluster slot, so the failure script may touch both.
-const TAG: &str = "lockouts";
-const CHANNEL: &str = "lockouts";
 /// Most addresses held as locked; beyond it the server is asked per request.
 const MAX_HEARD: usize = 65_536;
+/// The set of locks is read again this often even while the subscription holds (a
+/// connection that died without a word delivers nothing and says nothing).
+const RESYNC: Duration = Duration::from_secs(10);
 
 /// KEYS: the address's failure count. Answers `{failures}`.
 static COUNT: Script = Script {
@@ -92,28 +91,41 @@ pub struct SharedLockout {
     state: Arc<dyn SharedState>,
     max_failures: u32,
     window: Duration,
+    /// Names this lockout's counters, set and channel: filters with other limits or windows
+    /// neither share counts nor act on each other's locks. Also the keys' hash tag, so the
+    /// failure script may touch counter and set in one Cluster slot.
+    tag: String,
     heard: Arc<Heard>,
     /// The subscription's generation (0: not subscribed).
     live: Arc<AtomicU64>,
-    /// The generation whose set of locks `heard` holds (0: none).
-    synced: Arc<AtomicU64>,
+    /// The generation whose set of locks `heard` holds (0: none), and when it was read.
+    synced: AtomicU64,
+    synced_at: std::sync::Mutex<Option<Instant>>,
+    /// Bumped by the listener when it could not record a lock (full, or not understood): the
+    /// set must be read again.
+    missed: Arc<AtomicU64>,
+    /// The generation in which `heard` overflowed: ask the server per request until the next.
+    overflowed: AtomicU64,
 }
 
 impl SharedLockout {
     pub fn new(state: Arc<dyn SharedState>, max_failures: u32, window: Duration) -> Self {
         let heard = Arc::new(Heard(Mutex::new(HashMap::new())));
-        let synced = Arc::new(AtomicU64::new(0));
-        let (h, s) = (heard.clone(), synced.clone());
+        let missed = Arc::new(AtomicU64::new(0));
+        let (h, s) = (heard.clone(), missed.clone());
+        let tag = format!("lockouts:{max_failures}:{}", window.as_millis());
         let live = state.subscribe(
-            CHANNEL,
+            &tag,
             Box::new(move |msg| {
                 let parsed = msg.rsplit_once('|').and_then(|(ip, ms)| {
                     Some((ip.parse::<IpAddr>().ok()?, ms.parse::<u64>().ok()?))
                 });
                 match parsed {
                     Some((ip, ms)) if h.add(ip, ms) => {}
-                    // Full, or not understood: ask the server again.
-                    _ => s.store(0, Ordering::Release),
+                    // Full, or not understood: read the set again.
+                    _ => {
+                        s.fetch_add(1, Ordering::AcqRel);
+                    }
                 }
             }),
         );
@@ -121,28 +133,44 @@ impl SharedLockout {
             state,
             max_failures,
             window,
+            tag,
             heard,
             live,
-            synced,
+            synced: AtomicU64::new(0),
+            synced_at: std::sync::Mutex::new(None),
+            missed,
+            overflowed: AtomicU64::new(0),
         }
     }
 
     fn count_key(&self, ip: &IpAddr) -> String {
-        self.state.key(&format!("lockout:ip:{ip}"), TAG)
+        self.state.key(&format!("lockout:ip:{ip}"), &self.tag)
     }
 
     fn set_key(&self) -> String {
-        self.state.key("lockout:locked", TAG)
+        self.state.key("lockout:locked", &self.tag)
+    }
+
+    fn stale(&self, generation: u64) -> bool {
+        self.synced.load(Ordering::Acquire) != generation
+            || self
+                .synced_at
+                .lock()
+                .map_or(true, |t| t.is_none_or(|t| t.elapsed() >= RESYNC))
     }
 
     /// `Some(locked)` from what the replicas announced, when that can be trusted; `None`
     /// when the server must be asked.
     async fn as_heard(&self, ip: &IpAddr) -> Option<bool> {
         let generation = self.live.load(Ordering::Acquire);
-        if generation == 0 || self.state.degraded() {
+        if generation == 0
+            || self.state.degraded()
+            || self.overflowed.load(Ordering::Acquire) == generation
+        {
             return None;
         }
-        if self.synced.load(Ordering::Acquire) != generation {
+        if self.stale(generation) {
+            let missed = self.missed.load(Ordering::Acquire);
             let all = self
                 .state
                 .run_text(&LOCKED, &[&self.set_key()], &[])
@@ -154,15 +182,27 @@ impl SharedLockout {
                         continue;
                     };
                     if !self.heard.add(ip, ms) {
+                        self.overflowed.store(generation, Ordering::Release);
                         return None;
                     }
                 }
             }
-            // Only if the subscription held meanwhile: else a lock may have been missed.
-            if self.live.load(Ordering::Acquire) != generation {
+            // Only if the subscription held and heard everything meanwhile: else a lock may
+            // have been missed.
+            if self.live.load(Ordering::Acquire) != generation
+                || self.missed.load(Ordering::Acquire) != missed
+            {
                 return None;
             }
             self.synced.store(generation, Ordering::Release);
+            if let Ok(mut t) = self.synced_at.lock() {
+                *t = Some(Instant::now());
+            }
+        } else if self.missed.load(Ordering::Acquire) != 0 {
+            // A lock was missed since the last read: read again at the next request.
+            self.synced.store(0, Ordering::Release);
+            self.missed.store(0, Ordering::Release);
+            return None;
         }
         Some(self.heard.has(ip))
     }
@@ -180,6 +220,11 @@ impl SharedLockout {
     }
 
     pub fn record_failure(&self, ip: &IpAddr) {
+        // While the server is out of reach the replica's own count holds (not queued: a flood
+        // of failures must not become a flood of calls to a dead server).
+        if self.state.degraded() {
+            return;
+        }
         self.state.run_detached(
             &FAIL,
             vec![self.count_key(ip), self.set_key()],
@@ -187,7 +232,7 @@ impl SharedLockout {
                 self.window.as_millis().to_string(),
                 self.max_failures.to_string(),
                 ip.to_string(),
-                self.state.channel(CHANNEL),
+                self.state.channel(&self.tag),
             ],
         );
     }

@@ -41,6 +41,11 @@ if #dead > 0 then
   if held < 0 then held = 0 end
   redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
 end
+-- No reservation left: nothing is held (whatever a lost set or an old replica left).
+if held > 0 and redis.call('ZCARD', KEYS[2]) == 0 then
+  held = 0
+  redis.call('HSET', KEYS[1], '~held', '0')
+end
 local spent = 0
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
@@ -196,17 +201,19 @@ pub async fn reserve(
             }
             Ok(_) => refused = refused.or(Some(i)),
             Err(e) => {
-                // The script may have run after the deadline: take its place back.
-                st.run_detached(
-                    &SETTLE,
-                    keys.to_vec(),
-                    vec![
-                        replica.to_string(),
-                        mine[i].to_string(),
-                        member,
-                        keep_ms.to_string(),
-                    ],
-                );
+                // Sent, but no answer in time: the script may still run; take its place back.
+                if matches!(e, StateError::Timeout(_)) {
+                    st.undo(
+                        &SETTLE,
+                        keys.to_vec(),
+                        vec![
+                            replica.to_string(),
+                            mine[i].to_string(),
+                            member,
+                            keep_ms.to_string(),
+                        ],
+                    );
+                }
                 failed = Some(e);
             }
         }

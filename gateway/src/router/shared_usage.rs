@@ -23,6 +23,7 @@ local bucket = math.floor(now / 30000)
 local delta = tonumber(ARGV[1])
 if delta > 0 then
   redis.call('HINCRBY', KEYS[1], tostring(bucket), delta)
+  redis.call('HDEL', KEYS[1], tostring(bucket - 2))
   redis.call('PEXPIRE', KEYS[1], 120000)
 end
 local cur = tonumber(redis.call('HGET', KEYS[1], tostring(bucket)) or '0')

@@ -13,7 +13,7 @@
 mod breaker;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -77,6 +77,8 @@ pub struct RedisState {
 }
 
 struct Inner {
+    /// Names this state's connections in each thread's table (never reused).
+    id: u64,
     /// The state thread's connection (probes, renewals, detached calls).
     conn: ConnectionManager,
     /// For the connections of request threads (see [`Inner::conn`]).
@@ -151,7 +153,9 @@ impl RedisState {
             .enable_all()
             .build()
             .map_err(SetupError::Runtime)?;
+        // Our own deadline bounds every call (redis-rs would add 500 ms of its own).
         let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(None)
             .set_connection_timeout(Some(spec.connect_timeout))
             .set_number_of_retries(1)
             .set_max_delay(spec.breaker_retry);
@@ -172,7 +176,9 @@ impl RedisState {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
+        static IDS: AtomicU64 = AtomicU64::new(1);
         let inner = Arc::new(Inner {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             conn,
             client,
             config,
@@ -223,43 +229,47 @@ fn redacted(url: &str) -> String {
 }
 
 thread_local! {
-    /// Each runtime thread's own connection per state, and whether it has connected.
-    static CONNS: std::cell::RefCell<Vec<(usize, ConnectionManager, Arc<AtomicBool>)>> =
+    /// Each runtime thread's own connection per state, and how its connecting went.
+    static CONNS: std::cell::RefCell<Vec<(u64, ConnectionManager, Arc<AtomicU8>)>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+const CONNECTING: u8 = 0;
+const READY: u8 = 1;
+const FAILED: u8 = 2;
+
 impl Inner {
     /// The connection for a request's call from this thread. A request thread gets one of its
-    /// own, made on its runtime, so the connection's driver runs where the call was made: no
-    /// wake-up of another thread per call (on a proxy pinned to one core, two context
-    /// switches per call). Until it has connected (in the background), the state thread's
-    /// connection serves, so no request waits for a handshake.
+    /// own, made on its runtime, so the connection's driver runs on the proxy's runtime rather
+    /// than the state thread's (with `threads: 1`, no other thread is woken per call). Until it
+    /// has connected (in the background), the state thread's connection serves, so no request
+    /// waits for a handshake; one that failed to connect is made again at the next call.
     fn conn(&self) -> ConnectionManager {
         if tokio::runtime::Handle::try_current().is_err() {
             return self.conn.clone();
         }
-        let id = self as *const Inner as usize;
         CONNS.with(|c| {
             let mut c = c.borrow_mut();
-            if let Some((_, conn, ready)) = c.iter().find(|(i, _, _)| *i == id) {
-                return if ready.load(Ordering::Acquire) {
-                    conn.clone()
-                } else {
-                    self.conn.clone()
-                };
+            if let Some(i) = c.iter().position(|(id, _, _)| *id == self.id) {
+                match c[i].2.load(Ordering::Acquire) {
+                    READY => return c[i].1.clone(),
+                    CONNECTING => return self.conn.clone(),
+                    _ => {
+                        c.swap_remove(i);
+                    }
+                }
             }
             if let Ok(conn) =
                 ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
             {
-                let ready = Arc::new(AtomicBool::new(false));
-                c.push((id, conn.clone(), ready.clone()));
+                let state = Arc::new(AtomicU8::new(CONNECTING));
+                c.push((self.id, conn.clone(), state.clone()));
                 let (mut warm, timeout) = (conn, self.connect_timeout);
                 tokio::spawn(async move {
                     let ping = redis::cmd("PING");
                     let answered = ping.query_async::<String>(&mut warm);
-                    if let Ok(Ok(_)) = tokio::time::timeout(timeout, answered).await {
-                        ready.store(true, Ordering::Release);
-                    }
+                    let ok = matches!(tokio::time::timeout(timeout, answered).await, Ok(Ok(_)));
+                    state.store(if ok { READY } else { FAILED }, Ordering::Release);
                 });
             }
             self.conn.clone()
@@ -554,6 +564,26 @@ impl SharedState for RedisState {
             Ok(h) => drop(h.spawn(task)),
             Err(_) => drop(self.inner.handle.spawn(task)),
         }
+    }
+
+    fn undo(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
+        // After the connect deadline, the late call has run or will never run: whichever
+        // connection carries this one, it cannot overtake it.
+        let inner = self.inner.clone();
+        let task = async move {
+            tokio::time::sleep(inner.connect_timeout).await;
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Str(a)).collect();
+            let deadline = inner.connect_timeout;
+            if let Err(e) = inner
+                .call::<Vec<i64>>(script, &keys, &args, deadline, true)
+                .await
+            {
+                inner.errors.inc();
+                log::debug!("state: {} not undone: {e}", script.name);
+            }
+        };
+        drop(self.inner.handle.spawn(task));
     }
 
     fn key(&self, kind: &str, tag: &str) -> String {
