@@ -456,6 +456,29 @@ impl Inner {
         }
     }
 
+    /// A call nobody waits for; `later`: after the connect deadline, on the state's connection.
+    async fn detached(
+        self: Arc<Self>,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+        later: bool,
+    ) {
+        if later {
+            tokio::time::sleep(self.connect_timeout).await;
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Str(a)).collect();
+        let deadline = self.connect_timeout;
+        if let Err(e) = self
+            .call::<Vec<i64>>(script, &keys, &args, deadline, later)
+            .await
+        {
+            self.errors.inc();
+            log::debug!("state: {} not applied: {e}", script.name);
+        }
+    }
+
     /// Renews the holds of running requests every third of the lease time, on its own
     /// schedule (a slow probe must not let them lapse).
     async fn renew(self: Arc<Self>) {
@@ -542,24 +565,11 @@ impl SharedState for RedisState {
     }
 
     fn run_detached(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
-        let inner = self.inner.clone();
         // Releases and settlements are not skipped while the circuit is open (nobody waits
-        // for them, and a dropped one leaves a hold to expire, making every later check
-        // scan it): they get the connect deadline and do not count against the circuit.
-        let task = async move {
-            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Str(a)).collect();
-            let deadline = inner.connect_timeout;
-            if let Err(e) = inner
-                .call::<Vec<i64>>(script, &keys, &args, deadline, false)
-                .await
-            {
-                inner.errors.inc();
-                log::debug!("state: {} not applied: {e}", script.name);
-            }
-        };
-        // On the caller's runtime when there is one (no other thread woken); from a plain
-        // thread (a drop at exit), on the state's.
+        // for them, and a dropped one leaves a hold behind): they get the connect deadline
+        // and do not count against the circuit. On the caller's runtime when there is one;
+        // from a plain thread (a drop at exit), on the state's.
+        let task = Inner::detached(self.inner.clone(), script, keys, args, false);
         match tokio::runtime::Handle::try_current() {
             Ok(h) => drop(h.spawn(task)),
             Err(_) => drop(self.inner.handle.spawn(task)),
@@ -569,20 +579,7 @@ impl SharedState for RedisState {
     fn undo(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
         // After the connect deadline, the late call has run or will never run: whichever
         // connection carries this one, it cannot overtake it.
-        let inner = self.inner.clone();
-        let task = async move {
-            tokio::time::sleep(inner.connect_timeout).await;
-            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Str(a)).collect();
-            let deadline = inner.connect_timeout;
-            if let Err(e) = inner
-                .call::<Vec<i64>>(script, &keys, &args, deadline, true)
-                .await
-            {
-                inner.errors.inc();
-                log::debug!("state: {} not undone: {e}", script.name);
-            }
-        };
+        let task = Inner::detached(self.inner.clone(), script, keys, args, true);
         drop(self.inner.handle.spawn(task));
     }
 
