@@ -260,8 +260,7 @@ pub fn run(prepared: Prepared) -> ! {
         }
         crate::upgrade::write_pid(sock);
     }
-    crate::router::spawn_usage_sync(gateway_pool.clone());
-    crate::router::spawn_discovery(gateway_pool, &settings.routing);
+    crate::router::spawn_background(gateway_pool, &settings.routing);
     spawn_ctrl_c(flush.clone());
     spawn_reloader(chain);
     spawn_drain_watcher(

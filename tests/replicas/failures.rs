@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::support::budget::{config, KEY as BUYER};
 use super::support::redis::Redis;
 use super::support::{chat, client, mock, Gateway};
-use super::{keys_file, one_backend, three, KEY};
+use super::{keyed_chain, replicas, Replicas, KEY};
 
 async fn state_of(gw: &Gateway) -> (String, Option<f64>) {
     let h = gw.health().await;
@@ -15,6 +15,19 @@ async fn state_of(gw: &Gateway) -> (String, Option<f64>) {
         h["state"].as_str().unwrap_or_default().to_string(),
         gw.metric("llm_gateway_state_degraded").await,
     )
+}
+
+/// Waits (5 s at most) until `gw` shares state again.
+async fn wait_shared(gw: &Gateway) {
+    let mut s = String::new();
+    for _ in 0..100 {
+        s = state_of(gw).await.0;
+        if s == "shared" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s, "shared", "{}", gw.log());
 }
 
 /// Sends `n` requests round robin; returns (OK count, slowest answer).
@@ -46,18 +59,12 @@ async fn burst(gws: &[Gateway], n: usize) -> (usize, Duration) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_redis_never_hangs_a_request_and_sharing_comes_back() {
-    let mut redis = Redis::start();
-    let m = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gws = three(
-        &redis,
-        &format!(
-            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 5\n",
-            one_backend(&m.url()),
-            keys_file(dir.path())
-        ),
-    )
-    .await;
+    let Replicas {
+        mut redis,
+        mock: _m,
+        mut gws,
+        dir: _dir,
+    } = replicas("  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 5\n").await;
     gws.truncate(2);
     assert_eq!(state_of(&gws[0]).await, ("shared".into(), Some(0.0)));
     redis.kill();
@@ -82,15 +89,7 @@ async fn a_dead_redis_never_hangs_a_request_and_sharing_comes_back() {
     );
     redis.restart();
     for gw in &gws {
-        let mut s = String::new();
-        for _ in 0..100 {
-            s = state_of(gw).await.0;
-            if s == "shared" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(s, "shared", "{}", gw.log());
+        wait_shared(gw).await;
         assert_eq!(gw.metric("llm_gateway_state_degraded").await, Some(0.0));
     }
     // Shared again: 6 across both replicas together.
@@ -100,18 +99,12 @@ async fn a_dead_redis_never_hangs_a_request_and_sharing_comes_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_redis_costs_a_request_one_deadline_at_most() {
-    let redis = Redis::start();
-    let m = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gws = three(
-        &redis,
-        &format!(
-            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 5\n",
-            one_backend(&m.url()),
-            keys_file(dir.path())
-        ),
-    )
-    .await;
+    let Replicas {
+        redis,
+        mock: _m,
+        mut gws,
+        dir: _dir,
+    } = replicas("  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 5\n").await;
     gws.truncate(2);
     // The server stops answering but keeps its connections open: only deadlines help.
     redis.signal("STOP");
@@ -127,15 +120,7 @@ async fn a_hung_redis_costs_a_request_one_deadline_at_most() {
     }
     redis.signal("CONT");
     for gw in &gws {
-        let mut s = String::new();
-        for _ in 0..100 {
-            s = state_of(gw).await.0;
-            if s == "shared" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(s, "shared", "{}", gw.log());
+        wait_shared(gw).await;
     }
     // Shared again, with the counts the server kept: every key's window there is still full
     // from before the outage? No: nothing reached it during the hang, so 6 pass together.
@@ -149,10 +134,15 @@ async fn on_error_reject_answers_503_in_each_routes_shape() {
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&format!(
-        "{}{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 100/s\n",
-        redis.state().replace("lease_ttl", "on_error: reject, lease_ttl"),
-        one_backend(&m.url()),
-        keys_file(dir.path())
+        "{}{}",
+        redis
+            .state()
+            .replace("lease_ttl", "on_error: reject, lease_ttl"),
+        keyed_chain(
+            &m,
+            dir.path(),
+            "  - use: ratelimit\n    key: api_key\n    rate: 100/s\n"
+        )
     ))
     .await;
     let ok = client()
@@ -263,10 +253,10 @@ async fn rediss_with_a_password_and_a_private_ca() {
     let redis = Redis::start_tls("s3cret-pw");
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let filters = format!(
-        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 2\n",
-        one_backend(&m.url()),
-        keys_file(dir.path())
+    let filters = keyed_chain(
+        &m,
+        dir.path(),
+        "  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 2\n",
     );
     let state = |password: &str| {
         format!(

@@ -6,22 +6,16 @@ use serde_json::{json, Value};
 
 use super::support::redis::Redis;
 use super::support::{chat, client, mock};
-use super::{keys_file, one_backend, three, KEY};
+use super::{replicas, three, Replicas, KEY};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_rate_holds_across_replicas_exactly() {
-    let redis = Redis::start();
-    let m = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gws = three(
-        &redis,
-        &format!(
-            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 5\n",
-            one_backend(&m.url()),
-            keys_file(dir.path())
-        ),
-    )
-    .await;
+    let Replicas {
+        redis: _redis,
+        mock: m,
+        gws,
+        dir: _dir,
+    } = replicas("  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 5\n").await;
     let c = client();
     let mut ok = 0;
     let mut refused = 0;
@@ -50,18 +44,12 @@ async fn a_key_rate_holds_across_replicas_exactly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_in_flight_cap_holds_across_replicas() {
-    let redis = Redis::start();
-    let m = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gws = three(
-        &redis,
-        &format!(
-            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    max_in_flight: 2\n",
-            one_backend(&m.url()),
-            keys_file(dir.path())
-        ),
-    )
-    .await;
+    let Replicas {
+        redis: _redis,
+        mock: _m,
+        gws,
+        dir: _dir,
+    } = replicas("  - use: ratelimit\n    key: api_key\n    max_in_flight: 2\n").await;
     let slow = |url: String| async move {
         let r = client()
             .post(url)
@@ -165,18 +153,12 @@ async fn a_backend_max_in_flight_holds_across_replicas() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_logins_lock_an_address_out_on_every_replica() {
-    let redis = Redis::start();
-    let m = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gws = three(
-        &redis,
-        &format!(
-            "{}filters:\n  - use: auth\n    keys_file: {}\n    brute_force: {{ max_failures: 3, window: 1m }}\n",
-            one_backend(&m.url()),
-            keys_file(dir.path())
-        ),
-    )
-    .await;
+    let Replicas {
+        redis,
+        mock: _m,
+        gws,
+        dir: _dir,
+    } = replicas("    brute_force: { max_failures: 3, window: 1m }\n").await;
     let c = client();
     let ok = |gw: usize| {
         c.post(gws[gw].url("/api/chat"))
@@ -249,18 +231,12 @@ async fn failed_logins_lock_an_address_out_on_every_replica() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_per_minute_hold_across_replicas() {
-    let redis = Redis::start();
-    let m = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gws = three(
-        &redis,
-        &format!(
-            "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 5/m\n    burst: 5\n    tokens_per_minute: 20\n",
-            one_backend(&m.url()),
-            keys_file(dir.path())
-        ),
-    )
-    .await;
+    let Replicas {
+        redis: _redis,
+        mock: _m,
+        gws,
+        dir: _dir,
+    } = replicas("  - use: ratelimit\n    key: api_key\n    rate: 5/m\n    burst: 5\n    tokens_per_minute: 20\n").await;
     // Each request reserves 8 output + 1 prompt token and uses 5 + 1: the first two fit the
     // minute's 20 tokens together, a third does not, whichever replica it reaches.
     let c = client();

@@ -37,6 +37,38 @@ pub async fn three(redis: &Redis, body: &str) -> Vec<Gateway> {
     out
 }
 
+/// A fresh Redis, a mock backend and three replicas of the chain `auth` (keys file with
+/// `KEY`) followed by `rest` (more YAML for the auth entry, or more filter entries).
+pub struct Replicas {
+    pub redis: Redis,
+    pub mock: mock_ollama::MockServer,
+    pub gws: Vec<Gateway>,
+    /// The keys file's folder.
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn replicas(rest: &str) -> Replicas {
+    let redis = Redis::start();
+    let mock = support::mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gws = three(&redis, &keyed_chain(&mock, dir.path(), rest)).await;
+    Replicas {
+        redis,
+        mock,
+        gws,
+        dir,
+    }
+}
+
+/// One mock backend and the chain `auth` (keys file in `dir` with `KEY`) followed by `rest`.
+pub fn keyed_chain(m: &mock_ollama::MockServer, dir: &std::path::Path, rest: &str) -> String {
+    format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n{rest}",
+        one_backend(&m.url()),
+        keys_file(dir)
+    )
+}
+
 /// Backends YAML for one mock.
 pub fn one_backend(url: &str) -> String {
     backends(&[("gpu", url)])

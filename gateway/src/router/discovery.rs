@@ -4,6 +4,7 @@
 //! `health.interval`; both only while the backend has no request of ours running.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::time::Duration;
 
 use pingora_core::connectors::http::v1::Connector;
@@ -135,51 +136,34 @@ fn may_discover(pool: &BackendPool, idx: usize) -> bool {
     pool.get(idx).kind == BackendKind::Ollama || idle(pool, idx)
 }
 
-/// Starts the polling thread; it runs for the life of the process.
-pub fn spawn(pool: BackendPool, spec: &RoutingSpec) {
+/// Discovery and health probes, for the router's background thread; `None` when both are off.
+pub fn poller(pool: BackendPool, spec: &RoutingSpec) -> Option<impl Future<Output = ()> + Send> {
     if pool.is_empty() || (spec.discovery_interval.is_none() && spec.health_interval.is_none()) {
-        return;
+        return None;
     }
     let (discovery, health, timeout) = (
         spec.discovery_interval,
         spec.health_interval,
         spec.probe_timeout,
     );
-    let spawned = std::thread::Builder::new()
-        .name("backend-poller".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    log::error!("backend poller: cannot start: {e}");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let connector = Connector::new(None);
-                let forever = Duration::from_secs(3600 * 24 * 365);
-                let mut d = tokio::time::interval(discovery.unwrap_or(forever));
-                let mut h = tokio::time::interval(health.unwrap_or(forever));
-                loop {
-                    tokio::select! {
-                        _ = d.tick(), if discovery.is_some() => {
-                            for i in (0..pool.len()).filter(|&i| may_discover(&pool, i)) {
-                                discover(&connector, &pool, i, timeout).await;
-                            }
-                        }
-                        _ = h.tick(), if health.is_some() => {
-                            for i in (0..pool.len()).filter(|&i| idle(&pool, i)) {
-                                probe(&connector, &pool, i, timeout).await;
-                            }
-                        }
+    Some(async move {
+        let connector = Connector::new(None);
+        let forever = Duration::from_secs(3600 * 24 * 365);
+        let mut d = tokio::time::interval(discovery.unwrap_or(forever));
+        let mut h = tokio::time::interval(health.unwrap_or(forever));
+        loop {
+            tokio::select! {
+                _ = d.tick(), if discovery.is_some() => {
+                    for i in (0..pool.len()).filter(|&i| may_discover(&pool, i)) {
+                        discover(&connector, &pool, i, timeout).await;
                     }
                 }
-            });
-        });
-    if let Err(e) = spawned {
-        log::error!("backend poller: cannot start: {e}");
-    }
+                _ = h.tick(), if health.is_some() => {
+                    for i in (0..pool.len()).filter(|&i| idle(&pool, i)) {
+                        probe(&connector, &pool, i, timeout).await;
+                    }
+                }
+            }
+        }
+    })
 }

@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use gateway_filter::glob::wildcard;
 use gateway_filter::RequestCtx;
 
-pub use discovery::spawn as spawn_discovery;
 pub use pool::{canonical_model, Backend, BackendPool, Lease};
-pub use shared_usage::spawn as spawn_usage_sync;
 
 use crate::config::{RoutingSpec, Strategy};
 
@@ -187,6 +185,47 @@ impl Router for ModelRouter {
                     .map(|(_, s)| *s)
             })
             .unwrap_or(self.spec.strategy)
+    }
+}
+
+/// Starts the router's background work (model discovery, health probes, the usage figures
+/// shared with other replicas) on one thread with its own runtime, for the life of the process.
+pub fn spawn_background(pool: BackendPool, spec: &RoutingSpec) {
+    let polls = discovery::poller(pool.clone(), spec);
+    let sync = shared_usage::syncer(pool);
+    if polls.is_none() && sync.is_none() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("backend-poller".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("backend poller: cannot start: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                tokio::join!(
+                    async move {
+                        if let Some(p) = polls {
+                            p.await
+                        }
+                    },
+                    async move {
+                        if let Some(s) = sync {
+                            s.await
+                        }
+                    }
+                );
+            });
+        });
+    if let Err(e) = spawned {
+        log::error!("backend poller: cannot start: {e}");
     }
 }
 

@@ -49,29 +49,10 @@ return {served, reserved + tonumber(ARGV[3])}
 
 const EVERY: Duration = Duration::from_secs(1);
 
-/// Starts the sync on a thread of its own, when the pool has shared state.
-pub fn spawn(pool: BackendPool) {
-    let Some(state) = pool.state().cloned() else {
-        return;
-    };
-    let spawned = std::thread::Builder::new()
-        .name("usage-sync".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    log::error!("usage sync: cannot start: {e}");
-                    return;
-                }
-            };
-            rt.block_on(run(pool, state));
-        });
-    if let Err(e) = spawned {
-        log::error!("usage sync: cannot start: {e}");
-    }
+/// The sync, for the router's background thread; `None` without shared state.
+pub fn syncer(pool: BackendPool) -> Option<impl std::future::Future<Output = ()> + Send> {
+    let state = pool.state().cloned()?;
+    Some(run(pool, state))
 }
 
 async fn run(pool: BackendPool, state: Arc<dyn SharedState>) {
