@@ -64,10 +64,10 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
     }
 }
 
-/// This ledger's own id, made at its first use: the field under which shared state (Redis)
-/// holds this replica's spend, so a restarted replica finds and repairs its own share, and
-/// two replicas never write each other's.
-pub fn replica_id(path: &Path) -> Result<String, LedgerError> {
+/// The spend already in the ledger, and the ledger's own id, made at its first use: the field
+/// under which shared state (Redis) holds this replica's spend, so a restarted replica finds
+/// and repairs its own share, and two replicas never write each other's.
+pub fn load(path: &Path) -> Result<(History, String), LedgerError> {
     let conn = open(path).map_err(sqlite(path))?;
     conn.execute_batch("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
         .map_err(sqlite(path))?;
@@ -77,14 +77,11 @@ pub fn replica_id(path: &Path) -> Result<String, LedgerError> {
         params![fresh],
     )
     .map_err(sqlite(path))?;
-    conn.query_row("SELECT v FROM meta WHERE k = 'replica_id'", [], |r| {
-        r.get(0)
-    })
-    .map_err(sqlite(path))
-}
-
-pub fn load(path: &Path) -> Result<History, LedgerError> {
-    let conn = open(path).map_err(sqlite(path))?;
+    let id: String = conn
+        .query_row("SELECT v FROM meta WHERE k = 'replica_id'", [], |r| {
+            r.get(0)
+        })
+        .map_err(sqlite(path))?;
     let mut stmt = conn
         .prepare("SELECT principal, day, SUM(usd_nano) FROM spend GROUP BY principal, day")
         .map_err(sqlite(path))?;
@@ -102,7 +99,7 @@ pub fn load(path: &Path) -> Result<History, LedgerError> {
         let (p, day, nano) = row.map_err(sqlite(path))?;
         h.entry(p).or_default().push((day, nano));
     }
-    Ok(h)
+    Ok((h, id))
 }
 
 fn commit(
@@ -258,7 +255,7 @@ mod tests {
             .is_empty());
         drop(tx);
         h.join().unwrap();
-        let history = load(&path).unwrap();
+        let (history, _) = load(&path).unwrap();
         assert_eq!(
             history["alice"],
             vec![("2026-11-23".to_string(), 1_500_000_000)]

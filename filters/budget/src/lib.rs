@@ -250,16 +250,12 @@ pub fn build(
     let default = o.default.as_ref().map(|s| spec(s, "default")).transpose()?;
     let global = o.global.as_ref().map(|s| spec(s, "global")).transpose()?;
     let path = cx.resolve(&o.ledger);
-    let history = ledger::load(&path)
+    let (history, replica) = ledger::load(&path)
         .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
-    let shared = match &cx.state {
-        Some(st) => {
-            let id = ledger::replica_id(&path)
-                .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
-            Some((st.clone(), Arc::<str>::from(id)))
-        }
-        None => None,
-    };
+    let shared = cx
+        .state
+        .as_ref()
+        .map(|st| (st.clone(), Arc::<str>::from(replica)));
     let (tx, rx) = tokio::sync::mpsc::channel(10_000);
     ledger::spawn(path, o.commit_interval.0, rx)
         .map_err(|m| OptionsError::new("ledger", m.to_string()))?;

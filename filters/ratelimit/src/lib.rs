@@ -128,7 +128,9 @@ enum Held {
         reserved: u64,
     },
     /// Released when dropped.
-    SharedSlot(#[allow(dead_code)] SharedLease),
+    SharedSlot {
+        _lease: SharedLease,
+    },
     SharedTokens {
         key: String,
         start_ms: i64,
@@ -501,7 +503,7 @@ impl Filter for RateLimitFilter {
                 let k = self.shared_key(st.as_ref(), ctx, "slots");
                 match acquire_lease(st, k, max).await {
                     Ok(Some(lease)) => {
-                        self.hold(ctx, Held::SharedSlot(lease));
+                        self.hold(ctx, Held::SharedSlot { _lease: lease });
                         return Ok(());
                     }
                     Ok(None) => return Err(Self::too_many_in_flight(ctx, max)),
@@ -558,7 +560,7 @@ impl Filter for RateLimitFilter {
                     );
                 }
             }
-            Held::Slot(_) | Held::SharedSlot(_) => {}
+            Held::Slot(_) | Held::SharedSlot { .. } => {}
         });
     }
 }
