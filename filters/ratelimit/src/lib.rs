@@ -8,13 +8,14 @@ mod rate;
 mod shared;
 mod store;
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
+use gateway_filter::model_name::canonical_model;
 use gateway_filter::state::{acquire_lease, ask, at, int, stable_hash, SharedLease};
 use gateway_filter::{
     parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState,
@@ -97,6 +98,15 @@ impl KeyKind {
             },
         })
     }
+}
+
+/// Who a request counts against (see [`RateLimitFilter::subject`]).
+#[derive(Hash)]
+enum Subject<'a> {
+    Ip(IpAddr),
+    Key(&'a str),
+    KeyModel(&'a str, Option<std::borrow::Cow<'a, str>>),
+    Header(&'a [u8]),
 }
 
 pub struct RateLimitFilter {
@@ -221,58 +231,53 @@ fn too_many(message: String, retry_ns: u64) -> Rejection {
 }
 
 impl RateLimitFilter {
-    /// The limiter key of a request. Without a principal (no auth before this filter) the
-    /// principal-based keys fall back to the client IP, so nobody escapes the limit.
-    fn key_of(&self, ctx: &RequestCtx) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        let ip = |h: &mut std::hash::DefaultHasher| {
-            ctx.client_net.unwrap_or(IpAddr::from([0, 0, 0, 0])).hash(h)
-        };
+    /// Who a request counts against, for the local and the shared store alike. Without a
+    /// principal (no auth before this filter) the principal-based keys fall back to the
+    /// client IP, so nobody escapes the limit.
+    fn subject<'a>(&self, ctx: &'a RequestCtx) -> Subject<'a> {
+        let ip = Subject::Ip(ctx.client_net.unwrap_or(IpAddr::from([0, 0, 0, 0])));
         match (&self.key, &ctx.principal) {
-            (KeyKind::Ip, _) => ip(&mut h),
-            (KeyKind::Principal, Some(p)) => p.id.hash(&mut h),
+            (KeyKind::Ip, _) => ip,
+            (KeyKind::Principal, Some(p)) => Subject::Key(&p.id),
+            // `llama3` and `llama3:latest` are one model (as the router and policy see it):
+            // one bucket, whichever name the client writes.
             (KeyKind::PrincipalModel, Some(p)) => {
-                p.id.hash(&mut h);
-                ctx.model.hash(&mut h);
+                Subject::KeyModel(&p.id, ctx.model.as_deref().map(canonical_model))
             }
-            (KeyKind::Header(name), _) => match ctx.headers.get(name) {
-                Some(v) => v.as_bytes().hash(&mut h),
-                None => ip(&mut h),
-            },
-            (_, None) => ip(&mut h),
+            // Exactly one value: a client that adds its own copy next to a proxy's cannot pick
+            // its bucket.
+            (KeyKind::Header(name), _) => {
+                let mut all = ctx.headers.get_all(name).iter();
+                match (all.next(), all.next()) {
+                    (Some(v), None) => Subject::Header(v.as_bytes()),
+                    _ => ip,
+                }
+            }
+            (_, None) => ip,
         }
-        h.finish()
+    }
+
+    /// The local store's key of a request.
+    fn key_of(&self, ctx: &RequestCtx) -> u64 {
+        self.hasher.hash_one(self.subject(ctx))
     }
 
     /// The limiter key in shared state, for `what` (rate, tokens, slots): the same on every
     /// replica. The hash tag is the address or principal, so one Cluster slot holds them.
     fn shared_key(&self, state: &dyn SharedState, ctx: &RequestCtx, what: &str) -> String {
-        let ip = || {
-            ctx.client_net
-                .unwrap_or(IpAddr::from([0, 0, 0, 0]))
-                .to_string()
+        let (tag, model) = match self.subject(ctx) {
+            Subject::Ip(ip) => (format!("ip:{ip}"), None),
+            Subject::Key(id) => (format!("key:{id}"), None),
+            Subject::KeyModel(id, model) => (format!("key:{id}"), model),
+            Subject::Header(v) => (format!("h:{:016x}", stable_hash(v)), None),
         };
-        let (tag, model) = match (&self.key, &ctx.principal) {
-            (KeyKind::Ip, _) | (_, None) if !matches!(self.key, KeyKind::Header(_)) => {
-                (format!("ip:{}", ip()), "")
-            }
-            (KeyKind::Principal, Some(p)) => (format!("key:{}", p.id), ""),
-            (KeyKind::PrincipalModel, Some(p)) => {
-                let model = ctx.model.as_deref().unwrap_or("");
-                (format!("key:{}", p.id), model)
-            }
-            (KeyKind::Header(name), _) => match ctx.headers.get(name) {
-                Some(v) => (format!("h:{:016x}", stable_hash(v.as_bytes())), ""),
-                None => (format!("ip:{}", ip()), ""),
-            },
-            _ => (format!("ip:{}", ip()), ""),
-        };
-        if model.is_empty() {
-            state.key(&format!("rl:{}:{what}", self.id), &tag)
-        } else {
+        match model {
+            None => state.key(&format!("rl:{}:{what}", self.id), &tag),
             // The client chose the model name: hashed, so it cannot make a key of any length.
-            let m = stable_hash(model.as_bytes());
-            state.key(&format!("rl:{}:{what}:m{m:016x}", self.id), &tag)
+            Some(m) => {
+                let m = stable_hash(m.as_bytes());
+                state.key(&format!("rl:{}:{what}:m{m:016x}", self.id), &tag)
+            }
         }
     }
 

@@ -269,3 +269,40 @@ async fn ipv6_clients_share_their_prefix() {
         .await
         .expect("another /64 is another client");
 }
+
+#[tokio::test]
+async fn a_model_written_two_ways_is_one_bucket() {
+    let f = filter(json!({"key": "api_key+model", "rate": "1/h", "burst": 0}));
+    let principal = Some(Arc::new(Principal {
+        id: "a".into(),
+        ..Default::default()
+    }));
+    let mut results = Vec::new();
+    for model in ["llama3", "llama3:latest", "qwen2.5:7b"] {
+        let mut c = req("10.0.0.4");
+        c.principal = principal.clone();
+        c.model = Some(model.into());
+        results.push(f.on_request(&mut c).await.is_ok());
+    }
+    assert_eq!(results, [true, false, true], "llama3 is llama3:latest");
+}
+
+#[tokio::test]
+async fn a_repeated_key_header_counts_against_the_address() {
+    let f = filter(json!({"key": "header:x-team", "rate": "1/h", "burst": 0}));
+    let mut results = Vec::new();
+    for team in ["red", "blue", "green"] {
+        let mut c = req("10.0.0.5");
+        // The client's own value first, then the one a proxy appends.
+        c.headers
+            .append("x-team", HeaderValue::from_str(team).unwrap());
+        c.headers
+            .append("x-team", HeaderValue::from_static("proxy-set"));
+        results.push(f.on_request(&mut c).await.is_ok());
+    }
+    assert_eq!(
+        results,
+        [true, false, false],
+        "a second value cannot pick a fresh bucket"
+    );
+}
