@@ -136,22 +136,7 @@ async fn concurrent_requests_cannot_overspend() {
     let mut gw = Gateway::start(&config(dir.path(), &m, 0.5, 0.0, 10000.0, "")).await;
     let url = gw.url("/api/generate");
     let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let r = reqwest::Client::new()
-                    .post(url)
-                    .bearer_auth(KEY)
-                    .header("x-mock-delay-ms", "30")
-                    .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                let body: Value = r.json().await.unwrap();
-                (status, body)
-            })
-        })
+        .map(|_| tokio::spawn(generate(url.clone())))
         .collect();
     let mut ok = 0;
     for t in tasks {

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::support::budget::{cents, config, spend_json, KEY};
+use super::support::budget::{cents, config, generate, spend_json};
 use super::support::redis::Redis;
 use super::support::{client, mock, Gateway};
 
@@ -25,19 +25,6 @@ async fn three_buyers(
         out.push((Gateway::start(&body).await, dir));
     }
     out
-}
-
-async fn generate(url: String) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .bearer_auth(KEY)
-        .header("x-mock-delay-ms", "30")
-        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
 }
 
 /// The buyer's account as `/admin/spend` of `gw` shows it.

@@ -33,6 +33,20 @@ pub fn config(
     )
 }
 
+/// A non-streamed generation by the buyer, answered after a short delay: (status, body).
+pub async fn generate(url: String) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(KEY)
+        .header("x-mock-delay-ms", "30")
+        .json(&serde_json::json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
 pub fn spend_json(dir: &std::path::Path) -> Vec<Value> {
     let out = Command::new(BIN)
         .args([
