@@ -2,7 +2,27 @@
 //! may use.
 
 use gateway_filter::{ModelGate, Route};
+use pingora_core::protocols::http::v1::client::HttpSession;
+use pingora_error::{Error, ErrorType};
 use serde_json::Value;
+
+/// Largest model list the gateway will read to filter it.
+const MAX_LIST: usize = 8 << 20;
+
+/// Reads a backend's whole model list, to filter it.
+pub async fn read(up: &mut HttpSession) -> pingora_core::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = up.read_body_ref().await? {
+        if body.len() + chunk.len() > MAX_LIST {
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "model list too large",
+            ));
+        }
+        body.extend_from_slice(chunk);
+    }
+    Ok(body)
+}
 
 /// Keeps the entries of an Ollama (`models[].name`) or OpenAI (`data[].id`) model list that
 /// `gate` allows. `None` when the body is not such a list.

@@ -9,7 +9,7 @@ pub struct GwCtx {
     /// Backends tried so far for this request (index into the pool).
     pub tried: Vec<usize>,
     pub(super) in_flight: Option<InFlightGuard>,
-    /// The response was written by the gateway itself (health, rejection, forward.rs).
+    /// The response was written by the gateway itself (health, rejection, forward/).
     pub(super) answered: bool,
     /// The gateway asked the backend for stream usage the client did not ask for: the usage
     /// event is removed from the client's stream.

@@ -12,7 +12,7 @@
 //!                                   the chain (policy, key limits, budget): first rejection
 //!                                   answers in the route's error shape
 //!                                   model lists from the merged catalogue; everything else:
-//!                                   forward.rs sends the held body with the gateway's own
+//!                                   forward/ sends the held body with the gateway's own
 //!                                   framing and headers (pooled connections, retries only
 //!                                   where the backend provably did not get the request, or
 //!                                   answered 5xx/429), streams the answer, parses usage
@@ -165,7 +165,7 @@ impl ProxyHttp for Gateway {
         request::filter(self, session, ctx).await
     }
 
-    /// Never reached: `request_filter` answers every request itself (forward.rs sends it to
+    /// Never reached: `request_filter` answers every request itself (forward/ sends it to
     /// a backend), so Pingora's own proxy path, with its own framing, header and retry rules,
     /// is not used.
     async fn upstream_peer(

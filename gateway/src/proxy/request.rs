@@ -79,7 +79,7 @@ impl Refusal {
 enum Next {
     /// The gateway answers 200 with this JSON itself (health, the merged model list).
     Answer(String),
-    /// forward.rs sends it, with its held body, to a backend.
+    /// forward/ sends it, with its held body, to a backend.
     Forward,
 }
 
@@ -259,7 +259,7 @@ async fn admit(
         .map_err(chain_rejected)?;
 
     // Model lists are answered from the merged catalogue of all backends when discovery has
-    // one; otherwise they are proxied (and filtered by forward.rs when a filter restricts them).
+    // one; otherwise they are proxied (and filtered by forward/ when a filter restricts them).
     if matches!(ctx.req.route, Route::OllamaModels | Route::OpenAiModels) {
         if let Some(catalogue) = gw.router.pool().catalogue() {
             return Ok(Next::Answer(crate::model_list::render(

@@ -7,6 +7,7 @@ mod pool;
 mod shared_usage;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use gateway_filter::glob::wildcard;
 use gateway_filter::RequestCtx;
@@ -27,6 +28,20 @@ pub enum Pick {
     Full,
 }
 
+/// How an attempt on a backend ended, for its health and its figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It answered (a 5xx counts against its health); `tokens`: what the request used.
+    Answered {
+        status: u16,
+        tokens: u64,
+        ttfb: Option<Duration>,
+    },
+    /// It failed: the connection, the exchange or its stream broke; `health`: whether that
+    /// counts against it (a 429 does not).
+    Failed { health: bool },
+}
+
 pub trait Router: Send + Sync {
     /// A backend for the next attempt, never one in `tried`.
     fn pick(&self, ctx: &RequestCtx, tried: &[usize]) -> Pick;
@@ -34,6 +49,31 @@ pub trait Router: Send + Sync {
     fn strategy_for(&self, model: Option<&str>) -> Strategy;
     /// Whether another backend than those in `tried` could take the request now.
     fn has_alternative(&self, ctx: &RequestCtx, tried: &[usize]) -> bool;
+    /// Whether a request that failed on the last of `tried` before anything reached the
+    /// client may try another backend: within `routing.retries`, and one is there to take it.
+    fn may_retry(&self, ctx: &RequestCtx, tried: &[usize]) -> bool;
+
+    /// Records how an attempt on backend `idx` ended: its health and the figures the
+    /// strategies rank by.
+    fn settle(&self, idx: usize, outcome: Outcome) {
+        let pool = self.pool();
+        match outcome {
+            Outcome::Answered {
+                status,
+                tokens,
+                ttfb,
+            } => {
+                if status < 500 {
+                    pool.mark_ok(idx);
+                } else {
+                    pool.mark_failed(idx);
+                }
+                pool.record(idx, tokens, ttfb);
+            }
+            Outcome::Failed { health: true } => pool.mark_failed(idx),
+            Outcome::Failed { health: false } => {}
+        }
+    }
 }
 
 pub struct ModelRouter {
@@ -173,6 +213,10 @@ impl Router for ModelRouter {
 
     fn has_alternative(&self, ctx: &RequestCtx, tried: &[usize]) -> bool {
         self.candidates(ctx.model.as_deref(), tried).is_ok()
+    }
+
+    fn may_retry(&self, ctx: &RequestCtx, tried: &[usize]) -> bool {
+        tried.len() <= self.spec.retries as usize && self.has_alternative(ctx, tried)
     }
 
     fn strategy_for(&self, model: Option<&str>) -> Strategy {

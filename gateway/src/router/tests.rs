@@ -227,3 +227,46 @@ fn max_in_flight_cannot_be_overfilled_by_a_race() {
     leases.lock().unwrap().clear();
     assert_eq!(pool.get(0).in_flight(), 0, "leases give their slot back");
 }
+
+#[test]
+fn retries_stop_at_the_limit_and_when_no_backend_is_left() {
+    let r = router(Strategy::RoundRobin, &[1, 1, 1, 1]);
+    let c = RequestCtx::new("r".into(), Method::POST, "/api/chat".into());
+    // `retries: 2`: after the first attempt and after the second, not after the third.
+    assert!(r.may_retry(&c, &[0]));
+    assert!(r.may_retry(&c, &[0, 1]));
+    assert!(!r.may_retry(&c, &[0, 1, 2]));
+    // Two backends: after both failed, nothing is left to try.
+    let two = router(Strategy::RoundRobin, &[1, 1]);
+    assert!(two.may_retry(&c, &[0]));
+    assert!(!two.may_retry(&c, &[0, 1]));
+}
+
+#[test]
+fn settled_outcomes_decide_health_and_figures() {
+    let r = router(Strategy::RoundRobin, &[1, 1]);
+    let failed = |health| Outcome::Failed { health };
+    let answered = |status| Outcome::Answered {
+        status,
+        tokens: 40,
+        ttfb: Some(Duration::from_millis(5)),
+    };
+    // A 429 does not count against a backend, however often.
+    for _ in 0..5 {
+        r.settle(0, failed(false));
+    }
+    assert!(r.pool().is_up(0));
+    // `fail_threshold: 3` failures in a row take it out: a 5xx answer is one of them.
+    r.settle(0, failed(true));
+    r.settle(0, answered(503));
+    assert!(r.pool().is_up(0));
+    r.settle(0, failed(true));
+    assert!(!r.pool().is_up(0));
+    // A good answer clears the count, and its latency is what `latency` ranks by.
+    r.settle(1, failed(true));
+    r.settle(1, failed(true));
+    r.settle(1, answered(200));
+    r.settle(1, failed(true));
+    assert!(r.pool().is_up(1));
+    assert!(r.pool().get(1).ttfb_us() > 0);
+}

@@ -1,0 +1,253 @@
+//! One exchange with a backend up to its response header: the request the gateway builds (its
+//! own framing and headers), sent with the held body in one write, then the wait for the
+//! answer's header within the first-byte deadline, with SSE keep-alives to the client meanwhile.
+
+use bytes::Bytes;
+use gateway_filter::http::{header, Method, StatusCode};
+use gateway_filter::WireFormat;
+use pingora_core::protocols::http::v1::client::HttpSession;
+use pingora_core::Result;
+use pingora_error::{Error, ErrorType};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+use super::super::headers::{add_upstream_headers, copy_request_headers};
+use super::super::{respond, Gateway, GwCtx};
+use super::Attempt;
+use crate::router::Backend;
+
+fn upstream_request(ctx: &GwCtx, backend: &Backend, body_len: usize) -> Result<Box<RequestHeader>> {
+    let req = &ctx.req;
+    let path = req.target();
+    let h = RequestHeader::build_no_case(
+        req.method.clone(),
+        path.as_bytes(),
+        Some(req.headers.len() + 4),
+    )?;
+    // Straight into the header map (see `copy_request_headers`).
+    let mut parts = http::request::Parts::from(h);
+    copy_request_headers(&req.headers, &mut parts.headers);
+    let mut h = RequestHeader::from(parts);
+    add_upstream_headers(&mut h, &backend.authority, &req.request_id)?;
+    if ctx.trace.is_set() {
+        // This span is the backend's parent (the client's own goes no further). A trace the
+        // gateway started carries no `tracestate` of another's (W3C: discard it).
+        h.insert_header("traceparent", ctx.trace.header())?;
+        if ctx.trace.parent == 0 {
+            h.remove_header("tracestate");
+        }
+    }
+    if body_len > 0 || !(req.method == Method::GET || req.method == Method::HEAD) {
+        h.insert_header(header::CONTENT_LENGTH, body_len)?;
+    }
+    Ok(Box::new(h))
+}
+
+/// Sends the request and reads the response header. A request is sent again (on a fresh
+/// connection, or to another backend) only when it provably did not reach the backend: the
+/// connection failed, or writing it failed. Once the request was written, the backend may
+/// be generating: a timeout or a dropped connection is answered, not retried, so no prompt
+/// is run twice.
+pub(super) async fn exchange_header(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    backend: &Backend,
+    body: &Bytes,
+) -> Result<HttpSession, Attempt> {
+    for _ in 0..2 {
+        let (up, reused) = match gw.connector.get_http_session(&backend.peer).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(Attempt::Retry {
+                    err: e,
+                    health: true,
+                })
+            }
+        };
+        let mut up = super::super::upstream_stream::gathering(up, &backend.peer);
+        let limits = &gw.settings.limits;
+        up.read_timeout = Some(limits.read_timeout);
+        up.write_timeout = Some(limits.send_timeout);
+        let req = upstream_request(ctx, backend, body.len()).map_err(Attempt::Fail)?;
+        if let Err(e) = super::super::upstream_stream::send_gathered(&mut up, req, body).await {
+            if reused && !is_timeout(&e) {
+                // A pooled connection the server had closed while idle: once more on a
+                // fresh one.
+                continue;
+            }
+            return Err(Attempt::Retry {
+                err: e,
+                health: true,
+            });
+        }
+        // The backend has the whole request now: whatever happens next, it may have run it.
+        let answered = match wait_for_header(gw, session, ctx, backend, &mut up).await {
+            Waited::Header(answered) => answered,
+            Waited::FirstByteTimeout(deadline) => {
+                // It held the request: if no other backend answers, it may have run it.
+                ctx.req.reached_backend = true;
+                // The operator's choice: a backend sitting on a request this long is given
+                // up, and another tries (nothing but keep-alives reached the client).
+                gw.metrics
+                    .first_byte_timeouts
+                    .with_label_values(&[&backend.name])
+                    .inc();
+                return Err(Attempt::Retry {
+                    err: Error::explain(
+                        ErrorType::Custom(respond::FIRST_BYTE_TIMEOUT),
+                        format!("no response byte within {deadline:?}"),
+                    ),
+                    health: true,
+                });
+            }
+            Waited::ClientGone(e) => return Err(Attempt::Abort(e)),
+        };
+        return match answered {
+            Ok(()) => Ok(up),
+            // The backend has the request and did not answer: it counts against its health,
+            // and the client gets the error.
+            Err(e) => Err(Attempt::Unanswered(e)),
+        };
+    }
+    Err(Attempt::Retry {
+        err: Error::explain(
+            ErrorType::ConnectionClosed,
+            "pooled connections kept closing",
+        ),
+        health: true,
+    })
+}
+
+/// How waiting for the backend's response header ended.
+enum Waited {
+    Header(Result<()>),
+    FirstByteTimeout(std::time::Duration),
+    /// Writing a keep-alive to the client failed.
+    ClientGone(Box<Error>),
+}
+
+/// Waits for the response header, within the first-byte deadline if there is one. For an
+/// OpenAI stream with `routing.sse_keepalive`, the client meanwhile gets a 200 with the
+/// stream's headers and an SSE comment every interval, so proxies in front do not cut an idle
+/// stream during a cold load; from the first of them on, nothing can be retried.
+async fn wait_for_header(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    backend: &Backend,
+    up: &mut HttpSession,
+) -> Waited {
+    let deadline = first_byte_deadline(gw, ctx, backend);
+    let keepalive = gw
+        .settings
+        .routing
+        .sse_keepalive
+        .filter(|_| ctx.req.stream && ctx.req.route.wire_format() == WireFormat::OpenAi);
+    let read = read_header(up);
+    tokio::pin!(read);
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
+    let mut ticks =
+        keepalive.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    loop {
+        tokio::select! {
+            answered = &mut read => return Waited::Header(answered),
+            _ = &mut expired => return Waited::FirstByteTimeout(deadline.unwrap_or_default()),
+            _ = async {
+                match ticks.as_mut() {
+                    Some(t) => { t.tick().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                if let Err(e) = keep_alive(session, ctx).await {
+                    return Waited::ClientGone(e);
+                }
+            }
+        }
+    }
+}
+
+/// One SSE keep-alive comment; the stream's headers first, the first time.
+async fn keep_alive(session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
+    if !ctx.keepalive_sent {
+        let mut h = ResponseHeader::build_no_case(
+            StatusCode::OK,
+            Some(4 + ctx.req.response_headers.len()),
+        )?;
+        h.insert_header(header::CONTENT_TYPE, "text/event-stream")?;
+        h.insert_header(header::CACHE_CONTROL, "no-cache")?;
+        h.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        for (k, v) in &ctx.req.response_headers {
+            h.append_header(k.clone(), v.clone())?;
+        }
+        super::super::drain::close_if_draining(session);
+        session
+            .write_response_header(Box::new(h), false)
+            .await
+            .map_err(|e| e.into_down())?;
+        ctx.keepalive_sent = true;
+        ctx.req.status = 200;
+        ctx.req.ttfb = Some(ctx.req.started.elapsed());
+    }
+    ctx.req.bytes_out += KEEPALIVE.len() as u64;
+    session
+        .write_response_body(Some(Bytes::from_static(KEEPALIVE)), false)
+        .await
+        .map_err(|e| e.into_down())
+}
+
+/// An SSE comment: clients ignore it, proxies see bytes.
+const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
+/// How long the backend may take to send its first byte (`routing.first_byte_timeout`, or
+/// the backend's own), or `None` when there is no such deadline. A model the backend has not
+/// loaded (per its `/api/ps`) gets `routing.cold_start_timeout` instead, when that is longer.
+fn first_byte_deadline(
+    gw: &Gateway,
+    ctx: &GwCtx,
+    backend: &Backend,
+) -> Option<std::time::Duration> {
+    // A whole (non-streamed) answer starts only when the generation ends: its first byte
+    // says nothing about a stuck backend, and `limits.read_timeout` bounds it.
+    if !ctx.req.stream {
+        return None;
+    }
+    let routing = &gw.settings.routing;
+    let deadline = backend.first_byte_timeout.or(routing.first_byte_timeout)?;
+    let cold = ctx
+        .req
+        .model
+        .as_deref()
+        .is_some_and(|m| backend.is_cold(&crate::router::canonical_model(m)));
+    Some(if cold {
+        deadline.max(routing.cold_start_timeout)
+    } else {
+        deadline
+    })
+}
+
+/// Reads the response header, skipping informational (1xx) ones.
+async fn read_header(up: &mut HttpSession) -> Result<()> {
+    loop {
+        up.read_response().await?;
+        if !up
+            .resp_header()
+            .is_some_and(|h| h.status.is_informational())
+        {
+            return Ok(());
+        }
+    }
+}
+
+fn is_timeout(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    )
+}

@@ -1,0 +1,302 @@
+//! Forwarding every request to a backend, with our own retry loop.
+//!
+//! Pingora's connector pools upstream connections; [`exchange`] writes the request (header +
+//! held body, with framing and headers the gateway chose) and reads the answer's header;
+//! [`stream`] relays the response to the client chunk by chunk as it arrives, and feeds each
+//! chunk to the usage parser. This loop acts on how each attempt ended; the router decides
+//! whether and where to go next (`Router::may_retry`, `Router::pick`) and records the
+//! outcome for the backend (`Router::settle`). Before any byte
+//! reached the client, a request that provably did not reach the backend (connect failure,
+//! failed write) or that the backend answered with 5xx/429 moves on to another backend (up to
+//! `routing.retries`), replaying the same body; a timeout or a dropped connection after the
+//! request was written is answered, never sent again; once a byte was sent, nothing is retried.
+
+mod exchange;
+mod stream;
+
+use bytes::Bytes;
+use gateway_filter::http::StatusCode;
+use gateway_filter::{echo, Decision, Rejection};
+use pingora_core::Result;
+use pingora_error::{Error, ErrorType};
+use pingora_proxy::Session;
+
+use super::{respond, Gateway, GwCtx};
+use crate::router::{Backend, Outcome, Pick};
+
+/// How an attempt on one backend ended.
+enum Attempt {
+    /// The client got its full response.
+    Done,
+    /// Nothing was sent to the client and the backend failed (`health`: counts against it):
+    /// try another.
+    Retry { err: Box<Error>, health: bool },
+    /// Nothing was sent to the client; answer with an error.
+    Fail(Box<Error>),
+    /// The backend got the request and failed to answer (timeout, connection dropped): it may
+    /// have started generating, so the request is not sent again; answered with an error.
+    Unanswered(Box<Error>),
+    /// Bytes already reached the client (or it left): the exchange is over, abort it.
+    Abort(Box<Error>),
+}
+
+/// How long a backend whose shared slots are all taken counts as full before it is asked again.
+const SHARED_FULL_MS: u64 = 20;
+
+/// Output tokens a request may still produce, for the usage-based strategy.
+fn reserved_tokens(ctx: &GwCtx) -> u64 {
+    ctx.req.max_tokens.unwrap_or(1024)
+}
+
+pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
+    ctx.strip_usage_event = crate::usage::request_stream_usage(&mut ctx.req);
+    let body = held_body(ctx)?;
+    let pool = gw.router.pool().clone();
+    let mut last_err: Option<Box<Error>> = None;
+    let mut queued_until = None;
+    loop {
+        let idx = match gw.router.pick(&ctx.req, &ctx.tried) {
+            Pick::Backend(i) => i,
+            Pick::Full => {
+                // Every backend that could serve it is at max_in_flight: wait for a slot.
+                let deadline = *queued_until.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + gw.settings.routing.queue_timeout
+                });
+                let slot = (tokio::time::Instant::now() < deadline)
+                    .then(|| gw.queue_slot())
+                    .flatten();
+                let Some(_slot) = slot else {
+                    return answer(
+                        session,
+                        ctx,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "backends_busy",
+                        "all backends are busy; try again shortly",
+                    )
+                    .await;
+                };
+                // A slot freed between the pick and this wait is not missed: the pick is
+                // made again once the wait is registered.
+                // Slots freed on other replicas wake nobody here: look again shortly.
+                let wake = match pool.state() {
+                    Some(_) => deadline.min(
+                        tokio::time::Instant::now()
+                            + std::time::Duration::from_millis(SHARED_FULL_MS),
+                    ),
+                    None => deadline,
+                };
+                pool.wait_freed(wake, || {
+                    matches!(gw.router.pick(&ctx.req, &ctx.tried), Pick::Full)
+                })
+                .await;
+                continue;
+            }
+            Pick::UnknownModel => {
+                let model = ctx.req.model.clone().unwrap_or_default();
+                return answer(
+                    session,
+                    ctx,
+                    StatusCode::NOT_FOUND,
+                    "model_not_found",
+                    &format!("model {:?} is not served here", echo(&model)),
+                )
+                .await;
+            }
+            Pick::NoneAvailable => {
+                return match last_err {
+                    Some(e) => answer_failure(session, ctx, &e).await,
+                    None if pool.is_empty() => {
+                        answer(
+                            session,
+                            ctx,
+                            StatusCode::BAD_GATEWAY,
+                            "no_backend",
+                            "no backend is configured",
+                        )
+                        .await
+                    }
+                    None => {
+                        answer(
+                            session,
+                            ctx,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no_backend_available",
+                            "no backend is available right now",
+                        )
+                        .await
+                    }
+                };
+            }
+        };
+        // Another request may have taken the backend's last slot since the pick: pick again.
+        let Some(mut lease) = pool.try_lease(idx, reserved_tokens(ctx)) else {
+            continue;
+        };
+        if let (Some(max), Some(state)) = (pool.get(idx).max_in_flight, pool.state()) {
+            let key = state.key("slots", &pool.get(idx).name);
+            match gateway_filter::state::acquire_lease(state, key, max).await {
+                Ok(Some(shared)) => lease.shared = Some(shared),
+                Ok(None) => {
+                    // The replicas together fill it: full here too for a moment.
+                    pool.get(idx).mark_shared_full(SHARED_FULL_MS);
+                    continue;
+                }
+                Err(_) if state.fail_closed() => {
+                    ctx.req.decision = Decision::Failed {
+                        code: "state_unavailable",
+                    };
+                    return respond::rejection(
+                        session,
+                        &mut ctx.req,
+                        &gateway_filter::state::unavailable(),
+                    )
+                    .await;
+                }
+                // `on_error: local`: this replica's own count holds it.
+                Err(_) => {}
+            }
+        }
+        if !ctx.tried.is_empty() {
+            ctx.req.retries += 1;
+        }
+        ctx.tried.push(idx);
+        let backend = pool.get(idx);
+        ctx.req.backend = Some(backend.name.clone());
+        // What the last attempt did decides what the request costs (see the budget filter).
+        ctx.req.reached_backend = false;
+        ctx.begin_attempt();
+        ctx.lease = Some(lease);
+        let may_retry = gw.router.may_retry(&ctx.req, &ctx.tried);
+        match attempt(gw, session, ctx, backend, &body, may_retry).await {
+            Attempt::Done => {
+                gw.router.settle(
+                    idx,
+                    Outcome::Answered {
+                        status: ctx.req.status,
+                        tokens: ctx.req.usage.map_or(0, |u| u.total()),
+                        ttfb: ctx.req.ttfb,
+                    },
+                );
+                return Ok(());
+            }
+            Attempt::Retry { err, health } => {
+                log::warn!(
+                    "request {}: backend {} failed before answering: {err}",
+                    ctx.req.request_id,
+                    backend.name
+                );
+                gw.router.settle(idx, Outcome::Failed { health });
+                gw.count_retry(idx);
+                ctx.lease = None;
+                if !may_retry || ctx.keepalive_sent {
+                    return answer_failure(session, ctx, &err).await;
+                }
+                last_err = Some(err);
+            }
+            Attempt::Fail(e) => return answer_failure(session, ctx, &e).await,
+            Attempt::Unanswered(e) => {
+                log::warn!(
+                    "request {}: backend {} did not answer: {e}",
+                    ctx.req.request_id,
+                    backend.name
+                );
+                gw.router.settle(idx, Outcome::Failed { health: true });
+                return answer_failure(session, ctx, &e).await;
+            }
+            Attempt::Abort(e) => {
+                // A client leaving is not the backend's fault; a backend breaking its stream is.
+                if e.esource() == &pingora_error::ErrorSource::Upstream {
+                    gw.router.settle(idx, Outcome::Failed { health: true });
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+async fn answer(
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    status: StatusCode,
+    code: &'static str,
+    message: &str,
+) -> Result<()> {
+    ctx.req.decision = Decision::Failed { code };
+    let rejection = Rejection::new(status, code, message);
+    if ctx.keepalive_sent {
+        // Headers are out (keep-alives): the error is the stream's last event, which the
+        // OpenAI SDKs raise as an error. The client's status stays the 200 it got.
+        let event = format!(
+            "data: {}\n\n",
+            rejection.body(gateway_filter::ErrorShape::OpenAi)
+        );
+        ctx.req.bytes_out += event.len() as u64;
+        session
+            .write_response_body(Some(Bytes::from(event)), false)
+            .await?;
+        return session.write_response_body(None, true).await;
+    }
+    respond::rejection(session, &mut ctx.req, &rejection).await
+}
+
+fn held_body(ctx: &GwCtx) -> Result<Bytes> {
+    if ctx.req.body_rewritten {
+        let json = ctx.req.json.as_ref().ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "rewritten body without JSON")
+        })?;
+        let v = serde_json::to_vec(json)
+            .map_err(|e| Error::because(ErrorType::InternalError, "re-serialising body", e))?;
+        return Ok(Bytes::from(v));
+    }
+    Ok(ctx.req.body.clone().unwrap_or_default())
+}
+
+async fn answer_failure(session: &mut Session, ctx: &mut GwCtx, e: &Error) -> Result<()> {
+    let (status, code, message) = respond::upstream_failure(e, ctx.req.backend.as_deref());
+    answer(session, ctx, status, code, &message).await
+}
+
+async fn attempt(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    backend: &Backend,
+    body: &Bytes,
+    may_retry: bool,
+) -> Attempt {
+    let up = match exchange::exchange_header(gw, session, ctx, backend, body).await {
+        Ok(up) => {
+            ctx.req.reached_backend = true;
+            up
+        }
+        Err(a @ Attempt::Unanswered(_)) => {
+            ctx.req.reached_backend = true;
+            return a;
+        }
+        Err(a) => return a,
+    };
+    // A failing (5xx) or busy (429) backend: another may answer, and nothing was sent yet.
+    // The upstream connection is dropped, not pooled: its body was not read.
+    if let Some(s) = up.resp_header().map(|h| h.status) {
+        if ctx.keepalive_sent && !s.is_success() {
+            // The client has its 200 already: the backend's error goes into the stream.
+            return Attempt::Fail(Error::explain(
+                ErrorType::HTTPStatus(s.as_u16()),
+                format!("backend answered {s}"),
+            ));
+        }
+        if may_retry
+            && !ctx.keepalive_sent
+            && (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
+        {
+            return Attempt::Retry {
+                err: Error::explain(
+                    ErrorType::HTTPStatus(s.as_u16()),
+                    format!("backend answered {s}"),
+                ),
+                health: s.is_server_error(),
+            };
+        }
+    }
+    stream::relay(gw, session, ctx, backend, up).await
+}

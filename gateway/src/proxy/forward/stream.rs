@@ -1,0 +1,203 @@
+//! Relaying the backend's answer to the client: the response header the gateway builds, then
+//! the body chunk by chunk as it arrives, each chunk fed to the usage parser (and, for a
+//! stream whose usage event the gateway asked for, taken out of it); or, for a model list
+//! the caller may only partly see, the filtered list.
+
+use bytes::Bytes;
+use gateway_filter::http::header;
+use gateway_filter::Decision;
+use pingora_core::protocols::http::v1::client::HttpSession;
+use pingora_error::{Error, ErrorType};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+use super::super::headers::copy_response_headers;
+use super::super::{Gateway, GwCtx};
+use super::Attempt;
+use crate::model_list;
+use crate::router::Backend;
+use crate::usage::{Framing, UsageEventStripper, UsageParser};
+
+/// Sends the client the answer whose header `up` has read, and gives the connection back to
+/// the pool once the body was read to its end.
+pub(super) async fn relay(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    backend: &Backend,
+    mut up: HttpSession,
+) -> Attempt {
+    let Some(upstream_header) = up.resp_header() else {
+        return Attempt::Fail(Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "no response header",
+        ));
+    };
+    let framing = Framing::from_content_type(
+        upstream_header
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.as_bytes()),
+    );
+    let status = upstream_header.status;
+    // Without Pingora's case-preserving name map: see `copy_response_headers`.
+    let resp = match ResponseHeader::build_no_case(
+        status,
+        Some(upstream_header.headers.len() + 1 + ctx.req.response_headers.len()),
+    ) {
+        Ok(r) => r,
+        Err(e) => return Attempt::Fail(e),
+    };
+    let mut parts = http::response::Parts::from(resp);
+    copy_response_headers(upstream_header, &mut parts.headers);
+    for (k, v) in &ctx.req.response_headers {
+        parts.headers.append(k.clone(), v.clone());
+    }
+    let mut resp = ResponseHeader::from(parts);
+    let built = resp
+        .insert_header("x-request-id", ctx.req.request_id.as_str())
+        .map(|_| ());
+    if let Err(e) = built {
+        return Attempt::Fail(e);
+    }
+    ctx.req.status = status.as_u16();
+    if let (Some(gate), true) = (ctx.req.model_gate.clone(), status.is_success()) {
+        return filtered_list(gw, session, ctx, backend, up, resp, gate.as_ref()).await;
+    }
+    let strip = ctx.strip_usage_event && framing == Framing::Sse;
+    if strip {
+        // Bytes are taken out of the body: its length is no longer the backend's.
+        resp.remove_header(&header::CONTENT_LENGTH);
+    }
+    let end_now = up.is_body_done();
+    if ctx.keepalive_sent {
+        // The stream's headers went out with the first keep-alive: its events follow them.
+        if end_now {
+            if let Err(e) = session.write_response_body(None, true).await {
+                return Attempt::Abort(e.into_down());
+            }
+        }
+    } else {
+        super::super::drain::close_if_draining(session);
+        if let Err(e) = session.write_response_header(Box::new(resp), end_now).await {
+            return Attempt::Abort(e.into_down());
+        }
+        ctx.req.ttfb = Some(ctx.req.started.elapsed());
+    }
+    if end_now {
+        gw.connector
+            .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
+            .await;
+        return Attempt::Done;
+    }
+
+    let mut parser = UsageParser::new(framing);
+    let mut stripper = strip.then(UsageEventStripper::default);
+    loop {
+        let chunk = match up.read_body_ref().await {
+            Ok(Some(chunk)) => {
+                parser.feed(chunk);
+                match stripper.as_mut() {
+                    Some(s) => Bytes::from(s.filter(chunk)),
+                    None => Bytes::copy_from_slice(chunk),
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                // The backend broke mid-response: the client must see a truncated stream,
+                // never a clean end, so the connection is aborted rather than finished.
+                ctx.req.decision = Decision::Failed {
+                    code: "backend_broke_stream",
+                };
+                settle_usage(&mut parser, &mut ctx.req);
+                return Attempt::Abort(e.into_up());
+            }
+        };
+        ctx.req.bytes_out += chunk.len() as u64;
+        if let Err(e) = session.write_response_body(Some(chunk), false).await {
+            ctx.req.decision = Decision::Failed {
+                code: "client_disconnected",
+            };
+            settle_usage(&mut parser, &mut ctx.req);
+            return Attempt::Abort(e.into_down());
+        }
+    }
+    settle_usage(&mut parser, &mut ctx.req);
+    if let Some(rest) = stripper
+        .as_mut()
+        .map(|s| s.finish())
+        .filter(|r| !r.is_empty())
+    {
+        ctx.req.bytes_out += rest.len() as u64;
+        if let Err(e) = session
+            .write_response_body(Some(Bytes::from(rest)), false)
+            .await
+        {
+            return Attempt::Abort(e.into_down());
+        }
+    }
+    if let Err(e) = session.write_response_body(None, true).await {
+        return Attempt::Abort(e.into_down());
+    }
+    gw.connector
+        .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
+        .await;
+    Attempt::Done
+}
+
+/// The usage of an exchange as it ended, however it ended: what the backend reported, or
+/// what the gateway counted passing, with the prompt estimated from the held body (four
+/// characters a token). Budget, tokens per minute and audit all see this one figure.
+fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) {
+    req.usage = parser.finish().map(|mut u| {
+        if u.counted {
+            u.prompt_tokens = req.json.as_ref().map_or(0, |b| {
+                (gateway_filter::prompt::prompt_chars(b) as u64).div_ceil(4)
+            });
+        }
+        u
+    });
+    req.finish_reasons = parser.finish_reasons();
+}
+
+/// Reads a whole model list, keeps only the models the caller may use, and answers with it.
+async fn filtered_list(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    backend: &Backend,
+    mut up: HttpSession,
+    mut resp: ResponseHeader,
+    gate: &dyn gateway_filter::ModelGate,
+) -> Attempt {
+    let body = match model_list::read(&mut up).await {
+        Ok(body) => body,
+        Err(e) => return Attempt::Fail(e),
+    };
+    gw.connector
+        .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
+        .await;
+    let Some(filtered) = model_list::filter(ctx.req.route, &body, gate) else {
+        return Attempt::Fail(Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "unreadable model list",
+        ));
+    };
+    resp.remove_header(&header::TRANSFER_ENCODING);
+    if let Err(e) = resp.insert_header(header::CONTENT_LENGTH, filtered.len()) {
+        return Attempt::Fail(e);
+    }
+    ctx.req.bytes_out = filtered.len() as u64;
+    super::super::drain::close_if_draining(session);
+    if let Err(e) = session.write_response_header(Box::new(resp), false).await {
+        return Attempt::Abort(e.into_down());
+    }
+    ctx.req.ttfb = Some(ctx.req.started.elapsed());
+    match session
+        .write_response_body(Some(Bytes::from(filtered)), true)
+        .await
+    {
+        Ok(()) => Attempt::Done,
+        Err(e) => Attempt::Abort(e.into_down()),
+    }
+}
