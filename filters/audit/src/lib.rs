@@ -112,6 +112,9 @@ enum OnFull {
     Drop,
 }
 
+/// Bytes reserved for a line: a usual one is 450–650 bytes.
+const LINE_CAPACITY: usize = 768;
+
 pub struct AuditFilter {
     tx: Sender<Msg>,
     capture_prompts: bool,
@@ -183,8 +186,10 @@ impl Filter for AuditFilter {
     }
 
     async fn on_complete(&self, ctx: &mut RequestCtx) {
-        let line = match serde_json::to_string(&AuditLine::new(ctx, self.capture_prompts)) {
-            Ok(l) => l,
+        // Sized for a usual line, so it is written without growing.
+        let mut line = Vec::with_capacity(LINE_CAPACITY);
+        match serde_json::to_writer(&mut line, &AuditLine::new(ctx, self.capture_prompts)) {
+            Ok(()) => {}
             Err(e) => {
                 log::error!(
                     "audit: cannot serialise the line of {}: {e}",

@@ -1,39 +1,79 @@
 //! One audit line, built from the finished request's context.
 
+use std::fmt::Display;
+use std::net::IpAddr;
 use std::time::SystemTime;
 
 use gateway_filter::prompt::prompt_texts;
-use gateway_filter::RequestCtx;
-use serde::Serialize;
+use gateway_filter::{Decision, RequestCtx};
+use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 /// SHA-256 over each prompt text's UTF-8 bytes followed by one 0x1E (record separator) byte,
 /// so ["ab", "c"] and ["a", "bc"] differ and identical prompts hash the same.
 pub fn prompt_sha256(texts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for t in texts {
-        h.update(t.as_bytes());
-        h.update([0x1e]);
+    PromptHash::of(texts).as_str().to_string()
+}
+
+/// [`prompt_sha256`] in lowercase hex, on the stack: an audit line is written without
+/// allocating for each of its fields.
+pub struct PromptHash([u8; 64]);
+
+impl PromptHash {
+    fn of(texts: &[&str]) -> PromptHash {
+        let mut h = Sha256::new();
+        for t in texts {
+            h.update(t.as_bytes());
+            h.update([0x1e]);
+        }
+        let mut hex = [0u8; 64];
+        // 32 bytes always fit 64 hex digits.
+        let _ = hex::encode_to_slice(h.finalize(), &mut hex);
+        PromptHash(hex)
     }
-    hex::encode(h.finalize())
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl Serialize for PromptHash {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Written through its `Display` (timestamp, decision, address), with no string in between.
+fn display<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn display_opt<T: Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Serialize)]
 pub struct AuditLine<'a> {
-    pub ts: String,
+    #[serde(serialize_with = "display")]
+    pub ts: humantime::Rfc3339Timestamp,
     pub request_id: &'a str,
     pub principal: Option<&'a str>,
     pub key_sha256_prefix: Option<&'a str>,
-    pub client_ip: Option<String>,
+    #[serde(serialize_with = "display_opt")]
+    pub client_ip: Option<IpAddr>,
     pub method: &'a str,
     pub path: &'a str,
     pub route: &'static str,
     pub model: Option<&'a str>,
-    pub prompt_sha256: Option<String>,
+    pub prompt_sha256: Option<PromptHash>,
     pub prompt_chars: Option<usize>,
     pub stream: bool,
     pub status: u16,
-    pub decision: String,
+    #[serde(serialize_with = "display")]
+    pub decision: &'a Decision,
     pub reason: Option<&'static str>,
     pub backend: Option<&'a str>,
     pub retries: u32,
@@ -61,25 +101,25 @@ impl<'a> AuditLine<'a> {
         let started = SystemTime::now() - ctx.started.elapsed();
         let texts = ctx.json.as_ref().map(prompt_texts);
         AuditLine {
-            ts: humantime::format_rfc3339_millis(started).to_string(),
+            ts: humantime::format_rfc3339_millis(started),
             request_id: &ctx.request_id,
             principal: ctx.principal.as_deref().map(|p| p.id.as_str()),
             key_sha256_prefix: ctx
                 .principal
                 .as_deref()
                 .and_then(|p| p.key_sha256_prefix.as_deref()),
-            client_ip: ctx.client_ip.map(|ip| ip.to_canonical().to_string()),
+            client_ip: ctx.client_ip.map(|ip| ip.to_canonical()),
             method: ctx.method.as_str(),
             path: &ctx.path,
             route: ctx.route.as_str(),
             model: ctx.model.as_deref(),
-            prompt_sha256: texts.as_deref().map(prompt_sha256),
+            prompt_sha256: texts.as_deref().map(PromptHash::of),
             prompt_chars: texts
                 .as_ref()
                 .map(|t| t.iter().map(|s| s.chars().count()).sum()),
             stream: ctx.stream,
             status: ctx.status,
-            decision: ctx.decision.to_string(),
+            decision: &ctx.decision,
             reason: ctx.reject_reason,
             backend: ctx.backend.as_deref(),
             retries: ctx.retries,

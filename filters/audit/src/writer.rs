@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc::Receiver;
 
 pub enum Msg {
-    Line(String),
+    /// One JSON line, without its newline.
+    Line(Vec<u8>),
     /// Reopen the file (SIGHUP, after logrotate moved it).
     Reopen,
     /// Answer once everything queued before is written and flushed.
@@ -109,12 +110,12 @@ impl FileSink {
         Ok(())
     }
 
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         let len = line.len() as u64 + 1;
         if self.size > 0 && self.max_size.is_some_and(|m| self.size + len > m) {
             self.rotate()?;
         }
-        self.out.write_all(line.as_bytes())?;
+        self.out.write_all(line)?;
         self.out.write_all(b"\n")?;
         self.size += len;
         Ok(())
@@ -153,7 +154,7 @@ impl Sink {
             (Sink::File(f), Msg::Line(l)) => f.write_line(&l),
             (Sink::Stdout(s), Msg::Line(l)) => {
                 let mut s = s.lock();
-                s.write_all(l.as_bytes())?;
+                s.write_all(&l)?;
                 s.write_all(b"\n")
             }
             (Sink::File(f), Msg::Reopen) => f.reopen(),
@@ -240,10 +241,13 @@ mod tests {
 
     fn send(tx: &tokio::sync::mpsc::Sender<Msg>, n: usize, tag: &str) {
         for i in 0..n {
-            tx.blocking_send(Msg::Line(format!(
-                "{{\"n\":{i},\"tag\":\"{tag}\",\"pad\":\"{}\"}}",
-                "x".repeat(40)
-            )))
+            tx.blocking_send(Msg::Line(
+                format!(
+                    "{{\"n\":{i},\"tag\":\"{tag}\",\"pad\":\"{}\"}}",
+                    "x".repeat(40)
+                )
+                .into_bytes(),
+            ))
             .unwrap();
         }
     }
@@ -310,7 +314,8 @@ mod tests {
         // Queued without waiting (as the proxy's try_send does): all on disk within the
         // writer's longest sleep, with no flush asked for.
         for i in 0..5_000 {
-            tx.try_send(Msg::Line(format!("{{\"n\":{i}}}"))).unwrap();
+            tx.try_send(Msg::Line(format!("{{\"n\":{i}}}").into_bytes()))
+                .unwrap();
         }
         let start = std::time::Instant::now();
         let mut lines = 0;
