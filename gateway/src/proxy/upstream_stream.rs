@@ -32,6 +32,8 @@ const GATHER: usize = 64 << 10;
 
 pub struct UpstreamStream {
     inner: Stream,
+    /// The socket, when the connection is plain TCP (see [`still_open`]).
+    fd: Option<std::os::fd::RawFd>,
     /// Set while a request is written: flushes wait for the last one.
     gathering: AtomicBool,
     out: Vec<u8>,
@@ -73,14 +75,49 @@ pub fn gathering(up: HttpSession, peer: &HttpPeer) -> HttpSession {
         return up;
     }
     let inner = up.into_inner();
+    let fd = inner
+        .as_any()
+        .downcast_ref::<pingora_core::protocols::l4::stream::Stream>()
+        .map(std::os::fd::AsRawFd::as_raw_fd);
     HttpSession::new_with_options(
         Box::new(UpstreamStream {
             inner,
+            fd,
             gathering: AtomicBool::new(false),
             out: Vec::new(),
         }),
         peer,
     )
+}
+
+/// Whether a pooled connection is still open. A backend closes idle connections (its
+/// keep-alive timeout, a restart); Pingora's pool notices from a task of its own, which may
+/// not have run yet when a request takes the connection. Writing a request into such a
+/// connection fails only when its answer is read, and then it cannot be told from a backend
+/// that took the request and died, so it could not be sent again. Asked of the socket without
+/// waiting and without taking a byte: the end of the stream, an error, or bytes nobody asked
+/// for (a stray answer such as a 408) all mean it is done. TLS connections are not asked:
+/// their bytes are the TLS layer's to read.
+pub fn still_open(up: &HttpSession) -> bool {
+    let Some(fd) = UpstreamStream::of(up).and_then(|s| s.fd) else {
+        return true;
+    };
+    let mut byte = 0u8;
+    // SAFETY: a non-blocking peek of at most one byte into a local, on a socket the session
+    // owns and keeps open for the duration of the call.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            std::ptr::from_mut(&mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0
+        && matches!(
+            io::Error::last_os_error().kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        )
 }
 
 /// Sends a request's head and held body; on a gathering stream in one write when they fit.
@@ -241,6 +278,39 @@ impl GetSocketDigest for UpstreamStream {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// A pooled connection is open while its backend keeps it; closed, or holding bytes nobody
+    /// asked for, it is not; asking takes nothing from it.
+    #[tokio::test]
+    async fn a_closed_or_spoken_connection_is_not_open() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let peer = HttpPeer::new(addr, false, String::new());
+        let connect = || async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (server, _) = l.accept().await.unwrap();
+            let stream: Stream = Box::new(pingora_core::protocols::l4::stream::Stream::from(tcp));
+            (gathering(HttpSession::new(stream), &peer), server)
+        };
+        let settle = || tokio::time::sleep(Duration::from_millis(50));
+        let (idle, _keep) = connect().await;
+        settle().await;
+        assert!(still_open(&idle), "an idle connection");
+        assert!(still_open(&idle), "asking again takes nothing");
+        let (closed, server) = connect().await;
+        drop(server);
+        settle().await;
+        assert!(!still_open(&closed), "closed by the backend");
+        let (spoken, mut server) = connect().await;
+        server
+            .write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            .await
+            .unwrap();
+        settle().await;
+        assert!(!still_open(&spoken), "a stray answer");
+        assert!(!still_open(&spoken), "still there: it was only peeked at");
+    }
 
     /// The head waits for the body; both leave with the final flush, whole.
     #[tokio::test]

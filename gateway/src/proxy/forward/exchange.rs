@@ -55,7 +55,9 @@ pub(super) async fn exchange_header(
     backend: &Backend,
     body: &Bytes,
 ) -> Result<HttpSession, Attempt> {
-    for _ in 0..2 {
+    // Pooled connections found closed (dropped unused), and failed writes on pooled ones.
+    let (mut closed, mut rewrites) = (0, 0);
+    loop {
         let (up, reused) = match gw.connector.get_http_session(&backend.peer).await {
             Ok(s) => s,
             Err(e) => {
@@ -66,14 +68,20 @@ pub(super) async fn exchange_header(
             }
         };
         let mut up = super::super::upstream_stream::gathering(up, &backend.peer);
+        if reused && closed < MAX_CLOSED && !super::super::upstream_stream::still_open(&up) {
+            // The backend closed it while it sat in the pool: it never saw this request.
+            closed += 1;
+            continue;
+        }
         let limits = &gw.settings.limits;
         up.read_timeout = Some(limits.read_timeout);
         up.write_timeout = Some(limits.send_timeout);
         let req = upstream_request(ctx, backend, body.len()).map_err(Attempt::Fail)?;
         if let Err(e) = super::super::upstream_stream::send_gathered(&mut up, req, body).await {
-            if reused && !is_timeout(&e) {
-                // A pooled connection the server had closed while idle: once more on a
-                // fresh one.
+            if reused && !is_timeout(&e) && rewrites == 0 {
+                // A pooled connection the server had closed while idle: once more on
+                // another.
+                rewrites += 1;
                 continue;
             }
             return Err(Attempt::Retry {
@@ -110,14 +118,11 @@ pub(super) async fn exchange_header(
             Err(e) => Err(Attempt::Unanswered(e)),
         };
     }
-    Err(Attempt::Retry {
-        err: Error::explain(
-            ErrorType::ConnectionClosed,
-            "pooled connections kept closing",
-        ),
-        health: true,
-    })
 }
+
+/// Closed pooled connections skipped for one request, at most (a backend that restarted
+/// leaves one per connection it had open); past that the next one is used as it is.
+const MAX_CLOSED: u32 = 64;
 
 /// How waiting for the backend's response header ended.
 enum Waited {
