@@ -205,7 +205,7 @@ impl Metrics {
         let principal = match (&ctx.principal, self.principal_label) {
             (_, false) => "any",
             (Some(p), true) => p.id.as_str(),
-            (None, true) => "anonymous",
+            (None, true) => gateway_filter::ANONYMOUS,
         };
         let status = ctx.status.to_string();
         self.requests

@@ -407,6 +407,83 @@ async fn upgrade_takes_the_sockets_over_without_failing_a_request() {
     );
 }
 
+/// Spend across an upgrade: the old process charges the stream it finishes after the new one
+/// took over; the new one counts that charge within a second or two (both write one ledger),
+/// without waiting for a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_keeps_the_spend_the_old_process_charges_while_draining() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}server: {{ drain_timeout: 60s, upgrade_sock: {}/up.sock }}\n",
+        config(dir.path(), &m, 100.0, 0.0, 10000.0, ""),
+        dir.path().display()
+    );
+    let mut old = Gateway::start(&cfg).await;
+    let buyer_spent = |gw: &Gateway| {
+        let url = gw.admin_url("/admin/spend");
+        async move {
+            let report: Value = client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            report["accounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["principal"] == "buyer")
+                .map_or(0.0, |a| a["spent_usd"].as_f64().unwrap())
+        }
+    };
+    // A stream that runs on the old process through the hand-over, charged when it ends.
+    let stream = client()
+        .post(old.url("/api/chat"))
+        .bearer_auth(KEY)
+        .header("x-mock-chunks", "5")
+        .header("x-mock-delay-ms", "400")
+        .json(&json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let new = old.start_upgrade().await;
+    let body = stream
+        .bytes()
+        .await
+        .expect("the stream completes on the old process");
+    assert!(String::from_utf8_lossy(&body).contains("\"done\":true"));
+    tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(20)))
+        .unwrap_or_else(|| panic!("the old process did not exit:\n{}", old.log()));
+    // The new process had read the ledger before that charge; it serves the buyer now.
+    assert_eq!(generate(new.url("/api/generate")).await.0, 200);
+    // The ledger of record has both charges (5 tokens at $10,000 per 1M each); the new
+    // process counts both.
+    let ledger = || -> f64 {
+        spend_json(dir.path())
+            .iter()
+            .filter(|r| r["principal"] == "buyer")
+            .map(|r| r["usd"].as_f64().unwrap())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut book, mut of_record) = (buyer_spent(&new).await, ledger());
+    while (cents(book), cents(of_record)) != (10, 10) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (book, of_record) = (buyer_spent(&new).await, ledger());
+    }
+    assert_eq!(cents(of_record), 10, "both charges are in the ledger");
+    assert_eq!(
+        cents(book),
+        10,
+        "the new process's book against the ledger:\n{}",
+        new.log()
+    );
+}
+
 /// An upgrade that cannot start (a broken config, or no gateway running) leaves the running
 /// gateway untouched: it is never told to go.
 #[tokio::test(flavor = "multi_thread")]

@@ -362,7 +362,8 @@ async fn listener_networks_are_enforced_before_anything_else() {
     assert_eq!(m.total(), 0);
 }
 
-/// A forward-auth validator on a real port: `Bearer sso-carol` is user carol, anything else
+/// A forward-auth validator on a real port: `Bearer sso-carol` is user carol, `Bearer
+/// sso-anon` user `anonymous` (a name the gateway keeps for its own account), anything else
 /// 401. Returns its URL and the number of questions it answered.
 async fn validator() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::Ordering;
@@ -387,6 +388,8 @@ async fn validator() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>)
                 let head = String::from_utf8_lossy(&buf).to_lowercase();
                 let answer = if head.contains("authorization: bearer sso-carol") {
                     "200 OK\r\nx-auth-user: carol"
+                } else if head.contains("authorization: bearer sso-anon") {
+                    "200 OK\r\nx-auth-user: anonymous"
                 } else {
                     "401 Unauthorized"
                 };
@@ -456,6 +459,33 @@ async fn forward_auth_through_the_binary() {
         .await
         .unwrap();
     assert_eq!(report["forward"]["failures"], 0, "{report}");
+    // A validator naming `anonymous`: that principal would share the account of requests
+    // without one (budgets, limits), so it is refused, in the route's shape, and reaches no
+    // backend.
+    let before = m.total();
+    for (path, body) in [
+        ("/api/chat", chat()),
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    ] {
+        let resp = client()
+            .post(gw.url(path))
+            .bearer_auth("sso-anon")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{path}");
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(error_of(resp).await.0, "principal_reserved", "{path}");
+        assert_eq!(
+            field(&gw.access_line(&id).await, "reason"),
+            "principal_reserved"
+        );
+    }
+    assert_eq!(m.total(), before);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -528,6 +558,22 @@ async fn jwt_bearer_tokens_through_the_binary() {
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(error_of(resp).await.0, "invalid_api_key");
     assert_eq!(field(&gw.access_line(&id).await, "reason"), "jwt_audience");
+    // A valid token whose subject is `*`, the global budget's account: refused.
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some("main".into());
+    let claims = serde_json::json!({"sub": "*", "iss": "https://idp.example",
+        "aud": "llm-gateway", "exp": now + 300});
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+    let star = jsonwebtoken::encode(&h, &claims, &key).unwrap();
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(star)
+        .json(&serde_json::json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(error_of(resp).await.0, "principal_reserved");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,6 +7,19 @@ use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method};
 
 use crate::{FinishReasons, Route, Usage};
 
+/// The account of requests made without a principal (budgets, metrics).
+pub const ANONYMOUS: &str = "anonymous";
+/// The account of the budget over the whole gateway.
+pub const GLOBAL_ACCOUNT: &str = "*";
+
+/// Whether no principal may carry `id`, whatever its source (keys file, htpasswd, a JWT
+/// claim, forward auth, a trusted proxy's header): the names of the gateway's own accounts
+/// ([`ANONYMOUS`], [`GLOBAL_ACCOUNT`]), which a principal of that name would share, and the
+/// empty name.
+pub fn reserved_principal_id(id: &str) -> bool {
+    id.is_empty() || id == ANONYMOUS || id == GLOBAL_ACCOUNT
+}
+
 /// Who made the request, as established by an authentication filter. Shared (`Arc`) so
 /// that putting it into a request's context costs no copy.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -19,7 +19,10 @@ pub mod state;
 pub mod units;
 mod usage;
 
-pub use ctx::{client_network, Decision, ModelGate, Overrides, Principal, RequestCtx};
+pub use ctx::{
+    client_network, reserved_principal_id, Decision, ModelGate, Overrides, Principal, RequestCtx,
+    ANONYMOUS, GLOBAL_ACCOUNT,
+};
 pub use filter::{BuildContext, Filter, ReloadError};
 pub use options::{parse_options, OptionsError};
 pub use rejection::{echo, error_json, ErrorShape, Rejection, ECHO_LIMIT};

@@ -58,6 +58,12 @@ impl Htpasswd {
                     format!("user {user:?} has a {kind} hash; only bcrypt is accepted: recreate it with `htpasswd -B` or `llm-gateway hash-password`"),
                 ));
             }
+            if gateway_filter::reserved_principal_id(user) {
+                return Err(Invalid::new(
+                    format!("line {}", n + 1),
+                    format!("user {}", crate::keys::reserved(user)),
+                ));
+            }
             if users.insert(user.to_string(), hash.to_string()).is_some() {
                 return Err(Invalid::new(
                     format!("line {}", n + 1),
@@ -163,6 +169,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("line 1"));
+        // Users named like the gateway's own accounts would share them.
+        for user in ["anonymous", "*", ""] {
+            let e = Htpasswd::parse(&format!("alice:{h}\n{user}:{h}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("line 2") && e.contains("choose another"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

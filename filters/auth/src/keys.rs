@@ -82,6 +82,13 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
+/// Why `id` cannot name a principal, and what to do.
+pub(crate) fn reserved(id: &str) -> String {
+    format!(
+        "{id:?} is the name of one of the gateway's own accounts (`*`: the global budget, `anonymous`: requests without a principal), which this principal would share; choose another id"
+    )
+}
+
 impl KeyStore {
     pub fn load(path: &Path) -> Result<KeyStore, AuthError> {
         let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
@@ -108,6 +115,9 @@ impl KeyStore {
             let at = format!("keys[{i}]");
             if e.id.is_empty() {
                 return Err(Invalid::new(format!("{at}.id"), "must not be empty"));
+            }
+            if gateway_filter::reserved_principal_id(&e.id) {
+                return Err(Invalid::new(format!("{at}.id"), reserved(&e.id)));
             }
             let digest = match &e.key_sha256 {
                 None => None,
@@ -249,6 +259,23 @@ mod tests {
         assert_eq!(s.by_id("bob").unwrap().usable(now), Err("disabled"));
         assert_eq!(s.by_id("carol").unwrap().usable(now), Err("expired"));
         assert!(s.by_key_digest(&sha256(b"nope")).is_none());
+    }
+
+    #[test]
+    fn refuses_the_names_of_the_gateways_own_accounts() {
+        let d = hexd("x");
+        for id in ["anonymous", "'*'", "''"] {
+            let e = KeyStore::parse(&format!(
+                "keys:\n  - {{ id: ok, key_sha256: {d} }}\n  - {{ id: {id} }}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("keys[1].id"), "{id}: {e}");
+        }
+        let e = KeyStore::parse("keys:\n  - { id: anonymous }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("choose another id"), "{e}");
     }
 
     #[test]

@@ -338,6 +338,20 @@ impl AuthFilter {
         scopes: Vec<String>,
         models: Vec<String>,
     ) -> Result<Arc<Principal>, Rejection> {
+        // Such a principal would share the gateway's own accounts (the global budget's, or
+        // that of requests without a principal): refused, however valid its credential.
+        if gateway_filter::reserved_principal_id(&id) {
+            log::warn!(
+                "auth: {method} named the principal {:?}, a name the gateway keeps for its own accounts: refused",
+                gateway_filter::echo(&id)
+            );
+            ctx.reject_reason = Some("principal_reserved");
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "principal_reserved",
+                "this identity's name is reserved by the gateway; the operator must map it to another",
+            ));
+        }
         Ok(match state.keys.by_id(&id) {
             Some(rec) => {
                 if let Err(reason) = rec.usable(now) {

@@ -26,7 +26,9 @@ pub struct Budget {
 
 pub struct Book {
     accounts: Mutex<HashMap<(String, String), Account>>,
-    history: History,
+    /// Spend in the ledger that no account holds yet: the ledger as loaded, plus what other
+    /// processes wrote to it since ([`Book::add_foreign`]). Locked after `accounts`, when both.
+    history: Mutex<History>,
 }
 
 /// Which budget refused.
@@ -39,13 +41,14 @@ impl Book {
     pub fn new(history: History) -> Book {
         Book {
             accounts: Mutex::new(HashMap::new()),
-            history,
+            history: Mutex::new(history),
         }
     }
 
     /// Spend of past runs that falls in the budget's current period.
     fn opening(&self, b: &Budget, now: i64) -> Nano {
-        let Some(days) = self.history.get(&b.principal) else {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(days) = history.get(&b.principal) else {
             return 0;
         };
         match b.period.span(now) {
@@ -117,8 +120,29 @@ impl Book {
     }
 
     /// Principals the ledger of past runs knows, for `/admin/spend` before they return.
-    pub fn ledger_principals(&self) -> impl Iterator<Item = &str> {
-        self.history.keys().map(String::as_str)
+    pub fn ledger_principals(&self) -> Vec<String> {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.keys().cloned().collect()
+    }
+
+    /// Spend another process wrote to the same ledger on `day` (a day number), e.g. the old
+    /// process of an upgrade finishing its requests: counted in every open account of
+    /// `principal` whose period holds that day, and in those opened later.
+    pub fn add_foreign(&self, principal: &str, day: i64, nano: Nano) {
+        let mut acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        // An account's key names its period; the day is in it when its period has that key.
+        let secs = day * 86_400;
+        let keys = [Period::Day, Period::Week, Period::Month, Period::Total].map(|p| p.key(secs));
+        for ((p, key), a) in acc.iter_mut() {
+            if p == principal && keys.contains(key) {
+                a.spent += nano;
+            }
+        }
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history
+            .entry(principal.to_string())
+            .or_default()
+            .push((day_string(day), nano));
     }
 
     /// What the ledger of past runs holds for `principal` in `period` as of `now`.
@@ -175,6 +199,46 @@ mod tests {
         book.settle(&g, 60, 10);
         let left = book.settle(&b, 40, 40);
         assert_eq!(left, vec![50]);
+    }
+
+    #[test]
+    fn foreign_spend_counts_in_the_periods_that_hold_its_day() {
+        let book = Book::new(History::new());
+        let now = 1_795_392_000; // 2026-11-23
+        let day = now / 86_400;
+        let month = budget(100);
+        let today = Budget {
+            period: Period::Day,
+            period_key: Period::Day.key(now),
+            ..budget(100)
+        };
+        book.reserve(&[month.clone(), today.clone()], 10, now)
+            .unwrap();
+        book.settle(&[month.clone(), today.clone()], 10, 10);
+        // Another process charged 30 today and 5 yesterday (same month), and 7 to someone else.
+        book.add_foreign("a", day, 30);
+        book.add_foreign("a", day - 1, 5);
+        book.add_foreign("b", day, 7);
+        assert_eq!(book.spent(&month), 45);
+        assert_eq!(book.spent(&today), 40);
+        // Accounts opened later count it too (from the history), once.
+        let b = Budget {
+            principal: "b".into(),
+            ..budget(100)
+        };
+        assert!(book.reserve(std::slice::from_ref(&b), 93, now).is_ok());
+        assert!(book.reserve(&[b], 1, now).is_err(), "7 + 93 spent or held");
+        let week = Budget {
+            period: Period::Week,
+            period_key: Period::Week.key(now),
+            ..budget(100)
+        };
+        book.reserve(std::slice::from_ref(&week), 0, now).unwrap();
+        assert_eq!(
+            book.spent(&week),
+            30,
+            "2026-11-23 is a Monday: the day before belongs to last week"
+        );
     }
 
     #[test]

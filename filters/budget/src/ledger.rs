@@ -10,6 +10,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection};
 use tokio::sync::mpsc::{Receiver, Sender};
 
+use crate::period::{day_of, parse_day};
 use crate::prices::Nano;
 
 pub enum Msg {
@@ -56,6 +57,74 @@ pub enum LedgerError {
 
 /// Spend already in the ledger, per principal and day.
 pub type History = HashMap<String, Vec<(String, Nano)>>;
+
+/// The ledger's spend per (principal, day) as this process knows it.
+pub type Seen = HashMap<(String, String), Nano>;
+
+/// Called with spend another process wrote to the ledger: principal, day number, amount.
+pub type OnForeign = Box<dyn Fn(&str, i64, Nano) + Send>;
+
+/// How often the writer looks for spend another process wrote to the same ledger: the old
+/// process of an upgrade (`--upgrade`, SIGUSR2) charges the requests it finishes while the
+/// new one already serves.
+const FOREIGN_SCAN: Duration = Duration::from_secs(1);
+
+/// The first day the scan for foreign spend reads: other processes charge today (yesterday
+/// just after midnight).
+fn scan_from(now: i64) -> String {
+    day_of(now - 86_400)
+}
+
+/// The part of `history` the scan for foreign spend compares with: what the ledger held, at
+/// load, from the scan's first day on.
+pub fn recent(history: &History, now: i64) -> Seen {
+    let from = scan_from(now);
+    let mut seen = Seen::new();
+    for (principal, days) in history {
+        for (day, nano) in days.iter().filter(|(d, _)| *d >= from) {
+            *seen.entry((principal.clone(), day.clone())).or_default() += nano;
+        }
+    }
+    seen
+}
+
+/// Compares the ledger's recent spend with what this process knows it holds (`seen`: as
+/// loaded, plus its own commits) and reports what is more, which another process wrote.
+/// Returns the amount reported.
+fn scan_foreign(
+    conn: &Connection,
+    seen: &mut Seen,
+    on_foreign: &OnForeign,
+    now: i64,
+) -> rusqlite::Result<Nano> {
+    let from = scan_from(now);
+    let mut stmt = conn.prepare_cached(
+        "SELECT principal, day, SUM(usd_nano) FROM spend WHERE day >= ?1 GROUP BY principal, day",
+    )?;
+    let rows = stmt.query_map(params![from], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut foreign = 0;
+    for row in rows {
+        let (principal, day, nano) = row?;
+        let key = (principal, day);
+        let known = seen.get(&key).copied().unwrap_or(0);
+        if nano > known {
+            if let Some(n) = parse_day(&key.1) {
+                on_foreign(&key.0, n, nano - known);
+                foreign += nano - known;
+            }
+        }
+        // Less than known: rows were removed by hand; what was booked stays booked.
+        seen.insert(key, nano);
+    }
+    seen.retain(|(_, day), _| *day >= from);
+    Ok(foreign)
+}
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
     move |source| LedgerError::Sqlite {
@@ -105,6 +174,7 @@ pub fn load(path: &Path) -> Result<(History, String), LedgerError> {
 fn commit(
     conn: &mut Connection,
     pending: &mut HashMap<(String, String, String), (Nano, i64)>,
+    seen: &mut Seen,
 ) -> rusqlite::Result<()> {
     if pending.is_empty() {
         return Ok(());
@@ -120,15 +190,21 @@ fn commit(
         }
     }
     tx.commit()?;
-    pending.clear();
+    for ((day, principal, _), (nano, _)) in pending.drain() {
+        *seen.entry((principal, day)).or_default() += nano;
+    }
     Ok(())
 }
 
-/// Opens the ledger now (a bad path is a startup error) and starts the writer thread.
+/// Opens the ledger now (a bad path is a startup error) and starts the writer thread, which
+/// also reports spend other processes write to the ledger (`seen`: its recent spend as
+/// loaded, see [`recent`]).
 pub fn spawn(
     path: PathBuf,
     interval: Duration,
     mut rx: Receiver<Msg>,
+    mut seen: Seen,
+    on_foreign: OnForeign,
 ) -> Result<std::thread::JoinHandle<()>, LedgerError> {
     let mut conn = open(&path).map_err(sqlite(&path))?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -141,6 +217,8 @@ pub fn spawn(
             rt.block_on(async move {
                 let mut pending: HashMap<(String, String, String), (Nano, i64)> = HashMap::new();
                 let mut tick = tokio::time::interval(interval);
+                let mut scan = tokio::time::interval(FOREIGN_SCAN);
+                scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
                         msg = rx.recv() => match msg {
@@ -150,7 +228,7 @@ pub fn spawn(
                                 e.1 += 1;
                             }
                             Some(Msg::Flush(ack)) => {
-                                if let Err(e) = commit(&mut conn, &mut pending) {
+                                if let Err(e) = commit(&mut conn, &mut pending, &mut seen) {
                                     log::error!("budget: ledger commit failed: {e}");
                                 }
                                 let _ = ack.send(());
@@ -158,13 +236,23 @@ pub fn spawn(
                             None => break,
                         },
                         _ = tick.tick() => {
-                            if let Err(e) = commit(&mut conn, &mut pending) {
+                            if let Err(e) = commit(&mut conn, &mut pending, &mut seen) {
                                 log::error!("budget: ledger commit failed, will retry: {e}");
+                            }
+                        }
+                        _ = scan.tick() => {
+                            match scan_foreign(&conn, &mut seen, &on_foreign, crate::period::now_secs()) {
+                                Ok(0) => {}
+                                Ok(n) => log::info!(
+                                    "budget: ${:.4} of spend written to the ledger by another process (an upgrade's old one) is counted",
+                                    n as f64 / 1e9
+                                ),
+                                Err(e) => log::warn!("budget: cannot read the ledger for other processes' spend: {e}"),
                             }
                         }
                     }
                 }
-                let _ = commit(&mut conn, &mut pending);
+                let _ = commit(&mut conn, &mut pending, &mut seen);
             })
         })
         .map_err(LedgerError::Writer)
@@ -226,7 +314,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spend.db");
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let h = spawn(path.clone(), Duration::from_millis(50), rx).unwrap();
+        let h = spawn(
+            path.clone(),
+            Duration::from_millis(50),
+            rx,
+            Seen::new(),
+            Box::new(|_, _, _| {}),
+        )
+        .unwrap();
         for (p, n) in [("alice", 1_000_000_000), ("alice", 500_000_000), ("bob", 1)] {
             tx.blocking_send(Msg::Charge {
                 day: "2026-11-23".into(),
@@ -260,5 +355,68 @@ mod tests {
             history["alice"],
             vec![("2026-11-23".to_string(), 1_500_000_000)]
         );
+    }
+
+    fn charge(tx: &Sender<Msg>, principal: &str, nano: Nano) {
+        tx.blocking_send(Msg::Charge {
+            day: day_of(crate::period::now_secs()),
+            principal: principal.into(),
+            model: "m".into(),
+            nano,
+        })
+        .unwrap();
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        tx.blocking_send(Msg::Flush(ack)).unwrap();
+        done.recv().unwrap();
+    }
+
+    #[test]
+    fn spend_another_process_writes_is_reported_once() {
+        use std::sync::{Arc, Mutex};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spend.db");
+        let (history, _) = load(&path).unwrap();
+        let got = Arc::new(Mutex::new(HashMap::<String, Nano>::new()));
+        let sink = got.clone();
+        let (tx_a, rx_a) = tokio::sync::mpsc::channel(16);
+        let a = spawn(
+            path.clone(),
+            Duration::from_millis(20),
+            rx_a,
+            recent(&history, crate::period::now_secs()),
+            Box::new(move |p, day, n| {
+                assert_eq!(day, crate::period::now_secs() / 86_400);
+                *sink.lock().unwrap().entry(p.to_string()).or_default() += n;
+            }),
+        )
+        .unwrap();
+        // A second process on the same file (an upgrade's old one).
+        let (tx_b, rx_b) = tokio::sync::mpsc::channel(16);
+        let b = spawn(
+            path.clone(),
+            Duration::from_millis(20),
+            rx_b,
+            Seen::new(),
+            Box::new(|_, _, _| {}),
+        )
+        .unwrap();
+        charge(&tx_a, "alice", 100);
+        charge(&tx_b, "alice", 30);
+        charge(&tx_b, "bob", 7);
+        charge(&tx_a, "alice", 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Two scans later nothing more: each amount is reported once, and never its own.
+        std::thread::sleep(FOREIGN_SCAN * 2 + Duration::from_millis(200));
+        let got = got.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            HashMap::from([("alice".into(), 30), ("bob".into(), 7)])
+        );
+        drop((tx_a, tx_b));
+        a.join().unwrap();
+        b.join().unwrap();
     }
 }

@@ -27,8 +27,8 @@ pub use ledger::{report, ReportRow};
 pub use period::{civil, day_of, month_days, now_secs, Calendar, Period};
 use prices::{usd_to_nano, Nano, Price, PriceTable};
 
-/// The reserved principal id of the whole-gateway budget.
-pub const GLOBAL: &str = "*";
+/// The reserved principal id of the whole-gateway budget (no principal may carry it).
+pub const GLOBAL: &str = gateway_filter::GLOBAL_ACCOUNT;
 
 struct Metrics {
     spend: CounterVec,
@@ -257,10 +257,22 @@ pub fn build(
         .as_ref()
         .map(|st| (st.clone(), Arc::<str>::from(replica)));
     let (tx, rx) = tokio::sync::mpsc::channel(10_000);
-    ledger::spawn(path, o.commit_interval.0, rx)
-        .map_err(|m| OptionsError::new("ledger", m.to_string()))?;
-    LazyLock::force(&METRICS);
+    let seen = ledger::recent(&history, now_secs());
     let book = Arc::new(Book::new(history));
+    let foreign = Arc::downgrade(&book);
+    ledger::spawn(
+        path,
+        o.commit_interval.0,
+        rx,
+        seen,
+        Box::new(move |principal, day, nano| {
+            if let Some(book) = foreign.upgrade() {
+                book.add_foreign(principal, day, nano);
+            }
+        }),
+    )
+    .map_err(|m| OptionsError::new("ledger", m.to_string()))?;
+    LazyLock::force(&METRICS);
     if let Some((st, replica)) = &shared {
         let (weak, book, replica) = (Arc::downgrade(st), book.clone(), replica.clone());
         let periods = (default.map(|d| d.1), global.map(|g| g.1));
@@ -299,6 +311,7 @@ fn repair_all(
     }
     let now = now_secs();
     for principal in book.ledger_principals() {
+        let principal = principal.as_str();
         let period = if principal == GLOBAL { global } else { default }.unwrap_or(Period::Total);
         let key = period.key(now);
         if snapshot
@@ -317,7 +330,7 @@ fn repair_all(
 fn principal_id(ctx: &RequestCtx) -> &str {
     ctx.principal
         .as_deref()
-        .map_or("anonymous", |p| p.id.as_str())
+        .map_or(gateway_filter::ANONYMOUS, |p| p.id.as_str())
 }
 
 fn generation_secs(ctx: &RequestCtx) -> f64 {
@@ -579,13 +592,10 @@ impl Filter for BudgetFilter {
         // current period's spend from the ledger (a per-key period is known only once the key
         // is used; until then the default budget's period, or the whole history).
         let now = now_secs();
-        let mut quiet: Vec<&str> = self
-            .book
-            .ledger_principals()
-            .filter(|p| !snapshot.iter().any(|((q, _), _)| q == p))
-            .collect();
+        let mut quiet: Vec<String> = self.book.ledger_principals();
+        quiet.retain(|p| !snapshot.iter().any(|((q, _), _)| q == p));
         quiet.sort_unstable();
-        for principal in quiet {
+        for principal in quiet.iter().map(String::as_str) {
             let period = if principal == GLOBAL {
                 self.global
             } else {

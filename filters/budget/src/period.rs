@@ -39,6 +39,17 @@ pub fn day_string(days: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// The day number of `YYYY-MM-DD`; `None` for anything else.
+pub fn parse_day(s: &str) -> Option<i64> {
+    let mut parts = s.splitn(3, '-');
+    let y = parts.next()?.parse::<i64>().ok()?;
+    let m = parts.next()?.parse::<u32>().ok()?;
+    let d = parts.next()?.parse::<u32>().ok()?;
+    ((1..=12).contains(&m) && (1..=31).contains(&d) && s.len() == 10)
+        .then(|| days_from_civil(y, m, d))
+        .filter(|&n| day_string(n) == s)
+}
+
 /// The ledger's day key of a moment.
 pub fn day_of(secs: i64) -> String {
     day_string(secs.div_euclid(86_400))
@@ -102,6 +113,10 @@ mod tests {
         assert_eq!(civil(0), (1970, 1, 1));
         assert_eq!(days_from_civil(2026, 11, 23), civil_inverse(2026, 11, 23));
         assert_eq!(day_of(1_795_392_000), "2026-11-23");
+        assert_eq!(parse_day("2026-11-23"), Some(1_795_392_000 / 86_400));
+        for bad in ["2026-02-30", "2026-13-01", "26-11-23", "2026-11-23x", "x"] {
+            assert_eq!(parse_day(bad), None, "{bad}");
+        }
         for d in [-1000, 0, 59, 60, 10_000, 20_000, 30_000] {
             let (y, m, dd) = civil(d);
             assert_eq!(days_from_civil(y, m, dd), d);
