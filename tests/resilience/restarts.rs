@@ -125,6 +125,62 @@ async fn spend_survives_a_restart() {
     );
 }
 
+/// The global budget counts everyone's spend, after a restart too: the ledger charges each
+/// request to its principal, and the global account opens with all of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_global_budget_survives_a_restart() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &m,
+        100.0,
+        0.0,
+        10000.0,
+        "    global: { max_usd: 0.12, period: 1d }\n",
+    );
+    let mut gw = Gateway::start(&cfg).await;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(generate(gw.url("/api/generate")).await.0);
+    }
+    assert_eq!(codes, [200, 200, 429], "$0.05 each against $0.12");
+    gw.signal("TERM");
+    tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
+    let gw = Gateway::start(&cfg).await;
+    // Shown before anyone asks again.
+    let report: Value = client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let global = report["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["principal"] == "*")
+        .unwrap_or_else(|| panic!("no global account after restart: {report}"));
+    assert_eq!(cents(global["spent_usd"].as_f64().unwrap()), 10, "{report}");
+    let r = client()
+        .post(gw.url("/api/generate"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        429,
+        "the restarted gateway remembers the global spend"
+    );
+    let (code, msg) = error_of(r).await;
+    assert_eq!(code, "budget_exceeded");
+    assert!(msg.contains("gateway"), "{msg}");
+}
+
 /// Four clients sending the buyer's requests one after another until one fails; the count of
 /// answered requests.
 fn buyer_load(gw: &Gateway) -> (Arc<AtomicU32>, Vec<tokio::task::JoinHandle<()>>) {

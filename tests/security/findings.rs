@@ -965,6 +965,17 @@ async fn identity_headers_only_from_trusted_proxies() {
         .headers
         .iter()
         .any(|(k, _)| k == "tailscale-user-login"));
+    // A proxy naming one of the gateway's own accounts (`anonymous`, `*`) is refused.
+    for name in ["anonymous", "*"] {
+        let resp = client()
+            .get(behind.url("/api/tags"))
+            .header("tailscale-user-login", name)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{name}");
+        assert_eq!(error_of(resp).await.0, "principal_reserved");
+    }
     let direct = Gateway::start(&format!("{}{auth}", backends(&[("local", &m.url())]))).await;
     assert_eq!(
         ask(&direct).await.unwrap().status(),

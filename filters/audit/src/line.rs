@@ -144,6 +144,71 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The line's fields, in order, and how each is written (the timestamp's shape only).
+    #[test]
+    fn a_line_is_written_as_documented() {
+        use gateway_filter::http::Method;
+        let mut c = RequestCtx::new("req-1".into(), Method::POST, "/v1/chat/completions".into());
+        c.client_ip = Some("::ffff:10.0.0.7".parse().unwrap());
+        c.model = Some("llama3:latest".into());
+        c.json = Some(json!({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}));
+        c.status = 429;
+        c.decision = gateway_filter::Decision::Rejected {
+            filter: "ratelimit",
+            code: "rate_limited",
+        };
+        c.reject_reason = Some("rate_limited");
+        c.ttfb = Some(std::time::Duration::from_micros(1500));
+        c.cost_usd = Some(0.25);
+        let line = serde_json::to_string(&AuditLine::new(&c, false)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "ts",
+                "request_id",
+                "principal",
+                "key_sha256_prefix",
+                "client_ip",
+                "method",
+                "path",
+                "route",
+                "model",
+                "prompt_sha256",
+                "prompt_chars",
+                "stream",
+                "status",
+                "decision",
+                "reason",
+                "backend",
+                "retries",
+                "prompt_tokens",
+                "completion_tokens",
+                "tokens",
+                "cost_usd",
+                "ttfb_ms",
+                "duration_ms",
+                "bytes_in",
+                "bytes_out",
+                "user_agent"
+            ]
+        );
+        let ts = v["ts"].as_str().unwrap();
+        assert!(
+            ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[19] == b'.',
+            "{ts}"
+        );
+        let rest = line.split_once(",\"request_id\"").unwrap().1;
+        assert_eq!(
+            rest,
+            format!(
+                ":\"req-1\",\"principal\":null,\"key_sha256_prefix\":null,\"client_ip\":\"10.0.0.7\",\"method\":\"POST\",\"path\":\"/v1/chat/completions\",\"route\":\"openai_chat\",\"model\":\"llama3:latest\",\"prompt_sha256\":\"{}\",\"prompt_chars\":2,\"stream\":false,\"status\":429,\"decision\":\"ratelimit:rate_limited\",\"reason\":\"rate_limited\",\"backend\":null,\"retries\":0,\"prompt_tokens\":null,\"completion_tokens\":null,\"tokens\":null,\"cost_usd\":0.25,\"ttfb_ms\":1.5,\"duration_ms\":null,\"bytes_in\":0,\"bytes_out\":0,\"user_agent\":null}}",
+                hex::encode(Sha256::digest(b"hi\x1e"))
+            )
+        );
+    }
+
     #[test]
     fn prompt_hash_covers_the_texts_only() {
         let a = json!({"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]});

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use gateway_filter::GLOBAL_ACCOUNT;
+
 use crate::ledger::History;
 use crate::period::{day_string, Calendar, Period};
 use crate::prices::Nano;
@@ -45,21 +47,25 @@ impl Book {
         }
     }
 
-    /// Spend of past runs that falls in the budget's current period.
+    /// Spend of past runs that falls in the budget's current period. The ledger charges each
+    /// request to its principal: the global budget's is everyone's.
     fn opening(&self, b: &Budget, now: i64) -> Nano {
         let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(days) = history.get(&b.principal) else {
-            return 0;
+        let span = b
+            .period
+            .span(now)
+            .map(|(f, t)| (day_string(f), day_string(t)));
+        let in_period = |d: &String| span.as_ref().is_none_or(|(f, t)| d >= f && d < t);
+        let sum = |days: &Vec<(String, Nano)>| -> Nano {
+            days.iter()
+                .filter(|(d, _)| in_period(d))
+                .map(|(_, n)| n)
+                .sum()
         };
-        match b.period.span(now) {
-            None => days.iter().map(|(_, n)| n).sum(),
-            Some((from, to)) => {
-                let (from, to) = (day_string(from), day_string(to));
-                days.iter()
-                    .filter(|(d, _)| *d >= from && *d < to)
-                    .map(|(_, n)| n)
-                    .sum()
-            }
+        if b.principal == GLOBAL_ACCOUNT {
+            history.values().map(sum).sum()
+        } else {
+            history.get(&b.principal).map_or(0, sum)
         }
     }
 
@@ -130,19 +136,23 @@ impl Book {
     /// `principal` whose period holds that day, and in those opened later.
     pub fn add_foreign(&self, principal: &str, day: i64, nano: Nano) {
         let mut acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        // An account's key names its period; the day is in it when its period has that key.
+        // An account's key names its period: the day is in the accounts of the keys its
+        // periods have on that day. The global budget counts everyone's spend.
         let secs = day * 86_400;
-        let keys = [Period::Day, Period::Week, Period::Month, Period::Total].map(|p| p.key(secs));
-        for ((p, key), a) in acc.iter_mut() {
-            if p == principal && keys.contains(key) {
-                a.spent += nano;
+        for who in [principal, GLOBAL_ACCOUNT] {
+            for period in [Period::Day, Period::Week, Period::Month, Period::Total] {
+                if let Some(a) = acc.get_mut(&(who.to_string(), period.key(secs))) {
+                    a.spent += nano;
+                }
             }
         }
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        history
-            .entry(principal.to_string())
-            .or_default()
-            .push((day_string(day), nano));
+        let days = history.entry(principal.to_string()).or_default();
+        let day = day_string(day);
+        match days.iter_mut().find(|(d, _)| *d == day) {
+            Some((_, n)) => *n += nano,
+            None => days.push((day, nano)),
+        }
     }
 
     /// What the ledger of past runs holds for `principal` in `period` as of `now`.
@@ -216,11 +226,21 @@ mod tests {
             .unwrap();
         book.settle(&[month.clone(), today.clone()], 10, 10);
         // Another process charged 30 today and 5 yesterday (same month), and 7 to someone else.
+        let global = Budget {
+            principal: "*".into(),
+            ..budget(1000)
+        };
+        book.reserve(std::slice::from_ref(&global), 0, now).unwrap();
         book.add_foreign("a", day, 30);
         book.add_foreign("a", day - 1, 5);
         book.add_foreign("b", day, 7);
         assert_eq!(book.spent(&month), 45);
         assert_eq!(book.spent(&today), 40);
+        assert_eq!(
+            book.spent(&global),
+            42,
+            "the global budget counts everyone's"
+        );
         // Accounts opened later count it too (from the history), once.
         let b = Budget {
             principal: "b".into(),
@@ -261,5 +281,23 @@ mod tests {
             ..budget(100)
         };
         assert!(book.reserve(&[total], 1, now).is_err(), "100 spent in all");
+    }
+
+    #[test]
+    fn the_global_budget_opens_with_everyones_spend() {
+        let mut h = History::new();
+        h.insert(
+            "a".into(),
+            vec![("2026-10-31".into(), 70), ("2026-11-02".into(), 30)],
+        );
+        h.insert("anonymous".into(), vec![("2026-11-20".into(), 25)]);
+        let book = Book::new(h);
+        let now = 1_795_392_000; // 2026-11-23
+        let global = Budget {
+            principal: "*".into(),
+            ..budget(100)
+        };
+        book.reserve(std::slice::from_ref(&global), 0, now).unwrap();
+        assert_eq!(book.spent(&global), 55, "November's spend of everyone");
     }
 }

@@ -310,7 +310,12 @@ fn repair_all(
         shared::repair(st, replica, principal, period_key, a.spent);
     }
     let now = now_secs();
-    for principal in book.ledger_principals() {
+    let mut principals = book.ledger_principals();
+    // The global budget's spend is everyone's: in the ledger under no name of its own.
+    if global.is_some() {
+        principals.push(GLOBAL.to_string());
+    }
+    for principal in &principals {
         let principal = principal.as_str();
         let period = if principal == GLOBAL { global } else { default }.unwrap_or(Period::Total);
         let key = period.key(now);
@@ -593,6 +598,9 @@ impl Filter for BudgetFilter {
         // is used; until then the default budget's period, or the whole history).
         let now = now_secs();
         let mut quiet: Vec<String> = self.book.ledger_principals();
+        if self.global.is_some() {
+            quiet.push(GLOBAL.to_string());
+        }
         quiet.retain(|p| !snapshot.iter().any(|((q, _), _)| q == p));
         quiet.sort_unstable();
         for principal in quiet.iter().map(String::as_str) {
