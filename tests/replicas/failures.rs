@@ -282,3 +282,58 @@ async fn rediss_with_a_password_and_a_private_ca() {
     let (ok, _) = burst(std::slice::from_ref(&wrong), 3).await;
     assert_eq!(ok, 3, "its own limit: a valid key is served");
 }
+
+/// A server that answers the probe but refuses a request's script (here an ACL user that may
+/// touch only the probe's key: `NOPERM`; in life a key of the wrong type, a script error, a
+/// full memory) must not have the circuit closed and opened again every retry interval: each
+/// time it reopens soon after closing, the next close waits twice as long.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_refusing_the_scripts_does_not_flap_every_retry() {
+    let redis = Redis::start();
+    redis
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "gw",
+            "on",
+            ">pw",
+            "~*alive:*",
+            "&*",
+            "+@all",
+        ])
+        .expect("ACL SETUSER");
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = format!(
+        "state: {{ backend: redis, url: 'redis://gw:pw@127.0.0.1:{}/0', timeout: 100ms, breaker_failures: 1, breaker_retry: 100ms }}\n",
+        redis.port
+    );
+    let gw = Gateway::start(&format!(
+        "{state}{}",
+        keyed_chain(
+            &m,
+            dir.path(),
+            "  - use: ratelimit\n    key: api_key\n    rate: 1000/s\n    burst: 1000\n"
+        )
+    ))
+    .await;
+    let c = client();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let r = c
+            .post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "the local limit serves meanwhile");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = gw.log();
+    let opened = log.matches("state: degraded").count();
+    eprintln!("a server refusing the scripts: the circuit opened {opened} times in 3 s");
+    // Without the back-off: about 3 s / (100 ms + the next request) ≈ 25 openings. With it:
+    // 100, 200, 400, 800, 1600 ms between them.
+    assert!((2..=7).contains(&opened), "{opened} openings:\n{log}");
+}

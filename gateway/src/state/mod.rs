@@ -382,16 +382,24 @@ impl Inner {
         loop {
             let open = self.breaker.is_open();
             tokio::time::sleep(if open {
-                self.retry
+                self.breaker.wait(self.retry)
             } else {
                 self.retry.min(Duration::from_secs(1))
             })
             .await;
             match self.probe().await {
-                Ok(()) if self.breaker.is_open() => {
+                // A circuit that keeps reopening stays open for its whole wait (see Breaker).
+                Ok(()) if self.breaker.is_open() && self.breaker.may_close(self.retry) => {
                     self.breaker.close();
                     self.degraded.set(0);
-                    log::info!("state: shared state answers again; limits are shared again");
+                    if self.breaker.flapping() {
+                        log::info!(
+                            "state: shared state answers again, but requests' calls failed soon after the last time; trying shared limits again (next wait {:?} if they fail again)",
+                            (self.breaker.wait(self.retry) * 2).min(breaker::MAX_BACKOFF)
+                        );
+                    } else {
+                        log::info!("state: shared state answers again; limits are shared again");
+                    }
                     // Charges made on local state meanwhile, and settlements that did not
                     // reach the server, go back now.
                     self.put_back();
