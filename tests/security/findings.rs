@@ -177,6 +177,16 @@ async fn several_completions_reserve_several_caps() {
     assert_eq!(error_of(r).await.0, "too_many_choices");
     let r = ask(2).await.unwrap();
     assert_eq!(r.status(), 200);
+    // llama.cpp's server reads `n_cmpl` before `n`: it counts the same.
+    let r = c
+        .post(gw.url("/v1/completions"))
+        .header("authorization", bearer(USER_KEY))
+        .json(&json!({"model": "llama3.1:8b", "prompt": "hi", "max_tokens": 1000, "n": 1, "n_cmpl": 8}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of(r).await.0, "too_many_choices");
 }
 
 // Finding 2: every route that names a model is gated like inference; lists are filtered.
@@ -823,6 +833,17 @@ async fn usage_is_asked_for_however_stream_options_is_written() {
         last_body(&m, "/v1/chat/completions")["stream_options"],
         json!({"include_usage": true})
     );
+    // Ollama reads `stream_options` without regard to case, the last spelling winning: a
+    // second spelling that would turn the usage off is refused.
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", bearer(USER_KEY))
+        .json(&json!({"model": "llama3.1:8b", "stream": true, "stream_options": {"include_usage": true, "Include_usage": false}, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of(r).await.0, "invalid_field_name");
     let r = c
         .post(gw.url("/v1/chat/completions"))
         .header("authorization", bearer(USER_KEY))

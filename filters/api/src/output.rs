@@ -19,8 +19,9 @@ use crate::{Route, WireFormat};
 pub const OPENAI_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "n_predict"];
 /// The fields the cap is always written to on OpenAI routes (the others only when present).
 const OPENAI_WRITTEN: [&str; 2] = ["max_tokens", "max_completion_tokens"];
-/// Fields that ask for several completions in one request.
-const CHOICE_FIELDS: [&str; 2] = ["n", "best_of"];
+/// Fields that ask for several completions in one request (`n_cmpl`: llama.cpp's server,
+/// which reads it before `n`).
+const CHOICE_FIELDS: [&str; 3] = ["n", "best_of", "n_cmpl"];
 
 /// One field's value as a token count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,17 +2,33 @@
 
 use serde_json::Value;
 
-/// Characters of prompt text the model receives: [`prompt_texts`] plus Ollama's `system`.
+/// Characters of prompt text the model receives: [`prompt_texts`], plus what Ollama puts
+/// into the prompt besides them: `system`, a `template` and `suffix` of the request's own,
+/// tool definitions (as their JSON), and `context` (token ids of an earlier answer, four
+/// characters each, as a token is counted elsewhere). Images are not counted.
 pub fn prompt_chars(body: &Value) -> usize {
-    let system = body
-        .get("system")
-        .and_then(Value::as_str)
-        .map_or(0, |s| s.chars().count());
+    let chars = |k: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .map_or(0, |s| s.chars().count())
+    };
+    let tools = body
+        .get("tools")
+        .filter(|t| !t.is_null())
+        .map_or(0, |t| t.to_string().chars().count());
+    let context = body
+        .get("context")
+        .and_then(Value::as_array)
+        .map_or(0, |ids| ids.len() * 4);
     prompt_texts(body)
         .iter()
         .map(|t| t.chars().count())
         .sum::<usize>()
-        + system
+        + chars("system")
+        + chars("template")
+        + chars("suffix")
+        + tools
+        + context
 }
 
 /// The prompt texts the model receives, in order: every string `content` of `messages` (and
@@ -38,4 +54,22 @@ pub fn prompt_texts(body: &Value) -> Vec<&str> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prompt_chars_count_what_ollama_puts_into_the_prompt() {
+        let body = json!({"model": "m", "prompt": "hi", "system": "abc", "template": "{{ .Prompt }}",
+            "suffix": "xy", "context": [1, 2, 3], "tools": [{"type": "function"}], "images": ["aGk="]});
+        let tools = json!([{"type": "function"}]).to_string().len();
+        assert_eq!(prompt_chars(&body), 2 + 3 + 13 + 2 + 12 + tools);
+        assert_eq!(
+            prompt_chars(&json!({"messages": [{"role": "user", "content": "héllo"}]})),
+            5
+        );
+    }
 }

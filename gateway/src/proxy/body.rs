@@ -98,14 +98,13 @@ fn go_fold(c: char) -> char {
 /// Go's `encoding/json` (Ollama, including its `/v1` routes) matches field names without
 /// regard to case, the last spelling winning, and folds `K` (U+212A) to `k` and `ſ` (U+017F)
 /// to `s`: `{"model":"a","Model":"b"}` is `a` to the gateway and `b` to Ollama. Every field
-/// of the objects Ollama binds to structs (the body, `options`, each message) is lowercase
-/// ASCII, so any other spelling is refused rather than guessed at.
+/// of the objects Ollama binds to structs (the body, `options`, `stream_options`, each
+/// message) is lowercase ASCII, so any other spelling is refused rather than guessed at.
 fn exact_field_names(obj: &serde_json::Map<String, Value>) -> Result<(), Rejection> {
     let folds = |k: &str| k.chars().any(|c| go_fold(c) != c);
-    let nested = obj
-        .get("options")
-        .and_then(Value::as_object)
+    let nested = ["options", "stream_options"]
         .into_iter()
+        .filter_map(|k| obj.get(k).and_then(Value::as_object))
         .chain(
             obj.get("messages")
                 .and_then(Value::as_array)
