@@ -259,3 +259,113 @@ async fn streams_without_usage_are_charged_what_passed() {
         "5 × $0.001 + 5 × $0.01: {line}"
     );
 }
+
+/// `per_second` prices charge the time the backend spent on the request, from when it had it:
+/// for a whole answer (`stream: false`), whose first byte comes only when the generation is
+/// over, counting from its first byte charged almost nothing; a stream's prompt is read
+/// before its first byte too.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_second_prices_charge_whole_answers_their_generation_time() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _ = config(dir.path(), &m, 100.0, 0.0, 0.0, "");
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {d}/keys.yaml\n  - use: budget\n    ledger: {d}/spend.db\n    prices:\n      - {{ model: '*', per_second: 1.0 }}\n  - use: audit\n    file: {d}/audit.jsonl\n",
+        backends(&[("local", &m.url())]),
+        d = dir.path().display()
+    ))
+    .await;
+    for stream in [false, true] {
+        let r = client()
+            .post(gw.url("/api/generate"))
+            .bearer_auth(KEY)
+            .header("x-mock-first-byte-ms", "600")
+            .header("x-mock-chunks", "3")
+            .header("x-mock-delay-ms", "200")
+            .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": stream}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let _ = r.bytes().await.unwrap();
+        let mut line = Value::Null;
+        for _ in 0..100 {
+            if let Some(l) = std::fs::read_to_string(dir.path().join("audit.jsonl"))
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .find(|l| l["request_id"] == id.as_str())
+            {
+                line = l;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let cost = line["cost_usd"].as_f64().unwrap();
+        // Whole: the 600 ms before the answer. Streamed: those, and 3 chunks and the last
+        // line 200 ms apart.
+        let expected = if stream { 1.2..1.6 } else { 0.55..0.9 };
+        assert!(
+            expected.contains(&cost),
+            "stream {stream}: ${cost} at $1/s: {line}"
+        );
+    }
+}
+
+/// A backend that answers with an error (here 429) generated nothing: when the request then
+/// finds no other backend (the other one full until the queue gives up), it is not charged,
+/// and the gateway's 503 costs nothing either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_refusal_followed_by_no_other_backend_costs_nothing() {
+    let (busy, full) = (mock().await, mock().await);
+    busy.set_fail(mock_ollama::FailMode::Error429);
+    let dir = tempfile::tempdir().unwrap();
+    let _ = config(dir.path(), &busy, 100.0, 0.0, 10000.0, "");
+    // `least-busy` takes the first on a tie: the full backend gets the long stream first.
+    let gw = Gateway::start(&format!(
+        "backends:\n  - {{ name: full, url: '{}', kind: ollama, max_in_flight: 1 }}\n  - {{ name: busy, url: '{}', kind: ollama }}\nrouting: {{ strategy: least-busy, queue: {{ size: 10, timeout: 300ms }}, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\nfilters:\n  - use: auth\n    keys_file: {d}/keys.yaml\n  - use: budget\n    ledger: {d}/spend.db\n    prices:\n      - {{ model: '*', prompt_per_1m: 0, completion_per_1m: 10000 }}\n",
+        full.url(),
+        busy.url(),
+        d = dir.path().display()
+    ))
+    .await;
+    let long = client()
+        .post(gw.url("/api/chat"))
+        .bearer_auth(KEY)
+        .header("x-mock-chunks", "10")
+        .header("x-mock-delay-ms", "200")
+        .json(&json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 200);
+    let r = client()
+        .post(gw.url("/api/generate"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_of(r).await.0, "backends_busy");
+    assert_eq!(busy.total(), 1, "the busy backend was asked once");
+    let _ = long.bytes().await.unwrap();
+    // Only the stream is charged: 10 tokens at $0.01.
+    let report: Value = client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let spent: f64 = report["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["principal"] == "buyer")
+        .map(|a| a["spent_usd"].as_f64().unwrap())
+        .sum();
+    assert_eq!(cents(spent), 10, "{report}");
+}

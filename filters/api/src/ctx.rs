@@ -163,7 +163,8 @@ pub struct RequestCtx {
     // Filled while and after proxying; read in `on_complete`.
     pub backend: Option<Arc<str>>,
     /// A backend got the whole request (it may have worked on it), as opposed to attempts
-    /// that failed to connect or to write it.
+    /// that failed to connect or to write it, and to a backend that answered with an error
+    /// status another backend was then tried for (it generated nothing).
     pub reached_backend: bool,
     pub retries: u32,
     pub status: u16,
@@ -174,6 +175,8 @@ pub struct RequestCtx {
     /// Cost of the request in USD, when a filter (budget) knows it.
     pub cost_usd: Option<f64>,
     pub ttfb: Option<Duration>,
+    /// When the backend had the whole request, since `started` (the last attempt's).
+    pub sent: Option<Duration>,
     pub duration: Option<Duration>,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -217,6 +220,7 @@ impl RequestCtx {
             finish_reasons: FinishReasons::default(),
             cost_usd: None,
             ttfb: None,
+            sent: None,
             duration: None,
             bytes_in: 0,
             bytes_out: 0,

@@ -146,6 +146,21 @@ impl Book {
                 }
             }
         }
+        self.remember_locked(principal, day, nano);
+    }
+
+    /// Adds a charge of this process's to the history, so an account opened later for a
+    /// period that holds its day (a new period, a key whose period changed on reload) starts
+    /// with it, as it would after a restart.
+    pub fn remember(&self, principal: &str, day: i64, nano: Nano) {
+        self.remember_locked(principal, day, nano);
+    }
+
+    /// Takes the history's lock only: callers may hold `accounts` (always taken first).
+    fn remember_locked(&self, principal: &str, day: i64, nano: Nano) {
+        if nano == 0 {
+            return;
+        }
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let days = history.entry(principal.to_string()).or_default();
         let day = day_string(day);
@@ -281,6 +296,30 @@ mod tests {
             ..budget(100)
         };
         assert!(book.reserve(&[total], 1, now).is_err(), "100 spent in all");
+    }
+
+    #[test]
+    fn an_account_opened_later_starts_with_this_process_charges() {
+        let book = Book::new(History::new());
+        let now = 1_795_392_000; // 2026-11-23
+        let day = now / 86_400;
+        let month = budget(100);
+        book.reserve(std::slice::from_ref(&month), 40, now).unwrap();
+        book.settle(std::slice::from_ref(&month), 40, 30);
+        book.remember("a", day, 30);
+        // The key's period changes on reload: its day account opens with today's 30.
+        let today = Budget {
+            period: Period::Day,
+            period_key: Period::Day.key(now),
+            ..budget(100)
+        };
+        book.reserve(std::slice::from_ref(&today), 0, now).unwrap();
+        assert_eq!(book.spent(&today), 30);
+        assert_eq!(
+            book.spent(&month),
+            30,
+            "the open account is not counted twice"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ use serde::Deserialize;
 
 use book::{Book, Budget};
 pub use ledger::{report, ReportRow};
+use period::day_string;
 pub use period::{civil, day_of, month_days, now_secs, Calendar, Period};
 use prices::{usd_to_nano, Nano, Price, PriceTable};
 
@@ -164,6 +165,9 @@ struct Reservation {
     book: Arc<Book>,
     budgets: Vec<Budget>,
     amount: Nano,
+    /// The day it was made (a day number): its charge goes to the ledger under that day, as
+    /// the book and shared state hold it in that day's periods.
+    day: i64,
     ledger: tokio::sync::mpsc::Sender<ledger::Msg>,
     principal: String,
     model: String,
@@ -195,8 +199,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.settle(self.amount).is_some() {
+            self.book.remember(&self.principal, self.day, self.amount);
             let msg = ledger::Msg::Charge {
-                day: day_of(now_secs()),
+                day: day_string(self.day),
                 principal: std::mem::take(&mut self.principal),
                 model: std::mem::take(&mut self.model),
                 nano: self.amount,
@@ -317,17 +322,23 @@ fn repair_all(
     }
     for principal in &principals {
         let principal = principal.as_str();
-        let period = if principal == GLOBAL { global } else { default }.unwrap_or(Period::Total);
-        let key = period.key(now);
-        if snapshot
-            .iter()
-            .any(|((p, k), _)| p == principal && *k == key)
-        {
-            continue;
-        }
-        let spent = book.ledger_spend(principal, period, now);
-        if spent > 0 {
-            shared::repair(st, replica, principal, &key, spent);
+        // A key's own period (keys file) is known only when it is used: every period's
+        // current share is put back, so whichever it is finds its spend.
+        let mut periods = vec![Period::Day, Period::Week, Period::Month, Period::Total];
+        periods.extend(if principal == GLOBAL { global } else { default });
+        periods.dedup();
+        for period in periods {
+            let key = period.key(now);
+            if snapshot
+                .iter()
+                .any(|((p, k), _)| p == principal && *k == key)
+            {
+                continue;
+            }
+            let spent = book.ledger_spend(principal, period, now);
+            if spent > 0 {
+                shared::repair(st, replica, principal, &key, spent);
+            }
         }
     }
 }
@@ -338,8 +349,11 @@ fn principal_id(ctx: &RequestCtx) -> &str {
         .map_or(gateway_filter::ANONYMOUS, |p| p.id.as_str())
 }
 
+/// Seconds the backend spent on the request: from when it had the whole request (reading
+/// the prompt is GPU time too, and a whole answer's first byte comes only when the
+/// generation is over) to the end of its answer.
 fn generation_secs(ctx: &RequestCtx) -> f64 {
-    match (ctx.ttfb, ctx.duration) {
+    match (ctx.sent.or(ctx.ttfb), ctx.duration) {
         (Some(t), Some(d)) => d.saturating_sub(t).as_secs_f64(),
         _ => 0.0,
     }
@@ -477,6 +491,7 @@ impl Filter for BudgetFilter {
                     book: self.book.clone(),
                     budgets,
                     amount,
+                    day: now.div_euclid(86_400),
                     ledger: self.ledger.tx.clone(),
                     principal: principal_id(ctx).to_string(),
                     model: model.to_string(),
@@ -566,8 +581,11 @@ impl Filter for BudgetFilter {
             .with_label_values(&[&principal, &model])
             .inc_by(charged as f64 / 1e9);
         ctx.cost_usd = Some(charged as f64 / 1e9);
+        // Opened later (another period, a key whose period changed on reload), an account
+        // starts from what the ledger holds: this charge included.
+        self.book.remember(&principal, res.day, charged);
         let msg = ledger::Msg::Charge {
-            day: day_of(now_secs()),
+            day: day_string(res.day),
             principal,
             model,
             nano: charged,

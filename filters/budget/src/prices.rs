@@ -1,6 +1,7 @@
 //! The price table: USD per 1M prompt and completion tokens and/or per second of generation.
 
 use gateway_filter::glob::wildcard;
+use gateway_filter::model_name::canonical_model;
 use gateway_filter::Usage;
 use serde::Deserialize;
 
@@ -36,6 +37,18 @@ impl Price {
     }
 }
 
+/// Whether a price entry's `pattern` applies to `model` as the router serves it: a bare `*`
+/// is every model (also `hf.co/org/repo:tag`, whose `/` a glob's `*` does not cross), and a
+/// name without a tag is its `:latest` on either side (`qwen2.5` = `qwen2.5:latest`), so no
+/// model the gateway serves slips past its price as unpriced.
+fn applies(pattern: &str, model: &str) -> bool {
+    if pattern == "*" || wildcard(pattern, model) {
+        return true;
+    }
+    let model = canonical_model(model);
+    wildcard(pattern, &model) || (!pattern.contains('*') && canonical_model(pattern) == model)
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable(pub Vec<Price>);
 
@@ -62,7 +75,7 @@ impl PriceTable {
     /// The first entry for `model` on `backend` (entries without a backend match any).
     pub fn find(&self, model: &str, backend: Option<&str>) -> Option<&Price> {
         self.0.iter().find(|p| {
-            wildcard(&p.model, model) && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
+            applies(&p.model, model) && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
         })
     }
 
@@ -70,7 +83,7 @@ impl PriceTable {
     pub fn worst_case(&self, model: &str, usage: Usage, secs: f64) -> Option<Nano> {
         self.0
             .iter()
-            .filter(|p| wildcard(&p.model, model))
+            .filter(|p| applies(&p.model, model))
             .map(|p| p.cost(usage, secs))
             .max()
     }
@@ -116,5 +129,31 @@ mod tests {
             t.worst_case("llama3.1:8b", u, 1.0),
             Some(usd_to_nano(0.0035))
         );
+    }
+
+    /// Prices apply to models as the router serves them: no served model is free by a
+    /// spelling.
+    #[test]
+    fn prices_match_models_as_they_are_served() {
+        for (pattern, model) in [
+            ("*", "hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M"),
+            ("*", "user/model:tag"),
+            ("qwen2.5", "qwen2.5:latest"),
+            ("qwen2.5:latest", "qwen2.5"),
+            ("llama3.1:*", "llama3.1"),
+            ("*:70b*", "llama3.1:70b-instruct"),
+        ] {
+            assert!(applies(pattern, model), "{pattern} applies to {model}");
+        }
+        for (pattern, model) in [
+            ("qwen2.5", "qwen2.5:7b"),
+            ("llama3.1:*", "llama3.2:1b"),
+            ("*:70b*", "llama3.1:8b"),
+        ] {
+            assert!(
+                !applies(pattern, model),
+                "{pattern} does not apply to {model}"
+            );
+        }
     }
 }

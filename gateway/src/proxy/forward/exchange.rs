@@ -90,6 +90,7 @@ pub(super) async fn exchange_header(
             });
         }
         // The backend has the whole request now: whatever happens next, it may have run it.
+        ctx.req.sent = Some(ctx.req.started.elapsed());
         let answered = match wait_for_header(gw, session, ctx, backend, &mut up).await {
             Waited::Header(answered) => answered,
             Waited::FirstByteTimeout(deadline) => {
@@ -109,7 +110,11 @@ pub(super) async fn exchange_header(
                     health: true,
                 });
             }
-            Waited::ClientGone(e) => return Err(Attempt::Abort(e)),
+            Waited::ClientGone(e) => {
+                // The client left during keep-alives; the backend has the request all the same.
+                ctx.req.reached_backend = true;
+                return Err(Attempt::Abort(e));
+            }
         };
         return match answered {
             Ok(()) => Ok(up),

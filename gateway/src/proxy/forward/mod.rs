@@ -279,7 +279,9 @@ async fn attempt(
     // The upstream connection is dropped, not pooled: its body was not read.
     if let Some(s) = up.resp_header().map(|h| h.status) {
         if ctx.keepalive_sent && !s.is_success() {
-            // The client has its 200 already: the backend's error goes into the stream.
+            // The client has its 200 already: the backend's error goes into the stream. It
+            // answered, with an error: it generated nothing (no charge, no tokens).
+            ctx.req.reached_backend = false;
             return Attempt::Fail(Error::explain(
                 ErrorType::HTTPStatus(s.as_u16()),
                 format!("backend answered {s}"),
@@ -289,6 +291,8 @@ async fn attempt(
             && !ctx.keepalive_sent
             && (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
         {
+            // It answered, with an error: it generated nothing, whatever happens next.
+            ctx.req.reached_backend = false;
             return Attempt::Retry {
                 err: Error::explain(
                     ErrorType::HTTPStatus(s.as_u16()),
