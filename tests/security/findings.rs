@@ -1004,3 +1004,80 @@ async fn identity_headers_only_from_trusted_proxies() {
         "not from an untrusted peer"
     );
 }
+
+// Options a demanding operator sets and the suite had no test for: Ollama's context window is
+// clamped on every route and however the number is written, and inference POSTs without JSON
+// are refused to browsers' simple requests (basic auth) but not to API-key clients.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_context_window_is_capped_and_json_is_required() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    max_context_tokens: 8192\n    require_json_content_type: true\n",
+    )
+    .await;
+    let c = client();
+    for (path, body) in [
+        (
+            "/api/chat",
+            json!({"model": "llama3.1:8b", "stream": false, "messages": [], "options": {"num_ctx": 131072}}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "llama3.1:8b", "stream": false, "prompt": "x", "options": {"num_ctx": "1e6"}}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "llama3.1:8b", "stream": false, "prompt": "x", "options": {"num_ctx": -1}}),
+        ),
+        (
+            "/api/embed",
+            json!({"model": "llama3.1:8b", "input": "x", "options": {"num_ctx": 1e9}}),
+        ),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .header("authorization", bearer(USER_KEY))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path} {body}");
+        assert_eq!(
+            last_body(&m, path)["options"]["num_ctx"],
+            8192,
+            "{path} {body}"
+        );
+    }
+    let small = json!({"model": "llama3.1:8b", "stream": false, "prompt": "x", "options": {"num_ctx": 2048}});
+    let r = c
+        .post(gw.url("/api/generate"))
+        .header("authorization", bearer(USER_KEY))
+        .json(&small)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(last_body(&m, "/api/generate")["options"]["num_ctx"], 2048);
+    // A form post with a password (what a page could make a browser send): 415. With an API
+    // key in a header, which no page can set cross-site, the type is not required.
+    let text = r#"{"model": "llama3.1:8b", "stream": false, "prompt": "x"}"#;
+    let r = c
+        .post(gw.url("/api/generate"))
+        .basic_auth("demo", Some("demo"))
+        .header("content-type", "text/plain")
+        .body(text)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let r = c
+        .post(gw.url("/api/generate"))
+        .header("authorization", bearer(USER_KEY))
+        .header("content-type", "text/plain")
+        .body(text)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
