@@ -369,3 +369,67 @@ async fn a_backend_refusal_followed_by_no_other_backend_costs_nothing() {
         .sum();
     assert_eq!(cents(spent), 10, "{report}");
 }
+
+/// A backend given up on at its first-byte deadline had the whole request and may have run
+/// it: when the next backend then answers with an error and no other can take the request,
+/// the reservation is still charged (the error answer does not wipe out the earlier attempt).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_may_have_run_the_request_is_charged_whatever_comes_after() {
+    let slow = mock_with(mock_ollama::MockConfig {
+        first_byte_delay: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let (full, busy) = (mock().await, mock().await);
+    busy.set_fail(mock_ollama::FailMode::Error429);
+    let dir = tempfile::tempdir().unwrap();
+    let _ = config(dir.path(), &full, 100.0, 0.0, 10000.0, "");
+    // `least-busy` takes the first on a tie: the long stream goes to `full`, the request to
+    // `slow` (past its deadline), then `busy` (429); `full` is still full.
+    let gw = Gateway::start(&format!(
+        "backends:\n  - {{ name: full, url: '{}', kind: ollama, max_in_flight: 1 }}\n  - {{ name: slow, url: '{}', kind: ollama }}\n  - {{ name: busy, url: '{}', kind: ollama }}\nrouting: {{ strategy: least-busy, first_byte_timeout: 300ms, queue: {{ size: 10, timeout: 300ms }}, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\nfilters:\n  - use: auth\n    keys_file: {d}/keys.yaml\n  - use: budget\n    ledger: {d}/spend.db\n    prices:\n      - {{ model: '*', prompt_per_1m: 0, completion_per_1m: 10000 }}\n",
+        full.url(),
+        slow.url(),
+        busy.url(),
+        d = dir.path().display()
+    ))
+    .await;
+    let long = client()
+        .post(gw.url("/api/chat"))
+        .bearer_auth(KEY)
+        .header("x-mock-chunks", "15")
+        .header("x-mock-delay-ms", "200")
+        .json(&json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 200);
+    let r = client()
+        .post(gw.url("/api/chat"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "llama3.1:8b", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_of(r).await.0, "backends_busy");
+    assert_eq!((slow.total(), busy.total()), (1, 1), "each asked once");
+    let _ = long.bytes().await.unwrap();
+    let report: Value = client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let spent: f64 = report["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["principal"] == "buyer")
+        .map(|a| a["spent_usd"].as_f64().unwrap())
+        .sum();
+    // The stream's 15 tokens ($0.15) and the reservation of 4,096 tokens ($40.96).
+    assert_eq!(cents(spent), 15 + 4096, "{report}");
+}

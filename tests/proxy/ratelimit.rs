@@ -232,3 +232,34 @@ async fn per_ip_before_auth_and_per_key_after() {
         .unwrap();
     assert_eq!(r.status(), 429);
 }
+
+/// A backend's own error answer, passed to the client because no other backend could take
+/// the request, generated nothing: its tokens-per-minute hold is given back, as the budget
+/// charges it nothing. (It used to keep the whole hold: the next request was refused.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relayed_backend_error_gives_its_token_hold_back() {
+    let m = mock().await;
+    m.set_fail(mock_ollama::FailMode::Error429);
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: policy\n    max_output_tokens: 4000\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 6000\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml")
+    ))
+    .await;
+    for i in 0..3 {
+        let r = client()
+            .post(gw.url("/api/generate"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429, "request {i}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            body["error"], "mock: server busy",
+            "the backend's own answer: {body}"
+        );
+    }
+    assert_eq!(m.total(), 3, "every request reached the backend");
+}

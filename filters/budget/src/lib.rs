@@ -308,7 +308,7 @@ fn repair_all(
     st: &Arc<dyn SharedState>,
     replica: &str,
     book: &Book,
-    (default, global): (Option<Period>, Option<Period>),
+    (_default, global): (Option<Period>, Option<Period>),
 ) {
     let snapshot = book.snapshot();
     for ((principal, period_key), a) in &snapshot {
@@ -324,10 +324,7 @@ fn repair_all(
         let principal = principal.as_str();
         // A key's own period (keys file) is known only when it is used: every period's
         // current share is put back, so whichever it is finds its spend.
-        let mut periods = vec![Period::Day, Period::Week, Period::Month, Period::Total];
-        periods.extend(if principal == GLOBAL { global } else { default });
-        periods.dedup();
-        for period in periods {
+        for period in [Period::Day, Period::Week, Period::Month, Period::Total] {
             let key = period.key(now);
             if snapshot
                 .iter()

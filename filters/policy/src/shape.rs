@@ -142,7 +142,7 @@ pub fn check_choices(ctx: &RequestCtx, max: u64) -> Result<(), Rejection> {
     if ask.choices > max {
         return Err(bad(
             "too_many_choices",
-            format!("at most {max} completions (`n`, `best_of`) may be requested"),
+            format!("at most {max} completions (`n`, `best_of`, `n_cmpl`) may be requested"),
         ));
     }
     Ok(())

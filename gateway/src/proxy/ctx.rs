@@ -22,6 +22,9 @@ pub struct GwCtx {
     pub(super) keepalive_sent: bool,
     /// When the first attempt on a backend began.
     pub(super) upstream_started: Option<std::time::Instant>,
+    /// An earlier attempt's backend had the whole request and was given up on unanswered
+    /// (first-byte timeout): it may have run it, whatever the later attempts do.
+    pub(super) may_have_run: bool,
     /// This request's hold on its current backend (in-flight count, reserved tokens).
     pub(super) lease: Option<crate::router::Lease>,
     /// This request's span ids (unset without telemetry).
@@ -43,6 +46,7 @@ impl Default for GwCtx {
             tried: Vec::new(),
             in_flight: None,
             answered: false,
+            may_have_run: false,
             strip_usage_event: false,
             body_read: false,
             keepalive_sent: false,

@@ -94,8 +94,9 @@ pub(super) async fn exchange_header(
         let answered = match wait_for_header(gw, session, ctx, backend, &mut up).await {
             Waited::Header(answered) => answered,
             Waited::FirstByteTimeout(deadline) => {
-                // It held the request: if no other backend answers, it may have run it.
+                // It held the request: it may have run it, whatever the next backend does.
                 ctx.req.reached_backend = true;
+                ctx.may_have_run = true;
                 // The operator's choice: a backend sitting on a request this long is given
                 // up, and another tries (nothing but keep-alives reached the client).
                 gw.metrics

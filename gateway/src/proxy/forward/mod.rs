@@ -162,8 +162,9 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
         ctx.tried.push(idx);
         let backend = pool.get(idx);
         ctx.req.backend = Some(backend.name.clone());
-        // What the last attempt did decides what the request costs (see the budget filter).
-        ctx.req.reached_backend = false;
+        // What the attempts did decides what the request costs (see the budget filter): an
+        // earlier backend that may have run it still counts.
+        ctx.req.reached_backend = ctx.may_have_run;
         ctx.begin_attempt();
         ctx.lease = Some(lease);
         let may_retry = gw.router.may_retry(&ctx.req, &ctx.tried);
@@ -280,8 +281,8 @@ async fn attempt(
     if let Some(s) = up.resp_header().map(|h| h.status) {
         if ctx.keepalive_sent && !s.is_success() {
             // The client has its 200 already: the backend's error goes into the stream. It
-            // answered, with an error: it generated nothing (no charge, no tokens).
-            ctx.req.reached_backend = false;
+            // answered, with an error: it generated nothing (an earlier one may have).
+            ctx.req.reached_backend = ctx.may_have_run;
             return Attempt::Fail(Error::explain(
                 ErrorType::HTTPStatus(s.as_u16()),
                 format!("backend answered {s}"),
@@ -291,8 +292,8 @@ async fn attempt(
             && !ctx.keepalive_sent
             && (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
         {
-            // It answered, with an error: it generated nothing, whatever happens next.
-            ctx.req.reached_backend = false;
+            // It answered, with an error: it generated nothing (an earlier one may have).
+            ctx.req.reached_backend = ctx.may_have_run;
             return Attempt::Retry {
                 err: Error::explain(
                     ErrorType::HTTPStatus(s.as_u16()),
