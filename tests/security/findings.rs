@@ -172,6 +172,11 @@ async fn several_completions_reserve_several_caps() {
         429,
         "3 completions × 100 tokens = 300 > 250 tokens per minute"
     );
+    // It can never fit: the answer says so, and names no time to come back.
+    assert!(r.headers().get("retry-after").is_none());
+    let (code, message) = error_of(r).await;
+    assert_eq!(code, "rate_limit_exceeded");
+    assert!(message.contains("can never pass"), "{message}");
     let r = ask(5).await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_of(r).await.0, "too_many_choices");

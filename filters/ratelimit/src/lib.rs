@@ -406,6 +406,19 @@ impl Filter for RateLimitFilter {
                 .unwrap_or(0)
                 .saturating_add(prompt.div_ceil(4))
         });
+        if let (Some(limit), Some(reserve)) = (tpm, reserve) {
+            if reserve > limit {
+                // Waiting never helps: said so, with no time to come back.
+                ctx.reject_reason = Some("tokens_per_minute");
+                return Err(Rejection::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    format!(
+                        "request too large: it may use up to {reserve} tokens, more than the limit of {limit} tokens per minute, so it can never pass; ask for fewer output tokens (max_tokens) or send a shorter prompt"
+                    ),
+                ));
+            }
+        }
         let (shared_rate, mut shared_tokens) =
             self.ask_shared(ctx, rate, burst, tpm, reserve).await?;
         // Read after the shared call: a fallback after its deadline must not judge the request
