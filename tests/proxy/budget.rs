@@ -352,21 +352,7 @@ async fn a_backend_refusal_followed_by_no_other_backend_costs_nothing() {
     assert_eq!(busy.total(), 1, "the busy backend was asked once");
     let _ = long.bytes().await.unwrap();
     // Only the stream is charged: 10 tokens at $0.01.
-    let report: Value = client()
-        .get(gw.admin_url("/admin/spend"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let spent: f64 = report["accounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["principal"] == "buyer")
-        .map(|a| a["spent_usd"].as_f64().unwrap())
-        .sum();
+    let (spent, report) = settled_buyer_spend(&gw).await;
     assert_eq!(cents(spent), 10, "{report}");
 }
 
@@ -415,21 +401,62 @@ async fn a_backend_that_may_have_run_the_request_is_charged_whatever_comes_after
     assert_eq!(error_of(r).await.0, "backends_busy");
     assert_eq!((slow.total(), busy.total()), (1, 1), "each asked once");
     let _ = long.bytes().await.unwrap();
-    let report: Value = client()
-        .get(gw.admin_url("/admin/spend"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let spent: f64 = report["accounts"]
+    let (spent, report) = settled_buyer_spend(&gw).await;
+    // The stream's 15 tokens ($0.15) and the reservation of 4,096 tokens ($40.96).
+    assert_eq!(cents(spent), 15 + 4096, "{report}");
+}
+
+/// With `unpriced: reject` nothing is free: a model priced only for one backend and served by
+/// another is charged the price that applies to it, not $0.
+#[tokio::test(flavor = "multi_thread")]
+async fn unpriced_reject_charges_a_backend_without_its_own_price() {
+    let (priced, other) = (mock().await, mock().await);
+    let dir = tempfile::tempdir().unwrap();
+    let _ = config(dir.path(), &priced, 100.0, 0.0, 0.0, "");
+    let gw = Gateway::start(&format!(
+        "backends:\n  - {{ name: priced, url: '{}', kind: ollama, models: ['qwen2.5:7b'] }}\n  - {{ name: other, url: '{}', kind: ollama, models: ['llama3.1:8b'] }}\nrouting: {{ discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\nfilters:\n  - use: auth\n    keys_file: {d}/keys.yaml\n  - use: budget\n    ledger: {d}/spend.db\n    unpriced: reject\n    prices:\n      - {{ model: '*', backend: priced, prompt_per_1m: 0, completion_per_1m: 10000 }}\n",
+        priced.url(),
+        other.url(),
+        d = dir.path().display()
+    ))
+    .await;
+    let (status, _) = generate(gw.url("/api/generate")).await;
+    assert_eq!(status, 200);
+    assert_eq!(other.total(), 1, "served by the backend without a price");
+    let (spent, report) = settled_buyer_spend(&gw).await;
+    assert_eq!(cents(spent), 5, "5 tokens at $10,000 per 1M: {report}");
+}
+
+/// The buyer's spend in `/admin/spend`, read once every request has settled (no reservation
+/// left: an answer reaches the client just before its request settles).
+async fn settled_buyer_spend(gw: &Gateway) -> (f64, Value) {
+    let mut report = Value::Null;
+    for _ in 0..100 {
+        report = client()
+            .get(gw.admin_url("/admin/spend"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let held: f64 = report["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["reserved_usd"].as_f64().unwrap())
+            .sum();
+        if held == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let spent = report["accounts"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|a| a["principal"] == "buyer")
         .map(|a| a["spent_usd"].as_f64().unwrap())
         .sum();
-    // The stream's 15 tokens ($0.15) and the reservation of 4,096 tokens ($40.96).
-    assert_eq!(cents(spent), 15 + 4096, "{report}");
+    (spent, report)
 }

@@ -547,9 +547,16 @@ impl Filter for BudgetFilter {
         let charged = match (ctx.reached_backend, &ctx.backend, ctx.usage) {
             (true, Some(backend), Some(u)) => {
                 let model = ctx.model.as_deref().unwrap_or_default();
-                self.prices
-                    .find(model, Some(backend))
-                    .map_or(0, |p| p.cost(u, generation_secs(ctx)))
+                let secs = generation_secs(ctx);
+                match self.prices.find(model, Some(backend)) {
+                    Some(p) => p.cost(u, secs),
+                    // Priced only for other backends, served by one without a price: under
+                    // `unpriced: reject` nothing is free, so the dearest price that applies.
+                    None if self.unpriced == Unpriced::Reject => {
+                        self.prices.worst_case(model, u, secs).unwrap_or(0)
+                    }
+                    None => 0,
+                }
             }
             // The gateway gave up on the backend (its own 5xx), or a 2xx/3xx without usage.
             (true, _, None)
