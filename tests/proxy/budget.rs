@@ -153,19 +153,7 @@ async fn concurrent_requests_cannot_overspend() {
     // just after each response is sent, so give the last ones a moment.
     let mut acct = Value::Null;
     for _ in 0..50 {
-        let spend: Value = client()
-            .get(gw.admin_url("/admin/spend"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        acct = spend["accounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["principal"] == "buyer")
+        acct = account_of(&spend_report(&gw).await, "buyer")
             .unwrap()
             .clone();
         if cents(acct["reserved_usd"].as_f64().unwrap()) == 0 {
@@ -352,7 +340,8 @@ async fn a_backend_refusal_followed_by_no_other_backend_costs_nothing() {
     assert_eq!(busy.total(), 1, "the busy backend was asked once");
     let _ = long.bytes().await.unwrap();
     // Only the stream is charged: 10 tokens at $0.01.
-    let (spent, report) = settled_buyer_spend(&gw).await;
+    let report = settled_report(&gw).await;
+    let spent = spent_of(&report, "buyer");
     assert_eq!(cents(spent), 10, "{report}");
 }
 
@@ -401,7 +390,8 @@ async fn a_backend_that_may_have_run_the_request_is_charged_whatever_comes_after
     assert_eq!(error_of(r).await.0, "backends_busy");
     assert_eq!((slow.total(), busy.total()), (1, 1), "each asked once");
     let _ = long.bytes().await.unwrap();
-    let (spent, report) = settled_buyer_spend(&gw).await;
+    let report = settled_report(&gw).await;
+    let spent = spent_of(&report, "buyer");
     // The stream's 15 tokens ($0.15) and the reservation of 4,096 tokens ($40.96).
     assert_eq!(cents(spent), 15 + 4096, "{report}");
 }
@@ -423,40 +413,7 @@ async fn unpriced_reject_charges_a_backend_without_its_own_price() {
     let (status, _) = generate(gw.url("/api/generate")).await;
     assert_eq!(status, 200);
     assert_eq!(other.total(), 1, "served by the backend without a price");
-    let (spent, report) = settled_buyer_spend(&gw).await;
+    let report = settled_report(&gw).await;
+    let spent = spent_of(&report, "buyer");
     assert_eq!(cents(spent), 5, "5 tokens at $10,000 per 1M: {report}");
-}
-
-/// The buyer's spend in `/admin/spend`, read once every request has settled (no reservation
-/// left: an answer reaches the client just before its request settles).
-async fn settled_buyer_spend(gw: &Gateway) -> (f64, Value) {
-    let mut report = Value::Null;
-    for _ in 0..100 {
-        report = client()
-            .get(gw.admin_url("/admin/spend"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let held: f64 = report["accounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a["reserved_usd"].as_f64().unwrap())
-            .sum();
-        if held == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let spent = report["accounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["principal"] == "buyer")
-        .map(|a| a["spent_usd"].as_f64().unwrap())
-        .sum();
-    (spent, report)
 }

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::support::budget::{cents, config, generate, spend_json};
+use super::support::budget::{account_of, cents, config, generate, spend_json, spend_report};
 use super::support::redis::Redis;
-use super::support::{client, mock, Gateway};
+use super::support::{mock, Gateway};
 
 async fn three_buyers(
     redis: &Redis,
@@ -29,19 +29,7 @@ async fn three_buyers(
 
 /// The buyer's account as `/admin/spend` of `gw` shows it.
 async fn account(gw: &Gateway) -> Value {
-    let spend: Value = client()
-        .get(gw.admin_url("/admin/spend"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    spend["accounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["principal"] == "buyer")
+    account_of(&spend_report(gw).await, "buyer")
         .cloned()
         .unwrap_or(Value::Null)
 }

@@ -79,19 +79,8 @@ async fn spend_survives_a_restart() {
 
     let gw = Gateway::start(&cfg).await;
     // The spend shows before the principal asks again.
-    let report: Value = client()
-        .get(gw.admin_url("/admin/spend"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let buyer = report["accounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["principal"] == "buyer")
+    let report = spend_report(&gw).await;
+    let buyer = account_of(&report, "buyer")
         .unwrap_or_else(|| panic!("no buyer account after restart: {report}"));
     assert_eq!(cents(buyer["spent_usd"].as_f64().unwrap()), 10, "{report}");
     let r = client()
@@ -149,19 +138,8 @@ async fn the_global_budget_survives_a_restart() {
     tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
     let gw = Gateway::start(&cfg).await;
     // Shown before anyone asks again.
-    let report: Value = client()
-        .get(gw.admin_url("/admin/spend"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let global = report["accounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["principal"] == "*")
+    let report = spend_report(&gw).await;
+    let global = account_of(&report, "*")
         .unwrap_or_else(|| panic!("no global account after restart: {report}"));
     assert_eq!(cents(global["spent_usd"].as_f64().unwrap()), 10, "{report}");
     let r = client()
@@ -239,20 +217,8 @@ async fn kill_9_loses_at_most_the_last_commit_window() {
     );
     // What was committed is intact: a restart reads it, and shows it before anyone asks.
     let gw = Gateway::start(&cfg).await;
-    let report: Value = client()
-        .get(gw.admin_url("/admin/spend"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let buyer = report["accounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["principal"] == "buyer")
-        .unwrap_or_else(|| panic!("{report}"));
+    let report = spend_report(&gw).await;
+    let buyer = account_of(&report, "buyer").unwrap_or_else(|| panic!("{report}"));
     // Each request costs 5 completion tokens at $0.01.
     assert_eq!(
         cents(buyer["spent_usd"].as_f64().unwrap()),
@@ -476,25 +442,6 @@ async fn an_upgrade_keeps_the_spend_the_old_process_charges_while_draining() {
         dir.path().display()
     );
     let mut old = Gateway::start(&cfg).await;
-    let buyer_spent = |gw: &Gateway| {
-        let url = gw.admin_url("/admin/spend");
-        async move {
-            let report: Value = client()
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            report["accounts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|a| a["principal"] == "buyer")
-                .map_or(0.0, |a| a["spent_usd"].as_f64().unwrap())
-        }
-    };
     // A stream that runs on the old process through the hand-over, charged when it ends.
     let stream = client()
         .post(old.url("/api/chat"))
@@ -526,10 +473,10 @@ async fn an_upgrade_keeps_the_spend_the_old_process_charges_while_draining() {
             .sum()
     };
     let deadline = Instant::now() + Duration::from_secs(5);
-    let (mut book, mut of_record) = (buyer_spent(&new).await, ledger());
+    let (mut book, mut of_record) = (spent_of(&spend_report(&new).await, "buyer"), ledger());
     while (cents(book), cents(of_record)) != (10, 10) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        (book, of_record) = (buyer_spent(&new).await, ledger());
+        (book, of_record) = (spent_of(&spend_report(&new).await, "buyer"), ledger());
     }
     assert_eq!(cents(of_record), 10, "both charges are in the ledger");
     assert_eq!(

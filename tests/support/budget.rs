@@ -4,7 +4,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use super::{backends, BIN};
+use super::{backends, client, Gateway, BIN};
 
 /// The buyer's API key.
 pub const KEY: &str = "sk-gw-buyer";
@@ -69,4 +69,56 @@ pub fn spend_json(dir: &std::path::Path) -> Vec<Value> {
 
 pub fn cents(usd: f64) -> i64 {
     (usd * 100.0).round() as i64
+}
+
+/// `/admin/spend` of `gw`.
+pub async fn spend_report(gw: &Gateway) -> Value {
+    client()
+        .get(gw.admin_url("/admin/spend"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `/admin/spend` of `gw` once nothing is held (2 s at most): an answer reaches its client
+/// just before its request settles.
+pub async fn settled_report(gw: &Gateway) -> Value {
+    let mut report = Value::Null;
+    for _ in 0..100 {
+        report = spend_report(gw).await;
+        let held: f64 = report["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["reserved_usd"].as_f64().unwrap())
+            .sum();
+        if held == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    report
+}
+
+/// `principal`'s account in a spend report, if it has one.
+pub fn account_of<'a>(report: &'a Value, principal: &str) -> Option<&'a Value> {
+    report["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["principal"] == principal)
+}
+
+/// What `principal`'s accounts in a spend report have spent, in USD.
+pub fn spent_of(report: &Value, principal: &str) -> f64 {
+    report["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["principal"] == principal)
+        .map(|a| a["spent_usd"].as_f64().unwrap())
+        .sum()
 }
