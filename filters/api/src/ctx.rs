@@ -183,6 +183,15 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// A backend had the request and nothing says what it used: no usage, and neither a
+    /// backend's own error answer (it generated nothing) nor an answer before any backend.
+    /// Budgets charge such a request its reservation; tokens per minute keep its hold.
+    pub fn used_unknown(&self) -> bool {
+        self.reached_backend
+            && self.usage.is_none()
+            && (self.status < 400 || matches!(self.decision, Decision::Failed { .. }))
+    }
+
     pub fn new(request_id: String, method: Method, path: String) -> Self {
         let route = Route::classify(&method, &path);
         RequestCtx {

@@ -15,7 +15,7 @@ pub fn prompt_chars(body: &Value) -> usize {
     let tools = body
         .get("tools")
         .filter(|t| !t.is_null())
-        .map_or(0, |t| t.to_string().chars().count());
+        .map_or(0, json_chars);
     let context = body
         .get("context")
         .and_then(Value::as_array)
@@ -29,6 +29,25 @@ pub fn prompt_chars(body: &Value) -> usize {
         + chars("suffix")
         + tools
         + context
+}
+
+/// Characters of `v` written as JSON, counted as it is written (no string is built).
+fn json_chars(v: &Value) -> usize {
+    struct Chars(usize);
+    impl std::io::Write for Chars {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            // UTF-8: every byte but a continuation byte starts a character.
+            self.0 += b.iter().filter(|&&c| c & 0xC0 != 0x80).count();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Chars(0);
+    // Writing into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut n, v);
+    n.0
 }
 
 /// The prompt texts the model receives, in order: every string `content` of `messages` (and

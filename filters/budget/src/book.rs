@@ -164,7 +164,8 @@ impl Book {
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let days = history.entry(principal.to_string()).or_default();
         let day = day_string(day);
-        match days.iter_mut().find(|(d, _)| *d == day) {
+        // Newest last: today's entry, when there is one, is found at once.
+        match days.iter_mut().rev().find(|(d, _)| *d == day) {
             Some((_, n)) => *n += nano,
             None => days.push((day, nano)),
         }

@@ -16,8 +16,7 @@ use async_trait::async_trait;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
 use gateway_filter::units::HumanDuration;
 use gateway_filter::{
-    parse_options, BuildContext, Decision, Filter, OptionsError, Rejection, RequestCtx,
-    SharedState, Usage,
+    parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState, Usage,
 };
 use prometheus::{CounterVec, GaugeVec, IntCounter, Opts};
 use serde::Deserialize;
@@ -559,11 +558,7 @@ impl Filter for BudgetFilter {
                 }
             }
             // The gateway gave up on the backend (its own 5xx), or a 2xx/3xx without usage.
-            (true, _, None)
-                if ctx.status < 400 || matches!(ctx.decision, Decision::Failed { .. }) =>
-            {
-                res.amount
-            }
+            _ if ctx.used_unknown() => res.amount,
             _ => 0,
         };
         let Some(left) = res.settle(charged) else {

@@ -41,12 +41,12 @@ impl Price {
 /// is every model (also `hf.co/org/repo:tag`, whose `/` a glob's `*` does not cross), and a
 /// name without a tag is its `:latest` on either side (`qwen2.5` = `qwen2.5:latest`), so no
 /// model the gateway serves slips past its price as unpriced.
-fn applies(pattern: &str, model: &str) -> bool {
-    if pattern == "*" || wildcard(pattern, model) {
-        return true;
-    }
-    let model = canonical_model(model);
-    wildcard(pattern, &model) || (!pattern.contains('*') && canonical_model(pattern) == model)
+/// `canonical`: `model` with its tag (see `canonical_model`), worked out once per lookup.
+fn applies(pattern: &str, model: &str, canonical: &str) -> bool {
+    pattern == "*"
+        || wildcard(pattern, model)
+        || wildcard(pattern, canonical)
+        || (!pattern.contains('*') && canonical_model(pattern) == canonical)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -74,16 +74,19 @@ impl PriceTable {
 
     /// The first entry for `model` on `backend` (entries without a backend match any).
     pub fn find(&self, model: &str, backend: Option<&str>) -> Option<&Price> {
+        let canonical = canonical_model(model);
         self.0.iter().find(|p| {
-            applies(&p.model, model) && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
+            applies(&p.model, model, &canonical)
+                && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
         })
     }
 
     /// Before the backend is known: the most expensive entry that could apply.
     pub fn worst_case(&self, model: &str, usage: Usage, secs: f64) -> Option<Nano> {
+        let canonical = canonical_model(model);
         self.0
             .iter()
-            .filter(|p| applies(&p.model, model))
+            .filter(|p| applies(&p.model, model, &canonical))
             .map(|p| p.cost(usage, secs))
             .max()
     }
@@ -143,7 +146,10 @@ mod tests {
             ("llama3.1:*", "llama3.1"),
             ("*:70b*", "llama3.1:70b-instruct"),
         ] {
-            assert!(applies(pattern, model), "{pattern} applies to {model}");
+            assert!(
+                applies(pattern, model, &canonical_model(model)),
+                "{pattern} applies to {model}"
+            );
         }
         for (pattern, model) in [
             ("qwen2.5", "qwen2.5:7b"),
@@ -151,7 +157,7 @@ mod tests {
             ("*:70b*", "llama3.1:8b"),
         ] {
             assert!(
-                !applies(pattern, model),
+                !applies(pattern, model, &canonical_model(model)),
                 "{pattern} does not apply to {model}"
             );
         }

@@ -1,6 +1,6 @@
 use super::*;
 use gateway_filter::http::Method;
-use gateway_filter::{Overrides, Principal};
+use gateway_filter::{Decision, Overrides, Principal};
 use serde_json::json;
 
 fn filter(dir: &std::path::Path, extra: serde_json::Value) -> Arc<dyn Filter> {

@@ -18,7 +18,7 @@ use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
 use gateway_filter::model_name::canonical_model;
 use gateway_filter::state::{acquire_lease, ask, at, int, stable_hash, SharedLease};
 use gateway_filter::{
-    parse_options, BuildContext, Decision, Filter, OptionsError, Rejection, RequestCtx, SharedState,
+    parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState,
 };
 use serde::Deserialize;
 
@@ -544,13 +544,10 @@ impl Filter for RateLimitFilter {
         let Some(holds) = ctx.extensions.get::<Holds>() else {
             return;
         };
-        // As the budget charges: a backend's own error answer (relayed, no usage) generated
-        // nothing; the gateway giving up on a backend that had the request keeps the hold.
-        let answered_error = ctx.status >= 400 && !matches!(ctx.decision, Decision::Failed { .. });
         let used = match ctx.usage {
             Some(u) => Some(u.total()),
-            None if !ctx.reached_backend || answered_error => Some(0),
-            None => None,
+            None if ctx.used_unknown() => None,
+            None => Some(0),
         };
         let now = now_ns();
         holds.each(&self.store, |held| match *held {
