@@ -240,9 +240,13 @@ pub fn run(prepared: Prepared) -> ! {
             caps,
         })
         .collect();
-    let proxy = pingora_proxy::http_proxy(&server.configuration, gateway);
-    let service =
-        crate::proxy::GatewayService::new(crate::proxy::GatewayApp::new(proxy, limits), listeners);
+    let gateway = Arc::new(gateway);
+    let proxy = pingora_proxy::http_proxy(
+        &server.configuration,
+        crate::proxy::H2Phases(gateway.clone()),
+    );
+    let app = crate::proxy::GatewayApp::new(gateway, proxy, limits);
+    let service = crate::proxy::GatewayService::new(app, listeners);
     server.add_service(service).add_dependency(&bootstrap);
     if let Some(admin) = admin {
         server.add_service(admin).add_dependency(&bootstrap);

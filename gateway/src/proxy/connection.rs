@@ -1,5 +1,4 @@
-//! How one client connection is served, around Pingora's HTTP session loop: a deadline for
-//! the whole request head (Pingora has only a per-read timeout, so a client sending one
+//! How one client connection is served: a deadline for the whole request head (Pingora has only a per-read timeout, so a client sending one
 //! header byte every few seconds would hold its connection forever), the keep-alive idle
 //! time, and how many requests one connection may carry.
 
@@ -13,32 +12,19 @@ use std::time::Duration;
 use bytes::BytesMut;
 use gateway_filter::http::StatusCode;
 use gateway_filter::ErrorShape;
-use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora_core::apps::{HttpPersistentSettings, ServerApp};
 use pingora_core::listeners::tls::Acceptor;
-use pingora_core::protocols::http::ServerSession;
+use pingora_core::modules::http::HttpModules;
 use pingora_core::protocols::{SocketDigest, Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
-use pingora_proxy::HttpProxy;
+use pingora_proxy::{HttpProxy, Session};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::accept::Listening;
 use super::client_stream::ClientStream;
 use super::connection_caps::ConnectionSlot;
-use super::Gateway;
-
-/// What the connection loop and the request it is serving tell each other.
-struct RequestTurn {
-    /// Set once the request head is parsed (`early_request_filter`): the head deadline no
-    /// longer applies.
-    head_read: AtomicBool,
-    /// The last request this connection may carry (`keepalive_requests`, shutdown).
-    last: bool,
-}
-
-tokio::task_local! {
-    static TURN: Arc<RequestTurn>;
-}
+use super::{Gateway, H2Phases};
 
 /// HTTP/2 connections waiting for their first request (HTTP/2 streams run in tasks of their
 /// own, out of reach of a task-local), keyed by the connection's socket digest: one `Arc`
@@ -64,20 +50,16 @@ impl Drop for H2Waiting {
     }
 }
 
-/// Called from `early_request_filter`: the head arrived in time. Returns whether this is the
-/// connection's last request (its answer must then say `Connection: close`).
-pub fn head_read(http2_connection: Option<usize>) -> bool {
-    if let Some(key) = http2_connection {
-        if let Some(first) = h2_waiting().remove(&key) {
-            first.store(true, Ordering::Release);
-        }
-        return false;
+/// Called from `early_request_filter` of an HTTP/2 stream: its connection's first request
+/// arrived in time.
+pub fn h2_request_began(session: &pingora_proxy::Session) {
+    let key = session
+        .digest()
+        .and_then(|d| d.socket_digest.as_ref())
+        .map(h2_key);
+    if let Some(first) = key.and_then(|k| h2_waiting().remove(&k)) {
+        first.store(true, Ordering::Release);
     }
-    TURN.try_with(|t| {
-        t.head_read.store(true, Ordering::Release);
-        t.last
-    })
-    .unwrap_or(false)
 }
 
 /// Requests one HTTP/2 connection may have open at once.
@@ -96,14 +78,23 @@ pub struct ConnectionLimits {
     pub keepalive_requests: u32,
 }
 
-/// The gateway's server application: Pingora's HTTP proxy, with per-connection limits.
+/// The gateway's server application: HTTP/1 connections served by the gateway's own loop
+/// (`h1.rs` drives each request through the phases), HTTP/2 ones by Pingora's HTTP proxy;
+/// both with per-connection limits.
 pub struct GatewayApp {
-    proxy: Arc<HttpProxy<Gateway>>,
+    gateway: Arc<Gateway>,
+    proxy: Arc<HttpProxy<H2Phases>>,
+    /// None: a response is written as the gateway built it (no compression).
+    no_modules: HttpModules,
     limits: ConnectionLimits,
 }
 
 impl GatewayApp {
-    pub fn new(mut proxy: HttpProxy<Gateway>, limits: ConnectionLimits) -> Self {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        mut proxy: HttpProxy<H2Phases>,
+        limits: ConnectionLimits,
+    ) -> Self {
         // An HTTP/2 connection with no stream open is closed after the keep-alive time.
         let mut options = pingora_core::apps::HttpServerOptions::default();
         options.h2_idle_timeout = Some(limits.keepalive_timeout);
@@ -114,7 +105,9 @@ impl GatewayApp {
         h2.max_concurrent_streams(H2_MAX_STREAMS);
         proxy.h2_options = Some(h2);
         GatewayApp {
+            gateway,
             proxy: Arc::new(proxy),
+            no_modules: HttpModules::new(),
             limits,
         }
     }
@@ -147,35 +140,6 @@ impl GatewayApp {
         drop(waiting);
         if !ended && first.load(Ordering::Acquire) {
             serve.await;
-        }
-    }
-
-    /// Serves one HTTP/1 request, or gives up on it when its head is not complete within
-    /// `deadline` (the connection is then dropped: closed without an answer, as nginx does).
-    async fn serve_one(
-        &self,
-        session: ServerSession,
-        shutdown: &ShutdownWatch,
-        deadline: Duration,
-        last: bool,
-    ) -> Option<ReusedHttpStream> {
-        let turn = Arc::new(RequestTurn {
-            head_read: AtomicBool::new(false),
-            last,
-        });
-        let serve = TURN.scope(
-            turn.clone(),
-            HttpServerApp::process_new_http(&self.proxy, session, shutdown),
-        );
-        tokio::pin!(serve);
-        tokio::select! {
-            out = &mut serve => out,
-            _ = tokio::time::sleep(deadline) => {
-                if !turn.head_read.load(Ordering::Acquire) {
-                    return None;
-                }
-                serve.await
-            }
         }
     }
 }
@@ -252,9 +216,7 @@ async fn refuse(
     code: &str,
     message: &str,
 ) {
-    let target = head.split(|b| *b == b' ').nth(1).unwrap_or_default();
-    let shape = ErrorShape::for_path(std::str::from_utf8(target).unwrap_or_default());
-    let body = gateway_filter::error_json(shape, status, code, message);
+    let body = gateway_filter::error_json(shape_of(head), status, code, message);
     let answer = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {:032x}\r\nconnection: close\r\n\r\n{body}",
         status.as_u16(),
@@ -264,6 +226,12 @@ async fn refuse(
     );
     let _ = stream.write_all(answer.as_bytes()).await;
     let _ = stream.flush().await;
+}
+
+/// The error shape of the route a request head seems to ask for (Ollama's for `/api/…`).
+fn shape_of(head: &[u8]) -> ErrorShape {
+    let target = head.split(|b| *b == b' ').nth(1).unwrap_or_default();
+    ErrorShape::for_path(std::str::from_utf8(target).unwrap_or_default())
 }
 
 /// Most of a request's first bytes read while waiting for it (a request head is usually
@@ -457,24 +425,24 @@ impl GatewayApp {
                 Conn::Plain(c) => c,
                 Conn::Tls(s) => s,
             };
-            let mut session = ServerSession::new_http1(stream);
+            let shape = shape_of(&head);
+            let mut session = Session::new_h1_with_modules(stream, &self.no_modules);
+            let downstream = &mut *session.downstream_session;
             // Pingora's HTTP/1 pipelining stays off (its default): a session never carries a
             // prefix of its own into `apply_to_session`, so ours is the only one. Bytes a
             // client pipelines into the same read as a request end that connection after it.
             if let Some(settings) = carried.take() {
-                settings.apply_to_session(&mut session);
+                settings.apply_to_session(downstream);
             }
-            session.set_pipelined_prefix(head);
+            downstream.set_pipelined_prefix(head);
             served += 1;
             let last =
                 *shutdown.borrow() || super::drain::draining() || served >= l.keepalive_requests;
-            // Per read; the whole head is bounded below.
-            session.set_keepalive((!last).then_some(l.keepalive_timeout.as_secs().max(1)));
-            // The head is whole already; this only guards Pingora's parsing of it.
-            let Some(reused) = self
-                .serve_one(session, shutdown, l.head_timeout, last)
-                .await
-            else {
+            downstream.set_keepalive((!last).then_some(l.keepalive_timeout.as_secs().max(1)));
+            // On the heap, and in one expression: a request's state (some 11 KiB) is made when
+            // its bytes arrive, not held by every idle connection's task.
+            let request = Box::pin(super::h1::serve(&self.gateway, session, last, shape));
+            let Some(reused) = request.await else {
                 return;
             };
             if last {

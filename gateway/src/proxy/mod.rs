@@ -1,5 +1,7 @@
-//! The Pingora `ProxyHttp` implementation. It only orchestrates; each phase lives in its own
-//! file and each concern (filters, routing, usage) in its own module.
+//! The request phases. It only orchestrates; each phase lives in its own file and each concern
+//! (filters, routing, usage) in its own module. HTTP/1 requests are driven through the phases
+//! by `h1.rs`; HTTP/2 streams by Pingora's `HttpProxy`, through the `ProxyHttp` implementation
+//! below ([`H2Phases`]). Both call the same phase functions.
 //!
 //! ```text
 //! client ──▶ early_request_filter : request id, client address (IPv6 by prefix), start time
@@ -17,7 +19,7 @@
 //!                                   where the backend provably did not get the request, or
 //!                                   answered 5xx/429), streams the answer, parses usage
 //!            fail_to_proxy        : every gateway-made error is JSON (heads Pingora's parser
-//!                                   could not read are answered by connection.rs first)
+//!                                   could not read are answered by connection.rs and h1.rs)
 //!            logging              : status, duration → chain.on_complete (all requests)
 //! ```
 //!
@@ -35,6 +37,7 @@ mod ctx;
 pub mod drain;
 mod forward;
 mod framing;
+mod h1;
 mod headers;
 mod logging;
 mod request;
@@ -148,8 +151,12 @@ impl Gateway {
     }
 }
 
+/// The gateway's phases for Pingora's `HttpProxy`, which serves HTTP/2 streams (HTTP/1
+/// requests are driven by `h1.rs`, without `HttpProxy`).
+pub struct H2Phases(pub Arc<Gateway>);
+
 #[async_trait]
-impl ProxyHttp for Gateway {
+impl ProxyHttp for H2Phases {
     type CTX = GwCtx;
 
     fn new_ctx(&self) -> GwCtx {
@@ -157,12 +164,13 @@ impl ProxyHttp for Gateway {
     }
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
-        request::early(self, session, ctx);
+        connection::h2_request_began(session);
+        request::early(&self.0, session, ctx, false);
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut GwCtx) -> Result<bool> {
-        request::filter(self, session, ctx).await
+        request::filter(&self.0, session, ctx).await
     }
 
     /// Never reached: `request_filter` answers every request itself (forward/ sends it to
@@ -182,13 +190,7 @@ impl ProxyHttp for Gateway {
     /// A client that leaves mid-response is normal (Ctrl-C, a closed tab): not an error worth
     /// a log line. It is still recorded in the audit line and metrics.
     fn suppress_error_log(&self, _session: &Session, _ctx: &GwCtx, e: &Error) -> bool {
-        e.esource() == &pingora_error::ErrorSource::Downstream
-            && matches!(
-                e.etype(),
-                pingora_error::ErrorType::WriteError
-                    | pingora_error::ErrorType::ReadError
-                    | pingora_error::ErrorType::ConnectionClosed
-            )
+        respond::client_gone(e)
     }
 
     async fn fail_to_proxy(
@@ -197,10 +199,10 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut GwCtx,
     ) -> FailToProxy {
-        respond::fail_to_proxy(self, session, e, ctx).await
+        respond::fail_to_proxy(session, e, ctx).await
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut GwCtx) {
-        logging::complete(self, session, e, ctx).await
+        logging::complete(&self.0, session, e, ctx).await
     }
 }

@@ -15,14 +15,9 @@ use super::{forward, respond, Gateway, GwCtx};
 use crate::config::{by_local_addr, ListenerSpec};
 use crate::tls::CertSubjects;
 
-/// Request id, client address, start time; nothing here can fail.
-pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) {
-    let http2_connection = session
-        .is_http2()
-        .then(|| session.digest().and_then(|d| d.socket_digest.as_ref()))
-        .flatten()
-        .map(super::connection::h2_key);
-    let last = super::connection::head_read(http2_connection);
+/// Request id, client address, start time; nothing here can fail. `last`: the connection's
+/// last request (its answer says `Connection: close`).
+pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx, last: bool) {
     let limits = &gw.settings.limits;
     // A client that stops reading frees its backend slot when this fires.
     session.set_write_timeout(Some(limits.client_send_timeout));

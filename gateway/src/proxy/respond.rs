@@ -8,7 +8,7 @@ use pingora_error::{Error, ErrorSource, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, Session};
 
-use super::{Gateway, GwCtx};
+use super::GwCtx;
 use crate::router::Router;
 
 /// Writes a complete JSON response with `x-request-id` and the headers filters asked for.
@@ -75,18 +75,19 @@ pub fn upstream_failure(e: &Error, backend: Option<&str>) -> (StatusCode, &'stat
     }
 }
 
-/// Pingora's last word on a failed request: answer with JSON if nothing was written yet.
-pub async fn fail_to_proxy(
-    _gw: &Gateway,
-    session: &mut Session,
-    e: &Error,
-    ctx: &mut GwCtx,
-) -> FailToProxy {
-    let client_gone = e.esource() == &ErrorSource::Downstream
+/// The client left (Ctrl-C, a closed tab): normal, not an error worth a log line. It is still
+/// recorded in the audit line and metrics.
+pub fn client_gone(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
         && matches!(
             e.etype(),
             ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
-        );
+        )
+}
+
+/// The last word on a failed request: answer with JSON if nothing was written yet.
+pub async fn fail_to_proxy(session: &mut Session, e: &Error, ctx: &mut GwCtx) -> FailToProxy {
+    let client_gone = client_gone(e);
     if client_gone || session.response_written().is_some() {
         return FailToProxy {
             error_code: if client_gone { 0 } else { ctx.req.status },

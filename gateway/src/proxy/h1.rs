@@ -1,0 +1,110 @@
+//! One HTTP/1 request through the gateway's phases.
+//!
+//! Pingora's `HttpProxy` would drive it through its own request future, which holds the state
+//! of its cache, upstream and subrequest paths (about 32 KiB, built and copied for every
+//! request) although the gateway answers every request in its own phases. Driving the phases
+//! here costs only their own state. The order and the error handling are `HttpProxy`'s, with
+//! JSON answers where it would send an empty one.
+
+use gateway_filter::http::{Method, StatusCode};
+use gateway_filter::ErrorShape;
+use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
+use pingora_error::{Error, ErrorType};
+use pingora_proxy::Session;
+
+use super::{logging, request, respond, Gateway, GwCtx};
+
+/// Serves the request whose whole head `session` holds, and hands the connection back when it
+/// may carry another one. `last`: the connection's last request. `shape`: the error shape of
+/// the route the head names, for an answer before the head is parsed.
+pub async fn serve(
+    gw: &Gateway,
+    mut session: Session,
+    last: bool,
+    shape: ErrorShape,
+) -> Option<ReusedHttpStream> {
+    match session.downstream_session.read_request().await {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(e) => {
+            // The head passed `httparse` already: what is left is Pingora's framing and
+            // authority checks (two different Content-Lengths, a Transfer-Encoding not ending
+            // in chunked or on HTTP/1.0, an ambiguous Host).
+            if e.etype() == &ErrorType::InvalidHTTPHeader {
+                log::debug!("request head refused: {e}");
+                refuse(
+                    &mut session,
+                    shape,
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the request head has conflicting or invalid framing or Host headers",
+                )
+                .await;
+            }
+            session.downstream_session.shutdown().await;
+            return None;
+        }
+    }
+    if session.req_header().method == Method::CONNECT {
+        refuse(
+            &mut session,
+            shape,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "CONNECT is not supported",
+        )
+        .await;
+        session.downstream_session.shutdown().await;
+        return None;
+    }
+    let mut ctx = GwCtx::default();
+    request::early(gw, &mut session, &mut ctx, last);
+    let error = match request::filter(gw, &mut session, &mut ctx).await {
+        Ok(true) => None,
+        // `filter` answers every request; were one left, it must not hang.
+        Ok(false) => Some(Error::explain(
+            ErrorType::InternalError,
+            "the request was left unanswered",
+        )),
+        Err(e) => Some(e),
+    };
+    if let Some(e) = &error {
+        let code = respond::fail_to_proxy(&mut session, e, &mut ctx)
+            .await
+            .error_code;
+        if !respond::client_gone(e) {
+            log::error!(
+                "request {}: {e}, status: {code}, {} {}",
+                ctx.req.request_id,
+                ctx.req.method,
+                ctx.req.path
+            );
+        }
+    }
+    logging::complete(gw, &mut session, error.as_deref(), &mut ctx).await;
+    if let Some(e) = error {
+        // The connection is not reused after an error (`fail_to_proxy` says so).
+        session.downstream_session.on_proxy_failure(e);
+        return None;
+    }
+    let settings = HttpPersistentSettings::for_session(&session.downstream_session);
+    let reusable = session.downstream_session.finish().await.ok().flatten()?;
+    Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+}
+
+/// Answers a request the phases never see, and ends the connection.
+async fn refuse(
+    session: &mut Session,
+    shape: ErrorShape,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) {
+    let mut ctx = GwCtx::default();
+    ctx.req.request_id = format!("{:032x}", fastrand::u128(..));
+    session.set_keepalive(None);
+    let body = gateway_filter::error_json(shape, status, code, message);
+    if let Err(e) = respond::json(session, &mut ctx.req, status, body, &[]).await {
+        log::debug!("could not send the error response: {e}");
+    }
+}
