@@ -241,6 +241,7 @@ pub fn run(prepared: Prepared) -> ! {
         })
         .collect();
     let gateway = Arc::new(gateway);
+    spawn_upstream_sweep(gateway.clone());
     let proxy = pingora_proxy::http_proxy(
         &server.configuration,
         crate::proxy::H2Phases(gateway.clone()),
@@ -348,6 +349,21 @@ fn spawn_ctrl_c(flush: Flush) {
             }
         }
     });
+}
+
+/// Closes backend connections idle past their backend's idle time, once a second, also when
+/// no request comes by to notice them.
+fn spawn_upstream_sweep(gateway: Arc<Gateway>) {
+    let spawned = std::thread::Builder::new()
+        .name("upstream-sweep".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let pool = gateway.router.pool();
+            gateway.upstreams.sweep(pool.iter().map(|b| &b.peer));
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the idle backend connection sweep ({e}): idle connections are closed only when a request comes by");
+    }
 }
 
 /// SIGHUP re-reads the filters' files (keys, htpasswd). Without this handler SIGHUP would

@@ -1,6 +1,7 @@
-//! How one client connection is served: a deadline for the whole request head (Pingora has only a per-read timeout, so a client sending one
-//! header byte every few seconds would hold its connection forever), the keep-alive idle
-//! time, and how many requests one connection may carry.
+//! How one client connection is served: a deadline for the whole request head (Pingora has
+//! only a per-read timeout, so a client sending one header byte every few seconds would hold
+//! its connection forever), the keep-alive idle time, and how many requests one connection
+//! may carry.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -241,7 +242,7 @@ const FIRST_READ: usize = 1024;
 /// Waits until the client sends the start of its next request, at most `idle`, and returns
 /// what it read (Pingora's parser continues from these bytes: no extra read). An idle
 /// connection then holds only its socket and this small buffer: the request's state (Pingora's
-/// session and the proxy's future, some 30 KiB) is made when bytes arrive. `None`: the client
+/// session and the request's future, some 11 KiB) is made when bytes arrive. `None`: the client
 /// left, stayed silent, or shutdown began while it was idle (closing idle connections at once
 /// sends their clients elsewhere, e.g. to the process that took the sockets over).
 async fn next_request(
@@ -439,8 +440,8 @@ impl GatewayApp {
             let last =
                 *shutdown.borrow() || super::drain::draining() || served >= l.keepalive_requests;
             downstream.set_keepalive((!last).then_some(l.keepalive_timeout.as_secs().max(1)));
-            // On the heap, and in one expression: a request's state (some 11 KiB) is made when
-            // its bytes arrive, not held by every idle connection's task.
+            // On the heap, boxed where it is made: a request's state (some 11 KiB) exists once
+            // its bytes arrive, and is not part of every idle connection's task.
             let request = Box::pin(super::h1::serve(&self.gateway, session, last, shape));
             let Some(reused) = request.await else {
                 return;

@@ -27,19 +27,21 @@ pub async fn serve(
         Ok(true) => {}
         Ok(false) => return None,
         Err(e) => {
-            // The head passed `httparse` already: what is left is Pingora's framing and
-            // authority checks (two different Content-Lengths, a Transfer-Encoding not ending
-            // in chunked or on HTTP/1.0, an ambiguous Host).
+            // The head passed `httparse` already: what is left is Pingora's own checks (two
+            // different Content-Lengths, a Transfer-Encoding not ending in chunked or on
+            // HTTP/1.0, an ambiguous Host, a target the `http` crate does not take).
             if e.etype() == &ErrorType::InvalidHTTPHeader {
-                log::debug!("request head refused: {e}");
                 refuse(
                     &mut session,
                     shape,
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
-                    "the request head has conflicting or invalid framing or Host headers",
+                    "the request head cannot be read (its framing, Host or target is not valid)",
+                    &e,
                 )
                 .await;
+            } else {
+                log::debug!("request head could not be read: {e}");
             }
             session.downstream_session.shutdown().await;
             return None;
@@ -52,6 +54,7 @@ pub async fn serve(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "CONNECT is not supported",
+            &"CONNECT",
         )
         .await;
         session.downstream_session.shutdown().await;
@@ -63,7 +66,7 @@ pub async fn serve(
         Ok(true) => None,
         // `filter` answers every request; were one left, it must not hang.
         Ok(false) => Some(Error::explain(
-            ErrorType::InternalError,
+            ErrorType::HTTPStatus(500),
             "the request was left unanswered",
         )),
         Err(e) => Some(e),
@@ -92,16 +95,24 @@ pub async fn serve(
     Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
 }
 
-/// Answers a request the phases never see, and ends the connection.
+/// Answers a request the phases never see (so no audit line), and ends the connection.
+/// Logged with its request id and `why`: such heads are what smuggling probes look like.
 async fn refuse(
     session: &mut Session,
     shape: ErrorShape,
     status: StatusCode,
     code: &str,
     message: &str,
+    why: &(dyn std::fmt::Display + Sync),
 ) {
     let mut ctx = GwCtx::default();
     ctx.req.request_id = format!("{:032x}", fastrand::u128(..));
+    log::info!(
+        "request {}: head from {:?} refused with {}: {why}",
+        ctx.req.request_id,
+        session.client_addr(),
+        status.as_u16()
+    );
     session.set_keepalive(None);
     let body = gateway_filter::error_json(shape, status, code, message);
     if let Err(e) = respond::json(session, &mut ctx.req, status, body, &[]).await {

@@ -42,13 +42,13 @@ mod headers;
 mod logging;
 mod request;
 mod respond;
+mod upstream_pool;
 mod upstream_stream;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use pingora_core::connectors::http::v1::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::Result;
 use pingora_error::Error;
@@ -108,7 +108,8 @@ pub struct Gateway {
     pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     /// Requests waiting for a backend slot (bounded by `routing.queue.size`).
     queued: AtomicUsize,
-    connector: Connector,
+    /// Idle backend connections, by backend index.
+    pub upstreams: upstream_pool::UpstreamPool,
 }
 
 impl Gateway {
@@ -118,6 +119,7 @@ impl Gateway {
         router: Arc<dyn Router>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let upstreams = upstream_pool::UpstreamPool::new(router.pool().len());
         Gateway {
             settings,
             chain,
@@ -126,7 +128,7 @@ impl Gateway {
             in_flight: InFlight::default(),
             telemetry: None,
             queued: AtomicUsize::new(0),
-            connector: Connector::new(None),
+            upstreams,
         }
     }
 

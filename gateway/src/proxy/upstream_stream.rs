@@ -2,7 +2,7 @@
 //!
 //! Pingora's client session flushes right after the request head, so a held body always
 //! went out in a second `sendto`: two system calls, and two wake-ups of the backend, per
-//! request. Wrapped in this stream (once per connection: it stays wrapped in Pingora's pool),
+//! request. Wrapped in this stream (once per connection: it stays wrapped in the gateway's pool),
 //! the head and a body of up to [`GATHER`] are gathered while [`send_gathered`] writes them
 //! and leave with the final flush.
 
@@ -91,15 +91,15 @@ pub fn gathering(up: HttpSession, peer: &HttpPeer) -> HttpSession {
 }
 
 /// Whether a pooled connection is still open. A backend closes idle connections (its
-/// keep-alive timeout, a restart); Pingora's pool notices from a task of its own, which may
-/// not have run yet when a request takes the connection. Writing a request into such a
+/// keep-alive timeout, a restart), and nothing watches an idle connection. Writing a request into such a
 /// connection fails only when its answer is read, and then it cannot be told from a backend
 /// that took the request and died, so it could not be sent again. Asked of the socket without
 /// waiting and without taking a byte: the end of the stream, an error, or bytes nobody asked
 /// for (a stray answer such as a 408) all mean it is done. TLS connections are not asked:
 /// their bytes are the TLS layer's to read.
-pub fn still_open(up: &HttpSession) -> bool {
-    let Some(fd) = UpstreamStream::of(up).and_then(|s| s.fd) else {
+pub fn still_open(stream: &Stream) -> bool {
+    let pooled = stream.as_any().downcast_ref::<UpstreamStream>();
+    let Some(fd) = pooled.and_then(|s| s.fd) else {
         return true;
     };
     let mut byte = 0u8;
@@ -296,20 +296,23 @@ mod tests {
         let settle = || tokio::time::sleep(Duration::from_millis(50));
         let (idle, _keep) = connect().await;
         settle().await;
-        assert!(still_open(&idle), "an idle connection");
-        assert!(still_open(&idle), "asking again takes nothing");
+        assert!(still_open(idle.stream()), "an idle connection");
+        assert!(still_open(idle.stream()), "asking again takes nothing");
         let (closed, server) = connect().await;
         drop(server);
         settle().await;
-        assert!(!still_open(&closed), "closed by the backend");
+        assert!(!still_open(closed.stream()), "closed by the backend");
         let (spoken, mut server) = connect().await;
         server
             .write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
             .await
             .unwrap();
         settle().await;
-        assert!(!still_open(&spoken), "a stray answer");
-        assert!(!still_open(&spoken), "still there: it was only peeked at");
+        assert!(!still_open(spoken.stream()), "a stray answer");
+        assert!(
+            !still_open(spoken.stream()),
+            "still there: it was only peeked at"
+        );
     }
 
     /// The head waits for the body; both leave with the final flush, whole.

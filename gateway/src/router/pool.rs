@@ -58,6 +58,8 @@ impl TokenWindow {
 }
 
 pub struct Backend {
+    /// Its place in the pool (`BackendPool::get`).
+    pub index: usize,
     pub name: Arc<str>,
     pub kind: BackendKind,
     pub authority: String,
@@ -100,7 +102,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn new(spec: &BackendSpec, limits: &Limits) -> Backend {
+    fn new(index: usize, spec: &BackendSpec, limits: &Limits) -> Backend {
         let mut peer = HttpPeer::new(spec.addr, false, String::new());
         peer.options.connection_timeout = Some(limits.connect_timeout);
         peer.options.total_connection_timeout = Some(limits.connect_timeout);
@@ -112,6 +114,7 @@ impl Backend {
         // sent again: the backend may already have it).
         peer.options.idle_timeout = Some(Duration::from_secs(4));
         Backend {
+            index,
             name: spec.name.clone(),
             kind: spec.kind,
             authority: spec.authority.clone(),
@@ -255,7 +258,11 @@ pub struct BackendPool(pub(super) Arc<PoolInner>);
 impl BackendPool {
     pub fn new(specs: &[BackendSpec], limits: &Limits, routing: &RoutingSpec) -> BackendPool {
         BackendPool(Arc::new(PoolInner {
-            backends: specs.iter().map(|s| Backend::new(s, limits)).collect(),
+            backends: specs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Backend::new(i, s, limits))
+                .collect(),
             epoch: Instant::now(),
             fail_threshold: routing.fail_threshold.max(1),
             cooldown: routing.cooldown,

@@ -55,10 +55,10 @@ pub(super) async fn exchange_header(
     backend: &Backend,
     body: &Bytes,
 ) -> Result<HttpSession, Attempt> {
-    // Pooled connections found closed (dropped unused), and failed writes on pooled ones.
-    let (mut closed, mut rewrites) = (0, 0);
+    // Failed writes on pooled connections.
+    let mut rewrites = 0;
     loop {
-        let (up, reused) = match gw.connector.get_http_session(&backend.peer).await {
+        let (up, reused) = match gw.upstreams.connect(backend.index, &backend.peer).await {
             Ok(s) => s,
             Err(e) => {
                 return Err(Attempt::Retry {
@@ -68,11 +68,6 @@ pub(super) async fn exchange_header(
             }
         };
         let mut up = super::super::upstream_stream::gathering(up, &backend.peer);
-        if reused && closed < MAX_CLOSED && !super::super::upstream_stream::still_open(&up) {
-            // The backend closed it while it sat in the pool: it never saw this request.
-            closed += 1;
-            continue;
-        }
         let limits = &gw.settings.limits;
         up.read_timeout = Some(limits.read_timeout);
         up.write_timeout = Some(limits.send_timeout);
@@ -125,10 +120,6 @@ pub(super) async fn exchange_header(
         };
     }
 }
-
-/// Closed pooled connections skipped for one request, at most (a backend that restarted
-/// leaves one per connection it had open); past that the next one is used as it is.
-const MAX_CLOSED: u32 = 64;
 
 /// How waiting for the backend's response header ended.
 enum Waited {

@@ -1,6 +1,6 @@
 //! Forwarding every request to a backend, with our own retry loop.
 //!
-//! Pingora's connector pools upstream connections; [`exchange`] writes the request (header +
+//! `upstream_pool.rs` keeps idle backend connections; [`exchange`] writes the request (header +
 //! held body, with framing and headers the gateway chose) and reads the answer's header;
 //! [`stream`] relays the response to the client chunk by chunk as it arrives, and feeds each
 //! chunk to the usage parser. This loop acts on how each attempt ended; the router decides

@@ -85,9 +85,7 @@ pub(super) async fn relay(
         ctx.req.ttfb = Some(ctx.req.started.elapsed());
     }
     if end_now {
-        gw.connector
-            .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
-            .await;
+        gw.upstreams.release(backend.index, &backend.peer, up).await;
         return Attempt::Done;
     }
 
@@ -139,9 +137,7 @@ pub(super) async fn relay(
     if let Err(e) = session.write_response_body(None, true).await {
         return Attempt::Abort(e.into_down());
     }
-    gw.connector
-        .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
-        .await;
+    gw.upstreams.release(backend.index, &backend.peer, up).await;
     Attempt::Done
 }
 
@@ -174,9 +170,7 @@ async fn filtered_list(
         Ok(body) => body,
         Err(e) => return Attempt::Fail(e),
     };
-    gw.connector
-        .release_http_session(up, &backend.peer, backend.peer.options.idle_timeout)
-        .await;
+    gw.upstreams.release(backend.index, &backend.peer, up).await;
     let Some(filtered) = model_list::filter(ctx.req.route, &body, gate) else {
         return Attempt::Fail(Error::explain(
             ErrorType::InvalidHTTPHeader,
