@@ -4,6 +4,7 @@
 //! building a [`RequestCtx`] by hand. Filters talk to each other only through the context
 //! (`auth` sets [`RequestCtx::principal`], later filters read it).
 
+pub mod batch;
 mod ctx;
 mod filter;
 pub mod glob;

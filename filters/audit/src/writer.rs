@@ -6,8 +6,9 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+use gateway_filter::batch::drain_in_batches;
 use tokio::sync::mpsc::Receiver;
 
 pub enum Msg {
@@ -175,62 +176,40 @@ impl Sink {
     }
 }
 
-/// How long the writer sleeps when the queue is empty, at most: it starts at
-/// [`BATCH_WAIT_MIN`] after lines came and doubles while none do.
-const BATCH_WAIT_MIN: Duration = Duration::from_millis(5);
-const BATCH_WAIT_MAX: Duration = Duration::from_millis(100);
-
 /// Opens the sink now (so a bad path is a startup error) and starts the writer thread.
 ///
-/// The thread drains the queue in batches on a short timer rather than waiting on it: a
-/// receiver that waits is woken (a futex call on the proxy thread) for every line, which cost
-/// a quarter of a core at full load. Lines are written with one buffered write per batch and
-/// flushed once; a line waits at most [`BATCH_WAIT_MAX`] to be written. Flush and reopen
+/// The thread drains the queue in batches on a short timer rather than waiting on it
+/// (`gateway_filter::batch`): a receiver that waits is woken for every line, which cost a
+/// quarter of a core at full load. Lines are written with one buffered write per batch and
+/// flushed once; a line waits at most `BATCH_WAIT_MAX` to be written. Flush and reopen
 /// requests wait as long, and are handled in order with the lines.
-pub fn spawn(spec: &SinkSpec, mut rx: Receiver<Msg>) -> io::Result<JoinHandle<()>> {
+pub fn spawn(spec: &SinkSpec, rx: Receiver<Msg>) -> io::Result<JoinHandle<()>> {
     let mut sink = Sink::open(spec)?;
     std::thread::Builder::new()
         .name("audit-writer".into())
         .spawn(move || {
-            let mut wait = BATCH_WAIT_MIN;
-            loop {
+            drain_in_batches(rx, |batch| {
+                if batch.is_empty() {
+                    return;
+                }
+                if let Sink::File(f) = &mut sink {
+                    if let Err(e) = f.maybe_rotate_daily() {
+                        log::error!("audit: daily rotation failed: {e}");
+                    }
+                }
+                // Every message is handled (a flush is acknowledged even after a failed
+                // write); the first error is reported.
                 let mut result: io::Result<()> = Ok(());
-                let mut wrote = false;
-                let closed = loop {
-                    match rx.try_recv() {
-                        Ok(msg) => {
-                            if !wrote {
-                                if let Sink::File(f) = &mut sink {
-                                    if let Err(e) = f.maybe_rotate_daily() {
-                                        log::error!("audit: daily rotation failed: {e}");
-                                    }
-                                }
-                            }
-                            wrote = true;
-                            // Every message is handled (a flush is acknowledged even after a
-                            // failed write); the first error is reported.
-                            let handled = sink.handle(msg);
-                            if result.is_ok() {
-                                result = handled;
-                            }
-                        }
-                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break false,
-                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break true,
+                for msg in batch.drain(..) {
+                    let handled = sink.handle(msg);
+                    if result.is_ok() {
+                        result = handled;
                     }
-                };
-                if wrote {
-                    if let Err(e) = result.and_then(|_| sink.flush()) {
-                        log::error!("audit: writing failed: {e}");
-                    }
-                    wait = BATCH_WAIT_MIN;
-                } else {
-                    wait = (wait * 2).min(BATCH_WAIT_MAX);
                 }
-                if closed {
-                    break;
+                if let Err(e) = result.and_then(|_| sink.flush()) {
+                    log::error!("audit: writing failed: {e}");
                 }
-                std::thread::sleep(wait);
-            }
+            });
             let _ = sink.flush();
         })
 }
@@ -238,6 +217,8 @@ pub fn spawn(spec: &SinkSpec, mut rx: Receiver<Msg>) -> io::Result<JoinHandle<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gateway_filter::batch::BATCH_WAIT_MAX;
+    use std::time::Duration;
 
     fn send(tx: &tokio::sync::mpsc::Sender<Msg>, n: usize, tag: &str) {
         for i in 0..n {

@@ -5,8 +5,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use gateway_filter::batch::drain_in_batches;
 use rusqlite::{params, Connection};
 use tokio::sync::mpsc::{Receiver, Sender};
 
@@ -202,58 +203,54 @@ fn commit(
 pub fn spawn(
     path: PathBuf,
     interval: Duration,
-    mut rx: Receiver<Msg>,
+    rx: Receiver<Msg>,
     mut seen: Seen,
     on_foreign: OnForeign,
 ) -> Result<std::thread::JoinHandle<()>, LedgerError> {
     let mut conn = open(&path).map_err(sqlite(&path))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .map_err(LedgerError::Writer)?;
     std::thread::Builder::new()
         .name("budget-ledger".into())
         .spawn(move || {
-            rt.block_on(async move {
-                let mut pending: HashMap<(String, String, String), (Nano, i64)> = HashMap::new();
-                let mut tick = tokio::time::interval(interval);
-                let mut scan = tokio::time::interval(FOREIGN_SCAN);
-                scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        msg = rx.recv() => match msg {
-                            Some(Msg::Charge { day, principal, model, nano }) => {
-                                let e = pending.entry((day, principal, model)).or_insert((0, 0));
-                                e.0 += nano;
-                                e.1 += 1;
-                            }
-                            Some(Msg::Flush(ack)) => {
-                                if let Err(e) = commit(&mut conn, &mut pending, &mut seen) {
-                                    log::error!("budget: ledger commit failed: {e}");
-                                }
-                                let _ = ack.send(());
-                            }
-                            None => break,
-                        },
-                        _ = tick.tick() => {
-                            if let Err(e) = commit(&mut conn, &mut pending, &mut seen) {
-                                log::error!("budget: ledger commit failed, will retry: {e}");
-                            }
+            let mut pending: HashMap<(String, String, String), (Nano, i64)> = HashMap::new();
+            let (mut committed, mut scanned) = (Instant::now(), Instant::now());
+            // Drained in batches on a timer (`gateway_filter::batch`): nothing wakes this
+            // thread per charge.
+            drain_in_batches(rx, |batch| {
+                for msg in batch.drain(..) {
+                    match msg {
+                        Msg::Charge { day, principal, model, nano } => {
+                            let e = pending.entry((day, principal, model)).or_insert((0, 0));
+                            e.0 += nano;
+                            e.1 += 1;
                         }
-                        _ = scan.tick() => {
-                            match scan_foreign(&conn, &mut seen, &on_foreign, crate::period::now_secs()) {
-                                Ok(0) => {}
-                                Ok(n) => log::info!(
-                                    "budget: ${:.4} of spend written to the ledger by another process (an upgrade's old one) is counted",
-                                    n as f64 / 1e9
-                                ),
-                                Err(e) => log::warn!("budget: cannot read the ledger for other processes' spend: {e}"),
+                        Msg::Flush(ack) => {
+                            if let Err(e) = commit(&mut conn, &mut pending, &mut seen) {
+                                log::error!("budget: ledger commit failed: {e}");
                             }
+                            committed = Instant::now();
+                            let _ = ack.send(());
                         }
                     }
                 }
-                let _ = commit(&mut conn, &mut pending, &mut seen);
-            })
+                if committed.elapsed() >= interval {
+                    if let Err(e) = commit(&mut conn, &mut pending, &mut seen) {
+                        log::error!("budget: ledger commit failed, will retry: {e}");
+                    }
+                    committed = Instant::now();
+                }
+                if scanned.elapsed() >= FOREIGN_SCAN {
+                    scanned = Instant::now();
+                    match scan_foreign(&conn, &mut seen, &on_foreign, crate::period::now_secs()) {
+                        Ok(0) => {}
+                        Ok(n) => log::info!(
+                            "budget: ${:.4} of spend written to the ledger by another process (an upgrade's old one) is counted",
+                            n as f64 / 1e9
+                        ),
+                        Err(e) => log::warn!("budget: cannot read the ledger for other processes' spend: {e}"),
+                    }
+                }
+            });
+            let _ = commit(&mut conn, &mut pending, &mut seen);
         })
         .map_err(LedgerError::Writer)
 }
