@@ -1,5 +1,6 @@
 //! Budget periods in UTC: calendar day, ISO week (from Monday), calendar month, or all time.
 
+use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use gateway_filter::limits::Period;
@@ -35,8 +36,18 @@ pub fn now_secs() -> i64 {
 }
 
 pub fn day_string(days: i64) -> String {
-    let (y, m, d) = civil(days);
-    format!("{y:04}-{m:02}-{d:02}")
+    // Nearly every call names today: formatting it once a day, not per request.
+    thread_local! {
+        static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+    }
+    LAST.with_borrow_mut(|(last, s)| {
+        if *last != days {
+            let (y, m, d) = civil(days);
+            *s = format!("{y:04}-{m:02}-{d:02}");
+            *last = days;
+        }
+        s.clone()
+    })
 }
 
 /// The day number of `YYYY-MM-DD`; `None` for anything else.
@@ -92,10 +103,28 @@ impl Calendar for Period {
 
     /// Names the period containing `secs`, e.g. `1mo:2026-11-01`.
     fn key(self, secs: i64) -> String {
-        match self.span(secs) {
-            Some((start, _)) => format!("{}:{}", self.name(), day_string(start)),
-            None => "total".into(),
+        // Asked for on every request, named anew once a period.
+        thread_local! {
+            static LAST: RefCell<[(i64, String); 3]> =
+                const { RefCell::new([(i64::MIN, String::new()), (i64::MIN, String::new()), (i64::MIN, String::new())]) };
         }
+        let slot = match self {
+            Period::Day => 0,
+            Period::Week => 1,
+            Period::Month => 2,
+            Period::Total => return "total".into(),
+        };
+        let Some((start, _)) = self.span(secs) else {
+            return "total".into();
+        };
+        LAST.with_borrow_mut(|last| {
+            let (day, key) = &mut last[slot];
+            if *day != start {
+                *key = format!("{}:{}", self.name(), day_string(start));
+                *day = start;
+            }
+            key.clone()
+        })
     }
 
     /// When the period containing `secs` ends (UNIX seconds); `None` for all time.
@@ -138,6 +167,12 @@ mod tests {
             "Sunday belongs to the week before"
         );
         assert_eq!(Period::Month.key(t), "1mo:2026-11-01");
+        // Names are remembered per period, and asked again for another one.
+        assert_eq!(Period::Day.key(t + 86_400), "1d:2026-11-24");
+        assert_eq!(Period::Day.key(t), "1d:2026-11-23");
+        assert_eq!(Period::Total.key(t), "total");
+        assert_eq!(day_string(t / 86_400 + 1), "2026-11-24");
+        assert_eq!(day_string(t / 86_400), "2026-11-23");
         assert_eq!(
             Period::Month.resets_at(t),
             Some(days_from_civil(2026, 12, 1) * 86_400)

@@ -219,11 +219,11 @@ async fn refuse(
 ) {
     let body = gateway_filter::error_json(shape_of(head), status, code, message);
     let answer = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {:032x}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n{body}",
         status.as_u16(),
         status.canonical_reason().unwrap_or("Error"),
         body.len(),
-        fastrand::u128(..),
+        super::request::new_request_id(),
     );
     let _ = stream.write_all(answer.as_bytes()).await;
     let _ = stream.flush().await;

@@ -106,7 +106,7 @@ async fn refuse(
     why: &(dyn std::fmt::Display + Sync),
 ) {
     let mut ctx = GwCtx::default();
-    ctx.req.request_id = format!("{:032x}", fastrand::u128(..));
+    ctx.req.request_id = request::new_request_id();
     log::info!(
         "request {}: head from {:?} refused with {}: {why}",
         ctx.req.request_id,
