@@ -359,7 +359,9 @@ fn spawn_upstream_sweep(gateway: Arc<Gateway>) {
         .spawn(move || loop {
             std::thread::sleep(Duration::from_secs(1));
             let pool = gateway.router.pool();
-            gateway.upstreams.sweep(pool.iter().map(|b| &b.peer));
+            gateway
+                .upstreams
+                .sweep(pool.iter().map(|b| (b.index, &b.peer)));
         });
     if let Err(e) = spawned {
         log::warn!("cannot start the idle backend connection sweep ({e}): idle connections are closed only when a request comes by");

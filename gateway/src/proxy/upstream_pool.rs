@@ -97,11 +97,11 @@ impl UpstreamPool {
         drop(closed);
     }
 
-    /// Closes the connections that have been idle for their backend's idle time (`peers`: the
-    /// backends' peers, by index).
-    pub fn sweep<'a>(&self, peers: impl Iterator<Item = &'a HttpPeer>) {
+    /// Closes the connections that have been idle for their backend's idle time (`backends`:
+    /// each backend's index and peer).
+    pub fn sweep<'a>(&self, backends: impl Iterator<Item = (usize, &'a HttpPeer)>) {
         let now = Instant::now();
-        for (idx, peer) in peers.enumerate() {
+        for (idx, peer) in backends {
             let idle_time = idle_time(peer);
             let mut closed = Vec::new();
             if let Some(mut l) = self.list(idx) {
@@ -178,7 +178,7 @@ mod tests {
         servers.push(l.accept().await.unwrap().0);
         pool.put(0, idle, kept, Instant::now() - idle);
         assert_eq!(pool.list(0).unwrap().len(), 1);
-        pool.sweep(std::iter::once(&peer));
+        pool.sweep(std::iter::once((0, &peer)));
         assert_eq!(pool.list(0).unwrap().len(), 0, "swept");
 
         // Bounded: the oldest goes first.
