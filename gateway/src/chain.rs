@@ -15,6 +15,8 @@ pub struct FilterChain {
     shut_down: std::sync::atomic::AtomicBool,
     /// The built-in policy was added because the config has none.
     pub default_policy: bool,
+    /// Shared state, whose batched settlements are sent at shutdown after the filters'.
+    state: Option<Arc<dyn gateway_filter::SharedState>>,
 }
 
 /// Where the built-in policy goes: right after the last `auth` (it reads the principal's
@@ -32,6 +34,7 @@ impl FilterChain {
             body_needed_at,
             shut_down: Default::default(),
             default_policy: false,
+            state: None,
         }
     }
 
@@ -48,7 +51,7 @@ impl FilterChain {
                 .parent()
                 .map(|p| p.to_path_buf())
                 .unwrap_or_default(),
-            state,
+            state: state.clone(),
         };
         let mut specs = settings.filters.clone();
         let add_policy = settings.default_policy
@@ -89,6 +92,7 @@ impl FilterChain {
         }
         Ok(FilterChain {
             default_policy: add_policy,
+            state,
             ..FilterChain::new(filters)
         })
     }
@@ -168,6 +172,9 @@ impl FilterChain {
         }
         for f in &self.filters {
             f.shutdown();
+        }
+        if let Some(st) = &self.state {
+            st.flush();
         }
     }
 

@@ -312,3 +312,57 @@ async fn the_usage_strategy_routes_on_every_replicas_figures() {
         "the second replica routed away from the backend the first one loaded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settlements_of_many_requests_share_calls_and_add_up_exactly() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A deadline a loaded test run always meets (a call past it would fall back to local
+    // state and leave the shared count short), and settlements joined over half a second.
+    let state = redis
+        .state()
+        .replace("timeout: 100ms", "timeout: 2s, settle_window: 500ms");
+    let chain = super::keyed_chain(
+        &m,
+        dir.path(),
+        "  - use: ratelimit\n    key: api_key\n    rate: 1000/s\n    burst: 1000\n    tokens_per_minute: 100000\n",
+    );
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        gws.push(super::support::Gateway::start(&format!("{state}{chain}")).await);
+    }
+    let c = client();
+    let ask = |i: usize| {
+        c.post(gws[i % 3].url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(
+                &json!({"model": "llama3.1:8b", "stream": false, "options": {"num_predict": 8},
+                          "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+    };
+    // HGET runs twice in each request's check and twice in each settlement call (the
+    // window's start and count), and nowhere else in this chain.
+    let before = redis.calls("hget");
+    // 60 requests at once over three replicas; each reserves 8 output + 1 prompt token and
+    // uses 5 + 1, settled when it ends.
+    let answers = futures_util::future::join_all((0..60).map(ask)).await;
+    assert!(answers.iter().all(|r| r.as_ref().unwrap().status() == 200));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let settlements = (redis.calls("hget") - before - 2 * 60) / 2;
+    // Each replica sends its 20 settlements in one call (or a few, if the burst outlasted
+    // the window); one call each would be 60.
+    assert!(
+        (3..=12).contains(&settlements),
+        "{settlements} settlement calls for 60 requests on three replicas"
+    );
+    // The minute's count is exactly what the 60 used, whichever replica settled them and
+    // however they were joined: the next request sees 60 × 6 used plus its own 9 reserved.
+    let r = ask(0).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-ratelimit-remaining-tokens"],
+        (100_000 - 60 * 6 - 9).to_string().as_str()
+    );
+}

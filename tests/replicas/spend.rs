@@ -19,9 +19,12 @@ async fn three_buyers(
         // $0.01 per completion token, 5 tokens per request: $0.05; the budget fits 10.
         // A call past its deadline falls back to this replica's own book (`on_error: local`,
         // tested in failures.rs): under a loaded test run 100 ms is too short to count on.
+        // Settlements wait 200 ms, so those of one replica reach Redis joined in one call.
         let body = format!(
             "{}{}",
-            redis.state().replace("timeout: 100ms", "timeout: 2s"),
+            redis
+                .state()
+                .replace("timeout: 100ms", "timeout: 2s, settle_window: 200ms"),
             config(dir.path(), m, 0.5, 0.0, 10000.0, "")
         );
         out.push((Gateway::start(&body).await, dir));
@@ -147,4 +150,36 @@ async fn spend_forgotten_by_redis_comes_back_from_the_ledgers() {
         }
     }
     assert_eq!(ok, 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settlements_still_waiting_at_exit_are_sent() {
+    let redis = Redis::start();
+    let m = mock().await;
+    // Replica `a` joins settlements over a whole second, longer than it lives; `b` sends
+    // each at once.
+    let state = redis.state().replace("timeout: 100ms", "timeout: 2s");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let slow = state.replace("timeout: 2s", "timeout: 2s, settle_window: 1s");
+    let chain = |dir: &tempfile::TempDir| config(dir.path(), &m, 0.5, 0.0, 10000.0, "");
+    let mut a = Gateway::start(&format!("{slow}{}", chain(&dir_a))).await;
+    let now = state.replace("timeout: 2s", "timeout: 2s, settle_window: 0s");
+    let b = Gateway::start(&format!("{now}{}", chain(&dir_b))).await;
+    assert_eq!(generate(b.url("/api/generate")).await.0, 200);
+    assert_eq!(generate(a.url("/api/generate")).await.0, 200);
+    a.signal("TERM");
+    tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(10))).expect("exits");
+    // `b` sees both requests' spend and no reservation left, at once: `a`'s settlement was
+    // sent at its exit, not left to the lease's expiry (and its spend not lost).
+    let acct = account(&b).await;
+    assert_eq!(
+        cents(acct["shared_spent_usd"].as_f64().unwrap()),
+        10,
+        "{acct}"
+    );
+    assert_eq!(
+        cents(acct["shared_reserved_usd"].as_f64().unwrap()),
+        0,
+        "{acct}"
+    );
 }

@@ -3,7 +3,7 @@
 //! - `spend`: a hash of spend per replica (field: the replica's ledger id, value: its total in
 //!   nano-USD for the period). Each replica writes only its own field, and only upwards, from
 //!   what its ledger and book know, so a server that lost its data is repaired by every
-//!   reserve and settlement, and by the reset hook.
+//!   settlement, by a reservation that finds the field missing, and by the reset hook.
 //! - `resv`: live reservations, a sorted set scored by expiry, each member `ID|AMOUNT`. A
 //!   replica that dies leaves its reservations to expire after the lease time.
 //!
@@ -30,9 +30,10 @@ static RESERVE: Script = Script {
     source: r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-end
+-- Only a missing total is put back here: an existing one may lag this replica's book by
+-- settlements still on their way, whose reservations are still held (counting it raised as
+-- well would count those requests twice).
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 local held = tonumber(redis.call('HGET', KEYS[1], '~held') or '0')
 local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 if #dead > 0 then
@@ -65,21 +66,35 @@ return {1, spent, held}
 "#,
 };
 
-/// Ends a reservation (if any) and raises this replica's total. KEYS: spend, resv. ARGV:
-/// replica, its period total, member ('' for none), keep ms.
+/// Ends reservations and raises replicas' totals. KEYS: spend, resv. ARGV, per settlement
+/// (several arrive in one call, see `SharedState::run_batched`): replica, its period total,
+/// member ('' for none), keep ms.
 static SETTLE: Script = Script {
     name: "budget_settle",
     source: r#"
-if ARGV[3] ~= '' and redis.call('ZREM', KEYS[2], ARGV[3]) == 1 then
-  local held = tonumber(redis.call('HGET', KEYS[1], '~held') or '0')
-  held = held - (tonumber(string.match(ARGV[3], '|(%d+)$')) or 0)
+local held = nil
+local top = {}
+local keep = 0
+for i = 1, #ARGV, 4 do
+  local m = ARGV[i + 2]
+  if m ~= '' and redis.call('ZREM', KEYS[2], m) == 1 then
+    held = (held or tonumber(redis.call('HGET', KEYS[1], '~held') or '0'))
+      - (tonumber(string.match(m, '|(%d+)$')) or 0)
+  end
+  -- Each replica's highest total of the batch (kept as sent: totals pass 2^53 nano-dollars).
+  local r = ARGV[i]
+  if top[r] == nil or tonumber(ARGV[i + 1]) > tonumber(ARGV[top[r] + 1]) then top[r] = i end
+  keep = math.max(keep, tonumber(ARGV[i + 3]))
+end
+if held then
   if held < 0 then held = 0 end
   redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
 end
-if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+for r, i in pairs(top) do
+  if tonumber(redis.call('HGET', KEYS[1], r) or '0') < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], r, ARGV[i + 1])
+  end
 end
-local keep = tonumber(ARGV[4])
 if keep > 0 then redis.call('PEXPIRE', KEYS[1], keep) end
 return {1}
 "#,
@@ -232,9 +247,10 @@ pub async fn reserve(
     })
 }
 
-/// Gives a reservation back and raises this replica's total to `mine` (detached).
+/// Gives a reservation back and raises this replica's total to `mine` (sent a few milliseconds
+/// later, in one call with the other settlements of the same budget).
 pub fn settle(st: &Arc<dyn SharedState>, replica: &str, h: &Hold, mine: Nano) {
-    st.run_detached(
+    st.run_batched(
         &SETTLE,
         h.keys.to_vec(),
         vec![

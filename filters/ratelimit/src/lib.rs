@@ -566,7 +566,7 @@ impl Filter for RateLimitFilter {
                 reserved,
             } => {
                 if let Some(st) = &self.state {
-                    st.run_detached(
+                    st.run_batched(
                         &shared::TOKENS_SETTLE,
                         vec![key.clone()],
                         vec![

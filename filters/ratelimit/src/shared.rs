@@ -84,8 +84,9 @@ return {r[1], r[2], r[3], r[4], k[1], k[2], k[3], k[4]}
     ),
 };
 
-/// Replaces a reservation by the real usage: in the window it was taken from, or added to the
-/// current one. ARGV: window ms, reservation's window start ms, reserved, used.
+/// Replaces reservations by the real usage: in the window each was taken from, or added to
+/// the current one. ARGV, per settlement (several arrive in one call, see
+/// `SharedState::run_batched`): window ms, reservation's window start ms, reserved, used.
 pub static TOKENS_SETTLE: Script = Script {
     name: "tokens_settle",
     source: r#"
@@ -95,10 +96,12 @@ local w = tonumber(ARGV[1])
 local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
 local used = tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
 if start == 0 or now >= start + w then start = now; used = 0 end
-if start == tonumber(ARGV[2]) then
-  used = math.max(0, used - tonumber(ARGV[3])) + tonumber(ARGV[4])
-else
-  used = used + tonumber(ARGV[4])
+for i = 1, #ARGV, 4 do
+  if start == tonumber(ARGV[i + 1]) then
+    used = math.max(0, used - tonumber(ARGV[i + 2])) + tonumber(ARGV[i + 3])
+  else
+    used = used + tonumber(ARGV[i + 3])
+  end
 end
 redis.call('HSET', KEYS[1], 's', string.format('%.0f', start), 'u', string.format('%.0f', used))
 redis.call('PEXPIRE', KEYS[1], w * 2)

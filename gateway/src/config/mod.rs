@@ -134,6 +134,7 @@ mod tests {
         assert_eq!(s.on_error, OnError::Reject);
         assert_eq!(s.prefix, "llm-gateway:");
         assert_eq!(s.lease_ttl, std::time::Duration::from_secs(30));
+        assert_eq!(s.settle_window, std::time::Duration::from_millis(5));
         for (yaml, path, hint) in [
             ("state: { backend: redis }", "state.url", "redis://"),
             (
@@ -162,6 +163,11 @@ mod tests {
                 "state: { backend: redis, url: 'redis://x', lease_ttl: 10ms }",
                 "state.lease_ttl",
                 "300ms",
+            ),
+            (
+                "state: { backend: redis, url: 'redis://x', settle_window: 2s }",
+                "state.settle_window",
+                "at most 1s",
             ),
         ] {
             let e = parse_str(yaml).unwrap_err().to_string();

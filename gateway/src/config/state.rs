@@ -35,6 +35,9 @@ pub struct StateSection {
     pub breaker_retry: Option<HumanDuration>,
     /// PEM CA certificate(s) trusted for `rediss://` besides the system's roots.
     pub ca_file: Option<String>,
+    /// How long a settlement (tokens, spend) waits to be sent together with others on the
+    /// same keys; 0 sends each at once.
+    pub settle_window: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -69,6 +72,7 @@ pub struct StateSpec {
     pub breaker_failures: u32,
     pub breaker_retry: Duration,
     pub ca_file: Option<PathBuf>,
+    pub settle_window: Duration,
 }
 
 pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, Invalid> {
@@ -140,6 +144,13 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
     if breaker_retry.is_zero() {
         return bad("breaker_retry", "must be more than 0, such as 500ms");
     }
+    let settle_window = ms(s.settle_window, 5);
+    if settle_window > Duration::from_secs(1) {
+        return bad(
+            "settle_window",
+            "at most 1s (what requests give back stays held this long), such as 5ms",
+        );
+    }
     let prefix = s.prefix.unwrap_or_else(|| "llm-gateway:".into());
     if prefix.contains(['{', '}']) {
         return bad(
@@ -158,5 +169,6 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
         breaker_failures,
         breaker_retry,
         ca_file,
+        settle_window,
     }))
 }

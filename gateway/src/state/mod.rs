@@ -10,6 +10,7 @@
 //! `/health`. The same thread renews the holds of running requests and notices when the server
 //! lost its data, so the filters can put back what only they know (spend from the ledger).
 
+mod batch;
 mod breaker;
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use prometheus::{IntCounter, IntGauge};
 use redis::aio::ConnectionManager;
 
 use crate::config::{OnError, StateSpec};
+use batch::Batches;
 use breaker::Breaker;
 
 /// Why shared state could not be set up.
@@ -95,6 +97,9 @@ struct Inner {
     on_error: OnError,
     breaker: Breaker,
     keeps: Mutex<HashMap<u64, (String, String)>>,
+    /// Settlements waiting to be sent together (`run_batched`), and for how long.
+    batches: Batches,
+    settle_window: Duration,
     resets: Mutex<Vec<Arc<dyn Fn() + Send + Sync>>>,
     handle: tokio::runtime::Handle,
     degraded: IntGauge,
@@ -193,6 +198,8 @@ impl RedisState {
             on_error: spec.on_error,
             breaker: Breaker::new(spec.breaker_failures),
             keeps: Mutex::new(HashMap::new()),
+            batches: Batches::default(),
+            settle_window: spec.settle_window,
             resets: Mutex::new(Vec::new()),
             handle: runtime.handle().clone(),
             degraded,
@@ -487,6 +494,19 @@ impl Inner {
         }
     }
 
+    /// Sends the waiting batches, after the batch window when `wait`; one call per script and
+    /// keys, all at once (they share the pipelined connection).
+    async fn send_batches(self: Arc<Self>, wait: bool) {
+        if wait {
+            tokio::time::sleep(self.settle_window).await;
+        }
+        let calls = self.batches.take().into_iter().map(|(script, keys, args)| {
+            let me = self.clone();
+            me.detached(script, keys, args, false)
+        });
+        futures_util::future::join_all(calls).await;
+    }
+
     /// Renews the holds of running requests every third of the lease time, on its own
     /// schedule (a slow probe must not let them lapse).
     async fn renew(self: Arc<Self>) {
@@ -581,6 +601,29 @@ impl SharedState for RedisState {
         match tokio::runtime::Handle::try_current() {
             Ok(h) => drop(h.spawn(task)),
             Err(_) => drop(self.inner.handle.spawn(task)),
+        }
+    }
+
+    fn run_batched(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
+        // The first call of a batch sends it, from a task on the caller's runtime like
+        // `run_detached`; the others only add their arguments.
+        if self.inner.settle_window.is_zero() {
+            self.run_detached(script, keys, args);
+        } else if self.inner.batches.push(script, keys, args) {
+            let task = Inner::send_batches(self.inner.clone(), true);
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => drop(h.spawn(task)),
+                Err(_) => drop(self.inner.handle.spawn(task)),
+            }
+        }
+    }
+
+    fn flush(&self) {
+        // From a plain thread: the caller may be on a runtime, where blocking is not allowed.
+        let (inner, handle) = (self.inner.clone(), self.inner.handle.clone());
+        let sent = std::thread::spawn(move || handle.block_on(inner.send_batches(false))).join();
+        if sent.is_err() {
+            log::warn!("state: settlements still waiting at exit were not sent");
         }
     }
 
