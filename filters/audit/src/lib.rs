@@ -188,16 +188,7 @@ impl Filter for AuditFilter {
     async fn on_complete(&self, ctx: &mut RequestCtx) {
         // Sized for a usual line, so it is written without growing.
         let mut line = Vec::with_capacity(LINE_CAPACITY);
-        match serde_json::to_writer(&mut line, &AuditLine::new(ctx, self.capture_prompts)) {
-            Ok(()) => {}
-            Err(e) => {
-                log::error!(
-                    "audit: cannot serialise the line of {}: {e}",
-                    ctx.request_id
-                );
-                return;
-            }
-        };
+        AuditLine::new(ctx, self.capture_prompts).write_json(&mut line);
         LINES.inc();
         match self.tx.try_send(Msg::Line(line)) {
             Ok(()) => {}
