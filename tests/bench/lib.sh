@@ -83,10 +83,13 @@ wrk.body = '{"model":"$MODEL","messages":[{"role":"system","content":"You are a 
 LUA
 }
 
-# measure URL [HEADER] → prints "rps p50_ms p99_ms"
+# measure URL [HEADER] → prints "rps p50_ms p99_ms". Like the shared harness, WARMUP (3 s) of
+# unrecorded load first: a cold gateway (no backend connections, allocator and page cache not
+# yet grown) measured at once reads about a quarter low.
 measure() {
   local hdr=()
   [ -n "${2:-}" ] && hdr=(-H "$2")
+  [ "${WARMUP:-3}" = 0 ] || taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP:-3}s" --timeout 30s "${hdr[@]}" -s "$RUN/post.lua" "$1" >/dev/null 2>&1
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --timeout 30s --latency "${hdr[@]}" -s "$RUN/post.lua" "$1" 2>&1 | awk '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
     /Requests\/sec/ { rps = $2 }
