@@ -322,7 +322,8 @@ async fn settlements_of_many_requests_share_calls_and_add_up_exactly() {
     // state and leave the shared count short), and settlements joined over half a second.
     let state = redis
         .state()
-        .replace("timeout: 100ms", "timeout: 2s, settle_window: 500ms");
+        .replace("timeout: 100ms", "timeout: 2s, settle_window: 500ms")
+        .replace("lease_ttl: 1s", "lease_ttl: 3s");
     let chain = super::keyed_chain(
         &m,
         dir.path(),

@@ -160,7 +160,9 @@ async fn settlements_still_waiting_at_exit_are_sent() {
     // each at once.
     let state = redis.state().replace("timeout: 100ms", "timeout: 2s");
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let slow = state.replace("timeout: 2s", "timeout: 2s, settle_window: 1s");
+    let slow = state
+        .replace("timeout: 2s", "timeout: 2s, settle_window: 1s")
+        .replace("lease_ttl: 1s", "lease_ttl: 5s");
     let chain = |dir: &tempfile::TempDir| config(dir.path(), &m, 0.5, 0.0, 10000.0, "");
     let mut a = Gateway::start(&format!("{slow}{}", chain(&dir_a))).await;
     let now = state.replace("timeout: 2s", "timeout: 2s, settle_window: 0s");
@@ -181,5 +183,41 @@ async fn settlements_still_waiting_at_exit_are_sent() {
         cents(acct["shared_reserved_usd"].as_f64().unwrap()),
         0,
         "{acct}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_settlement_that_never_arrives_is_put_back_from_the_ledger() {
+    let redis = Redis::start();
+    let m = mock().await;
+    // Settlements wait 200 ms; a call gives up after 300 ms; the circuit opens only after
+    // 10 failures, so this short hang never opens it (which would put spend back anyway).
+    let state = redis.state().replace(
+        "timeout: 100ms",
+        "timeout: 2s, settle_window: 200ms, connect_timeout: 300ms, breaker_failures: 10",
+    );
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let chain = |dir: &tempfile::TempDir| config(dir.path(), &m, 0.5, 0.0, 10000.0, "");
+    let a = Gateway::start(&format!("{state}{}", chain(&dir_a))).await;
+    let b = Gateway::start(&format!("{state}{}", chain(&dir_b))).await;
+    assert_eq!(generate(b.url("/api/generate")).await.0, 200);
+    assert_eq!(generate(a.url("/api/generate")).await.0, 200);
+    // Redis hangs while `a`'s settlement waits, so the settlement is lost.
+    redis.signal("STOP");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.signal("CONT");
+    // `a` notices at its next probe and puts its spend back from its own book and ledger.
+    let mut acct = Value::Null;
+    for _ in 0..100 {
+        acct = account(&b).await;
+        if cents(acct["shared_spent_usd"].as_f64().unwrap_or(0.0)) == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        cents(acct["shared_spent_usd"].as_f64().unwrap()),
+        10,
+        "the lost settlement's spend is counted again: {acct}"
     );
 }

@@ -169,6 +169,11 @@ mod tests {
                 "state.settle_window",
                 "at most 1s",
             ),
+            (
+                "state: { backend: redis, url: 'redis://x', lease_ttl: 900ms, settle_window: 400ms }",
+                "state.settle_window",
+                "a third of lease_ttl",
+            ),
         ] {
             let e = parse_str(yaml).unwrap_err().to_string();
             assert!(e.contains(path) && e.contains(hint), "{yaml}: {e}");

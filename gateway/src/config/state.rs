@@ -151,6 +151,14 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
             "at most 1s (what requests give back stays held this long), such as 5ms",
         );
     }
+    // A finished request's holds are renewed no more: they must still be there when its
+    // settlement arrives, or its spend would be counted nowhere in between.
+    if settle_window > lease_ttl / 3 {
+        return bad(
+            "settle_window",
+            "at most a third of lease_ttl (a finished request's reservations must outlive the wait), such as 5ms",
+        );
+    }
     let prefix = s.prefix.unwrap_or_else(|| "llm-gateway:".into());
     if prefix.contains(['{', '}']) {
         return bad(

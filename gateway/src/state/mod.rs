@@ -14,7 +14,7 @@ mod batch;
 mod breaker;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -100,6 +100,11 @@ struct Inner {
     /// Settlements waiting to be sent together (`run_batched`), and for how long.
     batches: Batches,
     settle_window: Duration,
+    /// Batches taken and on their way (the exit flush waits for them).
+    sending: AtomicUsize,
+    /// A detached call (a settlement, a release) failed: at the next probe that answers, the
+    /// filters put back what they know (spend from the ledger), as after an outage.
+    lost: AtomicBool,
     resets: Mutex<Vec<Arc<dyn Fn() + Send + Sync>>>,
     handle: tokio::runtime::Handle,
     degraded: IntGauge,
@@ -200,6 +205,8 @@ impl RedisState {
             keeps: Mutex::new(HashMap::new()),
             batches: Batches::default(),
             settle_window: spec.settle_window,
+            sending: AtomicUsize::new(0),
+            lost: AtomicBool::new(false),
             resets: Mutex::new(Vec::new()),
             handle: runtime.handle().clone(),
             degraded,
@@ -409,9 +416,15 @@ impl Inner {
                     }
                     // Charges made on local state meanwhile, and settlements that did not
                     // reach the server, go back now.
+                    self.lost.store(false, Ordering::Release);
                     self.put_back();
                 }
-                Ok(()) => {}
+                Ok(()) => {
+                    if self.lost.swap(false, Ordering::AcqRel) {
+                        log::info!("state: a settlement or release did not reach the server; putting back what this replica knows (spend from its ledger)");
+                        self.put_back();
+                    }
+                }
                 Err(e) => {
                     if !self.breaker.is_open() {
                         self.errors.inc();
@@ -490,6 +503,7 @@ impl Inner {
             .await
         {
             self.errors.inc();
+            self.lost.store(true, Ordering::Release);
             log::debug!("state: {} not applied: {e}", script.name);
         }
     }
@@ -500,11 +514,17 @@ impl Inner {
         if wait {
             tokio::time::sleep(self.settle_window).await;
         }
-        let calls = self.batches.take().into_iter().map(|(script, keys, args)| {
+        let batch = self.batches.take();
+        if batch.is_empty() {
+            return;
+        }
+        self.sending.fetch_add(1, Ordering::AcqRel);
+        let calls = batch.into_iter().map(|(script, keys, args)| {
             let me = self.clone();
             me.detached(script, keys, args, false)
         });
         futures_util::future::join_all(calls).await;
+        self.sending.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Renews the holds of running requests every third of the lease time, on its own
@@ -620,8 +640,21 @@ impl SharedState for RedisState {
 
     fn flush(&self) {
         // From a plain thread: the caller may be on a runtime, where blocking is not allowed.
+        // Batches another task took just before are waited for too (within the connect
+        // deadline): the process exits right after.
         let (inner, handle) = (self.inner.clone(), self.inner.handle.clone());
-        let sent = std::thread::spawn(move || handle.block_on(inner.send_batches(false))).join();
+        let sent = std::thread::spawn(move || {
+            handle.block_on(async move {
+                inner.clone().send_batches(false).await;
+                let until = tokio::time::Instant::now() + inner.connect_timeout;
+                while inner.sending.load(Ordering::Acquire) > 0
+                    && tokio::time::Instant::now() < until
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        })
+        .join();
         if sent.is_err() {
             log::warn!("state: settlements still waiting at exit were not sent");
         }
