@@ -22,6 +22,14 @@ use gateway_filter::{
 };
 use serde::Deserialize;
 
+// The response headers' names, checked once at compile time rather than per request.
+const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
 pub use rate::{gcra, Gcra, Rate};
 pub use store::{LimitStore, LocalStore, TokenCheck};
 
@@ -374,9 +382,8 @@ impl RateLimitFilter {
         )
     }
 
-    fn push(ctx: &mut RequestCtx, name: &'static str, v: u64) {
-        ctx.response_headers
-            .push((HeaderName::from_static(name), HeaderValue::from(v)));
+    fn push(ctx: &mut RequestCtx, name: HeaderName, v: u64) {
+        ctx.response_headers.push((name, HeaderValue::from(v)));
     }
 }
 
@@ -427,7 +434,7 @@ impl Filter for RateLimitFilter {
 
         if let Some(rate) = rate {
             let t = rate.interval_ns();
-            Self::push(ctx, "x-ratelimit-limit", burst + 1);
+            Self::push(ctx, LIMIT, burst + 1);
             let decision = match shared_rate {
                 Some(r) if at(&r, 0) == 1 => Gcra::Allow {
                     delay_ns: at(&r, 1).max(0) as u64 * 1000,
@@ -445,15 +452,15 @@ impl Filter for RateLimitFilter {
                     remaining,
                     reset_ns,
                 } => {
-                    Self::push(ctx, "x-ratelimit-remaining", remaining);
-                    Self::push(ctx, "x-ratelimit-reset", seconds_up(reset_ns));
+                    Self::push(ctx, REMAINING, remaining);
+                    Self::push(ctx, RESET, seconds_up(reset_ns));
                     if self.mode == Mode::Delay && delay_ns > 0 {
                         tokio::time::sleep(Duration::from_nanos(delay_ns)).await;
                     }
                 }
                 Gcra::Deny { retry_ns } => {
-                    Self::push(ctx, "x-ratelimit-remaining", 0);
-                    Self::push(ctx, "x-ratelimit-reset", seconds_up(retry_ns));
+                    Self::push(ctx, REMAINING, 0);
+                    Self::push(ctx, RESET, seconds_up(retry_ns));
                     ctx.reject_reason = Some("request_rate");
                     return Err(too_many(
                         format!(
@@ -496,13 +503,9 @@ impl Filter for RateLimitFilter {
                     )
                 }
             };
-            Self::push(ctx, "x-ratelimit-limit-tokens", limit);
-            Self::push(
-                ctx,
-                "x-ratelimit-remaining-tokens",
-                limit.saturating_sub(check.used),
-            );
-            Self::push(ctx, "x-ratelimit-reset-tokens", seconds_up(check.left_ns));
+            Self::push(ctx, LIMIT_TOKENS, limit);
+            Self::push(ctx, REMAINING_TOKENS, limit.saturating_sub(check.used));
+            Self::push(ctx, RESET_TOKENS, seconds_up(check.left_ns));
             if !check.taken {
                 ctx.reject_reason = Some("tokens_per_minute");
                 return Err(too_many(
