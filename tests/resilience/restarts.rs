@@ -48,6 +48,16 @@ async fn sigterm_drains_in_flight_streams_then_exits() {
         "exited {:?} after SIGTERM",
         start.elapsed()
     );
+    // The log counts the one running request once.
+    let log = gw.log();
+    assert!(
+        log.contains("draining 1 in-flight requests"),
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("draining"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // New connections are refused once it is gone.
     assert!(client().get(gw.url("/health")).send().await.is_err());
 }

@@ -28,7 +28,11 @@ pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx, last: bool) {
     } else if session.get_keepalive().is_some() {
         session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1)));
     }
-    ctx.in_flight = Some(gw.in_flight.enter());
+    // An HTTP/1 request is counted by the connection loop from its first byte; HTTP/2 ones
+    // (through Pingora's `HttpProxy`) here.
+    if session.is_http2() {
+        ctx.in_flight = Some(gw.in_flight.enter());
+    }
     let req = &mut ctx.req;
     req.started = std::time::Instant::now();
     req.request_id = new_request_id();
