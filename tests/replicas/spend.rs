@@ -39,6 +39,19 @@ async fn account(gw: &Gateway) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The buyer's account on `gw` once `ready` says so, or as it is after 5 s.
+async fn account_when(gw: &Gateway, ready: impl Fn(&Value) -> bool) -> Value {
+    let mut acct = Value::Null;
+    for _ in 0..250 {
+        acct = account(gw).await;
+        if ready(&acct) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    acct
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hundred_requests_on_three_replicas_never_overspend() {
     let redis = Redis::start();
@@ -62,14 +75,10 @@ async fn a_hundred_requests_on_three_replicas_never_overspend() {
     );
     assert_eq!(m.hits("/api/generate"), 10);
     // Every replica's admin report shows the shared total.
-    let mut acct = Value::Null;
-    for _ in 0..100 {
-        acct = account(&gws[0].0).await;
-        if cents(acct["shared_reserved_usd"].as_f64().unwrap_or(1.0)) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let acct = account_when(&gws[0].0, |a| {
+        cents(a["shared_reserved_usd"].as_f64().unwrap_or(1.0)) == 0
+    })
+    .await;
     assert_eq!(
         cents(acct["shared_spent_usd"].as_f64().unwrap()),
         50,
@@ -122,25 +131,11 @@ async fn spend_forgotten_by_redis_comes_back_from_the_ledgers() {
         assert_eq!(generate(gw.url("/api/generate")).await.0, 200);
     }
     let shared = |a: &Value| cents(a["shared_spent_usd"].as_f64().unwrap_or(-1.0));
-    let mut acct = Value::Null;
-    for _ in 0..100 {
-        acct = account(&gws[0].0).await;
-        if shared(&acct) == 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let acct = account_when(&gws[0].0, |a| shared(a) == 20).await;
     assert_eq!(shared(&acct), 20, "{acct}");
     assert_eq!(redis.cmd(&["FLUSHALL"]).as_deref(), Some("+OK"));
     // The replicas notice within a probe interval and put their own totals back.
-    let mut back = -1;
-    for _ in 0..100 {
-        back = shared(&account(&gws[0].0).await);
-        if back == 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let back = shared(&account_when(&gws[0].0, |a| shared(a) == 20).await);
     assert_eq!(back, 20, "the period's spend came back from the ledgers");
     // And it still counts: $0.30 left fits 6 more, not 7.
     let mut ok = 0;
@@ -207,14 +202,10 @@ async fn a_settlement_that_never_arrives_is_put_back_from_the_ledger() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     redis.signal("CONT");
     // `a` notices at its next probe and puts its spend back from its own book and ledger.
-    let mut acct = Value::Null;
-    for _ in 0..100 {
-        acct = account(&b).await;
-        if cents(acct["shared_spent_usd"].as_f64().unwrap_or(0.0)) == 10 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let acct = account_when(&b, |a| {
+        cents(a["shared_spent_usd"].as_f64().unwrap_or(0.0)) == 10
+    })
+    .await;
     assert_eq!(
         cents(acct["shared_spent_usd"].as_f64().unwrap()),
         10,

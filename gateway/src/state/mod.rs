@@ -290,6 +290,15 @@ impl Inner {
         })
     }
 
+    /// Runs `task` on the caller's runtime when there is one (a request's thread); from a
+    /// plain thread (a drop at exit), on the state's.
+    fn spawn_here(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn(task)),
+            Err(_) => drop(self.handle.spawn(task)),
+        }
+    }
+
     fn fallback(&self) -> &'static str {
         match self.on_error {
             OnError::Local => "each replica enforces its limits on its own",
@@ -615,13 +624,14 @@ impl SharedState for RedisState {
     fn run_detached(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
         // Releases and settlements are not skipped while the circuit is open (nobody waits
         // for them, and a dropped one leaves a hold behind): they get the connect deadline
-        // and do not count against the circuit. On the caller's runtime when there is one;
-        // from a plain thread (a drop at exit), on the state's.
-        let task = Inner::detached(self.inner.clone(), script, keys, args, false);
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => drop(h.spawn(task)),
-            Err(_) => drop(self.inner.handle.spawn(task)),
-        }
+        // and do not count against the circuit.
+        self.inner.spawn_here(Inner::detached(
+            self.inner.clone(),
+            script,
+            keys,
+            args,
+            false,
+        ));
     }
 
     fn run_batched(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
@@ -630,11 +640,8 @@ impl SharedState for RedisState {
         if self.inner.settle_window.is_zero() {
             self.run_detached(script, keys, args);
         } else if self.inner.batches.push(script, keys, args) {
-            let task = Inner::send_batches(self.inner.clone(), true);
-            match tokio::runtime::Handle::try_current() {
-                Ok(h) => drop(h.spawn(task)),
-                Err(_) => drop(self.inner.handle.spawn(task)),
-            }
+            self.inner
+                .spawn_here(Inner::send_batches(self.inner.clone(), true));
         }
     }
 
