@@ -122,14 +122,20 @@ impl FilterChain {
     }
 
     /// Runs `on_request` of the filters in `range`, in order; the first rejection stops the
-    /// chain and is recorded in `ctx.decision`.
+    /// chain and is recorded in `ctx.decision`. Deferred checks are awaited together before
+    /// a filter that cannot run alongside them, before a rejection is answered (an earlier
+    /// filter's refusal wins) and at the end of the range.
     async fn on_request(
         &self,
         ctx: &mut RequestCtx,
         range: std::ops::Range<usize>,
     ) -> Result<(), Rejection> {
         for f in self.filters.get(range).unwrap_or_default() {
+            if !f.runs_alongside() && ctx.has_pending() {
+                settle_pending(ctx).await?;
+            }
             if let Err(r) = f.on_request(ctx).await {
+                settle_pending(ctx).await?;
                 ctx.decision = Decision::Rejected {
                     filter: f.name(),
                     code: r.code,
@@ -137,7 +143,7 @@ impl FilterChain {
                 return Err(r);
             }
         }
-        Ok(())
+        settle_pending(ctx).await
     }
 
     /// Re-reads every filter's files (SIGHUP). A filter whose files are broken keeps its
@@ -184,6 +190,27 @@ impl FilterChain {
             f.on_complete(ctx).await;
         }
     }
+}
+
+/// Awaits the request's deferred checks all at once (their shared calls share a round trip)
+/// and applies their verdicts in chain order; the first refusal is recorded and answered,
+/// the verdicts after it are dropped (what they hold gives itself back).
+async fn settle_pending(ctx: &mut RequestCtx) -> Result<(), Rejection> {
+    if !ctx.has_pending() {
+        return Ok(());
+    }
+    let (names, checks): (Vec<_>, Vec<_>) = ctx.take_pending().into_iter().unzip();
+    let verdicts = futures_util::future::join_all(checks).await;
+    for (name, verdict) in names.into_iter().zip(verdicts) {
+        if let Err(r) = verdict(ctx) {
+            ctx.decision = Decision::Rejected {
+                filter: name,
+                code: r.code,
+            };
+            return Err(r);
+        }
+    }
+    Ok(())
 }
 
 fn build_one(
@@ -313,6 +340,231 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), ["req:a"]);
         c.on_request_after_body(&mut ctx).await.unwrap();
         assert_eq!(*log.lock().unwrap(), ["req:a", "req:body-b", "req:c"]);
+    }
+
+    /// Defers its verdict (after waiting at `barrier`, which only opens when the other
+    /// deferred checks are awaited at the same time); counts holds given back unapplied.
+    struct Deferring {
+        tag: &'static str,
+        reject: bool,
+        sync_reject: bool,
+        barrier: Option<Arc<tokio::sync::Barrier>>,
+        log: Arc<Mutex<Vec<String>>>,
+        given_back: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    struct GiveBack(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+    impl GiveBack {
+        fn applied(&mut self) {
+            self.0 = None;
+        }
+    }
+
+    impl Drop for GiveBack {
+        fn drop(&mut self) {
+            if let Some(n) = self.0.take() {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Filter for Deferring {
+        fn name(&self) -> &'static str {
+            self.tag
+        }
+        fn runs_alongside(&self) -> bool {
+            true
+        }
+        async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+            self.log.lock().unwrap().push(format!("req:{}", self.tag));
+            if self.sync_reject {
+                return Err(Rejection::new(
+                    StatusCode::FORBIDDEN,
+                    "said_no_at_once",
+                    "no",
+                ));
+            }
+            let (tag, reject, log) = (self.tag, self.reject, self.log.clone());
+            let barrier = self.barrier.clone();
+            let mut guard = GiveBack(Some(self.given_back.clone()));
+            ctx.defer(
+                tag,
+                Box::pin(async move {
+                    if let Some(b) = barrier {
+                        b.wait().await;
+                    }
+                    Box::new(move |ctx: &mut RequestCtx| {
+                        guard.applied();
+                        log.lock().unwrap().push(format!("verdict:{tag}"));
+                        ctx.headers.append("x-seen", tag.parse().unwrap());
+                        if reject {
+                            return Err(Rejection::new(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                "said_no_later",
+                                "no",
+                            ));
+                        }
+                        Ok(())
+                    }) as gateway_filter::defer::Verdict
+                }),
+            );
+            Ok(())
+        }
+    }
+
+    struct Setup {
+        log: Arc<Mutex<Vec<String>>>,
+        given_back: Arc<std::sync::atomic::AtomicUsize>,
+        barrier: Arc<tokio::sync::Barrier>,
+    }
+
+    impl Setup {
+        fn new(parties: usize) -> Setup {
+            Setup {
+                log: Default::default(),
+                given_back: Default::default(),
+                barrier: Arc::new(tokio::sync::Barrier::new(parties)),
+            }
+        }
+        /// `d:` deferred, `d!:` deferred and refusing, `s!:` refusing at once (runs
+        /// alongside), else a plain probe (which cannot run alongside).
+        fn chain(&self, spec: &[&'static str]) -> FilterChain {
+            FilterChain::new(
+                spec.iter()
+                    .map(|s| {
+                        let (kind, tag) = s.split_once(':').unwrap_or(("", s));
+                        if kind.is_empty() {
+                            return Arc::new(Probe {
+                                tag,
+                                reject: false,
+                                log: self.log.clone(),
+                            }) as Arc<dyn Filter>;
+                        }
+                        Arc::new(Deferring {
+                            tag,
+                            reject: kind == "d!",
+                            sync_reject: kind == "s!",
+                            barrier: Some(self.barrier.clone()),
+                            log: self.log.clone(),
+                            given_back: self.given_back.clone(),
+                        })
+                    })
+                    .collect(),
+            )
+        }
+        fn log(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    fn seen(ctx: &RequestCtx) -> Vec<&str> {
+        ctx.headers
+            .get_all("x-seen")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    async fn run(c: &FilterChain, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            c.on_request_before_body(ctx),
+        )
+        .await
+        .expect("the deferred checks were awaited one after the other")
+    }
+
+    #[tokio::test]
+    async fn deferred_checks_are_awaited_together_and_applied_in_order() {
+        // The barrier opens only when both checks wait at once.
+        let s = Setup::new(2);
+        let c = s.chain(&["d:a", "d:b", "c"]);
+        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        run(&c, &mut ctx).await.unwrap();
+        assert_eq!(
+            s.log(),
+            ["req:a", "req:b", "verdict:a", "verdict:b", "req:c"]
+        );
+        assert_eq!(seen(&ctx), ["a", "b", "c"]);
+        assert_eq!(ctx.decision, Decision::Allowed);
+        assert_eq!(s.given_back.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn an_earlier_refusal_wins_and_what_later_checks_hold_is_given_back() {
+        let s = Setup::new(3);
+        let c = s.chain(&["d!:a", "d:b", "d:b2"]);
+        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        let r = run(&c, &mut ctx).await.unwrap_err();
+        assert_eq!(r.code, "said_no_later");
+        assert_eq!(
+            ctx.decision,
+            Decision::Rejected {
+                filter: "a",
+                code: "said_no_later"
+            }
+        );
+        assert_eq!(seen(&ctx), ["a"]);
+        assert_eq!(s.given_back.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_filter_that_cannot_run_alongside_waits_and_never_runs_after_a_refusal() {
+        // An address limit before authentication: auth must not run for a refused address.
+        let s = Setup::new(1);
+        let c = s.chain(&["d!:ip", "auth"]);
+        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        let r = run(&c, &mut ctx).await.unwrap_err();
+        assert_eq!(r.code, "said_no_later");
+        assert_eq!(s.log(), ["req:ip", "verdict:ip"]);
+    }
+
+    #[tokio::test]
+    async fn an_immediate_refusal_waits_for_the_earlier_deferred_checks() {
+        // The earlier check refuses too: its refusal is the one answered.
+        let s = Setup::new(1);
+        let c = s.chain(&["d!:a", "s!:b"]);
+        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        assert_eq!(run(&c, &mut ctx).await.unwrap_err().code, "said_no_later");
+        assert_eq!(
+            ctx.decision,
+            Decision::Rejected {
+                filter: "a",
+                code: "said_no_later"
+            }
+        );
+        // The earlier check passes: its verdict is applied, then the refusal answered.
+        let s = Setup::new(1);
+        let c = s.chain(&["d:a", "s!:b"]);
+        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        assert_eq!(run(&c, &mut ctx).await.unwrap_err().code, "said_no_at_once");
+        assert_eq!(
+            ctx.decision,
+            Decision::Rejected {
+                filter: "b",
+                code: "said_no_at_once"
+            }
+        );
+        assert_eq!(seen(&ctx), ["a"]);
+        assert_eq!(s.given_back.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn checks_left_waiting_by_a_client_that_went_away_give_back_their_holds() {
+        // A barrier for two never opens for one check: the request is dropped mid-wait.
+        let s = Setup::new(2);
+        let c = s.chain(&["d:a"]);
+        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            c.on_request_before_body(&mut ctx),
+        )
+        .await;
+        assert!(waited.is_err(), "the check should still be waiting");
+        assert_eq!(s.given_back.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(!ctx.has_pending());
     }
 
     #[test]

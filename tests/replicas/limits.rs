@@ -367,3 +367,62 @@ async fn settlements_of_many_requests_share_calls_and_add_up_exactly() {
         (100_000 - 60 * 6 - 9).to_string().as_str()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keys_limits_and_budget_share_one_round_trip() {
+    // The chain operators run: an address limit before auth (it must answer before a key is
+    // checked), then the key's rate and tokens, and a budget. Three script calls per request,
+    // in two round trips: the address's, then the key's and the budget's together.
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("spend.db");
+    // Settlements wait long enough not to be sent during the requests.
+    let state = redis
+        .state()
+        .replace("timeout: 100ms", "timeout: 2s, settle_window: 300ms");
+    let gw = super::support::Gateway::start(&format!(
+        "{state}{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 1000/s\n    burst: 1000\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 1000/s\n    burst: 1000\n    tokens_per_minute: 1000000\n  - use: budget\n    ledger: {}\n    prices: [{{ model: '*', prompt_per_1m: 1.0, completion_per_1m: 1.0 }}]\n    default: {{ max_usd: 100, period: 1d }}\n",
+        super::one_backend(&m.url()),
+        super::keys_file(dir.path()),
+        ledger.display()
+    ))
+    .await;
+    let c = client();
+    let ask = || async {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": "llama3.1:8b", "max_tokens": 8,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("x-ratelimit-remaining-tokens"));
+    };
+    // Warm: the proxy thread's own connection is made on its first call.
+    for _ in 0..3 {
+        ask().await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (reads, scripts) = (redis.stat("total_reads_processed"), redis.calls("evalsha"));
+    let n = 40;
+    for _ in 0..n {
+        ask().await;
+    }
+    let reads = redis.stat("total_reads_processed") - reads;
+    let scripts = redis.calls("evalsha") - scripts;
+    // Three checks each, and a few settlement calls.
+    assert!(
+        (3 * n..=3 * n + 6).contains(&scripts),
+        "{scripts} script calls"
+    );
+    // Besides two per request: the health probe (every 200 ms), a settlement call or two
+    // and this test's own INFO; one after the other, the checks would take three.
+    assert!(
+        reads <= 2 * n + 12,
+        "{reads} reads of Redis for {n} requests"
+    );
+    eprintln!("{reads} reads, {scripts} script calls for {n} requests");
+}

@@ -212,3 +212,71 @@ async fn a_settlement_that_never_arrives_is_put_back_from_the_ledger() {
         "the lost settlement's spend is counted again: {acct}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn holds_taken_alongside_a_refused_rate_are_given_back() {
+    // The key's rate limit, its tokens per minute and the budget ask Redis together; when
+    // the rate refuses, the token reservation and the budget's, already taken, go back.
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}{}",
+        redis
+            .state()
+            .replace("timeout: 100ms", "timeout: 2s, settle_window: 100ms")
+            .replace("lease_ttl: 1s", "lease_ttl: 30s"),
+        config(dir.path(), &m, 0.5, 0.0, 10000.0, "").replace(
+            "  - use: budget\n",
+            "  - use: ratelimit\n    key: api_key\n    rate: 1/m\n    burst: 1\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 100000\n  - use: budget\n",
+        )
+    );
+    let gw = Gateway::start(&body).await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(generate(gw.url("/api/generate"))))
+        .collect();
+    let (mut ok, mut used) = (0, 0);
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            200 => {
+                ok += 1;
+                used += body["prompt_eval_count"].as_i64().unwrap()
+                    + body["eval_count"].as_i64().unwrap();
+            }
+            429 => assert_eq!(body["code"], "rate_limit_exceeded", "{body}"),
+            s => panic!("unexpected {s}: {body}"),
+        }
+    }
+    assert_eq!(ok, 2, "burst 1: two pass");
+    // Nothing stays reserved (the leases live 30 s: only giving back frees them), and only
+    // the two that passed are charged: 5 tokens at $0.01.
+    let acct = account_when(&gw, |a| {
+        cents(a["shared_reserved_usd"].as_f64().unwrap_or(1.0)) == 0
+            && cents(a["reserved_usd"].as_f64().unwrap_or(1.0)) == 0
+    })
+    .await;
+    assert_eq!(
+        cents(acct["shared_reserved_usd"].as_f64().unwrap()),
+        0,
+        "{acct}"
+    );
+    assert_eq!(cents(acct["reserved_usd"].as_f64().unwrap()), 0, "{acct}");
+    assert_eq!(
+        cents(acct["shared_spent_usd"].as_f64().unwrap()),
+        10,
+        "{acct}"
+    );
+    // The minute's token count is what the two used: the refused ones' reservations went back.
+    let count =
+        "local k = redis.call('KEYS', '*tokens*')[1]; return tonumber(redis.call('HGET', k, 'u'))";
+    let mut in_redis = None;
+    for _ in 0..100 {
+        in_redis = redis.cmd(&["EVAL", count, "0"]);
+        if in_redis.as_deref() == Some(format!(":{used}").as_str()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(in_redis, Some(format!(":{used}")));
+}

@@ -126,11 +126,34 @@ impl Redis {
 
     /// `INFO commandstats`: how many times each command ran since the last `CONFIG RESETSTAT`.
     pub fn calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        self.info("commandstats")
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// A counter of `INFO stats`, e.g. `total_reads_processed`: how many times the server
+    /// read from its clients' sockets (pipelined commands that arrive together are one).
+    pub fn stat(&self, name: &str) -> u64 {
+        let prefix = format!("{name}:");
+        self.info("stats")
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The text of `INFO section`.
+    fn info(&self, section: &str) -> String {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return 0;
+            return String::new();
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n");
+        let req = format!("*2\r\n$4\r\nINFO\r\n${}\r\n{section}\r\n", section.len());
+        let _ = s.write_all(req.as_bytes());
         let mut text = String::new();
         let mut buf = [0u8; 65536];
         while let Ok(n) = s.read(&mut buf) {
@@ -142,12 +165,7 @@ impl Redis {
                 break;
             }
         }
-        let prefix = format!("cmdstat_{command}:calls=");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        text
     }
 
     /// One command; the first line of the answer.

@@ -159,6 +159,8 @@ pub struct RequestCtx {
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// Per-request state a filter keeps for itself (e.g. a concurrency slot released on drop).
     pub extensions: Extensions,
+    /// Checks whose shared-state answer is still on its way (see [`crate::defer`]).
+    pub pending: crate::defer::Pending,
 
     // Filled while and after proxying; read in `on_complete`.
     pub backend: Option<Arc<str>>,
@@ -220,6 +222,7 @@ impl RequestCtx {
             model_gate: None,
             response_headers: Vec::new(),
             extensions: Extensions::new(),
+            pending: Default::default(),
             backend: None,
             reached_backend: false,
             retries: 0,

@@ -19,7 +19,17 @@ pub trait Filter: Send + Sync {
         false
     }
 
-    /// Return `Err` to answer the client now with the rejection.
+    /// Whether `on_request` may run while earlier filters' deferred checks
+    /// ([`RequestCtx::defer`]) still wait for their answers: it neither reads what they
+    /// conclude nor is costly to run for a request they may still refuse (what it holds gives
+    /// itself back when dropped). The chain awaits the answers before a filter that says no
+    /// (authentication: an address limit must answer before a password hash is checked).
+    fn runs_alongside(&self) -> bool {
+        false
+    }
+
+    /// Return `Err` to answer the client now with the rejection, or leave the end of the
+    /// check to the chain with [`RequestCtx::defer`] (shared state: see [`crate::defer`]).
     async fn on_request(&self, _ctx: &mut RequestCtx) -> Result<(), Rejection> {
         Ok(())
     }

@@ -6,6 +6,7 @@
 
 pub mod batch;
 mod ctx;
+pub mod defer;
 mod filter;
 pub mod glob;
 pub mod limits;

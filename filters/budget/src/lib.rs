@@ -13,6 +13,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use gateway_filter::defer::Verdict;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
 use gateway_filter::units::HumanDuration;
 use gateway_filter::{
@@ -355,6 +356,102 @@ fn generation_secs(ctx: &RequestCtx) -> f64 {
     }
 }
 
+/// A reservation made but not yet the request's (its shared answer is awaited with the
+/// other filters'). Dropped unapplied (an earlier filter refused, the client went away, or
+/// shared state refused it), it gives back what it reserved, in the book and in shared state.
+struct Unused(Option<Reservation>);
+
+impl Unused {
+    fn budgets(&self) -> &[Budget] {
+        self.0.as_ref().map_or(&[], |r| &r.budgets)
+    }
+
+    fn set_shared(&mut self, holds: SharedHolds) {
+        if let Some(r) = self.0.as_mut() {
+            r.shared = Some(holds);
+        }
+    }
+
+    fn admit(&mut self, ctx: &mut RequestCtx, soft_limit: Option<f64>, after: &[(Nano, Nano)]) {
+        if let Some(res) = self.0.take() {
+            admit(ctx, soft_limit, res, after);
+        }
+    }
+}
+
+impl Drop for Unused {
+    fn drop(&mut self) {
+        if let Some(res) = self.0.take() {
+            res.settle(0);
+        }
+    }
+}
+
+/// The request holds `res` until it ends; past the soft limit, the response says so.
+/// `after`: `(spent with it, limit)` per budget.
+fn admit(ctx: &mut RequestCtx, soft_limit: Option<f64>, res: Reservation, after: &[(Nano, Nano)]) {
+    if let Some(soft) = soft_limit {
+        if let Some((b, (used, limit))) = res
+            .budgets
+            .iter()
+            .zip(after)
+            .find(|(_, (u, l))| *l > 0 && *u as f64 >= soft * *l as f64)
+        {
+            METRICS.soft.inc();
+            let pct = (*used as f64 / *limit as f64 * 100.0).min(100.0);
+            if let Ok(v) = HeaderValue::from_str(&format!(
+                "{pct:.0}% of the {} budget of {} used",
+                b.period.name(),
+                if b.principal == GLOBAL {
+                    "gateway"
+                } else {
+                    "this key"
+                }
+            )) {
+                ctx.response_headers
+                    .push((HeaderName::from_static("x-budget-warning"), v));
+            }
+        }
+    }
+    ctx.extensions.insert(Held(Arc::new(res)));
+}
+
+/// The answer when budget `b` cannot take the request.
+fn refuse(ctx: &mut RequestCtx, b: &Budget, now: i64) -> Rejection {
+    METRICS.rejections.inc();
+    ctx.reject_reason = Some(if b.principal == GLOBAL {
+        "global_budget"
+    } else {
+        "principal_budget"
+    });
+    let reset = b.period.resets_at(now);
+    let when = reset.map_or("never (total budget)".to_string(), |t| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t as u64))
+            .to_string()
+    });
+    let whose = if b.principal == GLOBAL {
+        "the gateway's"
+    } else {
+        "this key's"
+    };
+    let mut r = Rejection::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "budget_exceeded",
+        format!(
+            "{whose} budget of ${:.2} per {} is used up; it resets at {when}",
+            b.limit as f64 / 1e9,
+            b.period.name()
+        ),
+    );
+    if let Some(t) = reset {
+        r = r.with_header(
+            header::RETRY_AFTER,
+            HeaderValue::from((t - now).max(1) as u64),
+        );
+    }
+    r
+}
+
 impl BudgetFilter {
     /// The budgets this request is held to: its principal's (keys-file `max_usd` and
     /// `period`, else `default`) and the global one.
@@ -402,6 +499,12 @@ impl Filter for BudgetFilter {
         true
     }
 
+    /// It reads nothing earlier limiters decide, and its reservation gives itself back
+    /// when one of them refuses.
+    fn runs_alongside(&self) -> bool {
+        true
+    }
+
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if !ctx.route.is_inference() {
             return Ok(());
@@ -435,104 +538,62 @@ impl Filter for BudgetFilter {
         if budgets.is_empty() {
             return Ok(());
         }
-        let reserved = match self.book.reserve(&budgets, amount, now) {
-            Ok(after) => match &self.shared {
-                None => Ok((after, None)),
-                Some((st, replica)) => {
-                    let mine: Vec<_> = budgets.iter().map(|b| self.book.spent(b)).collect();
-                    match shared::reserve(st, replica, &budgets, &mine, amount, now).await {
-                        Ok(shared::Reserved::Taken(holds, after)) => {
-                            Ok((after, Some((st.clone(), replica.clone(), holds))))
-                        }
-                        Ok(shared::Reserved::Refused(i)) => {
-                            self.book.settle(&budgets, amount, 0);
-                            Err(budgets[i].clone())
-                        }
-                        Err(_) if st.fail_closed() => {
-                            self.book.settle(&budgets, amount, 0);
-                            return Err(gateway_filter::state::unavailable());
-                        }
-                        // `on_error: local`: this replica's book alone holds it.
-                        Err(_) => Ok((after, None)),
-                    }
-                }
-            },
-            Err(refusal) => Err(refusal.budget),
+        let after = match self.book.reserve(&budgets, amount, now) {
+            Ok(after) => after,
+            Err(refusal) => return Err(refuse(ctx, &refusal.budget, now)),
         };
-        match reserved {
-            Ok((after, shared)) => {
-                if let Some(soft) = self.soft_limit {
-                    if let Some((b, (used, limit))) = budgets
-                        .iter()
-                        .zip(&after)
-                        .find(|(_, (u, l))| *l > 0 && *u as f64 >= soft * *l as f64)
-                    {
-                        METRICS.soft.inc();
-                        let pct = (*used as f64 / *limit as f64 * 100.0).min(100.0);
-                        if let Ok(v) = HeaderValue::from_str(&format!(
-                            "{pct:.0}% of the {} budget of {} used",
-                            b.period.name(),
-                            if b.principal == GLOBAL {
-                                "gateway"
-                            } else {
-                                "this key"
-                            }
-                        )) {
-                            ctx.response_headers
-                                .push((HeaderName::from_static("x-budget-warning"), v));
-                        }
+        let res = Reservation {
+            book: self.book.clone(),
+            budgets,
+            amount,
+            day: now.div_euclid(86_400),
+            ledger: self.ledger.tx.clone(),
+            principal: principal_id(ctx).to_string(),
+            model: model.to_string(),
+            settled: Default::default(),
+            shared: None,
+        };
+        let Some((st, replica)) = &self.shared else {
+            admit(ctx, self.soft_limit, res, &after);
+            return Ok(());
+        };
+        // Shared state: the reservation goes out with the other filters' calls (the key's
+        // rate limit), one round trip for all; the chain applies the outcome in order.
+        let mine: Vec<_> = res.budgets.iter().map(|b| self.book.spent(b)).collect();
+        let (st, replica, soft) = (st.clone(), replica.clone(), self.soft_limit);
+        let mut unused = Unused(Some(res));
+        ctx.defer(
+            self.name(),
+            Box::pin(async move {
+                let budgets = unused.budgets().to_vec();
+                let answer = shared::reserve(&st, &replica, &budgets, &mine, amount, now).await;
+                let verdict: Verdict = match answer {
+                    Ok(shared::Reserved::Taken(holds, after)) => {
+                        unused.set_shared((st, replica, holds));
+                        Box::new(move |ctx| {
+                            unused.admit(ctx, soft, &after);
+                            Ok(())
+                        })
                     }
-                }
-                ctx.extensions.insert(Held(Arc::new(Reservation {
-                    book: self.book.clone(),
-                    budgets,
-                    amount,
-                    day: now.div_euclid(86_400),
-                    ledger: self.ledger.tx.clone(),
-                    principal: principal_id(ctx).to_string(),
-                    model: model.to_string(),
-                    settled: Default::default(),
-                    shared,
-                })));
-                Ok(())
-            }
-            Err(b) => {
-                METRICS.rejections.inc();
-                ctx.reject_reason = Some(if b.principal == GLOBAL {
-                    "global_budget"
-                } else {
-                    "principal_budget"
-                });
-                let reset = b.period.resets_at(now);
-                let when = reset.map_or("never (total budget)".to_string(), |t| {
-                    humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + Duration::from_secs(t as u64),
-                    )
-                    .to_string()
-                });
-                let whose = if b.principal == GLOBAL {
-                    "the gateway's".to_string()
-                } else {
-                    "this key's".to_string()
+                    Ok(shared::Reserved::Refused(i)) => {
+                        drop(unused);
+                        let b = budgets[i].clone();
+                        Box::new(move |ctx| Err(refuse(ctx, &b, now)))
+                    }
+                    Err(_) if st.fail_closed() => {
+                        drop(unused);
+                        Box::new(|_| Err(gateway_filter::state::unavailable()))
+                    }
+                    // `on_error: local`: this replica's book alone holds it.
+                    Err(_) => Box::new(move |ctx| {
+                        unused.admit(ctx, soft, &after);
+                        Ok(())
+                    }),
                 };
-                let mut r = Rejection::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "budget_exceeded",
-                    format!(
-                        "{whose} budget of ${:.2} per {} is used up; it resets at {when}",
-                        b.limit as f64 / 1e9,
-                        b.period.name()
-                    ),
-                );
-                if let Some(t) = reset {
-                    r = r.with_header(
-                        header::RETRY_AFTER,
-                        HeaderValue::from((t - now).max(1) as u64),
-                    );
-                }
-                Err(r)
-            }
-        }
+                verdict
+            }),
+        );
+        Ok(())
     }
 
     async fn on_complete(&self, ctx: &mut RequestCtx) {

@@ -370,6 +370,11 @@ impl Filter for PolicyFilter {
         true
     }
 
+    /// Its checks read only the request and the principal, never a limiter's answer.
+    fn runs_alongside(&self) -> bool {
+        true
+    }
+
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         self.check_headers(ctx)?;
         self.check_endpoint(ctx)?;

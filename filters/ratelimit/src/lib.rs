@@ -311,96 +311,45 @@ impl RateLimitFilter {
         out
     }
 
-    fn hold(&self, ctx: &mut RequestCtx, held: Held) {
-        let entry = (self.store.clone(), held);
-        match ctx.extensions.get::<Holds>() {
-            Some(holds) => holds
-                .0
-                 .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(entry),
-            None => {
-                ctx.extensions
-                    .insert(Holds(Arc::new(HoldList(std::sync::Mutex::new(vec![
-                        entry,
-                    ])))));
-            }
-        }
-    }
-
-    /// The shared answers for the request rate and the token reservation, in one round trip
-    /// when the limiter has both: `None` for either means "use the local store" (no shared
-    /// state, or it failed and `on_error: local`).
-    async fn ask_shared(
-        &self,
-        ctx: &RequestCtx,
-        rate: Option<Rate>,
-        burst: u64,
-        tpm: Option<u64>,
-        reserve: Option<u64>,
-    ) -> Result<(Option<Vec<i64>>, Option<(String, Vec<i64>)>), Rejection> {
-        let Some(st) = &self.state else {
-            return Ok((None, None));
-        };
-        let t_us = rate.map(|r| (r.interval_ns() / 1000).max(1));
+    /// The shared call for the request rate and the token reservation (one script when the
+    /// limiter has both); `None` when the limiter counts neither.
+    fn shared_ask(&self, st: &dyn SharedState, ctx: &RequestCtx, check: &Check) -> Option<Ask> {
+        let t_us = check.rate.map(|r| (r.interval_ns() / 1000).max(1));
         let window = int(MINUTE_NS / 1_000_000);
-        Ok(match (t_us, tpm.zip(reserve)) {
-            (Some(t_us), Some((limit, n))) => {
-                let kr = self.shared_key(st.as_ref(), ctx, "rate");
-                let kt = self.shared_key(st.as_ref(), ctx, "tokens");
-                let args = [int(t_us), int(burst), window, int(n), int(limit)];
-                match ask(Some(st), &shared::RATE_AND_TOKENS, &[&kr, &kt], &args).await? {
-                    Some(r) if at(&r, 0) == 1 && r.len() >= 8 => {
-                        let tokens = r[4..8].to_vec();
-                        (Some(r), Some((kt, tokens)))
-                    }
-                    Some(r) => (Some(r), None),
-                    None => (None, None),
-                }
-            }
-            (Some(t_us), None) => {
-                let k = self.shared_key(st.as_ref(), ctx, "rate");
-                let args = [int(t_us), int(burst)];
-                (ask(Some(st), &shared::GCRA, &[&k], &args).await?, None)
-            }
-            (None, Some((limit, n))) => {
-                let k = self.shared_key(st.as_ref(), ctx, "tokens");
-                let args = [window, int(n), int(limit)];
-                let r = ask(Some(st), &shared::TOKENS_RESERVE, &[&k], &args).await?;
-                (None, r.map(|r| (k, r)))
-            }
-            (None, None) => (None, None),
-        })
+        let (script, keys, args) = match (t_us, check.tpm.zip(check.reserve)) {
+            (Some(t_us), Some((limit, n))) => (
+                &shared::RATE_AND_TOKENS,
+                vec![
+                    self.shared_key(st, ctx, "rate"),
+                    self.shared_key(st, ctx, "tokens"),
+                ],
+                vec![int(t_us), int(check.burst), window, int(n), int(limit)],
+            ),
+            (Some(t_us), None) => (
+                &shared::GCRA,
+                vec![self.shared_key(st, ctx, "rate")],
+                vec![int(t_us), int(check.burst)],
+            ),
+            (None, Some((limit, n))) => (
+                &shared::TOKENS_RESERVE,
+                vec![self.shared_key(st, ctx, "tokens")],
+                vec![window, int(n), int(limit)],
+            ),
+            (None, None) => return None,
+        };
+        Some(Ask { script, keys, args })
     }
 
-    fn too_many_in_flight(ctx: &mut RequestCtx, max: u32) -> Rejection {
-        ctx.reject_reason = Some("concurrency");
+    fn too_many_in_flight(out: &mut impl Sink, max: u32) -> Rejection {
+        out.reason("concurrency");
         too_many(
             format!("concurrency limit exceeded ({max} requests in flight)"),
             1_000_000_000,
         )
     }
 
-    fn push(ctx: &mut RequestCtx, name: HeaderName, v: u64) {
-        ctx.response_headers.push((name, HeaderValue::from(v)));
-    }
-}
-
-#[async_trait]
-impl Filter for RateLimitFilter {
-    fn name(&self) -> &'static str {
-        "ratelimit"
-    }
-
-    /// A limiter keyed by model, or counting tokens (its own or a principal's override),
-    /// reads the body; an address or key rate limit does not.
-    fn needs_body(&self) -> bool {
-        self.tpm.is_some() || self.uses_principal()
-    }
-
-    async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        let key = self.key_of(ctx);
+    /// The request's check, owned so that it can go on after `on_request` returned.
+    fn check(&self, ctx: &mut RequestCtx) -> Result<Check, Rejection> {
         let (rate, burst, tpm) = self.limits(ctx);
         // The request's output bound (the policy's cap × completions) and its prompt,
         // estimated at four characters a token, are held until the real usage is known.
@@ -426,15 +375,210 @@ impl Filter for RateLimitFilter {
                 ));
             }
         }
-        let (shared_rate, mut shared_tokens) =
-            self.ask_shared(ctx, rate, burst, tpm, reserve).await?;
-        // Read after the shared call: a fallback after its deadline must not judge the request
-        // 20 ms in the past (it would look early against the others' arrivals, and be refused).
-        let now = now_ns();
+        Ok(Check {
+            key: self.key_of(ctx),
+            rate,
+            burst,
+            tpm,
+            reserve,
+            mode: self.mode,
+            max_in_flight: self.max_in_flight,
+            store: self.store.clone(),
+        })
+    }
+}
 
-        if let Some(rate) = rate {
-            let t = rate.interval_ns();
-            Self::push(ctx, LIMIT, burst + 1);
+/// One shared call: the script, its keys and arguments.
+struct Ask {
+    script: &'static gateway_filter::state::Script,
+    keys: Vec<String>,
+    args: Vec<gateway_filter::state::Arg<'static>>,
+}
+
+/// The shared answers for the rate and the tokens: `None` for either means "use the local
+/// store" (it failed and `on_error: local`).
+type Answers = (Option<Vec<i64>>, Option<(String, Vec<i64>)>);
+
+impl Ask {
+    async fn send(self, st: &Arc<dyn SharedState>) -> Result<Answers, Rejection> {
+        let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+        let Some(r) = ask(Some(st), self.script, &keys, &self.args).await? else {
+            return Ok((None, None));
+        };
+        let tokens_key = self.keys.into_iter().last().unwrap_or_default();
+        Ok(if std::ptr::eq(self.script, &shared::TOKENS_RESERVE) {
+            (None, Some((tokens_key, r)))
+        } else if std::ptr::eq(self.script, &shared::RATE_AND_TOKENS)
+            && at(&r, 0) == 1
+            && r.len() >= 8
+        {
+            let tokens = r[4..8].to_vec();
+            (Some(r), Some((tokens_key, tokens)))
+        } else {
+            (Some(r), None)
+        })
+    }
+}
+
+/// Where a check's decision goes: straight into the request (local state), or into an
+/// [`Outcome`] applied once the earlier filters' deferred checks are known.
+trait Sink {
+    fn header(&mut self, name: HeaderName, v: u64);
+    fn hold(&mut self, held: Held);
+    fn reason(&mut self, reason: &'static str);
+}
+
+/// The request itself, for a check decided at once.
+struct Direct<'a> {
+    ctx: &'a mut RequestCtx,
+    store: &'a Arc<dyn LimitStore>,
+}
+
+impl Sink for Direct<'_> {
+    fn header(&mut self, name: HeaderName, v: u64) {
+        self.ctx.response_headers.push((name, HeaderValue::from(v)));
+    }
+    fn hold(&mut self, held: Held) {
+        hold(self.ctx, self.store, held);
+    }
+    fn reason(&mut self, reason: &'static str) {
+        self.ctx.reject_reason = Some(reason);
+    }
+}
+
+/// Keeps `held` in the request's hold list until it ends.
+fn hold(ctx: &mut RequestCtx, store: &Arc<dyn LimitStore>, held: Held) {
+    let entry = (store.clone(), held);
+    match ctx.extensions.get::<Holds>() {
+        Some(holds) => holds
+            .0
+             .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(entry),
+        None => {
+            ctx.extensions
+                .insert(Holds(Arc::new(HoldList(std::sync::Mutex::new(vec![
+                    entry,
+                ])))));
+        }
+    }
+}
+
+/// A deferred check's decision, not yet applied. Dropped unapplied (an earlier filter
+/// refused, the client went away), it gives back what it holds.
+struct Outcome {
+    headers: Vec<(HeaderName, u64)>,
+    reason: Option<&'static str>,
+    holds: Vec<Held>,
+    store: Arc<dyn LimitStore>,
+    state: Arc<dyn SharedState>,
+}
+
+impl Sink for Outcome {
+    fn header(&mut self, name: HeaderName, v: u64) {
+        self.headers.push((name, v));
+    }
+    fn hold(&mut self, held: Held) {
+        self.holds.push(held);
+    }
+    fn reason(&mut self, reason: &'static str) {
+        self.reason = Some(reason);
+    }
+}
+
+impl Outcome {
+    fn apply(
+        mut self,
+        ctx: &mut RequestCtx,
+        result: Result<(), Rejection>,
+    ) -> Result<(), Rejection> {
+        for (name, v) in self.headers.drain(..) {
+            ctx.response_headers.push((name, HeaderValue::from(v)));
+        }
+        if let Some(r) = self.reason {
+            ctx.reject_reason = Some(r);
+        }
+        for held in std::mem::take(&mut self.holds) {
+            hold(ctx, &self.store, held);
+        }
+        result
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        for held in std::mem::take(&mut self.holds) {
+            settle(&self.store, Some(&self.state), &held, Some(0));
+        }
+    }
+}
+
+/// Replaces a token reservation by the tokens used (`None`: unknown, the whole reservation
+/// stays counted); gives a local slot back. Shared slots give themselves back when dropped.
+fn settle(
+    store: &Arc<dyn LimitStore>,
+    state: Option<&Arc<dyn SharedState>>,
+    held: &Held,
+    used: Option<u64>,
+) {
+    match *held {
+        Held::Tokens {
+            key,
+            start_ns,
+            reserved,
+        } => {
+            let used = used.unwrap_or(reserved);
+            store.settle_tokens(key, now_ns(), MINUTE_NS, start_ns, reserved, used);
+        }
+        Held::SharedTokens {
+            ref key,
+            start_ms,
+            reserved,
+        } => {
+            if let Some(st) = state {
+                st.run_batched(
+                    &shared::TOKENS_SETTLE,
+                    vec![key.clone()],
+                    vec![
+                        (MINUTE_NS / 1_000_000).to_string(),
+                        start_ms.to_string(),
+                        reserved.to_string(),
+                        used.unwrap_or(reserved).min(i64::MAX as u64).to_string(),
+                    ],
+                );
+            }
+        }
+        Held::Slot(key) => store.release(key),
+        Held::SharedSlot { .. } => {}
+    }
+}
+
+/// One request's limits, owned (see [`RateLimitFilter::check`]).
+struct Check {
+    key: u64,
+    rate: Option<Rate>,
+    burst: u64,
+    tpm: Option<u64>,
+    reserve: Option<u64>,
+    mode: Mode,
+    max_in_flight: Option<u32>,
+    store: Arc<dyn LimitStore>,
+}
+
+impl Check {
+    /// The rate and the tokens, from the shared answers where there are some, else from the
+    /// local store at `now`. Answers how long to wait (`mode: delay`).
+    fn decide(
+        &self,
+        out: &mut impl Sink,
+        (shared_rate, shared_tokens): Answers,
+        now: u64,
+    ) -> Result<u64, Rejection> {
+        let mut wait_ns = 0;
+        if let Some(rate) = self.rate {
+            let burst = self.burst;
+            out.header(LIMIT, burst + 1);
             let decision = match shared_rate {
                 Some(r) if at(&r, 0) == 1 => Gcra::Allow {
                     delay_ns: at(&r, 1).max(0) as u64 * 1000,
@@ -444,7 +588,9 @@ impl Filter for RateLimitFilter {
                 Some(r) => Gcra::Deny {
                     retry_ns: at(&r, 1).max(0) as u64 * 1000,
                 },
-                None => self.store.check_rate(key, now, t, burst),
+                None => self
+                    .store
+                    .check_rate(self.key, now, rate.interval_ns(), burst),
             };
             match decision {
                 Gcra::Allow {
@@ -452,16 +598,16 @@ impl Filter for RateLimitFilter {
                     remaining,
                     reset_ns,
                 } => {
-                    Self::push(ctx, REMAINING, remaining);
-                    Self::push(ctx, RESET, seconds_up(reset_ns));
-                    if self.mode == Mode::Delay && delay_ns > 0 {
-                        tokio::time::sleep(Duration::from_nanos(delay_ns)).await;
+                    out.header(REMAINING, remaining);
+                    out.header(RESET, seconds_up(reset_ns));
+                    if self.mode == Mode::Delay {
+                        wait_ns = delay_ns;
                     }
                 }
                 Gcra::Deny { retry_ns } => {
-                    Self::push(ctx, REMAINING, 0);
-                    Self::push(ctx, RESET, seconds_up(retry_ns));
-                    ctx.reject_reason = Some("request_rate");
+                    out.header(REMAINING, 0);
+                    out.header(RESET, seconds_up(retry_ns));
+                    out.reason("request_rate");
                     return Err(too_many(
                         format!(
                             "request rate limit exceeded ({}/{}s, burst {burst})",
@@ -474,8 +620,8 @@ impl Filter for RateLimitFilter {
             }
         }
 
-        if let (Some(limit), Some(reserve)) = (tpm, reserve) {
-            let (check, held) = match shared_tokens.take() {
+        if let (Some(limit), Some(reserve)) = (self.tpm, self.reserve) {
+            let (check, held) = match shared_tokens {
                 Some((k, r)) => (
                     TokenCheck {
                         taken: at(&r, 0) == 1,
@@ -492,22 +638,22 @@ impl Filter for RateLimitFilter {
                 None => {
                     let c = self
                         .store
-                        .reserve_tokens(key, now, MINUTE_NS, reserve, limit);
+                        .reserve_tokens(self.key, now, MINUTE_NS, reserve, limit);
                     (
                         c,
                         Held::Tokens {
-                            key,
+                            key: self.key,
                             start_ns: c.start_ns,
                             reserved: reserve,
                         },
                     )
                 }
             };
-            Self::push(ctx, LIMIT_TOKENS, limit);
-            Self::push(ctx, REMAINING_TOKENS, limit.saturating_sub(check.used));
-            Self::push(ctx, RESET_TOKENS, seconds_up(check.left_ns));
+            out.header(LIMIT_TOKENS, limit);
+            out.header(REMAINING_TOKENS, limit.saturating_sub(check.used));
+            out.header(RESET_TOKENS, seconds_up(check.left_ns));
             if !check.taken {
-                ctx.reject_reason = Some("tokens_per_minute");
+                out.reason("tokens_per_minute");
                 return Err(too_many(
                     format!(
                         "token limit exceeded ({limit} tokens per minute; {} used, {reserve} requested)",
@@ -516,27 +662,108 @@ impl Filter for RateLimitFilter {
                     check.left_ns,
                 ));
             }
-            self.hold(ctx, held);
+            out.hold(held);
         }
+        Ok(wait_ns)
+    }
 
+    /// An in-flight slot from the local store.
+    fn local_slot(&self, out: &mut impl Sink) -> Result<(), Rejection> {
         if let Some(max) = self.max_in_flight {
-            if let Some(st) = &self.state {
-                let k = self.shared_key(st.as_ref(), ctx, "slots");
-                match acquire_lease(st, k, max).await {
-                    Ok(Some(lease)) => {
-                        self.hold(ctx, Held::SharedSlot { _lease: lease });
-                        return Ok(());
-                    }
-                    Ok(None) => return Err(Self::too_many_in_flight(ctx, max)),
-                    Err(_) if st.fail_closed() => return Err(gateway_filter::state::unavailable()),
-                    Err(_) => {}
-                }
+            if !self.store.acquire(self.key, max) {
+                return Err(RateLimitFilter::too_many_in_flight(out, max));
             }
-            if !self.store.acquire(key, max) {
-                return Err(Self::too_many_in_flight(ctx, max));
-            }
-            self.hold(ctx, Held::Slot(key));
+            out.hold(Held::Slot(self.key));
         }
+        Ok(())
+    }
+
+    /// The whole check on shared state: the rate and tokens call, the wait, the slot.
+    async fn shared(
+        &self,
+        out: &mut Outcome,
+        st: &Arc<dyn SharedState>,
+        ask: Option<Ask>,
+        slot_key: Option<String>,
+    ) -> Result<(), Rejection> {
+        let answers = match ask {
+            Some(a) => a.send(st).await?,
+            None => (None, None),
+        };
+        // Read after the shared call: a fallback after its deadline must not judge the
+        // request 20 ms in the past (it would look early against the others' arrivals).
+        let wait_ns = self.decide(out, answers, now_ns())?;
+        if wait_ns > 0 {
+            tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
+        }
+        if let (Some(max), Some(k)) = (self.max_in_flight, slot_key) {
+            match acquire_lease(st, k, max).await {
+                Ok(Some(lease)) => {
+                    out.hold(Held::SharedSlot { _lease: lease });
+                    return Ok(());
+                }
+                Ok(None) => return Err(RateLimitFilter::too_many_in_flight(out, max)),
+                Err(_) if st.fail_closed() => return Err(gateway_filter::state::unavailable()),
+                Err(_) => {}
+            }
+        }
+        self.local_slot(out)
+    }
+}
+
+#[async_trait]
+impl Filter for RateLimitFilter {
+    fn name(&self) -> &'static str {
+        "ratelimit"
+    }
+
+    /// A limiter keyed by model, or counting tokens (its own or a principal's override),
+    /// reads the body; an address or key rate limit does not.
+    fn needs_body(&self) -> bool {
+        self.tpm.is_some() || self.uses_principal()
+    }
+
+    /// It reads nothing earlier limiters or budgets decide, and what it holds gives itself
+    /// back when an earlier one refuses.
+    fn runs_alongside(&self) -> bool {
+        true
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        let check = self.check(ctx)?;
+        let Some(st) = &self.state else {
+            let mut out = Direct {
+                ctx,
+                store: &self.store,
+            };
+            let wait_ns = check.decide(&mut out, (None, None), now_ns())?;
+            if wait_ns > 0 {
+                tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
+            }
+            return check.local_slot(&mut out);
+        };
+        // Shared state: the call goes out with the next filters' (a budget's reservation),
+        // one round trip for all; the chain applies the outcome in order.
+        let ask = self.shared_ask(st.as_ref(), ctx, &check);
+        let slot_key = check
+            .max_in_flight
+            .map(|_| self.shared_key(st.as_ref(), ctx, "slots"));
+        let st = st.clone();
+        ctx.defer(
+            self.name(),
+            Box::pin(async move {
+                let mut out = Outcome {
+                    headers: Vec::with_capacity(6),
+                    reason: None,
+                    holds: Vec::new(),
+                    store: check.store.clone(),
+                    state: st.clone(),
+                };
+                let result = check.shared(&mut out, &st, ask, slot_key).await;
+                Box::new(move |ctx: &mut RequestCtx| out.apply(ctx, result))
+                    as gateway_filter::defer::Verdict
+            }),
+        );
         Ok(())
     }
 
@@ -552,36 +779,10 @@ impl Filter for RateLimitFilter {
             None if ctx.used_unknown() => None,
             None => Some(0),
         };
-        let now = now_ns();
-        holds.each(&self.store, |held| match *held {
-            Held::Tokens {
-                key,
-                start_ns,
-                reserved,
-            } => {
-                let used = used.unwrap_or(reserved);
-                self.store
-                    .settle_tokens(key, now, MINUTE_NS, start_ns, reserved, used);
+        holds.each(&self.store, |held| {
+            if !matches!(held, Held::Slot(_)) {
+                settle(&self.store, self.state.as_ref(), held, used);
             }
-            Held::SharedTokens {
-                ref key,
-                start_ms,
-                reserved,
-            } => {
-                if let Some(st) = &self.state {
-                    st.run_batched(
-                        &shared::TOKENS_SETTLE,
-                        vec![key.clone()],
-                        vec![
-                            (MINUTE_NS / 1_000_000).to_string(),
-                            start_ms.to_string(),
-                            reserved.to_string(),
-                            used.unwrap_or(reserved).min(i64::MAX as u64).to_string(),
-                        ],
-                    );
-                }
-            }
-            Held::Slot(_) | Held::SharedSlot { .. } => {}
         });
     }
 }
