@@ -134,8 +134,15 @@ impl FilterChain {
             if !f.runs_alongside() && ctx.has_pending() {
                 settle_pending(ctx).await?;
             }
+            let reason = ctx.reject_reason;
             if let Err(r) = f.on_request(ctx).await {
-                settle_pending(ctx).await?;
+                if ctx.has_pending() {
+                    // An earlier check still waiting is the answer if it refuses too; this
+                    // filter's reason stands only if that check passes.
+                    let theirs = std::mem::replace(&mut ctx.reject_reason, reason);
+                    settle_pending(ctx).await?;
+                    ctx.reject_reason = theirs;
+                }
                 ctx.decision = Decision::Rejected {
                     filter: f.name(),
                     code: r.code,
@@ -380,6 +387,7 @@ mod tests {
         async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
             self.log.lock().unwrap().push(format!("req:{}", self.tag));
             if self.sync_reject {
+                ctx.reject_reason = Some("reason_of_the_later_filter");
                 return Err(Rejection::new(
                     StatusCode::FORBIDDEN,
                     "said_no_at_once",
@@ -535,11 +543,16 @@ mod tests {
                 code: "said_no_later"
             }
         );
+        assert_eq!(
+            ctx.reject_reason, None,
+            "the later filter's reason is not the answer's"
+        );
         // The earlier check passes: its verdict is applied, then the refusal answered.
         let s = Setup::new(1);
         let c = s.chain(&["d:a", "s!:b"]);
         let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
         assert_eq!(run(&c, &mut ctx).await.unwrap_err().code, "said_no_at_once");
+        assert_eq!(ctx.reject_reason, Some("reason_of_the_later_filter"));
         assert_eq!(
             ctx.decision,
             Decision::Rejected {

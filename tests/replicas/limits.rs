@@ -426,3 +426,36 @@ async fn a_keys_limits_and_budget_share_one_round_trip() {
     );
     eprintln!("{reads} reads, {scripts} script calls for {n} requests");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_limiter_never_counts_what_an_earlier_one_refused() {
+    // The key's limit, then an address limit after it: a rate counts the moment its script
+    // runs, so the address limit must not be asked for requests the key's limit refuses.
+    let Replicas {
+        redis,
+        mock: _m,
+        gws,
+        dir: _dir,
+    } = replicas(
+        "  - use: ratelimit\n    key: api_key\n    rate: 1/m\n    burst: 1\n  - use: ratelimit\n    key: ip\n    rate: 1/m\n    burst: 10\n",
+    )
+    .await;
+    let c = client();
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let r = c
+            .post(gws[0].url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        codes.push(r.status().as_u16());
+    }
+    assert_eq!(codes, [200, 200, 429, 429, 429, 429]);
+    // Requests the address's bucket holds: how far its TAT is ahead of now, in intervals.
+    let counted = "local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]; \
+        local k = redis.call('KEYS', '*{ip:*')[1]; \
+        return math.ceil((tonumber(redis.call('GET', k)) - now) / 60000000)";
+    assert_eq!(redis.cmd(&["EVAL", counted, "0"]).as_deref(), Some(":2"));
+}

@@ -215,8 +215,9 @@ async fn a_settlement_that_never_arrives_is_put_back_from_the_ledger() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn holds_taken_alongside_a_refused_rate_are_given_back() {
-    // The key's rate limit, its tokens per minute and the budget ask Redis together; when
-    // the rate refuses, the token reservation and the budget's, already taken, go back.
+    // The key's rate limit (with its tokens per minute) and the budget ask Redis together;
+    // when the rate refuses, the budget's reservation, already taken, goes back (and the
+    // tokens were never taken: the limiter's script reserves them only past the rate).
     let redis = Redis::start();
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
@@ -228,7 +229,7 @@ async fn holds_taken_alongside_a_refused_rate_are_given_back() {
             .replace("lease_ttl: 1s", "lease_ttl: 30s"),
         config(dir.path(), &m, 0.5, 0.0, 10000.0, "").replace(
             "  - use: budget\n",
-            "  - use: ratelimit\n    key: api_key\n    rate: 1/m\n    burst: 1\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 100000\n  - use: budget\n",
+            "  - use: ratelimit\n    key: api_key\n    rate: 1/m\n    burst: 1\n    tokens_per_minute: 100000\n  - use: budget\n",
         )
     );
     let gw = Gateway::start(&body).await;
@@ -267,7 +268,7 @@ async fn holds_taken_alongside_a_refused_rate_are_given_back() {
         10,
         "{acct}"
     );
-    // The minute's token count is what the two used: the refused ones' reservations went back.
+    // The minute's token count is what the two used.
     let count =
         "local k = redis.call('KEYS', '*tokens*')[1]; return tonumber(redis.call('HGET', k, 'u'))";
     let mut in_redis = None;

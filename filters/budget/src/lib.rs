@@ -356,16 +356,46 @@ fn generation_secs(ctx: &RequestCtx) -> f64 {
     }
 }
 
+/// What a request asks of its budgets, before anything is reserved.
+struct Ask {
+    book: Arc<Book>,
+    budgets: Vec<Budget>,
+    amount: Nano,
+    now: i64,
+    ledger: tokio::sync::mpsc::Sender<ledger::Msg>,
+    principal: String,
+    model: String,
+}
+
+impl Ask {
+    /// Reserves the amount in this replica's book: the reservation and `(spent with it,
+    /// limit)` per budget, or the budget that cannot take it.
+    fn reserve(self) -> Result<(Reservation, Vec<(Nano, Nano)>), Budget> {
+        let after = self
+            .book
+            .reserve(&self.budgets, self.amount, self.now)
+            .map_err(|r| r.budget)?;
+        let res = Reservation {
+            book: self.book,
+            budgets: self.budgets,
+            amount: self.amount,
+            day: self.now.div_euclid(86_400),
+            ledger: self.ledger,
+            principal: self.principal,
+            model: self.model,
+            settled: Default::default(),
+            shared: None,
+        };
+        Ok((res, after))
+    }
+}
+
 /// A reservation made but not yet the request's (its shared answer is awaited with the
 /// other filters'). Dropped unapplied (an earlier filter refused, the client went away, or
 /// shared state refused it), it gives back what it reserved, in the book and in shared state.
 struct Unused(Option<Reservation>);
 
 impl Unused {
-    fn budgets(&self) -> &[Budget] {
-        self.0.as_ref().map_or(&[], |r| &r.budgets)
-    }
-
     fn set_shared(&mut self, holds: SharedHolds) {
         if let Some(r) = self.0.as_mut() {
             r.shared = Some(holds);
@@ -538,36 +568,44 @@ impl Filter for BudgetFilter {
         if budgets.is_empty() {
             return Ok(());
         }
-        let after = match self.book.reserve(&budgets, amount, now) {
-            Ok(after) => after,
-            Err(refusal) => return Err(refuse(ctx, &refusal.budget, now)),
-        };
-        let res = Reservation {
+        let ask = Ask {
             book: self.book.clone(),
             budgets,
             amount,
-            day: now.div_euclid(86_400),
+            now,
             ledger: self.ledger.tx.clone(),
             principal: principal_id(ctx).to_string(),
             model: model.to_string(),
-            settled: Default::default(),
-            shared: None,
         };
         let Some((st, replica)) = &self.shared else {
-            admit(ctx, self.soft_limit, res, &after);
-            return Ok(());
+            return match ask.reserve() {
+                Ok((res, after)) => {
+                    admit(ctx, self.soft_limit, res, &after);
+                    Ok(())
+                }
+                Err(b) => Err(refuse(ctx, &b, now)),
+            };
         };
         // Shared state: the reservation goes out with the other filters' calls (the key's
-        // rate limit), one round trip for all; the chain applies the outcome in order.
-        let mine: Vec<_> = res.budgets.iter().map(|b| self.book.spent(b)).collect();
+        // rate limit), one round trip for all; the chain applies the outcome in order. The
+        // book's reservation is made then too, and a refusal is counted only when it is the
+        // request's answer (an earlier filter's refusal comes first).
         let (st, replica, soft) = (st.clone(), replica.clone(), self.soft_limit);
-        let mut unused = Unused(Some(res));
         ctx.defer(
             self.name(),
             Box::pin(async move {
-                let budgets = unused.budgets().to_vec();
+                let (res, after) = match ask.reserve() {
+                    Ok(taken) => taken,
+                    Err(b) => {
+                        return Box::new(move |ctx: &mut RequestCtx| Err(refuse(ctx, &b, now)))
+                            as Verdict
+                    }
+                };
+                let budgets = res.budgets.clone();
+                let mine: Vec<_> = budgets.iter().map(|b| res.book.spent(b)).collect();
+                let mut unused = Unused(Some(res));
                 let answer = shared::reserve(&st, &replica, &budgets, &mine, amount, now).await;
-                let verdict: Verdict = match answer {
+                match answer {
                     Ok(shared::Reserved::Taken(holds, after)) => {
                         unused.set_shared((st, replica, holds));
                         Box::new(move |ctx| {
@@ -589,8 +627,7 @@ impl Filter for BudgetFilter {
                         unused.admit(ctx, soft, &after);
                         Ok(())
                     }),
-                };
-                verdict
+                }
             }),
         );
         Ok(())

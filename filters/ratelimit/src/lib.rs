@@ -567,12 +567,12 @@ struct Check {
 }
 
 impl Check {
-    /// The rate and the tokens, from the shared answers where there are some, else from the
-    /// local store at `now`. Answers how long to wait (`mode: delay`).
-    fn decide(
+    /// The rate, from the shared answer when there is one, else from the local store at
+    /// `now`. Answers how long to wait first (`mode: delay`).
+    fn decide_rate(
         &self,
         out: &mut impl Sink,
-        (shared_rate, shared_tokens): Answers,
+        shared_rate: Option<Vec<i64>>,
         now: u64,
     ) -> Result<u64, Rejection> {
         let mut wait_ns = 0;
@@ -620,6 +620,17 @@ impl Check {
             }
         }
 
+        Ok(wait_ns)
+    }
+
+    /// The token reservation, from the shared answer when there is one, else from the local
+    /// store at `now`.
+    fn decide_tokens(
+        &self,
+        out: &mut impl Sink,
+        shared_tokens: Option<(String, Vec<i64>)>,
+        now: u64,
+    ) -> Result<(), Rejection> {
         if let (Some(limit), Some(reserve)) = (self.tpm, self.reserve) {
             let (check, held) = match shared_tokens {
                 Some((k, r)) => (
@@ -664,7 +675,7 @@ impl Check {
             }
             out.hold(held);
         }
-        Ok(wait_ns)
+        Ok(())
     }
 
     /// An in-flight slot from the local store.
@@ -678,25 +689,24 @@ impl Check {
         Ok(())
     }
 
-    /// The whole check on shared state: the rate and tokens call, the wait, the slot.
-    async fn shared(
+    /// The whole check: the rate, the wait (`mode: delay`), the tokens, the slot; on shared
+    /// state's answers (`answers`, and a lease for `slot_key`) where there are some.
+    async fn run(
         &self,
-        out: &mut Outcome,
-        st: &Arc<dyn SharedState>,
-        ask: Option<Ask>,
+        out: &mut impl Sink,
+        state: Option<&Arc<dyn SharedState>>,
+        (shared_rate, shared_tokens): Answers,
         slot_key: Option<String>,
     ) -> Result<(), Rejection> {
-        let answers = match ask {
-            Some(a) => a.send(st).await?,
-            None => (None, None),
-        };
         // Read after the shared call: a fallback after its deadline must not judge the
         // request 20 ms in the past (it would look early against the others' arrivals).
-        let wait_ns = self.decide(out, answers, now_ns())?;
+        let now = now_ns();
+        let wait_ns = self.decide_rate(out, shared_rate, now)?;
         if wait_ns > 0 {
             tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
         }
-        if let (Some(max), Some(k)) = (self.max_in_flight, slot_key) {
+        self.decide_tokens(out, shared_tokens, now)?;
+        if let (Some(max), Some(st), Some(k)) = (self.max_in_flight, state, slot_key) {
             match acquire_lease(st, k, max).await {
                 Ok(Some(lease)) => {
                     out.hold(Held::SharedSlot { _lease: lease });
@@ -723,48 +733,66 @@ impl Filter for RateLimitFilter {
         self.tpm.is_some() || self.uses_principal()
     }
 
-    /// It reads nothing earlier limiters or budgets decide, and what it holds gives itself
-    /// back when an earlier one refuses.
-    fn runs_alongside(&self) -> bool {
-        true
-    }
+    // Not `runs_alongside`: a later limiter's rate counts the moment its script runs and
+    // cannot be given back, so it must not count requests an earlier check refuses.
 
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         let check = self.check(ctx)?;
-        let Some(st) = &self.state else {
-            let mut out = Direct {
-                ctx,
-                store: &self.store,
-            };
-            let wait_ns = check.decide(&mut out, (None, None), now_ns())?;
-            if wait_ns > 0 {
-                tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
+        let shared = self.state.as_ref().map(|st| {
+            let ask = self.shared_ask(st.as_ref(), ctx, &check);
+            let slot_key = check
+                .max_in_flight
+                .map(|_| self.shared_key(st.as_ref(), ctx, "slots"));
+            (st.clone(), ask, slot_key)
+        });
+        match shared {
+            // Shared state: the call goes out with the next filters' (a budget's
+            // reservation), one round trip for all; the chain applies the outcome in order.
+            // Not in `mode: delay`: what runs alongside would be held through the wait.
+            Some((st, ask, slot_key)) if check.mode == Mode::Nodelay => {
+                ctx.defer(
+                    self.name(),
+                    Box::pin(async move {
+                        let mut out = Outcome {
+                            headers: Vec::with_capacity(6),
+                            reason: None,
+                            holds: Vec::new(),
+                            store: check.store.clone(),
+                            state: st.clone(),
+                        };
+                        let result = match ask {
+                            Some(a) => a.send(&st).await,
+                            None => Ok((None, None)),
+                        };
+                        let result = match result {
+                            Ok(answers) => check.run(&mut out, Some(&st), answers, slot_key).await,
+                            Err(r) => Err(r),
+                        };
+                        Box::new(move |ctx: &mut RequestCtx| out.apply(ctx, result))
+                            as gateway_filter::defer::Verdict
+                    }),
+                );
+                Ok(())
             }
-            return check.local_slot(&mut out);
-        };
-        // Shared state: the call goes out with the next filters' (a budget's reservation),
-        // one round trip for all; the chain applies the outcome in order.
-        let ask = self.shared_ask(st.as_ref(), ctx, &check);
-        let slot_key = check
-            .max_in_flight
-            .map(|_| self.shared_key(st.as_ref(), ctx, "slots"));
-        let st = st.clone();
-        ctx.defer(
-            self.name(),
-            Box::pin(async move {
-                let mut out = Outcome {
-                    headers: Vec::with_capacity(6),
-                    reason: None,
-                    holds: Vec::new(),
-                    store: check.store.clone(),
-                    state: st.clone(),
+            Some((st, ask, slot_key)) => {
+                let answers = match ask {
+                    Some(a) => a.send(&st).await?,
+                    None => (None, None),
                 };
-                let result = check.shared(&mut out, &st, ask, slot_key).await;
-                Box::new(move |ctx: &mut RequestCtx| out.apply(ctx, result))
-                    as gateway_filter::defer::Verdict
-            }),
-        );
-        Ok(())
+                let mut out = Direct {
+                    ctx,
+                    store: &self.store,
+                };
+                check.run(&mut out, Some(&st), answers, slot_key).await
+            }
+            None => {
+                let mut out = Direct {
+                    ctx,
+                    store: &self.store,
+                };
+                check.run(&mut out, None, (None, None), None).await
+            }
+        }
     }
 
     /// Replaces this limiter's token reservations by the request's usage: what the backend
