@@ -535,7 +535,5 @@ async fn batches_never_let_more_through_than_the_shared_bucket() {
         ok <= 101 + elapsed_ms + 1,
         "{ok} passed in {elapsed_ms} ms: more than the bucket holds"
     );
-    // The bucket serves (batches or not); refusals follow from the bound above whenever the
-    // run is quicker than the 200 ms the bucket takes to refill 200 requests.
-    assert!(ok >= 60, "{ok} passed, {refused} refused");
+    assert!(ok >= 60 && refused > 0, "{ok} passed, {refused} refused");
 }

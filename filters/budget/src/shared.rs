@@ -40,7 +40,7 @@ if #dead > 0 then
   for _, m in ipairs(dead) do held = held - (tonumber(string.match(m, '|(%d+)$')) or 0) end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if held < 0 then held = 0 end
-  redis.call('HSET', KEYS[1], '~held', (held < 9007199254740992 and string.format('%d', held) or string.format('%.0f', held)))
+  redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
 end
 -- No reservation left: nothing is held (whatever a lost set or an old replica left).
 if held > 0 and redis.call('ZCARD', KEYS[2]) == 0 then
@@ -60,7 +60,7 @@ if spent + held + amount > tonumber(ARGV[4]) then
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
 held = held + amount
-redis.call('HSET', KEYS[1], '~held', (held < 9007199254740992 and string.format('%d', held) or string.format('%.0f', held)))
+redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
 if keep > 0 then redis.call('PEXPIRE', KEYS[2], keep) end
 return {1, spent, held}
 "#,
@@ -88,7 +88,7 @@ for i = 1, #ARGV, 4 do
 end
 if held then
   if held < 0 then held = 0 end
-  redis.call('HSET', KEYS[1], '~held', (held < 9007199254740992 and string.format('%d', held) or string.format('%.0f', held)))
+  redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
 end
 for r, i in pairs(top) do
   if tonumber(redis.call('HGET', KEYS[1], r) or '0') < tonumber(ARGV[i + 1]) then

@@ -4,19 +4,6 @@
 
 use gateway_filter::state::Script;
 
-/// A whole number as Redis stores it: `%d` below 2^53 (every figure here in practice; the
-/// exact float formatting of `%.0f` is a tenth of the server's time on these scripts).
-macro_rules! num_lua {
-    () => {
-        r#"
-local function num(x)
-  if x > -9007199254740992 and x < 9007199254740992 then return string.format('%d', x) end
-  return string.format('%.0f', x)
-end
-"#
-    };
-}
-
 /// GCRA in microseconds on the TAT in `key`, interval µs, burst, at server time `t`. With
 /// `batch` > 1, when at least `room` requests could pass now, `batch` of them are taken at
 /// once (the replica serves the others itself, see `crate::spare`).
@@ -35,7 +22,7 @@ local function gcra(key, interval, burst, t, batch, room)
   local n = 1
   if batch > 1 and math.floor((tau - (tat - now)) / interval) + 1 >= room then n = batch end
   local new_tat = tat + interval * n
-  redis.call('SET', key, num(new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
+  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
   local cap = now + tau + interval
   return {1, tat - now, math.floor((cap - math.min(new_tat, cap)) / interval), new_tat - now, n}
 end
@@ -57,7 +44,7 @@ local function tokens(key, w, n, limit, t)
   if used + n <= limit then
     used = used + n; taken = 1
   end
-  redis.call('HSET', key, 's', num(start), 'u', num(used))
+  redis.call('HSET', key, 's', string.format('%.0f', start), 'u', string.format('%.0f', used))
   redis.call('PEXPIRE', key, w * 2)
   return {taken, used, start, start + w - now}
 end
@@ -69,7 +56,6 @@ end
 pub static GCRA: Script = Script {
     name: "gcra",
     source: concat!(
-        num_lua!(),
         gcra_lua!(),
         "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), redis.call('TIME'), tonumber(ARGV[3]), tonumber(ARGV[4]))"
     ),
@@ -79,7 +65,6 @@ pub static GCRA: Script = Script {
 pub static TOKENS_RESERVE: Script = Script {
     name: "tokens_reserve",
     source: concat!(
-        num_lua!(),
         tokens_lua!(),
         "return tokens(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), redis.call('TIME'))"
     ),
@@ -91,7 +76,6 @@ pub static TOKENS_RESERVE: Script = Script {
 pub static RATE_AND_TOKENS: Script = Script {
     name: "rate_and_tokens",
     source: concat!(
-        num_lua!(),
         gcra_lua!(),
         tokens_lua!(),
         r#"
@@ -109,9 +93,7 @@ return {r[1], r[2], r[3], r[4], k[1], k[2], k[3], k[4]}
 /// `SharedState::run_batched`): window ms, reservation's window start ms, reserved, used.
 pub static TOKENS_SETTLE: Script = Script {
     name: "tokens_settle",
-    source: concat!(
-        num_lua!(),
-        r#"
+    source: r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local w = tonumber(ARGV[1])
@@ -125,9 +107,8 @@ for i = 1, #ARGV, 4 do
     used = used + tonumber(ARGV[i + 3])
   end
 end
-redis.call('HSET', KEYS[1], 's', num(start), 'u', num(used))
+redis.call('HSET', KEYS[1], 's', string.format('%.0f', start), 'u', string.format('%.0f', used))
 redis.call('PEXPIRE', KEYS[1], w * 2)
 return {used}
-"#
-    ),
+"#,
 };
