@@ -430,33 +430,6 @@ impl RateLimitFilter {
     }
 }
 
-/// A batch asked for: what it grants is put in the spares, also nothing when the request
-/// goes away without an answer (so the next request may fetch).
-struct Fetching(Option<(Arc<spare::Spares>, String)>);
-
-impl Fetching {
-    /// `reply`: the rate script's answer (`{1, delay, remaining, reset, taken}`), or none.
-    fn put(mut self, reply: &[i64]) {
-        if let Some((spares, key)) = self.0.take() {
-            spares.put(
-                &key,
-                at(reply, 4),
-                at(reply, 2),
-                at(reply, 3),
-                Instant::now(),
-            );
-        }
-    }
-}
-
-impl Drop for Fetching {
-    fn drop(&mut self) {
-        if let Some((spares, key)) = self.0.take() {
-            spares.put(&key, 0, 0, 0, Instant::now());
-        }
-    }
-}
-
 /// One shared call: the script, its keys and arguments.
 struct Ask {
     script: &'static gateway_filter::state::Script,
@@ -822,11 +795,7 @@ impl Filter for RateLimitFilter {
         // A fast rate with plenty of room: served from this replica's batch when it has one.
         let mut fetch = None;
         if let (Some(_), Some(a)) = (batch, ask.as_mut()) {
-            let span = check
-                .rate
-                .map_or(0, |r| r.interval_ns())
-                .saturating_mul(self.batch);
-            match self.spares.take(&a.keys[0], Instant::now(), span) {
+            match self.spares.take(&a.keys[0], Instant::now()) {
                 spare::Take::Slot(remaining, reset_us) => {
                     let mut out = Direct {
                         ctx,
@@ -837,9 +806,7 @@ impl Filter for RateLimitFilter {
                         .run(&mut out, Some(st), (answer, None), slot_key)
                         .await;
                 }
-                spare::Take::Fetch => {
-                    fetch = Some(Fetching(Some((self.spares.clone(), a.keys[0].clone()))))
-                }
+                spare::Take::Fetch => fetch = Some((self.spares.clone(), a.keys[0].clone())),
                 spare::Take::Single => a.args[2] = int(1),
             }
         }
@@ -872,11 +839,12 @@ impl Filter for RateLimitFilter {
                     Some(a) => a.send(&st).await,
                     None => Ok((None, None)),
                 };
-                if let Some(f) = fetch {
-                    match &result {
-                        Ok((Some(r), _)) if at(r, 0) == 1 => f.put(r),
-                        _ => f.put(&[]),
-                    }
+                if let Some((spares, key)) = fetch {
+                    let r = match &result {
+                        Ok((Some(r), _)) if at(r, 0) == 1 => r.as_slice(),
+                        _ => &[],
+                    };
+                    spares.put(&key, at(r, 4), at(r, 2), at(r, 3), Instant::now());
                 }
                 let result = match result {
                     Ok(answers) => check.run(&mut out, Some(&st), answers, slot_key).await,
