@@ -6,7 +6,6 @@
 
 mod rate;
 mod shared;
-mod spare;
 mod store;
 
 use std::hash::{BuildHasher, Hash};
@@ -58,14 +57,6 @@ struct Options {
     /// Most keys tracked per kind of limit (memory bound).
     #[serde(default = "default_max_keys")]
     max_keys: usize,
-    /// With shared state: requests of a fast rate taken from Redis at once while the bucket
-    /// has plenty of room (see `spare.rs`); 1 = every request asks.
-    #[serde(default = "default_shared_batch")]
-    shared_batch: u32,
-}
-
-fn default_shared_batch() -> u32 {
-    16
 }
 
 fn default_max_keys() -> usize {
@@ -141,9 +132,6 @@ pub struct RateLimitFilter {
     /// Names this limiter's keys in shared state: the same options on every replica give the
     /// same id, and two limiters of one chain differ.
     id: String,
-    /// Requests taken from the shared rate at once (`shared_batch`), and what is left of them.
-    batch: u64,
-    spares: Arc<spare::Spares>,
 }
 
 /// What a request holds from a limiter until it ends: an in-flight slot (released when the
@@ -215,12 +203,6 @@ pub fn build(
             "set at least one of rate, max_in_flight or tokens_per_minute",
         ));
     }
-    if !(1..=1000).contains(&o.shared_batch) {
-        return Err(OptionsError::new(
-            "shared_batch",
-            "between 1 (every request asks shared state) and 1000; the default is 16",
-        ));
-    }
     if o.max_in_flight == Some(0) || o.tokens_per_minute == Some(0) {
         return Err(OptionsError::new(
             "",
@@ -238,8 +220,6 @@ pub fn build(
         hasher: std::hash::RandomState::new(),
         state: cx.state.clone(),
         id: format!("{:016x}", stable_hash(options.to_string().as_bytes())),
-        batch: u64::from(o.shared_batch),
-        spares: Arc::new(spare::Spares::new(o.max_keys.max(SHARD_MIN))),
     }))
 }
 
@@ -333,13 +313,7 @@ impl RateLimitFilter {
 
     /// The shared call for the request rate and the token reservation (one script when the
     /// limiter has both); `None` when the limiter counts neither.
-    fn shared_ask(
-        &self,
-        st: &dyn SharedState,
-        ctx: &RequestCtx,
-        check: &Check,
-        batch: u64,
-    ) -> Option<Ask> {
+    fn shared_ask(&self, st: &dyn SharedState, ctx: &RequestCtx, check: &Check) -> Option<Ask> {
         let t_us = check.rate.map(|r| (r.interval_ns() / 1000).max(1));
         let window = int(MINUTE_NS / 1_000_000);
         let (script, keys, args) = match (t_us, check.tpm.zip(check.reserve)) {
@@ -354,12 +328,7 @@ impl RateLimitFilter {
             (Some(t_us), None) => (
                 &shared::GCRA,
                 vec![self.shared_key(st, ctx, "rate")],
-                vec![
-                    int(t_us),
-                    int(check.burst),
-                    int(batch),
-                    int(batch.saturating_mul(spare::ROOM_FACTOR)),
-                ],
+                vec![int(t_us), int(check.burst)],
             ),
             (None, Some((limit, n))) => (
                 &shared::TOKENS_RESERVE,
@@ -369,17 +338,6 @@ impl RateLimitFilter {
             (None, None) => return None,
         };
         Some(Ask { script, keys, args })
-    }
-
-    /// How many requests this one may take from the shared rate at once: only for a rate
-    /// alone (tokens vary per request), served at once (`nodelay`), and fast enough that a
-    /// batch spans at most `SPARE_FOR` of it.
-    fn batch_for(&self, check: &Check) -> Option<u64> {
-        let rate = check.rate?;
-        let fits =
-            rate.interval_ns().saturating_mul(self.batch) <= spare::SPARE_FOR.as_nanos() as u64;
-        (self.batch > 1 && check.tpm.is_none() && check.mode == Mode::Nodelay && fits)
-            .then_some(self.batch)
     }
 
     fn too_many_in_flight(out: &mut impl Sink, max: u32) -> Rejection {
@@ -780,81 +738,61 @@ impl Filter for RateLimitFilter {
 
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         let check = self.check(ctx)?;
-        let Some(st) = &self.state else {
-            let mut out = Direct {
-                ctx,
-                store: &self.store,
-            };
-            return check.run(&mut out, None, (None, None), None).await;
-        };
-        let batch = self.batch_for(&check);
-        let mut ask = self.shared_ask(st.as_ref(), ctx, &check, batch.unwrap_or(1));
-        let slot_key = check
-            .max_in_flight
-            .map(|_| self.shared_key(st.as_ref(), ctx, "slots"));
-        // A fast rate with plenty of room: served from this replica's batch when it has one.
-        let mut fetch = None;
-        if let (Some(_), Some(a)) = (batch, ask.as_mut()) {
-            match self.spares.take(&a.keys[0], Instant::now()) {
-                spare::Take::Slot(remaining, reset_us) => {
-                    let mut out = Direct {
-                        ctx,
-                        store: &self.store,
-                    };
-                    let answer = Some(vec![1, 0, remaining, reset_us]);
-                    return check
-                        .run(&mut out, Some(st), (answer, None), slot_key)
-                        .await;
-                }
-                spare::Take::Fetch => fetch = Some((self.spares.clone(), a.keys[0].clone())),
-                spare::Take::Single => a.args[2] = int(1),
+        let shared = self.state.as_ref().map(|st| {
+            let ask = self.shared_ask(st.as_ref(), ctx, &check);
+            let slot_key = check
+                .max_in_flight
+                .map(|_| self.shared_key(st.as_ref(), ctx, "slots"));
+            (st.clone(), ask, slot_key)
+        });
+        match shared {
+            // Shared state: the call goes out with the next filters' (a budget's
+            // reservation), one round trip for all; the chain applies the outcome in order.
+            // Not in `mode: delay`: what runs alongside would be held through the wait.
+            Some((st, ask, slot_key)) if check.mode == Mode::Nodelay => {
+                ctx.defer(
+                    self.name(),
+                    Box::pin(async move {
+                        let mut out = Outcome {
+                            headers: Vec::with_capacity(6),
+                            reason: None,
+                            holds: Vec::new(),
+                            store: check.store.clone(),
+                            state: st.clone(),
+                        };
+                        let result = match ask {
+                            Some(a) => a.send(&st).await,
+                            None => Ok((None, None)),
+                        };
+                        let result = match result {
+                            Ok(answers) => check.run(&mut out, Some(&st), answers, slot_key).await,
+                            Err(r) => Err(r),
+                        };
+                        Box::new(move |ctx: &mut RequestCtx| out.apply(ctx, result))
+                            as gateway_filter::defer::Verdict
+                    }),
+                );
+                Ok(())
+            }
+            Some((st, ask, slot_key)) => {
+                let answers = match ask {
+                    Some(a) => a.send(&st).await?,
+                    None => (None, None),
+                };
+                let mut out = Direct {
+                    ctx,
+                    store: &self.store,
+                };
+                check.run(&mut out, Some(&st), answers, slot_key).await
+            }
+            None => {
+                let mut out = Direct {
+                    ctx,
+                    store: &self.store,
+                };
+                check.run(&mut out, None, (None, None), None).await
             }
         }
-        if check.mode == Mode::Delay {
-            // Not deferred: what would run alongside would be held through the wait.
-            let answers = match ask {
-                Some(a) => a.send(st).await?,
-                None => (None, None),
-            };
-            let mut out = Direct {
-                ctx,
-                store: &self.store,
-            };
-            return check.run(&mut out, Some(st), answers, slot_key).await;
-        }
-        // The call goes out with the next filters' (a budget's reservation), one round trip
-        // for all; the chain applies the outcome in order.
-        let st = st.clone();
-        ctx.defer(
-            self.name(),
-            Box::pin(async move {
-                let mut out = Outcome {
-                    headers: Vec::with_capacity(6),
-                    reason: None,
-                    holds: Vec::new(),
-                    store: check.store.clone(),
-                    state: st.clone(),
-                };
-                let result = match ask {
-                    Some(a) => a.send(&st).await,
-                    None => Ok((None, None)),
-                };
-                if let Some((spares, key)) = fetch {
-                    let r = match &result {
-                        Ok((Some(r), _)) if at(r, 0) == 1 => r.as_slice(),
-                        _ => &[],
-                    };
-                    spares.put(&key, at(r, 4), at(r, 2), at(r, 3), Instant::now());
-                }
-                let result = match result {
-                    Ok(answers) => check.run(&mut out, Some(&st), answers, slot_key).await,
-                    Err(r) => Err(r),
-                };
-                Box::new(move |ctx: &mut RequestCtx| out.apply(ctx, result))
-                    as gateway_filter::defer::Verdict
-            }),
-        );
-        Ok(())
     }
 
     /// Replaces this limiter's token reservations by the request's usage: what the backend

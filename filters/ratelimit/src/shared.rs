@@ -4,14 +4,12 @@
 
 use gateway_filter::state::Script;
 
-/// GCRA in microseconds on the TAT in `key`, interval µs, burst, at server time `t`. With
-/// `batch` > 1, when at least `room` requests could pass now, `batch` of them are taken at
-/// once (the replica serves the others itself, see `crate::spare`).
-/// Answers `{1, delay µs, remaining, reset µs, taken}` or `{0, retry µs}`.
+/// GCRA in microseconds on the TAT in `key`, interval µs, burst, at server time `t`.
+/// Answers `{1, delay µs, remaining, reset µs}` or `{0, retry µs}`.
 macro_rules! gcra_lua {
     () => {
         r#"
-local function gcra(key, interval, burst, t, batch, room)
+local function gcra(key, interval, burst, t)
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local tau = interval * burst
   local tat = tonumber(redis.call('GET', key) or '0')
@@ -19,12 +17,10 @@ local function gcra(key, interval, burst, t, batch, room)
   if tat - now > tau then
     return {0, tat - now - tau}
   end
-  local n = 1
-  if batch > 1 and math.floor((tau - (tat - now)) / interval) + 1 >= room then n = batch end
-  local new_tat = tat + interval * n
+  local new_tat = tat + interval
   redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
   local cap = now + tau + interval
-  return {1, tat - now, math.floor((cap - math.min(new_tat, cap)) / interval), new_tat - now, n}
+  return {1, tat - now, math.floor((cap - math.min(new_tat, cap)) / interval), new_tat - now}
 end
 "#
     };
@@ -52,12 +48,12 @@ end
     };
 }
 
-/// KEYS: the TAT. ARGV: interval µs, burst, batch, room (see `gcra_lua`).
+/// KEYS: the TAT. ARGV: interval µs, burst.
 pub static GCRA: Script = Script {
     name: "gcra",
     source: concat!(
         gcra_lua!(),
-        "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), redis.call('TIME'), tonumber(ARGV[3]), tonumber(ARGV[4]))"
+        "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), redis.call('TIME'))"
     ),
 };
 
@@ -80,7 +76,7 @@ pub static RATE_AND_TOKENS: Script = Script {
         tokens_lua!(),
         r#"
 local t = redis.call('TIME')
-local r = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), t, 1, 0)
+local r = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), t)
 if r[1] == 0 then return r end
 local k = tokens(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), t)
 return {r[1], r[2], r[3], r[4], k[1], k[2], k[3], k[4]}
