@@ -331,6 +331,51 @@ async fn model_allow_list_holds_on_every_route_that_names_a_model() {
     assert_eq!(r.status(), 403);
 }
 
+// A refusal answered before the body was read is not lost to a reset: the gateway shuts its
+// side and drops what the client still sends for a while (nginx's lingering close), so a
+// client that sends its whole body before reading (curl without `Expect`) gets the answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_sent_whole_after_a_refusal_still_gets_the_answer() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, CAP_POLICY).await;
+    let port = gw.port;
+    let (wrote, answer) = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let body = vec![b'a'; 2_000_000];
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // Slowly enough that the refusal is sent (and, without lingering, the socket closed)
+        // long before the last byte.
+        let mut wrote = Ok(());
+        for chunk in body.chunks(100_000) {
+            wrote = s.write_all(chunk);
+            if wrote.is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut answer = Vec::new();
+        let read = s.read_to_end(&mut answer);
+        (wrote.map_err(|e| e.to_string()), (read.map_err(|e| e.to_string()), answer))
+    })
+    .await
+    .unwrap();
+    assert_eq!(wrote, Ok(()), "the gateway closed on the client's body");
+    let (read, answer) = answer;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "{read:?}: {text}");
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(
+        text.contains("\"invalid_api_key\"") || text.contains("\"code\""),
+        "{text}"
+    );
+}
+
 // Finding 3: authentication runs before the body is read.
 #[tokio::test(flavor = "multi_thread")]
 async fn strangers_are_refused_before_their_body_is_read() {

@@ -90,9 +90,27 @@ pub async fn serve(
         session.downstream_session.on_proxy_failure(e);
         return None;
     }
+    if !session.is_http2() && !session.is_body_done() {
+        linger(&mut session).await;
+        return None;
+    }
     let settings = HttpPersistentSettings::for_session(&session.downstream_session);
     let reusable = session.downstream_session.finish().await.ok().flatten()?;
     Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+}
+
+/// Most of a refused request's body read and dropped after its answer, and for how long.
+const LINGER_BYTES: usize = 4 << 20;
+const LINGER_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ends a connection whose answer went out before its body was read (a refusal), as nginx's
+/// lingering close does: our side is shut (the client reads the answer, then the end), and
+/// what the client still sends is read and dropped for a while. Closed with unread bytes, the
+/// socket would answer them with a reset, which can make the client's system drop the answer
+/// it has not read yet (seen as a connection error instead of the 413 under load).
+async fn linger(session: &mut Session) {
+    session.downstream_session.shutdown().await;
+    super::body::discard(session, LINGER_BYTES, LINGER_FOR).await;
 }
 
 /// Answers a request the phases never see (so no audit line), and ends the connection.
