@@ -467,6 +467,10 @@ mod tests {
         }
     }
 
+    fn assert_rejected(ctx: &RequestCtx, filter: &'static str, code: &'static str) {
+        assert_eq!(ctx.decision, Decision::Rejected { filter, code });
+    }
+
     fn seen(ctx: &RequestCtx) -> Vec<&str> {
         ctx.headers
             .get_all("x-seen")
@@ -507,13 +511,7 @@ mod tests {
         let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
         let r = run(&c, &mut ctx).await.unwrap_err();
         assert_eq!(r.code, "said_no_later");
-        assert_eq!(
-            ctx.decision,
-            Decision::Rejected {
-                filter: "a",
-                code: "said_no_later"
-            }
-        );
+        assert_rejected(&ctx, "a", "said_no_later");
         assert_eq!(seen(&ctx), ["a"]);
         assert_eq!(s.given_back.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
@@ -536,13 +534,7 @@ mod tests {
         let c = s.chain(&["d!:a", "s!:b"]);
         let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
         assert_eq!(run(&c, &mut ctx).await.unwrap_err().code, "said_no_later");
-        assert_eq!(
-            ctx.decision,
-            Decision::Rejected {
-                filter: "a",
-                code: "said_no_later"
-            }
-        );
+        assert_rejected(&ctx, "a", "said_no_later");
         assert_eq!(
             ctx.reject_reason, None,
             "the later filter's reason is not the answer's"
@@ -553,13 +545,7 @@ mod tests {
         let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
         assert_eq!(run(&c, &mut ctx).await.unwrap_err().code, "said_no_at_once");
         assert_eq!(ctx.reject_reason, Some("reason_of_the_later_filter"));
-        assert_eq!(
-            ctx.decision,
-            Decision::Rejected {
-                filter: "b",
-                code: "said_no_at_once"
-            }
-        );
+        assert_rejected(&ctx, "b", "said_no_at_once");
         assert_eq!(seen(&ctx), ["a"]);
         assert_eq!(s.given_back.load(std::sync::atomic::Ordering::SeqCst), 0);
     }

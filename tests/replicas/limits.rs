@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::support::redis::Redis;
 use super::support::{chat, client, mock};
-use super::{replicas, three, Replicas, KEY};
+use super::{key_chat, replicas, three, Replicas, KEY};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_rate_holds_across_replicas_exactly() {
@@ -20,13 +20,7 @@ async fn a_key_rate_holds_across_replicas_exactly() {
     let mut ok = 0;
     let mut refused = 0;
     for i in 0..30 {
-        let r = c
-            .post(gws[i % 3].url("/api/chat"))
-            .bearer_auth(KEY)
-            .json(&chat())
-            .send()
-            .await
-            .unwrap();
+        let r = key_chat(&c, &gws[i % 3]).await;
         match r.status().as_u16() {
             200 => ok += 1,
             429 => {
@@ -191,13 +185,7 @@ async fn failed_logins_lock_an_address_out_on_every_replica() {
     // The failure counts are written without waiting: give the last one a moment.
     let mut last = 0;
     for _ in 0..50 {
-        let r = c
-            .post(gws[0].url("/api/chat"))
-            .bearer_auth(KEY)
-            .json(&chat())
-            .send()
-            .await
-            .unwrap();
+        let r = key_chat(&c, &gws[0]).await;
         last = r.status().as_u16();
         if last == 429 {
             let v: Value = r.json().await.unwrap();
@@ -261,13 +249,7 @@ async fn tokens_per_minute_hold_across_replicas() {
     assert_eq!(statuses, vec![200, 200, 429, 429, 429, 429]);
     // The rate is checked in the same call: the six passed it (burst 5 + 1); a seventh is
     // refused by the rate, on any replica.
-    let r = c
-        .post(gws[0].url("/api/chat"))
-        .bearer_auth(KEY)
-        .json(&chat())
-        .send()
-        .await
-        .unwrap();
+    let r = key_chat(&c, &gws[0]).await;
     assert_eq!(r.status(), 429);
     let v: Value = r.json().await.unwrap();
     assert!(v["error"].as_str().unwrap().contains("request rate"), "{v}");
@@ -443,13 +425,7 @@ async fn a_later_limiter_never_counts_what_an_earlier_one_refused() {
     let c = client();
     let mut codes = Vec::new();
     for _ in 0..6 {
-        let r = c
-            .post(gws[0].url("/api/chat"))
-            .bearer_auth(KEY)
-            .json(&chat())
-            .send()
-            .await
-            .unwrap();
+        let r = key_chat(&c, &gws[0]).await;
         codes.push(r.status().as_u16());
     }
     assert_eq!(codes, [200, 200, 429, 429, 429, 429]);

@@ -14,6 +14,16 @@ use support::{backends, Gateway};
 /// The key every replica knows.
 pub const KEY: &str = "sk-gw-replica-test-key";
 
+/// `chat()` to `/api/chat` of `gw` with `KEY`.
+pub async fn key_chat(c: &reqwest::Client, gw: &Gateway) -> reqwest::Response {
+    c.post(gw.url("/api/chat"))
+        .bearer_auth(KEY)
+        .json(&support::chat())
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A keys file with `KEY` (principal `team`) in `dir`.
 pub fn keys_file(dir: &std::path::Path) -> String {
     let path = dir.join("keys.yaml");

@@ -396,6 +396,10 @@ impl Ask {
 struct Unused(Option<Reservation>);
 
 impl Unused {
+    fn budgets(&self) -> &[Budget] {
+        self.0.as_ref().map_or(&[], |r| &r.budgets)
+    }
+
     fn set_shared(&mut self, holds: SharedHolds) {
         if let Some(r) = self.0.as_mut() {
             r.shared = Some(holds);
@@ -601,10 +605,10 @@ impl Filter for BudgetFilter {
                             as Verdict
                     }
                 };
-                let budgets = res.budgets.clone();
-                let mine: Vec<_> = budgets.iter().map(|b| res.book.spent(b)).collect();
+                let mine: Vec<_> = res.budgets.iter().map(|b| res.book.spent(b)).collect();
                 let mut unused = Unused(Some(res));
-                let answer = shared::reserve(&st, &replica, &budgets, &mine, amount, now).await;
+                let answer =
+                    shared::reserve(&st, &replica, unused.budgets(), &mine, amount, now).await;
                 match answer {
                     Ok(shared::Reserved::Taken(holds, after)) => {
                         unused.set_shared((st, replica, holds));
@@ -614,8 +618,8 @@ impl Filter for BudgetFilter {
                         })
                     }
                     Ok(shared::Reserved::Refused(i)) => {
+                        let b = unused.budgets()[i].clone();
                         drop(unused);
-                        let b = budgets[i].clone();
                         Box::new(move |ctx| Err(refuse(ctx, &b, now)))
                     }
                     Err(_) if st.fail_closed() => {

@@ -774,23 +774,20 @@ impl Filter for RateLimitFilter {
                 );
                 Ok(())
             }
-            Some((st, ask, slot_key)) => {
-                let answers = match ask {
-                    Some(a) => a.send(&st).await?,
-                    None => (None, None),
+            // Decided here: without shared state, or in `mode: delay`.
+            shared => {
+                let (state, answers, slot_key) = match shared {
+                    Some((st, Some(ask), slot_key)) => {
+                        (Some(st.clone()), ask.send(&st).await?, slot_key)
+                    }
+                    Some((st, None, slot_key)) => (Some(st), (None, None), slot_key),
+                    None => (None, (None, None), None),
                 };
                 let mut out = Direct {
                     ctx,
                     store: &self.store,
                 };
-                check.run(&mut out, Some(&st), answers, slot_key).await
-            }
-            None => {
-                let mut out = Direct {
-                    ctx,
-                    store: &self.store,
-                };
-                check.run(&mut out, None, (None, None), None).await
+                check.run(&mut out, state.as_ref(), answers, slot_key).await
             }
         }
     }
