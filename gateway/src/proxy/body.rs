@@ -68,7 +68,8 @@ pub async fn read(
 }
 
 /// Reads and drops what the client already sent of a body nobody will read, at most `max`
-/// bytes and `wait`, without asking for more (no `100 Continue`). Closing a socket with unread
+/// bytes (a read of less counting as 4 KiB) and `wait`, without asking for more (no
+/// `100 Continue`). Closing a socket with unread
 /// bytes makes the kernel answer with a reset, which can reach the client before the answer
 /// it was given; a small body that is already here is read so the answer arrives whole.
 pub async fn discard(session: &mut Session, max: usize, wait: Duration) {
@@ -76,7 +77,9 @@ pub async fn discard(session: &mut Session, max: usize, wait: Duration) {
     let mut read = 0;
     while read <= max {
         match tokio::time::timeout_at(deadline, session.read_request_body()).await {
-            Ok(Ok(Some(chunk))) => read += chunk.len(),
+            // Each read counts as at least 4 KiB: chunk heads and extensions carry no payload,
+            // and must not make the bound a matter of time alone.
+            Ok(Ok(Some(chunk))) => read += chunk.len().max(4 << 10),
             _ => return,
         }
     }

@@ -90,7 +90,10 @@ pub async fn serve(
         session.downstream_session.on_proxy_failure(e);
         return None;
     }
-    if !session.is_http2() && !session.is_body_done() {
+    // A connection that stays open (a body nobody needed, e.g. `GET /health` with one) is
+    // drained by Pingora's reuse instead.
+    let closing = session.downstream_session.get_keepalive().is_none();
+    if !session.is_http2() && !session.is_body_done() && closing {
         linger(&mut session).await;
         return None;
     }
