@@ -4,6 +4,7 @@
 //! ledger, telemetry), and takes the sockets over through the upgrade socket.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -92,41 +93,225 @@ pub fn notify_systemd(state: &str) {
     }
 }
 
+/// An upgrade started by SIGUSR2 is on its way (until its new process has taken the sockets
+/// over, ended, or not done either within a minute): a second SIGUSR2 meanwhile is ignored.
+static UPGRADING: AtomicBool = AtomicBool::new(false);
+
 /// SIGUSR2 starts the binary at this process's path again with `--upgrade` (the nginx way):
-/// the new process, a child of this one and so inside the same systemd unit, takes the
-/// sockets over and tells systemd it is the main process now.
+/// the new process, inside the same systemd unit, takes the sockets over and tells systemd
+/// it is the main process now.
 pub fn spawn_on_usr2(config: PathBuf) {
     crate::server::on_signal(
         (signal_hook::consts::SIGUSR2, "SIGUSR2"),
         "`kill -USR2` upgrades are off",
         move || {
+            if std::process::id() == 1 {
+                // The init of a container: once it exits, the kernel ends every process of
+                // its namespace, the new one too.
+                return log::error!(
+                    "SIGUSR2: this process is PID 1 (a container's init), which cannot hand over in place; restart the container instead"
+                );
+            }
+            if crate::proxy::drain::draining() || UPGRADING.swap(true, Ordering::AcqRel) {
+                return log::warn!("SIGUSR2: an upgrade or shutdown is already under way; ignored");
+            }
             // The binary may have been replaced on disk: start what is at the path now.
             let exe = match std::env::current_exe() {
                 Ok(p) => {
                     let s = p.to_string_lossy();
                     PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string())
                 }
-                Err(e) => return log::error!("SIGUSR2: cannot find this binary's path: {e}"),
+                Err(e) => {
+                    UPGRADING.store(false, Ordering::Release);
+                    return log::error!("SIGUSR2: cannot find this binary's path: {e}");
+                }
             };
             log::info!("SIGUSR2: starting {} --upgrade", exe.display());
-            match std::process::Command::new(&exe)
-                .arg("--config")
-                .arg(&config)
-                .arg("--upgrade")
-                .spawn()
-            {
-                // Reaped here; a new process that stopped before asking for the sockets
-                // leaves this one serving, and says why in the log.
-                Ok(mut child) => {
-                    std::thread::spawn(move || match child.wait() {
-                        Ok(s) if !s.success() => log::error!(
-                            "SIGUSR2: the new process exited with {s}; this one serves on"
-                        ),
-                        _ => {}
+            match spawn_orphan(&exe, &config) {
+                Ok(pid) => {
+                    std::thread::spawn(move || {
+                        watch_new_process(pid);
+                        UPGRADING.store(false, Ordering::Release);
                     });
                 }
-                Err(e) => log::error!("SIGUSR2: cannot start {}: {e}", exe.display()),
+                Err(e) => {
+                    UPGRADING.store(false, Ordering::Release);
+                    log::error!("SIGUSR2: cannot start {}: {e}", exe.display());
+                }
             }
         },
     );
+}
+
+/// Starts `exe --config CONFIG --upgrade` as an orphan and answers its pid.
+///
+/// Not as this process's child: systemd supervises a main process (`MAINPID`) that is not
+/// its own child as "alien", cannot wait for it, and on `systemctl stop` kills it at once
+/// with SIGKILL, with neither drain nor the final flush of audit lines and ledger charges.
+/// Forked twice, the new process is handed to init (systemd, PID 1) or the nearest
+/// subreaper before it execs, so long before it names itself the main process.
+///
+/// It starts with SIGUSR2 ignored, until it sets its own handler: `systemctl kill -s USR2`
+/// signals every process of the unit, the new one too if it exists by then, and SIGUSR2's
+/// default action would end it.
+fn spawn_orphan(exe: &Path, config: &Path) -> std::io::Result<i32> {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors on success, which are then owned here.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors from pipe2, owned by nothing else.
+    let (mut pid_reader, pid_writer) = unsafe {
+        (
+            std::fs::File::from(OwnedFd::from_raw_fd(fds[0])),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let writer_fd = pid_writer.as_raw_fd();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--config").arg(config).arg("--upgrade");
+    // SAFETY: between fork and exec only async-signal-safe calls (signal, fork, getppid,
+    // write, nanosleep, _exit) on memory allocated before the fork. fork runs the atfork
+    // handlers: glibc's own (which re-initialise its locks in the child) and none of the
+    // allocator's (mimalloc registers none).
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+            match libc::fork() {
+                -1 => Err(std::io::Error::last_os_error()),
+                // The new process: on to exec once the go-between has left and it has been
+                // adopted (at most a second).
+                0 => {
+                    let go_between = libc::getppid();
+                    let pause = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 1_000_000,
+                    };
+                    for _ in 0..1000 {
+                        if libc::getppid() != go_between {
+                            break;
+                        }
+                        libc::nanosleep(&pause, std::ptr::null_mut());
+                    }
+                    Ok(())
+                }
+                // The go-between: tells the parent the new process's pid, and leaves.
+                child => {
+                    let bytes = child.to_ne_bytes();
+                    let written = libc::write(writer_fd, bytes.as_ptr().cast(), bytes.len());
+                    libc::_exit(if written == bytes.len() as isize {
+                        0
+                    } else {
+                        1
+                    })
+                }
+            }
+        });
+    }
+    let mut go_between = cmd.spawn()?;
+    drop(cmd);
+    drop(pid_writer);
+    let mut bytes = [0u8; 4];
+    let read = pid_reader.read_exact(&mut bytes);
+    let told = go_between.wait().is_ok_and(|s| s.success());
+    if read.is_err() || !told {
+        return Err(std::io::Error::other(
+            "the new process was started, but its pid did not come back",
+        ));
+    }
+    Ok(i32::from_ne_bytes(bytes))
+}
+
+/// Until the new process takes the sockets over (this one then drains), it may stop on an
+/// error of its own (its log says which): this one serves on, and says so. Watched through a
+/// pidfd, which also sees an exit its adopter has not reaped yet and cannot mistake a reused
+/// pid for it.
+fn watch_new_process(pid: i32) {
+    // SAFETY: pidfd_open takes a pid and flags, and answers a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = i32::try_from(fd) else {
+        return;
+    };
+    if fd < 0 {
+        return log::debug!(
+            "SIGUSR2: cannot watch the new process (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: a fresh descriptor from pidfd_open, owned by nothing else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !crate::proxy::drain::draining() {
+        if std::time::Instant::now() >= until {
+            return log::warn!(
+                "SIGUSR2: the new process (pid {pid}) has not taken the sockets over within a minute"
+            );
+        }
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut poll, 1, 200) } > 0 {
+            return log::error!(
+                "SIGUSR2: the new process (pid {pid}) ended before taking the sockets over; this one serves on"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    /// What `systemctl kill -s USR2` needs of the new process: not this process's child (so
+    /// systemd can adopt it), and SIGUSR2 ignored until it sets its own handler. A script
+    /// stands in for the binary and writes what `/proc` says of it.
+    #[test]
+    fn the_new_process_is_an_orphan_that_ignores_sigusr2_at_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("llm-gateway");
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\n# $1 --config, $2 the config, $3 --upgrade\n\
+             { echo \"Pid: $$\"; grep -E '^(PPid|SigIgn):' /proc/$$/status; } > \"$2.tmp\"\n\
+             mv \"$2.tmp\" \"$2.out\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = dir.path().join("gateway.yaml");
+        let pid = super::spawn_orphan(&exe, &config).unwrap();
+        let out = dir.path().join("gateway.yaml.out");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !out.exists() {
+            assert!(Instant::now() < deadline, "the new process wrote nothing");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = std::fs::read_to_string(out).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+                .to_string()
+        };
+        assert_eq!(field("Pid:"), pid.to_string(), "the pid that came back");
+        assert_ne!(
+            field("PPid:"),
+            std::process::id().to_string(),
+            "the new process is this one's child"
+        );
+        let ignored = u64::from_str_radix(&field("SigIgn:"), 16).unwrap();
+        assert_ne!(
+            ignored & (1 << (libc::SIGUSR2 - 1)),
+            0,
+            "SIGUSR2 is not ignored: {status}"
+        );
+    }
 }

@@ -587,8 +587,11 @@ async fn an_upgrade_closes_the_listeners_the_new_config_dropped() {
 }
 
 /// `kill -USR2` (what `systemctl kill -s USR2` sends under systemd) starts the binary again
-/// with `--upgrade` as a child, which takes the sockets over; with `NOTIFY_SOCKET` set the
-/// first process says `READY=1`, and the new one names itself the main process.
+/// with `--upgrade`, which takes the sockets over; with `NOTIFY_SOCKET` set the first process
+/// says `READY=1`, and the new one names itself the main process. The new process is not the
+/// old one's child: systemd supervises a main process that is not its own child as "alien"
+/// and SIGKILLs it at once on `systemctl stop` (seen under systemd 252), so it is orphaned at
+/// once and handed to init (here: to whatever adopts orphans).
 #[tokio::test(flavor = "multi_thread")]
 async fn usr2_upgrades_in_place_and_tells_systemd() {
     let m = mock().await;
@@ -620,15 +623,64 @@ async fn usr2_upgrades_in_place_and_tells_systemd() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("{said:?}\n{}", old.log()));
     assert_ne!(new_pid, old.pid());
+    // The new process is nobody's child here: it is stopped however the test ends.
+    let _new = KillOnDrop(new_pid);
+    assert_ne!(
+        parent_of(new_pid),
+        old.pid(),
+        "the new process is the old one's child"
+    );
     tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(20)))
         .unwrap_or_else(|| panic!("the old process did not exit:\n{}", old.log()));
     let health = client().get(old.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200, "the new process serves");
     let pid_file = std::fs::read_to_string(old.dir.path().join("up.pid")).unwrap();
     assert_eq!(pid_file.trim(), new_pid.to_string());
-    // The new process is nobody's child here: stop it.
-    Command::new("kill")
-        .arg(new_pid.to_string())
-        .status()
-        .unwrap();
+}
+
+/// Sends SIGTERM to a process when dropped.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.to_string()).status();
+    }
+}
+
+/// The parent of a running process, from `/proc`.
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command's name in parentheses: the state, then the parent's pid.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no parent in {stat:?}"))
+}
+
+/// A new process that stops before taking the sockets over (here: a config that no longer
+/// parses) leaves the old one serving, and the old one says so; the new process says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn usr2_with_a_broken_config_leaves_the_old_process_serving() {
+    let m = mock().await;
+    let old = Gateway::start(&format!(
+        "{}server: {{ threads: 1, upgrade_sock: up.sock }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let config = std::fs::read_to_string(old.config_path()).unwrap();
+    std::fs::write(old.config_path(), format!("{config}bogus_key: 1\n")).unwrap();
+    old.signal("USR2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !old.log().contains("ended before taking the sockets over") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old process never said the upgrade failed:\n{}",
+            old.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = old.log();
+    assert!(log.contains("unknown field `bogus_key`"), "{log}");
+    let health = client().get(old.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "the old process serves on");
 }
