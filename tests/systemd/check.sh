@@ -14,10 +14,24 @@ check() { # check DESCRIPTION COMMAND...
 R=/mnt/repo
 unit() { systemctl show -p "$1" --value llm-gateway; }
 
-install -m 0755 /mnt/llm-gateway /usr/bin/llm-gateway
-mkdir -p /etc/llm-gateway
-cp "$R/conf/debian/gateway.yaml" /etc/llm-gateway/gateway.yaml
-cp "$R/conf/debian/keys.yaml" /etc/llm-gateway/keys.yaml
+# With /mnt/pkg/llm-gateway.deb (`cargo deb`): installed as a user would, `apt install`.
+# Without: the binary, unit and /etc/llm-gateway installed by hand the way the package does.
+DEB=/mnt/pkg/llm-gateway.deb
+if [[ -f $DEB ]]; then
+  say "apt install ./llm-gateway_*.deb"
+  check "the package installs" apt-get install -y -qq "$DEB"
+  check "it puts the unit where systemd finds it" systemctl cat llm-gateway.service
+  check "installing started nothing" bash -c "! systemctl is-active -q llm-gateway && ! curl -s -m 1 -o /dev/null http://127.0.0.1:8080/"
+else
+  install -m 0755 /mnt/llm-gateway /usr/bin/llm-gateway
+  mkdir -p /etc/llm-gateway
+  cp "$R/conf/debian/gateway.yaml" /etc/llm-gateway/gateway.yaml
+  cp "$R/conf/debian/keys.yaml" /etc/llm-gateway/keys.yaml
+  sh "$R/conf/debian/postinst" configure >/dev/null 2>&1
+  install -m 0644 "$R/conf/llm-gateway.service" /etc/systemd/system/llm-gateway.service
+  systemctl daemon-reload
+fi
+UNIT_FILE=$(systemctl show -p FragmentPath --value llm-gateway)
 # The load below is one client's steady stream of requests: no rate limit in its way.
 sed -i 's|rate: 60/m|rate: 1000000/m|; s|burst: 10$|burst: 100000|' /etc/llm-gateway/gateway.yaml
 # add_key ID: a new key in keys.yaml (as its comments say to); prints the key.
@@ -28,9 +42,6 @@ add_key() {
   sed -n 2p "/tmp/key-$1.txt"
 }
 K1=$(add_key admin)
-sh "$R/conf/debian/postinst" configure >/dev/null 2>&1
-install -m 0644 "$R/conf/llm-gateway.service" /etc/systemd/system/llm-gateway.service
-systemctl daemon-reload
 
 # The model server: fixed answers on Ollama's port.
 mkdir -p /tmp/up/tmp
@@ -71,10 +82,10 @@ load() {
   echo "$ok $bad$codes" >"$1"
 }
 
-say "install (postinst) and start (Type=notify)"
+say "start (Type=notify)"
 check "postinst made the service user" getent passwd llm-gateway
 check "the config is root:llm-gateway 0640" test "$(stat -c %U:%G:%a /etc/llm-gateway/gateway.yaml)" = root:llm-gateway:640
-check "systemctl start succeeds" systemctl start llm-gateway
+check "systemctl enable --now succeeds" systemctl enable --now llm-gateway
 check "the unit is active" test "$(unit ActiveState)" = active
 check "it runs as llm-gateway" test "$(ps -o user= -p "$(unit MainPID)")" = llm-gateway
 check "state and log folders are llm-gateway 0700" test \
@@ -87,7 +98,7 @@ say "sandbox"
 exposure=$(systemd-analyze security llm-gateway --no-pager | awk '/Overall exposure level/ {print $(NF-2)}')
 echo "systemd-analyze security: $exposure"
 check "exposure at most 2.5" awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 2.5) }'
-check "systemd-analyze verify passes" systemd-analyze verify /etc/systemd/system/llm-gateway.service
+check "systemd-analyze verify passes" systemd-analyze verify "$UNIT_FILE"
 pid=$(unit MainPID)
 check "the service's mount namespace can be entered" nsenter -t "$pid" -m test -d /var/lib/llm-gateway
 check "the service cannot write its config (ProtectSystem=strict)" \

@@ -6,6 +6,8 @@
 #
 #   cargo build --release -p llm-gateway
 #   sudo tests/systemd/run.sh
+#   # or the Debian package, installed with apt as a user would:
+#   cargo deb -p llm-gateway --no-build && sudo DEB=$(ls target/debian/llm-gateway_*.deb) tests/systemd/run.sh
 #
 # The image is made once with debootstrap (no registry needed) and kept as
 # llm-gateway-systemd-check:bookworm. Where the container may not have every capability
@@ -48,6 +50,9 @@ name=llm-gateway-systemd-check-$$
 trap 'docker rm -f "$name" >/dev/null 2>&1 || true' EXIT
 mounts=(-v /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run --tmpfs /run/lock
   -v "$PWD:/mnt/repo:ro" -v "$BIN:/mnt/llm-gateway:ro")
+if [[ -n ${DEB:-} ]]; then
+  mounts+=(-v "$(realpath "$DEB"):/mnt/pkg/llm-gateway.deb:ro")
+fi
 if ! docker run -d --name "$name" --privileged --cgroupns=host "${mounts[@]}" "$IMAGE" >/dev/null 2>&1; then
   docker rm -f "$name" >/dev/null 2>&1 || true
   # shellcheck disable=SC2046
