@@ -1,5 +1,6 @@
 //! A real `redis-server` (Debian's package; `tests/bootstrap.sh` installs it) on an
-//! ephemeral port, without persistence, for the shared-state tests.
+//! ephemeral port, without persistence, for the shared-state tests. `REDIS_SERVER` names
+//! another server binary that takes the same options, such as `valkey-server`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -61,7 +62,8 @@ impl Redis {
 
     /// Starts the server (again) on the same port, empty.
     pub fn restart(&mut self) {
-        let mut cmd = Command::new("redis-server");
+        let mut cmd =
+            Command::new(std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into()));
         cmd.args([
             "--bind",
             "127.0.0.1",
