@@ -277,6 +277,8 @@ pub fn run(prepared: Prepared) -> ! {
     );
     if settings.upgrade_sock.is_some() {
         crate::upgrade::spawn_on_usr2(settings.file.clone());
+    } else {
+        crate::upgrade::refuse_usr2();
     }
     let listen: Vec<String> = settings
         .listen

@@ -143,6 +143,20 @@ pub fn spawn_on_usr2(config: PathBuf) {
     );
 }
 
+/// Without an upgrade socket (no folder safe for it), SIGUSR2 only says why: left to its
+/// default action, it would end the gateway.
+pub fn refuse_usr2() {
+    crate::server::on_signal(
+        (signal_hook::consts::SIGUSR2, "SIGUSR2"),
+        "`kill -USR2` ends the gateway",
+        || {
+            log::error!(
+                "SIGUSR2: upgrades are off: no folder is safe for the upgrade socket; set server.upgrade_sock to a path in a folder only this user can write"
+            )
+        },
+    );
+}
+
 /// Starts `exe --config CONFIG --upgrade` as an orphan and answers its pid.
 ///
 /// Not as this process's child: systemd supervises a main process (`MAINPID`) that is not

@@ -8,7 +8,7 @@
 #   cargo build --release -p llm-gateway
 #   THREADS="1 2 4" PROXY_CPUS=1,2,3,4 UP_CPUS=5-8 LOAD_CPUS=9-15 tests/bench/scaling.sh
 #
-# Env: PEERS (the harness, ../shared/bench/peers), GATEWAY_BIN, DURATION (8 s), WARMUP (2 s),
+# Env: PEERS (the harness, ../shared/bench/peers), GATEWAY_BIN, DURATION (8 s), WARMUP (3 s),
 # CONNS (256), UP_WORKERS (4), LOAD_THREADS (4). Needs nginx, wrk, envsubst and taskset.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,7 +19,7 @@ PROXY_CPUS=${PROXY_CPUS:-1,2,3,4}
 UP_CPUS=${UP_CPUS:-5-8}
 LOAD_CPUS=${LOAD_CPUS:-9-15}
 DURATION=${DURATION:-8}
-WARMUP=${WARMUP:-2}
+WARMUP=${WARMUP:-3}
 CONNS=${CONNS:-256}
 UP_WORKERS=${UP_WORKERS:-4}
 LOAD_THREADS=${LOAD_THREADS:-4}
