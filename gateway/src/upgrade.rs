@@ -3,8 +3,10 @@
 //! (SIGQUIT) only once everything that can fail before that has succeeded (config, keys,
 //! ledger, telemetry), and takes the sockets over through the upgrade socket.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -115,19 +117,7 @@ pub fn spawn_on_usr2(config: PathBuf) {
             if crate::proxy::drain::draining() || UPGRADING.swap(true, Ordering::AcqRel) {
                 return log::warn!("SIGUSR2: an upgrade or shutdown is already under way; ignored");
             }
-            // The binary may have been replaced on disk: start what is at the path now.
-            let exe = match std::env::current_exe() {
-                Ok(p) => {
-                    let s = p.to_string_lossy();
-                    PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string())
-                }
-                Err(e) => {
-                    UPGRADING.store(false, Ordering::Release);
-                    return log::error!("SIGUSR2: cannot find this binary's path: {e}");
-                }
-            };
-            log::info!("SIGUSR2: starting {} --upgrade", exe.display());
-            match spawn_orphan(&exe, &config) {
+            match start_new_process(&config) {
                 Ok(pid) => {
                     std::thread::spawn(move || {
                         watch_new_process(pid);
@@ -136,11 +126,25 @@ pub fn spawn_on_usr2(config: PathBuf) {
                 }
                 Err(e) => {
                     UPGRADING.store(false, Ordering::Release);
-                    log::error!("SIGUSR2: cannot start {}: {e}", exe.display());
+                    log::error!("SIGUSR2: {e}");
                 }
             }
         },
     );
+}
+
+/// Starts the binary now at this process's path (it may have been replaced on disk) with
+/// `--upgrade`, and answers the new process's pid.
+fn start_new_process(config: &Path) -> Result<i32, String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find this binary's path: {e}"))?;
+    let replaced = exe
+        .to_string_lossy()
+        .strip_suffix(" (deleted)")
+        .map(PathBuf::from);
+    let exe = replaced.unwrap_or(exe);
+    log::info!("SIGUSR2: starting {} --upgrade", exe.display());
+    spawn_orphan(&exe, config).map_err(|e| format!("cannot start {}: {e}", exe.display()))
 }
 
 /// Without an upgrade socket (no folder safe for it), SIGUSR2 only says why: left to its
@@ -170,7 +174,6 @@ pub fn refuse_usr2() {
 /// default action would end it.
 fn spawn_orphan(exe: &Path, config: &Path) -> std::io::Result<i32> {
     use std::io::Read;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::os::unix::process::CommandExt;
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills both descriptors on success, which are then owned here.
@@ -256,16 +259,16 @@ fn watch_new_process(pid: i32) {
         );
     }
     // SAFETY: a fresh descriptor from pidfd_open, owned by nothing else.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let until = Instant::now() + Duration::from_secs(60);
     while !crate::proxy::drain::draining() {
-        if std::time::Instant::now() >= until {
+        if Instant::now() >= until {
             return log::warn!(
                 "SIGUSR2: the new process (pid {pid}) has not taken the sockets over within a minute"
             );
         }
         let mut poll = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            fd: fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
