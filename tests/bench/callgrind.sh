@@ -9,6 +9,8 @@
 #   tests/bench/callgrind.sh                 # gateway-equiv, N=1000
 #   CONF=gateway-full N=500 tests/bench/callgrind.sh
 #   KEEP=1 tests/bench/callgrind.sh          # keep the callgrind.out files (callgrind_annotate)
+#   STATE=redis CONF=gateway-full tests/bench/callgrind.sh   # shared state on a redis-server
+#                                            # the script starts (the gateway's side of it only)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PEERS=../shared/bench/peers
@@ -18,9 +20,11 @@ BIN=$(realpath target/release/llm-gateway)
 API_KEY=sk-bench-0123456789abcdef0123456789abcdef
 BODY='{"model":"llama3.2:1b","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence."}],"stream":false,"max_tokens":64,"temperature":0.2}'
 WORK=$(mktemp -d /tmp/callgrind.XXXXXX)
-UP_PORT=28500 PORT=28501 ADMIN=28502
+UP_PORT=28500 PORT=28501 ADMIN=28502 REDIS_PORT=28503
+STATE=${STATE:-local}
 cleanup() {
   [[ -f $WORK/up/nginx.pid ]] && kill "$(cat "$WORK/up/nginx.pid")" 2>/dev/null || true
+  [[ -f $WORK/redis.pid ]] && kill "$(cat "$WORK/redis.pid")" 2>/dev/null || true
   [[ ${KEEP:-0} == 1 ]] && echo "kept $WORK" || rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -31,6 +35,14 @@ done
 mkdir -p "$WORK/up/tmp"
 RUNDIR=$WORK/up PORT=$UP_PORT "$PEERS/tools/render.sh" "$PEERS/conf/upstream-nginx.conf.in" >"$WORK/up/nginx.conf"
 nginx -e "$WORK/up/error.log" -p "$WORK/up" -c "$WORK/up/nginx.conf"
+case $STATE in
+  local) ;;
+  redis)
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
+      --daemonize yes --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log"
+    until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done ;;
+  *) echo "STATE: local or redis" >&2; exit 1 ;;
+esac
 
 # One run of the gateway under callgrind with $1 requests; prints its instruction count.
 run() {
@@ -38,6 +50,7 @@ run() {
   mkdir -p "$dir"
   RUNDIR=$dir PORT=$PORT UPSTREAM=127.0.0.1:$UP_PORT API_KEY=$API_KEY \
     "$PEERS/tools/render.sh" "$PEERS/conf/$CONF.yaml.in" | sed "s/\${ADMIN_PORT}/$ADMIN/" >"$dir/gateway.yaml"
+  [[ $STATE == redis ]] && printf "state: { backend: redis, url: redis://127.0.0.1:%s/0 }\n" "$REDIS_PORT" >>"$dir/gateway.yaml"
   printf "keys:\n  - id: bench\n    key_sha256: %s\n" "$(printf %s "$API_KEY" | sha256sum | cut -d' ' -f1)" >"$dir/keys.yaml"
   (cd "$dir" && RUST_LOG=warn exec valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
     "$BIN" --config "$dir/gateway.yaml" >"$dir/log" 2>&1) &
@@ -59,4 +72,4 @@ run() {
 
 a=$(run "$N")
 b=$(run $((2 * N)))
-echo "$CONF: $(( (b - a) / N )) instructions per request (runs: $a for $N requests, $b for $((2 * N)))"
+echo "$CONF (state: $STATE): $(( (b - a) / N )) instructions per request (runs: $a for $N requests, $b for $((2 * N)))"

@@ -321,15 +321,15 @@ async fn settlements_of_many_requests_share_calls_and_add_up_exactly() {
             )
             .send()
     };
-    // HGET runs twice in each request's check and twice in each settlement call (the
-    // window's start and count), and nowhere else in this chain.
+    // HGET runs twice in each settlement call (the window's start and count), and nowhere
+    // else in this chain (a request's check reads both with one HMGET).
     let before = redis.calls("hget");
     // 60 requests at once over three replicas; each reserves 8 output + 1 prompt token and
     // uses 5 + 1, settled when it ends.
     let answers = futures_util::future::join_all((0..60).map(ask)).await;
     assert!(answers.iter().all(|r| r.as_ref().unwrap().status() == 200));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let settlements = (redis.calls("hget") - before - 2 * 60) / 2;
+    let settlements = (redis.calls("hget") - before) / 2;
     // Each replica sends its 20 settlements in one call (or a few, if the burst outlasted
     // the window); one call each would be 60.
     assert!(
@@ -403,6 +403,42 @@ async fn a_keys_limits_and_budget_share_one_round_trip() {
         "{reads} reads of Redis for {n} requests"
     );
     eprintln!("{reads} reads, {scripts} script calls for {n} requests");
+
+    // The scripts set a key's lifetime when they make it, not on every call; every key must
+    // still end: the budget's a day after its period, the tokens' window two minutes after
+    // it starts, the rate's once its bucket is full again.
+    let ttl = |pattern: &str, agg: &str| -> i64 {
+        let script = format!(
+            "local m = nil for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+             local t = redis.call('PTTL', k) if m == nil or t {agg} m then m = t end end \
+             return m or -3"
+        );
+        let a = redis.cmd(&["EVAL", &script, "0", pattern]).unwrap();
+        a.trim_start_matches(':').parse().unwrap()
+    };
+    // PTTL -1: no lifetime (-2: the key ended meanwhile, as the rate's do within ms).
+    let forever = redis.cmd(&[
+        "EVAL",
+        "for _, k in ipairs(redis.call('KEYS', '*')) do \
+         if redis.call('PTTL', k) == -1 then return {ok = k} end end return {ok = ''}",
+        "0",
+    ]);
+    assert_eq!(forever.as_deref(), Some("+"), "a key without a lifetime");
+    for budget in ["*spend:*", "*resv:*"] {
+        let (min, max) = (ttl(budget, "<"), ttl(budget, ">"));
+        assert!(
+            min > 86_400_000 && max <= 2 * 86_400_000,
+            "{budget}: {min}..{max} ms"
+        );
+    }
+    let max = ttl("*:tokens:*", ">");
+    assert!((60_000..=120_000).contains(&max), "tokens: {max} ms");
+    let rate = ttl("*:rate:*", ">");
+    assert!(rate <= 1_001, "rate: {rate} ms (its bucket refills in 1 s)");
+    // Not per request: the budget's keys get theirs when made, the tokens' once a window
+    // (and the settlements, a call per batch).
+    let pexpire = redis.calls("pexpire");
+    assert!(pexpire < n / 2, "{pexpire} PEXPIRE for {} requests", n + 3);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -144,11 +144,14 @@ impl SharedLockout {
     }
 
     fn count_key(&self, ip: &IpAddr) -> String {
-        self.state.key(&format!("lockout:ip:{ip}"), &self.tag)
+        let tag = &self.tag;
+        self.state
+            .key(format_args!("lockout:ip:{ip}"), format_args!("{tag}"))
     }
 
     fn set_key(&self) -> String {
-        self.state.key("lockout:locked", &self.tag)
+        self.state
+            .key(format_args!("lockout:locked"), format_args!("{}", self.tag))
     }
 
     fn stale(&self, generation: u64) -> bool {

@@ -30,38 +30,47 @@ static RESERVE: Script = Script {
     source: r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local keep = tonumber(ARGV[7])
 -- Only a missing total is put back here: an existing one may lag this replica's book by
 -- settlements still on their way, whose reservations are still held (counting it raised as
--- well would count those requests twice).
-redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-local held = tonumber(redis.call('HGET', KEYS[1], '~held') or '0')
-local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-if #dead > 0 then
-  for _, m in ipairs(dead) do held = held - (tonumber(string.match(m, '|(%d+)$')) or 0) end
+-- well would count those requests twice). The keys' lifetime ends at a fixed moment (the
+-- period's end and a day), so it is set when a key or field is made, not on every call.
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 and keep > 0 then
+  redis.call('PEXPIRE', KEYS[1], keep)
+end
+local spent = 0
+local held = 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] == '~held' then held = tonumber(all[i + 1])
+  else spent = spent + tonumber(all[i + 1]) end
+end
+-- The reservation that ends first tells whether any has expired (of a replica that died)
+-- and whether any is left at all.
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local fresh = #first == 0
+if not fresh and tonumber(first[2]) <= now then
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+    held = held - (tonumber(string.match(m, '|(%d+)$')) or 0)
+  end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  fresh = redis.call('ZCARD', KEYS[2]) == 0
   if held < 0 then held = 0 end
   redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
 end
 -- No reservation left: nothing is held (whatever a lost set or an old replica left).
-if held > 0 and redis.call('ZCARD', KEYS[2]) == 0 then
+if fresh and held > 0 then
   held = 0
   redis.call('HSET', KEYS[1], '~held', '0')
 end
-local spent = 0
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if all[i] ~= '~held' then spent = spent + tonumber(all[i + 1]) end
-end
 local amount = tonumber(ARGV[3])
-local keep = tonumber(ARGV[7])
-if keep > 0 then redis.call('PEXPIRE', KEYS[1], keep) end
 if spent + held + amount > tonumber(ARGV[4]) then
   return {0, spent, held}
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
+if fresh and keep > 0 then redis.call('PEXPIRE', KEYS[2], keep) end
 held = held + amount
 redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
-if keep > 0 then redis.call('PEXPIRE', KEYS[2], keep) end
 return {1, spent, held}
 "#,
 };
@@ -131,10 +140,15 @@ pub fn keep_ms(b: &Budget, now: i64) -> i64 {
 }
 
 fn keys(st: &dyn SharedState, principal: &str, period_key: &str) -> [String; 2] {
-    let tag = format!("budget:{principal}");
     [
-        st.key(&format!("spend:{period_key}"), &tag),
-        st.key(&format!("resv:{period_key}"), &tag),
+        st.key(
+            format_args!("spend:{period_key}"),
+            format_args!("budget:{principal}"),
+        ),
+        st.key(
+            format_args!("resv:{period_key}"),
+            format_args!("budget:{principal}"),
+        ),
     ]
 }
 

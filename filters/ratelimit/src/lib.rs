@@ -273,19 +273,20 @@ impl RateLimitFilter {
     /// The limiter key in shared state, for `what` (rate, tokens, slots): the same on every
     /// replica. The hash tag is the address or principal, so one Cluster slot holds them.
     fn shared_key(&self, state: &dyn SharedState, ctx: &RequestCtx, what: &str) -> String {
-        let (tag, model) = match self.subject(ctx) {
-            Subject::Ip(ip) => (format!("ip:{ip}"), None),
-            Subject::Key(id) => (format!("key:{id}"), None),
-            Subject::KeyModel(id, model) => (format!("key:{id}"), model),
-            Subject::Header(v) => (format!("h:{:016x}", stable_hash(v)), None),
-        };
-        match model {
-            None => state.key(&format!("rl:{}:{what}", self.id), &tag),
+        let id = &self.id;
+        let key = |tag: std::fmt::Arguments<'_>, model: Option<&str>| match model {
+            None => state.key(format_args!("rl:{id}:{what}"), tag),
             // The client chose the model name: hashed, so it cannot make a key of any length.
             Some(m) => {
                 let m = stable_hash(m.as_bytes());
-                state.key(&format!("rl:{}:{what}:m{m:016x}", self.id), &tag)
+                state.key(format_args!("rl:{id}:{what}:m{m:016x}"), tag)
             }
+        };
+        match self.subject(ctx) {
+            Subject::Ip(ip) => key(format_args!("ip:{ip}"), None),
+            Subject::Key(id) => key(format_args!("key:{id}"), None),
+            Subject::KeyModel(id, model) => key(format_args!("key:{id}"), model.as_deref()),
+            Subject::Header(v) => key(format_args!("h:{:016x}", stable_hash(v)), None),
         }
     }
 

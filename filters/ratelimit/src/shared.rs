@@ -33,15 +33,20 @@ macro_rules! tokens_lua {
         r#"
 local function tokens(key, w, n, limit, t)
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local start = tonumber(redis.call('HGET', key, 's') or '0')
-  local used = tonumber(redis.call('HGET', key, 'u') or '0')
-  if start == 0 or now >= start + w then start = now; used = 0 end
+  local h = redis.call('HMGET', key, 's', 'u')
+  local start = tonumber(h[1] or '0')
+  local used = tonumber(h[2] or '0')
+  local changed = false
+  if start == 0 or now >= start + w then start = now; used = 0; changed = true end
   local taken = 0
   if used + n <= limit then
-    used = used + n; taken = 1
+    used = used + n; taken = 1; changed = true
   end
-  redis.call('HSET', key, 's', string.format('%.0f', start), 'u', string.format('%.0f', used))
-  redis.call('PEXPIRE', key, w * 2)
+  if changed then
+    redis.call('HSET', key, 's', string.format('%.0f', start), 'u', string.format('%.0f', used))
+  end
+  -- The key lives two windows from its window's start: set once, when the window starts.
+  if start == now then redis.call('PEXPIRE', key, w * 2) end
   return {taken, used, start, start + w - now}
 end
 "#

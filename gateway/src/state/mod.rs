@@ -674,8 +674,12 @@ impl SharedState for RedisState {
         drop(self.inner.handle.spawn(task));
     }
 
-    fn key(&self, kind: &str, tag: &str) -> String {
-        format!("{}{kind}:{{{tag}}}", self.inner.prefix)
+    fn key(&self, kind: std::fmt::Arguments<'_>, tag: std::fmt::Arguments<'_>) -> String {
+        use std::fmt::Write;
+        let mut k = String::with_capacity(self.inner.prefix.len() + 64);
+        // Writing into a String cannot fail.
+        let _ = write!(k, "{}{kind}:{{{tag}}}", self.inner.prefix);
+        k
     }
 
     fn member(&self) -> String {
