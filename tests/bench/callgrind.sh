@@ -40,7 +40,11 @@ case $STATE in
   redis)
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
       --daemonize yes --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log"
-    until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done ;;
+    for try in $(seq 51); do
+      [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]] && break
+      ((try < 51)) || { echo "redis-server did not start on port $REDIS_PORT" >&2; exit 1; }
+      sleep 0.1
+    done ;;
   *) echo "STATE: local or redis" >&2; exit 1 ;;
 esac
 

@@ -416,7 +416,7 @@ async fn a_keys_limits_and_budget_share_one_round_trip() {
         let a = redis.cmd(&["EVAL", &script, "0", pattern]).unwrap();
         a.trim_start_matches(':').parse().unwrap()
     };
-    // PTTL -1: no lifetime (-2: the key ended meanwhile, as the rate's do within ms).
+    // PTTL -1: no lifetime (0 is a key ending this millisecond, as the rate's do).
     let forever = redis.cmd(&[
         "EVAL",
         "for _, k in ipairs(redis.call('KEYS', '*')) do \
@@ -424,11 +424,20 @@ async fn a_keys_limits_and_budget_share_one_round_trip() {
         "0",
     ]);
     assert_eq!(forever.as_deref(), Some("+"), "a key without a lifetime");
-    for budget in ["*spend:*", "*resv:*"] {
+    // A `1d` budget's keys end a day after the next UTC midnight (a day less if that midnight
+    // passed during the test). The reservations' set may be gone: a settlement batch that
+    // left meanwhile took its last member.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ends = (now_ms / 86_400_000 + 2) * 86_400_000 - now_ms;
+    let right = |t: i64| (t - ends).abs() < 10_000 || (t - ends + 86_400_000).abs() < 10_000;
+    for (budget, may_be_gone) in [("*spend:*", false), ("*resv:*", true)] {
         let (min, max) = (ttl(budget, "<"), ttl(budget, ">"));
         assert!(
-            min > 86_400_000 && max <= 2 * 86_400_000,
-            "{budget}: {min}..{max} ms"
+            (right(min) && right(max)) || (may_be_gone && min == -3),
+            "{budget}: {min}..{max} ms, not about {ends}"
         );
     }
     let max = ttl("*:tokens:*", ">");
@@ -436,7 +445,9 @@ async fn a_keys_limits_and_budget_share_one_round_trip() {
     let rate = ttl("*:rate:*", ">");
     assert!(rate <= 1_001, "rate: {rate} ms (its bucket refills in 1 s)");
     // Not per request: the budget's keys get theirs when made, the tokens' once a window
-    // (and the settlements, a call per batch).
+    // (and the settlements, a call per batch). The reservations' set is made again whenever
+    // it empties, which is at most once per settlement batch here (300 ms); with one request
+    // at a time and the default 5 ms window, it is most requests.
     let pexpire = redis.calls("pexpire");
     assert!(pexpire < n / 2, "{pexpire} PEXPIRE for {} requests", n + 3);
 }
