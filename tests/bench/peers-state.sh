@@ -3,13 +3,16 @@
 #   EXTRA_PEERS="../shared/bench/peers/peers.d/gateway.sh tests/bench/peers-state.sh" \
 #     ONLY="gateway-full gateway-full-redis" STREAM=0 ../shared/bench/peers/run-peers.sh
 # redis-server runs on the load generator's core (CPU 0; REDIS_CPU moves it to a core of its
-# own where the machine has one), without persistence, as a child of
+# own where the machine has one; REDIS_NICE, e.g. -10, gives it priority over the load
+# generator on a shared core, to see how much of the latency is waiting for that core),
+# without persistence, as a child of
 # the peer (so the harness counts it as the peer's, not as foreign load; it is left running
 # after the harness stops the peer: `pkill redis-server`).
 gw_redis_port=$((28092 + 1000 + 7))
 gw_redis_cpu=${REDIS_CPU:-0}
+gw_redis_nice=${REDIS_NICE:-0}
 add_peer gateway-full-redis 28092 \
-  '{ taskset -c '"$gw_redis_cpu"' redis-server --port '"$gw_redis_port"' --bind 127.0.0.1 --save "" --appendonly no --dir "$RUNDIR" >"$RUNDIR/redis.log" 2>&1 & } &&
+  '{ taskset -c '"$gw_redis_cpu"' nice -n '"$gw_redis_nice"' redis-server --port '"$gw_redis_port"' --bind 127.0.0.1 --save "" --appendonly no --dir "$RUNDIR" >"$RUNDIR/redis.log" 2>&1 & } &&
    until redis-cli -p '"$gw_redis_port"' ping >/dev/null 2>&1; do sleep 0.1; done &&
    GW_CONF=gateway-full.yaml.in && "$TOOLS/render.sh" "$CONF/$GW_CONF" | sed "s/\${ADMIN_PORT}/$((PORT+1000))/" > "$RUNDIR/gateway.yaml" &&
    printf "state: { backend: redis, url: redis://127.0.0.1:'"$gw_redis_port"'/0 }\n" >> "$RUNDIR/gateway.yaml" &&
