@@ -337,3 +337,63 @@ async fn a_server_refusing_the_scripts_does_not_flap_every_retry() {
     // 100, 200, 400, 800, 1600 ms between them.
     assert!((2..=7).contains(&opened), "{opened} openings:\n{log}");
 }
+
+/// A server that forgot the scripts (restarted from a snapshot, `SCRIPT FLUSH`, a failover to
+/// a replica that never saw them) answers `NOSCRIPT`: the gateway loads the script and runs
+/// it again within the same call, and the shared count goes on where it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_forgot_the_scripts_is_given_them_again() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        redis.state(),
+        keyed_chain(
+            &m,
+            dir.path(),
+            "  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 2\n"
+        )
+    ))
+    .await;
+    let c = client();
+    let ask = || async {
+        c.post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ask().await, 200);
+    assert_eq!(redis.cmd(&["SCRIPT", "FLUSH"]).as_deref(), Some("+OK"));
+    let loads = redis.calls("script|load");
+    let mut after = Vec::new();
+    for _ in 0..4 {
+        after.push(ask().await);
+    }
+    // Burst 2: three quick requests in all, one of them before the flush.
+    assert_eq!(after, [200, 200, 429, 429], "{}", gw.log());
+    assert!(
+        redis.calls("script|load") > loads,
+        "the script was not loaded again"
+    );
+    // Three requests counted in Redis: the bucket (one request per 6 s) is full for 18 s.
+    let tat = redis
+        .cmd(&[
+            "EVAL",
+            "local t = -3 for _, k in ipairs(redis.call('KEYS', '*:rate:*')) do \
+             t = redis.call('PTTL', k) end return t",
+            "0",
+        ])
+        .unwrap();
+    let tat: i64 = tat.trim_start_matches(':').parse().unwrap();
+    assert!(
+        tat > 12_000,
+        "the shared bucket holds {tat} ms, not three requests"
+    );
+    assert_eq!(state_of(&gw).await.0, "shared");
+    assert!(!gw.log().contains("state: degraded"), "{}", gw.log());
+}

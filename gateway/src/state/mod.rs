@@ -328,19 +328,39 @@ impl Inner {
         deadline: Duration,
         own: bool,
     ) -> Result<T, StateError> {
+        // The command is written straight from the arguments (`ScriptInvocation` would copy
+        // each into a vector of its own first): several calls are made per request.
         let compiled = self.script(script);
-        let mut inv = compiled.prepare_invoke();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(compiled.get_hash()).arg(keys.len());
         for k in keys {
-            inv.key(*k);
+            cmd.arg(*k);
         }
         for a in args {
             match a {
-                Arg::Int(i) => inv.arg(*i),
-                Arg::Str(s) => inv.arg(*s),
+                Arg::Int(i) => cmd.arg(*i),
+                Arg::Str(s) => cmd.arg(*s),
             };
         }
         let mut conn = if own { self.conn.clone() } else { self.conn() };
-        match tokio::time::timeout(deadline, inv.invoke_async::<T>(&mut conn)).await {
+        let run = async {
+            match cmd.query_async::<T>(&mut conn).await {
+                // A server that does not know the script (restarted, flushed, failed over):
+                // load it, then run it again.
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(script.source)
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                    cmd.query_async::<T>(&mut conn).await
+                }
+                r => r,
+            }
+        };
+        match tokio::time::timeout(deadline, run).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StateError::Failed(e.to_string())),
             Err(_) => Err(StateError::Timeout(deadline)),
