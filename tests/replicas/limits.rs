@@ -404,6 +404,22 @@ async fn a_keys_limits_and_budget_share_one_round_trip() {
     );
     eprintln!("{reads} reads, {scripts} script calls for {n} requests");
 
+    // Each script's calls are timed, under its own name: one of each check per request.
+    for script in ["gcra", "rate_and_tokens", "budget_reserve"] {
+        let calls = gw
+            .metric(&format!(
+                "llm_gateway_state_call_duration_seconds_count{{script=\"{script}\"}}"
+            ))
+            .await;
+        assert_eq!(calls, Some((n + 3) as f64), "{script}");
+        let within_deadline = gw
+            .metric(&format!(
+                "llm_gateway_state_call_duration_seconds_bucket{{script=\"{script}\",le=\"1\"}}"
+            ))
+            .await;
+        assert_eq!(within_deadline, calls, "{script}");
+    }
+
     // The scripts set a key's lifetime when they make it, not on every call; every key must
     // still end: the budget's a day after its period, the tokens' window two minutes after
     // it starts, the rate's once its bucket is full again.

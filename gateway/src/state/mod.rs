@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use gateway_filter::state::{Arg, Keep, Script, SharedState, StateError};
-use prometheus::{IntCounter, IntGauge};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge};
 use redis::aio::ConnectionManager;
 
 use crate::config::{OnError, StateSpec};
@@ -86,7 +86,8 @@ struct Inner {
     /// For the connections of request threads (see [`Inner::conn`]).
     client: redis::Client,
     config: redis::aio::ConnectionManagerConfig,
-    scripts: RwLock<HashMap<usize, Arc<redis::Script>>>,
+    /// Each script with its hash, and its child of `llm_gateway_state_call_duration_seconds`.
+    scripts: RwLock<HashMap<usize, (Arc<redis::Script>, Histogram)>>,
     prefix: String,
     member_base: String,
     next: AtomicU64,
@@ -109,6 +110,7 @@ struct Inner {
     handle: tokio::runtime::Handle,
     degraded: IntGauge,
     errors: IntCounter,
+    durations: HistogramVec,
 }
 
 impl std::fmt::Debug for RedisState {
@@ -183,6 +185,18 @@ impl RedisState {
             "llm_gateway_state_errors_total",
             "Shared-state calls that failed or passed their deadline",
         ))?;
+        // From sending a call to its answer being back with the request: Redis, the network
+        // and this side's wake-ups (a call past its deadline counts as the deadline).
+        let durations = metric(HistogramVec::new(
+            HistogramOpts::new(
+                "llm_gateway_state_call_duration_seconds",
+                "Shared-state (Redis) script calls, from sending to the answer, by script",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            &["script"],
+        ))?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
@@ -211,6 +225,7 @@ impl RedisState {
             handle: runtime.handle().clone(),
             degraded,
             errors,
+            durations,
         });
         let up = runtime.block_on(inner.probe());
         match &up {
@@ -306,12 +321,15 @@ impl Inner {
         }
     }
 
-    fn script(&self, s: &'static Script) -> Arc<redis::Script> {
+    fn script(&self, s: &'static Script) -> (Arc<redis::Script>, Histogram) {
         let id = s as *const Script as usize;
         if let Some(found) = self.scripts.read().ok().and_then(|m| m.get(&id).cloned()) {
             return found;
         }
-        let compiled = Arc::new(redis::Script::new(s.source));
+        let compiled = (
+            Arc::new(redis::Script::new(s.source)),
+            self.durations.with_label_values(&[s.name]),
+        );
         if let Ok(mut m) = self.scripts.write() {
             m.insert(id, compiled.clone());
         }
@@ -330,7 +348,7 @@ impl Inner {
     ) -> Result<T, StateError> {
         // The command is written straight from the arguments (`ScriptInvocation` would copy
         // each into a vector of its own first): several calls are made per request.
-        let compiled = self.script(script);
+        let (compiled, duration) = self.script(script);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(compiled.get_hash()).arg(keys.len());
         for k in keys {
@@ -360,7 +378,10 @@ impl Inner {
                 r => r,
             }
         };
-        match tokio::time::timeout(deadline, run).await {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(deadline, run).await;
+        duration.observe(started.elapsed().as_secs_f64());
+        match answer {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StateError::Failed(e.to_string())),
             Err(_) => Err(StateError::Timeout(deadline)),
