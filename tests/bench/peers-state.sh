@@ -4,7 +4,8 @@
 #     ONLY="gateway-full gateway-full-redis" STREAM=0 ../shared/bench/peers/run-peers.sh
 # redis-server runs on the load generator's core (CPU 0; REDIS_CPU moves it to a core of its
 # own where the machine has one; REDIS_NICE, e.g. -10, gives it priority over the load
-# generator on a shared core, to see how much of the latency is waiting for that core),
+# generator on a shared core, to see how much of the latency is waiting for that core: a
+# negative value needs root or CAP_SYS_NICE, without which nice warns and changes nothing),
 # without persistence, as a child of
 # the peer (so the harness counts it as the peer's, not as foreign load; it is left running
 # after the harness stops the peer: `pkill redis-server`).

@@ -273,13 +273,13 @@ impl RateLimitFilter {
     /// The limiter key in shared state, for `what` (rate, tokens, slots): the same on every
     /// replica. The hash tag is the address or principal, so one Cluster slot holds them.
     fn shared_key(&self, state: &dyn SharedState, ctx: &RequestCtx, what: &str) -> String {
-        let id = &self.id;
+        let limiter = &self.id;
         let key = |tag: std::fmt::Arguments<'_>, model: Option<&str>| match model {
-            None => state.key(format_args!("rl:{id}:{what}"), tag),
+            None => state.key(format_args!("rl:{limiter}:{what}"), tag),
             // The client chose the model name: hashed, so it cannot make a key of any length.
             Some(m) => {
                 let m = stable_hash(m.as_bytes());
-                state.key(format_args!("rl:{id}:{what}:m{m:016x}"), tag)
+                state.key(format_args!("rl:{limiter}:{what}:m{m:016x}"), tag)
             }
         };
         match self.subject(ctx) {

@@ -45,7 +45,8 @@ local function tokens(key, w, n, limit, t)
   if changed then
     redis.call('HSET', key, 's', string.format('%.0f', start), 'u', string.format('%.0f', used))
   end
-  -- The key lives two windows from its window's start: set once, when the window starts.
+  -- The key lives at least two windows from its window's start: set when the window starts
+  -- (and by each settlement), not on every check.
   if start == now then redis.call('PEXPIRE', key, w * 2) end
   return {taken, used, start, start + w - now}
 end

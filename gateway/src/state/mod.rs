@@ -186,7 +186,7 @@ impl RedisState {
             "Shared-state calls that failed or passed their deadline",
         ))?;
         // From sending a call to its answer being back with the request: Redis, the network
-        // and this side's wake-ups (a call past its deadline counts as the deadline).
+        // and this side's wake-ups.
         let durations = metric(HistogramVec::new(
             HistogramOpts::new(
                 "llm_gateway_state_call_duration_seconds",
@@ -379,10 +379,13 @@ impl Inner {
             }
         };
         let started = std::time::Instant::now();
-        let answer = tokio::time::timeout(deadline, run).await;
-        duration.observe(started.elapsed().as_secs_f64());
-        match answer {
-            Ok(Ok(v)) => Ok(v),
+        match tokio::time::timeout(deadline, run).await {
+            // Answers only: a refused connection fails fast and would make an outage look
+            // quick; failures and timeouts count in `llm_gateway_state_errors_total`.
+            Ok(Ok(v)) => {
+                duration.observe(started.elapsed().as_secs_f64());
+                Ok(v)
+            }
             Ok(Err(e)) => Err(StateError::Failed(e.to_string())),
             Err(_) => Err(StateError::Timeout(deadline)),
         }
