@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use gateway_filter::GLOBAL_ACCOUNT;
 
 use crate::ledger::History;
-use crate::period::{day_string, Calendar, Period};
+use crate::period::{day_string, with_day_string, Calendar, Period};
 use crate::prices::Nano;
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -26,8 +26,38 @@ pub struct Budget {
     pub limit: Nano,
 }
 
+/// Accounts by principal, then period key: looked up by `&str`, so a request's check
+/// allocates nothing once its accounts are open.
+type Accounts = HashMap<String, HashMap<String, Account>>;
+
+/// `f` of the account of `b`, opened with `opening()` (spend of past runs) if it is new.
+fn with_account<R>(
+    acc: &mut Accounts,
+    b: &Budget,
+    opening: impl FnOnce() -> Nano,
+    f: impl FnOnce(&mut Account) -> R,
+) -> R {
+    let open = |opening: Nano| Account {
+        spent: opening,
+        reserved: 0,
+    };
+    if let Some(periods) = acc.get_mut(b.principal.as_str()) {
+        if let Some(a) = periods.get_mut(b.period_key.as_str()) {
+            return f(a);
+        }
+        return f(periods
+            .entry(b.period_key.clone())
+            .or_insert_with(|| open(opening())));
+    }
+    f(acc
+        .entry(b.principal.clone())
+        .or_default()
+        .entry(b.period_key.clone())
+        .or_insert_with(|| open(opening())))
+}
+
 pub struct Book {
-    accounts: Mutex<HashMap<(String, String), Account>>,
+    accounts: Mutex<Accounts>,
     /// Spend in the ledger that no account holds yet: the ledger as loaded, plus what other
     /// processes wrote to it since ([`Book::add_foreign`]). Locked after `accounts`, when both.
     history: Mutex<History>,
@@ -78,26 +108,27 @@ impl Book {
     ) -> Result<Vec<(Nano, Nano)>, Refusal> {
         let mut acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         for b in budgets {
-            let key = (b.principal.clone(), b.period_key.clone());
-            let opening = if acc.contains_key(&key) {
-                0
-            } else {
-                self.opening(b, now)
-            };
-            let a = acc.entry(key).or_insert(Account {
-                spent: opening,
-                reserved: 0,
-            });
-            if a.spent + a.reserved + amount > b.limit {
+            let fits = with_account(
+                &mut acc,
+                b,
+                || self.opening(b, now),
+                |a| a.spent + a.reserved + amount <= b.limit,
+            );
+            if !fits {
                 return Err(Refusal { budget: b.clone() });
             }
         }
         let mut after = Vec::with_capacity(budgets.len());
         for b in budgets {
-            if let Some(a) = acc.get_mut(&(b.principal.clone(), b.period_key.clone())) {
-                a.reserved += amount;
-                after.push((a.spent + a.reserved, b.limit));
-            }
+            with_account(
+                &mut acc,
+                b,
+                || 0,
+                |a| {
+                    a.reserved += amount;
+                    after.push((a.spent + a.reserved, b.limit));
+                },
+            );
         }
         Ok(after)
     }
@@ -108,12 +139,16 @@ impl Book {
         budgets
             .iter()
             .map(|b| {
-                let a = acc
-                    .entry((b.principal.clone(), b.period_key.clone()))
-                    .or_default();
-                a.reserved -= reserved;
-                a.spent += charged;
-                b.limit - a.spent
+                with_account(
+                    &mut acc,
+                    b,
+                    || 0,
+                    |a| {
+                        a.reserved -= reserved;
+                        a.spent += charged;
+                        b.limit - a.spent
+                    },
+                )
             })
             .collect()
     }
@@ -121,7 +156,8 @@ impl Book {
     /// This replica's spend in the budget's period (after `reserve` opened the account).
     pub fn spent(&self, b: &Budget) -> Nano {
         let acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        acc.get(&(b.principal.clone(), b.period_key.clone()))
+        acc.get(b.principal.as_str())
+            .and_then(|periods| periods.get(b.period_key.as_str()))
             .map_or(0, |a| a.spent)
     }
 
@@ -141,7 +177,10 @@ impl Book {
         let secs = day * 86_400;
         for who in [principal, GLOBAL_ACCOUNT] {
             for period in [Period::Day, Period::Week, Period::Month, Period::Total] {
-                if let Some(a) = acc.get_mut(&(who.to_string(), period.key(secs))) {
+                if let Some(a) = acc
+                    .get_mut(who)
+                    .and_then(|periods| periods.get_mut(period.key(secs).as_str()))
+                {
                     a.spent += nano;
                 }
             }
@@ -162,13 +201,19 @@ impl Book {
             return;
         }
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let days = history.entry(principal.to_string()).or_default();
-        let day = day_string(day);
-        // Newest last: today's entry, when there is one, is found at once.
-        match days.iter_mut().rev().find(|(d, _)| *d == day) {
-            Some((_, n)) => *n += nano,
-            None => days.push((day, nano)),
+        if !history.contains_key(principal) {
+            history.insert(principal.to_string(), Vec::new());
         }
+        let Some(days) = history.get_mut(principal) else {
+            return;
+        };
+        // Newest last: today's entry, when there is one, is found at once.
+        with_day_string(day, |day| {
+            match days.iter_mut().rev().find(|(d, _)| d == day) {
+                Some((_, n)) => *n += nano,
+                None => days.push((day.to_string(), nano)),
+            }
+        })
     }
 
     /// What the ledger of past runs holds for `principal` in `period` as of `now`.
@@ -187,7 +232,14 @@ impl Book {
     /// Current accounts, for `/admin/spend`.
     pub fn snapshot(&self) -> Vec<((String, String), Account)> {
         let acc = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = acc.iter().map(|(k, a)| (k.clone(), *a)).collect();
+        let mut v: Vec<_> = acc
+            .iter()
+            .flat_map(|(who, periods)| {
+                periods
+                    .iter()
+                    .map(move |(period, a)| ((who.clone(), period.clone()), *a))
+            })
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }

@@ -36,7 +36,12 @@ pub fn now_secs() -> i64 {
 }
 
 pub fn day_string(days: i64) -> String {
-    // Nearly every call names today: formatting it once a day, not per request.
+    with_day_string(days, str::to_string)
+}
+
+/// `f` of the day's `YYYY-MM-DD`, without a string of its own: nearly every call names
+/// today, formatted once a day, not per request.
+pub fn with_day_string<R>(days: i64, f: impl FnOnce(&str) -> R) -> R {
     thread_local! {
         static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
     }
@@ -46,7 +51,7 @@ pub fn day_string(days: i64) -> String {
             *s = format!("{y:04}-{m:02}-{d:02}");
             *last = days;
         }
-        s.clone()
+        f(s)
     })
 }
 
