@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::support::budget::{config, KEY as BUYER};
 use super::support::redis::Redis;
 use super::support::{chat, client, mock, Gateway};
-use super::{keyed_chain, replicas, Replicas, KEY};
+use super::{key_chat, keyed_chain, replicas, Replicas, KEY};
 
 async fn state_of(gw: &Gateway) -> (String, Option<f64>) {
     let h = gw.health().await;
@@ -357,16 +357,7 @@ async fn a_server_that_forgot_the_scripts_is_given_them_again() {
     ))
     .await;
     let c = client();
-    let ask = || async {
-        c.post(gw.url("/api/chat"))
-            .bearer_auth(KEY)
-            .json(&chat())
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    };
+    let ask = || async { key_chat(&c, &gw).await.status().as_u16() };
     assert_eq!(ask().await, 200);
     assert_eq!(redis.cmd(&["SCRIPT", "FLUSH"]).as_deref(), Some("+OK"));
     let loads = redis.calls("script|load");

@@ -19,6 +19,33 @@ use crate::book::Budget;
 use crate::period::Calendar;
 use crate::prices::Nano;
 
+/// Reading an account, for the scripts that check or report it: `totals(spend)` answers
+/// every replica's spend together and `~held`; `expired(resv, now)` the amounts of the
+/// reservations that ended by `now` (of a replica that died), each member `ID|AMOUNT`.
+macro_rules! account_lua {
+    () => {
+        r#"
+local function totals(key)
+  local spent = 0
+  local held = 0
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    if all[i] == '~held' then held = tonumber(all[i + 1])
+    else spent = spent + tonumber(all[i + 1]) end
+  end
+  return spent, held
+end
+local function expired(key, now)
+  local n = 0
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now)) do
+    n = n + (tonumber(string.match(m, '|(%d+)$')) or 0)
+  end
+  return n
+end
+"#
+    };
+}
+
 /// KEYS: spend, resv. ARGV: replica, its period total, amount, limit, member, ttl ms,
 /// keep ms (the keys' lifetime; 0: none). Answers `{taken, spent, reserved}`.
 ///
@@ -27,7 +54,9 @@ use crate::prices::Nano;
 /// flight; only reservations that expired (of a replica that died) are read one by one.
 static RESERVE: Script = Script {
     name: "budget_reserve",
-    source: r#"
+    source: concat!(
+        account_lua!(),
+        r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local keep = tonumber(ARGV[7])
@@ -38,21 +67,13 @@ local keep = tonumber(ARGV[7])
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 and keep > 0 then
   redis.call('PEXPIRE', KEYS[1], keep)
 end
-local spent = 0
-local held = 0
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if all[i] == '~held' then held = tonumber(all[i + 1])
-  else spent = spent + tonumber(all[i + 1]) end
-end
+local spent, held = totals(KEYS[1])
 -- The reservation that ends first tells whether any has expired (of a replica that died)
 -- and whether any is left at all.
 local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 local fresh = #first == 0
 if not fresh and tonumber(first[2]) <= now then
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
-    held = held - (tonumber(string.match(m, '|(%d+)$')) or 0)
-  end
+  held = held - expired(KEYS[2], now)
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   fresh = redis.call('ZCARD', KEYS[2]) == 0
   if held < 0 then held = 0 end
@@ -72,7 +93,8 @@ if fresh and keep > 0 then redis.call('PEXPIRE', KEYS[2], keep) end
 held = held + amount
 redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
 return {1, spent, held}
-"#,
+"#
+    ),
 };
 
 /// Ends reservations and raises replicas' totals. KEYS: spend, resv. ARGV, per settlement
@@ -112,22 +134,17 @@ return {1}
 /// KEYS: spend, resv. Answers `{spent, reserved}` of all replicas together.
 static TOTALS: Script = Script {
     name: "budget_totals",
-    source: r#"
+    source: concat!(
+        account_lua!(),
+        r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local spent = 0
-local held = 0
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if all[i] == '~held' then held = tonumber(all[i + 1])
-  else spent = spent + tonumber(all[i + 1]) end
-end
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
-  held = held - (tonumber(string.match(m, '|(%d+)$')) or 0)
-end
+local spent, held = totals(KEYS[1])
+held = held - expired(KEYS[2], now)
 if held < 0 then held = 0 end
 return {spent, held}
-"#,
+"#
+    ),
 };
 
 /// Spend keys outlive their period by a day (late settlements), 40 days when unknown.
