@@ -110,36 +110,25 @@ impl FilterChain {
     }
 
     /// Runs the filters that need no body (address limits, authentication), up to the first
-    /// one that does. Their deferred checks may still be waiting when it returns: the body
-    /// is read meanwhile when that costs nothing a refusal would not cost too (see
-    /// [`FilterChain::settle`]), and the rest of the chain's checks join them.
+    /// one that does.
     pub async fn on_request_before_body(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        self.on_request(ctx, 0..self.body_needed_at, false).await
+        self.on_request(ctx, 0..self.body_needed_at).await
     }
 
-    /// Runs the rest of the chain, once the body (if the route has one) is read, and awaits
-    /// every check still waiting.
+    /// Runs the rest of the chain, once the body (if the route has one) is read.
     pub async fn on_request_after_body(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        self.on_request(ctx, self.body_needed_at..self.filters.len(), true)
+        self.on_request(ctx, self.body_needed_at..self.filters.len())
             .await
-    }
-
-    /// Awaits the deferred checks still waiting and applies them in chain order: before a
-    /// body that takes more reading than a refusal's drain, and before a failure to read it
-    /// is answered (an earlier check's refusal is the answer then).
-    pub async fn settle(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        settle_pending(ctx).await
     }
 
     /// Runs `on_request` of the filters in `range`, in order; the first rejection stops the
     /// chain and is recorded in `ctx.decision`. Deferred checks are awaited together before
     /// a filter that cannot run alongside them, before a rejection is answered (an earlier
-    /// filter's refusal wins) and, with `settle`, at the end of the range.
+    /// filter's refusal wins) and at the end of the range.
     async fn on_request(
         &self,
         ctx: &mut RequestCtx,
         range: std::ops::Range<usize>,
-        settle: bool,
     ) -> Result<(), Rejection> {
         for f in self.filters.get(range).unwrap_or_default() {
             if !f.runs_alongside() && ctx.has_pending() {
@@ -161,10 +150,7 @@ impl FilterChain {
                 return Err(r);
             }
         }
-        if settle {
-            settle_pending(ctx).await?;
-        }
-        Ok(())
+        settle_pending(ctx).await
     }
 
     /// Re-reads every filter's files (SIGHUP). A filter whose files are broken keeps its
@@ -493,16 +479,13 @@ mod tests {
             .collect()
     }
 
-    /// The whole chain, as a request without a body goes through it.
-    async fn whole(c: &FilterChain, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        c.on_request_before_body(ctx).await?;
-        c.on_request_after_body(ctx).await
-    }
-
     async fn run(c: &FilterChain, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        tokio::time::timeout(std::time::Duration::from_secs(5), whole(c, ctx))
-            .await
-            .expect("the deferred checks were awaited one after the other")
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            c.on_request_before_body(ctx),
+        )
+        .await
+        .expect("the deferred checks were awaited one after the other")
     }
 
     #[tokio::test]
@@ -568,36 +551,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn checks_before_the_body_still_wait_when_it_is_read_and_are_settled_on_demand() {
-        // An address limit's answer is awaited with the later filters' (one round trip), or
-        // at `settle`: before a large body, or a failure to read it.
-        let s = Setup::new(1);
-        let c = s.chain(&["d:ip"]);
-        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
-        c.on_request_before_body(&mut ctx).await.unwrap();
-        assert!(ctx.has_pending());
-        assert!(seen(&ctx).is_empty());
-        c.settle(&mut ctx).await.unwrap();
-        assert!(!ctx.has_pending());
-        assert_eq!(seen(&ctx), ["ip"]);
-        assert_eq!(s.log(), ["req:ip", "verdict:ip"]);
-
-        let s = Setup::new(1);
-        let c = s.chain(&["d!:ip"]);
-        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
-        c.on_request_before_body(&mut ctx).await.unwrap();
-        assert_eq!(c.settle(&mut ctx).await.unwrap_err().code, "said_no_later");
-        assert_rejected(&ctx, "ip", "said_no_later");
-    }
-
-    #[tokio::test]
     async fn checks_left_waiting_by_a_client_that_went_away_give_back_their_holds() {
         // A barrier for two never opens for one check: the request is dropped mid-wait.
         let s = Setup::new(2);
         let c = s.chain(&["d:a"]);
         let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
-        let waited =
-            tokio::time::timeout(std::time::Duration::from_millis(50), whole(&c, &mut ctx)).await;
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            c.on_request_before_body(&mut ctx),
+        )
+        .await;
         assert!(waited.is_err(), "the check should still be waiting");
         assert_eq!(s.given_back.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(!ctx.has_pending());

@@ -23,7 +23,7 @@ pub trait Filter: Send + Sync {
     /// ([`RequestCtx::defer`]) still wait for their answers: it neither reads what they
     /// conclude nor is costly to run for a request they may still refuse (what it holds gives
     /// itself back when dropped). The chain awaits the answers before a filter that says no
-    /// (password authentication: an address limit must answer before a hash is checked).
+    /// (authentication: an address limit must answer before a password hash is checked).
     fn runs_alongside(&self) -> bool {
         false
     }

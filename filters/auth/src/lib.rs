@@ -466,15 +466,6 @@ impl Filter for AuthFilter {
         "auth"
     }
 
-    /// With API keys, mTLS or a trusted identity header only, a request costs a hash and a
-    /// lookup to check: it is checked while an earlier address limit's answer is on its way
-    /// (one round trip for all the request's shared checks; a refusal from that limit still
-    /// wins). A password (bcrypt), a JWT or forward authentication waits for that answer: a
-    /// refused address must not make the gateway hash a password or ask another service.
-    fn runs_alongside(&self) -> bool {
-        self.htpasswd_file.is_none() && self.forward.is_none() && self.jwt.is_none()
-    }
-
     async fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
         let f = self.forward.as_ref()?;
         Some((

@@ -401,13 +401,6 @@ struct Ask {
 type Answers = (Option<Vec<i64>>, Option<(String, Vec<i64>)>);
 
 impl Ask {
-    /// The TAT's key, when the script asks for the rate.
-    fn rate_key(&self) -> Option<String> {
-        let rate = std::ptr::eq(self.script, &shared::GCRA)
-            || std::ptr::eq(self.script, &shared::RATE_AND_TOKENS);
-        rate.then(|| self.keys.first().cloned()).flatten()
-    }
-
     async fn send(self, st: &Arc<dyn SharedState>) -> Result<Answers, Rejection> {
         let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
         let Some(r) = ask(Some(st), self.script, &keys, &self.args).await? else {
@@ -434,8 +427,6 @@ trait Sink {
     fn header(&mut self, name: HeaderName, v: u64);
     fn hold(&mut self, held: Held);
     fn reason(&mut self, reason: &'static str);
-    /// The rate counted this request (`shared`: on the server, else in the local store).
-    fn took_rate(&mut self, _shared: bool) {}
 }
 
 /// The request itself, for a check decided at once.
@@ -483,20 +474,6 @@ struct Outcome {
     holds: Vec<Held>,
     store: Arc<dyn LimitStore>,
     state: Arc<dyn SharedState>,
-    refund: Refund,
-}
-
-/// The request's count in the rate, given back when its outcome is dropped unapplied: the
-/// limiter runs alongside earlier checks still waiting (one round trip for all of them), so
-/// when one of those refuses, this limiter must not have counted the request.
-struct Refund {
-    /// The local store's key, and the interval in ns.
-    key: u64,
-    t_ns: u64,
-    /// The shared TAT's key, when the rate is asked of the server.
-    shared_key: Option<String>,
-    /// `Some(shared)` once the rate counted the request.
-    took: Option<bool>,
 }
 
 impl Sink for Outcome {
@@ -509,9 +486,6 @@ impl Sink for Outcome {
     fn reason(&mut self, reason: &'static str) {
         self.reason = Some(reason);
     }
-    fn took_rate(&mut self, shared: bool) {
-        self.refund.took = Some(shared);
-    }
 }
 
 impl Outcome {
@@ -520,7 +494,6 @@ impl Outcome {
         ctx: &mut RequestCtx,
         result: Result<(), Rejection>,
     ) -> Result<(), Rejection> {
-        self.refund.took = None;
         for (name, v) in self.headers.drain(..) {
             ctx.response_headers.push((name, HeaderValue::from(v)));
         }
@@ -538,16 +511,6 @@ impl Drop for Outcome {
     fn drop(&mut self) {
         for held in std::mem::take(&mut self.holds) {
             settle(&self.store, Some(&self.state), &held, Some(0));
-        }
-        let r = &mut self.refund;
-        match (r.took.take(), r.shared_key.take()) {
-            (Some(true), Some(key)) => self.state.run_detached(
-                &shared::GCRA_REFUND,
-                vec![key],
-                vec![(r.t_ns / 1000).max(1).to_string()],
-            ),
-            (Some(false), _) => self.store.refund_rate(r.key, now_ns(), r.t_ns),
-            _ => {}
         }
     }
 }
@@ -617,7 +580,6 @@ impl Check {
         if let Some(rate) = self.rate {
             let burst = self.burst;
             out.header(LIMIT, burst + 1);
-            let shared = shared_rate.is_some();
             let decision = match shared_rate {
                 Some(r) if at(&r, 0) == 1 => Gcra::Allow {
                     delay_ns: at(&r, 1).max(0) as u64 * 1000,
@@ -637,7 +599,6 @@ impl Check {
                     remaining,
                     reset_ns,
                 } => {
-                    out.took_rate(shared);
                     out.header(REMAINING, remaining);
                     out.header(RESET, seconds_up(reset_ns));
                     if self.mode == Mode::Delay {
@@ -773,14 +734,8 @@ impl Filter for RateLimitFilter {
         self.tpm.is_some() || self.uses_principal()
     }
 
-    /// On shared state (and `mode: nodelay`), its check goes out with the earlier filters'
-    /// still waiting (an address limit before authentication): one round trip for all. If
-    /// one of those refuses, the rate gives this request back ([`Refund`]), its tokens and
-    /// slot too, so it counts only requests the earlier checks let through. In `mode: delay`
-    /// it decides at once (it may wait), so it waits for them first.
-    fn runs_alongside(&self) -> bool {
-        self.state.is_some() && self.mode == Mode::Nodelay
-    }
+    // Not `runs_alongside`: a later limiter's rate counts the moment its script runs and
+    // cannot be given back, so it must not count requests an earlier check refuses.
 
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         let check = self.check(ctx)?;
@@ -805,12 +760,6 @@ impl Filter for RateLimitFilter {
                             holds: Vec::new(),
                             store: check.store.clone(),
                             state: st.clone(),
-                            refund: Refund {
-                                key: check.key,
-                                t_ns: check.rate.map_or(0, |r| r.interval_ns()),
-                                shared_key: ask.as_ref().and_then(Ask::rate_key),
-                                took: None,
-                            },
                         };
                         let result = match ask {
                             Some(a) => a.send(&st).await,

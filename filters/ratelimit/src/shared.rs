@@ -72,22 +72,6 @@ pub static TOKENS_RESERVE: Script = Script {
     ),
 };
 
-/// Gives back one interval of the TAT in `KEYS[1]` (a request the rate counted that an
-/// earlier check refused: see `Outcome`). ARGV: interval µs. Never moves the TAT below now:
-/// a drained bucket stays drained, so it gives back at most what was taken.
-pub static GCRA_REFUND: Script = Script {
-    name: "gcra_refund",
-    source: r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat <= now then return {0} end
-local new_tat = math.max(tat - tonumber(ARGV[1]), now)
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
-return {1}
-"#,
-};
-
 /// Both in one round trip: the rate, then (if it passed) the tokens. KEYS: the TAT, the
 /// window. ARGV: interval µs, burst, window ms, tokens, limit. Answers the rate's answer,
 /// followed by the tokens' when the rate passed.

@@ -15,8 +15,6 @@ use crate::rate::{gcra, Gcra};
 pub trait LimitStore: Send + Sync {
     /// One GCRA step for `key` (see [`gcra`]).
     fn check_rate(&self, key: u64, now_ns: u64, t: u64, burst: u64) -> Gcra;
-    /// Gives back one interval `t` that `check_rate` took, never moving the TAT below now.
-    fn refund_rate(&self, key: u64, now_ns: u64, t: u64);
     /// Takes an in-flight slot when fewer than `max` are taken.
     fn acquire(&self, key: u64, max: u32) -> bool;
     fn release(&self, key: u64);
@@ -135,18 +133,6 @@ impl LimitStore for LocalStore {
         )
     }
 
-    fn refund_rate(&self, key: u64, now_ns: u64, t: u64) {
-        self.tat.with(
-            key,
-            |&tat| tat <= now_ns,
-            |m| {
-                if let Some(tat) = m.get_mut(&key) {
-                    *tat = tat.saturating_sub(t).max(now_ns);
-                }
-            },
-        )
-    }
-
     fn acquire(&self, key: u64, max: u32) -> bool {
         // Live slots are never evicted: `stale` is false for all of them.
         self.in_flight.with(
@@ -253,31 +239,6 @@ mod tests {
         }
         let tracked = s.tracked();
         assert!(tracked <= 2 * 10_000 + 2 * SHARDS * 16, "{tracked} entries");
-    }
-
-    #[test]
-    fn a_refund_gives_back_one_interval_and_never_more_than_was_taken() {
-        let s = LocalStore::new(100);
-        let (t, now) = (1_000, 1_000_000);
-        // burst 1: two quick requests pass, the third is refused.
-        assert!(matches!(s.check_rate(7, now, t, 1), Gcra::Allow { .. }));
-        assert!(matches!(s.check_rate(7, now, t, 1), Gcra::Allow { .. }));
-        assert!(matches!(s.check_rate(7, now, t, 1), Gcra::Deny { .. }));
-        s.refund_rate(7, now, t);
-        assert!(matches!(
-            s.check_rate(7, now, t, 1),
-            Gcra::Allow { remaining: 0, .. }
-        ));
-        // A drained bucket stays drained: refunds beyond what was taken give nothing.
-        for _ in 0..5 {
-            s.refund_rate(7, now, t);
-        }
-        assert!(matches!(
-            s.check_rate(7, now, t, 1),
-            Gcra::Allow { remaining: 1, .. }
-        ));
-        assert!(matches!(s.check_rate(7, now, t, 1), Gcra::Allow { .. }));
-        assert!(matches!(s.check_rate(7, now, t, 1), Gcra::Deny { .. }));
     }
 
     #[test]

@@ -207,18 +207,6 @@ async fn unread_body(session: &mut Session) {
     }
 }
 
-/// Whether the request announces a body no longer than what a refusal reads and drops
-/// anyway ([`DRAIN`]).
-fn within_drain(session: &Session) -> bool {
-    session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n <= DRAIN)
-}
-
 async fn admit(
     gw: &Gateway,
     session: &mut Session,
@@ -272,22 +260,9 @@ async fn admit(
         .await
         .map_err(chain_rejected)?;
     if ctx.req.route.holds_body() || super::framing::has_body(session) {
-        // Checks still waiting (an address limit's answer) are awaited before a body that
-        // takes more reading than a refusal's drain; a smaller one is read meanwhile, and
-        // their answers come back with the rest of the chain's, in one round trip.
-        if !within_drain(session) {
-            gw.chain
-                .settle(&mut ctx.req)
-                .await
-                .map_err(chain_rejected)?;
-        }
-        if let Err(rejection) = read_held_body(gw, session, ctx).await {
-            gw.chain
-                .settle(&mut ctx.req)
-                .await
-                .map_err(chain_rejected)?;
-            return Err(Refusal::failed(rejection));
-        }
+        read_held_body(gw, session, ctx)
+            .await
+            .map_err(Refusal::failed)?;
     }
     gw.chain
         .on_request_after_body(&mut ctx.req)
