@@ -12,6 +12,7 @@
 
 mod batch;
 mod breaker;
+mod reply;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -26,6 +27,7 @@ use redis::aio::ConnectionManager;
 use crate::config::{OnError, StateSpec};
 use batch::Batches;
 use breaker::Breaker;
+use reply::{Ints, Reply};
 
 /// Why shared state could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,9 @@ return {existed}
 "#,
 };
 
+/// A script as sent: its hash, its text, its duration histogram.
+type Compiled = (Arc<redis::Script>, Arc<str>, Histogram);
+
 pub struct RedisState {
     inner: Arc<Inner>,
     /// The state's own thread: probes, renewals, detached calls. Dropped at exit.
@@ -86,8 +91,9 @@ struct Inner {
     /// For the connections of request threads (see [`Inner::conn`]).
     client: redis::Client,
     config: redis::aio::ConnectionManagerConfig,
-    /// Each script with its hash, and its child of `llm_gateway_state_call_duration_seconds`.
-    scripts: RwLock<HashMap<usize, (Arc<redis::Script>, Histogram)>>,
+    /// Each script (packed or as written: [`reply`]) with its hash, its text for
+    /// `SCRIPT LOAD`, and its child of `llm_gateway_state_call_duration_seconds`.
+    scripts: RwLock<HashMap<(usize, bool), Compiled>>,
     prefix: String,
     member_base: String,
     next: AtomicU64,
@@ -111,6 +117,8 @@ struct Inner {
     degraded: IntGauge,
     errors: IntCounter,
     durations: HistogramVec,
+    /// Whether the server runs scripts packed ([`reply`]): not known until it first answers.
+    packs: AtomicU8,
 }
 
 impl std::fmt::Debug for RedisState {
@@ -226,6 +234,7 @@ impl RedisState {
             degraded,
             errors,
             durations,
+            packs: AtomicU8::new(UNKNOWN),
         });
         let up = runtime.block_on(inner.probe());
         match &up {
@@ -262,6 +271,10 @@ thread_local! {
     static CONNS: std::cell::RefCell<Vec<(u64, ConnectionManager, Arc<AtomicU8>)>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
+
+const UNKNOWN: u8 = 0;
+const YES: u8 = 1;
+const NO: u8 = 2;
 
 const CONNECTING: u8 = 0;
 const READY: u8 = 1;
@@ -321,13 +334,19 @@ impl Inner {
         }
     }
 
-    fn script(&self, s: &'static Script) -> (Arc<redis::Script>, Histogram) {
-        let id = s as *const Script as usize;
+    fn script(&self, s: &'static Script, packed: bool) -> Compiled {
+        let id = (s as *const Script as usize, packed);
         if let Some(found) = self.scripts.read().ok().and_then(|m| m.get(&id).cloned()) {
             return found;
         }
+        let text: Arc<str> = if packed {
+            reply::packed(s.source).into()
+        } else {
+            s.source.into()
+        };
         let compiled = (
-            Arc::new(redis::Script::new(s.source)),
+            Arc::new(redis::Script::new(&text)),
+            text,
             self.durations.with_label_values(&[s.name]),
         );
         if let Ok(mut m) = self.scripts.write() {
@@ -338,7 +357,7 @@ impl Inner {
 
     /// One script call within `deadline`; `own`: on the state thread's connection (probes,
     /// renewals), else on this thread's.
-    async fn call<T: redis::FromRedisValue>(
+    async fn call<T: Reply>(
         &self,
         script: &'static Script,
         keys: &[&str],
@@ -348,7 +367,11 @@ impl Inner {
     ) -> Result<T, StateError> {
         // The command is written straight from the arguments (`ScriptInvocation` would copy
         // each into a vector of its own first): several calls are made per request.
-        let (compiled, duration) = self.script(script);
+        // A script with a shebang line (`#!lua flags=...`) must stay first in its text.
+        let packed = T::PACKED
+            && self.packs.load(Ordering::Relaxed) == YES
+            && !script.source.starts_with("#!");
+        let (compiled, text, duration) = self.script(script, packed);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(compiled.get_hash()).arg(keys.len());
         for k in keys {
@@ -370,7 +393,7 @@ impl Inner {
                 {
                     redis::cmd("SCRIPT")
                         .arg("LOAD")
-                        .arg(script.source)
+                        .arg(&*text)
                         .query_async::<()>(&mut conn)
                         .await?;
                     cmd.query_async::<T>(&mut conn).await
@@ -392,7 +415,7 @@ impl Inner {
     }
 
     /// A request's call: fails at once while the circuit is open.
-    async fn guarded<T: redis::FromRedisValue>(
+    async fn guarded<T: Reply>(
         &self,
         script: &'static Script,
         keys: &[&str],
@@ -426,8 +449,22 @@ impl Inner {
     }
 
     async fn probe(&self) -> Result<(), StateError> {
+        if self.packs.load(Ordering::Relaxed) == UNKNOWN {
+            let mut conn = self.conn.clone();
+            let ask = redis::cmd("EVAL").arg(reply::CAN_PACK).arg(0).to_owned();
+            let can = ask.query_async::<i64>(&mut conn);
+            match tokio::time::timeout(self.connect_timeout, can).await {
+                Ok(Ok(1)) => self.packs.store(YES, Ordering::Relaxed),
+                Ok(Ok(_)) => {
+                    log::info!("state: the server's Lua has no struct library; scripts answer unpacked (slower to read)");
+                    self.packs.store(NO, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => return Err(StateError::Failed(e.to_string())),
+                Err(_) => return Err(StateError::Timeout(self.connect_timeout)),
+            }
+        }
         let key = format!("{}alive:{{{}}}", self.prefix, self.member_base);
-        let v: Vec<i64> = self
+        let Ints(v) = self
             .call(
                 &ALIVE,
                 &[&key],
@@ -552,7 +589,7 @@ impl Inner {
         let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Str(a)).collect();
         let deadline = self.connect_timeout;
         if let Err(e) = self
-            .call::<Vec<i64>>(script, &keys, &args, deadline, later)
+            .call::<Ints>(script, &keys, &args, deadline, later)
             .await
         {
             self.errors.inc();
@@ -601,7 +638,7 @@ impl Inner {
             .unwrap_or_default();
         let ttl = self.lease_ms as i64;
         let calls = holds.iter().map(|(key, member)| async move {
-            self.call::<Vec<i64>>(
+            self.call::<Ints>(
                 &RENEW,
                 &[key.as_str()],
                 &[Arg::Str(member), Arg::Int(ttl)],
@@ -633,7 +670,10 @@ impl SharedState for RedisState {
         keys: &[&str],
         args: &[Arg<'_>],
     ) -> Result<Vec<i64>, StateError> {
-        self.inner.guarded(script, keys, args).await
+        self.inner
+            .guarded::<Ints>(script, keys, args)
+            .await
+            .map(|Ints(v)| v)
     }
 
     async fn run_text(
