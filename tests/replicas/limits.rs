@@ -420,6 +420,16 @@ async fn a_keys_limits_and_budget_share_one_round_trip() {
         assert_eq!(within_1s, calls, "{script}");
     }
 
+    // Key names stay byte for byte what earlier versions made (replicas of two versions
+    // share them during a rolling upgrade).
+    // (The rate keys end within a millisecond here: see the next test.)
+    for name in [
+        "*rl:*:tokens:{key:team}",
+        "*spend:1d:20??-??-??:{budget:team}",
+    ] {
+        assert_one_key(&redis, name);
+    }
+
     // The scripts set a key's lifetime when they make it, not on every call; every key must
     // still end: the budget's a day after its period, the tokens' window two minutes after
     // it starts, the rate's once its bucket is full again.
@@ -488,9 +498,18 @@ async fn a_later_limiter_never_counts_what_an_earlier_one_refused() {
         codes.push(r.status().as_u16());
     }
     assert_eq!(codes, [200, 200, 429, 429, 429, 429]);
+    // Key names stay what earlier versions made (see the previous test).
+    assert_one_key(&redis, "*rl:*:rate:{ip:127.0.0.1}");
+    assert_one_key(&redis, "*rl:*:rate:{key:team}");
     // Requests the address's bucket holds: how far its TAT is ahead of now, in intervals.
     let counted = "local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]; \
         local k = redis.call('KEYS', '*{ip:*')[1]; \
         return math.ceil((tonumber(redis.call('GET', k)) - now) / 60000000)";
     assert_eq!(redis.cmd(&["EVAL", counted, "0"]).as_deref(), Some(":2"));
+}
+
+/// Exactly one key matches `pattern`.
+fn assert_one_key(redis: &Redis, pattern: &str) {
+    let found = redis.cmd(&["EVAL", "return #redis.call('KEYS', ARGV[1])", "0", pattern]);
+    assert_eq!(found.as_deref(), Some(":1"), "{pattern}");
 }

@@ -101,9 +101,10 @@ pub trait SharedState: Send + Sync {
     fn undo(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>);
 
     /// A key name: the operator's prefix, `kind`, and `tag` as the hash tag, so all the keys
-    /// of one principal (or address, or backend) sit in one Redis Cluster slot. Written
-    /// from format arguments into one string: several keys are made per request.
-    fn key(&self, kind: std::fmt::Arguments<'_>, tag: std::fmt::Arguments<'_>) -> String;
+    /// of one principal (or address, or backend) sit in one Redis Cluster slot. Each is
+    /// given in pieces, copied into one string (several keys are made per request: the
+    /// formatting machinery cost more than the rest of building them).
+    fn key(&self, kind: &[&str], tag: &[&str]) -> String;
 
     /// An id unique to this process, for the members of shared holds.
     fn member(&self) -> String;

@@ -144,14 +144,12 @@ impl SharedLockout {
     }
 
     fn count_key(&self, ip: &IpAddr) -> String {
-        let tag = &self.tag;
         self.state
-            .key(format_args!("lockout:ip:{ip}"), format_args!("{tag}"))
+            .key(&["lockout:ip:", &ip.to_string()], &[&self.tag])
     }
 
     fn set_key(&self) -> String {
-        self.state
-            .key(format_args!("lockout:locked"), format_args!("{}", self.tag))
+        self.state.key(&["lockout:locked"], &[&self.tag])
     }
 
     fn stale(&self, generation: u64) -> bool {

@@ -158,14 +158,8 @@ pub fn keep_ms(b: &Budget, now: i64) -> i64 {
 
 fn keys(st: &dyn SharedState, principal: &str, period_key: &str) -> [String; 2] {
     [
-        st.key(
-            format_args!("spend:{period_key}"),
-            format_args!("budget:{principal}"),
-        ),
-        st.key(
-            format_args!("resv:{period_key}"),
-            format_args!("budget:{principal}"),
-        ),
+        st.key(&["spend:", period_key], &["budget:", principal]),
+        st.key(&["resv:", period_key], &["budget:", principal]),
     ]
 }
 

@@ -273,20 +273,27 @@ impl RateLimitFilter {
     /// The limiter key in shared state, for `what` (rate, tokens, slots): the same on every
     /// replica. The hash tag is the address or principal, so one Cluster slot holds them.
     fn shared_key(&self, state: &dyn SharedState, ctx: &RequestCtx, what: &str) -> String {
-        let limiter = &self.id;
-        let key = |tag: std::fmt::Arguments<'_>, model: Option<&str>| match model {
-            None => state.key(format_args!("rl:{limiter}:{what}"), tag),
-            // The client chose the model name: hashed, so it cannot make a key of any length.
-            Some(m) => {
-                let m = stable_hash(m.as_bytes());
-                state.key(format_args!("rl:{limiter}:{what}:m{m:016x}"), tag)
+        let (ip, header);
+        let (tag, model) = match self.subject(ctx) {
+            Subject::Ip(a) => {
+                ip = ip_text(a);
+                (["ip:", ip.as_str()], None)
+            }
+            Subject::Key(id) => (["key:", id], None),
+            Subject::KeyModel(id, model) => (["key:", id], model),
+            Subject::Header(v) => {
+                header = Hex16::of(stable_hash(v));
+                (["h:", header.as_str()], None)
             }
         };
-        match self.subject(ctx) {
-            Subject::Ip(ip) => key(format_args!("ip:{ip}"), None),
-            Subject::Key(id) => key(format_args!("key:{id}"), None),
-            Subject::KeyModel(id, model) => key(format_args!("key:{id}"), model.as_deref()),
-            Subject::Header(v) => key(format_args!("h:{:016x}", stable_hash(v)), None),
+        let kind = ["rl:", self.id.as_str(), ":", what];
+        match model {
+            None => state.key(&kind, &tag),
+            // The client chose the model name: hashed, so it cannot make a key of any length.
+            Some(m) => {
+                let m = Hex16::of(stable_hash(m.as_bytes()));
+                state.key(&[&kind[..], &[":m", m.as_str()]].concat(), &tag)
+            }
         }
     }
 
@@ -418,6 +425,47 @@ impl Ask {
         } else {
             (Some(r), None)
         })
+    }
+}
+
+/// An address as text, as `Display` writes it: IPv4 digit by digit (an address limit on
+/// shared state names a key per request, and the formatting machinery costs more than the
+/// rest of the name), IPv6 through `Display`.
+fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                if o >= 100 {
+                    s.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    s.push(char::from(b'0' + o / 10 % 10));
+                }
+                s.push(char::from(b'0' + o % 10));
+            }
+            s
+        }
+        IpAddr::V6(_) => ip.to_string(),
+    }
+}
+
+/// A hash as 16 lowercase hex digits (`{:016x}`), on the stack.
+struct Hex16([u8; 16]);
+
+impl Hex16 {
+    fn of(n: u64) -> Hex16 {
+        let mut b = [b'0'; 16];
+        // 8 bytes in, 16 digits out: cannot fail.
+        let _ = hex::encode_to_slice(n.to_be_bytes(), &mut b);
+        Hex16(b)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 

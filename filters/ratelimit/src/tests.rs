@@ -306,3 +306,24 @@ async fn a_repeated_key_header_counts_against_the_address() {
         "a second value cannot pick a fresh bucket"
     );
 }
+
+#[test]
+fn shared_key_names_are_byte_for_byte_what_display_wrote() {
+    // Replicas of two versions share keys during a rolling upgrade.
+    for ip in [
+        "0.0.0.0",
+        "255.255.255.255",
+        "10.0.100.9",
+        "192.168.1.10",
+        "1.20.0.99",
+        "::1",
+        "2001:db8::1",
+        "::ffff:10.1.2.3",
+    ] {
+        let a: IpAddr = ip.parse().unwrap();
+        assert_eq!(ip_text(a), a.to_string());
+    }
+    for n in [0u64, 1, 0xabc, u64::MAX, 0x0123_4567_89ab_cdef] {
+        assert_eq!(Hex16::of(n).as_str(), format!("{n:016x}"));
+    }
+}

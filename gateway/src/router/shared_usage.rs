@@ -61,8 +61,8 @@ async fn run(pool: BackendPool, state: Arc<dyn SharedState>) {
         .iter()
         .map(|b| {
             [
-                state.key(format_args!("usage:served"), format_args!("{}", b.name)),
-                state.key(format_args!("usage:reserved"), format_args!("{}", b.name)),
+                state.key(&["usage:served"], &[&b.name]),
+                state.key(&["usage:reserved"], &[&b.name]),
             ]
         })
         .collect();

@@ -758,11 +758,14 @@ impl SharedState for RedisState {
         drop(self.inner.handle.spawn(task));
     }
 
-    fn key(&self, kind: std::fmt::Arguments<'_>, tag: std::fmt::Arguments<'_>) -> String {
-        use std::fmt::Write;
-        let mut k = String::with_capacity(self.inner.prefix.len() + 64);
-        // Writing into a String cannot fail.
-        let _ = write!(k, "{}{kind}:{{{tag}}}", self.inner.prefix);
+    fn key(&self, kind: &[&str], tag: &[&str]) -> String {
+        let len = |p: &[&str]| p.iter().map(|s| s.len()).sum::<usize>();
+        let mut k = String::with_capacity(self.inner.prefix.len() + len(kind) + len(tag) + 3);
+        k.push_str(&self.inner.prefix);
+        kind.iter().for_each(|s| k.push_str(s));
+        k.push_str(":{");
+        tag.iter().for_each(|s| k.push_str(s));
+        k.push('}');
         k
     }
 

@@ -133,10 +133,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
             continue;
         };
         if let (Some(max), Some(state)) = (pool.get(idx).max_in_flight, pool.state()) {
-            let key = state.key(
-                format_args!("slots"),
-                format_args!("{}", pool.get(idx).name),
-            );
+            let key = state.key(&["slots"], &[&pool.get(idx).name]);
             match gateway_filter::state::acquire_lease(state, key, max).await {
                 Ok(Some(shared)) => lease.shared = Some(shared),
                 Ok(None) => {
