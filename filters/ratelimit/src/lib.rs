@@ -453,6 +453,23 @@ fn ip_text(ip: IpAddr) -> String {
     }
 }
 
+/// Header values below this are made once and shared (a clone counts a reference).
+const SHARED_NUMBERS: u64 = 1024;
+
+/// `v` as a header value. A limiter answers three or six numbers per request, most of them
+/// small (limit, remaining, seconds to reset): those come from a table made once, the rest
+/// are formatted (two allocations each).
+fn number(v: u64) -> HeaderValue {
+    static SMALL: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    match SMALL
+        .get_or_init(|| (0..SHARED_NUMBERS).map(HeaderValue::from).collect())
+        .get(v as usize)
+    {
+        Some(h) if v < SHARED_NUMBERS => h.clone(),
+        _ => HeaderValue::from(v),
+    }
+}
+
 /// A hash as 16 lowercase hex digits (`{:016x}`), on the stack.
 struct Hex16([u8; 16]);
 
@@ -485,7 +502,7 @@ struct Direct<'a> {
 
 impl Sink for Direct<'_> {
     fn header(&mut self, name: HeaderName, v: u64) {
-        self.ctx.response_headers.push((name, HeaderValue::from(v)));
+        self.ctx.response_headers.push((name, number(v)));
     }
     fn hold(&mut self, held: Held) {
         hold(self.ctx, self.store, held);
@@ -543,7 +560,7 @@ impl Outcome {
         result: Result<(), Rejection>,
     ) -> Result<(), Rejection> {
         for (name, v) in self.headers.drain(..) {
-            ctx.response_headers.push((name, HeaderValue::from(v)));
+            ctx.response_headers.push((name, number(v)));
         }
         if let Some(r) = self.reason {
             ctx.reject_reason = Some(r);

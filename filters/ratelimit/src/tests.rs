@@ -327,3 +327,21 @@ fn shared_key_names_are_byte_for_byte_what_display_wrote() {
         assert_eq!(Hex16::of(n).as_str(), format!("{n:016x}"));
     }
 }
+
+#[test]
+fn header_numbers_read_the_same_from_the_table_and_beyond_it() {
+    for v in [
+        0u64,
+        1,
+        59,
+        1000,
+        1023,
+        1024,
+        1025,
+        1_000_000_000_000,
+        u64::MAX,
+    ] {
+        assert_eq!(number(v), HeaderValue::from(v), "{v}");
+        assert_eq!(number(v).to_str().unwrap(), v.to_string());
+    }
+}
