@@ -477,7 +477,8 @@ impl Hex16 {
     fn of(n: u64) -> Hex16 {
         let mut b = [b'0'; 16];
         // 8 bytes in, 16 digits out: cannot fail.
-        let _ = hex::encode_to_slice(n.to_be_bytes(), &mut b);
+        let written = hex::encode_to_slice(n.to_be_bytes(), &mut b);
+        debug_assert!(written.is_ok());
         Hex16(b)
     }
 

@@ -141,7 +141,8 @@ fn metric<T: prometheus::core::Collector + Clone + 'static>(
 
 impl RedisState {
     /// Sets up the client and the state's thread, and asks the server once (within
-    /// `connect_timeout`): a server that is down at start leaves the gateway running on local
+    /// `connect_timeout`, twice that when it answers: it is also asked whether its Lua can
+    /// pack answers): a server that is down at start leaves the gateway running on local
     /// state until it answers.
     pub fn start(spec: &StateSpec) -> Result<RedisState, SetupError> {
         let mut info = redis::IntoConnectionInfo::into_connection_info(spec.url.as_str())
@@ -455,12 +456,29 @@ impl Inner {
             let can = ask.query_async::<i64>(&mut conn);
             match tokio::time::timeout(self.connect_timeout, can).await {
                 Ok(Ok(1)) => self.packs.store(YES, Ordering::Relaxed),
-                Ok(Ok(_)) => {
-                    log::info!("state: the server's Lua has no struct library; scripts answer unpacked (slower to read)");
+                Err(_) => return Err(StateError::Timeout(self.connect_timeout)),
+                // No `EVAL` for this user (ACL) or through this proxy is an answer; anything
+                // else (not connected, loading, busy) is a probe that failed: asked again.
+                Ok(Err(e))
+                    if !matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(
+                            redis::ServerErrorKind::NoPerm | redis::ServerErrorKind::ResponseError
+                        )
+                    ) =>
+                {
+                    return Err(StateError::Failed(e.to_string()))
+                }
+                // No `struct`, or no `EVAL`: the scripts run as written (their answers are
+                // slower to read, nothing else changes).
+                answer => {
+                    let why = match answer {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "its Lua has no struct library".into(),
+                    };
+                    log::info!("state: scripts answer unpacked, slower to read ({why})");
                     self.packs.store(NO, Ordering::Relaxed);
                 }
-                Ok(Err(e)) => return Err(StateError::Failed(e.to_string())),
-                Err(_) => return Err(StateError::Timeout(self.connect_timeout)),
             }
         }
         let key = format!("{}alive:{{{}}}", self.prefix, self.member_base);
