@@ -191,6 +191,13 @@ impl FilterChain {
         }
     }
 
+    /// Runs `on_response_end` of every filter, in order (the caller makes it once a request).
+    pub fn on_response_end(&self, ctx: &mut RequestCtx) {
+        for f in &self.filters {
+            f.on_response_end(ctx);
+        }
+    }
+
     /// Runs `on_complete` of every filter, in order, for every request.
     pub async fn on_complete(&self, ctx: &mut RequestCtx) {
         for f in &self.filters {

@@ -56,6 +56,8 @@ pub struct UsageParser {
     /// Characters of text in a whole (non-streamed) answer without usage.
     text_chars: u64,
     finish_reasons: FinishReasons,
+    /// The stream's last event went by: OpenAI's `data: [DONE]`, Ollama's `"done": true`.
+    ended: bool,
 }
 
 #[derive(Deserialize)]
@@ -63,6 +65,7 @@ struct Doc {
     usage: Option<OpenAiUsage>,
     prompt_eval_count: Option<u64>,
     eval_count: Option<u64>,
+    done: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -81,7 +84,15 @@ impl UsageParser {
             text_events: 0,
             text_chars: 0,
             finish_reasons: FinishReasons::default(),
+            ended: false,
         }
+    }
+
+    /// Whether the stream's last event (OpenAI's `data: [DONE]`, Ollama's line with
+    /// `"done": true` and its counts) was fed: the answer is complete, its usage final, even
+    /// though the body's own end (a chunked terminator) may still be on its way.
+    pub fn ended(&self) -> bool {
+        self.ended
     }
 
     /// Feeds the next chunk of the response body.
@@ -157,6 +168,7 @@ impl UsageParser {
             _ => line,
         };
         if doc == b"[DONE]" {
+            self.ended = self.framing == Framing::Sse;
             return;
         }
         if has_text(doc) {
@@ -180,11 +192,13 @@ impl UsageParser {
                 self.add_reasons(&ReasonDoc {
                     choices: d.choices,
                     done_reason: d.done_reason,
+                    done: d.done,
                 });
                 self.add_usage(Doc {
                     usage: d.usage,
                     prompt_eval_count: d.prompt_eval_count,
                     eval_count: d.eval_count,
+                    done: d.done,
                 });
                 return;
             }
@@ -202,6 +216,7 @@ impl UsageParser {
     }
 
     fn add_reasons(&mut self, d: &ReasonDoc<'_>) {
+        self.ended |= d.done == Some(true) && self.framing == Framing::Ndjson;
         for r in d.choices.iter().filter_map(|c| c.finish_reason.as_deref()) {
             self.finish_reasons.add(r.as_bytes());
         }
@@ -211,6 +226,7 @@ impl UsageParser {
     }
 
     fn add_usage(&mut self, d: Doc) {
+        self.ended |= d.done == Some(true) && self.framing == Framing::Ndjson;
         if let Some(u) = d.usage {
             self.usage = Some(Usage {
                 prompt_tokens: u.prompt_tokens.unwrap_or(0),
@@ -237,6 +253,7 @@ struct ReasonDoc<'a> {
     choices: Vec<ReasonChoice<'a>>,
     #[serde(borrow)]
     done_reason: Option<std::borrow::Cow<'a, str>>,
+    done: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +273,7 @@ struct UsageAndReasons<'a> {
     choices: Vec<ReasonChoice<'a>>,
     #[serde(borrow)]
     done_reason: Option<std::borrow::Cow<'a, str>>,
+    done: Option<bool>,
 }
 
 /// Whether `doc` has a `"finish_reason"` or `"done_reason"` key with a string value.
@@ -804,5 +822,31 @@ mod tests {
         // A key of that name in model output (tool call arguments) is not the answer's.
         let tool = "{\"message\":{\"tool_calls\":[{\"function\":{\"arguments\":{\"finish_reason\":\"length\"}}}]},\"done\":true,\"done_reason\":\"stop\"}\n";
         assert_eq!(reasons(Framing::Ndjson, tool), ["stop"]);
+    }
+
+    /// The stream's last event tells the answer is complete before the body's own end: what
+    /// the request holds is given back before the client can see that event.
+    #[test]
+    fn the_last_event_of_each_stream_format_ends_the_answer() {
+        let mut p = UsageParser::new(Framing::Sse);
+        p.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"data: [DONE]\"}}]}\n\n");
+        p.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\n\ndata: [DO");
+        assert!(!p.ended(), "not in model text, not before the whole line");
+        p.feed(b"NE]\n\n");
+        assert!(p.ended());
+        assert_eq!(p.finish().map(|u| u.completion_tokens), Some(3));
+        let mut p = UsageParser::new(Framing::Ndjson);
+        p.feed(b"{\"response\":\"\\\"done\\\": true\",\"done\":false}\n");
+        p.feed(b"{\"response\":\"\",\"done\":true,\"done_reason\":\"stop\",\"eval_count\":4}");
+        assert!(!p.ended(), "the line is not complete yet");
+        p.feed(b"\n");
+        assert!(p.ended());
+        // `"done": false` and a whole (non-streamed) answer never end a stream early.
+        let mut p = UsageParser::new(Framing::Ndjson);
+        p.feed(b"{\"response\":\"a\",\"done\":false,\"done_reason\":\"x\",\"eval_count\":1}\n");
+        assert!(!p.ended());
+        let mut p = UsageParser::new(Framing::Json);
+        p.feed(b"{\"response\":\"\",\"done\":true,\"eval_count\":4}\n");
+        assert!(!p.ended());
     }
 }

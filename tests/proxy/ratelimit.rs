@@ -247,9 +247,7 @@ async fn a_relayed_backend_error_gives_its_token_hold_back() {
     ))
     .await;
     for i in 0..3 {
-        // The hold is settled in `on_complete`, just after the answer's last byte: a request
-        // sent the same instant can still find it (seen once on a loaded 2-core machine).
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Sent the moment the answer before it ended: its hold was given back before that.
         let r = client()
             .post(gw.url("/api/generate"))
             .bearer_auth(KEY)
@@ -265,4 +263,105 @@ async fn a_relayed_backend_error_gives_its_token_hold_back() {
         );
     }
     assert_eq!(m.total(), 3, "every request reached the backend");
+}
+
+/// What a request holds (its in-flight slot, its tokens-per-minute and budget reservations)
+/// is given back before the client can see the end of its answer: a client that sends its
+/// next request, on a new connection, the moment it has the answer never finds them still
+/// held. A stream's answer ends with its last event (`[DONE]`, Ollama's `"done": true`), which
+/// a backend may send well before the body's own end (here 500 ms before): the next request
+/// goes out while the first's connection is still open. Each limit lets one request hold at a
+/// time (`max_in_flight: 1`; two token or spend reservations do not fit, what is used does).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_request_sent_as_an_answer_ends_finds_its_holds_given_back() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Reserved per request: 4,000 output tokens ($4 at $1,000 per million) and the prompt.
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: policy\n    max_output_tokens: 4000\n  - use: ratelimit\n    key: api_key\n    max_in_flight: 1\n    tokens_per_minute: 6000\n  - use: budget\n    ledger: {}/spend.db\n    prices:\n      - {{ model: '*', prompt_per_1m: 1000, completion_per_1m: 1000 }}\n    default: {{ max_usd: 6, period: 1d }}\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml"),
+        dir.path().display()
+    ))
+    .await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    // (path, body, the answer's last event for a stream)
+    let cases = [
+        (
+            "/api/chat",
+            json!({"model": "llama3.1:8b", "messages": msgs, "stream": false}),
+            None,
+        ),
+        (
+            "/api/chat",
+            json!({"model": "llama3.1:8b", "messages": msgs}),
+            Some("\"done\":true"),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "llama3.1:8b", "prompt": "hi"}),
+            Some("\"done\":true"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": msgs, "stream": true}),
+            Some("data: [DONE]"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "llama3.1:8b", "prompt": "hi", "stream": true, "stream_options": {"include_usage": true}}),
+            Some("data: [DONE]"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": msgs}),
+            None,
+        ),
+    ];
+    let mut open = None;
+    for i in 0..24 {
+        let (path, body, last_event) = &cases[i % cases.len()];
+        // A client of its own: a new connection for every request.
+        let c = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let r = c
+            .post(gw.url(path))
+            .bearer_auth(KEY)
+            .header("x-mock-end-delay-ms", "500")
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        if status != 200 {
+            panic!(
+                "request {i} on {path}: {status} {}",
+                r.text().await.unwrap()
+            );
+        }
+        let Some(last_event) = last_event else {
+            let text = r.text().await.unwrap();
+            assert!(text.contains("tok4"), "request {i} on {path}: {text}");
+            open = None;
+            continue;
+        };
+        // Read up to the last event, and keep the connection open (the body's end is still
+        // half a second away) while the next request goes out.
+        let mut seen = String::new();
+        let mut body = r.bytes_stream();
+        while !seen.contains(last_event) {
+            let chunk = tokio::time::timeout(Duration::from_millis(400), body.next())
+                .await
+                .unwrap_or_else(|_| panic!("request {i} on {path}: no last event in time: {seen}"))
+                .expect("more of the stream")
+                .unwrap();
+            seen.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        assert!(seen.contains("tok4"), "request {i} on {path}: {seen}");
+        open = Some(body);
+    }
+    drop(open);
+    assert_eq!(m.total(), 24);
 }

@@ -34,6 +34,15 @@ pub trait Filter: Send + Sync {
         Ok(())
     }
 
+    /// The answer is known in full and its last bytes are about to go to the client (usage,
+    /// status and `duration` so far are set): give back what the client's next request would
+    /// otherwise meet (in-flight slots, token and spend reservations), so that a client that
+    /// sends it the moment it has the answer never finds them still held. Runs exactly once
+    /// per request, before `on_complete`: at the answer's end, or, for a request that ended
+    /// otherwise (an error, a client that left), when it ends. Synchronous: it is on every
+    /// request's way, and what must wait (a ledger write) belongs in `on_complete`.
+    fn on_response_end(&self, _ctx: &mut RequestCtx) {}
+
     /// After the exchange, whatever its outcome. Never fails the request. Filters run in
     /// order and may note results for the ones after them (budget sets `cost_usd` for audit).
     async fn on_complete(&self, _ctx: &mut RequestCtx) {}

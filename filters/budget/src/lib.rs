@@ -156,11 +156,11 @@ pub struct BudgetFilter {
     shared: Option<(Arc<dyn SharedState>, Arc<str>)>,
 }
 
-/// What a request reserved, kept in its context until `on_complete`.
-/// A request's hold on its budgets. Settled exactly once: by `on_complete`, or, if the
-/// request's context is dropped without it (shutdown cutting a request short), by `Drop`,
-/// which charges the whole reservation (the backend may have run it) to the book and the
-/// ledger.
+/// A request's hold on its budgets, kept in its context. Settled exactly once: by
+/// `on_response_end` as the answer ends (its charge goes to the ledger in `on_complete`), or,
+/// if the request's context is dropped without it (shutdown cutting a request short), by
+/// `Drop`, which charges the whole reservation (the backend may have run it) to the book and
+/// the ledger. `Drop` also queues a booked charge that `on_complete` did not send.
 struct Reservation {
     book: Arc<Book>,
     budgets: Vec<Budget>,
@@ -172,6 +172,8 @@ struct Reservation {
     principal: String,
     model: String,
     settled: std::sync::atomic::AtomicBool,
+    /// Booked at the answer's end, not yet sent to the ledger.
+    unsent: std::sync::Mutex<Option<Nano>>,
     /// Its places in shared state, one per budget, and the replica's ledger id.
     shared: Option<SharedHolds>,
 }
@@ -194,11 +196,32 @@ impl Reservation {
         }
         Some(left)
     }
+
+    /// `charged` is booked and still to be written to the ledger.
+    fn owe(&self, charged: Nano) {
+        *self.unsent.lock().unwrap_or_else(|p| p.into_inner()) = Some(charged);
+    }
+
+    /// What is still to be written to the ledger, taken.
+    fn owed(&self) -> Option<Nano> {
+        self.unsent.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.settle(self.amount).is_some() {
+        let unsent = self.owed();
+        if let Some(nano) = unsent {
+            let msg = ledger::Msg::Charge {
+                day: day_string(self.day),
+                principal: self.principal.clone(),
+                model: self.model.clone(),
+                nano,
+            };
+            if self.ledger.try_send(msg).is_err() {
+                log::error!("budget: a request's charge could not be queued for the ledger");
+            }
+        } else if self.settle(self.amount).is_some() {
             self.book.remember(&self.principal, self.day, self.amount);
             let msg = ledger::Msg::Charge {
                 day: day_string(self.day),
@@ -384,6 +407,7 @@ impl Ask {
             principal: self.principal,
             model: self.model,
             settled: Default::default(),
+            unsent: Default::default(),
             shared: None,
         };
         Ok((res, after))
@@ -637,8 +661,8 @@ impl Filter for BudgetFilter {
         Ok(())
     }
 
-    async fn on_complete(&self, ctx: &mut RequestCtx) {
-        let Some(Held(res)) = ctx.extensions.remove::<Held>() else {
+    fn on_response_end(&self, ctx: &mut RequestCtx) {
+        let Some(Held(res)) = ctx.extensions.get::<Held>().cloned() else {
             return;
         };
         // Never sent to a backend, or refused by it (4xx, 5xx) without usage: nothing was
@@ -675,21 +699,32 @@ impl Filter for BudgetFilter {
         if !ctx.reached_backend {
             return;
         }
-        let model = ctx.model.clone().unwrap_or_default();
-        let principal = principal_id(ctx).to_string();
+        let model = ctx.model.as_deref().unwrap_or_default();
+        let principal = principal_id(ctx);
         METRICS
             .spend
-            .with_label_values(&[&principal, &model])
+            .with_label_values(&[principal, model])
             .inc_by(charged as f64 / 1e9);
-        ctx.cost_usd = Some(charged as f64 / 1e9);
         // Opened later (another period, a key whose period changed on reload), an account
         // starts from what the ledger holds: this charge included.
-        self.book.remember(&principal, res.day, charged);
+        self.book.remember(principal, res.day, charged);
+        res.owe(charged);
+        ctx.cost_usd = Some(charged as f64 / 1e9);
+    }
+
+    async fn on_complete(&self, ctx: &mut RequestCtx) {
+        // The charge booked as the answer ended goes to the ledger (its queue may make us wait).
+        let Some(Held(res)) = ctx.extensions.remove::<Held>() else {
+            return;
+        };
+        let Some(nano) = res.owed() else {
+            return;
+        };
         let msg = ledger::Msg::Charge {
             day: day_string(res.day),
-            principal,
-            model,
-            nano: charged,
+            principal: principal_id(ctx).to_string(),
+            model: ctx.model.clone().unwrap_or_default(),
+            nano,
         };
         if let Err(e) = self.ledger.tx.send(msg).await {
             log::error!("budget: the ledger writer has stopped; charge lost: {e}");

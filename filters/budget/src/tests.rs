@@ -46,6 +46,7 @@ async fn served(f: &Arc<dyn Filter>, c: &mut RequestCtx, completion: u64) {
         completion_tokens: completion,
         ..Default::default()
     });
+    f.on_response_end(c);
     f.on_complete(c).await;
 }
 
@@ -89,6 +90,7 @@ async fn refusal_names_the_reset() {
     assert!(r.headers.iter().any(|(k, _)| k == "retry-after"));
     assert_eq!(b.reject_reason, Some("principal_budget"));
     // Rejected elsewhere before reaching a backend: the reservation is released, not charged.
+    f.on_response_end(&mut a);
     f.on_complete(&mut a).await;
     let mut c = ctx("bob", Some(9.0));
     f.on_request(&mut c).await.unwrap();
@@ -96,6 +98,7 @@ async fn refusal_names_the_reset() {
     c.backend = Some("local".into());
     c.reached_backend = true;
     c.status = 200;
+    f.on_response_end(&mut c);
     f.on_complete(&mut c).await;
     assert_eq!(c.cost_usd, Some(5.0));
 }
@@ -252,6 +255,7 @@ async fn only_requests_a_backend_may_have_run_are_charged_without_usage() {
     c.decision = Decision::Failed {
         code: "backend_unavailable",
     };
+    f.on_response_end(&mut c);
     f.on_complete(&mut c).await;
     assert_eq!(spent(&f).await, 0.0);
     // The backend refused it (404 model not found): nothing was generated.
@@ -260,6 +264,7 @@ async fn only_requests_a_backend_may_have_run_are_charged_without_usage() {
     c.backend = Some("local".into());
     c.reached_backend = true;
     c.status = 404;
+    f.on_response_end(&mut c);
     f.on_complete(&mut c).await;
     assert_eq!(spent(&f).await, 0.0);
     // It had the request and never answered (the gateway's 504): it may have run.
@@ -271,6 +276,60 @@ async fn only_requests_a_backend_may_have_run_are_charged_without_usage() {
     c.decision = Decision::Failed {
         code: "backend_timeout",
     };
+    f.on_response_end(&mut c);
     f.on_complete(&mut c).await;
     assert_eq!(spent(&f).await, 5.0, "the reservation");
+}
+
+/// The reservation is settled as the answer ends (`on_response_end`), so the next request
+/// sees the real charge, not the reservation; the charge reaches the ledger in `on_complete`,
+/// or, if that never runs (shutdown cutting the request short), when the context is dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_answer_s_end_settles_and_the_ledger_gets_every_charge_once() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let f = filter(dir.path(), json!({}));
+        let mut a = ctx("s", Some(7.0));
+        f.on_request(&mut a).await.unwrap();
+        a.backend = Some("local".into());
+        a.reached_backend = true;
+        a.usage = Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            ..Default::default()
+        });
+        f.on_response_end(&mut a);
+        assert_eq!(a.cost_usd, Some(2.0));
+        // 2 spent + 5 reserved ≤ 7: the first reservation ($5) is no longer held.
+        let mut b = ctx("s", Some(7.0));
+        f.on_request(&mut b).await.unwrap();
+        f.on_complete(&mut a).await;
+        f.on_response_end(&mut a);
+        f.on_complete(&mut a).await;
+        drop(a);
+        b.backend = Some("local".into());
+        b.reached_backend = true;
+        b.usage = Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 1,
+            ..Default::default()
+        });
+        f.on_response_end(&mut b);
+        // No on_complete: the booked charge goes to the ledger as the context is dropped.
+        drop(b);
+        let report = f.admin_report().await.unwrap().1;
+        assert_eq!(report["accounts"][0]["spent_usd"].as_f64(), Some(3.0));
+        assert_eq!(report["accounts"][0]["reserved_usd"].as_f64(), Some(0.0));
+        f.shutdown();
+    }
+    let rows = report(&dir.path().join("spend.db"), None, None, Some("s")).unwrap();
+    assert_eq!(
+        rows,
+        vec![ReportRow {
+            principal: "s".into(),
+            model: "llama3.1:8b".into(),
+            usd: 3.0,
+            requests: 2
+        }]
+    );
 }

@@ -134,9 +134,9 @@ pub struct RateLimitFilter {
     id: String,
 }
 
-/// What a request holds from a limiter until it ends: an in-flight slot (released when the
-/// request's context is dropped, however it ends) or a token reservation (settled in
-/// `on_complete`; if that never runs, it simply stays counted until its window ends).
+/// What a request holds from a limiter until its answer ends (`on_response_end`): an
+/// in-flight slot (also released when the request's context is dropped, however it ends) or a
+/// token reservation (if it is never settled, it simply stays counted until its window ends).
 #[derive(Debug)]
 enum Held {
     Slot(u64),
@@ -175,12 +175,19 @@ impl Drop for HoldList {
 struct Holds(Arc<HoldList>);
 
 impl Holds {
-    /// Runs `f` on what this request holds from `store`.
-    fn each(&self, store: &Arc<dyn LimitStore>, mut f: impl FnMut(&Held)) {
-        let list = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
-        list.iter()
-            .filter(|(s, _)| Arc::ptr_eq(s, store))
-            .for_each(|(_, h)| f(h));
+    /// Takes out what this request holds from `store` (the rest stays for other limiters).
+    fn take(&self, store: &Arc<dyn LimitStore>) -> Vec<Held> {
+        let mut list = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mine = Vec::new();
+        let mut i = 0;
+        while i < list.len() {
+            if Arc::ptr_eq(&list[i].0, store) {
+                mine.push(list.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        mine
     }
 }
 
@@ -862,7 +869,7 @@ impl Filter for RateLimitFilter {
     /// Replaces this limiter's token reservations by the request's usage: what the backend
     /// reported or the gateway counted; nothing for a request no backend got; the whole
     /// reservation when one got it and nothing is known.
-    async fn on_complete(&self, ctx: &mut RequestCtx) {
+    fn on_response_end(&self, ctx: &mut RequestCtx) {
         let Some(holds) = ctx.extensions.get::<Holds>() else {
             return;
         };
@@ -871,11 +878,10 @@ impl Filter for RateLimitFilter {
             None if ctx.used_unknown() => None,
             None => Some(0),
         };
-        holds.each(&self.store, |held| {
-            if !matches!(held, Held::Slot(_)) {
-                settle(&self.store, self.state.as_ref(), held, used);
-            }
-        });
+        for held in holds.take(&self.store) {
+            // A shared slot gives itself back as it is dropped here.
+            settle(&self.store, self.state.as_ref(), &held, used);
+        }
     }
 }
 

@@ -149,6 +149,45 @@ async fn in_flight_slots_follow_the_request_context() {
     g.on_request(&mut y).await.unwrap();
 }
 
+/// As the answer ends (`on_response_end`) a request gives back its slot and its token hold,
+/// each exactly once, and only its own limiter's: the context that lives on a little longer
+/// (the last bytes, the audit line) holds nothing any more.
+#[tokio::test]
+async fn the_answer_s_end_gives_slot_and_tokens_back_once() {
+    let f = filter(json!({"key": "ip", "max_in_flight": 1, "tokens_per_minute": 100}));
+    let g = filter(json!({"key": "ip", "max_in_flight": 1}));
+    let mut a = req("10.0.0.8");
+    a.max_tokens = Some(60);
+    f.on_request(&mut a).await.unwrap();
+    g.on_request(&mut a).await.unwrap();
+    a.reached_backend = true;
+    a.usage = Some(Usage {
+        prompt_tokens: 5,
+        completion_tokens: 5,
+        ..Default::default()
+    });
+    f.on_response_end(&mut a);
+    // f's slot and tokens are back (10 used + 60 reserved ≤ 100); g's slot is still held.
+    let mut b = req("10.0.0.8");
+    b.max_tokens = Some(60);
+    f.on_request(&mut b).await.unwrap();
+    assert!(g.on_request(&mut req("10.0.0.8")).await.is_err());
+    g.on_response_end(&mut a);
+    f.on_response_end(&mut a);
+    f.on_complete(&mut a).await;
+    drop(a);
+    // Nothing was given back twice: b still holds f's only slot, and 70 tokens are counted.
+    assert!(f.on_request(&mut req("10.0.0.8")).await.is_err());
+    let mut c = req("10.0.0.8");
+    c.max_tokens = Some(30);
+    g.on_request(&mut c).await.unwrap();
+    drop(b);
+    let mut d = req("10.0.0.8");
+    d.max_tokens = Some(31);
+    let r = f.on_request(&mut d).await.unwrap_err();
+    assert!(r.message.contains("70 used"), "{}", r.message);
+}
+
 #[tokio::test]
 async fn tokens_per_minute_reserve_then_charge() {
     let f = filter(json!({"key": "api_key", "tokens_per_minute": 100}));
@@ -175,6 +214,7 @@ async fn tokens_per_minute_reserve_then_charge() {
         completion_tokens: 50,
         ..Default::default()
     });
+    f.on_response_end(&mut c);
     f.on_complete(&mut c).await;
     let mut c = mk();
     c.max_tokens = Some(30);
@@ -244,10 +284,12 @@ async fn tokens_per_minute_holds_room_for_requests_in_flight() {
         completion_tokens: 3,
         ..Default::default()
     });
+    f.on_response_end(&mut a);
     f.on_complete(&mut a).await;
     let mut d = mk();
     f.on_request(&mut d).await.unwrap();
     // One that never reached a backend gives everything back.
+    f.on_response_end(&mut b);
     f.on_complete(&mut b).await;
     let mut e = mk();
     f.on_request(&mut e).await.unwrap();

@@ -29,6 +29,8 @@ pub struct GwCtx {
     pub(super) lease: Option<crate::router::Lease>,
     /// This request's span ids (unset without telemetry).
     pub(super) trace: crate::telemetry::Trace,
+    /// `logging::end_response` ran: what the request held is given back.
+    pub(super) response_ended: bool,
 }
 
 impl GwCtx {
@@ -53,6 +55,7 @@ impl Default for GwCtx {
             upstream_started: None,
             lease: None,
             trace: Default::default(),
+            response_ended: false,
         }
     }
 }

@@ -1,10 +1,27 @@
-//! The end of every request: settle what is known, then `chain.on_complete`.
+//! The end of every request: give back what it holds as its answer ends (`end_response`),
+//! settle what is known, then `chain.on_complete`.
 
 use gateway_filter::Decision;
 use pingora_error::{Error, ErrorSource};
 use pingora_proxy::Session;
 
 use super::{Gateway, GwCtx};
+
+/// The answer is complete and its last bytes are about to be written: the backend's slot
+/// and the filters' holds (in-flight slots, token and spend reservations) are given back now,
+/// not after the client has the answer, so a client that sends its next request the moment
+/// it has this one (on another connection) never meets them. Once per request; `complete`
+/// calls it for requests that ended otherwise.
+pub fn end_response(gw: &Gateway, ctx: &mut GwCtx) {
+    if ctx.response_ended {
+        return;
+    }
+    ctx.response_ended = true;
+    ctx.lease = None;
+    let req = &mut ctx.req;
+    req.duration = Some(req.started.elapsed());
+    gw.chain.on_response_end(req);
+}
 
 pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ctx: &mut GwCtx) {
     let req = &mut ctx.req;
@@ -23,6 +40,8 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
             },
         };
     }
+    end_response(gw, ctx);
+    let req = &mut ctx.req;
     req.duration = Some(req.started.elapsed());
     gw.chain.on_complete(req).await;
     if let Some(t) = &gw.telemetry {

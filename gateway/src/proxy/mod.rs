@@ -20,6 +20,8 @@
 //!                                   answered 5xx/429), streams the answer, parses usage
 //!            fail_to_proxy        : every gateway-made error is JSON (heads Pingora's parser
 //!                                   could not read are answered by connection.rs and h1.rs)
+//!            (the answer's end)   : before its last bytes, chain.on_response_end gives back
+//!                                   slots and reservations (logging::end_response)
 //!            logging              : status, duration → chain.on_complete (all requests)
 //! ```
 //!

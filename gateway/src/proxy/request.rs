@@ -11,7 +11,7 @@ use pingora_core::Result;
 use pingora_proxy::Session;
 
 use super::body::{self, BodyError};
-use super::{forward, respond, Gateway, GwCtx};
+use super::{forward, logging, respond, Gateway, GwCtx};
 use crate::config::{by_local_addr, ListenerSpec};
 use crate::tls::CertSubjects;
 
@@ -164,6 +164,7 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
     match admit(gw, session, ctx).await {
         Ok(Next::Answer(body)) => {
             ctx.answered = true;
+            logging::end_response(gw, ctx);
             respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
             Ok(true)
         }
@@ -179,6 +180,7 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
             if !ctx.body_read {
                 unread_body(session).await;
             }
+            logging::end_response(gw, ctx);
             respond::rejection(session, &mut ctx.req, &refusal.rejection).await?;
             ctx.answered = true;
             Ok(true)

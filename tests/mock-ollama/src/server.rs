@@ -215,10 +215,12 @@ fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
 
 /// A streamed body: the first item at once, then one per `delay`; with `cut`, the stream
 /// fails after that many items so the connection drops mid-response.
+/// `end_delay`: the wait between the last event and the body's end (the chunked terminator),
+/// as a server that flushes its last event before it finishes the response.
 fn streamed(
     content_type: &'static str,
     items: Vec<Bytes>,
-    delay: Duration,
+    (delay, end_delay): (Duration, Duration),
     cut: Option<usize>,
 ) -> Response<Body> {
     let stream =
@@ -232,7 +234,12 @@ fn streamed(
                     (it, usize::MAX),
                 ));
             }
-            let item = it.next()?;
+            let Some(item) = it.next() else {
+                if !end_delay.is_zero() {
+                    tokio::time::sleep(end_delay).await;
+                }
+                return None;
+            };
             if i > 0 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
@@ -465,6 +472,7 @@ fn inference(
     let delay = header_u64(headers, "x-mock-delay-ms")
         .map(Duration::from_millis)
         .unwrap_or(cfg.chunk_delay);
+    let end_delay = Duration::from_millis(header_u64(headers, "x-mock-end-delay-ms").unwrap_or(0));
     let g = Generation {
         model: model.to_string(),
         prompt_tokens: formats::count_prompt_tokens(body),
@@ -484,7 +492,7 @@ fn inference(
                     .map(|i| ndjson_line(&formats::ollama_chunk(&g, i, chat)))
                     .collect();
                 items.push(ndjson_line(&formats::ollama_final(&g, chat, false)));
-                streamed("application/x-ndjson", items, delay, cut)
+                streamed("application/x-ndjson", items, (delay, end_delay), cut)
             } else {
                 json_response(StatusCode::OK, &formats::ollama_final(&g, chat, true))
             }
@@ -515,7 +523,7 @@ fn inference(
                     items.push(sse_event(&formats::openai_usage_chunk(&g, chat)));
                 }
                 items.push(Bytes::from_static(b"data: [DONE]\n\n"));
-                streamed("text/event-stream", items, delay, cut)
+                streamed("text/event-stream", items, (delay, end_delay), cut)
             } else {
                 json_response(StatusCode::OK, &formats::openai_full(&g, chat))
             }

@@ -12,6 +12,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 use super::super::headers::copy_response_headers;
+use super::super::logging::end_response;
 use super::super::{Gateway, GwCtx};
 use super::Attempt;
 use crate::model_list;
@@ -70,6 +71,9 @@ pub(super) async fn relay(
         resp.remove_header(&header::CONTENT_LENGTH);
     }
     let end_now = up.is_body_done();
+    if end_now {
+        end_response(gw, ctx);
+    }
     if ctx.keepalive_sent {
         // The stream's headers went out with the first keep-alive: its events follow them.
         if end_now {
@@ -91,7 +95,7 @@ pub(super) async fn relay(
 
     let mut parser = UsageParser::new(framing);
     let mut stripper = strip.then(UsageEventStripper::default);
-    loop {
+    let last = loop {
         let chunk = match up.read_body_ref().await {
             Ok(Some(chunk)) => {
                 parser.feed(chunk);
@@ -100,7 +104,7 @@ pub(super) async fn relay(
                     None => Bytes::copy_from_slice(chunk),
                 }
             }
-            Ok(None) => break,
+            Ok(None) => break Bytes::new(),
             Err(e) => {
                 // The backend broke mid-response: the client must see a truncated stream,
                 // never a clean end, so the connection is aborted rather than finished.
@@ -111,27 +115,35 @@ pub(super) async fn relay(
                 return Attempt::Abort(e.into_up());
             }
         };
-        ctx.req.bytes_out += chunk.len() as u64;
-        if let Err(e) = session.write_response_body(Some(chunk), false).await {
-            ctx.req.decision = Decision::Failed {
-                code: "client_disconnected",
-            };
-            settle_usage(&mut parser, &mut ctx.req);
-            return Attempt::Abort(e.into_down());
+        // With a length (or the chunked end read with the last data), the backend's body is
+        // done as its last chunk arrives: the client has the answer once that chunk is out.
+        if up.is_body_done() {
+            break chunk;
         }
+        // A stream's last event (`[DONE]`, `"done": true`) completes the answer for the
+        // client (clients stop reading there) before the body's own end comes.
+        if parser.ended() && !ctx.response_ended {
+            settle_usage(&mut parser, &mut ctx.req);
+            end_response(gw, ctx);
+        }
+        if let Err(e) = write_chunk(session, ctx, chunk, &mut parser).await {
+            return e;
+        }
+    };
+    if !ctx.response_ended {
+        settle_usage(&mut parser, &mut ctx.req);
     }
-    settle_usage(&mut parser, &mut ctx.req);
-    if let Some(rest) = stripper
+    let rest = stripper
         .as_mut()
         .map(|s| s.finish())
-        .filter(|r| !r.is_empty())
-    {
-        ctx.req.bytes_out += rest.len() as u64;
-        if let Err(e) = session
-            .write_response_body(Some(Bytes::from(rest)), false)
-            .await
-        {
-            return Attempt::Abort(e.into_down());
+        .filter(|r| !r.is_empty());
+    end_response(gw, ctx);
+    for part in [last, rest.map(Bytes::from).unwrap_or_default()] {
+        if !part.is_empty() {
+            ctx.req.bytes_out += part.len() as u64;
+            if let Err(e) = session.write_response_body(Some(part), false).await {
+                return Attempt::Abort(e.into_down());
+            }
         }
     }
     if let Err(e) = session.write_response_body(None, true).await {
@@ -139,6 +151,25 @@ pub(super) async fn relay(
     }
     gw.upstreams.release(backend.index, &backend.peer, up).await;
     Attempt::Done
+}
+
+/// Sends one chunk of a body that goes on; a client that left ends the exchange with the
+/// usage seen so far.
+async fn write_chunk(
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    chunk: Bytes,
+    parser: &mut UsageParser,
+) -> Result<(), Attempt> {
+    ctx.req.bytes_out += chunk.len() as u64;
+    if let Err(e) = session.write_response_body(Some(chunk), false).await {
+        ctx.req.decision = Decision::Failed {
+            code: "client_disconnected",
+        };
+        settle_usage(parser, &mut ctx.req);
+        return Err(Attempt::Abort(e.into_down()));
+    }
+    Ok(())
 }
 
 /// The usage of an exchange as it ended, however it ended: what the backend reported, or
@@ -182,6 +213,7 @@ async fn filtered_list(
         return Attempt::Fail(e);
     }
     ctx.req.bytes_out = filtered.len() as u64;
+    end_response(gw, ctx);
     super::super::drain::close_if_draining(session);
     if let Err(e) = session.write_response_header(Box::new(resp), false).await {
         return Attempt::Abort(e.into_down());
