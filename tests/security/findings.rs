@@ -1154,3 +1154,70 @@ async fn the_context_window_is_capped_and_json_is_required() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+// Attacker review (2026-12-04): a field written twice in one object. serde_json (and Python's
+// parsers) keep the last, Go's `encoding/json` (Ollama) merges a repeated object into the
+// first: `"options":{"num_ctx":131072},"options":{"num_predict":64}` hid a context size from
+// the context cap. Every repeated name, at any depth and on every route whose body the
+// gateway reads, is refused before a backend sees it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_field_written_twice_is_refused_on_every_route() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    max_output_tokens: 100\n    max_context_tokens: 4096\n",
+    )
+    .await;
+    let c = client();
+    for (path, body) in [
+        (
+            "/api/chat",
+            r#"{"model":"llama3.1:8b","messages":[{"role":"user","content":"hi"}],"options":{"num_ctx":131072},"options":{"num_predict":64}}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"llama3.1:8b","prompt":"x","stream":false,"stream":true}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"llama3.1:8b","prompt":"x","options":{"num_predict":10,"num_predict":-1}}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"llama3.1:8b","messages":[{"role":"user","content":"a","content":"b"}]}"#,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama3.1:8b","prompt":"x","stream_options":{"include_usage":true},"stream_options":{}}"#,
+        ),
+        (
+            "/api/show",
+            r#"{"model":"llama3.1:8b","\u006dodel":"qwen2.5:7b"}"#,
+        ),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .header("authorization", bearer(LLAMA_KEY))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path} {body}");
+        let (code, message) = error_of(r).await;
+        assert_eq!(code, "duplicate_field", "{path} {body}");
+        assert!(message.contains("appears twice"), "{message}");
+    }
+    assert_eq!(m.total(), 0, "none reached the backend");
+    // The same body with each field once passes, its context capped.
+    let r = c
+        .post(gw.url("/api/chat"))
+        .header("authorization", bearer(LLAMA_KEY))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"llama3.1:8b","stream":false,"messages":[{"role":"user","content":"hi"}],"options":{"num_ctx":131072,"num_predict":64}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(last_body(&m, "/api/chat")["options"]["num_ctx"], 4096);
+}

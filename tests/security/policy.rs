@@ -497,6 +497,33 @@ async fn shape_limits_stop_requests_before_the_backend() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_of(r).await.0, "prompt_too_long");
+    // Prompt text the gateway is not shown as `content` counts too (attacker review): token
+    // ids (four characters each), a part's text beside `content: null`, tool call arguments.
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"model": "llama3.1:8b", "prompt": [[1, 2, 3, 4, 5, 6]]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": [{"type": "text", "content": null, "text": "x".repeat(21)}]}]}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "llama3.1:8b", "stream": false, "messages": [{"role": "assistant", "content": "",
+                "tool_calls": [{"function": {"name": "f", "arguments": {"q": "x".repeat(20)}}}]}]}),
+        ),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .header("authorization", &key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path} {body}");
+        assert_eq!(error_of(r).await.0, "prompt_too_long", "{path} {body}");
+    }
     let mut req = c.get(gw.url("/v1/models")).header("authorization", &key);
     for i in 0..25 {
         req = req.header(format!("x-extra-{i}"), "v");

@@ -9,6 +9,8 @@ use gateway_filter::{Rejection, RequestCtx, Route};
 use pingora_proxy::Session;
 use serde_json::Value;
 
+use super::strict_json::StrictError;
+
 pub enum BodyError {
     TooLarge,
     Timeout,
@@ -131,13 +133,19 @@ fn exact_field_names(obj: &serde_json::Map<String, Value>) -> Result<(), Rejecti
     }
 }
 
-/// Parses a held body as a JSON object whose field names are exact.
+/// Parses a held body as a JSON object whose field names are exact and appear once each.
 fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Rejection> {
-    let json: Value = serde_json::from_slice(body).map_err(|e| {
-        bad(
+    let json = super::strict_json::parse(body).map_err(|e| match e {
+        StrictError::Syntax(e) => bad(
             "invalid_json",
             format!("request body is not valid JSON: {e}"),
-        )
+        ),
+        StrictError::Duplicate(e) => bad(
+            "duplicate_field",
+            format!(
+                "{e}; model servers read repeated fields differently, so each may appear only once"
+            ),
+        ),
     })?;
     let Value::Object(obj) = json else {
         return Err(bad(

@@ -44,6 +44,7 @@ mod headers;
 mod logging;
 mod request;
 mod respond;
+mod strict_json;
 mod upstream_pool;
 mod upstream_stream;
 
