@@ -1153,6 +1153,7 @@ async fn the_context_window_is_capped_and_json_is_required() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 200);
 }
 
 // Attacker review (2026-12-04): a field written twice in one object. serde_json (and Python's
@@ -1220,4 +1221,75 @@ async fn a_field_written_twice_is_refused_on_every_route() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(last_body(&m, "/api/chat")["options"]["num_ctx"], 4096);
+}
+
+// Attacker review (2026-12-04): the content-type rule held only on inference routes. A page
+// could make an administrator's browser, holding a password (or a client certificate),
+// create, pull or copy models with a form post (`text/plain`), which Ollama reads as JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn management_routes_need_json_from_browser_held_credentials() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The htpasswd user `demo` is an administrator here.
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        format!(
+            "keys:\n  - {{ id: demo, key_sha256: {}, scopes: [admin] }}\n",
+            filter_auth::keygen::hash_key(USER_KEY)
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n    htpasswd: {}\n  - use: policy\n",
+        backends(&[("local", &m.url())]),
+        dir.path().join("keys.yaml").display(),
+        conf("htpasswd"),
+    ))
+    .await;
+    let c = client();
+    // The same holds for Ollama's management routes (attacker review): a page must not make
+    // an administrator's browser create, pull or copy models with its password.
+    for (path, body) in [
+        (
+            "/api/create",
+            r#"{"model": "llama3.1:8b", "from": "llama3.1:8b", "system": "x"}"#,
+        ),
+        ("/api/pull", r#"{"model": "llama3.1:8b"}"#),
+        (
+            "/api/copy",
+            r#"{"source": "llama3.1:8b", "destination": "llama3.1:mine"}"#,
+        ),
+        ("/api/show", r#"{"model": "llama3.1:8b"}"#),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .basic_auth("demo", Some("demo"))
+            .header("content-type", "text/plain")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415, "{path}");
+        assert_eq!(error_of(r).await.0, "unsupported_media_type", "{path}");
+    }
+    assert_eq!(m.total(), 0, "none reached the backend");
+    let r = c
+        .post(gw.url("/api/show"))
+        .basic_auth("demo", Some("demo"))
+        .header("content-type", "application/json")
+        .body(r#"{"model": "llama3.1:8b"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // An API key in a header (which no page can set cross-site) needs no content type.
+    let r = c
+        .post(gw.url("/api/show"))
+        .header("authorization", bearer(USER_KEY))
+        .header("content-type", "text/plain")
+        .body(r#"{"model": "llama3.1:8b"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -308,18 +308,28 @@ impl PolicyFilter {
         Ok(())
     }
 
-    fn check_inference(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        // The content-type rule stops cross-site form posts, which matter only for credentials
-        // a browser attaches by itself (basic auth, client certificates) or none at all; an
-        // API key in a header cannot be sent cross-site without a preflight.
+    /// The content-type rule stops cross-site form posts, which matter only for credentials a
+    /// browser attaches by itself (basic auth, client certificates) or none at all; an API key
+    /// in a header cannot be sent cross-site without a preflight. It holds for every route
+    /// whose body is JSON: inference, and Ollama's management routes (a form could otherwise
+    /// make an administrator's browser pull, create, copy or push models).
+    fn check_content_type(&self, ctx: &RequestCtx) -> Result<(), Rejection> {
         let ambient = ctx.principal.as_ref().is_none_or(|p| p.method != "api_key");
-        if self.require_json && ambient && !is_json(ctx) {
-            return Err(Rejection::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "inference requests must be sent with Content-Type: application/json",
-            ));
+        if !self.require_json || !ambient || is_json(ctx) {
+            return Ok(());
         }
+        Err(Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            if ctx.route.is_inference() {
+                "inference requests must be sent with Content-Type: application/json"
+            } else {
+                "requests to this route must be sent with Content-Type: application/json"
+            },
+        ))
+    }
+
+    fn check_inference(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if let Some(body) = &ctx.json {
             shape::check_types(ctx.route, body)?;
             if let Some(max) = self.max_messages {
@@ -396,6 +406,9 @@ impl Filter for PolicyFilter {
         }
         if ctx.unknown_format {
             self.check_unknown_format(ctx, gate.is_some())?;
+        }
+        if ctx.route.holds_body() {
+            self.check_content_type(ctx)?;
         }
         if ctx.route.is_inference() {
             self.check_inference(ctx)?;

@@ -8,14 +8,30 @@ use gateway_filter::{ModelGate, Principal};
 use gateway_filter::glob::wildcard;
 use gateway_filter::model_name::canonical_model;
 
-/// Whether `model` is in `list`; an empty list allows every model.
+/// Whether Ollama would run `name` on ollama.com: a name (whitespace trimmed, as Ollama does)
+/// ending in `:cloud` or `-cloud`, in any case, is a cloud model, run with the server owner's
+/// account, the prompt leaving the box.
+fn is_cloud(name: &str) -> bool {
+    let n = name.trim().as_bytes();
+    n.len() >= 6 && {
+        let tail = &n[n.len() - 6..];
+        tail.eq_ignore_ascii_case(b":cloud") || tail.eq_ignore_ascii_case(b"-cloud")
+    }
+}
+
+/// Whether `model` is in `list`; an empty list allows every model. A cloud model is allowed
+/// only by an entry that names the cloud itself (`gpt-oss:120b-cloud`, `*-cloud`): `gpt-oss:*`
+/// or `*` mean the models of the box.
 pub fn list_allows(list: &[String], model: &str) -> bool {
     if list.is_empty() {
         return true;
     }
+    let cloud = is_cloud(model);
     let model = canonical_model(model);
     list.iter().any(|p| {
-        if p.contains('*') {
+        if cloud && !is_cloud(p) {
+            false
+        } else if p.contains('*') {
             wildcard(p, &model)
         } else {
             canonical_model(p) == model
@@ -54,6 +70,31 @@ mod tests {
         assert!(!list_allows(&l, "qwen2.5:7b"));
         assert!(!list_allows(&l, "mistral"));
         assert!(list_allows(&[], "anything"));
+    }
+
+    /// Ollama sends `NAME:cloud` and `NAME-cloud` models to ollama.com (the owner's account,
+    /// the prompt off the box): a glob meant for the box's models does not reach them.
+    #[test]
+    fn cloud_models_need_an_entry_of_their_own() {
+        let l = vec!["gpt-oss:*".to_string(), "*".to_string()];
+        for name in [
+            "gpt-oss:120b-cloud",
+            "gpt-oss:120b:cloud",
+            "gpt-oss:120b:CLOUD",
+            "gpt-oss:120b-Cloud ",
+            " deepseek-v3.1:671b-cloud",
+        ] {
+            assert!(!list_allows(&l, name), "{name}");
+        }
+        assert!(list_allows(&l, "gpt-oss:20b"));
+        let l = vec!["gpt-oss:120b-cloud".to_string(), "*:cloud".to_string()];
+        assert!(list_allows(&l, "gpt-oss:120b-cloud"));
+        assert!(list_allows(&l, "qwen3-coder:480b:cloud"));
+        assert!(!list_allows(&l, "gpt-oss:120b"));
+        assert!(
+            list_allows(&[], "gpt-oss:120b-cloud"),
+            "no list: every model"
+        );
     }
 
     #[test]
