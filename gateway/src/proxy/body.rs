@@ -200,9 +200,11 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
             Some(_) => return Err(bad("invalid_model", format!("`{field}` must be a string"))),
         }
     }
-    // The older create API carried a Modelfile whose FROM line names the base model.
+    // The older create API carried a Modelfile whose FROM line names the base model. Its lines
+    // end at `\r` as at `\n`, after a byte-order mark, as Ollama's parser reads them.
     if let Some(modelfile) = obj.get("modelfile").and_then(Value::as_str) {
-        for line in modelfile.lines() {
+        let modelfile = modelfile.trim_start_matches('\u{feff}');
+        for line in modelfile.split(['\r', '\n']) {
             let mut words = line.split_whitespace();
             if words.next().is_some_and(|w| w.eq_ignore_ascii_case("from")) {
                 ctx.named_models
@@ -327,5 +329,25 @@ mod tests {
             .is_ok(),
             "schemas deeper down keep their names"
         );
+    }
+
+    /// A legacy Modelfile's `FROM` line is found however Ollama's parser would find it: after
+    /// a byte-order mark, on a line that ends at `\r`, in any case.
+    #[test]
+    fn every_from_line_of_a_modelfile_is_judged() {
+        for modelfile in [
+            "SYSTEM x\rFROM qwen2.5:7b",
+            "\u{feff}FROM qwen2.5:7b",
+            "SYSTEM x\r\n\tfrom\tqwen2.5:7b\r\n",
+        ] {
+            let mut ctx = RequestCtx::new(String::new(), Method::POST, "/api/create".into());
+            let body = serde_json::json!({"model": "llama3.1:mine", "modelfile": modelfile});
+            parse_named_models(&mut ctx, Bytes::from(body.to_string())).unwrap();
+            assert_eq!(
+                ctx.named_models,
+                ["llama3.1:mine", "qwen2.5:7b"],
+                "{modelfile:?}"
+            );
+        }
     }
 }
