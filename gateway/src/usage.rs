@@ -168,7 +168,7 @@ impl UsageParser {
             _ => line,
         };
         if doc == b"[DONE]" {
-            self.ended = self.framing == Framing::Sse;
+            self.ended |= self.framing == Framing::Sse;
             return;
         }
         if has_text(doc) {

@@ -3,40 +3,41 @@
 use serde_json::Value;
 
 /// Characters of prompt text the model receives. Whatever a chat template may render counts,
-/// not only the fields a client is expected to fill: every string of every message (content,
-/// content parts whether their text is under `text` or `content`, tool calls and their
-/// arguments, `thinking`, names, ids) except media and the usual `role`/`type` names;
-/// `prompt` and `input` (each token id of a token-id prompt as four characters, as a token
-/// is counted elsewhere); `system`, a `template` and `suffix` of the request's own, vLLM's
-/// `chat_template`, `chat_template_kwargs` and `documents`; tool definitions (as their
-/// JSON); and `context` (token ids of an earlier answer, four characters each). Images and
-/// audio are not counted.
+/// not only the fields a client is expected to fill: of each message, its text content (and
+/// content parts' text, under `text` or `content`) and every other field but media and the
+/// usual `role` name, the others (tool calls and their arguments, `thinking`, names, ids,
+/// anything unknown) as their JSON, keys included; `prompt` and `input` (each token id of a
+/// token-id prompt as four characters, as a token is counted elsewhere); `system`, a
+/// `template` and `suffix` of the request's own, vLLM's `chat_template`; vLLM's
+/// `chat_template_kwargs` and `documents` and the tool definitions as their JSON; and
+/// `context` (token ids of an earlier answer, four characters each). Images and audio are
+/// not counted.
 pub fn prompt_chars(body: &Value) -> usize {
-    let text = |k: &str| body.get(k).map_or(0, text_chars);
-    let tools = body
-        .get("tools")
-        .filter(|t| !t.is_null())
-        .map_or(0, json_chars);
     let context = body
         .get("context")
         .and_then(Value::as_array)
         .map_or(0, |ids| ids.len() * 4);
-    [
-        "messages",
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, |m| m.iter().map(message_chars).sum());
+    let text = [
         "prompt",
         "input",
         "system",
         "template",
         "suffix",
         "chat_template",
-        "chat_template_kwargs",
-        "documents",
     ]
     .into_iter()
-    .map(text)
-    .sum::<usize>()
-        + tools
-        + context
+    .map(|k| body.get(k).map_or(0, input_chars))
+    .sum::<usize>();
+    let json = ["tools", "chat_template_kwargs", "documents"]
+        .into_iter()
+        .filter_map(|k| body.get(k).filter(|v| !v.is_null()))
+        .map(json_chars)
+        .sum::<usize>();
+    messages + text + json + context
 }
 
 /// Fields of a message or content part that carry media, not text.
@@ -53,23 +54,56 @@ const MEDIA: [&str; 6] = [
 /// ones count (a template may render the role as written).
 const NAME_LEN: usize = 32;
 
-/// Characters of every string under `v` (a number: a token id, four characters), media left
-/// out.
-fn text_chars(v: &Value) -> usize {
+/// Whether a message's or content part's field `k` holding `v` is media or a usual name.
+fn uncounted(k: &str, v: &Value) -> bool {
+    MEDIA.contains(&k)
+        || (matches!(k, "role" | "type") && v.as_str().is_some_and(|s| s.len() <= NAME_LEN))
+}
+
+/// One message: its text content and its parts' text as written, every other field (media
+/// and usual names aside) as its JSON.
+fn message_chars(m: &Value) -> usize {
+    let Value::Object(o) = m else {
+        return json_chars(m);
+    };
+    o.iter()
+        .filter(|(k, v)| !uncounted(k, v))
+        .map(|(k, v)| match (k.as_str(), v) {
+            (_, Value::String(s)) => s.chars().count(),
+            ("content", Value::Array(parts)) => parts.iter().map(part_chars).sum(),
+            (_, Value::Null) => 0,
+            (_, v) => json_chars(v),
+        })
+        .sum()
+}
+
+/// One content part: its text as written, every other field (media and usual names aside)
+/// as its JSON.
+fn part_chars(p: &Value) -> usize {
+    match p {
+        Value::String(s) => s.chars().count(),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, v)| !uncounted(k, v))
+            .map(|(_, v)| match v {
+                Value::String(s) => s.chars().count(),
+                Value::Null => 0,
+                v => json_chars(v),
+            })
+            .sum(),
+        v => json_chars(v),
+    }
+}
+
+/// A prompt or input: strings as written, a token id as four characters, anything else as
+/// its JSON.
+fn input_chars(v: &Value) -> usize {
     match v {
         Value::String(s) => s.chars().count(),
         Value::Number(_) => 4,
-        Value::Array(items) => items.iter().map(text_chars).sum(),
-        Value::Object(o) => o
-            .iter()
-            .filter(|(k, v)| match k.as_str() {
-                k if MEDIA.contains(&k) => false,
-                "role" | "type" => v.as_str().is_none_or(|s| s.len() > NAME_LEN),
-                _ => true,
-            })
-            .map(|(_, v)| text_chars(v))
-            .sum(),
-        Value::Bool(_) | Value::Null => 0,
+        Value::Array(items) => items.iter().map(input_chars).sum(),
+        Value::Null => 0,
+        v => json_chars(v),
     }
 }
 
@@ -141,8 +175,9 @@ mod tests {
     }
 
     /// Text the gateway is not shown as `content` still counts: token-id prompts, a part's
-    /// text beside `content: null`, tool calls, reasoning, a long free-form role, vLLM's
-    /// template fields. Media and the usual role and type names do not.
+    /// text beside `content: null`, tool calls (as their JSON, keys and all), reasoning, a
+    /// long free-form role, vLLM's template fields. Media and the usual role and type names
+    /// do not.
     #[test]
     fn prompt_chars_count_every_text_a_template_can_render() {
         let n = |body: Value| prompt_chars(&body);
@@ -154,12 +189,20 @@ mod tests {
             ),
             5
         );
+        let calls = json!([{"id": "c1", "type": "function", "function": {"name": "f",
+            "arguments": {"file": "xyz", "q": 7}}}]);
         assert_eq!(
             n(
-                json!({"messages": [{"role": "assistant", "content": "", "thinking": "ab",
-                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"q": "xyz", "n": 7}}}]}]})
+                json!({"messages": [{"role": "assistant", "content": "", "thinking": "ab", "tool_calls": calls}]})
             ),
-            2 + 2 + 1 + 3 + 4
+            2 + calls.to_string().len()
+        );
+        // A long key of the arguments counts too (it is rendered as written).
+        let key = "k".repeat(1000);
+        assert!(
+            n(
+                json!({"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": {key: 0}}}]}]})
+            ) > 1000
         );
         let role = "r".repeat(40);
         assert_eq!(n(json!({"messages": [{"role": role, "content": "x"}]})), 41);
@@ -170,12 +213,13 @@ mod tests {
             ),
             2
         );
+        let kwargs = json!({"k": "vw"});
+        let docs = json!([{"title": "t", "text": "uv"}]);
         assert_eq!(
             n(
-                json!({"prompt": "x", "chat_template": "{{ 'y' * 3 }}", "chat_template_kwargs": {"k": "vw"},
-                "documents": [{"title": "t", "text": "uv"}]})
+                json!({"prompt": "x", "chat_template": "{{ 'y' * 3 }}", "chat_template_kwargs": kwargs, "documents": docs})
             ),
-            1 + 13 + 2 + 3
+            1 + 13 + kwargs.to_string().len() + docs.to_string().len()
         );
         // What audit hashes follows `text` beside `content: null` too.
         assert_eq!(

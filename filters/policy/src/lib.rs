@@ -311,8 +311,9 @@ impl PolicyFilter {
     /// The content-type rule stops cross-site form posts, which matter only for credentials a
     /// browser attaches by itself (basic auth, client certificates) or none at all; an API key
     /// in a header cannot be sent cross-site without a preflight. It holds for every route
-    /// whose body is JSON: inference, and Ollama's management routes (a form could otherwise
-    /// make an administrator's browser pull, create, copy or push models).
+    /// whose body is JSON: inference, Ollama's management routes (a form could otherwise make
+    /// an administrator's browser pull, create, copy or push models). Not routes of custom
+    /// rules, whose bodies may rightly be forms (an audio upload).
     fn check_content_type(&self, ctx: &RequestCtx) -> Result<(), Rejection> {
         let ambient = ctx.principal.as_ref().is_none_or(|p| p.method != "api_key");
         if !self.require_json || !ambient || is_json(ctx) {

@@ -164,6 +164,7 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
     match admit(gw, session, ctx).await {
         Ok(Next::Answer(body)) => {
             ctx.answered = true;
+            ctx.req.status = StatusCode::OK.as_u16();
             logging::end_response(gw, ctx);
             respond::json(session, &mut ctx.req, StatusCode::OK, body, &[]).await?;
             Ok(true)
@@ -180,6 +181,7 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
             if !ctx.body_read {
                 unread_body(session).await;
             }
+            ctx.req.status = refusal.rejection.status.as_u16();
             logging::end_response(gw, ctx);
             respond::rejection(session, &mut ctx.req, &refusal.rejection).await?;
             ctx.answered = true;

@@ -1,7 +1,7 @@
 //! JSON bodies read as a tree, refusing a name that appears twice in one object.
 //!
-//! serde_json keeps the last of two equal names, and so do Python's parsers (vLLM, llama.cpp's
-//! server), but Go's `encoding/json` (Ollama) decodes a repeated object into the same map or
+//! serde_json keeps the last of two equal names, and so do Python's parsers (vLLM) and
+//! nlohmann's (llama.cpp's server), but Go's `encoding/json` (Ollama) decodes a repeated object into the same map or
 //! struct, merging the two: `"options":{"num_ctx":131072},"options":{"num_predict":64}` is
 //! `{num_predict: 64}` to the gateway and both fields to Ollama. A body whose meaning depends
 //! on the parser cannot be checked, so it is refused.

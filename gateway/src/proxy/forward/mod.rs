@@ -67,6 +67,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     .flatten();
                 let Some(_slot) = slot else {
                     return answer(
+                        gw,
                         session,
                         ctx,
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -94,6 +95,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
             Pick::UnknownModel => {
                 let model = ctx.req.model.clone().unwrap_or_default();
                 return answer(
+                    gw,
                     session,
                     ctx,
                     StatusCode::NOT_FOUND,
@@ -104,9 +106,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
             }
             Pick::NoneAvailable => {
                 return match last_err {
-                    Some(e) => answer_failure(session, ctx, &e).await,
+                    Some(e) => answer_failure(gw, session, ctx, &e).await,
                     None if pool.is_empty() => {
                         answer(
+                            gw,
                             session,
                             ctx,
                             StatusCode::BAD_GATEWAY,
@@ -117,6 +120,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     }
                     None => {
                         answer(
+                            gw,
                             session,
                             ctx,
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -145,6 +149,8 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     ctx.req.decision = Decision::Failed {
                         code: "state_unavailable",
                     };
+                    ctx.req.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
+                    super::logging::end_response(gw, ctx);
                     return respond::rejection(
                         session,
                         &mut ctx.req,
@@ -190,11 +196,11 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 gw.count_retry(idx);
                 ctx.lease = None;
                 if !may_retry || ctx.keepalive_sent {
-                    return answer_failure(session, ctx, &err).await;
+                    return answer_failure(gw, session, ctx, &err).await;
                 }
                 last_err = Some(err);
             }
-            Attempt::Fail(e) => return answer_failure(session, ctx, &e).await,
+            Attempt::Fail(e) => return answer_failure(gw, session, ctx, &e).await,
             Attempt::Unanswered(e) => {
                 log::warn!(
                     "request {}: backend {} did not answer: {e}",
@@ -202,7 +208,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     backend.name
                 );
                 gw.router.settle(idx, Outcome::Failed { health: true });
-                return answer_failure(session, ctx, &e).await;
+                return answer_failure(gw, session, ctx, &e).await;
             }
             Attempt::Abort(e) => {
                 // A client leaving is not the backend's fault; a backend breaking its stream is.
@@ -215,7 +221,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
     }
 }
 
+/// The gateway's own answer after the request was let through (no backend, or none that
+/// answered): what the request holds goes back first, as before every answer's end.
 async fn answer(
+    gw: &Gateway,
     session: &mut Session,
     ctx: &mut GwCtx,
     status: StatusCode,
@@ -223,6 +232,10 @@ async fn answer(
     message: &str,
 ) -> Result<()> {
     ctx.req.decision = Decision::Failed { code };
+    if !ctx.keepalive_sent {
+        ctx.req.status = status.as_u16();
+    }
+    super::logging::end_response(gw, ctx);
     let rejection = Rejection::new(status, code, message);
     if ctx.keepalive_sent {
         // Headers are out (keep-alives): the error is the stream's last event, which the
@@ -252,9 +265,14 @@ fn held_body(ctx: &GwCtx) -> Result<Bytes> {
     Ok(ctx.req.body.clone().unwrap_or_default())
 }
 
-async fn answer_failure(session: &mut Session, ctx: &mut GwCtx, e: &Error) -> Result<()> {
+async fn answer_failure(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    e: &Error,
+) -> Result<()> {
     let (status, code, message) = respond::upstream_failure(e, ctx.req.backend.as_deref());
-    answer(session, ctx, status, code, &message).await
+    answer(gw, session, ctx, status, code, &message).await
 }
 
 async fn attempt(

@@ -107,11 +107,14 @@ pub(super) async fn relay(
             Ok(None) => break Bytes::new(),
             Err(e) => {
                 // The backend broke mid-response: the client must see a truncated stream,
-                // never a clean end, so the connection is aborted rather than finished.
-                ctx.req.decision = Decision::Failed {
-                    code: "backend_broke_stream",
-                };
-                settle_usage(&mut parser, &mut ctx.req);
+                // never a clean end, so the connection is aborted rather than finished. (After
+                // the stream's last event the answer stands as it was settled.)
+                if !ctx.response_ended {
+                    ctx.req.decision = Decision::Failed {
+                        code: "backend_broke_stream",
+                    };
+                    settle_usage(&mut parser, &mut ctx.req);
+                }
                 return Attempt::Abort(e.into_up());
             }
         };
@@ -163,10 +166,12 @@ async fn write_chunk(
 ) -> Result<(), Attempt> {
     ctx.req.bytes_out += chunk.len() as u64;
     if let Err(e) = session.write_response_body(Some(chunk), false).await {
-        ctx.req.decision = Decision::Failed {
-            code: "client_disconnected",
-        };
-        settle_usage(parser, &mut ctx.req);
+        if !ctx.response_ended {
+            ctx.req.decision = Decision::Failed {
+                code: "client_disconnected",
+            };
+            settle_usage(parser, &mut ctx.req);
+        }
         return Err(Attempt::Abort(e.into_down()));
     }
     Ok(())
