@@ -9,6 +9,7 @@
 #   tests/bench/callgrind.sh                 # gateway-equiv, N=1000
 #   CONF=gateway-full N=500 tests/bench/callgrind.sh
 #   KEEP=1 tests/bench/callgrind.sh          # keep the callgrind.out files (callgrind_annotate)
+#   BIN=/tmp/gw-before tests/bench/callgrind.sh   # another build (e.g. the one before a change)
 #   STATE=redis CONF=gateway-full tests/bench/callgrind.sh   # shared state on a redis-server
 #                                            # the script starts (the gateway's side of it only)
 set -euo pipefail
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/../.."
 PEERS=../shared/bench/peers
 CONF=${CONF:-gateway-equiv}
 N=${N:-1000}
-BIN=$(realpath target/release/llm-gateway)
+BIN=$(realpath "${BIN:-target/release/llm-gateway}")
 API_KEY=sk-bench-0123456789abcdef0123456789abcdef
 BODY='{"model":"llama3.2:1b","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence."}],"stream":false,"max_tokens":64,"temperature":0.2}'
 WORK=$(mktemp -d /tmp/callgrind.XXXXXX)
