@@ -362,9 +362,10 @@ async fn listener_networks_are_enforced_before_anything_else() {
     assert_eq!(m.total(), 0);
 }
 
-/// A forward-auth validator on a real port: `Bearer sso-carol` is user carol, `Bearer
-/// sso-anon` user `anonymous` (a name the gateway keeps for its own account), anything else
-/// 401. Returns its URL and the number of questions it answered.
+/// A forward-auth validator on a real port: `Bearer sso-carol` is user carol (no model list),
+/// `sso-erin` user erin with the models `llama3.1:8b`, `sso-dave` user dave with an empty
+/// model list, `Bearer sso-anon` user `anonymous` (a name the gateway keeps for its own
+/// account), anything else 401. Returns its URL and the number of questions it answered.
 async fn validator() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -388,6 +389,10 @@ async fn validator() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>)
                 let head = String::from_utf8_lossy(&buf).to_lowercase();
                 let answer = if head.contains("authorization: bearer sso-carol") {
                     "200 OK\r\nx-auth-user: carol"
+                } else if head.contains("authorization: bearer sso-erin") {
+                    "200 OK\r\nx-auth-user: erin\r\nx-auth-models: llama3.1:8b"
+                } else if head.contains("authorization: bearer sso-dave") {
+                    "200 OK\r\nx-auth-user: dave\r\nx-auth-models: ,"
                 } else if head.contains("authorization: bearer sso-anon") {
                     "200 OK\r\nx-auth-user: anonymous"
                 } else {
@@ -620,4 +625,40 @@ async fn jwks_over_https_with_a_private_ca() {
     let gw = Gateway::start(&config("")).await;
     assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert!(gw.log().contains("not fetched at start"), "{}", gw.log());
+}
+
+/// With `models_header` set, the validator's model list restricts its principal; an answer
+/// without a list (or an empty one) is refused, never taken as "any model" (attacker review,
+/// 2026-12-04: it was, while a JWT without its models claim was refused).
+#[tokio::test(flavor = "multi_thread")]
+async fn forward_auth_without_its_model_list_is_refused() {
+    let m = mock().await;
+    let (url, _calls) = validator().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n    forward: {{ url: '{url}', cache: 0s, models_header: x-auth-models }}\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml")
+    ))
+    .await;
+    let ask = |token: &'static str, model: &'static str| {
+        client()
+            .post(gw.url("/api/chat"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"model": model, "stream": false, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    assert_eq!(ask("sso-erin", "llama3.1:8b").await.unwrap().status(), 200);
+    let r = ask("sso-erin", "qwen2.5:7b").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_of(r).await.0, "model_not_allowed");
+    for token in ["sso-carol", "sso-dave"] {
+        let r = ask(token, "qwen2.5:7b").await.unwrap();
+        assert_eq!(r.status(), 401, "{token}");
+        assert_eq!(error_of(r).await.0, "invalid_api_key", "{token}");
+    }
+    assert_eq!(
+        m.total(),
+        1,
+        "only erin's allowed request reached the backend"
+    );
 }

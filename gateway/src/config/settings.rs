@@ -77,39 +77,43 @@ impl ListenerSpec {
     }
 
     /// The client behind a trusted proxy: the rightmost address of `X-Forwarded-For` (or
-    /// `Forwarded: for=`) that is not itself a trusted proxy. `None` when `peer` is not a
-    /// trusted proxy (its headers are then ignored) or the headers name no address.
+    /// `Forwarded: for=`) that is not itself a trusted proxy. Hops are read from the right and
+    /// only as far as that one: what a client wrote to the left of it (anything, not even
+    /// text) is never read, so it cannot make the whole header unreadable and the client count
+    /// as the proxy. A hop may carry a port (`1.2.3.4:5678`, `[2001:db8::1]:443`). `None` when
+    /// `peer` is not a trusted proxy (its headers are then ignored), or the headers name no
+    /// address that can be read where the client's should be.
     pub fn forwarded_client(&self, peer: IpAddr, headers: &http::HeaderMap) -> Option<IpAddr> {
         let trusted = |ip: &IpAddr| self.is_trusted_proxy(ip);
         if !trusted(&peer) {
             return None;
         }
-        let mut hops: Vec<IpAddr> = Vec::new();
-        for v in headers.get_all("x-forwarded-for") {
-            for part in v.to_str().ok()?.split(',') {
-                hops.push(part.trim().parse().ok()?);
-            }
-        }
+        let mut hops: Vec<&[u8]> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .collect();
         if hops.is_empty() {
             for v in headers.get_all("forwarded") {
-                for element in v.to_str().ok()?.split(',') {
-                    for pair in element.split(';') {
-                        let Some((k, val)) = pair.trim().split_once('=') else {
+                for element in v.as_bytes().split(|&b| b == b',') {
+                    for pair in element.split(|&b| b == b';') {
+                        let Some(eq) = pair.iter().position(|&b| b == b'=') else {
                             continue;
                         };
-                        if k.trim().eq_ignore_ascii_case("for") {
-                            let val = val.trim().trim_matches('"');
-                            let host = val
-                                .strip_prefix('[')
-                                .and_then(|v| v.split(']').next())
-                                .unwrap_or_else(|| val.split(':').next().unwrap_or(val));
-                            hops.push(host.parse().ok()?);
+                        if pair[..eq].trim_ascii().eq_ignore_ascii_case(b"for") {
+                            hops.push(&pair[eq + 1..]);
                         }
                     }
                 }
             }
         }
-        hops.into_iter().rev().find(|ip| !trusted(ip))
+        for hop in hops.into_iter().rev() {
+            let ip = parse_hop(hop)?;
+            if !trusted(&ip) {
+                return Some(ip.to_canonical());
+            }
+        }
+        None
     }
 
     /// Whether a client address may use this listener.
@@ -118,6 +122,16 @@ impl ListenerSpec {
         (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)))
             && !self.deny.iter().any(|n| n.contains(&ip))
     }
+}
+
+/// One hop of `X-Forwarded-For` or `Forwarded: for=`: an address, perhaps quoted, perhaps
+/// with a port (`1.2.3.4:5678`, `[2001:db8::1]:443`, `"[2001:db8::1]"`).
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop).ok()?.trim().trim_matches('"');
+    hop.parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|a| a.ip()))
+        .ok()
+        .or_else(|| hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
 }
 
 #[derive(Debug, Clone)]
@@ -710,8 +724,42 @@ mod forwarded_tests {
         // From an untrusted peer the headers mean nothing.
         let peer: IpAddr = "198.51.100.1".parse().unwrap();
         assert_eq!(l.forwarded_client(peer, &xff), None);
-        // Garbage is ignored, not half-read.
+        // A hop that cannot be read where the client's should be: the proxy's own address.
         let bad = h("x-forwarded-for", "not-an-ip");
         assert_eq!(l.forwarded_client(lb, &bad), None);
+        // What a client writes to the left of the hop its proxy adds is never read: junk, an
+        // unknown, bytes that are not text, do not make it count as the proxy (which would
+        // lock out everyone behind it) nor choose its address.
+        let client: IpAddr = "198.51.100.7".parse().unwrap();
+        for xff in [
+            &b"junk, 198.51.100.7"[..],
+            b"unknown,198.51.100.7",
+            b"\xff\xfe, 198.51.100.7",
+            b"6.6.6.6:80, 198.51.100.7, 10.0.0.9",
+        ] {
+            let mut m = http::HeaderMap::new();
+            m.insert(
+                "x-forwarded-for",
+                http::HeaderValue::from_bytes(xff).unwrap(),
+            );
+            assert_eq!(l.forwarded_client(lb, &m), Some(client), "{xff:?}");
+        }
+        let fwd = h(
+            "forwarded",
+            "for=unknown, for=_hidden;proto=http, for=198.51.100.7",
+        );
+        assert_eq!(l.forwarded_client(lb, &fwd), Some(client));
+        // Ports (as some load balancers add them) and IPv4-mapped forms.
+        for xff in [
+            "198.51.100.7:4711",
+            "[::ffff:198.51.100.7]:80",
+            "::ffff:198.51.100.7",
+        ] {
+            assert_eq!(
+                l.forwarded_client(lb, &h("x-forwarded-for", xff)),
+                Some(client),
+                "{xff}"
+            );
+        }
     }
 }
