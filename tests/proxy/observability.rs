@@ -155,6 +155,7 @@ async fn audit_lines_for_real_traffic() {
     );
     assert_eq!(l["path"], "/api/pull");
     assert_eq!(l["principal"], "demo");
+    assert_eq!(l["auth_method"], "api_key");
     assert_eq!(l["key_sha256_prefix"], "4daadee04989");
 
     let l = line(2);

@@ -61,6 +61,10 @@ pub struct AuditLine<'a> {
     pub ts: humantime::Rfc3339Timestamp,
     pub request_id: &'a str,
     pub principal: Option<&'a str>,
+    /// How the principal authenticated (`api_key`, `basic`, `jwt`, `forward`, `proxy`,
+    /// `mtls`): a JWT subject and an API key of the same id are told apart.
+    pub auth_method: Option<&'static str>,
+    /// Only for a login with that key: other methods may name a keys-file entry too.
     pub key_sha256_prefix: Option<&'a str>,
     #[serde(serialize_with = "display_opt")]
     pub client_ip: Option<IpAddr>,
@@ -104,9 +108,11 @@ impl<'a> AuditLine<'a> {
             ts: humantime::format_rfc3339_millis(started),
             request_id: &ctx.request_id,
             principal: ctx.principal.as_deref().map(|p| p.id.as_str()),
+            auth_method: ctx.principal.as_deref().map(|p| p.method),
             key_sha256_prefix: ctx
                 .principal
                 .as_deref()
+                .filter(|p| p.method == "api_key")
                 .and_then(|p| p.key_sha256_prefix.as_deref()),
             client_ip: ctx.client_ip.map(|ip| ip.to_canonical()),
             method: ctx.method.as_str(),
@@ -219,6 +225,8 @@ impl AuditLine<'_> {
         string(out, self.request_id);
         out.extend_from_slice(b",\"principal\":");
         opt_string(out, self.principal);
+        out.extend_from_slice(b",\"auth_method\":");
+        opt_string(out, self.auth_method);
         out.extend_from_slice(b",\"key_sha256_prefix\":");
         opt_string(out, self.key_sha256_prefix);
         out.extend_from_slice(b",\"client_ip\":");
@@ -314,6 +322,7 @@ mod tests {
                 "ts",
                 "request_id",
                 "principal",
+                "auth_method",
                 "key_sha256_prefix",
                 "client_ip",
                 "method",
@@ -348,7 +357,7 @@ mod tests {
         assert_eq!(
             rest,
             format!(
-                ":\"req-1\",\"principal\":null,\"key_sha256_prefix\":null,\"client_ip\":\"10.0.0.7\",\"method\":\"POST\",\"path\":\"/v1/chat/completions\",\"route\":\"openai_chat\",\"model\":\"llama3:latest\",\"prompt_sha256\":\"{}\",\"prompt_chars\":2,\"stream\":false,\"status\":429,\"decision\":\"ratelimit:rate_limited\",\"reason\":\"rate_limited\",\"backend\":null,\"retries\":0,\"prompt_tokens\":null,\"completion_tokens\":null,\"tokens\":null,\"cost_usd\":0.25,\"ttfb_ms\":1.5,\"duration_ms\":null,\"bytes_in\":0,\"bytes_out\":0,\"user_agent\":null}}",
+                ":\"req-1\",\"principal\":null,\"auth_method\":null,\"key_sha256_prefix\":null,\"client_ip\":\"10.0.0.7\",\"method\":\"POST\",\"path\":\"/v1/chat/completions\",\"route\":\"openai_chat\",\"model\":\"llama3:latest\",\"prompt_sha256\":\"{}\",\"prompt_chars\":2,\"stream\":false,\"status\":429,\"decision\":\"ratelimit:rate_limited\",\"reason\":\"rate_limited\",\"backend\":null,\"retries\":0,\"prompt_tokens\":null,\"completion_tokens\":null,\"tokens\":null,\"cost_usd\":0.25,\"ttfb_ms\":1.5,\"duration_ms\":null,\"bytes_in\":0,\"bytes_out\":0,\"user_agent\":null}}",
                 hex::encode(Sha256::digest(b"hi\x1e"))
             )
         );
@@ -401,6 +410,7 @@ mod tests {
                 c.principal = (j > 0).then(|| {
                     Arc::new(Principal {
                         id: (*text).into(),
+                        method: ["api_key", "jwt", ""][i % 3],
                         key_sha256_prefix: (i % 2 == 1).then(|| (*text).into()),
                         ..Default::default()
                     })

@@ -21,6 +21,7 @@ fn ctx(i: usize) -> RequestCtx {
     c.headers.insert("user-agent", "curl/8".parse().unwrap());
     c.principal = Some(Arc::new(Principal {
         id: "alice".into(),
+        method: "api_key",
         key_sha256_prefix: Some("0123456789ab".into()),
         ..Default::default()
     }));
@@ -52,6 +53,13 @@ async fn lines_hold_every_field_and_no_secret() {
     let f = build(&json!({"file": "audit.jsonl"}), &cx).unwrap();
     let mut c = ctx(1);
     f.on_complete(&mut c).await;
+    // The same id from a JWT: told apart, and no key prefix (the entry's key was not used).
+    let mut jwt = ctx(2);
+    jwt.principal = Some(Arc::new(Principal {
+        method: "jwt",
+        ..(**jwt.principal.as_ref().unwrap()).clone()
+    }));
+    f.on_complete(&mut jwt).await;
     c.decision = Decision::Rejected {
         filter: "auth",
         code: "invalid_api_key",
@@ -67,12 +75,25 @@ async fn lines_hold_every_field_and_no_secret() {
         "{text}"
     );
     let lines = read(&path);
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 3);
     let l = &lines[0];
+    assert_eq!(
+        (&l["auth_method"], &l["key_sha256_prefix"]),
+        (&json!("api_key"), &json!("0123456789ab"))
+    );
+    assert_eq!(
+        (
+            &lines[1]["principal"],
+            &lines[1]["auth_method"],
+            &lines[1]["key_sha256_prefix"]
+        ),
+        (&json!("alice"), &json!("jwt"), &Value::Null)
+    );
     for key in [
         "ts",
         "request_id",
         "principal",
+        "auth_method",
         "key_sha256_prefix",
         "client_ip",
         "method",
@@ -113,8 +134,8 @@ async fn lines_hold_every_field_and_no_secret() {
         "{}",
         l["ts"]
     );
-    assert_eq!(lines[1]["decision"], "auth:invalid_api_key");
-    assert_eq!(lines[1]["reason"], "unknown_key");
+    assert_eq!(lines[2]["decision"], "auth:invalid_api_key");
+    assert_eq!(lines[2]["reason"], "unknown_key");
 }
 
 #[tokio::test(flavor = "multi_thread")]
