@@ -184,14 +184,17 @@ impl Metrics {
         }
     }
 
-    /// The model label: the name while fewer than `max_models` names were seen, else `other`.
-    fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
+    /// The model label: a name already seen, or a new one a backend served (`admit`) while
+    /// fewer than `max_models` names were seen; else `other`. Names only refused (a model list,
+    /// a limit) or unknown to every backend take no slot: any key could otherwise use up the
+    /// slots with made-up names, and every real model not yet seen would count as `other`.
+    fn model_label<'a>(&self, model: Option<&'a str>, admit: bool) -> &'a str {
         let Some(m) = model else { return "none" };
         if self.models.read().is_ok_and(|s| s.contains(m)) {
             return m;
         }
         match self.models.write() {
-            Ok(mut s) if s.len() < self.max_models => {
+            Ok(mut s) if admit && s.len() < self.max_models => {
                 s.insert(m.to_string());
                 m
             }
@@ -201,7 +204,8 @@ impl Metrics {
 
     pub fn observe(&self, ctx: &RequestCtx) {
         let route = ctx.route.as_str();
-        let model = self.model_label(ctx.model.as_deref());
+        let served = ctx.reached_backend && (200..400).contains(&ctx.status);
+        let model = self.model_label(ctx.model.as_deref(), served);
         let principal = match (&ctx.principal, self.principal_label) {
             (_, false) => "any",
             (Some(p), true) => p.id.as_str(),
@@ -244,5 +248,30 @@ impl Metrics {
                 self.rejections.with_label_values(&["gateway", code]).inc()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Model label slots go to names a backend served; made-up names that are refused or
+    /// unknown never use them up (attacker review, 2026-12-04).
+    #[test]
+    fn only_served_models_take_a_label_slot() {
+        let m = Metrics::new(&Registry::new(), true, 2).unwrap();
+        for i in 0..100 {
+            let junk = format!("junk-{i}");
+            assert_eq!(m.model_label(Some(&junk), false), "other");
+        }
+        assert_eq!(m.model_label(Some("llama3.1:8b"), true), "llama3.1:8b");
+        assert_eq!(
+            m.model_label(Some("llama3.1:8b"), false),
+            "llama3.1:8b",
+            "seen once served, named also when refused"
+        );
+        assert_eq!(m.model_label(Some("qwen2.5:7b"), true), "qwen2.5:7b");
+        assert_eq!(m.model_label(Some("mistral:7b"), true), "other", "full");
+        assert_eq!(m.model_label(None, true), "none");
     }
 }

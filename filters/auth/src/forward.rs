@@ -284,6 +284,11 @@ impl Forwarder {
         }
     }
 
+    /// Whether the validator's answers carry the principal's models (`models_header`).
+    pub fn names_models(&self) -> bool {
+        self.models_header.is_some()
+    }
+
     fn judge(
         &self,
         status: u16,
@@ -315,20 +320,10 @@ impl Forwarder {
         let Some(id) = text(&self.principal_header) else {
             return Err((Denied::Refused, String::new()));
         };
-        let models = list(&self.models_header);
-        // An empty model list means "any model": an answer that should carry the list but
-        // does not (a user without the attribute, `x-auth-models: ,`) must not get that, as a
-        // JWT without its models claim does not.
-        if let (Some(h), true) = (&self.models_header, models.is_empty()) {
-            log::warn!(
-                "auth: the validator let {id:?} through without a model list in {h}: refused"
-            );
-            return Err((Denied::Refused, String::new()));
-        }
         Ok(Identity {
             id: id.to_string(),
             scopes: list(&self.scopes_header),
-            models,
+            models: list(&self.models_header),
         })
     }
 }

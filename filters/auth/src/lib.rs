@@ -410,6 +410,19 @@ impl AuthFilter {
             }
         };
         fwd.strip(&mut ctx.headers);
+        // An empty model list means "any model": an answer that should carry the list but does
+        // not (a user without the attribute, `x-auth-models: ,`) must not get that, as a JWT
+        // without its models claim does not. A principal of the keys file takes its entry's.
+        if fwd.names_models()
+            && identity.models.is_empty()
+            && state.keys.by_id(&identity.id).is_none()
+        {
+            log::warn!(
+                "auth: the validator let {:?} through without a model list: refused",
+                gateway_filter::echo(&identity.id)
+            );
+            return Err(self.failed(ctx, "forward_no_models"));
+        }
         self.named(
             ctx,
             state,
