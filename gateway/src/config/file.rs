@@ -100,6 +100,9 @@ pub struct ListenEntry {
     /// networks is the client address taken from `X-Forwarded-For` / `Forwarded`.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Which header those proxies write: `x-forwarded-for` or `forwarded` (absent: the first,
+    /// else the second).
+    pub forwarded_header: Option<String>,
     /// Most client connections open at once on this listener (nginx `worker_connections`).
     pub max_connections: Option<usize>,
     /// Most connections open at once from one client address (IPv6: one

@@ -268,6 +268,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("filters[0]") && e.contains("use"), "{e}");
+        let e = parse_str(
+            "listen:\n  - { addr: '127.0.0.1:8080', trusted_proxies: [10.0.0.1], forwarded_header: x-real-ip }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("listen[0].forwarded_header") && e.contains("x-forwarded-for or forwarded"),
+            "{e}"
+        );
         let e = parse_str("listen: [ { addr: '0.0.0.0:8080' } ]\n")
             .unwrap_err()
             .to_string();

@@ -52,6 +52,20 @@ pub struct ListenerSpec {
     pub max_connections_per_client: Option<u32>,
     /// Peers whose `X-Forwarded-For` / `Forwarded` name the real client.
     pub trusted_proxies: Vec<IpNet>,
+    /// Which of the two headers they write.
+    pub forwarded_header: ForwardedHeader,
+}
+
+/// The header a listener's trusted proxies name the client in. A proxy passes on what the
+/// client sent in the header it does not write itself: naming the one it writes keeps a
+/// client from choosing its own address there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For`, else (when the request has none) `Forwarded`.
+    #[default]
+    Either,
+    XForwardedFor,
+    Forwarded,
 }
 
 /// The item whose listener address a connection's local address `local` is: an exact match,
@@ -88,12 +102,16 @@ impl ListenerSpec {
         if !trusted(&peer) {
             return None;
         }
-        let mut hops: Vec<&[u8]> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .collect();
-        if hops.is_empty() {
+        let mut hops: Vec<&[u8]> = Vec::new();
+        if self.forwarded_header != ForwardedHeader::Forwarded {
+            hops.extend(
+                headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .flat_map(|v| v.as_bytes().split(|&b| b == b',')),
+            );
+        }
+        if hops.is_empty() && self.forwarded_header != ForwardedHeader::XForwardedFor {
             for v in headers.get_all("forwarded") {
                 for element in v.as_bytes().split(|&b| b == b',') {
                     for pair in element.split(|&b| b == b';') {
@@ -215,6 +233,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             max_connections: None,
             max_connections_per_client: None,
             trusted_proxies: Vec::new(),
+            forwarded_header: Default::default(),
         }],
         Some(list) if list.is_empty() => {
             return Err((
@@ -517,6 +536,19 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
     let allow = nets("allow_cidrs", &l.allow_cidrs)?;
     let trusted_proxies = nets("trusted_proxies", &l.trusted_proxies)?;
     let deny = nets("deny_cidrs", &l.deny_cidrs)?;
+    let forwarded_header = match l.forwarded_header.as_deref() {
+        None => ForwardedHeader::Either,
+        Some(h) if h.eq_ignore_ascii_case("x-forwarded-for") => ForwardedHeader::XForwardedFor,
+        Some(h) if h.eq_ignore_ascii_case("forwarded") => ForwardedHeader::Forwarded,
+        Some(h) => {
+            return Err((
+                ".forwarded_header".into(),
+                format!(
+                    "{h:?} is not a header the client is named in: use x-forwarded-for or forwarded (the one your proxy writes)"
+                ),
+            ))
+        }
+    };
     let tls = match &l.tls {
         None => None,
         Some(t) => {
@@ -573,6 +605,7 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
         max_connections: l.max_connections,
         max_connections_per_client: l.max_connections_per_client,
         trusted_proxies,
+        forwarded_header,
     })
 }
 
@@ -703,6 +736,7 @@ mod forwarded_tests {
             max_connections: None,
             max_connections_per_client: None,
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            forwarded_header: Default::default(),
         };
         let h = |k: &'static str, v: &'static str| {
             let mut m = http::HeaderMap::new();
@@ -749,6 +783,27 @@ mod forwarded_tests {
             "for=unknown, for=_hidden;proto=http, for=198.51.100.7",
         );
         assert_eq!(l.forwarded_client(lb, &fwd), Some(client));
+        // A listener told which header its proxies write reads only that one: what a client
+        // sent in the other (passed on by the proxy) is not its address.
+        let mut both = h("x-forwarded-for", "203.0.113.66");
+        both.insert("forwarded", "for=198.51.100.7".parse().unwrap());
+        let only = |which| ListenerSpec {
+            forwarded_header: which,
+            ..l.clone()
+        };
+        assert_eq!(
+            only(ForwardedHeader::Forwarded).forwarded_client(lb, &both),
+            Some(client)
+        );
+        assert_eq!(
+            only(ForwardedHeader::XForwardedFor).forwarded_client(lb, &fwd),
+            None
+        );
+        assert_eq!(
+            l.forwarded_client(lb, &both),
+            Some("203.0.113.66".parse().unwrap()),
+            "unset: X-Forwarded-For first"
+        );
         // Ports (as some load balancers add them) and IPv4-mapped forms.
         for xff in [
             "198.51.100.7:4711",

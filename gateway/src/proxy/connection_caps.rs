@@ -192,6 +192,7 @@ mod tests {
             max_connections: max,
             max_connections_per_client: per_client,
             trusted_proxies: Vec::new(),
+            forwarded_header: Default::default(),
         }
     }
 
