@@ -34,10 +34,11 @@ static STALLS: LazyLock<IntCounter> = LazyLock::new(|| {
         "Audit lines that had to wait for room in the writer queue",
     )
 });
-static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+/// Also counted by the writer for lines a failed write lost (a full disk).
+pub(crate) static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "llm_gateway_audit_lines_dropped_total",
-        "Audit lines dropped because the queue was full (on_full: drop)",
+        "Audit lines lost: the queue was full (on_full: drop), or writing them failed (a full disk)",
     )
 });
 static LINES: LazyLock<IntCounter> = LazyLock::new(|| {

@@ -116,8 +116,18 @@ impl FileSink {
         if self.size > 0 && self.max_size.is_some_and(|m| self.size + len > m) {
             self.rotate()?;
         }
-        self.out.write_all(line)?;
-        self.out.write_all(b"\n")?;
+        // A line and its end go into the file together or not at all: a write that fails (a
+        // full disk) after the line but before its newline would join it to the next line.
+        if self.out.capacity() - self.out.buffer().len() <= line.len() {
+            self.out.flush()?;
+        }
+        if line.len() < self.out.capacity() {
+            // Both fit in the buffer now: copied, nothing written yet.
+            self.out.write_all(line)?;
+            self.out.write_all(b"\n")?;
+        } else {
+            self.out.write_all(&[line, b"\n"].concat())?;
+        }
         self.size += len;
         Ok(())
     }
@@ -161,9 +171,10 @@ impl Sink {
             (Sink::File(f), Msg::Reopen) => f.reopen(),
             (Sink::Stdout(_), Msg::Reopen) => Ok(()),
             (sink, Msg::Flush(ack)) => {
-                sink.flush()?;
+                // Acknowledged even when it failed: whoever waits (shutdown) must not hang.
+                let flushed = sink.flush();
                 let _ = ack.send(());
-                Ok(())
+                flushed
             }
         }
     }
@@ -201,7 +212,11 @@ pub fn spawn(spec: &SinkSpec, rx: Receiver<Msg>) -> io::Result<JoinHandle<()>> {
                 // write); the first error is reported.
                 let mut result: io::Result<()> = Ok(());
                 for msg in batch.drain(..) {
+                    let line = matches!(msg, Msg::Line(_));
                     let handled = sink.handle(msg);
+                    if line && handled.is_err() {
+                        crate::DROPPED.inc();
+                    }
                     if result.is_ok() {
                         result = handled;
                     }
@@ -243,6 +258,32 @@ mod tests {
         std::fs::read_to_string(p)
             .map(|s| s.lines().count())
             .unwrap_or(0)
+    }
+
+    /// A disk that is full (`/dev/full` answers every write with ENOSPC): the writer goes on,
+    /// and the lines it cannot keep are counted as dropped (what the alert on dropped lines
+    /// watches), not lost silently.
+    #[test]
+    fn lines_a_full_disk_refuses_are_counted_as_dropped() {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let spec = SinkSpec::File {
+            path: PathBuf::from("/dev/full"),
+            max_size: None,
+            daily: false,
+            keep: 1,
+        };
+        let before = crate::DROPPED.get();
+        let h = spawn(&spec, rx).unwrap();
+        // 2,000 lines of ~80 bytes: more than the writer's 64 KiB buffer holds.
+        send(&tx, 2_000, "full");
+        flush(&tx);
+        let dropped = crate::DROPPED.get() - before;
+        assert!(
+            (1_000..=2_000).contains(&dropped),
+            "{dropped} lines counted as dropped"
+        );
+        drop(tx);
+        h.join().unwrap();
     }
 
     #[test]
