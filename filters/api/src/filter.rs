@@ -44,7 +44,8 @@ pub trait Filter: Send + Sync {
     fn on_response_end(&self, _ctx: &mut RequestCtx) {}
 
     /// After the exchange, whatever its outcome. Never fails the request. Filters run in
-    /// order and may note results for the ones after them (budget sets `cost_usd` for audit).
+    /// order and may note results for the ones after them; every filter's `on_response_end`
+    /// ran before (budget set `cost_usd` there, which audit reads here).
     async fn on_complete(&self, _ctx: &mut RequestCtx) {}
 
     /// A report the admin listener serves at `/admin/NAME` (e.g. `spend`), if any.

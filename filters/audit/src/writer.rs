@@ -116,8 +116,10 @@ impl FileSink {
         if self.size > 0 && self.max_size.is_some_and(|m| self.size + len > m) {
             self.rotate()?;
         }
-        // A line and its end go into the file together or not at all: a write that fails (a
+        // A line and its end go into the buffer together or not at all: a write that fails (a
         // full disk) after the line but before its newline would join it to the next line.
+        // (A line larger than the buffer goes to the file in one write, which the file system
+        // may still cut short.)
         if self.out.capacity() - self.out.buffer().len() <= line.len() {
             self.out.flush()?;
         }
@@ -261,8 +263,9 @@ mod tests {
     }
 
     /// A disk that is full (`/dev/full` answers every write with ENOSPC): the writer goes on,
-    /// and the lines it cannot keep are counted as dropped (what the alert on dropped lines
-    /// watches), not lost silently.
+    /// and the lines it cannot take into its buffer are counted as dropped (what the alert on
+    /// dropped lines watches), not lost silently; those already in the buffer when the disk
+    /// filled are not counted.
     #[test]
     fn lines_a_full_disk_refuses_are_counted_as_dropped() {
         let (tx, rx) = tokio::sync::mpsc::channel(16);

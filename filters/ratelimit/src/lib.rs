@@ -866,9 +866,9 @@ impl Filter for RateLimitFilter {
         }
     }
 
-    /// Replaces this limiter's token reservations by the request's usage: what the backend
-    /// reported or the gateway counted; nothing for a request no backend got; the whole
-    /// reservation when one got it and nothing is known.
+    /// Gives back this limiter's in-flight slots and replaces its token reservations by the
+    /// request's usage: what the backend reported or the gateway counted; nothing for a
+    /// request no backend got; the whole reservation when one got it and nothing is known.
     fn on_response_end(&self, ctx: &mut RequestCtx) {
         let Some(holds) = ctx.extensions.get::<Holds>() else {
             return;
