@@ -283,10 +283,15 @@ impl AuthFilter {
         self.unauthorized(ctx, reason, "invalid credentials")
     }
 
-    /// The request is let through as `principal`; its credentials never reach a backend.
+    /// The request is let through as `principal`; its credentials never reach a backend:
+    /// neither the one that was used nor the headers the forward validator would read (a
+    /// session cookie, however the request authenticated).
     fn accept(&self, ctx: &mut RequestCtx, principal: Arc<Principal>) -> Result<(), Rejection> {
         ctx.headers.remove(header::AUTHORIZATION);
         ctx.headers.remove("x-api-key");
+        if let Some(fwd) = &self.forward {
+            fwd.strip(&mut ctx.headers);
+        }
         ctx.principal = Some(principal);
         Ok(())
     }

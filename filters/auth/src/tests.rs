@@ -944,3 +944,21 @@ fn jwt_needs_exactly_one_key_source() {
         assert!(err.contains(want), "{jwt}: {err}");
     }
 }
+
+/// The headers the forward validator reads (here a session cookie) never reach a backend,
+/// however the request authenticated: also when a local API key settled it.
+#[tokio::test]
+async fn the_validator_s_headers_are_removed_whoever_settles_the_request() {
+    let f = fixture(json!({
+        "keys_file": "keys.yaml",
+        "forward": {"url": "http://127.0.0.1:9/verify", "headers": ["authorization", "x-api-key", "cookie"]}
+    }));
+    let mut ctx = req(
+        &[("x-api-key", ALICE), ("cookie", "_sso=secret-session")],
+        "10.0.0.7",
+    );
+    f.filter.on_request(&mut ctx).await.unwrap();
+    assert_eq!(ctx.principal.as_ref().unwrap().id, "alice");
+    assert!(!ctx.headers.contains_key("cookie"));
+    assert!(!ctx.headers.contains_key("x-api-key"));
+}
