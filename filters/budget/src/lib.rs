@@ -701,10 +701,14 @@ impl Filter for BudgetFilter {
         }
         let model = ctx.model.as_deref().unwrap_or_default();
         let principal = principal_id(ctx);
-        METRICS
-            .spend
-            .with_label_values(&[principal, model])
-            .inc_by(charged as f64 / 1e9);
+        // Only what was charged makes a series: a name the backend refused (a 404 for a model
+        // it does not have) costs nothing and must not add a series per made-up name.
+        if charged > 0 {
+            METRICS
+                .spend
+                .with_label_values(&[principal, model])
+                .inc_by(charged as f64 / 1e9);
+        }
         // Opened later (another period, a key whose period changed on reload), an account
         // starts from what the ledger holds: this charge included.
         self.book.remember(principal, res.day, charged);

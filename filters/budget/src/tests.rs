@@ -333,3 +333,35 @@ async fn the_answer_s_end_settles_and_the_ledger_gets_every_charge_once() {
         }]
     );
 }
+
+/// A request charged nothing (the backend refused a made-up model name) adds no spend series:
+/// otherwise every name a client invents would be a series of its own, kept for the
+/// process's life.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_costs_nothing_adds_no_spend_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(dir.path(), json!({}));
+    let series = |model: &str| {
+        prometheus::default_registry()
+            .gather()
+            .iter()
+            .filter(|m| m.name() == "llm_gateway_spend_usd_total")
+            .flat_map(|m| m.get_metric())
+            .any(|m| m.get_label().iter().any(|l| l.value() == model))
+    };
+    let mut c = ctx("mallory", Some(100.0));
+    c.model = Some("llama3.1:made-up-4711".into());
+    f.on_request(&mut c).await.unwrap();
+    c.backend = Some("local".into());
+    c.reached_backend = true;
+    c.status = 404;
+    f.on_response_end(&mut c);
+    f.on_complete(&mut c).await;
+    assert_eq!(c.cost_usd, Some(0.0));
+    assert!(!series("llama3.1:made-up-4711"));
+    let mut c = ctx("mallory", Some(100.0));
+    c.model = Some("llama3.1:served-4712".into());
+    f.on_request(&mut c).await.unwrap();
+    served(&f, &mut c, 1).await;
+    assert!(series("llama3.1:served-4712"));
+}
