@@ -1,10 +1,16 @@
 //! Brute-force lockout: failed authentications counted per client IP in fixed windows, in a
 //! count-min sketch of fixed size (`pingora-limits`), so a flood of addresses cannot grow
-//! memory. The sketch can only over-count; its width keeps that rare (see docs/security.md).
+//! memory. The sketch can only over-count, and a flood of failing addresses (an IPv6 /48 is
+//! 65,536 networks) fills it until innocent addresses read as locked; so an address is locked
+//! only when an exact count confirms it, kept for at most as many addresses as the sketch has
+//! slots. Past that, newly failing addresses go uncounted: lenient for an attacker with more
+//! networks than that (whose requests the address limits still bound), never unjust to an
+//! innocent address.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gateway_filter::{Rejection, SharedState};
 use pingora_limits::rate::Rate;
@@ -15,6 +21,11 @@ use crate::lockout_shared::SharedLockout;
 /// default size) is made at the first failure: an idle gateway does not carry it.
 pub struct Lockout {
     failures: std::sync::OnceLock<Rate>,
+    /// Exact failures per address in the current window (window number, count), for the
+    /// addresses the sketch would lock; at most `slots` addresses.
+    exact: std::sync::Mutex<HashMap<IpAddr, (u64, u32)>>,
+    /// When the sketch was made: its windows and the exact count's begin together.
+    epoch: std::sync::OnceLock<Instant>,
     slots: usize,
     max_failures: isize,
     pub window: Duration,
@@ -31,6 +42,8 @@ impl Lockout {
     ) -> Self {
         Lockout {
             failures: std::sync::OnceLock::new(),
+            exact: Default::default(),
+            epoch: std::sync::OnceLock::new(),
             slots: slots.max(64),
             max_failures: max_failures as isize,
             window,
@@ -50,18 +63,56 @@ impl Lockout {
     }
 
     pub fn is_locked(&self, ip: &IpAddr) -> bool {
+        // The sketch first (no lock, nearly always below the threshold), then the exact count.
         self.failures
             .get()
             .is_some_and(|f| f.observe(ip, 0) >= self.max_failures)
+            && self.exact_count(ip) >= self.max_failures
     }
 
     pub fn record_failure(&self, ip: &IpAddr) {
         self.failures
-            .get_or_init(|| Rate::new_with_estimator_config(self.window, 4, self.slots))
+            .get_or_init(|| {
+                self.epoch.get_or_init(Instant::now);
+                Rate::new_with_estimator_config(self.window, 4, self.slots)
+            })
             .observe(ip, 1);
+        self.count_exactly(ip);
         if let Some(s) = &self.shared {
             s.record_failure(ip);
         }
+    }
+
+    fn window_now(&self) -> u64 {
+        self.epoch.get().map_or(0, |e| {
+            (e.elapsed().as_nanos() / self.window.as_nanos().max(1)) as u64
+        })
+    }
+
+    fn exact_count(&self, ip: &IpAddr) -> isize {
+        let now = self.window_now();
+        let exact = self.exact.lock().unwrap_or_else(|p| p.into_inner());
+        match exact.get(ip) {
+            Some(&(w, n)) if w == now => n as isize,
+            _ => 0,
+        }
+    }
+
+    fn count_exactly(&self, ip: &IpAddr) {
+        let now = self.window_now();
+        let mut exact = self.exact.lock().unwrap_or_else(|p| p.into_inner());
+        if !exact.contains_key(ip) && exact.len() >= self.slots {
+            // Full: forget the windows that ended; still full, this address goes uncounted.
+            exact.retain(|_, &mut (w, _)| w == now);
+            if exact.len() >= self.slots {
+                return;
+            }
+        }
+        let entry = exact.entry(*ip).or_insert((now, 0));
+        if entry.0 != now {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
     }
 }
 
@@ -80,6 +131,32 @@ mod tests {
         }
         assert!(l.is_locked(&a));
         assert!(!l.is_locked(&b));
+    }
+
+    /// A flood of failing addresses fills the sketch until innocent addresses would read as
+    /// locked (an IPv6 /48 is 65,536 networks); the exact count keeps them unlocked. The
+    /// addresses the exact count still tracks are locked as before.
+    #[test]
+    fn a_flood_of_failing_addresses_locks_out_no_innocent_one() {
+        let l = Lockout::new(3, Duration::from_secs(60), 64, None);
+        let attacker = |i: u32| {
+            IpAddr::from(std::net::Ipv6Addr::from(
+                (0x2001_0db8_u128 << 96) | (u128::from(i) << 64),
+            ))
+        };
+        for i in 0..5_000 {
+            for _ in 0..3 {
+                l.record_failure(&attacker(i));
+            }
+        }
+        let innocent: IpAddr = "198.51.100.7".parse().unwrap();
+        assert!(
+            l.failures.get().unwrap().observe(&innocent, 0) >= 3,
+            "the sketch alone would lock it"
+        );
+        assert!(!l.is_locked(&innocent));
+        assert!(l.is_locked(&attacker(0)), "tracked exactly: locked");
+        assert!(l.exact.lock().unwrap().len() <= 64, "bounded");
     }
 
     #[test]
