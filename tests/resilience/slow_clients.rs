@@ -462,3 +462,45 @@ async fn a_stalled_tls_handshake_counts_toward_caps_and_is_cut() {
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(body.contains("\"status\":\"ok\""), "{body}");
 }
+
+// Attacker review (2026-12-04): `/health` is answered before any body is read, and Pingora
+// drained such a body before reusing the connection, without an overall deadline: a stranger
+// trickling a chunked body held a connection (and its cap slot) for as long as it liked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_trickled_after_health_does_not_hold_the_connection() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ client_body_timeout: 2s }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    let mut closed = None;
+    // One more chunk every 300 ms, for up to 10 s.
+    while start.elapsed() < Duration::from_secs(10) {
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = Some(start.elapsed());
+                break;
+            }
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if s.write_all(b"1\r\nb\r\n").await.is_err() {
+            closed = Some(start.elapsed());
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let closed = closed.expect("the connection was held for 10 s");
+    assert!(closed < Duration::from_secs(4), "closed after {closed:?}");
+}

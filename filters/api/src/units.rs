@@ -6,7 +6,10 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-/// A duration written as `10s`, `250ms`, `2m`, `1h 30m`.
+/// The longest duration a setting may have: a year and a day.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
+/// A duration written as `10s`, `250ms`, `2m`, `1h 30m`, at most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -19,13 +22,18 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 f.write_str("a duration such as 10s, 500ms, 2m or 1h")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<HumanDuration, E> {
-                humantime::parse_duration(s.trim())
-                    .map(HumanDuration)
-                    .map_err(|e| {
-                        E::custom(format!(
-                            "invalid duration {s:?} ({e}); write it like 10s, 500ms, 2m or 1h"
-                        ))
-                    })
+                let d = humantime::parse_duration(s.trim()).map_err(|e| {
+                    E::custom(format!(
+                        "invalid duration {s:?} ({e}); write it like 10s, 500ms, 2m or 1h"
+                    ))
+                })?;
+                // Deadlines are added to the clock: a duration past any use would overflow it.
+                if d > MAX_DURATION {
+                    return Err(E::custom(format!(
+                        "duration {s:?} is longer than the most a setting may be (366d)"
+                    )));
+                }
+                Ok(HumanDuration(d))
             }
             fn visit_u64<E: de::Error>(self, _: u64) -> Result<HumanDuration, E> {
                 Err(E::custom(
@@ -37,6 +45,23 @@ impl<'de> Deserialize<'de> for HumanDuration {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    /// Deadlines are the clock plus a setting: a setting past a year (which would overflow
+    /// the clock at the first request) is a config error, not a panic later.
+    #[test]
+    fn durations_longer_than_a_year_and_a_day_are_refused() {
+        let parse = |s: &str| serde_json::from_value::<HumanDuration>(serde_json::json!(s));
+        assert_eq!(parse("366d").unwrap().0, MAX_DURATION);
+        for s in ["367d", "18446744073709551615s"] {
+            let e = parse(s).unwrap_err().to_string();
+            assert!(e.contains("longer than the most"), "{s}: {e}");
+        }
     }
 }
 

@@ -10,7 +10,8 @@ pub struct Usage {
 
 impl Usage {
     pub fn total(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
+        // The figures are the backend's: a broken one must not wrap them.
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 }
 

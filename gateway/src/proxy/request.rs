@@ -21,6 +21,11 @@ pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx, last: bool) {
     let limits = &gw.settings.limits;
     // A client that stops reading frees its backend slot when this fires.
     session.set_write_timeout(Some(limits.client_send_timeout));
+    // A body left unread that Pingora drains before reusing the connection: within the
+    // body's own deadline, not as long as a client keeps trickling it.
+    session
+        .downstream_session
+        .set_total_drain_timeout(Some(limits.client_body_timeout));
     // Pingora makes a kept-alive connection wait for its next request without a limit
     // (unless the client said `close`): bound the idle time.
     if last {
@@ -251,6 +256,11 @@ async fn admit(
         return Err(Refusal::failed(rejection));
     }
     if ctx.req.route == Route::Health {
+        // Nobody reads a body sent with it: the connection ends after the answer (a bounded
+        // linger) rather than draining a body a stranger may trickle for ever.
+        if super::framing::has_body(session) {
+            session.set_keepalive(None);
+        }
         return Ok(Next::Answer(respond::health_json(gw.router.as_ref())));
     }
     ctx.req.headers = session.req_header().headers.clone();

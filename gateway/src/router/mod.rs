@@ -14,6 +14,10 @@ use gateway_filter::RequestCtx;
 
 pub use pool::{canonical_model, Backend, BackendPool, Lease};
 
+/// The most tokens one request's reservation or one answer's usage counts for in routing
+/// figures: more than any context, small enough that sums of them cannot wrap.
+pub const MAX_TOKENS_COUNTED: u64 = 1 << 32;
+
 use crate::config::{RoutingSpec, Strategy};
 
 /// The outcome of choosing a backend.

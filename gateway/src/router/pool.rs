@@ -47,13 +47,14 @@ impl TokenWindow {
 
     fn add(&mut self, now_ms: u64, n: u64) {
         self.roll(now_ms);
-        self.current += n;
+        self.current = self.current.saturating_add(n);
     }
 
     fn total(&mut self, now_ms: u64) -> u64 {
         self.roll(now_ms);
         let into = now_ms.saturating_sub(self.start_ms) as f64 / HALF_MS as f64;
-        self.current + (self.previous as f64 * (1.0 - into)) as u64
+        self.current
+            .saturating_add((self.previous as f64 * (1.0 - into)) as u64)
     }
 }
 
@@ -362,6 +363,7 @@ impl BackendPool {
     /// Counts a request at the backend, with the output tokens it may still produce.
     pub fn lease(&self, idx: usize, reserved: u64) -> Lease {
         let b = &self.0.backends[idx];
+        let reserved = reserved.min(super::MAX_TOKENS_COUNTED);
         b.in_flight.fetch_add(1, Ordering::Relaxed);
         b.reserved.fetch_add(reserved, Ordering::Relaxed);
         Lease {
@@ -376,6 +378,7 @@ impl BackendPool {
     /// taken in one atomic step so concurrent requests cannot overfill it.
     pub fn try_lease(&self, idx: usize, reserved: u64) -> Option<Lease> {
         let b = &self.0.backends[idx];
+        let reserved = reserved.min(super::MAX_TOKENS_COUNTED);
         let Some(max) = b.max_in_flight else {
             return Some(self.lease(idx, reserved));
         };
@@ -406,6 +409,8 @@ impl BackendPool {
     /// Tokens the backend served, and its time to first byte, after a response.
     pub fn record(&self, idx: usize, tokens: u64, ttfb: Option<Duration>) {
         let b = &self.0.backends[idx];
+        // A backend's figure, bounded so that sums of them cannot wrap.
+        let tokens = tokens.min(super::MAX_TOKENS_COUNTED);
         if let Ok(mut w) = b.window.lock() {
             w.add(self.now_ms(), tokens);
         }
@@ -433,7 +438,7 @@ impl BackendPool {
         // did since (its own figures if they are larger, e.g. just after a failed sync).
         let shared = b.shared_served.load(Ordering::Relaxed);
         if shared == u64::MAX {
-            return served + reserved;
+            return served.saturating_add(reserved);
         }
         let all_served = shared.saturating_add(b.unsynced.load(Ordering::Relaxed));
         let all_reserved = b.shared_reserved.load(Ordering::Relaxed).max(reserved);

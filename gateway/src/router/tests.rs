@@ -226,6 +226,15 @@ fn max_in_flight_cannot_be_overfilled_by_a_race() {
     assert_eq!(pool.get(0).in_flight(), 3);
     leases.lock().unwrap().clear();
     assert_eq!(pool.get(0).in_flight(), 0, "leases give their slot back");
+    // A client's `max_tokens` near u64::MAX (no output cap) or a backend's absurd usage does
+    // not wrap the figures the `usage` strategy routes on (attacker review).
+    let held: Vec<_> = (0..2).filter_map(|_| pool.try_lease(0, u64::MAX)).collect();
+    pool.record(0, u64::MAX, None);
+    pool.record(0, u64::MAX, None);
+    let score = pool.usage_score(0);
+    assert!(score >= 4 * super::MAX_TOKENS_COUNTED, "{score}");
+    drop(held);
+    assert!(pool.usage_score(0) >= 2 * super::MAX_TOKENS_COUNTED);
 }
 
 #[test]

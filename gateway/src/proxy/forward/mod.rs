@@ -45,7 +45,12 @@ const SHARED_FULL_MS: u64 = 20;
 
 /// Output tokens a request may still produce, for the usage-based strategy.
 fn reserved_tokens(ctx: &GwCtx) -> u64 {
-    ctx.req.max_tokens.unwrap_or(1024)
+    // A client's figure (without an output cap it may be near u64::MAX), bounded so that the
+    // sum of reservations a backend holds cannot wrap.
+    ctx.req
+        .max_tokens
+        .unwrap_or(1024)
+        .min(crate::router::MAX_TOKENS_COUNTED)
 }
 
 pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
