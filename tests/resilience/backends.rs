@@ -594,3 +594,53 @@ async fn keepalives_and_failover_exclude_each_other() {
     );
     assert_eq!(b.hits("/v1/chat/completions"), 1);
 }
+
+/// A backend that answers `100 Continue` without end (or switches protocols unasked) is an
+/// error at once, not a request held until the read deadline (attacker review, 2026-12-04).
+#[tokio::test(flavor = "multi_thread")]
+async fn informational_answers_without_end_are_an_error_not_a_hold() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for endless in [true, false] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let _ = s.read(&mut buf).await;
+                    if endless {
+                        loop {
+                            if s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n")
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
+        });
+        let gw = Gateway::start(&format!(
+            "{}limits: {{ read_timeout: 20s }}\nrouting: {{ retries: 0 }}\n",
+            backends(&[("odd", &format!("http://127.0.0.1:{port}"))])
+        ))
+        .await;
+        let start = Instant::now();
+        let resp = client()
+            .post(gw.url("/api/chat"))
+            .json(&json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502, "endless 100s: {endless}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "answered after {:?}",
+            start.elapsed()
+        );
+        error_of(resp).await;
+    }
+}

@@ -234,17 +234,31 @@ fn first_byte_deadline(
     })
 }
 
-/// Reads the response header, skipping informational (1xx) ones.
+/// Informational answers (`100 Continue`, `103 Early Hints`) taken before the real one: a
+/// backend sending them without end would otherwise hold the request past every deadline
+/// but the first byte's.
+const MAX_INFORMATIONAL: usize = 8;
+
+/// Reads the response header, skipping informational (1xx) ones; a `101` (a protocol switch
+/// nobody asked for) is an error, as is an informational answer past the eighth.
 async fn read_header(up: &mut HttpSession) -> Result<()> {
-    loop {
+    for _ in 0..=MAX_INFORMATIONAL {
         up.read_response().await?;
-        if !up
-            .resp_header()
-            .is_some_and(|h| h.status.is_informational())
-        {
-            return Ok(());
+        match up.resp_header().map(|h| h.status.as_u16()) {
+            Some(101) => {
+                return Err(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "the backend switched protocols, which the request did not ask for",
+                ))
+            }
+            Some(100..=199) => continue,
+            _ => return Ok(()),
         }
     }
+    Err(Error::explain(
+        ErrorType::InvalidHTTPHeader,
+        "the backend sent informational answers without end",
+    ))
 }
 
 fn is_timeout(e: &Error) -> bool {
