@@ -194,3 +194,53 @@ async fn mtls_can_be_required_in_addition_to_a_key() {
     let (_, code, _) = curl(&[&cert[..], &["-H", &auth, "-d", body, &url]].concat());
     assert_eq!(code, "200");
 }
+
+/// An HTTP/2 client that gives up on a generation (its stream reset, its connection closed)
+/// frees the backend at once: the stream's task used to go on waiting for the backend,
+/// holding its `max_in_flight` slot past the connection's caps (attacker review, 2026-12-04).
+/// The backend's connection is dropped too, which makes a model server stop generating.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_that_gives_up_frees_the_backend_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock().await;
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    tls: {{ cert: {}, key: {} }}\nbackends:\n  - {{ name: local, url: '{}', kind: ollama, max_in_flight: 1 }}\nfilters:\n  - use: auth\n    keys_file: {}\n",
+            p(&pki.server_cert),
+            p(&pki.server_key),
+            m.url(),
+            p(&keys_file(dir.path()))
+        ),
+        port,
+    )
+    .await;
+    let url = format!("https://127.0.0.1:{}/api/generate", gw.port);
+    let auth = format!("Authorization: Bearer {DEMO_KEY}");
+    let body = r#"{"model":"llama3.1:8b","prompt":"hi","stream":false}"#;
+    // A generation of 4 s, given up after half a second.
+    let (rc, _, _) = curl(&[
+        "--http2",
+        "--cacert",
+        p(&pki.ca),
+        "-H",
+        &auth,
+        "-H",
+        "x-mock-first-byte-ms: 4000",
+        "--max-time",
+        "0.5",
+        "-d",
+        body,
+        &url,
+    ]);
+    assert_eq!(rc, 28, "curl gave up (timeout)");
+    let start = std::time::Instant::now();
+    let (rc, code, version) = curl(&["--cacert", p(&pki.ca), "-H", &auth, "-d", body, &url]);
+    assert_eq!((rc, code.as_str(), version.as_str()), (0, "200", "2"));
+    assert!(
+        start.elapsed() < std::time::Duration::from_millis(1500),
+        "the backend's only slot was still held: answered after {:?}",
+        start.elapsed()
+    );
+}

@@ -107,7 +107,8 @@ pub(super) async fn exchange_header(
                 });
             }
             Waited::ClientGone(e) => {
-                // The client left during keep-alives; the backend has the request all the same.
+                // The client left while the backend worked (during keep-alives, or an HTTP/2
+                // stream reset); the backend has the request all the same.
                 ctx.req.reached_backend = true;
                 return Err(Attempt::Abort(e));
             }
@@ -155,6 +156,23 @@ async fn wait_for_header(
         }
     };
     tokio::pin!(expired);
+    if keepalive.is_none() && session.is_http2() {
+        // An HTTP/2 stream's task outlives its stream and connection: were the client's reset
+        // or close not watched, a generation nobody waits for would go on holding its backend
+        // slot past the connection's caps. Dropping the backend's connection stops it (Ollama
+        // and vLLM cancel a generation whose client left). HTTP/1 is not watched here: reading
+        // the socket would take the first bytes of a pipelined next request.
+        let gone = session.downstream_session.read_body_or_idle(true);
+        tokio::pin!(gone);
+        return tokio::select! {
+            answered = &mut read => Waited::Header(answered),
+            _ = &mut expired => Waited::FirstByteTimeout(deadline.unwrap_or_default()),
+            left = &mut gone => Waited::ClientGone(match left {
+                Err(e) => e.into_down(),
+                Ok(_) => Error::explain(ErrorType::H2Error, "the client's stream ended").into_down(),
+            }),
+        };
+    }
     let mut ticks =
         keepalive.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
     loop {
