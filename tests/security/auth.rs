@@ -407,17 +407,22 @@ async fn validator() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>)
     (url, calls)
 }
 
+/// A gateway with the shipped keys file and forward auth to `url`, with `options` added.
+async fn forward_gateway(m: &mock_ollama::MockServer, url: &str, options: &str) -> Gateway {
+    Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n    forward: {{ url: '{url}', {options} }}\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml")
+    ))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn forward_auth_through_the_binary() {
     use std::sync::atomic::Ordering;
     let m = mock().await;
     let (url, calls) = validator().await;
-    let gw = Gateway::start(&format!(
-        "{}filters:\n  - use: auth\n    keys_file: {}\n    forward: {{ url: '{url}', cache: 30s }}\n",
-        backends(&[("local", &m.url())]),
-        conf("keys.yaml")
-    ))
-    .await;
+    let gw = forward_gateway(&m, &url, "cache: 30s").await;
     // Approved by the validator: served, the token never reaches the backend, the access
     // line names the validator's principal; the second request is answered from the cache.
     for _ in 0..2 {
@@ -634,12 +639,7 @@ async fn jwks_over_https_with_a_private_ca() {
 async fn forward_auth_without_its_model_list_is_refused() {
     let m = mock().await;
     let (url, _calls) = validator().await;
-    let gw = Gateway::start(&format!(
-        "{}filters:\n  - use: auth\n    keys_file: {}\n    forward: {{ url: '{url}', cache: 0s, models_header: x-auth-models }}\n",
-        backends(&[("local", &m.url())]),
-        conf("keys.yaml")
-    ))
-    .await;
+    let gw = forward_gateway(&m, &url, "cache: 0s, models_header: x-auth-models").await;
     let ask = |token: &'static str, model: &'static str| {
         client()
             .post(gw.url("/api/chat"))

@@ -38,7 +38,8 @@ fn ctx(principal: &str, max_usd: Option<f64>) -> RequestCtx {
     c
 }
 
-async fn served(f: &Arc<dyn Filter>, c: &mut RequestCtx, completion: u64) {
+/// The backend answered with 3 prompt and `completion` tokens.
+fn answered(c: &mut RequestCtx, completion: u64) {
     c.backend = Some("local".into());
     c.reached_backend = true;
     c.usage = Some(Usage {
@@ -46,6 +47,10 @@ async fn served(f: &Arc<dyn Filter>, c: &mut RequestCtx, completion: u64) {
         completion_tokens: completion,
         ..Default::default()
     });
+}
+
+async fn served(f: &Arc<dyn Filter>, c: &mut RequestCtx, completion: u64) {
+    answered(c, completion);
     f.on_response_end(c);
     f.on_complete(c).await;
 }
@@ -291,13 +296,7 @@ async fn the_answer_s_end_settles_and_the_ledger_gets_every_charge_once() {
         let f = filter(dir.path(), json!({}));
         let mut a = ctx("s", Some(7.0));
         f.on_request(&mut a).await.unwrap();
-        a.backend = Some("local".into());
-        a.reached_backend = true;
-        a.usage = Some(Usage {
-            prompt_tokens: 3,
-            completion_tokens: 2,
-            ..Default::default()
-        });
+        answered(&mut a, 2);
         f.on_response_end(&mut a);
         assert_eq!(a.cost_usd, Some(2.0));
         // 2 spent + 5 reserved ≤ 7: the first reservation ($5) is no longer held.
@@ -307,13 +306,7 @@ async fn the_answer_s_end_settles_and_the_ledger_gets_every_charge_once() {
         f.on_response_end(&mut a);
         f.on_complete(&mut a).await;
         drop(a);
-        b.backend = Some("local".into());
-        b.reached_backend = true;
-        b.usage = Some(Usage {
-            prompt_tokens: 3,
-            completion_tokens: 1,
-            ..Default::default()
-        });
+        answered(&mut b, 1);
         f.on_response_end(&mut b);
         // No on_complete: the booked charge goes to the ledger as the context is dropped.
         drop(b);
