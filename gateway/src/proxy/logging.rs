@@ -31,7 +31,9 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
     if !ctx.answered {
         req.bytes_in = session.body_bytes_read() as u64;
     }
-    if let (Some(e), Decision::Allowed) = (e, &req.decision) {
+    // After the answer's end (its last event out) an error does not undo it: the answer stands
+    // as it was settled.
+    if let (Some(e), Decision::Allowed, false) = (e, &req.decision, ctx.response_ended) {
         req.decision = Decision::Failed {
             code: if e.esource() == &ErrorSource::Downstream {
                 "client_disconnected"
@@ -54,7 +56,6 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
             .with_label_values(&[backend])
             .observe(start.elapsed().as_secs_f64());
     }
-    ctx.lease = None;
     if log::log_enabled!(log::Level::Debug) {
         let (prompt, completion) = req.usage.map_or((-1, -1), |u| {
             (u.prompt_tokens as i64, u.completion_tokens as i64)

@@ -107,14 +107,8 @@ pub(super) async fn relay(
             Ok(None) => break Bytes::new(),
             Err(e) => {
                 // The backend broke mid-response: the client must see a truncated stream,
-                // never a clean end, so the connection is aborted rather than finished. (After
-                // the stream's last event the answer stands as it was settled.)
-                if !ctx.response_ended {
-                    ctx.req.decision = Decision::Failed {
-                        code: "backend_broke_stream",
-                    };
-                    settle_usage(&mut parser, &mut ctx.req);
-                }
+                // never a clean end, so the connection is aborted rather than finished.
+                failed(ctx, &mut parser, "backend_broke_stream");
                 return Attempt::Abort(e.into_up());
             }
         };
@@ -166,15 +160,19 @@ async fn write_chunk(
 ) -> Result<(), Attempt> {
     ctx.req.bytes_out += chunk.len() as u64;
     if let Err(e) = session.write_response_body(Some(chunk), false).await {
-        if !ctx.response_ended {
-            ctx.req.decision = Decision::Failed {
-                code: "client_disconnected",
-            };
-            settle_usage(parser, &mut ctx.req);
-        }
+        failed(ctx, parser, "client_disconnected");
         return Err(Attempt::Abort(e.into_down()));
     }
     Ok(())
+}
+
+/// The exchange broke before its end: the usage seen so far, and why. After the stream's last
+/// event the answer stands as it was settled.
+fn failed(ctx: &mut GwCtx, parser: &mut UsageParser, code: &'static str) {
+    if !ctx.response_ended {
+        ctx.req.decision = Decision::Failed { code };
+        settle_usage(parser, &mut ctx.req);
+    }
 }
 
 /// The usage of an exchange as it ended, however it ended: what the backend reported, or
