@@ -414,7 +414,6 @@ impl AuthFilter {
                 ))
             }
         };
-        fwd.strip(&mut ctx.headers);
         // An empty model list means "any model": an answer that should carry the list but does
         // not (a user without the attribute, `x-auth-models: ,`) must not get that, as a JWT
         // without its models claim does not. A principal of the keys file takes its entry's.

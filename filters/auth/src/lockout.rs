@@ -20,17 +20,22 @@ use crate::lockout_shared::SharedLockout;
 /// The sketch (4 rows of `slots` counters, twice: this window and the last, 4 MiB at the
 /// default size) is made at the first failure: an idle gateway does not carry it.
 pub struct Lockout {
-    failures: std::sync::OnceLock<Rate>,
-    /// Exact failures per address in the current window (window number, count), for the
-    /// addresses the sketch would lock; at most `slots` addresses.
-    exact: std::sync::Mutex<HashMap<IpAddr, (u64, u32)>>,
-    /// When the sketch was made: its windows and the exact count's begin together.
-    epoch: std::sync::OnceLock<Instant>,
+    /// The sketch, and when it was made (the exact count's windows begin with its own).
+    failures: std::sync::OnceLock<(Rate, Instant)>,
+    /// Exact failures of every failing address, at most `slots` of them.
+    exact: std::sync::Mutex<ExactCounts>,
     slots: usize,
     max_failures: isize,
     pub window: Duration,
     /// Counts shared by every replica; the sketch stays the fallback (and counts too).
     shared: Option<SharedLockout>,
+}
+
+/// Failures per address (window number, count), and the window the map was last purged in.
+#[derive(Default)]
+struct ExactCounts {
+    counts: HashMap<IpAddr, (u64, u32)>,
+    purged: Option<u64>,
 }
 
 impl Lockout {
@@ -43,7 +48,6 @@ impl Lockout {
         Lockout {
             failures: std::sync::OnceLock::new(),
             exact: Default::default(),
-            epoch: std::sync::OnceLock::new(),
             slots: slots.max(64),
             max_failures: max_failures as isize,
             window,
@@ -66,16 +70,19 @@ impl Lockout {
         // The sketch first (no lock, nearly always below the threshold), then the exact count.
         self.failures
             .get()
-            .is_some_and(|f| f.observe(ip, 0) >= self.max_failures)
+            .is_some_and(|(f, _)| f.observe(ip, 0) >= self.max_failures)
             && self.exact_count(ip) >= self.max_failures
     }
 
     pub fn record_failure(&self, ip: &IpAddr) {
         self.failures
             .get_or_init(|| {
-                self.epoch.get_or_init(Instant::now);
-                Rate::new_with_estimator_config(self.window, 4, self.slots)
+                (
+                    Rate::new_with_estimator_config(self.window, 4, self.slots),
+                    Instant::now(),
+                )
             })
+            .0
             .observe(ip, 1);
         self.count_exactly(ip);
         if let Some(s) = &self.shared {
@@ -84,7 +91,7 @@ impl Lockout {
     }
 
     fn window_now(&self) -> u64 {
-        self.epoch.get().map_or(0, |e| {
+        self.failures.get().map_or(0, |(_, e)| {
             (e.elapsed().as_nanos() / self.window.as_nanos().max(1)) as u64
         })
     }
@@ -92,7 +99,7 @@ impl Lockout {
     fn exact_count(&self, ip: &IpAddr) -> isize {
         let now = self.window_now();
         let exact = self.exact.lock().unwrap_or_else(|p| p.into_inner());
-        match exact.get(ip) {
+        match exact.counts.get(ip) {
             Some(&(w, n)) if w == now => n as isize,
             _ => 0,
         }
@@ -101,14 +108,20 @@ impl Lockout {
     fn count_exactly(&self, ip: &IpAddr) {
         let now = self.window_now();
         let mut exact = self.exact.lock().unwrap_or_else(|p| p.into_inner());
-        if !exact.contains_key(ip) && exact.len() >= self.slots {
-            // Full: forget the windows that ended; still full, this address goes uncounted.
-            exact.retain(|_, &mut (w, _)| w == now);
-            if exact.len() >= self.slots {
+        let ExactCounts { counts, purged } = &mut *exact;
+        if !counts.contains_key(ip) && counts.len() >= self.slots {
+            // Full: forget the windows that ended, once a window (a flood must not scan the
+            // whole map per failure); still full, this address goes uncounted.
+            if *purged == Some(now) {
+                return;
+            }
+            *purged = Some(now);
+            counts.retain(|_, &mut (w, _)| w == now);
+            if counts.len() >= self.slots {
                 return;
             }
         }
-        let entry = exact.entry(*ip).or_insert((now, 0));
+        let entry = counts.entry(*ip).or_insert((now, 0));
         if entry.0 != now {
             *entry = (now, 0);
         }
@@ -151,12 +164,12 @@ mod tests {
         }
         let innocent: IpAddr = "198.51.100.7".parse().unwrap();
         assert!(
-            l.failures.get().unwrap().observe(&innocent, 0) >= 3,
+            l.failures.get().unwrap().0.observe(&innocent, 0) >= 3,
             "the sketch alone would lock it"
         );
         assert!(!l.is_locked(&innocent));
         assert!(l.is_locked(&attacker(0)), "tracked exactly: locked");
-        assert!(l.exact.lock().unwrap().len() <= 64, "bounded");
+        assert!(l.exact.lock().unwrap().counts.len() <= 64, "bounded");
     }
 
     #[test]
