@@ -190,6 +190,8 @@ impl Filter for AuditFilter {
         // Sized for a usual line, so it is written without growing.
         let mut line = Vec::with_capacity(LINE_CAPACITY);
         AuditLine::new(ctx, self.capture_prompts).write_json(&mut line);
+        // With its newline: the writer takes a line whole or not at all (a full disk).
+        line.push(b'\n');
         LINES.inc();
         match self.tx.try_send(Msg::Line(line)) {
             Ok(()) => {}

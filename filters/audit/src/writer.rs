@@ -12,7 +12,7 @@ use gateway_filter::batch::drain_in_batches;
 use tokio::sync::mpsc::Receiver;
 
 pub enum Msg {
-    /// One JSON line, without its newline.
+    /// One JSON line, with its newline.
     Line(Vec<u8>),
     /// Reopen the file (SIGHUP, after logrotate moved it).
     Reopen,
@@ -111,25 +111,16 @@ impl FileSink {
         Ok(())
     }
 
+    /// `line` ends with its newline, so it enters the buffer whole or not at all (`BufWriter`
+    /// makes room first and fails before copying): a failed write (a full disk) never leaves
+    /// a line without its end for the next one to join. (A line larger than the buffer goes to
+    /// the file in one write, which the file system may still cut short.)
     fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
-        let len = line.len() as u64 + 1;
+        let len = line.len() as u64;
         if self.size > 0 && self.max_size.is_some_and(|m| self.size + len > m) {
             self.rotate()?;
         }
-        // A line and its end go into the buffer together or not at all: a write that fails (a
-        // full disk) after the line but before its newline would join it to the next line.
-        // (A line larger than the buffer goes to the file in one write, which the file system
-        // may still cut short.)
-        if self.out.capacity() - self.out.buffer().len() <= line.len() {
-            self.out.flush()?;
-        }
-        if line.len() < self.out.capacity() {
-            // Both fit in the buffer now: copied, nothing written yet.
-            self.out.write_all(line)?;
-            self.out.write_all(b"\n")?;
-        } else {
-            self.out.write_all(&[line, b"\n"].concat())?;
-        }
+        self.out.write_all(line)?;
         self.size += len;
         Ok(())
     }
@@ -165,11 +156,7 @@ impl Sink {
     fn handle(&mut self, msg: Msg) -> io::Result<()> {
         match (self, msg) {
             (Sink::File(f), Msg::Line(l)) => f.write_line(&l),
-            (Sink::Stdout(s), Msg::Line(l)) => {
-                let mut s = s.lock();
-                s.write_all(&l)?;
-                s.write_all(b"\n")
-            }
+            (Sink::Stdout(s), Msg::Line(l)) => s.lock().write_all(&l),
             (Sink::File(f), Msg::Reopen) => f.reopen(),
             (Sink::Stdout(_), Msg::Reopen) => Ok(()),
             (sink, Msg::Flush(ack)) => {
@@ -241,7 +228,7 @@ mod tests {
         for i in 0..n {
             tx.blocking_send(Msg::Line(
                 format!(
-                    "{{\"n\":{i},\"tag\":\"{tag}\",\"pad\":\"{}\"}}",
+                    "{{\"n\":{i},\"tag\":\"{tag}\",\"pad\":\"{}\"}}\n",
                     "x".repeat(40)
                 )
                 .into_bytes(),
@@ -339,7 +326,7 @@ mod tests {
         // Queued without waiting (as the proxy's try_send does): all on disk within the
         // writer's longest sleep, with no flush asked for.
         for i in 0..5_000 {
-            tx.try_send(Msg::Line(format!("{{\"n\":{i}}}").into_bytes()))
+            tx.try_send(Msg::Line(format!("{{\"n\":{i}}}\n").into_bytes()))
                 .unwrap();
         }
         let start = std::time::Instant::now();
