@@ -205,10 +205,17 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
     if let Some(modelfile) = obj.get("modelfile").and_then(Value::as_str) {
         let modelfile = modelfile.trim_start_matches('\u{feff}');
         for line in modelfile.split(['\r', '\n']) {
-            let mut words = line.split_whitespace();
-            if words.next().is_some_and(|w| w.eq_ignore_ascii_case("from")) {
-                ctx.named_models
-                    .push(words.next().unwrap_or_default().to_string());
+            let line = line.trim_start();
+            let (command, rest) =
+                line.split_at(line.find(char::is_whitespace).unwrap_or(line.len()));
+            if command.eq_ignore_ascii_case("from") {
+                // The rest of the line, unquoted, as Ollama reads a command's argument.
+                let arg = rest.trim();
+                let arg = ["\"\"\"", "\""]
+                    .iter()
+                    .find_map(|q| arg.strip_prefix(q)?.strip_suffix(q))
+                    .unwrap_or(arg);
+                ctx.named_models.push(arg.to_string());
             }
         }
     }
@@ -339,6 +346,8 @@ mod tests {
             "SYSTEM x\rFROM qwen2.5:7b",
             "\u{feff}FROM qwen2.5:7b",
             "SYSTEM x\r\n\tfrom\tqwen2.5:7b\r\n",
+            "FROM \"qwen2.5:7b\"",
+            "FROM \"\"\"qwen2.5:7b\"\"\"  ",
         ] {
             let mut ctx = RequestCtx::new(String::new(), Method::POST, "/api/create".into());
             let body = serde_json::json!({"model": "llama3.1:mine", "modelfile": modelfile});
