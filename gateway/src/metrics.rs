@@ -193,8 +193,11 @@ impl Metrics {
         if self.models.read().is_ok_and(|s| s.contains(m)) {
             return m;
         }
+        if !admit {
+            return "other";
+        }
         match self.models.write() {
-            Ok(mut s) if admit && s.len() < self.max_models => {
+            Ok(mut s) if s.len() < self.max_models => {
                 s.insert(m.to_string());
                 m
             }

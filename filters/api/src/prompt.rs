@@ -69,12 +69,19 @@ fn message_chars(m: &Value) -> usize {
     o.iter()
         .filter(|(k, v)| !uncounted(k, v))
         .map(|(k, v)| match (k.as_str(), v) {
-            (_, Value::String(s)) => s.chars().count(),
             ("content", Value::Array(parts)) => parts.iter().map(part_chars).sum(),
-            (_, Value::Null) => 0,
-            (_, v) => json_chars(v),
+            (_, v) => field_chars(v),
         })
         .sum()
+}
+
+/// A field of a message or part: a string as written, anything else as its JSON.
+fn field_chars(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.chars().count(),
+        Value::Null => 0,
+        v => json_chars(v),
+    }
 }
 
 /// One content part: its text as written, every other field (media and usual names aside)
@@ -85,11 +92,7 @@ fn part_chars(p: &Value) -> usize {
         Value::Object(o) => o
             .iter()
             .filter(|(k, v)| !uncounted(k, v))
-            .map(|(_, v)| match v {
-                Value::String(s) => s.chars().count(),
-                Value::Null => 0,
-                v => json_chars(v),
-            })
+            .map(|(_, v)| field_chars(v))
             .sum(),
         v => json_chars(v),
     }

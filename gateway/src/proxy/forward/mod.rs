@@ -44,13 +44,9 @@ enum Attempt {
 const SHARED_FULL_MS: u64 = 20;
 
 /// Output tokens a request may still produce, for the usage-based strategy.
+/// A client's figure (without an output cap it may be near u64::MAX); the pool bounds it.
 fn reserved_tokens(ctx: &GwCtx) -> u64 {
-    // A client's figure (without an output cap it may be near u64::MAX), bounded so that the
-    // sum of reservations a backend holds cannot wrap.
-    ctx.req
-        .max_tokens
-        .unwrap_or(1024)
-        .min(crate::router::MAX_TOKENS_COUNTED)
+    ctx.req.max_tokens.unwrap_or(1024)
 }
 
 pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
