@@ -15,31 +15,41 @@ use llm_gateway::registry::Registry;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `arena_eager_commit` and `purge_delay` options (v3's `mi_option_e`; not named
-/// by libmimalloc-sys).
+/// mimalloc's `arena_eager_commit` option (v3's `mi_option_e`; not named by libmimalloc-sys).
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Freed memory goes back to the OS at once. With mimalloc's default (a 10 ms delay, acted on
-/// only when the same thread allocates again), a worker that went quiet after a connection
-/// flood kept every page: 10,000 closed connections left 150 MiB resident for good. Measured
-/// with wrk, purging at once costs nothing visible per request. `MIMALLOC_PURGE_DELAY` in the
-/// environment still wins.
 /// Arenas are committed as they are used, not up front: mimalloc's default on Linux commits
 /// whole arena chunks eagerly, 9 MiB of the idle gateway's 22 MiB. The first arena is made by
 /// the first allocation, before `main`: so this runs as a constructor, and allocates nothing.
+/// `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still wins.
 extern "C" fn allocator_options() {
-    for (env, option) in [
-        (c"MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY),
-        (c"MIMALLOC_ARENA_EAGER_COMMIT", MI_OPTION_ARENA_EAGER_COMMIT),
-    ] {
-        // SAFETY: getenv with a NUL-terminated name, and a process-wide allocator option for
-        // which any value is valid; nothing else runs yet.
-        unsafe {
-            if libc::getenv(env.as_ptr()).is_null() {
-                libmimalloc_sys::mi_option_set(option, 0);
-            }
+    // SAFETY: getenv with a NUL-terminated name, and a process-wide allocator option for which
+    // any value is valid; nothing else runs yet.
+    unsafe {
+        if libc::getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
+            libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
         }
+    }
+}
+
+/// Freed memory goes back to the OS after mimalloc's purge delay (10 ms), but mimalloc acts on
+/// expired purges only when it allocates again, so a worker that went quiet after a
+/// connection flood kept every page (10,000 closed connections left 150 MiB resident). A
+/// thread of its own collects once a second: arenas are shared, so their expired purges
+/// happen whichever thread asks. Purging at once instead (a delay of 0) cost one `madvise`
+/// and half a page fault per request under load, about a tenth of a core.
+fn spawn_allocator_purge() {
+    let spawned = std::thread::Builder::new()
+        .name("allocator-purge".into())
+        .spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            // SAFETY: mimalloc's collect is safe to call from any thread at any time.
+            unsafe { libmimalloc_sys::mi_collect(false) };
+        });
+    if let Err(e) = spawned {
+        log::warn!(
+            "no allocator purge thread ({e}): freed memory returns only as the workers allocate"
+        );
     }
 }
 
@@ -121,6 +131,7 @@ fn check(path: &Path) -> ExitCode {
 fn run(path: &Path, upgrade: bool) -> ExitCode {
     // Before any thread exists (building the chain starts the audit writer).
     llm_gateway::server::block_ctrl_c();
+    spawn_allocator_purge();
     let registry = Registry::builtin();
     match config::load(path).and_then(|s| llm_gateway::server::prepare(s, &registry, upgrade)) {
         Ok(prepared) => llm_gateway::server::run(prepared),
