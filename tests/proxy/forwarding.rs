@@ -409,3 +409,123 @@ async fn round_robin_spreads_over_backends() {
     }
     assert_eq!(b.hits("/api/generate"), 11);
 }
+
+/// An HTTP/1 client that gives up on a generation frees the backend at once, whether it
+/// closes its connection or only its sending side (as nginx and Ollama's Go server read a
+/// half-close): the request's task used to wait for the whole generation, holding the backend's
+/// slot, and the backend kept generating for nobody. Bytes of a pipelined next request are not
+/// taken for leaving: that request's client still gets its answer.
+#[tokio::test]
+async fn an_http1_client_that_gives_up_frees_the_backend_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let body = json!({"model": MODEL, "prompt": "hi", "stream": false}).to_string();
+    let head = |wait_ms: u64| {
+        format!(
+            "POST /api/generate HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nx-mock-first-byte-ms: {wait_ms}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    for half_close in [false, true] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+            .await
+            .unwrap();
+        s.write_all(head(4000).as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            gw.backend_in_flight("local").await,
+            1.0,
+            "the generation is under way"
+        );
+        if half_close {
+            s.shutdown().await.unwrap();
+        } else {
+            drop(s);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            gw.backend_in_flight("local").await,
+            0.0,
+            "half-closed: {half_close}: the backend's slot is still held"
+        );
+    }
+    // The start of a next request behind the first: the first is answered all the same.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    s.write_all(format!("{}GET /health HTTP/1.1\r\n", head(500)).as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let t = Instant::now();
+    while !String::from_utf8_lossy(&got).contains("\"done\":true")
+        && t.elapsed() < Duration::from_secs(5)
+    {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(450),
+        "answered after the backend's wait"
+    );
+}
+
+/// A client that leaves while its request waits in the queue for a busy backend gives its
+/// place back at once: the queue holds one, so the next client is queued (and answered)
+/// instead of being refused as if the one who left were still waiting.
+#[tokio::test]
+async fn a_client_that_leaves_the_queue_gives_its_place_back() {
+    use tokio::io::AsyncWriteExt;
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "backends:\n  - {{ name: local, url: '{}', kind: ollama, max_in_flight: 1 }}\nrouting: {{ queue: {{ size: 1, timeout: 5s }} }}\n",
+        m.url()
+    ))
+    .await;
+    let body = json!({"model": MODEL, "prompt": "hi", "stream": false});
+    let c = client();
+    let busy = {
+        let (c, url, body) = (c.clone(), gw.url("/api/generate"), body.clone());
+        tokio::spawn(async move {
+            c.post(url)
+                .header("x-mock-first-byte-ms", "1500")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut queued = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let text = body.to_string();
+    queued
+        .write_all(
+            format!(
+                "POST /api/generate HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(queued);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = c
+        .post(gw.url("/api/generate"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(busy.await.unwrap(), 200);
+}

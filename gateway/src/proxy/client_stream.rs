@@ -72,6 +72,11 @@ impl ClientStream {
         }
     }
 
+    /// The socket, for a look at it without reading (see `forward::exchange`).
+    pub fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+
     /// Waits until the client sends the start of its next request, at most `idle`, and
     /// returns what it read. `None`: the client left, stayed silent, or shutdown began while
     /// it was idle (see `connection::next_request`, the same for other streams).

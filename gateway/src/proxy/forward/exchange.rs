@@ -11,6 +11,7 @@ use pingora_error::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
+use super::super::client_stream::ClientStream;
 use super::super::headers::{add_upstream_headers, copy_request_headers};
 use super::super::{respond, Gateway, GwCtx};
 use super::Attempt;
@@ -107,8 +108,8 @@ pub(super) async fn exchange_header(
                 });
             }
             Waited::ClientGone(e) => {
-                // The client left while the backend worked (during keep-alives, or an HTTP/2
-                // stream reset); the backend has the request all the same.
+                // The client left while the backend worked; the backend has the request all
+                // the same.
                 ctx.req.reached_backend = true;
                 return Err(Attempt::Abort(e));
             }
@@ -126,7 +127,7 @@ pub(super) async fn exchange_header(
 enum Waited {
     Header(Result<()>),
     FirstByteTimeout(std::time::Duration),
-    /// Writing a keep-alive to the client failed.
+    /// The client left: writing a keep-alive failed, or [`client_left`] saw it go.
     ClientGone(Box<Error>),
 }
 
@@ -156,21 +157,17 @@ async fn wait_for_header(
         }
     };
     tokio::pin!(expired);
-    if keepalive.is_none() && session.is_http2() {
-        // An HTTP/2 stream's task outlives its stream and connection: were the client's reset
-        // or close not watched, a generation nobody waits for would go on holding its backend
-        // slot past the connection's caps. Dropping the backend's connection stops it (Ollama
-        // and vLLM cancel a generation whose client left). HTTP/1 is not watched here: reading
-        // the socket would take the first bytes of a pipelined next request.
-        let gone = session.downstream_session.read_body_or_idle(true);
+    if keepalive.is_none() {
+        // A client that left is watched while the backend works: otherwise the request's task
+        // goes on waiting for a generation nobody reads, holding its backend slot (and an
+        // HTTP/2 stream's task outlives its connection's caps). Dropping the backend's
+        // connection stops it (Ollama and vLLM cancel a generation whose client left).
+        let gone = client_left(session);
         tokio::pin!(gone);
         return tokio::select! {
             answered = &mut read => Waited::Header(answered),
             _ = &mut expired => Waited::FirstByteTimeout(deadline.unwrap_or_default()),
-            left = &mut gone => Waited::ClientGone(match left {
-                Err(e) => e.into_down(),
-                Ok(_) => Error::explain(ErrorType::H2Error, "the client's stream ended").into_down(),
-            }),
+            e = &mut gone => Waited::ClientGone(e),
         };
     }
     let mut ticks =
@@ -189,6 +186,41 @@ async fn wait_for_header(
                     return Waited::ClientGone(e);
                 }
             }
+        }
+    }
+}
+
+/// Resolves when the client is known to have left while its request waits for the backend:
+/// an HTTP/2 stream reset or its connection closed; on a plain HTTP/1 connection, the end of
+/// the stream or an error, found by peeking at the socket so that no byte of a next request
+/// is taken (bytes there leave the question open: never resolves then). A half-closed
+/// connection counts as gone, as in nginx (`proxy_ignore_client_abort off`) and Go's servers
+/// (Ollama). TLS connections over HTTP/1 are not watched: their bytes are the TLS layer's.
+pub(super) async fn client_left(session: &mut Session) -> Box<Error> {
+    if session.is_http2() {
+        return match session.downstream_session.read_body_or_idle(true).await {
+            Err(e) => e.into_down(),
+            Ok(_) => Error::explain(ErrorType::H2Error, "the client's stream ended").into_down(),
+        };
+    }
+    let socket = session
+        .downstream_session
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<ClientStream>())
+        .map(ClientStream::socket);
+    let Some(socket) = socket else {
+        return std::future::pending().await;
+    };
+    let mut byte = [0u8; 1];
+    match socket.peek(&mut byte).await {
+        Ok(0) => Error::explain(
+            ErrorType::ConnectionClosed,
+            "the client closed its connection",
+        )
+        .into_down(),
+        Ok(_) => std::future::pending().await,
+        Err(e) => {
+            Error::because(ErrorType::ReadError, "the client's connection failed", e).into_down()
         }
     }
 }

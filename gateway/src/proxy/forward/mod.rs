@@ -87,11 +87,14 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     ),
                     None => deadline,
                 };
-                pool.wait_freed(wake, || {
+                let freed = pool.wait_freed(wake, || {
                     matches!(gw.router.pick(&ctx.req, &ctx.tried), Pick::Full)
-                })
-                .await;
-                continue;
+                });
+                // A client that leaves while queued gives its place back at once.
+                tokio::select! {
+                    () = freed => continue,
+                    e = exchange::client_left(session) => return Err(e),
+                }
             }
             Pick::UnknownModel => {
                 let model = ctx.req.model.clone().unwrap_or_default();
