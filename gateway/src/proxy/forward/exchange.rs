@@ -190,10 +190,14 @@ async fn wait_for_header(
     }
 }
 
+/// How long a plain HTTP/1 request waits before its client's socket is watched.
+const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Resolves when the client is known to have left while its request waits for the backend:
 /// an HTTP/2 stream reset or its connection closed; on a plain HTTP/1 connection, the end of
-/// the stream or an error, found by peeking at the socket so that no byte of a next request
-/// is taken (bytes there leave the question open: never resolves then). A half-closed
+/// the stream or an error, found by peeking at the socket after [`WATCH_AFTER`] so that no
+/// byte of a next request is taken (bytes there leave the question open: never resolves
+/// then). A half-closed
 /// connection counts as gone, as in nginx (`proxy_ignore_client_abort off`) and Go's servers
 /// (Ollama). TLS connections over HTTP/1 are not watched: their bytes are the TLS layer's.
 pub(super) async fn client_left(session: &mut Session) -> Box<Error> {
@@ -211,6 +215,9 @@ pub(super) async fn client_left(session: &mut Session) -> Box<Error> {
     let Some(socket) = socket else {
         return std::future::pending().await;
     };
+    // The peek is a system call (tokio still holds the socket as readable from the request's
+    // read): a request answered within this wait never makes it; a generation hardly notices.
+    tokio::time::sleep(WATCH_AFTER).await;
     let mut byte = [0u8; 1];
     match socket.peek(&mut byte).await {
         Ok(0) => Error::explain(
