@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text format) and `/health`. It is a separate
-//! Pingora service bound to `admin.addr`, never to a public listener.
+//! Pingora service bound to `admin.addr`, never to a public listener. `/admin/*` needs the
+//! admin token when one is set; `/metrics` too when the listener is not on loopback.
 
 use std::sync::Arc;
 
@@ -8,6 +9,8 @@ use http::{header, Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::{Encoder, TextEncoder};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::chain::FilterChain;
 use crate::metrics::Metrics;
@@ -19,7 +22,55 @@ pub struct AdminApp {
     pub router: Arc<dyn Router>,
     pub in_flight: InFlight,
     pub chain: Arc<FilterChain>,
-    pub token: Option<String>,
+    pub token: Option<AdminToken>,
+    /// `/metrics` needs the token too: the listener is reachable from the network, and the
+    /// series name principals, models and backends.
+    pub metrics_need_token: bool,
+}
+
+/// The admin token, kept as its SHA-256: presented tokens are compared digest to digest in
+/// constant time, so neither their bytes nor their length show in the answer's timing.
+pub struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    pub fn new(token: &str) -> AdminToken {
+        AdminToken(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Whether the request carries `Authorization: Bearer <token>` (the scheme in any case).
+    fn admits(&self, session: &ServerSession) -> bool {
+        let presented = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
+        presented.is_some_and(|t| {
+            let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+            bool::from(digest.ct_eq(&self.0))
+        })
+    }
+}
+
+fn unauthorized() -> Response<Vec<u8>> {
+    let body = gateway_filter::error_json(
+        gateway_filter::ErrorShape::OpenAi,
+        StatusCode::UNAUTHORIZED,
+        "invalid_admin_token",
+        "this endpoint needs the admin token",
+    );
+    let mut r = respond(
+        StatusCode::UNAUTHORIZED,
+        "application/json",
+        body.into_bytes(),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"llm-gateway admin\""),
+    );
+    r
 }
 
 impl AdminApp {
@@ -62,33 +113,8 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
 impl AdminApp {
     /// `/admin/NAME`: a filter's report (e.g. `spend`), behind the admin token when one is set.
     async fn admin_report(&self, session: &ServerSession, name: &str) -> Response<Vec<u8>> {
-        if let Some(token) = &self.token {
-            let presented = session
-                .req_header()
-                .headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            let ok = presented.is_some_and(|p| {
-                p.len() == token.len()
-                    && p.bytes()
-                        .zip(token.bytes())
-                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                        == 0
-            });
-            if !ok {
-                let body = gateway_filter::error_json(
-                    gateway_filter::ErrorShape::OpenAi,
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_admin_token",
-                    "this endpoint needs the admin token",
-                );
-                return respond(
-                    StatusCode::UNAUTHORIZED,
-                    "application/json",
-                    body.into_bytes(),
-                );
-            }
+        if self.token.as_ref().is_some_and(|t| !t.admits(session)) {
+            return unauthorized();
         }
         match self.chain.admin_report(name).await {
             Some(v) => respond(
@@ -119,6 +145,12 @@ impl ServeHttp for AdminApp {
             return self.admin_report(session, name).await;
         }
         match path.as_str() {
+            "/metrics"
+                if self.metrics_need_token
+                    && !self.token.as_ref().is_some_and(|t| t.admits(session)) =>
+            {
+                unauthorized()
+            }
             "/metrics" => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

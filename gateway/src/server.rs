@@ -9,7 +9,7 @@ use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{ExecutionPhase, Server};
 
-use crate::admin::AdminApp;
+use crate::admin::{AdminApp, AdminToken};
 use crate::chain::FilterChain;
 use crate::config::{ConfigError, Settings};
 use crate::metrics::Metrics;
@@ -207,7 +207,8 @@ pub fn run(prepared: Prepared) -> ! {
             router: gateway.router.clone(),
             in_flight: gateway.in_flight.clone(),
             chain: gateway.chain.clone(),
-            token: settings.admin_token.clone(),
+            token: settings.admin_token.as_deref().map(AdminToken::new),
+            metrics_need_token: !addr.ip().is_loopback(),
         };
         let mut svc =
             pingora_core::services::listening::Service::new("llm-gateway admin".to_string(), app);

@@ -526,3 +526,70 @@ async fn backend_in_flight_counts_running_requests() {
     }
     assert_eq!(left, 0.0, "and none once they ended");
 }
+
+/// An admin listener reachable from the network (its token is then required) asks for the
+/// token on `/metrics` too: the series name principals, models and backends. `/health` stays
+/// open for load balancers, the scheme is read in any case, and on loopback `/metrics` is
+/// open as before.
+#[tokio::test]
+async fn metrics_need_the_admin_token_off_loopback() {
+    let m = mock().await;
+    let admin = free_port();
+    let gw = Gateway::start(&format!(
+        "admin: {{ addr: '0.0.0.0:{admin}', token: s3cret-admin-token }}\n{}",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let url = |path: &str| format!("http://127.0.0.1:{admin}{path}");
+    let c = client();
+    for _ in 0..100 {
+        if c.get(url("/health")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for (path, auth, want) in [
+        ("/metrics", None, 401),
+        ("/metrics", Some("Bearer wrong"), 401),
+        ("/metrics", Some("Bearer s3cret-admin-token-and-more"), 401),
+        ("/metrics", Some("Basic s3cret-admin-token"), 401),
+        ("/metrics", Some("Bearer s3cret-admin-token"), 200),
+        ("/metrics", Some("bearer s3cret-admin-token"), 200),
+        ("/admin/spend", None, 401),
+        ("/health", None, 200),
+    ] {
+        let mut r = c.get(url(path));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        let resp = r.send().await.unwrap();
+        assert_eq!(resp.status(), want, "{path} with {auth:?}");
+        if want == 401 {
+            assert!(resp.headers().contains_key("www-authenticate"));
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "invalid_admin_token", "{body}");
+        } else if path == "/metrics" {
+            assert!(resp.text().await.unwrap().contains("llm_gateway_"));
+        }
+    }
+    // On loopback the token guards /admin/* only.
+    let local = free_port();
+    let _local_gw = Gateway::start(&format!(
+        "admin: {{ addr: '127.0.0.1:{local}', token: s3cret-admin-token }}\n{}",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let mut status = Vec::new();
+    for path in ["/metrics", "/admin/spend"] {
+        for _ in 0..100 {
+            let local_url = format!("http://127.0.0.1:{local}{path}");
+            if let Ok(r) = c.get(local_url).send().await {
+                status.push(r.status().as_u16());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    assert_eq!(status, [200, 401]);
+    drop(gw);
+}
