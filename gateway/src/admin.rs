@@ -33,8 +33,9 @@ pub struct AdminApp {
 pub struct AdminToken([u8; 32]);
 
 impl AdminToken {
+    /// Surrounding whitespace is not part of a token (a presented one is trimmed too).
     pub fn new(token: &str) -> AdminToken {
-        AdminToken(Sha256::digest(token.as_bytes()).into())
+        AdminToken(Sha256::digest(token.trim().as_bytes()).into())
     }
 
     /// Whether the request carries `Authorization: Bearer <token>` (the scheme in any case).

@@ -41,10 +41,16 @@ extern "C" fn allocator_options() {
 fn spawn_allocator_purge() {
     let spawned = std::thread::Builder::new()
         .name("allocator-purge".into())
-        .spawn(|| loop {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-            // SAFETY: mimalloc's collect is safe to call from any thread at any time.
-            unsafe { libmimalloc_sys::mi_collect(false) };
+        .spawn(|| {
+            // A thread that never allocated has no heap of its own, and mimalloc's collect
+            // returns at once on such a thread, purging nothing.
+            // SAFETY: initialises this thread's allocator state; safe on any thread.
+            unsafe { libmimalloc_sys::mi_thread_init() };
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                // SAFETY: mimalloc's collect is safe to call from any thread at any time.
+                unsafe { libmimalloc_sys::mi_collect(false) };
+            }
         });
     if let Err(e) = spawned {
         log::warn!(

@@ -332,7 +332,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         if !addr.ip().is_loopback() && cfg.admin.token.as_deref().is_none_or(str::is_empty) {
             return Err((
                 "admin.token".into(),
-                format!("{addr} is reachable from the network: set `token: ${{ADMIN_TOKEN}}` so /admin/* needs it, or listen on 127.0.0.1"),
+                format!("{addr} is reachable from the network: set `token: ${{ADMIN_TOKEN}}` so /admin/* and /metrics need it, or listen on 127.0.0.1"),
             ));
         }
         Some(addr)

@@ -162,7 +162,7 @@ async fn wait_for_header(
         // goes on waiting for a generation nobody reads, holding its backend slot (and an
         // HTTP/2 stream's task outlives its connection's caps). Dropping the backend's
         // connection stops it (Ollama and vLLM cancel a generation whose client left).
-        let gone = client_left(session);
+        let gone = client_left(session, tokio::time::Instant::now());
         tokio::pin!(gone);
         return tokio::select! {
             answered = &mut read => Waited::Header(answered),
@@ -190,22 +190,58 @@ async fn wait_for_header(
     }
 }
 
-/// How long a plain HTTP/1 request waits before its client's socket is watched.
+/// How long a plain HTTP/1 request waits (from `since`: its queueing, or its sending to the
+/// backend) before its client's socket is watched.
 const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How often a client whose socket holds unread bytes is asked whether it closed.
+const WATCH_BEHIND_BYTES: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Whether the peer has closed the connection (its end of the stream received, or a reset),
+/// whatever unread bytes come before that: the socket's TCP state, from `TCP_INFO`.
+fn peer_closed(socket: &tokio::net::TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain old data (all-zero is valid), and getsockopt writes at most
+    // `len` bytes into it, on a socket that stays open for the call.
+    let state = unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            return false;
+        }
+        info.tcpi_state
+    };
+    // linux/tcp_states.h: TCP_CLOSE_WAIT = 8 (the peer's FIN came), TCP_CLOSE = 7 (reset).
+    matches!(state, 7 | 8)
+}
 
 /// Resolves when the client is known to have left while its request waits for the backend:
 /// an HTTP/2 stream reset or its connection closed; on a plain HTTP/1 connection, the end of
 /// the stream or an error, found by peeking at the socket after [`WATCH_AFTER`] so that no
-/// byte of a next request is taken (bytes there leave the question open: never resolves
-/// then). A half-closed
+/// byte of a next request is taken (with bytes there, the socket's TCP state tells, every
+/// [`WATCH_BEHIND_BYTES`]). A half-closed
 /// connection counts as gone, as in nginx (`proxy_ignore_client_abort off`) and Go's servers
 /// (Ollama). TLS connections over HTTP/1 are not watched: their bytes are the TLS layer's.
-pub(super) async fn client_left(session: &mut Session) -> Box<Error> {
+pub(super) async fn client_left(session: &mut Session, since: tokio::time::Instant) -> Box<Error> {
     if session.is_http2() {
+        // A reset or close is the client leaving, like a closed HTTP/1 connection: recorded as
+        // `client_disconnected`, with no answer attempted and no error logged.
         return match session.downstream_session.read_body_or_idle(true).await {
-            Err(e) => e.into_down(),
-            Ok(_) => Error::explain(ErrorType::H2Error, "the client's stream ended").into_down(),
-        };
+            Err(e) => Error::because(
+                ErrorType::ConnectionClosed,
+                "the client reset its stream",
+                e,
+            ),
+            Ok(_) => Error::explain(ErrorType::ConnectionClosed, "the client's stream ended"),
+        }
+        .into_down();
     }
     let socket = session
         .downstream_session
@@ -217,7 +253,7 @@ pub(super) async fn client_left(session: &mut Session) -> Box<Error> {
     };
     // The peek is a system call (tokio still holds the socket as readable from the request's
     // read): a request answered within this wait never makes it; a generation hardly notices.
-    tokio::time::sleep(WATCH_AFTER).await;
+    tokio::time::sleep_until(since + WATCH_AFTER).await;
     let mut byte = [0u8; 1];
     match socket.peek(&mut byte).await {
         Ok(0) => Error::explain(
@@ -225,7 +261,19 @@ pub(super) async fn client_left(session: &mut Session) -> Box<Error> {
             "the client closed its connection",
         )
         .into_down(),
-        Ok(_) => std::future::pending().await,
+        // Bytes after the request (a pipelined next one, or a byte sent to keep the watch
+        // off): the end of the stream is behind them, where a peek cannot see it. The
+        // kernel's view of the connection can: a client that closed left it in CLOSE_WAIT.
+        Ok(_) => loop {
+            tokio::time::sleep(WATCH_BEHIND_BYTES).await;
+            if peer_closed(socket) {
+                break Error::explain(
+                    ErrorType::ConnectionClosed,
+                    "the client closed its connection",
+                )
+                .into_down();
+            }
+        },
         Err(e) => {
             Error::because(ErrorType::ReadError, "the client's connection failed", e).into_down()
         }

@@ -54,15 +54,14 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
     let body = held_body(ctx)?;
     let pool = gw.router.pool().clone();
     let mut last_err: Option<Box<Error>> = None;
-    let mut queued_until = None;
+    let mut queued_since = None;
     loop {
         let idx = match gw.router.pick(&ctx.req, &ctx.tried) {
             Pick::Backend(i) => i,
             Pick::Full => {
                 // Every backend that could serve it is at max_in_flight: wait for a slot.
-                let deadline = *queued_until.get_or_insert_with(|| {
-                    tokio::time::Instant::now() + gw.settings.routing.queue_timeout
-                });
+                let queued = *queued_since.get_or_insert_with(tokio::time::Instant::now);
+                let deadline = queued + gw.settings.routing.queue_timeout;
                 let slot = (tokio::time::Instant::now() < deadline)
                     .then(|| gw.queue_slot())
                     .flatten();
@@ -90,10 +89,12 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 let freed = pool.wait_freed(wake, || {
                     matches!(gw.router.pick(&ctx.req, &ctx.tried), Pick::Full)
                 });
-                // A client that leaves while queued gives its place back at once.
+                // A client that leaves while queued gives its place back. Timed from the
+                // queueing: wake-ups (every freed slot, shared state's polls) come sooner than
+                // the watch's wait, and must not start it over.
                 tokio::select! {
                     () = freed => continue,
-                    e = exchange::client_left(session) => return Err(e),
+                    e = exchange::client_left(session, queued) => return Err(e),
                 }
             }
             Pick::UnknownModel => {
