@@ -13,31 +13,24 @@ use serde_json::Value;
 /// `context` (token ids of an earlier answer, four characters each). Images and audio are
 /// not counted.
 pub fn prompt_chars(body: &Value) -> usize {
-    let context = body
-        .get("context")
-        .and_then(Value::as_array)
-        .map_or(0, |ids| ids.len() * 4);
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .map_or(0, |m| m.iter().map(message_chars).sum());
-    let text = [
-        "prompt",
-        "input",
-        "system",
-        "template",
-        "suffix",
-        "chat_template",
-    ]
-    .into_iter()
-    .map(|k| body.get(k).map_or(0, input_chars))
-    .sum::<usize>();
-    let json = ["tools", "chat_template_kwargs", "documents"]
-        .into_iter()
-        .filter_map(|k| body.get(k).filter(|v| !v.is_null()))
-        .map(json_chars)
-        .sum::<usize>();
-    messages + text + json + context
+    let Value::Object(fields) = body else {
+        return 0;
+    };
+    // One pass over the body's fields: a lookup per name would hash each of eleven names.
+    fields
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "context" => v.as_array().map_or(0, |ids| ids.len() * 4),
+            "messages" => v
+                .as_array()
+                .map_or(0, |m| m.iter().map(message_chars).sum()),
+            "prompt" | "input" | "system" | "template" | "suffix" | "chat_template" => {
+                input_chars(v)
+            }
+            "tools" | "chat_template_kwargs" | "documents" if !v.is_null() => json_chars(v),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Fields of a message or content part that carry media, not text.
