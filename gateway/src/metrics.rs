@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::RwLock;
 
-use gateway_filter::{Decision, RequestCtx};
+use gateway_filter::{Decision, Principal, RequestCtx};
 use prometheus::{
     exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -29,9 +29,22 @@ pub struct Metrics {
     pub connections: IntGaugeVec,
     /// Client connections closed at once because a cap was reached, by listener and cap.
     pub connections_refused: IntCounterVec,
-    principal_label: bool,
-    max_models: usize,
+    labels: LabelLimits,
     models: RwLock<HashSet<String>>,
+    /// Principals named by an identity provider, a validator or a certificate (see
+    /// [`Metrics::principal_label`]).
+    principals: RwLock<HashSet<String>>,
+}
+
+/// What bounds the label values of the request and token counters (`metrics:` in the config).
+#[derive(Debug, Clone, Copy)]
+pub struct LabelLimits {
+    /// Label with the principal's id (else `any`).
+    pub principal_label: bool,
+    /// Distinct model names; later ones count as `other`.
+    pub max_models: usize,
+    /// Distinct principals not from the keys file or htpasswd; later ones count as `other`.
+    pub max_principals: usize,
 }
 
 fn counter(
@@ -67,11 +80,7 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::R
 }
 
 impl Metrics {
-    pub fn new(
-        r: &Registry,
-        principal_label: bool,
-        max_models: usize,
-    ) -> prometheus::Result<Metrics> {
+    pub fn new(r: &Registry, labels: LabelLimits) -> prometheus::Result<Metrics> {
         let in_flight = IntGauge::new("llm_gateway_in_flight_requests", "Requests being served")?;
         r.register(Box::new(in_flight.clone()))?;
         let build = gauge(
@@ -167,9 +176,9 @@ impl Metrics {
                 &["listener", "cap"],
             )?,
             in_flight,
-            principal_label,
-            max_models,
+            labels,
             models: RwLock::new(HashSet::new()),
+            principals: RwLock::new(HashSet::new()),
         })
     }
 
@@ -197,9 +206,36 @@ impl Metrics {
             return "other";
         }
         match self.models.write() {
-            Ok(mut s) if s.len() < self.max_models => {
+            Ok(mut s) if s.len() < self.labels.max_models => {
                 s.insert(m.to_string());
                 m
+            }
+            _ => "other",
+        }
+    }
+
+    /// The principal label: `any` when principals are not labelled, `anonymous` without
+    /// one. Ids from the keys file and htpasswd are as many as the operator wrote, and are
+    /// used as they are; ids an identity provider, a validator or a client certificate names
+    /// are as many as the outside source has users, so each takes a slot, while fewer than
+    /// `max_principals` were seen, and counts as `other` after.
+    fn principal_label<'a>(&self, p: Option<&'a Principal>) -> &'a str {
+        if !self.labels.principal_label {
+            return "any";
+        }
+        let Some(p) = p else {
+            return gateway_filter::ANONYMOUS;
+        };
+        if matches!(p.method, "api_key" | "basic") {
+            return &p.id;
+        }
+        if self.principals.read().is_ok_and(|s| s.contains(&p.id)) {
+            return &p.id;
+        }
+        match self.principals.write() {
+            Ok(mut s) if s.len() < self.labels.max_principals => {
+                s.insert(p.id.clone());
+                &p.id
             }
             _ => "other",
         }
@@ -209,11 +245,7 @@ impl Metrics {
         let route = ctx.route.as_str();
         let served = ctx.reached_backend && (200..400).contains(&ctx.status);
         let model = self.model_label(ctx.model.as_deref(), served);
-        let principal = match (&ctx.principal, self.principal_label) {
-            (_, false) => "any",
-            (Some(p), true) => p.id.as_str(),
-            (None, true) => gateway_filter::ANONYMOUS,
-        };
+        let principal = self.principal_label(ctx.principal.as_deref());
         let status = ctx.status.to_string();
         self.requests
             .with_label_values(&[route, model, &status, principal])
@@ -262,7 +294,15 @@ mod tests {
     /// unknown never use them up (attacker review, 2026-12-04).
     #[test]
     fn only_served_models_take_a_label_slot() {
-        let m = Metrics::new(&Registry::new(), true, 2).unwrap();
+        let m = Metrics::new(
+            &Registry::new(),
+            LabelLimits {
+                principal_label: true,
+                max_models: 2,
+                max_principals: 2,
+            },
+        )
+        .unwrap();
         for i in 0..100 {
             let junk = format!("junk-{i}");
             assert_eq!(m.model_label(Some(&junk), false), "other");
@@ -276,5 +316,41 @@ mod tests {
         assert_eq!(m.model_label(Some("qwen2.5:7b"), true), "qwen2.5:7b");
         assert_eq!(m.model_label(Some("mistral:7b"), true), "other", "full");
         assert_eq!(m.model_label(None, true), "none");
+    }
+
+    /// Principals named from outside (a JWT's subject, a validator's answer, a certificate)
+    /// take label slots, bounded; those of the keys file and htpasswd are always named.
+    #[test]
+    fn principals_from_outside_take_bounded_label_slots() {
+        let m = Metrics::new(
+            &Registry::new(),
+            LabelLimits {
+                principal_label: true,
+                max_models: 2,
+                max_principals: 2,
+            },
+        )
+        .unwrap();
+        let p = |id: &str, method: &'static str| Principal {
+            id: id.to_string(),
+            method,
+            ..Principal::default()
+        };
+        let subjects: Vec<Principal> = (0..5).map(|i| p(&format!("user-{i}"), "jwt")).collect();
+        let labels: Vec<&str> = subjects
+            .iter()
+            .map(|s| m.principal_label(Some(s)))
+            .collect();
+        assert_eq!(labels, ["user-0", "user-1", "other", "other", "other"]);
+        assert_eq!(
+            m.principal_label(Some(&subjects[0])),
+            "user-0",
+            "kept once seen"
+        );
+        for i in 0..5 {
+            let key = p(&format!("key-{i}"), "api_key");
+            assert_eq!(m.principal_label(Some(&key)), key.id);
+        }
+        assert_eq!(m.principal_label(None), gateway_filter::ANONYMOUS);
     }
 }

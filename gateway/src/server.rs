@@ -12,7 +12,7 @@ use pingora_core::server::{ExecutionPhase, Server};
 use crate::admin::{AdminApp, AdminToken};
 use crate::chain::FilterChain;
 use crate::config::{ConfigError, Settings};
-use crate::metrics::Metrics;
+use crate::metrics::{LabelLimits, Metrics};
 use crate::proxy::{Gateway, InFlight};
 use crate::registry::Registry;
 use crate::router::{BackendPool, ModelRouter, Router};
@@ -110,14 +110,17 @@ pub fn prepare(
         })?;
         if !addr.ip().is_loopback() {
             log::warn!(
-                "admin listener {addr} is not on loopback: /metrics is reachable from the network"
+                "admin listener {addr} is not on loopback: /metrics and /admin/* answer only with the admin token"
             );
         }
     }
     let metrics = Metrics::new(
         prometheus::default_registry(),
-        settings.metrics_principal_label,
-        settings.metrics_max_models,
+        LabelLimits {
+            principal_label: settings.metrics_principal_label,
+            max_models: settings.metrics_max_models,
+            max_principals: settings.metrics_max_principals,
+        },
     )
     .map_err(|e| {
         ConfigError::invalid(

@@ -1293,3 +1293,57 @@ async fn management_routes_need_json_from_browser_held_credentials() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+// Principals named from outside (here a trusted proxy's identity header; JWT subjects and
+// forward-auth answers alike) are as many as the outside source has users: each takes a
+// metrics label slot only while `metrics.max_principals` allows, and counts as `other` after,
+// so a large directory cannot grow the metrics without bound. Keys-file ids are always named.
+#[tokio::test(flavor = "multi_thread")]
+async fn principals_from_outside_have_bounded_metric_labels() {
+    let m = mock().await;
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\nmetrics: {{ max_principals: 2 }}\n{}filters:\n  - use: auth\n    keys_file: {}\n    trusted_identity_header: Tailscale-User-Login\n",
+            backends(&[("local", &m.url())]),
+            conf("keys.yaml")
+        ),
+        port,
+    )
+    .await;
+    for i in 0..6 {
+        let resp = client()
+            .get(gw.url("/api/tags"))
+            .header("tailscale-user-login", format!("user-{i}@example.com"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let resp = client()
+        .get(gw.url("/api/tags"))
+        .bearer_auth(DEMO_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let principals: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("llm_gateway_requests_total{"))
+        .filter_map(|l| l.split("principal=\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert_eq!(
+        principals.into_iter().collect::<Vec<_>>(),
+        ["demo", "other", "user-0@example.com", "user-1@example.com"],
+        "{text}"
+    );
+}

@@ -62,6 +62,9 @@ pub struct MetricsSection {
     pub principal_label: bool,
     /// Distinct model label values; later models are counted as `other`.
     pub max_models: usize,
+    /// Distinct principal label values named from outside the config (JWT subjects,
+    /// forward-auth answers, trusted headers, certificates); later ones count as `other`.
+    pub max_principals: usize,
 }
 
 impl Default for MetricsSection {
@@ -69,6 +72,7 @@ impl Default for MetricsSection {
         MetricsSection {
             principal_label: true,
             max_models: 100,
+            max_principals: 1000,
         }
     }
 }

@@ -34,6 +34,7 @@ pub struct Settings {
     pub admin_token: Option<String>,
     pub metrics_principal_label: bool,
     pub metrics_max_models: usize,
+    pub metrics_max_principals: usize,
     /// OTLP trace export, when configured.
     pub telemetry: Option<super::telemetry::TelemetrySpec>,
     /// Shared state (`state: { backend: redis }`); `None` keeps it in this process.
@@ -371,6 +372,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         admin_token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
         metrics_principal_label: cfg.metrics.principal_label,
         metrics_max_models: cfg.metrics.max_models,
+        metrics_max_principals: cfg.metrics.max_principals,
         telemetry,
         state,
     })
