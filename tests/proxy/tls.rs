@@ -247,3 +247,60 @@ async fn an_http2_client_that_gives_up_frees_the_backend_at_once() {
     let log = gw.log();
     assert!(!log.contains("Fail to proxy"), "{log}");
 }
+
+/// The same over HTTP/1.1 on TLS, where the socket's bytes are the TLS layer's and cannot be
+/// peeked at: the connection's TCP state shows the client's close, and the backend's slot is
+/// free within a few hundred milliseconds instead of at the generation's end.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http1_tls_client_that_gives_up_frees_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock().await;
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    tls: {{ cert: {}, key: {} }}\nbackends:\n  - {{ name: local, url: '{}', kind: ollama, max_in_flight: 1 }}\nfilters:\n  - use: auth\n    keys_file: {}\n",
+            p(&pki.server_cert),
+            p(&pki.server_key),
+            m.url(),
+            p(&keys_file(dir.path()))
+        ),
+        port,
+    )
+    .await;
+    let url = format!("https://127.0.0.1:{}/api/generate", gw.port);
+    let auth = format!("Authorization: Bearer {DEMO_KEY}");
+    let body = r#"{"model":"llama3.1:8b","prompt":"hi","stream":false}"#;
+    let (rc, _, _) = curl(&[
+        "--http1.1",
+        "--cacert",
+        p(&pki.ca),
+        "-H",
+        &auth,
+        "-H",
+        "x-mock-first-byte-ms: 4000",
+        "--max-time",
+        "0.5",
+        "-d",
+        body,
+        &url,
+    ]);
+    assert_eq!(rc, 28, "curl gave up (timeout)");
+    let start = std::time::Instant::now();
+    let (rc, code, version) = curl(&[
+        "--http1.1",
+        "--cacert",
+        p(&pki.ca),
+        "-H",
+        &auth,
+        "-d",
+        body,
+        &url,
+    ]);
+    assert_eq!((rc, code.as_str(), version.as_str()), (0, "200", "1.1"));
+    assert!(
+        start.elapsed() < std::time::Duration::from_millis(1500),
+        "the backend's only slot was still held: answered after {:?}",
+        start.elapsed()
+    );
+}

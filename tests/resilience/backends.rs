@@ -644,3 +644,39 @@ async fn informational_answers_without_end_are_an_error_not_a_hold() {
         error_of(resp).await;
     }
 }
+
+// A client that half-closes (or closes) its connection while keep-alive comments hold its
+// stream open is seen through the socket's TCP state: its keep-alive writes still succeed
+// after a half-close, so without that the backend's slot was held to the generation's end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_during_keepalives_frees_the_backend() {
+    use tokio::io::AsyncWriteExt;
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}routing: {{ sse_keepalive: 150ms, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let body = json!({"model": "llama3.1:8b", "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nx-mock-first-byte-ms: 4000\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(gw.backend_in_flight("local").await, 1.0, "under way");
+    s.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        gw.backend_in_flight("local").await,
+        0.0,
+        "the backend's slot is still held"
+    );
+}

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use gateway_filter::http::{header, Method, StatusCode};
 use gateway_filter::WireFormat;
 use pingora_core::protocols::http::v1::client::HttpSession;
+use pingora_core::protocols::SocketDigest;
 use pingora_core::Result;
 use pingora_error::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -157,7 +158,7 @@ async fn wait_for_header(
         }
     };
     tokio::pin!(expired);
-    if keepalive.is_none() {
+    let Some(every) = keepalive else {
         // A client that left is watched while the backend works: otherwise the request's task
         // goes on waiting for a generation nobody reads, holding its backend slot (and an
         // HTTP/2 stream's task outlives its connection's caps). Dropping the backend's
@@ -169,66 +170,68 @@ async fn wait_for_header(
             _ = &mut expired => Waited::FirstByteTimeout(deadline.unwrap_or_default()),
             e = &mut gone => Waited::ClientGone(e),
         };
-    }
-    let mut ticks =
-        keepalive.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    };
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // The keep-alives borrow the session, so the client is watched through the socket's TCP
+    // state alone (no peek): a close or half-close shows before a keep-alive write fails.
+    let digest = session
+        .downstream_session
+        .stream()
+        .and_then(|s| s.get_socket_digest());
+    let mut watch = tokio::time::interval_at(
+        tokio::time::Instant::now() + WATCH_AFTER,
+        WATCH_BEHIND_BYTES,
+    );
     loop {
         tokio::select! {
             answered = &mut read => return Waited::Header(answered),
             _ = &mut expired => return Waited::FirstByteTimeout(deadline.unwrap_or_default()),
-            _ = async {
-                match ticks.as_mut() {
-                    Some(t) => { t.tick().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => {
+            _ = ticks.tick() => {
                 if let Err(e) = keep_alive(session, ctx).await {
                     return Waited::ClientGone(e);
+                }
+            }
+            _ = watch.tick(), if digest.is_some() => {
+                if digest.as_deref().is_some_and(peer_closed) {
+                    return Waited::ClientGone(closed());
                 }
             }
         }
     }
 }
 
+/// The client closed its connection (or its sending side).
+fn closed() -> Box<Error> {
+    Error::explain(
+        ErrorType::ConnectionClosed,
+        "the client closed its connection",
+    )
+    .into_down()
+}
+
 /// How long a plain HTTP/1 request waits (from `since`: its queueing, or its sending to the
 /// backend) before its client's socket is watched.
 const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// How often a client whose socket holds unread bytes is asked whether it closed.
+/// How often a client whose socket holds unread bytes (or is TLS) is asked whether it closed.
 const WATCH_BEHIND_BYTES: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Whether the peer has closed the connection (its end of the stream received, or a reset),
-/// whatever unread bytes come before that: the socket's TCP state, from `TCP_INFO`.
-fn peer_closed(socket: &tokio::net::TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `tcp_info` is plain old data (all-zero is valid), and getsockopt writes at most
-    // `len` bytes into it, on a socket that stays open for the call.
-    let state = unsafe {
-        let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            std::ptr::from_mut(&mut info).cast(),
-            &mut len,
-        );
-        if rc != 0 {
-            return false;
-        }
-        info.tcpi_state
-    };
-    // linux/tcp_states.h: TCP_CLOSE_WAIT = 8 (the peer's FIN came), TCP_CLOSE = 7 (reset).
-    matches!(state, 7 | 8)
+/// Whether the client has closed the connection (its end of the stream received, or a
+/// reset), whatever unread bytes come before that: the socket's TCP state (`TCP_INFO`).
+fn peer_closed(digest: &SocketDigest) -> bool {
+    // linux/tcp_states.h: TCP_CLOSE_WAIT = 8 (the client's FIN came), TCP_CLOSE = 7 (reset).
+    digest
+        .tcp_info()
+        .is_some_and(|i| matches!(i.tcpi_state, 7 | 8))
 }
 
 /// Resolves when the client is known to have left while its request waits for the backend:
-/// an HTTP/2 stream reset or its connection closed; on a plain HTTP/1 connection, the end of
-/// the stream or an error, found by peeking at the socket after [`WATCH_AFTER`] so that no
-/// byte of a next request is taken (with bytes there, the socket's TCP state tells, every
-/// [`WATCH_BEHIND_BYTES`]). A half-closed
-/// connection counts as gone, as in nginx (`proxy_ignore_client_abort off`) and Go's servers
-/// (Ollama). TLS connections over HTTP/1 are not watched: their bytes are the TLS layer's.
+/// an HTTP/2 stream reset or its connection closed, at once. Over HTTP/1, from
+/// [`WATCH_AFTER`] after `since`: on a plain connection the socket is peeked at, so that no
+/// byte of a next request is taken, and its end or an error is the client leaving; over TLS
+/// (the socket's bytes are the TLS layer's), or with bytes in front of the end, the socket's
+/// TCP state is asked every [`WATCH_BEHIND_BYTES`]. A half-closed connection counts as gone,
+/// as in nginx (`proxy_ignore_client_abort off`) and Go's servers (Ollama).
 pub(super) async fn client_left(session: &mut Session, since: tokio::time::Instant) -> Box<Error> {
     if session.is_http2() {
         // A reset or close is the client leaving, like a closed HTTP/1 connection: recorded as
@@ -243,40 +246,38 @@ pub(super) async fn client_left(session: &mut Session, since: tokio::time::Insta
         }
         .into_down();
     }
-    let socket = session
-        .downstream_session
-        .stream()
-        .and_then(|s| s.as_any().downcast_ref::<ClientStream>())
-        .map(ClientStream::socket);
-    let Some(socket) = socket else {
+    let Some(stream) = session.downstream_session.stream() else {
         return std::future::pending().await;
     };
+    let socket = stream
+        .as_any()
+        .downcast_ref::<ClientStream>()
+        .map(ClientStream::socket);
+    let digest = stream.get_socket_digest();
     // The peek is a system call (tokio still holds the socket as readable from the request's
     // read): a request answered within this wait never makes it; a generation hardly notices.
     tokio::time::sleep_until(since + WATCH_AFTER).await;
-    let mut byte = [0u8; 1];
-    match socket.peek(&mut byte).await {
-        Ok(0) => Error::explain(
-            ErrorType::ConnectionClosed,
-            "the client closed its connection",
-        )
-        .into_down(),
-        // Bytes after the request (a pipelined next one, or a byte sent to keep the watch
-        // off): the end of the stream is behind them, where a peek cannot see it. The
-        // kernel's view of the connection can: a client that closed left it in CLOSE_WAIT.
-        Ok(_) => loop {
-            tokio::time::sleep(WATCH_BEHIND_BYTES).await;
-            if peer_closed(socket) {
-                break Error::explain(
-                    ErrorType::ConnectionClosed,
-                    "the client closed its connection",
-                )
-                .into_down();
+    if let Some(socket) = socket {
+        let mut byte = [0u8; 1];
+        match socket.peek(&mut byte).await {
+            Ok(0) => return closed(),
+            Err(e) => {
+                return Error::because(ErrorType::ReadError, "the client's connection failed", e)
+                    .into_down()
             }
-        },
-        Err(e) => {
-            Error::because(ErrorType::ReadError, "the client's connection failed", e).into_down()
+            // Bytes after the request (a pipelined next one, or a byte sent to keep the watch
+            // off): the end of the stream is behind them, where a peek cannot see it.
+            Ok(_) => {}
         }
+    }
+    let Some(digest) = digest else {
+        return std::future::pending().await;
+    };
+    loop {
+        if peer_closed(&digest) {
+            return closed();
+        }
+        tokio::time::sleep(WATCH_BEHIND_BYTES).await;
     }
 }
 
