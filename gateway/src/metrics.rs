@@ -215,10 +215,10 @@ impl Metrics {
     }
 
     /// The principal label: `any` when principals are not labelled, `anonymous` without
-    /// one. Ids from the keys file and htpasswd are as many as the operator wrote, and are
-    /// used as they are; ids an identity provider, a validator or a client certificate names
-    /// are as many as the outside source has users, so each takes a slot, while fewer than
-    /// `max_principals` were seen, and counts as `other` after.
+    /// one. Ids the keys file or htpasswd lists are as many as the operator wrote, and are
+    /// used as they are, however the principal authenticated; ids an identity provider, a
+    /// validator or a proxy names are as many as the outside source has users, so each takes
+    /// a slot, while fewer than `max_principals` were seen, and counts as `other` after.
     fn principal_label<'a>(&self, p: Option<&'a Principal>) -> &'a str {
         if !self.labels.principal_label {
             return "any";
@@ -226,11 +226,14 @@ impl Metrics {
         let Some(p) = p else {
             return gateway_filter::ANONYMOUS;
         };
-        if matches!(p.method, "api_key" | "basic") {
+        if p.listed {
             return &p.id;
         }
-        if self.principals.read().is_ok_and(|s| s.contains(&p.id)) {
-            return &p.id;
+        match self.principals.read() {
+            Ok(s) if s.contains(&p.id) => return &p.id,
+            // Full: no write lock for every request of an unseen principal.
+            Ok(s) if s.len() >= self.labels.max_principals => return "other",
+            _ => {}
         }
         match self.principals.write() {
             Ok(mut s) if s.len() < self.labels.max_principals => {
@@ -318,8 +321,9 @@ mod tests {
         assert_eq!(m.model_label(None, true), "none");
     }
 
-    /// Principals named from outside (a JWT's subject, a validator's answer, a certificate)
-    /// take label slots, bounded; those of the keys file and htpasswd are always named.
+    /// Principals named from outside (a JWT's subject, a validator's answer, a proxy's
+    /// header) take label slots, bounded; those the keys file or htpasswd lists are always
+    /// named.
     #[test]
     fn principals_from_outside_take_bounded_label_slots() {
         let m = Metrics::new(
@@ -331,12 +335,15 @@ mod tests {
             },
         )
         .unwrap();
-        let p = |id: &str, method: &'static str| Principal {
+        let p = |id: &str, method: &'static str, listed: bool| Principal {
             id: id.to_string(),
             method,
+            listed,
             ..Principal::default()
         };
-        let subjects: Vec<Principal> = (0..5).map(|i| p(&format!("user-{i}"), "jwt")).collect();
+        let subjects: Vec<Principal> = (0..5)
+            .map(|i| p(&format!("user-{i}"), "jwt", false))
+            .collect();
         let labels: Vec<&str> = subjects
             .iter()
             .map(|s| m.principal_label(Some(s)))
@@ -347,8 +354,12 @@ mod tests {
             "user-0",
             "kept once seen"
         );
-        for i in 0..5 {
-            let key = p(&format!("key-{i}"), "api_key");
+        // Listed in the keys file: named, however it authenticated.
+        for (i, method) in ["api_key", "jwt", "forward", "proxy", "mtls"]
+            .into_iter()
+            .enumerate()
+        {
+            let key = p(&format!("key-{i}"), method, true);
             assert_eq!(m.principal_label(Some(&key)), key.id);
         }
         assert_eq!(m.principal_label(None), gateway_filter::ANONYMOUS);

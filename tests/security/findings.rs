@@ -1320,21 +1320,46 @@ async fn principals_from_outside_have_bounded_metric_labels() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    let resp = client()
-        .get(gw.url("/api/tags"))
-        .bearer_auth(DEMO_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The keys file's `demo`, once named by the proxy's header and once by its key: always
+    // named, whatever the slots.
+    for by_header in [true, false] {
+        let mut req = client().get(gw.url("/api/tags"));
+        req = if by_header {
+            req.header("tailscale-user-login", "demo")
+        } else {
+            req.bearer_auth(DEMO_KEY)
+        };
+        assert_eq!(req.send().await.unwrap().status(), 200);
+    }
+    // A request's counters are written after its answer: the scrape waits for all eight.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = client()
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counted: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("llm_gateway_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if counted >= 8.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let demo: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("llm_gateway_requests_total{") && l.contains("principal=\"demo\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(demo, 2.0, "{text}");
     let principals: std::collections::BTreeSet<&str> = text
         .lines()
         .filter(|l| l.starts_with("llm_gateway_requests_total{"))

@@ -26,8 +26,12 @@ pub fn reserved_principal_id(id: &str) -> bool {
 pub struct Principal {
     pub id: String,
     pub name: String,
-    /// How it authenticated: `api_key`, `basic`, `mtls`.
+    /// How it authenticated: `api_key`, `basic`, `mtls`, `jwt`, `forward`, `proxy`.
     pub method: &'static str,
+    /// The operator's own files name it (an entry of the keys file, a user of htpasswd),
+    /// however it authenticated: such principals are as many as the files list, while ids
+    /// named by an identity provider, a validator or a proxy are as many as it has users.
+    pub listed: bool,
     /// First 12 hex chars of the key's SHA-256, for audit lines; never the key.
     pub key_sha256_prefix: Option<String>,
     /// Models this principal may use (exact names or `family:*` globs); empty = any.

@@ -135,6 +135,7 @@ impl KeyStore {
                 id: e.id.clone(),
                 name: e.name.clone().unwrap_or_else(|| e.id.clone()),
                 method: "api_key",
+                listed: true,
                 key_sha256_prefix: e
                     .key_sha256
                     .as_ref()

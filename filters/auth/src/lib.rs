@@ -245,6 +245,7 @@ fn load(
                 .unwrap_or_else(|| Principal {
                     id: user.to_string(),
                     name: user.to_string(),
+                    listed: true,
                     ..Principal::default()
                 });
             basic_principals.insert(

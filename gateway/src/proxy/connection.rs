@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -324,11 +324,12 @@ impl GatewayApp {
         if !listener.addr.ip().is_unspecified() {
             let _ = digest.local_addr.set(Some(listener.addr.into()));
         }
+        let fd = tcp.as_raw_fd();
         let client = ClientStream::new(tcp, digest, self.limits.send_timeout);
         let accepted = tokio::time::Instant::now();
         match &listener.tls {
             None => {
-                self.serve(Conn::Plain(Box::new(client)), shutdown, accepted)
+                self.serve(Conn::Plain(Box::new(client)), fd, shutdown, accepted)
                     .await
             }
             // On the heap: the handshake's state would otherwise size every connection's task.
@@ -348,6 +349,7 @@ impl GatewayApp {
         accepted: tokio::time::Instant,
     ) {
         let deadline = accepted + self.limits.head_timeout;
+        let fd = client.socket().as_raw_fd();
         let stream: Stream =
             match tokio::time::timeout_at(deadline, tls.tls_handshake(client)).await {
                 Ok(Ok(s)) => Box::new(s),
@@ -357,14 +359,17 @@ impl GatewayApp {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             self.serve_h2(stream, shutdown, deadline).await;
         } else {
-            self.serve(Conn::Tls(stream), shutdown, accepted).await;
+            self.serve(Conn::Tls(stream), fd, shutdown, accepted).await;
         }
     }
 
     /// The HTTP/1 request loop of one connection, accepted at `accepted`.
+    /// `fd`: the connection's socket (under TLS too), for a look at its TCP state while a
+    /// request waits (see `forward::exchange::client_left`).
     async fn serve(
         &self,
         mut conn: Conn,
+        fd: RawFd,
         shutdown: &ShutdownWatch,
         accepted: tokio::time::Instant,
     ) {
@@ -442,7 +447,7 @@ impl GatewayApp {
             downstream.set_keepalive((!last).then_some(l.keepalive_timeout.as_secs().max(1)));
             // On the heap, boxed where it is made: a request's state (some 11 KiB) exists once
             // its bytes arrive, and is not part of every idle connection's task.
-            let request = Box::pin(super::h1::serve(&self.gateway, session, last, shape));
+            let request = Box::pin(super::h1::serve(&self.gateway, session, last, shape, fd));
             let Some(reused) = request.await else {
                 return;
             };

@@ -31,6 +31,9 @@ pub struct GwCtx {
     pub(super) trace: crate::telemetry::Trace,
     /// `logging::end_response` ran: what the request held is given back.
     pub(super) response_ended: bool,
+    /// The HTTP/1 client connection's socket (plain or TLS), owned by the session for the
+    /// request's whole life: asked for its TCP state, never read or written through this.
+    pub(super) client_socket: Option<std::os::fd::RawFd>,
 }
 
 impl GwCtx {
@@ -56,6 +59,7 @@ impl Default for GwCtx {
             lease: None,
             trace: Default::default(),
             response_ended: false,
+            client_socket: None,
         }
     }
 }

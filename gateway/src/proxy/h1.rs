@@ -16,12 +16,14 @@ use super::{logging, request, respond, Gateway, GwCtx};
 
 /// Serves the request whose whole head `session` holds, and hands the connection back when it
 /// may carry another one. `last`: the connection's last request. `shape`: the error shape of
-/// the route the head names, for an answer before the head is parsed.
+/// the route the head names, for an answer before the head is parsed. `socket`: the
+/// connection's socket.
 pub async fn serve(
     gw: &Gateway,
     mut session: Session,
     last: bool,
     shape: ErrorShape,
+    socket: std::os::fd::RawFd,
 ) -> Option<ReusedHttpStream> {
     match session.downstream_session.read_request().await {
         Ok(true) => {}
@@ -60,7 +62,10 @@ pub async fn serve(
         session.downstream_session.shutdown().await;
         return None;
     }
-    let mut ctx = GwCtx::default();
+    let mut ctx = GwCtx {
+        client_socket: Some(socket),
+        ..GwCtx::default()
+    };
     request::early(gw, &mut session, &mut ctx, last);
     let error = match request::filter(gw, &mut session, &mut ctx).await {
         Ok(true) => None,

@@ -2,11 +2,12 @@
 //! own framing and headers), sent with the held body in one write, then the wait for the
 //! answer's header within the first-byte deadline, with SSE keep-alives to the client meanwhile.
 
+use std::os::fd::RawFd;
+
 use bytes::Bytes;
 use gateway_filter::http::{header, Method, StatusCode};
 use gateway_filter::WireFormat;
 use pingora_core::protocols::http::v1::client::HttpSession;
-use pingora_core::protocols::SocketDigest;
 use pingora_core::Result;
 use pingora_error::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -163,7 +164,7 @@ async fn wait_for_header(
         // goes on waiting for a generation nobody reads, holding its backend slot (and an
         // HTTP/2 stream's task outlives its connection's caps). Dropping the backend's
         // connection stops it (Ollama and vLLM cancel a generation whose client left).
-        let gone = client_left(session, tokio::time::Instant::now());
+        let gone = client_left(session, ctx.client_socket, tokio::time::Instant::now());
         tokio::pin!(gone);
         return tokio::select! {
             answered = &mut read => Waited::Header(answered),
@@ -174,10 +175,7 @@ async fn wait_for_header(
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     // The keep-alives borrow the session, so the client is watched through the socket's TCP
     // state alone (no peek): a close or half-close shows before a keep-alive write fails.
-    let digest = session
-        .downstream_session
-        .stream()
-        .and_then(|s| s.get_socket_digest());
+    let fd = ctx.client_socket;
     let mut watch = tokio::time::interval_at(
         tokio::time::Instant::now() + WATCH_AFTER,
         WATCH_BEHIND_BYTES,
@@ -191,8 +189,8 @@ async fn wait_for_header(
                     return Waited::ClientGone(e);
                 }
             }
-            _ = watch.tick(), if digest.is_some() => {
-                if digest.as_deref().is_some_and(peer_closed) {
+            _ = watch.tick(), if fd.is_some() => {
+                if fd.is_some_and(peer_closed) {
                     return Waited::ClientGone(closed());
                 }
             }
@@ -217,12 +215,27 @@ const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 const WATCH_BEHIND_BYTES: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Whether the client has closed the connection (its end of the stream received, or a
-/// reset), whatever unread bytes come before that: the socket's TCP state (`TCP_INFO`).
-fn peer_closed(digest: &SocketDigest) -> bool {
+/// reset), whatever unread bytes come before that: the socket's TCP state (`TCP_INFO`). Only
+/// the state, its first byte, is read: kernels before 6.2 answer with a shorter `tcp_info`
+/// than the libc crate's (Pingora's own reader refuses any size but its own, and would never
+/// see a close there).
+fn peer_closed(socket: RawFd) -> bool {
+    // SAFETY: `tcp_info` is plain old data (all-zero is valid); getsockopt writes at most
+    // `len` bytes into it and says how many, on a socket the session keeps open for the call.
+    let (rc, len, state) = unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        );
+        (rc, len, info.tcpi_state)
+    };
     // linux/tcp_states.h: TCP_CLOSE_WAIT = 8 (the client's FIN came), TCP_CLOSE = 7 (reset).
-    digest
-        .tcp_info()
-        .is_some_and(|i| matches!(i.tcpi_state, 7 | 8))
+    rc == 0 && len >= 1 && matches!(state, 7 | 8)
 }
 
 /// Resolves when the client is known to have left while its request waits for the backend:
@@ -232,7 +245,11 @@ fn peer_closed(digest: &SocketDigest) -> bool {
 /// (the socket's bytes are the TLS layer's), or with bytes in front of the end, the socket's
 /// TCP state is asked every [`WATCH_BEHIND_BYTES`]. A half-closed connection counts as gone,
 /// as in nginx (`proxy_ignore_client_abort off`) and Go's servers (Ollama).
-pub(super) async fn client_left(session: &mut Session, since: tokio::time::Instant) -> Box<Error> {
+pub(super) async fn client_left(
+    session: &mut Session,
+    fd: Option<RawFd>,
+    since: tokio::time::Instant,
+) -> Box<Error> {
     if session.is_http2() {
         // A reset or close is the client leaving, like a closed HTTP/1 connection: recorded as
         // `client_disconnected`, with no answer attempted and no error logged.
@@ -246,14 +263,14 @@ pub(super) async fn client_left(session: &mut Session, since: tokio::time::Insta
         }
         .into_down();
     }
-    let Some(stream) = session.downstream_session.stream() else {
-        return std::future::pending().await;
-    };
-    let socket = stream
-        .as_any()
-        .downcast_ref::<ClientStream>()
+    let socket = session
+        .downstream_session
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<ClientStream>())
         .map(ClientStream::socket);
-    let digest = stream.get_socket_digest();
+    if socket.is_none() && fd.is_none() {
+        return std::future::pending().await;
+    }
     // The peek is a system call (tokio still holds the socket as readable from the request's
     // read): a request answered within this wait never makes it; a generation hardly notices.
     tokio::time::sleep_until(since + WATCH_AFTER).await;
@@ -270,11 +287,11 @@ pub(super) async fn client_left(session: &mut Session, since: tokio::time::Insta
             Ok(_) => {}
         }
     }
-    let Some(digest) = digest else {
+    let Some(fd) = fd else {
         return std::future::pending().await;
     };
     loop {
-        if peer_closed(&digest) {
+        if peer_closed(fd) {
             return closed();
         }
         tokio::time::sleep(WATCH_BEHIND_BYTES).await;

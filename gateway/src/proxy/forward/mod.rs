@@ -86,6 +86,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     ),
                     None => deadline,
                 };
+                let socket = ctx.client_socket;
                 let freed = pool.wait_freed(wake, || {
                     matches!(gw.router.pick(&ctx.req, &ctx.tried), Pick::Full)
                 });
@@ -94,7 +95,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 // the watch's wait, and must not start it over.
                 tokio::select! {
                     () = freed => continue,
-                    e = exchange::client_left(session, queued) => return Err(e),
+                    e = exchange::client_left(session, socket, queued) => return Err(e),
                 }
             }
             Pick::UnknownModel => {
