@@ -30,10 +30,44 @@ pub struct Metrics {
     /// Client connections closed at once because a cap was reached, by listener and cap.
     pub connections_refused: IntCounterVec,
     labels: LabelLimits,
-    models: RwLock<HashSet<String>>,
-    /// Principals named by an identity provider, a validator or a certificate (see
+    models: LabelSlots,
+    /// Principals named by an identity provider, a validator or a proxy (see
     /// [`Metrics::principal_label`]).
-    principals: RwLock<HashSet<String>>,
+    principals: LabelSlots,
+}
+
+/// Label values taken so far, at most `max`: a value seen is used as it is, a new one takes a
+/// slot while there is room, and beyond that the caller's catch-all stands in.
+struct LabelSlots {
+    max: usize,
+    seen: RwLock<HashSet<String>>,
+}
+
+impl LabelSlots {
+    fn new(max: usize) -> LabelSlots {
+        LabelSlots {
+            max,
+            seen: RwLock::new(HashSet::new()),
+        }
+    }
+
+    /// `value` when it was seen, or is new, `admit`ted and finds room; else `None`.
+    fn take<'a>(&self, value: &'a str, admit: bool) -> Option<&'a str> {
+        match self.seen.read() {
+            Ok(s) if s.contains(value) => return Some(value),
+            // Full: no write lock for every request of an unseen value.
+            Ok(s) if !admit || s.len() >= self.max => return None,
+            _ => {}
+        }
+        match self.seen.write() {
+            Ok(s) if s.contains(value) => Some(value),
+            Ok(mut s) if s.len() < self.max => {
+                s.insert(value.to_string());
+                Some(value)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What bounds the label values of the request and token counters (`metrics:` in the config).
@@ -176,9 +210,9 @@ impl Metrics {
                 &["listener", "cap"],
             )?,
             in_flight,
+            models: LabelSlots::new(labels.max_models),
+            principals: LabelSlots::new(labels.max_principals),
             labels,
-            models: RwLock::new(HashSet::new()),
-            principals: RwLock::new(HashSet::new()),
         })
     }
 
@@ -199,19 +233,7 @@ impl Metrics {
     /// slots with made-up names, and every real model not yet seen would count as `other`.
     fn model_label<'a>(&self, model: Option<&'a str>, admit: bool) -> &'a str {
         let Some(m) = model else { return "none" };
-        if self.models.read().is_ok_and(|s| s.contains(m)) {
-            return m;
-        }
-        if !admit {
-            return "other";
-        }
-        match self.models.write() {
-            Ok(mut s) if s.len() < self.labels.max_models => {
-                s.insert(m.to_string());
-                m
-            }
-            _ => "other",
-        }
+        self.models.take(m, admit).unwrap_or("other")
     }
 
     /// The principal label: `any` when principals are not labelled, `anonymous` without
@@ -229,19 +251,7 @@ impl Metrics {
         if p.listed {
             return &p.id;
         }
-        match self.principals.read() {
-            Ok(s) if s.contains(&p.id) => return &p.id,
-            // Full: no write lock for every request of an unseen principal.
-            Ok(s) if s.len() >= self.labels.max_principals => return "other",
-            _ => {}
-        }
-        match self.principals.write() {
-            Ok(mut s) if s.len() < self.labels.max_principals => {
-                s.insert(p.id.clone());
-                &p.id
-            }
-            _ => "other",
-        }
+        self.principals.take(&p.id, true).unwrap_or("other")
     }
 
     pub fn observe(&self, ctx: &RequestCtx) {
@@ -293,11 +303,9 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    /// Model label slots go to names a backend served; made-up names that are refused or
-    /// unknown never use them up (attacker review, 2026-12-04).
-    #[test]
-    fn only_served_models_take_a_label_slot() {
-        let m = Metrics::new(
+    /// Metrics with two label slots for models and two for outside principals.
+    fn two_slots() -> Metrics {
+        Metrics::new(
             &Registry::new(),
             LabelLimits {
                 principal_label: true,
@@ -305,7 +313,14 @@ mod tests {
                 max_principals: 2,
             },
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Model label slots go to names a backend served; made-up names that are refused or
+    /// unknown never use them up (attacker review, 2026-12-04).
+    #[test]
+    fn only_served_models_take_a_label_slot() {
+        let m = two_slots();
         for i in 0..100 {
             let junk = format!("junk-{i}");
             assert_eq!(m.model_label(Some(&junk), false), "other");
@@ -326,15 +341,7 @@ mod tests {
     /// named.
     #[test]
     fn principals_from_outside_take_bounded_label_slots() {
-        let m = Metrics::new(
-            &Registry::new(),
-            LabelLimits {
-                principal_label: true,
-                max_models: 2,
-                max_principals: 2,
-            },
-        )
-        .unwrap();
+        let m = two_slots();
         let p = |id: &str, method: &'static str, listed: bool| Principal {
             id: id.to_string(),
             method,

@@ -422,24 +422,14 @@ async fn an_http1_client_that_gives_up_frees_the_backend_at_once() {
     let m = mock().await;
     let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
     let body = json!({"model": MODEL, "prompt": "hi", "stream": false}).to_string();
-    let head = |wait_ms: u64| {
-        format!(
-            "POST /api/generate HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nx-mock-first-byte-ms: {wait_ms}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let waits = |ms: u64| format!("x-mock-first-byte-ms: {ms}\r\n");
     // Closed; half-closed; closed behind a byte that a peek would see first.
     for (how, trailer, half_close) in [
         ("closed", "", false),
         ("half-closed", "", true),
         ("closed behind a stray byte", "\n", false),
     ] {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-            .await
-            .unwrap();
-        s.write_all(format!("{}{trailer}", head(4000)).as_bytes())
-            .await
-            .unwrap();
+        let mut s = post_raw(gw.port, "/api/generate", &waits(4000), &body, trailer).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             gw.backend_in_flight("local").await,
@@ -459,12 +449,14 @@ async fn an_http1_client_that_gives_up_frees_the_backend_at_once() {
         );
     }
     // The start of a next request behind the first: the first is answered all the same.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    s.write_all(format!("{}GET /health HTTP/1.1\r\n", head(500)).as_bytes())
-        .await
-        .unwrap();
+    let mut s = post_raw(
+        gw.port,
+        "/api/generate",
+        &waits(500),
+        &body,
+        "GET /health HTTP/1.1\r\n",
+    )
+    .await;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let t = Instant::now();
@@ -489,7 +481,6 @@ async fn an_http1_client_that_gives_up_frees_the_backend_at_once() {
 /// instead of being refused as if the one who left were still waiting.
 #[tokio::test]
 async fn a_client_that_leaves_the_queue_gives_its_place_back() {
-    use tokio::io::AsyncWriteExt;
     let m = mock().await;
     let gw = Gateway::start(&format!(
         "backends:\n  - {{ name: local, url: '{}', kind: ollama, max_in_flight: 1 }}\nrouting: {{ queue: {{ size: 1, timeout: 5s }} }}\n",
@@ -511,20 +502,7 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut queued = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let text = body.to_string();
-    queued
-        .write_all(
-            format!(
-                "POST /api/generate HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
-                text.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+    let queued = post_raw(gw.port, "/api/generate", "", &body.to_string(), "").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(queued);
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -658,18 +658,14 @@ async fn a_client_that_leaves_during_keepalives_frees_the_backend() {
     ))
     .await;
     let body = json!({"model": "llama3.1:8b", "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string();
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    s.write_all(
-        format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nx-mock-first-byte-ms: 4000\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
+    let mut s = post_raw(
+        gw.port,
+        "/v1/chat/completions",
+        "x-mock-first-byte-ms: 4000\r\n",
+        &body,
+        "",
     )
-    .await
-    .unwrap();
+    .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(gw.backend_in_flight("local").await, 1.0, "under way");
     s.shutdown().await.unwrap();

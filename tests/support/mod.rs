@@ -408,6 +408,28 @@ pub async fn send_raw(port: u16, head: &str, body: &[u8]) -> (u16, Duration, Str
     (code, t.elapsed(), body)
 }
 
+/// Opens a plain TCP connection, writes one JSON `POST` to `path` (its Content-Length, the
+/// `headers` lines as given, each ending in CRLF) and then `after` (bytes behind the request),
+/// and hands the open connection back: for tests of a client that leaves or lingers.
+pub async fn post_raw(
+    port: u16,
+    path: &str,
+    headers: &str,
+    body: &str,
+    after: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}{after}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    s
+}
+
 /// One whole request over a plain TCP connection (with its Content-Length): status and body.
 pub async fn raw_request(
     port: u16,
