@@ -1153,7 +1153,6 @@ async fn the_context_window_is_capped_and_json_is_required() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.status(), 200);
 }
 
 // Attacker review (2026-12-04): a field written twice in one object. serde_json (and Python's
