@@ -200,24 +200,9 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
             Some(_) => return Err(bad("invalid_model", format!("`{field}` must be a string"))),
         }
     }
-    // The older create API carried a Modelfile whose FROM line names the base model. Its lines
-    // end at `\r` as at `\n`, after a byte-order mark, as Ollama's parser reads them.
+    // The older create API carried a Modelfile whose FROM line names the base model.
     if let Some(modelfile) = obj.get("modelfile").and_then(Value::as_str) {
-        let modelfile = modelfile.trim_start_matches('\u{feff}');
-        for line in modelfile.split(['\r', '\n']) {
-            let line = line.trim_start();
-            let (command, rest) =
-                line.split_at(line.find(char::is_whitespace).unwrap_or(line.len()));
-            if command.eq_ignore_ascii_case("from") {
-                // The rest of the line, unquoted, as Ollama reads a command's argument.
-                let arg = rest.trim();
-                let arg = ["\"\"\"", "\""]
-                    .iter()
-                    .find_map(|q| arg.strip_prefix(q)?.strip_suffix(q))
-                    .unwrap_or(arg);
-                ctx.named_models.push(arg.to_string());
-            }
-        }
+        ctx.named_models.extend(modelfile_bases(modelfile));
     }
     // Weights by digest (`files`, `adapters`) name no model the allow-list could judge.
     ctx.opaque_weights = ["files", "adapters"]
@@ -236,6 +221,45 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
     ctx.json = Some(Value::Object(obj));
     ctx.body = Some(body);
     Ok(())
+}
+
+/// The base models a legacy Modelfile's `FROM` lines name, as Ollama's parser may read them.
+/// Its lines end at `\r` as at `\n`, and it reads a line's first character as the start of
+/// a command whatever it is, but drops it, as every other character it does not print (a
+/// byte-order mark, a zero-width space, a control character), from what it keeps: so
+/// `\u{200b}FROM forbidden` is a FROM line to Ollama, and `FROM gpt-oss:120b-clo\u{200b}ud` names
+/// a cloud model. Such characters are skipped before the command here, and a name that held
+/// anything but printable ASCII is also named without it: a name too many is refused, not
+/// let through.
+fn modelfile_bases(modelfile: &str) -> Vec<String> {
+    let unquote = |arg: &str| -> String {
+        let arg = arg.trim();
+        ["\"\"\"", "\""]
+            .iter()
+            .find_map(|q| arg.strip_prefix(q)?.strip_suffix(q))
+            .unwrap_or(arg)
+            .to_string()
+    };
+    let mut names = Vec::new();
+    for line in modelfile.split(['\r', '\n']) {
+        let line = line.trim_start_matches(|c: char| c.is_whitespace() || !c.is_ascii_graphic());
+        let (command, rest) = line.split_at(line.find(char::is_whitespace).unwrap_or(line.len()));
+        if !command.eq_ignore_ascii_case("from") {
+            continue;
+        }
+        // The rest of the line, unquoted, as Ollama reads a command's argument.
+        let name = unquote(rest);
+        let printable: String = rest
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .collect();
+        let printable = unquote(&printable);
+        if printable != name {
+            names.push(printable);
+        }
+        names.push(name);
+    }
+    names
 }
 
 /// A body on a route the gateway has no parser for (one a custom rule allows, such as
@@ -339,7 +363,8 @@ mod tests {
     }
 
     /// A legacy Modelfile's `FROM` line is found however Ollama's parser would find it: after
-    /// a byte-order mark, on a line that ends at `\r`, in any case.
+    /// a byte-order mark or another character it does not print, on a line that ends at
+    /// `\r`, in any case.
     #[test]
     fn every_from_line_of_a_modelfile_is_judged() {
         for modelfile in [
@@ -348,6 +373,10 @@ mod tests {
             "SYSTEM x\r\n\tfrom\tqwen2.5:7b\r\n",
             "FROM \"qwen2.5:7b\"",
             "FROM \"\"\"qwen2.5:7b\"\"\"  ",
+            // Attacker review: a first character Ollama drops (it does not print) still
+            // starts the command.
+            "\u{200b}FROM qwen2.5:7b",
+            "SYSTEM x\n\u{1}from qwen2.5:7b",
         ] {
             let mut ctx = RequestCtx::new(String::new(), Method::POST, "/api/create".into());
             let body = serde_json::json!({"model": "llama3.1:mine", "modelfile": modelfile});
@@ -358,5 +387,15 @@ mod tests {
                 "{modelfile:?}"
             );
         }
+        // Inside the name, Ollama drops what it does not print: the name without them is
+        // judged too (`gpt-oss:120b-cloud` is a cloud model).
+        let mut ctx = RequestCtx::new(String::new(), Method::POST, "/api/create".into());
+        let body =
+            serde_json::json!({"model": "m:1", "modelfile": "FROM gpt-oss:120b-clo\u{200b}ud"});
+        parse_named_models(&mut ctx, Bytes::from(body.to_string())).unwrap();
+        assert_eq!(
+            ctx.named_models,
+            ["m:1", "gpt-oss:120b-cloud", "gpt-oss:120b-clo\u{200b}ud"]
+        );
     }
 }
