@@ -282,6 +282,13 @@ mod tests {
             .to_string();
         assert!(e.contains("listen[0]: 0.0.0.0:8080 is reachable from the network but has no TLS and the chain has no auth filter"), "{e}");
         assert!(e.contains("allow_insecure: true"), "{e}");
+        // A token of spaces is no token (it would match an empty `Bearer `).
+        let e = parse_str(
+            "listen: [ { addr: '127.0.0.1:8080' } ]\nadmin: { addr: '0.0.0.0:9091', token: '   ' }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("admin.token"), "{e}");
         let e = parse_str("listen: [ { addr: '127.0.0.1:1', allow_cidrs: [10.0.0.0/33] } ]\n")
             .unwrap_err()
             .to_string();

@@ -330,7 +330,13 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
                 format!("{addr} is also a public listener; metrics must not be served there: pick another port"),
             ));
         }
-        if !addr.ip().is_loopback() && cfg.admin.token.as_deref().is_none_or(str::is_empty) {
+        if !addr.ip().is_loopback()
+            && cfg
+                .admin
+                .token
+                .as_deref()
+                .is_none_or(|t| t.trim().is_empty())
+        {
             return Err((
                 "admin.token".into(),
                 format!("{addr} is reachable from the network: set `token: ${{ADMIN_TOKEN}}` so /admin/* and /metrics need it, or listen on 127.0.0.1"),
@@ -369,7 +375,8 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         filters,
         default_policy: cfg.policy != Some(PolicyDefault::None),
         admin,
-        admin_token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
+        // Blank is unset: a token of spaces would match an empty `Bearer ` (tokens are trimmed).
+        admin_token: cfg.admin.token.clone().filter(|t| !t.trim().is_empty()),
         metrics_principal_label: cfg.metrics.principal_label,
         metrics_max_models: cfg.metrics.max_models,
         metrics_max_principals: cfg.metrics.max_principals,
