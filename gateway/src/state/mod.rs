@@ -145,29 +145,7 @@ impl RedisState {
     /// pack answers): a server that is down at start leaves the gateway running on local
     /// state until it answers.
     pub fn start(spec: &StateSpec) -> Result<RedisState, SetupError> {
-        let mut info = redis::IntoConnectionInfo::into_connection_info(spec.url.as_str())
-            .map_err(SetupError::Client)?;
-        if let Some(pw) = &spec.password {
-            let settings = info.redis_settings().clone().set_password(pw.clone());
-            info = info.set_redis_settings(settings);
-        }
-        let client = match &spec.ca_file {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|source| SetupError::Ca {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                redis::Client::build_with_tls(
-                    info,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-            }
-            None => redis::Client::open(info),
-        }
-        .map_err(SetupError::Client)?;
+        let client = client(spec)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("llm-gateway-state")
@@ -257,6 +235,37 @@ impl RedisState {
             _runtime: Arc::new(runtime),
         })
     }
+}
+
+/// The server's client: its address, password, TLS roots and socket settings.
+fn client(spec: &StateSpec) -> Result<redis::Client, SetupError> {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(spec.url.as_str())
+        .map_err(SetupError::Client)?;
+    if let Some(pw) = &spec.password {
+        let settings = info.redis_settings().clone().set_password(pw.clone());
+        info = info.set_redis_settings(settings);
+    }
+    // Calls go out the moment they are made (redis-rs leaves Nagle on): with it, a call
+    // made while another request's call is on its way waits for that one's answer, a
+    // round trip more in the tail.
+    info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    match &spec.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| SetupError::Ca {
+                path: path.display().to_string(),
+                source,
+            })?;
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+        }
+        None => redis::Client::open(info),
+    }
+    .map_err(SetupError::Client)
 }
 
 /// The URL without its password, for logs.
@@ -845,5 +854,27 @@ mod tests {
             "redis://***@10.0.0.5:6379/0"
         );
         assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn calls_are_not_held_back_by_nagle() {
+        let spec = StateSpec {
+            url: "redis://127.0.0.1:1/0".into(),
+            password: None,
+            prefix: String::new(),
+            timeout: Duration::from_millis(20),
+            connect_timeout: Duration::from_secs(1),
+            on_error: OnError::Local,
+            lease_ttl: Duration::from_secs(30),
+            breaker_failures: 3,
+            breaker_retry: Duration::from_secs(1),
+            ca_file: None,
+            settle_window: Duration::from_millis(5),
+        };
+        assert!(client(&spec)
+            .unwrap()
+            .get_connection_info()
+            .tcp_settings()
+            .nodelay());
     }
 }
