@@ -304,27 +304,36 @@ fn has_reason_value(doc: &[u8]) -> bool {
 #[derive(Debug, Default)]
 pub struct UsageEventStripper {
     pending: Vec<u8>,
+    /// The last event ended with a CR that ended its chunk, and whether it was removed: a LF
+    /// that starts the next chunk completes its CRLF and goes (or not) with it.
+    ended_at_cr: Option<bool>,
 }
-
-static EVENT_END_LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
-static EVENT_END_CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
-static EVENT_END_CR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\r"));
 
 /// Most of an unfinished event held back: a backend that never ends its events (or ends
 /// lines with something else) gets its bytes passed on as they are, not buffered forever.
 pub const MAX_PENDING_EVENT: usize = 64 << 10;
 
-/// Where the first event in `buf` ends (after its blank line), with any of SSE's three line
-/// endings.
+/// Where the first event in `buf` ends (after its blank line). Each line may end with any of
+/// SSE's three line endings (CRLF, LF, CR), mixed within an event (`data: x\n\r\n`). A CR
+/// that ends the buffer may be the first half of a CRLF: after a line with text the event
+/// waits for the next byte; a blank line ends the event there (a LF that follows is then a
+/// blank line of its own, passed on as it is).
 fn event_end(buf: &[u8]) -> Option<usize> {
-    [
-        EVENT_END_LF.find(buf).map(|i| i + 2),
-        EVENT_END_CRLF.find(buf).map(|i| i + 4),
-        EVENT_END_CR.find(buf).map(|i| i + 2),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
+    let mut line_start = 0;
+    while let Some(at) = memchr::memchr2(b'\r', b'\n', &buf[line_start..]) {
+        let at = line_start + at;
+        let blank = at == line_start;
+        let next = match (buf[at], buf.get(at + 1)) {
+            (b'\r', Some(b'\n')) => at + 2,
+            (b'\r', None) if !blank => return None,
+            _ => at + 1,
+        };
+        if blank {
+            return Some(next);
+        }
+        line_start = next;
+    }
+    None
 }
 
 fn is_usage_only(event: &[u8]) -> bool {
@@ -351,15 +360,26 @@ fn is_usage_only(event: &[u8]) -> bool {
 impl UsageEventStripper {
     /// The bytes of `chunk` to pass on now (possibly none).
     pub fn filter(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.pending.len() + chunk.len());
+        let mut chunk = chunk;
+        if let (Some(removed), Some(b'\n')) = (self.ended_at_cr.take(), chunk.first()) {
+            if !removed {
+                out.push(b'\n');
+            }
+            chunk = &chunk[1..];
+        }
         self.pending.extend_from_slice(chunk);
-        let mut out = Vec::with_capacity(self.pending.len());
         let mut start = 0;
         while let Some(end) = event_end(&self.pending[start..]) {
             let event = &self.pending[start..start + end];
-            if !is_usage_only(event) {
+            let removed = is_usage_only(event);
+            if !removed {
                 out.extend_from_slice(event);
             }
             start += end;
+            if start == self.pending.len() && event.ends_with(b"\r") {
+                self.ended_at_cr = Some(removed);
+            }
         }
         self.pending.drain(..start);
         if self.pending.len() > MAX_PENDING_EVENT {
@@ -625,6 +645,35 @@ mod tests {
         let mut input = b"data: {\"choices\":[{}]}\r\r".to_vec();
         input.extend_from_slice(usage);
         assert_eq!(s.filter(&input), b"data: {\"choices\":[{}]}\r\r");
+        // Line endings mixed within an event end it too, at once, and a usage event so ended
+        // is removed, whichever byte a chunk ends at.
+        for (end, blank) in [("\n", "\r\n"), ("\r\n", "\n"), ("\r", "\r\n"), ("\n", "\r")] {
+            let event = format!("data: {{\"choices\":[{{}}]}}{end}{blank}");
+            let usage =
+                format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":1}}}}{end}{blank}");
+            let mut s = UsageEventStripper::default();
+            assert_eq!(
+                s.filter(event.as_bytes()),
+                event.as_bytes(),
+                "{end:?} {blank:?}"
+            );
+            let whole = format!("{event}{usage}{event}");
+            for cut in 0..=whole.len() {
+                let mut s = UsageEventStripper::default();
+                let mut got = s.filter(&whole.as_bytes()[..cut]);
+                got.extend(s.filter(&whole.as_bytes()[cut..]));
+                got.extend(s.finish());
+                assert_eq!(
+                    got,
+                    format!("{event}{event}").as_bytes(),
+                    "{end:?} {blank:?} split at {cut}"
+                );
+            }
+        }
+        // A CR ending a line of text may be half of a CRLF: the event is not over yet.
+        let mut s = UsageEventStripper::default();
+        assert_eq!(s.filter(b"data: {\"choices\":[{}]}\r"), b"");
+        assert_eq!(s.filter(b"\n\r\n"), b"data: {\"choices\":[{}]}\r\n\r\n");
         // A backend that never ends an event: bytes pass on once the bound is reached.
         let mut s = UsageEventStripper::default();
         let line = vec![b'x'; 1000];
