@@ -118,6 +118,35 @@ async fn tls_listener_serves_http2_and_refuses_plain_http() {
         &format!("{https}/api/generate"),
     ]);
     assert_eq!(code, "401");
+    // A GET whose stream carries data (no length announced on HTTP/2) is refused, not
+    // forwarded with a body the backend would not read; an empty one is served.
+    let (rc, code, _) = curl(&[
+        "--cacert",
+        p(&pki.ca),
+        "-H",
+        &auth,
+        "-X",
+        "GET",
+        "-H",
+        "Content-Length:",
+        "--data-binary",
+        body,
+        &format!("{https}/api/tags"),
+    ]);
+    assert_eq!(
+        (rc, code.as_str()),
+        (0, "400"),
+        "a GET with data over HTTP/2"
+    );
+    let (rc, code, _) = curl(&[
+        "--cacert",
+        p(&pki.ca),
+        "-H",
+        &auth,
+        &format!("{https}/api/tags"),
+    ]);
+    assert_eq!((rc, code.as_str()), (0, "200"));
+    assert_eq!(m.hits("/api/tags"), 1);
 
     // Plain HTTP to the TLS port fails cleanly and the gateway keeps serving.
     let (rc, code, _) = curl(&[&format!("http://127.0.0.1:{}/health", gw.port)]);

@@ -670,6 +670,15 @@ async fn framing_is_the_gateways_own_and_hop_headers_stay_behind() {
         format!("Content-Length: {0}\r\nContent-Length: {0}\r\n", body.len()),
         "Transfer-Encoding: gzip, chunked\r\n".to_string(),
         "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n".to_string(),
+        // Pingora drops the length beside chunked framing before the gateway's code runs.
+        format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+            body.len()
+        ),
+        format!(
+            "Transfer-Encoding: chunked\r\ncontent-length: {}\r\n",
+            body.len()
+        ),
     ] {
         let chunked = framing.contains("chunked");
         let payload = if chunked {
@@ -708,6 +717,64 @@ async fn framing_is_the_gateways_own_and_hop_headers_stay_behind() {
     }
     let length = seen.headers.iter().find(|(k, _)| k == "content-length");
     assert_eq!(length.map(|(_, v)| v.as_str()), Some("23"));
+}
+
+// A body on a GET is not read by every server (cpp-httplib, llama.cpp's server, reads one only
+// for POST, PUT, PATCH and DELETE): forwarded, it would be taken for the next request on the
+// pooled connection, unchecked, and its answer given to the next client.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_with_a_body_is_refused_not_forwarded() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "").await;
+    let auth = format!("Authorization: Bearer {USER_KEY}\r\n");
+    let hidden = "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Length: 46\r\n\r\n{\"prompt\":\"ATTACKER TEXT\",\"n_predict\":1000000}";
+    for (target, framing, payload, shape) in [
+        (
+            "/v1/models",
+            format!("Content-Length: {}\r\n", hidden.len()),
+            hidden.to_string(),
+            "openai",
+        ),
+        (
+            "/api/tags",
+            "Transfer-Encoding: chunked\r\n".to_string(),
+            format!("{:x}\r\n{hidden}\r\n0\r\n\r\n", hidden.len()),
+            "ollama",
+        ),
+        (
+            "/api/ps",
+            format!("Content-Length: {}\r\n", hidden.len()),
+            hidden.to_string(),
+            "ollama",
+        ),
+    ] {
+        let (code, _, out) = send_raw(
+            gw.port,
+            &format!("GET {target} HTTP/1.1\r\nHost: x\r\n{auth}{framing}\r\n"),
+            payload.as_bytes(),
+        )
+        .await;
+        assert_eq!(code, 400, "{target}: {out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let code = match shape {
+            "openai" => &v["error"]["code"],
+            _ => &v["code"],
+        };
+        assert_eq!(code, "body_not_allowed", "{target}: {out}");
+    }
+    assert_eq!(m.total(), 0, "nothing reached the backend");
+    // Without a body (or with an empty one) the same requests are served.
+    for framing in ["", "Content-Length: 0\r\n"] {
+        let (code, _, out) = send_raw(
+            gw.port,
+            &format!(
+                "GET /api/tags HTTP/1.1\r\nHost: x\r\n{auth}{framing}Connection: close\r\n\r\n"
+            ),
+            b"",
+        )
+        .await;
+        assert_eq!(code, 200, "{framing:?}: {out}");
+    }
 }
 
 // Finding 4: limits hold on every route, not only inference.

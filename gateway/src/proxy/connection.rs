@@ -164,7 +164,23 @@ enum Head {
 /// so its header table never lives in a future.
 fn judge_head(buf: &[u8]) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::Request::new(&mut headers).parse(buf) {
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        // Pingora drops a Content-Length sent beside `Transfer-Encoding` before any gateway
+        // code sees the head: judged here, where both are still there (see framing.rs).
+        Ok(httparse::Status::Complete(_))
+            if ["content-length", "transfer-encoding"].iter().all(|name| {
+                req.headers
+                    .iter()
+                    .any(|h| h.name.eq_ignore_ascii_case(name))
+            }) =>
+        {
+            Some(Head::Refused(
+                StatusCode::BAD_REQUEST,
+                "invalid_framing",
+                super::framing::BOTH_LENGTHS.to_string(),
+            ))
+        }
         Ok(httparse::Status::Complete(_)) => Some(Head::Complete),
         Ok(httparse::Status::Partial) => None,
         Err(httparse::Error::TooManyHeaders) => Some(Head::Refused(

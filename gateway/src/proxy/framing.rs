@@ -2,7 +2,7 @@
 //! framing it chose itself, so any doubt about where a request ends is refused, never passed
 //! on (request smuggling lives in the gap between two parsers' readings).
 
-use gateway_filter::http::{header, HeaderMap, StatusCode};
+use gateway_filter::http::{header, HeaderMap, Method, StatusCode};
 use gateway_filter::Rejection;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
@@ -19,6 +19,20 @@ pub fn check(req: &RequestHeader) -> Result<(), Rejection> {
     check_headers(&req.headers)
 }
 
+pub const BOTH_LENGTHS: &str = "Content-Length and Transfer-Encoding must not be sent together";
+
+/// Whether a request of this method may carry a body. Servers do not read one on GET, HEAD,
+/// OPTIONS or TRACE (cpp-httplib, which llama.cpp's server is built on, reads a body only for
+/// POST, PUT, PATCH and DELETE): a body forwarded with such a request would be read by the
+/// backend as the next request on the connection, unchecked, and its answer handed to
+/// whichever client used the connection next.
+pub fn body_allowed(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    )
+}
+
 fn check_headers(h: &HeaderMap) -> Result<(), Rejection> {
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
     if let Some(v) = lengths.next() {
@@ -32,12 +46,28 @@ fn check_headers(h: &HeaderMap) -> Result<(), Rejection> {
             return Err(bad("only `Transfer-Encoding: chunked` is accepted"));
         }
         if h.contains_key(header::CONTENT_LENGTH) {
-            return Err(bad(
-                "Content-Length and Transfer-Encoding must not be sent together",
-            ));
+            return Err(bad(BOTH_LENGTHS));
         }
     }
     Ok(())
+}
+
+/// The refusal of a body on a method that carries none ([`body_allowed`]).
+pub fn body_not_allowed(method: &Method) -> Rejection {
+    Rejection::new(
+        StatusCode::BAD_REQUEST,
+        "body_not_allowed",
+        format!("a {method} request carries no body; send it without one"),
+    )
+}
+
+/// Whether the head announces a body: chunked framing or a length other than zero (on
+/// HTTP/2, where data may come unannounced, the body read is judged as well).
+pub fn declares_body(session: &Session) -> bool {
+    let h = &session.req_header().headers;
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().iter().any(|b| *b != b'0'))
 }
 
 /// Whether the request carries a body (announced length, chunked framing, or an HTTP/2
@@ -46,10 +76,7 @@ pub fn has_body(session: &mut Session) -> bool {
     if session.is_http2() {
         return !session.is_body_done();
     }
-    let h = &session.req_header().headers;
-    h.contains_key(header::TRANSFER_ENCODING)
-        || h.get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes().iter().any(|b| *b != b'0'))
+    declares_body(session)
 }
 
 #[cfg(test)]

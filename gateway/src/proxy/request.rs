@@ -263,6 +263,12 @@ async fn admit(
         }
         return Ok(Next::Answer(respond::health_json(gw.router.as_ref())));
     }
+    if !super::framing::body_allowed(&ctx.req.method) && super::framing::declares_body(session) {
+        session.set_keepalive(None);
+        return Err(Refusal::failed(super::framing::body_not_allowed(
+            &ctx.req.method,
+        )));
+    }
     ctx.req.headers = session.req_header().headers.clone();
 
     let chain_rejected = |rejection| Refusal {
@@ -330,6 +336,11 @@ async fn read_held_body(
         }
     };
     ctx.req.bytes_in = bytes.len() as u64;
+    // An HTTP/2 stream may carry data its headers did not announce.
+    if !bytes.is_empty() && !super::framing::body_allowed(&ctx.req.method) {
+        session.set_keepalive(None);
+        return Err(super::framing::body_not_allowed(&ctx.req.method));
+    }
     if ctx.req.route.is_inference() {
         body::parse_inference(&mut ctx.req, bytes)
     } else if ctx.req.route.holds_body() {
