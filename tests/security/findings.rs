@@ -777,6 +777,78 @@ async fn a_get_with_a_body_is_refused_not_forwarded() {
     }
 }
 
+// Ollama reloads a model whenever a request's runner options differ from the loaded ones, and
+// `keep_alive: 0` unloads it: alternating them, an empty embedding request reloads a model of
+// many gigabytes for every other user. Requests may not set them (nor a template the server
+// runs) unless the operator says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_do_not_reload_or_unload_models_for_everyone() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "  - use: policy\n").await;
+    let c = client();
+    for (path, body) in [
+        (
+            "/api/embed",
+            json!({"model": "llama3.1:8b", "input": [], "options": {"num_batch": 511}}),
+        ),
+        (
+            "/api/embed",
+            json!({"model": "llama3.1:8b", "input": [], "keep_alive": 0}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "llama3.1:8b", "messages": [], "options": {"num_gpu": 0}}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "llama3.1:8b", "prompt": "x", "template": "{{.Prompt}}{{.Prompt}}"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ messages }}"}),
+        ),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .header("authorization", bearer(USER_KEY))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path} {body}");
+        assert_eq!(
+            error_of(r).await.0,
+            "server_setting_not_allowed",
+            "{path} {body}"
+        );
+    }
+    assert_eq!(m.total(), 0, "nothing reached the backend");
+    // Sampling options and the server's defaults pass.
+    let r = c
+        .post(gw.url("/api/chat"))
+        .header("authorization", bearer(USER_KEY))
+        .json(&json!({"model": "llama3.1:8b", "stream": false, "messages": [{"role": "user", "content": "hi"}], "options": {"temperature": 0.2, "num_ctx": 2048}, "keep_alive": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // With `server_settings: allow` they go through as sent.
+    let (gw, _d) = gateway(&m, "  - use: policy\n    server_settings: allow\n").await;
+    let r = c
+        .post(gw.url("/api/embed"))
+        .header("authorization", bearer(USER_KEY))
+        .json(&json!({"model": "llama3.1:8b", "input": ["x"], "keep_alive": "10m", "options": {"num_batch": 256}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = last_body(&m, "/api/embed");
+    assert_eq!(
+        (&seen["keep_alive"], &seen["options"]["num_batch"]),
+        (&json!("10m"), &json!(256))
+    );
+}
+
 // Finding 4: limits hold on every route, not only inference.
 #[tokio::test(flavor = "multi_thread")]
 async fn body_limits_hold_on_every_route() {

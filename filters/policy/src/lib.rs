@@ -21,7 +21,7 @@ use serde::Deserialize;
 pub use models::list_allows;
 use models::Gate;
 use rules::{preset, PathPattern, Rule, RuleSet, Verdict, PRESETS};
-use shape::OverCap;
+use shape::{OverCap, ServerSettings};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +40,9 @@ struct PolicyOptions {
     max_choices: Option<u64>,
     /// Largest Ollama context window (`options.num_ctx`); clamped or refused like the cap.
     max_context_tokens: Option<u64>,
+    /// Whether requests may set Ollama's runner options, `keep_alive` and request templates.
+    #[serde(default)]
+    server_settings: ServerSettings,
     #[serde(default = "yes")]
     require_json_content_type: bool,
     #[serde(default = "default_max_headers")]
@@ -84,6 +87,7 @@ pub struct PolicyFilter {
     over_output_cap: OverCap,
     max_choices: Option<u64>,
     max_context_tokens: Option<u64>,
+    server_settings: ServerSettings,
     require_json: bool,
     max_headers: usize,
     max_header_bytes: usize,
@@ -191,6 +195,7 @@ pub fn build(
         over_output_cap: o.over_output_cap,
         max_choices: o.max_choices,
         max_context_tokens: o.max_context_tokens,
+        server_settings: o.server_settings,
         require_json: o.require_json_content_type,
         max_headers: o.max_headers,
         max_header_bytes: usize::try_from(o.max_header_bytes.0).unwrap_or(usize::MAX),
@@ -333,6 +338,9 @@ impl PolicyFilter {
     fn check_inference(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if let Some(body) = &ctx.json {
             shape::check_types(ctx.route, body)?;
+            if self.server_settings == ServerSettings::Refuse {
+                shape::check_server_settings(ctx.route, body)?;
+            }
             if let Some(max) = self.max_messages {
                 let n = body
                     .get("messages")

@@ -148,6 +148,75 @@ pub fn check_choices(ctx: &RequestCtx, max: u64) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Whether requests may set what decides how the model server loads, keeps or formats a
+/// model ([`check_server_settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerSettings {
+    #[default]
+    Refuse,
+    Allow,
+}
+
+/// Ollama's runner options (`api.Runner`: how a model is loaded, and the older ones Ollama has
+/// read over time). The scheduler reloads a model whenever a request's differ from the loaded
+/// model's, so a client alternating two values reloads a model of many gigabytes for everyone
+/// using it, at the cost of an empty request. `num_ctx` is one of them and is bounded by
+/// `max_context_tokens`.
+const RUNNER_OPTIONS: [&str; 15] = [
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "use_mmap",
+    "num_thread",
+    "numa",
+    "low_vram",
+    "f16_kv",
+    "logits_all",
+    "vocab_only",
+    "use_mlock",
+    "num_gqa",
+    "rope_frequency_base",
+    "rope_frequency_scale",
+    "embedding_only",
+];
+
+/// Top-level fields with the same reach, by wire format: Ollama's `keep_alive` (`0` unloads the
+/// model once the request ends, a negative value pins it) and `/api/generate`'s `template` (a
+/// Go template the server runs: nested `define`s multiply the prompt without bound); the
+/// `chat_template` of vLLM and llama.cpp's server (a Jinja template the server runs).
+const OLLAMA_SETTINGS: [&str; 2] = ["keep_alive", "template"];
+const OPENAI_SETTINGS: [&str; 2] = ["keep_alive", "chat_template"];
+
+/// Refuses a request that sets how the server loads, keeps or formats the model. `null` is
+/// the server's default to every backend, so it passes.
+pub fn check_server_settings(route: Route, body: &Value) -> Result<(), Rejection> {
+    let set = |v: Option<&Value>| v.is_some_and(|v| !v.is_null());
+    let options = body.get("options").and_then(Value::as_object);
+    let option = RUNNER_OPTIONS
+        .iter()
+        .find(|k| set(options.and_then(|o| o.get(**k))))
+        .map(|k| format!("options.{k}"));
+    let fields = match route.wire_format() {
+        gateway_filter::WireFormat::Ollama => OLLAMA_SETTINGS,
+        gateway_filter::WireFormat::OpenAi => OPENAI_SETTINGS,
+    };
+    let field = fields
+        .iter()
+        .find(|k| set(body.get(**k)))
+        .map(|k| k.to_string());
+    match option.or(field) {
+        None => Ok(()),
+        Some(name) => Err(Rejection::new(
+            StatusCode::FORBIDDEN,
+            "server_setting_not_allowed",
+            format!(
+                "`{name}` changes how the model server loads, keeps or formats the model for everyone using it; this gateway does not let requests set it"
+            ),
+        )),
+    }
+}
+
 /// Caps Ollama's context window (`options.num_ctx`): a huge one costs GPU memory for every
 /// request, whatever it generates. Clamped, or refused in `reject` mode.
 pub fn apply_context_cap(ctx: &mut RequestCtx, cap: u64, mode: OverCap) -> Result<(), Rejection> {

@@ -212,3 +212,93 @@ fn option_errors() {
     .unwrap();
     assert_eq!(e.path, "over_output_cap");
 }
+
+#[tokio::test]
+async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
+    let f = filter(json!({}));
+    let refused = [
+        (
+            "/api/embed",
+            json!({"model": "m", "input": [], "options": {"num_batch": 511}}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "m", "messages": [], "options": {"num_gpu": 0}}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "m", "options": {"use_mmap": false}}),
+        ),
+        (
+            "/api/embeddings",
+            json!({"model": "m", "prompt": "x", "options": {"num_thread": 1}}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "m", "prompt": "", "keep_alive": 0}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "m", "messages": [], "keep_alive": "-1m"}),
+        ),
+        (
+            "/api/embed",
+            json!({"model": "m", "input": "x", "keep_alive": -1}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "m", "prompt": "x", "template": "{{define \"a\"}}{{.Prompt}}{{.Prompt}}{{end}}{{template \"a\" .}}"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "chat_template": "{% for x in range(9) %}{% endfor %}"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "options": {"main_gpu": 1}}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "x", "keep_alive": "1h"}),
+        ),
+    ];
+    for (path, body) in &refused {
+        let mut c = req(Method::POST, path, Some(body.clone()));
+        let r = f.on_request(&mut c).await.unwrap_err();
+        assert_eq!(
+            (r.status.as_u16(), r.code),
+            (403, "server_setting_not_allowed"),
+            "{path} {body}"
+        );
+    }
+    // Sampling options, the context window (bounded by max_context_tokens) and nulls (the
+    // server's defaults) pass.
+    for (path, body) in [
+        (
+            "/api/chat",
+            json!({"model": "m", "messages": [], "options": {"temperature": 0.1, "num_ctx": 4096, "seed": 1, "num_gpu": null}, "keep_alive": null}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "m", "prompt": "x", "template": null, "raw": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "chat_template_kwargs": {"enable_thinking": false}}),
+        ),
+    ] {
+        let mut c = req(Method::POST, path, Some(body.clone()));
+        f.on_request(&mut c).await.unwrap();
+    }
+    // An operator who lets requests choose says so.
+    let f = filter(json!({"server_settings": "allow"}));
+    for (path, body) in refused {
+        let mut c = req(Method::POST, path, Some(body.clone()));
+        f.on_request(&mut c).await.unwrap();
+    }
+    assert!(build(
+        &json!({"server_settings": "sometimes"}),
+        &BuildContext::default()
+    )
+    .is_err());
+}
