@@ -148,8 +148,8 @@ pub fn check_choices(ctx: &RequestCtx, max: u64) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Whether requests may set what decides how the model server loads, keeps or formats a
-/// model ([`check_server_settings`]).
+/// Whether requests may set what decides how the model server loads, keeps, formats or
+/// schedules models ([`check_server_settings`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ServerSettings {
@@ -184,11 +184,18 @@ const RUNNER_OPTIONS: [&str; 15] = [
 /// Top-level fields with the same reach, by wire format: Ollama's `keep_alive` (`0` unloads the
 /// model once the request ends, a negative value pins it) and `/api/generate`'s `template` (a
 /// Go template the server runs: nested `define`s multiply the prompt without bound); the
-/// `chat_template` of vLLM and llama.cpp's server (a Jinja template the server runs).
+/// `chat_template` of vLLM and llama.cpp's server (a Jinja template the server runs), vLLM's
+/// `mm_processor_kwargs` (e.g. a larger image resolution, more tokens per image) and
+/// `priority` (under `--scheduling-policy priority`, ahead of everyone else's requests).
 const OLLAMA_SETTINGS: [&str; 2] = ["keep_alive", "template"];
-const OPENAI_SETTINGS: [&str; 2] = ["keep_alive", "chat_template"];
+const OPENAI_SETTINGS: [&str; 4] = [
+    "keep_alive",
+    "chat_template",
+    "mm_processor_kwargs",
+    "priority",
+];
 
-/// Refuses a request that sets how the server loads, keeps or formats the model. `null` is
+/// Refuses a request that sets how the server loads, keeps, formats or schedules models. `null` is
 /// the server's default to every backend, so it passes.
 pub fn check_server_settings(route: Route, body: &Value) -> Result<(), Rejection> {
     let set = |v: Option<&Value>| v.is_some_and(|v| !v.is_null());
@@ -197,9 +204,9 @@ pub fn check_server_settings(route: Route, body: &Value) -> Result<(), Rejection
         .iter()
         .find(|k| set(options.and_then(|o| o.get(**k))))
         .map(|k| format!("options.{k}"));
-    let fields = match route.wire_format() {
-        gateway_filter::WireFormat::Ollama => OLLAMA_SETTINGS,
-        gateway_filter::WireFormat::OpenAi => OPENAI_SETTINGS,
+    let fields: &[&str] = match route.wire_format() {
+        gateway_filter::WireFormat::Ollama => &OLLAMA_SETTINGS,
+        gateway_filter::WireFormat::OpenAi => &OPENAI_SETTINGS,
     };
     let field = fields
         .iter()
@@ -211,7 +218,7 @@ pub fn check_server_settings(route: Route, body: &Value) -> Result<(), Rejection
             StatusCode::FORBIDDEN,
             "server_setting_not_allowed",
             format!(
-                "`{name}` changes how the model server loads, keeps or formats the model for everyone using it; this gateway does not let requests set it"
+                "`{name}` changes how the model server loads, keeps, formats or schedules models for everyone using it; this gateway does not let requests set it"
             ),
         )),
     }

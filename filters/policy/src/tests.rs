@@ -261,6 +261,14 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
             "/v1/completions",
             json!({"model": "m", "prompt": "x", "keep_alive": "1h"}),
         ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "priority": -100}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "mm_processor_kwargs": {"max_pixels": 99999999}}),
+        ),
     ];
     for (path, body) in &refused {
         let mut c = req(Method::POST, path, Some(body.clone()));
