@@ -264,6 +264,53 @@ async fn repeated_failures_lock_an_address_out() {
     assert_eq!(m.total(), 0);
 }
 
+/// Guesses sent in parallel meet the lockout as guesses sent one after another do: a password
+/// check under way counts as a failure until it ends, so a burst of bcrypt checks cannot all
+/// start before the first failure is counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_password_guesses_meet_the_lockout() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n    htpasswd: {}\n    brute_force: {{ max_failures: 3, window: 30s }}\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml"),
+        conf("htpasswd")
+    ))
+    .await;
+    let c = client();
+    let guesses = (0..12).map(|i| {
+        c.post(gw.url("/api/chat"))
+            .basic_auth("demo", Some(format!("guess-{i}")))
+            .json(&chat())
+            .send()
+    });
+    let answers = futures_util::future::join_all(guesses).await;
+    let mut statuses: Vec<u16> = answers
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    statuses.sort_unstable();
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    assert!(
+        checked <= 3,
+        "{checked} passwords checked in one burst: {statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        12 - checked,
+        "{statuses:?}"
+    );
+    let r = c
+        .post(gw.url("/api/chat"))
+        .basic_auth("demo", Some("demo"))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "locked: even the right password waits");
+    assert_eq!(m.total(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_keys_and_survives_a_broken_file() {
     let m = mock().await;

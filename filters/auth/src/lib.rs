@@ -79,7 +79,7 @@ struct BruteForceOptions {
     /// Failures from one IP within `window` before it is locked out; 0 turns it off.
     max_failures: u32,
     window: HumanDuration,
-    /// Width of the counting sketch (memory = 64 × slots bytes, whatever the IP count).
+    /// Most client networks counted at once (about 64 bytes each, while they have failures).
     slots: usize,
 }
 
@@ -274,6 +274,20 @@ impl AuthFilter {
             r = r.with_header(header::WWW_AUTHENTICATE, c.clone());
         }
         r
+    }
+
+    /// A check that takes time (a password hash, a validator's answer), counted against the
+    /// client's address while it runs, so guesses sent in parallel meet the lockout as guesses
+    /// sent one after another do: refused when the address's failures and checks under way
+    /// reach the limit.
+    fn attempt(&self, ctx: &mut RequestCtx) -> Result<Option<lockout::Attempt<'_>>, Rejection> {
+        match (&self.lockout, ctx.client_net) {
+            (Some(l), Some(ip)) => match l.attempt(&ip) {
+                Some(a) => Ok(Some(a)),
+                None => Err(locked_out(ctx, l)),
+            },
+            _ => Ok(None),
+        }
     }
 
     /// A failed attempt: counted against the client's IP, then 401.
@@ -522,14 +536,7 @@ impl Filter for AuthFilter {
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) {
             if l.locked(&ip).await? {
-                ctx.reject_reason = Some("locked_out");
-                let retry = HeaderValue::from(l.window.as_secs().max(1));
-                return Err(Rejection::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_auth_failures",
-                    "too many failed authentications from this address; try again later",
-                )
-                .with_header(header::RETRY_AFTER, retry));
+                return Err(locked_out(ctx, l));
             }
         }
         if self.mtls == MtlsMode::Require && ctx.client_cert_subjects.is_empty() {
@@ -581,11 +588,13 @@ impl Filter for AuthFilter {
                 let Some(rec) = state.keys.by_key_digest(&digest) else {
                     // The keys file first: an imported key may look like a JWT.
                     if self.jwt.is_some() && jwt::looks_like_jwt(&key) {
+                        let _attempt = self.attempt(ctx)?;
                         let p = self.by_jwt(ctx, &state, now, &key).await?;
                         return self.accept(ctx, p);
                     }
                     drop(key);
                     if self.forward.is_some() {
+                        let _attempt = self.attempt(ctx)?;
                         let p = self.forwarded(ctx, &state, now).await?;
                         return self.accept(ctx, p);
                     }
@@ -598,6 +607,7 @@ impl Filter for AuthFilter {
             }
             (Ok(Some(Credential::Basic { user, password })), _) => {
                 let local = state.htpasswd.as_ref().is_some_and(|h| h.has_user(&user));
+                let _attempt = self.attempt(ctx)?;
                 if self.forward.is_some() && !local {
                     let p = self.forwarded(ctx, &state, now).await?;
                     return self.accept(ctx, p);
@@ -628,6 +638,18 @@ impl Filter for AuthFilter {
         self.state.store(Arc::new(fresh));
         Ok(())
     }
+}
+
+/// 429 for an address locked out: failures (and checks under way) reached the limit.
+fn locked_out(ctx: &mut RequestCtx, l: &Lockout) -> Rejection {
+    ctx.reject_reason = Some("locked_out");
+    let retry = HeaderValue::from(l.window.as_secs().max(1));
+    Rejection::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_auth_failures",
+        "too many failed authentications from this address; try again later",
+    )
+    .with_header(header::RETRY_AFTER, retry)
 }
 
 #[cfg(test)]

@@ -1,33 +1,34 @@
-//! Brute-force lockout: failed authentications counted per client IP in fixed windows, in a
-//! count-min sketch of fixed size (`pingora-limits`), so a flood of addresses cannot grow
-//! memory. The sketch can only over-count, and a flood of failing addresses (an IPv6 /48 is
-//! 65,536 networks) fills it until innocent addresses read as locked; so an address is locked
-//! only when an exact count confirms it, kept for at most as many addresses as the sketch has
-//! slots. Past that, newly failing addresses go uncounted: lenient for an attacker with more
-//! networks than that (whose requests the address limits still bound), never unjust to an
-//! innocent address.
+//! Brute-force lockout: failed authentications counted per client network in fixed windows,
+//! exactly, for at most `slots` networks at once (a flood of addresses cannot grow memory;
+//! past that, newly failing networks go uncounted: lenient to an attacker with more networks
+//! than that, whose requests the address limits still bound, never unjust to an innocent one).
+//!
+//! A check that takes time (a password hash, a validator's answer) counts as a failure while
+//! it runs ([`Lockout::attempt`]), so guesses sent in parallel meet the limit as guesses sent
+//! one after another do; a check that succeeds gives its count back.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use gateway_filter::{Rejection, SharedState};
-use pingora_limits::rate::Rate;
 
 use crate::lockout_shared::SharedLockout;
 
-/// The sketch (4 rows of `slots` counters, twice: this window and the last, 4 MiB at the
-/// default size) is made at the first failure: an idle gateway does not carry it.
 pub struct Lockout {
-    /// The sketch, and when it was made (the exact count's windows begin with its own).
-    failures: std::sync::OnceLock<(Rate, Instant)>,
-    /// Exact failures of every failing address, at most `slots` of them.
-    exact: std::sync::Mutex<ExactCounts>,
+    /// Where the windows begin.
+    epoch: Instant,
+    /// Failures (and checks under way) of every failing address in its window.
+    exact: Mutex<ExactCounts>,
+    /// The window (plus one) in which an address last reached `max_failures`: before any
+    /// has in the current window, nobody is locked and the check takes no lock.
+    hot: AtomicU64,
     slots: usize,
-    max_failures: isize,
+    max_failures: u32,
     pub window: Duration,
-    /// Counts shared by every replica; the sketch stays the fallback (and counts too).
+    /// Counts shared by every replica; this replica's own stay the fallback (and count too).
     shared: Option<SharedLockout>,
 }
 
@@ -38,6 +39,31 @@ struct ExactCounts {
     purged: Option<u64>,
 }
 
+/// A check under way for an address, counted as a failure until it ends: dropped, it gives
+/// its count back (a failure is counted on its own, by [`Lockout::record_failure`]).
+pub struct Attempt<'a> {
+    lockout: &'a Lockout,
+    ip: IpAddr,
+    window: u64,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let mut exact = self.lockout.counts();
+        let emptied = match exact.counts.get_mut(&self.ip) {
+            Some((w, n)) if *w == self.window => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            _ => false,
+        };
+        // An address that only ever succeeded takes no slot.
+        if emptied {
+            exact.counts.remove(&self.ip);
+        }
+    }
+}
+
 impl Lockout {
     pub fn new(
         max_failures: u32,
@@ -46,10 +72,11 @@ impl Lockout {
         shared: Option<Arc<dyn SharedState>>,
     ) -> Self {
         Lockout {
-            failures: std::sync::OnceLock::new(),
+            epoch: Instant::now(),
             exact: Default::default(),
+            hot: AtomicU64::new(0),
             slots: slots.max(64),
-            max_failures: max_failures as isize,
+            max_failures,
             window,
             shared: shared.map(|st| SharedLockout::new(st, max_failures, window)),
         }
@@ -67,65 +94,71 @@ impl Lockout {
     }
 
     pub fn is_locked(&self, ip: &IpAddr) -> bool {
-        // The sketch first (no lock, nearly always below the threshold), then the exact count.
-        self.failures
-            .get()
-            .is_some_and(|(f, _)| f.observe(ip, 0) >= self.max_failures)
-            && self.exact_count(ip) >= self.max_failures
+        let now = self.window_now();
+        if self.hot.load(Ordering::Acquire) != now + 1 {
+            return false;
+        }
+        matches!(self.counts().counts.get(ip), Some(&(w, n)) if w == now && n >= self.max_failures)
+    }
+
+    /// Starts a check that takes time for `ip`: `None` when the address is locked, counting
+    /// the checks under way.
+    pub fn attempt(&self, ip: &IpAddr) -> Option<Attempt<'_>> {
+        let window = self.window_now();
+        if !self.count(ip, window, true) {
+            return None;
+        }
+        Some(Attempt {
+            lockout: self,
+            ip: *ip,
+            window,
+        })
     }
 
     pub fn record_failure(&self, ip: &IpAddr) {
-        self.failures
-            .get_or_init(|| {
-                (
-                    Rate::new_with_estimator_config(self.window, 4, self.slots),
-                    Instant::now(),
-                )
-            })
-            .0
-            .observe(ip, 1);
-        self.count_exactly(ip);
+        self.count(ip, self.window_now(), false);
         if let Some(s) = &self.shared {
             s.record_failure(ip);
         }
     }
 
+    fn counts(&self) -> std::sync::MutexGuard<'_, ExactCounts> {
+        self.exact.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn window_now(&self) -> u64 {
-        self.failures.get().map_or(0, |(_, e)| {
-            (e.elapsed().as_nanos() / self.window.as_nanos().max(1)) as u64
-        })
+        (self.epoch.elapsed().as_nanos() / self.window.as_nanos().max(1)) as u64
     }
 
-    fn exact_count(&self, ip: &IpAddr) -> isize {
-        let now = self.window_now();
-        let exact = self.exact.lock().unwrap_or_else(|p| p.into_inner());
-        match exact.counts.get(ip) {
-            Some(&(w, n)) if w == now => n as isize,
-            _ => 0,
-        }
-    }
-
-    fn count_exactly(&self, ip: &IpAddr) {
-        let now = self.window_now();
-        let mut exact = self.exact.lock().unwrap_or_else(|p| p.into_inner());
+    /// Adds one to `ip`'s count in window `now`; with `unless_locked`, only below the limit.
+    /// Answers false when the address was locked (and nothing was counted).
+    fn count(&self, ip: &IpAddr, now: u64, unless_locked: bool) -> bool {
+        let mut exact = self.counts();
         let ExactCounts { counts, purged } = &mut *exact;
         if !counts.contains_key(ip) && counts.len() >= self.slots {
             // Full: forget the windows that ended, once a window (a flood must not scan the
             // whole map per failure); still full, this address goes uncounted.
             if *purged == Some(now) {
-                return;
+                return true;
             }
             *purged = Some(now);
             counts.retain(|_, &mut (w, _)| w == now);
             if counts.len() >= self.slots {
-                return;
+                return true;
             }
         }
         let entry = counts.entry(*ip).or_insert((now, 0));
         if entry.0 != now {
             *entry = (now, 0);
         }
+        if unless_locked && entry.1 >= self.max_failures {
+            return false;
+        }
         entry.1 = entry.1.saturating_add(1);
+        if entry.1 >= self.max_failures {
+            self.hot.store(now + 1, Ordering::Release);
+        }
+        true
     }
 }
 
@@ -146,9 +179,8 @@ mod tests {
         assert!(!l.is_locked(&b));
     }
 
-    /// A flood of failing addresses fills the sketch until innocent addresses would read as
-    /// locked (an IPv6 /48 is 65,536 networks); the exact count keeps them unlocked. The
-    /// addresses the exact count still tracks are locked as before.
+    /// A flood of failing addresses (an IPv6 /48 is 65,536 networks) fills the count's slots:
+    /// no innocent address reads as locked, and the addresses still tracked are locked.
     #[test]
     fn a_flood_of_failing_addresses_locks_out_no_innocent_one() {
         let l = Lockout::new(3, Duration::from_secs(60), 64, None);
@@ -163,13 +195,37 @@ mod tests {
             }
         }
         let innocent: IpAddr = "198.51.100.7".parse().unwrap();
-        assert!(
-            l.failures.get().unwrap().0.observe(&innocent, 0) >= 3,
-            "the sketch alone would lock it"
-        );
         assert!(!l.is_locked(&innocent));
         assert!(l.is_locked(&attacker(0)), "tracked exactly: locked");
         assert!(l.exact.lock().unwrap().counts.len() <= 64, "bounded");
+    }
+
+    /// Checks that take time count while they run: guesses sent in parallel meet the limit as
+    /// guesses sent one after another do, and a check that succeeds gives its count back.
+    #[test]
+    fn checks_under_way_count_against_the_limit() {
+        let l = Lockout::new(3, Duration::from_secs(60), 1024, None);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let running: Vec<_> = (0..3).map(|_| l.attempt(&a).unwrap()).collect();
+        assert!(
+            l.attempt(&a).is_none(),
+            "a fourth guess waits for the others"
+        );
+        assert!(l.is_locked(&a));
+        drop(running);
+        assert!(!l.is_locked(&a), "succeeded: nothing counted");
+        assert!(l.counts().counts.is_empty(), "and nothing kept");
+        // Two fail (each counted as it ends), so one more may run, not two.
+        for _ in 0..2 {
+            let t = l.attempt(&a).unwrap();
+            l.record_failure(&a);
+            drop(t);
+        }
+        let last = l.attempt(&a).unwrap();
+        assert!(l.attempt(&a).is_none());
+        l.record_failure(&a);
+        drop(last);
+        assert!(l.is_locked(&a));
     }
 
     #[test]
