@@ -76,6 +76,7 @@ impl KeyRecord {
 pub struct KeyStore {
     by_digest: HashMap<[u8; 32], Arc<KeyRecord>>,
     by_id: HashMap<String, Arc<KeyRecord>>,
+    by_subject: HashMap<String, Arc<KeyRecord>>,
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
@@ -163,6 +164,20 @@ impl KeyStore {
                     format!("duplicate id {:?}; ids must be unique", e.id),
                 ));
             }
+            if let Some(subject) = &record.mtls_subject {
+                // Two entries for one certificate subject: which one a certificate signs in
+                // as would be chance.
+                if store
+                    .by_subject
+                    .insert(subject.clone(), record.clone())
+                    .is_some()
+                {
+                    return Err(Invalid::new(
+                        format!("{at}.mtls_subject"),
+                        format!("{subject:?} is another entry's mtls_subject too; a certificate subject may name one principal"),
+                    ));
+                }
+            }
             if let Some(d) = digest {
                 if store.by_digest.insert(d, record).is_some() {
                     return Err(Invalid::new(
@@ -187,9 +202,7 @@ impl KeyStore {
     }
 
     pub fn by_mtls_subject(&self, subject: &str) -> Option<&Arc<KeyRecord>> {
-        self.by_id
-            .values()
-            .find(|r| r.mtls_subject.as_deref() == Some(subject))
+        self.by_subject.get(subject)
     }
 
     pub fn len(&self) -> usize {
@@ -293,6 +306,9 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("appears twice"));
+        let dup_subject = "keys:\n  - { id: a, mtls_subject: svc.internal }\n  - { id: admin, mtls_subject: svc.internal, scopes: [admin] }\n";
+        let e = KeyStore::parse(dup_subject).unwrap_err().to_string();
+        assert!(e.starts_with("keys[1].mtls_subject"), "{e}");
         let unknown = "keys:\n  - { id: a, key: plain }\n";
         assert!(KeyStore::parse(unknown)
             .unwrap_err()
