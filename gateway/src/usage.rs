@@ -316,8 +316,8 @@ pub const MAX_PENDING_EVENT: usize = 64 << 10;
 /// Where the first event in `buf` ends (after its blank line). Each line may end with any of
 /// SSE's three line endings (CRLF, LF, CR), mixed within an event (`data: x\n\r\n`). A CR
 /// that ends the buffer may be the first half of a CRLF: after a line with text the event
-/// waits for the next byte; a blank line ends the event there (a LF that follows is then a
-/// blank line of its own, passed on as it is).
+/// waits for the next byte; a blank line ends the event there (a LF that starts the next
+/// chunk completes that CRLF and goes, or not, with its event: `UsageEventStripper`).
 fn event_end(buf: &[u8]) -> Option<usize> {
     let mut line_start = 0;
     while let Some(at) = memchr::memchr2(b'\r', b'\n', &buf[line_start..]) {
@@ -360,6 +360,10 @@ fn is_usage_only(event: &[u8]) -> bool {
 impl UsageEventStripper {
     /// The bytes of `chunk` to pass on now (possibly none).
     pub fn filter(&mut self, chunk: &[u8]) -> Vec<u8> {
+        if chunk.is_empty() {
+            // Nothing new: the state (a CR waiting for its LF) stays.
+            return Vec::new();
+        }
         let mut out = Vec::with_capacity(self.pending.len() + chunk.len());
         let mut chunk = chunk;
         if let (Some(removed), Some(b'\n')) = (self.ended_at_cr.take(), chunk.first()) {
@@ -670,6 +674,12 @@ mod tests {
                 );
             }
         }
+        // An empty chunk between a CR and its LF changes nothing.
+        let mut s = UsageEventStripper::default();
+        let usage = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\r";
+        assert_eq!(s.filter(usage), b"");
+        assert_eq!(s.filter(b""), b"");
+        assert_eq!(s.filter(b"\ndata: x\n\n"), b"data: x\n\n");
         // A CR ending a line of text may be half of a CRLF: the event is not over yet.
         let mut s = UsageEventStripper::default();
         assert_eq!(s.filter(b"data: {\"choices\":[{}]}\r"), b"");

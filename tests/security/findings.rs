@@ -779,8 +779,9 @@ async fn a_get_with_a_body_is_refused_not_forwarded() {
 
 // Ollama reloads a model whenever a request's runner options differ from the loaded ones, and
 // `keep_alive: 0` unloads it: alternating them, an empty embedding request reloads a model of
-// many gigabytes for every other user. Requests may not set them (nor a template the server
-// runs) unless the operator says so.
+// many gigabytes for every other user. Requests may not set runner options (nor a template the
+// server runs) unless the operator says so; `keep_alive` is removed, so the server's own
+// setting applies (Continue sends 30 minutes on every request).
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_do_not_reload_or_unload_models_for_everyone() {
     let m = mock().await;
@@ -790,10 +791,6 @@ async fn requests_do_not_reload_or_unload_models_for_everyone() {
         (
             "/api/embed",
             json!({"model": "llama3.1:8b", "input": [], "options": {"num_batch": 511}}),
-        ),
-        (
-            "/api/embed",
-            json!({"model": "llama3.1:8b", "input": [], "keep_alive": 0}),
         ),
         (
             "/api/chat",
@@ -832,6 +829,21 @@ async fn requests_do_not_reload_or_unload_models_for_everyone() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    for keep_alive in [json!(0), json!("1s"), json!(1800)] {
+        let r = c
+            .post(gw.url("/api/embed"))
+            .header("authorization", bearer(USER_KEY))
+            .json(&json!({"model": "llama3.1:8b", "input": ["x"], "keep_alive": keep_alive}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let seen = last_body(&m, "/api/embed");
+        assert!(
+            seen.get("keep_alive").is_none(),
+            "{keep_alive} reached the backend: {seen}"
+        );
+    }
     // With `server_settings: allow` they go through as sent.
     let (gw, _d) = gateway(&m, "  - use: policy\n    server_settings: allow\n").await;
     let r = c

@@ -203,6 +203,11 @@ impl Forwarder {
     }
 
     /// Asks the validator (or the cache) about the credentials in `req`.
+    /// The cached answer for these credentials, if any.
+    pub fn cached_for(&self, req: &HeaderMap) -> Option<Arc<Identity>> {
+        self.cached(&self.digest(req)?)
+    }
+
     pub async fn check(
         &self,
         req: &HeaderMap,

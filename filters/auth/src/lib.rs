@@ -277,16 +277,27 @@ impl AuthFilter {
     }
 
     /// A check that takes time (a password hash, a validator's answer), counted against the
-    /// client's address while it runs, so guesses sent in parallel meet the lockout as guesses
-    /// sent one after another do: refused when the address's failures and checks under way
-    /// reach the limit.
-    fn attempt(&self, ctx: &mut RequestCtx) -> Result<Option<lockout::Attempt<'_>>, Rejection> {
-        match (&self.lockout, ctx.client_net) {
-            (Some(l), Some(ip)) => match l.attempt(&ip) {
-                Some(a) => Ok(Some(a)),
-                None => Err(locked_out(ctx, l)),
-            },
-            _ => Ok(None),
+    /// client's address while it runs: an address's failures and checks under way together
+    /// stay within the limit, further checks waiting for one to end (at most
+    /// [`ATTEMPT_WAIT`]), so guesses sent in parallel meet the lockout as guesses sent one
+    /// after another do.
+    async fn attempt(
+        &self,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<lockout::Attempt<'_>>, Rejection> {
+        let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) else {
+            return Ok(None);
+        };
+        let until = tokio::time::Instant::now() + ATTEMPT_WAIT;
+        loop {
+            match l.attempt(&ip) {
+                lockout::Turn::Go(a) => return Ok(Some(a)),
+                lockout::Turn::Locked => return Err(locked_out(ctx, l)),
+                lockout::Turn::Wait if tokio::time::Instant::now() >= until => {
+                    return Err(locked_out(ctx, l))
+                }
+                lockout::Turn::Wait => tokio::time::sleep(ATTEMPT_POLL).await,
+            }
         }
     }
 
@@ -408,6 +419,11 @@ impl AuthFilter {
         if credentials::ambiguous(&ctx.headers) {
             return Err(self.failed(ctx, "ambiguous_credentials"));
         }
+        // A cached answer is no guess; the validator's answers are counted while they come.
+        let _attempt = match fwd.cached_for(&ctx.headers) {
+            Some(_) => None,
+            None => self.attempt(ctx).await?,
+        };
         let identity = match fwd
             .check(
                 &ctx.headers,
@@ -467,6 +483,7 @@ impl AuthFilter {
         if let Some(p) = state.cache.get(&digest) {
             return Ok(p);
         }
+        let _attempt = self.attempt(ctx).await?;
         // An unknown user goes through bcrypt too (against a decoy of the same cost), so the
         // answer's timing does not tell which user names exist.
         let Some((hash, known)) = file.hash_or_decoy(&user) else {
@@ -588,13 +605,11 @@ impl Filter for AuthFilter {
                 let Some(rec) = state.keys.by_key_digest(&digest) else {
                     // The keys file first: an imported key may look like a JWT.
                     if self.jwt.is_some() && jwt::looks_like_jwt(&key) {
-                        let _attempt = self.attempt(ctx)?;
                         let p = self.by_jwt(ctx, &state, now, &key).await?;
                         return self.accept(ctx, p);
                     }
                     drop(key);
                     if self.forward.is_some() {
-                        let _attempt = self.attempt(ctx)?;
                         let p = self.forwarded(ctx, &state, now).await?;
                         return self.accept(ctx, p);
                     }
@@ -607,7 +622,6 @@ impl Filter for AuthFilter {
             }
             (Ok(Some(Credential::Basic { user, password })), _) => {
                 let local = state.htpasswd.as_ref().is_some_and(|h| h.has_user(&user));
-                let _attempt = self.attempt(ctx)?;
                 if self.forward.is_some() && !local {
                     let p = self.forwarded(ctx, &state, now).await?;
                     return self.accept(ctx, p);
@@ -639,6 +653,10 @@ impl Filter for AuthFilter {
         Ok(())
     }
 }
+
+/// How long a check may wait for its turn behind its address's checks under way.
+const ATTEMPT_WAIT: Duration = Duration::from_secs(5);
+const ATTEMPT_POLL: Duration = Duration::from_millis(5);
 
 /// 429 for an address locked out: failures (and checks under way) reached the limit.
 fn locked_out(ctx: &mut RequestCtx, l: &Lockout) -> Rejection {

@@ -3,9 +3,10 @@
 //! past that, newly failing networks go uncounted: lenient to an attacker with more networks
 //! than that, whose requests the address limits still bound, never unjust to an innocent one).
 //!
-//! A check that takes time (a password hash, a validator's answer) counts as a failure while
-//! it runs ([`Lockout::attempt`]), so guesses sent in parallel meet the limit as guesses sent
-//! one after another do; a check that succeeds gives its count back.
+//! A check that takes time (a password hash, a validator's answer) is counted while it runs
+//! ([`Lockout::attempt`]): an address's failures and checks under way together stay within
+//! `max_failures`, further checks waiting their turn, so guesses sent in parallel meet the
+//! limit as guesses sent one after another do. Checks under way never lock an address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,9 +21,9 @@ use crate::lockout_shared::SharedLockout;
 pub struct Lockout {
     /// Where the windows begin.
     epoch: Instant,
-    /// Failures (and checks under way) of every failing address in its window.
+    /// Failures and checks under way of every such address in its window.
     exact: Mutex<ExactCounts>,
-    /// The window (plus one) in which an address last reached `max_failures`: before any
+    /// The latest window (plus one) in which an address reached `max_failures`: before any
     /// has in the current window, nobody is locked and the check takes no lock.
     hot: AtomicU64,
     slots: usize,
@@ -32,33 +33,54 @@ pub struct Lockout {
     shared: Option<SharedLockout>,
 }
 
-/// Failures per address (window number, count), and the window the map was last purged in.
+/// One address in one window.
+#[derive(Clone, Copy)]
+struct Count {
+    window: u64,
+    failures: u32,
+    under_way: u32,
+}
+
+/// Counts per address, and the window the map was last purged in.
 #[derive(Default)]
 struct ExactCounts {
-    counts: HashMap<IpAddr, (u64, u32)>,
+    counts: HashMap<IpAddr, Count>,
     purged: Option<u64>,
 }
 
-/// A check under way for an address, counted as a failure until it ends: dropped, it gives
-/// its count back (a failure is counted on its own, by [`Lockout::record_failure`]).
+/// What [`Lockout::attempt`] found.
+pub enum Turn<'a> {
+    /// The check may run; it is counted until the guard drops.
+    Go(Attempt<'a>),
+    /// Failures and checks under way fill the limit: ask again when one ends.
+    Wait,
+    Locked,
+}
+
+/// A check under way for an address (see [`Lockout::attempt`]).
 pub struct Attempt<'a> {
     lockout: &'a Lockout,
     ip: IpAddr,
     window: u64,
+    /// Not counted when the counts were full.
+    counted: bool,
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
+        if !self.counted {
+            return;
+        }
         let mut exact = self.lockout.counts();
-        let emptied = match exact.counts.get_mut(&self.ip) {
-            Some((w, n)) if *w == self.window => {
-                *n = n.saturating_sub(1);
-                *n == 0
+        let gone = match exact.counts.get_mut(&self.ip) {
+            Some(c) if c.window == self.window => {
+                c.under_way = c.under_way.saturating_sub(1);
+                c.under_way == 0 && c.failures == 0
             }
             _ => false,
         };
         // An address that only ever succeeded takes no slot.
-        if emptied {
+        if gone {
             exact.counts.remove(&self.ip);
         }
     }
@@ -94,29 +116,52 @@ impl Lockout {
     }
 
     pub fn is_locked(&self, ip: &IpAddr) -> bool {
-        let now = self.window_now();
-        if self.hot.load(Ordering::Acquire) != now + 1 {
+        if self.hot.load(Ordering::Acquire) != self.window_now() + 1 {
             return false;
         }
-        matches!(self.counts().counts.get(ip), Some(&(w, n)) if w == now && n >= self.max_failures)
+        let exact = self.counts();
+        let now = self.window_now();
+        matches!(exact.counts.get(ip), Some(c) if c.window == now && c.failures >= self.max_failures)
     }
 
-    /// Starts a check that takes time for `ip`: `None` when the address is locked, counting
-    /// the checks under way.
-    pub fn attempt(&self, ip: &IpAddr) -> Option<Attempt<'_>> {
-        let window = self.window_now();
-        if !self.count(ip, window, true) {
-            return None;
+    /// Asks to start a check that takes time for `ip`.
+    pub fn attempt(&self, ip: &IpAddr) -> Turn<'_> {
+        let mut exact = self.counts();
+        let now = self.window_now();
+        let Some(c) = self.entry(&mut exact, ip, now) else {
+            return Turn::Go(Attempt {
+                lockout: self,
+                ip: *ip,
+                window: now,
+                counted: false,
+            });
+        };
+        if c.failures >= self.max_failures {
+            return Turn::Locked;
         }
-        Some(Attempt {
+        if c.failures.saturating_add(c.under_way) >= self.max_failures {
+            return Turn::Wait;
+        }
+        c.under_way += 1;
+        Turn::Go(Attempt {
             lockout: self,
             ip: *ip,
-            window,
+            window: now,
+            counted: true,
         })
     }
 
     pub fn record_failure(&self, ip: &IpAddr) {
-        self.count(ip, self.window_now(), false);
+        {
+            let mut exact = self.counts();
+            let now = self.window_now();
+            if let Some(c) = self.entry(&mut exact, ip, now) {
+                c.failures = c.failures.saturating_add(1);
+                if c.failures >= self.max_failures {
+                    self.hot.fetch_max(now + 1, Ordering::AcqRel);
+                }
+            }
+        }
         if let Some(s) = &self.shared {
             s.record_failure(ip);
         }
@@ -126,39 +171,46 @@ impl Lockout {
         self.exact.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The window now. Read under the counts' lock by writers, so a later writer never
+    /// holds an earlier window.
     fn window_now(&self) -> u64 {
         (self.epoch.elapsed().as_nanos() / self.window.as_nanos().max(1)) as u64
     }
 
-    /// Adds one to `ip`'s count in window `now`; with `unless_locked`, only below the limit.
-    /// Answers false when the address was locked (and nothing was counted).
-    fn count(&self, ip: &IpAddr, now: u64, unless_locked: bool) -> bool {
-        let mut exact = self.counts();
-        let ExactCounts { counts, purged } = &mut *exact;
+    /// `ip`'s count in window `now` (a count of an earlier window starts again at zero);
+    /// `None` when the counts are full.
+    fn entry<'m>(
+        &self,
+        exact: &'m mut ExactCounts,
+        ip: &IpAddr,
+        now: u64,
+    ) -> Option<&'m mut Count> {
+        let ExactCounts { counts, purged } = exact;
         if !counts.contains_key(ip) && counts.len() >= self.slots {
             // Full: forget the windows that ended, once a window (a flood must not scan the
             // whole map per failure); still full, this address goes uncounted.
             if *purged == Some(now) {
-                return true;
+                return None;
             }
             *purged = Some(now);
-            counts.retain(|_, &mut (w, _)| w == now);
+            counts.retain(|_, c| c.window >= now);
             if counts.len() >= self.slots {
-                return true;
+                return None;
             }
         }
-        let entry = counts.entry(*ip).or_insert((now, 0));
-        if entry.0 != now {
-            *entry = (now, 0);
+        let c = counts.entry(*ip).or_insert(Count {
+            window: now,
+            failures: 0,
+            under_way: 0,
+        });
+        if c.window < now {
+            *c = Count {
+                window: now,
+                failures: 0,
+                under_way: 0,
+            };
         }
-        if unless_locked && entry.1 >= self.max_failures {
-            return false;
-        }
-        entry.1 = entry.1.saturating_add(1);
-        if entry.1 >= self.max_failures {
-            self.hot.store(now + 1, Ordering::Release);
-        }
-        true
+        Some(c)
     }
 }
 
@@ -197,34 +249,59 @@ mod tests {
         let innocent: IpAddr = "198.51.100.7".parse().unwrap();
         assert!(!l.is_locked(&innocent));
         assert!(l.is_locked(&attacker(0)), "tracked exactly: locked");
-        assert!(l.exact.lock().unwrap().counts.len() <= 64, "bounded");
+        assert!(l.counts().counts.len() <= 64, "bounded");
     }
 
-    /// Checks that take time count while they run: guesses sent in parallel meet the limit as
-    /// guesses sent one after another do, and a check that succeeds gives its count back.
+    /// Checks that take time count while they run: failures and checks under way together
+    /// stay within the limit (further checks wait their turn), so guesses sent in parallel meet
+    /// it as guesses sent one after another do. Checks under way never lock the address.
     #[test]
     fn checks_under_way_count_against_the_limit() {
         let l = Lockout::new(3, Duration::from_secs(60), 1024, None);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let running: Vec<_> = (0..3).map(|_| l.attempt(&a).unwrap()).collect();
-        assert!(
-            l.attempt(&a).is_none(),
-            "a fourth guess waits for the others"
-        );
-        assert!(l.is_locked(&a));
+        fn go<'a>(l: &'a Lockout, a: &IpAddr) -> Option<Attempt<'a>> {
+            match l.attempt(a) {
+                Turn::Go(t) => Some(t),
+                Turn::Wait => None,
+                Turn::Locked => panic!("locked"),
+            }
+        }
+        let running: Vec<_> = (0..3).map(|_| go(&l, &a).unwrap()).collect();
+        assert!(go(&l, &a).is_none(), "a fourth check waits for the others");
+        assert!(!l.is_locked(&a), "checks under way lock nobody out");
         drop(running);
-        assert!(!l.is_locked(&a), "succeeded: nothing counted");
-        assert!(l.counts().counts.is_empty(), "and nothing kept");
-        // Two fail (each counted as it ends), so one more may run, not two.
+        assert!(l.counts().counts.is_empty(), "succeeded: nothing kept");
+        // Two fail (each counted as it ends): one more may run, not two.
         for _ in 0..2 {
-            let t = l.attempt(&a).unwrap();
+            let t = go(&l, &a).unwrap();
             l.record_failure(&a);
             drop(t);
         }
-        let last = l.attempt(&a).unwrap();
-        assert!(l.attempt(&a).is_none());
+        let last = go(&l, &a).unwrap();
+        assert!(go(&l, &a).is_none());
         l.record_failure(&a);
         drop(last);
+        assert!(l.is_locked(&a));
+        assert!(matches!(l.attempt(&a), Turn::Locked));
+    }
+
+    /// With the counts full, an address goes uncounted, and its check gives nothing back.
+    #[test]
+    fn an_uncounted_check_takes_nothing_from_a_failure() {
+        let l = Lockout::new(2, Duration::from_secs(60), 64, None);
+        let ip = |i: u8| IpAddr::from([10, 0, 1, i]);
+        for i in 0..64 {
+            l.record_failure(&ip(i));
+        }
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let Turn::Go(t) = l.attempt(&a) else {
+            panic!("uncounted: may go")
+        };
+        // A slot frees; the address fails once, counted; the uncounted check ends.
+        l.counts().counts.remove(&ip(0));
+        l.record_failure(&a);
+        drop(t);
+        l.record_failure(&a);
         assert!(l.is_locked(&a));
     }
 

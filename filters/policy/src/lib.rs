@@ -365,6 +365,9 @@ impl PolicyFilter {
                 }
             }
         }
+        if self.server_settings == ServerSettings::Refuse {
+            shape::drop_keep_alive(ctx);
+        }
         if let Some(max) = self.max_choices {
             shape::check_choices(ctx, max)?;
         }

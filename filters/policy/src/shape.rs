@@ -181,19 +181,26 @@ const RUNNER_OPTIONS: [&str; 15] = [
     "embedding_only",
 ];
 
-/// Top-level fields with the same reach, by wire format: Ollama's `keep_alive` (`0` unloads the
-/// model once the request ends, a negative value pins it) and `/api/generate`'s `template` (a
-/// Go template the server runs: nested `define`s multiply the prompt without bound); the
+/// Top-level fields with the same reach, by wire format: `/api/generate`'s `template` (a Go
+/// template the server runs: nested `define`s multiply the prompt without bound); the
 /// `chat_template` of vLLM and llama.cpp's server (a Jinja template the server runs), vLLM's
 /// `mm_processor_kwargs` (e.g. a larger image resolution, more tokens per image) and
 /// `priority` (under `--scheduling-policy priority`, ahead of everyone else's requests).
-const OLLAMA_SETTINGS: [&str; 2] = ["keep_alive", "template"];
-const OPENAI_SETTINGS: [&str; 4] = [
-    "keep_alive",
-    "chat_template",
-    "mm_processor_kwargs",
-    "priority",
-];
+/// Ollama's `keep_alive` is removed instead ([`drop_keep_alive`]).
+const OLLAMA_SETTINGS: [&str; 1] = ["template"];
+const OPENAI_SETTINGS: [&str; 3] = ["chat_template", "mm_processor_kwargs", "priority"];
+
+/// Removes `keep_alive` from the request: `0` (or a short time) unloads the model once the
+/// request ends, for everyone using it, and some clients send a value on every request
+/// (Continue: 30 minutes), so the server's own setting (`OLLAMA_KEEP_ALIVE`) applies rather
+/// than the request refused.
+pub fn drop_keep_alive(ctx: &mut RequestCtx) {
+    if let Some(body) = ctx.json.as_mut().and_then(Value::as_object_mut) {
+        if body.remove("keep_alive").is_some() {
+            ctx.body_rewritten = true;
+        }
+    }
+}
 
 /// Refuses a request that sets how the server loads, keeps, formats or schedules models. `null` is
 /// the server's default to every backend, so it passes.

@@ -235,18 +235,6 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
         ),
         (
             "/api/generate",
-            json!({"model": "m", "prompt": "", "keep_alive": 0}),
-        ),
-        (
-            "/api/chat",
-            json!({"model": "m", "messages": [], "keep_alive": "-1m"}),
-        ),
-        (
-            "/api/embed",
-            json!({"model": "m", "input": "x", "keep_alive": -1}),
-        ),
-        (
-            "/api/generate",
             json!({"model": "m", "prompt": "x", "template": "{{define \"a\"}}{{.Prompt}}{{.Prompt}}{{end}}{{template \"a\" .}}"}),
         ),
         (
@@ -256,10 +244,6 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
         (
             "/v1/chat/completions",
             json!({"model": "m", "messages": [], "options": {"main_gpu": 1}}),
-        ),
-        (
-            "/v1/completions",
-            json!({"model": "m", "prompt": "x", "keep_alive": "1h"}),
         ),
         (
             "/v1/chat/completions",
@@ -298,12 +282,40 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
         let mut c = req(Method::POST, path, Some(body.clone()));
         f.on_request(&mut c).await.unwrap();
     }
+    // `keep_alive` is removed (the server's own setting applies), not refused.
+    for (path, body) in [
+        (
+            "/api/generate",
+            json!({"model": "m", "prompt": "", "keep_alive": 0}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "m", "messages": [], "keep_alive": "-1m"}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "x", "keep_alive": 1800}),
+        ),
+    ] {
+        let mut c = req(Method::POST, path, Some(body.clone()));
+        f.on_request(&mut c).await.unwrap();
+        let sent = c.json.as_ref().unwrap();
+        assert!(sent.get("keep_alive").is_none(), "{path} {body}: {sent}");
+        assert!(c.body_rewritten);
+    }
     // An operator who lets requests choose says so.
     let f = filter(json!({"server_settings": "allow"}));
     for (path, body) in refused {
         let mut c = req(Method::POST, path, Some(body.clone()));
         f.on_request(&mut c).await.unwrap();
     }
+    let mut c = req(
+        Method::POST,
+        "/api/chat",
+        Some(json!({"model": "m", "messages": [], "keep_alive": 0})),
+    );
+    f.on_request(&mut c).await.unwrap();
+    assert_eq!(c.json.as_ref().unwrap()["keep_alive"], 0);
     assert!(build(
         &json!({"server_settings": "sometimes"}),
         &BuildContext::default()
