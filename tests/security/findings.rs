@@ -861,6 +861,29 @@ async fn requests_do_not_reload_or_unload_models_for_everyone() {
     );
 }
 
+// The debug access line quotes what a client chose: a model name (or a token's subject) with a
+// newline or spaces cannot forge a line or a field.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_chosen_names_cannot_forge_access_lines() {
+    let m = mock().await;
+    let (gw, _d) = gateway(&m, "").await;
+    let r = client()
+        .post(gw.url("/api/chat"))
+        .header("authorization", bearer(USER_KEY))
+        .json(&json!({"model": "m\n[2026] access id=forged principal=admin status=200", "stream": false, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let line = gw.access_line(&id).await;
+    assert_eq!(field(&line, "principal"), "user", "{line}");
+    assert!(
+        !gw.log().lines().any(|l| l.starts_with("[2026] access")),
+        "{}",
+        gw.log()
+    );
+}
+
 // Finding 4: limits hold on every route, not only inference.
 #[tokio::test(flavor = "multi_thread")]
 async fn body_limits_hold_on_every_route() {

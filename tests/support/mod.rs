@@ -315,12 +315,50 @@ impl Drop for Gateway {
 
 /// Parses `key=value` fields of an access line.
 pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    let needle = format!(" {key}=");
-    let start = line
-        .find(&needle)
-        .map(|i| i + needle.len())
-        .unwrap_or_else(|| panic!("no {key} in {line}"));
-    line[start..].split(' ').next().unwrap_or_default()
+    // Read as logfmt: values a client chose are quoted (see proxy/logging.rs), and a key
+    // inside a quoted value is not a key.
+    let mut rest = line;
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut at = 0;
+    for (i, c) in line.char_indices() {
+        if quoted {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => quoted = false,
+                _ => {}
+            }
+            continue;
+        }
+        if c == '"' {
+            quoted = true;
+        } else if c == ' ' && line[i + 1..].starts_with(&format!("{key}=")) {
+            at = i + 1 + key.len() + 1;
+            rest = &line[at..];
+            break;
+        }
+    }
+    assert!(at > 0, "no {key} in {line}");
+    match rest.strip_prefix('"') {
+        Some(q) => {
+            let mut end = q.len();
+            let mut escaped = false;
+            for (i, c) in q.char_indices() {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => {
+                        end = i;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            &q[..end]
+        }
+        None => rest.split(' ').next().unwrap_or_default(),
+    }
 }
 
 pub fn client() -> reqwest::Client {

@@ -61,7 +61,9 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
             (u.prompt_tokens as i64, u.completion_tokens as i64)
         });
         log::debug!(
-            "access id={} client={} method={} path={} route={} model={} backend={} status={} decision={} reason={} principal={} retries={} ms={} prompt_tokens={prompt} completion_tokens={completion}",
+            // What a client chose (path, model, a token's subject) is quoted and escaped, so a
+            // space or newline in it cannot forge a field or a line.
+            "access id={} client={} method={} path={:?} route={} model={:?} backend={} status={} decision={} reason={} principal={:?} retries={} ms={} prompt_tokens={prompt} completion_tokens={completion}",
             req.request_id,
             req.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             req.method,
