@@ -40,6 +40,9 @@ struct PolicyOptions {
     max_choices: Option<u64>,
     /// Largest Ollama context window (`options.num_ctx`); clamped or refused like the cap.
     max_context_tokens: Option<u64>,
+    /// The one Ollama context window every request runs with (`options.num_ctx` written,
+    /// whatever the client asked): clients asking for different ones would reload the model.
+    context_tokens: Option<u64>,
     /// Whether requests may set Ollama's runner options, `keep_alive` and request templates.
     #[serde(default)]
     server_settings: ServerSettings,
@@ -87,6 +90,7 @@ pub struct PolicyFilter {
     over_output_cap: OverCap,
     max_choices: Option<u64>,
     max_context_tokens: Option<u64>,
+    context_tokens: Option<u64>,
     server_settings: ServerSettings,
     require_json: bool,
     max_headers: usize,
@@ -181,10 +185,17 @@ pub fn build(
         ("max_output_tokens", o.max_output_tokens),
         ("max_choices", o.max_choices),
         ("max_context_tokens", o.max_context_tokens),
+        ("context_tokens", o.context_tokens),
     ] {
         if value == Some(0) {
             return Err(OptionsError::new(key, "must be at least 1"));
         }
+    }
+    if o.context_tokens.is_some() && o.max_context_tokens.is_some() {
+        return Err(OptionsError::new(
+            "context_tokens",
+            "every request runs with this context window; remove max_context_tokens (it would never apply)",
+        ));
     }
     Ok(Arc::new(PolicyFilter {
         rules,
@@ -195,6 +206,7 @@ pub fn build(
         over_output_cap: o.over_output_cap,
         max_choices: o.max_choices,
         max_context_tokens: o.max_context_tokens,
+        context_tokens: o.context_tokens,
         server_settings: o.server_settings,
         require_json: o.require_json_content_type,
         max_headers: o.max_headers,
@@ -374,7 +386,9 @@ impl PolicyFilter {
         if let Some(cap) = self.max_output_tokens {
             shape::apply_output_cap(ctx, cap, self.over_output_cap)?;
         }
-        if let Some(cap) = self.max_context_tokens {
+        if let Some(n) = self.context_tokens {
+            shape::pin_context(ctx, n)?;
+        } else if let Some(cap) = self.max_context_tokens {
             shape::apply_context_cap(ctx, cap, self.over_output_cap)?;
         }
         Ok(())

@@ -231,6 +231,30 @@ pub fn check_server_settings(route: Route, body: &Value) -> Result<(), Rejection
     }
 }
 
+/// Runs every Ollama request with context window `n` (`options.num_ctx`, whatever was asked,
+/// a bad value still refused): Ollama reloads a model whenever a request asks for another
+/// context than it was loaded with, so one window for all keeps it loaded.
+pub fn pin_context(ctx: &mut RequestCtx, n: u64) -> Result<(), Rejection> {
+    if ctx.route.wire_format() != gateway_filter::WireFormat::Ollama {
+        return Ok(());
+    }
+    let Some(body) = ctx.json.as_mut().and_then(Value::as_object_mut) else {
+        return Ok(());
+    };
+    let options = body
+        .entry("options")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .ok_or_else(|| bad("invalid_options", "`options` must be an object"))?;
+    output::count("options.num_ctx", options.get("num_ctx"))
+        .map_err(|e| bad("invalid_options", e.to_string()))?;
+    if options.get("num_ctx").and_then(Value::as_u64) != Some(n) {
+        options.insert("num_ctx".to_string(), json!(n));
+        ctx.body_rewritten = true;
+    }
+    Ok(())
+}
+
 /// Caps Ollama's context window (`options.num_ctx`): a huge one costs GPU memory for every
 /// request, whatever it generates. Clamped, or refused in `reject` mode.
 pub fn apply_context_cap(ctx: &mut RequestCtx, cap: u64, mode: OverCap) -> Result<(), Rejection> {

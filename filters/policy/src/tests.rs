@@ -322,3 +322,48 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
     )
     .is_err());
 }
+
+#[tokio::test]
+async fn one_context_window_for_every_ollama_request() {
+    let f = filter(json!({"context_tokens": 8192}));
+    for body in [
+        json!({"model": "m", "messages": []}),
+        json!({"model": "m", "messages": [], "options": {"num_ctx": 2048}}),
+        json!({"model": "m", "messages": [], "options": {"num_ctx": "131072", "temperature": 0.1}}),
+    ] {
+        let mut c = req(Method::POST, "/api/chat", Some(body.clone()));
+        f.on_request(&mut c).await.unwrap();
+        let sent = c.json.as_ref().unwrap();
+        assert_eq!(sent["options"]["num_ctx"], 8192, "{body}");
+        assert!(c.body_rewritten);
+    }
+    let mut c = req(
+        Method::POST,
+        "/api/embed",
+        Some(json!({"model": "m", "input": "x", "options": {"num_ctx": 8192}})),
+    );
+    f.on_request(&mut c).await.unwrap();
+    assert!(!c.body_rewritten, "already that window: untouched");
+    let mut c = req(
+        Method::POST,
+        "/api/chat",
+        Some(json!({"model": "m", "messages": [], "options": {"num_ctx": 1.5}})),
+    );
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!(r.code, "invalid_options");
+    // OpenAI-format bodies carry no context window.
+    let mut c = req(
+        Method::POST,
+        "/v1/chat/completions",
+        Some(json!({"model": "m", "messages": []})),
+    );
+    f.on_request(&mut c).await.unwrap();
+    assert!(c.json.as_ref().unwrap().get("options").is_none());
+    let e = build(
+        &json!({"context_tokens": 8192, "max_context_tokens": 4096}),
+        &BuildContext::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("context_tokens"), "{e}");
+}
