@@ -17,7 +17,7 @@ pub fn from_headers(headers: &HeaderMap) -> Result<Option<Credential>, &'static 
         let (scheme, rest) = v.split_once(' ').ok_or("malformed")?;
         let rest = rest.trim();
         if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
-            return Ok(Some(Credential::ApiKey(rest.to_string())));
+            return token(rest).map(|t| Some(Credential::ApiKey(t)));
         }
         if scheme.eq_ignore_ascii_case("basic") {
             let raw = base64::engine::general_purpose::STANDARD
@@ -37,9 +37,19 @@ pub fn from_headers(headers: &HeaderMap) -> Result<Option<Credential>, &'static 
         if v.is_empty() {
             return Err("malformed");
         }
-        return Ok(Some(Credential::ApiKey(v.to_string())));
+        return token(v).map(|t| Some(Credential::ApiKey(t)));
     }
     Ok(None)
+}
+
+/// A key or token as one word: a space or comma inside (`Bearer k1, Bearer k2`, two values
+/// joined by a proxy) is two credentials, which a validator asked later could read
+/// differently from the keys file.
+fn token(v: &str) -> Result<String, &'static str> {
+    if v.bytes().any(|b| b == b',' || b.is_ascii_whitespace()) {
+        return Err("malformed");
+    }
+    Ok(v.to_string())
 }
 
 /// Whether the request carries more than one credential that differ (two `Authorization`
@@ -74,6 +84,27 @@ mod tests {
         let mut m = HeaderMap::new();
         m.insert(name, v.parse().unwrap());
         m
+    }
+
+    #[test]
+    fn joined_credentials_are_malformed() {
+        for v in [
+            "Bearer k1, Bearer k2",
+            "Bearer k1,k2",
+            "Bearer k1 k2",
+            "Bearer k1\tk2",
+        ] {
+            assert_eq!(
+                from_headers(&h("authorization", v)),
+                Err("malformed"),
+                "{v}"
+            );
+        }
+        assert_eq!(from_headers(&h("x-api-key", "k1, k2")), Err("malformed"));
+        assert_eq!(
+            from_headers(&h("authorization", "Bearer  sk-gw_abc.def~+/=")),
+            Ok(Some(Credential::ApiKey("sk-gw_abc.def~+/=".into())))
+        );
     }
 
     #[test]
