@@ -116,9 +116,9 @@ impl<'a> AuditLine<'a> {
                 .and_then(|p| p.key_sha256_prefix.as_deref()),
             client_ip: ctx.client_ip.map(|ip| ip.to_canonical()),
             method: ctx.method.as_str(),
-            path: &ctx.path,
+            path: clip(&ctx.path),
             route: ctx.route.as_str(),
-            model: ctx.model.as_deref(),
+            model: ctx.model.as_deref().map(clip),
             prompt_sha256: texts.as_deref().map(PromptHash::of),
             prompt_chars: texts
                 .as_ref()
@@ -139,10 +139,27 @@ impl<'a> AuditLine<'a> {
             duration_ms: ms(ctx.duration),
             bytes_in: ctx.bytes_in,
             bytes_out: ctx.bytes_out,
-            user_agent: ctx.header_str("user-agent"),
+            user_agent: ctx.header_str("user-agent").map(clip),
             prompt: if capture_prompts { texts } else { None },
         }
     }
+}
+
+/// Longest path, model name or user agent written: anyone can send long ones with every
+/// refused request (an HTTP/2 client resends a 4 KiB user agent in a few bytes), and the line
+/// must not be the amplifier.
+pub const MAX_FIELD: usize = 512;
+
+/// `s` cut to [`MAX_FIELD`] bytes, at a character boundary.
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_FIELD {
+        return s;
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// `Display` output on the stack (timestamp, address, decision): a line is written without
@@ -296,6 +313,24 @@ impl AuditLine<'_> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn long_client_values_are_cut() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(400); // 800 bytes
+        let cut = clip(&long);
+        assert!(cut.len() <= MAX_FIELD && cut.len() >= MAX_FIELD - 1);
+        assert!(long.starts_with(cut));
+        let path = format!("/v1/{}", "x".repeat(10_000));
+        let mut c = RequestCtx::new("r".into(), gateway_filter::http::Method::GET, path.clone());
+        c.model = Some("m".repeat(100_000));
+        c.headers
+            .insert("user-agent", "u".repeat(4096).parse().unwrap());
+        let line = AuditLine::new(&c, false);
+        assert_eq!(line.path.len(), MAX_FIELD);
+        assert_eq!(line.model.map(str::len), Some(MAX_FIELD));
+        assert_eq!(line.user_agent.map(str::len), Some(MAX_FIELD));
+    }
 
     /// The line's fields, in order, and how each is written (the timestamp's shape only).
     #[test]

@@ -138,6 +138,9 @@ pub struct AuthFilter {
     challenges: Vec<HeaderValue>,
     state: ArcSwap<Credentials>,
     lockout: Option<Lockout>,
+    /// Password hashes checked at once ([`BCRYPT_WAIT`]): half the cores at most, so a flood
+    /// of guesses from many networks cannot take every core from the proxy.
+    bcrypt_slots: tokio::sync::Semaphore,
 }
 
 /// Registry constructor: `- use: auth` plus [`AuthOptions`].
@@ -218,6 +221,9 @@ pub fn build(
         challenges,
         state: ArcSwap::from_pointee(credentials),
         lockout,
+        bcrypt_slots: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+        ),
     }))
 }
 
@@ -490,6 +496,17 @@ impl AuthFilter {
             return Err(self.failed(ctx, "unknown_user"));
         };
         let hash = hash.to_string();
+        let Ok(Ok(_slot)) = tokio::time::timeout(BCRYPT_WAIT, self.bcrypt_slots.acquire()).await
+        else {
+            // Busy with other checks: not the client's failure, not counted.
+            ctx.reject_reason = Some("auth_busy");
+            return Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_busy",
+                "too many passwords are being checked right now; try again shortly",
+            )
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+        };
         // bcrypt costs tens of milliseconds by design: never on a proxy thread.
         let ok =
             tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
@@ -653,6 +670,9 @@ impl Filter for AuthFilter {
         Ok(())
     }
 }
+
+/// How long a password check may wait for a free hashing slot.
+const BCRYPT_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a check may wait for its turn behind its address's checks under way.
 const ATTEMPT_WAIT: Duration = Duration::from_secs(5);

@@ -205,9 +205,22 @@ async fn whole_head(
     buf: &mut BytesMut,
     deadline: tokio::time::Instant,
 ) -> Head {
+    // Parsed when the head's blank line may have come, and otherwise once per 2 KiB (bytes
+    // that are not HTTP are still refused early): a head trickled a byte at a time is not
+    // parsed from its start at every byte.
+    let mut scanned: usize = 0;
+    let mut parsed: Option<usize> = None;
     loop {
-        if let Some(judged) = judge_head(buf) {
-            return judged;
+        let from = scanned.saturating_sub(3);
+        scanned = buf.len();
+        let ended = memchr::memmem::find(&buf[from..], b"\n\r\n").is_some()
+            || memchr::memmem::find(&buf[from..], b"\n\n").is_some();
+        let due = parsed.is_none_or(|at| buf.len() >= at + (2 << 10));
+        if ended || due || buf.len() >= MAX_HEAD {
+            parsed = Some(buf.len());
+            if let Some(judged) = judge_head(buf) {
+                return judged;
+            }
         }
         if buf.len() >= MAX_HEAD {
             return Head::Refused(

@@ -133,7 +133,8 @@ async fn refuse(
 ) {
     let mut ctx = GwCtx::default();
     ctx.req.request_id = request::new_request_id();
-    log::info!(
+    // Debug, not info: anyone can send these without end.
+    log::debug!(
         "request {}: head from {:?} refused with {}: {why}",
         ctx.req.request_id,
         session.client_addr(),

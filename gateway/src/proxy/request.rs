@@ -152,7 +152,8 @@ fn admitted(listener: Option<&ListenerSpec>, session: &Session, ctx: &GwCtx) -> 
     match ctx.req.client_ip {
         Some(ip) if l.admits(&ip) => true,
         ip => {
-            log::info!(
+            // Debug, not info: a denied network can send these without end (each is audited).
+            log::debug!(
                 "request {}: client {ip:?} is not allowed on listener {}",
                 ctx.req.request_id,
                 l.addr
