@@ -962,3 +962,19 @@ async fn the_validator_s_headers_are_removed_whoever_settles_the_request() {
     assert!(!ctx.headers.contains_key("cookie"));
     assert!(!ctx.headers.contains_key("x-api-key"));
 }
+
+#[test]
+fn checks_waiting_for_their_turn_are_bounded() {
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    let held: Vec<_> = (0..MAX_WAITING)
+        .map(|_| Waiting::enter(&count).unwrap())
+        .collect();
+    assert!(Waiting::enter(&count).is_none(), "past the bound: refused");
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::Acquire),
+        MAX_WAITING
+    );
+    drop(held);
+    assert_eq!(count.load(std::sync::atomic::Ordering::Acquire), 0);
+    assert!(Waiting::enter(&count).is_some());
+}
