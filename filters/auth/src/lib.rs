@@ -141,8 +141,9 @@ pub struct AuthFilter {
     /// Password hashes checked at once ([`BCRYPT_WAIT`]): half the cores at most, so a flood
     /// of guesses from many networks cannot take every core from the proxy.
     bcrypt_slots: tokio::sync::Semaphore,
-    /// Checks waiting for their turn behind their address's checks under way.
-    waiting: std::sync::atomic::AtomicUsize,
+    /// Checks waiting for their turn behind their address's checks under way
+    /// ([`MAX_WAITING`] at once).
+    waiting: tokio::sync::Semaphore,
 }
 
 /// Registry constructor: `- use: auth` plus [`AuthOptions`].
@@ -226,7 +227,7 @@ pub fn build(
         bcrypt_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
         ),
-        waiting: std::sync::atomic::AtomicUsize::new(0),
+        waiting: tokio::sync::Semaphore::new(MAX_WAITING),
     }))
 }
 
@@ -298,7 +299,7 @@ impl AuthFilter {
             return Ok(None);
         };
         let until = tokio::time::Instant::now() + ATTEMPT_WAIT;
-        let mut waiting: Option<Waiting<'_>> = None;
+        let mut waiting = None;
         loop {
             match l.attempt(&ip) {
                 lockout::Turn::Go(a) => return Ok(Some(a)),
@@ -310,10 +311,10 @@ impl AuthFilter {
                     // Waiting checks are bounded in number (reset HTTP/2 streams keep theirs):
                     // past the bound, a check that would wait is refused at once.
                     if waiting.is_none() {
-                        waiting = Waiting::enter(&self.waiting);
-                        if waiting.is_none() {
+                        let Ok(permit) = self.waiting.try_acquire() else {
                             return Err(locked_out(ctx, l));
-                        }
+                        };
+                        waiting = Some(permit);
                     }
                     tokio::time::sleep(ATTEMPT_POLL).await;
                 }
@@ -693,27 +694,6 @@ const ATTEMPT_WAIT: Duration = Duration::from_secs(5);
 const ATTEMPT_POLL: Duration = Duration::from_millis(25);
 /// Most checks waiting for their turn at once, all addresses together.
 const MAX_WAITING: usize = 256;
-
-/// A check waiting for its turn, counted in [`AuthFilter::waiting`] while it waits.
-struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> Option<Self> {
-        use std::sync::atomic::Ordering;
-        let before = count.fetch_add(1, Ordering::AcqRel);
-        if before >= MAX_WAITING {
-            count.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Waiting(count))
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
 
 /// 429 for an address locked out: failures (and checks under way) reached the limit.
 fn locked_out(ctx: &mut RequestCtx, l: &Lockout) -> Rejection {

@@ -965,16 +965,13 @@ async fn the_validator_s_headers_are_removed_whoever_settles_the_request() {
 
 #[test]
 fn checks_waiting_for_their_turn_are_bounded() {
-    let count = std::sync::atomic::AtomicUsize::new(0);
+    let waiting = tokio::sync::Semaphore::new(MAX_WAITING);
     let held: Vec<_> = (0..MAX_WAITING)
-        .map(|_| Waiting::enter(&count).unwrap())
+        .map(|_| waiting.try_acquire().unwrap())
         .collect();
-    assert!(Waiting::enter(&count).is_none(), "past the bound: refused");
-    assert_eq!(
-        count.load(std::sync::atomic::Ordering::Acquire),
-        MAX_WAITING
-    );
+    assert!(waiting.try_acquire().is_err(), "past the bound: refused");
+    assert_eq!(waiting.available_permits(), 0);
     drop(held);
-    assert_eq!(count.load(std::sync::atomic::Ordering::Acquire), 0);
-    assert!(Waiting::enter(&count).is_some());
+    assert_eq!(waiting.available_permits(), MAX_WAITING);
+    assert!(waiting.try_acquire().is_ok());
 }

@@ -196,7 +196,7 @@ const OPENAI_SETTINGS: [&str; 3] = ["chat_template", "mm_processor_kwargs", "pri
 /// than the request refused.
 pub fn drop_keep_alive(ctx: &mut RequestCtx) {
     if let Some(body) = ctx.json.as_mut().and_then(Value::as_object_mut) {
-        if body.remove("keep_alive").is_some() {
+        if body.shift_remove("keep_alive").is_some() {
             ctx.body_rewritten = true;
         }
     }
