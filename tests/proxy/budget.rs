@@ -172,14 +172,7 @@ async fn concurrent_requests_cannot_overspend() {
     let mut metrics = String::new();
     let mut spent = 0.0;
     for _ in 0..50 {
-        metrics = client()
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        metrics = gw.metrics().await;
         spent = metrics
             .lines()
             .find_map(|l| {

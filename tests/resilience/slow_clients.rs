@@ -264,14 +264,7 @@ async fn connection_caps_close_new_connections_at_once() {
     let n = c.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     drop((b, c));
-    let metrics = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     let refused = format!(
         "llm_gateway_connections_refused_total{{cap=\"max_connections_per_client\",listener=\"127.0.0.1:{port}\"}} 3"
     );

@@ -416,14 +416,7 @@ async fn strangers_are_refused_before_their_body_is_read() {
             .await
             .unwrap();
     }
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("llm_gateway_requests_total"));
     assert!(!metrics.contains("stranger-model"), "{metrics}");
     assert_eq!(m.hits("/v1/chat/completions"), 0);
@@ -1507,14 +1500,7 @@ async fn principals_from_outside_have_bounded_metric_labels() {
     // A request's counters are written after its answer: the scrape waits for all eight.
     let mut text = String::new();
     for _ in 0..100 {
-        text = client()
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        text = gw.metrics().await;
         let counted: f64 = text
             .lines()
             .filter(|l| l.starts_with("llm_gateway_requests_total{"))

@@ -201,16 +201,21 @@ impl Gateway {
         .unwrap_or(-1.0)
     }
 
-    /// The value of one series (`name{labels}` exactly as exposed) on the admin listener now.
-    pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = client()
+    /// The admin listener's `/metrics` text now.
+    pub async fn metrics(&self) -> String {
+        client()
             .get(self.admin_url("/metrics"))
             .send()
             .await
             .expect("metrics answer")
             .text()
             .await
-            .expect("metrics text");
+            .expect("metrics text")
+    }
+
+    /// The value of one series (`name{labels}` exactly as exposed) on the admin listener now.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics().await;
         let prefix = format!("{series} ");
         text.lines()
             .find_map(|l| l.strip_prefix(prefix.as_str()))
