@@ -202,12 +202,12 @@ impl Forwarder {
         any.then(|| h.finalize().into())
     }
 
-    /// Asks the validator (or the cache) about the credentials in `req`.
     /// The cached answer for these credentials, if any.
     pub fn cached_for(&self, req: &HeaderMap) -> Option<Arc<Identity>> {
         self.cached(&self.digest(req)?)
     }
 
+    /// Asks the validator (or the cache) about the credentials in `req`.
     pub async fn check(
         &self,
         req: &HeaderMap,

@@ -441,20 +441,25 @@ impl AuthFilter {
             return Err(self.failed(ctx, "ambiguous_credentials"));
         }
         // A cached answer is no guess; the validator's answers are counted while they come.
-        let _attempt = match fwd.cached_for(&ctx.headers) {
+        let cached = fwd.cached_for(&ctx.headers);
+        let _attempt = match cached {
             Some(_) => None,
             None => self.attempt(ctx).await?,
         };
-        let identity = match fwd
-            .check(
-                &ctx.headers,
-                &ctx.method,
-                &ctx.path,
-                ctx.query.as_deref(),
-                ctx.client_ip,
-            )
-            .await
-        {
+        let answer = match cached {
+            Some(hit) => Ok(hit),
+            None => {
+                fwd.check(
+                    &ctx.headers,
+                    &ctx.method,
+                    &ctx.path,
+                    ctx.query.as_deref(),
+                    ctx.client_ip,
+                )
+                .await
+            }
+        };
+        let identity = match answer {
             Ok(identity) => identity,
             Err(forward::Denied::Refused) => return Err(self.failed(ctx, "forward_denied")),
             // The validator's trouble is not the client's failure: no lockout count.

@@ -116,11 +116,11 @@ impl Lockout {
     }
 
     pub fn is_locked(&self, ip: &IpAddr) -> bool {
-        if self.hot.load(Ordering::Acquire) != self.window_now() + 1 {
+        let now = self.window_now();
+        if self.hot.load(Ordering::Acquire) != now + 1 {
             return false;
         }
         let exact = self.counts();
-        let now = self.window_now();
         matches!(exact.counts.get(ip), Some(c) if c.window == now && c.failures >= self.max_failures)
     }
 

@@ -206,11 +206,15 @@ pub fn drop_keep_alive(ctx: &mut RequestCtx) {
 /// the server's default to every backend, so it passes.
 pub fn check_server_settings(route: Route, body: &Value) -> Result<(), Rejection> {
     let set = |v: Option<&Value>| v.is_some_and(|v| !v.is_null());
-    let options = body.get("options").and_then(Value::as_object);
-    let option = RUNNER_OPTIONS
-        .iter()
-        .find(|k| set(options.and_then(|o| o.get(**k))))
-        .map(|k| format!("options.{k}"));
+    // One pass over what the client sent (usually a few sampling options).
+    let option = body
+        .get("options")
+        .and_then(Value::as_object)
+        .and_then(|o| {
+            o.iter()
+                .find(|(k, v)| RUNNER_OPTIONS.contains(&k.as_str()) && !v.is_null())
+        })
+        .map(|(k, _)| format!("options.{k}"));
     let fields: &[&str] = match route.wire_format() {
         gateway_filter::WireFormat::Ollama => &OLLAMA_SETTINGS,
         gateway_filter::WireFormat::OpenAi => &OPENAI_SETTINGS,
