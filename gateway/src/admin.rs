@@ -55,17 +55,18 @@ impl AdminToken {
     }
 }
 
+/// An error in OpenAI's shape, as every admin answer that is not a document.
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
+    let body =
+        gateway_filter::error_json(gateway_filter::ErrorShape::OpenAi, status, code, message);
+    respond(status, "application/json", body.into_bytes())
+}
+
 fn unauthorized() -> Response<Vec<u8>> {
-    let body = gateway_filter::error_json(
-        gateway_filter::ErrorShape::OpenAi,
+    let mut r = json_error(
         StatusCode::UNAUTHORIZED,
         "invalid_admin_token",
         "this endpoint needs the admin token",
-    );
-    let mut r = respond(
-        StatusCode::UNAUTHORIZED,
-        "application/json",
-        body.into_bytes(),
     );
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
@@ -123,16 +124,10 @@ impl AdminApp {
                 "application/json",
                 v.to_string().into_bytes(),
             ),
-            None => respond(
+            None => json_error(
                 StatusCode::NOT_FOUND,
-                "application/json",
-                gateway_filter::error_json(
-                    gateway_filter::ErrorShape::OpenAi,
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    &format!("no filter reports {name:?}"),
-                )
-                .into_bytes(),
+                "not_found",
+                &format!("no filter reports {name:?}"),
             ),
         }
     }
@@ -162,16 +157,10 @@ impl ServeHttp for AdminApp {
                 "application/json",
                 crate::proxy::health_json(self.router.as_ref()).into_bytes(),
             ),
-            _ => respond(
+            _ => json_error(
                 StatusCode::NOT_FOUND,
-                "application/json",
-                gateway_filter::error_json(
-                    gateway_filter::ErrorShape::OpenAi,
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "the admin listener serves /metrics and /health",
-                )
-                .into_bytes(),
+                "not_found",
+                "the admin listener serves /metrics and /health",
             ),
         }
     }

@@ -29,7 +29,8 @@ pub struct Metrics {
     pub connections: IntGaugeVec,
     /// Client connections closed at once because a cap was reached, by listener and cap.
     pub connections_refused: IntCounterVec,
-    labels: LabelLimits,
+    /// Whether requests are labelled by principal (`metrics.principal_label`).
+    principal_label: bool,
     models: LabelSlots,
     /// Principals named by an identity provider, a validator or a proxy (see
     /// [`Metrics::principal_label`]).
@@ -212,7 +213,7 @@ impl Metrics {
             in_flight,
             models: LabelSlots::new(labels.max_models),
             principals: LabelSlots::new(labels.max_principals),
-            labels,
+            principal_label: labels.principal_label,
         })
     }
 
@@ -242,7 +243,7 @@ impl Metrics {
     /// validator or a proxy names are as many as the outside source has users, so each takes
     /// a slot, while fewer than `max_principals` were seen, and counts as `other` after.
     fn principal_label<'a>(&self, p: Option<&'a Principal>) -> &'a str {
-        if !self.labels.principal_label {
+        if !self.principal_label {
             return "any";
         }
         let Some(p) = p else {

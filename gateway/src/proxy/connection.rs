@@ -213,9 +213,10 @@ async fn whole_head(
     loop {
         let from = scanned.saturating_sub(3);
         scanned = buf.len();
-        let ended = memchr::memmem::find(&buf[from..], b"\n\r\n").is_some()
-            || memchr::memmem::find(&buf[from..], b"\n\n").is_some();
         let due = parsed.is_none_or(|at| buf.len() >= at + (2 << 10));
+        let ended = !due
+            && (memchr::memmem::find(&buf[from..], b"\n\r\n").is_some()
+                || memchr::memmem::find(&buf[from..], b"\n\n").is_some());
         if ended || due || buf.len() >= MAX_HEAD {
             parsed = Some(buf.len());
             if let Some(judged) = judge_head(buf) {
