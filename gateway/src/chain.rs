@@ -110,21 +110,27 @@ impl FilterChain {
     }
 
     /// Runs the filters that need no body (address limits, authentication), up to the first
-    /// one that does.
+    /// one that does. Their deferred checks may still be waiting when it returns: the caller
+    /// reads the body while their answers travel ([`RequestCtx::answers`]), or leaves them to
+    /// [`FilterChain::on_request_after_body`]. A filter that cannot run alongside them (a
+    /// password check) awaited them before it ran, so a body is read only for a request
+    /// whose credentials were settled without waiting (an API key, a client certificate).
     pub async fn on_request_before_body(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         self.on_request(ctx, 0..self.body_needed_at).await
     }
 
-    /// Runs the rest of the chain, once the body (if the route has one) is read.
+    /// Runs the rest of the chain, once the body (if the route has one) is read, and awaits
+    /// every check still waiting: the request goes on only once all of them passed.
     pub async fn on_request_after_body(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         self.on_request(ctx, self.body_needed_at..self.filters.len())
-            .await
+            .await?;
+        ctx.settle_pending().await
     }
 
     /// Runs `on_request` of the filters in `range`, in order; the first rejection stops the
     /// chain and is recorded in `ctx.decision`. Deferred checks are awaited together before
-    /// a filter that cannot run alongside them, before a rejection is answered (an earlier
-    /// filter's refusal wins) and at the end of the range.
+    /// a filter that cannot run alongside them and before a rejection is answered (an
+    /// earlier filter's refusal wins).
     async fn on_request(
         &self,
         ctx: &mut RequestCtx,
@@ -132,7 +138,7 @@ impl FilterChain {
     ) -> Result<(), Rejection> {
         for f in self.filters.get(range).unwrap_or_default() {
             if !f.runs_alongside() && ctx.has_pending() {
-                settle_pending(ctx).await?;
+                ctx.settle_pending().await?;
             }
             let reason = ctx.reject_reason;
             if let Err(r) = f.on_request(ctx).await {
@@ -140,17 +146,21 @@ impl FilterChain {
                     // An earlier check still waiting is the answer if it refuses too; this
                     // filter's reason stands only if that check passes.
                     let theirs = std::mem::replace(&mut ctx.reject_reason, reason);
-                    settle_pending(ctx).await?;
+                    ctx.settle_pending().await?;
                     ctx.reject_reason = theirs;
                 }
-                ctx.decision = Decision::Rejected {
-                    filter: f.name(),
-                    code: r.code,
-                };
+                // A filter that awaited the earlier checks itself returns their refusal,
+                // already recorded under the filter that made it.
+                if ctx.decision == Decision::Allowed {
+                    ctx.decision = Decision::Rejected {
+                        filter: f.name(),
+                        code: r.code,
+                    };
+                }
                 return Err(r);
             }
         }
-        settle_pending(ctx).await
+        Ok(())
     }
 
     /// Re-reads every filter's files (SIGHUP). A filter whose files are broken keeps its
@@ -204,27 +214,6 @@ impl FilterChain {
             f.on_complete(ctx).await;
         }
     }
-}
-
-/// Awaits the request's deferred checks all at once (their shared calls share a round trip)
-/// and applies their verdicts in chain order; the first refusal is recorded and answered,
-/// the verdicts after it are dropped (what they hold gives itself back).
-async fn settle_pending(ctx: &mut RequestCtx) -> Result<(), Rejection> {
-    if !ctx.has_pending() {
-        return Ok(());
-    }
-    let (names, checks): (Vec<_>, Vec<_>) = ctx.take_pending().into_iter().unzip();
-    let verdicts = futures_util::future::join_all(checks).await;
-    for (name, verdict) in names.into_iter().zip(verdicts) {
-        if let Err(r) = verdict(ctx) {
-            ctx.decision = Decision::Rejected {
-                filter: name,
-                code: r.code,
-            };
-            return Err(r);
-        }
-    }
-    Ok(())
 }
 
 fn build_one(
@@ -486,11 +475,12 @@ mod tests {
             .collect()
     }
 
+    /// The whole chain, as a request without a body goes through it.
     async fn run(c: &FilterChain, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            c.on_request_before_body(ctx),
-        )
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            c.on_request_before_body(ctx).await?;
+            c.on_request_after_body(ctx).await
+        })
         .await
         .expect("the deferred checks were awaited one after the other")
     }
@@ -563,14 +553,81 @@ mod tests {
         let s = Setup::new(2);
         let c = s.chain(&["d:a"]);
         let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        c.on_request_before_body(&mut ctx).await.unwrap();
         let waited = tokio::time::timeout(
             std::time::Duration::from_millis(50),
-            c.on_request_before_body(&mut ctx),
+            c.on_request_after_body(&mut ctx),
         )
         .await;
         assert!(waited.is_err(), "the check should still be waiting");
         assert_eq!(s.given_back.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(!ctx.has_pending());
+    }
+
+    #[tokio::test]
+    async fn checks_before_the_body_travel_while_it_is_read() {
+        // The barrier opens only when the address check's answer and the body read wait at
+        // once: the chain must hand the answers back unawaited.
+        let s = Setup::new(3);
+        let c = s.chain(&["d:ip", "d:auth", "body-x"]);
+        let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+        c.on_request_before_body(&mut ctx).await.unwrap();
+        assert_eq!(s.log(), ["req:ip", "req:auth"], "nothing awaited yet");
+        let answers = ctx.answers().expect("the checks are still waiting");
+        let body_read = s.barrier.clone();
+        let (verdicts, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            futures_util::future::join(answers.wait(), async move {
+                body_read.wait().await;
+            }),
+        )
+        .await
+        .expect("the answers were not left to travel alongside the body");
+        verdicts.apply(&mut ctx).unwrap();
+        c.on_request_after_body(&mut ctx).await.unwrap();
+        assert_eq!(seen(&ctx), ["ip", "auth", "body-x"]);
+    }
+
+    /// Runs alongside, but awaits the earlier checks itself before its costly step (as auth
+    /// does before counting a failure), then refuses.
+    struct Settling {
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[async_trait]
+    impl Filter for Settling {
+        fn name(&self) -> &'static str {
+            "settling"
+        }
+        fn runs_alongside(&self) -> bool {
+            true
+        }
+        async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+            ctx.settle_pending().await?;
+            self.log.lock().unwrap().push("costly step".into());
+            Err(Rejection::new(StatusCode::UNAUTHORIZED, "own", "no"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_filter_that_awaits_earlier_checks_itself_answers_their_refusal() {
+        for (earlier, code, filter) in [
+            ("d!:ip", "said_no_later", "ip"),
+            ("d:ip", "own", "settling"),
+        ] {
+            let s = Setup::new(1);
+            let mut filters: Vec<Arc<dyn Filter>> = s.chain(&[earlier]).filters;
+            filters.push(Arc::new(Settling { log: s.log.clone() }));
+            let c = FilterChain::new(filters);
+            let mut ctx = RequestCtx::new("id".into(), Method::POST, "/api/chat".into());
+            assert_eq!(run(&c, &mut ctx).await.unwrap_err().code, code);
+            assert_rejected(&ctx, filter, code);
+            assert_eq!(
+                s.log().contains(&"costly step".to_string()),
+                code == "own",
+                "the costly step runs only once the earlier check passed"
+            );
+        }
     }
 
     #[test]

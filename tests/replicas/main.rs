@@ -6,6 +6,7 @@ mod support;
 
 mod failures;
 mod limits;
+mod round_trip;
 mod spend;
 
 use support::redis::Redis;

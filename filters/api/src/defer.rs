@@ -1,22 +1,29 @@
 //! Checks whose shared-state answer is still on its way.
 //!
-//! With several replicas on one Redis, the key's rate limit and the budget each wait for
-//! a server-side script. Run one after the other, a request waits for two round trips;
-//! started together, they share one. A filter starts its call in `on_request`, hands the
-//! chain the future of its answer ([`RequestCtx::defer`]) and returns at once; the chain
-//! runs the next filters that may run alongside ([`crate::Filter::runs_alongside`]), then
-//! awaits every answer at once and applies their verdicts in chain order, so the first
-//! refusal in the chain's order still wins.
+//! With several replicas on one Redis, the address limit, the key's rate limit and the
+//! budget each wait for a server-side script. Run one after the other, a request waits for
+//! a round trip each; started together, they share one. A filter starts its call in
+//! `on_request`, hands the chain the future of its answer ([`RequestCtx::defer`]) and
+//! returns at once; the chain runs the next filters that may run alongside
+//! ([`crate::Filter::runs_alongside`]), reads the body while the answers travel, then awaits
+//! every answer at once and applies their verdicts in chain order, so the first refusal in
+//! the chain's order still wins.
+//!
+//! A filter that runs alongside but reaches a step that must not be taken for a request an
+//! earlier check may refuse (counting a failed password, hashing one, asking a validator)
+//! awaits the earlier answers first ([`RequestCtx::settle_pending`]).
 //!
 //! A verdict that is never applied (an earlier filter refused, or the client went away) is
 //! dropped: whatever it holds (a token reservation, a budget's reservation, an in-flight
-//! slot) gives itself back when dropped.
+//! slot, a request counted against a rate) gives itself back when dropped.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 
-use crate::{Rejection, RequestCtx};
+use futures_util::future::JoinAll;
+
+use crate::{Decision, Rejection, RequestCtx};
 
 /// What a deferred check concluded, applied to the request in chain order: response
 /// headers, holds kept in the context, or the rejection.
@@ -59,5 +66,81 @@ impl RequestCtx {
     /// The waiting checks, in the order they were deferred.
     pub fn take_pending(&mut self) -> Vec<(&'static str, Deferred)> {
         std::mem::take(self.pending.list())
+    }
+}
+
+/// The answers of the checks waiting, taken out of the request so that they can travel while
+/// the request is used for something else (its body read). Dropped unawaited, every check
+/// gives back what it holds.
+pub struct Answers {
+    names: Vec<&'static str>,
+    checks: JoinAll<Deferred>,
+}
+
+impl Answers {
+    /// Every answer, awaited together.
+    pub async fn wait(self) -> Verdicts {
+        Verdicts(self.names.into_iter().zip(self.checks.await).collect())
+    }
+}
+
+/// The verdicts of the checks that were waiting, in chain order.
+pub struct Verdicts(Vec<(&'static str, Verdict)>);
+
+impl Verdicts {
+    /// Applies the verdicts in order; the first refusal is recorded in `ctx.decision` and
+    /// returned, and the verdicts after it are dropped (what they hold gives itself back).
+    pub fn apply(self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        for (name, verdict) in self.0 {
+            if let Err(r) = verdict(ctx) {
+                // Answers put back while travelling ([`RequestCtx::defer_answers`]) recorded
+                // the refusal under the filter that made it.
+                if ctx.decision == Decision::Allowed {
+                    ctx.decision = Decision::Rejected {
+                        filter: name,
+                        code: r.code,
+                    };
+                }
+                return Err(r);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Answers still travelling, taken out with [`RequestCtx::answers`].
+pub type Travelling = Pin<Box<dyn Future<Output = Verdicts> + Send>>;
+
+impl RequestCtx {
+    /// The answers of the checks waiting, if any, to await apart from the request.
+    pub fn answers(&mut self) -> Option<Answers> {
+        if !self.has_pending() {
+            return None;
+        }
+        let (names, checks): (Vec<_>, Vec<_>) = self.take_pending().into_iter().unzip();
+        Some(Answers {
+            names,
+            checks: futures_util::future::join_all(checks),
+        })
+    }
+
+    /// Puts answers taken out with [`RequestCtx::answers`] back while they still travel (the
+    /// body was read before they came), ahead of the checks deferred since: they are awaited
+    /// with the later filters' and applied first.
+    pub fn defer_answers(&mut self, answers: Travelling) {
+        let check: Deferred = Box::pin(async move {
+            let verdicts = answers.await;
+            Box::new(move |ctx: &mut RequestCtx| verdicts.apply(ctx)) as Verdict
+        });
+        self.pending.list().insert(0, ("chain", check));
+    }
+
+    /// Awaits the checks waiting, all at once (their shared calls share a round trip), and
+    /// applies their verdicts in chain order: the first refusal is recorded and returned.
+    pub async fn settle_pending(&mut self) -> Result<(), Rejection> {
+        match self.answers() {
+            Some(answers) => answers.wait().await.apply(self),
+            None => Ok(()),
+        }
     }
 }

@@ -22,8 +22,10 @@ pub trait Filter: Send + Sync {
     /// Whether `on_request` may run while earlier filters' deferred checks
     /// ([`RequestCtx::defer`]) still wait for their answers: it neither reads what they
     /// conclude nor is costly to run for a request they may still refuse (what it holds gives
-    /// itself back when dropped). The chain awaits the answers before a filter that says no
-    /// (authentication: an address limit must answer before a password hash is checked).
+    /// itself back when dropped), or it awaits them itself
+    /// ([`RequestCtx::settle_pending`]) before such a step (authentication: an address limit
+    /// must answer before a password is hashed or a failure counted). The chain awaits the
+    /// answers before a filter that says no.
     fn runs_alongside(&self) -> bool {
         false
     }

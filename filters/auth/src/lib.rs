@@ -323,7 +323,13 @@ impl AuthFilter {
     }
 
     /// A failed attempt: counted against the client's IP, then 401.
-    fn failed(&self, ctx: &mut RequestCtx, reason: &'static str) -> Rejection {
+    /// A failure, counted against the client's address. An address check still waiting (on
+    /// shared state) answers first: a guess its address may not make is refused by it and
+    /// not counted, as when authentication waited for it.
+    async fn failed(&self, ctx: &mut RequestCtx, reason: &'static str) -> Rejection {
+        if let Err(refused) = ctx.settle_pending().await {
+            return refused;
+        }
         if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) {
             l.record_failure(&ip);
         }
@@ -351,8 +357,10 @@ impl AuthFilter {
         now: SystemTime,
         token: &str,
     ) -> Result<Arc<Principal>, Rejection> {
+        // Checking a signature may fetch the provider's keys: not for a refused address.
+        ctx.settle_pending().await?;
         let Some(verifier) = &self.jwt else {
-            return Err(self.failed(ctx, "unknown_key"));
+            return Err(self.failed(ctx, "unknown_key").await);
         };
         let claims = match verifier.verify(token).await {
             Ok(c) => c,
@@ -364,7 +372,7 @@ impl AuthFilter {
                     "token could not be verified right now; try again later",
                 ))
             }
-            Err(reason) => return Err(self.failed(ctx, reason)),
+            Err(reason) => return Err(self.failed(ctx, reason).await),
         };
         self.named(
             ctx,
@@ -375,12 +383,13 @@ impl AuthFilter {
             claims.scopes,
             claims.models,
         )
+        .await
     }
 
     /// The principal an outside source named: the keys file's entry with that id, else one
     /// with the scopes and models the source gave.
     #[allow(clippy::too_many_arguments)]
-    fn named(
+    async fn named(
         &self,
         ctx: &mut RequestCtx,
         state: &Credentials,
@@ -407,7 +416,7 @@ impl AuthFilter {
         Ok(match state.keys.by_id(&id) {
             Some(rec) => {
                 if let Err(reason) = rec.usable(now) {
-                    return Err(self.failed(ctx, reason));
+                    return Err(self.failed(ctx, reason).await);
                 }
                 Arc::new(Principal {
                     method,
@@ -432,13 +441,15 @@ impl AuthFilter {
         state: &Credentials,
         now: SystemTime,
     ) -> Result<Arc<Principal>, Rejection> {
+        // The validator is not asked for a refused address.
+        ctx.settle_pending().await?;
         let Some(fwd) = &self.forward else {
-            return Err(self.failed(ctx, "unknown_key"));
+            return Err(self.failed(ctx, "unknown_key").await);
         };
         // Only the first credential was checked locally; a second, different one must not
         // reach the validator (it could be a key the files know is disabled).
         if credentials::ambiguous(&ctx.headers) {
-            return Err(self.failed(ctx, "ambiguous_credentials"));
+            return Err(self.failed(ctx, "ambiguous_credentials").await);
         }
         // A cached answer is no guess; the validator's answers are counted while they come.
         let cached = fwd.cached_for(&ctx.headers);
@@ -461,7 +472,7 @@ impl AuthFilter {
         };
         let identity = match answer {
             Ok(identity) => identity,
-            Err(forward::Denied::Refused) => return Err(self.failed(ctx, "forward_denied")),
+            Err(forward::Denied::Refused) => return Err(self.failed(ctx, "forward_denied").await),
             // The validator's trouble is not the client's failure: no lockout count.
             Err(forward::Denied::Unavailable) => {
                 return Err(self.unauthorized(
@@ -482,7 +493,7 @@ impl AuthFilter {
                 "auth: the validator let {:?} through without a model list: refused",
                 gateway_filter::echo(&identity.id)
             );
-            return Err(self.failed(ctx, "forward_no_models"));
+            return Err(self.failed(ctx, "forward_no_models").await);
         }
         self.named(
             ctx,
@@ -493,6 +504,7 @@ impl AuthFilter {
             identity.scopes.clone(),
             identity.models.clone(),
         )
+        .await
     }
 
     async fn check_basic(
@@ -503,17 +515,19 @@ impl AuthFilter {
         password: String,
     ) -> Result<Arc<Principal>, Rejection> {
         let Some(file) = &state.htpasswd else {
-            return Err(self.failed(ctx, "basic_not_enabled"));
+            return Err(self.failed(ctx, "basic_not_enabled").await);
         };
         let digest = keys::sha256(format!("{user}:{password}").as_bytes());
         if let Some(p) = state.cache.get(&digest) {
             return Ok(p);
         }
+        // No password is hashed for a refused address.
+        ctx.settle_pending().await?;
         let _attempt = self.attempt(ctx).await?;
         // An unknown user goes through bcrypt too (against a decoy of the same cost), so the
         // answer's timing does not tell which user names exist.
         let Some((hash, known)) = file.hash_or_decoy(&user) else {
-            return Err(self.failed(ctx, "unknown_user"));
+            return Err(self.failed(ctx, "unknown_user").await);
         };
         let hash = hash.to_string();
         let Ok(Ok(_slot)) = tokio::time::timeout(BCRYPT_WAIT, self.bcrypt_slots.acquire()).await
@@ -533,13 +547,13 @@ impl AuthFilter {
                 .await
                 .unwrap_or(false);
         if !known {
-            return Err(self.failed(ctx, "unknown_user"));
+            return Err(self.failed(ctx, "unknown_user").await);
         }
         if !ok {
-            return Err(self.failed(ctx, "wrong_password"));
+            return Err(self.failed(ctx, "wrong_password").await);
         }
         let Some(p) = state.basic_principals.get(&user).cloned() else {
-            return Err(self.failed(ctx, "unknown_user"));
+            return Err(self.failed(ctx, "unknown_user").await);
         };
         state.cache.put(digest, p.clone());
         Ok(p)
@@ -550,6 +564,14 @@ impl AuthFilter {
 impl Filter for AuthFilter {
     fn name(&self) -> &'static str {
         "auth"
+    }
+
+    /// Runs while an earlier address limit's answer travels (shared state): a key of the keys
+    /// file or a client certificate is settled at once, and every step that must not be taken
+    /// for a refused address (counting a failure, hashing a password, asking a validator or a
+    /// token provider) awaits that answer first.
+    fn runs_alongside(&self) -> bool {
+        true
     }
 
     async fn admin_report(&self) -> Option<(&'static str, serde_json::Value)> {
@@ -613,9 +635,10 @@ impl Filter for AuthFilter {
         });
         let principal = match (credentials::from_headers(&ctx.headers), proxy_user) {
             (Ok(None), Some(user)) => {
-                self.named(ctx, &state, now, "proxy", user, Vec::new(), Vec::new())?
+                self.named(ctx, &state, now, "proxy", user, Vec::new(), Vec::new())
+                    .await?
             }
-            (Err(reason), _) => return Err(self.failed(ctx, reason)),
+            (Err(reason), _) => return Err(self.failed(ctx, reason).await),
             (Ok(None), None) => {
                 let by_cert = (self.mtls == MtlsMode::Accept)
                     .then(|| {
@@ -627,7 +650,7 @@ impl Filter for AuthFilter {
                 match by_cert {
                     Some(rec) => {
                         if let Err(reason) = rec.usable(now) {
-                            return Err(self.failed(ctx, reason));
+                            return Err(self.failed(ctx, reason).await);
                         }
                         Arc::new(Principal {
                             method: "mtls",
@@ -650,10 +673,10 @@ impl Filter for AuthFilter {
                         let p = self.forwarded(ctx, &state, now).await?;
                         return self.accept(ctx, p);
                     }
-                    return Err(self.failed(ctx, "unknown_key"));
+                    return Err(self.failed(ctx, "unknown_key").await);
                 };
                 if let Err(reason) = rec.usable(now) {
-                    return Err(self.failed(ctx, reason));
+                    return Err(self.failed(ctx, reason).await);
                 }
                 rec.principal.clone()
             }
@@ -665,7 +688,7 @@ impl Filter for AuthFilter {
                 }
                 if let Some(rec) = state.keys.by_id(&user) {
                     if let Err(reason) = rec.usable(now) {
-                        return Err(self.failed(ctx, reason));
+                        return Err(self.failed(ctx, reason).await);
                     }
                 }
                 self.check_basic(ctx, &state, user, password).await?

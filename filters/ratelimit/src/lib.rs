@@ -355,6 +355,25 @@ impl RateLimitFilter {
         Some(Ask { script, keys, args })
     }
 
+    /// A check on shared state that nothing before it waits for (an address limit ahead of
+    /// authentication) decides for good: a refusal it is given stands until its retry time,
+    /// since only an earlier check's refusal gives a count back. So this replica refuses the
+    /// key by itself until then, without a call: a flood from a refused address costs no
+    /// round trip, and no request of it reaches the checks after this one (authentication,
+    /// the key's limits, which would count it while this answer travels and then give it
+    /// back). Checks that run while another's answer travels do not remember: their refusal
+    /// may be undone.
+    fn known_refused(&self, ctx: &mut RequestCtx, check: &Check) -> Option<Rejection> {
+        let rate = check.rate?;
+        let retry_ns = self.store.refused_for(check.key, now_ns())?;
+        let mut out = Direct {
+            ctx,
+            store: &self.store,
+        };
+        out.header(LIMIT, check.burst + 1);
+        Some(check.deny(&mut out, rate, retry_ns))
+    }
+
     fn too_many_in_flight(out: &mut impl Sink, max: u32) -> Rejection {
         out.reason("concurrency");
         too_many(
@@ -399,6 +418,7 @@ impl RateLimitFilter {
             mode: self.mode,
             max_in_flight: self.max_in_flight,
             store: self.store.clone(),
+            speculative: false,
         })
     }
 }
@@ -410,9 +430,9 @@ struct Ask {
     args: Vec<gateway_filter::state::Arg<'static>>,
 }
 
-/// The shared answers for the rate and the tokens: `None` for either means "use the local
-/// store" (it failed and `on_error: local`).
-type Answers = (Option<Vec<i64>>, Option<(String, Vec<i64>)>);
+/// The shared answers for the rate and the tokens, with the key each was counted in: `None`
+/// for either means "use the local store" (it failed and `on_error: local`).
+type Answers = (Option<(String, Vec<i64>)>, Option<(String, Vec<i64>)>);
 
 impl Ask {
     async fn send(self, st: &Arc<dyn SharedState>) -> Result<Answers, Rejection> {
@@ -420,17 +440,21 @@ impl Ask {
         let Some(r) = ask(Some(st), self.script, &keys, &self.args).await? else {
             return Ok((None, None));
         };
-        let tokens_key = self.keys.into_iter().last().unwrap_or_default();
+        let mut keys = self.keys.into_iter();
+        let first = keys.next().unwrap_or_default();
         Ok(if std::ptr::eq(self.script, &shared::TOKENS_RESERVE) {
-            (None, Some((tokens_key, r)))
+            (None, Some((first, r)))
         } else if std::ptr::eq(self.script, &shared::RATE_AND_TOKENS)
             && at(&r, 0) == 1
             && r.len() >= 8
         {
             let tokens = r[4..8].to_vec();
-            (Some(r), Some((tokens_key, tokens)))
+            (
+                Some((first, r)),
+                Some((keys.next().unwrap_or_default(), tokens)),
+            )
         } else {
-            (Some(r), None)
+            (Some((first, r)), None)
         })
     }
 }
@@ -500,6 +524,14 @@ trait Sink {
     fn header(&mut self, name: HeaderName, v: u64);
     fn hold(&mut self, held: Held);
     fn reason(&mut self, reason: &'static str);
+    /// The request was counted against a rate (given back if the decision is never applied).
+    fn counted(&mut self, _rate: Counted) {}
+}
+
+/// A request counted against a rate by a check whose decision is not applied yet.
+enum Counted {
+    Local { key: u64, interval_ns: u64 },
+    Shared { key: String, interval_us: u64 },
 }
 
 /// The request itself, for a check decided at once.
@@ -545,6 +577,7 @@ struct Outcome {
     headers: Vec<(HeaderName, u64)>,
     reason: Option<&'static str>,
     holds: Vec<Held>,
+    counted: Option<Counted>,
     store: Arc<dyn LimitStore>,
     state: Arc<dyn SharedState>,
 }
@@ -558,6 +591,9 @@ impl Sink for Outcome {
     }
     fn reason(&mut self, reason: &'static str) {
         self.reason = Some(reason);
+    }
+    fn counted(&mut self, rate: Counted) {
+        self.counted = Some(rate);
     }
 }
 
@@ -576,14 +612,30 @@ impl Outcome {
         for held in std::mem::take(&mut self.holds) {
             hold(ctx, &self.store, held);
         }
+        self.counted = None;
         result
     }
 }
 
 impl Drop for Outcome {
+    /// Never applied: an earlier check refused the request (or its client left) while this
+    /// one's answer travelled. What it holds is given back, and so is its count against the
+    /// rate if it was made while an earlier check's answer travelled, so a request refused
+    /// for its address counts against no key's rate, tokens or slots. (A check that decided
+    /// for good keeps its count when the client leaves: requests sent and dropped at once
+    /// must still meet the address limit.)
     fn drop(&mut self) {
         for held in std::mem::take(&mut self.holds) {
             settle(&self.store, Some(&self.state), &held, Some(0));
+        }
+        match self.counted.take() {
+            Some(Counted::Local { key, interval_ns }) => self.store.undo_rate(key, interval_ns),
+            Some(Counted::Shared { key, interval_us }) => self.state.run_detached(
+                &shared::GCRA_UNDO,
+                vec![key],
+                vec![interval_us.to_string()],
+            ),
+            None => {}
         }
     }
 }
@@ -638,33 +690,74 @@ struct Check {
     mode: Mode,
     max_in_flight: Option<u32>,
     store: Arc<dyn LimitStore>,
+    /// Made while an earlier check's answer travels (shared state): if that one refuses, the
+    /// request is given back to the rate. Otherwise the check decides for good, and shared
+    /// state's refusal is remembered until its retry time (see
+    /// [`RateLimitFilter::known_refused`]).
+    speculative: bool,
 }
 
 impl Check {
+    /// The refusal of a request over the rate, which passes in `retry_ns`.
+    fn deny(&self, out: &mut impl Sink, rate: Rate, retry_ns: u64) -> Rejection {
+        out.header(REMAINING, 0);
+        out.header(RESET, seconds_up(retry_ns));
+        out.reason("request_rate");
+        too_many(
+            format!(
+                "request rate limit exceeded ({}/{}s, burst {})",
+                rate.count,
+                rate.per.as_secs(),
+                self.burst
+            ),
+            retry_ns,
+        )
+    }
+
     /// The rate, from the shared answer when there is one, else from the local store at
     /// `now`. Answers how long to wait first (`mode: delay`).
     fn decide_rate(
         &self,
         out: &mut impl Sink,
-        shared_rate: Option<Vec<i64>>,
+        shared_rate: Option<(String, Vec<i64>)>,
         now: u64,
     ) -> Result<u64, Rejection> {
         let mut wait_ns = 0;
         if let Some(rate) = self.rate {
             let burst = self.burst;
             out.header(LIMIT, burst + 1);
+            let interval_ns = rate.interval_ns();
             let decision = match shared_rate {
-                Some(r) if at(&r, 0) == 1 => Gcra::Allow {
-                    delay_ns: at(&r, 1).max(0) as u64 * 1000,
-                    remaining: at(&r, 2).max(0) as u64,
-                    reset_ns: at(&r, 3).max(0) as u64 * 1000,
-                },
-                Some(r) => Gcra::Deny {
-                    retry_ns: at(&r, 1).max(0) as u64 * 1000,
-                },
-                None => self
-                    .store
-                    .check_rate(self.key, now, rate.interval_ns(), burst),
+                Some((key, r)) if at(&r, 0) == 1 => {
+                    if self.speculative {
+                        out.counted(Counted::Shared {
+                            key,
+                            interval_us: (interval_ns / 1000).max(1),
+                        });
+                    }
+                    Gcra::Allow {
+                        delay_ns: at(&r, 1).max(0) as u64 * 1000,
+                        remaining: at(&r, 2).max(0) as u64,
+                        reset_ns: at(&r, 3).max(0) as u64 * 1000,
+                    }
+                }
+                Some((_, r)) => {
+                    let retry_ns = at(&r, 1).max(0) as u64 * 1000;
+                    if !self.speculative {
+                        self.store.refuse_until(self.key, now, now + retry_ns);
+                    }
+                    Gcra::Deny { retry_ns }
+                }
+                None => {
+                    let g = self.store.check_rate(self.key, now, interval_ns, burst);
+                    if self.speculative && matches!(g, Gcra::Allow { .. }) {
+                        out.counted(Counted::Local {
+                            key: self.key,
+                            interval_ns,
+                        });
+                    }
+                    g
+                }
             };
             match decision {
                 Gcra::Allow {
@@ -678,19 +771,7 @@ impl Check {
                         wait_ns = delay_ns;
                     }
                 }
-                Gcra::Deny { retry_ns } => {
-                    out.header(REMAINING, 0);
-                    out.header(RESET, seconds_up(retry_ns));
-                    out.reason("request_rate");
-                    return Err(too_many(
-                        format!(
-                            "request rate limit exceeded ({}/{}s, burst {burst})",
-                            rate.count,
-                            rate.per.as_secs()
-                        ),
-                        retry_ns,
-                    ));
-                }
+                Gcra::Deny { retry_ns } => return Err(self.deny(out, rate, retry_ns)),
             }
         }
 
@@ -807,11 +888,22 @@ impl Filter for RateLimitFilter {
         self.tpm.is_some() || self.uses_principal()
     }
 
-    // Not `runs_alongside`: a later limiter's rate counts the moment its script runs and
-    // cannot be given back, so it must not count requests an earlier check refuses.
+    /// Its check, deferred on shared state, gives back what it took (the request counted
+    /// against the rate, the tokens, the slot) when an earlier check refuses the request, so
+    /// it runs while that check's answer travels: one round trip for both. Not in
+    /// `mode: delay`, which waits out its delay before the request goes on.
+    fn runs_alongside(&self) -> bool {
+        self.mode == Mode::Nodelay
+    }
 
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        let check = self.check(ctx)?;
+        let mut check = self.check(ctx)?;
+        check.speculative = ctx.has_pending();
+        if self.state.is_some() && !check.speculative {
+            if let Some(refused) = self.known_refused(ctx, &check) {
+                return Err(refused);
+            }
+        }
         let shared = self.state.as_ref().map(|st| {
             let ask = self.shared_ask(st.as_ref(), ctx, &check);
             let slot_key = check
@@ -831,6 +923,7 @@ impl Filter for RateLimitFilter {
                             headers: Vec::with_capacity(6),
                             reason: None,
                             holds: Vec::new(),
+                            counted: None,
                             store: check.store.clone(),
                             state: st.clone(),
                         };

@@ -26,6 +26,23 @@ end
     };
 }
 
+/// Gives back one request a GCRA check counted (its verdict was never applied: an earlier
+/// check refused the request). KEYS: the TAT. ARGV: interval µs.
+pub static GCRA_UNDO: Script = Script {
+    name: "gcra_undo",
+    source: r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local back = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[1])
+if back <= now then
+  redis.call('DEL', KEYS[1])
+  return {0}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', back), 'PX', math.floor((back - now) / 1000) + 1)
+return {1}
+"#,
+};
+
 /// Reserves `n` tokens under `limit` in the window `key` of `w` ms, at server time `t`.
 /// Answers `{taken, used, window start ms, ms left}`.
 macro_rules! tokens_lua {

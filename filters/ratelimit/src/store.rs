@@ -15,6 +15,13 @@ use crate::rate::{gcra, Gcra};
 pub trait LimitStore: Send + Sync {
     /// One GCRA step for `key` (see [`gcra`]).
     fn check_rate(&self, key: u64, now_ns: u64, t: u64, burst: u64) -> Gcra;
+    /// Gives back one request counted by `check_rate` with interval `t` (its verdict was never
+    /// applied: an earlier check refused the request).
+    fn undo_rate(&self, key: u64, t: u64);
+    /// Remembers at `now_ns` that shared state refuses `key`'s rate until `until_ns`.
+    fn refuse_until(&self, key: u64, now_ns: u64, until_ns: u64);
+    /// How much longer `key` is known refused at `now_ns` (see [`LimitStore::refuse_until`]).
+    fn refused_for(&self, key: u64, now_ns: u64) -> Option<u64>;
     /// Takes an in-flight slot when fewer than `max` are taken.
     fn acquire(&self, key: u64, max: u32) -> bool;
     fn release(&self, key: u64);
@@ -96,6 +103,8 @@ impl<V> Sharded<V> {
 
 pub struct LocalStore {
     tat: Sharded<u64>,
+    /// Until when shared state refuses a key (its refusals seen by this replica).
+    refused: Sharded<u64>,
     in_flight: Sharded<u32>,
     /// (window start, tokens used)
     tokens: Sharded<(u64, u64)>,
@@ -106,6 +115,7 @@ impl LocalStore {
     pub fn new(capacity: usize) -> Self {
         LocalStore {
             tat: Sharded::new(capacity),
+            refused: Sharded::new(capacity),
             in_flight: Sharded::new(capacity),
             tokens: Sharded::new(capacity),
         }
@@ -113,7 +123,7 @@ impl LocalStore {
 
     /// Keys currently tracked (all kinds), for tests and metrics.
     pub fn tracked(&self) -> usize {
-        self.tat.len() + self.in_flight.len() + self.tokens.len()
+        self.tat.len() + self.refused.len() + self.in_flight.len() + self.tokens.len()
     }
 }
 
@@ -131,6 +141,41 @@ impl LimitStore for LocalStore {
                 g
             },
         )
+    }
+
+    fn undo_rate(&self, key: u64, t: u64) {
+        self.tat.with(
+            key,
+            |_| false,
+            |m| {
+                // A TAT in the past counts as now: taking `t` off one never goes below that.
+                if let Some(tat) = m.get_mut(&key) {
+                    *tat = tat.saturating_sub(t);
+                }
+            },
+        );
+    }
+
+    fn refuse_until(&self, key: u64, now_ns: u64, until_ns: u64) {
+        self.refused.with(
+            key,
+            |&until| until <= now_ns,
+            |m| {
+                let e = m.entry(key).or_insert(0);
+                *e = (*e).max(until_ns);
+            },
+        );
+    }
+
+    fn refused_for(&self, key: u64, now_ns: u64) -> Option<u64> {
+        let shard = &self.refused.shards[(key as usize) % SHARDS];
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let until = *map.get(&key)?;
+        if until > now_ns {
+            return Some(until - now_ns);
+        }
+        map.remove(&key);
+        None
     }
 
     fn acquire(&self, key: u64, max: u32) -> bool {
@@ -239,6 +284,45 @@ mod tests {
         }
         let tracked = s.tracked();
         assert!(tracked <= 2 * 10_000 + 2 * SHARDS * 16, "{tracked} entries");
+    }
+
+    #[test]
+    fn a_request_given_back_leaves_the_rate_as_if_it_never_came() {
+        let s = LocalStore::new(100);
+        let t = 1_000_000_000; // 1/s, burst 1: two quick requests pass
+        let now = 10 * t;
+        assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Allow { .. }));
+        assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Allow { .. }));
+        assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Deny { .. }));
+        s.undo_rate(1, t);
+        assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Allow { .. }));
+        assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Deny { .. }));
+        // Given back long after: nothing to take off a TAT already in the past.
+        s.undo_rate(1, t);
+        s.undo_rate(1, t);
+        s.undo_rate(1, t);
+        let later = now + 100 * t;
+        assert!(matches!(s.check_rate(1, later, t, 1), Gcra::Allow { .. }));
+        assert!(matches!(s.check_rate(1, later, t, 1), Gcra::Allow { .. }));
+        assert!(matches!(s.check_rate(1, later, t, 1), Gcra::Deny { .. }));
+        s.undo_rate(2, t);
+        assert_eq!(s.tracked(), 1, "an unknown key is not added");
+    }
+
+    #[test]
+    fn a_refusal_is_known_until_its_retry_time() {
+        let s = LocalStore::new(100);
+        assert_eq!(s.refused_for(1, 0), None);
+        s.refuse_until(1, 1_000, 5_000);
+        s.refuse_until(1, 2_000, 3_000);
+        assert_eq!(
+            s.refused_for(1, 2_000),
+            Some(3_000),
+            "the later time stands"
+        );
+        assert_eq!(s.refused_for(2, 2_000), None, "another key");
+        assert_eq!(s.refused_for(1, 5_000), None);
+        assert_eq!(s.tracked(), 0, "an ended refusal is forgotten");
     }
 
     #[test]

@@ -17,6 +17,15 @@ pub enum BodyError {
     Read(String),
 }
 
+/// The client waits for leave to send its body (`Expect: 100-continue`).
+pub fn expects_continue(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Reads the whole request body, refusing more than `max` bytes (announced or actual, so
 /// chunked bodies without Content-Length are capped too) or a body slower than `timeout`.
 pub async fn read(
@@ -33,12 +42,7 @@ pub async fn read(
     if announced.is_some_and(|n| n > max as u64) {
         return Err(BodyError::TooLarge);
     }
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
+    if expects_continue(session) {
         session
             .write_continue_response()
             .await

@@ -2,13 +2,18 @@
 //!
 //! Cheap before expensive: the listener's address rules, the canonical path and every filter
 //! that does not need the body (address limits, authentication) run first; the body is read
-//! only when the first filter that needs it is reached, so a stranger costs no body.
+//! only when the first filter that needs it is reached, so a stranger costs no body. On
+//! shared state, the address limit's answer travels while the body of a request whose key
+//! was already found is read (one round trip per request), and stops the read if it refuses.
 
+use gateway_filter::defer::Travelling;
 use gateway_filter::http::StatusCode;
 use gateway_filter::path::canonicalize;
 use gateway_filter::{Decision, Rejection, RequestCtx, Route};
 use pingora_core::Result;
 use pingora_proxy::Session;
+
+use futures_util::future::Either;
 
 use super::body::{self, BodyError};
 use super::{forward, logging, respond, Gateway, GwCtx};
@@ -87,6 +92,14 @@ impl Refusal {
         Refusal {
             rejection,
             decision: Some(Decision::Failed { code }),
+        }
+    }
+
+    /// A filter's refusal: the chain recorded it.
+    fn by_chain(rejection: Rejection) -> Self {
+        Refusal {
+            rejection,
+            decision: None,
         }
     }
 }
@@ -186,6 +199,11 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
             }
             if !ctx.body_read {
                 unread_body(session).await;
+            } else if ctx.body_read_unjudged
+                && !session.is_http2()
+                && super::framing::has_body(session)
+            {
+                session.set_keepalive(None);
             }
             ctx.req.status = refusal.rejection.status.as_u16();
             logging::end_response(gw, ctx);
@@ -272,23 +290,17 @@ async fn admit(
     }
     ctx.req.headers = session.req_header().headers.clone();
 
-    let chain_rejected = |rejection| Refusal {
-        rejection,
-        decision: None,
-    };
     gw.chain
         .on_request_before_body(&mut ctx.req)
         .await
-        .map_err(chain_rejected)?;
+        .map_err(Refusal::by_chain)?;
     if ctx.req.route.holds_body() || super::framing::has_body(session) {
-        read_held_body(gw, session, ctx)
-            .await
-            .map_err(Refusal::failed)?;
+        read_body_alongside(gw, session, ctx).await?;
     }
     gw.chain
         .on_request_after_body(&mut ctx.req)
         .await
-        .map_err(chain_rejected)?;
+        .map_err(Refusal::by_chain)?;
 
     // Model lists are answered from the merged catalogue of all backends when discovery has
     // one; otherwise they are proxied (and filtered by forward/ when a filter restricts them).
@@ -304,14 +316,81 @@ async fn admit(
     Ok(Next::Forward)
 }
 
+/// Reads the body while the answers of the checks made before it travel (an address limit on
+/// shared state, for a request whose credentials were settled without waiting): one round
+/// trip for the request instead of one before the body and one after. A refusal among them
+/// stops the read where it is (the rest is not read, and the connection is not reused). A
+/// client that waits for leave to send (`Expect: 100-continue`) gets it only once they passed.
+async fn read_body_alongside(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+) -> std::result::Result<(), Refusal> {
+    let answers = match ctx.req.answers() {
+        Some(a) if !body::expects_continue(session) => a,
+        Some(a) => {
+            a.wait()
+                .await
+                .apply(&mut ctx.req)
+                .map_err(Refusal::by_chain)?;
+            return read_held_body(gw, session, ctx).await;
+        }
+        None => return read_held_body(gw, session, ctx).await,
+    };
+    let limits = &gw.settings.limits;
+    let mut answers: Travelling = Box::pin(answers.wait());
+    let (read, travelling) = {
+        let read = std::pin::pin!(body::read(
+            session,
+            limits.max_body,
+            limits.client_body_timeout
+        ));
+        match futures_util::future::select(answers.as_mut(), read).await {
+            Either::Left((verdicts, read)) => {
+                verdicts.apply(&mut ctx.req).map_err(Refusal::by_chain)?;
+                (read.await, false)
+            }
+            Either::Right((read, _)) => (read, true),
+        }
+    };
+    if travelling {
+        if read.is_ok() {
+            // The whole body came first: the answers travel on with the key's checks.
+            ctx.req.defer_answers(answers);
+            ctx.body_read_unjudged = true;
+        } else {
+            // A refusal for the address is the answer before one for the body; after it the
+            // refusal's answer ends the connection (`unread_body`).
+            answers
+                .await
+                .apply(&mut ctx.req)
+                .map_err(Refusal::by_chain)?;
+        }
+    }
+    ctx.body_read = true;
+    take_body(gw, session, ctx, read).map_err(Refusal::failed)
+}
+
 async fn read_held_body(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut GwCtx,
-) -> std::result::Result<(), Rejection> {
+) -> std::result::Result<(), Refusal> {
     let limits = &gw.settings.limits;
     ctx.body_read = true;
-    let bytes = match body::read(session, limits.max_body, limits.client_body_timeout).await {
+    let read = body::read(session, limits.max_body, limits.client_body_timeout).await;
+    take_body(gw, session, ctx, read).map_err(Refusal::failed)
+}
+
+/// The body read, parsed for the route, or the answer to a body that could not be read.
+fn take_body(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut GwCtx,
+    read: std::result::Result<bytes::Bytes, BodyError>,
+) -> std::result::Result<(), Rejection> {
+    let limits = &gw.settings.limits;
+    let bytes = match read {
         Ok(b) => b,
         Err(e) => {
             // The rest of the body stays unread: this connection cannot be reused.
