@@ -52,6 +52,7 @@ impl FilterChain {
                 .map(|p| p.to_path_buf())
                 .unwrap_or_default(),
             state: state.clone(),
+            first_in_chain: false,
         };
         let mut specs = settings.filters.clone();
         let add_policy = settings.default_policy
@@ -73,7 +74,14 @@ impl FilterChain {
         }
         let filters = specs
             .iter()
-            .map(|spec| build_one(spec, registry, &cx, settings))
+            .enumerate()
+            .map(|(i, spec)| {
+                let cx = BuildContext {
+                    first_in_chain: i == 0,
+                    ..cx.clone()
+                };
+                build_one(spec, registry, &cx, settings)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         // A filter that reads the body before authentication would make every stranger's
         // body (up to `limits.max_body`) read and parsed; and a policy before auth judges

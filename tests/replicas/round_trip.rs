@@ -224,7 +224,7 @@ async fn a_refused_address_stops_the_body_read() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn guesses_refused_for_their_address_are_not_counted() {
+async fn a_guess_checked_while_its_address_is_refused_counts_and_gets_the_refusal() {
     let redis = Redis::start();
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
@@ -251,20 +251,80 @@ async fn guesses_refused_for_their_address_are_not_counted() {
         (status, v["code"].as_str().unwrap_or_default().to_string())
     };
     assert_eq!(guess().await, (401, "invalid_api_key".to_string()));
+    // The second is checked while Redis answers for the address (and counted), then gets
+    // the address's refusal, as a valid key would; the rest meet the remembered refusal
+    // before authentication.
     for _ in 0..5 {
         assert_eq!(guess().await, (429, "rate_limit_exceeded".to_string()));
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
         guess().await,
-        (401, "invalid_api_key".to_string()),
-        "the guesses its address was refused were counted"
-    );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(
-        guess().await,
         (429, "too_many_auth_failures".to_string()),
-        "two failures lock the address"
+        "the guess checked while its address was refused was not counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_limit_whose_refusals_are_not_remembered_answers_before_authentication() {
+    // An address's in-flight cap is asked again with every request: guesses from an
+    // address it refuses are never checked (nor counted).
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\n{}{}filters:\n  - use: ratelimit\n    key: ip\n    max_in_flight: 1\n  - use: auth\n    keys_file: {}\n    brute_force: {{ max_failures: 2, window: 1m }}\n",
+            redis.state(),
+            one_backend(&m.url()),
+            keys_file(dir.path())
+        ),
+        port,
+    )
+    .await;
+    let c = client();
+    let addr = "192.0.2.40";
+    let slow = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth(KEY)
+        .header("x-forwarded-for", addr)
+        .header("x-mock-chunks", "10")
+        .header("x-mock-delay-ms", "150")
+        .json(&json!({"model": "llama3.1:8b", "messages": [], "stream": true}))
+        .send();
+    let slow = tokio::spawn(slow);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..4 {
+        let r = c
+            .post(gw.url("/api/chat"))
+            .bearer_auth("sk-a-guess")
+            .header("x-forwarded-for", addr)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429, "the address's slot is taken");
+    }
+    let slow = slow.await.unwrap().unwrap();
+    assert_eq!(slow.status(), 200);
+    slow.text().await.unwrap();
+    // The slot is given back by a call of its own, just after the answer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth("sk-a-guess")
+        .header("x-forwarded-for", addr)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let (code, _) = super::support::error_of(r).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (401, "invalid_api_key"),
+        "guesses refused for the address were checked and counted"
     );
 }
 
@@ -273,7 +333,14 @@ async fn a_refused_address_is_refused_without_a_call_until_its_retry_time() {
     let redis = Redis::start();
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = address_then_key(&redis, &m, dir.path(), "s", "").await;
+    let gw = address_then_key(
+        &redis,
+        &m,
+        dir.path(),
+        "s",
+        "  - use: ratelimit\n    key: api_key\n    rate: 1/m\n    burst: 2\n",
+    )
+    .await;
     let c = client();
     let from = |addr: &'static str| {
         c.post(gw.url("/api/chat"))
@@ -284,9 +351,11 @@ async fn a_refused_address_is_refused_without_a_call_until_its_retry_time() {
     };
     assert_eq!(from("192.0.2.20").await.unwrap().status(), 200);
     let r = from("192.0.2.20").await.unwrap();
-    assert_eq!(r.status(), 429, "refused by Redis");
-    let scripts = redis.calls("evalsha");
     let t = Instant::now();
+    assert_eq!(r.status(), 429, "refused by Redis");
+    // What the refused request's key check took is given back by a call of its own.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let scripts = redis.calls("evalsha");
     for _ in 0..20 {
         let r = from("192.0.2.20").await.unwrap();
         assert_eq!(r.status(), 429);
@@ -311,6 +380,16 @@ async fn a_refused_address_is_refused_without_a_call_until_its_retry_time() {
         200,
         "the refusal ends at its retry time"
     );
+    // The key's three are used: its limiter, not the chain's first, asks Redis every time
+    // (its counts may be given back, so its refusals are not remembered).
+    for addr in ["192.0.2.22", "192.0.2.23"] {
+        let before = redis.calls("evalsha");
+        let r = from(addr).await.unwrap();
+        assert_eq!(r.status(), 429);
+        let limits: Vec<_> = r.headers().get_all("x-ratelimit-limit").iter().collect();
+        assert_eq!(limits.last().unwrap().to_str().unwrap(), "3", "the key's");
+        assert!(redis.calls("evalsha") > before, "asked again");
+    }
 }
 
 /// Sends `request` whole on a fresh connection, reads the answer's status, and says whether
@@ -376,4 +455,19 @@ async fn a_refused_address_cannot_tell_a_valid_key_from_a_guess() {
             "{key}: refused, and the connection closed"
         );
     }
+    // A valid key with a body the gateway refuses: the address's refusal is the answer.
+    let bad_body = format!(
+        "POST /api/chat HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\nX-Forwarded-For: 192.0.2.32\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    assert_eq!(
+        status_and_closed(gw.port, &request(KEY, "192.0.2.32"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        status_and_closed(gw.port, &bad_body).await,
+        (429, true),
+        "a body error answered before the address's refusal"
+    );
 }

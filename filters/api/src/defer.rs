@@ -32,10 +32,12 @@ pub type Verdict = Box<dyn FnOnce(&mut RequestCtx) -> Result<(), Rejection> + Se
 /// A check waiting for its answer.
 pub type Deferred = Pin<Box<dyn Future<Output = Verdict> + Send>>;
 
-/// The request's checks still waiting, with the name of the filter each is for. Behind a
-/// mutex only so that the context stays `Sync`: it is reached through `&mut` (no locking).
+/// The request's checks still waiting, with the name of the filter each is for, and whether
+/// one of them may refuse again and again at a cost (see [`RequestCtx::defer_costly`]).
+/// Behind a mutex only so that the context stays `Sync`: it is reached through `&mut` (no
+/// locking).
 #[derive(Default)]
-pub struct Pending(Mutex<Vec<(&'static str, Deferred)>>);
+pub struct Pending(Mutex<Vec<(&'static str, Deferred)>>, bool);
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,6 +60,21 @@ impl RequestCtx {
         self.pending.list().push((filter, check));
     }
 
+    /// Like [`RequestCtx::defer`], for a check whose refusal is not remembered: a client it
+    /// refuses meets it on the server again with every request, so the filters that could
+    /// run alongside it (authentication, the body read, the key's limits) wait for its answer
+    /// instead ([`RequestCtx::pending_costly`]); otherwise each refused request would reach
+    /// them.
+    pub fn defer_costly(&mut self, filter: &'static str, check: Deferred) {
+        self.pending.1 = true;
+        self.defer(filter, check);
+    }
+
+    /// Whether a check waiting was deferred with [`RequestCtx::defer_costly`].
+    pub fn pending_costly(&self) -> bool {
+        self.pending.1
+    }
+
     /// Whether checks are waiting.
     pub fn has_pending(&mut self) -> bool {
         !self.pending.list().is_empty()
@@ -65,6 +82,7 @@ impl RequestCtx {
 
     /// The waiting checks, in the order they were deferred.
     pub fn take_pending(&mut self) -> Vec<(&'static str, Deferred)> {
+        self.pending.1 = false;
         std::mem::take(self.pending.list())
     }
 }

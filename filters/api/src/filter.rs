@@ -89,6 +89,9 @@ pub struct BuildContext {
     pub config_dir: PathBuf,
     /// Shared state when replicas share limits and spend (`state: { backend: redis }`).
     pub state: Option<std::sync::Arc<dyn crate::SharedState>>,
+    /// The filter is the chain's first: no check of another filter is ever waiting when it
+    /// runs, so what it decides on shared state is final (nothing gives it back).
+    pub first_in_chain: bool,
 }
 
 impl std::fmt::Debug for BuildContext {
@@ -96,6 +99,7 @@ impl std::fmt::Debug for BuildContext {
         f.debug_struct("BuildContext")
             .field("config_dir", &self.config_dir)
             .field("shared_state", &self.state.is_some())
+            .field("first_in_chain", &self.first_in_chain)
             .finish()
     }
 }

@@ -324,16 +324,17 @@ impl AuthFilter {
 
     /// A failed attempt: counted against the client's IP, then 401.
     /// A failure, counted against the client's address. An address check still waiting (on
-    /// shared state) answers first: a guess its address may not make is refused by it and
-    /// not counted, as when authentication waited for it.
+    /// shared state) answers first, so that a refused address gets the same answer for a
+    /// guess as for a valid key; the guess was checked all the same, and is counted.
     async fn failed(&self, ctx: &mut RequestCtx, reason: &'static str) -> Rejection {
-        if let Err(refused) = ctx.settle_pending().await {
-            return refused;
-        }
+        let earlier = ctx.settle_pending().await;
         if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) {
             l.record_failure(&ip);
         }
-        self.unauthorized(ctx, reason, "invalid credentials")
+        match earlier {
+            Err(refused) => refused,
+            Ok(()) => self.unauthorized(ctx, reason, "invalid credentials"),
+        }
     }
 
     /// The request is let through as `principal`; its credentials never reach a backend:
@@ -566,10 +567,11 @@ impl Filter for AuthFilter {
         "auth"
     }
 
-    /// Runs while an earlier address limit's answer travels (shared state): a key of the keys
-    /// file or a client certificate is settled at once, and every step that must not be taken
-    /// for a refused address (counting a failure, hashing a password, asking a validator or a
-    /// token provider) awaits that answer first.
+    /// Runs while an earlier address limit's answer travels (shared state), when that limit
+    /// remembers its refusals (so a refused address meets it, not this, with its next
+    /// requests): a key of the keys file or a client certificate is settled at once, and
+    /// every step that must not be taken for a refused address (hashing a password, asking a
+    /// validator or a token provider) awaits that answer first.
     fn runs_alongside(&self) -> bool {
         true
     }
@@ -610,6 +612,11 @@ impl Filter for AuthFilter {
     }
 
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        // A check whose refusals are not remembered answers first: otherwise every request
+        // of an address it refuses would be checked here.
+        if ctx.pending_costly() {
+            ctx.settle_pending().await?;
+        }
         if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) {
             if l.locked(&ip).await? {
                 return Err(locked_out(ctx, l));

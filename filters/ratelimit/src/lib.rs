@@ -132,6 +132,9 @@ pub struct RateLimitFilter {
     /// Names this limiter's keys in shared state: the same options on every replica give the
     /// same id, and two limiters of one chain differ.
     id: String,
+    /// First in the chain: its shared decisions are final, so the rate's refusals are
+    /// remembered until their retry time (see [`RateLimitFilter::known_refused`]).
+    first_in_chain: bool,
 }
 
 /// What a request holds from a limiter until its answer ends (`on_response_end`): an
@@ -227,6 +230,7 @@ pub fn build(
         hasher: std::hash::RandomState::new(),
         state: cx.state.clone(),
         id: format!("{:016x}", stable_hash(options.to_string().as_bytes())),
+        first_in_chain: cx.first_in_chain,
     }))
 }
 
@@ -355,14 +359,13 @@ impl RateLimitFilter {
         Some(Ask { script, keys, args })
     }
 
-    /// A check on shared state that nothing before it waits for (an address limit ahead of
-    /// authentication) decides for good: a refusal it is given stands until its retry time,
-    /// since only an earlier check's refusal gives a count back. So this replica refuses the
-    /// key by itself until then, without a call: a flood from a refused address costs no
-    /// round trip, and no request of it reaches the checks after this one (authentication,
-    /// the key's limits, which would count it while this answer travels and then give it
-    /// back). Checks that run while another's answer travels do not remember: their refusal
-    /// may be undone.
+    /// The chain's first filter decides on shared state for good (no earlier check is ever
+    /// waiting, so none of its counts is given back): a refusal of its rate stands until the
+    /// retry time the server gave. So this replica refuses the key (the address) by itself
+    /// until then, without a call: a flood from a refused address costs no round trip, and no
+    /// request of it reaches the filters after this one, which run while its answer travels.
+    /// Limiters further down do not remember: their counts include other requests' that an
+    /// earlier refusal gives back, so a refusal may end sooner than the server said.
     fn known_refused(&self, ctx: &mut RequestCtx, check: &Check) -> Option<Rejection> {
         let rate = check.rate?;
         let retry_ns = self.store.refused_for(check.key, now_ns())?;
@@ -419,6 +422,7 @@ impl RateLimitFilter {
             max_in_flight: self.max_in_flight,
             store: self.store.clone(),
             speculative: false,
+            remember_refusal: false,
         })
     }
 }
@@ -446,11 +450,13 @@ impl Ask {
             (None, Some((first, r)))
         } else if std::ptr::eq(self.script, &shared::RATE_AND_TOKENS)
             && at(&r, 0) == 1
-            && r.len() >= 8
+            && r.len() >= 9
         {
+            // The rate's answer as GCRA alone gives it (the new TAT fifth), the tokens' apart.
             let tokens = r[4..8].to_vec();
+            let rate = vec![r[0], r[1], r[2], r[3], r[8]];
             (
-                Some((first, r)),
+                Some((first, rate)),
                 Some((keys.next().unwrap_or_default(), tokens)),
             )
         } else {
@@ -530,8 +536,16 @@ trait Sink {
 
 /// A request counted against a rate by a check whose decision is not applied yet.
 enum Counted {
-    Local { key: u64, interval_ns: u64 },
-    Shared { key: String, interval_us: u64 },
+    Local {
+        key: u64,
+        interval_ns: u64,
+        tat_ns: u64,
+    },
+    Shared {
+        key: String,
+        interval_us: u64,
+        tat_us: i64,
+    },
 }
 
 /// The request itself, for a check decided at once.
@@ -629,11 +643,19 @@ impl Drop for Outcome {
             settle(&self.store, Some(&self.state), &held, Some(0));
         }
         match self.counted.take() {
-            Some(Counted::Local { key, interval_ns }) => self.store.undo_rate(key, interval_ns),
-            Some(Counted::Shared { key, interval_us }) => self.state.run_detached(
+            Some(Counted::Local {
+                key,
+                interval_ns,
+                tat_ns,
+            }) => self.store.undo_rate(key, interval_ns, tat_ns, now_ns()),
+            Some(Counted::Shared {
+                key,
+                interval_us,
+                tat_us,
+            }) => self.state.run_detached(
                 &shared::GCRA_UNDO,
                 vec![key],
-                vec![interval_us.to_string()],
+                vec![interval_us.to_string(), tat_us.to_string()],
             ),
             None => {}
         }
@@ -691,10 +713,11 @@ struct Check {
     max_in_flight: Option<u32>,
     store: Arc<dyn LimitStore>,
     /// Made while an earlier check's answer travels (shared state): if that one refuses, the
-    /// request is given back to the rate. Otherwise the check decides for good, and shared
-    /// state's refusal is remembered until its retry time (see
-    /// [`RateLimitFilter::known_refused`]).
+    /// request is given back to the rate.
     speculative: bool,
+    /// Shared state's refusal of the rate is remembered until its retry time (see
+    /// [`RateLimitFilter::known_refused`]).
+    remember_refusal: bool,
 }
 
 impl Check {
@@ -733,6 +756,7 @@ impl Check {
                         out.counted(Counted::Shared {
                             key,
                             interval_us: (interval_ns / 1000).max(1),
+                            tat_us: at(&r, 4),
                         });
                     }
                     Gcra::Allow {
@@ -743,17 +767,18 @@ impl Check {
                 }
                 Some((_, r)) => {
                     let retry_ns = at(&r, 1).max(0) as u64 * 1000;
-                    if !self.speculative {
+                    if self.remember_refusal {
                         self.store.refuse_until(self.key, now, now + retry_ns);
                     }
                     Gcra::Deny { retry_ns }
                 }
                 None => {
                     let g = self.store.check_rate(self.key, now, interval_ns, burst);
-                    if self.speculative && matches!(g, Gcra::Allow { .. }) {
+                    if let (true, Gcra::Allow { reset_ns, .. }) = (self.speculative, g) {
                         out.counted(Counted::Local {
                             key: self.key,
                             interval_ns,
+                            tat_ns: now + reset_ns,
                         });
                     }
                     g
@@ -899,7 +924,8 @@ impl Filter for RateLimitFilter {
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         let mut check = self.check(ctx)?;
         check.speculative = ctx.has_pending();
-        if self.state.is_some() && !check.speculative {
+        check.remember_refusal = self.state.is_some() && self.first_in_chain;
+        if check.remember_refusal {
             if let Some(refused) = self.known_refused(ctx, &check) {
                 return Err(refused);
             }
@@ -916,29 +942,38 @@ impl Filter for RateLimitFilter {
             // reservation), one round trip for all; the chain applies the outcome in order.
             // Not in `mode: delay`: what runs alongside would be held through the wait.
             Some((st, ask, slot_key)) if check.mode == Mode::Nodelay => {
-                ctx.defer(
-                    self.name(),
-                    Box::pin(async move {
-                        let mut out = Outcome {
-                            headers: Vec::with_capacity(6),
-                            reason: None,
-                            holds: Vec::new(),
-                            counted: None,
-                            store: check.store.clone(),
-                            state: st.clone(),
-                        };
-                        let result = match ask {
-                            Some(a) => a.send(&st).await,
-                            None => Ok((None, None)),
-                        };
-                        let result = match result {
-                            Ok(answers) => check.run(&mut out, Some(&st), answers, slot_key).await,
-                            Err(r) => Err(r),
-                        };
-                        Box::new(move |ctx: &mut RequestCtx| out.apply(ctx, result))
-                            as gateway_filter::defer::Verdict
-                    }),
-                );
+                // Only a rate whose refusals are remembered lets the next filters run while
+                // its answer travels: a refused client meets it here after that, not on the
+                // server (and not in them) with every request.
+                let remembered = check.remember_refusal
+                    && check.rate.is_some()
+                    && check.max_in_flight.is_none()
+                    && check.tpm.is_none();
+                let verdict: gateway_filter::defer::Deferred = Box::pin(async move {
+                    let mut out = Outcome {
+                        headers: Vec::with_capacity(6),
+                        reason: None,
+                        holds: Vec::new(),
+                        counted: None,
+                        store: check.store.clone(),
+                        state: st.clone(),
+                    };
+                    let result = match ask {
+                        Some(a) => a.send(&st).await,
+                        None => Ok((None, None)),
+                    };
+                    let result = match result {
+                        Ok(answers) => check.run(&mut out, Some(&st), answers, slot_key).await,
+                        Err(r) => Err(r),
+                    };
+                    Box::new(move |ctx: &mut RequestCtx| out.apply(ctx, result))
+                        as gateway_filter::defer::Verdict
+                });
+                if remembered {
+                    ctx.defer(self.name(), verdict);
+                } else {
+                    ctx.defer_costly(self.name(), verdict);
+                }
                 Ok(())
             }
             // Decided here: without shared state, or in `mode: delay`.

@@ -5,7 +5,7 @@
 use gateway_filter::state::Script;
 
 /// GCRA in microseconds on the TAT in `key`, interval µs, burst, at server time `t`.
-/// Answers `{1, delay µs, remaining, reset µs}` or `{0, retry µs}`.
+/// Answers `{1, delay µs, remaining, reset µs, the new TAT µs}` or `{0, retry µs}`.
 macro_rules! gcra_lua {
     () => {
         r#"
@@ -20,19 +20,24 @@ local function gcra(key, interval, burst, t)
   local new_tat = tat + interval
   redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
   local cap = now + tau + interval
-  return {1, tat - now, math.floor((cap - math.min(new_tat, cap)) / interval), new_tat - now}
+  return {1, tat - now, math.floor((cap - math.min(new_tat, cap)) / interval), new_tat - now, new_tat}
 end
 "#
     };
 }
 
 /// Gives back one request a GCRA check counted (its verdict was never applied: an earlier
-/// check refused the request). KEYS: the TAT. ARGV: interval µs.
+/// check refused the request). KEYS: the TAT. ARGV: interval µs, the TAT the count set.
+/// Once that TAT has passed, the count weighs on nothing any more (and the bucket may have
+/// started afresh since, with counts that must stay): nothing is given back.
 pub static GCRA_UNDO: Script = Script {
     name: "gcra_undo",
     source: r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if tonumber(ARGV[2]) <= now then
+  return {0}
+end
 local back = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[1])
 if back <= now then
   redis.call('DEL', KEYS[1])
@@ -91,7 +96,7 @@ pub static TOKENS_RESERVE: Script = Script {
 
 /// Both in one round trip: the rate, then (if it passed) the tokens. KEYS: the TAT, the
 /// window. ARGV: interval µs, burst, window ms, tokens, limit. Answers the rate's answer,
-/// followed by the tokens' when the rate passed.
+/// or, when the rate passed, its first four numbers, the tokens' answer and the new TAT.
 pub static RATE_AND_TOKENS: Script = Script {
     name: "rate_and_tokens",
     source: concat!(
@@ -102,7 +107,7 @@ local t = redis.call('TIME')
 local r = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), t)
 if r[1] == 0 then return r end
 local k = tokens(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), t)
-return {r[1], r[2], r[3], r[4], k[1], k[2], k[3], k[4]}
+return {r[1], r[2], r[3], r[4], k[1], k[2], k[3], k[4], r[5]}
 "#
     ),
 };

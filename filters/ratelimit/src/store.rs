@@ -15,9 +15,10 @@ use crate::rate::{gcra, Gcra};
 pub trait LimitStore: Send + Sync {
     /// One GCRA step for `key` (see [`gcra`]).
     fn check_rate(&self, key: u64, now_ns: u64, t: u64, burst: u64) -> Gcra;
-    /// Gives back one request counted by `check_rate` with interval `t` (its verdict was never
-    /// applied: an earlier check refused the request).
-    fn undo_rate(&self, key: u64, t: u64);
+    /// Gives back at `now_ns` one request counted by `check_rate` with interval `t`, which set
+    /// the TAT to `counted_tat` (its verdict was never applied: an earlier check refused the
+    /// request). Nothing once that TAT has passed: the count weighs on nothing any more.
+    fn undo_rate(&self, key: u64, t: u64, counted_tat: u64, now_ns: u64);
     /// Remembers at `now_ns` that shared state refuses `key`'s rate until `until_ns`.
     fn refuse_until(&self, key: u64, now_ns: u64, until_ns: u64);
     /// How much longer `key` is known refused at `now_ns` (see [`LimitStore::refuse_until`]).
@@ -143,7 +144,10 @@ impl LimitStore for LocalStore {
         )
     }
 
-    fn undo_rate(&self, key: u64, t: u64) {
+    fn undo_rate(&self, key: u64, t: u64, counted_tat: u64, now_ns: u64) {
+        if counted_tat <= now_ns {
+            return;
+        }
         self.tat.with(
             key,
             |_| false,
@@ -291,21 +295,24 @@ mod tests {
         let s = LocalStore::new(100);
         let t = 1_000_000_000; // 1/s, burst 1: two quick requests pass
         let now = 10 * t;
-        assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Allow { .. }));
-        assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Allow { .. }));
+        let counted = |g: Gcra| match g {
+            Gcra::Allow { reset_ns, .. } => now + reset_ns,
+            Gcra::Deny { .. } => panic!("refused"),
+        };
+        counted(s.check_rate(1, now, t, 1));
+        let second = counted(s.check_rate(1, now, t, 1));
         assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Deny { .. }));
-        s.undo_rate(1, t);
-        assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Allow { .. }));
+        s.undo_rate(1, t, second, now + 1);
+        let again = counted(s.check_rate(1, now, t, 1));
         assert!(matches!(s.check_rate(1, now, t, 1), Gcra::Deny { .. }));
-        // Given back long after: nothing to take off a TAT already in the past.
-        s.undo_rate(1, t);
-        s.undo_rate(1, t);
-        s.undo_rate(1, t);
+        // Given back once its TAT has passed: the bucket has started afresh, and the counts
+        // made since stay.
         let later = now + 100 * t;
-        assert!(matches!(s.check_rate(1, later, t, 1), Gcra::Allow { .. }));
-        assert!(matches!(s.check_rate(1, later, t, 1), Gcra::Allow { .. }));
+        counted(s.check_rate(1, later, t, 1));
+        s.undo_rate(1, t, again, later + 1);
+        counted(s.check_rate(1, later, t, 1));
         assert!(matches!(s.check_rate(1, later, t, 1), Gcra::Deny { .. }));
-        s.undo_rate(2, t);
+        s.undo_rate(2, t, later + t, later);
         assert_eq!(s.tracked(), 1, "an unknown key is not added");
     }
 

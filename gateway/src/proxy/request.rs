@@ -326,8 +326,10 @@ async fn read_body_alongside(
     session: &mut Session,
     ctx: &mut GwCtx,
 ) -> std::result::Result<(), Refusal> {
+    // Checks whose refusals are not remembered answer before the body is read.
+    let costly = ctx.req.pending_costly();
     let answers = match ctx.req.answers() {
-        Some(a) if !body::expects_continue(session) => a,
+        Some(a) if !costly && !body::expects_continue(session) => a,
         Some(a) => {
             a.wait()
                 .await
@@ -368,7 +370,13 @@ async fn read_body_alongside(
         }
     }
     ctx.body_read = true;
-    take_body(gw, session, ctx, read).map_err(Refusal::failed)
+    let taken = take_body(gw, session, ctx, read);
+    if taken.is_err() {
+        // The address's refusal is the answer before one for the body (which would tell a
+        // refused address that its key was valid).
+        ctx.req.settle_pending().await.map_err(Refusal::by_chain)?;
+    }
+    taken.map_err(Refusal::failed)
 }
 
 async fn read_held_body(
