@@ -72,17 +72,14 @@ impl FilterChain {
                 },
             );
         }
-        let filters = specs
-            .iter()
-            .enumerate()
-            .map(|(i, spec)| {
-                let cx = BuildContext {
-                    first_in_chain: i == 0,
-                    ..cx.clone()
-                };
-                build_one(spec, registry, &cx, settings)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut filters: Vec<Arc<dyn Filter>> = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            let cx = BuildContext {
+                first_in_chain: !filters.iter().any(|f| f.defers()),
+                ..cx.clone()
+            };
+            filters.push(build_one(spec, registry, &cx, settings)?);
+        }
         // A filter that reads the body before authentication would make every stranger's
         // body (up to `limits.max_body`) read and parsed; and a policy before auth judges
         // without the caller's own model list.

@@ -105,9 +105,10 @@ async fn the_whole_chain_waits_for_one_round_trip() {
     );
 }
 
-/// A gateway behind a trusted proxy (so a test names its clients in X-Forwarded-For): an
-/// address limit of one request per `per` before auth, then `rest` (more of auth's options,
-/// the key's own limit).
+/// A gateway behind a trusted proxy (so a test names its clients in X-Forwarded-For): audit
+/// (which defers nothing, so the limiter after it is still the first to decide), an address
+/// limit of one request per `per` before auth, then `rest` (more of auth's options, the key's
+/// own limit).
 async fn address_then_key(
     redis: &Redis,
     m: &mock_ollama::MockServer,
@@ -122,6 +123,13 @@ async fn address_then_key(
             redis.state(),
             one_backend(&m.url()),
             keys_file(dir)
+        )
+        .replace(
+            "filters:\n",
+            &format!(
+                "filters:\n  - use: audit\n    file: {}\n",
+                dir.join("audit.jsonl").display()
+            ),
         ),
         port,
     )
@@ -470,4 +478,87 @@ async fn a_refused_address_cannot_tell_a_valid_key_from_a_guess() {
         (429, true),
         "a body error answered before the address's refusal"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keys_own_refusal_keeps_the_connection() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = address_then_key(
+        &redis,
+        &m,
+        dir.path(),
+        "m",
+        "  - use: ratelimit\n    key: api_key\n    rate: 1/m\n    burst: 0\n",
+    )
+    .await;
+    let body = json!({"model": "llama3.1:8b", "messages": []}).to_string();
+    let request = |addr: &str| {
+        format!(
+            "POST /api/chat HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\nX-Forwarded-For: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    assert_eq!(
+        status_and_closed(gw.port, &request("192.0.2.50")).await,
+        (200, false)
+    );
+    // Another address, under its limit: the key's own limit refuses; nothing to hide.
+    assert_eq!(
+        status_and_closed(gw.port, &request("192.0.2.51")).await,
+        (429, false),
+        "a refusal by a check after the body closed the connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_limiter_behind_a_cap_is_not_asked_for_requests_the_cap_refuses() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\n{}{}filters:\n  - use: ratelimit\n    key: ip\n    max_in_flight: 1\n  - use: ratelimit\n    key: ip\n    rate: 100/s\n    burst: 100\n  - use: auth\n    keys_file: {}\n",
+            redis.state(),
+            one_backend(&m.url()),
+            keys_file(dir.path())
+        ),
+        port,
+    )
+    .await;
+    let c = client();
+    let addr = "192.0.2.60";
+    let slow = tokio::spawn(
+        c.post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .header("x-forwarded-for", addr)
+            .header("x-mock-chunks", "10")
+            .header("x-mock-delay-ms", "100")
+            .json(&json!({"model": "llama3.1:8b", "messages": [], "stream": true}))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gcra = r#"llm_gateway_state_call_duration_seconds_count{script="gcra"}"#;
+    let before = gw.metric(gcra).await;
+    for _ in 0..4 {
+        let r = c
+            .post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .header("x-forwarded-for", addr)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429, "the address's slot is taken");
+    }
+    assert_eq!(
+        gw.metric(gcra).await,
+        before,
+        "the rate behind the cap was asked for requests the cap refused"
+    );
+    let slow = slow.await.unwrap().unwrap();
+    assert_eq!(slow.status(), 200);
+    slow.text().await.unwrap();
 }

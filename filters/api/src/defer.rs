@@ -129,6 +129,12 @@ impl Verdicts {
 /// Answers still travelling, taken out with [`RequestCtx::answers`].
 pub type Travelling = Pin<Box<dyn Future<Output = Verdicts> + Send>>;
 
+/// Left in [`RequestCtx::extensions`] when answers put back while travelling
+/// ([`RequestCtx::defer_answers`]) refused the request: the checks before the body refused
+/// it after the body was read.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusedAfterBody;
+
 impl RequestCtx {
     /// The answers of the checks waiting, if any, to await apart from the request.
     pub fn answers(&mut self) -> Option<Answers> {
@@ -148,7 +154,13 @@ impl RequestCtx {
     pub fn defer_answers(&mut self, answers: Travelling) {
         let check: Deferred = Box::pin(async move {
             let verdicts = answers.await;
-            Box::new(move |ctx: &mut RequestCtx| verdicts.apply(ctx)) as Verdict
+            Box::new(move |ctx: &mut RequestCtx| {
+                let applied = verdicts.apply(ctx);
+                if applied.is_err() {
+                    ctx.extensions.insert(RefusedAfterBody);
+                }
+                applied
+            }) as Verdict
         });
         self.pending.list().insert(0, ("chain", check));
     }

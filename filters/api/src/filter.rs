@@ -30,6 +30,14 @@ pub trait Filter: Send + Sync {
         false
     }
 
+    /// Whether `on_request` may leave its check to the chain ([`RequestCtx::defer`]): the
+    /// filters after it may then run while its answer travels, so what they decide on shared
+    /// state may be given back. The first filter after which none does decides for good
+    /// ([`BuildContext::first_in_chain`]).
+    fn defers(&self) -> bool {
+        false
+    }
+
     /// Return `Err` to answer the client now with the rejection, or leave the end of the
     /// check to the chain with [`RequestCtx::defer`] (shared state: see [`crate::defer`]).
     async fn on_request(&self, _ctx: &mut RequestCtx) -> Result<(), Rejection> {
@@ -89,8 +97,9 @@ pub struct BuildContext {
     pub config_dir: PathBuf,
     /// Shared state when replicas share limits and spend (`state: { backend: redis }`).
     pub state: Option<std::sync::Arc<dyn crate::SharedState>>,
-    /// The filter is the chain's first: no check of another filter is ever waiting when it
-    /// runs, so what it decides on shared state is final (nothing gives it back).
+    /// No filter before this one may defer its check ([`Filter::defers`]): nothing is ever
+    /// waiting when it runs, so what it decides on shared state is final (nothing gives it
+    /// back).
     pub first_in_chain: bool,
 }
 

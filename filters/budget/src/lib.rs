@@ -563,6 +563,11 @@ impl Filter for BudgetFilter {
         true
     }
 
+    /// On shared state, its reservation's answer travels while the next filters run.
+    fn defers(&self) -> bool {
+        self.shared.is_some()
+    }
+
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if !ctx.route.is_inference() {
             return Ok(());

@@ -444,14 +444,19 @@ impl Ask {
         let Some(r) = ask(Some(st), self.script, &keys, &self.args).await? else {
             return Ok((None, None));
         };
+        if std::ptr::eq(self.script, &shared::RATE_AND_TOKENS) && at(&r, 0) == 1 && r.len() < 9 {
+            // Not this gateway's script's answer: no shared decision rather than half of one.
+            return if st.fail_closed() {
+                Err(gateway_filter::state::unavailable())
+            } else {
+                Ok((None, None))
+            };
+        }
         let mut keys = self.keys.into_iter();
         let first = keys.next().unwrap_or_default();
         Ok(if std::ptr::eq(self.script, &shared::TOKENS_RESERVE) {
             (None, Some((first, r)))
-        } else if std::ptr::eq(self.script, &shared::RATE_AND_TOKENS)
-            && at(&r, 0) == 1
-            && r.len() >= 9
-        {
+        } else if std::ptr::eq(self.script, &shared::RATE_AND_TOKENS) && at(&r, 0) == 1 {
             // The rate's answer as GCRA alone gives it (the new TAT fifth), the tokens' apart.
             let tokens = r[4..8].to_vec();
             let rate = vec![r[0], r[1], r[2], r[3], r[8]];
@@ -773,6 +778,7 @@ impl Check {
                     Gcra::Deny { retry_ns }
                 }
                 None => {
+                    // Not remembered: when shared state is back, its answer is the one.
                     let g = self.store.check_rate(self.key, now, interval_ns, burst);
                     if let (true, Gcra::Allow { reset_ns, .. }) = (self.speculative, g) {
                         out.counted(Counted::Local {
@@ -921,7 +927,16 @@ impl Filter for RateLimitFilter {
         self.mode == Mode::Nodelay
     }
 
+    fn defers(&self) -> bool {
+        self.state.is_some() && self.mode == Mode::Nodelay
+    }
+
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        // An earlier check whose refusals are not remembered answers first: otherwise every
+        // request of a client it refuses would count here (and be given back).
+        if ctx.pending_costly() {
+            ctx.settle_pending().await?;
+        }
         let mut check = self.check(ctx)?;
         check.speculative = ctx.has_pending();
         check.remember_refusal = self.state.is_some() && self.first_in_chain;

@@ -148,16 +148,13 @@ impl LimitStore for LocalStore {
         if counted_tat <= now_ns {
             return;
         }
-        self.tat.with(
-            key,
-            |_| false,
-            |m| {
-                // A TAT in the past counts as now: taking `t` off one never goes below that.
-                if let Some(tat) = m.get_mut(&key) {
-                    *tat = tat.saturating_sub(t);
-                }
-            },
-        );
+        // Only a key still tracked: never the insert path, which may evict another key.
+        let shard = &self.tat.shards[(key as usize) % SHARDS];
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tat) = map.get_mut(&key) {
+            // A TAT in the past counts as now: taking `t` off one never goes below that.
+            *tat = tat.saturating_sub(t);
+        }
     }
 
     fn refuse_until(&self, key: u64, now_ns: u64, until_ns: u64) {
@@ -314,6 +311,23 @@ mod tests {
         assert!(matches!(s.check_rate(1, later, t, 1), Gcra::Deny { .. }));
         s.undo_rate(2, t, later + t, later);
         assert_eq!(s.tracked(), 1, "an unknown key is not added");
+    }
+
+    #[test]
+    fn giving_back_a_key_no_longer_tracked_evicts_nothing() {
+        let s = LocalStore::new(0); // 16 keys a shard
+        let t = 1_000_000_000;
+        let shard_keys: Vec<u64> = (0..16).map(|i| i * SHARDS as u64).collect();
+        for &k in &shard_keys {
+            assert!(matches!(s.check_rate(k, t, t, 0), Gcra::Allow { .. }));
+        }
+        s.undo_rate(16 * SHARDS as u64, t, 3 * t, t);
+        for &k in &shard_keys {
+            assert!(
+                matches!(s.check_rate(k, t, t, 0), Gcra::Deny { .. }),
+                "key {k} was evicted"
+            );
+        }
     }
 
     #[test]

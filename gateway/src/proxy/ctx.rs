@@ -17,10 +17,6 @@ pub struct GwCtx {
     /// The request body was read (or reading it was tried): a refusal before that closes
     /// the connection instead of reading the body.
     pub(super) body_read: bool,
-    /// The body was read while an earlier check's answer travelled (shared state): a refusal
-    /// then closes the connection, as one of a request whose key was not found does, so
-    /// whether a key is valid does not show to an address that is refused.
-    pub(super) body_read_unjudged: bool,
     /// SSE keep-alives went out while the backend was silent: the client has a 200 and its
     /// headers, so nothing can be retried or answered with another status any more.
     pub(super) keepalive_sent: bool,
@@ -58,7 +54,6 @@ impl Default for GwCtx {
             may_have_run: false,
             strip_usage_event: false,
             body_read: false,
-            body_read_unjudged: false,
             keepalive_sent: false,
             upstream_started: None,
             lease: None,

@@ -199,10 +199,12 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
             }
             if !ctx.body_read {
                 unread_body(session).await;
-            } else if ctx.body_read_unjudged
+            } else if refused_after_body(ctx)
                 && !session.is_http2()
                 && super::framing::has_body(session)
             {
+                // As a guessed key's refusal does (it leaves the body unread), so whether a
+                // key is valid does not show to a refused address.
                 session.set_keepalive(None);
             }
             ctx.req.status = refusal.rejection.status.as_u16();
@@ -212,6 +214,15 @@ pub async fn filter(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Res
             Ok(true)
         }
     }
+}
+
+/// The checks made before the body refused the request after its body was read while their
+/// answers travelled.
+fn refused_after_body(ctx: &GwCtx) -> bool {
+    ctx.req
+        .extensions
+        .get::<gateway_filter::defer::RefusedAfterBody>()
+        .is_some()
 }
 
 /// Most of an unread body read (and dropped) before a refusal is answered: an HTTP/2 stream's
@@ -359,7 +370,6 @@ async fn read_body_alongside(
         if read.is_ok() {
             // The whole body came first: the answers travel on with the key's checks.
             ctx.req.defer_answers(answers);
-            ctx.body_read_unjudged = true;
         } else {
             // A refusal for the address is the answer before one for the body; after it the
             // refusal's answer ends the connection (`unread_body`).
