@@ -643,12 +643,29 @@ async fn unknown_formats_weights_by_digest_and_other_registries_are_refused() {
             "/api/create",
             json!({"model": "llama3.1:8b", "modelfile": "FROM\tqwen2.5:7b"}),
         ),
+        // A quote left open on the FROM line goes on over the next lines in Ollama's parser:
+        // the name it reads is on a line of its own.
+        (
+            "/api/create",
+            json!({"model": "llama3.1:8b", "modelfile": "FROM \"\"\"\nqwen2.5:7b\n\"\"\"\n"}),
+        ),
         ("/api/pull", json!({"model": "llama.evil.example/x/y:z"})),
     ] {
         let r = post(path, LLAMA_ADMIN_KEY, body.clone()).await.unwrap();
         assert_eq!(r.status(), 403, "{path} {body}");
     }
     assert_eq!(m.total(), 0);
+    // A FROM line inside another command's open quote is text, not a command: the Modelfile
+    // creates from the FROM after it, which the key may use.
+    let r = post(
+        "/api/create",
+        LLAMA_ADMIN_KEY,
+        json!({"model": "llama3.1:mine", "modelfile": "SYSTEM \"\"\"\nFROM qwen2.5:7b\n\"\"\"\nFROM llama3.1:8b\n"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(m.total(), 1);
 }
 
 // Finding 4: one Content-Length or chunked, nothing else; hop-by-hop headers stay here.

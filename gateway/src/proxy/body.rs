@@ -206,7 +206,7 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
     }
     // The older create API carried a Modelfile whose FROM line names the base model.
     if let Some(modelfile) = obj.get("modelfile").and_then(Value::as_str) {
-        ctx.named_models.extend(modelfile_bases(modelfile));
+        ctx.named_models.extend(super::modelfile::bases(modelfile));
     }
     // Weights by digest (`files`, `adapters`) name no model the allow-list could judge.
     ctx.opaque_weights = ["files", "adapters"]
@@ -225,45 +225,6 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
     ctx.json = Some(Value::Object(obj));
     ctx.body = Some(body);
     Ok(())
-}
-
-/// The base models a legacy Modelfile's `FROM` lines name, as Ollama's parser may read them.
-/// Its lines end at `\r` as at `\n`, and it reads a line's first character as the start of
-/// a command whatever it is, but drops it, as every other character it does not print (a
-/// byte-order mark, a zero-width space, a control character), from what it keeps: so
-/// `\u{200b}FROM forbidden` is a FROM line to Ollama, and `FROM gpt-oss:120b-clo\u{200b}ud` names
-/// a cloud model. Such characters are skipped before the command here, and a name that held
-/// anything but printable ASCII is also named without it: a name too many is refused, not
-/// let through.
-fn modelfile_bases(modelfile: &str) -> Vec<String> {
-    let unquote = |arg: &str| -> String {
-        let arg = arg.trim();
-        ["\"\"\"", "\""]
-            .iter()
-            .find_map(|q| arg.strip_prefix(q)?.strip_suffix(q))
-            .unwrap_or(arg)
-            .to_string()
-    };
-    let mut names = Vec::new();
-    for line in modelfile.split(['\r', '\n']) {
-        let line = line.trim_start_matches(|c: char| c.is_whitespace() || !c.is_ascii_graphic());
-        let (command, rest) = line.split_at(line.find(char::is_whitespace).unwrap_or(line.len()));
-        if !command.eq_ignore_ascii_case("from") {
-            continue;
-        }
-        // The rest of the line, unquoted, as Ollama reads a command's argument.
-        let name = unquote(rest);
-        let printable: String = rest
-            .chars()
-            .filter(|c| c.is_ascii_graphic() || *c == ' ')
-            .collect();
-        let printable = unquote(&printable);
-        if printable != name {
-            names.push(printable);
-        }
-        names.push(name);
-    }
-    names
 }
 
 /// A body on a route the gateway has no parser for (one a custom rule allows, such as

@@ -42,6 +42,7 @@ mod framing;
 mod h1;
 mod headers;
 mod logging;
+mod modelfile;
 mod request;
 mod respond;
 mod strict_json;
