@@ -649,6 +649,24 @@ async fn unknown_formats_weights_by_digest_and_other_registries_are_refused() {
             "/api/create",
             json!({"model": "llama3.1:8b", "modelfile": "FROM \"\"\"\nqwen2.5:7b\n\"\"\"\n"}),
         ),
+        // Attacker review: draft weights by digest, a model relayed to another server, a
+        // Modelfile's adapter, a cloud source behind a space.
+        (
+            "/api/create",
+            json!({"model": "llama3.1:x", "from": "llama3.1:8b", "draft_files": {"d.gguf": "sha256:abc"}}),
+        ),
+        (
+            "/api/create",
+            json!({"model": "llama3.1:relay", "from": "llama3.1:8b", "remote_host": "https://ollama.com"}),
+        ),
+        (
+            "/api/create",
+            json!({"model": "llama3.1:x", "modelfile": "FROM llama3.1:8b\nADAPTER @sha256:abc\n"}),
+        ),
+        (
+            "/api/create",
+            json!({"model": "llama3.1:box", "from": "llama3.1:405b: cloud"}),
+        ),
         ("/api/pull", json!({"model": "llama.evil.example/x/y:z"})),
     ] {
         let r = post(path, LLAMA_ADMIN_KEY, body.clone()).await.unwrap();

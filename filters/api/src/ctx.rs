@@ -141,8 +141,9 @@ pub struct RequestCtx {
     /// Further models the request names without being served by them (`/api/copy`'s
     /// `source`/`destination`, `/api/pull`'s `model`…): the allow-list judges them too.
     pub named_models: Vec<String>,
-    /// The request brings model weights by digest (`/api/create`'s `files`, `adapters`):
-    /// what they are cannot be judged by name.
+    /// The request brings model weights by digest or path (`/api/create`'s `files`,
+    /// `adapters`, `draft_files`, a Modelfile's `ADAPTER`) or relays a model to another server
+    /// (`remote_host`): what runs cannot be judged by name.
     pub opaque_weights: bool,
     /// A body on a route whose wire format the gateway does not know (a custom rule's
     /// route): its output limit cannot be read or written, and only the models serde could

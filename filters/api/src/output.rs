@@ -114,14 +114,23 @@ impl OutputAsk {
 }
 
 /// Prompts in a completions request: each is completed on its own (`n` times). A list of
-/// strings or of token lists is several prompts; a flat list of token ids is one.
-fn prompts(prompt: Option<&Value>) -> u64 {
-    match prompt {
+/// strings or of token lists is several prompts; a flat list of token ids is one. vLLM
+/// (`--enable-prompt-embeds`) also completes each of `prompt_embeds` (one tensor, or a list
+/// of them) besides the prompts: they count too (an empty `prompt` beside them counts as one,
+/// a bound above what is generated).
+fn prompts(body: &Map<String, Value>) -> u64 {
+    let text = match body.get("prompt") {
         Some(Value::Array(items)) if items.iter().any(|p| !p.is_number()) => {
             (items.len() as u64).max(1)
         }
         _ => 1,
-    }
+    };
+    let embeds = match body.get("prompt_embeds") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Array(items)) => items.len() as u64,
+        Some(_) => 1,
+    };
+    text.saturating_add(embeds)
 }
 
 fn options(body: &Map<String, Value>) -> Option<&Value> {
@@ -162,7 +171,7 @@ pub fn read(route: Route, body: &Map<String, Value>) -> Result<OutputAsk, BadCou
             }
         }
         if route == Route::OpenAiCompletions {
-            choices = choices.saturating_mul(prompts(body.get("prompt")));
+            choices = choices.saturating_mul(prompts(body));
         }
     }
     Ok(OutputAsk {
@@ -277,6 +286,18 @@ mod tests {
             read(Route::OpenAiCompletions, &b).unwrap().total(),
             Some(10),
             "token ids are one prompt"
+        );
+        // Attacker review: vLLM completes each of `prompt_embeds` besides the prompts.
+        let b =
+            obj(json!({"max_tokens": 10, "n": 2, "prompt": "", "prompt_embeds": ["a", "b", "c"]}));
+        assert_eq!(
+            read(Route::OpenAiCompletions, &b).unwrap().total(),
+            Some(80)
+        );
+        let b = obj(json!({"max_tokens": 10, "prompt_embeds": "a"}));
+        assert_eq!(
+            read(Route::OpenAiCompletions, &b).unwrap().total(),
+            Some(20)
         );
         let embed = obj(json!({"max_tokens": "junk"}));
         assert!(read(Route::OpenAiEmbeddings, &embed).is_ok(), "no output");

@@ -8,15 +8,25 @@ use gateway_filter::{ModelGate, Principal};
 use gateway_filter::glob::wildcard;
 use gateway_filter::model_name::canonical_model;
 
-/// Whether Ollama would run `name` on ollama.com: a name (whitespace trimmed, as Ollama does)
-/// ending in `:cloud` or `-cloud`, in any case, is a cloud model, run with the server owner's
-/// account, the prompt leaving the box.
+/// Whether Ollama would run `name` on ollama.com: a name ending in `:cloud` or `-cloud`, in
+/// any case, whitespace trimmed, is a cloud model, run with the server owner's account, the
+/// prompt leaving the box. Ollama reads the source from the part after the last `:`,
+/// trimmed on its own (`modelref.parseSourceSuffix`): `gpt-oss:120b: cloud` is
+/// `gpt-oss:120b` on the cloud, and `gpt-oss:120b -cloud` too.
 fn is_cloud(name: &str) -> bool {
-    let n = name.trim().as_bytes();
-    n.len() >= 6 && {
-        let tail = &n[n.len() - 6..];
-        tail.eq_ignore_ascii_case(b":cloud") || tail.eq_ignore_ascii_case(b"-cloud")
-    }
+    let ends = |s: &str| {
+        let s = s.as_bytes();
+        s.len() >= 6 && {
+            let tail = &s[s.len() - 6..];
+            tail.eq_ignore_ascii_case(b":cloud") || tail.eq_ignore_ascii_case(b"-cloud")
+        }
+    };
+    let name = name.trim();
+    ends(name)
+        || name.rsplit_once(':').is_some_and(|(_, source)| {
+            let source = source.trim();
+            source.eq_ignore_ascii_case("cloud") || (!source.contains('/') && ends(source))
+        })
 }
 
 /// Whether `model` is in `list`; an empty list allows every model. A cloud model is allowed
@@ -83,6 +93,13 @@ mod tests {
             "gpt-oss:120b:CLOUD",
             "gpt-oss:120b-Cloud ",
             " deepseek-v3.1:671b-cloud",
+            // Attacker review: Ollama trims the part after the last `:` on its own.
+            "gpt-oss:120b: cloud",
+            "gpt-oss:120b:\tCloud",
+            "gpt-oss:120b:\u{a0}cloud",
+            "gpt-oss:120b:cloud\u{3000}",
+            "gpt-oss:120b -cloud",
+            "gpt-oss:120b-cloud \n",
         ] {
             assert!(!list_allows(&l, name), "{name}");
         }

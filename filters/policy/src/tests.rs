@@ -253,6 +253,10 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
             "/v1/chat/completions",
             json!({"model": "m", "messages": [], "mm_processor_kwargs": {"max_pixels": 99999999}}),
         ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "x", "lora": [{"id": 0, "scale": 4.0}]}),
+        ),
     ];
     for (path, body) in &refused {
         let mut c = req(Method::POST, path, Some(body.clone()));

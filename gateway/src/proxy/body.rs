@@ -192,6 +192,9 @@ pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejectio
 /// Fields of Ollama's show and management bodies that name a model.
 const MODEL_FIELDS: [&str; 5] = ["model", "name", "source", "destination", "from"];
 
+/// Fields of Ollama's create body whose model cannot be judged by name.
+const OPAQUE_FIELDS: [&str; 4] = ["files", "adapters", "draft_files", "remote_host"];
+
 /// Parses the body of a route that names models without generating (`/api/show`, Ollama's
 /// management routes): every name goes to `named_models` for the allow-list, and `/api/show`'s
 /// model (`model`, else `name`, as Ollama reads it) also routes the request.
@@ -205,13 +208,19 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
         }
     }
     // The older create API carried a Modelfile whose FROM line names the base model.
+    let mut adapter = false;
     if let Some(modelfile) = obj.get("modelfile").and_then(Value::as_str) {
-        ctx.named_models.extend(super::modelfile::bases(modelfile));
+        let named = super::modelfile::read(modelfile);
+        ctx.named_models.extend(named.bases);
+        adapter = named.adapter;
     }
-    // Weights by digest (`files`, `adapters`) name no model the allow-list could judge.
-    ctx.opaque_weights = ["files", "adapters"]
-        .iter()
-        .any(|f| obj.get(*f).is_some_and(|v| !v.is_null()));
+    // Weights by digest (`files`, `adapters`, `draft_files`, a Modelfile's `ADAPTER`) name no
+    // model the allow-list could judge, nor does a model relayed to another server
+    // (`remote_host`: the prompt leaves the box, as for a cloud model).
+    ctx.opaque_weights = adapter
+        || OPAQUE_FIELDS
+            .iter()
+            .any(|f| obj.get(*f).is_some_and(|v| !v.is_null()));
     if ctx.route == Route::OllamaShow {
         ctx.model = ["model", "name"]
             .iter()

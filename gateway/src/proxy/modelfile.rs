@@ -105,8 +105,22 @@ fn name(kept: &str, all: &str, names: &mut Vec<String>) {
     }
 }
 
-/// The base models `modelfile`'s FROM commands name (see the module's comment).
-pub fn bases(modelfile: &str) -> Vec<String> {
+/// What a Modelfile names: its FROM commands' base models (see the module's comment), and
+/// whether it has an `ADAPTER` (weights by digest or path, which no name judges).
+#[derive(Debug, Default, PartialEq)]
+pub struct Named {
+    pub bases: Vec<String>,
+    pub adapter: bool,
+}
+
+/// What `modelfile` names.
+pub fn read(modelfile: &str) -> Named {
+    let mut adapter = false;
+    let bases = bases(modelfile, &mut adapter);
+    Named { bases, adapter }
+}
+
+fn bases(modelfile: &str, adapter: &mut bool) -> Vec<String> {
     // Ollama's reader drops a byte-order mark at the start.
     let text = modelfile.strip_prefix('\u{feff}').unwrap_or(modelfile);
     let mut names = Vec::new();
@@ -142,6 +156,7 @@ pub fn bases(modelfile: &str) -> Vec<String> {
                         return names;
                     }
                     from = command == "from";
+                    *adapter |= command == "adapter";
                     next = match command.as_str() {
                         "parameter" => State::Parameter,
                         "message" => State::Message,
@@ -180,7 +195,11 @@ pub fn bases(modelfile: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::bases;
+    use super::{read, Named};
+
+    fn bases(modelfile: &str) -> Vec<String> {
+        read(modelfile).bases
+    }
 
     #[test]
     fn a_from_line_is_read_as_ollama_reads_it() {
@@ -238,5 +257,18 @@ mod tests {
         assert_eq!(bases("FROM a\nBOGUS b\nFROM c"), ["a"]);
         assert_eq!(bases("FROM\nqwen2.5:7b"), Vec::<String>::new());
         assert!(bases("FROM \"open").is_empty());
+    }
+
+    /// Attacker review: an adapter's weights (by digest or path) cannot be judged by name.
+    #[test]
+    fn an_adapter_is_noticed() {
+        assert_eq!(
+            read("FROM llama3.1:8b\nadapter @sha256:abc"),
+            Named {
+                bases: vec!["llama3.1:8b".into()],
+                adapter: true
+            }
+        );
+        assert!(!read("FROM llama3.1:8b\nSYSTEM \"\"\"\nADAPTER x\n\"\"\"").adapter);
     }
 }
