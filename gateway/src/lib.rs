@@ -6,6 +6,7 @@ pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod fd_limit;
 pub mod init;
 pub mod metrics;
 pub mod model_list;

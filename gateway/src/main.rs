@@ -138,6 +138,7 @@ fn run(path: &Path, upgrade: bool) -> ExitCode {
     // Before any thread exists (building the chain starts the audit writer).
     llm_gateway::server::block_ctrl_c();
     spawn_allocator_purge();
+    llm_gateway::fd_limit::raise();
     let registry = Registry::builtin();
     match config::load(path).and_then(|s| llm_gateway::server::prepare(s, &registry, upgrade)) {
         Ok(prepared) => llm_gateway::server::run(prepared),

@@ -284,6 +284,48 @@ async fn connection_caps_close_new_connections_at_once() {
     );
 }
 
+// Attacker review: with no cap set, a flood of idle connections took every descriptor, and
+// then the gateway could reach no backend for the clients it had. A listener without a cap of
+// its own stops at nine tenths of the open-file limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_flood_leaves_descriptors_for_backends() {
+    let m = mock().await;
+    let gw = Gateway::start_env(
+        &backends(&[("local", &m.url())]),
+        &[(OPEN_FILE_LIMIT, "300")],
+    )
+    .await;
+    let (mut first, closed) = closed_at_once(gw.port).await;
+    assert!(!closed);
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", gw.port)).await {
+            flood.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first
+        .write_all(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(m.total(), 1, "the backend was reached");
+    let metrics = gw.metrics().await;
+    let refused = metrics
+        .lines()
+        .find(|l| l.starts_with("llm_gateway_connections_refused_total{cap=\"max_connections\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 100.0, "{refused} refused:\n{metrics}");
+    drop(flood);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_cap_per_listener() {
     let m = mock().await;

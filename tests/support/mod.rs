@@ -55,6 +55,10 @@ pub fn backends(urls: &[(&str, &str)]) -> String {
     s
 }
 
+/// Not an environment variable: given to [`Gateway::start_env`], it starts the gateway with
+/// this open-file limit (soft and hard), through `prlimit`.
+pub const OPEN_FILE_LIMIT: &str = "open file limit";
+
 /// The binary with `config` and `args`, logging (debug access lines too) to `log_dir`.
 fn spawn(
     config: &std::path::Path,
@@ -63,7 +67,17 @@ fn spawn(
     log_dir: &std::path::Path,
 ) -> Child {
     let log = std::fs::File::create(log_dir.join("gateway.log")).expect("log file");
-    Command::new(BIN)
+    let (limit, env): (Vec<_>, Vec<_>) = env.iter().partition(|(k, _)| *k == OPEN_FILE_LIMIT);
+    let mut command = match limit.first() {
+        // `prlimit` execs the gateway: the child's pid is the gateway's.
+        Some((_, n)) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg("--").arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    command
         .arg("--config")
         .arg(config)
         .args(args)

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use gateway_filter::http::StatusCode;
 use gateway_filter::ErrorShape;
 use pingora_core::apps::{HttpPersistentSettings, ServerApp};
@@ -163,6 +163,8 @@ enum Head {
 /// Where a head stands, judged by the parser Pingora uses (`httparse`), in a plain function
 /// so its header table never lives in a future.
 fn judge_head(buf: &[u8]) -> Option<Head> {
+    #[cfg(test)]
+    tests::PARSED.with(|p| p.set(p.get() + buf.len()));
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
@@ -210,7 +212,21 @@ async fn whole_head(
     // parsed from its start at every byte.
     let mut scanned: usize = 0;
     let mut parsed: Option<usize> = None;
+    // Empty lines before the request line, which the parser skips (RFC 9112 §2.2), are
+    // dropped as they come: kept, every `\n` trickled after them would look like the head's
+    // blank line and have the whole buffer parsed again. They count toward the head's size.
+    let mut blank_lines: usize = 0;
     loop {
+        let blank = buf
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        if blank > 0 {
+            buf.advance(blank);
+            blank_lines += blank;
+            // Only a buffer that held nothing else starts with them: the rest is new.
+            (scanned, parsed) = (0, None);
+        }
         let from = scanned.saturating_sub(3);
         scanned = buf.len();
         let due = parsed.is_none_or(|at| buf.len() >= at + (2 << 10));
@@ -223,7 +239,7 @@ async fn whole_head(
                 return judged;
             }
         }
-        if buf.len() >= MAX_HEAD {
+        if blank_lines + buf.len() >= MAX_HEAD {
             return Head::Refused(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request_header_fields_too_large",
@@ -501,5 +517,56 @@ impl GatewayApp {
     /// When the gateway stops: Pingora's proxy lets go of what it holds.
     pub async fn cleanup(&self) {
         ServerApp::cleanup(&*self.proxy).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Bytes handed to the head parser on this thread.
+        pub static PARSED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Writes `bytes` through a pipe that carries one byte at a time, and reads a head from it.
+    async fn head_of(bytes: Vec<u8>) -> (Head, BytesMut, usize) {
+        let (mut client, mut server) = tokio::io::duplex(1);
+        let writer = tokio::spawn(async move {
+            let _ = client.write_all(&bytes).await;
+            client
+        });
+        PARSED.with(|p| p.set(0));
+        let mut buf = BytesMut::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let head = whole_head(&mut server, &mut buf, deadline).await;
+        drop(server);
+        let _ = writer.await;
+        (head, buf, PARSED.with(Cell::get))
+    }
+
+    /// Attacker review: empty lines before the request line, one byte at a time, each looked
+    /// like the head's blank line and had the whole buffer parsed again (quadratic).
+    #[tokio::test(flavor = "current_thread")]
+    async fn empty_lines_before_a_head_are_not_parsed_again_and_again() {
+        let request = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut bytes = b"\r\n\n".repeat(2000);
+        bytes.extend_from_slice(request);
+        let (head, buf, parsed) = head_of(bytes).await;
+        assert!(matches!(head, Head::Complete));
+        assert_eq!(&buf[..], &request[..], "the empty lines are gone");
+        assert!(
+            parsed <= 4 * request.len(),
+            "{parsed} bytes parsed for a head of {}",
+            request.len()
+        );
+
+        // They count toward the head's size.
+        let (head, _, _) = head_of(b"\n".repeat(MAX_HEAD + 10)).await;
+        assert!(matches!(
+            head,
+            Head::Refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, _, _)
+        ));
     }
 }

@@ -135,13 +135,20 @@ pub struct ConnectionCaps {
 
 impl ConnectionCaps {
     pub fn new(listen: &[ListenerSpec], ipv6_prefix: u8, metrics: &Metrics) -> Self {
+        // A listener without a cap of its own still stops short of the open-file limit.
+        let default_max = crate::fd_limit::default_max_connections(listen.len());
+        if listen.iter().any(|l| l.max_connections.is_none()) {
+            if let Some(n) = default_max {
+                log::info!("listeners without max_connections take at most {n} connections each (nine tenths of the open-file limit, shared)");
+            }
+        }
         let listeners = listen
             .iter()
             .map(|l| {
                 let name = l.addr.to_string();
                 Arc::new(ListenerCaps {
                     addr: l.addr,
-                    max: l.max_connections,
+                    max: l.max_connections.or(default_max),
                     per_client: l.max_connections_per_client,
                     ipv6_prefix,
                     open: AtomicUsize::new(0),
