@@ -213,8 +213,10 @@ pub fn run(prepared: Prepared) -> ! {
             token: settings.admin_token.as_deref().map(AdminToken::new),
             metrics_need_token: !addr.ip().is_loopback(),
         };
-        let mut svc =
-            pingora_core::services::listening::Service::new("llm-gateway admin".to_string(), app);
+        let mut svc = pingora_core::services::listening::Service::new(
+            "llm-gateway admin".to_string(),
+            crate::proxy::GuardedAdmin::new(app, settings.limits.client_header_timeout),
+        );
         svc.add_tcp(&addr.to_string());
         // A scrape now and then: one thread, not one per core.
         svc.threads = Some(1);

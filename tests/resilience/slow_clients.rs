@@ -20,6 +20,27 @@ async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option
     }
 }
 
+/// Sends `head` to `port` one byte every 200 ms (each read is quick, the whole head is not);
+/// how long until the gateway closed the connection.
+async fn cut_while_dripping(port: u16, head: &[u8]) -> Duration {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    for b in head {
+        if s.write_all(&[*b]).await.is_err() {
+            return start.elapsed();
+        }
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(200), s.read(&mut probe)).await
+        {
+            return start.elapsed();
+        }
+    }
+    panic!("the connection was never closed");
+}
+
 // Hardening finding 5: a whole request head has a deadline, not only each read.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_header_dripped_byte_by_byte_is_cut_off() {
@@ -29,27 +50,11 @@ async fn a_header_dripped_byte_by_byte_is_cut_off() {
         backends(&[("local", &m.url())])
     ))
     .await;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let head = b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
-    let start = Instant::now();
-    let mut cut = None;
-    for b in head {
-        // One byte every 200 ms: each read is quick, the whole head is not.
-        if s.write_all(&[*b]).await.is_err() {
-            cut = Some(start.elapsed());
-            break;
-        }
-        let mut probe = [0u8; 1];
-        if let Ok(Ok(0)) =
-            tokio::time::timeout(Duration::from_millis(200), s.read(&mut probe)).await
-        {
-            cut = Some(start.elapsed());
-            break;
-        }
-    }
-    let cut = cut.expect("the connection was never closed");
+    let cut = cut_while_dripping(
+        gw.port,
+        b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n",
+    )
+    .await;
     assert!(
         cut >= Duration::from_millis(900) && cut < Duration::from_secs(3),
         "closed after {cut:?}"
@@ -58,6 +63,58 @@ async fn a_header_dripped_byte_by_byte_is_cut_off() {
     // A normal client is unaffected.
     let r = client().get(gw.url("/api/version")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+// Attacker review: the admin listener (on a network address for a remote scraper) had none of
+// the proxy's guards: Pingora's server waited 60 s per read for heads of up to 1 MiB, on any
+// number of connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_listener_is_guarded_like_the_proxy() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ client_header_timeout: 1s }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let cut = cut_while_dripping(
+        gw.admin_port,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n",
+    )
+    .await;
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_secs(3),
+        "closed after {cut:?}"
+    );
+    // At most 64 connections at once: of 66, two are closed at once (with the default head
+    // timeout, so the others are still open then; which ones is the scheduler's choice).
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let mut held = Vec::new();
+    for _ in 0..66 {
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", gw.admin_port))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut closed = 0;
+    for s in &mut held {
+        if closed_within(s, Duration::from_millis(100)).await.is_some() {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 2, "66 admin connections, 64 kept");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // An unreadable head gets a JSON error; scrapes are answered as before.
+    let (mut s, _) = closed_at_once(gw.admin_port).await;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"invalid_request\""), "{answer}");
+    assert!(gw.metrics().await.contains("llm_gateway_"));
 }
 
 // Connections finding: an idle keep-alive connection is closed after keepalive_timeout.

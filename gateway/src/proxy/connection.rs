@@ -152,7 +152,7 @@ const MAX_HEAD: usize = 64 << 10;
 const MAX_HEADERS: usize = 256;
 
 /// How reading a request head ended.
-enum Head {
+pub(super) enum Head {
     Complete,
     /// The client left, or the head did not arrive in time.
     Gone,
@@ -202,7 +202,7 @@ fn judge_head(buf: &[u8]) -> Option<Head> {
 /// parser cannot read with an empty `400` before any gateway code runs; reading the head here
 /// first lets the gateway answer those in JSON like every other error, and bounds the time the
 /// whole head may take.
-async fn whole_head(
+pub(super) async fn whole_head(
     stream: &mut (dyn ClientIo + '_),
     buf: &mut BytesMut,
     deadline: tokio::time::Instant,
@@ -256,7 +256,7 @@ async fn whole_head(
 
 /// Answers a head Pingora could not read, in the error shape of the route it seems to ask for
 /// (Ollama's for `/api/…`), and closes the connection.
-async fn refuse(
+pub(super) async fn refuse(
     stream: &mut (dyn ClientIo + '_),
     head: &[u8],
     status: StatusCode,
@@ -347,7 +347,7 @@ impl Conn {
 }
 
 /// What reading a head and refusing one need of a stream.
-trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(super) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + ?Sized> ClientIo for T {}
 
 impl GatewayApp {

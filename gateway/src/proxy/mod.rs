@@ -31,6 +31,7 @@
 //! header hygiene and retry rules for every route.
 
 mod accept;
+mod admin_listener;
 mod body;
 mod client_stream;
 mod connection;
@@ -59,6 +60,7 @@ use pingora_error::Error;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 pub use accept::{GatewayService, Listening};
+pub use admin_listener::GuardedAdmin;
 pub use connection::{ConnectionLimits, GatewayApp};
 pub use connection_caps::ConnectionCaps;
 pub use ctx::GwCtx;
