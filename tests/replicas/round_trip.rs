@@ -105,10 +105,30 @@ async fn the_whole_chain_waits_for_one_round_trip() {
     );
 }
 
-/// A gateway behind a trusted proxy (so a test names its clients in X-Forwarded-For): audit
-/// (which defers nothing, so the limiter after it is still the first to decide), an address
-/// limit of one request per `per` before auth, then `rest` (more of auth's options, the key's
-/// own limit).
+/// A gateway on `redis` behind a trusted proxy (so a test names its clients in
+/// X-Forwarded-For), with `filters` (YAML list items; `KEYS` stands for the keys file).
+async fn behind_proxy(
+    redis: &Redis,
+    m: &mock_ollama::MockServer,
+    dir: &std::path::Path,
+    filters: &str,
+) -> Gateway {
+    let port = free_port();
+    Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\n{}{}filters:\n{}",
+            redis.state(),
+            one_backend(&m.url()),
+            filters.replace("KEYS", &keys_file(dir))
+        ),
+        port,
+    )
+    .await
+}
+
+/// [`behind_proxy`] with audit (which defers nothing, so the limiter after it is still the
+/// first to decide), an address limit of one request per `per` before auth, then `rest`
+/// (more of auth's options, the key's own limit).
 async fn address_then_key(
     redis: &Redis,
     m: &mock_ollama::MockServer,
@@ -116,22 +136,15 @@ async fn address_then_key(
     per: &str,
     rest: &str,
 ) -> Gateway {
-    let port = free_port();
-    Gateway::start_raw(
+    let audit = dir.join("audit.jsonl");
+    behind_proxy(
+        redis,
+        m,
+        dir,
         &format!(
-            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\n{}{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 1/{per}\n    burst: 0\n  - use: auth\n    keys_file: {}\n{rest}",
-            redis.state(),
-            one_backend(&m.url()),
-            keys_file(dir)
-        )
-        .replace(
-            "filters:\n",
-            &format!(
-                "filters:\n  - use: audit\n    file: {}\n",
-                dir.join("audit.jsonl").display()
-            ),
+            "  - use: audit\n    file: {}\n  - use: ratelimit\n    key: ip\n    rate: 1/{per}\n    burst: 0\n  - use: auth\n    keys_file: KEYS\n{rest}",
+            audit.display()
         ),
-        port,
     )
     .await
 }
@@ -280,15 +293,11 @@ async fn a_limit_whose_refusals_are_not_remembered_answers_before_authentication
     let redis = Redis::start();
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let gw = Gateway::start_raw(
-        &format!(
-            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\n{}{}filters:\n  - use: ratelimit\n    key: ip\n    max_in_flight: 1\n  - use: auth\n    keys_file: {}\n    brute_force: {{ max_failures: 2, window: 1m }}\n",
-            redis.state(),
-            one_backend(&m.url()),
-            keys_file(dir.path())
-        ),
-        port,
+    let gw = behind_proxy(
+        &redis,
+        &m,
+        dir.path(),
+        "  - use: ratelimit\n    key: ip\n    max_in_flight: 1\n  - use: auth\n    keys_file: KEYS\n    brute_force: { max_failures: 2, window: 1m }\n",
     )
     .await;
     let c = client();
@@ -517,15 +526,11 @@ async fn a_limiter_behind_a_cap_is_not_asked_for_requests_the_cap_refuses() {
     let redis = Redis::start();
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let gw = Gateway::start_raw(
-        &format!(
-            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\n{}{}filters:\n  - use: ratelimit\n    key: ip\n    max_in_flight: 1\n  - use: ratelimit\n    key: ip\n    rate: 100/s\n    burst: 100\n  - use: auth\n    keys_file: {}\n",
-            redis.state(),
-            one_backend(&m.url()),
-            keys_file(dir.path())
-        ),
-        port,
+    let gw = behind_proxy(
+        &redis,
+        &m,
+        dir.path(),
+        "  - use: ratelimit\n    key: ip\n    max_in_flight: 1\n  - use: ratelimit\n    key: ip\n    rate: 100/s\n    burst: 100\n  - use: auth\n    keys_file: KEYS\n",
     )
     .await;
     let c = client();

@@ -20,45 +20,50 @@ async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option
     }
 }
 
-/// Sends `head` to `port` one byte every 200 ms (each read is quick, the whole head is not);
-/// how long until the gateway closed the connection.
-async fn cut_while_dripping(port: u16, head: &[u8]) -> Duration {
+/// Sends a head for `path` to `port` one byte every 200 ms (each read is quick, the whole
+/// head is not), and checks the gateway closed the connection at its 1 s head deadline.
+async fn cut_at_the_head_deadline(port: u16, path: &str) {
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n"
+    );
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     let start = Instant::now();
-    for b in head {
-        if s.write_all(&[*b]).await.is_err() {
-            return start.elapsed();
-        }
+    for b in head.as_bytes() {
         let mut probe = [0u8; 1];
-        if let Ok(Ok(0)) =
-            tokio::time::timeout(Duration::from_millis(200), s.read(&mut probe)).await
-        {
-            return start.elapsed();
+        let closed = s.write_all(&[*b]).await.is_err()
+            || matches!(
+                tokio::time::timeout(Duration::from_millis(200), s.read(&mut probe)).await,
+                Ok(Ok(0))
+            );
+        if closed {
+            let cut = start.elapsed();
+            assert!(
+                cut >= Duration::from_millis(900) && cut < Duration::from_secs(3),
+                "closed after {cut:?}"
+            );
+            return;
         }
     }
     panic!("the connection was never closed");
+}
+
+/// A gateway whose request heads must arrive within 1 s.
+async fn one_second_for_a_head(m: &mock_ollama::MockServer) -> Gateway {
+    Gateway::start(&format!(
+        "{}limits: {{ client_header_timeout: 1s }}\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await
 }
 
 // Hardening finding 5: a whole request head has a deadline, not only each read.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_header_dripped_byte_by_byte_is_cut_off() {
     let m = mock().await;
-    let gw = Gateway::start(&format!(
-        "{}limits: {{ client_header_timeout: 1s }}\n",
-        backends(&[("local", &m.url())])
-    ))
-    .await;
-    let cut = cut_while_dripping(
-        gw.port,
-        b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n",
-    )
-    .await;
-    assert!(
-        cut >= Duration::from_millis(900) && cut < Duration::from_secs(3),
-        "closed after {cut:?}"
-    );
+    let gw = one_second_for_a_head(&m).await;
+    cut_at_the_head_deadline(gw.port, "/api/version").await;
     assert_eq!(m.total(), 0);
     // A normal client is unaffected.
     let r = client().get(gw.url("/api/version")).send().await.unwrap();
@@ -71,20 +76,8 @@ async fn a_header_dripped_byte_by_byte_is_cut_off() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_admin_listener_is_guarded_like_the_proxy() {
     let m = mock().await;
-    let gw = Gateway::start(&format!(
-        "{}limits: {{ client_header_timeout: 1s }}\n",
-        backends(&[("local", &m.url())])
-    ))
-    .await;
-    let cut = cut_while_dripping(
-        gw.admin_port,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n",
-    )
-    .await;
-    assert!(
-        cut >= Duration::from_millis(900) && cut < Duration::from_secs(3),
-        "closed after {cut:?}"
-    );
+    let gw = one_second_for_a_head(&m).await;
+    cut_at_the_head_deadline(gw.admin_port, "/metrics").await;
     // At most 64 connections at once: of 66, two are closed at once (with the default head
     // timeout, so the others are still open then; which ones is the scheduler's choice).
     let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
