@@ -87,6 +87,15 @@ impl Heard {
     }
 }
 
+/// Marks a read of the set of locks as ended when dropped (also when its call failed).
+struct Reading<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 pub struct SharedLockout {
     state: Arc<dyn SharedState>,
     max_failures: u32,
@@ -104,8 +113,13 @@ pub struct SharedLockout {
     /// Bumped by the listener when it could not record a lock (full, or not understood): the
     /// set must be read again.
     missed: Arc<AtomicU64>,
-    /// The generation in which `heard` overflowed: ask the server per request until the next.
-    overflowed: AtomicU64,
+    /// When `heard` last overflowed: the server is asked per request until a read of the set
+    /// fits again, tried once per [`RESYNC`] (the locks that filled it expire with their
+    /// window).
+    overflowed_at: Mutex<Option<Instant>>,
+    /// A read of the set is on its way: other requests ask about their own address meanwhile
+    /// instead of reading the whole set again.
+    reading: std::sync::atomic::AtomicBool,
 }
 
 impl SharedLockout {
@@ -139,7 +153,8 @@ impl SharedLockout {
             synced: AtomicU64::new(0),
             synced_at: std::sync::Mutex::new(None),
             missed,
-            overflowed: AtomicU64::new(0),
+            overflowed_at: Mutex::new(None),
+            reading: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -160,17 +175,24 @@ impl SharedLockout {
                 .map_or(true, |t| t.is_none_or(|t| t.elapsed() >= RESYNC))
     }
 
+    fn overflowed_recently(&self) -> bool {
+        self.overflowed_at
+            .lock()
+            .map_or(true, |t| t.is_some_and(|t| t.elapsed() < RESYNC))
+    }
+
     /// `Some(locked)` from what the replicas announced, when that can be trusted; `None`
     /// when the server must be asked.
     async fn as_heard(&self, ip: &IpAddr) -> Option<bool> {
         let generation = self.live.load(Ordering::Acquire);
-        if generation == 0
-            || self.state.degraded()
-            || self.overflowed.load(Ordering::Acquire) == generation
-        {
+        if generation == 0 || self.state.degraded() || self.overflowed_recently() {
             return None;
         }
         if self.stale(generation) {
+            if self.reading.swap(true, Ordering::AcqRel) {
+                return None;
+            }
+            let _reading = Reading(&self.reading);
             let missed = self.missed.load(Ordering::Acquire);
             let all = self
                 .state
@@ -183,7 +205,9 @@ impl SharedLockout {
                         continue;
                     };
                     if !self.heard.add(ip, ms) {
-                        self.overflowed.store(generation, Ordering::Release);
+                        if let Ok(mut t) = self.overflowed_at.lock() {
+                            *t = Some(Instant::now());
+                        }
                         return None;
                     }
                 }
@@ -196,6 +220,9 @@ impl SharedLockout {
                 return None;
             }
             self.synced.store(generation, Ordering::Release);
+            if let Ok(mut t) = self.overflowed_at.lock() {
+                *t = None;
+            }
             if let Ok(mut t) = self.synced_at.lock() {
                 *t = Some(Instant::now());
             }
@@ -235,6 +262,144 @@ impl SharedLockout {
                 ip.to_string(),
                 self.state.channel(&self.tag),
             ],
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use gateway_filter::state::{Arg, Keep, StateError};
+    use std::sync::atomic::AtomicUsize;
+
+    /// A server whose set of locks is `locked` (read in 50 ms), counting the calls.
+    #[derive(Default)]
+    struct Fake {
+        locked: Mutex<Vec<String>>,
+        reads: AtomicUsize,
+        counts: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl SharedState for Fake {
+        async fn run(
+            &self,
+            _: &'static Script,
+            _: &[&str],
+            _: &[Arg<'_>],
+        ) -> Result<Vec<i64>, StateError> {
+            self.counts.fetch_add(1, Ordering::AcqRel);
+            Ok(vec![0])
+        }
+        async fn run_text(
+            &self,
+            _: &'static Script,
+            _: &[&str],
+            _: &[Arg<'_>],
+        ) -> Result<Vec<String>, StateError> {
+            self.reads.fetch_add(1, Ordering::AcqRel);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(self.locked.lock().unwrap().clone())
+        }
+        fn run_detached(&self, _: &'static Script, _: Vec<String>, _: Vec<String>) {}
+        fn undo(&self, _: &'static Script, _: Vec<String>, _: Vec<String>) {}
+        fn key(&self, kind: &[&str], tag: &[&str]) -> String {
+            format!("{}{{{}}}", kind.concat(), tag.concat())
+        }
+        fn member(&self) -> String {
+            "m".into()
+        }
+        fn lease_ms(&self) -> u64 {
+            1000
+        }
+        fn keep(&self, _: String, _: String) -> Keep {
+            Keep::new(|| {})
+        }
+        fn fail_closed(&self) -> bool {
+            false
+        }
+        fn degraded(&self) -> bool {
+            false
+        }
+        fn subscribe(&self, _: &str, _: Box<dyn Fn(&str) + Send + Sync>) -> Arc<AtomicU64> {
+            Arc::new(AtomicU64::new(1))
+        }
+        fn channel(&self, channel: &str) -> String {
+            channel.into()
+        }
+        fn on_reset(&self, _: Box<dyn Fn() + Send + Sync>) {}
+    }
+
+    fn lockout() -> (Arc<Fake>, Arc<SharedLockout>) {
+        let fake = Arc::new(Fake::default());
+        let lockout = SharedLockout::new(fake.clone(), 3, Duration::from_secs(60));
+        (fake, Arc::new(lockout))
+    }
+
+    /// Attacker review: every request that came while the set was being read read it too.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn one_request_reads_the_set_the_others_ask_about_their_address() {
+        let (fake, lockout) = lockout();
+        fake.locked
+            .lock()
+            .unwrap()
+            .extend(["192.0.2.1".into(), "1000".into()]);
+        let asks: Vec<_> = (0..10)
+            .map(|_| {
+                let l = lockout.clone();
+                tokio::spawn(async move { l.locked(&"192.0.2.1".parse().unwrap()).await })
+            })
+            .collect();
+        for a in asks {
+            a.await.unwrap().unwrap();
+        }
+        assert_eq!(fake.reads.load(Ordering::Acquire), 1);
+        assert_eq!(fake.counts.load(Ordering::Acquire), 9);
+        // Read: the next request costs no call, and knows the lock.
+        assert_eq!(
+            lockout.locked(&"192.0.2.1".parse().unwrap()).await.unwrap(),
+            Some(true)
+        );
+        assert_eq!(fake.counts.load(Ordering::Acquire), 9);
+    }
+
+    /// Attacker review: a set too large to hold once meant a call per request for as long as
+    /// the subscription lived; it is read again once the wait has passed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_set_too_large_to_hold_is_read_again_later() {
+        let (fake, lockout) = lockout();
+        let many: Vec<String> = (0..=MAX_HEARD as u32)
+            .flat_map(|i| {
+                [
+                    std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string(),
+                    "60000".into(),
+                ]
+            })
+            .collect();
+        *fake.locked.lock().unwrap() = many;
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
+        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
+        assert_eq!(
+            (
+                fake.reads.load(Ordering::Acquire),
+                fake.counts.load(Ordering::Acquire)
+            ),
+            (1, 2)
+        );
+        // The locks that filled it expired; the wait has passed.
+        lockout.heard.0.lock().unwrap().clear();
+        fake.locked.lock().unwrap().clear();
+        *lockout.overflowed_at.lock().unwrap() = Some(Instant::now() - RESYNC);
+        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
+        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
+        assert_eq!(
+            (
+                fake.reads.load(Ordering::Acquire),
+                fake.counts.load(Ordering::Acquire)
+            ),
+            (2, 2)
         );
     }
 }
