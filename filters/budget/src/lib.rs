@@ -17,7 +17,8 @@ use gateway_filter::defer::Verdict;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
 use gateway_filter::units::HumanDuration;
 use gateway_filter::{
-    parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState, Usage,
+    output, parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState,
+    Usage,
 };
 use prometheus::{CounterVec, GaugeVec, IntCounter, Opts};
 use serde::Deserialize;
@@ -513,6 +514,33 @@ fn refuse(ctx: &mut RequestCtx, b: &Budget, now: i64) -> Rejection {
 impl BudgetFilter {
     /// The budgets this request is held to: its principal's (keys-file `max_usd` and
     /// `period`, else `default`) and the global one.
+    /// A request that names no output limit (no cap before this filter either) could
+    /// generate without bound before its usage is known: it is given `output_reserve` per
+    /// completion, written into every field its backends read (as the policy's cap is), and
+    /// reserved that many times over. Routes that generate nothing reserve no output.
+    fn bound_output(&self, ctx: &mut RequestCtx) -> Result<u64, Rejection> {
+        if !output::generates(ctx.route) {
+            return Ok(0);
+        }
+        let Some(body) = ctx.json.as_mut().and_then(serde_json::Value::as_object_mut) else {
+            return Ok(self.output_reserve);
+        };
+        let bad = |code: &'static str, message: String| {
+            Rejection::new(StatusCode::BAD_REQUEST, code, message)
+        };
+        let choices = output::read(ctx.route, body)
+            .map_err(|e| bad("invalid_max_tokens", e.to_string()))?
+            .choices;
+        if output::write(ctx.route, body, self.output_reserve)
+            .map_err(|e| bad("invalid_options", e.to_string()))?
+        {
+            ctx.body_rewritten = true;
+        }
+        let bound = self.output_reserve.saturating_mul(choices);
+        ctx.max_tokens = Some(bound);
+        Ok(bound)
+    }
+
     fn budgets(&self, ctx: &RequestCtx, now: i64) -> Vec<Budget> {
         let mut out = Vec::with_capacity(2);
         let own = match ctx
@@ -570,12 +598,27 @@ impl Filter for BudgetFilter {
 
     async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if !ctx.route.is_inference() {
+            // A body on a route the gateway cannot read (a custom rule's `/v1/responses`):
+            // neither its cost nor its usage can be known, so a caller with a budget is
+            // refused rather than served for free.
+            if ctx.unknown_format && !self.budgets(ctx, now_secs()).is_empty() {
+                ctx.reject_reason = Some("budget_unenforceable");
+                return Err(Rejection::new(
+                    StatusCode::FORBIDDEN,
+                    "budget_unenforceable",
+                    "this route's cost cannot be read, and the caller has a spend budget",
+                ));
+            }
             return Ok(());
         }
+        let completion_tokens = match ctx.max_tokens {
+            Some(n) => n,
+            None => self.bound_output(ctx)?,
+        };
         let model = ctx.model.as_deref().unwrap_or_default();
         let estimate = Usage {
             prompt_tokens: (ctx.bytes_in as f64 / self.chars_per_token).ceil() as u64,
-            completion_tokens: ctx.max_tokens.unwrap_or(self.output_reserve),
+            completion_tokens,
             ..Default::default()
         };
         let amount = match self

@@ -358,3 +358,62 @@ async fn what_costs_nothing_adds_no_spend_series() {
     served(&f, &mut c, 1).await;
     assert!(series("llama3.1:served-4712"));
 }
+
+/// Attacker review: with no output cap, a request naming no limit reserved a flat
+/// `output_reserve` (whatever `n` asked) and then generated without bound before its usage
+/// was known. It is now given `output_reserve` per completion, written into its body.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_without_an_output_limit_is_given_the_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(dir.path(), json!({"output_reserve": 4}));
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/chat/completions".into());
+    c.model = Some("llama3.1:8b".into());
+    c.principal = ctx("alice", Some(12.0)).principal;
+    c.json = Some(json!({"model": "llama3.1:8b", "n": 3, "max_tokens": -1, "messages": []}));
+    c.max_tokens = None;
+    f.on_request(&mut c).await.unwrap();
+    assert_eq!(c.max_tokens, Some(12), "4 per completion, 3 completions");
+    assert!(c.body_rewritten);
+    let body = c.json.as_ref().unwrap();
+    assert_eq!(
+        (
+            body["max_tokens"].as_u64(),
+            body["max_completion_tokens"].as_u64()
+        ),
+        (Some(4), Some(4))
+    );
+    // $12 reserved of a $12 budget: the next one does not fit.
+    let mut d = ctx("alice", Some(12.0));
+    d.max_tokens = Some(1);
+    assert_eq!(
+        f.on_request(&mut d).await.unwrap_err().code,
+        "budget_exceeded"
+    );
+
+    // Ollama: options.num_predict, -1 (no limit) included.
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/api/generate".into());
+    c.model = Some("llama3.1:8b".into());
+    c.principal = ctx("bob", Some(12.0)).principal;
+    c.json = Some(json!({"model": "llama3.1:8b", "prompt": "x", "options": {"num_predict": -1}}));
+    f.on_request(&mut c).await.unwrap();
+    assert_eq!(c.json.as_ref().unwrap()["options"]["num_predict"], 4);
+    assert_eq!(c.max_tokens, Some(4));
+}
+
+/// Attacker review: a route the gateway cannot read (opened by a custom rule) was served
+/// without a charge to a caller with a budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_whose_cost_cannot_be_read_is_refused_to_a_caller_with_a_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(dir.path(), json!({}));
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/responses".into());
+    c.unknown_format = true;
+    c.principal = ctx("alice", Some(12.0)).principal;
+    assert_eq!(
+        f.on_request(&mut c).await.unwrap_err().code,
+        "budget_unenforceable"
+    );
+    // No budget for this caller: nothing to enforce.
+    c.principal = ctx("carol", None).principal;
+    f.on_request(&mut c).await.unwrap();
+}
