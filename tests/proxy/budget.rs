@@ -410,3 +410,49 @@ async fn unpriced_reject_charges_a_backend_without_its_own_price() {
     let spent = spent_of(&report, "buyer");
     assert_eq!(cents(spent), 5, "5 tokens at $10,000 per 1M: {report}");
 }
+
+// Attacker review: with a budget and no output cap, a request that named no limit reserved a
+// flat output_reserve and then generated without bound. The backend now gets that limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_without_an_output_limit_gets_the_budgets_reserve() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        dir.path(),
+        &m,
+        100.0,
+        1000.0,
+        10000.0,
+        "    output_reserve: 7\n",
+    )
+    .replace("    max_output_tokens: 5\n", "");
+    let gw = Gateway::start(&config).await;
+    let c = client();
+    let msgs = json!([{"role": "user", "content": "why is the sky blue"}]);
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": msgs, "n": 2}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "llama3.1:8b", "messages": msgs, "stream": false, "options": {"num_predict": -1}}),
+        ),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let seen: Vec<Value> = m.requests().into_iter().filter_map(|r| r.json).collect();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        (&seen[0]["max_tokens"], &seen[0]["max_completion_tokens"]),
+        (&json!(7), &json!(7))
+    );
+    assert_eq!(seen[1]["options"]["num_predict"], json!(7));
+}
