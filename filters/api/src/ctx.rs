@@ -173,6 +173,9 @@ pub struct RequestCtx {
     /// that failed to connect or to write it, and to a backend that answered with an error
     /// status another backend was then tried for (it generated nothing).
     pub reached_backend: bool,
+    /// Backends given up on after they held the whole request past `first_byte_timeout`
+    /// (another was tried): each may have read the prompt, whatever the last one reports.
+    pub abandoned: u32,
     pub retries: u32,
     pub status: u16,
     pub decision: Decision,
@@ -230,6 +233,7 @@ impl RequestCtx {
             pending: Default::default(),
             backend: None,
             reached_backend: false,
+            abandoned: 0,
             retries: 0,
             status: 0,
             decision: Decision::Allowed,

@@ -735,6 +735,22 @@ impl Filter for BudgetFilter {
             _ if ctx.used_unknown() => res.amount,
             _ => 0,
         };
+        // Backends given up on after holding the request read its prompt too (the last one
+        // reports only its own usage): each is charged the prompt's estimate.
+        let charged = match ctx.abandoned {
+            0 => charged,
+            n if !ctx.used_unknown() => {
+                let model = ctx.model.as_deref().unwrap_or_default();
+                let prompt = Usage {
+                    prompt_tokens: (ctx.bytes_in as f64 / self.chars_per_token).ceil() as u64,
+                    ..Default::default()
+                };
+                let each = self.prices.worst_case(model, prompt, 0.0).unwrap_or(0);
+                charged.saturating_add(each.saturating_mul(i64::from(n)))
+            }
+            // Charged the whole reservation already: it covers what they may have read.
+            _ => charged,
+        };
         let Some(left) = res.settle(charged) else {
             return;
         };

@@ -417,3 +417,20 @@ async fn a_route_whose_cost_cannot_be_read_is_refused_to_a_caller_with_a_budget(
     c.principal = ctx("carol", None).principal;
     f.on_request(&mut c).await.unwrap();
 }
+
+/// Attacker review: a prompt whose prefill outlasts `first_byte_timeout` ran on every backend
+/// the gateway gave up on, but only the last one's usage was charged.
+#[tokio::test(flavor = "multi_thread")]
+async fn backends_given_up_on_are_charged_the_prompt_they_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(
+        dir.path(),
+        json!({"prices": [{"model": "llama3.1:*", "prompt_per_1m": 1000000.0, "completion_per_1m": 1000000.0}]}),
+    );
+    let mut c = ctx("alice", Some(100.0));
+    c.bytes_in = 40; // 10 prompt tokens by the estimate: $10
+    f.on_request(&mut c).await.unwrap();
+    c.abandoned = 2;
+    served(&f, &mut c, 2).await; // the last backend: 3 prompt + 2 completion tokens
+    assert_eq!(c.cost_usd, Some(5.0 + 2.0 * 10.0));
+}
