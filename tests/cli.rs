@@ -395,6 +395,34 @@ fn discovery_and_health_can_be_switched_off_without_an_interval() {
     assert!(out.contains(": OK"), "{out}");
 }
 
+/// Review: a budget bounds requests that name no output limit with its `output_reserve`; a
+/// cap after it would judge that bound instead of the request's ask.
+#[test]
+fn an_output_cap_must_come_before_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/keys.yaml");
+    let budget = "  - use: budget\n    ledger: spend.db\n    prices: [{ model: '*', prompt_per_1m: 1, completion_per_1m: 1 }]\n";
+    let cap = "  - use: policy\n    max_output_tokens: 100\n";
+    let cfg = write(
+        &dir,
+        "gw.yaml",
+        &format!("filters:\n  - use: auth\n    keys_file: {keys}\n{budget}{cap}"),
+    );
+    let (code, _, err) = run(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("filters[2]") && err.contains("must come before `- use: budget`"),
+        "{err}"
+    );
+    let cfg = write(
+        &dir,
+        "gw.yaml",
+        &format!("filters:\n  - use: auth\n    keys_file: {keys}\n{cap}{budget}"),
+    );
+    let (code, _, err) = run(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 fn filters_that_read_the_body_must_come_after_auth() {
     let dir = tempfile::tempdir().unwrap();

@@ -95,6 +95,24 @@ impl FilterChain {
                 ));
             }
         }
+        // A budget bounds a request that names no output limit with its `output_reserve`; an
+        // output cap after it would see that bound instead of the request's own ask (and
+        // refuse it under `over_output_cap: reject`).
+        if let Some(budget) = specs.iter().position(|s| s.name == "budget") {
+            if let Some(i) = specs[budget..].iter().position(|s| {
+                s.name == "policy"
+                    && s.options
+                        .get("max_output_tokens")
+                        .is_some_and(|v| !v.is_null())
+            }) {
+                let i = budget + i;
+                return Err(ConfigError::invalid(
+                    &settings.file,
+                    specs[i].yaml_path.clone(),
+                    "a policy with max_output_tokens must come before `- use: budget`, so the budget reserves what the cap allows: move it above the budget".to_string(),
+                ));
+            }
+        }
         Ok(FilterChain {
             default_policy: add_policy,
             state,

@@ -601,7 +601,12 @@ impl Filter for BudgetFilter {
             // A body on a route the gateway cannot read (a custom rule's `/v1/responses`):
             // neither its cost nor its usage can be known, so a caller with a budget is
             // refused rather than served for free.
-            if ctx.unknown_format && !self.budgets(ctx, now_secs()).is_empty() {
+            if ctx.unknown_format
+                && self
+                    .budgets(ctx, now_secs())
+                    .iter()
+                    .any(|b| b.principal != GLOBAL)
+            {
                 ctx.reject_reason = Some("budget_unenforceable");
                 return Err(Rejection::new(
                     StatusCode::FORBIDDEN,
@@ -611,9 +616,19 @@ impl Filter for BudgetFilter {
             }
             return Ok(());
         }
+        let now = now_secs();
+        let budgets = self.budgets(ctx, now);
+        let model = ctx.model.as_deref().unwrap_or_default();
+        // Only a request that has a budget to keep, for a model with a price, is bounded.
+        let metered = !budgets.is_empty()
+            && self
+                .prices
+                .worst_case(model, Usage::default(), 0.0)
+                .is_some();
         let completion_tokens = match ctx.max_tokens {
             Some(n) => n,
-            None => self.bound_output(ctx)?,
+            None if metered => self.bound_output(ctx)?,
+            None => self.output_reserve,
         };
         let model = ctx.model.as_deref().unwrap_or_default();
         let estimate = Usage {
@@ -639,8 +654,6 @@ impl Filter for BudgetFilter {
             }
             None => 0,
         };
-        let now = now_secs();
-        let budgets = self.budgets(ctx, now);
         if budgets.is_empty() {
             return Ok(());
         }

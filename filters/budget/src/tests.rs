@@ -398,6 +398,20 @@ async fn a_request_without_an_output_limit_is_given_the_reserve() {
     f.on_request(&mut c).await.unwrap();
     assert_eq!(c.json.as_ref().unwrap()["options"]["num_predict"], 4);
     assert_eq!(c.max_tokens, Some(4));
+
+    // Review: a caller with no budget, or a model without a price, is left as it asked.
+    for (who, model) in [("carol", "llama3.1:8b"), ("bob", "qwen2.5:7b")] {
+        let mut c = RequestCtx::new(String::new(), Method::POST, "/api/generate".into());
+        c.model = Some(model.into());
+        c.principal = ctx(who, (who == "bob").then_some(12.0)).principal;
+        c.json = Some(json!({"model": model, "prompt": "x"}));
+        f.on_request(&mut c).await.unwrap();
+        assert_eq!(
+            c.json.as_ref().unwrap(),
+            &json!({"model": model, "prompt": "x"})
+        );
+        assert!(!c.body_rewritten && c.max_tokens.is_none(), "{who}");
+    }
 }
 
 /// Attacker review: a route the gateway cannot read (opened by a custom rule) was served
@@ -415,6 +429,12 @@ async fn a_route_whose_cost_cannot_be_read_is_refused_to_a_caller_with_a_budget(
     );
     // No budget for this caller: nothing to enforce.
     c.principal = ctx("carol", None).principal;
+    f.on_request(&mut c).await.unwrap();
+    // Review: a global budget alone does not close such routes to everyone.
+    let f = filter(
+        dir.path(),
+        json!({"ledger": "global.db", "global": {"max_usd": 100.0, "period": "1d"}}),
+    );
     f.on_request(&mut c).await.unwrap();
 }
 

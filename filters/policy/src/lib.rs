@@ -426,7 +426,7 @@ impl Filter for PolicyFilter {
                 return Err(Rejection::new(
                     StatusCode::FORBIDDEN,
                     "model_not_allowed",
-                    "weights given by digest or path (`files`, `adapters`, `draft_files`, a Modelfile's `ADAPTER`) or a model relayed to another server (`remote_host`) cannot be checked against this caller's model list",
+                    "weights given by digest or path (`files`, `adapters`, `draft_files`, `path`, a Modelfile's `ADAPTER` or `DRAFT`) or a model relayed to another server (`remote_host`) cannot be checked against this caller's model list",
                 ));
             }
         }

@@ -192,8 +192,9 @@ pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejectio
 /// Fields of Ollama's show and management bodies that name a model.
 const MODEL_FIELDS: [&str; 5] = ["model", "name", "source", "destination", "from"];
 
-/// Fields of Ollama's create body whose model cannot be judged by name.
-const OPAQUE_FIELDS: [&str; 4] = ["files", "adapters", "draft_files", "remote_host"];
+/// Fields of Ollama's create body whose model cannot be judged by name (`path`: the older
+/// API's Modelfile on the server's own disk).
+const OPAQUE_FIELDS: [&str; 5] = ["files", "adapters", "draft_files", "remote_host", "path"];
 
 /// Parses the body of a route that names models without generating (`/api/show`, Ollama's
 /// management routes): every name goes to `named_models` for the allow-list, and `/api/show`'s
@@ -214,9 +215,10 @@ pub fn parse_named_models(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejec
         ctx.named_models.extend(named.bases);
         adapter = named.adapter;
     }
-    // Weights by digest (`files`, `adapters`, `draft_files`, a Modelfile's `ADAPTER`) name no
-    // model the allow-list could judge, nor does a model relayed to another server
-    // (`remote_host`: the prompt leaves the box, as for a cloud model).
+    // Weights by digest or path (`files`, `adapters`, `draft_files`, a Modelfile's `ADAPTER`
+    // or `DRAFT`, a Modelfile on the server's disk: `path`) name no model the allow-list
+    // could judge, nor does a model relayed to another server (`remote_host`: the prompt
+    // leaves the box, as for a cloud model).
     ctx.opaque_weights = adapter
         || OPAQUE_FIELDS
             .iter()

@@ -106,7 +106,8 @@ fn name(kept: &str, all: &str, names: &mut Vec<String>) {
 }
 
 /// What a Modelfile names: its FROM commands' base models (see the module's comment), and
-/// whether it has an `ADAPTER` (weights by digest or path, which no name judges).
+/// whether it has an `ADAPTER` or a `DRAFT` (weights by digest or path, which no name
+/// judges).
 #[derive(Debug, Default, PartialEq)]
 pub struct Named {
     pub bases: Vec<String>,
@@ -156,7 +157,7 @@ fn bases(modelfile: &str, adapter: &mut bool) -> Vec<String> {
                         return names;
                     }
                     from = command == "from";
-                    *adapter |= command == "adapter";
+                    *adapter |= matches!(command.as_str(), "adapter" | "draft");
                     next = match command.as_str() {
                         "parameter" => State::Parameter,
                         "message" => State::Message,
@@ -270,5 +271,6 @@ mod tests {
             }
         );
         assert!(!read("FROM llama3.1:8b\nSYSTEM \"\"\"\nADAPTER x\n\"\"\"").adapter);
+        assert!(read("FROM llama3.1:8b\nDRAFT /models/other.gguf").adapter);
     }
 }
