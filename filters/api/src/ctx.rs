@@ -176,6 +176,8 @@ pub struct RequestCtx {
     /// Backends given up on after they held the whole request past `first_byte_timeout`
     /// (another was tried): each may have read the prompt, whatever the last one reports.
     pub abandoned: u32,
+    /// The seconds those backends held it (each its first-byte deadline).
+    pub abandoned_secs: f64,
     pub retries: u32,
     pub status: u16,
     pub decision: Decision,
@@ -234,6 +236,7 @@ impl RequestCtx {
             backend: None,
             reached_backend: false,
             abandoned: 0,
+            abandoned_secs: 0.0,
             retries: 0,
             status: 0,
             decision: Decision::Allowed,

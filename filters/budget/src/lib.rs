@@ -749,7 +749,8 @@ impl Filter for BudgetFilter {
             _ => 0,
         };
         // Backends given up on after holding the request read its prompt too (the last one
-        // reports only its own usage): each is charged the prompt's estimate.
+        // reports only its own usage): each is charged the prompt's estimate, and per-second
+        // prices the time it held the request.
         let charged = match ctx.abandoned {
             0 => charged,
             n if !ctx.used_unknown() => {
@@ -759,7 +760,13 @@ impl Filter for BudgetFilter {
                     ..Default::default()
                 };
                 let each = self.prices.worst_case(model, prompt, 0.0).unwrap_or(0);
-                charged.saturating_add(each.saturating_mul(i64::from(n)))
+                let held = self
+                    .prices
+                    .worst_case(model, Usage::default(), ctx.abandoned_secs)
+                    .unwrap_or(0);
+                charged
+                    .saturating_add(each.saturating_mul(i64::from(n)))
+                    .saturating_add(held)
             }
             // Charged the whole reservation already: it covers what they may have read.
             _ => charged,

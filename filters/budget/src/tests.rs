@@ -451,6 +451,19 @@ async fn backends_given_up_on_are_charged_the_prompt_they_read() {
     c.bytes_in = 40; // 10 prompt tokens by the estimate: $10
     f.on_request(&mut c).await.unwrap();
     c.abandoned = 2;
+    c.abandoned_secs = 6.0;
     served(&f, &mut c, 2).await; // the last backend: 3 prompt + 2 completion tokens
     assert_eq!(c.cost_usd, Some(5.0 + 2.0 * 10.0));
+
+    // Per-second prices: the seconds the backends given up on held it.
+    let f = filter(
+        dir.path(),
+        json!({"ledger": "seconds.db", "prices": [{"model": "llama3.1:*", "per_second": 1.0}]}),
+    );
+    let mut c = ctx("alice", Some(100.0));
+    f.on_request(&mut c).await.unwrap();
+    c.abandoned = 2;
+    c.abandoned_secs = 6.0;
+    served(&f, &mut c, 2).await;
+    assert!(c.cost_usd.is_some_and(|usd| usd >= 6.0), "{:?}", c.cost_usd);
 }

@@ -95,6 +95,7 @@ pub(super) async fn exchange_header(
                 // It held the request: it may have run it, whatever the next backend does.
                 ctx.req.reached_backend = true;
                 ctx.req.abandoned += 1;
+                ctx.req.abandoned_secs += deadline.as_secs_f64();
                 ctx.may_have_run = true;
                 // The operator's choice: a backend sitting on a request this long is given
                 // up, and another tries (nothing but keep-alives reached the client).
