@@ -126,6 +126,37 @@ async fn behind_proxy(
     .await
 }
 
+/// A chat from client `addr` (named in X-Forwarded-For) with `key`.
+async fn chat_from(gw: &Gateway, key: &str, addr: &str) -> reqwest::Response {
+    client()
+        .post(gw.url("/api/chat"))
+        .bearer_auth(key)
+        .header("x-forwarded-for", addr)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A stream from client `addr` that holds its in-flight slot for about ten chunks of
+/// `delay_ms`.
+fn hold_a_slot(
+    gw: &Gateway,
+    addr: &str,
+    delay_ms: u32,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    tokio::spawn(
+        client()
+            .post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .header("x-forwarded-for", addr)
+            .header("x-mock-chunks", "10")
+            .header("x-mock-delay-ms", delay_ms.to_string())
+            .json(&json!({"model": "llama3.1:8b", "messages": [], "stream": true}))
+            .send(),
+    )
+}
+
 /// [`behind_proxy`] with audit (which defers nothing, so the limiter after it is still the
 /// first to decide), an address limit of one request per `per` before auth, then `rest`
 /// (more of auth's options, the key's own limit).
@@ -162,14 +193,7 @@ async fn a_request_refused_for_its_address_takes_nothing_from_its_key() {
         "  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 2\n",
     )
     .await;
-    let c = client();
-    let from = |addr: &'static str| {
-        c.post(gw.url("/api/chat"))
-            .bearer_auth(KEY)
-            .header("x-forwarded-for", addr)
-            .json(&chat())
-            .send()
-    };
+    let from = |addr: &'static str| chat_from(&gw, KEY, addr);
     // `X-RateLimit-Limit` tells the limits apart: 1 for the address, 3 for the key (the
     // last one written is the limiter that refused).
     let limit = |r: &reqwest::Response| {
@@ -181,22 +205,22 @@ async fn a_request_refused_for_its_address_takes_nothing_from_its_key() {
             .unwrap()
             .to_string()
     };
-    assert_eq!(from("203.0.113.1").await.unwrap().status(), 200);
+    assert_eq!(from("203.0.113.1").await.status(), 200);
     for _ in 0..10 {
-        let r = from("203.0.113.1").await.unwrap();
+        let r = from("203.0.113.1").await;
         assert_eq!(r.status(), 429);
         assert_eq!(limit(&r), "1", "refused for its address");
     }
     // The key's three quick requests: one was used; the ten refused ones took none.
     for addr in ["203.0.113.2", "203.0.113.3"] {
-        let r = from(addr).await.unwrap();
+        let r = from(addr).await;
         assert_eq!(
             r.status(),
             200,
             "the key's rate was taken by refused requests"
         );
     }
-    let r = from("203.0.113.4").await.unwrap();
+    let r = from("203.0.113.4").await;
     assert_eq!(r.status(), 429);
     assert_eq!(limit(&r), "3", "now the key's own limit");
 }
@@ -300,27 +324,11 @@ async fn a_limit_whose_refusals_are_not_remembered_answers_before_authentication
         "  - use: ratelimit\n    key: ip\n    max_in_flight: 1\n  - use: auth\n    keys_file: KEYS\n    brute_force: { max_failures: 2, window: 1m }\n",
     )
     .await;
-    let c = client();
     let addr = "192.0.2.40";
-    let slow = c
-        .post(gw.url("/api/chat"))
-        .bearer_auth(KEY)
-        .header("x-forwarded-for", addr)
-        .header("x-mock-chunks", "10")
-        .header("x-mock-delay-ms", "150")
-        .json(&json!({"model": "llama3.1:8b", "messages": [], "stream": true}))
-        .send();
-    let slow = tokio::spawn(slow);
+    let slow = hold_a_slot(&gw, addr, 150);
     tokio::time::sleep(Duration::from_millis(400)).await;
     for _ in 0..4 {
-        let r = c
-            .post(gw.url("/api/chat"))
-            .bearer_auth("sk-a-guess")
-            .header("x-forwarded-for", addr)
-            .json(&chat())
-            .send()
-            .await
-            .unwrap();
+        let r = chat_from(&gw, "sk-a-guess", addr).await;
         assert_eq!(r.status(), 429, "the address's slot is taken");
     }
     let slow = slow.await.unwrap().unwrap();
@@ -328,14 +336,7 @@ async fn a_limit_whose_refusals_are_not_remembered_answers_before_authentication
     slow.text().await.unwrap();
     // The slot is given back by a call of its own, just after the answer.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = c
-        .post(gw.url("/api/chat"))
-        .bearer_auth("sk-a-guess")
-        .header("x-forwarded-for", addr)
-        .json(&chat())
-        .send()
-        .await
-        .unwrap();
+    let r = chat_from(&gw, "sk-a-guess", addr).await;
     let status = r.status().as_u16();
     let (code, _) = super::support::error_of(r).await;
     assert_eq!(
@@ -358,23 +359,16 @@ async fn a_refused_address_is_refused_without_a_call_until_its_retry_time() {
         "  - use: ratelimit\n    key: api_key\n    rate: 1/m\n    burst: 2\n",
     )
     .await;
-    let c = client();
-    let from = |addr: &'static str| {
-        c.post(gw.url("/api/chat"))
-            .bearer_auth(KEY)
-            .header("x-forwarded-for", addr)
-            .json(&chat())
-            .send()
-    };
-    assert_eq!(from("192.0.2.20").await.unwrap().status(), 200);
-    let r = from("192.0.2.20").await.unwrap();
+    let from = |addr: &'static str| chat_from(&gw, KEY, addr);
+    assert_eq!(from("192.0.2.20").await.status(), 200);
+    let r = from("192.0.2.20").await;
     let t = Instant::now();
     assert_eq!(r.status(), 429, "refused by Redis");
     // What the refused request's key check took is given back by a call of its own.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let scripts = redis.calls("evalsha");
     for _ in 0..20 {
-        let r = from("192.0.2.20").await.unwrap();
+        let r = from("192.0.2.20").await;
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "1");
         assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
@@ -387,13 +381,13 @@ async fn a_refused_address_is_refused_without_a_call_until_its_retry_time() {
         );
     }
     assert_eq!(
-        from("192.0.2.21").await.unwrap().status(),
+        from("192.0.2.21").await.status(),
         200,
         "another address is not refused"
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
-        from("192.0.2.20").await.unwrap().status(),
+        from("192.0.2.20").await.status(),
         200,
         "the refusal ends at its retry time"
     );
@@ -401,7 +395,7 @@ async fn a_refused_address_is_refused_without_a_call_until_its_retry_time() {
     // (its counts may be given back, so its refusals are not remembered).
     for addr in ["192.0.2.22", "192.0.2.23"] {
         let before = redis.calls("evalsha");
-        let r = from(addr).await.unwrap();
+        let r = from(addr).await;
         assert_eq!(r.status(), 429);
         let limits: Vec<_> = r.headers().get_all("x-ratelimit-limit").iter().collect();
         assert_eq!(limits.last().unwrap().to_str().unwrap(), "3", "the key's");
@@ -533,29 +527,13 @@ async fn a_limiter_behind_a_cap_is_not_asked_for_requests_the_cap_refuses() {
         "  - use: ratelimit\n    key: ip\n    max_in_flight: 1\n  - use: ratelimit\n    key: ip\n    rate: 100/s\n    burst: 100\n  - use: auth\n    keys_file: KEYS\n",
     )
     .await;
-    let c = client();
     let addr = "192.0.2.60";
-    let slow = tokio::spawn(
-        c.post(gw.url("/api/chat"))
-            .bearer_auth(KEY)
-            .header("x-forwarded-for", addr)
-            .header("x-mock-chunks", "10")
-            .header("x-mock-delay-ms", "100")
-            .json(&json!({"model": "llama3.1:8b", "messages": [], "stream": true}))
-            .send(),
-    );
+    let slow = hold_a_slot(&gw, addr, 100);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let gcra = r#"llm_gateway_state_call_duration_seconds_count{script="gcra"}"#;
     let before = gw.metric(gcra).await;
     for _ in 0..4 {
-        let r = c
-            .post(gw.url("/api/chat"))
-            .bearer_auth(KEY)
-            .header("x-forwarded-for", addr)
-            .json(&chat())
-            .send()
-            .await
-            .unwrap();
+        let r = chat_from(&gw, KEY, addr).await;
         assert_eq!(r.status(), 429, "the address's slot is taken");
     }
     assert_eq!(
