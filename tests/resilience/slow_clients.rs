@@ -100,22 +100,22 @@ async fn the_admin_listener_is_guarded_like_the_proxy() {
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
     // An unreadable head gets a JSON error; scrapes are answered as before.
-    let (mut s, _) = closed_at_once(gw.admin_port).await;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).await.unwrap();
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let (code, _, answer) = send_raw(
+        gw.admin_port,
+        "GET /metrics HTTP/1.1\r\nHost x\r\n\r\n",
+        b"",
+    )
+    .await;
+    assert_eq!(code, 400, "{answer}");
     assert!(answer.contains("\"invalid_request\""), "{answer}");
     // No admin route takes a body: one announced is refused, not read.
-    let (mut s, _) = closed_at_once(gw.admin_port).await;
-    s.write_all(b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\nx")
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).await.unwrap();
-    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let (code, _, answer) = send_raw(
+        gw.admin_port,
+        "POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n",
+        b"x",
+    )
+    .await;
+    assert_eq!(code, 413, "{answer}");
     assert!(gw.metrics().await.contains("llm_gateway_"));
 }
 
