@@ -215,7 +215,17 @@ pub fn run(prepared: Prepared) -> ! {
         };
         let mut svc = pingora_core::services::listening::Service::new(
             "llm-gateway admin".to_string(),
-            crate::proxy::GuardedAdmin::new(app, settings.limits.client_header_timeout),
+            crate::proxy::GuardedAdmin::new(
+                app,
+                crate::proxy::ListenerCaps::new(
+                    addr,
+                    Some(crate::proxy::ADMIN_MAX_CONNECTIONS),
+                    Some(crate::proxy::ADMIN_MAX_PER_CLIENT),
+                    settings.limits.ipv6_prefix,
+                    &gateway.metrics,
+                ),
+                settings.limits.client_header_timeout,
+            ),
         );
         svc.add_tcp(&addr.to_string());
         // A scrape now and then: one thread, not one per core.

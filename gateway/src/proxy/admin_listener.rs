@@ -11,10 +11,7 @@
 //! kept-alive connection, of the previous answer; an unreadable head, or one announcing a
 //! body (no admin route takes one), gets a JSON error. Then Pingora's server answers it.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,6 +24,7 @@ use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
 use super::connection::{refuse, whole_head, Head};
+use super::connection_caps::ListenerCaps;
 
 /// Most admin connections open at once: scrapers and operators, a handful.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -38,68 +36,17 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// `app` behind the admin listener's guards.
 pub struct GuardedAdmin<A> {
     app: Arc<A>,
-    open: AtomicUsize,
-    by_client: Mutex<HashMap<IpAddr, u32>>,
+    /// The proxy's own caps, with the admin listener's figures.
+    caps: Arc<ListenerCaps>,
     head_timeout: Duration,
 }
 
 impl<A> GuardedAdmin<A> {
-    pub fn new(app: A, head_timeout: Duration) -> Self {
+    pub fn new(app: A, caps: Arc<ListenerCaps>, head_timeout: Duration) -> Self {
         GuardedAdmin {
             app: Arc::new(app),
-            open: AtomicUsize::new(0),
-            by_client: Mutex::new(HashMap::new()),
+            caps,
             head_timeout: head_timeout.min(HEAD_TIMEOUT),
-        }
-    }
-
-    /// A place for a connection from `client`, if there is one.
-    fn admit(&self, client: Option<IpAddr>) -> Option<Slot<'_, A>> {
-        if self.open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        if let Some(ip) = client {
-            let mut by = self
-                .by_client
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let n = by.entry(ip).or_insert(0);
-            if *n >= MAX_PER_CLIENT {
-                drop(by);
-                self.open.fetch_sub(1, Ordering::AcqRel);
-                return None;
-            }
-            *n += 1;
-        }
-        Some(Slot {
-            admin: self,
-            client,
-        })
-    }
-}
-
-/// A connection's place, given back when it ends.
-struct Slot<'a, A> {
-    admin: &'a GuardedAdmin<A>,
-    client: Option<IpAddr>,
-}
-
-impl<A> Drop for Slot<'_, A> {
-    fn drop(&mut self) {
-        self.admin.open.fetch_sub(1, Ordering::AcqRel);
-        if let Some(ip) = self.client {
-            let mut by = self
-                .admin
-                .by_client
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(n) = by.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    by.remove(&ip);
-                }
-            }
         }
     }
 }
@@ -129,7 +76,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedAdmin<A> {
             Some(SocketAddr::Inet(a)) => Some(a.ip()),
             _ => None,
         };
-        let _slot = self.admit(client)?;
+        let _slot = self.caps.admit(client)?;
         loop {
             let mut head = BytesMut::new();
             let deadline = tokio::time::Instant::now() + self.head_timeout;
@@ -166,38 +113,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedAdmin<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn places_per_client_and_in_all() {
-        let admin = GuardedAdmin::new((), Duration::from_secs(60));
-        assert_eq!(admin.head_timeout, HEAD_TIMEOUT);
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let mine: Vec<_> = (0..MAX_PER_CLIENT)
-            .map(|_| admin.admit(Some(a)).unwrap())
-            .collect();
-        assert!(admin.admit(Some(a)).is_none(), "one address, eight places");
-        let others: Vec<_> = (0..MAX_CONNECTIONS - MAX_PER_CLIENT as usize)
-            .map(|i| {
-                admin
-                    .admit(Some(IpAddr::from([
-                        10,
-                        0,
-                        (i / 250) as u8,
-                        (i % 250) as u8,
-                    ])))
-                    .unwrap()
-            })
-            .collect();
-        assert!(
-            admin.admit(Some("192.0.2.9".parse().unwrap())).is_none(),
-            "64 in all"
-        );
-        drop(mine);
-        assert_eq!(admin.by_client.lock().unwrap().get(&a), None);
-        assert!(admin.admit(Some(a)).is_some());
-        drop(others);
-        assert_eq!(admin.open.load(Ordering::Acquire), 0);
-    }
 
     #[test]
     fn a_head_announcing_a_body_is_seen() {

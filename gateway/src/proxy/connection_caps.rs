@@ -59,6 +59,35 @@ impl Drop for ConnectionSlot {
 }
 
 impl ListenerCaps {
+    /// The caps of the listener on `addr` (also the admin listener's), counted under its
+    /// address in `llm_gateway_connections` and `llm_gateway_connections_refused_total`.
+    pub fn new(
+        addr: SocketAddr,
+        max: Option<usize>,
+        per_client: Option<u32>,
+        ipv6_prefix: u8,
+        metrics: &Metrics,
+    ) -> Arc<Self> {
+        let name = addr.to_string();
+        Arc::new(ListenerCaps {
+            addr,
+            max,
+            per_client,
+            ipv6_prefix,
+            open: AtomicUsize::new(0),
+            by_client: Mutex::new(HashMap::new()),
+            at_max: AtomicBool::new(false),
+            gauge: metrics.connections.with_label_values(&[&name]),
+            refused_max: metrics
+                .connections_refused
+                .with_label_values(&[&name, "max_connections"]),
+            refused_per_client: metrics
+                .connections_refused
+                .with_label_values(&[&name, "max_connections_per_client"]),
+            name,
+        })
+    }
+
     fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, bool)>> {
         self.by_client.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -145,24 +174,13 @@ impl ConnectionCaps {
         let listeners = listen
             .iter()
             .map(|l| {
-                let name = l.addr.to_string();
-                Arc::new(ListenerCaps {
-                    addr: l.addr,
-                    max: l.max_connections.or(default_max),
-                    per_client: l.max_connections_per_client,
+                ListenerCaps::new(
+                    l.addr,
+                    l.max_connections.or(default_max),
+                    l.max_connections_per_client,
                     ipv6_prefix,
-                    open: AtomicUsize::new(0),
-                    by_client: Mutex::new(HashMap::new()),
-                    at_max: AtomicBool::new(false),
-                    gauge: metrics.connections.with_label_values(&[&name]),
-                    refused_max: metrics
-                        .connections_refused
-                        .with_label_values(&[&name, "max_connections"]),
-                    refused_per_client: metrics
-                        .connections_refused
-                        .with_label_values(&[&name, "max_connections_per_client"]),
-                    name,
-                })
+                    metrics,
+                )
             })
             .collect();
         ConnectionCaps { listeners }

@@ -60,9 +60,11 @@ use pingora_error::Error;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 pub use accept::{GatewayService, Listening};
-pub use admin_listener::GuardedAdmin;
+pub use admin_listener::{
+    GuardedAdmin, MAX_CONNECTIONS as ADMIN_MAX_CONNECTIONS, MAX_PER_CLIENT as ADMIN_MAX_PER_CLIENT,
+};
 pub use connection::{ConnectionLimits, GatewayApp};
-pub use connection_caps::ConnectionCaps;
+pub use connection_caps::{ConnectionCaps, ListenerCaps};
 pub use ctx::GwCtx;
 pub use respond::health_json;
 
