@@ -222,6 +222,33 @@ pub fn write(route: Route, body: &mut Map<String, Value>, limit: u64) -> Result<
     Ok(changed)
 }
 
+/// Bounds a request's output: `choose` picks the limit per completion from the ask (or
+/// refuses it), the limit is written into every field the route's backends read, and the
+/// request's total bound (limit × completions) is recorded in `ctx.max_tokens`. Routes that
+/// generate nothing, and requests without a JSON object body, are left as they are. What the
+/// policy's output cap and a budget's reserve both apply.
+pub fn apply_limit(
+    ctx: &mut crate::RequestCtx,
+    choose: impl FnOnce(Limit) -> Result<u64, crate::Rejection>,
+) -> Result<(), crate::Rejection> {
+    if !generates(ctx.route) {
+        return Ok(());
+    }
+    let Some(body) = ctx.json.as_mut().and_then(Value::as_object_mut) else {
+        return Ok(());
+    };
+    let bad = |code: &'static str, message: String| {
+        crate::Rejection::new(http::StatusCode::BAD_REQUEST, code, message)
+    };
+    let ask = read(ctx.route, body).map_err(|e| bad("invalid_max_tokens", e.to_string()))?;
+    let per_choice = choose(ask.per_choice)?;
+    if write(ctx.route, body, per_choice).map_err(|e| bad("invalid_options", e.to_string()))? {
+        ctx.body_rewritten = true;
+    }
+    ctx.max_tokens = Some(per_choice.saturating_mul(ask.choices));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

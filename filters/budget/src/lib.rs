@@ -512,8 +512,6 @@ fn refuse(ctx: &mut RequestCtx, b: &Budget, now: i64) -> Rejection {
 }
 
 impl BudgetFilter {
-    /// The budgets this request is held to: its principal's (keys-file `max_usd` and
-    /// `period`, else `default`) and the global one.
     /// A request that names no output limit (no cap before this filter either) could
     /// generate without bound before its usage is known: it is given `output_reserve` per
     /// completion, written into every field its backends read (as the policy's cap is), and
@@ -522,25 +520,17 @@ impl BudgetFilter {
         if !output::generates(ctx.route) {
             return Ok(0);
         }
-        let Some(body) = ctx.json.as_mut().and_then(serde_json::Value::as_object_mut) else {
-            return Ok(self.output_reserve);
-        };
-        let bad = |code: &'static str, message: String| {
-            Rejection::new(StatusCode::BAD_REQUEST, code, message)
-        };
-        let choices = output::read(ctx.route, body)
-            .map_err(|e| bad("invalid_max_tokens", e.to_string()))?
-            .choices;
-        if output::write(ctx.route, body, self.output_reserve)
-            .map_err(|e| bad("invalid_options", e.to_string()))?
-        {
-            ctx.body_rewritten = true;
-        }
-        let bound = self.output_reserve.saturating_mul(choices);
-        ctx.max_tokens = Some(bound);
-        Ok(bound)
+        output::apply_limit(ctx, |_| Ok(self.output_reserve))?;
+        Ok(ctx.max_tokens.unwrap_or(self.output_reserve))
     }
 
+    /// The prompt's tokens as reserved: the body's bytes at `chars_per_token`.
+    fn prompt_estimate(&self, ctx: &RequestCtx) -> u64 {
+        (ctx.bytes_in as f64 / self.chars_per_token).ceil() as u64
+    }
+
+    /// The budgets this request is held to: its principal's (keys-file `max_usd` and
+    /// `period`, else `default`) and the global one.
     fn budgets(&self, ctx: &RequestCtx, now: i64) -> Vec<Budget> {
         let mut out = Vec::with_capacity(2);
         let own = match ctx
@@ -618,21 +608,26 @@ impl Filter for BudgetFilter {
         }
         let now = now_secs();
         let budgets = self.budgets(ctx, now);
-        let model = ctx.model.as_deref().unwrap_or_default();
         // Only a request that has a budget to keep, for a model with a price, is bounded.
-        let metered = !budgets.is_empty()
-            && self
-                .prices
-                .worst_case(model, Usage::default(), 0.0)
-                .is_some();
         let completion_tokens = match ctx.max_tokens {
             Some(n) => n,
-            None if metered => self.bound_output(ctx)?,
+            None if !budgets.is_empty()
+                && self
+                    .prices
+                    .worst_case(
+                        ctx.model.as_deref().unwrap_or_default(),
+                        Usage::default(),
+                        0.0,
+                    )
+                    .is_some() =>
+            {
+                self.bound_output(ctx)?
+            }
             None => self.output_reserve,
         };
         let model = ctx.model.as_deref().unwrap_or_default();
         let estimate = Usage {
-            prompt_tokens: (ctx.bytes_in as f64 / self.chars_per_token).ceil() as u64,
+            prompt_tokens: self.prompt_estimate(ctx),
             completion_tokens,
             ..Default::default()
         };
@@ -756,7 +751,7 @@ impl Filter for BudgetFilter {
             n if !ctx.used_unknown() => {
                 let model = ctx.model.as_deref().unwrap_or_default();
                 let prompt = Usage {
-                    prompt_tokens: (ctx.bytes_in as f64 / self.chars_per_token).ceil() as u64,
+                    prompt_tokens: self.prompt_estimate(ctx),
                     ..Default::default()
                 };
                 let each = self.prices.worst_case(model, prompt, 0.0).unwrap_or(0);

@@ -105,31 +105,14 @@ pub enum OverCap {
 /// backends read, and the cap is written to all of them (see `gateway_filter::output`). Records
 /// the request's total output bound (cap × completions) in the context.
 pub fn apply_output_cap(ctx: &mut RequestCtx, cap: u64, mode: OverCap) -> Result<(), Rejection> {
-    if !output::generates(ctx.route) {
-        return Ok(());
-    }
-    let Some(body) = ctx.json.as_mut().and_then(Value::as_object_mut) else {
-        return Ok(());
-    };
-    let ask =
-        output::read(ctx.route, body).map_err(|e| bad("invalid_max_tokens", e.to_string()))?;
-    let per_choice = match ask.per_choice {
-        Limit::Bounded(n) if n <= cap => n,
-        Limit::Bounded(_) | Limit::Unbounded if mode == OverCap::Reject => {
-            return Err(bad(
-                "max_tokens_too_large",
-                format!("at most {cap} output tokens may be requested"),
-            ))
-        }
-        _ => cap,
-    };
-    if output::write(ctx.route, body, per_choice)
-        .map_err(|e| bad("invalid_options", e.to_string()))?
-    {
-        ctx.body_rewritten = true;
-    }
-    ctx.max_tokens = Some(per_choice.saturating_mul(ask.choices));
-    Ok(())
+    output::apply_limit(ctx, |ask| match ask {
+        Limit::Bounded(n) if n <= cap => Ok(n),
+        Limit::Bounded(_) | Limit::Unbounded if mode == OverCap::Reject => Err(bad(
+            "max_tokens_too_large",
+            format!("at most {cap} output tokens may be requested"),
+        )),
+        _ => Ok(cap),
+    })
 }
 
 /// Refuses more completions per request (`n`, `best_of`) than `max`.
