@@ -73,12 +73,15 @@ impl FilterChain {
             );
         }
         let mut filters: Vec<Arc<dyn Filter>> = Vec::with_capacity(specs.len());
+        let mut deferred = false;
         for spec in &specs {
             let cx = BuildContext {
-                first_in_chain: !filters.iter().any(|f| f.defers()),
+                first_in_chain: !deferred,
                 ..cx.clone()
             };
-            filters.push(build_one(spec, registry, &cx, settings)?);
+            let filter = build_one(spec, registry, &cx, settings)?;
+            deferred |= filter.defers();
+            filters.push(filter);
         }
         // A filter that reads the body before authentication would make every stranger's
         // body (up to `limits.max_body`) read and parsed; and a policy before auth judges

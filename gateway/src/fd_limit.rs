@@ -18,20 +18,19 @@ fn read() -> Option<libc::rlimit> {
     (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
 }
 
-/// Raises the soft open-file limit to the hard one; answers the soft limit now in force.
-pub fn raise() -> Option<u64> {
-    let mut lim = read()?;
+/// Raises the soft open-file limit to the hard one (where it is lower, nothing happens).
+pub fn raise() {
+    let Some(lim) = read() else {
+        return;
+    };
     if lim.rlim_cur < lim.rlim_max {
         let wanted = libc::rlimit {
             rlim_cur: lim.rlim_max,
             rlim_max: lim.rlim_max,
         };
         // SAFETY: setrlimit reads the struct it is given.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0 {
-            lim = wanted;
-        }
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) };
     }
-    Some(lim.rlim_cur)
 }
 
 /// Each listener's `max_connections` when it sets none: nine tenths of the open-file limit,
@@ -49,7 +48,8 @@ pub fn default_max_connections(listeners: usize) -> Option<usize> {
 mod tests {
     #[test]
     fn the_default_cap_leaves_room_and_is_shared() {
-        let soft = super::raise().unwrap() as usize;
+        super::raise();
+        let soft = super::read().unwrap().rlim_cur as usize;
         let one = super::default_max_connections(1).unwrap();
         assert!(one < soft && one >= soft * 9 / 10 - 1, "{one} of {soft}");
         let two = super::default_max_connections(2).unwrap();

@@ -378,7 +378,12 @@ async fn a_connection_flood_leaves_descriptors_for_backends() {
     let metrics = gw.metrics().await;
     let refused = metrics
         .lines()
-        .find(|l| l.starts_with("llm_gateway_connections_refused_total{cap=\"max_connections\""))
+        .find(|l| {
+            l.starts_with(&format!(
+                "llm_gateway_connections_refused_total{{cap=\"max_connections\",listener=\"127.0.0.1:{}\"}}",
+                gw.port
+            ))
+        })
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(refused >= 100.0, "{refused} refused:\n{metrics}");

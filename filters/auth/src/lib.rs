@@ -322,7 +322,6 @@ impl AuthFilter {
         }
     }
 
-    /// A failed attempt: counted against the client's IP, then 401.
     /// A failure, counted against the client's address. An address check still waiting (on
     /// shared state) answers first, so that a refused address gets the same answer for a
     /// guess as for a valid key; the guess was checked all the same, and is counted.

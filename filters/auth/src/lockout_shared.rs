@@ -116,7 +116,9 @@ pub struct SharedLockout {
     /// When `heard` last overflowed: the server is asked per request until a read of the set
     /// fits again, tried once per [`RESYNC`] (the locks that filled it expire with their
     /// window).
-    overflowed_at: Mutex<Option<Instant>>,
+    /// (Milliseconds since `born`, plus one; 0: none. Read by every request: no lock.)
+    overflowed_at: AtomicU64,
+    born: Instant,
     /// A read of the set is on its way: other requests ask about their own address meanwhile
     /// instead of reading the whole set again.
     reading: std::sync::atomic::AtomicBool,
@@ -153,7 +155,8 @@ impl SharedLockout {
             synced: AtomicU64::new(0),
             synced_at: std::sync::Mutex::new(None),
             missed,
-            overflowed_at: Mutex::new(None),
+            overflowed_at: AtomicU64::new(0),
+            born: Instant::now(),
             reading: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -176,9 +179,14 @@ impl SharedLockout {
     }
 
     fn overflowed_recently(&self) -> bool {
-        self.overflowed_at
-            .lock()
-            .map_or(true, |t| t.is_some_and(|t| t.elapsed() < RESYNC))
+        match self.overflowed_at.load(Ordering::Acquire) {
+            0 => false,
+            at => self.now_ms() < at - 1 + RESYNC.as_millis() as u64,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
     }
 
     /// `Some(locked)` from what the replicas announced, when that can be trusted; `None`
@@ -205,9 +213,8 @@ impl SharedLockout {
                         continue;
                     };
                     if !self.heard.add(ip, ms) {
-                        if let Ok(mut t) = self.overflowed_at.lock() {
-                            *t = Some(Instant::now());
-                        }
+                        self.overflowed_at
+                            .store(self.now_ms() + 1, Ordering::Release);
                         return None;
                     }
                 }
@@ -220,9 +227,7 @@ impl SharedLockout {
                 return None;
             }
             self.synced.store(generation, Ordering::Release);
-            if let Ok(mut t) = self.overflowed_at.lock() {
-                *t = None;
-            }
+            self.overflowed_at.store(0, Ordering::Release);
             if let Ok(mut t) = self.synced_at.lock() {
                 *t = Some(Instant::now());
             }
@@ -391,7 +396,7 @@ mod tests {
         // The locks that filled it expired; the wait has passed.
         lockout.heard.0.lock().unwrap().clear();
         fake.locked.lock().unwrap().clear();
-        *lockout.overflowed_at.lock().unwrap() = Some(Instant::now() - RESYNC);
+        lockout.overflowed_at.store(0, Ordering::Release);
         assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
         assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
         assert_eq!(

@@ -116,15 +116,9 @@ pub struct Named {
 
 /// What `modelfile` names.
 pub fn read(modelfile: &str) -> Named {
-    let mut adapter = false;
-    let bases = bases(modelfile, &mut adapter);
-    Named { bases, adapter }
-}
-
-fn bases(modelfile: &str, adapter: &mut bool) -> Vec<String> {
     // Ollama's reader drops a byte-order mark at the start.
     let text = modelfile.strip_prefix('\u{feff}').unwrap_or(modelfile);
-    let mut names = Vec::new();
+    let mut names = Named::default();
     let mut state = State::Nil;
     // What the parser keeps of the current token, and the same with every character.
     let (mut kept, mut all) = (String::new(), String::new());
@@ -157,7 +151,7 @@ fn bases(modelfile: &str, adapter: &mut bool) -> Vec<String> {
                         return names;
                     }
                     from = command == "from";
-                    *adapter |= matches!(command.as_str(), "adapter" | "draft");
+                    names.adapter |= matches!(command.as_str(), "adapter" | "draft");
                     next = match command.as_str() {
                         "parameter" => State::Parameter,
                         "message" => State::Message,
@@ -172,7 +166,7 @@ fn bases(modelfile: &str, adapter: &mut bool) -> Vec<String> {
                         continue;
                     }
                     if from {
-                        name(&kept, &all, &mut names);
+                        name(&kept, &all, &mut names.bases);
                     }
                 }
                 State::Nil | State::Parameter | State::Message | State::Comment => {}
@@ -189,7 +183,7 @@ fn bases(modelfile: &str, adapter: &mut bool) -> Vec<String> {
         }
     }
     if state == State::Value && from {
-        name(&kept, &all, &mut names);
+        name(&kept, &all, &mut names.bases);
     }
     names
 }

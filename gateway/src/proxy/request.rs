@@ -338,17 +338,12 @@ async fn read_body_alongside(
     ctx: &mut GwCtx,
 ) -> std::result::Result<(), Refusal> {
     // Checks whose refusals are not remembered answer before the body is read.
-    let costly = ctx.req.pending_costly();
-    let answers = match ctx.req.answers() {
-        Some(a) if !costly && !body::expects_continue(session) => a,
-        Some(a) => {
-            a.wait()
-                .await
-                .apply(&mut ctx.req)
-                .map_err(Refusal::by_chain)?;
-            return read_held_body(gw, session, ctx).await;
-        }
-        None => return read_held_body(gw, session, ctx).await,
+    if ctx.req.pending_costly() || body::expects_continue(session) {
+        ctx.req.settle_pending().await.map_err(Refusal::by_chain)?;
+        return read_held_body(gw, session, ctx).await;
+    }
+    let Some(answers) = ctx.req.answers() else {
+        return read_held_body(gw, session, ctx).await;
     };
     let limits = &gw.settings.limits;
     let mut answers: Travelling = Box::pin(answers.wait());
