@@ -152,14 +152,7 @@ pub const MAX_FIELD: usize = 512;
 
 /// `s` cut to [`MAX_FIELD`] bytes, at a character boundary.
 fn clip(s: &str) -> &str {
-    if s.len() <= MAX_FIELD {
-        return s;
-    }
-    let mut end = MAX_FIELD;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    &s[..s.floor_char_boundary(MAX_FIELD)]
 }
 
 /// `Display` output on the stack (timestamp, address, decision): a line is written without
