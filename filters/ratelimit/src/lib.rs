@@ -132,9 +132,9 @@ pub struct RateLimitFilter {
     /// Names this limiter's keys in shared state: the same options on every replica give the
     /// same id, and two limiters of one chain differ.
     id: String,
-    /// First in the chain: its shared decisions are final, so the rate's refusals are
-    /// remembered until their retry time (see [`RateLimitFilter::known_refused`]).
-    first_in_chain: bool,
+    /// On shared state and first in the chain: its shared decisions are final, so the rate's
+    /// refusals are remembered until their retry time (see [`RateLimitFilter::known_refused`]).
+    remember_refusals: bool,
 }
 
 /// What a request holds from a limiter until its answer ends (`on_response_end`): an
@@ -230,7 +230,7 @@ pub fn build(
         hasher: std::hash::RandomState::new(),
         state: cx.state.clone(),
         id: format!("{:016x}", stable_hash(options.to_string().as_bytes())),
-        first_in_chain: cx.first_in_chain,
+        remember_refusals: cx.state.is_some() && cx.first_in_chain,
     }))
 }
 
@@ -421,8 +421,8 @@ impl RateLimitFilter {
             mode: self.mode,
             max_in_flight: self.max_in_flight,
             store: self.store.clone(),
-            speculative: false,
-            remember_refusal: false,
+            speculative: ctx.has_pending(),
+            remember_refusal: self.remember_refusals,
         })
     }
 }
@@ -937,9 +937,7 @@ impl Filter for RateLimitFilter {
         if ctx.pending_costly() {
             ctx.settle_pending().await?;
         }
-        let mut check = self.check(ctx)?;
-        check.speculative = ctx.has_pending();
-        check.remember_refusal = self.state.is_some() && self.first_in_chain;
+        let check = self.check(ctx)?;
         if check.remember_refusal {
             if let Some(refused) = self.known_refused(ctx, &check) {
                 return Err(refused);
