@@ -37,18 +37,21 @@ pub type Deferred = Pin<Box<dyn Future<Output = Verdict> + Send>>;
 /// Behind a mutex only so that the context stays `Sync`: it is reached through `&mut` (no
 /// locking).
 #[derive(Default)]
-pub struct Pending(Mutex<Vec<(&'static str, Deferred)>>, bool);
+pub struct Pending {
+    checks: Mutex<Vec<(&'static str, Deferred)>>,
+    costly: bool,
+}
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map_or(0, |v| v.len());
+        let n = self.checks.lock().map_or(0, |v| v.len());
         write!(f, "Pending({n})")
     }
 }
 
 impl Pending {
     fn list(&mut self) -> &mut Vec<(&'static str, Deferred)> {
-        self.0.get_mut().unwrap_or_else(|p| p.into_inner())
+        self.checks.get_mut().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -66,13 +69,13 @@ impl RequestCtx {
     /// instead ([`RequestCtx::pending_costly`]); otherwise each refused request would reach
     /// them.
     pub fn defer_costly(&mut self, filter: &'static str, check: Deferred) {
-        self.pending.1 = true;
+        self.pending.costly = true;
         self.defer(filter, check);
     }
 
     /// Whether a check waiting was deferred with [`RequestCtx::defer_costly`].
     pub fn pending_costly(&self) -> bool {
-        self.pending.1
+        self.pending.costly
     }
 
     /// Whether checks are waiting.
@@ -82,7 +85,7 @@ impl RequestCtx {
 
     /// The waiting checks, in the order they were deferred.
     pub fn take_pending(&mut self) -> Vec<(&'static str, Deferred)> {
-        self.pending.1 = false;
+        self.pending.costly = false;
         std::mem::take(self.pending.list())
     }
 }
