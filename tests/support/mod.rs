@@ -31,11 +31,22 @@ pub fn chat() -> serde_json::Value {
 }
 
 /// A port nobody listens on right now (bound then released).
+/// A port nothing listens on now, never handed out before in this test process: two tests
+/// given the same released port would cross (the second gateway waits for the port, as for
+/// a closing process's, while its test finds the first one answering there).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub async fn mock() -> MockServer {
