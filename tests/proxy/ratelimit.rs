@@ -153,14 +153,15 @@ async fn in_flight_cap_counts_streams_and_frees_slots_on_disconnect() {
 async fn tokens_per_minute_refuses_once_usage_adds_up() {
     let m = mock().await;
     let gw = Gateway::start(&format!(
-        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 25\n",
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 25\n    output_reserve: 5\n",
         backends(&[("local", &m.url())]),
         conf("keys.yaml")
     ))
     .await;
     let c = client();
-    // Each request uses 1 prompt + 5 completion tokens (the mock's counts): 5 pass (the 5th
-    // starts at 24 used), then the window is spent.
+    // Each request names no output limit: it is given 5 (`output_reserve`) and holds 1 prompt
+    // + 5 output tokens, and uses as much (the mock's counts): 4 pass (the 4th starts at 18
+    // used), then the window has no room for another 6.
     let mut statuses = Vec::new();
     for _ in 0..7 {
         let r = c
@@ -186,7 +187,7 @@ async fn tokens_per_minute_refuses_once_usage_adds_up() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429, 429]);
     // The reserved output cap counts before the request: a big cap is refused at once.
     let r = c
         .post(gw.url("/api/chat"))
@@ -364,4 +365,92 @@ async fn the_next_request_sent_as_an_answer_ends_finds_its_holds_given_back() {
     }
     drop(open);
     assert_eq!(m.total(), 24);
+}
+
+/// Review: a request that named no output limit reserved its prompt alone against
+/// `tokens_per_minute`, so any number of them started at once all fitted in the minute and
+/// then generated without bound. Each is now given `output_reserve` (4,096) in its body and
+/// holds it; a policy cap after the limiter still judges what the client asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_without_an_output_limit_cannot_all_start_within_one_minutes_tokens() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 10000\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml")
+    ))
+    .await;
+    let c = client();
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    // Two held at the backend (1.5 s before it answers), until the model stops: -1 to Ollama,
+    // nothing at all on /v1.
+    let held: Vec<_> = [
+        ("/api/chat", json!({"model": "llama3.1:8b", "stream": false, "messages": msgs, "options": {"num_predict": -1}})),
+        ("/v1/chat/completions", json!({"model": "llama3.1:8b", "messages": msgs})),
+    ]
+    .into_iter()
+    .map(|(path, body)| {
+        tokio::spawn(
+            c.post(gw.url(path))
+                .bearer_auth(KEY)
+                .header("x-mock-first-byte-ms", "1500")
+                .json(&body)
+                .send(),
+        )
+    })
+    .collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    while m.total() < 2 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(m.total(), 2, "both reached the backend");
+    // They hold 4,097 tokens each of 10,000: a third does not fit while they run.
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "llama3.1:8b", "messages": msgs}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(error_of(r).await.1.contains("4097 requested"));
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(m.total(), 2);
+    for r in m.requests().into_iter().filter_map(|r| r.json) {
+        let bound = r
+            .get("max_tokens")
+            .or_else(|| r["options"].get("num_predict"));
+        assert_eq!(bound, Some(&json!(4096)), "{r}");
+    }
+
+    // A policy cap after the limiter judges the client's ask, not the limiter's bound, and
+    // lowers it: nothing asked passes with the cap; "no limit" is refused under `reject`.
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 10000\n  - use: policy\n    max_output_tokens: 100\n    over_output_cap: reject\n",
+        backends(&[("local", &m.url())]),
+        conf("keys.yaml")
+    ))
+    .await;
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "llama3.1:8b", "messages": msgs}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = m.requests().pop().and_then(|r| r.json).unwrap();
+    assert_eq!(seen["max_tokens"], 100, "{seen}");
+    let r = c
+        .post(gw.url("/api/chat"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "llama3.1:8b", "stream": false, "messages": msgs, "options": {"num_predict": -1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(m.total(), 1);
 }

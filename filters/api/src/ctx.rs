@@ -153,6 +153,10 @@ pub struct RequestCtx {
     /// route's backends read (see [`crate::output`]) times the completions asked for (`n`,
     /// `best_of`); `None` when unbounded. Budget, TPM and routing reserve this figure.
     pub max_tokens: Option<u64>,
+    /// Set when a filter gave a request that named no output limit a bound of its own to
+    /// reserve ([`crate::output::reserve_limit`]): what the client asked per completion, and
+    /// the bound written. A cap applied after judges the ask, and never raises the bound.
+    pub output_reserved: Option<(crate::output::Limit, u64)>,
     pub stream: bool,
     pub principal: Option<Arc<Principal>>,
     /// Why a filter said no, for audit and metrics only (e.g. `unknown_key`, `expired`);
@@ -226,6 +230,7 @@ impl RequestCtx {
             opaque_weights: false,
             unknown_format: false,
             max_tokens: None,
+            output_reserved: None,
             stream: false,
             principal: None,
             reject_reason: None,

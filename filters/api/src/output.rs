@@ -240,12 +240,46 @@ pub fn apply_limit(
     let bad = |code: &'static str, message: String| {
         crate::Rejection::new(http::StatusCode::BAD_REQUEST, code, message)
     };
-    let ask = read(ctx.route, body).map_err(|e| bad("invalid_max_tokens", e.to_string()))?;
-    let per_choice = choose(ask.per_choice)?;
+    let mut ask = read(ctx.route, body).map_err(|e| bad("invalid_max_tokens", e.to_string()))?;
+    // A bound an earlier filter gave the request to reserve is not the client's ask, and
+    // what it reserved is the most the request may now produce.
+    let reserved = ctx.output_reserved.map(|(asked, bound)| {
+        ask.per_choice = asked;
+        bound
+    });
+    let per_choice = choose(ask.per_choice)?.min(reserved.unwrap_or(u64::MAX));
     if write(ctx.route, body, per_choice).map_err(|e| bad("invalid_options", e.to_string()))? {
         ctx.body_rewritten = true;
     }
     ctx.max_tokens = Some(per_choice.saturating_mul(ask.choices));
+    Ok(())
+}
+
+/// Gives a request that names no output limit (none, or zero or negative: no limit) a bound
+/// of its own, `per_choice(completions)` per completion, written as [`apply_limit`] writes a
+/// cap, so what it can generate is what a reservation holds (a budget's, a token limit's).
+/// The client's own ask is kept in the context: a cap applied later judges that, not this
+/// bound, and never raises it. A request that is bounded already is left as it is.
+pub fn reserve_limit(
+    ctx: &mut crate::RequestCtx,
+    per_choice: impl FnOnce(u64) -> u64,
+) -> Result<(), crate::Rejection> {
+    if ctx.max_tokens.is_some() || !generates(ctx.route) {
+        return Ok(());
+    }
+    let Some(body) = ctx.json.as_ref().and_then(Value::as_object) else {
+        return Ok(());
+    };
+    let Ok(ask) = read(ctx.route, body) else {
+        // Refused by `apply_limit` with its reason.
+        return apply_limit(ctx, |_| Ok(0));
+    };
+    if ask.total().is_some() {
+        return Ok(());
+    }
+    let bound = per_choice(ask.choices).max(1);
+    apply_limit(ctx, |_| Ok(bound))?;
+    ctx.output_reserved.get_or_insert((ask.per_choice, bound));
     Ok(())
 }
 
@@ -348,5 +382,57 @@ mod tests {
         assert_eq!(b["options"], json!({"num_predict": 8}));
         let mut b = obj(json!({"options": 3}));
         assert_eq!(write(Route::OllamaGenerate, &mut b, 8), Err(BadOptions));
+    }
+
+    fn chat(body: Value) -> crate::RequestCtx {
+        let mut c = crate::RequestCtx::new(
+            String::new(),
+            http::Method::POST,
+            "/v1/chat/completions".into(),
+        );
+        c.json = Some(body);
+        c
+    }
+
+    #[test]
+    fn a_reserved_bound_is_not_the_clients_ask_and_is_never_raised() {
+        // No limit asked: the reservation's bound is written, and a cap after it judges the
+        // absent ask (no refusal) without raising the bound.
+        let mut c = chat(json!({"model": "m", "messages": []}));
+        reserve_limit(&mut c, |_| 100).unwrap();
+        let sent = read(c.route, c.json.as_ref().unwrap().as_object().unwrap()).unwrap();
+        assert_eq!((sent.total(), c.max_tokens), (Some(100), Some(100)));
+        assert!(c.body_rewritten);
+        apply_limit(&mut c, |ask| {
+            assert_eq!(ask, Limit::Absent);
+            Ok(8192)
+        })
+        .unwrap();
+        assert_eq!(c.max_tokens, Some(100));
+        // A smaller cap lowers it.
+        apply_limit(&mut c, |_| Ok(50)).unwrap();
+        assert_eq!(c.max_tokens, Some(50));
+        // "No limit" asked in so many words: a cap that refuses it still sees it.
+        let mut c = chat(json!({"model": "m", "messages": [], "max_tokens": -1}));
+        reserve_limit(&mut c, |_| 100).unwrap();
+        assert_eq!(c.max_tokens, Some(100));
+        let refused = apply_limit(&mut c, |ask| {
+            assert_eq!(ask, Limit::Unbounded);
+            Err(crate::Rejection::new(
+                http::StatusCode::BAD_REQUEST,
+                "max_tokens_too_large",
+                "no",
+            ))
+        });
+        assert_eq!(refused.unwrap_err().code, "max_tokens_too_large");
+        // Completions share the bound; a bounded request is left as asked.
+        let mut c = chat(json!({"model": "m", "messages": [], "n": 3}));
+        reserve_limit(&mut c, |choices| 900 / choices).unwrap();
+        assert_eq!(c.max_tokens, Some(900));
+        let mut c = chat(json!({"model": "m", "messages": [], "max_tokens": 7}));
+        c.max_tokens = Some(7);
+        reserve_limit(&mut c, |_| 100).unwrap();
+        assert_eq!((c.max_tokens, c.body_rewritten), (Some(7), false));
+        assert_eq!(c.output_reserved, None);
     }
 }

@@ -520,7 +520,7 @@ impl BudgetFilter {
         if !output::generates(ctx.route) {
             return Ok(0);
         }
-        output::apply_limit(ctx, |_| Ok(self.output_reserve))?;
+        output::reserve_limit(ctx, |_| self.output_reserve)?;
         Ok(ctx.max_tokens.unwrap_or(self.output_reserve))
     }
 

@@ -18,7 +18,7 @@ use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
 use gateway_filter::model_name::canonical_model;
 use gateway_filter::state::{acquire_lease, ask, at, int, stable_hash, SharedLease};
 use gateway_filter::{
-    parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState,
+    output, parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState,
 };
 use serde::Deserialize;
 
@@ -54,6 +54,10 @@ struct Options {
     mode: Mode,
     max_in_flight: Option<u32>,
     tokens_per_minute: Option<u64>,
+    /// Output tokens per completion a request held to `tokens_per_minute` is given when
+    /// nothing bounds it (see `RateLimitFilter::check`).
+    #[serde(default = "default_output_reserve")]
+    output_reserve: u64,
     /// Most keys tracked per kind of limit (memory bound).
     #[serde(default = "default_max_keys")]
     max_keys: usize,
@@ -61,6 +65,11 @@ struct Options {
 
 fn default_max_keys() -> usize {
     100_000
+}
+
+/// As the budget's: what one long answer takes.
+fn default_output_reserve() -> u64 {
+    4096
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +133,8 @@ pub struct RateLimitFilter {
     mode: Mode,
     max_in_flight: Option<u32>,
     tpm: Option<u64>,
+    /// Output tokens per completion given to a request under `tpm` that names no limit.
+    output_reserve: u64,
     store: Arc<dyn LimitStore>,
     hasher: std::hash::RandomState,
     /// Shared with the other replicas (`state: { backend: redis }`); the local store is the
@@ -219,6 +230,12 @@ pub fn build(
             "max_in_flight and tokens_per_minute must be at least 1",
         ));
     }
+    if o.output_reserve == 0 {
+        return Err(OptionsError::new(
+            "output_reserve",
+            "must be at least 1 (output tokens given to a request that names no limit)",
+        ));
+    }
     Ok(Arc::new(RateLimitFilter {
         key,
         rate,
@@ -226,6 +243,7 @@ pub fn build(
         mode: o.mode,
         max_in_flight: o.max_in_flight,
         tpm: o.tokens_per_minute,
+        output_reserve: o.output_reserve,
         store: Arc::new(LocalStore::new(o.max_keys.max(SHARD_MIN))),
         hasher: std::hash::RandomState::new(),
         state: cx.state.clone(),
@@ -390,15 +408,24 @@ impl RateLimitFilter {
         let (rate, burst, tpm) = self.limits(ctx);
         // The request's output bound (the policy's cap × completions) and its prompt,
         // estimated at four characters a token, are held until the real usage is known.
-        let reserve = tpm.map(|_| {
-            let prompt = ctx
-                .json
-                .as_ref()
-                .map_or(0, |b| gateway_filter::prompt::prompt_chars(b) as u64);
-            ctx.max_tokens
-                .unwrap_or(0)
-                .saturating_add(prompt.div_ceil(4))
-        });
+        let reserve = match tpm {
+            Some(limit) => {
+                let prompt = ctx
+                    .json
+                    .as_ref()
+                    .map_or(0, |b| gateway_filter::prompt::prompt_chars(b) as u64)
+                    .div_ceil(4);
+                // A request that names no output limit could generate without bound before
+                // its usage is known: concurrent ones would all fit in the room their prompts
+                // leave. It is given `output_reserve` per completion (no more than the
+                // minute's limit leaves beside its prompt), written into its body as a cap.
+                let room = limit.saturating_sub(prompt);
+                let per_choice = self.output_reserve;
+                output::reserve_limit(ctx, |choices| per_choice.min(room / choices))?;
+                Some(ctx.max_tokens.unwrap_or(0).saturating_add(prompt))
+            }
+            None => None,
+        };
         if let (Some(limit), Some(reserve)) = (tpm, reserve) {
             if reserve > limit {
                 // Waiting never helps: said so, with no time to come back.

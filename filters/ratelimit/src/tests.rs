@@ -387,3 +387,67 @@ fn header_numbers_read_the_same_from_the_table_and_beyond_it() {
         assert_eq!(number(v).to_str().unwrap(), v.to_string());
     }
 }
+
+/// An unbounded request used to reserve its prompt alone: any number of them, started at
+/// once, fitted in one minute's limit and then generated without bound. Each is now given
+/// `output_reserve` per completion (no more than the limit leaves beside its prompt), written
+/// into its body, and holds that.
+#[tokio::test]
+async fn requests_that_name_no_output_limit_hold_a_bound_of_their_own() {
+    let f = filter(json!({"key": "api_key", "tokens_per_minute": 10000}));
+    let mk = |path: &str, body: serde_json::Value| {
+        let mut c = RequestCtx::new(String::new(), Method::POST, path.into());
+        c.set_client("10.0.0.9".parse().unwrap(), 64);
+        c.principal = Some(Arc::new(Principal {
+            id: "u".into(),
+            ..Default::default()
+        }));
+        c.json = Some(body);
+        c
+    };
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let mut a = mk("/v1/chat/completions", chat.clone());
+    f.on_request(&mut a).await.unwrap();
+    let body = a.json.as_ref().unwrap();
+    assert_eq!(body["max_tokens"], 4096, "{body}");
+    assert_eq!(a.max_tokens, Some(4096));
+    assert!(a.body_rewritten);
+    // Ollama's "no limit" (-1) is bounded the same way, in the field Ollama reads.
+    let mut b = mk(
+        "/api/chat",
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+               "options": {"num_predict": -1}}),
+    );
+    f.on_request(&mut b).await.unwrap();
+    assert_eq!(b.json.as_ref().unwrap()["options"]["num_predict"], 4096);
+    // Two are held (2 × 4097 of 10,000): a third does not fit while they run.
+    let mut c = mk("/v1/chat/completions", chat.clone());
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.message.contains("4097 requested"), "{}", r.message);
+    // Embeddings generate nothing: their prompt alone is held.
+    let mut e = mk("/v1/embeddings", json!({"model": "m", "input": "hi"}));
+    f.on_request(&mut e).await.unwrap();
+    assert_eq!((e.max_tokens, e.body_rewritten), (None, false));
+
+    // A small limit: the bound is what the limit leaves beside the prompt, shared by the
+    // completions asked for, so the request can pass.
+    let f = filter(json!({"key": "api_key", "tokens_per_minute": 1000, "output_reserve": 5000}));
+    let mut c = mk(
+        "/v1/chat/completions",
+        json!({"model": "m", "n": 3, "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    f.on_request(&mut c).await.unwrap();
+    assert_eq!(c.json.as_ref().unwrap()["max_tokens"], 333);
+    assert_eq!(c.max_tokens, Some(999));
+    assert_eq!(
+        build(
+            &json!({"key": "ip", "tokens_per_minute": 10, "output_reserve": 0}),
+            &BuildContext::default()
+        )
+        .err()
+        .unwrap()
+        .path,
+        "output_reserve"
+    );
+}
