@@ -6,6 +6,7 @@
 //! by a hash of the forwarded credential headers, so the validator sees one request per
 //! credential per `cache` period.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -48,6 +49,10 @@ pub struct ForwardOptions {
     /// of unknown credentials cannot pile up connections to it.
     #[serde(default = "default_max_in_flight")]
     max_in_flight: usize,
+    /// Most of those one client address (an IPv6 client's /64) may hold at once, so one
+    /// address guessing credentials cannot take them all; default a quarter of
+    /// `max_in_flight`.
+    max_in_flight_per_address: Option<usize>,
     /// PEM CA certificates trusted for an `https://` validator besides the public roots.
     ca_file: Option<std::path::PathBuf>,
 }
@@ -88,9 +93,15 @@ pub enum Denied {
     /// A 4xx, or a 2xx that names no principal: the credential is not good (counted
     /// towards the lockout, whatever status the validator uses for it).
     Refused,
-    /// Unreachable, timed out, busy, a redirect or a 5xx: the validator's trouble.
+    /// Unreachable, timed out, a redirect or a 5xx: the validator's trouble.
     Unavailable,
+    /// `max_in_flight` questions are out, or the client's address holds its share of them:
+    /// not asked (and not the validator's trouble).
+    Busy,
 }
+
+/// A question on its way, shared by the requests that carry the same credentials.
+type Question = Arc<tokio::sync::OnceCell<Result<Arc<Identity>, Denied>>>;
 
 type Cached = (Arc<[u8; 32]>, Arc<Identity>);
 
@@ -109,6 +120,67 @@ pub struct Forwarder {
     failing: AtomicBool,
     failures: AtomicU64,
     slots: tokio::sync::Semaphore,
+    /// Questions in flight per client address, and how many one address may hold.
+    asking: std::sync::Mutex<HashMap<u128, usize>>,
+    per_address: usize,
+    /// Questions not asked because too many were out (`Denied::Busy`).
+    busy: AtomicU64,
+    /// Questions on their way by the credentials' digest (only while answers are cached: a
+    /// validator asked every time may answer each request differently).
+    questions: std::sync::Mutex<HashMap<[u8; 32], Question>>,
+}
+
+/// A request waiting for a question's answer. The question leaves the table once answered,
+/// or when the last request waiting for it goes away unanswered (a flood of clients that
+/// leave must not leave questions behind).
+struct Waiting<'a> {
+    map: &'a std::sync::Mutex<HashMap<[u8; 32], Question>>,
+    question: Question,
+    digest: [u8; 32],
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Clones are made under this lock: the count is the table's, this one's and those of
+        // the requests still waiting.
+        if m.get(&self.digest)
+            .is_some_and(|q| Arc::ptr_eq(q, &self.question))
+            && (self.question.initialized() || Arc::strong_count(&self.question) <= 2)
+        {
+            m.remove(&self.digest);
+        }
+    }
+}
+
+/// What one client address counts as: itself, or an IPv6 client's /64 (one host's).
+fn address_key(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => u128::from(u32::from(v4)),
+            None => u128::from(v6) & !u128::from(u64::MAX),
+        },
+    }
+}
+
+/// A question counted against its client's address until dropped.
+struct Asking<'a> {
+    map: &'a std::sync::Mutex<HashMap<u128, usize>>,
+    key: Option<u128>,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        let Some(key) = self.key else { return };
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&key);
+            }
+        }
+    }
 }
 
 fn header_name(key: &str, h: &str) -> Result<HeaderName, OptionsError> {
@@ -167,6 +239,13 @@ impl Forwarder {
             failing: AtomicBool::new(false),
             failures: AtomicU64::new(0),
             slots: tokio::sync::Semaphore::new(o.max_in_flight.max(1)),
+            asking: std::sync::Mutex::new(HashMap::new()),
+            per_address: o
+                .max_in_flight_per_address
+                .unwrap_or(o.max_in_flight / 4)
+                .clamp(1, o.max_in_flight.max(1)),
+            busy: AtomicU64::new(0),
+            questions: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -184,6 +263,11 @@ impl Forwarder {
     /// Validator failures (unreachable, timeout, unexpected status) since start.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Questions not asked since start because too many were out.
+    pub fn busy(&self) -> u64 {
+        self.busy.load(Ordering::Relaxed)
     }
 
     /// Hash of the forwarded credential headers; `None` when the request carries none of them.
@@ -207,7 +291,8 @@ impl Forwarder {
         self.cached(&self.digest(req)?)
     }
 
-    /// Asks the validator (or the cache) about the credentials in `req`.
+    /// Asks the validator (or the cache) about the credentials in `req`. Requests with the
+    /// same credentials that come while a question about them is out wait for its answer.
     pub async fn check(
         &self,
         req: &HeaderMap,
@@ -220,12 +305,47 @@ impl Forwarder {
         if let Some(hit) = self.cached(&digest) {
             return Ok(hit);
         }
+        if self.ttl.is_zero() {
+            return self.ask(req, method, path, query, client, &digest).await;
+        }
+        let waiting = Waiting {
+            map: &self.questions,
+            question: self
+                .questions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(digest)
+                .or_default()
+                .clone(),
+            digest,
+        };
+        // The first request asks; the others wait for its answer (and one of them asks
+        // instead if that request goes away first).
+        waiting
+            .question
+            .get_or_init(|| self.ask(req, method, path, query, client, &digest))
+            .await
+            .clone()
+    }
+
+    /// One question to the validator, within the client address's share and the slots.
+    async fn ask(
+        &self,
+        req: &HeaderMap,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        client: Option<IpAddr>,
+        digest: &[u8; 32],
+    ) -> Result<Arc<Identity>, Denied> {
+        let _asking = self.count_asking(client)?;
+        let Ok(_slot) = self.slots.try_acquire() else {
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            return Err(Denied::Busy);
+        };
         let uri = match query {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
-        };
-        let Ok(_slot) = self.slots.try_acquire() else {
-            return Err(self.unavailable("too many questions in flight".into()));
         };
         let mut call = self
             .client
@@ -250,19 +370,38 @@ impl Forwarder {
                 let identity = Arc::new(identity);
                 if !self.ttl.is_zero() {
                     self.cache.get_or_init(|| MemoryCache::new(self.size)).put(
-                        &digest,
-                        (Arc::new(digest), identity.clone()),
+                        digest,
+                        (Arc::new(*digest), identity.clone()),
                         Some(self.ttl),
                     );
                 }
                 Ok(identity)
             }
-            Err((Denied::Refused, _)) => {
-                self.healthy();
-                Err(Denied::Refused)
-            }
             Err((Denied::Unavailable, why)) => Err(self.unavailable(why)),
+            Err((denied, _)) => {
+                self.healthy();
+                Err(denied)
+            }
         }
+    }
+
+    /// Counts a question against its client's address, or answers `Busy` when the address
+    /// holds its share already.
+    fn count_asking(&self, client: Option<IpAddr>) -> Result<Asking<'_>, Denied> {
+        let key = client.map(address_key);
+        if let Some(k) = key {
+            let mut m = self.asking.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(k).or_insert(0);
+            if *n >= self.per_address {
+                self.busy.fetch_add(1, Ordering::Relaxed);
+                return Err(Denied::Busy);
+            }
+            *n += 1;
+        }
+        Ok(Asking {
+            map: &self.asking,
+            key,
+        })
     }
 
     fn unavailable(&self, why: String) -> Denied {
@@ -330,5 +469,68 @@ impl Forwarder {
             scopes: list(&self.scopes_header),
             models: list(&self.models_header),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64_and_a_mapped_ipv4_as_itself() {
+        let k = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("::ffff:10.0.0.1"), k("10.0.0.1"));
+        assert_ne!(k("10.0.0.1"), k("10.0.0.2"));
+    }
+
+    /// A flood of clients that leave before the answer must not leave questions behind.
+    #[tokio::test]
+    async fn a_question_nobody_waits_for_leaves_the_table() {
+        // A validator that accepts and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let hold = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let o: ForwardOptions = serde_json::from_value(serde_json::json!({"url": url})).unwrap();
+        let f = Arc::new(Forwarder::new(o, &gateway_filter::BuildContext::default()).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            let f = f.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut h = HeaderMap::new();
+                h.insert(
+                    "authorization",
+                    format!("Bearer guess-{}", i % 2).parse().unwrap(),
+                );
+                f.check(&h, &Method::GET, "/", None, "10.0.0.1".parse().ok())
+                    .await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(f.questions.lock().unwrap().len(), 2);
+        assert_eq!(
+            f.asking
+                .lock()
+                .unwrap()
+                .get(&address_key("10.0.0.1".parse().unwrap())),
+            Some(&2)
+        );
+        // The first of the two waiting for guess-0 leaves: the other still waits on it.
+        tasks[0].abort();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(f.questions.lock().unwrap().len(), 2);
+        for t in &tasks {
+            t.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(f.questions.lock().unwrap().is_empty());
+        assert!(f.asking.lock().unwrap().is_empty());
+        hold.abort();
     }
 }

@@ -473,11 +473,20 @@ impl AuthFilter {
         let identity = match answer {
             Ok(identity) => identity,
             Err(forward::Denied::Refused) => return Err(self.failed(ctx, "forward_denied").await),
-            // The validator's trouble is not the client's failure: no lockout count.
+            // The validator's trouble is not the client's failure: no lockout count; nor is
+            // a question not asked because too many were out (an address behind which many
+            // people sit may hold its share).
             Err(forward::Denied::Unavailable) => {
                 return Err(self.unauthorized(
                     ctx,
                     "forward_unavailable",
+                    "credentials could not be verified right now; try again later",
+                ))
+            }
+            Err(forward::Denied::Busy) => {
+                return Err(self.unauthorized(
+                    ctx,
+                    "forward_busy",
                     "credentials could not be verified right now; try again later",
                 ))
             }
@@ -579,7 +588,7 @@ impl Filter for AuthFilter {
         let f = self.forward.as_ref()?;
         Some((
             "auth",
-            serde_json::json!({"forward": {"url": f.url(), "failures": f.failures()}}),
+            serde_json::json!({"forward": {"url": f.url(), "failures": f.failures(), "busy": f.busy()}}),
         ))
     }
 

@@ -393,6 +393,9 @@ async fn validator() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
                     "400 Bad Request"
                 } else if head.contains("bearer sso-boom") {
                     "500 Internal Server Error"
+                } else if head.contains("bearer sso-wait") {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "200 OK\r\nx-auth-user: waited"
                 } else if head.contains("bearer sso-slow") {
                     tokio::time::sleep(Duration::from_secs(3)).await;
                     "200 OK\r\nx-auth-user: slow"
@@ -537,10 +540,21 @@ async fn forward_auth_fails_closed() {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut ctx = req(&[("authorization", "Bearer sso-carol")], "10.0.0.9");
-    f.filter.on_request(&mut ctx).await.unwrap_err();
-    assert_eq!(ctx.reject_reason, Some("forward_unavailable"));
+    for ip in ["10.0.0.9", "10.0.0.10"] {
+        let mut ctx = req(&[("authorization", "Bearer sso-carol")], ip);
+        f.filter.on_request(&mut ctx).await.unwrap_err();
+        assert_eq!(ctx.reject_reason, Some("forward_busy"));
+    }
     assert_eq!(slow.await.unwrap(), Some("forward_unavailable"));
+    // Not asked is not the validator failing: counted apart.
+    let (_, report) = f.filter.admin_report().await.unwrap();
+    assert_eq!(
+        (
+            report["forward"]["failures"].as_u64(),
+            report["forward"]["busy"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
     // Nothing listening at all.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -551,6 +565,56 @@ async fn forward_auth_fails_closed() {
     let mut ctx = req(&[("x-api-key", "sso-carol")], "10.0.0.9");
     assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
     assert_eq!(ctx.reject_reason, Some("forward_unavailable"));
+}
+
+/// Review: an anonymous client sending made-up credentials at once took all `max_in_flight`
+/// questions, so nobody else's new credential could be checked until they were answered. One
+/// address now holds at most its share (`max_in_flight_per_address`, a quarter by default),
+/// and requests carrying the same credentials share one question (a client's burst costs one).
+#[tokio::test]
+async fn one_address_holds_its_share_of_questions_and_the_same_credential_is_asked_once() {
+    let (url, seen) = validator().await;
+    let f = Arc::new(fixture(json!({"forward": {
+        "url": url, "timeout": "5s", "max_in_flight": 4, "max_in_flight_per_address": 2,
+    }})));
+    let ask = |token: String, ip: &'static str| {
+        let f = f.clone();
+        tokio::spawn(async move {
+            let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], ip);
+            let r = f.filter.on_request(&mut ctx).await;
+            (r.is_ok(), ctx.reject_reason)
+        })
+    };
+    // Two guesses held by the validator (3 s each) from one address: its share.
+    let held: Vec<_> = (0..2)
+        .map(|i| ask(format!("sso-slow-{i}"), "10.0.0.1"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A third from that address is not asked...
+    assert_eq!(
+        ask("sso-slow-2".into(), "10.0.0.1").await.unwrap(),
+        (false, Some("forward_busy"))
+    );
+    // ...while another address's new credential is checked at once.
+    assert_eq!(
+        ask("sso-alice".into(), "10.0.0.2").await.unwrap(),
+        (true, None)
+    );
+    // Ten requests at once with one new credential, from one address: one question.
+    let before = seen.lock().unwrap().len();
+    let burst: Vec<_> = (0..10)
+        .map(|_| ask("sso-wait".into(), "10.0.0.3"))
+        .collect();
+    for b in burst {
+        assert_eq!(b.await.unwrap(), (true, None));
+    }
+    assert_eq!(seen.lock().unwrap().len() - before, 1);
+    for h in held {
+        assert_eq!(h.await.unwrap(), (true, None));
+    }
+    let (_, report) = f.filter.admin_report().await.unwrap();
+    assert_eq!(report["forward"]["busy"], 1);
+    assert_eq!(report["forward"]["failures"], 0);
 }
 
 #[test]
