@@ -215,6 +215,22 @@ impl Forwarder {
                 "must name at least one header carrying the credential (e.g. authorization)",
             ));
         }
+        if o.max_in_flight == 0 {
+            return Err(OptionsError::new(
+                "forward.max_in_flight",
+                "must be at least 1 (questions to the validator at once)",
+            ));
+        }
+        let per_address = o.max_in_flight_per_address.unwrap_or(o.max_in_flight / 4);
+        if o.max_in_flight_per_address == Some(0) || per_address > o.max_in_flight {
+            return Err(OptionsError::new(
+                "forward.max_in_flight_per_address",
+                format!(
+                    "must be between 1 and max_in_flight ({}): the questions one client address may hold at once",
+                    o.max_in_flight
+                ),
+            ));
+        }
         let ca = o.ca_file.as_deref().map(|p| cx.resolve(p));
         let client = crate::outbound::client("forward", o.timeout.0, ca.as_deref(), true)?;
         Ok(Forwarder {
@@ -238,12 +254,9 @@ impl Forwarder {
             cache: OnceLock::new(),
             failing: AtomicBool::new(false),
             failures: AtomicU64::new(0),
-            slots: tokio::sync::Semaphore::new(o.max_in_flight.max(1)),
+            slots: tokio::sync::Semaphore::new(o.max_in_flight),
             asking: std::sync::Mutex::new(HashMap::new()),
-            per_address: o
-                .max_in_flight_per_address
-                .unwrap_or(o.max_in_flight / 4)
-                .clamp(1, o.max_in_flight.max(1)),
+            per_address: per_address.max(1),
             busy: AtomicU64::new(0),
             questions: std::sync::Mutex::new(HashMap::new()),
         })

@@ -642,6 +642,18 @@ fn forward_options_are_checked() {
             json!({"forward": {"url": "http://a/", "principal_header": "x y"}}),
             "forward.principal_header",
         ),
+        (
+            json!({"forward": {"url": "http://a/", "max_in_flight": 0}}),
+            "forward.max_in_flight",
+        ),
+        (
+            json!({"forward": {"url": "http://a/", "max_in_flight": 8, "max_in_flight_per_address": 9}}),
+            "forward.max_in_flight_per_address",
+        ),
+        (
+            json!({"forward": {"url": "http://a/", "max_in_flight_per_address": 0}}),
+            "forward.max_in_flight_per_address",
+        ),
     ] {
         let err = build(&opts, &cx).err().expect("refused").to_string();
         assert!(err.contains(key), "{opts}: {err}");
