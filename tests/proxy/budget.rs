@@ -223,6 +223,23 @@ async fn streams_without_usage_are_charged_what_passed() {
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let text = r.text().await.unwrap();
     assert_eq!(text.matches("\"content\":\"tok").count(), 5, "{text}");
+    // A prompt of CJK text and an image: each character is a token of its own (at four
+    // characters a token this was 3), and the image is estimated (it was free).
+    let pictured = json!({"model": "llama3.1:8b", "stream": true, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "天空为什么是蓝色的"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}
+    ]}]});
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-mock-usage", "ignore")
+        .json(&pictured)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let pictured_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    r.text().await.unwrap();
     gw.signal("TERM");
     tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10))).expect("exits");
     let line: Value = std::fs::read_to_string(dir.path().join("audit.jsonl"))
@@ -234,6 +251,14 @@ async fn streams_without_usage_are_charged_what_passed() {
     assert_eq!(line["tokens"], "counted", "{line}");
     assert_eq!(line["completion_tokens"], 5, "{line}");
     assert_eq!(line["prompt_tokens"], 5, "19 prompt characters: 5 tokens");
+    let pictured: Value = std::fs::read_to_string(dir.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["request_id"] == pictured_id.as_str())
+        .unwrap();
+    assert_eq!(pictured["tokens"], "counted", "{pictured}");
+    assert_eq!(pictured["prompt_tokens"], 9 + 768, "{pictured}");
     let cost = line["cost_usd"].as_f64().unwrap();
     assert!(
         (cost - 0.055).abs() < 1e-9,

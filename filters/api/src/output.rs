@@ -259,12 +259,37 @@ pub fn apply_limit(
 /// of its own, `per_choice(completions)` per completion, written as [`apply_limit`] writes a
 /// cap, so what it can generate is what a reservation holds (a budget's, a token limit's).
 /// The client's own ask is kept in the context: a cap applied later judges that, not this
-/// bound, and never raises it. A request that is bounded already is left as it is.
+/// bound, and never raises it. A bound an earlier filter gave is lowered to this one when it
+/// is smaller (a later, smaller token limit); a bound the client asked for, or a cap's, is
+/// left as it is.
 pub fn reserve_limit(
     ctx: &mut crate::RequestCtx,
     per_choice: impl FnOnce(u64) -> u64,
 ) -> Result<(), crate::Rejection> {
-    if ctx.max_tokens.is_some() || !generates(ctx.route) {
+    if !generates(ctx.route) {
+        return Ok(());
+    }
+    if let Some((asked, _)) = ctx.output_reserved {
+        // The bound as written now (a cap may have lowered it since), per completion.
+        let Some(Ok(now)) = ctx
+            .json
+            .as_ref()
+            .and_then(Value::as_object)
+            .map(|b| read(ctx.route, b))
+        else {
+            return Ok(());
+        };
+        let Limit::Bounded(written) = now.per_choice else {
+            return Ok(());
+        };
+        let lower = per_choice(now.choices).max(1);
+        if lower < written {
+            apply_limit(ctx, |_| Ok(lower))?;
+            ctx.output_reserved = Some((asked, lower));
+        }
+        return Ok(());
+    }
+    if ctx.max_tokens.is_some() {
         return Ok(());
     }
     let Some(body) = ctx.json.as_ref().and_then(Value::as_object) else {
@@ -434,5 +459,16 @@ mod tests {
         reserve_limit(&mut c, |_| 100).unwrap();
         assert_eq!((c.max_tokens, c.body_rewritten), (Some(7), false));
         assert_eq!(c.output_reserved, None);
+        // A later, smaller reservation lowers a bound an earlier filter gave (a token limit
+        // of its own after a budget's or another limiter's), never the client's own.
+        let mut c = chat(json!({"model": "m", "messages": [], "n": 2}));
+        reserve_limit(&mut c, |_| 4096).unwrap();
+        assert_eq!(c.max_tokens, Some(8192));
+        reserve_limit(&mut c, |choices| 1000 / choices).unwrap();
+        assert_eq!(c.max_tokens, Some(1000));
+        assert_eq!(c.json.as_ref().unwrap()["max_tokens"], 500);
+        assert_eq!(c.output_reserved, Some((Limit::Absent, 500)));
+        reserve_limit(&mut c, |_| 4096).unwrap();
+        assert_eq!(c.max_tokens, Some(1000), "never raised");
     }
 }

@@ -13,6 +13,66 @@ use serde_json::Value;
 /// `context` (token ids of an earlier answer, four characters each). Images and audio are
 /// not counted.
 pub fn prompt_chars(body: &Value) -> usize {
+    measure::<Chars>(body)
+}
+
+/// The prompt's tokens as the gateway estimates them where nothing better is known (a
+/// token reservation; the usage of an answer whose backend never reported it): the text
+/// [`prompt_chars`] measures at four ASCII characters a token and one token for every other
+/// character (CJK, emoji, accented letters: a tokenizer gives each at least about one), and
+/// [`MEDIA_TOKENS`] for each image, audio or video the prompt carries. A text of many-byte
+/// characters counted at four characters a token was under-estimated fourfold, and media were
+/// free.
+pub fn prompt_tokens(body: &Value) -> u64 {
+    (measure::<Quarters>(body) as u64).div_ceil(4)
+}
+
+/// Tokens estimated for one image, audio clip or video in a prompt: a vision model's image
+/// costs from a few hundred (Gemma 3: 256, LLaVA 1.5: 576) to a few thousand.
+pub const MEDIA_TOKENS: usize = 768;
+
+/// How text is measured: its characters, or quarter tokens.
+trait Measure {
+    /// One string.
+    fn text(s: &str) -> usize;
+    /// One byte of JSON written out (UTF-8).
+    fn json_byte(b: u8) -> usize;
+    /// One media item.
+    const MEDIA: usize;
+}
+
+/// Characters.
+struct Chars;
+
+impl Measure for Chars {
+    fn text(s: &str) -> usize {
+        s.chars().count()
+    }
+    fn json_byte(b: u8) -> usize {
+        // Every byte but a continuation byte starts a character.
+        usize::from(b & 0xC0 != 0x80)
+    }
+    const MEDIA: usize = 0;
+}
+
+/// Quarter tokens: an ASCII character is one, any other character four.
+struct Quarters;
+
+impl Measure for Quarters {
+    fn text(s: &str) -> usize {
+        s.bytes().map(Self::json_byte).sum()
+    }
+    fn json_byte(b: u8) -> usize {
+        match b {
+            0..=0x7F => 1,
+            _ if b & 0xC0 == 0x80 => 0,
+            _ => 4,
+        }
+    }
+    const MEDIA: usize = 4 * MEDIA_TOKENS;
+}
+
+fn measure<M: Measure>(body: &Value) -> usize {
     let Value::Object(fields) = body else {
         return 0;
     };
@@ -21,13 +81,13 @@ pub fn prompt_chars(body: &Value) -> usize {
         .iter()
         .map(|(k, v)| match k.as_str() {
             "context" => v.as_array().map_or(0, |ids| ids.len() * 4),
-            "messages" => v
-                .as_array()
-                .map_or(0, |m| m.iter().map(message_chars).sum()),
+            "messages" => v.as_array().map_or(0, |m| m.iter().map(message::<M>).sum()),
             "prompt" | "input" | "system" | "template" | "suffix" | "chat_template" => {
-                input_chars(v)
+                input::<M>(v)
             }
-            "tools" | "chat_template_kwargs" | "documents" if !v.is_null() => json_chars(v),
+            "tools" | "chat_template_kwargs" | "documents" if !v.is_null() => json::<M>(v),
+            // Ollama's `/api/generate` carries its images beside the prompt.
+            "images" => media::<M>(v),
             _ => 0,
         })
         .sum()
@@ -47,76 +107,85 @@ const MEDIA: [&str; 6] = [
 /// ones count (a template may render the role as written).
 const NAME_LEN: usize = 32;
 
-/// Whether a message's or content part's field `k` holding `v` is media or a usual name.
-fn uncounted(k: &str, v: &Value) -> bool {
-    MEDIA.contains(&k)
-        || (matches!(k, "role" | "type") && v.as_str().is_some_and(|s| s.len() <= NAME_LEN))
+/// Media under a field: each item of a list (Ollama's `images`), else the one.
+fn media<M: Measure>(v: &Value) -> usize {
+    match v {
+        Value::Null => 0,
+        Value::Array(items) => items.len() * M::MEDIA,
+        _ => M::MEDIA,
+    }
+}
+
+/// A message's or content part's field `k` holding `v`: media, a usual name (nothing), or
+/// text as written.
+fn field_of<M: Measure>(k: &str, v: &Value) -> usize {
+    if MEDIA.contains(&k) {
+        media::<M>(v)
+    } else if matches!(k, "role" | "type") && v.as_str().is_some_and(|s| s.len() <= NAME_LEN) {
+        0
+    } else {
+        field::<M>(v)
+    }
 }
 
 /// One message: its text content and its parts' text as written, every other field (media
 /// and usual names aside) as its JSON.
-fn message_chars(m: &Value) -> usize {
+fn message<M: Measure>(m: &Value) -> usize {
     let Value::Object(o) = m else {
-        return json_chars(m);
+        return json::<M>(m);
     };
     o.iter()
-        .filter(|(k, v)| !uncounted(k, v))
         .map(|(k, v)| match (k.as_str(), v) {
-            ("content", Value::Array(parts)) => parts.iter().map(part_chars).sum(),
-            (_, v) => field_chars(v),
+            ("content", Value::Array(parts)) => parts.iter().map(part::<M>).sum(),
+            (k, v) => field_of::<M>(k, v),
         })
         .sum()
 }
 
 /// A field of a message or part: a string as written, anything else as its JSON.
-fn field_chars(v: &Value) -> usize {
+fn field<M: Measure>(v: &Value) -> usize {
     match v {
-        Value::String(s) => s.chars().count(),
+        Value::String(s) => M::text(s),
         Value::Null => 0,
-        v => json_chars(v),
+        v => json::<M>(v),
     }
 }
 
 /// One content part: its text as written, every other field (media and usual names aside)
 /// as its JSON.
-fn part_chars(p: &Value) -> usize {
+fn part<M: Measure>(p: &Value) -> usize {
     match p {
-        Value::String(s) => s.chars().count(),
-        Value::Object(o) => o
-            .iter()
-            .filter(|(k, v)| !uncounted(k, v))
-            .map(|(_, v)| field_chars(v))
-            .sum(),
-        v => json_chars(v),
+        Value::String(s) => M::text(s),
+        Value::Object(o) => o.iter().map(|(k, v)| field_of::<M>(k, v)).sum(),
+        v => json::<M>(v),
     }
 }
 
 /// A prompt or input: strings as written, a token id as four characters, anything else as
 /// its JSON.
-fn input_chars(v: &Value) -> usize {
+fn input<M: Measure>(v: &Value) -> usize {
     match v {
-        Value::String(s) => s.chars().count(),
+        Value::String(s) => M::text(s),
         Value::Number(_) => 4,
-        Value::Array(items) => items.iter().map(input_chars).sum(),
+        Value::Array(items) => items.iter().map(input::<M>).sum(),
         Value::Null => 0,
-        v => json_chars(v),
+        v => json::<M>(v),
     }
 }
 
-/// Characters of `v` written as JSON, counted as it is written (no string is built).
-fn json_chars(v: &Value) -> usize {
-    struct Chars(usize);
-    impl std::io::Write for Chars {
+/// `v` written as JSON, measured as it is written (no string is built).
+fn json<M: Measure>(v: &Value) -> usize {
+    struct Counter<M>(usize, std::marker::PhantomData<M>);
+    impl<M: Measure> std::io::Write for Counter<M> {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            // UTF-8: every byte but a continuation byte starts a character.
-            self.0 += b.iter().filter(|&&c| c & 0xC0 != 0x80).count();
+            self.0 += b.iter().map(|&c| M::json_byte(c)).sum::<usize>();
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }
-    let mut n = Chars(0);
+    let mut n = Counter::<M>(0, std::marker::PhantomData);
     // Writing into a counter cannot fail.
     let _ = serde_json::to_writer(&mut n, v);
     n.0
@@ -223,6 +292,39 @@ mod tests {
                 &json!({"messages": [{"role": "user", "content": [{"type": "text", "content": null, "text": "abc"}]}]})
             ),
             ["abc"]
+        );
+    }
+
+    #[test]
+    fn prompt_tokens_count_many_byte_characters_and_media() {
+        let t = |body: Value| prompt_tokens(&body);
+        let user = |content: Value| json!({"messages": [{"role": "user", "content": content}]});
+        // Four ASCII characters a token, as before.
+        assert_eq!(t(user(json!("hello world"))), 3);
+        // A character that is not ASCII is a token of its own: CJK was a quarter of that.
+        assert_eq!(t(user(json!("你好世界"))), 4);
+        assert_eq!(t(user(json!("😀😀"))), 2);
+        assert_eq!(t(user(json!("héllo"))), 2);
+        // Media: each image, audio clip or video, wherever it is carried.
+        let m = MEDIA_TOKENS as u64;
+        assert_eq!(
+            t(json!({"messages": [{"role": "user", "content": "hi", "images": ["aGk=", "aGk="]}]})),
+            1 + 2 * m
+        );
+        assert_eq!(t(json!({"prompt": "hi", "images": ["aGk="]})), 1 + m);
+        assert_eq!(
+            t(user(json!([
+                {"type": "text", "text": "hi"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}},
+                {"type": "input_audio", "input_audio": {"data": "aGk=", "format": "wav"}}
+            ]))),
+            1 + 2 * m
+        );
+        // Token ids stay one token each; the character count is unchanged by any of it.
+        assert_eq!(t(json!({"prompt": [1, 2, 3]})), 3);
+        assert_eq!(
+            prompt_chars(&json!({"prompt": "你好", "images": ["aGk="]})),
+            2
         );
     }
 }

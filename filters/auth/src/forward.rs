@@ -49,9 +49,9 @@ pub struct ForwardOptions {
     /// of unknown credentials cannot pile up connections to it.
     #[serde(default = "default_max_in_flight")]
     max_in_flight: usize,
-    /// Most of those one client address (an IPv6 client's /64) may hold at once, so one
-    /// address guessing credentials cannot take them all; default a quarter of
-    /// `max_in_flight`.
+    /// Most of those one client network (as the lockout counts it: `limits.ipv6_prefix`) may
+    /// hold at once, so one client guessing credentials cannot take them all; default a
+    /// quarter of `max_in_flight`.
     max_in_flight_per_address: Option<usize>,
     /// PEM CA certificates trusted for an `https://` validator besides the public roots.
     ca_file: Option<std::path::PathBuf>,
@@ -153,13 +153,14 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// What one client address counts as: itself, or an IPv6 client's /64 (one host's).
-fn address_key(ip: IpAddr) -> u128 {
-    match ip {
+/// What one client counts as: its network as the lockout counts it (`RequestCtx::client_net`:
+/// an IPv6 address cut to `limits.ipv6_prefix`), an IPv4-mapped address as the IPv4 one.
+fn address_key(net: IpAddr) -> u128 {
+    match net {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => u128::from(u32::from(v4)),
-            None => u128::from(v6) & !u128::from(u64::MAX),
+            None => u128::from(v6),
         },
     }
 }
@@ -312,14 +313,15 @@ impl Forwarder {
         method: &Method,
         path: &str,
         query: Option<&str>,
-        client: Option<IpAddr>,
+        (client, net): (Option<IpAddr>, Option<IpAddr>),
     ) -> Result<Arc<Identity>, Denied> {
         let digest = self.digest(req).ok_or(Denied::Refused)?;
         if let Some(hit) = self.cached(&digest) {
             return Ok(hit);
         }
+        let from = (client, net);
         if self.ttl.is_zero() {
-            return self.ask(req, method, path, query, client, &digest).await;
+            return self.ask(req, method, path, query, from, &digest).await;
         }
         let waiting = Waiting {
             map: &self.questions,
@@ -334,11 +336,24 @@ impl Forwarder {
         };
         // The first request asks; the others wait for its answer (and one of them asks
         // instead if that request goes away first).
-        waiting
+        let mut asked = false;
+        let answer = waiting
             .question
-            .get_or_init(|| self.ask(req, method, path, query, client, &digest))
+            .get_or_init(|| {
+                asked = true;
+                self.ask(req, method, path, query, from, &digest)
+            })
             .await
-            .clone()
+            .clone();
+        match answer {
+            // Not asked for the request that went first (its client held its share, or all
+            // questions were out): this one asks for itself, within its own client's share.
+            Err(Denied::Busy) if !asked => {
+                drop(waiting);
+                self.ask(req, method, path, query, from, &digest).await
+            }
+            answer => answer,
+        }
     }
 
     /// One question to the validator, within the client address's share and the slots.
@@ -348,10 +363,10 @@ impl Forwarder {
         method: &Method,
         path: &str,
         query: Option<&str>,
-        client: Option<IpAddr>,
+        (client, net): (Option<IpAddr>, Option<IpAddr>),
         digest: &[u8; 32],
     ) -> Result<Arc<Identity>, Denied> {
-        let _asking = self.count_asking(client)?;
+        let _asking = self.count_asking(net)?;
         let Ok(_slot) = self.slots.try_acquire() else {
             self.busy.fetch_add(1, Ordering::Relaxed);
             return Err(Denied::Busy);
@@ -398,10 +413,10 @@ impl Forwarder {
         }
     }
 
-    /// Counts a question against its client's address, or answers `Busy` when the address
-    /// holds its share already.
-    fn count_asking(&self, client: Option<IpAddr>) -> Result<Asking<'_>, Denied> {
-        let key = client.map(address_key);
+    /// Counts a question against its client's network, or answers `Busy` when it holds its
+    /// share already.
+    fn count_asking(&self, net: Option<IpAddr>) -> Result<Asking<'_>, Denied> {
+        let key = net.map(address_key);
         if let Some(k) = key {
             let mut m = self.asking.lock().unwrap_or_else(|p| p.into_inner());
             let n = m.entry(k).or_insert(0);
@@ -490,12 +505,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_ipv6_host_counts_as_its_64_and_a_mapped_ipv4_as_itself() {
+    fn a_mapped_ipv4_counts_as_itself() {
         let k = |s: &str| address_key(s.parse().unwrap());
-        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
-        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
         assert_eq!(k("::ffff:10.0.0.1"), k("10.0.0.1"));
         assert_ne!(k("10.0.0.1"), k("10.0.0.2"));
+        assert_ne!(k("2001:db8:1:2::"), k("2001:db8:1:3::"));
     }
 
     /// A flood of clients that leave before the answer must not leave questions behind.
@@ -521,8 +535,8 @@ mod tests {
                     "authorization",
                     format!("Bearer guess-{}", i % 2).parse().unwrap(),
                 );
-                f.check(&h, &Method::GET, "/", None, "10.0.0.1".parse().ok())
-                    .await
+                let ip = "10.0.0.1".parse().ok();
+                f.check(&h, &Method::GET, "/", None, (ip, ip)).await
             }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

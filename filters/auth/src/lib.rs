@@ -465,7 +465,7 @@ impl AuthFilter {
                     &ctx.method,
                     &ctx.path,
                     ctx.query.as_deref(),
-                    ctx.client_ip,
+                    (ctx.client_ip, ctx.client_net),
                 )
                 .await
             }
@@ -483,12 +483,16 @@ impl AuthFilter {
                     "credentials could not be verified right now; try again later",
                 ))
             }
+            // Answered as a busy password check is: clients retry a 503 (a 401 reads as a bad
+            // key to them).
             Err(forward::Denied::Busy) => {
-                return Err(self.unauthorized(
-                    ctx,
-                    "forward_busy",
-                    "credentials could not be verified right now; try again later",
-                ))
+                ctx.reject_reason = Some("forward_busy");
+                return Err(Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "auth_busy",
+                    "too many credentials are being checked right now; try again shortly",
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
             }
         };
         // An empty model list means "any model": an answer that should carry the list but does

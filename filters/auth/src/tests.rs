@@ -542,8 +542,14 @@ async fn forward_auth_fails_closed() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     for ip in ["10.0.0.9", "10.0.0.10"] {
         let mut ctx = req(&[("authorization", "Bearer sso-carol")], ip);
-        f.filter.on_request(&mut ctx).await.unwrap_err();
+        let r = f.filter.on_request(&mut ctx).await.unwrap_err();
         assert_eq!(ctx.reject_reason, Some("forward_busy"));
+        // Retried by clients, as a busy password check is (a 401 reads as a bad key).
+        assert_eq!((r.status.as_u16(), r.code), (503, "auth_busy"));
+        assert!(r
+            .headers
+            .iter()
+            .any(|(k, v)| k == "retry-after" && v == "1"));
     }
     assert_eq!(slow.await.unwrap(), Some("forward_unavailable"));
     // Not asked is not the validator failing: counted apart.
@@ -575,7 +581,7 @@ async fn forward_auth_fails_closed() {
 async fn one_address_holds_its_share_of_questions_and_the_same_credential_is_asked_once() {
     let (url, seen) = validator().await;
     let f = Arc::new(fixture(json!({"forward": {
-        "url": url, "timeout": "5s", "max_in_flight": 4, "max_in_flight_per_address": 2,
+        "url": url, "timeout": "5s", "max_in_flight": 8, "max_in_flight_per_address": 2,
     }})));
     let ask = |token: String, ip: &'static str| {
         let f = f.clone();
@@ -585,14 +591,25 @@ async fn one_address_holds_its_share_of_questions_and_the_same_credential_is_ask
             (r.is_ok(), ctx.reject_reason)
         })
     };
-    // Two guesses held by the validator (3 s each) from one address: its share.
-    let held: Vec<_> = (0..2)
-        .map(|i| ask(format!("sso-slow-{i}"), "10.0.0.1"))
-        .collect();
+    // Two guesses held by the validator (3 s each) from one address: its share; and two
+    // from two hosts of one IPv6 /64 (the lockout's network, `limits.ipv6_prefix`): one share.
+    let held: Vec<_> = [
+        ("sso-slow-0", "10.0.0.1"),
+        ("sso-slow-1", "10.0.0.1"),
+        ("sso-slow-2", "2001:db8:0:1::1"),
+        ("sso-slow-3", "2001:db8:0:1::2"),
+    ]
+    .into_iter()
+    .map(|(t, ip)| ask(t.into(), ip))
+    .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // A third from that address is not asked...
+    // A third from either is not asked...
     assert_eq!(
-        ask("sso-slow-2".into(), "10.0.0.1").await.unwrap(),
+        ask("sso-slow-4".into(), "10.0.0.1").await.unwrap(),
+        (false, Some("forward_busy"))
+    );
+    assert_eq!(
+        ask("sso-slow-5".into(), "2001:db8:0:1::3").await.unwrap(),
         (false, Some("forward_busy"))
     );
     // ...while another address's new credential is checked at once.
@@ -613,7 +630,7 @@ async fn one_address_holds_its_share_of_questions_and_the_same_credential_is_ask
         assert_eq!(h.await.unwrap(), (true, None));
     }
     let (_, report) = f.filter.admin_report().await.unwrap();
-    assert_eq!(report["forward"]["busy"], 1);
+    assert_eq!(report["forward"]["busy"], 2);
     assert_eq!(report["forward"]["failures"], 0);
 }
 

@@ -406,15 +406,14 @@ impl RateLimitFilter {
     /// The request's check, owned so that it can go on after `on_request` returned.
     fn check(&self, ctx: &mut RequestCtx) -> Result<Check, Rejection> {
         let (rate, burst, tpm) = self.limits(ctx);
-        // The request's output bound (the policy's cap × completions) and its prompt,
-        // estimated at four characters a token, are held until the real usage is known.
+        // The request's output bound (the policy's cap × completions) and its prompt
+        // (estimated: `prompt_tokens`) are held until the real usage is known.
         let reserve = match tpm {
             Some(limit) => {
                 let prompt = ctx
                     .json
                     .as_ref()
-                    .map_or(0, |b| gateway_filter::prompt::prompt_chars(b) as u64)
-                    .div_ceil(4);
+                    .map_or(0, gateway_filter::prompt::prompt_tokens);
                 // A request that names no output limit could generate without bound before
                 // its usage is known: concurrent ones would all fit in the room their prompts
                 // leave. It is given `output_reserve` per completion (no more than the

@@ -451,3 +451,34 @@ async fn requests_that_name_no_output_limit_hold_a_bound_of_their_own() {
         "output_reserve"
     );
 }
+
+/// Review: a second, smaller token limit after a first one (a key's own minute after the
+/// key-and-model one, or after a budget) lowers the bound the first gave, instead of
+/// refusing the request as one that can never pass.
+#[tokio::test]
+async fn a_later_smaller_token_limit_lowers_the_bound_an_earlier_one_gave() {
+    let wide = filter(json!({"key": "api_key+model", "tokens_per_minute": 100000}));
+    let narrow = filter(json!({"key": "api_key", "tokens_per_minute": 2000}));
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/chat/completions".into());
+    c.set_client("10.0.0.11".parse().unwrap(), 64);
+    c.principal = Some(Arc::new(Principal {
+        id: "v".into(),
+        ..Default::default()
+    }));
+    c.model = Some("m".into());
+    c.json = Some(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
+    wide.on_request(&mut c).await.unwrap();
+    assert_eq!(c.max_tokens, Some(4096));
+    narrow.on_request(&mut c).await.unwrap();
+    assert_eq!(c.max_tokens, Some(1999));
+    assert_eq!(c.json.as_ref().unwrap()["max_tokens"], 1999);
+    // What the client asked itself is held to: too large for the minute, refused.
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/chat/completions".into());
+    c.set_client("10.0.0.12".parse().unwrap(), 64);
+    c.json = Some(json!({"model": "m", "max_tokens": 3000, "messages": []}));
+    c.max_tokens = Some(3000);
+    assert_eq!(
+        narrow.on_request(&mut c).await.unwrap_err().status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}

@@ -176,14 +176,16 @@ fn failed(ctx: &mut GwCtx, parser: &mut UsageParser, code: &'static str) {
 }
 
 /// The usage of an exchange as it ended, however it ended: what the backend reported, or
-/// what the gateway counted passing, with the prompt estimated from the held body (four
-/// characters a token). Budget, tokens per minute and audit all see this one figure.
+/// what the gateway counted passing, with the prompt estimated from the held body
+/// (`prompt_tokens`: its text and media). Budget, tokens per minute and audit all see this
+/// one figure.
 fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) {
     req.usage = parser.finish().map(|mut u| {
         if u.counted {
-            u.prompt_tokens = req.json.as_ref().map_or(0, |b| {
-                (gateway_filter::prompt::prompt_chars(b) as u64).div_ceil(4)
-            });
+            u.prompt_tokens = req
+                .json
+                .as_ref()
+                .map_or(0, gateway_filter::prompt::prompt_tokens);
         }
         u
     });
