@@ -486,13 +486,11 @@ impl AuthFilter {
             // Answered as a busy password check is: clients retry a 503 (a 401 reads as a bad
             // key to them).
             Err(forward::Denied::Busy) => {
-                ctx.reject_reason = Some("forward_busy");
-                return Err(Rejection::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "auth_busy",
+                return Err(busy(
+                    ctx,
+                    "forward_busy",
                     "too many credentials are being checked right now; try again shortly",
-                )
-                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+                ))
             }
         };
         // An empty model list means "any model": an answer that should carry the list but does
@@ -546,13 +544,11 @@ impl AuthFilter {
         let Ok(Ok(_slot)) = tokio::time::timeout(BCRYPT_WAIT, self.bcrypt_slots.acquire()).await
         else {
             // Busy with other checks: not the client's failure, not counted.
-            ctx.reject_reason = Some("auth_busy");
-            return Err(Rejection::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+            return Err(busy(
+                ctx,
                 "auth_busy",
                 "too many passwords are being checked right now; try again shortly",
-            )
-            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+            ));
         };
         // bcrypt costs tens of milliseconds by design: never on a proxy thread.
         let ok =
@@ -752,6 +748,14 @@ fn locked_out(ctx: &mut RequestCtx, l: &Lockout) -> Rejection {
         "too many failed authentications from this address; try again later",
     )
     .with_header(header::RETRY_AFTER, retry)
+}
+
+/// A check not made because too many are under way: `503 auth_busy` with `Retry-After: 1`
+/// (clients retry it; a 401 reads as a bad key), not the client's failure.
+fn busy(ctx: &mut RequestCtx, reason: &'static str, message: &'static str) -> Rejection {
+    ctx.reject_reason = Some(reason);
+    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "auth_busy", message)
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
 
 #[cfg(test)]
