@@ -58,6 +58,9 @@ pub struct UsageParser {
     finish_reasons: FinishReasons,
     /// The stream's last event went by: OpenAI's `data: [DONE]`, Ollama's `"done": true`.
     ended: bool,
+    /// The request asked for several completions: a reported figure may cover one of them
+    /// (see [`Self::several_completions`]).
+    several: bool,
 }
 
 #[derive(Deserialize)]
@@ -85,7 +88,16 @@ impl UsageParser {
             text_chars: 0,
             finish_reasons: FinishReasons::default(),
             ended: false,
+            several: false,
         }
+    }
+
+    /// For a request that asked for several completions (`n`, `n_cmpl`, `best_of`, a list of
+    /// prompts): a reported usage may cover one of them (llama.cpp answers the first task's
+    /// usage for all; vLLM's `continuous_usage_stats` puts one choice's figure on each event
+    /// until the last), so the text counted passing is the usage when it is larger.
+    pub fn several_completions(&mut self) {
+        self.several = true;
     }
 
     /// Whether the stream's last event (OpenAI's `data: [DONE]`, Ollama's line with
@@ -129,21 +141,29 @@ impl UsageParser {
             match self.framing {
                 Framing::Json => {
                     self.doc(&rest);
-                    if self.usage.is_none() {
+                    if self.usage.is_none() || self.several {
                         self.text_chars = answer_text_chars(&rest);
                     }
                 }
                 _ => self.line(&rest),
             }
         }
-        self.usage.or_else(|| {
-            let completion = self.text_events + self.text_chars.div_ceil(4);
-            (completion > 0).then_some(Usage {
+        let counted = self.text_events + self.text_chars.div_ceil(4);
+        match self.usage {
+            // More text passed than the figure covers: what passed is the usage (its prompt
+            // is the caller's to make whole, as for a counted figure).
+            Some(mut u) if self.several && counted > u.completion_tokens => {
+                u.completion_tokens = counted;
+                u.counted = true;
+                Some(u)
+            }
+            Some(u) => Some(u),
+            None => (counted > 0).then_some(Usage {
                 prompt_tokens: 0,
-                completion_tokens: completion,
+                completion_tokens: counted,
                 counted: true,
-            })
-        })
+            }),
+        }
     }
 
     fn keep(&mut self, part: &[u8]) {
@@ -467,9 +487,10 @@ fn answer_text_chars(doc: &[u8]) -> u64 {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(doc) else {
         return 0;
     };
+    // Measured as prompts are: four ASCII characters a token, any other character one.
     let len = |v: Option<&serde_json::Value>| {
         v.and_then(serde_json::Value::as_str)
-            .map_or(0, |s| s.chars().count() as u64)
+            .map_or(0, |s| gateway_filter::prompt::text_quarters(s) as u64)
     };
     let choices: u64 = v
         .get("choices")
@@ -907,5 +928,49 @@ mod tests {
         let mut p = UsageParser::new(Framing::Json);
         p.feed(b"{\"response\":\"\",\"done\":true,\"eval_count\":4}\n");
         assert!(!p.ended());
+    }
+
+    /// Review: a request for several completions was charged the reported figure even where
+    /// it covers one of them (llama.cpp's `n_cmpl` or prompt list: the first task's usage for
+    /// all; vLLM's `continuous_usage_stats`: one choice's figure on each event).
+    #[test]
+    fn several_completions_are_charged_what_passed_when_the_figure_covers_less() {
+        let whole = concat!(
+            "{\"choices\":[{\"index\":0,\"text\":\"",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "\"},",
+            "{\"index\":1,\"text\":\"",
+            "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+            "\"}],",
+            "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":10}}"
+        );
+        let read = |several: bool, framing: Framing, body: &str| {
+            let mut p = UsageParser::new(framing);
+            if several {
+                p.several_completions();
+            }
+            p.feed(body.as_bytes());
+            p.finish()
+                .map(|u| (u.prompt_tokens, u.completion_tokens, u.counted))
+        };
+        // One completion asked for: the figure stands.
+        assert_eq!(read(false, Framing::Json, whole), Some((3, 10, false)));
+        // Two: 80 characters of text passed, 20 tokens.
+        assert_eq!(read(true, Framing::Json, whole), Some((3, 20, true)));
+        // A figure that covers what passed stands as reported.
+        let covered = whole.replace("\"completion_tokens\":10", "\"completion_tokens\":30");
+        assert_eq!(read(true, Framing::Json, &covered), Some((3, 30, false)));
+        // vLLM, `continuous_usage_stats`, the client gone before the last event: each event
+        // carried one choice's count; six tokens passed.
+        let mut sse = String::new();
+        for i in 0..6 {
+            sse.push_str(&format!(
+                "data: {{\"choices\":[{{\"index\":{},\"delta\":{{\"content\":\"t\"}}}}],\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":{}}}}}\n\n",
+                i % 2,
+                i / 2 + 1
+            ));
+        }
+        assert_eq!(read(false, Framing::Sse, &sse), Some((5, 3, false)));
+        assert_eq!(read(true, Framing::Sse, &sse), Some((5, 6, true)));
     }
 }

@@ -27,6 +27,12 @@ pub fn prompt_tokens(body: &Value) -> u64 {
     (measure::<Quarters>(body) as u64).div_ceil(4)
 }
 
+/// A text measured in quarter tokens, as [`prompt_tokens`] measures: an ASCII character is
+/// one, any other character four.
+pub fn text_quarters(s: &str) -> usize {
+    Quarters::text(s)
+}
+
 /// Tokens estimated for one image, audio clip or video in a prompt: a vision model's image
 /// costs from a few hundred (Gemma 3: 256, LLaVA 1.5: 576) to a few thousand.
 pub const MEDIA_TOKENS: usize = 768;

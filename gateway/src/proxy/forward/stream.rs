@@ -94,6 +94,9 @@ pub(super) async fn relay(
     }
 
     let mut parser = UsageParser::new(framing);
+    if completions(&ctx.req) > 1 {
+        parser.several_completions();
+    }
     let mut stripper = strip.then(UsageEventStripper::default);
     let last = loop {
         let chunk = match up.read_body_ref().await {
@@ -182,14 +185,25 @@ fn failed(ctx: &mut GwCtx, parser: &mut UsageParser, code: &'static str) {
 fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) {
     req.usage = parser.finish().map(|mut u| {
         if u.counted {
-            u.prompt_tokens = req
+            // A reported prompt (one completion's, next to counted text) stands when larger.
+            let estimate = req
                 .json
                 .as_ref()
                 .map_or(0, gateway_filter::prompt::prompt_tokens);
+            u.prompt_tokens = u.prompt_tokens.max(estimate);
         }
         u
     });
     req.finish_reasons = parser.finish_reasons();
+}
+
+/// The completions a request asked for (`n`, `best_of`, `n_cmpl`, prompts), 1 when unknown.
+fn completions(req: &gateway_filter::RequestCtx) -> u64 {
+    req.json
+        .as_ref()
+        .and_then(serde_json::Value::as_object)
+        .and_then(|b| gateway_filter::output::read(req.route, b).ok())
+        .map_or(1, |a| a.choices)
 }
 
 /// Reads a whole model list, keeps only the models the caller may use, and answers with it.
