@@ -25,7 +25,10 @@ pub async fn read(up: &mut HttpSession) -> pingora_core::Result<Vec<u8>> {
 }
 
 /// Keeps the entries of an Ollama (`models[].name`) or OpenAI (`data[].id`) model list that
-/// `gate` allows. `None` when the body is not such a list.
+/// `gate` allows, and nothing else of the body: a backend may answer with more than the
+/// route's list (llama.cpp answers both lists on every list route, `models[]` naming its
+/// model file), and what the gateway does not filter must not reach the caller. `None` when
+/// the body is not such a list.
 pub fn filter(route: Route, body: &[u8], gate: &dyn ModelGate) -> Option<Vec<u8>> {
     let mut v: Value = serde_json::from_slice(body).ok()?;
     let (list_key, name_keys): (&str, &[&str]) = match route {
@@ -33,14 +36,21 @@ pub fn filter(route: Route, body: &[u8], gate: &dyn ModelGate) -> Option<Vec<u8>
         Route::OpenAiModels => ("data", &["id"]),
         _ => return None,
     };
-    let list = v.get_mut(list_key)?.as_array_mut()?;
+    let mut list = match v.get_mut(list_key)?.take() {
+        Value::Array(list) => list,
+        _ => return None,
+    };
     list.retain(|entry| {
         name_keys
             .iter()
             .find_map(|k| entry.get(*k).and_then(Value::as_str))
             .is_some_and(|name| gate.allows(name))
     });
-    serde_json::to_vec(&v).ok()
+    let out = match route {
+        Route::OpenAiModels => serde_json::json!({"object": "list", "data": list}),
+        _ => serde_json::json!({ "models": list }),
+    };
+    serde_json::to_vec(&out).ok()
 }
 
 /// A model list in the route's format from the merged catalogue (`(name, backend entry)`),
@@ -101,5 +111,29 @@ mod tests {
         assert_eq!(out["data"][0]["id"], "a:1");
         assert_eq!(out["object"], "list");
         assert!(filter(Route::OpenAiModels, b"not json", &Only("a")).is_none());
+    }
+
+    /// Review: llama.cpp answers every list route with both lists (`models[]` names its model
+    /// file); only the route's list was filtered, the other went through whole.
+    #[test]
+    fn nothing_but_the_filtered_list_goes_through() {
+        let both = br#"{"models":[{"name":"/models/secret.gguf","model":"/models/secret.gguf"}],"object":"list","data":[{"id":"/models/secret.gguf","object":"model","aliases":["secret"]}],"extra":[{"id":"secret"}]}"#;
+        for route in [
+            Route::OpenAiModels,
+            Route::OllamaModels,
+            Route::OllamaRunning,
+        ] {
+            let out = filter(route, both, &Only("mine")).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains("secret"), "{route:?}: {text}");
+        }
+        let out: Value = serde_json::from_slice(
+            &filter(Route::OpenAiModels, both, &Only("/models/secret.gguf")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            serde_json::json!({"object": "list", "data": [{"id": "/models/secret.gguf", "object": "model", "aliases": ["secret"]}]})
+        );
     }
 }

@@ -1566,3 +1566,96 @@ async fn principals_from_outside_have_bounded_metric_labels() {
         "{text}"
     );
 }
+
+// Attacker review (2026-12-05): on a custom rule's route, an allowed `model` beside adapter
+// fields (vLLM's `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) let a model-restricted
+// key load adapters from any server path or unload another team's; SGLang's `lora_path` on
+// the default routes picked any loaded adapter.
+#[tokio::test(flavor = "multi_thread")]
+async fn adapters_named_beside_an_allowed_model_are_refused() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    allow: [ollama-inference, openai-inference, { path: '/v1/**', methods: [POST] }]\n",
+    )
+    .await;
+    let c = client();
+    for (path, body) in [
+        (
+            "/v1/load_lora_adapter",
+            json!({"model": "llama3.1:8b", "lora_name": "x", "lora_path": "/srv/other-team/adapter"}),
+        ),
+        (
+            "/v1/unload_lora_adapter",
+            json!({"model": "llama3.1:8b", "LoRA_Name": "other-team"}),
+        ),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .header("authorization", bearer(LLAMA_KEY))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path} {body}");
+    }
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", bearer(LLAMA_KEY))
+        .json(&json!({"model": "llama3.1:8b", "lora_path": "other-team", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(m.total(), 0);
+}
+
+// Attacker review (2026-12-05): llama.cpp's router reads `model` from the query on its GET
+// routes (and loads it), and `autoload` on every route (against `--no-models-autoload`).
+// A custom rule's route has its query's models judged; the built-in routes' query, which
+// their APIs do not read, is not forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn models_named_in_the_query_are_judged_and_built_in_routes_forward_no_query() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    allow: [ollama-inference, openai-inference, { path: /props, methods: [GET] }]\n",
+    )
+    .await;
+    let c = client();
+    let get = |target: &'static str| {
+        c.get(gw.url(target))
+            .header("authorization", bearer(LLAMA_KEY))
+            .send()
+    };
+    for target in [
+        "/props?model=qwen2.5:7b&autoload=1",
+        "/props?autoload=1&MODEL=qwen2%2E5:7b",
+        "/props?model=llama3.1:8b&model=qwen2.5:7b",
+        "/props?model=qwen2.5+7b",
+    ] {
+        assert_eq!(get(target).await.unwrap().status(), 403, "{target}");
+    }
+    assert_eq!(get("/props?model=%ff").await.unwrap().status(), 400);
+    assert_eq!(m.total(), 0);
+    let r = get("/props?model=llama3.1:8b&autoload=1").await.unwrap();
+    assert_ne!(r.status(), 403);
+    let seen = m.requests().pop().unwrap();
+    assert_eq!(
+        (seen.path.as_str(), seen.query.as_deref()),
+        ("/props", Some("model=llama3.1:8b&autoload=1"))
+    );
+    let r = c
+        .post(gw.url("/v1/chat/completions?autoload=true"))
+        .header("authorization", bearer(LLAMA_KEY))
+        .json(&json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = m.requests().pop().unwrap();
+    assert_eq!(
+        (seen.path.as_str(), seen.query),
+        ("/v1/chat/completions", None)
+    );
+}

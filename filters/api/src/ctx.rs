@@ -141,6 +141,10 @@ pub struct RequestCtx {
     /// Further models the request names without being served by them (`/api/copy`'s
     /// `source`/`destination`, `/api/pull`'s `model`…): the allow-list judges them too.
     pub named_models: Vec<String>,
+    /// Models named in the query string of a custom rule's route (llama.cpp's router reads
+    /// `model` there on its GET routes, and loads it): judged like the body's, but never what
+    /// a body must name for a model-restricted caller.
+    pub query_models: Vec<String>,
     /// The request brings model weights by digest or path (`/api/create`'s `files`,
     /// `adapters`, `draft_files`, a Modelfile's `ADAPTER`) or relays a model to another server
     /// (`remote_host`): what runs cannot be judged by name.
@@ -227,6 +231,7 @@ impl RequestCtx {
             body_rewritten: false,
             model: None,
             named_models: Vec::new(),
+            query_models: Vec::new(),
             opaque_weights: false,
             unknown_format: false,
             max_tokens: None,
@@ -263,11 +268,14 @@ impl RequestCtx {
         self.client_net = Some(client_network(ip, ipv6_prefix));
     }
 
-    /// The request target sent upstream: canonical path plus the query as received.
+    /// The request target sent upstream: canonical path plus, on a custom rule's route, the
+    /// query as received. The built-in routes' APIs (Ollama's, OpenAI's) read nothing from
+    /// the query, while llama.cpp's server reads `autoload` there (loading a model against
+    /// the operator's `--no-models-autoload`, pushing out another): it is not forwarded.
     pub fn target(&self) -> String {
         match &self.query {
-            Some(q) => format!("{}?{q}", self.path),
-            None => self.path.clone(),
+            Some(q) if self.route == Route::Other => format!("{}?{q}", self.path),
+            _ => self.path.clone(),
         }
     }
 

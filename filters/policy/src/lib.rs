@@ -283,6 +283,7 @@ impl PolicyFilter {
             .model
             .iter()
             .chain(ctx.named_models.iter())
+            .chain(ctx.query_models.iter())
             .find(|m| !gate.allows(m))
         {
             Some(model) => Err(Rejection::new(
@@ -426,7 +427,7 @@ impl Filter for PolicyFilter {
                 return Err(Rejection::new(
                     StatusCode::FORBIDDEN,
                     "model_not_allowed",
-                    "weights given by digest or path (`files`, `adapters`, `draft_files`, `path`, a Modelfile's `ADAPTER` or `DRAFT`) or a model relayed to another server (`remote_host`) cannot be checked against this caller's model list",
+                    "weights given by digest or path (`files`, `adapters`, `draft_files`, `path`, a Modelfile's `ADAPTER` or `DRAFT`, LoRA adapters by name or path) or a model relayed to another server (`remote_host`) cannot be checked against this caller's model list",
                 ));
             }
         }

@@ -169,11 +169,17 @@ const RUNNER_OPTIONS: [&str; 15] = [
 /// `chat_template` of vLLM and llama.cpp's server (a Jinja template the server runs), vLLM's
 /// `mm_processor_kwargs` (e.g. a larger image resolution, more tokens per image) and
 /// `priority` (under `--scheduling-policy priority`, ahead of everyone else's requests), and
-/// llama.cpp's `lora` (applies any adapter the operator loaded, at any scale, whatever model
-/// the request names: a model of the key's own choosing).
+/// llama.cpp's `lora` and SGLang's `lora_path` (apply any adapter the operator loaded, at any
+/// scale, whatever model the request names: a model of the key's own choosing).
 /// Ollama's `keep_alive` is removed instead ([`drop_keep_alive`]).
 const OLLAMA_SETTINGS: [&str; 1] = ["template"];
-const OPENAI_SETTINGS: [&str; 4] = ["chat_template", "mm_processor_kwargs", "priority", "lora"];
+const OPENAI_SETTINGS: [&str; 5] = [
+    "chat_template",
+    "mm_processor_kwargs",
+    "priority",
+    "lora",
+    "lora_path",
+];
 
 /// Removes `keep_alive` from the request: `0` (or a short time) unloads the model once the
 /// request ends, for everyone using it, and some clients send a value on every request

@@ -196,6 +196,18 @@ const MODEL_FIELDS: [&str; 5] = ["model", "name", "source", "destination", "from
 /// API's Modelfile on the server's own disk).
 const OPAQUE_FIELDS: [&str; 5] = ["files", "adapters", "draft_files", "remote_host", "path"];
 
+/// Fields of a body on a route the gateway has no parser for that load, pick or unload
+/// adapters by name or path (vLLM, SGLang, llama.cpp), lower-case.
+const ADAPTER_FIELDS: [&str; 7] = [
+    "lora_name",
+    "lora_path",
+    "lora_int_id",
+    "lora_request",
+    "lora",
+    "adapters",
+    "adapter",
+];
+
 /// Parses the body of a route that names models without generating (`/api/show`, Ollama's
 /// management routes): every name goes to `named_models` for the allow-list, and `/api/show`'s
 /// model (`model`, else `name`, as Ollama reads it) also routes the request.
@@ -253,6 +265,14 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
         return Ok(());
     };
     for (k, v) in &obj {
+        // A body that loads or unloads adapters (vLLM's `/v1/load_lora_adapter`, SGLang) is
+        // model management whatever `model` it also names: that name proves nothing here.
+        if ADAPTER_FIELDS
+            .iter()
+            .any(|f| k.chars().map(go_fold).eq(f.chars()))
+        {
+            ctx.opaque_weights = true;
+        }
         if !k.chars().map(go_fold).eq("model".chars()) {
             continue;
         }

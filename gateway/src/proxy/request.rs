@@ -112,6 +112,21 @@ enum Next {
     Forward,
 }
 
+/// The values of every `model` parameter of a query (its name compared without case, both
+/// percent-decoded, `+` a space, as form decoding reads them); `None` when one does not
+/// decode.
+fn query_models(query: Option<&str>) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for pair in query.unwrap_or_default().split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| gateway_filter::path::percent_decode(&s.replace('+', " "));
+        if decode(k)?.eq_ignore_ascii_case("model") {
+            out.push(decode(v)?);
+        }
+    }
+    Some(out)
+}
+
 /// Puts the canonical path (see `gateway_filter::path`) into the context and classifies the
 /// route on it: everything after this, filters and the upstream request, sees only that form.
 fn canonical_target(session: &Session, req: &mut RequestCtx) -> std::result::Result<(), Rejection> {
@@ -128,6 +143,15 @@ fn canonical_target(session: &Session, req: &mut RequestCtx) -> std::result::Res
     req.path = target.path;
     req.query = target.query;
     req.route = Route::classify(&req.method, &req.path);
+    if req.route == Route::Other {
+        req.query_models = query_models(req.query.as_deref()).ok_or_else(|| {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "the query string is not valid percent-encoded UTF-8",
+            )
+        })?;
+    }
     if req.route == Route::OpenAiModel {
         // The model is named in the path; the allow-list and the router judge it like a body's.
         req.model = gateway_filter::path::percent_decode(&req.path["/v1/models/".len()..]);

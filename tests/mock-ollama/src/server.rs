@@ -305,6 +305,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     shared.rec.record(SeenRequest {
         method: parts.method.to_string(),
         path: path.clone(),
+        query: parts.uri.query().map(str::to_string),
         body_len: body.len(),
         model: model.clone(),
         json: (body.len() <= 64 << 10 && !json.is_null()).then(|| json.clone()),

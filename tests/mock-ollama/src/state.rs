@@ -43,6 +43,8 @@ impl FailMode {
 pub struct SeenRequest {
     pub method: String,
     pub path: String,
+    /// The query string as received, if any.
+    pub query: Option<String>,
     pub body_len: usize,
     pub model: Option<String>,
     pub headers: Vec<(String, String)>,
