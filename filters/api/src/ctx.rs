@@ -161,6 +161,8 @@ pub struct RequestCtx {
     /// reserve ([`crate::output::reserve_limit`]): what the client asked per completion, and
     /// the bound written. A cap applied after judges the ask, and never raises the bound.
     pub output_reserved: Option<(crate::output::Limit, u64)>,
+    /// The completions the request asked for (`n`, `best_of`, `n_cmpl`, prompts), at least 1.
+    pub completions: u64,
     pub stream: bool,
     pub principal: Option<Arc<Principal>>,
     /// Why a filter said no, for audit and metrics only (e.g. `unknown_key`, `expired`);
@@ -209,7 +211,23 @@ impl RequestCtx {
     pub fn used_unknown(&self) -> bool {
         self.reached_backend
             && self.usage.is_none()
-            && (self.status < 400 || matches!(self.decision, Decision::Failed { .. }))
+            && (self.status < 400
+                || matches!(self.decision, Decision::Failed { .. })
+                || self.late_error())
+    }
+
+    /// An error answer to a request for several completions that the backend held for a
+    /// while: llama.cpp runs each completion as a task of its own and checks a prompt against
+    /// its slot's context only when the task reaches a slot, so the error of a later task can
+    /// come after the others generated all they could. Errors found by reading the request
+    /// (a bad parameter) come at once.
+    fn late_error(&self) -> bool {
+        const LATE: Duration = Duration::from_secs(1);
+        self.completions > 1
+            && self
+                .ttfb
+                .zip(self.sent)
+                .is_some_and(|(answered, sent)| answered.saturating_sub(sent) >= LATE)
     }
 
     pub fn new(request_id: String, method: Method, path: String) -> Self {
@@ -236,6 +254,7 @@ impl RequestCtx {
             unknown_format: false,
             max_tokens: None,
             output_reserved: None,
+            completions: 1,
             stream: false,
             principal: None,
             reject_reason: None,
@@ -288,6 +307,29 @@ impl RequestCtx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review: llama.cpp answers a request of several completions with a later task's error
+    /// after the others generated; such an answer cost nothing. One the backend held for a
+    /// second or more now counts as usage unknown (charged its reservation).
+    #[test]
+    fn a_late_error_to_several_completions_is_usage_unknown() {
+        let answer = |completions: u64, held_ms: u64, status: u16| {
+            let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/completions".into());
+            c.reached_backend = true;
+            c.completions = completions;
+            c.status = status;
+            c.sent = Some(Duration::from_millis(5));
+            c.ttfb = Some(Duration::from_millis(5 + held_ms));
+            c.used_unknown()
+        };
+        assert!(answer(5, 30_000, 400));
+        assert!(answer(2, 1_000, 500));
+        // At once: the request was refused as read. One completion: nothing else ran.
+        assert!(!answer(5, 50, 400));
+        assert!(!answer(1, 30_000, 400));
+        // A whole answer without usage stays unknown, as before.
+        assert!(answer(1, 50, 200));
+    }
 
     #[test]
     fn ipv6_clients_are_counted_by_prefix() {

@@ -169,9 +169,10 @@ pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejectio
         Some(Value::String(_)) | None => return Err(bad("model_required", "`model` is required")),
         Some(_) => return Err(bad("invalid_model", "`model` must be a string")),
     };
-    let max_tokens = gateway_filter::output::read(ctx.route, &obj)
-        .map_err(|e| bad("invalid_max_tokens", e.to_string()))?
-        .total();
+    let ask = gateway_filter::output::read(ctx.route, &obj)
+        .map_err(|e| bad("invalid_max_tokens", e.to_string()))?;
+    let max_tokens = ask.total();
+    ctx.completions = ask.choices;
     // Ollama streams chat and generate unless told not to; OpenAI only when asked.
     let stream_default = matches!(ctx.route, Route::OllamaChat | Route::OllamaGenerate);
     // A string or number here would be read as true by lax backends (pydantic) while the

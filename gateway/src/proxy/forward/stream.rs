@@ -94,7 +94,7 @@ pub(super) async fn relay(
     }
 
     let mut parser = UsageParser::new(framing);
-    if completions(&ctx.req) > 1 {
+    if ctx.req.completions > 1 {
         parser.several_completions();
     }
     let mut stripper = strip.then(UsageEventStripper::default);
@@ -195,15 +195,6 @@ fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) 
         u
     });
     req.finish_reasons = parser.finish_reasons();
-}
-
-/// The completions a request asked for (`n`, `best_of`, `n_cmpl`, prompts), 1 when unknown.
-fn completions(req: &gateway_filter::RequestCtx) -> u64 {
-    req.json
-        .as_ref()
-        .and_then(serde_json::Value::as_object)
-        .and_then(|b| gateway_filter::output::read(req.route, b).ok())
-        .map_or(1, |a| a.choices)
 }
 
 /// Reads a whole model list, keeps only the models the caller may use, and answers with it.
