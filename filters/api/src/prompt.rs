@@ -94,6 +94,7 @@ fn measure<M: Measure>(body: &Value) -> usize {
             "tools" | "chat_template_kwargs" | "documents" if !v.is_null() => json::<M>(v),
             // Ollama's `/api/generate` carries its images beside the prompt.
             "images" => media::<M>(v),
+            "prompt_embeds" => embeds::<M>(v),
             _ => 0,
         })
         .sum()
@@ -112,6 +113,24 @@ const MEDIA: [&str; 6] = [
 /// A `role` or `type` no longer than this is a name (`user`, `image_url`), not text: longer
 /// ones count (a template may render the role as written).
 const NAME_LEN: usize = 32;
+
+/// vLLM's `prompt_embeds`: base64 tensors of one row per prompt position, as tokens at
+/// [`EMBED_BYTES_PER_TOKEN`] (never fewer than the positions of a model whose rows are that
+/// small: larger models' rows are larger, so this errs high).
+fn embeds<M: Measure>(v: &Value) -> usize {
+    if M::MEDIA == 0 {
+        return 0;
+    }
+    let tokens = |s: &str| (s.len() * 3 / 4).div_ceil(EMBED_BYTES_PER_TOKEN) * 4;
+    match v {
+        Value::String(s) => tokens(s),
+        Value::Array(items) => items.iter().filter_map(Value::as_str).map(tokens).sum(),
+        _ => 0,
+    }
+}
+
+/// One prompt position of `prompt_embeds`: a row of 2,048 16-bit numbers (a 1B model's).
+const EMBED_BYTES_PER_TOKEN: usize = 4096;
 
 /// Media under a field: each item of a list (Ollama's `images`), else the one.
 fn media<M: Measure>(v: &Value) -> usize {
@@ -326,6 +345,10 @@ mod tests {
             ]))),
             1 + 2 * m
         );
+        // vLLM's prompt embeddings: a 3-row tensor of 2,048 half floats is 3 tokens.
+        let tensor = "A".repeat(3 * 4096 * 4 / 3);
+        assert_eq!(t(json!({"prompt_embeds": tensor})), 3);
+        assert_eq!(t(json!({"prompt_embeds": [tensor.clone(), tensor]})), 6);
         // Token ids stay one token each; the character count is unchanged by any of it.
         assert_eq!(t(json!({"prompt": [1, 2, 3]})), 3);
         assert_eq!(
