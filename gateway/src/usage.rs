@@ -53,14 +53,15 @@ pub struct UsageParser {
     usage: Option<Usage>,
     /// Stream events that carried text (a token, usually): the count when no usage comes.
     text_events: u64,
-    /// Characters of text in a whole (non-streamed) answer without usage.
+    /// Text of a whole (non-streamed) answer without usage, in quarter tokens.
     text_chars: u64,
     finish_reasons: FinishReasons,
     /// The stream's last event went by: OpenAI's `data: [DONE]`, Ollama's `"done": true`.
     ended: bool,
     /// The request asked for several completions: a reported figure may cover one of them
-    /// (see [`Self::several_completions`]).
-    several: bool,
+    /// (see [`Self::several_completions`]); with the quarter tokens of prompt text the answer
+    /// echoes (`echo`).
+    several: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -88,16 +89,18 @@ impl UsageParser {
             text_chars: 0,
             finish_reasons: FinishReasons::default(),
             ended: false,
-            several: false,
+            several: None,
         }
     }
 
     /// For a request that asked for several completions (`n`, `n_cmpl`, `best_of`, a list of
     /// prompts): a reported usage may cover one of them (llama.cpp answers the first task's
     /// usage for all; vLLM's `continuous_usage_stats` puts one choice's figure on each event
-    /// until the last), so the text counted passing is the usage when it is larger.
-    pub fn several_completions(&mut self) {
-        self.several = true;
+    /// until the last), so the text counted passing is the usage when it is clearly larger
+    /// (by half again: the count is an estimate). `echoed`: quarter tokens of prompt text the
+    /// answer repeats (`echo`), not counted as generated.
+    pub fn several_completions(&mut self, echoed: u64) {
+        self.several = Some(echoed);
     }
 
     /// Whether the stream's last event (OpenAI's `data: [DONE]`, Ollama's line with
@@ -141,7 +144,7 @@ impl UsageParser {
             match self.framing {
                 Framing::Json => {
                     self.doc(&rest);
-                    if self.usage.is_none() || self.several {
+                    if self.usage.is_none() || self.several.is_some() {
                         self.text_chars = answer_text_chars(&rest);
                     }
                 }
@@ -149,16 +152,21 @@ impl UsageParser {
             }
         }
         let counted = self.text_events + self.text_chars.div_ceil(4);
-        match self.usage {
-            // More text passed than the figure covers: what passed is the usage (its prompt
-            // is the caller's to make whole, as for a counted figure).
-            Some(mut u) if self.several && counted > u.completion_tokens => {
-                u.completion_tokens = counted;
+        let generated = self
+            .several
+            .map(|echoed| self.text_events + self.text_chars.saturating_sub(echoed).div_ceil(4));
+        match (self.usage, generated) {
+            // Clearly more text passed than the figure covers: what passed is the usage (its
+            // prompt is the caller's to make whole, as for a counted figure).
+            (Some(mut u), Some(generated))
+                if generated.saturating_mul(2) > u.completion_tokens.saturating_mul(3) =>
+            {
+                u.completion_tokens = generated;
                 u.counted = true;
                 Some(u)
             }
-            Some(u) => Some(u),
-            None => (counted > 0).then_some(Usage {
+            (Some(u), _) => Some(u),
+            (None, _) => (counted > 0).then_some(Usage {
                 prompt_tokens: 0,
                 completion_tokens: counted,
                 counted: true,
@@ -481,26 +489,45 @@ fn has_text(doc: &[u8]) -> bool {
     })
 }
 
-/// Characters of generated text in a whole answer (OpenAI `choices[].message.content` or
-/// `choices[].text`, Ollama `message.content` or `response`).
+/// Generated text in a whole answer, in quarter tokens (measured as prompts are): of each
+/// message (OpenAI's `choices[].message`, Ollama's `message`) its content, its reasoning
+/// (`reasoning_content`, `reasoning`, `thinking`) and its tool calls' arguments, as a stream's
+/// events are counted ([`TEXT_KEYS`]); OpenAI's `choices[].text`, Ollama's `response` and
+/// `thinking`.
 fn answer_text_chars(doc: &[u8]) -> u64 {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(doc) else {
         return 0;
     };
-    // Measured as prompts are: four ASCII characters a token, any other character one.
     let len = |v: Option<&serde_json::Value>| {
         v.and_then(serde_json::Value::as_str)
             .map_or(0, |s| gateway_filter::prompt::text_quarters(s) as u64)
+    };
+    let message = |m: Option<&serde_json::Value>| {
+        let Some(m) = m else { return 0 };
+        let calls = m
+            .get("tool_calls")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, |calls| {
+                calls
+                    .iter()
+                    .map(|c| len(c.pointer("/function/arguments")))
+                    .sum()
+            });
+        ["content", "reasoning_content", "reasoning", "thinking"]
+            .iter()
+            .map(|k| len(m.get(*k)))
+            .sum::<u64>()
+            + calls
     };
     let choices: u64 = v
         .get("choices")
         .and_then(serde_json::Value::as_array)
         .map_or(0, |c| {
             c.iter()
-                .map(|c| len(c.pointer("/message/content")) + len(c.get("text")))
+                .map(|c| message(c.get("message")) + len(c.get("text")))
                 .sum()
         });
-    choices + len(v.pointer("/message/content")) + len(v.get("response"))
+    choices + message(v.get("message")) + len(v.get("response")) + len(v.get("thinking"))
 }
 
 #[cfg(test)]
@@ -947,7 +974,7 @@ mod tests {
         let read = |several: bool, framing: Framing, body: &str| {
             let mut p = UsageParser::new(framing);
             if several {
-                p.several_completions();
+                p.several_completions(0);
             }
             p.feed(body.as_bytes());
             p.finish()
@@ -972,5 +999,27 @@ mod tests {
         }
         assert_eq!(read(false, Framing::Sse, &sse), Some((5, 3, false)));
         assert_eq!(read(true, Framing::Sse, &sse), Some((5, 6, true)));
+        // Reasoning and tool calls' arguments are generated text too.
+        let hidden = concat!(
+            "{\"choices\":[{\"message\":{\"content\":\"\",\"reasoning_content\":\"", "rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr", "\"}},",
+            "{\"message\":{\"content\":null,\"tool_calls\":[{\"function\":{\"name\":\"f\",\"arguments\":\"", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "\"}}]}}],",
+            "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":10}}"
+        );
+        assert_eq!(read(true, Framing::Json, hidden), Some((3, 20, true)));
+        // An honest figure within what the estimate may miss stands (Cyrillic at two letters
+        // a token: 36 letters over two completions, reported as 16 tokens).
+        let russian = format!(
+            "{{\"choices\":[{{\"text\":\"{0}\"}},{{\"text\":\"{0}\"}}],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":16}}}}",
+            "привет".repeat(3).chars().take(20).collect::<String>()
+        );
+        assert_eq!(read(true, Framing::Json, &russian), Some((3, 16, false)));
+        // `echo`: the prompt repeated in each text is not generated text.
+        let mut p = UsageParser::new(Framing::Json);
+        p.several_completions(80);
+        p.feed(whole.as_bytes());
+        assert_eq!(
+            p.finish().map(|u| (u.completion_tokens, u.counted)),
+            Some((10, false))
+        );
     }
 }

@@ -1589,6 +1589,11 @@ async fn adapters_named_beside_an_allowed_model_are_refused() {
             "/v1/unload_lora_adapter",
             json!({"model": "llama3.1:8b", "LoRA_Name": "other-team"}),
         ),
+        // LoRAX and TGI pick (and LoRAX loads) an adapter from a nested field.
+        (
+            "/v1/generate",
+            json!({"model": "llama3.1:8b", "inputs": "x", "parameters": {"Adapter_Id": "org/any-lora", "adapter_source": "hub"}}),
+        ),
     ] {
         let r = c
             .post(gw.url(path))
@@ -1636,7 +1641,13 @@ async fn models_named_in_the_query_are_judged_and_built_in_routes_forward_no_que
     ] {
         assert_eq!(get(target).await.unwrap().status(), 403, "{target}");
     }
-    assert_eq!(get("/props?model=%ff").await.unwrap().status(), 400);
+    for target in [
+        "/props?model=%ff",
+        "/props?%u006dodel=qwen2.5:7b",
+        "/props?x=%4",
+    ] {
+        assert_eq!(get(target).await.unwrap().status(), 400, "{target}");
+    }
     assert_eq!(m.total(), 0);
     let r = get("/props?model=llama3.1:8b&autoload=1").await.unwrap();
     assert_ne!(r.status(), 403);

@@ -18,8 +18,9 @@ pub fn prompt_chars(body: &Value) -> usize {
 
 /// The prompt's tokens as the gateway estimates them where nothing better is known (a
 /// token reservation; the usage of an answer whose backend never reported it): the text
-/// [`prompt_chars`] measures at four ASCII characters a token and one token for every other
-/// character (CJK, emoji, accented letters: a tokenizer gives each at least about one), and
+/// [`prompt_chars`] measures at four ASCII characters a token, two characters of two UTF-8
+/// bytes (Cyrillic, Greek, accented letters) a token, and a token for every longer one (CJK,
+/// emoji), and
 /// [`MEDIA_TOKENS`] for each image, audio or video the prompt carries. A text of many-byte
 /// characters counted at four characters a token was under-estimated fourfold, and media were
 /// free.
@@ -27,8 +28,7 @@ pub fn prompt_tokens(body: &Value) -> u64 {
     (measure::<Quarters>(body) as u64).div_ceil(4)
 }
 
-/// A text measured in quarter tokens, as [`prompt_tokens`] measures: an ASCII character is
-/// one, any other character four.
+/// A text measured in quarter tokens, as [`prompt_tokens`] measures.
 pub fn text_quarters(s: &str) -> usize {
     Quarters::text(s)
 }
@@ -61,7 +61,9 @@ impl Measure for Chars {
     const MEDIA: usize = 0;
 }
 
-/// Quarter tokens: an ASCII character is one, any other character four.
+/// Quarter tokens by a character's UTF-8 length: ASCII one (four characters a token), two
+/// bytes (Cyrillic, Greek, Arabic, accented Latin) two (two a token), three or four bytes
+/// (CJK, emoji) four (a token each), about what common tokenizers give.
 struct Quarters;
 
 impl Measure for Quarters {
@@ -71,7 +73,8 @@ impl Measure for Quarters {
     fn json_byte(b: u8) -> usize {
         match b {
             0..=0x7F => 1,
-            _ if b & 0xC0 == 0x80 => 0,
+            0x80..=0xBF => 0,
+            0xC0..=0xDF => 2,
             _ => 4,
         }
     }
@@ -330,6 +333,8 @@ mod tests {
         assert_eq!(t(user(json!("你好世界"))), 4);
         assert_eq!(t(user(json!("😀😀"))), 2);
         assert_eq!(t(user(json!("héllo"))), 2);
+        // Two-byte letters: two a token.
+        assert_eq!(t(user(json!("Привет"))), 3);
         // Media: each image, audio clip or video, wherever it is carried.
         let m = MEDIA_TOKENS as u64;
         assert_eq!(

@@ -198,8 +198,8 @@ const MODEL_FIELDS: [&str; 5] = ["model", "name", "source", "destination", "from
 const OPAQUE_FIELDS: [&str; 5] = ["files", "adapters", "draft_files", "remote_host", "path"];
 
 /// Fields of a body on a route the gateway has no parser for that load, pick or unload
-/// adapters by name or path (vLLM, SGLang, llama.cpp), lower-case.
-const ADAPTER_FIELDS: [&str; 7] = [
+/// adapters by name or path (vLLM, SGLang, llama.cpp, LoRAX, TGI), lower-case.
+const ADAPTER_FIELDS: [&str; 11] = [
     "lora_name",
     "lora_path",
     "lora_int_id",
@@ -207,7 +207,31 @@ const ADAPTER_FIELDS: [&str; 7] = [
     "lora",
     "adapters",
     "adapter",
+    "adapter_id",
+    "adapter_ids",
+    "adapter_source",
+    "merged_adapters",
 ];
+
+/// Whether an object, or one nested in it (objects and arrays, to the depth serde reads),
+/// has an [`ADAPTER_FIELDS`] key, its case folded as Go's JSON decoder folds it.
+fn names_adapters(obj: &serde_json::Map<String, Value>, depth: usize) -> bool {
+    obj.iter().any(|(k, v)| {
+        ADAPTER_FIELDS
+            .iter()
+            .any(|f| k.chars().map(go_fold).eq(f.chars()))
+            || nested_adapters(v, depth + 1)
+    })
+}
+
+fn nested_adapters(v: &Value, depth: usize) -> bool {
+    match v {
+        _ if depth > 128 => false,
+        Value::Object(o) => names_adapters(o, depth),
+        Value::Array(items) => items.iter().any(|i| nested_adapters(i, depth + 1)),
+        _ => false,
+    }
+}
 
 /// Parses the body of a route that names models without generating (`/api/show`, Ollama's
 /// management routes): every name goes to `named_models` for the allow-list, and `/api/show`'s
@@ -265,15 +289,11 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
         return Ok(());
     };
+    // A body that loads, picks or unloads adapters (vLLM's `/v1/load_lora_adapter`, SGLang,
+    // LoRAX's and TGI's `parameters.adapter_id`) is model management whatever `model` it also
+    // names: that name proves nothing here.
+    ctx.opaque_weights |= names_adapters(&obj, 0);
     for (k, v) in &obj {
-        // A body that loads or unloads adapters (vLLM's `/v1/load_lora_adapter`, SGLang) is
-        // model management whatever `model` it also names: that name proves nothing here.
-        if ADAPTER_FIELDS
-            .iter()
-            .any(|f| k.chars().map(go_fold).eq(f.chars()))
-        {
-            ctx.opaque_weights = true;
-        }
         if !k.chars().map(go_fold).eq("model".chars()) {
             continue;
         }

@@ -114,10 +114,16 @@ enum Next {
 
 /// The values of every `model` parameter of a query (its name compared without case, both
 /// percent-decoded, `+` a space, as form decoding reads them); `None` when one does not
-/// decode.
+/// decode, or a `%` is not followed by two hex digits (older decoders read `%u006d` as `m`).
 fn query_models(query: Option<&str>) -> Option<Vec<String>> {
+    let query = query.unwrap_or_default();
+    let b = query.as_bytes();
+    let hex = |i: usize| b.get(i).is_some_and(u8::is_ascii_hexdigit);
+    if (0..b.len()).any(|i| b[i] == b'%' && !(hex(i + 1) && hex(i + 2))) {
+        return None;
+    }
     let mut out = Vec::new();
-    for pair in query.unwrap_or_default().split('&') {
+    for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let decode = |s: &str| gateway_filter::path::percent_decode(&s.replace('+', " "));
         if decode(k)?.eq_ignore_ascii_case("model") {

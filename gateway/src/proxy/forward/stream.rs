@@ -95,7 +95,7 @@ pub(super) async fn relay(
 
     let mut parser = UsageParser::new(framing);
     if ctx.req.completions > 1 {
-        parser.several_completions();
+        parser.several_completions(echoed(&ctx.req));
     }
     let mut stripper = strip.then(UsageEventStripper::default);
     let last = loop {
@@ -195,6 +195,23 @@ fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) 
         u
     });
     req.finish_reasons = parser.finish_reasons();
+}
+
+/// Quarter tokens of prompt text an answer repeats (`"echo": true`: each prompt once per
+/// completion of it, `n`), 0 otherwise.
+fn echoed(req: &gateway_filter::RequestCtx) -> u64 {
+    let Some(body) = req.json.as_ref() else {
+        return 0;
+    };
+    if body.get("echo").and_then(serde_json::Value::as_bool) != Some(true) {
+        return 0;
+    }
+    let n = ["n", "best_of"]
+        .iter()
+        .filter_map(|k| body.get(*k).and_then(serde_json::Value::as_u64))
+        .max()
+        .unwrap_or(1);
+    (gateway_filter::prompt::prompt_tokens(body) * 4).saturating_mul(n)
 }
 
 /// Reads a whole model list, keeps only the models the caller may use, and answers with it.
