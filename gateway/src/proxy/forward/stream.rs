@@ -183,8 +183,11 @@ fn failed(ctx: &mut GwCtx, parser: &mut UsageParser, code: &'static str) {
 /// (`prompt_tokens`: its text and media). Budget, tokens per minute and audit all see this
 /// one figure.
 fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) {
+    let several = req.completions > 1;
     req.usage = parser.finish().map(|mut u| {
-        if u.counted {
+        // A request for several completions may have reported one prompt of several (llama.cpp
+        // answers a list of prompts with the first task's usage): at least the estimate.
+        if u.counted || several {
             // A reported prompt (one completion's, next to counted text) stands when larger.
             let estimate = req
                 .json
@@ -197,10 +200,15 @@ fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) 
     req.finish_reasons = parser.finish_reasons();
 }
 
-/// Quarter tokens of prompt text an answer repeats (`"echo": true`: each prompt once per
-/// completion of it, `n`), 0 otherwise.
+/// Quarter tokens of prompt text an answer repeats (`"echo": true` on `/v1/completions`:
+/// each prompt once per completion of it, `n`), 0 otherwise. Chat answers never repeat the
+/// prompt (llama.cpp ignores `echo` there and still runs every completion).
 fn echoed(req: &gateway_filter::RequestCtx) -> u64 {
-    let Some(body) = req.json.as_ref() else {
+    let Some(body) = req
+        .json
+        .as_ref()
+        .filter(|_| req.route == gateway_filter::Route::OpenAiCompletions)
+    else {
         return 0;
     };
     if body.get("echo").and_then(serde_json::Value::as_bool) != Some(true) {
@@ -252,5 +260,53 @@ async fn filtered_list(
     {
         Ok(()) => Attempt::Done,
         Err(e) => Attempt::Abort(e.into_down()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_filter::http::Method;
+    use serde_json::json;
+
+    fn settled(path: &str, body: serde_json::Value, answer: &str) -> (u64, u64, bool) {
+        let mut req = gateway_filter::RequestCtx::new(String::new(), Method::POST, path.into());
+        req.completions = gateway_filter::output::read(req.route, body.as_object().unwrap())
+            .unwrap()
+            .choices;
+        req.json = Some(body);
+        let mut parser = UsageParser::new(Framing::Json);
+        if req.completions > 1 {
+            parser.several_completions(echoed(&req));
+        }
+        parser.feed(answer.as_bytes());
+        settle_usage(&mut parser, &mut req);
+        let u = req.usage.unwrap();
+        (u.prompt_tokens, u.completion_tokens, u.counted)
+    }
+
+    /// Review: llama.cpp answers a list of prompts with the first task's usage, prompt
+    /// included; the prompt is at least the estimate of all of them, whatever the count said.
+    #[test]
+    fn several_completions_pay_at_least_the_estimated_prompt() {
+        let long = "word ".repeat(400);
+        let body =
+            json!({"model": "m", "prompt": [long.clone(), long.clone(), long], "max_tokens": 10});
+        // Each prompt 2,000 characters (500 tokens); the answer's text within the figure.
+        let answer = r#"{"choices":[{"text":"ok"},{"text":"ok"},{"text":"ok"}],"usage":{"prompt_tokens":500,"completion_tokens":3}}"#;
+        assert_eq!(settled("/v1/completions", body, answer), (1500, 3, false));
+    }
+
+    /// Review: `echo` is subtracted only where the answer repeats the prompt
+    /// (`/v1/completions`); on chat, llama.cpp ignores it and runs every completion.
+    #[test]
+    fn echo_on_chat_hides_nothing() {
+        let text = "t".repeat(400);
+        let answer = format!(
+            r#"{{"choices":[{{"message":{{"content":"{text}"}}}},{{"message":{{"content":"{text}"}}}}],"usage":{{"prompt_tokens":5,"completion_tokens":100}}}}"#
+        );
+        let body = json!({"model": "m", "echo": true, "n": 2, "messages": [{"role": "user", "content": "x".repeat(1600)}]});
+        let (_, completion, counted) = settled("/v1/chat/completions", body, &answer);
+        assert_eq!((completion, counted), (200, true));
     }
 }
