@@ -366,10 +366,10 @@ impl AuthFilter {
             Ok(c) => c,
             // The provider's trouble is not the client's failure: no lockout count.
             Err(reason @ jwt::KEYS_UNAVAILABLE) => {
-                return Err(self.unauthorized(
+                return Err(unavailable(
                     ctx,
                     reason,
-                    "token could not be verified right now; try again later",
+                    "the token could not be verified right now (the identity provider's keys are out of reach); try again later",
                 ))
             }
             Err(reason) => return Err(self.failed(ctx, reason).await),
@@ -477,10 +477,10 @@ impl AuthFilter {
             // a question not asked because too many were out (an address behind which many
             // people sit may hold its share).
             Err(forward::Denied::Unavailable) => {
-                return Err(self.unauthorized(
+                return Err(unavailable(
                     ctx,
                     "forward_unavailable",
-                    "credentials could not be verified right now; try again later",
+                    "credentials could not be verified right now (the validator does not answer); try again later",
                 ))
             }
             // Answered as a busy password check is: clients retry a 503 (a 401 reads as a bad
@@ -748,6 +748,16 @@ fn locked_out(ctx: &mut RequestCtx, l: &Lockout) -> Rejection {
         "too many failed authentications from this address; try again later",
     )
     .with_header(header::RETRY_AFTER, retry)
+}
+
+/// A credential that could not be judged because what judges it is out of reach (the forward
+/// validator, the identity provider's keys): `503 auth_unavailable` with `Retry-After: 5`.
+/// Still fail closed, but a 401 would read as a bad key to clients (they do not retry it, some
+/// sign the user out) and hide an outage from error-rate alerts.
+fn unavailable(ctx: &mut RequestCtx, reason: &'static str, message: &'static str) -> Rejection {
+    ctx.reject_reason = Some(reason);
+    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable", message)
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("5"))
 }
 
 /// A check not made because too many are under way: `503 auth_busy` with `Retry-After: 1`

@@ -520,7 +520,16 @@ async fn forward_auth_fails_closed() {
         let started = std::time::Instant::now();
         let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.0.9");
         let r = f.filter.on_request(&mut ctx).await.unwrap_err();
-        assert_eq!(r.status, 401, "{token}");
+        // Fail closed, as an outage (clients retry it; a 401 reads as a bad key).
+        assert_eq!(
+            (r.status.as_u16(), r.code),
+            (503, "auth_unavailable"),
+            "{token}"
+        );
+        assert!(r
+            .headers
+            .iter()
+            .any(|(k, v)| k == "retry-after" && v == "5"));
         assert_eq!(ctx.reject_reason, Some("forward_unavailable"), "{token}");
         assert!(started.elapsed() < Duration::from_secs(2), "{token}");
     }
@@ -569,7 +578,7 @@ async fn forward_auth_fails_closed() {
         .port();
     let f = fixture(json!({"forward": {"url": format!("http://127.0.0.1:{port}/")}}));
     let mut ctx = req(&[("x-api-key", "sso-carol")], "10.0.0.9");
-    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 503);
     assert_eq!(ctx.reject_reason, Some("forward_unavailable"));
 }
 
@@ -928,7 +937,7 @@ async fn jwt_edge_cases_fail_closed_without_locking_out_users() {
     let token = k1.sign("k1", claims("dave", 300));
     for _ in 0..15 {
         let mut ctx = req(&[("authorization", &format!("Bearer {token}"))], "10.0.1.2");
-        assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+        assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 503);
         assert_eq!(ctx.reject_reason, Some("jwt_keys_unavailable"));
     }
 }
@@ -1001,7 +1010,7 @@ async fn jwt_keys_found_by_issuer_discovery() {
         &[("authorization", &format!("Bearer {}", k1.sign("k1", c)))],
         "10.0.0.5",
     );
-    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 503);
     assert_eq!(ctx.reject_reason, Some("jwt_keys_unavailable"));
 }
 
