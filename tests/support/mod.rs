@@ -276,8 +276,13 @@ impl Gateway {
     pub async fn access_line(&self, request_id: &str) -> String {
         let needle = format!("access id={request_id} ");
         for _ in 0..100 {
-            if let Some(line) = self.log().lines().find(|l| l.contains(&needle)) {
-                return line.to_string();
+            // A whole line only: the log may be read while the gateway is still writing it.
+            if let Some(line) = self
+                .log()
+                .split_inclusive('\n')
+                .find(|l| l.ends_with('\n') && l.contains(&needle))
+            {
+                return line.trim_end().to_string();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
