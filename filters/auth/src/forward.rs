@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use gateway_filter::http::{HeaderMap, HeaderName, Method};
+use gateway_filter::http::{HeaderMap, HeaderName};
 use gateway_filter::units::HumanDuration;
-use gateway_filter::OptionsError;
+use gateway_filter::{OptionsError, RequestCtx};
 use pingora_memory_cache::MemoryCache;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -121,7 +121,7 @@ pub struct Forwarder {
     failures: AtomicU64,
     slots: tokio::sync::Semaphore,
     /// Questions in flight per client address, and how many one address may hold.
-    asking: std::sync::Mutex<HashMap<u128, usize>>,
+    asking: std::sync::Mutex<HashMap<IpAddr, usize>>,
     per_address: usize,
     /// Questions not asked because too many were out (`Denied::Busy`).
     busy: AtomicU64,
@@ -153,22 +153,10 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// What one client counts as: its network as the lockout counts it (`RequestCtx::client_net`:
-/// an IPv6 address cut to `limits.ipv6_prefix`), an IPv4-mapped address as the IPv4 one.
-fn address_key(net: IpAddr) -> u128 {
-    match net {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => u128::from(u32::from(v4)),
-            None => u128::from(v6),
-        },
-    }
-}
-
 /// A question counted against its client's address until dropped.
 struct Asking<'a> {
-    map: &'a std::sync::Mutex<HashMap<u128, usize>>,
-    key: Option<u128>,
+    map: &'a std::sync::Mutex<HashMap<IpAddr, usize>>,
+    key: Option<IpAddr>,
 }
 
 impl Drop for Asking<'_> {
@@ -307,21 +295,13 @@ impl Forwarder {
 
     /// Asks the validator (or the cache) about the credentials in `req`. Requests with the
     /// same credentials that come while a question about them is out wait for its answer.
-    pub async fn check(
-        &self,
-        req: &HeaderMap,
-        method: &Method,
-        path: &str,
-        query: Option<&str>,
-        (client, net): (Option<IpAddr>, Option<IpAddr>),
-    ) -> Result<Arc<Identity>, Denied> {
-        let digest = self.digest(req).ok_or(Denied::Refused)?;
+    pub async fn check(&self, ctx: &RequestCtx) -> Result<Arc<Identity>, Denied> {
+        let digest = self.digest(&ctx.headers).ok_or(Denied::Refused)?;
         if let Some(hit) = self.cached(&digest) {
             return Ok(hit);
         }
-        let from = (client, net);
         if self.ttl.is_zero() {
-            return self.ask(req, method, path, query, from, &digest).await;
+            return self.ask(ctx, &digest).await;
         }
         let waiting = Waiting {
             map: &self.questions,
@@ -341,7 +321,7 @@ impl Forwarder {
             .question
             .get_or_init(|| {
                 asked = true;
-                self.ask(req, method, path, query, from, &digest)
+                self.ask(ctx, &digest)
             })
             .await
             .clone();
@@ -350,41 +330,35 @@ impl Forwarder {
             // questions were out): this one asks for itself, within its own client's share.
             Err(Denied::Busy) if !asked => {
                 drop(waiting);
-                self.ask(req, method, path, query, from, &digest).await
+                self.ask(ctx, &digest).await
             }
             answer => answer,
         }
     }
 
-    /// One question to the validator, within the client address's share and the slots.
-    async fn ask(
-        &self,
-        req: &HeaderMap,
-        method: &Method,
-        path: &str,
-        query: Option<&str>,
-        (client, net): (Option<IpAddr>, Option<IpAddr>),
-        digest: &[u8; 32],
-    ) -> Result<Arc<Identity>, Denied> {
-        let _asking = self.count_asking(net)?;
+    /// One question to the validator, within the client network's share and the slots.
+    async fn ask(&self, ctx: &RequestCtx, digest: &[u8; 32]) -> Result<Arc<Identity>, Denied> {
+        // The network as the lockout counts it (`limits.ipv6_prefix`; IPv4-mapped addresses
+        // are IPv4 already).
+        let _asking = self.count_asking(ctx.client_net)?;
         let Ok(_slot) = self.slots.try_acquire() else {
             self.busy.fetch_add(1, Ordering::Relaxed);
             return Err(Denied::Busy);
         };
-        let uri = match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_string(),
+        let uri = match &ctx.query {
+            Some(q) => format!("{}?{q}", ctx.path),
+            None => ctx.path.clone(),
         };
         let mut call = self
             .client
             .request(self.method.clone(), self.url.clone())
-            .header("x-forwarded-method", method.as_str())
+            .header("x-forwarded-method", ctx.method.as_str())
             .header("x-forwarded-uri", uri);
-        if let Some(ip) = client {
+        if let Some(ip) = ctx.client_ip {
             call = call.header("x-forwarded-for", ip.to_string());
         }
         for name in &self.headers {
-            for v in req.get_all(name) {
+            for v in ctx.headers.get_all(name) {
                 call = call.header(name.as_str(), v.as_bytes());
             }
         }
@@ -415,8 +389,7 @@ impl Forwarder {
 
     /// Counts a question against its client's network, or answers `Busy` when it holds its
     /// share already.
-    fn count_asking(&self, net: Option<IpAddr>) -> Result<Asking<'_>, Denied> {
-        let key = net.map(address_key);
+    fn count_asking(&self, key: Option<IpAddr>) -> Result<Asking<'_>, Denied> {
         if let Some(k) = key {
             let mut m = self.asking.lock().unwrap_or_else(|p| p.into_inner());
             let n = m.entry(k).or_insert(0);
@@ -503,10 +476,18 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gateway_filter::http::Method;
+
+    /// The share is keyed by `RequestCtx::client_net` as the request sets it.
+    fn from(ip: &str) -> RequestCtx {
+        let mut ctx = RequestCtx::new(String::new(), Method::GET, "/".into());
+        ctx.set_client(ip.parse().unwrap(), 64);
+        ctx
+    }
 
     #[test]
     fn a_mapped_ipv4_counts_as_itself() {
-        let k = |s: &str| address_key(s.parse().unwrap());
+        let k = |s: &str| from(s).client_net;
         assert_eq!(k("::ffff:10.0.0.1"), k("10.0.0.1"));
         assert_ne!(k("10.0.0.1"), k("10.0.0.2"));
         assert_ne!(k("2001:db8:1:2::"), k("2001:db8:1:3::"));
@@ -530,13 +511,12 @@ mod tests {
         for i in 0..3 {
             let f = f.clone();
             tasks.push(tokio::spawn(async move {
-                let mut h = HeaderMap::new();
-                h.insert(
+                let mut ctx = from("10.0.0.1");
+                ctx.headers.insert(
                     "authorization",
                     format!("Bearer guess-{}", i % 2).parse().unwrap(),
                 );
-                let ip = "10.0.0.1".parse().ok();
-                f.check(&h, &Method::GET, "/", None, (ip, ip)).await
+                f.check(&ctx).await
             }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -545,7 +525,7 @@ mod tests {
             f.asking
                 .lock()
                 .unwrap()
-                .get(&address_key("10.0.0.1".parse().unwrap())),
+                .get(&"10.0.0.1".parse::<IpAddr>().unwrap()),
             Some(&2)
         );
         // The first of the two waiting for guess-0 leaves: the other still waits on it.

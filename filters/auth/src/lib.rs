@@ -459,16 +459,7 @@ impl AuthFilter {
         };
         let answer = match cached {
             Some(hit) => Ok(hit),
-            None => {
-                fwd.check(
-                    &ctx.headers,
-                    &ctx.method,
-                    &ctx.path,
-                    ctx.query.as_deref(),
-                    (ctx.client_ip, ctx.client_net),
-                )
-                .await
-            }
+            None => fwd.check(ctx).await,
         };
         let identity = match answer {
             Ok(identity) => identity,
