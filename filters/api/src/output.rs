@@ -118,7 +118,7 @@ impl OutputAsk {
 /// (`--enable-prompt-embeds`) also completes each of `prompt_embeds` (one tensor, or a list
 /// of them) besides the prompts: they count too (an empty `prompt` beside them counts as one,
 /// a bound above what is generated).
-fn prompts(body: &Map<String, Value>) -> u64 {
+pub fn prompts(body: &Map<String, Value>) -> u64 {
     let text = match body.get("prompt") {
         Some(Value::Array(items)) if items.iter().any(|p| !p.is_number()) => {
             (items.len() as u64).max(1)

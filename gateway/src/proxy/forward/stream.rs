@@ -214,11 +214,12 @@ fn echoed(req: &gateway_filter::RequestCtx) -> u64 {
     if body.get("echo").and_then(serde_json::Value::as_bool) != Some(true) {
         return 0;
     }
-    let n = ["n", "best_of"]
-        .iter()
-        .filter_map(|k| body.get(*k).and_then(serde_json::Value::as_u64))
-        .max()
-        .unwrap_or(1);
+    // Completions per prompt, as the output bound reads them (`n`, `best_of`, …).
+    let prompts = body
+        .as_object()
+        .map_or(1, gateway_filter::output::prompts)
+        .max(1);
+    let n = (req.completions / prompts).max(1);
     (gateway_filter::prompt::prompt_tokens(body) * 4).saturating_mul(n)
 }
 
