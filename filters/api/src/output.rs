@@ -225,17 +225,18 @@ pub fn write(route: Route, body: &mut Map<String, Value>, limit: u64) -> Result<
 /// Bounds a request's output: `choose` picks the limit per completion from the ask (or
 /// refuses it), the limit is written into every field the route's backends read, and the
 /// request's total bound (limit × completions) is recorded in `ctx.max_tokens`. Routes that
-/// generate nothing, and requests without a JSON object body, are left as they are. What the
-/// policy's output cap and a budget's reserve both apply.
+/// generate nothing, and requests without a JSON object body, are left as they are (`None`);
+/// otherwise the ask `choose` judged is answered. What the policy's output cap and the
+/// reservations ([`reserve_limit`]) apply.
 pub fn apply_limit(
     ctx: &mut crate::RequestCtx,
-    choose: impl FnOnce(Limit) -> Result<u64, crate::Rejection>,
-) -> Result<(), crate::Rejection> {
+    choose: impl FnOnce(OutputAsk) -> Result<u64, crate::Rejection>,
+) -> Result<Option<OutputAsk>, crate::Rejection> {
     if !generates(ctx.route) {
-        return Ok(());
+        return Ok(None);
     }
     let Some(body) = ctx.json.as_mut().and_then(Value::as_object_mut) else {
-        return Ok(());
+        return Ok(None);
     };
     let bad = |code: &'static str, message: String| {
         crate::Rejection::new(http::StatusCode::BAD_REQUEST, code, message)
@@ -247,12 +248,15 @@ pub fn apply_limit(
         ask.per_choice = asked;
         bound
     });
-    let per_choice = choose(ask.per_choice)?.min(reserved.unwrap_or(u64::MAX));
+    let per_choice = choose(ask)?.min(reserved.unwrap_or(u64::MAX));
     if write(ctx.route, body, per_choice).map_err(|e| bad("invalid_options", e.to_string()))? {
         ctx.body_rewritten = true;
     }
     ctx.max_tokens = Some(per_choice.saturating_mul(ask.choices));
-    Ok(())
+    if let Some((asked, _)) = ctx.output_reserved {
+        ctx.output_reserved = Some((asked, per_choice));
+    }
+    Ok(Some(ask))
 }
 
 /// Gives a request that names no output limit (none, or zero or negative: no limit) a bound
@@ -266,45 +270,18 @@ pub fn reserve_limit(
     ctx: &mut crate::RequestCtx,
     per_choice: impl FnOnce(u64) -> u64,
 ) -> Result<(), crate::Rejection> {
-    if !generates(ctx.route) {
+    let fresh = ctx.output_reserved.is_none();
+    if fresh && ctx.max_tokens.is_some() {
         return Ok(());
     }
-    if let Some((asked, _)) = ctx.output_reserved {
-        // The bound as written now (a cap may have lowered it since), per completion.
-        let Some(Ok(now)) = ctx
-            .json
-            .as_ref()
-            .and_then(Value::as_object)
-            .map(|b| read(ctx.route, b))
-        else {
-            return Ok(());
-        };
-        let Limit::Bounded(written) = now.per_choice else {
-            return Ok(());
-        };
-        let lower = per_choice(now.choices).max(1);
-        if lower < written {
-            apply_limit(ctx, |_| Ok(lower))?;
-            ctx.output_reserved = Some((asked, lower));
-        }
-        return Ok(());
+    let mut bound = 0;
+    let ask = apply_limit(ctx, |ask| {
+        bound = per_choice(ask.choices).max(1);
+        Ok(bound)
+    })?;
+    if let (true, Some(ask)) = (fresh, ask) {
+        ctx.output_reserved = Some((ask.per_choice, bound));
     }
-    if ctx.max_tokens.is_some() {
-        return Ok(());
-    }
-    let Some(body) = ctx.json.as_ref().and_then(Value::as_object) else {
-        return Ok(());
-    };
-    let Ok(ask) = read(ctx.route, body) else {
-        // Refused by `apply_limit` with its reason.
-        return apply_limit(ctx, |_| Ok(0));
-    };
-    if ask.total().is_some() {
-        return Ok(());
-    }
-    let bound = per_choice(ask.choices).max(1);
-    apply_limit(ctx, |_| Ok(bound))?;
-    ctx.output_reserved.get_or_insert((ask.per_choice, bound));
     Ok(())
 }
 
@@ -429,7 +406,7 @@ mod tests {
         assert_eq!((sent.total(), c.max_tokens), (Some(100), Some(100)));
         assert!(c.body_rewritten);
         apply_limit(&mut c, |ask| {
-            assert_eq!(ask, Limit::Absent);
+            assert_eq!(ask.per_choice, Limit::Absent);
             Ok(8192)
         })
         .unwrap();
@@ -442,7 +419,7 @@ mod tests {
         reserve_limit(&mut c, |_| 100).unwrap();
         assert_eq!(c.max_tokens, Some(100));
         let refused = apply_limit(&mut c, |ask| {
-            assert_eq!(ask, Limit::Unbounded);
+            assert_eq!(ask.per_choice, Limit::Unbounded);
             Err(crate::Rejection::new(
                 http::StatusCode::BAD_REQUEST,
                 "max_tokens_too_large",

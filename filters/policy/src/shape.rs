@@ -105,7 +105,7 @@ pub enum OverCap {
 /// backends read, and the cap is written to all of them (see `gateway_filter::output`). Records
 /// the request's total output bound (cap × completions) in the context.
 pub fn apply_output_cap(ctx: &mut RequestCtx, cap: u64, mode: OverCap) -> Result<(), Rejection> {
-    output::apply_limit(ctx, |ask| match ask {
+    output::apply_limit(ctx, |ask| match ask.per_choice {
         Limit::Bounded(n) if n <= cap => Ok(n),
         Limit::Bounded(_) | Limit::Unbounded if mode == OverCap::Reject => Err(bad(
             "max_tokens_too_large",
@@ -113,6 +113,7 @@ pub fn apply_output_cap(ctx: &mut RequestCtx, cap: u64, mode: OverCap) -> Result
         )),
         _ => Ok(cap),
     })
+    .map(drop)
 }
 
 /// Refuses more completions per request (`n`, `best_of`) than `max`.
