@@ -259,6 +259,12 @@ pub fn apply_limit(
     Ok(Some(ask))
 }
 
+/// Output tokens per completion a reservation gives a request that names no limit, unless
+/// configured (`output_reserve` of `budget` and `ratelimit`): what one long answer takes.
+pub fn default_reserve() -> u64 {
+    4096
+}
+
 /// Gives a request that names no output limit (none, or zero or negative: no limit) a bound
 /// of its own, `per_choice(completions)` per completion, written as [`apply_limit`] writes a
 /// cap, so what it can generate is what a reservation holds (a budget's, a token limit's).

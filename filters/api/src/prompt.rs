@@ -45,6 +45,8 @@ trait Measure {
     fn json_byte(b: u8) -> usize;
     /// One media item.
     const MEDIA: usize;
+    /// Bytes of a `prompt_embeds` tensor.
+    fn embed(bytes: usize) -> usize;
 }
 
 /// Characters.
@@ -59,6 +61,9 @@ impl Measure for Chars {
         usize::from(b & 0xC0 != 0x80)
     }
     const MEDIA: usize = 0;
+    fn embed(_: usize) -> usize {
+        0
+    }
 }
 
 /// Quarter tokens by a character's UTF-8 length: ASCII one (four characters a token), two
@@ -79,6 +84,9 @@ impl Measure for Quarters {
         }
     }
     const MEDIA: usize = 4 * MEDIA_TOKENS;
+    fn embed(bytes: usize) -> usize {
+        bytes.div_ceil(EMBED_BYTES_PER_TOKEN) * 4
+    }
 }
 
 fn measure<M: Measure>(body: &Value) -> usize {
@@ -121,10 +129,8 @@ const NAME_LEN: usize = 32;
 /// [`EMBED_BYTES_PER_TOKEN`] (never fewer than the positions of a model whose rows are that
 /// small: larger models' rows are larger, so this errs high).
 fn embeds<M: Measure>(v: &Value) -> usize {
-    if M::MEDIA == 0 {
-        return 0;
-    }
-    let tokens = |s: &str| (s.len() * 3 / 4).div_ceil(EMBED_BYTES_PER_TOKEN) * 4;
+    // Base64: three bytes in four characters.
+    let tokens = |s: &str| M::embed(s.len() * 3 / 4);
     match v {
         Value::String(s) => tokens(s),
         Value::Array(items) => items.iter().filter_map(Value::as_str).map(tokens).sum(),

@@ -366,8 +366,9 @@ impl AuthFilter {
             Ok(c) => c,
             // The provider's trouble is not the client's failure: no lockout count.
             Err(reason @ jwt::KEYS_UNAVAILABLE) => {
-                return Err(unavailable(
+                return Err(try_later(
                     ctx,
+                    false,
                     reason,
                     "the token could not be verified right now (the identity provider's keys are out of reach); try again later",
                 ))
@@ -468,8 +469,9 @@ impl AuthFilter {
             // a question not asked because too many were out (an address behind which many
             // people sit may hold its share).
             Err(forward::Denied::Unavailable) => {
-                return Err(unavailable(
+                return Err(try_later(
                     ctx,
+                    false,
                     "forward_unavailable",
                     "credentials could not be verified right now (the validator does not answer); try again later",
                 ))
@@ -477,8 +479,9 @@ impl AuthFilter {
             // Answered as a busy password check is: clients retry a 503 (a 401 reads as a bad
             // key to them).
             Err(forward::Denied::Busy) => {
-                return Err(busy(
+                return Err(try_later(
                     ctx,
+                    true,
                     "forward_busy",
                     "too many credentials are being checked right now; try again shortly",
                 ))
@@ -535,8 +538,9 @@ impl AuthFilter {
         let Ok(Ok(_slot)) = tokio::time::timeout(BCRYPT_WAIT, self.bcrypt_slots.acquire()).await
         else {
             // Busy with other checks: not the client's failure, not counted.
-            return Err(busy(
+            return Err(try_later(
                 ctx,
+                true,
                 "auth_busy",
                 "too many passwords are being checked right now; try again shortly",
             ));
@@ -741,22 +745,25 @@ fn locked_out(ctx: &mut RequestCtx, l: &Lockout) -> Rejection {
     .with_header(header::RETRY_AFTER, retry)
 }
 
-/// A credential that could not be judged because what judges it is out of reach (the forward
-/// validator, the identity provider's keys): `503 auth_unavailable` with `Retry-After: 5`.
-/// Still fail closed, but a 401 would read as a bad key to clients (they do not retry it, some
-/// sign the user out) and hide an outage from error-rate alerts.
-fn unavailable(ctx: &mut RequestCtx, reason: &'static str, message: &'static str) -> Rejection {
+/// A credential not judged now, not for the client's fault: `503` with `Retry-After`, not
+/// counted against it. `auth_unavailable` (5 s): what judges it is out of reach (the forward
+/// validator, the identity provider's keys); `auth_busy` (1 s): too many checks are under
+/// way. Still fail closed, but a 401 would read as a bad key to clients (they do not retry
+/// it, some sign the user out) and hide an outage from error-rate alerts.
+fn try_later(
+    ctx: &mut RequestCtx,
+    busy: bool,
+    reason: &'static str,
+    message: &'static str,
+) -> Rejection {
+    let (code, retry) = if busy {
+        ("auth_busy", "1")
+    } else {
+        ("auth_unavailable", "5")
+    };
     ctx.reject_reason = Some(reason);
-    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable", message)
-        .with_header(header::RETRY_AFTER, HeaderValue::from_static("5"))
-}
-
-/// A check not made because too many are under way: `503 auth_busy` with `Retry-After: 1`
-/// (clients retry it; a 401 reads as a bad key), not the client's failure.
-fn busy(ctx: &mut RequestCtx, reason: &'static str, message: &'static str) -> Rejection {
-    ctx.reject_reason = Some(reason);
-    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "auth_busy", message)
-        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static(retry))
 }
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ struct Options {
     #[serde(default = "default_chars_per_token")]
     chars_per_token: f64,
     /// Output tokens reserved when the request sets no cap (the policy's cap is better).
-    #[serde(default = "default_output_reserve")]
+    #[serde(default = "output::default_reserve")]
     output_reserve: u64,
     /// Seconds of generation reserved for per-second prices.
     #[serde(default = "default_reserve_seconds")]
@@ -109,9 +109,6 @@ struct Options {
 
 fn default_chars_per_token() -> f64 {
     4.0
-}
-fn default_output_reserve() -> u64 {
-    4096
 }
 fn default_reserve_seconds() -> f64 {
     60.0

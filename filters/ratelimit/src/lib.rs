@@ -56,7 +56,7 @@ struct Options {
     tokens_per_minute: Option<u64>,
     /// Output tokens per completion a request held to `tokens_per_minute` is given when
     /// nothing bounds it (see `RateLimitFilter::check`).
-    #[serde(default = "default_output_reserve")]
+    #[serde(default = "output::default_reserve")]
     output_reserve: u64,
     /// Most keys tracked per kind of limit (memory bound).
     #[serde(default = "default_max_keys")]
@@ -65,11 +65,6 @@ struct Options {
 
 fn default_max_keys() -> usize {
     100_000
-}
-
-/// As the budget's: what one long answer takes.
-fn default_output_reserve() -> u64 {
-    4096
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]

@@ -104,6 +104,11 @@ fn go_fold(c: char) -> char {
     }
 }
 
+/// Whether Go's JSON decoder reads key `k` as field `name` (lower-case).
+fn go_eq(k: &str, name: &str) -> bool {
+    k.chars().map(go_fold).eq(name.chars())
+}
+
 /// Go's `encoding/json` (Ollama, including its `/v1` routes) matches field names without
 /// regard to case, the last spelling winning, and folds `K` (U+212A) to `k` and `ſ` (U+017F)
 /// to `s`: `{"model":"a","Model":"b"}` is `a` to the gateway and `b` to Ollama. Every field
@@ -216,12 +221,8 @@ const ADAPTER_FIELDS: [&str; 11] = [
 /// Whether an object, or one nested in it (objects and arrays, to the depth serde reads),
 /// has an [`ADAPTER_FIELDS`] key, its case folded as Go's JSON decoder folds it.
 fn names_adapters(obj: &serde_json::Map<String, Value>, depth: usize) -> bool {
-    obj.iter().any(|(k, v)| {
-        ADAPTER_FIELDS
-            .iter()
-            .any(|f| k.chars().map(go_fold).eq(f.chars()))
-            || nested_adapters(v, depth + 1)
-    })
+    obj.iter()
+        .any(|(k, v)| ADAPTER_FIELDS.iter().any(|f| go_eq(k, f)) || nested_adapters(v, depth + 1))
 }
 
 fn nested_adapters(v: &Value, depth: usize) -> bool {
@@ -294,7 +295,7 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
     // names: that name proves nothing here.
     ctx.opaque_weights |= names_adapters(&obj, 0);
     for (k, v) in &obj {
-        if !k.chars().map(go_fold).eq("model".chars()) {
+        if !go_eq(k, "model") {
             continue;
         }
         match v {

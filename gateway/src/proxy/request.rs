@@ -116,7 +116,9 @@ enum Next {
 /// percent-decoded, `+` a space, as form decoding reads them); `None` when one does not
 /// decode, or a `%` is not followed by two hex digits (older decoders read `%u006d` as `m`).
 fn query_models(query: Option<&str>) -> Option<Vec<String>> {
-    let query = query.unwrap_or_default();
+    let Some(query) = query else {
+        return Some(Vec::new());
+    };
     let b = query.as_bytes();
     let hex = |i: usize| b.get(i).is_some_and(u8::is_ascii_hexdigit);
     if (0..b.len()).any(|i| b[i] == b'%' && !(hex(i + 1) && hex(i + 2))) {
@@ -125,7 +127,10 @@ fn query_models(query: Option<&str>) -> Option<Vec<String>> {
     let mut out = Vec::new();
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let decode = |s: &str| gateway_filter::path::percent_decode(&s.replace('+', " "));
+        let decode = |s: &str| match s.contains('+') {
+            true => gateway_filter::path::percent_decode(&s.replace('+', " ")),
+            false => gateway_filter::path::percent_decode(s),
+        };
         if decode(k)?.eq_ignore_ascii_case("model") {
             out.push(decode(v)?);
         }
