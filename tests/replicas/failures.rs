@@ -388,3 +388,137 @@ async fn a_server_that_forgot_the_scripts_is_given_them_again() {
     assert_eq!(state_of(&gw).await.0, "shared");
     assert!(!gw.log().contains("state: degraded"), "{}", gw.log());
 }
+
+/// Live holds (members scored by an expiry still ahead) of the sorted sets whose names
+/// match `pattern`, all together.
+fn held(redis: &Redis, pattern: &str) -> String {
+    let count = "local t = redis.call('TIME') \
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
+        local n = 0 \
+        for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+          n = n + redis.call('ZCOUNT', k, '(' .. now, '+inf') end \
+        return n";
+    redis
+        .cmd(&["EVAL", count, "0", pattern])
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_requests_holds_come_back_after_redis_loses_them() {
+    let mut redis = Redis::start();
+    let m = mock().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The budget fits one request ($0.05), and the key one request at a time.
+    let limit = "  - use: ratelimit\n    key: api_key\n    max_in_flight: 1\n";
+    let conf = |dir: &std::path::Path| {
+        format!(
+            "{}{}",
+            redis.state(),
+            config(dir, &m, 0.05, 0.0, 10000.0, limit)
+        )
+    };
+    let a = Gateway::start(&conf(da.path())).await;
+    let b = Gateway::start(&conf(db.path())).await;
+    let gen = |url: String, delay: &'static str| async move {
+        let r = reqwest::Client::new()
+            .post(url)
+            .bearer_auth(BUYER)
+            .header("x-mock-chunks", "4")
+            .header("x-mock-delay-ms", delay)
+            .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    };
+    // One long stream on replica A (about 8 s).
+    let running = tokio::spawn(gen(a.url("/api/generate"), "2000"));
+    for _ in 0..200 {
+        if m.hits("/api/generate") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (slot, reservation) = ("*rl:*slots*", "*resv:*");
+    assert_eq!(held(&redis, slot), ":1");
+    assert_eq!(held(&redis, reservation), ":1");
+    // Redis forgets everything; within a renewal (a third of lease_ttl 1s) A puts the
+    // stream's slot and budget reservation back, so B still may not start another.
+    assert_eq!(redis.cmd(&["FLUSHALL"]).as_deref(), Some("+OK"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(held(&redis, slot), ":1", "{}", a.log());
+    assert_eq!(held(&redis, reservation), ":1", "{}", a.log());
+    let (s, body) = gen(b.url("/api/generate"), "0").await;
+    assert_eq!(s, 429, "{body}");
+    // The same after an outage longer than lease_ttl (the server comes back empty).
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    wait_shared(&a).await;
+    wait_shared(&b).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(held(&redis, slot), ":1", "{}", a.log());
+    assert_eq!(held(&redis, reservation), ":1", "{}", a.log());
+    let (s, body) = gen(b.url("/api/generate"), "0").await;
+    assert_eq!(s, 429, "{body}");
+    assert!(a.log().contains("holds of running requests"), "{}", a.log());
+    // When the stream ends, both are given back (the release made again on the connection
+    // the restart broke), and not put back once more.
+    assert_eq!(running.await.unwrap().0, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(held(&redis, slot), ":0", "{}", a.log());
+    assert_eq!(held(&redis, reservation), ":0", "{}", a.log());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(held(&redis, slot), ":0");
+    assert_eq!(held(&redis, reservation), ":0");
+    assert!(!a.log().contains("not applied"), "{}", a.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fallback_to_local_state_counts_the_requests_already_running() {
+    let mut redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let chain = keyed_chain(
+        &m,
+        dir.path(),
+        "  - use: ratelimit\n    key: api_key\n    max_in_flight: 1\n",
+    );
+    let gw = Gateway::start(&format!("{}{chain}", redis.state())).await;
+    let c = client();
+    let stream = tokio::spawn(
+        client()
+            .post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .header("x-mock-chunks", "4")
+            .header("x-mock-delay-ms", "1000")
+            .json(&json!({"model": "llama3.1:8b", "messages": [], "stream": true}))
+            .send(),
+    );
+    for _ in 0..200 {
+        if m.hits("/api/chat") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    redis.kill();
+    let mut degraded = false;
+    for _ in 0..100 {
+        if state_of(&gw).await.0 == "degraded" {
+            degraded = true;
+            break;
+        }
+        // Requests while it fails: each must still be refused (the stream holds the slot).
+        let r = key_chat(&c, &gw).await;
+        assert_eq!(r.status().as_u16(), 429, "{}", r.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(degraded, "{}", gw.log());
+    // On local state now: the stream running here still takes this replica's one slot.
+    let r = key_chat(&c, &gw).await;
+    assert_eq!(r.status().as_u16(), 429, "{}", r.text().await.unwrap());
+    let body = stream.await.unwrap().unwrap().text().await.unwrap();
+    assert!(body.contains("\"done\":true"), "{body}");
+    assert_eq!(key_chat(&c, &gw).await.status().as_u16(), 200);
+}

@@ -42,23 +42,56 @@ pub enum StateError {
     Failed(String),
 }
 
-/// A renewed hold; dropping it stops the renewal (the hold then expires by itself unless it
-/// was released).
-pub struct Keep(Option<Box<dyn FnOnce() + Send + Sync>>);
+impl StateError {
+    /// Whether the call may have reached the server and run: a timeout, or a connection that
+    /// broke after the call was written. Its effect (a slot, a hold) is then taken back; only
+    /// a call refused before it left ([`StateError::Unavailable`]) surely did nothing.
+    pub fn may_have_run(&self) -> bool {
+        !matches!(self, StateError::Unavailable)
+    }
+}
+
+/// A renewed hold; stopping or dropping it ends the renewal (the hold then expires by itself
+/// unless it was released).
+pub struct Keep(std::sync::Mutex<Option<Box<dyn FnOnce() + Send + Sync>>>);
 
 impl Keep {
-    pub fn new(on_drop: impl FnOnce() + Send + Sync + 'static) -> Keep {
-        Keep(Some(Box::new(on_drop)))
+    pub fn new(on_stop: impl FnOnce() + Send + Sync + 'static) -> Keep {
+        Keep(std::sync::Mutex::new(Some(Box::new(on_stop))))
+    }
+
+    /// Ends the renewal now. Called before the hold's release is sent, so a renewal can no
+    /// longer find the hold gone and put it back as if the server had lost it.
+    pub fn stop(&self) {
+        let f = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(f) = f {
+            f();
+        }
     }
 }
 
 impl Drop for Keep {
     fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
+        self.stop();
     }
 }
+
+/// How a running request's hold is kept: `renew` runs every third of the lease time with
+/// `keys`, then `args` and the lease time in ms as its last `ARGV`. It lengthens the hold,
+/// or puts it back when the server no longer has it (lost data, or an outage longer than the
+/// lease), answering `{2}` then: a request still running still counts. A hold put back just
+/// as its request ended is taken away again by `forget` with `forget_args` (which must do
+/// nothing when the hold is absent).
+pub struct Renewal {
+    pub renew: &'static Script,
+    pub forget: &'static Script,
+    pub keys: Vec<String>,
+    pub args: Vec<String>,
+    pub forget_args: Vec<String>,
+}
+
+/// The answer of a [`Renewal::renew`] script that put its hold back.
+pub const PUT_BACK: i64 = 2;
 
 impl std::fmt::Debug for Keep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,9 +145,9 @@ pub trait SharedState: Send + Sync {
     /// Milliseconds a hold lives without renewal (`state.lease_ttl`).
     fn lease_ms(&self) -> u64;
 
-    /// Renews member `member` of the sorted set `key` (its score is its expiry in ms) every
-    /// third of the lease time until the returned guard is dropped.
-    fn keep(&self, key: String, member: String) -> Keep;
+    /// Renews a hold (see [`Renewal`]) every third of the lease time until the returned
+    /// guard is stopped or dropped.
+    fn keep(&self, renewal: Renewal) -> Keep;
 
     /// `on_error: reject`: a failed call answers 503 instead of falling back to local state.
     fn fail_closed(&self) -> bool;
@@ -184,6 +217,23 @@ return {1, n + 1}
 "#,
 };
 
+/// Lengthens a slot, or puts it back if the server no longer has it (a [`Renewal::renew`]).
+/// ARGV: member, ttl ms. Answers `{1}`, or `{2}` when put back.
+pub static LEASE_RENEW: Script = Script {
+    name: "lease_renew",
+    source: r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local added = redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+-- Only ever lengthens the set's own lifetime.
+local p = redis.call('PTTL', KEYS[1])
+if p < ttl * 2 then redis.call('PEXPIRE', KEYS[1], ttl * 2) end
+if added == 1 then return {2} end
+return {1}
+"#,
+};
+
 /// Gives a slot back. ARGV: member.
 pub static LEASE_RELEASE: Script = Script {
     name: "lease_release",
@@ -198,7 +248,7 @@ pub struct SharedLease {
     state: std::sync::Arc<dyn SharedState>,
     key: String,
     member: String,
-    _keep: Keep,
+    keep: Keep,
 }
 
 impl std::fmt::Debug for SharedLease {
@@ -211,6 +261,7 @@ impl std::fmt::Debug for SharedLease {
 
 impl Drop for SharedLease {
     fn drop(&mut self) {
+        self.keep.stop();
         self.state.run_detached(
             &LEASE_RELEASE,
             vec![std::mem::take(&mut self.key)],
@@ -238,21 +289,26 @@ pub async fn acquire_lease(
         )
         .await
         .inspect_err(|e| {
-            // Sent, but no answer in time: the script may still run; give the slot back if it
-            // did. (Refused at once, the call never left.)
-            if matches!(e, StateError::Timeout(_)) {
+            // Sent, but no answer: the script may have run; give the slot back if it did.
+            if e.may_have_run() {
                 state.undo(&LEASE_RELEASE, vec![key.clone()], vec![member.clone()]);
             }
         })?;
     if at(&reply, 0) != 1 {
         return Ok(None);
     }
-    let keep = state.keep(key.clone(), member.clone());
+    let keep = state.keep(Renewal {
+        renew: &LEASE_RENEW,
+        forget: &LEASE_RELEASE,
+        keys: vec![key.clone()],
+        args: vec![member.clone()],
+        forget_args: vec![member.clone()],
+    });
     Ok(Some(SharedLease {
         state: state.clone(),
         key,
         member,
-        _keep: keep,
+        keep,
     }))
 }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gateway_filter::state::{ask, at, Script};
+use gateway_filter::state::{ask, at, Arg, Script};
 use gateway_filter::{Rejection, SharedState};
 
 /// Most addresses held as locked; beyond it the server is asked per request.
@@ -47,14 +47,21 @@ return {n}
 "#,
 };
 
-/// KEYS: the set of locked addresses. Answers `address, ms left, ...` for every live lock.
+/// A read of the set of locks that failed is tried again after this (meanwhile each request
+/// asks about its own address): a set too large to read in time must not be read again by
+/// every request.
+const READ_AGAIN: Duration = Duration::from_secs(1);
+
+/// KEYS: the set of locked addresses. ARGV: the most to answer (one more than fits in
+/// `heard`: an answer that long means it overflowed). Answers `address, ms left, ...` for
+/// live locks.
 static LOCKED: Script = Script {
     name: "lockout_locked",
     source: r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
-local all = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES')
+local all = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[1])
 for i = 1, #all, 2 do
   table.insert(out, all[i])
   table.insert(out, string.format('%.0f', tonumber(all[i + 1]) - now))
@@ -118,6 +125,8 @@ pub struct SharedLockout {
     /// window).
     /// (Milliseconds since `born`, plus one; 0: none. Read by every request: no lock.)
     overflowed_at: AtomicU64,
+    /// After a failed read of the set: not read again before this (ms since `born`).
+    read_again_at: AtomicU64,
     born: Instant,
     /// A read of the set is on its way: other requests ask about their own address meanwhile
     /// instead of reading the whole set again.
@@ -156,6 +165,7 @@ impl SharedLockout {
             synced_at: std::sync::Mutex::new(None),
             missed,
             overflowed_at: AtomicU64::new(0),
+            read_again_at: AtomicU64::new(0),
             born: Instant::now(),
             reading: std::sync::atomic::AtomicBool::new(false),
         }
@@ -197,16 +207,23 @@ impl SharedLockout {
             return None;
         }
         if self.stale(generation) {
-            if self.reading.swap(true, Ordering::AcqRel) {
+            if self.now_ms() < self.read_again_at.load(Ordering::Acquire)
+                || self.reading.swap(true, Ordering::AcqRel)
+            {
                 return None;
             }
             let _reading = Reading(&self.reading);
             let missed = self.missed.load(Ordering::Acquire);
-            let all = self
+            let most = Arg::Int(MAX_HEARD as i64 + 1);
+            let Ok(all) = self
                 .state
-                .run_text(&LOCKED, &[&self.set_key()], &[])
+                .run_text(&LOCKED, &[&self.set_key()], &[most])
                 .await
-                .ok()?;
+            else {
+                let later = self.now_ms() + READ_AGAIN.as_millis() as u64;
+                self.read_again_at.store(later, Ordering::Release);
+                return None;
+            };
             for pair in all.chunks(2) {
                 if let [ip, ms] = pair {
                     let (Ok(ip), Ok(ms)) = (ip.parse::<IpAddr>(), ms.parse::<u64>()) else {
@@ -318,7 +335,7 @@ mod tests {
         fn lease_ms(&self) -> u64 {
             1000
         }
-        fn keep(&self, _: String, _: String) -> Keep {
+        fn keep(&self, _: gateway_filter::state::Renewal) -> Keep {
             Keep::new(|| {})
         }
         fn fail_closed(&self) -> bool {

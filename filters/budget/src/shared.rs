@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use gateway_filter::state::{at, Arg, Keep, Script, StateError};
+use gateway_filter::state::{at, Arg, Keep, Renewal, Script, StateError};
 use gateway_filter::SharedState;
 
 use crate::book::Budget;
@@ -131,6 +131,40 @@ return {1}
 "#,
 };
 
+/// Lengthens a reservation, or puts it back (counted in `~held` again) when the server no
+/// longer has it: a request still running still spends (a [`Renewal::renew`]). KEYS: spend,
+/// resv. ARGV: member, keep ms, ttl ms. Answers `{1}`, or `{2}` when put back.
+static RENEW: Script = Script {
+    name: "budget_renew",
+    source: r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local keep = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('ZADD', KEYS[2], 'XX', now + ttl, ARGV[1])
+  local p = redis.call('PTTL', KEYS[2])
+  if p >= 0 and p < ttl * 2 then redis.call('PEXPIRE', KEYS[2], ttl * 2) end
+  return {1}
+end
+-- An empty set holds nothing, whatever `~held` says (as the reservation reads it).
+local held = 0
+if redis.call('ZCARD', KEYS[2]) > 0 then
+  held = tonumber(redis.call('HGET', KEYS[1], '~held') or '0')
+end
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+held = held + (tonumber(string.match(ARGV[1], '|(%d+)$')) or 0)
+redis.call('HSET', KEYS[1], '~held', string.format('%.0f', held))
+-- Keys made again here live as long as a reservation makes them live.
+if keep > 0 then
+  for _, k in ipairs(KEYS) do
+    if redis.call('PTTL', k) == -1 then redis.call('PEXPIRE', k, keep) end
+  end
+end
+return {2}
+"#,
+};
+
 /// KEYS: spend, resv. Answers `{spent, reserved}` of all replicas together.
 static TOTALS: Script = Script {
     name: "budget_totals",
@@ -170,7 +204,7 @@ pub struct Hold {
     keys: [String; 2],
     member: String,
     keep_ms: i64,
-    _keep: Keep,
+    keep: Keep,
 }
 
 impl Hold {
@@ -229,20 +263,27 @@ pub async fn reserve(
     for (i, (keys, member, keep_ms, r)) in answers.into_iter().enumerate() {
         match r {
             Ok(v) if at(&v, 0) == 1 => {
-                let _keep = st.keep(keys[1].clone(), member.clone());
+                let keep = st.keep(Renewal {
+                    renew: &RENEW,
+                    forget: &SETTLE,
+                    keys: keys.to_vec(),
+                    args: vec![member.clone(), keep_ms.to_string()],
+                    // Ends the reservation and raises no total.
+                    forget_args: vec![replica.to_string(), "0".into(), member.clone(), "0".into()],
+                });
                 after.push((at(&v, 1) + at(&v, 2), budgets[i].limit));
                 holds.push(Hold {
                     index: i,
                     keys,
                     member,
                     keep_ms,
-                    _keep,
+                    keep,
                 });
             }
             Ok(_) => refused = refused.or(Some(i)),
             Err(e) => {
-                // Sent, but no answer in time: the script may still run; take its place back.
-                if matches!(e, StateError::Timeout(_)) {
+                // Sent, but no answer: the script may have run; take its place back.
+                if e.may_have_run() {
                     st.undo(
                         &SETTLE,
                         keys.to_vec(),
@@ -263,18 +304,21 @@ pub async fn reserve(
             settle(st, replica, h, mine[h.index]);
         }
     }
+    // A budget that said no decides, whatever became of the others: falling back to local
+    // state then would admit what the shared total refused.
+    if let Some(i) = refused {
+        return Ok(Reserved::Refused(i));
+    }
     if let Some(e) = failed {
         return Err(e);
     }
-    Ok(match refused {
-        Some(i) => Reserved::Refused(i),
-        None => Reserved::Taken(holds, after),
-    })
+    Ok(Reserved::Taken(holds, after))
 }
 
 /// Gives a reservation back and raises this replica's total to `mine` (sent a few milliseconds
 /// later, in one call with the other settlements of the same budget).
 pub fn settle(st: &Arc<dyn SharedState>, replica: &str, h: &Hold, mine: Nano) {
+    h.keep.stop();
     st.run_batched(
         &SETTLE,
         h.keys.to_vec(),
@@ -321,4 +365,106 @@ pub async fn totals(
     let k = keys(st.as_ref(), principal, period_key);
     let v = st.run(&TOTALS, &[&k[0], &k[1]], &[]).await?;
     Ok((at(&v, 0), at(&v, 1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::period::Period;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+
+    /// A server whose reservations answer, in turn, what `answers` holds; it records the
+    /// detached calls (give-backs).
+    struct Fake {
+        answers: Mutex<Vec<Result<Vec<i64>, StateError>>>,
+        detached: Mutex<Vec<&'static str>>,
+    }
+
+    #[async_trait::async_trait]
+    impl SharedState for Fake {
+        async fn run(
+            &self,
+            _: &'static Script,
+            _: &[&str],
+            _: &[Arg<'_>],
+        ) -> Result<Vec<i64>, StateError> {
+            self.answers.lock().unwrap().remove(0)
+        }
+        async fn run_text(
+            &self,
+            _: &'static Script,
+            _: &[&str],
+            _: &[Arg<'_>],
+        ) -> Result<Vec<String>, StateError> {
+            Ok(vec![])
+        }
+        fn run_detached(&self, s: &'static Script, _: Vec<String>, _: Vec<String>) {
+            self.detached.lock().unwrap().push(s.name);
+        }
+        fn undo(&self, s: &'static Script, k: Vec<String>, a: Vec<String>) {
+            self.run_detached(s, k, a);
+        }
+        fn key(&self, kind: &[&str], tag: &[&str]) -> String {
+            format!("{}{{{}}}", kind.concat(), tag.concat())
+        }
+        fn member(&self) -> String {
+            "m".into()
+        }
+        fn lease_ms(&self) -> u64 {
+            1000
+        }
+        fn keep(&self, _: Renewal) -> Keep {
+            Keep::new(|| {})
+        }
+        fn fail_closed(&self) -> bool {
+            false
+        }
+        fn degraded(&self) -> bool {
+            false
+        }
+        fn subscribe(&self, _: &str, _: Box<dyn Fn(&str) + Send + Sync>) -> Arc<AtomicU64> {
+            Arc::new(AtomicU64::new(0))
+        }
+        fn channel(&self, c: &str) -> String {
+            c.into()
+        }
+        fn on_reset(&self, _: Box<dyn Fn() + Send + Sync>) {}
+    }
+
+    fn budget(principal: &str) -> Budget {
+        Budget {
+            principal: principal.into(),
+            period: Period::Total,
+            period_key: "total".into(),
+            limit: 1_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_budget_that_refuses_decides_even_when_another_fails() {
+        let timeout = StateError::Timeout(std::time::Duration::from_millis(20));
+        for answers in [
+            vec![Ok(vec![0, 1_000, 0]), Err(timeout.clone())],
+            vec![Err(timeout.clone()), Ok(vec![0, 1_000, 0])],
+            vec![
+                Err(StateError::Failed("broken pipe".into())),
+                Ok(vec![0, 1_000, 0]),
+            ],
+        ] {
+            let refused_at = answers.iter().position(|a| a.is_ok()).unwrap();
+            let fake = Arc::new(Fake {
+                answers: Mutex::new(answers),
+                detached: Mutex::new(vec![]),
+            });
+            let st: Arc<dyn SharedState> = fake.clone();
+            let both = [budget("team"), budget("*global*")];
+            let r = reserve(&st, "r1", &both, &[0, 0], 10, 0).await;
+            // Not an error: an error falls back to this replica's own book, which would let
+            // through what the shared total refused.
+            assert!(matches!(r, Ok(Reserved::Refused(i)) if i == refused_at));
+            // The call that got no answer may have taken its place: given back.
+            assert_eq!(*fake.detached.lock().unwrap(), ["budget_settle"]);
+        }
+    }
 }

@@ -778,6 +778,9 @@ impl Check {
             let interval_ns = rate.interval_ns();
             let decision = match shared_rate {
                 Some((key, r)) if at(&r, 0) == 1 => {
+                    // Counted here too, so a fallback to local state goes on from this
+                    // replica's own arrivals instead of a fresh burst.
+                    self.store.check_rate(self.key, now, interval_ns, burst);
                     if self.speculative {
                         out.counted(Counted::Shared {
                             key,
@@ -916,6 +919,10 @@ impl Check {
         if let (Some(max), Some(st), Some(k)) = (self.max_in_flight, state, slot_key) {
             match acquire_lease(st, k, max).await {
                 Ok(Some(lease)) => {
+                    // This replica's own slot too (a shared one means it is free): should
+                    // shared state fail, the local limit starts from the requests running
+                    // here, not from none. Refused locally, the lease is given back.
+                    self.local_slot(out)?;
                     out.hold(Held::SharedSlot { _lease: lease });
                     return Ok(());
                 }

@@ -144,6 +144,16 @@ mod tests {
             ),
             ("state: { url: 'redis://x' }", "state.url", "backend: redis"),
             (
+                "state: { backend: redis, url: 'redis://x:99999/0' }",
+                "state.url",
+                "cannot be read",
+            ),
+            (
+                "state: { backend: redis, url: 'rediss://x:6380/#insecure' }",
+                "state.url",
+                "ca_file",
+            ),
+            (
                 "state: { backend: redis, url: 'redis://x', timeout: 10s }",
                 "state.timeout",
                 "5s",

@@ -99,6 +99,18 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
             "write it as redis://HOST:PORT/DB (rediss:// for TLS; valkey:// and valkeys:// work too)",
         );
     }
+    if url.contains('#') {
+        return bad(
+            "url",
+            "must not end in a #fragment (#insecure, which skips the certificate check, is not supported: give the server's CA with ca_file)",
+        );
+    }
+    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+        return bad(
+            "url",
+            &format!("cannot be read ({e}); write it as redis://HOST:PORT/DB, such as redis://127.0.0.1:6379/0"),
+        );
+    }
     let tls = matches!(scheme, "rediss" | "valkeys");
     if s.ca_file.is_some() && !tls {
         return bad("ca_file", "is used only with a rediss:// or valkeys:// url");

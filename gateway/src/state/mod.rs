@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use gateway_filter::state::{Arg, Keep, Script, SharedState, StateError};
+use gateway_filter::state::{Arg, Keep, Renewal, Script, SharedState, StateError, PUT_BACK};
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge};
 use redis::aio::ConnectionManager;
 
@@ -44,24 +44,6 @@ pub enum SetupError {
     #[error("cannot register metrics: {0}")]
     Metrics(#[source] prometheus::Error),
 }
-
-/// Renews a hold if it still exists (a released or expired one is not brought back).
-static RENEW: Script = Script {
-    name: "renew",
-    source: r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
-  -- Only ever lengthens the set's own lifetime (a budget's lives as long as its period).
-  local p = redis.call('PTTL', KEYS[1])
-  if p >= 0 and p < ttl * 2 then redis.call('PEXPIRE', KEYS[1], ttl * 2) end
-  return {1}
-end
-return {0}
-"#,
-};
 
 /// Marks this process's view of the data: absent means the server lost it (or this process
 /// just started). Answers whether it was there.
@@ -103,7 +85,8 @@ struct Inner {
     retry: Duration,
     on_error: OnError,
     breaker: Breaker,
-    keeps: Mutex<HashMap<u64, (String, String)>>,
+    /// The holds of running requests, renewed by [`Inner::renew`].
+    keeps: Mutex<HashMap<u64, Arc<Renewal>>>,
     /// Settlements waiting to be sent together (`run_batched`), and for how long.
     batches: Batches,
     settle_window: Duration,
@@ -276,6 +259,26 @@ fn redacted(url: &str) -> String {
     }
 }
 
+/// Runs a script by its hash; a server that does not know it (restarted, flushed, failed
+/// over) is given its text, then asked again.
+async fn evalsha<T: Reply>(
+    cmd: &redis::Cmd,
+    text: &str,
+    conn: &mut ConnectionManager,
+) -> redis::RedisResult<T> {
+    match cmd.query_async::<T>(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(text)
+                .query_async::<()>(conn)
+                .await?;
+            cmd.query_async::<T>(conn).await
+        }
+        r => r,
+    }
+}
+
 thread_local! {
     /// Each runtime thread's own connection per state, and how its connecting went.
     static CONNS: std::cell::RefCell<Vec<(u64, ConnectionManager, Arc<AtomicU8>)>> =
@@ -395,19 +398,11 @@ impl Inner {
         }
         let mut conn = if own { self.conn.clone() } else { self.conn() };
         let run = async {
-            match cmd.query_async::<T>(&mut conn).await {
-                // A server that does not know the script (restarted, flushed, failed over):
-                // load it, then run it again.
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(&*text)
-                        .query_async::<()>(&mut conn)
-                        .await?;
-                    cmd.query_async::<T>(&mut conn).await
-                }
+            match evalsha::<T>(&cmd, &text, &mut conn).await {
+                // A connection the server closed (it restarted, failed over) is found broken
+                // by the first call made on it (each proxy thread has one): once more, on the
+                // connection made again, rather than fail a request or lose a release.
+                Err(e) if e.is_connection_dropped() => evalsha::<T>(&cmd, &text, &mut conn).await,
                 r => r,
             }
         };
@@ -657,28 +652,53 @@ impl Inner {
         }
     }
 
-    async fn renew_all(&self) {
-        let holds: Vec<(String, String)> = self
+    async fn renew_all(self: &Arc<Self>) {
+        let holds: Vec<(u64, Arc<Renewal>)> = self
             .keeps
             .lock()
-            .map(|k| k.values().cloned().collect())
+            .map(|k| k.iter().map(|(id, r)| (*id, r.clone())).collect())
             .unwrap_or_default();
-        let ttl = self.lease_ms as i64;
-        let calls = holds.iter().map(|(key, member)| async move {
-            self.call::<Ints>(
-                &RENEW,
-                &[key.as_str()],
-                &[Arg::Str(member), Arg::Int(ttl)],
-                Duration::from_millis(self.lease_ms / 3).min(self.connect_timeout),
-                true,
-            )
-            .await
+        let ttl = self.lease_ms.to_string();
+        let deadline = Duration::from_millis(self.lease_ms / 3).min(self.connect_timeout);
+        let calls = holds.iter().map(|(_, r)| {
+            let keys: Vec<&str> = r.keys.iter().map(String::as_str).collect();
+            let mut args: Vec<Arg<'_>> = r.args.iter().map(|a| Arg::Str(a)).collect();
+            args.push(Arg::Str(&ttl));
+            async move {
+                self.call::<Ints>(r.renew, &keys, &args, deadline, true)
+                    .await
+            }
         });
-        let failed = futures_util::future::join_all(calls)
-            .await
-            .iter()
-            .filter(|r| r.is_err())
-            .count();
+        let answers = futures_util::future::join_all(calls).await;
+        let (mut failed, mut put_back) = (0, 0);
+        for ((id, r), answer) in holds.iter().zip(answers) {
+            match answer {
+                Err(_) => failed += 1,
+                Ok(Ints(v)) if gateway_filter::state::at(&v, 0) == PUT_BACK => {
+                    put_back += 1;
+                    // Its request ended while the renewal was on its way: its release may
+                    // have run before the hold was put back, so take it away again.
+                    let ended = self.keeps.lock().map_or(true, |k| !k.contains_key(id));
+                    if ended {
+                        let task = Inner::detached(
+                            self.clone(),
+                            r.forget,
+                            r.keys.clone(),
+                            r.forget_args.clone(),
+                            false,
+                        );
+                        drop(self.handle.spawn(task));
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+        if put_back > 0 {
+            log::warn!(
+                "state: the server had lost {put_back} of {} holds of running requests (lost data, or an outage longer than lease_ttl); put back",
+                holds.len()
+            );
+        }
         if failed > 0 {
             self.errors.inc_by(failed as u64);
             log::warn!(
@@ -808,10 +828,10 @@ impl SharedState for RedisState {
         self.inner.lease_ms
     }
 
-    fn keep(&self, key: String, member: String) -> Keep {
+    fn keep(&self, renewal: Renewal) -> Keep {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut k) = self.inner.keeps.lock() {
-            k.insert(id, (key, member));
+            k.insert(id, Arc::new(renewal));
         }
         let inner = Arc::downgrade(&self.inner);
         Keep::new(move || {
