@@ -268,6 +268,48 @@ async fn failing_every_request_ejects_a_backend_that_passes_its_probe() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn requests_that_fail_on_every_backend_do_not_take_backends_out() {
+    let m = mocks([ALL, ALL, ALL]).await;
+    let gw = Gateway::start(&format!("{}routing: {{ strategy: round-robin, cooldown: 30s, discovery: {{ enabled: false, interval: 1h }}, health: {{ interval: 100ms }} }}\n", three(&m))).await;
+    let c = client();
+    let hits = || m.iter().map(|s| s.hits("/api/generate")).sum::<u64>();
+    // A client's requests that every backend answers with a server error (as llama.cpp does
+    // for a malformed tool call), many at once.
+    let poison = || {
+        c.post(gw.url("/api/generate"))
+            .header("x-mock-fail", "error500")
+            .json(&gen(MODEL))
+            .send()
+    };
+    for _ in 0..5 {
+        let all = futures_util::future::join_all((0..6).map(|_| poison())).await;
+        for r in all {
+            // The backend's own answer comes back, after two backends at most.
+            assert_eq!(r.unwrap().status(), 500);
+        }
+    }
+    assert!(
+        hits() <= 60,
+        "each went to two backends at most: {}",
+        hits()
+    );
+    // Every backend still serves everyone else.
+    for _ in 0..6 {
+        let r = c
+            .post(gw.url("/api/generate"))
+            .json(&gen(MODEL))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let h = gw.health().await;
+    for b in h["backends"].as_array().unwrap() {
+        assert_eq!(b["state"], "up", "{h}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn all_backends_down_answers_503_at_once() {
     let m = mocks([ALL, ALL, ALL]).await;
     let gw = Gateway::start(&format!("{}limits: {{ connect_timeout: 5s }}\nrouting: {{ discovery: {{ enabled: false, interval: 1h }}, health: {{ interval: 100ms }} }}\n", three(&m))).await;

@@ -67,10 +67,11 @@ pub trait Router: Send + Sync {
                 tokens,
                 ttfb,
             } => {
+                // A server error answered counts against the backend only once another
+                // backend has served the same request (see `forward`): otherwise requests
+                // that fail everywhere would let any client take backends out.
                 if status < 500 {
                     pool.mark_ok(idx);
-                } else {
-                    pool.mark_failed(idx);
                 }
                 pool.record(idx, tokens, ttfb);
             }

@@ -67,6 +67,7 @@ pub(super) async fn exchange_header(
                 return Err(Attempt::Retry {
                     err: e,
                     health: true,
+                    answered_5xx: false,
                 })
             }
         };
@@ -85,6 +86,7 @@ pub(super) async fn exchange_header(
             return Err(Attempt::Retry {
                 err: e,
                 health: true,
+                answered_5xx: false,
             });
         }
         // The backend has the whole request now: whatever happens next, it may have run it.
@@ -109,6 +111,7 @@ pub(super) async fn exchange_header(
                         format!("no response byte within {deadline:?}"),
                     ),
                     health: true,
+                    answered_5xx: false,
                 });
             }
             Waited::ClientGone(e) => {

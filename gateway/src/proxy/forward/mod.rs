@@ -28,9 +28,14 @@ use crate::router::{Backend, Outcome, Pick};
 enum Attempt {
     /// The client got its full response.
     Done,
-    /// Nothing was sent to the client and the backend failed (`health`: counts against it):
-    /// try another.
-    Retry { err: Box<Error>, health: bool },
+    /// Nothing was sent to the client and the backend failed (`health`: counts against it;
+    /// `answered_5xx`: it answered with a server error, which counts only if another backend
+    /// serves the same request): try another.
+    Retry {
+        err: Box<Error>,
+        health: bool,
+        answered_5xx: bool,
+    },
     /// Nothing was sent to the client; answer with an error.
     Fail(Box<Error>),
     /// The backend got the request and failed to answer (timeout, connection dropped): it may
@@ -55,6 +60,8 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
     let pool = gw.router.pool().clone();
     let mut last_err: Option<Box<Error>> = None;
     let mut queued_since = None;
+    // Backends that answered this request with a server error (not counted against them yet).
+    let mut answered_5xx: Vec<usize> = Vec::new();
     loop {
         let idx = match gw.router.pick(&ctx.req, &ctx.tried) {
             Pick::Backend(i) => i,
@@ -180,8 +187,15 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
         ctx.begin_attempt();
         ctx.lease = Some(lease);
         let may_retry = gw.router.may_retry(&ctx.req, &ctx.tried);
-        match attempt(gw, session, ctx, backend, &body, may_retry).await {
+        let retry_5xx = answered_5xx.is_empty();
+        match attempt(gw, session, ctx, backend, &body, may_retry, retry_5xx).await {
             Attempt::Done => {
+                // The request was served: the backends that answered it with a server error
+                // failed on their own. (Served nowhere, it may be the request's fault: a
+                // client must not take backends out with requests every backend refuses.)
+                if ctx.req.status < 500 {
+                    answered_5xx.iter().for_each(|&i| pool.mark_failed(i));
+                }
                 gw.router.settle(
                     idx,
                     Outcome::Answered {
@@ -192,7 +206,14 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 );
                 return Ok(());
             }
-            Attempt::Retry { err, health } => {
+            Attempt::Retry {
+                err,
+                health,
+                answered_5xx: server_error,
+            } => {
+                if server_error {
+                    answered_5xx.push(idx);
+                }
                 log::warn!(
                     "request {}: backend {} failed before answering: {err}",
                     ctx.req.request_id,
@@ -288,6 +309,7 @@ async fn attempt(
     backend: &Backend,
     body: &Bytes,
     may_retry: bool,
+    retry_5xx: bool,
 ) -> Attempt {
     let up = match exchange::exchange_header(gw, session, ctx, backend, body).await {
         Ok(up) => {
@@ -312,9 +334,11 @@ async fn attempt(
                 format!("backend answered {s}"),
             ));
         }
+        // A second server error for the same request is passed on: the request is likely
+        // what fails, and a third backend would only be given it to fail too.
         if may_retry
             && !ctx.keepalive_sent
-            && (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
+            && ((s.is_server_error() && retry_5xx) || s == StatusCode::TOO_MANY_REQUESTS)
         {
             // It answered, with an error: it generated nothing (an earlier one may have).
             ctx.req.reached_backend = ctx.may_have_run;
@@ -323,7 +347,8 @@ async fn attempt(
                     ErrorType::HTTPStatus(s.as_u16()),
                     format!("backend answered {s}"),
                 ),
-                health: s.is_server_error(),
+                health: false,
+                answered_5xx: s.is_server_error(),
             };
         }
     }
