@@ -463,6 +463,12 @@ async fn a_request_without_an_output_limit_gets_the_budgets_reserve() {
             "/api/chat",
             json!({"model": "llama3.1:8b", "messages": msgs, "stream": false, "options": {"num_predict": -1}}),
         ),
+        // A limit the budget counts on, written as llama.cpp would read no limit at all:
+        // sent as the number it was counted as.
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": msgs, "max_tokens": "3"}),
+        ),
     ] {
         let r = c
             .post(gw.url(path))
@@ -474,10 +480,14 @@ async fn a_request_without_an_output_limit_gets_the_budgets_reserve() {
         assert_eq!(r.status(), 200, "{path}");
     }
     let seen: Vec<Value> = m.requests().into_iter().filter_map(|r| r.json).collect();
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 3);
     assert_eq!(
         (&seen[0]["max_tokens"], &seen[0]["max_completion_tokens"]),
         (&json!(7), &json!(7))
     );
     assert_eq!(seen[1]["options"]["num_predict"], json!(7));
+    assert_eq!(
+        (&seen[2]["max_tokens"], &seen[2]["max_completion_tokens"]),
+        (&json!(3), &json!(3))
+    );
 }

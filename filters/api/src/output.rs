@@ -180,6 +180,19 @@ pub fn read(route: Route, body: &Map<String, Value>) -> Result<OutputAsk, BadCou
     })
 }
 
+/// Whether every output limit field present is a positive whole JSON number, which every
+/// backend reads alike.
+fn written_plainly(route: Route, body: &Map<String, Value>) -> bool {
+    let plain = |v: Option<&Value>| v.is_none_or(|v| v.as_u64().is_some_and(|n| n > 0));
+    let num_predict = body
+        .get("options")
+        .and_then(Value::as_object)
+        .and_then(|o| o.get("num_predict"));
+    plain(num_predict)
+        && (route.wire_format() != WireFormat::OpenAi
+            || OPENAI_FIELDS.iter().all(|f| plain(body.get(*f))))
+}
+
 /// `options` is present but not an object, so the cap cannot be written into it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`options` must be an object")]
@@ -278,6 +291,20 @@ pub fn reserve_limit(
 ) -> Result<(), crate::Rejection> {
     let fresh = ctx.output_reserved.is_none();
     if fresh && ctx.max_tokens.is_some() {
+        // The client's own limit stands, written out as a plain number if it is not one (a
+        // string, a float, a null beside a number): llama.cpp reads such a field as absent
+        // and would generate without end while the reservation holds the number.
+        let plain = ctx
+            .json
+            .as_ref()
+            .and_then(Value::as_object)
+            .is_none_or(|b| written_plainly(ctx.route, b));
+        if !plain {
+            apply_limit(ctx, |ask| match ask.per_choice {
+                Limit::Bounded(n) => Ok(n),
+                Limit::Absent | Limit::Unbounded => Ok(per_choice(ask.choices).max(1)),
+            })?;
+        }
         return Ok(());
     }
     let mut bound = 0;
@@ -442,6 +469,23 @@ mod tests {
         reserve_limit(&mut c, |_| 100).unwrap();
         assert_eq!((c.max_tokens, c.body_rewritten), (Some(7), false));
         assert_eq!(c.output_reserved, None);
+        // …unless it is written in a way some backend reads as no limit at all (llama.cpp
+        // takes a string, or a null beside a number, as absent): then as a plain number.
+        for body in [
+            json!({"model": "m", "messages": [], "max_tokens": "7"}),
+            json!({"model": "m", "messages": [], "max_tokens": 7.0}),
+            json!({"model": "m", "messages": [], "max_tokens": null, "max_completion_tokens": 7}),
+            json!({"model": "m", "messages": [], "max_tokens": 7, "options": {"num_predict": "7"}}),
+        ] {
+            let mut c = chat(body.clone());
+            c.max_tokens = Some(7);
+            reserve_limit(&mut c, |_| 100).unwrap();
+            let sent = c.json.as_ref().unwrap();
+            assert_eq!((c.max_tokens, c.body_rewritten), (Some(7), true), "{body}");
+            assert_eq!(sent["max_tokens"], json!(7), "{body}");
+            assert_eq!(sent["max_completion_tokens"], json!(7), "{body}");
+            assert_eq!(c.output_reserved, None);
+        }
         // A later, smaller reservation lowers a bound an earlier filter gave (a token limit
         // of its own after a budget's or another limiter's), never the client's own.
         let mut c = chat(json!({"model": "m", "messages": [], "n": 2}));

@@ -605,21 +605,20 @@ impl Filter for BudgetFilter {
         }
         let now = now_secs();
         let budgets = self.budgets(ctx, now);
-        // Only a request that has a budget to keep, for a model with a price, is bounded.
+        // Only a request that has a budget to keep, for a model with a price, is bounded
+        // (and its own limit written plainly).
+        let bounded = !budgets.is_empty()
+            && self
+                .prices
+                .worst_case(
+                    ctx.model.as_deref().unwrap_or_default(),
+                    Usage::default(),
+                    0.0,
+                )
+                .is_some();
         let completion_tokens = match ctx.max_tokens {
+            _ if bounded => self.bound_output(ctx)?,
             Some(n) => n,
-            None if !budgets.is_empty()
-                && self
-                    .prices
-                    .worst_case(
-                        ctx.model.as_deref().unwrap_or_default(),
-                        Usage::default(),
-                        0.0,
-                    )
-                    .is_some() =>
-            {
-                self.bound_output(ctx)?
-            }
             None => self.output_reserve,
         };
         let model = ctx.model.as_deref().unwrap_or_default();
