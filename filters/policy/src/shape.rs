@@ -182,6 +182,11 @@ const OPENAI_SETTINGS: [&str; 5] = [
     "lora_path",
 ];
 
+/// Settings one level down, `(object, key)`: vLLM (before 0.11) and SGLang merge
+/// `chat_template_kwargs` over their own arguments, so a `chat_template` in it replaces the
+/// server's template as the top-level field does.
+const OPENAI_NESTED_SETTINGS: [(&str, &str); 1] = [("chat_template_kwargs", "chat_template")];
+
 /// Removes `keep_alive` from the request: `0` (or a short time) unloads the model once the
 /// request ends, for everyone using it, and some clients send a value on every request
 /// (Continue: 30 minutes), so the server's own setting (`OLLAMA_KEEP_ALIVE`) applies rather
@@ -215,7 +220,14 @@ pub fn check_server_settings(route: Route, body: &Value) -> Result<(), Rejection
         .iter()
         .find(|k| set(body.get(**k)))
         .map(|k| k.to_string());
-    match option.or(field) {
+    let nested = match route.wire_format() {
+        gateway_filter::WireFormat::Ollama => None,
+        gateway_filter::WireFormat::OpenAi => OPENAI_NESTED_SETTINGS
+            .iter()
+            .find(|(o, k)| set(body.get(*o).and_then(|o| o.get(*k))))
+            .map(|(o, k)| format!("{o}.{k}")),
+    };
+    match option.or(field).or(nested) {
         None => Ok(()),
         Some(name) => Err(Rejection::new(
             StatusCode::FORBIDDEN,

@@ -257,6 +257,15 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
             "/v1/completions",
             json!({"model": "m", "prompt": "x", "lora": [{"id": 0, "scale": 4.0}]}),
         ),
+        // vLLM before 0.11 and SGLang merge these over their own template arguments.
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "chat_template_kwargs": {"chat_template": "{% for a in range(99999) %}x{% endfor %}"}}),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "m", "input": "x", "chat_template_kwargs": {"enable_thinking": false, "chat_template": "x"}}),
+        ),
     ];
     for (path, body) in &refused {
         let mut c = req(Method::POST, path, Some(body.clone()));
