@@ -491,3 +491,34 @@ async fn a_request_without_an_output_limit_gets_the_budgets_reserve() {
         (&json!(3), &json!(3))
     );
 }
+
+/// Review: llama.cpp answers 500 when the tool-call arguments it generated do not parse, after
+/// generating them (up to the request's limit); such an error cost nothing. An error the
+/// backend held the request a second or more for is charged its reservation; one answered at
+/// once (the request refused as read) is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_after_the_backend_held_the_request_is_charged_its_reservation() {
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The cap makes the reservation 5 output tokens at $0.01 each; prompts are free.
+    let gw = Gateway::start(&config(dir.path(), &m, 100.0, 0.0, 10000.0, "")).await;
+    let c = client();
+    for (after_ms, path) in [
+        ("0", "/v1/chat/completions"),
+        ("1200", "/v1/chat/completions"),
+        ("1200", "/api/chat"),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .bearer_auth(KEY)
+            .header("x-mock-fail", "error500")
+            .header("x-mock-fail-after-ms", after_ms)
+            .json(&json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 500, "{after_ms} {path}");
+    }
+    let report = settled_report(&gw).await;
+    assert_eq!(cents(spent_of(&report, "buyer")), 10, "{report}");
+}

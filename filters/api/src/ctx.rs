@@ -199,6 +199,8 @@ pub struct RequestCtx {
     pub ttfb: Option<Duration>,
     /// When the backend had the whole request, since `started` (the last attempt's).
     pub sent: Option<Duration>,
+    /// When the backend's answer (its header) came, since `started` (the last attempt's).
+    pub answered_at: Option<Duration>,
     pub duration: Option<Duration>,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -213,21 +215,20 @@ impl RequestCtx {
             && self.usage.is_none()
             && (self.status < 400
                 || matches!(self.decision, Decision::Failed { .. })
-                || self.late_error())
+                || self.answered_late())
     }
 
-    /// An error answer to a request for several completions that the backend held for a
-    /// while: llama.cpp runs each completion as a task of its own and checks a prompt against
-    /// its slot's context only when the task reaches a slot, so the error of a later task can
-    /// come after the others generated all they could. Errors found by reading the request
-    /// (a bad parameter) come at once.
-    fn late_error(&self) -> bool {
+    /// The backend held the request a while before it answered: an error answer then may
+    /// come after it generated. llama.cpp answers 500 when the tool-call arguments it
+    /// generated do not parse, and runs each of several completions as a task of its own,
+    /// checking a prompt against its slot's context only when the task reaches a slot, so a
+    /// later task's error can come after the others generated all they could. Errors found
+    /// by reading the request (a bad parameter) come at once.
+    pub fn answered_late(&self) -> bool {
         const LATE: Duration = Duration::from_secs(1);
-        self.completions > 1
-            && self
-                .ttfb
-                .zip(self.sent)
-                .is_some_and(|(answered, sent)| answered.saturating_sub(sent) >= LATE)
+        self.answered_at
+            .zip(self.sent)
+            .is_some_and(|(answered, sent)| answered.saturating_sub(sent) >= LATE)
     }
 
     pub fn new(request_id: String, method: Method, path: String) -> Self {
@@ -274,6 +275,7 @@ impl RequestCtx {
             cost_usd: None,
             ttfb: None,
             sent: None,
+            answered_at: None,
             duration: None,
             bytes_in: 0,
             bytes_out: 0,
@@ -309,24 +311,27 @@ mod tests {
     use super::*;
 
     /// Review: llama.cpp answers a request of several completions with a later task's error
-    /// after the others generated; such an answer cost nothing. One the backend held for a
-    /// second or more now counts as usage unknown (charged its reservation).
+    /// after the others generated, and a tool call whose generated arguments do not parse
+    /// with 500 after generating them; such an answer cost nothing. One the backend held for
+    /// a second or more now counts as usage unknown (charged its reservation).
     #[test]
-    fn a_late_error_to_several_completions_is_usage_unknown() {
+    fn a_late_error_is_usage_unknown() {
         let answer = |completions: u64, held_ms: u64, status: u16| {
             let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/completions".into());
             c.reached_backend = true;
             c.completions = completions;
             c.status = status;
             c.sent = Some(Duration::from_millis(5));
-            c.ttfb = Some(Duration::from_millis(5 + held_ms));
+            c.answered_at = Some(Duration::from_millis(5 + held_ms));
             c.used_unknown()
         };
         assert!(answer(5, 30_000, 400));
         assert!(answer(2, 1_000, 500));
-        // At once: the request was refused as read. One completion: nothing else ran.
+        assert!(answer(1, 30_000, 500));
+        assert!(answer(1, 1_000, 400));
+        // At once: the request was refused as read.
         assert!(!answer(5, 50, 400));
-        assert!(!answer(1, 30_000, 400));
+        assert!(!answer(1, 999, 500));
         // A whole answer without usage stays unknown, as before.
         assert!(answer(1, 50, 200));
     }

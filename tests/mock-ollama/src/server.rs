@@ -329,6 +329,13 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
         Some(s) => FailMode::parse(s).unwrap_or_default(),
         None => *shared.fail.borrow(),
     };
+    // An error answered after the server held the request (llama.cpp's 500 for tool-call
+    // arguments it generated and cannot parse).
+    if let Some(ms) = header_u64(&parts.headers, "x-mock-fail-after-ms") {
+        if !matches!(fail, FailMode::None) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
     match fail {
         FailMode::Refuse => return Err(io::Error::other("mock: refusing")),
         FailMode::Error500 => {

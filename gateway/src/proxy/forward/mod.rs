@@ -314,6 +314,7 @@ async fn attempt(
     let up = match exchange::exchange_header(gw, session, ctx, backend, body).await {
         Ok(up) => {
             ctx.req.reached_backend = true;
+            ctx.req.answered_at = Some(ctx.req.started.elapsed());
             up
         }
         Err(a @ Attempt::Unanswered(_)) => {
@@ -325,9 +326,14 @@ async fn attempt(
     // A failing (5xx) or busy (429) backend: another may answer, and nothing was sent yet.
     // The upstream connection is dropped, not pooled: its body was not read.
     if let Some(s) = up.resp_header().map(|h| h.status) {
+        // An error the backend held the request for may come after it generated (see
+        // `RequestCtx::answered_late`): it may have run it, whatever comes next.
+        if !s.is_success() && ctx.req.answered_late() {
+            ctx.may_have_run = true;
+        }
         if ctx.keepalive_sent && !s.is_success() {
             // The client has its 200 already: the backend's error goes into the stream. It
-            // answered, with an error: it generated nothing (an earlier one may have).
+            // answered at once, with an error: it generated nothing (an earlier one may have).
             ctx.req.reached_backend = ctx.may_have_run;
             return Attempt::Fail(Error::explain(
                 ErrorType::HTTPStatus(s.as_u16()),
@@ -340,7 +346,8 @@ async fn attempt(
             && !ctx.keepalive_sent
             && ((s.is_server_error() && retry_5xx) || s == StatusCode::TOO_MANY_REQUESTS)
         {
-            // It answered, with an error: it generated nothing (an earlier one may have).
+            // It answered at once, with an error: it generated nothing (an earlier one, or
+            // this one after holding it, may have).
             ctx.req.reached_backend = ctx.may_have_run;
             return Attempt::Retry {
                 err: Error::explain(
