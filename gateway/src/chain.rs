@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use gateway_filter::labels::MetricLabels;
 use gateway_filter::{BuildContext, Decision, Filter, Rejection, RequestCtx};
 
 use crate::config::{ConfigError, FilterSpec, Settings};
@@ -17,6 +18,8 @@ pub struct FilterChain {
     pub default_policy: bool,
     /// Shared state, whose batched settlements are sent at shutdown after the filters'.
     state: Option<Arc<dyn gateway_filter::SharedState>>,
+    /// Model and principal label values of every metric, the filters' and the gateway's.
+    pub labels: Arc<MetricLabels>,
 }
 
 /// Where the built-in policy goes: right after the last `auth` (it reads the principal's
@@ -35,6 +38,7 @@ impl FilterChain {
             shut_down: Default::default(),
             default_policy: false,
             state: None,
+            labels: Default::default(),
         }
     }
 
@@ -45,6 +49,7 @@ impl FilterChain {
         registry: &Registry,
         state: Option<Arc<dyn gateway_filter::SharedState>>,
     ) -> Result<FilterChain, ConfigError> {
+        let labels = Arc::new(MetricLabels::new(settings.metric_labels));
         let cx = BuildContext {
             config_dir: settings
                 .file
@@ -53,6 +58,7 @@ impl FilterChain {
                 .unwrap_or_default(),
             state: state.clone(),
             first_in_chain: false,
+            labels: labels.clone(),
         };
         let mut specs = settings.filters.clone();
         let add_policy = settings.default_policy
@@ -119,6 +125,7 @@ impl FilterChain {
         Ok(FilterChain {
             default_policy: add_policy,
             state,
+            labels,
             ..FilterChain::new(filters)
         })
     }

@@ -12,7 +12,7 @@ use pingora_core::server::{ExecutionPhase, Server};
 use crate::admin::{AdminApp, AdminToken};
 use crate::chain::FilterChain;
 use crate::config::{ConfigError, Settings};
-use crate::metrics::{LabelLimits, Metrics};
+use crate::metrics::Metrics;
 use crate::proxy::{Gateway, InFlight};
 use crate::registry::Registry;
 use crate::router::{BackendPool, ModelRouter, Router};
@@ -114,21 +114,14 @@ pub fn prepare(
             );
         }
     }
-    let metrics = Metrics::new(
-        prometheus::default_registry(),
-        LabelLimits {
-            principal_label: settings.metrics_principal_label,
-            max_models: settings.metrics_max_models,
-            max_principals: settings.metrics_max_principals,
-        },
-    )
-    .map_err(|e| {
-        ConfigError::invalid(
-            &settings.file,
-            "metrics",
-            format!("cannot register metrics: {e}"),
-        )
-    })?;
+    let metrics =
+        Metrics::new(prometheus::default_registry(), chain.labels.clone()).map_err(|e| {
+            ConfigError::invalid(
+                &settings.file,
+                "metrics",
+                format!("cannot register metrics: {e}"),
+            )
+        })?;
     metrics.init_backends(settings.backends.iter().map(|b| &*b.name));
     let pool =
         BackendPool::new(&settings.backends, &settings.limits, &settings.routing).with_state(state);

@@ -1567,6 +1567,73 @@ async fn principals_from_outside_have_bounded_metric_labels() {
     );
 }
 
+// Attacker review (2026-12-05, second): the budget's own series (`llm_gateway_spend_usd_total`
+// by principal and model, `llm_gateway_budget_remaining_usd` by principal) took every
+// principal a proxy, a JWT or a validator named, and every model name charged, as a label:
+// they now take the gateway's bounded label slots too.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_budgets_series_have_bounded_labels_too() {
+    let m = mock().await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\nmetrics: {{ max_principals: 2 }}\n{}filters:\n  - use: auth\n    keys_file: {}\n    trusted_identity_header: Tailscale-User-Login\n  - use: budget\n    ledger: {}\n    default: {{ max_usd: 100, period: 1d }}\n    prices:\n      - {{ model: '*', prompt_per_1m: 1000, completion_per_1m: 1000 }}\n",
+            backends(&[("local", &m.url())]),
+            conf("keys.yaml"),
+            dir.path().join("spend.db").display()
+        ),
+        port,
+    )
+    .await;
+    for i in 0..6 {
+        let resp = client()
+            .post(gw.url("/api/chat"))
+            .header("tailscale-user-login", format!("user-{i}@example.com"))
+            .json(&json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let labels = |text: &str, metric: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| l.starts_with(metric))
+            .filter_map(|l| l.split("principal=\"").nth(1))
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = gw.metrics().await;
+        let spent: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("llm_gateway_spend_usd_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if labels(&text, "llm_gateway_spend_usd_total{").contains("other") && spent > 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        labels(&text, "llm_gateway_spend_usd_total{")
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["other", "user-0@example.com", "user-1@example.com"],
+        "{text}"
+    );
+    // A gauge for "other" would hold whichever account wrote last: none is kept.
+    assert_eq!(
+        labels(&text, "llm_gateway_budget_remaining_usd{")
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["user-0@example.com", "user-1@example.com"],
+        "{text}"
+    );
+}
+
 // Attacker review (2026-12-05): on a custom rule's route, an allowed `model` beside adapter
 // fields (vLLM's `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) let a model-restricted
 // key load adapters from any server path or unload another team's; SGLang's `lora_path` on

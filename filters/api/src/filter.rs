@@ -101,6 +101,9 @@ pub struct BuildContext {
     /// waiting when it runs, so what it decides on shared state is final (nothing gives it
     /// back).
     pub first_in_chain: bool,
+    /// Label values for metrics labelled by model or principal (bounded, shared with the
+    /// gateway's own metrics).
+    pub labels: std::sync::Arc<crate::labels::MetricLabels>,
 }
 
 impl std::fmt::Debug for BuildContext {

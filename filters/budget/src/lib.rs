@@ -152,6 +152,8 @@ pub struct BudgetFilter {
     ledger: ledger::Ledger,
     /// Spend shared with the other replicas, under this replica's ledger id.
     shared: Option<(Arc<dyn SharedState>, Arc<str>)>,
+    /// Bounded label values of the spend metrics (principals from outside, model names).
+    labels: Arc<gateway_filter::labels::MetricLabels>,
 }
 
 /// A request's hold on its budgets, kept in its context. Settled exactly once: by
@@ -320,6 +322,7 @@ pub fn build(
         book,
         ledger: ledger::Ledger { tx },
         shared,
+        labels: cx.labels.clone(),
     }))
 }
 
@@ -765,23 +768,35 @@ impl Filter for BudgetFilter {
         let Some(left) = res.settle(charged) else {
             return;
         };
+        // Labelled as the gateway's own metrics are: principals named from outside (a JWT's
+        // subject) and model names take bounded slots, so neither adds a series per name.
+        let principal_label = self.labels.principal(ctx.principal.as_deref());
         for (b, l) in res.budgets.iter().zip(left) {
+            let label = if b.principal == GLOBAL {
+                GLOBAL
+            } else if principal_label == b.principal {
+                principal_label
+            } else {
+                // Not labelled by principal, or out of slots: one gauge for many accounts
+                // would say nothing true.
+                continue;
+            };
             METRICS
                 .remaining
-                .with_label_values(&[&b.principal])
+                .with_label_values(&[label])
                 .set(l as f64 / 1e9);
         }
         if !ctx.reached_backend {
             return;
         }
-        let model = ctx.model.as_deref().unwrap_or_default();
         let principal = principal_id(ctx);
         // Only what was charged makes a series: a name the backend refused (a 404 for a model
         // it does not have) costs nothing and must not add a series per made-up name.
         if charged > 0 {
+            let model = self.labels.model(ctx.model.as_deref(), true);
             METRICS
                 .spend
-                .with_label_values(&[principal, model])
+                .with_label_values(&[principal_label, model])
                 .inc_by(charged as f64 / 1e9);
         }
         // Opened later (another period, a key whose period changed on reload), an account

@@ -32,9 +32,8 @@ pub struct Settings {
     /// Admin listener (`/metrics`, `/health`), if enabled.
     pub admin: Option<SocketAddr>,
     pub admin_token: Option<String>,
-    pub metrics_principal_label: bool,
-    pub metrics_max_models: usize,
-    pub metrics_max_principals: usize,
+    /// What bounds metric label values (`metrics:`).
+    pub metric_labels: gateway_filter::labels::LabelLimits,
     /// OTLP trace export, when configured.
     pub telemetry: Option<super::telemetry::TelemetrySpec>,
     /// Shared state (`state: { backend: redis }`); `None` keeps it in this process.
@@ -377,9 +376,11 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         admin,
         // Blank is unset: a token of spaces would match an empty `Bearer ` (tokens are trimmed).
         admin_token: cfg.admin.token.clone().filter(|t| !t.trim().is_empty()),
-        metrics_principal_label: cfg.metrics.principal_label,
-        metrics_max_models: cfg.metrics.max_models,
-        metrics_max_principals: cfg.metrics.max_principals,
+        metric_labels: gateway_filter::labels::LabelLimits {
+            principal_label: cfg.metrics.principal_label,
+            max_models: cfg.metrics.max_models,
+            max_principals: cfg.metrics.max_principals,
+        },
         telemetry,
         state,
     })

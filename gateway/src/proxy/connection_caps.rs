@@ -223,15 +223,7 @@ mod tests {
 
     #[test]
     fn caps_hold_and_free() {
-        let metrics = Metrics::new(
-            &prometheus::Registry::new(),
-            crate::metrics::LabelLimits {
-                principal_label: false,
-                max_models: 10,
-                max_principals: 10,
-            },
-        )
-        .unwrap();
+        let metrics = Metrics::new(&prometheus::Registry::new(), Default::default()).unwrap();
         let caps = ConnectionCaps::new(&[spec(Some(3), Some(2))], 64, &metrics);
         let l = caps.listeners[0].clone();
         let a: IpAddr = "2001:db8::1".parse().unwrap();
