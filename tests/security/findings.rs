@@ -887,6 +887,23 @@ async fn requests_do_not_reload_or_unload_models_for_everyone() {
         (&seen["keep_alive"], &seen["options"]["num_batch"]),
         (&json!("10m"), &json!(256))
     );
+    // …but an adapter picked by id or path (llama.cpp's `lora`, SGLang's `lora_path`) runs
+    // a model the allow-list never judged: a key limited to some models is still refused.
+    for body in [
+        json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "lora": [{"id": 3, "scale": 1.0}]}),
+        json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "lora_path": "/models/finetune"}),
+    ] {
+        let send = |key: &'static str| {
+            c.post(gw.url("/v1/chat/completions"))
+                .header("authorization", bearer(key))
+                .json(&body)
+                .send()
+        };
+        let r = send(LLAMA_KEY).await.unwrap();
+        assert_eq!(r.status(), 403, "{body}");
+        assert_eq!(error_of(r).await.0, "model_not_allowed", "{body}");
+        assert_eq!(send(USER_KEY).await.unwrap().status(), 200, "{body}");
+    }
 }
 
 // The debug access line quotes what a client chose: a model name (or a token's subject) with a

@@ -187,6 +187,14 @@ pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejectio
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad("invalid_stream", "`stream` must be true or false")),
     };
+    // llama.cpp's `lora` and SGLang's `lora_path` apply adapters whatever `model` says: the
+    // name the allow-list judged is not what runs (also where the operator lets requests
+    // set server settings).
+    if ctx.route.wire_format() == gateway_filter::WireFormat::OpenAi {
+        ctx.opaque_weights |= INFERENCE_ADAPTER_FIELDS
+            .iter()
+            .any(|f| obj.get(*f).is_some_and(|v| !v.is_null()));
+    }
     ctx.model = Some(model);
     ctx.max_tokens = max_tokens;
     ctx.stream = stream;
@@ -194,6 +202,9 @@ pub fn parse_inference(ctx: &mut RequestCtx, body: Bytes) -> Result<(), Rejectio
     ctx.body = Some(body);
     Ok(())
 }
+
+/// Fields of an OpenAI-format inference body that pick adapters by id or path.
+const INFERENCE_ADAPTER_FIELDS: [&str; 2] = ["lora", "lora_path"];
 
 /// Fields of Ollama's show and management bodies that name a model.
 const MODEL_FIELDS: [&str; 5] = ["model", "name", "source", "destination", "from"];
