@@ -1754,3 +1754,78 @@ async fn models_named_in_the_query_are_judged_and_built_in_routes_forward_no_que
         ("/v1/chat/completions", None)
     );
 }
+
+// Attacker review (2026-12-05, second): the gateway rewrites `Host` to the backend's, which
+// defeats Ollama's own loopback `Host` check, so a page whose name an attacker points at
+// 127.0.0.1 (DNS rebinding) was same-origin with an unauthenticated loopback gateway and
+// could read its answers. A browser's request (it carries `Origin` or `Sec-Fetch-*`) naming a
+// host that is not local is refused on a loopback listener, as Ollama refuses it; other
+// clients (curl, SDKs) are not checked, unless the listener lists `allowed_hosts`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_led_to_a_loopback_gateway_by_another_name_is_refused() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}filters: []\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let ask = |method: &str, path: &str, host: &str, extra: &str| {
+        let body = if method == "POST" {
+            r#"{"model":"llama3.1:8b","messages":[{"role":"user","content":"hi"}]}"#
+        } else {
+            ""
+        };
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let port = gw.port;
+        async move { send_raw(port, &head, body.as_bytes()).await }
+    };
+    let evil = format!("rebind.example:{}", gw.port);
+    let fetch = "Sec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: cors\r\n";
+    let (code, _, body) = ask("GET", "/api/tags", &evil, fetch).await;
+    assert_eq!(code, 403, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("allowed_hosts"),
+        "{v}"
+    );
+    let origin = format!("Origin: http://{evil}\r\n");
+    let (code, _, body) = ask("POST", "/v1/chat/completions", &evil, &origin).await;
+    assert_eq!(code, 403, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "host_not_allowed", "{v}");
+    assert_eq!(m.total(), 0, "nothing reached the backend");
+    // Local names pass, from a browser too; so does a client that is not a browser, and the
+    // health check.
+    for host in [
+        format!("localhost:{}", gw.port),
+        format!("127.0.0.1:{}", gw.port),
+        format!("[::1]:{}", gw.port),
+        "gpu-box.local".to_string(),
+    ] {
+        assert_eq!(ask("GET", "/api/tags", &host, fetch).await.0, 200, "{host}");
+    }
+    assert_eq!(ask("GET", "/api/tags", &evil, "").await.0, 200);
+    assert_eq!(ask("GET", "/health", &evil, fetch).await.0, 200);
+    // Names the operator lists pass; with a list, every request's name is checked.
+    let port = free_port();
+    let listed = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    allowed_hosts: [gpu.example.com]\n{}filters: []\n",
+            backends(&[("local", &m.url())])
+        ),
+        port,
+    )
+    .await;
+    let get = |host: &str, extra: &str| {
+        let head =
+            format!("GET /api/tags HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n");
+        async move { send_raw(port, &head, b"").await.0 }
+    };
+    assert_eq!(get("GPU.example.com", fetch).await, 200);
+    assert_eq!(get(&format!("localhost:{port}"), fetch).await, 200);
+    assert_eq!(get("rebind.example", "").await, 403);
+    drop(listed);
+}

@@ -112,6 +112,9 @@ pub struct ListenEntry {
     /// Most connections open at once from one client address (IPv6: one
     /// `limits.ipv6_prefix` network), as nginx's `limit_conn`.
     pub max_connections_per_client: Option<u32>,
+    /// Host names requests may name besides local ones (`*`: any); checked by default on
+    /// loopback listeners only (DNS rebinding).
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

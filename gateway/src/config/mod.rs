@@ -304,6 +304,22 @@ mod tests {
             .to_string();
         assert!(e.contains("listen[0].allow_cidrs[0]"), "{e}");
         let e = parse_str(
+            "listen: [ { addr: '127.0.0.1:1', allowed_hosts: [gpu.example.com, 'http://x:1'] } ]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("listen[0].allowed_hosts[1]") && e.contains("no port"),
+            "{e}"
+        );
+        // Loopback listeners check a browser's `Host` by default; others do not, unless listed.
+        let s = parse_str("listen: [ { addr: '127.0.0.1:1' }, { addr: '0.0.0.0:2', allow_insecure: true }, { addr: '0.0.0.0:3', allow_insecure: true, allowed_hosts: ['*'] } ]\n").unwrap();
+        let l = &s.listen;
+        assert!(!l[0].admits_host("rebind.example", true));
+        assert!(l[0].admits_host("rebind.example", false));
+        assert!(l[1].admits_host("rebind.example", true));
+        assert!(l[2].admits_host("rebind.example", true));
+        let e = parse_str(
             "listen: [ { addr: '127.0.0.1:1', tls: { cert: /no/c.pem, key: /no/k.pem } } ]\n",
         )
         .unwrap_err()

@@ -54,6 +54,13 @@ pub struct ListenerSpec {
     pub trusted_proxies: Vec<IpNet>,
     /// Which of the two headers they write.
     pub forwarded_header: ForwardedHeader,
+    /// `None`: any `Host`; else the names besides local ones (an IP address, `localhost`,
+    /// `*.localhost`, `*.local`, `*.internal`) a request's `Host` may be, lower-case: this
+    /// machine's name and `allowed_hosts`. Set by default on loopback listeners, where it is
+    /// checked for requests a browser sent only ([`ListenerSpec::admits_host`]).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// The operator listed `allowed_hosts`: every request's `Host` is checked.
+    pub hosts_listed: bool,
 }
 
 /// The header a listener's trusted proxies name the client in. A proxy passes on what the
@@ -84,6 +91,32 @@ pub fn by_local_addr<T>(
 }
 
 impl ListenerSpec {
+    /// Whether a request naming `host` (its `Host` header, port and all) may use this
+    /// listener. A page whose name an attacker points at 127.0.0.1 (DNS rebinding) is
+    /// same-origin with it in the browser, so only the name it asks for tells it apart.
+    /// `from_browser`: the request carries what browsers add (`Origin`, `Sec-Fetch-*`); by
+    /// default only those are checked, as only a browser can be led there by a name.
+    pub fn admits_host(&self, host: &str, from_browser: bool) -> bool {
+        let Some(extra) = &self.allowed_hosts else {
+            return true;
+        };
+        if !from_browser && !self.hosts_listed {
+            return true;
+        }
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => host.split(':').next().unwrap_or_default(),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        name.is_empty()
+            || name == "localhost"
+            || name.parse::<IpAddr>().is_ok()
+            || [".localhost", ".local", ".internal"]
+                .iter()
+                .any(|tld| name.ends_with(tld))
+            || extra.contains(&name)
+    }
+
     /// Whether `ip` is one of the listener's `trusted_proxies`.
     pub fn is_trusted_proxy(&self, ip: &IpAddr) -> bool {
         let ip = ip.to_canonical();
@@ -234,6 +267,8 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             max_connections_per_client: None,
             trusted_proxies: Vec::new(),
             forwarded_header: Default::default(),
+            allowed_hosts: Some(local_names(&[])),
+            hosts_listed: false,
         }],
         Some(list) if list.is_empty() => {
             return Err((
@@ -606,6 +641,26 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
             "connection caps must be at least 1 (leave them out for no cap)".into(),
         ));
     }
+    let allowed_hosts = match &l.allowed_hosts {
+        Some(names) if names.iter().any(|n| n == "*") => None,
+        Some(names) => {
+            if let Some(j) = names
+                .iter()
+                .position(|n| n.is_empty() || n.contains(['/', ':', ' ', '*', '[', ']']))
+            {
+                return Err((
+                    format!(".allowed_hosts[{j}]"),
+                    format!(
+                        "{:?} is not a host name such as gpu.example.com (no port, scheme or wildcard; `*` alone allows any)",
+                        names[j]
+                    ),
+                ));
+            }
+            Some(local_names(names))
+        }
+        None if addr.ip().is_loopback() => Some(local_names(&[])),
+        None => None,
+    };
     Ok(ListenerSpec {
         addr,
         tls,
@@ -616,7 +671,29 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
         max_connections_per_client: l.max_connections_per_client,
         trusted_proxies,
         forwarded_header,
+        allowed_hosts,
+        hosts_listed: l.allowed_hosts.is_some(),
     })
+}
+
+/// `names` and this machine's own name, lower-case, as [`ListenerSpec::admits_host`] reads them.
+fn local_names(names: &[String]) -> Vec<String> {
+    let mut all: Vec<String> = names
+        .iter()
+        .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+        .collect();
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its whole length, which is passed.
+    let got = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if got == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        if let Ok(name) = std::str::from_utf8(&buf[..end]) {
+            if !name.is_empty() {
+                all.push(name.to_ascii_lowercase());
+            }
+        }
+    }
+    all
 }
 
 fn resolve(dir: &Path, p: &str) -> PathBuf {
@@ -747,6 +824,8 @@ mod forwarded_tests {
             max_connections_per_client: None,
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
             forwarded_header: Default::default(),
+            allowed_hosts: None,
+            hosts_listed: false,
         };
         let h = |k: &'static str, v: &'static str| {
             let mut m = http::HeaderMap::new();

@@ -217,6 +217,8 @@ mod tests {
             max_connections: max,
             max_connections_per_client: per_client,
             trusted_proxies: Vec::new(),
+            allowed_hosts: None,
+            hosts_listed: false,
             forwarded_header: Default::default(),
         }
     }

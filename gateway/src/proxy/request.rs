@@ -328,6 +328,35 @@ async fn admit(
         }
         return Ok(Next::Answer(respond::health_json(gw.router.as_ref())));
     }
+    if let Some(l) = listener {
+        let h = session.req_header();
+        let host = h
+            .headers
+            .get(http::header::HOST)
+            .map(|v| v.to_str().unwrap_or("?"))
+            .or_else(|| h.uri.authority().map(|a| a.as_str()))
+            .unwrap_or_default();
+        let from_browser = ["origin", "sec-fetch-site", "sec-fetch-mode"]
+            .iter()
+            .any(|n| h.headers.contains_key(*n));
+        if !l.admits_host(host, from_browser) {
+            ctx.req.reject_reason = Some("host_not_allowed");
+            return Err(Refusal {
+                decision: Some(Decision::Rejected {
+                    filter: "listener",
+                    code: "host_not_allowed",
+                }),
+                rejection: Rejection::new(
+                    StatusCode::FORBIDDEN,
+                    "host_not_allowed",
+                    format!(
+                        "this listener does not answer to the host {} (a page can point its own name at this address); add the name to the listener's allowed_hosts if clients use it",
+                        gateway_filter::echo(host)
+                    ),
+                ),
+            });
+        }
+    }
     if !super::framing::body_allowed(&ctx.req.method) && super::framing::declares_body(session) {
         session.set_keepalive(None);
         return Err(Refusal::failed(super::framing::body_not_allowed(
