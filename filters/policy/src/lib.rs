@@ -21,7 +21,7 @@ use serde::Deserialize;
 pub use models::list_allows;
 use models::Gate;
 use rules::{preset, PathPattern, Rule, RuleSet, Verdict, PRESETS};
-use shape::{OverCap, ServerSettings};
+use shape::{MediaUrls, OverCap, ServerSettings};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +46,9 @@ struct PolicyOptions {
     /// Whether requests may set Ollama's runner options, `keep_alive` and request templates.
     #[serde(default)]
     server_settings: ServerSettings,
+    /// Whether media in messages may be given by URL for the model server to fetch.
+    #[serde(default)]
+    media_urls: MediaUrls,
     #[serde(default = "yes")]
     require_json_content_type: bool,
     #[serde(default = "default_max_headers")]
@@ -92,6 +95,7 @@ pub struct PolicyFilter {
     max_context_tokens: Option<u64>,
     context_tokens: Option<u64>,
     server_settings: ServerSettings,
+    media_urls: MediaUrls,
     require_json: bool,
     max_headers: usize,
     max_header_bytes: usize,
@@ -208,6 +212,7 @@ pub fn build(
         max_context_tokens: o.max_context_tokens,
         context_tokens: o.context_tokens,
         server_settings: o.server_settings,
+        media_urls: o.media_urls,
         require_json: o.require_json_content_type,
         max_headers: o.max_headers,
         max_header_bytes: usize::try_from(o.max_header_bytes.0).unwrap_or(usize::MAX),
@@ -353,6 +358,9 @@ impl PolicyFilter {
             shape::check_types(ctx.route, body)?;
             if self.server_settings == ServerSettings::Refuse {
                 shape::check_server_settings(ctx.route, body)?;
+            }
+            if self.media_urls == MediaUrls::DataOnly {
+                shape::check_media_urls(ctx.route, body)?;
             }
             if let Some(max) = self.max_messages {
                 let n = body

@@ -142,6 +142,62 @@ pub enum ServerSettings {
     Allow,
 }
 
+/// Whether media in messages may be given by URL ([`check_media_urls`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaUrls {
+    /// Only `data:` URLs (the media inside the request).
+    #[default]
+    DataOnly,
+    Allow,
+}
+
+/// Refuses media given by a URL other than `data:` in an OpenAI-format request's messages
+/// (`image_url`, `video_url`, `audio_url`, any content part's `*_url`, as a string or an
+/// object's `url`): vLLM, SGLang and llama.cpp's server fetch it, so a client could make the
+/// model server request addresses on its own network (cloud metadata, admin pages) and tell
+/// from the answer what is there. Ollama takes only the media itself.
+pub fn check_media_urls(route: Route, body: &Value) -> Result<(), Rejection> {
+    if route.wire_format() != gateway_filter::WireFormat::OpenAi {
+        return Ok(());
+    }
+    let Some(messages) = body.get("messages").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    let parts = messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_array))
+        .flatten()
+        .filter_map(Value::as_object);
+    for part in parts {
+        for (k, v) in part {
+            if !k.ends_with("_url") {
+                continue;
+            }
+            let url = match v {
+                Value::String(u) => Some(u.as_str()),
+                Value::Object(o) => o.get("url").and_then(Value::as_str),
+                _ => None,
+            };
+            let inline = url.is_none_or(|u| {
+                u.trim_start()
+                    .get(..5)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("data:"))
+            });
+            if !inline {
+                return Err(Rejection::new(
+                    StatusCode::FORBIDDEN,
+                    "media_url_not_allowed",
+                    format!(
+                        "`{k}` must carry the media itself (a data: URL): this gateway does not let requests make the model server fetch URLs"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Ollama's runner options (`api.Runner`: how a model is loaded, and the older ones Ollama has
 /// read over time). The scheduler reloads a model whenever a request's differ from the loaded
 /// model's, so a client alternating two values reloads a model of many gigabytes for everyone

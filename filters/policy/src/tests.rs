@@ -380,3 +380,53 @@ async fn one_context_window_for_every_ollama_request() {
     .unwrap();
     assert!(e.to_string().contains("context_tokens"), "{e}");
 }
+
+/// Attacker review (2026-12-05, second): vLLM, SGLang and llama.cpp's server fetch media given
+/// by URL, so a client could make the model server request addresses on its own network.
+#[tokio::test]
+async fn media_is_carried_in_the_request_not_fetched_by_the_server() {
+    let f = filter(json!({}));
+    let chat = |part: serde_json::Value| json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"}, part]}]});
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            chat(
+                json!({"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}),
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"type": "image_url", "image_url": "https://10.0.0.5/admin"})),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"type": "video_url", "video_url": {"url": "file:///etc/passwd"}})),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"type": "audio_url", "audio_url": {"url": " HTTP://localhost:8000/x"}})),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "m", "input": "x", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://10.0.0.1/"}}]}]}),
+        ),
+    ] {
+        let mut c = req(Method::POST, path, Some(body.clone()));
+        let r = f.on_request(&mut c).await.unwrap_err();
+        assert_eq!(
+            (r.status.as_u16(), r.code),
+            (403, "media_url_not_allowed"),
+            "{body}"
+        );
+    }
+    // The media itself passes; so does a URL where the operator allows it.
+    let inline =
+        chat(json!({"type": "image_url", "image_url": {"url": "DATA:image/png;base64,aGk="}}));
+    let mut c = req(Method::POST, "/v1/chat/completions", Some(inline));
+    f.on_request(&mut c).await.unwrap();
+    let open = filter(json!({"media_urls": "allow"}));
+    let remote =
+        chat(json!({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}));
+    let mut c = req(Method::POST, "/v1/chat/completions", Some(remote));
+    open.on_request(&mut c).await.unwrap();
+}
