@@ -309,6 +309,63 @@ async fn requests_that_fail_on_every_backend_do_not_take_backends_out() {
     }
 }
 
+/// Review: with no retry (`retries: 0`, or nothing else to try) a backend that answers 500 to
+/// every request was never taken out once server errors counted only when another backend
+/// served the request. Such an error now counts when the backend's previous one went to
+/// another caller: one client's failing requests build no streak, many clients' do.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_retries_a_backend_failing_everyone_is_still_taken_out() {
+    let m = mocks([ALL, ALL, ALL]).await;
+    m[2].set_fail(FailMode::Error500Inference);
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<String> = (0..4)
+        .map(|i| format!("sk-caller-{i}-0123456789abcdef"))
+        .collect();
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        format!(
+            "keys:\n{}",
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| format!(
+                    "  - {{ id: caller-{i}, key_sha256: {} }}\n",
+                    filter_auth::keygen::hash_key(k)
+                ))
+                .collect::<String>()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&format!(
+        "{}routing: {{ strategy: round-robin, retries: 0, cooldown: 30s, discovery: {{ enabled: false, interval: 1h }}, health: {{ interval: 100ms }} }}\nfilters:\n  - use: auth\n    keys_file: {}\n",
+        three(&m),
+        dir.path().join("keys.yaml").display()
+    ))
+    .await;
+    let c = client();
+    let send = |key: String| {
+        c.post(gw.url("/api/generate"))
+            .bearer_auth(key)
+            .json(&gen(MODEL))
+            .send()
+    };
+    // One caller: c answers every third request with 500, and stays in.
+    for _ in 0..12 {
+        send(keys[0].clone()).await.unwrap();
+    }
+    assert_eq!(m[2].hits("/api/generate"), 4);
+    assert_eq!(gw.health().await["backends"][2]["state"], "up");
+    // Several callers: its errors go to one after another, and it is taken out.
+    for i in 0..12 {
+        send(keys[i % 4].clone()).await.unwrap();
+    }
+    let h = gw.health().await;
+    assert_eq!(h["backends"][2]["state"], "down", "{h}");
+    for i in 0..6 {
+        let r = send(keys[i % 4].clone()).await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn all_backends_down_answers_503_at_once() {
     let m = mocks([ALL, ALL, ALL]).await;

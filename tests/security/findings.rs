@@ -1791,6 +1791,11 @@ async fn a_browser_led_to_a_loopback_gateway_by_another_name_is_refused() {
         v["error"].as_str().unwrap().contains("allowed_hosts"),
         "{v}"
     );
+    // A plain-HTTP page gets no Sec-Fetch-* and a same-origin GET no Origin: the browser's
+    // User-Agent tells it.
+    let firefox =
+        "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0\r\n";
+    assert_eq!(ask("GET", "/v1/models", &evil, firefox).await.0, 403);
     let origin = format!("Origin: http://{evil}\r\n");
     let (code, _, body) = ask("POST", "/v1/chat/completions", &evil, &origin).await;
     assert_eq!(code, 403, "{body}");
@@ -1828,4 +1833,61 @@ async fn a_browser_led_to_a_loopback_gateway_by_another_name_is_refused() {
     assert_eq!(get(&format!("localhost:{port}"), fetch).await, 200);
     assert_eq!(get("rebind.example", "").await, 403);
     drop(listed);
+}
+
+// Attacker review (2026-12-05, second): vLLM, SGLang and llama.cpp's server fetch media a
+// request gives by URL (or read it from a path), on the chat route and on routes a custom
+// rule opens (the Responses API, SGLang's /generate): the model server became a proxy into
+// its own network. Media must be carried in the request unless `media_urls: allow`.
+#[tokio::test(flavor = "multi_thread")]
+async fn media_by_reference_is_refused_on_every_route() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    allow: [ollama-inference, openai-inference, { path: '/v1/**', methods: [POST] }, { path: /generate, methods: [POST] }]\n",
+    )
+    .await;
+    let c = client();
+    let post = |path: &str, body: Value| {
+        c.post(gw.url(path))
+            .header("authorization", bearer(USER_KEY))
+            .json(&body)
+            .send()
+    };
+    let metadata = "http://169.254.169.254/latest/meta-data/";
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, {"type": "image_url", "image_url": {"url": metadata}}]}]}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "llama3.1:8b", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": metadata}]}]}),
+        ),
+        (
+            "/generate",
+            json!({"text": "describe", "image_data": [metadata]}),
+        ),
+        (
+            "/generate",
+            json!({"text": "describe", "image_data": "/etc/ssl/private/server.key"}),
+        ),
+    ] {
+        let r = post(path, body.clone()).await.unwrap();
+        assert_eq!(r.status(), 403, "{path} {body}");
+        assert_eq!(
+            error_of(r).await.0,
+            "media_url_not_allowed",
+            "{path} {body}"
+        );
+    }
+    assert_eq!(m.total(), 0, "nothing reached the backend");
+    let inline = "data:image/png;base64,aGk=";
+    let r = post(
+        "/v1/responses",
+        json!({"model": "llama3.1:8b", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": inline}]}]}),
+    )
+    .await
+    .unwrap();
+    assert_ne!(r.status(), 403);
 }

@@ -149,6 +149,9 @@ pub struct RequestCtx {
     /// `adapters`, `draft_files`, a Modelfile's `ADAPTER`) or relays a model to another server
     /// (`remote_host`): what runs cannot be judged by name.
     pub opaque_weights: bool,
+    /// A body on a route without a parser that gives media by reference (a URL or a path the
+    /// model server would fetch): the field that does ([`crate::media::referenced`]).
+    pub media_reference: Option<String>,
     /// A body on a route whose wire format the gateway does not know (a custom rule's
     /// route): its output limit cannot be read or written, and only the models serde could
     /// read from it are in `named_models`.
@@ -215,7 +218,16 @@ impl RequestCtx {
             && self.usage.is_none()
             && (self.status < 400
                 || matches!(self.decision, Decision::Failed { .. })
-                || self.answered_late())
+                || self.late_error()
+                || self.abandoned > 0)
+    }
+
+    /// An error answer that may come after the backend generated ([`Self::answered_late`]):
+    /// a server error, or any error to several completions (a later task's, after the others
+    /// ran). A single completion's 4xx that came late is the server checking it when a slot
+    /// was free (a prompt too long for the context): nothing ran.
+    pub fn late_error(&self) -> bool {
+        self.answered_late() && (self.status >= 500 || self.completions > 1)
     }
 
     /// The backend held the request a while before it answered: an error answer then may
@@ -252,6 +264,7 @@ impl RequestCtx {
             named_models: Vec::new(),
             query_models: Vec::new(),
             opaque_weights: false,
+            media_reference: None,
             unknown_format: false,
             max_tokens: None,
             output_reserved: None,
@@ -328,10 +341,11 @@ mod tests {
         assert!(answer(5, 30_000, 400));
         assert!(answer(2, 1_000, 500));
         assert!(answer(1, 30_000, 500));
-        assert!(answer(1, 1_000, 400));
-        // At once: the request was refused as read.
+        // At once: the request was refused as read. A single completion's late 4xx: the
+        // server checked it when a slot was free, nothing ran.
         assert!(!answer(5, 50, 400));
         assert!(!answer(1, 999, 500));
+        assert!(!answer(1, 30_000, 400));
         // A whole answer without usage stays unknown, as before.
         assert!(answer(1, 50, 200));
     }

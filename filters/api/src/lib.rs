@@ -11,6 +11,7 @@ mod filter;
 pub mod glob;
 pub mod labels;
 pub mod limits;
+pub mod media;
 pub mod model_name;
 mod options;
 pub mod output;

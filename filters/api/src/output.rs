@@ -180,17 +180,24 @@ pub fn read(route: Route, body: &Map<String, Value>) -> Result<OutputAsk, BadCou
     })
 }
 
-/// Whether every output limit field present is a positive whole JSON number, which every
-/// backend reads alike.
-fn written_plainly(route: Route, body: &Map<String, Value>) -> bool {
-    let plain = |v: Option<&Value>| v.is_none_or(|v| v.as_u64().is_some_and(|n| n > 0));
+/// Whether the limit `n` is written, as a plain whole JSON number, in every field the route's
+/// backends read, and no field says otherwise: on OpenAI routes `max_tokens` (llama.cpp's
+/// server and llama-cpp-python read no other) and `max_completion_tokens` (vLLM, SGLang), with
+/// `n_predict` and `options.num_predict` absent or the same; on Ollama routes
+/// `options.num_predict`.
+fn written_plainly(route: Route, body: &Map<String, Value>, n: u64) -> bool {
+    let is_n = |v: Option<&Value>| v.and_then(Value::as_u64) == Some(n);
+    let absent_or_n = |v: Option<&Value>| v.is_none() || is_n(v);
     let num_predict = body
         .get("options")
         .and_then(Value::as_object)
         .and_then(|o| o.get("num_predict"));
-    plain(num_predict)
-        && (route.wire_format() != WireFormat::OpenAi
-            || OPENAI_FIELDS.iter().all(|f| plain(body.get(*f))))
+    if route.wire_format() != WireFormat::OpenAi {
+        return is_n(num_predict);
+    }
+    OPENAI_WRITTEN.iter().all(|f| is_n(body.get(*f)))
+        && absent_or_n(body.get("n_predict"))
+        && absent_or_n(num_predict)
 }
 
 /// `options` is present but not an object, so the cap cannot be written into it.
@@ -291,14 +298,19 @@ pub fn reserve_limit(
 ) -> Result<(), crate::Rejection> {
     let fresh = ctx.output_reserved.is_none();
     if fresh && ctx.max_tokens.is_some() {
-        // The client's own limit stands, written out as a plain number if it is not one (a
-        // string, a float, a null beside a number): llama.cpp reads such a field as absent
-        // and would generate without end while the reservation holds the number.
+        // The client's own limit stands, written into every field the backends read if it
+        // is not there already as a plain number: a limit only in a field some backend
+        // ignores (`options.num_predict` or `n_predict` on /v1, `max_completion_tokens` for
+        // llama.cpp), or written as a string or beside a null (llama.cpp reads those as
+        // absent), would let it generate without end while the reservation holds the number.
         let plain = ctx
             .json
             .as_ref()
             .and_then(Value::as_object)
-            .is_none_or(|b| written_plainly(ctx.route, b));
+            .is_none_or(|b| {
+                matches!(read(ctx.route, b), Ok(OutputAsk { per_choice: Limit::Bounded(n), .. })
+                if written_plainly(ctx.route, b, n))
+            });
         if !plain {
             apply_limit(ctx, |ask| match ask.per_choice {
                 Limit::Bounded(n) => Ok(n),
@@ -464,7 +476,9 @@ mod tests {
         let mut c = chat(json!({"model": "m", "messages": [], "n": 3}));
         reserve_limit(&mut c, |choices| 900 / choices).unwrap();
         assert_eq!(c.max_tokens, Some(900));
-        let mut c = chat(json!({"model": "m", "messages": [], "max_tokens": 7}));
+        let mut c = chat(
+            json!({"model": "m", "messages": [], "max_tokens": 7, "max_completion_tokens": 7}),
+        );
         c.max_tokens = Some(7);
         reserve_limit(&mut c, |_| 100).unwrap();
         assert_eq!((c.max_tokens, c.body_rewritten), (Some(7), false));
@@ -476,6 +490,12 @@ mod tests {
             json!({"model": "m", "messages": [], "max_tokens": 7.0}),
             json!({"model": "m", "messages": [], "max_tokens": null, "max_completion_tokens": 7}),
             json!({"model": "m", "messages": [], "max_tokens": 7, "options": {"num_predict": "7"}}),
+            // …or only in fields some backend ignores: llama.cpp reads only max_tokens,
+            // vLLM and SGLang no n_predict or options.
+            json!({"model": "m", "messages": [], "max_completion_tokens": 7}),
+            json!({"model": "m", "messages": [], "n_predict": 7}),
+            json!({"model": "m", "messages": [], "options": {"num_predict": 7}}),
+            json!({"model": "m", "messages": [], "max_tokens": 7}),
         ] {
             let mut c = chat(body.clone());
             c.max_tokens = Some(7);

@@ -206,6 +206,10 @@ pub static LEASE_ACQUIRE: Script = Script {
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
+-- Run again for the same request (a call retried on a new connection): already taken.
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  return {1, redis.call('ZCARD', KEYS[1])}
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local n = redis.call('ZCARD', KEYS[1])
 if n >= tonumber(ARGV[1]) then

@@ -793,7 +793,10 @@ impl Filter for BudgetFilter {
         // Only what was charged makes a series: a name the backend refused (a 404 for a model
         // it does not have) costs nothing and must not add a series per made-up name.
         if charged > 0 {
-            let model = self.labels.model(ctx.model.as_deref(), true);
+            // A new name takes a slot only once a backend served it (as the gateway's own
+            // series): names charged for an error or a timeout stay `other` until then.
+            let served = (200..400).contains(&ctx.status);
+            let model = self.labels.model(ctx.model.as_deref(), served);
             METRICS
                 .spend
                 .with_label_values(&[principal_label, model])

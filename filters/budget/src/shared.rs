@@ -60,6 +60,11 @@ static RESERVE: Script = Script {
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local keep = tonumber(ARGV[7])
+-- Run again for the same request (a call retried on a new connection): already held.
+if redis.call('ZSCORE', KEYS[2], ARGV[5]) then
+  local spent, held = totals(KEYS[1])
+  return {1, spent, held}
+end
 -- Only a missing total is put back here: an existing one may lag this replica's book by
 -- settlements still on their way, whose reservations are still held (counting it raised as
 -- well would count those requests twice). The keys' lifetime ends at a fixed moment (the

@@ -42,6 +42,7 @@ fn ctx(principal: &str, max_usd: Option<f64>) -> RequestCtx {
 fn answered(c: &mut RequestCtx, completion: u64) {
     c.backend = Some("local".into());
     c.reached_backend = true;
+    c.status = 200;
     c.usage = Some(Usage {
         prompt_tokens: 3,
         completion_tokens: completion,

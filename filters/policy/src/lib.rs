@@ -441,6 +441,9 @@ impl Filter for PolicyFilter {
         }
         if ctx.unknown_format {
             self.check_unknown_format(ctx, gate.is_some())?;
+            if let (MediaUrls::DataOnly, Some(field)) = (self.media_urls, &ctx.media_reference) {
+                return Err(shape::media_url_refused(field));
+            }
         }
         if ctx.route.holds_body() {
             self.check_content_type(ctx)?;

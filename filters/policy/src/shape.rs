@@ -161,41 +161,24 @@ pub fn check_media_urls(route: Route, body: &Value) -> Result<(), Rejection> {
     if route.wire_format() != gateway_filter::WireFormat::OpenAi {
         return Ok(());
     }
-    let Some(messages) = body.get("messages").and_then(Value::as_array) else {
-        return Ok(());
-    };
-    let parts = messages
-        .iter()
-        .filter_map(|m| m.get("content").and_then(Value::as_array))
-        .flatten()
-        .filter_map(Value::as_object);
-    for part in parts {
-        for (k, v) in part {
-            if !k.ends_with("_url") {
-                continue;
-            }
-            let url = match v {
-                Value::String(u) => Some(u.as_str()),
-                Value::Object(o) => o.get("url").and_then(Value::as_str),
-                _ => None,
-            };
-            let inline = url.is_none_or(|u| {
-                u.trim_start()
-                    .get(..5)
-                    .is_some_and(|s| s.eq_ignore_ascii_case("data:"))
-            });
-            if !inline {
-                return Err(Rejection::new(
-                    StatusCode::FORBIDDEN,
-                    "media_url_not_allowed",
-                    format!(
-                        "`{k}` must carry the media itself (a data: URL): this gateway does not let requests make the model server fetch URLs"
-                    ),
-                ));
-            }
-        }
+    match body
+        .get("messages")
+        .and_then(gateway_filter::media::referenced)
+    {
+        None => Ok(()),
+        Some(field) => Err(media_url_refused(&field)),
     }
-    Ok(())
+}
+
+pub fn media_url_refused(field: &str) -> Rejection {
+    Rejection::new(
+        StatusCode::FORBIDDEN,
+        "media_url_not_allowed",
+        format!(
+            "`{}` must carry the media itself (a data: URL): this gateway does not let requests make the model server fetch URLs or read files",
+            gateway_filter::echo(field)
+        ),
+    )
 }
 
 /// Ollama's runner options (`api.Runner`: how a model is loaded, and the older ones Ollama has
@@ -230,12 +213,22 @@ const RUNNER_OPTIONS: [&str; 15] = [
 /// scale, whatever model the request names: a model of the key's own choosing).
 /// Ollama's `keep_alive` is removed instead ([`drop_keep_alive`]).
 const OLLAMA_SETTINGS: [&str; 1] = ["template"];
-const OPENAI_SETTINGS: [&str; 5] = [
+const OPENAI_SETTINGS: [&str; 11] = [
     "chat_template",
     "mm_processor_kwargs",
     "priority",
     "lora",
     "lora_path",
+    // vLLM: how media is decoded (`{"video": {"num_frames": 100000}}`), and where a
+    // disaggregated prefill's KV cache comes from (another host and port).
+    "media_io_kwargs",
+    "kv_transfer_params",
+    // SGLang: a serialized logit processor (code the server runs, where it is enabled), the
+    // disaggregation bootstrap server, and the data-parallel rank that must run it.
+    "custom_logit_processor",
+    "bootstrap_host",
+    "bootstrap_port",
+    "data_parallel_rank",
 ];
 
 /// Settings one level down, `(object, key)`: vLLM (before 0.11) and SGLang merge

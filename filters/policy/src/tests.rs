@@ -257,6 +257,18 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
             "/v1/completions",
             json!({"model": "m", "prompt": "x", "lora": [{"id": 0, "scale": 4.0}]}),
         ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "media_io_kwargs": {"video": {"num_frames": 100000}}}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "x", "kv_transfer_params": {"remote_host": "10.0.0.9", "remote_port": 7000}}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "custom_logit_processor": "gASV..."}),
+        ),
         // vLLM before 0.11 and SGLang merge these over their own template arguments.
         (
             "/v1/chat/completions",

@@ -571,6 +571,9 @@ enum Counted {
         key: String,
         interval_us: u64,
         tat_us: i64,
+        /// The same arrival counted in the local store too (see `decide_rate`): its key,
+        /// interval and TAT.
+        local: Option<(u64, u64, u64)>,
     },
 }
 
@@ -678,11 +681,17 @@ impl Drop for Outcome {
                 key,
                 interval_us,
                 tat_us,
-            }) => self.state.run_detached(
-                &shared::GCRA_UNDO,
-                vec![key],
-                vec![interval_us.to_string(), tat_us.to_string()],
-            ),
+                local,
+            }) => {
+                if let Some((key, interval_ns, tat_ns)) = local {
+                    self.store.undo_rate(key, interval_ns, tat_ns, now_ns());
+                }
+                self.state.run_detached(
+                    &shared::GCRA_UNDO,
+                    vec![key],
+                    vec![interval_us.to_string(), tat_us.to_string()],
+                )
+            }
             None => {}
         }
     }
@@ -780,12 +789,18 @@ impl Check {
                 Some((key, r)) if at(&r, 0) == 1 => {
                     // Counted here too, so a fallback to local state goes on from this
                     // replica's own arrivals instead of a fresh burst.
-                    self.store.check_rate(self.key, now, interval_ns, burst);
+                    let local = self.store.check_rate(self.key, now, interval_ns, burst);
                     if self.speculative {
                         out.counted(Counted::Shared {
                             key,
                             interval_us: (interval_ns / 1000).max(1),
                             tat_us: at(&r, 4),
+                            local: match local {
+                                Gcra::Allow { reset_ns, .. } => {
+                                    Some((self.key, interval_ns, now + reset_ns))
+                                }
+                                Gcra::Deny { .. } => None,
+                            },
                         });
                     }
                     Gcra::Allow {

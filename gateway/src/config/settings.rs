@@ -54,13 +54,24 @@ pub struct ListenerSpec {
     pub trusted_proxies: Vec<IpNet>,
     /// Which of the two headers they write.
     pub forwarded_header: ForwardedHeader,
-    /// `None`: any `Host`; else the names besides local ones (an IP address, `localhost`,
-    /// `*.localhost`, `*.local`, `*.internal`) a request's `Host` may be, lower-case: this
-    /// machine's name and `allowed_hosts`. Set by default on loopback listeners, where it is
-    /// checked for requests a browser sent only ([`ListenerSpec::admits_host`]).
-    pub allowed_hosts: Option<Vec<String>>,
-    /// The operator listed `allowed_hosts`: every request's `Host` is checked.
-    pub hosts_listed: bool,
+    /// The names besides local ones (an IP address, `localhost`, `*.localhost`, `*.local`,
+    /// `*.internal`) a request's `Host` may be, lower-case: this machine's name and
+    /// `allowed_hosts`; and which requests are checked ([`ListenerSpec::admits_host`]).
+    pub allowed_hosts: Vec<String>,
+    pub host_check: HostCheck,
+}
+
+/// Which requests' `Host` a listener checks against its allowed names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HostCheck {
+    /// Those a browser sent (`Origin`, `Sec-Fetch-*`, a browser's `User-Agent`) over a
+    /// loopback connection: only a browser can be led there by a name (DNS rebinding).
+    #[default]
+    Browsers,
+    /// Every request (the operator listed `allowed_hosts`).
+    All,
+    /// None (`allowed_hosts: ['*']`).
+    Any,
 }
 
 /// The header a listener's trusted proxies name the client in. A proxy passes on what the
@@ -94,15 +105,16 @@ impl ListenerSpec {
     /// Whether a request naming `host` (its `Host` header, port and all) may use this
     /// listener. A page whose name an attacker points at 127.0.0.1 (DNS rebinding) is
     /// same-origin with it in the browser, so only the name it asks for tells it apart.
-    /// `from_browser`: the request carries what browsers add (`Origin`, `Sec-Fetch-*`); by
-    /// default only those are checked, as only a browser can be led there by a name.
-    pub fn admits_host(&self, host: &str, from_browser: bool) -> bool {
-        let Some(extra) = &self.allowed_hosts else {
-            return true;
-        };
-        if !from_browser && !self.hosts_listed {
-            return true;
+    /// `from_browser`: the request carries what browsers add; by default only those are
+    /// checked, as only a browser can be led there by a name.
+    /// `via_loopback`: the connection came in on a loopback address.
+    pub fn admits_host(&self, host: &str, from_browser: bool, via_loopback: bool) -> bool {
+        match self.host_check {
+            HostCheck::Any => return true,
+            HostCheck::Browsers if !(from_browser && via_loopback) => return true,
+            _ => {}
         }
+        let extra = &self.allowed_hosts;
         let name = match host.strip_prefix('[') {
             Some(v6) => v6.split(']').next().unwrap_or_default(),
             None => host.split(':').next().unwrap_or_default(),
@@ -267,8 +279,8 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             max_connections_per_client: None,
             trusted_proxies: Vec::new(),
             forwarded_header: Default::default(),
-            allowed_hosts: Some(local_names(&[])),
-            hosts_listed: false,
+            allowed_hosts: local_names(&[]),
+            host_check: HostCheck::Browsers,
         }],
         Some(list) if list.is_empty() => {
             return Err((
@@ -641,8 +653,8 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
             "connection caps must be at least 1 (leave them out for no cap)".into(),
         ));
     }
-    let allowed_hosts = match &l.allowed_hosts {
-        Some(names) if names.iter().any(|n| n == "*") => None,
+    let (allowed_hosts, host_check) = match &l.allowed_hosts {
+        Some(names) if names.iter().any(|n| n == "*") => (Vec::new(), HostCheck::Any),
         Some(names) => {
             if let Some(j) = names
                 .iter()
@@ -656,10 +668,9 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                     ),
                 ));
             }
-            Some(local_names(names))
+            (local_names(names), HostCheck::All)
         }
-        None if addr.ip().is_loopback() => Some(local_names(&[])),
-        None => None,
+        None => (local_names(&[]), HostCheck::Browsers),
     };
     Ok(ListenerSpec {
         addr,
@@ -672,7 +683,7 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
         trusted_proxies,
         forwarded_header,
         allowed_hosts,
-        hosts_listed: l.allowed_hosts.is_some(),
+        host_check,
     })
 }
 
@@ -824,8 +835,8 @@ mod forwarded_tests {
             max_connections_per_client: None,
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
             forwarded_header: Default::default(),
-            allowed_hosts: None,
-            hosts_listed: false,
+            allowed_hosts: Vec::new(),
+            host_check: HostCheck::Browsers,
         };
         let h = |k: &'static str, v: &'static str| {
             let mut m = http::HeaderMap::new();

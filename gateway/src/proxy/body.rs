@@ -305,6 +305,7 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
     // LoRAX's and TGI's `parameters.adapter_id`) is model management whatever `model` it also
     // names: that name proves nothing here.
     ctx.opaque_weights |= names_adapters(&obj, 0);
+    ctx.media_reference = gateway_filter::media::referenced_in(&obj);
     for (k, v) in &obj {
         if !go_eq(k, "model") {
             continue;

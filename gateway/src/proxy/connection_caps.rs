@@ -217,8 +217,8 @@ mod tests {
             max_connections: max,
             max_connections_per_client: per_client,
             trusted_proxies: Vec::new(),
-            allowed_hosts: None,
-            hosts_listed: false,
+            allowed_hosts: Vec::new(),
+            host_check: Default::default(),
             forwarded_header: Default::default(),
         }
     }

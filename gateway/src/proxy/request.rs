@@ -336,10 +336,19 @@ async fn admit(
             .map(|v| v.to_str().unwrap_or("?"))
             .or_else(|| h.uri.authority().map(|a| a.as_str()))
             .unwrap_or_default();
+        // Browsers send `Sec-Fetch-*` only to secure or local origins, and `Origin` not on a
+        // same-origin GET; their `User-Agent` they always send.
         let from_browser = ["origin", "sec-fetch-site", "sec-fetch-mode"]
             .iter()
-            .any(|n| h.headers.contains_key(*n));
-        if !l.admits_host(host, from_browser) {
+            .any(|n| h.headers.contains_key(*n))
+            || h.headers
+                .get(http::header::USER_AGENT)
+                .is_some_and(|ua| ua.as_bytes().starts_with(b"Mozilla/"));
+        let via_loopback = session
+            .server_addr()
+            .and_then(|a| a.as_inet())
+            .is_some_and(|a| a.ip().to_canonical().is_loopback());
+        if !l.admits_host(host, from_browser, via_loopback) {
             ctx.req.reject_reason = Some("host_not_allowed");
             return Err(Refusal {
                 decision: Some(Decision::Rejected {

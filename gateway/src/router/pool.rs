@@ -73,6 +73,9 @@ pub struct Backend {
 
     // Health.
     failures: AtomicU32,
+    /// Who got this backend's last server error that no other backend could serve instead
+    /// (see [`BackendPool::mark_failed_for`]).
+    last_5xx_caller: AtomicU64,
     down_until_ms: AtomicU64,
     cooldown_ms: AtomicU64,
     probe_ok: AtomicBool,
@@ -128,6 +131,7 @@ impl Backend {
                 .as_ref()
                 .map(|m| m.iter().map(|s| canonical_model(s).into_owned()).collect()),
             failures: AtomicU32::new(0),
+            last_5xx_caller: AtomicU64::new(0),
             down_until_ms: AtomicU64::new(0),
             cooldown_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
@@ -335,6 +339,17 @@ impl BackendPool {
                 "backend {} failed {n} times in a row: cooling down for {next} ms",
                 b.name
             );
+        }
+    }
+
+    /// A server error answered to `caller` (a hash of its principal or network) that no other
+    /// backend could serve: a failure only if the backend's previous such error went to
+    /// another caller. A backend that fails everyone is taken out; one client's requests that
+    /// fail by design (llama.cpp's 500 for a malformed tool call) cannot build a streak.
+    pub fn mark_failed_for(&self, idx: usize, caller: u64) {
+        let b = &self.0.backends[idx];
+        if b.last_5xx_caller.swap(caller, Ordering::Relaxed) != caller {
+            self.mark_failed(idx);
         }
     }
 

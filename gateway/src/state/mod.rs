@@ -672,25 +672,30 @@ impl Inner {
         let answers = futures_util::future::join_all(calls).await;
         let (mut failed, mut put_back) = (0, 0);
         for ((id, r), answer) in holds.iter().zip(answers) {
-            match answer {
-                Err(_) => failed += 1,
+            let ended = || self.keeps.lock().map_or(true, |k| !k.contains_key(id));
+            let put = match answer {
+                Err(_) => {
+                    failed += 1;
+                    // It may have been put back after all.
+                    true
+                }
                 Ok(Ints(v)) if gateway_filter::state::at(&v, 0) == PUT_BACK => {
                     put_back += 1;
-                    // Its request ended while the renewal was on its way: its release may
-                    // have run before the hold was put back, so take it away again.
-                    let ended = self.keeps.lock().map_or(true, |k| !k.contains_key(id));
-                    if ended {
-                        let task = Inner::detached(
-                            self.clone(),
-                            r.forget,
-                            r.keys.clone(),
-                            r.forget_args.clone(),
-                            false,
-                        );
-                        drop(self.handle.spawn(task));
-                    }
+                    true
                 }
-                Ok(_) => {}
+                Ok(_) => false,
+            };
+            // Its request ended while the renewal was on its way: its release may have run
+            // before the hold was put back, so take it away again.
+            if put && ended() {
+                let task = Inner::detached(
+                    self.clone(),
+                    r.forget,
+                    r.keys.clone(),
+                    r.forget_args.clone(),
+                    false,
+                );
+                drop(self.handle.spawn(task));
             }
         }
         if put_back > 0 {

@@ -67,7 +67,7 @@ pub(super) async fn exchange_header(
                 return Err(Attempt::Retry {
                     err: e,
                     health: true,
-                    answered_5xx: false,
+                    answered: None,
                 })
             }
         };
@@ -86,7 +86,7 @@ pub(super) async fn exchange_header(
             return Err(Attempt::Retry {
                 err: e,
                 health: true,
-                answered_5xx: false,
+                answered: None,
             });
         }
         // The backend has the whole request now: whatever happens next, it may have run it.
@@ -111,7 +111,7 @@ pub(super) async fn exchange_header(
                         format!("no response byte within {deadline:?}"),
                     ),
                     health: true,
-                    answered_5xx: false,
+                    answered: None,
                 });
             }
             Waited::ClientGone(e) => {

@@ -16,7 +16,7 @@ mod stream;
 
 use bytes::Bytes;
 use gateway_filter::http::StatusCode;
-use gateway_filter::{echo, Decision, Rejection};
+use gateway_filter::{echo, Decision, Rejection, RequestCtx};
 use pingora_core::Result;
 use pingora_error::{Error, ErrorType};
 use pingora_proxy::Session;
@@ -29,12 +29,12 @@ enum Attempt {
     /// The client got its full response.
     Done,
     /// Nothing was sent to the client and the backend failed (`health`: counts against it;
-    /// `answered_5xx`: it answered with a server error, which counts only if another backend
+    /// `answered`: the error status it answered with, which counts only if another backend
     /// serves the same request): try another.
     Retry {
         err: Box<Error>,
         health: bool,
-        answered_5xx: bool,
+        answered: Option<u16>,
     },
     /// Nothing was sent to the client; answer with an error.
     Fail(Box<Error>),
@@ -48,6 +48,26 @@ enum Attempt {
 /// How long a backend whose shared slots are all taken counts as full before it is asked again.
 const SHARED_FULL_MS: u64 = 20;
 
+/// Whether a backend's error answer says the backend is unwell: a server error, but not
+/// `503` (Ollama's full queue: busy, like `429`) and not one that came after the backend held
+/// the request a while (llama.cpp's 500 for tool-call arguments it generated: the request's).
+fn counts_against_backend(status: u16, req: &RequestCtx) -> bool {
+    status >= 500 && status != 503 && !req.answered_late()
+}
+
+/// Who a request is for the health rule ([`crate::router::BackendPool::mark_failed_for`]):
+/// its principal, else its client's network; never 0 (no error yet).
+fn caller_key(req: &RequestCtx) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: the same caller must hash alike on every request.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match (&req.principal, req.client_net) {
+        (Some(p), _) => p.id.hash(&mut h),
+        (None, net) => net.hash(&mut h),
+    }
+    h.finish().max(1)
+}
+
 /// Output tokens a request may still produce, for the usage-based strategy.
 /// A client's figure (without an output cap it may be near u64::MAX); the pool bounds it.
 fn reserved_tokens(ctx: &GwCtx) -> u64 {
@@ -60,8 +80,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
     let pool = gw.router.pool().clone();
     let mut last_err: Option<Box<Error>> = None;
     let mut queued_since = None;
-    // Backends that answered this request with a server error (not counted against them yet).
+    // Backends that answered this request with a server error that may count against them
+    // (see `counts_against_backend`), and how many server errors it got.
     let mut answered_5xx: Vec<usize> = Vec::new();
+    let mut errors_5xx = 0u32;
     loop {
         let idx = match gw.router.pick(&ctx.req, &ctx.tried) {
             Pick::Backend(i) => i,
@@ -187,14 +209,18 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
         ctx.begin_attempt();
         ctx.lease = Some(lease);
         let may_retry = gw.router.may_retry(&ctx.req, &ctx.tried);
-        let retry_5xx = answered_5xx.is_empty();
+        let retry_5xx = errors_5xx == 0;
         match attempt(gw, session, ctx, backend, &body, may_retry, retry_5xx).await {
             Attempt::Done => {
                 // The request was served: the backends that answered it with a server error
-                // failed on their own. (Served nowhere, it may be the request's fault: a
-                // client must not take backends out with requests every backend refuses.)
-                if ctx.req.status < 500 {
+                // failed on their own. Served nowhere, it may be the request's fault: the
+                // backend's error counts only if its last one went to another caller (a
+                // client must not take backends out with requests every backend refuses).
+                let status = ctx.req.status;
+                if (200..300).contains(&status) {
                     answered_5xx.iter().for_each(|&i| pool.mark_failed(i));
+                } else if counts_against_backend(status, &ctx.req) {
+                    pool.mark_failed_for(idx, caller_key(&ctx.req));
                 }
                 gw.router.settle(
                     idx,
@@ -209,10 +235,13 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
             Attempt::Retry {
                 err,
                 health,
-                answered_5xx: server_error,
+                answered,
             } => {
-                if server_error {
-                    answered_5xx.push(idx);
+                if let Some(status) = answered.filter(|s| *s >= 500) {
+                    errors_5xx += 1;
+                    if counts_against_backend(status, &ctx.req) {
+                        answered_5xx.push(idx);
+                    }
                 }
                 log::warn!(
                     "request {}: backend {} failed before answering: {err}",
@@ -327,8 +356,11 @@ async fn attempt(
     // The upstream connection is dropped, not pooled: its body was not read.
     if let Some(s) = up.resp_header().map(|h| h.status) {
         // An error the backend held the request for may come after it generated (see
-        // `RequestCtx::answered_late`): it may have run it, whatever comes next.
-        if !s.is_success() && ctx.req.answered_late() {
+        // `RequestCtx::late_error`): it may have run it, whatever comes next.
+        let late = !s.is_success()
+            && ctx.req.answered_late()
+            && (s.is_server_error() || ctx.req.completions > 1);
+        if late {
             ctx.may_have_run = true;
         }
         if ctx.keepalive_sent && !s.is_success() {
@@ -346,6 +378,17 @@ async fn attempt(
             && !ctx.keepalive_sent
             && ((s.is_server_error() && retry_5xx) || s == StatusCode::TOO_MANY_REQUESTS)
         {
+            if late {
+                // Left after it may have generated: counted like a backend given up on at its
+                // first-byte deadline (its prompt, its time, if the next one reports usage).
+                ctx.req.abandoned += 1;
+                let held = ctx
+                    .req
+                    .answered_at
+                    .zip(ctx.req.sent)
+                    .map(|(a, s)| a.saturating_sub(s));
+                ctx.req.abandoned_secs += held.unwrap_or_default().as_secs_f64();
+            }
             // It answered at once, with an error: it generated nothing (an earlier one, or
             // this one after holding it, may have).
             ctx.req.reached_backend = ctx.may_have_run;
@@ -355,7 +398,7 @@ async fn attempt(
                     format!("backend answered {s}"),
                 ),
                 health: false,
-                answered_5xx: s.is_server_error(),
+                answered: Some(s.as_u16()),
             };
         }
     }
