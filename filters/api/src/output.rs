@@ -180,24 +180,25 @@ pub fn read(route: Route, body: &Map<String, Value>) -> Result<OutputAsk, BadCou
     })
 }
 
-/// Whether the limit `n` is written, as a plain whole JSON number, in every field the route's
-/// backends read, and no field says otherwise: on OpenAI routes `max_tokens` (llama.cpp's
-/// server and llama-cpp-python read no other) and `max_completion_tokens` (vLLM, SGLang), with
-/// `n_predict` and `options.num_predict` absent or the same; on Ollama routes
-/// `options.num_predict`.
-fn written_plainly(route: Route, body: &Map<String, Value>, n: u64) -> bool {
-    let is_n = |v: Option<&Value>| v.and_then(Value::as_u64) == Some(n);
-    let absent_or_n = |v: Option<&Value>| v.is_none() || is_n(v);
+/// Whether every backend of the route reads the client's limit as a plain whole number no
+/// larger than its ask (the largest of the fields): on OpenAI routes `max_tokens`, which all
+/// of them read (llama.cpp's server and llama-cpp-python no other; vLLM and SGLang prefer
+/// `max_completion_tokens`, llama.cpp `n_predict`), is such a number, and so is every other
+/// limit field present; on Ollama routes `options.num_predict` is.
+fn written_plainly(route: Route, body: &Map<String, Value>) -> bool {
+    let plain = |v: Option<&Value>| v.and_then(Value::as_u64).is_some_and(|n| n > 0);
     let num_predict = body
         .get("options")
         .and_then(Value::as_object)
         .and_then(|o| o.get("num_predict"));
     if route.wire_format() != WireFormat::OpenAi {
-        return is_n(num_predict);
+        return plain(num_predict);
     }
-    OPENAI_WRITTEN.iter().all(|f| is_n(body.get(*f)))
-        && absent_or_n(body.get("n_predict"))
-        && absent_or_n(num_predict)
+    let absent_or_plain = |v: Option<&Value>| v.is_none() || plain(v);
+    plain(body.get("max_tokens"))
+        && absent_or_plain(body.get("max_completion_tokens"))
+        && absent_or_plain(body.get("n_predict"))
+        && absent_or_plain(num_predict)
 }
 
 /// `options` is present but not an object, so the cap cannot be written into it.
@@ -307,10 +308,7 @@ pub fn reserve_limit(
             .json
             .as_ref()
             .and_then(Value::as_object)
-            .is_none_or(|b| {
-                matches!(read(ctx.route, b), Ok(OutputAsk { per_choice: Limit::Bounded(n), .. })
-                if written_plainly(ctx.route, b, n))
-            });
+            .is_none_or(|b| written_plainly(ctx.route, b));
         if !plain {
             apply_limit(ctx, |ask| match ask.per_choice {
                 Limit::Bounded(n) => Ok(n),
@@ -476,13 +474,16 @@ mod tests {
         let mut c = chat(json!({"model": "m", "messages": [], "n": 3}));
         reserve_limit(&mut c, |choices| 900 / choices).unwrap();
         assert_eq!(c.max_tokens, Some(900));
-        let mut c = chat(
-            json!({"model": "m", "messages": [], "max_tokens": 7, "max_completion_tokens": 7}),
-        );
-        c.max_tokens = Some(7);
-        reserve_limit(&mut c, |_| 100).unwrap();
-        assert_eq!((c.max_tokens, c.body_rewritten), (Some(7), false));
-        assert_eq!(c.output_reserved, None);
+        for body in [
+            json!({"model": "m", "messages": [], "max_tokens": 7}),
+            json!({"model": "m", "messages": [], "max_tokens": 5, "max_completion_tokens": 7}),
+        ] {
+            let mut c = chat(body);
+            c.max_tokens = Some(7);
+            reserve_limit(&mut c, |_| 100).unwrap();
+            assert_eq!((c.max_tokens, c.body_rewritten), (Some(7), false));
+            assert_eq!(c.output_reserved, None);
+        }
         // …unless it is written in a way some backend reads as no limit at all (llama.cpp
         // takes a string, or a null beside a number, as absent): then as a plain number.
         for body in [
@@ -495,7 +496,6 @@ mod tests {
             json!({"model": "m", "messages": [], "max_completion_tokens": 7}),
             json!({"model": "m", "messages": [], "n_predict": 7}),
             json!({"model": "m", "messages": [], "options": {"num_predict": 7}}),
-            json!({"model": "m", "messages": [], "max_tokens": 7}),
         ] {
             let mut c = chat(body.clone());
             c.max_tokens = Some(7);
