@@ -9,6 +9,31 @@ use super::support::redis::Redis;
 use super::support::{chat, client, mock, Gateway};
 use super::{key_chat, keyed_chain, replicas, Replicas, KEY};
 
+/// The buyer's streamed generation of four chunks, `delay` ms apart: (status, body).
+async fn buyer_stream(url: String, delay: &'static str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(BUYER)
+        .header("x-mock-chunks", "4")
+        .header("x-mock-delay-ms", delay)
+        .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default())
+}
+
+/// Waits (2 s at most) until the mock has had its first request on `path`.
+async fn wait_hits(m: &mock_ollama::MockServer, path: &str) {
+    for _ in 0..200 {
+        if m.hits(path) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn state_of(gw: &Gateway) -> (String, Option<f64>) {
     let h = gw.health().await;
     (
@@ -204,27 +229,10 @@ async fn a_dead_replicas_holds_expire() {
         config(db.path(), &m, 0.05, 0.0, 10000.0, limit)
     ))
     .await;
-    let gen = |url: String, delay: &'static str| async move {
-        let r = reqwest::Client::new()
-            .post(url)
-            .bearer_auth(BUYER)
-            .header("x-mock-delay-ms", delay)
-            .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": true}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.text().await.unwrap_or_default())
-    };
-    let running = tokio::spawn(gen(a.url("/api/generate"), "2000"));
-    for _ in 0..200 {
-        if m.hits("/api/generate") == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let running = tokio::spawn(buyer_stream(a.url("/api/generate"), "2000"));
+    wait_hits(&m, "/api/generate").await;
     // The running request's reservation and slot keep another replica out…
-    let (s, body) = gen(b.url("/api/generate"), "0").await;
+    let (s, body) = buyer_stream(b.url("/api/generate"), "0").await;
     assert_eq!(s, 429, "{body}");
     assert!(body.contains("budget_exceeded"), "{body}");
     // …until its replica dies and they expire (lease_ttl 1s).
@@ -233,7 +241,7 @@ async fn a_dead_replicas_holds_expire() {
     let killed = Instant::now();
     let mut status = 0;
     while killed.elapsed() < Duration::from_secs(10) {
-        status = gen(b.url("/api/generate"), "0").await.0;
+        status = buyer_stream(b.url("/api/generate"), "0").await.0;
         if status == 200 {
             break;
         }
@@ -419,27 +427,9 @@ async fn a_running_requests_holds_come_back_after_redis_loses_them() {
     };
     let a = Gateway::start(&conf(da.path())).await;
     let b = Gateway::start(&conf(db.path())).await;
-    let gen = |url: String, delay: &'static str| async move {
-        let r = reqwest::Client::new()
-            .post(url)
-            .bearer_auth(BUYER)
-            .header("x-mock-chunks", "4")
-            .header("x-mock-delay-ms", delay)
-            .json(&json!({"model": "llama3.1:8b", "prompt": "x", "stream": true}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.text().await.unwrap_or_default())
-    };
     // One long stream on replica A (about 8 s).
-    let running = tokio::spawn(gen(a.url("/api/generate"), "2000"));
-    for _ in 0..200 {
-        if m.hits("/api/generate") == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let running = tokio::spawn(buyer_stream(a.url("/api/generate"), "2000"));
+    wait_hits(&m, "/api/generate").await;
     let (slot, reservation) = ("*rl:*slots*", "*resv:*");
     assert_eq!(held(&redis, slot), ":1");
     assert_eq!(held(&redis, reservation), ":1");
@@ -449,7 +439,7 @@ async fn a_running_requests_holds_come_back_after_redis_loses_them() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(held(&redis, slot), ":1", "{}", a.log());
     assert_eq!(held(&redis, reservation), ":1", "{}", a.log());
-    let (s, body) = gen(b.url("/api/generate"), "0").await;
+    let (s, body) = buyer_stream(b.url("/api/generate"), "0").await;
     assert_eq!(s, 429, "{body}");
     // The same after an outage longer than lease_ttl (the server comes back empty).
     redis.kill();
@@ -460,7 +450,7 @@ async fn a_running_requests_holds_come_back_after_redis_loses_them() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(held(&redis, slot), ":1", "{}", a.log());
     assert_eq!(held(&redis, reservation), ":1", "{}", a.log());
-    let (s, body) = gen(b.url("/api/generate"), "0").await;
+    let (s, body) = buyer_stream(b.url("/api/generate"), "0").await;
     assert_eq!(s, 429, "{body}");
     assert!(a.log().contains("holds of running requests"), "{}", a.log());
     // When the stream ends, both are given back (the release made again on the connection
@@ -496,12 +486,7 @@ async fn a_fallback_to_local_state_counts_the_requests_already_running() {
             .json(&json!({"model": "llama3.1:8b", "messages": [], "stream": true}))
             .send(),
     );
-    for _ in 0..200 {
-        if m.hits("/api/chat") == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_hits(&m, "/api/chat").await;
     redis.kill();
     let mut degraded = false;
     for _ in 0..100 {

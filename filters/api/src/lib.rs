@@ -20,6 +20,8 @@ pub mod prompt;
 mod rejection;
 mod route;
 pub mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod units;
 mod usage;
 

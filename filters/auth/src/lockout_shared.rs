@@ -291,70 +291,15 @@ impl SharedLockout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use async_trait::async_trait;
-    use gateway_filter::state::{Arg, Keep, StateError};
-    use std::sync::atomic::AtomicUsize;
+    use gateway_filter::testing::FakeState;
 
-    /// A server whose set of locks is `locked` (read in 50 ms), counting the calls.
-    #[derive(Default)]
-    struct Fake {
-        locked: Mutex<Vec<String>>,
-        reads: AtomicUsize,
-        counts: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl SharedState for Fake {
-        async fn run(
-            &self,
-            _: &'static Script,
-            _: &[&str],
-            _: &[Arg<'_>],
-        ) -> Result<Vec<i64>, StateError> {
-            self.counts.fetch_add(1, Ordering::AcqRel);
-            Ok(vec![0])
-        }
-        async fn run_text(
-            &self,
-            _: &'static Script,
-            _: &[&str],
-            _: &[Arg<'_>],
-        ) -> Result<Vec<String>, StateError> {
-            self.reads.fetch_add(1, Ordering::AcqRel);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            Ok(self.locked.lock().unwrap().clone())
-        }
-        fn run_detached(&self, _: &'static Script, _: Vec<String>, _: Vec<String>) {}
-        fn undo(&self, _: &'static Script, _: Vec<String>, _: Vec<String>) {}
-        fn key(&self, kind: &[&str], tag: &[&str]) -> String {
-            format!("{}{{{}}}", kind.concat(), tag.concat())
-        }
-        fn member(&self) -> String {
-            "m".into()
-        }
-        fn lease_ms(&self) -> u64 {
-            1000
-        }
-        fn keep(&self, _: gateway_filter::state::Renewal) -> Keep {
-            Keep::new(|| {})
-        }
-        fn fail_closed(&self) -> bool {
-            false
-        }
-        fn degraded(&self) -> bool {
-            false
-        }
-        fn subscribe(&self, _: &str, _: Box<dyn Fn(&str) + Send + Sync>) -> Arc<AtomicU64> {
-            Arc::new(AtomicU64::new(1))
-        }
-        fn channel(&self, channel: &str) -> String {
-            channel.into()
-        }
-        fn on_reset(&self, _: Box<dyn Fn() + Send + Sync>) {}
-    }
-
-    fn lockout() -> (Arc<Fake>, Arc<SharedLockout>) {
-        let fake = Arc::new(Fake::default());
+    /// A server whose set of locks is `text` (read in 50 ms), counting the calls.
+    fn lockout() -> (Arc<FakeState>, Arc<SharedLockout>) {
+        let fake = Arc::new(FakeState {
+            text_delay: Duration::from_millis(50),
+            generation: 1,
+            ..Default::default()
+        });
         let lockout = SharedLockout::new(fake.clone(), 3, Duration::from_secs(60));
         (fake, Arc::new(lockout))
     }
@@ -363,7 +308,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn one_request_reads_the_set_the_others_ask_about_their_address() {
         let (fake, lockout) = lockout();
-        fake.locked
+        fake.text
             .lock()
             .unwrap()
             .extend(["192.0.2.1".into(), "1000".into()]);
@@ -376,14 +321,14 @@ mod tests {
         for a in asks {
             a.await.unwrap().unwrap();
         }
-        assert_eq!(fake.reads.load(Ordering::Acquire), 1);
-        assert_eq!(fake.counts.load(Ordering::Acquire), 9);
+        assert_eq!(fake.text_reads.load(Ordering::Acquire), 1);
+        assert_eq!(fake.runs.load(Ordering::Acquire), 9);
         // Read: the next request costs no call, and knows the lock.
         assert_eq!(
             lockout.locked(&"192.0.2.1".parse().unwrap()).await.unwrap(),
             Some(true)
         );
-        assert_eq!(fake.counts.load(Ordering::Acquire), 9);
+        assert_eq!(fake.runs.load(Ordering::Acquire), 9);
     }
 
     /// Attacker review: a set too large to hold once meant a call per request for as long as
@@ -399,27 +344,27 @@ mod tests {
                 ]
             })
             .collect();
-        *fake.locked.lock().unwrap() = many;
+        *fake.text.lock().unwrap() = many;
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
         assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
         assert_eq!(
             (
-                fake.reads.load(Ordering::Acquire),
-                fake.counts.load(Ordering::Acquire)
+                fake.text_reads.load(Ordering::Acquire),
+                fake.runs.load(Ordering::Acquire)
             ),
             (1, 2)
         );
         // The locks that filled it expired; the wait has passed.
         lockout.heard.0.lock().unwrap().clear();
-        fake.locked.lock().unwrap().clear();
+        fake.text.lock().unwrap().clear();
         lockout.overflowed_at.store(0, Ordering::Release);
         assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
         assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
         assert_eq!(
             (
-                fake.reads.load(Ordering::Acquire),
-                fake.counts.load(Ordering::Acquire)
+                fake.text_reads.load(Ordering::Acquire),
+                fake.runs.load(Ordering::Acquire)
             ),
             (2, 2)
         );

@@ -376,66 +376,7 @@ pub async fn totals(
 mod tests {
     use super::*;
     use crate::period::Period;
-    use std::sync::atomic::AtomicU64;
-    use std::sync::Mutex;
-
-    /// A server whose reservations answer, in turn, what `answers` holds; it records the
-    /// detached calls (give-backs).
-    struct Fake {
-        answers: Mutex<Vec<Result<Vec<i64>, StateError>>>,
-        detached: Mutex<Vec<&'static str>>,
-    }
-
-    #[async_trait::async_trait]
-    impl SharedState for Fake {
-        async fn run(
-            &self,
-            _: &'static Script,
-            _: &[&str],
-            _: &[Arg<'_>],
-        ) -> Result<Vec<i64>, StateError> {
-            self.answers.lock().unwrap().remove(0)
-        }
-        async fn run_text(
-            &self,
-            _: &'static Script,
-            _: &[&str],
-            _: &[Arg<'_>],
-        ) -> Result<Vec<String>, StateError> {
-            Ok(vec![])
-        }
-        fn run_detached(&self, s: &'static Script, _: Vec<String>, _: Vec<String>) {
-            self.detached.lock().unwrap().push(s.name);
-        }
-        fn undo(&self, s: &'static Script, k: Vec<String>, a: Vec<String>) {
-            self.run_detached(s, k, a);
-        }
-        fn key(&self, kind: &[&str], tag: &[&str]) -> String {
-            format!("{}{{{}}}", kind.concat(), tag.concat())
-        }
-        fn member(&self) -> String {
-            "m".into()
-        }
-        fn lease_ms(&self) -> u64 {
-            1000
-        }
-        fn keep(&self, _: Renewal) -> Keep {
-            Keep::new(|| {})
-        }
-        fn fail_closed(&self) -> bool {
-            false
-        }
-        fn degraded(&self) -> bool {
-            false
-        }
-        fn subscribe(&self, _: &str, _: Box<dyn Fn(&str) + Send + Sync>) -> Arc<AtomicU64> {
-            Arc::new(AtomicU64::new(0))
-        }
-        fn channel(&self, c: &str) -> String {
-            c.into()
-        }
-        fn on_reset(&self, _: Box<dyn Fn() + Send + Sync>) {}
-    }
+    use gateway_filter::testing::FakeState;
 
     fn budget(principal: &str) -> Budget {
         Budget {
@@ -458,9 +399,9 @@ mod tests {
             ],
         ] {
             let refused_at = answers.iter().position(|a| a.is_ok()).unwrap();
-            let fake = Arc::new(Fake {
-                answers: Mutex::new(answers),
-                detached: Mutex::new(vec![]),
+            let fake = Arc::new(FakeState {
+                answers: std::sync::Mutex::new(answers.into()),
+                ..Default::default()
             });
             let st: Arc<dyn SharedState> = fake.clone();
             let both = [budget("team"), budget("*global*")];
