@@ -56,6 +56,10 @@ return {existed}
 "#,
 };
 
+/// At most this often, the filters put back what they know after a lost settlement or
+/// release (after an outage or lost data: at once).
+const LOST_PUT_BACK_EVERY: Duration = Duration::from_secs(5);
+
 /// A script as sent: its hash, its text, its duration histogram.
 type Compiled = (Arc<redis::Script>, Arc<str>, Histogram);
 
@@ -505,6 +509,10 @@ impl Inner {
 
     /// The state thread's loop: probe (closing an open circuit), notice lost data.
     async fn watch(self: Arc<Self>) {
+        // When a lost settlement or release last made the filters put back what they know:
+        // a slow server that fails some of those calls too must not have them sent again
+        // every probe.
+        let mut last_put_back: Option<std::time::Instant> = None;
         loop {
             let open = self.breaker.is_open();
             tokio::time::sleep(if open {
@@ -532,8 +540,10 @@ impl Inner {
                     self.put_back();
                 }
                 Ok(()) => {
-                    if self.lost.swap(false, Ordering::AcqRel) {
+                    let due = last_put_back.is_none_or(|t| t.elapsed() >= LOST_PUT_BACK_EVERY);
+                    if due && self.lost.swap(false, Ordering::AcqRel) {
                         log::info!("state: a settlement or release did not reach the server; putting back what this replica knows (spend from its ledger)");
+                        last_put_back = Some(std::time::Instant::now());
                         self.put_back();
                     }
                 }
