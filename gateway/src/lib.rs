@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod fd_limit;
+pub mod host_check;
 pub mod init;
 pub mod metrics;
 pub mod model_list;

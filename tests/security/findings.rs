@@ -1814,6 +1814,23 @@ async fn a_browser_led_to_a_loopback_gateway_by_another_name_is_refused() {
     }
     assert_eq!(ask("GET", "/api/tags", &evil, "").await.0, 200);
     assert_eq!(ask("GET", "/health", &evil, fetch).await.0, 200);
+    // The admin listener (its /metrics needs no token on loopback) likewise.
+    let admin = |host: &str, extra: &str| {
+        let head =
+            format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n");
+        let port = gw.admin_port;
+        async move { send_raw(port, &head, b"").await.0 }
+    };
+    assert_eq!(admin("rebind.example", firefox).await, 403);
+    assert_eq!(
+        admin("rebind.example", "").await,
+        200,
+        "a scraper is not a browser"
+    );
+    assert_eq!(
+        admin(&format!("127.0.0.1:{}", gw.admin_port), firefox).await,
+        200
+    );
     // Names the operator lists pass; with a list, every request's name is checked.
     let port = free_port();
     let listed = Gateway::start_raw(

@@ -114,19 +114,7 @@ impl ListenerSpec {
             HostCheck::Browsers if !(from_browser && via_loopback) => return true,
             _ => {}
         }
-        let extra = &self.allowed_hosts;
-        let name = match host.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or_default(),
-            None => host.split(':').next().unwrap_or_default(),
-        };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        name.is_empty()
-            || name == "localhost"
-            || name.parse::<IpAddr>().is_ok()
-            || [".localhost", ".local", ".internal"]
-                .iter()
-                .any(|tld| name.ends_with(tld))
-            || extra.contains(&name)
+        crate::host_check::is_local(host, &self.allowed_hosts)
     }
 
     /// Whether `ip` is one of the listener's `trusted_proxies`.
@@ -279,7 +267,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             max_connections_per_client: None,
             trusted_proxies: Vec::new(),
             forwarded_header: Default::default(),
-            allowed_hosts: local_names(&[]),
+            allowed_hosts: crate::host_check::with_machine_name(&[]),
             host_check: HostCheck::Browsers,
         }],
         Some(list) if list.is_empty() => {
@@ -668,9 +656,12 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                     ),
                 ));
             }
-            (local_names(names), HostCheck::All)
+            (crate::host_check::with_machine_name(names), HostCheck::All)
         }
-        None => (local_names(&[]), HostCheck::Browsers),
+        None => (
+            crate::host_check::with_machine_name(&[]),
+            HostCheck::Browsers,
+        ),
     };
     Ok(ListenerSpec {
         addr,
@@ -685,26 +676,6 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
         allowed_hosts,
         host_check,
     })
-}
-
-/// `names` and this machine's own name, lower-case, as [`ListenerSpec::admits_host`] reads them.
-fn local_names(names: &[String]) -> Vec<String> {
-    let mut all: Vec<String> = names
-        .iter()
-        .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-        .collect();
-    let mut buf = [0u8; 256];
-    // SAFETY: `buf` is writable for its whole length, which is passed.
-    let got = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if got == 0 {
-        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-        if let Ok(name) = std::str::from_utf8(&buf[..end]) {
-            if !name.is_empty() {
-                all.push(name.to_ascii_lowercase());
-            }
-        }
-    }
-    all
 }
 
 fn resolve(dir: &Path, p: &str) -> PathBuf {

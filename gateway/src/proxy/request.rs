@@ -330,20 +330,8 @@ async fn admit(
     }
     if let Some(l) = listener {
         let h = session.req_header();
-        let host = h
-            .headers
-            .get(http::header::HOST)
-            .map(|v| v.to_str().unwrap_or("?"))
-            .or_else(|| h.uri.authority().map(|a| a.as_str()))
-            .unwrap_or_default();
-        // Browsers send `Sec-Fetch-*` only to secure or local origins, and `Origin` not on a
-        // same-origin GET; their `User-Agent` they always send.
-        let from_browser = ["origin", "sec-fetch-site", "sec-fetch-mode"]
-            .iter()
-            .any(|n| h.headers.contains_key(*n))
-            || h.headers
-                .get(http::header::USER_AGENT)
-                .is_some_and(|ua| ua.as_bytes().starts_with(b"Mozilla/"));
+        let host = crate::host_check::host_of(h);
+        let from_browser = crate::host_check::from_browser(&h.headers);
         let via_loopback = session
             .server_addr()
             .and_then(|a| a.as_inet())
@@ -358,10 +346,7 @@ async fn admit(
                 rejection: Rejection::new(
                     StatusCode::FORBIDDEN,
                     "host_not_allowed",
-                    format!(
-                        "this listener does not answer to the host {} (a page can point its own name at this address); add the name to the listener's allowed_hosts if clients use it",
-                        gateway_filter::echo(host)
-                    ),
+                    crate::host_check::refusal_message(host),
                 ),
             });
         }
