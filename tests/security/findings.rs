@@ -1898,6 +1898,16 @@ async fn media_by_reference_is_refused_on_every_route() {
             "{path} {body}"
         );
     }
+    // A body Python reads and serde does not (a byte-order mark) cannot be checked.
+    let r = c
+        .post(gw.url("/generate"))
+        .header("authorization", bearer(USER_KEY))
+        .header("content-type", "application/json")
+        .body(b"\xef\xbb\xbf{\"text\":\"x\",\"image_data\":\"http://10.0.0.1/\"}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
     assert_eq!(m.total(), 0, "nothing reached the backend");
     let inline = "data:image/png;base64,aGk=";
     let r = post(

@@ -152,6 +152,9 @@ pub struct RequestCtx {
     /// A body on a route without a parser that gives media by reference (a URL or a path the
     /// model server would fetch): the field that does ([`crate::media::referenced`]).
     pub media_reference: Option<String>,
+    /// A body on a route without a parser that looks like JSON but that serde cannot read
+    /// (a byte-order mark, `NaN`, too deep): nothing in it could be checked.
+    pub unreadable_json: bool,
     /// A body on a route whose wire format the gateway does not know (a custom rule's
     /// route): its output limit cannot be read or written, and only the models serde could
     /// read from it are in `named_models`.
@@ -219,7 +222,9 @@ impl RequestCtx {
             && (self.status < 400
                 || matches!(self.decision, Decision::Failed { .. })
                 || self.late_error()
-                || self.abandoned > 0)
+                // Given up on one backend, then an error from the next: what the first ran
+                // is not known (an error at once, 4xx, leaves the per-backend estimates).
+                || (self.abandoned > 0 && self.status >= 500))
     }
 
     /// An error answer that may come after the backend generated ([`Self::answered_late`]):
@@ -265,6 +270,7 @@ impl RequestCtx {
             query_models: Vec::new(),
             opaque_weights: false,
             media_reference: None,
+            unreadable_json: false,
             unknown_format: false,
             max_tokens: None,
             output_reserved: None,

@@ -14,18 +14,27 @@ pub fn is_inline(url: &str) -> bool {
         .is_some_and(|s| s.eq_ignore_ascii_case("data:"))
 }
 
-/// Whether a `*_data` value refers to media elsewhere rather than being it (base64 has no
-/// `:` and no `.`): a URL of any scheme but `data:`, or a file path.
+/// Whether a `*_data` value refers to media elsewhere rather than being it: base64 has no
+/// `:` and no `.`, so a URL of any scheme but `data:`, or a file name, has one of them.
 fn is_reference(s: &str) -> bool {
-    let s = s.trim_start();
-    let scheme = s.split_once(':').is_some_and(|(scheme, _)| {
-        !scheme.is_empty()
-            && scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
-    });
-    (scheme && !is_inline(s)) || ((s.starts_with('/') || s.starts_with('.')) && s.contains('.'))
+    !is_inline(s) && (s.contains(':') || s.contains('.'))
 }
+
+/// Whether a `*_data` value, or one nested in it (lists of lists, an object's `url`), is a
+/// reference.
+fn data_refers(v: &Value, depth: usize) -> bool {
+    match v {
+        _ if depth > 128 => false,
+        Value::String(s) => is_reference(s),
+        Value::Array(items) => items.iter().any(|i| data_refers(i, depth + 1)),
+        Value::Object(o) => o.values().any(|i| data_refers(i, depth + 1)),
+        _ => false,
+    }
+}
+
+/// Keys that name media by URL in any content part, whatever its `type` says (vLLM reads
+/// them from a part without one).
+const URL_KEYS: [&str; 3] = ["image_url", "audio_url", "video_url"];
 
 /// The first field of `body`, at any depth, that gives media by reference: a content part's
 /// `*_url` (an object with a `type`, the URL as a string or its `url`) that is not `data:`,
@@ -52,7 +61,7 @@ fn find(v: &Value, depth: usize) -> Option<String> {
 fn find_in(o: &Map<String, Value>, depth: usize) -> Option<String> {
     let part = o.get("type").is_some_and(Value::is_string);
     for (k, v) in o {
-        if part && k.ends_with("_url") {
+        if (part && k.ends_with("_url")) || URL_KEYS.contains(&k.as_str()) {
             let url = match v {
                 Value::String(u) => Some(u.as_str()),
                 Value::Object(inner) => inner.get("url").and_then(Value::as_str),
@@ -62,15 +71,8 @@ fn find_in(o: &Map<String, Value>, depth: usize) -> Option<String> {
                 return Some(k.clone());
             }
         }
-        if DATA_KEYS.contains(&k.as_str()) {
-            let reference = match v {
-                Value::String(s) => is_reference(s),
-                Value::Array(a) => a.iter().filter_map(Value::as_str).any(is_reference),
-                _ => false,
-            };
-            if reference {
-                return Some(k.clone());
-            }
+        if DATA_KEYS.contains(&k.as_str()) && data_refers(v, depth + 1) {
+            return Some(k.clone());
         }
         if let Some(found) = find(v, depth + 1) {
             return Some(found);
@@ -107,6 +109,19 @@ mod tests {
         );
         assert_eq!(
             found(json!({"text": "x", "image_data": ["aGk=", "/srv/images/a.png"]})),
+            Some("image_data".into())
+        );
+        // Parts without a `type` (vLLM reads them), lists of lists, relative file names.
+        assert_eq!(
+            found(json!({"messages": [{"content": [{"image_url": "http://10.0.0.1/"}]}]})),
+            Some("image_url".into())
+        );
+        assert_eq!(
+            found(json!({"image_data": [["http://10.0.0.1/x.png"]]})),
+            Some("image_data".into())
+        );
+        assert_eq!(
+            found(json!({"image_data": "srv/img/a.png"})),
             Some("image_data".into())
         );
         // Carried: data: URLs, base64 (a JPEG's starts with "/9j/"), and `*_url` outside a

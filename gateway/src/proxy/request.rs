@@ -332,10 +332,12 @@ async fn admit(
         let h = session.req_header();
         let host = crate::host_check::host_of(h);
         let from_browser = crate::host_check::from_browser(&h.headers);
-        let via_loopback = session
-            .server_addr()
-            .and_then(|a| a.as_inet())
-            .is_some_and(|a| a.ip().to_canonical().is_loopback());
+        // A proxy the operator trusts passes the browser's name on: its own checks stand.
+        let via_loopback = !ctx.req.via_trusted_proxy
+            && session
+                .server_addr()
+                .and_then(|a| a.as_inet())
+                .is_some_and(|a| a.ip().to_canonical().is_loopback());
         if !l.admits_host(host, from_browser, via_loopback) {
             ctx.req.reject_reason = Some("host_not_allowed");
             return Err(Refusal {

@@ -73,9 +73,9 @@ pub struct Backend {
 
     // Health.
     failures: AtomicU32,
-    /// Who got this backend's last server error that no other backend could serve instead
-    /// (see [`BackendPool::mark_failed_for`]).
-    last_5xx_caller: AtomicU64,
+    /// The callers whose server errors (ones no other backend served instead) count in the
+    /// current streak (see [`BackendPool::mark_failed_for`]).
+    streak_callers: std::sync::Mutex<Vec<u64>>,
     down_until_ms: AtomicU64,
     cooldown_ms: AtomicU64,
     probe_ok: AtomicBool,
@@ -131,7 +131,7 @@ impl Backend {
                 .as_ref()
                 .map(|m| m.iter().map(|s| canonical_model(s).into_owned()).collect()),
             failures: AtomicU32::new(0),
-            last_5xx_caller: AtomicU64::new(0),
+            streak_callers: Default::default(),
             down_until_ms: AtomicU64::new(0),
             cooldown_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
@@ -342,13 +342,22 @@ impl BackendPool {
         }
     }
 
-    /// A server error answered to `caller` (a hash of its principal or network) that no other
-    /// backend could serve: a failure only if the backend's previous such error went to
-    /// another caller. A backend that fails everyone is taken out; one client's requests that
-    /// fail by design (llama.cpp's 500 for a malformed tool call) cannot build a streak.
+    /// A server error answered to `caller` (a hash of its principal; anonymous callers are
+    /// one) that no other backend could serve: a failure only for the first such error of
+    /// each caller in the streak, so it takes `fail_threshold` callers to take the backend
+    /// out. A backend that fails everyone is taken out; one client's requests that fail by
+    /// design (llama.cpp's 500 for a malformed tool call) cannot build a streak, nor can two.
     pub fn mark_failed_for(&self, idx: usize, caller: u64) {
         let b = &self.0.backends[idx];
-        if b.last_5xx_caller.swap(caller, Ordering::Relaxed) != caller {
+        let new = {
+            let mut callers = b.streak_callers.lock().unwrap_or_else(|p| p.into_inner());
+            let new = !callers.contains(&caller);
+            if new && callers.len() < 64 {
+                callers.push(caller);
+            }
+            new
+        };
+        if new {
             self.mark_failed(idx);
         }
     }
@@ -358,6 +367,10 @@ impl BackendPool {
     pub fn mark_ok(&self, idx: usize) {
         let b = &self.0.backends[idx];
         if b.failures.load(Ordering::Relaxed) != 0 {
+            b.streak_callers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             b.failures.store(0, Ordering::Relaxed);
             b.cooldown_ms.store(0, Ordering::Relaxed);
             b.down_until_ms.store(0, Ordering::Relaxed);

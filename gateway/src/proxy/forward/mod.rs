@@ -49,23 +49,27 @@ enum Attempt {
 const SHARED_FULL_MS: u64 = 20;
 
 /// Whether a backend's error answer says the backend is unwell: a server error, but not
-/// `503` (Ollama's full queue: busy, like `429`) and not one that came after the backend held
-/// the request a while (llama.cpp's 500 for tool-call arguments it generated: the request's).
+/// `503` (Ollama's full queue: busy, like `429`), and not one that came after the backend
+/// held a request with tools or several completions a while (llama.cpp's 500 for tool-call
+/// arguments it generated, a later task's error: the request's). Other late errors (a model
+/// that failed to load, a runner that died) are the backend's.
 fn counts_against_backend(status: u16, req: &RequestCtx) -> bool {
-    status >= 500 && status != 503 && !req.answered_late()
+    let tools = req
+        .json
+        .as_ref()
+        .and_then(|b| b.get("tools"))
+        .is_some_and(|t| !t.is_null());
+    status >= 500 && status != 503 && !(req.answered_late() && (tools || req.completions > 1))
 }
 
 /// Who a request is for the health rule ([`crate::router::BackendPool::mark_failed_for`]):
-/// its principal, else its client's network; never 0 (no error yet).
+/// its principal; every anonymous caller is one (addresses are cheap to change).
 fn caller_key(req: &RequestCtx) -> u64 {
     use std::hash::{Hash, Hasher};
     // Fixed keys: the same caller must hash alike on every request.
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    match (&req.principal, req.client_net) {
-        (Some(p), _) => p.id.hash(&mut h),
-        (None, net) => net.hash(&mut h),
-    }
-    h.finish().max(1)
+    req.principal.as_ref().map(|p| p.id.as_str()).hash(&mut h);
+    h.finish()
 }
 
 /// Output tokens a request may still produce, for the usage-based strategy.
