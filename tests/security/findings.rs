@@ -1577,11 +1577,14 @@ async fn principals_from_outside_have_bounded_metric_labels() {
         .filter_map(|l| l.split("principal=\"").nth(1))
         .filter_map(|rest| rest.split('"').next())
         .collect();
-    assert_eq!(
-        principals.into_iter().collect::<Vec<_>>(),
-        ["demo", "other", "user-0@example.com", "user-1@example.com"],
-        "{text}"
+    // Two of the six outside principals took the two slots (which two depends on the order
+    // their counters were written, after each answer), the rest count as `other`.
+    let users = principals.iter().filter(|p| p.starts_with("user-")).count();
+    assert!(
+        principals.contains("demo") && principals.contains("other") && users == 2,
+        "{principals:?} {text}"
     );
+    assert_eq!(principals.len(), 4, "{text}");
 }
 
 // Attacker review (2026-12-05, second): the budget's own series (`llm_gateway_spend_usd_total`
@@ -1634,20 +1637,18 @@ async fn the_budgets_series_have_bounded_labels_too() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        labels(&text, "llm_gateway_spend_usd_total{")
-            .into_iter()
-            .collect::<Vec<_>>(),
-        ["other", "user-0@example.com", "user-1@example.com"],
-        "{text}"
-    );
+    // Two of the six principals took the two slots (which two depends on the order their
+    // series were first written), the rest are charged as `other`.
+    let spent = labels(&text, "llm_gateway_spend_usd_total{");
+    let named: Vec<&String> = spent.iter().filter(|p| p.starts_with("user-")).collect();
+    assert!(spent.contains("other") && named.len() == 2, "{text}");
+    assert_eq!(spent.len(), 3, "{text}");
     // A gauge for "other" would hold whichever account wrote last: none is kept.
+    let remaining = labels(&text, "llm_gateway_budget_remaining_usd{");
     assert_eq!(
-        labels(&text, "llm_gateway_budget_remaining_usd{")
-            .into_iter()
-            .collect::<Vec<_>>(),
-        ["user-0@example.com", "user-1@example.com"],
-        "{text}"
+        remaining.iter().collect::<Vec<_>>(),
+        named,
+        "the named principals only: {text}"
     );
 }
 
@@ -1909,6 +1910,9 @@ async fn media_by_reference_is_refused_on_every_route() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(m.total(), 0, "nothing reached the backend");
+    // JSON that is read but is not an object is checked and passes.
+    let r = post("/generate", json!([{"text": "x"}])).await.unwrap();
+    assert!(![400, 403].contains(&r.status().as_u16()), "{}", r.status());
     let inline = "data:image/png;base64,aGk=";
     let r = post(
         "/v1/responses",

@@ -14,20 +14,32 @@ pub fn is_inline(url: &str) -> bool {
         .is_some_and(|s| s.eq_ignore_ascii_case("data:"))
 }
 
-/// Whether a `*_data` value refers to media elsewhere rather than being it: base64 has no
-/// `:` and no `.`, so a URL of any scheme but `data:`, or a file name, has one of them.
-fn is_reference(s: &str) -> bool {
-    !is_inline(s) && (s.contains(':') || s.contains('.'))
+/// Whether a `*_data` string refers to media elsewhere rather than being it. Base64 has no
+/// `:` and no `.`, so a URL of any scheme but `data:`, or a file name, has one of them; a
+/// path may have neither (`/proc/self/environ`) but starts with `/` (base64 starting so is a
+/// JPEG's `/9j/`) or `~`. SGLang reads any `audio_data` string but a URL as a file path.
+fn is_reference(key: &str, s: &str) -> bool {
+    let t = s.trim_start();
+    !is_inline(t)
+        && (key == "audio_data"
+            || t.contains(':')
+            || t.contains('.')
+            || (t.starts_with('/') && !t.starts_with("/9j/"))
+            || t.starts_with('~'))
 }
 
 /// Whether a `*_data` value, or one nested in it (lists of lists, an object's `url`), is a
-/// reference.
-fn data_refers(v: &Value, depth: usize) -> bool {
+/// reference. Only an object's `url` is read: its other strings are not media (a tool
+/// schema's `description`).
+fn data_refers(key: &str, v: &Value, depth: usize) -> bool {
     match v {
         _ if depth > 128 => false,
-        Value::String(s) => is_reference(s),
-        Value::Array(items) => items.iter().any(|i| data_refers(i, depth + 1)),
-        Value::Object(o) => o.values().any(|i| data_refers(i, depth + 1)),
+        Value::String(s) => is_reference(key, s),
+        Value::Array(items) => items.iter().any(|i| data_refers(key, i, depth + 1)),
+        Value::Object(o) => o
+            .get("url")
+            .and_then(Value::as_str)
+            .is_some_and(|u| !is_inline(u)),
         _ => false,
     }
 }
@@ -71,7 +83,7 @@ fn find_in(o: &Map<String, Value>, depth: usize) -> Option<String> {
                 return Some(k.clone());
             }
         }
-        if DATA_KEYS.contains(&k.as_str()) && data_refers(v, depth + 1) {
+        if DATA_KEYS.contains(&k.as_str()) && data_refers(k, v, depth + 1) {
             return Some(k.clone());
         }
         if let Some(found) = find(v, depth + 1) {
@@ -123,6 +135,25 @@ mod tests {
         assert_eq!(
             found(json!({"image_data": "srv/img/a.png"})),
             Some("image_data".into())
+        );
+        assert_eq!(
+            found(json!({"audio_data": "/proc/self/environ"})),
+            Some("audio_data".into())
+        );
+        assert_eq!(
+            found(json!({"image_data": "/srv/imgpng"})),
+            Some("image_data".into())
+        );
+        assert_eq!(
+            found(json!({"audio_data": "UklGRiQAAABXQVZF"})),
+            Some("audio_data".into())
+        );
+        // A tool's schema for such a field is not media.
+        assert_eq!(
+            found(
+                json!({"tools": [{"parameters": {"properties": {"image_data": {"type": "string", "description": "A base64 PNG."}}}}]})
+            ),
+            None
         );
         // Carried: data: URLs, base64 (a JPEG's starts with "/9j/"), and `*_url` outside a
         // content part (metadata).

@@ -298,15 +298,23 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
         return Ok(());
     }
     ctx.unknown_format = true;
-    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
-        // Python's JSON reader (vLLM's, SGLang's) takes a byte-order mark, `NaN`, deeper
-        // nesting: what looks like JSON may be read there and not here.
-        let text = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
-        ctx.unreadable_json = text
-            .iter()
-            .find(|b| !b.is_ascii_whitespace())
-            .is_some_and(|b| matches!(b, b'{' | b'['));
-        return Ok(());
+    let obj = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(obj)) => obj,
+        // Read, but not an object (a list, a number): still checked for media.
+        Ok(other) => {
+            ctx.media_reference = gateway_filter::media::referenced(&other);
+            return Ok(());
+        }
+        Err(_) => {
+            // Python's JSON reader (vLLM's, SGLang's) takes a byte-order mark, `NaN`, deeper
+            // nesting: what looks like JSON may be read there and not here.
+            let text = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
+            ctx.unreadable_json = text
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|b| matches!(b, b'{' | b'['));
+            return Ok(());
+        }
     };
     // A body that loads, picks or unloads adapters (vLLM's `/v1/load_lora_adapter`, SGLang,
     // LoRAX's and TGI's `parameters.adapter_id`) is model management whatever `model` it also

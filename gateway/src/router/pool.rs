@@ -321,11 +321,13 @@ impl BackendPool {
 
     /// A request failed on the backend (connect error, timeout, 5xx). After `fail_threshold`
     /// consecutive failures it cools down; each further failure doubles the cooldown, to a cap.
-    pub fn mark_failed(&self, idx: usize) {
+    /// Answers whether the backend is now cooling down.
+    pub fn mark_failed(&self, idx: usize) -> bool {
         let inner = &self.0;
         let b = &inner.backends[idx];
         let n = b.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= inner.fail_threshold {
+        let down = n >= inner.fail_threshold;
+        if down {
             let prev = b.cooldown_ms.load(Ordering::Relaxed);
             let next = if prev == 0 {
                 inner.cooldown.as_millis() as u64
@@ -340,6 +342,7 @@ impl BackendPool {
                 b.name
             );
         }
+        down
     }
 
     /// A server error answered to `caller` (a hash of its principal; anonymous callers are
@@ -347,18 +350,21 @@ impl BackendPool {
     /// each caller in the streak, so it takes `fail_threshold` callers to take the backend
     /// out. A backend that fails everyone is taken out; one client's requests that fail by
     /// design (llama.cpp's 500 for a malformed tool call) cannot build a streak, nor can two.
+    /// Each cooldown starts a new round of callers, so the same callers' errors after it
+    /// count again (and double the cooldown).
     pub fn mark_failed_for(&self, idx: usize, caller: u64) {
         let b = &self.0.backends[idx];
-        let new = {
-            let mut callers = b.streak_callers.lock().unwrap_or_else(|p| p.into_inner());
-            let new = !callers.contains(&caller);
-            if new && callers.len() < 64 {
-                callers.push(caller);
-            }
-            new
-        };
-        if new {
-            self.mark_failed(idx);
+        // Held while the failure is counted, so a success (which clears both) cannot fall
+        // in between and leave a caller listed for a streak that restarted.
+        let mut callers = b.streak_callers.lock().unwrap_or_else(|p| p.into_inner());
+        if callers.contains(&caller) {
+            return;
+        }
+        if callers.len() < 64 {
+            callers.push(caller);
+        }
+        if self.mark_failed(idx) {
+            callers.clear();
         }
     }
 
@@ -367,10 +373,8 @@ impl BackendPool {
     pub fn mark_ok(&self, idx: usize) {
         let b = &self.0.backends[idx];
         if b.failures.load(Ordering::Relaxed) != 0 {
-            b.streak_callers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            let mut callers = b.streak_callers.lock().unwrap_or_else(|p| p.into_inner());
+            callers.clear();
             b.failures.store(0, Ordering::Relaxed);
             b.cooldown_ms.store(0, Ordering::Relaxed);
             b.down_until_ms.store(0, Ordering::Relaxed);

@@ -59,7 +59,9 @@ fn counts_against_backend(status: u16, req: &RequestCtx) -> bool {
         .as_ref()
         .and_then(|b| b.get("tools"))
         .is_some_and(|t| !t.is_null());
-    status >= 500 && status != 503 && !(req.answered_late() && (tools || req.completions > 1))
+    // A body the gateway has no parser for (a custom route) may ask for either.
+    let may_be_request = tools || req.completions > 1 || req.unknown_format;
+    status >= 500 && status != 503 && !(req.answered_late() && may_be_request)
 }
 
 /// Who a request is for the health rule ([`crate::router::BackendPool::mark_failed_for`]):
@@ -222,7 +224,9 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 // client must not take backends out with requests every backend refuses).
                 let status = ctx.req.status;
                 if (200..300).contains(&status) {
-                    answered_5xx.iter().for_each(|&i| pool.mark_failed(i));
+                    answered_5xx.iter().for_each(|&i| {
+                        pool.mark_failed(i);
+                    });
                 } else if counts_against_backend(status, &ctx.req) {
                     pool.mark_failed_for(idx, caller_key(&ctx.req));
                 }
