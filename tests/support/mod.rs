@@ -111,23 +111,22 @@ impl Gateway {
     /// Starts the binary with `body` as config (a `listen:` entry is added) and waits until
     /// `/health` answers.
     pub async fn start(body: &str) -> Gateway {
-        let port = free_port();
-        Gateway::start_raw(
-            &format!("listen:\n  - addr: 127.0.0.1:{port}\n{body}"),
-            port,
-        )
-        .await
+        Gateway::start_env(body, &[]).await
     }
 
-    /// [`Gateway::start`] with extra environment variables for the process.
+    /// [`Gateway::start`] with extra environment variables for the process. A "free" port
+    /// can be taken by another test before the gateway binds it: then another is tried.
     pub async fn start_env(body: &str, env: &[(&str, &str)]) -> Gateway {
-        let port = free_port();
-        Gateway::start_raw_env(
-            &format!("listen:\n  - addr: 127.0.0.1:{port}\n{body}"),
-            port,
-            env,
-        )
-        .await
+        for _ in 0..3 {
+            let port = free_port();
+            let config = format!("listen:\n  - addr: 127.0.0.1:{port}\n{body}");
+            match Self::start_raw_env_result(&config, port, env).await {
+                Ok(gw) => return gw,
+                Err(log) if log.contains("listen[0].addr: cannot listen") => continue,
+                Err(log) => panic!("gateway exited before serving:\n{log}"),
+            }
+        }
+        panic!("no free port after three tries");
     }
 
     /// Starts with `config` as is (it must listen on 127.0.0.1:`port`) and waits until the
@@ -137,16 +136,27 @@ impl Gateway {
     }
 
     async fn start_raw_env(config: &str, port: u16, env: &[(&str, &str)]) -> Gateway {
+        match Self::start_raw_env_result(config, port, env).await {
+            Ok(gw) => gw,
+            Err(log) => panic!("gateway exited before serving:\n{log}"),
+        }
+    }
+
+    /// Starts as [`Gateway::start_raw`] does; the log when it exits first.
+    async fn start_raw_env_result(
+        config: &str,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Result<Gateway, String> {
         // A "free" port can be taken by another test's outgoing connection before the gateway
         // binds it: when the admin port (ours to choose) was, try another.
         for _ in 0..3 {
             match Self::try_start(config, port, env).await {
-                Ok(gw) => return gw,
                 Err(log) if log.contains("admin.addr: cannot listen") => continue,
-                Err(log) => panic!("gateway exited before serving:\n{log}"),
+                result => return result,
             }
         }
-        panic!("no free admin port after three tries");
+        Err("no free admin port after three tries".into())
     }
 
     async fn try_start(config: &str, port: u16, env: &[(&str, &str)]) -> Result<Gateway, String> {
