@@ -26,9 +26,9 @@ pub struct AdminApp {
     /// `/metrics` needs the token too: the listener is reachable from the network, and the
     /// series name principals, models and backends.
     pub metrics_need_token: bool,
-    /// This machine's names: over a loopback connection, a browser's request naming another
-    /// host is refused ([`crate::host_check`]).
-    pub hosts: Vec<String>,
+    /// Over a loopback connection, a browser's request naming another host than this
+    /// machine's is refused ([`crate::host_check`]).
+    pub hosts: crate::host_check::HostRule,
 }
 
 /// The admin token, kept as its SHA-256: presented tokens are compared digest to digest in
@@ -140,22 +140,15 @@ impl AdminApp {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
-        let via_loopback = session
-            .server_addr()
-            .and_then(|a| a.as_inet())
-            .is_some_and(|a| a.ip().to_canonical().is_loopback());
-        let h = session.req_header();
-        let host = crate::host_check::host_of(h);
-        if path != "/health"
-            && via_loopback
-            && crate::host_check::from_browser(&h.headers)
-            && !crate::host_check::is_local(host, &self.hosts)
-        {
-            return json_error(
-                StatusCode::FORBIDDEN,
-                "host_not_allowed",
-                &crate::host_check::refusal_message(host),
-            );
+        let via_loopback = || crate::host_check::loopback(session.server_addr());
+        if path != "/health" {
+            if let Some(host) = self.hosts.refused(session.req_header(), via_loopback) {
+                return json_error(
+                    StatusCode::FORBIDDEN,
+                    "host_not_allowed",
+                    &crate::host_check::refusal_message(host),
+                );
+            }
         }
         if let Some(name) = path.strip_prefix("/admin/") {
             return self.admin_report(session, name).await;

@@ -4,6 +4,72 @@
 //! the gateway checks it, on the proxy's listeners and the admin listener.
 
 use gateway_filter::http::{header, HeaderMap};
+use pingora_core::protocols::l4::socket::SocketAddr;
+
+/// Which requests' `Host` a listener checks against its names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HostCheck {
+    /// Those a browser sent ([`from_browser`]) over a loopback connection: only a browser
+    /// can be led there by a name.
+    #[default]
+    Browsers,
+    /// Every request (the operator listed `allowed_hosts`).
+    All,
+    /// None (`allowed_hosts: ['*']`).
+    Any,
+}
+
+/// A listener's rule: the names besides local ones a request's `Host` may be (lower-case:
+/// this machine's name and the operator's `allowed_hosts`), and which requests are checked.
+#[derive(Debug, Clone, Default)]
+pub struct HostRule {
+    pub names: Vec<String>,
+    pub check: HostCheck,
+}
+
+impl HostRule {
+    /// The default: browsers' requests over loopback, local names and this machine's.
+    pub fn local() -> HostRule {
+        HostRule {
+            names: with_machine_name(&[]),
+            check: HostCheck::Browsers,
+        }
+    }
+
+    /// Whether a request naming `host` (port and all) may pass. `from_browser`: it carries
+    /// what browsers add; `via_loopback`: its connection came in on a loopback address.
+    pub fn admits(&self, host: &str, from_browser: bool, via_loopback: bool) -> bool {
+        match self.check {
+            HostCheck::Any => true,
+            HostCheck::Browsers if !(from_browser && via_loopback) => true,
+            _ => is_local(host, &self.names),
+        }
+    }
+
+    /// The host `req` names when this rule refuses it. Reads nothing of a request it does not
+    /// check (`via_loopback` is asked last).
+    pub fn refused<'a>(
+        &self,
+        req: &'a pingora_http::RequestHeader,
+        via_loopback: impl FnOnce() -> bool,
+    ) -> Option<&'a str> {
+        let browser = match self.check {
+            HostCheck::Any => return None,
+            HostCheck::Browsers if !from_browser(&req.headers) || !via_loopback() => return None,
+            HostCheck::Browsers => true,
+            HostCheck::All => from_browser(&req.headers),
+        };
+        let host = host_of(req);
+        (!self.admits(host, browser, true)).then_some(host)
+    }
+}
+
+/// Whether a connection's local address is a loopback one.
+pub fn loopback(local: Option<&SocketAddr>) -> bool {
+    local
+        .and_then(|a| a.as_inet())
+        .is_some_and(|a| a.ip().to_canonical().is_loopback())
+}
 
 /// Whether `host` (a `Host` header, port and all) names this machine: an IP address,
 /// `localhost`, a name under `.localhost`, `.local` or `.internal`, or one of `names`

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use gateway_filter::labels::MetricLabels;
-use gateway_filter::{Decision, Principal, RequestCtx};
+use gateway_filter::{Decision, RequestCtx};
 use prometheus::{
     exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -32,8 +32,6 @@ pub struct Metrics {
     /// Model and principal label values, shared with the filters' metrics.
     labels: Arc<MetricLabels>,
 }
-
-pub use gateway_filter::labels::LabelLimits;
 
 fn counter(
     r: &Registry,
@@ -179,19 +177,11 @@ impl Metrics {
         }
     }
 
-    fn model_label<'a>(&self, model: Option<&'a str>, admit: bool) -> &'a str {
-        self.labels.model(model, admit)
-    }
-
-    fn principal_label<'a>(&self, p: Option<&'a Principal>) -> &'a str {
-        self.labels.principal(p)
-    }
-
     pub fn observe(&self, ctx: &RequestCtx) {
         let route = ctx.route.as_str();
         let served = ctx.reached_backend && (200..400).contains(&ctx.status);
-        let model = self.model_label(ctx.model.as_deref(), served);
-        let principal = self.principal_label(ctx.principal.as_deref());
+        let model = self.labels.model(ctx.model.as_deref(), served);
+        let principal = self.labels.principal(ctx.principal.as_deref());
         let status = ctx.status.to_string();
         self.requests
             .with_label_values(&[route, model, &status, principal])

@@ -205,7 +205,7 @@ pub fn run(prepared: Prepared) -> ! {
             chain: gateway.chain.clone(),
             token: settings.admin_token.as_deref().map(AdminToken::new),
             metrics_need_token: !addr.ip().is_loopback(),
-            hosts: crate::host_check::with_machine_name(&[]),
+            hosts: crate::host_check::HostRule::local(),
         };
         let mut svc = pingora_core::services::listening::Service::new(
             "llm-gateway admin".to_string(),

@@ -221,18 +221,26 @@ impl RequestCtx {
             && self.usage.is_none()
             && (self.status < 400
                 || matches!(self.decision, Decision::Failed { .. })
-                || self.late_error()
+                || self.late_error(self.status)
                 // Given up on one backend, then an error from the next: what the first ran
                 // is not known (an error at once, 4xx, leaves the per-backend estimates).
                 || (self.abandoned > 0 && self.status >= 500))
     }
 
-    /// An error answer that may come after the backend generated ([`Self::answered_late`]):
-    /// a server error, or any error to several completions (a later task's, after the others
-    /// ran). A single completion's 4xx that came late is the server checking it when a slot
-    /// was free (a prompt too long for the context): nothing ran.
-    pub fn late_error(&self) -> bool {
-        self.answered_late() && (self.status >= 500 || self.completions > 1)
+    /// Whether an error answer with `status` may come after the backend generated
+    /// ([`Self::answered_late`]): a server error, or any error to several completions (a
+    /// later task's, after the others ran). A single completion's 4xx that came late is the
+    /// server checking it when a slot was free (a prompt too long for the context): nothing
+    /// ran.
+    pub fn late_error(&self, status: u16) -> bool {
+        status >= 400 && self.answered_late() && (status >= 500 || self.completions > 1)
+    }
+
+    /// How long the backend held the request before it answered (the last attempt's).
+    pub fn held(&self) -> Option<Duration> {
+        self.answered_at
+            .zip(self.sent)
+            .map(|(answered, sent)| answered.saturating_sub(sent))
     }
 
     /// The backend held the request a while before it answered: an error answer then may
@@ -243,9 +251,7 @@ impl RequestCtx {
     /// by reading the request (a bad parameter) come at once.
     pub fn answered_late(&self) -> bool {
         const LATE: Duration = Duration::from_secs(1);
-        self.answered_at
-            .zip(self.sent)
-            .is_some_and(|(answered, sent)| answered.saturating_sub(sent) >= LATE)
+        self.held().is_some_and(|held| held >= LATE)
     }
 
     pub fn new(request_id: String, method: Method, path: String) -> Self {

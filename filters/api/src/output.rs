@@ -187,17 +187,13 @@ pub fn read(route: Route, body: &Map<String, Value>) -> Result<OutputAsk, BadCou
 /// limit field present; on Ollama routes `options.num_predict` is.
 fn written_plainly(route: Route, body: &Map<String, Value>) -> bool {
     let plain = |v: Option<&Value>| v.and_then(Value::as_u64).is_some_and(|n| n > 0);
-    let num_predict = body
-        .get("options")
-        .and_then(Value::as_object)
-        .and_then(|o| o.get("num_predict"));
+    let num_predict = options(body);
     if route.wire_format() != WireFormat::OpenAi {
         return plain(num_predict);
     }
     let absent_or_plain = |v: Option<&Value>| v.is_none() || plain(v);
     plain(body.get("max_tokens"))
-        && absent_or_plain(body.get("max_completion_tokens"))
-        && absent_or_plain(body.get("n_predict"))
+        && OPENAI_FIELDS.iter().all(|f| absent_or_plain(body.get(*f)))
         && absent_or_plain(num_predict)
 }
 

@@ -610,15 +610,8 @@ impl Filter for BudgetFilter {
         let budgets = self.budgets(ctx, now);
         // Only a request that has a budget to keep, for a model with a price, is bounded
         // (and its own limit written plainly).
-        let bounded = !budgets.is_empty()
-            && self
-                .prices
-                .worst_case(
-                    ctx.model.as_deref().unwrap_or_default(),
-                    Usage::default(),
-                    0.0,
-                )
-                .is_some();
+        let bounded =
+            !budgets.is_empty() && self.prices.has(ctx.model.as_deref().unwrap_or_default());
         let completion_tokens = match ctx.max_tokens {
             _ if bounded => self.bound_output(ctx)?,
             Some(n) => n,

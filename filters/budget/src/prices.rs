@@ -81,6 +81,12 @@ impl PriceTable {
         })
     }
 
+    /// Whether any entry could apply to `model`.
+    pub fn has(&self, model: &str) -> bool {
+        let canonical = canonical_model(model);
+        self.0.iter().any(|p| applies(&p.model, model, &canonical))
+    }
+
     /// Before the backend is known: the most expensive entry that could apply.
     pub fn worst_case(&self, model: &str, usage: Usage, secs: f64) -> Option<Nano> {
         let canonical = canonical_model(model);

@@ -442,16 +442,7 @@ impl Filter for PolicyFilter {
         if ctx.unknown_format {
             self.check_unknown_format(ctx, gate.is_some())?;
             if self.media_urls == MediaUrls::DataOnly {
-                if let Some(field) = &ctx.media_reference {
-                    return Err(shape::media_url_refused(field));
-                }
-                if ctx.unreadable_json {
-                    return Err(Rejection::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request_body",
-                        "the body looks like JSON but cannot be read (a byte-order mark, NaN, nesting deeper than 128), so it cannot be checked for media given by URL",
-                    ));
-                }
+                shape::check_unknown_media(ctx)?;
             }
         }
         if ctx.route.holds_body() {

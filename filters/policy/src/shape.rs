@@ -170,6 +170,22 @@ pub fn check_media_urls(route: Route, body: &Value) -> Result<(), Rejection> {
     }
 }
 
+/// [`check_media_urls`] for a body on a route without a parser, from what the gateway found
+/// reading it: a field giving media by reference, or JSON it could not read (Python's reader,
+/// vLLM's and SGLang's, takes a byte-order mark or `NaN`: nothing in it was checked).
+pub fn check_unknown_media(ctx: &RequestCtx) -> Result<(), Rejection> {
+    if let Some(field) = &ctx.media_reference {
+        return Err(media_url_refused(field));
+    }
+    if ctx.unreadable_json {
+        return Err(bad(
+            "invalid_request_body",
+            "the body looks like JSON but cannot be read (a byte-order mark, NaN, nesting deeper than 128), so it cannot be checked for media given by URL",
+        ));
+    }
+    Ok(())
+}
+
 pub fn media_url_refused(field: &str) -> Rejection {
     Rejection::new(
         StatusCode::FORBIDDEN,

@@ -3,6 +3,8 @@
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
 use ipnet::IpNet;
+
+use crate::host_check::{HostCheck, HostRule};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,24 +56,8 @@ pub struct ListenerSpec {
     pub trusted_proxies: Vec<IpNet>,
     /// Which of the two headers they write.
     pub forwarded_header: ForwardedHeader,
-    /// The names besides local ones (an IP address, `localhost`, `*.localhost`, `*.local`,
-    /// `*.internal`) a request's `Host` may be, lower-case: this machine's name and
-    /// `allowed_hosts`; and which requests are checked ([`ListenerSpec::admits_host`]).
-    pub allowed_hosts: Vec<String>,
-    pub host_check: HostCheck,
-}
-
-/// Which requests' `Host` a listener checks against its allowed names.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum HostCheck {
-    /// Those a browser sent (`Origin`, `Sec-Fetch-*`, a browser's `User-Agent`) over a
-    /// loopback connection: only a browser can be led there by a name (DNS rebinding).
-    #[default]
-    Browsers,
-    /// Every request (the operator listed `allowed_hosts`).
-    All,
-    /// None (`allowed_hosts: ['*']`).
-    Any,
+    /// Which requests' `Host` is checked, and the names it may be besides local ones.
+    pub hosts: HostRule,
 }
 
 /// The header a listener's trusted proxies name the client in. A proxy passes on what the
@@ -102,19 +88,9 @@ pub fn by_local_addr<T>(
 }
 
 impl ListenerSpec {
-    /// Whether a request naming `host` (its `Host` header, port and all) may use this
-    /// listener. A page whose name an attacker points at 127.0.0.1 (DNS rebinding) is
-    /// same-origin with it in the browser, so only the name it asks for tells it apart.
-    /// `from_browser`: the request carries what browsers add; by default only those are
-    /// checked, as only a browser can be led there by a name.
-    /// `via_loopback`: the connection came in on a loopback address.
+    /// Whether a request naming `host` may use this listener (see [`HostRule::admits`]).
     pub fn admits_host(&self, host: &str, from_browser: bool, via_loopback: bool) -> bool {
-        match self.host_check {
-            HostCheck::Any => return true,
-            HostCheck::Browsers if !(from_browser && via_loopback) => return true,
-            _ => {}
-        }
-        crate::host_check::is_local(host, &self.allowed_hosts)
+        self.hosts.admits(host, from_browser, via_loopback)
     }
 
     /// Whether `ip` is one of the listener's `trusted_proxies`.
@@ -267,8 +243,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             max_connections_per_client: None,
             trusted_proxies: Vec::new(),
             forwarded_header: Default::default(),
-            allowed_hosts: crate::host_check::with_machine_name(&[]),
-            host_check: HostCheck::Browsers,
+            hosts: HostRule::local(),
         }],
         Some(list) if list.is_empty() => {
             return Err((
@@ -641,8 +616,11 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
             "connection caps must be at least 1 (leave them out for no cap)".into(),
         ));
     }
-    let (allowed_hosts, host_check) = match &l.allowed_hosts {
-        Some(names) if names.iter().any(|n| n == "*") => (Vec::new(), HostCheck::Any),
+    let hosts = match &l.allowed_hosts {
+        Some(names) if names.iter().any(|n| n == "*") => HostRule {
+            names: Vec::new(),
+            check: HostCheck::Any,
+        },
         Some(names) => {
             if let Some(j) = names
                 .iter()
@@ -656,12 +634,12 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                     ),
                 ));
             }
-            (crate::host_check::with_machine_name(names), HostCheck::All)
+            HostRule {
+                names: crate::host_check::with_machine_name(names),
+                check: HostCheck::All,
+            }
         }
-        None => (
-            crate::host_check::with_machine_name(&[]),
-            HostCheck::Browsers,
-        ),
+        None => HostRule::local(),
     };
     Ok(ListenerSpec {
         addr,
@@ -673,8 +651,7 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
         max_connections_per_client: l.max_connections_per_client,
         trusted_proxies,
         forwarded_header,
-        allowed_hosts,
-        host_check,
+        hosts,
     })
 }
 
@@ -806,8 +783,7 @@ mod forwarded_tests {
             max_connections_per_client: None,
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
             forwarded_header: Default::default(),
-            allowed_hosts: Vec::new(),
-            host_check: HostCheck::Browsers,
+            hosts: HostRule::default(),
         };
         let h = |k: &'static str, v: &'static str| {
             let mut m = http::HeaderMap::new();

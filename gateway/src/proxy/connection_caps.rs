@@ -217,8 +217,7 @@ mod tests {
             max_connections: max,
             max_connections_per_client: per_client,
             trusted_proxies: Vec::new(),
-            allowed_hosts: Vec::new(),
-            host_check: Default::default(),
+            hosts: Default::default(),
             forwarded_header: Default::default(),
         }
     }

@@ -328,30 +328,23 @@ async fn admit(
         }
         return Ok(Next::Answer(respond::health_json(gw.router.as_ref())));
     }
-    if let Some(l) = listener {
-        let h = session.req_header();
-        let host = crate::host_check::host_of(h);
-        let from_browser = crate::host_check::from_browser(&h.headers);
-        // A proxy the operator trusts passes the browser's name on: its own checks stand.
-        let via_loopback = !ctx.req.via_trusted_proxy
-            && session
-                .server_addr()
-                .and_then(|a| a.as_inet())
-                .is_some_and(|a| a.ip().to_canonical().is_loopback());
-        if !l.admits_host(host, from_browser, via_loopback) {
-            ctx.req.reject_reason = Some("host_not_allowed");
-            return Err(Refusal {
-                decision: Some(Decision::Rejected {
-                    filter: "listener",
-                    code: "host_not_allowed",
-                }),
-                rejection: Rejection::new(
-                    StatusCode::FORBIDDEN,
-                    "host_not_allowed",
-                    crate::host_check::refusal_message(host),
-                ),
-            });
-        }
+    // A proxy the operator trusts passes the browser's name on: its own checks stand.
+    let via_loopback =
+        || !ctx.req.via_trusted_proxy && crate::host_check::loopback(session.server_addr());
+    let refused = listener.and_then(|l| l.hosts.refused(session.req_header(), via_loopback));
+    if let Some(host) = refused {
+        ctx.req.reject_reason = Some("host_not_allowed");
+        return Err(Refusal {
+            decision: Some(Decision::Rejected {
+                filter: "listener",
+                code: "host_not_allowed",
+            }),
+            rejection: Rejection::new(
+                StatusCode::FORBIDDEN,
+                "host_not_allowed",
+                crate::host_check::refusal_message(host),
+            ),
+        });
     }
     if !super::framing::body_allowed(&ctx.req.method) && super::framing::declares_body(session) {
         session.set_keepalive(None);

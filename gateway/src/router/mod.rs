@@ -75,9 +75,7 @@ pub trait Router: Send + Sync {
                 }
                 pool.record(idx, tokens, ttfb);
             }
-            Outcome::Failed { health: true } => {
-                pool.mark_failed(idx);
-            }
+            Outcome::Failed { health: true } => pool.mark_failed(idx),
             Outcome::Failed { health: false } => {}
         }
     }

@@ -321,8 +321,19 @@ impl BackendPool {
 
     /// A request failed on the backend (connect error, timeout, 5xx). After `fail_threshold`
     /// consecutive failures it cools down; each further failure doubles the cooldown, to a cap.
-    /// Answers whether the backend is now cooling down.
-    pub fn mark_failed(&self, idx: usize) -> bool {
+    pub fn mark_failed(&self, idx: usize) {
+        if self.fail(idx) {
+            // Each cooldown starts a new round of callers (see `mark_failed_for`).
+            self.0.backends[idx]
+                .streak_callers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+    }
+
+    /// Counts a failure; answers whether the backend is now cooling down.
+    fn fail(&self, idx: usize) -> bool {
         let inner = &self.0;
         let b = &inner.backends[idx];
         let n = b.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -363,7 +374,7 @@ impl BackendPool {
         if callers.len() < 64 {
             callers.push(caller);
         }
-        if self.mark_failed(idx) {
+        if self.fail(idx) {
             callers.clear();
         }
     }

@@ -698,14 +698,13 @@ impl Inner {
             // Its request ended while the renewal was on its way: its release may have run
             // before the hold was put back, so take it away again.
             if put && ended() {
-                let task = Inner::detached(
+                self.spawn_here(Inner::detached(
                     self.clone(),
                     r.forget,
                     r.keys.clone(),
                     r.forget_args.clone(),
                     false,
-                );
-                drop(self.handle.spawn(task));
+                ));
             }
         }
         if put_back > 0 {

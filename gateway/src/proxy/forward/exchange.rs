@@ -66,7 +66,6 @@ pub(super) async fn exchange_header(
             Err(e) => {
                 return Err(Attempt::Retry {
                     err: e,
-                    health: true,
                     answered: None,
                 })
             }
@@ -85,7 +84,6 @@ pub(super) async fn exchange_header(
             }
             return Err(Attempt::Retry {
                 err: e,
-                health: true,
                 answered: None,
             });
         }
@@ -110,7 +108,6 @@ pub(super) async fn exchange_header(
                         ErrorType::Custom(respond::FIRST_BYTE_TIMEOUT),
                         format!("no response byte within {deadline:?}"),
                     ),
-                    health: true,
                     answered: None,
                 });
             }

@@ -28,12 +28,11 @@ use crate::router::{Backend, Outcome, Pick};
 enum Attempt {
     /// The client got its full response.
     Done,
-    /// Nothing was sent to the client and the backend failed (`health`: counts against it;
-    /// `answered`: the error status it answered with, which counts only if another backend
-    /// serves the same request): try another.
+    /// Nothing was sent to the client and the backend failed: try another. `answered`: the
+    /// error status it answered with (it counts against the backend only if another backend
+    /// serves the same request); `None`: it failed to answer, which counts against it.
     Retry {
         err: Box<Error>,
-        health: bool,
         answered: Option<u16>,
     },
     /// Nothing was sent to the client; answer with an error.
@@ -54,6 +53,9 @@ const SHARED_FULL_MS: u64 = 20;
 /// arguments it generated, a later task's error: the request's). Other late errors (a model
 /// that failed to load, a runner that died) are the backend's.
 fn counts_against_backend(status: u16, req: &RequestCtx) -> bool {
+    if status < 500 || status == 503 {
+        return false;
+    }
     let tools = req
         .json
         .as_ref()
@@ -61,17 +63,15 @@ fn counts_against_backend(status: u16, req: &RequestCtx) -> bool {
         .is_some_and(|t| !t.is_null());
     // A body the gateway has no parser for (a custom route) may ask for either.
     let may_be_request = tools || req.completions > 1 || req.unknown_format;
-    status >= 500 && status != 503 && !(req.answered_late() && may_be_request)
+    !(req.answered_late() && may_be_request)
 }
 
 /// Who a request is for the health rule ([`crate::router::BackendPool::mark_failed_for`]):
 /// its principal; every anonymous caller is one (addresses are cheap to change).
 fn caller_key(req: &RequestCtx) -> u64 {
-    use std::hash::{Hash, Hasher};
-    // Fixed keys: the same caller must hash alike on every request.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    req.principal.as_ref().map(|p| p.id.as_str()).hash(&mut h);
-    h.finish()
+    req.principal
+        .as_ref()
+        .map_or(0, |p| gateway_filter::state::stable_hash(p.id.as_bytes()))
 }
 
 /// Output tokens a request may still produce, for the usage-based strategy.
@@ -89,7 +89,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
     // Backends that answered this request with a server error that may count against them
     // (see `counts_against_backend`), and how many server errors it got.
     let mut answered_5xx: Vec<usize> = Vec::new();
-    let mut errors_5xx = 0u32;
+    let mut had_5xx = false;
     loop {
         let idx = match gw.router.pick(&ctx.req, &ctx.tried) {
             Pick::Backend(i) => i,
@@ -215,7 +215,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
         ctx.begin_attempt();
         ctx.lease = Some(lease);
         let may_retry = gw.router.may_retry(&ctx.req, &ctx.tried);
-        let retry_5xx = errors_5xx == 0;
+        let retry_5xx = !had_5xx;
         match attempt(gw, session, ctx, backend, &body, may_retry, retry_5xx).await {
             Attempt::Done => {
                 // The request was served: the backends that answered it with a server error
@@ -224,9 +224,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 // client must not take backends out with requests every backend refuses).
                 let status = ctx.req.status;
                 if (200..300).contains(&status) {
-                    answered_5xx.iter().for_each(|&i| {
-                        pool.mark_failed(i);
-                    });
+                    answered_5xx.iter().for_each(|&i| pool.mark_failed(i));
                 } else if counts_against_backend(status, &ctx.req) {
                     pool.mark_failed_for(idx, caller_key(&ctx.req));
                 }
@@ -240,13 +238,9 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 );
                 return Ok(());
             }
-            Attempt::Retry {
-                err,
-                health,
-                answered,
-            } => {
+            Attempt::Retry { err, answered } => {
                 if let Some(status) = answered.filter(|s| *s >= 500) {
-                    errors_5xx += 1;
+                    had_5xx = true;
                     if counts_against_backend(status, &ctx.req) {
                         answered_5xx.push(idx);
                     }
@@ -256,7 +250,12 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     ctx.req.request_id,
                     backend.name
                 );
-                gw.router.settle(idx, Outcome::Failed { health });
+                gw.router.settle(
+                    idx,
+                    Outcome::Failed {
+                        health: answered.is_none(),
+                    },
+                );
                 gw.count_retry(idx);
                 ctx.lease = None;
                 if !may_retry || ctx.keepalive_sent {
@@ -365,9 +364,7 @@ async fn attempt(
     if let Some(s) = up.resp_header().map(|h| h.status) {
         // An error the backend held the request for may come after it generated (see
         // `RequestCtx::late_error`): it may have run it, whatever comes next.
-        let late = !s.is_success()
-            && ctx.req.answered_late()
-            && (s.is_server_error() || ctx.req.completions > 1);
+        let late = ctx.req.late_error(s.as_u16());
         if late {
             ctx.may_have_run = true;
         }
@@ -390,12 +387,7 @@ async fn attempt(
                 // Left after it may have generated: counted like a backend given up on at its
                 // first-byte deadline (its prompt, its time, if the next one reports usage).
                 ctx.req.abandoned += 1;
-                let held = ctx
-                    .req
-                    .answered_at
-                    .zip(ctx.req.sent)
-                    .map(|(a, s)| a.saturating_sub(s));
-                ctx.req.abandoned_secs += held.unwrap_or_default().as_secs_f64();
+                ctx.req.abandoned_secs += ctx.req.held().unwrap_or_default().as_secs_f64();
             }
             // It answered at once, with an error: it generated nothing (an earlier one, or
             // this one after holding it, may have).
@@ -405,7 +397,6 @@ async fn attempt(
                     ErrorType::HTTPStatus(s.as_u16()),
                     format!("backend answered {s}"),
                 ),
-                health: false,
                 answered: Some(s.as_u16()),
             };
         }
