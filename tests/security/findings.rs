@@ -1909,6 +1909,20 @@ async fn media_by_reference_is_refused_on_every_route() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // Nor UTF-16, which Python's reader detects.
+    let utf16: Vec<u8> = "{\"text\":\"x\",\"image_data\":\"http://10.0.0.1/\"}"
+        .encode_utf16()
+        .flat_map(|u| u.to_be_bytes())
+        .collect();
+    let r = c
+        .post(gw.url("/generate"))
+        .header("authorization", bearer(USER_KEY))
+        .header("content-type", "application/json")
+        .body(utf16)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
     assert_eq!(m.total(), 0, "nothing reached the backend");
     // JSON that is read but is not an object is checked and passes.
     let r = post("/generate", json!([{"text": "x"}])).await.unwrap();
@@ -1921,4 +1935,35 @@ async fn media_by_reference_is_refused_on_every_route() {
     .await
     .unwrap();
     assert_ne!(r.status(), 403);
+}
+
+// Final review: llama.cpp's server answers Ollama's `/api/chat` too, but reads the body as
+// OpenAI's (`n_predict`, `n_cmpl`, `lora`), none of which the gateway checks on Ollama's
+// routes. Ollama's routes go to Ollama backends only.
+#[tokio::test(flavor = "multi_thread")]
+async fn ollama_routes_never_reach_an_openai_backend() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "backends:\n  - {{ name: llama, url: '{}', kind: openai }}\nfilters: []\n",
+        m.url()
+    ))
+    .await;
+    let r = client()
+        .post(gw.url("/api/chat"))
+        .json(&json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 50}, "n_predict": -1, "n_cmpl": 8}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    assert!(status == 404 || status == 503, "{status} {body}");
+    assert_eq!(m.hits("/api/chat"), 0);
+    // Its own wire format still goes through.
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -73,7 +73,9 @@ fn find(v: &Value, depth: usize) -> Option<String> {
 fn find_in(o: &Map<String, Value>, depth: usize) -> Option<String> {
     let part = o.get("type").is_some_and(Value::is_string);
     for (k, v) in o {
-        if (part && k.ends_with("_url")) || URL_KEYS.contains(&k.as_str()) {
+        // An Anthropic-style `source: {"type": "url", "url": …}` (llama.cpp converts it to
+        // an `image_url` part) names its address `url`.
+        if (part && (k.ends_with("_url") || k == "url")) || URL_KEYS.contains(&k.as_str()) {
             let url = match v {
                 Value::String(u) => Some(u.as_str()),
                 Value::Object(inner) => inner.get("url").and_then(Value::as_str),
@@ -147,6 +149,12 @@ mod tests {
         assert_eq!(
             found(json!({"audio_data": "UklGRiQAAABXQVZF"})),
             Some("audio_data".into())
+        );
+        assert_eq!(
+            found(
+                json!({"messages": [{"content": [{"type": "image", "source": {"type": "url", "url": "http://169.254.169.254/"}}]}]})
+            ),
+            Some("url".into())
         );
         // A tool's schema for such a field is not media.
         assert_eq!(

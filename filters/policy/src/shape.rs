@@ -229,7 +229,7 @@ const RUNNER_OPTIONS: [&str; 15] = [
 /// scale, whatever model the request names: a model of the key's own choosing).
 /// Ollama's `keep_alive` is removed instead ([`drop_keep_alive`]).
 const OLLAMA_SETTINGS: [&str; 1] = ["template"];
-const OPENAI_SETTINGS: [&str; 11] = [
+const OPENAI_SETTINGS: [&str; 13] = [
     "chat_template",
     "mm_processor_kwargs",
     "priority",
@@ -239,11 +239,15 @@ const OPENAI_SETTINGS: [&str; 11] = [
     // disaggregated prefill's KV cache comes from (another host and port).
     "media_io_kwargs",
     "kv_transfer_params",
+    // vLLM: logits processors by qualified name (code the server loads, where a pattern
+    // allows it).
+    "logits_processors",
     // SGLang: a serialized logit processor (code the server runs, where it is enabled), the
     // disaggregation bootstrap server, and the data-parallel rank that must run it.
     "custom_logit_processor",
     "bootstrap_host",
     "bootstrap_port",
+    "bootstrap_room",
     "data_parallel_rank",
 ];
 

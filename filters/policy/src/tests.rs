@@ -269,6 +269,10 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
             "/v1/chat/completions",
             json!({"model": "m", "messages": [], "custom_logit_processor": "gASV..."}),
         ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "logits_processors": [{"qualname": "pkg.Proc"}]}),
+        ),
         // vLLM before 0.11 and SGLang merge these over their own template arguments.
         (
             "/v1/chat/completions",

@@ -308,11 +308,16 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
         Err(_) => {
             // Python's JSON reader (vLLM's, SGLang's) takes a byte-order mark, `NaN`, deeper
             // nesting: what looks like JSON may be read there and not here.
+            // UTF-16 and UTF-32 too (a byte-order mark, or a NUL among the first bytes).
             let text = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
-            ctx.unreadable_json = text
-                .iter()
-                .find(|b| !b.is_ascii_whitespace())
-                .is_some_and(|b| matches!(b, b'{' | b'['));
+            let wide = body.starts_with(b"\xfe\xff")
+                || body.starts_with(b"\xff\xfe")
+                || body.iter().take(4).any(|b| *b == 0);
+            ctx.unreadable_json = wide
+                || text
+                    .iter()
+                    .find(|b| !b.is_ascii_whitespace())
+                    .is_some_and(|b| matches!(b, b'{' | b'['));
             return Ok(());
         }
     };

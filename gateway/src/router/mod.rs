@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use gateway_filter::glob::wildcard;
-use gateway_filter::RequestCtx;
+use gateway_filter::{RequestCtx, Route, WireFormat};
 
 pub use pool::{canonical_model, Backend, BackendPool, Lease};
 
@@ -18,7 +18,7 @@ pub use pool::{canonical_model, Backend, BackendPool, Lease};
 /// figures: more than any context, small enough that sums of them cannot wrap.
 pub const MAX_TOKENS_COUNTED: u64 = 1 << 32;
 
-use crate::config::{RoutingSpec, Strategy};
+use crate::config::{BackendKind, RoutingSpec, Strategy};
 
 /// The outcome of choosing a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,8 +96,14 @@ impl ModelRouter {
         }
     }
 
-    /// Healthy, untried backends that serve `model` (unknown lists count as "maybe").
-    fn candidates(&self, model: Option<&str>, tried: &[usize]) -> Result<Vec<usize>, Pick> {
+    /// Healthy, untried backends that serve the request's model (unknown lists count as
+    /// "maybe") in its wire format: Ollama's routes go to Ollama backends only. (llama.cpp's
+    /// server answers `/api/chat` too, but reads its body as OpenAI's: `n_predict`,
+    /// `n_cmpl`, `lora`, none of which the gateway checks on Ollama's routes.)
+    fn candidates(&self, ctx: &RequestCtx, tried: &[usize]) -> Result<Vec<usize>, Pick> {
+        let model = ctx.model.as_deref();
+        let ollama_only =
+            ctx.route != Route::Other && ctx.route.wire_format() == WireFormat::Ollama;
         let n = self.pool.len();
         if n == 0 {
             return Err(Pick::NoneAvailable);
@@ -110,6 +116,7 @@ impl ModelRouter {
             if model
                 .as_deref()
                 .is_some_and(|m| self.pool.get(i).serves(m) == Some(false))
+                || (ollama_only && self.pool.get(i).kind != BackendKind::Ollama)
             {
                 continue;
             }
@@ -170,7 +177,7 @@ impl ModelRouter {
 impl Router for ModelRouter {
     fn pick(&self, ctx: &RequestCtx, tried: &[usize]) -> Pick {
         let model = ctx.model.as_deref();
-        let mut c = match self.candidates(model, tried) {
+        let mut c = match self.candidates(ctx, tried) {
             Ok(c) => c,
             Err(p) => return p,
         };
@@ -217,7 +224,7 @@ impl Router for ModelRouter {
     }
 
     fn has_alternative(&self, ctx: &RequestCtx, tried: &[usize]) -> bool {
-        self.candidates(ctx.model.as_deref(), tried).is_ok()
+        self.candidates(ctx, tried).is_ok()
     }
 
     fn may_retry(&self, ctx: &RequestCtx, tried: &[usize]) -> bool {
