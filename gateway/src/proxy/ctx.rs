@@ -34,6 +34,9 @@ pub struct GwCtx {
     /// The HTTP/1 client connection's socket (plain or TLS), owned by the session for the
     /// request's whole life: asked for its TCP state, never read or written through this.
     pub(super) client_socket: Option<std::os::fd::RawFd>,
+    /// What the answer's handling reads from the request's JSON, taken as the body left for
+    /// the backend (the tree of a large body is let go then: [`super::held_json`]).
+    pub(super) body_facts: super::held_json::BodyFacts,
 }
 
 impl GwCtx {
@@ -60,6 +63,7 @@ impl Default for GwCtx {
             trace: Default::default(),
             response_ended: false,
             client_socket: None,
+            body_facts: Default::default(),
         }
     }
 }

@@ -43,6 +43,7 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
         };
     }
     end_response(gw, ctx);
+    super::held_json::restore(&mut ctx.req, &ctx.body_facts);
     let req = &mut ctx.req;
     req.duration = Some(req.started.elapsed());
     gw.chain.on_complete(req).await;

@@ -42,6 +42,7 @@ mod forward;
 mod framing;
 mod h1;
 mod headers;
+mod held_json;
 mod logging;
 mod modelfile;
 mod request;

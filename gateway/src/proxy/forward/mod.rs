@@ -52,17 +52,13 @@ const SHARED_FULL_MS: u64 = 20;
 /// held a request with tools or several completions a while (llama.cpp's 500 for tool-call
 /// arguments it generated, a later task's error: the request's). Other late errors (a model
 /// that failed to load, a runner that died) are the backend's.
-fn counts_against_backend(status: u16, req: &RequestCtx) -> bool {
+fn counts_against_backend(status: u16, ctx: &GwCtx) -> bool {
     if status < 500 || status == 503 {
         return false;
     }
-    let tools = req
-        .json
-        .as_ref()
-        .and_then(|b| b.get("tools"))
-        .is_some_and(|t| !t.is_null());
+    let req = &ctx.req;
     // A body the gateway has no parser for (a custom route) may ask for either.
-    let may_be_request = tools || req.completions > 1 || req.unknown_format;
+    let may_be_request = ctx.body_facts.tools || req.completions > 1 || req.unknown_format;
     !(req.answered_late() && may_be_request)
 }
 
@@ -83,6 +79,7 @@ fn reserved_tokens(ctx: &GwCtx) -> u64 {
 pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
     ctx.strip_usage_event = crate::usage::request_stream_usage(&mut ctx.req);
     let body = held_body(ctx)?;
+    ctx.body_facts = super::held_json::take(&mut ctx.req, &body);
     let pool = gw.router.pool().clone();
     let mut last_err: Option<Box<Error>> = None;
     let mut queued_since = None;
@@ -225,7 +222,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 let status = ctx.req.status;
                 if (200..300).contains(&status) {
                     answered_5xx.iter().for_each(|&i| pool.mark_failed(i));
-                } else if counts_against_backend(status, &ctx.req) {
+                } else if counts_against_backend(status, ctx) {
                     pool.mark_failed_for(idx, caller_key(&ctx.req));
                 }
                 gw.router.settle(
@@ -241,7 +238,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
             Attempt::Retry { err, answered } => {
                 if let Some(status) = answered.filter(|s| *s >= 500) {
                     had_5xx = true;
-                    if counts_against_backend(status, &ctx.req) {
+                    if counts_against_backend(status, ctx) {
                         answered_5xx.push(idx);
                     }
                 }

@@ -12,6 +12,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 use super::super::headers::copy_response_headers;
+use super::super::held_json::BodyFacts;
 use super::super::logging::end_response;
 use super::super::{Gateway, GwCtx};
 use super::Attempt;
@@ -95,7 +96,7 @@ pub(super) async fn relay(
 
     let mut parser = UsageParser::new(framing);
     if ctx.req.completions > 1 {
-        parser.several_completions(echoed(&ctx.req));
+        parser.several_completions(ctx.body_facts.echoed);
     }
     let mut stripper = strip.then(UsageEventStripper::default);
     let last = loop {
@@ -123,7 +124,7 @@ pub(super) async fn relay(
         // A stream's last event (`[DONE]`, `"done": true`) completes the answer for the
         // client (clients stop reading there) before the body's own end comes.
         if parser.ended() && !ctx.response_ended {
-            settle_usage(&mut parser, &mut ctx.req);
+            settle_usage(&mut parser, &mut ctx.req, &ctx.body_facts);
             end_response(gw, ctx);
         }
         if let Err(e) = write_chunk(session, ctx, chunk, &mut parser).await {
@@ -131,7 +132,7 @@ pub(super) async fn relay(
         }
     };
     if !ctx.response_ended {
-        settle_usage(&mut parser, &mut ctx.req);
+        settle_usage(&mut parser, &mut ctx.req, &ctx.body_facts);
     }
     let rest = stripper
         .as_mut()
@@ -174,7 +175,7 @@ async fn write_chunk(
 fn failed(ctx: &mut GwCtx, parser: &mut UsageParser, code: &'static str) {
     if !ctx.response_ended {
         ctx.req.decision = Decision::Failed { code };
-        settle_usage(parser, &mut ctx.req);
+        settle_usage(parser, &mut ctx.req, &ctx.body_facts);
     }
 }
 
@@ -182,45 +183,19 @@ fn failed(ctx: &mut GwCtx, parser: &mut UsageParser, code: &'static str) {
 /// what the gateway counted passing, with the prompt estimated from the held body
 /// (`prompt_tokens`: its text and media). Budget, tokens per minute and audit all see this
 /// one figure.
-fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) {
+fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx, facts: &BodyFacts) {
     let several = req.completions > 1;
     req.usage = parser.finish().map(|mut u| {
         // A request for several completions may have reported one prompt of several (llama.cpp
         // answers a list of prompts with the first task's usage): at least the estimate.
         if u.counted || several {
             // A reported prompt (one completion's, next to counted text) stands when larger.
-            let estimate = req
-                .json
-                .as_ref()
-                .map_or(0, gateway_filter::prompt::prompt_tokens);
+            let estimate = facts.prompt_tokens(req);
             u.prompt_tokens = u.prompt_tokens.max(estimate);
         }
         u
     });
     req.finish_reasons = parser.finish_reasons();
-}
-
-/// Quarter tokens of prompt text an answer repeats (`"echo": true` on `/v1/completions`:
-/// each prompt once per completion of it, `n`), 0 otherwise. Chat answers never repeat the
-/// prompt (llama.cpp ignores `echo` there and still runs every completion).
-fn echoed(req: &gateway_filter::RequestCtx) -> u64 {
-    let Some(body) = req
-        .json
-        .as_ref()
-        .filter(|_| req.route == gateway_filter::Route::OpenAiCompletions)
-    else {
-        return 0;
-    };
-    if body.get("echo").and_then(serde_json::Value::as_bool) != Some(true) {
-        return 0;
-    }
-    // Completions per prompt, as the output bound reads them (`n`, `best_of`, …).
-    let prompts = body
-        .as_object()
-        .map_or(1, gateway_filter::output::prompts)
-        .max(1);
-    let n = (req.completions / prompts).max(1);
-    (gateway_filter::prompt::prompt_tokens(body) * 4).saturating_mul(n)
 }
 
 /// Reads a whole model list, keeps only the models the caller may use, and answers with it.
@@ -277,11 +252,13 @@ mod tests {
             .choices;
         req.json = Some(body);
         let mut parser = UsageParser::new(Framing::Json);
+        let sent = bytes::Bytes::from(serde_json::to_vec(req.json.as_ref().unwrap()).unwrap());
+        let facts = crate::proxy::held_json::take(&mut req, &sent);
         if req.completions > 1 {
-            parser.several_completions(echoed(&req));
+            parser.several_completions(facts.echoed);
         }
         parser.feed(answer.as_bytes());
-        settle_usage(&mut parser, &mut req);
+        settle_usage(&mut parser, &mut req, &facts);
         let u = req.usage.unwrap();
         (u.prompt_tokens, u.completion_tokens, u.counted)
     }
