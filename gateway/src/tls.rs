@@ -37,17 +37,20 @@ pub fn subjects_of(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();
     };
+    // Each name with its kind (`cn:`, `dns:`, `email:`, `uri:`): an `mtls_subject` may name
+    // one kind, so a common name a client wrote into its request cannot pass for a DNS name
+    // the CA checked.
     let mut out: Vec<String> = cert
         .subject()
         .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .filter_map(|cn| cn.as_str().ok().map(|cn| format!("cn:{cn}")))
         .collect();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
-                GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
-                    out.push(s.to_string())
-                }
+                GeneralName::DNSName(s) => out.push(format!("dns:{s}")),
+                GeneralName::RFC822Name(s) => out.push(format!("email:{s}")),
+                GeneralName::URI(s) => out.push(format!("uri:{s}")),
                 _ => {}
             }
         }

@@ -13,6 +13,11 @@ use gateway_filter::{FinishReasons, Usage};
 use memchr::memmem::Finder;
 use serde::Deserialize;
 
+/// Bytes of event text counted as a token when a stream's events carry more text than a token
+/// each: above the four characters a token English text averages, so a stream of one token an
+/// event (long words, escapes, a random model's tokens) is still counted an event a token.
+const BYTES_PER_PACKED_TOKEN: u64 = 6;
+
 /// Largest line or document kept for parsing; beyond it usage is reported unknown.
 const MAX_BUFFERED: usize = 1 << 20;
 
@@ -53,6 +58,10 @@ pub struct UsageParser {
     usage: Option<Usage>,
     /// Stream events that carried text (a token, usually): the count when no usage comes.
     text_events: u64,
+    /// Bytes of the text those events carried (as written, escapes included): a backend that
+    /// packs several tokens into one event (speculative decoding, SGLang's
+    /// `--stream-interval`) is counted at [`BYTES_PER_PACKED_TOKEN`] where that is more.
+    event_text: u64,
     /// Text of a whole (non-streamed) answer without usage, in quarter tokens.
     text_chars: u64,
     finish_reasons: FinishReasons,
@@ -74,7 +83,11 @@ struct Doc {
 
 #[derive(Deserialize)]
 struct OpenAiUsage {
+    /// `input_tokens` / `output_tokens`: the Responses API's and Anthropic's names (custom
+    /// routes, llama.cpp's `/v1/messages`).
+    #[serde(alias = "input_tokens")]
     prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
 }
 
@@ -86,6 +99,7 @@ impl UsageParser {
             overflow: false,
             usage: None,
             text_events: 0,
+            event_text: 0,
             text_chars: 0,
             finish_reasons: FinishReasons::default(),
             ended: false,
@@ -151,10 +165,13 @@ impl UsageParser {
                 _ => self.line(&rest),
             }
         }
-        let counted = self.text_events + self.text_chars.div_ceil(4);
+        let events = self
+            .text_events
+            .max(self.event_text.div_ceil(BYTES_PER_PACKED_TOKEN));
+        let counted = events + self.text_chars.div_ceil(4);
         let generated = self
             .several
-            .map(|echoed| self.text_events + self.text_chars.saturating_sub(echoed).div_ceil(4));
+            .map(|echoed| events + self.text_chars.saturating_sub(echoed).div_ceil(4));
         match (self.usage, generated) {
             // Clearly more text passed than the figure covers: what passed is the usage (its
             // prompt is the caller's to make whole, as for a counted figure).
@@ -199,8 +216,9 @@ impl UsageParser {
             self.ended |= self.framing == Framing::Sse;
             return;
         }
-        if has_text(doc) {
+        if let Some(len) = text_len(doc) {
             self.text_events += 1;
+            self.event_text += len as u64;
         }
         self.doc(doc);
     }
@@ -255,10 +273,17 @@ impl UsageParser {
 
     fn add_usage(&mut self, d: Doc) {
         self.ended |= d.done == Some(true) && self.framing == Framing::Ndjson;
-        if let Some(u) = d.usage {
+        // A usage object that names neither figure (`{}`, other names) says nothing: what was
+        // counted passing stands. One that names one figure keeps the other from an earlier
+        // event (Anthropic's stream: input tokens first, output tokens at the end).
+        let named = d
+            .usage
+            .filter(|u| u.prompt_tokens.is_some() || u.completion_tokens.is_some());
+        if let Some(u) = named {
+            let before = self.usage.unwrap_or_default();
             self.usage = Some(Usage {
-                prompt_tokens: u.prompt_tokens.unwrap_or(0),
-                completion_tokens: u.completion_tokens.unwrap_or(0),
+                prompt_tokens: u.prompt_tokens.unwrap_or(before.prompt_tokens),
+                completion_tokens: u.completion_tokens.unwrap_or(before.completion_tokens),
                 ..Default::default()
             });
         } else if d.prompt_eval_count.is_some() || d.eval_count.is_some() {
@@ -474,19 +499,44 @@ const TEXT_KEYS: [&[u8]; 7] = [
     b"\"arguments\"",
 ];
 
-/// Whether a stream event carries text: one of [`TEXT_KEYS`] followed by a non-empty
-/// string. A scan, not a parse: it runs on every event.
-fn has_text(doc: &[u8]) -> bool {
-    TEXT_KEYS.iter().any(|key| {
-        memchr::memmem::find_iter(doc, key).any(|at| {
+/// The text a stream event carries, in bytes as written: every [`TEXT_KEYS`] followed by a
+/// non-empty string; `None` without one. A scan, not a parse: it runs on every event.
+fn text_len(doc: &[u8]) -> Option<usize> {
+    let mut found = None;
+    for key in TEXT_KEYS {
+        for at in memchr::memmem::find_iter(doc, key) {
             let value = doc[at + key.len()..]
                 .trim_ascii_start()
                 .strip_prefix(b":")
                 .map(<[u8]>::trim_ascii_start)
                 .unwrap_or_default();
-            value.first() == Some(&b'"') && value.get(1).is_some_and(|b| *b != b'"')
-        })
-    })
+            if let Some(text) = value.strip_prefix(b"\"") {
+                let len = string_len(text);
+                if len > 0 {
+                    *found.get_or_insert(0) += len;
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Bytes of a JSON string's body up to its closing quote (escapes as written).
+fn string_len(text: &[u8]) -> usize {
+    let mut from = 0;
+    while let Some(q) = memchr::memchr(b'"', &text[from..]) {
+        let end = from + q;
+        let escapes = text[..end]
+            .iter()
+            .rev()
+            .take_while(|b| **b == b'\\')
+            .count();
+        if escapes % 2 == 0 {
+            return end;
+        }
+        from = end + 1;
+    }
+    text.len()
 }
 
 /// Generated text in a whole answer, in quarter tokens (measured as prompts are): of each
@@ -587,6 +637,63 @@ mod tests {
                 },
             ),
         ]
+    }
+
+    /// Review: the Responses API's and Anthropic's usage (`input_tokens`/`output_tokens`) read
+    /// as zero, and an empty usage object hid what was counted passing.
+    #[test]
+    fn usage_under_other_names_and_empty_usage() {
+        let usage = |framing, body: &str| {
+            let mut p = UsageParser::new(framing);
+            p.feed(body.as_bytes());
+            p.finish()
+                .map(|u| (u.prompt_tokens, u.completion_tokens, u.counted))
+        };
+        assert_eq!(
+            usage(
+                Framing::Json,
+                r#"{"output":[],"usage":{"input_tokens":9,"output_tokens":900,"total_tokens":909}}"#
+            ),
+            Some((9, 900, false))
+        );
+        // Anthropic's stream: input tokens at the start, output tokens at the end.
+        let anthropic = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\"},\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n",
+        );
+        assert_eq!(usage(Framing::Sse, anthropic), Some((25, 15, false)));
+        // Text passed, then a usage object that names no figure: the count stands.
+        let empty = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\ndata: {\"choices\":[],\"usage\":{}}\n\ndata: [DONE]\n\n";
+        assert_eq!(usage(Framing::Sse, empty), Some((0, 2, true)));
+    }
+
+    /// Review: a stream without usage was counted a token per text event, so a backend that
+    /// packs several tokens into an event (speculative decoding, SGLang's `--stream-interval`)
+    /// was charged a fraction of what it generated by a client that left before the usage.
+    #[test]
+    fn events_that_carry_several_tokens_are_counted_by_their_text() {
+        let event = |text: &str| {
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n")
+        };
+        let count = |body: String| {
+            let mut p = UsageParser::new(Framing::Sse);
+            p.feed(body.as_bytes());
+            p.finish().map(|u| (u.completion_tokens, u.counted))
+        };
+        // Ten events of 60 bytes: 100 tokens at six bytes a token, not 10.
+        let packed: String = (0..10).map(|_| event(&"abcdef".repeat(10))).collect();
+        assert_eq!(count(packed), Some((100, true)));
+        // A token an event, as most servers stream, long ones too: still one each.
+        let single: String = (0..10).map(|_| event(" there")).collect();
+        assert_eq!(count(single), Some((10, true)));
+        // An escaped quote inside the text does not end it: 60 bytes as written.
+        let quoted = r#"\"quoted\" words, and then a good many more words after them"#;
+        assert_eq!(quoted.len(), 60);
+        assert_eq!(count(event(quoted)), Some((10, true)));
     }
 
     #[test]

@@ -522,3 +522,45 @@ async fn an_error_after_the_backend_held_the_request_is_charged_its_reservation(
     let report = settled_report(&gw).await;
     assert_eq!(cents(spent_of(&report, "buyer")), 10, "{report}");
 }
+
+/// Review: a late server error of a request with tools (llama.cpp's 500 for tool-call arguments
+/// it generated) was retried on another backend, which generated again, and only the last
+/// backend's usage was charged: one generation free per request. Such an error is passed on
+/// now and charged as a late error; a plain request's late error is still retried.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_error_of_a_request_with_tools_is_not_retried_on_another_backend() {
+    let (a, b) = (mock().await, mock().await);
+    a.set_fail(mock_ollama::FailMode::Error500);
+    let dir = tempfile::tempdir().unwrap();
+    let one = backends(&[("local", &a.url())]);
+    let cfg = config(dir.path(), &a, 100.0, 0.0, 10000.0, "").replacen(
+        &one,
+        &format!(
+            "{}routing: {{ strategy: least-busy, retries: 1, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\n",
+            backends(&[("a", &a.url()), ("b", &b.url())])
+        ),
+        1,
+    );
+    let gw = Gateway::start(&cfg).await;
+    let ask = |tools: bool| {
+        let mut body = json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "stream": false});
+        if tools {
+            body["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        }
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("x-mock-fail-after-ms", "1200")
+            .json(&body)
+            .send()
+    };
+    let r = ask(true).await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!((a.total(), b.total()), (1, 0), "not sent again");
+    let report = settled_report(&gw).await;
+    // The reservation: the cap's 5 output tokens at $0.01.
+    assert_eq!(cents(spent_of(&report, "buyer")), 5, "{report}");
+    let r = ask(false).await.unwrap();
+    assert_eq!(r.status(), 200, "a plain request is retried");
+    assert_eq!((a.total(), b.total()), (2, 1));
+}

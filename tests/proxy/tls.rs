@@ -60,13 +60,17 @@ async fn tls_gateway(
     .await
 }
 
+/// The key of `ops`, whose keys-file entry names its certificate (`dns:ops.internal`).
+const OPS_KEY: &str = "sk-gw-ops-key";
+
 fn keys_file(dir: &Path) -> std::path::PathBuf {
     let f = dir.join("keys.yaml");
     std::fs::write(
         &f,
         format!(
-            "keys:\n  - id: demo\n    key_sha256: {}\n  - id: svc\n    mtls_subject: svc-a.internal\n",
-            filter_auth::keygen::hash_key(DEMO_KEY)
+            "keys:\n  - id: demo\n    key_sha256: {}\n  - id: svc\n    mtls_subject: svc-a.internal\n  - id: ops\n    key_sha256: {}\n    mtls_subject: 'dns:ops.internal'\n    scopes: [admin]\n",
+            filter_auth::keygen::hash_key(DEMO_KEY),
+            filter_auth::keygen::hash_key(OPS_KEY)
         ),
     )
     .unwrap();
@@ -187,6 +191,10 @@ async fn mtls_accepts_only_good_client_certificates() {
     // The good certificate authenticates as `svc` by its subject, with no key.
     let (rc, code, _) = with(&pki.client_cert, &pki.client_key);
     assert_eq!((rc, code.as_str()), (0, "200"));
+    // A certificate of the same CA whose common name reads like `ops`'s DNS name: the
+    // common name is whatever its requester wrote, and `ops` names a DNS name.
+    let (rc, code, _) = with(&pki.lookalike_cert, &pki.lookalike_key);
+    assert_eq!((rc, code.as_str()), (0, "401"));
     // Another CA's certificate, an expired one, and none at all fail at the handshake.
     for (what, (rc, code, _)) in [
         ("rogue", with(&pki.rogue_cert, &pki.rogue_key)),
@@ -222,6 +230,10 @@ async fn mtls_can_be_required_in_addition_to_a_key() {
     );
     let (_, code, _) = curl(&[&cert[..], &["-H", &auth, "-d", body, &url]].concat());
     assert_eq!(code, "200");
+    // `ops`'s key names its certificate: with another one of the same CA it does not pass.
+    let ops = format!("Authorization: Bearer {OPS_KEY}");
+    let (_, code, _) = curl(&[&cert[..], &["-H", &ops, "-d", body, &url]].concat());
+    assert_eq!(code, "401", "a stolen key with another certificate");
 }
 
 /// Over TLS with `--http2` or `--http1.1`: a client gives up on a 4 s generation after half a

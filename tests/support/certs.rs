@@ -18,6 +18,10 @@ pub struct Pki {
     pub rogue_key: PathBuf,
     pub expired_cert: PathBuf,
     pub expired_key: PathBuf,
+    /// From the good CA, for another service (`other.internal`), whose requester wrote a
+    /// common name that reads like a DNS name: `dns:ops.internal`.
+    pub lookalike_cert: PathBuf,
+    pub lookalike_key: PathBuf,
 }
 
 fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
@@ -97,6 +101,13 @@ pub fn make(dir: &Path) -> Pki {
         true,
         &issuer,
     );
+    let (lookalike, lookalike_key) = leaf(
+        "dns:ops.internal",
+        vec!["other.internal".into()],
+        true,
+        false,
+        &issuer,
+    );
     Pki {
         ca: write(dir, "ca.pem", &ca_pem),
         server_cert: write(dir, "server.pem", &server_pem),
@@ -107,6 +118,8 @@ pub fn make(dir: &Path) -> Pki {
         rogue_key: write(dir, "rogue.key", &rogue_key),
         expired_cert: write(dir, "expired.pem", &expired),
         expired_key: write(dir, "expired.key", &expired_key),
+        lookalike_cert: write(dir, "lookalike.pem", &lookalike),
+        lookalike_key: write(dir, "lookalike.key", &lookalike_key),
     }
 }
 

@@ -108,6 +108,8 @@ type Cached = (Arc<[u8; 32]>, Arc<Identity>);
 pub struct Forwarder {
     client: reqwest::Client,
     url: reqwest::Url,
+    /// `url` as logs and reports show it ([`crate::outbound::shown`]).
+    shown: String,
     method: reqwest::Method,
     headers: Vec<HeaderName>,
     principal_header: HeaderName,
@@ -179,12 +181,19 @@ fn header_name(key: &str, h: &str) -> Result<HeaderName, OptionsError> {
 
 impl Forwarder {
     pub fn new(o: ForwardOptions, cx: &gateway_filter::BuildContext) -> Result<Self, OptionsError> {
-        let url = reqwest::Url::parse(&o.url)
-            .map_err(|e| OptionsError::new("forward.url", format!("{:?}: {e}", o.url)))?;
+        let url = reqwest::Url::parse(&o.url).map_err(|e| {
+            OptionsError::new(
+                "forward.url",
+                format!("{:?}: {e}", crate::outbound::shown(&o.url)),
+            )
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(OptionsError::new(
                 "forward.url",
-                format!("{:?}: must be an http:// or https:// URL", o.url),
+                format!(
+                    "{:?}: must be an http:// or https:// URL",
+                    crate::outbound::shown(&o.url)
+                ),
             ));
         }
         let method = reqwest::Method::from_bytes(o.method.trim().as_bytes()).map_err(|_| {
@@ -224,6 +233,7 @@ impl Forwarder {
         let client = crate::outbound::client("forward", o.timeout.0, ca.as_deref(), true)?;
         Ok(Forwarder {
             client,
+            shown: crate::outbound::shown(url.as_str()),
             url,
             method,
             headers,
@@ -251,8 +261,9 @@ impl Forwarder {
         })
     }
 
+    /// The validator's URL as logs and reports show it (no password, no query).
     pub fn url(&self) -> &str {
-        self.url.as_str()
+        &self.shown
     }
 
     /// Removes the forwarded credential headers, so none of them reaches a backend.
@@ -364,7 +375,7 @@ impl Forwarder {
         }
         let answer = match call.send().await {
             Ok(r) => self.judge(r.status().as_u16(), r.headers()),
-            Err(e) => Err((Denied::Unavailable, e.to_string())),
+            Err(e) => Err((Denied::Unavailable, crate::outbound::error_text(e))),
         };
         match answer {
             Ok(identity) => {
@@ -410,7 +421,7 @@ impl Forwarder {
         if !self.failing.swap(true, Ordering::Relaxed) {
             log::error!(
                 "auth: forward validator {} failing ({why}); requests needing it are denied",
-                self.url
+                self.shown
             );
         }
         Denied::Unavailable
@@ -425,7 +436,7 @@ impl Forwarder {
 
     fn healthy(&self) {
         if self.failing.swap(false, Ordering::Relaxed) {
-            log::warn!("auth: forward validator {} answering again", self.url);
+            log::warn!("auth: forward validator {} answering again", self.shown);
         }
     }
 

@@ -5,6 +5,7 @@
 //! a network call on the request path. Only asymmetric algorithms are accepted (no `none`, no
 //! HMAC: a shared secret would let anyone holding it mint tokens).
 
+use crate::outbound::shown;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -81,12 +82,12 @@ struct DiscoveryDocument {
 }
 
 fn web_url(key: &str, url: &str) -> Result<reqwest::Url, OptionsError> {
-    let parsed =
-        reqwest::Url::parse(url).map_err(|e| OptionsError::new(key, format!("{url:?}: {e}")))?;
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| OptionsError::new(key, format!("{:?}: {e}", shown(url))))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(OptionsError::new(
             key,
-            format!("{url:?}: must be an http:// or https:// URL"),
+            format!("{:?}: must be an http:// or https:// URL", shown(url)),
         ));
     }
     Ok(parsed)
@@ -297,12 +298,12 @@ impl JwtVerifier {
     /// Where the keys come from, for `check` and reports.
     pub fn url(&self) -> String {
         match &self.source {
-            KeySource::Jwks(url) => url.clone(),
+            KeySource::Jwks(url) => shown(url),
             KeySource::Discovery { document, .. } => {
                 let found = self.discovered.lock().ok().and_then(|d| d.clone());
                 match found {
-                    Some(jwks) => format!("{jwks}, discovered at {document}"),
-                    None => format!("the key set named at {document}"),
+                    Some(jwks) => format!("{}, discovered at {}", shown(&jwks), shown(document)),
+                    None => format!("the key set named at {}", shown(document)),
                 }
             }
         }
@@ -341,21 +342,23 @@ impl JwtVerifier {
     async fn discover(&self, document: &str, issuer: &str, https: bool) -> Result<String, String> {
         let body = self.get_capped(document).await?;
         let doc: DiscoveryDocument = serde_json::from_slice(&body)
-            .map_err(|e| format!("discovery document {document}: {e}"))?;
+            .map_err(|e| format!("discovery document {}: {e}", shown(document)))?;
         // OpenID Connect Discovery §4.3: the document must name the issuer it was asked for,
         // or whoever serves it could hand out another issuer's keys.
         if doc.issuer != issuer {
             return Err(format!(
-                "discovery document {document} is for issuer {:?}, not {issuer:?}",
+                "discovery document {} is for issuer {:?}, not {issuer:?}",
+                shown(document),
                 doc.issuer
             ));
         }
         let jwks = reqwest::Url::parse(&doc.jwks_uri)
-            .map_err(|e| format!("discovery document {document}: jwks_uri: {e}"))?;
+            .map_err(|e| format!("discovery document {}: jwks_uri: {e}", shown(document)))?;
         if !(jwks.scheme() == "https" || (jwks.scheme() == "http" && !https)) {
             return Err(format!(
-                "discovery document {document}: jwks_uri {} must be https://",
-                doc.jwks_uri
+                "discovery document {}: jwks_uri {} must be https://",
+                shown(document),
+                shown(&doc.jwks_uri)
             ));
         }
         Ok(doc.jwks_uri)
@@ -368,16 +371,19 @@ impl JwtVerifier {
             .get(url)
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("{}: {}", shown(url), crate::outbound::error_text(e)))?;
         if !resp.status().is_success() {
-            return Err(format!("{url}: status {}", resp.status()));
+            return Err(format!("{}: status {}", shown(url), resp.status()));
         }
         // A key set or discovery document is a few KB; a provider (or whatever answers at
         // the URL) sending more is not read into memory.
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        while let Some(chunk) = resp.chunk().await.map_err(crate::outbound::error_text)? {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(format!("{url}: larger than {MAX_JWKS_BYTES} bytes"));
+                return Err(format!(
+                    "{}: larger than {MAX_JWKS_BYTES} bytes",
+                    shown(url)
+                ));
             }
             body.extend_from_slice(&chunk);
         }

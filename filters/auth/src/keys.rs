@@ -76,8 +76,38 @@ impl KeyRecord {
 pub struct KeyStore {
     by_digest: HashMap<[u8; 32], Arc<KeyRecord>>,
     by_id: HashMap<String, Arc<KeyRecord>>,
+    /// By `mtls_subject` as written: typed (`dns:…`, [`SUBJECT_KINDS`]) or any kind.
     by_subject: HashMap<String, Arc<KeyRecord>>,
 }
+
+/// The kinds of name a client certificate carries, as the TLS layer writes them before each
+/// name: its subject's common name, and its DNS, email and URI subject alternative names.
+pub const SUBJECT_KINDS: [&str; 4] = ["cn:", "dns:", "email:", "uri:"];
+
+/// A name as presented (`dns:svc.internal`) or configured: its kind (with the colon) if it
+/// has one, and the name.
+fn kind_of(name: &str) -> (Option<&'static str>, &str) {
+    SUBJECT_KINDS
+        .iter()
+        .find_map(|k| name.strip_prefix(k).map(|rest| (Some(*k), rest)))
+        .unwrap_or((None, name))
+}
+
+/// Whether a certificate's name (as presented, with its kind) is the `mtls_subject`
+/// `configured`: a typed one (`dns:svc.internal`) only by a name of that kind, an untyped one
+/// by a name of any kind. A common name written to look like a kind (`CN=dns:svc`) is a
+/// common name: it never matches `dns:svc`.
+pub fn subject_matches(configured: &str, presented: &str) -> bool {
+    match kind_of(configured) {
+        (Some(_), _) => configured == presented,
+        (None, name) => kind_of(presented).1 == name,
+    }
+}
+
+/// The certificate names a key names no principal, or two (`Err`: which one it signs in as
+/// would depend on the order of its names).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ambiguous;
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
@@ -201,8 +231,24 @@ impl KeyStore {
         self.by_id.get(id)
     }
 
-    pub fn by_mtls_subject(&self, subject: &str) -> Option<&Arc<KeyRecord>> {
-        self.by_subject.get(subject)
+    /// The principal a client certificate's names (as presented, with their kinds) map to.
+    pub fn by_certificate(&self, names: &[String]) -> Result<Option<&Arc<KeyRecord>>, Ambiguous> {
+        let mut found: Option<&Arc<KeyRecord>> = None;
+        for name in names {
+            let (kind, bare) = kind_of(name);
+            let typed = kind.and_then(|_| self.by_subject.get(name.as_str()));
+            let untyped = self
+                .by_subject
+                .get(bare)
+                .filter(|_| kind_of(bare).0.is_none());
+            for rec in typed.into_iter().chain(untyped) {
+                match found {
+                    Some(f) if !Arc::ptr_eq(f, rec) => return Err(Ambiguous),
+                    _ => found = Some(rec),
+                }
+            }
+        }
+        Ok(found)
     }
 
     pub fn len(&self) -> usize {

@@ -340,6 +340,28 @@ impl AuthFilter {
     /// neither the one that was used nor the headers the forward validator would read (a
     /// session cookie, however the request authenticated).
     fn accept(&self, ctx: &mut RequestCtx, principal: Arc<Principal>) -> Result<(), Rejection> {
+        // `mtls: require` with a principal bound to a certificate (`mtls_subject`): its key
+        // or password signs in only with that certificate, not with any the CA issued.
+        if self.mtls == MtlsMode::Require {
+            let state = self.state.load();
+            let bound = state
+                .keys
+                .by_id(&principal.id)
+                .and_then(|r| r.mtls_subject.as_deref());
+            if let Some(subject) = bound {
+                let presented = ctx
+                    .client_cert_subjects
+                    .iter()
+                    .any(|n| keys::subject_matches(subject, n));
+                if !presented {
+                    return Err(self.unauthorized(
+                        ctx,
+                        "client_certificate_mismatch",
+                        "this credential must be used with its own client certificate",
+                    ));
+                }
+            }
+        }
         ctx.headers.remove(header::AUTHORIZATION);
         ctx.headers.remove("x-api-key");
         if let Some(fwd) = &self.forward {
@@ -650,13 +672,17 @@ impl Filter for AuthFilter {
             }
             (Err(reason), _) => return Err(self.failed(ctx, reason).await),
             (Ok(None), None) => {
-                let by_cert = (self.mtls == MtlsMode::Accept)
-                    .then(|| {
-                        ctx.client_cert_subjects
-                            .iter()
-                            .find_map(|s| state.keys.by_mtls_subject(s))
-                    })
-                    .flatten();
+                let by_cert = match self.mtls {
+                    MtlsMode::Accept => state.keys.by_certificate(&ctx.client_cert_subjects),
+                    _ => Ok(None),
+                };
+                let Ok(by_cert) = by_cert else {
+                    return Err(self.unauthorized(
+                        ctx,
+                        "ambiguous_client_certificate",
+                        "the client certificate's names belong to more than one principal",
+                    ));
+                };
                 match by_cert {
                     Some(rec) => {
                         if let Err(reason) = rec.usable(now) {

@@ -45,3 +45,41 @@ pub fn client(
     }
     b.build().map_err(|e| OptionsError::new(key, e.to_string()))
 }
+
+/// A URL as logs and reports show it: a password and a query (where a token may travel) are
+/// masked. What cannot be read as a URL is shown as it is.
+pub fn shown(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else {
+        return url.to_string();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    if u.query().is_some() {
+        u.set_query(Some("***"));
+    }
+    u.to_string()
+}
+
+/// A client error without the URL it names (the URL may carry a password): the caller names
+/// the URL, [`shown`].
+pub fn error_text(e: reqwest::Error) -> String {
+    e.without_url().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_and_queries_are_masked() {
+        assert_eq!(
+            shown("https://gw:s3cret@validator.internal/check?token=abc"),
+            "https://gw:***@validator.internal/check?***"
+        );
+        assert_eq!(
+            shown("https://idp.example/.well-known/jwks.json"),
+            "https://idp.example/.well-known/jwks.json"
+        );
+    }
+}

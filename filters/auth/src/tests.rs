@@ -239,6 +239,101 @@ async fn mtls_subject_maps_to_a_principal() {
     require.on_request(&mut ctx).await.unwrap();
 }
 
+/// Review: certificate names were one untyped list and the first that named a principal won:
+/// a certificate whose common name (which a client writes into its own request) is another
+/// principal's DNS name signed in as it, and one that named two principals signed in as
+/// whichever came first.
+#[tokio::test]
+async fn certificate_names_keep_their_kind_and_may_name_one_principal() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        keys_yaml("  - id: svc\n    mtls_subject: svc-a.internal\n  - id: ops\n    mtls_subject: 'dns:ops.internal'\n    scopes: [admin]\n"),
+    )
+    .unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let f = build(&json!({"keys_file": "keys.yaml", "mtls": "accept"}), &cx).unwrap();
+    let sign_in = |names: &[&str]| {
+        let mut ctx = req(&[], "10.0.0.6");
+        ctx.client_cert_subjects = names.iter().map(|n| n.to_string()).collect();
+        let f = f.clone();
+        async move {
+            let r = f.on_request(&mut ctx).await;
+            (r.map(|_| ctx.principal.as_ref().unwrap().id.clone())
+                .map_err(|_| ctx.reject_reason.unwrap()),)
+        }
+    };
+    // A typed subject: only a DNS name; a common name that reads `dns:…` is not one.
+    assert_eq!(sign_in(&["dns:ops.internal"]).await.0, Ok("ops".into()));
+    assert_eq!(sign_in(&["cn:ops.internal"]).await.0, Err("missing"));
+    assert_eq!(sign_in(&["cn:dns:ops.internal"]).await.0, Err("missing"));
+    // An untyped one: any kind of name.
+    assert_eq!(sign_in(&["cn:svc-a.internal"]).await.0, Ok("svc".into()));
+    assert_eq!(sign_in(&["uri:svc-a.internal"]).await.0, Ok("svc".into()));
+    // Names of two principals: neither.
+    assert_eq!(
+        sign_in(&["cn:svc-a.internal", "dns:ops.internal"]).await.0,
+        Err("ambiguous_client_certificate")
+    );
+    assert_eq!(
+        sign_in(&["dns:ops.internal", "cn:svc-a.internal"]).await.0,
+        Err("ambiguous_client_certificate")
+    );
+    // Two names of one principal are one principal.
+    assert_eq!(
+        sign_in(&["cn:svc-a.internal", "dns:svc-a.internal"])
+            .await
+            .0,
+        Ok("svc".into())
+    );
+}
+
+/// Review: `mtls: require` took any certificate the CA issued beside a stolen key; a key whose
+/// entry names its certificate (`mtls_subject`) now signs in only with that one.
+#[tokio::test]
+async fn a_required_certificate_must_be_the_key_s_own() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        format!(
+            "keys:\n  - id: carol\n    key_sha256: {}\n    mtls_subject: 'dns:carol-laptop'\n  - id: dave\n    key_sha256: {}\n",
+            keygen::hash_key("sk-carol"),
+            keygen::hash_key("sk-dave")
+        ),
+    )
+    .unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let f = build(&json!({"keys_file": "keys.yaml", "mtls": "require"}), &cx).unwrap();
+    let sign_in = |key: &str, names: &[&str]| {
+        let auth = format!("Bearer {key}");
+        let mut ctx = req(&[("authorization", &auth)], "10.0.0.7");
+        ctx.client_cert_subjects = names.iter().map(|n| n.to_string()).collect();
+        let f = f.clone();
+        async move {
+            f.on_request(&mut ctx)
+                .await
+                .map_err(|_| ctx.reject_reason.unwrap())
+        }
+    };
+    assert_eq!(
+        sign_in("sk-carol", &["dns:bob-laptop"]).await,
+        Err("client_certificate_mismatch")
+    );
+    assert_eq!(
+        sign_in("sk-carol", &["cn:carol-laptop"]).await,
+        Err("client_certificate_mismatch")
+    );
+    assert_eq!(sign_in("sk-carol", &["dns:carol-laptop"]).await, Ok(()));
+    // A key whose entry names no certificate takes any the CA issued, as before.
+    assert_eq!(sign_in("sk-dave", &["dns:bob-laptop"]).await, Ok(()));
+}
+
 #[test]
 fn option_errors_name_the_key() {
     let cx = BuildContext::default();
@@ -1063,4 +1158,22 @@ async fn the_validator_s_headers_are_removed_whoever_settles_the_request() {
     assert_eq!(ctx.principal.as_ref().unwrap().id, "alice");
     assert!(!ctx.headers.contains_key("cookie"));
     assert!(!ctx.headers.contains_key("x-api-key"));
+}
+
+/// Review: a validator's URL with a password in it (`https://gw:secret@…`, how reqwest sends
+/// Basic credentials) was shown whole in `/admin/auth`, `check` and the logs.
+#[tokio::test]
+async fn a_validator_s_password_is_never_shown() {
+    let (url, _) = validator().await;
+    let with_secret = url.replacen("http://", "http://gw:s3cret@", 1) + "?token=t0ken";
+    let f = fixture(json!({"forward": {"url": with_secret, "timeout": "300ms"}}));
+    let (_, report) = f.filter.admin_report().await.unwrap();
+    let sources = f.filter.identity_sources().join("; ");
+    for shown in [report.to_string(), sources] {
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("t0ken"),
+            "{shown}"
+        );
+        assert!(shown.contains("gw:***@"), "{shown}");
+    }
 }

@@ -403,6 +403,18 @@ impl RateLimitFilter {
         let (rate, burst, tpm) = self.limits(ctx);
         // The request's output bound (the policy's cap × completions) and its prompt
         // (estimated: `prompt_tokens`) are held until the real usage is known.
+        // A body on a route the gateway cannot read (a custom rule's `/v1/responses`): its
+        // output cannot be bounded before nor its usage read after, so a caller held to
+        // tokens per minute is refused rather than served without a count (as the budget
+        // refuses a caller with a spend budget).
+        if tpm.is_some() && ctx.unknown_format {
+            ctx.reject_reason = Some("tokens_unenforceable");
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "tokens_unenforceable",
+                "this route's token usage cannot be read, and the caller has a tokens-per-minute limit",
+            ));
+        }
         let reserve = match tpm {
             Some(limit) => {
                 let prompt = ctx

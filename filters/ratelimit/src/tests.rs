@@ -482,3 +482,19 @@ async fn a_later_smaller_token_limit_lowers_the_bound_an_earlier_one_gave() {
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+/// Review: a body on a route the gateway cannot read (a custom rule's `/v1/responses`) was
+/// reserved nothing and its usage (`input_tokens`/`output_tokens`) read as none: a caller held
+/// to tokens per minute generated without a count. Refused now, as the budget refuses it.
+#[tokio::test]
+async fn a_route_whose_usage_cannot_be_read_is_refused_under_tokens_per_minute() {
+    let f = filter(json!({"key": "ip", "tokens_per_minute": 1000}));
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/responses".into());
+    c.set_client("10.0.0.1".parse().unwrap(), 64);
+    c.unknown_format = true;
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!((r.status.as_u16(), r.code), (403, "tokens_unenforceable"));
+    // A rate alone counts requests, which it can.
+    let rate = filter(json!({"key": "ip", "rate": "10/m"}));
+    rate.on_request(&mut c).await.unwrap();
+}

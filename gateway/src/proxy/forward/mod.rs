@@ -56,10 +56,15 @@ fn counts_against_backend(status: u16, ctx: &GwCtx) -> bool {
     if status < 500 || status == 503 {
         return false;
     }
-    let req = &ctx.req;
-    // A body the gateway has no parser for (a custom route) may ask for either.
-    let may_be_request = ctx.body_facts.tools || req.completions > 1 || req.unknown_format;
-    !(req.answered_late() && may_be_request)
+    !(ctx.req.answered_late() && may_fail_by_itself(ctx))
+}
+
+/// Whether the request itself may be what a backend fails after generating: it has tools
+/// (llama.cpp's 500 for tool-call arguments it cannot parse) or asks for several completions
+/// (a later task's error). A body the gateway has no parser for (a custom route) may ask for
+/// either.
+fn may_fail_by_itself(ctx: &GwCtx) -> bool {
+    ctx.body_facts.tools || ctx.req.completions > 1 || ctx.req.unknown_format
 }
 
 /// Who a request is for the health rule ([`crate::router::BackendPool::mark_failed_for`]):
@@ -376,8 +381,12 @@ async fn attempt(
         }
         // A second server error for the same request is passed on: the request is likely
         // what fails, and a third backend would only be given it to fail too.
+        // Nor is an error that came after the backend generated for a request that may be
+        // what failed: another backend would generate again, and only the last one's usage
+        // would be charged. It is passed on, and charged as a late error.
         if may_retry
             && !ctx.keepalive_sent
+            && !(late && may_fail_by_itself(ctx))
             && ((s.is_server_error() && retry_5xx) || s == StatusCode::TOO_MANY_REQUESTS)
         {
             if late {
