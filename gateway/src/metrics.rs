@@ -24,6 +24,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Attempts abandoned because no response byte came within the first-byte deadline.
     pub first_byte_timeouts: IntCounterVec,
+    /// SIGHUP reloads by result (`ok`, `failed`: a file kept its previous contents).
+    pub reloads: IntCounterVec,
     pub in_flight: IntGauge,
     /// Client connections open now, by listener.
     pub connections: IntGaugeVec,
@@ -148,6 +150,12 @@ impl Metrics {
                 "llm_gateway_first_byte_timeouts_total",
                 "Attempts abandoned because no response byte came within the first-byte deadline",
                 &["backend"],
+            )?,
+            reloads: counter(
+                r,
+                "llm_gateway_reloads_total",
+                "SIGHUP reloads of the filters' files, by result (failed: a broken file kept its previous contents)",
+                &["result"],
             )?,
             connections: gauge(
                 r,

@@ -196,6 +196,7 @@ pub fn run(prepared: Prepared) -> ! {
         telemetry: gateway.telemetry.clone(),
     };
     let chain = gateway.chain.clone();
+    let metrics = gateway.metrics.clone();
     let gateway_pool = gateway.router.pool().clone();
     let admin = settings.admin.map(|addr| {
         let app = AdminApp {
@@ -277,7 +278,7 @@ pub fn run(prepared: Prepared) -> ! {
     }
     crate::router::spawn_background(gateway_pool, &settings.routing);
     spawn_ctrl_c(flush.clone());
-    spawn_reloader(chain);
+    spawn_reloader(chain, metrics);
     spawn_drain_watcher(
         server.watch_execution_phase(),
         [in_flight, opening],
@@ -382,17 +383,21 @@ fn spawn_upstream_sweep(gateway: Arc<Gateway>) {
 
 /// SIGHUP re-reads the filters' files (keys, htpasswd). Without this handler SIGHUP would
 /// terminate the process.
-fn spawn_reloader(chain: Arc<FilterChain>) {
+fn spawn_reloader(chain: Arc<FilterChain>, metrics: Arc<Metrics>) {
     on_signal(
         (signal_hook::consts::SIGHUP, "SIGHUP"),
         "reloads are disabled",
         move || {
             let errors = chain.reload();
+            let result = if errors.is_empty() { "ok" } else { "failed" };
+            metrics.reloads.with_label_values(&[result]).inc();
             if errors.is_empty() {
                 log::info!("SIGHUP: reloaded");
             }
             for e in errors {
-                log::error!("SIGHUP: reload failed, keeping the previous state: {e}");
+                log::error!(
+                    "SIGHUP: reload failed, keeping the previous state of what it names: {e}"
+                );
             }
         },
     );

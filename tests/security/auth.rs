@@ -392,6 +392,16 @@ async fn sighup_reloads_keys_and_survives_a_broken_file() {
         200,
         "a broken file keeps the old keys"
     );
+    // Visible to whoever scrapes the gateway, not only in its log.
+    assert_eq!(
+        gw.metric("llm_gateway_reloads_total{result=\"failed\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        gw.metric("llm_gateway_reloads_total{result=\"ok\"}").await,
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -20,6 +20,9 @@ pub enum AuthError {
     Random(String),
     #[error("bcrypt: {0}")]
     Bcrypt(#[from] bcrypt::BcryptError),
+    /// Both files of a reload are broken.
+    #[error("{0}; {1}")]
+    Both(Box<AuthError>, Box<AuthError>),
 }
 
 impl AuthError {

@@ -120,8 +120,8 @@ pub enum MtlsMode {
 
 /// Everything read from the files; swapped whole on reload.
 struct Credentials {
-    keys: KeyStore,
-    htpasswd: Option<Htpasswd>,
+    keys: Arc<KeyStore>,
+    htpasswd: Option<Arc<Htpasswd>>,
     /// Principal of each htpasswd user: the keys-file entry with the same id, if any.
     basic_principals: HashMap<String, Arc<Principal>>,
     cache: VerifiedCache,
@@ -246,6 +246,16 @@ fn load(
         None => KeyStore::default(),
     };
     let htpasswd = htpasswd_file.map(|p| Htpasswd::load(p)).transpose()?;
+    Ok(assemble(Arc::new(keys), htpasswd.map(Arc::new), cache))
+}
+
+/// Credentials from a keys store and an htpasswd file (each read anew, or kept from before
+/// when its file is broken), with a new verified-credential cache.
+fn assemble(
+    keys: Arc<KeyStore>,
+    htpasswd: Option<Arc<Htpasswd>>,
+    cache: &CacheOptions,
+) -> Credentials {
     let mut basic_principals = HashMap::new();
     if let Some(h) = &htpasswd {
         for user in h.users() {
@@ -268,12 +278,12 @@ fn load(
             );
         }
     }
-    Ok(Credentials {
+    Credentials {
         keys,
         htpasswd,
         basic_principals,
         cache: VerifiedCache::new(cache.size.max(1), cache.ttl.0),
-    })
+    }
 }
 
 impl AuthFilter {
@@ -733,20 +743,45 @@ impl Filter for AuthFilter {
         self.accept(ctx, principal)
     }
 
+    /// Each file on its own: a broken htpasswd file must not keep a key the keys file
+    /// revoked working (nor the other way round). A broken file keeps its previous contents.
     fn reload(&self) -> Result<(), ReloadError> {
-        let fresh = load(
-            self.keys_file.as_ref(),
-            self.htpasswd_file.as_ref(),
-            &self.cache_opts,
-        )
-        .map_err(ReloadError::new)?;
+        let old = self.state.load();
+        let mut broken = None;
+        let keys = match self.keys_file.as_ref().map(|p| KeyStore::load(p)) {
+            None => Arc::new(KeyStore::default()),
+            Some(Ok(k)) => Arc::new(k),
+            Some(Err(e)) => {
+                broken = Some(e);
+                old.keys.clone()
+            }
+        };
+        let htpasswd = match self.htpasswd_file.as_ref().map(|p| Htpasswd::load(p)) {
+            None => None,
+            Some(Ok(h)) => Some(Arc::new(h)),
+            Some(Err(e)) => {
+                if let Some(first) = broken.take() {
+                    // Both broken: nothing changes.
+                    return Err(ReloadError::new(AuthError::Both(
+                        Box::new(first),
+                        Box::new(e),
+                    )));
+                }
+                broken = Some(e);
+                old.htpasswd.clone()
+            }
+        };
+        let fresh = assemble(keys, htpasswd, &self.cache_opts);
         log::info!(
-            "auth: reloaded {} principals and {} htpasswd users",
+            "auth: reloaded: {} principals and {} htpasswd users",
             fresh.keys.len(),
             fresh.htpasswd.as_ref().map_or(0, |h| h.len())
         );
         self.state.store(Arc::new(fresh));
-        Ok(())
+        match broken {
+            Some(e) => Err(ReloadError::new(e)),
+            None => Ok(()),
+        }
     }
 }
 

@@ -1,7 +1,10 @@
 //! Brute-force lockout: failed authentications counted per client network in fixed windows,
-//! exactly, for at most `slots` networks at once (a flood of addresses cannot grow memory;
-//! past that, newly failing networks go uncounted: lenient to an attacker with more networks
-//! than that, whose requests the address limits still bound, never unjust to an innocent one).
+//! exactly, for at most `slots` networks at once (a flood of addresses cannot grow memory).
+//! Past that, a newly failing address is counted with its wider network (IPv4 /16, IPv6 /48),
+//! for at most `slots` such networks more: an attacker who fills the table from one /48 (an
+//! IPv6 /48 holds 65,536 /64s) still meets the limit there, and only addresses of its own
+//! networks that are not counted by themselves share its lock. Past both, an address goes
+//! uncounted (its requests the address limits still bound).
 //!
 //! A check that takes time (a password hash, a validator's answer) is counted while it runs
 //! ([`Lockout::attempt`]): an address's failures and checks under way together stay within
@@ -41,11 +44,46 @@ struct Count {
     under_way: u32,
 }
 
-/// Counts per address, and the window the map was last purged in.
+/// Counts per address, per wider network for addresses counted when the first map was full,
+/// and the window the maps were last purged in.
 #[derive(Default)]
 struct ExactCounts {
     counts: HashMap<IpAddr, Count>,
+    networks: HashMap<IpAddr, Count>,
     purged: Option<u64>,
+}
+
+/// Where an address's count is kept.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Slot {
+    Own(IpAddr),
+    /// With its wider network ([`network`]): the address's own count had no room.
+    Network(IpAddr),
+}
+
+impl ExactCounts {
+    fn get_mut(&mut self, slot: Slot) -> Option<&mut Count> {
+        match slot {
+            Slot::Own(ip) => self.counts.get_mut(&ip),
+            Slot::Network(net) => self.networks.get_mut(&net),
+        }
+    }
+
+    fn remove(&mut self, slot: Slot) {
+        match slot {
+            Slot::Own(ip) => self.counts.remove(&ip),
+            Slot::Network(net) => self.networks.remove(&net),
+        };
+    }
+}
+
+/// The network an address is counted with when the table has no room for it by itself:
+/// IPv4 /16, IPv6 /48 (a site's allocation).
+fn network(ip: &IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => std::net::Ipv4Addr::from(u32::from(*v4) & 0xffff_0000).into(),
+        IpAddr::V6(v6) => std::net::Ipv6Addr::from(u128::from(*v6) & !((1u128 << 80) - 1)).into(),
+    }
 }
 
 /// What [`Lockout::attempt`] found.
@@ -60,7 +98,7 @@ pub enum Turn<'a> {
 /// A check under way for an address (see [`Lockout::attempt`]).
 pub struct Attempt<'a> {
     lockout: &'a Lockout,
-    ip: IpAddr,
+    slot: Slot,
     window: u64,
     /// Not counted when the counts were full.
     counted: bool,
@@ -72,7 +110,7 @@ impl Drop for Attempt<'_> {
             return;
         }
         let mut exact = self.lockout.counts();
-        let gone = match exact.counts.get_mut(&self.ip) {
+        let gone = match exact.get_mut(self.slot) {
             Some(c) if c.window == self.window => {
                 c.under_way = c.under_way.saturating_sub(1);
                 c.under_way == 0 && c.failures == 0
@@ -81,7 +119,7 @@ impl Drop for Attempt<'_> {
         };
         // An address that only ever succeeded takes no slot.
         if gone {
-            exact.counts.remove(&self.ip);
+            exact.remove(self.slot);
         }
     }
 }
@@ -121,17 +159,23 @@ impl Lockout {
             return false;
         }
         let exact = self.counts();
-        matches!(exact.counts.get(ip), Some(c) if c.window == now && c.failures >= self.max_failures)
+        // An address counted by itself is judged by its own count; one that is not, by its
+        // network's (where it was counted while the table was full).
+        let count = match exact.counts.get(ip) {
+            Some(c) => Some(c),
+            None => exact.networks.get(&network(ip)),
+        };
+        matches!(count, Some(c) if c.window == now && c.failures >= self.max_failures)
     }
 
     /// Asks to start a check that takes time for `ip`.
     pub fn attempt(&self, ip: &IpAddr) -> Turn<'_> {
         let mut exact = self.counts();
         let now = self.window_now();
-        let Some(c) = self.entry(&mut exact, ip, now) else {
+        let Some((slot, c)) = self.entry(&mut exact, ip, now) else {
             return Turn::Go(Attempt {
                 lockout: self,
-                ip: *ip,
+                slot: Slot::Own(*ip),
                 window: now,
                 counted: false,
             });
@@ -145,7 +189,7 @@ impl Lockout {
         c.under_way += 1;
         Turn::Go(Attempt {
             lockout: self,
-            ip: *ip,
+            slot,
             window: now,
             counted: true,
         })
@@ -155,7 +199,7 @@ impl Lockout {
         {
             let mut exact = self.counts();
             let now = self.window_now();
-            if let Some(c) = self.entry(&mut exact, ip, now) {
+            if let Some((_, c)) = self.entry(&mut exact, ip, now) {
                 c.failures = c.failures.saturating_add(1);
                 if c.failures >= self.max_failures {
                     self.hot.fetch_max(now + 1, Ordering::AcqRel);
@@ -177,28 +221,40 @@ impl Lockout {
         (self.epoch.elapsed().as_nanos() / self.window.as_nanos().max(1)) as u64
     }
 
-    /// `ip`'s count in window `now` (a count of an earlier window starts again at zero);
-    /// `None` when the counts are full.
+    /// `ip`'s count in window `now` (a count of an earlier window starts again at zero): its
+    /// own, or its network's when the table has no room for it; `None` when both are full.
     fn entry<'m>(
         &self,
         exact: &'m mut ExactCounts,
         ip: &IpAddr,
         now: u64,
-    ) -> Option<&'m mut Count> {
-        let ExactCounts { counts, purged } = exact;
-        if !counts.contains_key(ip) && counts.len() >= self.slots {
-            // Full: forget the windows that ended, once a window (a flood must not scan the
-            // whole map per failure); still full, this address goes uncounted.
-            if *purged == Some(now) {
-                return None;
-            }
-            *purged = Some(now);
-            counts.retain(|_, c| c.window >= now);
-            if counts.len() >= self.slots {
-                return None;
-            }
+    ) -> Option<(Slot, &'m mut Count)> {
+        let net = network(ip);
+        let full = |e: &ExactCounts| {
+            !e.counts.contains_key(ip)
+                && e.counts.len() >= self.slots
+                && !e.networks.contains_key(&net)
+                && e.networks.len() >= self.slots
+        };
+        if full(exact) && exact.purged != Some(now) {
+            // Forget the windows that ended, once a window (a flood must not scan the maps
+            // per failure).
+            exact.purged = Some(now);
+            exact.counts.retain(|_, c| c.window >= now);
+            exact.networks.retain(|_, c| c.window >= now);
         }
-        let c = counts.entry(*ip).or_insert(Count {
+        let own = exact.counts.contains_key(ip) || exact.counts.len() < self.slots;
+        let (slot, map) = if own {
+            (Slot::Own(*ip), &mut exact.counts)
+        } else if exact.networks.contains_key(&net) || exact.networks.len() < self.slots {
+            (Slot::Network(net), &mut exact.networks)
+        } else {
+            return None;
+        };
+        let key = match slot {
+            Slot::Own(ip) | Slot::Network(ip) => ip,
+        };
+        let c = map.entry(key).or_insert(Count {
             window: now,
             failures: 0,
             under_way: 0,
@@ -210,7 +266,7 @@ impl Lockout {
                 under_way: 0,
             };
         }
-        Some(c)
+        Some((slot, c))
     }
 }
 
@@ -285,7 +341,8 @@ mod tests {
         assert!(matches!(l.attempt(&a), Turn::Locked));
     }
 
-    /// With the counts full, an address goes uncounted, and its check gives nothing back.
+    /// With the counts full, an address is counted with its network, and its check gives back
+    /// only what it took there.
     #[test]
     fn an_uncounted_check_takes_nothing_from_a_failure() {
         let l = Lockout::new(2, Duration::from_secs(60), 64, None);
@@ -303,6 +360,46 @@ mod tests {
         drop(t);
         l.record_failure(&a);
         assert!(l.is_locked(&a));
+    }
+
+    /// Review: 64 /64s of one IPv6 /48 filled the table (65,536 by default: exactly a /48),
+    /// and every newly failing address went uncounted: guesses without limit from anywhere.
+    /// They are counted with their network now; addresses of other networks are not touched.
+    #[test]
+    fn a_full_table_counts_new_addresses_with_their_network() {
+        let l = Lockout::new(3, Duration::from_secs(60), 64, None);
+        let in_48 = |i: u128| {
+            IpAddr::from(std::net::Ipv6Addr::from(
+                (0x2001_0db8_0001_u128 << 80) | (i << 64),
+            ))
+        };
+        for i in 0..64 {
+            l.record_failure(&in_48(i));
+        }
+        let next = in_48(1000);
+        for _ in 0..3 {
+            assert!(!l.is_locked(&next));
+            l.record_failure(&next);
+        }
+        assert!(l.is_locked(&next), "counted with its /48");
+        assert!(
+            l.is_locked(&in_48(2000)),
+            "its /48's other uncounted addresses share it"
+        );
+        assert!(
+            !l.is_locked(&in_48(0)),
+            "an address counted by itself keeps its own count"
+        );
+        let elsewhere: IpAddr = "2001:db8:2::".parse().unwrap();
+        let v4: IpAddr = "198.51.100.7".parse().unwrap();
+        assert!(!l.is_locked(&elsewhere) && !l.is_locked(&v4));
+        // Another network's failures are its own.
+        for _ in 0..3 {
+            l.record_failure(&v4);
+        }
+        assert!(l.is_locked(&v4));
+        assert!(!l.is_locked(&"198.52.0.1".parse().unwrap()));
+        assert!(l.is_locked(&"198.51.0.1".parse().unwrap()), "same /16");
     }
 
     #[test]

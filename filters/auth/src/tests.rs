@@ -1177,3 +1177,35 @@ async fn a_validator_s_password_is_never_shown() {
         assert!(shown.contains("gw:***@"), "{shown}");
     }
 }
+
+/// Review: the keys file and the htpasswd file were reloaded together, so a typo in the
+/// htpasswd file kept a key the keys file had just revoked working. Each file is read on its
+/// own now; the broken one keeps its previous contents and the reload says so.
+#[tokio::test]
+async fn a_broken_htpasswd_file_does_not_keep_a_revoked_key() {
+    let f = fixture(json!({"keys_file": "keys.yaml", "htpasswd": "htpasswd"}));
+    let alice = format!("Bearer {ALICE}");
+    let mut ctx = req(&[("authorization", &alice)], "10.0.0.5");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    // Alice's key revoked, and a line of the htpasswd file broken in the same edit.
+    std::fs::write(f.dir.path().join("keys.yaml"), "keys: []\n").unwrap();
+    std::fs::write(f.dir.path().join("htpasswd"), "bob-without-a-hash\n").unwrap();
+    let err = f.filter.reload().unwrap_err().to_string();
+    assert!(err.contains("htpasswd"), "{err}");
+    let mut ctx = req(&[("authorization", &alice)], "10.0.0.5");
+    assert_eq!(f.filter.on_request(&mut ctx).await.unwrap_err().status, 401);
+    // The htpasswd file kept its previous users.
+    let bob = basic("bob", "secret");
+    let mut ctx = req(&[("authorization", &bob)], "10.0.0.6");
+    f.filter.on_request(&mut ctx).await.unwrap();
+    // Both broken: nothing changes, and both are named.
+    std::fs::write(
+        f.dir.path().join("keys.yaml"),
+        "keys: [ { id: x, bogus: 1 } ]\n",
+    )
+    .unwrap();
+    let err = f.filter.reload().unwrap_err().to_string();
+    assert!(err.contains("bogus") && err.contains("htpasswd"), "{err}");
+    let mut ctx = req(&[("authorization", &bob)], "10.0.0.6");
+    f.filter.on_request(&mut ctx).await.unwrap();
+}
