@@ -13,6 +13,8 @@ pub struct FilterChain {
     /// Index of the first filter that needs the request body: the ones before it run before
     /// the body is read. Fixed once the chain is built.
     body_needed_at: usize,
+    /// A filter's `on_complete` reads the request's JSON ([`Filter::reads_body_at_end`]).
+    pub reads_body_at_end: bool,
     shut_down: std::sync::atomic::AtomicBool,
     /// The built-in policy was added because the config has none.
     pub default_policy: bool,
@@ -33,6 +35,7 @@ impl FilterChain {
             .position(|f| f.needs_body())
             .unwrap_or(filters.len());
         FilterChain {
+            reads_body_at_end: filters.iter().any(|f| f.reads_body_at_end()),
             filters,
             body_needed_at,
             shut_down: Default::default(),

@@ -13,6 +13,10 @@ pub enum HostCheck {
     /// can be led there by a name.
     #[default]
     Browsers,
+    /// Those a browser sent over any connection: a listener reachable from the network with
+    /// no authentication (`allow_insecure`), which a page rebound to its LAN address would
+    /// reach from inside `allow_cidrs`.
+    AllBrowsers,
     /// Every request (the operator listed `allowed_hosts`).
     All,
     /// None (`allowed_hosts: ['*']`).
@@ -42,6 +46,7 @@ impl HostRule {
         match self.check {
             HostCheck::Any => true,
             HostCheck::Browsers if !(from_browser && via_loopback) => true,
+            HostCheck::AllBrowsers if !from_browser => true,
             _ => is_local(host, &self.names),
         }
     }
@@ -57,6 +62,8 @@ impl HostRule {
             HostCheck::Any => return None,
             HostCheck::Browsers if !from_browser(&req.headers) || !via_loopback() => return None,
             HostCheck::Browsers => true,
+            HostCheck::AllBrowsers if !from_browser(&req.headers) => return None,
+            HostCheck::AllBrowsers => true,
             HostCheck::All => from_browser(&req.headers),
         };
         let host = host_of(req);
@@ -72,7 +79,8 @@ pub fn loopback(local: Option<&SocketAddr>) -> bool {
 }
 
 /// Whether `host` (a `Host` header, port and all) names this machine: an IP address,
-/// `localhost`, a name under `.localhost`, `.local` or `.internal`, or one of `names`
+/// `localhost`, a name under `.localhost`, `.local`, `.internal`, `.lan` or `.home.arpa`
+/// (names no page on the internet can have), or one of `names`
 /// (lower-case: this machine's name, the operator's `allowed_hosts`).
 pub fn is_local(host: &str, names: &[String]) -> bool {
     let name = match host.strip_prefix('[') {
@@ -83,7 +91,7 @@ pub fn is_local(host: &str, names: &[String]) -> bool {
     name.is_empty()
         || name == "localhost"
         || name.parse::<std::net::IpAddr>().is_ok()
-        || [".localhost", ".local", ".internal"]
+        || [".localhost", ".local", ".internal", ".lan", ".home.arpa"]
             .iter()
             .any(|tld| name.ends_with(tld))
         || names.contains(&name)
@@ -135,4 +143,41 @@ pub fn refusal_message(host: &str) -> String {
         "this listener does not answer to the host {} (a page can point its own name at this address); add the name to the listener's allowed_hosts if clients use it",
         gateway_filter::echo(host)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review: a listener reachable from the network with no authentication
+    /// (`allow_insecure`) checked no browser's `Host`, so a page rebound to its LAN address
+    /// used it from inside `allow_cidrs`. Its browsers are checked on every connection now.
+    #[test]
+    fn an_unauthenticated_network_listener_checks_browsers_on_every_connection() {
+        let lan = HostRule {
+            names: vec!["gpu-box".into()],
+            check: HostCheck::AllBrowsers,
+        };
+        let evil = "rebind.attacker.example:8080";
+        assert!(!lan.admits(evil, true, false), "a browser over the LAN");
+        assert!(
+            lan.admits(evil, false, false),
+            "curl and SDKs send no browser headers"
+        );
+        for local in [
+            "192.168.1.5:8080",
+            "gpu-box:8080",
+            "gpu.lan",
+            "gpu.home.arpa:8080",
+        ] {
+            assert!(lan.admits(local, true, false), "{local}");
+        }
+        // The default rule still checks loopback connections only.
+        let default = HostRule {
+            names: Vec::new(),
+            check: HostCheck::Browsers,
+        };
+        assert!(default.admits(evil, true, false));
+        assert!(!default.admits(evil, true, true));
+    }
 }

@@ -48,8 +48,10 @@ pub fn subjects_of(der: &[u8]) -> Vec<String> {
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
-                GeneralName::DNSName(s) => out.push(format!("dns:{s}")),
-                GeneralName::RFC822Name(s) => out.push(format!("email:{s}")),
+                // DNS names and email addresses do not depend on case: presented lower-cased,
+                // as a typed `mtls_subject` is written.
+                GeneralName::DNSName(s) => out.push(format!("dns:{}", s.to_ascii_lowercase())),
+                GeneralName::RFC822Name(s) => out.push(format!("email:{}", s.to_ascii_lowercase())),
                 GeneralName::URI(s) => out.push(format!("uri:{s}")),
                 _ => {}
             }

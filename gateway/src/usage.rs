@@ -79,16 +79,83 @@ struct Doc {
     prompt_eval_count: Option<u64>,
     eval_count: Option<u64>,
     done: Option<bool>,
+    #[serde(default)]
+    message: Nested,
+    #[serde(default)]
+    response: Nested,
 }
 
 #[derive(Deserialize)]
 struct OpenAiUsage {
-    /// `input_tokens` / `output_tokens`: the Responses API's and Anthropic's names (custom
-    /// routes, llama.cpp's `/v1/messages`).
-    #[serde(alias = "input_tokens")]
     prompt_tokens: Option<u64>,
-    #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
+    /// The Responses API's and Anthropic's names (custom routes, llama.cpp's `/v1/messages`);
+    /// fields of their own, so a document that carries both names is still read.
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+impl OpenAiUsage {
+    fn prompt(&self) -> Option<u64> {
+        self.prompt_tokens.or(self.input_tokens)
+    }
+
+    fn completion(&self) -> Option<u64> {
+        self.completion_tokens.or(self.output_tokens)
+    }
+}
+
+/// The usage of an object one level down: Anthropic's `message_start` event
+/// (`message.usage`), the Responses API's `response.completed` (`response.usage`). Any other
+/// value there (Ollama's `response` text, its chat `message`) is skipped and reads as none.
+#[derive(Default)]
+struct Nested(Option<OpenAiUsage>);
+
+impl<'de> Deserialize<'de> for Nested {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Holder;
+        impl<'de> Visitor<'de> for Holder {
+            type Value = Nested;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Nested, A::Error> {
+                let mut usage = None;
+                while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "usage" {
+                        usage = a.next_value::<Option<OpenAiUsage>>()?;
+                    } else {
+                        a.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Nested(usage))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Nested, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Nested(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Nested, E> {
+                Ok(Nested(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Nested, E> {
+                Ok(Nested(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Nested, E> {
+                Ok(Nested(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Nested, E> {
+                Ok(Nested(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Nested, E> {
+                Ok(Nested(None))
+            }
+            fn visit_unit<E>(self) -> Result<Nested, E> {
+                Ok(Nested(None))
+            }
+        }
+        d.deserialize_any(Holder)
+    }
 }
 
 impl UsageParser {
@@ -245,6 +312,8 @@ impl UsageParser {
                     prompt_eval_count: d.prompt_eval_count,
                     eval_count: d.eval_count,
                     done: d.done,
+                    message: d.message,
+                    response: d.response,
                 });
                 return;
             }
@@ -278,12 +347,14 @@ impl UsageParser {
         // event (Anthropic's stream: input tokens first, output tokens at the end).
         let named = d
             .usage
-            .filter(|u| u.prompt_tokens.is_some() || u.completion_tokens.is_some());
+            .or(d.message.0)
+            .or(d.response.0)
+            .filter(|u| u.prompt().is_some() || u.completion().is_some());
         if let Some(u) = named {
             let before = self.usage.unwrap_or_default();
             self.usage = Some(Usage {
-                prompt_tokens: u.prompt_tokens.unwrap_or(before.prompt_tokens),
-                completion_tokens: u.completion_tokens.unwrap_or(before.completion_tokens),
+                prompt_tokens: u.prompt().unwrap_or(before.prompt_tokens),
+                completion_tokens: u.completion().unwrap_or(before.completion_tokens),
                 ..Default::default()
             });
         } else if d.prompt_eval_count.is_some() || d.eval_count.is_some() {
@@ -322,6 +393,10 @@ struct UsageAndReasons<'a> {
     usage: Option<OpenAiUsage>,
     prompt_eval_count: Option<u64>,
     eval_count: Option<u64>,
+    #[serde(default)]
+    message: Nested,
+    #[serde(default)]
+    response: Nested,
     #[serde(default, borrow)]
     choices: Vec<ReasonChoice<'a>>,
     #[serde(borrow)]
@@ -545,39 +620,115 @@ fn string_len(text: &[u8]) -> usize {
 /// events are counted ([`TEXT_KEYS`]); OpenAI's `choices[].text`, Ollama's `response` and
 /// `thinking`.
 fn answer_text_chars(doc: &[u8]) -> u64 {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(doc) else {
+    // Read into the few fields counted, every other value skipped unread: a tree of the whole
+    // answer (a megabyte of log-probabilities is many small objects) would cost tens of MB.
+    let Ok(a) = serde_json::from_slice::<Answer>(doc) else {
         return 0;
     };
-    let len = |v: Option<&serde_json::Value>| {
-        v.and_then(serde_json::Value::as_str)
-            .map_or(0, |s| gateway_filter::prompt::text_quarters(s) as u64)
-    };
-    let message = |m: Option<&serde_json::Value>| {
-        let Some(m) = m else { return 0 };
-        let calls = m
-            .get("tool_calls")
-            .and_then(serde_json::Value::as_array)
-            .map_or(0, |calls| {
-                calls
-                    .iter()
-                    .map(|c| len(c.pointer("/function/arguments")))
-                    .sum()
-            });
-        ["content", "reasoning_content", "reasoning", "thinking"]
+    let message = |m: &AnswerMessage| {
+        let calls: u64 = m
+            .tool_calls
             .iter()
-            .map(|k| len(m.get(*k)))
-            .sum::<u64>()
-            + calls
+            .flatten()
+            .filter_map(|c| c.function.as_ref())
+            .map(|f| f.arguments.0)
+            .sum();
+        m.content.0 + m.reasoning_content.0 + m.reasoning.0 + m.thinking.0 + calls
     };
-    let choices: u64 = v
-        .get("choices")
-        .and_then(serde_json::Value::as_array)
-        .map_or(0, |c| {
-            c.iter()
-                .map(|c| message(c.get("message")) + len(c.get("text")))
-                .sum()
-        });
-    choices + message(v.get("message")) + len(v.get("response")) + len(v.get("thinking"))
+    let choices: u64 = a
+        .choices
+        .iter()
+        .flatten()
+        .map(|c| c.message.as_ref().map_or(0, message) + c.text.0)
+        .sum();
+    choices + a.message.as_ref().map_or(0, message) + a.response.0 + a.thinking.0
+}
+
+/// The fields of a whole answer [`answer_text_chars`] counts.
+#[derive(Deserialize)]
+struct Answer {
+    choices: Option<Vec<AnswerChoice>>,
+    message: Option<AnswerMessage>,
+    #[serde(default)]
+    response: Text,
+    #[serde(default)]
+    thinking: Text,
+}
+
+#[derive(Deserialize)]
+struct AnswerChoice {
+    message: Option<AnswerMessage>,
+    #[serde(default)]
+    text: Text,
+}
+
+#[derive(Deserialize)]
+struct AnswerMessage {
+    #[serde(default)]
+    content: Text,
+    #[serde(default)]
+    reasoning_content: Text,
+    #[serde(default)]
+    reasoning: Text,
+    #[serde(default)]
+    thinking: Text,
+    tool_calls: Option<Vec<ToolCall>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCall {
+    function: Option<ToolFunction>,
+}
+
+#[derive(Deserialize)]
+struct ToolFunction {
+    #[serde(default)]
+    arguments: Text,
+}
+
+/// A value's text in quarter tokens if it is a string; any other value counts nothing and is
+/// skipped without being kept.
+#[derive(Default)]
+struct Text(u64);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct AnyValue;
+        impl<'de> Visitor<'de> for AnyValue {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Text, E> {
+                Ok(Text(gateway_filter::prompt::text_quarters(s) as u64))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Text, E> {
+                Ok(Text(0))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Text, E> {
+                Ok(Text(0))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Text, E> {
+                Ok(Text(0))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Text, E> {
+                Ok(Text(0))
+            }
+            fn visit_unit<E>(self) -> Result<Text, E> {
+                Ok(Text(0))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Text, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Text(0))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Text, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Text(0))
+            }
+        }
+        d.deserialize_any(AnyValue)
+    }
 }
 
 #[cfg(test)]
@@ -659,13 +810,37 @@ mod tests {
         // Anthropic's stream: input tokens at the start, output tokens at the end.
         let anthropic = concat!(
             "event: message_start\n",
-            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\"},\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}\n\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"content\":[],\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
             "event: content_block_delta\n",
             "data: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
             "event: message_delta\n",
             "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n",
         );
         assert_eq!(usage(Framing::Sse, anthropic), Some((25, 15, false)));
+        // The Responses API's stream: the usage in the last event's `response`.
+        let responses = concat!(
+            "event: response.output_text.delta\n",
+            "data: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+            "event: response.completed\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"output\":[{\"content\":[{\"text\":\"Hi\"}]}],\"usage\":{\"input_tokens\":7,\"output_tokens\":300,\"total_tokens\":307}}}\n\n",
+        );
+        assert_eq!(usage(Framing::Sse, responses), Some((7, 300, false)));
+        // Both names in one object (a server that writes both): still read.
+        assert_eq!(
+            usage(
+                Framing::Json,
+                r#"{"usage":{"prompt_tokens":5,"input_tokens":5,"completion_tokens":9,"output_tokens":9}}"#
+            ),
+            Some((5, 9, false))
+        );
+        // Ollama's `response` text and chat `message` are no usage holders: its counts stand.
+        assert_eq!(
+            usage(
+                Framing::Json,
+                r#"{"model":"m","response":"hi","message":{"role":"assistant","content":"x"},"done":true,"prompt_eval_count":3,"eval_count":4}"#
+            ),
+            Some((3, 4, false))
+        );
         // Text passed, then a usage object that names no figure: the count stands.
         let empty = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\ndata: {\"choices\":[],\"usage\":{}}\n\ndata: [DONE]\n\n";
         assert_eq!(usage(Framing::Sse, empty), Some((0, 2, true)));
@@ -694,6 +869,34 @@ mod tests {
         let quoted = r#"\"quoted\" words, and then a good many more words after them"#;
         assert_eq!(quoted.len(), 60);
         assert_eq!(count(event(quoted)), Some((10, true)));
+    }
+
+    /// Review: a whole answer without usage was read into a tree to count its text; a megabyte
+    /// of log-probabilities cost tens of MB for a request of a few hundred bytes. Only the
+    /// counted fields are read now, with the same figures.
+    #[test]
+    fn a_whole_answer_s_text_is_counted_without_its_other_fields() {
+        let logprobs: Vec<serde_json::Value> = (0..2000)
+            .map(|i| serde_json::json!({"token": "x", "logprob": -0.5, "top_logprobs": [{"token": "y", "logprob": -1.0, "bytes": [i % 255]}]}))
+            .collect();
+        let answer = serde_json::json!({
+            "choices": [
+                {"message": {"content": "abcd".repeat(10), "reasoning_content": "efgh",
+                    "tool_calls": [{"function": {"name": "f", "arguments": "{\"a\":1}"}}, {"type": "function"}]},
+                 "logprobs": {"content": logprobs}},
+                {"text": "ijkl", "message": null},
+                {"message": {"content": [{"type": "text", "text": "parts are not counted"}]}}
+            ],
+            "message": {"content": "mnop", "thinking": "qrst",
+                "tool_calls": [{"function": {"name": "g", "arguments": {"b": 2}}}]},
+            "response": "uvwx",
+            "thinking": null
+        });
+        let doc = serde_json::to_vec(&answer).unwrap();
+        // Quarter tokens: a character each (ASCII); `{"a":1}` is 7.
+        assert_eq!(answer_text_chars(&doc), 40 + 4 + 7 + 4 + 4 + 4 + 4);
+        assert_eq!(answer_text_chars(b"[1,2]"), 0);
+        assert_eq!(answer_text_chars(br#"{"choices":"none"}"#), 0);
     }
 
     #[test]

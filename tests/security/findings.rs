@@ -1967,3 +1967,116 @@ async fn ollama_routes_never_reach_an_openai_backend() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+// Review: server settings were checked only on the inference routes the gateway parses; a
+// custom rule's route (SGLang's `/generate`, vLLM's `/v1/responses`) passed them as sent, a
+// serialized logit processor (code SGLang runs where enabled) included.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_settings_are_refused_on_routes_of_custom_rules_too() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    media_urls: allow\n    allow: [ollama-inference, openai-inference, { path: '/generate', methods: [POST] }, { path: '/v1/**', methods: [POST] }]\n",
+    )
+    .await;
+    let c = client();
+    let send = |path: &'static str, body: serde_json::Value| {
+        c.post(gw.url(path))
+            .header("authorization", bearer(USER_KEY))
+            .json(&body)
+            .send()
+    };
+    for (path, body, field) in [
+        (
+            "/generate",
+            json!({"model": "llama3.1:8b", "text": "hi", "custom_logit_processor": "gASV..."}),
+            "custom_logit_processor",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "llama3.1:8b", "input": "hi", "chat_template_kwargs": {"chat_template": "{{ x }}"}}),
+            "chat_template_kwargs.chat_template",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "llama3.1:8b", "input": "hi", "Priority": -100}),
+            "priority",
+        ),
+        // Read as `options.use_mmap` by Go's decoder (`ſ` folds to `s`).
+        (
+            "/generate",
+            json!({"model": "llama3.1:8b", "options": {"u\u{17f}e_mmap": false}}),
+            "options.u\u{17f}e_mmap",
+        ),
+    ] {
+        let r = send(path, body).await.unwrap();
+        assert_eq!(r.status(), 403, "{path} {field}");
+        let (code, message) = error_of(r).await;
+        assert_eq!(code, "server_setting_not_allowed");
+        assert!(message.contains(field), "{message}");
+    }
+    // A body that cannot be read here (Python's reader takes `NaN`; a name twice is merged
+    // by Go's), even with media URLs allowed: nothing in it was checked.
+    for body in [
+        r#"{"model":"llama3.1:8b","text":"x","custom_logit_processor":"gASV","temperature":NaN}"#,
+        r#"{"model":"llama3.1:8b","options":{"num_ctx":8},"options":{"use_mmap":false}}"#,
+    ] {
+        let r = c
+            .post(gw.url("/generate"))
+            .header("authorization", bearer(USER_KEY))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(error_of(r).await.0, "invalid_request_body");
+    }
+    assert_eq!(m.total(), 0, "none reached the backend");
+    // Without them, the same routes pass.
+    let r = send(
+        "/v1/responses",
+        json!({"model": "llama3.1:8b", "input": "hi"}),
+    )
+    .await
+    .unwrap();
+    assert_ne!(r.status(), 403);
+    assert_eq!(m.hits("/v1/responses"), 1);
+}
+
+// Review: a body with `Content-Encoding: gzip` was checked as the bytes it is (nothing in it
+// read as JSON on a custom rule's route) and forwarded with its encoding, for any hop that
+// decompresses bodies to act on. Refused now, before the body is read, on every route.
+#[tokio::test(flavor = "multi_thread")]
+async fn encoded_request_bodies_are_refused() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    allow: [ollama-inference, openai-inference, { path: '/v1/**', methods: [POST] }]\n",
+    )
+    .await;
+    for (path, shape_openai) in [
+        ("/v1/responses", true),
+        ("/v1/chat/completions", true),
+        ("/api/chat", false),
+    ] {
+        let r = client()
+            .post(gw.url(path))
+            .header("authorization", bearer(USER_KEY))
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        let code = if shape_openai {
+            &body["error"]["code"]
+        } else {
+            &body["code"]
+        };
+        assert_eq!(code, "unsupported_content_encoding", "{path}: {body}");
+    }
+    assert_eq!(m.total(), 0);
+}

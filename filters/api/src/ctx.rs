@@ -194,6 +194,9 @@ pub struct RequestCtx {
     pub abandoned: u32,
     /// The seconds those backends held it (each its first-byte deadline).
     pub abandoned_secs: f64,
+    /// Of those, the backends left after a late error ([`Self::late_error`]): each may have
+    /// generated up to the request's bound, so each is charged its reservation.
+    pub late_errors: u32,
     pub retries: u32,
     pub status: u16,
     pub decision: Decision,
@@ -292,6 +295,7 @@ impl RequestCtx {
             reached_backend: false,
             abandoned: 0,
             abandoned_secs: 0.0,
+            late_errors: 0,
             retries: 0,
             status: 0,
             decision: Decision::Allowed,

@@ -19,6 +19,13 @@ pub trait Filter: Send + Sync {
         false
     }
 
+    /// Whether `on_complete` reads the request's JSON (`ctx.json`: the audit's prompt hash).
+    /// The gateway lets a large body's tree go while the request runs and reads it again for
+    /// the request's end only when a filter (or the trace) needs it.
+    fn reads_body_at_end(&self) -> bool {
+        false
+    }
+
     /// Whether `on_request` may run while earlier filters' deferred checks
     /// ([`RequestCtx::defer`]) still wait for their answers: it neither reads what they
     /// conclude nor is costly to run for a request they may still refuse (what it holds gives

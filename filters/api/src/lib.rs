@@ -9,6 +9,7 @@ mod ctx;
 pub mod defer;
 mod filter;
 pub mod glob;
+pub mod go_names;
 pub mod labels;
 pub mod limits;
 pub mod media;

@@ -186,6 +186,11 @@ impl Filter for AuditFilter {
         "audit"
     }
 
+    /// The prompt's hash and length (and the prompt, with `capture_prompts`).
+    fn reads_body_at_end(&self) -> bool {
+        true
+    }
+
     async fn on_complete(&self, ctx: &mut RequestCtx) {
         // Sized for a usual line, so it is written without growing.
         let mut line = Vec::with_capacity(LINE_CAPACITY);

@@ -212,7 +212,7 @@ impl JwtVerifier {
                 if issuer_https && !https {
                     return Err(OptionsError::new(
                         "jwt.issuer_discovery",
-                        format!("{url:?}: the issuer is https://, so its discovery document must be fetched over https:// too"),
+                        format!("{:?}: the issuer is https://, so its discovery document must be fetched over https:// too", shown(url)),
                     ));
                 }
                 KeySource::Discovery {
@@ -331,7 +331,10 @@ impl JwtVerifier {
             // still serves (it is checked on its own).
             Err(e) => match self.discovered.lock().ok().and_then(|d| d.clone()) {
                 Some(known) => {
-                    log::warn!("auth: {e}; using the key set found before ({known})");
+                    log::warn!(
+                        "auth: {e}; using the key set found before ({})",
+                        shown(&known)
+                    );
                     Ok(known)
                 }
                 None => Err(e),

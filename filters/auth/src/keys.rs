@@ -93,6 +93,26 @@ fn kind_of(name: &str) -> (Option<&'static str>, &str) {
         .unwrap_or((None, name))
 }
 
+/// An `mtls_subject` as written, its kind lower-cased (`DNS:x`, as OpenSSL prints names, is
+/// `dns:x`: written otherwise it would be an untyped name that a common name `DNS:x`, which
+/// the requester writes, matches), and a typed DNS name or email address lower-cased as the
+/// TLS layer presents them. A name must not be empty.
+fn normalized_subject(written: &str) -> Result<String, String> {
+    let lower = written.to_ascii_lowercase();
+    let kind = SUBJECT_KINDS.iter().find(|k| lower.starts_with(*k));
+    let name = kind.map_or(written, |k| &written[k.len()..]);
+    if name.trim().is_empty() {
+        return Err(format!(
+            "{written:?} names no certificate; write a common name or subject alternative name, optionally typed (dns:svc.internal)"
+        ));
+    }
+    Ok(match kind {
+        Some(k @ (&"dns:" | &"email:")) => format!("{k}{}", name.to_ascii_lowercase()),
+        Some(k) => format!("{k}{name}"),
+        None => written.to_string(),
+    })
+}
+
 /// Whether a certificate's name (as presented, with its kind) is the `mtls_subject`
 /// `configured`: a typed one (`dns:svc.internal`) only by a name of that kind, an untyped one
 /// by a name of any kind. A common name written to look like a kind (`CN=dns:svc`) is a
@@ -181,12 +201,18 @@ impl KeyStore {
                     period: e.period,
                 },
             };
+            let mtls_subject = e
+                .mtls_subject
+                .as_deref()
+                .map(normalized_subject)
+                .transpose()
+                .map_err(|message| Invalid::new(format!("{at}.mtls_subject"), message))?;
             let record = Arc::new(KeyRecord {
                 principal: Arc::new(principal),
                 digest,
                 enabled: e.enabled,
                 expires,
-                mtls_subject: e.mtls_subject,
+                mtls_subject,
             });
             if store.by_id.insert(e.id.clone(), record.clone()).is_some() {
                 return Err(Invalid::new(

@@ -364,10 +364,12 @@ impl AuthFilter {
                     .iter()
                     .any(|n| keys::subject_matches(subject, n));
                 if !presented {
+                    // Answered as any failure: the client learns nothing of the credential
+                    // it sent (the reason goes to the logs only).
                     return Err(self.unauthorized(
                         ctx,
                         "client_certificate_mismatch",
-                        "this credential must be used with its own client certificate",
+                        "invalid credentials",
                     ));
                 }
             }

@@ -230,15 +230,11 @@ impl Lockout {
         now: u64,
     ) -> Option<(Slot, &'m mut Count)> {
         let net = network(ip);
-        let full = |e: &ExactCounts| {
-            !e.counts.contains_key(ip)
-                && e.counts.len() >= self.slots
-                && !e.networks.contains_key(&net)
-                && e.networks.len() >= self.slots
-        };
-        if full(exact) && exact.purged != Some(now) {
-            // Forget the windows that ended, once a window (a flood must not scan the maps
-            // per failure).
+        // The address's own count has no room: forget the windows that ended first (once a
+        // window: a flood must not scan the maps per failure), so counts of a flood that is
+        // over never push later addresses into their networks' counts.
+        let full = !exact.counts.contains_key(ip) && exact.counts.len() >= self.slots;
+        if full && exact.purged != Some(now) {
             exact.purged = Some(now);
             exact.counts.retain(|_, c| c.window >= now);
             exact.networks.retain(|_, c| c.window >= now);
@@ -400,6 +396,27 @@ mod tests {
         assert!(l.is_locked(&v4));
         assert!(!l.is_locked(&"198.52.0.1".parse().unwrap()));
         assert!(l.is_locked(&"198.51.0.1".parse().unwrap()), "same /16");
+    }
+
+    /// Review: the counts of a flood that was over stayed until the networks' map filled too,
+    /// so from then on every newly failing address was counted with its whole network.
+    #[test]
+    fn a_flood_that_is_over_leaves_no_network_counting_behind() {
+        let l = Lockout::new(3, Duration::from_millis(100), 64, None);
+        for i in 0..64u8 {
+            l.record_failure(&IpAddr::from([10, 9, 0, i]));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        let a: IpAddr = "198.51.100.7".parse().unwrap();
+        for _ in 0..3 {
+            l.record_failure(&a);
+        }
+        assert!(l.is_locked(&a));
+        assert!(
+            !l.is_locked(&"198.51.0.1".parse().unwrap()),
+            "counted by itself"
+        );
+        assert!(l.counts().networks.is_empty());
     }
 
     #[test]

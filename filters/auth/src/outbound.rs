@@ -50,8 +50,16 @@ pub fn client(
 /// masked. What cannot be read as a URL is shown as it is.
 pub fn shown(url: &str) -> String {
     let Ok(mut u) = reqwest::Url::parse(url) else {
-        return url.to_string();
+        // Not a URL (a bad port, say): what may be user information is masked whole.
+        return match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+            _ => url.to_string(),
+        };
     };
+    if !u.username().is_empty() && u.password().is_none() {
+        // A token may travel as the user name alone.
+        let _ = u.set_username("***");
+    }
     if u.password().is_some() {
         let _ = u.set_password(Some("***"));
     }
@@ -80,6 +88,14 @@ mod tests {
         assert_eq!(
             shown("https://idp.example/.well-known/jwks.json"),
             "https://idp.example/.well-known/jwks.json"
+        );
+        assert_eq!(
+            shown("https://t0ken@validator.internal/check"),
+            "https://***@validator.internal/check"
+        );
+        assert_eq!(
+            shown("https://gw:s3cret@validator.internal:99999/check"),
+            "https://***@validator.internal:99999/check"
         );
     }
 }

@@ -289,6 +289,30 @@ async fn certificate_names_keep_their_kind_and_may_name_one_principal() {
             .0,
         Ok("svc".into())
     );
+    // A kind written as OpenSSL prints it (`DNS:`) is a kind, and a typed DNS name is
+    // compared as the TLS layer presents it (lower-cased); a common name reading `DNS:…` is
+    // still a common name.
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        keys_yaml("  - id: ops\n    mtls_subject: 'DNS:Ops.Internal'\n"),
+    )
+    .unwrap();
+    f.reload().unwrap();
+    assert_eq!(sign_in(&["dns:ops.internal"]).await.0, Ok("ops".into()));
+    assert_eq!(sign_in(&["cn:DNS:Ops.Internal"]).await.0, Err("missing"));
+    // A subject that names nothing is a config error.
+    for empty in ["''", "'dns:'", "' '"] {
+        std::fs::write(
+            dir.path().join("keys.yaml"),
+            keys_yaml(&format!("  - id: ops\n    mtls_subject: {empty}\n")),
+        )
+        .unwrap();
+        let e = f.reload().unwrap_err().to_string();
+        assert!(
+            e.contains("mtls_subject") && e.contains("names no certificate"),
+            "{e}"
+        );
+    }
 }
 
 /// Review: `mtls: require` took any certificate the CA issued beside a stolen key; a key whose

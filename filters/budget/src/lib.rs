@@ -751,8 +751,12 @@ impl Filter for BudgetFilter {
                     .prices
                     .worst_case(model, Usage::default(), ctx.abandoned_secs)
                     .unwrap_or(0);
+                // Those left after a late error may have generated to the bound: each is
+                // charged the reservation (which covers its prompt) instead.
+                let late = ctx.late_errors.min(n);
                 charged
-                    .saturating_add(each.saturating_mul(i64::from(n)))
+                    .saturating_add(each.saturating_mul(i64::from(n - late)))
+                    .saturating_add(res.amount.saturating_mul(i64::from(late)))
                     .saturating_add(held)
             }
             // Charged the whole reservation already: it covers what they may have read.

@@ -444,6 +444,9 @@ impl Filter for PolicyFilter {
             if self.media_urls == MediaUrls::DataOnly {
                 shape::check_unknown_media(ctx)?;
             }
+            if self.server_settings == ServerSettings::Refuse {
+                shape::check_custom_server_settings(ctx)?;
+            }
         }
         if ctx.route.holds_body() {
             self.check_content_type(ctx)?;

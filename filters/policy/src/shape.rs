@@ -298,14 +298,64 @@ pub fn check_server_settings(route: Route, body: &Value) -> Result<(), Rejection
     };
     match option.or(field).or(nested) {
         None => Ok(()),
-        Some(name) => Err(Rejection::new(
-            StatusCode::FORBIDDEN,
-            "server_setting_not_allowed",
-            format!(
-                "`{name}` changes how the model server loads, keeps, formats or schedules models for everyone using it; this gateway does not let requests set it"
-            ),
-        )),
+        Some(name) => Err(setting_refused(&name)),
     }
+}
+
+fn setting_refused(name: &str) -> Rejection {
+    Rejection::new(
+        StatusCode::FORBIDDEN,
+        "server_setting_not_allowed",
+        format!(
+            "`{name}` changes how the model server loads, keeps, formats or schedules models for everyone using it; this gateway does not let requests set it"
+        ),
+    )
+}
+
+/// The same settings in a body on a route the gateway has no parser for (a custom rule's
+/// SGLang `/generate`, `/v1/responses`): those of either wire format, names compared as Go's
+/// decoder compares them (Ollama's; Python servers' compare exactly, where this only refuses
+/// a field they would ignore). A body that looks like JSON but could not be read (`NaN`, a
+/// byte-order mark: Python's reader takes them) is refused: nothing in it was checked.
+pub fn check_custom_server_settings(ctx: &RequestCtx) -> Result<(), Rejection> {
+    if ctx.unreadable_json {
+        return Err(bad(
+            "invalid_request_body",
+            "the body looks like JSON but cannot be read (a byte-order mark, NaN, nesting deeper than 128), so it cannot be checked for server settings",
+        ));
+    }
+    let Some(obj) = ctx.json.as_ref().and_then(Value::as_object) else {
+        return Ok(());
+    };
+    let is = |k: &str, name: &str| gateway_filter::go_names::go_eq(k, name);
+    for (k, v) in obj.iter().filter(|(_, v)| !v.is_null()) {
+        if let Some(f) = OLLAMA_SETTINGS
+            .iter()
+            .chain(OPENAI_SETTINGS.iter())
+            .find(|f| is(k, f))
+        {
+            return Err(setting_refused(f));
+        }
+        let inner = |names: &[&str]| {
+            v.as_object()?
+                .iter()
+                .find(|(ik, iv)| !iv.is_null() && names.iter().any(|n| is(ik, n)))
+                .map(|(ik, _)| format!("{}.{}", gateway_filter::echo(k), gateway_filter::echo(ik)))
+        };
+        if is(k, "options") {
+            if let Some(name) = inner(&RUNNER_OPTIONS) {
+                return Err(setting_refused(&name));
+            }
+        }
+        for (o, n) in OPENAI_NESTED_SETTINGS {
+            if is(k, o) {
+                if let Some(name) = inner(&[n]) {
+                    return Err(setting_refused(&name));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs every Ollama request with context window `n` (`options.num_ctx`, whatever was asked,

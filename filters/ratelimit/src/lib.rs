@@ -1070,6 +1070,9 @@ impl Filter for RateLimitFilter {
             return;
         };
         let used = match ctx.usage {
+            // A backend left after a late error may have generated to the bound: the hold
+            // stays, whatever the next one used.
+            Some(_) if ctx.late_errors > 0 => None,
             Some(u) => Some(u.total()),
             None if ctx.used_unknown() => None,
             None => Some(0),

@@ -318,9 +318,12 @@ mod tests {
         assert!(!l[0].admits_host("rebind.example", true, true));
         assert!(l[0].admits_host("rebind.example", false, true));
         assert!(l[0].admits_host("LOCALHOST.:8080", true, true));
-        // A wildcard listener is checked on its loopback connections only.
+        // A network listener without authentication checks browsers on every connection (a
+        // page rebound to its LAN address); curl and SDKs are not checked.
         assert!(!l[1].admits_host("rebind.example", true, true));
-        assert!(l[1].admits_host("rebind.example", true, false));
+        assert!(!l[1].admits_host("rebind.example", true, false));
+        assert!(l[1].admits_host("rebind.example", false, false));
+        assert!(l[1].admits_host("192.168.1.5:2", true, false));
         assert!(l[2].admits_host("rebind.example", true, true));
         let e = parse_str(
             "listen: [ { addr: '127.0.0.1:1', tls: { cert: /no/c.pem, key: /no/k.pem } } ]\n",

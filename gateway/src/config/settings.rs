@@ -639,6 +639,12 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                 check: HostCheck::All,
             }
         }
+        // Reachable from the network without authentication: a page rebound to the
+        // listener's LAN address reaches it from inside the network too.
+        None if exposed && !has_auth => HostRule {
+            check: HostCheck::AllBrowsers,
+            ..HostRule::local()
+        },
         None => HostRule::local(),
     };
     Ok(ListenerSpec {

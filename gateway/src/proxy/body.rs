@@ -95,19 +95,7 @@ fn bad(code: &'static str, message: impl Into<String>) -> Rejection {
     Rejection::new(StatusCode::BAD_REQUEST, code, message)
 }
 
-/// How Go's `encoding/json` folds a character when it matches field names.
-fn go_fold(c: char) -> char {
-    match c {
-        '\u{212A}' => 'k',
-        '\u{017F}' => 's',
-        c => c.to_ascii_lowercase(),
-    }
-}
-
-/// Whether Go's JSON decoder reads key `k` as field `name` (lower-case).
-fn go_eq(k: &str, name: &str) -> bool {
-    k.chars().map(go_fold).eq(name.chars())
-}
+use gateway_filter::go_names::{fold as go_fold, go_eq};
 
 /// Go's `encoding/json` (Ollama, including its `/v1` routes) matches field names without
 /// regard to case, the last spelling winning, and folds `K` (U+212A) to `k` and `ſ` (U+017F)
@@ -298,7 +286,9 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
         return Ok(());
     }
     ctx.unknown_format = true;
-    let obj = match serde_json::from_slice::<Value>(body) {
+    // A name twice in one object is read one way here and another by Go's decoder (which
+    // merges repeated objects): such a body counts as unreadable, as `NaN` does.
+    let obj = match super::strict_json::parse(body) {
         Ok(Value::Object(obj)) => obj,
         // Read, but not an object (a list, a number): still checked for media.
         Ok(other) => {
@@ -340,6 +330,9 @@ pub fn parse_other(ctx: &mut RequestCtx, body: &[u8]) -> Result<(), Rejection> {
             }
         }
     }
+    // Kept for the policy (server settings), the audit's prompt hash and the trace, as an
+    // inference body is; forwarded as it came (`ctx.body`), never rewritten.
+    ctx.json = Some(Value::Object(obj));
     Ok(())
 }
 

@@ -15,8 +15,29 @@ fn bad(message: &'static str) -> Rejection {
 /// Content-Length (or a list in one), more than one Transfer-Encoding, any coding but
 /// `chunked`, and both headers at once. (Look-alike names with `_` for `-` are not refused
 /// here: they are never forwarded, see `headers.rs`.)
+///
+/// A `Content-Encoding` other than `identity` is refused too (415): the gateway checks the
+/// bytes as sent, and a backend (or a hop) that decompresses bodies would act on JSON
+/// nobody checked.
 pub fn check(req: &RequestHeader) -> Result<(), Rejection> {
-    check_headers(&req.headers)
+    check_headers(&req.headers)?;
+    check_encoding(&req.headers)
+}
+
+fn check_encoding(h: &HeaderMap) -> Result<(), Rejection> {
+    let encoded = h.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        v.as_bytes().split(|b| *b == b',').any(|c| {
+            !c.trim_ascii().is_empty() && !c.trim_ascii().eq_ignore_ascii_case(b"identity")
+        })
+    });
+    if encoded {
+        return Err(Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_encoding",
+            "request bodies must be sent unencoded (no Content-Encoding): the gateway checks the body as it is sent",
+        ));
+    }
+    Ok(())
 }
 
 pub const BOTH_LENGTHS: &str = "Content-Length and Transfer-Encoding must not be sent together";
@@ -114,6 +135,29 @@ mod tests {
             &[],
         ] {
             assert!(check_headers(&headers(good)).is_ok(), "{good:?}");
+        }
+    }
+
+    /// Review: a gzip body was checked as the bytes it is (not JSON: nothing in it read) and
+    /// forwarded with its Content-Encoding, for any hop that decompresses to act on.
+    #[test]
+    fn encoded_bodies_are_refused() {
+        for bad in [
+            &[("content-encoding", "gzip")][..],
+            &[("content-encoding", "identity, br")],
+            &[
+                ("content-encoding", "identity"),
+                ("content-encoding", "deflate"),
+            ],
+        ] {
+            let r = check_encoding(&headers(bad)).unwrap_err();
+            assert_eq!(
+                (r.status.as_u16(), r.code),
+                (415, "unsupported_content_encoding")
+            );
+        }
+        for good in [&[("content-encoding", "identity")][..], &[]] {
+            assert!(check_encoding(&headers(good)).is_ok(), "{good:?}");
         }
     }
 }

@@ -43,7 +43,10 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
         };
     }
     end_response(gw, ctx);
-    super::held_json::restore(&mut ctx.req, &ctx.body_facts);
+    let traced = gw.telemetry.as_ref().is_some_and(|t| t.captures_prompts());
+    if gw.chain.reads_body_at_end || traced {
+        super::held_json::restore(&mut ctx.req, &ctx.body_facts);
+    }
     let req = &mut ctx.req;
     req.duration = Some(req.started.elapsed());
     gw.chain.on_complete(req).await;

@@ -74,6 +74,11 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
+    /// Whether spans carry the prompt (`capture_prompts`): the request's JSON is read then.
+    pub fn captures_prompts(&self) -> bool {
+        self.capture_prompts
+    }
+
     pub fn start(
         spec: &TelemetrySpec,
         registry: &prometheus::Registry,

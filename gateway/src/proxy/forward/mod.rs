@@ -381,18 +381,17 @@ async fn attempt(
         }
         // A second server error for the same request is passed on: the request is likely
         // what fails, and a third backend would only be given it to fail too.
-        // Nor is an error that came after the backend generated for a request that may be
-        // what failed: another backend would generate again, and only the last one's usage
-        // would be charged. It is passed on, and charged as a late error.
         if may_retry
             && !ctx.keepalive_sent
-            && !(late && may_fail_by_itself(ctx))
             && ((s.is_server_error() && retry_5xx) || s == StatusCode::TOO_MANY_REQUESTS)
         {
             if late {
                 // Left after it may have generated: counted like a backend given up on at its
-                // first-byte deadline (its prompt, its time, if the next one reports usage).
+                // first-byte deadline (its time), and charged its reservation whatever the
+                // next one answers (a request that fails after generating, as llama.cpp's
+                // tool calls do, would otherwise get one generation free per retry).
                 ctx.req.abandoned += 1;
+                ctx.req.late_errors += 1;
                 ctx.req.abandoned_secs += ctx.req.held().unwrap_or_default().as_secs_f64();
             }
             // It answered at once, with an error: it generated nothing (an earlier one, or
