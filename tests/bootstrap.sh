@@ -41,6 +41,10 @@ if [ ${#need[@]} -gt 0 ]; then
   if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
     "${sudo[@]}" systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
   fi
+  # Likewise its redis-server package starts a Redis (port 6379): the tests start their own.
+  if [[ " ${need[*]} " == *" redis-server "* ]] && [ -d /run/systemd/system ]; then
+    "${sudo[@]}" systemctl disable --now redis-server >/dev/null 2>&1 || true
+  fi
 fi
 [ "${1:-}" = "--test" ] || exit 0
 

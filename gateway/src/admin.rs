@@ -142,7 +142,10 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_string();
         let via_loopback = || crate::host_check::loopback(session.server_addr());
         if path != "/health" {
-            if let Some(host) = self.hosts.refused(session.req_header(), via_loopback) {
+            if let Some(host) = self
+                .hosts
+                .refused(session.req_header(), false, via_loopback)
+            {
                 return json_error(
                     StatusCode::FORBIDDEN,
                     "host_not_allowed",

@@ -52,14 +52,17 @@ impl HostRule {
     }
 
     /// The host `req` names when this rule refuses it. Reads nothing of a request it does not
-    /// check (`via_loopback` is asked last).
+    /// check (`via_loopback` is asked last). `via_trusted_proxy`: a proxy the operator trusts
+    /// sent it, whose own checks of the name stand (it passes the browser's name on).
     pub fn refused<'a>(
         &self,
         req: &'a pingora_http::RequestHeader,
+        via_trusted_proxy: bool,
         via_loopback: impl FnOnce() -> bool,
     ) -> Option<&'a str> {
         let browser = match self.check {
             HostCheck::Any => return None,
+            HostCheck::Browsers | HostCheck::AllBrowsers if via_trusted_proxy => return None,
             HostCheck::Browsers if !from_browser(&req.headers) || !via_loopback() => return None,
             HostCheck::Browsers => true,
             HostCheck::AllBrowsers if !from_browser(&req.headers) => return None,
@@ -172,6 +175,13 @@ mod tests {
         ] {
             assert!(lan.admits(local, true, false), "{local}");
         }
+        // A proxy the operator trusts passes the browser's name on: its checks stand.
+        let mut req = pingora_http::RequestHeader::build("POST", b"/api/chat", None).unwrap();
+        req.insert_header("host", evil).unwrap();
+        req.insert_header("origin", "http://rebind.attacker.example:8080")
+            .unwrap();
+        assert_eq!(lan.refused(&req, false, || false), Some(evil));
+        assert_eq!(lan.refused(&req, true, || false), None);
         // The default rule still checks loopback connections only.
         let default = HostRule {
             names: Vec::new(),

@@ -278,7 +278,7 @@ pub fn run(prepared: Prepared) -> ! {
     }
     crate::router::spawn_background(gateway_pool, &settings.routing);
     spawn_ctrl_c(flush.clone());
-    spawn_reloader(chain, metrics);
+    spawn_reloader(chain, metrics, settings.file.clone());
     spawn_drain_watcher(
         server.watch_execution_phase(),
         [in_flight, opening],
@@ -383,11 +383,20 @@ fn spawn_upstream_sweep(gateway: Arc<Gateway>) {
 
 /// SIGHUP re-reads the filters' files (keys, htpasswd). Without this handler SIGHUP would
 /// terminate the process.
-fn spawn_reloader(chain: Arc<FilterChain>, metrics: Arc<Metrics>) {
+fn spawn_reloader(chain: Arc<FilterChain>, metrics: Arc<Metrics>, config: std::path::PathBuf) {
+    // The config file as this process read it: SIGHUP re-reads only the filters' files, so an
+    // edit of the config itself is said to be left unapplied rather than taken as reloaded.
+    let started_with = std::fs::read(&config).ok();
     on_signal(
         (signal_hook::consts::SIGHUP, "SIGHUP"),
         "reloads are disabled",
         move || {
+            if std::fs::read(&config).ok() != started_with {
+                log::warn!(
+                    "SIGHUP: {} changed since this process started; SIGHUP re-reads the keys and htpasswd files only, so the change is not applied: send SIGUSR2 (or run with --upgrade) to start the new config without dropping connections",
+                    config.display()
+                );
+            }
             let errors = chain.reload();
             let result = if errors.is_empty() { "ok" } else { "failed" };
             metrics.reloads.with_label_values(&[result]).inc();

@@ -111,51 +111,135 @@ impl OpenAiUsage {
 #[derive(Default)]
 struct Nested(Option<OpenAiUsage>);
 
-impl<'de> Deserialize<'de> for Nested {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
-        struct Holder;
-        impl<'de> Visitor<'de> for Holder {
-            type Value = Nested;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Nested, A::Error> {
-                let mut usage = None;
-                while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if key == "usage" {
-                        usage = a.next_value::<Option<OpenAiUsage>>()?;
-                    } else {
-                        a.next_value::<IgnoredAny>()?;
-                    }
-                }
-                Ok(Nested(usage))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Nested, A::Error> {
-                while a.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Nested(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Nested, E> {
-                Ok(Nested(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Nested, E> {
-                Ok(Nested(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Nested, E> {
-                Ok(Nested(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Nested, E> {
-                Ok(Nested(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Nested, E> {
-                Ok(Nested(None))
-            }
-            fn visit_unit<E>(self) -> Result<Nested, E> {
-                Ok(Nested(None))
+impl AnyShape for Nested {
+    fn from_map<'de, A: serde::de::MapAccess<'de>>(mut a: A) -> Result<Self, A::Error> {
+        let mut usage = None;
+        while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "usage" {
+                usage = a.next_value::<Figures>()?.0;
+            } else {
+                a.next_value::<serde::de::IgnoredAny>()?;
             }
         }
-        d.deserialize_any(Holder)
+        Ok(Nested(usage))
     }
+}
+
+impl<'de> Deserialize<'de> for Nested {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        any_shape(d)
+    }
+}
+
+/// A usage object one level down, read leniently: a figure that is not a whole number, or a
+/// usage that is not an object, reads as none instead of failing the document (which would
+/// lose the counts beside it).
+#[derive(Default)]
+struct Figures(Option<OpenAiUsage>);
+
+/// A whole number, or none for any other value.
+#[derive(Default)]
+struct Figure(Option<u64>);
+
+impl AnyShape for Figure {
+    fn from_u64(n: u64) -> Self {
+        Figure(Some(n))
+    }
+}
+
+impl<'de> Deserialize<'de> for Figure {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        any_shape(d)
+    }
+}
+
+impl AnyShape for Figures {
+    fn from_map<'de, A: serde::de::MapAccess<'de>>(mut a: A) -> Result<Self, A::Error> {
+        let mut u = OpenAiUsage {
+            prompt_tokens: None,
+            completion_tokens: None,
+            input_tokens: None,
+            output_tokens: None,
+        };
+        while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+            let slot = match key.as_ref() {
+                "prompt_tokens" => &mut u.prompt_tokens,
+                "completion_tokens" => &mut u.completion_tokens,
+                "input_tokens" => &mut u.input_tokens,
+                "output_tokens" => &mut u.output_tokens,
+                _ => {
+                    a.next_value::<serde::de::IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = a.next_value::<Figure>()?.0;
+        }
+        Ok(Figures(Some(u)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Figures {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        any_shape(d)
+    }
+}
+
+/// A value read from whatever JSON a field holds: [`AnyShape::from_str`] for a string,
+/// [`AnyShape::from_map`] for an object, the default for anything else (skipped unread), so
+/// an odd value in one field never fails the document's parse.
+trait AnyShape: Default {
+    fn from_str(_: &str) -> Self {
+        Self::default()
+    }
+
+    fn from_u64(_: u64) -> Self {
+        Self::default()
+    }
+
+    fn from_map<'de, A: serde::de::MapAccess<'de>>(mut a: A) -> Result<Self, A::Error> {
+        while a
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Self::default())
+    }
+}
+
+fn any_shape<'de, D: serde::Deserializer<'de>, T: AnyShape>(d: D) -> Result<T, D::Error> {
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+    struct Shape<T>(std::marker::PhantomData<T>);
+    impl<'de, T: AnyShape> Visitor<'de> for Shape<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_str<E>(self, s: &str) -> Result<T, E> {
+            Ok(T::from_str(s))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<T, A::Error> {
+            T::from_map(a)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<T, A::Error> {
+            while a.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(T::default())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_u64<E>(self, n: u64) -> Result<T, E> {
+            Ok(T::from_u64(n))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_unit<E>(self) -> Result<T, E> {
+            Ok(T::default())
+        }
+    }
+    d.deserialize_any(Shape(std::marker::PhantomData))
 }
 
 impl UsageParser {
@@ -691,43 +775,15 @@ struct ToolFunction {
 #[derive(Default)]
 struct Text(u64);
 
+impl AnyShape for Text {
+    fn from_str(s: &str) -> Self {
+        Text(gateway_filter::prompt::text_quarters(s) as u64)
+    }
+}
+
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
-        struct AnyValue;
-        impl<'de> Visitor<'de> for AnyValue {
-            type Value = Text;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Text, E> {
-                Ok(Text(gateway_filter::prompt::text_quarters(s) as u64))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Text, E> {
-                Ok(Text(0))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Text, E> {
-                Ok(Text(0))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Text, E> {
-                Ok(Text(0))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Text, E> {
-                Ok(Text(0))
-            }
-            fn visit_unit<E>(self) -> Result<Text, E> {
-                Ok(Text(0))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Text, A::Error> {
-                while a.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Text(0))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Text, A::Error> {
-                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Text(0))
-            }
-        }
-        d.deserialize_any(AnyValue)
+        any_shape(d)
     }
 }
 
@@ -832,6 +888,14 @@ mod tests {
                 r#"{"usage":{"prompt_tokens":5,"input_tokens":5,"completion_tokens":9,"output_tokens":9}}"#
             ),
             Some((5, 9, false))
+        );
+        // A usage one level down that cannot be read loses nothing beside it.
+        assert_eq!(
+            usage(
+                Framing::Json,
+                r#"{"message":{"usage":"n/a"},"response":{"usage":{"input_tokens":1.5}},"done":true,"prompt_eval_count":3,"eval_count":4}"#
+            ),
+            Some((3, 4, false))
         );
         // Ollama's `response` text and chat `message` are no usage holders: its counts stand.
         assert_eq!(

@@ -402,6 +402,17 @@ async fn sighup_reloads_keys_and_survives_a_broken_file() {
         gw.metric("llm_gateway_reloads_total{result=\"ok\"}").await,
         Some(1.0)
     );
+    // An edit of the config itself is not applied by SIGHUP, and the log says so.
+    let mut config = std::fs::read_to_string(gw.config_path()).unwrap();
+    config.push_str("# edited\n");
+    std::fs::write(gw.config_path(), config).unwrap();
+    gw.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        gw.log().contains("changed since this process started"),
+        "{}",
+        gw.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

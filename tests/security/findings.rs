@@ -2042,6 +2042,15 @@ async fn server_settings_are_refused_on_routes_of_custom_rules_too() {
     .unwrap();
     assert_ne!(r.status(), 403);
     assert_eq!(m.hits("/v1/responses"), 1);
+    // Adapters are judged as adapters there (refused only to model-restricted callers): an
+    // adapter-loading route opened to a caller who may use every model still works.
+    let r = send(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "sql", "lora_path": "/adapters/sql"}),
+    )
+    .await
+    .unwrap();
+    assert_ne!(r.status(), 403);
 }
 
 // Review: a body with `Content-Encoding: gzip` was checked as the bytes it is (nothing in it
@@ -2078,5 +2087,25 @@ async fn encoded_request_bodies_are_refused() {
         };
         assert_eq!(code, "unsupported_content_encoding", "{path}: {body}");
     }
+    // A large one is answered, not reset: the refused body is drained as others are.
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", bearer(USER_KEY))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(vec![0u8; 1 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
     assert_eq!(m.total(), 0);
+    // A request without a body is not judged by a stray header.
+    let r = client()
+        .get(gw.url("/v1/models"))
+        .header("authorization", bearer(USER_KEY))
+        .header("content-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

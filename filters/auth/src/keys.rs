@@ -78,6 +78,9 @@ pub struct KeyStore {
     by_id: HashMap<String, Arc<KeyRecord>>,
     /// By `mtls_subject` as written: typed (`dns:…`, [`SUBJECT_KINDS`]) or any kind.
     by_subject: HashMap<String, Arc<KeyRecord>>,
+    /// Untyped subjects lower-cased: matched by a DNS name or email address (presented
+    /// lower-cased) whatever case they were written in.
+    by_subject_caseless: HashMap<String, Arc<KeyRecord>>,
 }
 
 /// The kinds of name a client certificate carries, as the TLS layer writes them before each
@@ -118,9 +121,11 @@ fn normalized_subject(written: &str) -> Result<String, String> {
 /// by a name of any kind. A common name written to look like a kind (`CN=dns:svc`) is a
 /// common name: it never matches `dns:svc`.
 pub fn subject_matches(configured: &str, presented: &str) -> bool {
-    match kind_of(configured) {
-        (Some(_), _) => configured == presented,
-        (None, name) => kind_of(presented).1 == name,
+    match (kind_of(configured), kind_of(presented)) {
+        ((Some(_), _), _) => configured == presented,
+        // DNS names and email addresses are presented lower-cased.
+        ((None, want), (Some("dns:" | "email:"), name)) => want.eq_ignore_ascii_case(name),
+        ((None, want), (_, name)) => want == name,
     }
 }
 
@@ -233,6 +238,17 @@ impl KeyStore {
                         format!("{subject:?} is another entry's mtls_subject too; a certificate subject may name one principal"),
                     ));
                 }
+                let clash = kind_of(subject).0.is_none()
+                    && store
+                        .by_subject_caseless
+                        .insert(subject.to_ascii_lowercase(), record.clone())
+                        .is_some();
+                if clash {
+                    return Err(Invalid::new(
+                        format!("{at}.mtls_subject"),
+                        format!("{subject:?} differs from another entry's mtls_subject only in case, and DNS names do not depend on case; a certificate subject may name one principal"),
+                    ));
+                }
             }
             if let Some(d) = digest {
                 if store.by_digest.insert(d, record).is_some() {
@@ -263,10 +279,12 @@ impl KeyStore {
         for name in names {
             let (kind, bare) = kind_of(name);
             let typed = kind.and_then(|_| self.by_subject.get(name.as_str()));
-            let untyped = self
-                .by_subject
-                .get(bare)
-                .filter(|_| kind_of(bare).0.is_none());
+            let untyped = match kind {
+                // Presented lower-cased: an untyped subject in any case.
+                Some("dns:" | "email:") => self.by_subject_caseless.get(bare),
+                _ => self.by_subject.get(bare),
+            }
+            .filter(|_| kind_of(bare).0.is_none());
             for rec in typed.into_iter().chain(untyped) {
                 match found {
                     Some(f) if !Arc::ptr_eq(f, rec) => return Err(Ambiguous),

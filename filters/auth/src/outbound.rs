@@ -50,10 +50,17 @@ pub fn client(
 /// masked. What cannot be read as a URL is shown as it is.
 pub fn shown(url: &str) -> String {
     let Ok(mut u) = reqwest::Url::parse(url) else {
-        // Not a URL (a bad port, say): what may be user information is masked whole.
+        // Not a URL (a bad port, say): what may be user information, and a query, are
+        // masked whole.
+        let (url, query) = match url.find('?') {
+            Some(q) => (&url[..q], "?***"),
+            None => (url, ""),
+        };
         return match (url.find("://"), url.rfind('@')) {
-            (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-            _ => url.to_string(),
+            (Some(s), Some(at)) if at > s => {
+                format!("{}***{}{query}", &url[..s + 3], &url[at..])
+            }
+            _ => format!("{url}{query}"),
         };
     };
     if !u.username().is_empty() && u.password().is_none() {
@@ -94,8 +101,8 @@ mod tests {
             "https://***@validator.internal/check"
         );
         assert_eq!(
-            shown("https://gw:s3cret@validator.internal:99999/check"),
-            "https://***@validator.internal:99999/check"
+            shown("https://gw:s3cret@validator.internal:99999/check?token=abc"),
+            "https://***@validator.internal:99999/check?***"
         );
     }
 }

@@ -1233,3 +1233,41 @@ async fn a_broken_htpasswd_file_does_not_keep_a_revoked_key() {
     let mut ctx = req(&[("authorization", &bob)], "10.0.0.6");
     f.filter.on_request(&mut ctx).await.unwrap();
 }
+
+/// Review: DNS names are presented lower-cased; an untyped `mtls_subject` written with capitals
+/// stopped matching the certificate's DNS name. It matches DNS names and email addresses in
+/// any case (a common name still exactly), and two entries that differ only in case are a
+/// config error.
+#[tokio::test]
+async fn untyped_subjects_match_dns_names_in_any_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |extra: &str| {
+        std::fs::write(dir.path().join("keys.yaml"), keys_yaml(extra)).unwrap();
+    };
+    write("  - id: svc\n    mtls_subject: Svc-B.Internal\n");
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let f = build(&json!({"keys_file": "keys.yaml", "mtls": "accept"}), &cx).unwrap();
+    for (names, want) in [
+        (vec!["dns:svc-b.internal"], Some("svc")),
+        (vec!["cn:Svc-B.Internal"], Some("svc")),
+        (vec!["cn:svc-b.internal"], None),
+    ] {
+        let mut ctx = req(&[], "10.0.0.9");
+        ctx.client_cert_subjects = names.iter().map(|n| n.to_string()).collect();
+        let got = f
+            .on_request(&mut ctx)
+            .await
+            .ok()
+            .map(|_| ctx.principal.unwrap().id.clone());
+        assert_eq!(got.as_deref(), want, "{names:?}");
+    }
+    write("  - id: a\n    mtls_subject: svc.internal\n  - id: b\n    mtls_subject: SVC.internal\n");
+    let e = f.reload().unwrap_err().to_string();
+    assert!(
+        e.contains("keys[4].mtls_subject") && e.contains("only in case"),
+        "{e}"
+    );
+}

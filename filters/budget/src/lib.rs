@@ -759,8 +759,9 @@ impl Filter for BudgetFilter {
                     .saturating_add(res.amount.saturating_mul(i64::from(late)))
                     .saturating_add(held)
             }
-            // Charged the whole reservation already: it covers what they may have read.
-            _ => charged,
+            // Charged the whole reservation already: it covers what they may have read, but
+            // not what a backend left after a late error may have generated besides.
+            _ => charged.saturating_add(res.amount.saturating_mul(i64::from(ctx.late_errors))),
         };
         let Some(left) = res.settle(charged) else {
             return;

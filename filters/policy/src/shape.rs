@@ -180,7 +180,7 @@ pub fn check_unknown_media(ctx: &RequestCtx) -> Result<(), Rejection> {
     if ctx.unreadable_json {
         return Err(bad(
             "invalid_request_body",
-            "the body looks like JSON but cannot be read (a byte-order mark, NaN, nesting deeper than 128), so it cannot be checked for media given by URL",
+            "the body looks like JSON but cannot be read (a byte-order mark, NaN, a name written twice, nesting deeper than 128), so it cannot be checked for media given by URL",
         ));
     }
     Ok(())
@@ -321,7 +321,7 @@ pub fn check_custom_server_settings(ctx: &RequestCtx) -> Result<(), Rejection> {
     if ctx.unreadable_json {
         return Err(bad(
             "invalid_request_body",
-            "the body looks like JSON but cannot be read (a byte-order mark, NaN, nesting deeper than 128), so it cannot be checked for server settings",
+            "the body looks like JSON but cannot be read (a byte-order mark, NaN, a name written twice, nesting deeper than 128), so it cannot be checked for server settings",
         ));
     }
     let Some(obj) = ctx.json.as_ref().and_then(Value::as_object) else {
@@ -329,9 +329,13 @@ pub fn check_custom_server_settings(ctx: &RequestCtx) -> Result<(), Rejection> {
     };
     let is = |k: &str, name: &str| gateway_filter::go_names::go_eq(k, name);
     for (k, v) in obj.iter().filter(|(_, v)| !v.is_null()) {
+        // Adapters by name or path are judged as adapters (refused to model-restricted
+        // callers): on these routes they are what an adapter-loading route
+        // (`/v1/load_lora_adapter`) an operator opens to admins is for.
         if let Some(f) = OLLAMA_SETTINGS
             .iter()
             .chain(OPENAI_SETTINGS.iter())
+            .filter(|f| !matches!(**f, "lora" | "lora_path"))
             .find(|f| is(k, f))
         {
             return Err(setting_refused(f));

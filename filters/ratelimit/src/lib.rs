@@ -681,7 +681,7 @@ impl Drop for Outcome {
     /// must still meet the address limit.)
     fn drop(&mut self) {
         for held in std::mem::take(&mut self.holds) {
-            settle(&self.store, Some(&self.state), &held, Some(0));
+            settle(&self.store, Some(&self.state), &held, Some(0), 0);
         }
         match self.counted.take() {
             Some(Counted::Local {
@@ -711,19 +711,26 @@ impl Drop for Outcome {
 
 /// Replaces a token reservation by the tokens used (`None`: unknown, the whole reservation
 /// stays counted); gives a local slot back. Shared slots give themselves back when dropped.
+/// `late`: backends left after a late error, each of which may have generated to the bound:
+/// the reservation again for each, on top of what was used (`None`: unknown, the reservation).
 fn settle(
     store: &Arc<dyn LimitStore>,
     state: Option<&Arc<dyn SharedState>>,
     held: &Held,
     used: Option<u64>,
+    late: u32,
 ) {
+    let used_of = |reserved: u64| {
+        used.unwrap_or(reserved)
+            .saturating_add(reserved.saturating_mul(u64::from(late)))
+    };
     match *held {
         Held::Tokens {
             key,
             start_ns,
             reserved,
         } => {
-            let used = used.unwrap_or(reserved);
+            let used = used_of(reserved);
             store.settle_tokens(key, now_ns(), MINUTE_NS, start_ns, reserved, used);
         }
         Held::SharedTokens {
@@ -739,7 +746,7 @@ fn settle(
                         (MINUTE_NS / 1_000_000).to_string(),
                         start_ms.to_string(),
                         reserved.to_string(),
-                        used.unwrap_or(reserved).min(i64::MAX as u64).to_string(),
+                        used_of(reserved).min(i64::MAX as u64).to_string(),
                     ],
                 );
             }
@@ -1070,16 +1077,19 @@ impl Filter for RateLimitFilter {
             return;
         };
         let used = match ctx.usage {
-            // A backend left after a late error may have generated to the bound: the hold
-            // stays, whatever the next one used.
-            Some(_) if ctx.late_errors > 0 => None,
             Some(u) => Some(u.total()),
             None if ctx.used_unknown() => None,
             None => Some(0),
         };
         for held in holds.take(&self.store) {
             // A shared slot gives itself back as it is dropped here.
-            settle(&self.store, self.state.as_ref(), &held, used);
+            settle(
+                &self.store,
+                self.state.as_ref(),
+                &held,
+                used,
+                ctx.late_errors,
+            );
         }
     }
 }

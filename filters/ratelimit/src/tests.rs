@@ -498,3 +498,39 @@ async fn a_route_whose_usage_cannot_be_read_is_refused_under_tokens_per_minute()
     let rate = filter(json!({"key": "ip", "rate": "10/m"}));
     rate.on_request(&mut c).await.unwrap();
 }
+
+/// Review: a backend left after a late error may have generated to the request's bound; the
+/// minute counted only what the next backend used. It counts the reservation again for each.
+#[tokio::test]
+async fn a_backend_left_after_a_late_error_counts_its_reservation() {
+    let f = filter(json!({"key": "api_key", "tokens_per_minute": 1000}));
+    let mk = || {
+        let mut c = req("10.0.0.8");
+        c.principal = Some(Arc::new(Principal {
+            id: "late".into(),
+            ..Default::default()
+        }));
+        c
+    };
+    let mut c = mk();
+    c.max_tokens = Some(100);
+    f.on_request(&mut c).await.unwrap();
+    c.reached_backend = true;
+    c.status = 200;
+    c.late_errors = 1;
+    c.usage = Some(Usage {
+        prompt_tokens: 0,
+        completion_tokens: 40,
+        ..Default::default()
+    });
+    f.on_response_end(&mut c);
+    f.on_complete(&mut c).await;
+    // 40 used by the backend that answered, 100 held for the one left behind.
+    let mut c = mk();
+    c.max_tokens = Some(10);
+    f.on_request(&mut c).await.unwrap();
+    assert_eq!(
+        header(&c, "x-ratelimit-remaining-tokens").as_deref(),
+        Some("850")
+    );
+}

@@ -186,7 +186,10 @@ pub struct RoutingSpec {
     pub sse_keepalive: Option<Duration>,
     pub discovery_interval: Option<Duration>,
     pub health_interval: Option<Duration>,
+    /// Health probes' deadline (`routing.health.timeout`).
     pub probe_timeout: Duration,
+    /// Model-list reads' deadline (`routing.discovery.timeout`).
+    pub discovery_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -478,10 +481,16 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
             "a fraction such as 0.2 (within 20% of the fastest)".into(),
         ));
     }
-    if r.cooldown.0.is_zero() || r.cooldown_max.0 < r.cooldown.0 {
+    if r.cooldown.0.is_zero() {
+        return Err((
+            "routing.cooldown".into(),
+            "must be greater than 0: how long a failing backend is left alone".into(),
+        ));
+    }
+    if r.cooldown_max.0 < r.cooldown.0 {
         return Err((
             "routing.cooldown_max".into(),
-            "cooldown must be > 0 and cooldown_max at least cooldown".into(),
+            "must be at least cooldown".into(),
         ));
     }
     if r.sse_keepalive.is_some_and(|d| d.0.is_zero()) {
@@ -490,10 +499,16 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
             "must be greater than 0 (leave it out for none)".into(),
         ));
     }
-    if r.first_byte_timeout.is_some_and(|d| d.0.is_zero()) || r.cold_start_timeout.0.is_zero() {
+    if r.cold_start_timeout.0.is_zero() {
+        return Err((
+            "routing.cold_start_timeout".into(),
+            "must be greater than 0".into(),
+        ));
+    }
+    if r.first_byte_timeout.is_some_and(|d| d.0.is_zero()) {
         return Err((
             "routing.first_byte_timeout".into(),
-            "first_byte_timeout and cold_start_timeout must be greater than 0 (leave first_byte_timeout out for none)".into(),
+            "must be greater than 0 (leave it out for none)".into(),
         ));
     }
     let mut intervals = [None, None];
@@ -530,6 +545,7 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
         discovery_interval: intervals[0],
         health_interval: intervals[1],
         probe_timeout: r.health.timeout.0,
+        discovery_timeout: r.discovery.timeout.0,
     })
 }
 
@@ -603,18 +619,33 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
             (true, false) => "has no TLS, so keys and prompts cross the network in plain text",
             _ => "has no auth filter in the chain, so anyone who can reach it can use the models",
         };
+        let add = match (tls.is_none(), !has_auth) {
+            (true, true) => {
+                "add `tls: { cert, key }` to this listener and `- use: auth` to filters"
+            }
+            (true, false) => "add `tls: { cert, key }` to this listener",
+            _ => "add `- use: auth` to filters",
+        };
         return Err((
             String::new(),
             format!(
-                "{addr} is reachable from the network but {missing}; add `tls: {{ cert, key }}` to this listener and `- use: auth` to filters, or set `allow_insecure: true` on this listener if something else protects it"
+                "{addr} is reachable from the network but {missing}; {add}, or set `allow_insecure: true` on this listener if something else protects it"
             ),
         ));
     }
-    if l.max_connections == Some(0) || l.max_connections_per_client == Some(0) {
-        return Err((
-            ".max_connections".into(),
-            "connection caps must be at least 1 (leave them out for no cap)".into(),
-        ));
+    for (key, zero) in [
+        (".max_connections", l.max_connections == Some(0)),
+        (
+            ".max_connections_per_client",
+            l.max_connections_per_client == Some(0),
+        ),
+    ] {
+        if zero {
+            return Err((
+                key.into(),
+                "connection caps must be at least 1 (leave them out for no cap)".into(),
+            ));
+        }
     }
     let hosts = match &l.allowed_hosts {
         Some(names) if names.iter().any(|n| n == "*") => HostRule {
@@ -710,10 +741,15 @@ fn backend(b: &BackendEntry) -> Result<BackendSpec, Invalid> {
         .trim_start_matches('[')
         .trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(80);
+    // A name with both kinds of address takes its IPv4 one: model servers usually listen on
+    // IPv4 only (Ollama on 127.0.0.1), and `localhost` resolves to `::1` first on most systems.
     let addr = (host, port)
         .to_socket_addrs()
         .ok()
-        .and_then(|mut it| it.next())
+        .and_then(|it| {
+            let all: Vec<_> = it.collect();
+            all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
+        })
         .ok_or_else(|| {
             (
                 ".url".to_string(),

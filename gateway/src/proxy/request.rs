@@ -316,6 +316,11 @@ async fn admit(
         ctx.body_read = true;
         return Err(Refusal::failed(rejection));
     }
+    if super::framing::has_body(session) {
+        if let Err(rejection) = super::framing::check_encoding(&session.req_header().headers) {
+            return Err(Refusal::failed(rejection));
+        }
+    }
     if let Err(rejection) = canonical_target(session, &mut ctx.req) {
         session.set_keepalive(None);
         return Err(Refusal::failed(rejection));
@@ -329,9 +334,10 @@ async fn admit(
         return Ok(Next::Answer(respond::health_json(gw.router.as_ref())));
     }
     // A proxy the operator trusts passes the browser's name on: its own checks stand.
-    let via_loopback =
-        || !ctx.req.via_trusted_proxy && crate::host_check::loopback(session.server_addr());
-    let refused = listener.and_then(|l| l.hosts.refused(session.req_header(), via_loopback));
+    let via_loopback = || crate::host_check::loopback(session.server_addr());
+    let trusted = ctx.req.via_trusted_proxy;
+    let refused =
+        listener.and_then(|l| l.hosts.refused(session.req_header(), trusted, via_loopback));
     if let Some(host) = refused {
         ctx.req.reject_reason = Some("host_not_allowed");
         return Err(Refusal {

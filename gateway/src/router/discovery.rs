@@ -141,11 +141,8 @@ pub fn poller(pool: BackendPool, spec: &RoutingSpec) -> Option<impl Future<Outpu
     if pool.is_empty() || (spec.discovery_interval.is_none() && spec.health_interval.is_none()) {
         return None;
     }
-    let (discovery, health, timeout) = (
-        spec.discovery_interval,
-        spec.health_interval,
-        spec.probe_timeout,
-    );
+    let (discovery, health) = (spec.discovery_interval, spec.health_interval);
+    let (discovery_timeout, timeout) = (spec.discovery_timeout, spec.probe_timeout);
     Some(async move {
         let connector = Connector::new(None);
         let forever = Duration::from_secs(3600 * 24 * 365);
@@ -155,7 +152,7 @@ pub fn poller(pool: BackendPool, spec: &RoutingSpec) -> Option<impl Future<Outpu
             tokio::select! {
                 _ = d.tick(), if discovery.is_some() => {
                     for i in (0..pool.len()).filter(|&i| may_discover(&pool, i)) {
-                        discover(&connector, &pool, i, timeout).await;
+                        discover(&connector, &pool, i, discovery_timeout).await;
                     }
                 }
                 _ = h.tick(), if health.is_some() => {

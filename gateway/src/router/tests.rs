@@ -24,6 +24,7 @@ fn spec(strategy: Strategy) -> RoutingSpec {
         discovery_interval: None,
         health_interval: None,
         probe_timeout: Duration::from_secs(1),
+        discovery_timeout: Duration::from_secs(1),
     }
 }
 
