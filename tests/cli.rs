@@ -456,3 +456,46 @@ fn filters_that_read_the_body_must_come_after_auth() {
     let (code, _, err) = run(&["check", "--config", &cfg], &[]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// Review: `check` built the filters as a run does, so it created the audit log and the
+/// ledger; run as root before a service that runs as its own user, it left them root's and
+/// the service could not start. It creates and writes nothing now, and still says when they
+/// could not be made.
+#[test]
+fn check_creates_nothing_and_says_what_could_not_be_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = write(&dir, "keys.yaml", "keys: []\n");
+    let config = |audit: &str, ledger: &str| {
+        format!(
+            "listen:\n  - addr: 127.0.0.1:9999\nbackends:\n  - {{ name: a, url: 'http://127.0.0.1:11434', kind: ollama }}\nfilters:\n  - use: auth\n    keys_file: {keys}\n  - use: budget\n    ledger: {ledger}\n    prices: [ {{ model: '*', prompt_per_1m: 1, completion_per_1m: 1 }} ]\n  - use: audit\n    file: {audit}\n"
+        )
+    };
+    let (audit, ledger) = (dir.path().join("audit.jsonl"), dir.path().join("spend.db"));
+    let f = write(
+        &dir,
+        "gw.yaml",
+        &config(&audit.display().to_string(), &ledger.display().to_string()),
+    );
+    let (code, _, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!audit.exists() && !ledger.exists(), "check created files");
+    // A folder that does not exist is still a config error, naming the key.
+    for (audit, ledger, key) in [
+        ("/nonexistent-dir/audit.jsonl", "spend.db", "audit"),
+        ("audit.jsonl", "/nonexistent-dir/spend.db", "ledger"),
+    ] {
+        let f = write(&dir, "bad.yaml", &config(audit, ledger));
+        let (code, _, err) = run(&["check", "--config", &f], &[]);
+        assert_eq!(code, 1, "{key}");
+        assert!(
+            err.contains("/nonexistent-dir") && err.contains("does not exist"),
+            "{err}"
+        );
+    }
+    // An existing ledger is read, not written: a file that is not one is refused.
+    std::fs::write(&ledger, "not a database").unwrap();
+    let (code, _, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("ledger"), "{err}");
+    assert_eq!(std::fs::read(&ledger).unwrap(), b"not a database");
+}

@@ -52,6 +52,22 @@ impl FilterChain {
         registry: &Registry,
         state: Option<Arc<dyn gateway_filter::SharedState>>,
     ) -> Result<FilterChain, ConfigError> {
+        Self::build_with(settings, registry, state, false)
+    }
+
+    /// For `llm-gateway check`: every filter built and checked as for a run, with nothing
+    /// created or written (audit log, ledger) and no thread started
+    /// ([`BuildContext::check_only`]).
+    pub fn check(settings: &Settings, registry: &Registry) -> Result<FilterChain, ConfigError> {
+        Self::build_with(settings, registry, None, true)
+    }
+
+    fn build_with(
+        settings: &Settings,
+        registry: &Registry,
+        state: Option<Arc<dyn gateway_filter::SharedState>>,
+        check_only: bool,
+    ) -> Result<FilterChain, ConfigError> {
         let labels = Arc::new(MetricLabels::new(settings.metric_labels));
         let cx = BuildContext {
             config_dir: settings
@@ -62,6 +78,7 @@ impl FilterChain {
             state: state.clone(),
             first_in_chain: false,
             labels: labels.clone(),
+            check_only,
         };
         let mut specs = settings.filters.clone();
         let add_policy = settings.default_policy

@@ -52,6 +52,16 @@ pub fn run(config: Option<&Path>) -> Vec<Finding> {
         .collect();
     exposed_model_servers(&own, &mut out);
     if let Some(s) = &settings {
+        // The filters too, as `check` builds them (nothing created or written).
+        let registry = crate::registry::Registry::builtin();
+        if let Err(e) = crate::chain::FilterChain::check(s, &registry) {
+            out.push(Finding {
+                check: "config",
+                what: e.to_string(),
+                why: "the gateway will not start with this config".into(),
+                fix: "correct the key the message names; `llm-gateway check --config FILE` shows the same".into(),
+            });
+        }
         config_findings(s, &mut out);
         backends(s, &mut out);
         files(s, &mut out);

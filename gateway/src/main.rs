@@ -120,8 +120,7 @@ fn main() -> ExitCode {
 
 fn check(path: &Path) -> ExitCode {
     let registry = Registry::builtin();
-    let result =
-        config::load(path).and_then(|s| FilterChain::build(&s, &registry, None).map(|c| (s, c)));
+    let result = config::load(path).and_then(|s| FilterChain::check(&s, &registry).map(|c| (s, c)));
     match result {
         Ok((settings, chain)) => {
             print!("{}", summary(&settings, &chain));

@@ -189,3 +189,31 @@ async fn doctor_finds_what_is_open_around_the_gateway() {
         assert!(!f["fix"].as_str().unwrap().is_empty() && !f["why"].as_str().unwrap().is_empty());
     }
 }
+
+/// Review: `doctor` read the config file but never built the filters, so a config that could
+/// not start (an unknown filter, a broken keys file) came out clean.
+#[test]
+fn doctor_builds_the_filters_as_check_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.yaml");
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        "keys: [ { id: x, bogus: 1 } ]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        "listen:\n  - addr: 127.0.0.1:9998\nbackends: []\nfilters:\n  - use: auth\n    keys_file: keys.yaml\n",
+    )
+    .unwrap();
+    let (code, out, _) = run(&["doctor", "--config", config.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let findings = report["findings"].as_array().unwrap();
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["check"] == "config" && f["what"].as_str().unwrap().contains("bogus")),
+        "{out}"
+    );
+}

@@ -111,6 +111,9 @@ pub struct BuildContext {
     /// Label values for metrics labelled by model or principal (bounded, shared with the
     /// gateway's own metrics).
     pub labels: std::sync::Arc<crate::labels::MetricLabels>,
+    /// Only validating (`llm-gateway check`): create and write nothing (an audit log, a
+    /// ledger) and start no threads; check instead that what would be opened can be.
+    pub check_only: bool,
 }
 
 impl std::fmt::Debug for BuildContext {
@@ -119,11 +122,36 @@ impl std::fmt::Debug for BuildContext {
             .field("config_dir", &self.config_dir)
             .field("shared_state", &self.state.is_some())
             .field("first_in_chain", &self.first_in_chain)
+            .field("check_only", &self.check_only)
             .finish()
     }
 }
 
 impl BuildContext {
+    /// For [`Self::check_only`]: whether a file the filter would create or append to can be
+    /// opened, without creating it. An existing file must be a file; a missing one needs its
+    /// folder.
+    pub fn check_writable(path: &std::path::Path) -> Result<(), String> {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => Ok(()),
+            Ok(_) => Err(format!("{} is not a file", path.display())),
+            Err(_) => {
+                let folder = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                if folder.is_dir() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the folder {} does not exist; create it, owned by the user the gateway runs as",
+                        folder.display()
+                    ))
+                }
+            }
+        }
+    }
+
     pub fn resolve(&self, path: &std::path::Path) -> PathBuf {
         if path.is_absolute() {
             path.to_path_buf()

@@ -151,6 +151,21 @@ pub fn build(
         log::warn!("audit: capture.prompts is on: prompt texts are written to the audit log");
     }
     let (tx, rx) = tokio::sync::mpsc::channel(o.queue);
+    if cx.check_only {
+        // `check`: the log is neither created nor opened (as root it would be left root's).
+        if let SinkSpec::File { path, .. } = &spec {
+            BuildContext::check_writable(path).map_err(|e| {
+                OptionsError::new("file", format!("cannot open the audit sink: {e}"))
+            })?;
+        }
+        drop(rx);
+        return Ok(Arc::new(AuditFilter {
+            tx,
+            capture_prompts: o.capture.prompts,
+            on_full: o.on_full,
+            writer: Mutex::new(None),
+        }));
+    }
     let writer = writer::spawn(&spec, rx).map_err(|e| {
         let key = if matches!(spec, SinkSpec::File { .. }) {
             "file"

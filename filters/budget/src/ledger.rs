@@ -54,6 +54,9 @@ pub enum LedgerError {
     Missing(PathBuf),
     #[error("cannot start the ledger writer: {0}")]
     Writer(#[source] std::io::Error),
+    /// A ledger that does not exist yet could not be made there.
+    #[error("{0}")]
+    Place(String),
 }
 
 /// Spend already in the ledger, per principal and day.
@@ -132,6 +135,18 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// For `llm-gateway check`: an existing ledger is a ledger (opened read-only); a missing one
+/// could be made (its folder exists). Nothing is created or written.
+pub fn check(path: &Path) -> Result<(), LedgerError> {
+    if !path.exists() {
+        return gateway_filter::BuildContext::check_writable(path).map_err(LedgerError::Place);
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(sqlite(path))?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
+        .map_err(sqlite(path))
 }
 
 /// The spend already in the ledger, and the ledger's own id, made at its first use: the field

@@ -278,8 +278,15 @@ pub fn build(
     let default = o.default.as_ref().map(|s| spec(s, "default")).transpose()?;
     let global = o.global.as_ref().map(|s| spec(s, "global")).transpose()?;
     let path = cx.resolve(&o.ledger);
-    let (history, replica) = ledger::load(&path)
-        .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
+    let (history, replica) = if cx.check_only {
+        // `check`: read, never created (as root it would be left root's).
+        ledger::check(&path)
+            .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
+        (ledger::History::default(), String::new())
+    } else {
+        ledger::load(&path)
+            .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?
+    };
     let shared = cx
         .state
         .as_ref()
@@ -288,18 +295,20 @@ pub fn build(
     let seen = ledger::recent(&history, now_secs());
     let book = Arc::new(Book::new(history));
     let foreign = Arc::downgrade(&book);
-    ledger::spawn(
-        path,
-        o.commit_interval.0,
-        rx,
-        seen,
-        Box::new(move |principal, day, nano| {
-            if let Some(book) = foreign.upgrade() {
-                book.add_foreign(principal, day, nano);
-            }
-        }),
-    )
-    .map_err(|m| OptionsError::new("ledger", m.to_string()))?;
+    if !cx.check_only {
+        ledger::spawn(
+            path,
+            o.commit_interval.0,
+            rx,
+            seen,
+            Box::new(move |principal, day, nano| {
+                if let Some(book) = foreign.upgrade() {
+                    book.add_foreign(principal, day, nano);
+                }
+            }),
+        )
+        .map_err(|m| OptionsError::new("ledger", m.to_string()))?;
+    }
     LazyLock::force(&METRICS);
     if let Some((st, replica)) = &shared {
         let (weak, book, replica) = (Arc::downgrade(st), book.clone(), replica.clone());
