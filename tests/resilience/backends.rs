@@ -779,3 +779,45 @@ async fn a_client_that_leaves_during_keepalives_frees_the_backend() {
         "the backend's slot is still held"
     );
 }
+
+// Review: a backend that sent its stream's last event and then never ended its body (its
+// read deadline passed) was counted as failing and the client's complete answer aborted.
+// The answer is ended cleanly now, and the backend keeps its health.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_stalling_after_the_stream_s_end_neither_fails_nor_cuts_the_answer() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ read_timeout: 300ms }}\nrouting: {{ fail_threshold: 1, health: {{ enabled: false, interval: 1h }} }}\n",
+        backends(&[("stalls", &m.url())])
+    ))
+    .await;
+    for path in ["/api/chat", "/v1/chat/completions"] {
+        let resp = client()
+            .post(gw.url(path))
+            .header("x-mock-chunks", "3")
+            .header("x-mock-end-delay-ms", "1500")
+            .json(&json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let body = resp.text().await.expect("a whole body, not a cut one");
+        assert!(
+            body.contains("[DONE]") || body.contains("\"done\":true"),
+            "{path}: {body}"
+        );
+    }
+    // Still up: with fail_threshold 1 a counted failure would have taken it out.
+    assert_eq!(
+        gw.metric("llm_gateway_backend_up{backend=\"stalls\"}")
+            .await,
+        Some(1.0)
+    );
+    let resp = client()
+        .post(gw.url("/api/chat"))
+        .json(&json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

@@ -197,6 +197,8 @@ pub struct RequestCtx {
     /// Of those, the backends left after a late error ([`Self::late_error`]): each may have
     /// generated up to the request's bound, so each is charged its reservation.
     pub late_errors: u32,
+    /// [`Self::prompt_tokens`], once worked out.
+    prompt_estimate: Option<u64>,
     pub retries: u32,
     pub status: u16,
     pub decision: Decision,
@@ -257,6 +259,19 @@ impl RequestCtx {
         self.held().is_some_and(|held| held >= LATE)
     }
 
+    /// The prompt's estimate ([`crate::prompt::prompt_tokens`]: its text, media at 768 tokens
+    /// each), worked out once from the body and kept (the body's tree may be let go later).
+    pub fn prompt_tokens(&mut self) -> u64 {
+        if let Some(n) = self.prompt_estimate {
+            return n;
+        }
+        let n = self.json.as_ref().map_or(0, crate::prompt::prompt_tokens);
+        if self.json.is_some() {
+            self.prompt_estimate = Some(n);
+        }
+        n
+    }
+
     pub fn new(request_id: String, method: Method, path: String) -> Self {
         let route = Route::classify(&method, &path);
         RequestCtx {
@@ -296,6 +311,7 @@ impl RequestCtx {
             abandoned: 0,
             abandoned_secs: 0.0,
             late_errors: 0,
+            prompt_estimate: None,
             retries: 0,
             status: 0,
             decision: Decision::Allowed,

@@ -206,6 +206,12 @@ impl KeyStore {
                     period: e.period,
                 },
             };
+            if e.max_usd.is_some_and(|m| !(m.is_finite() && m >= 0.0)) {
+                return Err(Invalid::new(
+                    format!("{at}.max_usd"),
+                    "must be 0 or more dollars",
+                ));
+            }
             let mtls_subject = e
                 .mtls_subject
                 .as_deref()
@@ -396,6 +402,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("appears twice"));
+        let e = KeyStore::parse("keys:\n  - { id: a, max_usd: -5 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("keys[0].max_usd"), "{e}");
         let dup_subject = "keys:\n  - { id: a, mtls_subject: svc.internal }\n  - { id: admin, mtls_subject: svc.internal, scopes: [admin] }\n";
         let e = KeyStore::parse(dup_subject).unwrap_err().to_string();
         assert!(e.starts_with("keys[1].mtls_subject"), "{e}");

@@ -89,11 +89,10 @@ impl Book {
         let sum = |days: &Vec<(String, Nano)>| -> Nano {
             days.iter()
                 .filter(|(d, _)| in_period(d))
-                .map(|(_, n)| n)
-                .sum()
+                .fold(0, |total: Nano, (_, n)| total.saturating_add(*n))
         };
         if b.principal == GLOBAL_ACCOUNT {
-            history.values().map(sum).sum()
+            history.values().map(sum).fold(0, Nano::saturating_add)
         } else {
             history.get(&b.principal).map_or(0, sum)
         }
@@ -112,7 +111,7 @@ impl Book {
                 &mut acc,
                 b,
                 || self.opening(b, now),
-                |a| a.spent + a.reserved + amount <= b.limit,
+                |a| a.spent.saturating_add(a.reserved).saturating_add(amount) <= b.limit,
             );
             if !fits {
                 return Err(Refusal { budget: b.clone() });
@@ -125,8 +124,8 @@ impl Book {
                 b,
                 || 0,
                 |a| {
-                    a.reserved += amount;
-                    after.push((a.spent + a.reserved, b.limit));
+                    a.reserved = a.reserved.saturating_add(amount);
+                    after.push((a.spent.saturating_add(a.reserved), b.limit));
                 },
             );
         }
@@ -144,9 +143,9 @@ impl Book {
                     b,
                     || 0,
                     |a| {
-                        a.reserved -= reserved;
-                        a.spent += charged;
-                        b.limit - a.spent
+                        a.reserved = a.reserved.saturating_sub(reserved);
+                        a.spent = a.spent.saturating_add(charged);
+                        b.limit.saturating_sub(a.spent)
                     },
                 )
             })
@@ -181,7 +180,7 @@ impl Book {
                     .get_mut(who)
                     .and_then(|periods| periods.get_mut(period.key(secs).as_str()))
                 {
-                    a.spent += nano;
+                    a.spent = a.spent.saturating_add(nano);
                 }
             }
         }
@@ -210,7 +209,7 @@ impl Book {
         // Newest last: today's entry, when there is one, is found at once.
         with_day_string(day, |day| {
             match days.iter_mut().rev().find(|(d, _)| d == day) {
-                Some((_, n)) => *n += nano,
+                Some((_, n)) => *n = n.saturating_add(nano),
                 None => days.push((day.to_string(), nano)),
             }
         })

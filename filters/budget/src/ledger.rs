@@ -86,7 +86,8 @@ pub fn recent(history: &History, now: i64) -> Seen {
     let mut seen = Seen::new();
     for (principal, days) in history {
         for (day, nano) in days.iter().filter(|(d, _)| *d >= from) {
-            *seen.entry((principal.clone(), day.clone())).or_default() += nano;
+            let e = seen.entry((principal.clone(), day.clone())).or_default();
+            *e = e.saturating_add(*nano);
         }
     }
     seen
@@ -120,7 +121,7 @@ fn scan_foreign(
         if nano > known {
             if let Some(n) = parse_day(&key.1) {
                 on_foreign(&key.0, n, nano - known);
-                foreign += nano - known;
+                foreign = Nano::saturating_add(foreign, nano - known);
             }
         }
         // Less than known: rows were removed by hand; what was booked stays booked.
@@ -199,7 +200,7 @@ fn commit(
     {
         let mut stmt = tx.prepare_cached(
             "INSERT INTO spend (day, principal, model, usd_nano, requests) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (day, principal, model) DO UPDATE SET usd_nano = usd_nano + ?4, requests = requests + ?5",
+             ON CONFLICT (day, principal, model) DO UPDATE SET usd_nano = MIN(usd_nano + ?4, 9223372036854775807), requests = requests + ?5",
         )?;
         for ((day, principal, model), (nano, n)) in pending.iter() {
             stmt.execute(params![day, principal, model, nano, n])?;
@@ -207,7 +208,8 @@ fn commit(
     }
     tx.commit()?;
     for ((day, principal, _), (nano, _)) in pending.drain() {
-        *seen.entry((principal, day)).or_default() += nano;
+        let e = seen.entry((principal, day)).or_default();
+        *e = e.saturating_add(nano);
     }
     Ok(())
 }
@@ -235,7 +237,7 @@ pub fn spawn(
                     match msg {
                         Msg::Charge { day, principal, model, nano } => {
                             let e = pending.entry((day, principal, model)).or_insert((0, 0));
-                            e.0 += nano;
+                            e.0 = e.0.saturating_add(nano);
                             e.1 += 1;
                         }
                         Msg::Flush(ack) => {

@@ -269,6 +269,12 @@ pub fn build(
             "a fraction between 0 and 1, e.g. 0.8",
         ));
     }
+    if !(o.reserve_seconds.is_finite() && o.reserve_seconds >= 0.0) {
+        return Err(OptionsError::new(
+            "reserve_seconds",
+            "must be 0 or more seconds (a negative reservation would add room to a budget)",
+        ));
+    }
     if o.chars_per_token <= 0.0 {
         return Err(OptionsError::new(
             "chars_per_token",
@@ -484,6 +490,32 @@ fn admit(ctx: &mut RequestCtx, soft_limit: Option<f64>, res: Reservation, after:
     ctx.extensions.insert(Held(Arc::new(res)));
 }
 
+/// The most one request is charged: far above any real request (a million dollars), far
+/// below where sums of them could overflow the ledger's integers.
+const MAX_CHARGE: Nano = 1_000_000 * 1_000_000_000;
+
+/// The answer when the request's reservation alone is more than budget `b`: waiting never
+/// helps, so no `Retry-After`.
+fn too_large(ctx: &mut RequestCtx, b: &Budget, amount: Nano) -> Rejection {
+    METRICS.rejections.inc();
+    ctx.reject_reason = Some("request_over_budget");
+    let whose = if b.principal == GLOBAL {
+        "the gateway's"
+    } else {
+        "this key's"
+    };
+    Rejection::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "budget_exceeded",
+        format!(
+            "request too large: it may cost up to ${:.2}, more than {whose} whole budget of ${:.2} per {}, so it can never pass; ask for fewer output tokens (max_tokens) or completions (n), or send a shorter prompt",
+            amount as f64 / 1e9,
+            b.limit as f64 / 1e9,
+            b.period.name()
+        ),
+    )
+}
+
 /// The answer when budget `b` cannot take the request.
 fn refuse(ctx: &mut RequestCtx, b: &Budget, now: i64) -> Rejection {
     METRICS.rejections.inc();
@@ -533,9 +565,12 @@ impl BudgetFilter {
         Ok(ctx.max_tokens.unwrap_or(self.output_reserve))
     }
 
-    /// The prompt's tokens as reserved: the body's bytes at `chars_per_token`.
-    fn prompt_estimate(&self, ctx: &RequestCtx) -> u64 {
-        (ctx.bytes_in as f64 / self.chars_per_token).ceil() as u64
+    /// The prompt's tokens as reserved: the body's bytes at `chars_per_token`, or the text and
+    /// media estimate tokens per minute use (768 tokens an image, a token per CJK character)
+    /// where that is more: ten tiny images are a few hundred bytes and thousands of tokens.
+    fn prompt_estimate(&self, ctx: &mut RequestCtx) -> u64 {
+        let bytes = (ctx.bytes_in as f64 / self.chars_per_token).ceil() as u64;
+        bytes.max(ctx.prompt_tokens())
     }
 
     /// The budgets this request is held to: its principal's (keys-file `max_usd` and
@@ -626,9 +661,10 @@ impl Filter for BudgetFilter {
             Some(n) => n,
             None => self.output_reserve,
         };
+        let prompt_tokens = self.prompt_estimate(ctx);
         let model = ctx.model.as_deref().unwrap_or_default();
         let estimate = Usage {
-            prompt_tokens: self.prompt_estimate(ctx),
+            prompt_tokens,
             completion_tokens,
             ..Default::default()
         };
@@ -652,6 +688,11 @@ impl Filter for BudgetFilter {
         };
         if budgets.is_empty() {
             return Ok(());
+        }
+        // A request whose reservation alone is more than a budget can never pass (and a
+        // figure near the integers' end, from `"n": 1e300`, must never reach the sums).
+        if let Some(b) = budgets.iter().find(|b| amount > b.limit) {
+            return Err(too_large(ctx, b, amount));
         }
         let ask = Ask {
             book: self.book.clone(),
@@ -750,9 +791,10 @@ impl Filter for BudgetFilter {
         let charged = match ctx.abandoned {
             0 => charged,
             n if !ctx.used_unknown() => {
+                let prompt_tokens = self.prompt_estimate(ctx);
                 let model = ctx.model.as_deref().unwrap_or_default();
                 let prompt = Usage {
-                    prompt_tokens: self.prompt_estimate(ctx),
+                    prompt_tokens,
                     ..Default::default()
                 };
                 let each = self.prices.worst_case(model, prompt, 0.0).unwrap_or(0);
@@ -772,6 +814,8 @@ impl Filter for BudgetFilter {
             // not what a backend left after a late error may have generated besides.
             _ => charged.saturating_add(res.amount.saturating_mul(i64::from(ctx.late_errors))),
         };
+        // Never a figure the sums (and the ledger's integers) cannot hold.
+        let charged = charged.clamp(0, MAX_CHARGE);
         let Some(left) = res.settle(charged) else {
             return;
         };

@@ -468,3 +468,70 @@ async fn backends_given_up_on_are_charged_the_prompt_they_read() {
     served(&f, &mut c, 2).await;
     assert!(c.cost_usd.is_some_and(|usd| usd >= 6.0), "{:?}", c.cost_usd);
 }
+
+/// Review: `"n": 1e300` (or `num_predict` near 2^63) made a reservation near the integers'
+/// end; `spent + reserved + amount` wrapped negative and the request was admitted, every
+/// other request after it too, and a client that left made `spent` wrap: budgets off for the
+/// period and a ledger the next start could not read. Such a request is refused now (it can
+/// never pass), and the sums saturate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reservation_beyond_the_budget_is_refused_and_nothing_wraps() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(dir.path(), json!({}));
+    let mut c = ctx("overflow", Some(10.0));
+    f.on_request(&mut c).await.unwrap();
+    served(&f, &mut c, 2).await;
+    for bound in [u64::MAX, 1 << 62, 11] {
+        let mut c = ctx("overflow", Some(10.0));
+        c.max_tokens = Some(bound);
+        let r = f.on_request(&mut c).await.unwrap_err();
+        assert_eq!((r.status.as_u16(), r.code), (429, "budget_exceeded"));
+        assert!(r.message.contains("can never pass"), "{}", r.message);
+        assert!(!r.headers.iter().any(|(k, _)| k == "retry-after"));
+        assert_eq!(c.reject_reason, Some("request_over_budget"));
+    }
+    // The budget still holds: $2 spent, $5 fits, $5 more does not.
+    let mut c = ctx("overflow", Some(10.0));
+    f.on_request(&mut c).await.unwrap();
+    let mut d = ctx("overflow", Some(10.0));
+    assert_eq!(
+        f.on_request(&mut d).await.unwrap_err().code,
+        "budget_exceeded"
+    );
+    drop(c);
+}
+
+/// Review: the budget estimated a prompt from the body's bytes alone, so ten tiny images
+/// (a few hundred bytes, thousands of tokens to the model) were reserved as a few dozen
+/// tokens. It takes the text-and-media estimate tokens per minute use where that is more.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_count_in_the_prompt_the_budget_reserves() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = filter(
+        dir.path(),
+        json!({"prices": [{"model": "llama3.1:*", "prompt_per_1m": 1000000.0, "completion_per_1m": 0.0}]}),
+    );
+    let body = json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "what is it?", "images": vec!["iVBORw0KGgo="; 10]}]});
+    let mut c = ctx("pictures", Some(5000.0));
+    c.bytes_in = serde_json::to_vec(&body).unwrap().len() as u64;
+    assert!(c.bytes_in < 400);
+    c.json = Some(body);
+    // 768 tokens an image at $1 a token: more than the whole $5,000.
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!(r.code, "budget_exceeded");
+    assert!(r.message.contains("can never pass"), "{}", r.message);
+}
+
+/// Review: a negative `reserve_seconds` made negative reservations (room added to budgets),
+/// and a keys-file `max_usd` below zero or not a number was taken as given.
+#[test]
+fn budgets_and_reservations_are_never_negative() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = json!({"ledger": "spend.db", "prices": [], "reserve_seconds": -60.0});
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let e = build(&o, &cx).err().unwrap();
+    assert_eq!(e.path, "reserve_seconds");
+}

@@ -417,10 +417,7 @@ impl RateLimitFilter {
         }
         let reserve = match tpm {
             Some(limit) => {
-                let prompt = ctx
-                    .json
-                    .as_ref()
-                    .map_or(0, gateway_filter::prompt::prompt_tokens);
+                let prompt = ctx.prompt_tokens();
                 // A request that names no output limit could generate without bound before
                 // its usage is known: concurrent ones would all fit in the room their prompts
                 // leave. It is given `output_reserve` per completion (no more than the

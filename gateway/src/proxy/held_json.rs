@@ -19,21 +19,8 @@ pub struct BodyFacts {
     pub tools: bool,
     /// Quarter tokens of prompt text the answer repeats ([`echoed`]).
     pub echoed: u64,
-    /// The prompt's estimate, taken when the tree was let go.
-    pub prompt_tokens: Option<u64>,
     /// The tree was let go: [`restore`] reads it again for the request's end.
     released: bool,
-}
-
-impl BodyFacts {
-    /// The prompt's estimate ([`gateway_filter::prompt::prompt_tokens`]), 0 without a body.
-    pub fn prompt_tokens(&self, req: &RequestCtx) -> u64 {
-        req.json
-            .as_ref()
-            .map(gateway_filter::prompt::prompt_tokens)
-            .or(self.prompt_tokens)
-            .unwrap_or(0)
-    }
 }
 
 /// Takes what the answer's handling reads from the request's JSON and, for a large body, lets
@@ -49,7 +36,8 @@ pub fn take(req: &mut RequestCtx, sent: &Bytes) -> BodyFacts {
         ..BodyFacts::default()
     };
     if sent.len() >= KEEP_UNDER {
-        facts.prompt_tokens = Some(gateway_filter::prompt::prompt_tokens(json));
+        // Worked out now and kept by the request (`RequestCtx::prompt_tokens`).
+        req.prompt_tokens();
         facts.released = true;
         req.json = None;
         req.body = Some(sent.clone());
@@ -118,7 +106,7 @@ mod tests {
         // The text (10,000 tokens) and the tool, as estimated from the tree.
         let estimate = gateway_filter::prompt::prompt_tokens(&body);
         assert!(estimate >= 10_000);
-        assert_eq!(facts.prompt_tokens(&req), estimate);
+        assert_eq!(req.prompt_tokens(), estimate, "kept when the tree went");
         restore(&mut req, &facts);
         assert_eq!(req.json, Some(body), "read again as it was sent");
     }
@@ -130,7 +118,7 @@ mod tests {
         let facts = take(&mut req, &sent);
         assert_eq!(req.json, Some(body));
         assert!(!facts.tools);
-        assert_eq!(facts.prompt_tokens(&req), 1);
+        assert_eq!(req.prompt_tokens(), 1);
     }
 
     /// A body the gateway rewrote (an output cap, stream usage) is held as sent: the audit

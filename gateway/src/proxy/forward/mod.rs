@@ -88,6 +88,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
     let pool = gw.router.pool().clone();
     let mut last_err: Option<Box<Error>> = None;
     let mut queued_since = None;
+    // The request's place in the queue, held from its first wait until it leaves the queue
+    // (a backend taken, or an answer): given back at each wake-up, a newcomer could take it in
+    // between and this request be refused before its deadline.
+    let mut queue_place = None;
     // Backends that answered this request with a server error that may count against them
     // (see `counts_against_backend`), and how many server errors it got.
     let mut answered_5xx: Vec<usize> = Vec::new();
@@ -99,10 +103,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 // Every backend that could serve it is at max_in_flight: wait for a slot.
                 let queued = *queued_since.get_or_insert_with(tokio::time::Instant::now);
                 let deadline = queued + gw.settings.routing.queue_timeout;
-                let slot = (tokio::time::Instant::now() < deadline)
-                    .then(|| gw.queue_slot())
-                    .flatten();
-                let Some(_slot) = slot else {
+                if queue_place.is_none() {
+                    queue_place = gw.queue_slot();
+                }
+                if tokio::time::Instant::now() >= deadline || queue_place.is_none() {
                     return answer(
                         gw,
                         session,

@@ -12,7 +12,6 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 use super::super::headers::copy_response_headers;
-use super::super::held_json::BodyFacts;
 use super::super::logging::end_response;
 use super::super::{Gateway, GwCtx};
 use super::Attempt;
@@ -109,6 +108,29 @@ pub(super) async fn relay(
                 }
             }
             Ok(None) => break Bytes::new(),
+            // After the stream's last event (`[DONE]`, `"done": true`) the answer is whole and
+            // settled: a backend that then fails to end its body (a dropped connection, its
+            // read deadline) broke nothing the client reads. The client's body is ended and
+            // the backend's connection dropped, not pooled, nor counted as a failure.
+            Err(e) if ctx.response_ended => {
+                log::debug!(
+                    "request {}: backend {} did not end its body after the stream's end: {e}",
+                    ctx.req.request_id,
+                    backend.name
+                );
+                drop(up);
+                let rest = stripper.as_mut().map(|s| s.finish()).unwrap_or_default();
+                if !rest.is_empty() {
+                    ctx.req.bytes_out += rest.len() as u64;
+                    if let Err(e) = session.write_response_body(Some(rest.into()), false).await {
+                        return Attempt::Abort(e.into_down());
+                    }
+                }
+                return match session.write_response_body(None, true).await {
+                    Ok(()) => Attempt::Done,
+                    Err(e) => Attempt::Abort(e.into_down()),
+                };
+            }
             Err(e) => {
                 // The backend broke mid-response: the client must see a truncated stream,
                 // never a clean end, so the connection is aborted rather than finished.
@@ -124,7 +146,7 @@ pub(super) async fn relay(
         // A stream's last event (`[DONE]`, `"done": true`) completes the answer for the
         // client (clients stop reading there) before the body's own end comes.
         if parser.ended() && !ctx.response_ended {
-            settle_usage(&mut parser, &mut ctx.req, &ctx.body_facts);
+            settle_usage(&mut parser, &mut ctx.req);
             end_response(gw, ctx);
         }
         if let Err(e) = write_chunk(session, ctx, chunk, &mut parser).await {
@@ -132,7 +154,7 @@ pub(super) async fn relay(
         }
     };
     if !ctx.response_ended {
-        settle_usage(&mut parser, &mut ctx.req, &ctx.body_facts);
+        settle_usage(&mut parser, &mut ctx.req);
     }
     let rest = stripper
         .as_mut()
@@ -175,7 +197,7 @@ async fn write_chunk(
 fn failed(ctx: &mut GwCtx, parser: &mut UsageParser, code: &'static str) {
     if !ctx.response_ended {
         ctx.req.decision = Decision::Failed { code };
-        settle_usage(parser, &mut ctx.req, &ctx.body_facts);
+        settle_usage(parser, &mut ctx.req);
     }
 }
 
@@ -183,14 +205,14 @@ fn failed(ctx: &mut GwCtx, parser: &mut UsageParser, code: &'static str) {
 /// what the gateway counted passing, with the prompt estimated from the held body
 /// (`prompt_tokens`: its text and media). Budget, tokens per minute and audit all see this
 /// one figure.
-fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx, facts: &BodyFacts) {
+fn settle_usage(parser: &mut UsageParser, req: &mut gateway_filter::RequestCtx) {
     let several = req.completions > 1;
     req.usage = parser.finish().map(|mut u| {
         // A request for several completions may have reported one prompt of several (llama.cpp
         // answers a list of prompts with the first task's usage): at least the estimate.
         if u.counted || several {
             // A reported prompt (one completion's, next to counted text) stands when larger.
-            let estimate = facts.prompt_tokens(req);
+            let estimate = req.prompt_tokens();
             u.prompt_tokens = u.prompt_tokens.max(estimate);
         }
         u
@@ -258,7 +280,7 @@ mod tests {
             parser.several_completions(facts.echoed);
         }
         parser.feed(answer.as_bytes());
-        settle_usage(&mut parser, &mut req, &facts);
+        settle_usage(&mut parser, &mut req);
         let u = req.usage.unwrap();
         (u.prompt_tokens, u.completion_tokens, u.counted)
     }
