@@ -21,7 +21,8 @@ pub enum Msg {
         model: String,
         nano: Nano,
     },
-    Flush(std::sync::mpsc::SyncSender<()>),
+    /// Commit now; answered with whether the commit succeeded.
+    Flush(std::sync::mpsc::SyncSender<bool>),
 }
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
@@ -241,11 +242,12 @@ pub fn spawn(
                             e.1 += 1;
                         }
                         Msg::Flush(ack) => {
-                            if let Err(e) = commit(&mut conn, &mut pending, &mut seen) {
+                            let done = commit(&mut conn, &mut pending, &mut seen);
+                            if let Err(e) = &done {
                                 log::error!("budget: ledger commit failed: {e}");
                             }
                             committed = Instant::now();
-                            let _ = ack.send(());
+                            let _ = ack.send(done.is_ok());
                         }
                     }
                 }

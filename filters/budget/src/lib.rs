@@ -504,13 +504,17 @@ fn too_large(ctx: &mut RequestCtx, b: &Budget, amount: Nano) -> Rejection {
     } else {
         "this key's"
     };
+    let size = if b.principal == GLOBAL {
+        String::new()
+    } else {
+        format!(" of ${:.2}", b.limit as f64 / 1e9)
+    };
     Rejection::new(
         StatusCode::TOO_MANY_REQUESTS,
         "budget_exceeded",
         format!(
-            "request too large: it may cost up to ${:.2}, more than {whose} whole budget of ${:.2} per {}, so it can never pass; ask for fewer output tokens (max_tokens) or completions (n), or send a shorter prompt",
+            "request too large: it may cost up to ${:.2}, more than {whose} whole budget{size} per {}, so it can never pass; ask for fewer output tokens (max_tokens) or completions (n), or send a shorter prompt",
             amount as f64 / 1e9,
-            b.limit as f64 / 1e9,
             b.period.name()
         ),
     )
@@ -534,12 +538,17 @@ fn refuse(ctx: &mut RequestCtx, b: &Budget, now: i64) -> Rejection {
     } else {
         "this key's"
     };
+    // The gateway's own budget is the operator's business: its size is not told to callers.
+    let size = if b.principal == GLOBAL {
+        String::new()
+    } else {
+        format!(" of ${:.2}", b.limit as f64 / 1e9)
+    };
     let mut r = Rejection::new(
         StatusCode::TOO_MANY_REQUESTS,
         "budget_exceeded",
         format!(
-            "{whose} budget of ${:.2} per {} is used up; it resets at {when}",
-            b.limit as f64 / 1e9,
+            "{whose} budget{size} per {} is used up; it resets at {when}",
             b.period.name()
         ),
     );
@@ -935,10 +944,12 @@ impl Filter for BudgetFilter {
         let sent = std::thread::spawn(move || tx.blocking_send(ledger::Msg::Flush(ack)).is_ok())
             .join()
             .unwrap_or(false);
-        if sent && done.recv_timeout(Duration::from_secs(30)).is_ok() {
+        // A commit that failed (a full disk) is said to have failed: the charges it held are
+        // lost with the process, and the operator must know.
+        if sent && done.recv_timeout(Duration::from_secs(30)) == Ok(true) {
             log::info!("budget: ledger committed");
         } else {
-            log::error!("budget: could not commit the ledger before exit");
+            log::error!("budget: could not commit the ledger before exit; charges since the last commit are lost");
         }
     }
 }
