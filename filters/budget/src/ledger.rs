@@ -145,10 +145,25 @@ pub fn check(path: &Path) -> Result<(), LedgerError> {
     if !path.exists() {
         return gateway_filter::BuildContext::check_writable(path).map_err(LedgerError::Place);
     }
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(sqlite(path))?;
-    conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
-        .map_err(sqlite(path))
+    // Its header only: even a read-only open of a WAL database makes its `-wal` and `-shm`
+    // files when they are missing.
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        // SQLite makes an empty file its database.
+        return Ok(());
+    }
+    let mut header = [0u8; 16];
+    let read = std::fs::File::open(path).and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut header)
+    });
+    match read {
+        Ok(()) if &header == b"SQLite format 3\0" => Ok(()),
+        Ok(()) => Err(LedgerError::Place(format!(
+            "{} is not an SQLite database; point `ledger` at the gateway's ledger or a new file",
+            path.display()
+        ))),
+        Err(e) => Err(LedgerError::Place(format!("{}: {e}", path.display()))),
+    }
 }
 
 /// The spend already in the ledger, and the ledger's own id, made at its first use: the field

@@ -494,27 +494,18 @@ fn admit(ctx: &mut RequestCtx, soft_limit: Option<f64>, res: Reservation, after:
 /// below where sums of them could overflow the ledger's integers.
 const MAX_CHARGE: Nano = 1_000_000 * 1_000_000_000;
 
-/// The answer when the request's reservation alone is more than budget `b`: waiting never
-/// helps, so no `Retry-After`.
+/// The answer when the request's reservation alone is more than a key's budget `b`: waiting
+/// never helps, so no `Retry-After`.
 fn too_large(ctx: &mut RequestCtx, b: &Budget, amount: Nano) -> Rejection {
     METRICS.rejections.inc();
     ctx.reject_reason = Some("request_over_budget");
-    let whose = if b.principal == GLOBAL {
-        "the gateway's"
-    } else {
-        "this key's"
-    };
-    let size = if b.principal == GLOBAL {
-        String::new()
-    } else {
-        format!(" of ${:.2}", b.limit as f64 / 1e9)
-    };
     Rejection::new(
         StatusCode::TOO_MANY_REQUESTS,
         "budget_exceeded",
         format!(
-            "request too large: it may cost up to ${:.2}, more than {whose} whole budget{size} per {}, so it can never pass; ask for fewer output tokens (max_tokens) or completions (n), or send a shorter prompt",
+            "request too large: it may cost up to ${:.2}, more than this key's whole budget of ${:.2} per {}, so it can never pass; ask for fewer output tokens (max_tokens) or completions (n), or send a shorter prompt",
             amount as f64 / 1e9,
+            b.limit as f64 / 1e9,
             b.period.name()
         ),
     )
@@ -700,8 +691,14 @@ impl Filter for BudgetFilter {
         }
         // A request whose reservation alone is more than a budget can never pass (and a
         // figure near the integers' end, from `"n": 1e300`, must never reach the sums).
-        if let Some(b) = budgets.iter().find(|b| amount > b.limit) {
-            return Err(too_large(ctx, b, amount));
+        // (A budget of $0 is one that is used up; the gateway's own is answered as used up
+        // too: the size of what a request may cost would tell callers its size.)
+        if let Some(b) = budgets.iter().find(|b| amount > b.limit && b.limit > 0) {
+            return Err(if b.principal == GLOBAL {
+                refuse(ctx, b, now)
+            } else {
+                too_large(ctx, b, amount)
+            });
         }
         let ask = Ask {
             book: self.book.clone(),

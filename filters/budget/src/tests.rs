@@ -490,6 +490,11 @@ async fn a_reservation_beyond_the_budget_is_refused_and_nothing_wraps() {
         assert!(!r.headers.iter().any(|(k, _)| k == "retry-after"));
         assert_eq!(c.reject_reason, Some("request_over_budget"));
     }
+    // A budget of $0 is used up, not too small: answered as such (with its reset time).
+    let mut z = ctx("nothing", Some(0.0));
+    let r = f.on_request(&mut z).await.unwrap_err();
+    assert_eq!(z.reject_reason, Some("principal_budget"));
+    assert!(r.headers.iter().any(|(k, _)| k == "retry-after"));
     // The budget still holds: $2 spent, $5 fits, $5 more does not.
     let mut c = ctx("overflow", Some(10.0));
     f.on_request(&mut c).await.unwrap();

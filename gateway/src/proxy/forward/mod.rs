@@ -209,6 +209,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 Err(_) => {}
             }
         }
+        // Out of the queue: its place goes to the next waiter, and a later wait (after a
+        // failed attempt) starts its own deadline.
+        queue_place = None;
+        queued_since = None;
         if !ctx.tried.is_empty() {
             ctx.req.retries += 1;
         }
