@@ -304,3 +304,64 @@ async fn an_http2_client_that_gives_up_frees_the_backend_at_once() {
 async fn an_http1_tls_client_that_gives_up_frees_the_backend() {
     gives_up_then_asks_again("--http1.1", "1.1").await;
 }
+
+/// Review: an HTTP/2 client that reset its stream after the answer had begun, while the
+/// backend was silent between two chunks, was found only at the next chunk: its task held
+/// the backend's slot meanwhile, and reset streams do not count against the connection's
+/// streams. It is let go at once now.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_that_gives_up_mid_stream_frees_the_backend_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock().await;
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    tls: {{ cert: {}, key: {} }}\nbackends:\n  - {{ name: local, url: '{}', kind: ollama, max_in_flight: 1 }}\nfilters:\n  - use: auth\n    keys_file: {}\n",
+            p(&pki.server_cert),
+            p(&pki.server_key),
+            m.url(),
+            p(&keys_file(dir.path()))
+        ),
+        port,
+    )
+    .await;
+    let url = format!("https://127.0.0.1:{}/api/generate", gw.port);
+    let auth = format!("Authorization: Bearer {DEMO_KEY}");
+    // The first chunk at once, the next one 4 s later: given up after half a second.
+    let (rc, _, _) = curl(&[
+        "--http2",
+        "--cacert",
+        p(&pki.ca),
+        "-H",
+        &auth,
+        "-H",
+        "x-mock-chunks: 3",
+        "-H",
+        "x-mock-delay-ms: 4000",
+        "--max-time",
+        "0.5",
+        "-d",
+        r#"{"model":"llama3.1:8b","prompt":"hi","stream":true}"#,
+        &url,
+    ]);
+    assert_eq!(rc, 28, "curl gave up (timeout)");
+    let start = std::time::Instant::now();
+    let body = r#"{"model":"llama3.1:8b","prompt":"hi","stream":false}"#;
+    let (rc, code, _) = curl(&[
+        "--http2",
+        "--cacert",
+        p(&pki.ca),
+        "-H",
+        &auth,
+        "-d",
+        body,
+        &url,
+    ]);
+    assert_eq!((rc, code.as_str()), (0, "200"));
+    assert!(
+        start.elapsed() < std::time::Duration::from_millis(1500),
+        "the backend's only slot was still held: answered after {:?}",
+        start.elapsed()
+    );
+}

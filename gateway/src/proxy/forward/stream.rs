@@ -98,8 +98,26 @@ pub(super) async fn relay(
         parser.several_completions(ctx.body_facts.echoed);
     }
     let mut stripper = strip.then(UsageEventStripper::default);
+    // An HTTP/2 stream the client resets while the backend is silent is let go at once: h2
+    // frees the stream's place in the connection's 16 as the reset comes, so a stream task
+    // that waited for the next chunk would hold its backend slot beyond the connection caps.
+    // (An HTTP/1 connection stays counted until its task ends; its client is found at the
+    // next write.)
+    let h2 = session.is_http2();
     let last = loop {
-        let chunk = match up.read_body_ref().await {
+        let read = if h2 {
+            tokio::select! {
+                biased;
+                r = up.read_body_ref() => r,
+                e = super::exchange::client_left(session, None, tokio::time::Instant::now()) => {
+                    failed(ctx, &mut parser, "client_disconnected");
+                    return Attempt::Abort(e);
+                }
+            }
+        } else {
+            up.read_body_ref().await
+        };
+        let chunk = match read {
             Ok(Some(chunk)) => {
                 parser.feed(chunk);
                 match stripper.as_mut() {
