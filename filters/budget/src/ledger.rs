@@ -105,7 +105,7 @@ fn scan_foreign(
 ) -> rusqlite::Result<Nano> {
     let from = scan_from(now);
     let mut stmt = conn.prepare_cached(
-        "SELECT principal, day, SUM(usd_nano) FROM spend WHERE day >= ?1 GROUP BY principal, day",
+        "SELECT principal, day, CAST(TOTAL(usd_nano) AS INTEGER) FROM spend WHERE day >= ?1 GROUP BY principal, day",
     )?;
     let rows = stmt.query_map(params![from], |r| {
         Ok((
@@ -185,7 +185,11 @@ pub fn load(path: &Path) -> Result<(History, String), LedgerError> {
         })
         .map_err(sqlite(path))?;
     let mut stmt = conn
-        .prepare("SELECT principal, day, SUM(usd_nano) FROM spend GROUP BY principal, day")
+        // TOTAL, not SUM: a sum past the integers' end is SQLite's error (no ledger could be
+        // read, the gateway would not start); TOTAL is a float, cast back saturating.
+        .prepare(
+            "SELECT principal, day, CAST(TOTAL(usd_nano) AS INTEGER) FROM spend GROUP BY principal, day",
+        )
         .map_err(sqlite(path))?;
     let rows = stmt
         .query_map([], |r| {
@@ -318,9 +322,9 @@ pub fn report(
         .map_err(sqlite(path))?;
     let mut stmt = conn
         .prepare(
-            "SELECT principal, model, SUM(usd_nano), SUM(requests) FROM spend
+            "SELECT principal, model, CAST(TOTAL(usd_nano) AS INTEGER), SUM(requests) FROM spend
              WHERE (?1 IS NULL OR day >= ?1) AND (?2 IS NULL OR day < ?2) AND (?3 IS NULL OR principal = ?3)
-             GROUP BY principal, model ORDER BY SUM(usd_nano) DESC, principal, model",
+             GROUP BY principal, model ORDER BY TOTAL(usd_nano) DESC, principal, model",
         )
         .map_err(sqlite(path))?;
     let rows = stmt
@@ -386,6 +390,40 @@ mod tests {
             history["alice"],
             vec![("2026-11-23".to_string(), 1_500_000_000)]
         );
+    }
+
+    /// Review: rows near the integers' end (charges at the cap, over many models) made
+    /// `SUM()` fail with SQLite's integer overflow, and no ledger could be read at start.
+    #[test]
+    fn sums_past_the_integers_end_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spend.db");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let h = spawn(
+            path.clone(),
+            Duration::from_millis(50),
+            rx,
+            Seen::new(),
+            Box::new(|_, _, _| {}),
+        )
+        .unwrap();
+        for model in ["a", "b", "c"] {
+            tx.blocking_send(Msg::Charge {
+                day: "2026-11-23".into(),
+                principal: "big".into(),
+                model: model.into(),
+                nano: i64::MAX / 2,
+            })
+            .unwrap();
+        }
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        tx.blocking_send(Msg::Flush(ack)).unwrap();
+        assert!(done.recv().unwrap());
+        drop(tx);
+        h.join().unwrap();
+        let (history, _) = load(&path).unwrap();
+        assert_eq!(history["big"], vec![("2026-11-23".to_string(), i64::MAX)]);
+        assert_eq!(report(&path, None, None, None).unwrap().len(), 3);
     }
 
     fn charge(tx: &Sender<Msg>, principal: &str, nano: Nano) {
