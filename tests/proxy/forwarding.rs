@@ -231,6 +231,12 @@ async fn large_body_is_forwarded_whole_and_replayed_after_connect_failure() {
     let line = gw.access_line(&id).await;
     assert_eq!(field(&line, "backend"), "live");
     assert_eq!(field(&line, "retries"), "1");
+    // The attempt moved away from the dead backend is counted against it.
+    assert_eq!(
+        gw.metric("llm_gateway_retries_total{backend=\"dead\"}")
+            .await,
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -188,7 +188,13 @@ async fn a_backend_dying_mid_run_costs_at_most_the_requests_it_had_taken() {
         .metric("llm_gateway_retries_total{backend=\"b\"}")
         .await
         .unwrap_or(0.0);
-    assert!(retries >= 1.0, "retries are counted: {retries}");
+    // The dead backend was met: requests that found it refusing moved on (counted), or had
+    // been written to it already and failed (above). Under a loaded machine every meeting
+    // can be of the second kind before the backend is taken out, so either counts.
+    assert!(
+        retries >= 1.0 || failed >= 1,
+        "the dead backend was never met: {retries} retries, {failed} failed"
+    );
     let h = gw.health().await;
     assert_eq!(h["backends"][1]["state"], "down");
 }
