@@ -18,6 +18,7 @@ mod options;
 pub mod output;
 pub mod path;
 pub mod prompt;
+pub mod redact;
 mod rejection;
 mod route;
 pub mod state;

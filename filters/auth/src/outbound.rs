@@ -56,12 +56,7 @@ pub fn shown(url: &str) -> String {
             Some(q) => (&url[..q], "?***"),
             None => (url, ""),
         };
-        return match (url.find("://"), url.rfind('@')) {
-            (Some(s), Some(at)) if at > s => {
-                format!("{}***{}{query}", &url[..s + 3], &url[at..])
-            }
-            _ => format!("{url}{query}"),
-        };
+        return format!("{}{query}", gateway_filter::redact::without_userinfo(url));
     };
     if !u.username().is_empty() && u.password().is_none() {
         // A token may travel as the user name alone.

@@ -344,19 +344,32 @@ pub fn report(
 mod tests {
     use super::*;
 
-    #[test]
-    fn batches_survive_and_report() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spend.db");
+    /// A ledger writer on `path` with nothing known before and no other process.
+    fn writer(path: &Path) -> (Sender<Msg>, std::thread::JoinHandle<()>) {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let h = spawn(
-            path.clone(),
+            path.to_path_buf(),
             Duration::from_millis(50),
             rx,
             Seen::new(),
             Box::new(|_, _, _| {}),
         )
         .unwrap();
+        (tx, h)
+    }
+
+    /// Commits now; whether the commit succeeded.
+    fn flush(tx: &Sender<Msg>) -> bool {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        tx.blocking_send(Msg::Flush(ack)).unwrap();
+        done.recv().unwrap()
+    }
+
+    #[test]
+    fn batches_survive_and_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spend.db");
+        let (tx, h) = writer(&path);
         for (p, n) in [("alice", 1_000_000_000), ("alice", 500_000_000), ("bob", 1)] {
             tx.blocking_send(Msg::Charge {
                 day: "2026-11-23".into(),
@@ -366,9 +379,7 @@ mod tests {
             })
             .unwrap();
         }
-        let (ack, done) = std::sync::mpsc::sync_channel(1);
-        tx.blocking_send(Msg::Flush(ack)).unwrap();
-        done.recv().unwrap();
+        flush(&tx);
         let rows = report(&path, Some("2026-11-01"), Some("2026-12-01"), None).unwrap();
         assert_eq!(
             rows[0],
@@ -398,15 +409,7 @@ mod tests {
     fn sums_past_the_integers_end_still_load() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spend.db");
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let h = spawn(
-            path.clone(),
-            Duration::from_millis(50),
-            rx,
-            Seen::new(),
-            Box::new(|_, _, _| {}),
-        )
-        .unwrap();
+        let (tx, h) = writer(&path);
         for model in ["a", "b", "c"] {
             tx.blocking_send(Msg::Charge {
                 day: "2026-11-23".into(),
@@ -416,9 +419,7 @@ mod tests {
             })
             .unwrap();
         }
-        let (ack, done) = std::sync::mpsc::sync_channel(1);
-        tx.blocking_send(Msg::Flush(ack)).unwrap();
-        assert!(done.recv().unwrap());
+        assert!(flush(&tx));
         drop(tx);
         h.join().unwrap();
         let (history, _) = load(&path).unwrap();
@@ -434,9 +435,7 @@ mod tests {
             nano,
         })
         .unwrap();
-        let (ack, done) = std::sync::mpsc::sync_channel(1);
-        tx.blocking_send(Msg::Flush(ack)).unwrap();
-        done.recv().unwrap();
+        flush(tx);
     }
 
     #[test]

@@ -257,10 +257,7 @@ fn client(spec: &StateSpec) -> Result<redis::Client, SetupError> {
 
 /// The URL without its password, for logs.
 fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
-    }
+    gateway_filter::redact::without_userinfo(url)
 }
 
 /// Runs a script by its hash; a server that does not know it (restarted, flushed, failed
