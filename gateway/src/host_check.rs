@@ -60,17 +60,18 @@ impl HostRule {
         via_trusted_proxy: bool,
         via_loopback: impl FnOnce() -> bool,
     ) -> Option<&'a str> {
-        let browser = match self.check {
-            HostCheck::Any => return None,
-            HostCheck::Browsers | HostCheck::AllBrowsers if via_trusted_proxy => return None,
-            HostCheck::Browsers if !from_browser(&req.headers) || !via_loopback() => return None,
-            HostCheck::Browsers => true,
-            HostCheck::AllBrowsers if !from_browser(&req.headers) => return None,
-            HostCheck::AllBrowsers => true,
-            HostCheck::All => from_browser(&req.headers),
+        let checked = match self.check {
+            HostCheck::Any => false,
+            HostCheck::Browsers | HostCheck::AllBrowsers if via_trusted_proxy => false,
+            HostCheck::Browsers => from_browser(&req.headers) && via_loopback(),
+            HostCheck::AllBrowsers => from_browser(&req.headers),
+            HostCheck::All => true,
         };
+        if !checked {
+            return None;
+        }
         let host = host_of(req);
-        (!self.admits(host, browser, true)).then_some(host)
+        (!is_local(host, &self.names)).then_some(host)
     }
 }
 

@@ -85,7 +85,7 @@ struct Doc {
     response: Nested,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct OpenAiUsage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
@@ -125,12 +125,6 @@ impl AnyShape for Nested {
     }
 }
 
-impl<'de> Deserialize<'de> for Nested {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        any_shape(d)
-    }
-}
-
 /// A usage object one level down, read leniently: a figure that is not a whole number, or a
 /// usage that is not an object, reads as none instead of failing the document (which would
 /// lose the counts beside it).
@@ -147,20 +141,9 @@ impl AnyShape for Figure {
     }
 }
 
-impl<'de> Deserialize<'de> for Figure {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        any_shape(d)
-    }
-}
-
 impl AnyShape for Figures {
     fn from_map<'de, A: serde::de::MapAccess<'de>>(mut a: A) -> Result<Self, A::Error> {
-        let mut u = OpenAiUsage {
-            prompt_tokens: None,
-            completion_tokens: None,
-            input_tokens: None,
-            output_tokens: None,
-        };
+        let mut u = OpenAiUsage::default();
         while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {
             let slot = match key.as_ref() {
                 "prompt_tokens" => &mut u.prompt_tokens,
@@ -175,12 +158,6 @@ impl AnyShape for Figures {
             *slot = a.next_value::<Figure>()?.0;
         }
         Ok(Figures(Some(u)))
-    }
-}
-
-impl<'de> Deserialize<'de> for Figures {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        any_shape(d)
     }
 }
 
@@ -204,6 +181,18 @@ trait AnyShape: Default {
         Ok(Self::default())
     }
 }
+
+/// Each reads through [`any_shape`].
+macro_rules! deserialize_any_shape {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                any_shape(d)
+            }
+        }
+    )*};
+}
+deserialize_any_shape!(Nested, Figure, Figures, Text);
 
 fn any_shape<'de, D: serde::Deserializer<'de>, T: AnyShape>(d: D) -> Result<T, D::Error> {
     use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -778,12 +767,6 @@ struct Text(u64);
 impl AnyShape for Text {
     fn from_str(s: &str) -> Self {
         Text(gateway_filter::prompt::text_quarters(s) as u64)
-    }
-}
-
-impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        any_shape(d)
     }
 }
 

@@ -101,8 +101,7 @@ fn kind_of(name: &str) -> (Option<&'static str>, &str) {
 /// the requester writes, matches), and a typed DNS name or email address lower-cased as the
 /// TLS layer presents them. A name must not be empty.
 fn normalized_subject(written: &str) -> Result<String, String> {
-    let lower = written.to_ascii_lowercase();
-    let kind = SUBJECT_KINDS.iter().find(|k| lower.starts_with(*k));
+    let kind = kind_of(&written.to_ascii_lowercase()).0;
     let name = kind.map_or(written, |k| &written[k.len()..]);
     if name.trim().is_empty() {
         return Err(format!(
@@ -110,7 +109,7 @@ fn normalized_subject(written: &str) -> Result<String, String> {
         ));
     }
     Ok(match kind {
-        Some(k @ (&"dns:" | &"email:")) => format!("{k}{}", name.to_ascii_lowercase()),
+        Some(k @ ("dns:" | "email:")) => format!("{k}{}", name.to_ascii_lowercase()),
         Some(k) => format!("{k}{name}"),
         None => written.to_string(),
     })

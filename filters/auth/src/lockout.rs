@@ -62,18 +62,12 @@ enum Slot {
 }
 
 impl ExactCounts {
-    fn get_mut(&mut self, slot: Slot) -> Option<&mut Count> {
+    /// The map a slot's count is kept in, and its key there.
+    fn map(&mut self, slot: Slot) -> (&mut HashMap<IpAddr, Count>, IpAddr) {
         match slot {
-            Slot::Own(ip) => self.counts.get_mut(&ip),
-            Slot::Network(net) => self.networks.get_mut(&net),
+            Slot::Own(ip) => (&mut self.counts, ip),
+            Slot::Network(net) => (&mut self.networks, net),
         }
-    }
-
-    fn remove(&mut self, slot: Slot) {
-        match slot {
-            Slot::Own(ip) => self.counts.remove(&ip),
-            Slot::Network(net) => self.networks.remove(&net),
-        };
     }
 }
 
@@ -110,7 +104,8 @@ impl Drop for Attempt<'_> {
             return;
         }
         let mut exact = self.lockout.counts();
-        let gone = match exact.get_mut(self.slot) {
+        let (map, key) = exact.map(self.slot);
+        let gone = match map.get_mut(&key) {
             Some(c) if c.window == self.window => {
                 c.under_way = c.under_way.saturating_sub(1);
                 c.under_way == 0 && c.failures == 0
@@ -119,7 +114,7 @@ impl Drop for Attempt<'_> {
         };
         // An address that only ever succeeded takes no slot.
         if gone {
-            exact.remove(self.slot);
+            map.remove(&key);
         }
     }
 }
@@ -240,16 +235,14 @@ impl Lockout {
             exact.networks.retain(|_, c| c.window >= now);
         }
         let own = exact.counts.contains_key(ip) || exact.counts.len() < self.slots;
-        let (slot, map) = if own {
-            (Slot::Own(*ip), &mut exact.counts)
+        let slot = if own {
+            Slot::Own(*ip)
         } else if exact.networks.contains_key(&net) || exact.networks.len() < self.slots {
-            (Slot::Network(net), &mut exact.networks)
+            Slot::Network(net)
         } else {
             return None;
         };
-        let key = match slot {
-            Slot::Own(ip) | Slot::Network(ip) => ip,
-        };
+        let (map, key) = exact.map(slot);
         let c = map.entry(key).or_insert(Count {
             window: now,
             failures: 0,

@@ -286,13 +286,11 @@ pub fn build(
     let path = cx.resolve(&o.ledger);
     let (history, replica) = if cx.check_only {
         // `check`: read, never created (as root it would be left root's).
-        ledger::check(&path)
-            .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
-        (ledger::History::default(), String::new())
+        ledger::check(&path).map(|()| (ledger::History::default(), String::new()))
     } else {
         ledger::load(&path)
-            .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?
-    };
+    }
+    .map_err(|m| OptionsError::new("ledger", format!("cannot open the ledger: {m}")))?;
     let shared = cx
         .state
         .as_ref()
@@ -652,12 +650,25 @@ impl Filter for BudgetFilter {
         }
         let now = now_secs();
         let budgets = self.budgets(ctx, now);
-        // Only a request that has a budget to keep, for a model with a price, is bounded
-        // (and its own limit written plainly).
-        let bounded =
-            !budgets.is_empty() && self.prices.has(ctx.model.as_deref().unwrap_or_default());
+        let priced = self.prices.has(ctx.model.as_deref().unwrap_or_default());
+        if !priced && self.unpriced == Unpriced::Reject {
+            ctx.reject_reason = Some("unpriced_model");
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "model_unpriced",
+                format!(
+                    "model {:?} has no price on this gateway",
+                    gateway_filter::echo(ctx.model.as_deref().unwrap_or_default())
+                ),
+            ));
+        }
+        if budgets.is_empty() {
+            return Ok(());
+        }
+        // Only a request for a model with a price is bounded (and its own limit written
+        // plainly); the prompt is estimated only here, where a budget is kept.
         let completion_tokens = match ctx.max_tokens {
-            _ if bounded => self.bound_output(ctx)?,
+            _ if priced => self.bound_output(ctx)?,
             Some(n) => n,
             None => self.output_reserve,
         };
@@ -668,27 +679,10 @@ impl Filter for BudgetFilter {
             completion_tokens,
             ..Default::default()
         };
-        let amount = match self
+        let amount = self
             .prices
             .worst_case(model, estimate, self.reserve_seconds)
-        {
-            Some(a) => a,
-            None if self.unpriced == Unpriced::Reject => {
-                ctx.reject_reason = Some("unpriced_model");
-                return Err(Rejection::new(
-                    StatusCode::FORBIDDEN,
-                    "model_unpriced",
-                    format!(
-                        "model {:?} has no price on this gateway",
-                        gateway_filter::echo(model)
-                    ),
-                ));
-            }
-            None => 0,
-        };
-        if budgets.is_empty() {
-            return Ok(());
-        }
+            .unwrap_or(0);
         // A request whose reservation alone is more than a budget can never pass (and a
         // figure near the integers' end, from `"n": 1e300`, must never reach the sums).
         // (A budget of $0 is one that is used up; the gateway's own is answered as used up

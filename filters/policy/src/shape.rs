@@ -178,12 +178,18 @@ pub fn check_unknown_media(ctx: &RequestCtx) -> Result<(), Rejection> {
         return Err(media_url_refused(field));
     }
     if ctx.unreadable_json {
-        return Err(bad(
-            "invalid_request_body",
-            "the body looks like JSON but cannot be read (a byte-order mark, NaN, a name written twice, nesting deeper than 128), so it cannot be checked for media given by URL",
-        ));
+        return Err(unreadable("media given by URL"));
     }
     Ok(())
+}
+
+/// A body that looks like JSON but that serde could not read, which Python's reader (vLLM's,
+/// SGLang's) may read: nothing in it was checked for `what`.
+fn unreadable(what: &str) -> Rejection {
+    bad(
+        "invalid_request_body",
+        format!("the body looks like JSON but cannot be read (a byte-order mark, NaN, a name written twice, nesting deeper than 128), so it cannot be checked for {what}"),
+    )
 }
 
 pub fn media_url_refused(field: &str) -> Rejection {
@@ -319,10 +325,7 @@ fn setting_refused(name: &str) -> Rejection {
 /// byte-order mark: Python's reader takes them) is refused: nothing in it was checked.
 pub fn check_custom_server_settings(ctx: &RequestCtx) -> Result<(), Rejection> {
     if ctx.unreadable_json {
-        return Err(bad(
-            "invalid_request_body",
-            "the body looks like JSON but cannot be read (a byte-order mark, NaN, a name written twice, nesting deeper than 128), so it cannot be checked for server settings",
-        ));
+        return Err(unreadable("server settings"));
     }
     let Some(obj) = ctx.json.as_ref().and_then(Value::as_object) else {
         return Ok(());

@@ -315,16 +315,16 @@ mod tests {
         // Loopback listeners check a browser's `Host` by default; others do not, unless listed.
         let s = parse_str("listen: [ { addr: '127.0.0.1:1' }, { addr: '0.0.0.0:2', allow_insecure: true }, { addr: '0.0.0.0:3', allow_insecure: true, allowed_hosts: ['*'] } ]\n").unwrap();
         let l = &s.listen;
-        assert!(!l[0].admits_host("rebind.example", true, true));
-        assert!(l[0].admits_host("rebind.example", false, true));
-        assert!(l[0].admits_host("LOCALHOST.:8080", true, true));
+        assert!(!l[0].hosts.admits("rebind.example", true, true));
+        assert!(l[0].hosts.admits("rebind.example", false, true));
+        assert!(l[0].hosts.admits("LOCALHOST.:8080", true, true));
         // A network listener without authentication checks browsers on every connection (a
         // page rebound to its LAN address); curl and SDKs are not checked.
-        assert!(!l[1].admits_host("rebind.example", true, true));
-        assert!(!l[1].admits_host("rebind.example", true, false));
-        assert!(l[1].admits_host("rebind.example", false, false));
-        assert!(l[1].admits_host("192.168.1.5:2", true, false));
-        assert!(l[2].admits_host("rebind.example", true, true));
+        assert!(!l[1].hosts.admits("rebind.example", true, true));
+        assert!(!l[1].hosts.admits("rebind.example", true, false));
+        assert!(l[1].hosts.admits("rebind.example", false, false));
+        assert!(l[1].hosts.admits("192.168.1.5:2", true, false));
+        assert!(l[2].hosts.admits("rebind.example", true, true));
         let e = parse_str(
             "listen: [ { addr: '127.0.0.1:1', tls: { cert: /no/c.pem, key: /no/k.pem } } ]\n",
         )

@@ -88,11 +88,6 @@ pub fn by_local_addr<T>(
 }
 
 impl ListenerSpec {
-    /// Whether a request naming `host` may use this listener (see [`HostRule::admits`]).
-    pub fn admits_host(&self, host: &str, from_browser: bool, via_loopback: bool) -> bool {
-        self.hosts.admits(host, from_browser, via_loopback)
-    }
-
     /// Whether `ip` is one of the listener's `trusted_proxies`.
     pub fn is_trusted_proxy(&self, ip: &IpAddr) -> bool {
         let ip = ip.to_canonical();

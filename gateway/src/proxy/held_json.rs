@@ -30,8 +30,9 @@ pub fn take(req: &mut RequestCtx, sent: &Bytes) -> BodyFacts {
     let Some(json) = req.json.as_ref() else {
         return BodyFacts::default();
     };
+    let tools = json.get("tools").is_some_and(|t| !t.is_null());
     let mut facts = BodyFacts {
-        tools: json.get("tools").is_some_and(|t| !t.is_null()),
+        tools,
         echoed: if req.completions > 1 { echoed(req) } else { 0 },
         ..BodyFacts::default()
     };
@@ -60,7 +61,7 @@ pub fn restore(req: &mut RequestCtx, facts: &BodyFacts) {
 /// Quarter tokens of prompt text an answer repeats (`"echo": true` on `/v1/completions`:
 /// each prompt once per completion of it, `n`), 0 otherwise. Chat answers never repeat the
 /// prompt (llama.cpp ignores `echo` there and still runs every completion).
-pub fn echoed(req: &RequestCtx) -> u64 {
+fn echoed(req: &mut RequestCtx) -> u64 {
     let Some(body) = req
         .json
         .as_ref()
@@ -77,7 +78,7 @@ pub fn echoed(req: &RequestCtx) -> u64 {
         .map_or(1, gateway_filter::output::prompts)
         .max(1);
     let n = (req.completions / prompts).max(1);
-    (gateway_filter::prompt::prompt_tokens(body) * 4).saturating_mul(n)
+    (req.prompt_tokens() * 4).saturating_mul(n)
 }
 
 #[cfg(test)]
