@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::support::redis::Redis;
-use super::support::{chat, client, mock};
-use super::{key_chat, replicas, three, Replicas, KEY};
+use super::support::{chat, client, mock, Gateway};
+use super::{key_chat, keyed_chain, replicas, three, Replicas, KEY};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_rate_holds_across_replicas_exactly() {
@@ -34,6 +34,40 @@ async fn a_key_rate_holds_across_replicas_exactly() {
     // nginx semantics, across the replicas together: burst + 1 quick requests pass.
     assert_eq!((ok, refused), (6, 24));
     assert_eq!(m.hits("/api/chat"), 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_on_one_host_share_limits_through_a_unix_socket() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = keyed_chain(
+        &m,
+        dir.path(),
+        "  - use: ratelimit\n    key: api_key\n    rate: 10/m\n    burst: 2\n",
+    );
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        gws.push(Gateway::start(&format!("{}{body}", redis.state_unix(3))).await);
+    }
+    let c = client();
+    let mut ok = 0;
+    for i in 0..10 {
+        if key_chat(&c, &gws[i % 2]).await.status() == 200 {
+            ok += 1;
+        }
+    }
+    // One count for both: burst + 1 pass, not that on each replica.
+    assert_eq!(ok, 3);
+    assert_eq!(m.hits("/api/chat"), 3);
+    for gw in &gws {
+        assert_eq!(gw.health().await["state"], "shared", "{}", gw.log());
+        assert_eq!(gw.metric("llm_gateway_state_degraded").await, Some(0.0));
+    }
+    // In the database the URL names (nothing in the default one).
+    let keyspace = redis.info("keyspace");
+    assert!(keyspace.contains("db3:keys="), "{keyspace}");
+    assert!(!keyspace.contains("db0:"), "{keyspace}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

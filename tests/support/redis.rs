@@ -60,6 +60,19 @@ impl Redis {
         )
     }
 
+    /// `state:` for a gateway on this server's Unix socket, database `db` (plain servers only).
+    pub fn state_unix(&self, db: u8) -> String {
+        format!(
+            "state: {{ backend: redis, url: 'unix://{}?db={db}', timeout: 100ms, lease_ttl: 1s, breaker_retry: 200ms }}\n",
+            self.socket().display()
+        )
+    }
+
+    /// The server's Unix socket (plain servers listen on one besides their port).
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
     /// Starts the server (again) on the same port, empty.
     pub fn restart(&mut self) {
         let mut cmd =
@@ -75,7 +88,10 @@ impl Redis {
         ])
         .arg(self.dir.path());
         match &self.tls {
-            None => cmd.args(["--port", &self.port.to_string()]),
+            None => cmd
+                .args(["--port", &self.port.to_string(), "--unixsocket"])
+                .arg(self.socket())
+                .args(["--unixsocketperm", "700"]),
             Some((pki, password)) => cmd
                 .args(["--port", "0", "--tls-port", &self.port.to_string()])
                 .arg("--tls-cert-file")
@@ -149,7 +165,7 @@ impl Redis {
     }
 
     /// The text of `INFO section`.
-    fn info(&self, section: &str) -> String {
+    pub fn info(&self, section: &str) -> String {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return String::new();
         };

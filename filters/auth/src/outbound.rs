@@ -52,11 +52,7 @@ pub fn shown(url: &str) -> String {
     let Ok(mut u) = reqwest::Url::parse(url) else {
         // Not a URL (a bad port, say): what may be user information, and a query, are
         // masked whole.
-        let (url, query) = match url.find('?') {
-            Some(q) => (&url[..q], "?***"),
-            None => (url, ""),
-        };
-        return format!("{}{query}", gateway_filter::redact::without_userinfo(url));
+        return gateway_filter::redact::without_secrets(url);
     };
     if !u.username().is_empty() && u.password().is_none() {
         // A token may travel as the user name alone.

@@ -135,7 +135,22 @@ mod tests {
         assert_eq!(s.prefix, "llm-gateway:");
         assert_eq!(s.lease_ttl, std::time::Duration::from_secs(30));
         assert_eq!(s.settle_window, std::time::Duration::from_millis(5));
+        let unix = "state: { backend: redis, url: 'unix:///run/redis/redis.sock?db=2' }\n";
+        assert_eq!(
+            parse_str(unix).unwrap().state.unwrap().url,
+            "unix:///run/redis/redis.sock?db=2"
+        );
         for (yaml, path, hint) in [
+            (
+                "state: { backend: redis, url: 'unix://redis.sock' }",
+                "state.url",
+                "absolute path",
+            ),
+            (
+                "state: { backend: redis, url: 'unix:///run/redis.sock', ca_file: ca.pem }",
+                "state.ca_file",
+                "rediss://",
+            ),
             ("state: { backend: redis }", "state.url", "redis://"),
             (
                 "state: { backend: redis, url: 'http://x:6379' }",

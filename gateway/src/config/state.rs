@@ -15,7 +15,9 @@ use super::settings::Invalid;
 pub struct StateSection {
     #[serde(default)]
     pub backend: StateBackend,
-    /// `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://` for TLS, `valkey://`/`valkeys://` too.
+    /// `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://` for TLS, `valkey://`/`valkeys://` too;
+    /// `unix:///PATH/redis.sock?db=DB` (or `redis+unix://`, `valkey+unix://`) for a server on
+    /// this host's Unix socket.
     pub url: Option<String>,
     /// Overrides a password in the URL (write it as `${REDIS_PASSWORD}`).
     pub password: Option<String>,
@@ -93,10 +95,19 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
         );
     };
     let scheme = url.split("://").next().unwrap_or_default();
-    if !matches!(scheme, "redis" | "rediss" | "valkey" | "valkeys") || !url.contains("://") {
+    let unix = matches!(scheme, "unix" | "redis+unix" | "valkey+unix");
+    if !(unix || matches!(scheme, "redis" | "rediss" | "valkey" | "valkeys"))
+        || !url.contains("://")
+    {
         return bad(
             "url",
-            "write it as redis://HOST:PORT/DB (rediss:// for TLS; valkey:// and valkeys:// work too)",
+            "write it as redis://HOST:PORT/DB (rediss:// for TLS, unix:///PATH/redis.sock?db=DB for a Unix socket; valkey:// and valkeys:// work too)",
+        );
+    }
+    if unix && !url[scheme.len() + 3..].starts_with('/') {
+        return bad(
+            "url",
+            "a Unix socket is named by its absolute path after unix://, such as unix:///run/redis/redis-server.sock?db=0",
         );
     }
     if url.contains('#') {
@@ -108,7 +119,7 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
     if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
         return bad(
             "url",
-            &format!("cannot be read ({e}); write it as redis://HOST:PORT/DB, such as redis://127.0.0.1:6379/0"),
+            &format!("cannot be read ({e}); write it as redis://HOST:PORT/DB, such as redis://127.0.0.1:6379/0, or unix:///PATH/redis.sock?db=0"),
         );
     }
     let tls = matches!(scheme, "rediss" | "valkeys");

@@ -257,7 +257,7 @@ fn client(spec: &StateSpec) -> Result<redis::Client, SetupError> {
 
 /// The URL without its password, for logs.
 fn redacted(url: &str) -> String {
-    gateway_filter::redact::without_userinfo(url)
+    gateway_filter::redact::without_secrets(url)
 }
 
 /// Runs a script by its hash; a server that does not know it (restarted, flushed, failed
@@ -885,6 +885,10 @@ mod tests {
             "redis://***@10.0.0.5:6379/0"
         );
         assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redacted("unix:///run/redis/redis.sock?db=2&pass=s3cret"),
+            "unix:///run/redis/redis.sock?***"
+        );
     }
 
     #[test]
