@@ -155,13 +155,37 @@ pub fn summary(lines: &[Value]) -> Value {
     })
 }
 
+/// A field as a terminal shows it. What clients wrote (a model name, a path, a user agent)
+/// reaches the log as JSON, escaped; decoded, its control characters (an escape sequence that
+/// clears the line or retitles the window, a newline that forges a row) and the bidirectional
+/// overrides (text shown in another order than it is) are written as `\u{..}` instead.
+fn shown(v: Option<&Value>) -> String {
+    let text = match v {
+        Some(Value::String(s)) => s,
+        Some(Value::Null) | None => return "-".into(),
+        Some(v) => return v.to_string(),
+    };
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(unsafe_char) {
+        return text.clone();
+    }
+    text.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// A table of rows with the given columns, as people read it.
 pub fn table(rows: &[Value], columns: &[&str]) -> String {
-    let cell = |r: &Value, c: &str| match r.get(c) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(v) => v.to_string(),
-    };
+    let cell = |r: &Value, c: &str| shown(r.get(c));
     let widths: Vec<usize> = columns
         .iter()
         .map(|c| {
@@ -236,11 +260,7 @@ pub fn follow(path: &Path, sel: &Selection, as_json: bool) -> Result<(), String>
             } else {
                 FOLLOW_COLUMNS
                     .iter()
-                    .map(|c| match v.get(*c) {
-                        Some(Value::String(s)) => s.clone(),
-                        Some(Value::Null) | None => "-".into(),
-                        Some(x) => x.to_string(),
-                    })
+                    .map(|c| shown(v.get(*c)))
                     .collect::<Vec<_>>()
                     .join("  ")
                     + "\n"
@@ -304,5 +324,27 @@ mod tests {
             text.starts_with("PRINCIPAL  REQUESTS\nalice      2\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_client_written_field_cannot_move_the_terminal_or_forge_a_row() {
+        let forged =
+            "llama3\u{1b}[2K\r\u{1b}]0;owned\u{7}\n2026-12-05  alice  FORGED\u{9b}\u{202e}x";
+        let rows = [json!({"model": forged, "requests": 1})];
+        let text = table(&rows, &["model", "requests"]);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            !text.chars().any(|c| c != '\n' && c.is_control()),
+            "{text:?}"
+        );
+        assert!(!text.contains('\u{202e}'), "{text:?}");
+        assert!(
+            text.contains("llama3\\u{1b}[2K\\u{d}\\u{1b}]0;owned\\u{7}\\u{a}2026-12-05  alice  FORGED\\u{9b}\\u{202e}x"),
+            "{text}"
+        );
+        // Plain text and non-text fields are as they were.
+        assert_eq!(shown(Some(&json!("qwen2.5:7b"))), "qwen2.5:7b");
+        assert_eq!(shown(Some(&json!(3))), "3");
+        assert_eq!(shown(None), "-");
     }
 }

@@ -545,3 +545,38 @@ async fn a_limiter_behind_a_cap_is_not_asked_for_requests_the_cap_refuses() {
     assert_eq!(slow.status(), 200);
     slow.text().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_guesses_meet_the_lockout_while_the_address_check_travels() {
+    // The address limit's answer travels while the key is checked: a guess was counted
+    // only once that answer was back, so a burst of parallel guesses all passed the lock
+    // check with nothing counted (44 to 295 of 300 answered 401 with `max_failures: 5`).
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:{port}\n    trusted_proxies: [127.0.0.1]\nserver: {{ threads: 1 }}\n{}{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 1000/s\n    burst: 1000\n  - use: auth\n    keys_file: {}\n    brute_force: {{ max_failures: 5, window: 1m }}\n",
+            redis.state(),
+            one_backend(&m.url()),
+            keys_file(dir.path())
+        ),
+        port,
+    )
+    .await;
+    let guesses = (0..100).map(|i| {
+        let gw = &gw;
+        async move {
+            let r = chat_from(gw, &format!("sk-guess-{i}"), "192.0.2.77").await;
+            r.status().as_u16()
+        }
+    });
+    let answers = futures_util::future::join_all(guesses).await;
+    let checked = answers.iter().filter(|s| **s == 401).count();
+    let locked = answers.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, locked), (5, 95), "{answers:?}");
+    // The valid key from that address is locked out too.
+    assert_eq!(chat_from(&gw, KEY, "192.0.2.77").await.status(), 429);
+    assert_eq!(m.hits("/api/chat"), 0);
+}

@@ -15,6 +15,17 @@ pub fn without_secrets(url: &str) -> String {
     }
 }
 
+/// Longest client-chosen text (a path, a model name, a user agent, a token's subject) an
+/// audit line, a trace or a log line carries: anyone can send long ones with every refused
+/// request (an HTTP/2 client resends a 4 KiB header in a few bytes), and what the gateway
+/// records must not be the amplifier.
+pub const MAX_SHOWN: usize = 512;
+
+/// `s` cut to [`MAX_SHOWN`] bytes, at a character boundary.
+pub fn clip(s: &str) -> &str {
+    &s[..s.floor_char_boundary(MAX_SHOWN)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

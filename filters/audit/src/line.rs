@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::time::SystemTime;
 
 use gateway_filter::prompt::prompt_texts;
+use gateway_filter::redact::clip;
 use gateway_filter::{Decision, RequestCtx};
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
@@ -143,16 +144,6 @@ impl<'a> AuditLine<'a> {
             prompt: if capture_prompts { texts } else { None },
         }
     }
-}
-
-/// Longest path, model name or user agent written: anyone can send long ones with every
-/// refused request (an HTTP/2 client resends a 4 KiB user agent in a few bytes), and the line
-/// must not be the amplifier.
-pub const MAX_FIELD: usize = 512;
-
-/// `s` cut to [`MAX_FIELD`] bytes, at a character boundary.
-fn clip(s: &str) -> &str {
-    &s[..s.floor_char_boundary(MAX_FIELD)]
 }
 
 /// `Display` output on the stack (timestamp, address, decision): a line is written without
@@ -305,6 +296,7 @@ impl AuditLine<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gateway_filter::redact::MAX_SHOWN as MAX_FIELD;
     use serde_json::json;
 
     #[test]

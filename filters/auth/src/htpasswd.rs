@@ -71,10 +71,20 @@ impl Htpasswd {
                 ));
             }
         }
-        let cost = users
+        let costs: Vec<u32> = users
             .values()
             .filter_map(|h| h.get(4..6).and_then(|c| c.parse::<u32>().ok()))
-            .max();
+            .collect();
+        let cost = costs.iter().copied().max();
+        if let (Some(low), Some(high)) = (costs.iter().copied().min(), cost) {
+            if low < high {
+                let cheaper = costs.iter().filter(|c| **c < high).count();
+                log::warn!(
+                    "htpasswd: {cheaper} of {} users have bcrypt hashes of a lower cost than {high} (down to {low}): a wrong password for them is answered sooner than for a name that does not exist, which tells an attacker their names; recreate those hashes with cost {high} (`htpasswd -B -C {high}`, or `llm-gateway hash-password`)",
+                    costs.len()
+                );
+            }
+        }
         let decoy = cost.and_then(|c| {
             let mut secret = [0u8; 24];
             secret.iter_mut().for_each(|b| *b = fastrand::u8(..));

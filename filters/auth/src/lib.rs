@@ -334,12 +334,15 @@ impl AuthFilter {
 
     /// A failure, counted against the client's address. An address check still waiting (on
     /// shared state) answers first, so that a refused address gets the same answer for a
-    /// guess as for a valid key; the guess was checked all the same, and is counted.
+    /// guess as for a valid key; the guess was checked all the same, and is counted at once,
+    /// before that wait: the guesses of the same address arriving meanwhile meet the count
+    /// (counted after the wait, a burst of parallel guesses all passed the lock check with
+    /// none counted yet).
     async fn failed(&self, ctx: &mut RequestCtx, reason: &'static str) -> Rejection {
-        let earlier = ctx.settle_pending().await;
         if let (Some(l), Some(ip)) = (&self.lockout, ctx.client_net) {
             l.record_failure(&ip);
         }
+        let earlier = ctx.settle_pending().await;
         match earlier {
             Err(refused) => refused,
             Ok(()) => self.unauthorized(ctx, reason, "invalid credentials"),
@@ -734,12 +737,14 @@ impl Filter for AuthFilter {
                     let p = self.forwarded(ctx, &state, now).await?;
                     return self.accept(ctx, p);
                 }
-                if let Some(rec) = state.keys.by_id(&user) {
-                    if let Err(reason) = rec.usable(now) {
-                        return Err(self.failed(ctx, reason).await);
-                    }
+                // The password first: a disabled or expired name answered before bcrypt would
+                // tell, by its speed, that the name exists.
+                let usable = state.keys.by_id(&user).map(|rec| rec.usable(now));
+                let principal = self.check_basic(ctx, &state, user, password).await?;
+                if let Some(Err(reason)) = usable {
+                    return Err(self.failed(ctx, reason).await);
                 }
-                self.check_basic(ctx, &state, user, password).await?
+                principal
             }
         };
         self.accept(ctx, principal)

@@ -140,11 +140,15 @@ impl Lockout {
     /// Whether `ip` is locked out: by the shared count when there is one, else this
     /// replica's own.
     pub async fn locked(&self, ip: &IpAddr) -> Result<bool, Rejection> {
-        // This replica's own count too: failures it saw while Redis was away.
-        let own = self.is_locked(ip);
+        // This replica's own count too: failures it saw while Redis was away, and those of
+        // parallel guesses counted while the server answered this one (read again after the
+        // answer: read only before, a burst of guesses all passed with nothing counted yet).
+        if self.is_locked(ip) {
+            return Ok(true);
+        }
         match &self.shared {
-            Some(s) => Ok(own || s.locked(ip).await?.unwrap_or(false)),
-            None => Ok(own),
+            Some(s) => Ok(s.locked(ip).await?.unwrap_or(false) || self.is_locked(ip)),
+            None => Ok(false),
         }
     }
 

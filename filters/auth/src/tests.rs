@@ -157,6 +157,34 @@ async fn basic_auth_with_bcrypt_and_cache() {
 }
 
 #[tokio::test]
+async fn a_disabled_or_expired_name_has_its_password_checked_first() {
+    // Refused before bcrypt, a disabled name was answered in a millisecond, an unknown one
+    // after the decoy's hashing: the speed told which names exist.
+    let f = fixture(json!({"keys_file": "keys.yaml", "htpasswd": "htpasswd"}));
+    let hash = keygen::hash_password("secret", 4).unwrap();
+    std::fs::write(
+        f.dir.path().join("htpasswd"),
+        format!("off:{hash}\nold:{hash}\nbob:{hash}\n"),
+    )
+    .unwrap();
+    f.filter.reload().unwrap();
+    for (u, pw, reason) in [
+        ("off", "nope", "wrong_password"),
+        ("old", "nope", "wrong_password"),
+        ("off", "secret", "disabled"),
+        ("old", "secret", "expired"),
+    ] {
+        let mut ctx = req(&[("authorization", &basic(u, pw))], "10.0.0.5");
+        let r = f.filter.on_request(&mut ctx).await.unwrap_err();
+        assert_eq!(
+            (r.status.as_u16(), ctx.reject_reason),
+            (401, Some(reason)),
+            "{u}:{pw}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn verified_credentials_skip_bcrypt() {
     let f = fixture(json!({"htpasswd": "htpasswd"}));
     let auth = basic("bob", "secret");

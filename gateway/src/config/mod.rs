@@ -314,6 +314,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("admin.token"), "{e}");
+        // A guessable one is refused off loopback (the admin listener has no lockout).
+        let e = parse_str(
+            "listen: [ { addr: '127.0.0.1:8080' } ]\nadmin: { addr: '0.0.0.0:9091', token: admin123 }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("admin.token") && e.contains("at least 16"),
+            "{e}"
+        );
+        assert!(parse_str(
+            "listen: [ { addr: '127.0.0.1:8080' } ]\nadmin: { addr: '127.0.0.1:9091', token: admin123 }\n",
+        )
+        .is_ok());
         let e = parse_str("listen: [ { addr: '127.0.0.1:1', allow_cidrs: [10.0.0.0/33] } ]\n")
             .unwrap_err()
             .to_string();

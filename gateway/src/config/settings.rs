@@ -72,6 +72,9 @@ pub enum ForwardedHeader {
     Forwarded,
 }
 
+/// Shortest admin token accepted on a listener reachable from the network.
+const MIN_ADMIN_TOKEN: usize = 16;
+
 /// The item whose listener address a connection's local address `local` is: an exact match,
 /// else a wildcard (`0.0.0.0` / `::`) on the same port.
 pub fn by_local_addr<T>(
@@ -347,6 +350,20 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
             return Err((
                 "admin.token".into(),
                 format!("{addr} is reachable from the network: set `token: ${{ADMIN_TOKEN}}` so /admin/* and /metrics need it, or listen on 127.0.0.1"),
+            ));
+        }
+        // Reachable from the network, the token is all that guards reloads and spend, and the
+        // admin listener has no lockout: one that can be guessed is refused.
+        if !addr.ip().is_loopback()
+            && cfg
+                .admin
+                .token
+                .as_deref()
+                .is_some_and(|t| t.trim().chars().count() < MIN_ADMIN_TOKEN)
+        {
+            return Err((
+                "admin.token".into(),
+                format!("must be at least {MIN_ADMIN_TOKEN} characters when {addr} is reachable from the network, such as the output of `openssl rand -hex 24`"),
             ));
         }
         Some(addr)

@@ -47,7 +47,8 @@ fn named_by_connection(src: &HeaderMap, name: &HeaderName) -> bool {
 /// Copies the client's headers (as the chain left them) into the upstream request, minus
 /// everything about this hop: hop-by-hop headers and those `Connection` names, the client's
 /// framing (the caller sets Content-Length for the held body), a client's claims about its
-/// address, and names with `_` (CGI and WSGI servers read `Transfer_Encoding` as
+/// address, a browser's cookies for the gateway's site (no model server reads them; they
+/// would show its sessions to the backend and its logs), and names with `_` (CGI and WSGI servers read `Transfer_Encoding` as
 /// `Transfer-Encoding`).
 ///
 /// Straight into the header map of a header built without Pingora's case-preserving name
@@ -62,6 +63,7 @@ pub fn copy_request_headers(src: &HeaderMap, dst: &mut HeaderMap) {
             || name == header::ACCEPT_ENCODING
             || name == header::EXPECT
             || name == header::CONTENT_LENGTH
+            || name == header::COOKIE
             || is_client_claim(name)
             || name.as_str().contains('_')
             || named_by_connection(src, name)
@@ -118,6 +120,7 @@ mod tests {
             ("te", "trailers"),
             ("keep-alive", "timeout=5"),
             ("proxy-authorization", "Basic x"),
+            ("cookie", "session=s3cret"),
             ("x-forwarded-for", "1.2.3.4"),
             ("forwarded", "for=1.2.3.4"),
             ("x-real-ip", "1.2.3.4"),

@@ -1,6 +1,7 @@
 //! The end of every request: give back what it holds as its answer ends (`end_response`),
 //! settle what is known, then `chain.on_complete`.
 
+use gateway_filter::redact::clip;
 use gateway_filter::Decision;
 use pingora_error::{Error, ErrorSource};
 use pingora_proxy::Session;
@@ -66,19 +67,19 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
         });
         log::debug!(
             // What a client chose (path, model, a token's subject) is quoted and escaped, so a
-            // space or newline in it cannot forge a field or a line.
+            // space or newline in it cannot forge a field or a line, and cut.
             "access id={} client={} method={} path={:?} route={} model={:?} backend={} status={} decision={} reason={} principal={:?} retries={} ms={} prompt_tokens={prompt} completion_tokens={completion}",
             req.request_id,
             req.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             req.method,
-            req.path,
+            clip(&req.path),
             req.route.as_str(),
-            req.model.as_deref().unwrap_or("-"),
+            req.model.as_deref().map_or("-", clip),
             req.backend.as_deref().unwrap_or("-"),
             req.status,
             req.decision,
             req.reject_reason.unwrap_or("-"),
-            req.principal.as_ref().map_or("-", |p| p.id.as_str()),
+            req.principal.as_ref().map_or("-", |p| clip(&p.id)),
             req.retries,
             req.duration.unwrap_or_default().as_millis(),
         );

@@ -2,14 +2,13 @@
 //! (`gen_ai.*`), the HTTP ones a server span carries, and the gateway's own
 //! (`llm_gateway.*`). Never a key; prompt text only with `capture_prompts`.
 
+use gateway_filter::redact::clip;
 use gateway_filter::{Decision, RequestCtx, Route, WireFormat};
 use opentelemetry::trace::Status;
 use opentelemetry::{Array, KeyValue, StringValue, Value};
 
 /// Most bytes of prompt text in a span (`gen_ai.prompt`, with `capture_prompts`).
 const MAX_PROMPT: usize = 16 << 10;
-/// Most bytes of `url.path`.
-const MAX_PATH: usize = 512;
 
 /// `gen_ai.operation.name` of an inference route.
 pub fn operation(route: Route) -> Option<&'static str> {
@@ -38,7 +37,10 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
     let mut a = Vec::with_capacity(24);
     let op = operation(req.route);
     let route = http_route(req);
-    let name = match (op, req.model.as_deref()) {
+    // Whatever a client named, accepted or not, is cut: a span (its name, its model) is kept
+    // in the export queue, which counts spans, not bytes.
+    let model = req.model.as_deref().map(clip);
+    let name = match (op, model) {
         // GenAI: `{operation} {model}`.
         (Some(op), Some(model)) => format!("{op} {model}"),
         (Some(op), None) => op.to_string(),
@@ -58,13 +60,13 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
     }
     // Only inference is a generation (observability tools count every span with a model
     // as one): a model list or `/api/show` names its model under the gateway's own key.
-    if let Some(model) = &req.model {
+    if let Some(model) = model {
         let key = if op.is_some() {
             "gen_ai.request.model"
         } else {
             "llm_gateway.model"
         };
-        a.push(KeyValue::new(key, model.clone()));
+        a.push(KeyValue::new(key, model.to_string()));
     }
     if let Some(u) = req.usage {
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -108,8 +110,7 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
     if !route.is_empty() {
         a.push(KeyValue::new("http.route", route.to_string()));
     }
-    let path = &req.path[..req.path.floor_char_boundary(MAX_PATH)];
-    a.push(KeyValue::new("url.path", path.to_string()));
+    a.push(KeyValue::new("url.path", clip(&req.path).to_string()));
     if req.status != 0 {
         a.push(KeyValue::new(
             "http.response.status_code",
@@ -131,7 +132,10 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
         a.push(KeyValue::new("llm_gateway.reason", reason));
     }
     if let Some(p) = &req.principal {
-        a.push(KeyValue::new("llm_gateway.principal", p.id.clone()));
+        a.push(KeyValue::new(
+            "llm_gateway.principal",
+            clip(&p.id).to_string(),
+        ));
         a.push(KeyValue::new("llm_gateway.auth_method", p.method));
     }
     if let Some(b) = &req.backend {
@@ -208,6 +212,28 @@ mod tests {
             get(&a, "gen_ai.prompt"),
             Some(&Value::from("[\"secret\"]".to_string()))
         );
+    }
+
+    #[test]
+    fn what_a_client_names_is_cut() {
+        let long = "é".repeat(400_000);
+        let mut req = RequestCtx::new("r".into(), Method::POST, format!("/api/chat/{long}"));
+        req.route = Route::OllamaChat;
+        req.model = Some(long.clone());
+        req.principal = Some(std::sync::Arc::new(gateway_filter::Principal {
+            id: long.clone(),
+            method: "jwt",
+            ..Default::default()
+        }));
+        let (name, a, _) = of(&req, false);
+        assert!(name.len() <= 5 + 512, "{}", name.len());
+        let len = |key| match get(&a, key) {
+            Some(Value::String(s)) => s.as_str().len(),
+            v => panic!("{key}: {v:?}"),
+        };
+        for key in ["gen_ai.request.model", "url.path", "llm_gateway.principal"] {
+            assert!((511..=512).contains(&len(key)), "{key}: {}", len(key));
+        }
     }
 
     #[test]
