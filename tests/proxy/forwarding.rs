@@ -521,3 +521,75 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert_eq!(busy.await.unwrap(), 200);
 }
+
+/// Reads one whole answer (head and Content-Length body) from `s`: its head and body.
+async fn read_answer(s: &mut tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return (head.to_string(), body.to_string());
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn expect_100_continue_keeps_the_connection_and_is_for_http_1_1_only() {
+    use tokio::io::AsyncWriteExt;
+    let m = mock().await;
+    let gw = Gateway::start(&backends(&[("local", &m.url())])).await;
+    let body = serde_json::to_string(&chat()).unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    for i in 0..2 {
+        let head = format!(
+            "POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The interim answer first (curl waits for it before it sends a body over 1 KiB).
+        let (interim, _) = read_answer(&mut s).await;
+        assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+        s.write_all(body.as_bytes()).await.unwrap();
+        let (head, answer) = read_answer(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "request {i}: {head}");
+        // Asking leave does not cost the connection its keep-alive (it did).
+        assert!(
+            head.to_ascii_lowercase().contains("connection: keep-alive"),
+            "request {i}: {head}"
+        );
+        assert!(answer.contains("\"done\":true"), "{answer}");
+    }
+    assert_eq!(m.hits("/api/chat"), 2);
+    // An HTTP/1.0 client sends its body at once and reads no interim answer (RFC 9110
+    // §10.1.1: the expectation is ignored).
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /api/chat HTTP/1.0\r\nHost: gw\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let (head, _) = read_answer(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}

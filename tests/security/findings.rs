@@ -2109,3 +2109,58 @@ async fn encoded_request_bodies_are_refused() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Attacker review (2026-12-05): a client that resets its connection while its refusal is on
+/// its way made the refusal a backend failure (audit `failed:backend_unavailable`, status
+/// 502, `llm_gateway_rejections_total{code="backend_unavailable"}`) and an ERROR log line
+/// with its whole path, for every such request, without a key.
+#[tokio::test]
+async fn a_client_that_leaves_before_its_refusal_leaves_a_refusal_and_no_error() {
+    use tokio::io::AsyncWriteExt;
+    let m = mock().await;
+    let logs = tempfile::tempdir().unwrap();
+    let audit = logs.path().join("audit.jsonl");
+    let (gw, _dir) = gateway(
+        &m,
+        &format!("  - use: audit\n    file: {}\n", audit.display()),
+    )
+    .await;
+    let path = format!("/api/{}", "a".repeat(6000));
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&[b'{'; 1000]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A reset, not a close: the refusal's write fails.
+        s.set_zero_linger().unwrap();
+        drop(s);
+    }
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .collect();
+        if lines.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["status"], 401, "{l}");
+        assert_eq!(l["decision"], "auth:invalid_api_key", "{l}");
+    }
+    assert_eq!(
+        gw.metric("llm_gateway_rejections_total{code=\"backend_unavailable\",filter=\"gateway\"}")
+            .await,
+        None
+    );
+    assert!(!gw.log().contains("ERROR"), "{}", gw.log());
+}

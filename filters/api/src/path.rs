@@ -8,7 +8,7 @@
 //! |---|---|
 //! | origin-form target `/a/b?q` | path `/a/b`, query `q` kept byte for byte |
 //! | absolute-form `http://h/a`, asterisk `*`, anything not starting with `/` | refused |
-//! | `#` anywhere (fragments never travel in HTTP) | refused |
+//! | `#` anywhere (fragments never travel in HTTP) | refused (the HTTP parser already drops a fragment from the request target: `/api/chat#x` arrives as `/api/chat`) |
 //! | `%XX` of an unreserved character (`A-Z a-z 0-9 - . _ ~`) | decoded: `/api/%63hat` → `/api/chat` |
 //! | other `%XX` | kept, hex upper-cased: `%3a` → `%3A` |
 //! | `%2F`, `%5C` (slash, backslash inside a segment) | refused |

@@ -116,7 +116,7 @@ impl<'a> AuditLine<'a> {
                 .filter(|p| p.method == "api_key")
                 .and_then(|p| p.key_sha256_prefix.as_deref()),
             client_ip: ctx.client_ip.map(|ip| ip.to_canonical()),
-            method: ctx.method.as_str(),
+            method: clip(ctx.method.as_str()),
             path: clip(&ctx.path),
             route: ctx.route.as_str(),
             model: ctx.model.as_deref().map(clip),
@@ -307,12 +307,14 @@ mod tests {
         assert!(cut.len() <= MAX_FIELD && cut.len() >= MAX_FIELD - 1);
         assert!(long.starts_with(cut));
         let path = format!("/v1/{}", "x".repeat(10_000));
-        let mut c = RequestCtx::new("r".into(), gateway_filter::http::Method::GET, path.clone());
+        let method = gateway_filter::http::Method::from_bytes(&[b'X'; 65_000]).unwrap();
+        let mut c = RequestCtx::new("r".into(), method, path.clone());
         c.model = Some("m".repeat(100_000));
         c.headers
             .insert("user-agent", "u".repeat(4096).parse().unwrap());
         let line = AuditLine::new(&c, false);
         assert_eq!(line.path.len(), MAX_FIELD);
+        assert_eq!(line.method.len(), MAX_FIELD);
         assert_eq!(line.model.map(str::len), Some(MAX_FIELD));
         assert_eq!(line.user_agent.map(str::len), Some(MAX_FIELD));
     }

@@ -263,7 +263,7 @@ impl PolicyFilter {
                     "method_not_allowed",
                     format!(
                         "{} is not allowed on {}; use {allow}",
-                        ctx.method,
+                        gateway_filter::echo(ctx.method.as_str()),
                         gateway_filter::echo(&ctx.path)
                     ),
                 )
@@ -274,7 +274,7 @@ impl PolicyFilter {
                 "endpoint_not_allowed",
                 format!(
                     "{} {} is not allowed through this gateway",
-                    ctx.method,
+                    gateway_filter::echo(ctx.method.as_str()),
                     gateway_filter::echo(&ctx.path)
                 ),
             )),

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use gateway_filter::http::{header, StatusCode};
+use gateway_filter::http::{header, StatusCode, Version};
 use gateway_filter::{Rejection, RequestCtx, Route};
 use pingora_proxy::Session;
 use serde_json::Value;
@@ -17,13 +17,15 @@ pub enum BodyError {
     Read(String),
 }
 
-/// The client waits for leave to send its body (`Expect: 100-continue`).
+/// The client waits for leave to send its body (`Expect: 100-continue`). Not an HTTP/1.0
+/// client's: it cannot read an interim answer, and RFC 9110 §10.1.1 has it ignored.
 pub fn expects_continue(session: &Session) -> bool {
-    session
-        .req_header()
-        .headers
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    let req = session.req_header();
+    req.version >= Version::HTTP_11
+        && req
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Reads the whole request body, refusing more than `max` bytes (announced or actual, so
@@ -43,10 +45,14 @@ pub async fn read(
         return Err(BodyError::TooLarge);
     }
     if expects_continue(session) {
-        session
-            .write_continue_response()
-            .await
-            .map_err(|e| BodyError::Read(format!("client connection failed: {e}")))?;
+        // Written before the body is read, any answer closes the connection after it
+        // (Pingora's rule for a request whose body may be left unread): not this interim one,
+        // or every client that asks leave (curl, for bodies over 1 KiB) loses keep-alive.
+        let downstream = &mut *session.downstream_session;
+        downstream.set_close_on_response_before_downstream_finish(false);
+        let sent = downstream.write_continue_response().await;
+        downstream.set_close_on_response_before_downstream_finish(true);
+        sent.map_err(|e| BodyError::Read(format!("client connection failed: {e}")))?;
     }
     let deadline = tokio::time::Instant::now() + timeout;
     // Grown as bytes arrive, not sized by what the client announces: a slow client would
@@ -58,8 +64,8 @@ pub async fn read(
             Err(_) => return Err(BodyError::Timeout),
             Ok(Err(e)) => {
                 return Err(BodyError::Read(format!(
-                    "could not read the request body: {:?}",
-                    e.etype()
+                    "could not read the request body: {}",
+                    e.etype().as_str()
                 )))
             }
             Ok(Ok(None)) => return Ok(buf.freeze()),

@@ -76,7 +76,10 @@ pub fn body_not_allowed(method: &Method) -> Rejection {
     Rejection::new(
         StatusCode::BAD_REQUEST,
         "body_not_allowed",
-        format!("a {method} request carries no body; send it without one"),
+        format!(
+            "a {} request carries no body; send it without one",
+            gateway_filter::echo(method.as_str())
+        ),
     )
 }
 

@@ -7,6 +7,7 @@
 //! JSON answers where it would send an empty one.
 
 use gateway_filter::http::{Method, StatusCode};
+use gateway_filter::redact::clip;
 use gateway_filter::ErrorShape;
 use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
 use pingora_error::{Error, ErrorType};
@@ -84,8 +85,8 @@ pub async fn serve(
             log::error!(
                 "request {}: {e}, status: {code}, {} {}",
                 ctx.req.request_id,
-                ctx.req.method,
-                ctx.req.path
+                clip(ctx.req.method.as_str()),
+                clip(&ctx.req.path)
             );
         }
     }

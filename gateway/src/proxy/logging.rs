@@ -71,7 +71,7 @@ pub async fn complete(gw: &Gateway, session: &mut Session, e: Option<&Error>, ct
             "access id={} client={} method={} path={:?} route={} model={:?} backend={} status={} decision={} reason={} principal={:?} retries={} ms={} prompt_tokens={prompt} completion_tokens={completion}",
             req.request_id,
             req.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            req.method,
+            clip(req.method.as_str()),
             clip(&req.path),
             req.route.as_str(),
             req.model.as_deref().map_or("-", clip),

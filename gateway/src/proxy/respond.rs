@@ -30,10 +30,16 @@ pub async fn json(
     ctx.status = status.as_u16();
     ctx.bytes_out = body.len() as u64;
     super::drain::close_if_draining(session);
-    session.write_response_header(Box::new(h), false).await?;
+    // A write that fails is the client's doing (it left, or stopped reading): marked so, a
+    // refusal it never read stays the refusal, not a backend failure, and logs no error.
+    session
+        .write_response_header(Box::new(h), false)
+        .await
+        .map_err(|e| e.into_down())?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
-        .await?;
+        .await
+        .map_err(|e| e.into_down())?;
     Ok(())
 }
 
@@ -75,13 +81,17 @@ pub fn upstream_failure(e: &Error, backend: Option<&str>) -> (StatusCode, &'stat
     }
 }
 
-/// The client left (Ctrl-C, a closed tab): normal, not an error worth a log line. It is still
+/// The client left (Ctrl-C, a closed tab) or stopped reading past `client_send_timeout`:
+/// normal, not an error worth a log line (anyone can cause one per request). It is still
 /// recorded in the audit line and metrics.
 pub fn client_gone(e: &Error) -> bool {
     e.esource() == &ErrorSource::Downstream
         && matches!(
             e.etype(),
-            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            ErrorType::WriteError
+                | ErrorType::ReadError
+                | ErrorType::ConnectionClosed
+                | ErrorType::WriteTimedout
         )
 }
 

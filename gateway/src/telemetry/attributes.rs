@@ -32,6 +32,28 @@ fn http_route(req: &RequestCtx) -> &str {
     }
 }
 
+/// The request's method as the HTTP conventions name it: a method HTTP does not define
+/// (anyone can send 64 KiB of one) is `_OTHER`.
+fn method(req: &RequestCtx) -> &str {
+    use gateway_filter::http::Method;
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::TRACE,
+        Method::CONNECT,
+    ];
+    if KNOWN.contains(&req.method) {
+        req.method.as_str()
+    } else {
+        "_OTHER"
+    }
+}
+
 /// The span's name, attributes and status.
 pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, Status) {
     let mut a = Vec::with_capacity(24);
@@ -45,8 +67,8 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
         (Some(op), Some(model)) => format!("{op} {model}"),
         (Some(op), None) => op.to_string(),
         // HTTP: `{method} {route}`.
-        (None, _) if route.is_empty() => req.method.as_str().to_string(),
-        (None, _) => format!("{} {route}", req.method),
+        (None, _) if route.is_empty() => method(req).to_string(),
+        (None, _) => format!("{} {route}", method(req)),
     };
     if let Some(op) = op {
         a.push(KeyValue::new("gen_ai.operation.name", op));
@@ -105,7 +127,7 @@ pub fn of(req: &RequestCtx, capture_prompts: bool) -> (String, Vec<KeyValue>, St
     }
     a.push(KeyValue::new(
         "http.request.method",
-        req.method.as_str().to_string(),
+        method(req).to_string(),
     ));
     if !route.is_empty() {
         a.push(KeyValue::new("http.route", route.to_string()));
@@ -234,6 +256,11 @@ mod tests {
         for key in ["gen_ai.request.model", "url.path", "llm_gateway.principal"] {
             assert!((511..=512).contains(&len(key)), "{key}: {}", len(key));
         }
+        let odd = Method::from_bytes("X".repeat(60_000).as_bytes()).unwrap();
+        let req = RequestCtx::new("r".into(), odd, "/api/tags".into());
+        let (name, a, _) = of(&req, false);
+        assert_eq!(name, "_OTHER");
+        assert_eq!(get(&a, "http.request.method"), Some(&Value::from("_OTHER")));
     }
 
     #[test]

@@ -320,8 +320,12 @@ async fn answer(
         ctx.req.bytes_out += event.len() as u64;
         session
             .write_response_body(Some(Bytes::from(event)), false)
-            .await?;
-        return session.write_response_body(None, true).await;
+            .await
+            .map_err(|e| e.into_down())?;
+        return session
+            .write_response_body(None, true)
+            .await
+            .map_err(|e| e.into_down());
     }
     respond::rejection(session, &mut ctx.req, &rejection).await
 }
