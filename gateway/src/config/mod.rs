@@ -218,6 +218,14 @@ mod tests {
             l.admits(&"::ffff:10.1.2.3".parse().unwrap()),
             "v4-mapped addresses match v4 rules"
         );
+        // Rules written in the mapped form are IPv4 rules too (a deny entry denied nobody).
+        let s = parse_str("listen: [ { addr: '[::]:8080', allow_insecure: true, allow_cidrs: ['::ffff:10.0.0.0/104'], deny_cidrs: ['::ffff:10.0.0.7'], trusted_proxies: ['::ffff:10.9.0.0/112'] } ]\n").unwrap();
+        let l = &s.listen[0];
+        assert!(l.admits(&"10.1.2.3".parse().unwrap()));
+        assert!(!l.admits(&"10.0.0.7".parse().unwrap()));
+        assert!(!l.admits(&"::ffff:10.0.0.7".parse().unwrap()));
+        assert!(!l.admits(&"192.168.0.1".parse().unwrap()));
+        assert_eq!(l.trusted_proxies, ["10.9.0.0/16".parse::<ipnet::IpNet>().unwrap()]);
     }
 
     #[test]

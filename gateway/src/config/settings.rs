@@ -561,6 +561,19 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
     })
 }
 
+/// An IPv4 network written in its IPv6-mapped form (`::ffff:10.0.0.0/104`) as the IPv4
+/// network it is: clients reaching an IPv6 listener over IPv4 are judged by their IPv4
+/// address, so the mapped form would match nobody (and a `deny_cidrs` entry deny nothing).
+fn ipv4_as_written(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
 fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<ListenerSpec, Invalid> {
     let addr = l.addr.parse::<SocketAddr>().map_err(|_| {
         (
@@ -577,6 +590,7 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
             .map(|(j, s)| {
                 s.parse::<IpNet>()
                     .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map(ipv4_as_written)
                     .map_err(|_| (format!(".{key}[{j}]"), format!("{s:?} is not a network such as 10.0.0.0/8, 192.168.1.7 or fd00::/8")))
             })
             .collect::<Result<Vec<_>, _>>()
