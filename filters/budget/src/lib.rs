@@ -259,7 +259,7 @@ pub fn build(
     cx: &BuildContext,
 ) -> Result<Arc<dyn Filter>, OptionsError> {
     let o: Options = parse_options(options)?;
-    let prices = PriceTable(o.prices);
+    let prices = PriceTable::new(o.prices);
     prices
         .validate()
         .map_err(|m| OptionsError::new("prices", m.to_string()))?;

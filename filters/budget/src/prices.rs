@@ -1,7 +1,7 @@
 //! The price table: USD per 1M prompt and completion tokens and/or per second of generation.
 
 use gateway_filter::glob::wildcard;
-use gateway_filter::model_name::canonical_model;
+use gateway_filter::model_name::{canonical_model, folded, model_key};
 use gateway_filter::Usage;
 use serde::Deserialize;
 
@@ -37,20 +37,20 @@ impl Price {
     }
 }
 
-/// Whether a price entry's `pattern` applies to `model` as the router serves it: a bare `*`
-/// is every model (also `hf.co/org/repo:tag`, whose `/` a glob's `*` does not cross), and a
-/// name without a tag is its `:latest` on either side (`qwen2.5` = `qwen2.5:latest`), so no
-/// model the gateway serves slips past its price as unpriced.
-/// `canonical`: `model` with its tag (see `canonical_model`), worked out once per lookup.
-fn applies(pattern: &str, model: &str, canonical: &str) -> bool {
+/// Whether a price entry's `pattern` (folded: [`PriceTable::new`]) applies to `model` as
+/// the router serves it: a bare `*` is every model (also `hf.co/org/repo:tag`, whose `/` a
+/// glob's `*` does not cross), a name without a tag is its `:latest` on either side
+/// (`qwen2.5` = `qwen2.5:latest`), and a model is named as Ollama resolves it, whatever its
+/// case or default namespace, so no model the gateway serves slips past its price as
+/// unpriced or a cheaper entry's. `key`: `model`'s [`model_key`], worked out once per lookup.
+fn applies(pattern: &str, key: &str) -> bool {
     pattern == "*"
-        || wildcard(pattern, model)
-        || wildcard(pattern, canonical)
-        || (!pattern.contains('*') && canonical_model(pattern) == canonical)
+        || wildcard(pattern, key)
+        || (!pattern.contains('*') && canonical_model(pattern) == key)
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct PriceTable(pub Vec<Price>);
+pub struct PriceTable(Vec<Price>);
 
 /// A price that is negative or not a number.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +60,14 @@ pub struct NegativePrice {
 }
 
 impl PriceTable {
+    /// The entries, their model patterns folded as requests' names are ([`folded`]).
+    pub fn new(mut prices: Vec<Price>) -> PriceTable {
+        for p in &mut prices {
+            p.model = folded(&p.model).into_owned();
+        }
+        PriceTable(prices)
+    }
+
     pub fn validate(&self) -> Result<(), NegativePrice> {
         for (i, p) in self.0.iter().enumerate() {
             if [p.prompt_per_1m, p.completion_per_1m, p.per_second]
@@ -74,25 +82,24 @@ impl PriceTable {
 
     /// The first entry for `model` on `backend` (entries without a backend match any).
     pub fn find(&self, model: &str, backend: Option<&str>) -> Option<&Price> {
-        let canonical = canonical_model(model);
+        let key = model_key(model);
         self.0.iter().find(|p| {
-            applies(&p.model, model, &canonical)
-                && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
+            applies(&p.model, &key) && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
         })
     }
 
     /// Whether any entry could apply to `model`.
     pub fn has(&self, model: &str) -> bool {
-        let canonical = canonical_model(model);
-        self.0.iter().any(|p| applies(&p.model, model, &canonical))
+        let key = model_key(model);
+        self.0.iter().any(|p| applies(&p.model, &key))
     }
 
     /// Before the backend is known: the most expensive entry that could apply.
     pub fn worst_case(&self, model: &str, usage: Usage, secs: f64) -> Option<Nano> {
-        let canonical = canonical_model(model);
+        let key = model_key(model);
         self.0
             .iter()
-            .filter(|p| applies(&p.model, model, &canonical))
+            .filter(|p| applies(&p.model, &key))
             .map(|p| p.cost(usage, secs))
             .max()
     }
@@ -104,7 +111,7 @@ mod tests {
 
     #[test]
     fn costs() {
-        let t = PriceTable(vec![
+        let t = PriceTable::new(vec![
             Price {
                 model: "llama3.1:*".into(),
                 backend: Some("cloud".into()),
@@ -134,6 +141,27 @@ mod tests {
             usd_to_nano(0.0025)
         );
         assert!(t.find("qwen", None).is_none());
+        // However Ollama would be asked for it, the same model has the same price.
+        for spelt in [
+            "LLAMA3.1:8b",
+            "library/llama3.1:8b",
+            "registry.ollama.ai/library/Llama3.1:8B",
+        ] {
+            assert_eq!(
+                t.find(spelt, Some("cloud")).unwrap().cost(u, 0.0),
+                usd_to_nano(0.0035),
+                "{spelt}"
+            );
+        }
+        // Patterns are read the same way.
+        let q = PriceTable::new(vec![Price {
+            model: "Library/Qwen2.5".into(),
+            backend: None,
+            prompt_per_1m: 1.0,
+            completion_per_1m: 1.0,
+            per_second: 0.0,
+        }]);
+        assert!(q.has("qwen2.5:latest") && q.has("QWEN2.5") && !q.has("qwen2.5:7b"));
         assert_eq!(
             t.worst_case("llama3.1:8b", u, 1.0),
             Some(usd_to_nano(0.0035))
@@ -151,9 +179,10 @@ mod tests {
             ("qwen2.5:latest", "qwen2.5"),
             ("llama3.1:*", "llama3.1"),
             ("*:70b*", "llama3.1:70b-instruct"),
+            ("Llama3.1:*", "library/LLAMA3.1:8b"),
         ] {
             assert!(
-                applies(pattern, model, &canonical_model(model)),
+                applies(&folded(pattern), &model_key(model)),
                 "{pattern} applies to {model}"
             );
         }
@@ -163,7 +192,7 @@ mod tests {
             ("*:70b*", "llama3.1:8b"),
         ] {
             assert!(
-                !applies(pattern, model, &canonical_model(model)),
+                !applies(&folded(pattern), &model_key(model)),
                 "{pattern} does not apply to {model}"
             );
         }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use gateway_filter::http::{header, HeaderName, HeaderValue, StatusCode};
-use gateway_filter::model_name::canonical_model;
+use gateway_filter::model_name::model_key;
 use gateway_filter::state::{acquire_lease, ask, at, int, stable_hash, SharedLease};
 use gateway_filter::{
     output, parse_options, BuildContext, Filter, OptionsError, Rejection, RequestCtx, SharedState,
@@ -271,10 +271,10 @@ impl RateLimitFilter {
         match (&self.key, &ctx.principal) {
             (KeyKind::Ip, _) => ip,
             (KeyKind::Principal, Some(p)) => Subject::Key(&p.id),
-            // `llama3` and `llama3:latest` are one model (as the router and policy see it):
+            // `llama3`, `llama3:latest`, `LLAMA3`, `library/llama3` are one model to Ollama:
             // one bucket, whichever name the client writes.
             (KeyKind::PrincipalModel, Some(p)) => {
-                Subject::KeyModel(&p.id, ctx.model.as_deref().map(canonical_model))
+                Subject::KeyModel(&p.id, ctx.model.as_deref().map(model_key))
             }
             // Exactly one value: a client that adds its own copy next to a proxy's cannot pick
             // its bucket.

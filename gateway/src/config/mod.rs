@@ -225,7 +225,10 @@ mod tests {
         assert!(!l.admits(&"10.0.0.7".parse().unwrap()));
         assert!(!l.admits(&"::ffff:10.0.0.7".parse().unwrap()));
         assert!(!l.admits(&"192.168.0.1".parse().unwrap()));
-        assert_eq!(l.trusted_proxies, ["10.9.0.0/16".parse::<ipnet::IpNet>().unwrap()]);
+        assert_eq!(
+            l.trusted_proxies,
+            ["10.9.0.0/16".parse::<ipnet::IpNet>().unwrap()]
+        );
     }
 
     #[test]
