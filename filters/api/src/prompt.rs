@@ -6,8 +6,9 @@ use serde_json::Value;
 /// not only the fields a client is expected to fill: of each message, its text content (and
 /// content parts' text, under `text` or `content`) and every other field but media and the
 /// usual `role` name, the others (tool calls and their arguments, `thinking`, names, ids,
-/// anything unknown) as their JSON, keys included; `prompt` and `input` (each token id of a
-/// token-id prompt as four characters, as a token is counted elsewhere); `system`, a
+/// anything unknown) as their JSON, keys included; `prompt` and `input`, and SGLang's
+/// `input_ids` (each token id of a token-id prompt as four characters, as a token is counted
+/// elsewhere); `system`, a
 /// `template` and `suffix` of the request's own, vLLM's `chat_template`; vLLM's
 /// `chat_template_kwargs` and `documents` and the tool definitions as their JSON; and
 /// `context` (token ids of an earlier answer, four characters each). Images and audio are
@@ -99,9 +100,9 @@ fn measure<M: Measure>(body: &Value) -> usize {
         .map(|(k, v)| match k.as_str() {
             "context" => v.as_array().map_or(0, |ids| ids.len() * 4),
             "messages" => v.as_array().map_or(0, |m| m.iter().map(message::<M>).sum()),
-            "prompt" | "input" | "system" | "template" | "suffix" | "chat_template" => {
-                input::<M>(v)
-            }
+            // SGLang's `input_ids`: token ids that replace the rendered prompt.
+            "prompt" | "input" | "input_ids" | "system" | "template" | "suffix"
+            | "chat_template" => input::<M>(v),
             "tools" | "chat_template_kwargs" | "documents" if !v.is_null() => json::<M>(v),
             // Ollama's `/api/generate` carries its images beside the prompt.
             "images" => media::<M>(v),
@@ -362,6 +363,11 @@ mod tests {
         assert_eq!(t(json!({"prompt_embeds": [tensor.clone(), tensor]})), 6);
         // Token ids stay one token each; the character count is unchanged by any of it.
         assert_eq!(t(json!({"prompt": [1, 2, 3]})), 3);
+        assert_eq!(
+            t(json!({"messages": [], "input_ids": [1, 2, 3, 4, 5]})),
+            5,
+            "SGLang's token ids count as a token-id prompt does"
+        );
         assert_eq!(
             prompt_chars(&json!({"prompt": "你好", "images": ["aGk="]})),
             2

@@ -235,7 +235,7 @@ const RUNNER_OPTIONS: [&str; 15] = [
 /// scale, whatever model the request names: a model of the key's own choosing).
 /// Ollama's `keep_alive` is removed instead ([`drop_keep_alive`]).
 const OLLAMA_SETTINGS: [&str; 1] = ["template"];
-const OPENAI_SETTINGS: [&str; 13] = [
+const OPENAI_SETTINGS: [&str; 15] = [
     "chat_template",
     "mm_processor_kwargs",
     "priority",
@@ -255,6 +255,9 @@ const OPENAI_SETTINGS: [&str; 13] = [
     "bootstrap_port",
     "bootstrap_room",
     "data_parallel_rank",
+    // Its newer names for the rank (the old one is copied into them).
+    "routed_dp_rank",
+    "disagg_prefill_dp_rank",
 ];
 
 /// Settings one level down, `(object, key)`: vLLM (before 0.11) and SGLang merge

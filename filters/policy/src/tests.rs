@@ -273,6 +273,15 @@ async fn requests_do_not_set_how_the_server_loads_keeps_or_formats_models() {
             "/v1/chat/completions",
             json!({"model": "m", "messages": [], "logits_processors": [{"qualname": "pkg.Proc"}]}),
         ),
+        // SGLang's newer names for the data-parallel rank.
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "routed_dp_rank": 1}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "x", "disagg_prefill_dp_rank": 0}),
+        ),
         // vLLM before 0.11 and SGLang merge these over their own template arguments.
         (
             "/v1/chat/completions",
