@@ -94,6 +94,27 @@ impl<V> Sharded<V> {
         f(&mut map)
     }
 
+    /// Like [`Sharded::with`], for entries that must not go while live (in-flight counts: an
+    /// evicted count starts again at 0, and its key gets its whole cap again): when `key`'s
+    /// shard is full of live entries and `key` is not among them, `full` is the answer.
+    fn with_live<R>(
+        &self,
+        key: u64,
+        stale: impl Fn(&V) -> bool,
+        full: R,
+        f: impl FnOnce(&mut HashMap<u64, V>) -> R,
+    ) -> R {
+        let shard = &self.shards[(key as usize) % SHARDS];
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= self.per_shard && !map.contains_key(&key) {
+            map.retain(|_, v| !stale(v));
+            if map.len() >= self.per_shard {
+                return full;
+            }
+        }
+        f(&mut map)
+    }
+
     fn len(&self) -> usize {
         self.shards
             .iter()
@@ -180,10 +201,12 @@ impl LimitStore for LocalStore {
     }
 
     fn acquire(&self, key: u64, max: u32) -> bool {
-        // Live slots are never evicted: `stale` is false for all of them.
-        self.in_flight.with(
+        // Live slots are never evicted: with every place of its shard taken by keys with
+        // requests running, a new key is refused (as over its cap) until one ends.
+        self.in_flight.with_live(
             key,
             |&n| n == 0,
+            false,
             |m| {
                 let n = m.entry(key).or_insert(0);
                 if *n >= max {
@@ -196,9 +219,10 @@ impl LimitStore for LocalStore {
     }
 
     fn release(&self, key: u64) {
-        self.in_flight.with(
+        self.in_flight.with_live(
             key,
             |&n| n == 0,
+            (),
             |m| {
                 if let Some(n) = m.get_mut(&key) {
                     *n = n.saturating_sub(1);
@@ -285,6 +309,27 @@ mod tests {
         }
         let tracked = s.tracked();
         assert!(tracked <= 2 * 10_000 + 2 * SHARDS * 16, "{tracked} entries");
+    }
+
+    #[test]
+    fn a_running_request_s_slot_is_never_forgotten_to_make_room() {
+        // 16 places a shard at the least: fill one shard with keys that hold a slot each.
+        let s = LocalStore::new(16 * SHARDS);
+        let keys: Vec<u64> = (0..17).map(|i| i * SHARDS as u64).collect();
+        for &k in &keys[..16] {
+            assert!(s.acquire(k, 1));
+        }
+        // A 17th key finds no room: refused, not given the place of a running request.
+        assert!(!s.acquire(keys[16], 1));
+        // Every running key still holds its slot (an evicted one would get it again).
+        for &k in &keys[..16] {
+            assert!(!s.acquire(k, 1), "key {k} was forgotten");
+        }
+        // A release of an absent key evicts nobody; a real one makes room.
+        s.release(keys[16]);
+        assert!(!s.acquire(keys[0], 1));
+        s.release(keys[0]);
+        assert!(s.acquire(keys[16], 1));
     }
 
     #[test]
