@@ -74,21 +74,18 @@ impl<V> Sharded<V> {
         }
     }
 
-    /// Runs `f` on `key`'s shard; `stale` says which entries may be dropped when it is full.
+    /// Runs `f` on `key`'s shard; `stale` says which entries may be dropped when it is full
+    /// (then an arbitrary one, when none is stale).
     fn with<R>(
         &self,
         key: u64,
         stale: impl Fn(&V) -> bool,
         f: impl FnOnce(&mut HashMap<u64, V>) -> R,
     ) -> R {
-        let shard = &self.shards[(key as usize) % SHARDS];
-        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= self.per_shard && !map.contains_key(&key) {
-            map.retain(|_, v| !stale(v));
-            if map.len() >= self.per_shard {
-                if let Some(&victim) = map.keys().next() {
-                    map.remove(&victim);
-                }
+        let mut map = self.shard(key);
+        if !Self::room(&mut map, self.per_shard, key, stale) {
+            if let Some(&victim) = map.keys().next() {
+                map.remove(&victim);
             }
         }
         f(&mut map)
@@ -104,15 +101,30 @@ impl<V> Sharded<V> {
         full: R,
         f: impl FnOnce(&mut HashMap<u64, V>) -> R,
     ) -> R {
-        let shard = &self.shards[(key as usize) % SHARDS];
-        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= self.per_shard && !map.contains_key(&key) {
-            map.retain(|_, v| !stale(v));
-            if map.len() >= self.per_shard {
-                return full;
-            }
+        let mut map = self.shard(key);
+        if !Self::room(&mut map, self.per_shard, key, stale) {
+            return full;
         }
         f(&mut map)
+    }
+
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, V>> {
+        let shard = &self.shards[(key as usize) % SHARDS];
+        shard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `key` has (or, with stale entries dropped, now has) its place in `map`.
+    fn room(
+        map: &mut HashMap<u64, V>,
+        per_shard: usize,
+        key: u64,
+        stale: impl Fn(&V) -> bool,
+    ) -> bool {
+        if map.len() < per_shard || map.contains_key(&key) {
+            return true;
+        }
+        map.retain(|_, v| !stale(v));
+        map.len() < per_shard
     }
 
     fn len(&self) -> usize {
