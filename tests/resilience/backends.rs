@@ -247,6 +247,49 @@ async fn a_hanging_backend_times_out_without_a_second_generation_and_is_cooled_d
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn slow_requests_of_one_client_do_not_take_out_a_backend_that_serves_others() {
+    // Attacker review: a client whose requests outlast `read_timeout` (a long answer, a slow
+    // model) took backends out for everyone, three timeouts a cooldown.
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ read_timeout: 300ms }}\nrouting: {{ cooldown: 30s, discovery: {{ enabled: false, interval: 1h }}, health: {{ enabled: false, interval: 1h }} }}\n",
+        backends(&[("gpu", &m.url())])
+    ))
+    .await;
+    let c = client();
+    let slow = || {
+        c.post(gw.url("/api/generate"))
+            .header("x-mock-first-byte-ms", "700")
+            .json(&json!({"model": MODEL, "prompt": "write a lot", "stream": false}))
+            .send()
+    };
+    let fast = || {
+        c.post(gw.url("/api/generate"))
+            .json(&json!({"model": MODEL, "prompt": "hi", "stream": false}))
+            .send()
+    };
+    for round in 0..2 {
+        let slow_ones = futures_util::future::join_all((0..3).map(|_| slow()));
+        // Someone else is served while they wait.
+        let other = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            fast().await.unwrap().status()
+        };
+        let (slow_ones, other) = tokio::join!(slow_ones, other);
+        assert_eq!(other, 200, "round {round}");
+        for r in slow_ones {
+            assert_eq!(r.unwrap().status(), 504, "round {round}");
+        }
+        assert_eq!(
+            gw.health().await["backends"][0]["state"],
+            "up",
+            "round {round}"
+        );
+        assert_eq!(fast().await.unwrap().status(), 200, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn failing_every_request_ejects_a_backend_that_passes_its_probe() {
     let m = mocks([ALL, ALL, ALL]).await;
     m[2].set_fail(FailMode::Error500Inference);

@@ -35,15 +35,33 @@ pub enum Pick {
 /// How an attempt on a backend ended, for its health and its figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// It answered (a 5xx counts against its health); `tokens`: what the request used.
+    /// It answered; `tokens`: what the request used. Only a generation or embedding served
+    /// (a 2xx on an inference route: `inference`) shows the backend works: a model list, a
+    /// version or a client's error answers also from a backend whose runner fails every
+    /// request, and reset its failures for anyone who polls it.
     Answered {
         status: u16,
         tokens: u64,
         ttfb: Option<Duration>,
+        inference: bool,
     },
-    /// It failed: the connection, the exchange or its stream broke; `health`: whether that
-    /// counts against it (a 429 does not).
-    Failed { health: bool },
+    /// It failed: the connection, the exchange or its stream broke.
+    Failed { health: Health },
+}
+
+/// Whom a failed attempt counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Nobody: not the backend's doing (a 429).
+    Kept,
+    /// The backend alone: it refused or dropped a connection before it had the request.
+    Failed,
+    /// What a request may have caused itself (a generation held past `read_timeout` or the
+    /// first-byte deadline, a stream that paused or broke, a backend that fell over on it),
+    /// after `waited` on it: the backend's failure when it served nobody meanwhile (hung, or
+    /// down), else once per `caller` in its streak ([`BackendPool::mark_failed_for`]), so one
+    /// client's slow requests cannot take out a backend that serves everyone else.
+    FailedFor { caller: u64, waited: Duration },
 }
 
 pub trait Router: Send + Sync {
@@ -66,17 +84,31 @@ pub trait Router: Send + Sync {
                 status,
                 tokens,
                 ttfb,
+                inference,
             } => {
                 // A server error answered counts against the backend only once another
                 // backend has served the same request (see `forward`): otherwise requests
                 // that fail everywhere would let any client take backends out.
-                if status < 500 {
+                if inference && (200..300).contains(&status) {
                     pool.mark_ok(idx);
                 }
                 pool.record(idx, tokens, ttfb);
             }
-            Outcome::Failed { health: true } => pool.mark_failed(idx),
-            Outcome::Failed { health: false } => {}
+            Outcome::Failed {
+                health: Health::Failed,
+            } => pool.mark_failed(idx),
+            Outcome::Failed {
+                health: Health::FailedFor { caller, waited },
+            } => {
+                if pool.served_within(idx, waited) {
+                    pool.mark_failed_for(idx, caller);
+                } else {
+                    pool.mark_failed(idx);
+                }
+            }
+            Outcome::Failed {
+                health: Health::Kept,
+            } => {}
         }
     }
 }

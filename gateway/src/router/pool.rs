@@ -77,6 +77,8 @@ pub struct Backend {
     /// current streak (see [`BackendPool::mark_failed_for`]).
     streak_callers: std::sync::Mutex<Vec<u64>>,
     down_until_ms: AtomicU64,
+    /// When it last served a generation or an embedding (pool ms; 0: never).
+    served_ms: AtomicU64,
     cooldown_ms: AtomicU64,
     probe_ok: AtomicBool,
 
@@ -133,6 +135,7 @@ impl Backend {
             failures: AtomicU32::new(0),
             streak_callers: Default::default(),
             down_until_ms: AtomicU64::new(0),
+            served_ms: AtomicU64::new(0),
             cooldown_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
@@ -332,10 +335,22 @@ impl BackendPool {
         }
     }
 
-    /// Counts a failure; answers whether the backend is now cooling down.
+    /// Counts a failure; answers whether the backend is now cooling down. A cooldown that has
+    /// ended starts a new streak (its length doubles the next cooldown all the same): counted
+    /// on from the old one, a single failure after each cooldown kept a backend out, one
+    /// slow request per cooldown from one client.
     fn fail(&self, idx: usize) -> bool {
         let inner = &self.0;
         let b = &inner.backends[idx];
+        let until = b.down_until_ms.load(Ordering::Relaxed);
+        if until != 0
+            && until <= self.now_ms()
+            && b.down_until_ms
+                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            b.failures.store(0, Ordering::Relaxed);
+        }
         let n = b.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let down = n >= inner.fail_threshold;
         if down {
@@ -379,10 +394,19 @@ impl BackendPool {
         }
     }
 
+    /// Whether the backend served a request (a generation or an embedding) within the last
+    /// `within`.
+    pub fn served_within(&self, idx: usize, within: Duration) -> bool {
+        let served = self.0.backends[idx].served_ms.load(Ordering::Relaxed);
+        served != 0 && served + within.as_millis() as u64 >= self.now_ms()
+    }
+
     /// A request succeeded: the failure streak and the cooldown reset. (A passing health
     /// probe does not reset them: a backend that answers probes but fails requests stays out.)
     pub fn mark_ok(&self, idx: usize) {
         let b = &self.0.backends[idx];
+        // Never 0 (which means "never"): the pool's clock starts at its creation.
+        b.served_ms.store(self.now_ms().max(1), Ordering::Relaxed);
         if b.failures.load(Ordering::Relaxed) != 0 {
             let mut callers = b.streak_callers.lock().unwrap_or_else(|p| p.into_inner());
             callers.clear();

@@ -159,6 +159,11 @@ fn passive_health_cools_down_with_backoff() {
     assert_eq!(counts(&r, &ctx(None), 4), [0, 4]);
     std::thread::sleep(Duration::from_millis(120));
     assert!(p.is_up(0), "after the cooldown it is tried again");
+    // A new streak: one failure after the cooldown does not take it out again (one slow
+    // request a cooldown from one client kept backends out).
+    p.mark_failed(0);
+    p.mark_failed(0);
+    assert!(p.is_up(0), "below the threshold again");
     p.mark_failed(0); // still failing: 200 ms now
     std::thread::sleep(Duration::from_millis(120));
     assert!(!p.is_up(0), "the cooldown doubled");
@@ -260,10 +265,11 @@ fn settled_outcomes_decide_health_and_figures() {
         status,
         tokens: 40,
         ttfb: Some(Duration::from_millis(5)),
+        inference: true,
     };
     // A 429 does not count against a backend, however often.
     for _ in 0..5 {
-        r.settle(0, failed(false));
+        r.settle(0, failed(Health::Kept));
     }
     assert!(r.pool().is_up(0));
     // A server error answered is not one by itself (`forward` counts it once another
@@ -272,17 +278,53 @@ fn settled_outcomes_decide_health_and_figures() {
         r.settle(0, answered(500));
     }
     assert!(r.pool().is_up(0));
-    // `fail_threshold: 3` failures in a row take it out.
-    r.settle(0, failed(true));
-    r.settle(0, failed(true));
+    // What a request may cause itself (a deadline missed, a stream that broke) counts once
+    // per caller while the backend serves others: one client's slow requests do not take
+    // out a backend that works.
+    let slow = |caller| Health::FailedFor {
+        caller,
+        waited: Duration::from_secs(60),
+    };
+    r.settle(0, answered(200));
+    for _ in 0..5 {
+        r.settle(0, failed(slow(7)));
+    }
     assert!(r.pool().is_up(0));
-    r.settle(0, failed(true));
+    r.settle(0, failed(slow(8)));
+    assert!(r.pool().is_up(0));
+    // `fail_threshold: 3` failures in a row take it out (a third caller's, or the
+    // backend's own).
+    r.settle(0, failed(Health::Failed));
     assert!(!r.pool().is_up(0));
     // A good answer clears the count, and its latency is what `latency` ranks by.
-    r.settle(1, failed(true));
-    r.settle(1, failed(true));
+    r.settle(1, failed(Health::Failed));
+    r.settle(1, failed(Health::Failed));
     r.settle(1, answered(200));
-    r.settle(1, failed(true));
+    r.settle(1, failed(Health::Failed));
     assert!(r.pool().is_up(1));
     assert!(r.pool().get(1).ttfb_us() > 0);
+    // Only a generation or embedding served clears it: a model list, a version or a
+    // client's error also comes from a backend whose runner fails every request.
+    let r = router(Strategy::RoundRobin, &[1, 1]);
+    r.settle(0, failed(Health::Failed));
+    r.settle(0, failed(Health::Failed));
+    r.settle(
+        0,
+        Outcome::Answered {
+            status: 200,
+            tokens: 0,
+            ttfb: None,
+            inference: false,
+        },
+    );
+    r.settle(0, answered(400));
+    r.settle(0, failed(Health::Failed));
+    assert!(!r.pool().is_up(0), "polling it kept it in");
+    // One that served nobody while a request waited on it (hung) fails on its own, whoever
+    // waited.
+    r.settle(1, failed(slow(7)));
+    r.settle(1, failed(slow(7)));
+    assert!(r.pool().is_up(1));
+    r.settle(1, failed(slow(7)));
+    assert!(!r.pool().is_up(1), "a hung backend stays in");
 }

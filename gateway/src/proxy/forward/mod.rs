@@ -22,7 +22,7 @@ use pingora_error::{Error, ErrorType};
 use pingora_proxy::Session;
 
 use super::{respond, Gateway, GwCtx};
-use crate::router::{Backend, Outcome, Pick};
+use crate::router::{Backend, Health, Outcome, Pick};
 
 /// How an attempt on one backend ended.
 enum Attempt {
@@ -73,6 +73,28 @@ fn caller_key(req: &RequestCtx) -> u64 {
     req.principal
         .as_ref()
         .map_or(0, |p| gateway_filter::state::stable_hash(p.id.as_bytes()))
+}
+
+/// Whom a failure before any answer counts against: a connection the backend refused or
+/// dropped before it had the request is the backend's alone; a deadline it missed (writing
+/// the request, the first byte) may be the request's own doing (a long prompt, a context
+/// size that reloads the model), so it counts once per caller.
+fn unanswered_health(err: &Error, ctx: &GwCtx) -> Health {
+    match err.etype() {
+        ErrorType::Custom(c) if *c == respond::FIRST_BYTE_TIMEOUT => maybe_caused(ctx),
+        ErrorType::WriteTimedout | ErrorType::ReadTimedout => maybe_caused(ctx),
+        _ => Health::Failed,
+    }
+}
+
+/// A failure the request may have caused, after the time its attempts took.
+fn maybe_caused(ctx: &GwCtx) -> Health {
+    Health::FailedFor {
+        caller: caller_key(&ctx.req),
+        waited: ctx
+            .upstream_started
+            .map_or(std::time::Duration::ZERO, |t| t.elapsed()),
+    }
 }
 
 /// Output tokens a request may still produce, for the usage-based strategy.
@@ -233,10 +255,11 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 // backend's error counts only if its last one went to another caller (a
                 // client must not take backends out with requests every backend refuses).
                 let status = ctx.req.status;
+                let caller = caller_key(&ctx.req);
                 if (200..300).contains(&status) {
                     answered_5xx.iter().for_each(|&i| pool.mark_failed(i));
                 } else if counts_against_backend(status, ctx) {
-                    pool.mark_failed_for(idx, caller_key(&ctx.req));
+                    pool.mark_failed_for(idx, caller);
                 }
                 gw.router.settle(
                     idx,
@@ -244,6 +267,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                         status: ctx.req.status,
                         tokens: ctx.req.usage.map_or(0, |u| u.total()),
                         ttfb: ctx.req.ttfb,
+                        inference: ctx.req.route.is_inference(),
                     },
                 );
                 return Ok(());
@@ -260,12 +284,11 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     ctx.req.request_id,
                     backend.name
                 );
-                gw.router.settle(
-                    idx,
-                    Outcome::Failed {
-                        health: answered.is_none(),
-                    },
-                );
+                let health = match answered {
+                    Some(_) => Health::Kept,
+                    None => unanswered_health(&err, ctx),
+                };
+                gw.router.settle(idx, Outcome::Failed { health });
                 gw.count_retry(idx);
                 ctx.lease = None;
                 if !may_retry || ctx.keepalive_sent {
@@ -280,13 +303,17 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     ctx.req.request_id,
                     backend.name
                 );
-                gw.router.settle(idx, Outcome::Failed { health: true });
+                let health = maybe_caused(ctx);
+                gw.router.settle(idx, Outcome::Failed { health });
                 return answer_failure(gw, session, ctx, &e).await;
             }
             Attempt::Abort(e) => {
                 // A client leaving is not the backend's fault; a backend breaking its stream is.
                 if e.esource() == &pingora_error::ErrorSource::Upstream {
-                    gw.router.settle(idx, Outcome::Failed { health: true });
+                    // A stream that paused past `read_timeout` may be the model at work (a
+                    // tool call's arguments held back): the caller's.
+                    let health = maybe_caused(ctx);
+                    gw.router.settle(idx, Outcome::Failed { health });
                 }
                 return Err(e);
             }
