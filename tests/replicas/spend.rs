@@ -281,3 +281,90 @@ async fn holds_taken_alongside_a_refused_rate_are_given_back() {
     }
     assert_eq!(in_redis, Some(format!(":{used}")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_ledger_is_put_back_at_a_pace_that_keeps_running_requests_held() {
+    // Attacker review: every account of the ledger was put back at once (four calls for each
+    // principal it ever saw), which filled the state's thread and connection: the holds of
+    // running requests went unrenewed and lapsed, calls passed their deadlines, and each
+    // such failure asked for the whole put-back again.
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    const PRINCIPALS: usize = 20_000;
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    let script = format!(
+        "import sqlite3, datetime, sys\n\
+         c = sqlite3.connect(sys.argv[1])\n\
+         c.execute('CREATE TABLE spend (day TEXT NOT NULL, principal TEXT NOT NULL, model TEXT NOT NULL, usd_nano INTEGER NOT NULL, requests INTEGER NOT NULL, PRIMARY KEY (day, principal, model))')\n\
+         day = (datetime.date(1970, 1, 1) + datetime.timedelta(days={today})).isoformat()\n\
+         c.executemany('INSERT INTO spend VALUES (?, ?, ?, ?, ?)', [(day, 'p%d' % i, 'llama3.1:8b', 1000000, 1) for i in range({PRINCIPALS})])\n\
+         c.commit()\n"
+    );
+    let made = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .arg(dir.path().join("spend.db"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let state = redis
+        .state()
+        .replace("timeout: 100ms", "timeout: 2s")
+        .replace("lease_ttl: 1s", "lease_ttl: 600ms");
+    let gw = Gateway::start(&format!(
+        "{state}{}",
+        config(dir.path(), &m, 0.5, 0.0, 10000.0, "")
+    ))
+    .await;
+    let keys = || {
+        redis
+            .info("keyspace")
+            .split("keys=")
+            .nth(1)
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    // Every principal's day, week, month and total come back.
+    let wait_all = || async {
+        for _ in 0..300 {
+            if keys() >= PRINCIPALS * 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        keys()
+    };
+    assert!(wait_all().await >= PRINCIPALS * 4, "{} keys", keys());
+    // A stream that outlives several lease times while the server forgets everything and
+    // the replica puts it all back.
+    let stream = tokio::spawn(
+        reqwest::Client::new()
+            .post(gw.url("/api/generate"))
+            .bearer_auth(super::support::budget::KEY)
+            .header("x-mock-chunks", "5")
+            .header("x-mock-delay-ms", "400")
+            .json(&serde_json::json!({"model": "llama3.1:8b", "prompt": "x"}))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(redis.cmd(&["FLUSHALL"]).as_deref(), Some("+OK"));
+    assert!(wait_all().await >= PRINCIPALS * 4, "{} keys", keys());
+    let r = stream.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let log = gw.log();
+    assert!(!log.contains("could not be renewed"), "{log}");
+    assert!(!log.contains("did not reach the server"), "{log}");
+    assert_eq!(gw.metric("llm_gateway_state_degraded").await, Some(0.0));
+    assert_eq!(
+        gw.metric("llm_gateway_state_errors_total")
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+}

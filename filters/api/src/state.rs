@@ -125,6 +125,18 @@ pub trait SharedState: Send + Sync {
         self.run_detached(script, keys, args);
     }
 
+    /// Runs many calls of `script` nobody waits for (putting a replica's spend back: one per
+    /// account it knows, hundreds of thousands for a long ledger), a few at a time, one put
+    /// back after another: sent all at once, they filled the state's thread and connection
+    /// (holds of running requests went unrenewed and lapsed) and passed their deadlines,
+    /// which asked for the next put-back. A failed one is counted, not retried (the account's
+    /// next settlement raises it again).
+    fn run_paced(&self, script: &'static Script, calls: Vec<(Vec<String>, Vec<String>)>) {
+        for (keys, args) in calls {
+            self.run_detached(script, keys, args);
+        }
+    }
+
     /// Sends the calls [`SharedState::run_batched`] still holds, and waits for them (within
     /// the connect deadline): at exit, after the last request.
     fn flush(&self) {}

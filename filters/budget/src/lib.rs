@@ -348,8 +348,17 @@ fn repair_all(
     (_default, global): (Option<Period>, Option<Period>),
 ) {
     let snapshot = book.snapshot();
+    let mut calls = Vec::with_capacity(snapshot.len());
+    let mut known = std::collections::HashSet::with_capacity(snapshot.len());
     for ((principal, period_key), a) in &snapshot {
-        shared::repair(st, replica, principal, period_key, a.spent);
+        calls.push(shared::repair(
+            st.as_ref(),
+            replica,
+            principal,
+            period_key,
+            a.spent,
+        ));
+        known.insert((principal.as_str(), period_key.as_str()));
     }
     let now = now_secs();
     let mut principals = book.ledger_principals();
@@ -363,18 +372,16 @@ fn repair_all(
         // current share is put back, so whichever it is finds its spend.
         for period in [Period::Day, Period::Week, Period::Month, Period::Total] {
             let key = period.key(now);
-            if snapshot
-                .iter()
-                .any(|((p, k), _)| p == principal && *k == key)
-            {
+            if known.contains(&(principal, key.as_str())) {
                 continue;
             }
             let spent = book.ledger_spend(principal, period, now);
             if spent > 0 {
-                shared::repair(st, replica, principal, &key, spent);
+                calls.push(shared::repair(st.as_ref(), replica, principal, &key, spent));
             }
         }
     }
+    shared::put_back(st, calls);
 }
 
 fn principal_id(ctx: &RequestCtx) -> &str {

@@ -336,29 +336,36 @@ pub fn settle(st: &Arc<dyn SharedState>, replica: &str, h: &Hold, mine: Nano) {
     );
 }
 
-/// Puts this replica's total for one account back (after the server lost its data).
+/// The call that puts this replica's total for one account back (after the server lost its
+/// data), for [`put_back`].
 pub fn repair(
-    st: &Arc<dyn SharedState>,
+    st: &dyn SharedState,
     replica: &str,
     principal: &str,
     period_key: &str,
     mine: Nano,
-) {
+) -> (Vec<String>, Vec<String>) {
     let keep = if period_key == "total" {
         0
     } else {
         KEEP_UNKNOWN_MS
     };
-    st.run_detached(
-        &SETTLE,
-        keys(st.as_ref(), principal, period_key).to_vec(),
+    (
+        keys(st, principal, period_key).to_vec(),
         vec![
             replica.to_string(),
             mine.to_string(),
             String::new(),
             keep.to_string(),
         ],
-    );
+    )
+}
+
+/// Sends [`repair`] calls, paced (`SharedState::run_paced`).
+pub fn put_back(st: &Arc<dyn SharedState>, calls: Vec<(Vec<String>, Vec<String>)>) {
+    if !calls.is_empty() {
+        st.run_paced(&SETTLE, calls);
+    }
 }
 
 /// All replicas' spend and live reservations for one account.

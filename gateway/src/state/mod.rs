@@ -56,6 +56,9 @@ return {existed}
 "#,
 };
 
+/// Calls of a paced run (`run_paced`) on their way at once.
+const PACED_AT_ONCE: usize = 32;
+
 /// At most this often, the filters put back what they know after a lost settlement or
 /// release (after an outage or lost data: at once).
 const LOST_PUT_BACK_EVERY: Duration = Duration::from_secs(5);
@@ -106,6 +109,8 @@ struct Inner {
     durations: HistogramVec,
     /// Whether the server runs scripts packed ([`reply`]): not known until it first answers.
     packs: AtomicU8,
+    /// Held by the paced run on its way (`run_paced`).
+    pacing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for RedisState {
@@ -201,6 +206,7 @@ impl RedisState {
             errors,
             durations,
             packs: AtomicU8::new(UNKNOWN),
+            pacing: tokio::sync::Mutex::new(()),
         });
         let up = runtime.block_on(inner.probe());
         match &up {
@@ -774,6 +780,36 @@ impl SharedState for RedisState {
             args,
             false,
         ));
+    }
+
+    fn run_paced(&self, script: &'static Script, calls: Vec<(Vec<String>, Vec<String>)>) {
+        let inner = self.inner.clone();
+        drop(self.inner.handle.spawn(async move {
+            use futures_util::StreamExt;
+            // One put-back after another, never two at once.
+            let _turn = inner.pacing.lock().await;
+            let failed = futures_util::stream::iter(calls)
+                .map(|(keys, args)| {
+                    let inner = inner.clone();
+                    async move {
+                        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                        let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Str(a)).collect();
+                        let deadline = inner.connect_timeout;
+                        inner
+                            .call::<Ints>(script, &keys, &args, deadline, true)
+                            .await
+                            .is_err()
+                    }
+                })
+                .buffer_unordered(PACED_AT_ONCE)
+                .filter(|failed| std::future::ready(*failed))
+                .count()
+                .await;
+            if failed > 0 {
+                inner.errors.inc_by(failed as u64);
+                log::warn!("state: {failed} calls of {} did not reach the server (each account is raised again by its next settlement)", script.name);
+            }
+        }));
     }
 
     fn run_batched(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) {
