@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 use gateway_filter::state::{ask, at, Arg, Script};
 use gateway_filter::{Rejection, SharedState};
 
-/// Most addresses held as locked; beyond it the server is asked per request.
-const MAX_HEARD: usize = 65_536;
+/// Most addresses held as locked; beyond it the server is asked per request. Also the most
+/// the set of locks is read at once: Redis runs one script at a time, and a read of 65,536
+/// took it 74 ms, past every other call's deadline, on every replica (attacker review: one
+/// client with enough networks to lock made the replicas fall back to local limits).
+const MAX_HEARD: usize = 4_096;
 /// The set of locks is read again this often even while the subscription holds (a
 /// connection that died without a word delivers nothing and says nothing).
 const RESYNC: Duration = Duration::from_secs(10);
@@ -47,19 +50,26 @@ return {n}
 "#,
 };
 
+/// [`LOCKED`]'s answer when the set holds more locks than a replica keeps.
+const OVERFLOW: &str = "+";
+
 /// A read of the set of locks that failed is tried again after this (meanwhile each request
 /// asks about its own address): a set too large to read in time must not be read again by
 /// every request.
 const READ_AGAIN: Duration = Duration::from_secs(1);
 
 /// KEYS: the set of locked addresses. ARGV: the most to answer (one more than fits in
-/// `heard`: an answer that long means it overflowed). Answers `address, ms left, ...` for
-/// live locks.
+/// `heard`). Answers `address, ms left, ...` for live locks, or [`OVERFLOW`] alone when
+/// there are more than that (counted, not read: a long read holds up every other call).
 static LOCKED: Script = Script {
     name: "lockout_locked",
     source: r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return {'+'} end
+end
 local out = {}
 local all = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[1])
 for i = 1, #all, 2 do
@@ -224,6 +234,11 @@ impl SharedLockout {
                 self.read_again_at.store(later, Ordering::Release);
                 return None;
             };
+            if all.len() == 1 && all[0] == OVERFLOW {
+                self.overflowed_at
+                    .store(self.now_ms() + 1, Ordering::Release);
+                return None;
+            }
             for pair in all.chunks(2) {
                 if let [ip, ms] = pair {
                     let (Ok(ip), Ok(ms)) = (ip.parse::<IpAddr>(), ms.parse::<u64>()) else {
@@ -346,6 +361,18 @@ mod tests {
             .collect();
         *fake.text.lock().unwrap() = many;
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
+        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
+        assert_eq!(
+            (
+                fake.text_reads.load(Ordering::Acquire),
+                fake.runs.load(Ordering::Acquire)
+            ),
+            (1, 2)
+        );
+        // The server counts rather than reads a set that large: the same.
+        let (fake, lockout) = self::lockout();
+        *fake.text.lock().unwrap() = vec![OVERFLOW.to_string()];
         assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
         assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
         assert_eq!(
