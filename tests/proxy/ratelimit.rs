@@ -454,3 +454,62 @@ async fn requests_without_an_output_limit_cannot_all_start_within_one_minutes_to
     assert_eq!(r.status(), 400);
     assert_eq!(m.total(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_faster_rate_reloaded_applies_at_once() {
+    // Operator review: a key's `rate: 1/h` raised to `100/m` and reloaded kept refusing for
+    // the old rate's hour (Retry-After: 3596).
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    let write = |rate: &str| {
+        std::fs::write(
+            &keys,
+            format!(
+                "keys:\n  - id: team\n    key_sha256: {}\n    rate: {rate}\n    burst: 0\n",
+                filter_auth::keygen::hash_key(KEY)
+            ),
+        )
+        .unwrap()
+    };
+    write("1/h");
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 1/h\n",
+        backends(&[("local", &m.url())]),
+        keys.display()
+    ))
+    .await;
+    let c = client();
+    let status = || async {
+        let r = c
+            .post(gw.url("/api/chat"))
+            .bearer_auth(KEY)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        (r.status().as_u16(), retry)
+    };
+    assert_eq!(status().await.0, 200);
+    let (code, retry) = status().await;
+    assert_eq!(code, 429);
+    assert!(retry.unwrap() > 3000, "{retry:?}");
+    write("100/m");
+    gw.signal("HUP");
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        let (code, retry) = status().await;
+        seen.push((code, retry));
+        if code == 200 {
+            break;
+        }
+        // At most the new rate's interval away.
+        assert!(retry.unwrap_or(0) <= 1, "{seen:?}\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.last().unwrap().0, 200, "{seen:?}");
+}

@@ -19,9 +19,14 @@ pub enum Gcra {
 /// One GCRA step on the theoretical arrival time `tat` (ns), at `now` (ns), with emission
 /// interval `t` and burst `burst`. Returns the new TAT and the outcome. A request passes when
 /// it is at most `burst` intervals early: `burst + 1` quick requests pass, as with nginx.
+/// A refusal returns the TAT to keep: the one given, unless it was further ahead than this
+/// rate can put it (a slower rate's, before a reload), which the caller stores.
 pub fn gcra(tat: u64, now: u64, t: u64, burst: u64) -> (u64, Gcra) {
     let tau = t.saturating_mul(burst);
-    let tat = tat.max(now);
+    // Never further ahead than this rate can put it (a no-op while the rate stays): a TAT
+    // from a slower rate (`1/h`, raised to `100/m` by a reload) would keep refusing for
+    // the old rate's hour.
+    let tat = tat.max(now).min(now.saturating_add(tau).saturating_add(t));
     if tat - now > tau {
         return (
             tat,
@@ -46,6 +51,39 @@ pub fn gcra(tat: u64, now: u64, t: u64, burst: u64) -> (u64, Gcra) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_faster_rate_applies_at_once() {
+        let hour = 3_600_000_000_000u64;
+        let now = 10 * hour;
+        // `1/h`, burst 0: one passes, the next is an hour away.
+        let (tat, g) = gcra(0, now, hour, 0);
+        assert!(matches!(g, Gcra::Allow { .. }));
+        assert!(matches!(gcra(tat, now + 1, hour, 0).1, Gcra::Deny { .. }));
+        // Reloaded as `100/m` (0.6 s): the next request waits 0.6 s, not the hour.
+        let t = 600_000_000;
+        let (kept, g) = gcra(tat, now + 1, t, 0);
+        assert_eq!(g, Gcra::Deny { retry_ns: t });
+        assert!(kept < tat, "the nearer TAT is kept");
+        assert!(matches!(
+            gcra(kept, now + 1 + t, t, 0).1,
+            Gcra::Allow { .. }
+        ));
+        // With the rate unchanged, nothing moves: the sixth of `burst: 5` passes, the
+        // seventh does not.
+        let (t, mut tat) = (1_000_000_000u64, 0);
+        let mut passed = 0;
+        for _ in 0..7 {
+            let (next, g) = gcra(tat, now, t, 5);
+            if matches!(g, Gcra::Allow { .. }) {
+                passed += 1;
+            } else {
+                assert_eq!(next, tat);
+            }
+            tat = next;
+        }
+        assert_eq!(passed, 6);
+    }
 
     /// Offers `n` requests at a steady interval and counts the allowed ones.
     fn offered(rate: &Rate, burst: u64, every_ns: u64, n: u64) -> (u64, u64) {

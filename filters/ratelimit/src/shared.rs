@@ -14,6 +14,12 @@ local function gcra(key, interval, burst, t)
   local tau = interval * burst
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
+  -- Never further ahead than this rate can put it: a slower rate's (before a reload) would
+  -- keep refusing for its own interval. Kept so, also by a refusal.
+  if tat > now + tau + interval then
+    tat = now + tau + interval
+    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+  end
   if tat - now > tau then
     return {0, tat - now - tau}
   end

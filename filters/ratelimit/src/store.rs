@@ -169,7 +169,8 @@ impl LimitStore for LocalStore {
             |m| {
                 let tat = m.get(&key).copied().unwrap_or(0);
                 let (new_tat, g) = gcra(tat, now_ns, t, burst);
-                if matches!(g, Gcra::Allow { .. }) {
+                // A refusal keeps the TAT, unless a faster rate brought it nearer.
+                if matches!(g, Gcra::Allow { .. }) || new_tat != tat {
                     m.insert(key, new_tat);
                 }
                 g
