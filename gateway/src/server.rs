@@ -48,6 +48,10 @@ pub struct Prepared {
     upgrade_from: Option<i32>,
 }
 
+/// Seconds Pingora's grace period runs past `drain_timeout`: the final flush (audit lines,
+/// ledger charges, shared-state settlements within their connect deadline) happens in them.
+const FLUSH_GRACE_SECS: u64 = 5;
+
 /// Builds everything that can fail before the server starts, so errors reach the operator as
 /// messages, not panics inside Pingora.
 pub fn prepare(
@@ -170,8 +174,12 @@ pub fn run(prepared: Prepared) -> ! {
     let conf = ServerConf {
         threads: settings.threads,
         // Pingora sleeps the whole grace period; the drain watcher below exits earlier as
-        // soon as no request is in flight.
-        grace_period_seconds: Some(settings.drain_timeout.as_secs_f64().ceil() as u64),
+        // soon as no request is in flight, and at `drain_timeout` at the latest, after the
+        // final flush: Pingora's own end must come later, or it ends the process (its timer
+        // starts first) before the flush, losing queued audit lines and ledger charges.
+        grace_period_seconds: Some(
+            settings.drain_timeout.as_secs_f64().ceil() as u64 + FLUSH_GRACE_SECS,
+        ),
         graceful_shutdown_timeout_seconds: Some(1),
         // Without a safe folder, a path nothing listens on: SIGQUIT then hands nothing over.
         upgrade_sock: settings

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::support::BIN;
+use crate::support::{conf, BIN};
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/llm-gateway.service");
 
@@ -26,13 +26,23 @@ fn systemd_unit_is_sandboxed_and_drains_on_stop() {
     ] {
         assert!(unit.lines().any(|l| l.trim() == line), "missing `{line}`");
     }
-    // The stop timeout covers the default drain time (10 s) and the final flush.
+    // The stop timeout covers the production example's drain time and the final flush (a
+    // SIGKILL in between loses queued audit lines and uncommitted charges).
     let stop: u64 = unit
         .lines()
         .find_map(|l| l.strip_prefix("TimeoutStopSec="))
         .and_then(|v| v.trim().parse().ok())
         .expect("TimeoutStopSec");
-    assert!(stop >= 15, "{stop}");
+    let production = std::fs::read_to_string(conf("production.yaml")).unwrap();
+    let drain: u64 = production
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("drain_timeout:"))
+        .and_then(|v| v.split('#').next()?.trim().strip_suffix('s')?.parse().ok())
+        .expect("drain_timeout in production.yaml");
+    assert!(
+        stop >= drain + 10,
+        "TimeoutStopSec={stop}, drain_timeout: {drain}s"
+    );
 }
 
 /// `systemd-analyze verify` (installed by `tests/bootstrap.sh`) accepts the unit, with

@@ -63,6 +63,60 @@ async fn sigterm_drains_in_flight_streams_then_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_drain_that_runs_out_still_writes_what_finished() {
+    // Operator review: with a request still running at `drain_timeout`, Pingora's grace
+    // period (the same length, started first) ended the process before the final flush:
+    // audit lines and ledger charges of requests that had finished were lost.
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &m, 100.0, 0.0, 10000.0, "")
+        .replace(
+            "filters:",
+            "server: { threads: 2, drain_timeout: 1s }\nfilters:",
+        )
+        .replace(
+            "  - use: budget\n",
+            "  - use: budget\n    commit_interval: 10s\n",
+        );
+    let mut gw = Gateway::start(&cfg).await;
+    let body = json!({"model": "llama3.1:8b", "prompt": "x", "stream": false});
+    for _ in 0..3 {
+        let r = client()
+            .post(gw.url("/api/generate"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // One that outlives the drain.
+    let running = tokio::spawn(
+        client()
+            .post(gw.url("/api/generate"))
+            .bearer_auth(KEY)
+            .header("x-mock-chunks", "40")
+            .header("x-mock-delay-ms", "200")
+            .json(&json!({"model": "llama3.1:8b", "prompt": "x"}))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.signal("TERM");
+    let status = tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10)))
+        .expect("exits after the drain");
+    assert!(status.success(), "{status}");
+    drop(running);
+    let log = gw.log();
+    assert!(log.contains("requests still in flight; exiting"), "{log}");
+    // The three that finished are in the audit log and the ledger.
+    let lines = read_audit(&dir.path().join("audit.jsonl"));
+    assert!(lines.len() >= 3, "{} lines\n{log}", lines.len());
+    let spent: Vec<Value> = spend_json(dir.path());
+    let requests: u64 = spent.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
+    assert!(requests >= 3, "{spent:?}\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn spend_survives_a_restart() {
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
