@@ -499,3 +499,80 @@ fn check_creates_nothing_and_says_what_could_not_be_opened() {
     assert!(err.contains("ledger"), "{err}");
     assert_eq!(std::fs::read(&ledger).unwrap(), b"not a database");
 }
+
+/// Operator review: `check` said OK for an audit log the service's user could not write (the
+/// gateway then refused to start); it asks the system whether this user may write it.
+#[test]
+fn check_says_when_this_user_cannot_write_the_audit_log_or_create_the_ledger() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let keys = write(&dir, "keys.yaml", "keys: []\n");
+    let audit = dir.path().join("audit.jsonl");
+    std::fs::write(&audit, "").unwrap();
+    // Nobody but its owner may write it, and its owner only after a chmod.
+    mode(&audit, 0o444);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let config = |ledger: &std::path::Path| {
+        write(
+            &dir,
+            "gw.yaml",
+            &format!(
+                "listen:\n  - addr: 127.0.0.1:9999\nbackends:\n  - {{ name: a, url: 'http://127.0.0.1:11434', kind: ollama }}\nfilters:\n  - use: auth\n    keys_file: {keys}\n  - use: budget\n    ledger: {}\n    prices: [ {{ model: '*', prompt_per_1m: 1, completion_per_1m: 1 }} ]\n  - use: audit\n    file: {}\n",
+                ledger.display(),
+                audit.display()
+            ),
+        )
+    };
+    // Root may write anything: the check runs as `nobody` then, as a service user would.
+    let root = unsafe { libc::geteuid() } == 0;
+    let check = |f: &str| {
+        let mut cmd = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+            c
+        } else {
+            Command::new(BIN)
+        };
+        let out = cmd
+            .args(["check", "--config", f])
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for p in [dir.path(), data.as_path()] {
+        mode(p, 0o755);
+    }
+    for f in ["keys.yaml"] {
+        mode(&dir.path().join(f), 0o644);
+    }
+    let f = config(&data.join("spend.db"));
+    mode(std::path::Path::new(&f), 0o644);
+    // The ledger's folder is root's (or read-only for its owner).
+    if !root {
+        mode(&data, 0o555);
+    }
+    let (code, err) = check(&f);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("spend.db cannot be created in") && err.contains("ledger"),
+        "{err}"
+    );
+    mode(&data, 0o777);
+    let (code, err) = check(&f);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("audit.jsonl cannot be written by this user"),
+        "{err}"
+    );
+    mode(&audit, 0o666);
+    let (code, err) = check(&f);
+    assert_eq!(code, 0, "{err}");
+}

@@ -124,6 +124,10 @@ fn check(path: &Path) -> ExitCode {
     match result {
         Ok((settings, chain)) => {
             print!("{}", summary(&settings, &chain));
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            if unsafe { libc::geteuid() } == 0 {
+                eprintln!("note: checked as root, who may read and write every file: whether the service's user may was not checked; run it as that user too (sudo -u llm-gateway llm-gateway check --config ...)");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

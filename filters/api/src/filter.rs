@@ -127,26 +127,54 @@ impl std::fmt::Debug for BuildContext {
     }
 }
 
+/// Whether this process may access `path` as `mode` asks (`access(2)` with the effective
+/// ids, as opening it would be judged).
+fn may(path: &std::path::Path, mode: libc::c_int) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) == 0 }
+}
+
 impl BuildContext {
     /// For [`Self::check_only`]: whether a file the filter would create or append to can be
-    /// opened, without creating it. An existing file must be a file; a missing one needs its
-    /// folder.
+    /// opened by the user running the check, without creating it. An existing file must be a
+    /// file this user may write; a missing one needs a folder this user may create it in.
+    /// (Run as root, this tells nothing of the service's user: `check` says so.)
     pub fn check_writable(path: &std::path::Path) -> Result<(), String> {
+        let fix = "make it owned by the user the gateway runs as (and run `check` as that user)";
         match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => Ok(()),
+            Ok(m) if m.is_file() => {
+                if may(path, libc::W_OK) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} cannot be written by this user: {fix}",
+                        path.display()
+                    ))
+                }
+            }
             Ok(_) => Err(format!("{} is not a file", path.display())),
             Err(_) => {
                 let folder = path
                     .parent()
                     .filter(|p| !p.as_os_str().is_empty())
                     .unwrap_or(std::path::Path::new("."));
-                if folder.is_dir() {
-                    Ok(())
-                } else {
+                if !folder.is_dir() {
                     Err(format!(
                         "the folder {} does not exist; create it, owned by the user the gateway runs as",
                         folder.display()
                     ))
+                } else if !may(folder, libc::W_OK | libc::X_OK) {
+                    Err(format!(
+                        "{} cannot be created in {}, which this user may not write: {fix}",
+                        path.display(),
+                        folder.display()
+                    ))
+                } else {
+                    Ok(())
                 }
             }
         }
