@@ -550,9 +550,7 @@ fn check_says_when_this_user_cannot_write_the_audit_log_or_create_the_ledger() {
     for p in [dir.path(), data.as_path()] {
         mode(p, 0o755);
     }
-    for f in ["keys.yaml"] {
-        mode(&dir.path().join(f), 0o644);
-    }
+    mode(&dir.path().join("keys.yaml"), 0o644);
     let f = config(&data.join("spend.db"));
     mode(std::path::Path::new(&f), 0o644);
     // The ledger's folder is root's (or read-only for its owner).
