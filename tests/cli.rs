@@ -275,6 +275,10 @@ fn check_rejects_bad_configs_naming_file_path_and_fix() {
             "backends[0].url",
         ),
         (
+            "backends:\n  - { url: 'http://user:pw@127.0.0.1:1', kind: ollama }\n",
+            "backends[0].url: has a user name or password",
+        ),
+        (
             "backends:\n  - { url: 'http://127.0.0.1:1', kind: llamacpp }\n",
             "backends[0].kind: unknown variant `llamacpp`, expected `ollama` or `openai`",
         ),

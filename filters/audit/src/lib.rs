@@ -123,6 +123,9 @@ pub struct AuditFilter {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Smallest `rotate.max_size`.
+const MIN_ROTATE_SIZE: u64 = 1 << 20;
+
 /// Registry constructor: `- use: audit` plus [`Options`].
 pub fn build(
     options: &serde_json::Value,
@@ -146,6 +149,12 @@ pub fn build(
     };
     if o.queue == 0 {
         return Err(OptionsError::new("queue", "must be at least 1"));
+    }
+    if o.rotate.max_size.is_some_and(|s| s.0 < MIN_ROTATE_SIZE) {
+        return Err(OptionsError::new(
+            "rotate.max_size",
+            "at least 1MiB (the log rotates when a line would pass it: with `keep` files of a few lines each, the audit trail is gone within seconds), such as 100MiB",
+        ));
     }
     if o.capture.prompts {
         log::warn!("audit: capture.prompts is on: prompt texts are written to the audit log");

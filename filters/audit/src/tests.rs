@@ -190,6 +190,14 @@ fn option_errors() {
         .message
         .contains("exactly one sink"));
     assert!(build(&json!({"file": "x", "stdout": true}), &cx).is_err());
+    // A size a few lines pass would rotate the trail away within seconds.
+    let e = build(
+        &json!({"stdout": true, "rotate": {"max_size": "0", "keep": 2}}),
+        &cx,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.path, "rotate.max_size", "{}", e.message);
     assert_eq!(
         build(&json!({"file": "/nonexistent/dir/a.jsonl"}), &cx)
             .err()

@@ -53,11 +53,14 @@ fn today() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()[..10].to_string()
 }
 
+/// The log, for appending; never through a symbolic link (one planted at its path would send
+/// the lines to whatever file it names, in that file's mode).
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
 }
 
@@ -274,6 +277,23 @@ mod tests {
         );
         drop(tx);
         h.join().unwrap();
+    }
+
+    #[test]
+    fn a_link_planted_at_the_log_s_path_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "").unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let (_tx, rx) = tokio::sync::mpsc::channel(16);
+        let spec = SinkSpec::File {
+            path,
+            max_size: None,
+            daily: false,
+            keep: 2,
+        };
+        assert!(spawn(&spec, rx).is_err(), "opened through the link");
     }
 
     #[test]

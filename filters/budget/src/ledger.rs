@@ -26,6 +26,17 @@ pub enum Msg {
 }
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
+    // Made by the gateway for its own user only (SQLite gives its journal files the
+    // database's mode): made by SQLite, it would take the umask's, 0644 by hand or in a
+    // container, every user able to read who spent what.
+    if std::fs::symlink_metadata(path).is_err() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+    }
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -380,6 +391,15 @@ mod tests {
             .unwrap();
         }
         flush(&tx);
+        // Its owner's alone, whatever the umask, the journal files too.
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["spend.db", "spend.db-wal", "spend.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
         let rows = report(&path, Some("2026-11-01"), Some("2026-12-01"), None).unwrap();
         assert_eq!(
             rows[0],

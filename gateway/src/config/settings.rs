@@ -761,6 +761,14 @@ fn backend(b: &BackendEntry) -> Result<BackendSpec, Invalid> {
             format!("{:?} has a path; give only scheme, host and port: the client's path is forwarded as is", b.url),
         ));
     }
+    // A user and password in the URL were dropped without a word: the backend answered 401
+    // to every request.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err((
+            ".url".into(),
+            "has a user name or password, which the gateway does not send to backends; give only scheme, host and port, and put the model server behind no password of its own (bind it to loopback or a private network)".into(),
+        ));
+    }
     let host = uri
         .host()
         .unwrap_or_default()
