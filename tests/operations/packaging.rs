@@ -207,9 +207,22 @@ fn compose_replicas_share_state_through_redis() {
         assert_eq!(s[name]["profiles"][0].as_str(), Some("replicas"), "{name}");
     }
     assert!(s["redis"]["ports"].is_null(), "Redis must not be published");
+    // The replicas see clients, not the balancer: it names them, and they trust it alone.
+    let balancer = s["balancer"]["networks"]["shared"]["ipv4_address"]
+        .as_str()
+        .expect("the balancer has a fixed address");
+    let haproxy = std::fs::read_to_string(format!("{DOCKER}/haproxy.cfg")).unwrap();
+    assert!(
+        haproxy.lines().any(|l| l.trim() == "option forwardfor"),
+        "{haproxy}"
+    );
     let config = std::fs::read_to_string(format!("{DOCKER}/gateway-replica.yaml")).unwrap();
     let replica = yaml(&format!("{DOCKER}/gateway-replica.yaml"));
     assert_eq!(replica["state"]["backend"].as_str(), Some("redis"));
+    assert_eq!(
+        replica["listen"][0]["trusted_proxies"][0].as_str(),
+        Some(balancer)
+    );
     assert_eq!(
         replica["state"]["url"].as_str(),
         Some("redis://redis:6379/0")
