@@ -238,12 +238,18 @@ impl Filter for AuditFilter {
         }
     }
 
-    /// SIGHUP: reopen the file (logrotate moved it).
+    /// SIGHUP: reopen the file (logrotate moved it). A file that cannot be opened anew is a
+    /// failed reload (the lines keep going to the one open, which logrotate may compress or
+    /// delete next): it was reported as done.
     fn reload(&self) -> Result<(), ReloadError> {
-        if self.send_blocking(Msg::Reopen) {
-            Ok(())
-        } else {
-            Err(ReloadError::new(WriterStopped))
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        if !self.send_blocking(Msg::Reopen(ack)) {
+            return Err(ReloadError::new(WriterStopped));
+        }
+        match done.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ReloadError::new(ReopenFailed(e))),
+            Err(_) => Err(ReloadError::new(WriterStopped)),
         }
     }
 
@@ -264,6 +270,10 @@ impl Filter for AuditFilter {
 #[derive(Debug, thiserror::Error)]
 #[error("the audit writer has stopped")]
 pub struct WriterStopped;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the audit log anew ({0}); lines still go to the file that was open")]
+pub struct ReopenFailed(String);
 
 #[cfg(test)]
 mod tests;

@@ -213,3 +213,24 @@ fn option_errors() {
         "on_full"
     );
 }
+
+#[test]
+fn a_reopen_that_fails_is_a_failed_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let f = build(&json!({"file": "audit.jsonl"}), &cx).unwrap();
+    // logrotate moved it; a new one opens.
+    let path = dir.path().join("audit.jsonl");
+    std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+    f.reload().unwrap();
+    assert!(path.exists());
+    // Something that is not a file is in its place: said, not reported as done.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    let e = f.reload().unwrap_err().to_string();
+    assert!(e.contains("cannot open the audit log anew"), "{e}");
+    f.shutdown();
+}

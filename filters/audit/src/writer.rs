@@ -14,8 +14,9 @@ use tokio::sync::mpsc::Receiver;
 pub enum Msg {
     /// One JSON line, with its newline.
     Line(Vec<u8>),
-    /// Reopen the file (SIGHUP, after logrotate moved it).
-    Reopen,
+    /// Reopen the file (SIGHUP, after logrotate moved it); answered with how it went (a
+    /// file that cannot be opened keeps the lines going to the one open).
+    Reopen(std::sync::mpsc::SyncSender<Result<(), String>>),
     /// Answer once everything queued before is written and flushed.
     Flush(std::sync::mpsc::SyncSender<()>),
 }
@@ -160,8 +161,15 @@ impl Sink {
         match (self, msg) {
             (Sink::File(f), Msg::Line(l)) => f.write_line(&l),
             (Sink::Stdout(s), Msg::Line(l)) => s.lock().write_all(&l),
-            (Sink::File(f), Msg::Reopen) => f.reopen(),
-            (Sink::Stdout(_), Msg::Reopen) => Ok(()),
+            (Sink::File(f), Msg::Reopen(ack)) => {
+                let reopened = f.reopen();
+                let _ = ack.send(reopened.as_ref().map_err(|e| e.to_string()).copied());
+                reopened
+            }
+            (Sink::Stdout(_), Msg::Reopen(ack)) => {
+                let _ = ack.send(Ok(()));
+                Ok(())
+            }
             (sink, Msg::Flush(ack)) => {
                 // Acknowledged even when it failed: whoever waits (shutdown) must not hang.
                 let flushed = sink.flush();
@@ -389,7 +397,9 @@ mod tests {
         send(&tx, 3, "before");
         flush(&tx);
         std::fs::rename(&path, dir.path().join("moved")).unwrap();
-        tx.blocking_send(Msg::Reopen).unwrap();
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        tx.blocking_send(Msg::Reopen(ack)).unwrap();
+        assert_eq!(done.recv().unwrap(), Ok(()));
         send(&tx, 2, "after");
         drop(tx);
         h.join().unwrap();
