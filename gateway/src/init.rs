@@ -98,12 +98,15 @@ pub fn run(o: &InitOptions) -> Result<Written, InitError> {
         _ => None,
     };
     let admin_key = keygen::new_key().map_err(|e| InitError::Key(e.to_string()))?;
-    let mut entry = keygen::key_entry("admin", Some("Administrator (made by init)"), &admin_key);
+    // Keys already there stay: the new admin key joins them, under an id of its own (a
+    // second `admin` made a file that does not load).
+    let old_keys = std::fs::read_to_string(&keys).ok().filter(|_| o.force);
+    let id = free_admin_id(old_keys.as_deref().unwrap_or_default());
+    let mut entry = keygen::key_entry(&id, Some("Administrator (made by init)"), &admin_key);
     entry += "    scopes: [admin]\n";
-    // Keys already there stay: the new admin key joins them.
-    let keys_text = match std::fs::read_to_string(&keys) {
-        Ok(old) if o.force => add_entry(&old, &entry),
-        _ => keys_file(&entry),
+    let keys_text = match &old_keys {
+        Some(old) => add_entry(old, &entry),
+        None => keys_file(&entry),
     };
     write_private(&keys, keys_text.as_bytes(), o.force)?;
     write_private(
@@ -111,8 +114,12 @@ pub fn run(o: &InitOptions) -> Result<Written, InitError> {
         config_file(listen, tls.as_ref(), &backend, kind).as_bytes(),
         o.force,
     )?;
-    // What was written must start: otherwise put back what was there and print no key.
-    if let Err(e) = crate::config::load(&config) {
+    // What was written must start (its filters too: the keys file is theirs): otherwise put
+    // back what was there and print no key.
+    let registry = crate::registry::Registry::builtin();
+    let started = crate::config::load(&config)
+        .and_then(|s| crate::chain::FilterChain::check(&s, &registry).map(|_| ()));
+    if let Err(e) = started {
         for (path, old) in planned.iter().zip(before) {
             match old {
                 Some(bytes) => {
@@ -160,6 +167,24 @@ fn backend(url: &str) -> Result<(String, &'static str), InitError> {
 }
 
 /// `entry` added to an existing keys file's list.
+/// `admin`, or `admin-2`, `admin-3`… when the keys file `old` already has that id.
+fn free_admin_id(old: &str) -> String {
+    let taken = |id: &str| {
+        old.lines().any(|l| {
+            let l = l.trim().trim_start_matches("- ").trim();
+            l.strip_prefix("id:")
+                .is_some_and(|v| v.trim().trim_matches(['"', '\'']) == id)
+        })
+    };
+    (1..)
+        .map(|n| match n {
+            1 => "admin".to_string(),
+            n => format!("admin-{n}"),
+        })
+        .find(|id| !taken(id))
+        .unwrap_or_else(|| "admin".into())
+}
+
 fn add_entry(old: &str, entry: &str) -> String {
     if let Some(at) = old.find("keys: []") {
         let mut s = old.to_string();

@@ -86,6 +86,15 @@ fn init_writes_a_safe_config_that_passes_check() {
         "{again}"
     );
     assert_eq!(again.matches("- id: ").count(), 2, "{again}");
+    // Under ids of their own (a second `admin` made a file that does not load), and the
+    // result still passes `check`.
+    assert!(again.contains("- id: \"admin-2\""), "{again}");
+    let (code, _, err) = run(&["init", "--dir", d, "--force"]);
+    assert_eq!(code, 0, "{err}");
+    let third = std::fs::read_to_string(dir.path().join("keys.yaml")).unwrap();
+    assert!(third.contains("- id: \"admin-3\""), "{third}");
+    let (code, _, err) = run(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
     // What cannot work is refused before anything is written.
     let bad = tempfile::tempdir().unwrap();
     let b = bad.path().to_str().unwrap();
