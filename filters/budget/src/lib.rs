@@ -283,6 +283,12 @@ pub fn build(
     }
     let default = o.default.as_ref().map(|s| spec(s, "default")).transpose()?;
     let global = o.global.as_ref().map(|s| spec(s, "global")).transpose()?;
+    if default.is_none() && global.is_none() {
+        // Spend is counted against budgets: without one, nothing is charged or recorded.
+        log::warn!(
+            "budget: no `default` or `global` budget: only principals with a `max_usd` of their own (keys file) are charged and recorded in the ledger; add `global: {{ max_usd: ..., period: 1mo }}` to record everyone's spend"
+        );
+    }
     let path = cx.resolve(&o.ledger);
     let (history, replica) = if cx.check_only {
         // `check`: read, never created (as root it would be left root's).
