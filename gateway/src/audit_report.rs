@@ -150,8 +150,9 @@ pub fn summary(lines: &[Value]) -> Value {
         "prompt_tokens": lines.iter().map(|l| u(l, "prompt_tokens")).sum::<u64>(),
         "completion_tokens": lines.iter().map(|l| u(l, "completion_tokens")).sum::<u64>(),
         "principals": lines.iter().map(|l| s(l, "principal")).collect::<std::collections::HashSet<_>>().len(),
-        "first": lines.first().map(|l| s(l, "ts")),
-        "last": lines.last().map(|l| s(l, "ts")),
+        // By time, not by file order: `audit audit.jsonl*` reads the live file first.
+        "first": lines.iter().map(|l| s(l, "ts")).min(),
+        "last": lines.iter().map(|l| s(l, "ts")).max(),
     })
 }
 
@@ -324,6 +325,19 @@ mod tests {
             text.starts_with("PRINCIPAL  REQUESTS\nalice      2\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn first_and_last_are_by_time_not_file_order() {
+        // `audit audit.jsonl*`: the live file (newer lines) comes before `.1`.
+        let lines = [
+            json!({"ts": "2026-12-05T13:35:54Z", "status": 200}),
+            json!({"ts": "2026-12-05T13:34:26Z", "status": 200}),
+            json!({"ts": "2026-12-05T13:35:00Z", "status": 200}),
+        ];
+        let sum = summary(&lines);
+        assert_eq!(sum["first"], "2026-12-05T13:34:26Z");
+        assert_eq!(sum["last"], "2026-12-05T13:35:54Z");
     }
 
     #[test]

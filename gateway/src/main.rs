@@ -373,7 +373,8 @@ fn spend(
         "{}",
         audit_report::table(&values, &["principal", "model", "usd", "requests"])
     );
-    let total: f64 = rows.iter().map(|r| r.usd).sum();
+    // Plus 0.0: an empty float sum is -0.0, printed "$-0.0000".
+    let total: f64 = rows.iter().map(|r| r.usd).sum::<f64>() + 0.0;
     println!(
         "total: ${total:.4} ({})",
         if period == "current" {

@@ -274,6 +274,7 @@ pub fn spawn(
                         Msg::Flush(ack) => {
                             let done = commit(&mut conn, &mut pending, &mut seen);
                             if let Err(e) = &done {
+                                crate::METRICS.ledger_failures.inc();
                                 log::error!("budget: ledger commit failed: {e}");
                             }
                             committed = Instant::now();
@@ -283,6 +284,7 @@ pub fn spawn(
                 }
                 if committed.elapsed() >= interval {
                     if let Err(e) = commit(&mut conn, &mut pending, &mut seen) {
+                        crate::METRICS.ledger_failures.inc();
                         log::error!("budget: ledger commit failed, will retry: {e}");
                     }
                     committed = Instant::now();

@@ -37,6 +37,9 @@ struct Metrics {
     remaining: GaugeVec,
     rejections: IntCounter,
     soft: IntCounter,
+    /// Ledger commits that failed (a full disk): their charges wait in memory, lost if the
+    /// process ends first.
+    ledger_failures: IntCounter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -67,6 +70,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Requests past a budget's soft threshold",
     )
     .unwrap_or_else(|_| unreachable!("valid metric"));
+    let ledger_failures = IntCounter::new(
+        "llm_gateway_ledger_commit_failures_total",
+        "Spend ledger commits that failed (their charges wait in memory and are tried again)",
+    )
+    .unwrap_or_else(|_| unreachable!("valid metric"));
+    let _ = r.register(Box::new(ledger_failures.clone()));
     let _ = r.register(Box::new(spend.clone()));
     let _ = r.register(Box::new(remaining.clone()));
     let _ = r.register(Box::new(rejections.clone()));
@@ -76,6 +85,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         remaining,
         rejections,
         soft,
+        ledger_failures,
     }
 });
 
