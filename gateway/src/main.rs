@@ -140,6 +140,7 @@ fn check(path: &Path) -> ExitCode {
 fn run(path: &Path, upgrade: bool) -> ExitCode {
     // Before any thread exists (building the chain starts the audit writer).
     llm_gateway::server::block_ctrl_c();
+    llm_gateway::server::ignore_sighup_until_handled();
     spawn_allocator_purge();
     llm_gateway::fd_limit::raise();
     let registry = Registry::builtin();

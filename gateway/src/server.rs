@@ -341,6 +341,16 @@ pub fn block_ctrl_c() {
     }
 }
 
+/// SIGHUP's default ends the process: one that came while the gateway started (a reload
+/// sent by `systemctl reload` or logrotate's `postrotate` during an upgrade's start) killed
+/// it before its handler was there. Ignored until [`spawn_reloader`] sets the handler.
+pub fn ignore_sighup_until_handled() {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
 fn spawn_ctrl_c(flush: Flush) {
     std::thread::spawn(move || {
         let mut presses = 0;
