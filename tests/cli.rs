@@ -578,3 +578,55 @@ fn check_says_when_this_user_cannot_write_the_audit_log_or_create_the_ledger() {
     let (code, err) = check(&f);
     assert_eq!(code, 0, "{err}");
 }
+
+/// Operator review: `audit --follow` noticed a rotation only when the new file was shorter
+/// than what it had read of the old one, and did not read the old one to its end first: 11
+/// of 60 lines were shown across rotations.
+#[test]
+fn audit_follow_reads_across_a_rotation() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let line = |id: &str| format!("{{\"request_id\":\"{id}\",\"status\":200}}\n");
+    std::fs::write(&path, line("old").repeat(5)).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["audit", "--follow", "--json"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // A last line, then at once the rotation, and a new file longer than the old one.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(line("a").as_bytes()).unwrap();
+    drop(f);
+    std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+    let next: String = ["b", "c", "d"]
+        .iter()
+        .map(|id| line(id))
+        .collect::<String>()
+        + &line("pad").repeat(10);
+    std::fs::write(&path, next).unwrap();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..4 {
+            let mut l = String::new();
+            if reader.read_line(&mut l).unwrap_or(0) == 0 {
+                break;
+            }
+            let _ = tx.send(l);
+        }
+    });
+    while let Ok(l) = rx.recv_timeout(std::time::Duration::from_secs(5)) {
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        seen.push(v["request_id"].as_str().unwrap().to_string());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen, ["a", "b", "c", "d"]);
+}

@@ -230,24 +230,13 @@ pub const FOLLOW_COLUMNS: [&str; 8] = [
 
 /// Prints selected lines appended to `path` from now on, across rotations, until killed.
 pub fn follow(path: &Path, sel: &Selection, as_json: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut pos = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
     let mut pending = String::new();
     let stdout = std::io::stdout();
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        // Rotated or truncated: start over on the new file.
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            if let Ok(f) = File::open(path) {
-                file = f;
-                pos = 0;
-            }
-        }
-        let mut chunk = String::new();
-        let n = (&file).read_to_string(&mut chunk).unwrap_or(0);
-        pos += n as u64;
-        pending.push_str(&chunk);
+    // Prints the complete lines read so far; false once stdout is gone (a closed pipe).
+    let mut show = |pending: &mut String| -> bool {
         while let Some(i) = pending.find('\n') {
             let line: String = pending.drain(..=i).collect();
             let Ok(v) = serde_json::from_str::<Value>(line.trim()) else {
@@ -272,7 +261,34 @@ pub fn follow(path: &Path, sel: &Selection, as_json: bool) -> Result<(), String>
                 .and_then(|_| out.flush())
                 .is_err()
             {
-                return Ok(());
+                return false;
+            }
+        }
+        true
+    };
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        // What the open file got first, to its end: the lines written just before a rotation
+        // are in the file that was moved away.
+        let mut chunk = String::new();
+        pos += (&file).read_to_string(&mut chunk).unwrap_or(0) as u64;
+        pending.push_str(&chunk);
+        if !show(&mut pending) {
+            return Ok(());
+        }
+        // Rotated (another file at the path, whatever its size) or truncated: go on with the
+        // file now at the path, from its start.
+        let replaced = match (std::fs::metadata(path), file.metadata()) {
+            (Ok(now), Ok(open)) => {
+                (now.dev(), now.ino()) != (open.dev(), open.ino()) || now.len() < pos
+            }
+            _ => false,
+        };
+        if replaced {
+            if let Ok(f) = File::open(path) {
+                file = f;
+                pos = 0;
+                pending.clear();
             }
         }
     }
