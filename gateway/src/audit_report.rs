@@ -236,7 +236,7 @@ pub fn follow(path: &Path, sel: &Selection, as_json: bool) -> Result<(), String>
     let mut pending = String::new();
     let stdout = std::io::stdout();
     // Prints the complete lines read so far; false once stdout is gone (a closed pipe).
-    let mut show = |pending: &mut String| -> bool {
+    let show = |pending: &mut String| -> bool {
         while let Some(i) = pending.find('\n') {
             let line: String = pending.drain(..=i).collect();
             let Ok(v) = serde_json::from_str::<Value>(line.trim()) else {
