@@ -361,8 +361,52 @@ fn named_files(s: &Settings) -> Vec<Named> {
     out
 }
 
+/// The folders of the files the gateway reads or writes: one that every user may write (and
+/// that is not sticky, like /tmp) lets anyone replace a file in it by renaming another over
+/// it (a keys file of their own), or plant a link where the audit log will be made.
+fn folders(named: &[Named], out: &mut Vec<Finding>) {
+    let mut seen = std::collections::HashSet::new();
+    for f in named {
+        let Some(dir) = f.path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+            continue;
+        };
+        if !seen.insert(dir.to_path_buf()) {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            out.push(Finding {
+                check: "file_permissions",
+                what: format!(
+                    "the folder {} of the {} can be written by every user of this machine (mode {:o})",
+                    dir.display(),
+                    f.what,
+                    mode & 0o7777
+                ),
+                why: "anyone with an account here can replace the files in it (a keys file of their own) or plant a link where the gateway writes".into(),
+                fix: format!("chmod o-w {}", dir.display()),
+            });
+        }
+    }
+}
+
 fn files(s: &Settings, out: &mut Vec<Finding>) {
-    for f in named_files(s) {
+    let mut named = named_files(s);
+    // SQLite's journal beside the ledger holds the same figures.
+    let journals: Vec<Named> = named
+        .iter()
+        .filter(|f| f.what == "budget ledger")
+        .map(|f| Named {
+            path: std::path::PathBuf::from(format!("{}-wal", f.path.display())),
+            what: "budget ledger",
+        })
+        .collect();
+    named.extend(journals);
+    folders(&named, out);
+    for f in named {
         let meta = match std::fs::metadata(&f.path) {
             Ok(m) => m,
             // The ledger and audit log are made at the first start.

@@ -173,6 +173,8 @@ async fn doctor_finds_what_is_open_around_the_gateway() {
     text += "  - id: demo\n    key_sha256: 4daadee049895fc0ac656b1efe8c7d9802c62d5343d85ffab82bfe03673c4b91\n";
     std::fs::write(&keys, text).unwrap();
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // And its folder writable by everyone (anyone could rename a keys file of theirs over it).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let (code, out, _) = run(&["doctor", "--config", config, "--json"]);
     assert_eq!(code, 1, "{out}");
     let report: Value = serde_json::from_str(&out).unwrap();
@@ -192,6 +194,13 @@ async fn doctor_finds_what_is_open_around_the_gateway() {
             .any(|w| w.contains("keys.yaml") && w.contains("644")),
         "{findings:?}"
     );
+    assert!(
+        perms
+            .iter()
+            .any(|w| w.contains("folder") && w.contains("777")),
+        "{findings:?}"
+    );
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     assert_eq!(of("demo_credentials").len(), 1, "{findings:?}");
     assert!(of("exposed_model_server").iter().any(|w| w.contains(&port)));
     for f in findings {
