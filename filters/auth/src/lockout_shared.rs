@@ -346,6 +346,17 @@ mod tests {
         assert_eq!(fake.runs.load(Ordering::Acquire), 9);
     }
 
+    /// Asks twice about `ip` (not locked); how many times the set was read and the server
+    /// asked about the address, in all.
+    async fn two_asks(fake: &FakeState, lockout: &SharedLockout, ip: IpAddr) -> (usize, usize) {
+        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
+        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
+        (
+            fake.text_reads.load(Ordering::Acquire),
+            fake.runs.load(Ordering::Acquire),
+        )
+    }
+
     /// Attacker review: a set too large to hold once meant a call per request for as long as
     /// the subscription lived; it is read again once the wait has passed.
     #[tokio::test(flavor = "multi_thread")]
@@ -361,39 +372,15 @@ mod tests {
             .collect();
         *fake.text.lock().unwrap() = many;
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
-        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
-        assert_eq!(
-            (
-                fake.text_reads.load(Ordering::Acquire),
-                fake.runs.load(Ordering::Acquire)
-            ),
-            (1, 2)
-        );
+        assert_eq!(two_asks(&fake, &lockout, ip).await, (1, 2));
         // The server counts rather than reads a set that large: the same.
         let (fake, lockout) = self::lockout();
         *fake.text.lock().unwrap() = vec![OVERFLOW.to_string()];
-        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
-        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
-        assert_eq!(
-            (
-                fake.text_reads.load(Ordering::Acquire),
-                fake.runs.load(Ordering::Acquire)
-            ),
-            (1, 2)
-        );
+        assert_eq!(two_asks(&fake, &lockout, ip).await, (1, 2));
         // The locks that filled it expired; the wait has passed.
         lockout.heard.0.lock().unwrap().clear();
         fake.text.lock().unwrap().clear();
         lockout.overflowed_at.store(0, Ordering::Release);
-        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
-        assert_eq!(lockout.locked(&ip).await.unwrap(), Some(false));
-        assert_eq!(
-            (
-                fake.text_reads.load(Ordering::Acquire),
-                fake.runs.load(Ordering::Acquire)
-            ),
-            (2, 2)
-        );
+        assert_eq!(two_asks(&fake, &lockout, ip).await, (2, 2));
     }
 }
