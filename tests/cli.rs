@@ -577,6 +577,20 @@ fn check_says_when_this_user_cannot_write_the_audit_log_or_create_the_ledger() {
     mode(&audit, 0o666);
     let (code, err) = check(&f);
     assert_eq!(code, 0, "{err}");
+    // An existing ledger this user may not write.
+    let ledger = data.join("spend.db");
+    std::fs::write(&ledger, b"SQLite format 3\0").unwrap();
+    mode(&ledger, 0o444);
+    let (code, err) = check(&f);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("spend.db cannot be written"), "{err}");
+    std::fs::remove_file(&ledger).unwrap();
+    // A link where the audit log goes: the gateway never writes through one.
+    std::fs::remove_file(&audit).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), &audit).unwrap();
+    let (code, err) = check(&f);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
 }
 
 /// Operator review: `audit --follow` noticed a rotation only when the new file was shorter

@@ -163,6 +163,14 @@ pub fn build(
     if cx.check_only {
         // `check`: the log is neither created nor opened (as root it would be left root's).
         if let SinkSpec::File { path, .. } = &spec {
+            // The writer never opens the log through a link (`O_NOFOLLOW`).
+            let linked = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+            if linked {
+                return Err(OptionsError::new(
+                    "file",
+                    format!("{} is a symbolic link; the audit log is never written through one: name the file itself", path.display()),
+                ));
+            }
             BuildContext::check_writable(path).map_err(|e| {
                 OptionsError::new("file", format!("cannot open the audit sink: {e}"))
             })?;

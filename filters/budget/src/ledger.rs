@@ -168,7 +168,12 @@ pub fn check(path: &Path) -> Result<(), LedgerError> {
         f.read_exact(&mut header)
     });
     match read {
-        Ok(()) if &header == b"SQLite format 3\0" => Ok(()),
+        // An existing ledger must be writable too (and its folder, for the journal files).
+        Ok(()) if &header == b"SQLite format 3\0" => {
+            gateway_filter::BuildContext::check_writable(path).map_err(LedgerError::Place)?;
+            let journal = PathBuf::from(format!("{}-wal", path.display()));
+            gateway_filter::BuildContext::check_writable(&journal).map_err(LedgerError::Place)
+        }
         Ok(()) => Err(LedgerError::Place(format!(
             "{} is not an SQLite database; point `ledger` at the gateway's ledger or a new file",
             path.display()

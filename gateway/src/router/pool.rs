@@ -323,7 +323,8 @@ impl BackendPool {
     }
 
     /// A request failed on the backend (connect error, timeout, 5xx). After `fail_threshold`
-    /// consecutive failures it cools down; each further failure doubles the cooldown, to a cap.
+    /// consecutive failures it cools down; each further failure while it cools down doubles
+    /// the cooldown, to a cap (once the cooldown is over, a new streak starts: [`Self::fail`]).
     pub fn mark_failed(&self, idx: usize) {
         if self.fail(idx) {
             // Each cooldown starts a new round of callers (see `mark_failed_for`).

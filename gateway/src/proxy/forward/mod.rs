@@ -30,7 +30,8 @@ enum Attempt {
     Done,
     /// Nothing was sent to the client and the backend failed: try another. `answered`: the
     /// error status it answered with (it counts against the backend only if another backend
-    /// serves the same request); `None`: it failed to answer, which counts against it.
+    /// serves the same request); `None`: it failed to answer, which counts against it (see
+    /// [`unanswered_health`]).
     Retry {
         err: Box<Error>,
         answered: Option<u16>,
@@ -78,7 +79,8 @@ fn caller_key(req: &RequestCtx) -> u64 {
 /// Whom a failure before any answer counts against: a connection the backend refused or
 /// dropped before it had the request is the backend's alone; a deadline it missed (writing
 /// the request, the first byte) may be the request's own doing (a long prompt, a context
-/// size that reloads the model), so it counts once per caller.
+/// size that reloads the model): it counts in full when the backend served nobody meanwhile,
+/// else once per caller (`Health::FailedFor`).
 fn unanswered_health(err: &Error, ctx: &GwCtx) -> Health {
     match err.etype() {
         ErrorType::Custom(c) if *c == respond::FIRST_BYTE_TIMEOUT => maybe_caused(ctx),
