@@ -35,8 +35,8 @@ pub enum Pick {
 /// How an attempt on a backend ended, for its health and its figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// It answered; `tokens`: what the request used. Only a generation or embedding served
-    /// (a 2xx on an inference route: `inference`) shows the backend works: a model list, a
+    /// It answered; `tokens`: what the request used. Only work served (a 2xx on an inference
+    /// route or a POST to a custom one: `inference`) shows the backend works: a model list, a
     /// version or a client's error answers also from a backend whose runner fails every
     /// request, and reset its failures for anyone who polls it.
     Answered {
@@ -58,9 +58,8 @@ pub enum Health {
     Failed,
     /// What a request may have caused itself (a generation held past `read_timeout` or the
     /// first-byte deadline, a stream that paused or broke, a backend that fell over on it),
-    /// after `waited` on it: the backend's failure when it served nobody meanwhile (hung, or
-    /// down), else once per `caller` in its streak ([`BackendPool::mark_failed_for`]), so one
-    /// client's slow requests cannot take out a backend that serves everyone else.
+    /// after `waited` on it: see [`BackendPool::mark_slow`]; one client's slow requests
+    /// cannot take out a backend that serves everyone else, nor a quiet one by a burst.
     FailedFor { caller: u64, waited: Duration },
 }
 
@@ -99,13 +98,7 @@ pub trait Router: Send + Sync {
             } => pool.mark_failed(idx),
             Outcome::Failed {
                 health: Health::FailedFor { caller, waited },
-            } => {
-                if pool.served_within(idx, waited) {
-                    pool.mark_failed_for(idx, caller);
-                } else {
-                    pool.mark_failed(idx);
-                }
-            }
+            } => pool.mark_slow(idx, caller, waited),
             Outcome::Failed {
                 health: Health::Kept,
             } => {}

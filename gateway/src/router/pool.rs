@@ -79,6 +79,8 @@ pub struct Backend {
     down_until_ms: AtomicU64,
     /// When it last served a generation or an embedding (pool ms; 0: never).
     served_ms: AtomicU64,
+    /// When a deadline it missed last counted in full ([`BackendPool::mark_slow`]; 0: never).
+    counted_ms: AtomicU64,
     cooldown_ms: AtomicU64,
     probe_ok: AtomicBool,
 
@@ -136,6 +138,7 @@ impl Backend {
             streak_callers: Default::default(),
             down_until_ms: AtomicU64::new(0),
             served_ms: AtomicU64::new(0),
+            counted_ms: AtomicU64::new(0),
             cooldown_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
@@ -324,34 +327,40 @@ impl BackendPool {
 
     /// A request failed on the backend (connect error, timeout, 5xx). After `fail_threshold`
     /// consecutive failures it cools down; each further failure while it cools down doubles
-    /// the cooldown, to a cap (once the cooldown is over, a new streak starts: [`Self::fail`]).
+    /// the cooldown, to a cap (once the cooldown is over, a new streak starts).
     pub fn mark_failed(&self, idx: usize) {
-        if self.fail(idx) {
-            // Each cooldown starts a new round of callers (see `mark_failed_for`).
-            self.0.backends[idx]
-                .streak_callers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+        let mut callers = self.callers(idx);
+        self.fail(idx, &mut callers);
+    }
+
+    /// The backend's callers in the current streak, locked: every change of the streak
+    /// (counting, a new streak, a success) happens under it.
+    fn callers(&self, idx: usize) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.0.backends[idx]
+            .streak_callers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A cooldown that has ended starts a new streak, of failures and callers (its length
+    /// doubles the next cooldown all the same): counted on from the old one, a single failure
+    /// after each cooldown kept a backend out, one slow request per cooldown from one client.
+    fn new_streak_if_over(&self, idx: usize, callers: &mut Vec<u64>) {
+        let b = &self.0.backends[idx];
+        let until = b.down_until_ms.load(Ordering::Relaxed);
+        if until != 0 && until <= self.now_ms() {
+            b.down_until_ms.store(0, Ordering::Relaxed);
+            b.failures.store(0, Ordering::Relaxed);
+            callers.clear();
         }
     }
 
-    /// Counts a failure; answers whether the backend is now cooling down. A cooldown that has
-    /// ended starts a new streak (its length doubles the next cooldown all the same): counted
-    /// on from the old one, a single failure after each cooldown kept a backend out, one
-    /// slow request per cooldown from one client.
-    fn fail(&self, idx: usize) -> bool {
+    /// Counts a failure (the streak's callers locked); answers whether the backend is now
+    /// cooling down.
+    fn fail(&self, idx: usize, callers: &mut Vec<u64>) -> bool {
+        self.new_streak_if_over(idx, callers);
         let inner = &self.0;
         let b = &inner.backends[idx];
-        let until = b.down_until_ms.load(Ordering::Relaxed);
-        if until != 0
-            && until <= self.now_ms()
-            && b.down_until_ms
-                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            b.failures.store(0, Ordering::Relaxed);
-        }
         let n = b.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let down = n >= inner.fail_threshold;
         if down {
@@ -377,29 +386,48 @@ impl BackendPool {
     /// each caller in the streak, so it takes `fail_threshold` callers to take the backend
     /// out. A backend that fails everyone is taken out; one client's requests that fail by
     /// design (llama.cpp's 500 for a malformed tool call) cannot build a streak, nor can two.
-    /// Each cooldown starts a new round of callers, so the same callers' errors after it
-    /// count again (and double the cooldown).
+    /// A new streak (after a cooldown) starts a new round of callers.
     pub fn mark_failed_for(&self, idx: usize, caller: u64) {
-        let b = &self.0.backends[idx];
-        // Held while the failure is counted, so a success (which clears both) cannot fall
-        // in between and leave a caller listed for a streak that restarted.
-        let mut callers = b.streak_callers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut callers = self.callers(idx);
+        self.new_streak_if_over(idx, &mut callers);
+        self.fail_once_for(idx, caller, &mut callers);
+    }
+
+    fn fail_once_for(&self, idx: usize, caller: u64, callers: &mut Vec<u64>) {
         if callers.contains(&caller) {
             return;
         }
         if callers.len() < 64 {
             callers.push(caller);
         }
-        if self.fail(idx) {
-            callers.clear();
-        }
+        self.fail(idx, callers);
     }
 
-    /// Whether the backend served a request (a generation or an embedding) within the last
-    /// `within`.
-    pub fn served_within(&self, idx: usize, within: Duration) -> bool {
-        let served = self.0.backends[idx].served_ms.load(Ordering::Relaxed);
-        served != 0 && served + within.as_millis() as u64 >= self.now_ms()
+    /// A deadline the backend missed with a request of `caller` that waited `waited` on it,
+    /// which the request may have caused itself (a long answer, a slow model). It counts in
+    /// full only when nothing explains it but the backend: it served no generation while the
+    /// request waited (hung, or dead), and no failure was counted in full meanwhile (a burst
+    /// of slow requests on an idle backend is one failure, not one each); otherwise once per
+    /// caller in the streak. Nothing while it cools down already (requests still running on
+    /// it would each double the cooldown).
+    pub fn mark_slow(&self, idx: usize, caller: u64, waited: Duration) {
+        let b = &self.0.backends[idx];
+        let now = self.now_ms();
+        if b.down_until_ms.load(Ordering::Relaxed) > now {
+            return;
+        }
+        let started = now.saturating_sub(waited.as_millis() as u64);
+        let mut callers = self.callers(idx);
+        self.new_streak_if_over(idx, &mut callers);
+        let served = b.served_ms.load(Ordering::Relaxed);
+        let explained =
+            (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
+        if explained {
+            self.fail_once_for(idx, caller, &mut callers);
+        } else {
+            b.counted_ms.store(now.max(1), Ordering::Relaxed);
+            self.fail(idx, &mut callers);
+        }
     }
 
     /// A request succeeded: the failure streak and the cooldown reset. (A passing health

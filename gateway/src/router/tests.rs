@@ -320,11 +320,33 @@ fn settled_outcomes_decide_health_and_figures() {
     r.settle(0, answered(400));
     r.settle(0, failed(Health::Failed));
     assert!(!r.pool().is_up(0), "polling it kept it in");
-    // One that served nobody while a request waited on it (hung) fails on its own, whoever
-    // waited.
-    r.settle(1, failed(slow(7)));
-    r.settle(1, failed(slow(7)));
+    // One that served nobody while requests waited on it, one after another (hung), fails
+    // on its own, whoever waited.
+    let quick = |caller| Health::FailedFor {
+        caller,
+        waited: Duration::from_millis(1),
+    };
+    r.settle(1, failed(quick(7)));
+    std::thread::sleep(Duration::from_millis(5));
+    r.settle(1, failed(quick(7)));
+    std::thread::sleep(Duration::from_millis(5));
     assert!(r.pool().is_up(1));
-    r.settle(1, failed(slow(7)));
+    r.settle(1, failed(quick(7)));
     assert!(!r.pool().is_up(1), "a hung backend stays in");
+    // Requests still running on it when it is out add nothing (they doubled the cooldown).
+    for _ in 0..5 {
+        r.settle(1, failed(slow(8)));
+    }
+    std::thread::sleep(Duration::from_millis(130));
+    assert!(r.pool().is_up(1), "its 100 ms cooldown was lengthened");
+    // A burst of slow requests of one client on a quiet backend is one failure in full and
+    // one for the client, not one each.
+    let r = router(Strategy::RoundRobin, &[1, 1]);
+    for _ in 0..8 {
+        r.settle(0, failed(slow(9)));
+    }
+    assert!(
+        r.pool().is_up(0),
+        "a burst of one client took a quiet backend out"
+    );
 }

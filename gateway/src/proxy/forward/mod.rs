@@ -89,13 +89,27 @@ fn unanswered_health(err: &Error, ctx: &GwCtx) -> Health {
     }
 }
 
-/// A failure the request may have caused, after the time its attempts took.
+/// Whether a good answer to `req` shows the backend works: an inference route's, or a POST to
+/// a route a custom rule opens (`/v1/responses`, SGLang's `/generate`), not a model list or a
+/// version, which a backend whose runner fails every request answers too.
+fn serves_work(req: &RequestCtx) -> bool {
+    req.route.is_inference()
+        || (req.route == gateway_filter::Route::Other
+            && req.method == gateway_filter::http::Method::POST)
+}
+
+/// A failure the request may have caused, after the time this attempt's backend had it
+/// (since it was sent to it; a request that never left, since the first attempt began).
 fn maybe_caused(ctx: &GwCtx) -> Health {
-    Health::FailedFor {
-        caller: caller_key(&ctx.req),
-        waited: ctx
+    let waited = match ctx.req.sent {
+        Some(sent) => ctx.req.started.elapsed().saturating_sub(sent),
+        None => ctx
             .upstream_started
             .map_or(std::time::Duration::ZERO, |t| t.elapsed()),
+    };
+    Health::FailedFor {
+        caller: caller_key(&ctx.req),
+        waited,
     }
 }
 
@@ -269,7 +283,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                         status: ctx.req.status,
                         tokens: ctx.req.usage.map_or(0, |u| u.total()),
                         ttfb: ctx.req.ttfb,
-                        inference: ctx.req.route.is_inference(),
+                        inference: serves_work(&ctx.req),
                     },
                 );
                 return Ok(());
