@@ -1,7 +1,7 @@
 //! The price table: USD per 1M prompt and completion tokens and/or per second of generation.
 
 use gateway_filter::glob::wildcard;
-use gateway_filter::model_name::{canonical_model, folded, model_key};
+use gateway_filter::model_name::{folded, model_key};
 use gateway_filter::Usage;
 use serde::Deserialize;
 
@@ -42,11 +42,15 @@ impl Price {
 /// glob's `*` does not cross), a name without a tag is its `:latest` on either side
 /// (`qwen2.5` = `qwen2.5:latest`), and a model is named as Ollama resolves it, whatever its
 /// case or default namespace, so no model the gateway serves slips past its price as
-/// unpriced or a cheaper entry's. `key`: `model`'s [`model_key`], worked out once per lookup.
-fn applies(pattern: &str, key: &str) -> bool {
+/// unpriced or a cheaper entry's. `folded`, `key`: `model`'s [`folded`] and [`model_key`]
+/// forms, worked out once per lookup.
+fn applies(pattern: &str, folded: &str, key: &str) -> bool {
     pattern == "*"
         || wildcard(pattern, key)
-        || (!pattern.contains('*') && canonical_model(pattern) == key)
+        // A glob ending in a name's last letters (`*-Instruct`) and a name without a tag
+        // (vLLM's and SGLang's ids have none).
+        || wildcard(pattern, folded)
+        || (!pattern.contains('*') && model_key(pattern) == key)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -82,24 +86,25 @@ impl PriceTable {
 
     /// The first entry for `model` on `backend` (entries without a backend match any).
     pub fn find(&self, model: &str, backend: Option<&str>) -> Option<&Price> {
-        let key = model_key(model);
+        let (folded, key) = (folded(model), model_key(model));
         self.0.iter().find(|p| {
-            applies(&p.model, &key) && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
+            applies(&p.model, &folded, &key)
+                && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
         })
     }
 
     /// Whether any entry could apply to `model`.
     pub fn has(&self, model: &str) -> bool {
-        let key = model_key(model);
-        self.0.iter().any(|p| applies(&p.model, &key))
+        let (folded, key) = (folded(model), model_key(model));
+        self.0.iter().any(|p| applies(&p.model, &folded, &key))
     }
 
     /// Before the backend is known: the most expensive entry that could apply.
     pub fn worst_case(&self, model: &str, usage: Usage, secs: f64) -> Option<Nano> {
-        let key = model_key(model);
+        let (folded, key) = (folded(model), model_key(model));
         self.0
             .iter()
-            .filter(|p| applies(&p.model, &key))
+            .filter(|p| applies(&p.model, &folded, &key))
             .map(|p| p.cost(usage, secs))
             .max()
     }
@@ -180,9 +185,17 @@ mod tests {
             ("llama3.1:*", "llama3.1"),
             ("*:70b*", "llama3.1:70b-instruct"),
             ("Llama3.1:*", "library/LLAMA3.1:8b"),
+            // Ids without a tag (vLLM, SGLang), by their last letters.
+            ("*-Instruct", "Llama-3-70B-Instruct"),
+            (
+                "meta-llama/*-70B-Instruct",
+                "meta-llama/Llama-3-70B-Instruct",
+            ),
+            // A registry's port is not a tag.
+            ("reg:5000/ns/m", "reg:5000/ns/m"),
         ] {
             assert!(
-                applies(&folded(pattern), &model_key(model)),
+                applies(&folded(pattern), &folded(model), &model_key(model)),
                 "{pattern} applies to {model}"
             );
         }
@@ -192,7 +205,7 @@ mod tests {
             ("*:70b*", "llama3.1:8b"),
         ] {
             assert!(
-                !applies(&folded(pattern), &model_key(model)),
+                !applies(&folded(pattern), &folded(model), &model_key(model)),
                 "{pattern} does not apply to {model}"
             );
         }
