@@ -520,17 +520,18 @@ fn check_says_when_this_user_cannot_write_the_audit_log_or_create_the_ledger() {
     mode(&audit, 0o444);
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let config = |ledger: &std::path::Path| {
+    let config_with = |ledger: &std::path::Path, audit_extra: &str| {
         write(
             &dir,
             "gw.yaml",
             &format!(
-                "listen:\n  - addr: 127.0.0.1:9999\nbackends:\n  - {{ name: a, url: 'http://127.0.0.1:11434', kind: ollama }}\nfilters:\n  - use: auth\n    keys_file: {keys}\n  - use: budget\n    ledger: {}\n    prices: [ {{ model: '*', prompt_per_1m: 1, completion_per_1m: 1 }} ]\n  - use: audit\n    file: {}\n",
+                "listen:\n  - addr: 127.0.0.1:9999\nbackends:\n  - {{ name: a, url: 'http://127.0.0.1:11434', kind: ollama }}\nfilters:\n  - use: auth\n    keys_file: {keys}\n  - use: budget\n    ledger: {}\n    prices: [ {{ model: '*', prompt_per_1m: 1, completion_per_1m: 1 }} ]\n  - use: audit\n    file: {}\n{audit_extra}",
                 ledger.display(),
                 audit.display()
             ),
         )
     };
+    let config = |ledger: &std::path::Path| config_with(ledger, "");
     // Root may write anything: the check runs as `nobody` then, as a service user would.
     let root = unsafe { libc::geteuid() } == 0;
     let check = |f: &str| {
@@ -585,6 +586,22 @@ fn check_says_when_this_user_cannot_write_the_audit_log_or_create_the_ledger() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("spend.db cannot be written"), "{err}");
     std::fs::remove_file(&ledger).unwrap();
+    // Rotating renames in the log's folder, which this user may not write (root's, or
+    // read-only for its owner), though it may write the log itself.
+    let rotating = config_with(
+        &data.join("spend.db"),
+        "    rotate: { max_size: 100MiB, keep: 2 }\n",
+    );
+    mode(std::path::Path::new(&rotating), 0o644);
+    if !root {
+        mode(dir.path(), 0o555);
+    }
+    let (code, err) = check(&rotating);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot be rotated in its folder"), "{err}");
+    mode(dir.path(), 0o755);
+    let f = config(&data.join("spend.db"));
+    mode(std::path::Path::new(&f), 0o644);
     // A link where the audit log goes: the gateway never writes through one.
     std::fs::remove_file(&audit).unwrap();
     std::os::unix::fs::symlink(dir.path().join("elsewhere"), &audit).unwrap();

@@ -174,6 +174,16 @@ pub fn build(
             BuildContext::check_writable(path).map_err(|e| {
                 OptionsError::new("file", format!("cannot open the audit sink: {e}"))
             })?;
+            // Rotating renames files in its folder: that needs the folder, not only the file.
+            if o.rotate.max_size.is_some() || o.rotate.daily {
+                let rotated = PathBuf::from(format!("{}.rotating-check", path.display()));
+                BuildContext::check_writable(&rotated).map_err(|e| {
+                    OptionsError::new(
+                        "rotate",
+                        format!("the audit log cannot be rotated in its folder: {e}"),
+                    )
+                })?;
+            }
         }
         drop(rx);
         return Ok(Arc::new(AuditFilter {
@@ -257,7 +267,12 @@ impl Filter for AuditFilter {
         match done.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ReloadError::new(ReopenFailed(e))),
-            Err(_) => Err(ReloadError::new(WriterStopped)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(ReloadError::new(ReopenFailed("the writer did not get to it within 10 s (a slow or full disk?); it reopens the log when it does".into())))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(ReloadError::new(WriterStopped))
+            }
         }
     }
 
