@@ -111,6 +111,8 @@ struct Inner {
     packs: AtomicU8,
     /// Held by the paced run on its way (`run_paced`).
     pacing: tokio::sync::Mutex<()>,
+    /// A paced run waits for its turn.
+    pace_waiting: AtomicBool,
 }
 
 impl std::fmt::Debug for RedisState {
@@ -207,6 +209,7 @@ impl RedisState {
             durations,
             packs: AtomicU8::new(UNKNOWN),
             pacing: tokio::sync::Mutex::new(()),
+            pace_waiting: AtomicBool::new(false),
         });
         let up = runtime.block_on(inner.probe());
         match &up {
@@ -783,11 +786,19 @@ impl SharedState for RedisState {
     }
 
     fn run_paced(&self, script: &'static Script, calls: Vec<(Vec<String>, Vec<String>)>) {
+        // One waiting at most: a put-back asked for while another waits for its turn adds
+        // nothing (what it would raise, the waiting one or the accounts' own next settlements
+        // raise: totals only go up), and copies must not pile up behind a slow server.
+        if self.inner.pace_waiting.swap(true, Ordering::AcqRel) {
+            log::debug!("state: a put-back already waits for its turn; this one is dropped");
+            return;
+        }
         let inner = self.inner.clone();
         drop(self.inner.handle.spawn(async move {
             use futures_util::StreamExt;
             // One put-back after another, never two at once.
             let _turn = inner.pacing.lock().await;
+            inner.pace_waiting.store(false, Ordering::Release);
             let failed = futures_util::stream::iter(calls)
                 .map(|(keys, args)| {
                     let inner = inner.clone();
