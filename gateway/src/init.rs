@@ -167,15 +167,17 @@ fn backend(url: &str) -> Result<(String, &'static str), InitError> {
 }
 
 /// `entry` added to an existing keys file's list.
-/// `admin`, or `admin-2`, `admin-3`… when the keys file `old` already has that id.
+/// `admin`, or `admin-2`, `admin-3`… when the keys file `old` already has that id (read as
+/// YAML: flow style, comments and quoting as the loader reads them).
 fn free_admin_id(old: &str) -> String {
-    let taken = |id: &str| {
-        old.lines().any(|l| {
-            let l = l.trim().trim_start_matches("- ").trim();
-            l.strip_prefix("id:")
-                .is_some_and(|v| v.trim().trim_matches(['"', '\'']) == id)
-        })
-    };
+    let ids: Vec<String> = serde_norway::from_str::<serde_norway::Value>(old)
+        .ok()
+        .and_then(|v| v.get("keys").and_then(|k| k.as_sequence()).cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e.get("id").and_then(|i| i.as_str()).map(str::to_string))
+        .collect();
+    let taken = |id: &str| ids.iter().any(|i| i == id);
     (1..)
         .map(|n| match n {
             1 => "admin".to_string(),
@@ -359,4 +361,27 @@ fn config_file(
 
 fn yaml_path(p: &Path) -> String {
     serde_json::to_string(&p.display().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_new_admin_key_takes_an_id_no_entry_has() {
+        assert_eq!(free_admin_id("keys: []\n"), "admin");
+        assert_eq!(free_admin_id(""), "admin");
+        // However the file writes its ids: block or flow style, quoted, with comments.
+        for old in [
+            "keys:\n  - id: admin\n    key_sha256: x\n",
+            "keys:\n  - { id: admin, key_sha256: x }\n",
+            "keys:\n  - id: \"admin\"  # the first\n    key_sha256: x\n",
+        ] {
+            assert_eq!(free_admin_id(old), "admin-2", "{old}");
+        }
+        assert_eq!(
+            free_admin_id("keys:\n  - { id: admin }\n  - { id: admin-2 }\n"),
+            "admin-3"
+        );
+    }
 }
