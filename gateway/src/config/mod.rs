@@ -147,6 +147,11 @@ mod tests {
                 "absolute path",
             ),
             (
+                "state: { backend: redis, url: 'unix:///run/redis.sock?db=1&password=x' }",
+                "state.url",
+                "only db, user, pass and protocol",
+            ),
+            (
                 "state: { backend: redis, url: 'unix:///run/redis.sock', ca_file: ca.pem }",
                 "state.ca_file",
                 "rediss://",

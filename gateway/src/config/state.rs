@@ -110,6 +110,23 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
             "a Unix socket is named by its absolute path after unix://, such as unix:///run/redis/redis-server.sock?db=0",
         );
     }
+    // The client ignores what it does not know (`?password=` connected without one), and
+    // logs show the query masked: a misspelt name would go unseen.
+    if unix {
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        let unknown = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.split_once('=').map_or(p, |(k, _)| k))
+            .find(|k| !matches!(*k, "db" | "user" | "pass" | "protocol"));
+        if unknown.is_some() {
+            // Not named: it may be a secret written without its `pass=`.
+            return bad(
+                "url",
+                "has a query parameter a Unix socket URL does not take: only db, user, pass and protocol (or give the password with `password:`)",
+            );
+        }
+    }
     if url.contains('#') {
         return bad(
             "url",
