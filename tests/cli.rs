@@ -641,11 +641,19 @@ fn audit_follow_reads_across_a_rotation() {
         .collect::<String>()
         + &line("pad").repeat(10);
     std::fs::write(&path, next).unwrap();
+    // The gateway writes on into the moved file until its SIGHUP (logrotate's `create`).
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let mut moved = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("audit.jsonl.1"))
+        .unwrap();
+    moved.write_all(line("e").as_bytes()).unwrap();
+    drop(moved);
     let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut seen = Vec::new();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for _ in 0..4 {
+        for _ in 0..15 {
             let mut l = String::new();
             if reader.read_line(&mut l).unwrap_or(0) == 0 {
                 break;
@@ -659,5 +667,7 @@ fn audit_follow_reads_across_a_rotation() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(seen, ["a", "b", "c", "d"]);
+    assert_eq!(seen.len(), 15, "{seen:?}");
+    seen.retain(|id| id != "pad");
+    assert_eq!(seen, ["a", "b", "c", "d", "e"]);
 }

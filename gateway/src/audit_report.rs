@@ -229,6 +229,9 @@ pub const FOLLOW_COLUMNS: [&str; 8] = [
 ];
 
 /// Prints selected lines appended to `path` from now on, across rotations, until killed.
+/// Polls (of 200 ms) without a new line before a rotated-away file is let go.
+const MOVED_QUIET_POLLS: u32 = 10;
+
 pub fn follow(path: &Path, sel: &Selection, as_json: bool) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -266,8 +269,23 @@ pub fn follow(path: &Path, sel: &Selection, as_json: bool) -> Result<(), String>
         }
         true
     };
+    // The file rotated away, still read until it has been quiet a while: with logrotate's
+    // `create`, the new file is there before the gateway's SIGHUP has it write there.
+    let mut moved: Option<(File, String, u32)> = None;
     loop {
         std::thread::sleep(Duration::from_millis(200));
+        if let Some((old, old_pending, quiet)) = &mut moved {
+            let mut chunk = String::new();
+            let n = (&*old).read_to_string(&mut chunk).unwrap_or(0);
+            *quiet = if n == 0 { *quiet + 1 } else { 0 };
+            old_pending.push_str(&chunk);
+            if !show(old_pending) {
+                return Ok(());
+            }
+            if *quiet >= MOVED_QUIET_POLLS {
+                moved = None;
+            }
+        }
         // What the open file got first, to its end: the lines written just before a rotation
         // are in the file that was moved away.
         let mut chunk = String::new();
@@ -278,17 +296,21 @@ pub fn follow(path: &Path, sel: &Selection, as_json: bool) -> Result<(), String>
         }
         // Rotated (another file at the path, whatever its size) or truncated: go on with the
         // file now at the path, from its start.
-        let replaced = match (std::fs::metadata(path), file.metadata()) {
-            (Ok(now), Ok(open)) => {
-                (now.dev(), now.ino()) != (open.dev(), open.ino()) || now.len() < pos
-            }
-            _ => false,
+        let (rotated, truncated) = match (std::fs::metadata(path), file.metadata()) {
+            (Ok(now), Ok(open)) => (
+                (now.dev(), now.ino()) != (open.dev(), open.ino()),
+                now.len() < pos,
+            ),
+            _ => (false, false),
         };
-        if replaced {
+        if rotated || truncated {
             if let Ok(f) = File::open(path) {
-                file = f;
+                let old = std::mem::replace(&mut file, f);
+                let old_pending = std::mem::take(&mut pending);
+                if rotated {
+                    moved = Some((old, old_pending, 0));
+                }
                 pos = 0;
-                pending.clear();
             }
         }
     }
