@@ -48,7 +48,12 @@ struct FileSink {
     max_size: Option<u64>,
     daily: bool,
     keep: usize,
+    /// A rotation failed: not tried again before this (each line would try, and fail).
+    rotate_after: Option<std::time::Instant>,
 }
+
+/// How long after a failed rotation the next is tried.
+const ROTATE_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn today() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()[..10].to_string()
@@ -82,7 +87,37 @@ impl FileSink {
             max_size,
             daily,
             keep,
+            rotate_after: None,
         })
+    }
+
+    /// Rotates, or, when that fails (a folder this user may not write), keeps the lines going
+    /// into the file that is open and says so once: a rotation that failed dropped every
+    /// line after it.
+    fn rotate_or_go_on(&mut self) {
+        if self
+            .rotate_after
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return;
+        }
+        match self.rotate() {
+            Ok(()) => {
+                if self.rotate_after.take().is_some() {
+                    log::info!("audit: rotation works again");
+                }
+            }
+            Err(e) => {
+                if self.rotate_after.is_none() {
+                    log::error!(
+                        "audit: cannot rotate {} ({e}); lines go on into the open file, rotation is tried again every {}s",
+                        self.path.display(),
+                        ROTATE_RETRY.as_secs()
+                    );
+                }
+                self.rotate_after = Some(std::time::Instant::now() + ROTATE_RETRY);
+            }
+        }
     }
 
     fn rotated(&self, n: usize) -> PathBuf {
@@ -122,7 +157,7 @@ impl FileSink {
     fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         let len = line.len() as u64;
         if self.size > 0 && self.max_size.is_some_and(|m| self.size + len > m) {
-            self.rotate()?;
+            self.rotate_or_go_on();
         }
         self.out.write_all(line)?;
         self.size += len;
@@ -136,7 +171,7 @@ impl FileSink {
             if d != self.day {
                 self.day = d;
                 if self.size > 0 {
-                    self.rotate()?;
+                    self.rotate_or_go_on();
                 }
             }
         }
@@ -302,6 +337,29 @@ mod tests {
             keep: 2,
         };
         assert!(spawn(&spec, rx).is_err(), "opened through the link");
+    }
+
+    #[test]
+    fn lines_go_on_when_a_rotation_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        // Where the rotated file would go there is a folder with something in it: renaming
+        // onto it fails (also for root, whom permissions do not stop).
+        std::fs::create_dir(dir.path().join("audit.jsonl.1")).unwrap();
+        std::fs::write(dir.path().join("audit.jsonl.1").join("x"), "").unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let spec = SinkSpec::File {
+            path: path.clone(),
+            max_size: Some(1000),
+            daily: false,
+            keep: 1,
+        };
+        let h = spawn(&spec, rx).unwrap();
+        send(&tx, 50, "a");
+        flush(&tx);
+        assert_eq!(lines(&path), 50, "every line is kept in the open file");
+        drop(tx);
+        h.join().unwrap();
     }
 
     #[test]
