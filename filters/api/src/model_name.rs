@@ -11,8 +11,8 @@ pub fn canonical_model(name: &str) -> Cow<'_, str> {
     }
 }
 
-/// `name` as Ollama resolves it, without its tag rule: surrounding whitespace trimmed, the
-/// default registry and namespace dropped (`registry.ollama.ai/library/llama3.1` and
+/// `name` as Ollama resolves it, without its tag rule: surrounding whitespace and any scheme
+/// (`https://`) trimmed, the default registry and namespace dropped (`registry.ollama.ai/library/llama3.1` and
 /// `library/llama3.1` are `llama3.1`; `registry.ollama.ai/user/m` is `user/m`), ASCII case
 /// folded (Ollama finds a model's manifest whatever the case it is asked in). Borrowed when
 /// it is already so.
@@ -23,6 +23,10 @@ pub fn folded(name: &str) -> Cow<'_, str> {
         .then_some(prefix.len())
     };
     let mut bare = name.trim();
+    // Ollama drops a scheme (`https://registry.ollama.ai/library/m` is `m`).
+    if let Some((_, rest)) = bare.split_once("://") {
+        bare = rest;
+    }
     // The registry only before a namespace and a name (`registry.ollama.ai/m` names the
     // namespace `registry.ollama.ai`).
     if let Some(n) = strip(bare, "registry.ollama.ai/") {
@@ -72,6 +76,8 @@ mod tests {
             "library/llama3.1:8b",
             "registry.ollama.ai/library/llama3.1:8b",
             "Registry.Ollama.AI/Library/Llama3.1:8b",
+            "https://registry.ollama.ai/library/llama3.1:8b",
+            "x://llama3.1:8b",
         ] {
             assert_eq!(model_key(spelt), "llama3.1:8b", "{spelt:?}");
         }

@@ -408,10 +408,11 @@ fn principal_id(ctx: &RequestCtx) -> &str {
 
 /// Seconds the backend spent on the request: from when it had the whole request (reading
 /// the prompt is GPU time too, and a whole answer's first byte comes only when the
-/// generation is over) to the end of its answer.
+/// generation is over) to the end of its answer, once for each completion it ran side by
+/// side (`n: 64` held 64 of the batch's places for those seconds, and was charged one).
 fn generation_secs(ctx: &RequestCtx) -> f64 {
     match (ctx.sent.or(ctx.ttfb), ctx.duration) {
-        (Some(t), Some(d)) => d.saturating_sub(t).as_secs_f64(),
+        (Some(t), Some(d)) => d.saturating_sub(t).as_secs_f64() * ctx.completions.max(1) as f64,
         _ => 0.0,
     }
 }
@@ -704,7 +705,11 @@ impl Filter for BudgetFilter {
         };
         let amount = self
             .prices
-            .worst_case(model, estimate, self.reserve_seconds)
+            .worst_case(
+                model,
+                estimate,
+                self.reserve_seconds * ctx.completions.max(1) as f64,
+            )
             .unwrap_or(0);
         // A request whose reservation alone is more than a budget can never pass (and a
         // figure near the integers' end, from `"n": 1e300`, must never reach the sums).

@@ -467,6 +467,24 @@ async fn backends_given_up_on_are_charged_the_prompt_they_read() {
     c.abandoned_secs = 6.0;
     served(&f, &mut c, 2).await;
     assert!(c.cost_usd.is_some_and(|usd| usd >= 6.0), "{:?}", c.cost_usd);
+
+    // Completions run side by side each hold the batch for those seconds: `n: 64` was
+    // charged what one was.
+    let charge = |n: u64| {
+        let f = f.clone();
+        async move {
+            let mut c = ctx("bob", Some(10_000.0));
+            c.completions = n;
+            f.on_request(&mut c).await.unwrap();
+            c.sent = Some(std::time::Duration::from_secs(1));
+            c.duration = Some(std::time::Duration::from_secs(3));
+            served(&f, &mut c, 2).await;
+            c.cost_usd.unwrap()
+        }
+    };
+    let (one, many) = (charge(1).await, charge(64).await);
+    assert!((one - 2.0).abs() < 1e-6, "{one}");
+    assert!((many - 128.0).abs() < 1e-6, "{many}");
 }
 
 /// Review: `"n": 1e300` (or `num_predict` near 2^63) made a reservation near the integers'
