@@ -197,6 +197,11 @@ pub struct RequestCtx {
     /// Of those, the backends left after a late error ([`Self::late_error`]): each may have
     /// generated up to the request's bound, so each is charged its reservation.
     pub late_errors: u32,
+    /// The backend checks what it generates against a shape the request gives (`tools`,
+    /// `tool_choice`, `response_format`): its error can come after it generated (vLLM's 400
+    /// for tool-call JSON cut off at `max_tokens`, llama.cpp's 500 for arguments that do not
+    /// parse). Set when the body leaves.
+    pub checked_output: bool,
     /// [`Self::prompt_tokens`], once worked out.
     prompt_estimate: Option<u64>,
     pub retries: u32,
@@ -234,11 +239,14 @@ impl RequestCtx {
 
     /// Whether an error answer with `status` may come after the backend generated
     /// ([`Self::answered_late`]): a server error, or any error to several completions (a
-    /// later task's, after the others ran). A single completion's 4xx that came late is the
+    /// later task's, after the others ran) or to a request whose output the backend checks
+    /// ([`Self::checked_output`]). Otherwise a single completion's 4xx that came late is the
     /// server checking it when a slot was free (a prompt too long for the context): nothing
     /// ran.
     pub fn late_error(&self, status: u16) -> bool {
-        status >= 400 && self.answered_late() && (status >= 500 || self.completions > 1)
+        status >= 400
+            && self.answered_late()
+            && (status >= 500 || self.completions > 1 || self.checked_output)
     }
 
     /// How long the backend held the request before it answered (the last attempt's).
@@ -311,6 +319,7 @@ impl RequestCtx {
             abandoned: 0,
             abandoned_secs: 0.0,
             late_errors: 0,
+            checked_output: false,
             prompt_estimate: None,
             retries: 0,
             status: 0,
@@ -361,15 +370,17 @@ mod tests {
     /// a second or more now counts as usage unknown (charged its reservation).
     #[test]
     fn a_late_error_is_usage_unknown() {
-        let answer = |completions: u64, held_ms: u64, status: u16| {
+        let checked = |completions: u64, held_ms: u64, status: u16, checked: bool| {
             let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/completions".into());
             c.reached_backend = true;
             c.completions = completions;
+            c.checked_output = checked;
             c.status = status;
             c.sent = Some(Duration::from_millis(5));
             c.answered_at = Some(Duration::from_millis(5 + held_ms));
             c.used_unknown()
         };
+        let answer = |completions, held_ms, status| checked(completions, held_ms, status, false);
         assert!(answer(5, 30_000, 400));
         assert!(answer(2, 1_000, 500));
         assert!(answer(1, 30_000, 500));
@@ -380,6 +391,10 @@ mod tests {
         assert!(!answer(1, 30_000, 400));
         // A whole answer without usage stays unknown, as before.
         assert!(answer(1, 50, 200));
+        // Billing review: vLLM answers 400 after generating tool-call JSON that `max_tokens`
+        // cut off; a request whose output the backend checks may fail late with a 4xx too.
+        assert!(checked(1, 2_000, 400, true));
+        assert!(!checked(1, 50, 400, true), "at once: refused as read");
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub fn take(req: &mut RequestCtx, sent: &Bytes) -> BodyFacts {
     let Some(json) = req.json.as_ref() else {
         return BodyFacts::default();
     };
-    let tools = json.get("tools").is_some_and(|t| !t.is_null());
+    let given = |k: &str| json.get(k).is_some_and(|v| !v.is_null());
+    let tools = given("tools");
+    req.checked_output = tools || given("tool_choice") || given("response_format");
     let mut facts = BodyFacts {
         tools,
         echoed: if req.completions > 1 { echoed(req) } else { 0 },
