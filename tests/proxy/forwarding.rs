@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 use futures_util::StreamExt;
 use mock_ollama::FailMode;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const MODEL: &str = "llama3.1:8b";
 
@@ -592,4 +592,56 @@ async fn expect_100_continue_keeps_the_connection_and_is_for_http_1_1_only() {
     s.write_all(request.as_bytes()).await.unwrap();
     let (head, _) = read_answer(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+/// Billing review: a client that stops reading a stream (its receive window full) and then
+/// leaves was charged only what had passed: while the gateway's write to it was blocked, the
+/// backend went on generating into the buffers between them. What is already there, the
+/// finished answer's usage among it, is read before the backend's connection is dropped.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_charged_what_the_backend_generated() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: audit\n    file: {}\n",
+        backends(&[("local", &m.url())]),
+        audit.display()
+    ))
+    .await;
+    const CHUNKS: u64 = 60_000;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock
+        .connect(format!("127.0.0.1:{}", gw.port).parse().unwrap())
+        .await
+        .unwrap();
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let head = format!(
+        "POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nx-mock-chunks: {CHUNKS}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 512];
+    let n = s.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    // Reads nothing more while the backend fills the buffers between them, then leaves.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.set_zero_linger().unwrap();
+    drop(s);
+    let mut line = Value::Null;
+    for _ in 0..100 {
+        if let Some(l) = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .last()
+        {
+            line = serde_json::from_str(l).unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(line["decision"], "failed:client_disconnected", "{line}");
+    assert_eq!(line["completion_tokens"], CHUNKS, "{line}");
 }

@@ -167,8 +167,13 @@ pub(super) async fn relay(
             settle_usage(&mut parser, &mut ctx.req);
             end_response(gw, ctx);
         }
-        if let Err(e) = write_chunk(session, ctx, chunk, &mut parser).await {
-            return e;
+        if let Err(e) = write_chunk(session, ctx, chunk).await {
+            // What the backend generated meanwhile counts too (see `salvage`).
+            if !ctx.response_ended {
+                salvage(&mut up, &mut parser).await;
+            }
+            failed(ctx, &mut parser, "client_disconnected");
+            return Attempt::Abort(e);
         }
     };
     if !ctx.response_ended {
@@ -194,20 +199,42 @@ pub(super) async fn relay(
     Attempt::Done
 }
 
-/// Sends one chunk of a body that goes on; a client that left ends the exchange with the
-/// usage seen so far.
+/// Sends one chunk of a body that goes on; the error is the client's (it left, or stopped
+/// reading past `client_send_timeout`).
 async fn write_chunk(
     session: &mut Session,
     ctx: &mut GwCtx,
     chunk: Bytes,
-    parser: &mut UsageParser,
-) -> Result<(), Attempt> {
+) -> Result<(), Box<Error>> {
     ctx.req.bytes_out += chunk.len() as u64;
-    if let Err(e) = session.write_response_body(Some(chunk), false).await {
-        failed(ctx, parser, "client_disconnected");
-        return Err(Attempt::Abort(e.into_down()));
+    session
+        .write_response_body(Some(chunk), false)
+        .await
+        .map_err(|e| e.into_down())
+}
+
+/// Most of a backend's body read after its client left, and for how long.
+const SALVAGE_BYTES: usize = 8 << 20;
+const SALVAGE_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The client left mid-stream, or stopped reading until its write timed out: while its write
+/// was blocked the gateway read nothing more, and the backend (vLLM, llama.cpp, SGLang) went
+/// on generating into the buffers between them. What is already there, a finished answer's
+/// usage event among it, is read (within [`SALVAGE_BYTES`] and [`SALVAGE_TIME`]) before the
+/// backend's connection is dropped, so the request is charged what was generated, not only
+/// what the client took (a client that read nothing of a 4,000-token answer was charged 998).
+async fn salvage(up: &mut HttpSession, parser: &mut UsageParser) {
+    let until = tokio::time::Instant::now() + SALVAGE_TIME;
+    let mut read = 0;
+    while read < SALVAGE_BYTES && !parser.ended() {
+        match tokio::time::timeout_at(until, up.read_body_ref()).await {
+            Ok(Ok(Some(chunk))) => {
+                read += chunk.len();
+                parser.feed(chunk);
+            }
+            _ => break,
+        }
     }
-    Ok(())
 }
 
 /// The exchange broke before its end: the usage seen so far, and why. After the stream's last
