@@ -341,6 +341,23 @@ async fn connection_caps_close_new_connections_at_once() {
         1,
         "{log}"
     );
+    // A client churning at its cap (close one, open two) logs nothing more for a while:
+    // two lines a connection before, thousands a second (attacker review).
+    let (mut held, _) = closed_at_once(gw.port).await;
+    let (_other, _) = closed_at_once(gw.port).await;
+    for _ in 0..20 {
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        held = closed_at_once(gw.port).await.0;
+        let (_refused, closed) = closed_at_once(gw.port).await;
+        assert!(closed);
+    }
+    let log = gw.log();
+    assert_eq!(
+        log.matches("reached max_connections_per_client").count(),
+        1,
+        "{log}"
+    );
 }
 
 // Attacker review: with no cap set, a flood of idle connections took every descriptor, and

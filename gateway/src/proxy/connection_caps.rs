@@ -23,12 +23,30 @@ pub struct ListenerCaps {
     ipv6_prefix: u8,
     open: AtomicUsize,
     /// Open connections per client network, and whether that client is being refused now.
-    by_client: Mutex<HashMap<IpAddr, (u32, bool)>>,
+    by_client: Mutex<HashMap<IpAddr, (u32, Refusing)>>,
     at_max: AtomicBool,
     gauge: IntGauge,
     refused_max: IntCounter,
     refused_per_client: IntCounter,
+    /// Per-client cap lines are logged at most once per [`CLIENT_LOG_EVERY`]: a client that
+    /// churns at its cap (close one, open two) wrote two lines a connection, thousands a
+    /// second. The lines left out meanwhile are counted into the next.
+    born: std::time::Instant,
+    client_log_after_ms: std::sync::atomic::AtomicU64,
+    client_log_skipped: std::sync::atomic::AtomicU64,
 }
+
+/// Whether a client is being refused at its cap, and whether that was logged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Refusing {
+    #[default]
+    No,
+    Quiet,
+    Said,
+}
+
+/// How often at most a listener logs about its per-client cap.
+const CLIENT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A connection's place on its listener, given back when the connection ends.
 pub struct ConnectionSlot {
@@ -44,7 +62,8 @@ impl Drop for ConnectionSlot {
             let mut m = self.caps.clients();
             if let Some((n, refusing)) = m.get_mut(&ip) {
                 *n -= 1;
-                if std::mem::take(refusing) {
+                // Said only when its start was (see `ListenerCaps::client_log`).
+                if std::mem::take(refusing) == Refusing::Said {
                     log::info!(
                         "listener {}: client {ip} is below max_connections_per_client again",
                         self.caps.addr
@@ -85,10 +104,37 @@ impl ListenerCaps {
                 .connections_refused
                 .with_label_values(&[&name, "max_connections_per_client"]),
             name,
+            born: std::time::Instant::now(),
+            client_log_after_ms: std::sync::atomic::AtomicU64::new(0),
+            client_log_skipped: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, bool)>> {
+    /// Calls `log` (with a note of the lines left out before it) unless this listener logged
+    /// about its per-client cap less than [`CLIENT_LOG_EVERY`] ago.
+    fn client_log(&self, log: impl FnOnce(&str)) {
+        let now = self.born.elapsed().as_millis() as u64;
+        let after = self.client_log_after_ms.load(Ordering::Acquire);
+        let next = now + CLIENT_LOG_EVERY.as_millis() as u64;
+        if now < after
+            || self
+                .client_log_after_ms
+                .compare_exchange(after, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            self.client_log_skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match self.client_log_skipped.swap(0, Ordering::Relaxed) {
+            0 => log(""),
+            n => log(&format!(
+                " ({n} such lines left out in the last {}s)",
+                CLIENT_LOG_EVERY.as_secs()
+            )),
+        }
+    }
+
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Refusing)>> {
         self.by_client.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -129,14 +175,19 @@ impl ListenerCaps {
             (Some(cap), Some(ip)) => {
                 let net = client_network(ip, self.ipv6_prefix);
                 let mut m = self.clients();
-                let (n, refusing) = m.entry(net).or_insert((0, false));
+                let (n, refusing) = m.entry(net).or_insert((0, Refusing::No));
                 if *n >= cap {
-                    // Logged once per client until one of its connections closes.
-                    if !std::mem::replace(refusing, true) {
-                        log::warn!(
-                            "listener {}: client {net} reached max_connections_per_client; its new connections are closed at once",
-                            self.addr
-                        );
+                    // Logged once per client until one of its connections closes, and at
+                    // most once a while per listener.
+                    if *refusing == Refusing::No {
+                        *refusing = Refusing::Quiet;
+                        self.client_log(|skipped| {
+                            *refusing = Refusing::Said;
+                            log::warn!(
+                                "listener {}: client {net} reached max_connections_per_client; its new connections are closed at once{skipped}",
+                                self.addr
+                            )
+                        });
                     }
                     drop(m);
                     self.open.fetch_sub(1, Ordering::AcqRel);

@@ -204,6 +204,13 @@ impl ProxyHttp for H2Phases {
         respond::client_gone(e)
     }
 
+    /// What Pingora's error lines say of the request: what the client chose, cut (a 4 KiB
+    /// path in HPACK's table costs the client one byte a stream, the log line 4 KiB).
+    fn request_summary(&self, _session: &Session, ctx: &GwCtx) -> String {
+        use gateway_filter::redact::clip;
+        format!("{} {}", clip(ctx.req.method.as_str()), clip(&ctx.req.path))
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
