@@ -329,36 +329,30 @@ impl BackendPool {
     /// consecutive failures it cools down; each further failure while it cools down doubles
     /// the cooldown, to a cap (once the cooldown is over, a new streak starts).
     pub fn mark_failed(&self, idx: usize) {
-        let mut callers = self.callers(idx);
-        self.fail(idx, &mut callers);
+        let _streak = self.streak(idx);
+        self.fail(idx);
     }
 
-    /// The backend's callers in the current streak, locked: every change of the streak
-    /// (counting, a new streak, a success) happens under it.
-    fn callers(&self, idx: usize) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        self.0.backends[idx]
-            .streak_callers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A cooldown that has ended starts a new streak, of failures and callers (its length
-    /// doubles the next cooldown all the same): counted on from the old one, a single failure
-    /// after each cooldown kept a backend out, one slow request per cooldown from one client.
-    fn new_streak_if_over(&self, idx: usize, callers: &mut Vec<u64>) {
+    /// The backend's current streak, its callers locked: every change of the streak
+    /// (counting, a new streak, a success) happens under it. A cooldown that has ended starts
+    /// a new streak, of failures and callers (its length doubles the next cooldown all the
+    /// same): counted on from the old one, a single failure after each cooldown kept a backend
+    /// out, one slow request per cooldown from one client.
+    fn streak(&self, idx: usize) -> std::sync::MutexGuard<'_, Vec<u64>> {
         let b = &self.0.backends[idx];
+        let mut callers = b.streak_callers.lock().unwrap_or_else(|p| p.into_inner());
         let until = b.down_until_ms.load(Ordering::Relaxed);
         if until != 0 && until <= self.now_ms() {
             b.down_until_ms.store(0, Ordering::Relaxed);
             b.failures.store(0, Ordering::Relaxed);
             callers.clear();
         }
+        callers
     }
 
-    /// Counts a failure (the streak's callers locked); answers whether the backend is now
-    /// cooling down.
-    fn fail(&self, idx: usize, callers: &mut Vec<u64>) -> bool {
-        self.new_streak_if_over(idx, callers);
+    /// Counts a failure (under [`Self::streak`]); answers whether the backend is now cooling
+    /// down.
+    fn fail(&self, idx: usize) -> bool {
         let inner = &self.0;
         let b = &inner.backends[idx];
         let n = b.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -388,8 +382,7 @@ impl BackendPool {
     /// design (llama.cpp's 500 for a malformed tool call) cannot build a streak, nor can two.
     /// A new streak (after a cooldown) starts a new round of callers.
     pub fn mark_failed_for(&self, idx: usize, caller: u64) {
-        let mut callers = self.callers(idx);
-        self.new_streak_if_over(idx, &mut callers);
+        let mut callers = self.streak(idx);
         self.fail_once_for(idx, caller, &mut callers);
     }
 
@@ -400,7 +393,7 @@ impl BackendPool {
         if callers.len() < 64 {
             callers.push(caller);
         }
-        self.fail(idx, callers);
+        self.fail(idx);
     }
 
     /// A deadline the backend missed with a request of `caller` that waited `waited` on it,
@@ -417,8 +410,7 @@ impl BackendPool {
             return;
         }
         let started = now.saturating_sub(waited.as_millis() as u64);
-        let mut callers = self.callers(idx);
-        self.new_streak_if_over(idx, &mut callers);
+        let mut callers = self.streak(idx);
         let served = b.served_ms.load(Ordering::Relaxed);
         let explained =
             (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
@@ -426,7 +418,7 @@ impl BackendPool {
             self.fail_once_for(idx, caller, &mut callers);
         } else {
             b.counted_ms.store(now.max(1), Ordering::Relaxed);
-            self.fail(idx, &mut callers);
+            self.fail(idx);
         }
     }
 
