@@ -11,8 +11,8 @@ use pingora_proxy::{FailToProxy, Session};
 use super::GwCtx;
 use crate::router::Router;
 
-/// How long an answer the gateway writes itself (a refusal, `/health`, an error: a few hundred
-/// bytes) may take to leave.
+/// How long each write of an answer the gateway writes itself (a refusal, `/health`, an
+/// error: a few hundred bytes) may take.
 const OWN_ANSWER_WRITE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Writes a complete JSON response with `x-request-id` and the headers filters asked for.
@@ -39,20 +39,15 @@ pub async fn json(
     // Within a short deadline: an HTTP/2 client that gives its streams no window held each
     // refusal (and its stream's state, ~33 KiB) for `client_send_timeout`, 16 a connection,
     // without credentials.
-    let write = async {
-        session.write_response_header(Box::new(h), false).await?;
-        session
-            .write_response_body(Some(Bytes::from(body)), true)
-            .await
-    };
-    match tokio::time::timeout(OWN_ANSWER_WRITE, write).await {
-        Ok(r) => r.map_err(|e| e.into_down()),
-        Err(_) => Err(Error::explain(
-            ErrorType::WriteTimedout,
-            "the client took no answer of the gateway's own within its deadline",
-        )
-        .into_down()),
-    }
+    session.set_write_timeout(Some(OWN_ANSWER_WRITE));
+    session
+        .write_response_header(Box::new(h), false)
+        .await
+        .map_err(|e| e.into_down())?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+        .map_err(|e| e.into_down())
 }
 
 pub async fn rejection(session: &mut Session, ctx: &mut RequestCtx, r: &Rejection) -> Result<()> {

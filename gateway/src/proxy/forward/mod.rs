@@ -271,11 +271,10 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 // backend's error counts only if its last one went to another caller (a
                 // client must not take backends out with requests every backend refuses).
                 let status = ctx.req.status;
-                let caller = caller_key(&ctx.req);
                 if (200..300).contains(&status) {
                     answered_5xx.iter().for_each(|&i| pool.mark_failed(i));
                 } else if counts_against_backend(status, ctx) {
-                    pool.mark_failed_for(idx, caller);
+                    pool.mark_failed_for(idx, caller_key(&ctx.req));
                 }
                 gw.router.settle(
                     idx,
