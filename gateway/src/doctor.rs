@@ -400,7 +400,7 @@ fn files(s: &Settings, out: &mut Vec<Finding>) {
         .iter()
         .filter(|f| f.what == "budget ledger")
         .map(|f| Named {
-            path: std::path::PathBuf::from(format!("{}-wal", f.path.display())),
+            path: gateway_filter::with_suffix(&f.path, "-wal"),
             what: "budget ledger",
         })
         .collect();

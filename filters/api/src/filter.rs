@@ -127,6 +127,14 @@ impl std::fmt::Debug for BuildContext {
     }
 }
 
+/// `path` with `suffix` added to its file name (`spend.db` → `spend.db-wal`), bytes kept as
+/// they are (a name that is not UTF-8 too).
+pub fn with_suffix(path: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_os_string();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
 /// Whether this process may access `path` as `mode` asks (`access(2)` with the effective
 /// ids, as opening it would be judged).
 fn may(path: &std::path::Path, mode: libc::c_int) -> bool {

@@ -31,7 +31,7 @@ pub use ctx::{
     client_network, reserved_principal_id, Decision, ModelGate, Overrides, Principal, RequestCtx,
     ANONYMOUS, GLOBAL_ACCOUNT,
 };
-pub use filter::{BuildContext, Filter, ReloadError};
+pub use filter::{with_suffix, BuildContext, Filter, ReloadError};
 pub use options::{parse_options, OptionsError};
 pub use rejection::{echo, error_json, ErrorShape, Rejection, ECHO_LIMIT};
 pub use route::{Route, WireFormat};

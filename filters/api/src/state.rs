@@ -126,11 +126,11 @@ pub trait SharedState: Send + Sync {
     }
 
     /// Runs many calls of `script` nobody waits for (putting a replica's spend back: one per
-    /// account it knows, hundreds of thousands for a long ledger), a few at a time, one put
-    /// back after another: sent all at once, they filled the state's thread and connection
-    /// (holds of running requests went unrenewed and lapsed) and passed their deadlines,
-    /// which asked for the next put-back. A failed one is counted, not retried (the account's
-    /// next settlement raises it again).
+    /// account it knows, hundreds of thousands for a long ledger). By default each goes as a
+    /// `run_detached` call; a server's implementation sends them a few at a time, one put-back
+    /// after another (sent all at once, they filled the Redis state's thread and connection:
+    /// holds of running requests went unrenewed and lapsed). A failed one is counted, not
+    /// retried (the account's next settlement raises it again).
     fn run_paced(&self, script: &'static Script, calls: Vec<(Vec<String>, Vec<String>)>) {
         for (keys, args) in calls {
             self.run_detached(script, keys, args);

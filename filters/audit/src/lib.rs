@@ -176,7 +176,7 @@ pub fn build(
             })?;
             // Rotating renames files in its folder: that needs the folder, not only the file.
             if o.rotate.max_size.is_some() || o.rotate.daily {
-                let rotated = PathBuf::from(format!("{}.rotating-check", path.display()));
+                let rotated = gateway_filter::with_suffix(path, ".rotating-check");
                 BuildContext::check_writable(&rotated).map_err(|e| {
                     OptionsError::new(
                         "rotate",

@@ -121,9 +121,7 @@ impl FileSink {
     }
 
     fn rotated(&self, n: usize) -> PathBuf {
-        let mut p = self.path.clone().into_os_string();
-        p.push(format!(".{n}"));
-        PathBuf::from(p)
+        gateway_filter::with_suffix(&self.path, &format!(".{n}"))
     }
 
     fn rotate(&mut self) -> io::Result<()> {

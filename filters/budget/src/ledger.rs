@@ -171,7 +171,7 @@ pub fn check(path: &Path) -> Result<(), LedgerError> {
         // An existing ledger must be writable too (and its folder, for the journal files).
         Ok(()) if &header == b"SQLite format 3\0" => {
             gateway_filter::BuildContext::check_writable(path).map_err(LedgerError::Place)?;
-            let journal = PathBuf::from(format!("{}-wal", path.display()));
+            let journal = gateway_filter::with_suffix(path, "-wal");
             gateway_filter::BuildContext::check_writable(&journal).map_err(LedgerError::Place)
         }
         Ok(()) => Err(LedgerError::Place(format!(
