@@ -52,13 +52,18 @@ pub fn folded(name: &str) -> Cow<'_, str> {
 /// tag. Respelling a model (`LLAMA3.1:8b`, `library/llama3.1:8b`) names the same model to
 /// Ollama, so it must not find another price (or none: unpriced) or a fresh rate bucket.
 pub fn model_key(name: &str) -> Cow<'_, str> {
-    let bare = folded(name);
-    let tagged = bare
+    tagged(folded(name))
+}
+
+/// A [`folded`] name with `:latest` when its last part has no tag (a registry's port is not
+/// one): [`model_key`] from a name already folded.
+pub fn tagged(folded: Cow<'_, str>) -> Cow<'_, str> {
+    let has_tag = folded
         .rsplit('/')
         .next()
         .is_some_and(|last| last.contains(':'));
-    match bare {
-        b if tagged => b,
+    match folded {
+        b if has_tag => b,
         b => Cow::Owned(format!("{b}:latest")),
     }
 }

@@ -1,7 +1,7 @@
 //! The price table: USD per 1M prompt and completion tokens and/or per second of generation.
 
 use gateway_filter::glob::wildcard;
-use gateway_filter::model_name::{folded, model_key};
+use gateway_filter::model_name::{folded, model_key, tagged};
 use gateway_filter::Usage;
 use serde::Deserialize;
 
@@ -46,11 +46,11 @@ impl Price {
 /// forms, worked out once per lookup.
 fn applies(pattern: &str, folded: &str, key: &str) -> bool {
     pattern == "*"
+        // An exact name (kept as its key) or a glob, on the tagged name.
         || wildcard(pattern, key)
         // A glob ending in a name's last letters (`*-Instruct`) and a name without a tag
         // (vLLM's and SGLang's ids have none).
         || wildcard(pattern, folded)
-        || (!pattern.contains('*') && model_key(pattern) == key)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -64,10 +64,15 @@ pub struct NegativePrice {
 }
 
 impl PriceTable {
-    /// The entries, their model patterns folded as requests' names are ([`folded`]).
+    /// The entries, their model patterns folded as requests' names are ([`folded`]), an
+    /// exact name as its key ([`model_key`]): worked out once, not per request.
     pub fn new(mut prices: Vec<Price>) -> PriceTable {
         for p in &mut prices {
-            p.model = folded(&p.model).into_owned();
+            p.model = if p.model.contains('*') {
+                folded(&p.model).into_owned()
+            } else {
+                model_key(&p.model).into_owned()
+            };
         }
         PriceTable(prices)
     }
@@ -86,7 +91,8 @@ impl PriceTable {
 
     /// The first entry for `model` on `backend` (entries without a backend match any).
     pub fn find(&self, model: &str, backend: Option<&str>) -> Option<&Price> {
-        let (folded, key) = (folded(model), model_key(model));
+        let folded = folded(model);
+        let key = tagged(folded.clone());
         self.0.iter().find(|p| {
             applies(&p.model, &folded, &key)
                 && p.backend.as_deref().is_none_or(|b| Some(b) == backend)
@@ -95,13 +101,15 @@ impl PriceTable {
 
     /// Whether any entry could apply to `model`.
     pub fn has(&self, model: &str) -> bool {
-        let (folded, key) = (folded(model), model_key(model));
+        let folded = folded(model);
+        let key = tagged(folded.clone());
         self.0.iter().any(|p| applies(&p.model, &folded, &key))
     }
 
     /// Before the backend is known: the most expensive entry that could apply.
     pub fn worst_case(&self, model: &str, usage: Usage, secs: f64) -> Option<Nano> {
-        let (folded, key) = (folded(model), model_key(model));
+        let folded = folded(model);
+        let key = tagged(folded.clone());
         self.0
             .iter()
             .filter(|p| applies(&p.model, &folded, &key))
@@ -173,6 +181,18 @@ mod tests {
         );
     }
 
+    /// Whether an entry for `pattern`, as the table keeps it, applies to `model`.
+    fn applies_to(pattern: &str, model: &str) -> bool {
+        PriceTable::new(vec![Price {
+            model: pattern.into(),
+            backend: None,
+            prompt_per_1m: 0.0,
+            completion_per_1m: 0.0,
+            per_second: 0.0,
+        }])
+        .has(model)
+    }
+
     /// Prices apply to models as the router serves them: no served model is free by a
     /// spelling.
     #[test]
@@ -194,10 +214,7 @@ mod tests {
             // A registry's port is not a tag.
             ("reg:5000/ns/m", "reg:5000/ns/m"),
         ] {
-            assert!(
-                applies(&folded(pattern), &folded(model), &model_key(model)),
-                "{pattern} applies to {model}"
-            );
+            assert!(applies_to(pattern, model), "{pattern} applies to {model}");
         }
         for (pattern, model) in [
             ("qwen2.5", "qwen2.5:7b"),
@@ -205,7 +222,7 @@ mod tests {
             ("*:70b*", "llama3.1:8b"),
         ] {
             assert!(
-                !applies(&folded(pattern), &folded(model), &model_key(model)),
+                !applies_to(pattern, model),
                 "{pattern} does not apply to {model}"
             );
         }
