@@ -1,7 +1,7 @@
 //! `llm-gateway audit`: questions about the audit log answered without jq or awk.
 //! Reads plain, rotated and gzip'd files; tables for people, `--json` for scripts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -64,24 +64,37 @@ fn open(path: &Path) -> Result<Box<dyn BufRead>, String> {
     Ok(Box::new(BufReader::new(reader)))
 }
 
-/// Every selected line of every file, in file order.
-pub fn read_lines(files: &[PathBuf], sel: &Selection) -> Result<(Vec<Value>, usize), String> {
-    let mut out = Vec::new();
+/// Every selected line of every file, in file order, handed to `each` one at a time (an
+/// audit log of months is gigabytes: nothing is kept but what `each` keeps). Answers how
+/// many lines were not JSON.
+pub fn read_lines(
+    files: &[PathBuf],
+    sel: &Selection,
+    mut each: impl FnMut(&Value),
+) -> Result<usize, String> {
     let mut bad = 0;
+    let mut line = String::new();
     for path in files {
-        for line in open(path)?.lines() {
-            let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut reader = open(path)?;
+        loop {
+            line.clear();
+            let n = reader
+                .read_line(&mut line)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
             if line.trim().is_empty() {
                 continue;
             }
             match serde_json::from_str::<Value>(&line) {
-                Ok(v) if sel.keeps(&v) => out.push(v),
+                Ok(v) if sel.keeps(&v) => each(&v),
                 Ok(_) => {}
                 Err(_) => bad += 1,
             }
         }
     }
-    Ok((out, bad))
+    Ok(bad)
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -92,6 +105,12 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("-")
 }
 
+/// A group's name as kept: a client-written field (a model name) is cut, so that one huge
+/// name a line cannot make the report hold the log again.
+fn kept(name: &str) -> String {
+    gateway_filter::redact::clip(name).to_string()
+}
+
 #[derive(Default)]
 struct Group {
     requests: u64,
@@ -100,60 +119,144 @@ struct Group {
     completion_tokens: u64,
 }
 
-pub fn top(lines: &[Value], by: TopBy, limit: usize) -> Vec<Value> {
-    let field = match by {
+/// What is asked of the log.
+#[derive(Debug, Clone, Copy)]
+pub enum Question {
+    Summary,
+    Top(TopBy),
+    Failures,
+}
+
+/// The answer to a [`Question`], tallied line by line: memory grows with the distinct names
+/// asked about (keys, addresses, models), not with the lines.
+pub struct Tally {
+    question: Question,
+    requests: u64,
+    ok: u64,
+    client_errors: u64,
+    server_errors: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    principals: HashSet<String>,
+    first: Option<String>,
+    last: Option<String>,
+    groups: HashMap<String, Group>,
+    failures: HashMap<(u64, String), u64>,
+}
+
+impl Tally {
+    pub fn new(question: Question) -> Tally {
+        Tally {
+            question,
+            requests: 0,
+            ok: 0,
+            client_errors: 0,
+            server_errors: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            principals: HashSet::new(),
+            first: None,
+            last: None,
+            groups: HashMap::new(),
+            failures: HashMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, l: &Value) {
+        let status = u(l, "status");
+        match self.question {
+            Question::Summary => {
+                self.requests += 1;
+                match status {
+                    200..400 => self.ok += 1,
+                    400..500 => self.client_errors += 1,
+                    500.. => self.server_errors += 1,
+                    _ => {}
+                }
+                self.prompt_tokens += u(l, "prompt_tokens");
+                self.completion_tokens += u(l, "completion_tokens");
+                let principal = s(l, "principal");
+                if !self.principals.contains(principal) {
+                    self.principals.insert(kept(principal));
+                }
+                // By time, not by file order: `audit audit.jsonl*` reads the live file first.
+                let ts = s(l, "ts");
+                if self.first.as_deref().is_none_or(|f| ts < f) {
+                    self.first = Some(kept(ts));
+                }
+                if self.last.as_deref().is_none_or(|f| ts > f) {
+                    self.last = Some(kept(ts));
+                }
+            }
+            Question::Top(by) => {
+                let name = s(l, field(by));
+                let g = match self.groups.get_mut(name) {
+                    Some(g) => g,
+                    None => self.groups.entry(kept(name)).or_default(),
+                };
+                g.requests += 1;
+                g.errors += u64::from(status >= 400);
+                g.prompt_tokens += u(l, "prompt_tokens");
+                g.completion_tokens += u(l, "completion_tokens");
+            }
+            Question::Failures if status >= 400 => {
+                *self
+                    .failures
+                    .entry((status, kept(s(l, "decision"))))
+                    .or_default() += 1;
+            }
+            Question::Failures => {}
+        }
+    }
+
+    /// The rows of a `Top` or `Failures` question, most requests first.
+    pub fn rows(self, limit: usize) -> Vec<Value> {
+        match self.question {
+            Question::Top(by) => {
+                let mut rows: Vec<(String, Group)> = self.groups.into_iter().collect();
+                rows.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(&b.0)));
+                rows.into_iter()
+                    .take(limit)
+                    .map(|(name, g)| {
+                        json!({field(by): name, "requests": g.requests, "errors": g.errors,
+                               "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens})
+                    })
+                    .collect()
+            }
+            Question::Failures => {
+                let mut rows: Vec<_> = self.failures.into_iter().collect();
+                rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                rows.into_iter()
+                    .take(limit)
+                    .map(|((status, decision), n)| json!({"status": status, "decision": decision, "requests": n}))
+                    .collect()
+            }
+            Question::Summary => Vec::new(),
+        }
+    }
+
+    pub fn summary(&self) -> Value {
+        json!({
+            "requests": self.requests,
+            "ok": self.ok,
+            "client_errors": self.client_errors,
+            "server_errors": self.server_errors,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "principals": self.principals.len(),
+            "first": self.first,
+            "last": self.last,
+        })
+    }
+}
+
+/// The audit field a `--top` question groups by.
+pub fn field(by: TopBy) -> &'static str {
+    match by {
         TopBy::Keys => "principal",
         TopBy::Ips => "client_ip",
         TopBy::Models => "model",
-    };
-    let mut groups: HashMap<&str, Group> = HashMap::new();
-    for l in lines {
-        let g = groups.entry(s(l, field)).or_default();
-        g.requests += 1;
-        g.errors += u64::from(u(l, "status") >= 400);
-        g.prompt_tokens += u(l, "prompt_tokens");
-        g.completion_tokens += u(l, "completion_tokens");
     }
-    let mut rows: Vec<(&str, Group)> = groups.into_iter().collect();
-    rows.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(b.0)));
-    rows.into_iter()
-        .take(limit)
-        .map(|(name, g)| {
-            json!({field: name, "requests": g.requests, "errors": g.errors,
-                   "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens})
-        })
-        .collect()
-}
-
-pub fn failures(lines: &[Value], limit: usize) -> Vec<Value> {
-    let mut groups: HashMap<(u64, &str), u64> = HashMap::new();
-    for l in lines.iter().filter(|l| u(l, "status") >= 400) {
-        *groups
-            .entry((u(l, "status"), s(l, "decision")))
-            .or_default() += 1;
-    }
-    let mut rows: Vec<_> = groups.into_iter().collect();
-    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    rows.into_iter()
-        .take(limit)
-        .map(|((status, decision), n)| json!({"status": status, "decision": decision, "requests": n}))
-        .collect()
-}
-
-pub fn summary(lines: &[Value]) -> Value {
-    let count = |f: &dyn Fn(u64) -> bool| lines.iter().filter(|l| f(u(l, "status"))).count();
-    json!({
-        "requests": lines.len(),
-        "ok": count(&|s| (200..400).contains(&s)),
-        "client_errors": count(&|s| (400..500).contains(&s)),
-        "server_errors": count(&|s| s >= 500),
-        "prompt_tokens": lines.iter().map(|l| u(l, "prompt_tokens")).sum::<u64>(),
-        "completion_tokens": lines.iter().map(|l| u(l, "completion_tokens")).sum::<u64>(),
-        "principals": lines.iter().map(|l| s(l, "principal")).collect::<std::collections::HashSet<_>>().len(),
-        // By time, not by file order: `audit audit.jsonl*` reads the live file first.
-        "first": lines.iter().map(|l| s(l, "ts")).min(),
-        "last": lines.iter().map(|l| s(l, "ts")).max(),
-    })
 }
 
 /// A field as a terminal shows it. What clients wrote (a model name, a path, a user agent)
@@ -333,6 +436,12 @@ mod tests {
                "status": status, "decision": decision, "prompt_tokens": p, "completion_tokens": c})
     }
 
+    fn tally(lines: &[Value], q: Question) -> Tally {
+        let mut t = Tally::new(q);
+        lines.iter().for_each(|l| t.add(l));
+        t
+    }
+
     #[test]
     fn groups() {
         let lines = vec![
@@ -349,15 +458,23 @@ mod tests {
             line("bob", "10.0.0.2", "m1", 200, "allowed", 1, 1),
             line("-", "10.0.0.3", "m1", 401, "auth:invalid_api_key", 0, 0),
         ];
-        let t = top(&lines, TopBy::Keys, 10);
+        let t = tally(&lines, Question::Top(TopBy::Keys)).rows(10);
         assert_eq!(
             t[0],
             json!({"principal": "alice", "requests": 2, "errors": 1, "prompt_tokens": 10, "completion_tokens": 5})
         );
-        assert_eq!(top(&lines, TopBy::Models, 1)[0]["model"], "m1");
-        let f = failures(&lines, 10);
+        assert_eq!(
+            tally(&lines, Question::Top(TopBy::Models)).rows(1)[0]["model"],
+            "m1"
+        );
+        let f = tally(&lines, Question::Failures).rows(10);
         assert_eq!(f.len(), 2);
-        assert_eq!(summary(&lines)["client_errors"], 2);
+        let sum = tally(&lines, Question::Summary).summary();
+        assert_eq!(sum["client_errors"], 2);
+        assert_eq!(sum["requests"], 4);
+        assert_eq!(sum["ok"], 2);
+        assert_eq!(sum["principals"], 3);
+        assert_eq!(sum["prompt_tokens"], 11);
         let text = table(&t, &["principal", "requests"]);
         assert!(
             text.starts_with("PRINCIPAL  REQUESTS\nalice      2\n"),
@@ -373,9 +490,31 @@ mod tests {
             json!({"ts": "2026-12-05T13:34:26Z", "status": 200}),
             json!({"ts": "2026-12-05T13:35:00Z", "status": 200}),
         ];
-        let sum = summary(&lines);
+        let sum = tally(&lines, Question::Summary).summary();
         assert_eq!(sum["first"], "2026-12-05T13:34:26Z");
         assert_eq!(sum["last"], "2026-12-05T13:35:54Z");
+    }
+
+    #[test]
+    fn lines_are_read_one_at_a_time_across_files_and_bad_ones_counted() {
+        let dir = std::env::temp_dir().join(format!("audit-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("audit.jsonl");
+        let b = dir.join("audit.jsonl.1.gz");
+        std::fs::write(
+            &a,
+            "{\"principal\":\"alice\",\"status\":200}\nnot json\n\n{\"principal\":\"bob\",\"status\":500}",
+        )
+        .unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"{\"principal\":\"alice\",\"status\":429}\n")
+            .unwrap();
+        std::fs::write(&b, gz.finish().unwrap()).unwrap();
+        let sel = Selection::new(None, Some("alice".into())).unwrap();
+        let mut seen = Vec::new();
+        let bad = read_lines(&[a, b], &sel, |l| seen.push(u(l, "status"))).unwrap();
+        assert_eq!((seen, bad), (vec![200, 429], 1));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

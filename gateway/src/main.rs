@@ -257,34 +257,27 @@ fn audit(
         }
         return audit_report::follow(last, &sel, json);
     }
-    let (lines, bad) = audit_report::read_lines(files, &sel)?;
+    let question = match (top, failures) {
+        (Some(by), _) => audit_report::Question::Top(by),
+        (None, true) => audit_report::Question::Failures,
+        (None, false) => audit_report::Question::Summary,
+    };
+    let mut tally = audit_report::Tally::new(question);
+    let bad = audit_report::read_lines(files, &sel, |l| tally.add(l))?;
     if bad > 0 {
         eprintln!("warning: skipped {bad} lines that are not JSON");
     }
-    let (rows, columns): (Vec<serde_json::Value>, Vec<&str>) = match (top, failures) {
-        (Some(by), _) => {
-            let first = match by {
-                audit_report::TopBy::Keys => "principal",
-                audit_report::TopBy::Ips => "client_ip",
-                audit_report::TopBy::Models => "model",
-            };
-            (
-                audit_report::top(&lines, by, limit),
-                vec![
-                    first,
-                    "requests",
-                    "errors",
-                    "prompt_tokens",
-                    "completion_tokens",
-                ],
-            )
-        }
-        (None, true) => (
-            audit_report::failures(&lines, limit),
-            vec!["status", "decision", "requests"],
-        ),
-        (None, false) => {
-            let s = audit_report::summary(&lines);
+    let columns: Vec<&str> = match question {
+        audit_report::Question::Top(by) => vec![
+            audit_report::field(by),
+            "requests",
+            "errors",
+            "prompt_tokens",
+            "completion_tokens",
+        ],
+        audit_report::Question::Failures => vec!["status", "decision", "requests"],
+        audit_report::Question::Summary => {
+            let s = tally.summary();
             if json {
                 println!("{s}");
             } else {
@@ -300,6 +293,7 @@ fn audit(
             return Ok(());
         }
     };
+    let rows = tally.rows(limit);
     if json {
         println!("{}", serde_json::Value::Array(rows));
     } else {
