@@ -327,6 +327,124 @@ fn check_rejects_bad_configs_naming_file_path_and_fix() {
     );
 }
 
+/// Operator review (2026-12-05): settings that `check` passed but that switched a protection
+/// off, refused everyone, or failed only at start (or exhausted memory there).
+#[test]
+fn check_refuses_settings_that_disable_a_protection_or_fail_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::certs::make(dir.path());
+    write(&dir, "keys.yaml", "keys: []\n");
+    write(&dir, "notpem.txt", "this is not a certificate\n");
+    let tls = format!(
+        "tls: {{ cert: {}, key: {} }}",
+        pki.server_cert.display(),
+        pki.server_key.display()
+    );
+    let auth = "  - use: auth\n    keys_file: keys.yaml\n";
+    let cases = [
+        (
+            format!("listen:\n  - addr: 127.0.0.1:0\n    trusted_proxies: [0.0.0.0/0]\nfilters:\n{auth}"),
+            "listen[0].trusted_proxies[0]: 0.0.0.0/0 trusts every address",
+        ),
+        (
+            format!("listen:\n  - addr: 127.0.0.1:0\n    trusted_proxies: ['::/0']\nfilters:\n{auth}"),
+            "listen[0].trusted_proxies[0]: ::/0 trusts every address",
+        ),
+        (
+            format!("listen:\n  - addr: 127.0.0.1:0\n    {tls}\nfilters:\n{auth}    mtls: require\n"),
+            "filters[0].mtls: `mtls: require` needs a listener that asks clients for certificates",
+        ),
+        (
+            format!("listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: {}, key: {}, client_ca: notpem.txt }}\n", pki.server_cert.display(), pki.server_key.display()),
+            "listen[0].tls.client_ca: tls.client_ca: cannot load",
+        ),
+        (
+            format!("filters:\n{auth}    brute_force: {{ window: 0s }}\n"),
+            "filters[0].brute_force.window: auth filter: must be greater than 0",
+        ),
+        (
+            format!("filters:\n{auth}    basic_cache: {{ size: 100000000000 }}\n"),
+            "filters[0].basic_cache.size: auth filter: at most 1000000",
+        ),
+        (
+            "filters:\n  - use: audit\n    file: audit.jsonl\n    rotate: { max_size: 10MiB, keep: 0 }\n".to_string(),
+            "filters[0].rotate.keep: audit filter: must be at least 1",
+        ),
+        (
+            "filters:\n  - use: audit\n    file: audit.jsonl\n    queue: 4611686018427387904\n".to_string(),
+            "filters[0].queue: audit filter: from 1 to 10000000",
+        ),
+        (
+            "server: { threads: 100000 }\n".to_string(),
+            "server.threads: at most 1024",
+        ),
+        (
+            "backends:\n  - { url: 'http://127.0.0.1:1', kind: ollama, first_byte_timeout: 0s }\n".to_string(),
+            "backends[0].first_byte_timeout: must be greater than 0",
+        ),
+        (
+            "routing:\n  health: { timeout: 0s }\n".to_string(),
+            "routing.health.timeout: must be greater than 0",
+        ),
+        (
+            format!("filters:\n{auth}  - use: policy\n    allow: [{{ path: /api/show, method: [POST] }}]\n"),
+            "filters[1].allow[0]: policy filter: unknown field `method`",
+        ),
+        (
+            format!("filters:\n{auth}  - use: policy\n    max_messages: 0\n"),
+            "filters[1].max_messages: policy filter: must be at least 1",
+        ),
+        (
+            "filters:\n  - use: budget\n    ledger: spend.db\n    prices: [{ model: '*', prompt_per_1m: 1, completion_per_1m: 1 }]\n    global: { max_usd: 10, period: 1d }\n  - use: budget\n    ledger: ./spend.db\n    prices: [{ model: '*', prompt_per_1m: 1, completion_per_1m: 1 }]\n    global: { max_usd: 10, period: 1d }\n".to_string(),
+            "filters[1].ledger: ",
+        ),
+    ];
+    for (i, (yaml, want)) in cases.iter().enumerate() {
+        let f = write(&dir, &format!("bad{i}.yaml"), yaml);
+        let (code, out, err) = run(&["check", "--config", &f], &[]);
+        assert_eq!(code, 1, "{yaml}: {out}");
+        assert!(err.contains(&f), "error must name the file: {err}");
+        assert!(err.contains(want), "{yaml}\nwant {want}\ngot {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Keys-file entries: a zero token limit is named with its key.
+    write(
+        &dir,
+        "keys0.yaml",
+        &format!(
+            "keys:\n  - id: a\n    key_sha256: {}\n    tokens_per_minute: 0\n",
+            "0".repeat(64)
+        ),
+    );
+    let f = write(
+        &dir,
+        "tpm0.yaml",
+        "filters:\n  - use: auth\n    keys_file: keys0.yaml\n",
+    );
+    let (code, _, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("keys[0].tokens_per_minute: must be at least 1"),
+        "{err}"
+    );
+    // An expiry with a UTC offset is RFC 3339 too.
+    write(
+        &dir,
+        "keys1.yaml",
+        &format!(
+            "keys:\n  - id: a\n    key_sha256: {}\n    expires: 2099-01-31T12:00:00+02:00\n",
+            "0".repeat(64)
+        ),
+    );
+    let f = write(
+        &dir,
+        "expires.yaml",
+        "filters:\n  - use: auth\n    keys_file: keys1.yaml\n",
+    );
+    let (code, out, err) = run(&["check", "--config", &f], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 #[test]
 fn run_refuses_a_busy_port_with_a_clear_error() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

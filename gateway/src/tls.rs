@@ -185,17 +185,25 @@ pub fn settings(t: &TlsSpec) -> Result<TlsSettings, TlsError> {
     s.set_private_key_file(&key).map_err(setting("key"))?;
     s.enable_h2();
     if let Some(ca) = &t.client_ca {
-        let client_ca = |reason: String| TlsError::ClientCa {
-            path: ca.clone(),
-            reason,
-        };
-        let mut roots = RootCertStore::empty();
-        pingora_rustls::load_ca_file_into_store(ca, &mut roots)
-            .map_err(|e| client_ca(e.to_string()))?;
-        let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-            .build()
-            .map_err(|e| client_ca(e.to_string()))?;
-        s.set_client_cert_verifier(Arc::new(ShortChains(verifier)));
+        s.set_client_cert_verifier(client_verifier(ca)?);
     }
     Ok(s)
+}
+
+/// The verifier of client certificates issued under the CAs in `ca`: also what the
+/// configuration check builds, so a file that holds no certificate is refused by `check`,
+/// not only at start.
+pub fn client_verifier(ca: &std::path::Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    pingora_rustls::install_default_crypto_provider();
+    let client_ca = |reason: String| TlsError::ClientCa {
+        path: ca.to_path_buf(),
+        reason,
+    };
+    let mut roots = RootCertStore::empty();
+    pingora_rustls::load_ca_file_into_store(ca, &mut roots)
+        .map_err(|e| client_ca(e.to_string()))?;
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|e| client_ca(e.to_string()))?;
+    Ok(Arc::new(ShortChains(verifier)))
 }

@@ -126,6 +126,10 @@ pub struct AuditFilter {
 /// Smallest `rotate.max_size`.
 const MIN_ROTATE_SIZE: u64 = 1 << 20;
 
+/// Most lines `queue` may hold (each waiting line is a few hundred bytes; the channel refuses
+/// more than about 2^61 permits, and far fewer would already exhaust memory).
+const MAX_QUEUE: usize = 10_000_000;
+
 /// Registry constructor: `- use: audit` plus [`Options`].
 pub fn build(
     options: &serde_json::Value,
@@ -147,8 +151,17 @@ pub fn build(
             ))
         }
     };
-    if o.queue == 0 {
-        return Err(OptionsError::new("queue", "must be at least 1"));
+    if o.queue == 0 || o.queue > MAX_QUEUE {
+        return Err(OptionsError::new(
+            "queue",
+            format!("from 1 to {MAX_QUEUE} lines (10000, the default, holds a few seconds of a busy gateway)"),
+        ));
+    }
+    if (o.rotate.max_size.is_some() || o.rotate.daily) && o.rotate.keep == 0 {
+        return Err(OptionsError::new(
+            "rotate.keep",
+            "must be at least 1: with 0 every rotation deletes the audit log it rotates away (7, the default, keeps a week of daily files)",
+        ));
     }
     if o.rotate.max_size.is_some_and(|s| s.0 < MIN_ROTATE_SIZE) {
         return Err(OptionsError::new(

@@ -234,6 +234,17 @@ impl JwtVerifier {
                 ))
             }
         };
+        for (key, d) in [
+            ("jwt.refresh", o.refresh.0),
+            ("jwt.unknown_kid_refresh", o.unknown_kid_refresh.0),
+        ] {
+            if d.is_zero() {
+                return Err(OptionsError::new(
+                    key,
+                    "must be greater than 0: with 0 every token could make the gateway fetch the key set again (the default is the usual)",
+                ));
+            }
+        }
         if o.leeway.0 > MAX_LEEWAY {
             return Err(OptionsError::new(
                 "jwt.leeway",

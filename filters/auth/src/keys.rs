@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use gateway_filter::{Overrides, Principal};
 
@@ -205,6 +205,12 @@ impl KeyStore {
                     period: e.period,
                 },
             };
+            if e.tokens_per_minute == Some(0) {
+                return Err(Invalid::new(
+                    format!("{at}.tokens_per_minute"),
+                    "must be at least 1 (leave it out for the filter's own limit)",
+                ));
+            }
             if e.max_usd.is_some_and(|m| !(m.is_finite() && m >= 0.0)) {
                 return Err(Invalid::new(
                     format!("{at}.max_usd"),
@@ -320,16 +326,52 @@ fn parse_digest(hex_str: &str) -> Result<[u8; 32], String> {
 
 fn parse_time(s: &str) -> Result<SystemTime, String> {
     let s = s.trim();
+    let bad = |e: String| {
+        format!(
+            "{s:?} is not a date or RFC 3339 time ({e}); write 2027-01-31, 2027-01-31T12:00:00Z or 2027-01-31T14:00:00+02:00"
+        )
+    };
     let full = if s.len() == 10 {
         format!("{s}T00:00:00Z")
     } else {
         s.to_string()
     };
-    humantime::parse_rfc3339_weak(full.trim_end_matches('Z')).map_err(|e| {
-        format!(
-            "{s:?} is not a date or RFC 3339 time ({e}); write 2027-01-31 or 2027-01-31T12:00:00Z"
-        )
-    })
+    let (local, east) = utc_offset(&full).map_err(bad)?;
+    let t = humantime::parse_rfc3339_weak(local).map_err(|e| bad(e.to_string()))?;
+    let shift = Duration::from_secs(east.unsigned_abs());
+    // The time was written `east` seconds ahead of UTC.
+    if east >= 0 {
+        t.checked_sub(shift)
+    } else {
+        t.checked_add(shift)
+    }
+    .ok_or_else(|| bad("out of range".into()))
+}
+
+/// An RFC 3339 time's local part and its offset east of UTC in seconds: `Z`, `z` or `±HH:MM`
+/// after the time of day.
+fn utc_offset(t: &str) -> Result<(&str, i64), String> {
+    if let Some(local) = t.strip_suffix(['Z', 'z']) {
+        return Ok((local, 0));
+    }
+    let b = t.as_bytes();
+    let n = b.len();
+    if n > 19 && matches!(b[n - 6], b'+' | b'-') && b[n - 3] == b':' {
+        let num = |r: std::ops::Range<usize>| {
+            t.get(r)
+                .filter(|d| d.bytes().all(|c| c.is_ascii_digit()))
+                .and_then(|d| d.parse::<i64>().ok())
+        };
+        let (Some(h), Some(m)) = (num(n - 5..n - 3), num(n - 2..n)) else {
+            return Err("the offset is not ±HH:MM".into());
+        };
+        if h > 23 || m > 59 {
+            return Err("the offset is not ±HH:MM".into());
+        }
+        let east = (h * 3600 + m * 60) * if b[n - 6] == b'-' { -1 } else { 1 };
+        return Ok((&t[..n - 6], east));
+    }
+    Ok((t, 0))
 }
 
 #[cfg(test)]
@@ -340,6 +382,31 @@ mod tests {
 
     fn hexd(k: &str) -> String {
         hex::encode(sha256(k.as_bytes()))
+    }
+
+    #[test]
+    fn expiry_times_take_their_utc_offset() {
+        let utc = parse_time("2027-01-31T12:00:00Z").unwrap();
+        for same in [
+            "2027-01-31T12:00:00z",
+            "2027-01-31T14:00:00+02:00",
+            "2027-01-31T06:30:00-05:30",
+            "2027-01-31T12:00:00+00:00",
+            "2027-01-31 12:00:00Z",
+        ] {
+            assert_eq!(parse_time(same).unwrap(), utc, "{same}");
+        }
+        assert_eq!(
+            parse_time("2027-01-31").unwrap(),
+            parse_time("2027-01-31T00:00:00Z").unwrap()
+        );
+        for bad in [
+            "2027-01-31T12:00:00+2:00",
+            "2027-01-31T12:00:00+24:00",
+            "31.01.2027",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -146,6 +146,10 @@ pub struct AuthFilter {
     waiting: tokio::sync::Semaphore,
 }
 
+/// Most entries `basic_cache.size` may ask for (it is allocated as the cache fills; billions
+/// exhausted memory at the first sign-in).
+const MAX_CACHE: usize = 1_000_000;
+
 /// Registry constructor: `- use: auth` plus [`AuthOptions`].
 pub fn build(
     options: &serde_json::Value,
@@ -162,6 +166,18 @@ pub fn build(
         return Err(OptionsError::new(
             "",
             "needs at least one of keys_file, htpasswd, jwt, forward, mtls: accept or trusted_identity_header; otherwise nobody could log in",
+        ));
+    }
+    if o.brute_force.max_failures > 0 && o.brute_force.window.0.is_zero() {
+        return Err(OptionsError::new(
+            "brute_force.window",
+            "must be greater than 0: failures are counted within it, so 0 would lock nobody out (to turn the lockout off, set max_failures: 0)",
+        ));
+    }
+    if o.basic_cache.size > MAX_CACHE {
+        return Err(OptionsError::new(
+            "basic_cache.size",
+            format!("at most {MAX_CACHE} verified credentials (10000, the default, is plenty for most teams)"),
         ));
     }
     let identity_header = o
@@ -779,11 +795,15 @@ impl Filter for AuthFilter {
             }
         };
         let fresh = assemble(keys, htpasswd, &self.cache_opts);
-        log::info!(
-            "auth: reloaded: {} principals and {} htpasswd users",
-            fresh.keys.len(),
-            fresh.htpasswd.as_ref().map_or(0, |h| h.len())
-        );
+        // Said only when both files were read: with one broken, its error (logged by the
+        // caller) says what was kept.
+        if broken.is_none() {
+            log::info!(
+                "auth: reloaded: {} principals and {} htpasswd users",
+                fresh.keys.len(),
+                fresh.htpasswd.as_ref().map_or(0, |h| h.len())
+            );
+        }
         self.state.store(Arc::new(fresh));
         match broken {
             Some(e) => Err(ReloadError::new(e)),

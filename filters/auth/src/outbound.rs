@@ -15,6 +15,12 @@ pub fn client(
     ca_file: Option<&Path>,
     pooled: bool,
 ) -> Result<reqwest::Client, OptionsError> {
+    if timeout.is_zero() {
+        return Err(OptionsError::new(
+            format!("{key}.timeout"),
+            "must be greater than 0: every call would fail at once (a few seconds, such as 5s)",
+        ));
+    }
     let mut b = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)

@@ -27,7 +27,9 @@ use shape::{MediaUrls, OverCap, ServerSettings};
 #[serde(deny_unknown_fields)]
 struct PolicyOptions {
     /// Presets and rules; default: both inference presets, admin routes for scope `admin`.
-    allow: Option<Vec<RuleEntry>>,
+    /// Each a preset's name or a rule's mapping ([`RuleObject`]), told apart by hand: an
+    /// untagged enum's error named neither the bad key nor the fix.
+    allow: Option<Vec<serde_json::Value>>,
     /// Models anyone may use (exact names or `*` globs); empty = all.
     #[serde(default)]
     models: Vec<String>,
@@ -67,8 +69,7 @@ fn default_max_header_bytes() -> HumanSize {
     HumanSize(32 << 10)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum RuleEntry {
     Preset(String),
     Rule(RuleObject),
@@ -114,6 +115,38 @@ fn default_rules() -> Vec<RuleEntry> {
     ]
 }
 
+/// The methods a rule may name: those a model server's routes answer (`Method` takes any
+/// token, so `GTE` made a rule that never matched).
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+fn rule_entries(values: Vec<serde_json::Value>) -> Result<Vec<RuleEntry>, OptionsError> {
+    if values.is_empty() {
+        return Err(OptionsError::new(
+            "allow",
+            "an empty list allows nothing, so every request would be refused; leave `allow` out for the inference presets, or list what to allow",
+        ));
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            serde_json::Value::String(name) => Ok(RuleEntry::Preset(name)),
+            v @ serde_json::Value::Object(_) => serde_json::from_value::<RuleObject>(v)
+                .map(RuleEntry::Rule)
+                .map_err(|e| {
+                    OptionsError::new(
+                        format!("allow[{i}]"),
+                        format!("{e}; a rule is `preset: NAME` (with `scope:`) or `path: /PATH` with `methods: [GET, POST]`"),
+                    )
+                }),
+            _ => Err(OptionsError::new(
+                format!("allow[{i}]"),
+                "each entry is a preset's name or a rule such as { path: /api/show, methods: [POST] }",
+            )),
+        })
+        .collect()
+}
+
 fn build_rules(entries: Vec<RuleEntry>) -> Result<RuleSet, OptionsError> {
     let mut set = RuleSet::default();
     for (i, e) in entries.into_iter().enumerate() {
@@ -152,12 +185,20 @@ fn build_rules(entries: Vec<RuleEntry>) -> Result<RuleSet, OptionsError> {
                         .methods
                         .iter()
                         .map(|m| {
-                            Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                                OptionsError::new(
-                                    format!("{at}.methods"),
-                                    format!("{m:?} is not an HTTP method"),
-                                )
-                            })
+                            let upper = m.trim().to_ascii_uppercase();
+                            METHODS
+                                .contains(&upper.as_str())
+                                .then(|| Method::from_bytes(upper.as_bytes()).ok())
+                                .flatten()
+                                .ok_or_else(|| {
+                                    OptionsError::new(
+                                        format!("{at}.methods"),
+                                        format!(
+                                            "{m:?} is not an HTTP method a model server answers: {}",
+                                            METHODS.join(", ")
+                                        ),
+                                    )
+                                })
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     set.rules.push(Rule {
@@ -184,7 +225,24 @@ pub fn build(
     _cx: &BuildContext,
 ) -> Result<Arc<dyn Filter>, OptionsError> {
     let o: PolicyOptions = parse_options(options)?;
-    let rules = build_rules(o.allow.unwrap_or_else(default_rules))?;
+    let entries = match o.allow {
+        Some(values) => rule_entries(values)?,
+        None => default_rules(),
+    };
+    let rules = build_rules(entries)?;
+    for (key, zero) in [
+        ("max_prompt_chars", o.max_prompt_chars == Some(0)),
+        ("max_messages", o.max_messages == Some(0)),
+        ("max_headers", o.max_headers == 0),
+        ("max_header_bytes", o.max_header_bytes.0 == 0),
+    ] {
+        if zero {
+            return Err(OptionsError::new(
+                key,
+                "must be at least 1: 0 refuses every request (leave it out for the default)",
+            ));
+        }
+    }
     for (key, value) in [
         ("max_output_tokens", o.max_output_tokens),
         ("max_choices", o.max_choices),
@@ -362,16 +420,14 @@ impl PolicyFilter {
             if self.media_urls == MediaUrls::DataOnly {
                 shape::check_media_urls(ctx.route, body)?;
             }
+            shape::check_logprobs(body)?;
             if let Some(max) = self.max_messages {
-                let n = body
-                    .get("messages")
-                    .and_then(|m| m.as_array())
-                    .map_or(0, Vec::len);
+                let n = shape::message_count(body);
                 if n > max {
                     return Err(Rejection::new(
                         StatusCode::BAD_REQUEST,
                         "too_many_messages",
-                        format!("{n} messages; at most {max} are accepted"),
+                        format!("{n} messages (each part of a message's content counts as one); at most {max} are accepted"),
                     ));
                 }
             }

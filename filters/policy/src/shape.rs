@@ -132,6 +132,69 @@ pub fn check_choices(ctx: &RequestCtx, max: u64) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Most alternatives a token a request may ask to be shown (OpenAI's and vLLM's limit, the
+/// range Ollama documents).
+pub const MAX_LOGPROBS: u64 = 20;
+
+/// The fields that ask for alternatives a token: OpenAI's `top_logprobs` (and `logprobs` as
+/// a number on `/v1/completions`), llama.cpp's `n_probs`, vLLM's `prompt_logprobs`, SGLang's
+/// `top_logprobs_num`.
+const LOGPROB_FIELDS: [&str; 5] = [
+    "top_logprobs",
+    "logprobs",
+    "n_probs",
+    "prompt_logprobs",
+    "top_logprobs_num",
+];
+
+/// Refuses a request asking for more than [`MAX_LOGPROBS`] alternatives a token: llama.cpp
+/// bounds none of these, and writes that many (up to its whole vocabulary, about 150,000
+/// entries) into the answer for every token generated, gigabytes for a short answer. Keys are
+/// matched in any case (Ollama's Go decoder does); a number written as a string counts.
+pub fn check_logprobs(body: &Value) -> Result<(), Rejection> {
+    let Some(map) = body.as_object() else {
+        return Ok(());
+    };
+    for (key, v) in map {
+        if !LOGPROB_FIELDS.iter().any(|f| key.eq_ignore_ascii_case(f)) {
+            continue;
+        }
+        let n = match v {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse::<f64>().ok(),
+            // `logprobs: true` on chat: the alternatives are `top_logprobs`.
+            _ => None,
+        };
+        if n.is_some_and(|n| n > MAX_LOGPROBS as f64) {
+            return Err(bad(
+                "too_many_logprobs",
+                format!(
+                    "`{}` asks for more than {MAX_LOGPROBS} alternatives a token; at most {MAX_LOGPROBS} are accepted",
+                    gateway_filter::redact::clip(key)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Messages as the model server may see them: Ollama's OpenAI layer makes each part of a
+/// message's `content` list a message of its own (a turn, with its template around it), so
+/// one message of 200 parts is 200.
+pub fn message_count(body: &Value) -> usize {
+    body.get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, |messages| {
+            messages
+                .iter()
+                .map(|m| match m.get("content") {
+                    Some(Value::Array(parts)) => parts.len().max(1),
+                    _ => 1,
+                })
+                .sum()
+        })
+}
+
 /// Whether requests may set what decides how the model server loads, keeps, formats or
 /// schedules models ([`check_server_settings`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]

@@ -135,6 +135,77 @@ async fn shape_limits() {
         f.on_request(&mut c).await.unwrap_err().code,
         "prompt_too_long"
     );
+    // One OpenAI message of three text parts is three messages to Ollama's OpenAI layer.
+    let parts = json!([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}, {"type": "text", "text": "c"}]);
+    let mut c = req(
+        Method::POST,
+        "/v1/chat/completions",
+        Some(json!({"model": "m", "messages": [{"role": "user", "content": parts}]})),
+    );
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!(r.code, "too_many_messages");
+    assert!(r.message.contains("3 messages"), "{}", r.message);
+    let two = json!([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]);
+    let mut c = req(
+        Method::POST,
+        "/v1/chat/completions",
+        Some(json!({"model": "m", "messages": [{"role": "user", "content": two}]})),
+    );
+    f.on_request(&mut c).await.unwrap();
+    // Alternatives a token: at most 20, in every field, spelling and number form.
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "logprobs": true, "top_logprobs": 21}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "a", "logprobs": 1000000}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "a", "n_probs": 1e6}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "a", "prompt_logprobs": "50"}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "m", "prompt": "a", "logprobs": true, "Top_Logprobs": 100}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "top_logprobs_num": 21}),
+        ),
+    ] {
+        let mut c = req(Method::POST, path, Some(body.clone()));
+        let r = f.on_request(&mut c).await.unwrap_err();
+        assert_eq!(
+            (r.status.as_u16(), r.code),
+            (400, "too_many_logprobs"),
+            "{body}"
+        );
+    }
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "logprobs": true, "top_logprobs": 20}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "a", "logprobs": 5, "n_probs": 0}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "m", "messages": [], "logprobs": false}),
+        ),
+    ] {
+        let mut c = req(Method::POST, path, Some(body.clone()));
+        f.on_request(&mut c)
+            .await
+            .unwrap_or_else(|r| panic!("{body}: {}", r.message));
+    }
     let mut c = req(
         Method::POST,
         "/v1/chat/completions",
@@ -197,6 +268,36 @@ fn option_errors() {
     .err()
     .unwrap();
     assert_eq!(e.path, "allow[0].path");
+    // What an operator gets wrong is named with its fix.
+    let err = |o: serde_json::Value| build(&o, &BuildContext::default()).err().unwrap();
+    let e = err(json!({"allow": [{"path": "/api/show", "method": ["POST"]}]}));
+    assert_eq!(e.path, "allow[0]");
+    assert!(e.message.contains("unknown field `method`"), "{e}");
+    assert!(e.message.contains("methods: [GET, POST]"), "{e}");
+    let e = err(json!({"allow": [{"path": "/api/tags", "methods": ["GTE"]}]}));
+    assert_eq!(e.path, "allow[0].methods");
+    assert!(e.message.contains("\"GTE\" is not an HTTP method"), "{e}");
+    let e = err(json!({"allow": []}));
+    assert_eq!(e.path, "allow");
+    assert!(e.message.contains("allows nothing"), "{e}");
+    let e = err(json!({"allow": [3]}));
+    assert_eq!(e.path, "allow[0]");
+    for key in [
+        "max_prompt_chars",
+        "max_messages",
+        "max_headers",
+        "max_header_bytes",
+    ] {
+        let e = err(json!({ key: 0 }));
+        assert_eq!(e.path, key);
+        assert!(e.message.contains("at least 1"), "{e}");
+    }
+    // Methods in any case still pass.
+    assert!(build(
+        &json!({"allow": [{"path": "/api/tags", "methods": ["get", "Post"]}]}),
+        &BuildContext::default()
+    )
+    .is_ok());
     let e = build(
         &json!({"max_prompt_chars": "lots"}),
         &BuildContext::default(),

@@ -74,6 +74,11 @@ pub fn parse(
     if tree.is_null() {
         tree = serde_norway::Value::Mapping(Default::default());
     }
+    // YAML merge keys (`<<: *common`), which operators use to share a filter's settings.
+    tree.apply_merge().map_err(|e| ConfigError::Syntax {
+        file: file.clone(),
+        message: format!("a merge key (`<<`): {e}"),
+    })?;
     interpolate::interpolate(&mut tree, &mut String::new(), env)
         .map_err(|(p, m)| ConfigError::invalid(path, p, m))?;
     let cfg: file::FileConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
@@ -266,6 +271,26 @@ mod tests {
             ))
             .unwrap();
         }
+    }
+
+    #[test]
+    fn merge_keys_share_settings() {
+        let s = parse_str(
+            "x-limits: &rl { rate: 10/m, burst: 5 }\nfilters:\n  - use: ratelimit\n    key: ip\n    <<: *rl\n  - use: ratelimit\n    key: ip\n    <<: *rl\n    burst: 2\n",
+        );
+        // `x-` keys are not config: the anchor has to live somewhere the schema allows.
+        let e = s.unwrap_err().to_string();
+        assert!(e.contains("unknown field `x-limits`"), "{e}");
+        let s = parse_str(
+            "filters:\n  - use: ratelimit\n    key: ip\n    <<: &rl { rate: 10/m, burst: 5 }\n  - use: ratelimit\n    key: api_key\n    <<: *rl\n    burst: 2\n",
+        )
+        .unwrap();
+        assert_eq!(s.filters[0].options["burst"], 5);
+        assert_eq!(s.filters[1].options["rate"], "10/m");
+        assert_eq!(
+            s.filters[1].options["burst"], 2,
+            "the mapping's own key wins"
+        );
     }
 
     #[test]

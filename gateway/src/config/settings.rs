@@ -75,6 +75,9 @@ pub enum ForwardedHeader {
 /// Shortest admin token accepted on a listener reachable from the network.
 const MIN_ADMIN_TOKEN: usize = 16;
 
+/// Most proxy threads `server.threads` may ask for.
+const MAX_THREADS: usize = 1024;
+
 /// The item whose listener address a connection's local address `local` is: an exact match,
 /// else a wildcard (`0.0.0.0` / `::`) on the same port.
 pub fn by_local_addr<T>(
@@ -373,6 +376,14 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
 
     let threads = match cfg.server.threads {
         Some(0) => return Err(("server.threads".into(), "must be at least 1".into())),
+        // Each thread is a runtime with its own stack and buffers: thousands only exhaust
+        // memory at start (the process aborted without naming the key).
+        Some(n) if n > MAX_THREADS => {
+            return Err((
+                "server.threads".into(),
+                format!("at most {MAX_THREADS} (one per core is the usual; leave it out for that)"),
+            ))
+        }
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
@@ -383,6 +394,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         .enumerate()
         .map(|(i, v)| filter_spec(i, v))
         .collect::<Result<Vec<_>, _>>()?;
+    chain_against_listeners(&filters, &listen, &config_dir)?;
     let telemetry = super::telemetry::build(cfg.telemetry, &filters, &config_dir)?;
     let state = super::state::build(cfg.state, &config_dir)?;
     let upgrade_sock = upgrade_sock(cfg.server.upgrade_sock.as_deref(), &config_dir)?;
@@ -409,6 +421,43 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         telemetry,
         state,
     })
+}
+
+/// What filters ask of the rest of the file: client certificates need a listener that asks
+/// for them (`mtls: require` would otherwise refuse everyone, `accept` never map anyone), and
+/// two budgets writing one ledger would each read the other's spend as an older process's.
+fn chain_against_listeners(
+    filters: &[FilterSpec],
+    listen: &[ListenerSpec],
+    config_dir: &Path,
+) -> Result<(), Invalid> {
+    let asks_certs = listen
+        .iter()
+        .any(|l| l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()));
+    let mut ledgers: Vec<(PathBuf, &str)> = Vec::new();
+    for f in filters {
+        let text = |key: &str| f.options.get(key).and_then(serde_json::Value::as_str);
+        match (f.name.as_str(), text("mtls")) {
+            ("auth", Some(mode @ ("require" | "accept"))) if !asks_certs => {
+                return Err((
+                    format!("{}.mtls", f.yaml_path),
+                    format!("`mtls: {mode}` needs a listener that asks clients for certificates, and none has `tls.client_ca`: add `client_ca: ca.pem` (the CA that issues client certificates) to a listener's `tls`"),
+                ));
+            }
+            _ => {}
+        }
+        if let ("budget", Some(ledger)) = (f.name.as_str(), text("ledger")) {
+            let path = resolve(config_dir, ledger);
+            if let Some((_, first)) = ledgers.iter().find(|(p, _)| *p == path) {
+                return Err((
+                    format!("{}.ledger", f.yaml_path),
+                    format!("{} is also the ledger of {first}: each budget needs a ledger file of its own", path.display()),
+                ));
+            }
+            ledgers.push((path, &f.yaml_path));
+        }
+    }
+    Ok(())
 }
 
 /// `server.upgrade_sock`, relative to the config file's folder. Whoever can create the
@@ -540,6 +589,17 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
         }
         intervals[i] = p.enabled.then_some(interval);
     }
+    for (key, t) in [
+        ("routing.health.timeout", r.health.timeout.0),
+        ("routing.discovery.timeout", r.discovery.timeout.0),
+    ] {
+        if t.is_zero() {
+            return Err((
+                key.into(),
+                "must be greater than 0: every probe would fail (a few seconds, such as 2s)".into(),
+            ));
+        }
+    }
     Ok(RoutingSpec {
         strategy: r.strategy,
         per_model: r.per_model.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -597,6 +657,17 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
     };
     let allow = nets("allow_cidrs", &l.allow_cidrs)?;
     let trusted_proxies = nets("trusted_proxies", &l.trusted_proxies)?;
+    // Every address trusted to name the client: any client could then name itself anyone
+    // (another address for limits and audit; another user through an identity header).
+    if let Some(j) = trusted_proxies.iter().position(|n| n.prefix_len() == 0) {
+        return Err((
+            format!(".trusted_proxies[{j}]"),
+            format!(
+                "{} trusts every address to name the client, so any client could pose as another address (or user, with trusted_identity_header); list your proxies' own addresses, such as 10.0.0.5 or 10.0.0.0/24",
+                trusted_proxies[j]
+            ),
+        ));
+    }
     let deny = nets("deny_cidrs", &l.deny_cidrs)?;
     let forwarded_header = match l.forwarded_header.as_deref() {
         None => ForwardedHeader::Either,
@@ -633,7 +704,16 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                 client_ca: t
                     .client_ca
                     .as_deref()
-                    .map(|p| file("client_ca", p))
+                    .map(|p| {
+                        let path = file("client_ca", p)?;
+                        crate::tls::client_verifier(&path).map_err(|e| {
+                            (
+                                ".tls.client_ca".to_string(),
+                                format!("{e}; it must hold the PEM certificates of the CAs that issue client certificates"),
+                            )
+                        })?;
+                        Ok::<_, Invalid>(path)
+                    })
                     .transpose()?,
             })
         }
@@ -803,6 +883,12 @@ fn backend(b: &BackendEntry) -> Result<BackendSpec, Invalid> {
     }
     if b.max_in_flight == Some(0) {
         return Err((".max_in_flight".into(), "must be at least 1".into()));
+    }
+    if b.first_byte_timeout.is_some_and(|d| d.0.is_zero()) {
+        return Err((
+            ".first_byte_timeout".into(),
+            "must be greater than 0: every streamed request would fail (leave it out for routing.first_byte_timeout)".into(),
+        ));
     }
     Ok(BackendSpec {
         name: name.into(),
