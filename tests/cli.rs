@@ -211,6 +211,15 @@ fn check_summarises_a_good_config() {
         out.contains("identity: none (every request is anonymous)"),
         "{out}"
     );
+    assert!(out.contains("upgrades: through "), "{out}");
+    // A folder others can write: upgrades are off, said before a SIGUSR2 finds out.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, out, err) = run(&["check", "--config", &f], &[("GW_PORT", "9999")]);
+    assert_eq!(code, 0, "{err}");
+    if !std::path::Path::new("/run/llm-gateway").exists() {
+        assert!(out.contains("upgrades: OFF: no folder is safe"), "{out}");
+    }
 }
 
 #[test]
@@ -373,6 +382,14 @@ fn check_refuses_settings_that_disable_a_protection_or_fail_at_start() {
         (
             "filters:\n  - use: audit\n    file: audit.jsonl\n    queue: 4611686018427387904\n".to_string(),
             "filters[0].queue: audit filter: from 1 to 10000000",
+        ),
+        (
+            "state: { on_error: reject, timeout: 10ms }\n".to_string(),
+            "state.timeout: is used only with `backend: redis`",
+        ),
+        (
+            "backends:\n  - { name: gpu-a, url: 'http://127.0.0.1:1', kind: ollama }\nfilters:\n  - use: budget\n    ledger: spend.db\n    prices: [{ model: '*', backend: gpu-z, prompt_per_1m: 1, completion_per_1m: 1 }]\n    global: { max_usd: 10, period: 1d }\n".to_string(),
+            "filters[0].prices[0].backend: \"gpu-z\" is not the name of a backend; backends: gpu-a",
         ),
         (
             "server: { threads: 100000 }\n".to_string(),

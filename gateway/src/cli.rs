@@ -239,5 +239,9 @@ pub fn summary(s: &Settings, chain: &FilterChain) -> String {
         "  server:   {} threads, drain {:?}\n",
         s.threads, s.drain_timeout
     );
+    out += &match &s.upgrade_sock {
+        Some(sock) => format!("  upgrades: through {}\n", sock.display()),
+        None => "  upgrades: OFF: no folder is safe for the upgrade socket (the config's folder is writable by other users); set server.upgrade_sock to a path in a folder only this user can write, such as /run/llm-gateway/upgrade.sock\n".to_string(),
+    };
     out
 }

@@ -12,6 +12,21 @@ use subtle::ConstantTimeEq;
 
 use crate::error::{AuthError, Invalid};
 
+/// Whether `hash` is a whole bcrypt hash: a cut or padded one (a stray `:extra`, a line
+/// broken by an editor) or one of an impossible cost matches no password.
+fn well_formed_bcrypt(hash: &str) -> bool {
+    let b = hash.as_bytes();
+    b.len() == 60
+        && b[6] == b'$'
+        && hash
+            .get(4..6)
+            .and_then(|c| c.parse::<u32>().ok())
+            .is_some_and(|c| (4..=31).contains(&c))
+        && b[7..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'/'))
+}
+
 /// user → bcrypt hash.
 #[derive(Debug, Default)]
 pub struct Htpasswd {
@@ -37,6 +52,8 @@ impl Htpasswd {
 
     pub fn parse(text: &str) -> Result<Htpasswd, Invalid> {
         let mut users = HashMap::new();
+        // A byte-order mark (an editor's UTF-8 signature) is not part of the first user's name.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -56,6 +73,12 @@ impl Htpasswd {
                 return Err(Invalid::new(
                     format!("line {}", n + 1),
                     format!("user {user:?} has a {kind} hash; only bcrypt is accepted: recreate it with `htpasswd -B` or `llm-gateway hash-password`"),
+                ));
+            }
+            if !well_formed_bcrypt(hash) {
+                return Err(Invalid::new(
+                    format!("line {}", n + 1),
+                    format!("user {user:?} has a damaged bcrypt hash (60 characters: $2y$, a cost from 04 to 31, $, then 53 of ./A-Za-z0-9); no password would ever match it: recreate it with `htpasswd -B` or `llm-gateway hash-password`"),
                 ));
             }
             if gateway_filter::reserved_principal_id(user) {
@@ -179,6 +202,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("line 1"));
+        // Damaged hashes match nothing: refused, naming the line (operator review).
+        let cut = &h[..40];
+        let costly = format!("$2y$99${}", &h[7..]);
+        for bad in [
+            "$2y$10$short".to_string(),
+            format!("{h}:extra"),
+            cut.to_string(),
+            costly,
+        ] {
+            let e = Htpasswd::parse(&format!("alice:{h}\nbob:{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("line 2") && e.contains("damaged bcrypt hash"),
+                "{bad}: {e}"
+            );
+        }
+        // An editor's byte-order mark is not part of the first name.
+        let f = Htpasswd::parse(&format!("\u{feff}alice:{h}\n")).unwrap();
+        assert!(f.hash_of("alice").is_some());
         // Users named like the gateway's own accounts would share them.
         for user in ["anonymous", "*", ""] {
             let e = Htpasswd::parse(&format!("alice:{h}\n{user}:{h}\n"))

@@ -394,7 +394,7 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
         .enumerate()
         .map(|(i, v)| filter_spec(i, v))
         .collect::<Result<Vec<_>, _>>()?;
-    chain_against_listeners(&filters, &listen, &config_dir)?;
+    chain_against_file(&filters, &listen, &backends, &config_dir)?;
     let telemetry = super::telemetry::build(cfg.telemetry, &filters, &config_dir)?;
     let state = super::state::build(cfg.state, &config_dir)?;
     let upgrade_sock = upgrade_sock(cfg.server.upgrade_sock.as_deref(), &config_dir)?;
@@ -424,11 +424,13 @@ pub fn build(file: PathBuf, cfg: FileConfig) -> Result<Settings, Invalid> {
 }
 
 /// What filters ask of the rest of the file: client certificates need a listener that asks
-/// for them (`mtls: require` would otherwise refuse everyone, `accept` never map anyone), and
-/// two budgets writing one ledger would each read the other's spend as an older process's.
-fn chain_against_listeners(
+/// for them (`mtls: require` would otherwise refuse everyone, `accept` never map anyone), two
+/// budgets writing one ledger would each read the other's spend as an older process's, and a
+/// price for a backend that does not exist never applies.
+fn chain_against_file(
     filters: &[FilterSpec],
     listen: &[ListenerSpec],
+    backends: &[BackendSpec],
     config_dir: &Path,
 ) -> Result<(), Invalid> {
     let asks_certs = listen
@@ -445,6 +447,30 @@ fn chain_against_listeners(
                 ));
             }
             _ => {}
+        }
+        if f.name == "budget" {
+            let prices = f
+                .options
+                .get("prices")
+                .and_then(serde_json::Value::as_array);
+            for (j, p) in prices.into_iter().flatten().enumerate() {
+                let Some(name) = p.get("backend").and_then(serde_json::Value::as_str) else {
+                    continue;
+                };
+                if !backends.iter().any(|b| &*b.name == name) {
+                    return Err((
+                        format!("{}.prices[{j}].backend", f.yaml_path),
+                        format!(
+                            "{name:?} is not the name of a backend; backends: {}",
+                            backends
+                                .iter()
+                                .map(|b| &*b.name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
         }
         if let ("budget", Some(ledger)) = (f.name.as_str(), text("ledger")) {
             let path = resolve(config_dir, ledger);

@@ -86,6 +86,26 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
                 "is used only with `backend: redis`; add it, or remove the url",
             );
         }
+        // Settings of a shared state that is not there: an operator who set them believes
+        // replicas share limits.
+        let set = [
+            ("password", s.password.is_some()),
+            ("prefix", s.prefix.is_some()),
+            ("timeout", s.timeout.is_some()),
+            ("connect_timeout", s.connect_timeout.is_some()),
+            ("on_error", s.on_error != OnError::Local),
+            ("lease_ttl", s.lease_ttl.is_some()),
+            ("breaker_failures", s.breaker_failures.is_some()),
+            ("breaker_retry", s.breaker_retry.is_some()),
+            ("ca_file", s.ca_file.is_some()),
+            ("settle_window", s.settle_window.is_some()),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
+            return bad(
+                key,
+                "is used only with `backend: redis` (and `url:`); without them every replica keeps its own limits: add them, or remove this setting",
+            );
+        }
         return Ok(None);
     }
     let Some(url) = s.url.filter(|u| !u.trim().is_empty()) else {
