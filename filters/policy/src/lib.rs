@@ -421,6 +421,7 @@ impl PolicyFilter {
                 shape::check_media_urls(ctx.route, body)?;
             }
             shape::check_logprobs(body)?;
+            shape::check_image_size(ctx.route, body)?;
             if let Some(max) = self.max_messages {
                 let n = shape::message_count(body);
                 if n > max {

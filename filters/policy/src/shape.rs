@@ -178,6 +178,42 @@ pub fn check_logprobs(body: &Value) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Largest image side and most diffusion steps an Ollama image request may ask for.
+pub const MAX_IMAGE_SIDE: f64 = 4096.0;
+pub const MAX_IMAGE_STEPS: f64 = 100.0;
+
+/// Refuses an Ollama image generation (`/api/generate` with an image model: `width`,
+/// `height`, `steps`, passed to the runner as given) beyond [`MAX_IMAGE_SIDE`] and
+/// [`MAX_IMAGE_STEPS`]: the output cap counts tokens, which an image model does not make, so
+/// `steps: 2147483647` kept a GPU busy without bound. Keys in any case (Go's decoder folds it).
+pub fn check_image_size(route: Route, body: &Value) -> Result<(), Rejection> {
+    if !matches!(route, Route::OllamaGenerate | Route::OllamaChat) {
+        return Ok(());
+    }
+    let Some(map) = body.as_object() else {
+        return Ok(());
+    };
+    for (key, v) in map {
+        let max = if key.eq_ignore_ascii_case("steps") {
+            MAX_IMAGE_STEPS
+        } else if key.eq_ignore_ascii_case("width") || key.eq_ignore_ascii_case("height") {
+            MAX_IMAGE_SIDE
+        } else {
+            continue;
+        };
+        if v.as_f64().is_some_and(|n| n > max) {
+            return Err(bad(
+                "image_too_large",
+                format!(
+                    "`{}` may be at most {max} (image sides in pixels, diffusion steps)",
+                    gateway_filter::redact::clip(key)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Messages as the model server may see them: Ollama's OpenAI layer makes each part of a
 /// message's `content` list a message of its own (a turn, with its template around it), so
 /// one message of 200 parts is 200.

@@ -187,6 +187,26 @@ async fn shape_limits() {
             "{body}"
         );
     }
+    // Ollama image generation: steps and sides bounded (the output cap counts no tokens there).
+    for body in [
+        json!({"model": "m", "prompt": "a cat", "steps": 2147483647}),
+        json!({"model": "m", "prompt": "a cat", "Width": 16384}),
+        json!({"model": "m", "prompt": "a cat", "height": 4097.0}),
+    ] {
+        let mut c = req(Method::POST, "/api/generate", Some(body.clone()));
+        let r = f.on_request(&mut c).await.unwrap_err();
+        assert_eq!(
+            (r.status.as_u16(), r.code),
+            (400, "image_too_large"),
+            "{body}"
+        );
+    }
+    let mut c = req(
+        Method::POST,
+        "/api/generate",
+        Some(json!({"model": "m", "prompt": "a", "width": 1024, "height": 768, "steps": 30})),
+    );
+    f.on_request(&mut c).await.unwrap();
     for (path, body) in [
         (
             "/v1/chat/completions",
