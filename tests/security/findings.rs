@@ -2164,3 +2164,74 @@ async fn a_client_that_leaves_before_its_refusal_leaves_a_refusal_and_no_error()
     );
     assert!(!gw.log().contains("ERROR"), "{}", gw.log());
 }
+
+// Attacker review 2026-12-05: what a field-by-field cap missed. One message of many content
+// parts (Ollama makes each a turn), alternatives a token (llama.cpp writes that many for every
+// token), Ollama image generation (no tokens to cap). Refused before any backend sees them.
+#[tokio::test(flavor = "multi_thread")]
+async fn parts_logprobs_and_image_steps_are_bounded_before_the_backend() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: policy\n    max_messages: 5\n    max_output_tokens: 100\n",
+    )
+    .await;
+    let c = client();
+    let parts: Vec<Value> = (0..200)
+        .map(|_| json!({"type": "text", "text": "a"}))
+        .collect();
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": parts}]}),
+            "too_many_messages",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "llama3.1:8b", "prompt": "hi", "logprobs": 1000000}),
+            "too_many_logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "llama3.1:8b", "prompt": "hi", "n_probs": 1000000}),
+            "too_many_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 1000000}),
+            "too_many_logprobs",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "llama3.1:8b", "prompt": "a cat", "stream": false, "width": 16384, "height": 16384, "steps": 2147483647}),
+            "image_too_large",
+        ),
+    ];
+    for (path, body, code) in cases {
+        let r = c
+            .post(gw.url(path))
+            .header("authorization", bearer(USER_KEY))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path} {body}");
+        assert_eq!(error_of(r).await.0, code, "{path}");
+    }
+    assert!(
+        m.requests().iter().all(|r| r.path != "/v1/chat/completions"
+            && r.path != "/v1/completions"
+            && r.path != "/api/generate"),
+        "a refused request reached the backend"
+    );
+    // Within the bounds, the same shapes pass.
+    let r = c
+        .post(gw.url("/v1/completions"))
+        .header("authorization", bearer(USER_KEY))
+        .json(&json!({"model": "llama3.1:8b", "prompt": "hi", "logprobs": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(last_body(&m, "/v1/completions")["logprobs"], 5);
+}
