@@ -424,41 +424,32 @@ fn check_refuses_settings_that_disable_a_protection_or_fail_at_start() {
         assert!(err.contains(want), "{yaml}\nwant {want}\ngot {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    // Keys-file entries: a zero token limit is named with its key.
-    write(
-        &dir,
-        "keys0.yaml",
-        &format!(
-            "keys:\n  - id: a\n    key_sha256: {}\n    tokens_per_minute: 0\n",
-            "0".repeat(64)
-        ),
-    );
-    let f = write(
-        &dir,
-        "tpm0.yaml",
-        "filters:\n  - use: auth\n    keys_file: keys0.yaml\n",
-    );
-    let (code, _, err) = run(&["check", "--config", &f], &[]);
+    // A keys file with one entry of `extra`, checked.
+    let check_keys = |name: &str, extra: &str| {
+        write(
+            &dir,
+            &format!("{name}.keys.yaml"),
+            &format!(
+                "keys:\n  - id: a\n    key_sha256: {}\n    {extra}\n",
+                "0".repeat(64)
+            ),
+        );
+        let f = write(
+            &dir,
+            &format!("{name}.yaml"),
+            &format!("filters:\n  - use: auth\n    keys_file: {name}.keys.yaml\n"),
+        );
+        run(&["check", "--config", &f], &[])
+    };
+    // A zero token limit is named with its key.
+    let (code, _, err) = check_keys("tpm0", "tokens_per_minute: 0");
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("keys[0].tokens_per_minute: must be at least 1"),
         "{err}"
     );
     // An expiry with a UTC offset is RFC 3339 too.
-    write(
-        &dir,
-        "keys1.yaml",
-        &format!(
-            "keys:\n  - id: a\n    key_sha256: {}\n    expires: 2099-01-31T12:00:00+02:00\n",
-            "0".repeat(64)
-        ),
-    );
-    let f = write(
-        &dir,
-        "expires.yaml",
-        "filters:\n  - use: auth\n    keys_file: keys1.yaml\n",
-    );
-    let (code, out, err) = run(&["check", "--config", &f], &[]);
+    let (code, out, err) = check_keys("expires", "expires: 2099-01-31T12:00:00+02:00");
     assert_eq!(code, 0, "{out}{err}");
 }
 

@@ -134,84 +134,67 @@ pub fn check_choices(ctx: &RequestCtx, max: u64) -> Result<(), Rejection> {
 
 /// Most alternatives a token a request may ask to be shown (OpenAI's and vLLM's limit, the
 /// range Ollama documents).
-pub const MAX_LOGPROBS: u64 = 20;
+pub const MAX_LOGPROBS: f64 = 20.0;
 
-/// The fields that ask for alternatives a token: OpenAI's `top_logprobs` (and `logprobs` as
-/// a number on `/v1/completions`), llama.cpp's `n_probs`, vLLM's `prompt_logprobs`, SGLang's
-/// `top_logprobs_num`.
-const LOGPROB_FIELDS: [&str; 5] = [
-    "top_logprobs",
-    "logprobs",
-    "n_probs",
-    "prompt_logprobs",
-    "top_logprobs_num",
+/// The fields that ask for alternatives a token, each with that limit: OpenAI's
+/// `top_logprobs` (and `logprobs` as a number on `/v1/completions`), llama.cpp's `n_probs`,
+/// vLLM's `prompt_logprobs`, SGLang's `top_logprobs_num`.
+const LOGPROB_FIELDS: [(&str, f64); 5] = [
+    ("top_logprobs", MAX_LOGPROBS),
+    ("logprobs", MAX_LOGPROBS),
+    ("n_probs", MAX_LOGPROBS),
+    ("prompt_logprobs", MAX_LOGPROBS),
+    ("top_logprobs_num", MAX_LOGPROBS),
 ];
 
-/// Refuses a request asking for more than [`MAX_LOGPROBS`] alternatives a token: llama.cpp
-/// bounds none of these, and writes that many (up to its whole vocabulary, about 150,000
-/// entries) into the answer for every token generated, gigabytes for a short answer. Keys are
-/// matched in any case (Ollama's Go decoder does); a number written as a string counts.
-pub fn check_logprobs(body: &Value) -> Result<(), Rejection> {
-    let Some(map) = body.as_object() else {
-        return Ok(());
-    };
-    for (key, v) in map {
-        if !LOGPROB_FIELDS.iter().any(|f| key.eq_ignore_ascii_case(f)) {
-            continue;
-        }
+/// Largest image side (pixels) and most diffusion steps an Ollama image request may ask for.
+const IMAGE_FIELDS: [(&str, f64); 3] = [("width", 4096.0), ("height", 4096.0), ("steps", 100.0)];
+
+/// The first top-level field named in `limits` (in any case: Ollama's Go decoder folds it)
+/// whose number is past its limit, with that limit. A number written as a string counts
+/// (llama.cpp and pydantic read some so); anything else (`logprobs: true`) does not.
+fn past_limit<'a>(body: &'a Value, limits: &[(&str, f64)]) -> Option<(&'a str, f64)> {
+    body.as_object()?.iter().find_map(|(key, v)| {
+        let (_, max) = limits.iter().find(|(f, _)| key.eq_ignore_ascii_case(f))?;
         let n = match v {
             Value::Number(n) => n.as_f64(),
             Value::String(s) => s.trim().parse::<f64>().ok(),
-            // `logprobs: true` on chat: the alternatives are `top_logprobs`.
             _ => None,
-        };
-        if n.is_some_and(|n| n > MAX_LOGPROBS as f64) {
-            return Err(bad(
-                "too_many_logprobs",
-                format!(
-                    "`{}` asks for more than {MAX_LOGPROBS} alternatives a token; at most {MAX_LOGPROBS} are accepted",
-                    gateway_filter::redact::clip(key)
-                ),
-            ));
-        }
-    }
-    Ok(())
+        }?;
+        (n > *max).then_some((gateway_filter::redact::clip(key), *max))
+    })
 }
 
-/// Largest image side and most diffusion steps an Ollama image request may ask for.
-pub const MAX_IMAGE_SIDE: f64 = 4096.0;
-pub const MAX_IMAGE_STEPS: f64 = 100.0;
+/// Refuses a request asking for more than [`MAX_LOGPROBS`] alternatives a token: llama.cpp
+/// bounds none of these, and writes that many (up to its whole vocabulary, about 150,000
+/// entries) into the answer for every token generated, gigabytes for a short answer.
+pub fn check_logprobs(body: &Value) -> Result<(), Rejection> {
+    match past_limit(body, &LOGPROB_FIELDS) {
+        Some((key, max)) => Err(bad(
+            "too_many_logprobs",
+            format!(
+                "`{key}` asks for more than {max} alternatives a token; at most {max} are accepted"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
 
 /// Refuses an Ollama image generation (`/api/generate` with an image model: `width`,
-/// `height`, `steps`, passed to the runner as given) beyond [`MAX_IMAGE_SIDE`] and
-/// [`MAX_IMAGE_STEPS`]: the output cap counts tokens, which an image model does not make, so
-/// `steps: 2147483647` kept a GPU busy without bound. Keys in any case (Go's decoder folds it).
+/// `height`, `steps`, passed to the runner as given) past [`IMAGE_FIELDS`]: the output cap
+/// counts tokens, which an image model does not make, so `steps: 2147483647` kept a GPU busy
+/// without bound.
 pub fn check_image_size(route: Route, body: &Value) -> Result<(), Rejection> {
     if !matches!(route, Route::OllamaGenerate | Route::OllamaChat) {
         return Ok(());
     }
-    let Some(map) = body.as_object() else {
-        return Ok(());
-    };
-    for (key, v) in map {
-        let max = if key.eq_ignore_ascii_case("steps") {
-            MAX_IMAGE_STEPS
-        } else if key.eq_ignore_ascii_case("width") || key.eq_ignore_ascii_case("height") {
-            MAX_IMAGE_SIDE
-        } else {
-            continue;
-        };
-        if v.as_f64().is_some_and(|n| n > max) {
-            return Err(bad(
-                "image_too_large",
-                format!(
-                    "`{}` may be at most {max} (image sides in pixels, diffusion steps)",
-                    gateway_filter::redact::clip(key)
-                ),
-            ));
-        }
+    match past_limit(body, &IMAGE_FIELDS) {
+        Some((key, max)) => Err(bad(
+            "image_too_large",
+            format!("`{key}` may be at most {max} (image sides in pixels, diffusion steps)"),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Messages as the model server may see them: Ollama's OpenAI layer makes each part of a
