@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod fd_limit;
 pub mod host_check;
 pub mod init;
+pub mod log_limit;
 pub mod metrics;
 pub mod model_list;
 pub mod proxy;

@@ -64,7 +64,7 @@ fn spawn_allocator_purge() {
 static ALLOCATOR_OPTIONS: extern "C" fn() = allocator_options;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    llm_gateway::log_limit::Limited::install();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Check { config }) => return check(&config),

@@ -690,3 +690,39 @@ async fn running_requests_hold_their_body_not_its_parsed_tree() {
         );
     }
 }
+
+// Review: every HTTP/2 client that sent anything but the connection preface wrote an ERROR
+// line (Pingora's `H2 handshake error`): anyone who could reach the port grew the log as fast
+// as they could open connections. A few lines a window now, the rest counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_connections_cannot_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let m = mock().await;
+    let gw = tls_gateway(&pki, &m, "", "").await;
+    let addr = format!("127.0.0.1:{}", gw.port);
+    tokio::task::block_in_place(|| {
+        for _ in 0..60 {
+            use std::io::Write;
+            let mut child = std::process::Command::new("openssl")
+                .args(["s_client", "-connect", &addr, "-alpn", "h2", "-quiet"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("openssl runs");
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(b"not an HTTP/2 preface at all\r\n\r\n");
+            drop(stdin);
+            let _ = child.wait();
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = gw.log();
+    let lines = log.matches("H2 handshake error").count();
+    assert!((1..=20).contains(&lines), "{lines} handshake lines:\n{log}");
+    assert!(
+        log.contains("the next ones are counted, not written"),
+        "{log}"
+    );
+}
