@@ -365,7 +365,7 @@ fn check_refuses_settings_that_disable_a_protection_or_fail_at_start() {
         ),
         (
             format!("listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: {}, key: {}, client_ca: notpem.txt }}\n", pki.server_cert.display(), pki.server_key.display()),
-            "listen[0].tls.client_ca: tls.client_ca: cannot load",
+            "listen[0].tls.client_ca: cannot load",
         ),
         (
             format!("filters:\n{auth}    brute_force: {{ window: 0s }}\n"),
@@ -389,7 +389,7 @@ fn check_refuses_settings_that_disable_a_protection_or_fail_at_start() {
         ),
         (
             "backends:\n  - { name: gpu-a, url: 'http://127.0.0.1:1', kind: ollama }\nfilters:\n  - use: budget\n    ledger: spend.db\n    prices: [{ model: '*', backend: gpu-z, prompt_per_1m: 1, completion_per_1m: 1 }]\n    global: { max_usd: 10, period: 1d }\n".to_string(),
-            "filters[0].prices[0].backend: \"gpu-z\" is not the name of a backend; backends: gpu-a",
+            "filters[0].prices[0].backend: \"gpu-z\" is not the name of a backend, so this price would never apply; name one of: gpu-a",
         ),
         (
             "server: { threads: 100000 }\n".to_string(),

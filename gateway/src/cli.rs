@@ -241,7 +241,7 @@ pub fn summary(s: &Settings, chain: &FilterChain) -> String {
     );
     out += &match &s.upgrade_sock {
         Some(sock) => format!("  upgrades: through {}\n", sock.display()),
-        None => "  upgrades: OFF: no folder is safe for the upgrade socket (the config's folder is writable by other users); set server.upgrade_sock to a path in a folder only this user can write, such as /run/llm-gateway/upgrade.sock\n".to_string(),
+        None => "  upgrades: OFF: no folder is safe for the upgrade socket (the config's folder is writable by other users, or owned by another); set server.upgrade_sock to a path in a folder only this user can write, such as /run/llm-gateway/upgrade.sock\n".to_string(),
     };
     out
 }

@@ -151,12 +151,20 @@ impl Metrics {
                 "Attempts abandoned because no response byte came within the first-byte deadline",
                 &["backend"],
             )?,
-            reloads: counter(
-                r,
-                "llm_gateway_reloads_total",
-                "SIGHUP reloads of the filters' files, by result (failed: a broken file kept its previous contents)",
-                &["result"],
-            )?,
+            reloads: {
+                let c = counter(
+                    r,
+                    "llm_gateway_reloads_total",
+                    "SIGHUP reloads of the filters' files, by result (failed: a broken file kept its previous contents)",
+                    &["result"],
+                )?;
+                // Both series exist from the start: a series born at 1 has no increase, and
+                // the first failed reload would not raise LlmGatewayReloadFailed.
+                for result in ["ok", "failed"] {
+                    c.with_label_values(&[result]);
+                }
+                c
+            },
             connections: gauge(
                 r,
                 "llm_gateway_connections_open",

@@ -297,7 +297,7 @@ pub fn run(prepared: Prepared) -> ! {
     if settings.upgrade_sock.is_some() {
         crate::upgrade::spawn_on_usr2(settings.file.clone());
     } else {
-        log::warn!("upgrades are off: no folder is safe for the upgrade socket (the config's folder is writable by other users); set server.upgrade_sock to a path in a folder only this user can write, such as /run/llm-gateway/upgrade.sock");
+        log::warn!("upgrades are off: no folder is safe for the upgrade socket (the config's folder is writable by other users, or owned by another); set server.upgrade_sock to a path in a folder only this user can write, such as /run/llm-gateway/upgrade.sock");
         crate::upgrade::refuse_usr2();
     }
     let listen: Vec<String> = settings

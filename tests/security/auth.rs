@@ -364,6 +364,12 @@ async fn sighup_reloads_keys_and_survives_a_broken_file() {
         }
     };
     assert_eq!(status("key-old").await, 200);
+    // Both series exist before any reload: an alert on `increase` sees the first failure.
+    assert_eq!(
+        gw.metric("llm_gateway_reloads_total{result=\"failed\"}")
+            .await,
+        Some(0.0)
+    );
     // A kept-alive connection must survive the reload too.
     write("new", "key-new");
     gw.signal("HUP");

@@ -333,6 +333,9 @@ fn parse_time(s: &str) -> Result<SystemTime, String> {
     };
     let full = if s.len() == 10 {
         format!("{s}T00:00:00Z")
+    } else if s.as_bytes().get(10) == Some(&b't') {
+        // RFC 3339 allows a lowercase separator; humantime reads `T` or a space.
+        format!("{}T{}", &s[..10], &s[11..])
     } else {
         s.to_string()
     };
@@ -393,6 +396,7 @@ mod tests {
             "2027-01-31T06:30:00-05:30",
             "2027-01-31T12:00:00+00:00",
             "2027-01-31 12:00:00Z",
+            "2027-01-31t14:00:00+02:00",
         ] {
             assert_eq!(parse_time(same).unwrap(), utc, "{same}");
         }

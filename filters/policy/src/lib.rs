@@ -239,7 +239,7 @@ pub fn build(
         if zero {
             return Err(OptionsError::new(
                 key,
-                "must be at least 1: 0 refuses every request (leave it out for the default)",
+                "must be at least 1: 0 refuses every request it applies to (leave it out for the default)",
             ));
         }
     }

@@ -185,7 +185,7 @@ pub fn check_logprobs(body: &Value) -> Result<(), Rejection> {
 /// counts tokens, which an image model does not make, so `steps: 2147483647` kept a GPU busy
 /// without bound.
 pub fn check_image_size(route: Route, body: &Value) -> Result<(), Rejection> {
-    if !matches!(route, Route::OllamaGenerate | Route::OllamaChat) {
+    if route != Route::OllamaGenerate {
         return Ok(());
     }
     match past_limit(body, &IMAGE_FIELDS) {

@@ -59,6 +59,29 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     parse(path, &text, &|name| std::env::var(name).ok())
 }
 
+/// Applies YAML merge keys (`<<: *common`), which operators use to share a filter's
+/// settings. A merged mapping may merge another in turn (serde_norway merges one level a
+/// pass): passes repeat while a `<<` is left, as deep as anchors can nest in a config.
+fn merge_keys(tree: &mut serde_norway::Value) -> Result<(), String> {
+    fn has_merge(v: &serde_norway::Value) -> bool {
+        match v {
+            serde_norway::Value::Mapping(m) => m.contains_key("<<") || m.values().any(has_merge),
+            serde_norway::Value::Sequence(s) => s.iter().any(has_merge),
+            serde_norway::Value::Tagged(t) => has_merge(&t.value),
+            _ => false,
+        }
+    }
+    for _ in 0..16 {
+        if !has_merge(tree) {
+            return Ok(());
+        }
+        tree.apply_merge().map_err(|e| {
+            format!("a merge key (`<<`): {e}; it takes an anchored mapping (`<<: *common`) or a list of them")
+        })?;
+    }
+    Err("merge keys (`<<`) nest more than 16 deep".into())
+}
+
 /// Parses config text; `path` is only used in messages and to resolve relative paths.
 pub fn parse(
     path: &Path,
@@ -74,10 +97,9 @@ pub fn parse(
     if tree.is_null() {
         tree = serde_norway::Value::Mapping(Default::default());
     }
-    // YAML merge keys (`<<: *common`), which operators use to share a filter's settings.
-    tree.apply_merge().map_err(|e| ConfigError::Syntax {
+    merge_keys(&mut tree).map_err(|message| ConfigError::Syntax {
         file: file.clone(),
-        message: format!("a merge key (`<<`): {e}"),
+        message,
     })?;
     interpolate::interpolate(&mut tree, &mut String::new(), env)
         .map_err(|(p, m)| ConfigError::invalid(path, p, m))?;
@@ -291,6 +313,17 @@ mod tests {
             s.filters[1].options["burst"], 2,
             "the mapping's own key wins"
         );
+        // A merged mapping that merges another in turn.
+        let s = parse_str(
+            "filters:\n  - use: ratelimit\n    key: ip\n    <<: &base { burst: 5, rate: 1/s }\n  - use: ratelimit\n    key: api_key\n    <<: &rl\n      <<: *base\n      rate: 10/m\n",
+        )
+        .unwrap();
+        assert_eq!(s.filters[1].options["burst"], 5);
+        assert_eq!(s.filters[1].options["rate"], "10/m");
+        let e = parse_str("filters:\n  - use: ratelimit\n    <<: 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("it takes an anchored mapping"), "{e}");
     }
 
     #[test]

@@ -461,7 +461,7 @@ fn chain_against_file(
                     return Err((
                         format!("{}.prices[{j}].backend", f.yaml_path),
                         format!(
-                            "{name:?} is not the name of a backend; backends: {}",
+                            "{name:?} is not the name of a backend, so this price would never apply; name one of: {}",
                             backends
                                 .iter()
                                 .map(|b| &*b.name)
@@ -473,7 +473,11 @@ fn chain_against_file(
             }
         }
         if let ("budget", Some(ledger)) = (f.name.as_str(), text("ledger")) {
-            let path = resolve(config_dir, ledger);
+            // `./spend.db` and `spend.db` are one file.
+            let path: PathBuf = resolve(config_dir, ledger)
+                .components()
+                .filter(|c| *c != std::path::Component::CurDir)
+                .collect();
             if let Some((_, first)) = ledgers.iter().find(|(p, _)| *p == path) {
                 return Err((
                     format!("{}.ledger", f.yaml_path),
@@ -615,11 +619,11 @@ fn routing(r: &RoutingSection) -> Result<RoutingSpec, Invalid> {
         }
         intervals[i] = p.enabled.then_some(interval);
     }
-    for (key, t) in [
-        ("routing.health.timeout", r.health.timeout.0),
-        ("routing.discovery.timeout", r.discovery.timeout.0),
+    for (key, p) in [
+        ("routing.health.timeout", &r.health),
+        ("routing.discovery.timeout", &r.discovery),
     ] {
-        if t.is_zero() {
+        if p.enabled && p.timeout.0.is_zero() {
             return Err((
                 key.into(),
                 "must be greater than 0: every probe would fail (a few seconds, such as 2s)".into(),
@@ -733,9 +737,13 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                     .map(|p| {
                         let path = file("client_ca", p)?;
                         crate::tls::client_verifier(&path).map_err(|e| {
+                            let why = match e {
+                                crate::tls::TlsError::ClientCa { reason, .. } => reason,
+                                e => e.to_string(),
+                            };
                             (
                                 ".tls.client_ca".to_string(),
-                                format!("{e}; it must hold the PEM certificates of the CAs that issue client certificates"),
+                                format!("cannot load {}: {why}; it must hold the PEM certificates of the CAs that issue client certificates", path.display()),
                             )
                         })?;
                         Ok::<_, Invalid>(path)
