@@ -115,12 +115,18 @@ impl Metrics {
                 "Requests refused, by filter (or gateway) and code",
                 &["filter", "code"],
             )?,
-            auth_failures: counter(
-                r,
-                "llm_gateway_auth_failures_total",
-                "Failed authentications by reason",
-                &["reason"],
-            )?,
+            auth_failures: {
+                let c = counter(
+                    r,
+                    "llm_gateway_auth_failures_total",
+                    "Failed authentications by reason",
+                    &["reason"],
+                )?;
+                // At 0 from the start, like the reloads below: LlmGatewayLockouts reads its
+                // `increase`, which a series born at the first lockout would not show.
+                c.with_label_values(&["locked_out"]);
+                c
+            },
             ratelimited: counter(
                 r,
                 "llm_gateway_ratelimited_total",

@@ -363,6 +363,19 @@ async fn metrics_after_known_traffic() {
         ),
         1.0
     );
+    // Exported at 0 before any lockout: an alert on its increase sees the first one.
+    assert!(s
+        .iter()
+        .any(|x| x.metric == "llm_gateway_auth_failures_total"
+            && x.labels.get("reason") == Some("locked_out")));
+    assert_eq!(
+        value(
+            &s,
+            "llm_gateway_auth_failures_total",
+            &[("reason", "locked_out")]
+        ),
+        0.0
+    );
     assert_eq!(
         value(
             &s,
