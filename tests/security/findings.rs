@@ -2235,3 +2235,37 @@ async fn parts_logprobs_and_image_steps_are_bounded_before_the_backend() {
     assert_eq!(r.status(), 200);
     assert_eq!(last_body(&m, "/v1/completions")["logprobs"], 5);
 }
+
+// Billing review 2026-12-05: a whole answer past the usage parser's 1 MiB (an embeddings
+// batch: the counts follow the vectors) lost its usage; tokens per minute kept the
+// estimate, and 400,000 tokens of work passed a 100,000 limit. The counts are read as the
+// answer streams past now, however large it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_after_a_large_answer_is_still_counted() {
+    let m = mock().await;
+    let (gw, _d) = gateway(
+        &m,
+        "  - use: ratelimit\n    key: api_key\n    tokens_per_minute: 100000\nlimits:\n  max_body: 2MiB\n",
+    )
+    .await;
+    let c = client();
+    let inputs: Vec<&str> = vec!["a"; 200_000];
+    let embed = || {
+        c.post(gw.url("/api/embed"))
+            .header("authorization", bearer(USER_KEY))
+            .json(&json!({"model": "nomic-embed-text", "input": inputs}))
+            .send()
+    };
+    let r = embed().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert!(
+        body.len() > 1 << 20,
+        "the answer passes the parser's buffer"
+    );
+    let reported: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(reported["prompt_eval_count"], 200_000);
+    // The 200,000 reported tokens were counted: the minute is spent.
+    let r = embed().await.unwrap();
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+}

@@ -7,6 +7,8 @@
 //! - OpenAI: `usage.prompt_tokens` / `usage.completion_tokens`, in the JSON body or in the
 //!   last SSE `data:` event that carries it (`stream_options.include_usage`).
 
+mod skim;
+
 use std::sync::LazyLock;
 
 use gateway_filter::{FinishReasons, Usage};
@@ -55,6 +57,9 @@ pub struct UsageParser {
     buf: Vec<u8>,
     /// The current line or document outgrew `MAX_BUFFERED` and is being skipped.
     overflow: bool,
+    /// A whole (non-streamed) answer that outgrew `MAX_BUFFERED`: its top-level usage
+    /// fields, read as it passes.
+    skim: Option<Box<skim::Skim>>,
     usage: Option<Usage>,
     /// Stream events that carried text (a token, usually): the count when no usage comes.
     text_events: u64,
@@ -237,6 +242,7 @@ impl UsageParser {
             framing,
             buf: Vec::new(),
             overflow: false,
+            skim: None,
             usage: None,
             text_events: 0,
             event_text: 0,
@@ -267,7 +273,17 @@ impl UsageParser {
     /// Feeds the next chunk of the response body.
     pub fn feed(&mut self, mut chunk: &[u8]) {
         if self.framing == Framing::Json {
-            self.keep(chunk);
+            if let Some(s) = &mut self.skim {
+                s.feed(chunk);
+            } else if self.buf.len() + chunk.len() > MAX_BUFFERED {
+                // Too large to keep: read on for the top-level counts only.
+                let mut s = Box::new(skim::Skim::new());
+                s.feed(&std::mem::take(&mut self.buf));
+                s.feed(chunk);
+                self.skim = Some(s);
+            } else {
+                self.keep(chunk);
+            }
             return;
         }
         while let Some(nl) = memchr::memchr(b'\n', chunk) {
@@ -293,6 +309,9 @@ impl UsageParser {
     /// answer at four characters a token (`counted`, prompt tokens left for the caller to
     /// estimate). `None` when nothing with text came.
     pub fn finish(&mut self) -> Option<Usage> {
+        if let Some(mut s) = self.skim.take() {
+            self.doc(&s.finish());
+        }
         if !self.overflow && !self.buf.is_empty() {
             let rest = std::mem::take(&mut self.buf);
             match self.framing {
@@ -1263,6 +1282,45 @@ mod tests {
                 ..Default::default()
             })
         );
+    }
+
+    // Billing review: an embeddings answer past the buffer lost its counts (they follow the
+    // vectors) and was charged an estimate; a larger batch was charged less than a smaller.
+    #[test]
+    fn a_whole_answer_too_large_to_keep_still_gives_its_usage() {
+        let vectors = vec!["[0.125,-0.5,1e-3]"; 120_000].join(",");
+        for (body, want) in [
+            (
+                format!(
+                    r#"{{"model":"nomic-embed-text","embeddings":[{vectors}],"total_duration":9,"prompt_eval_count":481000}}"#
+                ),
+                (481_000, 0),
+            ),
+            (
+                format!(
+                    r#"{{"object":"list","data":[{{"object":"embedding","embedding":[{vectors}],"index":0}}],"model":"m","usage":{{"prompt_tokens":481000,"total_tokens":481000}}}}"#
+                ),
+                (481_000, 0),
+            ),
+            (
+                format!(
+                    r#"{{"model":"m","message":{{"role":"assistant","content":"x","tool_calls":[{{"function":{{"arguments":{{"eval_count":1,"usage":{{"prompt_tokens":1}}}}}}}}]}},"v":[{vectors}],"done":true,"prompt_eval_count":7,"eval_count":9000}}"#
+                ),
+                (7, 9000),
+            ),
+        ] {
+            assert!(body.len() > MAX_BUFFERED);
+            let mut p = UsageParser::new(Framing::Json);
+            for chunk in body.as_bytes().chunks(16 << 10) {
+                p.feed(chunk);
+            }
+            assert!(p.buf.is_empty(), "nothing of the document is kept");
+            let u = p.finish().expect("usage found");
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.counted),
+                (want.0, want.1, false)
+            );
+        }
     }
 
     fn reasons(framing: Framing, body: &str) -> Vec<&'static str> {
