@@ -630,87 +630,17 @@ impl BudgetFilter {
     }
 }
 
-#[async_trait]
-impl Filter for BudgetFilter {
-    fn name(&self) -> &'static str {
-        "budget"
-    }
-
-    /// Reservations are sized by the request's output bound, read from the body.
-    fn needs_body(&self) -> bool {
-        true
-    }
-
-    /// It reads nothing earlier limiters decide, and its reservation gives itself back
-    /// when one of them refuses.
-    fn runs_alongside(&self) -> bool {
-        true
-    }
-
-    /// On shared state, its reservation's answer travels while the next filters run.
-    fn defers(&self) -> bool {
-        self.shared.is_some()
-    }
-
-    async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        if !ctx.route.is_inference() {
-            // A body on a route the gateway cannot read (a custom rule's `/v1/responses`):
-            // neither its cost nor its usage can be known, so a caller with a budget is
-            // refused rather than served for free.
-            if ctx.unknown_format
-                && self
-                    .budgets(ctx, now_secs())
-                    .iter()
-                    .any(|b| b.principal != GLOBAL)
-            {
-                ctx.reject_reason = Some("budget_unenforceable");
-                return Err(Rejection::new(
-                    StatusCode::FORBIDDEN,
-                    "budget_unenforceable",
-                    "this route's cost cannot be read, and the caller has a spend budget",
-                ));
-            }
-            return Ok(());
-        }
-        let now = now_secs();
-        let budgets = self.budgets(ctx, now);
-        let priced = self.prices.has(ctx.model.as_deref().unwrap_or_default());
-        if !priced && self.unpriced == Unpriced::Reject {
-            ctx.reject_reason = Some("unpriced_model");
-            return Err(Rejection::new(
-                StatusCode::FORBIDDEN,
-                "model_unpriced",
-                format!(
-                    "model {:?} has no price on this gateway",
-                    gateway_filter::echo(ctx.model.as_deref().unwrap_or_default())
-                ),
-            ));
-        }
-        if budgets.is_empty() {
-            return Ok(());
-        }
-        // Only a request for a model with a price is bounded (and its own limit written
-        // plainly); the prompt is estimated only here, where a budget is kept.
-        let completion_tokens = match ctx.max_tokens {
-            _ if priced => self.bound_output(ctx)?,
-            Some(n) => n,
-            None => self.output_reserve,
-        };
-        let prompt_tokens = self.prompt_estimate(ctx);
-        let model = ctx.model.as_deref().unwrap_or_default();
-        let estimate = Usage {
-            prompt_tokens,
-            completion_tokens,
-            ..Default::default()
-        };
-        let amount = self
-            .prices
-            .worst_case(
-                model,
-                estimate,
-                self.reserve_seconds * ctx.completions.max(1) as f64,
-            )
-            .unwrap_or(0);
+impl BudgetFilter {
+    /// Reserves `amount` in `budgets` for the request (at once, or with the next filters'
+    /// calls on shared state), or refuses it.
+    fn reserve(
+        &self,
+        ctx: &mut RequestCtx,
+        budgets: Vec<Budget>,
+        amount: Nano,
+        now: i64,
+        model: String,
+    ) -> Result<(), Rejection> {
         // A request whose reservation alone is more than a budget can never pass (and a
         // figure near the integers' end, from `"n": 1e300`, must never reach the sums).
         // (A budget of $0 is one that is used up; the gateway's own is answered as used up
@@ -729,7 +659,7 @@ impl Filter for BudgetFilter {
             now,
             ledger: self.ledger.tx.clone(),
             principal: principal_id(ctx).to_string(),
-            model: model.to_string(),
+            model,
         };
         let Some((st, replica)) = &self.shared else {
             return match ask.reserve() {
@@ -785,6 +715,98 @@ impl Filter for BudgetFilter {
             }),
         );
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Filter for BudgetFilter {
+    fn name(&self) -> &'static str {
+        "budget"
+    }
+
+    /// Reservations are sized by the request's output bound, read from the body.
+    fn needs_body(&self) -> bool {
+        true
+    }
+
+    /// It reads nothing earlier limiters decide, and its reservation gives itself back
+    /// when one of them refuses.
+    fn runs_alongside(&self) -> bool {
+        true
+    }
+
+    /// On shared state, its reservation's answer travels while the next filters run.
+    fn defers(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
+        let now = now_secs();
+        if !ctx.route.is_inference() {
+            if !ctx.unknown_format {
+                return Ok(());
+            }
+            // A body on a route the gateway cannot read (a custom rule's `/v1/responses`):
+            // its cost cannot be bounded before it runs, so a caller with a budget of its own
+            // is refused rather than served for free.
+            let budgets = self.budgets(ctx, now);
+            if budgets.iter().any(|b| b.principal != GLOBAL) {
+                ctx.reject_reason = Some("budget_unenforceable");
+                return Err(Rejection::new(
+                    StatusCode::FORBIDDEN,
+                    "budget_unenforceable",
+                    "this route's cost cannot be read, and the caller has a spend budget",
+                ));
+            }
+            if budgets.is_empty() {
+                return Ok(());
+            }
+            // Only the global budget (closing such routes to everyone would be its price):
+            // what the route reports using is charged after it ran, and nothing passes once
+            // the budget is spent (the least reservation: a nano-dollar). It was served free
+            // and never recorded (billing review).
+            return self.reserve(ctx, budgets, 1, now, String::new());
+        }
+        let budgets = self.budgets(ctx, now);
+        let priced = self.prices.has(ctx.model.as_deref().unwrap_or_default());
+        if !priced && self.unpriced == Unpriced::Reject {
+            ctx.reject_reason = Some("unpriced_model");
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "model_unpriced",
+                format!(
+                    "model {:?} has no price on this gateway",
+                    gateway_filter::echo(ctx.model.as_deref().unwrap_or_default())
+                ),
+            ));
+        }
+        if budgets.is_empty() {
+            return Ok(());
+        }
+        // Only a request for a model with a price is bounded (and its own limit written
+        // plainly); the prompt is estimated only here, where a budget is kept.
+        let completion_tokens = match ctx.max_tokens {
+            _ if priced => self.bound_output(ctx)?,
+            Some(n) => n,
+            None => self.output_reserve,
+        };
+        let prompt_tokens = self.prompt_estimate(ctx);
+        let model = ctx.model.as_deref().unwrap_or_default();
+        let estimate = Usage {
+            prompt_tokens,
+            completion_tokens,
+            ..Default::default()
+        };
+        let amount = self
+            .prices
+            .worst_case(
+                model,
+                estimate,
+                self.reserve_seconds * ctx.completions.max(1) as f64,
+            )
+            .unwrap_or(0);
+        let model = model.to_string();
+        self.reserve(ctx, budgets, amount, now, model)
     }
 
     fn on_response_end(&self, ctx: &mut RequestCtx) {

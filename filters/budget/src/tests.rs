@@ -431,12 +431,26 @@ async fn a_route_whose_cost_cannot_be_read_is_refused_to_a_caller_with_a_budget(
     // No budget for this caller: nothing to enforce.
     c.principal = ctx("carol", None).principal;
     f.on_request(&mut c).await.unwrap();
-    // Review: a global budget alone does not close such routes to everyone.
+    // Review: a global budget alone does not close such routes to everyone; but what they
+    // report using is charged to it, and once it is spent they are refused too (billing
+    // review: they were served free and never recorded).
     let f = filter(
         dir.path(),
-        json!({"ledger": "global.db", "global": {"max_usd": 100.0, "period": "1d"}}),
+        json!({"ledger": "global.db", "global": {"max_usd": 100.0, "period": "1d"},
+               "prices": [{"model": "*", "prompt_per_1m": 0.0, "completion_per_1m": 1000000.0}]}),
     );
     f.on_request(&mut c).await.unwrap();
+    served(&f, &mut c, 60).await;
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/responses".into());
+    c.unknown_format = true;
+    c.principal = ctx("carol", None).principal;
+    f.on_request(&mut c).await.unwrap();
+    served(&f, &mut c, 40).await;
+    let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/responses".into());
+    c.unknown_format = true;
+    c.principal = ctx("carol", None).principal;
+    let r = f.on_request(&mut c).await.unwrap_err();
+    assert_eq!((r.status.as_u16(), r.code), (429, "budget_exceeded"));
 }
 
 /// Attacker review: a prompt whose prefill outlasts `first_byte_timeout` ran on every backend
