@@ -4,8 +4,9 @@
 //! `LocalStore` keeps three sharded maps keyed by a 64-bit hash of the limiter key. Each shard
 //! is a mutex held for a few map operations and never across an await; there is no global
 //! lock. Memory is bounded: a shard at capacity first drops entries that carry no state any
-//! more (a TAT in the past, an ended token window), then, under a flood of live keys, an
-//! arbitrary entry — which can only make the limiter more lenient for that key, never stricter.
+//! more (a TAT in the past, an ended or empty token window), then, under a flood of live
+//! keys, the entry nearest a fresh one (the earliest TAT, the fewest tokens) — which can only
+//! make the limiter more lenient for that key, never stricter.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -74,17 +75,21 @@ impl<V> Sharded<V> {
         }
     }
 
-    /// Runs `f` on `key`'s shard; `stale` says which entries may be dropped when it is full
-    /// (then an arbitrary one, when none is stale).
+    /// Runs `f` on `key`'s shard; `stale` says which entries may be dropped when it is full,
+    /// and when none is, the one of least `weight` goes (the state nearest a fresh one: a
+    /// flood of new keys drops its own small entries before a key's spent window, which an
+    /// arbitrary choice handed back whole: one key naming 2,000 made-up models reset its
+    /// tokens per minute).
     fn with<R>(
         &self,
         key: u64,
         stale: impl Fn(&V) -> bool,
+        weight: impl Fn(&V) -> u64,
         f: impl FnOnce(&mut HashMap<u64, V>) -> R,
     ) -> R {
         let mut map = self.shard(key);
         if !Self::room(&mut map, self.per_shard, key, stale) {
-            if let Some(&victim) = map.keys().next() {
+            if let Some(victim) = map.iter().min_by_key(|(_, v)| weight(v)).map(|(&k, _)| k) {
                 map.remove(&victim);
             }
         }
@@ -166,6 +171,7 @@ impl LimitStore for LocalStore {
         self.tat.with(
             key,
             |&tat| tat <= now_ns,
+            |&tat| tat,
             |m| {
                 let tat = m.get(&key).copied().unwrap_or(0);
                 let (new_tat, g) = gcra(tat, now_ns, t, burst);
@@ -195,6 +201,7 @@ impl LimitStore for LocalStore {
         self.refused.with(
             key,
             |&until| until <= now_ns,
+            |&until| until,
             |m| {
                 let e = m.entry(key).or_insert(0);
                 *e = (*e).max(until_ns);
@@ -257,7 +264,10 @@ impl LimitStore for LocalStore {
     ) -> TokenCheck {
         self.tokens.with(
             key,
-            |&(start, _)| now_ns >= start + window_ns,
+            // An ended window, or one nothing is held in (given back: a request no backend
+            // got), carries no state.
+            |&(start, used)| used == 0 || now_ns >= start + window_ns,
+            |&(_, used)| used,
             |m| {
                 let e = m.entry(key).or_insert((now_ns, 0));
                 if now_ns >= e.0 + window_ns {
@@ -288,7 +298,10 @@ impl LimitStore for LocalStore {
     ) {
         self.tokens.with(
             key,
-            |&(start, _)| now_ns >= start + window_ns,
+            // An ended window, or one nothing is held in (given back: a request no backend
+            // got), carries no state.
+            |&(start, used)| used == 0 || now_ns >= start + window_ns,
+            |&(_, used)| used,
             |m| {
                 let e = m.entry(key).or_insert((now_ns, 0));
                 if now_ns >= e.0 + window_ns {
@@ -343,6 +356,32 @@ mod tests {
         assert!(!s.acquire(keys[0], 1));
         s.release(keys[0]);
         assert!(s.acquire(keys[16], 1));
+    }
+
+    // Billing review: one key naming made-up models (a bucket each, `api_key+model`) evicted
+    // its real model's spent window, and got its tokens per minute again.
+    #[test]
+    fn a_flood_of_new_keys_drops_its_own_entries_before_a_spent_window() {
+        let s = LocalStore::new(16 * SHARDS); // 16 places a shard
+        let (w, limit) = (60_000_000_000, 1000);
+        let real = 5 * SHARDS as u64;
+        assert!(s.reserve_tokens(real, 0, w, 918, limit).taken);
+        for i in 1..2000u64 {
+            // Same shard; each reserves, and is given back (the router found no such model).
+            let key = real + i * SHARDS as u64;
+            let c = s.reserve_tokens(key, i, w, 50, limit);
+            s.settle_tokens(key, i, w, c.start_ns, 50, 0);
+        }
+        // Still live, and nearly spent.
+        let c = s.reserve_tokens(real, 3000, w, 100, limit);
+        assert!(!c.taken, "{c:?}");
+        assert_eq!(c.used, 918);
+        // Live entries that hold tokens: the smallest goes first, not the spent window.
+        for i in 1..200u64 {
+            let key = real + (5000 + i) * SHARDS as u64;
+            assert!(s.reserve_tokens(key, 4000, w, 10, limit).taken);
+        }
+        assert_eq!(s.reserve_tokens(real, 5000, w, 100, limit).used, 918);
     }
 
     #[test]
