@@ -645,3 +645,58 @@ async fn a_client_that_stops_reading_is_charged_what_the_backend_generated() {
     assert_eq!(line["decision"], "failed:client_disconnected", "{line}");
     assert_eq!(line["completion_tokens"], CHUNKS, "{line}");
 }
+
+/// Billing review: a client that left a stream offering tools was charged what had passed,
+/// while the backend may have been writing a tool call it streams only once whole (Ollama):
+/// the reservation is charged instead. Without tools, what passed stands.
+#[tokio::test]
+async fn leaving_a_stream_that_offers_tools_is_charged_its_reservation() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let gw = Gateway::start(&format!(
+        "{}filters:\n  - use: policy\n    max_output_tokens: 100\n  - use: budget\n    ledger: {}\n    prices: [{{ model: '*', prompt_per_1m: 0, completion_per_1m: 1000000 }}]\n    global: {{ max_usd: 100000, period: 1d }}\n  - use: audit\n    file: {}\n",
+        backends(&[("local", &m.url())]),
+        dir.path().join("spend.db").display(),
+        audit.display()
+    ))
+    .await;
+    let mut costs = Vec::new();
+    for tools in [false, true] {
+        let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+        if tools {
+            body["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        }
+        let body = body.to_string();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nx-mock-chunks: 50\r\nx-mock-delay-ms: 100\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut first = [0u8; 512];
+        let n = s.read(&mut first).await.unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+        s.set_zero_linger().unwrap();
+        drop(s);
+        let want = costs.len() + 1;
+        let mut line = Value::Null;
+        for _ in 0..100 {
+            let text = std::fs::read_to_string(&audit).unwrap_or_default();
+            if text.lines().count() == want {
+                line = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(line["decision"], "failed:client_disconnected", "{line}");
+        costs.push(line["cost_usd"].as_f64().unwrap());
+    }
+    // What passed (a token or a few, within the 1 s read after the client left), against
+    // the whole reservation: 100 output tokens at $1.
+    assert!(costs[0] < 20.0, "{costs:?}");
+    assert!(costs[1] >= 100.0, "{costs:?}");
+}
