@@ -26,6 +26,20 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
+/// Each config is refused by `check`, naming its file and containing its message, without a
+/// panic.
+fn refused_by_check<Y: AsRef<str>>(dir: &tempfile::TempDir, cases: &[(Y, &str)]) {
+    for (i, (yaml, want)) in cases.iter().enumerate() {
+        let yaml = yaml.as_ref();
+        let f = write(dir, &format!("bad{i}.yaml"), yaml);
+        let (code, out, err) = run(&["check", "--config", &f], &[]);
+        assert_eq!(code, 1, "{yaml}: {out}");
+        assert!(err.contains(&f), "error must name the file: {err}");
+        assert!(err.contains(want), "{yaml}\nwant {want}\ngot {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 #[test]
 fn check_accepts_the_shipped_configs() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/gateway.yaml");
@@ -321,13 +335,7 @@ fn check_rejects_bad_configs_naming_file_path_and_fix() {
             "telemetry.service_name: has no effect without",
         ),
     ];
-    for (i, (yaml, want)) in cases.iter().enumerate() {
-        let f = write(&dir, &format!("bad{i}.yaml"), yaml);
-        let (code, out, err) = run(&["check", "--config", &f], &[]);
-        assert_eq!(code, 1, "{yaml}: {out}");
-        assert!(err.contains(&f), "error must name the file: {err}");
-        assert!(err.contains(want), "{yaml}\nwant {want}\ngot {err}");
-    }
+    refused_by_check(&dir, &cases);
     let (code, _, err) = run(&["check", "--config", "/nonexistent/gw.yaml"], &[]);
     assert_eq!(code, 1);
     assert!(
@@ -416,14 +424,7 @@ fn check_refuses_settings_that_disable_a_protection_or_fail_at_start() {
             "filters[1].ledger: ",
         ),
     ];
-    for (i, (yaml, want)) in cases.iter().enumerate() {
-        let f = write(&dir, &format!("bad{i}.yaml"), yaml);
-        let (code, out, err) = run(&["check", "--config", &f], &[]);
-        assert_eq!(code, 1, "{yaml}: {out}");
-        assert!(err.contains(&f), "error must name the file: {err}");
-        assert!(err.contains(want), "{yaml}\nwant {want}\ngot {err}");
-        assert!(!err.contains("panicked"), "{err}");
-    }
+    refused_by_check(&dir, &cases);
     // A keys file with one entry of `extra`, checked.
     let check_keys = |name: &str, extra: &str| {
         write(

@@ -130,31 +130,34 @@ impl Skim {
         }
     }
 
+    /// One byte inside a string: whether it is the closing quote.
+    fn closes_string(&mut self, b: u8) -> bool {
+        if self.escaped {
+            self.escaped = false;
+            false
+        } else if b == b'\\' {
+            self.escaped = true;
+            false
+        } else {
+            b == b'"'
+        }
+    }
+
     fn byte(&mut self, b: u8) {
         if self.in_string {
             if self.in_key {
-                if self.escaped {
-                    self.escaped = false;
-                } else if b == b'\\' {
-                    self.escaped = true;
-                } else if b == b'"' {
+                if self.closes_string(b) {
                     self.in_string = false;
                     self.in_key = false;
                     self.expect = Expect::Colon;
-                    return;
-                }
-                // Keys of interest are short: a longer one is none of them.
-                if self.key.len() <= 32 {
+                } else if self.key.len() <= 32 {
+                    // Keys of interest are short: a longer one is none of them.
                     self.key.push(b);
                 }
                 return;
             }
             self.keep(b);
-            if self.escaped {
-                self.escaped = false;
-            } else if b == b'\\' {
-                self.escaped = true;
-            } else if b == b'"' {
+            if self.closes_string(b) {
                 self.in_string = false;
                 if self.depth == 1 && self.value == Some(ValueKind::String) {
                     self.end_value();
