@@ -81,10 +81,12 @@ impl Limited {
         }
     }
 
-    fn note(&self, target: &str, text: std::fmt::Arguments<'_>) {
+    /// A line of the limiter's own, at the level of the line it is about (a filter that
+    /// lets those through lets it through).
+    fn note(&self, level: Level, target: &str, text: std::fmt::Arguments<'_>) {
         self.inner.log(
             &Record::builder()
-                .level(Level::Warn)
+                .level(level)
                 .target(target)
                 .args(text)
                 .build(),
@@ -108,13 +110,13 @@ impl Log for Limited {
         match self.admit(target, Instant::now()) {
             Admit::Yes { left_out } => {
                 if left_out > 0 {
-                    self.note(target, format_args!("{left_out} more lines like the ones above were left out in {}s (a flood of failing connections?)", WINDOW.as_secs()));
+                    self.note(record.level(), target, format_args!("{left_out} more lines like the ones above were left out in {}s (a flood of failing connections?)", WINDOW.as_secs()));
                 }
                 self.inner.log(record);
             }
             Admit::Last => {
                 self.inner.log(record);
-                self.note(target, format_args!("{PER_WINDOW} lines in {}s: the next ones are counted, not written, until the window ends", WINDOW.as_secs()));
+                self.note(record.level(), target, format_args!("{PER_WINDOW} lines in {}s: the next ones are counted, not written, until the window ends", WINDOW.as_secs()));
             }
             Admit::No => {}
         }

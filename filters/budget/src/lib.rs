@@ -630,6 +630,26 @@ impl BudgetFilter {
     }
 }
 
+/// The model a request is priced by: the one it names, or on a custom route the first its
+/// body names (`named_models`: such a route has no `model` of the gateway's own reading).
+fn priced_as(ctx: &RequestCtx) -> &str {
+    ctx.model
+        .as_deref()
+        .or(ctx.named_models.first().map(String::as_str))
+        .unwrap_or_default()
+}
+
+/// `403 model_unpriced` under `unpriced: reject`.
+fn unpriced(ctx: &mut RequestCtx, model: &str) -> Rejection {
+    let shown = gateway_filter::echo(model).to_string();
+    ctx.reject_reason = Some("unpriced_model");
+    Rejection::new(
+        StatusCode::FORBIDDEN,
+        "model_unpriced",
+        format!("model {shown:?} has no price on this gateway"),
+    )
+}
+
 impl BudgetFilter {
     /// Reserves `amount` in `budgets` for the request (at once, or with the next filters'
     /// calls on shared state), or refuses it.
@@ -761,24 +781,22 @@ impl Filter for BudgetFilter {
             if budgets.is_empty() {
                 return Ok(());
             }
+            let model = priced_as(ctx).to_string();
+            if !self.prices.has(&model) && self.unpriced == Unpriced::Reject {
+                return Err(unpriced(ctx, &model));
+            }
             // Only the global budget (closing such routes to everyone would be its price):
-            // what the route reports using is charged after it ran, and nothing passes once
-            // the budget is spent (the least reservation: a nano-dollar). It was served free
-            // and never recorded (billing review).
-            return self.reserve(ctx, budgets, 1, now, String::new());
+            // what the route reports using is charged after it ran, at the price of the model
+            // its body names, and nothing passes once the budget is spent (the least
+            // reservation: a nano-dollar). It was served free and never recorded (billing
+            // review).
+            return self.reserve(ctx, budgets, 1, now, model);
         }
         let budgets = self.budgets(ctx, now);
-        let priced = self.prices.has(ctx.model.as_deref().unwrap_or_default());
+        let priced = self.prices.has(priced_as(ctx));
         if !priced && self.unpriced == Unpriced::Reject {
-            ctx.reject_reason = Some("unpriced_model");
-            return Err(Rejection::new(
-                StatusCode::FORBIDDEN,
-                "model_unpriced",
-                format!(
-                    "model {:?} has no price on this gateway",
-                    gateway_filter::echo(ctx.model.as_deref().unwrap_or_default())
-                ),
-            ));
+            let model = priced_as(ctx).to_string();
+            return Err(unpriced(ctx, &model));
         }
         if budgets.is_empty() {
             return Ok(());
@@ -791,7 +809,7 @@ impl Filter for BudgetFilter {
             None => self.output_reserve,
         };
         let prompt_tokens = self.prompt_estimate(ctx);
-        let model = ctx.model.as_deref().unwrap_or_default();
+        let model = priced_as(ctx);
         let estimate = Usage {
             prompt_tokens,
             completion_tokens,
@@ -819,7 +837,7 @@ impl Filter for BudgetFilter {
         // connection dropped): it may have run, so the reservation is charged.
         let charged = match (ctx.reached_backend, &ctx.backend, ctx.usage) {
             (true, Some(backend), Some(u)) => {
-                let model = ctx.model.as_deref().unwrap_or_default();
+                let model = priced_as(ctx);
                 let secs = generation_secs(ctx);
                 match self.prices.find(model, Some(backend)) {
                     Some(p) => p.cost(u, secs),
@@ -842,7 +860,7 @@ impl Filter for BudgetFilter {
             0 => charged,
             n if !ctx.used_unknown() => {
                 let prompt_tokens = self.prompt_estimate(ctx);
-                let model = ctx.model.as_deref().unwrap_or_default();
+                let model = priced_as(ctx);
                 let prompt = Usage {
                     prompt_tokens,
                     ..Default::default()

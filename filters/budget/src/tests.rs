@@ -434,23 +434,32 @@ async fn a_route_whose_cost_cannot_be_read_is_refused_to_a_caller_with_a_budget(
     // Review: a global budget alone does not close such routes to everyone; but what they
     // report using is charged to it, and once it is spent they are refused too (billing
     // review: they were served free and never recorded).
+    // Priced by the model the body names (a custom route has no `model` of the gateway's).
     let f = filter(
         dir.path(),
         json!({"ledger": "global.db", "global": {"max_usd": 100.0, "period": "1d"},
-               "prices": [{"model": "*", "prompt_per_1m": 0.0, "completion_per_1m": 1000000.0}]}),
+               "unpriced": "reject",
+               "prices": [{"model": "m", "prompt_per_1m": 0.0, "completion_per_1m": 1000000.0}]}),
     );
+    let custom = |model: &str| {
+        let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/responses".into());
+        c.unknown_format = true;
+        c.named_models = vec![model.to_string()];
+        c.principal = ctx("carol", None).principal;
+        c
+    };
+    let mut c = custom("m");
     f.on_request(&mut c).await.unwrap();
     served(&f, &mut c, 60).await;
-    let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/responses".into());
-    c.unknown_format = true;
-    c.principal = ctx("carol", None).principal;
+    assert_eq!(c.cost_usd, Some(60.0));
+    let mut c = custom("m");
     f.on_request(&mut c).await.unwrap();
     served(&f, &mut c, 40).await;
-    let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/responses".into());
-    c.unknown_format = true;
-    c.principal = ctx("carol", None).principal;
-    let r = f.on_request(&mut c).await.unwrap_err();
+    let r = f.on_request(&mut custom("m")).await.unwrap_err();
     assert_eq!((r.status.as_u16(), r.code), (429, "budget_exceeded"));
+    // `unpriced: reject` holds on custom routes too.
+    let r = f.on_request(&mut custom("unpriced-x")).await.unwrap_err();
+    assert_eq!((r.status.as_u16(), r.code), (403, "model_unpriced"));
 }
 
 /// Attacker review: a prompt whose prefill outlasts `first_byte_timeout` ran on every backend

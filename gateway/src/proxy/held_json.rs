@@ -31,7 +31,11 @@ pub fn take(req: &mut RequestCtx, sent: &Bytes) -> BodyFacts {
         return BodyFacts::default();
     };
     let given = |k: &str| json.get(k).is_some_and(|v| !v.is_null());
-    let tools = given("tools");
+    // Tools offered: a list with something in it (clients send `"tools": []` by default).
+    let tools = json
+        .get("tools")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| !a.is_empty());
     req.checked_output = tools || given("tool_choice") || given("response_format");
     let mut facts = BodyFacts {
         tools,

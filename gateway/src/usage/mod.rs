@@ -311,6 +311,13 @@ impl UsageParser {
     pub fn finish(&mut self) -> Option<Usage> {
         if let Some(mut s) = self.skim.take() {
             self.doc(&s.finish());
+            // Several completions: a reported figure may cover one of them, and the text that
+            // would show it (counted in a kept answer) went by unkept: unknown, so the whole
+            // reservation is charged, as before the skim (review: a 1.2 MB answer of two
+            // choices was charged one).
+            if self.several.is_some() {
+                self.usage = None;
+            }
         }
         if !self.overflow && !self.buf.is_empty() {
             let rest = std::mem::take(&mut self.buf);
@@ -1321,6 +1328,18 @@ mod tests {
                 (want.0, want.1, false)
             );
         }
+    }
+
+    #[test]
+    fn a_large_answer_of_several_completions_is_not_read_as_one() {
+        let text = "a".repeat(700_000);
+        let body = format!(
+            r#"{{"choices":[{{"text":"{text}","index":0}},{{"text":"{text}","index":1}}],"usage":{{"prompt_tokens":3,"completion_tokens":175000}}}}"#
+        );
+        let mut p = UsageParser::new(Framing::Json);
+        p.several_completions(0);
+        p.feed(body.as_bytes());
+        assert_eq!(p.finish(), None, "unknown: the reservation is charged");
     }
 
     fn reasons(framing: Framing, body: &str) -> Vec<&'static str> {

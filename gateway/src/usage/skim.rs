@@ -48,7 +48,9 @@ pub(super) struct Skim {
     value: Option<ValueKind>,
     /// The bytes of a wanted value, while it is wanted and fits.
     capture: Option<Vec<u8>>,
-    fields: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The last value of each wanted field, in [`WANTED`]'s order (one place each: a backend
+    /// repeating a key cannot make it hold more).
+    fields: [Option<Vec<u8>>; WANTED.len()],
     /// Not a JSON object, or over: nothing more is read.
     done: bool,
 }
@@ -71,7 +73,7 @@ impl Skim {
             key: Vec::new(),
             value: None,
             capture: None,
-            fields: Vec::new(),
+            fields: Default::default(),
             done: false,
         }
     }
@@ -88,18 +90,15 @@ impl Skim {
     /// The wanted fields found, as one small JSON object (the last of a repeated key).
     pub(super) fn finish(&mut self) -> Vec<u8> {
         let mut out = vec![b'{'];
-        let fields = std::mem::take(&mut self.fields);
-        for (i, (k, v)) in fields.iter().enumerate() {
-            if fields[i + 1..].iter().any(|(later, _)| later == k) {
-                continue;
-            }
+        for (k, v) in WANTED.iter().zip(std::mem::take(&mut self.fields)) {
+            let Some(v) = v else { continue };
             if out.len() > 1 {
                 out.push(b',');
             }
             out.push(b'"');
             out.extend_from_slice(k);
             out.extend_from_slice(b"\":");
-            out.extend_from_slice(v);
+            out.extend_from_slice(&v);
         }
         out.push(b'}');
         out
@@ -126,7 +125,9 @@ impl Skim {
         self.value = None;
         self.expect = Expect::Comma;
         if let Some(v) = self.capture.take() {
-            self.fields.push((std::mem::take(&mut self.key), v));
+            if let Some(i) = WANTED.iter().position(|w| *w == self.key.as_slice()) {
+                self.fields[i] = Some(v);
+            }
         }
     }
 
@@ -246,7 +247,7 @@ mod tests {
     #[test]
     fn keeps_only_the_wanted_top_level_fields_at_every_split() {
         let doc = br#" {"model":"m","embeddings":[[0.1,-2e-3],[1]],"x":{"usage":{"prompt_tokens":1}},"s":"a\"usage\":{} }","prompt_eval_count":37 ,"total_duration":5,"usage":{"prompt_tokens":444000,"total_tokens":444000},"done":true}"#;
-        let want = r#"{"prompt_eval_count":37 ,"usage":{"prompt_tokens":444000,"total_tokens":444000},"done":true}"#;
+        let want = r#"{"usage":{"prompt_tokens":444000,"total_tokens":444000},"prompt_eval_count":37 ,"done":true}"#;
         // The scalar keeps what followed it up to the comma: still valid JSON.
         for i in 0..doc.len() {
             assert_eq!(skim(&[&doc[..i], &doc[i..]]), want, "split at {i}");
@@ -262,6 +263,18 @@ mod tests {
             "a".repeat(MAX_FIELD + 10)
         );
         assert_eq!(skim(&[long.as_bytes()]), r#"{"eval_count":2}"#);
+    }
+
+    #[test]
+    fn a_repeated_key_holds_one_place() {
+        let mut s = Skim::new();
+        s.feed(b"{");
+        for _ in 0..100_000 {
+            s.feed(br#""done":1,"#);
+        }
+        s.feed(br#""done":true}"#);
+        assert!(s.fields.iter().flatten().map(Vec::capacity).sum::<usize>() < 1024);
+        assert_eq!(String::from_utf8(s.finish()).unwrap(), r#"{"done":true}"#);
     }
 
     #[test]

@@ -243,12 +243,13 @@ fn failed(ctx: &mut GwCtx, parser: &mut UsageParser, code: &'static str) {
     if !ctx.response_ended {
         ctx.req.decision = Decision::Failed { code };
         settle_usage(parser, &mut ctx.req);
-        // A client that left a stream offering tools before the backend reported its usage:
-        // the backend may have been writing a tool call it sends only once whole (Ollama
-        // parses calls before it streams them), text no event carried, so what passed bounds
+        // A stream offering tools that ended early (the client left, the backend broke or
+        // fell silent past its read deadline) before the backend reported its usage: the
+        // backend may have been writing a tool call it sends only once whole (Ollama parses
+        // calls before it streams them), text no event carried, so what passed bounds
         // nothing. The reservation is charged (an HTTP/2 client that reset such a stream was
         // charged 1 token of the 975 generated; billing review).
-        if code == "client_disconnected"
+        if matches!(code, "client_disconnected" | "backend_broke_stream")
             && ctx.body_facts.tools
             && ctx.req.usage.is_none_or(|u| u.counted)
         {
