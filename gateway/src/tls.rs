@@ -18,9 +18,23 @@ use x509_parser::extensions::GeneralName;
 
 use crate::config::TlsSpec;
 
-/// Subjects of a verified client certificate: CN first, then DNS, email and URI SANs.
+/// Subjects of a verified client certificate: CN first, then DNS, email and URI SANs; and
+/// when it stops being valid.
 #[derive(Debug, Clone)]
-pub struct CertSubjects(pub Vec<String>);
+pub struct CertSubjects {
+    pub subjects: Vec<String>,
+    /// The certificate's `notAfter`, in seconds since the epoch.
+    pub not_after: i64,
+}
+
+impl CertSubjects {
+    /// The subjects while the certificate is valid at `now` (seconds since the epoch): a
+    /// connection kept alive, or a TLS session resumed (the certificate is not checked
+    /// again then), outlived it.
+    pub fn valid_at(&self, now: i64) -> Option<&[String]> {
+        (now <= self.not_after).then_some(self.subjects.as_slice())
+    }
+}
 
 struct SubjectExtractor;
 
@@ -31,15 +45,20 @@ impl TlsAccept for SubjectExtractor {
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
         let der = tls.peer_certificate_der()?;
-        let subjects = subjects_of(der);
-        (!subjects.is_empty())
-            .then(|| Arc::new(CertSubjects(subjects)) as Arc<dyn Any + Send + Sync>)
+        let (subjects, not_after) = subjects_of(der);
+        (!subjects.is_empty()).then(|| {
+            Arc::new(CertSubjects {
+                subjects,
+                not_after,
+            }) as Arc<dyn Any + Send + Sync>
+        })
     }
 }
 
-pub fn subjects_of(der: &[u8]) -> Vec<String> {
+/// A certificate's subjects and its `notAfter` (none, and the epoch, when it does not parse).
+pub fn subjects_of(der: &[u8]) -> (Vec<String>, i64) {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
+        return (Vec::new(), 0);
     };
     // Each name with its kind (`cn:`, `dns:`, `email:`, `uri:`): an `mtls_subject` may name
     // one kind, so a common name a client wrote into its request cannot pass for a DNS name
@@ -61,7 +80,7 @@ pub fn subjects_of(der: &[u8]) -> Vec<String> {
             }
         }
     }
-    out
+    (out, cert.validity().not_after.timestamp())
 }
 
 /// What can be wrong with a listener's certificate, key or client CA.

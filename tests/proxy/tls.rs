@@ -384,3 +384,61 @@ async fn an_http2_client_that_gives_up_mid_stream_frees_the_backend_at_once() {
         start.elapsed()
     );
 }
+
+/// Attacker review: a client certificate kept working after it expired, through TLS 1.3
+/// session resumption (the certificate is not checked again; each resumed session handed out
+/// a new ticket) and on a connection kept alive. An expired certificate names nobody now.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_client_certificate_names_nobody_on_a_resumed_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::make(dir.path());
+    let made = std::time::Instant::now();
+    let m = mock().await;
+    let gw = tls_gateway(&pki, &m, true, "accept", &keys_file(dir.path())).await;
+    let session = dir.path().join("session.pem");
+    let addr = format!("127.0.0.1:{}", gw.port);
+    // One request over `openssl s_client`, saving or resuming the TLS session: the status.
+    let ask = |resume: bool| {
+        use std::io::Write;
+        let mut args = vec![
+            "s_client",
+            "-connect",
+            &addr,
+            "-CAfile",
+            p(&pki.ca),
+            "-cert",
+            p(&pki.short_cert),
+            "-key",
+            p(&pki.short_key),
+            "-quiet",
+            "-ign_eof",
+        ];
+        args.extend([if resume { "-sess_in" } else { "-sess_out" }, p(&session)]);
+        let mut child = Command::new("openssl")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"GET /api/tags HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().next().unwrap_or_default().to_string()
+    };
+    let first = tokio::task::block_in_place(|| ask(false));
+    assert!(first.starts_with("HTTP/1.1 200"), "valid: {first}");
+    let left =
+        certs::SHORT_LIVED.saturating_sub(made.elapsed()) + std::time::Duration::from_millis(1500);
+    tokio::time::sleep(left).await;
+    let resumed = tokio::task::block_in_place(|| ask(true));
+    assert!(
+        resumed.starts_with("HTTP/1.1 401"),
+        "expired, resumed: {resumed}"
+    );
+}

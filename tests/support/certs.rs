@@ -22,7 +22,13 @@ pub struct Pki {
     /// common name that reads like a DNS name: `dns:ops.internal`.
     pub lookalike_cert: PathBuf,
     pub lookalike_key: PathBuf,
+    /// Like the good client certificate, but valid only until [`SHORT_LIVED`] after `make`.
+    pub short_cert: PathBuf,
+    pub short_key: PathBuf,
 }
+
+/// How long after `make` the short-lived client certificate expires.
+pub const SHORT_LIVED: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
     let key = KeyPair::generate().unwrap();
@@ -33,11 +39,20 @@ fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
     (p, key, pem)
 }
 
+/// How long a leaf is valid.
+#[derive(Clone, Copy, PartialEq)]
+enum Validity {
+    Long,
+    Expired,
+    /// Until [`SHORT_LIVED`] from now.
+    Short,
+}
+
 fn leaf(
     cn: &str,
     sans: Vec<String>,
     client: bool,
-    expired: bool,
+    validity: Validity,
     issuer: &Issuer<'_, KeyPair>,
 ) -> (String, String) {
     let key = KeyPair::generate().unwrap();
@@ -48,9 +63,19 @@ fn leaf(
     } else {
         ExtendedKeyUsagePurpose::ServerAuth
     }];
-    if expired {
-        p.not_before = date_time_ymd(2020, 1, 1);
-        p.not_after = date_time_ymd(2021, 1, 1);
+    match validity {
+        Validity::Long => {}
+        Validity::Expired => {
+            p.not_before = date_time_ymd(2020, 1, 1);
+            p.not_after = date_time_ymd(2021, 1, 1);
+        }
+        Validity::Short => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            p.not_before = date_time_ymd(2020, 1, 1);
+            p.not_after = date_time_ymd(1970, 1, 1) + now + SHORT_LIVED;
+        }
     }
     (
         p.signed_by(&key, issuer).unwrap().pem(),
@@ -84,31 +109,40 @@ pub fn make(dir: &Path) -> Pki {
         "svc-a.internal",
         vec!["svc-a.internal".into()],
         true,
-        false,
+        Validity::Long,
         &issuer,
     );
     let (rogue, rogue_key) = leaf(
         "svc-a.internal",
         vec!["svc-a.internal".into()],
         true,
-        false,
+        Validity::Long,
         &rogue_issuer,
     );
     let (expired, expired_key) = leaf(
         "svc-a.internal",
         vec!["svc-a.internal".into()],
         true,
-        true,
+        Validity::Expired,
         &issuer,
     );
     let (lookalike, lookalike_key) = leaf(
         "dns:ops.internal",
         vec!["other.internal".into()],
         true,
-        false,
+        Validity::Long,
+        &issuer,
+    );
+    let (short, short_key) = leaf(
+        "svc-a.internal",
+        vec!["svc-a.internal".into()],
+        true,
+        Validity::Short,
         &issuer,
     );
     Pki {
+        short_cert: write(dir, "short.pem", &short),
+        short_key: write(dir, "short.key", &short_key),
         ca: write(dir, "ca.pem", &ca_pem),
         server_cert: write(dir, "server.pem", &server_pem),
         server_key: write(dir, "server.key", &server_key.serialize_pem()),

@@ -368,30 +368,17 @@ impl AuthFilter {
     /// The request is let through as `principal`; its credentials never reach a backend:
     /// neither the one that was used nor the headers the forward validator would read (a
     /// session cookie, however the request authenticated).
-    fn accept(&self, ctx: &mut RequestCtx, principal: Arc<Principal>) -> Result<(), Rejection> {
-        // `mtls: require` with a principal bound to a certificate (`mtls_subject`): its key
-        // or password signs in only with that certificate, not with any the CA issued.
-        if self.mtls == MtlsMode::Require {
-            let state = self.state.load();
-            let bound = state
-                .keys
-                .by_id(&principal.id)
-                .and_then(|r| r.mtls_subject.as_deref());
-            if let Some(subject) = bound {
-                let presented = ctx
-                    .client_cert_subjects
-                    .iter()
-                    .any(|n| keys::subject_matches(subject, n));
-                if !presented {
-                    // Answered as any failure: the client learns nothing of the credential
-                    // it sent (the reason goes to the logs only).
-                    return Err(self.unauthorized(
-                        ctx,
-                        "client_certificate_mismatch",
-                        "invalid credentials",
-                    ));
-                }
-            }
+    async fn accept(
+        &self,
+        ctx: &mut RequestCtx,
+        principal: Arc<Principal>,
+    ) -> Result<(), Rejection> {
+        if self.wrong_certificate(ctx, &principal) {
+            // Answered and counted as any failure: the client learns nothing of the
+            // credential it sent (the reason goes to the logs only). Not counted, a right
+            // key with a wrong certificate never locked out while wrong keys did: a stolen
+            // key could be confirmed without its certificate (attacker review).
+            return Err(self.failed(ctx, "client_certificate_mismatch").await);
         }
         ctx.headers.remove(header::AUTHORIZATION);
         ctx.headers.remove("x-api-key");
@@ -400,6 +387,25 @@ impl AuthFilter {
         }
         ctx.principal = Some(principal);
         Ok(())
+    }
+
+    /// `mtls: require` with a principal bound to a certificate (`mtls_subject`): its key or
+    /// password signs in only with that certificate, not with any the CA issued. Whether the
+    /// request came without it.
+    fn wrong_certificate(&self, ctx: &RequestCtx, principal: &Principal) -> bool {
+        if self.mtls != MtlsMode::Require {
+            return false;
+        }
+        let state = self.state.load();
+        let bound = state
+            .keys
+            .by_id(&principal.id)
+            .and_then(|r| r.mtls_subject.as_deref());
+        bound.is_some_and(|subject| {
+            !ctx.client_cert_subjects
+                .iter()
+                .any(|n| keys::subject_matches(subject, n))
+        })
     }
 
     /// A JWT checked against the provider's keys; keys-file settings apply to its principal.
@@ -575,7 +581,20 @@ impl AuthFilter {
         let Some(file) = &state.htpasswd else {
             return Err(self.failed(ctx, "basic_not_enabled").await);
         };
-        let digest = keys::sha256(format!("{user}:{password}").as_bytes());
+        // Under `mtls: require` the certificate is part of what was verified: a password
+        // remembered from its owner's certificate is not a fast answer to another's (that
+        // told a right password from a wrong one).
+        // (The password's length keeps a password that ends in a subject's text from
+        // reading as a shorter one with that certificate.)
+        let mut verified = format!("{user}:{password}");
+        if self.mtls == MtlsMode::Require {
+            verified = format!("{user}:{}:{password}", password.len());
+            for subject in &ctx.client_cert_subjects {
+                verified.push('\n');
+                verified.push_str(subject);
+            }
+        }
+        let digest = keys::sha256(verified.as_bytes());
         if let Some(p) = state.cache.get(&digest) {
             return Ok(p);
         }
@@ -612,6 +631,11 @@ impl AuthFilter {
         let Some(p) = state.basic_principals.get(&user).cloned() else {
             return Err(self.failed(ctx, "unknown_user").await);
         };
+        // Not remembered with the wrong certificate: a cached password answers faster than
+        // bcrypt, which told a right password from a wrong one.
+        if self.wrong_certificate(ctx, &p) {
+            return Err(self.failed(ctx, "client_certificate_mismatch").await);
+        }
         state.cache.put(digest, p.clone());
         Ok(p)
     }
@@ -733,12 +757,12 @@ impl Filter for AuthFilter {
                     // The keys file first: an imported key may look like a JWT.
                     if self.jwt.is_some() && jwt::looks_like_jwt(&key) {
                         let p = self.by_jwt(ctx, &state, now, &key).await?;
-                        return self.accept(ctx, p);
+                        return self.accept(ctx, p).await;
                     }
                     drop(key);
                     if self.forward.is_some() {
                         let p = self.forwarded(ctx, &state, now).await?;
-                        return self.accept(ctx, p);
+                        return self.accept(ctx, p).await;
                     }
                     return Err(self.failed(ctx, "unknown_key").await);
                 };
@@ -751,7 +775,7 @@ impl Filter for AuthFilter {
                 let local = state.htpasswd.as_ref().is_some_and(|h| h.has_user(&user));
                 if self.forward.is_some() && !local {
                     let p = self.forwarded(ctx, &state, now).await?;
-                    return self.accept(ctx, p);
+                    return self.accept(ctx, p).await;
                 }
                 // The password first: a disabled or expired name answered before bcrypt would
                 // tell, by its speed, that the name exists.
@@ -763,7 +787,7 @@ impl Filter for AuthFilter {
                 principal
             }
         };
-        self.accept(ctx, principal)
+        self.accept(ctx, principal).await
     }
 
     /// Each file on its own: a broken htpasswd file must not keep a key the keys file

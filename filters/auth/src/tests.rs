@@ -384,6 +384,34 @@ async fn a_required_certificate_must_be_the_key_s_own() {
     assert_eq!(sign_in("sk-carol", &["dns:carol-laptop"]).await, Ok(()));
     // A key whose entry names no certificate takes any the CA issued, as before.
     assert_eq!(sign_in("sk-dave", &["dns:bob-laptop"]).await, Ok(()));
+    // Attacker review: a right key with a wrong certificate is counted like a wrong key, so
+    // it locks the address out like one (it never did: a stolen key could be confirmed).
+    let f = build(
+        &json!({"keys_file": "keys.yaml", "mtls": "require", "brute_force": {"max_failures": 3}}),
+        &cx,
+    )
+    .unwrap();
+    let sign_in = |key: &str, names: &[&str]| {
+        let auth = format!("Bearer {key}");
+        let mut ctx = req(&[("authorization", &auth)], "10.0.0.8");
+        ctx.client_cert_subjects = names.iter().map(|n| n.to_string()).collect();
+        let f = f.clone();
+        async move {
+            f.on_request(&mut ctx)
+                .await
+                .map_err(|_| ctx.reject_reason.unwrap())
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            sign_in("sk-carol", &["dns:bob-laptop"]).await,
+            Err("client_certificate_mismatch")
+        );
+    }
+    assert_eq!(
+        sign_in("sk-carol", &["dns:carol-laptop"]).await,
+        Err("locked_out")
+    );
 }
 
 #[test]

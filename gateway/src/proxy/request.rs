@@ -58,12 +58,19 @@ pub fn early(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx, last: bool) {
     req.path = header.uri.path().to_string();
     req.query = header.uri.query().map(str::to_string);
     req.route = Route::classify(&req.method, &req.path);
-    if let Some(subjects) = session
+    if let Some(cert) = session
         .digest()
         .and_then(|d| d.ssl_digest.as_ref())
         .and_then(|t| t.extension.get::<CertSubjects>())
     {
-        req.client_cert_subjects = subjects.0.clone();
+        // An expired certificate names nobody, on a connection that outlived it or a
+        // session resumed after it (attacker review: resumption kept one working for good).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if let Some(subjects) = cert.valid_at(now) {
+            req.client_cert_subjects = subjects.to_vec();
+        }
     }
 }
 
