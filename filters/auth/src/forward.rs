@@ -284,7 +284,11 @@ impl Forwarder {
     }
 
     /// Hash of the forwarded credential headers; `None` when the request carries none of them.
-    fn digest(&self, req: &HeaderMap) -> Option<[u8; 32]> {
+    /// The credentials' digest, with `bound`: the client certificate's subjects where a
+    /// principal must come with its own (`mtls: require`), so an approval remembered with
+    /// its owner's certificate is no fast answer to another's (the speed told a right
+    /// credential from a wrong one).
+    fn digest(&self, req: &HeaderMap, bound: &[String]) -> Option<[u8; 32]> {
         let mut h = Sha256::new();
         let mut any = false;
         for name in &self.headers {
@@ -296,18 +300,22 @@ impl Forwarder {
                 h.update([0]);
             }
         }
+        for subject in bound {
+            h.update([1]);
+            h.update(subject.as_bytes());
+        }
         any.then(|| h.finalize().into())
     }
 
-    /// The cached answer for these credentials, if any.
-    pub fn cached_for(&self, req: &HeaderMap) -> Option<Arc<Identity>> {
-        self.cached(&self.digest(req)?)
+    /// The cached answer for these credentials, if any (`bound`: see [`Self::digest`]).
+    pub fn cached_for(&self, req: &HeaderMap, bound: &[String]) -> Option<Arc<Identity>> {
+        self.cached(&self.digest(req, bound)?)
     }
 
     /// Asks the validator (or the cache) about the credentials in `req`. Requests with the
     /// same credentials that come while a question about them is out wait for its answer.
-    pub async fn check(&self, ctx: &RequestCtx) -> Result<Arc<Identity>, Denied> {
-        let digest = self.digest(&ctx.headers).ok_or(Denied::Refused)?;
+    pub async fn check(&self, ctx: &RequestCtx, bound: &[String]) -> Result<Arc<Identity>, Denied> {
+        let digest = self.digest(&ctx.headers, bound).ok_or(Denied::Refused)?;
         if let Some(hit) = self.cached(&digest) {
             return Ok(hit);
         }
@@ -527,7 +535,7 @@ mod tests {
                     "authorization",
                     format!("Bearer guess-{}", i % 2).parse().unwrap(),
                 );
-                f.check(&ctx).await
+                f.check(&ctx, &[]).await
             }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

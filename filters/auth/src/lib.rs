@@ -512,14 +512,18 @@ impl AuthFilter {
             return Err(self.failed(ctx, "ambiguous_credentials").await);
         }
         // A cached answer is no guess; the validator's answers are counted while they come.
-        let cached = fwd.cached_for(&ctx.headers);
+        let bound = match self.mtls {
+            MtlsMode::Require => ctx.client_cert_subjects.clone(),
+            _ => Vec::new(),
+        };
+        let cached = fwd.cached_for(&ctx.headers, &bound);
         let _attempt = match cached {
             Some(_) => None,
             None => self.attempt(ctx).await?,
         };
         let answer = match cached {
             Some(hit) => Ok(hit),
-            None => fwd.check(ctx).await,
+            None => fwd.check(ctx, &bound).await,
         };
         let identity = match answer {
             Ok(identity) => identity,

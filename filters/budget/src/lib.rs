@@ -630,15 +630,6 @@ impl BudgetFilter {
     }
 }
 
-/// The model a request is priced by: the one it names, or on a custom route the first its
-/// body names (`named_models`: such a route has no `model` of the gateway's own reading).
-fn priced_as(ctx: &RequestCtx) -> &str {
-    ctx.model
-        .as_deref()
-        .or(ctx.named_models.first().map(String::as_str))
-        .unwrap_or_default()
-}
-
 /// `403 model_unpriced` under `unpriced: reject`.
 fn unpriced(ctx: &mut RequestCtx, model: &str) -> Rejection {
     let shown = gateway_filter::echo(model).to_string();
@@ -651,6 +642,25 @@ fn unpriced(ctx: &mut RequestCtx, model: &str) -> Rejection {
 }
 
 impl BudgetFilter {
+    /// The model a request is priced by: the one it names; on a custom route (no `model` of
+    /// the gateway's own reading), the dearest of those its body names (`named_models`: Go's
+    /// decoder takes the last of `model`, `Model`…, so pricing the first let a cheap name
+    /// cover a dear one). A body that names none is priced by a `*` entry, if any.
+    fn priced_as<'a>(&self, ctx: &'a RequestCtx) -> &'a str {
+        if let Some(m) = ctx.model.as_deref() {
+            return m;
+        }
+        let probe = Usage {
+            prompt_tokens: 1_000_000,
+            completion_tokens: 1_000_000,
+            ..Default::default()
+        };
+        ctx.named_models
+            .iter()
+            .max_by_key(|m| self.prices.worst_case(m, probe, 1.0).unwrap_or(0))
+            .map_or("", String::as_str)
+    }
+
     /// Reserves `amount` in `budgets` for the request (at once, or with the next filters'
     /// calls on shared state), or refuses it.
     fn reserve(
@@ -781,10 +791,16 @@ impl Filter for BudgetFilter {
             if budgets.is_empty() {
                 return Ok(());
             }
-            let model = priced_as(ctx).to_string();
-            if !self.prices.has(&model) && self.unpriced == Unpriced::Reject {
-                return Err(unpriced(ctx, &model));
+            // Every name the body gives must have a price (the backend runs one of them).
+            let bare = ctx
+                .named_models
+                .iter()
+                .find(|m| !self.prices.has(m))
+                .cloned();
+            if let (Some(m), Unpriced::Reject) = (bare, self.unpriced) {
+                return Err(unpriced(ctx, &m));
             }
+            let model = self.priced_as(ctx).to_string();
             // Only the global budget (closing such routes to everyone would be its price):
             // what the route reports using is charged after it ran, at the price of the model
             // its body names, and nothing passes once the budget is spent (the least
@@ -793,9 +809,9 @@ impl Filter for BudgetFilter {
             return self.reserve(ctx, budgets, 1, now, model);
         }
         let budgets = self.budgets(ctx, now);
-        let priced = self.prices.has(priced_as(ctx));
+        let priced = self.prices.has(self.priced_as(ctx));
         if !priced && self.unpriced == Unpriced::Reject {
-            let model = priced_as(ctx).to_string();
+            let model = self.priced_as(ctx).to_string();
             return Err(unpriced(ctx, &model));
         }
         if budgets.is_empty() {
@@ -809,7 +825,7 @@ impl Filter for BudgetFilter {
             None => self.output_reserve,
         };
         let prompt_tokens = self.prompt_estimate(ctx);
-        let model = priced_as(ctx);
+        let model = self.priced_as(ctx);
         let estimate = Usage {
             prompt_tokens,
             completion_tokens,
@@ -837,7 +853,7 @@ impl Filter for BudgetFilter {
         // connection dropped): it may have run, so the reservation is charged.
         let charged = match (ctx.reached_backend, &ctx.backend, ctx.usage) {
             (true, Some(backend), Some(u)) => {
-                let model = priced_as(ctx);
+                let model = self.priced_as(ctx);
                 let secs = generation_secs(ctx);
                 match self.prices.find(model, Some(backend)) {
                     Some(p) => p.cost(u, secs),
@@ -860,7 +876,7 @@ impl Filter for BudgetFilter {
             0 => charged,
             n if !ctx.used_unknown() => {
                 let prompt_tokens = self.prompt_estimate(ctx);
-                let model = priced_as(ctx);
+                let model = self.priced_as(ctx);
                 let prompt = Usage {
                     prompt_tokens,
                     ..Default::default()

@@ -439,22 +439,39 @@ async fn a_route_whose_cost_cannot_be_read_is_refused_to_a_caller_with_a_budget(
         dir.path(),
         json!({"ledger": "global.db", "global": {"max_usd": 100.0, "period": "1d"},
                "unpriced": "reject",
-               "prices": [{"model": "m", "prompt_per_1m": 0.0, "completion_per_1m": 1000000.0}]}),
+               "prices": [{"model": "m", "prompt_per_1m": 0.0, "completion_per_1m": 1000000.0},
+                          {"model": "dear", "prompt_per_1m": 0.0, "completion_per_1m": 2000000.0}]}),
     );
-    let custom = |model: &str| {
+    let named = |models: &[&str]| {
         let mut c = RequestCtx::new(String::new(), Method::POST, "/v1/responses".into());
         c.unknown_format = true;
-        c.named_models = vec![model.to_string()];
+        c.named_models = models.iter().map(|m| m.to_string()).collect();
         c.principal = ctx("carol", None).principal;
         c
     };
+    let custom = |model: &str| named(&[model]);
+    // Review: a body naming two models (`model` and `Model`: Go's decoder takes the last)
+    // is priced at the dearer, and refused when either has no price.
+    let mut c = named(&["m", "dear"]);
+    f.on_request(&mut c).await.unwrap();
+    served(&f, &mut c, 5).await;
+    assert_eq!(c.cost_usd, Some(10.0));
+    let r = f
+        .on_request(&mut named(&["m", "unpriced-x"]))
+        .await
+        .unwrap_err();
+    assert_eq!(r.code, "model_unpriced");
+    // A body that names no model (a multipart upload, a server's default model) passes.
+    let mut c = named(&[]);
+    f.on_request(&mut c).await.unwrap();
+    served(&f, &mut c, 5).await;
     let mut c = custom("m");
     f.on_request(&mut c).await.unwrap();
     served(&f, &mut c, 60).await;
     assert_eq!(c.cost_usd, Some(60.0));
     let mut c = custom("m");
     f.on_request(&mut c).await.unwrap();
-    served(&f, &mut c, 40).await;
+    served(&f, &mut c, 30).await;
     let r = f.on_request(&mut custom("m")).await.unwrap_err();
     assert_eq!((r.status.as_u16(), r.code), (429, "budget_exceeded"));
     // `unpriced: reject` holds on custom routes too.
