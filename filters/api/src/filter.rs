@@ -137,13 +137,25 @@ pub fn with_suffix(path: &std::path::Path, suffix: &str) -> PathBuf {
 
 /// Whether this process may access `path` as `mode` asks (`access(2)` with the effective
 /// ids, as opening it would be judged).
-fn may(path: &std::path::Path, mode: libc::c_int) -> bool {
+/// Whether this user may reach `path` with `mode`; the refusal's reason when not.
+fn access(path: &std::path::Path, mode: libc::c_int) -> Result<(), std::io::Error> {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) == 0 }
+    match unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// What to do about a file or folder this user may not write, by why.
+fn write_fix(e: &std::io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EROFS) {
+        "it is on a read-only file system (systemd's ProtectSystem=strict leaves only ReadWritePaths writable): put it under /var/lib/llm-gateway or /var/log/llm-gateway, or add its folder to ReadWritePaths"
+    } else {
+        "make it owned by the user the gateway runs as (and run `check` as that user)"
+    }
 }
 
 impl BuildContext {
@@ -152,18 +164,15 @@ impl BuildContext {
     /// file this user may write; a missing one needs a folder this user may create it in.
     /// (Run as root, this tells nothing of the service's user: `check` says so.)
     pub fn check_writable(path: &std::path::Path) -> Result<(), String> {
-        let fix = "make it owned by the user the gateway runs as (and run `check` as that user)";
         match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => {
-                if may(path, libc::W_OK) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{} cannot be written by this user: {fix}",
-                        path.display()
-                    ))
-                }
-            }
+            Ok(m) if m.is_file() => match access(path, libc::W_OK) {
+                Ok(()) => Ok(()),
+                Err(e) => Err(format!(
+                    "{} cannot be written by this user: {}",
+                    path.display(),
+                    write_fix(&e)
+                )),
+            },
             Ok(_) => Err(format!("{} is not a file", path.display())),
             Err(_) => {
                 let folder = path
@@ -175,11 +184,12 @@ impl BuildContext {
                         "the folder {} does not exist; create it, owned by the user the gateway runs as",
                         folder.display()
                     ))
-                } else if !may(folder, libc::W_OK | libc::X_OK) {
+                } else if let Err(e) = access(folder, libc::W_OK | libc::X_OK) {
                     Err(format!(
-                        "{} cannot be created in {}, which this user may not write: {fix}",
+                        "{} cannot be created in {}, which this user may not write: {}",
                         path.display(),
-                        folder.display()
+                        folder.display(),
+                        write_fix(&e)
                     ))
                 } else {
                     Ok(())
@@ -194,5 +204,23 @@ impl BuildContext {
         } else {
             self.config_dir.join(path)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_only_file_system_is_named_as_such() {
+        let ro = std::io::Error::from_raw_os_error(libc::EROFS);
+        assert!(write_fix(&ro).contains("read-only file system"));
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert!(write_fix(&denied).contains("owned by the user"));
+        // A folder this user may write: no complaint.
+        let dir = std::env::temp_dir().join(format!("check-writable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(BuildContext::check_writable(&dir.join("spend.db")), Ok(()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

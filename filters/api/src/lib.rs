@@ -7,6 +7,7 @@
 pub mod batch;
 mod ctx;
 pub mod defer;
+pub mod failing;
 mod filter;
 pub mod glob;
 pub mod go_names;

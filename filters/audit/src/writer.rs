@@ -229,6 +229,10 @@ impl Sink {
 /// requests wait as long, and are handled in order with the lines.
 pub fn spawn(spec: &SinkSpec, rx: Receiver<Msg>) -> io::Result<JoinHandle<()>> {
     let mut sink = Sink::open(spec)?;
+    let mut writing = gateway_filter::failing::FailureLog::new(match spec {
+        SinkSpec::File { path, .. } => format!("audit: writing {}", path.display()),
+        SinkSpec::Stdout => "audit: writing to stdout".to_string(),
+    });
     std::thread::Builder::new()
         .name("audit-writer".into())
         .spawn(move || {
@@ -254,8 +258,12 @@ pub fn spawn(spec: &SinkSpec, rx: Receiver<Msg>) -> io::Result<JoinHandle<()>> {
                         result = handled;
                     }
                 }
-                if let Err(e) = result.and_then(|_| sink.flush()) {
-                    log::error!("audit: writing failed: {e}");
+                // A full disk fails every batch: said when it starts, every 10 s while it
+                // lasts (lines lost are counted in llm_gateway_audit_lines_dropped_total), and
+                // when it ends.
+                match result.and_then(|_| sink.flush()) {
+                    Err(e) => writing.failed(e),
+                    Ok(()) => writing.worked(),
                 }
             });
             let _ = sink.flush();

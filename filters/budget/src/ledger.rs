@@ -260,7 +260,27 @@ pub fn spawn(
     mut seen: Seen,
     on_foreign: OnForeign,
 ) -> Result<std::thread::JoinHandle<()>, LedgerError> {
-    let mut conn = open(&path).map_err(sqlite(&path))?;
+    // A ledger that exists but holds nothing (truncated, or made by hand): every budget
+    // starts this period from nothing, which must not pass unsaid.
+    let empty = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0);
+    let mut conn = open(&path).map_err(|e| {
+        // SQLite says only "unable to open database file": a place this user cannot write
+        // (a read-only file system under ProtectSystem=strict) is said as such.
+        match gateway_filter::BuildContext::check_writable(&path) {
+            Err(why) => LedgerError::Place(why),
+            Ok(()) => sqlite(&path)(e),
+        }
+    })?;
+    if empty {
+        log::warn!(
+            "budget: the ledger {} was an empty file: spend starts from nothing (if it held this period's spend, stop the gateway and restore it from a backup)",
+            path.display()
+        );
+    }
+    let mut committing = gateway_filter::failing::FailureLog::new(format!(
+        "budget: committing to the ledger {}",
+        path.display()
+    ));
     std::thread::Builder::new()
         .name("budget-ledger".into())
         .spawn(move || {
@@ -278,9 +298,12 @@ pub fn spawn(
                         }
                         Msg::Flush(ack) => {
                             let done = commit(&mut conn, &mut pending, &mut seen);
-                            if let Err(e) = &done {
-                                crate::METRICS.ledger_failures.inc();
-                                log::error!("budget: ledger commit failed: {e}");
+                            match &done {
+                                Err(e) => {
+                                    crate::METRICS.ledger_failures.inc();
+                                    committing.failed(e);
+                                }
+                                Ok(()) => committing.worked(),
                             }
                             committed = Instant::now();
                             let _ = ack.send(done.is_ok());
@@ -288,9 +311,14 @@ pub fn spawn(
                     }
                 }
                 if committed.elapsed() >= interval {
-                    if let Err(e) = commit(&mut conn, &mut pending, &mut seen) {
-                        crate::METRICS.ledger_failures.inc();
-                        log::error!("budget: ledger commit failed, will retry: {e}");
+                    // Charges wait in memory and are tried again: a full disk is said when it
+                    // starts, every 10 s while it lasts, and when it ends.
+                    match commit(&mut conn, &mut pending, &mut seen) {
+                        Err(e) => {
+                            crate::METRICS.ledger_failures.inc();
+                            committing.failed(format_args!("{e} (charges are kept and tried again)"));
+                        }
+                        Ok(()) => committing.worked(),
                     }
                     committed = Instant::now();
                 }
