@@ -127,12 +127,25 @@ impl Metrics {
                 c.with_label_values(&["locked_out"]);
                 c
             },
-            ratelimited: counter(
-                r,
-                "llm_gateway_ratelimited_total",
-                "Requests refused by a rate limit, by limit",
-                &["limit"],
-            )?,
+            ratelimited: {
+                let c = counter(
+                    r,
+                    "llm_gateway_ratelimited_total",
+                    "Requests refused by a rate limit, by limit",
+                    &["limit"],
+                )?;
+                // Its limits are a fixed few: each at 0 from the start, so the first burst of
+                // refusals shows in `rate()` (LlmGatewayClientHammering).
+                for limit in [
+                    "request_rate",
+                    "concurrency",
+                    "tokens_per_minute",
+                    "tokens_unenforceable",
+                ] {
+                    c.with_label_values(&[limit]);
+                }
+                c
+            },
             backend_up: gauge(
                 r,
                 "llm_gateway_backend_up",

@@ -368,6 +368,9 @@ async fn metrics_after_known_traffic() {
         .iter()
         .any(|x| x.metric == "llm_gateway_auth_failures_total"
             && x.labels.get("reason") == Some("locked_out")));
+    // The same for the rate limits' fixed few.
+    assert!(s.iter().any(|x| x.metric == "llm_gateway_ratelimited_total"
+        && x.labels.get("limit") == Some("tokens_per_minute")));
     assert_eq!(
         value(
             &s,
