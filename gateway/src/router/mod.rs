@@ -59,8 +59,13 @@ pub enum Health {
     /// What a request may have caused itself (a generation held past `read_timeout` or the
     /// first-byte deadline, a stream that paused or broke, a backend that fell over on it),
     /// after `waited` on it: see [`BackendPool::mark_slow`]; one client's slow requests
-    /// cannot take out a backend that serves everyone else, nor a quiet one by a burst.
-    FailedFor { caller: u64, waited: Duration },
+    /// cannot take out a backend that serves everyone else, nor a quiet one by a burst, nor
+    /// (`light` false: a large body, several completions) every backend its retries reach.
+    FailedFor {
+        caller: u64,
+        waited: Duration,
+        light: bool,
+    },
 }
 
 pub trait Router: Send + Sync {
@@ -97,8 +102,13 @@ pub trait Router: Send + Sync {
                 health: Health::Failed,
             } => pool.mark_failed(idx),
             Outcome::Failed {
-                health: Health::FailedFor { caller, waited },
-            } => pool.mark_slow(idx, caller, waited),
+                health:
+                    Health::FailedFor {
+                        caller,
+                        waited,
+                        light,
+                    },
+            } => pool.mark_slow(idx, caller, waited, light),
             Outcome::Failed {
                 health: Health::Kept,
             } => {}
