@@ -896,14 +896,7 @@ async fn one_client_s_slow_long_prompts_do_not_take_every_backend_out() {
             .unwrap();
         assert_eq!(r.status(), 504);
     }
-    let health: Value = http
-        .get(gw.admin_url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = gw.health().await;
     assert_eq!(health["status"], "ok", "{health}");
     let r = http
         .post(gw.url("/api/generate"))
