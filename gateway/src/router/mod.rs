@@ -59,13 +59,8 @@ pub enum Health {
     /// What a request may have caused itself (a generation held past `read_timeout` or the
     /// first-byte deadline, a stream that paused or broke, a backend that fell over on it),
     /// after `waited` on it: see [`BackendPool::mark_slow`]; one client's slow requests
-    /// cannot take out a backend that serves everyone else, nor a quiet one by a burst, nor
-    /// (`light` false: a large body, several completions) every backend its retries reach.
-    FailedFor {
-        caller: u64,
-        waited: Duration,
-        light: bool,
-    },
+    /// cannot take out a backend that serves everyone else, nor a quiet one by a burst.
+    FailedFor { caller: u64, waited: Duration },
 }
 
 pub trait Router: Send + Sync {
@@ -102,13 +97,8 @@ pub trait Router: Send + Sync {
                 health: Health::Failed,
             } => pool.mark_failed(idx),
             Outcome::Failed {
-                health:
-                    Health::FailedFor {
-                        caller,
-                        waited,
-                        light,
-                    },
-            } => pool.mark_slow(idx, caller, waited, light),
+                health: Health::FailedFor { caller, waited },
+            } => pool.mark_slow(idx, caller, waited),
             Outcome::Failed {
                 health: Health::Kept,
             } => {}

@@ -398,16 +398,12 @@ impl BackendPool {
 
     /// A deadline the backend missed with a request of `caller` that waited `waited` on it,
     /// which the request may have caused itself (a long answer, a slow model). It counts in
-    /// full only when nothing explains it but the backend: the request was `light` (a small
-    /// body, one completion: nothing in it makes a backend slow to answer), the backend
-    /// served no generation while it waited (hung, or dead), and no failure was counted in
-    /// full meanwhile (a burst of slow requests on an idle backend is one failure, not one
-    /// each); otherwise once per caller in the streak. A heavy request is its own
-    /// explanation: counted in full, one client's long prompts, retried on every backend
-    /// within the first-byte deadline, took every backend out for the cooldown (attacker
-    /// review). Nothing while it cools down already (requests still running on it would
-    /// each double the cooldown).
-    pub fn mark_slow(&self, idx: usize, caller: u64, waited: Duration, light: bool) {
+    /// full only when nothing explains it but the backend: it served no generation while the
+    /// request waited (hung, or dead), and no failure was counted in full meanwhile (a burst
+    /// of slow requests on an idle backend is one failure, not one each); otherwise once per
+    /// caller in the streak. Nothing while it cools down already (requests still running on
+    /// it would each double the cooldown).
+    pub fn mark_slow(&self, idx: usize, caller: u64, waited: Duration) {
         let b = &self.0.backends[idx];
         let now = self.now_ms();
         if b.down_until_ms.load(Ordering::Relaxed) > now {
@@ -416,9 +412,8 @@ impl BackendPool {
         let started = now.saturating_sub(waited.as_millis() as u64);
         let mut callers = self.streak(idx);
         let served = b.served_ms.load(Ordering::Relaxed);
-        let explained = !light
-            || (served != 0 && served >= started)
-            || b.counted_ms.load(Ordering::Relaxed) >= started;
+        let explained =
+            (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
         if explained {
             self.fail_once_for(idx, caller, &mut callers);
         } else {

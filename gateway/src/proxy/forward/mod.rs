@@ -110,13 +110,8 @@ fn maybe_caused(ctx: &GwCtx) -> Health {
     Health::FailedFor {
         caller: caller_key(&ctx.req),
         waited,
-        light: ctx.req.bytes_in <= LIGHT_BODY && ctx.req.completions <= 1,
     }
 }
-
-/// Largest body of a request whose missed deadline says something of the backend: a chat
-/// turn or two. A larger prompt's prefill may outlast any deadline by itself.
-const LIGHT_BODY: u64 = 16 << 10;
 
 /// Output tokens a request may still produce, for the usage-based strategy.
 /// A client's figure (without an output cap it may be near u64::MAX); the pool bounds it.
