@@ -68,6 +68,21 @@ impl FailureLog {
     }
 }
 
+/// At exit (the thread ends): failures not yet said are said.
+impl Drop for FailureLog {
+    fn drop(&mut self) {
+        if let Some((since, more, _)) = self.failing {
+            if more > 0 {
+                log::error!(
+                    "{} was still failing at exit ({more} more failures, failing for {}s)",
+                    self.what,
+                    since.elapsed().as_secs()
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -174,6 +174,12 @@ impl BuildContext {
                 )),
             },
             Ok(_) => Err(format!("{} is not a file", path.display())),
+            // There, but not to be reached (a parent folder this user may not enter).
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!(
+                "{} cannot be reached by this user ({e}): {}",
+                path.display(),
+                write_fix(&e)
+            )),
             Err(_) => {
                 let folder = path
                     .parent()

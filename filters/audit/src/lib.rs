@@ -292,11 +292,16 @@ impl Filter for AuditFilter {
     /// Waits until every queued line is on disk.
     fn shutdown(&self) {
         let (ack, done) = std::sync::mpsc::sync_channel(1);
-        if self.send_blocking(Msg::Flush(ack)) && done.recv_timeout(Duration::from_secs(30)).is_ok()
-        {
-            log::info!("audit: all lines written");
-        } else {
+        if !self.send_blocking(Msg::Flush(ack)) {
             log::error!("audit: could not flush the queue before exit");
+            return;
+        }
+        match done.recv_timeout(Duration::from_secs(30)) {
+            Ok(true) => log::info!("audit: all lines written"),
+            Ok(false) => log::error!(
+                "audit: the last lines could not be written before exit (a full disk?): they are lost"
+            ),
+            Err(_) => log::error!("audit: could not flush the queue before exit"),
         }
         let _ = self.writer.lock().map(|mut w| w.take());
     }

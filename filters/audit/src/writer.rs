@@ -18,7 +18,8 @@ pub enum Msg {
     /// file that cannot be opened keeps the lines going to the one open).
     Reopen(std::sync::mpsc::SyncSender<Result<(), String>>),
     /// Answer once everything queued before is written and flushed.
-    Flush(std::sync::mpsc::SyncSender<()>),
+    /// Answered whether every line so far reached the file.
+    Flush(std::sync::mpsc::SyncSender<bool>),
 }
 
 #[derive(Debug, Clone)]
@@ -204,9 +205,10 @@ impl Sink {
                 Ok(())
             }
             (sink, Msg::Flush(ack)) => {
-                // Acknowledged even when it failed: whoever waits (shutdown) must not hang.
+                // Acknowledged even when it failed (whoever waits, shutdown, must not hang),
+                // and told whether the lines reached the file.
                 let flushed = sink.flush();
-                let _ = ack.send(());
+                let _ = ack.send(flushed.is_ok());
                 flushed
             }
         }

@@ -143,6 +143,21 @@ fn scan_foreign(
     Ok(foreign)
 }
 
+/// [`open`], with a place this user cannot write said as such: SQLite says only "unable to
+/// open database file" (a read-only file system under ProtectSystem=strict, a folder the
+/// service's user may not write, where the `-wal` file goes).
+fn open_for_writing(path: &Path) -> Result<Connection, LedgerError> {
+    open(path).map_err(|e| {
+        let place = gateway_filter::BuildContext::check_writable(path).and_then(|()| {
+            gateway_filter::BuildContext::check_writable(&gateway_filter::with_suffix(path, "-wal"))
+        });
+        match place {
+            Err(why) => LedgerError::Place(why),
+            Ok(()) => sqlite(path)(e),
+        }
+    })
+}
+
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
     move |source| LedgerError::Sqlite {
         path: path.to_path_buf(),
@@ -186,7 +201,16 @@ pub fn check(path: &Path) -> Result<(), LedgerError> {
 /// under which shared state (Redis) holds this replica's spend, so a restarted replica finds
 /// and repairs its own share, and two replicas never write each other's.
 pub fn load(path: &Path) -> Result<(History, String), LedgerError> {
-    let conn = open(path).map_err(sqlite(path))?;
+    // A ledger that exists but holds nothing (truncated, or made by hand): every budget
+    // starts this period from nothing, which must not pass unsaid. (Read before the first
+    // open, which writes SQLite's header.)
+    if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+        log::warn!(
+            "budget: the ledger {} was an empty file: spend starts from nothing (if it held this period's spend, stop the gateway and restore it from a backup)",
+            path.display()
+        );
+    }
+    let conn = open_for_writing(path)?;
     conn.execute_batch("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
         .map_err(sqlite(path))?;
     let fresh = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
@@ -260,23 +284,7 @@ pub fn spawn(
     mut seen: Seen,
     on_foreign: OnForeign,
 ) -> Result<std::thread::JoinHandle<()>, LedgerError> {
-    // A ledger that exists but holds nothing (truncated, or made by hand): every budget
-    // starts this period from nothing, which must not pass unsaid.
-    let empty = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0);
-    let mut conn = open(&path).map_err(|e| {
-        // SQLite says only "unable to open database file": a place this user cannot write
-        // (a read-only file system under ProtectSystem=strict) is said as such.
-        match gateway_filter::BuildContext::check_writable(&path) {
-            Err(why) => LedgerError::Place(why),
-            Ok(()) => sqlite(&path)(e),
-        }
-    })?;
-    if empty {
-        log::warn!(
-            "budget: the ledger {} was an empty file: spend starts from nothing (if it held this period's spend, stop the gateway and restore it from a backup)",
-            path.display()
-        );
-    }
+    let mut conn = open_for_writing(&path)?;
     let mut committing = gateway_filter::failing::FailureLog::new(format!(
         "budget: committing to the ledger {}",
         path.display()
