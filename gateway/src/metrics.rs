@@ -46,6 +46,22 @@ fn counter(
     Ok(c)
 }
 
+/// [`counter`] with a series for each of `at_zero` (values of its one label) from the start:
+/// an alert on `increase`/`rate` misses the first events of a series born at them.
+fn counter_at_zero(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    at_zero: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = counter(r, name, help, &[label])?;
+    for value in at_zero {
+        c.with_label_values(&[value]);
+    }
+    Ok(c)
+}
+
 fn histogram(
     r: &Registry,
     name: &str,
@@ -115,37 +131,27 @@ impl Metrics {
                 "Requests refused, by filter (or gateway) and code",
                 &["filter", "code"],
             )?,
-            auth_failures: {
-                let c = counter(
-                    r,
-                    "llm_gateway_auth_failures_total",
-                    "Failed authentications by reason",
-                    &["reason"],
-                )?;
-                // At 0 from the start, like the reloads below: LlmGatewayLockouts reads its
-                // `increase`, which a series born at the first lockout would not show.
-                c.with_label_values(&["locked_out"]);
-                c
-            },
-            ratelimited: {
-                let c = counter(
-                    r,
-                    "llm_gateway_ratelimited_total",
-                    "Requests refused by a rate limit, by limit",
-                    &["limit"],
-                )?;
-                // Its limits are a fixed few: each at 0 from the start, so the first burst of
-                // refusals shows in `rate()` (LlmGatewayClientHammering).
-                for limit in [
+            // LlmGatewayLockouts reads the increase of `locked_out`.
+            auth_failures: counter_at_zero(
+                r,
+                "llm_gateway_auth_failures_total",
+                "Failed authentications by reason",
+                "reason",
+                &["locked_out"],
+            )?,
+            // Its limits are a fixed few (LlmGatewayClientHammering reads the rate).
+            ratelimited: counter_at_zero(
+                r,
+                "llm_gateway_ratelimited_total",
+                "Requests refused by a rate limit, by limit",
+                "limit",
+                &[
                     "request_rate",
                     "concurrency",
                     "tokens_per_minute",
                     "tokens_unenforceable",
-                ] {
-                    c.with_label_values(&[limit]);
-                }
-                c
-            },
+                ],
+            )?,
             backend_up: gauge(
                 r,
                 "llm_gateway_backend_up",
@@ -170,20 +176,14 @@ impl Metrics {
                 "Attempts abandoned because no response byte came within the first-byte deadline",
                 &["backend"],
             )?,
-            reloads: {
-                let c = counter(
-                    r,
-                    "llm_gateway_reloads_total",
-                    "SIGHUP reloads of the filters' files, by result (failed: a broken file kept its previous contents)",
-                    &["result"],
-                )?;
-                // Both series exist from the start: a series born at 1 has no increase, and
-                // the first failed reload would not raise LlmGatewayReloadFailed.
-                for result in ["ok", "failed"] {
-                    c.with_label_values(&[result]);
-                }
-                c
-            },
+            // LlmGatewayReloadFailed reads the increase of `failed`.
+            reloads: counter_at_zero(
+                r,
+                "llm_gateway_reloads_total",
+                "SIGHUP reloads of the filters' files, by result (failed: a broken file kept its previous contents)",
+                "result",
+                &["ok", "failed"],
+            )?,
             connections: gauge(
                 r,
                 "llm_gateway_connections_open",
