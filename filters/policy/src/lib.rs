@@ -411,6 +411,24 @@ impl PolicyFilter {
         ))
     }
 
+    /// What a generating body may ask on any route that reads it, a custom rule's included
+    /// (llama.cpp's `/completion` reads `n_probs`, Ollama's `/v1/messages` a message list):
+    /// alternatives a token, and messages.
+    fn check_generation_shape(&self, body: &serde_json::Value) -> Result<(), Rejection> {
+        shape::check_logprobs(body)?;
+        if let Some(max) = self.max_messages {
+            let n = shape::message_count(body);
+            if n > max {
+                return Err(Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "too_many_messages",
+                    format!("{n} messages (each part of a message's content counts as one); at most {max} are accepted"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn check_inference(&self, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         if let Some(body) = &ctx.json {
             shape::check_types(ctx.route, body)?;
@@ -420,18 +438,8 @@ impl PolicyFilter {
             if self.media_urls == MediaUrls::DataOnly {
                 shape::check_media_urls(ctx.route, body)?;
             }
-            shape::check_logprobs(body)?;
             shape::check_image_size(ctx.route, body)?;
-            if let Some(max) = self.max_messages {
-                let n = shape::message_count(body);
-                if n > max {
-                    return Err(Rejection::new(
-                        StatusCode::BAD_REQUEST,
-                        "too_many_messages",
-                        format!("{n} messages (each part of a message's content counts as one); at most {max} are accepted"),
-                    ));
-                }
-            }
+            self.check_generation_shape(body)?;
             if let Some(max) = self.max_prompt_chars {
                 let n = shape::prompt_chars(body);
                 if n > max {
@@ -503,6 +511,9 @@ impl Filter for PolicyFilter {
             }
             if self.server_settings == ServerSettings::Refuse {
                 shape::check_custom_server_settings(ctx)?;
+            }
+            if let Some(body) = &ctx.json {
+                self.check_generation_shape(body)?;
             }
         }
         if ctx.route.holds_body() {

@@ -151,7 +151,7 @@ const LOGPROB_FIELDS: [(&str, f64); 5] = [
 const IMAGE_FIELDS: [(&str, f64); 3] = [("width", 4096.0), ("height", 4096.0), ("steps", 100.0)];
 
 /// The first top-level field named in `limits` (in any case: Ollama's Go decoder folds it)
-/// whose number is past its limit, with that limit. A number written as a string counts
+/// whose number is past its limit, or below -1, with that limit. A number written as a string counts
 /// (llama.cpp and pydantic read some so); anything else (`logprobs: true`) does not.
 fn past_limit<'a>(body: &'a Value, limits: &[(&str, f64)]) -> Option<(&'a str, f64)> {
     body.as_object()?.iter().find_map(|(key, v)| {
@@ -161,7 +161,10 @@ fn past_limit<'a>(body: &'a Value, limits: &[(&str, f64)]) -> Option<(&'a str, f
             Value::String(s) => s.trim().parse::<f64>().ok(),
             _ => None,
         }?;
-        (n > *max).then_some((gateway_filter::redact::clip(key), *max))
+        // Below -1 too: llama.cpp reads these as 32-bit integers without a range check, so
+        // -4294817296 became 150,000 (a whole vocabulary a token); -1 is vLLM's "all", which
+        // it bounds itself.
+        (n > *max || n < -1.0).then_some((gateway_filter::redact::clip(key), *max))
     })
 }
 
@@ -173,7 +176,7 @@ pub fn check_logprobs(body: &Value) -> Result<(), Rejection> {
         Some((key, max)) => Err(bad(
             "too_many_logprobs",
             format!(
-                "`{key}` asks for more than {max} alternatives a token; at most {max} are accepted"
+                "`{key}` asks for more than {max} alternatives a token (or a negative number below -1); from -1 to {max} are accepted"
             ),
         )),
         None => Ok(()),

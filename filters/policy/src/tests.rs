@@ -187,6 +187,44 @@ async fn shape_limits() {
             "{body}"
         );
     }
+    // A number below -1 wraps to a large one in llama.cpp's 32-bit read (review).
+    for body in [
+        json!({"model": "m", "messages": [], "n_probs": -4294817296i64}),
+        json!({"model": "m", "messages": [], "logprobs": true, "top_logprobs": -4294967196i64}),
+    ] {
+        let mut c = req(Method::POST, "/v1/chat/completions", Some(body.clone()));
+        let r = f.on_request(&mut c).await.unwrap_err();
+        assert_eq!(r.code, "too_many_logprobs", "{body}");
+    }
+    // A custom rule's route that reads the same fields is held to the same (llama.cpp's
+    // `/completion`, a message list on `/v1/messages`).
+    let custom = filter(
+        json!({"allow": [{"path": "/completion", "methods": ["POST"]}, {"path": "/v1/messages", "methods": ["POST"]}], "max_messages": 2}),
+    );
+    for (path, body, code) in [
+        (
+            "/completion",
+            json!({"prompt": "hi", "n_probs": 100000}),
+            "too_many_logprobs",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "user", "content": "c"}]}),
+            "too_many_messages",
+        ),
+    ] {
+        let mut c = req(Method::POST, path, Some(body.clone()));
+        c.unknown_format = true;
+        let r = custom.on_request(&mut c).await.unwrap_err();
+        assert_eq!(r.code, code, "{path} {body}");
+    }
+    let mut c = req(
+        Method::POST,
+        "/completion",
+        Some(json!({"prompt": "hi", "n_probs": 5})),
+    );
+    c.unknown_format = true;
+    custom.on_request(&mut c).await.unwrap();
     // Ollama image generation: steps and sides bounded (the output cap counts no tokens there).
     for body in [
         json!({"model": "m", "prompt": "a cat", "steps": 2147483647}),
