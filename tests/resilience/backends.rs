@@ -558,6 +558,92 @@ async fn a_backend_silent_past_the_first_byte_deadline_is_left_for_another() {
     assert_eq!(v["code"], "first_byte_timeout", "{v}");
 }
 
+/// A hung backend is still taken out under one caller: the same request answered in time by
+/// another backend shows the one that missed its deadline at fault.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_misses_what_another_answers_in_time_is_taken_out() {
+    let a = mock().await;
+    let b = mock().await;
+    a.set_fail(FailMode::Hang);
+    let gw = Gateway::start(&format!(
+        "{}routing: {{ strategy: round-robin, first_byte_timeout: 300ms, cooldown: 30s, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n",
+        backends(&[("a", &a.url()), ("b", &b.url())])
+    ))
+    .await;
+    let c = client();
+    let send = || async {
+        let start = Instant::now();
+        let r = c
+            .post(gw.url("/api/generate"))
+            .json(&streamed(MODEL))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        start.elapsed()
+    };
+    for _ in 0..6 {
+        send().await;
+    }
+    assert_eq!(gw.health().await["backends"][0]["state"], "down");
+    let timeouts = || gw.metric("llm_gateway_first_byte_timeouts_total{backend=\"a\"}");
+    let missed = timeouts().await;
+    assert_eq!(missed, Some(3.0), "fail_threshold misses took it out");
+    for _ in 0..4 {
+        assert!(send().await < Duration::from_millis(300));
+    }
+    assert_eq!(timeouts().await, missed, "nothing more was sent to it");
+}
+
+/// Attacker review (2026-12-05): one client's streams that are slow to their first byte by
+/// themselves (a long prompt, a model loaded nowhere) were retried on every backend, and each
+/// missed deadline on a quiet backend counted in full: a few such requests took every backend
+/// out for the cooldown, for everyone.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_clients_slow_first_bytes_do_not_take_the_backends_out() {
+    let m = mocks([ALL, ALL, ALL]).await;
+    for (retries, sent, out) in [("", 4, 0), ("retries: 0,", 9, 1)] {
+        let gw = Gateway::start(&format!(
+            "{}routing: {{ strategy: round-robin, first_byte_timeout: 250ms, cooldown: 30s, {retries} discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n",
+            three(&m)
+        ))
+        .await;
+        let c = client();
+        for i in 0..sent {
+            let r = c
+                .post(gw.url("/api/generate"))
+                .header("x-mock-first-byte-ms", "700")
+                .json(&streamed(MODEL))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 504, "{retries} request {i}");
+        }
+        // Retried, each missed on all three: slow by itself, none is out. Without retries each
+        // reached one backend, one after another: one at most is out.
+        let h = gw.health().await;
+        let down = h["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["state"] != "up")
+            .count();
+        assert_eq!(down, out, "{retries}: {h}");
+        // Everyone else is served as before.
+        for _ in 0..3 {
+            let r = c
+                .post(gw.url("/api/generate"))
+                .json(&streamed(MODEL))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{retries}");
+            r.bytes().await.unwrap();
+        }
+    }
+}
+
 // Slow starts: a model the backend has not loaded (not in /api/ps) gets the cold-start
 // deadline; a loaded one the first-byte deadline.
 #[tokio::test(flavor = "multi_thread")]

@@ -37,6 +37,8 @@ pub struct GwCtx {
     /// What the answer's handling reads from the request's JSON, taken as the body left for
     /// the backend (the tree of a large body is let go then: [`super::held_json`]).
     pub(super) body_facts: super::held_json::BodyFacts,
+    /// Deadlines this request missed on backends, judged when it ends.
+    pub(super) missed: crate::router::MissedDeadlines,
 }
 
 impl GwCtx {
@@ -64,6 +66,7 @@ impl Default for GwCtx {
             response_ended: false,
             client_socket: None,
             body_facts: Default::default(),
+            missed: Default::default(),
         }
     }
 }

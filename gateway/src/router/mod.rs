@@ -3,6 +3,7 @@
 //! those that have it loaded, and ranks them by the configured strategy.
 
 mod discovery;
+mod missed;
 mod pool;
 mod shared_usage;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use gateway_filter::glob::wildcard;
 use gateway_filter::{RequestCtx, Route, WireFormat};
 
+pub use missed::MissedDeadlines;
 pub use pool::{canonical_model, Backend, BackendPool, Lease};
 
 /// The most tokens one request's reservation or one answer's usage counts for in routing
@@ -56,12 +58,9 @@ pub enum Health {
     Kept,
     /// The backend alone: it refused or dropped a connection before it had the request.
     Failed,
-    /// What a request may have caused itself (a generation held past `read_timeout` or the
-    /// first-byte deadline, a stream that paused or broke, a backend that fell over on it),
-    /// after `waited` on it: see [`BackendPool::mark_slow`]; one client's slow requests
-    /// cannot take out a backend that serves everyone else, nor a quiet one by a burst.
-    FailedFor { caller: u64, waited: Duration },
 }
+// A deadline missed, which the request may have caused itself, is judged with the request's
+// other misses once it ends: [`MissedDeadlines`].
 
 pub trait Router: Send + Sync {
     /// A backend for the next attempt, never one in `tried`.
@@ -96,9 +95,6 @@ pub trait Router: Send + Sync {
             Outcome::Failed {
                 health: Health::Failed,
             } => pool.mark_failed(idx),
-            Outcome::Failed {
-                health: Health::FailedFor { caller, waited },
-            } => pool.mark_slow(idx, caller, waited),
             Outcome::Failed {
                 health: Health::Kept,
             } => {}

@@ -81,6 +81,8 @@ pub struct Backend {
     served_ms: AtomicU64,
     /// When a deadline it missed last counted in full ([`BackendPool::mark_slow`]; 0: never).
     counted_ms: AtomicU64,
+    /// Its cooldown came from misses nothing but its quiet confirmed ([`BackendPool::mark_slow`]).
+    out_unconfirmed: AtomicBool,
     cooldown_ms: AtomicU64,
     probe_ok: AtomicBool,
 
@@ -139,6 +141,7 @@ impl Backend {
             down_until_ms: AtomicU64::new(0),
             served_ms: AtomicU64::new(0),
             counted_ms: AtomicU64::new(0),
+            out_unconfirmed: AtomicBool::new(false),
             cooldown_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
@@ -345,6 +348,7 @@ impl BackendPool {
         if until != 0 && until <= self.now_ms() {
             b.down_until_ms.store(0, Ordering::Relaxed);
             b.failures.store(0, Ordering::Relaxed);
+            b.out_unconfirmed.store(false, Ordering::Relaxed);
             callers.clear();
         }
         callers
@@ -397,13 +401,16 @@ impl BackendPool {
     }
 
     /// A deadline the backend missed with a request of `caller` that waited `waited` on it,
-    /// which the request may have caused itself (a long answer, a slow model). It counts in
-    /// full only when nothing explains it but the backend: it served no generation while the
-    /// request waited (hung, or dead), and no failure was counted in full meanwhile (a burst
-    /// of slow requests on an idle backend is one failure, not one each); otherwise once per
-    /// caller in the streak. Nothing while it cools down already (requests still running on
-    /// it would each double the cooldown).
-    pub fn mark_slow(&self, idx: usize, caller: u64, waited: Duration) {
+    /// which the request may have caused itself (a long answer, a slow model), and nothing
+    /// else settled (see [`super::MissedDeadlines`]). It counts in full only when nothing
+    /// explains it but the backend: it served no generation while the request waited (hung,
+    /// or dead), no failure was counted in full meanwhile (a burst of slow requests on an idle
+    /// backend is one failure, not one each), another backend could have taken the request
+    /// (`alternative`: taking the only one out helps nobody), and no other backend is out on
+    /// such counts (so one client's slow requests, one backend after another, take out one at
+    /// most); otherwise once per caller in the streak. Nothing while it cools down already
+    /// (requests still running on it would each double the cooldown).
+    pub fn mark_slow(&self, idx: usize, caller: u64, waited: Duration, alternative: bool) {
         let b = &self.0.backends[idx];
         let now = self.now_ms();
         if b.down_until_ms.load(Ordering::Relaxed) > now {
@@ -414,11 +421,40 @@ impl BackendPool {
         let served = b.served_ms.load(Ordering::Relaxed);
         let explained =
             (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
-        if explained {
+        if explained || !alternative || self.other_out_unconfirmed(idx, now) {
             self.fail_once_for(idx, caller, &mut callers);
         } else {
             b.counted_ms.store(now.max(1), Ordering::Relaxed);
-            self.fail(idx);
+            // Its caller counted: its own misses explained by this one add nothing more.
+            if callers.len() < 64 && !callers.contains(&caller) {
+                callers.push(caller);
+            }
+            if self.fail(idx) {
+                b.out_unconfirmed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether another backend than `idx` cools down after misses only its quiet confirmed.
+    fn other_out_unconfirmed(&self, idx: usize, now: u64) -> bool {
+        self.0.backends.iter().enumerate().any(|(i, b)| {
+            i != idx
+                && b.out_unconfirmed.load(Ordering::Relaxed)
+                && b.down_until_ms.load(Ordering::Relaxed) > now
+        })
+    }
+
+    /// A deadline the backend missed with a request that another backend then answered in
+    /// time: the backend's own failure, whoever sent it. Nothing while it cools down already.
+    pub fn mark_missed(&self, idx: usize) {
+        let b = &self.0.backends[idx];
+        if b.down_until_ms.load(Ordering::Relaxed) > self.now_ms() {
+            return;
+        }
+        let _streak = self.streak(idx);
+        b.counted_ms.store(self.now_ms().max(1), Ordering::Relaxed);
+        if self.fail(idx) {
+            b.out_unconfirmed.store(false, Ordering::Relaxed);
         }
     }
 
@@ -434,6 +470,7 @@ impl BackendPool {
             b.failures.store(0, Ordering::Relaxed);
             b.cooldown_ms.store(0, Ordering::Relaxed);
             b.down_until_ms.store(0, Ordering::Relaxed);
+            b.out_unconfirmed.store(false, Ordering::Relaxed);
         }
     }
 

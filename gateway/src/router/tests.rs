@@ -281,16 +281,16 @@ fn settled_outcomes_decide_health_and_figures() {
     // What a request may cause itself (a deadline missed, a stream that broke) counts once
     // per caller while the backend serves others: one client's slow requests do not take
     // out a backend that works.
-    let slow = |caller| Health::FailedFor {
-        caller,
-        waited: Duration::from_secs(60),
+    let slow = |r: &ModelRouter, idx, caller| {
+        r.pool()
+            .mark_slow(idx, caller, Duration::from_secs(60), true)
     };
     r.settle(0, answered(200));
     for _ in 0..5 {
-        r.settle(0, failed(slow(7)));
+        slow(&r, 0, 7);
     }
     assert!(r.pool().is_up(0));
-    r.settle(0, failed(slow(8)));
+    slow(&r, 0, 8);
     assert!(r.pool().is_up(0));
     // `fail_threshold: 3` failures in a row take it out (a third caller's, or the
     // backend's own).
@@ -322,31 +322,97 @@ fn settled_outcomes_decide_health_and_figures() {
     assert!(!r.pool().is_up(0), "polling it kept it in");
     // One that served nobody while requests waited on it, one after another (hung), fails
     // on its own, whoever waited.
-    let quick = |caller| Health::FailedFor {
-        caller,
-        waited: Duration::from_millis(1),
+    let quick = |r: &ModelRouter, idx, caller| {
+        r.pool()
+            .mark_slow(idx, caller, Duration::from_millis(1), true)
     };
-    r.settle(1, failed(quick(7)));
+    quick(&r, 1, 7);
     std::thread::sleep(Duration::from_millis(5));
-    r.settle(1, failed(quick(7)));
+    quick(&r, 1, 7);
     std::thread::sleep(Duration::from_millis(5));
     assert!(r.pool().is_up(1));
-    r.settle(1, failed(quick(7)));
+    quick(&r, 1, 7);
     assert!(!r.pool().is_up(1), "a hung backend stays in");
     // Requests still running on it when it is out add nothing (they doubled the cooldown).
     for _ in 0..5 {
-        r.settle(1, failed(slow(8)));
+        slow(&r, 1, 8);
     }
     std::thread::sleep(Duration::from_millis(130));
     assert!(r.pool().is_up(1), "its 100 ms cooldown was lengthened");
-    // A burst of slow requests of one client on a quiet backend is one failure in full and
-    // one for the client, not one each.
+    // A burst of slow requests of one client on a quiet backend is one failure, not one each.
     let r = router(Strategy::RoundRobin, &[1, 1]);
     for _ in 0..8 {
-        r.settle(0, failed(slow(9)));
+        slow(&r, 0, 9);
     }
     assert!(
         r.pool().is_up(0),
         "a burst of one client took a quiet backend out"
     );
+}
+
+/// Attacker review (2026-12-05): one client's requests that are slow by themselves (a long
+/// prompt, a model loaded nowhere), each retried on every backend, took every backend out:
+/// each missed deadline on a quiet backend counted in full.
+#[test]
+fn one_clients_slow_requests_cannot_take_every_backend_out() {
+    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
+    let pool = r.pool();
+    let miss = |m: &mut MissedDeadlines, idx| m.push(pool, idx, 7, Duration::from_millis(1), true);
+    // Retried on all three and missed on all three, again and again: slow by itself, once
+    // for its caller on each.
+    for _ in 0..6 {
+        let mut m = MissedDeadlines::default();
+        for idx in 0..3 {
+            miss(&mut m, idx);
+        }
+        drop(m);
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    assert!(
+        (0..3).all(|i| pool.is_up(i)),
+        "slow everywhere took a backend out"
+    );
+    // Without retries each reaches one backend: a quiet one goes out on three, but while it
+    // is out the others' misses count once for the caller.
+    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
+    let pool = r.pool();
+    for idx in [0, 0, 0, 1, 1, 1, 2, 2, 2, 1, 1, 1] {
+        let mut m = MissedDeadlines::default();
+        m.push(pool, idx, 7, Duration::from_millis(1), true);
+        drop(m);
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    assert!(!pool.is_up(0));
+    assert!(pool.is_up(1) && pool.is_up(2), "a second one went out");
+    // With nothing else to take it (one backend for the model), never in full.
+    let r = router(Strategy::RoundRobin, &[1]);
+    for _ in 0..5 {
+        r.pool().mark_slow(0, 7, Duration::from_millis(1), false);
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    assert!(r.pool().is_up(0), "the only backend went out");
+}
+
+/// A backend that hangs is still found: another backend answering the same request in time
+/// shows it at fault, whoever sent it (and several backends hung at once go out too).
+#[test]
+fn a_miss_that_another_backend_answered_counts_in_full() {
+    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
+    let pool = r.pool();
+    // A hung backend's neighbour out on an unconfirmed count does not shield it.
+    for _ in 0..3 {
+        pool.mark_slow(2, 7, Duration::from_millis(1), true);
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    assert!(!pool.is_up(2));
+    for round in 0..3 {
+        let mut m = MissedDeadlines::default();
+        // Two backends hung, one caller: the third answered each request in time.
+        m.push(pool, 0, 7, Duration::from_secs(60), true);
+        m.push(pool, 1, 7, Duration::from_secs(60), true);
+        m.confirm();
+        drop(m);
+        assert_eq!(pool.is_up(0), round < 2, "round {round}");
+        assert_eq!(pool.is_up(1), round < 2, "round {round}");
+    }
 }

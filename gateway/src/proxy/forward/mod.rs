@@ -30,8 +30,8 @@ enum Attempt {
     Done,
     /// Nothing was sent to the client and the backend failed: try another. `answered`: the
     /// error status it answered with (it counts against the backend only if another backend
-    /// serves the same request); `None`: it failed to answer, which counts against it (see
-    /// [`unanswered_health`]).
+    /// serves the same request); `None`: it failed to answer, which counts against it (a
+    /// deadline missed: see [`is_missed_deadline`]).
     Retry {
         err: Box<Error>,
         answered: Option<u16>,
@@ -76,16 +76,15 @@ fn caller_key(req: &RequestCtx) -> u64 {
         .map_or(0, |p| gateway_filter::state::stable_hash(p.id.as_bytes()))
 }
 
-/// Whom a failure before any answer counts against: a connection the backend refused or
-/// dropped before it had the request is the backend's alone; a deadline it missed (writing
-/// the request, the first byte) may be the request's own doing (a long prompt, a context
-/// size that reloads the model): it counts in full when the backend served nobody meanwhile,
-/// else once per caller (`Health::FailedFor`).
-fn unanswered_health(err: &Error, ctx: &GwCtx) -> Health {
+/// Whether a failure before any answer is a deadline missed (writing the request, the first
+/// byte), which may be the request's own doing (a long prompt, a context size that reloads
+/// the model): judged with the request's other misses ([`missed`]). Anything else (a
+/// connection the backend refused or dropped before it had the request) is the backend's.
+fn is_missed_deadline(err: &Error) -> bool {
     match err.etype() {
-        ErrorType::Custom(c) if *c == respond::FIRST_BYTE_TIMEOUT => maybe_caused(ctx),
-        ErrorType::WriteTimedout | ErrorType::ReadTimedout => maybe_caused(ctx),
-        _ => Health::Failed,
+        ErrorType::Custom(c) => *c == respond::FIRST_BYTE_TIMEOUT,
+        ErrorType::WriteTimedout | ErrorType::ReadTimedout => true,
+        _ => false,
     }
 }
 
@@ -98,19 +97,21 @@ fn serves_work(req: &RequestCtx) -> bool {
             && req.method == gateway_filter::http::Method::POST)
 }
 
-/// A failure the request may have caused, after the time this attempt's backend had it
-/// (since it was sent to it; a request that never left, since the first attempt began).
-fn maybe_caused(ctx: &GwCtx) -> Health {
+/// A failure the request may have caused on backend `idx` (a deadline missed, a stream that
+/// paused or broke, a backend that fell over on it), after the time the backend had it (since
+/// it was sent to it; a request that never left, since the first attempt began): judged when
+/// the request ends, with its other misses ([`crate::router::MissedDeadlines`]).
+fn missed(gw: &Gateway, ctx: &mut GwCtx, idx: usize) {
     let waited = match ctx.req.sent {
         Some(sent) => ctx.req.started.elapsed().saturating_sub(sent),
         None => ctx
             .upstream_started
             .map_or(std::time::Duration::ZERO, |t| t.elapsed()),
     };
-    Health::FailedFor {
-        caller: caller_key(&ctx.req),
-        waited,
-    }
+    let alternative = gw.router.has_alternative(&ctx.req, &[idx]);
+    let caller = caller_key(&ctx.req);
+    ctx.missed
+        .push(gw.router.pool(), idx, caller, waited, alternative);
 }
 
 /// Output tokens a request may still produce, for the usage-based strategy.
@@ -299,11 +300,21 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     ctx.req.request_id,
                     backend.name
                 );
-                let health = match answered {
-                    Some(_) => Health::Kept,
-                    None => unanswered_health(&err, ctx),
-                };
-                gw.router.settle(idx, Outcome::Failed { health });
+                match answered {
+                    Some(_) => gw.router.settle(
+                        idx,
+                        Outcome::Failed {
+                            health: Health::Kept,
+                        },
+                    ),
+                    None if is_missed_deadline(&err) => missed(gw, ctx, idx),
+                    None => gw.router.settle(
+                        idx,
+                        Outcome::Failed {
+                            health: Health::Failed,
+                        },
+                    ),
+                }
                 gw.count_retry(idx);
                 ctx.lease = None;
                 if !may_retry || ctx.keepalive_sent {
@@ -318,8 +329,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                     ctx.req.request_id,
                     backend.name
                 );
-                let health = maybe_caused(ctx);
-                gw.router.settle(idx, Outcome::Failed { health });
+                missed(gw, ctx, idx);
                 return answer_failure(gw, session, ctx, &e).await;
             }
             Attempt::Abort(e) => {
@@ -327,8 +337,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 if e.esource() == &pingora_error::ErrorSource::Upstream {
                     // A stream that paused past `read_timeout` may be the model at work (a
                     // tool call's arguments held back): the caller's.
-                    let health = maybe_caused(ctx);
-                    gw.router.settle(idx, Outcome::Failed { health });
+                    missed(gw, ctx, idx);
                 }
                 return Err(e);
             }
@@ -415,6 +424,11 @@ async fn attempt(
         }
         Err(a) => return a,
     };
+    if up.resp_header().is_some_and(|h| h.status.is_success()) {
+        // Answered in time: the backends this request missed deadlines on before were at
+        // fault, not the request.
+        ctx.missed.confirm();
+    }
     // A failing (5xx) or busy (429) backend: another may answer, and nothing was sent yet.
     // The upstream connection is dropped, not pooled: its body was not read.
     if let Some(s) = up.resp_header().map(|h| h.status) {
