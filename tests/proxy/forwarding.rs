@@ -293,6 +293,69 @@ async fn oversized_bodies_get_413_json_and_never_reach_the_backend() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Attacker review: a body the gateway writes again (an output cap written into every token
+/// field) had its numbers written in full (`1e15` as `1000000000000000.0`): 60 KiB of them
+/// under a 64 KiB `max_body` reached the backend as 228 KiB. Written again, a body keeps to
+/// the limit (and the few fields the gateway adds), on both wire formats.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_written_again_keeps_to_max_body() {
+    let m = mock().await;
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ max_body: 64KiB }}\nfilters:\n  - use: policy\n    max_output_tokens: 100\n",
+        backends(&[("local", &m.url())])
+    ))
+    .await;
+    let c = client();
+    let numbers = vec!["1e15"; 12_000].join(",");
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            format!("{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":false,\"x\":[{numbers}]}}"),
+        ),
+        (
+            "/api/generate",
+            format!("{{\"model\":\"{MODEL}\",\"prompt\":\"hi\",\"stream\":false,\"x\":[{numbers}]}}"),
+        ),
+    ] {
+        assert!(body.len() < 64 * 1024);
+        let resp = c
+            .post(gw.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 413, "{path}");
+        assert_eq!(error_of(resp).await.0, "request_too_large", "{path}");
+    }
+    assert_eq!(m.total(), 0);
+    // A body near the limit that is written again (its cap added) still passes.
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            format!("{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}],\"stream\":false}}", "x".repeat(63 * 1024)),
+        ),
+        (
+            "/api/generate",
+            format!("{{\"model\":\"{MODEL}\",\"prompt\":\"{}\",\"stream\":false}}", "x".repeat(63 * 1024)),
+        ),
+    ] {
+        let resp = c
+            .post(gw.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    let seen = m.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(seen
+        .iter()
+        .all(|r| r.body_len > 63 * 1024 && r.body_len < 64 * 1024 + 4096));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_json_gets_400_with_position() {
     let m = mock().await;

@@ -122,7 +122,18 @@ fn reserved_tokens(ctx: &GwCtx) -> u64 {
 
 pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Result<()> {
     ctx.strip_usage_event = crate::usage::request_stream_usage(&mut ctx.req);
-    let body = held_body(ctx)?;
+    let Some(body) = held_body(ctx, gw.settings.limits.max_body)? else {
+        let limit = gw.settings.limits.max_body;
+        return answer(
+            gw,
+            session,
+            ctx,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            &format!("request body is larger than the limit of {limit} bytes once its numbers are written out in full"),
+        )
+        .await;
+    };
     ctx.body_facts = super::held_json::take(&mut ctx.req, &body);
     let pool = gw.router.pool().clone();
     let mut last_err: Option<Box<Error>> = None;
@@ -381,16 +392,54 @@ async fn answer(
     respond::rejection(session, &mut ctx.req, &rejection).await
 }
 
-fn held_body(ctx: &GwCtx) -> Result<Bytes> {
+/// What a rewritten body may grow by past `limits.max_body`: the fields the gateway writes
+/// (token limits, `stream_options`).
+const REWRITE_ROOM: usize = 4096;
+
+/// The body to send: as the client sent it, or written again from its JSON after a filter
+/// changed it. `None`: written again, it passes `limits.max_body` by more than the fields the
+/// gateway adds. A number is written in full (`1e15` becomes `1000000000000000.0`): a body of
+/// such numbers grew almost fourfold past the limit on its way to the backend.
+fn held_body(ctx: &GwCtx, max_body: usize) -> Result<Option<Bytes>> {
     if ctx.req.body_rewritten {
         let json = ctx.req.json.as_ref().ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "rewritten body without JSON")
         })?;
-        let v = serde_json::to_vec(json)
-            .map_err(|e| Error::because(ErrorType::InternalError, "re-serialising body", e))?;
-        return Ok(Bytes::from(v));
+        let mut out = Bounded {
+            buf: Vec::with_capacity(ctx.req.body.as_ref().map_or(0, |b| b.len()) + 256),
+            max: max_body.saturating_add(REWRITE_ROOM),
+        };
+        return match serde_json::to_writer(&mut out, json) {
+            Ok(()) => Ok(Some(Bytes::from(out.buf))),
+            Err(e) if e.is_io() => Ok(None),
+            Err(e) => Err(Error::because(
+                ErrorType::InternalError,
+                "re-serialising body",
+                e,
+            )),
+        };
     }
-    Ok(ctx.req.body.clone().unwrap_or_default())
+    Ok(Some(ctx.req.body.clone().unwrap_or_default()))
+}
+
+/// A buffer that refuses to grow past `max` (serialising stops there, nothing more is held).
+struct Bounded {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.max {
+            return Err(std::io::ErrorKind::FileTooLarge.into());
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 async fn answer_failure(
