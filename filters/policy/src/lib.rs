@@ -40,6 +40,15 @@ struct PolicyOptions {
     over_output_cap: OverCap,
     /// Most completions one request may ask for (`n`, `best_of`).
     max_choices: Option<u64>,
+    /// Most alternatives a token a request may ask to be shown ([`shape::check_logprobs`]).
+    #[serde(default = "default_max_logprobs")]
+    max_logprobs: u32,
+    /// Largest image side and most diffusion steps of an Ollama image generation
+    /// ([`shape::check_image_size`]).
+    #[serde(default = "default_max_image_side")]
+    max_image_side: u32,
+    #[serde(default = "default_max_image_steps")]
+    max_image_steps: u32,
     /// Largest Ollama context window (`options.num_ctx`); clamped or refused like the cap.
     max_context_tokens: Option<u64>,
     /// The one Ollama context window every request runs with (`options.num_ctx` written,
@@ -61,6 +70,15 @@ struct PolicyOptions {
 
 fn yes() -> bool {
     true
+}
+fn default_max_logprobs() -> u32 {
+    shape::MAX_LOGPROBS
+}
+fn default_max_image_side() -> u32 {
+    4096
+}
+fn default_max_image_steps() -> u32 {
+    100
 }
 fn default_max_headers() -> usize {
     100
@@ -93,6 +111,7 @@ pub struct PolicyFilter {
     max_output_tokens: Option<u64>,
     over_output_cap: OverCap,
     max_choices: Option<u64>,
+    shape_limits: shape::Limits,
     max_context_tokens: Option<u64>,
     context_tokens: Option<u64>,
     server_settings: ServerSettings,
@@ -233,6 +252,8 @@ pub fn build(
     for (key, zero) in [
         ("max_prompt_chars", o.max_prompt_chars == Some(0)),
         ("max_messages", o.max_messages == Some(0)),
+        ("max_image_side", o.max_image_side == 0),
+        ("max_image_steps", o.max_image_steps == 0),
         ("max_headers", o.max_headers == 0),
         ("max_header_bytes", o.max_header_bytes.0 == 0),
     ] {
@@ -267,6 +288,11 @@ pub fn build(
         max_output_tokens: o.max_output_tokens,
         over_output_cap: o.over_output_cap,
         max_choices: o.max_choices,
+        shape_limits: shape::Limits {
+            logprobs: f64::from(o.max_logprobs),
+            image_side: f64::from(o.max_image_side),
+            image_steps: f64::from(o.max_image_steps),
+        },
         max_context_tokens: o.max_context_tokens,
         context_tokens: o.context_tokens,
         server_settings: o.server_settings,
@@ -415,7 +441,7 @@ impl PolicyFilter {
     /// (llama.cpp's `/completion` reads `n_probs`, Ollama's `/v1/messages` a message list):
     /// alternatives a token, and messages.
     fn check_generation_shape(&self, body: &serde_json::Value) -> Result<(), Rejection> {
-        shape::check_logprobs(body)?;
+        shape::check_logprobs(body, self.shape_limits.logprobs)?;
         if let Some(max) = self.max_messages {
             let n = shape::message_count(body);
             if n > max {
@@ -438,7 +464,7 @@ impl PolicyFilter {
             if self.media_urls == MediaUrls::DataOnly {
                 shape::check_media_urls(ctx.route, body)?;
             }
-            shape::check_image_size(ctx.route, body)?;
+            shape::check_image_size(ctx.route, body, &self.shape_limits)?;
             self.check_generation_shape(body)?;
             if let Some(max) = self.max_prompt_chars {
                 let n = shape::prompt_chars(body);

@@ -132,23 +132,30 @@ pub fn check_choices(ctx: &RequestCtx, max: u64) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Most alternatives a token a request may ask to be shown (OpenAI's and vLLM's limit, the
-/// range Ollama documents).
-pub const MAX_LOGPROBS: f64 = 20.0;
+/// Most alternatives a token a request may ask to be shown by default (OpenAI's and vLLM's
+/// limit, the range Ollama documents).
+pub const MAX_LOGPROBS: u32 = 20;
 
-/// The fields that ask for alternatives a token, each with that limit: OpenAI's
-/// `top_logprobs` (and `logprobs` as a number on `/v1/completions`), llama.cpp's `n_probs`,
-/// vLLM's `prompt_logprobs`, SGLang's `top_logprobs_num`.
-const LOGPROB_FIELDS: [(&str, f64); 5] = [
-    ("top_logprobs", MAX_LOGPROBS),
-    ("logprobs", MAX_LOGPROBS),
-    ("n_probs", MAX_LOGPROBS),
-    ("prompt_logprobs", MAX_LOGPROBS),
-    ("top_logprobs_num", MAX_LOGPROBS),
+/// The policy's bounds on what one generation may ask for beyond tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Alternatives a token (`max_logprobs`).
+    pub logprobs: f64,
+    /// An image's side in pixels (`max_image_side`) and diffusion steps (`max_image_steps`).
+    pub image_side: f64,
+    pub image_steps: f64,
+}
+
+/// The fields that ask for alternatives a token: OpenAI's `top_logprobs` (and `logprobs` as a
+/// number on `/v1/completions`), llama.cpp's `n_probs`, vLLM's `prompt_logprobs`, SGLang's
+/// `top_logprobs_num`.
+const LOGPROB_FIELDS: [&str; 5] = [
+    "top_logprobs",
+    "logprobs",
+    "n_probs",
+    "prompt_logprobs",
+    "top_logprobs_num",
 ];
-
-/// Largest image side (pixels) and most diffusion steps an Ollama image request may ask for.
-const IMAGE_FIELDS: [(&str, f64); 3] = [("width", 4096.0), ("height", 4096.0), ("steps", 100.0)];
 
 /// The first top-level field named in `limits` (in any case: Ollama's Go decoder folds it)
 /// whose number is past its limit, or below -1, with that limit. A number written as a string counts
@@ -168,11 +175,11 @@ fn past_limit<'a>(body: &'a Value, limits: &[(&str, f64)]) -> Option<(&'a str, f
     })
 }
 
-/// Refuses a request asking for more than [`MAX_LOGPROBS`] alternatives a token: llama.cpp
-/// bounds none of these, and writes that many (up to its whole vocabulary, about 150,000
-/// entries) into the answer for every token generated, gigabytes for a short answer.
-pub fn check_logprobs(body: &Value) -> Result<(), Rejection> {
-    match past_limit(body, &LOGPROB_FIELDS) {
+/// Refuses a request asking for more than `max` alternatives a token (`max_logprobs`):
+/// llama.cpp bounds none of these, and writes that many (up to its whole vocabulary, about
+/// 150,000 entries) into the answer for every token generated, gigabytes for a short answer.
+pub fn check_logprobs(body: &Value, max: f64) -> Result<(), Rejection> {
+    match past_limit(body, &LOGPROB_FIELDS.map(|f| (f, max))) {
         Some((key, max)) => Err(bad(
             "too_many_logprobs",
             format!(
@@ -184,14 +191,19 @@ pub fn check_logprobs(body: &Value) -> Result<(), Rejection> {
 }
 
 /// Refuses an Ollama image generation (`/api/generate` with an image model: `width`,
-/// `height`, `steps`, passed to the runner as given) past [`IMAGE_FIELDS`]: the output cap
-/// counts tokens, which an image model does not make, so `steps: 2147483647` kept a GPU busy
-/// without bound.
-pub fn check_image_size(route: Route, body: &Value) -> Result<(), Rejection> {
+/// `height`, `steps`, passed to the runner as given) past the policy's [`Limits`]: the output
+/// cap counts tokens, which an image model does not make, so `steps: 2147483647` kept a GPU
+/// busy without bound.
+pub fn check_image_size(route: Route, body: &Value, limits: &Limits) -> Result<(), Rejection> {
     if route != Route::OllamaGenerate {
         return Ok(());
     }
-    match past_limit(body, &IMAGE_FIELDS) {
+    let fields = [
+        ("width", limits.image_side),
+        ("height", limits.image_side),
+        ("steps", limits.image_steps),
+    ];
+    match past_limit(body, &fields) {
         Some((key, max)) => Err(bad(
             "image_too_large",
             format!("`{key}` may be at most {max} (image sides in pixels, diffusion steps)"),

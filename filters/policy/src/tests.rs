@@ -264,6 +264,46 @@ async fn shape_limits() {
             .await
             .unwrap_or_else(|r| panic!("{body}: {}", r.message));
     }
+    // The bounds are the operator's to set: tighter, or wider.
+    let tight = filter(json!({"max_logprobs": 5, "max_image_side": 1024, "max_image_steps": 20}));
+    let wide = filter(json!({"max_logprobs": 100, "max_image_side": 8192, "max_image_steps": 200}));
+    for (body, code) in [
+        (
+            json!({"model": "m", "prompt": "a", "n_probs": 6}),
+            "too_many_logprobs",
+        ),
+        (
+            json!({"model": "m", "prompt": "a", "width": 1025}),
+            "image_too_large",
+        ),
+        (
+            json!({"model": "m", "prompt": "a", "Steps": "21"}),
+            "image_too_large",
+        ),
+    ] {
+        let mut c = req(Method::POST, "/api/generate", Some(body.clone()));
+        let r = tight.on_request(&mut c).await.unwrap_err();
+        assert_eq!(r.code, code, "{body}");
+        let mut c = req(Method::POST, "/api/generate", Some(body.clone()));
+        wide.on_request(&mut c)
+            .await
+            .unwrap_or_else(|r| panic!("{body}: {}", r.message));
+    }
+    let mut c = req(
+        Method::POST,
+        "/v1/chat/completions",
+        Some(json!({"model": "m", "messages": [], "logprobs": true, "top_logprobs": 101})),
+    );
+    assert_eq!(
+        wide.on_request(&mut c).await.unwrap_err().message,
+        "`top_logprobs` asks for more than 100 alternatives a token (or a negative number below -1); from -1 to 100 are accepted"
+    );
+    for key in ["max_image_side", "max_image_steps"] {
+        let e = build(&json!({ key: 0 }), &BuildContext::default())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains(key), "{e}");
+    }
     let mut c = req(
         Method::POST,
         "/v1/chat/completions",
