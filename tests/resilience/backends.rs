@@ -644,6 +644,46 @@ async fn one_clients_slow_first_bytes_do_not_take_the_backends_out() {
     }
 }
 
+/// Review: a request slow everywhere (700 ms to its first byte) missed the 300 ms deadline
+/// on the two backends that have its model loaded and was answered by the third under the
+/// cold-start deadline: that answer "confirmed" both misses, and three such requests of one
+/// client took two backends of three out. An answer clears a request only when it came in
+/// half the time a backend missed it in.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_under_a_longer_deadline_does_not_blame_the_backends_that_missed() {
+    const QWEN: &str = "qwen2.5:7b";
+    // The mock's /api/ps lists its first model: a and b have qwen loaded, c has it cold.
+    let m = mocks([&[QWEN, MODEL], &[QWEN, MODEL], &[MODEL, QWEN]]).await;
+    let gw = Gateway::start(&format!(
+        "{}routing: {{ strategy: round-robin, first_byte_timeout: 300ms, cold_start_timeout: 5s, cooldown: 30s, discovery: {{ interval: 100ms }}, health: {{ enabled: false }} }}\n",
+        three(&m)
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = client();
+    for i in 0..4 {
+        let r = c
+            .post(gw.url("/api/generate"))
+            .header("x-mock-first-byte-ms", "700")
+            .json(&streamed(QWEN))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(
+        gw.metric("llm_gateway_first_byte_timeouts_total{backend=\"a\"}")
+            .await,
+        Some(4.0),
+        "each went to a and b first"
+    );
+    let h = gw.health().await;
+    for b in h["backends"].as_array().unwrap() {
+        assert_eq!(b["state"], "up", "{h}");
+    }
+}
+
 // Slow starts: a model the backend has not loaded (not in /api/ps) gets the cold-start
 // deadline; a loaded one the first-byte deadline.
 #[tokio::test(flavor = "multi_thread")]

@@ -22,6 +22,8 @@ pub struct GwCtx {
     pub(super) keepalive_sent: bool,
     /// When the first attempt on a backend began.
     pub(super) upstream_started: Option<std::time::Instant>,
+    /// When the current attempt began.
+    pub(super) attempt_started: Option<std::time::Instant>,
     /// An earlier attempt's backend had the whole request and was given up on unanswered
     /// (first-byte timeout): it may have run it, whatever the later attempts do.
     pub(super) may_have_run: bool,
@@ -44,6 +46,9 @@ pub struct GwCtx {
 impl GwCtx {
     /// An attempt on a backend begins: the upstream time starts at the first one.
     pub(super) fn begin_attempt(&mut self) {
+        // This attempt's, once it is sent (a deadline missed before is timed from its start).
+        self.req.sent = None;
+        self.attempt_started = Some(std::time::Instant::now());
         self.upstream_started
             .get_or_insert_with(std::time::Instant::now);
     }
@@ -61,6 +66,7 @@ impl Default for GwCtx {
             body_read: false,
             keepalive_sent: false,
             upstream_started: None,
+            attempt_started: None,
             lease: None,
             trace: Default::default(),
             response_ended: false,

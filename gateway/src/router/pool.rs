@@ -81,8 +81,6 @@ pub struct Backend {
     served_ms: AtomicU64,
     /// When a deadline it missed last counted in full ([`BackendPool::mark_slow`]; 0: never).
     counted_ms: AtomicU64,
-    /// Its cooldown came from misses nothing but its quiet confirmed ([`BackendPool::mark_slow`]).
-    out_unconfirmed: AtomicBool,
     cooldown_ms: AtomicU64,
     probe_ok: AtomicBool,
 
@@ -141,7 +139,6 @@ impl Backend {
             down_until_ms: AtomicU64::new(0),
             served_ms: AtomicU64::new(0),
             counted_ms: AtomicU64::new(0),
-            out_unconfirmed: AtomicBool::new(false),
             cooldown_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
@@ -263,6 +260,10 @@ pub(super) struct PoolInner {
     pub freed: tokio::sync::Notify,
     /// Shared with the other replicas: backend slots.
     pub state: Option<Arc<dyn gateway_filter::SharedState>>,
+    /// Backends out on a caller's missed deadlines, with that caller: one caller's misses
+    /// take out one backend at a time ([`BackendPool::mark_slow`]). Entries end with the
+    /// cooldown.
+    missed_out: Mutex<Vec<(usize, u64)>>,
 }
 
 /// The configured backends with their state. Cheap to clone.
@@ -283,6 +284,7 @@ impl BackendPool {
             cooldown_max: routing.cooldown_max,
             freed: tokio::sync::Notify::new(),
             state: None,
+            missed_out: Mutex::new(Vec::new()),
         }))
     }
 
@@ -317,7 +319,8 @@ impl BackendPool {
         self.0.backends.iter()
     }
 
-    fn now_ms(&self) -> u64 {
+    /// Milliseconds since the pool was made: when a miss happened, for [`Self::mark_slow`].
+    pub fn now_ms(&self) -> u64 {
         self.0.epoch.elapsed().as_millis() as u64
     }
 
@@ -348,7 +351,6 @@ impl BackendPool {
         if until != 0 && until <= self.now_ms() {
             b.down_until_ms.store(0, Ordering::Relaxed);
             b.failures.store(0, Ordering::Relaxed);
-            b.out_unconfirmed.store(false, Ordering::Relaxed);
             callers.clear();
         }
         callers
@@ -400,61 +402,58 @@ impl BackendPool {
         self.fail(idx);
     }
 
-    /// A deadline the backend missed with a request of `caller` that waited `waited` on it,
-    /// which the request may have caused itself (a long answer, a slow model), and nothing
-    /// else settled (see [`super::MissedDeadlines`]). It counts in full only when nothing
-    /// explains it but the backend: it served no generation while the request waited (hung,
-    /// or dead), no failure was counted in full meanwhile (a burst of slow requests on an idle
-    /// backend is one failure, not one each), another backend could have taken the request
-    /// (`alternative`: taking the only one out helps nobody), and no other backend is out on
-    /// such counts (so one client's slow requests, one backend after another, take out one at
-    /// most); otherwise once per caller in the streak. Nothing while it cools down already
-    /// (requests still running on it would each double the cooldown).
-    pub fn mark_slow(&self, idx: usize, caller: u64, waited: Duration, alternative: bool) {
-        let b = &self.0.backends[idx];
-        let now = self.now_ms();
-        if b.down_until_ms.load(Ordering::Relaxed) > now {
-            return;
-        }
-        let started = now.saturating_sub(waited.as_millis() as u64);
-        let mut callers = self.streak(idx);
-        let served = b.served_ms.load(Ordering::Relaxed);
-        let explained =
-            (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
-        if explained || !alternative || self.other_out_unconfirmed(idx, now) {
-            self.fail_once_for(idx, caller, &mut callers);
-        } else {
-            b.counted_ms.store(now.max(1), Ordering::Relaxed);
-            // Its caller counted: its own misses explained by this one add nothing more.
-            if callers.len() < 64 && !callers.contains(&caller) {
-                callers.push(caller);
-            }
-            if self.fail(idx) {
-                b.out_unconfirmed.store(true, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Whether another backend than `idx` cools down after misses only its quiet confirmed.
-    fn other_out_unconfirmed(&self, idx: usize, now: u64) -> bool {
-        self.0.backends.iter().enumerate().any(|(i, b)| {
-            i != idx
-                && b.out_unconfirmed.load(Ordering::Relaxed)
-                && b.down_until_ms.load(Ordering::Relaxed) > now
-        })
-    }
-
-    /// A deadline the backend missed with a request that another backend then answered in
-    /// time: the backend's own failure, whoever sent it. Nothing while it cools down already.
-    pub fn mark_missed(&self, idx: usize) {
+    /// A deadline the backend missed at `at_ms` ([`Self::now_ms`]) with a request of `caller`
+    /// that had waited `waited` on it, which the request may have caused itself (a long
+    /// prompt, a slow model), judged once the request ended ([`super::MissedDeadlines`]).
+    /// It counts in full only when nothing explains it but the backend: it served no
+    /// generation while the request waited (hung, or dead; one that served others has a busy
+    /// queue at worst), no failure was counted in full since (a burst of slow requests on a
+    /// quiet backend is one failure, not one each), another backend could have taken the
+    /// request (`alternative`, and another is up now: taking the last one out helps nobody),
+    /// and this caller's misses keep no other backend out (so one client's slow requests take
+    /// out one backend at a time at most; anonymous callers are one). Otherwise once per
+    /// caller in the streak. Nothing while it cools down already (requests still running on
+    /// it would each double the cooldown).
+    pub fn mark_slow(
+        &self,
+        idx: usize,
+        caller: u64,
+        waited: Duration,
+        at_ms: u64,
+        alternative: bool,
+    ) {
         let b = &self.0.backends[idx];
         if b.down_until_ms.load(Ordering::Relaxed) > self.now_ms() {
             return;
         }
-        let _streak = self.streak(idx);
-        b.counted_ms.store(self.now_ms().max(1), Ordering::Relaxed);
+        let started = at_ms.saturating_sub(waited.as_millis() as u64);
+        let mut callers = self.streak(idx);
+        let served = b.served_ms.load(Ordering::Relaxed);
+        let explained =
+            (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
+        if explained || !alternative {
+            self.fail_once_for(idx, caller, &mut callers);
+            return;
+        }
+        // Decided and counted under one lock: two backends' misses counted at the same moment
+        // cannot both take theirs out for the same caller.
+        let mut out = self.0.missed_out.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.now_ms();
+        let backends = &self.0.backends;
+        out.retain(|&(i, _)| backends[i].down_until_ms.load(Ordering::Relaxed) > now);
+        let other_up = (0..backends.len()).any(|i| i != idx && self.is_up(i));
+        if !other_up || out.iter().any(|&(i, c)| i != idx && c == caller) {
+            drop(out);
+            self.fail_once_for(idx, caller, &mut callers);
+            return;
+        }
+        b.counted_ms.store(now.max(1), Ordering::Relaxed);
+        // Its caller counted: its misses explained by this one add nothing more.
+        if callers.len() < 64 && !callers.contains(&caller) {
+            callers.push(caller);
+        }
         if self.fail(idx) {
-            b.out_unconfirmed.store(false, Ordering::Relaxed);
+            out.push((idx, caller));
         }
     }
 
@@ -470,7 +469,6 @@ impl BackendPool {
             b.failures.store(0, Ordering::Relaxed);
             b.cooldown_ms.store(0, Ordering::Relaxed);
             b.down_until_ms.store(0, Ordering::Relaxed);
-            b.out_unconfirmed.store(false, Ordering::Relaxed);
         }
     }
 

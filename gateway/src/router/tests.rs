@@ -282,8 +282,13 @@ fn settled_outcomes_decide_health_and_figures() {
     // per caller while the backend serves others: one client's slow requests do not take
     // out a backend that works.
     let slow = |r: &ModelRouter, idx, caller| {
-        r.pool()
-            .mark_slow(idx, caller, Duration::from_secs(60), true)
+        r.pool().mark_slow(
+            idx,
+            caller,
+            Duration::from_secs(60),
+            r.pool().now_ms(),
+            true,
+        )
     };
     r.settle(0, answered(200));
     for _ in 0..5 {
@@ -305,7 +310,7 @@ fn settled_outcomes_decide_health_and_figures() {
     assert!(r.pool().get(1).ttfb_us() > 0);
     // Only a generation or embedding served clears it: a model list, a version or a
     // client's error also comes from a backend whose runner fails every request.
-    let r = router(Strategy::RoundRobin, &[1, 1]);
+    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
     r.settle(0, failed(Health::Failed));
     r.settle(0, failed(Health::Failed));
     r.settle(
@@ -323,8 +328,13 @@ fn settled_outcomes_decide_health_and_figures() {
     // One that served nobody while requests waited on it, one after another (hung), fails
     // on its own, whoever waited.
     let quick = |r: &ModelRouter, idx, caller| {
-        r.pool()
-            .mark_slow(idx, caller, Duration::from_millis(1), true)
+        r.pool().mark_slow(
+            idx,
+            caller,
+            Duration::from_millis(1),
+            r.pool().now_ms(),
+            true,
+        )
     };
     quick(&r, 1, 7);
     std::thread::sleep(Duration::from_millis(5));
@@ -357,62 +367,99 @@ fn settled_outcomes_decide_health_and_figures() {
 fn one_clients_slow_requests_cannot_take_every_backend_out() {
     let r = router(Strategy::RoundRobin, &[1, 1, 1]);
     let pool = r.pool();
-    let miss = |m: &mut MissedDeadlines, idx| m.push(pool, idx, 7, Duration::from_millis(1), true);
+    let ms = Duration::from_millis;
     // Retried on all three and missed on all three, again and again: slow by itself, once
-    // for its caller on each.
-    for _ in 0..6 {
+    // for its caller on each; also when the last backend answered it, slowly (a longer
+    // deadline of its own, a cold model's).
+    for round in 0..6 {
         let mut m = MissedDeadlines::default();
-        for idx in 0..3 {
-            miss(&mut m, idx);
+        m.push(pool, 0, 7, ms(1), true);
+        m.push(pool, 1, 7, ms(1), true);
+        if round % 2 == 0 {
+            m.push(pool, 2, 7, ms(1), true);
+        } else {
+            m.answered(ms(1));
         }
         drop(m);
-        std::thread::sleep(Duration::from_millis(3));
+        std::thread::sleep(ms(3));
     }
     assert!(
         (0..3).all(|i| pool.is_up(i)),
         "slow everywhere took a backend out"
     );
-    // Without retries each reaches one backend: a quiet one goes out on three, but while it
-    // is out the others' misses count once for the caller.
+    // Each reaching one backend (no retries): a quiet one goes out on three, and while it is
+    // out the same caller's misses count once on the others; another caller's in full.
     let r = router(Strategy::RoundRobin, &[1, 1, 1]);
     let pool = r.pool();
-    for idx in [0, 0, 0, 1, 1, 1, 2, 2, 2, 1, 1, 1] {
+    let one = |idx, caller| {
         let mut m = MissedDeadlines::default();
-        m.push(pool, idx, 7, Duration::from_millis(1), true);
+        m.push(pool, idx, caller, ms(1), true);
         drop(m);
-        std::thread::sleep(Duration::from_millis(3));
+        std::thread::sleep(ms(3));
+    };
+    for idx in [0, 0, 0, 1, 1, 1, 2, 2, 2, 1, 1, 1] {
+        one(idx, 7);
     }
     assert!(!pool.is_up(0));
     assert!(pool.is_up(1) && pool.is_up(2), "a second one went out");
+    for _ in 0..3 {
+        one(1, 8);
+    }
+    assert!(!pool.is_up(1), "another caller's misses were shielded");
+    // The last one up is not taken out by one caller's misses (several callers' still do).
+    for _ in 0..4 {
+        one(2, 9);
+    }
+    assert!(pool.is_up(2));
     // With nothing else to take it (one backend for the model), never in full.
     let r = router(Strategy::RoundRobin, &[1]);
     for _ in 0..5 {
-        r.pool().mark_slow(0, 7, Duration::from_millis(1), false);
-        std::thread::sleep(Duration::from_millis(3));
+        r.pool().mark_slow(0, 7, ms(1), r.pool().now_ms(), false);
+        std::thread::sleep(ms(3));
     }
     assert!(r.pool().is_up(0), "the only backend went out");
 }
 
-/// A backend that hangs is still found: another backend answering the same request in time
-/// shows it at fault, whoever sent it (and several backends hung at once go out too).
+/// A backend that hangs is still found: another backend answering the same request quickly
+/// shows it at fault (two backends hung at once, under two callers, go out too).
 #[test]
-fn a_miss_that_another_backend_answered_counts_in_full() {
+fn a_miss_that_another_backend_answered_quickly_counts_in_full() {
     let r = router(Strategy::RoundRobin, &[1, 1, 1]);
     let pool = r.pool();
-    // A hung backend's neighbour out on an unconfirmed count does not shield it.
-    for _ in 0..3 {
-        pool.mark_slow(2, 7, Duration::from_millis(1), true);
-        std::thread::sleep(Duration::from_millis(3));
-    }
-    assert!(!pool.is_up(2));
-    for round in 0..3 {
+    let ms = Duration::from_millis;
+    for (round, caller) in [7, 8, 7].into_iter().enumerate() {
         let mut m = MissedDeadlines::default();
-        // Two backends hung, one caller: the third answered each request in time.
-        m.push(pool, 0, 7, Duration::from_secs(60), true);
-        m.push(pool, 1, 7, Duration::from_secs(60), true);
-        m.confirm();
+        m.push(pool, 0, caller, ms(2), true);
+        m.push(pool, 1, caller, ms(2), true);
+        m.answered(ms(1));
         drop(m);
         assert_eq!(pool.is_up(0), round < 2, "round {round}");
-        assert_eq!(pool.is_up(1), round < 2, "round {round}");
+        std::thread::sleep(ms(5));
     }
+    // Caller 7 took 0 out: its next misses on 1 count once (its first did already), caller
+    // 8's in full.
+    for _ in 0..3 {
+        let mut m = MissedDeadlines::default();
+        m.push(pool, 1, 7, ms(2), true);
+        m.answered(ms(1));
+        std::thread::sleep(ms(5));
+    }
+    assert!(pool.is_up(1));
+    for caller in [8, 8, 9] {
+        let mut m = MissedDeadlines::default();
+        m.push(pool, 1, caller, ms(2), true);
+        m.answered(ms(1));
+        std::thread::sleep(ms(5));
+    }
+    assert!(!pool.is_up(1));
+    // A backend that served others while the request waited has a busy queue at worst.
+    let r = router(Strategy::RoundRobin, &[1, 1]);
+    let pool = r.pool();
+    for caller in [7, 7, 7, 8] {
+        let mut m = MissedDeadlines::default();
+        m.push(pool, 0, caller, Duration::from_secs(60), true);
+        pool.mark_ok(0);
+        m.answered(Duration::from_millis(40));
+    }
+    assert!(pool.is_up(0), "a busy backend went out");
 }

@@ -99,13 +99,13 @@ fn serves_work(req: &RequestCtx) -> bool {
 
 /// A failure the request may have caused on backend `idx` (a deadline missed, a stream that
 /// paused or broke, a backend that fell over on it), after the time the backend had it (since
-/// it was sent to it; a request that never left, since the first attempt began): judged when
-/// the request ends, with its other misses ([`crate::router::MissedDeadlines`]).
+/// it was sent to it; a request not sent whole, since this attempt began): judged when the
+/// request ends, with its other misses ([`crate::router::MissedDeadlines`]).
 fn missed(gw: &Gateway, ctx: &mut GwCtx, idx: usize) {
     let waited = match ctx.req.sent {
         Some(sent) => ctx.req.started.elapsed().saturating_sub(sent),
         None => ctx
-            .upstream_started
+            .attempt_started
             .map_or(std::time::Duration::ZERO, |t| t.elapsed()),
     };
     let alternative = gw.router.has_alternative(&ctx.req, &[idx]);
@@ -474,9 +474,12 @@ async fn attempt(
         Err(a) => return a,
     };
     if up.resp_header().is_some_and(|h| h.status.is_success()) {
-        // Answered in time: the backends this request missed deadlines on before were at
-        // fault, not the request.
-        ctx.missed.confirm();
+        // Answered: the backends this request missed deadlines on before may have been at
+        // fault, not the request, if this one was quick.
+        if let Some(sent) = ctx.req.sent {
+            ctx.missed
+                .answered(ctx.req.started.elapsed().saturating_sub(sent));
+        }
     }
     // A failing (5xx) or busy (429) backend: another may answer, and nothing was sent yet.
     // The upstream connection is dropped, not pooled: its body was not read.
