@@ -18,7 +18,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
 pub use gateway_filter::prompt::prompt_texts;
-pub use line::{prompt_sha256, AuditLine};
+pub use line::{prompt_sha256, AuditLine, PromptKey};
 use writer::{Msg, SinkSpec};
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -65,7 +65,13 @@ struct Options {
     queue: usize,
     #[serde(default)]
     on_full: OnFull,
+    /// A secret: prompts are hashed with HMAC-SHA256 under it (`prompt_hmac_sha256`) instead
+    /// of a plain SHA-256, so a reader of the log cannot confirm a guessed prompt.
+    prompt_hash_key: Option<String>,
 }
+
+/// Shortest `prompt_hash_key`: a guessable key would undo what it is for.
+const MIN_PROMPT_KEY: usize = 16;
 
 fn default_queue() -> usize {
     10_000
@@ -119,6 +125,7 @@ const LINE_CAPACITY: usize = 768;
 pub struct AuditFilter {
     tx: Sender<Msg>,
     capture_prompts: bool,
+    prompt_key: Option<PromptKey>,
     on_full: OnFull,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -172,6 +179,19 @@ pub fn build(
     if o.capture.prompts {
         log::warn!("audit: capture.prompts is on: prompt texts are written to the audit log");
     }
+    let prompt_key = match o.prompt_hash_key.as_deref().map(str::trim) {
+        None => None,
+        Some(k) if k.len() < MIN_PROMPT_KEY => {
+            return Err(OptionsError::new(
+                "prompt_hash_key",
+                format!("at least {MIN_PROMPT_KEY} characters of a secret (`openssl rand -hex 32` makes one; write it as ${{AUDIT_PROMPT_KEY}} and set that in the environment)"),
+            ))
+        }
+        Some(k) => Some(
+            <PromptKey as hmac::Mac>::new_from_slice(k.as_bytes())
+                .map_err(|e| OptionsError::new("prompt_hash_key", e.to_string()))?,
+        ),
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(o.queue);
     if cx.check_only {
         // `check`: the log is neither created nor opened (as root it would be left root's).
@@ -202,6 +222,7 @@ pub fn build(
         return Ok(Arc::new(AuditFilter {
             tx,
             capture_prompts: o.capture.prompts,
+            prompt_key,
             on_full: o.on_full,
             writer: Mutex::new(None),
         }));
@@ -220,6 +241,7 @@ pub fn build(
     Ok(Arc::new(AuditFilter {
         tx,
         capture_prompts: o.capture.prompts,
+        prompt_key,
         on_full: o.on_full,
         writer: Mutex::new(Some(writer)),
     }))
@@ -249,7 +271,7 @@ impl Filter for AuditFilter {
     async fn on_complete(&self, ctx: &mut RequestCtx) {
         // Sized for a usual line, so it is written without growing.
         let mut line = Vec::with_capacity(LINE_CAPACITY);
-        AuditLine::new(ctx, self.capture_prompts).write_json(&mut line);
+        AuditLine::new(ctx, self.capture_prompts, self.prompt_key.as_ref()).write_json(&mut line);
         // With its newline: the writer takes a line whole or not at all (a full disk).
         line.push(b'\n');
         LINES.inc();

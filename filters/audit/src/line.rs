@@ -7,29 +7,46 @@ use std::time::SystemTime;
 use gateway_filter::prompt::prompt_texts;
 use gateway_filter::redact::clip;
 use gateway_filter::{Decision, RequestCtx};
+use hmac::{Hmac, Mac};
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
+
+/// The audit's `prompt_hash_key`, ready to hash with.
+pub type PromptKey = Hmac<Sha256>;
 
 /// SHA-256 over each prompt text's UTF-8 bytes followed by one 0x1E (record separator) byte,
 /// so ["ab", "c"] and ["a", "bc"] differ and identical prompts hash the same.
 pub fn prompt_sha256(texts: &[&str]) -> String {
-    PromptHash::of(texts).as_str().to_string()
+    PromptHash::of(texts, None).as_str().to_string()
 }
 
-/// [`prompt_sha256`] in lowercase hex, on the stack: an audit line is written without
-/// allocating for each of its fields.
+/// [`prompt_sha256`] (or its HMAC with the audit's key) in lowercase hex, on the stack: an
+/// audit line is written without allocating for each of its fields.
 pub struct PromptHash([u8; 64]);
 
 impl PromptHash {
-    fn of(texts: &[&str]) -> PromptHash {
-        let mut h = Sha256::new();
-        for t in texts {
-            h.update(t.as_bytes());
-            h.update([0x1e]);
-        }
+    fn of(texts: &[&str], key: Option<&PromptKey>) -> PromptHash {
+        let digest = match key {
+            None => {
+                let mut h = Sha256::new();
+                for t in texts {
+                    h.update(t.as_bytes());
+                    h.update([0x1e]);
+                }
+                h.finalize()
+            }
+            Some(key) => {
+                let mut h = key.clone();
+                for t in texts {
+                    h.update(t.as_bytes());
+                    h.update(&[0x1e]);
+                }
+                h.finalize().into_bytes()
+            }
+        };
         let mut hex = [0u8; 64];
         // 32 bytes always fit 64 hex digits.
-        let _ = hex::encode_to_slice(h.finalize(), &mut hex);
+        let _ = hex::encode_to_slice(digest, &mut hex);
         PromptHash(hex)
     }
 
@@ -74,6 +91,10 @@ pub struct AuditLine<'a> {
     pub route: &'static str,
     pub model: Option<&'a str>,
     pub prompt_sha256: Option<PromptHash>,
+    /// With the audit's `prompt_hash_key`, instead of `prompt_sha256` (which is then null): a
+    /// plain hash of a short prompt lets anyone who reads the log confirm a guess of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_hmac_sha256: Option<PromptHash>,
     pub prompt_chars: Option<usize>,
     pub stream: bool,
     pub status: u16,
@@ -102,7 +123,11 @@ fn ms(d: Option<std::time::Duration>) -> Option<f64> {
 }
 
 impl<'a> AuditLine<'a> {
-    pub fn new(ctx: &'a RequestCtx, capture_prompts: bool) -> AuditLine<'a> {
+    pub fn new(
+        ctx: &'a RequestCtx,
+        capture_prompts: bool,
+        key: Option<&PromptKey>,
+    ) -> AuditLine<'a> {
         let started = SystemTime::now() - ctx.started.elapsed();
         let texts = ctx.json.as_ref().map(prompt_texts);
         AuditLine {
@@ -120,7 +145,14 @@ impl<'a> AuditLine<'a> {
             path: clip(&ctx.path),
             route: ctx.route.as_str(),
             model: ctx.model.as_deref().map(clip),
-            prompt_sha256: texts.as_deref().map(PromptHash::of),
+            prompt_sha256: texts
+                .as_deref()
+                .filter(|_| key.is_none())
+                .map(|t| PromptHash::of(t, None)),
+            prompt_hmac_sha256: texts
+                .as_deref()
+                .zip(key)
+                .map(|(t, k)| PromptHash::of(t, Some(k))),
             prompt_chars: texts
                 .as_ref()
                 .map(|t| t.iter().map(|s| s.chars().count()).sum()),
@@ -245,6 +277,10 @@ impl AuditLine<'_> {
         opt_string(out, self.model);
         out.extend_from_slice(b",\"prompt_sha256\":");
         opt_string(out, self.prompt_sha256.as_ref().map(PromptHash::as_str));
+        if let Some(h) = &self.prompt_hmac_sha256 {
+            out.extend_from_slice(b",\"prompt_hmac_sha256\":");
+            string(out, h.as_str());
+        }
         out.extend_from_slice(b",\"prompt_chars\":");
         opt_int(out, self.prompt_chars);
         out.extend_from_slice(if self.stream {
@@ -312,7 +348,7 @@ mod tests {
         c.model = Some("m".repeat(100_000));
         c.headers
             .insert("user-agent", "u".repeat(4096).parse().unwrap());
-        let line = AuditLine::new(&c, false);
+        let line = AuditLine::new(&c, false, None);
         assert_eq!(line.path.len(), MAX_FIELD);
         assert_eq!(line.method.len(), MAX_FIELD);
         assert_eq!(line.model.map(str::len), Some(MAX_FIELD));
@@ -335,7 +371,7 @@ mod tests {
         c.reject_reason = Some("rate_limited");
         c.ttfb = Some(std::time::Duration::from_micros(1500));
         c.cost_usd = Some(0.25);
-        let line = serde_json::to_string(&AuditLine::new(&c, false)).unwrap();
+        let line = serde_json::to_string(&AuditLine::new(&c, false, None)).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
@@ -460,15 +496,22 @@ mod tests {
                 c.duration = (i > 2).then(|| std::time::Duration::from_secs(86_400 * 365));
                 c.bytes_in = u64::MAX - i as u64;
                 c.bytes_out = i as u64;
-                for capture in [false, true] {
-                    let line = AuditLine::new(&c, capture);
+                let keyed = <PromptKey as Mac>::new_from_slice(b"0123456789abcdef").unwrap();
+                for (capture, key) in [
+                    (false, None),
+                    (true, None),
+                    (false, Some(&keyed)),
+                    (true, Some(&keyed)),
+                ] {
+                    let line = AuditLine::new(&c, capture, key);
                     let mut written = Vec::new();
                     line.write_json(&mut written);
                     let derived = serde_json::to_vec(&line).unwrap();
                     assert_eq!(
                         String::from_utf8_lossy(&written),
                         String::from_utf8_lossy(&derived),
-                        "text {text:?}, decision {decision}, capture {capture}"
+                        "text {text:?}, decision {decision}, capture {capture}, key {}",
+                        key.is_some()
                     );
                     // One line: a client's text never breaks it.
                     assert!(!written.contains(&b'\n'));
@@ -477,7 +520,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, nasty.len() * decisions.len() * 2);
+        assert_eq!(checked, nasty.len() * decisions.len() * 4);
     }
 
     #[test]

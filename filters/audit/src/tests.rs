@@ -43,6 +43,44 @@ fn read(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// With `prompt_hash_key`, a reader of the log cannot confirm a guessed prompt: the plain
+/// hash is gone and the keyed one (HMAC-SHA256, checked against Python's `hmac`) stands in
+/// its own field.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_hash_key_hides_the_plain_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let cx = BuildContext {
+        config_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let f = build(
+        &json!({"file": "audit.jsonl", "prompt_hash_key": "0123456789abcdef-test-key"}),
+        &cx,
+    )
+    .unwrap();
+    f.on_complete(&mut ctx(1)).await;
+    f.shutdown();
+    let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(!text.contains(&prompt_sha256(&["secret plans"])), "{text}");
+    assert!(!text.contains("0123456789abcdef-test-key"), "{text}");
+    let l = &read(&dir.path().join("audit.jsonl"))[0];
+    assert_eq!(l["prompt_sha256"], Value::Null);
+    // python3 -c "import hmac,hashlib; print(hmac.new(b'0123456789abcdef-test-key',
+    //   b'secret plans\x1e', hashlib.sha256).hexdigest())"
+    assert_eq!(
+        l["prompt_hmac_sha256"],
+        "1c1494674e528722dd92960f753722c6e0d3858c529826a1c8e0677b28f01cc3"
+    );
+    // A short key is refused, naming the setting.
+    let e = build(
+        &json!({"file": "audit.jsonl", "prompt_hash_key": "short"}),
+        &cx,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("prompt_hash_key"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn lines_hold_every_field_and_no_secret() {
     let dir = tempfile::tempdir().unwrap();
@@ -123,6 +161,7 @@ async fn lines_hold_every_field_and_no_secret() {
     assert_eq!(l["route"], "openai_chat");
     assert_eq!(l["prompt_chars"], 12);
     assert_eq!(l["prompt_sha256"], prompt_sha256(&["secret plans"]));
+    assert!(l.get("prompt_hmac_sha256").is_none(), "{l}");
     assert_eq!(
         (l["prompt_tokens"].as_u64(), l["completion_tokens"].as_u64()),
         (Some(3), Some(7))
