@@ -659,7 +659,9 @@ async fn an_answer_under_a_longer_deadline_does_not_blame_the_backends_that_miss
         three(&m)
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Model lists known, then a whole discovery round more: each backend's /api/ps read.
+    discovered(&gw, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let c = client();
     for i in 0..4 {
         let r = c

@@ -4,11 +4,14 @@
 //! A missed deadline (the first byte, a read, a write) may be the backend's fault (hung) or
 //! the request's own (a long prompt, a model not loaded, another context size). Counted
 //! where it happens, one client's slow request retried on every backend took them all out
-//! (attacker review, 2026-12-05). So a request's misses wait for its end: a request that
-//! missed on several backends was slow by itself, and each counts once for its caller,
-//! unless another backend then answered it quickly (in half the time a backend missed it
-//! in: a deadline of its own that is longer, a cold model's, does not clear the request);
-//! a miss judged alone goes to [`BackendPool::mark_slow`].
+//! (attacker review, 2026-12-05). So a request's misses wait for its end. A request that
+//! missed on several backends, or that another backend then answered only slowly too, was
+//! slow by itself: each miss counts once for its caller. A miss is judged alone
+//! ([`BackendPool::mark_slow`]) when it was the request's only one, or when another backend
+//! then started its answer in half the time the miss took (a longer deadline of that
+//! backend's own, a cold model's, clears nothing). Whatever the judgement, such failures
+//! take out one backend at a time, never the last one for the request
+//! ([`BackendPool::fail_maybe_caused`]).
 
 use std::time::Duration;
 
@@ -20,8 +23,8 @@ struct Miss {
     waited: Duration,
     /// When it missed, on the pool's clock.
     at_ms: u64,
-    /// Another backend could have taken the request when it missed here.
-    alternative: bool,
+    /// The other backends that could take the request.
+    peers: Vec<usize>,
 }
 
 /// The misses of one request not yet judged; what is left is judged when it is dropped.
@@ -29,51 +32,60 @@ struct Miss {
 pub struct MissedDeadlines {
     pool: Option<BackendPool>,
     misses: Vec<Miss>,
+    /// Another backend answered the request, but not quickly: it is slow everywhere.
+    slow_everywhere: bool,
 }
 
 impl MissedDeadlines {
-    /// Backend `idx` missed a deadline on the request of `caller` that had waited `waited` on it.
+    /// Backend `idx` missed a deadline on the request of `caller` that had waited `waited` on
+    /// it; `peers`: the other backends that could take the request.
     pub fn push(
         &mut self,
         pool: &BackendPool,
         idx: usize,
         caller: u64,
         waited: Duration,
-        alternative: bool,
+        peers: Vec<usize>,
     ) {
         self.misses.push(Miss {
             idx,
             caller,
             waited,
             at_ms: pool.now_ms(),
-            alternative,
+            peers,
         });
         self.pool.get_or_insert_with(|| pool.clone());
     }
 
-    /// Another backend answered the same request successfully, `took` after it had it: the
-    /// backends that missed it in twice that time or more are judged alone (the request was
-    /// not slow by itself there).
+    /// Another backend's answer to the same request started to come (its first body bytes, or
+    /// its whole body), `took` after it had the request: the misses that took twice that or
+    /// more are judged alone (the request was not slow by itself there); the others show the
+    /// request slow everywhere.
     pub fn answered(&mut self, took: Duration) {
         let Some(pool) = &self.pool else { return };
+        let mut slow = false;
         self.misses.retain(|m| {
             if took.saturating_mul(2) > m.waited {
+                slow = true;
                 return true;
             }
-            pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, true);
+            pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, &m.peers);
             false
         });
+        self.slow_everywhere |= slow;
     }
 
-    /// The request ended: what was not cleared by another backend's answer.
+    /// The request ended: what was not judged alone already.
     pub fn settle(&mut self) {
         let Some(pool) = &self.pool else { return };
         match self.misses.as_slice() {
             [] => {}
-            [m] => pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, m.alternative),
+            [m] if !self.slow_everywhere => {
+                pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, &m.peers)
+            }
             several => {
                 for m in several {
-                    pool.mark_failed_for(m.idx, m.caller);
+                    pool.mark_failed_for(m.idx, m.caller, &m.peers);
                 }
             }
         }

@@ -69,6 +69,10 @@ pub trait Router: Send + Sync {
     fn strategy_for(&self, model: Option<&str>) -> Strategy;
     /// Whether another backend than those in `tried` could take the request now.
     fn has_alternative(&self, ctx: &RequestCtx, tried: &[usize]) -> bool;
+    /// The backends other than `idx` that serve the request's model in its wire format, up
+    /// or not: those a failure on `idx` that the request may have caused leaves it
+    /// ([`BackendPool::mark_slow`]).
+    fn peers(&self, ctx: &RequestCtx, idx: usize) -> Vec<usize>;
     /// Whether a request that failed on the last of `tried` before anything reached the
     /// client may try another backend: within `routing.retries`, and one is there to take it.
     fn may_retry(&self, ctx: &RequestCtx, tried: &[usize]) -> bool;
@@ -102,6 +106,11 @@ pub trait Router: Send + Sync {
     }
 }
 
+/// Ollama's routes go to Ollama backends only (see [`ModelRouter::candidates`]).
+fn ollama_only(ctx: &RequestCtx) -> bool {
+    ctx.route != Route::Other && ctx.route.wire_format() == WireFormat::Ollama
+}
+
 pub struct ModelRouter {
     pool: BackendPool,
     spec: RoutingSpec,
@@ -123,8 +132,7 @@ impl ModelRouter {
     /// `n_cmpl`, `lora`, none of which the gateway checks on Ollama's routes.)
     fn candidates(&self, ctx: &RequestCtx, tried: &[usize]) -> Result<Vec<usize>, Pick> {
         let model = ctx.model.as_deref();
-        let ollama_only =
-            ctx.route != Route::Other && ctx.route.wire_format() == WireFormat::Ollama;
+        let ollama_only = ollama_only(ctx);
         let n = self.pool.len();
         if n == 0 {
             return Err(Pick::NoneAvailable);
@@ -134,11 +142,7 @@ impl ModelRouter {
         let mut serving = false;
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
-            if model
-                .as_deref()
-                .is_some_and(|m| self.pool.get(i).serves(m) == Some(false))
-                || (ollama_only && self.pool.get(i).kind != BackendKind::Ollama)
-            {
+            if !self.may_serve(i, model.as_deref(), ollama_only) {
                 continue;
             }
             serving = true;
@@ -165,6 +169,14 @@ impl ModelRouter {
             }
         }
         Ok(up)
+    }
+
+    /// Whether backend `i` may serve `model` (in [`canonical_model`] form; an unknown list
+    /// counts as "maybe") on a route of the request's wire format.
+    fn may_serve(&self, i: usize, model: Option<&str>, ollama_only: bool) -> bool {
+        let b = self.pool.get(i);
+        !(model.is_some_and(|m| b.serves(m) == Some(false))
+            || (ollama_only && b.kind != BackendKind::Ollama))
     }
 
     fn weighted_pick(&self, c: &[usize], mut ticket: usize) -> usize {
@@ -246,6 +258,14 @@ impl Router for ModelRouter {
 
     fn has_alternative(&self, ctx: &RequestCtx, tried: &[usize]) -> bool {
         self.candidates(ctx, tried).is_ok()
+    }
+
+    fn peers(&self, ctx: &RequestCtx, idx: usize) -> Vec<usize> {
+        let model = ctx.model.as_deref().map(canonical_model);
+        let ollama_only = ollama_only(ctx);
+        (0..self.pool.len())
+            .filter(|&i| i != idx && self.may_serve(i, model.as_deref(), ollama_only))
+            .collect()
     }
 
     fn may_retry(&self, ctx: &RequestCtx, tried: &[usize]) -> bool {

@@ -81,6 +81,9 @@ pub struct Backend {
     served_ms: AtomicU64,
     /// When a deadline it missed last counted in full ([`BackendPool::mark_slow`]; 0: never).
     counted_ms: AtomicU64,
+    /// Its cooldown came from failures requests may have caused themselves
+    /// ([`BackendPool::fail_maybe_caused`]).
+    out_maybe_caused: AtomicBool,
     cooldown_ms: AtomicU64,
     probe_ok: AtomicBool,
 
@@ -139,6 +142,7 @@ impl Backend {
             down_until_ms: AtomicU64::new(0),
             served_ms: AtomicU64::new(0),
             counted_ms: AtomicU64::new(0),
+            out_maybe_caused: AtomicBool::new(false),
             cooldown_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
@@ -158,6 +162,18 @@ impl Backend {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Failures counted in its current streak.
+    #[cfg(test)]
+    pub fn failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// When its cooldown ends (pool ms; 0: not cooling down).
+    #[cfg(test)]
+    pub fn down_until(&self) -> u64 {
+        self.down_until_ms.load(Ordering::Relaxed)
     }
 
     /// Output tokens this replica's requests in flight may still produce here.
@@ -260,10 +276,10 @@ pub(super) struct PoolInner {
     pub freed: tokio::sync::Notify,
     /// Shared with the other replicas: backend slots.
     pub state: Option<Arc<dyn gateway_filter::SharedState>>,
-    /// Backends out on a caller's missed deadlines, with that caller: one caller's misses
-    /// take out one backend at a time ([`BackendPool::mark_slow`]). Entries end with the
-    /// cooldown.
-    missed_out: Mutex<Vec<(usize, u64)>>,
+    /// Held while a failure the request may have caused is counted
+    /// ([`BackendPool::fail_maybe_caused`]): two backends cannot both go out on such
+    /// failures at one moment.
+    maybe_caused: Mutex<()>,
 }
 
 /// The configured backends with their state. Cheap to clone.
@@ -284,7 +300,7 @@ impl BackendPool {
             cooldown_max: routing.cooldown_max,
             freed: tokio::sync::Notify::new(),
             state: None,
-            missed_out: Mutex::new(Vec::new()),
+            maybe_caused: Mutex::new(()),
         }))
     }
 
@@ -351,6 +367,7 @@ impl BackendPool {
         if until != 0 && until <= self.now_ms() {
             b.down_until_ms.store(0, Ordering::Relaxed);
             b.failures.store(0, Ordering::Relaxed);
+            b.out_maybe_caused.store(false, Ordering::Relaxed);
             callers.clear();
         }
         callers
@@ -381,80 +398,118 @@ impl BackendPool {
         down
     }
 
-    /// A server error answered to `caller` (a hash of its principal; anonymous callers are
-    /// one) that no other backend could serve: a failure only for the first such error of
-    /// each caller in the streak, so it takes `fail_threshold` callers to take the backend
-    /// out. A backend that fails everyone is taken out; one client's requests that fail by
-    /// design (llama.cpp's 500 for a malformed tool call) cannot build a streak, nor can two.
-    /// A new streak (after a cooldown) starts a new round of callers.
-    pub fn mark_failed_for(&self, idx: usize, caller: u64) {
-        let mut callers = self.streak(idx);
-        self.fail_once_for(idx, caller, &mut callers);
+    /// Counts a failure a request may have caused itself (a missed deadline, a server
+    /// error), under [`Self::streak`]. `peers`: the other backends that could take the same
+    /// requests. The failure that would take the backend out is not counted while another
+    /// backend is out on such failures, or when none of `peers` is up: whoever sends them,
+    /// such requests take out one backend at a time, and never the last one that serves them
+    /// (a hung backend among several still goes out; one client, or several together, with
+    /// requests slow or failing by themselves cannot empty the pool). Answers whether it
+    /// counted.
+    fn fail_maybe_caused(&self, idx: usize, peers: &[usize]) -> bool {
+        let inner = &self.0;
+        let _one_at_a_time = inner.maybe_caused.lock().unwrap_or_else(|p| p.into_inner());
+        let b = &inner.backends[idx];
+        if b.failures.load(Ordering::Relaxed) + 1 >= inner.fail_threshold {
+            let now = self.now_ms();
+            let other_out = inner.backends.iter().enumerate().any(|(i, o)| {
+                i != idx
+                    && o.out_maybe_caused.load(Ordering::Relaxed)
+                    && o.down_until_ms.load(Ordering::Relaxed) > now
+            });
+            let peer_up = peers.iter().any(|&i| i != idx && self.is_up(i));
+            if other_out || !peer_up {
+                return false;
+            }
+        }
+        if self.fail(idx) {
+            b.out_maybe_caused.store(true, Ordering::Relaxed);
+        }
+        true
     }
 
-    fn fail_once_for(&self, idx: usize, caller: u64, callers: &mut Vec<u64>) {
+    /// Whether the backend cools down now (asked under [`Self::streak`]: nothing counts then,
+    /// requests still running on it would each double the cooldown).
+    fn cooling(&self, idx: usize) -> bool {
+        self.0.backends[idx].down_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// A server error answered to `caller` (a hash of its principal; anonymous callers are
+    /// one), or deadlines a request missed on several backends (slow by itself): a failure
+    /// only for the first such of each caller in the streak, so it takes `fail_threshold`
+    /// callers to take the backend out. A backend that fails everyone is taken out; one
+    /// client's requests that fail by design (llama.cpp's 500 for a malformed tool call)
+    /// cannot build a streak, nor can two. A new streak (after a cooldown) starts a new round
+    /// of callers. `peers`: see [`Self::fail_maybe_caused`].
+    pub fn mark_failed_for(&self, idx: usize, caller: u64, peers: &[usize]) {
+        let mut callers = self.streak(idx);
+        if !self.cooling(idx) {
+            self.fail_once_for(idx, caller, &mut callers, peers);
+        }
+    }
+
+    fn fail_once_for(&self, idx: usize, caller: u64, callers: &mut Vec<u64>, peers: &[usize]) {
         if callers.contains(&caller) {
             return;
         }
-        if callers.len() < 64 {
+        if self.fail_maybe_caused(idx, peers) && callers.len() < 64 {
             callers.push(caller);
         }
-        self.fail(idx);
+    }
+
+    /// A server error the backend answered to a request another backend then served: the
+    /// backend's own, whoever sent it (though a request can ask what only some backends can
+    /// do: bounded as in [`Self::fail_maybe_caused`]).
+    pub fn mark_server_error(&self, idx: usize, peers: &[usize]) {
+        let _streak = self.streak(idx);
+        if !self.cooling(idx) {
+            self.fail_maybe_caused(idx, peers);
+        }
     }
 
     /// A deadline the backend missed at `at_ms` ([`Self::now_ms`]) with a request of `caller`
     /// that had waited `waited` on it, which the request may have caused itself (a long
-    /// prompt, a slow model), judged once the request ended ([`super::MissedDeadlines`]).
-    /// It counts in full only when nothing explains it but the backend: it served no
-    /// generation while the request waited (hung, or dead; one that served others has a busy
-    /// queue at worst), no failure was counted in full since (a burst of slow requests on a
-    /// quiet backend is one failure, not one each), another backend could have taken the
-    /// request (`alternative`, and another is up now: taking the last one out helps nobody),
-    /// and this caller's misses keep no other backend out (so one client's slow requests take
-    /// out one backend at a time at most; anonymous callers are one). Otherwise once per
-    /// caller in the streak. Nothing while it cools down already (requests still running on
-    /// it would each double the cooldown).
+    /// prompt, a slow model), judged alone once the request ended
+    /// ([`super::MissedDeadlines`]). It counts in full only when nothing explains it but the
+    /// backend: it started serving no generation since the request began to wait (hung, or
+    /// dead; one that served others has a busy queue at worst) and no miss was counted in
+    /// full since (a burst of slow requests on a quiet backend is one failure, not one each);
+    /// otherwise once per caller in the streak. Either way bounded as in
+    /// [`Self::fail_maybe_caused`]. Nothing while it cools down.
     pub fn mark_slow(
         &self,
         idx: usize,
         caller: u64,
         waited: Duration,
         at_ms: u64,
-        alternative: bool,
+        peers: &[usize],
     ) {
         let b = &self.0.backends[idx];
-        if b.down_until_ms.load(Ordering::Relaxed) > self.now_ms() {
+        let mut callers = self.streak(idx);
+        if self.cooling(idx) {
             return;
         }
         let started = at_ms.saturating_sub(waited.as_millis() as u64);
-        let mut callers = self.streak(idx);
         let served = b.served_ms.load(Ordering::Relaxed);
         let explained =
             (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
-        if explained || !alternative {
-            self.fail_once_for(idx, caller, &mut callers);
-            return;
+        if explained {
+            self.fail_once_for(idx, caller, &mut callers, peers);
+        } else if self.fail_maybe_caused(idx, peers) {
+            b.counted_ms.store(self.now_ms().max(1), Ordering::Relaxed);
+            // Its caller counted: its misses explained by this one add nothing more.
+            if callers.len() < 64 && !callers.contains(&caller) {
+                callers.push(caller);
+            }
         }
-        // Decided and counted under one lock: two backends' misses counted at the same moment
-        // cannot both take theirs out for the same caller.
-        let mut out = self.0.missed_out.lock().unwrap_or_else(|p| p.into_inner());
-        let now = self.now_ms();
-        let backends = &self.0.backends;
-        out.retain(|&(i, _)| backends[i].down_until_ms.load(Ordering::Relaxed) > now);
-        let other_up = (0..backends.len()).any(|i| i != idx && self.is_up(i));
-        if !other_up || out.iter().any(|&(i, c)| i != idx && c == caller) {
-            drop(out);
-            self.fail_once_for(idx, caller, &mut callers);
-            return;
-        }
-        b.counted_ms.store(now.max(1), Ordering::Relaxed);
-        // Its caller counted: its misses explained by this one add nothing more.
-        if callers.len() < 64 && !callers.contains(&caller) {
-            callers.push(caller);
-        }
-        if self.fail(idx) {
-            out.push((idx, caller));
-        }
+    }
+
+    /// The backend started an answer that serves work (a generation's first bytes): it is
+    /// not hung, whatever its streak ([`Self::mark_slow`] reads this).
+    pub fn mark_serving(&self, idx: usize) {
+        self.0.backends[idx]
+            .served_ms
+            .store(self.now_ms().max(1), Ordering::Relaxed);
     }
 
     /// A request succeeded: the failure streak and the cooldown reset. (A passing health
@@ -469,6 +524,7 @@ impl BackendPool {
             b.failures.store(0, Ordering::Relaxed);
             b.cooldown_ms.store(0, Ordering::Relaxed);
             b.down_until_ms.store(0, Ordering::Relaxed);
+            b.out_maybe_caused.store(false, Ordering::Relaxed);
         }
     }
 

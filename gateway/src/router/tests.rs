@@ -257,9 +257,61 @@ fn retries_stop_at_the_limit_and_when_no_backend_is_left() {
     assert!(!two.may_retry(&c, &[0, 1]));
 }
 
+/// A router whose cooldowns outlast a test (10 s), for the rules that bound outs.
+fn lasting(n: usize) -> ModelRouter {
+    let r = router(Strategy::RoundRobin, &vec![1; n]);
+    let mut s = spec(Strategy::RoundRobin);
+    s.cooldown = Duration::from_secs(10);
+    s.cooldown_max = Duration::from_secs(20);
+    let pool = BackendPool::new(
+        &r.pool()
+            .iter()
+            .map(|b| BackendSpec {
+                name: b.name.clone(),
+                kind: b.kind,
+                weight: 1,
+                max_in_flight: None,
+                first_byte_timeout: None,
+                models: None,
+                addr: ([127, 0, 0, 1], 10_000 + b.index as u16).into(),
+                authority: b.authority.clone(),
+            })
+            .collect::<Vec<_>>(),
+        &Limits {
+            max_body: 1,
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            send_timeout: Duration::from_secs(1),
+            client_body_timeout: Duration::from_secs(1),
+            client_header_timeout: Duration::from_secs(1),
+            client_send_timeout: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(1),
+            keepalive_requests: 10,
+            ipv6_prefix: 64,
+        },
+        &s,
+    );
+    // Older than the misses' waits below, so their windows start after the pool's clock.
+    std::thread::sleep(Duration::from_millis(30));
+    ModelRouter::new(pool, s)
+}
+
+/// Every backend of `n` but `idx`.
+fn others(n: usize, idx: usize) -> Vec<usize> {
+    (0..n).filter(|&i| i != idx).collect()
+}
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+/// A miss judged alone on `idx`, `waited` long, now.
+fn miss(r: &ModelRouter, idx: usize, caller: u64, waited: u64) {
+    let p = r.pool();
+    p.mark_slow(idx, caller, MS(waited), p.now_ms(), &others(p.len(), idx));
+}
+
 #[test]
 fn settled_outcomes_decide_health_and_figures() {
-    let r = router(Strategy::RoundRobin, &[1, 1]);
+    let r = lasting(3);
     let failed = |health| Outcome::Failed { health };
     let answered = |status| Outcome::Answered {
         status,
@@ -281,21 +333,13 @@ fn settled_outcomes_decide_health_and_figures() {
     // What a request may cause itself (a deadline missed, a stream that broke) counts once
     // per caller while the backend serves others: one client's slow requests do not take
     // out a backend that works.
-    let slow = |r: &ModelRouter, idx, caller| {
-        r.pool().mark_slow(
-            idx,
-            caller,
-            Duration::from_secs(60),
-            r.pool().now_ms(),
-            true,
-        )
-    };
-    r.settle(0, answered(200));
     for _ in 0..5 {
-        slow(&r, 0, 7);
+        r.pool().mark_serving(0);
+        miss(&r, 0, 7, 20);
     }
     assert!(r.pool().is_up(0));
-    slow(&r, 0, 8);
+    r.pool().mark_serving(0);
+    miss(&r, 0, 8, 20);
     assert!(r.pool().is_up(0));
     // `fail_threshold: 3` failures in a row take it out (a third caller's, or the
     // backend's own).
@@ -310,11 +354,9 @@ fn settled_outcomes_decide_health_and_figures() {
     assert!(r.pool().get(1).ttfb_us() > 0);
     // Only a generation or embedding served clears it: a model list, a version or a
     // client's error also comes from a backend whose runner fails every request.
-    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
-    r.settle(0, failed(Health::Failed));
-    r.settle(0, failed(Health::Failed));
+    r.settle(1, failed(Health::Failed));
     r.settle(
-        0,
+        1,
         Outcome::Answered {
             status: 200,
             tokens: 0,
@@ -322,144 +364,155 @@ fn settled_outcomes_decide_health_and_figures() {
             inference: false,
         },
     );
-    r.settle(0, answered(400));
-    r.settle(0, failed(Health::Failed));
-    assert!(!r.pool().is_up(0), "polling it kept it in");
-    // One that served nobody while requests waited on it, one after another (hung), fails
-    // on its own, whoever waited.
-    let quick = |r: &ModelRouter, idx, caller| {
-        r.pool().mark_slow(
-            idx,
-            caller,
-            Duration::from_millis(1),
-            r.pool().now_ms(),
-            true,
-        )
-    };
-    quick(&r, 1, 7);
-    std::thread::sleep(Duration::from_millis(5));
-    quick(&r, 1, 7);
-    std::thread::sleep(Duration::from_millis(5));
+    r.settle(1, answered(400));
+    r.settle(1, failed(Health::Failed));
+    assert!(!r.pool().is_up(1), "polling it kept it in");
+}
+
+#[test]
+fn a_quiet_backend_that_misses_one_request_after_another_is_taken_out() {
+    // Serving nobody while requests waited on it, one after another (hung), it fails on its
+    // own, whoever waited.
+    let r = lasting(3);
+    for _ in 0..2 {
+        miss(&r, 1, 7, 2);
+        std::thread::sleep(MS(5));
+    }
     assert!(r.pool().is_up(1));
-    quick(&r, 1, 7);
+    miss(&r, 1, 7, 2);
     assert!(!r.pool().is_up(1), "a hung backend stays in");
-    // Requests still running on it when it is out add nothing (they doubled the cooldown).
-    for _ in 0..5 {
-        slow(&r, 1, 8);
+    // Requests still running on it when it is out add nothing (they would double the
+    // cooldown), nor do several callers' misses judged then.
+    let down_until = r.pool().get(1).down_until();
+    for caller in 8..12 {
+        miss(&r, 1, caller, 2);
+        r.pool().mark_failed_for(1, caller, &[0, 2]);
+        r.pool().mark_server_error(1, &[0, 2]);
     }
-    std::thread::sleep(Duration::from_millis(130));
-    assert!(r.pool().is_up(1), "its 100 ms cooldown was lengthened");
-    // A burst of slow requests of one client on a quiet backend is one failure, not one each.
-    let r = router(Strategy::RoundRobin, &[1, 1]);
+    assert_eq!(r.pool().get(1).down_until(), down_until);
+    // A burst of slow requests of one client on a quiet backend (their waits overlap) is
+    // one failure, not one each.
+    let r = lasting(2);
     for _ in 0..8 {
-        slow(&r, 0, 9);
+        miss(&r, 0, 9, 20);
     }
-    assert!(
-        r.pool().is_up(0),
-        "a burst of one client took a quiet backend out"
-    );
+    assert_eq!(r.pool().get(0).failures(), 1);
 }
 
 /// Attacker review (2026-12-05): one client's requests that are slow by themselves (a long
 /// prompt, a model loaded nowhere), each retried on every backend, took every backend out:
 /// each missed deadline on a quiet backend counted in full.
 #[test]
-fn one_clients_slow_requests_cannot_take_every_backend_out() {
-    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
+fn slow_requests_cannot_take_every_backend_out() {
+    let r = lasting(3);
     let pool = r.pool();
-    let ms = Duration::from_millis;
     // Retried on all three and missed on all three, again and again: slow by itself, once
     // for its caller on each; also when the last backend answered it, slowly (a longer
     // deadline of its own, a cold model's).
     for round in 0..6 {
         let mut m = MissedDeadlines::default();
-        m.push(pool, 0, 7, ms(1), true);
-        m.push(pool, 1, 7, ms(1), true);
+        m.push(pool, 0, 7, MS(2), others(3, 0));
+        m.push(pool, 1, 7, MS(2), others(3, 1));
         if round % 2 == 0 {
-            m.push(pool, 2, 7, ms(1), true);
+            m.push(pool, 2, 7, MS(2), others(3, 2));
         } else {
-            m.answered(ms(1));
+            m.answered(MS(2));
         }
         drop(m);
-        std::thread::sleep(ms(3));
+        std::thread::sleep(MS(5));
     }
     assert!(
         (0..3).all(|i| pool.is_up(i)),
         "slow everywhere took a backend out"
     );
-    // Each reaching one backend (no retries): a quiet one goes out on three, and while it is
-    // out the same caller's misses count once on the others; another caller's in full.
-    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
-    let pool = r.pool();
-    let one = |idx, caller| {
-        let mut m = MissedDeadlines::default();
-        m.push(pool, idx, caller, ms(1), true);
-        drop(m);
-        std::thread::sleep(ms(3));
-    };
-    for idx in [0, 0, 0, 1, 1, 1, 2, 2, 2, 1, 1, 1] {
-        one(idx, 7);
-    }
-    assert!(!pool.is_up(0));
-    assert!(pool.is_up(1) && pool.is_up(2), "a second one went out");
-    for _ in 0..3 {
-        one(1, 8);
-    }
-    assert!(!pool.is_up(1), "another caller's misses were shielded");
-    // The last one up is not taken out by one caller's misses (several callers' still do).
+    // One miss, answered slowly by another backend: slow by itself too.
+    let r = lasting(2);
     for _ in 0..4 {
-        one(2, 9);
+        let mut m = MissedDeadlines::default();
+        m.push(r.pool(), 0, 7, MS(2), vec![1]);
+        m.answered(MS(2));
+        drop(m);
+        std::thread::sleep(MS(5));
     }
-    assert!(pool.is_up(2));
-    // With nothing else to take it (one backend for the model), never in full.
-    let r = router(Strategy::RoundRobin, &[1]);
-    for _ in 0..5 {
-        r.pool().mark_slow(0, 7, ms(1), r.pool().now_ms(), false);
-        std::thread::sleep(ms(3));
+    assert!(
+        r.pool().is_up(0),
+        "a slower answer elsewhere blamed the first backend"
+    );
+    // Each reaching one backend (no retries), from one caller or several: one backend out
+    // at a time, and the rest's counts stop at the one that would take them out.
+    let r = lasting(3);
+    for (idx, caller) in [
+        (0, 7),
+        (0, 7),
+        (0, 7),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (2, 10),
+        (2, 11),
+        (2, 12),
+    ] {
+        miss(&r, idx, caller, 2);
+        std::thread::sleep(MS(5));
+    }
+    assert!(!r.pool().is_up(0));
+    assert!(
+        r.pool().is_up(1) && r.pool().is_up(2),
+        "a second one went out"
+    );
+    // The same when the counts were built up first (staged by one key, finished by another).
+    let r = lasting(3);
+    for idx in [0, 1, 2, 0, 1, 2] {
+        miss(&r, idx, 7, 2);
+        std::thread::sleep(MS(5));
+    }
+    for idx in 0..3 {
+        r.pool().mark_failed_for(idx, 8, &others(3, idx));
+    }
+    assert_eq!((0..3).filter(|&i| !r.pool().is_up(i)).count(), 1);
+    // Server errors another backend did not return (a context size only one GPU holds)
+    // are held to the same.
+    let r = lasting(3);
+    for _ in 0..3 {
+        for idx in [0, 1] {
+            r.pool().mark_server_error(idx, &others(3, idx));
+        }
+    }
+    assert_eq!((0..3).filter(|&i| !r.pool().is_up(i)).count(), 1);
+    // With nothing else to take it (one backend for the model), never, whoever sends them.
+    let r = lasting(2);
+    for caller in 0..6 {
+        r.pool().mark_slow(0, caller, MS(2), r.pool().now_ms(), &[]);
+        r.pool().mark_failed_for(0, caller, &[]);
+        std::thread::sleep(MS(5));
     }
     assert!(r.pool().is_up(0), "the only backend went out");
 }
 
-/// A backend that hangs is still found: another backend answering the same request quickly
-/// shows it at fault (two backends hung at once, under two callers, go out too).
+/// A backend that hangs is still found: another backend starting its answer to the same
+/// request quickly judges the miss alone, and a quiet backend's misses count in full.
 #[test]
 fn a_miss_that_another_backend_answered_quickly_counts_in_full() {
-    let r = router(Strategy::RoundRobin, &[1, 1, 1]);
+    let r = lasting(3);
     let pool = r.pool();
-    let ms = Duration::from_millis;
-    for (round, caller) in [7, 8, 7].into_iter().enumerate() {
+    for round in 0..3 {
         let mut m = MissedDeadlines::default();
-        m.push(pool, 0, caller, ms(2), true);
-        m.push(pool, 1, caller, ms(2), true);
-        m.answered(ms(1));
+        m.push(pool, 0, 7, MS(2), others(3, 0));
+        m.answered(MS(0));
         drop(m);
         assert_eq!(pool.is_up(0), round < 2, "round {round}");
-        std::thread::sleep(ms(5));
+        std::thread::sleep(MS(5));
     }
-    // Caller 7 took 0 out: its next misses on 1 count once (its first did already), caller
-    // 8's in full.
-    for _ in 0..3 {
+    // A backend that started serving others while the request waited has a busy queue at
+    // worst: once per caller.
+    let r = lasting(3);
+    for _ in 0..4 {
         let mut m = MissedDeadlines::default();
-        m.push(pool, 1, 7, ms(2), true);
-        m.answered(ms(1));
-        std::thread::sleep(ms(5));
+        r.pool().mark_serving(0);
+        m.push(r.pool(), 0, 7, MS(20), others(3, 0));
+        m.answered(MS(0));
+        drop(m);
+        std::thread::sleep(MS(5));
     }
-    assert!(pool.is_up(1));
-    for caller in [8, 8, 9] {
-        let mut m = MissedDeadlines::default();
-        m.push(pool, 1, caller, ms(2), true);
-        m.answered(ms(1));
-        std::thread::sleep(ms(5));
-    }
-    assert!(!pool.is_up(1));
-    // A backend that served others while the request waited has a busy queue at worst.
-    let r = router(Strategy::RoundRobin, &[1, 1]);
-    let pool = r.pool();
-    for caller in [7, 7, 7, 8] {
-        let mut m = MissedDeadlines::default();
-        m.push(pool, 0, caller, Duration::from_secs(60), true);
-        pool.mark_ok(0);
-        m.answered(Duration::from_millis(40));
-    }
-    assert!(pool.is_up(0), "a busy backend went out");
+    assert_eq!(r.pool().get(0).failures(), 1);
 }

@@ -108,10 +108,10 @@ fn missed(gw: &Gateway, ctx: &mut GwCtx, idx: usize) {
             .attempt_started
             .map_or(std::time::Duration::ZERO, |t| t.elapsed()),
     };
-    let alternative = gw.router.has_alternative(&ctx.req, &[idx]);
+    let peers = gw.router.peers(&ctx.req, idx);
     let caller = caller_key(&ctx.req);
     ctx.missed
-        .push(gw.router.pool(), idx, caller, waited, alternative);
+        .push(gw.router.pool(), idx, caller, waited, peers);
 }
 
 /// Output tokens a request may still produce, for the usage-based strategy.
@@ -284,9 +284,15 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 // client must not take backends out with requests every backend refuses).
                 let status = ctx.req.status;
                 if (200..300).contains(&status) {
-                    answered_5xx.iter().for_each(|&i| pool.mark_failed(i));
+                    for &i in &answered_5xx {
+                        pool.mark_server_error(i, &gw.router.peers(&ctx.req, i));
+                    }
                 } else if counts_against_backend(status, ctx) {
-                    pool.mark_failed_for(idx, caller_key(&ctx.req));
+                    pool.mark_failed_for(
+                        idx,
+                        caller_key(&ctx.req),
+                        &gw.router.peers(&ctx.req, idx),
+                    );
                 }
                 gw.router.settle(
                     idx,
@@ -473,14 +479,6 @@ async fn attempt(
         }
         Err(a) => return a,
     };
-    if up.resp_header().is_some_and(|h| h.status.is_success()) {
-        // Answered: the backends this request missed deadlines on before may have been at
-        // fault, not the request, if this one was quick.
-        if let Some(sent) = ctx.req.sent {
-            ctx.missed
-                .answered(ctx.req.started.elapsed().saturating_sub(sent));
-        }
-    }
     // A failing (5xx) or busy (429) backend: another may answer, and nothing was sent yet.
     // The upstream connection is dropped, not pooled: its body was not read.
     if let Some(s) = up.resp_header().map(|h| h.status) {

@@ -4,7 +4,7 @@
 //! the caller may only partly see, the filtered list.
 
 use bytes::Bytes;
-use gateway_filter::http::header;
+use gateway_filter::http::{header, StatusCode};
 use gateway_filter::Decision;
 use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_error::{Error, ErrorType};
@@ -72,6 +72,7 @@ pub(super) async fn relay(
     }
     let end_now = up.is_body_done();
     if end_now {
+        answer_started(gw, ctx, backend, status);
         end_response(gw, ctx);
     }
     if ctx.keepalive_sent {
@@ -104,6 +105,7 @@ pub(super) async fn relay(
     // (An HTTP/1 connection stays counted until its task ends; its client is found at the
     // next write.)
     let h2 = session.is_http2();
+    let mut first = true;
     let last = loop {
         let read = if h2 {
             tokio::select! {
@@ -117,6 +119,9 @@ pub(super) async fn relay(
         } else {
             up.read_body_ref().await
         };
+        if std::mem::take(&mut first) && matches!(read, Ok(Some(_)) | Ok(None)) {
+            answer_started(gw, ctx, backend, status);
+        }
         let chunk = match read {
             Ok(Some(chunk)) => {
                 parser.feed(chunk);
@@ -197,6 +202,22 @@ pub(super) async fn relay(
     }
     gw.upstreams.release(backend.index, &backend.peer, up).await;
     Attempt::Done
+}
+
+/// The backend's answer began to come (its first body bytes; a server sends its header
+/// before the first token): with a `2xx`, it is not hung, and earlier backends' misses of
+/// this request are judged against how long it took ([`crate::router::MissedDeadlines`]).
+fn answer_started(gw: &Gateway, ctx: &mut GwCtx, backend: &Backend, status: StatusCode) {
+    if !status.is_success() {
+        return;
+    }
+    if super::serves_work(&ctx.req) {
+        gw.router.pool().mark_serving(backend.index);
+    }
+    if let Some(sent) = ctx.req.sent {
+        ctx.missed
+            .answered(ctx.req.started.elapsed().saturating_sub(sent));
+    }
 }
 
 /// Sends one chunk of a body that goes on; the error is the client's (it left, or stopped
