@@ -501,6 +501,17 @@ fn streamed(model: &str) -> Value {
     json!({"model": model, "prompt": "x"})
 }
 
+/// A streamed `/api/generate` of `model`, its first byte `first_byte_ms` late at the mock.
+async fn send_streamed(gw: &Gateway, model: &str, first_byte_ms: u64) -> reqwest::Response {
+    client()
+        .post(gw.url("/api/generate"))
+        .header("x-mock-first-byte-ms", first_byte_ms.to_string())
+        .json(&streamed(model))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// `routing.first_byte_timeout` and the rest, with probes and discovery off.
 fn first_byte_routing(extra: &str) -> String {
     format!("routing: {{ strategy: round-robin, first_byte_timeout: 400ms, {extra} discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n")
@@ -570,15 +581,9 @@ async fn a_backend_that_misses_what_another_answers_in_time_is_taken_out() {
         backends(&[("a", &a.url()), ("b", &b.url())])
     ))
     .await;
-    let c = client();
     let send = || async {
         let start = Instant::now();
-        let r = c
-            .post(gw.url("/api/generate"))
-            .json(&streamed(MODEL))
-            .send()
-            .await
-            .unwrap();
+        let r = send_streamed(&gw, MODEL, 0).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
         start.elapsed()
@@ -609,15 +614,8 @@ async fn one_clients_slow_first_bytes_do_not_take_the_backends_out() {
             three(&m)
         ))
         .await;
-        let c = client();
         for i in 0..sent {
-            let r = c
-                .post(gw.url("/api/generate"))
-                .header("x-mock-first-byte-ms", "700")
-                .json(&streamed(MODEL))
-                .send()
-                .await
-                .unwrap();
+            let r = send_streamed(&gw, MODEL, 700).await;
             assert_eq!(r.status(), 504, "{retries} request {i}");
         }
         // Retried, each missed on all three: slow by itself, none is out. Without retries each
@@ -632,12 +630,7 @@ async fn one_clients_slow_first_bytes_do_not_take_the_backends_out() {
         assert_eq!(down, out, "{retries}: {h}");
         // Everyone else is served as before.
         for _ in 0..3 {
-            let r = c
-                .post(gw.url("/api/generate"))
-                .json(&streamed(MODEL))
-                .send()
-                .await
-                .unwrap();
+            let r = send_streamed(&gw, MODEL, 0).await;
             assert_eq!(r.status(), 200, "{retries}");
             r.bytes().await.unwrap();
         }
@@ -662,15 +655,8 @@ async fn an_answer_under_a_longer_deadline_does_not_blame_the_backends_that_miss
     // Model lists known, then a whole discovery round more: each backend's /api/ps read.
     discovered(&gw, 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let c = client();
     for i in 0..4 {
-        let r = c
-            .post(gw.url("/api/generate"))
-            .header("x-mock-first-byte-ms", "700")
-            .json(&streamed(QWEN))
-            .send()
-            .await
-            .unwrap();
+        let r = send_streamed(&gw, QWEN, 700).await;
         assert_eq!(r.status(), 200, "request {i}");
         r.bytes().await.unwrap();
     }

@@ -28,8 +28,8 @@ fn spec(strategy: Strategy) -> RoutingSpec {
     }
 }
 
-fn router(strategy: Strategy, weights: &[u32]) -> ModelRouter {
-    let specs: Vec<BackendSpec> = weights
+fn specs(weights: &[u32]) -> Vec<BackendSpec> {
+    weights
         .iter()
         .enumerate()
         .map(|(i, w)| BackendSpec {
@@ -42,8 +42,11 @@ fn router(strategy: Strategy, weights: &[u32]) -> ModelRouter {
             addr: ([127, 0, 0, 1], 10_000 + i as u16).into(),
             authority: format!("127.0.0.1:{}", 10_000 + i),
         })
-        .collect();
-    let limits = Limits {
+        .collect()
+}
+
+fn limits() -> Limits {
+    Limits {
         max_body: 1,
         connect_timeout: Duration::from_secs(1),
         read_timeout: Duration::from_secs(1),
@@ -54,9 +57,12 @@ fn router(strategy: Strategy, weights: &[u32]) -> ModelRouter {
         keepalive_timeout: Duration::from_secs(1),
         keepalive_requests: 10,
         ipv6_prefix: 64,
-    };
+    }
+}
+
+fn router(strategy: Strategy, weights: &[u32]) -> ModelRouter {
     let s = spec(strategy);
-    ModelRouter::new(BackendPool::new(&specs, &limits, &s), s)
+    ModelRouter::new(BackendPool::new(&specs(weights), &limits(), &s), s)
 }
 
 fn ctx(model: Option<&str>) -> RequestCtx {
@@ -203,19 +209,7 @@ fn max_in_flight_cannot_be_overfilled_by_a_race() {
         addr: ([127, 0, 0, 1], 10_000).into(),
         authority: "127.0.0.1:10000".into(),
     }];
-    let limits = Limits {
-        max_body: 1,
-        connect_timeout: Duration::from_secs(1),
-        read_timeout: Duration::from_secs(1),
-        send_timeout: Duration::from_secs(1),
-        client_body_timeout: Duration::from_secs(1),
-        client_header_timeout: Duration::from_secs(1),
-        client_send_timeout: Duration::from_secs(1),
-        keepalive_timeout: Duration::from_secs(1),
-        keepalive_requests: 10,
-        ipv6_prefix: 64,
-    };
-    let pool = BackendPool::new(&specs, &limits, &spec(Strategy::LeastBusy));
+    let pool = BackendPool::new(&specs, &limits(), &spec(Strategy::LeastBusy));
     let leases = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..16 {
@@ -259,38 +253,10 @@ fn retries_stop_at_the_limit_and_when_no_backend_is_left() {
 
 /// A router whose cooldowns outlast a test (10 s), for the rules that bound outs.
 fn lasting(n: usize) -> ModelRouter {
-    let r = router(Strategy::RoundRobin, &vec![1; n]);
     let mut s = spec(Strategy::RoundRobin);
     s.cooldown = Duration::from_secs(10);
     s.cooldown_max = Duration::from_secs(20);
-    let pool = BackendPool::new(
-        &r.pool()
-            .iter()
-            .map(|b| BackendSpec {
-                name: b.name.clone(),
-                kind: b.kind,
-                weight: 1,
-                max_in_flight: None,
-                first_byte_timeout: None,
-                models: None,
-                addr: ([127, 0, 0, 1], 10_000 + b.index as u16).into(),
-                authority: b.authority.clone(),
-            })
-            .collect::<Vec<_>>(),
-        &Limits {
-            max_body: 1,
-            connect_timeout: Duration::from_secs(1),
-            read_timeout: Duration::from_secs(1),
-            send_timeout: Duration::from_secs(1),
-            client_body_timeout: Duration::from_secs(1),
-            client_header_timeout: Duration::from_secs(1),
-            client_send_timeout: Duration::from_secs(1),
-            keepalive_timeout: Duration::from_secs(1),
-            keepalive_requests: 10,
-            ipv6_prefix: 64,
-        },
-        &s,
-    );
+    let pool = BackendPool::new(&specs(&vec![1; n]), &limits(), &s);
     // Older than the misses' waits below, so their windows start after the pool's clock.
     std::thread::sleep(Duration::from_millis(30));
     ModelRouter::new(pool, s)
