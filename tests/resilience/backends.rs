@@ -637,6 +637,80 @@ async fn one_clients_slow_first_bytes_do_not_take_the_backends_out() {
     }
 }
 
+/// Review: a backend that breaks every stream after its first bytes (a runner that crashes
+/// mid-generation) stayed in under one caller: its first bytes to each request counted as
+/// serving, which explained the request's own break.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_breaks_every_stream_is_taken_out_under_one_caller() {
+    let a = mock().await;
+    let b = mock().await;
+    a.set_fail(FailMode::CloseMidStream);
+    let gw = Gateway::start(&format!(
+        "{}routing: {{ strategy: round-robin, cooldown: 30s, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n",
+        backends(&[("a", &a.url()), ("b", &b.url())])
+    ))
+    .await;
+    let mut broken = 0;
+    for i in 0..10 {
+        let r = client()
+            .post(gw.url("/api/generate"))
+            .header("x-mock-chunks", "10")
+            .header("x-mock-delay-ms", "20")
+            .json(&streamed(MODEL))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        if r.bytes().await.is_err() {
+            broken += 1;
+        }
+    }
+    assert_eq!(broken, 3, "three broken streams took it out");
+    assert_eq!(gw.health().await["backends"][0]["state"], "down");
+}
+
+/// Review: a write the backend broke off (a head with more headers than it takes, a body it
+/// stops reading) counted against it in full, unbounded, on every backend it was retried on:
+/// one client's requests took every backend out. Such a failure may be the request's doing:
+/// judged like a missed deadline (here: several backends, so once per caller).
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_the_backends_break_off_do_not_take_them_all_out() {
+    // Backends that read a little of each request and close the connection.
+    let mut urls = Vec::new();
+    for _ in 0..3 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        urls.push(format!("http://{}", l.local_addr().unwrap()));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+    }
+    let gw = Gateway::start(&format!(
+        "{}limits: {{ max_body: 8MiB }}\nrouting: {{ strategy: round-robin, cooldown: 30s, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n",
+        backends(&[("a", &urls[0]), ("b", &urls[1]), ("c", &urls[2])])
+    ))
+    .await;
+    let body = json!({"model": MODEL, "prompt": "x".repeat(4 << 20), "stream": false});
+    for i in 0..4 {
+        let r = client()
+            .post(gw.url("/api/generate"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "request {i}");
+    }
+    let h = gw.health().await;
+    for b in h["backends"].as_array().unwrap() {
+        assert_eq!(b["state"], "up", "{h}");
+    }
+}
+
 /// Review: a request slow everywhere (700 ms to its first byte) missed the 300 ms deadline
 /// on the two backends that have its model loaded and was answered by the third under the
 /// cold-start deadline: that answer "confirmed" both misses, and three such requests of one

@@ -8,13 +8,13 @@
 //! missed on several backends, or that another backend then answered only slowly too, was
 //! slow by itself: each miss counts once for its caller. A miss is judged alone
 //! ([`BackendPool::mark_slow`]) when it was the request's only one, or when another backend
-//! then started its answer in half the time the miss took (a longer deadline of that
-//! backend's own, a cold model's, clears nothing). Whatever the judgement, such failures
-//! take out one backend at a time, never the last one for the request
-//! ([`BackendPool::fail_maybe_caused`]).
+//! then started its answer sooner than the miss's wait (a longer deadline of that backend's
+//! own, a cold model's, clears nothing). Whatever the judgement, such failures take out one
+//! backend at a time, never the last one for a model (`BackendPool::fail_maybe_caused`).
 
 use std::time::Duration;
 
+use super::pool::Serving;
 use super::BackendPool;
 
 struct Miss {
@@ -23,8 +23,8 @@ struct Miss {
     waited: Duration,
     /// When it missed, on the pool's clock.
     at_ms: u64,
-    /// The other backends that could take the request.
-    peers: Vec<usize>,
+    /// The request's own answer's start there, if it began before the miss.
+    own: Option<Serving>,
 }
 
 /// The misses of one request not yet judged; what is left is judged when it is dropped.
@@ -37,39 +37,39 @@ pub struct MissedDeadlines {
 }
 
 impl MissedDeadlines {
-    /// Backend `idx` missed a deadline on the request of `caller` that had waited `waited` on
-    /// it; `peers`: the other backends that could take the request.
+    /// Backend `idx` missed a deadline (or broke off) on the request of `caller` that had
+    /// waited `waited` on it; `own`: the request's answer had begun there.
     pub fn push(
         &mut self,
         pool: &BackendPool,
         idx: usize,
         caller: u64,
         waited: Duration,
-        peers: Vec<usize>,
+        own: Option<Serving>,
     ) {
         self.misses.push(Miss {
             idx,
             caller,
             waited,
             at_ms: pool.now_ms(),
-            peers,
+            own,
         });
         self.pool.get_or_insert_with(|| pool.clone());
     }
 
     /// Another backend's answer to the same request started to come (its first body bytes, or
-    /// its whole body), `took` after it had the request: the misses that took twice that or
-    /// more are judged alone (the request was not slow by itself there); the others show the
+    /// its whole body), `took` after it had the request: the misses that waited longer than
+    /// that are judged alone (the request was not slow by itself there); the others show the
     /// request slow everywhere.
     pub fn answered(&mut self, took: Duration) {
         let Some(pool) = &self.pool else { return };
         let mut slow = false;
         self.misses.retain(|m| {
-            if took.saturating_mul(2) > m.waited {
+            if took >= m.waited {
                 slow = true;
                 return true;
             }
-            pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, &m.peers);
+            pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, m.own);
             false
         });
         self.slow_everywhere |= slow;
@@ -81,11 +81,11 @@ impl MissedDeadlines {
         match self.misses.as_slice() {
             [] => {}
             [m] if !self.slow_everywhere => {
-                pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, &m.peers)
+                pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, m.own)
             }
             several => {
                 for m in several {
-                    pool.mark_failed_for(m.idx, m.caller, &m.peers);
+                    pool.mark_failed_for(m.idx, m.caller);
                 }
             }
         }

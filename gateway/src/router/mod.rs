@@ -14,7 +14,7 @@ use gateway_filter::glob::wildcard;
 use gateway_filter::{RequestCtx, Route, WireFormat};
 
 pub use missed::MissedDeadlines;
-pub use pool::{canonical_model, Backend, BackendPool, Lease};
+pub use pool::{canonical_model, Backend, BackendPool, Lease, Serving};
 
 /// The most tokens one request's reservation or one answer's usage counts for in routing
 /// figures: more than any context, small enough that sums of them cannot wrap.
@@ -69,10 +69,6 @@ pub trait Router: Send + Sync {
     fn strategy_for(&self, model: Option<&str>) -> Strategy;
     /// Whether another backend than those in `tried` could take the request now.
     fn has_alternative(&self, ctx: &RequestCtx, tried: &[usize]) -> bool;
-    /// The backends other than `idx` that serve the request's model in its wire format, up
-    /// or not: those a failure on `idx` that the request may have caused leaves it
-    /// ([`BackendPool::mark_slow`]).
-    fn peers(&self, ctx: &RequestCtx, idx: usize) -> Vec<usize>;
     /// Whether a request that failed on the last of `tried` before anything reached the
     /// client may try another backend: within `routing.retries`, and one is there to take it.
     fn may_retry(&self, ctx: &RequestCtx, tried: &[usize]) -> bool;
@@ -258,14 +254,6 @@ impl Router for ModelRouter {
 
     fn has_alternative(&self, ctx: &RequestCtx, tried: &[usize]) -> bool {
         self.candidates(ctx, tried).is_ok()
-    }
-
-    fn peers(&self, ctx: &RequestCtx, idx: usize) -> Vec<usize> {
-        let model = ctx.model.as_deref().map(canonical_model);
-        let ollama_only = ollama_only(ctx);
-        (0..self.pool.len())
-            .filter(|&i| i != idx && self.may_serve(i, model.as_deref(), ollama_only))
-            .collect()
     }
 
     fn may_retry(&self, ctx: &RequestCtx, tried: &[usize]) -> bool {

@@ -216,6 +216,17 @@ impl Backend {
         self.models.read().ok()?.as_ref().map(|s| s.contains(model))
     }
 
+    /// Its model list (pinned, or discovered), `None` while not known.
+    fn with_models<R>(&self, f: impl FnOnce(Option<&HashSet<String>>) -> R) -> R {
+        if let Some(p) = &self.pinned {
+            return f(Some(p));
+        }
+        match self.models.read() {
+            Ok(m) => f(m.as_ref()),
+            Err(_) => f(None),
+        }
+    }
+
     /// Whether the model (in [`canonical_model`] form) is loaded in memory right now.
     pub fn has_loaded(&self, model: &str) -> bool {
         self.loaded.read().is_ok_and(|l| l.contains(model))
@@ -246,6 +257,15 @@ impl Backend {
         }
         self.residency_known.store(true, Ordering::Release);
     }
+}
+
+/// A request's own answer's start on a backend ([`BackendPool::mark_serving`]): the mark it
+/// left and the one before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serving {
+    pub idx: usize,
+    before: u64,
+    mark: u64,
 }
 
 /// A request's hold on a backend: counted in its in-flight load until dropped.
@@ -399,14 +419,14 @@ impl BackendPool {
     }
 
     /// Counts a failure a request may have caused itself (a missed deadline, a server
-    /// error), under [`Self::streak`]. `peers`: the other backends that could take the same
-    /// requests. The failure that would take the backend out is not counted while another
-    /// backend is out on such failures, or when none of `peers` is up: whoever sends them,
-    /// such requests take out one backend at a time, and never the last one that serves them
-    /// (a hung backend among several still goes out; one client, or several together, with
-    /// requests slow or failing by themselves cannot empty the pool). Answers whether it
-    /// counted.
-    fn fail_maybe_caused(&self, idx: usize, peers: &[usize]) -> bool {
+    /// error, a write the backend broke off), under [`Self::streak`]. The failure that would
+    /// take the backend out is not counted while another backend is out on such failures, or
+    /// when what it serves would have nowhere else to go ([`Self::covered_without`]): whoever
+    /// sends them, such requests take out one backend at a time, and never the last one for a
+    /// model or a wire format (a hung backend among several still goes out; one client, or
+    /// several together, with requests slow or failing by themselves cannot empty the pool).
+    /// Answers whether it counted.
+    fn fail_maybe_caused(&self, idx: usize) -> bool {
         let inner = &self.0;
         let _one_at_a_time = inner.maybe_caused.lock().unwrap_or_else(|p| p.into_inner());
         let b = &inner.backends[idx];
@@ -417,8 +437,7 @@ impl BackendPool {
                     && o.out_maybe_caused.load(Ordering::Relaxed)
                     && o.down_until_ms.load(Ordering::Relaxed) > now
             });
-            let peer_up = peers.iter().any(|&i| i != idx && self.is_up(i));
-            if other_out || !peer_up {
+            if other_out || !self.covered_without(idx) {
                 return false;
             }
         }
@@ -426,6 +445,27 @@ impl BackendPool {
             b.out_maybe_caused.store(true, Ordering::Relaxed);
         }
         true
+    }
+
+    /// Whether every request backend `idx` serves has another backend up to go to: for each
+    /// model it serves (its pinned or discovered list; a list not known yet stands for any),
+    /// another backend that is up serves it or may (its own list not known), and for an
+    /// Ollama backend, another Ollama backend (Ollama's routes go to no other kind).
+    fn covered_without(&self, idx: usize) -> bool {
+        let x = &self.0.backends[idx];
+        let up: Vec<&Backend> = self
+            .0
+            .backends
+            .iter()
+            .filter(|b| b.index != idx && self.is_up(b.index))
+            .filter(|b| x.kind != BackendKind::Ollama || b.kind == BackendKind::Ollama)
+            .collect();
+        x.with_models(|models| match models {
+            None => !up.is_empty(),
+            Some(models) => models
+                .iter()
+                .all(|m| up.iter().any(|b| b.serves(m) != Some(false))),
+        })
     }
 
     /// Whether the backend cools down now (asked under [`Self::streak`]: nothing counts then,
@@ -440,19 +480,19 @@ impl BackendPool {
     /// callers to take the backend out. A backend that fails everyone is taken out; one
     /// client's requests that fail by design (llama.cpp's 500 for a malformed tool call)
     /// cannot build a streak, nor can two. A new streak (after a cooldown) starts a new round
-    /// of callers. `peers`: see [`Self::fail_maybe_caused`].
-    pub fn mark_failed_for(&self, idx: usize, caller: u64, peers: &[usize]) {
+    /// of callers. Bounded as in [`Self::fail_maybe_caused`].
+    pub fn mark_failed_for(&self, idx: usize, caller: u64) {
         let mut callers = self.streak(idx);
         if !self.cooling(idx) {
-            self.fail_once_for(idx, caller, &mut callers, peers);
+            self.fail_once_for(idx, caller, &mut callers);
         }
     }
 
-    fn fail_once_for(&self, idx: usize, caller: u64, callers: &mut Vec<u64>, peers: &[usize]) {
+    fn fail_once_for(&self, idx: usize, caller: u64, callers: &mut Vec<u64>) {
         if callers.contains(&caller) {
             return;
         }
-        if self.fail_maybe_caused(idx, peers) && callers.len() < 64 {
+        if self.fail_maybe_caused(idx) && callers.len() < 64 {
             callers.push(caller);
         }
     }
@@ -460,10 +500,10 @@ impl BackendPool {
     /// A server error the backend answered to a request another backend then served: the
     /// backend's own, whoever sent it (though a request can ask what only some backends can
     /// do: bounded as in [`Self::fail_maybe_caused`]).
-    pub fn mark_server_error(&self, idx: usize, peers: &[usize]) {
+    pub fn mark_server_error(&self, idx: usize) {
         let _streak = self.streak(idx);
         if !self.cooling(idx) {
-            self.fail_maybe_caused(idx, peers);
+            self.fail_maybe_caused(idx);
         }
     }
 
@@ -475,14 +515,16 @@ impl BackendPool {
     /// dead; one that served others has a busy queue at worst) and no miss was counted in
     /// full since (a burst of slow requests on a quiet backend is one failure, not one each);
     /// otherwise once per caller in the streak. Either way bounded as in
-    /// [`Self::fail_maybe_caused`]. Nothing while it cools down.
+    /// [`Self::fail_maybe_caused`]. Nothing while it cools down. `own`: this request's own
+    /// answer's start ([`Self::mark_serving`]), which explains nothing of its own miss (a
+    /// backend that breaks every stream after its first bytes is not busy, it is broken).
     pub fn mark_slow(
         &self,
         idx: usize,
         caller: u64,
         waited: Duration,
         at_ms: u64,
-        peers: &[usize],
+        own: Option<Serving>,
     ) {
         let b = &self.0.backends[idx];
         let mut callers = self.streak(idx);
@@ -490,13 +532,17 @@ impl BackendPool {
             return;
         }
         let started = at_ms.saturating_sub(waited.as_millis() as u64);
-        let served = b.served_ms.load(Ordering::Relaxed);
+        let mut served = b.served_ms.load(Ordering::Relaxed);
+        if let Some(own) = own.filter(|o| o.idx == idx && o.mark == served) {
+            served = own.before;
+        }
         let explained =
             (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
         if explained {
-            self.fail_once_for(idx, caller, &mut callers, peers);
-        } else if self.fail_maybe_caused(idx, peers) {
-            b.counted_ms.store(self.now_ms().max(1), Ordering::Relaxed);
+            self.fail_once_for(idx, caller, &mut callers);
+        } else if self.fail_maybe_caused(idx) {
+            // When the miss happened (judged later, a burst's misses still overlap it).
+            b.counted_ms.fetch_max(at_ms.max(1), Ordering::Relaxed);
             // Its caller counted: its misses explained by this one add nothing more.
             if callers.len() < 64 && !callers.contains(&caller) {
                 callers.push(caller);
@@ -506,10 +552,10 @@ impl BackendPool {
 
     /// The backend started an answer that serves work (a generation's first bytes): it is
     /// not hung, whatever its streak ([`Self::mark_slow`] reads this).
-    pub fn mark_serving(&self, idx: usize) {
-        self.0.backends[idx]
-            .served_ms
-            .store(self.now_ms().max(1), Ordering::Relaxed);
+    pub fn mark_serving(&self, idx: usize) -> Serving {
+        let mark = self.now_ms().max(1);
+        let before = self.0.backends[idx].served_ms.swap(mark, Ordering::Relaxed);
+        Serving { idx, before, mark }
     }
 
     /// A request succeeded: the failure streak and the cooldown reset. (A passing health

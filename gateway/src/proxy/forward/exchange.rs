@@ -67,6 +67,7 @@ pub(super) async fn exchange_header(
                 return Err(Attempt::Retry {
                     err: e,
                     answered: None,
+                    reached: false,
                 })
             }
         };
@@ -82,9 +83,12 @@ pub(super) async fn exchange_header(
                 rewrites += 1;
                 continue;
             }
+            // It had the head, or a part of the request: a backend that will not take a
+            // request (too many headers, a body it stops reading) breaks off the write.
             return Err(Attempt::Retry {
                 err: e,
                 answered: None,
+                reached: true,
             });
         }
         // The backend has the whole request now: whatever happens next, it may have run it.
@@ -109,6 +113,7 @@ pub(super) async fn exchange_header(
                         format!("no response byte within {deadline:?}"),
                     ),
                     answered: None,
+                    reached: true,
                 });
             }
             Waited::ClientGone(e) => {

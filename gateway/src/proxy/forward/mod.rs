@@ -30,11 +30,14 @@ enum Attempt {
     Done,
     /// Nothing was sent to the client and the backend failed: try another. `answered`: the
     /// error status it answered with (it counts against the backend only if another backend
-    /// serves the same request); `None`: it failed to answer, which counts against it (a
-    /// deadline missed: see [`is_missed_deadline`]).
+    /// serves the same request); `None`: it failed to answer. `reached`: it had (a part of)
+    /// the request: its failure may be the request's doing (a deadline missed, a head or body
+    /// it would not take), judged with the request's other misses ([`missed`]); before that
+    /// (no connection) the failure is the backend's own.
     Retry {
         err: Box<Error>,
         answered: Option<u16>,
+        reached: bool,
     },
     /// Nothing was sent to the client; answer with an error.
     Fail(Box<Error>),
@@ -76,18 +79,6 @@ fn caller_key(req: &RequestCtx) -> u64 {
         .map_or(0, |p| gateway_filter::state::stable_hash(p.id.as_bytes()))
 }
 
-/// Whether a failure before any answer is a deadline missed (writing the request, the first
-/// byte), which may be the request's own doing (a long prompt, a context size that reloads
-/// the model): judged with the request's other misses ([`missed`]). Anything else (a
-/// connection the backend refused or dropped before it had the request) is the backend's.
-fn is_missed_deadline(err: &Error) -> bool {
-    match err.etype() {
-        ErrorType::Custom(c) => *c == respond::FIRST_BYTE_TIMEOUT,
-        ErrorType::WriteTimedout | ErrorType::ReadTimedout => true,
-        _ => false,
-    }
-}
-
 /// Whether a good answer to `req` shows the backend works: an inference route's, or a POST to
 /// a route a custom rule opens (`/v1/responses`, SGLang's `/generate`), not a model list or a
 /// version, which a backend whose runner fails every request answers too.
@@ -97,10 +88,11 @@ fn serves_work(req: &RequestCtx) -> bool {
             && req.method == gateway_filter::http::Method::POST)
 }
 
-/// A failure the request may have caused on backend `idx` (a deadline missed, a stream that
-/// paused or broke, a backend that fell over on it), after the time the backend had it (since
-/// it was sent to it; a request not sent whole, since this attempt began): judged when the
-/// request ends, with its other misses ([`crate::router::MissedDeadlines`]).
+/// A failure the request may have caused on backend `idx` (a deadline missed, a write the
+/// backend broke off, a stream that paused or broke, a backend that fell over on it), after
+/// the time the backend had it (since it was sent to it; a request not sent whole, since
+/// this attempt began): judged when the request ends, with its other misses
+/// ([`crate::router::MissedDeadlines`]).
 fn missed(gw: &Gateway, ctx: &mut GwCtx, idx: usize) {
     let waited = match ctx.req.sent {
         Some(sent) => ctx.req.started.elapsed().saturating_sub(sent),
@@ -108,10 +100,9 @@ fn missed(gw: &Gateway, ctx: &mut GwCtx, idx: usize) {
             .attempt_started
             .map_or(std::time::Duration::ZERO, |t| t.elapsed()),
     };
-    let peers = gw.router.peers(&ctx.req, idx);
+    let own = ctx.serving.filter(|s| s.idx == idx);
     let caller = caller_key(&ctx.req);
-    ctx.missed
-        .push(gw.router.pool(), idx, caller, waited, peers);
+    ctx.missed.push(gw.router.pool(), idx, caller, waited, own);
 }
 
 /// Output tokens a request may still produce, for the usage-based strategy.
@@ -284,15 +275,9 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 // client must not take backends out with requests every backend refuses).
                 let status = ctx.req.status;
                 if (200..300).contains(&status) {
-                    for &i in &answered_5xx {
-                        pool.mark_server_error(i, &gw.router.peers(&ctx.req, i));
-                    }
+                    answered_5xx.iter().for_each(|&i| pool.mark_server_error(i));
                 } else if counts_against_backend(status, ctx) {
-                    pool.mark_failed_for(
-                        idx,
-                        caller_key(&ctx.req),
-                        &gw.router.peers(&ctx.req, idx),
-                    );
+                    pool.mark_failed_for(idx, caller_key(&ctx.req));
                 }
                 gw.router.settle(
                     idx,
@@ -305,7 +290,11 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 );
                 return Ok(());
             }
-            Attempt::Retry { err, answered } => {
+            Attempt::Retry {
+                err,
+                answered,
+                reached,
+            } => {
                 if let Some(status) = answered.filter(|s| *s >= 500) {
                     had_5xx = true;
                     if counts_against_backend(status, ctx) {
@@ -324,7 +313,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                             health: Health::Kept,
                         },
                     ),
-                    None if is_missed_deadline(&err) => missed(gw, ctx, idx),
+                    None if reached => missed(gw, ctx, idx),
                     None => gw.router.settle(
                         idx,
                         Outcome::Failed {
@@ -521,6 +510,7 @@ async fn attempt(
                     format!("backend answered {s}"),
                 ),
                 answered: Some(s.as_u16()),
+                reached: true,
             };
         }
     }
