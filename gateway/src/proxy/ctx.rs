@@ -41,8 +41,6 @@ pub struct GwCtx {
     pub(super) body_facts: super::held_json::BodyFacts,
     /// Deadlines this request missed on backends, judged when it ends.
     pub(super) missed: crate::router::MissedDeadlines,
-    /// Where this request's answer began to come ([`crate::router::BackendPool::mark_serving`]).
-    pub(super) serving: Option<crate::router::Serving>,
 }
 
 impl GwCtx {
@@ -75,7 +73,6 @@ impl Default for GwCtx {
             client_socket: None,
             body_facts: Default::default(),
             missed: Default::default(),
-            serving: None,
         }
     }
 }

@@ -1,20 +1,21 @@
-//! Deadlines one request missed on backends, judged once the request shows whether it was
-//! slow by itself.
+//! Deadlines one request missed on backends (and writes or streams they broke), judged once
+//! the request shows whether it was slow by itself.
 //!
 //! A missed deadline (the first byte, a read, a write) may be the backend's fault (hung) or
 //! the request's own (a long prompt, a model not loaded, another context size). Counted
 //! where it happens, one client's slow request retried on every backend took them all out
 //! (attacker review, 2026-12-05). So a request's misses wait for its end. A request that
-//! missed on several backends, or that another backend then answered only slowly too, was
+//! missed on several backends, or that another backend then answered only as slowly, was
 //! slow by itself: each miss counts once for its caller. A miss is judged alone
-//! ([`BackendPool::mark_slow`]) when it was the request's only one, or when another backend
-//! then started its answer sooner than the miss's wait (a longer deadline of that backend's
-//! own, a cold model's, clears nothing). Whatever the judgement, such failures take out one
-//! backend at a time, never the last one for a model (`BackendPool::fail_maybe_caused`).
+//! ([`BackendPool::mark_slow`]) when it was the request's only one, or, confirmed, when
+//! another backend then began its answer sooner than the miss had waited (a longer deadline
+//! of that backend's own, a cold model's, clears nothing) or took the whole request where
+//! this one broke off the write. Whatever the judgement, such failures take out one backend
+//! at a time (`BackendPool::fail_maybe_caused`).
 
 use std::time::Duration;
 
-use super::pool::Serving;
+use super::pool::Judged;
 use super::BackendPool;
 
 struct Miss {
@@ -23,8 +24,20 @@ struct Miss {
     waited: Duration,
     /// When it missed, on the pool's clock.
     at_ms: u64,
-    /// The request's own answer's start there, if it began before the miss.
-    own: Option<Serving>,
+    /// A break, not a wait for the answer's start ([`Judged::broke`]).
+    broke: bool,
+}
+
+impl Miss {
+    fn judged(&self, confirmed: bool) -> Judged {
+        Judged {
+            caller: self.caller,
+            waited: self.waited,
+            at_ms: self.at_ms,
+            broke: self.broke,
+            confirmed,
+        }
+    }
 }
 
 /// The misses of one request not yet judged; what is left is judged when it is dropped.
@@ -32,44 +45,44 @@ struct Miss {
 pub struct MissedDeadlines {
     pool: Option<BackendPool>,
     misses: Vec<Miss>,
-    /// Another backend answered the request, but not quickly: it is slow everywhere.
+    /// Another backend answered the request, but not sooner: it is slow everywhere.
     slow_everywhere: bool,
 }
 
 impl MissedDeadlines {
-    /// Backend `idx` missed a deadline (or broke off) on the request of `caller` that had
-    /// waited `waited` on it; `own`: the request's answer had begun there.
+    /// Backend `idx` missed a deadline (`broke`: broke off) on the request of `caller` that
+    /// had waited `waited` on it.
     pub fn push(
         &mut self,
         pool: &BackendPool,
         idx: usize,
         caller: u64,
         waited: Duration,
-        own: Option<Serving>,
+        broke: bool,
     ) {
         self.misses.push(Miss {
             idx,
             caller,
             waited,
             at_ms: pool.now_ms(),
-            own,
+            broke,
         });
         self.pool.get_or_insert_with(|| pool.clone());
     }
 
-    /// Another backend's answer to the same request started to come (its first body bytes, or
+    /// Another backend's answer to the same request began to come (its first body bytes, or
     /// its whole body), `took` after it had the request: the misses that waited longer than
-    /// that are judged alone (the request was not slow by itself there); the others show the
-    /// request slow everywhere.
+    /// that, and writes broken off, are judged alone, confirmed (the request was not slow by
+    /// itself there); the others show the request slow everywhere.
     pub fn answered(&mut self, took: Duration) {
         let Some(pool) = &self.pool else { return };
         let mut slow = false;
         self.misses.retain(|m| {
-            if took >= m.waited {
+            if !m.broke && took >= m.waited {
                 slow = true;
                 return true;
             }
-            pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, m.own);
+            pool.mark_slow(m.idx, m.judged(true));
             false
         });
         self.slow_everywhere |= slow;
@@ -80,9 +93,7 @@ impl MissedDeadlines {
         let Some(pool) = &self.pool else { return };
         match self.misses.as_slice() {
             [] => {}
-            [m] if !self.slow_everywhere => {
-                pool.mark_slow(m.idx, m.caller, m.waited, m.at_ms, m.own)
-            }
+            [m] if !self.slow_everywhere => pool.mark_slow(m.idx, m.judged(false)),
             several => {
                 for m in several {
                     pool.mark_failed_for(m.idx, m.caller);

@@ -14,7 +14,7 @@ use gateway_filter::glob::wildcard;
 use gateway_filter::{RequestCtx, Route, WireFormat};
 
 pub use missed::MissedDeadlines;
-pub use pool::{canonical_model, Backend, BackendPool, Lease, Serving};
+pub use pool::{canonical_model, Backend, BackendPool, Judged, Lease};
 
 /// The most tokens one request's reservation or one answer's usage counts for in routing
 /// figures: more than any context, small enough that sums of them cannot wrap.

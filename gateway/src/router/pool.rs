@@ -77,8 +77,10 @@ pub struct Backend {
     /// current streak (see [`BackendPool::mark_failed_for`]).
     streak_callers: std::sync::Mutex<Vec<u64>>,
     down_until_ms: AtomicU64,
-    /// When it last served a generation or an embedding (pool ms; 0: never).
+    /// When it last began an answer that serves work (its first bytes), and when it last
+    /// completed one (pool ms; 0: never).
     served_ms: AtomicU64,
+    completed_ms: AtomicU64,
     /// When a deadline it missed last counted in full ([`BackendPool::mark_slow`]; 0: never).
     counted_ms: AtomicU64,
     /// Its cooldown came from failures requests may have caused themselves
@@ -141,6 +143,7 @@ impl Backend {
             streak_callers: Default::default(),
             down_until_ms: AtomicU64::new(0),
             served_ms: AtomicU64::new(0),
+            completed_ms: AtomicU64::new(0),
             counted_ms: AtomicU64::new(0),
             out_maybe_caused: AtomicBool::new(false),
             cooldown_ms: AtomicU64::new(0),
@@ -259,13 +262,19 @@ impl Backend {
     }
 }
 
-/// A request's own answer's start on a backend ([`BackendPool::mark_serving`]): the mark it
-/// left and the one before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Serving {
-    pub idx: usize,
-    before: u64,
-    mark: u64,
+/// How a miss is judged alone ([`BackendPool::mark_slow`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Judged {
+    pub caller: u64,
+    /// How long the backend had had the request.
+    pub waited: Duration,
+    /// When it missed, on the pool's clock ([`BackendPool::now_ms`]).
+    pub at_ms: u64,
+    /// A break (a write broken off, a stream broken or left silent once begun), not a wait
+    /// for the answer's start.
+    pub broke: bool,
+    /// Another backend served the same request sooner.
+    pub confirmed: bool,
 }
 
 /// A request's hold on a backend: counted in its in-flight load until dropped.
@@ -425,8 +434,10 @@ impl BackendPool {
     /// sends them, such requests take out one backend at a time, and never the last one for a
     /// model or a wire format (a hung backend among several still goes out; one client, or
     /// several together, with requests slow or failing by themselves cannot empty the pool).
-    /// Answers whether it counted.
-    fn fail_maybe_caused(&self, idx: usize) -> bool {
+    /// `confirmed`: another backend served the same request sooner (it had somewhere to go,
+    /// and what only this backend serves would find it failing too), so only the first
+    /// bound holds. Answers whether it counted.
+    fn fail_maybe_caused(&self, idx: usize, confirmed: bool) -> bool {
         let inner = &self.0;
         let _one_at_a_time = inner.maybe_caused.lock().unwrap_or_else(|p| p.into_inner());
         let b = &inner.backends[idx];
@@ -437,7 +448,7 @@ impl BackendPool {
                     && o.out_maybe_caused.load(Ordering::Relaxed)
                     && o.down_until_ms.load(Ordering::Relaxed) > now
             });
-            if other_out || !self.covered_without(idx) {
+            if other_out || !(confirmed || self.covered_without(idx)) {
                 return false;
             }
         }
@@ -461,7 +472,8 @@ impl BackendPool {
             .filter(|b| x.kind != BackendKind::Ollama || b.kind == BackendKind::Ollama)
             .collect();
         x.with_models(|models| match models {
-            None => !up.is_empty(),
+            // It may serve anything: so must another.
+            None => up.iter().any(|b| b.with_models(|m| m.is_none())),
             Some(models) => models
                 .iter()
                 .all(|m| up.iter().any(|b| b.serves(m) != Some(false))),
@@ -492,7 +504,7 @@ impl BackendPool {
         if callers.contains(&caller) {
             return;
         }
-        if self.fail_maybe_caused(idx) && callers.len() < 64 {
+        if self.fail_maybe_caused(idx, false) && callers.len() < 64 {
             callers.push(caller);
         }
     }
@@ -503,59 +515,54 @@ impl BackendPool {
     pub fn mark_server_error(&self, idx: usize) {
         let _streak = self.streak(idx);
         if !self.cooling(idx) {
-            self.fail_maybe_caused(idx);
+            self.fail_maybe_caused(idx, true);
         }
     }
 
-    /// A deadline the backend missed at `at_ms` ([`Self::now_ms`]) with a request of `caller`
-    /// that had waited `waited` on it, which the request may have caused itself (a long
-    /// prompt, a slow model), judged alone once the request ended
+    /// A deadline the backend missed (or a break: a write it broke off, a stream it broke or
+    /// left silent once its answer began) at `at_ms` ([`Self::now_ms`]) with a request of
+    /// `caller` that had waited `waited` on it, which the request may have caused itself (a
+    /// long prompt, a slow model), judged alone once the request ended
     /// ([`super::MissedDeadlines`]). It counts in full only when nothing explains it but the
-    /// backend: it started serving no generation since the request began to wait (hung, or
-    /// dead; one that served others has a busy queue at worst) and no miss was counted in
-    /// full since (a burst of slow requests on a quiet backend is one failure, not one each);
-    /// otherwise once per caller in the streak. Either way bounded as in
-    /// [`Self::fail_maybe_caused`]. Nothing while it cools down. `own`: this request's own
-    /// answer's start ([`Self::mark_serving`]), which explains nothing of its own miss (a
-    /// backend that breaks every stream after its first bytes is not busy, it is broken).
-    pub fn mark_slow(
-        &self,
-        idx: usize,
-        caller: u64,
-        waited: Duration,
-        at_ms: u64,
-        own: Option<Serving>,
-    ) {
+    /// backend: for a miss before its answer, it began no answer to another request since
+    /// this one began to wait (one that was answering others has a busy queue at worst); for
+    /// a break, it completed none (a backend that breaks every stream after its first bytes
+    /// begins answers all the time); and no miss since was counted in full (a burst of slow
+    /// requests on a quiet backend is one failure, not one each). Otherwise once per caller
+    /// in the streak. Either way bounded as in [`Self::fail_maybe_caused`] (`confirmed`:
+    /// another backend served the request sooner). Nothing while it cools down.
+    pub fn mark_slow(&self, idx: usize, miss: Judged) {
         let b = &self.0.backends[idx];
         let mut callers = self.streak(idx);
         if self.cooling(idx) {
             return;
         }
-        let started = at_ms.saturating_sub(waited.as_millis() as u64);
-        let mut served = b.served_ms.load(Ordering::Relaxed);
-        if let Some(own) = own.filter(|o| o.idx == idx && o.mark == served) {
-            served = own.before;
-        }
+        let started = miss.at_ms.saturating_sub(miss.waited.as_millis() as u64);
+        let served = if miss.broke {
+            b.completed_ms.load(Ordering::Relaxed)
+        } else {
+            b.served_ms.load(Ordering::Relaxed)
+        };
         let explained =
             (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
         if explained {
-            self.fail_once_for(idx, caller, &mut callers);
-        } else if self.fail_maybe_caused(idx) {
+            self.fail_once_for(idx, miss.caller, &mut callers);
+        } else if self.fail_maybe_caused(idx, miss.confirmed) {
             // When the miss happened (judged later, a burst's misses still overlap it).
-            b.counted_ms.fetch_max(at_ms.max(1), Ordering::Relaxed);
+            b.counted_ms.fetch_max(miss.at_ms.max(1), Ordering::Relaxed);
             // Its caller counted: its misses explained by this one add nothing more.
-            if callers.len() < 64 && !callers.contains(&caller) {
-                callers.push(caller);
+            if callers.len() < 64 && !callers.contains(&miss.caller) {
+                callers.push(miss.caller);
             }
         }
     }
 
-    /// The backend started an answer that serves work (a generation's first bytes): it is
-    /// not hung, whatever its streak ([`Self::mark_slow`] reads this).
-    pub fn mark_serving(&self, idx: usize) -> Serving {
-        let mark = self.now_ms().max(1);
-        let before = self.0.backends[idx].served_ms.swap(mark, Ordering::Relaxed);
-        Serving { idx, before, mark }
+    /// The backend began an answer that serves work (a generation's first bytes): it is not
+    /// hung ([`Self::mark_slow`] reads this).
+    pub fn mark_serving(&self, idx: usize) {
+        self.0.backends[idx]
+            .served_ms
+            .store(self.now_ms().max(1), Ordering::Relaxed);
     }
 
     /// A request succeeded: the failure streak and the cooldown reset. (A passing health
@@ -563,7 +570,9 @@ impl BackendPool {
     pub fn mark_ok(&self, idx: usize) {
         let b = &self.0.backends[idx];
         // Never 0 (which means "never"): the pool's clock starts at its creation.
-        b.served_ms.store(self.now_ms().max(1), Ordering::Relaxed);
+        let now = self.now_ms().max(1);
+        b.served_ms.store(now, Ordering::Relaxed);
+        b.completed_ms.store(now, Ordering::Relaxed);
         if b.failures.load(Ordering::Relaxed) != 0 {
             let mut callers = b.streak_callers.lock().unwrap_or_else(|p| p.into_inner());
             callers.clear();

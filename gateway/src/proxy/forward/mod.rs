@@ -93,16 +93,28 @@ fn serves_work(req: &RequestCtx) -> bool {
 /// the time the backend had it (since it was sent to it; a request not sent whole, since
 /// this attempt began): judged when the request ends, with its other misses
 /// ([`crate::router::MissedDeadlines`]).
-fn missed(gw: &Gateway, ctx: &mut GwCtx, idx: usize) {
+/// `broke`: a break (a write broken off, a connection dropped, a stream broken or left
+/// silent once begun), not a deadline for the answer's start.
+fn missed(gw: &Gateway, ctx: &mut GwCtx, idx: usize, broke: bool) {
     let waited = match ctx.req.sent {
         Some(sent) => ctx.req.started.elapsed().saturating_sub(sent),
         None => ctx
             .attempt_started
             .map_or(std::time::Duration::ZERO, |t| t.elapsed()),
     };
-    let own = ctx.serving.filter(|s| s.idx == idx);
     let caller = caller_key(&ctx.req);
-    ctx.missed.push(gw.router.pool(), idx, caller, waited, own);
+    ctx.missed
+        .push(gw.router.pool(), idx, caller, waited, broke);
+}
+
+/// Whether a failure before any answer is a deadline for it (the first byte, the answer's
+/// header, the request's write), not a break.
+fn is_deadline(err: &Error) -> bool {
+    match err.etype() {
+        ErrorType::Custom(c) => *c == respond::FIRST_BYTE_TIMEOUT,
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => true,
+        _ => false,
+    }
 }
 
 /// Output tokens a request may still produce, for the usage-based strategy.
@@ -313,7 +325,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                             health: Health::Kept,
                         },
                     ),
-                    None if reached => missed(gw, ctx, idx),
+                    None if reached => missed(gw, ctx, idx, !is_deadline(&err)),
                     None => gw.router.settle(
                         idx,
                         Outcome::Failed {
@@ -330,12 +342,13 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
             }
             Attempt::Fail(e) => return answer_failure(gw, session, ctx, &e).await,
             Attempt::Unanswered(e) => {
+                let broke = !is_deadline(&e);
                 log::warn!(
                     "request {}: backend {} did not answer: {e}",
                     ctx.req.request_id,
                     backend.name
                 );
-                missed(gw, ctx, idx);
+                missed(gw, ctx, idx, broke);
                 return answer_failure(gw, session, ctx, &e).await;
             }
             Attempt::Abort(e) => {
@@ -343,7 +356,7 @@ pub async fn forward(gw: &Gateway, session: &mut Session, ctx: &mut GwCtx) -> Re
                 if e.esource() == &pingora_error::ErrorSource::Upstream {
                     // A stream that paused past `read_timeout` may be the model at work (a
                     // tool call's arguments held back): the caller's.
-                    missed(gw, ctx, idx);
+                    missed(gw, ctx, idx, true);
                 }
                 return Err(e);
             }

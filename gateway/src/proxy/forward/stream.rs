@@ -212,7 +212,7 @@ fn answer_started(gw: &Gateway, ctx: &mut GwCtx, backend: &Backend, status: Stat
         return;
     }
     if super::serves_work(&ctx.req) {
-        ctx.serving = Some(gw.router.pool().mark_serving(backend.index));
+        gw.router.pool().mark_serving(backend.index);
     }
     if let Some(sent) = ctx.req.sent {
         ctx.missed
