@@ -747,8 +747,8 @@ async fn writes_the_backends_break_off_do_not_take_them_all_out() {
 /// Review: a request slow everywhere (700 ms to its first byte) missed the 300 ms deadline
 /// on the two backends that have its model loaded and was answered by the third under the
 /// cold-start deadline: that answer "confirmed" both misses, and three such requests of one
-/// client took two backends of three out. An answer clears a request only when it began sooner than a backend had
-/// waited when it missed it.
+/// client took two backends of three out. An answer clears a request only when it began
+/// sooner than a backend had waited when it missed it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_under_a_longer_deadline_does_not_blame_the_backends_that_missed() {
     const QWEN: &str = "qwen2.5:7b";
