@@ -7,11 +7,11 @@
 //! (attacker review, 2026-12-05). So a request's misses wait for its end. A request that
 //! missed on several backends, or that another backend then answered only as slowly, was
 //! slow by itself: each miss counts once for its caller. A miss is judged alone
-//! ([`BackendPool::mark_slow`]) when it was the request's only one, or, confirmed, when
-//! another backend then began its answer sooner than the miss had waited (a longer deadline
-//! of that backend's own, a cold model's, clears nothing) or took the whole request where
-//! this one broke off the write. Whatever the judgement, such failures take out one backend
-//! at a time (`BackendPool::fail_maybe_caused`).
+//! ([`BackendPool::mark_slow`]) when it was the request's only one, or when another backend
+//! then began its answer sooner than the miss had waited (a longer deadline of that
+//! backend's own, a cold model's, clears nothing) or took the whole request where this one
+//! broke off the write. Whatever the judgement, such failures take out one backend at a
+//! time, and one out on them still takes what no other can (`BackendPool::is_standby`).
 
 use std::time::Duration;
 
@@ -29,13 +29,12 @@ struct Miss {
 }
 
 impl Miss {
-    fn judged(&self, confirmed: bool) -> Judged {
+    fn judged(&self) -> Judged {
         Judged {
             caller: self.caller,
             waited: self.waited,
             at_ms: self.at_ms,
             broke: self.broke,
-            confirmed,
         }
     }
 }
@@ -72,8 +71,8 @@ impl MissedDeadlines {
 
     /// Another backend's answer to the same request began to come (its first body bytes, or
     /// its whole body), `took` after it had the request: the misses that waited longer than
-    /// that, and writes broken off, are judged alone, confirmed (the request was not slow by
-    /// itself there); the others show the request slow everywhere.
+    /// that, and writes broken off, are judged alone (the request was not slow by itself
+    /// there); the others show the request slow everywhere.
     pub fn answered(&mut self, took: Duration) {
         let Some(pool) = &self.pool else { return };
         let mut slow = false;
@@ -82,7 +81,7 @@ impl MissedDeadlines {
                 slow = true;
                 return true;
             }
-            pool.mark_slow(m.idx, m.judged(true));
+            pool.mark_slow(m.idx, m.judged());
             false
         });
         self.slow_everywhere |= slow;
@@ -93,7 +92,7 @@ impl MissedDeadlines {
         let Some(pool) = &self.pool else { return };
         match self.misses.as_slice() {
             [] => {}
-            [m] if !self.slow_everywhere => pool.mark_slow(m.idx, m.judged(false)),
+            [m] if !self.slow_everywhere => pool.mark_slow(m.idx, m.judged()),
             several => {
                 for m in several {
                     pool.mark_failed_for(m.idx, m.caller);

@@ -136,18 +136,32 @@ impl ModelRouter {
         // One pass, one allocation: the backends that may serve the model and are up.
         let model = model.map(canonical_model);
         let mut serving = false;
+        let mut standby = false;
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
             if !self.may_serve(i, model.as_deref(), ollama_only) {
                 continue;
             }
             serving = true;
-            if !tried.contains(&i) && self.pool.is_up(i) {
-                up.push(i);
+            if !tried.contains(&i) {
+                if self.pool.is_up(i) {
+                    up.push(i);
+                } else {
+                    standby |= self.pool.is_standby(i);
+                }
             }
         }
         if !serving {
             return Err(Pick::UnknownModel);
+        }
+        if up.is_empty() && standby {
+            // None up: those out only on failures requests may have caused take it (a model
+            // or a wire format is never left without a backend by them).
+            up.extend((0..n).filter(|&i| {
+                !tried.contains(&i)
+                    && self.pool.is_standby(i)
+                    && self.may_serve(i, model.as_deref(), ollama_only)
+            }));
         }
         if up.is_empty() {
             return Err(Pick::NoneAvailable);

@@ -219,17 +219,6 @@ impl Backend {
         self.models.read().ok()?.as_ref().map(|s| s.contains(model))
     }
 
-    /// Its model list (pinned, or discovered), `None` while not known.
-    fn with_models<R>(&self, f: impl FnOnce(Option<&HashSet<String>>) -> R) -> R {
-        if let Some(p) = &self.pinned {
-            return f(Some(p));
-        }
-        match self.models.read() {
-            Ok(m) => f(m.as_ref()),
-            Err(_) => f(None),
-        }
-    }
-
     /// Whether the model (in [`canonical_model`] form) is loaded in memory right now.
     pub fn has_loaded(&self, model: &str) -> bool {
         self.loaded.read().is_ok_and(|l| l.contains(model))
@@ -273,8 +262,6 @@ pub struct Judged {
     /// A break (a write broken off, a stream broken or left silent once begun), not a wait
     /// for the answer's start.
     pub broke: bool,
-    /// Another backend served the same request sooner.
-    pub confirmed: bool,
 }
 
 /// A request's hold on a backend: counted in its in-flight load until dropped.
@@ -429,15 +416,13 @@ impl BackendPool {
 
     /// Counts a failure a request may have caused itself (a missed deadline, a server
     /// error, a write the backend broke off), under [`Self::streak`]. The failure that would
-    /// take the backend out is not counted while another backend is out on such failures, or
-    /// when what it serves would have nowhere else to go ([`Self::covered_without`]): whoever
-    /// sends them, such requests take out one backend at a time, and never the last one for a
-    /// model or a wire format (a hung backend among several still goes out; one client, or
-    /// several together, with requests slow or failing by themselves cannot empty the pool).
-    /// `confirmed`: another backend served the same request sooner (it had somewhere to go,
-    /// and what only this backend serves would find it failing too), so only the first
-    /// bound holds. Answers whether it counted.
-    fn fail_maybe_caused(&self, idx: usize, confirmed: bool) -> bool {
+    /// take the backend out is not counted while another backend is out on such failures:
+    /// whoever sends them, such requests take out one backend at a time (a hung backend among
+    /// several still goes out; one client, or several together, with requests slow or failing
+    /// by themselves cannot empty the pool). A backend out on them stands by
+    /// ([`Self::is_standby`]): requests that no backend up can take still go to it, so no
+    /// model or wire format is left without one. Answers whether it counted.
+    fn fail_maybe_caused(&self, idx: usize) -> bool {
         let inner = &self.0;
         let _one_at_a_time = inner.maybe_caused.lock().unwrap_or_else(|p| p.into_inner());
         let b = &inner.backends[idx];
@@ -448,7 +433,7 @@ impl BackendPool {
                     && o.out_maybe_caused.load(Ordering::Relaxed)
                     && o.down_until_ms.load(Ordering::Relaxed) > now
             });
-            if other_out || !(confirmed || self.covered_without(idx)) {
+            if other_out {
                 return false;
             }
         }
@@ -458,26 +443,13 @@ impl BackendPool {
         true
     }
 
-    /// Whether every request backend `idx` serves has another backend up to go to: for each
-    /// model it serves (its pinned or discovered list; a list not known yet stands for any),
-    /// another backend that is up serves it or may (its own list not known), and for an
-    /// Ollama backend, another Ollama backend (Ollama's routes go to no other kind).
-    fn covered_without(&self, idx: usize) -> bool {
-        let x = &self.0.backends[idx];
-        let up: Vec<&Backend> = self
-            .0
-            .backends
-            .iter()
-            .filter(|b| b.index != idx && self.is_up(b.index))
-            .filter(|b| x.kind != BackendKind::Ollama || b.kind == BackendKind::Ollama)
-            .collect();
-        x.with_models(|models| match models {
-            // It may serve anything: so must another.
-            None => up.iter().any(|b| b.with_models(|m| m.is_none())),
-            Some(models) => models
-                .iter()
-                .all(|m| up.iter().any(|b| b.serves(m) != Some(false))),
-        })
+    /// Out on failures requests may have caused ([`Self::fail_maybe_caused`]) and answering
+    /// its probe: the router still sends it what no backend up can take.
+    pub fn is_standby(&self, idx: usize) -> bool {
+        let b = &self.0.backends[idx];
+        b.probe_ok.load(Ordering::Relaxed)
+            && b.out_maybe_caused.load(Ordering::Relaxed)
+            && b.down_until_ms.load(Ordering::Relaxed) > self.now_ms()
     }
 
     /// Whether the backend cools down now (asked under [`Self::streak`]: nothing counts then,
@@ -504,7 +476,7 @@ impl BackendPool {
         if callers.contains(&caller) {
             return;
         }
-        if self.fail_maybe_caused(idx, false) && callers.len() < 64 {
+        if self.fail_maybe_caused(idx) && callers.len() < 64 {
             callers.push(caller);
         }
     }
@@ -515,7 +487,7 @@ impl BackendPool {
     pub fn mark_server_error(&self, idx: usize) {
         let _streak = self.streak(idx);
         if !self.cooling(idx) {
-            self.fail_maybe_caused(idx, true);
+            self.fail_maybe_caused(idx);
         }
     }
 
@@ -529,8 +501,8 @@ impl BackendPool {
     /// a break, it completed none (a backend that breaks every stream after its first bytes
     /// begins answers all the time); and no miss since was counted in full (a burst of slow
     /// requests on a quiet backend is one failure, not one each). Otherwise once per caller
-    /// in the streak. Either way bounded as in [`Self::fail_maybe_caused`] (`confirmed`:
-    /// another backend served the request sooner). Nothing while it cools down.
+    /// in the streak. Either way bounded as in [`Self::fail_maybe_caused`]. Nothing while it
+    /// cools down.
     pub fn mark_slow(&self, idx: usize, miss: Judged) {
         let b = &self.0.backends[idx];
         let mut callers = self.streak(idx);
@@ -547,7 +519,7 @@ impl BackendPool {
             (served != 0 && served >= started) || b.counted_ms.load(Ordering::Relaxed) >= started;
         if explained {
             self.fail_once_for(idx, miss.caller, &mut callers);
-        } else if self.fail_maybe_caused(idx, miss.confirmed) {
+        } else if self.fail_maybe_caused(idx) {
             // When the miss happened (judged later, a burst's misses still overlap it).
             b.counted_ms.fetch_max(miss.at_ms.max(1), Ordering::Relaxed);
             // Its caller counted: its misses explained by this one add nothing more.
