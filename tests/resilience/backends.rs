@@ -668,7 +668,11 @@ async fn a_backend_that_breaks_every_stream_is_taken_out_under_one_caller() {
         broken += usize::from(send().await);
     }
     assert_eq!(broken, 3, "three broken streams took it out");
-    assert_eq!(gw.health().await["backends"][0]["state"], "down");
+    let h = gw.health().await;
+    assert_eq!(h["backends"][0]["state"], "down");
+    // Out on failures its requests may have caused: it stands by for what b cannot take.
+    assert_eq!(h["backends"][0]["standby"], true, "{h}");
+    assert!(h["backends"][1].get("standby").is_none(), "{h}");
     // Overlapping (review): other streams' first bytes on it while one breaks explain
     // nothing; a burst's breaks count once in full, the next burst's again.
     let a = mock().await;

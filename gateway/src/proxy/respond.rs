@@ -146,11 +146,17 @@ pub fn health_json(router: &dyn Router) -> String {
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            serde_json::json!({
+            let mut entry = serde_json::json!({
                 "name": &*b.name,
                 "kind": b.kind.as_str(),
                 "state": if pool.is_up(i) { "up" } else { "down" },
-            })
+            });
+            // Out on failures requests may have caused: it still takes what no backend up
+            // can (`BackendPool::is_standby`).
+            if pool.is_standby(i) {
+                entry["standby"] = true.into();
+            }
+            entry
         })
         .collect();
     let any_up = (0..pool.len()).any(|i| pool.is_up(i));
