@@ -369,6 +369,10 @@ impl BackendPool {
     pub fn mark_failed(&self, idx: usize) {
         let _streak = self.streak(idx);
         self.fail(idx);
+        // Failing on its own (a refused connection), it no longer stands by.
+        self.0.backends[idx]
+            .out_maybe_caused
+            .store(false, Ordering::Relaxed);
     }
 
     /// The backend's current streak, its callers locked: every change of the streak

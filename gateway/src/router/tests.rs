@@ -543,6 +543,11 @@ fn a_backend_out_on_misses_still_takes_what_no_other_can() {
     assert_eq!(r.pick(&at("/api/chat", "m"), &[0]), Pick::NoneAvailable);
     r.pool().set_probe(0, false);
     assert_eq!(r.pick(&at("/api/chat", "m"), &[]), Pick::NoneAvailable);
+    r.pool().set_probe(0, true);
+    assert_eq!(r.pick(&at("/api/chat", "m"), &[]), Pick::Backend(0));
+    // A refused connection there: failing on its own, it stands by no more.
+    r.pool().mark_failed(0);
+    assert_eq!(r.pick(&at("/api/chat", "m"), &[]), Pick::NoneAvailable);
     // Out on its own failures (refused connections), it takes nothing.
     let r = lasting_with(vec![
         backend(0, BackendKind::Ollama, Some(&["m", "n"])),
