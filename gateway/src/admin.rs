@@ -87,6 +87,10 @@ impl AdminApp {
                 .with_label_values(&[&b.name])
                 .set(i64::from(pool.is_up(i)));
             self.metrics
+                .backend_standby
+                .with_label_values(&[&b.name])
+                .set(i64::from(pool.is_standby(i)));
+            self.metrics
                 .backend_in_flight
                 .with_label_values(&[&b.name])
                 .set(i64::from(b.in_flight()));

@@ -20,6 +20,7 @@ pub struct Metrics {
     auth_failures: IntCounterVec,
     ratelimited: IntCounterVec,
     pub backend_up: IntGaugeVec,
+    pub backend_standby: IntGaugeVec,
     pub backend_in_flight: IntGaugeVec,
     pub retries: IntCounterVec,
     /// Attempts abandoned because no response byte came within the first-byte deadline.
@@ -158,6 +159,12 @@ impl Metrics {
                 "1 when the backend is considered up",
                 &["backend"],
             )?,
+            backend_standby: gauge(
+                r,
+                "llm_gateway_backend_standby",
+                "1 when the backend is out on failures its requests may have caused and still takes what no backend up can",
+                &["backend"],
+            )?,
             backend_in_flight: gauge(
                 r,
                 "llm_gateway_backend_in_flight",
@@ -208,6 +215,7 @@ impl Metrics {
             self.first_byte_timeouts.with_label_values(&[n]);
             self.backend_in_flight.with_label_values(&[n]);
             self.backend_up.with_label_values(&[n]).set(1);
+            self.backend_standby.with_label_values(&[n]).set(0);
             self.upstream_duration.with_label_values(&[n]);
         }
     }

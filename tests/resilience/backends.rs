@@ -673,6 +673,16 @@ async fn a_backend_that_breaks_every_stream_is_taken_out_under_one_caller() {
     // Out on failures its requests may have caused: it stands by for what b cannot take.
     assert_eq!(h["backends"][0]["standby"], true, "{h}");
     assert!(h["backends"][1].get("standby").is_none(), "{h}");
+    assert_eq!(
+        gw.metric("llm_gateway_backend_standby{backend=\"a\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        gw.metric("llm_gateway_backend_standby{backend=\"b\"}")
+            .await,
+        Some(0.0)
+    );
     // Overlapping (review): other streams' first bytes on it while one breaks explain
     // nothing; a burst's breaks count once in full, the next burst's again.
     let a = mock().await;

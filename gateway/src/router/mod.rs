@@ -157,9 +157,10 @@ impl ModelRouter {
         if up.is_empty() && standby {
             // None up: those out only on failures requests may have caused take it (a model
             // or a wire format is never left without a backend by them).
+            // (Up again since the first pass, it is taken all the same.)
             up.extend((0..n).filter(|&i| {
                 !tried.contains(&i)
-                    && self.pool.is_standby(i)
+                    && (self.pool.is_standby(i) || self.pool.is_up(i))
                     && self.may_serve(i, model.as_deref(), ollama_only)
             }));
         }

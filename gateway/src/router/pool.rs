@@ -366,13 +366,13 @@ impl BackendPool {
     /// A request failed on the backend (connect error, timeout, 5xx). After `fail_threshold`
     /// consecutive failures it cools down; each further failure while it cools down doubles
     /// the cooldown, to a cap (once the cooldown is over, a new streak starts).
+    /// A backend standing by ([`Self::is_standby`]) is sent requests while it cools down on
+    /// purpose: their failures change nothing (its probe decides whether it is down).
     pub fn mark_failed(&self, idx: usize) {
         let _streak = self.streak(idx);
-        self.fail(idx);
-        // Failing on its own (a refused connection), it no longer stands by.
-        self.0.backends[idx]
-            .out_maybe_caused
-            .store(false, Ordering::Relaxed);
+        if !self.is_standby(idx) {
+            self.fail(idx);
+        }
     }
 
     /// The backend's current streak, its callers locked: every change of the streak

@@ -545,9 +545,15 @@ fn a_backend_out_on_misses_still_takes_what_no_other_can() {
     assert_eq!(r.pick(&at("/api/chat", "m"), &[]), Pick::NoneAvailable);
     r.pool().set_probe(0, true);
     assert_eq!(r.pick(&at("/api/chat", "m"), &[]), Pick::Backend(0));
-    // A refused connection there: failing on its own, it stands by no more.
+    // Requests sent to it while it stands by change nothing (a refused connection does not
+    // double its cooldown, nor end its standing by: its probe decides).
+    let until = r.pool().get(0).down_until();
     r.pool().mark_failed(0);
-    assert_eq!(r.pick(&at("/api/chat", "m"), &[]), Pick::NoneAvailable);
+    assert_eq!(r.pool().get(0).down_until(), until);
+    assert_eq!(r.pick(&at("/api/chat", "m"), &[]), Pick::Backend(0));
+    // A generation served there brings it back.
+    r.pool().mark_ok(0);
+    assert!(r.pool().is_up(0));
     // Out on its own failures (refused connections), it takes nothing.
     let r = lasting_with(vec![
         backend(0, BackendKind::Ollama, Some(&["m", "n"])),
