@@ -637,11 +637,9 @@ async fn one_clients_slow_first_bytes_do_not_take_the_backends_out() {
     }
 }
 
-/// Review: a backend that breaks every stream after its first bytes (a runner that crashes
-/// mid-generation) stayed in under one caller: its first bytes to each request counted as
-/// serving, which explained the request's own break.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_backend_that_breaks_every_stream_is_taken_out_under_one_caller() {
+/// Backend a breaks every stream after its first chunks (a runner that crashes mid-way), b
+/// works; round-robin, no probes.
+async fn a_breaks_b_works() -> (Vec<mock_ollama::MockServer>, Gateway) {
     let a = mock().await;
     let b = mock().await;
     a.set_fail(FailMode::CloseMidStream);
@@ -650,22 +648,33 @@ async fn a_backend_that_breaks_every_stream_is_taken_out_under_one_caller() {
         backends(&[("a", &a.url()), ("b", &b.url())])
     ))
     .await;
-    let send = || async {
-        let r = client()
-            .post(gw.url("/api/generate"))
-            .header("x-mock-chunks", "10")
-            .header("x-mock-delay-ms", "20")
-            .json(&streamed(MODEL))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().await.is_err()
-    };
+    (vec![a, b], gw)
+}
+
+/// A stream of 10 chunks 20 ms apart: whether it broke.
+async fn stream_broke(gw: &Gateway) -> bool {
+    let r = client()
+        .post(gw.url("/api/generate"))
+        .header("x-mock-chunks", "10")
+        .header("x-mock-delay-ms", "20")
+        .json(&streamed(MODEL))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.is_err()
+}
+
+/// Review: a backend that breaks every stream after its first bytes (a runner that crashes
+/// mid-generation) stayed in under one caller: its first bytes to each request counted as
+/// serving, which explained the request's own break.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_breaks_every_stream_is_taken_out_under_one_caller() {
+    let (_m, gw) = a_breaks_b_works().await;
     // One after another: three broken streams take it out.
     let mut broken = 0;
     for _ in 0..10 {
-        broken += usize::from(send().await);
+        broken += usize::from(stream_broke(&gw).await);
     }
     assert_eq!(broken, 3, "three broken streams took it out");
     let h = gw.health().await;
@@ -685,25 +694,7 @@ async fn a_backend_that_breaks_every_stream_is_taken_out_under_one_caller() {
     );
     // Overlapping (review): other streams' first bytes on it while one breaks explain
     // nothing; a burst's breaks count once in full, the next burst's again.
-    let a = mock().await;
-    let b = mock().await;
-    a.set_fail(FailMode::CloseMidStream);
-    let gw = Gateway::start(&format!(
-        "{}routing: {{ strategy: round-robin, cooldown: 30s, discovery: {{ enabled: false }}, health: {{ enabled: false }} }}\n",
-        backends(&[("a", &a.url()), ("b", &b.url())])
-    ))
-    .await;
-    let send = || async {
-        let r = client()
-            .post(gw.url("/api/generate"))
-            .header("x-mock-chunks", "10")
-            .header("x-mock-delay-ms", "20")
-            .json(&streamed(MODEL))
-            .send()
-            .await
-            .unwrap();
-        r.bytes().await.is_err()
-    };
+    let (_m, gw) = a_breaks_b_works().await;
     let mut rounds = 0;
     while gw.health().await["backends"][0]["state"] == "up" {
         rounds += 1;
@@ -712,7 +703,7 @@ async fn a_backend_that_breaks_every_stream_is_taken_out_under_one_caller() {
             "still in after {} overlapping rounds",
             rounds - 1
         );
-        futures_util::future::join_all((0..6).map(|_| send())).await;
+        futures_util::future::join_all((0..6).map(|_| stream_broke(&gw))).await;
     }
     assert!(rounds >= 2, "one burst's breaks counted in full each");
 }
