@@ -34,6 +34,16 @@ async fn gateway(m: &mock_ollama::MockServer, extra: &str) -> (Gateway, tempfile
     (gw, dir)
 }
 
+/// A JSON POST with the ordinary user's key.
+async fn as_user(c: &reqwest::Client, gw: &Gateway, path: &str, body: &Value) -> reqwest::Response {
+    c.post(gw.url(path))
+        .header("authorization", bearer(USER_KEY))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
@@ -81,13 +91,7 @@ async fn output_cap_holds_for_every_token_field() {
         body.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
-        let r = c
-            .post(gw.url("/v1/chat/completions"))
-            .header("authorization", bearer(USER_KEY))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = as_user(&c, &gw, "/v1/chat/completions", &body).await;
         assert_eq!(r.status(), 200, "{extra}");
         let seen = last_body(&m, "/v1/chat/completions");
         // Every backend's reading: vLLM (max_completion_tokens, else max_tokens),
@@ -121,13 +125,7 @@ async fn output_cap_holds_for_every_token_field() {
         body.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
-        let r = c
-            .post(gw.url("/api/chat"))
-            .header("authorization", bearer(USER_KEY))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = as_user(&c, &gw, "/api/chat", &body).await;
         assert_eq!(r.status(), 200, "{extra}");
         let seen = last_body(&m, "/api/chat");
         let n = seen["options"]["num_predict"].as_i64();
@@ -138,13 +136,13 @@ async fn output_cap_holds_for_every_token_field() {
     }
 
     for bad in [json!(1.5), json!("lots"), json!(true), json!([1])] {
-        let r = c
-            .post(gw.url("/v1/chat/completions"))
-            .header("authorization", bearer(USER_KEY))
-            .json(&json!({"model": "llama3.1:8b", "messages": [], "max_completion_tokens": bad}))
-            .send()
-            .await
-            .unwrap();
+        let r = as_user(
+            &c,
+            &gw,
+            "/v1/chat/completions",
+            &json!({"model": "llama3.1:8b", "messages": [], "max_completion_tokens": bad}),
+        )
+        .await;
         assert_eq!(r.status(), 400, "{bad}");
         assert_eq!(error_of(r).await.0, "invalid_max_tokens");
     }
@@ -183,13 +181,13 @@ async fn several_completions_reserve_several_caps() {
     let r = ask(2).await.unwrap();
     assert_eq!(r.status(), 200);
     // llama.cpp's server reads `n_cmpl` before `n`: it counts the same.
-    let r = c
-        .post(gw.url("/v1/completions"))
-        .header("authorization", bearer(USER_KEY))
-        .json(&json!({"model": "llama3.1:8b", "prompt": "hi", "max_tokens": 1000, "n": 1, "n_cmpl": 8}))
-        .send()
-        .await
-        .unwrap();
+    let r = as_user(
+        &c,
+        &gw,
+        "/v1/completions",
+        &json!({"model": "llama3.1:8b", "prompt": "hi", "max_tokens": 1000, "n": 1, "n_cmpl": 8}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     assert_eq!(error_of(r).await.0, "too_many_choices");
 }
@@ -556,13 +554,7 @@ async fn case_folded_fields_and_zero_limits_do_not_slip_past() {
             json!({"model": "llama3.1:8b", "prompt": "x", "max_tokens": 0}),
         ),
     ] {
-        let r = c
-            .post(gw.url(path))
-            .header("authorization", bearer(USER_KEY))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = as_user(&c, &gw, path, &body).await;
         assert_eq!(r.status(), 200, "{body}");
         let seen = last_body(&m, path);
         let n = seen
@@ -833,13 +825,7 @@ async fn requests_do_not_reload_or_unload_models_for_everyone() {
             json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ messages }}"}),
         ),
     ] {
-        let r = c
-            .post(gw.url(path))
-            .header("authorization", bearer(USER_KEY))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = as_user(&c, &gw, path, &body).await;
         assert_eq!(r.status(), 403, "{path} {body}");
         assert_eq!(
             error_of(r).await.0,
@@ -849,22 +835,16 @@ async fn requests_do_not_reload_or_unload_models_for_everyone() {
     }
     assert_eq!(m.total(), 0, "nothing reached the backend");
     // Sampling options and the server's defaults pass.
-    let r = c
-        .post(gw.url("/api/chat"))
-        .header("authorization", bearer(USER_KEY))
-        .json(&json!({"model": "llama3.1:8b", "stream": false, "messages": [{"role": "user", "content": "hi"}], "options": {"temperature": 0.2, "num_ctx": 2048}, "keep_alive": null}))
-        .send()
-        .await
-        .unwrap();
+    let r = as_user(&c, &gw, "/api/chat", &json!({"model": "llama3.1:8b", "stream": false, "messages": [{"role": "user", "content": "hi"}], "options": {"temperature": 0.2, "num_ctx": 2048}, "keep_alive": null})).await;
     assert_eq!(r.status(), 200);
     for keep_alive in [json!(0), json!("1s"), json!(1800)] {
-        let r = c
-            .post(gw.url("/api/embed"))
-            .header("authorization", bearer(USER_KEY))
-            .json(&json!({"model": "llama3.1:8b", "input": ["x"], "keep_alive": keep_alive}))
-            .send()
-            .await
-            .unwrap();
+        let r = as_user(
+            &c,
+            &gw,
+            "/api/embed",
+            &json!({"model": "llama3.1:8b", "input": ["x"], "keep_alive": keep_alive}),
+        )
+        .await;
         assert_eq!(r.status(), 200);
         let seen = last_body(&m, "/api/embed");
         assert!(
@@ -874,13 +854,7 @@ async fn requests_do_not_reload_or_unload_models_for_everyone() {
     }
     // With `server_settings: allow` they go through as sent.
     let (gw, _d) = gateway(&m, "  - use: policy\n    server_settings: allow\n").await;
-    let r = c
-        .post(gw.url("/api/embed"))
-        .header("authorization", bearer(USER_KEY))
-        .json(&json!({"model": "llama3.1:8b", "input": ["x"], "keep_alive": "10m", "options": {"num_batch": 256}}))
-        .send()
-        .await
-        .unwrap();
+    let r = as_user(&c, &gw, "/api/embed", &json!({"model": "llama3.1:8b", "input": ["x"], "keep_alive": "10m", "options": {"num_batch": 256}})).await;
     assert_eq!(r.status(), 200);
     let seen = last_body(&m, "/api/embed");
     assert_eq!(
@@ -1086,13 +1060,7 @@ async fn usage_is_asked_for_however_stream_options_is_written() {
     let m = mock().await;
     let (gw, _d) = gateway(&m, "").await;
     let c = client();
-    let r = c
-        .post(gw.url("/v1/chat/completions"))
-        .header("authorization", bearer(USER_KEY))
-        .json(&json!({"model": "llama3.1:8b", "stream": true, "stream_options": null, "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = as_user(&c, &gw, "/v1/chat/completions", &json!({"model": "llama3.1:8b", "stream": true, "stream_options": null, "messages": [{"role": "user", "content": "hi"}]})).await;
     let text = r.text().await.unwrap();
     assert!(
         !text.contains("\"choices\":[]"),
@@ -1104,22 +1072,16 @@ async fn usage_is_asked_for_however_stream_options_is_written() {
     );
     // Ollama reads `stream_options` without regard to case, the last spelling winning: a
     // second spelling that would turn the usage off is refused.
-    let r = c
-        .post(gw.url("/v1/chat/completions"))
-        .header("authorization", bearer(USER_KEY))
-        .json(&json!({"model": "llama3.1:8b", "stream": true, "stream_options": {"include_usage": true, "Include_usage": false}, "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = as_user(&c, &gw, "/v1/chat/completions", &json!({"model": "llama3.1:8b", "stream": true, "stream_options": {"include_usage": true, "Include_usage": false}, "messages": [{"role": "user", "content": "hi"}]})).await;
     assert_eq!(r.status(), 400);
     assert_eq!(error_of(r).await.0, "invalid_field_name");
-    let r = c
-        .post(gw.url("/v1/chat/completions"))
-        .header("authorization", bearer(USER_KEY))
-        .json(&json!({"model": "llama3.1:8b", "stream": "true", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    let r = as_user(
+        &c,
+        &gw,
+        "/v1/chat/completions",
+        &json!({"model": "llama3.1:8b", "stream": "true", "messages": []}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     assert_eq!(error_of(r).await.0, "invalid_stream");
 }
@@ -1327,13 +1289,7 @@ async fn the_context_window_is_capped_and_json_is_required() {
             json!({"model": "llama3.1:8b", "input": "x", "options": {"num_ctx": 1e9}}),
         ),
     ] {
-        let r = c
-            .post(gw.url(path))
-            .header("authorization", bearer(USER_KEY))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = as_user(&c, &gw, path, &body).await;
         assert_eq!(r.status(), 200, "{path} {body}");
         assert_eq!(
             last_body(&m, path)["options"]["num_ctx"],
@@ -1342,13 +1298,7 @@ async fn the_context_window_is_capped_and_json_is_required() {
         );
     }
     let small = json!({"model": "llama3.1:8b", "stream": false, "prompt": "x", "options": {"num_ctx": 2048}});
-    let r = c
-        .post(gw.url("/api/generate"))
-        .header("authorization", bearer(USER_KEY))
-        .json(&small)
-        .send()
-        .await
-        .unwrap();
+    let r = as_user(&c, &gw, "/api/generate", &small).await;
     assert_eq!(r.status(), 200);
     assert_eq!(last_body(&m, "/api/generate")["options"]["num_ctx"], 2048);
     // A form post with a password (what a page could make a browser send): 415. With an API
@@ -2208,13 +2158,7 @@ async fn parts_logprobs_and_image_steps_are_bounded_before_the_backend() {
         ),
     ];
     for (path, body, code) in cases {
-        let r = c
-            .post(gw.url(path))
-            .header("authorization", bearer(USER_KEY))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = as_user(&c, &gw, path, &body).await;
         assert_eq!(r.status(), 400, "{path} {body}");
         assert_eq!(error_of(r).await.0, code, "{path}");
     }
@@ -2225,13 +2169,13 @@ async fn parts_logprobs_and_image_steps_are_bounded_before_the_backend() {
         "a refused request reached the backend"
     );
     // Within the bounds, the same shapes pass.
-    let r = c
-        .post(gw.url("/v1/completions"))
-        .header("authorization", bearer(USER_KEY))
-        .json(&json!({"model": "llama3.1:8b", "prompt": "hi", "logprobs": 5}))
-        .send()
-        .await
-        .unwrap();
+    let r = as_user(
+        &c,
+        &gw,
+        "/v1/completions",
+        &json!({"model": "llama3.1:8b", "prompt": "hi", "logprobs": 5}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(last_body(&m, "/v1/completions")["logprobs"], 5);
 }
