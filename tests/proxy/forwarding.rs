@@ -657,13 +657,41 @@ async fn expect_100_continue_keeps_the_connection_and_is_for_http_1_1_only() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
 
+/// Sends a streamed `/api/chat` of `body` by hand (`extra`: header lines) and reads the
+/// start of its `200` answer.
+async fn start_chat(s: &mut tokio::net::TcpStream, extra: &str, body: &Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let head = format!(
+        "POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 512];
+    let n = s.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+}
+
+/// The last line of the audit log once it has `n` lines (`null` if it never gets there).
+async fn audit_line(audit: &std::path::Path, n: usize) -> Value {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(audit).unwrap_or_default();
+        if text.lines().count() >= n {
+            if let Some(l) = text.lines().last() {
+                return serde_json::from_str(l).unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Value::Null
+}
+
 /// Billing review: a client that stops reading a stream (its receive window full) and then
 /// leaves was charged only what had passed: while the gateway's write to it was blocked, the
 /// backend went on generating into the buffers between them. What is already there, the
 /// finished answer's usage among it, is read before the backend's connection is dropped.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_charged_what_the_backend_generated() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
@@ -680,31 +708,13 @@ async fn a_client_that_stops_reading_is_charged_what_the_backend_generated() {
         .connect(format!("127.0.0.1:{}", gw.port).parse().unwrap())
         .await
         .unwrap();
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string();
-    let head = format!(
-        "POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nx-mock-chunks: {CHUNKS}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let mut first = [0u8; 512];
-    let n = s.read(&mut first).await.unwrap();
-    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    start_chat(&mut s, &format!("x-mock-chunks: {CHUNKS}\r\n"), &body).await;
     // Reads nothing more while the backend fills the buffers between them, then leaves.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     s.set_zero_linger().unwrap();
     drop(s);
-    let mut line = Value::Null;
-    for _ in 0..100 {
-        if let Some(l) = std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .last()
-        {
-            line = serde_json::from_str(l).unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let line = audit_line(&audit, 1).await;
     assert_eq!(line["decision"], "failed:client_disconnected", "{line}");
     assert_eq!(line["completion_tokens"], CHUNKS, "{line}");
 }
@@ -714,7 +724,6 @@ async fn a_client_that_stops_reading_is_charged_what_the_backend_generated() {
 /// the reservation is charged instead. Without tools, what passed stands.
 #[tokio::test]
 async fn leaving_a_stream_that_offers_tools_is_charged_its_reservation() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
@@ -734,30 +743,18 @@ async fn leaving_a_stream_that_offers_tools_is_charged_its_reservation() {
         if let Some(t) = tools {
             body["tools"] = t;
         }
-        let body = body.to_string();
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
             .await
             .unwrap();
-        let head = format!(
-            "POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nx-mock-chunks: 50\r\nx-mock-delay-ms: 100\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).await.unwrap();
-        let mut first = [0u8; 512];
-        let n = s.read(&mut first).await.unwrap();
-        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+        start_chat(
+            &mut s,
+            "x-mock-chunks: 50\r\nx-mock-delay-ms: 100\r\n",
+            &body,
+        )
+        .await;
         s.set_zero_linger().unwrap();
         drop(s);
-        let want = costs.len() + 1;
-        let mut line = Value::Null;
-        for _ in 0..100 {
-            let text = std::fs::read_to_string(&audit).unwrap_or_default();
-            if text.lines().count() == want {
-                line = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let line = audit_line(&audit, costs.len() + 1).await;
         assert_eq!(line["decision"], "failed:client_disconnected", "{line}");
         costs.push(line["cost_usd"].as_f64().unwrap());
     }
