@@ -204,14 +204,26 @@ pub fn settings(t: &TlsSpec) -> Result<TlsSettings, TlsError> {
     s.set_private_key_file(&key).map_err(setting("key"))?;
     s.enable_h2();
     if let Some(ca) = &t.client_ca {
-        s.set_client_cert_verifier(client_verifier(ca)?);
+        s.set_client_cert_verifier(ca.verifier.clone());
     }
     Ok(s)
 }
 
-/// The verifier of client certificates issued under the CAs in `ca`: also what the
-/// configuration check builds, so a file that holds no certificate is refused by `check`,
-/// not only at start.
+/// A listener's `tls.client_ca`: the file, and the verifier built from it.
+#[derive(Clone)]
+pub struct ClientCa {
+    pub path: PathBuf,
+    pub verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for ClientCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ClientCa").field(&self.path).finish()
+    }
+}
+
+/// The verifier of client certificates issued under the CAs in `ca`, built when the config
+/// is read: a file that holds no certificate is refused by `check`, not only at start.
 pub fn client_verifier(ca: &std::path::Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     pingora_rustls::install_default_crypto_provider();
     let client_ca = |reason: String| TlsError::ClientCa {

@@ -166,7 +166,8 @@ fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
 pub struct TlsSpec {
     pub cert: PathBuf,
     pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
+    /// Built once, when the config is read (`check` refuses a file that holds no CA).
+    pub client_ca: Option<crate::tls::ClientCa>,
 }
 
 /// How backends are chosen, retried and watched.
@@ -736,7 +737,7 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                     .as_deref()
                     .map(|p| {
                         let path = file("client_ca", p)?;
-                        crate::tls::client_verifier(&path).map_err(|e| {
+                        let verifier = crate::tls::client_verifier(&path).map_err(|e| {
                             let why = match e {
                                 crate::tls::TlsError::ClientCa { reason, .. } => reason,
                                 e => e.to_string(),
@@ -746,7 +747,7 @@ fn listener(l: &ListenEntry, has_auth: bool, config_dir: &Path) -> Result<Listen
                                 format!("cannot load {}: {why}; it must hold the PEM certificates of the CAs that issue client certificates", path.display()),
                             )
                         })?;
-                        Ok::<_, Invalid>(path)
+                        Ok::<_, Invalid>(crate::tls::ClientCa { path, verifier })
                     })
                     .transpose()?,
             })
