@@ -179,7 +179,8 @@ pub fn build(
     if o.capture.prompts {
         log::warn!("audit: capture.prompts is on: prompt texts are written to the audit log");
     }
-    let prompt_key = match o.prompt_hash_key.as_deref().map(str::trim) {
+    // Used exactly as written: the documented `openssl dgst -hmac "$KEY"` lookup must match.
+    let prompt_key = match o.prompt_hash_key.as_deref() {
         None => None,
         Some(k) if k.len() < MIN_PROMPT_KEY => {
             return Err(OptionsError::new(

@@ -158,21 +158,30 @@ const LOGPROB_FIELDS: [&str; 5] = [
 ];
 
 /// The first top-level field named in `limits` (in any case: Ollama's Go decoder folds it)
-/// whose number is past its limit, or below -1, with that limit. A number written as a string counts
-/// (llama.cpp and pydantic read some so); anything else (`logprobs: true`) does not.
+/// whose value is past its limit, with that limit ([`past`]).
 fn past_limit<'a>(body: &'a Value, limits: &[(&str, f64)]) -> Option<(&'a str, f64)> {
     body.as_object()?.iter().find_map(|(key, v)| {
         let (_, max) = limits.iter().find(|(f, _)| key.eq_ignore_ascii_case(f))?;
-        let n = match v {
-            Value::Number(n) => n.as_f64(),
-            Value::String(s) => s.trim().parse::<f64>().ok(),
-            _ => None,
-        }?;
-        // Below -1 too: llama.cpp reads these as 32-bit integers without a range check, so
-        // -4294817296 became 150,000 (a whole vocabulary a token); -1 is vLLM's "all", which
-        // it bounds itself.
-        (n > *max || n < -1.0).then_some((gateway_filter::redact::clip(key), *max))
+        past(v, *max).then_some((gateway_filter::redact::clip(key), *max))
     })
+}
+
+/// Whether a value asks for more than `max`: a number past it or below -1 (llama.cpp reads
+/// these as 32-bit integers without a range check, so -4294817296 became 150,000, a whole
+/// vocabulary a token; -1 is vLLM's "all", which it bounds itself); a string read as a
+/// number the way pydantic reads one (`" 25 "`, `"1_000"`), or that does not read as one
+/// (fail closed: a server may read what this does not); a list by its elements (SGLang's
+/// `top_logprobs_num` per prompt); an object. `true`, `false` and `null` ask for nothing
+/// (`logprobs: true` is chat's flag).
+fn past(v: &Value, max: f64) -> bool {
+    let within = |n: f64| (-1.0..=max).contains(&n);
+    match v {
+        Value::Null | Value::Bool(_) => false,
+        Value::Number(n) => !n.as_f64().is_some_and(within),
+        Value::String(s) => !s.trim().replace('_', "").parse::<f64>().is_ok_and(within),
+        Value::Array(items) => items.iter().any(|v| past(v, max)),
+        Value::Object(_) => true,
+    }
 }
 
 /// Refuses a request asking for more than `max` alternatives a token (`max_logprobs`):
@@ -216,17 +225,23 @@ pub fn check_image_size(route: Route, body: &Value, limits: &Limits) -> Result<(
 /// message's `content` list a message of its own (a turn, with its template around it), so
 /// one message of 200 parts is 200.
 pub fn message_count(body: &Value) -> usize {
-    body.get("messages")
+    let turns = |m: &Value| match m.get("content") {
+        Some(Value::Array(parts)) => parts.len().max(1),
+        _ => 1,
+    };
+    let messages = body
+        .get("messages")
         .and_then(Value::as_array)
-        .map_or(0, |messages| {
-            messages
-                .iter()
-                .map(|m| match m.get("content") {
-                    Some(Value::Array(parts)) => parts.len().max(1),
-                    _ => 1,
-                })
-                .sum()
-        })
+        .map_or(0, |messages| messages.iter().map(turns).sum());
+    // The Responses API carries its turns in `input` (objects; an embedding's `input` is
+    // strings or token lists, which are not turns).
+    let input = body
+        .get("input")
+        .and_then(Value::as_array)
+        .map_or(0, |items| {
+            items.iter().filter(|i| i.is_object()).map(turns).sum()
+        });
+    messages + input
 }
 
 /// Whether requests may set what decides how the model server loads, keeps, formats or

@@ -225,6 +225,29 @@ async fn shape_limits() {
     );
     c.unknown_format = true;
     custom.on_request(&mut c).await.unwrap();
+    // Review: the Responses API carries its turns in `input` (a custom rule's
+    // `/v1/responses`); an embedding's `input` of strings is not turns.
+    let responses = filter(
+        json!({"allow": [{"path": "/v1/responses", "methods": ["POST"]}, "openai-inference"], "max_messages": 2}),
+    );
+    let mut c = req(
+        Method::POST,
+        "/v1/responses",
+        Some(
+            json!({"model": "m", "input": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "user", "content": "c"}]}),
+        ),
+    );
+    c.unknown_format = true;
+    assert_eq!(
+        responses.on_request(&mut c).await.unwrap_err().code,
+        "too_many_messages"
+    );
+    let mut c = req(
+        Method::POST,
+        "/v1/embeddings",
+        Some(json!({"model": "m", "input": ["a", "b", "c", "d"]})),
+    );
+    responses.on_request(&mut c).await.unwrap();
     // Ollama image generation: steps and sides bounded (the output cap counts no tokens there).
     for body in [
         json!({"model": "m", "prompt": "a cat", "steps": 2147483647}),
@@ -260,6 +283,29 @@ async fn shape_limits() {
         ),
     ] {
         let mut c = req(Method::POST, path, Some(body.clone()));
+        f.on_request(&mut c)
+            .await
+            .unwrap_or_else(|r| panic!("{body}: {}", r.message));
+    }
+    // Review: what a server reads as a number is refused as one (pydantic reads "1_000" as
+    // 1000; what this does not read as a number is refused, not passed), and SGLang's list
+    // (one per prompt) by its largest.
+    for body in [
+        json!({"model": "m", "messages": [], "logprobs": true, "top_logprobs": "1_000"}),
+        json!({"model": "m", "messages": [], "logprobs": true, "top_logprobs": "nan"}),
+        json!({"model": "m", "messages": [], "logprobs": true, "top_logprobs": "2e4x"}),
+        json!({"model": "m", "messages": [], "top_logprobs_num": [1, 100000]}),
+        json!({"model": "m", "messages": [], "top_logprobs_num": {"n": 1}}),
+    ] {
+        let mut c = req(Method::POST, "/v1/chat/completions", Some(body.clone()));
+        let r = f.on_request(&mut c).await.unwrap_err();
+        assert_eq!(r.code, "too_many_logprobs", "{body}");
+    }
+    for body in [
+        json!({"model": "m", "messages": [], "logprobs": true, "top_logprobs": " 2_0 "}),
+        json!({"model": "m", "messages": [], "top_logprobs_num": [1, 20], "logprobs": null}),
+    ] {
+        let mut c = req(Method::POST, "/v1/chat/completions", Some(body.clone()));
         f.on_request(&mut c)
             .await
             .unwrap_or_else(|r| panic!("{body}: {}", r.message));
