@@ -18,25 +18,10 @@ use std::time::Duration;
 use super::pool::Judged;
 use super::BackendPool;
 
+/// A miss on backend `idx`, as it will be judged.
 struct Miss {
     idx: usize,
-    caller: u64,
-    waited: Duration,
-    /// When it missed, on the pool's clock.
-    at_ms: u64,
-    /// A break, not a wait for the answer's start ([`Judged::broke`]).
-    broke: bool,
-}
-
-impl Miss {
-    fn judged(&self) -> Judged {
-        Judged {
-            caller: self.caller,
-            waited: self.waited,
-            at_ms: self.at_ms,
-            broke: self.broke,
-        }
-    }
+    judged: Judged,
 }
 
 /// The misses of one request not yet judged; what is left is judged when it is dropped.
@@ -61,10 +46,12 @@ impl MissedDeadlines {
     ) {
         self.misses.push(Miss {
             idx,
-            caller,
-            waited,
-            at_ms: pool.now_ms(),
-            broke,
+            judged: Judged {
+                caller,
+                waited,
+                at_ms: pool.now_ms(),
+                broke,
+            },
         });
         self.pool.get_or_insert_with(|| pool.clone());
     }
@@ -77,11 +64,11 @@ impl MissedDeadlines {
         let Some(pool) = &self.pool else { return };
         let mut slow = false;
         self.misses.retain(|m| {
-            if !m.broke && took >= m.waited {
+            if !m.judged.broke && took >= m.judged.waited {
                 slow = true;
                 return true;
             }
-            pool.mark_slow(m.idx, m.judged());
+            pool.mark_slow(m.idx, m.judged);
             false
         });
         self.slow_everywhere |= slow;
@@ -92,10 +79,10 @@ impl MissedDeadlines {
         let Some(pool) = &self.pool else { return };
         match self.misses.as_slice() {
             [] => {}
-            [m] if !self.slow_everywhere => pool.mark_slow(m.idx, m.judged()),
+            [m] if !self.slow_everywhere => pool.mark_slow(m.idx, m.judged),
             several => {
                 for m in several {
-                    pool.mark_failed_for(m.idx, m.caller);
+                    pool.mark_failed_for(m.idx, m.judged.caller);
                 }
             }
         }
