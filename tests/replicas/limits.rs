@@ -390,10 +390,12 @@ async fn a_keys_limits_and_budget_share_one_round_trip() {
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = dir.path().join("spend.db");
-    // Settlements wait long enough not to be sent during the requests.
-    let state = redis
-        .state()
-        .replace("timeout: 100ms", "timeout: 2s, settle_window: 300ms");
+    // Settlements wait long enough not to be sent during the requests. No chunks taken
+    // ahead: every request asks (chunks.rs tests those).
+    let state = redis.state().replace(
+        "timeout: 100ms",
+        "timeout: 2s, settle_window: 300ms, chunk: 0",
+    );
     let gw = super::support::Gateway::start(&format!(
         "{state}{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 1000/s\n    burst: 1000\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 1000/s\n    burst: 1000\n    tokens_per_minute: 1000000\n  - use: budget\n    ledger: {}\n    prices: [{{ model: '*', prompt_per_1m: 1.0, completion_per_1m: 1.0 }}]\n    default: {{ max_usd: 100, period: 1d }}\n",
         super::one_backend(&m.url()),

@@ -4,9 +4,10 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod chunks;
 mod failures;
 mod limits;
-mod round_trip;
+pub mod round_trip;
 mod spend;
 
 use support::redis::Redis;

@@ -15,7 +15,7 @@ use super::{keys_file, one_backend, KEY};
 
 /// A TCP relay to `target` that holds every byte coming back for `delay`: each round trip
 /// through it takes at least that long, however many calls it carries.
-async fn slow_relay(target: u16, delay: Duration) -> u16 {
+pub async fn slow_relay(target: u16, delay: Duration) -> u16 {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {

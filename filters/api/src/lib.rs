@@ -5,6 +5,7 @@
 //! (`auth` sets [`RequestCtx::principal`], later filters read it).
 
 pub mod batch;
+pub mod chunk;
 mod ctx;
 pub mod defer;
 pub mod failing;

@@ -157,6 +157,12 @@ pub trait SharedState: Send + Sync {
     /// Milliseconds a hold lives without renewal (`state.lease_ttl`).
     fn lease_ms(&self) -> u64;
 
+    /// How a limiter takes quota ahead of a key's requests far from its limit
+    /// (`state.chunk`, [`crate::chunk`]); `None`: every request asks the server.
+    fn chunk(&self) -> Option<crate::chunk::ChunkSpec> {
+        None
+    }
+
     /// Renews a hold (see [`Renewal`]) every third of the lease time until the returned
     /// guard is stopped or dropped.
     fn keep(&self, renewal: Renewal) -> Keep;

@@ -24,17 +24,24 @@ pub struct FakeState {
     pub detached: Mutex<Vec<&'static str>>,
     /// What `subscribe` answers as its generation (0: not subscribed).
     pub generation: u64,
+    /// What `chunk` answers.
+    pub chunk: Option<crate::chunk::ChunkSpec>,
+    /// The scripts `run` was asked to run, by name.
+    pub ran: Mutex<Vec<&'static str>>,
 }
 
 #[async_trait]
 impl SharedState for FakeState {
     async fn run(
         &self,
-        _: &'static Script,
+        script: &'static Script,
         _: &[&str],
         _: &[Arg<'_>],
     ) -> Result<Vec<i64>, StateError> {
         self.runs.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut r) = self.ran.lock() {
+            r.push(script.name);
+        }
         let next = self.answers.lock().map(|mut a| a.pop_front());
         next.ok().flatten().unwrap_or(Ok(vec![0]))
     }
@@ -70,6 +77,10 @@ impl SharedState for FakeState {
 
     fn lease_ms(&self) -> u64 {
         1000
+    }
+
+    fn chunk(&self) -> Option<crate::chunk::ChunkSpec> {
+        self.chunk
     }
 
     fn keep(&self, _: Renewal) -> Keep {

@@ -162,6 +162,8 @@ pub struct BudgetFilter {
     ledger: ledger::Ledger,
     /// Spend shared with the other replicas, under this replica's ledger id.
     shared: Option<(Arc<dyn SharedState>, Arc<str>)>,
+    /// Budgets taken ahead on shared state, far from their limits.
+    chunks: shared::BudgetChunks,
     /// Bounded label values of the spend metrics (principals from outside, model names).
     labels: Arc<gateway_filter::labels::MetricLabels>,
 }
@@ -351,6 +353,7 @@ pub fn build(
         book,
         ledger: ledger::Ledger { tx },
         shared,
+        chunks: Default::default(),
         labels: cx.labels.clone(),
     }))
 }
@@ -705,6 +708,7 @@ impl BudgetFilter {
         // book's reservation is made then too, and a refusal is counted only when it is the
         // request's answer (an earlier filter's refusal comes first).
         let (st, replica, soft) = (st.clone(), replica.clone(), self.soft_limit);
+        let chunks = self.chunks.clone();
         ctx.defer(
             self.name(),
             Box::pin(async move {
@@ -718,7 +722,8 @@ impl BudgetFilter {
                 let mine: Vec<_> = res.budgets.iter().map(|b| res.book.spent(b)).collect();
                 let mut unused = Unused(Some(res));
                 let answer =
-                    shared::reserve(&st, &replica, unused.budgets(), &mine, amount, now).await;
+                    shared::reserve(&st, &chunks, &replica, unused.budgets(), &mine, amount, now)
+                        .await;
                 match answer {
                     Ok(shared::Reserved::Taken(holds, after)) => {
                         unused.set_shared((st, replica, holds));
@@ -1014,6 +1019,8 @@ impl Filter for BudgetFilter {
     }
 
     fn shutdown(&self) {
+        // What the chunks taken ahead hold is given back with the last settlements.
+        drop(self.chunks.end_all());
         let (ack, done) = std::sync::mpsc::sync_channel(1);
         let tx = self.ledger.tx.clone();
         let sent = std::thread::spawn(move || tx.blocking_send(ledger::Msg::Flush(ack)).is_ok())

@@ -10,8 +10,11 @@
 //! A reservation checks `sum(spend) + sum(live reservations) + amount <= limit` and takes its
 //! place in one atomic script, so concurrent requests on all replicas cannot overspend.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
+use gateway_filter::chunk::{next_or_end, Chunk, ChunkSpec, Chunks, Draw};
 use gateway_filter::state::{at, Arg, Keep, Renewal, Script, StateError};
 use gateway_filter::SharedState;
 
@@ -202,15 +205,56 @@ fn keys(st: &dyn SharedState, principal: &str, period_key: &str) -> [String; 2] 
     ]
 }
 
-/// A reservation held in shared state for one budget.
+/// A reservation held in shared state for one budget: the request's own, or its part of a
+/// chunk taken ahead (`member` empty: the chunk's reservation holds it).
 pub struct Hold {
     /// Which of the request's budgets it is.
     index: usize,
     keys: [String; 2],
     member: String,
     keep_ms: i64,
+    keep: Option<Keep>,
+    /// The chunk it was served from: its reservation lasts while a request served from it
+    /// runs.
+    _chunk: Option<Arc<ChunkHold>>,
+}
+
+/// A chunk of a budget taken ahead (see `gateway_filter::chunk`): a reservation of its own,
+/// renewed while a request served from it runs, ended when the last of them has settled and
+/// the chunk's life is over. Meanwhile what those requests spend is counted twice (in the
+/// replica's total and in the chunk), which errs on the safe side, far from the limit.
+pub struct ChunkHold {
+    st: Arc<dyn SharedState>,
+    replica: String,
+    keys: [String; 2],
+    member: String,
+    keep_ms: i64,
     keep: Keep,
 }
+
+impl Drop for ChunkHold {
+    fn drop(&mut self) {
+        self.keep.stop();
+        // After the settlements of the requests served from it (same script and keys: in
+        // the order they were made), so their spend is counted before the chunk ends.
+        self.st.run_batched(
+            &SETTLE,
+            self.keys.to_vec(),
+            vec![
+                std::mem::take(&mut self.replica),
+                "0".into(),
+                std::mem::take(&mut self.member),
+                self.keep_ms.to_string(),
+            ],
+        );
+    }
+}
+
+/// The budgets' chunks, by spend key.
+pub type BudgetChunks = Arc<Chunks<Arc<ChunkHold>>>;
+
+/// Names chunks, so a request given back finds its own.
+static CHUNK_TAG: AtomicI64 = AtomicI64::new(1);
 
 impl Hold {
     pub fn index(&self) -> usize {
@@ -226,15 +270,184 @@ pub enum Reserved {
     Refused(usize),
 }
 
+/// Serves `amount` from every budget's chunk, or from none (`None`: ask the server).
+fn serve(
+    st: &Arc<dyn SharedState>,
+    chunks: &BudgetChunks,
+    replica: &str,
+    budgets: &[Budget],
+    mine: &[Nano],
+    amount: Nano,
+    now: i64,
+) -> Option<Reserved> {
+    let spec = st.chunk()?;
+    if st.degraded() || amount <= 0 {
+        return None;
+    }
+    let t = Instant::now();
+    let mut holds = Vec::with_capacity(budgets.len());
+    let mut after = Vec::with_capacity(budgets.len());
+    let mut drawn = Vec::new();
+    for (i, b) in budgets.iter().enumerate() {
+        let keys = keys(st.as_ref(), &b.principal, &b.period_key);
+        let (draw, chores) = chunks.draw(&keys[0], amount as u64, spec, t);
+        // Chunks whose life is over end as the last request served from them settles.
+        drop(chores.ended);
+        if chores.take {
+            take(st, chunks, replica, b, mine[i], amount, now, &keys, spec);
+        }
+        match draw {
+            Draw::Took {
+                left,
+                tag,
+                base,
+                extra,
+            } => {
+                drawn.push((keys[0].clone(), tag));
+                after.push((base.saturating_sub(left as i64), b.limit));
+                holds.push(Hold {
+                    index: i,
+                    keys,
+                    member: String::new(),
+                    keep_ms: keep_ms(b, now),
+                    keep: None,
+                    _chunk: Some(extra),
+                });
+            }
+            Draw::Ask => {
+                for (key, tag) in drawn {
+                    chunks.put_back(&key, tag, amount as u64);
+                }
+                return None;
+            }
+        }
+    }
+    Some(Reserved::Taken(holds, after))
+}
+
+/// Takes a chunk of `budget` beside the request: `state.chunk` times `amount`, only while
+/// 15 times that stays free for the other replicas.
+#[allow(clippy::too_many_arguments)]
+fn take(
+    st: &Arc<dyn SharedState>,
+    chunks: &BudgetChunks,
+    replica: &str,
+    budget: &Budget,
+    mine: Nano,
+    amount: Nano,
+    now: i64,
+    keys: &[String; 2],
+    spec: ChunkSpec,
+) {
+    let want = amount.saturating_mul(i64::try_from(spec.requests).unwrap_or(i64::MAX));
+    let spare = want.saturating_mul(ChunkSpec::SPARE as i64);
+    let limit = budget.limit.saturating_sub(spare);
+    if budget.limit <= 0 || limit < want || want >= i64::MAX / 2 {
+        chunks.taken(&keys[0], None, spec.life, Instant::now(), |_, n| Some(n));
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        chunks.taken(&keys[0], None, spec.life, Instant::now(), |_, n| Some(n));
+        return;
+    };
+    let (st, chunks, replica, keys) = (
+        st.clone(),
+        chunks.clone(),
+        replica.to_string(),
+        keys.clone(),
+    );
+    let keep_ms = keep_ms(budget, now);
+    rt.spawn(async move {
+        loop {
+            let member = format!("{}|{want}", st.member());
+            let answer = st
+                .run(
+                    &RESERVE,
+                    &[&keys[0], &keys[1]],
+                    &[
+                        Arg::Str(&replica),
+                        Arg::Int(mine),
+                        Arg::Int(want),
+                        Arg::Int(limit),
+                        Arg::Str(&member),
+                        Arg::Int(st.lease_ms() as i64),
+                        Arg::Int(keep_ms),
+                    ],
+                )
+                .await;
+            let t = Instant::now();
+            let chunk = match answer {
+                Ok(v) if at(&v, 0) == 1 => {
+                    let keep = st.keep(Renewal {
+                        renew: &RENEW,
+                        forget: &SETTLE,
+                        keys: keys.to_vec(),
+                        args: vec![member.clone(), keep_ms.to_string()],
+                        forget_args: vec![replica.clone(), "0".into(), member.clone(), "0".into()],
+                    });
+                    Some(Chunk {
+                        left: want as u64,
+                        size: want as u64,
+                        until: t + spec.life,
+                        tag: CHUNK_TAG.fetch_add(1, Ordering::Relaxed),
+                        base: at(&v, 1).saturating_add(at(&v, 2)),
+                        extra: Arc::new(ChunkHold {
+                            st: st.clone(),
+                            replica: replica.clone(),
+                            keys: keys.clone(),
+                            member,
+                            keep_ms,
+                            keep,
+                        }),
+                    })
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    // Sent, but no answer: the script may have run; take its place back.
+                    if e.may_have_run() {
+                        st.undo(
+                            &SETTLE,
+                            keys.to_vec(),
+                            vec![
+                                replica.clone(),
+                                mine.to_string(),
+                                member,
+                                keep_ms.to_string(),
+                            ],
+                        );
+                    }
+                    None
+                }
+            };
+            let took = chunk.is_some();
+            // A new chunk replaces the old one, which ends as its last request settles.
+            drop(chunks.taken(&keys[0], chunk, spec.life, t, |_, new| Some(new)));
+            if !took {
+                break;
+            }
+            // A busy key takes its next chunk (`mine` as it was at the first: the script reads
+            // it only when this replica's total is missing).
+            if !next_or_end(&chunks, &keys[0], spec, drop).await {
+                break;
+            }
+        }
+    });
+}
+
 /// Reserves `amount` in every budget, or in none. `mine`: this replica's own total per budget.
+/// Far from the limits, served from chunks taken ahead, without a call.
 pub async fn reserve(
     st: &Arc<dyn SharedState>,
+    chunks: &BudgetChunks,
     replica: &str,
     budgets: &[Budget],
     mine: &[Nano],
     amount: Nano,
     now: i64,
 ) -> Result<Reserved, StateError> {
+    if let Some(served) = serve(st, chunks, replica, budgets, mine, amount, now) {
+        return Ok(served);
+    }
     let lease = st.lease_ms() as i64;
     let calls = budgets.iter().zip(mine).map(|(b, m)| {
         let keys = keys(st.as_ref(), &b.principal, &b.period_key);
@@ -282,7 +495,8 @@ pub async fn reserve(
                     keys,
                     member,
                     keep_ms,
-                    keep,
+                    keep: Some(keep),
+                    _chunk: None,
                 });
             }
             Ok(_) => refused = refused.or(Some(i)),
@@ -323,7 +537,9 @@ pub async fn reserve(
 /// Gives a reservation back and raises this replica's total to `mine` (sent a few milliseconds
 /// later, in one call with the other settlements of the same budget).
 pub fn settle(st: &Arc<dyn SharedState>, replica: &str, h: &Hold, mine: Nano) {
-    h.keep.stop();
+    if let Some(k) = &h.keep {
+        k.stop();
+    }
     st.run_batched(
         &SETTLE,
         h.keys.to_vec(),
@@ -412,7 +628,8 @@ mod tests {
             });
             let st: Arc<dyn SharedState> = fake.clone();
             let both = [budget("team"), budget("*global*")];
-            let r = reserve(&st, "r1", &both, &[0, 0], 10, 0).await;
+            let chunks = BudgetChunks::default();
+            let r = reserve(&st, &chunks, "r1", &both, &[0, 0], 10, 0).await;
             // Not an error: an error falls back to this replica's own book, which would let
             // through what the shared total refused.
             assert!(matches!(r, Ok(Reserved::Refused(i)) if i == refused_at));

@@ -4,6 +4,7 @@
 //! One filter instance has one key (`ip`, `api_key`, `api_key+model`, `header:NAME`); put
 //! two instances in the chain for a per-IP guard before auth and a per-key limit after it.
 
+mod chunks;
 mod rate;
 mod shared;
 mod store;
@@ -141,6 +142,8 @@ pub struct RateLimitFilter {
     /// On shared state and first in the chain: its shared decisions are final, so the rate's
     /// refusals are remembered until their retry time (see [`RateLimitFilter::known_refused`]).
     remember_refusals: bool,
+    /// The rate and tokens taken ahead on shared state, far from the limit.
+    chunks: chunks::LimiterChunks,
 }
 
 /// What a request holds from a limiter until its answer ends (`on_response_end`): an
@@ -162,6 +165,9 @@ enum Held {
         key: String,
         start_ms: i64,
         reserved: u64,
+        /// The key's chunks taken ahead: what the request did not use goes back to the
+        /// chunk of its window, without a call (the chunk gives it back when it ends).
+        chunks: Option<chunks::TokenChunks>,
     },
 }
 
@@ -244,6 +250,7 @@ pub fn build(
         state: cx.state.clone(),
         id: format!("{:016x}", stable_hash(options.to_string().as_bytes())),
         remember_refusals: cx.state.is_some() && cx.first_in_chain,
+        chunks: Default::default(),
     }))
 }
 
@@ -345,7 +352,13 @@ impl RateLimitFilter {
 
     /// The shared call for the request rate and the token reservation (one script when the
     /// limiter has both); `None` when the limiter counts neither.
-    fn shared_ask(&self, st: &dyn SharedState, ctx: &RequestCtx, check: &Check) -> Option<Ask> {
+    fn shared_ask(
+        &self,
+        arc: &Arc<dyn SharedState>,
+        ctx: &RequestCtx,
+        check: &Check,
+    ) -> Option<Ask> {
+        let st = arc.as_ref();
         let t_us = check.rate.map(|r| (r.interval_ns() / 1000).max(1));
         let window = int(MINUTE_NS / 1_000_000);
         let (script, keys, args) = match (t_us, check.tpm.zip(check.reserve)) {
@@ -369,7 +382,29 @@ impl RateLimitFilter {
             ),
             (None, None) => return None,
         };
-        Some(Ask { script, keys, args })
+        // Far from the limit, served from what this replica took ahead: no call.
+        let served = self.chunks.serve(
+            arc,
+            t_us.map(|interval_us| chunks::RateKey {
+                key: &keys[0],
+                interval_us,
+                burst: check.burst,
+            }),
+            check
+                .tpm
+                .zip(check.reserve)
+                .map(|(limit, n)| chunks::TokensKey {
+                    key: &keys[keys.len() - 1],
+                    limit,
+                    n,
+                }),
+        );
+        Some(Ask {
+            script,
+            keys,
+            args,
+            served,
+        })
     }
 
     /// The chain's first filter decides on shared state for good (no earlier check is ever
@@ -452,6 +487,11 @@ impl RateLimitFilter {
             max_in_flight: self.max_in_flight,
             store: self.store.clone(),
             speculative: ctx.has_pending(),
+            token_chunks: self
+                .state
+                .as_ref()
+                .and_then(|st| st.chunk())
+                .map(|_| self.chunks.tokens()),
             remember_refusal: self.remember_refusals,
         })
     }
@@ -462,6 +502,8 @@ struct Ask {
     script: &'static gateway_filter::state::Script,
     keys: Vec<String>,
     args: Vec<gateway_filter::state::Arg<'static>>,
+    /// The answers, when chunks taken ahead served the request.
+    served: Option<chunks::Served>,
 }
 
 /// The shared answers for the rate and the tokens, with the key each was counted in: `None`
@@ -470,6 +512,11 @@ type Answers = (Option<(String, Vec<i64>)>, Option<(String, Vec<i64>)>);
 
 impl Ask {
     async fn send(self, st: &Arc<dyn SharedState>) -> Result<Answers, Rejection> {
+        if let Some((rate, tokens)) = self.served {
+            let mut keys = self.keys.into_iter();
+            let rate = rate.map(|r| (keys.next().unwrap_or_default(), r));
+            return Ok((rate, tokens.map(|t| (keys.next().unwrap_or_default(), t))));
+        }
         let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
         let Some(r) = ask(Some(st), self.script, &keys, &self.args).await? else {
             return Ok((None, None));
@@ -734,7 +781,14 @@ fn settle(
             ref key,
             start_ms,
             reserved,
+            ref chunks,
         } => {
+            let used = used_of(reserved);
+            if let Some(c) = chunks.as_ref().filter(|_| used <= reserved) {
+                if c.put_back(key, start_ms, reserved - used) {
+                    return;
+                }
+            }
             if let Some(st) = state {
                 st.run_batched(
                     &shared::TOKENS_SETTLE,
@@ -743,7 +797,7 @@ fn settle(
                         (MINUTE_NS / 1_000_000).to_string(),
                         start_ms.to_string(),
                         reserved.to_string(),
-                        used_of(reserved).min(i64::MAX as u64).to_string(),
+                        used.min(i64::MAX as u64).to_string(),
                     ],
                 );
             }
@@ -769,6 +823,8 @@ struct Check {
     /// Shared state's refusal of the rate is remembered until its retry time (see
     /// [`RateLimitFilter::known_refused`]).
     remember_refusal: bool,
+    /// The limiter's chunks of tokens, when it takes some.
+    token_chunks: Option<chunks::TokenChunks>,
 }
 
 impl Check {
@@ -885,6 +941,7 @@ impl Check {
                         key: k,
                         start_ms: at(&r, 2),
                         reserved: reserve.min(i64::MAX as u64),
+                        chunks: self.token_chunks.clone(),
                     },
                 ),
                 None => {
@@ -1003,7 +1060,7 @@ impl Filter for RateLimitFilter {
             }
         }
         let shared = self.state.as_ref().map(|st| {
-            let ask = self.shared_ask(st.as_ref(), ctx, &check);
+            let ask = self.shared_ask(st, ctx, &check);
             let slot_key = check
                 .max_in_flight
                 .map(|_| self.shared_key(st.as_ref(), ctx, "slots"));

@@ -142,3 +142,26 @@ redis.call('PEXPIRE', KEYS[1], w * 2)
 return {used}
 "#,
 };
+
+/// Takes a chunk of `n` requests of the rate ahead (see `gateway_filter::chunk`), only when
+/// at least `spare` more would still be free after it. KEYS: the TAT. ARGV: interval µs,
+/// burst, n, spare. Answers `{n, remaining, reset µs, the new TAT µs}`, or `{0, free}`.
+pub static GCRA_TAKE: Script = Script {
+    name: "gcra_take",
+    source: r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local n = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+-- As many requests as GCRA would let through now, one after the other.
+local free = math.floor((now + interval * tonumber(ARGV[2]) + interval - tat) / interval)
+if free < n + tonumber(ARGV[4]) then
+  return {0, free}
+end
+local new_tat = tat + n * interval
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
+return {n, free - n, new_tat - now, new_tat}
+"#,
+};

@@ -231,6 +231,22 @@ mod tests {
                 "state.settle_window",
                 "a third of lease_ttl",
             ),
+            (
+                "state: { backend: redis, url: 'redis://x', chunk: 20000 }",
+                "state.chunk",
+                "at most 10000",
+            ),
+            (
+                "state: { backend: redis, url: 'redis://x', chunk_life: 0s }",
+                "state.chunk_life",
+                "from 1ms",
+            ),
+            (
+                "state: { backend: redis, url: 'redis://x', lease_ttl: 300ms, chunk_life: 200ms }",
+                "state.chunk_life",
+                "a third of lease_ttl",
+            ),
+            ("state: { chunk: 8 }", "state.chunk", "backend: redis"),
         ] {
             let e = parse_str(yaml).unwrap_err().to_string();
             assert!(e.contains(path) && e.contains(hint), "{yaml}: {e}");

@@ -40,6 +40,11 @@ pub struct StateSection {
     /// How long a settlement (tokens, spend) waits to be sent together with others on the
     /// same keys; 0 sends each at once.
     pub settle_window: Option<HumanDuration>,
+    /// Requests' worth of a limit a replica takes ahead while the limit is far off (0: every
+    /// request asks the server).
+    pub chunk: Option<u64>,
+    /// How long a chunk serves before what it has left is given back.
+    pub chunk_life: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -75,6 +80,8 @@ pub struct StateSpec {
     pub breaker_retry: Duration,
     pub ca_file: Option<PathBuf>,
     pub settle_window: Duration,
+    /// `None`: chunks off (`chunk: 0`).
+    pub chunk: Option<gateway_filter::chunk::ChunkSpec>,
 }
 
 pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, Invalid> {
@@ -99,6 +106,8 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
             ("breaker_retry", s.breaker_retry.is_some()),
             ("ca_file", s.ca_file.is_some()),
             ("settle_window", s.settle_window.is_some()),
+            ("chunk", s.chunk.is_some()),
+            ("chunk_life", s.chunk_life.is_some()),
         ];
         if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
             return bad(
@@ -219,6 +228,20 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
             "at most a third of lease_ttl (a finished request's reservations must outlive the wait), such as 5ms",
         );
     }
+    let chunk = s.chunk.unwrap_or(64);
+    if chunk > 10_000 {
+        return bad(
+            "chunk",
+            "at most 10000 requests' worth (0 turns chunks off: every request asks the server), such as 64",
+        );
+    }
+    let chunk_life = ms(s.chunk_life, 50);
+    if chunk_life.is_zero() || chunk_life > Duration::from_secs(1) || chunk_life > lease_ttl / 3 {
+        return bad(
+            "chunk_life",
+            "from 1ms to 1s and at most a third of lease_ttl (a chunk's unused part is given back after it), such as 50ms",
+        );
+    }
     let prefix = s.prefix.unwrap_or_else(|| "llm-gateway:".into());
     if prefix.contains(['{', '}']) {
         return bad(
@@ -238,5 +261,9 @@ pub fn build(s: StateSection, config_dir: &Path) -> Result<Option<StateSpec>, In
         breaker_retry,
         ca_file,
         settle_window,
+        chunk: (chunk > 0).then_some(gateway_filter::chunk::ChunkSpec {
+            requests: chunk,
+            life: chunk_life,
+        }),
     }))
 }

@@ -89,6 +89,7 @@ struct Inner {
     timeout: Duration,
     connect_timeout: Duration,
     lease_ms: u64,
+    chunk: Option<gateway_filter::chunk::ChunkSpec>,
     retry: Duration,
     on_error: OnError,
     breaker: Breaker,
@@ -194,6 +195,7 @@ impl RedisState {
             timeout: spec.timeout,
             connect_timeout: spec.connect_timeout,
             lease_ms: spec.lease_ttl.as_millis() as u64,
+            chunk: spec.chunk,
             retry: spec.breaker_retry,
             on_error: spec.on_error,
             breaker: Breaker::new(spec.breaker_failures),
@@ -886,6 +888,10 @@ impl SharedState for RedisState {
         self.inner.lease_ms
     }
 
+    fn chunk(&self) -> Option<gateway_filter::chunk::ChunkSpec> {
+        self.inner.chunk
+    }
+
     fn keep(&self, renewal: Renewal) -> Keep {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut k) = self.inner.keeps.lock() {
@@ -952,6 +958,7 @@ mod tests {
             breaker_retry: Duration::from_secs(1),
             ca_file: None,
             settle_window: Duration::from_millis(5),
+            chunk: None,
         };
         assert!(client(&spec)
             .unwrap()

@@ -1,0 +1,468 @@
+//! Quota a replica takes from shared state ahead of a key's requests, far from the key's
+//! limit.
+//!
+//! On shared state every request of a key would cost a round trip to the server (its rate,
+//! its tokens, its budget). While a key is far from its limit, the replica instead takes a
+//! chunk of the limit (`state.chunk` requests' worth) in one atomic call made beside the
+//! requests, and serves the next requests from it without a call. A chunk is taken only
+//! while at least 16 times its size stays free for the other replicas, so a limit that
+//! matters (a few requests, a budget near its end) is still checked exactly, request by
+//! request. What a chunk held and did not use is given back when it ends (`state.chunk_life`
+//! after it was taken, or its window's end): until then the other replicas see it as used,
+//! which errs on the safe side.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How chunks are taken (`state.chunk`, `state.chunk_life`).
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkSpec {
+    /// Requests' worth taken at once.
+    pub requests: u64,
+    /// How long a chunk serves before what it has left is given back.
+    pub life: Duration,
+}
+
+impl ChunkSpec {
+    /// A chunk is taken only when at least this many times its size would still be free
+    /// after it.
+    pub const SPARE: u64 = 15;
+}
+
+/// A chunk: what is left of it, until when it serves, and what the server answered when it
+/// was taken (`tag`, `base`: the limiter's own meaning) with `extra` the limiter's own.
+#[derive(Debug)]
+pub struct Chunk<P> {
+    pub left: u64,
+    pub size: u64,
+    pub until: Instant,
+    pub tag: i64,
+    pub base: i64,
+    pub extra: P,
+}
+
+/// What a request found.
+#[derive(Debug)]
+pub enum Draw<P> {
+    /// Served from the chunk: what was left after it, and the chunk's answer.
+    Took {
+        left: u64,
+        tag: i64,
+        base: i64,
+        extra: P,
+    },
+    /// Ask the server as usual.
+    Ask,
+}
+
+struct Entry<P> {
+    chunk: Option<Chunk<P>>,
+    /// The last request that found no chunk: a second one within a chunk's life starts
+    /// taking chunks (a key seen once a minute is never given one).
+    missed: Instant,
+    /// A chunk is being taken.
+    taking: bool,
+    /// A request was served from a chunk since one was last taken: the key is busy, and a
+    /// chunk that ends is followed by the next one.
+    drawn: bool,
+    /// The server gave none (too near the limit): not asked again before this.
+    refused_until: Option<Instant>,
+}
+
+/// The chunks of one limiter, by shared key.
+pub struct Chunks<P> {
+    map: Mutex<HashMap<String, Entry<P>>>,
+    /// Keys followed at most (the address limiter sees one per client address).
+    max_keys: usize,
+}
+
+impl<P> std::fmt::Debug for Chunks<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunks").finish_non_exhaustive()
+    }
+}
+
+impl<P> Default for Chunks<P> {
+    fn default() -> Self {
+        Chunks {
+            map: Mutex::new(HashMap::new()),
+            max_keys: 4096,
+        }
+    }
+}
+
+/// What a call to [`Chunks::draw`] asks of the caller besides its answer.
+#[derive(Debug, Default)]
+pub struct Chores<P> {
+    /// Take a chunk for this key now (beside the request).
+    pub take: bool,
+    /// Chunks that ended with something left: give it back.
+    pub ended: Vec<Chunk<P>>,
+}
+
+impl<P: Clone> Chunks<P> {
+    #[cfg(any(test, feature = "testing"))]
+    pub fn with_max_keys(max_keys: usize) -> Self {
+        Chunks {
+            map: Mutex::new(HashMap::new()),
+            max_keys,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry<P>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves `n` units from `key`'s chunk, or says to ask the server.
+    pub fn draw(&self, key: &str, n: u64, spec: ChunkSpec, now: Instant) -> (Draw<P>, Chores<P>) {
+        let mut chores = Chores {
+            take: false,
+            ended: Vec::new(),
+        };
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(key) else {
+            if map.len() >= self.max_keys {
+                prune(&mut map, spec.life, now, &mut chores.ended);
+            }
+            if map.len() < self.max_keys {
+                map.insert(
+                    key.to_string(),
+                    Entry {
+                        chunk: None,
+                        missed: now,
+                        taking: false,
+                        drawn: false,
+                        refused_until: None,
+                    },
+                );
+            }
+            return (Draw::Ask, chores);
+        };
+        // Ended by the taking's own timer as a rule; by a request only when that timer is
+        // late (a busy thread), and then the request starts the next taking in its place.
+        if e.chunk
+            .as_ref()
+            .is_some_and(|c| now >= c.until + spec.life / 8)
+        {
+            chores.ended.extend(e.chunk.take().filter(|c| c.left > 0));
+            if e.drawn && !e.taking {
+                e.taking = true;
+                chores.take = true;
+            }
+            e.drawn = false;
+        }
+        let may_take = !e.taking && e.refused_until.is_none_or(|t| now >= t);
+        if let Some(c) = e.chunk.as_mut().filter(|c| c.left >= n) {
+            c.left -= n;
+            e.drawn = true;
+            let draw = Draw::Took {
+                left: c.left,
+                tag: c.tag,
+                base: c.base,
+                extra: c.extra.clone(),
+            };
+            // Taken again at half, so the next one is there before this one runs out.
+            if may_take && c.left < c.size / 2 {
+                e.taking = true;
+                chores.take = true;
+            }
+            return (draw, chores);
+        }
+        if may_take && now.saturating_duration_since(e.missed) < spec.life {
+            e.taking = true;
+            chores.take = true;
+        }
+        e.missed = now;
+        (Draw::Ask, chores)
+    }
+
+    /// Gives `n` units back to `key`'s chunk drawn with `tag` (the request was not served:
+    /// another of its checks refused it). False when that chunk is gone.
+    pub fn put_back(&self, key: &str, tag: i64, n: u64) -> bool {
+        let mut map = self.lock();
+        match map.get_mut(key).and_then(|e| e.chunk.as_mut()) {
+            Some(c) if c.tag == tag => {
+                c.left += n;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The answer of a taking: `Some` chunk, or `None` when the server gave none (or did not
+    /// answer). `join` merges a new chunk into a live one of the same key, or answers it back
+    /// when they cannot be joined (the new one then replaces the old one, which ends).
+    /// Answers the chunks that ended with something left.
+    pub fn taken(
+        &self,
+        key: &str,
+        chunk: Option<Chunk<P>>,
+        refused_for: Duration,
+        now: Instant,
+        join: impl FnOnce(&mut Chunk<P>, Chunk<P>) -> Option<Chunk<P>>,
+    ) -> Vec<Chunk<P>> {
+        let mut ended = Vec::new();
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(key) else {
+            // Pruned meanwhile: nothing serves from it.
+            ended.extend(chunk.filter(|c| c.left > 0));
+            return ended;
+        };
+        e.taking = false;
+        let Some(new) = chunk else {
+            e.refused_until = Some(now + refused_for);
+            return ended;
+        };
+        e.refused_until = None;
+        e.drawn = false;
+        match e.chunk.as_mut().filter(|c| now < c.until) {
+            Some(old) => {
+                if let Some(new) = join(old, new) {
+                    let old = std::mem::replace(old, new);
+                    ended.extend(Some(old).filter(|c| c.left > 0));
+                }
+            }
+            None => {
+                ended.extend(e.chunk.replace(new).filter(|c| c.left > 0));
+            }
+        }
+        ended
+    }
+
+    /// Whether `key` is busy (requests were served from its chunk since it was taken, and no
+    /// taking is on its way): its next chunk is then taken now, while this one still serves
+    /// (marked as on its way).
+    pub fn take_next(&self, key: &str) -> bool {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(key) else {
+            return false;
+        };
+        let next = e.drawn && !e.taking && e.chunk.is_some();
+        e.taking |= next;
+        next
+    }
+
+    /// Ends `key`'s chunk if its life is over: what it had left, to give back, and whether
+    /// to take the next one now (requests were served from it, and no taking is on its way:
+    /// it is then marked as on its way).
+    pub fn end(&self, key: &str, now: Instant) -> (Vec<Chunk<P>>, bool) {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(key) else {
+            return (Vec::new(), false);
+        };
+        let Some(ended) = e.chunk.take_if(|c| now >= c.until) else {
+            return (Vec::new(), false);
+        };
+        let next = e.drawn && !e.taking;
+        e.drawn = false;
+        e.taking |= next;
+        (
+            Some(ended).filter(|c| c.left > 0).into_iter().collect(),
+            next,
+        )
+    }
+
+    /// Ends every chunk (at exit): what they have left, to give back.
+    pub fn end_all(&self) -> Vec<Chunk<P>> {
+        self.lock()
+            .values_mut()
+            .filter_map(|e| e.chunk.take())
+            .filter(|c| c.left > 0)
+            .collect()
+    }
+}
+
+/// After a chunk of `key` was taken: at three quarters of its life, answers true when the
+/// key is busy (its next chunk is taken then, while this one still serves); otherwise waits
+/// out the life, ends the chunk (`give_back` what it had left) and answers whether a request
+/// drew from it meanwhile (take the next one then).
+pub async fn next_or_end<P: Clone>(
+    chunks: &Chunks<P>,
+    key: &str,
+    spec: ChunkSpec,
+    give_back: impl FnMut(Chunk<P>),
+) -> bool {
+    tokio::time::sleep(spec.life * 3 / 4).await;
+    if chunks.take_next(key) {
+        return true;
+    }
+    tokio::time::sleep(spec.life - spec.life * 3 / 4).await;
+    let (ended, next) = chunks.end(key, Instant::now());
+    ended.into_iter().for_each(give_back);
+    next
+}
+
+/// Forgets keys with no live chunk, no taking on its way and no recent request.
+fn prune<P>(
+    map: &mut HashMap<String, Entry<P>>,
+    life: Duration,
+    now: Instant,
+    ended: &mut Vec<Chunk<P>>,
+) {
+    map.retain(|_, e| {
+        if e.chunk.as_ref().is_some_and(|c| now >= c.until) {
+            ended.extend(e.chunk.take().filter(|c| c.left > 0));
+        }
+        e.chunk.is_some()
+            || e.taking
+            || now.saturating_duration_since(e.missed) < life
+            || e.refused_until.is_some_and(|t| now < t)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: ChunkSpec = ChunkSpec {
+        requests: 8,
+        life: Duration::from_millis(50),
+    };
+
+    fn chunk(left: u64, tag: i64, until: Instant) -> Chunk<()> {
+        Chunk {
+            left,
+            size: left,
+            until,
+            tag,
+            base: 100,
+            extra: (),
+        }
+    }
+
+    fn join_same_tag(old: &mut Chunk<()>, new: Chunk<()>) -> Option<Chunk<()>> {
+        if old.tag == new.tag {
+            old.left += new.left;
+            old.size = new.size;
+            old.until = new.until;
+            None
+        } else {
+            Some(new)
+        }
+    }
+
+    #[test]
+    fn a_second_request_within_a_life_asks_for_a_chunk_then_draws_from_it() {
+        let c = Chunks::<()>::default();
+        let t0 = Instant::now();
+        let (d, ch) = c.draw("k", 1, SPEC, t0);
+        assert!(matches!(d, Draw::Ask) && !ch.take);
+        let (d, ch) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(10));
+        assert!(matches!(d, Draw::Ask) && ch.take);
+        // Only one taking at a time.
+        let (_, ch) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(11));
+        assert!(!ch.take);
+        let ended = c.taken(
+            "k",
+            Some(chunk(8, 1, t0 + Duration::from_millis(60))),
+            SPEC.life,
+            t0,
+            join_same_tag,
+        );
+        assert!(ended.is_empty());
+        for left in (0..8).rev() {
+            let (d, ch) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(20));
+            assert!(matches!(d, Draw::Took { left: l, tag: 1, .. } if l == left));
+            // A new chunk is asked for once half is used, once.
+            assert_eq!(ch.take, left == 3, "left {left}");
+        }
+        let (d, _) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(20));
+        assert!(matches!(d, Draw::Ask));
+    }
+
+    #[test]
+    fn a_chunk_ends_after_its_life_and_what_it_has_left_is_given_back() {
+        let c = Chunks::<()>::default();
+        let t0 = Instant::now();
+        c.draw("k", 1, SPEC, t0);
+        c.taken("k", Some(chunk(8, 1, t0)), SPEC.life, t0, join_same_tag);
+        // Its taking's timer ends it; a request only when that timer is late.
+        let (d, _) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(1));
+        assert!(matches!(d, Draw::Took { left: 7, .. }));
+        let (d, ch) = c.draw("k", 3, SPEC, t0 + Duration::from_millis(10));
+        assert!(matches!(d, Draw::Ask));
+        assert_eq!(ch.ended.len(), 1);
+        assert_eq!(ch.ended[0].left, 7);
+        // The key was busy: the request starts the next taking.
+        assert!(ch.take);
+    }
+
+    #[test]
+    fn a_busy_key_takes_its_next_chunk_as_the_last_one_ends() {
+        let c = Chunks::<()>::default();
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_millis(50);
+        c.draw("k", 1, SPEC, t0);
+        c.taken("k", Some(chunk(8, 1, until)), SPEC.life, t0, join_same_tag);
+        // Not over yet: nothing ends.
+        assert!(matches!(c.end("k", t0), (v, false) if v.is_empty()));
+        assert!(matches!(
+            c.draw("k", 1, SPEC, t0).0,
+            Draw::Took { left: 7, .. }
+        ));
+        let (ended, next) = c.end("k", until);
+        assert_eq!((ended.len(), ended[0].left, next), (1, 7, true));
+        // That taking is on its way: no request starts another.
+        assert!(!c.draw("k", 1, SPEC, until).1.take);
+        // A chunk nobody drew from ends without a next one.
+        c.taken("k", Some(chunk(8, 2, until)), SPEC.life, t0, join_same_tag);
+        assert!(matches!(c.end("k", until), (v, false) if v.len() == 1));
+    }
+
+    #[test]
+    fn a_refused_taking_is_not_asked_again_within_a_life() {
+        let c = Chunks::<()>::default();
+        let t0 = Instant::now();
+        c.draw("k", 1, SPEC, t0);
+        assert!(c.draw("k", 1, SPEC, t0).1.take);
+        c.taken("k", None, SPEC.life, t0, join_same_tag);
+        assert!(!c.draw("k", 1, SPEC, t0 + Duration::from_millis(49)).1.take);
+        assert!(c.draw("k", 1, SPEC, t0 + Duration::from_millis(51)).1.take);
+    }
+
+    #[test]
+    fn a_chunk_that_cannot_be_joined_replaces_the_old_one() {
+        let c = Chunks::<()>::default();
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(1);
+        c.draw("k", 1, SPEC, t0);
+        c.taken("k", Some(chunk(8, 1, later)), SPEC.life, t0, join_same_tag);
+        let ended = c.taken("k", Some(chunk(8, 1, later)), SPEC.life, t0, join_same_tag);
+        assert!(ended.is_empty());
+        assert!(matches!(
+            c.draw("k", 16, SPEC, t0).0,
+            Draw::Took { left: 0, .. }
+        ));
+        c.taken("k", Some(chunk(8, 1, later)), SPEC.life, t0, join_same_tag);
+        let ended = c.taken("k", Some(chunk(8, 2, later)), SPEC.life, t0, join_same_tag);
+        assert_eq!(ended.len(), 1);
+        assert!(matches!(
+            c.draw("k", 1, SPEC, t0).0,
+            Draw::Took { tag: 2, .. }
+        ));
+        // Given back to the chunk it was drawn from only.
+        assert!(!c.put_back("k", 1, 1));
+        assert!(c.put_back("k", 2, 1));
+        assert!(matches!(
+            c.draw("k", 8, SPEC, t0).0,
+            Draw::Took { left: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn keys_beyond_the_bound_are_not_followed_and_stale_ones_are_pruned() {
+        let c = Chunks::<()>::with_max_keys(2);
+        let t0 = Instant::now();
+        c.draw("a", 1, SPEC, t0);
+        c.draw("b", 1, SPEC, t0);
+        c.draw("c", 1, SPEC, t0);
+        // `c` was not followed: a second request does not start a chunk.
+        assert!(!c.draw("c", 1, SPEC, t0).1.take);
+        // Once `a` and `b` are stale, `c` takes their place.
+        let later = t0 + Duration::from_millis(100);
+        c.draw("c", 1, SPEC, later);
+        assert!(c.draw("c", 1, SPEC, later).1.take);
+        assert_eq!(c.lock().len(), 1);
+    }
+}

@@ -1,0 +1,192 @@
+//! Far from a limit, a replica serves a key's requests from quota it took ahead (`state.chunk`)
+//! instead of asking Redis per request; near the limit every request is asked, and what a
+//! chunk did not use goes back, so the counts stay exact across replicas.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::round_trip::slow_relay;
+use super::support::budget::{account_of, spend_report};
+use super::support::redis::Redis;
+use super::support::{client, mock, Gateway};
+use super::KEY;
+
+/// An address limit, the key's rate and tokens, and a budget, all far from their limits.
+fn far_chain(redis: &Redis, m: &mock_ollama::MockServer, dir: &std::path::Path) -> String {
+    format!(
+        "{}{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 1000000/s\n    burst: 100000\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 1000000/s\n    burst: 100000\n    tokens_per_minute: 1000000000\n  - use: budget\n    ledger: {}\n    prices: [{{ model: '*', prompt_per_1m: 1.0, completion_per_1m: 1.0 }}]\n    default: {{ max_usd: 100000, period: 1d }}\n",
+        redis
+            .state()
+            .replace("timeout: 100ms", "timeout: 2s, chunk_life: 300ms"),
+        super::one_backend(&m.url()),
+        super::keys_file(dir),
+        dir.join("spend.db").display()
+    )
+}
+
+/// One chat completion with `KEY`: its status and its usage's total tokens.
+async fn chat(c: &reqwest::Client, gw: &Gateway) -> (u16, u64) {
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "llama3.1:8b", "max_tokens": 8,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    (status, body["usage"]["total_tokens"].as_u64().unwrap_or(0))
+}
+
+/// The tokens the key's window in Redis counts.
+fn tokens_counted(redis: &Redis) -> u64 {
+    let script = "local k = redis.call('KEYS', ARGV[1])[1] \
+                  if not k then return -1 end \
+                  return tonumber(redis.call('HGET', k, 'u') or '0')";
+    let a = redis
+        .cmd(&["EVAL", script, "0", "*rl:*:tokens:{key:team}"])
+        .unwrap();
+    a.trim_start_matches(':').parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn far_from_the_limits_requests_are_served_from_chunks_and_the_counts_stay_exact() {
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&far_chain(&redis, &m, dir.path())).await;
+    let c = client();
+    let scripts = redis.calls("evalsha");
+    let n = 200;
+    let mut used = 0;
+    for _ in 0..n {
+        let (status, tokens) = chat(&c, &gw).await;
+        assert_eq!(status, 200);
+        assert!(tokens > 0);
+        used += tokens;
+    }
+    let scripts = redis.calls("evalsha") - scripts;
+    // Asked per request, it would be 3 a request (600). With chunks: the first requests of
+    // each key ask, then a taking per chunk and what it gives back as it ends, and the
+    // budget's settlements (joined: a call per 5 ms).
+    assert!(scripts < n / 2, "{scripts} script calls for {n} requests");
+    eprintln!("{scripts} script calls for {n} requests");
+
+    // Once the chunks' life is over, what they did not use is given back: Redis counts
+    // exactly the tokens the requests used, and holds nothing of the budget.
+    let mut counted = 0;
+    for _ in 0..100 {
+        counted = tokens_counted(&redis);
+        if counted == used {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, used, "tokens counted in Redis against tokens used");
+    let mut acct = Value::Null;
+    for _ in 0..100 {
+        acct = account_of(&spend_report(&gw).await, "team")
+            .cloned()
+            .unwrap_or(Value::Null);
+        if acct["shared_reserved_usd"].as_f64() == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(acct["shared_reserved_usd"].as_f64(), Some(0.0), "{acct}");
+    // Every request's spend reached the shared total: this replica's book and Redis agree.
+    let (book, shared) = (
+        acct["spent_usd"].as_f64().unwrap(),
+        acct["shared_spent_usd"].as_f64().unwrap(),
+    );
+    assert!(book > 0.0 && (book - shared).abs() < 1e-9, "{acct}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_chunk_did_not_use_goes_back_to_the_other_replicas() {
+    // 200 requests at once for the key (burst 199 at 1 an hour), chunks of 8: taken only
+    // while 128 more stay free. One replica serves 60 requests (from chunks while it can),
+    // the other then gets exactly the rest once the first one's chunks ended.
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}{}",
+        redis
+            .state()
+            .replace("timeout: 100ms", "timeout: 2s, chunk: 8"),
+        super::keyed_chain(
+            &m,
+            dir.path(),
+            "  - use: ratelimit\n    key: api_key\n    rate: 1/h\n    burst: 199\n"
+        )
+    );
+    let (a, b) = (Gateway::start(&body).await, Gateway::start(&body).await);
+    let c = client();
+    let scripts = redis.calls("evalsha");
+    for i in 0..60 {
+        assert_eq!(
+            chat(&c, &a).await.0,
+            200,
+            "request {i} on the first replica"
+        );
+    }
+    let scripts = redis.calls("evalsha") - scripts;
+    assert!(scripts < 40, "{scripts} script calls for 60 requests");
+    // The first replica's chunks end (50 ms) and give back what they held.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut on_b = 0;
+    loop {
+        match chat(&c, &b).await.0 {
+            200 => on_b += 1,
+            429 => break,
+            s => panic!("unexpected {s}"),
+        }
+        assert!(on_b <= 200, "no limit on the second replica");
+    }
+    assert_eq!(60 + on_b, 200, "exactly the burst, across both replicas");
+    assert_eq!(chat(&c, &a).await.0, 429);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn far_from_the_limits_a_request_does_not_wait_for_redis() {
+    // Redis 150 ms away: a request that asks it waits that long at least.
+    const DELAY: Duration = Duration::from_millis(150);
+    let redis = Redis::start();
+    let relay = slow_relay(redis.port, DELAY).await;
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let chain = far_chain(&redis, &m, dir.path()).replace(
+        &format!(
+            "127.0.0.1:{}/0', timeout: 2s, chunk_life: 300ms",
+            redis.port
+        ),
+        &format!("127.0.0.1:{relay}/0', timeout: 2s, connect_timeout: 5s, chunk_life: 300ms"),
+    );
+    assert!(chain.contains(&relay.to_string()), "{chain}");
+    let gw = Gateway::start(&chain).await;
+    let c = client();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while gw.health().await["state"] != "shared" {
+        assert!(std::time::Instant::now() < until, "never shared");
+        assert_eq!(chat(&c, &gw).await.0, 200);
+    }
+    let mut quick = 0;
+    let mut took = Vec::new();
+    for _ in 0..30 {
+        let t = std::time::Instant::now();
+        let (status, _) = chat(&c, &gw).await;
+        assert_eq!(status, 200);
+        took.push(t.elapsed());
+        quick += usize::from(t.elapsed() < DELAY / 2);
+    }
+    // The first ones ask (each a round trip) and start the takings; once the chunks are
+    // there, the requests are served from them.
+    assert!(quick >= 20, "{quick} of 30 without a round trip: {took:?}");
+    assert!(
+        took.iter().any(|t| *t >= DELAY),
+        "never went through Redis: {took:?}"
+    );
+}
