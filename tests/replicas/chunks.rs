@@ -12,10 +12,11 @@ use super::support::redis::Redis;
 use super::support::{client, mock, Gateway};
 use super::KEY;
 
-/// An address limit, the key's rate and tokens, and a budget, all far from their limits.
+/// An address limit, the key's rate and tokens, and a budget, all far from their limits (the
+/// rates as the shared benchmark has them: a burst of 1,000 gives chunks of 62).
 fn far_chain(redis: &Redis, m: &mock_ollama::MockServer, dir: &std::path::Path) -> String {
     format!(
-        "{}{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 1000000/s\n    burst: 100000\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 1000000/s\n    burst: 100000\n    tokens_per_minute: 1000000000\n  - use: budget\n    ledger: {}\n    prices: [{{ model: '*', prompt_per_1m: 1.0, completion_per_1m: 1.0 }}]\n    default: {{ max_usd: 100000, period: 1d }}\n",
+        "{}{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 1000000/s\n    burst: 1000\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 1000000/s\n    burst: 1000\n    tokens_per_minute: 1000000000\n  - use: budget\n    ledger: {}\n    prices: [{{ model: '*', prompt_per_1m: 1.0, completion_per_1m: 1.0 }}]\n    default: {{ max_usd: 100000, period: 1d }}\n",
         redis
             .state()
             .replace("timeout: 100ms", "timeout: 2s, chunk_life: 300ms"),
@@ -152,41 +153,39 @@ async fn what_a_chunk_did_not_use_goes_back_to_the_other_replicas() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn far_from_the_limits_a_request_does_not_wait_for_redis() {
-    // Redis 150 ms away: a request that asks it waits that long at least.
-    const DELAY: Duration = Duration::from_millis(150);
+    // Redis 100 ms away: a request that asks it waits that long at least. Chunks live
+    // 300 ms: the next one is taken at 225 ms and is there before the last one ends.
+    const DELAY: Duration = Duration::from_millis(100);
     let redis = Redis::start();
     let relay = slow_relay(redis.port, DELAY).await;
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
     let chain = far_chain(&redis, &m, dir.path()).replace(
-        &format!(
-            "127.0.0.1:{}/0', timeout: 2s, chunk_life: 300ms",
-            redis.port
-        ),
-        &format!("127.0.0.1:{relay}/0', timeout: 2s, connect_timeout: 5s, chunk_life: 300ms"),
+        &format!("127.0.0.1:{}/0', timeout: 2s", redis.port),
+        &format!("127.0.0.1:{relay}/0', timeout: 2s, connect_timeout: 5s"),
     );
     assert!(chain.contains(&relay.to_string()), "{chain}");
     let gw = Gateway::start(&chain).await;
     let c = client();
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    while gw.health().await["state"] != "shared" {
-        assert!(std::time::Instant::now() < until, "never shared");
-        assert_eq!(chat(&c, &gw).await.0, 200);
-    }
-    let mut quick = 0;
-    let mut took = Vec::new();
-    for _ in 0..30 {
+    let timed = || async {
         let t = std::time::Instant::now();
-        let (status, _) = chat(&c, &gw).await;
-        assert_eq!(status, 200);
-        took.push(t.elapsed());
-        quick += usize::from(t.elapsed() < DELAY / 2);
+        assert_eq!(chat(&c, &gw).await.0, 200);
+        t.elapsed()
+    };
+    // The first requests ask (each a round trip) and start the takings: the address's rate,
+    // the key's rate, then its tokens, and the budget.
+    let mut warm = Vec::new();
+    while warm.last().is_none_or(|t| *t >= DELAY / 2) {
+        assert!(warm.len() < 40, "never served from chunks: {warm:?}");
+        warm.push(timed().await);
     }
-    // The first ones ask (each a round trip) and start the takings; once the chunks are
-    // there, the requests are served from them.
-    assert!(quick >= 20, "{quick} of 30 without a round trip: {took:?}");
-    assert!(
-        took.iter().any(|t| *t >= DELAY),
-        "never went through Redis: {took:?}"
-    );
+    assert!(warm[0] >= DELAY, "never went through Redis: {warm:?}");
+    // Then requests are served from the chunks, taken again as they end.
+    let mut took = Vec::new();
+    for _ in 0..40 {
+        took.push(timed().await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let slow = took.iter().filter(|t| **t >= DELAY / 2).count();
+    assert!(slow <= 2, "{slow} of 40 waited for Redis: {took:?}");
 }

@@ -5,9 +5,10 @@
 //! its tokens, its budget). While a key is far from its limit, the replica instead takes a
 //! chunk of the limit (`state.chunk` requests' worth) in one atomic call made beside the
 //! requests, and serves the next requests from it without a call. A chunk is taken only
-//! while at least 16 times its size stays free for the other replicas, so a limit that
-//! matters (a few requests, a budget near its end) is still checked exactly, request by
-//! request. What a chunk held and did not use is given back when it ends (`state.chunk_life`
+//! while at least 15 times its size stays free for the other replicas (a rate's chunk may be
+//! smaller, down to 16 requests: a burst of 1,000 gives chunks of 62), so a limit that
+//! matters (a few hundred requests or fewer, a budget near its end) is still checked
+//! exactly, request by request. What a chunk held and did not use is given back when it ends (`state.chunk_life`
 //! after it was taken, or its window's end): until then the other replicas see it as used,
 //! which errs on the safe side.
 

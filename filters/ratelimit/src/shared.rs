@@ -143,21 +143,22 @@ return {used}
 "#,
 };
 
-/// Takes a chunk of `n` requests of the rate ahead (see `gateway_filter::chunk`), only when
-/// at least `spare` more would still be free after it. KEYS: the TAT. ARGV: interval µs,
-/// burst, n, spare. Answers `{n, remaining, reset µs, the new TAT µs}`, or `{0, free}`.
+/// Takes a chunk of the rate ahead (see `gateway_filter::chunk`): `n` requests, or fewer so
+/// that `spare` times the chunk stays free after it, and none when that leaves fewer than
+/// `min`. KEYS: the TAT. ARGV: interval µs, burst, n, spare, min. Answers `{taken,
+/// remaining, reset µs, the new TAT µs}`, or `{0, free}`.
 pub static GCRA_TAKE: Script = Script {
     name: "gcra_take",
     source: r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
-local n = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 -- As many requests as GCRA would let through now, one after the other.
 local free = math.floor((now + interval * tonumber(ARGV[2]) + interval - tat) / interval)
-if free < n + tonumber(ARGV[4]) then
+local n = math.min(tonumber(ARGV[3]), math.floor(free / (tonumber(ARGV[4]) + 1)))
+if n < tonumber(ARGV[5]) then
   return {0, free}
 end
 local new_tat = tat + n * interval
