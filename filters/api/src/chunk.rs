@@ -69,6 +69,8 @@ struct Entry<P> {
     drawn: bool,
     /// The server gave none (too near the limit): not asked again before this.
     refused_until: Option<Instant>,
+    /// The task that takes this key's chunks one after another ([`Chunks::lead`]).
+    leader: Option<u64>,
 }
 
 /// The chunks of one limiter, by shared key.
@@ -135,6 +137,7 @@ impl<P: Clone> Chunks<P> {
                         taking: false,
                         drawn: false,
                         refused_until: None,
+                        leader: None,
                     },
                 );
             }
@@ -231,6 +234,31 @@ impl<P: Clone> Chunks<P> {
         ended
     }
 
+    /// Makes the task `id` the one that takes `key`'s chunks one after another, unless
+    /// another is: a taking a request started while one is doing so is a single one, or the
+    /// key would gather a task per taking. Answers whether `id` leads.
+    pub fn lead(&self, key: &str, id: u64) -> bool {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(key) else {
+            return false;
+        };
+        match e.leader {
+            Some(l) if l != id => false,
+            _ => {
+                e.leader = Some(id);
+                true
+            }
+        }
+    }
+
+    /// The task `id` no longer takes `key`'s chunks.
+    pub fn unlead(&self, key: &str, id: u64) {
+        let mut map = self.lock();
+        if let Some(e) = map.get_mut(key).filter(|e| e.leader == Some(id)) {
+            e.leader = None;
+        }
+    }
+
     /// Whether `key` is busy (requests were served from its chunk since it was taken, and no
     /// taking is on its way): its next chunk is then taken now, while this one still serves
     /// (marked as on its way).
@@ -274,6 +302,27 @@ impl<P: Clone> Chunks<P> {
     }
 }
 
+/// Names the tasks that take chunks.
+static TASKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Takes `key`'s chunks (`take` answers whether it took one) for as long as the key is busy:
+/// the task a request started leads, unless another task does already (then it takes one).
+pub async fn keep_taking<P: Clone, F: std::future::Future<Output = bool>>(
+    chunks: &Chunks<P>,
+    key: &str,
+    spec: ChunkSpec,
+    mut take: impl FnMut() -> F,
+    mut give_back: impl FnMut(Chunk<P>),
+) {
+    let id = TASKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    while take().await && chunks.lead(key, id) {
+        if !next_or_end(chunks, key, spec, &mut give_back).await {
+            break;
+        }
+    }
+    chunks.unlead(key, id);
+}
+
 /// After a chunk of `key` was taken: at three quarters of its life, answers true when the
 /// key is busy (its next chunk is taken then, while this one still serves); otherwise waits
 /// out the life, ends the chunk (`give_back` what it had left) and answers whether a request
@@ -307,6 +356,7 @@ fn prune<P>(
         }
         e.chunk.is_some()
             || e.taking
+            || e.leader.is_some()
             || now.saturating_duration_since(e.missed) < life
             || e.refused_until.is_some_and(|t| now < t)
     });
@@ -387,6 +437,20 @@ mod tests {
         assert_eq!(ch.ended[0].left, 7);
         // The key was busy: the request starts the next taking.
         assert!(ch.take);
+    }
+
+    #[test]
+    fn one_task_leads_a_key() {
+        let c = Chunks::<()>::default();
+        c.draw("k", 1, SPEC, Instant::now());
+        assert!(c.lead("k", 1));
+        assert!(c.lead("k", 1));
+        assert!(!c.lead("k", 2));
+        c.unlead("k", 2);
+        assert!(!c.lead("k", 2));
+        c.unlead("k", 1);
+        assert!(c.lead("k", 2));
+        assert!(!c.lead("unknown", 3));
     }
 
     #[test]

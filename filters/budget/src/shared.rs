@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use gateway_filter::chunk::{next_or_end, Chunk, ChunkSpec, Chunks, Draw};
+use gateway_filter::chunk::{keep_taking, Chunk, ChunkSpec, Chunks, Draw};
 use gateway_filter::state::{at, Arg, Keep, Renewal, Script, StateError};
 use gateway_filter::SharedState;
 
@@ -356,82 +356,117 @@ fn take(
         replica.to_string(),
         keys.clone(),
     );
-    let keep_ms = keep_ms(budget, now);
+    let taking = Taking {
+        st: st.clone(),
+        chunks: chunks.clone(),
+        replica: replica.to_string(),
+        keys: keys.clone(),
+        mine,
+        want,
+        limit,
+        keep_ms: keep_ms(budget, now),
+        spec,
+    };
+    // A busy key takes its next chunk (`mine` as it was at the first: the script reads it
+    // only when this replica's total is missing).
     rt.spawn(async move {
-        loop {
-            let member = format!("{}|{want}", st.member());
-            let answer = st
-                .run(
-                    &RESERVE,
-                    &[&keys[0], &keys[1]],
-                    &[
-                        Arg::Str(&replica),
-                        Arg::Int(mine),
-                        Arg::Int(want),
-                        Arg::Int(limit),
-                        Arg::Str(&member),
-                        Arg::Int(st.lease_ms() as i64),
-                        Arg::Int(keep_ms),
-                    ],
-                )
-                .await;
-            let t = Instant::now();
-            let chunk = match answer {
-                Ok(v) if at(&v, 0) == 1 => {
-                    let keep = st.keep(Renewal {
-                        renew: &RENEW,
-                        forget: &SETTLE,
-                        keys: keys.to_vec(),
-                        args: vec![member.clone(), keep_ms.to_string()],
-                        forget_args: vec![replica.clone(), "0".into(), member.clone(), "0".into()],
-                    });
-                    Some(Chunk {
-                        left: want as u64,
-                        size: want as u64,
-                        until: t + spec.life,
-                        tag: CHUNK_TAG.fetch_add(1, Ordering::Relaxed),
-                        base: at(&v, 1).saturating_add(at(&v, 2)),
-                        extra: Arc::new(ChunkHold {
-                            st: st.clone(),
-                            replica: replica.clone(),
-                            keys: keys.clone(),
-                            member,
-                            keep_ms,
-                            keep,
-                        }),
-                    })
-                }
-                Ok(_) => None,
-                Err(e) => {
-                    // Sent, but no answer: the script may have run; take its place back.
-                    if e.may_have_run() {
-                        st.undo(
-                            &SETTLE,
-                            keys.to_vec(),
-                            vec![
-                                replica.clone(),
-                                mine.to_string(),
-                                member,
-                                keep_ms.to_string(),
-                            ],
-                        );
-                    }
-                    None
-                }
-            };
-            let took = chunk.is_some();
-            // A new chunk replaces the old one, which ends as its last request settles.
-            drop(chunks.taken(&keys[0], chunk, spec.life, t, |_, new| Some(new)));
-            if !took {
-                break;
-            }
-            // A busy key takes its next chunk (`mine` as it was at the first: the script reads
-            // it only when this replica's total is missing).
-            if !next_or_end(&chunks, &keys[0], spec, drop).await {
-                break;
-            }
-        }
+        let (chunks, key) = (&taking.chunks, &taking.keys[0]);
+        keep_taking(chunks, key, spec, || taking.once(), drop).await;
     });
+}
+
+/// What a budget's takings need.
+struct Taking {
+    st: Arc<dyn SharedState>,
+    chunks: BudgetChunks,
+    replica: String,
+    keys: [String; 2],
+    mine: Nano,
+    want: Nano,
+    limit: Nano,
+    keep_ms: i64,
+    spec: ChunkSpec,
+}
+
+impl Taking {
+    /// Takes a chunk: a reservation of `want` under `limit`. Answers whether it took one.
+    async fn once(&self) -> bool {
+        let Taking {
+            st,
+            chunks,
+            replica,
+            keys,
+            mine,
+            want,
+            limit,
+            keep_ms,
+            spec,
+        } = self;
+        let member = format!("{}|{want}", st.member());
+        let answer = st
+            .run(
+                &RESERVE,
+                &[&keys[0], &keys[1]],
+                &[
+                    Arg::Str(replica),
+                    Arg::Int(*mine),
+                    Arg::Int(*want),
+                    Arg::Int(*limit),
+                    Arg::Str(&member),
+                    Arg::Int(st.lease_ms() as i64),
+                    Arg::Int(*keep_ms),
+                ],
+            )
+            .await;
+        let t = Instant::now();
+        let chunk = match answer {
+            Ok(v) if at(&v, 0) == 1 => {
+                let keep = st.keep(Renewal {
+                    renew: &RENEW,
+                    forget: &SETTLE,
+                    keys: keys.to_vec(),
+                    args: vec![member.clone(), keep_ms.to_string()],
+                    forget_args: vec![replica.clone(), "0".into(), member.clone(), "0".into()],
+                });
+                Some(Chunk {
+                    left: *want as u64,
+                    size: *want as u64,
+                    until: t + spec.life,
+                    tag: CHUNK_TAG.fetch_add(1, Ordering::Relaxed),
+                    base: at(&v, 1).saturating_add(at(&v, 2)),
+                    extra: Arc::new(ChunkHold {
+                        st: st.clone(),
+                        replica: replica.clone(),
+                        keys: keys.clone(),
+                        member,
+                        keep_ms: *keep_ms,
+                        keep,
+                    }),
+                })
+            }
+            Ok(_) => None,
+            Err(e) => {
+                // Sent, but no answer: the script may have run; take its place back.
+                if e.may_have_run() {
+                    st.undo(
+                        &SETTLE,
+                        keys.to_vec(),
+                        vec![
+                            replica.clone(),
+                            mine.to_string(),
+                            member,
+                            keep_ms.to_string(),
+                        ],
+                    );
+                }
+                None
+            }
+        };
+        let took = chunk.is_some();
+        // A new chunk replaces the old one, which ends as its last request settles.
+        drop(chunks.taken(&keys[0], chunk, spec.life, t, |_, new| Some(new)));
+        took
+    }
 }
 
 /// Reserves `amount` in every budget, or in none. `mine`: this replica's own total per budget.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gateway_filter::chunk::{next_or_end, Chores, Chunk, ChunkSpec, Chunks, Draw};
+use gateway_filter::chunk::{keep_taking, Chores, Chunk, ChunkSpec, Chunks, Draw};
 use gateway_filter::state::{at, int, Arg};
 use gateway_filter::SharedState;
 
@@ -67,13 +67,6 @@ impl LimiterChunks {
         let mut out: Served = (None, None);
         if let Some(r) = &rate {
             let (draw, chores) = self.rate.draw(r.key, 1, spec, now);
-            eprintln!(
-                "DBG rate {} {:?} take={} ended={}",
-                r.key,
-                draw,
-                chores.take,
-                chores.ended.len()
-            );
             self.rate_chores(st, r, spec, chores);
             match draw {
                 Draw::Took {
@@ -90,13 +83,6 @@ impl LimiterChunks {
         }
         if let Some(k) = &tokens {
             let (draw, chores) = self.tokens.draw(k.key, k.n, spec, now);
-            eprintln!(
-                "DBG tokens {} {:?} take={} ended={}",
-                k.key,
-                draw,
-                chores.take,
-                chores.ended.len()
-            );
             self.token_chores(st, k, spec, chores);
             match draw {
                 Draw::Took {
@@ -139,12 +125,14 @@ impl LimiterChunks {
         let (st, chunks) = (st.clone(), self.rate.clone());
         let (key, interval_us, burst) = (r.key.to_string(), r.interval_us, r.burst);
         spawn(async move {
-            while take_rate(&st, &chunks, &key, interval_us, burst, spec).await
-                && next_or_end(&chunks, &key, spec, |c| {
-                    give_back_rate(&st, &key, interval_us, c.left, c.tag)
-                })
-                .await
-            {}
+            keep_taking(
+                &chunks,
+                &key,
+                spec,
+                || take_rate(&st, &chunks, &key, interval_us, burst, spec),
+                |c| give_back_rate(&st, &key, interval_us, c.left, c.tag),
+            )
+            .await;
         });
     }
 
@@ -171,12 +159,14 @@ impl LimiterChunks {
         };
         let (st, chunks, key) = (st.clone(), self.tokens.clone(), k.key.to_string());
         spawn(async move {
-            while take_tokens(&st, &chunks, &key, want, limit, spec).await
-                && next_or_end(&chunks, &key, spec, |c| {
-                    give_back_tokens(st.as_ref(), &key, c.left, c.tag)
-                })
-                .await
-            {}
+            keep_taking(
+                &chunks,
+                &key,
+                spec,
+                || take_tokens(&st, &chunks, &key, want, limit, spec),
+                |c| give_back_tokens(st.as_ref(), &key, c.left, c.tag),
+            )
+            .await;
         });
     }
 }

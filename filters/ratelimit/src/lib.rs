@@ -382,23 +382,27 @@ impl RateLimitFilter {
             ),
             (None, None) => return None,
         };
-        // Far from the limit, served from what this replica took ahead: no call.
-        let served = self.chunks.serve(
-            arc,
-            t_us.map(|interval_us| chunks::RateKey {
-                key: &keys[0],
-                interval_us,
-                burst: check.burst,
-            }),
-            check
-                .tpm
-                .zip(check.reserve)
-                .map(|(limit, n)| chunks::TokensKey {
-                    key: &keys[keys.len() - 1],
-                    limit,
-                    n,
+        // Far from the limit, served from what this replica took ahead: no call. Not in
+        // `mode: delay`, which spaces requests by the time each answer says to wait.
+        let chunks = (check.mode == Mode::Nodelay).then_some(&self.chunks);
+        let served = chunks.and_then(|c| {
+            c.serve(
+                arc,
+                t_us.map(|interval_us| chunks::RateKey {
+                    key: &keys[0],
+                    interval_us,
+                    burst: check.burst,
                 }),
-        );
+                check
+                    .tpm
+                    .zip(check.reserve)
+                    .map(|(limit, n)| chunks::TokensKey {
+                        key: &keys[keys.len() - 1],
+                        limit,
+                        n,
+                    }),
+            )
+        });
         Some(Ask {
             script,
             keys,
