@@ -95,6 +95,17 @@ impl<P> Default for Chunks<P> {
     }
 }
 
+/// What [`Chunks::end`] found.
+#[derive(Debug)]
+pub enum Ending<P> {
+    /// No chunk.
+    Gone,
+    /// The chunk serves until then.
+    NotYet(Instant),
+    /// Ended: what it had left, and whether to take the next one now.
+    Ended(Vec<Chunk<P>>, bool),
+}
+
 /// What a call to [`Chunks::draw`] asks of the caller besides its answer.
 #[derive(Debug, Default)]
 pub struct Chores<P> {
@@ -274,22 +285,23 @@ impl<P: Clone> Chunks<P> {
 
     /// Ends `key`'s chunk if its life is over: what it had left, to give back, and whether
     /// to take the next one now (requests were served from it, and no taking is on its way:
-    /// it is then marked as on its way).
-    pub fn end(&self, key: &str, now: Instant) -> (Vec<Chunk<P>>, bool) {
+    /// it is then marked as on its way). A chunk that still serves (one that replaced the
+    /// chunk a timer was set for) says until when.
+    pub fn end(&self, key: &str, now: Instant) -> Ending<P> {
         let mut map = self.lock();
         let Some(e) = map.get_mut(key) else {
-            return (Vec::new(), false);
+            return Ending::Gone;
         };
-        let Some(ended) = e.chunk.take_if(|c| now >= c.until) else {
-            return (Vec::new(), false);
-        };
+        match e.chunk.as_ref() {
+            None => return Ending::Gone,
+            Some(c) if now < c.until => return Ending::NotYet(c.until),
+            Some(_) => {}
+        }
+        let ended = e.chunk.take().filter(|c| c.left > 0);
         let next = e.drawn && !e.taking;
         e.drawn = false;
         e.taking |= next;
-        (
-            Some(ended).filter(|c| c.left > 0).into_iter().collect(),
-            next,
-        )
+        Ending::Ended(ended.into_iter().collect(), next)
     }
 
     /// Ends every chunk (at exit): what they have left, to give back.
@@ -315,12 +327,41 @@ pub async fn keep_taking<P: Clone, F: std::future::Future<Output = bool>>(
     mut give_back: impl FnMut(Chunk<P>),
 ) {
     let id = TASKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    while take().await && chunks.lead(key, id) {
+    let mut led = false;
+    while take().await {
+        if !chunks.lead(key, id) {
+            // The leading task ends what this one took (joined or in its place).
+            return;
+        }
+        led = true;
         if !next_or_end(chunks, key, spec, &mut give_back).await {
             break;
         }
     }
+    if led {
+        // A taking refused: what is still there (taken by a request's taking) ends too.
+        end_when_over(chunks, key, &mut give_back).await;
+    }
     chunks.unlead(key, id);
+}
+
+/// Ends `key`'s chunk when its life is over (waiting for a chunk that replaced it, too):
+/// answers whether to take the next one now.
+async fn end_when_over<P: Clone>(
+    chunks: &Chunks<P>,
+    key: &str,
+    mut give_back: impl FnMut(Chunk<P>),
+) -> bool {
+    loop {
+        match chunks.end(key, Instant::now()) {
+            Ending::Gone => return false,
+            Ending::NotYet(until) => tokio::time::sleep_until(until.into()).await,
+            Ending::Ended(ended, next) => {
+                ended.into_iter().for_each(&mut give_back);
+                return next;
+            }
+        }
+    }
 }
 
 /// After a chunk of `key` was taken: at three quarters of its life, answers true when the
@@ -337,10 +378,7 @@ pub async fn next_or_end<P: Clone>(
     if chunks.take_next(key) {
         return true;
     }
-    tokio::time::sleep(spec.life - spec.life * 3 / 4).await;
-    let (ended, next) = chunks.end(key, Instant::now());
-    ended.into_iter().for_each(give_back);
-    next
+    end_when_over(chunks, key, give_back).await
 }
 
 /// Forgets keys with no live chunk, no taking on its way and no recent request.
@@ -439,6 +477,73 @@ mod tests {
         assert!(ch.take);
     }
 
+    #[tokio::test]
+    async fn a_chunk_a_requests_taking_put_in_place_is_ended_and_given_back() {
+        // The leading task takes a chunk; a request's taking (half of it used) joins a
+        // second one, which serves longer than the first's timer. Nobody draws afterwards:
+        // what is left must still be given back once the joined chunk's life is over.
+        let spec = ChunkSpec {
+            requests: 8,
+            life: Duration::from_millis(30),
+        };
+        let c = std::sync::Arc::new(Chunks::<()>::default());
+        let given = std::sync::Arc::new(std::sync::Mutex::new(0u64));
+        let t0 = Instant::now();
+        c.draw("k", 1, spec, t0);
+        assert!(c.draw("k", 1, spec, t0).1.take);
+        let spawn_taking = |first: bool| {
+            let (c, given) = (c.clone(), given.clone());
+            tokio::spawn(async move {
+                let mut once = Some(());
+                keep_taking(
+                    &c,
+                    "k",
+                    spec,
+                    || {
+                        let took = once.take().is_some();
+                        let c = c.clone();
+                        async move {
+                            let now = Instant::now();
+                            let new = took.then(|| Chunk {
+                                left: 8,
+                                size: 8,
+                                until: now + spec.life,
+                                tag: 1,
+                                base: 0,
+                                extra: (),
+                            });
+                            let join = |old: &mut Chunk<()>, new: Chunk<()>| {
+                                old.left += new.left;
+                                old.until = new.until;
+                                None
+                            };
+                            assert!(c.taken("k", new, spec.life, now, join).is_empty());
+                            took
+                        }
+                    },
+                    |ended| *given.lock().unwrap() += ended.left,
+                )
+                .await;
+                first
+            })
+        };
+        let leader = spawn_taking(true);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut drawn = 0;
+        loop {
+            let (d, chores) = c.draw("k", 1, spec, Instant::now());
+            assert!(matches!(d, Draw::Took { .. }));
+            drawn += 1;
+            if chores.take {
+                break;
+            }
+        }
+        let one_off = spawn_taking(false);
+        assert!(!one_off.await.unwrap() && leader.await.unwrap());
+        assert_eq!(*given.lock().unwrap(), 16 - drawn, "given back");
+        assert!(matches!(c.end("k", Instant::now()), Ending::Gone));
+    }
+
     #[test]
     fn one_task_leads_a_key() {
         let c = Chunks::<()>::default();
@@ -461,18 +566,21 @@ mod tests {
         c.draw("k", 1, SPEC, t0);
         c.taken("k", Some(chunk(8, 1, until)), SPEC.life, t0, join_same_tag);
         // Not over yet: nothing ends.
-        assert!(matches!(c.end("k", t0), (v, false) if v.is_empty()));
+        assert!(matches!(c.end("k", t0), Ending::NotYet(u) if u == until));
         assert!(matches!(
             c.draw("k", 1, SPEC, t0).0,
             Draw::Took { left: 7, .. }
         ));
-        let (ended, next) = c.end("k", until);
+        let Ending::Ended(ended, next) = c.end("k", until) else {
+            panic!("not ended")
+        };
         assert_eq!((ended.len(), ended[0].left, next), (1, 7, true));
         // That taking is on its way: no request starts another.
         assert!(!c.draw("k", 1, SPEC, until).1.take);
         // A chunk nobody drew from ends without a next one.
         c.taken("k", Some(chunk(8, 2, until)), SPEC.life, t0, join_same_tag);
-        assert!(matches!(c.end("k", until), (v, false) if v.len() == 1));
+        assert!(matches!(c.end("k", until), Ending::Ended(v, false) if v.len() == 1));
+        assert!(matches!(c.end("k", until), Ending::Gone));
     }
 
     #[test]
