@@ -78,6 +78,9 @@ pub struct Chunks<P> {
     map: Mutex<HashMap<String, Entry<P>>>,
     /// Keys followed at most (the address limiter sees one per client address).
     max_keys: usize,
+    /// When the full map was last pruned: at most once a chunk's life, so that a flood of
+    /// new addresses does not walk the whole map with every request.
+    pruned: Mutex<Option<Instant>>,
 }
 
 impl<P> std::fmt::Debug for Chunks<P> {
@@ -91,6 +94,7 @@ impl<P> Default for Chunks<P> {
         Chunks {
             map: Mutex::new(HashMap::new()),
             max_keys: 4096,
+            pruned: Mutex::new(None),
         }
     }
 }
@@ -121,6 +125,7 @@ impl<P: Clone> Chunks<P> {
         Chunks {
             map: Mutex::new(HashMap::new()),
             max_keys,
+            pruned: Mutex::new(None),
         }
     }
 
@@ -137,7 +142,11 @@ impl<P: Clone> Chunks<P> {
         let mut map = self.lock();
         let Some(e) = map.get_mut(key) else {
             if map.len() >= self.max_keys {
-                prune(&mut map, spec.life, now, &mut chores.ended);
+                let mut pruned = self.pruned.lock().unwrap_or_else(|p| p.into_inner());
+                if pruned.is_none_or(|t| now.saturating_duration_since(t) >= spec.life) {
+                    *pruned = Some(now);
+                    prune(&mut map, spec.life, now, &mut chores.ended);
+                }
             }
             if map.len() < self.max_keys {
                 map.insert(
@@ -632,7 +641,8 @@ mod tests {
         c.draw("c", 1, SPEC, t0);
         // `c` was not followed: a second request does not start a chunk.
         assert!(!c.draw("c", 1, SPEC, t0).1.take);
-        // Once `a` and `b` are stale, `c` takes their place.
+        // Pruned at most once a life: `a` and `b` were still fresh at the first try.
+        // Once they are stale, `c` takes their place.
         let later = t0 + Duration::from_millis(100);
         c.draw("c", 1, SPEC, later);
         assert!(c.draw("c", 1, SPEC, later).1.take);
