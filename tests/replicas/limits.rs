@@ -332,9 +332,13 @@ async fn settlements_of_many_requests_share_calls_and_add_up_exactly() {
     let dir = tempfile::tempdir().unwrap();
     // A deadline a loaded test run always meets (a call past it would fall back to local
     // state and leave the shared count short), and settlements joined over half a second.
+    // Every request asks (no chunks taken ahead): its settlement is what is counted here.
     let state = redis
         .state()
-        .replace("timeout: 100ms", "timeout: 2s, settle_window: 500ms")
+        .replace(
+            "timeout: 100ms",
+            "timeout: 2s, settle_window: 500ms, chunk: 0",
+        )
         .replace("lease_ttl: 1s", "lease_ttl: 3s");
     let chain = super::keyed_chain(
         &m,

@@ -60,9 +60,10 @@ async fn the_whole_chain_waits_for_one_round_trip() {
     let relay = slow_relay(redis.port, DELAY).await;
     let m = mock().await;
     let dir = tempfile::tempdir().unwrap();
-    // An address limit before auth, the key's rate and tokens, a budget: three scripts.
+    // An address limit before auth, the key's rate and tokens, a budget: three scripts,
+    // asked by every request (no chunks taken ahead: chunks.rs tests those).
     let gw = Gateway::start(&format!(
-        "state: {{ backend: redis, url: 'redis://127.0.0.1:{relay}/0', timeout: 2s, connect_timeout: 5s }}\n{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 1000/s\n    burst: 1000\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 1000/s\n    burst: 1000\n    tokens_per_minute: 1000000000\n  - use: budget\n    ledger: {d}/spend.db\n    prices:\n      - {{ model: '*', prompt_per_1m: 1, completion_per_1m: 1 }}\n    default: {{ max_usd: 1000, period: 1mo }}\n",
+        "state: {{ backend: redis, url: 'redis://127.0.0.1:{relay}/0', timeout: 2s, connect_timeout: 5s, chunk: 0 }}\n{}filters:\n  - use: ratelimit\n    key: ip\n    rate: 1000/s\n    burst: 1000\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 1000/s\n    burst: 1000\n    tokens_per_minute: 1000000000\n  - use: budget\n    ledger: {d}/spend.db\n    prices:\n      - {{ model: '*', prompt_per_1m: 1, completion_per_1m: 1 }}\n    default: {{ max_usd: 1000, period: 1mo }}\n",
         one_backend(&m.url()),
         keys_file(dir.path()),
         d = dir.path().display()
