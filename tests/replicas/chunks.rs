@@ -60,19 +60,27 @@ async fn far_from_the_limits_requests_are_served_from_chunks_and_the_counts_stay
     let gw = Gateway::start(&far_chain(&redis, &m, dir.path())).await;
     let c = client();
     let scripts = redis.calls("evalsha");
+    // Eight at a time: a chunk half used starts a taking while the last one's timer runs,
+    // and what it puts in place must still end and give back (attacker review: it did not,
+    // and the budget stayed held while the key was idle).
     let n = 200;
     let mut used = 0;
-    for _ in 0..n {
-        let (status, tokens) = chat(&c, &gw).await;
-        assert_eq!(status, 200);
-        assert!(tokens > 0);
-        used += tokens;
+    for _ in 0..n / 8 {
+        let burst = futures_util::future::join_all((0..8).map(|_| chat(&c, &gw))).await;
+        for (status, tokens) in burst {
+            assert_eq!(status, 200);
+            assert!(tokens > 0);
+            used += tokens;
+        }
     }
     let scripts = redis.calls("evalsha") - scripts;
     // Asked per request, it would be 3 a request (600). With chunks: the first requests of
     // each key ask, then a taking per chunk and what it gives back as it ends, and the
     // budget's settlements (joined: a call per 5 ms).
-    assert!(scripts < n / 2, "{scripts} script calls for {n} requests");
+    assert!(
+        scripts < n * 3 / 4,
+        "{scripts} script calls for {n} requests"
+    );
     eprintln!("{scripts} script calls for {n} requests");
 
     // Once the chunks' life is over, what they did not use is given back: Redis counts
