@@ -271,14 +271,6 @@ impl<P: Clone> Chunks<P> {
         }
     }
 
-    /// The task `id` no longer takes `key`'s chunks.
-    pub fn unlead(&self, key: &str, id: u64) {
-        let mut map = self.lock();
-        if let Some(e) = map.get_mut(key).filter(|e| e.leader == Some(id)) {
-            e.leader = None;
-        }
-    }
-
     /// Whether `key` is busy (requests were served from its chunk since it was taken, and no
     /// taking is on its way): its next chunk is then taken now, while this one still serves
     /// (marked as on its way).
@@ -287,30 +279,41 @@ impl<P: Clone> Chunks<P> {
         let Some(e) = map.get_mut(key) else {
             return false;
         };
-        let next = e.drawn && !e.taking && e.chunk.is_some();
+        let next = e.drawn
+            && !e.taking
+            && e.chunk.is_some()
+            && e.refused_until.is_none_or(|t| Instant::now() >= t);
         e.taking |= next;
         next
     }
 
-    /// Ends `key`'s chunk if its life is over: what it had left, to give back, and whether
-    /// to take the next one now (requests were served from it, and no taking is on its way:
-    /// it is then marked as on its way). A chunk that still serves (one that replaced the
-    /// chunk a timer was set for) says until when.
-    pub fn end(&self, key: &str, now: Instant) -> Ending<P> {
+    /// The leading task `id` ends `key`'s chunk if its life is over: what it had left, to
+    /// give back, and whether to take the next one now (`go_on` allows it; requests were
+    /// served from it, and no taking is on its way: it is then marked as on its way). A
+    /// chunk that still serves (one that replaced the chunk a timer was set for) says until
+    /// when. Whenever the task is to stop (no chunk, or none to take), it stops leading in
+    /// the same step, so a chunk a taking puts in place afterwards finds no leader and its
+    /// own task leads ([`Chunks::lead`]): no chunk is left without a task to end it.
+    pub fn end(&self, key: &str, now: Instant, id: u64, go_on: bool) -> Ending<P> {
         let mut map = self.lock();
         let Some(e) = map.get_mut(key) else {
             return Ending::Gone;
         };
-        match e.chunk.as_ref() {
-            None => return Ending::Gone,
+        let ending = match e.chunk.as_ref() {
+            None => Ending::Gone,
             Some(c) if now < c.until => return Ending::NotYet(c.until),
-            Some(_) => {}
+            Some(_) => {
+                let ended = e.chunk.take().filter(|c| c.left > 0);
+                let next = go_on && e.drawn && !e.taking;
+                e.drawn = false;
+                e.taking |= next;
+                Ending::Ended(ended.into_iter().collect(), next)
+            }
+        };
+        if !matches!(ending, Ending::Ended(_, true)) && e.leader == Some(id) {
+            e.leader = None;
         }
-        let ended = e.chunk.take().filter(|c| c.left > 0);
-        let next = e.drawn && !e.taking;
-        e.drawn = false;
-        e.taking |= next;
-        Ending::Ended(ended.into_iter().collect(), next)
+        ending
     }
 
     /// Ends every chunk (at exit): what they have left, to give back.
@@ -343,26 +346,27 @@ pub async fn keep_taking<P: Clone, F: std::future::Future<Output = bool>>(
             return;
         }
         led = true;
-        if !next_or_end(chunks, key, spec, &mut give_back).await {
-            break;
+        if !next_or_end(chunks, key, spec, id, &mut give_back).await {
+            return;
         }
     }
     if led {
-        // A taking refused: what is still there (taken by a request's taking) ends too.
-        end_when_over(chunks, key, &mut give_back).await;
+        // Its taking refused: what is still there (taken by a request's taking) ends too.
+        end_when_over(chunks, key, id, false, &mut give_back).await;
     }
-    chunks.unlead(key, id);
 }
 
-/// Ends `key`'s chunk when its life is over (waiting for a chunk that replaced it, too):
-/// answers whether to take the next one now.
+/// The leading task `id` ends `key`'s chunk when its life is over (waiting for a chunk that
+/// replaced it, too): answers whether to take the next one now (never unless `go_on`).
 async fn end_when_over<P: Clone>(
     chunks: &Chunks<P>,
     key: &str,
+    id: u64,
+    go_on: bool,
     mut give_back: impl FnMut(Chunk<P>),
 ) -> bool {
     loop {
-        match chunks.end(key, Instant::now()) {
+        match chunks.end(key, Instant::now(), id, go_on) {
             Ending::Gone => return false,
             Ending::NotYet(until) => tokio::time::sleep_until(until.into()).await,
             Ending::Ended(ended, next) => {
@@ -377,17 +381,18 @@ async fn end_when_over<P: Clone>(
 /// key is busy (its next chunk is taken then, while this one still serves); otherwise waits
 /// out the life, ends the chunk (`give_back` what it had left) and answers whether a request
 /// drew from it meanwhile (take the next one then).
-pub async fn next_or_end<P: Clone>(
+async fn next_or_end<P: Clone>(
     chunks: &Chunks<P>,
     key: &str,
     spec: ChunkSpec,
+    id: u64,
     give_back: impl FnMut(Chunk<P>),
 ) -> bool {
     tokio::time::sleep(spec.life * 3 / 4).await;
     if chunks.take_next(key) {
         return true;
     }
-    end_when_over(chunks, key, give_back).await
+    end_when_over(chunks, key, id, true, give_back).await
 }
 
 /// Forgets keys with no live chunk, no taking on its way and no recent request.
@@ -550,7 +555,7 @@ mod tests {
         let one_off = spawn_taking(false);
         assert!(!one_off.await.unwrap() && leader.await.unwrap());
         assert_eq!(*given.lock().unwrap(), 16 - drawn, "given back");
-        assert!(matches!(c.end("k", Instant::now()), Ending::Gone));
+        assert!(matches!(c.end("k", Instant::now(), 0, false), Ending::Gone));
     }
 
     #[test]
@@ -560,11 +565,13 @@ mod tests {
         assert!(c.lead("k", 1));
         assert!(c.lead("k", 1));
         assert!(!c.lead("k", 2));
-        c.unlead("k", 2);
-        assert!(!c.lead("k", 2));
-        c.unlead("k", 1);
-        assert!(c.lead("k", 2));
         assert!(!c.lead("unknown", 3));
+        // The leader stops leading as it finds nothing to end: in the same step, so a chunk
+        // put in place afterwards is led by the task that took it.
+        assert!(matches!(c.end("k", Instant::now(), 2, true), Ending::Gone));
+        assert!(!c.lead("k", 2));
+        assert!(matches!(c.end("k", Instant::now(), 1, true), Ending::Gone));
+        assert!(c.lead("k", 2));
     }
 
     #[test]
@@ -575,12 +582,12 @@ mod tests {
         c.draw("k", 1, SPEC, t0);
         c.taken("k", Some(chunk(8, 1, until)), SPEC.life, t0, join_same_tag);
         // Not over yet: nothing ends.
-        assert!(matches!(c.end("k", t0), Ending::NotYet(u) if u == until));
+        assert!(matches!(c.end("k", t0, 0, true), Ending::NotYet(u) if u == until));
         assert!(matches!(
             c.draw("k", 1, SPEC, t0).0,
             Draw::Took { left: 7, .. }
         ));
-        let Ending::Ended(ended, next) = c.end("k", until) else {
+        let Ending::Ended(ended, next) = c.end("k", until, 0, true) else {
             panic!("not ended")
         };
         assert_eq!((ended.len(), ended[0].left, next), (1, 7, true));
@@ -588,8 +595,16 @@ mod tests {
         assert!(!c.draw("k", 1, SPEC, until).1.take);
         // A chunk nobody drew from ends without a next one.
         c.taken("k", Some(chunk(8, 2, until)), SPEC.life, t0, join_same_tag);
-        assert!(matches!(c.end("k", until), Ending::Ended(v, false) if v.len() == 1));
-        assert!(matches!(c.end("k", until), Ending::Gone));
+        assert!(matches!(c.end("k", until, 0, true), Ending::Ended(v, false) if v.len() == 1));
+        assert!(matches!(c.end("k", until, 0, true), Ending::Gone));
+        // A leader whose taking was refused ends what is there without asking for more.
+        c.draw("k", 1, SPEC, t0);
+        c.taken("k", Some(chunk(8, 3, until)), SPEC.life, t0, join_same_tag);
+        c.draw("k", 1, SPEC, t0);
+        assert!(matches!(c.end("k", until, 0, false), Ending::Ended(v, false) if v.len() == 1));
+        // ...and leaves no taking marked as on its way: the next requests start one.
+        c.draw("k", 1, SPEC, until);
+        assert!(c.draw("k", 1, SPEC, until).1.take);
     }
 
     #[test]
