@@ -197,3 +197,64 @@ async fn far_from_the_limits_a_request_does_not_wait_for_redis() {
     let slow = took.iter().filter(|t| **t >= DELAY / 2).count();
     assert!(slow <= 2, "{slow} of 40 waited for Redis: {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lower_limit_reloaded_applies_while_the_key_is_busy() {
+    // Attacker review: a keys file reloaded with a lower burst went unheeded for as long as
+    // the key stayed busy (the task taking its chunks kept the limits it started with).
+    let redis = Redis::start();
+    let m = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    let write = |burst: u32| {
+        std::fs::write(
+            &keys,
+            format!(
+                "keys:\n  - id: team\n    key_sha256: {}\n    rate: 1/h\n    burst: {burst}\n",
+                filter_auth::keygen::hash_key(KEY)
+            ),
+        )
+        .unwrap()
+    };
+    write(100_000);
+    let gw = Gateway::start(&format!(
+        "{}{}filters:\n  - use: auth\n    keys_file: {}\n  - use: ratelimit\n    key: api_key\n    rate: 1000/s\n    burst: 1000\n",
+        redis.state().replace("timeout: 100ms", "timeout: 2s"),
+        super::one_backend(&m.url()),
+        keys.display()
+    ))
+    .await;
+    let c = client();
+    // Busy: served from chunks.
+    let mut served = 0;
+    for _ in 0..150 {
+        assert_eq!(chat(&c, &gw).await.0, 200);
+        served += 1;
+    }
+    let before = redis.calls("evalsha");
+    for _ in 0..50 {
+        assert_eq!(chat(&c, &gw).await.0, 200);
+        served += 1;
+    }
+    assert!(
+        redis.calls("evalsha") - before < 25,
+        "not served from chunks"
+    );
+    // A burst of 100, more than used up already: every request from now on is refused,
+    // the key kept as busy as before.
+    write(100);
+    gw.signal("HUP");
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !gw.log().contains("SIGHUP: reloaded") {
+        assert!(std::time::Instant::now() < until, "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut after = Vec::new();
+    for _ in 0..100 {
+        after.push(chat(&c, &gw).await.0);
+    }
+    assert!(
+        after.iter().all(|s| *s == 429),
+        "{served} served before, then {after:?}"
+    );
+}

@@ -37,6 +37,9 @@ impl ChunkSpec {
 pub struct Chunk<P> {
     pub left: u64,
     pub size: u64,
+    /// The limits it was taken under (a fingerprint): a request under other limits (a keys
+    /// file reloaded with a lower one) ends it instead of drawing from it.
+    pub limits: u64,
     pub until: Instant,
     pub tag: i64,
     pub base: i64,
@@ -59,9 +62,11 @@ pub enum Draw<P> {
 
 struct Entry<P> {
     chunk: Option<Chunk<P>>,
-    /// The last request that found no chunk: a second one within a chunk's life starts
-    /// taking chunks (a key seen once a minute is never given one).
+    /// The last request that found no chunk, and how many found none within a chunk's life
+    /// of each other: the [`BUSY`]th starts taking chunks (a key seen once a minute, or a
+    /// client that moves on to a new address every few requests, is never given one).
     missed: Instant,
+    misses: u32,
     /// A chunk is being taken.
     taking: bool,
     /// A request was served from a chunk since one was last taken: the key is busy, and a
@@ -72,6 +77,10 @@ struct Entry<P> {
     /// The task that takes this key's chunks one after another ([`Chunks::lead`]).
     leader: Option<u64>,
 }
+
+/// Requests of a key, each within a chunk's life of the last, that find no chunk before one
+/// is taken.
+pub const BUSY: u32 = 4;
 
 /// The chunks of one limiter, by shared key.
 pub struct Chunks<P> {
@@ -133,8 +142,16 @@ impl<P: Clone> Chunks<P> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Serves `n` units from `key`'s chunk, or says to ask the server.
-    pub fn draw(&self, key: &str, n: u64, spec: ChunkSpec, now: Instant) -> (Draw<P>, Chores<P>) {
+    /// Serves `n` units from `key`'s chunk taken under `limits` (a fingerprint of the
+    /// request's limits), or says to ask the server.
+    pub fn draw(
+        &self,
+        key: &str,
+        n: u64,
+        limits: u64,
+        spec: ChunkSpec,
+        now: Instant,
+    ) -> (Draw<P>, Chores<P>) {
         let mut chores = Chores {
             take: false,
             ended: Vec::new(),
@@ -154,6 +171,7 @@ impl<P: Clone> Chunks<P> {
                     Entry {
                         chunk: None,
                         missed: now,
+                        misses: 1,
                         taking: false,
                         drawn: false,
                         refused_until: None,
@@ -176,6 +194,13 @@ impl<P: Clone> Chunks<P> {
             }
             e.drawn = false;
         }
+        // Taken under other limits: it serves nothing more, and its leader stops (nothing
+        // is drawn from it); the key asks, and takes under its new limits.
+        if e.chunk.as_ref().is_some_and(|c| c.limits != limits) {
+            chores.ended.extend(e.chunk.take().filter(|c| c.left > 0));
+            e.drawn = false;
+            e.refused_until = None;
+        }
         let may_take = !e.taking && e.refused_until.is_none_or(|t| now >= t);
         if let Some(c) = e.chunk.as_mut().filter(|c| c.left >= n) {
             c.left -= n;
@@ -193,11 +218,16 @@ impl<P: Clone> Chunks<P> {
             }
             return (draw, chores);
         }
-        if may_take && now.saturating_duration_since(e.missed) < spec.life {
+        e.misses = if now.saturating_duration_since(e.missed) < spec.life {
+            e.misses.saturating_add(1)
+        } else {
+            1
+        };
+        e.missed = now;
+        if may_take && e.misses >= BUSY {
             e.taking = true;
             chores.take = true;
         }
-        e.missed = now;
         (Draw::Ask, chores)
     }
 
@@ -423,10 +453,21 @@ mod tests {
         life: Duration::from_millis(50),
     };
 
+    /// The limits the tests' chunks are taken under.
+    const L: u64 = 7;
+
+    /// Requests of `key` at `t` until the next one would start a taking.
+    fn busy(c: &Chunks<()>, key: &str, spec: ChunkSpec, t: Instant) {
+        for _ in 1..BUSY {
+            assert!(!c.draw(key, 1, L, spec, t).1.take);
+        }
+    }
+
     fn chunk(left: u64, tag: i64, until: Instant) -> Chunk<()> {
         Chunk {
             left,
             size: left,
+            limits: L,
             until,
             tag,
             base: 100,
@@ -446,15 +487,22 @@ mod tests {
     }
 
     #[test]
-    fn a_second_request_within_a_life_asks_for_a_chunk_then_draws_from_it() {
+    fn a_busy_key_asks_for_a_chunk_then_draws_from_it() {
         let c = Chunks::<()>::default();
         let t0 = Instant::now();
-        let (d, ch) = c.draw("k", 1, SPEC, t0);
+        let (d, ch) = c.draw("k", 1, L, SPEC, t0);
         assert!(matches!(d, Draw::Ask) && !ch.take);
-        let (d, ch) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(10));
+        // Requests spread wider than a life never start one.
+        for i in 1..=BUSY {
+            let t = t0 + SPEC.life * i;
+            assert!(!c.draw("k", 1, L, SPEC, t).1.take);
+        }
+        let t0 = t0 + SPEC.life * (BUSY + 2);
+        busy(&c, "k", SPEC, t0);
+        let (d, ch) = c.draw("k", 1, L, SPEC, t0 + Duration::from_millis(10));
         assert!(matches!(d, Draw::Ask) && ch.take);
         // Only one taking at a time.
-        let (_, ch) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(11));
+        let (_, ch) = c.draw("k", 1, L, SPEC, t0 + Duration::from_millis(11));
         assert!(!ch.take);
         let ended = c.taken(
             "k",
@@ -465,12 +513,12 @@ mod tests {
         );
         assert!(ended.is_empty());
         for left in (0..8).rev() {
-            let (d, ch) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(20));
+            let (d, ch) = c.draw("k", 1, L, SPEC, t0 + Duration::from_millis(20));
             assert!(matches!(d, Draw::Took { left: l, tag: 1, .. } if l == left));
             // A new chunk is asked for once half is used, once.
             assert_eq!(ch.take, left == 3, "left {left}");
         }
-        let (d, _) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(20));
+        let (d, _) = c.draw("k", 1, L, SPEC, t0 + Duration::from_millis(20));
         assert!(matches!(d, Draw::Ask));
     }
 
@@ -478,12 +526,12 @@ mod tests {
     fn a_chunk_ends_after_its_life_and_what_it_has_left_is_given_back() {
         let c = Chunks::<()>::default();
         let t0 = Instant::now();
-        c.draw("k", 1, SPEC, t0);
+        c.draw("k", 1, L, SPEC, t0);
         c.taken("k", Some(chunk(8, 1, t0)), SPEC.life, t0, join_same_tag);
         // Its taking's timer ends it; a request only when that timer is late.
-        let (d, _) = c.draw("k", 1, SPEC, t0 + Duration::from_millis(1));
+        let (d, _) = c.draw("k", 1, L, SPEC, t0 + Duration::from_millis(1));
         assert!(matches!(d, Draw::Took { left: 7, .. }));
-        let (d, ch) = c.draw("k", 3, SPEC, t0 + Duration::from_millis(10));
+        let (d, ch) = c.draw("k", 3, L, SPEC, t0 + Duration::from_millis(10));
         assert!(matches!(d, Draw::Ask));
         assert_eq!(ch.ended.len(), 1);
         assert_eq!(ch.ended[0].left, 7);
@@ -503,8 +551,8 @@ mod tests {
         let c = std::sync::Arc::new(Chunks::<()>::default());
         let given = std::sync::Arc::new(std::sync::Mutex::new(0u64));
         let t0 = Instant::now();
-        c.draw("k", 1, spec, t0);
-        assert!(c.draw("k", 1, spec, t0).1.take);
+        busy(&c, "k", spec, t0);
+        assert!(c.draw("k", 1, L, spec, t0).1.take);
         let spawn_taking = |first: bool| {
             let (c, given) = (c.clone(), given.clone());
             tokio::spawn(async move {
@@ -521,6 +569,7 @@ mod tests {
                             let new = took.then(|| Chunk {
                                 left: 8,
                                 size: 8,
+                                limits: L,
                                 until: now + spec.life,
                                 tag: 1,
                                 base: 0,
@@ -545,7 +594,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let mut drawn = 0;
         loop {
-            let (d, chores) = c.draw("k", 1, spec, Instant::now());
+            let (d, chores) = c.draw("k", 1, L, spec, Instant::now());
             assert!(matches!(d, Draw::Took { .. }));
             drawn += 1;
             if chores.take {
@@ -559,9 +608,34 @@ mod tests {
     }
 
     #[test]
+    fn a_request_under_other_limits_ends_the_chunk() {
+        // A keys file reloaded with a lower limit: what was taken under the old one serves
+        // nothing more and goes back.
+        let c = Chunks::<()>::default();
+        let t0 = Instant::now();
+        c.draw("k", 1, L, SPEC, t0);
+        c.taken(
+            "k",
+            Some(chunk(8, 1, t0 + SPEC.life)),
+            SPEC.life,
+            t0,
+            join_same_tag,
+        );
+        assert!(matches!(
+            c.draw("k", 1, L, SPEC, t0).0,
+            Draw::Took { left: 7, .. }
+        ));
+        let (d, ch) = c.draw("k", 1, L + 1, SPEC, t0);
+        assert!(matches!(d, Draw::Ask));
+        assert_eq!(ch.ended.iter().map(|c| c.left).sum::<u64>(), 7);
+        // Nothing drawn since: its leader stops at three quarters of the life.
+        assert!(!c.take_next("k"));
+    }
+
+    #[test]
     fn one_task_leads_a_key() {
         let c = Chunks::<()>::default();
-        c.draw("k", 1, SPEC, Instant::now());
+        c.draw("k", 1, L, SPEC, Instant::now());
         assert!(c.lead("k", 1));
         assert!(c.lead("k", 1));
         assert!(!c.lead("k", 2));
@@ -579,12 +653,12 @@ mod tests {
         let c = Chunks::<()>::default();
         let t0 = Instant::now();
         let until = t0 + Duration::from_millis(50);
-        c.draw("k", 1, SPEC, t0);
+        c.draw("k", 1, L, SPEC, t0);
         c.taken("k", Some(chunk(8, 1, until)), SPEC.life, t0, join_same_tag);
         // Not over yet: nothing ends.
         assert!(matches!(c.end("k", t0, 0, true), Ending::NotYet(u) if u == until));
         assert!(matches!(
-            c.draw("k", 1, SPEC, t0).0,
+            c.draw("k", 1, L, SPEC, t0).0,
             Draw::Took { left: 7, .. }
         ));
         let Ending::Ended(ended, next) = c.end("k", until, 0, true) else {
@@ -592,30 +666,38 @@ mod tests {
         };
         assert_eq!((ended.len(), ended[0].left, next), (1, 7, true));
         // That taking is on its way: no request starts another.
-        assert!(!c.draw("k", 1, SPEC, until).1.take);
+        assert!(!c.draw("k", 1, L, SPEC, until).1.take);
         // A chunk nobody drew from ends without a next one.
         c.taken("k", Some(chunk(8, 2, until)), SPEC.life, t0, join_same_tag);
         assert!(matches!(c.end("k", until, 0, true), Ending::Ended(v, false) if v.len() == 1));
         assert!(matches!(c.end("k", until, 0, true), Ending::Gone));
         // A leader whose taking was refused ends what is there without asking for more.
-        c.draw("k", 1, SPEC, t0);
+        c.draw("k", 1, L, SPEC, t0);
         c.taken("k", Some(chunk(8, 3, until)), SPEC.life, t0, join_same_tag);
-        c.draw("k", 1, SPEC, t0);
+        c.draw("k", 1, L, SPEC, t0);
         assert!(matches!(c.end("k", until, 0, false), Ending::Ended(v, false) if v.len() == 1));
         // ...and leaves no taking marked as on its way: the next requests start one.
-        c.draw("k", 1, SPEC, until);
-        assert!(c.draw("k", 1, SPEC, until).1.take);
+        busy(&c, "k", SPEC, until);
+        assert!(c.draw("k", 1, L, SPEC, until).1.take);
     }
 
     #[test]
     fn a_refused_taking_is_not_asked_again_within_a_life() {
         let c = Chunks::<()>::default();
         let t0 = Instant::now();
-        c.draw("k", 1, SPEC, t0);
-        assert!(c.draw("k", 1, SPEC, t0).1.take);
+        busy(&c, "k", SPEC, t0);
+        assert!(c.draw("k", 1, L, SPEC, t0).1.take);
         c.taken("k", None, SPEC.life, t0, join_same_tag);
-        assert!(!c.draw("k", 1, SPEC, t0 + Duration::from_millis(49)).1.take);
-        assert!(c.draw("k", 1, SPEC, t0 + Duration::from_millis(51)).1.take);
+        assert!(
+            !c.draw("k", 1, L, SPEC, t0 + Duration::from_millis(49))
+                .1
+                .take
+        );
+        assert!(
+            c.draw("k", 1, L, SPEC, t0 + Duration::from_millis(51))
+                .1
+                .take
+        );
     }
 
     #[test]
@@ -623,26 +705,26 @@ mod tests {
         let c = Chunks::<()>::default();
         let t0 = Instant::now();
         let later = t0 + Duration::from_secs(1);
-        c.draw("k", 1, SPEC, t0);
+        c.draw("k", 1, L, SPEC, t0);
         c.taken("k", Some(chunk(8, 1, later)), SPEC.life, t0, join_same_tag);
         let ended = c.taken("k", Some(chunk(8, 1, later)), SPEC.life, t0, join_same_tag);
         assert!(ended.is_empty());
         assert!(matches!(
-            c.draw("k", 16, SPEC, t0).0,
+            c.draw("k", 16, L, SPEC, t0).0,
             Draw::Took { left: 0, .. }
         ));
         c.taken("k", Some(chunk(8, 1, later)), SPEC.life, t0, join_same_tag);
         let ended = c.taken("k", Some(chunk(8, 2, later)), SPEC.life, t0, join_same_tag);
         assert_eq!(ended.len(), 1);
         assert!(matches!(
-            c.draw("k", 1, SPEC, t0).0,
+            c.draw("k", 1, L, SPEC, t0).0,
             Draw::Took { tag: 2, .. }
         ));
         // Given back to the chunk it was drawn from only.
         assert!(!c.put_back("k", 1, 1));
         assert!(c.put_back("k", 2, 1));
         assert!(matches!(
-            c.draw("k", 8, SPEC, t0).0,
+            c.draw("k", 8, L, SPEC, t0).0,
             Draw::Took { left: 0, .. }
         ));
     }
@@ -651,16 +733,16 @@ mod tests {
     fn keys_beyond_the_bound_are_not_followed_and_stale_ones_are_pruned() {
         let c = Chunks::<()>::with_max_keys(2);
         let t0 = Instant::now();
-        c.draw("a", 1, SPEC, t0);
-        c.draw("b", 1, SPEC, t0);
-        c.draw("c", 1, SPEC, t0);
+        c.draw("a", 1, L, SPEC, t0);
+        c.draw("b", 1, L, SPEC, t0);
+        c.draw("c", 1, L, SPEC, t0);
         // `c` was not followed: a second request does not start a chunk.
-        assert!(!c.draw("c", 1, SPEC, t0).1.take);
+        assert!(!c.draw("c", 1, L, SPEC, t0).1.take);
         // Pruned at most once a life: `a` and `b` were still fresh at the first try.
         // Once they are stale, `c` takes their place.
         let later = t0 + Duration::from_millis(100);
-        c.draw("c", 1, SPEC, later);
-        assert!(c.draw("c", 1, SPEC, later).1.take);
+        busy(&c, "c", SPEC, later);
+        assert!(c.draw("c", 1, L, SPEC, later).1.take);
         assert_eq!(c.lock().len(), 1);
     }
 }

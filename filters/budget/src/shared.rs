@@ -290,7 +290,7 @@ fn serve(
     let mut drawn = Vec::new();
     for (i, b) in budgets.iter().enumerate() {
         let keys = keys(st.as_ref(), &b.principal, &b.period_key);
-        let (draw, chores) = chunks.draw(&keys[0], amount as u64, spec, t);
+        let (draw, chores) = chunks.draw(&keys[0], amount as u64, b.limit as u64, spec, t);
         // Chunks whose life is over end as the last request served from them settles.
         drop(chores.ended);
         if chores.take {
@@ -364,6 +364,7 @@ fn take(
         mine,
         want,
         limit,
+        budget_limit: budget.limit,
         keep_ms: keep_ms(budget, now),
         spec,
     };
@@ -384,6 +385,8 @@ struct Taking {
     mine: Nano,
     want: Nano,
     limit: Nano,
+    /// The budget's own limit (`limit` is less what stays free for the others).
+    budget_limit: Nano,
     keep_ms: i64,
     spec: ChunkSpec,
 }
@@ -399,6 +402,7 @@ impl Taking {
             mine,
             want,
             limit,
+            budget_limit,
             keep_ms,
             spec,
         } = self;
@@ -431,6 +435,7 @@ impl Taking {
                 Some(Chunk {
                     left: *want as u64,
                     size: *want as u64,
+                    limits: *budget_limit as u64,
                     until: t + spec.life,
                     tag: CHUNK_TAG.fetch_add(1, Ordering::Relaxed),
                     base: at(&v, 1).saturating_add(at(&v, 2)),

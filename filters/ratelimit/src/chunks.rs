@@ -66,7 +66,7 @@ impl LimiterChunks {
         let now = Instant::now();
         let mut out: Served = (None, None);
         if let Some(r) = &rate {
-            let (draw, chores) = self.rate.draw(r.key, 1, spec, now);
+            let (draw, chores) = self.rate.draw(r.key, 1, rate_limits(r), spec, now);
             self.rate_chores(st, r, spec, chores);
             match draw {
                 Draw::Took {
@@ -82,7 +82,7 @@ impl LimiterChunks {
             }
         }
         if let Some(k) = &tokens {
-            let (draw, chores) = self.tokens.draw(k.key, k.n, spec, now);
+            let (draw, chores) = self.tokens.draw(k.key, k.n, k.limit, spec, now);
             self.token_chores(st, k, spec, chores);
             match draw {
                 Draw::Took {
@@ -157,13 +157,14 @@ impl LimiterChunks {
                 .taken(k.key, None, spec.life, Instant::now(), |_, n| Some(n));
             return;
         };
-        let (st, chunks, key) = (st.clone(), self.tokens.clone(), k.key.to_string());
+        let (st, chunks, key, key_limit) =
+            (st.clone(), self.tokens.clone(), k.key.to_string(), k.limit);
         spawn(async move {
             keep_taking(
                 &chunks,
                 &key,
                 spec,
-                || take_tokens(&st, &chunks, &key, want, limit, spec),
+                || take_tokens(&st, &chunks, &key, (want, limit, key_limit), spec),
                 |c| give_back_tokens(st.as_ref(), &key, c.left, c.tag),
             )
             .await;
@@ -201,6 +202,11 @@ async fn take_rate(
         Ok(a) if at(&a, 0) > 0 => Some(Chunk {
             left: at(&a, 0) as u64,
             size: at(&a, 0) as u64,
+            limits: rate_limits(&RateKey {
+                key,
+                interval_us,
+                burst,
+            }),
             until: now + spec.life,
             tag: at(&a, 3),
             base: at(&a, 1),
@@ -231,14 +237,13 @@ async fn take_rate(
     took
 }
 
-/// Takes a chunk of `want` of `key`'s tokens, only under `limit` (the key's, less what must
-/// stay free for the others); answers whether one was taken.
+/// Takes a chunk of `want` of `key`'s tokens, only under `limit` (`key_limit`, the key's,
+/// less what must stay free for the others); answers whether one was taken.
 async fn take_tokens(
     st: &Arc<dyn SharedState>,
     chunks: &Chunks<Instant>,
     key: &str,
-    want: u64,
-    limit: u64,
+    (want, limit, key_limit): (u64, u64, u64),
     spec: ChunkSpec,
 ) -> bool {
     let answer = st
@@ -255,6 +260,7 @@ async fn take_tokens(
             Some(Chunk {
                 left: want,
                 size: want,
+                limits: key_limit,
                 until: (now + spec.life).min(window_end),
                 tag: at(a, 2),
                 base: at(a, 1),
@@ -310,6 +316,12 @@ fn give_back_tokens(st: &dyn SharedState, key: &str, n: u64, start_ms: i64) {
             "0".into(),
         ],
     );
+}
+
+/// What a rate's chunk is taken under: a request under another rate or burst (a reloaded
+/// keys file) does not draw from it.
+fn rate_limits(r: &RateKey<'_>) -> u64 {
+    r.interval_us.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ r.burst
 }
 
 fn i(n: u64) -> i64 {
