@@ -71,7 +71,7 @@ struct Entry<P> {
     taking: bool,
     /// A request was served from a chunk since one was last taken: the key is busy, and a
     /// chunk that ends is followed by the next one.
-    drawn: bool,
+    drawn: u32,
     /// The server gave none (too near the limit): not asked again before this.
     refused_until: Option<Instant>,
     /// The task that takes this key's chunks one after another ([`Chunks::lead`]).
@@ -173,7 +173,7 @@ impl<P: Clone> Chunks<P> {
                         missed: now,
                         misses: 1,
                         taking: false,
-                        drawn: false,
+                        drawn: 0,
                         refused_until: None,
                         leader: None,
                     },
@@ -188,23 +188,23 @@ impl<P: Clone> Chunks<P> {
             .is_some_and(|c| now >= c.until + spec.life / 8)
         {
             chores.ended.extend(e.chunk.take().filter(|c| c.left > 0));
-            if e.drawn && !e.taking {
+            if e.drawn > 0 && !e.taking {
                 e.taking = true;
                 chores.take = true;
             }
-            e.drawn = false;
+            e.drawn = 0;
         }
         // Taken under other limits: it serves nothing more, and its leader stops (nothing
         // is drawn from it); the key asks, and takes under its new limits.
         if e.chunk.as_ref().is_some_and(|c| c.limits != limits) {
             chores.ended.extend(e.chunk.take().filter(|c| c.left > 0));
-            e.drawn = false;
+            e.drawn = 0;
             e.refused_until = None;
         }
         let may_take = !e.taking && e.refused_until.is_none_or(|t| now >= t);
         if let Some(c) = e.chunk.as_mut().filter(|c| c.left >= n) {
             c.left -= n;
-            e.drawn = true;
+            e.drawn = e.drawn.saturating_add(1);
             let draw = Draw::Took {
                 left: c.left,
                 tag: c.tag,
@@ -231,13 +231,32 @@ impl<P: Clone> Chunks<P> {
         (Draw::Ask, chores)
     }
 
-    /// Gives `n` units back to `key`'s chunk drawn with `tag` (the request was not served:
-    /// another of its checks refused it). False when that chunk is gone.
+    /// Gives `n` units back to `key`'s chunk of `tag` (tokens a request reserved and did not
+    /// use). False when that chunk is gone.
     pub fn put_back(&self, key: &str, tag: i64, n: u64) -> bool {
         let mut map = self.lock();
         match map.get_mut(key).and_then(|e| e.chunk.as_mut()) {
             Some(c) if c.tag == tag => {
                 c.left += n;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes back a draw of `n` units from `key`'s chunk drawn with `tag`: the request was not
+    /// served (another of its checks, or another of its budgets, asks the server). It does
+    /// not count as a request served from the chunk (a key whose requests all ask is not
+    /// busy for its chunk). False when that chunk is gone.
+    pub fn undraw(&self, key: &str, tag: i64, n: u64) -> bool {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(key) else {
+            return false;
+        };
+        match e.chunk.as_mut() {
+            Some(c) if c.tag == tag => {
+                c.left += n;
+                e.drawn = e.drawn.saturating_sub(1);
                 true
             }
             _ => false,
@@ -269,7 +288,7 @@ impl<P: Clone> Chunks<P> {
             return ended;
         };
         e.refused_until = None;
-        e.drawn = false;
+        e.drawn = 0;
         match e.chunk.as_mut().filter(|c| now < c.until) {
             Some(old) => {
                 if let Some(new) = join(old, new) {
@@ -309,7 +328,7 @@ impl<P: Clone> Chunks<P> {
         let Some(e) = map.get_mut(key) else {
             return false;
         };
-        let next = e.drawn
+        let next = e.drawn > 0
             && !e.taking
             && e.chunk.is_some()
             && e.refused_until.is_none_or(|t| Instant::now() >= t);
@@ -334,8 +353,8 @@ impl<P: Clone> Chunks<P> {
             Some(c) if now < c.until => return Ending::NotYet(c.until),
             Some(_) => {
                 let ended = e.chunk.take().filter(|c| c.left > 0);
-                let next = go_on && e.drawn && !e.taking;
-                e.drawn = false;
+                let next = go_on && e.drawn > 0 && !e.taking;
+                e.drawn = 0;
                 e.taking |= next;
                 Ending::Ended(ended.into_iter().collect(), next)
             }
@@ -630,6 +649,36 @@ mod tests {
         assert_eq!(ch.ended.iter().map(|c| c.left).sum::<u64>(), 7);
         // Nothing drawn since: its leader stops at three quarters of the life.
         assert!(!c.take_next("k"));
+    }
+
+    #[test]
+    fn a_draw_taken_back_does_not_make_the_key_busy() {
+        // Attacker review: a key's budget chunk drawn and taken back with every request (its
+        // global budget, too near its limit for a chunk, asked the server) kept taking new
+        // chunks it never served from.
+        let c = Chunks::<()>::default();
+        let t0 = Instant::now();
+        c.draw("k", 1, L, SPEC, t0);
+        c.taken(
+            "k",
+            Some(chunk(8, 1, t0 + SPEC.life)),
+            SPEC.life,
+            t0,
+            join_same_tag,
+        );
+        for _ in 0..5 {
+            assert!(matches!(
+                c.draw("k", 1, L, SPEC, t0).0,
+                Draw::Took { left: 7, .. }
+            ));
+            assert!(c.undraw("k", 1, 1));
+        }
+        assert!(!c.take_next("k"));
+        assert!(matches!(
+            c.draw("k", 1, L, SPEC, t0).0,
+            Draw::Took { left: 7, .. }
+        ));
+        assert!(c.take_next("k"));
     }
 
     #[test]

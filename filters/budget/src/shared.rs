@@ -316,7 +316,7 @@ fn serve(
             }
             Draw::Ask => {
                 for (key, tag) in drawn {
-                    chunks.put_back(&key, tag, amount as u64);
+                    chunks.undraw(&key, tag, amount as u64);
                 }
                 return None;
             }

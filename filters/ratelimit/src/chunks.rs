@@ -98,7 +98,7 @@ impl LimiterChunks {
                 Draw::Ask => {
                     // Both or neither: the request asks the server for its rate too.
                     if let (Some(r), Some(a)) = (&rate, &out.0) {
-                        if !self.rate.put_back(r.key, at(a, 4), 1) {
+                        if !self.rate.undraw(r.key, at(a, 4), 1) {
                             give_back_rate(st, r.key, r.interval_us, 1, at(a, 4));
                         }
                     }
