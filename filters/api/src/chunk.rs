@@ -244,6 +244,18 @@ impl<P: Clone> Chunks<P> {
         }
     }
 
+    /// Whether `key`'s chunk can serve `n` units under `limits` now (nothing changes). A
+    /// request that needs several chunks (a rate and its tokens, a key's budget and the
+    /// global one) draws from them only when all can serve it: a chunk is busy only with
+    /// requests it serves, so one whose partner is too near its limit for a chunk stops
+    /// being taken again.
+    pub fn can_serve(&self, key: &str, n: u64, limits: u64, spec: ChunkSpec, now: Instant) -> bool {
+        self.lock()
+            .get(key)
+            .and_then(|e| e.chunk.as_ref())
+            .is_some_and(|c| c.limits == limits && c.left >= n && now < c.until + spec.life / 8)
+    }
+
     /// Takes back a draw of `n` units from `key`'s chunk drawn with `tag`: the request was not
     /// served (another of its checks, or another of its budgets, asks the server). It does
     /// not count as a request served from the chunk (a key whose requests all ask is not

@@ -285,11 +285,41 @@ fn serve(
         return None;
     }
     let t = Instant::now();
+    let keys: Vec<[String; 2]> = budgets
+        .iter()
+        .map(|b| keys(st.as_ref(), &b.principal, &b.period_key))
+        .collect();
+    // From every budget's chunk or from none. A budget that cannot serve sees the request as
+    // one that found no chunk (to take one once the key is busy); one that could is left
+    // alone, so it is not taken again for requests it does not serve.
+    let can: Vec<bool> = budgets
+        .iter()
+        .zip(&keys)
+        .map(|(b, k)| chunks.can_serve(&k[0], amount as u64, b.limit as u64, spec, t))
+        .collect();
+    if can.contains(&false) {
+        for (i, (b, k)) in budgets
+            .iter()
+            .zip(&keys)
+            .enumerate()
+            .filter(|(i, _)| !can[*i])
+        {
+            let (draw, chores) = chunks.draw(&k[0], amount as u64, b.limit as u64, spec, t);
+            drop(chores.ended);
+            if chores.take {
+                take(st, chunks, replica, b, mine[i], amount, now, k, spec);
+            }
+            if let Draw::Took { tag, .. } = draw {
+                // Filled meanwhile: not this request's.
+                chunks.undraw(&k[0], tag, amount as u64);
+            }
+        }
+        return None;
+    }
     let mut holds = Vec::with_capacity(budgets.len());
     let mut after = Vec::with_capacity(budgets.len());
     let mut drawn = Vec::new();
-    for (i, b) in budgets.iter().enumerate() {
-        let keys = keys(st.as_ref(), &b.principal, &b.period_key);
+    for (i, (b, keys)) in budgets.iter().zip(keys).enumerate() {
         let (draw, chores) = chunks.draw(&keys[0], amount as u64, b.limit as u64, spec, t);
         // Chunks whose life is over end as the last request served from them settles.
         drop(chores.ended);

@@ -64,6 +64,36 @@ impl LimiterChunks {
             return None;
         }
         let now = Instant::now();
+        // Both or neither. A part that cannot serve sees the request as one that found no
+        // chunk (to take one once the key is busy); a part that could is left alone.
+        let rate_ok = rate
+            .as_ref()
+            .is_none_or(|r| self.rate.can_serve(r.key, 1, rate_limits(r), spec, now));
+        let tokens_ok = tokens
+            .as_ref()
+            .is_none_or(|k| self.tokens.can_serve(k.key, k.n, k.limit, spec, now));
+        if !(rate_ok && tokens_ok) {
+            if let (false, Some(r)) = (rate_ok, &rate) {
+                let (draw, chores) = self.rate.draw(r.key, 1, rate_limits(r), spec, now);
+                self.rate_chores(st, r, spec, chores);
+                if let Draw::Took { tag, .. } = draw {
+                    // Filled meanwhile: not this request's.
+                    if !self.rate.undraw(r.key, tag, 1) {
+                        give_back_rate(st, r.key, r.interval_us, 1, tag);
+                    }
+                }
+            }
+            if let (false, Some(k)) = (tokens_ok, &tokens) {
+                let (draw, chores) = self.tokens.draw(k.key, k.n, k.limit, spec, now);
+                self.token_chores(st, k, spec, chores);
+                if let Draw::Took { tag, .. } = draw {
+                    if !self.tokens.undraw(k.key, tag, k.n) {
+                        give_back_tokens(st.as_ref(), k.key, k.n, tag);
+                    }
+                }
+            }
+            return None;
+        }
         let mut out: Served = (None, None);
         if let Some(r) = &rate {
             let (draw, chores) = self.rate.draw(r.key, 1, rate_limits(r), spec, now);
