@@ -73,20 +73,14 @@ impl LimiterChunks {
             .as_ref()
             .is_none_or(|k| self.tokens.can_serve(k.key, k.n, k.limit, spec, now));
         if !(rate_ok && tokens_ok) {
+            // A part filled meanwhile served nothing for this request: taken back.
             if let (false, Some(r)) = (rate_ok, &rate) {
-                let (draw, chores) = self.rate.draw(r.key, 1, rate_limits(r), spec, now);
-                self.rate_chores(st, r, spec, chores);
-                if let Draw::Took { tag, .. } = draw {
-                    // Filled meanwhile: not this request's.
-                    if !self.rate.undraw(r.key, tag, 1) {
-                        give_back_rate(st, r.key, r.interval_us, 1, tag);
-                    }
+                if let Draw::Took { tag, .. } = self.draw_rate(st, r, spec, now) {
+                    self.undraw_rate(st, r, tag);
                 }
             }
             if let (false, Some(k)) = (tokens_ok, &tokens) {
-                let (draw, chores) = self.tokens.draw(k.key, k.n, k.limit, spec, now);
-                self.token_chores(st, k, spec, chores);
-                if let Draw::Took { tag, .. } = draw {
+                if let Draw::Took { tag, .. } = self.draw_tokens(st, k, spec, now) {
                     if !self.tokens.undraw(k.key, tag, k.n) {
                         give_back_tokens(st.as_ref(), k.key, k.n, tag);
                     }
@@ -96,9 +90,7 @@ impl LimiterChunks {
         }
         let mut out: Served = (None, None);
         if let Some(r) = &rate {
-            let (draw, chores) = self.rate.draw(r.key, 1, rate_limits(r), spec, now);
-            self.rate_chores(st, r, spec, chores);
-            match draw {
+            match self.draw_rate(st, r, spec, now) {
                 Draw::Took {
                     left,
                     tag,
@@ -112,9 +104,7 @@ impl LimiterChunks {
             }
         }
         if let Some(k) = &tokens {
-            let (draw, chores) = self.tokens.draw(k.key, k.n, k.limit, spec, now);
-            self.token_chores(st, k, spec, chores);
-            match draw {
+            match self.draw_tokens(st, k, spec, now) {
                 Draw::Took {
                     left,
                     tag,
@@ -128,15 +118,47 @@ impl LimiterChunks {
                 Draw::Ask => {
                     // Both or neither: the request asks the server for its rate too.
                     if let (Some(r), Some(a)) = (&rate, &out.0) {
-                        if !self.rate.undraw(r.key, at(a, 4), 1) {
-                            give_back_rate(st, r.key, r.interval_us, 1, at(a, 4));
-                        }
+                        self.undraw_rate(st, r, at(a, 4));
                     }
                     return None;
                 }
             }
         }
         Some(out)
+    }
+
+    /// Draws a request from its rate's chunk, and does what the draw calls for.
+    fn draw_rate(
+        &self,
+        st: &Arc<dyn SharedState>,
+        r: &RateKey<'_>,
+        spec: ChunkSpec,
+        now: Instant,
+    ) -> Draw<i64> {
+        let (draw, chores) = self.rate.draw(r.key, 1, rate_limits(r), spec, now);
+        self.rate_chores(st, r, spec, chores);
+        draw
+    }
+
+    /// Takes back a request drawn from the chunk of `tag` (given back to the server when
+    /// that chunk has ended meanwhile).
+    fn undraw_rate(&self, st: &Arc<dyn SharedState>, r: &RateKey<'_>, tag: i64) {
+        if !self.rate.undraw(r.key, tag, 1) {
+            give_back_rate(st, r.key, r.interval_us, 1, tag);
+        }
+    }
+
+    /// Draws a request's tokens from their chunk, and does what the draw calls for.
+    fn draw_tokens(
+        &self,
+        st: &Arc<dyn SharedState>,
+        k: &TokensKey<'_>,
+        spec: ChunkSpec,
+        now: Instant,
+    ) -> Draw<Instant> {
+        let (draw, chores) = self.tokens.draw(k.key, k.n, k.limit, spec, now);
+        self.token_chores(st, k, spec, chores);
+        draw
     }
 
     fn rate_chores(
