@@ -377,6 +377,25 @@ impl<P: Clone> Chunks<P> {
         ending
     }
 
+    /// The server gave `key` no chunk (or could not be asked): not asked again for `for_`.
+    pub fn refused(&self, key: &str, for_: Duration, now: Instant) {
+        drop(self.taken(key, None, for_, now, |_, n| Some(n)));
+    }
+
+    /// Runs `task`, a key's takings, on the caller's runtime; without one (a plain thread)
+    /// the taking is given up, so the key is not left with one marked as on its way.
+    pub fn spawn_taking(
+        &self,
+        key: &str,
+        spec: ChunkSpec,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(task)),
+            Err(_) => self.refused(key, spec.life, Instant::now()),
+        }
+    }
+
     /// Ends every chunk (at exit): what they have left, to give back.
     pub fn end_all(&self) -> Vec<Chunk<P>> {
         self.lock()

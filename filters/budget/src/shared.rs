@@ -271,11 +271,13 @@ pub enum Reserved {
 }
 
 /// Serves `amount` from every budget's chunk, or from none (`None`: ask the server).
+#[allow(clippy::too_many_arguments)]
 fn serve(
     st: &Arc<dyn SharedState>,
     chunks: &BudgetChunks,
     replica: &str,
     budgets: &[Budget],
+    keys: &[[String; 2]],
     mine: &[Nano],
     amount: Nano,
     now: i64,
@@ -285,22 +287,18 @@ fn serve(
         return None;
     }
     let t = Instant::now();
-    let keys: Vec<[String; 2]> = budgets
-        .iter()
-        .map(|b| keys(st.as_ref(), &b.principal, &b.period_key))
-        .collect();
     // From every budget's chunk or from none. A budget that cannot serve sees the request as
     // one that found no chunk (to take one once the key is busy); one that could is left
     // alone, so it is not taken again for requests it does not serve.
     let can: Vec<bool> = budgets
         .iter()
-        .zip(&keys)
+        .zip(keys)
         .map(|(b, k)| chunks.can_serve(&k[0], amount as u64, b.limit as u64, spec, t))
         .collect();
     if can.contains(&false) {
         for (i, (b, k)) in budgets
             .iter()
-            .zip(&keys)
+            .zip(keys)
             .enumerate()
             .filter(|(i, _)| !can[*i])
         {
@@ -324,7 +322,7 @@ fn serve(
         // Chunks whose life is over end as the last request served from them settles.
         drop(chores.ended);
         if chores.take {
-            take(st, chunks, replica, b, mine[i], amount, now, &keys, spec);
+            take(st, chunks, replica, b, mine[i], amount, now, keys, spec);
         }
         match draw {
             Draw::Took {
@@ -333,11 +331,11 @@ fn serve(
                 base,
                 extra,
             } => {
-                drawn.push((keys[0].clone(), tag));
+                drawn.push(tag);
                 after.push((base.saturating_sub(left as i64), b.limit));
                 holds.push(Hold {
                     index: i,
-                    keys,
+                    keys: keys.clone(),
                     member: String::new(),
                     keep_ms: keep_ms(b, now),
                     keep: None,
@@ -345,8 +343,8 @@ fn serve(
                 });
             }
             Draw::Ask => {
-                for (key, tag) in drawn {
-                    chunks.undraw(&key, tag, amount as u64);
+                for (h, tag) in holds.iter().zip(drawn) {
+                    chunks.undraw(&h.keys[0], tag, amount as u64);
                 }
                 return None;
             }
@@ -373,19 +371,9 @@ fn take(
     let spare = want.saturating_mul(ChunkSpec::SPARE as i64);
     let limit = budget.limit.saturating_sub(spare);
     if budget.limit <= 0 || limit < want || want >= i64::MAX / 2 {
-        chunks.taken(&keys[0], None, spec.life, Instant::now(), |_, n| Some(n));
+        chunks.refused(&keys[0], spec.life, Instant::now());
         return;
     }
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        chunks.taken(&keys[0], None, spec.life, Instant::now(), |_, n| Some(n));
-        return;
-    };
-    let (st, chunks, replica, keys) = (
-        st.clone(),
-        chunks.clone(),
-        replica.to_string(),
-        keys.clone(),
-    );
     let taking = Taking {
         st: st.clone(),
         chunks: chunks.clone(),
@@ -400,7 +388,7 @@ fn take(
     };
     // A busy key takes its next chunk (`mine` as it was at the first: the script reads it
     // only when this replica's total is missing).
-    rt.spawn(async move {
+    chunks.spawn_taking(&keys[0], spec, async move {
         let (chunks, key) = (&taking.chunks, &taking.keys[0]);
         keep_taking(chunks, key, spec, || taking.once(), drop).await;
     });
@@ -515,33 +503,40 @@ pub async fn reserve(
     amount: Nano,
     now: i64,
 ) -> Result<Reserved, StateError> {
-    if let Some(served) = serve(st, chunks, replica, budgets, mine, amount, now) {
+    let all_keys: Vec<[String; 2]> = budgets
+        .iter()
+        .map(|b| keys(st.as_ref(), &b.principal, &b.period_key))
+        .collect();
+    if let Some(served) = serve(st, chunks, replica, budgets, &all_keys, mine, amount, now) {
         return Ok(served);
     }
     let lease = st.lease_ms() as i64;
-    let calls = budgets.iter().zip(mine).map(|(b, m)| {
-        let keys = keys(st.as_ref(), &b.principal, &b.period_key);
-        let member = format!("{}|{amount}", st.member());
-        let keep = keep_ms(b, now);
-        async move {
-            let r = st
-                .run(
-                    &RESERVE,
-                    &[&keys[0], &keys[1]],
-                    &[
-                        Arg::Str(replica),
-                        Arg::Int(*m),
-                        Arg::Int(amount),
-                        Arg::Int(b.limit),
-                        Arg::Str(&member),
-                        Arg::Int(lease),
-                        Arg::Int(keep),
-                    ],
-                )
-                .await;
-            (keys, member, keep, r)
-        }
-    });
+    let calls = budgets
+        .iter()
+        .zip(mine)
+        .zip(all_keys)
+        .map(|((b, m), keys)| {
+            let member = format!("{}|{amount}", st.member());
+            let keep = keep_ms(b, now);
+            async move {
+                let r = st
+                    .run(
+                        &RESERVE,
+                        &[&keys[0], &keys[1]],
+                        &[
+                            Arg::Str(replica),
+                            Arg::Int(*m),
+                            Arg::Int(amount),
+                            Arg::Int(b.limit),
+                            Arg::Str(&member),
+                            Arg::Int(lease),
+                            Arg::Int(keep),
+                        ],
+                    )
+                    .await;
+                (keys, member, keep, r)
+            }
+        });
     // One round trip for all budgets: the calls share the pipelined connection.
     let answers = futures_util::future::join_all(calls).await;
     let mut holds = Vec::with_capacity(answers.len());

@@ -13,7 +13,7 @@ use gateway_filter::SharedState;
 use crate::shared;
 
 /// The token window in ms.
-const WINDOW_MS: i64 = 60_000;
+const WINDOW_MS: i64 = (crate::MINUTE_NS / 1_000_000) as i64;
 
 /// A request's rate in shared state: its key, interval µs and burst.
 pub struct RateKey<'a> {
@@ -176,7 +176,7 @@ impl LimiterChunks {
         }
         let (st, chunks) = (st.clone(), self.rate.clone());
         let (key, interval_us, burst) = (r.key.to_string(), r.interval_us, r.burst);
-        spawn(async move {
+        self.rate.spawn_taking(r.key, spec, async move {
             keep_taking(
                 &chunks,
                 &key,
@@ -205,13 +205,12 @@ impl LimiterChunks {
         let spare = want.saturating_mul(ChunkSpec::SPARE);
         let Some(limit) = k.limit.checked_sub(spare).filter(|l| *l >= want) else {
             // Too near (or too small) a limit for a chunk: asked again after a life.
-            self.tokens
-                .taken(k.key, None, spec.life, Instant::now(), |_, n| Some(n));
+            self.tokens.refused(k.key, spec.life, Instant::now());
             return;
         };
         let (st, chunks, key, key_limit) =
             (st.clone(), self.tokens.clone(), k.key.to_string(), k.limit);
-        spawn(async move {
+        self.tokens.spawn_taking(k.key, spec, async move {
             keep_taking(
                 &chunks,
                 &key,
@@ -378,12 +377,4 @@ fn rate_limits(r: &RateKey<'_>) -> u64 {
 
 fn i(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// Runs a taking beside the requests, on the request's runtime (none in some unit tests:
-/// no chunk then).
-fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) {
-    if let Ok(h) = tokio::runtime::Handle::try_current() {
-        h.spawn(f);
-    }
 }
